@@ -1,0 +1,151 @@
+"""The global content-addressed blob store, and a repository's view of it through link files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .digests import Digest, digest_bytes
+from .drivers import FileReader, PathNotFound, StorageDriver
+from .errors import CorruptEntry, InvalidName, UnknownLayer
+from .paths import BlobData, Location, path_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    digest: Digest
+    size: int
+    mtime: float
+
+
+async def read_link(driver: StorageDriver, path: str) -> Digest:
+    """The digest a link file names; PathNotFound when absent, CorruptEntry when garbage."""
+    raw = await driver.get_content(path)
+    try:
+        return Digest.parse(raw.decode("ascii"))
+    except (UnicodeDecodeError, InvalidName) as exc:
+        raise CorruptEntry(path, f"not a digest link: {raw[:80]!r}") from exc
+
+
+async def write_link(driver: StorageDriver, path: str, digest: Digest) -> None:
+    await driver.put_content(path, str(digest).encode("ascii"))
+
+
+class BlobStore:
+    """Blobs by digest, shared by every repository. Never deletes: that is garbage collection."""
+
+    def __init__(self, driver: StorageDriver) -> None:
+        self.driver = driver
+
+    async def stat(self, digest: Digest) -> BlobInfo:
+        try:
+            info = await self.driver.stat(path_for(BlobData(digest)))
+        except PathNotFound:
+            raise UnknownLayer(f"blob unknown to registry: {digest}") from None
+        return BlobInfo(digest, info.size, info.mtime)
+
+    async def exists(self, digest: Digest) -> bool:
+        try:
+            await self.stat(digest)
+        except UnknownLayer:
+            return False
+        return True
+
+    async def open(self, digest: Digest) -> FileReader:
+        try:
+            return await self.driver.reader(path_for(BlobData(digest)))
+        except PathNotFound:
+            raise UnknownLayer(f"blob unknown to registry: {digest}") from None
+
+    async def get(self, digest: Digest) -> bytes:
+        try:
+            return await self.driver.get_content(path_for(BlobData(digest)))
+        except PathNotFound:
+            raise UnknownLayer(f"blob unknown to registry: {digest}") from None
+
+    async def put(self, data: bytes) -> Digest:
+        """Store small content (a manifest) by its digest; present content is not rewritten."""
+        digest = digest_bytes(data)
+        if not await self.exists(digest):
+            await self.driver.put_content(path_for(BlobData(digest)), data)
+        return digest
+
+
+class LinkedBlobs:
+    """The blobs one repository reaches through link files (`_layers`, `_manifests/revisions`).
+
+    `link_of(digest)` gives a link's location and `directory` the directory that lists them.
+    """
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        link_of: Callable[[Digest], Location],
+        directory: Location,
+        unknown: type[LookupError],
+    ) -> None:
+        self.blobs = blobs
+        self.driver = blobs.driver
+        self._link_of = link_of
+        self._directory = directory
+        self._unknown = unknown
+
+    def _link_path(self, digest: Digest) -> str:
+        return path_for(self._link_of(digest))
+
+    async def stat(self, digest: Digest) -> BlobInfo:
+        """The linked blob; unknown when not linked, CorruptEntry when linked but missing."""
+        path = self._link_path(digest)
+        try:
+            target = await read_link(self.driver, path)
+        except PathNotFound:
+            raise self._unknown(f"{digest} is not linked here") from None
+        try:
+            return await self.blobs.stat(target)
+        except UnknownLayer:
+            log.error("stat: %s links to %s whose blob data is missing", path, target)
+            raise CorruptEntry(path, f"links to missing blob {target}") from None
+
+    async def exists(self, digest: Digest) -> bool:
+        try:
+            await self.stat(digest)
+        except (LookupError, CorruptEntry):
+            return False
+        return True
+
+    async def is_linked(self, digest: Digest) -> bool:
+        try:
+            await self.driver.stat(self._link_path(digest))
+        except PathNotFound:
+            return False
+        return True
+
+    async def link(self, digest: Digest) -> None:
+        await write_link(self.driver, self._link_path(digest), digest)
+
+    async def unlink(self, digest: Digest) -> None:
+        """Remove the link directory; the blob stays for garbage collection."""
+        link_dir = self._link_path(digest).rsplit("/", 1)[0]
+        try:
+            await self.driver.delete(link_dir)
+        except PathNotFound:
+            raise self._unknown(f"{digest} is not linked here") from None
+
+    async def list(self) -> list[Digest]:
+        """Linked digests, by directory name; entries that are not digests are logged, skipped."""
+        try:
+            names = await self.driver.list(path_for(self._directory))
+        except PathNotFound:
+            return []
+        found = []
+        for name in names:
+            try:
+                found.append(Digest.parse(f"sha256:{name}"))
+            except InvalidName:
+                log.warning(
+                    "list: ignoring %r in %s: not a digest", name, path_for(self._directory)
+                )
+        return found

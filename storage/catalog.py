@@ -1,0 +1,67 @@
+"""The repository catalog: one level at a time for the mount, or every repository, paginated."""
+
+from __future__ import annotations
+
+import logging
+
+from .drivers import PathNotFound, StorageDriver
+from .names import is_component
+from .paths import RepositoryDir, path_for
+
+log = logging.getLogger(__name__)
+
+# The registry 2.8 counts a directory as a repository when it holds `_layers` (v3: `_manifests`).
+MARKERS = ("_layers", "_manifests")
+
+
+class Catalog:
+    def __init__(self, driver: StorageDriver) -> None:
+        self.driver = driver
+
+    async def _entries(self, prefix: str) -> list[str]:
+        try:
+            return await self.driver.list(path_for(RepositoryDir(prefix)))
+        except PathNotFound:
+            return []
+
+    async def children(self, prefix: str = "") -> list[str]:
+        """Name components directly below prefix (namespaces or repositories, unvalidated ones
+        logged and skipped). Reads one directory: never walks the tree."""
+        names = []
+        for entry in await self._entries(prefix):
+            if entry.startswith("_"):
+                continue
+            if is_component(entry):
+                names.append(entry)
+            else:
+                log.warning("children: ignoring %r under %r: not a repository name", entry, prefix)
+        return names
+
+    async def is_repository(self, name: str) -> bool:
+        entries = await self._entries(name)
+        return any(marker in entries for marker in MARKERS)
+
+    async def exists(self, prefix: str) -> bool:
+        """Whether prefix names a repository or a namespace holding something."""
+        try:
+            info = await self.driver.stat(path_for(RepositoryDir(prefix)))
+        except PathNotFound:
+            return False
+        return info.is_dir
+
+    async def repositories(self, n: int | None = None, last: str = "") -> list[str]:
+        """Every repository name in lexical order after `last`, at most n (the `_catalog` API)."""
+        found: list[str] = []
+        pending = [""]
+        while pending:
+            prefix = pending.pop()
+            entries = await self._entries(prefix)
+            if prefix and any(marker in entries for marker in MARKERS):
+                found.append(prefix)
+            pending.extend(
+                f"{prefix}/{e}" if prefix else e
+                for e in entries
+                if not e.startswith("_") and is_component(e)
+            )
+        names = sorted(name for name in found if name > last)
+        return names if n is None else names[:n]

@@ -1,0 +1,140 @@
+"""The storage-driver interface: the few primitives every store is built from.
+
+Public methods check every path before a driver sees it, so no driver can be asked for a path
+outside its tree; drivers implement the underscored methods.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..errors import StorageError
+
+# Absolute, slash-separated, no empty, "." or ".." component (checked below).
+_PATH_RE = re.compile(r"(/[A-Za-z0-9._-]+)+")
+
+
+class PathNotFound(StorageError, LookupError):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"path not found: {path}")
+        self.path = path
+
+
+class InvalidPath(StorageError, ValueError):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"invalid storage path: {path!r}")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int
+    mtime: float
+    is_dir: bool
+
+
+def check_path(path: str) -> str:
+    if _PATH_RE.fullmatch(path) is None or any(p in (".", "..") for p in path.split("/")):
+        raise InvalidPath(path)
+    return path
+
+
+def check_tree(path: str) -> str:
+    """Like check_path, but also admits the root "/" (for listing and walking)."""
+    return path if path == "/" else check_path(path)
+
+
+def join(*parts: str) -> str:
+    return "/" + "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+class FileReader(ABC):
+    """Random access to one file: every read names its offset, so a seek costs nothing."""
+
+    size: int
+
+    @abstractmethod
+    async def read_at(self, offset: int, length: int) -> bytes: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class FileWriter(ABC):
+    """Writes into one file at offsets up to its end; `size` is the current end."""
+
+    size: int
+
+    @abstractmethod
+    async def write_at(self, offset: int, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def truncate(self, size: int) -> None: ...
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Make the data durable and release the file."""
+
+
+class StorageDriver(ABC):
+    name: str
+
+    async def get_content(self, path: str) -> bytes:
+        return await self._get_content(check_path(path))
+
+    async def put_content(self, path: str, data: bytes) -> None:
+        """Replace the file atomically: readers see the old or the new content, never a mix."""
+        await self._put_content(check_path(path), data)
+
+    async def reader(self, path: str) -> FileReader:
+        return await self._reader(check_path(path))
+
+    async def writer(self, path: str) -> FileWriter:
+        """Open for writing, creating an empty file (and its parents) when missing."""
+        return await self._writer(check_path(path))
+
+    async def stat(self, path: str) -> FileInfo:
+        return await self._stat(check_tree(path))
+
+    async def list(self, path: str) -> list[str]:
+        """Sorted names of the entries of a directory."""
+        return await self._list(check_tree(path))
+
+    async def move(self, source: str, dest: str) -> None:
+        """Atomically move a file, replacing dest; creates dest's parents."""
+        await self._move(check_path(source), check_path(dest))
+
+    async def delete(self, path: str) -> None:
+        """Delete a file or a whole directory tree."""
+        await self._delete(check_path(path))
+
+    async def walk(self, path: str) -> AsyncIterator[FileInfo]:
+        """Every entry below path, depth first, in sorted order."""
+        check_tree(path)
+        for name in await self._list(path):
+            info = await self._stat(join(path, name))
+            yield info
+            if info.is_dir:
+                async for child in self.walk(info.path):
+                    yield child
+
+    @abstractmethod
+    async def _get_content(self, path: str) -> bytes: ...
+    @abstractmethod
+    async def _put_content(self, path: str, data: bytes) -> None: ...
+    @abstractmethod
+    async def _reader(self, path: str) -> FileReader: ...
+    @abstractmethod
+    async def _writer(self, path: str) -> FileWriter: ...
+    @abstractmethod
+    async def _stat(self, path: str) -> FileInfo: ...
+    @abstractmethod
+    async def _list(self, path: str) -> list[str]: ...
+    @abstractmethod
+    async def _move(self, source: str, dest: str) -> None: ...
+    @abstractmethod
+    async def _delete(self, path: str) -> None: ...

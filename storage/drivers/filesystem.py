@@ -1,0 +1,150 @@
+"""The filesystem driver: the same tree the registry's filesystem driver keeps under its root.
+
+Small local calls (stat, a link file, a read of up to a FUSE request) run inline: a thread hop
+costs more than they do. Calls that may block for long (fsync, large reads, tree deletes) go to
+a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat as statmod
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import trio
+
+from ..errors import InvalidOffset
+from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
+
+INLINE_READ_LIMIT = 1 << 20
+
+
+@contextmanager
+def _not_found_as(path: str) -> Iterator[None]:
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise PathNotFound(path) from exc
+
+
+class _Reader(FileReader):
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.size = os.fstat(fd).st_size
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0:
+            raise InvalidOffset(f"negative offset {offset}")
+        if length <= INLINE_READ_LIMIT:
+            return os.pread(self._fd, length, offset)
+        return await trio.to_thread.run_sync(os.pread, self._fd, length, offset)
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _Writer(FileWriter):
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.size = os.fstat(fd).st_size
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        if not 0 <= offset <= self.size:
+            raise InvalidOffset(f"write at {offset} would leave a gap after {self.size}")
+        view = memoryview(data)
+        pos = offset
+        while view:
+            done = os.pwrite(self._fd, view, pos)
+            view, pos = view[done:], pos + done
+        self.size = max(self.size, pos)
+
+    async def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        self.size = size
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
+
+
+class FilesystemDriver(StorageDriver):
+    name = "filesystem"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"FilesystemDriver({self.root!r})"
+
+    def _full(self, path: str) -> str:
+        return self.root + path
+
+    async def _get_content(self, path: str) -> bytes:
+        with _not_found_as(path), open(self._full(path), "rb") as f:
+            return f.read()
+
+    async def _put_content(self, path: str, data: bytes) -> None:
+        await trio.to_thread.run_sync(self._put_sync, self._full(path), data)
+
+    @staticmethod
+    def _put_sync(full: str, data: bytes) -> None:
+        directory = os.path.dirname(full)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, full)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    async def _reader(self, path: str) -> FileReader:
+        with _not_found_as(path):
+            fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC)
+        if statmod.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise PathNotFound(path)
+        return _Reader(fd)
+
+    async def _writer(self, path: str) -> FileWriter:
+        full = self._full(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        return _Writer(os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+    async def _stat(self, path: str) -> FileInfo:
+        with _not_found_as(path):
+            st = os.stat(self._full(path))
+        return FileInfo(path, st.st_size, st.st_mtime, statmod.S_ISDIR(st.st_mode))
+
+    async def _list(self, path: str) -> list[str]:
+        full = self.root if path == "/" else self._full(path)
+        with _not_found_as(path):
+            return sorted(os.listdir(full))
+
+    async def _move(self, source: str, dest: str) -> None:
+        full_dest = self._full(dest)
+        os.makedirs(os.path.dirname(full_dest), exist_ok=True)
+        with _not_found_as(source):
+            os.rename(self._full(source), full_dest)
+
+    async def _delete(self, path: str) -> None:
+        full = self._full(path)
+        with _not_found_as(path):
+            if os.path.isdir(full) and not os.path.islink(full):
+                await trio.to_thread.run_sync(shutil.rmtree, full)
+            else:
+                os.unlink(full)

@@ -1,0 +1,56 @@
+"""Typed storage errors; the mount maps each kind to one errno."""
+
+
+class StorageError(Exception):
+    """Base of every error the storage layer raises on purpose."""
+
+
+class InvalidName(StorageError, ValueError):
+    """A repository name, tag or digest that the registry's grammar refuses."""
+
+
+class UnsupportedDigest(InvalidName):
+    """A digest algorithm that is valid in the grammar but not supported here."""
+
+
+class UnknownRepository(StorageError, LookupError):
+    pass
+
+
+class UnknownLayer(StorageError, LookupError):
+    pass
+
+
+class UnknownUpload(StorageError, LookupError):
+    pass
+
+
+class UnknownManifest(StorageError, LookupError):
+    pass
+
+
+class UnknownTag(StorageError, LookupError):
+    pass
+
+
+class DigestMismatch(StorageError):
+    def __init__(self, expected: object, actual: object) -> None:
+        super().__init__(f"content digest {actual} does not match {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class InvalidOffset(StorageError, ValueError):
+    """A write or read at an offset the object does not allow (a gap, a negative offset)."""
+
+
+class InvalidManifest(StorageError, ValueError):
+    """A manifest that fails one of the registry's checks; the message names the check."""
+
+
+class CorruptEntry(StorageError):
+    """A storage entry that exists but cannot be understood (garbage link, bad startedat)."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"corrupt storage entry {path}: {why}")
+        self.path = path

@@ -1,0 +1,122 @@
+"""A repository's layers: exists, fetch (a seekable reader), upload and resume."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from dataclasses import dataclass
+from datetime import datetime
+
+from .blobs import BlobInfo, BlobStore, LinkedBlobs
+from .digests import Digest
+from .drivers import FileReader, PathNotFound, StorageDriver
+from .errors import CorruptEntry, InvalidOffset, UnknownLayer, UnknownUpload
+from .paths import LayerLink, LayersDir, UploadData, UploadsDir, path_for
+from .uploads import UUID_RE, LayerUpload, read_started_at
+
+
+class LayerReader:
+    """A seekable reader of one blob; every read is one positioned read of the driver."""
+
+    def __init__(self, info: BlobInfo, file: FileReader) -> None:
+        self.digest = info.digest
+        self.length = info.size
+        self.created = info.mtime
+        self._file = file
+        self._position = 0
+
+    async def __aenter__(self) -> LayerReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.length}[whence]
+        if base + offset < 0:
+            raise InvalidOffset(f"seek to negative offset {base + offset}")
+        self._position = base + offset
+        return self._position
+
+    async def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(0, self.length - self._position)
+        data = await self.read_at(self._position, size)
+        self._position += len(data)
+        return data
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        return await self._file.read_at(offset, size)
+
+    async def aclose(self) -> None:
+        await self._file.aclose()
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    uuid: str
+    started_at: datetime
+    size: int
+
+
+class LayerService:
+    def __init__(self, driver: StorageDriver, blobs: BlobStore, name: str) -> None:
+        self.driver = driver
+        self.name = name
+        self._blobs = blobs
+        self.linked = LinkedBlobs(
+            blobs, lambda d: LayerLink(name, d), LayersDir(name), UnknownLayer
+        )
+
+    async def exists(self, digest: Digest) -> bool:
+        return await self.linked.exists(digest)
+
+    async def stat(self, digest: Digest) -> BlobInfo:
+        return await self.linked.stat(digest)
+
+    async def list(self) -> list[Digest]:
+        return await self.linked.list()
+
+    async def fetch(self, digest: Digest) -> LayerReader:
+        info = await self.linked.stat(digest)
+        try:
+            file = await self._blobs.open(info.digest)
+        except UnknownLayer:
+            raise CorruptEntry(path_for(LayerLink(self.name, digest)), "blob vanished") from None
+        return LayerReader(info, file)
+
+    async def link(self, digest: Digest) -> None:
+        """Link a blob that is already in the store (a cross-repository mount)."""
+        await self._blobs.stat(digest)
+        await self.linked.link(digest)
+
+    async def unlink(self, digest: Digest) -> None:
+        await self.linked.unlink(digest)
+
+    async def upload(self) -> LayerUpload:
+        uuid = str(uuidlib.uuid4())
+        return await LayerUpload.start(self.driver, self._blobs, self.linked, self.name, uuid)
+
+    async def resume(self, uuid: str) -> LayerUpload:
+        return await LayerUpload.resume(self.driver, self._blobs, self.linked, self.name, uuid)
+
+    async def upload_info(self, uuid: str) -> UploadInfo:
+        if UUID_RE.fullmatch(uuid) is None:
+            raise UnknownUpload(f"unknown upload {uuid!r} in {self.name}: not an upload id")
+        started_at = await read_started_at(self.driver, self.name, uuid)
+        try:
+            size = (await self.driver.stat(path_for(UploadData(self.name, uuid)))).size
+        except PathNotFound:
+            size = 0  # the registry treats a missing data file as an empty upload
+        return UploadInfo(uuid, started_at, size)
+
+    async def uploads(self) -> list[str]:
+        """Uuids of the uploads in progress (directories that are not uuids are skipped)."""
+        try:
+            names = await self.driver.list(path_for(UploadsDir(self.name)))
+        except PathNotFound:
+            return []
+        return [n for n in names if UUID_RE.fullmatch(n)]

@@ -1,0 +1,178 @@
+"""Manifests: validated on put like the registry does, stored as blobs, linked as revisions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .blobs import BlobInfo, BlobStore, LinkedBlobs
+from .digests import Digest
+from .errors import InvalidManifest, InvalidName, UnknownManifest
+from .paths import RevisionLink, RevisionsDir
+from .tags import TagService
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_SIZE = 4 << 20
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+SUPPORTED = (DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX)
+INDEXES = (DOCKER_LIST, OCI_INDEX)
+UNKNOWN_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    where: str
+    media_type: str
+    digest: Digest
+    size: int
+    urls: tuple[str, ...]
+
+
+def media_type_of(body: dict[str, Any]) -> str | None:
+    """The body's media type, inferring OCI ones (their mediaType field is optional)."""
+    declared = body.get("mediaType")
+    if isinstance(declared, str):
+        return declared
+    if "manifests" in body:
+        return OCI_INDEX
+    if "config" in body:
+        return OCI_MANIFEST
+    return None
+
+
+def sniff_media_type(data: bytes) -> str:
+    """The media type of stored bytes, without judging them."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return UNKNOWN_TYPE
+    return (media_type_of(body) if isinstance(body, dict) else None) or UNKNOWN_TYPE
+
+
+def _descriptor(raw: object, where: str) -> Descriptor:
+    if not isinstance(raw, dict):
+        raise InvalidManifest(f"{where} is not a descriptor object")
+    media_type, digest, size = raw.get("mediaType"), raw.get("digest"), raw.get("size")
+    if not isinstance(media_type, str) or not media_type:
+        raise InvalidManifest(f"{where} has no mediaType")
+    if not isinstance(digest, str):
+        raise InvalidManifest(f"{where} has no digest")
+    try:
+        parsed = Digest.parse(digest)
+    except InvalidName as exc:
+        raise InvalidManifest(f"{where}: {exc}") from None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidManifest(f"{where} has no valid size")
+    urls = raw.get("urls") or []
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise InvalidManifest(f"{where} has invalid urls")
+    return Descriptor(where, media_type, parsed, size, tuple(urls))
+
+
+@dataclass(frozen=True)
+class ParsedManifest:
+    media_type: str
+    blobs: tuple[Descriptor, ...]  # config and layers: must be linked in the repository
+    children: tuple[Descriptor, ...]  # manifests an index names: must be revisions here
+
+
+def parse_manifest(data: bytes, content_type: str | None = None) -> ParsedManifest:
+    """Every check the registry makes that needs no storage; InvalidManifest names the failure."""
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise InvalidManifest(f"manifest is {len(data)} bytes, over the 4 MiB limit")
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        raise InvalidManifest(f"manifest is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidManifest("manifest is not a JSON object")
+    if body.get("schemaVersion") != 2:
+        raise InvalidManifest(f"unsupported schemaVersion {body.get('schemaVersion')!r} (want 2)")
+    declared = body.get("mediaType")
+    media_type = declared if declared is not None else content_type or media_type_of(body)
+    if media_type not in SUPPORTED:
+        raise InvalidManifest(f"unsupported manifest media type {media_type!r}")
+    if declared is None and media_type not in (OCI_MANIFEST, OCI_INDEX):
+        raise InvalidManifest(f"a {media_type} manifest must declare its mediaType")
+    if content_type is not None and content_type != media_type:
+        raise InvalidManifest(f"content type {content_type!r} does not match {media_type!r}")
+    if media_type in INDEXES:
+        if "config" in body or "layers" in body:
+            raise InvalidManifest("an index must not have config or layers")
+        entries = body.get("manifests")
+        if not isinstance(entries, list):
+            raise InvalidManifest("an index needs a manifests list")
+        children = tuple(_descriptor(d, f"manifests[{i}]") for i, d in enumerate(entries))
+        return ParsedManifest(media_type, (), children)
+    if "manifests" in body:
+        raise InvalidManifest("an image manifest must not have manifests")
+    layers = body.get("layers")
+    if not isinstance(layers, list):
+        raise InvalidManifest("an image manifest needs a layers list")
+    config = _descriptor(body.get("config"), "config")
+    blobs = (config, *(_descriptor(d, f"layers[{i}]") for i, d in enumerate(layers)))
+    return ParsedManifest(media_type, blobs, ())
+
+
+class ManifestService:
+    def __init__(self, blobs: BlobStore, layers: LinkedBlobs, tags: TagService, name: str) -> None:
+        self.name = name
+        self._blobs = blobs
+        self._layers = layers
+        self._tags = tags
+        self.revisions = LinkedBlobs(
+            blobs, lambda d: RevisionLink(name, d), RevisionsDir(name), UnknownManifest
+        )
+
+    async def put(self, data: bytes, content_type: str | None = None) -> Digest:
+        """Check, store as a blob, link as a revision; nothing is written when a check fails."""
+        parsed = parse_manifest(data, content_type)
+        for blob in parsed.blobs:
+            if not blob.urls and not await self._layers.exists(blob.digest):
+                raise InvalidManifest(f"{blob.where} names blob {blob.digest}, not in {self.name}")
+        for child in parsed.children:
+            if not await self.revisions.exists(child.digest):
+                raise InvalidManifest(
+                    f"{child.where} names manifest {child.digest}, not in {self.name}"
+                )
+        digest = await self._blobs.put(data)
+        await self.revisions.link(digest)
+        log.info("put: manifest %s (%s) in %s", digest, parsed.media_type, self.name)
+        return digest
+
+    async def stat(self, digest: Digest) -> BlobInfo:
+        return await self.revisions.stat(digest)
+
+    async def exists(self, digest: Digest) -> bool:
+        return await self.revisions.exists(digest)
+
+    async def get(self, digest: Digest) -> Manifest:
+        info = await self.revisions.stat(digest)
+        data = await self._blobs.get(info.digest)
+        return Manifest(info.digest, sniff_media_type(data), data)
+
+    async def list(self) -> list[Digest]:
+        return await self.revisions.list()
+
+    async def delete(self, digest: Digest) -> list[str]:
+        """Delete the revision and every tag that points at it; returns those tags."""
+        if not await self.revisions.is_linked(digest):
+            raise UnknownManifest(f"unknown manifest {digest} in {self.name}")
+        tags = await self._tags.lookup(digest)
+        for tag in tags:
+            await self._tags.delete(tag)
+        await self.revisions.unlink(digest)
+        return tags

@@ -1,0 +1,65 @@
+"""Tags: `_manifests/tags/<tag>/current/link` points at a manifest, `index/` keeps its history."""
+
+from __future__ import annotations
+
+import logging
+
+from .blobs import read_link, write_link
+from .digests import Digest
+from .drivers import PathNotFound, StorageDriver
+from .errors import CorruptEntry, UnknownTag
+from .names import TAG_RE, validate_tag
+from .paths import TagCurrentLink, TagDir, TagIndexLink, TagsDir, path_for
+
+log = logging.getLogger(__name__)
+
+
+class TagService:
+    def __init__(self, driver: StorageDriver, name: str) -> None:
+        self.driver = driver
+        self.name = name
+
+    async def list(self) -> list[str]:
+        try:
+            names = await self.driver.list(path_for(TagsDir(self.name)))
+        except PathNotFound:
+            return []
+        valid = [n for n in names if TAG_RE.fullmatch(n)]
+        if len(valid) != len(names):
+            log.warning(
+                "list: ignoring invalid tag names in %s: %s",
+                self.name,
+                sorted(set(names) - set(valid)),
+            )
+        return valid
+
+    async def get(self, tag: str) -> Digest:
+        validate_tag(tag)
+        try:
+            return await read_link(self.driver, path_for(TagCurrentLink(self.name, tag)))
+        except PathNotFound:
+            raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
+
+    async def put(self, tag: str, digest: Digest) -> None:
+        """Record the digest in the tag's index, then point the tag at it (the registry's order)."""
+        validate_tag(tag)
+        await write_link(self.driver, path_for(TagIndexLink(self.name, tag, digest)), digest)
+        await write_link(self.driver, path_for(TagCurrentLink(self.name, tag)), digest)
+
+    async def delete(self, tag: str) -> None:
+        validate_tag(tag)
+        try:
+            await self.driver.delete(path_for(TagDir(self.name, tag)))
+        except PathNotFound:
+            raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
+
+    async def lookup(self, digest: Digest) -> list[str]:
+        """Tags that point at digest now (tags that cannot be read are skipped)."""
+        found = []
+        for tag in await self.list():
+            try:
+                if await self.get(tag) == digest:
+                    found.append(tag)
+            except (UnknownTag, CorruptEntry):
+                continue
+        return found

@@ -1,0 +1,298 @@
+"""A resumable layer upload whose whole state lives in the driver, in the registry's format.
+
+The running sha256 follows the writes. Its state is saved under `hashstates/sha256/<offset>`
+when the upload starts, every CHECKPOINT bytes and on close, so neither regfs after a restart
+nor the registry re-reads the data to finish. A write below the hashed end rewinds the hash
+to the nearest saved state at or below it (later states are deleted first: the registry would
+trust one whose offset matches the data's size) and re-hashes forward from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from datetime import UTC, datetime
+
+import trio
+
+from .blobs import BlobInfo, BlobStore, LinkedBlobs
+from .digests import EMPTY_DIGEST, Digest, Sha256State
+from .drivers import FileWriter, PathNotFound, StorageDriver
+from .errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownUpload
+from .paths import (
+    BlobData,
+    HashState,
+    HashStatesDir,
+    UploadData,
+    UploadDir,
+    UploadStartedAt,
+    path_for,
+)
+
+log = logging.getLogger(__name__)
+
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+CHECKPOINT = 64 << 20
+HASH_CHUNK = 4 << 20
+INLINE_HASH_LIMIT = 1 << 20  # ~1 ms of sha256: more goes to a thread
+
+
+def format_started_at(when: datetime) -> bytes:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ").encode("ascii")
+
+
+def parse_started_at(path: str, raw: bytes) -> datetime:
+    try:
+        when = datetime.fromisoformat(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptEntry(path, f"startedat is not an RFC 3339 time: {raw[:40]!r}") from exc
+    if when.tzinfo is None:
+        raise CorruptEntry(path, "startedat has no time zone")
+    return when
+
+
+async def read_started_at(driver: StorageDriver, name: str, uuid: str) -> datetime:
+    """The upload's start time; UnknownUpload without one (the registry does not know it)."""
+    path = path_for(UploadStartedAt(name, uuid))
+    try:
+        raw = await driver.get_content(path)
+    except PathNotFound:
+        raise UnknownUpload(f"unknown upload {uuid} in {name}") from None
+    return parse_started_at(path, raw)
+
+
+class LayerUpload:
+    """One upload. Not safe for two writers; the lock only orders one writer's own calls."""
+
+    def __init__(
+        self,
+        driver: StorageDriver,
+        blobs: BlobStore,
+        layers: LinkedBlobs,
+        name: str,
+        uuid: str,
+        started_at: datetime,
+        writer: FileWriter,
+        hashed: Sha256State,
+    ) -> None:
+        self.driver = driver
+        self.name = name
+        self.uuid = uuid
+        self.started_at = started_at
+        self._blobs = blobs
+        self._layers = layers
+        self._writer: FileWriter | None = writer
+        self._hash = hashed
+        self._saved_at = hashed.size
+        self._position = writer.size
+        self._lock = trio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<LayerUpload {self.name} {self.uuid} size={self.size}>"
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls, driver: StorageDriver, blobs: BlobStore, layers: LinkedBlobs, name: str, uuid: str
+    ) -> LayerUpload:
+        started_at = datetime.now(UTC).replace(microsecond=0)
+        await driver.put_content(
+            path_for(UploadStartedAt(name, uuid)), format_started_at(started_at)
+        )
+        writer = await driver.writer(path_for(UploadData(name, uuid)))
+        upload = cls(driver, blobs, layers, name, uuid, started_at, writer, Sha256State())
+        await upload._save_state()
+        return upload
+
+    @classmethod
+    async def resume(
+        cls, driver: StorageDriver, blobs: BlobStore, layers: LinkedBlobs, name: str, uuid: str
+    ) -> LayerUpload:
+        if UUID_RE.fullmatch(uuid) is None:
+            raise UnknownUpload(f"unknown upload {uuid!r} in {name}: not an upload id")
+        started_at = await read_started_at(driver, name, uuid)
+        writer = await driver.writer(path_for(UploadData(name, uuid)))
+        hashed = await _nearest_state(driver, name, uuid, writer.size)
+        return cls(driver, blobs, layers, name, uuid, started_at, writer, hashed)
+
+    # -- writing -------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._open_writer().size
+
+    @property
+    def hashed_size(self) -> int:
+        """How far the running hash has got (it catches up with `size` before finishing)."""
+        return self._hash.size
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise InvalidOffset(f"seek to negative offset {base + offset}")
+        self._position = base + offset
+        return self._position
+
+    async def write(self, data: bytes) -> int:
+        await self.write_at(self._position, data)
+        self._position += len(data)
+        return len(data)
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        """Write at offset ≤ size: at the end it appends, below it overwrites."""
+        async with self._lock:
+            writer = self._open_writer()
+            if offset > writer.size or offset < 0:
+                raise InvalidOffset(
+                    f"upload {self.uuid}: write at {offset} would leave a gap after {writer.size}"
+                )
+            if offset < self._hash.size:
+                await self._rewind(offset)
+            await self._hash_to(offset)
+            await writer.write_at(offset, data)
+            if len(data) > INLINE_HASH_LIMIT:
+                await trio.to_thread.run_sync(self._hash.update, data)
+            else:
+                self._hash.update(data)
+            if self._hash.size - self._saved_at >= CHECKPOINT:
+                await self._save_state()
+
+    async def truncate(self, size: int = 0) -> None:
+        """Cut the data to size (0 restarts the upload); only shrinking is allowed."""
+        async with self._lock:
+            writer = self._open_writer()
+            if not 0 <= size <= writer.size:
+                raise InvalidOffset(f"upload {self.uuid}: cannot truncate to {size}")
+            if size < self._hash.size:
+                await self._rewind(size)
+            await writer.truncate(size)
+            self._position = min(self._position, size)
+
+    async def digest(self) -> Digest:
+        """The digest of the data so far (hashing whatever is not hashed yet)."""
+        async with self._lock:
+            await self._hash_to(self.size)
+            return self._hash.digest()
+
+    # -- ending --------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Save the hash state at the end of the data, so a resume need not re-read it."""
+        async with self._lock:
+            if self._writer is None:
+                return
+            await self._hash_to(self._writer.size)
+            if self._saved_at != self._hash.size:
+                await self._save_state()
+            writer, self._writer = self._writer, None
+            await writer.aclose()
+
+    async def finish(self, expected: Digest, size: int | None = None) -> BlobInfo:
+        """Verify, move the data into the blob store, link it, then remove the upload.
+
+        The order is the registry's: a crash at any step leaves either the upload or the
+        linked blob, never a blob under a wrong digest.
+        """
+        async with self._lock:
+            writer = self._open_writer()
+            if size is not None and size != writer.size:
+                raise DigestMismatch(expected, f"<{writer.size} bytes, expected {size}>")
+            await self._hash_to(writer.size)
+            actual = self._hash.digest()
+            if actual != expected:
+                raise DigestMismatch(expected, actual)
+            self._writer = None
+            await writer.aclose()
+            if not await self._blobs.exists(expected):
+                if writer.size == 0 and expected == EMPTY_DIGEST:
+                    await self.driver.put_content(path_for(BlobData(expected)), b"")
+                else:
+                    await self.driver.move(
+                        path_for(UploadData(self.name, self.uuid)), path_for(BlobData(expected))
+                    )
+            await self._layers.link(expected)
+            await self._delete()
+            log.info("finish: upload %s in %s is now layer %s", self.uuid, self.name, expected)
+            return await self._blobs.stat(expected)
+
+    async def cancel(self) -> None:
+        async with self._lock:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                await writer.aclose()
+            await self._delete()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _open_writer(self) -> FileWriter:
+        if self._writer is None:
+            raise UnknownUpload(f"upload {self.uuid} in {self.name} is closed")
+        return self._writer
+
+    async def _delete(self) -> None:
+        try:
+            await self.driver.delete(path_for(UploadDir(self.name, self.uuid)))
+        except PathNotFound:
+            raise UnknownUpload(f"unknown upload {self.uuid} in {self.name}") from None
+
+    async def _save_state(self) -> None:
+        state = HashState(self.name, self.uuid, self._hash.size)
+        await self.driver.put_content(path_for(state), self._hash.marshal())
+        self._saved_at = self._hash.size
+
+    async def _rewind(self, offset: int) -> None:
+        """Forget hash states above offset and restart the hash from the best one below."""
+        for saved in await _state_offsets(self.driver, self.name, self.uuid):
+            if saved > offset:
+                await self.driver.delete(path_for(HashState(self.name, self.uuid, saved)))
+        self._hash = await _nearest_state(self.driver, self.name, self.uuid, offset)
+        self._saved_at = self._hash.size
+        log.debug(
+            "rewind: upload %s hash restarts at %d for a write at %d",
+            self.uuid,
+            self._hash.size,
+            offset,
+        )
+
+    async def _hash_to(self, offset: int) -> None:
+        """Hash the stored data from where the hash is up to offset (reads back, in a thread)."""
+        if self._hash.size >= offset:
+            return
+        path = path_for(UploadData(self.name, self.uuid))
+        reader = await self.driver.reader(path)
+        try:
+            while self._hash.size < offset:
+                want = min(HASH_CHUNK, offset - self._hash.size)
+                chunk = await reader.read_at(self._hash.size, want)
+                if len(chunk) != want:
+                    raise CorruptEntry(path, "upload data shorter than its size")
+                await trio.to_thread.run_sync(self._hash.update, chunk)
+        finally:
+            await reader.aclose()
+
+
+async def _state_offsets(driver: StorageDriver, name: str, uuid: str) -> list[int]:
+    try:
+        names = await driver.list(path_for(HashStatesDir(name, uuid)))
+    except PathNotFound:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+async def _nearest_state(driver: StorageDriver, name: str, uuid: str, limit: int) -> Sha256State:
+    """The saved hash state with the largest offset ≤ limit that loads; else a fresh one."""
+    for offset in reversed(await _state_offsets(driver, name, uuid)):
+        if offset > limit:
+            continue
+        path = path_for(HashState(name, uuid, offset))
+        try:
+            state = Sha256State.unmarshal(await driver.get_content(path))
+        except (ValueError, PathNotFound) as exc:
+            log.warning("resume: skipping unusable hash state %s: %s", path, exc)
+            continue
+        if state.size == offset:
+            return state
+        log.warning("resume: hash state %s holds %d bytes, not %d", path, state.size, offset)
+    return Sha256State()

@@ -1,0 +1,260 @@
+"""The seeds' LayerService scenarios, plus resume, overwrite and hash-state behaviour."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pytest
+
+from storage.digests import EMPTY_DIGEST, Sha256State, digest_bytes
+from storage.drivers import PathNotFound
+from storage.errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownLayer, UnknownUpload
+from storage.paths import (
+    BlobData,
+    HashState,
+    HashStatesDir,
+    LayerLink,
+    UploadData,
+    UploadStartedAt,
+    path_for,
+)
+
+
+def random_tarball(size: int = 200_000) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        payload = os.urandom(size)
+        info = tarfile.TarInfo("random.bin")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+async def test_simple_layer_upload(registry):
+    layers = registry.repository("foo/bar").layers
+    upload = await layers.upload()
+    await upload.cancel()
+    with pytest.raises(UnknownUpload):
+        await layers.resume(upload.uuid)
+
+    data = random_tarball()
+    digest = digest_bytes(data)
+    upload = await layers.upload()
+    await upload.write(data)
+    assert upload.seek(0, os.SEEK_END) == len(data)
+    assert upload.seek(-100, os.SEEK_CUR) == len(data) - 100
+    upload.seek(0, os.SEEK_END)
+    await upload.close()
+
+    upload = await layers.resume(upload.uuid)
+    assert upload.size == len(data)
+    info = await upload.finish(digest)
+    assert (info.digest, info.size) == (digest, len(data))
+    with pytest.raises(UnknownUpload):
+        await layers.resume(upload.uuid)
+    assert await layers.exists(digest)
+
+    async with await layers.fetch(digest) as reader:
+        assert reader.length == len(data)
+        assert digest_bytes(await reader.read()) == digest
+
+
+async def test_simple_layer_read(registry):
+    layers = registry.repository("foo/bar").layers
+    data = random_tarball(50_000)
+    digest = digest_bytes(data)
+    with pytest.raises(UnknownLayer):
+        await layers.fetch(digest)
+    upload = await layers.upload()
+    await upload.write(data)
+    await upload.finish(digest)
+
+    reader = await layers.fetch(digest)
+    assert await reader.read() == data
+    assert reader.seek(0) == 0
+    assert await reader.read(10) == data[:10]
+    assert reader.seek(-5, os.SEEK_END) == len(data) - 5
+    assert await reader.read() == data[-5:]
+    assert reader.seek(-10, os.SEEK_CUR) == len(data) - 10
+    assert await reader.read(4) == data[-10:-6]
+    with pytest.raises(InvalidOffset):
+        reader.seek(-1)
+    assert reader.created > 0
+    await reader.aclose()
+
+
+async def test_zero_length_upload(registry):
+    layers = registry.repository("foo/bar").layers
+    upload = await layers.upload()
+    info = await upload.finish(EMPTY_DIGEST)
+    assert str(info.digest) == (
+        "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
+    assert info.size == 0
+    assert await layers.exists(EMPTY_DIGEST)
+
+
+async def test_mismatch_keeps_the_upload(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    await upload.write(b"some content")
+    wrong = digest_bytes(b"other content")
+    with pytest.raises(DigestMismatch) as err:
+        await upload.finish(wrong)
+    assert str(wrong) in str(err.value) and str(digest_bytes(b"some content")) in str(err.value)
+    assert not await registry.blobs.exists(wrong)
+    await upload.close()
+    resumed = await layers.resume(upload.uuid)
+    assert resumed.size == len(b"some content")
+    await resumed.finish(digest_bytes(b"some content"))
+
+
+async def test_finish_deduplicates_existing_blob(registry):
+    data = b"shared layer"
+    digest = digest_bytes(data)
+    for name in ("one", "two"):
+        layers = registry.repository(name).layers
+        upload = await layers.upload()
+        await upload.write(data)
+        await upload.finish(digest)
+        assert await layers.exists(digest)
+    assert await registry.driver.get_content(path_for(BlobData(digest))) == data
+
+
+async def test_overwrite_below_end_rehashes(registry, monkeypatch):
+    monkeypatch.setattr("storage.uploads.CHECKPOINT", 1000)
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    data = bytearray(os.urandom(5000))
+    states = path_for(HashStatesDir("foo", upload.uuid))
+    await upload.write(bytes(data))
+    assert await registry.driver.list(states) == ["0", "5000"]
+    await upload.write_at(2500, b"X" * 100)  # below the end: the state at 5000 goes
+    assert await registry.driver.list(states) == ["0", "2600"]  # a checkpoint of the new bytes
+    data[2500:2600] = b"X" * 100
+    assert upload.size == 5000
+    with pytest.raises(InvalidOffset):
+        await upload.write_at(5001, b"gap")
+    await upload.write_at(5000, b"tail")
+    data += b"tail"
+    await upload.close()
+    upload = await layers.resume(upload.uuid)
+    assert await upload.digest() == digest_bytes(bytes(data))
+    await upload.finish(digest_bytes(bytes(data)))
+
+
+async def test_truncate_restarts(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    await upload.write(b"first attempt")
+    await upload.truncate(0)
+    upload.seek(0)
+    await upload.write(b"second")
+    await upload.finish(digest_bytes(b"second"))
+
+
+async def test_close_saves_state_and_resume_does_not_reread(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    head = os.urandom(100_000)
+    await upload.write(head)
+    await upload.close()
+    driver = registry.driver
+    offsets = await driver.list(path_for(HashStatesDir("foo", upload.uuid)))
+    assert offsets == ["0", "100000"]
+    saved = await driver.get_content(path_for(HashState("foo", upload.uuid, 100_000)))
+    assert Sha256State.unmarshal(saved).size == 100_000
+
+    # Scribble over the stored head: a resume that re-read it would get a wrong digest.
+    writer = await driver.writer(path_for(UploadData("foo", upload.uuid)))
+    await writer.write_at(0, b"\0" * 1000)
+    await writer.aclose()
+    resumed = await layers.resume(upload.uuid)
+    assert resumed.hashed_size == 100_000
+    await resumed.write(b"tail")
+    await resumed.finish(digest_bytes(head + b"tail"))
+
+
+async def test_resume_falls_back_below_a_bad_state(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    data = os.urandom(10_000)
+    await upload.write(data)
+    await upload.close()
+    await registry.driver.put_content(path_for(HashState("foo", upload.uuid, 10_000)), b"junk")
+    resumed = await layers.resume(upload.uuid)
+    assert resumed.hashed_size == 0
+    await resumed.finish(digest_bytes(data))
+
+
+@pytest.mark.parametrize("uuid", ["", "../../x", "nope", "0D0C5E8F-57A1-4A5C-9D0E-6F1C2B3A4D5E"])
+async def test_resume_refuses_bad_ids(registry, uuid):
+    with pytest.raises(UnknownUpload):
+        await registry.repository("foo").layers.resume(uuid)
+
+
+async def test_upload_without_startedat_is_unknown(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    await upload.close()
+    await registry.driver.delete(path_for(UploadStartedAt("foo", upload.uuid)))
+    with pytest.raises(UnknownUpload):
+        await layers.resume(upload.uuid)
+
+
+async def test_bad_startedat_is_a_corrupt_entry(registry):
+    layers = registry.repository("foo").layers
+    good = await layers.upload()
+    bad = await layers.upload()
+    await registry.driver.put_content(path_for(UploadStartedAt("foo", bad.uuid)), b"yesterday")
+    with pytest.raises(CorruptEntry, match="startedat"):
+        await layers.upload_info(bad.uuid)
+    assert (await layers.upload_info(good.uuid)).size == 0
+    assert sorted(await layers.uploads()) == sorted([good.uuid, bad.uuid])
+
+
+async def test_link_to_missing_blob_is_corrupt_not_unknown(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    await upload.write(b"abc")
+    digest = digest_bytes(b"abc")
+    await upload.finish(digest)
+    await registry.driver.delete(path_for(BlobData(digest)).rsplit("/", 1)[0])
+    with pytest.raises(CorruptEntry, match="missing blob"):
+        await layers.fetch(digest)
+    assert not await layers.exists(digest)
+
+
+async def test_garbage_link_is_corrupt(registry):
+    digest = digest_bytes(b"x")
+    await registry.driver.put_content(path_for(LayerLink("foo", digest)), b"not a digest\n")
+    with pytest.raises(CorruptEntry, match="not a digest link"):
+        await registry.repository("foo").layers.stat(digest)
+    assert await registry.repository("foo").layers.list() == [digest]
+
+
+async def test_unlink_keeps_the_blob(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    await upload.write(b"abc")
+    digest = digest_bytes(b"abc")
+    await upload.finish(digest)
+    await layers.unlink(digest)
+    assert not await layers.exists(digest)
+    assert await registry.blobs.exists(digest)
+    with pytest.raises(UnknownLayer):
+        await layers.unlink(digest)
+    await layers.link(digest)
+    assert await layers.exists(digest)
+
+
+async def test_finished_upload_leaves_no_upload_dir(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    await upload.write(b"abc")
+    await upload.finish(digest_bytes(b"abc"))
+    assert await layers.uploads() == []
+    with pytest.raises(PathNotFound):
+        await registry.driver.stat(path_for(UploadData("foo", upload.uuid)))
