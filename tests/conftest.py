@@ -1,8 +1,11 @@
-"""Shared fixtures: every storage test runs on both drivers."""
+"""Shared fixtures: storage tests run on both drivers; registry tests get a real registry."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from registry import RegistryClient, RegistryServer, running_registry
 
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
 from storage.registry import Registry
@@ -18,3 +21,14 @@ def driver(request, tmp_path) -> StorageDriver:
 @pytest.fixture
 def registry(driver) -> Registry:
     return Registry(driver)
+
+
+@pytest.fixture
+def registry_server(tmp_path) -> Iterator[RegistryServer]:
+    """A real docker-registry on tmp_path/root; always stopped at teardown."""
+    yield from running_registry(tmp_path / "root", workdir=tmp_path / "registry")
+
+
+@pytest.fixture
+def client(registry_server: RegistryServer) -> RegistryClient:
+    return registry_server.client()

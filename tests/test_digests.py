@@ -20,9 +20,19 @@ def test_parse_roundtrip():
 
 @pytest.mark.parametrize(
     "text",
-    ["", "sha256", f"sha256:{HEX[:-1]}", f"sha256:{HEX}0", f"sha256:{HEX.upper()}",
-     f"SHA256:{HEX}", f"sha256:{HEX[:-1]}g", f"sha256:{HEX}\n", f"sha256 :{HEX}", "../x:y",
-     f"md5:{HEX}"],
+    [
+        "",
+        "sha256",
+        f"sha256:{HEX[:-1]}",
+        f"sha256:{HEX}0",
+        f"sha256:{HEX.upper()}",
+        f"SHA256:{HEX}",
+        f"sha256:{HEX[:-1]}g",
+        f"sha256:{HEX}\n",
+        f"sha256 :{HEX}",
+        "../x:y",
+        f"md5:{HEX}",
+    ],
 )
 def test_parse_rejects(text):
     with pytest.raises(InvalidName):

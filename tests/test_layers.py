@@ -258,3 +258,33 @@ async def test_finished_upload_leaves_no_upload_dir(registry):
     assert await layers.uploads() == []
     with pytest.raises(PathNotFound):
         await registry.driver.stat(path_for(UploadData("foo", upload.uuid)))
+
+
+async def test_registry_style_bogus_lower_state_is_rechecked(registry):
+    """Registry 2.8 saves, for a PATCH where it had no state, a state of the new bytes alone."""
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    await upload.close()
+    head, patch = os.urandom(1000), os.urandom(100)
+    writer = await registry.driver.writer(path_for(UploadData("foo", upload.uuid)))
+    await writer.write_at(0, head + patch)
+    await writer.aclose()
+    bogus = Sha256State()
+    bogus.update(patch)
+    await registry.driver.put_content(path_for(HashState("foo", upload.uuid, 100)), bogus.marshal())
+
+    resumed = await layers.resume(upload.uuid)
+    assert resumed.hashed_size == 100  # it starts from the bogus state…
+    await resumed.finish(digest_bytes(head + patch))  # …and recovers by hashing again
+    assert await layers.exists(digest_bytes(head + patch))
+
+
+async def test_untrusted_state_still_reports_a_real_mismatch(registry):
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    await upload.write(b"x" * 300)
+    await upload.close()
+    await registry.driver.delete(path_for(HashState("foo", upload.uuid, 300)))
+    resumed = await layers.resume(upload.uuid)
+    with pytest.raises(DigestMismatch):
+        await resumed.finish(digest_bytes(b"y" * 300))

@@ -112,8 +112,12 @@ def _bad_cases(config: dict, layer: dict) -> list[tuple[bytes, str]]:
         (json.dumps({**good, "manifests": []}).encode(), "must not have manifests"),
         (json.dumps({**good, "mediaType": OCI_INDEX}).encode(), "must not have config"),
         (json.dumps({"schemaVersion": 2, "mediaType": DOCKER_LIST}).encode(), "manifests list"),
-        (json.dumps({k: v for k, v in good.items() if k != "mediaType"} | {"layers": 3}).encode(),
-         "layers list"),
+        (
+            json.dumps(
+                {k: v for k, v in good.items() if k != "mediaType"} | {"layers": 3}
+            ).encode(),
+            "layers list",
+        ),
         (image_manifest(config, [{**layer, "digest": "sha256:short"}]), r"layers\[0\]: invalid"),
         (image_manifest(config, [{**layer, "size": -1}]), "valid size"),
         (image_manifest(config, [{**layer, "size": True}]), "valid size"),
@@ -149,8 +153,12 @@ async def test_external_urls_are_not_checked(image):
     repo, body = image
     parsed = json.loads(body)
     parsed["layers"].append(
-        {"mediaType": LAYER_TYPE, "digest": str(digest_bytes(b"foreign")), "size": 7,
-         "urls": ["https://example.invalid/layer"]}
+        {
+            "mediaType": LAYER_TYPE,
+            "digest": str(digest_bytes(b"foreign")),
+            "size": 7,
+            "urls": ["https://example.invalid/layer"],
+        }
     )
     await repo.manifests.put(json.dumps(parsed).encode())
 

@@ -21,8 +21,10 @@ U = "0d0c5e8f-57a1-4a5c-9d0e-6f1c2b3a4d5e"
         (p.RevisionLink("library/alpine", D), f"{R}/_manifests/revisions/sha256/{D.hex}/link"),
         (p.TagsDir("library/alpine"), f"{R}/_manifests/tags"),
         (p.TagCurrentLink("library/alpine", "3.20"), f"{R}/_manifests/tags/3.20/current/link"),
-        (p.TagIndexLink("library/alpine", "v1", D),
-         f"{R}/_manifests/tags/v1/index/sha256/{D.hex}/link"),
+        (
+            p.TagIndexLink("library/alpine", "v1", D),
+            f"{R}/_manifests/tags/v1/index/sha256/{D.hex}/link",
+        ),
         (p.UploadData("library/alpine", U), f"{R}/_uploads/{U}/data"),
         (p.UploadStartedAt("library/alpine", U), f"{R}/_uploads/{U}/startedat"),
         (p.HashState("library/alpine", U, 1024), f"{R}/_uploads/{U}/hashstates/sha256/1024"),
@@ -41,8 +43,24 @@ def test_valid_names(name):
 
 @pytest.mark.parametrize(
     "name",
-    ["", "A", "a/", "/a", "a//b", "..", "a/../b", "-a", "a-", "a_", "a___b", "a\0b", "ä",
-     "a b", "x" * 256, "a\n"],
+    [
+        "",
+        "A",
+        "a/",
+        "/a",
+        "a//b",
+        "..",
+        "a/../b",
+        "-a",
+        "a-",
+        "a_",
+        "a___b",
+        "a\0b",
+        "ä",
+        "a b",
+        "x" * 256,
+        "a\n",
+    ],
 )
 def test_invalid_names(name):
     with pytest.raises(InvalidName):

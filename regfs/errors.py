@@ -1,0 +1,81 @@
+"""The one place where exceptions become errnos; nothing else may escape a FUSE handler.
+
+pyfuse3 turns only FUSEError into an errno: any other exception ends its main loop, so every
+handler is wrapped. Expected errors are logged in one line; unexpected ones with a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+import pyfuse3
+
+from storage.drivers import InvalidPath
+from storage.errors import (
+    CorruptEntry,
+    DigestMismatch,
+    InvalidManifest,
+    InvalidName,
+    InvalidOffset,
+)
+
+log = logging.getLogger("regfs.ops")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Checked in order: the first class that matches decides.
+ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
+    (LookupError, errno.ENOENT),  # not in the tree; unknown layer, manifest, tag, upload
+    (CorruptEntry, errno.EIO),
+    (DigestMismatch, errno.EINVAL),
+    (InvalidManifest, errno.EINVAL),
+    (InvalidOffset, errno.EINVAL),
+    (InvalidName, errno.EINVAL),
+    (InvalidPath, errno.EINVAL),
+    (IsADirectoryError, errno.EISDIR),
+)
+
+LEVELS = {errno.ENOENT: logging.DEBUG, errno.EIO: logging.ERROR}
+
+
+def errno_of(exc: BaseException) -> int | None:
+    for kind, code in ERRNOS:
+        if isinstance(exc, kind):
+            return code
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return None
+
+
+def fuse_errors(
+    handler: Callable[P, Awaitable[T]],
+) -> Callable[P, Awaitable[T]]:
+    """Wrap a FUSE handler: log the call at debug level, map every exception to an errno."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", name, args[1:])
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %s", name, errno.errorcode.get(exc.errno, exc.errno))
+            raise
+        except Exception as exc:
+            code = errno_of(exc)
+            if code is None:
+                log.exception("%s%r: unexpected error, answering EIO", name, args[1:])
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            # A missing name is routine (shells probe many); anything else is worth a line.
+            level = LEVELS.get(code, logging.WARNING)
+            log.log(level, "%s: %s (%s)", name, exc, errno.errorcode.get(code, code))
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper

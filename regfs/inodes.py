@@ -1,0 +1,52 @@
+"""Stable inode numbers for tree nodes, kept while the kernel holds a lookup count on them."""
+
+from __future__ import annotations
+
+import errno
+
+import pyfuse3
+
+from .tree import ROOT, Node
+
+
+class InodeTable:
+    """node ↔ inode. Every entry the kernel learns (lookup, readdirplus) adds one to its count;
+    forget subtracts; at zero the number is dropped (the root never is)."""
+
+    def __init__(self) -> None:
+        self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
+        self._lookups: dict[int, int] = {}
+        self._next = pyfuse3.ROOT_INODE + 1
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def inode(self, node: Node) -> int:
+        ino = self._inodes.get(node)
+        if ino is None:
+            ino = self._next
+            self._next += 1
+            self._inodes[node] = ino
+            self._nodes[ino] = node
+        return ino
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self._nodes[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def ref(self, ino: int) -> None:
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def forget(self, ino: int, count: int) -> None:
+        left = self._lookups.get(ino, 0) - count
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        if ino != pyfuse3.ROOT_INODE:
+            node = self._nodes.pop(ino, None)
+            if node is not None:
+                del self._inodes[node]

@@ -1,0 +1,89 @@
+"""Mount options, from the command line or `-o a,b=c` (the mount(8) and fstab form)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+DEFAULT_TAG_TTL = 5.0
+
+
+@dataclass
+class MountOptions:
+    source: str
+    mountpoint: str
+    read_only: bool = False
+    allow_other: bool = False
+    debug: bool = False
+    log_file: str | None = None
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    tag_ttl: float = DEFAULT_TAG_TTL
+
+    def fuse_options(self) -> set[str]:
+        # default_permissions: the kernel checks modes, as for a local filesystem.
+        opts = {"default_permissions", "subtype=regfs", f"fsname={_fsname(self.source)}"}
+        if self.read_only:
+            opts.add("ro")
+        if self.allow_other:
+            opts.add("allow_other")
+        return opts
+
+
+def _fsname(source: str) -> str:
+    return "regfs:" + source.replace(",", "_").replace(" ", "_")
+
+
+# -o names → (field, parser). Flags take no value.
+_FLAGS = {"ro": "read_only", "allow_other": "allow_other", "debug": "debug"}
+_VALUES = {
+    "uid": ("uid", int),
+    "gid": ("gid", int),
+    "file_mode": ("file_mode", lambda v: int(v, 8)),
+    "dir_mode": ("dir_mode", lambda v: int(v, 8)),
+    "tag_ttl": ("tag_ttl", float),
+    "log": ("log_file", str),
+}
+# Accepted from mount(8)/fstab and meaningless here.
+_IGNORED = {
+    "rw",
+    "_netdev",
+    "nofail",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "nouser",
+    "defaults",
+    "exec",
+    "noexec",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "atime",
+    "noatime",
+    "relatime",
+}
+
+
+def apply_o_options(options: MountOptions, text: str) -> None:
+    """Apply `-o a,b=c`; an unknown option raises ValueError naming the known ones."""
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if key in _FLAGS and not sep:
+            setattr(options, _FLAGS[key], True)
+        elif key in _VALUES and sep:
+            name, parse = _VALUES[key]
+            try:
+                setattr(options, name, parse(value))
+            except ValueError:
+                raise ValueError(f"-o {key}: bad value {value!r}") from None
+        elif key not in _IGNORED:
+            known = sorted([*_FLAGS, *(f"{k}=…" for k in _VALUES)])
+            raise ValueError(f"unknown mount option {item!r} (known: {', '.join(known)})")
+
+
+OPTION_FIELDS = [f.name for f in fields(MountOptions)]
