@@ -37,6 +37,9 @@ class InodeTable:
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
+    def get(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
     def ref(self, ino: int) -> None:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 

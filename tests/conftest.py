@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
+from mounts import Mount
 from registry import RegistryClient, RegistryServer, running_registry
 
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
@@ -32,3 +35,24 @@ def registry_server(tmp_path) -> Iterator[RegistryServer]:
 @pytest.fixture
 def client(registry_server: RegistryServer) -> RegistryClient:
     return registry_server.client()
+
+
+@pytest.fixture
+def mount(tmp_path) -> Iterator[Callable[..., Mount]]:
+    """mount(source, *args) → a started Mount; every one is unmounted at teardown."""
+    with ExitStack() as stack:
+        count = 0
+
+        def start(source: str | Path, *args: str, allow_tracebacks: bool = False) -> Mount:
+            nonlocal count
+            count += 1
+            m = Mount(
+                str(source),
+                tmp_path / f"mnt{count}",
+                tmp_path / f"regfs{count}.log",
+                list(args),
+                allow_tracebacks,
+            )
+            return stack.enter_context(m)
+
+        yield start

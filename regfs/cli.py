@@ -1,0 +1,266 @@
+"""The `regfs` command line: mount and umount.
+
+`regfs mount` starts the daemon as a child process in a new session and returns once the
+child reports, through a pipe, that the mount is up (or why it is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+
+import platformdirs
+
+from storage.drivers import SUPPORTED_SOURCES, open_driver
+
+from . import daemon
+from .logs import default_log_file, setup_logging
+from .mountpoint import MountError, daemon_pids, force_unmount, mounted_filesystem, prepare
+from .options import DEFAULT_TAG_TTL, MountOptions, apply_o_options
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+UMOUNT_TIMEOUT = 30.0
+
+
+def default_source() -> str:
+    return str(platformdirs.user_data_path("regfs") / "registry")
+
+
+def _octal(text: str) -> int:
+    return int(text, 8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="regfs", description="A Linux filesystem view of a container registry."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser(
+        "mount",
+        help="mount a registry",
+        description=(
+            "Mount a registry on MOUNTPOINT and return once the mount is ready; the daemon "
+            f"goes on in the background. SOURCE is {SUPPORTED_SOURCES}; without it, "
+            f"{default_source()} is used. Background daemons log to {default_log_file()} "
+            "unless --log says otherwise."
+        ),
+    )
+    mount.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
+    mount.add_argument(
+        "-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts"
+    )
+    mount.add_argument("-r", "--read-only", action="store_true", help="refuse every write")
+    mount.add_argument("-d", "--debug", action="store_true", help="log each FUSE operation")
+    mount.add_argument("--log", metavar="FILE", help="log to FILE")
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users see the mount (needs user_allow_other for non-root)",
+    )
+    mount.add_argument("--uid", type=int, help="owner of every file (default: you)")
+    mount.add_argument("--gid", type=int, help="group of every file (default: yours)")
+    mount.add_argument("--file-mode", type=_octal, metavar="MODE", help="default 644")
+    mount.add_argument("--dir-mode", type=_octal, metavar="MODE", help="default 755")
+    mount.add_argument(
+        "--tag-ttl",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long tags and listings are cached (default {DEFAULT_TAG_TTL})",
+    )
+    mount.add_argument(
+        "-o",
+        dest="o_options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="mount options: ro, allow_other, uid=, gid=, file_mode=, dir_mode=, "
+        "tag_ttl=, log=, debug",
+    )
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    umount = commands.add_parser(
+        "umount", help="unmount", description="Unmount and wait until the daemon has gone."
+    )
+    umount.add_argument("mountpoint")
+    return parser
+
+
+def mount_options(args: argparse.Namespace) -> MountOptions:
+    if len(args.paths) > 2:
+        raise MountError("expected [SOURCE] MOUNTPOINT")
+    source = args.paths[0] if len(args.paths) == 2 else default_source()
+    if "://" not in source and source != "inmemory:" and ":" not in source.split("/")[0]:
+        source = os.path.abspath(source)
+    options = MountOptions(source=source, mountpoint=os.path.abspath(args.paths[-1]))
+    for text in args.o_options:
+        apply_o_options(options, text)
+    flags = {"read_only": args.read_only, "allow_other": args.allow_other, "debug": args.debug}
+    for name, value in flags.items():
+        if value:
+            setattr(options, name, True)
+    values = {
+        "log_file": args.log,
+        "uid": args.uid,
+        "gid": args.gid,
+        "tag_ttl": args.tag_ttl,
+        "file_mode": args.file_mode,
+        "dir_mode": args.dir_mode,
+    }
+    for name, value in values.items():
+        if value is not None:
+            setattr(options, name, value)
+    return options
+
+
+def child_command(options: MountOptions, ready_fd: int) -> list[str]:
+    """The daemon's command line: every option spelled out, the mountpoint last."""
+    command = [
+        sys.executable,
+        "-m",
+        "regfs",
+        "mount",
+        "--foreground",
+        "--ready-fd",
+        str(ready_fd),
+        "--log",
+        options.log_file or str(default_log_file()),
+        "--uid",
+        str(options.uid),
+        "--gid",
+        str(options.gid),
+        "--file-mode",
+        f"{options.file_mode:o}",
+        "--dir-mode",
+        f"{options.dir_mode:o}",
+        "--tag-ttl",
+        str(options.tag_ttl),
+    ]
+    for flag, on in (
+        ("--read-only", options.read_only),
+        ("--allow-other", options.allow_other),
+        ("--debug", options.debug),
+    ):
+        if on:
+            command.append(flag)
+    return [*command, options.source, options.mountpoint]
+
+
+def mount_background(options: MountOptions) -> int:
+    read_end, write_end = os.pipe()
+    log_file = options.log_file or str(default_log_file())
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    with open(log_file, "ab") as log_out:
+        child = subprocess.Popen(
+            child_command(options, write_end),
+            pass_fds=(write_end,),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log_out,
+            stderr=log_out,
+        )
+    os.close(write_end)
+    message = _read_ready(read_end, child)
+    os.close(read_end)
+    if message == "ok":
+        return 0
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+    print(f"regfs: mount failed: {message} (log: {log_file})", file=sys.stderr)
+    return 1
+
+
+def _read_ready(fd: int, child: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"the daemon was not ready after {READY_TIMEOUT:.0f} s"
+        readable, _, _ = select.select([fd], [], [], left)
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                code = child.wait()
+                return f"the daemon exited with status {code} before the mount was ready"
+            data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def mount_foreground(options: MountOptions, ready_fd: int | None) -> int:
+    setup_logging(options.debug, options.log_file)
+
+    def report(message: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, message.encode() + b"\n")
+            os.close(ready_fd)
+
+    try:
+        prepare(options.mountpoint)
+        open_driver(options.source)
+        daemon.serve(options, lambda: report("ok"))
+    except (MountError, ValueError, OSError, RuntimeError) as exc:
+        log.error("mount: %s", exc)
+        report(str(exc))
+        if ready_fd is None:
+            print(f"regfs: mount failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def umount(mountpoint: str) -> int:
+    path = os.path.abspath(mountpoint)
+    if mounted_filesystem(path) is None:
+        print(f"regfs: {path} is not mounted", file=sys.stderr)
+        return 1
+    pids = daemon_pids(path)
+    result = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        if "not connected" not in result.stderr and "Transport endpoint" not in result.stderr:
+            print(f"regfs: cannot unmount {path}: {result.stderr.strip()}", file=sys.stderr)
+            return 1
+        force_unmount(path)  # a dead mount: its daemon is gone already
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            print(f"regfs: the daemon of {path} did not exit (pids {pids})", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of ours is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "umount":
+        return umount(args.mountpoint)
+    try:
+        options = mount_options(args)
+        if args.foreground:
+            return mount_foreground(options, args.ready_fd)
+        prepare(options.mountpoint)
+        open_driver(options.source)
+    except (MountError, ValueError) as exc:
+        print(f"regfs: mount failed: {exc}", file=sys.stderr)
+        return 2
+    return mount_background(options)

@@ -1,0 +1,70 @@
+"""The daemon: mount, serve until unmounted or signalled, unmount cleanly.
+
+SIGINT and SIGTERM unmount; SIGHUP drops every cached tag and listing; SIGUSR1 dumps the
+stacks of all threads to the log (faulthandler).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from storage.drivers import open_driver
+from storage.registry import Registry
+
+from .operations import Operations
+from .options import MountOptions
+from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+
+async def _watch_signals(ops: Operations, task_status: trio.TaskStatus[None]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: dropping cached tags and listings")
+                ops.tree.forget_moving()
+                continue
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _serve(ops: Operations) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals, ops)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
+    """Mount and serve; returns once unmounted. Errors before the mount is up propagate."""
+    registry = Registry(open_driver(options.source))
+    ops = Operations(Tree(registry, options.tag_ttl), options)
+    log_file = logging.getLogger().handlers[0]
+    stream = getattr(log_file, "stream", None)
+    if stream is not None:
+        faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+    pyfuse3.init(ops, options.mountpoint, options.fuse_options())
+    log.info(
+        "mounted %s on %s (%s)",
+        options.source,
+        options.mountpoint,
+        "read-only" if options.read_only else "read-write",
+    )
+    try:
+        on_ready()
+        trio.run(_serve, ops)
+    except Exception:
+        log.exception("serve: the main loop failed; unmounting")
+        raise
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", options.mountpoint)

@@ -1,0 +1,105 @@
+"""Real regfs mounts for tests: started with the real command line, always torn down.
+
+Teardown unmounts with `regfs umount`, falls back to a lazy unmount and SIGKILL, and fails
+the test if the daemon logged a traceback it did not expect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REGFS = str(Path(sys.executable).parent / "regfs")
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(os.path.abspath(path)).replace(b" ", b"\\040")
+    with open("/proc/mounts", "rb") as mounts:
+        return any(line.split()[1] == target for line in mounts)
+
+
+def regfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([REGFS, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    from regfs.mountpoint import daemon_pids as find
+
+    return find(os.path.abspath(mountpoint))
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Mount:
+    source: str
+    mountpoint: Path
+    log: Path
+    args: list[str] = field(default_factory=list)
+    allow_tracebacks: bool = False
+
+    def __post_init__(self) -> None:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> Mount:
+        result = regfs(
+            "mount", *self.args, "--log", str(self.log), self.source, str(self.mountpoint)
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"regfs mount failed: {result.stderr}\n{self.log_text()}")
+        assert is_mounted(self.mountpoint), "regfs mount returned before the mount was up"
+        return self
+
+    def path(self, *parts: str) -> Path:
+        return self.mountpoint.joinpath(*parts)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def pids(self) -> list[int]:
+        return daemon_pids(self.mountpoint)
+
+    def stop(self) -> None:
+        """Unmount whatever state the mount is in; leave no mount and no daemon."""
+        pids = self.pids()
+        if is_mounted(self.mountpoint):
+            result = regfs("umount", str(self.mountpoint), timeout=40)
+            if result.returncode != 0 or is_mounted(self.mountpoint):
+                subprocess.run(
+                    ["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True
+                )
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not self.pids(), 10, "the daemon to exit")
+
+    def check_log(self) -> None:
+        text = self.log_text()
+        if not self.allow_tracebacks and "Traceback" in text:
+            raise AssertionError(f"the daemon logged a traceback:\n{text[-4000:]}")
+
+    def __enter__(self) -> Mount:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.check_log()
