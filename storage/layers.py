@@ -11,7 +11,15 @@ from .blobs import BlobInfo, BlobStore, LinkedBlobs
 from .digests import Digest
 from .drivers import FileReader, PathNotFound, StorageDriver
 from .errors import CorruptEntry, InvalidOffset, UnknownLayer, UnknownUpload
-from .paths import LayerLink, LayersDir, UploadData, UploadsDir, path_for
+from .paths import (
+    LayerLink,
+    LayersDir,
+    UploadData,
+    UploadLabel,
+    UploadsDir,
+    UploadStartedAt,
+    path_for,
+)
 from .uploads import UUID_RE, LayerUpload, read_started_at
 
 
@@ -96,9 +104,23 @@ class LayerService:
     async def unlink(self, digest: Digest) -> None:
         await self.linked.unlink(digest)
 
-    async def upload(self) -> LayerUpload:
+    async def upload(self, label: str | None = None) -> LayerUpload:
+        """Start an upload; `label` is a client's name for it, kept beside it (see paths)."""
         uuid = str(uuidlib.uuid4())
-        return await LayerUpload.start(self.driver, self._blobs, self.linked, self.name, uuid)
+        upload = await LayerUpload.start(self.driver, self._blobs, self.linked, self.name, uuid)
+        if label is not None:  # after startedat: the registry's purger can always see it
+            await self.set_label(uuid, label)
+        return upload
+
+    async def label(self, uuid: str) -> str | None:
+        try:
+            raw = await self.driver.get_content(path_for(UploadLabel(self.name, uuid)))
+        except PathNotFound:
+            return None
+        return raw.decode("utf-8", "replace")
+
+    async def set_label(self, uuid: str, label: str) -> None:
+        await self.driver.put_content(path_for(UploadLabel(self.name, uuid)), label.encode())
 
     async def resume(self, uuid: str) -> LayerUpload:
         return await LayerUpload.resume(self.driver, self._blobs, self.linked, self.name, uuid)
@@ -114,9 +136,20 @@ class LayerService:
         return UploadInfo(uuid, started_at, size)
 
     async def uploads(self) -> list[str]:
-        """Uuids of the uploads in progress (directories that are not uuids are skipped)."""
+        """Uuids of the uploads in progress. Directories that are not uuids are skipped, and
+        so are those without `startedat`, which the registry does not know: registry 2.8's
+        DELETE leaves `hashstates/sha256/0` behind in the otherwise removed upload."""
         try:
             names = await self.driver.list(path_for(UploadsDir(self.name)))
         except PathNotFound:
             return []
-        return [n for n in names if UUID_RE.fullmatch(n)]
+        found = []
+        for name in names:
+            if UUID_RE.fullmatch(name) is None:
+                continue
+            try:
+                await self.driver.stat(path_for(UploadStartedAt(self.name, name)))
+            except PathNotFound:
+                continue
+            found.append(name)
+        return found

@@ -4,12 +4,16 @@
       blobs/sha256/<hex[:2]>/<hex>/data                          blob bytes
       repositories/<name>/
         _layers/sha256/<hex>/link                                blob linked into <name>
+        _layers/.regfs-keep                                      marks an empty repository
         _manifests/revisions/sha256/<hex>/link                   manifest revision of <name>
         _manifests/tags/<tag>/current/link                       digest the tag points at
         _manifests/tags/<tag>/index/sha256/<hex>/link            every digest the tag had
         _uploads/<uuid>/data                                     upload bytes so far
         _uploads/<uuid>/startedat                                RFC 3339 start time
         _uploads/<uuid>/hashstates/sha256/<offset>               Go sha256 state at <offset>
+        _uploads/<uuid>/regfs-label                              the name a client gave it
+
+The registry ignores extra files in an upload directory; `regfs-label` is regfs's own.
 
 <name> keeps its slashes (`library/alpine` is two directories). A link file holds
 `sha256:<hex>` with no newline. Names, tags, digests and uuids are validated before they
@@ -52,6 +56,13 @@ class RepositoryDir:
 
 @dataclass(frozen=True)
 class LayersDir:
+    name: str
+
+
+@dataclass(frozen=True)
+class EmptyMarker:
+    """Makes an empty repository a repository: the registry's catalog wants `_layers`."""
+
     name: str
 
 
@@ -126,6 +137,12 @@ class UploadStartedAt:
 
 
 @dataclass(frozen=True)
+class UploadLabel:
+    name: str
+    uuid: str
+
+
+@dataclass(frozen=True)
 class HashStatesDir:
     name: str
     uuid: str
@@ -175,6 +192,8 @@ def path_for(loc: Location) -> str:
             return f"{REPOSITORIES}/{name}" if name else REPOSITORIES
         case LayersDir(name):
             return f"{REPOSITORIES}/{name}/_layers/sha256"
+        case EmptyMarker(name):
+            return f"{REPOSITORIES}/{name}/_layers/.regfs-keep"
         case LayerLink(name, d):
             return f"{REPOSITORIES}/{name}/_layers/{d.algorithm}/{d.hex}/link"
         case RevisionsDir(name):
@@ -199,6 +218,8 @@ def path_for(loc: Location) -> str:
             return f"{path_for(UploadDir(name, uuid))}/data"
         case UploadStartedAt(name, uuid):
             return f"{path_for(UploadDir(name, uuid))}/startedat"
+        case UploadLabel(name, uuid):
+            return f"{path_for(UploadDir(name, uuid))}/regfs-label"
         case HashStatesDir(name, uuid, algorithm):
             return f"{path_for(UploadDir(name, uuid))}/hashstates/{algorithm}"
         case HashState(name, uuid, offset, algorithm):

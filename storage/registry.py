@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .blobs import BlobStore
 from .catalog import Catalog
-from .drivers import StorageDriver
+from .drivers import PathNotFound, StorageDriver
 from .layers import LayerService
 from .manifests import ManifestService
 from .names import validate_name
+from .paths import EmptyMarker, RepositoryDir, path_for
 from .tags import TagService
 
 
@@ -28,3 +29,26 @@ class Registry:
     def repository(self, name: str) -> Repository:
         """A repository view; InvalidName for a name the registry would refuse."""
         return Repository(self.driver, self.blobs, name)
+
+    async def create_repository(self, name: str) -> Repository:
+        """An empty repository that the catalog lists (`_layers` with a marker file in it)."""
+        repo = self.repository(name)
+        if not await self.catalog.is_repository(name):
+            await self.driver.put_content(path_for(EmptyMarker(name)), b"")
+        # `mkdir -p org/app` made org a repository on its way to org/app: org is a namespace.
+        parent = name.rpartition("/")[0]
+        if parent and await self._only_marked(parent):
+            await self.driver.delete(path_for(EmptyMarker(parent)).rpartition("/")[0])
+        return repo
+
+    async def _only_marked(self, name: str) -> bool:
+        """Whether the repository holds nothing but the marker of an empty repository."""
+        marker = path_for(EmptyMarker(name))
+        layers_dir, _, marker_name = marker.rpartition("/")
+        try:
+            entries = await self.driver.list(path_for(RepositoryDir(name)))
+            return [e for e in entries if e.startswith("_")] == ["_layers"] and (
+                await self.driver.list(layers_dir) == [marker_name]
+            )
+        except PathNotFound:
+            return False

@@ -117,3 +117,19 @@ async def test_filesystem_root_cannot_be_escaped(tmp_path):
     await drv.put_content("/inside", b"ok")
     assert (tmp_path / "root" / "inside").read_bytes() == b"ok"
     assert not [p for p in os.listdir(tmp_path / "root") if p.startswith(".tmp-")]
+
+
+async def test_filesystem_file_modes_follow_umask_like_the_registry(tmp_path):
+    """The registry creates files 0666 minus umask; mkstemp's 0600 would lock out a registry
+    running as another user (Debian's service user) from the links regfs writes."""
+    drv = FilesystemDriver(tmp_path / "root")
+    umask = os.umask(0o022)
+    try:
+        await drv.put_content("/a/link", b"x")
+        writer = await drv.writer("/a/data")
+        await writer.aclose()
+    finally:
+        os.umask(umask)
+    for name in ("link", "data"):
+        assert (tmp_path / "root" / "a" / name).stat().st_mode & 0o777 == 0o644, name
+    assert (tmp_path / "root" / "a").stat().st_mode & 0o777 == 0o755

@@ -288,3 +288,47 @@ async def test_untrusted_state_still_reports_a_real_mismatch(registry):
     resumed = await layers.resume(upload.uuid)
     with pytest.raises(DigestMismatch):
         await resumed.finish(digest_bytes(b"y" * 300))
+
+
+async def test_upload_labels(registry):
+    layers = registry.repository("foo").layers
+    named = await layers.upload(label="blob.tar.gz")
+    plain = await layers.upload()
+    assert await layers.label(named.uuid) == "blob.tar.gz"
+    assert await layers.label(plain.uuid) is None
+    await layers.set_label(plain.uuid, "other")
+    assert await layers.label(plain.uuid) == "other"
+    await named.cancel()
+    assert await layers.label(named.uuid) is None
+
+
+async def test_create_empty_repository(registry):
+    await registry.create_repository("org/empty")
+    assert await registry.catalog.is_repository("org/empty")
+    assert await registry.catalog.repositories() == ["org/empty"]
+    assert await registry.repository("org/empty").layers.list() == []
+
+
+async def test_upload_without_startedat_is_not_listed(registry):
+    """What a registry 2.8 DELETE leaves: only `hashstates/sha256/0`. The registry does not
+    know it as an upload; listing it would show an entry nothing can open or remove."""
+    layers = registry.repository("foo").layers
+    live = await layers.upload()
+    ghost = await layers.upload()
+    await ghost.cancel()
+    await registry.driver.put_content(path_for(HashState("foo", ghost.uuid, 0)), b"x" * 108)
+    assert await layers.uploads() == [live.uuid]
+    with pytest.raises(UnknownUpload):
+        await layers.upload_info(ghost.uuid)
+
+
+async def test_mkdir_p_leaves_parents_namespaces(registry):
+    await registry.create_repository("org")
+    await registry.create_repository("org/app")
+    assert not await registry.catalog.is_repository("org")
+    assert await registry.catalog.repositories() == ["org/app"]
+    # A parent with content stays a repository.
+    upload = await registry.repository("org/app").layers.upload()
+    await upload.finish(digest_bytes(b""))
+    await registry.create_repository("org/app/sub")
+    assert await registry.catalog.repositories() == ["org/app", "org/app/sub"]

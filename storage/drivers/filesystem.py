@@ -8,9 +8,9 @@ a worker thread.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import stat as statmod
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -20,6 +20,10 @@ from ..errors import InvalidOffset
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 
 INLINE_READ_LIMIT = 1 << 20
+# The registry's driver creates files with 0666 and lets the umask cut it (0644 under 022).
+# tempfile.mkstemp's 0600 would lock a registry running as another user (Debian's service
+# runs as `docker-registry`) out of every link, startedat and hash state regfs writes.
+FILE_MODE = 0o666
 
 
 @contextmanager
@@ -76,6 +80,17 @@ class _Writer(FileWriter):
                 os.close(fd)
 
 
+def _create_temp(directory: str) -> tuple[int, str]:
+    """Like mkstemp, but with the registry's file mode (umask applied) instead of 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    while True:
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+        try:
+            return os.open(tmp, flags, FILE_MODE), tmp
+        except FileExistsError:
+            continue
+
+
 class FilesystemDriver(StorageDriver):
     name = "filesystem"
 
@@ -100,7 +115,7 @@ class FilesystemDriver(StorageDriver):
     def _put_sync(full: str, data: bytes) -> None:
         directory = os.path.dirname(full)
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        fd, tmp = _create_temp(directory)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -123,7 +138,7 @@ class FilesystemDriver(StorageDriver):
     async def _writer(self, path: str) -> FileWriter:
         full = self._full(path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        return _Writer(os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        return _Writer(os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
 
     async def _stat(self, path: str) -> FileInfo:
         with _not_found_as(path):
