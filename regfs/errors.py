@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 import pyfuse3
+from pyfuse3 import RequestContext as Context
 
 from storage.drivers import InvalidPath
 from storage.errors import (
@@ -38,6 +39,7 @@ ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidName, errno.EINVAL),
     (InvalidPath, errno.EINVAL),
     (IsADirectoryError, errno.EISDIR),
+    (PermissionError, errno.EPERM),
 )
 
 LEVELS = {errno.ENOENT: logging.DEBUG, errno.EIO: logging.ERROR}
@@ -61,7 +63,7 @@ def fuse_errors(
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s%r", name, args[1:])
+            log.debug("%s%r", name, tuple(a for a in args[1:] if not isinstance(a, Context)))
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError as exc:
@@ -71,7 +73,7 @@ def fuse_errors(
         except Exception as exc:
             code = errno_of(exc)
             if code is None:
-                log.exception("%s%r: unexpected error, answering EIO", name, args[1:])
+                log.exception("%s: unexpected error, answering EIO", name)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             # A missing name is routine (shells probe many); anything else is worth a line.
             level = LEVELS.get(code, logging.WARNING)

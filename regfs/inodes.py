@@ -40,6 +40,21 @@ class InodeTable:
     def get(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
 
+    def known(self, node: Node) -> int | None:
+        """The node's inode if the kernel may know it (for invalidations)."""
+        return self._inodes.get(node)
+
+    def rebind(self, ino: int, node: Node) -> None:
+        """Make ino stand for another node (an upload renamed into the layer it became).
+
+        The node may have an inode already; both numbers then name it until one is forgotten.
+        """
+        old = self._nodes.get(ino)
+        if old is not None and self._inodes.get(old) == ino:
+            del self._inodes[old]
+        self._nodes[ino] = node
+        self._inodes.setdefault(node, ino)
+
     def ref(self, ino: int) -> None:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
@@ -51,5 +66,5 @@ class InodeTable:
         self._lookups.pop(ino, None)
         if ino != pyfuse3.ROOT_INODE:
             node = self._nodes.pop(ino, None)
-            if node is not None:
+            if node is not None and self._inodes.get(node) == ino:
                 del self._inodes[node]

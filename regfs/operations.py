@@ -11,17 +11,31 @@ import errno
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, ReaddirToken, RequestContext
 
+from storage.digests import Digest
 from storage.drivers import FilesystemDriver
-from storage.errors import CorruptEntry
+from storage.errors import CorruptEntry, DigestMismatch
+from storage.names import validate_tag
 
 from .errors import fuse_errors
+from .handles import Handle, ReadHandle, TagHandle, UploadHandle, digest_name
 from .inodes import InodeTable
 from .options import MountOptions
-from .tree import Attr, LayerNode, ManifestNode, Node, Reader, Tree
+from .tree import (
+    Attr,
+    DirNode,
+    LayerNode,
+    ManifestNode,
+    Node,
+    SectionNode,
+    TagNode,
+    Tree,
+    UploadNode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +58,8 @@ class Operations(pyfuse3.Operations):
         self.tree = tree
         self.options = options
         self.inodes = InodeTable()
-        self._handles: dict[int, Reader | Listing] = {}
+        self._handles: dict[int, Handle | Listing] = {}
+        self._writers: dict[Node, int] = {}  # one writer per upload or tag: its handle
         self._next_fh = 1
 
     # -- helpers ---------------------------------------------------------------------------
@@ -69,7 +84,7 @@ class Operations(pyfuse3.Operations):
         entry.attr_timeout = entry.entry_timeout = timeout
         return entry
 
-    def _add_handle(self, value: Reader | Listing) -> int:
+    def _add_handle(self, value: Handle | Listing) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = value
@@ -99,6 +114,10 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
         node = self.inodes.node(inode)
+        writer = self._handles.get(self._writers.get(node, 0))
+        pending = writer.pending_attr() if isinstance(writer, Handle) else None
+        if pending is not None:
+            return self._entry(node, pending, timeout=0)
         return self._entry(node, await self.tree.attr(node))
 
     @fuse_errors
@@ -159,32 +178,104 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise self._refuse("open", inode)
         node = self.inodes.node(inode)
-        reader = await self.tree.open(node)
-        info = FileInfo(fh=self._add_handle(reader))
+        truncate = bool(flags & os.O_TRUNC)
+        if flags & os.O_ACCMODE == os.O_RDONLY and not truncate:
+            handle: Handle = ReadHandle(await self.tree.open(node))
+        elif self.options.read_only:
+            raise self._refuse("open", inode)
+        elif isinstance(node, UploadNode):
+            handle = await self._upload_writer(node, truncate)
+        elif isinstance(node, TagNode):
+            self._check_no_writer(node)
+            handle = TagHandle(self.tree, node, b"" if truncate else await self.tree.read(node))
+        else:
+            raise self._refuse("open", inode)
+        return self._file_info(node, handle)
+
+    def _file_info(self, node: Node, handle: Handle) -> FileInfo:
+        info = FileInfo(fh=self._add_handle(handle))
+        if isinstance(handle, UploadHandle | TagHandle):
+            self._writers[handle.node] = info.fh
         # Digest-addressed content never changes: keep its pages across opens. What moves
         # (tags, uploads) is read directly, so a handle never mixes old pages and new bytes.
         info.keep_cache = isinstance(node, LayerNode | ManifestNode)
         info.direct_io = not info.keep_cache
         return info
 
-    @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        reader = self._handles[fh]
-        assert not isinstance(reader, Listing)
-        return await reader.read_at(off, size)
+    def _check_no_writer(self, node: Node) -> None:
+        if node in self._writers:
+            log.info("open: %s already has a writer (EBUSY)", node)
+            raise FUSEError(errno.EBUSY)
+
+    async def _upload_writer(self, node: UploadNode, truncate: bool) -> UploadHandle:
+        self._check_no_writer(node)
+        upload = await self.tree.resume_upload(node)
+        if truncate:
+            await upload.truncate(0)
+        return UploadHandle(self.tree, node, upload, await self.tree.upload_name(node))
 
     @fuse_errors
-    async def release(self, fh: int) -> None:
-        reader = self._handles.pop(fh)
-        assert not isinstance(reader, Listing)
-        await reader.aclose()
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        parent = self.inodes.node(parent_inode)
+        text = self._name(name)
+        if self.options.read_only:
+            raise self._refuse("create", parent_inode)
+        match parent:
+            case SectionNode(repo, "uploads"):
+                node, upload = await self.tree.create_upload(repo, text)
+                handle: Handle = UploadHandle(self.tree, node, upload, text)
+                attr = await self.tree.attr(node)
+            case SectionNode(repo, "tags"):
+                validate_tag(text)
+                node = TagNode(repo, text)
+                self._check_no_writer(node)
+                handle = TagHandle(self.tree, node)
+                attr = Attr(False, 0, time.time())
+            case _:
+                raise self._refuse("create", parent_inode)
+        entry = self._entry(node, attr, timeout=0)
+        self.inodes.ref(entry.st_ino)
+        return self._file_info(node, handle), entry
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._handle(fh).read(off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._handle(fh).write(off, buf)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        pass
+        handle = self._handle(fh)
+        await handle.flush()
+        if isinstance(handle, UploadHandle) and handle.finished:
+            self._invalidate(SectionNode(handle.node.repo, "uploads"), handle.name)
+        elif isinstance(handle, TagHandle):
+            self._invalidate(SectionNode(handle.node.repo, "tags"), handle.node.tag)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self._handle(fh)
+        del self._handles[fh]
+        if isinstance(handle, UploadHandle | TagHandle) and self._writers.get(handle.node) == fh:
+            del self._writers[handle.node]
+        await handle.release()
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, Handle):
+            raise FUSEError(errno.EBADF)
+        return handle
+
+    def _invalidate(self, parent: Node, name: str) -> None:
+        """Tell the kernel an entry changed behind its cache (changes through this mount)."""
+        inode = self.inodes.known(parent)
+        if inode is not None:
+            pyfuse3.invalidate_entry_async(inode, name.encode(), ignore_enoent=True)
 
     # -- extended attributes ---------------------------------------------------------------
 
@@ -200,7 +291,7 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
         return [name.encode() for name in await self.tree.xattrs(self.inodes.node(inode))]
 
-    # -- everything that writes: refused until uploads land ---------------------------------
+    # -- changing the tree ------------------------------------------------------------------
 
     @fuse_errors
     async def setattr(
@@ -211,41 +302,37 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: RequestContext,
     ) -> EntryAttributes:
-        raise self._refuse("setattr", inode)
-
-    @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
-        raise self._refuse("setxattr", inode)
-
-    @fuse_errors
-    async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
-        raise self._refuse("removexattr", inode)
-
-    @fuse_errors
-    async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
-    ) -> tuple[FileInfo, EntryAttributes]:
-        raise self._refuse("create", parent_inode)
-
-    @fuse_errors
-    async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise self._refuse("mknod", parent_inode)
-
-    @fuse_errors
-    async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise self._refuse("mkdir", parent_inode)
+        node = self.inodes.node(inode)
+        writable = isinstance(node, UploadNode | TagNode)
+        if (
+            self.options.read_only
+            or not writable
+            or fields.update_mode
+            or fields.update_uid
+            or fields.update_gid
+        ):
+            raise self._refuse("setattr", inode)
+        if fields.update_size:
+            handle = self._handles.get(fh) if fh is not None else None
+            if handle is None and isinstance(node, UploadNode):
+                handle = self._handles.get(self._writers.get(node, -1))
+            if not isinstance(handle, Handle):
+                raise self._refuse("truncate", inode)
+            await handle.truncate(attr.st_size)
+        # Times are the storage's (start time, link time): a touch is accepted and ignored.
+        return self._entry(node, await self.tree.attr(node), timeout=0)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        raise self._refuse("unlink", parent_inode)
-
-    @fuse_errors
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        raise self._refuse("rmdir", parent_inode)
+        if self.options.read_only:
+            raise self._refuse("unlink", parent_inode)
+        node = await self.tree.lookup(self.inodes.node(parent_inode), self._name(name))
+        if node in self._writers:
+            log.info("unlink: upload %s is open for writing (EBUSY)", node)
+            raise FUSEError(errno.EBUSY)
+        for tag in await self.tree.remove(node):
+            self._invalidate(SectionNode(tag.repo, "tags"), tag.tag)
+        log.info("unlink: removed %s", node)
 
     @fuse_errors
     async def rename(
@@ -257,7 +344,89 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: RequestContext,
     ) -> None:
-        raise self._refuse("rename", parent_inode_old)
+        """Within uploads/: rename the upload; into layers/<digest>: verify and finish it."""
+        if self.options.read_only:
+            raise self._refuse("rename", parent_inode_old)
+        old_parent = self.inodes.node(parent_inode_old)
+        new_parent = self.inodes.node(parent_inode_new)
+        node = await self.tree.lookup(old_parent, self._name(name_old))
+        target = self._name(name_new)
+        same_repo = isinstance(new_parent, SectionNode) and new_parent.repo == old_parent.repo
+        if not isinstance(node, UploadNode) or not same_repo:
+            log.info(
+                "rename: only an upload can be renamed, within uploads/ or into layers/ "
+                "of its repository (EPERM): %s -> %s",
+                node,
+                new_parent,
+            )
+            raise FUSEError(errno.EPERM)
+        if node in self._writers:
+            log.info("rename: upload %s is open for writing (EBUSY)", node.uuid)
+            raise FUSEError(errno.EBUSY)
+        assert isinstance(new_parent, SectionNode)
+        if new_parent.section == "layers":
+            await self._finish_by_rename(node, Digest.parse(target), parent_inode_old)
+            return
+        if new_parent.section != "uploads":
+            raise self._refuse("rename", parent_inode_new)
+        existing = (await self.tree.uploads(node.repo)).get(target)
+        if existing is not None and existing != node.uuid:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise FUSEError(errno.EEXIST)
+            if UploadNode(node.repo, existing) in self._writers:
+                raise FUSEError(errno.EBUSY)
+        expected = digest_name(target)
+        if expected is not None:
+            await self._finish_by_rename(node, expected, parent_inode_old)
+        else:
+            await self.tree.rename_upload(node, target)
+        if existing is not None and existing != node.uuid:
+            await self.tree.remove(UploadNode(node.repo, existing))
+
+    async def _finish_by_rename(self, node: UploadNode, digest: Digest, inode: int) -> None:
+        upload = await self.tree.resume_upload(node)
+        try:
+            await self.tree.finish_upload(node, upload, digest)
+        except DigestMismatch as exc:
+            log.warning("rename: upload %s not finished: %s; it stays", node.uuid, exc)
+            await upload.close()
+            raise
+        # The kernel moves its dentry to the new name with the upload's inode number: let
+        # that number stand for the layer it became.
+        ino = self.inodes.known(node)
+        if ino is not None:
+            self.inodes.rebind(ino, LayerNode(node.repo, digest))
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        if self.options.read_only or not isinstance(parent, DirNode):
+            raise self._refuse("mkdir", parent_inode)
+        node = await self.tree.mkdir(parent, self._name(name))
+        entry = self._entry(node, await self.tree.attr(node))
+        self.inodes.ref(entry.st_ino)
+        log.info("mkdir: created repository %s", node.path)
+        return entry
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        raise self._refuse("rmdir", parent_inode)
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        raise self._refuse("setxattr", inode)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        raise self._refuse("removexattr", inode)
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        raise self._refuse("mknod", parent_inode)
 
     @fuse_errors
     async def link(
@@ -270,7 +439,3 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
     ) -> EntryAttributes:
         raise self._refuse("symlink", parent_inode)
-
-    @fuse_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        raise self._refuse("write", 0)

@@ -12,15 +12,16 @@ No FUSE here: the operations module turns these into inodes and errnos.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 
 from storage.digests import Digest
 from storage.drivers import FileReader, PathNotFound
 from storage.errors import InvalidName, UnknownManifest
-from storage.layers import LayerReader
+from storage.layers import LayerReader, LayerUpload
 from storage.manifests import sniff_media_type
-from storage.names import is_component, validate_tag
+from storage.names import is_component, validate_name, validate_tag
 from storage.paths import RepositoryDir, TagCurrentLink, UploadData, path_for
 from storage.registry import Registry, Repository
 
@@ -29,6 +30,9 @@ from .cache import TtlCache
 log = logging.getLogger(__name__)
 
 SECTIONS = ("layers", "manifests", "tags", "uploads")
+# What a file in uploads/ may be called: no path syntax, room for `sha256:<hex>` and the
+# `.name.XXXXXX` temporaries that tools write before a rename.
+UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
 
 
 class NotFound(LookupError):
@@ -111,12 +115,30 @@ class Tree:
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
         self._immutable: TtlCache[Node, Attr] = TtlCache(None)
+        self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
         self._shadow_logged: set[str] = set()
 
     def forget_moving(self) -> None:
         """Drop every cached tag and listing (SIGHUP)."""
         self._tags.clear()
         self._listings.clear()
+        self._upload_names.clear()
+
+    def changed(self, *nodes: Node) -> None:
+        """Forget what the daemon cached about nodes that changed through this mount."""
+        for node in nodes:
+            self._listings.pop(node)
+            self._immutable.pop(node)
+            match node:
+                case TagNode():
+                    self._tags.pop(node)
+                    self._listings.pop(SectionNode(node.repo, "tags"))
+                case SectionNode(repo, "uploads") | UploadNode(repo, _):
+                    self._upload_names.pop(repo)
+                    self._listings.pop(SectionNode(repo, "uploads"))
+                case LayerNode(repo, _) | ManifestNode(repo, _):
+                    section = "layers" if isinstance(node, LayerNode) else "manifests"
+                    self._listings.pop(SectionNode(repo, section))
 
     def _repo(self, name: str) -> Repository:
         return self.registry.repository(name)
@@ -144,10 +166,37 @@ class Tree:
                 await self.attr(node)
                 return node
             case SectionNode(repo, "uploads"):
-                node = UploadNode(repo, name)
-                await self.attr(node)
-                return node
+                uuid = (await self.uploads(repo)).get(name)
+                if uuid is not None:
+                    return UploadNode(repo, uuid)
         raise NotFound(name)
+
+    async def uploads(self, repo: str) -> dict[str, str]:
+        """The names under uploads/ and their uuids: the label regfs stored, else the uuid."""
+        names = self._upload_names.get(repo)
+        if names is None:
+            layers = self._repo(repo).layers
+            names = {}
+            for uuid in await layers.uploads():
+                label = await layers.label(uuid)
+                if label is None or not UPLOAD_NAME_RE.fullmatch(label) or label in names:
+                    if label is not None:
+                        log.warning(
+                            "uploads: %s in %s is shown by its uuid (label %r taken or invalid)",
+                            uuid,
+                            repo,
+                            label,
+                        )
+                    label = uuid
+                names[label] = uuid
+            self._upload_names.put(repo, names)
+        return names
+
+    async def upload_name(self, node: UploadNode) -> str:
+        for name, uuid in (await self.uploads(node.repo)).items():
+            if uuid == node.uuid:
+                return name
+        raise NotFound(node.uuid)
 
     async def children(self, node: Node) -> list[tuple[str, Node]]:
         cached = self._listings.get(node)
@@ -181,8 +230,8 @@ class Tree:
                 digests = await self._repo(repo).layers.list()
                 return [(str(d), LayerNode(repo, d)) for d in digests]
             case SectionNode(repo, "uploads"):
-                uuids = await self._repo(repo).layers.uploads()
-                return [(u, UploadNode(repo, u)) for u in uuids]
+                names = await self.uploads(repo)
+                return [(n, UploadNode(repo, u)) for n, u in sorted(names.items())]
         raise NotFound(str(node))
 
     # -- attributes ------------------------------------------------------------------------
@@ -254,6 +303,14 @@ class Tree:
                 return {"user.regfs.uuid": uuid.encode(), "user.regfs.startedat": started.encode()}
         return {}
 
+    async def read(self, node: Node) -> bytes:
+        """The whole content of a small file (a tag's manifest)."""
+        reader = await self.open(node)
+        try:
+            return await reader.read_at(0, (await self.attr(node)).size)
+        finally:
+            await reader.aclose()
+
     # -- reading ---------------------------------------------------------------------------
 
     async def open(self, node: Node) -> Reader:
@@ -274,6 +331,66 @@ class Tree:
                 await self._repo(repo).layers.upload_info(uuid)
                 return await self.registry.driver.reader(path_for(UploadData(repo, uuid)))
         raise IsADirectoryError(str(node))
+
+    # -- changing ----------------------------------------------------------------------------
+
+    async def create_upload(self, repo: str, name: str) -> tuple[UploadNode, LayerUpload]:
+        if not UPLOAD_NAME_RE.fullmatch(name) or name in (".", ".."):
+            raise InvalidName(f"invalid upload name {name!r}")
+        upload = await self._repo(repo).layers.upload(label=name)
+        node = UploadNode(repo, upload.uuid)
+        self.changed(node)
+        return node, upload
+
+    async def resume_upload(self, node: UploadNode) -> LayerUpload:
+        return await self._repo(node.repo).layers.resume(node.uuid)
+
+    async def finish_upload(self, node: UploadNode, upload: LayerUpload, digest: Digest) -> None:
+        """Verify and commit; the upload stays (and DigestMismatch propagates) on a mismatch."""
+        await upload.finish(digest)
+        self.changed(node, LayerNode(node.repo, digest))
+
+    async def rename_upload(self, node: UploadNode, name: str) -> None:
+        if not UPLOAD_NAME_RE.fullmatch(name) or name in (".", ".."):
+            raise InvalidName(f"invalid upload name {name!r}")
+        await self._repo(node.repo).layers.set_label(node.uuid, name)
+        self.changed(node)
+
+    async def remove(self, node: Node) -> list[TagNode]:
+        """rm: cancel an upload, delete a tag, a manifest (and its tags), unlink a layer.
+
+        Returns the tags that went with a manifest.
+        """
+        if isinstance(node, DirNode | SectionNode):
+            raise PermissionError(f"directories cannot be removed: {node}")
+        repo = self._repo(node.repo)
+        gone: list[TagNode] = []
+        match node:
+            case UploadNode(_, uuid):
+                await (await repo.layers.resume(uuid)).cancel()
+            case TagNode(_, tag):
+                await repo.tags.delete(tag)
+            case ManifestNode(_, digest):
+                gone = [TagNode(node.repo, tag) for tag in await repo.manifests.delete(digest)]
+            case LayerNode(_, digest):
+                await repo.layers.unlink(digest)
+        self.changed(node, *gone)
+        return gone
+
+    async def put_tag(self, node: TagNode, data: bytes) -> Digest:
+        """Check and store the manifest, then point the tag at it (InvalidManifest: nothing)."""
+        repo = self._repo(node.repo)
+        digest = await repo.manifests.put(data)
+        await repo.tags.put(node.tag, digest)
+        self.changed(node, ManifestNode(node.repo, digest))
+        return digest
+
+    async def mkdir(self, parent: DirNode, name: str) -> DirNode:
+        path = _join(parent.path, name)
+        validate_name(path)
+        await self.registry.create_repository(path)
+        self.changed(parent)
+        return DirNode(path)
 
 
 def _parse_digest(name: str) -> Digest:

@@ -1,0 +1,168 @@
+"""Open files: one class per kind, each with read, write, flush and release.
+
+Errors meant for close() (a digest mismatch, a refused manifest) can only reach the user from
+flush: release comes after close() has returned. So whatever finishes on close happens in
+flush. A flush with no write since the previous flush does nothing: shells dup a redirected
+descriptor and close the original before anything is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+from pyfuse3 import FUSEError
+
+from storage.digests import Digest
+from storage.errors import DigestMismatch, InvalidName, InvalidOffset
+from storage.layers import LayerUpload
+from storage.manifests import MAX_MANIFEST_SIZE
+
+from .tree import Attr, Reader, TagNode, Tree, UploadNode
+
+log = logging.getLogger(__name__)
+
+
+class Handle:
+    """An open file; the base refuses what a handle of its kind cannot do."""
+
+    async def read(self, offset: int, size: int) -> bytes:
+        raise FUSEError(errno.EBADF)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        raise FUSEError(errno.EBADF)
+
+    async def truncate(self, size: int) -> None:
+        raise FUSEError(errno.EPERM)
+
+    async def flush(self) -> None:
+        pass
+
+    async def release(self) -> None:
+        pass
+
+    def pending_attr(self) -> Attr | None:
+        """Attributes of content that is not in storage yet (a tag being written)."""
+        return None
+
+
+class ReadHandle(Handle):
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self.reader.read_at(offset, size)
+
+    async def release(self) -> None:
+        await self.reader.aclose()
+
+
+def digest_name(name: str) -> Digest | None:
+    try:
+        return Digest.parse(name)
+    except InvalidName:
+        return None
+
+
+class UploadHandle(Handle):
+    """The one writer of an upload. Data goes through the driver as it comes, never spooled.
+
+    An upload named by its digest finishes in the flush that follows its last write.
+    """
+
+    def __init__(self, tree: Tree, node: UploadNode, upload: LayerUpload, name: str) -> None:
+        self.tree = tree
+        self.node = node
+        self.upload = upload
+        self.name = name
+        self.finished = False
+        self._written = False
+
+    async def read(self, offset: int, size: int) -> bytes:
+        reader = await self.tree.open(self.node)
+        try:
+            return await reader.read_at(offset, size)
+        finally:
+            await reader.aclose()
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if self.finished:
+            raise FUSEError(errno.EBADF)
+        try:
+            await self.upload.write_at(offset, data)
+        except InvalidOffset:
+            log.info(
+                "write: %s: a write at %d would leave a gap after %d bytes (EINVAL)",
+                self.name,
+                offset,
+                self.upload.size,
+            )
+            raise
+        self._written = True
+        return len(data)
+
+    async def truncate(self, size: int) -> None:
+        await self.upload.truncate(size)
+        self._written = True
+
+    async def flush(self) -> None:
+        if self.finished or not self._written:
+            return
+        self._written = False
+        expected = digest_name(self.name)
+        if expected is None:
+            return
+        try:
+            await self.tree.finish_upload(self.node, self.upload, expected)
+        except DigestMismatch as exc:
+            log.error(
+                "flush: upload %s (%s) not finished: %s; it stays for a resume or rm",
+                self.name,
+                self.node.uuid,
+                exc,
+            )
+            raise FUSEError(errno.EIO) from None
+        self.finished = True
+
+    async def release(self) -> None:
+        if not self.finished:
+            await self.upload.close()
+
+
+class TagHandle(Handle):
+    """A manifest being written to tags/<tag>: held in memory (4 MiB at most), stored on flush."""
+
+    def __init__(self, tree: Tree, node: TagNode, initial: bytes = b"") -> None:
+        self.tree = tree
+        self.node = node
+        self.data = bytearray(initial)
+        self.opened = time.time()
+        self._written = False
+
+    def pending_attr(self) -> Attr | None:
+        return Attr(False, len(self.data), self.opened)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.data[offset : offset + size])
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if offset > len(self.data):
+            raise InvalidOffset(f"write at {offset} past the end ({len(self.data)})")
+        if offset + len(data) > MAX_MANIFEST_SIZE:
+            log.info("write: %s: a manifest is limited to 4 MiB (EFBIG)", self.node)
+            raise FUSEError(errno.EFBIG)
+        self.data[offset : offset + len(data)] = data
+        self._written = True
+        return len(data)
+
+    async def truncate(self, size: int) -> None:
+        del self.data[size:]
+        self._written = True
+
+    async def flush(self) -> None:
+        if not self._written:
+            return
+        self._written = False
+        digest = await self.tree.put_tag(self.node, bytes(self.data))
+        log.info("flush: tag %s:%s now points at %s", self.node.repo, self.node.tag, digest)
