@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import select
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import platformdirs
+import trio
 
-from storage.drivers import SUPPORTED_SOURCES, open_driver
+from storage.check import UPLOAD_PURGE_AGE, Severity, check, purge_uploads
+from storage.drivers import SUPPORTED_SOURCES, FilesystemDriver, open_driver
 
 from . import daemon
 from .logs import default_log_file, setup_logging
@@ -90,7 +94,82 @@ def build_parser() -> argparse.ArgumentParser:
         "umount", help="unmount", description="Unmount and wait until the daemon has gone."
     )
     umount.add_argument("mountpoint")
+
+    check = commands.add_parser(
+        "check",
+        help="check a registry root (changes nothing)",
+        description=(
+            "Report dangling and corrupt links, tags pointing at missing manifests, broken "
+            "and stale uploads, unlinked blobs and, with --verify, blobs whose content does "
+            "not match their digest. Exit status: 0 clean; 1 only what garbage collection or "
+            "purge-uploads would remove; 2 damage."
+        ),
+    )
+    check.add_argument("root", help="the registry's storage root directory")
+    check.add_argument("--verify", action="store_true", help="hash every blob")
+    check.add_argument(
+        "--upload-age",
+        type=parse_duration,
+        default=UPLOAD_PURGE_AGE,
+        metavar="DURATION",
+        help="an upload older than this is stale (168h)",
+    )
+
+    purge = commands.add_parser(
+        "purge-uploads",
+        help="delete stale uploads",
+        description="Delete uploads started longer ago than --older-than, as the registry's "
+        "upload purger does (uploads without a start time are left alone).",
+    )
+    purge.add_argument("root", help="the registry's storage root directory")
+    purge.add_argument(
+        "--older-than",
+        type=parse_duration,
+        required=True,
+        metavar="DURATION",
+        help="e.g. 168h, 7d, 1h30m",
+    )
+    purge.add_argument("-n", "--dry-run", action="store_true", help="only list them")
     return parser
+
+
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Go-style durations (168h, 1h30m, 45s) plus days (7d)."""
+    parts = re.fullmatch(r"(?:\d+(?:\.\d+)?[dhms])+", text.strip())
+    if parts is None:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 168h, 7d, 1h30m)")
+    seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([dhms])", text))
+    return timedelta(seconds=seconds)
+
+
+def existing_root(path: str) -> FilesystemDriver:
+    if not os.path.isdir(path):
+        raise MountError(f"{path} is not a directory")
+    return FilesystemDriver(path)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    findings = trio.run(check, existing_root(args.root), args.verify, args.upload_age)
+    for finding in findings:
+        print(finding)
+    worst = max((f.severity for f in findings), default=0)
+    damage = sum(f.severity == Severity.DAMAGE for f in findings)
+    print(
+        f"{len(findings)} findings, {damage} damage" if findings else "no findings", file=sys.stderr
+    )
+    return int(worst)
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    purged = trio.run(purge_uploads, existing_root(args.root), args.older_than, args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for upload in purged:
+        print(f"{verb} {upload.repository} {upload.uuid} (started {upload.started_at:%F %T}Z)")
+    print(f"{verb} {len(purged)} uploads", file=sys.stderr)
+    return 0
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
@@ -254,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "umount":
         return umount(args.mountpoint)
+    if args.command in ("check", "purge-uploads"):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        try:
+            return run_check(args) if args.command == "check" else run_purge(args)
+        except MountError as exc:
+            print(f"regfs {args.command}: {exc}", file=sys.stderr)
+            return 2
     try:
         options = mount_options(args)
         if args.foreground:

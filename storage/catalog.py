@@ -51,17 +51,21 @@ class Catalog:
 
     async def repositories(self, n: int | None = None, last: str = "") -> list[str]:
         """Every repository name in lexical order after `last`, at most n (the `_catalog` API)."""
+        names = [name for name in await self.names_holding(*MARKERS) if name > last]
+        return names if n is None else names[:n]
+
+    async def names_holding(self, *entries: str) -> list[str]:
+        """Sorted names whose directory holds one of entries (`_uploads`: every upload)."""
         found: list[str] = []
         pending = [""]
         while pending:
             prefix = pending.pop()
-            entries = await self._entries(prefix)
-            if prefix and any(marker in entries for marker in MARKERS):
+            listing = await self._entries(prefix)
+            if prefix and any(entry in listing for entry in entries):
                 found.append(prefix)
             pending.extend(
                 f"{prefix}/{e}" if prefix else e
-                for e in entries
+                for e in listing
                 if not e.startswith("_") and is_component(e)
             )
-        names = sorted(name for name in found if name > last)
-        return names if n is None else names[:n]
+        return sorted(found)

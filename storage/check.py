@@ -1,0 +1,226 @@
+"""A read-only consistency check of a registry root, and the upload purger.
+
+Findings are of two severities: DAMAGE (something points at nothing, or content is not what
+its digest says) and MAINTENANCE (what garbage collection or the upload purger would remove).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import trio
+
+from .blobs import read_link
+from .digests import Digest, Sha256State
+from .drivers import PathNotFound, StorageDriver
+from .errors import CorruptEntry, InvalidName, UnknownUpload
+from .paths import (
+    BlobsDir,
+    LayerLink,
+    RevisionLink,
+    TagCurrentLink,
+    UploadDir,
+    UploadsDir,
+    path_for,
+)
+from .registry import Registry
+from .uploads import UUID_RE, read_started_at
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PURGE_AGE = timedelta(hours=168)  # the registry's default uploadpurging age
+HASH_CHUNK = 4 << 20
+
+
+class Severity(enum.IntEnum):
+    MAINTENANCE = 1
+    DAMAGE = 2
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: Severity
+    kind: str
+    path: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.name.lower()}: {self.kind}: {self.path}: {self.detail}"
+
+
+class Checker:
+    def __init__(self, driver: StorageDriver, verify: bool, upload_age: timedelta) -> None:
+        self.driver = driver
+        self.registry = Registry(driver)
+        self.verify = verify
+        self.upload_age = upload_age
+        self.referenced: set[Digest] = set()
+
+    async def run(self) -> AsyncIterator[Finding]:
+        blobs = {d async for d in self._blobs()}
+        catalog = self.registry.catalog
+        for name in await catalog.names_holding("_layers", "_manifests", "_uploads"):
+            async for finding in self._repository(name, blobs):
+                yield finding
+        for digest in sorted(blobs - self.referenced):
+            yield Finding(
+                Severity.MAINTENANCE,
+                "unlinked-blob",
+                str(digest),
+                "no repository links it (garbage collection removes it)",
+            )
+        if self.verify:
+            for digest in sorted(blobs):
+                actual = await self._hash(digest)
+                if actual != digest:
+                    yield Finding(
+                        Severity.DAMAGE,
+                        "digest-mismatch",
+                        str(digest),
+                        f"content hashes to {actual}",
+                    )
+        async for info in self.driver.walk("/"):
+            if info.path.rpartition("/")[2].startswith(".tmp-"):
+                yield Finding(
+                    Severity.MAINTENANCE,
+                    "temp-file",
+                    info.path,
+                    "left by an interrupted write; safe to delete",
+                )
+
+    async def _blobs(self) -> AsyncIterator[Digest]:
+        root = path_for(BlobsDir())
+        try:
+            fanouts = await self.driver.list(root)
+        except PathNotFound:
+            return
+        for fanout in fanouts:
+            for name in await self.driver.list(f"{root}/{fanout}"):
+                try:
+                    digest = Digest.parse(f"sha256:{name}")
+                    await self.driver.stat(f"{root}/{fanout}/{name}/data")
+                except (InvalidName, PathNotFound):
+                    continue
+                yield digest
+
+    async def _links(
+        self, kind: str, paths: list[tuple[Digest, str]], blobs: set[Digest]
+    ) -> AsyncIterator[Finding]:
+        for digest, path in paths:
+            try:
+                target = await read_link(self.driver, path)
+            except PathNotFound:
+                yield Finding(Severity.DAMAGE, f"missing-{kind}-link", path, "no link file")
+                continue
+            except CorruptEntry as exc:
+                yield Finding(Severity.DAMAGE, f"corrupt-{kind}-link", path, str(exc))
+                continue
+            self.referenced.add(target)
+            if target != digest:
+                yield Finding(
+                    Severity.DAMAGE, f"misplaced-{kind}-link", path, f"names {target}, not {digest}"
+                )
+            if target not in blobs:
+                yield Finding(
+                    Severity.DAMAGE, f"dangling-{kind}-link", path, f"blob {target} is missing"
+                )
+
+    async def _repository(self, name: str, blobs: set[Digest]) -> AsyncIterator[Finding]:
+        repo = self.registry.repository(name)
+        layers = [(d, path_for(LayerLink(name, d))) for d in await repo.layers.list()]
+        async for finding in self._links("layer", layers, blobs):
+            yield finding
+        revisions = await repo.manifests.list()
+        links = [(d, path_for(RevisionLink(name, d))) for d in revisions]
+        async for finding in self._links("manifest", links, blobs):
+            yield finding
+        for tag in await repo.tags.list():
+            path = path_for(TagCurrentLink(name, tag))
+            try:
+                target = await read_link(self.driver, path)
+            except (PathNotFound, CorruptEntry) as exc:
+                yield Finding(Severity.DAMAGE, "corrupt-tag", path, str(exc))
+                continue
+            self.referenced.add(target)
+            if target not in revisions:
+                yield Finding(
+                    Severity.DAMAGE,
+                    "tag-to-missing-manifest",
+                    path,
+                    f"tag {name}:{tag} points at {target}, not a manifest of {name}",
+                )
+        now = datetime.now(UTC)
+        for uuid in await self._upload_dirs(name):
+            path = path_for(UploadDir(name, uuid))
+            try:
+                started = await read_started_at(self.driver, name, uuid)
+            except (UnknownUpload, CorruptEntry) as exc:
+                yield Finding(
+                    Severity.DAMAGE, "broken-upload", path, f"{exc} (the registry never purges it)"
+                )
+                continue
+            if now - started > self.upload_age:
+                yield Finding(
+                    Severity.MAINTENANCE,
+                    "stale-upload",
+                    path,
+                    f"started {started:%Y-%m-%d %H:%M:%S}Z",
+                )
+
+    async def _upload_dirs(self, name: str) -> list[str]:
+        try:
+            entries = await self.driver.list(path_for(UploadsDir(name)))
+        except PathNotFound:
+            return []
+        return [e for e in entries if UUID_RE.fullmatch(e)]
+
+    async def _hash(self, digest: Digest) -> Digest:
+        reader = await self.registry.blobs.open(digest)
+        state = Sha256State()
+        try:
+            for offset in range(0, reader.size, HASH_CHUNK):
+                chunk = await reader.read_at(offset, HASH_CHUNK)
+                await trio.to_thread.run_sync(state.update, chunk)
+        finally:
+            await reader.aclose()
+        return state.digest()
+
+
+async def check(
+    driver: StorageDriver, verify: bool = False, upload_age: timedelta = UPLOAD_PURGE_AGE
+) -> list[Finding]:
+    """Every finding about the root; it changes nothing."""
+    return [f async for f in Checker(driver, verify, upload_age).run()]
+
+
+@dataclass(frozen=True)
+class PurgedUpload:
+    repository: str
+    uuid: str
+    started_at: datetime
+
+
+async def purge_uploads(
+    driver: StorageDriver, older_than: timedelta, dry_run: bool = False
+) -> list[PurgedUpload]:
+    """Delete uploads started longer ago than older_than, as the registry's purger does
+    (an upload without a readable start time is left alone, as there)."""
+    registry = Registry(driver)
+    cutoff = datetime.now(UTC) - older_than
+    purged = []
+    for name in await registry.catalog.names_holding("_uploads"):
+        for uuid in await registry.repository(name).layers.uploads():
+            try:
+                started = await read_started_at(driver, name, uuid)
+            except (UnknownUpload, CorruptEntry):
+                continue
+            if started < cutoff:
+                if not dry_run:
+                    await driver.delete(path_for(UploadDir(name, uuid)))
+                    log.info("purge: deleted upload %s of %s (started %s)", uuid, name, started)
+                purged.append(PurgedUpload(name, uuid, started))
+    return purged
