@@ -17,6 +17,7 @@ from pyfuse3 import RequestContext as Context
 
 from storage.drivers import InvalidPath
 from storage.errors import (
+    Busy,
     CorruptEntry,
     DigestMismatch,
     InvalidManifest,
@@ -33,6 +34,7 @@ T = TypeVar("T")
 ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
     (LookupError, errno.ENOENT),  # not in the tree; unknown layer, manifest, tag, upload
     (CorruptEntry, errno.EIO),
+    (Busy, errno.EBUSY),
     (DigestMismatch, errno.EINVAL),
     (InvalidManifest, errno.EINVAL),
     (InvalidOffset, errno.EINVAL),

@@ -40,6 +40,10 @@ class DigestMismatch(StorageError):
         self.actual = actual
 
 
+class Busy(StorageError):
+    """Someone else (this process or another) is writing the same file."""
+
+
 class InvalidOffset(StorageError, ValueError):
     """A write or read at an offset the object does not allow (a gap, a negative offset)."""
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from storage.drivers import FilesystemDriver, InvalidPath, PathNotFound, StorageDriver
-from storage.errors import InvalidOffset
+from storage.errors import Busy, InvalidOffset
 
 
 @pytest.fixture
@@ -133,3 +135,39 @@ async def test_filesystem_file_modes_follow_umask_like_the_registry(tmp_path):
     for name in ("link", "data"):
         assert (tmp_path / "root" / "a" / name).stat().st_mode & 0o777 == 0o644, name
     assert (tmp_path / "root" / "a").stat().st_mode & 0o777 == 0o755
+
+
+async def test_one_writer_at_a_time(drv):
+    first = await drv.writer("/w/data")
+    with pytest.raises(Busy):
+        await drv.writer("/w/data")
+    await first.aclose()
+    second = await drv.writer("/w/data")
+    await second.aclose()
+    await drv.delete("/w")
+
+
+async def test_writer_lock_holds_across_processes_and_dies_with_them(tmp_path):
+    drv = FilesystemDriver(tmp_path / "root")
+    await drv.put_content("/w/data", b"")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR);"
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+            str(tmp_path / "root" / "w" / "data"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(Busy):
+            await drv.writer("/w/data")
+    finally:
+        holder.kill()
+        holder.wait()
+    writer = await drv.writer("/w/data")  # a killed holder leaves no lock behind
+    await writer.aclose()

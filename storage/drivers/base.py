@@ -94,7 +94,11 @@ class StorageDriver(ABC):
         return await self._reader(check_path(path))
 
     async def writer(self, path: str) -> FileWriter:
-        """Open for writing, creating an empty file (and its parents) when missing."""
+        """Open for writing, creating an empty file (and its parents) when missing.
+
+        A writer is exclusive while open, across processes too (Busy); the lock dies with
+        the writer's process, so a killed daemon never leaves a file locked.
+        """
         return await self._writer(check_path(path))
 
     async def stat(self, path: str) -> FileInfo:

@@ -7,6 +7,7 @@ a worker thread.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -16,7 +17,7 @@ from contextlib import contextmanager, suppress
 
 import trio
 
-from ..errors import InvalidOffset
+from ..errors import Busy, InvalidOffset
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 
 INLINE_READ_LIMIT = 1 << 20
@@ -138,7 +139,13 @@ class FilesystemDriver(StorageDriver):
     async def _writer(self, path: str) -> FileWriter:
         full = self._full(path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
-        return _Writer(os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"{path} is being written by another writer") from None
+        return _Writer(fd)
 
     async def _stat(self, path: str) -> FileInfo:
         with _not_found_as(path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..errors import InvalidOffset
+from ..errors import Busy, InvalidOffset
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 
 
@@ -13,6 +13,7 @@ from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 class _File:
     data: bytearray = field(default_factory=bytearray)
     mtime: float = field(default_factory=time.time)
+    writing: bool = False
 
 
 @dataclass
@@ -54,7 +55,7 @@ class _Writer(FileWriter):
         self._node.mtime = time.time()
 
     async def aclose(self) -> None:
-        pass
+        self._node.writing = False
 
 
 class InMemoryDriver(StorageDriver):
@@ -109,6 +110,9 @@ class InMemoryDriver(StorageDriver):
         node = parent.children.setdefault(leaf, _File())
         if not isinstance(node, _File):
             raise PathNotFound(path)
+        if node.writing:
+            raise Busy(f"{path} is being written by another writer")
+        node.writing = True
         return _Writer(node)
 
     async def _stat(self, path: str) -> FileInfo:
