@@ -142,7 +142,15 @@ class Checker:
             path = path_for(TagCurrentLink(name, tag))
             try:
                 target = await read_link(self.driver, path)
-            except (PathNotFound, CorruptEntry) as exc:
+            except PathNotFound:
+                yield Finding(
+                    Severity.MAINTENANCE,
+                    "incomplete-tag",
+                    path,
+                    "an interrupted tag push (no current link): push it again or rm",
+                )
+                continue
+            except CorruptEntry as exc:
                 yield Finding(Severity.DAMAGE, "corrupt-tag", path, str(exc))
                 continue
             self.referenced.add(target)

@@ -93,6 +93,7 @@ class LayerUpload:
         self._trusted = trusted  # whether the hash chain starts from a known-good state
         self._written: set[int] = set()  # offsets of the states this object saved
         self._saved_at = hashed.size
+        self._data_missing = False
         self._position = writer.size
         self._lock = trio.Lock()
 
@@ -121,10 +122,17 @@ class LayerUpload:
         if UUID_RE.fullmatch(uuid) is None:
             raise UnknownUpload(f"unknown upload {uuid!r} in {name}: not an upload id")
         started_at = await read_started_at(driver, name, uuid)
+        try:
+            await driver.stat(path_for(UploadData(name, uuid)))
+            data_missing = False
+        except PathNotFound:
+            data_missing = True  # an empty upload, or one whose finish moved its data
         writer = await driver.writer(path_for(UploadData(name, uuid)))
         hashed = await _nearest_state(driver, name, uuid, writer.size)
         trusted = hashed.size in (0, writer.size)  # the registry trusts the latter too
-        return cls(driver, blobs, layers, name, uuid, started_at, writer, hashed, trusted)
+        upload = cls(driver, blobs, layers, name, uuid, started_at, writer, hashed, trusted)
+        upload._data_missing = data_missing
+        return upload
 
     # -- writing -------------------------------------------------------------------------
 
@@ -208,6 +216,18 @@ class LayerUpload:
         """
         async with self._lock:
             writer = self._open_writer()
+            if await self._finished_before(expected):
+                log.warning(
+                    "finish: upload %s was interrupted after its data became blob %s; "
+                    "completing it",
+                    self.uuid,
+                    expected,
+                )
+                self._writer = None
+                await writer.aclose()
+                await self._layers.link(expected)
+                await self._delete()
+                return await self._blobs.stat(expected)
             if size is not None and size != writer.size:
                 raise DigestMismatch(expected, f"<{writer.size} bytes, expected {size}>")
             actual = await self._digest(expected)
@@ -260,6 +280,21 @@ class LayerUpload:
             await self._hash_to(self.size)
             actual = self._hash.digest()
         return actual
+
+    async def _finished_before(self, expected: Digest) -> bool:
+        """Whether an interrupted finish already moved this upload's data to blob `expected`:
+        its data is gone, the blob is there, and a saved hash state proves the digest."""
+        if not self._data_missing or self.size or not await self._blobs.exists(expected):
+            return False
+        for offset in await _state_offsets(self.driver, self.name, self.uuid):
+            path = path_for(HashState(self.name, self.uuid, offset))
+            try:
+                state = Sha256State.unmarshal(await self.driver.get_content(path))
+            except (ValueError, PathNotFound):
+                continue
+            if offset and state.digest() == expected:
+                return True
+        return False
 
     async def _save_state(self) -> None:
         state = HashState(self.name, self.uuid, self._hash.size)
