@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mount = commands.add_parser(
         "mount",
-        help="mount a registry",
+        help="mount a registry: regfs mount [SOURCE] MOUNTPOINT",
         description=(
             "Mount a registry on MOUNTPOINT and return once the mount is ready; the daemon "
             f"goes on in the background. SOURCE is {SUPPORTED_SOURCES}; without it, "
@@ -91,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     umount = commands.add_parser(
-        "umount", help="unmount", description="Unmount and wait until the daemon has gone."
+        "umount",
+        help="unmount: regfs umount MOUNTPOINT",
+        description="Unmount and wait until the daemon has gone.",
     )
-    umount.add_argument("mountpoint")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     check = commands.add_parser(
         "check",
@@ -344,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         options = mount_options(args)
         if args.foreground:
             return mount_foreground(options, args.ready_fd)
+        # Into the daemon's log: prepare() may clean up a dead mount, and says so.
+        setup_logging(options.debug, options.log_file or str(default_log_file()))
         prepare(options.mountpoint)
         open_driver(options.source)
     except (MountError, ValueError) as exc:

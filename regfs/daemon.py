@@ -23,9 +23,12 @@ from .tree import Tree
 
 log = logging.getLogger(__name__)
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 async def _watch_signals(ops: Operations, task_status: trio.TaskStatus[None]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # held since serve(): take them
         task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -52,7 +55,14 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     stream = getattr(log_file, "stream", None)
     if stream is not None:
         faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
-    pyfuse3.init(ops, options.mountpoint, options.fuse_options())
+    # Hold the signals that unmount until _watch_signals receives them: one arriving between
+    # the mount and the receiver would kill the daemon by default and leave a dead mount.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        pyfuse3.init(ops, options.mountpoint, options.fuse_options())
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        raise
     log.info(
         "mounted %s on %s (%s)",
         options.source,

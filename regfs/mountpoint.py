@@ -44,6 +44,10 @@ def prepare(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
     try:
         os.stat(path)
+        if (mounted_filesystem(path) or "").startswith("fuse"):
+            # stat can answer from the kernel's attribute cache for a while after the daemon
+            # died; statfs always asks the daemon, so a dead mount fails it with ENOTCONN.
+            os.statvfs(path)
     except FileNotFoundError:
         raise MountError(f"mountpoint {path} does not exist") from None
     except OSError as exc:

@@ -1,0 +1,295 @@
+"""The `regfs` command line, run as users run it: mount, umount, signals, options, help.
+
+Mounts made with odd command lines (no source, --foreground, over a dead mount) are
+registered with `tracked`, which unmounts them at teardown like the `mount` fixture does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from mounts import REGFS, Mount, daemon_pids, is_mounted, regfs, wait_until
+from test_mount_read import build_root, ls, run
+
+Track = Callable[..., Mount]
+
+
+@pytest.fixture
+def tracked() -> Iterator[Track]:
+    """track(mountpoint, log) → a Mount that is stopped (and its log checked) at teardown."""
+    with ExitStack() as stack:
+
+        def track(mountpoint: Path, log: Path, allow_tracebacks: bool = False) -> Mount:
+            m = Mount("", Path(mountpoint), Path(log), [], allow_tracebacks)
+            stack.push(m)  # its __exit__: unmount whatever state it is in, check the log
+            return m
+
+        yield track
+
+
+def mount_lines(mountpoint: Path) -> list[str]:
+    target = os.fsencode(os.path.abspath(mountpoint)).replace(b" ", b"\\040")
+    with open("/proc/mounts", "rb") as f:
+        return [line.decode() for line in f if line.split()[1] == target]
+
+
+def regfs_processes_naming(path: Path) -> list[str]:
+    """Command lines of any process with path among its arguments (a daemon left behind)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if os.fsencode(path) in args:
+                found.append(b" ".join(args).decode(errors="replace"))
+    return found
+
+
+def stat_errno(path: Path) -> int:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (exited, waiting for init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state == "Z"
+
+
+@pytest.fixture
+async def root(tmp_path) -> Path:
+    await build_root(tmp_path / "root", size=10_000)
+    return tmp_path / "root"
+
+
+# --------------------------------------------------------------------------- mount, umount
+
+
+async def test_background_mount_returns_ready_and_umount_waits(root, tmp_path, tracked):
+    mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
+    mnt.mkdir()
+    m = tracked(mnt, log)
+    result = regfs("mount", "--log", str(log), str(root), str(mnt))
+    assert result.returncode == 0, result.stderr
+    # Ready when it returns: mounted, and a listing (served by the daemon) works at once.
+    assert is_mounted(mnt)
+    assert os.listdir(mnt) == ["library"]
+    (pid,) = m.pids()
+
+    result = regfs("umount", str(mnt))
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(mnt)
+    assert daemon_pids(mnt) == [], "regfs umount returned before the daemon exited"
+    assert process_gone(pid), "the daemon process is still there"
+    assert "unmounted" in log.read_text()
+
+
+async def test_mount_on_missing_mountpoint_fails_clearly(root, tmp_path):
+    missing = tmp_path / "nope"
+    result = regfs("mount", "--log", str(tmp_path / "regfs.log"), str(root), str(missing))
+    assert result.returncode != 0
+    assert f"mountpoint {missing} does not exist" in result.stderr
+    assert not missing.exists() and not mount_lines(missing)
+    assert regfs_processes_naming(missing) == []
+
+
+async def test_mount_on_busy_mountpoint_fails_clearly(root, tmp_path, mount):
+    m = mount(root)
+    (pid,) = m.pids()
+    result = regfs("mount", "--log", str(tmp_path / "second.log"), str(root), str(m.mountpoint))
+    assert result.returncode != 0
+    assert "busy" in result.stderr and str(m.mountpoint) in result.stderr, result.stderr
+    assert len(mount_lines(m.mountpoint)) == 1
+    assert m.pids() == [pid]
+    assert os.listdir(m.mountpoint) == ["library"]  # the first mount is untouched
+
+
+def test_umount_of_unmounted_dir_fails_clearly(tmp_path):
+    (tmp_path / "plain").mkdir()
+    result = regfs("umount", str(tmp_path / "plain"))
+    assert result.returncode != 0
+    assert "is not mounted" in result.stderr and str(tmp_path / "plain") in result.stderr
+
+
+# --------------------------------------------------------------------------- signals
+
+
+async def test_sigterm_unmounts_cleanly(root, mount):
+    m = mount(root)
+    assert os.listdir(m.mountpoint) == ["library"]
+    (pid,) = m.pids()
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not m.pids(), 10, "the daemon to exit after SIGTERM")
+    assert not is_mounted(m.mountpoint), "SIGTERM left a stale mount"
+    assert os.listdir(m.mountpoint) == []  # the plain directory again
+    log = m.log_text()
+    assert "SIGTERM: unmounting" in log and "unmounted" in log
+
+
+def spin_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """wait_until without the pause between polls: for windows of a few milliseconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def test_sigterm_right_after_the_mount_appears_unmounts(root, tmp_path, tracked):
+    """SIGTERM in the first milliseconds of the mount, before the main loop runs, still
+    unmounts (it used to kill the daemon and leave a dead mount, most of the time)."""
+    mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
+    mnt.mkdir()
+    tracked(mnt, log)
+    parent = subprocess.Popen(
+        [REGFS, "mount", "--log", str(log), str(root), str(mnt)], stderr=subprocess.PIPE
+    )
+    try:
+        pids: list[int] = []
+        spin_until(lambda: bool(pids.extend(daemon_pids(mnt)) or pids), 20, "the daemon")
+        spin_until(lambda: is_mounted(mnt), 20, "the mount")
+        os.kill(pids[0], signal.SIGTERM)
+        parent.wait(timeout=30)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    wait_until(lambda: process_gone(pids[0]), 10, "the daemon to exit")
+    assert not is_mounted(mnt), "SIGTERM during start-up left a dead mount"
+    assert "SIGTERM: unmounting" in log.read_text()
+
+
+async def test_sigkill_leaves_dead_mount_and_remount_cleans_it(root, mount):
+    m = mount(root)
+    (pid,) = m.pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not m.pids(), 10, "the killed daemon to go")
+    # A request caught in flight by the abort fails with ECONNABORTED; every later one with
+    # ENOTCONN, "Transport endpoint is not connected".
+    wait_until(lambda: stat_errno(m.mountpoint) == errno.ENOTCONN, 10, "ENOTCONN on the dead mount")
+    assert is_mounted(m.mountpoint)
+
+    m.start()  # the same `regfs mount` command line, on the dead mount
+    assert os.listdir(m.mountpoint) == ["library"]
+    assert len(mount_lines(m.mountpoint)) == 1, "the dead mount is still stacked underneath"
+    assert len(m.pids()) == 1
+    assert re.search(r"WARNING .*dead FUSE mount", m.log_text()), m.log_text()
+
+
+async def test_foreground_ctrl_c_unmounts_and_exits_0(root, tmp_path, tracked):
+    mnt, err_file = tmp_path / "mnt", tmp_path / "stderr"
+    mnt.mkdir()
+    tracked(mnt, err_file)
+    with open(err_file, "wb") as err:
+        proc = subprocess.Popen(
+            [REGFS, "mount", "--foreground", str(root), str(mnt)],
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+        )
+    try:
+        wait_until(lambda: is_mounted(mnt), 20, "the foreground mount")
+        # A listing is answered only once the main loop runs, i.e. Ctrl-C is handled.
+        assert ls(mnt) == ["library"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0, err_file.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not is_mounted(mnt)
+    text = err_file.read_text()  # without --log, the foreground daemon logs to stderr
+    assert "SIGINT: unmounting" in text and "Traceback" not in text, text
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_unknown_source_scheme_names_supported_sources(tmp_path):
+    (tmp_path / "mnt").mkdir()
+    result = regfs("mount", "--log", str(tmp_path / "l"), "s3://x", str(tmp_path / "mnt"))
+    assert result.returncode != 0
+    assert "s3://x" in result.stderr
+    assert "storage root directory" in result.stderr and "inmemory:" in result.stderr
+    assert not is_mounted(tmp_path / "mnt")
+    assert regfs_processes_naming(tmp_path / "mnt") == []
+
+
+async def test_o_options_ro_uid_file_mode(root, mount):
+    m = mount(root, "-o", "ro,uid=1234,file_mode=0600")
+    layers = m.path("library", "demo", "layers")
+    (layer,) = [d for d in os.listdir(layers) if os.stat(layers / d).st_size == 10_000]
+    st = os.stat(layers / layer)
+    assert (st.st_uid, st.st_mode & 0o7777) == (1234, 0o600)
+    assert os.stat(m.path("library")).st_uid == 1234
+    assert os.stat(m.path("library")).st_mode & 0o7777 == 0o755
+    with pytest.raises(OSError) as err:
+        os.open(layers / layer, os.O_WRONLY)
+    assert err.value.errno == errno.EROFS
+    assert "ro" in mount_lines(m.mountpoint)[0].split()[3].split(",")
+    # Root reads regardless of the mode (the kernel checks modes: default_permissions).
+    assert run("sha256sum", layers / layer).stdout.decode().split()[0] in layer
+
+
+async def test_bogus_o_option_fails_clearly(root, tmp_path):
+    (tmp_path / "mnt").mkdir()
+    result = regfs("mount", "-o", "bogus", str(root), str(tmp_path / "mnt"))
+    assert result.returncode != 0
+    assert "unknown mount option 'bogus'" in result.stderr and "known:" in result.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def test_help_mentions_mountpoint():
+    for args in (["--help"], ["mount", "--help"], ["umount", "--help"]):
+        result = regfs(*args)
+        assert result.returncode == 0, args
+        assert "MOUNTPOINT" in result.stdout, (args, result.stdout)
+    assert "SOURCE" in regfs("mount", "--help").stdout
+
+
+def test_default_source_under_user_data_dir(tmp_path, monkeypatch, tracked):
+    """`regfs mount MOUNTPOINT` alone mounts (and creates) a root under XDG_DATA_HOME."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    default_root = tmp_path / "data" / "regfs" / "registry"
+    help_text = "".join(regfs("mount", "--help").stdout.split())  # undo argparse's wrapping
+    assert str(default_root) in help_text
+    mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
+    mnt.mkdir()
+    tracked(mnt, log)
+    result = regfs("mount", "--log", str(log), str(mnt))
+    assert result.returncode == 0, result.stderr
+    assert default_root.is_dir()
+    assert os.listdir(mnt) == []
+    assert mount_lines(mnt)[0].split()[0] == f"regfs:{default_root}"
+
+
+# --------------------------------------------------------------------------- --debug
+
+
+async def test_debug_logs_each_operation(root, mount):
+    quiet = mount(root)
+    loud = mount(root, "--debug")
+    for m in (quiet, loud):
+        layers = m.path("library", "demo", "layers")
+        for name in os.listdir(layers):
+            run("cat", layers / name)
+    text = loud.log_text()
+    for op in ("lookup", "getattr", "opendir", "readdir", "open", "read", "release"):
+        assert re.search(rf" DEBUG regfs\.ops\.\w+: {op}\(", text), op
+    assert " DEBUG " not in quiet.log_text()
