@@ -117,6 +117,7 @@ class Tree:
         self._immutable: TtlCache[Node, Attr] = TtlCache(None)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
         self._shadow_logged: set[str] = set()
+        self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
 
     def forget_moving(self) -> None:
         """Drop every cached tag and listing (SIGHUP)."""
@@ -141,14 +142,22 @@ class Tree:
                     self._listings.pop(SectionNode(repo, section))
 
     def _repo(self, name: str) -> Repository:
-        return self.registry.repository(name)
+        repo = self._repos.get(name)
+        if repo is None:
+            repo = self._repos[name] = self.registry.repository(name)
+        return repo
+
+    async def _is_repository(self, path: str) -> bool:
+        """Also a directory holding only uploads: a client's first push to a repository,
+        interrupted before any blob finished, must show its uploads for a resume."""
+        return await self.registry.catalog.is_repository(path, with_uploads=True)
 
     # -- lookups ---------------------------------------------------------------------------
 
     async def lookup(self, parent: Node, name: str) -> Node:
         match parent:
             case DirNode(path):
-                if name in SECTIONS and path and await self.registry.catalog.is_repository(path):
+                if name in SECTIONS and path and await self._is_repository(path):
                     return SectionNode(path, name)
                 child = _join(path, name)
                 if is_component(name) and await self.registry.catalog.exists(child):
@@ -209,7 +218,7 @@ class Tree:
         match node:
             case DirNode(path):
                 names = await self.registry.catalog.children(path)
-                if not path or not await self.registry.catalog.is_repository(path):
+                if not path or not await self._is_repository(path):
                     return [(n, DirNode(_join(path, n))) for n in names]
                 shadowed = sorted(set(names) & set(SECTIONS))
                 if shadowed and path not in self._shadow_logged:
@@ -244,10 +253,9 @@ class Tree:
             case DirNode(path) | SectionNode(path, _):
                 return Attr(True, 0, await self._dir_mtime(path))
             case TagNode(repo, tag):
-                digest = await self._tag_target(node)
-                info = await self._repo(repo).manifests.stat(digest)
+                manifest = await self.attr(ManifestNode(repo, await self._tag_target(node)))
                 mtime = await self._mtime(path_for(TagCurrentLink(repo, tag)))
-                return Attr(False, info.size, mtime)
+                return Attr(False, manifest.size, mtime)
             case ManifestNode(repo, digest):
                 info = await self._repo(repo).manifests.stat(digest)
                 attr = Attr(False, info.size, info.mtime, immutable=True)
@@ -329,7 +337,12 @@ class Tree:
                     raise
             case UploadNode(repo, uuid):
                 await self._repo(repo).layers.upload_info(uuid)
-                return await self.registry.driver.reader(path_for(UploadData(repo, uuid)))
+                try:
+                    return await self.registry.driver.reader(path_for(UploadData(repo, uuid)))
+                except PathNotFound:
+                    # No data file: stat says size 0 (as the registry does), so read as empty.
+                    # A finish killed after moving the data into blobs/ leaves such an upload.
+                    return BytesReader(b"")
         raise IsADirectoryError(str(node))
 
     # -- changing ----------------------------------------------------------------------------

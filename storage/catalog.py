@@ -37,9 +37,12 @@ class Catalog:
                 log.warning("children: ignoring %r under %r: not a repository name", entry, prefix)
         return names
 
-    async def is_repository(self, name: str) -> bool:
+    async def is_repository(self, name: str, with_uploads: bool = False) -> bool:
+        """Whether name is a repository as the registry counts them; with_uploads, also one
+        holding only uploads: a first push to it, interrupted before any blob finished."""
         entries = await self._entries(name)
-        return any(marker in entries for marker in MARKERS)
+        markers = (*MARKERS, "_uploads") if with_uploads else MARKERS
+        return any(marker in entries for marker in markers)
 
     async def exists(self, prefix: str) -> bool:
         """Whether prefix names a repository or a namespace holding something."""

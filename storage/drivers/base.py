@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from ..errors import StorageError
 
-# Absolute, slash-separated, no empty, "." or ".." component (checked below).
-_PATH_RE = re.compile(r"(/[A-Za-z0-9._-]+)+")
+# Absolute, slash-separated, no empty, "." or ".." component.
+_PATH_RE = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)+")
 
 
 class PathNotFound(StorageError, LookupError):
@@ -38,7 +38,7 @@ class FileInfo:
 
 
 def check_path(path: str) -> str:
-    if _PATH_RE.fullmatch(path) is None or any(p in (".", "..") for p in path.split("/")):
+    if _PATH_RE.fullmatch(path) is None:
         raise InvalidPath(path)
     return path
 

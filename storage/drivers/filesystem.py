@@ -106,8 +106,11 @@ class FilesystemDriver(StorageDriver):
         return self.root + path
 
     async def _get_content(self, path: str) -> bytes:
-        with _not_found_as(path), open(self._full(path), "rb") as f:
-            return f.read()
+        try:
+            with open(self._full(path), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathNotFound(path) from None
 
     async def _put_content(self, path: str, data: bytes) -> None:
         await trio.to_thread.run_sync(self._put_sync, self._full(path), data)
@@ -148,8 +151,10 @@ class FilesystemDriver(StorageDriver):
         return _Writer(fd)
 
     async def _stat(self, path: str) -> FileInfo:
-        with _not_found_as(path):
+        try:
             st = os.stat(self._full(path))
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathNotFound(path) from None
         return FileInfo(path, st.st_size, st.st_mtime, statmod.S_ISDIR(st.st_mode))
 
     async def _list(self, path: str) -> list[str]:
