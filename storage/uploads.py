@@ -233,9 +233,12 @@ class LayerUpload:
             actual = await self._digest(expected)
             if actual != expected:
                 raise DigestMismatch(expected, actual)
+            present = await self._blobs.exists(expected)
+            if not present:
+                await writer.sync()  # durable before a link can vouch for it
             self._writer = None
             await writer.aclose()
-            if not await self._blobs.exists(expected):
+            if not present:
                 if writer.size == 0 and expected == EMPTY_DIGEST:
                     await self.driver.put_content(path_for(BlobData(expected)), b"")
                 else:
@@ -297,6 +300,10 @@ class LayerUpload:
         return False
 
     async def _save_state(self) -> None:
+        """Save the running hash. The data it covers is synced first: a state at the data's
+        size is trusted without reading the data, so it must never outlive that data."""
+        if self._writer is not None:
+            await self._writer.sync()
         state = HashState(self.name, self.uuid, self._hash.size)
         await self.driver.put_content(path_for(state), self._hash.marshal())
         self._saved_at = self._hash.size

@@ -332,3 +332,51 @@ async def test_mkdir_p_leaves_parents_namespaces(registry):
     await upload.finish(digest_bytes(b""))
     await registry.create_repository("org/app/sub")
     assert await registry.catalog.repositories() == ["org/app", "org/app/sub"]
+
+
+async def test_hash_states_never_outlive_their_data(registry, monkeypatch):
+    """A state at the data's size is trusted without reading the data: each one must be
+    saved after the data it covers was synced, and data is synced before it becomes a blob."""
+    monkeypatch.setattr("storage.uploads.CHECKPOINT", 1000)
+    events: list[str] = []
+    driver = registry.driver
+    real_writer, real_put, real_move = driver._writer, driver._put_content, driver._move
+
+    async def writer(path):
+        w = await real_writer(path)
+        real_sync, real_write = w.sync, w.write_at
+
+        async def sync():
+            events.append("sync")
+            await real_sync()
+
+        async def write_at(offset, data):
+            events.append("write")
+            await real_write(offset, data)
+
+        w.sync, w.write_at = sync, write_at
+        return w
+
+    async def put_content(path, data):
+        events.append("state" if "/hashstates/" in path else "put")
+        await real_put(path, data)
+
+    async def move(source, dest):
+        events.append("move")
+        await real_move(source, dest)
+
+    monkeypatch.setattr(driver, "_writer", writer)
+    monkeypatch.setattr(driver, "_put_content", put_content)
+    monkeypatch.setattr(driver, "_move", move)
+    upload = await registry.repository("foo").layers.upload()
+    for _ in range(5):
+        await upload.write(os.urandom(700))
+    await upload.close()
+    upload = await registry.repository("foo").layers.resume(upload.uuid)
+    data = await upload.digest()
+    await upload.finish(data)
+    for i, event in enumerate(events):
+        if event in ("state", "move"):
+            last_write = max((j for j in range(i) if events[j] == "write"), default=-1)
+            assert "sync" in events[last_write + 1 : i], f"{event} at {i} before a sync: {events}"
+    assert events.count("state") >= 3 and "move" in events

@@ -76,8 +76,12 @@ class FileWriter(ABC):
     async def truncate(self, size: int) -> None: ...
 
     @abstractmethod
+    async def sync(self) -> None:
+        """Make the data written so far durable (before anything that vouches for it)."""
+
+    @abstractmethod
     async def aclose(self) -> None:
-        """Make the data durable and release the file."""
+        """Release the file (and its writer lock); this does not sync."""
 
 
 class StorageDriver(ABC):

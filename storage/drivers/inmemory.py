@@ -54,6 +54,9 @@ class _Writer(FileWriter):
         del self._node.data[size:]
         self._node.mtime = time.time()
 
+    async def sync(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         self._node.writing = False
 
