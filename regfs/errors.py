@@ -56,6 +56,14 @@ def errno_of(exc: BaseException) -> int | None:
     return None
 
 
+def _brief(arg: object) -> object:
+    """A write's buffer is logged by its size: its repr (up to 4 bytes of log per byte) would
+    swamp a --debug log and slow every write to the pace of the log file."""
+    if isinstance(arg, bytes) and len(arg) > 64:
+        return f"<{len(arg)} bytes>"
+    return arg
+
+
 def fuse_errors(
     handler: Callable[P, Awaitable[T]],
 ) -> Callable[P, Awaitable[T]]:
@@ -65,7 +73,8 @@ def fuse_errors(
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s%r", name, tuple(a for a in args[1:] if not isinstance(a, Context)))
+            shown = tuple(_brief(a) for a in args[1:] if not isinstance(a, Context))
+            log.debug("%s%r", name, shown)
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError as exc:

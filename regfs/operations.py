@@ -14,6 +14,7 @@ import stat
 import time
 
 import pyfuse3
+import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, ReaddirToken, RequestContext
 
 from storage.digests import Digest
@@ -60,6 +61,10 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable()
         self._handles: dict[int, Handle | Listing] = {}
         self._writers: dict[Node, int] = {}  # one writer per upload or tag: its handle
+        # Uploads whose last writer is still being released (saving its hash state, fsync,
+        # unlocking): release arrives after close() has returned, so a `cp` followed at once
+        # by `mv`, `rm` or another writer must wait for it instead of finding the upload busy.
+        self._closing: dict[Node, trio.Event] = {}
         self._next_fh = 1
 
     # -- helpers ---------------------------------------------------------------------------
@@ -81,6 +86,12 @@ class Operations(pyfuse3.Operations):
         entry.st_gid = self.options.gid
         if timeout is None:
             timeout = FOREVER if attr.immutable else self.options.tag_ttl
+            if isinstance(node, TagNode | UploadNode):
+                # What can change through this mount is never cached by the kernel (the
+                # daemon caches it for tag_ttl): invalidating a kernel entry takes its
+                # directory's lock, which a client waiting for the daemon may hold, and a
+                # daemon killed while waiting for it could never exit and free the mount.
+                timeout = 0
         entry.attr_timeout = entry.entry_timeout = timeout
         return entry
 
@@ -208,8 +219,15 @@ class Operations(pyfuse3.Operations):
             log.info("open: %s already has a writer (EBUSY)", node)
             raise FUSEError(errno.EBUSY)
 
+    async def _settled(self, node: Node) -> None:
+        """Wait until the release of the node's last writer is done (see _closing)."""
+        closing = self._closing.get(node)
+        if closing is not None:
+            await closing.wait()
+
     async def _upload_writer(self, node: UploadNode, truncate: bool) -> UploadHandle:
         self._check_no_writer(node)
+        await self._settled(node)
         upload = await self.tree.resume_upload(node)
         if truncate:
             await upload.truncate(0)
@@ -250,12 +268,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        handle = self._handle(fh)
-        await handle.flush()
-        if isinstance(handle, UploadHandle) and handle.finished:
-            self._invalidate(SectionNode(handle.node.repo, "uploads"), handle.name)
-        elif isinstance(handle, TagHandle):
-            self._invalidate(SectionNode(handle.node.repo, "tags"), handle.node.tag)
+        await self._handle(fh).flush()
 
     @fuse_errors
     async def release(self, fh: int) -> None:
@@ -263,19 +276,22 @@ class Operations(pyfuse3.Operations):
         del self._handles[fh]
         if isinstance(handle, UploadHandle | TagHandle) and self._writers.get(handle.node) == fh:
             del self._writers[handle.node]
-        await handle.release()
+        if not isinstance(handle, UploadHandle):
+            await handle.release()
+            return
+        done = self._closing[handle.node] = trio.Event()
+        try:
+            await handle.release()
+        finally:
+            done.set()
+            if self._closing.get(handle.node) is done:
+                del self._closing[handle.node]
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
         if not isinstance(handle, Handle):
             raise FUSEError(errno.EBADF)
         return handle
-
-    def _invalidate(self, parent: Node, name: str) -> None:
-        """Tell the kernel an entry changed behind its cache (changes through this mount)."""
-        inode = self.inodes.known(parent)
-        if inode is not None:
-            pyfuse3.invalidate_entry_async(inode, name.encode(), ignore_enoent=True)
 
     # -- extended attributes ---------------------------------------------------------------
 
@@ -330,8 +346,8 @@ class Operations(pyfuse3.Operations):
         if node in self._writers:
             log.info("unlink: upload %s is open for writing (EBUSY)", node)
             raise FUSEError(errno.EBUSY)
-        for tag in await self.tree.remove(node):
-            self._invalidate(SectionNode(tag.repo, "tags"), tag.tag)
+        await self._settled(node)
+        await self.tree.remove(node)
         log.info("unlink: removed %s", node)
 
     @fuse_errors
@@ -363,6 +379,7 @@ class Operations(pyfuse3.Operations):
         if node in self._writers:
             log.info("rename: upload %s is open for writing (EBUSY)", node.uuid)
             raise FUSEError(errno.EBUSY)
+        await self._settled(node)
         assert isinstance(new_parent, SectionNode)
         if new_parent.section == "layers":
             await self._finish_by_rename(node, Digest.parse(target), parent_inode_old)
@@ -375,6 +392,7 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.EEXIST)
             if UploadNode(node.repo, existing) in self._writers:
                 raise FUSEError(errno.EBUSY)
+            await self._settled(UploadNode(node.repo, existing))
         expected = digest_name(target)
         if expected is not None:
             await self._finish_by_rename(node, expected, parent_inode_old)
