@@ -18,7 +18,6 @@ import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, ReaddirToken, RequestContext
 
 from storage.digests import Digest
-from storage.drivers import FilesystemDriver
 from storage.errors import CorruptEntry, DigestMismatch
 from storage.names import validate_tag
 
@@ -139,9 +138,8 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
-        driver = self.tree.registry.driver
-        if isinstance(driver, FilesystemDriver):
-            st = os.statvfs(driver.root)
+        st = self.tree.registry.statvfs()
+        if st is not None:
             for name in (
                 "f_bsize",
                 "f_frsize",

@@ -17,12 +17,11 @@ import time
 from dataclasses import dataclass
 
 from storage.digests import Digest
-from storage.drivers import FileReader, PathNotFound
+from storage.drivers import FileReader
 from storage.errors import InvalidName, UnknownManifest
 from storage.layers import LayerReader, LayerUpload
 from storage.manifests import sniff_media_type
 from storage.names import is_component, validate_name, validate_tag
-from storage.paths import RepositoryDir, TagCurrentLink, UploadData, path_for
 from storage.registry import Registry, Repository
 
 from .cache import TtlCache
@@ -254,8 +253,7 @@ class Tree:
                 return Attr(True, 0, await self._dir_mtime(path))
             case TagNode(repo, tag):
                 manifest = await self.attr(ManifestNode(repo, await self._tag_target(node)))
-                mtime = await self._mtime(path_for(TagCurrentLink(repo, tag)))
-                return Attr(False, manifest.size, mtime)
+                return Attr(False, manifest.size, await self._repo(repo).tags.mtime(tag))
             case ManifestNode(repo, digest):
                 info = await self._repo(repo).manifests.stat(digest)
                 attr = Attr(False, info.size, info.mtime, immutable=True)
@@ -268,14 +266,9 @@ class Tree:
         self._immutable.put(node, attr)
         return attr
 
-    async def _mtime(self, path: str) -> float:
-        try:
-            return (await self.registry.driver.stat(path)).mtime
-        except PathNotFound:
-            return self.started
-
     async def _dir_mtime(self, path: str) -> float:
-        return await self._mtime(path_for(RepositoryDir(path)))
+        mtime = await self.registry.catalog.mtime(path)
+        return self.started if mtime is None else mtime
 
     async def _tag_target(self, node: TagNode) -> Digest:
         digest = self._tags.get(node)
@@ -336,13 +329,7 @@ class Tree:
                     self._tags.pop(node)
                     raise
             case UploadNode(repo, uuid):
-                await self._repo(repo).layers.upload_info(uuid)
-                try:
-                    return await self.registry.driver.reader(path_for(UploadData(repo, uuid)))
-                except PathNotFound:
-                    # No data file: stat says size 0 (as the registry does), so read as empty.
-                    # A finish killed after moving the data into blobs/ leaves such an upload.
-                    return BytesReader(b"")
+                return await self._repo(repo).layers.read_upload(uuid)
         raise IsADirectoryError(str(node))
 
     # -- changing ----------------------------------------------------------------------------

@@ -44,6 +44,13 @@ class Catalog:
         markers = (*MARKERS, "_uploads") if with_uploads else MARKERS
         return any(marker in entries for marker in markers)
 
+    async def mtime(self, prefix: str) -> float | None:
+        """When the directory of prefix last changed (None for an absent one)."""
+        try:
+            return (await self.driver.stat(path_for(RepositoryDir(prefix)))).mtime
+        except PathNotFound:
+            return None
+
     async def exists(self, prefix: str) -> bool:
         """Whether prefix names a repository or a namespace holding something."""
         try:

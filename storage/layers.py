@@ -63,6 +63,16 @@ class LayerReader:
         await self._file.aclose()
 
 
+class EmptyReader(FileReader):
+    size = 0
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        return b""
+
+    async def aclose(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class UploadInfo:
     uuid: str
@@ -134,6 +144,15 @@ class LayerService:
         except PathNotFound:
             size = 0  # the registry treats a missing data file as an empty upload
         return UploadInfo(uuid, started_at, size)
+
+    async def read_upload(self, uuid: str) -> FileReader:
+        """The bytes received so far (none when the data file is missing, as the registry
+        reads it; a finish cut after moving the data into blobs/ leaves such an upload)."""
+        await self.upload_info(uuid)
+        try:
+            return await self.driver.reader(path_for(UploadData(self.name, uuid)))
+        except PathNotFound:
+            return EmptyReader()
 
     async def uploads(self) -> list[str]:
         """Uuids of the uploads in progress. Directories that are not uuids are skipped, and

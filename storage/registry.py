@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .blobs import BlobStore
 from .catalog import Catalog
 from .drivers import PathNotFound, StorageDriver
@@ -25,6 +27,9 @@ class Registry:
         self.driver = driver
         self.blobs = BlobStore(driver)
         self.catalog = Catalog(driver)
+
+    def statvfs(self) -> os.statvfs_result | None:
+        return self.driver.statvfs()
 
     def repository(self, name: str) -> Repository:
         """A repository view; InvalidName for a name the registry would refuse."""

@@ -40,6 +40,14 @@ class TagService:
         except PathNotFound:
             raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
 
+    async def mtime(self, tag: str) -> float:
+        """When the tag last moved (its current link was written)."""
+        validate_tag(tag)
+        try:
+            return (await self.driver.stat(path_for(TagCurrentLink(self.name, tag)))).mtime
+        except PathNotFound:
+            raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
+
     async def put(self, tag: str, digest: Digest) -> None:
         """Record the digest in the tag's index, then point the tag at it (the registry's order)."""
         validate_tag(tag)

@@ -6,6 +6,7 @@ outside its tree; drivers implement the underscored methods.
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -129,6 +130,10 @@ class StorageDriver(ABC):
             if info.is_dir:
                 async for child in self.walk(info.path):
                     yield child
+
+    def statvfs(self) -> os.statvfs_result | None:
+        """Space and file counts of the store, where it has such a thing."""
+        return None
 
     @abstractmethod
     async def _get_content(self, path: str) -> bytes: ...

@@ -121,6 +121,9 @@ class FilesystemDriver(StorageDriver):
     def __repr__(self) -> str:
         return f"FilesystemDriver({self.root!r})"
 
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root)
+
     def _full(self, path: str) -> str:
         return self.root + path
 
