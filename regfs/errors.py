@@ -17,12 +17,14 @@ from pyfuse3 import RequestContext as Context
 
 from storage.drivers import InvalidPath
 from storage.errors import (
+    AccessDenied,
     Busy,
     CorruptEntry,
     DigestMismatch,
     InvalidManifest,
     InvalidName,
     InvalidOffset,
+    RemoteUnavailable,
 )
 
 log = logging.getLogger("regfs.ops")
@@ -32,6 +34,8 @@ T = TypeVar("T")
 
 # Checked in order: the first class that matches decides.
 ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
+    (AccessDenied, errno.EACCES),
+    (RemoteUnavailable, errno.EIO),
     (LookupError, errno.ENOENT),  # not in the tree; unknown layer, manifest, tag, upload
     (CorruptEntry, errno.EIO),
     (Busy, errno.EBUSY),

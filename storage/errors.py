@@ -40,6 +40,14 @@ class DigestMismatch(StorageError):
         self.actual = actual
 
 
+class AccessDenied(StorageError, PermissionError):
+    """The registry refused the credentials (401) or the action (403)."""
+
+
+class RemoteUnavailable(StorageError):
+    """The registry did not answer usefully after retries (timeouts, 5xx, 429, refused)."""
+
+
 class Busy(StorageError):
     """Someone else (this process or another) is writing the same file."""
 

@@ -1,0 +1,1 @@
+"""A registry reached over the OCI distribution HTTP API, with storage/'s interface."""
