@@ -31,6 +31,9 @@ class Registry:
     def statvfs(self) -> os.statvfs_result | None:
         return self.driver.statvfs()
 
+    async def aclose(self) -> None:
+        """Nothing to release: drivers hold no connections (a remote registry does)."""
+
     def repository(self, name: str) -> Repository:
         """A repository view; InvalidName for a name the registry would refuse."""
         return Repository(self.driver, self.blobs, name)
