@@ -403,9 +403,11 @@ class Operations(pyfuse3.Operations):
         upload = await self.tree.resume_upload(node)
         try:
             await self.tree.finish_upload(node, upload, digest)
-        except DigestMismatch as exc:
-            log.warning("rename: upload %s not finished: %s; it stays", node.uuid, exc)
-            await upload.close()
+        except BaseException as exc:
+            if isinstance(exc, DigestMismatch):
+                log.warning("rename: upload %s not finished: %s; it stays", node.uuid, exc)
+            with trio.CancelScope(shield=True):  # never leave the upload locked
+                await upload.close()
             raise
         # The kernel moves its dentry to the new name with the upload's inode number: let
         # that number stand for the layer it became.

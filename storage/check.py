@@ -23,6 +23,7 @@ from .paths import (
     LayerLink,
     RevisionLink,
     TagCurrentLink,
+    UploadData,
     UploadDir,
     UploadsDir,
     path_for,
@@ -162,14 +163,25 @@ class Checker:
                     f"tag {name}:{tag} points at {target}, not a manifest of {name}",
                 )
         now = datetime.now(UTC)
-        for uuid in await self._upload_dirs(name):
+        for uuid in await _upload_dirs(self.driver, name):
             path = path_for(UploadDir(name, uuid))
             try:
                 started = await read_started_at(self.driver, name, uuid)
             except (UnknownUpload, CorruptEntry) as exc:
-                yield Finding(
-                    Severity.DAMAGE, "broken-upload", path, f"{exc} (the registry never purges it)"
-                )
+                if await _holds_data(self.driver, name, uuid):
+                    yield Finding(
+                        Severity.DAMAGE,
+                        "broken-upload",
+                        path,
+                        f"{exc} (the registry never purges it)",
+                    )
+                else:  # a create or a final delete cut short: no bytes of anyone's
+                    yield Finding(
+                        Severity.MAINTENANCE,
+                        "empty-upload-leftover",
+                        path,
+                        f"{exc}, and no data: purge-uploads removes it",
+                    )
                 continue
             if now - started > self.upload_age:
                 yield Finding(
@@ -178,13 +190,6 @@ class Checker:
                     path,
                     f"started {started:%Y-%m-%d %H:%M:%S}Z",
                 )
-
-    async def _upload_dirs(self, name: str) -> list[str]:
-        try:
-            entries = await self.driver.list(path_for(UploadsDir(name)))
-        except PathNotFound:
-            return []
-        return [e for e in entries if UUID_RE.fullmatch(e)]
 
     async def _hash(self, digest: Digest) -> Digest:
         reader = await self.registry.blobs.open(digest)
@@ -205,6 +210,23 @@ async def check(
     return [f async for f in Checker(driver, verify, upload_age).run()]
 
 
+async def _upload_dirs(driver: StorageDriver, name: str) -> list[str]:
+    """Every upload directory, with or without a start time."""
+    try:
+        entries = await driver.list(path_for(UploadsDir(name)))
+    except PathNotFound:
+        return []
+    return [e for e in entries if UUID_RE.fullmatch(e)]
+
+
+async def _holds_data(driver: StorageDriver, name: str, uuid: str) -> bool:
+    try:
+        await driver.stat(path_for(UploadData(name, uuid)))
+    except PathNotFound:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class PurgedUpload:
     repository: str
@@ -215,17 +237,22 @@ class PurgedUpload:
 async def purge_uploads(
     driver: StorageDriver, older_than: timedelta, dry_run: bool = False
 ) -> list[PurgedUpload]:
-    """Delete uploads started longer ago than older_than, as the registry's purger does
-    (an upload without a readable start time is left alone, as there)."""
+    """Delete uploads started longer ago than older_than, as the registry's purger does.
+
+    An upload without a readable start time is left alone, as there, unless it holds no
+    data: that is what a crash during an upload's create or final delete leaves behind.
+    """
     registry = Registry(driver)
     cutoff = datetime.now(UTC) - older_than
     purged = []
     for name in await registry.catalog.names_holding("_uploads"):
-        for uuid in await registry.repository(name).layers.uploads():
+        for uuid in await _upload_dirs(driver, name):
             try:
                 started = await read_started_at(driver, name, uuid)
             except (UnknownUpload, CorruptEntry):
-                continue
+                if await _holds_data(driver, name, uuid):
+                    continue
+                started = datetime.min.replace(tzinfo=UTC)
             if started < cutoff:
                 if not dry_run:
                     await driver.delete(path_for(UploadDir(name, uuid)))

@@ -117,10 +117,9 @@ class LayerService:
     async def upload(self, label: str | None = None) -> LayerUpload:
         """Start an upload; `label` is a client's name for it, kept beside it (see paths)."""
         uuid = str(uuidlib.uuid4())
-        upload = await LayerUpload.start(self.driver, self._blobs, self.linked, self.name, uuid)
-        if label is not None:  # after startedat: the registry's purger can always see it
-            await self.set_label(uuid, label)
-        return upload
+        return await LayerUpload.start(
+            self.driver, self._blobs, self.linked, self.name, uuid, label
+        )
 
     async def label(self, uuid: str) -> str | None:
         try:

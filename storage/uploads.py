@@ -31,6 +31,7 @@ from .paths import (
     HashStatesDir,
     UploadData,
     UploadDir,
+    UploadLabel,
     UploadStartedAt,
     path_for,
 )
@@ -104,12 +105,20 @@ class LayerUpload:
 
     @classmethod
     async def start(
-        cls, driver: StorageDriver, blobs: BlobStore, layers: LinkedBlobs, name: str, uuid: str
+        cls,
+        driver: StorageDriver,
+        blobs: BlobStore,
+        layers: LinkedBlobs,
+        name: str,
+        uuid: str,
+        label: str | None = None,
     ) -> LayerUpload:
         started_at = datetime.now(UTC).replace(microsecond=0)
         await driver.put_content(
             path_for(UploadStartedAt(name, uuid)), format_started_at(started_at)
         )
+        if label is not None:  # right after startedat: a crash rarely loses the name
+            await driver.put_content(path_for(UploadLabel(name, uuid)), label.encode())
         writer = await driver.writer(path_for(UploadData(name, uuid)))
         upload = cls(driver, blobs, layers, name, uuid, started_at, writer, Sha256State())
         await upload._save_state()

@@ -14,6 +14,7 @@ from storage.paths import (
     BlobData,
     LayerLink,
     TagCurrentLink,
+    UploadData,
     UploadStartedAt,
     path_for,
 )
@@ -126,3 +127,21 @@ async def test_cli_exit_status_and_output(tmp_path):
     assert bad.returncode == 2 and "bad duration" in bad.stderr
     ok = regfs("purge-uploads", str(root), "--older-than", "1h30m", "--dry-run")
     assert ok.returncode == 0 and "would delete 0 uploads" in ok.stderr
+
+
+async def test_dataless_leftover_is_maintenance_and_purged(registry):
+    """A create or final delete cut short leaves an upload directory with neither startedat
+    nor data: no one's bytes, so check calls it maintenance and purge-uploads removes it."""
+    driver = registry.driver
+    layers = registry.repository("org/app").layers
+    leftover = await layers.upload()
+    await leftover.close()
+    await driver.delete(path_for(UploadStartedAt("org/app", leftover.uuid)))
+    await driver.delete(path_for(UploadData("org/app", leftover.uuid)))
+    findings = await check(driver)
+    assert [(f.kind, f.severity) for f in findings] == [
+        ("empty-upload-leftover", Severity.MAINTENANCE)
+    ]
+    purged = await purge_uploads(driver, timedelta(days=7))
+    assert [p.uuid for p in purged] == [leftover.uuid]
+    assert await check(driver) == []
