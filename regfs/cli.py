@@ -20,12 +20,14 @@ import platformdirs
 import trio
 
 from storage.check import UPLOAD_PURGE_AGE, Severity, check, purge_uploads
-from storage.drivers import SUPPORTED_SOURCES, FilesystemDriver, open_driver
+from storage.drivers import FilesystemDriver
+from storage.errors import StorageError
 
 from . import daemon
 from .logs import default_log_file, setup_logging
 from .mountpoint import MountError, daemon_pids, force_unmount, mounted_filesystem, prepare
 from .options import DEFAULT_TAG_TTL, MountOptions, apply_o_options
+from .sources import SUPPORTED, check_source, is_remote, open_registry
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount a registry: regfs mount [SOURCE] MOUNTPOINT",
         description=(
             "Mount a registry on MOUNTPOINT and return once the mount is ready; the daemon "
-            f"goes on in the background. SOURCE is {SUPPORTED_SOURCES}; without it, "
+            f"goes on in the background. SOURCE is {SUPPORTED}; without it, "
             f"{default_source()} is used. Background daemons log to {default_log_file()} "
             "unless --log says otherwise."
         ),
@@ -88,7 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options: ro, allow_other, uid=, gid=, file_mode=, dir_mode=, "
         "tag_ttl=, log=, debug",
     )
+    remote = mount.add_argument_group("remote registries (SOURCE is https://HOST[:PORT])")
+    remote.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain http:// and unverified TLS (self-signed certificates)",
+    )
+    remote.add_argument("--ca-file", metavar="FILE", help="trust the CA certificates in FILE")
+    remote.add_argument(
+        "--username", metavar="USER", help="log in as USER (default: ~/.docker/config.json auths)"
+    )
+    remote.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--password-fd", type=int, help=argparse.SUPPRESS)
 
     umount = commands.add_parser(
         "umount",
@@ -187,7 +203,16 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     for name, value in flags.items():
         if value:
             setattr(options, name, True)
+    if args.insecure:
+        options.insecure = True
+    if args.password_stdin:
+        options.password = sys.stdin.readline().rstrip("\n")
+    elif args.password_fd is not None:
+        with os.fdopen(args.password_fd) as secret:  # from the parent: never in argv or env
+            options.password = secret.read()
     values = {
+        "ca_file": args.ca_file,
+        "username": args.username,
         "log_file": args.log,
         "uid": args.uid,
         "gid": args.gid,
@@ -201,7 +226,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     return options
 
 
-def child_command(options: MountOptions, ready_fd: int) -> list[str]:
+def child_command(options: MountOptions, ready_fd: int, password_fd: int | None) -> list[str]:
     """The daemon's command line: every option spelled out, the mountpoint last."""
     command = [
         sys.executable,
@@ -228,26 +253,42 @@ def child_command(options: MountOptions, ready_fd: int) -> list[str]:
         ("--read-only", options.read_only),
         ("--allow-other", options.allow_other),
         ("--debug", options.debug),
+        ("--insecure", options.insecure),
     ):
         if on:
             command.append(flag)
+    for flag, value in (
+        ("--ca-file", options.ca_file),
+        ("--username", options.username),
+        ("--password-fd", password_fd),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
     return [*command, options.source, options.mountpoint]
 
 
 def mount_background(options: MountOptions) -> int:
     read_end, write_end = os.pipe()
+    fds = [write_end]
+    secret_fd = None
+    if options.password is not None:
+        secret_fd, secret_write = os.pipe()
+        os.write(secret_write, options.password.encode())  # a pipe holds far more than this
+        os.close(secret_write)
+        fds.append(secret_fd)
     log_file = options.log_file or str(default_log_file())
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
     with open(log_file, "ab") as log_out:
         child = subprocess.Popen(
-            child_command(options, write_end),
-            pass_fds=(write_end,),
+            child_command(options, write_end, secret_fd),
+            pass_fds=tuple(fds),
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=log_out,
             stderr=log_out,
         )
-    os.close(write_end)
+    for fd in fds:
+        os.close(fd)
     message = _read_ready(read_end, child)
     os.close(read_end)
     if message == "ok":
@@ -286,9 +327,9 @@ def mount_foreground(options: MountOptions, ready_fd: int | None) -> int:
 
     try:
         prepare(options.mountpoint)
-        open_driver(options.source)
+        check_source(options)
         daemon.serve(options, lambda: report("ok"))
-    except (MountError, ValueError, OSError, RuntimeError) as exc:
+    except (MountError, ValueError, OSError, RuntimeError, StorageError) as exc:
         log.error("mount: %s", exc)
         report(str(exc))
         if ready_fd is None:
@@ -349,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         # Into the daemon's log: prepare() may clean up a dead mount, and says so.
         setup_logging(options.debug, options.log_file or str(default_log_file()))
         prepare(options.mountpoint)
-        open_driver(options.source)
+        if not is_remote(options.source):
+            open_registry(options)  # a root that cannot be made fails here, clearly
     except (MountError, ValueError) as exc:
         print(f"regfs: mount failed: {exc}", file=sys.stderr)
         return 2

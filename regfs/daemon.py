@@ -14,11 +14,9 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from storage.drivers import open_driver
-from storage.registry import Registry
-
 from .operations import Operations
 from .options import MountOptions
+from .sources import open_registry
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -45,11 +43,12 @@ async def _serve(ops: Operations) -> None:
         await nursery.start(_watch_signals, ops)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+    await ops.tree.registry.aclose()
 
 
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount and serve; returns once unmounted. Errors before the mount is up propagate."""
-    registry = Registry(open_driver(options.source))
+    registry = open_registry(options)
     ops = Operations(Tree(registry, options.tag_ttl), options)
     log_file = logging.getLogger().handlers[0]
     stream = getattr(log_file, "stream", None)

@@ -26,6 +26,7 @@ from storage.errors import (
     InvalidOffset,
     RemoteUnavailable,
 )
+from storage.remote.client import RemoteError
 
 log = logging.getLogger("regfs.ops")
 
@@ -37,6 +38,7 @@ ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
     (AccessDenied, errno.EACCES),
     (RemoteUnavailable, errno.EIO),
     (LookupError, errno.ENOENT),  # not in the tree; unknown layer, manifest, tag, upload
+    (RemoteError, errno.EIO),  # a registry's answer that no caller expected
     (CorruptEntry, errno.EIO),
     (Busy, errno.EBUSY),
     (DigestMismatch, errno.EINVAL),

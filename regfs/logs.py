@@ -28,3 +28,6 @@ def setup_logging(debug: bool, log_file: str | None) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+    # httpx logs each request at INFO, with its URL: upload URLs carry signed state.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

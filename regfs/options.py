@@ -21,6 +21,11 @@ class MountOptions:
     file_mode: int = 0o644
     dir_mode: int = 0o755
     tag_ttl: float = DEFAULT_TAG_TTL
+    # Remote sources (http:// and https://).
+    insecure: bool = False
+    ca_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     def fuse_options(self) -> set[str]:
         # default_permissions: the kernel checks modes, as for a local filesystem.
@@ -37,7 +42,7 @@ def _fsname(source: str) -> str:
 
 
 # -o names → (field, parser). Flags take no value.
-_FLAGS = {"ro": "read_only", "allow_other": "allow_other", "debug": "debug"}
+_FLAGS = {"ro": "read_only", "allow_other": "allow_other", "debug": "debug", "insecure": "insecure"}
 _VALUES = {
     "uid": ("uid", int),
     "gid": ("gid", int),
@@ -45,6 +50,8 @@ _VALUES = {
     "dir_mode": ("dir_mode", lambda v: int(v, 8)),
     "tag_ttl": ("tag_ttl", float),
     "log": ("log_file", str),
+    "ca_file": ("ca_file", str),
+    "username": ("username", str),
 }
 # Accepted from mount(8)/fstab and meaningless here.
 _IGNORED = {

@@ -10,6 +10,7 @@ import atexit
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -19,9 +20,9 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self
@@ -222,6 +223,90 @@ def go_sha256_state(data: bytes) -> bytes:
     return b"sha\x03" + struct.pack(">8I", *h) + pending + struct.pack(">Q", len(data))
 
 
+# --------------------------------------------------------------------------- auth and TLS
+
+
+class TLSFiles(NamedTuple):
+    """PEM files for `http.tls` (and a CA bundle a client can trust: the certificate)."""
+
+    cert: Path
+    key: Path
+
+
+def write_self_signed_cert(
+    cert_path: Path, key_path: Path, name: str = "127.0.0.1", days: int = 2
+) -> TLSFiles:
+    """A self-signed RSA certificate for `name` (SAN IP 127.0.0.1 and DNS localhost), usable
+    as a server certificate and as its own CA, e.g. the `rootcertbundle` of token auth."""
+    # Imported here: only the auth and TLS tests need cryptography.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    Path(cert_path).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(key_path).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return TLSFiles(Path(cert_path), Path(key_path))
+
+
+def write_htpasswd(path: Path, users: Mapping[str, str]) -> Path:
+    """An htpasswd file with bcrypt entries (`htpasswd -Bbn`; registry 2.8 reads only bcrypt)."""
+    if shutil.which("htpasswd") is None:
+        raise RuntimeError("htpasswd not found: `make deb` installs apache2-utils")
+    lines = [
+        subprocess.run(
+            ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        for user, password in users.items()
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def htpasswd_auth(path: Path, realm: str = "regfs-test") -> dict[str, Any]:
+    """The `auth:` section of a registry config for Basic auth against `path`."""
+    return {"htpasswd": {"realm": realm, "path": str(path)}}
+
+
+def _yaml(section: Mapping[str, Any], indent: int) -> list[str]:
+    """Nested mappings as YAML; scalars as JSON, which YAML reads as the same values."""
+    lines = []
+    for key, value in section.items():
+        if isinstance(value, Mapping):
+            lines.append(f"{' ' * indent}{key}:")
+            lines.extend(_yaml(value, indent + 2))
+        else:
+            lines.append(f"{' ' * indent}{key}: {json.dumps(value)}")
+    return lines
+
+
 # --------------------------------------------------------------------------- the server
 
 _live: set[RegistryServer] = set()
@@ -241,6 +326,10 @@ class RegistryServer:
     The config and log live in `workdir` (a new temp dir, removed on stop, if not given),
     never inside `root`, so the storage tree holds only what the registry writes.
     Upload purging is off so tests' hand-made uploads are not deleted behind their back.
+
+    Options: `auth`, the config's `auth:` section as a mapping (e.g. `htpasswd_auth(path)` or
+    `TokenServer.registry_auth()`), and `tls`, a certificate and key for `http.tls` (the
+    server then speaks https only: `url` says so).
     """
 
     root: Path
@@ -250,6 +339,8 @@ class RegistryServer:
     startup_timeout: float = 20.0
     stop_timeout: float = 5.0
     port: int = 0
+    auth: Mapping[str, Any] | None = None
+    tls: TLSFiles | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _own_workdir: bool = field(default=False, init=False, repr=False)
 
@@ -260,7 +351,7 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def config_path(self) -> Path:
@@ -275,6 +366,7 @@ class RegistryServer:
     def config_text(self) -> str:
         # JSON strings are valid YAML scalars: safe quoting for any path or secret.
         q = json.dumps
+        tls = {"certificate": str(self.tls.cert), "key": str(self.tls.key)} if self.tls else None
         return "\n".join(
             [
                 "version: 0.1",
@@ -291,6 +383,8 @@ class RegistryServer:
                 "http:",
                 f"  addr: {self.host}",
                 f"  secret: {q(self.secret)}",
+                *_yaml({"tls": tls} if tls else {}, 2),
+                *_yaml({"auth": self.auth} if self.auth else {}, 0),
                 "",
             ]
         )
@@ -344,7 +438,9 @@ class RegistryServer:
         _live.add(self)
         log.info("registry pid %d on %s, root %s", self._proc.pid, self.host, self.root)
         deadline = time.monotonic() + self.startup_timeout
-        with httpx.Client(timeout=1.0) as client:
+        # Readiness only: a test server's self-signed certificate is checked by the tests.
+        ready = (200, 401) if self.auth else (200,)
+        with httpx.Client(timeout=1.0, verify=not self.tls) as client:
             while True:
                 code = self._proc.poll()
                 if code is not None:
@@ -358,7 +454,7 @@ class RegistryServer:
                 # Both: a 200 alone could come from another process that won the port.
                 if f"listening on {self.host}" in self.log_tail(200):
                     try:
-                        if client.get(f"{self.url}/v2/").status_code == 200:
+                        if client.get(f"{self.url}/v2/").status_code in ready:
                             return True
                     except httpx.TransportError:
                         pass
@@ -406,9 +502,12 @@ class RegistryServer:
         self.stop()
 
 
-def running_registry(root: Path, workdir: Path | None = None) -> Iterator[RegistryServer]:
-    """Generator for a pytest fixture: `yield from running_registry(tmp_path / "root")`."""
-    with RegistryServer(root, workdir=workdir) as server:
+def running_registry(
+    root: Path, workdir: Path | None = None, **options: Any
+) -> Iterator[RegistryServer]:
+    """Generator for a pytest fixture: `yield from running_registry(tmp_path / "root")`;
+    `options` are RegistryServer's (`auth=`, `tls=`, ...)."""
+    with RegistryServer(root, workdir=workdir, **options) as server:
         yield server
 
 

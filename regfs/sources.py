@@ -1,0 +1,53 @@
+"""What SOURCE names: a storage root directory, `inmemory:`, or a registry over HTTP(S)."""
+
+from __future__ import annotations
+
+import platformdirs
+import trio
+
+from storage.drivers import open_driver
+from storage.registry import Registry
+from storage.remote.auth import Credentials
+from storage.remote.client import RemoteClient
+from storage.remote.registry import RemoteRegistry
+
+from .options import MountOptions
+
+AnyRegistry = Registry | RemoteRegistry
+SUPPORTED = "a storage root directory, 'inmemory:', or https://HOST[:PORT] (http:// too)"
+
+
+def is_remote(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def open_registry(options: MountOptions) -> AnyRegistry:
+    """The registry SOURCE names; nothing is contacted yet (see check_source)."""
+    if not is_remote(options.source):
+        try:
+            return Registry(open_driver(options.source))
+        except ValueError:
+            raise ValueError(f"unsupported source {options.source!r}: use {SUPPORTED}") from None
+    settings = {"insecure": options.insecure, "ca_file": options.ca_file}
+    if options.username is not None:
+        credentials = Credentials(options.username, options.password or "")
+        client = RemoteClient(options.source, credentials=credentials, **settings)
+    else:
+        client = RemoteClient.from_docker_config(options.source, **settings)
+    state = platformdirs.user_state_path("regfs")
+    return RemoteRegistry(client, state, listing_ttl=options.tag_ttl)
+
+
+def check_source(options: MountOptions) -> None:
+    """Fail early and clearly: a root that cannot be made, a registry that does not answer
+    its ping (GET /v2/, authenticating as needed)."""
+    registry = open_registry(options)
+    if isinstance(registry, RemoteRegistry):
+        trio.run(_ping, registry)
+
+
+async def _ping(registry: RemoteRegistry) -> None:
+    try:
+        await registry.client.ping()
+    finally:
+        await registry.aclose()

@@ -1,0 +1,695 @@
+"""An HTTP client for the OCI distribution API: auth, TLS, retries and deadlines in one place.
+
+`storage/remote/registry.py` builds the repository view on top of `RemoteClient`; it sees
+either a response whose status it listed in `expect`, or one typed error:
+
+- `AccessDenied` (storage.errors): 401 or 403 once authentication has been tried;
+- `RemoteNotFound` (a LookupError): 404 not listed in `expect`, with the registry's codes
+  (`BLOB_UNKNOWN`, `MANIFEST_UNKNOWN`, `NAME_UNKNOWN`, ...) to map to the right kind;
+- `RemoteUnavailable` (storage.errors): 429, 5xx, refused connections and timeouts that
+  persisted through the retries or the request's deadline; `TLSError`, its subclass, when
+  the server's certificate is not trusted (not retried: it will not change by itself);
+- `RemoteError`: any other status the caller did not expect (400, 409, 416, ...).
+
+Requests run on one `httpx.AsyncClient` (HTTP/1.1, keep-alive), which httpx drives through
+anyio, so it works inside trio. Every request has a total deadline on top of httpx's
+connect/read/write timeouts, so no caller waits forever.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import trio
+
+from storage.errors import AccessDenied, RemoteUnavailable, StorageError
+from storage.remote.auth import (
+    Challenge,
+    Credentials,
+    Token,
+    TokenCache,
+    covers,
+    docker_config_credentials,
+    parse_challenges,
+    scope_key,
+    scopes_for,
+)
+
+__all__ = [
+    "Credentials",
+    "RemoteClient",
+    "RemoteError",
+    "RemoteNotFound",
+    "TLSError",
+]
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+"""Methods retried after a failure: sending them twice does no more than sending them once."""
+
+BACKOFF = 0.1
+"""First pause between tries (seconds); it doubles after each failure."""
+
+BACKOFF_CAP = 5.0
+RETRY_AFTER_CAP = 10.0
+"""A registry's `Retry-After` is honoured up to this many seconds."""
+
+USER_AGENT = "regfs (httpx)"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class RemoteError(StorageError):
+    """The registry answered with a status the caller did not expect.
+
+    `status` is the HTTP status, `codes` the distribution error codes of the body
+    (`{"errors": [{"code": ...}]}`), e.g. `("BLOB_UPLOAD_INVALID",)`.
+    """
+
+    def __init__(self, message: str, *, status: int, codes: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.codes = codes
+
+
+class RemoteNotFound(RemoteError, LookupError):
+    """404: the caller maps it, by `codes` and by call, to UnknownLayer/UnknownManifest/..."""
+
+
+class TLSError(RemoteUnavailable):
+    """The TLS handshake failed, typically an untrusted (self-signed) certificate."""
+
+
+def error_codes(resp: httpx.Response) -> tuple[str, ...]:
+    """The `code`s of a distribution error body; empty if the body is not one (or unread)."""
+    try:
+        errors = resp.json().get("errors")
+        return tuple(str(e["code"]) for e in errors if isinstance(e, dict) and "code" in e)
+    except (ValueError, AttributeError, TypeError, KeyError, httpx.ResponseNotRead):
+        return ()
+
+
+def _error_detail(resp: httpx.Response) -> str:
+    """A short summary of an error body for messages: `CODE: message` pairs of a
+    distribution error, else the start of a plain-text body (e.g. Go's "Client sent an HTTP
+    request to an HTTPS server.")."""
+    try:
+        errors = resp.json().get("errors")
+        parts = [f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)]
+        return "; ".join(parts)[:300]
+    except httpx.ResponseNotRead:
+        return ""
+    except (ValueError, AttributeError, TypeError):
+        pass
+    if not resp.headers.get("Content-Type", "text/plain").startswith("text/"):
+        return ""
+    return " ".join(resp.text.split())[:200]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return (url.scheme, url.host.lower(), url.port)
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    """`Retry-After` in seconds (delta-seconds or an HTTP date), None if absent or garbage."""
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl error behind an httpx connect error, if any (httpcore chains it as cause)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    """`ReadTimeout` or `ConnectError: [Errno 111] Connection refused`, for logs."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# Nothing reached the server: safe to retry whatever the method.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+async def _drain(resp: httpx.Response) -> None:
+    """Read a small (error) body so it can be reported, then release the connection."""
+    try:
+        await resp.aread()
+    except httpx.TransportError:
+        pass
+    finally:
+        await resp.aclose()
+
+
+@dataclass
+class _Auth:
+    """What the client learnt about the registry's authentication (one per client)."""
+
+    scheme: str | None = None  # "basic", "bearer", or None while none was asked for
+    realm: httpx.URL | None = None
+    service: str | None = None
+    tokens: TokenCache = field(default_factory=TokenCache)
+    locks: dict[str, trio.Lock] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class RemoteClient:
+    """Requests to one registry (`base_url`, e.g. `https://host:5000`), authenticated and
+    retried. Use from trio; `aclose()` (or `async with`) releases the connections.
+
+    - `credentials`: used for Basic auth and for token requests; without them the client is
+      anonymous (token servers often grant anonymous pulls). `user:password@` in `base_url`
+      counts as credentials.
+    - TLS is verified (certifi's CAs, or `$SSL_CERT_FILE`); `ca_file` adds a CA bundle;
+      `insecure` turns verification off and allows plain `http://` to hosts other than
+      loopback (plain http to loopback is always allowed).
+    - `timeout` bounds connect, each read, each write and waiting for a pooled connection;
+      `retries` is how many times a failed idempotent request is sent again; every request
+      (all tries, backoff and token requests included) ends within `deadline`, by default
+      `timeout * (retries + 1)`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
+        ca_file: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 4,
+        deadline: float | None = None,
+    ) -> None:
+        url = httpx.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"not an http(s) registry URL: {url.scheme}://{url.host}")
+        if url.path.rstrip("/") not in ("", "/v2"):
+            raise ValueError(f"a registry URL has no path (got {url.path!r})")
+        if url.userinfo:
+            if credentials is None:
+                credentials = Credentials(url.username, url.password)
+            url = url.copy_with(username=None, password=None)
+        self.base_url = url.copy_with(path="/", query=None, fragment=None)
+        if url.scheme == "http" and not insecure and not _is_loopback(url.host):
+            raise ValueError(
+                f"plain http to {url.netloc.decode()} is not allowed without insecure=True "
+                "(https is verified; plain http only to loopback)"
+            )
+        self.credentials = credentials
+        self.insecure = insecure
+        self.ca_file = ca_file
+        self.timeout = timeout
+        self.retries = retries
+        self.deadline = deadline if deadline is not None else timeout * (retries + 1)
+        self._auth = _Auth()
+        self._http = httpx.AsyncClient(
+            verify=self._ssl_context(insecure, ca_file),
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            http1=True,
+            http2=False,
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    @classmethod
+    def from_docker_config(cls, base_url: str, **kw: Any) -> RemoteClient:
+        """A client with the login `auths` of the Docker config holds for this registry
+        (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`); explicit
+        `credentials=` win. Anonymous if there is none."""
+        if kw.get("credentials") is None:
+            kw["credentials"] = docker_config_credentials(base_url)
+        return cls(base_url, **kw)
+
+    @staticmethod
+    def _ssl_context(insecure: bool, ca_file: str | None) -> ssl.SSLContext:
+        if insecure:
+            return httpx.create_ssl_context(verify=False)
+        ctx = httpx.create_ssl_context()
+        if ca_file is not None:
+            ctx.load_verify_locations(cafile=ca_file)
+        return ctx
+
+    def __repr__(self) -> str:
+        user = self.credentials.username if self.credentials else None
+        return (
+            f"RemoteClient({str(self.base_url)!r}, user={user!r}, "
+            f"auth={self._auth.scheme!r}, insecure={self.insecure})"
+        )
+
+    @property
+    def name(self) -> str:
+        """`host:port` of the registry, as messages name it."""
+        return self.base_url.netloc.decode("ascii")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ----------------------------------------------------------------------- public calls
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        content: bytes | None = None,
+        expect: tuple[int, ...] = (200,),
+        follow_redirects: bool = True,
+        retry_unsafe: bool = False,
+    ) -> httpx.Response:
+        """Send one request and return the response, body read, if its status is in `expect`.
+
+        `url` is a path (`/v2/...`) or an absolute URL such as an upload `Location`;
+        `params` are added to the URL's own query (an upload's `_state` is kept).
+        Every method is retried when the connection failed before sending; once a POST or
+        PATCH may have reached the registry, only with `retry_unsafe=True` (the caller can
+        tell a repeat from the original: on registry 2.8 a PATCH whose first copy landed
+        carries a stale `_state` and gets 404 BLOB_UPLOAD_INVALID, i.e. RemoteNotFound).
+        """
+        return await self._send(
+            method.upper(),
+            url,
+            headers=headers,
+            params=params,
+            content=content,
+            expect=expect,
+            follow_redirects=follow_redirects,
+            retry_unsafe=retry_unsafe,
+            stream=False,
+        )
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        expect: tuple[int, ...] = (200, 206),
+        follow_redirects: bool = True,
+    ) -> AsyncIterator[httpx.Response]:
+        """Like `request`, for large bodies: the response comes unread; read it with
+        `aiter_raw()`/`aiter_bytes()` inside the `async with`.
+
+        Retries and the deadline cover getting the response; each read of the body is then
+        bounded by `timeout`, and a failure while reading raises RemoteUnavailable (a caller
+        may resume with a `Range`). A registry may answer a `Range` request with the whole
+        blob (200): check the status.
+        """
+        method = method.upper()
+        resp = await self._send(
+            method,
+            url,
+            headers=headers,
+            params=params,
+            content=None,
+            expect=expect,
+            follow_redirects=follow_redirects,
+            retry_unsafe=False,
+            stream=True,
+        )
+        try:
+            yield resp
+        except httpx.TransportError as exc:
+            where = self._where(resp.request.url)
+            raise RemoteUnavailable(
+                f"registry {self.name}: {method} {where}: reading the body failed: {_describe(exc)}"
+            ) from exc
+        finally:
+            await resp.aclose()
+
+    async def ping(self) -> None:
+        """`GET /v2/`: proves the registry answers and, if it asks, accepts our login."""
+        await self.request("GET", "/v2/")
+
+    # ----------------------------------------------------------------------- internals
+
+    def _resolve(self, url: str) -> httpx.URL:
+        """A path or a relative `Location` is resolved against `base_url`."""
+        return self.base_url.join(url)
+
+    def _where(self, url: httpx.URL) -> str:
+        """The URL for logs and messages: no query (upload `_state`, token scopes), and
+        the host only when it is not the registry's."""
+        if _origin(url) == _origin(self.base_url):
+            return url.path
+        return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+
+    def _backoff(self, failures: int, resp: httpx.Response | None) -> float:
+        delay = min(BACKOFF_CAP, BACKOFF * 2 ** (failures - 1)) * random.uniform(1.0, 1.1)
+        if resp is not None and (after := _retry_after(resp)) is not None:
+            delay = max(delay, min(after, RETRY_AFTER_CAP))
+        return delay
+
+    async def _send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        *,
+        headers: Mapping[str, str] | None,
+        params: Mapping[str, str] | None,
+        content: bytes | None,
+        expect: tuple[int, ...],
+        follow_redirects: bool,
+        retry_unsafe: bool,
+        stream: bool,
+        authenticate: bool = True,
+    ) -> httpx.Response:
+        """Tries, auth challenges and the deadline for one request (see `request`).
+
+        `authenticate=False` is for token requests: no challenge handling, the caller's
+        `Authorization` header (if any) as is.
+        """
+        target = url if isinstance(url, httpx.URL) else self._resolve(url)
+        if params:
+            # httpx would replace the URL's query with `params`: merge instead.
+            target = target.copy_merge_params(dict(params))
+        where = self._where(target)
+        may_retry = method in IDEMPOTENT or retry_unsafe
+        failures = 0
+        reauthenticated = False
+        last = "no answer"
+        with trio.move_on_after(self.deadline):
+            while True:
+                req_headers = dict(headers or {})
+                sent_token: Token | None = None
+                sent_scheme: str | None = None
+                if authenticate and _origin(target) == _origin(self.base_url):
+                    sent_scheme, sent_token, value = await self._authorization(method, target)
+                    if value is not None:
+                        req_headers["Authorization"] = value
+                request = self._http.build_request(
+                    method, target, headers=req_headers, content=content
+                )
+                started = time.monotonic()
+                try:
+                    resp = await self._http.send(
+                        request, stream=stream, follow_redirects=follow_redirects
+                    )
+                except httpx.TransportError as exc:
+                    if (tls := _tls_cause(exc)) is not None:
+                        raise self._tls_error(tls) from exc
+                    last = _describe(exc)
+                    log.debug("%s %s: %s", method, where, last)
+                    if failures < self.retries and (may_retry or isinstance(exc, _NOT_SENT)):
+                        failures += 1
+                        await self._pause(method, where, last, failures, None)
+                        continue
+                    raise RemoteUnavailable(
+                        f"registry {self.name}: {method} {where}: {last} "
+                        f"(after {failures + 1} tries)"
+                    ) from exc
+                status = resp.status_code
+                log.debug("%s %s -> %d (%.3f s)", method, where, status, time.monotonic() - started)
+                if status == 401 and authenticate and not reauthenticated:
+                    await _drain(resp)
+                    reauthenticated = True
+                    await self._on_challenge(resp, method, target, sent_scheme, sent_token)
+                    continue
+                if status in expect:
+                    return resp
+                await _drain(resp)
+                if status in (401, 403):
+                    raise self._denied(resp, method, where, sent_scheme)
+                if status == 404:
+                    raise RemoteNotFound(
+                        f"registry {self.name}: {method} {where}: 404 {_error_detail(resp)}",
+                        status=status,
+                        codes=error_codes(resp),
+                    )
+                if status == 429 or (status >= 500 and status not in (501, 505)):
+                    last = f"{status} {resp.reason_phrase}"
+                    if failures < self.retries and may_retry:
+                        failures += 1
+                        await self._pause(method, where, last, failures, resp)
+                        continue
+                    raise RemoteUnavailable(
+                        f"registry {self.name}: {method} {where}: {last} "
+                        f"(after {failures + 1} tries) {_error_detail(resp)}".rstrip()
+                    )
+                raise RemoteError(
+                    f"registry {self.name}: {method} {where}: unexpected {status} "
+                    f"{resp.reason_phrase} {_error_detail(resp)}".rstrip(),
+                    status=status,
+                    codes=error_codes(resp),
+                )
+        raise RemoteUnavailable(
+            f"registry {self.name}: {method} {where}: no answer within the "
+            f"{self.deadline:g} s deadline ({failures + 1} tries; last: {last})"
+        )
+
+    async def _pause(
+        self, method: str, where: str, why: str, failures: int, resp: httpx.Response | None
+    ) -> None:
+        delay = self._backoff(failures, resp)
+        log.warning(
+            "registry %s: %s %s: %s; retry %d of %d in %.1f s",
+            self.name,
+            method,
+            where,
+            why,
+            failures,
+            self.retries,
+            delay,
+        )
+        await trio.sleep(delay)
+
+    def _tls_error(self, exc: ssl.SSLError) -> TLSError:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            why = exc.verify_message or exc.reason or "certificate verify failed"
+            return TLSError(
+                f"registry {self.name}: TLS certificate verification failed ({why}); "
+                "trust its CA with a CA file, or turn verification off (insecure)"
+            )
+        return TLSError(
+            f"registry {self.name}: TLS handshake failed ({exc.reason or exc}); "
+            "does it speak https on this port?"
+        )
+
+    def _denied(
+        self, resp: httpx.Response, method: str, where: str, sent_scheme: str | None
+    ) -> AccessDenied:
+        status = f"{resp.status_code} {resp.reason_phrase}"
+        who = f"user {self.credentials.username!r}" if self.credentials else "anonymous access"
+        if resp.status_code == 401 and sent_scheme == "basic":
+            why = f"the credentials of {who} were refused"
+        elif resp.status_code == 401 and self.credentials is None:
+            why = "it needs credentials and none are configured"
+        else:
+            why = f"access denied to {who}"
+        detail = _error_detail(resp)
+        return AccessDenied(
+            f"registry {self.name}: {method} {where}: {status}: {why}"
+            + (f" ({detail})" if detail else "")
+        )
+
+    # ----------------------------------------------------------------------- auth
+
+    async def _authorization(
+        self, method: str, target: httpx.URL
+    ) -> tuple[str | None, Token | None, str | None]:
+        """(scheme, token, header value) to send to the registry, from what it asked before.
+
+        Basic is sent up front once the registry asked for it; with bearer auth a token for
+        the request's scope is taken from the cache or fetched first, which saves the 401
+        round trip for every new scope.
+        """
+        auth = self._auth
+        if auth.scheme == "basic" and self.credentials is not None:
+            return "basic", None, self.credentials.basic()
+        if auth.scheme == "bearer":
+            scopes = scopes_for(method, target)
+            key = scope_key(scopes)
+            token = auth.tokens.get(key)
+            if token is None:
+                token = await self._refresh(key, scopes, stale=None)
+            return "bearer", token, "Bearer " + token.value
+        return None, None, None
+
+    async def _on_challenge(
+        self,
+        resp: httpx.Response,
+        method: str,
+        target: httpx.URL,
+        sent_scheme: str | None,
+        sent_token: Token | None,
+    ) -> None:
+        """Learn from a 401 how to authenticate, so the caller can send the request again.
+
+        Raises AccessDenied when that cannot help: no usable challenge, Basic without
+        credentials, or Basic credentials that were just refused.
+        """
+        challenges = parse_challenges(resp.headers.get_list("WWW-Authenticate"))
+        by_scheme: dict[str, Challenge] = {}
+        for c in challenges:
+            by_scheme.setdefault(c.scheme, c)
+        where = self._where(target)
+        if (bearer := by_scheme.get("bearer")) is not None and bearer.realm:
+            self._use_bearer(bearer)
+            derived = scopes_for(method, target)
+            # The challenge names what this request needs; the derived scopes are the key
+            # the next request of its kind looks up.
+            scopes = list(bearer.scopes) or derived
+            await self._refresh(
+                scope_key(derived),
+                scopes,
+                stale=sent_token if sent_scheme else None,
+                force=not covers(derived, scopes),
+            )
+            return
+        if "basic" in by_scheme:
+            if self.credentials is None or sent_scheme == "basic":
+                raise self._denied(resp, method, where, sent_scheme)
+            self._auth.scheme = "basic"
+            return
+        offered = ", ".join(sorted(by_scheme)) or "none"
+        raise AccessDenied(
+            f"registry {self.name}: {method} {where}: 401 Unauthorized, and no supported "
+            f"auth challenge (offered: {offered})"
+        )
+
+    def _use_bearer(self, challenge: Challenge) -> None:
+        assert challenge.realm is not None
+        realm = self.base_url.join(challenge.realm)
+        if realm.scheme not in ("http", "https"):
+            raise AccessDenied(f"registry {self.name}: token realm is not http(s)")
+        if (
+            realm.scheme == "http"
+            and self.credentials is not None
+            and not self.insecure
+            and not _is_loopback(realm.host)
+        ):
+            raise AccessDenied(
+                f"registry {self.name}: token server {realm.host} is plain http; "
+                "credentials are only sent there with insecure=True"
+            )
+        self._auth.scheme = "bearer"
+        self._auth.realm = realm
+        self._auth.service = challenge.service
+
+    async def _refresh(
+        self, key: str, scopes: list[str], stale: Token | None, force: bool = False
+    ) -> Token:
+        """A fresh token for `key`, fetched once even when several tasks ask together.
+
+        `stale` is the token a request was refused with: it is dropped; if another task has
+        already replaced it, that replacement is used instead of fetching again, unless
+        `force` (the registry asked for more than `key` says).
+        """
+        auth = self._auth
+        lock = auth.locks.setdefault(key, trio.Lock())
+        async with lock:
+            auth.tokens.discard(key, stale)
+            current = auth.tokens.get(key)
+            if current is not None and not force:
+                return current
+            token = await self._fetch_token(scopes)
+            auth.tokens.put(key, token)
+            return token
+
+    async def _fetch_token(self, scopes: list[str]) -> Token:
+        auth = self._auth
+        assert auth.realm is not None
+        params: list[tuple[str, str]] = []
+        if auth.service:
+            params.append(("service", auth.service))
+        params.extend(("scope", s) for s in scopes)
+        headers: dict[str, str] = {}
+        if self.credentials is not None:
+            params.append(("account", self.credentials.username))
+            headers["Authorization"] = self.credentials.basic()
+        realm = auth.realm.copy_merge_params(params)
+        requested_at = time.monotonic()
+        resp = await self._send(
+            "GET",
+            realm,
+            headers=headers,
+            params=None,
+            content=None,
+            # A token server's 404 is its misconfiguration, never a missing image (ENOENT).
+            expect=(200, 401, 403, 404),
+            follow_redirects=True,
+            retry_unsafe=False,
+            stream=False,
+            authenticate=False,
+        )
+        what = " ".join(scopes) or "(no scope)"
+        if resp.status_code in (401, 403):
+            who = f"user {self.credentials.username!r}" if self.credentials else "anonymous"
+            raise AccessDenied(
+                f"registry {self.name}: token server {realm.host} refused {who} "
+                f"({resp.status_code} {resp.reason_phrase}) for {what}"
+            )
+        if resp.status_code == 404:
+            raise RemoteError(
+                f"registry {self.name}: token server {self._where(realm)}: 404 (bad realm?)",
+                status=404,
+            )
+        try:
+            token = Token.from_response(resp.json(), requested_at)
+        except ValueError as exc:
+            raise RemoteError(
+                f"registry {self.name}: token server {realm.host}: {exc}", status=200
+            ) from None
+        log.debug("token for %s from %s", what, realm.host)
+        return token

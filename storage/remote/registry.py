@@ -1,0 +1,462 @@
+"""A remote registry with storage/'s interface: catalog, tags, manifests, layers, uploads.
+
+What the HTTP API cannot say is approximated and said so: mtimes are the mount's start,
+layers/ lists the blobs of tagged manifests, manifests/ the tagged manifests, and uploads/
+the uploads this machine started (their records are local, see uploads.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from datetime import datetime
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+
+from ..blobs import BlobInfo
+from ..digests import Digest, digest_bytes
+from ..drivers import FileReader
+from ..errors import (
+    CorruptEntry,
+    InvalidManifest,
+    UnknownLayer,
+    UnknownManifest,
+    UnknownTag,
+)
+from ..layers import EmptyReader, UploadInfo
+from ..manifests import SUPPORTED, Manifest, parse_manifest, sniff_media_type
+from ..names import is_component, validate_name, validate_tag
+from .client import RemoteClient, RemoteNotFound
+from .uploads import RemoteUpload, UploadRecords
+
+log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
+
+ACCEPT = ", ".join(SUPPORTED)
+PAGE = 1000
+READ_AHEAD_MIN = 256 << 10
+READ_AHEAD_MAX = 8 << 20
+
+
+def _next_page(response: httpx.Response) -> str | None:
+    """The `Link: <url>; rel="next"` of a paginated answer."""
+    link = response.links.get("next")
+    return link["url"] if link else None
+
+
+async def _paginated(client: RemoteClient, url: str, key: str) -> list[str]:
+    items: list[str] = []
+    next_url: str | None = url
+    while next_url:
+        response = await client.request("GET", next_url)
+        items.extend(response.json().get(key) or [])
+        next_url = _next_page(response)
+    return items
+
+
+class Bounded(OrderedDict[K, V]):
+    """A dict that forgets its oldest entries past a size."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class RemoteCatalog:
+    """Names from `_catalog`, cached for ttl; registries without one are browsed by name."""
+
+    def __init__(self, client: RemoteClient, registry: RemoteRegistry, ttl: float) -> None:
+        self.client = client
+        self.registry = registry
+        self.ttl = ttl
+        self._names: list[str] | None = None
+        self._fetched = 0.0
+        self.available = True
+
+    async def _all(self) -> list[str] | None:
+        if not self.available:
+            return None
+        if self._names is None or time.monotonic() - self._fetched > self.ttl:
+            try:
+                self._names = await _paginated(
+                    self.client, f"/v2/_catalog?n={PAGE}", "repositories"
+                )
+            except (RemoteNotFound, PermissionError) as exc:
+                log.warning(
+                    "catalog: %s has no usable _catalog (%s); browse by name",
+                    self.client.base_url,
+                    exc,
+                )
+                self.available = False
+                return None
+            self._fetched = time.monotonic()
+        return sorted({*self._names, *self.registry.created})
+
+    async def repositories(self, n: int | None = None, last: str = "") -> list[str]:
+        names = [name for name in await self._all() or [] if name > last]
+        return names if n is None else names[:n]
+
+    async def children(self, prefix: str = "") -> list[str]:
+        head = f"{prefix}/" if prefix else ""
+        names = {
+            rest.split("/", 1)[0]
+            for name in await self._all() or []
+            if name.startswith(head) and (rest := name[len(head) :])
+        }
+        return sorted(n for n in names if is_component(n))
+
+    async def is_repository(self, name: str, with_uploads: bool = False) -> bool:
+        names = await self._all()
+        if name in self.registry.created or (names is not None and name in names):
+            return True
+        if with_uploads and self.registry.records.of(name):
+            return True
+        if names is None:
+            return await self.registry.repository(name).exists()
+        return False
+
+    async def exists(self, prefix: str) -> bool:
+        names = await self._all()
+        if names is None:
+            return True  # without a catalog every valid name may lead to a repository
+        head = f"{prefix}/"
+        return any(n == prefix or n.startswith(head) for n in names)
+
+    async def mtime(self, prefix: str) -> float | None:
+        return None
+
+
+class RemoteTags:
+    def __init__(self, repo: RemoteRepository) -> None:
+        self.repo = repo
+        self.client = repo.client
+        self.name = repo.name
+
+    async def list(self) -> list[str]:
+        try:
+            return sorted(
+                await _paginated(self.client, f"/v2/{self.name}/tags/list?n={PAGE}", "tags")
+            )
+        except RemoteNotFound:
+            return []
+
+    async def get(self, tag: str) -> Digest:
+        validate_tag(tag)
+        try:
+            response = await self.client.request(
+                "HEAD", f"/v2/{self.name}/manifests/{tag}", headers={"Accept": ACCEPT}
+            )
+        except RemoteNotFound:
+            raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
+        header = response.headers.get("Docker-Content-Digest")
+        if header is None:  # a registry that omits it: hash the body
+            return (await self.repo.manifests.fetch(tag)).digest
+        return Digest.parse(header)
+
+    async def mtime(self, tag: str) -> float:
+        return self.repo.registry.started
+
+    async def put(self, tag: str, digest: Digest) -> None:
+        validate_tag(tag)
+        manifest = await self.repo.manifests.get(digest)
+        await self.client.request(
+            "PUT",
+            f"/v2/{self.name}/manifests/{tag}",
+            content=manifest.data,
+            headers={"Content-Type": manifest.media_type},
+            expect=(201,),
+        )
+
+    async def delete(self, tag: str) -> None:
+        validate_tag(tag)
+        response = await self.client.request(
+            "DELETE", f"/v2/{self.name}/manifests/{tag}", expect=(202, 400, 404, 405)
+        )
+        if response.status_code == 404:
+            raise UnknownTag(f"unknown tag {self.name}:{tag}")
+        if response.status_code != 202:
+            raise PermissionError(
+                f"{self.client.base_url} does not delete tags ({response.status_code})"
+            )
+
+
+class RemoteManifests:
+    def __init__(self, repo: RemoteRepository) -> None:
+        self.repo = repo
+        self.client = repo.client
+        self.name = repo.name
+
+    async def fetch(self, reference: str) -> Manifest:
+        try:
+            response = await self.client.request(
+                "GET", f"/v2/{self.name}/manifests/{reference}", headers={"Accept": ACCEPT}
+            )
+        except RemoteNotFound:
+            raise UnknownManifest(f"unknown manifest {self.name}@{reference}") from None
+        data = response.content
+        digest = digest_bytes(data)
+        if reference.startswith("sha256:") and str(digest) != reference:
+            raise CorruptEntry(f"{self.name}@{reference}", f"the registry sent {digest}")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        manifest = Manifest(digest, media_type or sniff_media_type(data), data)
+        self.repo.registry.manifest_cache[(self.name, digest)] = manifest
+        return manifest
+
+    async def get(self, digest: Digest) -> Manifest:
+        cached = self.repo.registry.manifest_cache.get((self.name, digest))
+        return cached if cached is not None else await self.fetch(str(digest))
+
+    async def stat(self, digest: Digest) -> BlobInfo:
+        manifest = await self.get(digest)
+        return BlobInfo(digest, len(manifest.data), self.repo.registry.started)
+
+    async def exists(self, digest: Digest) -> bool:
+        try:
+            await self.get(digest)
+        except UnknownManifest:
+            return False
+        return True
+
+    async def list(self) -> list[Digest]:
+        """The manifests that tags point at (the API cannot list untagged ones)."""
+        digests = set()
+        for tag in await self.repo.tags.list():
+            try:
+                digests.add(await self.repo.tags.get(tag))
+            except UnknownTag:
+                continue
+        return sorted(digests)
+
+    async def put(self, data: bytes, content_type: str | None = None) -> Digest:
+        parsed = parse_manifest(data, content_type)  # the same checks, with clear messages
+        digest = digest_bytes(data)
+        response = await self.client.request(
+            "PUT",
+            f"/v2/{self.name}/manifests/{digest}",
+            content=data,
+            headers={"Content-Type": parsed.media_type},
+            expect=(201, 400),
+        )
+        if response.status_code == 400:
+            raise InvalidManifest(f"the registry refused the manifest: {_errors(response)}")
+        self.repo.registry.manifest_cache[(self.name, digest)] = Manifest(
+            digest, parsed.media_type, data
+        )
+        return digest
+
+    async def delete(self, digest: Digest) -> list[str]:
+        response = await self.client.request(
+            "DELETE", f"/v2/{self.name}/manifests/{digest}", expect=(202, 404, 405)
+        )
+        if response.status_code == 404:
+            raise UnknownManifest(f"unknown manifest {self.name}@{digest}")
+        if response.status_code == 405:
+            raise PermissionError(f"{self.client.base_url} does not delete manifests")
+        self.repo.registry.manifest_cache.pop((self.name, digest), None)
+        return []
+
+
+class RemoteLayerReader:
+    """Range GETs; a read that follows the previous one doubles the read-ahead (to 8 MiB),
+    so a sequential read streams in large requests and a random read costs one."""
+
+    def __init__(self, client: RemoteClient, url: str, info: BlobInfo) -> None:
+        self.client = client
+        self.url = url
+        self.digest = info.digest
+        self.length = info.size
+        self.created = info.mtime
+        self._window = (0, b"")
+        self._ahead = READ_AHEAD_MIN
+        self._next = -1
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        start, data = self._window
+        if (start <= offset and offset + size <= start + len(data)) or (
+            start <= offset and start + len(data) >= self.length
+        ):
+            self._next = offset + size
+            return data[offset - start : offset - start + size]
+        sequential = offset == self._next
+        self._ahead = min(self._ahead * 2, READ_AHEAD_MAX) if sequential else READ_AHEAD_MIN
+        want = max(size, self._ahead) if sequential else size
+        end = min(offset + want, self.length) - 1
+        if end < offset:
+            return b""
+        response = await self.client.request(
+            "GET", self.url, headers={"Range": f"bytes={offset}-{end}"}, expect=(200, 206)
+        )
+        body = response.content
+        if response.status_code == 200:  # the registry ignored Range
+            body = body[offset : end + 1]
+        self._window = (offset, body)
+        self._next = offset + size
+        return body[:size]
+
+    async def aclose(self) -> None:
+        self._window = (0, b"")
+
+
+class RemoteLayers:
+    def __init__(self, repo: RemoteRepository) -> None:
+        self.repo = repo
+        self.client = repo.client
+        self.name = repo.name
+        self.registry = repo.registry
+
+    def _url(self, digest: Digest) -> str:
+        return f"/v2/{self.name}/blobs/{digest}"
+
+    async def stat(self, digest: Digest) -> BlobInfo:
+        cached = self.registry.blob_cache.get((self.name, digest))
+        if cached is not None:
+            return cached
+        try:
+            response = await self.client.request("HEAD", self._url(digest))
+        except RemoteNotFound:
+            raise UnknownLayer(f"blob unknown to {self.name}: {digest}") from None
+        info = BlobInfo(
+            digest, int(response.headers.get("Content-Length", 0)), self.registry.started
+        )
+        self.registry.blob_cache[(self.name, digest)] = info
+        return info
+
+    async def exists(self, digest: Digest) -> bool:
+        try:
+            await self.stat(digest)
+        except UnknownLayer:
+            return False
+        return True
+
+    async def list(self) -> list[Digest]:
+        """Config and layers of the tagged manifests (and of the manifests they index), and
+        the blobs finished through this mount."""
+        found: set[Digest] = set(self._finished())
+        pending = await self.repo.manifests.list()
+        seen: set[Digest] = set()
+        while pending:
+            digest = pending.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            try:
+                parsed = parse_manifest((await self.repo.manifests.get(digest)).data)
+            except (UnknownManifest, InvalidManifest, CorruptEntry):
+                continue
+            found.update(d.digest for d in parsed.blobs if not d.urls)
+            pending.extend(d.digest for d in parsed.children)
+        return sorted(found)
+
+    async def fetch(self, digest: Digest) -> RemoteLayerReader:
+        return RemoteLayerReader(self.client, self._url(digest), await self.stat(digest))
+
+    async def unlink(self, digest: Digest) -> None:
+        response = await self.client.request("DELETE", self._url(digest), expect=(202, 404, 405))
+        if response.status_code == 404:
+            raise UnknownLayer(f"blob unknown to {self.name}: {digest}")
+        if response.status_code == 405:
+            raise PermissionError(f"{self.client.base_url} does not delete blobs")
+        self.registry.blob_cache.pop((self.name, digest), None)
+
+    # -- uploads ---------------------------------------------------------------------------
+
+    def _finished(self) -> dict[Digest, BlobInfo]:
+        return self.registry.finished.setdefault(self.name, {})
+
+    async def upload(self, label: str | None = None) -> RemoteUpload:
+        upload = await RemoteUpload.start(self.client, self.registry.records, self.name, label)
+        upload.finished = self._finished()
+        return upload
+
+    async def resume(self, uuid: str) -> RemoteUpload:
+        upload = await RemoteUpload.resume(self.client, self.registry.records, uuid)
+        upload.finished = self._finished()
+        return upload
+
+    async def uploads(self) -> list[str]:
+        return [r.uuid for r in self.registry.records.of(self.name)]
+
+    async def label(self, uuid: str) -> str | None:
+        return self.registry.records.load(uuid).label
+
+    async def set_label(self, uuid: str, label: str) -> None:
+        record = self.registry.records.load(uuid)
+        record.label = label
+        self.registry.records.save(record)
+
+    async def upload_info(self, uuid: str) -> UploadInfo:
+        record = self.registry.records.load(uuid)
+        return UploadInfo(uuid, datetime.fromisoformat(record.started_at), record.offset)
+
+    async def read_upload(self, uuid: str) -> FileReader:
+        await self.upload_info(uuid)
+        return EmptyReader()  # the protocol cannot read an upload back
+
+
+class RemoteRepository:
+    def __init__(self, registry: RemoteRegistry, name: str) -> None:
+        self.registry = registry
+        self.client = registry.client
+        self.name = validate_name(name)
+        self.tags = RemoteTags(self)
+        self.manifests = RemoteManifests(self)
+        self.layers = RemoteLayers(self)
+
+    async def exists(self) -> bool:
+        """Whether the registry knows the repository (tags/list answers)."""
+        try:
+            await self.client.request("GET", f"/v2/{self.name}/tags/list?n=1")
+        except (RemoteNotFound, PermissionError):
+            return False
+        return True
+
+
+class RemoteRegistry:
+    def __init__(self, client: RemoteClient, state_dir: Path, listing_ttl: float = 5.0) -> None:
+        self.client = client
+        self.started = time.time()
+        host = urlsplit(str(client.base_url)).netloc.replace(":", "_")
+        self.records = UploadRecords(state_dir / "uploads" / host)
+        # Repositories made by mkdir (they exist once pushed to), blobs pushed through here.
+        self.created: set[str] = set()
+        self.finished: dict[str, dict[Digest, BlobInfo]] = {}
+        # Digest-addressed, so never stale; bounded so memory is too (a manifest ≤ 4 MiB).
+        self.manifest_cache: Bounded[tuple[str, Digest], Manifest] = Bounded(256)
+        self.blob_cache: Bounded[tuple[str, Digest], BlobInfo] = Bounded(100_000)
+        self.catalog = RemoteCatalog(client, self, listing_ttl)
+
+    def repository(self, name: str) -> RemoteRepository:
+        return RemoteRepository(self, name)
+
+    async def create_repository(self, name: str) -> RemoteRepository:
+        repo = self.repository(name)
+        self.created.add(name)
+        return repo
+
+    def statvfs(self) -> os.statvfs_result | None:
+        return None
+
+    async def aclose(self) -> None:
+        """Close the connections (at unmount)."""
+        await self.client.aclose()
+
+
+def _errors(response: httpx.Response) -> str:
+    try:
+        return "; ".join(
+            f"{e.get('code')}: {e.get('message')}" for e in response.json().get("errors", [])
+        )
+    except ValueError:
+        return response.text[:200]

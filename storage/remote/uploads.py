@@ -1,0 +1,236 @@
+"""Uploads to a remote registry: sequential PATCHes as data streams, PUT ?digest= to finish.
+
+The protocol cannot list or read back uploads, so what a resume needs (the upload's
+location, how far it got, the running sha256 state, the name it was given) is kept in a
+small JSON record per upload under the user's state directory, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..blobs import BlobInfo
+from ..digests import Digest, Sha256State
+from ..errors import DigestMismatch, InvalidOffset, UnknownUpload
+from .client import RemoteClient, RemoteNotFound
+
+log = logging.getLogger(__name__)
+
+CHUNK = 8 << 20  # bytes gathered in memory before they go out as one PATCH
+
+
+@dataclass
+class UploadRecord:
+    repository: str
+    uuid: str
+    location: str
+    started_at: str
+    offset: int = 0
+    label: str | None = None
+    hash_state: str | None = None  # hex of the Go sha256 state at `offset`, when known
+
+
+class UploadRecords:
+    """The local records of one registry's uploads, one JSON file each."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, uuid: str) -> Path:
+        return self.directory / f"{uuid}.json"
+
+    def load(self, uuid: str) -> UploadRecord:
+        try:
+            raw = json.loads(self._path(uuid).read_text())
+            return UploadRecord(**raw)
+        except FileNotFoundError:
+            raise UnknownUpload(f"unknown upload {uuid}") from None
+        except (ValueError, TypeError) as exc:
+            raise UnknownUpload(f"upload record {self._path(uuid)} is unreadable: {exc}") from None
+
+    def save(self, record: UploadRecord) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(record), f)
+        os.replace(tmp, self._path(record.uuid))
+
+    def delete(self, uuid: str) -> None:
+        self._path(uuid).unlink(missing_ok=True)
+
+    def of(self, repository: str) -> list[UploadRecord]:
+        records = []
+        for path in sorted(self.directory.glob("*.json")) if self.directory.exists() else ():
+            try:
+                record = self.load(path.stem)
+            except UnknownUpload as exc:
+                log.warning("records: skipping %s", exc)
+                continue
+            if record.repository == repository:
+                records.append(record)
+        return records
+
+
+class RemoteUpload:
+    """One upload, written in order only: the protocol appends and cannot overwrite."""
+
+    def __init__(
+        self,
+        client: RemoteClient,
+        records: UploadRecords,
+        record: UploadRecord,
+        hashed: Sha256State | None,
+    ) -> None:
+        self.client = client
+        self.records = records
+        self.record = record
+        self.name = record.repository
+        self.uuid = record.uuid
+        self.started_at = datetime.fromisoformat(record.started_at)
+        self._hash = hashed
+        self._pending = bytearray()
+        self._closed = False
+        # Where a finished blob is recorded: the API lists only blobs that manifests name.
+        self.finished: dict[Digest, BlobInfo] = {}
+
+    @property
+    def size(self) -> int:
+        return self.record.offset + len(self._pending)
+
+    @classmethod
+    async def start(
+        cls, client: RemoteClient, records: UploadRecords, name: str, label: str | None
+    ) -> RemoteUpload:
+        response = await client.request("POST", f"/v2/{name}/blobs/uploads/", expect=(202,))
+        uuid = response.headers.get("Docker-Upload-UUID") or response.headers["Location"]
+        started = datetime.now(UTC).replace(microsecond=0).isoformat()
+        record = UploadRecord(name, uuid, response.headers["Location"], started, label=label)
+        records.save(record)
+        return cls(client, records, record, Sha256State())
+
+    @classmethod
+    async def resume(cls, client: RemoteClient, records: UploadRecords, uuid: str) -> RemoteUpload:
+        record = records.load(uuid)
+        try:
+            response = await client.request("GET", record.location, expect=(204,))
+        except RemoteNotFound:
+            records.delete(uuid)
+            raise UnknownUpload(f"the registry no longer knows upload {uuid}") from None
+        received = _range_end(response.headers.get("Range"), record.offset)
+        hashed = None
+        if record.hash_state and received == record.offset:
+            hashed = Sha256State.unmarshal(bytes.fromhex(record.hash_state))
+        elif received != record.offset:
+            log.warning(
+                "resume: upload %s: the registry has %d bytes, the record said %d",
+                uuid,
+                received,
+                record.offset,
+            )
+        record.offset = received
+        if "Location" in response.headers:
+            record.location = response.headers["Location"]
+        return cls(client, records, record, hashed)
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        if offset != self.size:
+            raise InvalidOffset(
+                f"upload {self.uuid}: a remote upload is written in order; a write at {offset} "
+                f"is not at its end ({self.size})"
+            )
+        self._pending += data
+        if self._hash is not None:
+            self._hash.update(data)
+        if len(self._pending) >= CHUNK:
+            await self._send()
+
+    async def truncate(self, size: int) -> None:
+        if size == self.size:
+            return
+        if size != 0:
+            raise InvalidOffset(f"upload {self.uuid}: a remote upload can only restart from 0")
+        await self.cancel()
+        fresh = await RemoteUpload.start(self.client, self.records, self.name, self.record.label)
+        self.__dict__.update(fresh.__dict__)
+
+    async def digest(self, expected: Digest | None = None) -> Digest | None:
+        return self._hash.digest() if self._hash is not None else None
+
+    async def close(self) -> None:
+        if not self._closed:
+            await self._send()
+            self._closed = True
+
+    async def finish(self, expected: Digest, size: int | None = None) -> BlobInfo:
+        body, self._pending = bytes(self._pending), bytearray()
+        url = self.record.location
+        params = {"digest": str(expected)}
+        response = await self.client.request(
+            "PUT",
+            url,
+            params=params,
+            content=body,
+            expect=(201, 400),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        if response.status_code == 400:
+            actual = self._hash.digest() if self._hash is not None else "<unknown content>"
+            # The registry cancels an upload whose commit fails: there is nothing to resume.
+            self.records.delete(self.uuid)
+            self._closed = True
+            log.error(
+                "finish: the registry refused upload %s as %s (content is %s) and discarded it",
+                self.uuid,
+                expected,
+                actual,
+            )
+            raise DigestMismatch(expected, actual)
+        total = self.record.offset + len(body)
+        self.records.delete(self.uuid)
+        self._closed = True
+        log.info("finish: upload %s in %s is now layer %s", self.uuid, self.name, expected)
+        info = self.finished[expected] = BlobInfo(expected, total, datetime.now(UTC).timestamp())
+        return info
+
+    async def cancel(self) -> None:
+        try:
+            await self.client.request("DELETE", self.record.location, expect=(204, 404))
+        finally:
+            self.records.delete(self.uuid)
+            self._closed = True
+
+    async def _send(self) -> None:
+        """PATCH what is pending, then record how far the upload got."""
+        if not self._pending:
+            return
+        data, start = bytes(self._pending), self.record.offset
+        response = await self.client.request(
+            "PATCH",
+            self.record.location,
+            content=data,
+            expect=(202,),
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Range": f"{start}-{start + len(data) - 1}",
+            },
+        )
+        self._pending = bytearray()
+        self.record.offset = start + len(data)
+        self.record.location = response.headers.get("Location", self.record.location)
+        self.record.hash_state = self._hash.marshal().hex() if self._hash is not None else None
+        self.records.save(self.record)
+
+
+def _range_end(header: str | None, recorded: int) -> int:
+    """Bytes received, from the registry's `Range: 0-<last>`. It says 0-0 for an empty
+    upload and for a one-byte one alike; the record tells those apart."""
+    if not header or "-" not in header:
+        return 0
+    last = int(header.rpartition("-")[2])
+    return last + 1 if last > 0 else min(recorded, 1)

@@ -1,0 +1,198 @@
+"""A fault-injecting HTTP server on loopback: a stub, or a proxy in front of a real registry.
+
+Each request takes the first queued `Fault` that matches it (method, path regex) and acts it
+out: answer a status (e.g. 500, 429 with `Retry-After`), sleep before answering (past a
+client's read timeout), drop the connection without an answer, or stall in the middle of
+the body. Requests that match no
+fault are forwarded to `upstream` (the `Host` header is kept, so the registry's `Location`s
+point back at the proxy), or answered `200 {}` without one. Every request is recorded.
+
+Threads: one per connection, all joined by `stop()`; a sleeping fault wakes up at stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "trailer"}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What to do instead of answering normally; `method`/`path` restrict what it matches."""
+
+    status: int = 500
+    headers: tuple[tuple[str, str], ...] = ()
+    delay: float = 0.0
+    close: bool = False
+    stall: float = 0.0  # send the headers and half the body, then wait this long
+    body: bytes = b'{"errors":[]}'
+    method: str | None = None
+    path: str | None = None  # a regex searched in the path (without the query)
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.method is None or self.method == method) and (
+            self.path is None or re.search(self.path, path) is not None
+        )
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request: its method, path (with query) and what was done (`status`, or None when
+    the connection was dropped)."""
+
+    method: str
+    path: str
+    status: int | None
+    faulted: bool
+
+
+@dataclass(eq=False)
+class FaultServer:
+    upstream: str | None = None
+    seen: list[Seen] = field(default_factory=list, init=False)
+    _faults: deque[Fault] = field(default_factory=deque, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _server: ThreadingHTTPServer | None = field(default=None, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "fault server not started"
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def inject(self, *faults: Fault, times: int = 1) -> None:
+        """Queue `faults`, `times` over, after those already queued."""
+        with self._lock:
+            self._faults.extend(faults * times)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def take(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for i, fault in enumerate(self._faults):
+                if fault.matches(method, path.split("?", 1)[0]):
+                    del self._faults[i]
+                    return fault
+        return None
+
+    def record(self, seen: Seen) -> None:
+        with self._lock:
+            self.seen.append(seen)
+
+    def start(self) -> Self:
+        self._stopping.clear()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = False  # server_close() joins the handler threads
+        self._server.fault_server = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="fault-server", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes
+    timeout = 5  # an idle keep-alive connection ends, so stop() never waits on a client
+    server: ThreadingHTTPServer
+
+    def _handle(self) -> None:
+        fs: FaultServer = self.server.fault_server  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        fault = fs.take(self.command, self.path)
+        if fault is not None:
+            if fault.delay and fs._stopping.wait(fault.delay):
+                self.close_connection = True
+                return
+            if fault.close:
+                fs.record(Seen(self.command, self.path, None, True))
+                self.close_connection = True
+                return
+            fs.record(Seen(self.command, self.path, fault.status, True))
+            if fault.stall:
+                self._stall(fault, fs)
+                return
+            self._answer(fault.status, dict(fault.headers), fault.body)
+            return
+        if fs.upstream is None:
+            fs.record(Seen(self.command, self.path, 200, False))
+            self._answer(200, {"Content-Type": "application/json"}, b"{}")
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        with httpx.Client(timeout=30) as client:
+            resp = client.request(
+                self.command, fs.upstream + self.path, headers=headers, content=body
+            )
+        fs.record(Seen(self.command, self.path, resp.status_code, False))
+        out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+        if self.command != "HEAD":  # a HEAD keeps the upstream's length (a blob's size)
+            out["content-length"] = str(len(resp.content))
+        self._answer(resp.status_code, out, resp.content)
+
+    def _stall(self, fault: Fault, fs: FaultServer) -> None:
+        self.send_response(fault.status)
+        for key, value in fault.headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(fault.body)))
+        self.end_headers()
+        self.wfile.write(fault.body[: len(fault.body) // 2])
+        self.wfile.flush()
+        fs._stopping.wait(fault.stall)
+        self.close_connection = True
+
+    def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if not any(k.lower() == "content-length" for k in headers):
+            self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("fault server: " + format, *args)
