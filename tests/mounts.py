@@ -35,6 +35,19 @@ def daemon_pids(mountpoint: Path) -> list[int]:
     return find(os.path.abspath(mountpoint))
 
 
+def parse_getfattr(out: str) -> dict[str, dict[str, str]]:
+    """`getfattr -d --absolute-names` output → {file: {name: value}}."""
+    found: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in out.splitlines():
+        if line.startswith("# file: "):
+            current = found.setdefault(line.removeprefix("# file: "), {})
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            current[key] = value.strip('"')
+    return found
+
+
 def wait_until(
     predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
 ) -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mounts import Mount
+from mounts import Mount, parse_getfattr
 from oci import OCI_MANIFEST, build_image, build_large_image, skopeo_push
 from registry import blob_data_path, repo_path
 
@@ -109,19 +109,6 @@ def parse_ls_recursive(out: str, top: Path) -> dict[str, list[str]]:
         rel = os.path.relpath(header[:-1], top)
         tree["" if rel == "." else rel] = names
     return tree
-
-
-def parse_getfattr(out: str) -> dict[str, dict[str, str]]:
-    """`getfattr -d --absolute-names` output → {file: {name: value}}."""
-    found: dict[str, dict[str, str]] = {}
-    current: dict[str, str] = {}
-    for line in out.splitlines():
-        if line.startswith("# file: "):
-            current = found.setdefault(line.removeprefix("# file: "), {})
-        elif "=" in line:
-            key, value = line.split("=", 1)
-            current[key] = value.strip('"')
-    return found
 
 
 # --------------------------------------------------------------------------- starters

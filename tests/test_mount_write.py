@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from mounts import Mount, wait_until
+from mounts import Mount, parse_getfattr, wait_until
 from registry import blob_data_path, repo_path, upload_path
 from test_mount_read import build_root
 
@@ -86,19 +86,6 @@ def snapshot(root: Path) -> dict[str, str]:
             with open(path, "rb") as f:
                 found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
     return dict(sorted(found.items()))
-
-
-def parse_getfattr(out: str) -> dict[str, dict[str, str]]:
-    """`getfattr -d --absolute-names` output → {file: {name: value}}."""
-    found: dict[str, dict[str, str]] = {}
-    current: dict[str, str] = {}
-    for line in out.splitlines():
-        if line.startswith("# file: "):
-            current = found.setdefault(line.removeprefix("# file: "), {})
-        elif "=" in line:
-            key, value = line.split("=", 1)
-            current[key] = value.strip('"')
-    return found
 
 
 def uuid_of(path: Path) -> str:
