@@ -15,7 +15,7 @@ import time
 from pyfuse3 import FUSEError
 
 from storage.digests import Digest
-from storage.errors import DigestMismatch, InvalidName, InvalidOffset
+from storage.errors import DigestMismatch, InvalidManifest, InvalidName, InvalidOffset
 from storage.layers import LayerUpload
 from storage.manifests import MAX_MANIFEST_SIZE
 
@@ -91,13 +91,9 @@ class UploadHandle(Handle):
             raise FUSEError(errno.EBADF)
         try:
             await self.upload.write_at(offset, data)
-        except InvalidOffset:
-            log.info(
-                "write: %s: a write at %d would leave a gap after %d bytes (EINVAL)",
-                self.name,
-                offset,
-                self.upload.size,
-            )
+        except InvalidOffset as exc:
+            # The storage says why: a gap, or (remote) a write below the end.
+            log.info("write: %s: %s (EINVAL)", self.name, exc)
             raise
         self._written = True
         return len(data)
@@ -139,6 +135,7 @@ class TagHandle(Handle):
         self.data = bytearray(initial)
         self.opened = time.time()
         self._written = False
+        self._too_big = False  # a write was refused: what got in is not what was written
 
     def pending_attr(self) -> Attr | None:
         return Attr(False, len(self.data), self.opened)
@@ -151,6 +148,7 @@ class TagHandle(Handle):
             raise InvalidOffset(f"write at {offset} past the end ({len(self.data)})")
         if offset + len(data) > MAX_MANIFEST_SIZE:
             log.info("write: %s: a manifest is limited to 4 MiB (EFBIG)", self.node)
+            self._too_big = self._written = True
             raise FUSEError(errno.EFBIG)
         self.data[offset : offset + len(data)] = data
         self._written = True
@@ -164,5 +162,7 @@ class TagHandle(Handle):
         if not self._written:
             return
         self._written = False
+        if self._too_big:
+            raise InvalidManifest(f"{self.node}: not stored, a write past 4 MiB was refused")
         digest = await self.tree.put_tag(self.node, bytes(self.data))
         log.info("flush: tag %s:%s now points at %s", self.node.repo, self.node.tag, digest)

@@ -106,11 +106,13 @@ class Operations(pyfuse3.Operations):
         return FUSEError(code)
 
     @staticmethod
-    def _name(raw: bytes) -> str:
+    def _name(raw: bytes, invalid: int = errno.ENOENT) -> str:
+        """A name as text; bytes that are not UTF-8 never name anything (ENOENT), and make
+        no new name (pass EINVAL, as for any other invalid name)."""
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise FUSEError(errno.ENOENT) from None
+            raise FUSEError(invalid) from None
 
     # -- lookups and attributes ------------------------------------------------------------
 
@@ -236,9 +238,9 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
         parent = self.inodes.node(parent_inode)
-        text = self._name(name)
         if self.options.read_only:
             raise self._refuse("create", parent_inode)
+        text = self._name(name, errno.EINVAL)
         match parent:
             case SectionNode(repo, "uploads"):
                 node, upload = await self.tree.create_upload(repo, text)
@@ -330,11 +332,25 @@ class Operations(pyfuse3.Operations):
             handle = self._handles.get(fh) if fh is not None else None
             if handle is None and isinstance(node, UploadNode):
                 handle = self._handles.get(self._writers.get(node, -1))
-            if not isinstance(handle, Handle):
+            if isinstance(handle, Handle):
+                await handle.truncate(attr.st_size)
+            elif isinstance(node, UploadNode):
+                await self._truncate_upload(node, attr.st_size)
+            else:
                 raise self._refuse("truncate", inode)
-            await handle.truncate(attr.st_size)
         # Times are the storage's (start time, link time): a touch is accepted and ignored.
         return self._entry(node, await self.tree.attr(node), timeout=0)
+
+    async def _truncate_upload(self, node: UploadNode, size: int) -> None:
+        """truncate(2) by path with no writer open: like ftruncate, shrink only. The storage
+        writer is exclusive (flock), so a writer opened meanwhile gets EBUSY."""
+        await self._settled(node)
+        upload = await self.tree.resume_upload(node)
+        try:
+            await upload.truncate(size)
+        finally:
+            with trio.CancelScope(shield=True):  # never leave the upload locked
+                await upload.close()
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
@@ -361,10 +377,14 @@ class Operations(pyfuse3.Operations):
         """Within uploads/: rename the upload; into layers/<digest>: verify and finish it."""
         if self.options.read_only:
             raise self._refuse("rename", parent_inode_old)
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            # RENAME_EXCHANGE, RENAME_WHITEOUT: taken for a plain rename, an exchange would
+            # silently cancel the upload it was meant to keep.
+            log.info("rename: flags %#x are not supported (EINVAL)", flags)
+            raise FUSEError(errno.EINVAL)
         old_parent = self.inodes.node(parent_inode_old)
         new_parent = self.inodes.node(parent_inode_new)
         node = await self.tree.lookup(old_parent, self._name(name_old))
-        target = self._name(name_new)
         same_repo = isinstance(new_parent, SectionNode) and new_parent.repo == old_parent.repo
         if not isinstance(node, UploadNode) or not same_repo:
             log.info(
@@ -379,6 +399,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EBUSY)
         await self._settled(node)
         assert isinstance(new_parent, SectionNode)
+        target = self._name(name_new, errno.EINVAL)
         if new_parent.section == "layers":
             await self._finish_by_rename(node, Digest.parse(target), parent_inode_old)
             return
@@ -422,7 +443,7 @@ class Operations(pyfuse3.Operations):
         parent = self.inodes.node(parent_inode)
         if self.options.read_only or not isinstance(parent, DirNode):
             raise self._refuse("mkdir", parent_inode)
-        node = await self.tree.mkdir(parent, self._name(name))
+        node = await self.tree.mkdir(parent, self._name(name, errno.EINVAL))
         entry = self._entry(node, await self.tree.attr(node))
         self.inodes.ref(entry.st_ino)
         log.info("mkdir: created repository %s", node.path)

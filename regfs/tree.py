@@ -252,7 +252,12 @@ class Tree:
             case DirNode(path) | SectionNode(path, _):
                 return Attr(True, 0, await self._dir_mtime(path))
             case TagNode(repo, tag):
-                manifest = await self.attr(ManifestNode(repo, await self._tag_target(node)))
+                target = await self._tag_target(node)
+                try:
+                    manifest = await self.attr(ManifestNode(repo, target))
+                except UnknownManifest:  # damage (or a delete racing us): ENOENT, but say so
+                    log.warning("attr: tag %s:%s points at %s, no manifest here", repo, tag, target)
+                    raise
                 return Attr(False, manifest.size, await self._repo(repo).tags.mtime(tag))
             case ManifestNode(repo, digest):
                 info = await self._repo(repo).manifests.stat(digest)

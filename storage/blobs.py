@@ -45,6 +45,8 @@ class BlobStore:
             info = await self.driver.stat(path_for(BlobData(digest)))
         except PathNotFound:
             raise UnknownLayer(f"blob unknown to registry: {digest}") from None
+        if info.is_dir:  # no blob's data: its size would be the directory's
+            raise UnknownLayer(f"blob unknown to registry: {digest} (data is a directory)")
         return BlobInfo(digest, info.size, info.mtime)
 
     async def exists(self, digest: Digest) -> bool:
@@ -103,6 +105,8 @@ class LinkedBlobs:
             target = await read_link(self.driver, path)
         except PathNotFound:
             raise self._unknown(f"{digest} is not linked here") from None
+        if target != digest:  # the bytes of another blob under this digest's name
+            raise CorruptEntry(path, f"names {target}, not {digest}")
         try:
             return await self.blobs.stat(target)
         except UnknownLayer:

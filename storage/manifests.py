@@ -53,10 +53,24 @@ def media_type_of(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_json(data: bytes) -> Any:
+    """JSON as Go's encoding/json (the registry's) reads it: UTF-8 only (json.loads would take
+    a BOM, UTF-16 and UTF-32), no NaN or Infinity. ValueError for anything else, nesting too
+    deep for Python's parser included (RecursionError)."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def sniff_media_type(data: bytes) -> str:
     """The media type of stored bytes, without judging them."""
     try:
-        body = json.loads(data)
+        body = load_json(data)
     except ValueError:
         return UNKNOWN_TYPE
     return (media_type_of(body) if isinstance(body, dict) else None) or UNKNOWN_TYPE
@@ -94,7 +108,7 @@ def parse_manifest(data: bytes, content_type: str | None = None) -> ParsedManife
     if len(data) > MAX_MANIFEST_SIZE:
         raise InvalidManifest(f"manifest is {len(data)} bytes, over the 4 MiB limit")
     try:
-        body = json.loads(data)
+        body = load_json(data)
     except ValueError as exc:
         raise InvalidManifest(f"manifest is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

@@ -8,7 +8,9 @@ a worker thread.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
+import logging
 import os
 import secrets
 import shutil
@@ -20,6 +22,8 @@ import trio
 
 from ..errors import Busy, InvalidOffset
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
+
+log = logging.getLogger(__name__)
 
 INLINE_READ_LIMIT = 1 << 20
 # The registry's driver creates files with 0666 and lets the umask cut it (0644 under 022).
@@ -127,12 +131,30 @@ class FilesystemDriver(StorageDriver):
     def _full(self, path: str) -> str:
         return self.root + path
 
-    async def _get_content(self, path: str) -> bytes:
+    def _open_file(self, path: str) -> int:
+        """A descriptor of the regular file at path, for reading. Anything else (a directory,
+        a FIFO, a socket, a device) is absent, as in the in-memory driver. O_NONBLOCK: a FIFO
+        without a writer would block its open, and with it the whole daemon."""
         try:
-            with open(self._full(path), "rb") as f:
-                return f.read()
+            fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             raise PathNotFound(path) from None
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            kind = "a socket"
+        else:
+            mode = os.fstat(fd).st_mode
+            if statmod.S_ISREG(mode):
+                return fd
+            os.close(fd)
+            kind = "a directory" if statmod.S_ISDIR(mode) else f"of mode {mode:o}"
+        log.warning("%s is %s, not a regular file: treated as absent", path, kind)
+        raise PathNotFound(path)
+
+    async def _get_content(self, path: str) -> bytes:
+        with open(self._open_file(path), "rb") as f:
+            return f.read()
 
     async def _put_content(self, path: str, data: bytes) -> None:
         await trio.to_thread.run_sync(self._put_sync, self._full(path), data)
@@ -154,12 +176,7 @@ class FilesystemDriver(StorageDriver):
             raise
 
     async def _reader(self, path: str) -> FileReader:
-        with _not_found_as(path):
-            fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC)
-        if statmod.S_ISDIR(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise PathNotFound(path)
-        return _Reader(fd)
+        return _Reader(self._open_file(path))
 
     async def _writer(self, path: str) -> FileWriter:
         full = self._full(path)
