@@ -6,10 +6,10 @@ nor the registry re-reads the data to finish. A write below the hashed end rewin
 to the nearest saved state at or below it (later states are deleted first: the registry would
 trust one whose offset matches the data's size) and re-hashes forward from there.
 
-A state below the data's size that this object did not write is not fully trusted: the
-registry 2.8, when a PATCH lands where it has no state, saves a state of the new bytes alone
-under their count, which looks valid. So when a digest built on such a state does not match,
-the data is hashed again from zero before the mismatch is believed.
+A saved state is never taken on faith when a digest does not match: the registry 2.8, when
+a PATCH lands where it has no state, saves a state of the new bytes alone under their count,
+which looks valid, and a state can be damaged. So when a digest built on a saved state
+does not match, the data is hashed again from zero before the mismatch is believed.
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ class LayerUpload:
         started_at: datetime,
         writer: FileWriter,
         hashed: Sha256State,
-        trusted: bool = True,
     ) -> None:
         self.driver = driver
         self.name = name
@@ -91,8 +90,7 @@ class LayerUpload:
         self._layers = layers
         self._writer: FileWriter | None = writer
         self._hash = hashed
-        self._trusted = trusted  # whether the hash chain starts from a known-good state
-        self._written: set[int] = set()  # offsets of the states this object saved
+        self._base = hashed.size  # the saved state the hash chain started from (0: none)
         self._saved_at = hashed.size
         self._data_missing = False
         self._position = writer.size
@@ -138,8 +136,7 @@ class LayerUpload:
             data_missing = True  # an empty upload, or one whose finish moved its data
         writer = await driver.writer(path_for(UploadData(name, uuid)))
         hashed = await _nearest_state(driver, name, uuid, writer.size)
-        trusted = hashed.size in (0, writer.size)  # the registry trusts the latter too
-        upload = cls(driver, blobs, layers, name, uuid, started_at, writer, hashed, trusted)
+        upload = cls(driver, blobs, layers, name, uuid, started_at, writer, hashed)
         upload._data_missing = data_missing
         return upload
 
@@ -199,7 +196,8 @@ class LayerUpload:
     async def digest(self, expected: Digest | None = None) -> Digest:
         """The digest of the data so far (hashing whatever is not hashed yet).
 
-        With `expected`, a mismatch on an untrusted hash chain is checked by re-hashing.
+        With `expected`, a mismatch on a chain that began at a saved state is checked by
+        hashing the data again from zero.
         """
         async with self._lock:
             return await self._digest(expected)
@@ -282,13 +280,16 @@ class LayerUpload:
     async def _digest(self, expected: Digest | None) -> Digest:
         await self._hash_to(self.size)
         actual = self._hash.digest()
-        if actual != expected and expected is not None and not self._trusted:
+        if actual != expected and expected is not None and self._base:
             log.warning(
-                "digest: upload %s: %s on an unverified saved state; hashing it again",
+                "digest: upload %s: %s, built on the saved state at %d, does not match %s; "
+                "hashing the data again",
                 self.uuid,
                 actual,
+                self._base,
+                expected,
             )
-            self._hash, self._trusted = Sha256State(), True
+            self._hash, self._base = Sha256State(), 0
             await self._hash_to(self.size)
             actual = self._hash.digest()
         return actual
@@ -316,7 +317,6 @@ class LayerUpload:
         state = HashState(self.name, self.uuid, self._hash.size)
         await self.driver.put_content(path_for(state), self._hash.marshal())
         self._saved_at = self._hash.size
-        self._written.add(self._hash.size)
 
     async def _rewind(self, offset: int) -> None:
         """Forget hash states above offset and restart the hash from the best one below."""
@@ -324,7 +324,7 @@ class LayerUpload:
             if saved > offset:
                 await self.driver.delete(path_for(HashState(self.name, self.uuid, saved)))
         self._hash = await _nearest_state(self.driver, self.name, self.uuid, offset)
-        self._trusted = self._hash.size == 0 or (self._trusted and self._hash.size in self._written)
+        self._base = self._hash.size
         self._saved_at = self._hash.size
         log.debug(
             "rewind: upload %s hash restarts at %d for a write at %d",

@@ -380,3 +380,22 @@ async def test_hash_states_never_outlive_their_data(registry, monkeypatch):
             last_write = max((j for j in range(i) if events[j] == "write"), default=-1)
             assert "sync" in events[last_write + 1 : i], f"{event} at {i} before a sync: {events}"
     assert events.count("state") >= 3 and "move" in events
+
+
+async def test_a_wrong_state_at_the_data_size_does_not_block_the_right_digest(registry):
+    """A well-formed but wrong state exactly at the data's size (damage, or a registry bug)
+    is used for speed, and its wrong digest is checked by hashing the data from zero."""
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    data = os.urandom(3000)
+    await upload.write(data)
+    await upload.close()
+    wrong = Sha256State()
+    wrong.update(os.urandom(3000))
+    await registry.driver.put_content(
+        path_for(HashState("foo", upload.uuid, 3000)), wrong.marshal()
+    )
+    resumed = await layers.resume(upload.uuid)
+    assert resumed.hashed_size == 3000
+    await resumed.finish(digest_bytes(data))
+    assert await layers.exists(digest_bytes(data))
