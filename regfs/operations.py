@@ -40,6 +40,7 @@ from .tree import (
 log = logging.getLogger(__name__)
 
 FOREVER = 365 * 24 * 3600.0  # digest-addressed content never changes
+XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
 BLOCK_SIZE = 128 << 10  # FUSE reads arrive in 128 KiB pieces: tools that follow st_blksize match
 
 
@@ -297,6 +298,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            # `ls -l` asks every file for security.selinux and ACLs: answer without storage.
+            raise FUSEError(pyfuse3.ENOATTR)
         xattrs = await self.tree.xattrs(self.inodes.node(inode))
         try:
             return xattrs[name.decode("utf-8", "replace")]
