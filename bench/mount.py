@@ -28,9 +28,10 @@ _counter = itertools.count(1)
 
 @dataclass(eq=False)
 class Mount:
-    """`regfs mount ROOT MNT --log LOG` on enter, `regfs umount MNT` on exit."""
+    """`regfs mount ROOT MNT --log LOG` on enter, `regfs umount MNT` on exit; ROOT may be a
+    registry's URL (a remote mount)."""
 
-    root: Path
+    root: Path | str
     mountpoint: Path
     logdir: Path
     log: Path = field(init=False)

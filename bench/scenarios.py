@@ -60,9 +60,10 @@ class Env:
     problems: list[str] = field(default_factory=list)
 
     @contextlib.contextmanager
-    def mount(self) -> Iterator[Mount]:
-        """A fresh mount; a traceback in its log is kept as a problem to report."""
-        mount = Mount(self.store.root, self.mountpoint, self.logdir)
+    def mount(self, source: str | None = None) -> Iterator[Mount]:
+        """A fresh mount of the root (or of `source`, e.g. the registry's URL); a traceback
+        in its log is kept as a problem to report."""
+        mount = Mount(source or self.store.root, self.mountpoint, self.logdir)
         with mount:
             yield mount
         if text := mount.tracebacks():
@@ -97,9 +98,24 @@ def curl(url: str, *args: str) -> bytes:
 def cold_read(env: Env) -> list[Row]:
     """`cat` of a layer through a fresh mount vs `curl` GET of the blob, page cache dropped
     before each side (so both read the backing file from disk)."""
+    mine, theirs = _cold_reads(env, None)
+    metric = f"cold sequential read, {format_size(env.layer.size)}"
+    return [throughput_row("cold_read", metric, mine, "registry GET (curl)", theirs, 1.2)]
+
+
+def remote_cold_read(env: Env) -> list[Row]:
+    """cold_read through a remote mount of the registry itself (`regfs mount http://…`):
+    what the HTTP client, the Range read-ahead and FUSE cost on top of the registry's GET."""
+    mine, theirs = _cold_reads(env, env.registry_url)
+    metric = f"remote mount: cold sequential read, {format_size(env.layer.size)}"
+    return [throughput_row("remote_cold_read", metric, mine, "registry GET (curl)", theirs, 0.9)]
+
+
+def _cold_reads(env: Env, source: str | None) -> tuple[list[float], list[float]]:
+    """MB/s of `cat` through fresh mounts of `source` and of `curl` GETs, cold each time."""
     blob, mine, theirs = env.layer, [], []
     for rep in range(env.config.reps):
-        with env.mount() as m:
+        with env.mount(source) as m:
             path = blob.in_mount(m.mountpoint)
             for side in sides(rep):
                 if side == "regfs":
@@ -114,8 +130,7 @@ def cold_read(env: Env) -> list[Row]:
                 if int(got) != blob.size:
                     raise BenchError(f"registry sent {got!r} bytes, not {blob.size}")
                 theirs.append(mb_per_s(blob.size, t))
-    metric = f"cold sequential read, {format_size(blob.size)}"
-    return [throughput_row("cold_read", metric, mine, "registry GET (curl)", theirs, 1.2)]
+    return mine, theirs
 
 
 def warm_read(env: Env) -> list[Row]:
@@ -145,6 +160,57 @@ def random_read(env: Env) -> list[Row]:
     """4 KiB `os.pread`s at random offsets on an fd opened on the mount (its pages dropped
     with fadvise first, so each read reaches the daemon) vs HTTP Range GETs of the same
     offsets over one keep-alive httpx client. The backing file is warm for both."""
+    mine, theirs = _random_reads(env, None)
+    reads = f"{sum(map(len, mine))} reads over {len(mine)} fresh mount(s)"
+    rows = []
+    for name, stat, target in (("median", median, 0.2), ("p99", _p99, None)):
+        row = _latency_row("random_read", name, stat, mine, theirs)
+        if target is not None:
+            row.target, row.passed, row.note = f"≤ {target} ms", row.regfs <= target, reads
+        rows.append(row)
+    return rows
+
+
+def remote_random_read(env: Env) -> list[Row]:
+    """random_read through a remote mount of the registry: each 4 KiB read that misses
+    becomes one Range GET from the daemon, so it should cost about one round trip more
+    than the peer's (FUSE and the daemon), at most 1.5x."""
+    mine, theirs = _random_reads(env, env.registry_url)
+    reads = f"{sum(map(len, mine))} reads over {len(mine)} fresh mount(s)"
+    rows = []
+    for name, stat, limit in (("median", median, 1.5), ("p99", _p99, None)):
+        row = _latency_row("remote_random_read", f"remote mount: {name}", stat, mine, theirs)
+        if limit is not None:
+            assert row.peer is not None
+            row.target, row.note = f"≤ {limit:g}x peer", reads
+            row.passed = row.regfs <= limit * row.peer
+        rows.append(row)
+    return rows
+
+
+def _latency_row(
+    measure: str,
+    name: str,
+    stat: Callable[[list[float]], float],
+    mine: list[list[float]],
+    theirs: list[list[float]],
+) -> Row:
+    ours_ms, peer_ms = stat(_flat(mine)), stat(_flat(theirs))
+    return Row(
+        measure,
+        f"random 4 KiB read latency, {name}",
+        "ms",
+        ours_ms,
+        "registry Range GET (httpx)",
+        peer_ms,
+        peer_ms / ours_ms,
+        samples={"regfs": [stat(r) for r in mine], "peer": [stat(r) for r in theirs]},
+    )
+
+
+def _random_reads(env: Env, source: str | None) -> tuple[list[list[float]], list[list[float]]]:
+    """Latencies (ms) per repetition: preads through a fresh mount of `source`, and Range
+    GETs of the same offsets."""
     blob = env.layer
     warm(blob.data)
     url = env.url(blob.url_path)
@@ -155,7 +221,7 @@ def random_read(env: Env) -> list[Row]:
         for rep in range(env.config.reps):
             offsets = random_offsets(blob.size, env.config.random_reads, seed=rep)
             expected = {o: os.pread(backing.fileno(), PAGE, o) for o in offsets[:50]}
-            with env.mount() as m:
+            with env.mount(source) as m:
                 fd = os.open(blob.in_mount(m.mountpoint), os.O_RDONLY)
                 try:
                     drop_fd(fd)
@@ -166,24 +232,7 @@ def random_read(env: Env) -> list[Row]:
                             theirs.append(_range_latencies(client, url, offsets, expected))
                 finally:
                     os.close(fd)
-    reads = f"{sum(map(len, mine))} reads over {len(mine)} fresh mount(s)"
-    rows = []
-    for name, stat, target in (("median", median, 0.2), ("p99", _p99, None)):
-        ours_ms, peer_ms = stat(_flat(mine)), stat(_flat(theirs))
-        row = Row(
-            "random_read",
-            f"random 4 KiB read latency, {name}",
-            "ms",
-            ours_ms,
-            "registry Range GET (httpx)",
-            peer_ms,
-            peer_ms / ours_ms,
-            samples={"regfs": [stat(r) for r in mine], "peer": [stat(r) for r in theirs]},
-        )
-        if target is not None:
-            row.target, row.passed, row.note = f"≤ {target} ms", ours_ms <= target, reads
-        rows.append(row)
-    return rows
+    return mine, theirs
 
 
 def _p99(values: list[float]) -> float:
@@ -457,7 +506,10 @@ SCENARIOS = (
     Scenario("parallel", parallel, False, lambda c: c.readers * c.reader_size),
     Scenario("push", push, True, lambda c: 2 * c.size),
     Scenario("rss", rss, False, lambda c: max(c.rss_sizes)),
+    Scenario("remote_cold_read", remote_cold_read, True, lambda c: 0),
+    Scenario("remote_random_read", remote_random_read, True, lambda c: 0),
 )
 NAMES = tuple(s.name for s in SCENARIOS)
-SHARED_LAYER = {"cold_read", "warm_read", "random_read"}  # env.layer: config.size, once
+# env.layer: config.size, once
+SHARED_LAYER = {"cold_read", "warm_read", "random_read", "remote_cold_read", "remote_random_read"}
 MARGIN = GiB // 4

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPTS",
         help="mount options: ro, allow_other, uid=, gid=, file_mode=, dir_mode=, "
-        "tag_ttl=, log=, debug",
+        "tag_ttl=, log=, debug; remote: insecure, ca_file=, username=, timeout= (seconds "
+        "a registry may take to answer, 30)",
     )
     remote = mount.add_argument_group("remote registries (SOURCE is https://HOST[:PORT])")
     remote.add_argument(
@@ -264,6 +265,8 @@ def child_command(options: MountOptions, ready_fd: int, password_fd: int | None)
     ):
         if value is not None:
             command += [flag, str(value)]
+    if options.timeout is not None:
+        command += ["-o", f"timeout={options.timeout}"]
     return [*command, options.source, options.mountpoint]
 
 

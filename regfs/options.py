@@ -26,6 +26,7 @@ class MountOptions:
     ca_file: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    timeout: float | None = None  # seconds per connect/read/write; None: the client's 30 s
 
     def fuse_options(self) -> set[str]:
         # default_permissions: the kernel checks modes, as for a local filesystem.
@@ -35,6 +36,13 @@ class MountOptions:
         if self.allow_other:
             opts.add("allow_other")
         return opts
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise ValueError(text)
+    return value
 
 
 def _fsname(source: str) -> str:
@@ -52,6 +60,7 @@ _VALUES = {
     "log": ("log_file", str),
     "ca_file": ("ca_file", str),
     "username": ("username", str),
+    "timeout": ("timeout", _seconds),
 }
 # Accepted from mount(8)/fstab and meaningless here.
 _IGNORED = {

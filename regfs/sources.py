@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import platformdirs
 import trio
 
@@ -28,7 +30,9 @@ def open_registry(options: MountOptions) -> AnyRegistry:
             return Registry(open_driver(options.source))
         except ValueError:
             raise ValueError(f"unsupported source {options.source!r}: use {SUPPORTED}") from None
-    settings = {"insecure": options.insecure, "ca_file": options.ca_file}
+    settings: dict[str, Any] = {"insecure": options.insecure, "ca_file": options.ca_file}
+    if options.timeout is not None:
+        settings["timeout"] = options.timeout
     if options.username is not None:
         credentials = Credentials(options.username, options.password or "")
         client = RemoteClient(options.source, credentials=credentials, **settings)

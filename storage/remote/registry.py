@@ -17,6 +17,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+import trio
 
 from ..blobs import BlobInfo
 from ..digests import Digest, digest_bytes
@@ -102,7 +103,7 @@ class RemoteCatalog:
                 self.available = False
                 return None
             self._fetched = time.monotonic()
-        return sorted({*self._names, *self.registry.created})
+        return sorted({*self._names, *self.registry.created, *self.registry.records.repositories()})
 
     async def repositories(self, n: int | None = None, last: str = "") -> list[str]:
         names = [name for name in await self._all() or [] if name > last]
@@ -268,9 +269,32 @@ class RemoteManifests:
         return []
 
 
+class _Window:
+    """One Range GET of a reader: bytes [start, end), once `done` is set (unless it failed)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.data = b""
+        self.failed = False
+        self.done = trio.Event()
+
+
 class RemoteLayerReader:
     """Range GETs; a read that follows the previous one doubles the read-ahead (to 8 MiB),
-    so a sequential read streams in large requests and a random read costs one."""
+    so a sequential read streams in large requests and a random read costs one.
+
+    The kernel sends a file's reads several at a time, and they run concurrently: a read
+    counts as sequential when it starts where the previous one *asked* to end (not where a
+    finished one ended), and a read inside a window still in flight waits for that window
+    instead of sending its own request. Otherwise every read of a `cat` would look random
+    and cost one small request. A sequential read also starts fetching the window after
+    its own (system tasks: the reader has no nursery), so the next requests are under way
+    while this window is read. At most KEEP windows are kept: 4 x 8 MiB per open file.
+    """
+
+    DEPTH = 2  # windows fetched ahead of a sequential reader
+    KEEP = DEPTH + 2  # windows kept: behind (late reads), current, ahead
 
     def __init__(self, client: RemoteClient, url: str, info: BlobInfo) -> None:
         self.client = client
@@ -278,35 +302,88 @@ class RemoteLayerReader:
         self.digest = info.digest
         self.length = info.size
         self.created = info.mtime
-        self._window = (0, b"")
+        self._windows: list[_Window] = []
         self._ahead = READ_AHEAD_MIN
         self._next = -1
 
     async def read_at(self, offset: int, size: int) -> bytes:
-        start, data = self._window
-        if (start <= offset and offset + size <= start + len(data)) or (
-            start <= offset and start + len(data) >= self.length
-        ):
-            self._next = offset + size
-            return data[offset - start : offset - start + size]
-        sequential = offset == self._next
-        self._ahead = min(self._ahead * 2, READ_AHEAD_MAX) if sequential else READ_AHEAD_MIN
-        want = max(size, self._ahead) if sequential else size
-        end = min(offset + want, self.length) - 1
-        if end < offset:
+        end = min(offset + size, self.length)
+        if end <= offset:
             return b""
-        response = await self.client.request(
-            "GET", self.url, headers={"Range": f"bytes={offset}-{end}"}, expect=(200, 206)
-        )
-        body = response.content
-        if response.status_code == 200:  # the registry ignored Range
-            body = body[offset : end + 1]
-        self._window = (offset, body)
+        sequential = offset == self._next
         self._next = offset + size
-        return body[:size]
+        window = self._covering(offset, end)
+        if window is None:
+            self._ahead = min(self._ahead * 2, READ_AHEAD_MAX) if sequential else READ_AHEAD_MIN
+            want = max(size, self._ahead) if sequential else size
+            window = self._add(offset, min(offset + want, self.length))
+            fetch = True
+        else:
+            fetch = False
+        if sequential:
+            self._read_ahead(window.end)
+        if fetch:
+            await self._fetch(window)
+        else:
+            await window.done.wait()
+            if window.failed:  # whoever fetched it got the error; try again, alone
+                window = _Window(offset, end)
+                await self._fetch(window)
+        return window.data[offset - window.start : end - window.start]
+
+    def _read_ahead(self, start: int) -> None:
+        """Have the DEPTH windows after `start` fetched or on their way, each one as large
+        as the read-ahead has grown."""
+        for _ in range(self.DEPTH):
+            if start >= self.length:
+                return
+            window = self._covering(start, start + 1)
+            if window is None:
+                self._ahead = min(self._ahead * 2, READ_AHEAD_MAX)
+                window = self._add(start, min(start + self._ahead, self.length))
+                trio.lowlevel.spawn_system_task(self._prefetch, window)
+            start = window.end
+
+    def _covering(self, start: int, end: int) -> _Window | None:
+        for window in reversed(self._windows):
+            if window.start <= start and end <= window.end and not window.failed:
+                return window
+        return None
+
+    def _add(self, start: int, end: int) -> _Window:
+        window = _Window(start, end)
+        self._windows = [*self._windows[-(self.KEEP - 1) :], window]
+        return window
+
+    async def _fetch(self, window: _Window) -> None:
+        try:
+            response = await self.client.request(
+                "GET",
+                self.url,
+                headers={"Range": f"bytes={window.start}-{window.end - 1}"},
+                expect=(200, 206),
+            )
+            body = response.content
+            if response.status_code == 200:  # the registry ignored Range
+                body = body[window.start : window.end]
+            window.data = body
+            window.end = window.start + len(body)
+        except BaseException:
+            window.failed = True
+            raise
+        finally:
+            window.done.set()
+
+    async def _prefetch(self, window: _Window) -> None:
+        """_fetch, for a system task: an error is left to the reads that wait (they try
+        again and report it), never raised (it would end the daemon's trio run)."""
+        try:
+            await self._fetch(window)
+        except Exception as exc:
+            log.debug("read-ahead of %s at %d failed: %s", self.digest, window.start, exc)
 
     async def aclose(self) -> None:
-        self._window = (0, b"")
+        self._windows = []
 
 
 class RemoteLayers:

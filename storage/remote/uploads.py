@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
+import trio
+
 from ..blobs import BlobInfo
 from ..digests import Digest, Sha256State
-from ..errors import DigestMismatch, InvalidOffset, UnknownUpload
-from .client import RemoteClient, RemoteNotFound
+from ..errors import DigestMismatch, InvalidOffset, RemoteUnavailable, UnknownUpload
+from .client import BACKOFF, BACKOFF_CAP, RemoteClient, RemoteError, RemoteNotFound, TLSError
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +67,22 @@ class UploadRecords:
     def delete(self, uuid: str) -> None:
         self._path(uuid).unlink(missing_ok=True)
 
-    def of(self, repository: str) -> list[UploadRecord]:
+    def all(self) -> list[UploadRecord]:
         records = []
         for path in sorted(self.directory.glob("*.json")) if self.directory.exists() else ():
             try:
-                record = self.load(path.stem)
+                records.append(self.load(path.stem))
             except UnknownUpload as exc:
                 log.warning("records: skipping %s", exc)
-                continue
-            if record.repository == repository:
-                records.append(record)
         return records
+
+    def of(self, repository: str) -> list[UploadRecord]:
+        return [record for record in self.all() if record.repository == repository]
+
+    def repositories(self) -> set[str]:
+        """Where uploads were started: a repository that holds only uploads is in no
+        catalog, yet its uploads must be reachable for a resume (after a remount too)."""
+        return {record.repository for record in self.all()}
 
 
 class RemoteUpload:
@@ -168,6 +176,17 @@ class RemoteUpload:
             self._closed = True
 
     async def finish(self, expected: Digest, size: int | None = None) -> BlobInfo:
+        if self._hash is not None and (actual := self._hash.digest()) != expected:
+            # Checked here, not left to the registry: registry 2.8 keeps an upload whose
+            # commit failed but with a stale `_state`, so after a refused PUT it could never
+            # be resumed. Refused before sending, the upload stays for a resume or an rm.
+            log.error(
+                "finish: upload %s holds %s, not %s: not committed, it stays",
+                self.uuid,
+                actual,
+                expected,
+            )
+            raise DigestMismatch(expected, actual)
         body, self._pending = bytes(self._pending), bytearray()
         url = self.record.location
         params = {"digest": str(expected)}
@@ -180,17 +199,22 @@ class RemoteUpload:
             headers={"Content-Type": "application/octet-stream"},
         )
         if response.status_code == 400:
-            actual = self._hash.digest() if self._hash is not None else "<unknown content>"
-            # The registry cancels an upload whose commit fails: there is nothing to resume.
-            self.records.delete(self.uuid)
-            self._closed = True
-            log.error(
-                "finish: the registry refused upload %s as %s (content is %s) and discarded it",
-                self.uuid,
-                expected,
-                actual,
-            )
-            raise DigestMismatch(expected, actual)
+            # Only when the content's hash is unknown here (see resume). Registry 2.8 means to
+            # cancel the upload, but its cancel fails after a commit, so the upload survives;
+            # it stays resumable only if this PUT appended nothing (the `_state` still fits).
+            if body or not await self._still_there():
+                self.records.delete(self.uuid)
+                self._closed = True
+                log.error(
+                    "finish: the registry refused upload %s as %s and it cannot be resumed",
+                    self.uuid,
+                    expected,
+                )
+            else:
+                log.error(
+                    "finish: the registry refused upload %s as %s; it stays", self.uuid, expected
+                )
+            raise DigestMismatch(expected, "<content not hashed here>")
         total = self.record.offset + len(body)
         self.records.delete(self.uuid)
         self._closed = True
@@ -206,11 +230,55 @@ class RemoteUpload:
             self._closed = True
 
     async def _send(self) -> None:
-        """PATCH what is pending, then record how far the upload got."""
+        """PATCH what is pending, then record how far the upload got.
+
+        A PATCH that failed (5xx, timeout, dropped connection) may have landed in full, in
+        part or not at all, so it is never simply sent again: the registry is asked how far
+        the upload got (GET on its location) and only the rest goes out, up to the client's
+        `retries` times. On registry 2.8 that GET answers only while the `_state` still fits,
+        i.e. when nothing landed; otherwise the upload cannot go on (RemoteUnavailable).
+        """
         if not self._pending:
             return
         data, start = bytes(self._pending), self.record.offset
-        response = await self.client.request(
+        done = 0  # bytes of `data` the registry holds
+        failures = 0
+        response: httpx.Response | None = None
+        while done < len(data):
+            try:
+                response = await self._patch(data[done:], start + done)
+                done = len(data)
+            except RemoteUnavailable as exc:
+                if isinstance(exc, TLSError) or failures >= self.client.retries:
+                    raise
+                failures += 1
+                delay = min(BACKOFF_CAP, BACKOFF * 2 ** (failures - 1))
+                log.warning(
+                    "upload %s: PATCH at %d failed (%s); asking how far it got in %.1f s",
+                    self.uuid,
+                    start + done,
+                    exc,
+                    delay,
+                )
+                await trio.sleep(delay)
+                received = await self._received(start, exc)
+                if not start <= received <= start + len(data):
+                    raise RemoteError(
+                        f"upload {self.uuid}: the registry has {received} bytes, "
+                        f"expected {start} to {start + len(data)}",
+                        status=204,
+                    ) from exc
+                done = received - start
+                response = None
+        self._pending = bytearray()
+        self.record.offset = start + len(data)
+        if response is not None:
+            self.record.location = response.headers.get("Location", self.record.location)
+        self.record.hash_state = self._hash.marshal().hex() if self._hash is not None else None
+        self.records.save(self.record)
+
+    async def _patch(self, data: bytes, start: int) -> httpx.Response:
+        return await self.client.request(
             "PATCH",
             self.record.location,
             content=data,
@@ -220,11 +288,31 @@ class RemoteUpload:
                 "Content-Range": f"{start}-{start + len(data) - 1}",
             },
         )
-        self._pending = bytearray()
-        self.record.offset = start + len(data)
+
+    async def _status(self) -> httpx.Response:
+        """GET on the upload's location (204, `Range`); its fresh `Location` is kept."""
+        response = await self.client.request("GET", self.record.location, expect=(204,))
         self.record.location = response.headers.get("Location", self.record.location)
-        self.record.hash_state = self._hash.marshal().hex() if self._hash is not None else None
-        self.records.save(self.record)
+        return response
+
+    async def _received(self, start: int, cause: Exception) -> int:
+        """How many bytes the registry holds, after a PATCH from `start` failed."""
+        try:
+            response = await self._status()
+        except RemoteNotFound as exc:
+            raise RemoteUnavailable(
+                f"upload {self.uuid}: a PATCH from {start} failed ({cause}) and the registry "
+                f"no longer answers for the upload's state ({exc}): part of it may have "
+                "landed; the upload cannot go on, start it again"
+            ) from exc
+        return _range_end(response.headers.get("Range"), start)
+
+    async def _still_there(self) -> bool:
+        try:
+            await self._status()
+        except (RemoteNotFound, RemoteUnavailable):
+            return False
+        return True
 
 
 def _range_end(header: str | None, recorded: int) -> int:
