@@ -43,6 +43,7 @@ ACCEPT = ", ".join(SUPPORTED)
 PAGE = 1000
 READ_AHEAD_MIN = 256 << 10
 READ_AHEAD_MAX = 8 << 20
+READ_AHEAD_TOTAL = 256 << 20  # for all open files of a mount together
 
 
 def _next_page(response: httpx.Response) -> str | None:
@@ -269,12 +270,35 @@ class RemoteManifests:
         return []
 
 
-class _Window:
-    """One Range GET of a reader: bytes [start, end), once `done` is set (unless it failed)."""
+class ReadAheadBudget:
+    """The bytes that every remote reader of a mount may hold in read-ahead together.
 
-    def __init__(self, start: int, end: int) -> None:
+    Each open file keeps at most KEEP windows; this caps them all: a window larger than its
+    read is taken from the budget, and a read that finds it spent fetches only what it asks.
+    """
+
+    def __init__(self, total: int = READ_AHEAD_TOTAL) -> None:
+        self.total = total
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.total:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+class _Window:
+    """One Range GET of a reader: bytes [start, end), once `done` is set (unless it failed).
+    `charged` is what it holds of the read-ahead budget."""
+
+    def __init__(self, start: int, end: int, charged: int = 0) -> None:
         self.start = start
         self.end = end
+        self.charged = charged
         self.data = b""
         self.failed = False
         self.done = trio.Event()
@@ -296,9 +320,12 @@ class RemoteLayerReader:
     DEPTH = 2  # windows fetched ahead of a sequential reader
     KEEP = DEPTH + 2  # windows kept: behind (late reads), current, ahead
 
-    def __init__(self, client: RemoteClient, url: str, info: BlobInfo) -> None:
+    def __init__(
+        self, client: RemoteClient, url: str, info: BlobInfo, budget: ReadAheadBudget
+    ) -> None:
         self.client = client
         self.url = url
+        self.budget = budget
         self.digest = info.digest
         self.length = info.size
         self.created = info.mtime
@@ -316,7 +343,10 @@ class RemoteLayerReader:
         if window is None:
             self._ahead = min(self._ahead * 2, READ_AHEAD_MAX) if sequential else READ_AHEAD_MIN
             want = max(size, self._ahead) if sequential else size
-            window = self._add(offset, min(offset + want, self.length))
+            charged = want if want > size and self.budget.take(want) else 0
+            if not charged:
+                want = size
+            window = self._add(offset, min(offset + want, self.length), charged)
             fetch = True
         else:
             fetch = False
@@ -340,7 +370,9 @@ class RemoteLayerReader:
             window = self._covering(start, start + 1)
             if window is None:
                 self._ahead = min(self._ahead * 2, READ_AHEAD_MAX)
-                window = self._add(start, min(start + self._ahead, self.length))
+                if not self.budget.take(self._ahead):
+                    return  # the mount's read-ahead is spent: reads fetch what they ask
+                window = self._add(start, min(start + self._ahead, self.length), self._ahead)
                 trio.lowlevel.spawn_system_task(self._prefetch, window)
             start = window.end
 
@@ -350,9 +382,12 @@ class RemoteLayerReader:
                 return window
         return None
 
-    def _add(self, start: int, end: int) -> _Window:
-        window = _Window(start, end)
-        self._windows = [*self._windows[-(self.KEEP - 1) :], window]
+    def _add(self, start: int, end: int, charged: int) -> _Window:
+        window = _Window(start, end, charged)
+        kept = self._windows[-(self.KEEP - 1) :]
+        for dropped in self._windows[: len(self._windows) - len(kept)]:
+            self.budget.give(dropped.charged)
+        self._windows = [*kept, window]
         return window
 
     async def _fetch(self, window: _Window) -> None:
@@ -383,6 +418,8 @@ class RemoteLayerReader:
             log.debug("read-ahead of %s at %d failed: %s", self.digest, window.start, exc)
 
     async def aclose(self) -> None:
+        for window in self._windows:
+            self.budget.give(window.charged)
         self._windows = []
 
 
@@ -437,7 +474,8 @@ class RemoteLayers:
         return sorted(found)
 
     async def fetch(self, digest: Digest) -> RemoteLayerReader:
-        return RemoteLayerReader(self.client, self._url(digest), await self.stat(digest))
+        info = await self.stat(digest)
+        return RemoteLayerReader(self.client, self._url(digest), info, self.registry.read_ahead)
 
     async def unlink(self, digest: Digest) -> None:
         response = await self.client.request("DELETE", self._url(digest), expect=(202, 404, 405))
@@ -512,6 +550,7 @@ class RemoteRegistry:
         # Digest-addressed, so never stale; bounded so memory is too (a manifest ≤ 4 MiB).
         self.manifest_cache: Bounded[tuple[str, Digest], Manifest] = Bounded(256)
         self.blob_cache: Bounded[tuple[str, Digest], BlobInfo] = Bounded(100_000)
+        self.read_ahead = ReadAheadBudget()
         self.catalog = RemoteCatalog(client, self, listing_ttl)
 
     def repository(self, name: str) -> RemoteRepository:
