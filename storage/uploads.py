@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import trio
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 CHECKPOINT = 64 << 20
 HASH_CHUNK = 4 << 20
-INLINE_HASH_LIMIT = 1 << 20  # ~1 ms of sha256: more goes to a thread
+INLINE_HASH_LIMIT = 1 << 20  # ~1 ms of sha256: a larger write is hashed before it returns
+MAX_INFLIGHT = 32  # appends the hash worker may lag behind (4 MiB of FUSE writes)
 
 
 def format_started_at(when: datetime) -> bytes:
@@ -91,6 +94,12 @@ class LayerUpload:
         self._writer: FileWriter | None = writer
         self._hash = hashed
         self._base = hashed.size  # the saved state the hash chain started from (0: none)
+        # Appends are hashed on one worker thread (ctypes lets go of the GIL), in order;
+        # _fed is where the hash will be once the worker is done. Anything else waits for
+        # the worker first (_settle).
+        self._fed = hashed.size
+        self._inflight: deque[Future[None]] = deque()
+        self._worker: ThreadPoolExecutor | None = None
         self._saved_at = hashed.size
         self._data_missing = False
         self._position = writer.size
@@ -149,7 +158,7 @@ class LayerUpload:
     @property
     def hashed_size(self) -> int:
         """How far the running hash has got (it catches up with `size` before finishing)."""
-        return self._hash.size
+        return self._hashed_end()
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.size}[whence]
@@ -171,6 +180,15 @@ class LayerUpload:
                 raise InvalidOffset(
                     f"upload {self.uuid}: write at {offset} would leave a gap after {writer.size}"
                 )
+            if offset == self._hashed_end() and len(data) <= INLINE_HASH_LIMIT:
+                # The common case, an append: hash on the worker, reply without waiting.
+                await writer.write_at(offset, data)
+                self._feed(data)
+                if self._hashed_end() - self._saved_at >= CHECKPOINT:
+                    await self._settle()
+                    await self._save_state()
+                return
+            await self._settle()
             if offset < self._hash.size:
                 await self._rewind(offset)
             await self._hash_to(offset)
@@ -185,6 +203,7 @@ class LayerUpload:
     async def truncate(self, size: int = 0) -> None:
         """Cut the data to size (0 restarts the upload); only shrinking is allowed."""
         async with self._lock:
+            await self._settle()
             writer = self._open_writer()
             if not 0 <= size <= writer.size:
                 raise InvalidOffset(f"upload {self.uuid}: cannot truncate to {size}")
@@ -200,6 +219,7 @@ class LayerUpload:
         hashing the data again from zero.
         """
         async with self._lock:
+            await self._settle()
             return await self._digest(expected)
 
     # -- ending --------------------------------------------------------------------------
@@ -207,6 +227,8 @@ class LayerUpload:
     async def close(self) -> None:
         """Save the hash state at the end of the data, so a resume need not re-read it."""
         async with self._lock:
+            await self._settle()
+            self._stop_worker()
             if self._writer is None:
                 return
             await self._hash_to(self._writer.size)
@@ -222,6 +244,8 @@ class LayerUpload:
         linked blob, never a blob under a wrong digest.
         """
         async with self._lock:
+            await self._settle()
+            self._stop_worker()
             writer = self._open_writer()
             if await self._finished_before(expected):
                 log.warning(
@@ -259,6 +283,8 @@ class LayerUpload:
 
     async def cancel(self) -> None:
         async with self._lock:
+            await self._settle()
+            self._stop_worker()
             if self._writer is not None:
                 writer, self._writer = self._writer, None
                 await writer.aclose()
@@ -276,6 +302,32 @@ class LayerUpload:
             await self.driver.delete(path_for(UploadDir(self.name, self.uuid)))
         except PathNotFound:
             raise UnknownUpload(f"unknown upload {self.uuid} in {self.name}") from None
+
+    def _feed(self, data: bytes) -> None:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="regfs-sha256")
+        while self._inflight and self._inflight[0].done():
+            self._inflight.popleft().result()
+        if len(self._inflight) >= MAX_INFLIGHT:  # the worker lags: wait for the oldest
+            self._inflight.popleft().result()
+        end = self._hashed_end()
+        self._inflight.append(self._worker.submit(self._hash.update, data))
+        self._fed = end + len(data)
+
+    def _hashed_end(self) -> int:
+        return self._fed if self._inflight else self._hash.size
+
+    async def _settle(self) -> None:
+        """Wait until the worker has hashed everything it was given."""
+        if self._inflight:
+            await trio.to_thread.run_sync(self._inflight[-1].result)
+            while self._inflight:
+                self._inflight.popleft().result()
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+            self._worker = None
 
     async def _digest(self, expected: Digest | None) -> Digest:
         await self._hash_to(self.size)
