@@ -311,6 +311,8 @@ class LayerUpload:
         if len(self._inflight) >= MAX_INFLIGHT:  # the worker lags: wait for the oldest
             self._inflight.popleft().result()
         end = self._hashed_end()
+        if not isinstance(data, bytes):  # hashed after we return: a caller may reuse a buffer
+            data = bytes(data)
         self._inflight.append(self._worker.submit(self._hash.update, data))
         self._fed = end + len(data)
 

@@ -399,3 +399,14 @@ async def test_a_wrong_state_at_the_data_size_does_not_block_the_right_digest(re
     assert resumed.hashed_size == 3000
     await resumed.finish(digest_bytes(data))
     assert await layers.exists(digest_bytes(data))
+
+
+async def test_a_reused_write_buffer_does_not_change_the_hash(registry):
+    """Appends are hashed after write_at returns: a caller's buffer must be copied."""
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    buffer = bytearray(b"a" * 1000)
+    await upload.write(buffer)
+    buffer[:] = b"b" * 1000
+    await upload.write(buffer)
+    await upload.finish(digest_bytes(b"a" * 1000 + b"b" * 1000))
