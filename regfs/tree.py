@@ -16,6 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from storage.cache import TtlCache
 from storage.digests import Digest
 from storage.drivers import FileReader
 from storage.errors import InvalidName, UnknownManifest
@@ -23,8 +24,6 @@ from storage.layers import LayerReader, LayerUpload
 from storage.manifests import sniff_media_type
 from storage.names import is_component, validate_name, validate_tag
 from storage.registry import Registry, Repository
-
-from .cache import TtlCache
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
+from loopback import LoopbackHandler, LoopbackHTTP
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,12 @@ class FaultServer:
     _faults: deque[Fault] = field(default_factory=deque, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
-    _server: ThreadingHTTPServer | None = field(default=None, init=False, repr=False)
-    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    _http: LoopbackHTTP | None = field(default=None, init=False, repr=False)
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "fault server not started"
-        return self._server.server_address[1]
+        assert self._http is not None, "fault server not started"
+        return self._http.port
 
     @property
     def url(self) -> str:
@@ -100,24 +99,14 @@ class FaultServer:
 
     def start(self) -> Self:
         self._stopping.clear()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = False  # server_close() joins the handler threads
-        self._server.fault_server = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="fault-server", daemon=True
-        )
-        self._thread.start()
+        self._http = LoopbackHTTP(_Handler, self, "fault-server")
         return self
 
     def stop(self) -> None:
         self._stopping.set()
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        http, self._http = self._http, None
+        if http is not None:
+            http.stop()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -131,14 +120,9 @@ class FaultServer:
         self.stop()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in two writes
-    timeout = 5  # an idle keep-alive connection ends, so stop() never waits on a client
-    server: ThreadingHTTPServer
-
+class _Handler(LoopbackHandler):
     def _handle(self) -> None:
-        fs: FaultServer = self.server.fault_server  # type: ignore[attr-defined]
+        fs: FaultServer = self.server.owner  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         fault = fs.take(self.command, self.path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 
 import pytest
 
@@ -401,8 +402,15 @@ async def test_a_wrong_state_at_the_data_size_does_not_block_the_right_digest(re
     assert await layers.exists(digest_bytes(data))
 
 
-async def test_a_reused_write_buffer_does_not_change_the_hash(registry):
+async def test_a_reused_write_buffer_does_not_change_the_hash(registry, monkeypatch):
     """Appends are hashed after write_at returns: a caller's buffer must be copied."""
+    update = Sha256State.update
+
+    def slow_update(self, data):  # the worker hashes only after the caller reused its buffer
+        time.sleep(0.05)
+        update(self, data)
+
+    monkeypatch.setattr(Sha256State, "update", slow_update)
     layers = registry.repository("foo").layers
     upload = await layers.upload()
     buffer = bytearray(b"a" * 1000)

@@ -30,7 +30,6 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -39,6 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from loopback import LoopbackHandler, LoopbackHTTP
 from registry import write_self_signed_cert
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ class TokenServer:
     expires_in: int = 300
     invalid_next: int = 0
     requests: list[TokenRequest] = field(default_factory=list, init=False)
-    _server: ThreadingHTTPServer | None = field(default=None, init=False, repr=False)
-    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    _http: LoopbackHTTP | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -75,8 +74,8 @@ class TokenServer:
 
     @property
     def realm(self) -> str:
-        assert self._server is not None, "token server not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}/token"
+        assert self._http is not None, "token server not started"
+        return f"http://127.0.0.1:{self._http.port}/token"
 
     def registry_auth(self) -> dict[str, Any]:
         """The registry config's `auth:` section that trusts this server."""
@@ -95,24 +94,14 @@ class TokenServer:
         self._key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
         self._x5c = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = False  # server_close() joins the handler threads
-        self._server.token_server = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="token-server", daemon=True
-        )
-        self._thread.start()
+        self._http = LoopbackHTTP(_Handler, self, "token-server")
         log.info("token server on %s", self.realm)
         return self
 
     def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        http, self._http = self._http, None
+        if http is not None:
+            http.stop()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -160,14 +149,9 @@ class TokenServer:
         }
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in two writes
-    timeout = 5  # an idle keep-alive connection ends, so stop() never waits on a client
-    server: ThreadingHTTPServer
-
+class _Handler(LoopbackHandler):
     def do_GET(self) -> None:
-        ts: TokenServer = self.server.token_server  # type: ignore[attr-defined]
+        ts: TokenServer = self.server.owner  # type: ignore[attr-defined]
         url = urlsplit(self.path)
         if url.path != "/token":
             self._answer(404, {"error": "not found"})

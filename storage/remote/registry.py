@@ -10,16 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from ..blobs import BlobInfo
+from ..cache import TtlCache
 from ..digests import Digest, digest_bytes
 from ..drivers import FileReader
 from ..errors import (
@@ -36,8 +35,6 @@ from .client import RemoteClient, RemoteNotFound
 from .uploads import RemoteUpload, UploadRecords
 
 log = logging.getLogger(__name__)
-K = TypeVar("K")
-V = TypeVar("V")
 
 ACCEPT = ", ".join(SUPPORTED)
 PAGE = 1000
@@ -60,20 +57,6 @@ async def _paginated(client: RemoteClient, url: str, key: str) -> list[str]:
         items.extend(response.json().get(key) or [])
         next_url = _next_page(response)
     return items
-
-
-class Bounded(OrderedDict[K, V]):
-    """A dict that forgets its oldest entries past a size."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def __setitem__(self, key: K, value: V) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
 
 
 class RemoteCatalog:
@@ -213,7 +196,7 @@ class RemoteManifests:
             raise CorruptEntry(f"{self.name}@{reference}", f"the registry sent {digest}")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         manifest = Manifest(digest, media_type or sniff_media_type(data), data)
-        self.repo.registry.manifest_cache[(self.name, digest)] = manifest
+        self.repo.registry.manifest_cache.put((self.name, digest), manifest)
         return manifest
 
     async def get(self, digest: Digest) -> Manifest:
@@ -253,9 +236,8 @@ class RemoteManifests:
         )
         if response.status_code == 400:
             raise InvalidManifest(f"the registry refused the manifest: {_errors(response)}")
-        self.repo.registry.manifest_cache[(self.name, digest)] = Manifest(
-            digest, parsed.media_type, data
-        )
+        manifest = Manifest(digest, parsed.media_type, data)
+        self.repo.registry.manifest_cache.put((self.name, digest), manifest)
         return digest
 
     async def delete(self, digest: Digest) -> list[str]:
@@ -266,7 +248,7 @@ class RemoteManifests:
             raise UnknownManifest(f"unknown manifest {self.name}@{digest}")
         if response.status_code == 405:
             raise PermissionError(f"{self.client.base_url} does not delete manifests")
-        self.repo.registry.manifest_cache.pop((self.name, digest), None)
+        self.repo.registry.manifest_cache.pop((self.name, digest))
         return []
 
 
@@ -444,7 +426,7 @@ class RemoteLayers:
         info = BlobInfo(
             digest, int(response.headers.get("Content-Length", 0)), self.registry.started
         )
-        self.registry.blob_cache[(self.name, digest)] = info
+        self.registry.blob_cache.put((self.name, digest), info)
         return info
 
     async def exists(self, digest: Digest) -> bool:
@@ -483,7 +465,7 @@ class RemoteLayers:
             raise UnknownLayer(f"blob unknown to {self.name}: {digest}")
         if response.status_code == 405:
             raise PermissionError(f"{self.client.base_url} does not delete blobs")
-        self.registry.blob_cache.pop((self.name, digest), None)
+        self.registry.blob_cache.pop((self.name, digest))
 
     # -- uploads ---------------------------------------------------------------------------
 
@@ -548,8 +530,8 @@ class RemoteRegistry:
         self.created: set[str] = set()
         self.finished: dict[str, dict[Digest, BlobInfo]] = {}
         # Digest-addressed, so never stale; bounded so memory is too (a manifest ≤ 4 MiB).
-        self.manifest_cache: Bounded[tuple[str, Digest], Manifest] = Bounded(256)
-        self.blob_cache: Bounded[tuple[str, Digest], BlobInfo] = Bounded(100_000)
+        self.manifest_cache: TtlCache[tuple[str, Digest], Manifest] = TtlCache(None, 256)
+        self.blob_cache: TtlCache[tuple[str, Digest], BlobInfo] = TtlCache(None, 100_000)
         self.read_ahead = ReadAheadBudget()
         self.catalog = RemoteCatalog(client, self, listing_ttl)
 

@@ -1,4 +1,5 @@
-"""A small time-to-live cache for what moves (tags, listings); SIGHUP clears it."""
+"""A bounded cache whose entries may expire: tags and listings (a TTL, cleared by SIGHUP in
+the mount), and digest-addressed content of a remote registry (no TTL, only a size)."""
 
 from __future__ import annotations
 

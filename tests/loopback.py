@@ -1,0 +1,38 @@
+"""A stub HTTP server for tests: http.server on a free loopback port, served from a thread."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class LoopbackHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes
+    timeout = 5  # an idle keep-alive connection ends, so stop() never waits on a client
+    server: ThreadingHTTPServer
+
+
+class LoopbackHTTP:
+    """Serves `handler` until stop(), which also joins every handler thread.
+
+    Handlers reach the test object that owns the server as `self.server.owner`.
+    """
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], owner: object, name: str) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = False  # server_close() joins the handler threads
+        self.server.owner = owner  # type: ignore[attr-defined]
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), name=name, daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
