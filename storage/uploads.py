@@ -2,9 +2,13 @@
 
 The running sha256 follows the writes. Its state is saved under `hashstates/sha256/<offset>`
 when the upload starts, every CHECKPOINT bytes and on close, so neither regfs after a restart
-nor the registry re-reads the data to finish. A write below the hashed end rewinds the hash
-to the nearest saved state at or below it (later states are deleted first: the registry would
-trust one whose offset matches the data's size) and re-hashes forward from there.
+nor the registry re-reads the data to finish. A checkpoint during appends runs in the
+background: the state is taken on the hash worker, the data synced on a sync thread, and the
+state saved by the first write after both are done, so appends never wait for the disk.
+
+A write below the hashed end rewinds the hash to the nearest saved state at or below it (later
+states are deleted first: the registry would trust one whose offset matches the data's size)
+and re-hashes forward from there.
 
 A saved state is never taken on faith when a digest does not match: the registry 2.8, when
 a PATCH lands where it has no state, saves a state of the new bytes alone under their count,
@@ -19,6 +23,7 @@ import os
 import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import trio
@@ -71,6 +76,18 @@ async def read_started_at(driver: StorageDriver, name: str, uuid: str) -> dateti
     return parse_started_at(path, raw)
 
 
+@dataclass
+class _Checkpoint:
+    """A hash state at `offset`, to be saved once the data below it is on disk."""
+
+    offset: int
+    state: Future[bytes]  # marshalled on the hash worker, after the appends before it
+    synced: Future[None]  # the data's sync on the sync thread, begun after those appends
+
+    def done(self) -> bool:
+        return self.state.done() and self.synced.done()
+
+
 class LayerUpload:
     """One upload. Not safe for two writers; the lock only orders one writer's own calls."""
 
@@ -100,6 +117,8 @@ class LayerUpload:
         self._fed = hashed.size
         self._inflight: deque[Future[None]] = deque()
         self._worker: ThreadPoolExecutor | None = None
+        self._syncer: ThreadPoolExecutor | None = None
+        self._checkpoint: _Checkpoint | None = None
         self._saved_at = hashed.size
         self._data_missing = False
         self._position = writer.size
@@ -184,9 +203,7 @@ class LayerUpload:
                 # The common case, an append: hash on the worker, reply without waiting.
                 await writer.write_at(offset, data)
                 self._feed(data)
-                if self._hashed_end() - self._saved_at >= CHECKPOINT:
-                    await self._settle()
-                    await self._save_state()
+                await self._advance_checkpoint(writer)
                 return
             await self._settle()
             if offset < self._hash.size:
@@ -320,16 +337,43 @@ class LayerUpload:
         return self._fed if self._inflight else self._hash.size
 
     async def _settle(self) -> None:
-        """Wait until the worker has hashed everything it was given."""
+        """Wait until the worker has hashed everything it was given, and the checkpoint
+        in progress is saved."""
         if self._inflight:
             await trio.to_thread.run_sync(self._inflight[-1].result)
             while self._inflight:
                 self._inflight.popleft().result()
+        if self._checkpoint is not None:
+            await trio.to_thread.run_sync(self._checkpoint.synced.result)
+            await self._save_checkpoint()
+
+    async def _advance_checkpoint(self, writer: FileWriter) -> None:
+        """Save a checkpoint whose sync is done; begin the next one when it is due."""
+        if self._checkpoint is not None and self._checkpoint.done():
+            await self._save_checkpoint()
+        if self._checkpoint is None and self._hashed_end() - self._saved_at >= CHECKPOINT:
+            assert self._worker is not None  # an append was just fed to it
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(1, thread_name_prefix="regfs-sync")
+            self._checkpoint = _Checkpoint(
+                self._hashed_end(),
+                self._worker.submit(self._hash.marshal),
+                self._syncer.submit(writer.sync_blocking),
+            )
+
+    async def _save_checkpoint(self) -> None:
+        checkpoint, self._checkpoint = self._checkpoint, None
+        assert checkpoint is not None
+        checkpoint.synced.result()  # a failed sync fails the write that finds it
+        state = HashState(self.name, self.uuid, checkpoint.offset)
+        await self.driver.put_content(path_for(state), checkpoint.state.result())
+        self._saved_at = checkpoint.offset
 
     def _stop_worker(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=False)
-            self._worker = None
+        for pool in (self._worker, self._syncer):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._worker = self._syncer = None
 
     async def _digest(self, expected: Digest | None) -> Digest:
         await self._hash_to(self.size)

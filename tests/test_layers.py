@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
 import time
 
 import pytest
+import trio
 
 from storage.digests import EMPTY_DIGEST, Sha256State, digest_bytes
 from storage.drivers import PathNotFound
@@ -131,8 +133,9 @@ async def test_overwrite_below_end_rehashes(registry, monkeypatch):
     data = bytearray(os.urandom(5000))
     states = path_for(HashStatesDir("foo", upload.uuid))
     await upload.write(bytes(data))
-    assert await registry.driver.list(states) == ["0", "5000"]
-    await upload.write_at(2500, b"X" * 100)  # below the end: the state at 5000 goes
+    assert await registry.driver.list(states) == ["0"]  # the one at 5000 is in the background
+    # Below the end: the checkpoint at 5000 is saved first, then deleted by the rewind.
+    await upload.write_at(2500, b"X" * 100)
     assert await registry.driver.list(states) == ["0", "2600"]  # a checkpoint of the new bytes
     data[2500:2600] = b"X" * 100
     assert upload.size == 5000
@@ -337,33 +340,37 @@ async def test_mkdir_p_leaves_parents_namespaces(registry):
 
 async def test_hash_states_never_outlive_their_data(registry, monkeypatch):
     """A state at the data's size is trusted without reading the data: each one must be
-    saved after the data it covers was synced, and data is synced before it becomes a blob."""
+    saved after a sync that began once the data it covers was written, and data is synced
+    before it becomes a blob. Checkpoints sync in the background, so writes may go on
+    between a sync and its state."""
     monkeypatch.setattr("storage.uploads.CHECKPOINT", 1000)
-    events: list[str] = []
+    events: list[tuple[str, int]] = []  # (what, how far the data reaches or the state's offset)
     driver = registry.driver
     real_writer, real_put, real_move = driver._writer, driver._put_content, driver._move
 
     async def writer(path):
         w = await real_writer(path)
-        real_sync, real_write = w.sync, w.write_at
+        real_sync, real_write = w.sync_blocking, w.write_at
 
-        async def sync():
-            events.append("sync")
-            await real_sync()
+        def sync_blocking():
+            events.append(("sync-begin", w.size))
+            real_sync()
+            events.append(("sync-end", w.size))
 
         async def write_at(offset, data):
-            events.append("write")
             await real_write(offset, data)
+            events.append(("write", offset + len(data)))
 
-        w.sync, w.write_at = sync, write_at
+        w.sync_blocking, w.write_at = sync_blocking, write_at
         return w
 
     async def put_content(path, data):
-        events.append("state" if "/hashstates/" in path else "put")
+        offset = int(path.rsplit("/", 1)[1]) if "/hashstates/" in path else -1
+        events.append(("state" if offset >= 0 else "put", offset))
         await real_put(path, data)
 
     async def move(source, dest):
-        events.append("move")
+        events.append(("move", -1))
         await real_move(source, dest)
 
     monkeypatch.setattr(driver, "_writer", writer)
@@ -376,11 +383,57 @@ async def test_hash_states_never_outlive_their_data(registry, monkeypatch):
     upload = await registry.repository("foo").layers.resume(upload.uuid)
     data = await upload.digest()
     await upload.finish(data)
-    for i, event in enumerate(events):
-        if event in ("state", "move"):
-            last_write = max((j for j in range(i) if events[j] == "write"), default=-1)
-            assert "sync" in events[last_write + 1 : i], f"{event} at {i} before a sync: {events}"
-    assert events.count("state") >= 3 and "move" in events
+    for i, (event, offset) in enumerate(events):
+        if event not in ("state", "move"):
+            continue
+        # The write that made the data reach the state's offset (for a move: the last one).
+        needed = (
+            next(
+                (j for j, (e, end) in enumerate(events[:i]) if e == "write" and end >= offset),
+                -1,
+            )
+            if event == "state"
+            else max((j for j, (e, _) in enumerate(events[:i]) if e == "write"), default=-1)
+        )
+        began = [j for j, (e, _) in enumerate(events[:i]) if e == "sync-begin" and j > needed]
+        ended = [j for j, (e, _) in enumerate(events[:i]) if e == "sync-end" and j > needed]
+        assert began and ended, f"{event} {offset} at {i} before a sync of its data: {events}"
+    assert sum(e == "state" for e, _ in events) >= 3 and ("move", -1) in events
+
+
+async def test_appends_go_on_while_a_checkpoint_syncs(registry, monkeypatch):
+    """A checkpoint's sync runs in the background: appends do not wait for the disk, and
+    its state is saved only once the sync is done, by a later write or by close."""
+    monkeypatch.setattr("storage.uploads.CHECKPOINT", 1000)
+    hold, release = threading.Event(), threading.Event()
+    real_writer = registry.driver._writer
+
+    async def writer(path):
+        w = await real_writer(path)
+        real_sync = w.sync_blocking
+
+        def sync_blocking():
+            if hold.is_set():
+                assert release.wait(10)
+            real_sync()
+
+        w.sync_blocking = sync_blocking
+        return w
+
+    monkeypatch.setattr(registry.driver, "_writer", writer)
+    upload = await registry.repository("foo").layers.upload()
+    hold.set()
+    data = os.urandom(7000)
+    with trio.fail_after(5):  # a write waiting for the held sync would hang here
+        for start in range(0, len(data), 700):
+            await upload.write(data[start : start + 700])
+    states = path_for(HashStatesDir("foo", upload.uuid))
+    assert await registry.driver.list(states) == ["0"]  # nothing vouched for before its sync
+    release.set()
+    await upload.close()
+    assert await registry.driver.list(states) == ["0", "1400", "7000"]
+    resumed = await registry.repository("foo").layers.resume(upload.uuid)
+    await resumed.finish(digest_bytes(data))
 
 
 async def test_a_wrong_state_at_the_data_size_does_not_block_the_right_digest(registry):

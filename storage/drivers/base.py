@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import trio
+
 from ..errors import StorageError
 
 # Absolute, slash-separated, no empty, "." or ".." component.
@@ -76,9 +78,13 @@ class FileWriter(ABC):
     @abstractmethod
     async def truncate(self, size: int) -> None: ...
 
-    @abstractmethod
     async def sync(self) -> None:
         """Make the data written so far durable (before anything that vouches for it)."""
+        await trio.to_thread.run_sync(self.sync_blocking)
+
+    @abstractmethod
+    def sync_blocking(self) -> None:
+        """`sync` for a worker thread, so a caller can go on writing while it runs."""
 
     @abstractmethod
     async def aclose(self) -> None:

@@ -95,8 +95,8 @@ class _Writer(FileWriter):
         os.ftruncate(self._fd, size)
         self.size = size
 
-    async def sync(self) -> None:
-        await trio.to_thread.run_sync(os.fdatasync, self._fd)
+    def sync_blocking(self) -> None:
+        os.fdatasync(self._fd)
 
     async def aclose(self) -> None:
         if self._fd >= 0:

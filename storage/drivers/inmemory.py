@@ -54,7 +54,7 @@ class _Writer(FileWriter):
         del self._node.data[size:]
         self._node.mtime = time.time()
 
-    async def sync(self) -> None:
+    def sync_blocking(self) -> None:
         pass
 
     async def aclose(self) -> None:
