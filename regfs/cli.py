@@ -26,7 +26,13 @@ from storage.errors import StorageError
 from . import daemon
 from .logs import default_log_file, setup_logging
 from .mountpoint import MountError, daemon_pids, force_unmount, mounted_filesystem, prepare
-from .options import DEFAULT_TAG_TTL, MountOptions, apply_o_options
+from .options import (
+    DEFAULT_READ_AHEAD_KB,
+    DEFAULT_TAG_TTL,
+    MountOptions,
+    apply_o_options,
+    kibibytes,
+)
 from .sources import SUPPORTED, check_source, is_remote, open_registry
 
 log = logging.getLogger(__name__)
@@ -82,14 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how long tags and listings are cached (default {DEFAULT_TAG_TTL})",
     )
     mount.add_argument(
+        "--read-ahead-kb",
+        type=kibibytes,
+        metavar="KIB",
+        help=f"the kernel's read-ahead for the mount, as root (default {DEFAULT_READ_AHEAD_KB})",
+    )
+    mount.add_argument(
         "-o",
         dest="o_options",
         action="append",
         default=[],
         metavar="OPTS",
         help="mount options: ro, allow_other, uid=, gid=, file_mode=, dir_mode=, "
-        "tag_ttl=, log=, debug; remote: insecure, ca_file=, username=, timeout= (seconds "
-        "a registry may take to answer, 30)",
+        "tag_ttl=, read_ahead_kb=, log=, debug; remote: insecure, ca_file=, username=, "
+        "timeout= (seconds a registry may take to answer, 30)",
     )
     remote = mount.add_argument_group("remote registries (SOURCE is https://HOST[:PORT])")
     remote.add_argument(
@@ -218,6 +230,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         "uid": args.uid,
         "gid": args.gid,
         "tag_ttl": args.tag_ttl,
+        "read_ahead_kb": args.read_ahead_kb,
         "file_mode": args.file_mode,
         "dir_mode": args.dir_mode,
     }
@@ -249,6 +262,8 @@ def child_command(options: MountOptions, ready_fd: int, password_fd: int | None)
         f"{options.dir_mode:o}",
         "--tag-ttl",
         str(options.tag_ttl),
+        "--read-ahead-kb",
+        str(options.read_ahead_kb),
     ]
     for flag, on in (
         ("--read-only", options.read_only),
@@ -323,8 +338,12 @@ def _read_ready(fd: int, child: subprocess.Popen[bytes]) -> str:
 def mount_foreground(options: MountOptions, ready_fd: int | None) -> int:
     setup_logging(options.debug, options.log_file)
 
+    reported = False
+
     def report(message: str) -> None:
-        if ready_fd is not None:
+        nonlocal reported
+        if ready_fd is not None and not reported:  # a failure after ready has nobody to tell
+            reported = True
             os.write(ready_fd, message.encode() + b"\n")
             os.close(ready_fd)
 

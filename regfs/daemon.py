@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ import trio
 
 from .operations import Operations
 from .options import MountOptions
+from .readahead import set_read_ahead
 from .sources import open_registry
 from .tree import Tree
 
@@ -38,9 +40,18 @@ async def _watch_signals(ops: Operations, task_status: trio.TaskStatus[None]) ->
             return
 
 
-async def _serve(ops: Operations) -> None:
+async def _ready_when_served(options: MountOptions, on_ready: Callable[[], None]) -> None:
+    """Report ready once a request of our own has been served. That proves the mount works,
+    and the kernel has taken the INIT reply by then, which resets the read-ahead we set."""
+    await trio.to_thread.run_sync(os.stat, options.mountpoint, abandon_on_cancel=True)
+    set_read_ahead(options.mountpoint, options.read_ahead_kb)
+    on_ready()
+
+
+async def _serve(ops: Operations, on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, ops)
+        nursery.start_soon(_ready_when_served, ops.options, on_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await ops.tree.registry.aclose()
@@ -69,8 +80,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         "read-only" if options.read_only else "read-write",
     )
     try:
-        on_ready()
-        trio.run(_serve, ops)
+        trio.run(_serve, ops, on_ready)
     except Exception:
         log.exception("serve: the main loop failed; unmounting")
         raise

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 FOREVER = 365 * 24 * 3600.0  # digest-addressed content never changes
 XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
-BLOCK_SIZE = 128 << 10  # FUSE reads arrive in 128 KiB pieces: tools that follow st_blksize match
+BLOCK_SIZE = 1 << 20  # the largest FUSE request: cp and cat size their buffers by st_blksize
 
 
 class Listing:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 DEFAULT_TAG_TTL = 5.0
+DEFAULT_READ_AHEAD_KB = 1024  # the largest FUSE request (256 pages) the kernel will send
 
 
 @dataclass
@@ -21,6 +22,7 @@ class MountOptions:
     file_mode: int = 0o644
     dir_mode: int = 0o755
     tag_ttl: float = DEFAULT_TAG_TTL
+    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
     # Remote sources (http:// and https://).
     insecure: bool = False
     ca_file: str | None = None
@@ -45,6 +47,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def kibibytes(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def _fsname(source: str) -> str:
     return "regfs:" + source.replace(",", "_").replace(" ", "_")
 
@@ -57,6 +66,7 @@ _VALUES = {
     "file_mode": ("file_mode", lambda v: int(v, 8)),
     "dir_mode": ("dir_mode", lambda v: int(v, 8)),
     "tag_ttl": ("tag_ttl", float),
+    "read_ahead_kb": ("read_ahead_kb", kibibytes),
     "log": ("log_file", str),
     "ca_file": ("ca_file", str),
     "username": ("username", str),

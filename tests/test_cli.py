@@ -293,3 +293,44 @@ async def test_debug_logs_each_operation(root, mount):
     for op in ("lookup", "getattr", "opendir", "readdir", "open", "read", "release"):
         assert re.search(rf" DEBUG regfs\.ops\.\w+: {op}\(", text), op
     assert " DEBUG " not in quiet.log_text()
+
+
+# --------------------------------------------------------------------------- read-ahead
+
+
+def read_ahead_kb(mountpoint: Path) -> int:
+    """The kernel's read-ahead of the filesystem mounted there (its backing device in sysfs)."""
+    table = Path("/proc/self/mountinfo").read_text().splitlines()
+    (device,) = [line.split()[2] for line in table if line.split()[4] == str(mountpoint)]
+    return int(Path("/sys/class/bdi", device, "read_ahead_kb").read_text())
+
+
+def fuse_read_sizes(m: Mount) -> list[int]:
+    return [int(n) for n in re.findall(r" read\(\d+, \d+, (\d+)\)", m.log_text())]
+
+
+# With 128 KiB set by us, the kernel's async window still reaches 256 KiB pieces.
+@pytest.mark.parametrize(
+    ("args", "kib", "largest"), [((), 1024, 1024), (("-o", "read_ahead_kb=128"), 128, 256)]
+)
+async def test_read_ahead_sets_how_big_fuse_reads_arrive(tmp_path, mount, args, kib, largest):
+    """The kernel gives a FUSE mount 128 KiB of read-ahead and sends reads no bigger; the
+    daemon raises it before it reports ready, and a sequential read then arrives in pieces
+    up to 1 MiB (each piece is one round trip through the daemon) after a short ramp."""
+    layer = (await build_root(tmp_path / "root", size=8 << 20))["layer"]
+    m = mount(tmp_path / "root", "--debug", *args)
+    assert read_ahead_kb(m.mountpoint) == kib
+    path = m.path("library", "demo", "layers", layer)
+    assert run("sha256sum", path).stdout.decode().split()[0] == layer.split(":")[1]
+    sizes = fuse_read_sizes(m)
+    assert max(sizes) == largest << 10 and sum(sizes) >= 8 << 20
+    assert len(sizes) <= (8 << 20) // (largest << 10) + 4, sizes  # the ramp: 128K, 256K…
+
+
+async def test_bad_read_ahead_fails_clearly(root, tmp_path):
+    (tmp_path / "mnt").mkdir()
+    for args in (["-o", "read_ahead_kb=lots"], ["--read-ahead-kb", "-1"]):
+        result = regfs("mount", *args, str(root), str(tmp_path / "mnt"))
+        assert result.returncode != 0, args
+        assert "read_ahead_kb" in result.stderr or "read-ahead-kb" in result.stderr, result.stderr
+        assert not is_mounted(tmp_path / "mnt")
