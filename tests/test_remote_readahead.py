@@ -32,16 +32,19 @@ class ScriptedClient:
 
 
 async def stream(reader: RemoteLayerReader, piece: int = 128 << 10) -> bytes:
-    """Read the whole blob in kernel-sized pieces, several in flight at a time."""
+    """Read the whole blob in kernel-sized pieces, several in flight at a time, each one
+    reaching the reader in order as pyfuse3's workers hand them over (trio's own start order
+    is shuffled on purpose, which would make a `cat` look random)."""
     parts: dict[int, bytes] = {}
 
-    async def one(offset: int) -> None:
+    async def one(offset: int, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()  # the parent resumes once this task first waits, in read_at
         parts[offset] = await reader.read_at(offset, piece)
 
     for batch in range(0, len(BLOB), 4 * piece):
         async with trio.open_nursery() as nursery:
             for offset in range(batch, min(batch + 4 * piece, len(BLOB)), piece):
-                nursery.start_soon(one, offset)
+                await nursery.start(one, offset)
     return b"".join(parts[o] for o in sorted(parts))
 
 
