@@ -2,9 +2,15 @@
 
 The running sha256 follows the writes. Its state is saved under `hashstates/sha256/<offset>`
 when the upload starts, every CHECKPOINT bytes and on close, so neither regfs after a restart
-nor the registry re-reads the data to finish. A checkpoint during appends runs in the
-background: the state is taken on the hash worker, the data synced on a sync thread, and the
-state saved by the first write after both are done, so appends never wait for the disk.
+nor the registry re-reads the data to finish.
+
+Appends are pipelined: each is written on a disk worker thread and hashed on a hash worker
+thread, and write_at returns once both have it, so a caller's next write overlaps them (as
+a page cache would). Anything other than an append waits for both first (_settle). A write
+that fails on the worker fails a later call, and the data is cut back to where it failed,
+so what is stored is always what was hashed. A checkpoint during appends runs in the
+background too: the state is taken on the hash worker, the data synced on a sync thread
+after the appends it covers, and the state saved by the first write after that.
 
 A write below the hashed end rewinds the hash to the nearest saved state at or below it (later
 states are deleted first: the registry would trust one whose offset matches the data's size)
@@ -18,11 +24,14 @@ does not match, the data is hashed again from zero before the mismatch is believ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -49,7 +58,7 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 CHECKPOINT = 64 << 20
 HASH_CHUNK = 4 << 20
 INLINE_HASH_LIMIT = 1 << 20  # ~1 ms of sha256: a larger write is hashed before it returns
-MAX_INFLIGHT = 32  # appends the hash worker may lag behind (4 MiB of FUSE writes)
+MAX_INFLIGHT = 16  # appends the workers may lag behind (16 MiB of 1 MiB FUSE writes)
 
 
 def format_started_at(when: datetime) -> bytes:
@@ -77,12 +86,33 @@ async def read_started_at(driver: StorageDriver, name: str, uuid: str) -> dateti
 
 
 @dataclass
+class _Append:
+    """An append handed to the workers: written on the disk worker, hashed on the hash one."""
+
+    start: int
+    end: int
+    written: Future[None]
+    hashed: Future[None]
+
+    def done(self) -> bool:
+        return self.written.done() and self.hashed.done()
+
+    def wait(self) -> None:
+        """Block (in a thread) until both workers are done with it; raises nothing."""
+        wait_all((self.written, self.hashed))
+
+    def check(self) -> None:
+        self.written.result()
+        self.hashed.result()
+
+
+@dataclass
 class _Checkpoint:
     """A hash state at `offset`, to be saved once the data below it is on disk."""
 
     offset: int
     state: Future[bytes]  # marshalled on the hash worker, after the appends before it
-    synced: Future[None]  # the data's sync on the sync thread, begun after those appends
+    synced: Future[None]  # the data's sync on the sync thread, after those appends' writes
 
     def done(self) -> bool:
         return self.state.done() and self.synced.done()
@@ -111,12 +141,11 @@ class LayerUpload:
         self._writer: FileWriter | None = writer
         self._hash = hashed
         self._base = hashed.size  # the saved state the hash chain started from (0: none)
-        # Appends are hashed on one worker thread (ctypes lets go of the GIL), in order;
-        # _fed is where the hash will be once the worker is done. Anything else waits for
-        # the worker first (_settle).
-        self._fed = hashed.size
-        self._inflight: deque[Future[None]] = deque()
-        self._worker: ThreadPoolExecutor | None = None
+        # Appends handed to the workers, oldest first (one thread each, so each in order;
+        # ctypes and os.pwrite let go of the GIL).
+        self._appends: deque[_Append] = deque()
+        self._disk: ThreadPoolExecutor | None = None
+        self._hasher: ThreadPoolExecutor | None = None
         self._syncer: ThreadPoolExecutor | None = None
         self._checkpoint: _Checkpoint | None = None
         self._saved_at = hashed.size
@@ -172,7 +201,9 @@ class LayerUpload:
 
     @property
     def size(self) -> int:
-        return self._open_writer().size
+        """The data's size, counting appends the disk worker has not written yet."""
+        size = self._open_writer().size
+        return max(size, self._appends[-1].end) if self._appends else size
 
     @property
     def hashed_size(self) -> int:
@@ -195,14 +226,13 @@ class LayerUpload:
         """Write at offset ≤ size: at the end it appends, below it overwrites."""
         async with self._lock:
             writer = self._open_writer()
-            if offset > writer.size or offset < 0:
+            if offset > self.size or offset < 0:
                 raise InvalidOffset(
-                    f"upload {self.uuid}: write at {offset} would leave a gap after {writer.size}"
+                    f"upload {self.uuid}: write at {offset} would leave a gap after {self.size}"
                 )
-            if offset == self._hashed_end() and len(data) <= INLINE_HASH_LIMIT:
-                # The common case, an append: hash on the worker, reply without waiting.
-                await writer.write_at(offset, data)
-                self._feed(data)
+            if offset == self._hashed_end() == self.size and len(data) <= INLINE_HASH_LIMIT:
+                # The common case, an append: hand it to the workers, return without waiting.
+                await self._append(writer, offset, data)
                 await self._advance_checkpoint(writer)
                 return
             await self._settle()
@@ -216,6 +246,13 @@ class LayerUpload:
                 self._hash.update(data)
             if self._hash.size - self._saved_at >= CHECKPOINT:
                 await self._save_state()
+
+    async def flush(self) -> None:
+        """Wait until every write so far is in the data file, so that whoever opens it after
+        close(2) reads what was written (close-to-open, as NFS); raises a failed write's
+        error."""
+        async with self._lock:
+            await self._settle()
 
     async def truncate(self, size: int = 0) -> None:
         """Cut the data to size (0 restarts the upload); only shrinking is allowed."""
@@ -244,15 +281,20 @@ class LayerUpload:
     async def close(self) -> None:
         """Save the hash state at the end of the data, so a resume need not re-read it."""
         async with self._lock:
-            await self._settle()
+            try:
+                await self._settle()
+            except Exception as exc:  # a failed append, cut back and logged: close the rest
+                log.warning("close: upload %s: closing after a failed write (%s)", self.uuid, exc)
             self._stop_worker()
             if self._writer is None:
                 return
-            await self._hash_to(self._writer.size)
-            if self._saved_at != self._hash.size:
-                await self._save_state()
-            writer, self._writer = self._writer, None
-            await writer.aclose()
+            try:
+                await self._hash_to(self._writer.size)
+                if self._saved_at != self._hash.size:
+                    await self._save_state()
+            finally:
+                writer, self._writer = self._writer, None
+                await writer.aclose()
 
     async def finish(self, expected: Digest, size: int | None = None) -> BlobInfo:
         """Verify, move the data into the blob store, link it, then remove the upload.
@@ -300,7 +342,8 @@ class LayerUpload:
 
     async def cancel(self) -> None:
         async with self._lock:
-            await self._settle()
+            with contextlib.suppress(Exception):  # a failed append: its data goes anyway
+                await self._settle()
             self._stop_worker()
             if self._writer is not None:
                 writer, self._writer = self._writer, None
@@ -320,45 +363,86 @@ class LayerUpload:
         except PathNotFound:
             raise UnknownUpload(f"unknown upload {self.uuid} in {self.name}") from None
 
-    def _feed(self, data: bytes) -> None:
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="regfs-sha256")
-        while self._inflight and self._inflight[0].done():
-            self._inflight.popleft().result()
-        if len(self._inflight) >= MAX_INFLIGHT:  # the worker lags: wait for the oldest
-            self._inflight.popleft().result()
-        end = self._hashed_end()
-        if not isinstance(data, bytes):  # hashed after we return: a caller may reuse a buffer
+    async def _append(self, writer: FileWriter, offset: int, data: bytes) -> None:
+        await self._reap(everything=False)
+        if self._disk is None or self._hasher is None:
+            self._disk = ThreadPoolExecutor(1, thread_name_prefix="regfs-write")
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="regfs-sha256")
+        if not isinstance(data, bytes):  # used after we return: a caller may reuse a buffer
             data = bytes(data)
-        self._inflight.append(self._worker.submit(self._hash.update, data))
-        self._fed = end + len(data)
+        written = self._disk.submit(writer.write_at_blocking, offset, data)
+        hashed = self._hasher.submit(self._hash.update, data)
+        self._appends.append(_Append(offset, offset + len(data), written, hashed))
 
     def _hashed_end(self) -> int:
-        return self._fed if self._inflight else self._hash.size
+        return self._appends[-1].end if self._appends else self._hash.size
+
+    async def _reap(self, everything: bool) -> None:
+        """Take finished appends off the queue: all of them, waiting, if everything, else
+        those done (waiting for the oldest when MAX_INFLIGHT are out). A failed one cuts the
+        data back to where it began, and its error is raised."""
+        if everything and self._appends:
+            await trio.to_thread.run_sync(self._appends[-1].wait)  # each worker is in order
+        elif len(self._appends) >= MAX_INFLIGHT:
+            await trio.to_thread.run_sync(self._appends[0].wait)
+        while self._appends and self._appends[0].done():
+            append = self._appends[0]
+            try:
+                append.check()
+            except Exception as exc:
+                await self._cut_after_failure(append.start, exc)
+                raise
+            self._appends.popleft()
+
+    async def _cut_after_failure(self, offset: int, exc: Exception) -> None:
+        """After the append at offset failed, the data past it and the hash past it are not
+        what was written: drop the appends and checkpoint after it, cut the data to offset
+        and rewind the hash there."""
+        await trio.to_thread.run_sync(self._appends[-1].wait)
+        self._appends.clear()
+        if self._checkpoint is not None:
+            await trio.to_thread.run_sync(wait_all, (self._checkpoint.synced,))
+            self._checkpoint = None
+        # Trust no running hash until the cut is done: should it fail, a later step hashes
+        # the data from zero, so no state can vouch for bytes that were never written.
+        self._hash, self._base = Sha256State(), 0
+        log.error(
+            "write: upload %s in %s: a write at %d failed (%s); its data is cut back to %d",
+            self.uuid,
+            self.name,
+            offset,
+            exc,
+            offset,
+        )
+        await self._open_writer().truncate(offset)
+        await self._rewind(offset)
 
     async def _settle(self) -> None:
-        """Wait until the worker has hashed everything it was given, and the checkpoint
-        in progress is saved."""
-        if self._inflight:
-            await trio.to_thread.run_sync(self._inflight[-1].result)
-            while self._inflight:
-                self._inflight.popleft().result()
+        """Wait until the workers are done with every append, and the checkpoint in
+        progress is saved."""
+        await self._reap(everything=True)
         if self._checkpoint is not None:
-            await trio.to_thread.run_sync(self._checkpoint.synced.result)
+            await trio.to_thread.run_sync(wait_all, (self._checkpoint.synced,))
             await self._save_checkpoint()
 
     async def _advance_checkpoint(self, writer: FileWriter) -> None:
-        """Save a checkpoint whose sync is done; begin the next one when it is due."""
-        if self._checkpoint is not None and self._checkpoint.done():
-            await self._save_checkpoint()
+        """Save a checkpoint whose sync is done (once the appends it covers are known to be
+        written); begin the next one when it is due."""
+        checkpoint = self._checkpoint
+        if checkpoint is not None and checkpoint.done():
+            unchecked = self._appends and self._appends[0].start < checkpoint.offset
+            if not unchecked:
+                await self._save_checkpoint()
         if self._checkpoint is None and self._hashed_end() - self._saved_at >= CHECKPOINT:
-            assert self._worker is not None  # an append was just fed to it
+            assert self._hasher is not None  # an append was just handed to it
             if self._syncer is None:
                 self._syncer = ThreadPoolExecutor(1, thread_name_prefix="regfs-sync")
             self._checkpoint = _Checkpoint(
                 self._hashed_end(),
-                self._worker.submit(self._hash.marshal),
-                self._syncer.submit(writer.sync_blocking),
+                self._hasher.submit(self._hash.marshal),
+                self._syncer.submit(
+                    _sync_after, [a.written for a in self._appends], writer.sync_blocking
+                ),
             )
 
     async def _save_checkpoint(self) -> None:
@@ -370,10 +454,10 @@ class LayerUpload:
         self._saved_at = checkpoint.offset
 
     def _stop_worker(self) -> None:
-        for pool in (self._worker, self._syncer):
+        for pool in (self._disk, self._hasher, self._syncer):
             if pool is not None:
                 pool.shutdown(wait=False)
-        self._worker = self._syncer = None
+        self._disk = self._hasher = self._syncer = None
 
     async def _digest(self, expected: Digest | None) -> Digest:
         await self._hash_to(self.size)
@@ -446,6 +530,13 @@ class LayerUpload:
                 await trio.to_thread.run_sync(self._hash.update, chunk)
         finally:
             await reader.aclose()
+
+
+def _sync_after(writes: list[Future[None]], sync: Callable[[], None]) -> None:
+    """Sync once these writes are done; a failed one fails the sync (and its checkpoint)."""
+    for write in writes:
+        write.result()
+    sync()
 
 
 async def _state_offsets(driver: StorageDriver, name: str, uuid: str) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tarfile
@@ -434,6 +435,48 @@ async def test_appends_go_on_while_a_checkpoint_syncs(registry, monkeypatch):
     assert await registry.driver.list(states) == ["0", "1400", "7000"]
     resumed = await registry.repository("foo").layers.resume(upload.uuid)
     await resumed.finish(digest_bytes(data))
+
+
+async def test_a_failed_append_cuts_the_data_back_and_fails_a_later_call(registry, monkeypatch):
+    """Appends are written on a worker, so a failed one (a full disk) is reported by a later
+    call; the data is cut back to where it failed, no hash state vouches for more, and the
+    upload resumes from there."""
+    monkeypatch.setattr("storage.uploads.CHECKPOINT", 1500)
+    fail_at: list[int] = [3000]
+    real_writer = registry.driver._writer
+
+    async def writer(path):
+        w = await real_writer(path)
+        real_write = w.write_at_blocking
+
+        def write_at_blocking(offset, data):
+            if offset in fail_at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_write(offset, data)
+
+        w.write_at_blocking = write_at_blocking
+        return w
+
+    monkeypatch.setattr(registry.driver, "_writer", writer)
+    layers = registry.repository("foo").layers
+    upload = await layers.upload()
+    chunks = [os.urandom(1000) for _ in range(6)]
+    with pytest.raises(OSError) as err:
+        for i, chunk in enumerate(chunks):
+            await upload.write_at(i * 1000, chunk)
+        await upload.flush()
+    assert err.value.errno == errno.ENOSPC
+    assert upload.size == 3000
+    states = await registry.driver.list(path_for(HashStatesDir("foo", upload.uuid)))
+    assert max(int(s) for s in states) <= 3000, states
+    await upload.close()
+    fail_at.clear()
+    resumed = await layers.resume(upload.uuid)
+    assert resumed.size == 3000
+    await resumed.write_at(3000, b"".join(chunks[3:]))
+    await resumed.finish(digest_bytes(b"".join(chunks)))
+    async with await layers.fetch(digest_bytes(b"".join(chunks))) as reader:
+        assert await reader.read() == b"".join(chunks)
 
 
 async def test_a_wrong_state_at_the_data_size_does_not_block_the_right_digest(registry):

@@ -16,11 +16,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-from mounts import Mount, parse_getfattr, wait_until
+import pytest
+from mounts import REGFS, Mount, parse_getfattr, wait_until
 from registry import blob_data_path, repo_path, upload_path
 from test_mount_read import build_root
 
@@ -663,3 +664,43 @@ async def test_a_big_write_does_not_stall_the_mount(tmp_path, mount):
     assert max(latencies) < 1.0, latencies
     assert os.stat(target).st_size == 512 * MIB
     run("rm", target)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """An 8 MiB tmpfs to hold a registry root: a disk that fills up. Requested before
+    `mount`, so the regfs mount on it is gone before it is unmounted."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", disk], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+async def test_a_full_disk_fails_cp_and_leaves_the_upload_whole(small_disk, tmp_path, mount):
+    """Appends are written behind the FUSE reply, so ENOSPC reaches `cp` from a later write
+    or from close; the upload is cut back to what was written, the daemon lives on, and
+    once space is freed the push goes through."""
+    await build_root(small_disk, size=1000)
+    m = mount(small_disk)
+    data = os.urandom(12 * MIB)
+    source = write_file(tmp_path / "big", data)
+    upload = m.path("library", "demo", "uploads", "big")
+    result = run("cp", source, upload, check=False)
+    assert result.returncode != 0 and b"No space left on device" in result.stderr
+    kept = upload.stat().st_size
+    assert 0 < kept < len(data)
+    assert run("cmp", "-n", str(kept), source, upload).returncode == 0  # a prefix, no hole
+    assert "ENOSPC" in m.log_text() or "No space left" in m.log_text()
+    # The daemon serves on, and `check` finds nothing broken in the root.
+    assert "big" in ls(m.path("library", "demo", "uploads"))
+    assert run(REGFS, "check", small_disk, check=False).returncode in (0, 1)
+    # The upload is whole: cut it shorter, append the rest of a 4 MiB prefix, finish it.
+    prefix = data[: 4 * MIB]
+    run("truncate", "-s", str(2 * MIB), upload)
+    bash(f"head -c {4 * MIB} {source} | tail -c +{2 * MIB + 1} >> {upload}")
+    layer = m.path("library", "demo", "layers", digest_of(prefix))
+    run("mv", upload, layer)
+    assert sha256sum(layer) == digest_of(prefix)

@@ -72,8 +72,12 @@ class FileWriter(ABC):
 
     size: int
 
+    async def write_at(self, offset: int, data: bytes) -> None:
+        self.write_at_blocking(offset, data)
+
     @abstractmethod
-    async def write_at(self, offset: int, data: bytes) -> None: ...
+    def write_at_blocking(self, offset: int, data: bytes) -> None:
+        """`write_at` for a worker thread: one thread at a time, none while others run."""
 
     @abstractmethod
     async def truncate(self, size: int) -> None: ...

@@ -7,7 +7,6 @@ a worker thread.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -15,7 +14,7 @@ import os
 import secrets
 import shutil
 import stat as statmod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 import trio
@@ -58,25 +57,12 @@ class _Reader(FileReader):
             self._fd = -1
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    if function is not None:
-        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-WRITEBACK_EVERY = 8 << 20
-
-
 class _Writer(FileWriter):
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self.size = os.fstat(fd).st_size
-        self._dirty = 0
 
-    async def write_at(self, offset: int, data: bytes) -> None:
+    def write_at_blocking(self, offset: int, data: bytes) -> None:
         if not 0 <= offset <= self.size:
             raise InvalidOffset(f"write at {offset} would leave a gap after {self.size}")
         view = memoryview(data)
@@ -85,11 +71,6 @@ class _Writer(FileWriter):
             done = os.pwrite(self._fd, view, pos)
             view, pos = view[done:], pos + done
         self.size = max(self.size, pos)
-        self._dirty += len(data)
-        if self._dirty >= WRITEBACK_EVERY and _sync_file_range is not None:
-            # Start writing back now, without waiting: a later sync then finds little left.
-            _sync_file_range(self._fd, 0, 0, SYNC_FILE_RANGE_WRITE)
-            self._dirty = 0
 
     async def truncate(self, size: int) -> None:
         os.ftruncate(self._fd, size)

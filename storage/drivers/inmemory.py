@@ -44,7 +44,7 @@ class _Writer(FileWriter):
     def size(self) -> int:  # type: ignore[override]
         return len(self._node.data)
 
-    async def write_at(self, offset: int, data: bytes) -> None:
+    def write_at_blocking(self, offset: int, data: bytes) -> None:
         if not 0 <= offset <= self.size:
             raise InvalidOffset(f"write at {offset} would leave a gap after {self.size}")
         self._node.data[offset : offset + len(data)] = data

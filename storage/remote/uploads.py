@@ -170,6 +170,10 @@ class RemoteUpload:
     async def digest(self, expected: Digest | None = None) -> Digest | None:
         return self._hash.digest() if self._hash is not None else None
 
+    async def flush(self) -> None:
+        """Send what is pending, so close(2) reports a failed PATCH."""
+        await self._send()
+
     async def close(self) -> None:
         if not self._closed:
             await self._send()
