@@ -47,6 +47,7 @@ from storage.remote.auth import (
     scope_key,
     scopes_for,
 )
+from storage.remote.ranges import RangeFetcher
 
 __all__ = [
     "Credentials",
@@ -69,6 +70,7 @@ RETRY_AFTER_CAP = 10.0
 """A registry's `Retry-After` is honoured up to this many seconds."""
 
 USER_AGENT = "regfs (httpx)"
+RANGE_THREADS = 8  # blob range GETs at once on worker threads (read-ahead caps the bytes)
 
 RECV_SIZE = 1 << 20
 """Bytes httpcore asks the socket for at a time (its default is 64 KiB). Every receive
@@ -259,8 +261,11 @@ class RemoteClient:
         self.retries = retries
         self.deadline = deadline if deadline is not None else timeout * (retries + 1)
         self._auth = _Auth()
+        context = self._ssl_context(insecure, ca_file)
+        self._ranges = RangeFetcher(context, timeout, USER_AGENT)
+        self._range_threads = trio.CapacityLimiter(RANGE_THREADS)
         self._http = httpx.AsyncClient(
-            verify=self._ssl_context(insecure, ca_file),
+            verify=context,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             http1=True,
@@ -300,6 +305,7 @@ class RemoteClient:
         return self.base_url.netloc.decode("ascii")
 
     async def aclose(self) -> None:
+        self._ranges.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> Self:
@@ -388,6 +394,32 @@ class RemoteClient:
             ) from exc
         finally:
             await resp.aclose()
+
+    async def get_range(self, url: str, start: int, end: int) -> bytes | bytearray:
+        """Bytes [start, end) of the blob at `url` (a `/v2/.../blobs/<digest>` path): on a
+        worker thread when it can (storage/remote/ranges.py), else through `request`."""
+        target = self._resolve(url)
+        authorization = None
+        if self._auth.scheme is not None:
+            _, _, authorization = await self._authorization("GET", target)
+        with trio.move_on_after(self.deadline):
+            body = await trio.to_thread.run_sync(
+                self._ranges.get,
+                str(target),
+                start,
+                end,
+                authorization,
+                limiter=self._range_threads,
+                abandon_on_cancel=True,
+            )
+            if body is not None:
+                return body
+        resp = await self.request(
+            "GET", url, headers={"Range": f"bytes={start}-{end - 1}"}, expect=(200, 206)
+        )
+        if resp.status_code == 200:  # the registry ignored Range
+            return resp.content[start:end]
+        return resp.content
 
     async def ping(self) -> None:
         """`GET /v2/`: proves the registry answers and, if it asks, accepts our login."""

@@ -281,7 +281,7 @@ class _Window:
         self.start = start
         self.end = end
         self.charged = charged
-        self.data = b""
+        self.data: bytes | bytearray = b""
         self.failed = False
         self.done = trio.Event()
 
@@ -341,7 +341,7 @@ class RemoteLayerReader:
             if window.failed:  # whoever fetched it got the error; try again, alone
                 window = _Window(offset, end)
                 await self._fetch(window)
-        return window.data[offset - window.start : end - window.start]
+        return bytes(memoryview(window.data)[offset - window.start : end - window.start])
 
     def _read_ahead(self, start: int) -> None:
         """Have the DEPTH windows after `start` fetched or on their way, each one as large
@@ -374,15 +374,7 @@ class RemoteLayerReader:
 
     async def _fetch(self, window: _Window) -> None:
         try:
-            response = await self.client.request(
-                "GET",
-                self.url,
-                headers={"Range": f"bytes={window.start}-{window.end - 1}"},
-                expect=(200, 206),
-            )
-            body = response.content
-            if response.status_code == 200:  # the registry ignored Range
-                body = body[window.start : window.end]
+            body = await self.client.get_range(self.url, window.start, window.end)
             window.data = body
             window.end = window.start + len(body)
         except BaseException:
