@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import trio
 
@@ -27,6 +28,33 @@ class ScriptedClient:
         self.peak = max(self.peak, held)
         await trio.sleep(0.001)  # a round trip: reads overlap as they do under the kernel
         return BLOB[start:end]
+
+    async def open_range(self, url: str, start: int, end: int) -> None:
+        return None  # no open responses: every window is a range GET
+
+
+class StreamingClient(ScriptedClient):
+    """Also opens responses (`bytes=start-`), and checks that they are read in order, one
+    read at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: list[int] = []
+        self.reading = False
+
+    async def open_range(self, url: str, start: int, end: int) -> SimpleNamespace:
+        self.opened.append(start)
+        await trio.sleep(0.001)
+        return SimpleNamespace(position=start, end=end, close=lambda: None)
+
+    async def read_open(self, body: SimpleNamespace, size: int) -> bytes:
+        assert not self.reading, "two reads of one open response at once"
+        self.reading = True
+        await trio.sleep(0.001)
+        data = BLOB[body.position : min(body.position + size, body.end)]
+        body.position += len(data)
+        self.reading = False
+        return data
 
 
 async def stream(reader: RemoteLayerReader, piece: int = 128 << 10) -> bytes:
@@ -75,3 +103,20 @@ async def test_a_lone_sequential_reader_gets_large_requests():
     assert client.requests < len(BLOB) // (1 << 20)  # far fewer than one per 128 KiB read
     await reader.aclose()
     assert budget.used == 0
+
+
+async def test_a_sequential_reader_streams_one_open_response():
+    """Read-ahead windows come, in turn, from one open response instead of a range GET
+    each; a jump elsewhere opens a new one where the reading goes on."""
+    client = StreamingClient()
+    reader = RemoteLayerReader(
+        client, "/blob", BlobInfo(digest_bytes(BLOB), len(BLOB), 0), ReadAheadBudget()
+    )
+    assert await stream(reader, piece=1 << 20) == BLOB
+    # The first read is not known to be sequential yet: one range GET; then one stream.
+    assert client.requests == 1 and client.opened == [1 << 20]
+    # Back to the start (no kept window covers it): read again, in order.
+    got = [await reader.read_at(i << 20, 1 << 20) for i in range(6)]
+    assert b"".join(got) == BLOB[: 6 << 20]
+    assert client.opened == [1 << 20, 1 << 20]
+    await reader.aclose()

@@ -47,7 +47,7 @@ from storage.remote.auth import (
     scope_key,
     scopes_for,
 )
-from storage.remote.ranges import RangeFetcher
+from storage.remote.ranges import OpenBody, RangeFetcher
 
 __all__ = [
     "Credentials",
@@ -399,9 +399,7 @@ class RemoteClient:
         """Bytes [start, end) of the blob at `url` (a `/v2/.../blobs/<digest>` path): on a
         worker thread when it can (storage/remote/ranges.py), else through `request`."""
         target = self._resolve(url)
-        authorization = None
-        if self._auth.scheme is not None:
-            _, _, authorization = await self._authorization("GET", target)
+        authorization = await self._known_authorization(target)
         with trio.move_on_after(self.deadline):
             body = await trio.to_thread.run_sync(
                 self._ranges.get,
@@ -420,6 +418,33 @@ class RemoteClient:
         if resp.status_code == 200:  # the registry ignored Range
             return resp.content[start:end]
         return resp.content
+
+    async def open_range(self, url: str, start: int, end: int) -> OpenBody | None:
+        """The blob at `url` from start to its end `end` as one open response, to read in
+        order with `read_open`; None when that cannot be had (then use `get_range`)."""
+        target = self._resolve(url)
+        authorization = await self._known_authorization(target)
+        with trio.move_on_after(self.deadline):
+            return await trio.to_thread.run_sync(
+                self._ranges.open,
+                str(target),
+                start,
+                end,
+                authorization,
+                limiter=self._range_threads,
+            )
+        return None
+
+    async def read_open(self, body: OpenBody, size: int) -> bytearray:
+        """The next `size` bytes of an open response (see OpenBody.read). Not abandoned on
+        cancel: the next read must find the body where this one left it."""
+        return await trio.to_thread.run_sync(body.read, size, limiter=self._range_threads)
+
+    async def _known_authorization(self, target: httpx.URL) -> str | None:
+        """What to send to the registry without being asked, once it has asked before."""
+        if self._auth.scheme is None:
+            return None
+        return (await self._authorization("GET", target))[2]
 
     async def ping(self) -> None:
         """`GET /v2/`: proves the registry answers and, if it asks, accepts our login."""

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from datetime import datetime
+from http.client import HTTPException
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,6 +33,7 @@ from ..layers import EmptyReader, UploadInfo
 from ..manifests import SUPPORTED, Manifest, parse_manifest, sniff_media_type
 from ..names import is_component, validate_name, validate_tag
 from .client import RemoteClient, RemoteNotFound
+from .ranges import OpenBody
 from .uploads import RemoteUpload, UploadRecords
 
 log = logging.getLogger(__name__)
@@ -284,6 +286,8 @@ class _Window:
         self.data: bytes | bytearray = b""
         self.failed = False
         self.done = trio.Event()
+        self.streamed = False  # read from the reader's open response, in turn
+        self.after: trio.Event | None = None  # the turn before: the previous streamed window
 
 
 class RemoteLayerReader:
@@ -314,6 +318,8 @@ class RemoteLayerReader:
         self._windows: list[_Window] = []
         self._ahead = READ_AHEAD_MIN
         self._next = -1
+        self._stream: OpenBody | None = None
+        self._last_turn: trio.Event | None = None
 
     async def read_at(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.length)
@@ -329,6 +335,8 @@ class RemoteLayerReader:
             if not charged:
                 want = size
             window = self._add(offset, min(offset + want, self.length), charged)
+            if sequential:
+                self._stream_in_turn(window)
             fetch = True
         else:
             fetch = False
@@ -355,6 +363,7 @@ class RemoteLayerReader:
                 if not self.budget.take(self._ahead):
                     return  # the mount's read-ahead is spent: reads fetch what they ask
                 window = self._add(start, min(start + self._ahead, self.length), self._ahead)
+                self._stream_in_turn(window)
                 trio.lowlevel.spawn_system_task(self._prefetch, window)
             start = window.end
 
@@ -372,9 +381,19 @@ class RemoteLayerReader:
         self._windows = [*kept, window]
         return window
 
+    def _stream_in_turn(self, window: _Window) -> None:
+        window.streamed, window.after = True, self._last_turn
+        self._last_turn = window.done
+
     async def _fetch(self, window: _Window) -> None:
         try:
-            body = await self.client.get_range(self.url, window.start, window.end)
+            body = None
+            if window.streamed:
+                if window.after is not None:
+                    await window.after.wait()
+                body = await self._from_stream(window)
+            if body is None:
+                body = await self.client.get_range(self.url, window.start, window.end)
             window.data = body
             window.end = window.start + len(body)
         except BaseException:
@@ -382,6 +401,28 @@ class RemoteLayerReader:
             raise
         finally:
             window.done.set()
+
+    async def _from_stream(self, window: _Window) -> bytearray | None:
+        """The window's bytes from the reader's open response, opened (again) where the
+        window starts if need be; None if that fails (the caller asks by range instead).
+        Streamed windows take turns, so one read at a time uses the response."""
+        stream = self._stream
+        if stream is not None and stream.position != window.start:
+            stream.close()
+            stream = self._stream = None
+        if stream is None:
+            stream = self._stream = await self.client.open_range(
+                self.url, window.start, self.length
+            )
+            if stream is None:
+                return None
+        try:
+            return await self.client.read_open(stream, window.end - window.start)
+        except (OSError, HTTPException) as exc:
+            log.debug("open GET of %s failed at %d: %s", self.digest, stream.position, exc)
+            stream.close()
+            self._stream = None
+            return None
 
     async def _prefetch(self, window: _Window) -> None:
         """_fetch, for a system task: an error is left to the reads that wait (they try
@@ -395,6 +436,9 @@ class RemoteLayerReader:
         for window in self._windows:
             self.budget.give(window.charged)
         self._windows = []
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
 
 class RemoteLayers:
