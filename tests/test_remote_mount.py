@@ -32,6 +32,7 @@ from oci import build_image, build_large_image, run, skopeo_pull, skopeo_push
 from registry import (
     RegistryServer,
     htpasswd_auth,
+    repo_path,
     upload_path,
     write_htpasswd,
     write_self_signed_cert,
@@ -428,6 +429,20 @@ def test_without_catalog_repositories_are_reached_by_name(
         assert ls(m.path("library", "nothing")) == []
         assert "has no usable _catalog" in m.log_text()
         m.stop()
+
+
+@pytest.mark.registry
+def test_a_catalog_longer_than_the_registrys_page_limit(servers, mount) -> None:
+    """The registry refuses pages above its catalog.maxentries (1000 by default) with 400
+    PAGINATION_NUMBER_INVALID: the listing asks for smaller pages and follows their links."""
+    server = servers()
+    names = [f"r{i:04d}" for i in range(1200)]
+    for name in names:
+        (repo_path(server.root, f"ns/{name}") / "_layers").mkdir(parents=True)
+    assert server.client().request("GET", "/v2/_catalog", params={"n": 100_000}).status_code == 400
+    m = mount(server.url)
+    assert ls(m.path("ns")) == names
+    m.stop()
 
 
 # --------------------------------------------------------------------------- 4. Basic auth

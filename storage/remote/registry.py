@@ -32,14 +32,17 @@ from ..errors import (
 from ..layers import EmptyReader, UploadInfo
 from ..manifests import SUPPORTED, Manifest, parse_manifest, sniff_media_type
 from ..names import is_component, validate_name, validate_tag
-from .client import RemoteClient, RemoteNotFound
+from .client import RemoteClient, RemoteError, RemoteNotFound
 from .ranges import OpenBody
 from .uploads import RemoteUpload, UploadRecords
 
 log = logging.getLogger(__name__)
 
 ACCEPT = ", ".join(SUPPORTED)
-PAGE = 1000
+# Page sizes asked for, largest first: a registry refuses an `n` above its limit
+# (catalog.maxentries: 400 PAGINATION_NUMBER_INVALID), and every page of `_catalog` walks its
+# storage again up to `last`: 10 000 repositories took 11 pages and 3 s at n=1000, 0.2 s at once.
+PAGE_SIZES = (100_000, 1000, 100)
 READ_AHEAD_MIN = 256 << 10
 READ_AHEAD_MAX = 8 << 20
 READ_AHEAD_TOTAL = 256 << 20  # for all open files of a mount together
@@ -51,9 +54,21 @@ def _next_page(response: httpx.Response) -> str | None:
     return link["url"] if link else None
 
 
-async def _paginated(client: RemoteClient, url: str, key: str) -> list[str]:
+async def _paginated(client: RemoteClient, path: str, key: str) -> list[str]:
+    """Every item of a paginated listing, in pages as large as the registry allows."""
+    for size in PAGE_SIZES[:-1]:
+        try:
+            return await _pages(client, path, key, size)
+        except RemoteError as exc:
+            if "PAGINATION_NUMBER_INVALID" not in exc.codes:
+                raise
+            log.debug("%s: pages of %d refused; asking for smaller ones", path, size)
+    return await _pages(client, path, key, PAGE_SIZES[-1])
+
+
+async def _pages(client: RemoteClient, path: str, key: str, size: int) -> list[str]:
     items: list[str] = []
-    next_url: str | None = url
+    next_url: str | None = f"{path}?n={size}"
     while next_url:
         response = await client.request("GET", next_url)
         items.extend(response.json().get(key) or [])
@@ -77,9 +92,7 @@ class RemoteCatalog:
             return None
         if self._names is None or time.monotonic() - self._fetched > self.ttl:
             try:
-                self._names = await _paginated(
-                    self.client, f"/v2/_catalog?n={PAGE}", "repositories"
-                )
+                self._names = await _paginated(self.client, "/v2/_catalog", "repositories")
             except (RemoteNotFound, PermissionError) as exc:
                 log.warning(
                     "catalog: %s has no usable _catalog (%s); browse by name",
@@ -133,9 +146,7 @@ class RemoteTags:
 
     async def list(self) -> list[str]:
         try:
-            return sorted(
-                await _paginated(self.client, f"/v2/{self.name}/tags/list?n={PAGE}", "tags")
-            )
+            return sorted(await _paginated(self.client, f"/v2/{self.name}/tags/list", "tags"))
         except RemoteNotFound:
             return []
 
