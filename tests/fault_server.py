@@ -37,6 +37,7 @@ class Fault:
     delay: float = 0.0
     close: bool = False
     stall: float = 0.0  # send the headers and half the body, then wait this long
+    lose_answer: bool = False  # pass the request upstream, then hang up instead of answering
     body: bytes = b'{"errors":[]}'
     method: str | None = None
     path: str | None = None  # a regex searched in the path (without the query)
@@ -126,6 +127,12 @@ class _Handler(LoopbackHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         fault = fs.take(self.command, self.path)
+        if fault is not None and fault.lose_answer:
+            resp = self._forward(fs, body)
+            fs.record(Seen(self.command, self.path, None, True))
+            log.debug("fault server: %s answered %d upstream; dropped", self.path, resp.status_code)
+            self.close_connection = True
+            return
         if fault is not None:
             if fault.delay and fs._stopping.wait(fault.delay):
                 self.close_connection = True
@@ -144,16 +151,20 @@ class _Handler(LoopbackHandler):
             fs.record(Seen(self.command, self.path, 200, False))
             self._answer(200, {"Content-Type": "application/json"}, b"{}")
             return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        with httpx.Client(timeout=30) as client:
-            resp = client.request(
-                self.command, fs.upstream + self.path, headers=headers, content=body
-            )
+        resp = self._forward(fs, body)
         fs.record(Seen(self.command, self.path, resp.status_code, False))
         out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
         if self.command != "HEAD":  # a HEAD keeps the upstream's length (a blob's size)
             out["content-length"] = str(len(resp.content))
         self._answer(resp.status_code, out, resp.content)
+
+    def _forward(self, fs: FaultServer, body: bytes) -> httpx.Response:
+        assert fs.upstream is not None, "lose_answer needs an upstream"
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        with httpx.Client(timeout=30) as client:
+            return client.request(
+                self.command, fs.upstream + self.path, headers=headers, content=body
+            )
 
     def _stall(self, fault: Fault, fs: FaultServer) -> None:
         self.send_response(fault.status)

@@ -331,6 +331,28 @@ def test_push_with_cp_then_pull_with_skopeo(
 
 
 @pytest.mark.registry
+def test_a_commit_whose_answer_is_lost_still_finishes(served: RegistryServer, mount) -> None:
+    """The PUT that commits lands, but its answer is lost: the client sends it again, the
+    registry no longer knows the upload (404), and the blob it became proves the commit."""
+    data = random.Random(11).randbytes(3 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with FaultServer(upstream=served.url) as proxy:
+        m = mount(proxy.url)
+        repo = m.path("lost", "answer")
+        sh("mkdir", "-p", repo)
+        (repo / "uploads" / "blob").write_bytes(data)
+        proxy.inject(Fault(method="PUT", path="/blobs/uploads/", lose_answer=True))
+        sh("mv", repo / "uploads" / "blob", repo / "layers" / digest)
+        puts = [s for s in proxy.seen if s.method == "PUT"]
+        assert [s.status for s in puts] == [None, 404]  # landed unanswered, then unknown
+        assert ls(repo / "uploads") == []
+        assert sha256sum(repo / "layers" / digest) == digest
+        assert "commit was lost" in m.log_text()
+        m.stop()
+    assert served.client().get_blob("lost/answer", digest) == data
+
+
+@pytest.mark.registry
 def test_wrong_digest_and_write_below_the_end(
     served: RegistryServer, images: Images, mount
 ) -> None:

@@ -194,14 +194,27 @@ class RemoteUpload:
         body, self._pending = bytes(self._pending), bytearray()
         url = self.record.location
         params = {"digest": str(expected)}
-        response = await self.client.request(
-            "PUT",
-            url,
-            params=params,
-            content=body,
-            expect=(201, 400),
-            headers={"Content-Type": "application/octet-stream"},
-        )
+        total = self.record.offset + len(body)
+        try:
+            response = await self.client.request(
+                "PUT",
+                url,
+                params=params,
+                content=body,
+                expect=(201, 400),
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        except RemoteNotFound:
+            # A PUT is retried when its answer is lost; if the first one landed, the upload
+            # became the blob and the retry finds no upload. The blob says which it was.
+            if not await self._committed_as(expected, total):
+                raise
+            log.warning(
+                "finish: the answer to upload %s's commit was lost; the registry has %s",
+                self.uuid,
+                expected,
+            )
+            return self._finished(expected, total)
         if response.status_code == 400:
             # Only when the content's hash is unknown here (see resume). Registry 2.8 means to
             # cancel the upload, but its cancel fails after a commit, so the upload survives;
@@ -219,12 +232,22 @@ class RemoteUpload:
                     "finish: the registry refused upload %s as %s; it stays", self.uuid, expected
                 )
             raise DigestMismatch(expected, "<content not hashed here>")
-        total = self.record.offset + len(body)
+        log.info("finish: upload %s in %s is now layer %s", self.uuid, self.name, expected)
+        return self._finished(expected, total)
+
+    def _finished(self, digest: Digest, size: int) -> BlobInfo:
         self.records.delete(self.uuid)
         self._closed = True
-        log.info("finish: upload %s in %s is now layer %s", self.uuid, self.name, expected)
-        info = self.finished[expected] = BlobInfo(expected, total, datetime.now(UTC).timestamp())
+        info = self.finished[digest] = BlobInfo(digest, size, datetime.now(UTC).timestamp())
         return info
+
+    async def _committed_as(self, digest: Digest, size: int) -> bool:
+        """Whether the repository holds blob `digest` of `size` bytes."""
+        try:
+            response = await self.client.request("HEAD", f"/v2/{self.name}/blobs/{digest}")
+        except RemoteNotFound:
+            return False
+        return int(response.headers.get("Content-Length", -1)) == size
 
     async def cancel(self) -> None:
         try:
