@@ -10,10 +10,13 @@ import base64
 import hashlib
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 import pytest
@@ -264,6 +267,66 @@ def test_docker_config_keys(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError) as err:
         docker_config_credentials("https://reg.example:5000")
     no_secrets(str(err.value), PASSWORD)
+
+
+def credential_helper(bin_dir: Path, name: str, logins: dict[str, tuple[str, str]]) -> None:
+    """A `docker-credential-<name>` on PATH answering `get` from `logins` (server → login),
+    as docker's helpers do: JSON out, exit 1 with a message when it has none."""
+    bin_dir.mkdir(exist_ok=True)
+    table = {k: {"ServerURL": k, "Username": u, "Secret": p} for k, (u, p) in logins.items()}
+    script = bin_dir / f"docker-credential-{name}"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        f"table = {json.dumps(table)!r}\n"
+        "assert sys.argv[1:] == ['get'], sys.argv\n"
+        "server = sys.stdin.read().strip()\n"
+        "login = json.loads(table).get(server)\n"
+        "if login is None:\n"
+        "    print('credentials not found in native keychain'); sys.exit(1)\n"
+        "print(json.dumps(login))\n"
+    )
+    script.chmod(0o755)
+
+
+def test_docker_credential_helpers(tmp_path, monkeypatch, caplog) -> None:
+    """credHelpers for its registry, else credsStore, else auths; a helper that is missing,
+    has no login or holds an identity token leaves the next source to answer."""
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    credential_helper(
+        tmp_path / "bin",
+        "store",
+        {"reg.example:5000": ("alice", PASSWORD), "https://index.docker.io/v1/": ("hub", "h")},
+    )
+    credential_helper(tmp_path / "bin", "special", {"special.example": ("carol", "c")})
+    credential_helper(tmp_path / "bin", "tokens", {"tok.example": ("<token>", "refresh")})
+    b64 = base64.b64encode(b"bob:pw").decode()
+    config = {
+        "credsStore": "store",
+        "credHelpers": {
+            "special.example": "special",
+            "tok.example": "tokens",
+            "gone.example": "absent",
+        },
+        "auths": {"fallback.example": {"auth": b64}, "gone.example": {"auth": b64}},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    caplog.set_level(logging.DEBUG, logger="storage.remote.auth")
+    assert docker_config_credentials("https://reg.example:5000") == Credentials("alice", PASSWORD)
+    assert docker_config_credentials("https://registry-1.docker.io") == Credentials("hub", "h")
+    assert docker_config_credentials("https://special.example") == Credentials("carol", "c")
+    assert docker_config_credentials("https://fallback.example") == Credentials("bob", "pw")
+    assert "has no login for fallback.example" in caplog.text
+    assert docker_config_credentials("https://gone.example") == Credentials("bob", "pw")
+    assert "credential helper absent is not installed" in caplog.text
+    assert docker_config_credentials("https://tok.example") is None
+    assert "identity token" in caplog.text
+    config["credsStore"] = "../../bin/sh"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert docker_config_credentials("https://fallback.example") == Credentials("bob", "pw")
+    assert "is not one; ignored" in caplog.text
+    no_secrets(caplog.text, PASSWORD)
 
 
 # --------------------------------------------------------------------------- anonymous

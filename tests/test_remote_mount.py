@@ -37,6 +37,7 @@ from registry import (
     write_htpasswd,
     write_self_signed_cert,
 )
+from test_remote_client import credential_helper
 from token_server import TokenServer
 
 from storage.digests import Digest
@@ -501,6 +502,23 @@ def test_basic_auth(tmp_path, servers, images: Images, mount) -> None:
     assert errno_of(lambda: m.path("library/demo/layers", layers[1]).read_bytes()) == errno.EACCES
     assert errno_of(lambda: os.listdir(m.path("library/demo/layers"))) == errno.EACCES
     assert m.pids() and "were refused" in m.log_text()
+    secrets_absent(m, PASSWORD)
+
+
+@pytest.mark.registry
+def test_basic_auth_from_a_credential_helper(
+    tmp_path, monkeypatch, servers, images: Images, mount
+) -> None:
+    """`credsStore` in the Docker config: the login comes from `docker-credential-<name>`."""
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {USER: PASSWORD})
+    server = servers(auth=htpasswd_auth(htpasswd))
+    skopeo_push_auth(images.layout, "demo", server.host, "library/demo", tls_verify=False)
+    credential_helper(tmp_path / "bin", "regfstest", {server.host: (USER, PASSWORD)})
+    path = Path(os.environ["DOCKER_CONFIG"]) / "config.json"
+    path.write_text(json.dumps({"credsStore": "regfstest", "auths": {server.host: {}}}))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    m = mount(server.url)
+    assert (m.path("library/demo/tags/demo")).read_bytes() == images.demo.manifest
     secrets_absent(m, PASSWORD)
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -143,7 +144,10 @@ def docker_config_dir() -> Path:
     return Path(env) if env else Path.home() / ".docker"
 
 
-def _host_key(text: str) -> tuple[str, int | None] | None:
+HostKey = tuple[str, int | None]  # (host, port) of a registry, as Docker config keys name it
+
+
+def _host_key(text: str) -> HostKey | None:
     """(host, port) of an `auths` key such as `host:5000`, `https://host/v1/`, `host`."""
     if "://" not in text:
         text = "https://" + text
@@ -156,16 +160,20 @@ def _host_key(text: str) -> tuple[str, int | None] | None:
 
 # The docker CLI files Docker Hub logins under its v1 index address.
 _DOCKER_HUB = {"registry-1.docker.io", "docker.io", "index.docker.io"}
+_HUB_SERVER = "https://index.docker.io/v1/"
+_HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+HELPER_TIMEOUT = 10.0  # seconds a credential helper may take (a keychain may ask the user)
 
 
 def docker_config_credentials(base_url: str, config_dir: Path | None = None) -> Credentials | None:
-    """The login for `base_url` from the Docker config's `auths`, or None if there is none.
+    """The login for `base_url` from the Docker config, or None if there is none.
 
-    A key matches when its host and port equal the URL's (scheme and path ignored; a key
-    without a port matches the URL's default port). `auth` is base64 of `user:password`;
-    `username`/`password` fields are used otherwise. Credential helpers (`credsStore`,
-    `credHelpers`) are not run: a login kept only there is reported in the log and ignored.
-    A config file that is not valid JSON raises ValueError (naming the file, not its content).
+    As the docker CLI does, a credential helper comes first: the one `credHelpers` names for
+    this registry, else `credsStore` (`docker-credential-<name> get`, the server on stdin,
+    JSON out). Then `auths`: a key matches when its host and port equal the URL's (scheme and
+    path ignored; a key without a port matches the URL's default port); `auth` is base64 of
+    `user:password`, `username`/`password` fields are used otherwise. A config file that is
+    not valid JSON raises ValueError (naming the file, not its content).
     """
     path = (config_dir or docker_config_dir()) / "config.json"
     try:
@@ -174,11 +182,19 @@ def docker_config_credentials(base_url: str, config_dir: Path | None = None) -> 
         return None
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read Docker config {path}: {type(exc).__name__}") from None
+    if not isinstance(config, dict):
+        return None
     url = httpx.URL(base_url)
     want = (url.host.lower(), url.port)
     hub = want[0] in _DOCKER_HUB
-    auths = config.get("auths") if isinstance(config, dict) else None
-    for key, entry in (auths or {}).items():
+    helper = _helper_for(config, want, hub)
+    if helper is not None:
+        server = _HUB_SERVER if hub else url.host + (f":{url.port}" if url.port else "")
+        creds = _helper_credentials(helper, server)
+        if creds is not None:
+            return creds
+    auths = config.get("auths")
+    for key, entry in auths.items() if isinstance(auths, dict) else []:
         have = _host_key(key)
         if have is None or not isinstance(entry, dict):
             continue
@@ -188,10 +204,64 @@ def docker_config_credentials(base_url: str, config_dir: Path | None = None) -> 
         if creds is not None:
             log.debug("credentials for %s from %s (user %s)", url.host, path, creds.username)
             return creds
-    helpers = config.get("credHelpers") if isinstance(config, dict) else None
-    if isinstance(config, dict) and (config.get("credsStore") or helpers):
-        log.info("%s: credential helpers are not supported; no login for %s", path, url.host)
     return None
+
+
+def _helper_for(
+    config: Mapping[str, object], want: tuple[str, int | None], hub: bool
+) -> str | None:
+    """The credential helper for a registry: its `credHelpers` entry, else `credsStore`."""
+    helpers = config.get("credHelpers")
+    for key, name in helpers.items() if isinstance(helpers, dict) else []:
+        have = _host_key(key)
+        if have is not None and (have == want or (hub and have[0] in _DOCKER_HUB)):
+            return _helper_name(name)
+    return _helper_name(config.get("credsStore"))
+
+
+def _helper_name(name: object) -> str | None:
+    if isinstance(name, str) and _HELPER_NAME.fullmatch(name):
+        return name
+    if name:
+        log.warning("Docker config: credential helper name %r is not one; ignored", name)
+    return None
+
+
+def _helper_credentials(name: str, server: str) -> Credentials | None:
+    """`docker-credential-<name> get` for server; None (and a log line) if it has none."""
+    program = f"docker-credential-{name}"
+    try:
+        result = subprocess.run(
+            [program, "get"], input=server.encode(), capture_output=True, timeout=HELPER_TIMEOUT
+        )
+    except FileNotFoundError:
+        log.warning("Docker config: credential helper %s is not installed (no %s)", name, program)
+        return None
+    except subprocess.TimeoutExpired:
+        log.warning("credential helper %s gave no answer within %g s", name, HELPER_TIMEOUT)
+        return None
+    if result.returncode != 0:  # helpers say "credentials not found in native keychain"
+        said = (result.stderr or result.stdout).decode(errors="replace").strip()[:200]
+        log.info("credential helper %s has no login for %s (%s)", name, server, said)
+        return None
+    try:
+        answer = json.loads(result.stdout)
+        user, secret = answer["Username"], answer["Secret"]
+    except (ValueError, KeyError, TypeError):
+        log.warning("credential helper %s answered something other than a login; ignored", name)
+        return None
+    if user == "<token>":
+        log.warning(
+            "credential helper %s holds an identity token for %s, which regfs cannot use; "
+            "log in with a password or an access token instead",
+            name,
+            server,
+        )
+        return None
+    if not (isinstance(user, str) and user and isinstance(secret, str)):
+        return None
+    log.debug("credentials for %s from credential helper %s (user %s)", server, name, user)
+    return Credentials(user, secret)
 
 
 def _entry_credentials(entry: Mapping[str, object]) -> Credentials | None:
