@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 CHECKPOINT = 64 << 20
 HASH_CHUNK = 4 << 20
-INLINE_HASH_LIMIT = 1 << 20  # ~1 ms of sha256: a larger write is hashed before it returns
+INLINE_HASH_LIMIT = 1 << 20  # appends up to this are pipelined; a larger write (never from
+# FUSE, whose writes are 1 MiB at most) is written and hashed before it returns
 MAX_INFLIGHT = 16  # appends the workers may lag behind (16 MiB of 1 MiB FUSE writes)
 
 
