@@ -43,8 +43,8 @@ async def _watch_signals(ops: Operations, task_status: trio.TaskStatus[None]) ->
 async def _ready_when_served(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Report ready once a request of our own has been served. That proves the mount works,
     and the kernel has taken the INIT reply by then, which resets the read-ahead we set."""
-    await trio.to_thread.run_sync(os.stat, options.mountpoint, abandon_on_cancel=True)
-    set_read_ahead(options.mountpoint, options.read_ahead_kb)
+    root = await trio.to_thread.run_sync(os.stat, options.mountpoint, abandon_on_cancel=True)
+    set_read_ahead(root.st_dev, options.read_ahead_kb)
     on_ready()
 
 

@@ -15,7 +15,7 @@ class MountError(Exception):
     """A mount or unmount that cannot go ahead; the message is for the user."""
 
 
-def unescape(field: str) -> str:
+def _unescape(field: str) -> str:
     """/proc/mounts escapes space, tab, newline and backslash as octal."""
     for code in ("040", "011", "012", "134"):
         field = field.replace("\\" + code, chr(int(code, 8)))
@@ -27,7 +27,7 @@ def mounted_filesystem(path: str) -> str | None:
     found = None
     for line in Path("/proc/mounts").read_text().splitlines():
         parts = line.split()
-        if len(parts) > 2 and unescape(parts[1]) == path:
+        if len(parts) > 2 and _unescape(parts[1]) == path:
             found = parts[2]  # the last one is on top
     return found
 

@@ -9,35 +9,21 @@ Each request is a round trip through the daemon, so 1 MiB requests cost an eight
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-
-from .mountpoint import unescape
 
 log = logging.getLogger(__name__)
 
 
-def mount_device(mountpoint: str) -> str | None:
-    """The `major:minor` of the filesystem mounted on mountpoint (the top one), or None."""
-    found = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        parts = line.split()
-        if len(parts) > 4 and unescape(parts[4]) == mountpoint:
-            found = parts[2]
-    return found
+def bdi_setting(device: int) -> Path:
+    """The read-ahead file of a filesystem's backing device (st_dev of its root)."""
+    return Path("/sys/class/bdi", f"{os.major(device)}:{os.minor(device)}", "read_ahead_kb")
 
 
-def bdi_setting(mountpoint: str) -> Path | None:
-    device = mount_device(mountpoint)
-    return None if device is None else Path("/sys/class/bdi", device, "read_ahead_kb")
-
-
-def set_read_ahead(mountpoint: str, kib: int) -> None:
+def set_read_ahead(device: int, kib: int) -> None:
     """Set the mount's read-ahead. The kernel resets it when it takes the daemon's INIT reply,
     so this must come after the first request has been served."""
-    setting = bdi_setting(mountpoint)
-    if setting is None:
-        log.warning("read-ahead: %s is not in the mount table; left as it is", mountpoint)
-        return
+    setting = bdi_setting(device)
     try:
         was = setting.read_text().strip()
         setting.write_text(str(kib))

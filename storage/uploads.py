@@ -408,12 +408,11 @@ class LayerUpload:
         # the data from zero, so no state can vouch for bytes that were never written.
         self._hash, self._base = Sha256State(), 0
         log.error(
-            "write: upload %s in %s: a write at %d failed (%s); its data is cut back to %d",
+            "write: upload %s in %s: a write at %d failed (%s); the data is cut back to there",
             self.uuid,
             self.name,
             offset,
             exc,
-            offset,
         )
         await self._open_writer().truncate(offset)
         await self._rewind(offset)

@@ -20,6 +20,8 @@ import pytest
 from mounts import REGFS, Mount, daemon_pids, is_mounted, regfs, wait_until
 from test_mount_read import build_root, ls, run
 
+from regfs.readahead import bdi_setting
+
 Track = Callable[..., Mount]
 
 
@@ -300,9 +302,7 @@ async def test_debug_logs_each_operation(root, mount):
 
 def read_ahead_kb(mountpoint: Path) -> int:
     """The kernel's read-ahead of the filesystem mounted there (its backing device in sysfs)."""
-    table = Path("/proc/self/mountinfo").read_text().splitlines()
-    (device,) = [line.split()[2] for line in table if line.split()[4] == str(mountpoint)]
-    return int(Path("/sys/class/bdi", device, "read_ahead_kb").read_text())
+    return int(bdi_setting(os.stat(mountpoint).st_dev).read_text())
 
 
 def fuse_read_sizes(m: Mount) -> list[int]:

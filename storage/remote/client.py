@@ -24,12 +24,12 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpcore._async.http11 as _http11
 import httpx
@@ -70,6 +70,7 @@ RETRY_AFTER_CAP = 10.0
 """A registry's `Retry-After` is honoured up to this many seconds."""
 
 USER_AGENT = "regfs (httpx)"
+T = TypeVar("T")
 RANGE_THREADS = 8  # blob range GETs at once on worker threads (read-ahead caps the bytes)
 
 RECV_SIZE = 1 << 20
@@ -398,18 +399,9 @@ class RemoteClient:
     async def get_range(self, url: str, start: int, end: int) -> bytes | bytearray:
         """Bytes [start, end) of the blob at `url` (a `/v2/.../blobs/<digest>` path): on a
         worker thread when it can (storage/remote/ranges.py), else through `request`."""
-        target = self._resolve(url)
-        authorization = await self._known_authorization(target)
         with trio.move_on_after(self.deadline):
-            body = await trio.to_thread.run_sync(
-                self._ranges.get,
-                str(target),
-                start,
-                end,
-                authorization,
-                limiter=self._range_threads,
-                abandon_on_cancel=True,
-            )
+            # Abandoned at the deadline: the thread keeps nothing the next call needs.
+            body = await self._on_range_thread(self._ranges.get, url, start, end, abandon=True)
             if body is not None:
                 return body
         resp = await self.request(
@@ -421,30 +413,39 @@ class RemoteClient:
 
     async def open_range(self, url: str, start: int, end: int) -> OpenBody | None:
         """The blob at `url` from start to its end `end` as one open response, to read in
-        order with `read_open`; None when that cannot be had (then use `get_range`)."""
-        target = self._resolve(url)
-        authorization = await self._known_authorization(target)
-        with trio.move_on_after(self.deadline):
-            return await trio.to_thread.run_sync(
-                self._ranges.open,
-                str(target),
-                start,
-                end,
-                authorization,
-                limiter=self._range_threads,
-            )
-        return None
+        order with `read_open`; None when that cannot be had (then use `get_range`).
+        Not abandoned on cancel, which would leave the response open: the socket's timeout
+        bounds it."""
+        return await self._on_range_thread(self._ranges.open, url, start, end, abandon=False)
 
     async def read_open(self, body: OpenBody, size: int) -> bytearray:
         """The next `size` bytes of an open response (see OpenBody.read). Not abandoned on
         cancel: the next read must find the body where this one left it."""
         return await trio.to_thread.run_sync(body.read, size, limiter=self._range_threads)
 
-    async def _known_authorization(self, target: httpx.URL) -> str | None:
-        """What to send to the registry without being asked, once it has asked before."""
-        if self._auth.scheme is None:
-            return None
-        return (await self._authorization("GET", target))[2]
+    async def _on_range_thread(
+        self,
+        fetch: Callable[[str, int, int, str | None], T],
+        url: str,
+        start: int,
+        end: int,
+        abandon: bool,
+    ) -> T:
+        """fetch(url, start, end, authorization) on a range thread, with the Authorization
+        the registry asked for before (none until it has asked)."""
+        target = self._resolve(url)
+        authorization = None
+        if self._auth.scheme is not None:
+            authorization = (await self._authorization("GET", target))[2]
+        return await trio.to_thread.run_sync(
+            fetch,
+            str(target),
+            start,
+            end,
+            authorization,
+            limiter=self._range_threads,
+            abandon_on_cancel=abandon,
+        )
 
     async def ping(self) -> None:
         """`GET /v2/`: proves the registry answers and, if it asks, accepts our login."""
