@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Handle:
     """An open file; the base refuses what a handle of its kind cannot do."""
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         raise FUSEError(errno.EBADF)
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -51,7 +51,7 @@ class ReadHandle(Handle):
     def __init__(self, reader: Reader) -> None:
         self.reader = reader
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         return await self.reader.read_at(offset, size)
 
     async def release(self) -> None:
@@ -79,7 +79,7 @@ class UploadHandle(Handle):
         self.finished = False
         self._written = False
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
         reader = await self.tree.open(self.node)
         try:
             return await reader.read_at(offset, size)

@@ -260,7 +260,7 @@ class Operations(pyfuse3.Operations):
         return self._file_info(node, handle), entry
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         return await self._handle(fh).read(off, size)
 
     @fuse_errors

@@ -396,7 +396,7 @@ class RemoteClient:
         finally:
             await resp.aclose()
 
-    async def get_range(self, url: str, start: int, end: int) -> bytes | bytearray:
+    async def get_range(self, url: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the blob at `url` (a `/v2/.../blobs/<digest>` path): on a
         worker thread when it can (storage/remote/ranges.py), else through `request`."""
         with trio.move_on_after(self.deadline):
@@ -418,7 +418,7 @@ class RemoteClient:
         bounds it."""
         return await self._on_range_thread(self._ranges.open, url, start, end, abandon=False)
 
-    async def read_open(self, body: OpenBody, size: int) -> bytearray:
+    async def read_open(self, body: OpenBody, size: int) -> bytes:
         """The next `size` bytes of an open response (see OpenBody.read). Not abandoned on
         cancel: the next read must find the body where this one left it."""
         return await trio.to_thread.run_sync(body.read, size, limiter=self._range_threads)
