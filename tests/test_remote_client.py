@@ -52,6 +52,7 @@ from storage.remote.client import (
 )
 
 USER, PASSWORD = "alice", "s3cret-Pa55"
+IDENTITY = "idt-0f9e8d7c"  # an identity token (OAuth2 refresh token)
 SERVER_THREADS = ("token-server", "fault-server", "process_request_thread")
 
 
@@ -225,6 +226,7 @@ def test_secrets_stay_out_of_reprs() -> None:
     no_secrets(repr(creds) + str(creds) + repr(client), PASSWORD)
     assert USER in repr(creds)
     no_secrets(repr(Token("tok-value-secret", 0.0)), "tok-value-secret")
+    no_secrets(repr(Credentials("", "", IDENTITY)), IDENTITY)
     from_url = RemoteClient(f"https://{USER}:{PASSWORD}@registry.example")
     assert from_url.credentials == creds
     no_secrets(repr(from_url) + str(from_url.base_url), PASSWORD)
@@ -256,10 +258,13 @@ def test_docker_config_keys(tmp_path, monkeypatch) -> None:
             "https://reg.example:5000": {"auth": b64},
             "other.example": {"username": "bob", "password": "pw"},
             "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hub:pw").decode()},
+            # What `az acr login` leaves: a user with no password, and an identity token.
+            "acr.example": {"auth": base64.b64encode(b"0000:").decode(), "identitytoken": "i"},
         }
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert docker_config_credentials("https://reg.example:5000") == Credentials(USER, PASSWORD)
+    assert docker_config_credentials("https://acr.example") == Credentials("0000", "", "i")
     assert docker_config_credentials("https://other.example") == Credentials("bob", "pw")
     assert docker_config_credentials("https://registry-1.docker.io").username == "hub"
     assert docker_config_credentials("https://reg.example:5001") is None
@@ -291,7 +296,7 @@ def credential_helper(bin_dir: Path, name: str, logins: dict[str, tuple[str, str
 
 def test_docker_credential_helpers(tmp_path, monkeypatch, caplog) -> None:
     """credHelpers for its registry, else credsStore, else auths; a helper that is missing,
-    has no login or holds an identity token leaves the next source to answer."""
+    has no login leaves the next source to answer; `<token>` means an identity token."""
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     credential_helper(
@@ -300,7 +305,7 @@ def test_docker_credential_helpers(tmp_path, monkeypatch, caplog) -> None:
         {"reg.example:5000": ("alice", PASSWORD), "https://index.docker.io/v1/": ("hub", "h")},
     )
     credential_helper(tmp_path / "bin", "special", {"special.example": ("carol", "c")})
-    credential_helper(tmp_path / "bin", "tokens", {"tok.example": ("<token>", "refresh")})
+    credential_helper(tmp_path / "bin", "tokens", {"tok.example": ("<token>", IDENTITY)})
     b64 = base64.b64encode(b"bob:pw").decode()
     config = {
         "credsStore": "store",
@@ -320,13 +325,13 @@ def test_docker_credential_helpers(tmp_path, monkeypatch, caplog) -> None:
     assert "has no login for fallback.example" in caplog.text
     assert docker_config_credentials("https://gone.example") == Credentials("bob", "pw")
     assert "credential helper absent is not installed" in caplog.text
-    assert docker_config_credentials("https://tok.example") is None
-    assert "identity token" in caplog.text
+    assert docker_config_credentials("https://tok.example") == Credentials("", "", IDENTITY)
+    assert "identity token for tok.example" in caplog.text
     config["credsStore"] = "../../bin/sh"
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert docker_config_credentials("https://fallback.example") == Credentials("bob", "pw")
     assert "is not one; ignored" in caplog.text
-    no_secrets(caplog.text, PASSWORD)
+    no_secrets(caplog.text, PASSWORD, IDENTITY)
 
 
 # --------------------------------------------------------------------------- anonymous
@@ -540,6 +545,45 @@ async def test_token_server_with_credentials(token_servers, servers, caplog) -> 
         with pytest.raises(AccessDenied, match="anonymous"):
             await client.ping()
     no_secrets(message + caplog.text, PASSWORD, wrong.password)
+
+
+@pytest.mark.registry
+async def test_identity_token_by_the_refresh_grant(
+    token_servers, servers, basic_registry: RegistryServer, caplog
+) -> None:
+    """An identity token is traded for access tokens by `POST realm` (grant_type
+    refresh_token); one the token server does not know, or a registry that wants Basic,
+    is EACCES with a message that says why and never shows the token."""
+    caplog.set_level(logging.DEBUG)
+    tokens = token_servers(users={USER: PASSWORD}, refresh_tokens={IDENTITY: USER})
+    server = servers(auth=tokens.registry_auth())
+    creds = Credentials("", "", identity_token=IDENTITY)
+    async with RemoteClient(server.url, credentials=creds, timeout=5) as client:
+        digest = await push_blob(client, "team/app", b"layer")
+        resp = await client.request("GET", f"/v2/team/app/blobs/{digest}")
+        assert resp.content == b"layer"
+    assert tokens.requests and all(r.grant_type == "refresh_token" for r in tokens.requests)
+    assert {r.account for r in tokens.requests} == {USER}
+    assert ("repository:team/app:pull,push",) in asked(tokens)
+
+    unknown = Credentials("", "", identity_token="idt-revoked")
+    async with RemoteClient(server.url, credentials=unknown, timeout=5) as client:
+        with pytest.raises(AccessDenied) as refused:
+            await client.request("GET", "/v2/team/app/tags/list")
+    message = str(refused.value)
+    assert "refused the identity token (400 Bad Request: invalid_grant" in message
+    assert "docker login" in message
+
+    tokens.oauth = False  # a token server with the GET endpoint only
+    async with RemoteClient(server.url, credentials=creds, timeout=5) as client:
+        with pytest.raises(AccessDenied, match="does not take identity tokens"):
+            await client.request("GET", "/v2/team/app/tags/list")
+
+    async with RemoteClient(basic_registry.url, credentials=creds, timeout=5) as client:
+        with pytest.raises(AccessDenied) as basic:
+            await client.ping()
+    assert "identity token, which only a token server takes" in str(basic.value)
+    no_secrets(message + str(basic.value) + caplog.text, IDENTITY, "idt-revoked")
 
 
 # --------------------------------------------------------------------------- TLS

@@ -526,7 +526,7 @@ def test_basic_auth_from_a_credential_helper(
 
 
 @pytest.mark.registry
-def test_token_auth(tmp_path, servers, images: Images, mount) -> None:
+def test_token_auth(tmp_path, monkeypatch, servers, images: Images, mount) -> None:
     with TokenServer(tmp_path / "tokens") as tokens:
         server = servers(auth=tokens.registry_auth())
         skopeo_push(images.layout, "demo", server.host, "library/demo", dest_tag="v1")
@@ -554,6 +554,24 @@ def test_token_auth(tmp_path, servers, images: Images, mount) -> None:
         secrets_absent(m, PASSWORD)
         assert not any(r.token in m.log_text() for r in tokens.requests if r.token)
         m.stop()
+
+        # A web sign-in leaves an identity token in the credential helper: it is traded for
+        # access tokens by the OAuth2 refresh grant (POST), the only way to use one.
+        identity = "idt-" + PASSWORD
+        tokens.refresh_tokens[identity] = USER
+        credential_helper(tmp_path / "bin", "regfsweb", {server.host: ("<token>", identity)})
+        config = {"credHelpers": {server.host: "regfsweb"}}
+        (Path(os.environ["DOCKER_CONFIG"]) / "config.json").write_text(json.dumps(config))
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+        before = len(tokens.requests)
+        m = mount(server.url)
+        assert ls(m.path("library/demo/tags")) == ["v1"]
+        assert sha256sum(m.path("library/demo/layers", first)) == first
+        grants = tokens.requests[before:]
+        assert grants and all(r.grant_type == "refresh_token" and r.granted for r in grants)
+        assert {r.account for r in grants} == {USER}
+        secrets_absent(m, identity)
+        assert not any(r.token in m.log_text() for r in grants)
 
 
 # --------------------------------------------------------------------------- 6. TLS

@@ -16,6 +16,10 @@ What registry 2.8 (`registry/auth/token`) needs to accept a token, found by runn
 The server answers `GET /token?service=&scope=...&account=` with
 `{"token", "access_token", "expires_in", "issued_at"}`, grants every scope asked for, and
 records each request. With `users`, it requires matching Basic credentials (401 otherwise).
+`POST /token` takes the OAuth2 refresh-token grant (distribution's `spec/auth/oauth.md`)
+with a refresh token (`docker login`'s identity token) from `refresh_tokens` (token →
+account); 400 `invalid_grant` otherwise. With `oauth=False` POST is 404, as on token servers
+that only have the GET endpoint.
 `invalid_next = n` makes the next n tokens unacceptable to the registry (wrong audience):
 a client must then get a new one.
 """
@@ -52,6 +56,7 @@ class TokenRequest:
     account: str | None
     granted: bool
     token: str = field(default="", repr=False)
+    grant_type: str | None = None  # of a POST; None for a GET
 
 
 @dataclass(eq=False)
@@ -64,6 +69,8 @@ class TokenServer:
     users: Mapping[str, str] | None = None
     expires_in: int = 300
     invalid_next: int = 0
+    refresh_tokens: dict[str, str] = field(default_factory=dict)
+    oauth: bool = True
     requests: list[TokenRequest] = field(default_factory=list, init=False)
     _http: LoopbackHTTP | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -166,6 +173,37 @@ class _Handler(LoopbackHandler):
                 TokenRequest(tuple(scopes), account or None, granted, answer.get("token", ""))
             )
         self._answer(200 if granted else 401, answer)
+
+    def do_POST(self) -> None:
+        ts: TokenServer = self.server.owner  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length", 0))
+        form = {k: v[-1] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+        if urlsplit(self.path).path != "/token" or not ts.oauth:
+            self._answer(404, {"details": "not found"})
+            return
+        scopes = form.get("scope", "").split()
+        grant = form.get("grant_type")
+        refresh = form.get("refresh_token", "")
+        usable = (
+            grant == "refresh_token" and form.get("client_id") and form.get("service") == ts.service
+        )
+        account = ts.refresh_tokens.get(refresh) if usable else None
+        if account is None:
+            answer = {"error": "invalid_grant", "error_description": "unknown refresh token"}
+        else:
+            answer = ts.issue(scopes, account)
+            del answer["token"]  # an OAuth2 answer names it access_token only
+        with ts._lock:
+            ts.requests.append(
+                TokenRequest(
+                    tuple(scopes),
+                    account,
+                    account is not None,
+                    answer.get("access_token", ""),
+                    grant,
+                )
+            )
+        self._answer(200 if account is not None else 400, answer)
 
     def _basic_user(self, ts: TokenServer) -> str | bool | None:
         """The user of valid Basic credentials, None for anonymous, False if refused."""

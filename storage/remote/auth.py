@@ -1,12 +1,14 @@
 """Registry authentication rules, kept apart from the HTTP client so each one is testable alone.
 
-- `Credentials`: a username and a password that no repr, log line or exception shows.
+- `Credentials`: a username and a password, or an identity token (an OAuth2 refresh token),
+  that no repr, log line or exception shows.
 - `parse_challenges`: the `WWW-Authenticate` header (`Basic realm=...`, `Bearer realm=...,
   service=...,scope=...`), as a registry sends it with a 401.
 - `scope_for`/`scopes_for`: the token scopes a request needs, following distribution 2.8
   (`registry/handlers/app.go`): GET/HEAD pull, POST/PUT/PATCH pull+push, DELETE delete,
   `_catalog` `registry:catalog:*`, and pull on the `from` repository of a mount.
-- `docker_config_credentials`: `auths` of `$DOCKER_CONFIG/config.json` (or `~/.docker/`).
+- `docker_config_credentials`: the login `$DOCKER_CONFIG/config.json` (or `~/.docker/`)
+  holds for a registry: its credential helper's, else its `auths` entry.
 - `TokenCache`: bearer tokens per scope until they expire, minus a margin.
 """
 
@@ -34,15 +36,32 @@ DEFAULT_TOKEN_LIFETIME = 60.0
 
 @dataclass(frozen=True)
 class Credentials:
-    """A registry login. The password stays out of `repr` (and so out of logs and tracebacks)."""
+    """A registry login. Secrets stay out of `repr` (and so out of logs and tracebacks).
+
+    `identity_token` is what `docker login` keeps instead of a password for registries whose
+    login is a web or cloud sign-in (Azure's `az acr login`, Docker's SSO): an OAuth2 refresh
+    token, which only a token server takes (the refresh-token grant), never Basic auth.
+    """
 
     username: str
     password: str = field(repr=False)
+    identity_token: str | None = field(default=None, repr=False)
 
     def basic(self) -> str:
         """The `Authorization` header value for HTTP Basic."""
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    @property
+    def who(self) -> str:
+        """Whose login this is, for messages."""
+        if self.identity_token is not None:
+            return "the identity token" + (f" of {self.username!r}" if self.username else "")
+        return f"user {self.username!r}"
+
+
+IDENTITY_TOKEN_USER = "<token>"
+"""The username credential helpers answer with when the secret is an identity token."""
 
 
 # --------------------------------------------------------------------------- challenges
@@ -202,7 +221,7 @@ def docker_config_credentials(base_url: str, config_dir: Path | None = None) -> 
             continue
         creds = _entry_credentials(entry)
         if creds is not None:
-            log.debug("credentials for %s from %s (user %s)", url.host, path, creds.username)
+            log.debug("credentials for %s from %s (%s)", url.host, path, creds.who)
             return creds
     return None
 
@@ -250,21 +269,22 @@ def _helper_credentials(name: str, server: str) -> Credentials | None:
     except (ValueError, KeyError, TypeError):
         log.warning("credential helper %s answered something other than a login; ignored", name)
         return None
-    if user == "<token>":
-        log.warning(
-            "credential helper %s holds an identity token for %s, which regfs cannot use; "
-            "log in with a password or an access token instead",
-            name,
-            server,
-        )
+    if not (isinstance(user, str) and user and isinstance(secret, str) and secret):
         return None
-    if not (isinstance(user, str) and user and isinstance(secret, str)):
-        return None
+    if user == IDENTITY_TOKEN_USER:
+        log.debug("identity token for %s from credential helper %s", server, name)
+        return Credentials("", "", identity_token=secret)
     log.debug("credentials for %s from credential helper %s (user %s)", server, name, user)
     return Credentials(user, secret)
 
 
 def _entry_credentials(entry: Mapping[str, object]) -> Credentials | None:
+    """The login of an `auths` entry: `identitytoken` first (its `auth`, if any, only names
+    the user), then `auth`, then `username`/`password`."""
+    identity = entry.get("identitytoken")
+    if isinstance(identity, str) and identity:
+        user = _entry_credentials({k: v for k, v in entry.items() if k != "identitytoken"})
+        return Credentials(user.username if user else "", "", identity_token=identity)
     auth = entry.get("auth")
     if isinstance(auth, str) and auth:
         try:

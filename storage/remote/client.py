@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from urllib.parse import urlencode
 
 import httpcore._async.http11 as _http11
 import httpx
@@ -70,6 +71,7 @@ RETRY_AFTER_CAP = 10.0
 """A registry's `Retry-After` is honoured up to this many seconds."""
 
 USER_AGENT = "regfs (httpx)"
+CLIENT_ID = "regfs"  # what token servers are told in the OAuth2 grant (`client_id`)
 T = TypeVar("T")
 RANGE_THREADS = 8  # blob range GETs at once on worker threads (read-ahead caps the bytes)
 
@@ -119,10 +121,15 @@ def error_codes(resp: httpx.Response) -> tuple[str, ...]:
 
 def _error_detail(resp: httpx.Response) -> str:
     """A short summary of an error body for messages: `CODE: message` pairs of a
-    distribution error, else the start of a plain-text body (e.g. Go's "Client sent an HTTP
-    request to an HTTPS server.")."""
+    distribution error, `error: error_description` of an OAuth2 one (RFC 6749, 5.2), else
+    the start of a plain-text body (e.g. Go's "Client sent an HTTP request to an HTTPS
+    server.")."""
     try:
-        errors = resp.json().get("errors")
+        body = resp.json()
+        if isinstance(body.get("error"), str):
+            said = (body["error"], body.get("error_description"))
+            return ": ".join(str(part) for part in said if part)[:300]
+        errors = body.get("errors")
         parts = [f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)]
         return "; ".join(parts)[:300]
     except httpx.ResponseNotRead:
@@ -599,7 +606,7 @@ class RemoteClient:
         self, resp: httpx.Response, method: str, where: str, sent_scheme: str | None
     ) -> AccessDenied:
         status = f"{resp.status_code} {resp.reason_phrase}"
-        who = f"user {self.credentials.username!r}" if self.credentials else "anonymous access"
+        who = self.credentials.who if self.credentials else "anonymous access"
         if resp.status_code == 401 and sent_scheme == "basic":
             why = f"the credentials of {who} were refused"
         elif resp.status_code == 401 and self.credentials is None:
@@ -669,6 +676,12 @@ class RemoteClient:
         if "basic" in by_scheme:
             if self.credentials is None or sent_scheme == "basic":
                 raise self._denied(resp, method, where, sent_scheme)
+            if self.credentials.identity_token is not None:
+                raise AccessDenied(
+                    f"registry {self.name}: {method} {where}: it asks for a password (Basic "
+                    "auth), and the login for it is an identity token, which only a token "
+                    "server takes; log in with a password (--username, --password-stdin)"
+                )
             self._auth.scheme = "basic"
             return
         offered = ", ".join(sorted(by_scheme)) or "none"
@@ -717,43 +730,53 @@ class RemoteClient:
             return token
 
     async def _fetch_token(self, scopes: list[str]) -> Token:
+        """A token for `scopes`: `GET realm?service=&scope=` with Basic credentials if there
+        are any, or, with an identity token, the OAuth2 refresh-token grant (`POST realm`,
+        distribution's `spec/auth/oauth.md`), which is the only way to use one. (No
+        `access_type=offline`: the identity token is kept, never replaced.)"""
         auth = self._auth
         assert auth.realm is not None
-        params: list[tuple[str, str]] = []
-        if auth.service:
-            params.append(("service", auth.service))
-        params.extend(("scope", s) for s in scopes)
+        creds = self.credentials
         headers: dict[str, str] = {}
-        if self.credentials is not None:
-            params.append(("account", self.credentials.username))
-            headers["Authorization"] = self.credentials.basic()
-        realm = auth.realm.copy_merge_params(params)
+        content = None
+        realm = auth.realm
+        if creds is not None and creds.identity_token is not None:
+            method = "POST"
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": creds.identity_token,
+                "client_id": CLIENT_ID,
+                "service": auth.service or "",
+                "scope": " ".join(scopes),
+            }
+            content = urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        else:
+            method = "GET"
+            params: list[tuple[str, str]] = []
+            if auth.service:
+                params.append(("service", auth.service))
+            params.extend(("scope", s) for s in scopes)
+            if creds is not None:
+                params.append(("account", creds.username))
+                headers["Authorization"] = creds.basic()
+            realm = realm.copy_merge_params(params)
         requested_at = time.monotonic()
         resp = await self._send(
-            "GET",
+            method,
             realm,
             headers=headers,
             params=None,
-            content=None,
+            content=content,
             # A token server's 404 is its misconfiguration, never a missing image (ENOENT).
-            expect=(200, 401, 403, 404),
+            expect=(200, 400, 401, 403, 404),
             follow_redirects=True,
-            retry_unsafe=False,
+            retry_unsafe=True,  # sent again after a failure like the GET: a grant only reads
             stream=False,
             authenticate=False,
         )
         what = " ".join(scopes) or "(no scope)"
-        if resp.status_code in (401, 403):
-            who = f"user {self.credentials.username!r}" if self.credentials else "anonymous"
-            raise AccessDenied(
-                f"registry {self.name}: token server {realm.host} refused {who} "
-                f"({resp.status_code} {resp.reason_phrase}) for {what}"
-            )
-        if resp.status_code == 404:
-            raise RemoteError(
-                f"registry {self.name}: token server {self._where(realm)}: 404 (bad realm?)",
-                status=404,
-            )
+        self._check_token_answer(resp, method, realm, what)
         try:
             token = Token.from_response(resp.json(), requested_at)
         except ValueError as exc:
@@ -762,3 +785,29 @@ class RemoteClient:
             ) from None
         log.debug("token for %s from %s", what, realm.host)
         return token
+
+    def _check_token_answer(
+        self, resp: httpx.Response, method: str, realm: httpx.URL, what: str
+    ) -> None:
+        """AccessDenied or RemoteError, naming whose login was refused, for anything but 200."""
+        who = self.credentials.who if self.credentials else "anonymous"
+        status = f"{resp.status_code} {resp.reason_phrase}"
+        detail = _error_detail(resp)
+        if detail:
+            status += f": {detail}"
+        if method == "POST" and resp.status_code == 404:
+            raise AccessDenied(
+                f"registry {self.name}: token server {realm.host} does not take identity "
+                f"tokens (POST {realm.path}: {status}); log in with a password instead"
+            )
+        if resp.status_code in (400, 401, 403):
+            again = "; log in again (docker login)" if method == "POST" else ""
+            raise AccessDenied(
+                f"registry {self.name}: token server {realm.host} refused {who} ({status}) "
+                f"for {what}{again}"
+            )
+        if resp.status_code == 404:
+            raise RemoteError(
+                f"registry {self.name}: token server {self._where(realm)}: 404 (bad realm?)",
+                status=404,
+            )
