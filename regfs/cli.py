@@ -33,7 +33,7 @@ from .options import (
     apply_o_options,
     kibibytes,
 )
-from .sources import SUPPORTED, check_source, is_remote, open_registry
+from .sources import SUPPORTED, check_source, is_remote, open_registry, refuse_host_like
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         raise MountError("expected [SOURCE] MOUNTPOINT")
     source = args.paths[0] if len(args.paths) == 2 else default_source()
     if "://" not in source and source != "inmemory:" and ":" not in source.split("/")[0]:
+        refuse_host_like(source)
         source = os.path.abspath(source)
     options = MountOptions(source=source, mountpoint=os.path.abspath(args.paths[-1]))
     for text in args.o_options:

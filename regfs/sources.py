@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import platformdirs
@@ -19,8 +21,24 @@ AnyRegistry = Registry | RemoteRegistry
 SUPPORTED = "a storage root directory, 'inmemory:', or https://HOST[:PORT] (http:// too)"
 
 
+# A registry host as people write it for docker and skopeo (`ghcr.io`, `quay.io`,
+# `registry.example.com`): dotted labels, the last one letters only.
+_HOST_LIKE = re.compile(r"(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}")
+
+
 def is_remote(source: str) -> bool:
     return source.startswith(("http://", "https://"))
+
+
+def refuse_host_like(source: str) -> None:
+    """`regfs mount ghcr.io MNT` means the registry, not a new empty root named ghcr.io in
+    the working directory: refuse such a name (as typed, before it is made absolute) unless
+    it exists, and say what to write."""
+    if _HOST_LIKE.fullmatch(source) and not os.path.lexists(source):
+        raise ValueError(
+            f"{source!r} is not a directory; to mount the registry at that host, say "
+            f"https://{source} (or ./{source} to make a new storage root there)"
+        )
 
 
 def open_registry(options: MountOptions) -> AnyRegistry:

@@ -233,6 +233,23 @@ def test_unknown_source_scheme_names_supported_sources(tmp_path):
     assert regfs_processes_naming(tmp_path / "mnt") == []
 
 
+def test_a_registry_host_is_not_made_a_root(tmp_path, monkeypatch, tracked):
+    """`regfs mount ghcr.io MNT` is refused with the URL to write, and makes nothing; an
+    existing directory of that name, or `./ghcr.io`, is a storage root as ever."""
+    monkeypatch.chdir(tmp_path)
+    mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
+    mnt.mkdir()
+    tracked(mnt, log)
+    result = regfs("mount", "--log", str(log), "ghcr.io", str(mnt))
+    assert result.returncode == 2
+    assert "'ghcr.io' is not a directory" in result.stderr
+    assert "say https://ghcr.io (or ./ghcr.io" in result.stderr
+    assert not (tmp_path / "ghcr.io").exists() and not is_mounted(mnt)
+    result = regfs("mount", "--log", str(log), "./ghcr.io", str(mnt))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ghcr.io").is_dir() and is_mounted(mnt)
+
+
 async def test_o_options_ro_uid_file_mode(root, mount):
     m = mount(root, "-o", "ro,uid=1234,file_mode=0600")
     layers = m.path("library", "demo", "layers")

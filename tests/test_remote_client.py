@@ -241,6 +241,12 @@ def test_plain_http_only_to_loopback_unless_insecure() -> None:
     RemoteClient("http://[::1]:5000")
 
 
+def test_docker_hub_names_reach_its_registry_api() -> None:
+    for name in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+        assert RemoteClient(f"https://{name}").base_url.host == "registry-1.docker.io"
+    assert RemoteClient("https://ghcr.io").base_url.host == "ghcr.io"
+
+
 def test_token_lifetime() -> None:
     now = time.monotonic()
     token = Token.from_response({"access_token": "t", "expires_in": 300}, now)

@@ -71,6 +71,10 @@ RETRY_AFTER_CAP = 10.0
 """A registry's `Retry-After` is honoured up to this many seconds."""
 
 USER_AGENT = "regfs (httpx)"
+# The names people give Docker Hub, which serve no registry API: `docker pull` goes to
+# registry-1.docker.io for them, and so does regfs.
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
+DOCKER_HUB_API = "registry-1.docker.io"
 CLIENT_ID = "regfs"  # what token servers are told in the OAuth2 grant (`client_id`)
 T = TypeVar("T")
 RANGE_THREADS = 8  # blob range GETs at once on worker threads (read-ahead caps the bytes)
@@ -256,6 +260,9 @@ class RemoteClient:
             if credentials is None:
                 credentials = Credentials(url.username, url.password)
             url = url.copy_with(username=None, password=None)
+        if url.host in DOCKER_HUB_ALIASES:
+            log.info("%s: Docker Hub's registry API is %s", url.host, DOCKER_HUB_API)
+            url = url.copy_with(host=DOCKER_HUB_API)
         self.base_url = url.copy_with(path="/", query=None, fragment=None)
         if url.scheme == "http" and not insecure and not _is_loopback(url.host):
             raise ValueError(
