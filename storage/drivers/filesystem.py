@@ -29,6 +29,25 @@ INLINE_READ_LIMIT = 1 << 20
 # tempfile.mkstemp's 0600 would lock a registry running as another user (Debian's service
 # runs as `docker-registry`) out of every link, startedat and hash state regfs writes.
 FILE_MODE = 0o666
+# How long a writer waits for another's lock before Busy. A mount's writer lets go in FUSE's
+# release, which comes after close() has returned: another process (another mount) that
+# opens the file at once would be refused for a few milliseconds without this wait.
+LOCK_WAIT = 2.0
+
+
+async def _lock(fd: int, path: str) -> None:
+    """flock(LOCK_EX), polled (a blocking flock would hold a thread) for up to LOCK_WAIT."""
+    deadline = trio.current_time() + LOCK_WAIT
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if trio.current_time() >= deadline:
+                raise Busy(f"{path} is being written by another writer") from None
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 @contextmanager
@@ -164,10 +183,10 @@ class FilesystemDriver(StorageDriver):
         os.makedirs(os.path.dirname(full), exist_ok=True)
         fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            await _lock(fd, path)
+        except BaseException:
             os.close(fd)
-            raise Busy(f"{path} is being written by another writer") from None
+            raise
         return _Writer(fd)
 
     async def _stat(self, path: str) -> FileInfo:
