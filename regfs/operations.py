@@ -81,7 +81,7 @@ class Operations(pyfuse3.Operations):
         entry.st_size = attr.size
         entry.st_blocks = (attr.size + 511) // 512
         entry.st_blksize = BLOCK_SIZE
-        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = int(attr.mtime * 1e9)
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
         entry.st_uid = self.options.uid
         entry.st_gid = self.options.gid
         if timeout is None:
@@ -175,7 +175,7 @@ class Operations(pyfuse3.Operations):
             except CorruptEntry as exc:
                 # Listed, so the user sees it; uncached, so the next lookup reports EIO.
                 log.error("readdir: %s: %s", name, exc)
-                entry = self._entry(node, Attr(False, 0, self.tree.started), timeout=0)
+                entry = self._entry(node, Attr(False, 0, self.tree.started_ns), timeout=0)
             except LookupError:
                 continue  # gone since opendir
             if not pyfuse3.readdir_reply(token, name.encode(), entry, index + 1):

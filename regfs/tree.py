@@ -82,7 +82,7 @@ ROOT = DirNode("")
 class Attr:
     is_dir: bool
     size: int
-    mtime: float
+    mtime_ns: int
     immutable: bool = False
 
 
@@ -109,7 +109,7 @@ def _join(prefix: str, name: str) -> str:
 class Tree:
     def __init__(self, registry: Registry, tag_ttl: float) -> None:
         self.registry = registry
-        self.started = time.time()
+        self.started_ns = time.time_ns()
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
         self._immutable: TtlCache[Node, Attr] = TtlCache(None)
@@ -249,7 +249,7 @@ class Tree:
             return cached
         match node:
             case DirNode(path) | SectionNode(path, _):
-                return Attr(True, 0, await self._dir_mtime(path))
+                return Attr(True, 0, await self._dir_mtime_ns(path))
             case TagNode(repo, tag):
                 target = await self._tag_target(node)
                 try:
@@ -257,22 +257,22 @@ class Tree:
                 except UnknownManifest:  # damage (or a delete racing us): ENOENT, but say so
                     log.warning("attr: tag %s:%s points at %s, no manifest here", repo, tag, target)
                     raise
-                return Attr(False, manifest.size, await self._repo(repo).tags.mtime(tag))
+                return Attr(False, manifest.size, await self._repo(repo).tags.mtime_ns(tag))
             case ManifestNode(repo, digest):
                 info = await self._repo(repo).manifests.stat(digest)
-                attr = Attr(False, info.size, info.mtime, immutable=True)
+                attr = Attr(False, info.size, info.mtime_ns, immutable=True)
             case LayerNode(repo, digest):
                 info = await self._repo(repo).layers.stat(digest)
-                attr = Attr(False, info.size, info.mtime, immutable=True)
+                attr = Attr(False, info.size, info.mtime_ns, immutable=True)
             case UploadNode(repo, uuid):
                 upload = await self._repo(repo).layers.upload_info(uuid)
-                return Attr(False, upload.size, upload.started_at.timestamp())
+                return Attr(False, upload.size, upload.started_ns)
         self._immutable.put(node, attr)
         return attr
 
-    async def _dir_mtime(self, path: str) -> float:
-        mtime = await self.registry.catalog.mtime(path)
-        return self.started if mtime is None else mtime
+    async def _dir_mtime_ns(self, path: str) -> int:
+        mtime_ns = await self.registry.catalog.mtime_ns(path)
+        return self.started_ns if mtime_ns is None else mtime_ns
 
     async def _tag_target(self, node: TagNode) -> Digest:
         digest = self._tags.get(node)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 class BlobInfo:
     digest: Digest
     size: int
-    mtime: float
+    mtime_ns: int
 
 
 async def read_link(driver: StorageDriver, path: str) -> Digest:
@@ -47,7 +47,7 @@ class BlobStore:
             raise UnknownLayer(f"blob unknown to registry: {digest}") from None
         if info.is_dir:  # no blob's data: its size would be the directory's
             raise UnknownLayer(f"blob unknown to registry: {digest} (data is a directory)")
-        return BlobInfo(digest, info.size, info.mtime)
+        return BlobInfo(digest, info.size, info.mtime_ns)
 
     async def exists(self, digest: Digest) -> bool:
         try:

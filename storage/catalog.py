@@ -44,10 +44,10 @@ class Catalog:
         markers = (*MARKERS, "_uploads") if with_uploads else MARKERS
         return any(marker in entries for marker in markers)
 
-    async def mtime(self, prefix: str) -> float | None:
+    async def mtime_ns(self, prefix: str) -> int | None:
         """When the directory of prefix last changed (None for an absent one)."""
         try:
-            return (await self.driver.stat(path_for(RepositoryDir(prefix)))).mtime
+            return (await self.driver.stat(path_for(RepositoryDir(prefix)))).mtime_ns
         except PathNotFound:
             return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid as uuidlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from .blobs import BlobInfo, BlobStore, LinkedBlobs
 from .digests import Digest
@@ -22,6 +22,8 @@ from .paths import (
 )
 from .uploads import UUID_RE, LayerUpload, read_started_at
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 class LayerReader:
     """A seekable reader of one blob; every read is one positioned read of the driver."""
@@ -29,7 +31,7 @@ class LayerReader:
     def __init__(self, info: BlobInfo, file: FileReader) -> None:
         self.digest = info.digest
         self.length = info.size
-        self.created = info.mtime
+        self.created_ns = info.mtime_ns
         self._file = file
         self._position = 0
 
@@ -78,6 +80,11 @@ class UploadInfo:
     uuid: str
     started_at: datetime
     size: int
+
+    @property
+    def started_ns(self) -> int:
+        """started_at in nanoseconds since the epoch, exactly (a float timestamp is not)."""
+        return (self.started_at - EPOCH) // timedelta(microseconds=1) * 1000
 
 
 class LayerService:

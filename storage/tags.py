@@ -40,11 +40,11 @@ class TagService:
         except PathNotFound:
             raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
 
-    async def mtime(self, tag: str) -> float:
+    async def mtime_ns(self, tag: str) -> int:
         """When the tag last moved (its current link was written)."""
         validate_tag(tag)
         try:
-            return (await self.driver.stat(path_for(TagCurrentLink(self.name, tag)))).mtime
+            return (await self.driver.stat(path_for(TagCurrentLink(self.name, tag)))).mtime_ns
         except PathNotFound:
             raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
 

@@ -196,7 +196,7 @@ async def test_layers_of_pushed_images(pushed: Pushed) -> None:
             want = image.blob(digest)
             info = await layers.stat(dig(digest))
             assert (str(info.digest), info.size) == (digest, len(want))
-            assert info.mtime == blob_data_path(pushed.root, digest).stat().st_mtime
+            assert info.mtime_ns == blob_data_path(pushed.root, digest).stat().st_mtime_ns
             data = await read_all(layers, digest)
             assert sha256(data) == digest and data == want
 

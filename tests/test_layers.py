@@ -85,7 +85,7 @@ async def test_simple_layer_read(registry):
     assert await reader.read(4) == data[-10:-6]
     with pytest.raises(InvalidOffset):
         reader.seek(-1)
-    assert reader.created > 0
+    assert reader.created_ns > 0
     await reader.aclose()
 
 

@@ -228,8 +228,7 @@ def test_real_registry_root(tmp_path, registry_server, client, mount):
             tags_dir = repo_path(root, "library/demo") / "_manifests" / "tags"
             source = tags_dir / Path(name).name / "current" / "link"
         assert int(mtime) == int(source.stat().st_mtime), name
-        # Finer than seconds: within a microsecond (storage carries mtimes as floats).
-        assert abs(os.stat(name).st_mtime_ns - source.stat().st_mtime_ns) < 1000, name
+        assert os.stat(name).st_mtime_ns == source.stat().st_mtime_ns, name  # to the ns
 
     # Extended attributes: digest everywhere, media type on tags and manifests only.
     out = run("getfattr", "-d", "--absolute-names", *files).stdout.decode()

@@ -77,7 +77,7 @@ async def stream(reader: RemoteLayerReader, piece: int = 128 << 10) -> bytes:
 async def test_many_readers_stay_within_the_total_budget():
     budget = ReadAheadBudget(total=20 << 20)  # 8 readers would want up to 8 x 4 x 8 MiB
     client = ScriptedClient()
-    info = BlobInfo(digest_bytes(BLOB), len(BLOB), 0.0)
+    info = BlobInfo(digest_bytes(BLOB), len(BLOB), 0)
     readers = client.readers = [RemoteLayerReader(client, "/blob", info, budget) for _ in range(8)]
     results: list[bytes] = []
 

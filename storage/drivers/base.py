@@ -36,7 +36,7 @@ class InvalidPath(StorageError, ValueError):
 class FileInfo:
     path: str
     size: int
-    mtime: float
+    mtime_ns: int  # nanoseconds since the epoch, exact as the filesystem keeps them
     is_dir: bool
 
 

@@ -194,7 +194,7 @@ class FilesystemDriver(StorageDriver):
             st = os.stat(self._full(path))
         except (FileNotFoundError, NotADirectoryError):
             raise PathNotFound(path) from None
-        return FileInfo(path, st.st_size, st.st_mtime, statmod.S_ISDIR(st.st_mode))
+        return FileInfo(path, st.st_size, st.st_mtime_ns, statmod.S_ISDIR(st.st_mode))
 
     async def _list(self, path: str) -> list[str]:
         full = self.root if path == "/" else self._full(path)

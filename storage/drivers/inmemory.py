@@ -12,14 +12,14 @@ from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 @dataclass
 class _File:
     data: bytearray = field(default_factory=bytearray)
-    mtime: float = field(default_factory=time.time)
+    mtime_ns: int = field(default_factory=time.time_ns)
     writing: bool = False
 
 
 @dataclass
 class _Dir:
     children: dict[str, _File | _Dir] = field(default_factory=dict)
-    mtime: float = field(default_factory=time.time)
+    mtime_ns: int = field(default_factory=time.time_ns)
 
 
 class _Reader(FileReader):
@@ -48,11 +48,11 @@ class _Writer(FileWriter):
         if not 0 <= offset <= self.size:
             raise InvalidOffset(f"write at {offset} would leave a gap after {self.size}")
         self._node.data[offset : offset + len(data)] = data
-        self._node.mtime = time.time()
+        self._node.mtime_ns = time.time_ns()
 
     async def truncate(self, size: int) -> None:
         del self._node.data[size:]
-        self._node.mtime = time.time()
+        self._node.mtime_ns = time.time_ns()
 
     def sync_blocking(self) -> None:
         pass
@@ -121,8 +121,8 @@ class InMemoryDriver(StorageDriver):
     async def _stat(self, path: str) -> FileInfo:
         node = self._find(path)
         if isinstance(node, _Dir):
-            return FileInfo(path, 0, node.mtime, True)
-        return FileInfo(path, len(node.data), node.mtime, False)
+            return FileInfo(path, 0, node.mtime_ns, True)
+        return FileInfo(path, len(node.data), node.mtime_ns, False)
 
     async def _list(self, path: str) -> list[str]:
         node = self._find(path)

@@ -134,7 +134,7 @@ class RemoteCatalog:
         head = f"{prefix}/"
         return any(n == prefix or n.startswith(head) for n in names)
 
-    async def mtime(self, prefix: str) -> float | None:
+    async def mtime_ns(self, prefix: str) -> int | None:
         return None
 
 
@@ -163,8 +163,8 @@ class RemoteTags:
             return (await self.repo.manifests.fetch(tag)).digest
         return Digest.parse(header)
 
-    async def mtime(self, tag: str) -> float:
-        return self.repo.registry.started
+    async def mtime_ns(self, tag: str) -> int:
+        return self.repo.registry.started_ns
 
     async def put(self, tag: str, digest: Digest) -> None:
         validate_tag(tag)
@@ -218,7 +218,7 @@ class RemoteManifests:
 
     async def stat(self, digest: Digest) -> BlobInfo:
         manifest = await self.get(digest)
-        return BlobInfo(digest, len(manifest.data), self.repo.registry.started)
+        return BlobInfo(digest, len(manifest.data), self.repo.registry.started_ns)
 
     async def exists(self, digest: Digest) -> bool:
         try:
@@ -325,7 +325,7 @@ class RemoteLayerReader:
         self.budget = budget
         self.digest = info.digest
         self.length = info.size
-        self.created = info.mtime
+        self.created_ns = info.mtime_ns
         self._windows: list[_Window] = []
         self._ahead = READ_AHEAD_MIN
         self._next = -1
@@ -473,7 +473,7 @@ class RemoteLayers:
         except RemoteNotFound:
             raise UnknownLayer(f"blob unknown to {self.name}: {digest}") from None
         info = BlobInfo(
-            digest, int(response.headers.get("Content-Length", 0)), self.registry.started
+            digest, int(response.headers.get("Content-Length", 0)), self.registry.started_ns
         )
         self.registry.blob_cache.put((self.name, digest), info)
         return info
@@ -572,7 +572,7 @@ class RemoteRepository:
 class RemoteRegistry:
     def __init__(self, client: RemoteClient, state_dir: Path, listing_ttl: float = 5.0) -> None:
         self.client = client
-        self.started = time.time()
+        self.started_ns = time.time_ns()
         host = urlsplit(str(client.base_url)).netloc.replace(":", "_")
         self.records = UploadRecords(state_dir / "uploads" / host)
         # Repositories made by mkdir (they exist once pushed to), blobs pushed through here.

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -238,7 +239,7 @@ class RemoteUpload:
     def _finished(self, digest: Digest, size: int) -> BlobInfo:
         self.records.delete(self.uuid)
         self._closed = True
-        info = self.finished[digest] = BlobInfo(digest, size, datetime.now(UTC).timestamp())
+        info = self.finished[digest] = BlobInfo(digest, size, time.time_ns())
         return info
 
     async def _committed_as(self, digest: Digest, size: int) -> bool:
