@@ -280,10 +280,14 @@ def test_docker_config_keys(tmp_path, monkeypatch) -> None:
     no_secrets(str(err.value), PASSWORD)
 
 
-def credential_helper(bin_dir: Path, name: str, logins: dict[str, tuple[str, str]]) -> None:
-    """A `docker-credential-<name>` on PATH answering `get` from `logins` (server → login),
-    as docker's helpers do: JSON out, exit 1 with a message when it has none."""
+def credential_helper(
+    monkeypatch: pytest.MonkeyPatch, bin_dir: Path, name: str, logins: dict[str, tuple[str, str]]
+) -> None:
+    """A `docker-credential-<name>` in bin_dir, put on PATH, answering `get` from `logins`
+    (server → login), as docker's helpers do: JSON out, exit 1 with a message when it has none."""
     bin_dir.mkdir(exist_ok=True)
+    if str(bin_dir) not in os.environ["PATH"].split(os.pathsep):
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     table = {k: {"ServerURL": k, "Username": u, "Secret": p} for k, (u, p) in logins.items()}
     script = bin_dir / f"docker-credential-{name}"
     script.write_text(
@@ -304,14 +308,15 @@ def test_docker_credential_helpers(tmp_path, monkeypatch, caplog) -> None:
     """credHelpers for its registry, else credsStore, else auths; a helper that is missing,
     has no login leaves the next source to answer; `<token>` means an identity token."""
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     credential_helper(
+        monkeypatch,
         tmp_path / "bin",
         "store",
         {"reg.example:5000": ("alice", PASSWORD), "https://index.docker.io/v1/": ("hub", "h")},
     )
-    credential_helper(tmp_path / "bin", "special", {"special.example": ("carol", "c")})
-    credential_helper(tmp_path / "bin", "tokens", {"tok.example": ("<token>", IDENTITY)})
+    bin_dir = tmp_path / "bin"
+    credential_helper(monkeypatch, bin_dir, "special", {"special.example": ("carol", "c")})
+    credential_helper(monkeypatch, bin_dir, "tokens", {"tok.example": ("<token>", IDENTITY)})
     b64 = base64.b64encode(b"bob:pw").decode()
     config = {
         "credsStore": "store",

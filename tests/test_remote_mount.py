@@ -513,10 +513,9 @@ def test_basic_auth_from_a_credential_helper(
     htpasswd = write_htpasswd(tmp_path / "htpasswd", {USER: PASSWORD})
     server = servers(auth=htpasswd_auth(htpasswd))
     skopeo_push_auth(images.layout, "demo", server.host, "library/demo", tls_verify=False)
-    credential_helper(tmp_path / "bin", "regfstest", {server.host: (USER, PASSWORD)})
+    credential_helper(monkeypatch, tmp_path / "bin", "regfstest", {server.host: (USER, PASSWORD)})
     path = Path(os.environ["DOCKER_CONFIG"]) / "config.json"
     path.write_text(json.dumps({"credsStore": "regfstest", "auths": {server.host: {}}}))
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     m = mount(server.url)
     assert (m.path("library/demo/tags/demo")).read_bytes() == images.demo.manifest
     secrets_absent(m, PASSWORD)
@@ -559,10 +558,11 @@ def test_token_auth(tmp_path, monkeypatch, servers, images: Images, mount) -> No
         # access tokens by the OAuth2 refresh grant (POST), the only way to use one.
         identity = "idt-" + PASSWORD
         tokens.refresh_tokens[identity] = USER
-        credential_helper(tmp_path / "bin", "regfsweb", {server.host: ("<token>", identity)})
+        credential_helper(
+            monkeypatch, tmp_path / "bin", "regfsweb", {server.host: ("<token>", identity)}
+        )
         config = {"credHelpers": {server.host: "regfsweb"}}
         (Path(os.environ["DOCKER_CONFIG"]) / "config.json").write_text(json.dumps(config))
-        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
         before = len(tokens.requests)
         m = mount(server.url)
         assert ls(m.path("library/demo/tags")) == ["v1"]
