@@ -24,7 +24,7 @@ from storage.drivers import FilesystemDriver
 from storage.errors import StorageError
 
 from . import daemon
-from .logs import default_log_file, setup_logging
+from .logs import default_log_file, open_log, setup_logging
 from .mountpoint import MountError, daemon_pids, force_unmount, mounted_filesystem, prepare
 from .options import (
     DEFAULT_READ_AHEAD_KB,
@@ -33,7 +33,14 @@ from .options import (
     apply_o_options,
     kibibytes,
 )
-from .sources import SUPPORTED, check_source, is_remote, open_registry, refuse_host_like
+from .sources import (
+    SUPPORTED,
+    check_source,
+    is_remote,
+    open_registry,
+    refuse_host_like,
+    split_login,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +217,15 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if "://" not in source and source != "inmemory:" and ":" not in source.split("/")[0]:
         refuse_host_like(source)
         source = os.path.abspath(source)
+    source, user, password = split_login(source)
+    if password is not None and not args.password_stdin:
+        print(
+            "regfs: warning: a password in the source URL is visible to other users while "
+            "this command runs; prefer --password-stdin",
+            file=sys.stderr,
+        )
     options = MountOptions(source=source, mountpoint=os.path.abspath(args.paths[-1]))
+    options.username, options.password = user, password
     for text in args.o_options:
         apply_o_options(options, text)
     flags = {"read_only": args.read_only, "allow_other": args.allow_other, "debug": args.debug}
@@ -238,13 +253,22 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     for name, value in values.items():
         if value is not None:
             setattr(options, name, value)
+    # The daemon starts in /: a relative path would name another file there.
+    if options.log_file:
+        options.log_file = os.path.abspath(options.log_file)
+    if options.ca_file:
+        options.ca_file = os.path.abspath(options.ca_file)
     return options
 
 
 def child_command(options: MountOptions, ready_fd: int, password_fd: int | None) -> list[str]:
-    """The daemon's command line: every option spelled out, the mountpoint last."""
+    """The daemon's command line: every option spelled out, the mountpoint last.
+
+    `-P`: `python -m` would otherwise put the working directory first on sys.path, and a
+    `regfs/` planted there (say in /tmp) would run as the caller, usually root."""
     command = [
         sys.executable,
+        "-P",
         "-m",
         "regfs",
         "mount",
@@ -297,11 +321,12 @@ def mount_background(options: MountOptions) -> int:
         fds.append(secret_fd)
     log_file = options.log_file or str(default_log_file())
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
-    with open(log_file, "ab") as log_out:
+    with os.fdopen(open_log(log_file), "ab") as log_out:
         child = subprocess.Popen(
             child_command(options, write_end, secret_fd),
             pass_fds=tuple(fds),
             start_new_session=True,
+            cwd="/",  # nothing of the caller's directory is searched, or kept busy
             stdin=subprocess.DEVNULL,
             stdout=log_out,
             stderr=log_out,
@@ -415,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(options.mountpoint)
         if not is_remote(options.source):
             open_registry(options)  # a root that cannot be made fails here, clearly
-    except (MountError, ValueError) as exc:
+    except (MountError, ValueError, OSError) as exc:
         print(f"regfs: mount failed: {exc}", file=sys.stderr)
         return 2
     return mount_background(options)

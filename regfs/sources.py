@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import platformdirs
 import trio
@@ -28,6 +29,23 @@ _HOST_LIKE = re.compile(r"(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}")
 
 def is_remote(source: str) -> bool:
     return source.startswith(("http://", "https://"))
+
+
+def split_login(source: str) -> tuple[str, str | None, str | None]:
+    """`https://user:pass@host` → (`https://host`, user, pass), percent-decoded.
+
+    The login must not ride along in the source: the source is shown in the daemon's command
+    line (`ps`), in /proc/mounts (fsname) and in the log. The caller hands the password on as
+    `--password-stdin` does, through a pipe."""
+    if not is_remote(source):
+        return source, None, None
+    parts = urlsplit(source)
+    if "@" not in parts.netloc:
+        return source, None, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, sep, password = userinfo.partition(":")
+    stripped = urlunsplit(parts._replace(netloc=hostport))
+    return stripped, unquote(user) or None, unquote(password) if sep else None
 
 
 def refuse_host_like(source: str) -> None:
