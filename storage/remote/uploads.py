@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
+import uuid as uuids
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,10 +25,33 @@ from ..blobs import BlobInfo
 from ..digests import Digest, Sha256State
 from ..errors import DigestMismatch, InvalidOffset, RemoteUnavailable, UnknownUpload
 from .client import BACKOFF, BACKOFF_CAP, RemoteClient, RemoteError, RemoteNotFound, TLSError
+from .untrusted import shown
 
 log = logging.getLogger(__name__)
 
 CHUNK = 8 << 20  # bytes gathered in memory before they go out as one PATCH
+
+UPLOAD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+"""The upload ids a record file may be named by: distribution's are UUIDs, other registries
+use similar tokens. No `/`, no leading `.`: a registry's id never leads out of the directory."""
+
+
+class UnsafeUploadId(RemoteError):
+    """A registry named an upload with an id that cannot name a local record file."""
+
+
+def check_upload_id(upload_id: str) -> str:
+    """`upload_id` if a record file may be named by it; UnsafeUploadId (logged) otherwise.
+
+    The id comes from the registry (`Docker-Upload-UUID`): `../../etc/x` would otherwise
+    write, and later delete, a file outside the records directory."""
+    if UPLOAD_ID.fullmatch(upload_id):
+        return upload_id
+    log.error("upload: refusing the upload id %s: not a safe file name", shown(upload_id))
+    raise UnsafeUploadId(
+        f"upload id {shown(upload_id)} is not a safe file name (want a UUID-like token)",
+        status=202,
+    )
 
 
 @dataclass
@@ -47,6 +72,8 @@ class UploadRecords:
         self.directory = directory
 
     def _path(self, uuid: str) -> Path:
+        if not UPLOAD_ID.fullmatch(uuid):
+            raise UnknownUpload(f"no upload record can be named {shown(uuid)}")
         return self.directory / f"{uuid}.json"
 
     def load(self, uuid: str) -> UploadRecord:
@@ -117,9 +144,18 @@ class RemoteUpload:
         cls, client: RemoteClient, records: UploadRecords, name: str, label: str | None
     ) -> RemoteUpload:
         response = await client.request("POST", f"/v2/{name}/blobs/uploads/", expect=(202,))
-        uuid = response.headers.get("Docker-Upload-UUID") or response.headers["Location"]
+        location = response.headers.get("Location")
+        if not location:
+            raise RemoteError(f"upload in {name}: the registry gave no Location", status=202)
+        given = response.headers.get("Docker-Upload-UUID")
+        try:
+            # Without an id from the registry the record is named here.
+            uuid = check_upload_id(given) if given is not None else str(uuids.uuid4())
+        except UnsafeUploadId:
+            await _abandon(client, location)
+            raise
         started = datetime.now(UTC).replace(microsecond=0).isoformat()
-        record = UploadRecord(name, uuid, response.headers["Location"], started, label=label)
+        record = UploadRecord(name, uuid, location, started, label=label)
         records.save(record)
         return cls(client, records, record, Sha256State())
 
@@ -341,6 +377,14 @@ class RemoteUpload:
         except (RemoteNotFound, RemoteUnavailable):
             return False
         return True
+
+
+async def _abandon(client: RemoteClient, location: str) -> None:
+    """Cancel an upload that cannot be recorded, if the registry lets us; errors are moot."""
+    try:
+        await client.request("DELETE", location, expect=(202, 204, 404))
+    except (RemoteError, RemoteUnavailable) as exc:
+        log.debug("upload at %s left to the registry's purge: %s", client.name, exc)
 
 
 def _range_end(header: str | None, recorded: int) -> int:
