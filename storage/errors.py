@@ -66,3 +66,9 @@ class CorruptEntry(StorageError):
     def __init__(self, path: str, why: str) -> None:
         super().__init__(f"corrupt storage entry {path}: {why}")
         self.path = path
+
+
+class UnsafeEntry(CorruptEntry):
+    """An entry the filesystem driver will not go through: a symbolic link anywhere below the
+    root, or a hard-linked file opened for writing. Whoever can write a root (another user's
+    registry, a shared volume) must not steer the daemon, often root, to a file outside it."""

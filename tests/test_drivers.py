@@ -1,15 +1,43 @@
-"""One driver suite, run for every driver; each test must leave the driver empty."""
+"""One driver suite, run for every driver; each test must leave the driver empty.
+
+The filesystem driver runs twice: with openat2, and with the walk it falls back to where the
+kernel lacks openat2. Then the attacks of whoever can write a storage root (issue 13): symlinks
+and hard links to what lies outside it, and a reader's flock on an upload's data.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import trio
 
-from storage.drivers import FilesystemDriver, InvalidPath, PathNotFound, StorageDriver
-from storage.errors import Busy, InvalidOffset
+from storage.drivers import (
+    FilesystemDriver,
+    InMemoryDriver,
+    InvalidPath,
+    PathNotFound,
+    StorageDriver,
+)
+from storage.drivers.filesystem import LOCK_SUFFIX
+from storage.errors import Busy, InvalidOffset, UnsafeEntry
+
+
+@pytest.fixture(params=["inmemory", "filesystem", "filesystem-walk"])
+def driver(request, tmp_path) -> StorageDriver:
+    """conftest's driver, plus the filesystem driver on its openat2-less fallback."""
+    if request.param == "inmemory":
+        return InMemoryDriver()
+    return FilesystemDriver(tmp_path / "root", openat2=request.param == "filesystem")
 
 
 @pytest.fixture
@@ -147,27 +175,225 @@ async def test_one_writer_at_a_time(drv):
     await drv.delete("/w")
 
 
-async def test_writer_lock_holds_across_processes_and_dies_with_them(tmp_path):
-    drv = FilesystemDriver(tmp_path / "root")
-    await drv.put_content("/w/data", b"")
+HOLDER = """
+import fcntl, os, sys
+path, flags = sys.argv[1], getattr(os, sys.argv[2])
+try:
+    fd = os.open(path, flags | os.O_CREAT if flags != os.O_RDONLY else flags, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+except OSError as exc:
+    print(exc.strerror, flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def flock_held(path: Path, flags: str, user: str | None = None) -> Iterator[str]:
+    """Another process (as user, when given) that flocks path; yields what it said."""
+    # The system's python for another user: the project's venv may be private to root.
+    command = [sys.executable] if user is None else ["runuser", "-u", user, "--", "python3"]
     holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDWR);"
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
-            str(tmp_path / "root" / "w" / "data"),
-        ],
+        [*command, "-c", HOLDER, str(path), flags],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(Busy):
-            await drv.writer("/w/data")
+        yield holder.stdout.readline().strip()
     finally:
         holder.kill()
         holder.wait()
+
+
+async def test_writer_lock_holds_across_processes_and_dies_with_them(tmp_path):
+    drv = FilesystemDriver(tmp_path / "root")
+    await drv.put_content("/w/data", b"")
+    with flock_held(tmp_path / "root" / "w" / f"data{LOCK_SUFFIX}", "O_WRONLY") as said:
+        assert said == "locked"
+        with pytest.raises(Busy):
+            await drv.writer("/w/data")
     writer = await drv.writer("/w/data")  # a killed holder leaves no lock behind
     await writer.aclose()
+
+
+OTHER_USER = "regfs-test-other"
+
+
+@pytest.fixture
+def other_user() -> str:
+    """An unprivileged local user, made once for the suite when missing."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    if subprocess.run(["id", OTHER_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--no-create-home", OTHER_USER], check=True)
+    return OTHER_USER
+
+
+@pytest.fixture
+def shared_root() -> Iterator[Path]:
+    """A root every user can reach (pytest's tmp_path is private to root)."""
+    top = Path(tempfile.mkdtemp(prefix="regfs-shared-", dir="/tmp"))
+    top.chmod(0o755)
+    try:
+        yield top / "root"
+    finally:
+        shutil.rmtree(top)
+
+
+async def test_a_reader_cannot_lock_the_writer_out(other_user, shared_root):
+    """Issue 13, item 9: another user who can read an upload's data flocks it; the owner's
+    writer must still open at once, and that user can open the lock file in no way."""
+    drv = FilesystemDriver(shared_root)
+    umask = os.umask(0o022)
+    try:
+        writer = await drv.writer("/up/data")
+        await writer.write_at(0, b"first")
+        await writer.aclose()
+    finally:
+        os.umask(umask)
+    data = shared_root / "up" / "data"
+    lock = shared_root / "up" / f"data{LOCK_SUFFIX}"
+    assert lock.stat().st_mode & 0o777 == 0o600
+    with flock_held(data, "O_RDONLY", other_user) as said:
+        assert said == "locked"  # it can read the data, so it can flock it
+        with trio.fail_after(1):  # well inside LOCK_WAIT: no waiting on that lock at all
+            writer = await drv.writer("/up/data")
+        await writer.write_at(5, b" second")
+        await writer.aclose()
+    assert data.read_bytes() == b"first second"
+    for flags in ("O_RDONLY", "O_WRONLY", "O_RDWR"):
+        with flock_held(lock, flags, other_user) as said:
+            assert said == "Permission denied", flags
+
+
+async def test_no_writer_through_a_hard_link(tmp_path):
+    """A second name of an upload's data could be a file outside the root: never written."""
+    drv = FilesystemDriver(tmp_path / "root")
+    await drv.put_content("/up/keep", b"")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    os.link(outside, tmp_path / "root" / "up" / "data")
+    with pytest.raises(UnsafeEntry):
+        await drv.writer("/up/data")
+    assert outside.read_bytes() == b"precious"
+
+
+# --------------------------------------------------------------------------- symlinks
+
+
+@dataclass
+class Planted:
+    """A root holding symlinks to outside it: `file` to a secret file, `dir` to a directory
+    holding a file `keep`, `loop` to itself, `dangling` to nothing, and a plain `real`."""
+
+    drv: FilesystemDriver
+    root: Path
+    outside: Path
+
+    def untouched(self) -> None:
+        found = {
+            str(p.relative_to(self.outside)): p.read_bytes() if p.is_file() else None
+            for p in sorted(self.outside.rglob("*"))
+        }
+        assert found == {"secret": b"secret", "dir": None, "dir/keep": b"keep"}
+
+
+@pytest.fixture(params=["openat2", "walk"])
+def planted(request, tmp_path) -> Planted:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "secret").write_bytes(b"secret")
+    (outside / "dir" / "keep").write_bytes(b"keep")
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "real").write_bytes(b"real")
+    (root / "a" / "file").symlink_to(outside / "secret")
+    (root / "a" / "dir").symlink_to(outside / "dir")
+    (root / "a" / "loop").symlink_to(root / "a" / "loop")
+    (root / "a" / "dangling").symlink_to(outside / "nothing")
+    return Planted(FilesystemDriver(root, openat2=request.param == "openat2"), root, outside)
+
+
+THROUGH = ["/a/file", "/a/dir/keep", "/a/loop", "/a/loop/x", "/a/dangling", "/a/dir/new"]
+
+
+@pytest.mark.parametrize("path", THROUGH)
+async def test_no_read_or_stat_through_a_symlink(planted, path, caplog):
+    drv = planted.drv
+    for call in (drv.get_content, drv.reader, drv.stat, drv.list):
+        with pytest.raises(UnsafeEntry):
+            await call(path)
+    assert "symbolic link" in caplog.text
+    planted.untouched()
+
+
+@pytest.mark.parametrize("path", THROUGH)
+async def test_no_write_through_a_symlink(planted, path):
+    drv = planted.drv
+    with pytest.raises(UnsafeEntry):
+        await drv.writer(path)
+    with pytest.raises(UnsafeEntry):
+        await drv.move("/a/real", path + "/x")
+    with pytest.raises(UnsafeEntry):
+        await drv.move(path, "/b")
+    with pytest.raises(UnsafeEntry):
+        await drv.put_content(path + "/x", b"x")
+    planted.untouched()
+    assert (planted.root / "a" / "real").read_bytes() == b"real"
+
+
+async def test_put_content_replaces_a_symlink_never_its_target(planted):
+    await planted.drv.put_content("/a/file", b"new")
+    assert not (planted.root / "a" / "file").is_symlink()
+    assert await planted.drv.get_content("/a/file") == b"new"
+    planted.untouched()
+
+
+async def test_listing_leaves_symlinks_out(planted):
+    drv = planted.drv
+    assert await drv.list("/a") == ["real"]
+    assert await drv.symlinks("/a") == ["dangling", "dir", "file", "loop"]
+    assert [i.path async for i in drv.walk("/")] == ["/a", "/a/real"]
+    with pytest.raises(PathNotFound):
+        await drv.symlinks("/nope")
+
+
+async def test_delete_removes_links_not_their_targets(planted):
+    drv = planted.drv
+    with pytest.raises(UnsafeEntry):
+        await drv.delete("/a/dir/keep")
+    await drv.delete("/a/dir")  # the link itself
+    assert not (planted.root / "a" / "dir").exists()
+    (planted.root / "a" / "sub").mkdir()
+    (planted.root / "a" / "sub" / "hashstates").symlink_to(planted.outside / "dir")
+    await drv.delete("/a")  # a tree holding links: each unlinked, none followed
+    assert not (planted.root / "a").exists()
+    planted.untouched()
+
+
+async def test_a_symlinked_parent_is_refused_when_making_directories(planted):
+    drv = planted.drv
+    for path in ("/a/dir/deeper/new", "/a/file/new"):
+        with pytest.raises(UnsafeEntry):
+            await drv.put_content(path, b"x")
+        with pytest.raises(UnsafeEntry):
+            await drv.writer(path)
+    planted.untouched()
+
+
+async def test_without_openat2_paths_are_walked(tmp_path, monkeypatch):
+    """A kernel (or seccomp filter) without openat2: ENOSYS once, then the walk, for good."""
+    from storage.drivers import filesystem
+
+    def enosys(*args: object) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(filesystem, "_openat2", enosys)
+    monkeypatch.setattr(filesystem, "_openat2_works", None)
+    drv = FilesystemDriver(tmp_path / "root")
+    assert drv._resolve is filesystem._walk_open
+    await drv.put_content("/a/b", b"x")
+    (tmp_path / "root" / "a" / "c").symlink_to(tmp_path)
+    with pytest.raises(UnsafeEntry):
+        await drv.stat("/a/c/root")
+    assert await drv.get_content("/a/b") == b"x"

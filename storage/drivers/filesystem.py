@@ -1,5 +1,14 @@
 """The filesystem driver: the same tree the registry's filesystem driver keeps under its root.
 
+No path below the root is resolved through a symbolic link: whoever can write the root (a
+registry run by another user, a shared volume) must not steer the daemon, usually root, to
+read, write or delete anything outside it. The root is opened once; every call opens its path
+from that descriptor with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) or, where the kernel
+(or a seccomp filter) lacks openat2, by a walk of one O_NOFOLLOW open per component. A symlink
+met anywhere is UnsafeEntry for that entry (EIO through the mount, logged); listings leave
+symlinks out, so the rest of a directory stays reachable; trees are removed through directory
+descriptors, which never follow a link.
+
 Small local calls (stat, a link file, a read of up to a FUSE request) run inline: a thread hop
 costs more than they do. Calls that may block for long (fsync, large reads, tree deletes) go to
 a worker thread.
@@ -7,19 +16,21 @@ a worker thread.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import secrets
 import shutil
 import stat as statmod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 import trio
 
-from ..errors import Busy, InvalidOffset
+from ..errors import Busy, CorruptEntry, InvalidOffset, UnsafeEntry
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 
 log = logging.getLogger(__name__)
@@ -29,13 +40,90 @@ INLINE_READ_LIMIT = 1 << 20
 # tempfile.mkstemp's 0600 would lock a registry running as another user (Debian's service
 # runs as `docker-registry`) out of every link, startedat and hash state regfs writes.
 FILE_MODE = 0o666
+DIR_MODE = 0o777
+# A writer's lock file: writable as the data file is (after the umask), readable by nobody
+# else, so only a user who could write the data anyway can open it to take the lock.
+LOCK_MODE = 0o622
+LOCK_SUFFIX = ".regfs-lock"
 # How long a writer waits for another's lock before Busy. A mount's writer lets go in FUSE's
 # release, which comes after close() has returned: another process (another mount) that
 # opens the file at once would be refused for a few milliseconds without this wait.
 LOCK_WAIT = 2.0
 
+_O_BENEATH = os.O_NOFOLLOW | os.O_CLOEXEC  # added to every open below the root
+_SYS_OPENAT2 = 437  # the same on x86_64 and aarch64 (every architecture's table since 5.6)
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
 
-async def _lock(fd: int, path: str) -> None:
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_syscall = ctypes.CDLL(None, use_errno=True).syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = [
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_char_p,
+    ctypes.POINTER(_OpenHow),
+    ctypes.c_size_t,
+]
+
+
+@functools.cache
+def _how(flags: int, mode: int) -> _OpenHow:
+    """The open_how of these flags, built once: a stat per tag listed must stay cheap."""
+    return _OpenHow(flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+
+
+def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
+    """openat2(2), which Python 3.11 lacks: no symlink, no `..` and no absolute path leads
+    out of dirfd (ELOOP for a symlink anywhere on the path)."""
+    how = _how(flags, mode)
+    fd = _syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, ctypes.sizeof(how))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    return fd
+
+
+def _walk_open(dirfd: int, path: str, flags: int, mode: int) -> int:
+    """openat2's job without it: one O_NOFOLLOW directory open per component. A symlink on
+    the way fails with ENOTDIR (O_DIRECTORY sees the link), the last one with ELOOP."""
+    *parents, leaf = path.split("/")
+    fd = dirfd
+    try:
+        for name in parents:
+            child = os.open(name, os.O_PATH | os.O_DIRECTORY | _O_BENEATH, dir_fd=fd)
+            if fd != dirfd:
+                os.close(fd)
+            fd = child
+        return os.open(leaf, flags, mode, dir_fd=fd)
+    finally:
+        if fd != dirfd:
+            os.close(fd)
+
+
+_openat2_works: bool | None = None
+
+
+def _openat2_usable(dirfd: int) -> bool:
+    """Whether openat2 works here (Linux 5.6+, no seccomp filter refusing it); asked once."""
+    global _openat2_works
+    if _openat2_works is None:
+        try:
+            os.close(_openat2(dirfd, ".", os.O_PATH | os.O_CLOEXEC, 0))
+            _openat2_works = True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            log.info("openat2 unavailable (%s): paths are walked a component at a time", exc)
+            _openat2_works = False
+    return _openat2_works
+
+
+async def _flock(fd: int, path: str) -> None:
     """flock(LOCK_EX), polled (a blocking flock would hold a thread) for up to LOCK_WAIT."""
     deadline = trio.current_time() + LOCK_WAIT
     delay = 0.005
@@ -48,14 +136,6 @@ async def _lock(fd: int, path: str) -> None:
                 raise Busy(f"{path} is being written by another writer") from None
         await trio.sleep(delay)
         delay = min(delay * 2, 0.1)
-
-
-@contextmanager
-def _not_found_as(path: str) -> Iterator[None]:
-    try:
-        yield
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise PathNotFound(path) from exc
 
 
 class _Reader(FileReader):
@@ -77,9 +157,10 @@ class _Reader(FileReader):
 
 
 class _Writer(FileWriter):
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, lock: int, size: int) -> None:
         self._fd = fd
-        self.size = os.fstat(fd).st_size
+        self._lock = lock
+        self.size = size
 
     def write_at_blocking(self, offset: int, data: bytes) -> None:
         if not 0 <= offset <= self.size:
@@ -102,15 +183,16 @@ class _Writer(FileWriter):
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+            os.close(self._lock)
 
 
-def _create_temp(directory: str) -> tuple[int, str]:
-    """Like mkstemp, but with the registry's file mode (umask applied) instead of 0600."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+def _create_temp(dirfd: int) -> tuple[int, str]:
+    """Like mkstemp in dirfd, but with the registry's file mode (umask applied), not 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BENEATH
     while True:
-        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+        tmp = f".tmp-{secrets.token_hex(8)}"
         try:
-            return os.open(tmp, flags, FILE_MODE), tmp
+            return os.open(tmp, flags, FILE_MODE, dir_fd=dirfd), tmp
         except FileExistsError:
             continue
 
@@ -118,27 +200,99 @@ def _create_temp(directory: str) -> tuple[int, str]:
 class FilesystemDriver(StorageDriver):
     name = "filesystem"
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], openat2: bool = True) -> None:
+        """openat2=False walks paths component by component even where openat2 works (the
+        fallback, for tests)."""
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
+        # The root itself is the operator's choice: a symlink naming it is followed, once.
+        self._fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        use = openat2 and _openat2_usable(self._fd)
+        self._resolve: Callable[[int, str, int, int], int] = _openat2 if use else _walk_open
+
+    def __del__(self) -> None:
+        with suppress(AttributeError, OSError):
+            os.close(self._fd)
 
     def __repr__(self) -> str:
         return f"FilesystemDriver({self.root!r})"
 
     def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.root)
+        return os.statvfs(self._fd)
 
-    def _full(self, path: str) -> str:
-        return self.root + path
+    # -- resolving beneath the root ------------------------------------------------------
+
+    def _refusal(self, exc: OSError, path: str) -> Exception:
+        """What an OSError met on path means: a symlink on it (ELOOP; EXDEV: out of the
+        root; ENOTDIR when the symlink is a directory's) is UnsafeEntry, an absent one
+        PathNotFound, anything else itself."""
+        code = exc.errno
+        if code in (errno.ELOOP, errno.EXDEV) or (code == errno.ENOTDIR and self._linked(path)):
+            log.error("%s: a symbolic link in the storage root, never followed: refused", path)
+            return UnsafeEntry(path, "a symbolic link (or one on its way), never followed")
+        if code in (errno.ENOENT, errno.ENOTDIR):
+            return PathNotFound(path)
+        return exc
+
+    @contextmanager
+    def _beneath(self, path: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise self._refusal(exc, path) from None
+
+    def _linked(self, path: str) -> bool:
+        """Whether a component of path is a symlink. Only after an ENOTDIR (a symlink and a
+        file look alike to O_DIRECTORY): lstat of each prefix in turn reads no link's target."""
+        parts = path.strip("/").split("/")
+        for end in range(1, len(parts) + 1):
+            try:
+                st = os.stat("/".join(parts[:end]), dir_fd=self._fd, follow_symlinks=False)
+            except OSError:
+                return False
+            if not statmod.S_ISDIR(st.st_mode):
+                return statmod.S_ISLNK(st.st_mode)
+        return False
+
+    def _open(self, path: str, flags: int, mode: int = 0) -> int:
+        """A descriptor of path, opened beneath the root with no symlink followed."""
+        with self._beneath(path):
+            return self._resolve(self._fd, path[1:] or ".", flags | _O_BENEATH, mode)
+
+    def _parent(self, path: str, create: bool = False) -> tuple[int, str]:
+        """A descriptor (O_PATH) of path's directory, made first when create, and its name."""
+        head, _, leaf = path.rpartition("/")
+        try:
+            return self._open(head or "/", os.O_PATH | os.O_DIRECTORY), leaf
+        except PathNotFound:
+            if not create:
+                raise
+        return self._makedirs(head), leaf
+
+    def _makedirs(self, path: str) -> int:
+        """os.makedirs beneath the root: each directory made and opened in the one before."""
+        fd = os.dup(self._fd)
+        try:
+            for name in path.strip("/").split("/"):
+                with self._beneath(path):
+                    with suppress(FileExistsError):
+                        os.mkdir(name, DIR_MODE, dir_fd=fd)
+                    child = os.open(name, os.O_PATH | os.O_DIRECTORY | _O_BENEATH, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # -- the driver's calls --------------------------------------------------------------
 
     def _open_file(self, path: str) -> int:
         """A descriptor of the regular file at path, for reading. Anything else (a directory,
         a FIFO, a socket, a device) is absent, as in the in-memory driver. O_NONBLOCK: a FIFO
         without a writer would block its open, and with it the whole daemon."""
         try:
-            fd = os.open(self._full(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except (FileNotFoundError, NotADirectoryError):
-            raise PathNotFound(path) from None
+            fd = self._open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             if exc.errno != errno.ENXIO:
                 raise
@@ -157,60 +311,137 @@ class FilesystemDriver(StorageDriver):
             return f.read()
 
     async def _put_content(self, path: str, data: bytes) -> None:
-        await trio.to_thread.run_sync(self._put_sync, self._full(path), data)
+        await trio.to_thread.run_sync(self._put_sync, path, data)
 
-    @staticmethod
-    def _put_sync(full: str, data: bytes) -> None:
-        directory = os.path.dirname(full)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = _create_temp(directory)
+    def _put_sync(self, path: str, data: bytes) -> None:
+        """Write a temp file beside path and rename it over path (a symlink there is replaced,
+        never followed: rename(2) acts on the name)."""
+        parent, leaf = self._parent(path, create=True)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, full)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            fd, tmp = _create_temp(parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                with self._beneath(path):
+                    os.replace(tmp, leaf, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+        finally:
+            os.close(parent)
 
     async def _reader(self, path: str) -> FileReader:
         return _Reader(self._open_file(path))
 
     async def _writer(self, path: str) -> FileWriter:
-        full = self._full(path)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        parent, leaf = self._parent(path, create=True)
         try:
-            await _lock(fd, path)
+            with self._beneath(path):
+                fd = os.open(leaf, os.O_RDWR | os.O_CREAT | _O_BENEATH, FILE_MODE, dir_fd=parent)
+            try:
+                st = os.fstat(fd)
+                if not statmod.S_ISREG(st.st_mode):
+                    raise CorruptEntry(path, f"of mode {st.st_mode:o}, not a regular file")
+                # A second name of the file could be anywhere on the same filesystem, outside
+                # the root too: writing through it would change a file nobody meant. The
+                # registry never makes hard links (and protected_hardlinks limits who can).
+                if st.st_nlink > 1:
+                    log.error("%s has %d hard links: not written through", path, st.st_nlink)
+                    raise UnsafeEntry(path, f"{st.st_nlink} hard links: not written through")
+                lock = await self._lock(parent, leaf, path)
+            except BaseException:
+                os.close(fd)
+                raise
+        finally:
+            os.close(parent)
+        return _Writer(fd, lock, st.st_size)
+
+    async def _lock(self, parent: int, leaf: str, path: str) -> int:
+        """The writer's exclusive flock, on `<name>.regfs-lock` beside the file.
+
+        Not on the file itself: anyone who can read a file can flock it, and would keep its
+        writer out (Busy). The lock file is opened write-only and made unreadable by others
+        (LOCK_MODE), so only a user who could write the data can take it. It stays, and goes
+        with its directory: removing it on close would let two writers lock two files of the
+        same name. flock dies with its process, and the registry, which never locks, never
+        sees it.
+        """
+        with self._beneath(path + LOCK_SUFFIX):
+            fd = os.open(
+                leaf + LOCK_SUFFIX,
+                os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | _O_BENEATH,
+                LOCK_MODE,
+                dir_fd=parent,
+            )
+        try:
+            await _flock(fd, path)
         except BaseException:
             os.close(fd)
             raise
-        return _Writer(fd)
+        return fd
 
     async def _stat(self, path: str) -> FileInfo:
+        fd = self._open(path, os.O_PATH)  # O_PATH|O_NOFOLLOW: a last symlink is opened as such
         try:
-            st = os.stat(self._full(path))
-        except (FileNotFoundError, NotADirectoryError):
-            raise PathNotFound(path) from None
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if statmod.S_ISLNK(st.st_mode):
+            raise self._refusal(OSError(errno.ELOOP, "a symbolic link"), path)
         return FileInfo(path, st.st_size, st.st_mtime_ns, statmod.S_ISDIR(st.st_mode))
 
+    def _scan(self, path: str) -> tuple[list[str], list[str]]:
+        """The sorted names in a directory: its entries that are no symlink, and those that are."""
+        names: list[str] = []
+        links: list[str] = []
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    (links if entry.is_symlink() else names).append(entry.name)
+        finally:
+            os.close(fd)
+        return sorted(names), sorted(links)
+
     async def _list(self, path: str) -> list[str]:
-        full = self.root if path == "/" else self._full(path)
-        with _not_found_as(path):
-            return sorted(os.listdir(full))
+        names, links = self._scan(path)
+        for name in links:
+            log.error("%s/%s: a symbolic link in the storage root: not listed", path, name)
+        return names
+
+    async def _symlinks(self, path: str) -> list[str]:
+        return self._scan(path)[1]
 
     async def _move(self, source: str, dest: str) -> None:
-        full_dest = self._full(dest)
-        os.makedirs(os.path.dirname(full_dest), exist_ok=True)
-        with _not_found_as(source):
-            os.rename(self._full(source), full_dest)
+        src_parent, src_leaf = self._parent(source)
+        try:
+            with self._beneath(source):
+                mode = os.stat(src_leaf, dir_fd=src_parent, follow_symlinks=False).st_mode
+            if statmod.S_ISLNK(mode):
+                raise self._refusal(OSError(errno.ELOOP, "a symbolic link"), source)
+            dst_parent, dst_leaf = self._parent(dest, create=True)
+            try:
+                with self._beneath(source):
+                    os.rename(src_leaf, dst_leaf, src_dir_fd=src_parent, dst_dir_fd=dst_parent)
+            finally:
+                os.close(dst_parent)
+        finally:
+            os.close(src_parent)
 
     async def _delete(self, path: str) -> None:
-        full = self._full(path)
-        with _not_found_as(path):
-            if os.path.isdir(full) and not os.path.islink(full):
-                await trio.to_thread.run_sync(shutil.rmtree, full)
-            else:
-                os.unlink(full)
+        """Remove the name at path; a symlink is unlinked, never followed, and a tree is
+        removed through directory descriptors (rmtree with dir_fd follows no link)."""
+        parent, leaf = self._parent(path)
+        try:
+            with self._beneath(path):
+                mode = os.stat(leaf, dir_fd=parent, follow_symlinks=False).st_mode
+                if statmod.S_ISDIR(mode):
+                    rmtree = functools.partial(shutil.rmtree, leaf, dir_fd=parent)
+                    await trio.to_thread.run_sync(rmtree)
+                else:
+                    os.unlink(leaf, dir_fd=parent)
+        finally:
+            os.close(parent)
