@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         except MountError as exc:
             print(f"regfs {args.command}: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:  # damage no check foresaw: one line and 2, never a traceback
+            print(f"regfs {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
     try:
         options = mount_options(args)
         if args.foreground:

@@ -1,22 +1,25 @@
 """A read-only consistency check of a registry root, and the upload purger.
 
-Findings are of two severities: DAMAGE (something points at nothing, or content is not what
-its digest says) and MAINTENANCE (what garbage collection or the upload purger would remove).
+Findings are of two severities: DAMAGE (something points at nothing, content is not what its
+digest says, a symbolic link in the root) and MAINTENANCE (what garbage collection or the
+upload purger would remove).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import trio
 
 from .blobs import read_link
 from .digests import Digest, Sha256State
 from .drivers import PathNotFound, StorageDriver
+from .drivers.base import join
 from .errors import CorruptEntry, InvalidName, UnknownUpload
 from .paths import (
     BlobsDir,
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_PURGE_AGE = timedelta(hours=168)  # the registry's default uploadpurging age
 HASH_CHUNK = 4 << 20
+T = TypeVar("T")
 
 
 class Severity(enum.IntEnum):
@@ -84,7 +88,12 @@ class Checker:
                         str(digest),
                         f"content hashes to {actual}",
                     )
+        async for finding in self._symlinks("/"):
+            yield finding
         async for info in self.driver.walk("/"):
+            if info.is_dir:
+                async for finding in self._symlinks(info.path):
+                    yield finding
             if info.path.rpartition("/")[2].startswith(".tmp-"):
                 yield Finding(
                     Severity.MAINTENANCE,
@@ -92,6 +101,17 @@ class Checker:
                     info.path,
                     "left by an interrupted write; safe to delete",
                 )
+
+    async def _symlinks(self, directory: str) -> AsyncIterator[Finding]:
+        """Symbolic links, which neither regfs nor this check follow (whoever can write the
+        root must not reach outside it through the daemon): each is EIO or absent for regfs."""
+        for name in await self.driver.symlinks(directory):
+            yield Finding(
+                Severity.DAMAGE,
+                "symlink",
+                join(directory, name),
+                "a symbolic link in the root, never followed: put the real entry there",
+            )
 
     async def _blobs(self) -> AsyncIterator[Digest]:
         root = path_for(BlobsDir())
@@ -104,7 +124,7 @@ class Checker:
                 try:
                     digest = Digest.parse(f"sha256:{name}")
                     await self.driver.stat(f"{root}/{fanout}/{name}/data")
-                except (InvalidName, PathNotFound):
+                except (InvalidName, PathNotFound, CorruptEntry):  # a symlink: reported apart
                     continue
                 yield digest
 
@@ -132,14 +152,14 @@ class Checker:
 
     async def _repository(self, name: str, blobs: set[Digest]) -> AsyncIterator[Finding]:
         repo = self.registry.repository(name)
-        layers = [(d, path_for(LayerLink(name, d))) for d in await repo.layers.list()]
+        layers = [(d, path_for(LayerLink(name, d))) for d in await _listed(repo.layers.list())]
         async for finding in self._links("layer", layers, blobs):
             yield finding
-        revisions = await repo.manifests.list()
+        revisions = await _listed(repo.manifests.list())
         links = [(d, path_for(RevisionLink(name, d))) for d in revisions]
         async for finding in self._links("manifest", links, blobs):
             yield finding
-        for tag in await repo.tags.list():
+        for tag in await _listed(repo.tags.list()):
             path = path_for(TagCurrentLink(name, tag))
             try:
                 target = await read_link(self.driver, path)
@@ -214,16 +234,27 @@ async def _upload_dirs(driver: StorageDriver, name: str) -> list[str]:
     """Every upload directory, with or without a start time."""
     try:
         entries = await driver.list(path_for(UploadsDir(name)))
-    except PathNotFound:
+    except (PathNotFound, CorruptEntry):  # a symlinked `_uploads`: reported, never followed
         return []
     return [e for e in entries if UUID_RE.fullmatch(e)]
 
 
+async def _listed(listing: Awaitable[list[T]]) -> list[T]:
+    """A section's entries; none where a symlink stands for its directory (reported apart)."""
+    try:
+        return await listing
+    except CorruptEntry:
+        return []
+
+
 async def _holds_data(driver: StorageDriver, name: str, uuid: str) -> bool:
+    """Whether the upload's data is there: a symlink counts, so it is never purged as empty."""
     try:
         await driver.stat(path_for(UploadData(name, uuid)))
     except PathNotFound:
         return False
+    except CorruptEntry:
+        pass
     return True
 
 

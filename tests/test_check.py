@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -145,3 +147,91 @@ async def test_dataless_leftover_is_maintenance_and_purged(registry):
     purged = await purge_uploads(driver, timedelta(days=7))
     assert [p.uuid for p in purged] == [leftover.uuid]
     assert await check(driver) == []
+
+
+def plant_symlinks(root: Path, outside: Path, stale_uuid: str) -> dict[str, str]:
+    """Issue 13's attacks on a root, by whoever can write it: a blob's data linked to a
+    secret, a repository's `_uploads` linked to a directory holding a stale upload (so a
+    purge that followed it would delete it), an upload's `hashstates/sha256` linked to a
+    directory, and a link loop. Returns each outside file's content, to prove it untouched."""
+    (outside / "uploads" / stale_uuid).mkdir(parents=True)
+    (outside / "uploads" / stale_uuid / "startedat").write_bytes(b"2020-01-01T00:00:00Z")
+    (outside / "uploads" / stale_uuid / "data").write_bytes(b"someone's bytes")
+    (outside / "states").mkdir()
+    (outside / "states" / "0").write_bytes(b"keep")
+    (outside / "secret").write_bytes(b"secret")
+    v2 = root / "docker" / "registry" / "v2"
+    secret = digest_bytes(b"secret")
+    blob = v2 / "blobs" / "sha256" / secret.hex[:2] / secret.hex
+    blob.mkdir(parents=True)
+    (blob / "data").symlink_to(outside / "secret")
+    repos = v2 / "repositories"
+    (repos / "org" / "linked" / "_layers").mkdir(parents=True)
+    (repos / "org" / "linked" / "_uploads").symlink_to(outside / "uploads")
+    (repos / "org" / "loop").mkdir(parents=True)
+    (repos / "org" / "loop" / "_layers").symlink_to(repos / "org" / "loop" / "_layers")
+    uploads = repos / "org" / "app" / "_uploads"
+    upload = next(p for p in uploads.iterdir())
+    shutil.rmtree(upload / "hashstates" / "sha256")
+    (upload / "hashstates" / "sha256").symlink_to(outside / "states")
+    return {str(p.relative_to(outside)): p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+
+
+async def test_symlinks_are_damage_and_never_followed(tmp_path):
+    """check reports every symlink in the root as damage; check and purge-uploads follow
+    none (a purge through a linked `_uploads` deleted what it pointed at)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    driver = FilesystemDriver(root)
+    registry = Registry(driver)
+    await healthy(registry)
+    upload = await registry.repository("org/app").layers.upload()
+    await upload.write(b"partial")
+    await upload.close()
+    stale = "01234567-89ab-4def-8123-456789abcdef"
+    files = plant_symlinks(root, outside, stale)
+    before = await snapshot(driver)
+
+    findings = await check(driver, verify=True)
+    links = sorted(f.path for f in findings if f.kind == "symlink")
+    assert all(f.severity == Severity.DAMAGE for f in findings if f.kind == "symlink")
+    secret = digest_bytes(b"secret")
+    v2 = "/docker/registry/v2"
+    assert links == [
+        f"{v2}/blobs/sha256/{secret.hex[:2]}/{secret.hex}/data",
+        f"{v2}/repositories/org/app/_uploads/{upload.uuid}/hashstates/sha256",
+        f"{v2}/repositories/org/linked/_uploads",
+        f"{v2}/repositories/org/loop/_layers",
+    ]
+    purged = await purge_uploads(driver, timedelta(hours=1))
+    assert purged == []
+    assert (root / links[2].lstrip("/")).is_symlink()
+    assert await snapshot(driver) == before
+    assert {
+        str(p.relative_to(outside)): p.read_bytes() for p in outside.rglob("*") if p.is_file()
+    } == files
+
+    result = regfs("check", str(root))
+    assert result.returncode == 2, result
+    assert result.stdout.count("damage: symlink:") == 4
+    assert "Traceback" not in result.stderr
+    assert regfs("purge-uploads", str(root), "--older-than", "1h").returncode == 0
+    assert (outside / "uploads" / stale / "data").exists()
+
+
+def test_a_crash_is_exit_2_in_one_line(tmp_path, monkeypatch, capsys):
+    """Whatever check meets that it did not foresee: exit 2, one line, no traceback."""
+    from regfs import cli
+
+    async def crash(*args: object) -> None:
+        raise OSError(errno.ELOOP, "Too many levels of symbolic links", "somewhere")
+
+    monkeypatch.setattr(cli, "check", crash)
+    monkeypatch.setattr(cli, "purge_uploads", crash)
+    (tmp_path / "root").mkdir()
+    assert cli.main(["check", str(tmp_path / "root")]) == 2
+    assert cli.main(["purge-uploads", str(tmp_path / "root"), "--older-than", "1h"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "regfs check: OSError: [Errno 40] Too many levels of symbolic links: 'somewhere'",
+        "regfs purge-uploads: OSError: [Errno 40] Too many levels of symbolic links: 'somewhere'",
+    ]
