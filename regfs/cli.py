@@ -36,6 +36,7 @@ from .options import (
 from .sources import (
     SUPPORTED,
     check_source,
+    check_storage_root,
     is_remote,
     open_registry,
     refuse_host_like,
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts"
     )
     mount.add_argument("-r", "--read-only", action="store_true", help="refuse every write")
+    mount.add_argument(
+        "--init",
+        action="store_true",
+        help="make SOURCE a storage root even though it holds other files",
+    )
     mount.add_argument("-d", "--debug", action="store_true", help="log each FUSE operation")
     mount.add_argument("--log", metavar="FILE", help="log to FILE")
     mount.add_argument(
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPTS",
         help="mount options: ro, allow_other, uid=, gid=, file_mode=, dir_mode=, "
-        "tag_ttl=, read_ahead_kb=, log=, debug; remote: insecure, ca_file=, username=, "
+        "tag_ttl=, read_ahead_kb=, log=, debug, init; remote: insecure, ca_file=, username=, "
         "timeout= (seconds a registry may take to answer, 30)",
     )
     remote = mount.add_argument_group("remote registries (SOURCE is https://HOST[:PORT])")
@@ -184,8 +190,10 @@ def parse_duration(text: str) -> timedelta:
 
 
 def existing_root(path: str) -> FilesystemDriver:
-    if not os.path.isdir(path):
-        raise MountError(f"{path} is not a directory")
+    try:
+        check_storage_root(path, missing_ok=False)
+    except ValueError as exc:
+        raise MountError(str(exc)) from None
     return FilesystemDriver(path)
 
 
@@ -228,7 +236,12 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     options.username, options.password = user, password
     for text in args.o_options:
         apply_o_options(options, text)
-    flags = {"read_only": args.read_only, "allow_other": args.allow_other, "debug": args.debug}
+    flags = {
+        "read_only": args.read_only,
+        "allow_other": args.allow_other,
+        "debug": args.debug,
+        "init": args.init,
+    }
     for name, value in flags.items():
         if value:
             setattr(options, name, True)
@@ -295,6 +308,7 @@ def child_command(options: MountOptions, ready_fd: int, password_fd: int | None)
         ("--allow-other", options.allow_other),
         ("--debug", options.debug),
         ("--insecure", options.insecure),
+        ("--init", options.init),
     ):
         if on:
             command.append(flag)

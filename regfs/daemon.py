@@ -10,7 +10,10 @@ import faulthandler
 import logging
 import os
 import signal
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO
 
 import pyfuse3
 import trio
@@ -57,6 +60,43 @@ async def _serve(ops: Operations, on_ready: Callable[[], None]) -> None:
     await ops.tree.registry.aclose()
 
 
+@contextmanager
+def _stderr_to(fd: int) -> Iterator[None]:
+    """Send fd 2 (ours and our children's) to fd for a while, then put it back."""
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _mount(ops: Operations, options: MountOptions) -> None:
+    """pyfuse3.init, with the reason a mount failed in the error.
+
+    libfuse and the fusermount3 it runs say why a mount failed (`option allow_other only
+    allowed if 'user_allow_other' is set`, `mount failed: Operation not permitted`) on
+    stderr only, and pyfuse3 raises a bare "fuse_session_mount failed": a background
+    daemon's stderr is its log, so the user would never see the words."""
+    with tempfile.TemporaryFile() as said:
+        try:
+            with _stderr_to(said.fileno()):
+                pyfuse3.init(ops, options.mountpoint, options.fuse_options())
+        except RuntimeError as exc:
+            words = _words(said)
+            raise RuntimeError(f"{exc}: {words}" if words else str(exc)) from None
+        words = _words(said)
+    if words:
+        log.warning("mount: libfuse said: %s", words)
+
+
+def _words(said: IO[bytes]) -> str:
+    """What was written to said (the first 4 KiB), on one line."""
+    said.seek(0)
+    return " ".join(said.read(4096).decode(errors="replace").split())
+
+
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount and serve; returns once unmounted. Errors before the mount is up propagate."""
     registry = open_registry(options)
@@ -69,7 +109,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     # the mount and the receiver would kill the daemon by default and leave a dead mount.
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        pyfuse3.init(ops, options.mountpoint, options.fuse_options())
+        _mount(ops, options)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         raise

@@ -23,6 +23,7 @@ class MountOptions:
     dir_mode: int = 0o755
     tag_ttl: float = DEFAULT_TAG_TTL
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
+    init: bool = False  # make a non-empty directory a storage root
     # Remote sources (http:// and https://).
     insecure: bool = False
     ca_file: str | None = None
@@ -59,7 +60,13 @@ def _fsname(source: str) -> str:
 
 
 # -o names → (field, parser). Flags take no value.
-_FLAGS = {"ro": "read_only", "allow_other": "allow_other", "debug": "debug", "insecure": "insecure"}
+_FLAGS = {
+    "ro": "read_only",
+    "allow_other": "allow_other",
+    "debug": "debug",
+    "insecure": "insecure",
+    "init": "init",
+}
 _VALUES = {
     "uid": ("uid", int),
     "gid": ("gid", int),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -59,9 +60,39 @@ def refuse_host_like(source: str) -> None:
         )
 
 
+# What a registry's filesystem driver keeps under its root, and what a volume may add.
+REGISTRY_TREE = os.path.join("docker", "registry")
+_VOLUME_EXTRAS = {"lost+found"}
+
+
+def check_storage_root(path: str, *, missing_ok: bool, init: bool = False) -> None:
+    """Refuse a path that is not a registry storage root, so that a typo (`regfs mount /etc
+    MNT`) is not mounted as an empty, writable registry. A root is a directory holding the
+    registry's tree, or nothing yet (a new root); `init` makes any directory one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise ValueError(f"{path} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is not a directory (a storage root is a directory)")
+    if init or os.path.isdir(os.path.join(path, REGISTRY_TREE)):
+        return
+    others = sorted(set(os.listdir(path)) - _VOLUME_EXTRAS)
+    if others:
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise ValueError(
+            f"{path} is not a registry storage root: it has no {REGISTRY_TREE}/ but holds "
+            f"{shown} (--init makes it one anyway)"
+        )
+
+
 def open_registry(options: MountOptions) -> AnyRegistry:
     """The registry SOURCE names; nothing is contacted yet (see check_source)."""
     if not is_remote(options.source):
+        if options.source != "inmemory:":
+            check_storage_root(options.source, missing_ok=True, init=options.init)
         try:
             return Registry(open_driver(options.source))
         except ValueError:

@@ -351,3 +351,75 @@ async def test_bad_read_ahead_fails_clearly(root, tmp_path):
         assert result.returncode != 0, args
         assert "read_ahead_kb" in result.stderr or "read-ahead-kb" in result.stderr, result.stderr
         assert not is_mounted(tmp_path / "mnt")
+
+
+# --------------------------------------------------------------------------- clear refusals
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda p: p.write_text("x"), "is not a directory"),
+        (lambda p: (p.mkdir(), (p / "passwd").write_text("root:x:0:0\n")), "not a registry"),
+    ],
+    ids=["file", "other-directory"],
+)
+def test_a_source_that_is_no_storage_root_is_refused(tmp_path, make, words):
+    """`regfs mount /etc MNT` mounted an empty, writable registry over nothing of /etc;
+    a file as SOURCE ended in a traceback. Both are one line and exit 2; nothing changes."""
+    source = tmp_path / "source"
+    make(source)
+    (tmp_path / "mnt").mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = regfs("mount", "--log", str(tmp_path / "log"), str(source), str(tmp_path / "mnt"))
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not is_mounted(tmp_path / "mnt")
+    for command in ("check", "purge-uploads"):
+        extra = ["--older-than", "1h"] if command == "purge-uploads" else []
+        checked = regfs(command, str(source), *extra)
+        assert checked.returncode == 2 and words in checked.stderr, checked.stderr
+        assert "Traceback" not in checked.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name != "log") == before
+
+
+async def test_init_makes_any_directory_a_root(tmp_path, mount):
+    source = tmp_path / "volume"
+    source.mkdir()
+    (source / "lost+found").mkdir()
+    mount(source)  # a fresh volume is a new root without asking
+    (source / "README").write_text("mine\n")
+    m = mount(source, "--init")
+    (m.path("org/app")).mkdir(parents=True)
+    assert (source / "docker/registry/v2/repositories/org/app").is_dir()
+    assert (source / "README").read_text() == "mine\n"
+
+
+def test_fusermount_words_reach_the_user(tmp_path):
+    """libfuse and fusermount3 say why a mount failed on stderr, which is a background
+    daemon's log: the user saw only "fuse_session_mount failed". In a user namespace
+    without a mount namespace, fusermount3 cannot mount and says so."""
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespaces here: {probe.stderr.decode().strip()}")
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            REGFS,
+            "mount",
+            "--log",
+            str(tmp_path / "log"),
+            "inmemory:",
+            str(tmp_path / "mnt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "fuse_session_mount failed: fusermount3: mount failed" in result.stderr, result.stderr
+    assert not is_mounted(tmp_path / "mnt")
