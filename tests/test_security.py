@@ -20,6 +20,7 @@ from registry import RegistryServer, htpasswd_auth, write_htpasswd
 from users import OtherUser, other_user_env
 
 from regfs.sources import split_login
+from storage.remote.uploads import UploadRecord, UploadRecords
 
 USER, PASSWORD = "alice", "s3cr3t-p@ss"
 
@@ -179,3 +180,12 @@ def test_allow_other_leaves_other_users_read_only(
 @pytest.fixture
 def other() -> OtherUser:
     return other_user_env()
+
+
+def test_upload_records_are_private(tmp_path: Path) -> None:
+    """A remote upload's record holds its signed location and hash state: 0600."""
+    records = UploadRecords(tmp_path / "records")
+    records.save(UploadRecord("org/app", "0b6d6e5c-uuid", "https://h/v2/x?_state=s", "t"))
+    (saved,) = (tmp_path / "records").iterdir()
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert records.load("0b6d6e5c-uuid").location.endswith("_state=s")
