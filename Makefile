@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev docker-registry skopeo umoci \
-                attr curl openssl apache2-utils
+                attr curl openssl apache2-utils rsync vim
 STAMP := $(VENV)/.installed
 
 .PHONY: install deb demo test bench lint clean

@@ -14,12 +14,12 @@ import time
 
 from pyfuse3 import FUSEError
 
-from storage.digests import Digest
+from storage.digests import Digest, digest_bytes
 from storage.errors import DigestMismatch, InvalidManifest, InvalidName, InvalidOffset
 from storage.layers import LayerUpload
 from storage.manifests import MAX_MANIFEST_SIZE
 
-from .tree import Attr, Reader, TagNode, Tree, UploadNode
+from .tree import Attr, ManifestNode, Reader, TagNode, Tree, UploadNode
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,18 @@ class UploadHandle(Handle):
             await self.upload.close()
 
 
-class TagHandle(Handle):
-    """A manifest being written to tags/<tag>: held in memory (4 MiB at most), stored on flush."""
+class ManifestWriter(Handle):
+    """A manifest being written: held in memory (4 MiB at most), checked and stored on flush.
 
-    def __init__(self, tree: Tree, node: TagNode, initial: bytes = b"") -> None:
+    A refused manifest fails close() with EINVAL and the log says where it was going and
+    why: a shell's `echo "$M" > tags/x` ignores close(2)'s error, so the log is all it leaves.
+    """
+
+    def __init__(self, tree: Tree, node: TagNode | ManifestNode, initial: bytes = b"") -> None:
         self.tree = tree
         self.node = node
         self.data = bytearray(initial)
-        self.opened = time.time()
+        self.opened = time.time_ns()
         self._written = False
         self._too_big = False  # a write was refused: what got in is not what was written
 
@@ -148,7 +152,7 @@ class TagHandle(Handle):
         if offset > len(self.data):
             raise InvalidOffset(f"write at {offset} past the end ({len(self.data)})")
         if offset + len(data) > MAX_MANIFEST_SIZE:
-            log.info("write: %s: a manifest is limited to 4 MiB (EFBIG)", self.node)
+            log.info("write: %s: a manifest is limited to 4 MiB (EFBIG)", self.where())
             self._too_big = self._written = True
             raise FUSEError(errno.EFBIG)
         self.data[offset : offset + len(data)] = data
@@ -159,11 +163,53 @@ class TagHandle(Handle):
         del self.data[size:]
         self._written = True
 
+    def where(self) -> str:
+        """The destination as the log names it: repository and tag, or repository and digest."""
+        raise NotImplementedError
+
+    async def store(self, data: bytes) -> Digest:
+        """Check and store; InvalidManifest or DigestMismatch when refused (nothing stored)."""
+        raise NotImplementedError
+
     async def flush(self) -> None:
         if not self._written:
             return
         self._written = False
-        if self._too_big:
-            raise InvalidManifest(f"{self.node}: not stored, a write past 4 MiB was refused")
-        digest = await self.tree.put_tag(self.node, bytes(self.data))
-        log.info("flush: tag %s:%s now points at %s", self.node.repo, self.node.tag, digest)
+        try:
+            if self._too_big:
+                raise InvalidManifest("a write past 4 MiB was refused")
+            digest = await self.store(bytes(self.data))
+        except (InvalidManifest, DigestMismatch) as exc:
+            log.warning("flush: %s not stored: %s (EINVAL)", self.where(), exc)
+            raise FUSEError(errno.EINVAL) from None
+        log.info("flush: stored %s (%s)", self.where(), digest)
+
+
+class TagHandle(ManifestWriter):
+    """tags/<tag>: the manifest is stored, then the tag points at it."""
+
+    node: TagNode
+
+    def where(self) -> str:
+        return f"tag {self.node.repo}:{self.node.tag}"
+
+    async def store(self, data: bytes) -> Digest:
+        return await self.tree.put_tag(self.node, data)
+
+
+class ManifestHandle(ManifestWriter):
+    """manifests/<digest>: stored by digest without a tag (an index's children go first),
+    only if the bytes hash to the name."""
+
+    node: ManifestNode
+
+    def where(self) -> str:
+        return f"manifest {self.node.repo}@{self.node.digest}"
+
+    async def store(self, data: bytes) -> Digest:
+        actual = digest_bytes(data)
+        if actual != self.node.digest:
+            raise DigestMismatch(self.node.digest, actual)
+        stored = await self.tree.registry.repository(self.node.repo).manifests.put(data)
+        self.tree.changed(ManifestNode(self.node.repo, stored))
+        return stored

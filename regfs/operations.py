@@ -7,11 +7,13 @@ they need no lock. See docs/concurrency.md.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import time
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -22,7 +24,15 @@ from storage.errors import CorruptEntry, DigestMismatch
 from storage.names import validate_tag
 
 from .errors import fuse_errors
-from .handles import Handle, ReadHandle, TagHandle, UploadHandle, digest_name
+from .handles import (
+    Handle,
+    ManifestHandle,
+    ManifestWriter,
+    ReadHandle,
+    TagHandle,
+    UploadHandle,
+    digest_name,
+)
 from .inodes import InodeTable
 from .options import MountOptions
 from .tree import (
@@ -42,6 +52,24 @@ log = logging.getLogger(__name__)
 FOREVER = 365 * 24 * 3600.0  # digest-addressed content never changes
 XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
 BLOCK_SIZE = 1 << 20  # the largest FUSE request: cp and cat size their buffers by st_blksize
+# Extended attributes that carry POSIX ACLs: "not supported" (not EPERM) makes cp -p, sed -i
+# and rsync fall back to a plain chmod, as on any filesystem without ACLs.
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+@dataclass
+class Shown:
+    """Mode, owner and mtime that chmod, chown and touch gave an upload.
+
+    The registry's layout has no place for them, so they live in the daemon's memory while
+    the upload does (a remount, or the layer it becomes, shows the mount's own again). That
+    is enough for what `cp -p`, `rsync -a` and `install -m` do: set them, then stat or rename.
+    """
+
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int | None = None  # None: the storage's (when the upload started)
 
 
 class Listing:
@@ -65,6 +93,7 @@ class Operations(pyfuse3.Operations):
         # unlocking): release arrives after close() has returned, so a `cp` followed at once
         # by `mv`, `rm` or another writer must wait for it instead of finding the upload busy.
         self._closing: dict[Node, trio.Event] = {}
+        self._shown: dict[UploadNode, Shown] = {}
         self._next_fh = 1
 
     # -- helpers ---------------------------------------------------------------------------
@@ -84,6 +113,12 @@ class Operations(pyfuse3.Operations):
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
         entry.st_uid = self.options.uid
         entry.st_gid = self.options.gid
+        shown = self._shown.get(node) if isinstance(node, UploadNode) else None
+        if shown is not None:
+            entry.st_mode = stat.S_IFREG | shown.mode
+            entry.st_uid, entry.st_gid = shown.uid, shown.gid
+            if shown.mtime_ns is not None:
+                entry.st_atime_ns = entry.st_mtime_ns = shown.mtime_ns
         if timeout is None:
             timeout = FOREVER if attr.immutable else self.options.tag_ttl
             if isinstance(node, TagNode | UploadNode):
@@ -93,6 +128,8 @@ class Operations(pyfuse3.Operations):
                 # daemon killed while waiting for it could never exit and free the mount.
                 timeout = 0
         entry.attr_timeout = entry.entry_timeout = timeout
+        if isinstance(node, LayerNode | ManifestNode):  # bytes fixed; presence not (a DELETE)
+            entry.entry_timeout = 0  # so each lookup asks the daemon, which caches for tag_ttl
         return entry
 
     def _add_handle(self, value: Handle | Listing) -> int:
@@ -126,12 +163,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
-        node = self.inodes.node(inode)
-        writer = self._handles.get(self._writers.get(node, 0))
-        pending = writer.pending_attr() if isinstance(writer, Handle) else None
-        if pending is not None:
-            return self._entry(node, pending, timeout=0)
-        return self._entry(node, await self.tree.attr(node))
+        return await self._entry_of(self.inodes.node(inode))
 
     @fuse_errors
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -207,11 +239,14 @@ class Operations(pyfuse3.Operations):
 
     def _file_info(self, node: Node, handle: Handle) -> FileInfo:
         info = FileInfo(fh=self._add_handle(handle))
-        if isinstance(handle, UploadHandle | TagHandle):
+        if isinstance(handle, UploadHandle | ManifestWriter):
             self._writers[handle.node] = info.fh
         # Digest-addressed content never changes: keep its pages across opens. What moves
-        # (tags, uploads) is read directly, so a handle never mixes old pages and new bytes.
-        info.keep_cache = isinstance(node, LayerNode | ManifestNode)
+        # (tags, uploads, a manifest being written) is read directly, so a handle never mixes
+        # old pages and new bytes.
+        info.keep_cache = isinstance(node, LayerNode | ManifestNode) and isinstance(
+            handle, ReadHandle
+        )
         info.direct_io = not info.keep_cache
         return info
 
@@ -252,7 +287,13 @@ class Operations(pyfuse3.Operations):
                 node = TagNode(repo, text)
                 self._check_no_writer(node)
                 handle = TagHandle(self.tree, node)
-                attr = Attr(False, 0, time.time())
+                attr = Attr(False, 0, time.time_ns())
+            case SectionNode(repo, "manifests") if digest_name(text) is not None:
+                # A manifest by digest, checked and stored on close (an index's children).
+                node = ManifestNode(repo, Digest.parse(text))
+                self._check_no_writer(node)
+                handle = ManifestHandle(self.tree, node)
+                attr = Attr(False, 0, time.time_ns())
             case _:
                 raise self._refuse("create", parent_inode)
         entry = self._entry(node, attr, timeout=0)
@@ -265,7 +306,13 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._handle(fh).write(off, buf)
+        handle = self._handle(fh)
+        written = await handle.write(off, buf)
+        if self._shown and isinstance(handle, UploadHandle):
+            shown = self._shown.get(handle.node)
+            if shown is not None:
+                shown.mtime_ns = None  # a write moves the mtime on, as on any filesystem
+        return written
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
@@ -275,11 +322,14 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._handle(fh)
         del self._handles[fh]
-        if isinstance(handle, UploadHandle | TagHandle) and self._writers.get(handle.node) == fh:
+        writes = isinstance(handle, UploadHandle | ManifestWriter)
+        if writes and self._writers.get(handle.node) == fh:
             del self._writers[handle.node]
         if not isinstance(handle, UploadHandle):
             await handle.release()
             return
+        if handle.finished:
+            self._forget_shown(handle.node)
         done = self._closing[handle.node] = trio.Event()
         try:
             await handle.release()
@@ -322,28 +372,65 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: RequestContext,
     ) -> EntryAttributes:
+        """chmod, chown, touch, truncate. What changes nothing succeeds anywhere (cp -p and
+        rsync -a set what is already shown); a real change only on an upload (see Shown); a
+        tag's times are accepted and ignored (they say when it last moved)."""
         node = self.inodes.node(inode)
-        writable = isinstance(node, UploadNode | TagNode)
-        if (
-            self.options.read_only
-            or not writable
-            or fields.update_mode
-            or fields.update_uid
-            or fields.update_gid
-        ):
+        if self.options.read_only:
             raise self._refuse("setattr", inode)
+        now = await self._entry_of(node)
+        mode = stat.S_IMODE(attr.st_mode if fields.update_mode else now.st_mode)
+        uid = attr.st_uid if fields.update_uid else now.st_uid
+        gid = attr.st_gid if fields.update_gid else now.st_gid
+        owner = (mode, uid, gid) != (stat.S_IMODE(now.st_mode), now.st_uid, now.st_gid)
+        retimed = (fields.update_mtime and attr.st_mtime_ns != now.st_mtime_ns) or (
+            fields.update_atime and attr.st_atime_ns != now.st_atime_ns
+        )
+        if not isinstance(node, UploadNode) and (
+            owner or (retimed and not isinstance(node, TagNode))
+        ):
+            log.info(
+                "setattr: refused on %s: it keeps the mount's mode %o, owner %d:%d and times"
+                " (EPERM)",
+                node,
+                stat.S_IMODE(now.st_mode),
+                now.st_uid,
+                now.st_gid,
+            )
+            raise FUSEError(errno.EPERM)
         if fields.update_size:
-            handle = self._handles.get(fh) if fh is not None else None
-            if handle is None and isinstance(node, UploadNode):
-                handle = self._handles.get(self._writers.get(node, -1))
-            if isinstance(handle, Handle):
-                await handle.truncate(attr.st_size)
-            elif isinstance(node, UploadNode):
-                await self._truncate_upload(node, attr.st_size)
-            else:
-                raise self._refuse("truncate", inode)
-        # Times are the storage's (start time, link time): a touch is accepted and ignored.
-        return self._entry(node, await self.tree.attr(node), timeout=0)
+            await self._truncate(node, inode, attr.st_size, fh)
+        if isinstance(node, UploadNode) and (owner or retimed):
+            before = self._shown.get(node)
+            mtime = attr.st_mtime_ns if fields.update_mtime else None
+            if mtime is None and before is not None:
+                mtime = before.mtime_ns
+            self._shown[node] = Shown(mode, uid, gid, mtime)
+        return await self._entry_of(node)
+
+    async def _entry_of(self, node: Node) -> EntryAttributes:
+        """What getattr answers: a writer's pending size, else the storage's."""
+        writer = self._handles.get(self._writers.get(node, 0))
+        pending = writer.pending_attr() if isinstance(writer, Handle) else None
+        if pending is not None:
+            return self._entry(node, pending, timeout=0)
+        return self._entry(node, await self.tree.attr(node))
+
+    def _forget_shown(self, node: Node) -> None:
+        """An upload that ended (finished, cancelled, replaced) takes its Shown along."""
+        if isinstance(node, UploadNode):
+            self._shown.pop(node, None)
+
+    async def _truncate(self, node: Node, inode: int, size: int, fh: int | None) -> None:
+        handle = self._handles.get(fh) if fh is not None else None
+        if handle is None and isinstance(node, UploadNode):
+            handle = self._handles.get(self._writers.get(node, -1))
+        if isinstance(handle, Handle):
+            await handle.truncate(size)
+        elif isinstance(node, UploadNode):
+            await self._truncate_upload(node, size)
+        else:
+            raise self._refuse("truncate", inode)
 
     async def _truncate_upload(self, node: UploadNode, size: int) -> None:
         """truncate(2) by path with no writer open: like ftruncate, shrink only. The storage
@@ -366,6 +453,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EBUSY)
         await self._settled(node)
         await self.tree.remove(node)
+        self._forget_shown(node)
         log.info("unlink: removed %s", node)
 
     @fuse_errors
@@ -389,6 +477,9 @@ class Operations(pyfuse3.Operations):
         old_parent = self.inodes.node(parent_inode_old)
         new_parent = self.inodes.node(parent_inode_new)
         node = await self.tree.lookup(old_parent, self._name(name_old))
+        if isinstance(node, TagNode) and new_parent == SectionNode(node.repo, "tags"):
+            await self._retag(node, self._name(name_new, errno.EINVAL), flags)
+            return
         same_repo = isinstance(new_parent, SectionNode) and new_parent.repo == old_parent.repo
         if not isinstance(node, UploadNode) or not same_repo:
             log.info(
@@ -423,6 +514,29 @@ class Operations(pyfuse3.Operations):
             await self.tree.rename_upload(node, target)
         if existing is not None and existing != node.uuid:
             await self.tree.remove(UploadNode(node.repo, existing))
+            self._forget_shown(UploadNode(node.repo, existing))
+
+    async def _retag(self, node: TagNode, name: str, flags: int) -> None:
+        """mv tags/tmp tags/v1: v1 points at tmp's manifest, then tmp goes. The tag's link is
+        replaced atomically, so a reader sees v1's old manifest or the new one, never none:
+        how `sed -i` and editors that save by rename retag."""
+        validate_tag(name)
+        if name == node.tag:
+            return
+        target = TagNode(node.repo, name)
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            with contextlib.suppress(LookupError):
+                await self.tree.lookup(SectionNode(node.repo, "tags"), name)
+                raise FUSEError(errno.EEXIST)
+        digest = await self.tree.put_tag(target, await self.tree.read(node))
+        await self.tree.remove(node)
+        # The kernel moves its dentry to the new name with the old inode number.
+        ino = self.inodes.known(node)
+        if ino is not None:
+            self.inodes.rebind(ino, target)
+        log.info(
+            "rename: tag %s:%s now points at %s (from tag %s)", node.repo, name, digest, node.tag
+        )
 
     async def _finish_by_rename(self, node: UploadNode, digest: Digest, inode: int) -> None:
         upload = await self.tree.resume_upload(node)
@@ -434,6 +548,7 @@ class Operations(pyfuse3.Operations):
             with trio.CancelScope(shield=True):  # never leave the upload locked
                 await upload.close()
             raise
+        self._forget_shown(node)  # a layer shows the mount's mode and owner
         # The kernel moves its dentry to the new name with the upload's inode number: let
         # that number stand for the layer it became.
         ino = self.inodes.known(node)
@@ -459,6 +574,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        if name in ACL_XATTRS and not self.options.read_only:
+            raise FUSEError(errno.EOPNOTSUPP)
         raise self._refuse("setxattr", inode)
 
     @fuse_errors

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterable
@@ -597,6 +598,39 @@ def overwrite_and_check(path: Path, data: bytes) -> Action:
     return action
 
 
+# A POSIX ACL xattr for mode 644 (what cp -p and sed -i set): version 2, then user::rw-,
+# group::r--, other::r-- (tag, permissions, id).
+ACL_644 = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((1, 6), (4, 4), (0x20, 4))
+)
+
+
+def shows(
+    path: Path,
+    mode: int | None = None,
+    owner: tuple[int, int] | None = None,
+    mtime: int | None = None,
+) -> Action:
+    """stat shows what chmod, chown or utime set (checked only for what is given)."""
+
+    def action() -> None:
+        st = os.stat(path)
+        got = (stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid), int(st.st_mtime))
+        want = (mode, owner, mtime)
+        for have, expected in zip(got, want, strict=True):
+            assert expected is None or have == expected, f"{path}: {got}, want {want}"
+
+    return action
+
+
+def touch_same(path: Path) -> Action:
+    def action() -> None:
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    return action
+
+
 def ftruncate(path: Path, size: int) -> Action:
     def action() -> None:
         fd = os.open(path, os.O_WRONLY)
@@ -639,11 +673,16 @@ def writes_table(mnt: Path, image: dict) -> list[Case]:
     }.items():
         row(f"open a layer {label}", open_(layer, flags), errno.EPERM)
         row(f"open a manifest {label}", open_(manifest, flags), errno.EPERM)
-    row("create in manifests/", create(manifests / ("sha256:" + "0" * 64)), errno.EPERM)
+    # A manifest by digest is stored on close, checked (test_everyday_tools.py): closed
+    # with nothing written, it stores nothing; a name that is no digest is refused.
+    row("create in manifests/, nothing written", create(manifests / ("sha256:" + "0" * 64)), None)
+    row("create junk in manifests/", create(manifests / "junk"), errno.EPERM)
     row("create junk in layers/", create(layers / "junk"), errno.EPERM)
     row("create a file in a repository", create(repo / "file"), errno.EPERM)
 
-    # chmod, chown, setxattr, removexattr on every kind of node: EPERM.
+    # chmod and chown: what changes nothing succeeds everywhere (cp -p, rsync -a); a real
+    # change is kept for an upload (in memory) and EPERM elsewhere. setxattr, removexattr:
+    # EPERM, but ACLs are "not supported", so that tools fall back to chmod.
     nodes = {
         "the top": mnt,
         "a namespace": ns,
@@ -654,16 +693,35 @@ def writes_table(mnt: Path, image: dict) -> list[Case]:
         "a tag": tag,
         "an upload": upload,
     }
+    me = (os.getuid(), os.getgid())  # the daemon's, which the mount shows
     for label, path in nodes.items():
         kw = {"setup": new_upload, "cleanup": drop, "changes": changes} if path == upload else {}
-        row(f"chmod {label}", call(os.chmod, path, 0o600), errno.EPERM, **kw)
-        row(f"chown {label}", call(os.chown, path, 1234, 1234), errno.EPERM, **kw)
+        real = None if path == upload else errno.EPERM
+        same = 0o644 if path in (layer, manifest, tag, upload) else 0o755
+        row(f"chmod {label}", both(call(os.chmod, path, 0o600), shows(path, 0o600)), real, **kw)
+        row(
+            f"chown {label}",
+            both(call(os.chown, path, 1234, 4321), shows(path, owner=(1234, 4321))),
+            real,
+            **kw,
+        )
+        row(f"chmod {label} to its mode", call(os.chmod, path, same), None, **kw)
+        row(f"chown {label} to its owner", call(os.chown, path, *me), None, **kw)
         row(
             f"setxattr on {label}",
             call(os.setxattr, path, "user.test", b"x"),
             errno.EPERM,
             **kw,
         )
+    for label, path in (("a tag", tag), ("a layer", layer), ("a repository", repo)):
+        row(
+            f"set an ACL on {label}",
+            call(os.setxattr, path, "system.posix_acl_access", ACL_644),
+            errno.EOPNOTSUPP,
+        )
+    row("chmod(1) a layer", tool("chmod", "600", layer), errno.EPERM)
+    row("chmod(1) a layer to its mode", tool("chmod", "644", layer), None)
+    on_upload("chmod(1) an upload", both(tool("chmod", "755", upload), shows(upload, 0o755)), None)
     for label, path, name in (
         ("a layer", layer, "user.regfs.digest"),
         ("a manifest", manifest, "user.regfs.mediatype"),
@@ -775,8 +833,12 @@ def writes_table(mnt: Path, image: dict) -> list[Case]:
     row("unlink a tag with a bad name", rm(tags / "bad tag"), errno.ENOENT)
     # Times are the storage's: a touch of what can be written is accepted and ignored.
     row("utime a layer", call(os.utime, layer, (0, 0)), errno.EPERM)
+    row("utime a layer to its own times", touch_same(layer), None)
+    row("touch -d a layer", tool("touch", "-d", "2020-01-01", layer), errno.EPERM)
     row("utime a tag (ignored)", call(os.utime, tag, (0, 0)), None)
-    on_upload("utime an upload (ignored)", call(os.utime, upload, (0, 0)), None)
+    on_upload(
+        "utime an upload (kept)", both(call(os.utime, upload, (5, 5)), shows(upload, mtime=5)), None
+    )
     return table
 
 
@@ -840,8 +902,42 @@ def renames_table(mnt: Path, image: dict, other: dict) -> list[Case]:
     row(
         "layer → another repository", mv(layers / image["layer"], far / "layers" / "x"), errno.EPERM
     )
-    row("tag → another tag", mv(tags / "latest", tags / "v9"), errno.EPERM)
     row("tag → uploads/", mv(tags / "latest", uploads / "c"), errno.EPERM)
+    row("tag → another repository's tags/", mv(tags / "latest", far / "tags" / "v9"), errno.EPERM)
+
+    # Within tags/: a retag (sed -i, editors that save by rename). The target points at the
+    # source's manifest, the source goes.
+    retags = (rel_repo("library/demo") + "_manifests/",)  # the tags, the manifest re-put
+    v2 = tags / "v2"
+    with_v2 = {"setup": tool("cp", tags / "latest", v2), "changes": retags}
+    row(
+        "tag → a new name: retag",
+        both(mv(tags / "latest", tags / "v9"), expect_listing(tags, ["v9"])),
+        None,
+        cleanup=mv(tags / "v9", tags / "latest"),
+        changes=retags,
+    )
+    row(
+        "tag → over another tag: retag",
+        both(mv(v2, tags / "latest"), expect_listing(tags, ["latest"])),
+        None,
+        **with_v2,
+    )
+    row(
+        "RENAME_NOREPLACE tag → over another tag",
+        renameat2(v2, tags / "latest", RENAME_NOREPLACE),
+        errno.EEXIST,
+        cleanup=rm(v2),
+        **with_v2,
+    )
+    row("tag → itself", mv(tags / "latest", tags / "latest"), None)
+    for label, name in {
+        "`~`": "latest~",
+        "leading dot": ".latest",
+        "129 characters": "t" * 129,
+    }.items():
+        row(f"tag → invalid tag name, {label}", mv(tags / "latest", tags / name), errno.EINVAL)
+    row("tag that does not exist → a tag", mv(tags / "nothere", tags / "v9"), errno.ENOENT)
     row("manifest → manifests/", mv(manifests / image["digest"], manifests / "x"), errno.EPERM)
     row("manifest → tags/", mv(manifests / image["digest"], tags / "v9"), errno.EPERM)
     row("a repository", mv(repo, mnt / "library" / "renamed"), errno.EPERM)
@@ -1116,6 +1212,69 @@ def manifests_table(mnt: Path, root: Path, tmp: Path, image: dict, other: dict) 
         # redirection and closes the original (handles.py): it succeeds and stores nothing.
         Case("cp of an empty file to a new tag", tool("cp", "/dev/null", tags / "v1"), None),
         Case("latest is untouched", expect_bytes(tags / "latest", image["manifest"]), None),
+    ]
+
+    # A shell's `>` ignores close(2)'s error: the refusal is only in the log, which names
+    # the repository and the tag.
+    table.append(
+        Case(
+            "echo of a bad manifest > tags/x: the shell says nothing",
+            tool("bash", "-c", f"echo '{{}}' > {tags / 'x'}"),
+            None,
+            log="tag library/demo:x not stored",
+        )
+    )
+    table.append(
+        Case(
+            "tee of a bad manifest: reported",
+            tool("bash", "-c", f"echo '{{}}' | tee {tags / 'x'}"),
+            errno.EINVAL,
+            log="tag library/demo:x not stored",
+        )
+    )
+
+    # manifests/<digest>: checked like a tag push, and the bytes must hash to the name.
+    manifests = mnt / "library" / "demo" / "manifests"
+    child = json.dumps({**good, "annotations": {"child": "1"}}).encode()
+    child_src = tmp / "child.json"
+    child_src.write_bytes(child)
+    bad_child = json.dumps({**good, "layers": [descriptor(digest=missing)]}).encode()
+    bad_src = tmp / "bad-child.json"
+    bad_src.write_bytes(bad_child)
+    other_digest = "sha256:" + "0" * 64
+    table += [
+        Case(
+            "cp a manifest to manifests/ by its digest",
+            both(
+                tool("cp", child_src, manifests / digest_of(child)),
+                expect_bytes(manifests / digest_of(child), child),
+            ),
+            None,
+            cleanup=both(rm(manifests / digest_of(child)), _rm_blob(root, digest_of(child))),
+            changes=(rel_repo("library/demo") + "_manifests/", rel_fanout(digest_of(child))),
+        ),
+        Case(
+            "cp a manifest to manifests/ under another digest",
+            tool("cp", child_src, manifests / other_digest),
+            errno.EINVAL,
+            log=f"does not match {other_digest}",
+        ),
+        Case(
+            "cp a manifest failing a check to manifests/ by its digest",
+            tool("cp", bad_src, manifests / digest_of(bad_child)),
+            errno.EINVAL,
+            log=f"names blob {missing}",
+        ),
+        Case(
+            "cp a manifest to manifests/<not a digest>",
+            tool("cp", child_src, manifests / "child"),
+            errno.EPERM,
+        ),
+        Case(
+            "cp over an existing manifest",
+            tool("cp", child_src, manifests / image["digest"]),
+            errno.EPERM,
+        ),
     ]
     return table
 

@@ -131,6 +131,8 @@ async def test_writes_to_layers_and_manifests_are_eperm(tmp_path, mount):
     ]
     for directory, name, other in targets:
         for what, call in write_calls(directory, name, other).items():
+            if (directory.name, what) == ("manifests", "create"):
+                continue  # a new manifest by digest is taken (tests/test_everyday_tools.py)
             assert errno_of(call) == errno.EPERM, f"{what} in {directory.name}"
     assert errno_of(lambda: os.rmdir(repo / "layers")) == errno.EPERM
     assert snapshot(root) == before, "a refused write changed the storage"
