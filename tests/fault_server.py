@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,17 +52,19 @@ class Fault:
 @dataclass(frozen=True)
 class Seen:
     """One request: its method, path (with query) and what was done (`status`, or None when
-    the connection was dropped)."""
+    the connection was dropped), and the `Authorization` it came with."""
 
     method: str
     path: str
     status: int | None
     faulted: bool
+    authorization: str | None = None
 
 
 @dataclass(eq=False)
 class FaultServer:
     upstream: str | None = None
+    tls: ssl.SSLContext | None = None  # https only, with this server-side context
     seen: list[Seen] = field(default_factory=list, init=False)
     _faults: deque[Fault] = field(default_factory=deque, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -75,7 +78,7 @@ class FaultServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def inject(self, *faults: Fault, times: int = 1) -> None:
         """Queue `faults`, `times` over, after those already queued."""
@@ -100,7 +103,7 @@ class FaultServer:
 
     def start(self) -> Self:
         self._stopping.clear()
-        self._http = LoopbackHTTP(_Handler, self, "fault-server")
+        self._http = LoopbackHTTP(_Handler, self, "fault-server", self.tls)
         return self
 
     def stop(self) -> None:
@@ -122,6 +125,9 @@ class FaultServer:
 
 
 class _Handler(LoopbackHandler):
+    def _seen(self, status: int | None, faulted: bool) -> Seen:
+        return Seen(self.command, self.path, status, faulted, self.headers.get("Authorization"))
+
     def _handle(self) -> None:
         fs: FaultServer = self.server.owner  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
@@ -129,7 +135,7 @@ class _Handler(LoopbackHandler):
         fault = fs.take(self.command, self.path)
         if fault is not None and fault.lose_answer:
             resp = self._forward(fs, body)
-            fs.record(Seen(self.command, self.path, None, True))
+            fs.record(self._seen(None, True))
             log.debug("fault server: %s answered %d upstream; dropped", self.path, resp.status_code)
             self.close_connection = True
             return
@@ -138,21 +144,21 @@ class _Handler(LoopbackHandler):
                 self.close_connection = True
                 return
             if fault.close:
-                fs.record(Seen(self.command, self.path, None, True))
+                fs.record(self._seen(None, True))
                 self.close_connection = True
                 return
-            fs.record(Seen(self.command, self.path, fault.status, True))
+            fs.record(self._seen(fault.status, True))
             if fault.stall:
                 self._stall(fault, fs)
                 return
             self._answer(fault.status, dict(fault.headers), fault.body)
             return
         if fs.upstream is None:
-            fs.record(Seen(self.command, self.path, 200, False))
+            fs.record(self._seen(200, False))
             self._answer(200, {"Content-Type": "application/json"}, b"{}")
             return
         resp = self._forward(fs, body)
-        fs.record(Seen(self.command, self.path, resp.status_code, False))
+        fs.record(self._seen(resp.status_code, False))
         out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
         if self.command != "HEAD":  # a HEAD keeps the upstream's length (a blob's size)
             out["content-length"] = str(len(resp.content))

@@ -9,7 +9,13 @@ either a response whose status it listed in `expect`, or one typed error:
 - `RemoteUnavailable` (storage.errors): 429, 5xx, refused connections and timeouts that
   persisted through the retries or the request's deadline; `TLSError`, its subclass, when
   the server's certificate is not trusted (not retried: it will not change by itself);
-- `RemoteError`: any other status the caller did not expect (400, 409, 416, ...).
+- `RemoteError`: any other status the caller did not expect (400, 409, 416, ...);
+  `RemoteTooLarge`, its subclass, for an answer over the cap of its kind
+  (storage/remote/untrusted.py), and a redirect from https to plain http.
+
+Credentials go to the registry's own origin only: a redirect target (object storage) gets
+no `Authorization`, and its 401 challenge is not acted on. `insecure` turns TLS checks off
+for the registry's host alone; token servers and redirect targets are verified.
 
 Requests run on one `httpx.AsyncClient` (HTTP/1.1, keep-alive), which httpx drives through
 anyio, so it works inside trio. Every request has a total deadline on top of httpx's
@@ -48,13 +54,15 @@ from storage.remote.auth import (
     scope_key,
     scopes_for,
 )
-from storage.remote.ranges import OpenBody, RangeFetcher
+from storage.remote.ranges import OpenBody, RangeFetcher, origin_of
+from storage.remote.untrusted import BODY_MAX, ERROR_BODY_MAX, RANGE_SKIP_MAX, shown
 
 __all__ = [
     "Credentials",
     "RemoteClient",
     "RemoteError",
     "RemoteNotFound",
+    "RemoteTooLarge",
     "TLSError",
 ]
 
@@ -71,6 +79,7 @@ RETRY_AFTER_CAP = 10.0
 """A registry's `Retry-After` is honoured up to this many seconds."""
 
 USER_AGENT = "regfs (httpx)"
+MAX_REDIRECTS = 10
 # The names people give Docker Hub, which serve no registry API: `docker pull` goes to
 # registry-1.docker.io for them, and so does regfs.
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
@@ -110,6 +119,11 @@ class RemoteNotFound(RemoteError, LookupError):
     """404: the caller maps it, by `codes` and by call, to UnknownLayer/UnknownManifest/..."""
 
 
+class RemoteTooLarge(RemoteError):
+    """An answer larger than regfs reads of its kind: not read further, the connection hung
+    up, so a hostile registry cannot grow the daemon's memory."""
+
+
 class TLSError(RemoteUnavailable):
     """The TLS handshake failed, typically an untrusted (self-signed) certificate."""
 
@@ -132,17 +146,17 @@ def _error_detail(resp: httpx.Response) -> str:
         body = resp.json()
         if isinstance(body.get("error"), str):
             said = (body["error"], body.get("error_description"))
-            return ": ".join(str(part) for part in said if part)[:300]
+            return shown(": ".join(str(part) for part in said if part), 300)
         errors = body.get("errors")
         parts = [f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)]
-        return "; ".join(parts)[:300]
+        return shown("; ".join(parts), 300)
     except httpx.ResponseNotRead:
         return ""
     except (ValueError, AttributeError, TypeError):
         pass
     if not resp.headers.get("Content-Type", "text/plain").startswith("text/"):
         return ""
-    return " ".join(resp.text.split())[:200]
+    return shown(" ".join(resp.text.split()))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -191,23 +205,62 @@ def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
 
 
 def _describe(exc: BaseException) -> str:
-    """`ReadTimeout` or `ConnectError: [Errno 111] Connection refused`, for logs."""
-    text = str(exc)
+    """`ReadTimeout` or `ConnectError: [Errno 111] Connection refused`, for logs (a protocol
+    error may quote what the server sent: escaped)."""
+    text = shown(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _reason(resp: httpx.Response) -> str:
+    """`404 Not Found`: the status and the server's reason phrase, escaped."""
+    return f"{resp.status_code} {shown(resp.reason_phrase)}"
 
 
 # Nothing reached the server: safe to retry whatever the method.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
-async def _drain(resp: httpx.Response) -> None:
-    """Read a small (error) body so it can be reported, then release the connection."""
+async def _read_body(
+    resp: httpx.Response, limit: int, *, prefix: bool = False
+) -> tuple[bytes, bool]:
+    """At most `limit` bytes of a streamed body, and whether it holds more. The response is
+    closed: one with bytes left unread is hung up on, never read to its end. A declared
+    `Content-Length` over the limit is not read at all, unless the caller wants the body's
+    `prefix`. Raw bytes: the client asks for no content coding, and a compressed body could
+    inflate past any limit."""
     try:
-        await resp.aread()
-    except httpx.TransportError:
-        pass
+        declared = resp.headers.get("Content-Length", "")
+        if not prefix and declared.isdigit() and int(declared) > limit:
+            return b"", True
+        body = bytearray()
+        async for chunk in resp.aiter_raw():
+            body += chunk
+            if len(body) > limit:
+                return bytes(body[:limit]), True
+        return bytes(body), False
     finally:
         await resp.aclose()
+
+
+def _with_body(resp: httpx.Response, body: bytes) -> httpx.Response:
+    """`resp` as a read response holding `body` (what was kept of a capped read)."""
+    headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
+    return httpx.Response(
+        resp.status_code,
+        headers=headers,
+        content=body,
+        request=resp.request,
+        extensions=resp.extensions,
+    )
+
+
+async def _drain(resp: httpx.Response) -> httpx.Response:
+    """The start of an error body, enough to report it; the connection is released."""
+    try:
+        body, _ = await _read_body(resp, ERROR_BODY_MAX)
+    except httpx.TransportError:
+        body = b""
+    return _with_body(resp, body)
 
 
 @dataclass
@@ -232,8 +285,9 @@ class RemoteClient:
       anonymous (token servers often grant anonymous pulls). `user:password@` in `base_url`
       counts as credentials.
     - TLS is verified (certifi's CAs, or `$SSL_CERT_FILE`); `ca_file` adds a CA bundle;
-      `insecure` turns verification off and allows plain `http://` to hosts other than
-      loopback (plain http to loopback is always allowed).
+      `insecure` turns verification off for the registry's host and port alone (never for
+      its token server or redirect targets) and allows plain `http://` to a registry other
+      than on loopback (plain http to loopback is always allowed).
     - `timeout` bounds connect, each read, each write and waiting for a pooled connection;
       `retries` is how many times a failed idempotent request is sent again; every request
       (all tries, backoff and token requests included) ends within `deadline`, by default
@@ -276,17 +330,33 @@ class RemoteClient:
         self.retries = retries
         self.deadline = deadline if deadline is not None else timeout * (retries + 1)
         self._auth = _Auth()
-        context = self._ssl_context(insecure, ca_file)
-        self._ranges = RangeFetcher(context, timeout, USER_AGENT)
+        verified = self._ssl_context(False, ca_file)
+        registry_tls = self._ssl_context(True, ca_file) if insecure else None
+        self._ranges = RangeFetcher(
+            verified, timeout, USER_AGENT, origin_of(str(self.base_url)), registry_tls
+        )
         self._range_threads = trio.CapacityLimiter(RANGE_THREADS)
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+        mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
+        if registry_tls is not None:
+            # Only the registry's own host and port go unverified (a pattern without a port
+            # would match every port of the host).
+            netloc = self.base_url.netloc.decode("ascii")
+            if self.base_url.port is None:
+                netloc += ":443"
+            mounts[f"https://{netloc}"] = httpx.AsyncHTTPTransport(
+                verify=registry_tls, limits=limits, http1=True
+            )
         self._http = httpx.AsyncClient(
-            verify=context,
+            verify=verified,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+            limits=limits,
             http1=True,
             http2=False,
             follow_redirects=False,
-            headers={"User-Agent": USER_AGENT},
+            mounts=mounts,
+            # Bodies are read raw against a cap: a compressed one could inflate past it.
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
 
     @classmethod
@@ -347,6 +417,7 @@ class RemoteClient:
         expect: tuple[int, ...] = (200,),
         follow_redirects: bool = True,
         retry_unsafe: bool = False,
+        limit: int = BODY_MAX,
     ) -> httpx.Response:
         """Send one request and return the response, body read, if its status is in `expect`.
 
@@ -356,6 +427,7 @@ class RemoteClient:
         PATCH may have reached the registry, only with `retry_unsafe=True` (the caller can
         tell a repeat from the original: on registry 2.8 a PATCH whose first copy landed
         carries a stale `_state` and gets 404 BLOB_UPLOAD_INVALID, i.e. RemoteNotFound).
+        A body over `limit` bytes is not read further: RemoteTooLarge.
         """
         return await self._send(
             method.upper(),
@@ -367,6 +439,7 @@ class RemoteClient:
             follow_redirects=follow_redirects,
             retry_unsafe=retry_unsafe,
             stream=False,
+            limit=limit,
         )
 
     @asynccontextmanager
@@ -418,12 +491,41 @@ class RemoteClient:
             body = await self._on_range_thread(self._ranges.get, url, start, end, abandon=True)
             if body is not None:
                 return body
-        resp = await self.request(
-            "GET", url, headers={"Range": f"bytes={start}-{end - 1}"}, expect=(200, 206)
-        )
-        if resp.status_code == 200:  # the registry ignored Range
-            return resp.content[start:end]
-        return resp.content
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        async with self.stream("GET", url, headers=headers) as resp:
+            if resp.status_code == 206:
+                body, more = await _read_body(resp, end - start)
+                if more or len(body) != end - start:
+                    raise RemoteError(
+                        f"registry {self.name}: GET {self._where(resp.request.url)}: a range "
+                        f"of {end - start} bytes came with {len(body)}{'+' if more else ''}",
+                        status=206,
+                    )
+                return body
+            return await self._skip_to(resp, start, end)
+
+    async def _skip_to(self, resp: httpx.Response, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a whole blob sent to a `Range` request (200): only read
+        that far, and only when what comes before is short; the rest is never read."""
+        where = self._where(resp.request.url)
+        if start > RANGE_SKIP_MAX:
+            log.error(
+                "registry %s: GET %s ignores Range; bytes %d-%d would mean reading %d bytes "
+                "from its start (EIO)",
+                self.name,
+                where,
+                start,
+                end - 1,
+                start,
+            )
+            await resp.aclose()
+            raise RemoteError(
+                f"registry {self.name}: GET {where}: the registry ignores Range requests, "
+                f"and offset {start} is over the {RANGE_SKIP_MAX} bytes regfs skips",
+                status=200,
+            )
+        body, _ = await _read_body(resp, end, prefix=True)
+        return body[start:end]
 
     async def open_range(self, url: str, start: int, end: int) -> OpenBody | None:
         """The blob at `url` from start to its end `end` as one open response, to read in
@@ -497,11 +599,12 @@ class RemoteClient:
         retry_unsafe: bool,
         stream: bool,
         authenticate: bool = True,
+        limit: int = BODY_MAX,
     ) -> httpx.Response:
         """Tries, auth challenges and the deadline for one request (see `request`).
 
         `authenticate=False` is for token requests: no challenge handling, the caller's
-        `Authorization` header (if any) as is.
+        `Authorization` header (if any) as is, to the origin it is addressed to only.
         """
         target = url if isinstance(url, httpx.URL) else self._resolve(url)
         if params:
@@ -514,21 +617,13 @@ class RemoteClient:
         last = "no answer"
         with trio.move_on_after(self.deadline):
             while True:
-                req_headers = dict(headers or {})
-                sent_token: Token | None = None
-                sent_scheme: str | None = None
-                if authenticate and _origin(target) == _origin(self.base_url):
-                    sent_scheme, sent_token, value = await self._authorization(method, target)
-                    if value is not None:
-                        req_headers["Authorization"] = value
-                request = self._http.build_request(
-                    method, target, headers=req_headers, content=content
-                )
                 started = time.monotonic()
                 try:
-                    resp = await self._http.send(
-                        request, stream=stream, follow_redirects=follow_redirects
+                    resp, sent_scheme, sent_token = await self._exchange(
+                        method, target, headers, content, follow_redirects, authenticate
                     )
+                    if resp.status_code in expect and not stream:
+                        resp = await self._read(resp, method, limit)
                 except httpx.TransportError as exc:
                     if (tls := _tls_cause(exc)) is not None:
                         raise self._tls_error(tls) from exc
@@ -544,14 +639,14 @@ class RemoteClient:
                     ) from exc
                 status = resp.status_code
                 log.debug("%s %s -> %d (%.3f s)", method, where, status, time.monotonic() - started)
+                if status in expect:
+                    return resp
+                resp = await _drain(resp)
                 if status == 401 and authenticate and not reauthenticated:
-                    await _drain(resp)
+                    self._check_challenger(resp, method, where)
                     reauthenticated = True
                     await self._on_challenge(resp, method, target, sent_scheme, sent_token)
                     continue
-                if status in expect:
-                    return resp
-                await _drain(resp)
                 if status in (401, 403):
                     raise self._denied(resp, method, where, sent_scheme)
                 if status == 404:
@@ -561,7 +656,7 @@ class RemoteClient:
                         codes=error_codes(resp),
                     )
                 if status == 429 or (status >= 500 and status not in (501, 505)):
-                    last = f"{status} {resp.reason_phrase}"
+                    last = _reason(resp)
                     if failures < self.retries and may_retry:
                         failures += 1
                         await self._pause(method, where, last, failures, resp)
@@ -571,8 +666,8 @@ class RemoteClient:
                         f"(after {failures + 1} tries) {_error_detail(resp)}".rstrip()
                     )
                 raise RemoteError(
-                    f"registry {self.name}: {method} {where}: unexpected {status} "
-                    f"{resp.reason_phrase} {_error_detail(resp)}".rstrip(),
+                    f"registry {self.name}: {method} {where}: unexpected {_reason(resp)} "
+                    f"{_error_detail(resp)}".rstrip(),
                     status=status,
                     codes=error_codes(resp),
                 )
@@ -580,6 +675,91 @@ class RemoteClient:
             f"registry {self.name}: {method} {where}: no answer within the "
             f"{self.deadline:g} s deadline ({failures + 1} tries; last: {last})"
         )
+
+    async def _exchange(
+        self,
+        method: str,
+        target: httpx.URL,
+        headers: Mapping[str, str] | None,
+        content: bytes | None,
+        follow_redirects: bool,
+        authenticate: bool,
+    ) -> tuple[httpx.Response, str | None, Token | None]:
+        """One try: the request and the redirects it is sent on (followed here, not by
+        httpx, which would read each redirect's body whole and follow https to http).
+        The registry's credentials go to each hop on the registry's origin only, a caller's
+        `Authorization` to the origin it was addressed to only. The response comes unread,
+        with the scheme and token it was sent with (None when it went elsewhere)."""
+        first = _origin(target)
+        for _ in range(MAX_REDIRECTS + 1):
+            hop_headers = dict(headers or {})
+            sent_scheme: str | None = None
+            sent_token: Token | None = None
+            if _origin(target) != first:
+                hop_headers = {k: v for k, v in hop_headers.items() if k.lower() != "authorization"}
+            if authenticate and _origin(target) == _origin(self.base_url):
+                sent_scheme, sent_token, value = await self._authorization(method, target)
+                if value is not None:
+                    hop_headers["Authorization"] = value
+            request = self._http.build_request(method, target, headers=hop_headers, content=content)
+            resp = await self._http.send(request, stream=True, follow_redirects=False)
+            if not (follow_redirects and resp.has_redirect_location):
+                return resp, sent_scheme, sent_token
+            await _read_body(resp, ERROR_BODY_MAX)
+            following = self._redirect_target(resp, method, target)
+            if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
+                method, content = "GET", None  # as browsers and httpx do
+            target = following
+        raise RemoteError(
+            f"registry {self.name}: {method} {self._where(target)}: over {MAX_REDIRECTS} redirects",
+            status=310,
+        )
+
+    def _redirect_target(self, resp: httpx.Response, method: str, target: httpx.URL) -> httpx.URL:
+        """Where a redirect leads; RemoteError if it is not http(s), or leaves https for
+        plain http (the blob's bytes and the signed URL would travel in clear)."""
+        try:
+            following = target.join(resp.headers["Location"])
+        except httpx.InvalidURL:
+            following = httpx.URL("invalid:")
+        log.debug(
+            "%s %s -> %d, redirected to %s",
+            method,
+            self._where(target),
+            resp.status_code,
+            self._where(following),
+        )
+        if following.scheme not in ("http", "https") or (
+            target.scheme == "https" and following.scheme != "https"
+        ):
+            log.error(
+                "registry %s: %s %s: refused a redirect from %s to %s",
+                self.name,
+                method,
+                self._where(target),
+                target.scheme,
+                shown(following.scheme or "?"),
+            )
+            raise RemoteError(
+                f"registry {self.name}: {method} {self._where(target)}: redirect to "
+                f"{shown(self._where(following))} refused (https only leads to https)",
+                status=resp.status_code,
+            )
+        return following
+
+    async def _read(self, resp: httpx.Response, method: str, limit: int) -> httpx.Response:
+        """`resp` with its body read; RemoteTooLarge, the connection hung up, past `limit`."""
+        body, more = await _read_body(resp, limit)
+        if more:
+            where = self._where(resp.request.url)
+            declared = resp.headers.get("Content-Length")
+            size = f"{shown(declared, 24)} bytes" if declared else "more"
+            raise RemoteTooLarge(
+                f"registry {self.name}: {method} {where}: {resp.status_code} answer of {size}, "
+                f"over the {limit} bytes regfs reads of it; not read",
+                status=resp.status_code,
+            )
+        return _with_body(resp, body)
 
     async def _pause(
         self, method: str, where: str, why: str, failures: int, resp: httpx.Response | None
@@ -649,6 +829,25 @@ class RemoteClient:
             return "bearer", token, "Bearer " + token.value
         return None, None, None
 
+    def _check_challenger(self, resp: httpx.Response, method: str, where: str) -> None:
+        """AccessDenied for a 401 from anywhere but the registry's origin (a redirect target):
+        acting on its challenge would send the user's credentials to its realm and take its
+        token for the registry's."""
+        answered = resp.request.url
+        if _origin(answered) == _origin(self.base_url):
+            return
+        log.warning(
+            "registry %s: %s %s: %s answered 401; redirect targets get no credentials",
+            self.name,
+            method,
+            where,
+            self._where(answered),
+        )
+        raise AccessDenied(
+            f"registry {self.name}: {method} {where}: redirected to {self._where(answered)}, "
+            "which asks for credentials (401); regfs sends credentials to the registry only"
+        )
+
     async def _on_challenge(
         self,
         resp: httpx.Response,
@@ -699,18 +898,24 @@ class RemoteClient:
 
     def _use_bearer(self, challenge: Challenge) -> None:
         assert challenge.realm is not None
-        realm = self.base_url.join(challenge.realm)
+        try:
+            realm = self.base_url.join(challenge.realm)
+        except httpx.InvalidURL:
+            realm = httpx.URL("invalid:")
         if realm.scheme not in ("http", "https"):
-            raise AccessDenied(f"registry {self.name}: token realm is not http(s)")
+            raise AccessDenied(
+                f"registry {self.name}: token realm {shown(challenge.realm)} is not http(s)"
+            )
+        own_host = realm.host == self.base_url.host
         if (
             realm.scheme == "http"
             and self.credentials is not None
-            and not self.insecure
+            and not (self.insecure and own_host)
             and not _is_loopback(realm.host)
         ):
             raise AccessDenied(
                 f"registry {self.name}: token server {realm.host} is plain http; "
-                "credentials are only sent there with insecure=True"
+                "credentials go there only with insecure=True, and only on the registry's host"
             )
         self._auth.scheme = "bearer"
         self._auth.realm = realm

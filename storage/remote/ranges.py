@@ -4,10 +4,11 @@ Layer bytes are most of what a remote mount moves, and httpx on trio tops out at
 here for 8 MiB Range GETs (h11 parses and copies each body several times in Python), where
 http.client reading straight into the bytes it returns does 1.1-1.4 GB/s, beside the
 loop. So a layer's range takes this path when it can: the registry's own client supplies
-the Authorization header; redirects (to object storage) are followed without it. Anything
-else (no auth yet, a 401, an error status, a broken connection, a timeout) returns None and
-the caller sends the request again through RemoteClient, which owns auth challenges, retries,
-the deadline and the error messages.
+the Authorization header; redirects (to object storage) are followed without it, and never
+from https to plain http. Anything else (no auth yet, a 401, an error status, a broken
+connection, a timeout) returns None and the caller sends the request again through
+RemoteClient, which owns auth challenges, retries, the deadline and the error messages.
+Logs show URLs without their query: a redirect's is often a signature.
 """
 
 from __future__ import annotations
@@ -32,13 +33,24 @@ def origin_of(url: str) -> Origin:
     return (parts.scheme, (parts.hostname or "").lower(), port)
 
 
+def _bare(url: str) -> str:
+    """`url` for logs: no query (signed redirect URLs carry their signature there)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
 @dataclass
 class RangeFetcher:
-    """Kept-alive connections per origin, each used by one thread at a time."""
+    """Kept-alive connections per origin, each used by one thread at a time.
+
+    `registry_context`, when given, is the TLS context for `registry` (the origin whose
+    certificate checks the user turned off); every other origin gets `ssl_context`."""
 
     ssl_context: ssl.SSLContext
     timeout: float
     user_agent: str
+    registry: Origin | None = None
+    registry_context: ssl.SSLContext | None = None
     _idle: dict[Origin, list[http.client.HTTPConnection]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -52,7 +64,7 @@ class RangeFetcher:
         try:
             body = _read_exactly(resp, end - start)
         except (OSError, http.client.HTTPException) as exc:
-            log.debug("range GET %s: %s; asking again through the client", url, exc)
+            log.debug("range GET %s: %s; asking again through the client", _bare(url), exc)
             conn.close()
             return None
         self._release(where, conn, resp)
@@ -88,26 +100,32 @@ class RangeFetcher:
                 conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
                 if resp.status in REDIRECTS and resp.getheader("Location"):
+                    following = urljoin(url, resp.getheader("Location", ""))
+                    if urlsplit(following).scheme != "https" and where[0] == "https":
+                        # The client refuses it too, with the error a user sees.
+                        log.debug("range GET %s: redirect to plain http refused", _bare(url))
+                        conn.close()
+                        return None
                     resp.read(64 << 10)
                     self._release(where, conn, resp)
-                    url = urljoin(url, resp.getheader("Location", ""))
+                    url = following
                     continue
                 length = resp.getheader("Content-Length")
                 if resp.status == 206 and length is not None and int(length) == end - start:
                     return where, conn, resp
                 log.debug(
-                    "range GET %s: %d, Content-Length %s for %d bytes; asking again through "
+                    "range GET %s: %d, Content-Length %r for %d bytes; asking again through "
                     "the client",
-                    url,
+                    _bare(url),
                     resp.status,
                     length,
                     end - start,
                 )
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                log.debug("range GET %s: %s; asking again through the client", url, exc)
+                log.debug("range GET %s: %r; asking again through the client", _bare(url), exc)
             conn.close()
             return None
-        log.debug("range GET %s: more than %d redirects", url, MAX_REDIRECTS)
+        log.debug("range GET %s: more than %d redirects", _bare(url), MAX_REDIRECTS)
         return None
 
     def close(self) -> None:
@@ -124,9 +142,10 @@ class RangeFetcher:
                 return pool.pop()
         scheme, host, port = where
         if scheme == "https":
-            return http.client.HTTPSConnection(
-                host, port, timeout=self.timeout, context=self.ssl_context
-            )
+            context = self.ssl_context
+            if self.registry_context is not None and where == self.registry:
+                context = self.registry_context
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=context)
         return http.client.HTTPConnection(host, port, timeout=self.timeout)
 
     def _release(

@@ -7,19 +7,22 @@ the uploads this machine started (their records are local, see uploads.py).
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from http.client import HTTPException
 from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from ..blobs import BlobInfo
-from ..cache import TtlCache
 from ..digests import Digest, digest_bytes
 from ..drivers import FileReader
 from ..errors import (
@@ -32,8 +35,19 @@ from ..errors import (
 from ..layers import EmptyReader, UploadInfo
 from ..manifests import SUPPORTED, Manifest, parse_manifest, sniff_media_type
 from ..names import is_component, validate_name, validate_tag
-from .client import RemoteClient, RemoteError, RemoteNotFound
+from .client import RemoteClient, RemoteError, RemoteNotFound, RemoteTooLarge
 from .ranges import OpenBody
+from .untrusted import (
+    BLOB_CACHE_BYTES,
+    LISTING_BYTES_MAX,
+    LISTING_NAMES_MAX,
+    LISTING_PAGES_MAX,
+    MANIFEST_CACHE_BYTES,
+    MANIFEST_MAX,
+    PAGE_MAX,
+    ByteCache,
+    shown,
+)
 from .uploads import RemoteUpload, UploadRecords
 
 log = logging.getLogger(__name__)
@@ -46,6 +60,7 @@ PAGE_SIZES = (100_000, 1000, 100)
 READ_AHEAD_MIN = 256 << 10
 READ_AHEAD_MAX = 8 << 20
 READ_AHEAD_TOTAL = 256 << 20  # for all open files of a mount together
+ENTRY_OVERHEAD = 400  # bytes a cache entry costs beyond its name and data (objects, digest)
 
 
 def _next_page(response: httpx.Response) -> str | None:
@@ -66,14 +81,62 @@ async def _paginated(client: RemoteClient, path: str, key: str) -> list[str]:
     return await _pages(client, path, key, PAGE_SIZES[-1])
 
 
+@dataclass
+class _Listing:
+    """One paginated listing as it arrives, held to its caps: a registry whose `Link: next`
+    never ends (or loops) must not grow the daemon's memory, or keep it asking, for ever."""
+
+    path: str
+    key: str
+    names: list[str] = field(default_factory=list)
+    size: int = 0  # bytes of the pages read
+    asked: set[str] = field(default_factory=set)
+
+    def ask(self, url: str) -> None:
+        """Count the page at `url` before it is asked for."""
+        if url in self.asked:
+            raise RemoteError(f"{self.path}: the registry's next page loops back", status=200)
+        if len(self.asked) >= LISTING_PAGES_MAX:
+            self.too_large(f"{LISTING_PAGES_MAX} pages")
+        self.asked.add(url)
+
+    def add(self, response: httpx.Response) -> None:
+        """The names of one page; RemoteError for a page that is not a listing."""
+        try:
+            page = response.json()
+            names = page.get(self.key) or []
+        except (ValueError, AttributeError):
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RemoteError(
+                f"{self.path}: the registry's answer is not a listing of {self.key}: "
+                f"{shown(response.text, 80)}",
+                status=response.status_code,
+            )
+        self.names.extend(names)
+        self.size += len(response.content)
+        if len(self.names) > LISTING_NAMES_MAX:
+            self.too_large(f"{LISTING_NAMES_MAX} names")
+        if self.size > LISTING_BYTES_MAX:
+            self.too_large(f"{LISTING_BYTES_MAX} bytes")
+
+    def too_large(self, cap: str) -> None:
+        raise RemoteTooLarge(
+            f"{self.path}: the listing goes on past {cap} ({len(self.names)} names in "
+            f"{len(self.asked)} pages so far); not read further",
+            status=200,
+        )
+
+
 async def _pages(client: RemoteClient, path: str, key: str, size: int) -> list[str]:
-    items: list[str] = []
+    listing = _Listing(path, key)
     next_url: str | None = f"{path}?n={size}"
     while next_url:
-        response = await client.request("GET", next_url)
-        items.extend(response.json().get(key) or [])
+        listing.ask(next_url)
+        response = await client.request("GET", next_url, limit=PAGE_MAX)
+        listing.add(response)
         next_url = _next_page(response)
-    return items
+    return listing.names
 
 
 class RemoteCatalog:
@@ -83,16 +146,22 @@ class RemoteCatalog:
         self.client = client
         self.registry = registry
         self.ttl = ttl
-        self._names: list[str] | None = None
         self._fetched = 0.0
         self.available = True
+        # The registry's names, and them with those known here, sorted once per change:
+        # a lookup in a million names must not sort a million names.
+        self._names: frozenset[str] | None = None
+        self._local: frozenset[str] = frozenset()
+        self._sorted: list[str] = []
 
     async def _all(self) -> list[str] | None:
+        """Every name, sorted (the same list until something changes); None without a
+        catalog."""
         if not self.available:
             return None
         if self._names is None or time.monotonic() - self._fetched > self.ttl:
             try:
-                self._names = await _paginated(self.client, "/v2/_catalog", "repositories")
+                names = await _paginated(self.client, "/v2/_catalog", "repositories")
             except (RemoteNotFound, PermissionError) as exc:
                 log.warning(
                     "catalog: %s has no usable _catalog (%s); browse by name",
@@ -101,25 +170,35 @@ class RemoteCatalog:
                 )
                 self.available = False
                 return None
+            self._names, self._local = frozenset(names), frozenset()
+            self._sorted = sorted(self._names)
             self._fetched = time.monotonic()
-        return sorted({*self._names, *self.registry.created, *self.registry.records.repositories()})
+        local = frozenset({*self.registry.created, *self.registry.records.repositories()})
+        if local != self._local:
+            self._sorted = sorted(self._names | local)
+            self._local = local
+        return self._sorted
 
     async def repositories(self, n: int | None = None, last: str = "") -> list[str]:
-        names = [name for name in await self._all() or [] if name > last]
-        return names if n is None else names[:n]
+        names = await self._all() or []
+        start = bisect.bisect_right(names, last)
+        return names[start:] if n is None else names[start : start + n]
 
     async def children(self, prefix: str = "") -> list[str]:
         head = f"{prefix}/" if prefix else ""
-        names = {
-            rest.split("/", 1)[0]
-            for name in await self._all() or []
-            if name.startswith(head) and (rest := name[len(head) :])
-        }
-        return sorted(n for n in names if is_component(n))
+        names = await self._all() or []
+        found: set[str] = set()
+        for name in names[bisect.bisect_left(names, head) :]:
+            if not name.startswith(head):
+                break
+            if rest := name[len(head) :]:
+                found.add(rest.split("/", 1)[0])
+        return sorted(n for n in found if is_component(n))
 
     async def is_repository(self, name: str, with_uploads: bool = False) -> bool:
         names = await self._all()
-        if name in self.registry.created or (names is not None and name in names):
+        known = names is not None and (name in self._local or name in (self._names or ()))
+        if name in self.registry.created or known:
             return True
         if with_uploads and self.registry.records.of(name):
             return True
@@ -132,7 +211,11 @@ class RemoteCatalog:
         if names is None:
             return True  # without a catalog every valid name may lead to a repository
         head = f"{prefix}/"
-        return any(n == prefix or n.startswith(head) for n in names)
+        at = bisect.bisect_left(names, prefix)
+        if at < len(names) and names[at] == prefix:
+            return True
+        at = bisect.bisect_left(names, head)
+        return at < len(names) and names[at].startswith(head)
 
     async def mtime_ns(self, prefix: str) -> int | None:
         return None
@@ -199,7 +282,10 @@ class RemoteManifests:
     async def fetch(self, reference: str) -> Manifest:
         try:
             response = await self.client.request(
-                "GET", f"/v2/{self.name}/manifests/{reference}", headers={"Accept": ACCEPT}
+                "GET",
+                f"/v2/{self.name}/manifests/{reference}",
+                headers={"Accept": ACCEPT},
+                limit=MANIFEST_MAX,
             )
         except RemoteNotFound:
             raise UnknownManifest(f"unknown manifest {self.name}@{reference}") from None
@@ -286,6 +372,51 @@ class ReadAheadBudget:
         self.used -= size
 
 
+@dataclass
+class InOrderDigest:
+    """The sha256 of a blob's reads in offset order, so that once a reader has read the
+    whole blob its bytes are checked against the digest: a registry that sends other bytes
+    for `layers/sha256:...` is not believed.
+
+    The kernel sends several reads of a file at once, and they finish in any order: a read
+    that lands ahead of what is hashed waits here (copied, up to AHEAD_MAX bytes); a reader
+    that skips about leaves the blob unchecked, as a partial read must."""
+
+    AHEAD_MAX: ClassVar[int] = 16 << 20
+
+    length: int
+    hashed: int = 0
+    done: bool = False
+    _sha: Any = field(default_factory=hashlib.sha256, repr=False)
+    _ahead: dict[int, bytes] = field(default_factory=dict, repr=False)
+    _ahead_size: int = 0
+
+    def add(self, offset: int, data: bytes | memoryview) -> str | None:
+        """Take the bytes a read returns; the hex digest once the whole blob is hashed."""
+        if self.done or offset + len(data) <= self.hashed:
+            return None
+        if offset > self.hashed:
+            self._ahead_size += len(data) - len(self._ahead.get(offset, b""))
+            self._ahead[offset] = bytes(data)
+            if self._ahead_size > self.AHEAD_MAX:
+                self.done, self._ahead = True, {}  # not read in order: not checked
+            return None
+        self._take(offset, data)
+        while self._ahead and (first := min(self._ahead)) <= self.hashed:
+            parked = self._ahead.pop(first)
+            self._ahead_size -= len(parked)
+            self._take(first, parked)
+        if self.hashed < self.length:
+            return None
+        self.done, self._ahead = True, {}
+        return self._sha.hexdigest()
+
+    def _take(self, offset: int, data: bytes | memoryview) -> None:
+        if offset + len(data) > self.hashed:
+            self._sha.update(data[self.hashed - offset :])
+            self.hashed = offset + len(data)
+
+
 class _Window:
     """One Range GET of a reader: bytes [start, end), once `done` is set (unless it failed).
     `charged` is what it holds of the read-ahead budget."""
@@ -331,10 +462,16 @@ class RemoteLayerReader:
         self._next = -1
         self._stream: OpenBody | None = None
         self._last_turn: trio.Event | None = None
+        self._check = InOrderDigest(info.size)
+        self._corrupt: CorruptEntry | None = None
 
     async def read_at(self, offset: int, size: int) -> bytes | memoryview:
         """A view into the window that holds the bytes (immutable, kept alive by the view):
-        FUSE replies from it without a copy (the copy was a ninth of the daemon's CPU in perf)."""
+        FUSE replies from it without a copy (the copy was a ninth of the daemon's CPU in perf).
+        CorruptEntry on the read that completes an in-order read of the whole blob when its
+        bytes do not match the digest, and on every read after."""
+        if self._corrupt is not None:
+            raise self._corrupt
         end = min(offset + size, self.length)
         if end <= offset:
             return b""
@@ -362,7 +499,24 @@ class RemoteLayerReader:
             if window.failed:  # whoever fetched it got the error; try again, alone
                 window = _Window(offset, end)
                 await self._fetch(window)
-        return memoryview(window.data)[offset - window.start : end - window.start]
+        data = memoryview(window.data)[offset - window.start : end - window.start]
+        self._verify(offset, data)
+        return data
+
+    def _verify(self, offset: int, data: memoryview) -> None:
+        actual = self._check.add(offset, data)
+        if actual is None or actual == self.digest.hex:
+            return
+        log.error(
+            "layer %s: the registry sent %d bytes whose digest is sha256:%s: refused (EIO)",
+            self.digest,
+            self.length,
+            actual,
+        )
+        self._corrupt = CorruptEntry(
+            f"layer {self.digest}", f"the registry sent bytes whose digest is sha256:{actual}"
+        )
+        raise self._corrupt
 
     def _read_ahead(self, start: int) -> None:
         """Have the DEPTH windows after `start` fetched or on their way, each one as large
@@ -472,9 +626,14 @@ class RemoteLayers:
             response = await self.client.request("HEAD", self._url(digest))
         except RemoteNotFound:
             raise UnknownLayer(f"blob unknown to {self.name}: {digest}") from None
-        info = BlobInfo(
-            digest, int(response.headers.get("Content-Length", 0)), self.registry.started_ns
-        )
+        length = response.headers.get("Content-Length", "0")
+        if not length.isdigit():
+            raise RemoteError(
+                f"registry {self.client.name}: HEAD {self._url(digest)}: Content-Length "
+                f"{shown(length, 40)} is not a size",
+                status=response.status_code,
+            )
+        info = BlobInfo(digest, int(length), self.registry.started_ns)
         self.registry.blob_cache.put((self.name, digest), info)
         return info
 
@@ -578,9 +737,13 @@ class RemoteRegistry:
         # Repositories made by mkdir (they exist once pushed to), blobs pushed through here.
         self.created: set[str] = set()
         self.finished: dict[str, dict[Digest, BlobInfo]] = {}
-        # Digest-addressed, so never stale; bounded so memory is too (a manifest ≤ 4 MiB).
-        self.manifest_cache: TtlCache[tuple[str, Digest], Manifest] = TtlCache(None, 256)
-        self.blob_cache: TtlCache[tuple[str, Digest], BlobInfo] = TtlCache(None, 100_000)
+        # Digest-addressed, so never stale; bounded in bytes so memory is too.
+        self.manifest_cache: ByteCache[tuple[str, Digest], Manifest] = ByteCache(
+            MANIFEST_CACHE_BYTES, lambda key, m: len(key[0]) + len(m.data) + ENTRY_OVERHEAD
+        )
+        self.blob_cache: ByteCache[tuple[str, Digest], BlobInfo] = ByteCache(
+            BLOB_CACHE_BYTES, lambda key, _: len(key[0]) + ENTRY_OVERHEAD
+        )
         self.read_ahead = ReadAheadBudget()
         self.catalog = RemoteCatalog(client, self, listing_ttl)
 
@@ -602,8 +765,9 @@ class RemoteRegistry:
 
 def _errors(response: httpx.Response) -> str:
     try:
-        return "; ".join(
+        said = "; ".join(
             f"{e.get('code')}: {e.get('message')}" for e in response.json().get("errors", [])
         )
-    except ValueError:
-        return response.text[:200]
+    except (ValueError, AttributeError, TypeError):
+        said = response.text
+    return shown(said, 300)

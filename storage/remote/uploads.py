@@ -284,7 +284,7 @@ class RemoteUpload:
             response = await self.client.request("HEAD", f"/v2/{self.name}/blobs/{digest}")
         except RemoteNotFound:
             return False
-        return int(response.headers.get("Content-Length", -1)) == size
+        return response.headers.get("Content-Length") == str(size)
 
     async def cancel(self) -> None:
         try:
@@ -392,5 +392,9 @@ def _range_end(header: str | None, recorded: int) -> int:
     upload and for a one-byte one alike; the record tells those apart."""
     if not header or "-" not in header:
         return 0
-    last = int(header.rpartition("-")[2])
-    return last + 1 if last > 0 else min(recorded, 1)
+    last = header.rpartition("-")[2].strip()
+    if not last.isdigit():
+        raise RemoteError(
+            f"upload: the registry's Range {shown(header, 60)} is garbage", status=204
+        )
+    return int(last) + 1 if int(last) > 0 else min(recorded, 1)
