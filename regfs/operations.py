@@ -64,6 +64,8 @@ class Shown:
     The registry's layout has no place for them, so they live in the daemon's memory while
     the upload does (a remount, or the layer it becomes, shows the mount's own again). That
     is enough for what `cp -p`, `rsync -a` and `install -m` do: set them, then stat or rename.
+    An upload that ends outside this mount (the registry finishes it) leaves its few bytes
+    here until the unmount.
     """
 
     mode: int
@@ -373,8 +375,9 @@ class Operations(pyfuse3.Operations):
         ctx: RequestContext,
     ) -> EntryAttributes:
         """chmod, chown, touch, truncate. What changes nothing succeeds anywhere (cp -p and
-        rsync -a set what is already shown); a real change only on an upload (see Shown); a
-        tag's times are accepted and ignored (they say when it last moved)."""
+        rsync -a set what is already shown); a real change only on an upload (see Shown).
+        The times of a tag, or of a manifest being written, are accepted and ignored (they
+        say when it was stored): `cp -p` sets them before close."""
         node = self.inodes.node(inode)
         if self.options.read_only:
             raise self._refuse("setattr", inode)
@@ -386,9 +389,9 @@ class Operations(pyfuse3.Operations):
         retimed = (fields.update_mtime and attr.st_mtime_ns != now.st_mtime_ns) or (
             fields.update_atime and attr.st_atime_ns != now.st_atime_ns
         )
-        if not isinstance(node, UploadNode) and (
-            owner or (retimed and not isinstance(node, TagNode))
-        ):
+        writer = self._handles.get(self._writers.get(node, 0))
+        fixed_times = not isinstance(node, TagNode) and not isinstance(writer, ManifestWriter)
+        if not isinstance(node, UploadNode) and (owner or (retimed and fixed_times)):
             log.info(
                 "setattr: refused on %s: it keeps the mount's mode %o, owner %d:%d and times"
                 " (EPERM)",

@@ -190,7 +190,7 @@ async def test_sed_i_and_vim_retag(
     image = await build_root(root, size=10_000)
     m = mount(root, "--tag-ttl", "0")
     tags = m.path("library", "demo", "tags")
-    run("cp", tags / "latest", tags / "v1")
+    run("cp", "-p", tags / "latest", tags / "v1")
 
     run("sed", "-i", 's/"schemaVersion": 2/"schemaVersion": 2, "a": "sed"/', tags / "v1")
     want = edited(image["manifest"], "sed")
@@ -317,8 +317,8 @@ async def test_index_pushed_after_its_children_by_digest(
     assert f"{digest_of(children[0])} does not match {digest_of(children[1])}" in log
     assert snapshot(root) == before
 
-    for path, child in zip(files, children, strict=True):
-        run("cp", path, repo / "manifests" / digest_of(child))
+    for path, child, cp in zip(files, children, (["cp"], ["cp", "-p"]), strict=True):
+        run(*cp, path, repo / "manifests" / digest_of(child))
         assert (repo / "manifests" / digest_of(child)).read_bytes() == child
     run("cp", index_file, repo / "tags" / "multi")
     assert ls(repo / "tags") == ["latest", "multi"]
