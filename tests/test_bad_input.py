@@ -1308,7 +1308,7 @@ STARTED = b"2026-01-02T03:04:05Z"
 
 def _replace(path: Path, kind: str, content: bytes = b"") -> None:
     """Put something else where storage expects a file: garbage, a directory, a FIFO, a
-    symlink to nowhere."""
+    symlink to nowhere, a symlink to the file `content` names (outside the root)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -1324,6 +1324,8 @@ def _replace(path: Path, kind: str, content: bytes = b"") -> None:
             os.mkfifo(path)
         case "dangling":
             path.symlink_to(path.parent / "nowhere")
+        case "symlink":
+            path.symlink_to(os.fsdecode(content))
 
 
 def _upload_dir(root: Path, uuid: str) -> Path:
@@ -1346,7 +1348,7 @@ async def corrupt_root(root: Path) -> dict:
     image = await build_root(root, size=50_000)
     good = await build_root(root, name=BROKEN, tag="good", size=30_000)
     repo_dir = root / V2 / "repositories" / BROKEN
-    blobs = [os.urandom(1000 + i) for i in range(11)]
+    blobs = [os.urandom(1000 + i) for i in range(13)]
     layers = await link_blobs(root, BROKEN, blobs)
 
     def link(digest: str) -> Path:
@@ -1366,6 +1368,16 @@ async def corrupt_root(root: Path) -> dict:
     _replace(data(layers[8]), "dir")
     _replace(data(layers[9]), "fifo")
     _replace(data(layers[10]), "dangling")
+    # Whoever can write the root links what the daemon (root) may read to a secret of
+    # someone else's: a blob's data, and a layer link's directory (issue 13).
+    secret = root.parent / "secret"
+    secret.write_bytes(b"root's secret\n")
+    secret.chmod(0o600)
+    _replace(data(layers[11]), "symlink", bytes(secret))
+    elsewhere = root.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "link").write_bytes(layers[12].encode())
+    _replace(link(layers[12]).parent, "symlink", bytes(elsewhere))
     (repo_dir / "_layers" / "sha256" / "nothex").mkdir()
     os.mkdir(os.fsencode(repo_dir / "_layers" / "sha256") + b"/\xff\xfe")
 
@@ -1473,6 +1485,7 @@ def corrupt_table(mnt: Path, info: dict) -> list[Case]:
 
     # EIO with an ERROR line for damage; ENOENT for what storage must treat as absent.
     corrupt = "corrupt storage entry"
+    symlink = "a symbolic link in the storage root"
     for i, what, code, log in (
         (0, "link holding garbage", errno.EIO, corrupt),
         (1, "empty link", errno.EIO, corrupt),
@@ -1481,9 +1494,11 @@ def corrupt_table(mnt: Path, info: dict) -> list[Case]:
         (4, "link to a missing blob", errno.EIO, "blob data is missing"),
         (5, "link that is a directory", errno.ENOENT, "not a regular file"),
         (6, "link that is a FIFO", errno.ENOENT, "not a regular file"),
-        (7, "link that is a dangling symlink", errno.ENOENT, None),
+        (7, "link that is a dangling symlink", errno.EIO, symlink),
         (8, "blob data that is a directory", errno.EIO, "blob data is missing"),
-        (10, "blob data that is a dangling symlink", errno.EIO, "blob data is missing"),
+        (10, "blob data that is a dangling symlink", errno.EIO, symlink),
+        (11, "blob data linked to a secret outside the root", errno.EIO, symlink),
+        (12, "link directory linked outside the root", errno.EIO, symlink),
     ):
         row(f"stat layer: {what}", lookup(layers / L[i]), code, log=log)
         row(f"read layer: {what}", read(layers / L[i]), code)
@@ -1494,7 +1509,7 @@ def corrupt_table(mnt: Path, info: dict) -> list[Case]:
         errno.EIO,
         log="not a regular file",
     )
-    listed = [good["config"], good["layer"], *(L[i] for i in (0, 1, 2, 3, 4, 8, 9, 10))]
+    listed = [good["config"], good["layer"], *(L[i] for i in (0, 1, 2, 3, 4, 7, 8, 9, 10, 11))]
     row("ls layers/ shows the rest (EIO entries too)", expect_listing(layers, listed), None)
     row(
         "a good layer still reads",
@@ -1604,7 +1619,7 @@ def test_the_battery_has_100_cases(tmp_path):
     info = {
         "image": image,
         "good": image,
-        "layers": [fake] * 11,
+        "layers": [fake] * 13,
         "manifests": [fake] * 4,
         "uuids": dict.fromkeys(
             ["u0", "u1", "u2", "u3", "u4", "u5", "r0", "r1", "r2", "r3", "r4"], "x"
