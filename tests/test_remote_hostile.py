@@ -88,9 +88,10 @@ class Stub:
 
     def answer(self, h: BaseHTTPRequestHandler, status: int, body: bytes, **headers: str) -> None:
         h.send_response(status)
-        headers.setdefault("Content-Length", str(len(body)))
-        for key, value in headers.items():
-            h.send_header(key.replace("_", "-"), value)
+        named = {key.replace("_", "-"): value for key, value in headers.items()}
+        named.setdefault("Content-Length", str(len(body)))
+        for key, value in named.items():
+            h.send_header(key, value)
         h.end_headers()
         if h.command != "HEAD":
             self.send(h, body)
@@ -313,6 +314,14 @@ async def test_the_catalog_is_sorted_once_per_change(tmp_path: Path, stub) -> No
         await registry.create_repository("m/n")
         assert await catalog.children("") == ["a", "a-b", "b", "m", "z"]
     assert len(s.paths) == 1
+
+
+async def test_a_head_is_not_held_to_a_body_cap(tmp_path: Path, stub) -> None:
+    """A HEAD's Content-Length is the blob's size, not a body to read."""
+    s = stub(lambda h: s.answer(h, 200, b"", Content_Length=str(10 << 30)))
+    async with client_of(s.url) as client:
+        layers = RemoteRegistry(client, tmp_path).repository("x").layers
+        assert (await layers.stat(sha256(b""))).size == 10 << 30
 
 
 def test_caches_are_bounded_in_bytes(tmp_path: Path) -> None:

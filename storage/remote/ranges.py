@@ -64,7 +64,7 @@ class RangeFetcher:
         try:
             body = _read_exactly(resp, end - start)
         except (OSError, http.client.HTTPException) as exc:
-            log.debug("range GET %s: %s; asking again through the client", _bare(url), exc)
+            log.debug("range GET %s: %r; asking again through the client", _bare(url), exc)
             conn.close()
             return None
         self._release(where, conn, resp)

@@ -586,7 +586,7 @@ class RemoteLayerReader:
         try:
             return await self.client.read_open(stream, window.end - window.start)
         except (OSError, HTTPException) as exc:
-            log.debug("open GET of %s failed at %d: %s", self.digest, stream.position, exc)
+            log.debug("open GET of %s failed at %d: %r", self.digest, stream.position, exc)
             stream.close()
             self._stream = None
             return None
@@ -597,7 +597,7 @@ class RemoteLayerReader:
         try:
             await self._fetch(window)
         except Exception as exc:
-            log.debug("read-ahead of %s at %d failed: %s", self.digest, window.start, exc)
+            log.debug("read-ahead of %s at %d failed: %s", self.digest, window.start, shown(exc))
 
     async def aclose(self) -> None:
         for window in self._windows:
