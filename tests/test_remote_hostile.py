@@ -11,10 +11,13 @@ and proves regfs refuses it for that call only, with a log line, never a dead da
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ import pytest
 import trio
 from fault_server import Fault, FaultServer
 from loopback import LoopbackHandler, LoopbackHTTP
-from registry import write_self_signed_cert
+from registry import OCI_MANIFEST, RegistryServer, blob_data_path, write_self_signed_cert
 
 import storage.remote.registry as remote_registry
 from storage.blobs import BlobInfo
@@ -552,3 +555,90 @@ async def test_insecure_is_for_the_registrys_host_only(tls) -> None:
             with pytest.raises(TLSError):
                 await client.request("GET", "/v2/x/tags/list")
     assert other.seen == []
+
+
+# --------------------------------------------------------------------------- through a mount
+
+
+def push_image(server: RegistryServer, name: str, layer: bytes) -> tuple[str, str]:
+    """A config and one layer under `name:v1` in a real registry: (layer digest, manifest
+    digest)."""
+    client = server.client()
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    blobs = [(client.push_blob(name, data), len(data)) for data in (config, layer)]
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": blobs[0][0], "size": blobs[0][1]},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": blobs[1][0], "size": blobs[1][1]}],
+        }
+    ).encode()  # fmt: skip
+    put = client.request(
+        "PUT", f"/v2/{name}/manifests/v1", content=manifest, headers={"Content-Type": OCI_MANIFEST}
+    )
+    assert put.status_code == 201, put.text
+    return blobs[1][0], str(sha256(manifest))
+
+
+def read_errno(path: Path) -> int | None:
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch) -> None:
+    """The daemon's upload records and Docker config stay in the test's directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    (tmp_path / "docker").mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+
+
+@pytest.mark.registry
+def test_tampered_layer_bytes_are_eio_through_the_mount(
+    tmp_path: Path, registry_server: RegistryServer, mount, isolated
+) -> None:
+    """The registry serves a blob whose bytes on its disk were swapped: `cat` gets EIO on
+    the read that completes the layer, the log names both digests, the mount lives on."""
+    layer = os.urandom(3 * MIB)
+    digest, _ = push_image(registry_server, "hostile/app", layer)
+    tampered = bytearray(layer)
+    tampered[len(layer) // 2] ^= 0xFF
+    blob_data_path(tmp_path / "root", digest).write_bytes(tampered)
+    m = mount(registry_server.url)
+    path = m.path("hostile", "app", "layers", digest)
+    assert os.stat(path).st_size == len(layer)
+    assert read_errno(path) == errno.EIO
+    log = m.log_text()
+    assert digest in log and str(sha256(bytes(tampered))) in log
+    assert os.listdir(m.path("hostile", "app", "tags")) == ["v1"]
+
+
+@pytest.mark.registry
+def test_a_huge_manifest_is_eio_through_the_mount(
+    registry_server: RegistryServer, mount, isolated
+) -> None:
+    """A manifest answered with a 10 TB Content-Length: EIO for that file and one clear log
+    line; the daemon is not grown, and goes on answering."""
+    _, manifest_digest = push_image(registry_server, "hostile/app", b"layer")
+    with FaultServer(upstream=registry_server.url) as proxy:
+        huge = (("Content-Length", str(10 << 40)), ("Content-Type", OCI_MANIFEST))
+        proxy.inject(
+            Fault(200, headers=huge, body=b"{", method="GET", path="/manifests/"), times=20
+        )
+        m = mount(proxy.url)
+        tags = m.path("hostile", "app", "tags")
+        assert read_errno(tags / "v1") == errno.EIO
+        listed = subprocess.run(["ls", "-l", tags], capture_output=True, text=True, timeout=30)
+        assert listed.returncode == 0 or "Input/output error" in listed.stderr
+        assert os.listdir(m.mountpoint) == ["hostile"]
+        proxy.clear()
+        assert str(sha256((tags / "v1").read_bytes())) == manifest_digest
+        m.stop()
+    over = [line for line in m.log_text().splitlines() if "over the 4194304 bytes" in line]
+    assert over and all("(EIO)" in line for line in over)
