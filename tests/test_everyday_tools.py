@@ -224,6 +224,13 @@ async def test_sed_i_and_vim_retag(
         previous = value
     assert (tags / "latest").read_bytes() == image["manifest"]
 
+    # rsync's temporary `.v2.XXXXXX` is no tag name (EINVAL); --inplace writes the tag itself.
+    manifest = write_file(tmp_path / "v2.json", image["manifest"])
+    assert run("rsync", "-a", manifest, tags / "v2", check=False).returncode == 23
+    run("rsync", "-a", "--inplace", manifest, tags / "v2")
+    assert ls(tags) == ["latest", "v1", "v2"] and tag_dirs(root) == ["latest", "v1", "v2"]
+    assert client.get_manifest(NAME, "v2").body == image["manifest"]
+
 
 async def test_mv_within_tags_is_one_step_for_readers(tmp_path, mount):
     """`mv tags/tmp tags/v1` points v1 at tmp's manifest and removes tmp. Readers of v1 all
