@@ -2,9 +2,12 @@
 
     <component>/...          namespaces, one directory per name component
     <repository>/tags/<tag>  the manifest a tag points at (moves: cached for tag_ttl)
-    .../manifests/<digest>   a manifest by digest (immutable: cached for good)
-    .../layers/<digest>      a linked blob (immutable)
+    .../manifests/<digest>   a manifest by digest (its bytes never change)
+    .../layers/<digest>      a linked blob (its bytes never change)
     .../uploads/<uuid>       an upload in progress (its size is the bytes received)
+
+Whether a digest is there does change (the registry's DELETE and garbage collection), so
+what the daemon knows of manifests/ and layers/ is cached for tag_ttl, like tags.
 
 No FUSE here: the operations module turns these into inodes and errnos.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from storage.cache import TtlCache
 from storage.digests import Digest
@@ -76,6 +81,7 @@ class UploadNode:
 
 Node = DirNode | SectionNode | TagNode | ManifestNode | LayerNode | UploadNode
 ROOT = DirNode("")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,22 +118,23 @@ class Tree:
         self.started_ns = time.time_ns()
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
-        self._immutable: TtlCache[Node, Attr] = TtlCache(None)
+        self._digests: TtlCache[Node, Attr] = TtlCache(tag_ttl)  # manifests/, layers/
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
         self._shadow_logged: set[str] = set()
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
 
     def forget_moving(self) -> None:
-        """Drop every cached tag and listing (SIGHUP)."""
+        """Drop every cached tag, listing and digest entry (SIGHUP)."""
         self._tags.clear()
         self._listings.clear()
+        self._digests.clear()
         self._upload_names.clear()
 
     def changed(self, *nodes: Node) -> None:
         """Forget what the daemon cached about nodes that changed through this mount."""
         for node in nodes:
             self._listings.pop(node)
-            self._immutable.pop(node)
+            self._digests.pop(node)
             match node:
                 case TagNode():
                     self._tags.pop(node)
@@ -244,18 +251,17 @@ class Tree:
     # -- attributes ------------------------------------------------------------------------
 
     async def attr(self, node: Node) -> Attr:
-        cached = self._immutable.get(node)
+        cached = self._digests.get(node)
         if cached is not None:
             return cached
         match node:
             case DirNode(path) | SectionNode(path, _):
                 return Attr(True, 0, await self._dir_mtime_ns(path))
             case TagNode(repo, tag):
-                target = await self._tag_target(node)
                 try:
-                    manifest = await self.attr(ManifestNode(repo, target))
-                except UnknownManifest:  # damage (or a delete racing us): ENOENT, but say so
-                    log.warning("attr: tag %s:%s points at %s, no manifest here", repo, tag, target)
+                    manifest = await self._tagged(node, lambda d: self.attr(ManifestNode(repo, d)))
+                except UnknownManifest as exc:  # damage: ENOENT, but say so
+                    log.warning("attr: %s", exc)
                     raise
                 return Attr(False, manifest.size, await self._repo(repo).tags.mtime_ns(tag))
             case ManifestNode(repo, digest):
@@ -267,12 +273,27 @@ class Tree:
             case UploadNode(repo, uuid):
                 upload = await self._repo(repo).layers.upload_info(uuid)
                 return Attr(False, upload.size, upload.started_ns)
-        self._immutable.put(node, attr)
+        self._digests.put(node, attr)
         return attr
 
     async def _dir_mtime_ns(self, path: str) -> int:
         mtime_ns = await self.registry.catalog.mtime_ns(path)
         return self.started_ns if mtime_ns is None else mtime_ns
+
+    async def _tagged(self, node: TagNode, use: Callable[[Digest], Awaitable[T]]) -> T:
+        """use(the manifest the tag points at). A cached target whose manifest is gone is
+        read again once: the registry deletes a manifest with the tags that point at it, and
+        that is no damage. UnknownManifest names the tag when it really points at nothing."""
+        digest = await self._tag_target(node)
+        try:
+            return await use(digest)
+        except UnknownManifest:
+            self._tags.pop(node)
+            if (fresh := await self._tag_target(node)) != digest:
+                return await use(fresh)
+            raise UnknownManifest(
+                f"tag {node.repo}:{node.tag} points at {digest}, no manifest here"
+            ) from None
 
     async def _tag_target(self, node: TagNode) -> Digest:
         digest = self._tags.get(node)
@@ -288,10 +309,9 @@ class Tree:
     async def xattrs(self, node: Node) -> dict[str, bytes]:
         match node:
             case TagNode(repo, _):
-                digest = await self._tag_target(node)
-                manifest = await self._repo(repo).manifests.get(digest)
+                manifest = await self._tagged(node, self._repo(repo).manifests.get)
                 return {
-                    "user.regfs.digest": str(digest).encode(),
+                    "user.regfs.digest": str(manifest.digest).encode(),
                     "user.regfs.mediatype": manifest.media_type.encode(),
                 }
             case ManifestNode(repo, digest):
@@ -326,12 +346,7 @@ class Tree:
             case ManifestNode(repo, digest):
                 return BytesReader((await self._repo(repo).manifests.get(digest)).data)
             case TagNode(repo, _):
-                digest = await self._tag_target(node)
-                try:
-                    return BytesReader((await self._repo(repo).manifests.get(digest)).data)
-                except UnknownManifest:
-                    self._tags.pop(node)
-                    raise
+                return BytesReader((await self._tagged(node, self._repo(repo).manifests.get)).data)
             case UploadNode(repo, uuid):
                 return await self._repo(repo).layers.read_upload(uuid)
         raise IsADirectoryError(str(node))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .digests import Digest, digest_bytes
 from .drivers import FileReader, PathNotFound, StorageDriver
 from .errors import CorruptEntry, InvalidName, UnknownLayer
-from .paths import BlobData, Location, path_for
+from .paths import BlobData, BlobDir, Location, path_for
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ class BlobStore:
             return False
         return True
 
+    async def collected(self, digest: Digest) -> bool:
+        """Whether the blob's whole directory is gone, as garbage collection leaves it (a
+        directory without usable `data` is damage instead; the registry answers 404 for both)."""
+        try:
+            await self.driver.stat(path_for(BlobDir(digest)))
+        except PathNotFound:
+            return True
+        return False
+
     async def open(self, digest: Digest) -> FileReader:
         try:
             return await self.driver.reader(path_for(BlobData(digest)))
@@ -99,7 +108,13 @@ class LinkedBlobs:
         return path_for(self._link_of(digest))
 
     async def stat(self, digest: Digest) -> BlobInfo:
-        """The linked blob; unknown when not linked, CorruptEntry when linked but missing."""
+        """The linked blob; unknown when it is not linked or its blob is gone, CorruptEntry
+        when the link is garbage or names another blob.
+
+        The registry's own operations leave links that name nothing: its DELETE removes only
+        the `link` file (the digest's directory stays, empty), and garbage collection deletes
+        blobs but not the links to them. It answers 404 for both, and so does this.
+        """
         path = self._link_path(digest)
         try:
             target = await read_link(self.driver, path)
@@ -110,8 +125,9 @@ class LinkedBlobs:
         try:
             return await self.blobs.stat(target)
         except UnknownLayer:
-            log.error("stat: %s links to %s whose blob data is missing", path, target)
-            raise CorruptEntry(path, f"links to missing blob {target}") from None
+            if not await self.blobs.collected(target):
+                log.warning("stat: %s links to %s whose blob data is missing", path, target)
+            raise self._unknown(f"{digest} is linked here, but its blob is gone") from None
 
     async def exists(self, digest: Digest) -> bool:
         try:
@@ -139,7 +155,11 @@ class LinkedBlobs:
             raise self._unknown(f"{digest} is not linked here") from None
 
     async def list(self) -> list[Digest]:
-        """Linked digests, by directory name; entries that are not digests are logged, skipped."""
+        """Linked digests, by directory name; entries that are not digests are logged, skipped.
+
+        Names only: a digest whose link the registry's DELETE removed, or whose blob its
+        garbage collection deleted, is listed too; `stat` tells which are there (the
+        registry's own walk skips those the same way)."""
         try:
             names = await self.driver.list(path_for(self._directory))
         except PathNotFound:

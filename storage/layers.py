@@ -106,11 +106,17 @@ class LayerService:
         return await self.linked.list()
 
     async def fetch(self, digest: Digest) -> LayerReader:
+        """UnknownLayer when the blob is gone, also between stat and open (garbage collection
+        running beside us): what the registry answers 404 for is absent, not damage. Data that
+        was there at the stat but cannot be opened (not a regular file) is CorruptEntry."""
         info = await self.linked.stat(digest)
         try:
             file = await self._blobs.open(info.digest)
         except UnknownLayer:
-            raise CorruptEntry(path_for(LayerLink(self.name, digest)), "blob vanished") from None
+            if await self._blobs.collected(info.digest):
+                raise
+            link = path_for(LayerLink(self.name, digest))
+            raise CorruptEntry(link, "its blob data cannot be opened") from None
         return LayerReader(info, file)
 
     async def link(self, digest: Digest) -> None:

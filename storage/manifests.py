@@ -9,7 +9,7 @@ from typing import Any
 
 from .blobs import BlobInfo, BlobStore, LinkedBlobs
 from .digests import Digest
-from .errors import InvalidManifest, InvalidName, UnknownManifest
+from .errors import InvalidManifest, InvalidName, UnknownLayer, UnknownManifest
 from .paths import RevisionLink, RevisionsDir
 from .tags import TagService
 
@@ -175,7 +175,10 @@ class ManifestService:
 
     async def get(self, digest: Digest) -> Manifest:
         info = await self.revisions.stat(digest)
-        data = await self._blobs.get(info.digest)
+        try:
+            data = await self._blobs.get(info.digest)
+        except UnknownLayer:  # collected since the stat: the registry answers 404 too
+            raise UnknownManifest(f"unknown manifest {digest} in {self.name}") from None
         return Manifest(info.digest, sniff_media_type(data), data)
 
     async def list(self) -> list[Digest]:

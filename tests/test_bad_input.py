@@ -1348,7 +1348,7 @@ async def corrupt_root(root: Path) -> dict:
     image = await build_root(root, size=50_000)
     good = await build_root(root, name=BROKEN, tag="good", size=30_000)
     repo_dir = root / V2 / "repositories" / BROKEN
-    blobs = [os.urandom(1000 + i) for i in range(13)]
+    blobs = [os.urandom(1000 + i) for i in range(15)]
     layers = await link_blobs(root, BROKEN, blobs)
 
     def link(digest: str) -> Path:
@@ -1380,6 +1380,10 @@ async def corrupt_root(root: Path) -> dict:
     _replace(link(layers[12]).parent, "symlink", bytes(elsewhere))
     (repo_dir / "_layers" / "sha256" / "nothex").mkdir()
     os.mkdir(os.fsencode(repo_dir / "_layers" / "sha256") + b"/\xff\xfe")
+    # What the registry itself leaves (issue 14): its DELETE removes only the link file, and
+    # garbage collection deletes a blob's whole directory but not the links to it.
+    link(layers[13]).unlink()
+    shutil.rmtree(data(layers[14]).parent)
 
     # Manifests m0..m3, tagged t0..t3, then damaged; t4..t7 are broken tags themselves.
     repo = Registry(FilesystemDriver(root)).repository(BROKEN)
@@ -1390,6 +1394,10 @@ async def corrupt_root(root: Path) -> dict:
         digest = await repo.manifests.put(json.dumps(body).encode())
         await repo.tags.put(f"t{i}", digest)
         manifests.append(str(digest))
+    for i in (4, 5):  # m4 deleted by the registry, m5's blob garbage-collected: untagged
+        body = json.loads(good["manifest"])
+        body["annotations"] = {"n": str(i)}
+        manifests.append(str(await repo.manifests.put(json.dumps(body).encode())))
 
     def revision(digest: str) -> Path:
         hexpart = digest.removeprefix("sha256:")
@@ -1401,6 +1409,8 @@ async def corrupt_root(root: Path) -> dict:
     _replace(revision(manifests[0]), "bytes", b"sha256:nothex")
     data(manifests[1]).unlink()
     _replace(revision(manifests[2]), "dir")
+    revision(manifests[4]).unlink()
+    shutil.rmtree(data(manifests[5]).parent)
     _replace(current("t3"), "bytes", b"sha256:" + b"a" * 63)
     _replace(current("t4"), "bytes", b"sha256:" + b"e" * 64)  # not a revision here
     _replace(current("t5"), "fifo")
@@ -1483,7 +1493,8 @@ def corrupt_table(mnt: Path, info: dict) -> list[Case]:
     def read(path: Path) -> Action:
         return call(Path.read_bytes, path)
 
-    # EIO with an ERROR line for damage; ENOENT for what storage must treat as absent.
+    # EIO with an ERROR line for damage; ENOENT for what storage must treat as absent (what
+    # the registry answers 404 for), with a warning when it is damage.
     corrupt = "corrupt storage entry"
     symlink = "a symbolic link in the storage root"
     for i, what, code, log in (
@@ -1491,14 +1502,16 @@ def corrupt_table(mnt: Path, info: dict) -> list[Case]:
         (1, "empty link", errno.EIO, corrupt),
         (2, "link with a newline", errno.EIO, corrupt),
         (3, "link naming another blob", errno.EIO, corrupt),
-        (4, "link to a missing blob", errno.EIO, "blob data is missing"),
+        (4, "link to a missing blob", errno.ENOENT, "blob data is missing"),
         (5, "link that is a directory", errno.ENOENT, "not a regular file"),
         (6, "link that is a FIFO", errno.ENOENT, "not a regular file"),
         (7, "link that is a dangling symlink", errno.EIO, symlink),
-        (8, "blob data that is a directory", errno.EIO, "blob data is missing"),
+        (8, "blob data that is a directory", errno.ENOENT, "blob data is missing"),
         (10, "blob data that is a dangling symlink", errno.EIO, symlink),
         (11, "blob data linked to a secret outside the root", errno.EIO, symlink),
         (12, "link directory linked outside the root", errno.EIO, symlink),
+        (13, "link deleted by the registry (an empty directory)", errno.ENOENT, None),
+        (14, "link to a blob garbage collection deleted", errno.ENOENT, None),
     ):
         row(f"stat layer: {what}", lookup(layers / L[i]), code, log=log)
         row(f"read layer: {what}", read(layers / L[i]), code)
@@ -1509,7 +1522,7 @@ def corrupt_table(mnt: Path, info: dict) -> list[Case]:
         errno.EIO,
         log="not a regular file",
     )
-    listed = [good["config"], good["layer"], *(L[i] for i in (0, 1, 2, 3, 4, 7, 8, 9, 10, 11))]
+    listed = [good["config"], good["layer"], *(L[i] for i in (0, 1, 2, 3, 7, 9, 10, 11))]
     row("ls layers/ shows the rest (EIO entries too)", expect_listing(layers, listed), None)
     row(
         "a good layer still reads",
@@ -1519,11 +1532,14 @@ def corrupt_table(mnt: Path, info: dict) -> list[Case]:
 
     for i, what, code in (
         (0, "revision link holding garbage", errno.EIO),
-        (1, "revision whose blob is missing", errno.EIO),
+        (1, "revision whose blob is missing", errno.ENOENT),
         (2, "revision link that is a directory", errno.ENOENT),
     ):
         row(f"stat manifest: {what}", lookup(manifests / M[i]), code)
         row(f"read its tag: {what}", read(tags / f"t{i}"), code)
+    for i, what in ((4, "deleted by the registry"), (5, "whose blob garbage collection deleted")):
+        row(f"stat manifest: revision {what}", lookup(manifests / M[i]), errno.ENOENT)
+        row(f"read manifest: revision {what}", read(manifests / M[i]), errno.ENOENT)
     for tag, what, code, log in (
         ("t3", "current link holding a short digest", errno.EIO, corrupt),
         ("t4", "current link to a digest that is no manifest here", errno.ENOENT, "points at"),
@@ -1535,12 +1551,12 @@ def corrupt_table(mnt: Path, info: dict) -> list[Case]:
         row(f"getxattr tag: {what}", call(os.getxattr, tags / tag, "user.regfs.digest"), code)
     row(
         "ls tags/ shows the rest (not UTF-8, `.hidden`: skipped)",
-        expect_listing(tags, ["good", "t0", "t1", "t3"]),
+        expect_listing(tags, ["good", "t0", "t3"]),
         None,
     )
     row(
         "ls manifests/ shows the rest",
-        expect_listing(manifests, [good["digest"], M[0], M[1], M[3]]),
+        expect_listing(manifests, [good["digest"], M[0], M[3]]),
         None,
     )
     row("a good tag still reads", expect_bytes(tags / "good", good["manifest"]), None)
@@ -1619,8 +1635,8 @@ def test_the_battery_has_100_cases(tmp_path):
     info = {
         "image": image,
         "good": image,
-        "layers": [fake] * 13,
-        "manifests": [fake] * 4,
+        "layers": [fake] * 15,
+        "manifests": [fake] * 6,
         "uuids": dict.fromkeys(
             ["u0", "u1", "u2", "u3", "u4", "u5", "r0", "r1", "r2", "r3", "r4"], "x"
         ),

@@ -48,7 +48,7 @@ from registry import (
 
 from storage.digests import Digest, Sha256State
 from storage.drivers import FilesystemDriver
-from storage.errors import CorruptEntry, UnknownUpload
+from storage.errors import CorruptEntry, UnknownLayer, UnknownUpload
 from storage.layers import LayerService
 from storage.registry import Registry
 
@@ -685,7 +685,7 @@ async def test_corrupt_entries_in_registry_root(
         with pytest.raises(CorruptEntry, match="not a digest link") as err:
             await call(dig(broken))
         assert err.value.path.endswith(f"/_layers/sha256/{broken.split(':')[1]}/link")
-        with pytest.raises(CorruptEntry, match="missing blob"):
+        with pytest.raises(UnknownLayer, match="blob is gone"):
             await call(dig(missing))
     assert not await layers.exists(dig(broken)) and not await layers.exists(dig(missing))
     assert await read_all(layers, good) == client.get_blob(name, good)

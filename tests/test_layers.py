@@ -220,16 +220,20 @@ async def test_bad_startedat_is_a_corrupt_entry(registry):
     assert sorted(await layers.uploads()) == sorted([good.uuid, bad.uuid])
 
 
-async def test_link_to_missing_blob_is_corrupt_not_unknown(registry):
+async def test_link_to_a_collected_blob_is_unknown(registry):
+    """Garbage collection deletes blobs and leaves the links to them: the registry answers
+    404, so the layer is absent, not damaged."""
     layers = registry.repository("foo").layers
     upload = await layers.upload()
     await upload.write(b"abc")
     digest = digest_bytes(b"abc")
     await upload.finish(digest)
     await registry.driver.delete(path_for(BlobData(digest)).rsplit("/", 1)[0])
-    with pytest.raises(CorruptEntry, match="missing blob"):
-        await layers.fetch(digest)
+    for call in (layers.fetch, layers.stat):
+        with pytest.raises(UnknownLayer, match="blob is gone"):
+            await call(digest)
     assert not await layers.exists(digest)
+    assert await layers.list() == [digest]  # a name only; stat says it is not there
 
 
 async def test_garbage_link_is_corrupt(registry):
