@@ -531,7 +531,11 @@ class Operations(pyfuse3.Operations):
             with contextlib.suppress(LookupError):
                 await self.tree.lookup(SectionNode(node.repo, "tags"), name)
                 raise FUSEError(errno.EEXIST)
-        digest = await self.tree.put_tag(target, await self.tree.read(node))
+        # The manifest is stored already: only the tag's link moves (no second check of it).
+        tags = self.tree.registry.repository(node.repo).tags
+        digest = await tags.get(node.tag)
+        await tags.put(name, digest)
+        self.tree.changed(target)
         await self.tree.remove(node)
         # The kernel moves its dentry to the new name with the old inode number.
         ino = self.inodes.known(node)
