@@ -30,6 +30,7 @@ from storage.drivers import (
 )
 from storage.drivers.filesystem import LOCK_SUFFIX
 from storage.errors import Busy, InvalidOffset, UnsafeEntry
+from storage.registry import Registry
 
 
 @pytest.fixture(params=["inmemory", "filesystem", "filesystem-walk"])
@@ -397,3 +398,30 @@ async def test_without_openat2_paths_are_walked(tmp_path, monkeypatch):
     with pytest.raises(UnsafeEntry):
         await drv.stat("/a/c/root")
     assert await drv.get_content("/a/b") == b"x"
+
+
+async def test_uploads_through_symlinks_touch_nothing_outside(planted):
+    """An upload's `data` linked to a file outside (append, truncate) and its hash states
+    linked to a directory outside (old states deleted there): resuming is refused, and
+    nothing outside changes; purging the upload removes the links alone."""
+    registry = Registry(planted.drv)
+    layers = registry.repository("org/app").layers
+    linked_data, linked_states = await layers.upload(), await layers.upload()
+    for upload in (linked_data, linked_states):
+        await upload.write(b"partial")
+        await upload.close()
+    uploads = planted.root / "docker/registry/v2/repositories/org/app/_uploads"
+    (uploads / linked_data.uuid / "data").unlink()
+    (uploads / linked_data.uuid / "data").symlink_to(planted.outside / "secret")
+    shutil.rmtree(uploads / linked_states.uuid / "hashstates" / "sha256")
+    (uploads / linked_states.uuid / "hashstates" / "sha256").symlink_to(planted.outside / "dir")
+    for upload in (linked_data, linked_states):
+        with pytest.raises(UnsafeEntry):
+            resumed = await layers.resume(upload.uuid)
+            await resumed.truncate(0)
+            await resumed.cancel()
+    planted.untouched()
+    for upload in (linked_data, linked_states):
+        await planted.drv.delete(f"/docker/registry/v2/repositories/org/app/_uploads/{upload.uuid}")
+    assert await layers.uploads() == []
+    planted.untouched()
