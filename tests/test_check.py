@@ -123,7 +123,7 @@ async def test_cli_exit_status_and_output(tmp_path):
     result = regfs("check", str(root), "--verify")
     assert result.returncode == 2 and "digest-mismatch" in result.stdout
     missing = regfs("check", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "not a directory" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert not (tmp_path / "nope").exists()
     bad = regfs("purge-uploads", str(root), "--older-than", "soon")
     assert bad.returncode == 2 and "bad duration" in bad.stderr

@@ -223,11 +223,11 @@ class FilesystemDriver(StorageDriver):
     # -- resolving beneath the root ------------------------------------------------------
 
     def _refusal(self, exc: OSError, path: str) -> Exception:
-        """What an OSError met on path means: a symlink on it (ELOOP; EXDEV: out of the
-        root; ENOTDIR when the symlink is a directory's) is UnsafeEntry, an absent one
-        PathNotFound, anything else itself."""
+        """What an OSError met on path means: a symlink on it (ELOOP, or ENOTDIR where
+        O_DIRECTORY met the link) is UnsafeEntry, an absent one PathNotFound, anything else
+        itself. Paths hold no `..`, so RESOLVE_BENEATH's EXDEV cannot happen here."""
         code = exc.errno
-        if code in (errno.ELOOP, errno.EXDEV) or (code == errno.ENOTDIR and self._linked(path)):
+        if code == errno.ELOOP or (code == errno.ENOTDIR and self._linked(path)):
             log.error("%s: a symbolic link in the storage root, never followed: refused", path)
             return UnsafeEntry(path, "a symbolic link (or one on its way), never followed")
         if code in (errno.ENOENT, errno.ENOTDIR):
@@ -367,7 +367,8 @@ class FilesystemDriver(StorageDriver):
         (LOCK_MODE), so only a user who could write the data can take it. It stays, and goes
         with its directory: removing it on close would let two writers lock two files of the
         same name. flock dies with its process, and the registry, which never locks, never
-        sees it.
+        sees it. A lock file found is used as it is: only someone who can write the
+        directory could have made it, and they could remove the whole upload anyway.
         """
         with self._beneath(path + LOCK_SUFFIX):
             fd = os.open(
@@ -409,7 +410,7 @@ class FilesystemDriver(StorageDriver):
     async def _list(self, path: str) -> list[str]:
         names, links = self._scan(path)
         for name in links:
-            log.error("%s/%s: a symbolic link in the storage root: not listed", path, name)
+            log.warning("%s/%s: a symbolic link in the storage root: not listed", path, name)
         return names
 
     async def _symlinks(self, path: str) -> list[str]:
