@@ -63,6 +63,8 @@ class BlobStore:
             await self.driver.stat(path_for(BlobDir(digest)))
         except PathNotFound:
             return True
+        except CorruptEntry:  # there, but never followed (a symbolic link): not gc's doing
+            return False
         return False
 
     async def open(self, digest: Digest) -> FileReader:

@@ -1,8 +1,11 @@
 """A read-only consistency check of a registry root, and the upload purger.
 
-Findings are of two severities: DAMAGE (something points at nothing, content is not what its
-digest says, a symbolic link in the root) and MAINTENANCE (what garbage collection or the
-upload purger would remove).
+Findings are of three severities: DAMAGE (something points at nothing, content is not what its
+digest says, a symbolic link in the root), MAINTENANCE (what garbage collection or the upload
+purger would remove) and RECLAIMABLE: what the registry's own DELETE and garbage collection
+leave behind and nothing ever removes (a digest directory without its link, a link to a
+collected blob). The registry answers 404 for those, regfs shows them as absent, and they do
+not change the exit status (0); deleting them frees a directory entry or two.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ T = TypeVar("T")
 
 
 class Severity(enum.IntEnum):
+    """The exit status of `regfs check` is the worst one found (0 when none)."""
+
+    RECLAIMABLE = 0
     MAINTENANCE = 1
     DAMAGE = 2
 
@@ -129,13 +135,22 @@ class Checker:
                 yield digest
 
     async def _links(
-        self, kind: str, paths: list[tuple[Digest, str]], blobs: set[Digest]
+        self, kind: str, paths: list[tuple[Digest, str]], blobs: set[Digest], present: set[Digest]
     ) -> AsyncIterator[Finding]:
+        """Findings about each link; adds to `present` the digests the registry would serve."""
         for digest, path in paths:
             try:
                 target = await read_link(self.driver, path)
             except PathNotFound:
-                yield Finding(Severity.DAMAGE, f"missing-{kind}-link", path, "no link file")
+                if await _exists(self.driver, path):  # a directory or a FIFO in its place
+                    yield Finding(Severity.DAMAGE, f"corrupt-{kind}-link", path, "not a file")
+                else:
+                    yield Finding(
+                        Severity.RECLAIMABLE,
+                        f"deleted-{kind}-link",
+                        path,
+                        "no link file, as the registry's DELETE leaves it: absent (404)",
+                    )
                 continue
             except CorruptEntry as exc:
                 yield Finding(Severity.DAMAGE, f"corrupt-{kind}-link", path, str(exc))
@@ -145,7 +160,17 @@ class Checker:
                 yield Finding(
                     Severity.DAMAGE, f"misplaced-{kind}-link", path, f"names {target}, not {digest}"
                 )
-            if target not in blobs:
+            if target in blobs:
+                if target == digest:
+                    present.add(digest)
+            elif await self.registry.blobs.collected(target):
+                yield Finding(
+                    Severity.RECLAIMABLE,
+                    f"collected-{kind}-link",
+                    path,
+                    f"blob {target} was garbage-collected: absent (404)",
+                )
+            else:
                 yield Finding(
                     Severity.DAMAGE, f"dangling-{kind}-link", path, f"blob {target} is missing"
                 )
@@ -153,11 +178,11 @@ class Checker:
     async def _repository(self, name: str, blobs: set[Digest]) -> AsyncIterator[Finding]:
         repo = self.registry.repository(name)
         layers = [(d, path_for(LayerLink(name, d))) for d in await _listed(repo.layers.list())]
-        async for finding in self._links("layer", layers, blobs):
+        async for finding in self._links("layer", layers, blobs, set()):
             yield finding
-        revisions = await _listed(repo.manifests.list())
-        links = [(d, path_for(RevisionLink(name, d))) for d in revisions]
-        async for finding in self._links("manifest", links, blobs):
+        revisions: set[Digest] = set()
+        links = [(d, path_for(RevisionLink(name, d))) for d in await _listed(repo.manifests.list())]
+        async for finding in self._links("manifest", links, blobs, revisions):
             yield finding
         for tag in await _listed(repo.tags.list()):
             path = path_for(TagCurrentLink(name, tag))
@@ -249,8 +274,13 @@ async def _listed(listing: Awaitable[list[T]]) -> list[T]:
 
 async def _holds_data(driver: StorageDriver, name: str, uuid: str) -> bool:
     """Whether the upload's data is there: a symlink counts, so it is never purged as empty."""
+    return await _exists(driver, path_for(UploadData(name, uuid)))
+
+
+async def _exists(driver: StorageDriver, path: str) -> bool:
+    """Whether anything stands at path (a symlink too, though never followed)."""
     try:
-        await driver.stat(path_for(UploadData(name, uuid)))
+        await driver.stat(path)
     except PathNotFound:
         return False
     except CorruptEntry:

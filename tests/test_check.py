@@ -54,7 +54,7 @@ async def test_every_kind_of_finding(registry):
     driver = registry.driver
     await healthy(registry)
     layer = digest_bytes(b"layer")
-    # A link to a missing blob, a garbage link, a tag to a manifest the repository lacks,
+    # A link to a collected blob, a garbage link, a tag to a manifest the repository lacks,
     # an upload without startedat, a stale upload, an unlinked blob, a corrupted blob.
     await driver.put_content(
         path_for(LayerLink("org/app", digest_bytes(b"gone"))), str(digest_bytes(b"gone")).encode()
@@ -78,7 +78,7 @@ async def test_every_kind_of_finding(registry):
     findings = await check(driver, verify=True)
     kinds = {f.kind for f in findings}
     assert kinds == {
-        "dangling-layer-link",
+        "collected-layer-link",
         "corrupt-layer-link",
         "tag-to-missing-manifest",
         "broken-upload",

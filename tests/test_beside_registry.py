@@ -1,0 +1,308 @@
+"""A mount beside the real registry, on the same root, while the registry deletes (issue 14).
+
+The registry's DELETE removes only a `link` file (its digest directory stays, empty), and its
+`garbage-collect` deletes blobs but not the layer links to them. The registry answers 404 for
+both, so through a running mount they are absent: not listed, ENOENT, no EIO, nothing in the
+log, once the tag TTL has passed or SIGHUP came. `regfs check` calls them reclaimable, not
+damage; real damage stays exit 2. Everything the registry still serves reads the same.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mounts import Mount, wait_until
+from registry import REGISTRY_BIN, RegistryClient, RegistryServer, blob_data_path, repo_path
+from test_mount_errors import errno_of
+from test_mount_read import ls, run
+
+from storage.check import Severity, check
+from storage.digests import digest_bytes
+from storage.drivers import FilesystemDriver
+from storage.paths import BlobData, BlobDir, LayerLink, RevisionLink, path_for
+from storage.registry import Registry
+
+NAME = "org/app"
+TTL = 1.0  # the fast mount's --tag-ttl
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+REGFS = str(Path(sys.executable).parent / "regfs")
+
+
+@dataclass(frozen=True)
+class Image:
+    digest: str
+    manifest: bytes
+    config: str
+    layers: tuple[str, ...]
+
+    @property
+    def blobs(self) -> tuple[str, ...]:
+        return (self.config, *self.layers)
+
+
+def push_image(client: RegistryClient, tag: str, seed: int) -> Image:
+    """A config and two layers over HTTP, then the manifest under `tag`."""
+    config = json.dumps({"seed": seed}).encode()
+    layers = [os.urandom(3000 + 100 * seed + i) for i in range(2)]
+    digests = [client.push_blob(NAME, blob) for blob in (config, *layers)]
+    sizes = [len(config), *map(len, layers)]
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": digests[0], "size": sizes[0]},
+            "layers": [
+                {"mediaType": OCI_LAYER, "digest": d, "size": s}
+                for d, s in zip(digests[1:], sizes[1:], strict=True)
+            ],
+        }
+    ).encode()
+    tagged(client, tag, manifest)
+    return Image(str(digest_bytes(manifest)), manifest, digests[0], tuple(digests[1:]))
+
+
+def tagged(client: RegistryClient, tag: str, manifest: bytes) -> None:
+    resp = client.request(
+        "PUT",
+        f"/v2/{NAME}/manifests/{tag}",
+        content=manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert resp.status_code == 201, resp.text
+
+
+def delete(client: RegistryClient, what: str, digest: str) -> None:
+    resp = client.request("DELETE", f"/v2/{NAME}/{what}/{digest}")
+    assert resp.status_code == 202, resp.text
+
+
+def everyday_tools_work(m: Mount, tmp: Path) -> None:
+    """`ls -lR` shows no `?` entry, `find -exec sha256sum` hashes every file to its name,
+    `cp -r` copies the repository: each exits 0."""
+    repo = m.path(*NAME.split("/"))
+    listing = run("ls", "-lR", repo).stdout.decode()
+    assert "?" not in listing, listing
+    sums = run("find", repo, "-type", "f", "-exec", "sha256sum", "{}", "+").stdout.decode()
+    for line in sums.splitlines():
+        digest, path = line.split(maxsplit=1)
+        section, name = Path(path).parts[-2:]
+        if section in ("layers", "manifests"):
+            assert name == f"sha256:{digest}", line
+    copy = tmp / f"copy-{m.mountpoint.name}-{time.monotonic_ns()}"
+    run("cp", "-r", repo, copy)
+    assert sorted(os.listdir(copy / "layers")) == ls(repo / "layers")
+
+
+def quiet_log(m: Mount) -> None:
+    noisy = [line for line in m.log_text().splitlines() if " WARNING " in line or " ERROR " in line]
+    assert not noisy, "\n".join(noisy)
+
+
+def registry_serves_the_mount(client: RegistryClient, m: Mount) -> None:
+    """What the mount shows, the registry serves with the same bytes; and the same tags."""
+    repo = m.path(*NAME.split("/"))
+    assert sorted(client.tags(NAME)) == ls(repo / "tags")
+    for tag in ls(repo / "tags"):
+        assert client.get_manifest(NAME, tag).body == (repo / "tags" / tag).read_bytes()
+    for digest in ls(repo / "manifests"):
+        assert client.get_manifest(NAME, digest).body == (repo / "manifests" / digest).read_bytes()
+    for digest in ls(repo / "layers"):
+        assert client.get_blob(NAME, digest) == (repo / "layers" / digest).read_bytes()
+
+
+def absent(m: Mount, section: str, name: str) -> None:
+    """Not listed and ENOENT, whether asked by name or opened."""
+    directory = m.path(*NAME.split("/"), section)
+    assert name not in ls(directory)
+    assert errno_of(lambda: os.stat(directory / name)) == errno.ENOENT
+    assert errno_of(lambda: os.open(directory / name, os.O_RDONLY)) == errno.ENOENT
+
+
+def hang_up(m: Mount) -> None:
+    """SIGHUP, and wait until the daemon has taken it."""
+    before = m.log_text().count("SIGHUP")
+    for pid in m.pids():
+        os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: m.log_text().count("SIGHUP") > before, what="the daemon to take SIGHUP")
+
+
+def regfs_check(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [REGFS, "check", str(root), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def primed(mount, root: Path, ttl: float, tmp: Path) -> Mount:
+    """A mount that has looked at everything (so its caches and the kernel's hold it all)."""
+    m = mount(root, "--tag-ttl", str(ttl))
+    everyday_tools_work(m, tmp)
+    return m
+
+
+# --------------------------------------------------------------------------- DELETE
+
+
+@pytest.mark.registry
+def test_deleted_over_http_is_absent_through_running_mounts(
+    tmp_path, registry_server: RegistryServer, client: RegistryClient, mount
+):
+    root = registry_server.root
+    keep = push_image(client, "keep", 1)
+    gone = push_image(client, "gone", 2)
+    fast = primed(mount, root, TTL, tmp_path)
+    slow = primed(mount, root, 3600, tmp_path)  # only SIGHUP makes it look again
+    for m in (fast, slow):
+        assert gone.digest in ls(m.path(NAME, "manifests"))
+
+    delete(client, "manifests", gone.digest)
+    delete(client, "blobs", gone.layers[0])
+    # What registry 2.8 leaves: the digest directories, empty; the blobs stay (for gc).
+    for leftover in (
+        repo_path(root, NAME) / "_manifests/revisions/sha256" / gone.digest[7:],
+        repo_path(root, NAME) / "_layers/sha256" / gone.layers[0][7:],
+    ):
+        assert leftover.is_dir() and os.listdir(leftover) == []
+    assert blob_data_path(root, gone.layers[0]).is_file()
+    assert not (repo_path(root, NAME) / "_manifests/tags/gone").exists()
+
+    hang_up(slow)
+    time.sleep(TTL + 0.2)
+    for m in (fast, slow):
+        absent(m, "manifests", gone.digest)
+        absent(m, "layers", gone.layers[0])
+        absent(m, "tags", "gone")
+        everyday_tools_work(m, tmp_path)
+        registry_serves_the_mount(client, m)
+        assert ls(m.path(NAME, "tags")) == ["keep"]
+        assert ls(m.path(NAME, "layers")) == sorted({*keep.blobs, *gone.blobs} - {gone.layers[0]})
+        quiet_log(m)
+    assert client.get_manifest(NAME, "keep").body == keep.manifest  # nothing lost
+
+    # Before gc, the blobs nothing links any more are gc's to remove: exit 1, no damage.
+    result = regfs_check(root)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "damage:" not in result.stdout
+    for kind in ("deleted-manifest-link", "deleted-layer-link", "unlinked-blob"):
+        assert kind in result.stdout, result.stdout
+
+
+# --------------------------------------------------------------------------- garbage-collect
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("untagged", [False, True], ids=["gc", "gc-delete-untagged"])
+def test_garbage_collected_is_absent_through_a_running_mount(
+    tmp_path, registry_server: RegistryServer, client: RegistryClient, mount, untagged: bool
+):
+    root = registry_server.root
+    keep = push_image(client, "keep", 1)
+    old = push_image(client, "old", 2)
+    loose = push_image(client, "moving", 3)
+    tagged(client, "moving", keep.manifest)  # `loose` is left untagged
+    delete(client, "manifests", old.digest)
+    m = primed(mount, root, 3600, tmp_path)
+    served = {d: client.get_blob(NAME, d) for d in keep.blobs}
+
+    registry_server.stop()  # garbage-collect wants the registry stopped (or read-only)
+    flags = ["--delete-untagged"] if untagged else []
+    gc = subprocess.run(
+        [REGISTRY_BIN, "garbage-collect", str(registry_server.config_path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert gc.returncode == 0, gc.stdout + gc.stderr
+    registry_server.start()
+    # What registry 2.8 leaves: the collected blobs' directories are gone, the layer links
+    # to them stay; --delete-untagged removes the untagged revision's directory whole.
+    collected = [*old.blobs, *(loose.blobs if untagged else ())]
+    for digest in collected:
+        assert not blob_data_path(root, digest).parent.exists()
+        assert (repo_path(root, NAME) / "_layers/sha256" / digest[7:] / "link").is_file()
+    loose_revision = repo_path(root, NAME) / "_manifests/revisions/sha256" / loose.digest[7:]
+    assert loose_revision.exists() != untagged
+
+    hang_up(m)
+    for digest in collected:
+        absent(m, "layers", digest)
+    absent(m, "manifests", old.digest)
+    if untagged:
+        absent(m, "manifests", loose.digest)
+    everyday_tools_work(m, tmp_path)
+    registry_serves_the_mount(client, m)
+    assert ls(m.path(NAME, "layers")) == sorted({*keep.blobs, *loose.blobs} - set(collected))
+    quiet_log(m)
+    assert client.get_manifest(NAME, "keep").body == keep.manifest  # nothing lost
+    assert {d: client.get_blob(NAME, d) for d in keep.blobs} == served
+
+    # Nothing any tool of the registry would remove is left: exit 0, reclaimable only.
+    result = regfs_check(root, "--verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines and all(line.startswith("reclaimable: ") for line in lines), result.stdout
+    assert "collected-layer-link" in result.stdout and "deleted-manifest-link" in result.stdout
+
+
+# --------------------------------------------------------------------------- regfs check
+
+
+async def test_check_reclaimable_apart_from_damage(tmp_path):
+    """Registry leftovers are reclaimable (exit 0); damage beside them is still exit 2."""
+    root = tmp_path / "root"
+    registry = Registry(FilesystemDriver(root))
+    repo = registry.repository(NAME)
+    digests = []
+    for data in (b"deleted", b"collected", b"garbage", b"wrong bytes", b"truncated", b"lost"):
+        upload = await repo.layers.upload()
+        await upload.write(data)
+        await upload.finish(digest_bytes(data))
+        digests.append(digest_bytes(data))
+    deleted, collected, garbage, wrong, truncated, lost = digests
+    config = {"mediaType": OCI_CONFIG, "digest": str(deleted), "size": len(b"deleted")}
+    body = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": []}
+    manifest = await repo.manifests.put(json.dumps(body).encode())
+    driver = registry.driver
+    await driver.delete(path_for(LayerLink(NAME, deleted)))  # the registry's DELETE
+    await driver.delete(path_for(RevisionLink(NAME, manifest)))
+    await driver.delete(path_for(BlobDir(collected)))  # garbage-collect
+    assert sorted((f.kind, f.severity, f.path) for f in await check(driver, verify=True)) == [
+        ("collected-layer-link", Severity.RECLAIMABLE, path_for(LayerLink(NAME, collected))),
+        ("deleted-layer-link", Severity.RECLAIMABLE, path_for(LayerLink(NAME, deleted))),
+        ("deleted-manifest-link", Severity.RECLAIMABLE, path_for(RevisionLink(NAME, manifest))),
+        ("unlinked-blob", Severity.MAINTENANCE, str(min(deleted, manifest, key=str))),
+        ("unlinked-blob", Severity.MAINTENANCE, str(max(deleted, manifest, key=str))),
+    ]
+    await driver.delete(path_for(BlobDir(deleted)))  # gc then collects what DELETE left
+    await driver.delete(path_for(BlobDir(manifest)))
+    result = regfs_check(root, "--verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("reclaimable: ") == 3
+
+    await driver.put_content(path_for(LayerLink(NAME, garbage)), b"not a digest")
+    await driver.put_content(path_for(BlobData(wrong)), b"other bytes")
+    await driver.put_content(path_for(BlobData(truncated)), b"trunc")
+    await driver.delete(path_for(BlobData(lost)))  # its directory stays: not gc's doing
+    found = {f.kind: f.severity for f in await check(driver, verify=True)}
+    assert found == {
+        "deleted-layer-link": Severity.RECLAIMABLE,
+        "deleted-manifest-link": Severity.RECLAIMABLE,
+        "collected-layer-link": Severity.RECLAIMABLE,
+        "corrupt-layer-link": Severity.DAMAGE,
+        "unlinked-blob": Severity.MAINTENANCE,  # the blob the garbage link stood for
+        "dangling-layer-link": Severity.DAMAGE,
+        "digest-mismatch": Severity.DAMAGE,
+    }
+    result = regfs_check(root, "--verify")
+    assert result.returncode == 2, result.stdout
+    assert result.stdout.count("digest-mismatch") == 2  # the wrong bytes, the truncated blob
