@@ -477,12 +477,16 @@ def test_in_order_digest_takes_reads_out_of_order(monkeypatch) -> None:
     check = InOrderDigest(len(data))
     parts = [(o, data[o : o + 1000]) for o in range(0, len(data), 1000)]
     order = [1, 0, 3, 2, 2, 5, 4, *range(6, len(parts))]
-    results = [check.add(*parts[i]) for i in order]
-    assert results[-1] == hashlib.sha256(data).hexdigest()
-    assert set(results[:-1]) == {None}
+    completes = []
+    for i in order:
+        pieces, complete = check.claim(*parts[i])
+        check.hash(pieces)
+        completes.append(complete)
+    assert completes == [False] * (len(order) - 1) + [True]
+    assert check.hexdigest() == hashlib.sha256(data).hexdigest()
     monkeypatch.setattr(InOrderDigest, "AHEAD_MAX", 100)
     skipped = InOrderDigest(len(data))
-    assert skipped.add(5000, data[5000:6000]) is None and skipped.done
+    assert skipped.claim(5000, data[5000:6000]) == ([], False) and skipped.done
 
 
 async def test_https_never_redirects_to_http(tls) -> None:

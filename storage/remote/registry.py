@@ -60,6 +60,7 @@ PAGE_SIZES = (100_000, 1000, 100)
 READ_AHEAD_MIN = 256 << 10
 READ_AHEAD_MAX = 8 << 20
 READ_AHEAD_TOTAL = 256 << 20  # for all open files of a mount together
+HASH_ON_THREAD = 64 << 10  # smaller reads are hashed on the loop: a thread costs more
 ENTRY_OVERHEAD = 400  # bytes a cache entry costs beyond its name and data (objects, digest)
 
 
@@ -372,49 +373,63 @@ class ReadAheadBudget:
         self.used -= size
 
 
+Piece = bytes | memoryview
+
+
 @dataclass
 class InOrderDigest:
-    """The sha256 of a blob's reads in offset order, so that once a reader has read the
-    whole blob its bytes are checked against the digest: a registry that sends other bytes
-    for `layers/sha256:...` is not believed.
+    """The sha256 of what a reader fetched of a blob, in offset order, so that once it has
+    fetched the whole blob its bytes are checked against the digest: a registry that sends
+    other bytes for `layers/sha256:...` is not believed.
 
-    The kernel sends several reads of a file at once, and they finish in any order: a read
-    that lands ahead of what is hashed waits here (copied, up to AHEAD_MAX bytes); a reader
-    that skips about leaves the blob unchecked, as a partial read must."""
+    Windows are fetched several at once (read-ahead) and finish in any order: one that lands
+    ahead of what is claimed waits here (up to AHEAD_MAX bytes); a reader that skips about
+    leaves the blob unchecked, as a partial read must. `claim` and `hash` are apart so that
+    the hashing can run on a thread, in the order of the claims."""
 
-    AHEAD_MAX: ClassVar[int] = 16 << 20
+    AHEAD_MAX: ClassVar[int] = 32 << 20  # a few read-ahead windows
+    AHEAD_PIECES: ClassVar[int] = 64
 
     length: int
-    hashed: int = 0
-    done: bool = False
+    claimed: int = 0  # bytes handed out to be hashed, in order
+    done: bool = False  # checked, or given up
     _sha: Any = field(default_factory=hashlib.sha256, repr=False)
     _ahead: dict[int, bytes] = field(default_factory=dict, repr=False)
     _ahead_size: int = 0
 
-    def add(self, offset: int, data: bytes | memoryview) -> str | None:
-        """Take the bytes a read returns; the hex digest once the whole blob is hashed."""
-        if self.done or offset + len(data) <= self.hashed:
-            return None
-        if offset > self.hashed:
+    def claim(self, offset: int, data: Piece) -> tuple[list[Piece], bool]:
+        """The pieces that bytes fetched at `offset` make hashable now, in order (for
+        `hash`), and whether they complete the blob."""
+        if self.done or offset + len(data) <= self.claimed:
+            return [], False
+        if offset > self.claimed:
             self._ahead_size += len(data) - len(self._ahead.get(offset, b""))
-            self._ahead[offset] = bytes(data)
-            if self._ahead_size > self.AHEAD_MAX:
+            self._ahead[offset] = bytes(data)  # no copy of a window's bytes
+            if self._ahead_size > self.AHEAD_MAX or len(self._ahead) > self.AHEAD_PIECES:
                 self.done, self._ahead = True, {}  # not read in order: not checked
-            return None
-        self._take(offset, data)
-        while self._ahead and (first := min(self._ahead)) <= self.hashed:
+            return [], False
+        pieces = [self._next(offset, data)]
+        while self._ahead and (first := min(self._ahead)) <= self.claimed:
             parked = self._ahead.pop(first)
             self._ahead_size -= len(parked)
-            self._take(first, parked)
-        if self.hashed < self.length:
-            return None
+            pieces.append(self._next(first, parked))
+        if self.claimed < self.length:
+            return pieces, False
         self.done, self._ahead = True, {}
-        return self._sha.hexdigest()
+        return pieces, True
 
-    def _take(self, offset: int, data: bytes | memoryview) -> None:
-        if offset + len(data) > self.hashed:
-            self._sha.update(data[self.hashed - offset :])
-            self.hashed = offset + len(data)
+    def _next(self, offset: int, data: Piece) -> Piece:
+        piece = data[max(self.claimed - offset, 0) :]
+        self.claimed = max(self.claimed, offset + len(data))
+        return piece
+
+    def hash(self, pieces: list[Piece]) -> None:
+        """Hash claimed pieces, in the order claimed (hashlib lets other threads run)."""
+        for piece in pieces:
+            self._sha.update(piece)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 class _Window:
@@ -463,13 +478,14 @@ class RemoteLayerReader:
         self._stream: OpenBody | None = None
         self._last_turn: trio.Event | None = None
         self._check = InOrderDigest(info.size)
+        self._hashing = trio.Lock()
         self._corrupt: CorruptEntry | None = None
 
     async def read_at(self, offset: int, size: int) -> bytes | memoryview:
         """A view into the window that holds the bytes (immutable, kept alive by the view):
         FUSE replies from it without a copy (the copy was a ninth of the daemon's CPU in perf).
-        CorruptEntry on the read that completes an in-order read of the whole blob when its
-        bytes do not match the digest, and on every read after."""
+        CorruptEntry once the reader has fetched the whole blob in order and its bytes do
+        not match the digest: on the read whose bytes completed it, and every read after."""
         if self._corrupt is not None:
             raise self._corrupt
         end = min(offset + size, self.length)
@@ -499,13 +515,25 @@ class RemoteLayerReader:
             if window.failed:  # whoever fetched it got the error; try again, alone
                 window = _Window(offset, end)
                 await self._fetch(window)
-        data = memoryview(window.data)[offset - window.start : end - window.start]
-        self._verify(offset, data)
-        return data
+        if self._corrupt is not None:
+            raise self._corrupt
+        return memoryview(window.data)[offset - window.start : end - window.start]
 
-    def _verify(self, offset: int, data: memoryview) -> None:
-        actual = self._check.add(offset, data)
-        if actual is None or actual == self.digest.hex:
+    async def _verify(self, offset: int, data: bytes) -> None:
+        """Hash a window's bytes once they are next in order, on a thread (sha256 on the
+        event loop took a fifth of a cold read's throughput); on a mismatch once the blob
+        is complete, log it and fail the reads from then on. Shielded: bytes claimed and
+        left unhashed would make the digest wrong."""
+        pieces, complete = self._check.claim(offset, data)
+        if not pieces:
+            return
+        with trio.CancelScope(shield=True):
+            async with self._hashing:  # FIFO: hashed in the order claimed
+                if sum(len(p) for p in pieces) < HASH_ON_THREAD:
+                    self._check.hash(pieces)
+                else:
+                    await trio.to_thread.run_sync(self._check.hash, pieces)
+        if not complete or (actual := self._check.hexdigest()) == self.digest.hex:
             return
         log.error(
             "layer %s: the registry sent %d bytes whose digest is sha256:%s: refused (EIO)",
@@ -516,7 +544,6 @@ class RemoteLayerReader:
         self._corrupt = CorruptEntry(
             f"layer {self.digest}", f"the registry sent bytes whose digest is sha256:{actual}"
         )
-        raise self._corrupt
 
     def _read_ahead(self, start: int) -> None:
         """Have the DEPTH windows after `start` fetched or on their way, each one as large
@@ -563,6 +590,7 @@ class RemoteLayerReader:
                 body = await self.client.get_range(self.url, window.start, window.end)
             window.data = body
             window.end = window.start + len(body)
+            await self._verify(window.start, body)
         except BaseException:
             window.failed = True
             raise
