@@ -19,6 +19,7 @@ import os
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -35,7 +36,7 @@ from storage.blobs import BlobInfo
 from storage.digests import Digest
 from storage.errors import AccessDenied, CorruptEntry, RemoteUnavailable
 from storage.manifests import Manifest
-from storage.remote.auth import Credentials
+from storage.remote.auth import Credentials, Token, TokenCache
 from storage.remote.client import RemoteClient, RemoteError, RemoteTooLarge, TLSError
 from storage.remote.registry import (
     InOrderDigest,
@@ -317,6 +318,16 @@ async def test_the_catalog_is_sorted_once_per_change(tmp_path: Path, stub) -> No
         await registry.create_repository("m/n")
         assert await catalog.children("") == ["a", "a-b", "b", "m", "z"]
     assert len(s.paths) == 1
+
+
+def test_tokens_are_bounded_in_bytes() -> None:
+    """A token server picks the size of its tokens (up to the 1 MiB body cap), one per
+    repository used: the cache keeps what fits."""
+    cache = TokenCache(max_bytes=4 * MIB)
+    for i in range(100):
+        cache.put(f"repository:r{i}:pull", Token("t" * MIB, time.monotonic() + 300))
+    assert len(cache) == 3 and cache.get("repository:r99:pull") is not None
+    assert cache.get("repository:r0:pull") is None
 
 
 async def test_a_head_is_not_held_to_a_body_cap(tmp_path: Path, stub) -> None:

@@ -28,10 +28,13 @@ from pathlib import Path
 
 import httpx
 
+from .untrusted import ByteCache
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_LIFETIME = 60.0
 """Seconds a token lives when the token server does not say (the distribution token spec)."""
+TOKEN_CACHE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -359,26 +362,35 @@ def scope_key(scopes: Iterable[str]) -> str:
     return " ".join(sorted({normalize_scope(s) for s in scopes}))
 
 
+def _token_size(key: str, token: Token) -> int:
+    return len(key) + len(token.value) + 200
+
+
 @dataclass
 class TokenCache:
-    """Bearer tokens by scope key. Expired ones are never returned."""
+    """Bearer tokens by scope key. Expired ones are never returned. Bounded in bytes: a
+    token server decides how large its tokens are, and there is one per repository used."""
 
-    _tokens: dict[str, Token] = field(default_factory=dict, repr=False)
+    max_bytes: int = TOKEN_CACHE_BYTES
+    _tokens: ByteCache[str, Token] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._tokens = ByteCache(self.max_bytes, _token_size)
 
     def get(self, key: str) -> Token | None:
         token = self._tokens.get(key)
         if token is not None and not token.valid:
-            del self._tokens[key]
+            self._tokens.pop(key)
             return None
         return token
 
     def put(self, key: str, token: Token) -> None:
-        self._tokens[key] = token
+        self._tokens.put(key, token)
 
     def discard(self, key: str, token: Token | None) -> None:
         """Forget `key`'s token if it is still `token` (another task may have refreshed it)."""
         if token is not None and self._tokens.get(key) is token:
-            del self._tokens[key]
+            self._tokens.pop(key)
 
     def __len__(self) -> int:
         return len(self._tokens)
