@@ -29,7 +29,13 @@ import pytest
 import trio
 from fault_server import Fault, FaultServer
 from loopback import LoopbackHandler, LoopbackHTTP
-from registry import OCI_MANIFEST, RegistryServer, blob_data_path, write_self_signed_cert
+from registry import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    RegistryServer,
+    blob_data_path,
+    write_self_signed_cert,
+)
 
 import storage.remote.registry as remote_registry
 from storage.blobs import BlobInfo
@@ -320,6 +326,37 @@ async def test_the_catalog_is_sorted_once_per_change(tmp_path: Path, stub) -> No
     assert len(s.paths) == 1
 
 
+def index_chain(depth: int) -> dict[str, bytes]:
+    """OCI indexes by digest, each naming the next (`depth` deep), and `v1` for the top."""
+    manifests: dict[str, bytes] = {}
+    below: list[dict[str, object]] = []
+    for _ in range(depth):
+        data = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": below}).encode()
+        digest = str(sha256(data))
+        manifests[digest] = manifests["v1"] = data
+        below = [{"mediaType": OCI_INDEX, "digest": digest, "size": len(data)}]
+    return manifests
+
+
+async def test_a_deep_index_is_walked_only_so_far(tmp_path: Path, stub, monkeypatch) -> None:
+    """layers/ reads the manifests that tags lead to: indexes of indexes end at a cap."""
+    monkeypatch.setattr(remote_registry, "MANIFESTS_WALKED_MAX", 3)
+    manifests = index_chain(5)
+
+    def respond(h: BaseHTTPRequestHandler) -> None:
+        if h.path.startswith("/v2/x/tags/list"):
+            s.answer(h, 200, b'{"tags": ["v1"]}')
+            return
+        data = manifests[h.path.rpartition("/")[2]]
+        s.answer(h, 200, data, Content_Type=OCI_INDEX, Docker_Content_Digest=str(sha256(data)))
+
+    s = stub(respond)
+    async with client_of(s.url) as client:
+        layers = RemoteRegistry(client, tmp_path).repository("x").layers
+        with pytest.raises(RemoteTooLarge, match="over 3 manifests"):
+            await layers.list()
+
+
 def test_tokens_are_bounded_in_bytes() -> None:
     """A token server picks the size of its tokens (up to the 1 MiB body cap), one per
     repository used: the cache keeps what fits."""
@@ -397,6 +434,14 @@ async def test_a_redirect_targets_401_gets_no_credentials() -> None:
     assert not [s for s in other.seen if s.path.startswith("/token")]
     blob_gets = [s for s in registry.seen if "/blobs/" in s.path]
     assert blob_gets and all(s.authorization.startswith("Basic ") for s in blob_gets)
+
+
+async def test_a_redirect_loop_ends(fault_server: FaultServer) -> None:
+    fault_server.inject(Fault(307, headers=(("Location", BLOB),), path="/blobs/"), times=20)
+    async with client_of(fault_server.url) as client:
+        with pytest.raises(RemoteError, match="over 10 redirects"):
+            await client.request("GET", BLOB)
+    assert len(fault_server.seen) == 11
 
 
 async def test_a_caller_authorization_stays_with_its_origin() -> None:

@@ -724,7 +724,7 @@ class RemoteClient:
             target = following
         raise RemoteError(
             f"registry {self.name}: {method} {self._where(target)}: over {MAX_REDIRECTS} redirects",
-            status=310,
+            status=resp.status_code,
         )
 
     def _redirect_target(self, resp: httpx.Response, method: str, target: httpx.URL) -> httpx.URL:

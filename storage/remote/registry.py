@@ -44,6 +44,7 @@ from .untrusted import (
     LISTING_PAGES_MAX,
     MANIFEST_CACHE_BYTES,
     MANIFEST_MAX,
+    MANIFESTS_WALKED_MAX,
     PAGE_MAX,
     ByteCache,
     shown,
@@ -682,6 +683,12 @@ class RemoteLayers:
             digest = pending.pop()
             if digest in seen:
                 continue
+            if len(seen) >= MANIFESTS_WALKED_MAX:
+                raise RemoteTooLarge(
+                    f"{self.name}: layers/ would walk over {MANIFESTS_WALKED_MAX} manifests "
+                    "(indexes of indexes); not walked further",
+                    status=200,
+                )
             seen.add(digest)
             try:
                 parsed = parse_manifest((await self.repo.manifests.get(digest)).data)

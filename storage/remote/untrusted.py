@@ -23,6 +23,7 @@ PAGE_MAX = 8 << 20  # one page of `_catalog` or `tags/list` (100 000 names fit i
 LISTING_NAMES_MAX = 1_000_000  # names in one listing, all pages together
 LISTING_BYTES_MAX = 64 << 20  # bytes of one listing, all pages together
 LISTING_PAGES_MAX = 10_000  # pages of one listing (1 000 000 names at registry 2.8's 100)
+MANIFESTS_WALKED_MAX = 10_000  # manifests read to list one repository's layers/
 RANGE_SKIP_MAX = 16 << 20  # bytes skipped of a blob whose registry ignores `Range`
 MANIFEST_CACHE_BYTES = 64 << 20
 BLOB_CACHE_BYTES = 32 << 20
