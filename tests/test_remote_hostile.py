@@ -444,26 +444,49 @@ async def test_a_redirect_loop_ends(fault_server: FaultServer) -> None:
     assert len(fault_server.seen) == 11
 
 
+async def token_request(
+    client: RemoteClient,
+    method: str,
+    url: str,
+    authorization: str | None,
+    content: bytes | None = None,
+) -> None:
+    """A request as RemoteClient sends one to a token server (its own Authorization)."""
+    await client._send(
+        method,
+        url,
+        headers={"Authorization": authorization} if authorization else None,
+        params=None,
+        content=content,
+        expect=(200,),
+        follow_redirects=True,
+        retry_unsafe=True,
+        stream=False,
+        authenticate=False,
+    )
+
+
 async def test_a_caller_authorization_stays_with_its_origin() -> None:
     """A token request carries Basic credentials to the token server: a redirect from
     there to another host does not take them along."""
     with FaultServer() as tokens, FaultServer() as other:
         tokens.inject(Fault(302, headers=(("Location", f"{other.url}/t"),), path="/token"))
         async with client_of(tokens.url) as client:
-            await client._send(
-                "GET",
-                f"{tokens.url}/token",
-                headers={"Authorization": "Basic c2VjcmV0"},
-                params=None,
-                content=None,
-                expect=(200,),
-                follow_redirects=True,
-                retry_unsafe=False,
-                stream=False,
-                authenticate=False,
-            )
+            await token_request(client, "GET", f"{tokens.url}/token", "Basic c2VjcmV0")
     assert [s.authorization for s in tokens.seen] == ["Basic c2VjcmV0"]
     assert [s.authorization for s in other.seen] == [None]
+
+
+async def test_an_identity_token_grant_is_not_redirected_elsewhere() -> None:
+    """The refresh-token grant carries the identity token in its body: a 307 to another
+    host would send it there again; refused."""
+    with FaultServer() as tokens, FaultServer() as other:
+        tokens.inject(Fault(307, headers=(("Location", f"{other.url}/t"),), path="/token"))
+        async with client_of(tokens.url) as client:
+            with pytest.raises(RemoteError, match="with the login in its body; refused"):
+                grant = b"grant_type=refresh_token&refresh_token=idt-secret"
+                await token_request(client, "POST", f"{tokens.url}/token", None, grant)
+    assert other.seen == []
 
 
 # --------------------------------------------------------------------------- blob bytes

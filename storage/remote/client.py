@@ -721,6 +721,13 @@ class RemoteClient:
             following = self._redirect_target(resp, method, target)
             if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
                 method, content = "GET", None  # as browsers and httpx do
+            if content is not None and not authenticate and _origin(following) != first:
+                # A token request's body is the login (an identity token): it stays home.
+                raise RemoteError(
+                    f"registry {self.name}: {method} {self._where(target)}: redirected to "
+                    f"{self._where(following)} with the login in its body; refused",
+                    status=resp.status_code,
+                )
             target = following
         raise RemoteError(
             f"registry {self.name}: {method} {self._where(target)}: over {MAX_REDIRECTS} redirects",
