@@ -224,6 +224,7 @@ def test_garbage_collected_is_absent_through_a_running_mount(
     )
     assert gc.returncode == 0, gc.stdout + gc.stderr
     registry_server.start()
+    client = registry_server.client()  # its port again, or another if that one was taken
     # What registry 2.8 leaves: the collected blobs' directories are gone, the layer links
     # to them stay; --delete-untagged removes the untagged revision's directory whole.
     collected = [*old.blobs, *(loose.blobs if untagged else ())]
