@@ -196,6 +196,15 @@ def test_deleted_over_http_is_absent_through_running_mounts(
     for kind in ("deleted-manifest-link", "deleted-layer-link", "unlinked-blob"):
         assert kind in result.stdout, result.stdout
 
+    # Pushed again, the layer is back: presence moves both ways.
+    client.push_blob(NAME, blob_data_path(root, gone.layers[0]).read_bytes())
+    hang_up(slow)
+    time.sleep(TTL + 0.2)
+    for m in (fast, slow):
+        assert gone.layers[0] in ls(m.path(NAME, "layers"))
+        registry_serves_the_mount(client, m)
+        quiet_log(m)
+
 
 # --------------------------------------------------------------------------- garbage-collect
 
@@ -294,8 +303,10 @@ async def test_check_reclaimable_apart_from_damage(tmp_path):
     await driver.put_content(path_for(BlobData(wrong)), b"other bytes")
     await driver.put_content(path_for(BlobData(truncated)), b"trunc")
     await driver.delete(path_for(BlobData(lost)))  # its directory stays: not gc's doing
+    await repo.tags.put("deleted", manifest)  # the registry deletes a manifest's tags with it
     found = {f.kind: f.severity for f in await check(driver, verify=True)}
     assert found == {
+        "tag-to-missing-manifest": Severity.DAMAGE,
         "deleted-layer-link": Severity.RECLAIMABLE,
         "deleted-manifest-link": Severity.RECLAIMABLE,
         "collected-layer-link": Severity.RECLAIMABLE,
