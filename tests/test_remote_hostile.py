@@ -68,7 +68,7 @@ def fault_server() -> Iterator[FaultServer]:
 
 @pytest.fixture
 def tls(tmp_path: Path) -> Callable[[str], tuple[ssl.SSLContext, Path]]:
-    """tls(name) → (a server context, its self-signed certificate, its own CA)."""
+    """tls(name) → (a server context, its self-signed certificate, which is its own CA)."""
 
     def make(name: str) -> tuple[ssl.SSLContext, Path]:
         files = write_self_signed_cert(tmp_path / f"{name}.pem", tmp_path / f"{name}.key")
@@ -106,8 +106,10 @@ class Stub:
         if h.command != "HEAD":
             self.send(h, body)
 
-    def flood(self, h: BaseHTTPRequestHandler, status: int, most: int = 1 << 30, **headers: str):
-        """`status`, then a body that goes on (JSON-ish bytes) until the client hangs up;
+    def flood(
+        self, h: BaseHTTPRequestHandler, status: int, most: int = 1 << 30, **headers: str
+    ) -> None:
+        """`status`, then a body of `a`s that goes on until the client hangs up (or `most`);
         without a Content-Length it ends only when the connection does."""
         h.send_response(status)
         for key, value in headers.items():
@@ -249,7 +251,9 @@ async def test_an_endless_error_body_is_not_read(stub, status: int) -> None:
     assert s.sent < SLACK
 
 
-def endless_pages(s: Stub, names_per_page: int, loop: bool = False):
+def endless_pages(
+    s: Stub, names_per_page: int, loop: bool = False
+) -> Callable[[BaseHTTPRequestHandler], None]:
     """A `_catalog` whose `Link: next` never ends (or leads back to the same page)."""
 
     def respond(h: BaseHTTPRequestHandler) -> None:
