@@ -263,6 +263,14 @@ def test_garbage_collected_is_absent_through_a_running_mount(
     assert lines and all(line.startswith("reclaimable: ") for line in lines), result.stdout
     assert "collected-layer-link" in result.stdout and "deleted-manifest-link" in result.stdout
 
+    # Real damage on the same root is still exit 2: a truncated blob, a garbage link.
+    data = blob_data_path(root, keep.layers[0])
+    data.write_bytes(data.read_bytes()[:100])
+    (repo_path(root, NAME) / "_layers/sha256" / keep.layers[1][7:] / "link").write_bytes(b"junk")
+    result = regfs_check(root, "--verify")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "digest-mismatch" in result.stdout and "corrupt-layer-link" in result.stdout
+
 
 # --------------------------------------------------------------------------- regfs check
 
