@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mounts import Mount, wait_until
@@ -25,10 +27,12 @@ from registry import REGISTRY_BIN, RegistryClient, RegistryServer, blob_data_pat
 from test_mount_errors import errno_of
 from test_mount_read import ls, run
 
+import storage.cache
+from regfs.tree import ManifestNode, TagNode, Tree
 from storage.check import Severity, check
 from storage.digests import digest_bytes
-from storage.drivers import FilesystemDriver
-from storage.paths import BlobData, BlobDir, LayerLink, RevisionLink, path_for
+from storage.drivers import FilesystemDriver, InMemoryDriver
+from storage.paths import BlobData, BlobDir, LayerLink, RevisionLink, TagDir, path_for
 from storage.registry import Registry
 
 NAME = "org/app"
@@ -326,3 +330,35 @@ async def test_check_reclaimable_apart_from_damage(tmp_path):
     result = regfs_check(root, "--verify")
     assert result.returncode == 2, result.stdout
     assert result.stdout.count("digest-mismatch") == 2  # the wrong bytes, the truncated blob
+
+
+# --------------------------------------------------------------------------- the daemon's caches
+
+
+async def test_tag_cached_after_its_manifest_is_no_warning(monkeypatch, caplog):
+    """The tree caches a tag's target and the manifest's attributes apart, each for tag_ttl.
+    When the registry deletes a manifest (and its tags) in between, the manifest's entry can
+    expire while the tag's has not: the tag is read again and is simply gone, not damage."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(storage.cache, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    registry = Registry(InMemoryDriver())
+    repo = registry.repository(NAME)
+    upload = await repo.layers.upload()
+    await upload.write(b"{}")
+    await upload.finish(digest_bytes(b"{}"))
+    config = {"mediaType": OCI_CONFIG, "digest": str(digest_bytes(b"{}")), "size": 2}
+    body = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": []}
+    digest = await repo.manifests.put(json.dumps(body).encode())
+    await repo.tags.put("v1", digest)
+    tree = Tree(registry, tag_ttl=10)
+    await tree.attr(ManifestNode(NAME, digest))  # `ls -l manifests/`
+    clock.now += 5
+    await tree.attr(TagNode(NAME, "v1"))  # `ls -l tags/`: the tag is cached from now on
+    await registry.driver.delete(path_for(RevisionLink(NAME, digest)))  # the registry's DELETE
+    await registry.driver.delete(path_for(TagDir(NAME, "v1")))
+    clock.now += 7  # the manifest's entry has expired, the tag's has not
+    with caplog.at_level(logging.WARNING):
+        for call in (tree.attr, tree.open, tree.xattrs):
+            with pytest.raises(LookupError):
+                await call(TagNode(NAME, "v1"))
+    assert not caplog.records, caplog.text
