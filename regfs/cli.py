@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Report dangling and corrupt links, tags pointing at missing manifests, broken "
             "and stale uploads, unlinked blobs and, with --verify, blobs whose content does "
-            "not match their digest. Exit status: 0 clean; 1 only what garbage collection or "
+            "not match their digest. Exit status: 0 clean (or only `reclaimable` leftovers of "
+            "the registry's own deletes); 1 only what garbage collection or "
             "purge-uploads would remove; 2 damage."
         ),
     )
