@@ -24,6 +24,7 @@ from storage.errors import (
     InvalidManifest,
     InvalidName,
     InvalidOffset,
+    NotEmpty,
     RemoteUnavailable,
 )
 from storage.remote.client import RemoteError
@@ -41,6 +42,7 @@ ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
     (RemoteError, errno.EIO),  # a registry's answer that no caller expected
     (CorruptEntry, errno.EIO),
     (Busy, errno.EBUSY),
+    (NotEmpty, errno.ENOTEMPTY),
     (DigestMismatch, errno.EINVAL),
     (InvalidManifest, errno.EINVAL),
     (InvalidOffset, errno.EINVAL),

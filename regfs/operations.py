@@ -577,7 +577,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        raise self._refuse("rmdir", parent_inode)
+        parent = self.inodes.node(parent_inode)
+        if self.options.read_only or not isinstance(parent, DirNode):
+            raise self._refuse("rmdir", parent_inode)
+        node = await self.tree.rmdir(parent, self._name(name))
+        log.info("rmdir: removed repository %s", node.path)
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:

@@ -411,6 +411,15 @@ class Tree:
         self.changed(parent)
         return DirNode(path)
 
+    async def rmdir(self, parent: DirNode, name: str) -> DirNode:
+        """rmdir of an empty repository (what `mkdir` made) or an emptied namespace."""
+        node = await self.lookup(parent, name)
+        if not isinstance(node, DirNode):
+            raise PermissionError(f"only repositories are removed with rmdir: {node}")
+        await self.registry.remove_repository(node.path)
+        self.changed(parent, node)
+        return node
+
 
 def _parse_digest(name: str) -> Digest:
     try:

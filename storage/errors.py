@@ -48,6 +48,10 @@ class RemoteUnavailable(StorageError):
     """The registry did not answer usefully after retries (timeouts, 5xx, 429, refused)."""
 
 
+class NotEmpty(StorageError):
+    """A repository that rmdir cannot remove: it holds tags, layers, uploads or others below."""
+
+
 class Busy(StorageError):
     """Someone else (this process or another) is writing the same file."""
 

@@ -7,6 +7,7 @@ import os
 from .blobs import BlobStore
 from .catalog import Catalog
 from .drivers import PathNotFound, StorageDriver
+from .errors import NotEmpty, UnknownRepository
 from .layers import LayerService
 from .manifests import ManifestService
 from .names import validate_name
@@ -48,6 +49,19 @@ class Registry:
         if parent and await self._only_marked(parent):
             await self.driver.delete(path_for(EmptyMarker(parent)).rpartition("/")[0])
         return repo
+
+    async def remove_repository(self, name: str) -> None:
+        """rmdir: remove a repository that holds nothing but what `mkdir` made (its marker),
+        or a namespace directory left empty; anything else is NotEmpty, as for a local
+        directory. Blobs are never touched: they are shared, and garbage collection's."""
+        directory = path_for(RepositoryDir(name))
+        try:
+            entries = await self.driver.list(directory)
+        except PathNotFound:
+            raise UnknownRepository(name) from None
+        if entries and not (entries == ["_layers"] and await self._only_marked(name)):
+            raise NotEmpty(f"repository {name} is not empty")
+        await self.driver.delete(directory)
 
     async def _only_marked(self, name: str) -> bool:
         """Whether the repository holds nothing but the marker of an empty repository."""

@@ -541,7 +541,7 @@ def _same(a: Path, b: Path) -> None:
 
 
 def _rmtree(path: Path) -> Action:
-    """A repository cannot be removed through the mount (rmdir is EPERM): clean the root."""
+    """A repository that is not empty cannot be removed through the mount: clean the root."""
     return lambda: shutil.rmtree(path)
 
 
@@ -817,12 +817,12 @@ def writes_table(mnt: Path, image: dict) -> list[Case]:
     ):
         row(f"mknod {label}", call(os.mknod, path, mode, os.makedev(1, 3)), errno.EPERM)
 
-    # Directories: mkdir only makes repositories; rmdir removes nothing.
+    # Directories: mkdir only makes repositories; rmdir removes only an empty one.
     for section in ("layers", "manifests", "tags", "uploads"):
         row(f"mkdir in {section}/", call(os.mkdir, repo / section / "d"), errno.EPERM)
         row(f"rmdir {section}/", call(os.rmdir, repo / section), errno.EPERM)
-    row("rmdir a repository", call(os.rmdir, repo), errno.EPERM)
-    row("rmdir a namespace", call(os.rmdir, ns), errno.EPERM)
+    row("rmdir a repository holding an image", call(os.rmdir, repo), errno.ENOTEMPTY)
+    row("rmdir a namespace holding a repository", call(os.rmdir, ns), errno.ENOTEMPTY)
     row("rmdir the mountpoint", call(os.rmdir, mnt), errno.EBUSY)
     row("rmdir a layer", call(os.rmdir, layer), errno.ENOTDIR)
     row("rmdir what is not there", call(os.rmdir, repo / "nothere"), errno.ENOENT)

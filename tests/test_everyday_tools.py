@@ -341,3 +341,41 @@ async def test_index_pushed_after_its_children_by_digest(
     assert (fetched.body, fetched.media_type) == (index.encode(), OCI_INDEX)
     for child in children:
         assert client.get_manifest(NAME, digest_of(child)).body == child
+
+
+# --------------------------------------------------------------------------- repositories
+
+
+def test_rmdir_removes_an_empty_repository_only(tmp_path, mount):
+    """`mkdir -p MNT/org/a\\ b` fails at `a b` (EINVAL) after making `org`; rmdir must be
+    able to take `org` back, as on a local filesystem. A repository with anything in it,
+    or a namespace holding one, stays (ENOTEMPTY); a section is no directory to remove."""
+    root = tmp_path / "root"
+    m = mount(root)
+    failed = run("mkdir", "-p", m.path("org", "a b"), check=False)
+    assert failed.returncode != 0 and b"Invalid argument" in failed.stderr
+    assert ls(m.mountpoint) == ["org"]
+    run("rmdir", m.path("org"))
+    assert ls(m.mountpoint) == []
+    assert os.listdir(root / "docker/registry/v2/repositories") == []
+
+    run("mkdir", "-p", m.path("ns", "app"), m.path("full"))
+    write_file(m.path("full", "uploads", "u1"), b"data")
+    for busy in ("ns", "full"):
+        result = run("rmdir", m.path(busy), check=False)
+        assert b"Directory not empty" in result.stderr, result.stderr
+    result = run("rmdir", m.path("full", "tags"), check=False)
+    assert b"Operation not permitted" in result.stderr, result.stderr
+    run("rmdir", m.path("ns", "app"), m.path("ns"))
+    assert ls(m.mountpoint) == ["full"]
+    assert m.path("full", "uploads", "u1").read_bytes() == b"data"
+    assert not m.path("ns").exists()
+
+
+def test_rmdir_on_a_read_only_mount_is_erofs(tmp_path, mount):
+    root = tmp_path / "root"
+    mount(root).path("org").mkdir()
+    m = mount(root, "--read-only")
+    result = run("rmdir", m.path("org"), check=False)
+    assert b"Read-only file system" in result.stderr, result.stderr
+    assert ls(m.mountpoint) == ["org"]

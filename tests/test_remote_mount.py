@@ -328,6 +328,13 @@ def test_push_with_cp_then_pull_with_skopeo(
     assert pulled.digest == image.digest and pulled.manifest == image.manifest
     assert pulled.blob_digests == image.blob_digests
     assert all(pulled.blob(d) == image.blob(d) for d in image.blob_digests)
+    # rmdir: a pushed repository stays (ENOTEMPTY); one made here and left empty goes.
+    refused = sh("rmdir", repo, check=False)
+    assert refused.returncode != 0 and "Directory not empty" in refused.stderr
+    sh("mkdir", m.path("pushed", "team", "empty"))
+    sh("rmdir", m.path("pushed", "team", "empty"))
+    listed = ls(m.path("pushed", "team"))
+    assert "app" in listed and "empty" not in listed
     assert "pushed/team/app" in served.client().catalog()
 
 

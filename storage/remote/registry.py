@@ -28,6 +28,7 @@ from ..drivers import FileReader
 from ..errors import (
     CorruptEntry,
     InvalidManifest,
+    NotEmpty,
     UnknownLayer,
     UnknownManifest,
     UnknownTag,
@@ -789,6 +790,14 @@ class RemoteRegistry:
         repo = self.repository(name)
         self.created.add(name)
         return repo
+
+    async def remove_repository(self, name: str) -> None:
+        """rmdir: only a repository made by this mount's mkdir that holds nothing yet (no
+        tag at the registry, no upload of ours); the registry API cannot remove one."""
+        busy = self.records.of(name) or await self.repository(name).exists()
+        if name not in self.created or busy:
+            raise NotEmpty(f"repository {name} cannot be removed through the registry's API")
+        self.created.discard(name)
 
     def statvfs(self) -> os.statvfs_result | None:
         return None
