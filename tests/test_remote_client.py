@@ -233,7 +233,7 @@ def test_secrets_stay_out_of_reprs() -> None:
 
 
 def test_plain_http_only_to_loopback_unless_insecure() -> None:
-    with pytest.raises(ValueError, match="insecure"):
+    with pytest.raises(ValueError, match="without --insecure"):  # as the user types it
         RemoteClient("http://registry.example:5000")
     RemoteClient("http://registry.example:5000", insecure=True)
     RemoteClient("http://127.0.0.1:5000")

@@ -332,7 +332,7 @@ class RemoteClient:
         self.base_url = url.copy_with(path="/", query=None, fragment=None)
         if url.scheme == "http" and not insecure and not _is_loopback(url.host):
             raise ValueError(
-                f"plain http to {url.netloc.decode()} is not allowed without insecure=True "
+                f"plain http to {url.netloc.decode()} is not allowed without --insecure "
                 "(https is verified; plain http only to loopback)"
             )
         self.credentials = credentials
@@ -934,7 +934,7 @@ class RemoteClient:
         ):
             raise AccessDenied(
                 f"registry {self.name}: token server {realm.host} is plain http; "
-                "credentials go there only with insecure=True, and only on the registry's host"
+                "credentials go there only with --insecure, and only on the registry's host"
             )
         self._auth.scheme = "bearer"
         self._auth.realm = realm
