@@ -214,7 +214,10 @@ def run_purge(args: argparse.Namespace) -> int:
     purged = trio.run(purge_uploads, existing_root(args.root), args.older_than, args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for upload in purged:
-        print(f"{verb} {upload.repository} {upload.uuid} (started {upload.started_at:%F %T}Z)")
+        print(
+            f"{verb} {upload.repository}/uploads/{upload.shown} "
+            f"(upload {upload.uuid}, started {upload.started_at:%F %T}Z)"
+        )
     print(f"{verb} {len(purged)} uploads", file=sys.stderr)
     return 0
 

@@ -25,6 +25,7 @@ from .drivers import PathNotFound, StorageDriver
 from .drivers.base import join
 from .errors import CorruptEntry, InvalidName, UnknownUpload
 from .paths import (
+    ROOT,
     BlobsDir,
     LayerLink,
     RevisionLink,
@@ -94,19 +95,32 @@ class Checker:
                         str(digest),
                         f"content hashes to {actual}",
                     )
-        async for finding in self._symlinks("/"):
+        async for finding in self._tree():
             yield finding
-        async for info in self.driver.walk("/"):
-            if info.is_dir:
-                async for finding in self._symlinks(info.path):
+
+    async def _tree(self) -> AsyncIterator[Finding]:
+        """Symlinks on the way down to the registry's tree and in it, and temp files in it.
+        Only the registry's tree: a root made with `--init`, or a volume's root, holds other
+        files (lost+found) that are no concern of the registry's."""
+        parts = ROOT.strip("/").split("/")
+        try:
+            for depth in range(len(parts) + 1):
+                async for finding in self._symlinks("/" + "/".join(parts[:depth])):
                     yield finding
-            if info.path.rpartition("/")[2].startswith(".tmp-"):
-                yield Finding(
-                    Severity.MAINTENANCE,
-                    "temp-file",
-                    info.path,
-                    "left by an interrupted write; safe to delete",
-                )
+            async for info in self.driver.walk(ROOT):
+                name = info.path.rpartition("/")[2]
+                if info.is_dir:
+                    async for finding in self._symlinks(info.path):
+                        yield finding
+                if name.startswith(".tmp-"):
+                    yield Finding(
+                        Severity.MAINTENANCE,
+                        "temp-file",
+                        info.path,
+                        "left by an interrupted write; safe to delete",
+                    )
+        except PathNotFound:
+            return  # no registry tree yet (an empty root), or not all of the way down
 
     async def _symlinks(self, directory: str) -> AsyncIterator[Finding]:
         """Symbolic links, which neither regfs nor this check follow (whoever can write the
@@ -293,6 +307,12 @@ class PurgedUpload:
     repository: str
     uuid: str
     started_at: datetime
+    label: str | None = None  # the name it was given through a mount (uploads/<label>)
+
+    @property
+    def shown(self) -> str:
+        """The upload as uploads/ shows it: by its name where it has a printable one."""
+        return self.label if self.label and self.label.isprintable() else self.uuid
 
 
 async def purge_uploads(
@@ -315,8 +335,9 @@ async def purge_uploads(
                     continue
                 started = datetime.min.replace(tzinfo=UTC)
             if started < cutoff:
+                label = await registry.repository(name).layers.label(uuid)
                 if not dry_run:
                     await driver.delete(path_for(UploadDir(name, uuid)))
                     log.info("purge: deleted upload %s of %s (started %s)", uuid, name, started)
-                purged.append(PurgedUpload(name, uuid, started))
+                purged.append(PurgedUpload(name, uuid, started, label))
     return purged

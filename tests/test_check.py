@@ -235,3 +235,25 @@ def test_a_crash_is_exit_2_in_one_line(tmp_path, monkeypatch, capsys):
         "regfs check: OSError: [Errno 40] Too many levels of symbolic links: 'somewhere'",
         "regfs purge-uploads: OSError: [Errno 40] Too many levels of symbolic links: 'somewhere'",
     ]
+
+
+async def test_purge_names_uploads_as_the_mount_shows_them(tmp_path):
+    """uploads/ shows an upload by the name it was given; purge-uploads says the same name
+    (and the uuid, which is what the registry knows)."""
+    root = tmp_path / "root"
+    registry = Registry(FilesystemDriver(root))
+    layers = registry.repository("org/app").layers
+    named, bare = await layers.upload(label="layer.tar"), await layers.upload()
+    for upload in (named, bare):
+        await upload.close()
+        await registry.driver.put_content(
+            path_for(UploadStartedAt("org/app", upload.uuid)), b"2020-01-01T00:00:00Z"
+        )
+    # A name no storage path may hold is passed over by the walk, not a crash.
+    (root / "docker/registry/v2/repositories/org/odd name").mkdir()
+    result = regfs("purge-uploads", str(root), "--older-than", "7d", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"would delete org/app/uploads/layer.tar (upload {named.uuid}," in result.stdout
+    assert f"would delete org/app/uploads/{bare.uuid} (upload {bare.uuid}," in result.stdout
+    checked = regfs("check", str(root))
+    assert checked.returncode < 2 and "Traceback" not in checked.stderr, checked.stderr

@@ -394,6 +394,8 @@ async def test_init_makes_any_directory_a_root(tmp_path, mount):
     (m.path("org/app")).mkdir(parents=True)
     assert (source / "docker/registry/v2/repositories/org/app").is_dir()
     assert (source / "README").read_text() == "mine\n"
+    checked = regfs("check", str(source))  # the registry's tree only: not README, lost+found
+    assert checked.returncode == 0 and checked.stdout == "", checked.stdout + checked.stderr
 
 
 def test_fusermount_words_reach_the_user(tmp_path):

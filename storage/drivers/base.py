@@ -6,6 +6,7 @@ outside its tree; drivers implement the underscored methods.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from abc import ABC, abstractmethod
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import StorageError
+
+log = logging.getLogger(__name__)
 
 # Absolute, slash-separated, no empty, "." or ".." component.
 _PATH_RE = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)+")
@@ -137,10 +140,15 @@ class StorageDriver(ABC):
         await self._delete(check_path(path))
 
     async def walk(self, path: str) -> AsyncIterator[FileInfo]:
-        """Every entry below path, depth first, in sorted order."""
+        """Every entry below path, depth first, in sorted order; a name no storage path may
+        hold (`lost+found`, a space) is passed over, as every other call would refuse it."""
         check_tree(path)
         for name in await self._list(path):
-            info = await self._stat(join(path, name))
+            child = join(path, name)
+            if _PATH_RE.fullmatch(child) is None:
+                log.warning("walk: %r in %s is no storage path name: passed over", name, path)
+                continue
+            info = await self._stat(child)
             yield info
             if info.is_dir:
                 async for child in self.walk(info.path):
