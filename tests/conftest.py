@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from mounts import Mount
 from registry import RegistryClient, RegistryServer, running_registry
+from users import OtherUser, other_user_env
 
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
 from storage.registry import Registry
@@ -56,3 +57,9 @@ def mount(tmp_path) -> Iterator[Callable[..., Mount]]:
             return stack.enter_context(m)
 
         yield start
+
+
+@pytest.fixture
+def other_user() -> OtherUser:
+    """A second, unprivileged local user (made once when missing): tests/users.py."""
+    return other_user_env()

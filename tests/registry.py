@@ -589,6 +589,15 @@ class RegistryClient:
             resp.content, resp.headers["Content-Type"], resp.headers["Docker-Content-Digest"]
         )
 
+    def put_manifest(
+        self, name: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST
+    ) -> None:
+        """PUT a manifest by tag or digest (201)."""
+        resp = self.request(
+            "PUT", f"/v2/{name}/manifests/{ref}", content=body, headers={"Content-Type": media_type}
+        )
+        _expect(resp, 201)
+
     def tags(self, name: str) -> list[str]:
         resp = _expect(self.request("GET", f"/v2/{name}/tags/list"), 200)
         return resp.json().get("tags") or []

@@ -77,13 +77,7 @@ def push_image(client: RegistryClient, tag: str, seed: int) -> Image:
 
 
 def tagged(client: RegistryClient, tag: str, manifest: bytes) -> None:
-    resp = client.request(
-        "PUT",
-        f"/v2/{NAME}/manifests/{tag}",
-        content=manifest,
-        headers={"Content-Type": OCI_MANIFEST},
-    )
-    assert resp.status_code == 201, resp.text
+    client.put_manifest(NAME, tag, manifest)
 
 
 def delete(client: RegistryClient, what: str, digest: str) -> None:

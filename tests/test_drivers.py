@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from users import OtherUser, shared_directory
 
 from storage.drivers import (
     FilesystemDriver,
@@ -190,10 +190,10 @@ sys.stdin.read()
 
 
 @contextmanager
-def flock_held(path: Path, flags: str, user: str | None = None) -> Iterator[str]:
+def flock_held(path: Path, flags: str, user: OtherUser | None = None) -> Iterator[str]:
     """Another process (as user, when given) that flocks path; yields what it said."""
     # The system's python for another user: the project's venv may be private to root.
-    command = [sys.executable] if user is None else ["runuser", "-u", user, "--", "python3"]
+    command = [sys.executable] if user is None else user.command("/usr/bin/python3")
     holder = subprocess.Popen(
         [*command, "-c", HOLDER, str(path), flags],
         stdin=subprocess.PIPE,
@@ -218,28 +218,11 @@ async def test_writer_lock_holds_across_processes_and_dies_with_them(tmp_path):
     await writer.aclose()
 
 
-OTHER_USER = "regfs-test-other"
-
-
-@pytest.fixture
-def other_user() -> str:
-    """An unprivileged local user, made once for the suite when missing."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to act as another user")
-    if subprocess.run(["id", OTHER_USER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "--system", "--no-create-home", OTHER_USER], check=True)
-    return OTHER_USER
-
-
 @pytest.fixture
 def shared_root() -> Iterator[Path]:
-    """A root every user can reach (pytest's tmp_path is private to root)."""
-    top = Path(tempfile.mkdtemp(prefix="regfs-shared-", dir="/tmp"))
-    top.chmod(0o755)
-    try:
+    """A root every user can reach."""
+    with shared_directory(0o755) as top:
         yield top / "root"
-    finally:
-        shutil.rmtree(top)
 
 
 async def test_a_reader_cannot_lock_the_writer_out(other_user, shared_root):

@@ -647,22 +647,10 @@ async def test_corrupt_entries_in_registry_root(
                 "layers": [{"mediaType": OCI_LAYER, "digest": d, "size": sizes[d]} for d in blobs],
             }
         ).encode()
-        resp = client.request(
-            "PUT",
-            f"/v2/{name}/manifests/m{len(manifests)}",
-            content=body,
-            headers={"Content-Type": OCI_MANIFEST},
-        )
-        assert resp.status_code == 201, resp.text
+        client.put_manifest(name, f"m{len(manifests)}", body)
         manifests.append(sha256(body))
     for tag in ("good", "junk"):
-        resp = client.request(
-            "PUT",
-            f"/v2/{name}/manifests/{tag}",
-            content=(blob_data_path(root, manifests[0])).read_bytes(),
-            headers={"Content-Type": OCI_MANIFEST},
-        )
-        assert resp.status_code == 201
+        client.put_manifest(name, tag, (blob_data_path(root, manifests[0])).read_bytes())
 
     repo = repo_path(root, name)
     (repo / "_layers/sha256" / broken.split(":")[1] / "link").write_bytes(b"garbage\n")

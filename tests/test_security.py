@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mounts import REGFS, Mount, is_mounted, regfs
 from registry import RegistryServer, htpasswd_auth, write_htpasswd
-from users import OtherUser, other_user_env
+from users import OtherUser, shared_directory
 
 from regfs.sources import split_login
 from storage.remote.uploads import UploadRecord, UploadRecords
@@ -27,13 +26,9 @@ USER, PASSWORD = "alice", "s3cr3t-p@ss"
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    """A world-writable sticky directory, as /tmp is (tmp_path's parents are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="regfs-shared-"))
-    path.chmod(0o1777)
-    try:
+    """A world-writable sticky directory, as /tmp is."""
+    with shared_directory(0o1777) as path:
         yield path
-    finally:
-        subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def daemon_cwd(m: Mount) -> str:
@@ -133,15 +128,15 @@ def test_log_symlink_is_refused_not_followed(shared_dir: Path, tmp_path: Path) -
 
 
 def test_log_file_owned_by_another_user_is_refused(
-    shared_dir: Path, tmp_path: Path, other: OtherUser
+    shared_dir: Path, tmp_path: Path, other_user: OtherUser
 ) -> None:
     planted = shared_dir / "regfs.log"
     planted.write_text("")
-    os.chown(planted, other.uid, other.gid)
+    os.chown(planted, other_user.uid, other_user.gid)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     result = regfs("mount", "--log", str(planted), "inmemory:", str(mnt))
-    assert result.returncode != 0 and f"owned by uid {other.uid}" in result.stderr
+    assert result.returncode != 0 and f"owned by uid {other_user.uid}" in result.stderr
     assert not is_mounted(mnt) and planted.read_text() == ""
 
 
@@ -154,7 +149,7 @@ def test_new_log_file_is_private(tmp_path: Path, mount) -> None:
 
 
 def test_allow_other_leaves_other_users_read_only(
-    tmp_path: Path, shared_dir: Path, other: OtherUser
+    tmp_path: Path, shared_dir: Path, other_user: OtherUser
 ) -> None:
     """default_permissions: another user reads through an --allow-other mount (modes 644/755)
     but cannot create a repository, write an upload or remove anything."""
@@ -163,23 +158,18 @@ def test_allow_other_leaves_other_users_read_only(
     with m:
         (mnt / "org" / "app").mkdir(parents=True)
         (mnt / "org/app/uploads/u1").write_bytes(b"data")
-        assert other.run("cat", str(mnt / "org/app/uploads/u1")).stdout == "data"
+        assert other_user.run("cat", str(mnt / "org/app/uploads/u1")).stdout == "data"
         for command in (
             ["mkdir", str(mnt / "evil")],
             ["sh", "-c", f"echo x > {mnt}/org/app/uploads/u2"],
             ["sh", "-c", f"echo x >> {mnt}/org/app/uploads/u1"],
             ["rm", "-f", str(mnt / "org/app/uploads/u1")],
         ):
-            result = other.run(*command, check=False)
+            result = other_user.run(*command, check=False)
             assert result.returncode != 0, command
             assert "Permission denied" in result.stderr, (command, result.stderr)
         assert sorted(os.listdir(mnt / "org/app/uploads")) == ["u1"]
         assert (mnt / "org/app/uploads/u1").read_bytes() == b"data"
-
-
-@pytest.fixture
-def other() -> OtherUser:
-    return other_user_env()
 
 
 def test_upload_records_are_private(tmp_path: Path) -> None:

@@ -11,7 +11,11 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +62,15 @@ def other_user_env() -> OtherUser:
         )
         entry = pwd.getpwnam(NAME)
     return OtherUser(NAME, entry.pw_uid, entry.pw_gid)
+
+
+@contextmanager
+def shared_directory(mode: int) -> Iterator[Path]:
+    """A new directory under /tmp that every user can reach (pytest's tmp_path parents are
+    0700): 0755 for a root others read, 0o1777 for a /tmp-like place anyone can plant in."""
+    path = Path(tempfile.mkdtemp(prefix="regfs-shared-", dir="/tmp"))
+    path.chmod(mode)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
