@@ -1,9 +1,12 @@
-"""Shared fixtures: storage tests run on both drivers; registry tests get a real registry."""
+"""Shared fixtures: storage tests run on both drivers; registry tests get a real registry;
+service tests run on every source (`source`: both drivers and the remote registry)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from users import OtherUser, other_user_env
 
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
 from storage.registry import Registry
+from storage.remote.client import RemoteClient
+from storage.remote.registry import RemoteRegistry
 
 
 @pytest.fixture(params=["inmemory", "filesystem"])
@@ -63,3 +68,82 @@ def mount(tmp_path) -> Iterator[Callable[..., Mount]]:
 def other_user() -> OtherUser:
     """A second, unprivileged local user (made once when missing): tests/users.py."""
     return other_user_env()
+
+
+# --------------------------------------------------------------------------- every source
+
+AnyRegistry = Registry | RemoteRegistry
+
+# What a source legitimately cannot do, and why: service tests assert the documented
+# fallback for these instead of the full behaviour (see Source.can), never skip silently.
+REMOTE_CANNOT = {
+    "overwrite": "the upload protocol appends in order: a PATCH cannot rewrite below the end",
+    "read_upload": "the API cannot read an upload's bytes back (an upload reads as empty)",
+    "list_untagged": "the API lists tags only: manifests/ and layers/ show what tagged "
+    "manifests reference, plus the blobs pushed through this client",
+    "delete_tag": "docker-registry 2.8 refuses DELETE of a manifest by tag (400 UNSUPPORTED); "
+    "only registries of the OCI distribution spec 1.1 untag",
+}
+_unique = itertools.count()
+
+
+@dataclass
+class Source:
+    """One registry implementation, as the service tests see it.
+
+    `registry` is fresh for the test; `name(repo)` puts a repository in a namespace of its
+    own (the remote source shares one docker-registry across a module); `reopen()` gives
+    another view of the same storage, as a restarted daemon would have."""
+
+    kind: str
+    node: pytest.Item  # the test, for a per-source xfail mark
+    registry: AnyRegistry
+    opener: Callable[[], AnyRegistry]
+    prefix: str
+    cannot: dict[str, str] = field(default_factory=dict)
+    opened: list[AnyRegistry] = field(default_factory=list)
+
+    def name(self, repo: str) -> str:
+        return f"{self.prefix}/{repo}"
+
+    def can(self, capability: str) -> bool:
+        return capability not in self.cannot
+
+    def reopen(self) -> AnyRegistry:
+        registry = self.opener()
+        self.opened.append(registry)
+        return registry
+
+
+@pytest.fixture(scope="module")
+def module_registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """One docker-registry per test module (a start costs about a second); tests share it
+    through repository names of their own (Source.name). Stopped when the module ends."""
+    base = tmp_path_factory.mktemp("services")
+    yield from running_registry(base / "root", workdir=base / "registry")
+
+
+@pytest.fixture(
+    params=["inmemory", "filesystem", pytest.param("remote", marks=pytest.mark.registry)]
+)
+async def source(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Source]:
+    """Every registry implementation in turn; a new source is one more parameter here."""
+    kind: str = request.param
+    memory = InMemoryDriver()
+    url = request.getfixturevalue("module_registry_server").url if kind == "remote" else ""
+
+    def opener() -> AnyRegistry:
+        if kind == "inmemory":
+            return Registry(memory)
+        if kind == "filesystem":
+            return Registry(FilesystemDriver(tmp_path / "root"))
+        # The upload records live in the state dir, so a reopened view resumes uploads.
+        return RemoteRegistry(RemoteClient(url, timeout=10), tmp_path / "state", listing_ttl=0)
+
+    cannot = REMOTE_CANNOT if kind == "remote" else {}
+    src = Source(kind, request.node, opener(), opener, f"svc{next(_unique)}", cannot)
+    try:
+        yield src
+    finally:
+        for registry in (src.registry, *src.opened):
+            await registry.aclose()

@@ -1,0 +1,515 @@
+"""The service-level contract, run on every source (`source` in conftest.py: in-memory,
+filesystem, and the remote registry against the real docker-registry).
+
+The calls are the ones regfs/tree.py and regfs/handles.py make. What a source legitimately
+cannot do is in `source.cannot`, and the tests assert its documented fallback there; where
+the sources disagree but should not, the test states the contract and is an `xfail(strict)`
+for the drifting source (DRIFT below), so it fails loudly once the drift is fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from storage.digests import EMPTY_DIGEST, Digest, digest_bytes
+from storage.errors import (
+    DigestMismatch,
+    InvalidManifest,
+    InvalidName,
+    InvalidOffset,
+    NotEmpty,
+    UnknownLayer,
+    UnknownManifest,
+    UnknownRepository,
+    UnknownTag,
+    UnknownUpload,
+)
+
+if TYPE_CHECKING:
+    from conftest import Source
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
+PIECE = 64 << 10  # a FUSE-sized write
+NOWHERE = Digest.parse("sha256:" + "0" * 64)
+NO_UUID = "00000000-0000-4000-8000-000000000000"
+
+
+def drift(source: Source, kind: str, reason: str) -> None:
+    """Mark the running test xfail(strict) for one source whose behaviour drifted from the
+    contract; the other sources must pass it."""
+    if source.kind == kind:
+        source.node.add_marker(pytest.mark.xfail(strict=True, reason=f"{kind}: {reason}"))
+
+
+def blob(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def write_pieces(upload: Any, data: bytes, start: int = 0) -> None:
+    """Write data from `start` as the kernel does: in order, PIECE bytes at a time."""
+    for at in range(0, len(data), PIECE):
+        await upload.write_at(start + at, data[at : at + PIECE])
+
+
+async def push(repo: Any, data: bytes) -> Digest:
+    """A blob pushed through an upload, as `cp x uploads/sha256:...` does."""
+    upload = await repo.layers.upload()
+    await write_pieces(upload, data)
+    return (await upload.finish(digest_bytes(data))).digest
+
+
+async def push_image(repo: Any, seed: int = 0) -> tuple[bytes, list[Digest]]:
+    """An OCI image manifest (not stored yet) and the config and layer it names (pushed)."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
+    layer = blob(1000, seed)
+    blobs = [await push(repo, config), await push(repo, layer)]
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": CONFIG_TYPE, "digest": str(blobs[0]), "size": len(config)},
+        "layers": [{"mediaType": LAYER_TYPE, "digest": str(blobs[1]), "size": len(layer)}],
+    }
+    return json.dumps(body).encode(), blobs
+
+
+async def repo_with_tag(repo: Any) -> Digest:
+    """Tag `v1` on a pushed image: a repository holding something by every source's API."""
+    digest = await repo.manifests.put((await push_image(repo))[0])
+    await repo.tags.put("v1", digest)
+    return digest
+
+
+# --------------------------------------------------------------------------- layers, uploads
+
+
+async def test_pushed_blob_reads_back_at_any_offset(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    data = blob(300_000)
+    digest = digest_bytes(data)
+    upload = await repo.layers.upload()
+    await write_pieces(upload, data)
+    assert upload.size == len(data)
+    assert await upload.digest() == digest
+    info = await upload.finish(digest)
+    assert (info.digest, info.size) == (digest, len(data))
+    assert upload.uuid not in await repo.layers.uploads()
+
+    assert (await repo.layers.stat(digest)).size == len(data)
+    assert await repo.layers.exists(digest)
+    reader = await repo.layers.fetch(digest)
+    try:
+        assert (reader.digest, reader.length) == (digest, len(data))
+        for offset, size in [(0, 1), (1, PIECE), (123_456, 100_000), (len(data) - 10, 4096)]:
+            assert bytes(await reader.read_at(offset, size)) == data[offset : offset + size]
+        assert bytes(await reader.read_at(len(data), 10)) == b""
+    finally:
+        await reader.aclose()
+
+
+async def test_empty_blob(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    upload = await repo.layers.upload()
+    info = await upload.finish(EMPTY_DIGEST)
+    assert (str(info.digest), info.size) == (
+        "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        0,
+    )
+    assert await repo.layers.exists(EMPTY_DIGEST)
+    reader = await repo.layers.fetch(EMPTY_DIGEST)
+    try:
+        assert reader.length == 0
+        assert bytes(await reader.read_at(0, 10)) == b""
+    finally:
+        await reader.aclose()
+
+
+async def test_upload_resumes_in_a_reopened_registry(source: Source) -> None:
+    """What a remount (or a crash) finds: the upload, its name, its size; it goes on and
+    finishes there."""
+    name = source.name("app")
+    data = blob(200_000, seed=1)
+    half = 100_000
+    upload = await source.registry.repository(name).layers.upload(label="part")
+    await write_pieces(upload, data[:half])
+    await upload.close()
+
+    layers = source.reopen().repository(name).layers
+    assert await layers.uploads() == [upload.uuid]
+    assert await layers.label(upload.uuid) == "part"
+    assert (await layers.upload_info(upload.uuid)).size == half
+    resumed = await layers.resume(upload.uuid)
+    assert resumed.size == half
+    with pytest.raises(InvalidOffset):
+        await resumed.write_at(half + 1, b"a gap")
+    await write_pieces(resumed, data[half:], start=half)
+    assert (await resumed.finish(digest_bytes(data))).size == len(data)
+    assert await layers.uploads() == []
+    reader = await layers.fetch(digest_bytes(data))
+    try:
+        assert bytes(await reader.read_at(0, len(data))) == data
+    finally:
+        await reader.aclose()
+
+
+async def test_wrong_digest_is_refused_and_the_upload_stays(source: Source) -> None:
+    layers = source.registry.repository(source.name("app")).layers
+    data = blob(70_000, seed=2)
+    upload = await layers.upload()
+    await write_pieces(upload, data)
+    wrong = digest_bytes(data + b"x")
+    with pytest.raises(DigestMismatch) as refused:
+        await upload.finish(wrong)
+    assert str(wrong) in str(refused.value) and str(digest_bytes(data)) in str(refused.value)
+    await upload.close()
+    assert await layers.uploads() == [upload.uuid]
+    assert (await layers.upload_info(upload.uuid)).size == len(data)
+    assert not await layers.exists(wrong)
+
+    resumed = await layers.resume(upload.uuid)
+    assert (await resumed.finish(digest_bytes(data))).digest == digest_bytes(data)
+
+
+async def test_wrong_size_is_refused(source: Source) -> None:
+    drift(source, "remote", "RemoteUpload.finish ignores `size` and commits anyway")
+    layers = source.registry.repository(source.name("app")).layers
+    upload = await layers.upload()
+    await upload.write_at(0, b"twelve bytes")
+    with pytest.raises(DigestMismatch):
+        await upload.finish(digest_bytes(b"twelve bytes"), size=11)
+    assert not await layers.exists(digest_bytes(b"twelve bytes"))
+
+
+async def test_cancel(source: Source) -> None:
+    """rm uploads/x: the upload goes, whether it is the writer's or a resumed one."""
+    layers = source.registry.repository(source.name("app")).layers
+    writing = await layers.upload()
+    await writing.write_at(0, b"some bytes")
+    closed = await layers.upload()
+    await closed.write_at(0, b"other bytes")
+    await closed.close()
+    assert sorted(await layers.uploads()) == sorted([writing.uuid, closed.uuid])
+
+    await writing.cancel()
+    await (await layers.resume(closed.uuid)).cancel()
+    assert await layers.uploads() == []
+    for uuid in (writing.uuid, closed.uuid):
+        with pytest.raises(UnknownUpload):
+            await layers.resume(uuid)
+    assert not await layers.exists(digest_bytes(b"some bytes"))
+
+
+async def test_write_below_the_end(source: Source) -> None:
+    layers = source.registry.repository(source.name("app")).layers
+    data = blob(100_000, seed=3)
+    upload = await layers.upload()
+    await write_pieces(upload, data)
+    if source.can("overwrite"):
+        await upload.write_at(10, b"XXXXX")
+        data = data[:10] + b"XXXXX" + data[15:]
+    else:  # REMOTE_CANNOT["overwrite"]: refused, nothing changes
+        with pytest.raises(InvalidOffset):
+            await upload.write_at(10, b"XXXXX")
+    assert upload.size == len(data)
+    assert (await upload.finish(digest_bytes(data))).digest == digest_bytes(data)
+
+
+async def test_truncate_restarts_the_upload(source: Source) -> None:
+    """open(O_TRUNC) on an upload: it starts again under the same name."""
+    layers = source.registry.repository(source.name("app")).layers
+    upload = await layers.upload(label="again")
+    await upload.write_at(0, b"first try")
+    await upload.truncate(0)
+    assert upload.size == 0
+    await upload.write_at(0, b"second")
+    assert (await upload.finish(digest_bytes(b"second"))).size == 6
+
+
+async def test_truncate_keeps_the_upload_id(source: Source) -> None:
+    drift(
+        source,
+        "remote",
+        "RemoteUpload.truncate(0) starts a new registry upload under a new uuid, so an "
+        "UploadNode holding the old uuid no longer finds it",
+    )
+    layers = source.registry.repository(source.name("app")).layers
+    upload = await layers.upload()
+    uuid = upload.uuid
+    await upload.write_at(0, b"first try")
+    await upload.truncate(0)
+    assert upload.uuid == uuid
+    assert await layers.uploads() == [uuid]
+
+
+async def test_read_upload_back(source: Source) -> None:
+    layers = source.registry.repository(source.name("app")).layers
+    upload = await layers.upload()
+    await upload.write_at(0, b"so far")
+    await upload.close()
+    reader = await layers.read_upload(upload.uuid)
+    try:
+        got = bytes(await reader.read_at(0, 100))
+    finally:
+        await reader.aclose()
+    # REMOTE_CANNOT["read_upload"]: it reads as empty there.
+    assert got == (b"so far" if source.can("read_upload") else b"")
+
+
+async def test_upload_labels(source: Source) -> None:
+    layers = source.registry.repository(source.name("app")).layers
+    named = await layers.upload(label="layer.tar")
+    unnamed = await layers.upload()
+    assert await layers.label(named.uuid) == "layer.tar"
+    assert await layers.label(unnamed.uuid) is None
+    await layers.set_label(unnamed.uuid, "config.json")
+    assert await layers.label(unnamed.uuid) == "config.json"
+    info = await layers.upload_info(named.uuid)
+    assert (info.uuid, info.size) == (named.uuid, 0)
+
+
+async def test_label_of_a_cancelled_upload_is_none(source: Source) -> None:
+    drift(source, "remote", "layers.label() of an upload that is gone raises UnknownUpload")
+    layers = source.registry.repository(source.name("app")).layers
+    upload = await layers.upload(label="layer.tar")
+    await upload.cancel()
+    assert await layers.label(upload.uuid) is None
+
+
+async def test_layers_list_and_unlink(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    kept, gone = await push(repo, b"kept"), await push(repo, b"gone")
+    assert sorted(await repo.layers.list()) == sorted([kept, gone])
+    await repo.layers.unlink(gone)
+    with pytest.raises(UnknownLayer):
+        await repo.layers.stat(gone)
+    assert not await repo.layers.exists(gone)
+    assert await repo.layers.exists(kept)
+    with pytest.raises(UnknownLayer):
+        await repo.layers.unlink(NOWHERE)
+
+
+async def test_unlinked_layer_leaves_the_listing(source: Source) -> None:
+    drift(source, "remote", "layers.list() keeps listing a blob pushed here after unlink")
+    repo = source.registry.repository(source.name("app"))
+    digest = await push(repo, b"gone")
+    await repo.layers.unlink(digest)
+    assert await repo.layers.list() == []
+
+
+async def test_layers_listed_by_another_view(source: Source) -> None:
+    """A remounted daemon lists the repository's blobs; the remote source only those a
+    tagged manifest names (REMOTE_CANNOT["list_untagged"])."""
+    name = source.name("app")
+    repo = source.registry.repository(name)
+    manifest, blobs = await push_image(repo)
+    loose = await push(repo, b"named by no manifest")
+    other = source.reopen().repository(name)
+    if source.can("list_untagged"):
+        assert sorted(await other.layers.list()) == sorted([*blobs, loose])
+    else:
+        assert await other.layers.list() == []
+    await repo.tags.put("v1", await repo.manifests.put(manifest))
+    listed = sorted(await other.layers.list())
+    assert listed == sorted([*blobs, loose] if source.can("list_untagged") else blobs)
+
+
+# --------------------------------------------------------------------------- manifests, tags
+
+
+async def test_manifest_put_get(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    manifest, _ = await push_image(repo)
+    digest = await repo.manifests.put(manifest)
+    assert digest == digest_bytes(manifest)
+    got = await source.reopen().repository(repo.name).manifests.get(digest)
+    assert (got.digest, got.media_type, got.data) == (digest, OCI_MANIFEST, manifest)
+    assert (await repo.manifests.stat(digest)).size == len(manifest)
+    assert await repo.manifests.exists(digest)
+
+
+async def test_manifest_naming_a_missing_blob_is_refused(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    manifest, blobs = await push_image(repo)
+    broken = manifest.replace(str(blobs[1]).encode(), str(NOWHERE).encode())
+    with pytest.raises(InvalidManifest):
+        await repo.manifests.put(broken)
+    assert not await repo.manifests.exists(digest_bytes(broken))
+
+
+async def test_manifests_list(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    manifest, _ = await push_image(repo)
+    digest = await repo.manifests.put(manifest)
+    # REMOTE_CANNOT["list_untagged"]: an untagged manifest is not listed there.
+    assert await repo.manifests.list() == ([digest] if source.can("list_untagged") else [])
+    await repo.tags.put("v1", digest)
+    assert await repo.manifests.list() == [digest]
+
+
+async def test_tags(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    first = await repo.manifests.put((await push_image(repo, seed=1))[0])
+    second = await repo.manifests.put((await push_image(repo, seed=2))[0])
+    await repo.tags.put("v1", first)
+    await repo.tags.put("latest", first)
+    assert sorted(await repo.tags.list()) == ["latest", "v1"]
+    assert await repo.tags.get("v1") == first
+
+    await repo.tags.put("latest", second)  # a retag moves it
+    assert await repo.tags.get("latest") == second
+    assert await source.reopen().repository(repo.name).tags.get("latest") == second
+
+    with pytest.raises(InvalidName):
+        await repo.tags.get("-not-a-tag")
+
+
+async def test_tag_delete(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    digest = await repo_with_tag(repo)
+    await repo.tags.put("latest", digest)
+    if not source.can("delete_tag"):  # REMOTE_CANNOT["delete_tag"]: refused, tag stays
+        with pytest.raises(PermissionError):
+            await repo.tags.delete("v1")
+        assert sorted(await repo.tags.list()) == ["latest", "v1"]
+        return
+    await repo.tags.delete("v1")
+    assert await repo.tags.list() == ["latest"]
+    with pytest.raises(UnknownTag):
+        await repo.tags.get("v1")
+    with pytest.raises(UnknownTag):
+        await repo.tags.delete("v1")
+    assert await repo.manifests.exists(digest)  # untagging keeps the manifest
+
+
+async def test_manifest_delete_takes_its_tags(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    doomed = await repo.manifests.put((await push_image(repo, seed=1))[0])
+    kept = await repo.manifests.put((await push_image(repo, seed=2))[0])
+    for tag, digest in (("v1", doomed), ("also", doomed), ("other", kept)):
+        await repo.tags.put(tag, digest)
+
+    await repo.manifests.delete(doomed)
+    assert await repo.tags.list() == ["other"]
+    for tag in ("v1", "also"):
+        with pytest.raises(UnknownTag):
+            await repo.tags.get(tag)
+    with pytest.raises(UnknownManifest):
+        await repo.manifests.get(doomed)
+    with pytest.raises(UnknownManifest):
+        await repo.manifests.delete(doomed)
+    assert await repo.tags.get("other") == kept
+    if source.can("delete_tag"):
+        with pytest.raises(UnknownTag):
+            await repo.tags.delete("v1")
+
+
+async def test_manifest_delete_names_the_tags_that_went(source: Source) -> None:
+    """tree.remove forgets the cached tags delete() returns: `rm manifests/<d>` must not
+    leave `tags/v1` showing a manifest that is gone."""
+    drift(source, "remote", "RemoteManifests.delete returns [] although the registry untags")
+    repo = source.registry.repository(source.name("app"))
+    digest = await repo_with_tag(repo)
+    await repo.tags.put("v2", digest)
+    assert sorted(await repo.manifests.delete(digest)) == ["v1", "v2"]
+
+
+async def test_unknown_things(source: Source) -> None:
+    repo = source.registry.repository(source.name("app"))
+    await push(repo, b"something, so the repository exists")
+    with pytest.raises(UnknownLayer):
+        await repo.layers.stat(NOWHERE)
+    with pytest.raises(UnknownLayer):
+        await repo.layers.fetch(NOWHERE)
+    assert not await repo.layers.exists(NOWHERE)
+    with pytest.raises(UnknownUpload):
+        await repo.layers.resume(NO_UUID)
+    with pytest.raises(UnknownUpload):
+        await repo.layers.upload_info(NO_UUID)
+    with pytest.raises(UnknownTag):
+        await repo.tags.get("nope")
+    with pytest.raises(UnknownManifest):
+        await repo.manifests.get(NOWHERE)
+    with pytest.raises(UnknownManifest):
+        await repo.manifests.delete(NOWHERE)
+    assert not await repo.manifests.exists(NOWHERE)
+    nowhere = source.registry.repository(source.name("never/pushed"))
+    assert await nowhere.tags.list() == []
+    with pytest.raises(UnknownTag):
+        await nowhere.tags.get("latest")
+    with pytest.raises(InvalidName):
+        source.registry.repository("Not/A/Name")
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+async def test_catalog(source: Source) -> None:
+    registry, prefix = source.registry, source.prefix
+    made = source.name("made/by/mkdir")
+    await registry.create_repository(made)
+    await push(registry.repository(source.name("pushed")), b"a layer")
+
+    catalog = registry.catalog
+    assert prefix in await catalog.children()
+    assert sorted(await catalog.children(prefix)) == ["made", "pushed"]
+    assert await catalog.children(source.name("made/by")) == ["mkdir"]
+    assert await catalog.is_repository(made)
+    assert await catalog.is_repository(source.name("pushed"))
+    assert not await catalog.is_repository(source.name("made"))
+    assert await catalog.exists(source.name("made"))
+    assert not await catalog.exists(source.name("nothing"))
+    assert {made, source.name("pushed")} <= set(await catalog.repositories())
+
+
+async def test_repository_holding_only_an_upload(source: Source) -> None:
+    """An interrupted first push: its uploads must be reachable, yet it is no repository
+    for the registry's catalog."""
+    drift(
+        source,
+        "remote",
+        "RemoteCatalog.is_repository counts a repository holding only our uploads even "
+        "without with_uploads",
+    )
+    name = source.name("first/push")
+    await source.registry.repository(name).layers.upload()
+    assert await source.registry.catalog.is_repository(name, with_uploads=True)
+    assert not await source.registry.catalog.is_repository(name)
+
+
+async def test_remove_repository(source: Source) -> None:
+    registry = source.registry
+    empty, full = source.name("empty"), source.name("full")
+    await registry.create_repository(empty)
+    await registry.create_repository(full)
+    await repo_with_tag(registry.repository(full))
+
+    await registry.remove_repository(empty)
+    assert not await registry.catalog.is_repository(empty)
+    assert await registry.catalog.children(source.prefix) == ["full"]
+    with pytest.raises(NotEmpty):
+        await registry.remove_repository(full)
+
+
+async def test_repository_holding_a_layer_is_not_removed(source: Source) -> None:
+    drift(
+        source,
+        "remote",
+        "remove_repository removes a repository made here whose only content is a layer "
+        "pushed through this client (README: 'only a repository ... nothing was pushed to')",
+    )
+    name = source.name("layer/only")
+    await source.registry.create_repository(name)
+    await push(source.registry.repository(name), b"a layer")
+    with pytest.raises(NotEmpty):
+        await source.registry.remove_repository(name)
+
+
+async def test_remove_unknown_repository(source: Source) -> None:
+    drift(source, "remote", "remove_repository of an unknown name raises NotEmpty")
+    with pytest.raises(UnknownRepository):
+        await source.registry.remove_repository(source.name("never"))
