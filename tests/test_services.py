@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from conftest import Source
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 PIECE = 64 << 10  # a FUSE-sized write
@@ -341,6 +343,24 @@ async def test_manifest_naming_a_missing_blob_is_refused(source: Source) -> None
     assert not await repo.manifests.exists(digest_bytes(broken))
 
 
+async def test_index_needs_its_children(source: Source) -> None:
+    """A multi-arch index is stored once its child manifests are, and its tag makes the
+    children's blobs listed (walked through the index on the remote source)."""
+    name = source.name("multi")
+    repo = source.registry.repository(name)
+    child, blobs = await push_image(repo)
+    entry = {"mediaType": OCI_MANIFEST, "digest": str(digest_bytes(child)), "size": len(child)}
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]})
+    with pytest.raises(InvalidManifest):
+        await repo.manifests.put(index.encode())
+    await repo.manifests.put(child)
+    digest = await repo.manifests.put(index.encode())
+    await repo.tags.put("v1", digest)
+    got = await repo.manifests.get(await repo.tags.get("v1"))
+    assert (got.digest, got.media_type, got.data) == (digest, OCI_INDEX, index.encode())
+    assert sorted(await source.reopen().repository(name).layers.list()) == sorted(blobs)
+
+
 async def test_manifests_list(source: Source) -> None:
     repo = source.registry.repository(source.name("app"))
     manifest, _ = await push_image(repo)
@@ -443,6 +463,24 @@ async def test_unknown_things(source: Source) -> None:
         await nowhere.tags.get("latest")
     with pytest.raises(InvalidName):
         source.registry.repository("Not/A/Name")
+
+
+async def test_times_are_nanoseconds_up_to_now(source: Source) -> None:
+    """What stat(2) shows: an mtime in nanoseconds (not seconds: a 1970 date), never in the
+    future; the remote source says the mount's start, as it cannot say when."""
+    repo = source.registry.repository(source.name("app"))
+    layer = await push(repo, b"a layer")
+    digest = await repo_with_tag(repo)
+    upload = await repo.layers.upload()
+    since_2020 = 1_577_836_800 * 10**9
+    times = [
+        (await repo.layers.stat(layer)).mtime_ns,
+        (await repo.manifests.stat(digest)).mtime_ns,
+        await repo.tags.mtime_ns("v1"),
+        (await repo.layers.upload_info(upload.uuid)).started_ns,
+    ]
+    now = time.time_ns()
+    assert all(since_2020 < t <= now for t in times), times
 
 
 # --------------------------------------------------------------------------- catalog
