@@ -12,7 +12,7 @@ import time
 import pytest
 import trio
 
-from storage.digests import EMPTY_DIGEST, Sha256State, digest_bytes
+from storage.digests import Sha256State, digest_bytes
 from storage.drivers import PathNotFound
 from storage.errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownLayer, UnknownUpload
 from storage.paths import (
@@ -89,17 +89,6 @@ async def test_simple_layer_read(registry):
     await reader.aclose()
 
 
-async def test_zero_length_upload(registry):
-    layers = registry.repository("foo/bar").layers
-    upload = await layers.upload()
-    info = await upload.finish(EMPTY_DIGEST)
-    assert str(info.digest) == (
-        "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    )
-    assert info.size == 0
-    assert await layers.exists(EMPTY_DIGEST)
-
-
 async def test_mismatch_keeps_the_upload(registry):
     layers = registry.repository("foo").layers
     upload = await layers.upload()
@@ -148,16 +137,6 @@ async def test_overwrite_below_end_rehashes(registry, monkeypatch):
     upload = await layers.resume(upload.uuid)
     assert await upload.digest() == digest_bytes(bytes(data))
     await upload.finish(digest_bytes(bytes(data)))
-
-
-async def test_truncate_restarts(registry):
-    layers = registry.repository("foo").layers
-    upload = await layers.upload()
-    await upload.write(b"first attempt")
-    await upload.truncate(0)
-    upload.seek(0)
-    await upload.write(b"second")
-    await upload.finish(digest_bytes(b"second"))
 
 
 async def test_close_saves_state_and_resume_does_not_reread(registry):
@@ -297,18 +276,6 @@ async def test_untrusted_state_still_reports_a_real_mismatch(registry):
     resumed = await layers.resume(upload.uuid)
     with pytest.raises(DigestMismatch):
         await resumed.finish(digest_bytes(b"y" * 300))
-
-
-async def test_upload_labels(registry):
-    layers = registry.repository("foo").layers
-    named = await layers.upload(label="blob.tar.gz")
-    plain = await layers.upload()
-    assert await layers.label(named.uuid) == "blob.tar.gz"
-    assert await layers.label(plain.uuid) is None
-    await layers.set_label(plain.uuid, "other")
-    assert await layers.label(plain.uuid) == "other"
-    await named.cancel()
-    assert await layers.label(named.uuid) is None
 
 
 async def test_create_empty_repository(registry):
