@@ -1,10 +1,11 @@
 """The service-level contract, run on every source (`source` in conftest.py: in-memory,
 filesystem, and the remote registry against the real docker-registry).
 
-The calls are the ones regfs/tree.py and regfs/handles.py make. What a source legitimately
-cannot do is in `source.cannot`, and the tests assert its documented fallback there; where
-the sources disagree but should not, the test states the contract and is an `xfail(strict)`
-for the drifting source (DRIFT below), so it fails loudly once the drift is fixed.
+The calls are the ones regfs/tree.py and regfs/handles.py make (storage/api.py writes them
+down). What a source legitimately cannot do is in `source.cannot` (REMOTE_CANNOT), and the
+tests assert its documented fallback there instead of skipping; where the sources disagree
+but should not, the test states the contract and `drift()` makes it an `xfail(strict)` for
+the drifting source alone, so it fails loudly once the drift is fixed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 
 from storage.digests import EMPTY_DIGEST, Digest, digest_bytes
 from storage.errors import (
@@ -112,6 +114,43 @@ async def test_pushed_blob_reads_back_at_any_offset(source: Source) -> None:
         assert bytes(await reader.read_at(len(data), 10)) == b""
     finally:
         await reader.aclose()
+
+
+async def test_concurrent_reads(source: Source) -> None:
+    """The kernel sends a file's reads several at a time, and other files' reads beside
+    them: every one gets its own bytes."""
+    repo = source.registry.repository(source.name("app"))
+    data = blob(1 << 20, seed=4)
+    digest = await push(repo, data)
+    readers = [await repo.layers.fetch(digest) for _ in range(2)]
+    got: dict[tuple[int, int], bytes] = {}
+
+    async def read(which: int, at: int) -> None:
+        got[which, at] = bytes(await readers[which].read_at(at, PIECE))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for at in range(0, len(data), PIECE):
+                for which in (0, 1):
+                    nursery.start_soon(read, which, at)
+    finally:
+        for reader in readers:
+            await reader.aclose()
+    assert got == {(w, at): data[at : at + PIECE] for w, at in got}
+    assert len(got) == 2 * len(data) // PIECE
+
+
+async def test_flush_makes_writes_visible(source: Source) -> None:
+    """close-to-open: once flush returns, another view (another process) sees the bytes
+    as the upload's size, before the writer closes."""
+    name = source.name("app")
+    upload = await source.registry.repository(name).layers.upload()
+    await write_pieces(upload, blob(100_000, seed=5))
+    await upload.flush()
+    other = source.reopen().repository(name).layers
+    assert (await other.upload_info(upload.uuid)).size == 100_000
+    assert upload.name == name
+    assert abs(upload.started_at.timestamp() - time.time()) < 60
 
 
 async def test_empty_blob(source: Source) -> None:
