@@ -77,7 +77,7 @@ AnyRegistry = Registry | RemoteRegistry
 # What a source legitimately cannot do, and why: service tests assert the documented
 # fallback for these instead of the full behaviour (see Source.can), never skip silently.
 REMOTE_CANNOT = {
-    "overwrite": "the upload protocol appends in order: a PATCH cannot rewrite below the end",
+    "overwrite": "the upload protocol appends in order: it cannot rewrite or cut below the end",
     "read_upload": "the API cannot read an upload's bytes back (an upload reads as empty)",
     "list_untagged": "the API lists tags only: manifests/ and layers/ show what tagged "
     "manifests reference, plus the blobs pushed through this client",

@@ -272,6 +272,23 @@ async def test_truncate_restarts_the_upload(source: Source) -> None:
     assert (await upload.finish(digest_bytes(b"second"))).size == 6
 
 
+async def test_truncate_cuts(source: Source) -> None:
+    layers = source.registry.repository(source.name("app")).layers
+    data = blob(10_000, seed=6)
+    upload = await layers.upload()
+    await upload.write_at(0, data)
+    with pytest.raises(InvalidOffset):
+        await upload.truncate(len(data) + 1)
+    if source.can("overwrite"):
+        await upload.truncate(4000)
+        data = data[:4000]
+    else:  # REMOTE_CANNOT["overwrite"]: refused, nothing changes
+        with pytest.raises(InvalidOffset):
+            await upload.truncate(4000)
+    assert upload.size == len(data)
+    assert (await upload.finish(digest_bytes(data))).size == len(data)
+
+
 async def test_truncate_keeps_the_upload_id(source: Source) -> None:
     drift(
         source,
