@@ -21,7 +21,7 @@ import trio
 
 from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
-from storage.manifests import OCI_MANIFEST
+from storage.manifest_format import OCI_MANIFEST
 from storage.paths import (
     BlobData,
     BlobDir,

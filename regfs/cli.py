@@ -20,7 +20,6 @@ import platformdirs
 import trio
 
 from storage.check import UPLOAD_PURGE_AGE, Severity, check, purge_uploads
-from storage.drivers import FilesystemDriver
 from storage.errors import StorageError
 
 from . import daemon
@@ -36,7 +35,7 @@ from .options import (
 from .sources import (
     SUPPORTED,
     check_source,
-    check_storage_root,
+    existing_root,
     is_remote,
     open_registry,
     refuse_host_like,
@@ -188,14 +187,6 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 168h, 7d, 1h30m)")
     seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([dhms])", text))
     return timedelta(seconds=seconds)
-
-
-def existing_root(path: str) -> FilesystemDriver:
-    try:
-        check_storage_root(path, missing_ok=False)
-    except ValueError as exc:
-        raise MountError(str(exc)) from None
-    return FilesystemDriver(path)
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import trio
 
+from storage.api import RegistrySource, Repository
 from storage.digests import digest_bytes
-from storage.drivers import FilesystemDriver
-from storage.manifests import OCI_MANIFEST
-from storage.registry import Registry, Repository
+from storage.manifest_format import OCI_MANIFEST
 
 from .mountpoint import mounted_filesystem
+from .sources import open_root
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -47,13 +47,13 @@ async def push_blob(repo: Repository, data: bytes, media_type: str) -> dict[str,
     digest = digest_bytes(data)
     if not await repo.layers.exists(digest):
         upload = await repo.layers.upload()
-        await upload.write(data)
+        await upload.write_at(0, data)
         await upload.finish(digest)
     return {"mediaType": media_type, "digest": str(digest), "size": len(data)}
 
 
 async def push_image(
-    registry: Registry, name: str, tag: str, layers: list[dict[str, bytes]]
+    registry: RegistrySource, name: str, tag: str, layers: list[dict[str, bytes]]
 ) -> None:
     repo = registry.repository(name)
     descriptors, diff_ids = [], []
@@ -82,7 +82,7 @@ async def push_image(
 
 
 async def build(root: Path) -> None:
-    registry = Registry(FilesystemDriver(root))
+    registry = open_root(str(root))
     base = {
         "etc/os-release": Path("/etc/os-release").read_bytes(),
         "etc/motd": b"Hello from a layer served by regfs.\n",

@@ -15,7 +15,6 @@ from typing import ParamSpec, TypeVar
 import pyfuse3
 from pyfuse3 import RequestContext as Context
 
-from storage.drivers import InvalidPath
 from storage.errors import (
     AccessDenied,
     Busy,
@@ -24,10 +23,11 @@ from storage.errors import (
     InvalidManifest,
     InvalidName,
     InvalidOffset,
+    InvalidPath,
     NotEmpty,
+    RemoteError,
     RemoteUnavailable,
 )
-from storage.remote.client import RemoteError
 
 log = logging.getLogger("regfs.ops")
 

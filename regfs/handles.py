@@ -14,12 +14,12 @@ import time
 
 from pyfuse3 import FUSEError
 
+from storage.api import BlobReader, Buffer, Upload
 from storage.digests import Digest, digest_bytes
 from storage.errors import DigestMismatch, InvalidManifest, InvalidName, InvalidOffset
-from storage.layers import LayerUpload
-from storage.manifests import MAX_MANIFEST_SIZE
+from storage.manifest_format import MAX_MANIFEST_SIZE
 
-from .tree import Attr, ManifestNode, Reader, TagNode, Tree, UploadNode
+from .tree import Attr, ManifestNode, TagNode, Tree, UploadNode
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Handle:
     """An open file; the base refuses what a handle of its kind cannot do."""
 
-    async def read(self, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, offset: int, size: int) -> Buffer:
         raise FUSEError(errno.EBADF)
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -48,10 +48,10 @@ class Handle:
 
 
 class ReadHandle(Handle):
-    def __init__(self, reader: Reader) -> None:
+    def __init__(self, reader: BlobReader) -> None:
         self.reader = reader
 
-    async def read(self, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, offset: int, size: int) -> Buffer:
         return await self.reader.read_at(offset, size)
 
     async def release(self) -> None:
@@ -71,7 +71,7 @@ class UploadHandle(Handle):
     An upload named by its digest finishes in the flush that follows its last write.
     """
 
-    def __init__(self, tree: Tree, node: UploadNode, upload: LayerUpload, name: str) -> None:
+    def __init__(self, tree: Tree, node: UploadNode, upload: Upload, name: str) -> None:
         self.tree = tree
         self.node = node
         self.upload = upload
@@ -79,7 +79,7 @@ class UploadHandle(Handle):
         self.finished = False
         self._written = False
 
-    async def read(self, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, offset: int, size: int) -> Buffer:
         reader = await self.tree.open(self.node)
         try:
             return await reader.read_at(offset, size)

@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, ReaddirToken, RequestContext
 
+from storage.api import Buffer
 from storage.digests import Digest
 from storage.errors import CorruptEntry, DigestMismatch
 from storage.names import validate_tag
@@ -303,7 +304,7 @@ class Operations(pyfuse3.Operations):
         return self._file_info(node, handle), entry
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> Buffer:
         return await self._handle(fh).read(off, size)
 
     @fuse_errors

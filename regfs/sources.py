@@ -11,15 +11,16 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import platformdirs
 import trio
 
-from storage.drivers import open_driver
+from storage.api import RegistrySource
+from storage.drivers import FilesystemDriver, open_driver
 from storage.registry import Registry
 from storage.remote.auth import Credentials
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 
+from .mountpoint import MountError
 from .options import MountOptions
 
-AnyRegistry = Registry | RemoteRegistry
 SUPPORTED = "a storage root directory, 'inmemory:', or https://HOST[:PORT] (http:// too)"
 
 
@@ -88,15 +89,29 @@ def check_storage_root(path: str, *, missing_ok: bool, init: bool = False) -> No
         )
 
 
-def open_registry(options: MountOptions) -> AnyRegistry:
+def existing_root(path: str) -> FilesystemDriver:
+    """The storage root that `regfs check` and `purge-uploads` work on; it must exist."""
+    try:
+        check_storage_root(path, missing_ok=False)
+    except ValueError as exc:
+        raise MountError(str(exc)) from None
+    return FilesystemDriver(path)
+
+
+def open_root(source: str, *, init: bool = False) -> RegistrySource:
+    """A storage root directory (made when missing) or `inmemory:`, as a registry."""
+    if source != "inmemory:":
+        check_storage_root(source, missing_ok=True, init=init)
+    try:
+        return Registry(open_driver(source))
+    except ValueError:
+        raise ValueError(f"unsupported source {source!r}: use {SUPPORTED}") from None
+
+
+def open_registry(options: MountOptions) -> RegistrySource:
     """The registry SOURCE names; nothing is contacted yet (see check_source)."""
     if not is_remote(options.source):
-        if options.source != "inmemory:":
-            check_storage_root(options.source, missing_ok=True, init=options.init)
-        try:
-            return Registry(open_driver(options.source))
-        except ValueError:
-            raise ValueError(f"unsupported source {options.source!r}: use {SUPPORTED}") from None
+        return open_root(options.source, init=options.init)
     settings: dict[str, Any] = {"insecure": options.insecure, "ca_file": options.ca_file}
     if options.timeout is not None:
         settings["timeout"] = options.timeout

@@ -21,14 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from storage.api import BlobReader, RegistrySource, Repository, Upload
 from storage.cache import TtlCache
 from storage.digests import Digest
-from storage.drivers import FileReader
 from storage.errors import InvalidName, UnknownManifest
-from storage.layers import LayerReader, LayerUpload
-from storage.manifests import sniff_media_type
+from storage.manifest_format import sniff_media_type
 from storage.names import is_component, validate_name, validate_tag
-from storage.registry import Registry, Repository
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +91,7 @@ class Attr:
 
 
 class BytesReader:
-    """A small file held whole (a manifest), with the read interface of a layer reader."""
+    """A small file held whole (a manifest), as a BlobReader."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -105,15 +103,12 @@ class BytesReader:
         pass
 
 
-Reader = LayerReader | BytesReader | FileReader
-
-
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
 class Tree:
-    def __init__(self, registry: Registry, tag_ttl: float) -> None:
+    def __init__(self, registry: RegistrySource, tag_ttl: float) -> None:
         self.registry = registry
         self.started_ns = time.time_ns()
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl)
@@ -329,16 +324,16 @@ class Tree:
         return {}
 
     async def read(self, node: Node) -> bytes:
-        """The whole content of a small file (a tag's manifest)."""
+        """The whole content of a small file (a tag's manifest; bytes() of bytes is no copy)."""
         reader = await self.open(node)
         try:
-            return await reader.read_at(0, (await self.attr(node)).size)
+            return bytes(await reader.read_at(0, (await self.attr(node)).size))
         finally:
             await reader.aclose()
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def open(self, node: Node) -> Reader:
+    async def open(self, node: Node) -> BlobReader:
         """A reader of the node's bytes; a tag is resolved now, so a handle never changes."""
         match node:
             case LayerNode(repo, digest):
@@ -353,7 +348,7 @@ class Tree:
 
     # -- changing ----------------------------------------------------------------------------
 
-    async def create_upload(self, repo: str, name: str) -> tuple[UploadNode, LayerUpload]:
+    async def create_upload(self, repo: str, name: str) -> tuple[UploadNode, Upload]:
         if not UPLOAD_NAME_RE.fullmatch(name) or name in (".", ".."):
             raise InvalidName(f"invalid upload name {name!r}")
         upload = await self._repo(repo).layers.upload(label=name)
@@ -361,10 +356,10 @@ class Tree:
         self.changed(node)
         return node, upload
 
-    async def resume_upload(self, node: UploadNode) -> LayerUpload:
+    async def resume_upload(self, node: UploadNode) -> Upload:
         return await self._repo(node.repo).layers.resume(node.uuid)
 
-    async def finish_upload(self, node: UploadNode, upload: LayerUpload, digest: Digest) -> None:
+    async def finish_upload(self, node: UploadNode, upload: Upload, digest: Digest) -> None:
         """Verify and commit; the upload stays (and DigestMismatch propagates) on a mismatch."""
         await upload.finish(digest)
         self.changed(node, LayerNode(node.repo, digest))

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from .api import BlobInfo
 from .digests import Digest, digest_bytes
 from .drivers import FileReader, PathNotFound, StorageDriver
 from .errors import CorruptEntry, InvalidName, UnknownLayer
 from .paths import BlobData, BlobDir, Location, path_for
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BlobInfo:
-    digest: Digest
-    size: int
-    mtime_ns: int
 
 
 async def read_link(driver: StorageDriver, path: str) -> Digest:

@@ -5,6 +5,14 @@ class StorageError(Exception):
     """Base of every error the storage layer raises on purpose."""
 
 
+class InvalidPath(StorageError, ValueError):
+    """A storage path outside the grammar every driver is held to (see drivers/base)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"invalid storage path: {path!r}")
+        self.path = path
+
+
 class InvalidName(StorageError, ValueError):
     """A repository name, tag or digest that the registry's grammar refuses."""
 
@@ -76,3 +84,16 @@ class UnsafeEntry(CorruptEntry):
     """An entry the filesystem driver will not go through: a symbolic link anywhere below the
     root, or a hard-linked file opened for writing. Whoever can write a root (another user's
     registry, a shared volume) must not steer the daemon, often root, to a file outside it."""
+
+
+class RemoteError(StorageError):
+    """The registry answered with a status the caller did not expect.
+
+    `status` is the HTTP status, `codes` the distribution error codes of the body
+    (`{"errors": [{"code": ...}]}`), e.g. `("BLOB_UPLOAD_INVALID",)`.
+    """
+
+    def __init__(self, message: str, *, status: int, codes: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.codes = codes

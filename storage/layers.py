@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import uuid as uuidlib
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
-from .blobs import BlobInfo, BlobStore, LinkedBlobs
+from .api import BlobInfo, BlobReader, EmptyReader, UploadInfo
+from .blobs import BlobStore, LinkedBlobs
 from .digests import Digest
 from .drivers import FileReader, PathNotFound, StorageDriver
 from .errors import CorruptEntry, InvalidOffset, UnknownLayer, UnknownUpload
@@ -21,8 +20,6 @@ from .paths import (
     path_for,
 )
 from .uploads import UUID_RE, LayerUpload, read_started_at
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class LayerReader:
@@ -63,28 +60,6 @@ class LayerReader:
 
     async def aclose(self) -> None:
         await self._file.aclose()
-
-
-class EmptyReader(FileReader):
-    size = 0
-
-    async def read_at(self, offset: int, length: int) -> bytes:
-        return b""
-
-    async def aclose(self) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class UploadInfo:
-    uuid: str
-    started_at: datetime
-    size: int
-
-    @property
-    def started_ns(self) -> int:
-        """started_at in nanoseconds since the epoch, exactly (a float timestamp is not)."""
-        return (self.started_at - EPOCH) // timedelta(microseconds=1) * 1000
 
 
 class LayerService:
@@ -157,7 +132,7 @@ class LayerService:
             size = 0  # the registry treats a missing data file as an empty upload
         return UploadInfo(uuid, started_at, size)
 
-    async def read_upload(self, uuid: str) -> FileReader:
+    async def read_upload(self, uuid: str) -> BlobReader:
         """The bytes received so far (none when the data file is missing, as the registry
         reads it; a finish cut after moving the data into blobs/ leaves such an upload)."""
         await self.upload_info(uuid)

@@ -37,7 +37,8 @@ from datetime import UTC, datetime
 
 import trio
 
-from .blobs import BlobInfo, BlobStore, LinkedBlobs
+from .api import BlobInfo
+from .blobs import BlobStore, LinkedBlobs
 from .digests import EMPTY_DIGEST, Digest, Sha256State
 from .drivers import FileWriter, PathNotFound, StorageDriver
 from .errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownUpload

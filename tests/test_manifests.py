@@ -8,7 +8,7 @@ import pytest
 
 from storage.digests import Digest, digest_bytes
 from storage.errors import CorruptEntry, InvalidManifest, InvalidName, UnknownManifest, UnknownTag
-from storage.manifests import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from storage.manifest_format import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from storage.paths import RepositoryDir, TagCurrentLink, TagIndexDir, path_for
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -14,7 +14,7 @@ from storage import uploads
 from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver, InMemoryDriver
 from storage.errors import InvalidManifest, InvalidName, InvalidOffset
-from storage.manifests import parse_manifest
+from storage.manifest_format import parse_manifest
 from storage.names import validate_name, validate_tag
 from storage.registry import Registry
 

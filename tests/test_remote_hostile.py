@@ -38,10 +38,9 @@ from registry import (
 )
 
 import storage.remote.registry as remote_registry
-from storage.blobs import BlobInfo
+from storage.api import BlobInfo, Manifest
 from storage.digests import Digest
 from storage.errors import AccessDenied, CorruptEntry, RemoteUnavailable
-from storage.manifests import Manifest
 from storage.remote.auth import Credentials, Token, TokenCache
 from storage.remote.client import RemoteClient, RemoteError, RemoteTooLarge, TLSError
 from storage.remote.registry import (

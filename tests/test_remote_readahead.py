@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import trio
 
-from storage.blobs import BlobInfo
+from storage.api import BlobInfo
 from storage.digests import digest_bytes
 from storage.remote.registry import ReadAheadBudget, RemoteLayerReader
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 
-from .base import FileInfo, FileReader, FileWriter, InvalidPath, PathNotFound, StorageDriver
+from ..errors import InvalidPath
+from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 from .filesystem import FilesystemDriver
 from .inmemory import InMemoryDriver
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import StorageError
+from ..errors import InvalidPath, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,6 @@ _PATH_RE = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._-]+)+")
 class PathNotFound(StorageError, LookupError):
     def __init__(self, path: str) -> None:
         super().__init__(f"path not found: {path}")
-        self.path = path
-
-
-class InvalidPath(StorageError, ValueError):
-    def __init__(self, path: str) -> None:
-        super().__init__(f"invalid storage path: {path!r}")
         self.path = path
 
 

@@ -42,7 +42,7 @@ import httpcore._async.http11 as _http11
 import httpx
 import trio
 
-from storage.errors import AccessDenied, RemoteUnavailable, StorageError
+from storage.errors import AccessDenied, RemoteError, RemoteUnavailable
 from storage.remote.auth import (
     Challenge,
     Credentials,
@@ -100,19 +100,6 @@ if hasattr(_http11.AsyncHTTP11Connection, "READ_NUM_BYTES"):
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class RemoteError(StorageError):
-    """The registry answered with a status the caller did not expect.
-
-    `status` is the HTTP status, `codes` the distribution error codes of the body
-    (`{"errors": [{"code": ...}]}`), e.g. `("BLOB_UPLOAD_INVALID",)`.
-    """
-
-    def __init__(self, message: str, *, status: int, codes: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.codes = codes
 
 
 class RemoteNotFound(RemoteError, LookupError):

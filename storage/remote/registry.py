@@ -22,21 +22,20 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from ..blobs import BlobInfo
+from ..api import BlobInfo, BlobReader, Buffer, EmptyReader, Manifest, UploadInfo
 from ..digests import Digest, digest_bytes
-from ..drivers import FileReader
 from ..errors import (
     CorruptEntry,
     InvalidManifest,
     NotEmpty,
+    RemoteError,
     UnknownLayer,
     UnknownManifest,
     UnknownTag,
 )
-from ..layers import EmptyReader, UploadInfo
-from ..manifests import SUPPORTED, Manifest, parse_manifest, sniff_media_type
+from ..manifest_format import SUPPORTED, parse_manifest, sniff_media_type
 from ..names import is_component, validate_name, validate_tag
-from .client import RemoteClient, RemoteError, RemoteNotFound, RemoteTooLarge
+from .client import RemoteClient, RemoteNotFound, RemoteTooLarge
 from .ranges import OpenBody
 from .untrusted import (
     BLOB_CACHE_BYTES,
@@ -375,9 +374,6 @@ class ReadAheadBudget:
         self.used -= size
 
 
-Piece = bytes | memoryview
-
-
 @dataclass
 class InOrderDigest:
     """The sha256 of what a reader fetched of a blob, in offset order, so that once it has
@@ -399,7 +395,7 @@ class InOrderDigest:
     _ahead: dict[int, bytes] = field(default_factory=dict, repr=False)
     _ahead_size: int = 0
 
-    def claim(self, offset: int, data: Piece) -> tuple[list[Piece], bool]:
+    def claim(self, offset: int, data: Buffer) -> tuple[list[Buffer], bool]:
         """The pieces that bytes fetched at `offset` make hashable now, in order (for
         `hash`), and whether they complete the blob."""
         if self.done or offset + len(data) <= self.claimed:
@@ -420,12 +416,12 @@ class InOrderDigest:
         self.done, self._ahead = True, {}
         return pieces, True
 
-    def _next(self, offset: int, data: Piece) -> Piece:
+    def _next(self, offset: int, data: Buffer) -> Buffer:
         piece = data[max(self.claimed - offset, 0) :]
         self.claimed = max(self.claimed, offset + len(data))
         return piece
 
-    def hash(self, pieces: list[Piece]) -> None:
+    def hash(self, pieces: list[Buffer]) -> None:
         """Hash claimed pieces, in the order claimed (hashlib lets other threads run)."""
         for piece in pieces:
             self._sha.update(piece)
@@ -483,7 +479,7 @@ class RemoteLayerReader:
         self._hashing = trio.Lock()
         self._corrupt: CorruptEntry | None = None
 
-    async def read_at(self, offset: int, size: int) -> bytes | memoryview:
+    async def read_at(self, offset: int, size: int) -> Buffer:
         """A view into the window that holds the bytes (immutable, kept alive by the view):
         FUSE replies from it without a copy (the copy was a ninth of the daemon's CPU in perf).
         CorruptEntry once the reader has fetched the whole blob in order and its bytes do
@@ -741,7 +737,7 @@ class RemoteLayers:
         record = self.registry.records.load(uuid)
         return UploadInfo(uuid, datetime.fromisoformat(record.started_at), record.offset)
 
-    async def read_upload(self, uuid: str) -> FileReader:
+    async def read_upload(self, uuid: str) -> BlobReader:
         await self.upload_info(uuid)
         return EmptyReader()  # the protocol cannot read an upload back
 

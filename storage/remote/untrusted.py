@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from ..manifests import MAX_MANIFEST_SIZE
+from ..manifest_format import MAX_MANIFEST_SIZE
 
 K = TypeVar("K")
 V = TypeVar("V")

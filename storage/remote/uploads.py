@@ -21,10 +21,16 @@ from pathlib import Path
 import httpx
 import trio
 
-from ..blobs import BlobInfo
+from ..api import BlobInfo
 from ..digests import Digest, Sha256State
-from ..errors import DigestMismatch, InvalidOffset, RemoteUnavailable, UnknownUpload
-from .client import BACKOFF, BACKOFF_CAP, RemoteClient, RemoteError, RemoteNotFound, TLSError
+from ..errors import (
+    DigestMismatch,
+    InvalidOffset,
+    RemoteError,
+    RemoteUnavailable,
+    UnknownUpload,
+)
+from .client import BACKOFF, BACKOFF_CAP, RemoteClient, RemoteNotFound, TLSError
 from .untrusted import shown
 
 log = logging.getLogger(__name__)
