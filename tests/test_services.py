@@ -108,7 +108,6 @@ async def test_pushed_blob_reads_back_at_any_offset(source: Source) -> None:
     assert await repo.layers.exists(digest)
     reader = await repo.layers.fetch(digest)
     try:
-        assert (reader.digest, reader.length) == (digest, len(data))
         for offset, size in [(0, 1), (1, PIECE), (123_456, 100_000), (len(data) - 10, 4096)]:
             assert bytes(await reader.read_at(offset, size)) == data[offset : offset + size]
         assert bytes(await reader.read_at(len(data), 10)) == b""
@@ -164,7 +163,6 @@ async def test_empty_blob(source: Source) -> None:
     assert await repo.layers.exists(EMPTY_DIGEST)
     reader = await repo.layers.fetch(EMPTY_DIGEST)
     try:
-        assert reader.length == 0
         assert bytes(await reader.read_at(0, 10)) == b""
     finally:
         await reader.aclose()
