@@ -1,4 +1,5 @@
 # regfs: install, demo, test, bench, lint. Every target installs what is missing first.
+# test and lint check types too: mypy --strict, configured in pyproject.toml.
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -32,6 +33,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check storage regfs tests bench
+	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: install
@@ -40,6 +42,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check storage regfs tests bench
 	$(BIN)/ruff format --check storage regfs tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

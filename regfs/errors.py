@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import RequestContext as Context
@@ -73,8 +73,8 @@ def _brief(arg: object) -> object:
 
 
 def fuse_errors(
-    handler: Callable[P, Awaitable[T]],
-) -> Callable[P, Awaitable[T]]:
+    handler: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """Wrap a FUSE handler: log the call at debug level, map every exception to an errno."""
     name = handler.__name__
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
 import sys
 from pathlib import Path
-from typing import TextIO
 
 import platformdirs
 
@@ -44,7 +44,7 @@ def open_log(path: str) -> int:
 class _LogFileHandler(logging.FileHandler):
     """A FileHandler that opens its file with open_log's checks."""
 
-    def _open(self) -> TextIO:
+    def _open(self) -> io.TextIOWrapper:
         return os.fdopen(open_log(self.baseFilename), "a", encoding="utf-8")
 
 

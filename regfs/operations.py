@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyfuse3
@@ -169,7 +170,7 @@ class Operations(pyfuse3.Operations):
         return await self._entry_of(self.inodes.node(inode))
 
     @fuse_errors
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.inodes.forget(inode, count)
 
@@ -280,6 +281,7 @@ class Operations(pyfuse3.Operations):
         if self.options.read_only:
             raise self._refuse("create", parent_inode)
         text = self._name(name, errno.EINVAL)
+        node: UploadNode | TagNode | ManifestNode  # narrowed to the kind each case makes
         match parent:
             case SectionNode(repo, "uploads"):
                 node, upload = await self.tree.create_upload(repo, text)
@@ -304,7 +306,9 @@ class Operations(pyfuse3.Operations):
         return self._file_info(node, handle), entry
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> Buffer:
+    async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]
+        """pyfuse3 replies from any buffer, though its stub says bytes: a memoryview (a remote
+        layer's read-ahead window) goes to the kernel without a copy."""
         return await self._handle(fh).read(off, size)
 
     @fuse_errors
@@ -325,8 +329,10 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._handle(fh)
         del self._handles[fh]
-        writes = isinstance(handle, UploadHandle | ManifestWriter)
-        if writes and self._writers.get(handle.node) == fh:
+        if (
+            isinstance(handle, UploadHandle | ManifestWriter)
+            and self._writers.get(handle.node) == fh
+        ):
             del self._writers[handle.node]
         if not isinstance(handle, UploadHandle):
             await handle.release()
@@ -484,7 +490,11 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, TagNode) and new_parent == SectionNode(node.repo, "tags"):
             await self._retag(node, self._name(name_new, errno.EINVAL), flags)
             return
-        same_repo = isinstance(new_parent, SectionNode) and new_parent.repo == old_parent.repo
+        same_repo = (
+            isinstance(old_parent, SectionNode)
+            and isinstance(new_parent, SectionNode)
+            and new_parent.repo == old_parent.repo
+        )
         if not isinstance(node, UploadNode) or not same_repo:
             log.info(
                 "rename: only an upload can be renamed, within uploads/ or into layers/ "

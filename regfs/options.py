@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 DEFAULT_TAG_TTL = 5.0
@@ -67,7 +68,7 @@ _FLAGS = {
     "insecure": "insecure",
     "init": "init",
 }
-_VALUES = {
+_VALUES: dict[str, tuple[str, Callable[[str], object]]] = {
     "uid": ("uid", int),
     "gid": ("gid", int),
     "file_mode": ("file_mode", lambda v: int(v, 8)),

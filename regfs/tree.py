@@ -155,6 +155,7 @@ class Tree:
     # -- lookups ---------------------------------------------------------------------------
 
     async def lookup(self, parent: Node, name: str) -> Node:
+        found: Node  # narrowed to the kind each case makes
         match parent:
             case DirNode(path):
                 if name in SECTIONS and path and await self._is_repository(path):
@@ -163,17 +164,17 @@ class Tree:
                 if is_component(name) and await self.registry.catalog.exists(child):
                     return DirNode(child)
             case SectionNode(repo, "tags"):
-                node = TagNode(repo, name)
-                await self._tag_target(node)
-                return node
+                found = TagNode(repo, name)
+                await self._tag_target(found)
+                return found
             case SectionNode(repo, "manifests"):
-                node = ManifestNode(repo, _parse_digest(name))
-                await self.attr(node)
-                return node
+                found = ManifestNode(repo, _parse_digest(name))
+                await self.attr(found)
+                return found
             case SectionNode(repo, "layers"):
-                node = LayerNode(repo, _parse_digest(name))
-                await self.attr(node)
-                return node
+                found = LayerNode(repo, _parse_digest(name))
+                await self.attr(found)
+                return found
             case SectionNode(repo, "uploads"):
                 uuid = (await self.uploads(repo)).get(name)
                 if uuid is not None:
@@ -239,8 +240,8 @@ class Tree:
                 digests = await self._repo(repo).layers.list()
                 return [(str(d), LayerNode(repo, d)) for d in digests]
             case SectionNode(repo, "uploads"):
-                names = await self.uploads(repo)
-                return [(n, UploadNode(repo, u)) for n, u in sorted(names.items())]
+                uploads = await self.uploads(repo)
+                return [(n, UploadNode(repo, u)) for n, u in sorted(uploads.items())]
         raise NotFound(str(node))
 
     # -- attributes ------------------------------------------------------------------------

@@ -72,6 +72,9 @@ class _ShaCtx(ctypes.Structure):
         ("num", ctypes.c_uint32),
         ("md_len", ctypes.c_uint32),
     )
+    # What the fields read as, for the type checker (ctypes makes them from _fields_).
+    Nl: int
+    Nh: int
 
 
 def _load_libcrypto() -> ctypes.CDLL:
@@ -118,12 +121,11 @@ class Sha256State:
             _lib.SHA256_Update(ctypes.byref(self._ctx), data, len(data))
             return
         view = memoryview(data).cast("B")
-        if view.readonly:
-            view = memoryview(view.tobytes())
-            data = view.obj
-        else:
-            data = (ctypes.c_char * view.nbytes).from_buffer(view)
-        _lib.SHA256_Update(ctypes.byref(self._ctx), data, view.nbytes)
+        # ctypes passes bytes, or a writable buffer in place; a read-only view is copied.
+        raw: bytes | ctypes.Array[ctypes.c_char] = (
+            view.tobytes() if view.readonly else (ctypes.c_char * view.nbytes).from_buffer(view)
+        )
+        _lib.SHA256_Update(ctypes.byref(self._ctx), raw, view.nbytes)
 
     def copy(self) -> Sha256State:
         twin = Sha256State.__new__(Sha256State)

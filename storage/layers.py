@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import uuid as uuidlib
 
@@ -141,7 +142,7 @@ class LayerService:
         except PathNotFound:
             return EmptyReader()
 
-    async def uploads(self) -> list[str]:
+    async def uploads(self) -> builtins.list[str]:
         """Uuids of the uploads in progress. Directories that are not uuids are skipped, and
         so are those without `startedat`, which the registry does not know: registry 2.8's
         DELETE leaves `hashstates/sha256/0` behind in the otherwise removed upload."""

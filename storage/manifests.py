@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 
 from .api import BlobInfo, Manifest
@@ -58,7 +59,7 @@ class ManifestService:
     async def list(self) -> list[Digest]:
         return await self.revisions.list()
 
-    async def delete(self, digest: Digest) -> list[str]:
+    async def delete(self, digest: Digest) -> builtins.list[str]:
         """Delete the revision and every tag that points at it; returns those tags."""
         if not await self.revisions.is_linked(digest):
             raise UnknownManifest(f"unknown manifest {digest} in {self.name}")

@@ -163,6 +163,7 @@ Location = (
     | BlobData
     | RepositoryDir
     | LayersDir
+    | EmptyMarker
     | LayerLink
     | RevisionsDir
     | RevisionLink
@@ -175,6 +176,7 @@ Location = (
     | UploadDir
     | UploadData
     | UploadStartedAt
+    | UploadLabel
     | HashStatesDir
     | HashState
 )

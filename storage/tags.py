@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import logging
 
 from .blobs import read_link, write_link
@@ -61,7 +62,7 @@ class TagService:
         except PathNotFound:
             raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
 
-    async def lookup(self, digest: Digest) -> list[str]:
+    async def lookup(self, digest: Digest) -> builtins.list[str]:
         """Tags that point at digest now (tags that cannot be read are skipped)."""
         found = []
         for tag in await self.list():

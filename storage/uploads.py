@@ -365,7 +365,9 @@ class LayerUpload:
         except PathNotFound:
             raise UnknownUpload(f"unknown upload {self.uuid} in {self.name}") from None
 
-    async def _append(self, writer: FileWriter, offset: int, data: bytes) -> None:
+    async def _append(
+        self, writer: FileWriter, offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
         await self._reap(everything=False)
         if self._disk is None or self._hasher is None:
             self._disk = ThreadPoolExecutor(1, thread_name_prefix="regfs-write")

@@ -525,6 +525,38 @@ async def test_invalid_manifests_are_refused_at_close(tmp_path, mount):
     assert snapshot(root) == before
 
 
+async def test_a_manifest_being_written_shows_now_as_its_mtime(tmp_path, mount):
+    """stat of a tag (new, or truncated) and of a manifest by digest while they are being
+    written: the bytes so far and an mtime of now, before and after close. The pending mtime
+    was once given in seconds where nanoseconds go, which showed 1970."""
+    root = tmp_path / "root"
+    image = await build_root(root, size=10_000)
+    m = mount(root)
+    repo = m.path("library", "demo")
+    body = image["manifest"]
+    untagged = json.dumps({**json.loads(body), "annotations": {"n": "1"}}).encode()
+    cases = [  # a name that is not stored yet has no lookup: fstat only
+        (repo / "tags" / "new", body, False),  # create
+        (repo / "tags" / "latest", body, True),  # open with O_TRUNC
+        (repo / "manifests" / digest_of(untagged), untagged, False),  # create by digest
+    ]
+    slack = 60 * 10**9
+    for path, data, stored in cases:
+        before = time.time_ns() - slack
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            assert os.write(fd, data[:100]) == 100
+            for st in (os.fstat(fd), *([os.stat(path)] if stored else [])):
+                assert st.st_size == 100, path
+                assert before <= st.st_mtime_ns <= time.time_ns() + slack, (path, st.st_mtime)
+            assert os.write(fd, data[100:]) == len(data) - 100
+        finally:
+            os.close(fd)
+        st = os.stat(path)
+        assert st.st_size == len(data), path
+        assert before <= st.st_mtime_ns <= time.time_ns() + slack, (path, st.st_mtime)
+
+
 async def test_invalid_tag_and_repository_names_are_einval(tmp_path, mount):
     """Creating a tag or a repository under a name the registry's grammar refuses is EINVAL
     (a lookup of it is ENOENT), and nothing is stored."""

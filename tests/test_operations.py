@@ -82,3 +82,12 @@ async def test_writes_refused_eperm_or_erofs(ops):
     with pytest.raises(pyfuse3.FUSEError) as err:
         await ops.unlink(pyfuse3.ROOT_INODE, b"a", None)
     assert err.value.errno == errno.EROFS
+
+
+async def test_a_directory_moved_into_uploads_is_eperm(ops):
+    """mv of a namespace into a repository's uploads/ is refused with EPERM, not answered
+    with EIO: its old parent (the root) belongs to no repository."""
+    uploads = await lookup_path(ops, "a", "b", "uploads")
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await ops.rename(pyfuse3.ROOT_INODE, b"a", uploads.st_ino, b"x", 0, None)
+    assert err.value.errno == errno.EPERM

@@ -6,6 +6,7 @@ outside its tree; drivers implement the underscored methods.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
@@ -120,7 +121,7 @@ class StorageDriver(ABC):
         """Sorted names of the entries of a directory (a symbolic link is left out, logged)."""
         return await self._list(check_tree(path))
 
-    async def symlinks(self, path: str) -> list[str]:
+    async def symlinks(self, path: str) -> builtins.list[str]:
         """Sorted names of the symbolic links in a directory, which `list` leaves out: damage
         for `regfs check` to report. Stores without links have none."""
         return await self._symlinks(check_tree(path))
@@ -145,8 +146,8 @@ class StorageDriver(ABC):
             info = await self._stat(child)
             yield info
             if info.is_dir:
-                async for child in self.walk(info.path):
-                    yield child
+                async for below in self.walk(info.path):
+                    yield below
 
     def statvfs(self) -> os.statvfs_result | None:
         """Space and file counts of the store, where it has such a thing."""
@@ -163,8 +164,8 @@ class StorageDriver(ABC):
     @abstractmethod
     async def _stat(self, path: str) -> FileInfo: ...
     @abstractmethod
-    async def _list(self, path: str) -> list[str]: ...
-    async def _symlinks(self, path: str) -> list[str]:
+    async def _list(self, path: str) -> builtins.list[str]: ...
+    async def _symlinks(self, path: str) -> builtins.list[str]:
         await self._list(path)  # PathNotFound as list() would say it
         return []
 

@@ -81,7 +81,7 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
     """openat2(2), which Python 3.11 lacks: no symlink, no `..` and no absolute path leads
     out of dirfd (ELOOP for a symlink anywhere on the path)."""
     how = _how(flags, mode)
-    fd = _syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, ctypes.sizeof(how))
+    fd: int = _syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, ctypes.sizeof(how))
     if fd < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), path)

@@ -286,8 +286,8 @@ def _entry_credentials(entry: Mapping[str, object]) -> Credentials | None:
     the user), then `auth`, then `username`/`password`."""
     identity = entry.get("identitytoken")
     if isinstance(identity, str) and identity:
-        user = _entry_credentials({k: v for k, v in entry.items() if k != "identitytoken"})
-        return Credentials(user.username if user else "", "", identity_token=identity)
+        named = _entry_credentials({k: v for k, v in entry.items() if k != "identitytoken"})
+        return Credentials(named.username if named else "", "", identity_token=identity)
     auth = entry.get("auth")
     if isinstance(auth, str) and auth:
         try:
@@ -297,9 +297,9 @@ def _entry_credentials(entry: Mapping[str, object]) -> Credentials | None:
         if sep and user:
             return Credentials(user, password)
         log.warning("Docker config: an `auth` entry is not base64 of user:password; ignored")
-    user, password = entry.get("username"), entry.get("password")
-    if isinstance(user, str) and user and isinstance(password, str):
-        return Credentials(user, password)
+    username, secret = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and username and isinstance(secret, str):
+        return Credentials(username, secret)
     return None
 
 

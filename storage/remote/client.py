@@ -78,6 +78,12 @@ BACKOFF_CAP = 5.0
 RETRY_AFTER_CAP = 10.0
 """A registry's `Retry-After` is honoured up to this many seconds."""
 
+
+def backoff(failures: int) -> float:
+    """The pause after the `failures`-th failure in a row: requests and upload PATCHes alike."""
+    return min(BACKOFF_CAP, BACKOFF * 2.0 ** (failures - 1))
+
+
 USER_AGENT = "regfs (httpx)"
 MAX_REDIRECTS = 10
 # The names people give Docker Hub, which serve no registry API: `docker pull` goes to
@@ -580,7 +586,7 @@ class RemoteClient:
         return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
 
     def _backoff(self, failures: int, resp: httpx.Response | None) -> float:
-        delay = min(BACKOFF_CAP, BACKOFF * 2 ** (failures - 1)) * random.uniform(1.0, 1.1)
+        delay = backoff(failures) * random.uniform(1.0, 1.1)
         if resp is not None and (after := _retry_after(resp)) is not None:
             delay = max(delay, min(after, RETRY_AFTER_CAP))
         return delay
@@ -978,7 +984,7 @@ class RemoteClient:
             if creds is not None:
                 params.append(("account", creds.username))
                 headers["Authorization"] = creds.basic()
-            realm = realm.copy_merge_params(params)
+            realm = realm.copy_merge_params(tuple(params))  # a tuple: covariant for httpx
         requested_at = time.monotonic()
         resp = await self._send(
             method,

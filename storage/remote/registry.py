@@ -8,6 +8,7 @@ the uploads this machine started (their records are local, see uploads.py).
 from __future__ import annotations
 
 import bisect
+import builtins
 import hashlib
 import logging
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -341,7 +342,7 @@ class RemoteManifests:
         self.repo.registry.manifest_cache.put((self.name, digest), manifest)
         return digest
 
-    async def delete(self, digest: Digest) -> list[str]:
+    async def delete(self, digest: Digest) -> builtins.list[str]:
         response = await self.client.request(
             "DELETE", f"/v2/{self.name}/manifests/{digest}", expect=(202, 404, 405)
         )
@@ -391,7 +392,7 @@ class InOrderDigest:
     length: int
     claimed: int = 0  # bytes handed out to be hashed, in order
     done: bool = False  # checked, or given up
-    _sha: Any = field(default_factory=hashlib.sha256, repr=False)
+    _sha: hashlib._Hash = field(default_factory=hashlib.sha256, repr=False)
     _ahead: dict[int, bytes] = field(default_factory=dict, repr=False)
     _ahead_size: int = 0
 
@@ -722,7 +723,7 @@ class RemoteLayers:
         upload.finished = self._finished()
         return upload
 
-    async def uploads(self) -> list[str]:
+    async def uploads(self) -> builtins.list[str]:
         return [r.uuid for r in self.registry.records.of(self.name)]
 
     async def label(self, uuid: str) -> str | None:

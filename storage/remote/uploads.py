@@ -30,7 +30,7 @@ from ..errors import (
     RemoteUnavailable,
     UnknownUpload,
 )
-from .client import BACKOFF, BACKOFF_CAP, RemoteClient, RemoteNotFound, TLSError
+from .client import RemoteClient, RemoteNotFound, TLSError, backoff
 from .untrusted import shown
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,8 @@ class RemoteUpload:
             response = await self.client.request("HEAD", f"/v2/{self.name}/blobs/{digest}")
         except RemoteNotFound:
             return False
-        return response.headers.get("Content-Length") == str(size)
+        length: str | None = response.headers.get("Content-Length")
+        return length == str(size)
 
     async def cancel(self) -> None:
         try:
@@ -322,7 +323,7 @@ class RemoteUpload:
                 if isinstance(exc, TLSError) or failures >= self.client.retries:
                     raise
                 failures += 1
-                delay = min(BACKOFF_CAP, BACKOFF * 2 ** (failures - 1))
+                delay = backoff(failures)
                 log.warning(
                     "upload %s: PATCH at %d failed (%s); asking how far it got in %.1f s",
                     self.uuid,
