@@ -285,47 +285,16 @@ class RegistrySource(Protocol):
 
 if TYPE_CHECKING:
     from . import catalog, layers, manifests, registry, tags, uploads
-    from .drivers import FileReader
     from .remote import registry as remote
     from .remote import uploads as remote_uploads
 
-    def _local(
-        source: registry.Registry,
-        repo: registry.Repository,
-        found: catalog.Catalog,
-        tagged: tags.TagService,
-        stored: manifests.ManifestService,
-        linked: layers.LayerService,
-        upload: uploads.LayerUpload,
-        reader: layers.LayerReader,
-        file: FileReader,
-    ) -> None:
-        _: RegistrySource = source
-        _r: Repository = repo
-        _c: Catalog = found
-        _t: Tags = tagged
-        _m: Manifests = stored
-        _l: Layers = linked
-        _u: Upload = upload
-        _b: BlobReader = reader
-        _f: BlobReader = file
-        _e: BlobReader = EmptyReader()
-
-    def _remote(
-        source: remote.RemoteRegistry,
-        repo: remote.RemoteRepository,
-        found: remote.RemoteCatalog,
-        tagged: remote.RemoteTags,
-        stored: remote.RemoteManifests,
-        linked: remote.RemoteLayers,
-        upload: remote_uploads.RemoteUpload,
-        reader: remote.RemoteLayerReader,
-    ) -> None:
-        _: RegistrySource = source
-        _r: Repository = repo
-        _c: Catalog = found
-        _t: Tags = tagged
-        _m: Manifests = stored
-        _l: Layers = linked
-        _u: Upload = upload
-        _b: BlobReader = reader
+    # Each implementation, by the Protocol it must satisfy; a new source adds its classes
+    # here. (A driver's FileReader is held to BlobReader where read_upload returns one.)
+    _sources: list[type[RegistrySource]] = [registry.Registry, remote.RemoteRegistry]
+    _repositories: list[type[Repository]] = [registry.Repository, remote.RemoteRepository]
+    _catalogs: list[type[Catalog]] = [catalog.Catalog, remote.RemoteCatalog]
+    _tags: list[type[Tags]] = [tags.TagService, remote.RemoteTags]
+    _manifests: list[type[Manifests]] = [manifests.ManifestService, remote.RemoteManifests]
+    _layers: list[type[Layers]] = [layers.LayerService, remote.RemoteLayers]
+    _uploads: list[type[Upload]] = [uploads.LayerUpload, remote_uploads.RemoteUpload]
+    _readers: list[type[BlobReader]] = [layers.LayerReader, remote.RemoteLayerReader, EmptyReader]

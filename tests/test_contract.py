@@ -1,0 +1,39 @@
+"""regfs/ reaches a registry source only through storage/api.py: no module of it but the
+factory (regfs/sources.py) imports an implementation, so a new source needs no change there."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REGFS = Path(__file__).resolve().parent.parent / "regfs"
+# Modules every source shares: the contract, and rules and types that belong to no source.
+NEUTRAL = {
+    "storage.api",
+    "storage.cache",
+    "storage.digests",
+    "storage.errors",
+    "storage.manifest_format",
+    "storage.names",
+}
+# `regfs check` and `purge-uploads` are tools over a storage root, not a registry source.
+TOOLS = {"cli.py": {"storage.check"}}
+
+
+def storage_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name == "storage" or name.startswith("storage.")}
+
+
+def test_regfs_imports_only_the_contract_outside_the_factory():
+    wrong = {
+        path.name: sorted(storage_imports(path) - NEUTRAL - TOOLS.get(path.name, set()))
+        for path in sorted(REGFS.glob("*.py"))
+        if path.name != "sources.py"
+    }
+    assert {name: modules for name, modules in wrong.items() if modules} == {}
