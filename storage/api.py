@@ -66,8 +66,6 @@ class Manifest:
 class EmptyReader:
     """The reader of nothing: an upload whose data a source cannot (or need not) read back."""
 
-    size = 0
-
     async def read_at(self, offset: int, size: int) -> bytes:
         return b""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .errors import InvalidName, UnsupportedDigest
 
 SHA256 = "sha256"
-Buffer = bytes | bytearray | memoryview
+BytesLike = bytes | bytearray | memoryview
 _DIGEST_RE = re.compile(r"([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
 _KNOWN_HEX_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}
 _HEX_RE = re.compile(r"[0-9a-f]+")
@@ -48,7 +48,7 @@ class Digest:
         return f"{self.algorithm}:{self.hex}"
 
 
-def digest_bytes(data: Buffer) -> Digest:
+def digest_bytes(data: BytesLike) -> Digest:
     return Digest(SHA256, hashlib.sha256(data).hexdigest())
 
 
@@ -116,7 +116,7 @@ class Sha256State:
         """Bytes hashed so far."""
         return ((self._ctx.Nh << 32) | self._ctx.Nl) >> 3
 
-    def update(self, data: Buffer) -> None:
+    def update(self, data: BytesLike) -> None:
         if isinstance(data, bytes):
             _lib.SHA256_Update(ctypes.byref(self._ctx), data, len(data))
             return

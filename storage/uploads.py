@@ -39,7 +39,7 @@ import trio
 
 from .api import BlobInfo
 from .blobs import BlobStore, LinkedBlobs
-from .digests import EMPTY_DIGEST, Digest, Sha256State
+from .digests import EMPTY_DIGEST, BytesLike, Digest, Sha256State
 from .drivers import FileWriter, PathNotFound, StorageDriver
 from .errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownUpload
 from .paths import (
@@ -365,9 +365,7 @@ class LayerUpload:
         except PathNotFound:
             raise UnknownUpload(f"unknown upload {self.uuid} in {self.name}") from None
 
-    async def _append(
-        self, writer: FileWriter, offset: int, data: bytes | bytearray | memoryview
-    ) -> None:
+    async def _append(self, writer: FileWriter, offset: int, data: BytesLike) -> None:
         await self._reap(everything=False)
         if self._disk is None or self._hasher is None:
             self._disk = ThreadPoolExecutor(1, thread_name_prefix="regfs-write")
