@@ -14,6 +14,7 @@ from mounts import Mount
 from registry import RegistryClient, RegistryServer, running_registry
 from users import OtherUser, other_user_env
 
+from storage.api import RegistrySource
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
 from storage.registry import Registry
 from storage.remote.client import RemoteClient
@@ -72,8 +73,6 @@ def other_user() -> OtherUser:
 
 # --------------------------------------------------------------------------- every source
 
-AnyRegistry = Registry | RemoteRegistry
-
 # What a source legitimately cannot do, and why: service tests assert the documented
 # fallback for these instead of the full behaviour (see Source.can), never skip silently.
 REMOTE_CANNOT = {
@@ -97,11 +96,11 @@ class Source:
 
     kind: str
     node: pytest.Item  # the test, for a per-source xfail mark
-    registry: AnyRegistry
-    opener: Callable[[], AnyRegistry]
+    registry: RegistrySource
+    opener: Callable[[], RegistrySource]
     prefix: str
     cannot: dict[str, str] = field(default_factory=dict)
-    opened: list[AnyRegistry] = field(default_factory=list)
+    opened: list[RegistrySource] = field(default_factory=list)
 
     def name(self, repo: str) -> str:
         return f"{self.prefix}/{repo}"
@@ -109,7 +108,7 @@ class Source:
     def can(self, capability: str) -> bool:
         return capability not in self.cannot
 
-    def reopen(self) -> AnyRegistry:
+    def reopen(self) -> RegistrySource:
         registry = self.opener()
         self.opened.append(registry)
         return registry
@@ -132,7 +131,7 @@ async def source(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     memory = InMemoryDriver()
     url = request.getfixturevalue("module_registry_server").url if kind == "remote" else ""
 
-    def opener() -> AnyRegistry:
+    def opener() -> RegistrySource:
         if kind == "inmemory":
             return Registry(memory)
         if kind == "filesystem":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -35,6 +35,8 @@ from storage.errors import (
 if TYPE_CHECKING:
     from conftest import Source
 
+    from storage.api import Repository, Upload
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -55,20 +57,20 @@ def blob(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-async def write_pieces(upload: Any, data: bytes, start: int = 0) -> None:
+async def write_pieces(upload: Upload, data: bytes, start: int = 0) -> None:
     """Write data from `start` as the kernel does: in order, PIECE bytes at a time."""
     for at in range(0, len(data), PIECE):
         await upload.write_at(start + at, data[at : at + PIECE])
 
 
-async def push(repo: Any, data: bytes) -> Digest:
+async def push(repo: Repository, data: bytes) -> Digest:
     """A blob pushed through an upload, as `cp x uploads/sha256:...` does."""
     upload = await repo.layers.upload()
     await write_pieces(upload, data)
     return (await upload.finish(digest_bytes(data))).digest
 
 
-async def push_image(repo: Any, seed: int = 0) -> tuple[bytes, list[Digest]]:
+async def push_image(repo: Repository, seed: int = 0) -> tuple[bytes, list[Digest]]:
     """An OCI image manifest (not stored yet) and the config and layer it names (pushed)."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
     layer = blob(1000, seed)
@@ -82,7 +84,7 @@ async def push_image(repo: Any, seed: int = 0) -> tuple[bytes, list[Digest]]:
     return json.dumps(body).encode(), blobs
 
 
-async def repo_with_tag(repo: Any) -> Digest:
+async def repo_with_tag(repo: Repository) -> Digest:
     """Tag `v1` on a pushed image: a repository holding something by every source's API."""
     digest = await repo.manifests.put((await push_image(repo))[0])
     await repo.tags.put("v1", digest)
