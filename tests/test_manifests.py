@@ -7,7 +7,7 @@ import json
 import pytest
 
 from storage.digests import Digest, digest_bytes
-from storage.errors import CorruptEntry, InvalidManifest, InvalidName, UnknownManifest, UnknownTag
+from storage.errors import CorruptEntry, InvalidManifest, InvalidName
 from storage.manifest_format import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from storage.paths import RepositoryDir, TagCurrentLink, TagIndexDir, path_for
 
@@ -62,22 +62,6 @@ async def test_tag_keeps_its_history_in_index(image, registry):
     assert sorted(index) == sorted([first.hex, second.hex])
     raw = await registry.driver.get_content(path_for(TagCurrentLink(repo.name, "v1")))
     assert raw == str(second).encode()  # no trailing newline
-
-
-async def test_delete_manifest_removes_its_tags(image):
-    repo, body = image
-    digest = await repo.manifests.put(body)
-    await repo.tags.put("v1", digest)
-    assert await repo.manifests.delete(digest) == ["v1"]
-    assert await repo.tags.list() == []
-    with pytest.raises(UnknownManifest):
-        await repo.manifests.get(digest)
-    with pytest.raises(UnknownManifest):
-        await repo.manifests.delete(digest)
-    with pytest.raises(UnknownTag):
-        await repo.tags.get("v1")
-    with pytest.raises(UnknownTag):
-        await repo.tags.delete("v1")
 
 
 async def test_index_needs_its_children(image):
