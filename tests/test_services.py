@@ -559,6 +559,8 @@ async def test_catalog(source: Source) -> None:
     assert await catalog.exists(source.name("made"))
     assert not await catalog.exists(source.name("nothing"))
     assert {made, source.name("pushed")} <= set(await catalog.repositories())
+    # Paginated (`_catalog?n=&last=`): what follows `made` is the other name under prefix.
+    assert await catalog.repositories(n=1, last=made) == [source.name("pushed")]
 
 
 async def test_repository_holding_only_an_upload(source: Source) -> None:
