@@ -283,6 +283,7 @@ class RegistrySource(Protocol):
 
 if TYPE_CHECKING:
     from . import catalog, layers, manifests, registry, tags, uploads
+    from .remote import reader as remote_reader
     from .remote import registry as remote
     from .remote import uploads as remote_uploads
 
@@ -295,4 +296,8 @@ if TYPE_CHECKING:
     _manifests: list[type[Manifests]] = [manifests.ManifestService, remote.RemoteManifests]
     _layers: list[type[Layers]] = [layers.LayerService, remote.RemoteLayers]
     _uploads: list[type[Upload]] = [uploads.LayerUpload, remote_uploads.RemoteUpload]
-    _readers: list[type[BlobReader]] = [layers.LayerReader, remote.RemoteLayerReader, EmptyReader]
+    _readers: list[type[BlobReader]] = [
+        layers.LayerReader,
+        remote_reader.RemoteLayerReader,
+        EmptyReader,
+    ]

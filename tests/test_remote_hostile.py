@@ -43,12 +43,8 @@ from storage.digests import Digest
 from storage.errors import AccessDenied, CorruptEntry, RemoteUnavailable
 from storage.remote.auth import Credentials, Token, TokenCache
 from storage.remote.client import RemoteClient, RemoteError, RemoteTooLarge, TLSError
-from storage.remote.registry import (
-    InOrderDigest,
-    ReadAheadBudget,
-    RemoteLayerReader,
-    RemoteRegistry,
-)
+from storage.remote.reader import InOrderDigest, ReadAheadBudget, RemoteLayerReader
+from storage.remote.registry import RemoteRegistry
 from storage.remote.untrusted import MANIFEST_MAX, RANGE_SKIP_MAX, ByteCache, shown
 from storage.remote.uploads import RemoteUpload, UnsafeUploadId, UploadRecords
 

@@ -9,7 +9,7 @@ import trio
 
 from storage.api import BlobInfo
 from storage.digests import digest_bytes
-from storage.remote.registry import ReadAheadBudget, RemoteLayerReader
+from storage.remote.reader import ReadAheadBudget, RemoteLayerReader
 
 BLOB = os.urandom(24 << 20)
 
