@@ -14,8 +14,8 @@ import trio
 from storage.api import RegistrySource
 from storage.drivers import FilesystemDriver, open_driver
 from storage.registry import Registry
-from storage.remote.auth import Credentials
 from storage.remote.client import RemoteClient
+from storage.remote.credentials import Credentials
 from storage.remote.registry import RemoteRegistry
 
 from .mountpoint import MountError

@@ -37,19 +37,13 @@ from storage.remote.auth import (
     Challenge,
     Token,
     covers,
-    docker_config_credentials,
     normalize_scope,
     parse_challenges,
     scope_for,
     scopes_for,
 )
-from storage.remote.client import (
-    Credentials,
-    RemoteClient,
-    RemoteError,
-    RemoteNotFound,
-    TLSError,
-)
+from storage.remote.client import RemoteClient, RemoteError, RemoteNotFound, TLSError
+from storage.remote.credentials import Credentials, docker_config_credentials
 
 USER, PASSWORD = "alice", "s3cret-Pa55"
 IDENTITY = "idt-0f9e8d7c"  # an identity token (OAuth2 refresh token)
@@ -328,7 +322,7 @@ def test_docker_credential_helpers(tmp_path, monkeypatch, caplog) -> None:
         "auths": {"fallback.example": {"auth": b64}, "gone.example": {"auth": b64}},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    caplog.set_level(logging.DEBUG, logger="storage.remote.auth")
+    caplog.set_level(logging.DEBUG, logger="storage.remote.credentials")
     assert docker_config_credentials("https://reg.example:5000") == Credentials("alice", PASSWORD)
     assert docker_config_credentials("https://registry-1.docker.io") == Credentials("hub", "h")
     assert docker_config_credentials("https://special.example") == Credentials("carol", "c")

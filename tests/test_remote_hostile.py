@@ -41,8 +41,9 @@ import storage.remote.registry as remote_registry
 from storage.api import BlobInfo, Manifest
 from storage.digests import Digest
 from storage.errors import AccessDenied, CorruptEntry, RemoteUnavailable
-from storage.remote.auth import Credentials, Token, TokenCache
+from storage.remote.auth import Token, TokenCache
 from storage.remote.client import RemoteClient, RemoteError, RemoteTooLarge, TLSError
+from storage.remote.credentials import Credentials
 from storage.remote.reader import InOrderDigest, ReadAheadBudget, RemoteLayerReader
 from storage.remote.registry import RemoteRegistry
 from storage.remote.untrusted import MANIFEST_MAX, RANGE_SKIP_MAX, ByteCache, shown

@@ -45,20 +45,18 @@ import trio
 from storage.errors import AccessDenied, RemoteError, RemoteUnavailable
 from storage.remote.auth import (
     Challenge,
-    Credentials,
     Token,
     TokenCache,
     covers,
-    docker_config_credentials,
     parse_challenges,
     scope_key,
     scopes_for,
 )
+from storage.remote.credentials import Credentials, docker_config_credentials
 from storage.remote.ranges import OpenBody, RangeFetcher, origin_of
 from storage.remote.untrusted import BODY_MAX, ERROR_BODY_MAX, RANGE_SKIP_MAX, shown
 
 __all__ = [
-    "Credentials",
     "RemoteClient",
     "RemoteError",
     "RemoteNotFound",
