@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-import trio
-
 from .blobs import read_link
 from .digests import Digest, Sha256State
 from .drivers import PathNotFound, StorageDriver
 from .drivers.base import join
 from .errors import CorruptEntry, InvalidName, UnknownUpload
+from .hashing import hash_range
 from .paths import (
     ROOT,
     BlobsDir,
@@ -41,7 +40,6 @@ from .uploads import UUID_RE, read_started_at
 log = logging.getLogger(__name__)
 
 UPLOAD_PURGE_AGE = timedelta(hours=168)  # the registry's default uploadpurging age
-HASH_CHUNK = 4 << 20
 T = TypeVar("T")
 
 
@@ -254,9 +252,7 @@ class Checker:
         reader = await self.registry.blobs.open(digest)
         state = Sha256State()
         try:
-            for offset in range(0, reader.size, HASH_CHUNK):
-                chunk = await reader.read_at(offset, HASH_CHUNK)
-                await trio.to_thread.run_sync(state.update, chunk)
+            await hash_range(reader, state, reader.size)
         finally:
             await reader.aclose()
         return state.digest()

@@ -42,6 +42,7 @@ from .blobs import BlobStore, LinkedBlobs
 from .digests import EMPTY_DIGEST, BytesLike, Digest, Sha256State
 from .drivers import FileWriter, PathNotFound, StorageDriver
 from .errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownUpload
+from .hashing import hash_range
 from .paths import (
     BlobData,
     HashState,
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 CHECKPOINT = 64 << 20
-HASH_CHUNK = 4 << 20
 INLINE_HASH_LIMIT = 1 << 20  # appends up to this are pipelined; a larger write (never from
 # FUSE, whose writes are 1 MiB at most) is written and hashed before it returns
 MAX_INFLIGHT = 16  # appends the workers may lag behind (16 MiB of 1 MiB FUSE writes)
@@ -523,14 +523,11 @@ class LayerUpload:
         path = path_for(UploadData(self.name, self.uuid))
         reader = await self.driver.reader(path)
         try:
-            while self._hash.size < offset:
-                want = min(HASH_CHUNK, offset - self._hash.size)
-                chunk = await reader.read_at(self._hash.size, want)
-                if len(chunk) != want:
-                    raise CorruptEntry(path, "upload data shorter than its size")
-                await trio.to_thread.run_sync(self._hash.update, chunk)
+            await hash_range(reader, self._hash, offset)
         finally:
             await reader.aclose()
+        if self._hash.size < offset:
+            raise CorruptEntry(path, "upload data shorter than its size")
 
 
 def _sync_after(writes: list[Future[None]], sync: Callable[[], None]) -> None:
