@@ -1,4 +1,8 @@
-"""An HTTP client for the OCI distribution API: auth, TLS, retries and deadlines in one place.
+"""The request core for the OCI distribution API: TLS, caps, redirects, retries, deadlines.
+
+Each request goes through here once, so these rules hold for every one; how to authenticate
+is auth.py's (`Authenticator` gives each request to the registry its header and learns from
+each 401), where a login comes from is credentials.py's, and layer reads are reader.py's.
 
 `storage/remote/registry.py` builds the repository view on top of `RemoteClient`; it sees
 either a response whose status it listed in `expect`, or one typed error:
@@ -25,36 +29,26 @@ connect/read/write timeouts, so no caller waits forever.
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import logging
 import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlencode
 
 import httpcore._async.http11 as _http11
 import httpx
 import trio
 
-from storage.errors import AccessDenied, RemoteError, RemoteUnavailable
-from storage.remote.auth import (
-    Challenge,
-    Token,
-    TokenCache,
-    covers,
-    parse_challenges,
-    scope_key,
-    scopes_for,
-)
+from storage.errors import RemoteError, RemoteUnavailable
+from storage.remote.auth import Authenticator, Token
 from storage.remote.credentials import Credentials, docker_config_credentials
 from storage.remote.ranges import OpenBody, RangeFetcher, origin_of
-from storage.remote.untrusted import BODY_MAX, ERROR_BODY_MAX, RANGE_SKIP_MAX, shown
+from storage.remote.untrusted import BODY_MAX, ERROR_BODY_MAX, RANGE_SKIP_MAX, error_detail, shown
+from storage.remote.urls import is_loopback, loggable, origin
 
 __all__ = [
     "RemoteClient",
@@ -88,7 +82,6 @@ MAX_REDIRECTS = 10
 # registry-1.docker.io for them, and so does regfs.
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
 DOCKER_HUB_API = "registry-1.docker.io"
-CLIENT_ID = "regfs"  # what token servers are told in the OAuth2 grant (`client_id`)
 T = TypeVar("T")
 RANGE_THREADS = 8  # blob range GETs at once on worker threads (read-ahead caps the bytes)
 
@@ -128,42 +121,7 @@ def error_codes(resp: httpx.Response) -> tuple[str, ...]:
         return ()
 
 
-def _error_detail(resp: httpx.Response) -> str:
-    """A short summary of an error body for messages: `CODE: message` pairs of a
-    distribution error, `error: error_description` of an OAuth2 one (RFC 6749, 5.2), else
-    the start of a plain-text body (e.g. Go's "Client sent an HTTP request to an HTTPS
-    server.")."""
-    try:
-        body = resp.json()
-        if isinstance(body.get("error"), str):
-            said = (body["error"], body.get("error_description"))
-            return shown(": ".join(str(part) for part in said if part), 300)
-        errors = body.get("errors")
-        parts = [f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)]
-        return shown("; ".join(parts), 300)
-    except httpx.ResponseNotRead:
-        return ""
-    except (ValueError, AttributeError, TypeError):
-        pass
-    if not resp.headers.get("Content-Type", "text/plain").startswith("text/"):
-        return ""
-    return shown(" ".join(resp.text.split()))
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    return (url.scheme, url.host.lower(), url.port)
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -266,17 +224,6 @@ async def _drain(resp: httpx.Response) -> httpx.Response:
     return _with_body(resp, body)
 
 
-@dataclass
-class _Auth:
-    """What the client learnt about the registry's authentication (one per client)."""
-
-    scheme: str | None = None  # "basic", "bearer", or None while none was asked for
-    realm: httpx.URL | None = None
-    service: str | None = None
-    tokens: TokenCache = field(default_factory=TokenCache)
-    locks: dict[str, trio.Lock] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------- the client
 
 
@@ -321,7 +268,7 @@ class RemoteClient:
             log.info("%s: Docker Hub's registry API is %s", url.host, DOCKER_HUB_API)
             url = url.copy_with(host=DOCKER_HUB_API)
         self.base_url = url.copy_with(path="/", query=None, fragment=None)
-        if url.scheme == "http" and not insecure and not _is_loopback(url.host):
+        if url.scheme == "http" and not insecure and not is_loopback(url.host):
             raise ValueError(
                 f"plain http to {url.netloc.decode()} is not allowed without --insecure "
                 "(https is verified; plain http only to loopback)"
@@ -332,7 +279,7 @@ class RemoteClient:
         self.timeout = timeout
         self.retries = retries
         self.deadline = deadline if deadline is not None else timeout * (retries + 1)
-        self._auth = _Auth()
+        self._auth = Authenticator(self.base_url, credentials, insecure, self._send_token)
         verified = self._ssl_context(False, ca_file)
         registry_tls = self._ssl_context(True, ca_file) if insecure else None
         self._ranges = RangeFetcher(
@@ -555,7 +502,7 @@ class RemoteClient:
         target = self._resolve(url)
         authorization = None
         if self._auth.scheme is not None:
-            authorization = (await self._authorization("GET", target))[2]
+            authorization = (await self._auth.authorization("GET", target))[2]
         return await trio.to_thread.run_sync(
             fetch,
             str(target),
@@ -577,11 +524,8 @@ class RemoteClient:
         return self.base_url.join(url)
 
     def _where(self, url: httpx.URL) -> str:
-        """The URL for logs and messages: no query (upload `_state`, token scopes), and
-        the host only when it is not the registry's."""
-        if _origin(url) == _origin(self.base_url):
-            return url.path
-        return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+        """The URL for logs and messages (urls.loggable)."""
+        return loggable(self.base_url, url)
 
     def _backoff(self, failures: int, resp: httpx.Response | None) -> float:
         delay = backoff(failures) * random.uniform(1.0, 1.1)
@@ -646,15 +590,15 @@ class RemoteClient:
                     return resp
                 resp = await _drain(resp)
                 if status == 401 and authenticate and not reauthenticated:
-                    self._check_challenger(resp, method, where)
+                    self._auth.check_challenger(resp, method, where)
                     reauthenticated = True
-                    await self._on_challenge(resp, method, target, sent_scheme, sent_token)
+                    await self._auth.on_challenge(resp, method, target, sent_scheme, sent_token)
                     continue
                 if status in (401, 403):
-                    raise self._denied(resp, method, where, sent_scheme)
+                    raise self._auth.denied(resp, method, where, sent_scheme)
                 if status == 404:
                     raise RemoteNotFound(
-                        f"registry {self.name}: {method} {where}: 404 {_error_detail(resp)}",
+                        f"registry {self.name}: {method} {where}: 404 {error_detail(resp)}",
                         status=status,
                         codes=error_codes(resp),
                     )
@@ -666,17 +610,39 @@ class RemoteClient:
                         continue
                     raise RemoteUnavailable(
                         f"registry {self.name}: {method} {where}: {last} "
-                        f"(after {failures + 1} tries) {_error_detail(resp)}".rstrip()
+                        f"(after {failures + 1} tries) {error_detail(resp)}".rstrip()
                     )
                 raise RemoteError(
                     f"registry {self.name}: {method} {where}: unexpected {_reason(resp)} "
-                    f"{_error_detail(resp)}".rstrip(),
+                    f"{error_detail(resp)}".rstrip(),
                     status=status,
                     codes=error_codes(resp),
                 )
         raise RemoteUnavailable(
             f"registry {self.name}: {method} {where}: no answer within the "
             f"{self.deadline:g} s deadline ({failures + 1} tries; last: {last})"
+        )
+
+    async def _send_token(
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: dict[str, str],
+        content: bytes | None,
+        expect: tuple[int, ...],
+    ) -> httpx.Response:
+        """A token request for the Authenticator (auth.TokenSend)."""
+        return await self._send(
+            method,
+            url,
+            headers=headers,
+            params=None,
+            content=content,
+            expect=expect,
+            follow_redirects=True,
+            retry_unsafe=True,  # sent again after a failure like the GET: a grant only reads
+            stream=False,
+            authenticate=False,
         )
 
     async def _exchange(
@@ -693,15 +659,15 @@ class RemoteClient:
         The registry's credentials go to each hop on the registry's origin only, a caller's
         `Authorization` to the origin it was addressed to only. The response comes unread,
         with the scheme and token it was sent with (None when it went elsewhere)."""
-        first = _origin(target)
+        first = origin(target)
         for _ in range(MAX_REDIRECTS + 1):
             hop_headers = dict(headers or {})
             sent_scheme: str | None = None
             sent_token: Token | None = None
-            if _origin(target) != first:
+            if origin(target) != first:
                 hop_headers = {k: v for k, v in hop_headers.items() if k.lower() != "authorization"}
-            if authenticate and _origin(target) == _origin(self.base_url):
-                sent_scheme, sent_token, value = await self._authorization(method, target)
+            if authenticate and origin(target) == origin(self.base_url):
+                sent_scheme, sent_token, value = await self._auth.authorization(method, target)
                 if value is not None:
                     hop_headers["Authorization"] = value
             request = self._http.build_request(method, target, headers=hop_headers, content=content)
@@ -712,7 +678,7 @@ class RemoteClient:
             following = self._redirect_target(resp, method, target)
             if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
                 method, content = "GET", None  # as browsers and httpx do
-            if content is not None and not authenticate and _origin(following) != first:
+            if content is not None and not authenticate and origin(following) != first:
                 # A token request's body is the login (an identity token): it stays home.
                 raise RemoteError(
                     f"registry {self.name}: {method} {self._where(target)}: redirected to "
@@ -798,238 +764,3 @@ class RemoteClient:
             f"registry {self.name}: TLS handshake failed ({exc.reason or exc}); "
             "does it speak https on this port?"
         )
-
-    def _denied(
-        self, resp: httpx.Response, method: str, where: str, sent_scheme: str | None
-    ) -> AccessDenied:
-        status = f"{resp.status_code} {resp.reason_phrase}"
-        who = self.credentials.who if self.credentials else "anonymous access"
-        if resp.status_code == 401 and sent_scheme == "basic":
-            why = f"the credentials of {who} were refused"
-        elif resp.status_code == 401 and self.credentials is None:
-            why = "it needs credentials and none are configured"
-        else:
-            why = f"access denied to {who}"
-        detail = _error_detail(resp)
-        return AccessDenied(
-            f"registry {self.name}: {method} {where}: {status}: {why}"
-            + (f" ({detail})" if detail else "")
-        )
-
-    # ----------------------------------------------------------------------- auth
-
-    async def _authorization(
-        self, method: str, target: httpx.URL
-    ) -> tuple[str | None, Token | None, str | None]:
-        """(scheme, token, header value) to send to the registry, from what it asked before.
-
-        Basic is sent up front once the registry asked for it; with bearer auth a token for
-        the request's scope is taken from the cache or fetched first, which saves the 401
-        round trip for every new scope.
-        """
-        auth = self._auth
-        if auth.scheme == "basic" and self.credentials is not None:
-            return "basic", None, self.credentials.basic()
-        if auth.scheme == "bearer":
-            scopes = scopes_for(method, target)
-            key = scope_key(scopes)
-            token = auth.tokens.get(key)
-            if token is None:
-                token = await self._refresh(key, scopes, stale=None)
-            return "bearer", token, "Bearer " + token.value
-        return None, None, None
-
-    def _check_challenger(self, resp: httpx.Response, method: str, where: str) -> None:
-        """AccessDenied for a 401 from anywhere but the registry's origin (a redirect target):
-        acting on its challenge would send the user's credentials to its realm and take its
-        token for the registry's."""
-        answered = resp.request.url
-        if _origin(answered) == _origin(self.base_url):
-            return
-        log.warning(
-            "registry %s: %s %s: %s answered 401; redirect targets get no credentials",
-            self.name,
-            method,
-            where,
-            self._where(answered),
-        )
-        raise AccessDenied(
-            f"registry {self.name}: {method} {where}: redirected to {self._where(answered)}, "
-            "which asks for credentials (401); regfs sends credentials to the registry only"
-        )
-
-    async def _on_challenge(
-        self,
-        resp: httpx.Response,
-        method: str,
-        target: httpx.URL,
-        sent_scheme: str | None,
-        sent_token: Token | None,
-    ) -> None:
-        """Learn from a 401 how to authenticate, so the caller can send the request again.
-
-        Raises AccessDenied when that cannot help: no usable challenge, Basic without
-        credentials, or Basic credentials that were just refused.
-        """
-        challenges = parse_challenges(resp.headers.get_list("WWW-Authenticate"))
-        by_scheme: dict[str, Challenge] = {}
-        for c in challenges:
-            by_scheme.setdefault(c.scheme, c)
-        where = self._where(target)
-        if (bearer := by_scheme.get("bearer")) is not None and bearer.realm:
-            self._use_bearer(bearer)
-            derived = scopes_for(method, target)
-            # The challenge names what this request needs; the derived scopes are the key
-            # the next request of its kind looks up.
-            scopes = list(bearer.scopes) or derived
-            await self._refresh(
-                scope_key(derived),
-                scopes,
-                stale=sent_token if sent_scheme else None,
-                force=not covers(derived, scopes),
-            )
-            return
-        if "basic" in by_scheme:
-            if self.credentials is None or sent_scheme == "basic":
-                raise self._denied(resp, method, where, sent_scheme)
-            if self.credentials.identity_token is not None:
-                raise AccessDenied(
-                    f"registry {self.name}: {method} {where}: it asks for a password (Basic "
-                    "auth), and the login for it is an identity token, which only a token "
-                    "server takes; log in with a password (--username, --password-stdin)"
-                )
-            self._auth.scheme = "basic"
-            return
-        offered = ", ".join(sorted(by_scheme)) or "none"
-        raise AccessDenied(
-            f"registry {self.name}: {method} {where}: 401 Unauthorized, and no supported "
-            f"auth challenge (offered: {offered})"
-        )
-
-    def _use_bearer(self, challenge: Challenge) -> None:
-        assert challenge.realm is not None
-        try:
-            realm = self.base_url.join(challenge.realm)
-        except httpx.InvalidURL:
-            realm = httpx.URL("invalid:")
-        if realm.scheme not in ("http", "https"):
-            raise AccessDenied(
-                f"registry {self.name}: token realm {shown(challenge.realm)} is not http(s)"
-            )
-        own_host = realm.host == self.base_url.host
-        if (
-            realm.scheme == "http"
-            and self.credentials is not None
-            and not (self.insecure and own_host)
-            and not _is_loopback(realm.host)
-        ):
-            raise AccessDenied(
-                f"registry {self.name}: token server {realm.host} is plain http; "
-                "credentials go there only with --insecure, and only on the registry's host"
-            )
-        self._auth.scheme = "bearer"
-        self._auth.realm = realm
-        self._auth.service = challenge.service
-
-    async def _refresh(
-        self, key: str, scopes: list[str], stale: Token | None, force: bool = False
-    ) -> Token:
-        """A fresh token for `key`, fetched once even when several tasks ask together.
-
-        `stale` is the token a request was refused with: it is dropped; if another task has
-        already replaced it, that replacement is used instead of fetching again, unless
-        `force` (the registry asked for more than `key` says).
-        """
-        auth = self._auth
-        lock = auth.locks.setdefault(key, trio.Lock())
-        async with lock:
-            auth.tokens.discard(key, stale)
-            current = auth.tokens.get(key)
-            if current is not None and not force:
-                return current
-            token = await self._fetch_token(scopes)
-            auth.tokens.put(key, token)
-            return token
-
-    async def _fetch_token(self, scopes: list[str]) -> Token:
-        """A token for `scopes`: `GET realm?service=&scope=` with Basic credentials if there
-        are any, or, with an identity token, the OAuth2 refresh-token grant (`POST realm`,
-        distribution's `spec/auth/oauth.md`), which is the only way to use one. (No
-        `access_type=offline`: the identity token is kept, never replaced.)"""
-        auth = self._auth
-        assert auth.realm is not None
-        creds = self.credentials
-        headers: dict[str, str] = {}
-        content = None
-        realm = auth.realm
-        if creds is not None and creds.identity_token is not None:
-            method = "POST"
-            form = {
-                "grant_type": "refresh_token",
-                "refresh_token": creds.identity_token,
-                "client_id": CLIENT_ID,
-                "service": auth.service or "",
-                "scope": " ".join(scopes),
-            }
-            content = urlencode(form).encode()
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-        else:
-            method = "GET"
-            params: list[tuple[str, str]] = []
-            if auth.service:
-                params.append(("service", auth.service))
-            params.extend(("scope", s) for s in scopes)
-            if creds is not None:
-                params.append(("account", creds.username))
-                headers["Authorization"] = creds.basic()
-            realm = realm.copy_merge_params(tuple(params))  # a tuple: covariant for httpx
-        requested_at = time.monotonic()
-        resp = await self._send(
-            method,
-            realm,
-            headers=headers,
-            params=None,
-            content=content,
-            # A token server's 404 is its misconfiguration, never a missing image (ENOENT).
-            expect=(200, 400, 401, 403, 404),
-            follow_redirects=True,
-            retry_unsafe=True,  # sent again after a failure like the GET: a grant only reads
-            stream=False,
-            authenticate=False,
-        )
-        what = " ".join(scopes) or "(no scope)"
-        self._check_token_answer(resp, method, realm, what)
-        try:
-            token = Token.from_response(resp.json(), requested_at)
-        except ValueError as exc:
-            raise RemoteError(
-                f"registry {self.name}: token server {realm.host}: {exc}", status=200
-            ) from None
-        log.debug("token for %s from %s", what, realm.host)
-        return token
-
-    def _check_token_answer(
-        self, resp: httpx.Response, method: str, realm: httpx.URL, what: str
-    ) -> None:
-        """AccessDenied or RemoteError, naming whose login was refused, for anything but 200."""
-        who = self.credentials.who if self.credentials else "anonymous"
-        status = f"{resp.status_code} {resp.reason_phrase}"
-        detail = _error_detail(resp)
-        if detail:
-            status += f": {detail}"
-        if method == "POST" and resp.status_code == 404:
-            raise AccessDenied(
-                f"registry {self.name}: token server {realm.host} does not take identity "
-                f"tokens (POST {realm.path}: {status}); log in with a password instead"
-            )
-        if resp.status_code in (400, 401, 403):
-            again = "; log in again (docker login)" if method == "POST" else ""
-            raise AccessDenied(
-                f"registry {self.name}: token server {realm.host} refused {who} ({status}) "
-                f"for {what}{again}"
-            )
-        if resp.status_code == 404:
-            raise RemoteError(
-                f"registry {self.name}: token server {self._where(realm)}: 404 (bad realm?)",
-                status=404,
-            )

@@ -11,6 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import httpx
+
 from ..manifest_format import MAX_MANIFEST_SIZE
 
 K = TypeVar("K")
@@ -37,6 +39,28 @@ def shown(text: object, limit: int = SHOWN_MAX) -> str:
     raw = str(text)
     escaped = repr(raw[:limit])[1:-1]
     return escaped + "…" if len(raw) > limit else escaped
+
+
+def error_detail(resp: httpx.Response) -> str:
+    """A short summary of an error body for messages: `CODE: message` pairs of a
+    distribution error, `error: error_description` of an OAuth2 one (RFC 6749, 5.2), else
+    the start of a plain-text body (e.g. Go's "Client sent an HTTP request to an HTTPS
+    server.")."""
+    try:
+        body = resp.json()
+        if isinstance(body.get("error"), str):
+            said = (body["error"], body.get("error_description"))
+            return shown(": ".join(str(part) for part in said if part), 300)
+        errors = body.get("errors")
+        parts = [f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)]
+        return shown("; ".join(parts), 300)
+    except httpx.ResponseNotRead:
+        return ""
+    except (ValueError, AttributeError, TypeError):
+        pass
+    if not resp.headers.get("Content-Type", "text/plain").startswith("text/"):
+        return ""
+    return shown(" ".join(resp.text.split()))
 
 
 class ByteCache(Generic[K, V]):

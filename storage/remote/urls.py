@@ -1,0 +1,35 @@
+"""Origins of registry URLs, and how a URL is named in logs and messages.
+
+Shared by the request core (client.py) and authentication (auth.py), because the rules that
+keep credentials at home and clear text off the network are stated per origin: credentials
+go to the registry's origin only, plain http only to loopback unless the user says so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import httpx
+
+Origin = tuple[str, str, int | None]  # scheme, host in lower case, port (None: the default)
+
+
+def origin(url: httpx.URL) -> Origin:
+    return (url.scheme, url.host.lower(), url.port)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loggable(registry: httpx.URL, url: httpx.URL) -> str:
+    """`url` for logs and messages: no query (upload `_state`, token scopes, signatures),
+    and the host only when it is not the `registry`'s."""
+    if origin(url) == origin(registry):
+        return url.path
+    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
