@@ -43,10 +43,9 @@ from .digests import EMPTY_DIGEST, BytesLike, Digest, Sha256State
 from .drivers import FileWriter, PathNotFound, StorageDriver
 from .errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownUpload
 from .hashing import hash_range
+from .hashstates import HashStates
 from .paths import (
     BlobData,
-    HashState,
-    HashStatesDir,
     UploadData,
     UploadDir,
     UploadLabel,
@@ -150,7 +149,7 @@ class LayerUpload:
         self._hasher: ThreadPoolExecutor | None = None
         self._syncer: ThreadPoolExecutor | None = None
         self._checkpoint: _Checkpoint | None = None
-        self._saved_at = hashed.size
+        self._states = HashStates(driver, name, uuid, saved_at=hashed.size)
         self._data_missing = False
         self._position = writer.size
         self._lock = trio.Lock()
@@ -194,7 +193,7 @@ class LayerUpload:
         except PathNotFound:
             data_missing = True  # an empty upload, or one whose finish moved its data
         writer = await driver.writer(path_for(UploadData(name, uuid)))
-        hashed = await _nearest_state(driver, name, uuid, writer.size)
+        hashed = await HashStates(driver, name, uuid).nearest(writer.size)
         upload = cls(driver, blobs, layers, name, uuid, started_at, writer, hashed)
         upload._data_missing = data_missing
         return upload
@@ -246,7 +245,7 @@ class LayerUpload:
                 await trio.to_thread.run_sync(self._hash.update, data)
             else:
                 self._hash.update(data)
-            if self._hash.size - self._saved_at >= CHECKPOINT:
+            if self._hash.size - self._states.saved_at >= CHECKPOINT:
                 await self._save_state()
 
     async def flush(self) -> None:
@@ -292,7 +291,7 @@ class LayerUpload:
                 return
             try:
                 await self._hash_to(self._writer.size)
-                if self._saved_at != self._hash.size:
+                if self._states.saved_at != self._hash.size:
                     await self._save_state()
             finally:
                 writer, self._writer = self._writer, None
@@ -434,7 +433,7 @@ class LayerUpload:
             unchecked = self._appends and self._appends[0].start < checkpoint.offset
             if not unchecked:
                 await self._save_checkpoint()
-        if self._checkpoint is None and self._hashed_end() - self._saved_at >= CHECKPOINT:
+        if self._checkpoint is None and self._hashed_end() - self._states.saved_at >= CHECKPOINT:
             assert self._hasher is not None  # an append was just handed to it
             if self._syncer is None:
                 self._syncer = ThreadPoolExecutor(1, thread_name_prefix="regfs-sync")
@@ -450,9 +449,7 @@ class LayerUpload:
         checkpoint, self._checkpoint = self._checkpoint, None
         assert checkpoint is not None
         checkpoint.synced.result()  # a failed sync fails the write that finds it
-        state = HashState(self.name, self.uuid, checkpoint.offset)
-        await self.driver.put_content(path_for(state), checkpoint.state.result())
-        self._saved_at = checkpoint.offset
+        await self._states.save(checkpoint.offset, checkpoint.state.result())
 
     def _stop_worker(self) -> None:
         for pool in (self._disk, self._hasher, self._syncer):
@@ -482,33 +479,19 @@ class LayerUpload:
         its data is gone, the blob is there, and a saved hash state proves the digest."""
         if not self._data_missing or self.size or not await self._blobs.exists(expected):
             return False
-        for offset in await _state_offsets(self.driver, self.name, self.uuid):
-            path = path_for(HashState(self.name, self.uuid, offset))
-            try:
-                state = Sha256State.unmarshal(await self.driver.get_content(path))
-            except (ValueError, PathNotFound):
-                continue
-            if offset and state.digest() == expected:
-                return True
-        return False
+        return await self._states.prove(expected)
 
     async def _save_state(self) -> None:
         """Save the running hash. The data it covers is synced first: a state at the data's
         size is trusted without reading the data, so it must never outlive that data."""
         if self._writer is not None:
             await self._writer.sync()
-        state = HashState(self.name, self.uuid, self._hash.size)
-        await self.driver.put_content(path_for(state), self._hash.marshal())
-        self._saved_at = self._hash.size
+        await self._states.save(self._hash.size, self._hash.marshal())
 
     async def _rewind(self, offset: int) -> None:
         """Forget hash states above offset and restart the hash from the best one below."""
-        for saved in await _state_offsets(self.driver, self.name, self.uuid):
-            if saved > offset:
-                await self.driver.delete(path_for(HashState(self.name, self.uuid, saved)))
-        self._hash = await _nearest_state(self.driver, self.name, self.uuid, offset)
+        self._hash = await self._states.rewind(offset)
         self._base = self._hash.size
-        self._saved_at = self._hash.size
         log.debug(
             "rewind: upload %s hash restarts at %d for a write at %d",
             self.uuid,
@@ -535,28 +518,3 @@ def _sync_after(writes: list[Future[None]], sync: Callable[[], None]) -> None:
     for write in writes:
         write.result()
     sync()
-
-
-async def _state_offsets(driver: StorageDriver, name: str, uuid: str) -> list[int]:
-    try:
-        names = await driver.list(path_for(HashStatesDir(name, uuid)))
-    except PathNotFound:
-        return []
-    return sorted(int(n) for n in names if n.isdigit())
-
-
-async def _nearest_state(driver: StorageDriver, name: str, uuid: str, limit: int) -> Sha256State:
-    """The saved hash state with the largest offset ≤ limit that loads; else a fresh one."""
-    for offset in reversed(await _state_offsets(driver, name, uuid)):
-        if offset > limit:
-            continue
-        path = path_for(HashState(name, uuid, offset))
-        try:
-            state = Sha256State.unmarshal(await driver.get_content(path))
-        except (ValueError, PathNotFound) as exc:
-            log.warning("resume: skipping unusable hash state %s: %s", path, exc)
-            continue
-        if state.size == offset:
-            return state
-        log.warning("resume: hash state %s holds %d bytes, not %d", path, state.size, offset)
-    return Sha256State()
