@@ -48,7 +48,7 @@ from storage.remote.auth import Authenticator, Token
 from storage.remote.credentials import Credentials, docker_config_credentials
 from storage.remote.ranges import OpenBody, RangeFetcher, origin_of
 from storage.remote.untrusted import BODY_MAX, ERROR_BODY_MAX, RANGE_SKIP_MAX, error_detail, shown
-from storage.remote.urls import is_loopback, loggable, origin
+from storage.remote.urls import DOCKER_HUB_ALIASES, DOCKER_HUB_API, is_loopback, loggable, origin
 
 __all__ = [
     "RemoteClient",
@@ -78,10 +78,6 @@ def backoff(failures: int) -> float:
 
 USER_AGENT = "regfs (httpx)"
 MAX_REDIRECTS = 10
-# The names people give Docker Hub, which serve no registry API: `docker pull` goes to
-# registry-1.docker.io for them, and so does regfs.
-DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
-DOCKER_HUB_API = "registry-1.docker.io"
 T = TypeVar("T")
 RANGE_THREADS = 8  # blob range GETs at once on worker threads (read-ahead caps the bytes)
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from .urls import DOCKER_HUB_ALIASES, DOCKER_HUB_API
+
 log = logging.getLogger(__name__)
 
 
@@ -78,7 +80,7 @@ def _host_key(text: str) -> HostKey | None:
 
 
 # The docker CLI files Docker Hub logins under its v1 index address.
-_DOCKER_HUB = {"registry-1.docker.io", "docker.io", "index.docker.io"}
+_DOCKER_HUB = DOCKER_HUB_ALIASES | {DOCKER_HUB_API}
 _HUB_SERVER = "https://index.docker.io/v1/"
 _HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 HELPER_TIMEOUT = 10.0  # seconds a credential helper may take (a keychain may ask the user)

@@ -1,8 +1,9 @@
-"""Origins of registry URLs, and how a URL is named in logs and messages.
+"""Which registry a URL names: its origin, Docker Hub's other names, how logs show it.
 
-Shared by the request core (client.py) and authentication (auth.py), because the rules that
-keep credentials at home and clear text off the network are stated per origin: credentials
-go to the registry's origin only, plain http only to loopback unless the user says so.
+Shared by the request core (client.py), authentication (auth.py) and the Docker config's
+logins (credentials.py), because the rules that keep credentials at home and clear text off
+the network are stated per origin: credentials go to the registry's origin only, plain http
+only to loopback unless the user says so.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import ipaddress
 
 import httpx
+
+# The names people give Docker Hub, which serve no registry API: `docker pull` goes to
+# registry-1.docker.io for them, and so does regfs (and its logins are filed under any).
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
+DOCKER_HUB_API = "registry-1.docker.io"
 
 Origin = tuple[str, str, int | None]  # scheme, host in lower case, port (None: the default)
 
