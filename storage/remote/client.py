@@ -28,14 +28,11 @@ connect/read/write timeouts, so no caller waits forever.
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -47,6 +44,7 @@ from storage.errors import RemoteError, RemoteUnavailable
 from storage.remote.auth import Authenticator, Token
 from storage.remote.credentials import Credentials, docker_config_credentials
 from storage.remote.ranges import OpenBody, RangeFetcher, origin_of
+from storage.remote.retry import IDEMPOTENT, NOT_SENT, pause
 from storage.remote.untrusted import BODY_MAX, ERROR_BODY_MAX, RANGE_SKIP_MAX, error_detail, shown
 from storage.remote.urls import DOCKER_HUB_ALIASES, DOCKER_HUB_API, is_loopback, loggable, origin
 
@@ -59,22 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-"""Methods retried after a failure: sending them twice does no more than sending them once."""
-
-BACKOFF = 0.1
-"""First pause between tries (seconds); it doubles after each failure."""
-
-BACKOFF_CAP = 5.0
-RETRY_AFTER_CAP = 10.0
-"""A registry's `Retry-After` is honoured up to this many seconds."""
-
-
-def backoff(failures: int) -> float:
-    """The pause after the `failures`-th failure in a row: requests and upload PATCHes alike."""
-    return min(BACKOFF_CAP, BACKOFF * 2.0 ** (failures - 1))
-
 
 USER_AGENT = "regfs (httpx)"
 MAX_REDIRECTS = 10
@@ -120,23 +102,6 @@ def error_codes(resp: httpx.Response) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    """`Retry-After` in seconds (delta-seconds or an HTTP date), None if absent or garbage."""
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
     """The ssl error behind an httpx connect error, if any (httpcore chains it as cause)."""
     seen: set[int] = set()
@@ -159,10 +124,6 @@ def _describe(exc: BaseException) -> str:
 def _reason(resp: httpx.Response) -> str:
     """`404 Not Found`: the status and the server's reason phrase, escaped."""
     return f"{resp.status_code} {shown(resp.reason_phrase)}"
-
-
-# Nothing reached the server: safe to retry whatever the method.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 async def _read_body(
@@ -523,12 +484,6 @@ class RemoteClient:
         """The URL for logs and messages (urls.loggable)."""
         return loggable(self.base_url, url)
 
-    def _backoff(self, failures: int, resp: httpx.Response | None) -> float:
-        delay = backoff(failures) * random.uniform(1.0, 1.1)
-        if resp is not None and (after := _retry_after(resp)) is not None:
-            delay = max(delay, min(after, RETRY_AFTER_CAP))
-        return delay
-
     async def _send(
         self,
         method: str,
@@ -572,7 +527,7 @@ class RemoteClient:
                         raise self._tls_error(tls) from exc
                     last = _describe(exc)
                     log.debug("%s %s: %s", method, where, last)
-                    if failures < self.retries and (may_retry or isinstance(exc, _NOT_SENT)):
+                    if failures < self.retries and (may_retry or isinstance(exc, NOT_SENT)):
                         failures += 1
                         await self._pause(method, where, last, failures, None)
                         continue
@@ -736,7 +691,7 @@ class RemoteClient:
     async def _pause(
         self, method: str, where: str, why: str, failures: int, resp: httpx.Response | None
     ) -> None:
-        delay = self._backoff(failures, resp)
+        delay = pause(failures, resp)
         log.warning(
             "registry %s: %s %s: %s; retry %d of %d in %.1f s",
             self.name,

@@ -30,7 +30,8 @@ from ..errors import (
     RemoteUnavailable,
     UnknownUpload,
 )
-from .client import RemoteClient, RemoteNotFound, TLSError, backoff
+from .client import RemoteClient, RemoteNotFound, TLSError
+from .retry import backoff
 from .untrusted import shown
 
 log = logging.getLogger(__name__)
