@@ -71,6 +71,9 @@ _syscall.argtypes = [
 ]
 
 
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+
+
 @functools.cache
 def _how(flags: int, mode: int) -> _OpenHow:
     """The open_how of these flags, built once: a stat per tag listed must stay cheap."""
@@ -81,7 +84,7 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
     """openat2(2), which Python 3.11 lacks: no symlink, no `..` and no absolute path leads
     out of dirfd (ELOOP for a symlink anywhere on the path)."""
     how = _how(flags, mode)
-    fd: int = _syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, ctypes.sizeof(how))
+    fd: int = _syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, _HOW_SIZE)
     if fd < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), path)
@@ -256,8 +259,10 @@ class FilesystemDriver(StorageDriver):
 
     def _open(self, path: str, flags: int, mode: int = 0) -> int:
         """A descriptor of path, opened beneath the root with no symlink followed."""
-        with self._beneath(path):
+        try:  # not `with self._beneath(…)`: this runs for every stat, and a generator costs
             return self._resolve(self._fd, path[1:] or ".", flags | _O_BENEATH, mode)
+        except OSError as exc:
+            raise self._refusal(exc, path) from None
 
     def _parent(self, path: str, create: bool = False) -> tuple[int, str]:
         """A descriptor (O_PATH) of path's directory, made first when create, and its name."""
