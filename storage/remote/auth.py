@@ -308,6 +308,8 @@ class Authenticator:
     def denied(
         self, resp: httpx.Response, method: str, where: str, sent_scheme: str | None
     ) -> AccessDenied:
+        """The error for a 401 or 403 that authenticating cannot help: whose login was
+        refused, or that none is configured."""
         status = f"{resp.status_code} {resp.reason_phrase}"
         who = self.credentials.who if self.credentials else "anonymous access"
         if resp.status_code == 401 and sent_scheme == "basic":

@@ -230,7 +230,6 @@ class RemoteClient:
                 f"plain http to {url.netloc.decode()} is not allowed without --insecure "
                 "(https is verified; plain http only to loopback)"
             )
-        self.credentials = credentials
         self.insecure = insecure
         self.ca_file = ca_file
         self.timeout = timeout
@@ -295,6 +294,11 @@ class RemoteClient:
     def name(self) -> str:
         """`host:port` of the registry, as messages name it."""
         return self.base_url.netloc.decode("ascii")
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """The login the client authenticates with (kept by its Authenticator)."""
+        return self._auth.credentials
 
     async def aclose(self) -> None:
         self._ranges.close()
