@@ -1,20 +1,20 @@
-"""A resumable layer upload whose whole state lives in the driver, in the registry's format.
+"""The upload protocol: start, resume, write, finish, cancel a resumable layer upload whose
+whole state lives in the driver, in the registry's format.
 
 The running sha256 follows the writes. Its state is saved under `hashstates/sha256/<offset>`
-when the upload starts, every CHECKPOINT bytes and on close, so neither regfs after a restart
-nor the registry re-reads the data to finish.
+(storage/hashstates.py) when the upload starts, every CHECKPOINT bytes and on close, always
+after the data it covers is synced, so neither regfs after a restart nor the registry
+re-reads the data to finish.
 
-Appends are pipelined: each is written on a disk worker thread and hashed on a hash worker
-thread, and write_at returns once both have it, so a caller's next write overlaps them (as
-a page cache would). Anything other than an append waits for both first (_settle). A write
-that fails on the worker fails a later call, and the data is cut back to where it failed,
-so what is stored is always what was hashed. A checkpoint during appends runs in the
-background too: the state is taken on the hash worker, the data synced on a sync thread
-after the appends it covers, and the state saved by the first write after that.
+Appends go through the append pipeline (storage/appends.py): written and hashed on worker
+threads while the caller's next write arrives, with checkpoints beside them. Anything other
+than an append waits for the pipeline first (_settle). A failed append fails a later call,
+and the data is cut back to where it began and the hash rewound there, so what is stored
+is always what was hashed.
 
 A write below the hashed end rewinds the hash to the nearest saved state at or below it (later
 states are deleted first: the registry would trust one whose offset matches the data's size)
-and re-hashes forward from there.
+and re-hashes forward from there (storage/hashing.py).
 
 A saved state is never taken on faith when a digest does not match: the registry 2.8, when
 a PATCH lands where it has no state, saves a state of the new bytes alone under their count,
@@ -28,18 +28,15 @@ import contextlib
 import logging
 import os
 import re
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_all
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import trio
 
 from .api import BlobInfo
+from .appends import AppendFailed, AppendPipeline
 from .blobs import BlobStore, LinkedBlobs
-from .digests import EMPTY_DIGEST, BytesLike, Digest, Sha256State
+from .digests import EMPTY_DIGEST, Digest, Sha256State
 from .drivers import FileWriter, PathNotFound, StorageDriver
 from .errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownUpload
 from .hashing import hash_range
@@ -59,7 +56,6 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 CHECKPOINT = 64 << 20
 INLINE_HASH_LIMIT = 1 << 20  # appends up to this are pipelined; a larger write (never from
 # FUSE, whose writes are 1 MiB at most) is written and hashed before it returns
-MAX_INFLIGHT = 16  # appends the workers may lag behind (16 MiB of 1 MiB FUSE writes)
 
 
 def format_started_at(when: datetime) -> bytes:
@@ -86,39 +82,6 @@ async def read_started_at(driver: StorageDriver, name: str, uuid: str) -> dateti
     return parse_started_at(path, raw)
 
 
-@dataclass
-class _Append:
-    """An append handed to the workers: written on the disk worker, hashed on the hash one."""
-
-    start: int
-    end: int
-    written: Future[None]
-    hashed: Future[None]
-
-    def done(self) -> bool:
-        return self.written.done() and self.hashed.done()
-
-    def wait(self) -> None:
-        """Block (in a thread) until both workers are done with it; raises nothing."""
-        wait_all((self.written, self.hashed))
-
-    def check(self) -> None:
-        self.written.result()
-        self.hashed.result()
-
-
-@dataclass
-class _Checkpoint:
-    """A hash state at `offset`, to be saved once the data below it is on disk."""
-
-    offset: int
-    state: Future[bytes]  # marshalled on the hash worker, after the appends before it
-    synced: Future[None]  # the data's sync on the sync thread, after those appends' writes
-
-    def done(self) -> bool:
-        return self.state.done() and self.synced.done()
-
-
 class LayerUpload:
     """One upload. Not safe for two writers; the lock only orders one writer's own calls."""
 
@@ -142,14 +105,8 @@ class LayerUpload:
         self._writer: FileWriter | None = writer
         self._hash = hashed
         self._base = hashed.size  # the saved state the hash chain started from (0: none)
-        # Appends handed to the workers, oldest first (one thread each, so each in order;
-        # ctypes and os.pwrite let go of the GIL).
-        self._appends: deque[_Append] = deque()
-        self._disk: ThreadPoolExecutor | None = None
-        self._hasher: ThreadPoolExecutor | None = None
-        self._syncer: ThreadPoolExecutor | None = None
-        self._checkpoint: _Checkpoint | None = None
         self._states = HashStates(driver, name, uuid, saved_at=hashed.size)
+        self._pipeline = AppendPipeline(self._states)
         self._data_missing = False
         self._position = writer.size
         self._lock = trio.Lock()
@@ -204,7 +161,8 @@ class LayerUpload:
     def size(self) -> int:
         """The data's size, counting appends the disk worker has not written yet."""
         size = self._open_writer().size
-        return max(size, self._appends[-1].end) if self._appends else size
+        end = self._pipeline.end
+        return size if end is None else max(size, end)
 
     @property
     def hashed_size(self) -> int:
@@ -233,8 +191,10 @@ class LayerUpload:
                 )
             if offset == self._hashed_end() == self.size and len(data) <= INLINE_HASH_LIMIT:
                 # The common case, an append: hand it to the workers, return without waiting.
-                await self._append(writer, offset, data)
-                await self._advance_checkpoint(writer)
+                await self._cut_back_on_failure(
+                    self._pipeline.append(writer, offset, data, self._hash)
+                )
+                await self._pipeline.advance_checkpoint(writer, self._hash, CHECKPOINT)
                 return
             await self._settle()
             if offset < self._hash.size:
@@ -286,7 +246,7 @@ class LayerUpload:
                 await self._settle()
             except Exception as exc:  # a failed append, cut back and logged: close the rest
                 log.warning("close: upload %s: closing after a failed write (%s)", self.uuid, exc)
-            self._stop_worker()
+            self._pipeline.stop()
             if self._writer is None:
                 return
             try:
@@ -305,7 +265,7 @@ class LayerUpload:
         """
         async with self._lock:
             await self._settle()
-            self._stop_worker()
+            self._pipeline.stop()
             writer = self._open_writer()
             if await self._finished_before(expected):
                 log.warning(
@@ -345,7 +305,7 @@ class LayerUpload:
         async with self._lock:
             with contextlib.suppress(Exception):  # a failed append: its data goes anyway
                 await self._settle()
-            self._stop_worker()
+            self._pipeline.stop()
             if self._writer is not None:
                 writer, self._writer = self._writer, None
                 await writer.aclose()
@@ -364,46 +324,25 @@ class LayerUpload:
         except PathNotFound:
             raise UnknownUpload(f"unknown upload {self.uuid} in {self.name}") from None
 
-    async def _append(self, writer: FileWriter, offset: int, data: BytesLike) -> None:
-        await self._reap(everything=False)
-        if self._disk is None or self._hasher is None:
-            self._disk = ThreadPoolExecutor(1, thread_name_prefix="regfs-write")
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="regfs-sha256")
-        if not isinstance(data, bytes):  # used after we return: a caller may reuse a buffer
-            data = bytes(data)
-        written = self._disk.submit(writer.write_at_blocking, offset, data)
-        hashed = self._hasher.submit(self._hash.update, data)
-        self._appends.append(_Append(offset, offset + len(data), written, hashed))
-
     def _hashed_end(self) -> int:
-        return self._appends[-1].end if self._appends else self._hash.size
+        end = self._pipeline.end
+        return self._hash.size if end is None else end
 
-    async def _reap(self, everything: bool) -> None:
-        """Take finished appends off the queue: all of them, waiting, if everything, else
-        those done (waiting for the oldest when MAX_INFLIGHT are out). A failed one cuts the
-        data back to where it began, and its error is raised."""
-        if everything and self._appends:
-            await trio.to_thread.run_sync(self._appends[-1].wait)  # each worker is in order
-        elif len(self._appends) >= MAX_INFLIGHT:
-            await trio.to_thread.run_sync(self._appends[0].wait)
-        while self._appends and self._appends[0].done():
-            append = self._appends[0]
-            try:
-                append.check()
-            except Exception as exc:
-                await self._cut_after_failure(append.start, exc)
-                raise
-            self._appends.popleft()
+    async def _settle(self) -> None:
+        """Wait until the pipeline has written and hashed every append, and saved the
+        checkpoint in progress; raises a failed append's error (after the cut)."""
+        await self._cut_back_on_failure(self._pipeline.settle())
 
-    async def _cut_after_failure(self, offset: int, exc: Exception) -> None:
-        """After the append at offset failed, the data past it and the hash past it are not
-        what was written: drop the appends and checkpoint after it, cut the data to offset
-        and rewind the hash there."""
-        await trio.to_thread.run_sync(self._appends[-1].wait)
-        self._appends.clear()
-        if self._checkpoint is not None:
-            await trio.to_thread.run_sync(wait_all, (self._checkpoint.synced,))
-            self._checkpoint = None
+    async def _cut_back_on_failure(self, step: Awaitable[None]) -> None:
+        """Await a step of the pipeline. Should an append have failed, the data past where
+        it began and the hash past it are not what was written: cut the data there, rewind
+        the hash there, and raise the append's error."""
+        try:
+            await step
+        except AppendFailed as failed:
+            offset, exc = failed.offset, failed.error
+        else:
+            return
         # Trust no running hash until the cut is done: should it fail, a later step hashes
         # the data from zero, so no state can vouch for bytes that were never written.
         self._hash, self._base = Sha256State(), 0
@@ -416,46 +355,7 @@ class LayerUpload:
         )
         await self._open_writer().truncate(offset)
         await self._rewind(offset)
-
-    async def _settle(self) -> None:
-        """Wait until the workers are done with every append, and the checkpoint in
-        progress is saved."""
-        await self._reap(everything=True)
-        if self._checkpoint is not None:
-            await trio.to_thread.run_sync(wait_all, (self._checkpoint.synced,))
-            await self._save_checkpoint()
-
-    async def _advance_checkpoint(self, writer: FileWriter) -> None:
-        """Save a checkpoint whose sync is done (once the appends it covers are known to be
-        written); begin the next one when it is due."""
-        checkpoint = self._checkpoint
-        if checkpoint is not None and checkpoint.done():
-            unchecked = self._appends and self._appends[0].start < checkpoint.offset
-            if not unchecked:
-                await self._save_checkpoint()
-        if self._checkpoint is None and self._hashed_end() - self._states.saved_at >= CHECKPOINT:
-            assert self._hasher is not None  # an append was just handed to it
-            if self._syncer is None:
-                self._syncer = ThreadPoolExecutor(1, thread_name_prefix="regfs-sync")
-            self._checkpoint = _Checkpoint(
-                self._hashed_end(),
-                self._hasher.submit(self._hash.marshal),
-                self._syncer.submit(
-                    _sync_after, [a.written for a in self._appends], writer.sync_blocking
-                ),
-            )
-
-    async def _save_checkpoint(self) -> None:
-        checkpoint, self._checkpoint = self._checkpoint, None
-        assert checkpoint is not None
-        checkpoint.synced.result()  # a failed sync fails the write that finds it
-        await self._states.save(checkpoint.offset, checkpoint.state.result())
-
-    def _stop_worker(self) -> None:
-        for pool in (self._disk, self._hasher, self._syncer):
-            if pool is not None:
-                pool.shutdown(wait=False)
-        self._disk = self._hasher = self._syncer = None
+        raise exc
 
     async def _digest(self, expected: Digest | None) -> Digest:
         await self._hash_to(self.size)
@@ -511,10 +411,3 @@ class LayerUpload:
             await reader.aclose()
         if self._hash.size < offset:
             raise CorruptEntry(path, "upload data shorter than its size")
-
-
-def _sync_after(writes: list[Future[None]], sync: Callable[[], None]) -> None:
-    """Sync once these writes are done; a failed one fails the sync (and its checkpoint)."""
-    for write in writes:
-        write.result()
-    sync()
