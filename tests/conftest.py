@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from mounts import Mount
-from registry import RegistryClient, RegistryServer, running_registry
-from users import OtherUser, other_user_env
+from support.mounts import Mount
+from support.registry import RegistryClient, RegistryServer, running_registry
+from support.users import OtherUser, other_user_env
 
 from storage.api import RegistrySource
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
@@ -67,7 +67,7 @@ def mount(tmp_path) -> Iterator[Callable[..., Mount]]:
 
 @pytest.fixture
 def other_user() -> OtherUser:
-    """A second, unprivileged local user (made once when missing): tests/users.py."""
+    """A second, unprivileged local user (made once when missing): tests/support/users.py."""
     return other_user_env()
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mounts import Mount, is_mounted
+from support.mounts import Mount, is_mounted
 from test_mount_read import build_root, link_blobs
 
 from storage.digests import Sha256State

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from mounts import Mount, wait_until
-from registry import REGISTRY_BIN, RegistryClient, RegistryServer, blob_data_path, repo_path
+from support.mounts import Mount, wait_until
+from support.registry import REGISTRY_BIN, RegistryClient, RegistryServer, blob_data_path, repo_path
 from test_mount_errors import errno_of
 from test_mount_read import ls, run
 

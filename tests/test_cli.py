@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from mounts import REGFS, Mount, daemon_pids, is_mounted, regfs, wait_until
+from support.mounts import REGFS, Mount, daemon_pids, is_mounted, regfs, wait_until
 from test_mount_read import build_root, ls, run
 
 from regfs.readahead import bdi_setting

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from oci import run, skopeo_pull
+from support.oci import run, skopeo_pull
 
 from regfs.demo import build
 

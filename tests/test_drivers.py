@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from users import OtherUser, shared_directory
+from support.users import OtherUser, shared_directory
 
 from storage.drivers import (
     FilesystemDriver,

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from registry import OCI_INDEX, RegistryClient, RegistryServer, blob_data_path, repo_path
+from support.registry import OCI_INDEX, RegistryClient, RegistryServer, blob_data_path, repo_path
 from test_mount_read import build_root
 from test_mount_write import (
     bash,

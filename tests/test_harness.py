@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from oci import build_image, build_large_image, read_oci_layout, skopeo_pull, skopeo_push
-from registry import (
+from support.oci import build_image, build_large_image, read_oci_layout, skopeo_pull, skopeo_push
+from support.registry import (
     OCI_MANIFEST,
     TEST_SECRET,
     RegistryServer,

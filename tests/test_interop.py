@@ -27,9 +27,9 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 import pytest
-import registry as harness
-from oci import OciImage, build_image, build_large_image, run, skopeo_pull, skopeo_push
-from registry import (
+from support import registry as harness
+from support.oci import OciImage, build_image, build_large_image, run, skopeo_pull, skopeo_push
+from support.registry import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from mounts import Mount, wait_until
+from support.mounts import Mount, wait_until
 
 from storage.check import Severity, check
 from storage.digests import digest_bytes

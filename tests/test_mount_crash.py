@@ -36,8 +36,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from mounts import Mount, wait_until
-from registry import OCI_MANIFEST, RegistryServer, blob_data_path, repo_path, v2_root
+from support.mounts import Mount, wait_until
+from support.registry import OCI_MANIFEST, RegistryServer, blob_data_path, repo_path, v2_root
 
 from storage.check import Severity, check
 from storage.digests import Digest

@@ -12,8 +12,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mounts import Mount
-from registry import blob_data_path, repo_path
+from support.mounts import Mount
+from support.registry import blob_data_path, repo_path
 from test_mount_read import build_root, link_blobs, ls, run
 
 HEX = "ab" * 32

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from mounts import Mount, parse_getfattr
-from oci import OCI_MANIFEST, build_image, build_large_image, skopeo_push
-from registry import blob_data_path, repo_path
+from support.mounts import Mount, parse_getfattr
+from support.oci import OCI_MANIFEST, build_image, build_large_image, skopeo_push
+from support.registry import blob_data_path, repo_path
 
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver

@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from mounts import REGFS, Mount, parse_getfattr, wait_until
-from registry import blob_data_path, repo_path, upload_path
+from support.mounts import REGFS, Mount, parse_getfattr, wait_until
+from support.registry import blob_data_path, repo_path, upload_path
 from test_mount_read import build_root
 
 C_LOCALE = {**os.environ, "LC_ALL": "C"}

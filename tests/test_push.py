@@ -12,9 +12,9 @@ import json
 import os
 
 import pytest
-from mounts import wait_until
-from oci import OCI_MANIFEST, blob_path, build_image, run, skopeo_pull
-from registry import upload_path
+from support.mounts import wait_until
+from support.oci import OCI_MANIFEST, blob_path, build_image, run, skopeo_pull
+from support.registry import upload_path
 from test_mount_write import bash, digest_of, ls, new_repo, state_path, uuid_of, write_file
 
 pytestmark = pytest.mark.registry

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import registry as registry_harness
 import trio
-from fault_server import Fault, FaultServer
-from registry import (
+from support import registry as registry_harness
+from support.fault_server import Fault, FaultServer
+from support.registry import (
     OCI_MANIFEST,
     RegistryServer,
     htpasswd_auth,
     write_htpasswd,
     write_self_signed_cert,
 )
-from token_server import TokenServer
+from support.token_server import TokenServer
 
 from storage.errors import AccessDenied, RemoteUnavailable, StorageError
 from storage.remote.auth import (

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from fault_server import Fault, FaultServer
-from loopback import LoopbackHandler, LoopbackHTTP
-from registry import (
+from support.fault_server import Fault, FaultServer
+from support.loopback import LoopbackHandler, LoopbackHTTP
+from support.registry import (
     OCI_INDEX,
     OCI_MANIFEST,
     RegistryServer,

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import registry as registry_harness
-from fault_server import Fault, FaultServer
-from mounts import REGFS, Mount, is_mounted, parse_getfattr, wait_until
-from oci import build_image, build_large_image, run, skopeo_pull, skopeo_push
-from registry import (
+from support import registry as registry_harness
+from support.fault_server import Fault, FaultServer
+from support.mounts import REGFS, Mount, is_mounted, parse_getfattr, wait_until
+from support.oci import build_image, build_large_image, run, skopeo_pull, skopeo_push
+from support.registry import (
     RegistryServer,
     htpasswd_auth,
     repo_path,
@@ -37,8 +37,8 @@ from registry import (
     write_htpasswd,
     write_self_signed_cert,
 )
+from support.token_server import TokenServer
 from test_remote_client import credential_helper
-from token_server import TokenServer
 
 from storage.digests import Digest
 from storage.errors import DigestMismatch, RemoteUnavailable

@@ -8,7 +8,7 @@ import os
 import ssl
 
 import pytest
-from loopback import LoopbackHandler, LoopbackHTTP
+from support.loopback import LoopbackHandler, LoopbackHTTP
 
 from storage.errors import AccessDenied, RemoteUnavailable
 from storage.remote.client import RemoteClient

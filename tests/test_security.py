@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounts import REGFS, Mount, is_mounted, regfs
-from registry import RegistryServer, htpasswd_auth, write_htpasswd
-from users import OtherUser, shared_directory
+from support.mounts import REGFS, Mount, is_mounted, regfs
+from support.registry import RegistryServer, htpasswd_auth, write_htpasswd
+from support.users import OtherUser, shared_directory
 
 from regfs.sources import split_login
 from storage.remote.uploads import UploadRecord, UploadRecords

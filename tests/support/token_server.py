@@ -42,8 +42,9 @@ from urllib.parse import parse_qs, urlsplit
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from loopback import LoopbackHandler, LoopbackHTTP
-from registry import write_self_signed_cert
+
+from support.loopback import LoopbackHandler, LoopbackHTTP
+from support.registry import write_self_signed_cert
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
-from loopback import LoopbackHandler, LoopbackHTTP
+
+from support.loopback import LoopbackHandler, LoopbackHTTP
 
 log = logging.getLogger(__name__)
 
