@@ -123,7 +123,11 @@ def module_registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(
-    params=["inmemory", "filesystem", pytest.param("remote", marks=pytest.mark.registry)]
+    params=[
+        "inmemory",
+        "filesystem",
+        pytest.param("remote", marks=[pytest.mark.registry, pytest.mark.remote]),
+    ]
 )
 async def source(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Source]:
     """Every registry implementation in turn; a new source is one more parameter here."""

@@ -29,12 +29,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from support.mounts import Mount, is_mounted
-from test_mount_read import build_root, link_blobs
+from support.roots import build_root, link_blobs
+from support.snapshots import lstat_snapshot
+from support.tools import (
+    C_LOCALE,
+    digest_of,
+)
 
 from storage.digests import Sha256State
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
+
+pytestmark = pytest.mark.mount
 
 MIB = 1 << 20
 V2 = "docker/registry/v2"
@@ -43,7 +51,6 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-C_LOCALE = {**os.environ, "LC_ALL": "C"}
 ROW_DEADLINE = 15.0
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 ODD = {  # NUL-free but odd characters, each inside an otherwise fine name
@@ -85,25 +92,6 @@ class Group:
     layer: Path  # a known layer through the mount, for the liveness check
     layer_digest: str
     upload_dirs: list[Path] = field(default_factory=list)
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under root: files by the sha256 of their bytes, the rest by kind (lstat:
-    a FIFO is never opened, a symlink never followed)."""
-    found = {}
-    for directory, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(directory, name)
-            mode = os.lstat(path).st_mode
-            if stat.S_ISREG(mode):
-                with open(path, "rb") as f:
-                    kind = hashlib.sha256(f.read()).hexdigest()
-            elif stat.S_ISLNK(mode):
-                kind = "symlink -> " + os.readlink(path)
-            else:
-                kind = stat.filemode(mode)[0]
-            found[os.path.relpath(path, root)] = kind
-    return found
 
 
 def changed_outside(
@@ -165,16 +153,16 @@ def run_table(group: Group, table: list[Case]) -> None:
     problems = []
     for case in table:
         found = []
-        base = snapshot(group.root)
+        base = lstat_snapshot(group.root)
         try:
             if case.setup:
                 case.setup()
                 settle(group)
-            before = snapshot(group.root)
+            before = lstat_snapshot(group.root)
             mark = len(group.m.log_text())
             got = outcome(case.action)
             settle(group)
-            after = snapshot(group.root)
+            after = lstat_snapshot(group.root)
             log = group.m.log_text()[mark:]
         except TimeoutError as exc:
             problems.append(f"{case.what}: {exc}")
@@ -194,7 +182,7 @@ def run_table(group: Group, table: list[Case]) -> None:
                 settle(group)
         except Exception as exc:
             found.append(f"cleanup failed: {exc!r}")
-        if outside := changed_outside(base, snapshot(group.root), case.keeps):
+        if outside := changed_outside(base, lstat_snapshot(group.root), case.keeps):
             found.append(f"not restored: {outside[:4]}")
         if found:
             problems.append(f"{case.what}: {'; '.join(found)}")
@@ -346,10 +334,6 @@ def expect_bytes(path: Path, data: bytes) -> Action:
 
 def rm(path: str | bytes | Path) -> Action:
     return lambda: os.unlink(path)
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def rel_repo(name: str) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.mount
+
 REPO = Path(__file__).resolve().parent.parent
 MEASURES = {"cold_read", "warm_read", "random_read", "push", "rss", "ls", "parallel"}
 MEASURES |= {"remote_cold_read", "remote_random_read"}

@@ -24,8 +24,11 @@ from types import SimpleNamespace
 import pytest
 from support.mounts import Mount, wait_until
 from support.registry import REGISTRY_BIN, RegistryClient, RegistryServer, blob_data_path, repo_path
-from test_mount_errors import errno_of
-from test_mount_read import ls, run
+from support.tools import (
+    errno_closing,
+    ls,
+    run,
+)
 
 import storage.cache
 from regfs.tree import ManifestNode, TagNode, Tree
@@ -34,6 +37,8 @@ from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver, InMemoryDriver
 from storage.paths import BlobData, BlobDir, LayerLink, RevisionLink, TagDir, path_for
 from storage.registry import Registry
+
+pytestmark = pytest.mark.mount
 
 NAME = "org/app"
 TTL = 1.0  # the fast mount's --tag-ttl
@@ -123,8 +128,8 @@ def absent(m: Mount, section: str, name: str) -> None:
     """Not listed and ENOENT, whether asked by name or opened."""
     directory = m.path(*NAME.split("/"), section)
     assert name not in ls(directory)
-    assert errno_of(lambda: os.stat(directory / name)) == errno.ENOENT
-    assert errno_of(lambda: os.open(directory / name, os.O_RDONLY)) == errno.ENOENT
+    assert errno_closing(lambda: os.stat(directory / name)) == errno.ENOENT
+    assert errno_closing(lambda: os.open(directory / name, os.O_RDONLY)) == errno.ENOENT
 
 
 def hang_up(m: Mount) -> None:

@@ -9,6 +9,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from storage.check import Severity, check, purge_uploads
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver
@@ -21,6 +23,8 @@ from storage.paths import (
     path_for,
 )
 from storage.registry import Registry
+
+pytestmark = pytest.mark.storage
 
 REGFS = str(Path(sys.executable).parent / "regfs")
 

@@ -18,9 +18,15 @@ from pathlib import Path
 
 import pytest
 from support.mounts import REGFS, Mount, daemon_pids, is_mounted, regfs, wait_until
-from test_mount_read import build_root, ls, run
+from support.roots import build_root
+from support.tools import (
+    ls,
+    run,
+)
 
 from regfs.readahead import bdi_setting
+
+pytestmark = pytest.mark.mount
 
 Track = Callable[..., Mount]
 
@@ -159,19 +165,19 @@ async def test_sigterm_right_after_the_mount_appears_unmounts(root, tmp_path, tr
     mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
     mnt.mkdir()
     tracked(mnt, log)
-    parent = subprocess.Popen(
+    with subprocess.Popen(
         [REGFS, "mount", "--log", str(log), str(root), str(mnt)], stderr=subprocess.PIPE
-    )
-    try:
-        pids: list[int] = []
-        spin_until(lambda: bool(pids.extend(daemon_pids(mnt)) or pids), 20, "the daemon")
-        spin_until(lambda: is_mounted(mnt), 20, "the mount")
-        os.kill(pids[0], signal.SIGTERM)
-        parent.wait(timeout=30)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
+    ) as parent:  # closes the pipe at the end
+        try:
+            pids: list[int] = []
+            spin_until(lambda: bool(pids.extend(daemon_pids(mnt)) or pids), 20, "the daemon")
+            spin_until(lambda: is_mounted(mnt), 20, "the mount")
+            os.kill(pids[0], signal.SIGTERM)
+            parent.wait(timeout=30)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait()
     wait_until(lambda: process_gone(pids[0]), 10, "the daemon to exit")
     assert not is_mounted(mnt), "SIGTERM during start-up left a dead mount"
     assert "SIGTERM: unmounting" in log.read_text()

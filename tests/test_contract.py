@@ -6,6 +6,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.storage
+
 REGFS = Path(__file__).resolve().parent.parent / "regfs"
 # Modules every source shares: the contract, and rules and types that belong to no source.
 NEUTRAL = {

@@ -15,6 +15,8 @@ from storage.digests import digest_bytes
 from storage.drivers import FileInfo, FileReader, FileWriter, InMemoryDriver, StorageDriver
 from storage.registry import Registry
 
+pytestmark = pytest.mark.storage
+
 
 class Crash(Exception):
     """Stands for the process dying at this call."""

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from storage.digests import EMPTY_DIGEST, GO_STATE_SIZE, Digest, Sha256State, digest_bytes
 from storage.errors import InvalidName, UnsupportedDigest
 
+pytestmark = pytest.mark.storage
+
 HEX = "a" * 64
 
 

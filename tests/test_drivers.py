@@ -32,6 +32,8 @@ from storage.drivers.filesystem import LOCK_SUFFIX
 from storage.errors import Busy, InvalidOffset, UnsafeEntry
 from storage.registry import Registry
 
+pytestmark = pytest.mark.storage
+
 
 @pytest.fixture(params=["inmemory", "filesystem", "filesystem-walk"])
 def driver(request, tmp_path) -> StorageDriver:
@@ -194,17 +196,17 @@ def flock_held(path: Path, flags: str, user: OtherUser | None = None) -> Iterato
     """Another process (as user, when given) that flocks path; yields what it said."""
     # The system's python for another user: the project's venv may be private to root.
     command = [sys.executable] if user is None else user.command("/usr/bin/python3")
-    holder = subprocess.Popen(
+    with subprocess.Popen(
         [*command, "-c", HOLDER, str(path), flags],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        yield holder.stdout.readline().strip()
-    finally:
-        holder.kill()
-        holder.wait()
+    ) as holder:  # closes its pipes at the end
+        try:
+            yield holder.stdout.readline().strip()
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 async def test_writer_lock_holds_across_processes_and_dies_with_them(tmp_path):

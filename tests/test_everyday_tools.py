@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 from support.registry import OCI_INDEX, RegistryClient, RegistryServer, blob_data_path, repo_path
-from test_mount_read import build_root
-from test_mount_write import (
+from support.roots import build_root
+from support.snapshots import snapshot
+from support.tools import (
     bash,
     digest_of,
     ls,
     run,
     sha256sum,
-    snapshot,
-    upload_uuids,
-    write_file,
 )
+from support.uploads import upload_uuids, write_file
+
+pytestmark = pytest.mark.mount
 
 NAME = "library/demo"
 PAST = 1_000_000_000  # 2001-09-09: an mtime no upload has by itself

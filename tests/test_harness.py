@@ -6,7 +6,6 @@ layout after a push, the upload `_state` token, `startedat` and the saved hash s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -29,12 +28,9 @@ from support.registry import (
     upload_path,
     upload_state_token,
 )
+from support.tools import digest_of
 
 RFC3339_SECONDS = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def read_link(path: Path) -> str:
@@ -145,16 +141,16 @@ def test_push_pull_roundtrip(tmp_path: Path, registry_server: RegistryServer) ->
     # HTTP: the manifest and every blob are byte-identical to the layout's.
     got = client.get_manifest(name, "v1")
     assert got.body == image.manifest
-    assert got.digest == image.digest == sha256(got.body)
+    assert got.digest == image.digest == digest_of(got.body)
     assert got.media_type == OCI_MANIFEST
     assert client.get_manifest(name, image.digest).body == image.manifest
     for digest in image.blob_digests:
         data = client.get_blob(name, digest)
-        assert sha256(data) == digest and data == image.blob(digest)
+        assert digest_of(data) == digest and data == image.blob(digest)
     assert client.tags(name) == ["v1"]
     assert client.catalog() == [name]
 
-    # Disk: the layout described in LAYOUT.md.
+    # Disk: the layout described in docs/layout.md.
     root = registry_server.root
     for digest in (image.digest, *image.blob_digests):
         assert blob_data_path(root, digest).read_bytes() == image.blob(digest)
@@ -227,7 +223,7 @@ def test_state_token_matches_registry(registry_server: RegistryServer) -> None:
     url = f"{registry_server.url}/v2/{name}/blobs/uploads/{uuid}"
     location = client.patch_chunk(str(httpx.URL(url, params={"_state": mine})), chunk2, 100)
     assert state_from_location(location) == upload_state_token(secret, name, uuid, 170, started)
-    digest = sha256(chunk1 + chunk2)
+    digest = digest_of(chunk1 + chunk2)
     mine = upload_state_token(secret, name, uuid, 170, started)
     resp = client.finish_upload(str(httpx.URL(url, params={"_state": mine})), digest)
     assert resp.headers["Docker-Content-Digest"] == digest
@@ -248,7 +244,7 @@ def test_finish_upload_written_in_storage(registry_server: RegistryServer) -> No
     url = httpx.URL(
         f"{registry_server.url}/v2/{name}/blobs/uploads/{uuid}", params={"_state": token}
     )
-    digest = sha256(data)
+    digest = digest_of(data)
     registry_server.client().finish_upload(str(url), digest)
     assert blob_data_path(root, digest).read_bytes() == data
     hexd = digest.removeprefix("sha256:")
@@ -330,7 +326,7 @@ def test_registry_hash_states_and_startedat(registry_server: RegistryServer) -> 
     assert (states / "230").read_bytes() == go_sha256_state(chunk1 + chunk2)
     assert (updir / "startedat").read_bytes() == started  # never rewritten
 
-    client.finish_upload(location, sha256(chunk1 + chunk2))
+    client.finish_upload(location, digest_of(chunk1 + chunk2))
     assert not updir.exists()
 
 
@@ -353,5 +349,5 @@ def test_registry_hash_states_after_gap(registry_server: RegistryServer) -> None
     states = updir / "hashstates/sha256"
     assert [p.name for p in states.iterdir()] == ["100"]
     assert (states / "100").read_bytes() == go_sha256_state(new)  # not old + new
-    client.finish_upload(location, sha256(old + new))
-    assert blob_data_path(registry_server.root, sha256(old + new)).read_bytes() == old + new
+    client.finish_upload(location, digest_of(old + new))
+    assert blob_data_path(registry_server.root, digest_of(old + new)).read_bytes() == old + new

@@ -45,6 +45,7 @@ from support.registry import (
     upload_path,
     upload_state_token,
 )
+from support.tools import digest_of
 
 from storage.digests import Digest, Sha256State
 from storage.drivers import FilesystemDriver
@@ -53,15 +54,11 @@ from storage.errors import CorruptEntry, UnknownLayer, UnknownUpload
 from storage.layers import LayerService
 from storage.registry import Registry
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.registry, pytest.mark.storage]
 
 RFC3339_SECONDS = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def dig(text: str) -> Digest:
@@ -199,7 +196,7 @@ async def test_layers_of_pushed_images(pushed: Pushed) -> None:
             assert (str(info.digest), info.size) == (digest, len(want))
             assert info.mtime_ns == blob_data_path(pushed.root, digest).stat().st_mtime_ns
             data = await read_all(layers, digest)
-            assert sha256(data) == digest and data == want
+            assert digest_of(data) == digest and data == want
 
 
 async def test_random_access_reads_of_pushed_layer(pushed: Pushed) -> None:
@@ -253,7 +250,7 @@ def tar_layer(files: Mapping[str, bytes]) -> tuple[bytes, str]:
             entry.mode = 0o755 if path.endswith(".sh") else 0o644
             tar.addfile(entry, io.BytesIO(data))
     plain = raw.getvalue()
-    return gzip.compress(plain, mtime=0), sha256(plain)
+    return gzip.compress(plain, mtime=0), digest_of(plain)
 
 
 async def push_with_storage(reg: Registry, name: str, blob: bytes, split: int = 0) -> dict:
@@ -266,9 +263,9 @@ async def push_with_storage(reg: Registry, name: str, blob: bytes, split: int = 
         upload = await layers.resume(upload.uuid)
         assert upload.hashed_size == split
     await upload.write(blob[split:])
-    info = await upload.finish(dig(sha256(blob)), size=len(blob))
+    info = await upload.finish(dig(digest_of(blob)), size=len(blob))
     assert info.size == len(blob)
-    return {"digest": sha256(blob), "size": len(blob)}
+    return {"digest": digest_of(blob), "size": len(blob)}
 
 
 LAYER_FILES = (
@@ -322,7 +319,7 @@ async def test_registry_serves_image_written_by_storage(tmp_path: Path) -> None:
     )
     repo = reg.repository(name)
     digest = await repo.manifests.put(manifest, OCI_MANIFEST)
-    assert str(digest) == sha256(manifest)
+    assert str(digest) == digest_of(manifest)
     await repo.tags.put("v1", digest)
     index = json.dumps(
         {
@@ -422,14 +419,14 @@ async def test_http_upload_resumed_and_finished_by_storage(
     upload = await layers.resume(uuid)
     assert upload.size == size
     assert upload.hashed_size == size  # the registry's state file at `size` was loaded
-    assert await upload.digest() == dig(sha256(head + middle))
+    assert await upload.digest() == dig(digest_of(head + middle))
     assert upload.seek(0, os.SEEK_END) == size
     await upload.write(tail)
     data = head + middle + tail
-    blob = await upload.finish(dig(sha256(data)))
-    assert (str(blob.digest), blob.size) == (sha256(data), len(data))
+    blob = await upload.finish(dig(digest_of(data)))
+    assert (str(blob.digest), blob.size) == (digest_of(data), len(data))
 
-    assert client.get_blob(name, sha256(data)) == data
+    assert client.get_blob(name, digest_of(data)) == data
     resp = client.request("GET", location)  # the upload is gone for the registry too
     assert resp.status_code == 404 and error_codes(resp) == ["BLOB_UPLOAD_UNKNOWN"]
     assert not upload_path(registry_server.root, name, uuid).exists()
@@ -455,7 +452,7 @@ async def test_storage_resume_survives_registry_gap_state(
 
     resumed = await layers.resume(upload.uuid)
     assert resumed.hashed_size == 100  # nearest lower state: the registry's bogus one
-    blob = await resumed.finish(dig(sha256(first + patch)))
+    blob = await resumed.finish(dig(digest_of(first + patch)))
     assert client.get_blob(name, str(blob.digest)) == first + patch
 
 
@@ -475,10 +472,10 @@ async def test_storage_upload_finished_by_registry(
     url = upload_url(registry_server, name, upload.uuid, len(data), started)
     resp = client.request("GET", url)
     assert resp.status_code == 204 and resp.headers["Range"] == f"0-{len(data) - 1}"
-    resp = client.finish_upload(url, sha256(data))
-    assert resp.headers["Docker-Content-Digest"] == sha256(data)
-    assert client.get_blob(name, sha256(data)) == data
-    assert await layers.exists(dig(sha256(data)))
+    resp = client.finish_upload(url, digest_of(data))
+    assert resp.headers["Docker-Content-Digest"] == digest_of(data)
+    assert client.get_blob(name, digest_of(data)) == data
+    assert await layers.exists(dig(digest_of(data)))
     assert await layers.uploads() == []
 
     # storage → registry PATCH → storage → registry PUT.
@@ -498,8 +495,8 @@ async def test_storage_upload_finished_by_registry(
         parts[0] + parts[1]
     )
     url = upload_url(registry_server, name, upload.uuid, offset, started)
-    client.finish_upload(url, sha256(b"".join(parts)), parts[3])
-    assert client.get_blob(name, sha256(b"".join(parts))) == b"".join(parts)
+    client.finish_upload(url, digest_of(b"".join(parts)), parts[3])
+    assert client.get_blob(name, digest_of(b"".join(parts))) == b"".join(parts)
 
 
 async def test_registry_trusts_storage_hash_state(
@@ -521,7 +518,7 @@ async def test_registry_trusts_storage_hash_state(
         with (updir / "data").open("r+b") as f:
             f.write(b"\0" * 1000)
         url = upload_url(registry_server, name, upload.uuid, len(data), go_time(upload.started_at))
-        url = str(httpx.URL(url).copy_merge_params({"digest": sha256(data)}))
+        url = str(httpx.URL(url).copy_merge_params({"digest": digest_of(data)}))
         resp = client.request("PUT", url, headers={"Content-Type": "application/octet-stream"})
         results[keep_state] = (resp.status_code, error_codes(resp))
     assert results == {True: (201, []), False: (400, ["DIGEST_INVALID"])}
@@ -566,9 +563,9 @@ async def test_hash_state_files_are_interchangeable(
         assert registry_state == (ours / str(n)).read_bytes() == go_sha256_state(data[:n]), n
         state = Sha256State.unmarshal(registry_state)
         assert state.size == n and state.marshal() == registry_state
-        assert str(state.digest()) == sha256(data[:n])
+        assert str(state.digest()) == digest_of(data[:n])
         state.update(more)
-        assert str(state.digest()) == sha256(data[:n] + more)
+        assert str(state.digest()) == digest_of(data[:n] + more)
 
 
 # --------------------------------------------------------------------------- (d) startedat
@@ -648,7 +645,7 @@ async def test_corrupt_entries_in_registry_root(
             }
         ).encode()
         client.put_manifest(name, f"m{len(manifests)}", body)
-        manifests.append(sha256(body))
+        manifests.append(digest_of(body))
     for tag in ("good", "junk"):
         client.put_manifest(name, tag, (blob_data_path(root, manifests[0])).read_bytes())
 

@@ -25,6 +25,8 @@ from storage.paths import (
     path_for,
 )
 
+pytestmark = pytest.mark.storage
+
 
 def random_tarball(size: int = 200_000) -> bytes:
     buf = io.BytesIO()

@@ -11,6 +11,8 @@ from storage.errors import CorruptEntry, InvalidManifest, InvalidName
 from storage.manifest_format import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from storage.paths import RepositoryDir, TagCurrentLink, TagIndexDir, path_for
 
+pytestmark = pytest.mark.storage
+
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 

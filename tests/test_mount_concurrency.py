@@ -33,6 +33,8 @@ from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
 
+pytestmark = pytest.mark.mount
+
 REPO = "soak/app"
 C_LOCALE = {**os.environ, "LC_ALL": "C"}
 MIB = 1 << 20

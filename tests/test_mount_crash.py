@@ -46,6 +46,8 @@ from storage.paths import BlobData, UploadData, path_for
 from storage.registry import Registry
 from storage.uploads import UUID_RE
 
+pytestmark = pytest.mark.mount
+
 REPO = "crash/app"
 IMAGES = 3
 SEEDS = range(20)

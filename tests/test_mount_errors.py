@@ -7,38 +7,24 @@ ends by reading through the same mount, to show the daemon survived what came be
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from support.mounts import Mount
 from support.registry import blob_data_path, repo_path
-from test_mount_read import build_root, link_blobs, ls, run
+from support.roots import build_root, link_blobs
+from support.snapshots import files_snapshot
+from support.tools import (
+    errno_closing,
+    ls,
+    run,
+)
+
+pytestmark = pytest.mark.mount
 
 HEX = "ab" * 32
-
-
-def errno_of(call: Callable[[], object]) -> int | None:
-    """The errno a call fails with, or None when it succeeds (which no caller expects)."""
-    try:
-        result = call()
-    except OSError as exc:
-        return exc.errno
-    if isinstance(result, int):  # a file descriptor that should not exist
-        os.close(result)
-    return None
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under root with a hash of its bytes: proves failed writes changed nothing."""
-    found = {}
-    for directory, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return found
 
 
 def assert_alive(m: Mount, image: dict) -> None:
@@ -72,19 +58,19 @@ async def test_invalid_names_are_enoent(tmp_path, mount):
         repo / "uploads" / "not-a-uuid",
     ]
     for path in bad:
-        assert errno_of(lambda p=path: os.stat(p)) == errno.ENOENT, path
-        assert errno_of(lambda p=path: os.open(p, os.O_RDONLY)) == errno.ENOENT, path
+        assert errno_closing(lambda p=path: os.stat(p)) == errno.ENOENT, path
+        assert errno_closing(lambda p=path: os.open(p, os.O_RDONLY)) == errno.ENOENT, path
     # Bytes that are not UTF-8 never make a name.
     raw = os.fsencode(repo / "tags") + b"/\xff\xfe"
-    assert errno_of(lambda: os.stat(raw)) == errno.ENOENT
+    assert errno_closing(lambda: os.stat(raw)) == errno.ENOENT
 
     # 300 characters: the kernel passes the name on (FUSE allows up to 1024), so the daemon
     # answers. Under a section the name is just not a digest or tag; at the top level it is a
     # valid-looking component whose storage path the host filesystem finds too long.
     long_name = "x" * 300
-    assert errno_of(lambda: os.stat(repo / "layers" / long_name)) == errno.ENOENT
-    assert errno_of(lambda: os.stat(repo / "tags" / long_name)) == errno.ENOENT
-    assert errno_of(lambda: os.stat(m.path(long_name))) == errno.ENAMETOOLONG
+    assert errno_closing(lambda: os.stat(repo / "layers" / long_name)) == errno.ENOENT
+    assert errno_closing(lambda: os.stat(repo / "tags" / long_name)) == errno.ENOENT
+    assert errno_closing(lambda: os.stat(m.path(long_name))) == errno.ENAMETOOLONG
     assert_alive(m, image)
 
 
@@ -124,7 +110,7 @@ async def test_writes_to_layers_and_manifests_are_eperm(tmp_path, mount):
     extra = await build_root(root, size=20_000, tag="other", config=b'{"other":1}')
     m = mount(root)
     repo = m.path("library", "demo")
-    before = snapshot(root)
+    before = files_snapshot(root)
     targets = [
         (repo / "layers", image["layer"], extra["layer"]),
         (repo / "manifests", image["digest"], extra["digest"]),
@@ -133,9 +119,9 @@ async def test_writes_to_layers_and_manifests_are_eperm(tmp_path, mount):
         for what, call in write_calls(directory, name, other).items():
             if (directory.name, what) == ("manifests", "create"):
                 continue  # a new manifest by digest is taken (tests/test_everyday_tools.py)
-            assert errno_of(call) == errno.EPERM, f"{what} in {directory.name}"
-    assert errno_of(lambda: os.rmdir(repo / "layers")) == errno.EPERM
-    assert snapshot(root) == before, "a refused write changed the storage"
+            assert errno_closing(call) == errno.EPERM, f"{what} in {directory.name}"
+    assert errno_closing(lambda: os.rmdir(repo / "layers")) == errno.EPERM
+    assert files_snapshot(root) == before, "a refused write changed the storage"
     assert "refused" in m.log_text()
     assert run("cat", repo / "manifests" / image["digest"]).stdout == image["manifest"]
     assert_alive(m, image)
@@ -147,7 +133,7 @@ async def test_read_only_mount_refuses_every_write_with_erofs(tmp_path, mount):
     extra = await build_root(root, size=20_000, tag="other", config=b'{"other":1}')
     m = mount(root, "--read-only")
     repo = m.path("library", "demo")
-    before = snapshot(root)
+    before = files_snapshot(root)
     targets = [
         (repo / "layers", image["layer"], extra["layer"]),
         (repo / "manifests", image["digest"], extra["digest"]),
@@ -155,16 +141,16 @@ async def test_read_only_mount_refuses_every_write_with_erofs(tmp_path, mount):
     ]
     for directory, name, other in targets:
         for what, call in write_calls(directory, name, other).items():
-            assert errno_of(call) == errno.EROFS, f"{what} in {directory.name}"
+            assert errno_closing(call) == errno.EROFS, f"{what} in {directory.name}"
     # Where a read-write mount will take writes (uploads, new repositories), ro still refuses.
     uploads = repo / "uploads" / "new"
-    assert errno_of(lambda: os.open(uploads, os.O_WRONLY | os.O_CREAT)) == errno.EROFS
-    assert errno_of(lambda: os.mkdir(m.path("myorg"))) == errno.EROFS
-    assert errno_of(lambda: os.rmdir(repo / "layers")) == errno.EROFS
+    assert errno_closing(lambda: os.open(uploads, os.O_WRONLY | os.O_CREAT)) == errno.EROFS
+    assert errno_closing(lambda: os.mkdir(m.path("myorg"))) == errno.EROFS
+    assert errno_closing(lambda: os.rmdir(repo / "layers")) == errno.EROFS
     for path in (repo / "layers" / image["layer"], repo / "manifests" / image["digest"]):
-        assert errno_of(lambda p=path: os.unlink(p)) == errno.EROFS, path
-    assert errno_of(lambda: os.unlink(repo / "tags" / "latest")) == errno.EROFS
-    assert snapshot(root) == before
+        assert errno_closing(lambda p=path: os.unlink(p)) == errno.EROFS, path
+    assert errno_closing(lambda: os.unlink(repo / "tags" / "latest")) == errno.EROFS
+    assert files_snapshot(root) == before
     assert run("cat", repo / "tags" / "latest").stdout == image["manifest"]
     assert_alive(m, image)
 
@@ -183,8 +169,8 @@ async def test_missing_blob_data_is_absent_for_that_layer_only(tmp_path, mount):
     m = mount(root, allow_tracebacks=False)
     layers = m.path("library", "demo", "layers")
 
-    assert errno_of(lambda: os.stat(layers / lost)) == errno.ENOENT
-    assert errno_of(lambda: os.open(layers / lost, os.O_RDONLY)) == errno.ENOENT
+    assert errno_closing(lambda: os.stat(layers / lost)) == errno.ENOENT
+    assert errno_closing(lambda: os.open(layers / lost, os.O_RDONLY)) == errno.ENOENT
     cat = run("cat", layers / lost, check=False)
     assert cat.returncode != 0 and b"No such file or directory" in cat.stderr
     # The listing skips it; the others read back.
@@ -208,8 +194,8 @@ async def test_garbage_link_files_are_eio(tmp_path, mount):
     m = mount(root)
     repo = m.path("library", "demo")
 
-    assert errno_of(lambda: os.stat(repo / "layers" / extra["layer"])) == errno.EIO
-    assert errno_of(lambda: os.stat(repo / "tags" / "bad")) == errno.EIO
+    assert errno_closing(lambda: os.stat(repo / "layers" / extra["layer"])) == errno.EIO
+    assert errno_closing(lambda: os.stat(repo / "tags" / "bad")) == errno.EIO
     assert run("cat", repo / "tags" / "bad", check=False).returncode != 0
     assert sorted(ls(repo / "tags")) == ["bad", "good", "latest"]
     assert extra["layer"] in ls(repo / "layers")

@@ -8,8 +8,6 @@ line, and compare with what the storage (or the OCI layout that was pushed) hold
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import random
 import subprocess
@@ -20,84 +18,19 @@ import pytest
 from support.mounts import Mount, parse_getfattr
 from support.oci import OCI_MANIFEST, build_image, build_large_image, skopeo_push
 from support.registry import blob_data_path, repo_path
+from support.roots import build_root, link_blobs
+from support.tools import (
+    ls,
+    run,
+    sha256_file,
+)
 
-from storage.digests import digest_bytes
-from storage.drivers import FilesystemDriver
-from storage.registry import Registry
+pytestmark = pytest.mark.mount
 
-CONFIG = b'{"architecture":"amd64","os":"linux"}'
 SECTIONS = ["layers", "manifests", "tags", "uploads"]
-C_LOCALE = {**os.environ, "LC_ALL": "C"}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-async def link_blobs(root: Path, name: str, blobs: list[bytes]) -> list[str]:
-    """Upload blobs into repository `name` through storage/; returns their digests."""
-    repo = Registry(FilesystemDriver(root)).repository(name)
-    digests = []
-    for data in blobs:
-        upload = await repo.layers.upload()
-        await upload.write(data)
-        digest = digest_bytes(data)
-        await upload.finish(digest)
-        digests.append(str(digest))
-    return digests
-
-
-async def build_root(
-    root: Path,
-    name: str = "library/demo",
-    size: int = 3_000_000,
-    tag: str = "latest",
-    config: bytes = CONFIG,
-) -> dict:
-    """A repository with a config, one big random layer, a manifest and one tag."""
-    blobs = [config, os.urandom(size)]
-    config_digest, layer = await link_blobs(root, name, blobs)
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config_digest,
-                "size": len(config),
-            },
-            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": size}],
-        }
-    ).encode()
-    repo = Registry(FilesystemDriver(root)).repository(name)
-    digest = await repo.manifests.put(manifest)
-    await repo.tags.put(tag, digest)
-    return {
-        "blobs": dict(zip([config_digest, layer], blobs, strict=True)),
-        "manifest": manifest,
-        "digest": str(digest),
-        "layer": layer,
-        "config": config_digest,
-    }
-
-
-def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """A real tool in a subprocess (C locale: byte-order sorting, English messages)."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, timeout=60, env=C_LOCALE)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}: {result.stderr.decode()}")
-    return result
-
-
-def ls(path: Path) -> list[str]:
-    return run("ls", "-1", path).stdout.decode().splitlines()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def parse_ls_recursive(out: str, top: Path) -> dict[str, list[str]]:

@@ -10,22 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from support.mounts import REGFS, Mount, parse_getfattr, wait_until
 from support.registry import blob_data_path, repo_path, upload_path
-from test_mount_read import build_root
+from support.roots import build_root
+from support.snapshots import snapshot
+from support.tools import (
+    bash,
+    digest_of,
+    errno_of,
+    ls,
+    open_errno,
+    run,
+    sha256sum,
+)
+from support.uploads import new_repo, state_path, upload_uuids, uuid_of, write_file
 
-C_LOCALE = {**os.environ, "LC_ALL": "C"}
+pytestmark = pytest.mark.mount
+
 MIB = 1 << 20
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
@@ -33,92 +44,11 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 # --------------------------------------------------------------------------- helpers
 
 
-def run(*args: str | Path, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    """A real tool in a subprocess (C locale: byte-order sorting, English messages)."""
-    result = subprocess.run(
-        [str(a) for a in args], capture_output=True, timeout=timeout, env=C_LOCALE
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}: {result.stderr.decode()}")
-    return result
-
-
-def bash(script: str, check: bool = True) -> subprocess.CompletedProcess:
-    """A shell line, for what only a shell does: redirections like `cat rest >> file`."""
-    return run("bash", "-c", script, check=check)
-
-
-def ls(path: Path) -> list[str]:
-    return run("ls", "-1", path).stdout.decode().splitlines()
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def sha256sum(path: Path) -> str:
-    """The digest as the real `sha256sum` computes it from the file's bytes."""
-    return "sha256:" + run("sha256sum", path).stdout.decode().split()[0]
-
-
-def errno_of(call: Callable[[], object]) -> int | None:
-    """The errno a call fails with, or None when it succeeds."""
-    try:
-        call()
-    except OSError as exc:
-        return exc.errno
-    return None
-
-
-def open_errno(path: Path, flags: int) -> int | None:
-    """The errno of an open; a descriptor that should not exist is closed at once."""
-    return errno_of(lambda: os.close(os.open(path, flags, 0o644)))
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every directory and file under root (nothing excluded), files with a sha256 of their
-    bytes: two equal snapshots mean an operation changed nothing in storage."""
-    found = {}
-    for directory, dirs, files in os.walk(root):
-        for name in dirs:
-            found[os.path.relpath(os.path.join(directory, name), root)] = "dir"
-        for name in files:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return dict(sorted(found.items()))
-
-
-def uuid_of(path: Path) -> str:
-    return os.getxattr(path, "user.regfs.uuid").decode()
-
-
-def state_path(root: Path, name: str, uuid: str, offset: int) -> Path:
-    return upload_path(root, name, uuid) / "hashstates" / "sha256" / str(offset)
-
-
 def wait_for_state(root: Path, name: str, uuid: str, offset: int) -> None:
     """Wait until the daemon saved the hash state at offset: the upload's release (which
     arrives after close() has returned) is done, so storage is settled for a snapshot."""
     path = state_path(root, name, uuid, offset)
     wait_until(path.exists, 10, f"hash state {path}")
-
-
-def upload_uuids(root: Path, name: str) -> list[str]:
-    uploads = repo_path(root, name) / "_uploads"
-    return sorted(os.listdir(uploads)) if uploads.exists() else []
-
-
-def write_file(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
-
-
-def new_repo(m: Mount, name: str) -> Path:
-    """`mkdir -p` a repository through the mount: a fresh root needs nothing else."""
-    repo = m.path(*name.split("/"))
-    run("mkdir", "-p", repo)
-    return repo
 
 
 def start_mount(root: Path, mountpoint: Path, log: Path, *args: str) -> Mount:

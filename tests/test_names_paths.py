@@ -7,6 +7,8 @@ from storage.digests import Digest
 from storage.errors import InvalidName
 from storage.names import validate_name, validate_tag
 
+pytestmark = pytest.mark.storage
+
 D = Digest.parse("sha256:" + "ab" * 32)
 R = "/docker/registry/v2/repositories/library/alpine"
 U = "0d0c5e8f-57a1-4a5c-9d0e-6f1c2b3a4d5e"

@@ -15,6 +15,8 @@ from storage.digests import digest_bytes
 from storage.drivers import InMemoryDriver
 from storage.registry import Registry
 
+pytestmark = pytest.mark.storage
+
 
 @pytest.fixture
 async def ops() -> Operations:

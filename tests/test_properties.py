@@ -18,6 +18,8 @@ from storage.manifest_format import parse_manifest
 from storage.names import validate_name, validate_tag
 from storage.registry import Registry
 
+pytestmark = pytest.mark.storage
+
 # The registry's grammar, written independently of storage/names.py.
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 NAME = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")

@@ -15,9 +15,10 @@ import pytest
 from support.mounts import wait_until
 from support.oci import OCI_MANIFEST, blob_path, build_image, run, skopeo_pull
 from support.registry import upload_path
-from test_mount_write import bash, digest_of, ls, new_repo, state_path, uuid_of, write_file
+from support.tools import bash, digest_of, ls
+from support.uploads import new_repo, state_path, uuid_of, write_file
 
-pytestmark = pytest.mark.registry
+pytestmark = [pytest.mark.mount, pytest.mark.registry]
 
 FILES = {
     "etc/regfs/hello.txt": b"hello from a cp push\n",

@@ -7,21 +7,18 @@ need nothing but loopback.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from pathlib import Path
 
 import httpx
 import pytest
 import trio
 from support import registry as registry_harness
+from support.credentials import credential_helper
 from support.fault_server import Fault, FaultServer
 from support.registry import (
     OCI_MANIFEST,
@@ -31,6 +28,7 @@ from support.registry import (
     write_self_signed_cert,
 )
 from support.token_server import TokenServer
+from support.tools import digest_of
 
 from storage.errors import AccessDenied, RemoteUnavailable, StorageError
 from storage.remote.auth import (
@@ -45,13 +43,11 @@ from storage.remote.auth import (
 from storage.remote.client import RemoteClient, RemoteError, RemoteNotFound, TLSError
 from storage.remote.credentials import Credentials, docker_config_credentials
 
+pytestmark = pytest.mark.remote
+
 USER, PASSWORD = "alice", "s3cret-Pa55"
 IDENTITY = "idt-0f9e8d7c"  # an identity token (OAuth2 refresh token)
 SERVER_THREADS = ("token-server", "fault-server", "process_request_thread")
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +109,7 @@ async def push_blob(client: RemoteClient, name: str, data: bytes, relative: bool
             location = url.raw_path.decode("ascii")
         return location
 
-    digest = sha256(data)
+    digest = digest_of(data)
     resp = await client.request("POST", f"/v2/{name}/blobs/uploads/", expect=(202,))
     location = next_location(resp)
     resp = await client.request(
@@ -163,7 +159,7 @@ async def push_image(client: RemoteClient, name: str, tag: str, layer: bytes) ->
         headers={"Content-Type": OCI_MANIFEST},
         expect=(201,),
     )
-    return manifest, sha256(manifest)
+    return manifest, digest_of(manifest)
 
 
 def asked(tokens: TokenServer) -> list[tuple[str, ...]]:
@@ -274,30 +270,6 @@ def test_docker_config_keys(tmp_path, monkeypatch) -> None:
     no_secrets(str(err.value), PASSWORD)
 
 
-def credential_helper(
-    monkeypatch: pytest.MonkeyPatch, bin_dir: Path, name: str, logins: dict[str, tuple[str, str]]
-) -> None:
-    """A `docker-credential-<name>` in bin_dir, put on PATH, answering `get` from `logins`
-    (server → login), as docker's helpers do: JSON out, exit 1 with a message when it has none."""
-    bin_dir.mkdir(exist_ok=True)
-    if str(bin_dir) not in os.environ["PATH"].split(os.pathsep):
-        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    table = {k: {"ServerURL": k, "Username": u, "Secret": p} for k, (u, p) in logins.items()}
-    script = bin_dir / f"docker-credential-{name}"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import json, sys\n"
-        f"table = {json.dumps(table)!r}\n"
-        "assert sys.argv[1:] == ['get'], sys.argv\n"
-        "server = sys.stdin.read().strip()\n"
-        "login = json.loads(table).get(server)\n"
-        "if login is None:\n"
-        "    print('credentials not found in native keychain'); sys.exit(1)\n"
-        "print(json.dumps(login))\n"
-    )
-    script.chmod(0o755)
-
-
 def test_docker_credential_helpers(tmp_path, monkeypatch, caplog) -> None:
     """credHelpers for its registry, else credsStore, else auths; a helper that is missing,
     has no login leaves the next source to answer; `<token>` means an identity token."""
@@ -356,7 +328,7 @@ async def test_anonymous_reads_and_uploads(registry_server: RegistryServer) -> N
         assert resp.headers["Docker-Content-Digest"] == digest
         assert resp.headers["Content-Type"] == OCI_MANIFEST
 
-        blob = f"/v2/team/app/blobs/{sha256(layer)}"
+        blob = f"/v2/team/app/blobs/{digest_of(layer)}"
         assert (await client.request("GET", blob)).content == layer
         head = await client.request("HEAD", blob)
         assert int(head.headers["Content-Length"]) == len(layer)
@@ -373,7 +345,7 @@ async def test_anonymous_reads_and_uploads(registry_server: RegistryServer) -> N
 
 @pytest.mark.registry
 async def test_absent_things_raise_remote_not_found(registry_server: RegistryServer) -> None:
-    missing = sha256(b"missing")
+    missing = digest_of(b"missing")
     async with RemoteClient(registry_server.url, timeout=5) as client:
         await push_blob(client, "team/app", b"present")
         with pytest.raises(RemoteNotFound) as err:
@@ -718,7 +690,7 @@ async def test_faults_in_front_of_the_real_registry(registry_server: RegistrySer
             resp = await client.request(
                 "PATCH", resp.headers["Location"], content=data, expect=(202,), retry_unsafe=True
             )
-            digest = sha256(data)
+            digest = digest_of(data)
             await client.request(
                 "PUT", resp.headers["Location"], params={"digest": digest}, expect=(201,)
             )

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support import registry as registry_harness
+from support.credentials import credential_helper
 from support.fault_server import Fault, FaultServer
 from support.mounts import REGFS, Mount, is_mounted, parse_getfattr, wait_until
 from support.oci import build_image, build_large_image, run, skopeo_pull, skopeo_push
@@ -38,50 +39,28 @@ from support.registry import (
     write_self_signed_cert,
 )
 from support.token_server import TokenServer
-from test_remote_client import credential_helper
+from support.tools import (
+    C_LOCALE,
+    digest_of,
+    errno_of,
+    ls,
+    sh,
+    sha256sum,
+)
 
 from storage.digests import Digest
 from storage.errors import DigestMismatch, RemoteUnavailable
 from storage.remote.client import RemoteClient
 from storage.remote.uploads import RemoteUpload, UploadRecords
 
+pytestmark = [pytest.mark.mount, pytest.mark.remote]
+
 USER, PASSWORD = "alice", "s3cret-Pa55-remote"
 MIB = 1 << 20
-C_LOCALE = {**os.environ, "LC_ALL": "C"}
 SERVER_THREADS = ("token-server", "fault-server", "process_request_thread")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sh(*args: str | Path, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    """A real tool, C locale (English messages, byte-order sorting)."""
-    result = subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=C_LOCALE
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}: {result.stderr}")
-    return result
-
-
-def ls(path: Path) -> list[str]:
-    return sh("ls", "-1", path).stdout.splitlines()
-
-
-def sha256sum(path: Path) -> str:
-    return "sha256:" + sh("sha256sum", path).stdout.split()[0]
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def errno_of(call: Callable[[], object]) -> int | None:
-    try:
-        call()
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 def regfs_mount(

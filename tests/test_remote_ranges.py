@@ -14,6 +14,8 @@ from storage.errors import AccessDenied, RemoteUnavailable
 from storage.remote.client import RemoteClient
 from storage.remote.ranges import RangeFetcher
 
+pytestmark = pytest.mark.remote
+
 BLOB = os.urandom(3 << 20)
 
 

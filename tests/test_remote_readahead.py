@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import pytest
 import trio
 
 from storage.api import BlobInfo
 from storage.digests import digest_bytes
 from storage.remote.reader import ReadAheadBudget, RemoteLayerReader
+
+pytestmark = pytest.mark.storage
 
 BLOB = os.urandom(24 << 20)
 

@@ -21,6 +21,8 @@ from support.users import OtherUser, shared_directory
 from regfs.sources import split_login
 from storage.remote.uploads import UploadRecord, UploadRecords
 
+pytestmark = pytest.mark.mount
+
 USER, PASSWORD = "alice", "s3cr3t-p@ss"
 
 

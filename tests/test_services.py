@@ -32,6 +32,8 @@ from storage.errors import (
     UnknownUpload,
 )
 
+pytestmark = pytest.mark.storage
+
 if TYPE_CHECKING:
     from conftest import Source
 

@@ -18,12 +18,12 @@ import ssl
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
 from support.loopback import LoopbackHandler, LoopbackHTTP
+from support.servers import StartStop
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Seen:
 
 
 @dataclass(eq=False)
-class FaultServer:
+class FaultServer(StartStop):
     upstream: str | None = None
     tls: ssl.SSLContext | None = None  # https only, with this server-side context
     seen: list[Seen] = field(default_factory=list, init=False)
@@ -112,17 +112,6 @@ class FaultServer:
         http, self._http = self._http, None
         if http is not None:
             http.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class _Handler(LoopbackHandler):

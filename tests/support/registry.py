@@ -24,10 +24,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NamedTuple, Self
 
 import httpx
+
+from support.servers import StartStop
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def _stop_leftovers() -> None:
 
 
 @dataclass(eq=False)
-class RegistryServer:
+class RegistryServer(StartStop):
     """A `docker-registry serve` on 127.0.0.1 with the filesystem driver rooted at `root`.
 
     The config and log live in `workdir` (a new temp dir, removed on stop, if not given),
@@ -489,17 +490,6 @@ class RegistryServer:
 
     def client(self) -> RegistryClient:
         return RegistryClient(self.url)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def running_registry(

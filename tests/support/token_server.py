@@ -35,7 +35,6 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
@@ -45,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 
 from support.loopback import LoopbackHandler, LoopbackHTTP
 from support.registry import write_self_signed_cert
+from support.servers import StartStop
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class TokenRequest:
 
 
 @dataclass(eq=False)
-class TokenServer:
+class TokenServer(StartStop):
     """`with TokenServer(workdir) as ts:` then `RegistryServer(..., auth=ts.registry_auth())`."""
 
     workdir: Path
@@ -110,17 +110,6 @@ class TokenServer:
         http, self._http = self._http, None
         if http is not None:
             http.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def granted(self) -> list[TokenRequest]:
