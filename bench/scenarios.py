@@ -1,9 +1,9 @@
 """Each measurement, regfs and its peer in the same run, on the same bytes.
 
-Every repetition that reads through regfs gets a fresh mount (PERF.md: single runs vary 4x,
-and a live mount keeps a layer's pages), and the two sides swap which goes first on every
-other repetition, so drift in the machine's load falls on both. Figures are medians over the
-repetitions.
+Every repetition that reads through regfs gets a fresh mount (single runs vary a lot,
+docs/performance.md; and a live mount keeps a layer's pages), and the two sides swap which
+goes first on every other repetition, so drift in the machine's load falls on both. Figures
+are medians over the repetitions.
 """
 
 from __future__ import annotations
