@@ -24,6 +24,7 @@ from support.registry import (
     OCI_MANIFEST,
     RegistryServer,
     htpasswd_auth,
+    started_registries,
     write_htpasswd,
     write_self_signed_cert,
 )
@@ -68,18 +69,7 @@ def fault_server() -> Iterator[FaultServer]:
 @pytest.fixture
 def servers(tmp_path) -> Iterator[Callable[..., RegistryServer]]:
     """start(**options) → a started RegistryServer on a fresh root; all stopped at teardown."""
-    with ExitStack() as stack:
-        count = 0
-
-        def start(**options: object) -> RegistryServer:
-            nonlocal count
-            count += 1
-            server = RegistryServer(
-                tmp_path / f"root{count}", workdir=tmp_path / f"registry{count}", **options
-            )
-            return stack.enter_context(server)
-
-        yield start
+    yield from started_registries(tmp_path)
 
 
 @pytest.fixture

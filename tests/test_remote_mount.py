@@ -34,6 +34,7 @@ from support.registry import (
     RegistryServer,
     htpasswd_auth,
     repo_path,
+    started_registries,
     upload_path,
     write_htpasswd,
     write_self_signed_cert,
@@ -187,18 +188,7 @@ def isolated(tmp_path, monkeypatch) -> Iterator[None]:
 @pytest.fixture
 def servers(tmp_path) -> Iterator[Callable[..., RegistryServer]]:
     """start(**options) → a started RegistryServer on a fresh root; all stopped at teardown."""
-    with contextlib.ExitStack() as stack:
-        count = 0
-
-        def start(**options: object) -> RegistryServer:
-            nonlocal count
-            count += 1
-            server = RegistryServer(
-                tmp_path / f"root{count}", workdir=tmp_path / f"registry{count}", **options
-            )
-            return stack.enter_context(server)
-
-        yield start
+    yield from started_registries(tmp_path)
 
 
 # --------------------------------------------------------------------------- 1. reading

@@ -20,7 +20,8 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -499,6 +500,23 @@ def running_registry(
     `options` are RegistryServer's (`auth=`, `tls=`, ...)."""
     with RegistryServer(root, workdir=workdir, **options) as server:
         yield server
+
+
+def started_registries(tmp_path: Path) -> Iterator[Callable[..., RegistryServer]]:
+    """Generator for a pytest fixture: yields start(**options) → a started RegistryServer on
+    a fresh root under tmp_path; all are stopped when the generator ends."""
+    with ExitStack() as stack:
+        count = 0
+
+        def start(**options: object) -> RegistryServer:
+            nonlocal count
+            count += 1
+            server = RegistryServer(
+                tmp_path / f"root{count}", workdir=tmp_path / f"registry{count}", **options
+            )
+            return stack.enter_context(server)
+
+        yield start
 
 
 # --------------------------------------------------------------------------- HTTP helpers
