@@ -31,10 +31,18 @@ from pathlib import Path
 
 import pytest
 from support.mounts import Mount, is_mounted
+from support.registry import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_CONFIG,
+    OCI_INDEX,
+)
 from support.roots import build_root, link_blobs
 from support.snapshots import lstat_snapshot
 from support.tools import (
     C_LOCALE,
+    MIB,
     digest_of,
 )
 
@@ -44,13 +52,7 @@ from storage.registry import Registry
 
 pytestmark = pytest.mark.mount
 
-MIB = 1 << 20
 V2 = "docker/registry/v2"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 ROW_DEADLINE = 15.0
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 ODD = {  # NUL-free but odd characters, each inside an otherwise fine name
@@ -1069,7 +1071,7 @@ def manifests_table(mnt: Path, root: Path, tmp: Path, image: dict, other: dict) 
         ),
         "index with layers": ({**index, "layers": [layer]}, "must not have config or layers"),
         "docker list with config": (
-            {**index, "mediaType": DOCKER_LIST, "config": config},
+            {**index, "mediaType": DOCKER_MANIFEST_LIST, "config": config},
             "must not have config or layers",
         ),
         "index without manifests": (

@@ -15,15 +15,22 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from support.mounts import Mount, wait_until
-from support.registry import REGISTRY_BIN, RegistryClient, RegistryServer, blob_data_path, repo_path
+from support.mounts import REGFS, Mount, wait_until
+from support.registry import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    REGISTRY_BIN,
+    RegistryClient,
+    RegistryServer,
+    blob_data_path,
+    repo_path,
+)
 from support.tools import (
     errno_closing,
     ls,
@@ -42,10 +49,7 @@ pytestmark = pytest.mark.mount
 
 NAME = "org/app"
 TTL = 1.0  # the fast mount's --tag-ttl
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-REGFS = str(Path(sys.executable).parent / "regfs")
 
 
 @dataclass(frozen=True)

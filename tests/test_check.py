@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import errno
 import shutil
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from support.mounts import regfs
 
 from storage.check import Severity, check, purge_uploads
 from storage.digests import digest_bytes
@@ -25,8 +24,6 @@ from storage.paths import (
 from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
-
-REGFS = str(Path(sys.executable).parent / "regfs")
 
 
 async def healthy(registry: Registry) -> dict[str, str]:
@@ -109,10 +106,6 @@ async def test_purge_uploads(registry):
     done = await purge_uploads(registry.driver, timedelta(days=7))
     assert [p.uuid for p in done] == [old.uuid]
     assert await layers.uploads() == [new.uuid]
-
-
-def regfs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([REGFS, *args], capture_output=True, text=True, timeout=60)
 
 
 async def test_cli_exit_status_and_output(tmp_path):

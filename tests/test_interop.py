@@ -31,6 +31,7 @@ from support import registry as harness
 from support.oci import OciImage, build_image, build_large_image, run, skopeo_pull, skopeo_push
 from support.registry import (
     DOCKER_MANIFEST,
+    OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
     TEST_SECRET,
@@ -57,7 +58,6 @@ from storage.registry import Registry
 pytestmark = [pytest.mark.registry, pytest.mark.storage]
 
 RFC3339_SECONDS = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 

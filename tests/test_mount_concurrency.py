@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 from support.mounts import Mount, wait_until
+from support.tools import C_LOCALE, MIB
 
 from storage.check import Severity, check
 from storage.digests import digest_bytes
@@ -36,8 +37,6 @@ from storage.registry import Registry
 pytestmark = pytest.mark.mount
 
 REPO = "soak/app"
-C_LOCALE = {**os.environ, "LC_ALL": "C"}
-MIB = 1 << 20
 READERS, WRITERS = 16, 4
 SOAK_SECONDS = float(os.environ.get("REGFS_SOAK_SECONDS", "20"))
 # No single syscall or tool run may take longer. Typical worst cases here are ~0.1-0.5 s

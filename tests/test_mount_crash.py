@@ -38,6 +38,7 @@ import pytest
 import trio
 from support.mounts import Mount, wait_until
 from support.registry import OCI_MANIFEST, RegistryServer, blob_data_path, repo_path, v2_root
+from support.tools import MIB
 
 from storage.check import Severity, check
 from storage.digests import Digest
@@ -51,7 +52,6 @@ pytestmark = pytest.mark.mount
 REPO = "crash/app"
 IMAGES = 3
 SEEDS = range(20)
-MIB = 1 << 20
 # The kill comes up to this long after the chosen marker, so it lands inside the next step:
 # writes of a few MiB take tens of ms, a finish or a tag push (a few fsyncs) about ten.
 KILL_DELAYS = {"start": 0.06, "write": 0.04, "finish": 0.015, "tag": 0.015}

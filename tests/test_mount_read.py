@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from support.mounts import Mount, parse_getfattr
-from support.oci import OCI_MANIFEST, build_image, build_large_image, skopeo_push
-from support.registry import blob_data_path, repo_path
+from support.oci import build_image, build_large_image, skopeo_push
+from support.registry import OCI_MANIFEST, blob_data_path, repo_path
 from support.roots import build_root, link_blobs
 from support.tools import (
     ls,

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 from support.mounts import REGFS, Mount, parse_getfattr, wait_until
-from support.registry import blob_data_path, repo_path, upload_path
+from support.registry import OCI_INDEX, blob_data_path, repo_path, upload_path
 from support.roots import build_root
 from support.snapshots import snapshot
 from support.tools import (
+    MIB,
     bash,
     digest_of,
     errno_of,
@@ -36,9 +37,6 @@ from support.tools import (
 from support.uploads import new_repo, state_path, upload_uuids, uuid_of, write_file
 
 pytestmark = pytest.mark.mount
-
-MIB = 1 << 20
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 # --------------------------------------------------------------------------- helpers

@@ -13,8 +13,8 @@ import os
 
 import pytest
 from support.mounts import wait_until
-from support.oci import OCI_MANIFEST, blob_path, build_image, run, skopeo_pull
-from support.registry import upload_path
+from support.oci import blob_path, build_image, run, skopeo_pull
+from support.registry import OCI_MANIFEST, upload_path
 from support.tools import bash, digest_of, ls
 from support.uploads import new_repo, state_path, uuid_of, write_file
 

@@ -36,6 +36,7 @@ from support.registry import (
     blob_data_path,
     write_self_signed_cert,
 )
+from support.tools import MIB
 
 import storage.remote.registry as remote_registry
 from storage.api import BlobInfo, Manifest
@@ -63,7 +64,6 @@ pytestmark = [
 
 UPLOADS = "/v2/x/blobs/uploads/"
 BLOB = "/v2/x/blobs/sha256:" + "0" * 64
-MIB = 1 << 20
 SLACK = 32 * MIB  # what loopback socket buffers and receives may hold beyond a cap
 USER, PASSWORD = "alice", "s3cret-hostile"
 

@@ -42,6 +42,7 @@ from support.registry import (
 from support.token_server import TokenServer
 from support.tools import (
     C_LOCALE,
+    MIB,
     digest_of,
     errno_of,
     ls,
@@ -57,7 +58,6 @@ from storage.remote.uploads import RemoteUpload, UploadRecords
 pytestmark = [pytest.mark.mount, pytest.mark.remote]
 
 USER, PASSWORD = "alice", "s3cret-Pa55-remote"
-MIB = 1 << 20
 SERVER_THREADS = ("token-server", "fault-server", "process_request_thread")
 
 

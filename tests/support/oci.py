@@ -20,7 +20,6 @@ from pathlib import Path, PurePosixPath
 
 log = logging.getLogger(__name__)
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 
 

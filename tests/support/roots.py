@@ -9,7 +9,7 @@ from pathlib import Path
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
-from support.oci import OCI_MANIFEST
+from support.registry import OCI_MANIFEST
 
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 C_LOCALE = {**os.environ, "LC_ALL": "C"}
+MIB = 1 << 20
 
 
 def run(*args: str | Path, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
