@@ -1,11 +1,15 @@
 """What the test modules share: no test module imports another one.
 
-- `tools`: real tools in subprocesses (`run`, `bash`, `ls`, `sha256sum`), digests and errnos.
+- `tools`: real tools in subprocesses (`run`, `sh`, `bash`, `ls`, `sha256sum`), digests and
+  errnos.
 - `roots`: storage roots built through `storage/` (`link_blobs`, `build_root`).
 - `snapshots`: what a storage root holds, to prove an operation changed nothing.
+- `uploads`: where an upload's files lie in a root; starting one through a mount.
+- `credentials`: a `docker-credential-<name>` helper on PATH.
 - `servers`: the start/stop/context-manager shape of the helper servers.
 - `mounts`: a real `regfs mount` (`Mount`, `wait_until`, `parse_getfattr`).
-- `registry`: the real docker-registry (`RegistryServer`, `RegistryClient`, its paths and tokens).
+- `registry`: the real docker-registry (`RegistryServer`, `RegistryClient`, its paths,
+  tokens and media types).
 - `oci`: OCI layouts built by umoci and copied by skopeo.
 - `loopback`, `fault_server`, `token_server`: HTTP servers on 127.0.0.1 in threads.
 - `users`: a second, unprivileged local user.
