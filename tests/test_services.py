@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from support.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
+from support.tools import MIB
 
 from storage.digests import EMPTY_DIGEST, Digest, digest_bytes
 from storage.errors import (
@@ -39,10 +41,7 @@ if TYPE_CHECKING:
 
     from storage.api import Repository, Upload
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
-CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 PIECE = 64 << 10  # a FUSE-sized write
 NOWHERE = Digest.parse("sha256:" + "0" * 64)
 NO_UUID = "00000000-0000-4000-8000-000000000000"
@@ -80,7 +79,7 @@ async def push_image(repo: Repository, seed: int = 0) -> tuple[bytes, list[Diges
     body = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": CONFIG_TYPE, "digest": str(blobs[0]), "size": len(config)},
+        "config": {"mediaType": OCI_CONFIG, "digest": str(blobs[0]), "size": len(config)},
         "layers": [{"mediaType": LAYER_TYPE, "digest": str(blobs[1]), "size": len(layer)}],
     }
     return json.dumps(body).encode(), blobs
@@ -123,7 +122,7 @@ async def test_concurrent_reads(source: Source) -> None:
     """The kernel sends a file's reads several at a time, and other files' reads beside
     them: every one gets its own bytes."""
     repo = source.registry.repository(source.name("app"))
-    data = blob(1 << 20, seed=4)
+    data = blob(MIB, seed=4)
     digest = await push(repo, data)
     readers = [await repo.layers.fetch(digest) for _ in range(2)]
     got: dict[tuple[int, int], bytes] = {}
@@ -176,8 +175,8 @@ async def test_upload_resumes_in_a_reopened_registry(source: Source) -> None:
     """What a remount (or a crash) finds: the upload, its name, its size; it goes on and
     finishes there. 9 MiB: the remote source sends more than one PATCH."""
     name = source.name("app")
-    data = blob((9 << 20) + 1, seed=1)
-    half = 5 << 20
+    data = blob(9 * MIB + 1, seed=1)
+    half = 5 * MIB
     upload = await source.registry.repository(name).layers.upload(label="part")
     await write_pieces(upload, data[:half])
     await upload.close()
@@ -195,7 +194,7 @@ async def test_upload_resumes_in_a_reopened_registry(source: Source) -> None:
     assert await layers.uploads() == []
     reader = await layers.fetch(digest_bytes(data))
     try:  # as `cat` reads: in order (the remote source reads ahead and checks the digest)
-        read = [await reader.read_at(at, 1 << 20) for at in range(0, len(data), 1 << 20)]
+        read = [await reader.read_at(at, MIB) for at in range(0, len(data), MIB)]
         assert b"".join(read) == data
     finally:
         await reader.aclose()
