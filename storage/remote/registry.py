@@ -28,6 +28,7 @@ from ..errors import (
     RemoteError,
     UnknownLayer,
     UnknownManifest,
+    UnknownRepository,
     UnknownTag,
 )
 from ..manifest_format import SUPPORTED, parse_manifest, sniff_media_type
@@ -501,9 +502,11 @@ class RemoteRegistry:
 
     async def remove_repository(self, name: str) -> None:
         """rmdir: only a repository made by this mount's mkdir that holds nothing yet (no
-        tag at the registry, no upload of ours); the registry API cannot remove one."""
-        busy = self.records.of(name) or await self.repository(name).exists()
-        if name not in self.created or busy:
+        tag at the registry, no upload or blob of ours); the registry API cannot remove one."""
+        at_registry = await self.repository(name).exists()
+        if name not in self.created and not at_registry:
+            raise UnknownRepository(name)
+        if at_registry or self.records.of(name) or self.finished.get(name):
             raise NotEmpty(f"repository {name} cannot be removed through the registry's API")
         self.created.discard(name)
 
