@@ -14,7 +14,9 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import platformdirs
 import trio
@@ -29,7 +31,10 @@ from .options import (
     DEFAULT_READ_AHEAD_KB,
     DEFAULT_TAG_TTL,
     MountOptions,
+    OptionValueError,
     apply_o_options,
+    byte_size,
+    endpoint_url,
     kibibytes,
 )
 from .sources import (
@@ -54,6 +59,23 @@ def default_source() -> str:
 
 def _octal(text: str) -> int:
     return int(text, 8)
+
+
+T = TypeVar("T")
+
+
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """parse as an argparse type whose OptionValueError message reaches the user as it is
+    (argparse shows only "invalid VALUE" for a plain ValueError)."""
+
+    def typed(text: str) -> T:
+        try:
+            return parse(text)
+        except OptionValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    typed.__name__ = parse.__name__
+    return typed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,14 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the kernel's read-ahead for the mount, as root (default {DEFAULT_READ_AHEAD_KB})",
     )
     mount.add_argument(
+        "--index-cache-size",
+        type=_argument(byte_size),
+        metavar="SIZE",
+        help="bound of the on-disk cache of layer indexes for rootfs/, e.g. 512M, 2G (default 1G)",
+    )
+    mount.add_argument(
         "-o",
         dest="o_options",
         action="append",
         default=[],
         metavar="OPTS",
         help="mount options: ro, allow_other, uid=, gid=, file_mode=, dir_mode=, "
-        "tag_ttl=, read_ahead_kb=, log=, debug, init; remote: insecure, ca_file=, username=, "
-        "timeout= (seconds a registry may take to answer, 30)",
+        "tag_ttl=, read_ahead_kb=, index_cache_size=, log=, debug, init; remote: insecure, "
+        "ca_file=, username=, timeout= (seconds a registry may take to answer, 30); "
+        "s3: s3_endpoint=",
     )
     remote = mount.add_argument_group("remote registries (SOURCE is https://HOST[:PORT])")
     remote.add_argument(
@@ -127,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remote.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    s3 = mount.add_argument_group("S3 buckets (SOURCE is s3://BUCKET[/PREFIX])")
+    s3.add_argument(
+        "--s3-endpoint",
+        type=_argument(endpoint_url),
+        metavar="URL",
+        help="an S3-compatible server (MinIO, Ceph…) instead of AWS, e.g. http://127.0.0.1:9000",
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--password-fd", type=int, help=argparse.SUPPRESS)
@@ -257,6 +293,8 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         "read_ahead_kb": args.read_ahead_kb,
         "file_mode": args.file_mode,
         "dir_mode": args.dir_mode,
+        "s3_endpoint": args.s3_endpoint,
+        "index_cache_size": args.index_cache_size,
     }
     for name, value in values.items():
         if value is not None:
@@ -297,6 +335,8 @@ def child_command(options: MountOptions, ready_fd: int, password_fd: int | None)
         str(options.tag_ttl),
         "--read-ahead-kb",
         str(options.read_ahead_kb),
+        "--index-cache-size",
+        str(options.index_cache_size),
     ]
     for flag, on in (
         ("--read-only", options.read_only),
@@ -310,6 +350,7 @@ def child_command(options: MountOptions, ready_fd: int, password_fd: int | None)
     for flag, value in (
         ("--ca-file", options.ca_file),
         ("--username", options.username),
+        ("--s3-endpoint", options.s3_endpoint),
         ("--password-fd", password_fd),
     ):
         if value is not None:

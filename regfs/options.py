@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 DEFAULT_TAG_TTL = 5.0
 DEFAULT_READ_AHEAD_KB = 1024  # the largest FUSE request (256 pages) the kernel will send
+DEFAULT_INDEX_CACHE_SIZE = 1 << 30
+
+
+class OptionValueError(ValueError):
+    """A bad option value, its message written for the user (the option's name is added)."""
 
 
 @dataclass
@@ -31,6 +38,9 @@ class MountOptions:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout: float | None = None  # seconds per connect/read/write; None: the client's 30 s
+    s3_endpoint: str | None = None  # s3:// sources: an S3-compatible server instead of AWS
+    # The byte bound of the on-disk cache of layer indexes (the rootfs/ view).
+    index_cache_size: int = DEFAULT_INDEX_CACHE_SIZE
 
     def fuse_options(self) -> set[str]:
         # default_permissions: the kernel checks modes, as for a local filesystem.
@@ -56,6 +66,37 @@ def kibibytes(text: str) -> int:
     return value
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """A positive size: bytes, or binary units as ls -h and dd write them (512M, 2G, 1.5GiB)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(?:([KMGT])(?:i?B)?|B)?", text.strip(), re.IGNORECASE)
+    value = int(float(match[1]) * _SIZE_UNITS[(match[2] or "").upper()]) if match else 0
+    if value <= 0:
+        raise OptionValueError(f"bad size {text!r} (e.g. 512M, 2G or a number of bytes)")
+    return value
+
+
+def endpoint_url(text: str) -> str:
+    """An S3 endpoint: http:// or https:// and a host, nothing the client would guess at."""
+    try:
+        parts = urlsplit(text)
+        good = (
+            parts.scheme in ("http", "https")
+            and bool(parts.hostname)
+            and not (parts.query or parts.fragment or parts.username)
+            and (parts.port or 1) > 0  # a bad port raises ValueError
+        )
+    except ValueError:
+        good = False
+    if not good:
+        raise OptionValueError(
+            f"bad S3 endpoint {text!r} (an http:// or https:// URL, e.g. http://127.0.0.1:9000)"
+        )
+    return text
+
+
 def _fsname(source: str) -> str:
     return "regfs:" + source.replace(",", "_").replace(" ", "_")
 
@@ -79,6 +120,8 @@ _VALUES: dict[str, tuple[str, Callable[[str], object]]] = {
     "ca_file": ("ca_file", str),
     "username": ("username", str),
     "timeout": ("timeout", _seconds),
+    "s3_endpoint": ("s3_endpoint", endpoint_url),
+    "index_cache_size": ("index_cache_size", byte_size),
 }
 # Accepted from mount(8)/fstab and meaningless here.
 _IGNORED = {
@@ -113,6 +156,8 @@ def apply_o_options(options: MountOptions, text: str) -> None:
             name, parse = _VALUES[key]
             try:
                 setattr(options, name, parse(value))
+            except OptionValueError as exc:
+                raise ValueError(f"-o {key}: {exc}") from None
             except ValueError:
                 raise ValueError(f"-o {key}: bad value {value!r}") from None
         elif key not in _IGNORED:

@@ -6,6 +6,7 @@ registered with `tracked`, which unmounts them at teardown like the `mount` fixt
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -24,6 +25,8 @@ from support.tools import (
     run,
 )
 
+from regfs.cli import build_parser, child_command, mount_options
+from regfs.options import DEFAULT_INDEX_CACHE_SIZE, MountOptions
 from regfs.readahead import bdi_setting
 
 pytestmark = pytest.mark.mount
@@ -278,6 +281,68 @@ async def test_bogus_o_option_fails_clearly(root, tmp_path):
     assert result.returncode != 0
     assert "unknown mount option 'bogus'" in result.stderr and "known:" in result.stderr
     assert not is_mounted(tmp_path / "mnt")
+
+
+def parsed_mount(*args: str) -> MountOptions:
+    """The options `regfs mount ARGS` would mount with, parsed in-process."""
+    return mount_options(build_parser().parse_args(["mount", *args]))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--s3-endpoint", "http://127.0.0.1:9000/", "--index-cache-size", "512M"],
+        ["-o", "ro,s3_endpoint=http://127.0.0.1:9000/,index_cache_size=536870912"],
+        ["-o", "s3_endpoint=http://127.0.0.1:9000/", "-o", "index_cache_size=0.5GiB"],
+    ],
+    ids=["flags", "o", "o-twice"],
+)
+def test_s3_endpoint_and_index_cache_size_reach_the_daemon(args):
+    options = parsed_mount(*args, "s3://bucket/prefix", "/mnt")
+    assert options.s3_endpoint == "http://127.0.0.1:9000/"
+    assert options.index_cache_size == 512 << 20
+    # The background daemon is started with every option spelled out: it parses the same.
+    command = child_command(options, 5, None)
+    assert command[3:5] == ["regfs", "mount"]
+    daemon = mount_options(build_parser().parse_args(command[4:]))
+    assert daemon.log_file is not None
+    assert daemon == dataclasses.replace(options, log_file=daemon.log_file)
+
+
+def test_index_cache_size_defaults_to_1_gib_and_takes_binary_units():
+    assert parsed_mount("inmemory:", "/mnt").index_cache_size == DEFAULT_INDEX_CACHE_SIZE == 1 << 30
+    assert parsed_mount("inmemory:", "/mnt").s3_endpoint is None
+    for text, size in (("2G", 2 << 30), ("64k", 64 << 10), ("1T", 1 << 40), ("100", 100)):
+        assert (
+            parsed_mount("--index-cache-size", text, "inmemory:", "/mnt").index_cache_size == size
+        )
+
+
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("index_cache_size", "lots", "bad size 'lots' (e.g. 512M, 2G or a number of bytes)"),
+        ("index_cache_size", "0", "bad size '0'"),
+        ("index_cache_size", "-5M", "bad size '-5M'"),
+        ("index_cache_size", "3X", "bad size '3X'"),
+        ("s3_endpoint", "minio:9000", "bad S3 endpoint 'minio:9000' (an http:// or https:// URL"),
+        ("s3_endpoint", "ftp://h", "bad S3 endpoint 'ftp://h'"),
+        ("s3_endpoint", "http://h:99999", "bad S3 endpoint 'http://h:99999'"),
+    ],
+)
+def test_bad_s3_endpoint_or_index_cache_size_is_refused(tmp_path, option, value, words):
+    """Both spellings refuse with the same words, name the option, mount nothing."""
+    (tmp_path / "mnt").mkdir()
+    flag = "--" + option.replace("_", "-")
+    for args in ([f"{flag}={value}"], ["-o", f"{option}={value}"]):
+        result = regfs(
+            "mount", "--log", str(tmp_path / "l"), *args, "inmemory:", str(tmp_path / "mnt")
+        )
+        assert result.returncode == 2, (args, result.stderr)
+        assert words in result.stderr, result.stderr
+        assert (flag if args[0] != "-o" else f"-o {option}") in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not is_mounted(tmp_path / "mnt") and not (tmp_path / "l").exists()
 
 
 def test_help_mentions_mountpoint():
