@@ -224,6 +224,15 @@ class RemoteUpload:
             self._closed = True
 
     async def finish(self, expected: Digest, size: int | None = None) -> BlobInfo:
+        if size is not None and size != self.size:
+            # As the local source does: the registry would commit whatever it got.
+            log.error(
+                "finish: upload %s holds %d bytes, not %d: not committed, it stays",
+                self.uuid,
+                self.size,
+                size,
+            )
+            raise DigestMismatch(expected, f"<{self.size} bytes, expected {size}>")
         if self._hash is not None and (actual := self._hash.digest()) != expected:
             # Checked here, not left to the registry: registry 2.8 keeps an upload whose
             # commit failed but with a stale `_state`, so after a refused PUT it could never
