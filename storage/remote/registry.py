@@ -30,6 +30,7 @@ from ..errors import (
     UnknownManifest,
     UnknownRepository,
     UnknownTag,
+    UnknownUpload,
 )
 from ..manifest_format import SUPPORTED, parse_manifest, sniff_media_type
 from ..names import is_component, validate_name, validate_tag
@@ -439,7 +440,12 @@ class RemoteLayers:
         return [r.uuid for r in self.registry.records.of(self.name)]
 
     async def label(self, uuid: str) -> str | None:
-        return self.registry.records.load(uuid).label
+        """None for an upload that is gone, as locally: a listing of uploads/ that meets one
+        finished or cancelled meanwhile (by another mount) shows the rest."""
+        try:
+            return self.registry.records.load(uuid).label
+        except UnknownUpload:
+            return None
 
     async def set_label(self, uuid: str, label: str) -> None:
         record = self.registry.records.load(uuid)
