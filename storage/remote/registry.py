@@ -415,11 +415,13 @@ class RemoteLayers:
 
     async def unlink(self, digest: Digest) -> None:
         response = await self.client.request("DELETE", self._url(digest), expect=(202, 404, 405))
-        if response.status_code == 404:
-            raise UnknownLayer(f"blob unknown to {self.name}: {digest}")
         if response.status_code == 405:
             raise PermissionError(f"{self.client.base_url} does not delete blobs")
+        # Gone at the registry either way: forget it, or list() would show it still.
+        self._finished().pop(digest, None)
         self.registry.blob_cache.pop((self.name, digest))
+        if response.status_code == 404:
+            raise UnknownLayer(f"blob unknown to {self.name}: {digest}")
 
     # -- uploads ---------------------------------------------------------------------------
 
