@@ -310,15 +310,19 @@ class RemoteManifests:
             return False
         return True
 
-    async def list(self) -> list[Digest]:
-        """The manifests that tags point at (the API cannot list untagged ones)."""
-        digests = set()
+    async def _targets(self) -> dict[str, Digest]:
+        """Every tag and the manifest it points at (one HEAD per tag)."""
+        targets = {}
         for tag in await self.repo.tags.list():
             try:
-                digests.add(await self.repo.tags.get(tag))
-            except UnknownTag:
+                targets[tag] = await self.repo.tags.get(tag)
+            except UnknownTag:  # untagged since the listing
                 continue
-        return sorted(digests)
+        return targets
+
+    async def list(self) -> list[Digest]:
+        """The manifests that tags point at (the API cannot list untagged ones)."""
+        return sorted(set((await self._targets()).values()))
 
     async def put(self, data: bytes, content_type: str | None = None) -> Digest:
         parsed = parse_manifest(data, content_type)  # the same checks, with clear messages
@@ -337,6 +341,9 @@ class RemoteManifests:
         return digest
 
     async def delete(self, digest: Digest) -> builtins.list[str]:
+        """The registry untags the manifest's tags as it deletes it; which they were is
+        asked first (the API answers nothing about them), for the mount to forget."""
+        tags = sorted(tag for tag, target in (await self._targets()).items() if target == digest)
         response = await self.client.request(
             "DELETE", f"/v2/{self.name}/manifests/{digest}", expect=(202, 404, 405)
         )
@@ -345,7 +352,7 @@ class RemoteManifests:
         if response.status_code == 405:
             raise PermissionError(f"{self.client.base_url} does not delete manifests")
         self.repo.registry.manifest_cache.pop((self.name, digest))
-        return []
+        return tags
 
 
 class RemoteLayers:
