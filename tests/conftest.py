@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from support.mounts import Mount
 from support.registry import RegistryClient, RegistryServer, running_registry
+from support.s3 import MotoServer
 from support.users import OtherUser, other_user_env
 
 from storage.api import RegistrySource
@@ -37,6 +38,19 @@ def registry(driver) -> Registry:
 def registry_server(tmp_path) -> Iterator[RegistryServer]:
     """A real docker-registry on tmp_path/root; always stopped at teardown."""
     yield from running_registry(tmp_path / "root", workdir=tmp_path / "registry")
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One S3 server (moto) on loopback for the session; tests take buckets of their own."""
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(moto_server: MotoServer) -> str:
+    """A new, empty bucket on the session's S3 server."""
+    return moto_server.new_bucket()
 
 
 @pytest.fixture

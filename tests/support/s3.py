@@ -1,0 +1,162 @@
+"""A real S3 server on loopback for tests: moto in server mode (../shared/S3.md), with boto3
+clients and buckets on it.
+
+moto accepts any credentials and keeps everything in memory: a bucket made by one test is
+gone when the server stops. `s3_environment` is what a regfs daemon (a subprocess) needs to
+find the server through the standard AWS chain, with no ~/.aws file of the machine read.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import boto3
+import httpx
+from botocore.config import Config
+
+from support.registry import free_port
+from support.servers import StartStop
+
+log = logging.getLogger(__name__)
+
+MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")
+ACCESS_KEY = "testkey"
+SECRET_KEY = "testsecret"
+REGION = "us-east-1"
+
+_live: set[MotoServer] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Last resort for an interrupted run: never leave a moto server behind."""
+    for server in list(_live):
+        server.stop()
+
+
+@dataclass(eq=False)
+class MotoServer(StartStop):
+    """`moto_server` on 127.0.0.1 and a free port; its log in a temp dir removed on stop."""
+
+    startup_timeout: float = 20.0
+    stop_timeout: float = 5.0
+    port: int = 0
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _workdir: Path | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self._workdir is None:
+            return "<no moto log>"
+        text = (self._workdir / "moto.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> Self:
+        """Start and poll until it answers, with a deadline; a port taken meanwhile is
+        retried on another."""
+        if self._proc is not None:
+            raise RuntimeError("moto server already started")
+        self._workdir = Path(tempfile.mkdtemp(prefix="regfs-moto-"))
+        try:
+            for attempt in range(3):
+                if not self.port or attempt:
+                    self.port = free_port()
+                if self._try_start():
+                    return self
+            raise RuntimeError(f"moto could not bind a port:\n{self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _try_start(self) -> bool:
+        assert self._workdir is not None
+        with (self._workdir / "moto.log").open("wb") as logf:
+            self._proc = subprocess.Popen(
+                [MOTO_SERVER, "-H", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
+        _live.add(self)
+        deadline = time.monotonic() + self.startup_timeout
+        with httpx.Client(timeout=1.0) as client:
+            while True:
+                code = self._proc.poll()
+                if code is not None:
+                    self._proc = None
+                    _live.discard(self)
+                    if "in use" in self.log_tail():
+                        return False
+                    raise RuntimeError(f"moto exited with {code} at start:\n{self.log_tail()}")
+                try:
+                    if client.get(f"{self.url}/moto-api/").status_code == 200:
+                        log.info("moto pid %d on %s", self._proc.pid, self.url)
+                        return True
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"moto not ready after {self.startup_timeout}s")
+                time.sleep(0.05)  # poll interval, bounded by the deadline above
+
+    def stop(self) -> None:
+        """Terminate, wait, kill after `stop_timeout`; idempotent. `start` may follow (same
+        port when free), but moto's state is gone."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(self.stop_timeout)
+        _live.discard(self)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def client(self, endpoint: str | None = None) -> Any:
+        """A boto3 S3 client of this server (or of a proxy in front of it, at endpoint),
+        with the test credentials and no retries of its own."""
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint or self.url,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+
+    def new_bucket(self) -> str:
+        """A new, empty bucket with a name of its own."""
+        name = f"regfs-{secrets.token_hex(6)}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def environment(self, home: Path) -> dict[str, str]:
+        """What a daemon needs to reach this server through the standard AWS chain (and no
+        AWS file of the machine's: they would point at `home`, which has none)."""
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_CONFIG_FILE": str(home / "aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
+        }
