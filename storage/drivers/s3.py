@@ -1,0 +1,796 @@
+"""The S3 driver: the tree docker-registry 2.8's `s3` driver keeps in a bucket, byte for byte
+(facts in ../shared/S3.md, checked against moto and the registry).
+
+- Object key = the registry's `rootdirectory` without its leading `/`, then the storage path.
+  No directory markers: a directory is there when some key lies below it.
+- A file a writer made (an upload's `data`) is an S3 multipart upload in progress, as the
+  registry's writer leaves it: its size is the sum of its parts, and an object at the same
+  key beside it is stale. Its parts are sealed once uploaded, so S3 appends only: a write
+  below the start of the unsealed tail is InvalidOffset, and truncate to 0 aborts the
+  multipart upload and starts another. Reading it (rare: `cat` of an upload, a hash chain
+  that must be rebuilt) completes it into an object and starts a new one from that object,
+  as the registry's writer does when its last part is under 5 MiB.
+- move = copy (UploadPartCopy in ranges above 32 MiB) + delete: not atomic, as in 2.8.
+- delete removes every object under the path and aborts its multipart uploads (2.8 leaves
+  those; a bucket lifecycle rule would be the only other way they go).
+
+boto3 blocks, so every call runs on a worker thread (trio.to_thread), which S3.md measured as
+the fastest client here; botocore's own retries are off and storage/remote/retry.py's backoff
+is used instead, for throttling (503 SlowDown), 5xx and lost connections. What still fails is
+RemoteUnavailable (EIO through the mount), never PathNotFound. A call in a thread cannot be
+cancelled: a mount's interrupted read waits for its request.
+
+Only one writer per file in this process (Busy); across daemons see docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import boto3
+import trio
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from ..errors import AccessDenied, Busy, InvalidOffset, RemoteUnavailable
+from ..remote.retry import backoff
+from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, ObjectIdentifierTypeDef
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIB = 1 << 20
+MIN_PART = 5 * MIB  # S3's least size of a part that is not the last one
+CHUNKSIZE = 16 * MIB  # a part; 64 MiB checkpoints (storage/uploads.py) end on part bounds
+COPY_THRESHOLD = 32 * MIB  # 2.8's multipartcopythresholdsize: above it, copy in ranges
+COPY_CHUNK = 32 * MIB  # 2.8's multipartcopychunksize
+COPY_CONCURRENCY = 8
+SKIP_LIMIT = MIB  # a reader reads over a gap this small rather than opening a new GET
+RETRIES = 5  # tries after the first: 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s of backoff
+POOL = 64  # connections; trio runs up to 40 worker threads, copies add their own
+
+_NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
+_LOST = (ConnectionClosedError, ReadTimeoutError, ResponseStreamingError, Urllib3Error)
+_BUSY_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
+_MISSING_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _transient(exc: Exception, resend: bool) -> bool:
+    """Whether to try again: nothing was sent, or (for a call that may be sent twice) the
+    server was busy or the connection broke."""
+    if isinstance(exc, _NOT_SENT):
+        return True
+    if not resend:
+        return False
+    if isinstance(exc, ClientError):
+        return _code(exc) in _BUSY_CODES or _status(exc) in (500, 502, 503, 504)
+    return isinstance(exc, _LOST)
+
+
+def _missing(exc: Exception) -> bool:
+    return isinstance(exc, ClientError) and _code(exc) in _MISSING_CODES
+
+
+def _mtime_ns(when: datetime) -> int:
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+@dataclass(frozen=True)
+class MultipartPaths:
+    """Where multipart uploads in progress (files a writer made) are looked for: each look
+    is a ListMultipartUploads, so a registry's driver looks only under `_uploads`."""
+
+    everywhere: bool
+
+    def at(self, path: str) -> bool:
+        """Whether the file at path may be a multipart upload."""
+        return self.everywhere or ("/_uploads/" in path and path.endswith("/data"))
+
+    def below(self, path: str) -> bool:
+        """Whether a multipart upload may lie at or below path."""
+        return self.everywhere or "/_uploads" in path
+
+
+ANYWHERE = MultipartPaths(everywhere=True)
+REGISTRY_UPLOADS = MultipartPaths(everywhere=False)
+
+
+@dataclass
+class _Part:
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass
+class _Pending:
+    """A multipart upload in progress at a key: a file whose size is the sum of its parts."""
+
+    upload_id: str
+    parts: list[_Part]
+    mtime_ns: int
+
+    @property
+    def size(self) -> int:
+        return sum(part.size for part in self.parts)
+
+
+def s3_client(endpoint_url: str | None = None) -> S3Client:
+    """A client from the standard AWS chain (environment, ~/.aws files, profiles,
+    AWS_ENDPOINT_URL), at endpoint_url when given. Path-style addressing with an endpoint, as
+    2.8 does with `regionendpoint`; checksums only where S3 requires them, as older
+    S3-compatible servers want."""
+    config = Config(
+        max_pool_connections=POOL,
+        retries={"total_max_attempts": 1},
+        s3={"addressing_style": "path"} if endpoint_url else None,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint_url, config=config)
+
+
+class S3Driver(StorageDriver):
+    name = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        rootdirectory: str = "",
+        *,
+        client: S3Client | None = None,
+        multipart: MultipartPaths = REGISTRY_UPLOADS,
+        chunksize: int = CHUNKSIZE,
+    ) -> None:
+        if chunksize < MIN_PART:
+            raise ValueError(f"chunksize {chunksize} is under S3's least part, {MIN_PART}")
+        self.bucket = bucket
+        self.rootdirectory = rootdirectory.strip("/")
+        self.client: S3Client = client if client is not None else s3_client()
+        self.chunksize = chunksize
+        self._multipart = multipart
+        self._writers: dict[str, _Writer] = {}  # key → this process's open writer
+        self._writers_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"S3Driver(s3://{self.bucket}/{self.rootdirectory})"
+
+    def key(self, path: str) -> str:
+        """2.8's s3Path: the root directory, then the path, without a leading `/`."""
+        return f"{self.rootdirectory}{path}".lstrip("/") if path != "/" else self._top()
+
+    def _top(self) -> str:
+        return f"{self.rootdirectory}/" if self.rootdirectory else ""
+
+    # -- calling S3 ----------------------------------------------------------------------
+
+    def call(
+        self,
+        what: str,
+        request: Callable[[], T],
+        *,
+        resend: bool = True,
+        path: str | None = None,
+    ) -> T:
+        """request() with retries after transient failures (resend=False: only when it was
+        not sent: a CreateMultipartUpload sent twice would leave a second upload at the key,
+        and the registry resumes the first it lists). With path, a missing key (or upload)
+        is PathNotFound(path). Blocks: for worker threads."""
+        failures = 0
+        while True:
+            try:
+                return request()
+            except (ClientError, BotoCoreError, Urllib3Error) as exc:
+                if path is not None and _missing(exc):
+                    raise PathNotFound(path) from None
+                if failures >= RETRIES or not _transient(exc, resend):
+                    raise self._error(what, exc) from exc
+                failures += 1
+                log.warning("S3 %s failed (%s), try %d in a moment", what, exc, failures + 1)
+                time.sleep(backoff(failures))
+
+    def _error(self, what: str, exc: Exception) -> Exception:
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            if code in _DENIED_CODES:
+                return AccessDenied(f"S3 {what}: access denied ({code})")
+            if code == "NoSuchBucket":
+                return RemoteUnavailable(f"S3 {what}: bucket {self.bucket} does not exist")
+        log.error("S3 %s failed: %s", what, exc)
+        return RemoteUnavailable(f"S3 {what}: {exc}")
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn)
+
+    def _head(self, key: str) -> tuple[int, int, str] | None:
+        """(size, mtime_ns, etag) of the object at key, None when there is none."""
+        try:
+            head = self.call(
+                f"HEAD {key}",
+                lambda: self.client.head_object(Bucket=self.bucket, Key=key),
+                path=key,
+            )
+        except PathNotFound:
+            return None
+        return head["ContentLength"], _mtime_ns(head["LastModified"]), head["ETag"]
+
+    def _objects(self, prefix: str, delimiter: str = "") -> Iterator[dict[str, str]]:
+        """ListObjectsV2 pages as {"key": …} (objects) and {"prefix": …} (common prefixes)."""
+        token: str | None = None
+        while True:
+            listing = functools.partial(
+                self.client.list_objects_v2, Bucket=self.bucket, Prefix=prefix, Delimiter=delimiter
+            )
+            if token:
+                listing = functools.partial(listing, ContinuationToken=token)
+            page = self.call(f"LIST {prefix}", listing)
+            for obj in page.get("Contents", []):
+                yield {"key": obj["Key"]}
+            for common in page.get("CommonPrefixes", []):
+                yield {"prefix": common["Prefix"]}
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def _uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, upload id) of the multipart uploads in progress under prefix, in S3's order
+        (by key, then oldest first)."""
+        key_marker = upload_marker = ""
+        while True:
+            listing = functools.partial(
+                self.client.list_multipart_uploads,
+                Bucket=self.bucket,
+                Prefix=prefix,
+                KeyMarker=key_marker,
+                UploadIdMarker=upload_marker,
+            )
+            page = self.call(f"LIST UPLOADS {prefix}", listing)
+            for upload in page.get("Uploads", []):
+                yield upload["Key"], upload["UploadId"]
+            if not page.get("IsTruncated"):
+                return
+            key_marker = page["NextKeyMarker"]
+            upload_marker = page["NextUploadIdMarker"]
+
+    def _pending(self, key: str) -> _Pending | None:
+        """The multipart upload at exactly key that 2.8's writer would resume: the first
+        listed (src s3.go:570-605), with its parts."""
+        upload_id = next((u for k, u in self._uploads(key) if k == key), None)
+        if upload_id is None:
+            return None
+        parts: list[_Part] = []
+        newest = 0
+        marker = 0
+        while True:
+            listing = functools.partial(
+                self.client.list_parts,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumberMarker=marker,
+            )
+            page = self.call(f"LIST PARTS {key}", listing)
+            for part in page.get("Parts", []):
+                parts.append(_Part(part["PartNumber"], part["ETag"], part["Size"]))
+                newest = max(newest, _mtime_ns(part["LastModified"]))
+            if not page.get("IsTruncated"):
+                break
+            marker = page["NextPartNumberMarker"]
+        return _Pending(upload_id, parts, newest)
+
+    def _create(self, key: str) -> str:
+        """A new multipart upload at key, as 2.8 makes one (src s3.go:552)."""
+        return self.call(
+            f"CREATE UPLOAD {key}",
+            lambda: self.client.create_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                ContentType="application/octet-stream",
+                ACL="private",
+                StorageClass="STANDARD",
+            ),
+            resend=False,
+        )["UploadId"]
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> _Part:
+        etag = self.call(
+            f"PUT PART {number} {key}",
+            lambda: self.client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+            ),
+        )["ETag"]
+        return _Part(number, etag, len(data))
+
+    def _complete(self, key: str, upload_id: str, parts: list[_Part]) -> None:
+        done: list[CompletedPartTypeDef] = [
+            {"PartNumber": p.number, "ETag": p.etag} for p in sorted(parts, key=lambda p: p.number)
+        ]
+        self.call(
+            f"COMPLETE {key}",
+            lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": done},
+            ),
+        )
+
+    def abort(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(PathNotFound):  # aborted already
+            self.call(
+                f"ABORT {key}",
+                lambda: self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id
+                ),
+                path=key,
+            )
+
+    def _copy_parts(self, source: str, key: str, upload_id: str, size: int) -> list[_Part]:
+        """UploadPartCopy of the object at source into parts of upload_id, in COPY_CHUNK
+        ranges, COPY_CONCURRENCY at once (2.8's multipart copy, src s3.go:708-806)."""
+
+        def copy(number: int) -> _Part:
+            start = (number - 1) * COPY_CHUNK
+            end = min(size, start + COPY_CHUNK) - 1
+            answer = self.call(
+                f"COPY PART {number} {source} → {key}",
+                lambda: self.client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": source},
+                    CopySourceRange=f"bytes={start}-{end}",
+                ),
+            )
+            return _Part(number, answer["CopyPartResult"]["ETag"], end + 1 - start)
+
+        count = -(-size // COPY_CHUNK)
+        with ThreadPoolExecutor(min(count, COPY_CONCURRENCY)) as pool:
+            return list(pool.map(copy, range(1, count + 1)))
+
+    def _get(self, key: str, path: str) -> bytes:
+        def read() -> bytes:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+        return self.call(f"GET {key}", read, path=path)
+
+    def restart(self, key: str) -> tuple[_Pending, bytes]:
+        """A new multipart upload holding the object at key (2.8's writer after a last part
+        under 5 MiB, src s3.go:1141-1265): under MIN_PART it is read back and uploaded as
+        part 1, and returned (a tail to go on from); else copied into parts, all sealed.
+        Part 1 is there before this returns: no moment holds the data in no upload."""
+        head = self._head(key)
+        size = head[0] if head else 0
+        upload_id = self._create(key)
+        if size == 0:
+            return _Pending(upload_id, [], time.time_ns()), b""
+        if size < MIN_PART:
+            data = self._get(key, key)
+            part = self.upload_part(key, upload_id, 1, data)
+            return _Pending(upload_id, [part], time.time_ns()), data
+        return _Pending(upload_id, self._copy_parts(key, key, upload_id, size), time.time_ns()), b""
+
+    def materialize(self, key: str) -> bool:
+        """Make the multipart upload at key (if any) readable: complete it into the object,
+        then go on in a new one holding the same bytes. False when there is none."""
+        with self._writers_lock:
+            writer = self._writers.get(key)
+        if writer is not None:
+            writer.materialize_blocking()
+            return True
+        pending = self._pending(key)
+        if pending is None:
+            return False
+        if not pending.parts:  # nothing to read, and S3 cannot complete an empty upload
+            self.call(
+                f"PUT {key}",
+                lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=b""),
+            )
+            return True
+        self._complete(key, pending.upload_id, pending.parts)
+        self.restart(key)
+        return True
+
+    # -- the driver's calls --------------------------------------------------------------
+
+    async def _get_content(self, path: str) -> bytes:
+        key = self.key(path)
+
+        def get() -> bytes:
+            if self._multipart.at(path):
+                self.materialize(key)
+            return self._get(key, path)
+
+        return await self._run(get)
+
+    async def _put_content(self, path: str, data: bytes) -> None:
+        key = self.key(path)
+        await self._run(
+            lambda: self.call(
+                f"PUT {key}",
+                lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data),
+            )
+        )
+
+    async def _reader(self, path: str) -> FileReader:
+        key = self.key(path)
+
+        def open_() -> _Reader:
+            if self._multipart.at(path):
+                self.materialize(key)
+            head = self._head(key)
+            if head is None:
+                raise PathNotFound(path)
+            return _Reader(self, key, head[0], head[2])
+
+        return await self._run(open_)
+
+    async def _writer(self, path: str) -> FileWriter:
+        key = self.key(path)
+        with self._writers_lock:
+            if key in self._writers:
+                raise Busy(f"{path} is being written by another writer")
+            writer = self._writers[key] = _Writer(self, key)
+        try:
+            await self._run(writer.open_blocking)
+        except BaseException:
+            self._release(key)
+            raise
+        return writer
+
+    def _release(self, key: str) -> None:
+        with self._writers_lock:
+            self._writers.pop(key, None)
+
+    async def _stat(self, path: str) -> FileInfo:
+        if path == "/":
+            return FileInfo(path, 0, 0, True)
+        key = self.key(path)
+
+        def stat() -> FileInfo:
+            if self._multipart.at(path):
+                with self._writers_lock:
+                    writer = self._writers.get(key)
+                if writer is not None:
+                    return FileInfo(path, writer.size, time.time_ns(), False)
+                pending = self._pending(key)
+                if pending is not None:
+                    return FileInfo(path, pending.size, pending.mtime_ns, False)
+            head = self._head(key)
+            if head is not None:
+                return FileInfo(path, head[0], head[1], False)
+            page = self.call(
+                f"LIST {key}/",
+                lambda: self.client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=key + "/", MaxKeys=1
+                ),
+            )
+            if page.get("Contents"):
+                return FileInfo(path, 0, _mtime_ns(page["Contents"][0]["LastModified"]), True)
+            if self._multipart.below(path) and next(self._uploads(key + "/"), None):
+                return FileInfo(path, 0, time.time_ns(), True)
+            raise PathNotFound(path)
+
+        return await self._run(stat)
+
+    async def _list(self, path: str) -> builtins.list[str]:
+        prefix = self._top() if path == "/" else self.key(path) + "/"
+
+        def names() -> builtins.list[str]:
+            found = set()
+            for entry in self._objects(prefix, "/"):
+                found.add(entry.get("key", entry.get("prefix", ""))[len(prefix) :].rstrip("/"))
+            if self._multipart.below(path):
+                for key, _ in self._uploads(prefix):
+                    found.add(key[len(prefix) :].partition("/")[0])
+            found.discard("")  # a directory marker another tool made
+            if not found and path != "/":
+                raise PathNotFound(path)
+            return sorted(found)
+
+        return await self._run(names)
+
+    async def _move(self, source: str, dest: str) -> None:
+        src, dst = self.key(source), self.key(dest)
+
+        def move() -> None:
+            if self._multipart.at(source):
+                with self._writers_lock:
+                    if src in self._writers:
+                        raise Busy(f"{source} is being written: close it before moving it")
+                self.materialize(src)
+            head = self._head(src)
+            if head is None:
+                raise PathNotFound(source)
+            self._copy(src, dst, head[0])
+            self.call(
+                f"DELETE {src}",
+                lambda: self.client.delete_object(Bucket=self.bucket, Key=src),
+            )
+
+        await self._run(move)
+
+    def _copy(self, src: str, dst: str, size: int) -> None:
+        if size <= COPY_THRESHOLD:
+            self.call(
+                f"COPY {src} → {dst}",
+                lambda: self.client.copy_object(
+                    Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}
+                ),
+            )
+            return
+        upload_id = self._create(dst)
+        try:
+            parts = self._copy_parts(src, dst, upload_id, size)
+            self._complete(dst, upload_id, parts)
+        except BaseException:
+            self.abort(dst, upload_id)
+            raise
+
+    async def _delete(self, path: str) -> None:
+        key = self.key(path)
+
+        def below(k: str) -> bool:
+            return k == key or k.startswith(key + "/")
+
+        def delete() -> None:
+            keys = [e["key"] for e in self._objects(key) if "key" in e and below(e["key"])]
+            uploads = []
+            if self._multipart.below(path) or self._multipart.at(path):
+                uploads = [(k, u) for k, u in self._uploads(key) if below(k)]
+            if not keys and not uploads:
+                raise PathNotFound(path)
+            for start in range(0, len(keys), 1000):
+                batch: list[ObjectIdentifierTypeDef] = [
+                    {"Key": k} for k in keys[start : start + 1000]
+                ]
+                deleting = functools.partial(
+                    self.client.delete_objects,
+                    Bucket=self.bucket,
+                    Delete={"Objects": batch, "Quiet": True},
+                )
+                answer = self.call(f"DELETE {key}/…", deleting)
+                if answer.get("Errors"):
+                    raise RemoteUnavailable(f"S3 DELETE {key}: {answer['Errors'][:3]}")
+            for upload_key, upload_id in uploads:
+                self.abort(upload_key, upload_id)
+
+        await self._run(delete)
+
+
+class _Reader(FileReader):
+    """One streamed GET from the offset read, kept open while reads go on in order; a read
+    elsewhere opens another (a short gap ahead is read over). If-Match the ETag seen at
+    open: an object replaced meanwhile is an error, never a mix of two."""
+
+    def __init__(self, driver: S3Driver, key: str, size: int, etag: str) -> None:
+        self._driver = driver
+        self._key = key
+        self._etag = etag
+        self.size = size
+        self._body: Any = None
+        self._position = 0
+        self._lock = trio.Lock()
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0:
+            raise InvalidOffset(f"negative offset {offset}")
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return b""
+        async with self._lock:
+            return await trio.to_thread.run_sync(self._read_blocking, offset, length)
+
+    def _read_blocking(self, offset: int, length: int) -> bytes:
+        failures = 0
+        while True:
+            try:
+                if self._body is not None and 0 < offset - self._position <= SKIP_LIMIT:
+                    self._body.read(offset - self._position)
+                    self._position = offset
+                if self._body is None or self._position != offset:
+                    self._open(offset)
+                data: bytes = self._body.read(length)
+                self._position += len(data)
+                if len(data) != length:
+                    raise ResponseStreamingError(error=f"{len(data)} of {length} bytes")
+                return data
+            except (BotoCoreError, Urllib3Error) as exc:
+                self._close()
+                if failures >= RETRIES or not _transient(exc, resend=True):
+                    raise self._driver._error(f"GET {self._key}", exc) from exc
+                failures += 1
+                log.warning("S3 read of %s failed (%s), try %d", self._key, exc, failures + 1)
+                time.sleep(backoff(failures))
+
+    def _open(self, offset: int) -> None:
+        self._close()
+        driver = self._driver
+        answer = driver.call(
+            f"GET {self._key}",
+            lambda: driver.client.get_object(
+                Bucket=driver.bucket, Key=self._key, Range=f"bytes={offset}-", IfMatch=self._etag
+            ),
+        )
+        self._body, self._position = answer["Body"], offset
+
+    def _close(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            body.close()
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            self._close()
+
+
+class _Writer(FileWriter):
+    """The file at key as an S3 multipart upload: sealed parts, then a tail held here (under
+    chunksize) that goes up as part len(parts)+1 on sync and close, and again, whole, once
+    it has grown: S3 replaces a part sent twice. A tail of MIN_PART or more is sealed by a
+    sync. Writes land at or above the tail's start (`base`); truncate cuts the tail, or to 0
+    aborts the upload and starts a new one."""
+
+    def __init__(self, driver: S3Driver, key: str) -> None:
+        self._driver = driver
+        self._key = key
+        self._upload_id = ""
+        self._parts: list[_Part] = []
+        self._base = 0
+        self._tail = bytearray()
+        self._tail_part: _Part | None = None  # the part last sent for the tail
+        self._dirty = False  # the tail differs from that part
+        self._lock = threading.Lock()  # the disk worker, the sync thread and the loop
+        self._closed = False
+        self.size = 0
+
+    def open_blocking(self) -> None:
+        """Resume the upload at the key as 2.8 does; a last part under MIN_PART cannot be
+        followed by more, so the upload is completed and restarted from its object. With no
+        upload, start one (holding the object at the key, if one is there)."""
+        driver, key = self._driver, self._key
+        pending = driver._pending(key)
+        if pending is not None and pending.parts and pending.parts[-1].size < MIN_PART:
+            driver._complete(key, pending.upload_id, pending.parts)
+            pending = None
+        self._go_on(driver.restart(key) if pending is None else (pending, b""))
+
+    def _go_on(self, upload: tuple[_Pending, bytes]) -> None:
+        """Write on in this upload; a tail returned by restart (sent as part 1) is kept
+        here, to grow."""
+        pending, tail = upload
+        self._upload_id = pending.upload_id
+        self._parts = [] if tail else pending.parts
+        self._tail_part = pending.parts[0] if tail else None
+        self._base = sum(p.size for p in self._parts)
+        self._tail, self._dirty = bytearray(tail), False
+        self.size = self._base + len(tail)
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        await trio.to_thread.run_sync(self.write_at_blocking, offset, data)
+
+    def write_at_blocking(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            if not self._base <= offset <= self.size:
+                if offset > self.size:
+                    raise InvalidOffset(f"write at {offset} would leave a gap after {self.size}")
+                raise InvalidOffset(
+                    f"write at {offset}: S3 holds this upload's bytes below {self._base} in "
+                    "sealed parts; writes go in order"
+                )
+            start = offset - self._base
+            self._tail[start : start + len(data)] = data
+            self._dirty = True
+            self.size = self._base + len(self._tail)
+            while len(self._tail) >= self._driver.chunksize:
+                self._seal(self._driver.chunksize)
+
+    def _seal(self, count: int) -> None:
+        """Send the first count bytes of the tail as the next part, for good."""
+        part = self._driver.upload_part(
+            self._key, self._upload_id, len(self._parts) + 1, bytes(self._tail[:count])
+        )
+        self._parts.append(part)
+        del self._tail[:count]
+        self._base += count
+        self._tail_part = None
+        self._dirty = bool(self._tail)
+
+    def sync_blocking(self) -> None:
+        with self._lock:
+            self._sync()
+
+    def _sync(self) -> None:
+        if not self._dirty:
+            return
+        if len(self._tail) >= MIN_PART:
+            self._seal(len(self._tail))
+            return
+        # The tail (maybe empty, after a truncate) replaces the part last sent for it.
+        self._tail_part = self._driver.upload_part(
+            self._key, self._upload_id, len(self._parts) + 1, bytes(self._tail)
+        )
+        self._dirty = False
+
+    async def truncate(self, size: int) -> None:
+        await trio.to_thread.run_sync(self._truncate_blocking, size)
+
+    def _truncate_blocking(self, size: int) -> None:
+        with self._lock:
+            if size == self.size:
+                return
+            if size == 0:
+                driver = self._driver
+                driver.abort(self._key, self._upload_id)
+                self._go_on((_Pending(driver._create(self._key), [], time.time_ns()), b""))
+            elif self._base <= size < self.size:
+                del self._tail[size - self._base :]
+                self._dirty = True
+            else:
+                raise InvalidOffset(
+                    f"cannot truncate to {size}: S3 can cut only the unsealed tail "
+                    f"(from {self._base}) or restart the upload (0)"
+                )
+            self.size = size
+
+    def materialize_blocking(self) -> None:
+        """Complete the upload into its object, so it can be read; go on in a new one."""
+        with self._lock:
+            self._sync()
+            driver = self._driver
+            if self.size == 0:
+                driver.call(
+                    f"PUT {self._key}",
+                    lambda: driver.client.put_object(Bucket=driver.bucket, Key=self._key, Body=b""),
+                )
+                return
+            sent = self._parts + ([self._tail_part] if self._tail_part else [])
+            driver._complete(self._key, self._upload_id, sent)
+            self._go_on(driver.restart(self._key))
+
+    async def aclose(self) -> None:
+        """Send the tail (2.8's Close: the upload stays in progress, for whoever resumes)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await trio.to_thread.run_sync(self.sync_blocking)
+        finally:
+            self._driver._release(self._key)

@@ -1,0 +1,208 @@
+"""What the S3 driver does that the shared driver suite (test_drivers.py) cannot see: the
+bucket as docker-registry 2.8's s3 driver leaves it (an upload's data is a multipart upload
+in progress, no directory markers), writes in order only, a resume after a small last part,
+ranged multipart copies, retries of a throttling server, and errors that are never ENOENT.
+
+Against a real S3 server on loopback (moto), seen through a plain boto3 client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from support.fault_server import Fault, FaultServer
+from support.s3 import MotoServer
+
+from storage.digests import digest_bytes
+from storage.drivers import PathNotFound
+from storage.drivers.s3 import ANYWHERE, MIN_PART, S3Driver
+from storage.errors import Busy, InvalidOffset, RemoteUnavailable
+from storage.registry import Registry
+
+pytestmark = pytest.mark.storage
+
+UPLOAD = "/docker/registry/v2/repositories/org/app/_uploads/0f1e2d3c-aaaa-bbbb-cccc-123456789abc"
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+@pytest.fixture
+def s3(moto_server: MotoServer):
+    """A plain boto3 client: what another S3 tool (or the registry) sees."""
+    return moto_server.client()
+
+
+@pytest.fixture
+def drv(moto_server: MotoServer, s3_bucket: str) -> S3Driver:
+    return S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
+
+
+def uploads(s3, bucket: str) -> list[str]:
+    return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def keys(s3, bucket: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+async def test_upload_data_is_a_multipart_upload_in_progress(drv, s3, s3_bucket):
+    """2.8's layout: no `data` object, no directory marker; the data is a multipart upload
+    at `regroot/…/data` whose parts add up to the size, and it reads back exactly."""
+    data = os.urandom(MIN_PART + 123_456)
+    await drv.put_content(f"{UPLOAD}/startedat", b"2026-01-01T00:00:00Z")
+    writer = await drv.writer(f"{UPLOAD}/data")
+    for start in range(0, len(data), 1 << 20):
+        await writer.write_at(start, data[start : start + (1 << 20)])
+    await writer.aclose()
+    key = f"regroot{UPLOAD}/data"
+    assert keys(s3, s3_bucket) == [f"regroot{UPLOAD}/startedat"]
+    assert uploads(s3, s3_bucket) == [key]
+    upload_id = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]["UploadId"]
+    parts = s3.list_parts(Bucket=s3_bucket, Key=key, UploadId=upload_id)["Parts"]
+    assert [p["Size"] for p in parts] == [MIN_PART, 123_456]
+    assert (await drv.stat(f"{UPLOAD}/data")).size == len(data)
+    assert await drv.list(UPLOAD) == ["data", "startedat"]
+    assert await drv.get_content(f"{UPLOAD}/data") == data
+    # Reading completed it into an object and went on in a new upload with the same bytes.
+    assert uploads(s3, s3_bucket) == [key]
+    writer = await drv.writer(f"{UPLOAD}/data")
+    assert writer.size == len(data)
+    await writer.write_at(len(data), b"more")
+    await writer.aclose()
+    assert await drv.get_content(f"{UPLOAD}/data") == data + b"more"
+    await drv.delete(UPLOAD)
+    assert keys(s3, s3_bucket) == [] and uploads(s3, s3_bucket) == []
+
+
+async def test_writes_go_in_order(drv):
+    """Below the sealed parts nothing can be written or cut (InvalidOffset, EINVAL through a
+    mount); the unsealed tail can; truncate to 0 restarts the upload."""
+    path = f"{UPLOAD}/data"
+    writer = await drv.writer(path)
+    first = os.urandom(MIN_PART + 10)
+    await writer.write_at(0, first)  # one part sealed, 10 bytes in the tail
+    with pytest.raises(InvalidOffset, match="writes go in order"):
+        await writer.write_at(MIN_PART - 1, b"x")
+    with pytest.raises(InvalidOffset):
+        await writer.truncate(100)
+    await writer.write_at(MIN_PART + 2, b"AB")  # inside the tail: fine
+    await writer.truncate(MIN_PART + 5)
+    assert writer.size == MIN_PART + 5
+    await writer.aclose()
+    expected = first[: MIN_PART + 2] + b"AB" + first[MIN_PART + 4 : MIN_PART + 5]
+    assert await drv.get_content(path) == expected
+    writer = await drv.writer(path)
+    await writer.truncate(0)
+    await writer.write_at(0, b"again")
+    await writer.aclose()
+    assert await drv.get_content(path) == b"again"
+    await drv.delete(UPLOAD)
+
+
+async def test_resume_after_a_small_last_part(drv, s3, s3_bucket):
+    """A last part under 5 MiB cannot be followed by more: reopening completes the upload
+    and starts another holding its bytes (2.8's rule), and the data stays whole."""
+    path = f"{UPLOAD}/data"
+    head = os.urandom(300_000)
+    writer = await drv.writer(path)
+    await writer.write_at(0, head)
+    await writer.aclose()  # one part of 300 000 bytes
+    tail = os.urandom(2 * MIN_PART)
+    writer = await drv.writer(path)
+    assert writer.size == len(head)
+    await writer.write_at(len(head), tail)
+    await writer.aclose()
+    key = f"regroot{path}"
+    upload_id = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]["UploadId"]
+    sizes = [
+        p["Size"] for p in s3.list_parts(Bucket=s3_bucket, Key=key, UploadId=upload_id)["Parts"]
+    ]
+    assert sizes[:-1] and min(sizes[:-1]) >= MIN_PART and sum(sizes) == len(head + tail)
+    assert await drv.get_content(path) == head + tail
+    await drv.delete(UPLOAD)
+
+
+async def test_one_writer_and_no_move_while_writing(drv):
+    writer = await drv.writer(f"{UPLOAD}/data")
+    with pytest.raises(Busy):
+        await drv.writer(f"{UPLOAD}/data")
+    with pytest.raises(Busy):
+        await drv.move(f"{UPLOAD}/data", "/elsewhere")
+    await writer.aclose()
+    await drv.delete(UPLOAD)
+
+
+async def test_move_above_the_threshold_copies_in_ranges(moto_server, s3_bucket):
+    """A 40 MiB blob moves by UploadPartCopy in 32 MiB ranges; a registry upload finishes
+    into blobs/ with its digest, and its multipart upload is gone."""
+    drv = S3Driver(s3_bucket, "", client=moto_server.client())
+    data = os.urandom(40 << 20)
+    await drv.put_content("/src", data)
+    await drv.move("/src", "/dst")
+    with pytest.raises(PathNotFound):
+        await drv.stat("/src")
+    assert hashlib.sha256(await drv.get_content("/dst")).digest() == hashlib.sha256(data).digest()
+    await drv.delete("/dst")
+    registry = Registry(drv)
+    layers = registry.repository("org/app").layers
+    upload = await layers.upload()
+    await upload.write(data[: 7 << 20])
+    info = await upload.finish(digest_bytes(data[: 7 << 20]))
+    assert info.size == 7 << 20
+    s3 = moto_server.client()
+    assert uploads(s3, s3_bucket) == []
+    assert not [k for k in keys(s3, s3_bucket) if "_uploads" in k]
+
+
+@pytest.fixture
+def few_retries(monkeypatch):
+    """Three retries (0.7 s of backoff) instead of five (3.1 s): the same path, faster."""
+    monkeypatch.setattr("storage.drivers.s3.RETRIES", 3)
+
+
+async def test_throttling_is_retried(moto_server, s3_bucket, few_retries):
+    """503 SlowDown and a dropped connection are retried with backoff; a server that keeps
+    refusing is RemoteUnavailable (EIO), never PathNotFound (ENOENT)."""
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "/r", client=moto_server.client(proxy.url))
+        await drv.put_content("/a/b", b"hello")
+        proxy.inject(Fault(503, body=SLOW_DOWN), Fault(close=True), Fault(500))
+        assert await drv.get_content("/a/b") == b"hello"
+        assert sum(s.faulted for s in proxy.seen) == 3
+        for call in (drv.get_content, drv.stat):
+            proxy.inject(Fault(503, body=SLOW_DOWN), times=4)
+            with pytest.raises(RemoteUnavailable):
+                await call("/a/b")
+        assert await drv.list("/a") == ["b"]
+
+
+async def test_a_stopped_server_is_eio_not_enoent(few_retries):
+    """A server gone in the middle of a read: that read fails (RemoteUnavailable), the next
+    open too, and nothing says the file is missing."""
+    server = MotoServer().start()
+    try:
+        bucket = server.new_bucket()
+        drv = S3Driver(bucket, "", client=server.client(), multipart=ANYWHERE)
+        data = os.urandom(32 << 20)
+        await drv.put_content("/blob", data)
+        reader = await drv.reader("/blob")
+        assert await reader.read_at(0, 1 << 20) == data[: 1 << 20]
+        server.stop()
+        offset = 1 << 20
+        with pytest.raises(RemoteUnavailable):  # what the socket held, then the failure
+            while offset < len(data):
+                assert await reader.read_at(offset, 1 << 20) == data[offset : offset + (1 << 20)]
+                offset += 1 << 20
+        assert offset < len(data)
+        with pytest.raises(RemoteUnavailable):
+            await reader.read_at(0, 10)  # a new GET: nobody answers
+        await reader.aclose()
+        for call in (drv.stat, drv.get_content, drv.reader):
+            with pytest.raises(RemoteUnavailable):
+                await call("/blob")
+    finally:
+        server.stop()
