@@ -16,10 +16,11 @@ from pyfuse3 import FUSEError
 
 from storage.api import BlobReader, Buffer, Upload
 from storage.digests import Digest, digest_bytes
-from storage.errors import DigestMismatch, InvalidManifest, InvalidName, InvalidOffset
+from storage.errors import DigestMismatch, InvalidManifest, InvalidOffset
 from storage.manifest_format import MAX_MANIFEST_SIZE
 
-from .tree import Attr, ManifestNode, TagNode, Tree, UploadNode
+from .nodes import Attr, ManifestNode, TagNode, UploadNode, digest_name
+from .tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,6 @@ class ReadHandle(Handle):
 
     async def release(self) -> None:
         await self.reader.aclose()
-
-
-def digest_name(name: str) -> Digest | None:
-    try:
-        return Digest.parse(name)
-    except InvalidName:
-        return None
 
 
 class UploadHandle(Handle):
@@ -210,6 +204,4 @@ class ManifestHandle(ManifestWriter):
         actual = digest_bytes(data)
         if actual != self.node.digest:
             raise DigestMismatch(self.node.digest, actual)
-        stored = await self.tree.registry.repository(self.node.repo).manifests.put(data)
-        self.tree.changed(ManifestNode(self.node.repo, stored))
-        return stored
+        return await self.tree.put_manifest(self.node, data)

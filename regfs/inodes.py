@@ -6,7 +6,7 @@ import errno
 
 import pyfuse3
 
-from .tree import ROOT, Node
+from .nodes import ROOT, Node
 
 
 class InodeTable:

@@ -1,4 +1,4 @@
-"""What the mount shows: nodes of the tree, and how each maps to the registry storage.
+"""What the mount shows of the registry: how each node (regfs/nodes.py) maps to storage.
 
     <component>/...          namespaces, one directory per name component
     <repository>/tags/<tag>  the manifest a tag points at (moves: cached for tag_ttl)
@@ -9,6 +9,7 @@
 Whether a digest is there does change (the registry's DELETE and garbage collection), so
 what the daemon knows of manifests/ and layers/ is cached for tag_ttl, like tags.
 
+A view (regfs/views.py) adds a section of its own beside these; `Tree` routes to it.
 No FUSE here: the operations module turns these into inodes and errnos.
 """
 
@@ -17,8 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from storage.api import BlobReader, RegistrySource, Repository, Upload
@@ -28,66 +28,27 @@ from storage.errors import InvalidName, UnknownManifest
 from storage.manifest_format import sniff_media_type
 from storage.names import is_component, validate_name, validate_tag
 
+from .nodes import (
+    Attr,
+    DirNode,
+    LayerNode,
+    ManifestNode,
+    Node,
+    NotFound,
+    SectionNode,
+    TagNode,
+    UploadNode,
+    digest_name,
+)
+from .views import View
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SECTIONS = ("layers", "manifests", "tags", "uploads")
 # What a file in uploads/ may be called: no path syntax, room for `sha256:<hex>` and the
 # `.name.XXXXXX` temporaries that tools write before a rename.
 UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
-
-
-class NotFound(LookupError):
-    """A name that does not exist in the tree (ENOENT)."""
-
-
-@dataclass(frozen=True)
-class DirNode:
-    """The root (path "") or a namespace/repository directory."""
-
-    path: str
-
-
-@dataclass(frozen=True)
-class SectionNode:
-    repo: str
-    section: str
-
-
-@dataclass(frozen=True)
-class TagNode:
-    repo: str
-    tag: str
-
-
-@dataclass(frozen=True)
-class ManifestNode:
-    repo: str
-    digest: Digest
-
-
-@dataclass(frozen=True)
-class LayerNode:
-    repo: str
-    digest: Digest
-
-
-@dataclass(frozen=True)
-class UploadNode:
-    repo: str
-    uuid: str
-
-
-Node = DirNode | SectionNode | TagNode | ManifestNode | LayerNode | UploadNode
-ROOT = DirNode("")
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Attr:
-    is_dir: bool
-    size: int
-    mtime_ns: int
-    immutable: bool = False
 
 
 class BytesReader:
@@ -108,8 +69,15 @@ def _join(prefix: str, name: str) -> str:
 
 
 class Tree:
-    def __init__(self, registry: RegistrySource, tag_ttl: float) -> None:
+    """The registry's sections, and the router to the views (regfs/views.py) beside them."""
+
+    def __init__(
+        self, registry: RegistrySource, tag_ttl: float, views: Mapping[str, View] | None = None
+    ) -> None:
         self.registry = registry
+        self._views = dict(views or {})  # section name → the view below it
+        self._owners = {kind: view for view in self._views.values() for kind in view.node_types}
+        self.sections = tuple(sorted((*SECTIONS, *self._views)))
         self.started_ns = time.time_ns()
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
@@ -124,6 +92,14 @@ class Tree:
         self._listings.clear()
         self._digests.clear()
         self._upload_names.clear()
+        for view in self._views.values():
+            view.forget_moving()
+
+    def _view_of(self, node: Node) -> View | None:
+        """The view that answers for a node: a view's section directory, or its own kinds."""
+        if isinstance(node, SectionNode):
+            return self._views.get(node.section)
+        return self._owners.get(type(node))
 
     def changed(self, *nodes: Node) -> None:
         """Forget what the daemon cached about nodes that changed through this mount."""
@@ -155,10 +131,12 @@ class Tree:
     # -- lookups ---------------------------------------------------------------------------
 
     async def lookup(self, parent: Node, name: str) -> Node:
+        if (view := self._view_of(parent)) is not None:
+            return await view.lookup(parent, name)
         found: Node  # narrowed to the kind each case makes
         match parent:
             case DirNode(path):
-                if name in SECTIONS and path and await self._is_repository(path):
+                if name in self.sections and path and await self._is_repository(path):
                     return SectionNode(path, name)
                 child = _join(path, name)
                 if is_component(name) and await self.registry.catalog.exists(child):
@@ -209,6 +187,8 @@ class Tree:
         raise NotFound(node.uuid)
 
     async def children(self, node: Node) -> list[tuple[str, Node]]:
+        if (view := self._view_of(node)) is not None:
+            return await view.children(node)
         cached = self._listings.get(node)
         if cached is None:
             cached = await self._list(node)
@@ -221,7 +201,7 @@ class Tree:
                 names = await self.registry.catalog.children(path)
                 if not path or not await self._is_repository(path):
                     return [(n, DirNode(_join(path, n))) for n in names]
-                shadowed = sorted(set(names) & set(SECTIONS))
+                shadowed = sorted(set(names) & set(self.sections))
                 if shadowed and path not in self._shadow_logged:
                     self._shadow_logged.add(path)
                     log.warning(
@@ -229,8 +209,9 @@ class Tree:
                         path,
                         ", ".join(_join(path, n) for n in shadowed),
                     )
-                sections = [(s, SectionNode(path, s)) for s in SECTIONS]
-                return sections + [(n, DirNode(_join(path, n))) for n in names if n not in SECTIONS]
+                entries: list[tuple[str, Node]] = [(s, SectionNode(path, s)) for s in self.sections]
+                entries += [(n, DirNode(_join(path, n))) for n in names if n not in self.sections]
+                return entries
             case SectionNode(repo, "tags"):
                 return [(t, TagNode(repo, t)) for t in await self._repo(repo).tags.list()]
             case SectionNode(repo, "manifests"):
@@ -247,6 +228,8 @@ class Tree:
     # -- attributes ------------------------------------------------------------------------
 
     async def attr(self, node: Node) -> Attr:
+        if (view := self._owners.get(type(node))) is not None:
+            return await view.attr(node)
         cached = self._digests.get(node)
         if cached is not None:
             return cached
@@ -303,6 +286,8 @@ class Tree:
         return digest
 
     async def xattrs(self, node: Node) -> dict[str, bytes]:
+        if (view := self._view_of(node)) is not None:
+            return await view.xattrs(node)
         match node:
             case TagNode(repo, _):
                 manifest = await self._tagged(node, self._repo(repo).manifests.get)
@@ -336,6 +321,8 @@ class Tree:
 
     async def open(self, node: Node) -> BlobReader:
         """A reader of the node's bytes; a tag is resolved now, so a handle never changes."""
+        if (view := self._view_of(node)) is not None:
+            return await view.open(node)
         match node:
             case LayerNode(repo, digest):
                 return await self._repo(repo).layers.fetch(digest)
@@ -376,19 +363,21 @@ class Tree:
 
         Returns the tags that went with a manifest.
         """
-        if isinstance(node, DirNode | SectionNode):
-            raise PermissionError(f"directories cannot be removed: {node}")
-        repo = self._repo(node.repo)
         gone: list[TagNode] = []
         match node:
-            case UploadNode(_, uuid):
-                await (await repo.layers.resume(uuid)).cancel()
-            case TagNode(_, tag):
-                await repo.tags.delete(tag)
-            case ManifestNode(_, digest):
-                gone = [TagNode(node.repo, tag) for tag in await repo.manifests.delete(digest)]
-            case LayerNode(_, digest):
-                await repo.layers.unlink(digest)
+            case UploadNode(repo, uuid):
+                await (await self._repo(repo).layers.resume(uuid)).cancel()
+            case TagNode(repo, tag):
+                await self._repo(repo).tags.delete(tag)
+            case ManifestNode(repo, digest):
+                deleted = await self._repo(repo).manifests.delete(digest)
+                gone = [TagNode(repo, tag) for tag in deleted]
+            case LayerNode(repo, digest):
+                await self._repo(repo).layers.unlink(digest)
+            case DirNode() | SectionNode():
+                raise PermissionError(f"directories cannot be removed: {node}")
+            case _:
+                raise PermissionError(f"a view is read-only: {node}")
         self.changed(node, *gone)
         return gone
 
@@ -399,6 +388,12 @@ class Tree:
         await repo.tags.put(node.tag, digest)
         self.changed(node, ManifestNode(node.repo, digest))
         return digest
+
+    async def put_manifest(self, node: ManifestNode, data: bytes) -> Digest:
+        """Check and store a manifest by digest, without a tag (InvalidManifest: nothing)."""
+        stored = await self._repo(node.repo).manifests.put(data)
+        self.changed(ManifestNode(node.repo, stored))
+        return stored
 
     async def mkdir(self, parent: DirNode, name: str) -> DirNode:
         path = _join(parent.path, name)
@@ -418,7 +413,7 @@ class Tree:
 
 
 def _parse_digest(name: str) -> Digest:
-    try:
-        return Digest.parse(name)
-    except InvalidName:
-        raise NotFound(name) from None
+    digest = digest_name(name)
+    if digest is None:
+        raise NotFound(name)
+    return digest

@@ -1,16 +1,23 @@
-"""The FUSE operations called directly, without a mount: errno mapping and inode lifetimes."""
+"""The FUSE operations called directly, without a mount: errno mapping, inode lifetimes, and
+the hook a new view plugs into."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+import stat
+from dataclasses import dataclass
 
 import pyfuse3
 import pytest
 
-from regfs.operations import FOREVER, Operations
+from regfs.attributes import FOREVER
+from regfs.nodes import Attr, Node, NotFound, SectionNode
+from regfs.operations import Operations
 from regfs.options import MountOptions
-from regfs.tree import Tree
+from regfs.tree import BytesReader, Tree
+from storage.api import BlobReader
 from storage.digests import digest_bytes
 from storage.drivers import InMemoryDriver
 from storage.registry import Registry
@@ -93,3 +100,77 @@ async def test_a_directory_moved_into_uploads_is_eperm(ops):
     with pytest.raises(pyfuse3.FUSEError) as err:
         await ops.rename(pyfuse3.ROOT_INODE, b"a", uploads.st_ino, b"x", 0, None)
     assert err.value.errno == errno.EPERM
+
+
+@dataclass(frozen=True)
+class NoteNode(Node):
+    """The one file of the test view: `<repo>/notes/readme`."""
+
+    repo: str
+
+
+class NotesView:
+    """The smallest view: what regfs/views.py asks of one (the rootfs/ view is bigger)."""
+
+    node_types = (NoteNode,)
+
+    def __init__(self) -> None:
+        self.forgotten = 0
+
+    async def lookup(self, parent: Node, name: str) -> Node:
+        if isinstance(parent, SectionNode) and name == "readme":
+            return NoteNode(parent.repo)
+        raise NotFound(name)
+
+    async def children(self, node: Node) -> list[tuple[str, Node]]:
+        assert isinstance(node, SectionNode)
+        return [("readme", NoteNode(node.repo))]
+
+    async def attr(self, node: Node) -> Attr:
+        assert isinstance(node, NoteNode)
+        return Attr(False, len(node.repo), 0, immutable=True)
+
+    async def xattrs(self, node: Node) -> dict[str, bytes]:
+        return {"user.regfs.note": b"yes"} if isinstance(node, NoteNode) else {}
+
+    async def open(self, node: Node) -> BlobReader:
+        if not isinstance(node, NoteNode):
+            raise IsADirectoryError(str(node))
+        return BytesReader(node.repo.encode())
+
+    def forget_moving(self) -> None:
+        self.forgotten += 1
+
+
+async def test_a_view_plugs_in_as_a_section(ops):
+    """A view passed to Tree shows its section in every repository, read-only, and leaves the
+    registry's sections as they were."""
+    view = NotesView()
+    with_view = Operations(Tree(ops.tree.registry, 2.0, views={"notes": view}), ops.options)
+    repo = (await lookup_path(with_view, "a", "b")).st_ino
+    names = [name for name, _ in await with_view.tree.children(with_view.inodes.node(repo))]
+    assert names == ["layers", "manifests", "notes", "tags", "uploads"]
+    section = await lookup_path(with_view, "a", "b", "notes")
+    assert stat.S_ISDIR(section.st_mode)
+    readme = await lookup_path(with_view, "a", "b", "notes", "readme")
+    assert readme.st_size == 3 and readme.attr_timeout == FOREVER
+    info = await with_view.open(readme.st_ino, os.O_RDONLY, None)
+    assert await with_view.read(info.fh, 0, 100) == b"a/b" and info.keep_cache is False
+    await with_view.release(info.fh)
+    assert await with_view.getxattr(readme.st_ino, b"user.regfs.note", None) == b"yes"
+    for change in (
+        with_view.open(readme.st_ino, os.O_WRONLY, None),
+        with_view.unlink(section.st_ino, b"readme", None),
+        with_view.create(section.st_ino, b"new", 0o644, os.O_WRONLY, None),
+        with_view.rename(section.st_ino, b"readme", section.st_ino, b"other", 0, None),
+    ):
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await change
+        assert err.value.errno == errno.EPERM
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await lookup_path(with_view, "a", "notes")  # a namespace has no sections
+    assert err.value.errno == errno.ENOENT
+    with_view.tree.forget_moving()
+    assert view.forgotten == 1
+    layer = await lookup_path(with_view, "a", "b", "layers", str(digest_bytes(b"layer")))
+    assert layer.st_size == 5

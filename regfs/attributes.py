@@ -1,0 +1,150 @@
+"""What stat shows: a node's attributes as a FUSE entry, the kernel's timeouts for it, and the
+mode, owner and times that chmod, chown and touch gave an upload (`Shown`)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from dataclasses import dataclass, replace
+
+import pyfuse3
+from pyfuse3 import EntryAttributes, FUSEError
+
+from .handles import ManifestWriter
+from .inodes import InodeTable
+from .nodes import Attr, LayerNode, ManifestNode, Node, TagNode, UploadNode
+from .openfiles import OpenFiles
+from .options import MountOptions
+from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+FOREVER = 365 * 24 * 3600.0  # digest-addressed content never changes
+BLOCK_SIZE = 1 << 20  # the largest FUSE request: cp and cat size their buffers by st_blksize
+
+
+@dataclass
+class Shown:
+    """Mode, owner and mtime that chmod, chown and touch gave an upload.
+
+    The registry's layout has no place for them, so they live in the daemon's memory while
+    the upload does (a remount, or the layer it becomes, shows the mount's own again). That
+    is enough for what `cp -p`, `rsync -a` and `install -m` do: set them, then stat or rename.
+    An upload that ends outside this mount (the registry finishes it) leaves its few bytes
+    here until the unmount.
+    """
+
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int | None = None  # None: the storage's (when the upload started)
+
+
+class Attributes:
+    def __init__(
+        self, tree: Tree, options: MountOptions, inodes: InodeTable, files: OpenFiles
+    ) -> None:
+        self.tree = tree
+        self.options = options
+        self.inodes = inodes
+        self.files = files
+        self._shown: dict[UploadNode, Shown] = {}
+
+    def entry(self, node: Node, attr: Attr, timeout: float | None = None) -> EntryAttributes:
+        """The entry the kernel gets for a node; `timeout` overrides the kind's timeouts."""
+        entry = EntryAttributes()
+        entry.st_ino = self.inodes.inode(node)
+        if attr.is_dir:
+            entry.st_mode = stat.S_IFDIR | self.options.dir_mode
+            entry.st_nlink = 2
+        else:
+            entry.st_mode = stat.S_IFREG | self.options.file_mode
+            entry.st_nlink = 1
+        entry.st_size = attr.size
+        entry.st_blocks = (attr.size + 511) // 512
+        entry.st_blksize = BLOCK_SIZE
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
+        entry.st_uid = self.options.uid
+        entry.st_gid = self.options.gid
+        shown = self._shown.get(node) if isinstance(node, UploadNode) else None
+        if shown is not None:
+            entry.st_mode = stat.S_IFREG | shown.mode
+            entry.st_uid, entry.st_gid = shown.uid, shown.gid
+            if shown.mtime_ns is not None:
+                entry.st_atime_ns = entry.st_mtime_ns = shown.mtime_ns
+        if timeout is None:
+            timeout = FOREVER if attr.immutable else self.options.tag_ttl
+            if isinstance(node, TagNode | UploadNode):
+                # What can change through this mount is never cached by the kernel (the
+                # daemon caches it for tag_ttl): invalidating a kernel entry takes its
+                # directory's lock, which a client waiting for the daemon may hold, and a
+                # daemon killed while waiting for it could never exit and free the mount.
+                timeout = 0
+        entry.attr_timeout = entry.entry_timeout = timeout
+        if isinstance(node, LayerNode | ManifestNode):  # bytes fixed; presence not (a DELETE)
+            entry.entry_timeout = 0  # so each lookup asks the daemon, which caches for tag_ttl
+        return entry
+
+    async def entry_of(self, node: Node) -> EntryAttributes:
+        """What getattr answers: a writer's pending size, else the storage's."""
+        writer = self.files.writer(node)
+        pending = writer.pending_attr() if writer is not None else None
+        if pending is not None:
+            return self.entry(node, pending, timeout=0)
+        return self.entry(node, await self.tree.attr(node))
+
+    # -- chmod, chown, touch ---------------------------------------------------------------
+
+    async def check_change(
+        self, node: Node, attr: EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> Shown | None:
+        """What setattr would show, EPERM if the node cannot show it, None if nothing to keep.
+
+        What changes nothing succeeds anywhere (cp -p and rsync -a set what is already shown);
+        a real change only on an upload (see Shown). The times of a tag, or of a manifest
+        being written, are accepted and ignored (they say when it was stored): `cp -p` sets
+        them before close."""
+        now = await self.entry_of(node)
+        mode = stat.S_IMODE(attr.st_mode if fields.update_mode else now.st_mode)
+        uid = attr.st_uid if fields.update_uid else now.st_uid
+        gid = attr.st_gid if fields.update_gid else now.st_gid
+        owner = (mode, uid, gid) != (stat.S_IMODE(now.st_mode), now.st_uid, now.st_gid)
+        retimed = (fields.update_mtime and attr.st_mtime_ns != now.st_mtime_ns) or (
+            fields.update_atime and attr.st_atime_ns != now.st_atime_ns
+        )
+        writer = self.files.writer(node)
+        fixed_times = not isinstance(node, TagNode) and not isinstance(writer, ManifestWriter)
+        if not isinstance(node, UploadNode) and (owner or (retimed and fixed_times)):
+            log.info(
+                "setattr: refused on %s: it keeps the mount's mode %o, owner %d:%d and times"
+                " (EPERM)",
+                node,
+                stat.S_IMODE(now.st_mode),
+                now.st_uid,
+                now.st_gid,
+            )
+            raise FUSEError(errno.EPERM)
+        if isinstance(node, UploadNode) and (owner or retimed):
+            return Shown(mode, uid, gid, attr.st_mtime_ns if fields.update_mtime else None)
+        return None
+
+    def show(self, node: Node, shown: Shown) -> None:
+        """Keep what check_change returned (an mtime not given stays what it was)."""
+        if not isinstance(node, UploadNode):
+            return
+        before = self._shown.get(node)
+        if shown.mtime_ns is None and before is not None:
+            shown = replace(shown, mtime_ns=before.mtime_ns)
+        self._shown[node] = shown
+
+    def written(self, node: Node) -> None:
+        """A write moves the mtime on, as on any filesystem."""
+        shown = self._shown.get(node) if isinstance(node, UploadNode) else None
+        if shown is not None:
+            shown.mtime_ns = None
+
+    def forget_shown(self, node: Node) -> None:
+        """An upload that ended (finished, cancelled, replaced) takes its Shown along."""
+        if isinstance(node, UploadNode):
+            self._shown.pop(node, None)

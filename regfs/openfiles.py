@@ -1,0 +1,189 @@
+"""Open files: which handle a node gets, one writer per upload or tag, and closing.
+
+A file handle (fh) names one `Handle` (regfs/handles.py) from open or create until release.
+The tables are touched only between awaits (docs/concurrency.md), so they need no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+import trio
+from pyfuse3 import FileInfo, FUSEError
+
+from storage.digests import Digest
+from storage.names import validate_tag
+
+from .handles import (
+    Handle,
+    ManifestHandle,
+    ManifestWriter,
+    ReadHandle,
+    TagHandle,
+    UploadHandle,
+)
+from .nodes import (
+    Attr,
+    LayerNode,
+    ManifestNode,
+    Node,
+    SectionNode,
+    TagNode,
+    UploadNode,
+    digest_name,
+)
+from .options import MountOptions
+from .refusals import refusal
+from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+
+class OpenFiles:
+    def __init__(self, tree: Tree, options: MountOptions) -> None:
+        self.tree = tree
+        self.options = options
+        self._handles: dict[int, Handle] = {}
+        self._writers: dict[Node, int] = {}  # one writer per upload or tag: its handle
+        # Uploads whose last writer is still being released (saving its hash state, fsync,
+        # unlocking): release arrives after close() has returned, so a `cp` followed at once
+        # by `mv`, `rm` or another writer must wait for it instead of finding the upload busy.
+        self._closing: dict[Node, trio.Event] = {}
+        self._next_fh = 1
+
+    # -- the table -------------------------------------------------------------------------
+
+    def get(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        return handle
+
+    def writer(self, node: Node) -> Handle | None:
+        """The handle writing the node, if one is open."""
+        return self._handles.get(self._writers.get(node, 0))
+
+    def is_written(self, node: Node) -> bool:
+        return node in self._writers
+
+    def check_no_writer(self, node: Node) -> None:
+        if node in self._writers:
+            log.info("open: %s already has a writer (EBUSY)", node)
+            raise FUSEError(errno.EBUSY)
+
+    async def settled(self, node: Node) -> None:
+        """Wait until the release of the node's last writer is done (see _closing)."""
+        closing = self._closing.get(node)
+        if closing is not None:
+            await closing.wait()
+
+    def add(self, node: Node, handle: Handle) -> FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        info = FileInfo(fh=fh)
+        if isinstance(handle, UploadHandle | ManifestWriter):
+            self._writers[handle.node] = fh
+        # Digest-addressed content never changes: keep its pages across opens. What moves
+        # (tags, uploads, a manifest being written) is read directly, so a handle never mixes
+        # old pages and new bytes.
+        info.keep_cache = isinstance(node, LayerNode | ManifestNode) and isinstance(
+            handle, ReadHandle
+        )
+        info.direct_io = not info.keep_cache
+        return info
+
+    # -- opening ---------------------------------------------------------------------------
+
+    async def open(self, node: Node, flags: int) -> Handle:
+        truncate = bool(flags & os.O_TRUNC)
+        if flags & os.O_ACCMODE == os.O_RDONLY and not truncate:
+            return ReadHandle(await self.tree.open(node))
+        if self.options.read_only:
+            raise refusal("open", node, self.options.read_only)
+        if isinstance(node, UploadNode):
+            return await self._upload_writer(node, truncate)
+        if isinstance(node, TagNode):
+            self.check_no_writer(node)
+            return TagHandle(self.tree, node, b"" if truncate else await self.tree.read(node))
+        raise refusal("open", node, self.options.read_only)
+
+    async def _upload_writer(self, node: UploadNode, truncate: bool) -> UploadHandle:
+        self.check_no_writer(node)
+        await self.settled(node)
+        upload = await self.tree.resume_upload(node)
+        if truncate:
+            await upload.truncate(0)
+        return UploadHandle(self.tree, node, upload, await self.tree.upload_name(node))
+
+    async def create(self, parent: Node, name: str) -> tuple[Node, Handle, Attr]:
+        """A new file in uploads/ (an upload), tags/ (a tag) or manifests/ (by digest)."""
+        node: UploadNode | TagNode | ManifestNode  # narrowed to the kind each case makes
+        match parent:
+            case SectionNode(repo, "uploads"):
+                node, upload = await self.tree.create_upload(repo, name)
+                return node, UploadHandle(self.tree, node, upload, name), await self.tree.attr(node)
+            case SectionNode(repo, "tags"):
+                validate_tag(name)
+                node = TagNode(repo, name)
+                self.check_no_writer(node)
+                return node, TagHandle(self.tree, node), Attr(False, 0, time.time_ns())
+            case SectionNode(repo, "manifests") if digest_name(name) is not None:
+                # A manifest by digest, checked and stored on close (an index's children).
+                node = ManifestNode(repo, Digest.parse(name))
+                self.check_no_writer(node)
+                return node, ManifestHandle(self.tree, node), Attr(False, 0, time.time_ns())
+        raise refusal("create", parent, self.options.read_only)
+
+    # -- truncating ------------------------------------------------------------------------
+
+    async def truncate(self, node: Node, size: int, fh: int | None) -> None:
+        handle = self._handles.get(fh) if fh is not None else None
+        if handle is None and isinstance(node, UploadNode):
+            handle = self._handles.get(self._writers.get(node, -1))
+        if handle is not None:
+            await handle.truncate(size)
+        elif isinstance(node, UploadNode):
+            await self._truncate_upload(node, size)
+        else:
+            raise refusal("truncate", node, self.options.read_only)
+
+    async def _truncate_upload(self, node: UploadNode, size: int) -> None:
+        """truncate(2) by path with no writer open: like ftruncate, shrink only. The storage
+        writer is exclusive (flock), so a writer opened meanwhile gets EBUSY."""
+        await self.settled(node)
+        upload = await self.tree.resume_upload(node)
+        try:
+            await upload.truncate(size)
+        finally:
+            with trio.CancelScope(shield=True):  # never leave the upload locked
+                await upload.close()
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def take(self, fh: int) -> Handle:
+        """Remove a handle from the table (release), so the node may get a new writer."""
+        handle = self.get(fh)
+        del self._handles[fh]
+        if (
+            isinstance(handle, UploadHandle | ManifestWriter)
+            and self._writers.get(handle.node) == fh
+        ):
+            del self._writers[handle.node]
+        return handle
+
+    async def release(self, handle: Handle) -> None:
+        """Release a taken handle; an upload's release is waited for by `settled`."""
+        if not isinstance(handle, UploadHandle):
+            await handle.release()
+            return
+        done = self._closing[handle.node] = trio.Event()
+        try:
+            await handle.release()
+        finally:
+            done.set()
+            if self._closing.get(handle.node) is done:
+                del self._closing[handle.node]

@@ -1,0 +1,130 @@
+"""rename(2): an upload renamed within uploads/ or finished by a rename into layers/ (or to
+its digest), and a tag moved within tags/ (retag). Nothing else moves."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from storage.digests import Digest
+from storage.errors import DigestMismatch
+from storage.names import validate_tag
+
+from .attributes import Attributes
+from .inodes import InodeTable
+from .nodes import LayerNode, Node, SectionNode, TagNode, UploadNode, digest_name
+from .openfiles import OpenFiles
+from .refusals import decode_name, refusal
+from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+
+class Renames:
+    def __init__(
+        self, tree: Tree, inodes: InodeTable, files: OpenFiles, attributes: Attributes
+    ) -> None:
+        self.tree = tree
+        self.inodes = inodes
+        self.files = files
+        self.attributes = attributes
+
+    async def rename(
+        self, node: Node, old_parent: Node, new_parent: Node, new_name: bytes, flags: int
+    ) -> None:
+        """Within uploads/: rename the upload; into layers/<digest>: verify and finish it.
+        `flags` is what rename(2) passed (RENAME_NOREPLACE or 0)."""
+        if isinstance(node, TagNode) and new_parent == SectionNode(node.repo, "tags"):
+            await self._retag(node, decode_name(new_name, errno.EINVAL), flags)
+            return
+        same_repo = (
+            isinstance(old_parent, SectionNode)
+            and isinstance(new_parent, SectionNode)
+            and new_parent.repo == old_parent.repo
+        )
+        if not isinstance(node, UploadNode) or not same_repo:
+            log.info(
+                "rename: only an upload can be renamed, within uploads/ or into layers/ "
+                "of its repository (EPERM): %s -> %s",
+                node,
+                new_parent,
+            )
+            raise FUSEError(errno.EPERM)
+        if self.files.is_written(node):
+            log.info("rename: upload %s is open for writing (EBUSY)", node.uuid)
+            raise FUSEError(errno.EBUSY)
+        await self.files.settled(node)
+        assert isinstance(new_parent, SectionNode)
+        target = decode_name(new_name, errno.EINVAL)
+        if new_parent.section == "layers":
+            await self._finish(node, Digest.parse(target))
+            return
+        if new_parent.section != "uploads":
+            raise refusal("rename", new_parent, read_only=False)
+        existing = (await self.tree.uploads(node.repo)).get(target)
+        replaced = None
+        if existing is not None and existing != node.uuid:
+            replaced = UploadNode(node.repo, existing)
+        if replaced is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise FUSEError(errno.EEXIST)
+            if self.files.is_written(replaced):
+                raise FUSEError(errno.EBUSY)
+            await self.files.settled(replaced)
+        expected = digest_name(target)
+        if expected is not None:
+            await self._finish(node, expected)
+        else:
+            await self.tree.rename_upload(node, target)
+        if replaced is not None:
+            await self.tree.remove(replaced)
+            self.attributes.forget_shown(replaced)
+
+    async def _retag(self, node: TagNode, name: str, flags: int) -> None:
+        """mv tags/tmp tags/v1: v1 points at tmp's manifest, then tmp goes. The tag's link is
+        replaced atomically, so a reader sees v1's old manifest or the new one, never none:
+        how `sed -i` and editors that save by rename retag."""
+        validate_tag(name)
+        if name == node.tag:
+            return
+        target = TagNode(node.repo, name)
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            with contextlib.suppress(LookupError):
+                await self.tree.lookup(SectionNode(node.repo, "tags"), name)
+                raise FUSEError(errno.EEXIST)
+        # The manifest is stored already: only the tag's link moves (no second check of it).
+        tags = self.tree.registry.repository(node.repo).tags
+        digest = await tags.get(node.tag)
+        await tags.put(name, digest)
+        self.tree.changed(target)
+        await self.tree.remove(node)
+        # The kernel moves its dentry to the new name with the old inode number.
+        ino = self.inodes.known(node)
+        if ino is not None:
+            self.inodes.rebind(ino, target)
+        log.info(
+            "rename: tag %s:%s now points at %s (from tag %s)", node.repo, name, digest, node.tag
+        )
+
+    async def _finish(self, node: UploadNode, digest: Digest) -> None:
+        """Finish an upload by rename: verified against digest, it becomes that layer."""
+        upload = await self.tree.resume_upload(node)
+        try:
+            await self.tree.finish_upload(node, upload, digest)
+        except BaseException as exc:
+            if isinstance(exc, DigestMismatch):
+                log.warning("rename: upload %s not finished: %s; it stays", node.uuid, exc)
+            with trio.CancelScope(shield=True):  # never leave the upload locked
+                await upload.close()
+            raise
+        self.attributes.forget_shown(node)  # a layer shows the mount's mode and owner
+        # The kernel moves its dentry to the new name with the upload's inode number: let
+        # that number stand for the layer it became.
+        ino = self.inodes.known(node)
+        if ino is not None:
+            self.inodes.rebind(ino, LayerNode(node.repo, digest))

@@ -1,0 +1,42 @@
+"""Extended attributes: the tree's own (`user.regfs.*`, read-only) and the answers that let
+`ls -l`, `cp -p` and `rsync -X` go on without asking storage."""
+
+from __future__ import annotations
+
+import errno
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from .inodes import InodeTable
+from .tree import Tree
+
+XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
+# Extended attributes that carry POSIX ACLs: "not supported" (not EPERM) makes cp -p, sed -i
+# and rsync fall back to a plain chmod, as on any filesystem without ACLs.
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+class Xattrs:
+    def __init__(self, tree: Tree, inodes: InodeTable) -> None:
+        self.tree = tree
+        self.inodes = inodes
+
+    async def get(self, inode: int, name: bytes) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            # `ls -l` asks every file for security.selinux and ACLs: answer without storage.
+            raise FUSEError(pyfuse3.ENOATTR)
+        xattrs = await self.tree.xattrs(self.inodes.node(inode))
+        try:
+            return xattrs[name.decode("utf-8", "replace")]
+        except KeyError:
+            raise FUSEError(pyfuse3.ENOATTR) from None
+
+    async def names(self, inode: int) -> list[bytes]:
+        return [name.encode() for name in await self.tree.xattrs(self.inodes.node(inode))]
+
+    @staticmethod
+    def check_set(name: bytes, read_only: bool) -> None:
+        """Setting an ACL is "not supported"; the caller refuses every other name."""
+        if name in ACL_XATTRS and not read_only:
+            raise FUSEError(errno.EOPNOTSUPP)
