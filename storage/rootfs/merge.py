@@ -1,0 +1,447 @@
+"""Apply an image's layers, base first, into one tree, exactly as `umoci unpack` (as root) does.
+
+Pure and synchronous: member tables in, a `MergedTree` out, no I/O. Every rule follows
+umoci 0.4.7's `oci/layer/tar_extract.go` step for step, because users compare the view with
+what they would get by unpacking (docs/rootfs.md lists the rules and the few deliberate
+refusals):
+
+- Members apply in tar order. The directory part of a path is resolved like
+  filepath-securejoin: a symlink met on the way is followed inside the image (`..` stops at
+  the image root, an absolute target restarts there), at most 255 times; missing
+  directories are created with mode 0755, owner 0:0. The last component is never followed.
+- Directory over directory replaces the attributes (xattrs too) and keeps the children;
+  anything else over an existing name removes it, a directory with its subtree, first.
+- `.wh.<name>` and `.wh..wh..opq` remove what is not *upper*: upper are the names this layer
+  has already placed and their ancestors, so a whiteout touches lower layers only wherever it
+  sits in the tar, and an opaque directory keeps the directory itself.
+- A hard link names the target's node: both names share one inode, and that node keeps the
+  (layer, member) whose bytes it shows even when a later member replaces the target's name.
+
+Memory: the merge builds one small object per node, then `MergedTree` keeps flat arrays
+(docs/rootfs.md has the measured bytes per member) and drops the objects.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from storage.errors import StorageError
+
+from .members import Kind, Member
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+MAX_NODES = 4_000_000
+"""Default bound on the nodes one merge may create (members plus implicit directories)."""
+NAME_MAX = 255
+MAX_SYMLINKS = 255
+"""Symlinks followed while resolving one path: filepath-securejoin's limit (ELOOP beyond)."""
+MAX_STEPS = 65_536
+"""Components walked while resolving one path: a long symlink target followed 255 times
+would otherwise be quadratic work. Far above PATH_MAX's 2,048 components."""
+
+DEFAULT_DIR = Member("", Kind.DIR, 0o755, 0, 0, 0)
+"""The image root before any `./` member, and every directory created implicitly: umoci makes
+the root 0755 0:0 at the epoch, and missing parents with MkdirAll(0777) under umask 022."""
+NO_LAYER = -1
+"""The layer of the default root: no layer placed it."""
+
+
+class MergeError(StorageError):
+    """A layer that cannot be applied: the whole image is refused, other images are not."""
+
+    def __init__(self, layer: int, path: str, reason: str) -> None:
+        super().__init__(f"layer {layer}: {path!r}: {reason}")
+        self.layer = layer
+        self.path = path
+        self.reason = reason
+
+
+class _Refused(Exception):
+    """A member's refusal before the layer and path are attached (see `merge`)."""
+
+
+class _Node:
+    """One inode while merging. `children` is None for every non-directory.
+
+    `mark` is the last layer in which this node was placed or was the ancestor of a placed
+    name (umoci's upperPaths); hard links placed in a layer are in `_Merger.linked` instead,
+    because the node they share may be lower under its other names. Six slots and no int
+    above 256 (the member is a reference): the merge's peak memory is mostly these.
+    """
+
+    __slots__ = ("children", "kind", "layer", "mark", "member", "nlink")
+
+    def __init__(self, member: Member, layer: int) -> None:
+        self.children: dict[str, _Node] | None = {} if member.kind is Kind.DIR else None
+        self.kind = member.kind
+        self.member = member
+        self.layer = layer
+        self.mark = layer
+        self.nlink = 1
+
+
+_Chain = list[tuple[str, _Node | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One inode of the merged tree, as the view serves it.
+
+    `member` holds the attributes and, for a file, where its bytes are in layer `layer`'s
+    uncompressed tar; for the default root and implicit directories it is `DEFAULT_DIR`.
+    `nlink` counts names for non-directories, 2 + subdirectories for directories.
+    """
+
+    ino: int
+    layer: int
+    member: Member
+    nlink: int
+
+    @property
+    def kind(self) -> Kind:
+        return self.member.kind
+
+
+class MergedTree:
+    """The merged image, immutable: stable inode numbers (root 1, then breadth first in name
+    order), attributes by reference to the layers' members, and per inode only flat arrays.
+
+    Each directory's entries are a contiguous run of `_child` and of the names, sorted by
+    their bytes (the order of `ls` in the C locale) and found by bisection. The names are
+    one bytes buffer with offsets, not a str each: a third of the memory for tiny members.
+    """
+
+    ROOT = 1
+
+    def __init__(
+        self,
+        member: list[Member],
+        layer: array[int],
+        nlink: array[int],
+        parent: array[int],
+        first: array[int],
+        count: array[int],
+        names: bytes,
+        ends: array[int],
+        child: array[int],
+    ) -> None:
+        self._member = member
+        self._layer = layer
+        self._nlink = nlink
+        self._parent = parent
+        self._first = first
+        self._count = count
+        self._names = names
+        self._ends = ends
+        self._child = child
+
+    def __len__(self) -> int:
+        """The number of inodes."""
+        return len(self._member)
+
+    def node(self, ino: int) -> Node:
+        i = self._slot(ino)
+        return Node(ino, self._layer[i], self._member[i], self._nlink[i])
+
+    def parent(self, ino: int) -> int:
+        """A directory's parent (the root's is itself); a non-directory's first parent."""
+        return self._parent[self._slot(ino)]
+
+    def lookup(self, parent: int, name: str) -> int | None:
+        """The inode `name` names in directory `parent`; None if absent or not a directory."""
+        i = self._slot(parent)
+        key = os.fsencode(name)
+        lo = self._first[i]
+        hi = lo + self._count[i]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._name(mid) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self._first[i] + self._count[i] and self._name(lo) == key:
+            return self._child[lo]
+        return None
+
+    def entries(self, ino: int, start: int = 0) -> Iterator[tuple[str, int]]:
+        """A directory's (name, inode) pairs in name order, from the `start`-th on
+        (readdir's offset); nothing for a non-directory."""
+        i = self._slot(ino)
+        first = self._first[i]
+        for at in range(first + start, first + self._count[i]):
+            yield os.fsdecode(self._name(at)), self._child[at]
+
+    def resolve(self, path: str) -> int | None:
+        """The inode of a normalised path, following no symlink; None if absent."""
+        ino: int | None = self.ROOT
+        for part in path.split("/") if path else ():
+            if ino is None:
+                return None
+            ino = self.lookup(ino, part)
+        return ino
+
+    def _name(self, at: int) -> bytes:
+        return self._names[self._ends[at - 1] if at else 0 : self._ends[at]]
+
+    def _slot(self, ino: int) -> int:
+        if not 1 <= ino <= len(self._member):
+            raise KeyError(ino)
+        return ino - 1
+
+
+def merge(layers: Sequence[Sequence[Member]], max_nodes: int = MAX_NODES) -> MergedTree:
+    """Apply `layers` (each a table in tar order, base first) as `umoci unpack` does.
+
+    Raises `MergeError` naming the layer, the member and the reason; never follows a path
+    outside the image, never loops: work is bounded by `max_nodes`, `MAX_SYMLINKS` and
+    `MAX_STEPS`.
+    """
+    total = 0
+    for number, members in enumerate(layers):
+        total += len(members)
+        if total > max_nodes:
+            raise MergeError(number, "", f"more than {max_nodes} members in the image")
+    merger = _Merger(max_nodes)
+    for number, members in enumerate(layers):
+        merger.start_layer(number)
+        for member in members:
+            try:
+                merger.apply(member)
+            except _Refused as refusal:
+                raise MergeError(number, member.path, str(refusal)) from None
+    return _freeze(merger.root)
+
+
+class _Merger:
+    """The tree being built, and the current layer's upper names (see `_Node.mark`).
+
+    `parents` remembers the directory the last member's parent path resolved to: tar order
+    keeps a directory's members together, and only a removal can change what a resolved
+    path names (a new name never replaces one without removing it first).
+    """
+
+    def __init__(self, max_nodes: int) -> None:
+        self.max_nodes = max_nodes
+        self.nodes = 0
+        self.root = self._new(DEFAULT_DIR, NO_LAYER)
+        self.layer = 0
+        self.linked: set[tuple[_Node, str]] = set()
+        self.parents: tuple[str, _Node] | None = None
+
+    def start_layer(self, number: int) -> None:
+        self.layer = number
+        self.linked.clear()
+        self.parents = None  # its marks are the last layer's
+
+    def _new(self, member: Member, layer: int) -> _Node:
+        self.nodes += 1
+        if self.nodes > self.max_nodes:
+            raise _Refused(f"more than {self.max_nodes} entries in the image")
+        return _Node(member, layer)
+
+    def apply(self, member: Member) -> None:
+        """One member, as umoci's UnpackEntry."""
+        if not member.path:
+            if member.kind is not Kind.DIR:
+                raise _Refused(f"a {member.kind.value} cannot replace the image root")
+            self._update(self.root, member)
+            return
+        head, _, name = member.path.rpartition("/")
+        if name.startswith(WHITEOUT):
+            self._whiteout(head, name)
+            return
+        _check_name(name)
+        if self.parents is not None and self.parents[0] == head:
+            parent = self.parents[1]
+        else:
+            parent = self._make_parents(self._resolve(head))
+            self.parents = (head, parent)
+        assert parent.children is not None
+        existing = parent.children.get(name)
+        if existing is not None:
+            if existing.children is not None and member.kind is Kind.DIR:
+                self._update(existing, member)
+                return
+            self._unlink(parent, name)
+        if member.kind is Kind.HARDLINK:
+            target = self._link_target(member.linkname)
+            target.nlink += 1
+            parent.children[name] = target
+            self.linked.add((parent, name))
+        else:
+            parent.children[name] = self._new(member, self.layer)
+
+    def _update(self, node: _Node, member: Member) -> None:
+        """Directory over directory: the new member's attributes, the old children."""
+        node.member = member
+        node.layer = node.mark = self.layer
+
+    def _resolve(self, path: str) -> _Chain:
+        """filepath-securejoin's walk of a directory path: the chain of (name, node or None
+        when missing) it ends at, every symlink on the way followed inside the image."""
+        chain: _Chain = []
+        pending = path.split("/")[::-1]
+        followed = steps = 0
+        while pending:
+            if followed > MAX_SYMLINKS:
+                raise _Refused("a symlink loop in a parent path")
+            steps += 1
+            if steps > MAX_STEPS:
+                raise _Refused("a parent path too long to resolve")
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if chain:
+                    chain.pop()
+                continue
+            parent = chain[-1][1] if chain else self.root
+            node = None
+            if parent is not None and parent.children is not None:
+                node = parent.children.get(part)
+            if node is not None and node.kind is Kind.SYMLINK:
+                followed += 1
+                target = node.member.linkname
+                if target.startswith("/"):
+                    chain.clear()
+                pending.extend(reversed(target.split("/")))
+                continue
+            chain.append((part, node))
+        return chain
+
+    def _make_parents(self, chain: _Chain) -> _Node:
+        """MkdirAll of a resolved chain: missing directories made, each one marked upper."""
+        node = self.root
+        for name, _ in chain:
+            assert node.children is not None
+            child = node.children.get(name)
+            if child is None:
+                _check_name(name)
+                child = self._new(DEFAULT_DIR, self.layer)
+                node.children[name] = child
+            elif child.children is None:
+                raise _Refused(f"parent {name!r} is a {child.kind.value}, not a directory")
+            child.mark = self.layer
+            node = child
+        return node
+
+    def _whiteout(self, head: str, name: str) -> None:
+        """umoci's ociWhiteout: remove every lower name under the target, keep upper ones."""
+        if name == WHITEOUT:
+            raise _Refused("a bare .wh. whiteout names nothing")
+        chain = self._resolve(head)
+        parent = chain[-1][1] if chain else self.root
+        if parent is None or parent.children is None:
+            return
+        if name == OPAQUE:
+            stack = [parent]
+        else:
+            target = name[len(WHITEOUT) :]
+            node = parent.children.get(target)
+            if node is None:
+                return
+            if not self._upper(parent, target, node):
+                self._unlink(parent, target)
+                return
+            stack = [node]
+        while stack:
+            directory = stack.pop()
+            if directory.children is None:
+                continue
+            for child_name, child in list(directory.children.items()):
+                if self._upper(directory, child_name, child):
+                    stack.append(child)
+                else:
+                    self._unlink(directory, child_name)
+
+    def _upper(self, parent: _Node, name: str, node: _Node) -> bool:
+        return node.mark == self.layer or (parent, name) in self.linked
+
+    def _unlink(self, parent: _Node, name: str) -> None:
+        """Remove a name and the subtree below it; inodes with other names live on."""
+        assert parent.children is not None
+        self.parents = None
+        stack = [parent.children.pop(name)]
+        while stack:
+            node = stack.pop()
+            node.nlink -= 1
+            if node.children:
+                stack.extend(node.children.values())
+                node.children = {}  # freed one by one here, not by a deep recursion
+
+    def _link_target(self, linkname: str) -> _Node:
+        """A hard link's target: its directory resolved like a member's, the name itself not
+        followed (link(2) links a symlink, not what it points at)."""
+        head, _, name = linkname.rpartition("/")
+        if not name:
+            raise _Refused("a hard link to the image root, a directory")
+        chain = self._resolve(head)
+        parent = chain[-1][1] if chain else self.root
+        target = None
+        if parent is not None and parent.children is not None:
+            target = parent.children.get(name)
+        if target is None:
+            raise _Refused(f"a hard link to {linkname!r}, which does not exist")
+        if target.children is not None:
+            raise _Refused(f"a hard link to {linkname!r}, a directory")
+        return target
+
+
+def _check_name(name: str) -> None:
+    """Names umoci could not create either: a whiteout prefix (a parent named `.wh.x` is a
+    malformed layer, and no `.wh.` name may show), or longer than NAME_MAX (ENAMETOOLONG)."""
+    if name.startswith(WHITEOUT):
+        raise _Refused(f"a whiteout name {name!r} used as a directory")
+    if len(name) > NAME_MAX // 4 and len(os.fsencode(name)) > NAME_MAX:
+        raise _Refused(f"a name longer than {NAME_MAX} bytes")
+
+
+def _freeze(root: _Node) -> MergedTree:
+    """Number the inodes breadth first in name order and flatten the tree into arrays.
+
+    A node is numbered when first met; only a non-directory with several names can be met
+    again, so only those are remembered (by identity) to give every name one inode. Each
+    node leaves the queue, and each directory's dict is dropped, once flattened.
+    """
+    members: list[Member] = []
+    layer, nlink, parent = array("i"), array("I"), array("I", [MergedTree.ROOT])
+    first, count, child, ends = array("I"), array("I"), array("I"), array("Q")
+    names = bytearray()
+    shared: dict[int, int] = {}
+    queue = deque([root])
+    numbered = 1
+    ino = 0
+    while queue:
+        node = queue.popleft()
+        ino += 1
+        members.append(node.member)
+        layer.append(node.layer)
+        first.append(len(child))
+        if node.children is None:
+            nlink.append(node.nlink)
+            count.append(0)
+            continue
+        subdirs = 0
+        for key, name in sorted((os.fsencode(name), name) for name in node.children):
+            entry = node.children[name]
+            number = shared.get(id(entry), 0) if entry.nlink > 1 else 0
+            if not number:
+                queue.append(entry)
+                numbered += 1
+                number = numbered
+                parent.append(ino)
+                if entry.nlink > 1:
+                    shared[id(entry)] = number
+            subdirs += entry.children is not None
+            names += key
+            ends.append(len(names))
+            child.append(number)
+        node.children = None
+        nlink.append(2 + subdirs)
+        count.append(len(child) - first[-1])
+    return MergedTree(members, layer, nlink, parent, first, count, bytes(names), ends, child)
