@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import itertools
 import logging
 import os
 import time
@@ -170,16 +171,28 @@ class RemoteCatalog:
             self._names, self._local = frozenset(names), frozenset()
             self._sorted = sorted(self._names)
             self._fetched = time.monotonic()
-        local = frozenset({*self.registry.created, *self.registry.records.repositories()})
+        local = frozenset(
+            {*self.registry.created, *self.registry.pushed(), *self.registry.records.repositories()}
+        )
         if local != self._local:
             self._sorted = sorted(self._names | local)
             self._local = local
         return self._sorted
 
+    def _counted(self, name: str) -> bool:
+        """A repository as the registry counts them (its catalog needs a `_layers`: a blob
+        linked, so not one holding only uploads), or made here by mkdir. A blob pushed here
+        counts before the catalog's next refresh shows it."""
+        return (
+            name in (self._names or ())
+            or name in self.registry.created
+            or name in self.registry.pushed()
+        )
+
     async def repositories(self, n: int | None = None, last: str = "") -> list[str]:
         names = await self._all() or []
         start = bisect.bisect_right(names, last)
-        return names[start:] if n is None else names[start : start + n]
+        return list(itertools.islice(filter(self._counted, names[start:]), n))
 
     async def children(self, prefix: str = "") -> list[str]:
         head = f"{prefix}/" if prefix else ""
@@ -194,8 +207,7 @@ class RemoteCatalog:
 
     async def is_repository(self, name: str, with_uploads: bool = False) -> bool:
         names = await self._all()
-        known = names is not None and (name in self._local or name in (self._names or ()))
-        if name in self.registry.created or known:
+        if self._counted(name):
             return True
         if with_uploads and self.registry.records.of(name):
             return True
@@ -521,9 +533,13 @@ class RemoteRegistry:
         at_registry = await self.repository(name).exists()
         if name not in self.created and not at_registry:
             raise UnknownRepository(name)
-        if at_registry or self.records.of(name) or self.finished.get(name):
+        if at_registry or self.records.of(name) or name in self.pushed():
             raise NotEmpty(f"repository {name} cannot be removed through the registry's API")
         self.created.discard(name)
+
+    def pushed(self) -> set[str]:
+        """The repositories a blob was pushed to through this client."""
+        return {name for name, blobs in self.finished.items() if blobs}
 
     def statvfs(self) -> os.statvfs_result | None:
         return None
