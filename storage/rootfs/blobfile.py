@@ -1,0 +1,161 @@
+"""A layer blob as a blocking file object, for the libraries that decompress in a worker thread.
+
+indexed_gzip (and tarfile over it) want `read`/`seek` on a file; a source gives an async
+`BlobReader`. `BlobFile` bridges them: it runs in a worker thread and fetches aligned windows
+through the trio loop (`trio.from_thread.run` with the loop's token), so the loop is only
+ever busy for one `read_at`. A few recent windows are kept: indexed_gzip reads the stream
+twice over a short distance (it extends its index, then decompresses from the seek point
+behind), and those re-reads then cost nothing. While the blob is read in order from its
+start, each new window is hashed, so a pass that reads it whole also checks its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ..api import BlobReader
+from ..digests import Digest
+from .errors import CorruptLayer, LayerDigestMismatch
+
+
+class Stopped(Exception):
+    """The pass was abandoned (its caller was cancelled): the worker thread ends here."""
+
+
+class PieceFile(io.RawIOBase):
+    """A read-only file made of pieces (a blob's windows, a stream's chunks): `_piece` gives
+    the piece that holds a position; this class copies from pieces into `read` buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def _piece(self, position: int) -> tuple[bytes, int] | None:
+        """The piece holding `position` and where it starts; None at the end."""
+        raise NotImplementedError
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            found = self._piece(self._position)
+            if found is None:
+                break
+            data, start = found
+            piece = data[self._position - start : self._position - start + len(view) - done]
+            view[done : done + len(piece)] = piece
+            done += len(piece)
+            self._position += len(piece)
+        return done
+
+
+class BlobFile(PieceFile):
+    """Reads of one blob of known size, from a worker thread; see the module docstring.
+
+    An error of the source (its exception) is kept in `error`, because a C library that
+    calls `read` turns it into its own error: the caller re-raises it from there.
+    """
+
+    def __init__(
+        self,
+        reader: BlobReader,
+        layer: Digest,
+        size: int,
+        token: trio.lowlevel.TrioToken,
+        *,
+        window: int = 1 << 20,
+        windows: int = 8,
+        on_read: Callable[[int], None] | None = None,
+        stop: threading.Event | None = None,
+        verify: bool = True,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.size = size
+        self.bytes_read = 0  # fetched from the source, re-reads included
+        self.error: BaseException | None = None
+        self._reader = reader
+        self._token = token
+        self._window = window
+        self._windows = windows
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._on_read = on_read
+        self._stop = stop
+        # None once a window was read out of order (or for random reads: nothing to check)
+        self._hash: Any = hashlib.sha256() if verify else None
+        self._hashed = 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def _piece(self, position: int) -> tuple[bytes, int] | None:
+        if position >= self.size:
+            return None
+        start = position - position % self._window
+        return self._fetch(start), start
+
+    def _fetch(self, start: int) -> bytes:
+        data = self._cache.get(start)
+        if data is not None:
+            self._cache.move_to_end(start)
+            return data
+        if self._stop is not None and self._stop.is_set():
+            raise Stopped
+        want = min(self._window, self.size - start)
+        try:
+            got = trio.from_thread.run(self._reader.read_at, start, want, trio_token=self._token)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        data = bytes(got)
+        if len(data) != want:
+            why = f"{len(data)} bytes at offset {start}, {want} expected: shorter than its size"
+            self.error = CorruptLayer(self.layer, why)
+            raise self.error
+        self.bytes_read += len(data)
+        if self._hash is not None:
+            if start == self._hashed:
+                self._hash.update(data)
+                self._hashed += len(data)
+                if self._on_read is not None:
+                    self._on_read(self._hashed)
+            elif start > self._hashed:
+                self._hash = None  # a gap: this pass cannot vouch for the digest
+        self._cache[start] = data
+        if len(self._cache) > self._windows:
+            self._cache.popitem(last=False)
+        return data
+
+    def verify(self) -> bool:
+        """Read what the pass left unread (a tail after the data), then compare the digest.
+
+        False when the pass skipped around, so that no digest could be computed."""
+        if self._hash is None:
+            return False
+        while self._hashed < self.size and self._hash is not None:
+            self._fetch(self._hashed)
+        if self._hash is None:
+            return False
+        actual = self._hash.hexdigest()
+        if actual != self.layer.hex:
+            raise LayerDigestMismatch(self.layer, f"its bytes hash to sha256:{actual}")
+        return True

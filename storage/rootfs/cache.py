@@ -1,0 +1,365 @@
+"""Layer indexes kept on disk, keyed by layer digest, shared by every mount of the user.
+
+`<dir>/<hex>.idx` is one zstd frame (with its checksum) holding a format line, a JSON meta
+line, one JSON line per member, one per zstd frame, then indexed_gzip's seek points;
+`<hex>.zst` is a zstd layer's re-framed copy, when it has one. Files are written to a
+temporary name and renamed (0600, in a 0700 directory), so a reader (another mount too)
+sees a whole file or none. The least recently used (mtime, touched on each use) go first
+once the files pass `max_bytes`, except the one just stored. An evicted index that is in
+memory keeps serving; its zstd copy keeps serving once a reader has it open (`LayerFiles`
+opens it at the first read; one evicted before that read is EIO, and indexed again when
+the layer is next asked for).
+
+Nothing read back is trusted: a file that does not decompress, ends early, has another
+version or digest, or holds a value out of place is deleted and rebuilt, and its member
+paths are normalised again. The directory must be the user's own, reached without a
+symbolic link and writable by nobody else (docs/security.md): anyone who could write it
+could steer what the daemon (often root) shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import platformdirs
+import zstandard
+
+from ..digests import SHA256, Digest
+from .errors import UnsafeCacheDir
+from .index import Format, LayerIndex
+from .members import Kind, Member, normalise
+from .zstdframes import Frame
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+_FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
+DEFAULT_MAX_BYTES = 2 << 30
+_NAME = re.compile(r"([0-9a-f]{64})\.(idx|zst)")
+_TEMP = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]+\.tmp")
+_STALE_TEMP = 24 * 3600  # a temporary file this old belongs to a build that died
+_MAX_LINE = 64 << 20  # a member line holds at most a few headers' worth (tarscan.Limits)
+_LEVEL = 3
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def default_directory() -> Path:
+    return platformdirs.user_cache_path("regfs") / "index"
+
+
+class CorruptIndex(Exception):
+    """An index file that cannot be trusted; it is removed and the layer indexed again."""
+
+
+class PendingCopy:
+    """A re-framed zstd copy being written (by the pass): committed or discarded."""
+
+    def __init__(self, cache: IndexCache, digest: Digest) -> None:
+        self._cache = cache
+        self._digest = digest
+        self._temp, fd = cache._create_temp(digest)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        self.file.close()
+        self._cache._rename(self._temp, f"{self._digest.hex}.zst")
+
+    def discard(self) -> None:
+        self.file.close()
+        self._cache._unlink(self._temp)
+
+
+class IndexCache:
+    """The index directory (see the module docstring). Blocking: call from worker threads."""
+
+    def __init__(
+        self, directory: str | os.PathLike[str] | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
+        self.directory = Path(directory) if directory is not None else default_directory()
+        self.max_bytes = max_bytes
+        self._fd = _open_private(self.directory)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- reading ---------------------------------------------------------------------
+
+    def load(self, digest: Digest) -> LayerIndex | None:
+        """The cached index of `digest`, or None (missing, or corrupt and now removed)."""
+        try:
+            fd = self._open_own(f"{digest.hex}.idx")
+            with os.fdopen(fd, "rb") as file:
+                index = _decode(file, digest)
+            if index.reframed:
+                os.close(self._open_own(f"{digest.hex}.zst"))
+        except FileNotFoundError:
+            return None
+        except (CorruptIndex, OSError, ValueError, zstandard.ZstdError) as exc:
+            log.warning(
+                "index of layer %s in %s: %s; indexing it again", digest, self.directory, exc
+            )
+            self._remove(digest.hex)
+            return None
+        self._touch(digest.hex)
+        return index
+
+    def open_copy(self, digest: Digest) -> int:
+        """A read descriptor of the layer's re-framed zstd copy (the caller closes it)."""
+        return self._open_own(f"{digest.hex}.zst")
+
+    def _open_own(self, name: str) -> int:
+        """Open an entry for reading: a regular file of ours, never through a link."""
+        try:
+            fd = os.open(name, _OPEN_READ, dir_fd=self._fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptIndex(f"{name} is a symbolic link") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise CorruptIndex(f"{name} is not a regular file of ours")
+        return fd
+
+    # -- writing ---------------------------------------------------------------------
+
+    def store(self, index: LayerIndex) -> None:
+        """Keep `index` (atomically), then evict down to the bound. A failure to write is
+        logged, not raised: the index in memory serves this mount anyway."""
+        temp, fd = self._create_temp(index.digest)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                _encode(index, file)
+            self._rename(temp, f"{index.digest.hex}.idx")
+        except OSError as exc:
+            log.error("index of layer %s not kept in %s: %s", index.digest, self.directory, exc)
+            self._unlink(temp)
+            return
+        self.evict(keep=index.digest.hex)
+
+    def new_copy(self, digest: Digest) -> PendingCopy:
+        return PendingCopy(self, digest)
+
+    def _create_temp(self, digest: Digest) -> tuple[str, int]:
+        temp = f".{digest.hex}.{secrets.token_hex(8)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return temp, os.open(temp, flags, 0o600, dir_fd=self._fd)
+
+    def _rename(self, temp: str, name: str) -> None:
+        os.rename(temp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+
+    def _unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self._fd)
+
+    def _remove(self, hexdigest: str) -> None:
+        for suffix in (".idx", ".zst"):
+            self._unlink(hexdigest + suffix)
+
+    def _touch(self, hexdigest: str) -> None:
+        """Mark as recently used (mtime: atime is often not kept)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(f"{hexdigest}.idx", dir_fd=self._fd, follow_symlinks=False)
+
+    # -- the bound -------------------------------------------------------------------
+
+    def usage(self) -> dict[str, tuple[float, int]]:
+        """hex digest → (last use, bytes of its files); old temporary files are removed."""
+        found: dict[str, tuple[float, int]] = {}
+        with os.scandir(self._fd) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                match = _NAME.fullmatch(entry.name)
+                if match is None:
+                    if _TEMP.fullmatch(entry.name) and time.time() - st.st_mtime > _STALE_TEMP:
+                        self._unlink(entry.name)
+                    continue
+                used, size = found.get(match[1], (0.0, 0))
+                if match[2] == "idx":
+                    used = st.st_mtime
+                found[match[1]] = (used, size + st.st_size)
+        return found
+
+    def evict(self, keep: str = "") -> None:
+        """Remove the least recently used indexes (with their copies) past `max_bytes`,
+        never the one whose hex digest is `keep`."""
+        entries = self.usage()
+        total = sum(size for _, size in entries.values())
+        for hexdigest, (_, size) in sorted(entries.items(), key=lambda item: item[1][0]):
+            if total <= self.max_bytes:
+                break
+            if hexdigest == keep:
+                continue
+            self._remove(hexdigest)
+            total -= size
+            log.info("index of layer %s:%s evicted from %s", SHA256, hexdigest, self.directory)
+
+
+def _open_private(directory: Path) -> int:
+    """The cache directory (made 0700 when missing), refused unless it is the user's own,
+    writable by nobody else, and reached without a symbolic link; its parent must be the
+    user's or root's, and writable by others only if sticky (as /tmp), so that nobody else
+    can swap the directory for theirs."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    parent = _open_dir(directory.parent)
+    try:
+        st = os.fstat(parent)
+        if st.st_uid not in (0, os.geteuid()) or (
+            st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+        ):
+            raise UnsafeCacheDir(f"index cache {directory}: {_owner(st)} of its parent")
+        fd = _open_dir(directory.name, parent)
+    finally:
+        os.close(parent)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise UnsafeCacheDir(f"index cache {directory}: {_owner(st)}; it must be ours alone")
+    return fd
+
+
+def _open_dir(path: str | Path, parent: int | None = None) -> int:
+    try:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(path, flags, dir_fd=parent)
+    except OSError as exc:
+        raise UnsafeCacheDir(f"index cache {path}: {exc.strerror}") from None
+
+
+def _owner(st: os.stat_result) -> str:
+    return f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}"
+
+
+# -- the file format -----------------------------------------------------------------
+
+
+def _encode(index: LayerIndex, file: BinaryIO) -> None:
+    compressor = zstandard.ZstdCompressor(level=_LEVEL, write_checksum=True)
+    with compressor.stream_writer(file, closefd=False) as out:
+        meta = {
+            "digest": str(index.digest),
+            "format": index.format.value,
+            "blob_size": index.blob_size,
+            "size": index.size,
+            "members": len(index.members),
+            "frames": len(index.frames),
+            "gzip_index": len(index.gzip_index),
+        }
+        out.write(_FORMAT_LINE)
+        out.write(_line(meta))
+        for m in index.members:
+            xattrs = [[name, base64.b64encode(value).decode()] for name, value in m.xattrs]
+            row = [
+                m.path,
+                m.kind.value,
+                m.mode,
+                m.uid,
+                m.gid,
+                m.mtime_ns,
+                m.size,
+                m.offset,
+                m.linkname,
+                m.devmajor,
+                m.devminor,
+                xattrs,
+            ]
+            out.write(_line(row))
+        for f in index.frames:
+            out.write(_line([f.uoffset, f.usize, f.coffset, f.csize, f.in_copy]))
+        out.write(index.gzip_index)
+
+
+def _line(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
+def _decode(file: BinaryIO, digest: Digest) -> LayerIndex:
+    reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(file))
+
+    def line() -> Any:
+        raw = reader.readline(_MAX_LINE)
+        if not raw.endswith(b"\n"):
+            raise CorruptIndex("ends early")
+        return json.loads(raw)
+
+    if reader.readline(len(_FORMAT_LINE)) != _FORMAT_LINE:
+        raise CorruptIndex("another format or version")
+    meta = line()
+    if not isinstance(meta, dict) or meta.get("digest") != str(digest):
+        raise CorruptIndex("the index of another layer")
+    fmt = Format(meta["format"])
+    size = _count(meta["size"])
+    members = [_member(line(), size) for _ in range(_count(meta["members"]))]
+    frames = [_frame(line()) for _ in range(_count(meta["frames"]))]
+    gzip_index = reader.read(_count(meta["gzip_index"]))
+    if len(gzip_index) != meta["gzip_index"] or reader.read(1):
+        raise CorruptIndex("its seek points do not end where they should")
+    _check_frames(frames, size)
+    if (fmt is Format.GZIP) != bool(gzip_index) or (fmt is Format.ZSTD) != bool(frames):
+        raise CorruptIndex(f"seek points that do not fit a {fmt.value} layer")
+    return LayerIndex(digest, fmt, _count(meta["blob_size"]), size, members, gzip_index, frames)
+
+
+def _count(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise CorruptIndex(f"{value!r} where a count was expected")
+    return value
+
+
+def _member(row: Any, size: int) -> Member:
+    path, kind, mode, uid, gid, mtime_ns, length, offset, linkname, major, minor, xattrs = row
+    kind = Kind(kind)
+    for value in (mode, uid, gid, length, offset, major, minor):
+        _count(value)
+    if type(mtime_ns) is not int or not isinstance(path, str) or not isinstance(linkname, str):
+        raise CorruptIndex(f"a malformed member {row!r:.200}")
+    if kind is Kind.FILE and offset + length > size:
+        raise CorruptIndex(f"member {path!r} beyond the end of the layer")
+    return Member(
+        path=normalise(path),
+        kind=kind,
+        mode=mode & 0o7777,
+        uid=uid,
+        gid=gid,
+        mtime_ns=mtime_ns,
+        size=length,
+        offset=offset,
+        linkname=normalise(linkname) if kind is Kind.HARDLINK else linkname,
+        devmajor=major,
+        devminor=minor,
+        xattrs=tuple((str(name), base64.b64decode(value, validate=True)) for name, value in xattrs),
+    )
+
+
+def _frame(row: Any) -> Frame:
+    uoffset, usize, coffset, csize, in_copy = row
+    for value in (uoffset, usize, coffset, csize):
+        _count(value)
+    return Frame(uoffset, usize, coffset, csize, in_copy is True)
+
+
+def _check_frames(frames: list[Frame], size: int) -> None:
+    """The frames must tile the uncompressed stream exactly, in order."""
+    end = 0
+    for frame in frames:
+        if frame.uoffset != end:
+            raise CorruptIndex(f"a zstd frame at {frame.uoffset}, {end} expected")
+        end += frame.usize
+    if frames and end != size:
+        raise CorruptIndex("zstd frames that do not cover the layer")

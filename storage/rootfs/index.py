@@ -1,0 +1,266 @@
+"""A layer's index: its member table and the seek points that make reads of its files lazy.
+
+One streaming pass over the blob (`build`) decompresses it (gzip, zstd or none, told by its
+magic bytes; the media type is only a hint), parses the tar headers on the decompressed
+stream (`tarscan`) and keeps what random reads need: indexed_gzip's seek points
+(`gzipseek`), the zstd frame table (`zstdframes`, big frames re-framed into a local copy),
+or nothing for a plain tar. While the blob is read whole in order its digest is checked.
+
+The pass runs in a worker thread and reads through the trio loop (`BlobFile`), one pass at
+a time (`Indexer`): a build is memory-heavy and competes for the GIL, and doing two at
+once would make neither faster on two cores. `Progress` is what the view shows of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO
+
+import trio
+
+from ..api import BlobReader
+from ..digests import Digest
+from . import gzipseek, tarscan, zstdframes
+from .blobfile import BlobFile
+from .errors import BadLayer
+from .members import Member
+from .tarscan import Limits
+from .zstdframes import Frame
+
+if TYPE_CHECKING:
+    from .cache import IndexCache
+
+log = logging.getLogger(__name__)
+
+_PLAIN_CHUNK = 1 << 20
+
+
+class Format(enum.Enum):
+    TAR = "tar"
+    GZIP = "gzip"
+    ZSTD = "zstd"
+
+
+@dataclass(frozen=True, eq=False)
+class LayerIndex:
+    """What one pass learned about a layer: enough to list it and to read any file in it.
+
+    `size` is the length of the uncompressed tar; `gzip_index` is indexed_gzip's exported
+    seek points (GZIP); `frames` the zstd frame table (ZSTD), whose `in_copy` frames are in
+    the cache's re-framed copy of the layer.
+    """
+
+    digest: Digest
+    format: Format
+    blob_size: int
+    size: int
+    members: list[Member]
+    gzip_index: bytes = b""
+    frames: list[Frame] = field(default_factory=list)
+
+    @property
+    def reframed(self) -> bool:
+        return any(frame.in_copy for frame in self.frames)
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A layer as the index needs it: its digest, size, media type (a hint) and an opener."""
+
+    digest: Digest
+    size: int
+    media_type: str
+    open: Callable[[], Awaitable[BlobReader]]
+
+
+@dataclass
+class Progress:
+    """How far a layer's pass is: blob bytes read in order out of `total` (read by the view,
+    written by the pass's thread; a torn read of two ints is harmless)."""
+
+    layer: Digest
+    total: int
+    done: int = 0
+    started: float | None = None  # monotonic; None while waiting for another build
+
+    def update(self, done: int) -> None:
+        self.done = done
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second so far."""
+        if self.started is None:
+            return 0.0
+        return self.done / max(time.monotonic() - self.started, 1e-6)
+
+    def describe(self) -> str:
+        if self.started is None:
+            return f"{self.layer}: waiting for another layer's index"
+        percent = 100 * self.done / self.total if self.total else 100.0
+        return (
+            f"{self.layer}: indexing, {percent:.0f}% ({self.done / 1e6:.1f} of"
+            f" {self.total / 1e6:.1f} MB, {self.rate / 1e6:.1f} MB/s)"
+        )
+
+
+def detect(head: bytes, media_type: str, layer: Digest) -> Format:
+    """The compression, by magic bytes; a media type that says otherwise is only logged."""
+    if head.startswith(gzipseek.MAGIC):
+        found = Format.GZIP
+    elif head.startswith(zstdframes.MAGIC):
+        found = Format.ZSTD
+    else:
+        found = Format.TAR
+    said = Format.GZIP if "gzip" in media_type else Format.ZSTD if "zstd" in media_type else None
+    if said is not None and said is not found:
+        log.warning("layer %s: media type %s but %s data", layer, media_type, found.value)
+    return found
+
+
+def build(
+    blob: BlobFile, layer: LayerRef, fmt: Format, copy: BinaryIO | None, limits: Limits
+) -> LayerIndex:
+    """The pass itself, in a worker thread (blocking); BadLayer for what is not a layer.
+
+    `copy` receives re-framed zstd frames (ZSTD only)."""
+    digest = layer.digest
+    gzip_pass: gzipseek.GzipPass | None = None
+    zstd_pass: zstdframes.ZstdPass | None = None
+    if fmt is Format.GZIP:
+        gzip_pass = gzipseek.GzipPass(blob, digest)
+        chunks = gzip_pass.chunks()
+    elif fmt is Format.ZSTD:
+        assert copy is not None
+        zstd_pass = zstdframes.ZstdPass(blob, digest, copy)
+        chunks = zstd_pass.chunks()
+    else:
+        chunks = iter(functools.partial(blob.read, _PLAIN_CHUNK), b"")
+    try:
+        table = tarscan.scan(chunks, digest, limits)
+        gzip_index = gzip_pass.export() if gzip_pass is not None else b""
+    finally:
+        if gzip_pass is not None:
+            gzip_pass.close()
+    if not blob.verify():
+        log.debug("layer %s: read out of order, digest not checked", digest)
+    frames = zstd_pass.frames if zstd_pass is not None else []
+    return LayerIndex(digest, fmt, layer.size, table.size, table.members, gzip_index, frames)
+
+
+@dataclass
+class _Build:
+    """A build in flight: whoever asks for the same layer meanwhile waits for its outcome."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    index: LayerIndex | None = None
+    error: BaseException | None = None
+
+
+class Indexer:
+    """Layer indexes on demand: from the cache, else one pass (one at a time), then cached.
+
+    `progress` holds the layers waiting for or in their pass; `passes` counts passes made
+    (a cached index costs none).
+    """
+
+    def __init__(self, cache: IndexCache, limits: Limits | None = None) -> None:
+        self.cache = cache
+        self.limits = limits or Limits()
+        self.progress: dict[Digest, Progress] = {}
+        self.passes = 0
+        self._limiter = trio.CapacityLimiter(1)
+        self._builds: dict[Digest, _Build] = {}
+
+    async def index(self, layer: LayerRef) -> LayerIndex:
+        """The layer's index; BadLayer (logged here) when the layer is not a valid one."""
+        pending = self._builds.get(layer.digest)
+        if pending is not None:
+            await pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            assert pending.index is not None
+            return pending.index
+        pending = self._builds[layer.digest] = _Build()
+        try:
+            index = await trio.to_thread.run_sync(self.cache.load, layer.digest)
+            if index is None:
+                index = await self._build(layer)
+            pending.index = index
+            return index
+        except BadLayer as exc:
+            log.error("%s", exc)
+            pending.error = exc
+            raise
+        except BaseException as exc:
+            pending.error = exc
+            raise
+        finally:
+            del self._builds[layer.digest]
+            pending.done.set()
+
+    async def _build(self, layer: LayerRef) -> LayerIndex:
+        progress = self.progress[layer.digest] = Progress(layer.digest, layer.size)
+        try:
+            async with self._limiter:
+                progress.started = time.monotonic()
+                reader = await layer.open()
+                try:
+                    index = await self._pass(layer, reader, progress)
+                finally:
+                    await reader.aclose()
+                await trio.to_thread.run_sync(self.cache.store, index)
+        finally:
+            del self.progress[layer.digest]
+        took = time.monotonic() - progress.started
+        log.info(
+            "indexed layer %s (%s, %d members) in %.1f s, %.1f MB/s",
+            layer.digest,
+            index.format.value,
+            len(index.members),
+            took,
+            layer.size / 1e6 / max(took, 1e-6),
+        )
+        return index
+
+    async def _pass(self, layer: LayerRef, reader: BlobReader, progress: Progress) -> LayerIndex:
+        fmt = detect(bytes(await reader.read_at(0, 4)), layer.media_type, layer.digest)
+        log.info("indexing layer %s (%s, %d bytes)", layer.digest, fmt.value, layer.size)
+        self.passes += 1
+        stop = threading.Event()
+        blob = BlobFile(
+            reader,
+            layer.digest,
+            layer.size,
+            trio.lowlevel.current_trio_token(),
+            on_read=progress.update,
+            stop=stop,
+        )
+        try:
+            run = functools.partial(self._run, blob, layer, fmt)
+            # Abandoned on cancel (an unmount): the thread then stops at its next read.
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except BaseException:
+            stop.set()
+            raise
+
+    def _run(self, blob: BlobFile, layer: LayerRef, fmt: Format) -> LayerIndex:
+        """The pass in its worker thread, which owns the zstd copy being written."""
+        copy = self.cache.new_copy(layer.digest) if fmt is Format.ZSTD else None
+        try:
+            index = build(blob, layer, fmt, copy.file if copy else None, self.limits)
+        except BaseException:
+            if copy is not None:
+                copy.discard()
+            raise
+        if copy is not None:
+            if index.reframed:
+                copy.commit()
+            else:
+                copy.discard()
+        return index

@@ -1,0 +1,173 @@
+"""Reads of files inside indexed layers: only the blob bytes a read needs.
+
+A plain tar's file is a range of the blob. A gzip layer's is decompressed by indexed_gzip
+from the seek point before it (in a worker thread, through `BlobFile`, ~0.4 MB of blob at
+1 MiB spacing). A zstd layer's is decompressed from the frames that hold it (from the blob,
+or from the cache's re-framed copy), the last few kept, since a sequential `cat` reads one
+frame in many FUSE requests. The open state of the most recently used layers is kept in an
+LRU; `aclose()` closes it all (and must be awaited before exit: see ROOTFS.md on native
+decompressors left open at interpreter exit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+import zstandard
+
+from ..api import BlobReader
+from ..digests import Digest
+from .blobfile import BlobFile
+from .cache import IndexCache
+from .errors import CorruptLayer
+from .gzipseek import GzipReader
+from .index import Format, LayerIndex, LayerRef
+from .members import Kind, Member
+from .zstdframes import Frame, decompress, frames_at
+
+_INLINE_FRAME = 1 << 20  # a larger frame is decompressed in a worker thread
+_KEPT_FRAMES = 4
+_GZIP_WINDOW = 64 << 10  # BlobFile windows for random gzip reads: a read needs few bytes
+_GZIP_WINDOWS = 16
+
+
+@dataclass(eq=False)
+class _Open:
+    """One layer's open state; `lock` serialises its decompressor, which is not reentrant."""
+
+    index: LayerIndex
+    reader: BlobReader
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    gzip: GzipReader | None = None
+    copy_fd: int = -1
+    frames: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    closed: bool = False
+
+    @property
+    def weight(self) -> int:
+        """Memory held (indexed_gzip keeps the seek points in memory)."""
+        return len(self.index.gzip_index) + sum(map(len, self.frames.values()))
+
+    async def aclose(self) -> None:
+        async with self.lock:
+            self.closed = True
+            if self.gzip is not None:
+                self.gzip.close()
+                self.gzip = None
+            if self.copy_fd >= 0:
+                os.close(self.copy_fd)
+                self.copy_fd = -1
+            await self.reader.aclose()
+
+
+class LayerFiles:
+    """File reads from indexed layers, with an LRU of open layers (`max_open`, `max_bytes`)."""
+
+    def __init__(self, cache: IndexCache, max_open: int = 8, max_bytes: int = 256 << 20) -> None:
+        self.cache = cache
+        self.max_open = max_open
+        self.max_bytes = max_bytes
+        self._open: OrderedDict[Digest, _Open] = OrderedDict()
+
+    async def read(
+        self, layer: LayerRef, index: LayerIndex, member: Member, offset: int, size: int
+    ) -> bytes:
+        """Up to `size` bytes of the file `member` at `offset`; fewer only at its end."""
+        if member.kind is not Kind.FILE:
+            raise ValueError(f"{member.path!r} is not a regular file")
+        size = max(0, min(size, member.size - offset))
+        if size == 0:
+            return b""
+        start = member.offset + offset
+        opened = await self._get(layer, index)
+        async with opened.lock:  # also keeps an eviction from closing it under this read
+            if opened.closed:
+                raise trio.BrokenResourceError(f"layer {layer.digest} was closed")
+            if index.format is Format.TAR:
+                data = bytes(await opened.reader.read_at(start, size))
+            elif index.format is Format.GZIP:
+                gzip = await self._gzip(opened, layer)
+                data = await trio.to_thread.run_sync(gzip.pread, start, size)
+            else:
+                data = await self._zstd(opened, layer, start, size)
+        if len(data) != size:
+            raise CorruptLayer(
+                layer.digest, f"{len(data)} bytes of {member.path!r}, {size} expected"
+            )
+        return data
+
+    async def aclose(self) -> None:
+        while self._open:
+            await self._open.popitem()[1].aclose()
+
+    async def _get(self, layer: LayerRef, index: LayerIndex) -> _Open:
+        opened = self._open.get(layer.digest)
+        if opened is not None and opened.index is index:
+            self._open.move_to_end(layer.digest)
+            return opened
+        reader = await layer.open()
+        if layer.digest in self._open:  # opened meanwhile by another read, or re-indexed
+            stale = self._open.pop(layer.digest)
+            if stale.index is index:
+                self._open[layer.digest] = stale
+                await reader.aclose()
+                return stale
+            await stale.aclose()
+        opened = self._open[layer.digest] = _Open(index, reader)
+        while len(self._open) > 1 and (
+            len(self._open) > self.max_open
+            or sum(o.weight for o in self._open.values()) > self.max_bytes
+        ):
+            await self._open.popitem(last=False)[1].aclose()
+        return opened
+
+    async def _gzip(self, opened: _Open, layer: LayerRef) -> GzipReader:
+        if opened.gzip is None:
+            blob = BlobFile(
+                opened.reader,
+                layer.digest,
+                layer.size,
+                trio.lowlevel.current_trio_token(),
+                window=_GZIP_WINDOW,
+                windows=_GZIP_WINDOWS,
+                verify=False,
+            )
+            index = opened.index.gzip_index
+            opened.gzip = await trio.to_thread.run_sync(GzipReader, blob, layer.digest, index)
+        return opened.gzip
+
+    async def _zstd(self, opened: _Open, layer: LayerRef, start: int, size: int) -> bytes:
+        pieces = []
+        for frame in frames_at(opened.index.frames, start, size):
+            data = opened.frames.get(frame.uoffset)
+            if data is None:
+                data = await self._frame(opened, layer, frame)
+            else:
+                opened.frames.move_to_end(frame.uoffset)
+            low = max(start, frame.uoffset) - frame.uoffset
+            pieces.append(data[low : start + size - frame.uoffset])
+        return b"".join(pieces)
+
+    async def _frame(self, opened: _Open, layer: LayerRef, frame: Frame) -> bytes:
+        if frame.in_copy:
+            if opened.copy_fd < 0:
+                opened.copy_fd = await trio.to_thread.run_sync(self.cache.open_copy, layer.digest)
+            compressed = os.pread(opened.copy_fd, frame.csize, frame.coffset)
+        else:
+            compressed = bytes(await opened.reader.read_at(frame.coffset, frame.csize))
+        try:
+            if frame.usize <= _INLINE_FRAME:
+                data = decompress(frame, compressed)
+            else:
+                data = await trio.to_thread.run_sync(decompress, frame, compressed)
+        except zstandard.ZstdError as exc:
+            where = "its local copy" if frame.in_copy else "the blob"
+            why = f"zstd frame at {frame.coffset} of {where}: {exc}"
+            raise CorruptLayer(layer.digest, why) from None
+        opened.frames[frame.uoffset] = data
+        while len(opened.frames) > _KEPT_FRAMES:
+            opened.frames.popitem(last=False)
+        return data

@@ -1,0 +1,238 @@
+"""A layer's member table from its decompressed stream, in one forward pass with tarfile.
+
+tarfile parses every header form (ustar, GNU long names, PAX names, xattrs, numbers) and
+is run in its seekable mode over `ChunkStream`, a forward-only view of the decompressed
+chunks: it seeks over member data (which the decompressor produces anyway and the stream
+drops) and never reads it. Everything a hostile tar could make unbounded is bounded: one
+header's size (tarfile reads a PAX or GNU long-name header whole), the number of members,
+the bytes of names, and what follows the end of the archive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import decimal
+import io
+import logging
+import os
+import tarfile
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..digests import Digest
+from .blobfile import PieceFile
+from .errors import BadLayer, CorruptLayer, LayerTooLarge, NotATar
+from .members import Kind, Member, normalise
+
+log = logging.getLogger(__name__)
+
+_KINDS = {
+    tarfile.DIRTYPE: Kind.DIR,
+    tarfile.SYMTYPE: Kind.SYMLINK,
+    tarfile.LNKTYPE: Kind.HARDLINK,
+    tarfile.CHRTYPE: Kind.CHAR,
+    tarfile.BLKTYPE: Kind.BLOCK,
+    tarfile.FIFOTYPE: Kind.FIFO,
+}
+_BLOCK = tarfile.BLOCKSIZE
+_ID_LIMIT = 1 << 32  # uid, gid and device numbers are 32-bit in the kernel
+_NS_LIMIT = 1 << 63  # mtime_ns must fit a signed 64-bit timespec
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one layer's table may hold; beyond it the layer is LayerTooLarge."""
+
+    members: int = 1_000_000
+    names: int = 256 << 20  # bytes of paths, link targets and xattrs, all members together
+    header: int = 1 << 20  # one PAX or GNU long-name header
+    trailer: int = 16 << 20  # decompressed bytes after the end of the archive
+
+
+class ChunkStream(PieceFile):
+    """Decompressed chunks as a file that only moves forward (see the module docstring).
+
+    Seeking back is allowed into the current and the previous chunk: tarfile reads the last
+    byte of each member to see that it is there, and the end check rereads the final block.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], layer: Digest, max_read: int) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._layer = layer
+        self._max_read = max_read
+        self._previous = b""
+        self._chunk = b""
+        self._start = 0  # stream offset of self._chunk
+        self._ended = False
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._position
+        elif whence != os.SEEK_SET:
+            raise io.UnsupportedOperation("a decompressed stream has no known end")
+        if offset < self._start - len(self._previous):
+            raise io.UnsupportedOperation(f"cannot seek back to {offset}")
+        self._position = offset
+        return offset
+
+    def _advance(self) -> bool:
+        """Move to the next chunk; False at the end of the stream."""
+        if self._ended:
+            return False
+        for chunk in self._chunks:
+            if chunk:
+                self._start += len(self._chunk)
+                self._previous, self._chunk = self._chunk, chunk
+                return True
+        self._ended = True
+        return False
+
+    def read(self, size: int | None = -1) -> bytes:
+        # Checked before io allocates the buffer: a header may claim any size.
+        if size is None or size < 0 or size > self._max_read:
+            raise LayerTooLarge(self._layer, f"a tar header of {size} bytes")
+        return super().read(size) or b""
+
+    def _piece(self, position: int) -> tuple[bytes, int] | None:
+        while True:
+            if position < self._start:
+                return self._previous, self._start - len(self._previous)
+            if position < self._start + len(self._chunk):
+                return self._chunk, self._start
+            if not self._advance():
+                return None
+
+    def drain(self, limit: int) -> int:
+        """Read to the end of the stream, at most `limit` bytes past the current position;
+        returns the stream's length."""
+        end = self._position + limit
+        while self._start + len(self._chunk) <= end and self._advance():
+            pass
+        if self._start + len(self._chunk) > end:
+            raise LayerTooLarge(self._layer, f"more than {limit} bytes after the tar archive")
+        return self._start + len(self._chunk)
+
+
+@dataclass(frozen=True)
+class TarTable:
+    members: list[Member]
+    size: int  # length of the decompressed stream
+
+
+class _Tar(tarfile.TarFile):
+    members: list[tarfile.TarInfo]  # what tarfile keeps of each entry (typeshed leaves it out)
+
+
+def scan(chunks: Iterator[bytes], layer: Digest, limits: Limits) -> TarTable:
+    """The member table of the tar that `chunks` make up; BadLayer (a subclass) otherwise."""
+    stream = ChunkStream(chunks, layer, limits.header)
+    try:
+        tar = _Tar.open(fileobj=stream, mode="r:")
+    except tarfile.ReadError as exc:
+        raise NotATar(layer, f"not a tar archive ({exc})") from None
+    with tar:
+        members = _members(tar, layer, limits)
+    _check_end(stream, tar.offset, layer)
+    return TarTable(members, stream.drain(limits.trailer))
+
+
+def _members(tar: _Tar, layer: Digest, limits: Limits) -> list[Member]:
+    members: list[Member] = []
+    names = 0
+    while True:
+        try:
+            info = tar.next()
+        except tarfile.ReadError as exc:
+            raise CorruptLayer(layer, f"tar after {len(members)} members: {exc}") from None
+        if info is None:
+            return members
+        tar.members.clear()  # tarfile keeps every TarInfo; the table is ours
+        member = _member(info, layer)
+        if member is None:
+            continue
+        members.append(member)
+        names += len(member.path) + len(member.linkname)
+        names += sum(len(name) + len(value) for name, value in member.xattrs)
+        if len(members) > limits.members:
+            raise LayerTooLarge(layer, f"more than {limits.members} tar members")
+        if names > limits.names:
+            raise LayerTooLarge(layer, f"more than {limits.names} bytes of member names")
+
+
+def _check_end(stream: ChunkStream, offset: int, layer: Digest) -> None:
+    """tarfile ends quietly at a bad header after the first: only zeros or nothing may
+    follow the last member, or the tar was damaged (or cut inside a header)."""
+    stream.seek(offset)
+    block = stream.read(_BLOCK)
+    if block.count(0) != len(block):
+        why = "cut short inside a header" if len(block) < _BLOCK else "an invalid header"
+        raise CorruptLayer(layer, f"tar at offset {offset}: {why}")
+
+
+def _member(info: tarfile.TarInfo, layer: Digest) -> Member | None:
+    """One tar entry as the index keeps it; None for entry types an image has no use for."""
+    if info.sparse is not None:
+        raise BadLayer(layer, f"sparse tar member {info.name!r} is not supported")
+    kind = Kind.FILE if info.isreg() else _KINDS.get(info.type)
+    if kind is None:
+        log.warning("layer %s: tar member %r of type %r skipped", layer, info.name, info.type)
+        return None
+    for what, value in (("uid", info.uid), ("gid", info.gid)):
+        if not 0 <= value < _ID_LIMIT:
+            raise CorruptLayer(layer, f"tar member {info.name!r}: {what} {value} out of range")
+    if not (0 <= info.devmajor < _ID_LIMIT and 0 <= info.devminor < _ID_LIMIT):
+        raise CorruptLayer(layer, f"tar member {info.name!r}: device number out of range")
+    if info.size < 0:
+        raise CorruptLayer(layer, f"tar member {info.name!r}: negative size")
+    is_file = kind is Kind.FILE
+    linkname = info.linkname
+    if kind is Kind.HARDLINK:
+        linkname = normalise(linkname)
+    elif kind is not Kind.SYMLINK:
+        linkname = ""
+    return Member(
+        path=normalise(info.name),
+        kind=kind,
+        mode=info.mode & 0o7777,
+        uid=info.uid,
+        gid=info.gid,
+        mtime_ns=_mtime_ns(info),
+        size=info.size if is_file else 0,
+        offset=info.offset_data if is_file else 0,
+        linkname=linkname,
+        devmajor=info.devmajor if kind in (Kind.CHAR, Kind.BLOCK) else 0,
+        devminor=info.devminor if kind in (Kind.CHAR, Kind.BLOCK) else 0,
+        xattrs=_xattrs(info, layer),
+    )
+
+
+def _mtime_ns(info: tarfile.TarInfo) -> int:
+    """Exact nanoseconds: a PAX mtime is a decimal string that a float would round."""
+    try:
+        exact = decimal.Decimal(info.pax_headers.get("mtime", info.mtime))
+    except (decimal.InvalidOperation, ValueError):
+        return 0
+    if not exact.is_finite():
+        return 0
+    if exact.adjusted() > 12:  # beyond what 64 bits of nanoseconds hold (and huge to compute)
+        return _NS_LIMIT - 1 if exact > 0 else -_NS_LIMIT
+    ns = int(exact.scaleb(9).to_integral_value(decimal.ROUND_FLOOR))
+    return max(-_NS_LIMIT, min(ns, _NS_LIMIT - 1))
+
+
+def _xattrs(info: tarfile.TarInfo, layer: Digest) -> tuple[tuple[str, bytes], ...]:
+    """SCHILY.xattr.* (GNU tar, Go's archive/tar) and LIBARCHIVE.xattr.* (bsdtar) records."""
+    found: dict[str, bytes] = {}
+    for key, value in info.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            found[key[len("SCHILY.xattr.") :]] = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr.") :])
+            try:
+                found[name] = base64.b64decode(value + "=" * (-len(value) % 4))
+            except (binascii.Error, ValueError):
+                raise CorruptLayer(layer, f"tar member {info.name!r}: bad xattr {name!r}") from None
+    return tuple(sorted(found.items()))

@@ -1,0 +1,528 @@
+"""The layer index (storage/rootfs): member tables, file reads, the on-disk cache, bad layers.
+
+Layers are built in Python (tests/support/layers.py), stored through a real storage root
+(`registry` runs each test on the filesystem and the in-memory driver) and read back through
+the source contract, counting every blob byte read.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tarfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import trio
+from support.layers import (
+    COMPRESSIONS,
+    MEDIA_TYPES,
+    compress,
+    entry,
+    every_kind_tar,
+    half_random,
+    many_members_tar,
+    tar_of,
+)
+from support.tools import MIB
+
+from storage.api import BlobReader, Buffer
+from storage.digests import digest_bytes
+from storage.registry import Registry
+from storage.rootfs import cache as cachemod
+from storage.rootfs.cache import IndexCache
+from storage.rootfs.errors import (
+    BadLayer,
+    CorruptLayer,
+    LayerDigestMismatch,
+    LayerTooLarge,
+    NotATar,
+    UnsafeCacheDir,
+)
+from storage.rootfs.index import Format, Indexer, LayerIndex, LayerRef
+from storage.rootfs.members import Kind, Member, normalise
+from storage.rootfs.reader import LayerFiles
+from storage.rootfs.tarscan import Limits
+from storage.rootfs.zstdframes import FRAME_SIZE
+
+pytestmark = pytest.mark.storage
+
+
+@dataclass
+class Counter:
+    bytes: int = 0
+    reads: int = 0
+
+
+class CountingReader:
+    """A source's reader that counts what is read through it."""
+
+    def __init__(self, inner: BlobReader, counter: Counter) -> None:
+        self._inner = inner
+        self._counter = counter
+
+    async def read_at(self, offset: int, size: int) -> Buffer:
+        data = await self._inner.read_at(offset, size)
+        self._counter.bytes += len(data)
+        self._counter.reads += 1
+        return data
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@dataclass
+class Stored:
+    ref: LayerRef
+    counter: Counter
+    raw: bytes  # the uncompressed tar
+
+
+async def store(registry: Registry, raw: bytes, how: str, blob: bytes | None = None) -> Stored:
+    """The layer pushed into a repository; its ref counts the bytes read from it."""
+    blob = compress(raw, how) if blob is None else blob
+    layers = registry.repository("test/rootfs").layers
+    upload = await layers.upload()
+    await upload.write(blob)
+    digest = digest_bytes(blob)
+    await upload.finish(digest)
+    counter = Counter()
+
+    async def opener() -> BlobReader:
+        return CountingReader(await layers.fetch(digest), counter)
+
+    return Stored(LayerRef(digest, len(blob), MEDIA_TYPES.get(how, ""), opener), counter, raw)
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache" / "index"
+
+
+@pytest.fixture
+def cache(cache_dir):
+    index_cache = IndexCache(cache_dir)
+    yield index_cache
+    index_cache.close()
+
+
+@pytest.fixture
+async def files(cache):
+    layer_files = LayerFiles(cache)
+    yield layer_files
+    await layer_files.aclose()
+
+
+def kind_of(info: tarfile.TarInfo) -> Kind:
+    for test, kind in [
+        (info.isreg, Kind.FILE), (info.isdir, Kind.DIR), (info.issym, Kind.SYMLINK),
+        (info.islnk, Kind.HARDLINK), (info.ischr, Kind.CHAR), (info.isblk, Kind.BLOCK),
+        (info.isfifo, Kind.FIFO),
+    ]:  # fmt: skip
+        if test():
+            return kind
+    raise AssertionError(info.type)
+
+
+def tarfile_view(raw: bytes) -> list[tuple]:
+    """What tarfile says of each member, in the index's terms."""
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        return [
+            (
+                normalise(info.name),
+                kind_of(info),
+                info.mode,
+                info.uid,
+                info.gid,
+                int(info.mtime),
+                info.size if info.isreg() else 0,
+                normalise(info.linkname) if info.islnk() else info.linkname,
+                (info.devmajor, info.devminor) if info.ischr() or info.isblk() else (0, 0),
+            )
+            for info in tar
+        ]
+
+
+def index_view(index: LayerIndex) -> list[tuple]:
+    seconds = [m.mtime_ns // 10**9 for m in index.members]
+    return [
+        (m.path, m.kind, m.mode, m.uid, m.gid, s, m.size, m.linkname, (m.devmajor, m.devminor))
+        for m, s in zip(index.members, seconds, strict=True)
+    ]
+
+
+async def check_files(files: LayerFiles, layer: Stored, index: LayerIndex, rng: random.Random):
+    """Every file's bytes, whole and at random offsets, as tarfile reads them."""
+    with tarfile.open(fileobj=io.BytesIO(layer.raw)) as tar:
+        for info, member in zip(tar.getmembers(), index.members, strict=True):
+            if member.kind is not Kind.FILE:
+                continue
+            extracted = tar.extractfile(info)
+            assert extracted is not None
+            want = extracted.read()
+            assert await files.read(layer.ref, index, member, 0, member.size + 1) == want
+            for _ in range(3 if member.size else 0):
+                offset = rng.randrange(member.size)
+                size = rng.randrange(1, 300_000)
+                got = await files.read(layer.ref, index, member, offset, size)
+                assert got == want[offset : offset + size], (member.path, offset, size)
+            assert await files.read(layer.ref, index, member, member.size, 10) == b""
+
+
+@pytest.mark.parametrize("how", COMPRESSIONS)
+async def test_member_table_and_file_bytes(registry, cache, files, how):
+    layer = await store(registry, every_kind_tar(big=5 * MIB if how == "zstd" else MIB), how)
+    index = await Indexer(cache).index(layer.ref)
+    assert index.format is Format(how.partition("-")[0])
+    assert index_view(index) == tarfile_view(layer.raw)
+    assert index.size >= len(layer.raw.rstrip(b"\0"))
+    # the pass read the blob about once (gzip's second look is served from recent windows)
+    assert layer.counter.bytes <= layer.ref.size * 1.05 + MIB
+    await check_files(files, layer, index, random.Random(how))
+
+
+async def test_names_and_attributes_as_stored(registry, cache):
+    layer = await store(registry, every_kind_tar(big=0), "gzip")
+    members = {m.path: m for m in (await Indexer(cache).index(layer.ref)).members}
+    # names that climb out are normalised; whiteout names are the merge's and stay
+    assert {"escape", "absolute/name", "a/c", "", ".wh.", "etc/.wh.gone"} <= members.keys()
+    assert "etc/.wh..wh..opq" in members
+    assert members["bin/hard"].kind is Kind.HARDLINK
+    assert members["bin/hard"].linkname == "bin/random"
+    assert members["bin/up"].linkname == "../../../etc/os-release"  # a symlink as stored
+    assert members["bin/sh"].linkname == "/bin/busybox"
+    assert (members["bin/random"].uid, members["bin/random"].gid) == (123456, 654321)
+    assert members["dev/null"].kind is Kind.CHAR
+    assert (members["dev/null"].devmajor, members["dev/null"].devminor) == (1, 3)
+    assert members["dev/sda"].kind is Kind.BLOCK
+    assert members["dev/fifo"].kind is Kind.FIFO
+    assert members["fraction"].mtime_ns == 1_700_000_000_123_456_789
+    assert members["etc/os-release"].mtime_ns == 1_700_000_000 * 10**9
+    assert members["xattr-file"].xattrs == (
+        ("security.capability", b"\x01\x02"),
+        ("user.note", b"hello"),
+    )
+    long_name = "usr/share/" + "a-long-directory-name/" * 8 + "file-with-a-long-name.txt"
+    assert members[long_name].mode == 0o4755
+    assert "caf\u00e9/\u00fcber" in members
+
+
+async def test_single_frame_zstd_is_reframed_into_the_cache(registry, cache, files, cache_dir):
+    single = await store(registry, every_kind_tar(big=6 * MIB), "zstd")
+    index = await Indexer(cache).index(single.ref)
+    assert index.reframed and all(f.in_copy and f.usize <= FRAME_SIZE for f in index.frames)
+    assert (cache_dir / f"{single.ref.digest.hex}.zst").is_file()
+    big = next(m for m in index.members if m.path == "bin/big")
+    single.counter.bytes = 0
+    middle = await files.read(single.ref, index, big, 3 * MIB, 100_000)
+    assert len(middle) == 100_000 and single.counter.bytes == 0  # from the copy alone
+
+    multi = await store(registry, every_kind_tar(big=6 * MIB), "zstd-frames")
+    index = await Indexer(cache).index(multi.ref)
+    assert len(index.frames) > 20 and not index.reframed
+    assert not (cache_dir / f"{multi.ref.digest.hex}.zst").exists()
+    multi.counter.bytes = 0
+    big = next(m for m in index.members if m.path == "bin/big")
+    assert await files.read(multi.ref, index, big, 3 * MIB, 100_000) == middle
+    assert multi.counter.bytes <= 2 * 256 << 10  # one or two of its frames
+
+
+async def test_a_small_file_of_a_big_gzip_layer_reads_little(registry, cache, files):
+    rng = random.Random(7)
+    wanted = rng.randbytes(100_000)
+    raw = tar_of(
+        [
+            (entry("before"), half_random(12 * MIB, rng)),
+            (entry("wanted"), wanted),
+            (entry("after"), half_random(6 * MIB, rng)),
+        ]
+    )
+    layer = await store(registry, raw, "gzip")
+    index = await Indexer(cache).index(layer.ref)
+    member = next(m for m in index.members if m.path == "wanted")
+    layer.counter.bytes = 0
+    fresh = LayerFiles(cache)  # nothing open yet, as in a fresh mount
+    try:
+        assert await fresh.read(layer.ref, index, member, 0, member.size) == wanted
+    finally:
+        await fresh.aclose()
+    assert layer.counter.bytes <= 1 * MIB
+
+
+async def test_a_second_indexer_reuses_the_cache_without_a_pass(registry, cache_dir, files):
+    layer = await store(registry, every_kind_tar(big=MIB), "gzip")
+    first = IndexCache(cache_dir)
+    built = await Indexer(first).index(layer.ref)
+    first.close()
+    layer.counter.bytes = 0
+    second = IndexCache(cache_dir)
+    indexer = Indexer(second)
+    try:
+        index = await indexer.index(layer.ref)
+    finally:
+        second.close()
+    assert indexer.passes == 0 and layer.counter.bytes == 0
+    assert index.members == built.members and index.gzip_index == built.gzip_index
+    await check_files(files, layer, index, random.Random(2))
+
+
+async def test_concurrent_requests_share_one_pass_and_show_progress(registry, cache):
+    layer = await store(registry, every_kind_tar(big=4 * MIB), "gzip")
+    indexer = Indexer(cache)
+    seen: list[str] = []
+    inner = layer.ref.open
+
+    async def watched() -> BlobReader:
+        reader = await inner()
+
+        class Watching(CountingReader):
+            async def read_at(self, offset: int, size: int) -> Buffer:
+                progress = indexer.progress.get(layer.ref.digest)
+                if progress is not None:
+                    seen.append(progress.describe())
+                return await reader.read_at(offset, size)
+
+        return Watching(reader, Counter())
+
+    ref = replace(layer.ref, open=watched)
+    results: list[LayerIndex] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(lambda: _append(results, indexer.index(ref)))
+    assert indexer.passes == 1 and len(results) == 3
+    assert results[0] is results[1] is results[2]
+    assert not indexer.progress
+    assert any("% (" in text and "MB/s" in text for text in seen), seen
+    assert str(layer.ref.digest) in seen[-1]
+
+
+async def _append(results: list, awaitable) -> None:
+    results.append(await awaitable)
+
+
+async def test_the_loop_keeps_running_during_a_pass(registry, cache):
+    rng = random.Random(3)
+    layer = await store(registry, tar_of([(entry("f"), half_random(24 * MIB, rng))]), "gzip")
+    lags: list[float] = []
+
+    async def ticker(task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        while True:
+            before = time.monotonic()
+            await trio.sleep(0.001)
+            lags.append(time.monotonic() - before)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ticker)
+        await Indexer(cache).index(layer.ref)
+        nursery.cancel_scope.cancel()
+    assert len(lags) > 20
+    assert max(lags) < 0.25, sorted(lags)[-5:]
+
+
+# -- the cache -------------------------------------------------------------------------
+
+
+def cached_files(cache_dir: Path) -> set[str]:
+    return set(os.listdir(cache_dir))
+
+
+async def test_eviction_keeps_the_bound_and_the_recently_used(registry, cache_dir):
+    layers = [await store(registry, every_kind_tar(seed, big=0), "gzip") for seed in (1, 2, 3)]
+    cache = IndexCache(cache_dir)
+    indexer = Indexer(cache)
+    try:
+        await indexer.index(layers[0].ref)
+        one = sum(p.stat().st_size for p in cache_dir.iterdir())
+        cache.max_bytes = int(one * 2.5)
+        await indexer.index(layers[1].ref)
+        past = time.time() - 100
+        os.utime(cache_dir / f"{layers[0].ref.digest.hex}.idx", (past, past))
+        os.utime(cache_dir / f"{layers[1].ref.digest.hex}.idx", (past + 1, past + 1))
+        assert cache.load(layers[0].ref.digest) is not None  # now the most recently used
+        await indexer.index(layers[2].ref)
+    finally:
+        cache.close()
+    names = cached_files(cache_dir)
+    assert names == {f"{layers[i].ref.digest.hex}.idx" for i in (0, 2)}
+    assert sum(p.stat().st_size for p in cache_dir.iterdir()) <= cache.max_bytes
+
+
+def damage_truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def damage_flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def damage_version(path: Path) -> None:
+    import zstandard
+
+    text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read()
+    other = text.replace(cachemod._FORMAT_LINE, b"regfs-layer-index 999\n", 1)
+    path.write_bytes(zstandard.ZstdCompressor().compress(other))
+
+
+def damage_symlink(path: Path) -> None:
+    target = path.with_name("elsewhere")
+    path.rename(target)
+    path.symlink_to(target.name)
+
+
+def damage_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    "damage", [damage_truncate, damage_flip, damage_version, damage_symlink, damage_empty]
+)
+async def test_a_damaged_index_file_is_rebuilt_not_trusted(registry, cache, cache_dir, damage):
+    layer = await store(registry, every_kind_tar(big=0), "gzip")
+    built = await Indexer(cache).index(layer.ref)
+    path = cache_dir / f"{layer.ref.digest.hex}.idx"
+    damage(path)
+    indexer = Indexer(cache)
+    index = await indexer.index(layer.ref)
+    assert indexer.passes == 1 and index.members == built.members
+    assert not path.is_symlink() and cache.load(layer.ref.digest) is not None
+
+
+async def test_a_stored_index_is_normalised_again_on_load(cache):
+    digest = digest_bytes(b"crafted")
+    hostile = [
+        Member("../../etc/passwd", Kind.FILE, 0o644, 0, 0, 0, size=1, offset=0),
+        Member("/abs/../x", Kind.HARDLINK, 0o644, 0, 0, 0, linkname="/../../etc/shadow"),
+        Member("l", Kind.SYMLINK, 0o777, 0, 0, 0, linkname="../../anything"),
+    ]
+    cache.store(LayerIndex(digest, Format.TAR, 10, 10, hostile))
+    loaded = cache.load(digest)
+    assert loaded is not None
+    assert [(m.path, m.linkname) for m in loaded.members] == [
+        ("etc/passwd", ""),
+        ("x", "etc/shadow"),
+        ("l", "../../anything"),
+    ]
+    beyond = [Member("f", Kind.FILE, 0o644, 0, 0, 0, size=100, offset=0)]
+    cache.store(LayerIndex(digest, Format.TAR, 10, 10, beyond))
+    assert cache.load(digest) is None  # a file past the layer's end: not trusted
+
+
+def test_an_unsafe_cache_directory_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(elsewhere)
+    with pytest.raises(UnsafeCacheDir):
+        IndexCache(tmp_path / "link")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeCacheDir):
+        IndexCache(shared)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 12345, 12345)
+    with pytest.raises(UnsafeCacheDir):
+        IndexCache(foreign)
+    (tmp_path / "parent").mkdir()
+    os.chown(tmp_path / "parent", 12345, 12345)
+    with pytest.raises(UnsafeCacheDir):
+        IndexCache(tmp_path / "parent" / "index")
+    fresh = IndexCache(tmp_path / "new" / "index")
+    fresh.close()
+    assert (tmp_path / "new" / "index").stat().st_mode & 0o777 == 0o700
+    assert list(elsewhere.iterdir()) == []
+
+
+# -- bad layers ------------------------------------------------------------------------
+
+
+def _good() -> bytes:
+    return tar_of([(entry("a"), b"x" * 5000), (entry("b"), b"y" * 5000)])
+
+
+def _flip(blob: bytes, at: float) -> bytes:
+    data = bytearray(blob)
+    data[int(len(data) * at)] ^= 0xFF
+    return bytes(data)
+
+
+def _bad_header() -> bytes:
+    raw = bytearray(_good())
+    raw[512 + 5120 : 512 + 5120 + 100] = b"\xff" * 100  # b's header, after a's data
+    return bytes(raw)
+
+
+BAD = {
+    "random bytes": ("tar", os.urandom(20_000), NotATar),
+    "gzip of text": ("gzip", compress(b"hello, not a tar\n" * 1000, "gzip"), NotATar),
+    "zstd of nothing": ("zstd", compress(b"", "zstd"), NotATar),
+    "corrupt gzip": ("gzip", _flip(compress(_good(), "gzip"), 0.5), CorruptLayer),
+    "truncated gzip": ("gzip", compress(_good(), "gzip")[:200], CorruptLayer),
+    "corrupt zstd": ("zstd", _flip(compress(_good(), "zstd"), 0.5), BadLayer),
+    "truncated zstd": ("zstd", compress(_good(), "zstd")[:-30], CorruptLayer),
+    "truncated tar": ("tar", _good()[:3000], CorruptLayer),
+    "bad header mid-tar": ("tar", _bad_header(), CorruptLayer),
+    "too many members": ("tar", many_members_tar(1001), LayerTooLarge),
+    "huge PAX header": (
+        "tar",
+        tar_of([(entry("f", pax_headers={"comment": "x" * 300_000}), b"")]),
+        LayerTooLarge,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+async def test_bad_layers_are_refused_with_the_layer_and_the_reason(
+    registry, cache, cache_dir, case, caplog
+):
+    how, blob, error = BAD[case]
+    layer = await store(registry, b"", how, blob=blob)
+    indexer = Indexer(cache, Limits(members=1000, header=256 << 10))
+    with pytest.raises(error) as caught:
+        await indexer.index(layer.ref)
+    assert str(layer.ref.digest) in str(caught.value)
+    assert str(caught.value) in caplog.text  # logged, naming the layer and the reason
+    assert cached_files(cache_dir) == set()  # nothing kept, no temporary file left
+    with pytest.raises(error):  # and never taken for good later
+        await indexer.index(layer.ref)
+
+
+async def test_a_blob_that_does_not_match_its_digest(registry, cache, cache_dir):
+    good = await store(registry, _good(), "gzip")
+    other = await store(registry, tar_of([(entry("other"), b"z")]), "gzip")
+    lying = replace(good.ref, open=other.ref.open, size=other.ref.size)
+    with pytest.raises(LayerDigestMismatch, match=str(good.ref.digest)):
+        await Indexer(cache).index(lying)
+    assert cached_files(cache_dir) == set()
+
+
+async def test_a_blob_shorter_than_its_size(registry, cache):
+    layer = await store(registry, _good(), "tar")
+    with pytest.raises(BadLayer, match="shorter than its size"):
+        await Indexer(cache).index(replace(layer.ref, size=layer.ref.size + 4096))
+
+
+async def test_open_layers_are_bounded_and_closed(registry, cache):
+    stored = [await store(registry, every_kind_tar(seed, big=0), "gzip") for seed in (4, 5)]
+    indexer = Indexer(cache)
+    indexes = [await indexer.index(layer.ref) for layer in stored]
+    files = LayerFiles(cache, max_open=1)
+    try:
+        for _ in range(2):
+            for layer, index in zip(stored, indexes, strict=True):
+                member = next(m for m in index.members if m.path == "bin/random")
+                data = await files.read(layer.ref, index, member, 1000, 5000)
+                with tarfile.open(fileobj=io.BytesIO(layer.raw)) as tar:
+                    extracted = tar.extractfile("bin/random")
+                    assert extracted is not None
+                    assert data == extracted.read()[1000:6000]
+                assert len(files._open) == 1
+    finally:
+        await files.aclose()
+    assert not files._open
