@@ -109,7 +109,6 @@ class Source:
     another view of the same storage, as a restarted daemon would have."""
 
     kind: str
-    node: pytest.Item  # the test, for a per-source xfail mark
     registry: RegistrySource
     opener: Callable[[], RegistrySource]
     prefix: str
@@ -158,7 +157,7 @@ async def source(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         return RemoteRegistry(RemoteClient(url, timeout=10), tmp_path / "state", listing_ttl=0)
 
     cannot = REMOTE_CANNOT if kind == "remote" else {}
-    src = Source(kind, request.node, opener(), opener, f"svc{next(_unique)}", cannot)
+    src = Source(kind, opener(), opener, f"svc{next(_unique)}", cannot)
     try:
         yield src
     finally:

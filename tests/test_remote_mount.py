@@ -406,6 +406,45 @@ def test_resume_after_remount(served: RegistryServer, mount, tmp_path) -> None:
     assert not list((tmp_path / "state" / "regfs" / "uploads").rglob("*.json"))
 
 
+@pytest.mark.registry
+def test_truncate_restarts_an_upload_under_its_name(
+    served: RegistryServer, mount, tmp_path
+) -> None:
+    """`truncate -s 0`, `: >` and `cp` over it (O_TRUNC) restart an upload from zero, as
+    SPEC.md says: the same name and uuid, the registry's upload begun again (the old one
+    cancelled there), and what is written next finishes by mv."""
+    data = random.Random(12).randbytes(MIB + 5)
+    (tmp_path / "data").write_bytes(data)
+    m = mount(served.url)
+    repo = m.path("truncated", "app")
+    sh("mkdir", "-p", repo)
+    upload = repo / "uploads" / "part"
+    upload.write_bytes(b"first try, thrown away")
+    uuid = os.getxattr(upload, "user.regfs.uuid")
+    wait_until(lambda: os.stat(upload).st_size == 22, 10, "the PATCH")
+    first = upload_path(served.root, "truncated/app", uuid.decode()) / "data"
+    assert first.stat().st_size == 22
+
+    sh("truncate", "-s", "0", upload)
+    assert os.stat(upload).st_size == 0
+    assert os.getxattr(upload, "user.regfs.uuid") == uuid
+    assert not first.exists()  # cancelled (registry 2.8 leaves its hashstates/ there)
+    sh("bash", "-c", f'echo second try >> "{upload}"')
+    assert os.stat(upload).st_size == 11
+    sh("bash", "-c", f': > "{upload}"')
+    assert os.stat(upload).st_size == 0
+    sh("bash", "-c", f'echo third try >> "{upload}"')
+    sh("cp", tmp_path / "data", upload)
+    assert ls(repo / "uploads") == ["part"]
+    assert os.getxattr(upload, "user.regfs.uuid") == uuid
+    assert os.stat(upload).st_size == len(data)
+
+    sh("mv", upload, repo / "layers" / digest_of(data))
+    assert ls(repo / "uploads") == []
+    assert served.client().get_blob("truncated/app", digest_of(data)) == data
+    assert not list((tmp_path / "state" / "regfs" / "uploads").rglob("*.json"))
+
+
 # --------------------------------------------------------------------------- 3. no catalog
 
 

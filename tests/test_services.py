@@ -3,9 +3,8 @@ filesystem, and the remote registry against the real docker-registry).
 
 The calls are the ones regfs/tree.py and regfs/handles.py make (storage/api.py writes them
 down). What a source legitimately cannot do is in `source.cannot` (REMOTE_CANNOT), and the
-tests assert its documented fallback there instead of skipping; where the sources disagree
-but should not, the test states the contract and `drift()` makes it an `xfail(strict)` for
-the drifting source alone, so it fails loudly once the drift is fixed.
+tests assert its documented fallback there instead of skipping; everything else every source
+must pass alike.
 """
 
 from __future__ import annotations
@@ -45,13 +44,6 @@ LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 PIECE = 64 << 10  # a FUSE-sized write
 NOWHERE = Digest.parse("sha256:" + "0" * 64)
 NO_UUID = "00000000-0000-4000-8000-000000000000"
-
-
-def drift(source: Source, kind: str, reason: str) -> None:
-    """Mark the running test xfail(strict) for one source whose behaviour drifted from the
-    contract; the other sources must pass it."""
-    if source.kind == kind:
-        source.node.add_marker(pytest.mark.xfail(strict=True, reason=f"{kind}: {reason}"))
 
 
 def blob(size: int, seed: int = 0) -> bytes:
@@ -292,19 +284,27 @@ async def test_truncate_cuts(source: Source) -> None:
 
 
 async def test_truncate_keeps_the_upload_id(source: Source) -> None:
-    drift(
-        source,
-        "remote",
-        "RemoteUpload.truncate(0) starts a new registry upload under a new uuid, so an "
-        "UploadNode holding the old uuid no longer finds it",
-    )
-    layers = source.registry.repository(source.name("app")).layers
-    upload = await layers.upload()
+    """The mount's node holds the uuid: after O_TRUNC the upload is the same one, for this
+    view and for a remounted one, which resumes it at 0."""
+    name = source.name("app")
+    layers = source.registry.repository(name).layers
+    upload = await layers.upload(label="part")
     uuid = upload.uuid
     await upload.write_at(0, b"first try")
+    await upload.flush()
     await upload.truncate(0)
     assert upload.uuid == uuid
     assert await layers.uploads() == [uuid]
+    await upload.write_at(0, b"second")
+    await upload.close()
+
+    other = source.reopen().repository(name).layers
+    assert (await other.label(uuid), (await other.upload_info(uuid)).size) == ("part", 6)
+    resumed = await other.resume(uuid)
+    await resumed.truncate(0)
+    await resumed.write_at(0, b"third")
+    assert (await resumed.finish(digest_bytes(b"third"))).size == 5
+    assert await other.uploads() == []
 
 
 async def test_read_upload_back(source: Source) -> None:

@@ -64,8 +64,8 @@ def check_upload_id(upload_id: str) -> str:
 @dataclass
 class UploadRecord:
     repository: str
-    uuid: str
-    location: str
+    uuid: str  # the registry's id at the start; kept when truncate(0) begins anew
+    location: str  # of the registry's upload now (a restart's id is in it, not in uuid)
     started_at: str
     offset: int = 0
     label: str | None = None
@@ -150,11 +150,7 @@ class RemoteUpload:
     async def start(
         cls, client: RemoteClient, records: UploadRecords, name: str, label: str | None
     ) -> RemoteUpload:
-        response = await client.request("POST", f"/v2/{name}/blobs/uploads/", expect=(202,))
-        location = response.headers.get("Location")
-        if not location:
-            raise RemoteError(f"upload in {name}: the registry gave no Location", status=202)
-        given = response.headers.get("Docker-Upload-UUID")
+        location, given = await _begin(client, name)
         try:
             # Without an id from the registry the record is named here.
             uuid = check_upload_id(given) if given is not None else str(uuids.uuid4())
@@ -203,13 +199,21 @@ class RemoteUpload:
             await self._send()
 
     async def truncate(self, size: int) -> None:
+        """Only to 0 (the protocol cannot cut an upload): a new upload is begun at the
+        registry under the same record, so the uuid, name, label and start time stay and
+        whoever holds the uuid (the mount's node) still finds it. The old upload is
+        cancelled once the new one is recorded: a failure before leaves it as it was."""
         if size == self.size:
             return
         if size != 0:
             raise InvalidOffset(f"upload {self.uuid}: a remote upload can only restart from 0")
-        await self.cancel()
-        fresh = await RemoteUpload.start(self.client, self.records, self.name, self.record.label)
-        self.__dict__.update(fresh.__dict__)
+        old = self.record.location
+        self.record.location, _ = await _begin(self.client, self.name)
+        self.record.offset, self.record.hash_state = 0, None
+        self._pending, self._hash = bytearray(), Sha256State()
+        self.records.save(self.record)
+        await _abandon(self.client, old)
+        log.info("truncate: upload %s in %s restarts from 0", self.uuid, self.name)
 
     async def digest(self, expected: Digest | None = None) -> Digest | None:
         return self._hash.digest() if self._hash is not None else None
@@ -394,6 +398,15 @@ class RemoteUpload:
         except (RemoteNotFound, RemoteUnavailable):
             return False
         return True
+
+
+async def _begin(client: RemoteClient, name: str) -> tuple[str, str | None]:
+    """POST a new upload in repository `name`: its location, and the id the registry gave."""
+    response = await client.request("POST", f"/v2/{name}/blobs/uploads/", expect=(202,))
+    location = response.headers.get("Location")
+    if not location:
+        raise RemoteError(f"upload in {name}: the registry gave no Location", status=202)
+    return location, response.headers.get("Docker-Upload-UUID")
 
 
 async def _abandon(client: RemoteClient, location: str) -> None:
