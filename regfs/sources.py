@@ -1,4 +1,5 @@
-"""What SOURCE names: a storage root directory, `inmemory:`, or a registry over HTTP(S)."""
+"""What SOURCE names: a storage root directory, `inmemory:`, a registry over HTTP(S), or a
+registry's S3 bucket (`s3://BUCKET/PREFIX`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import platformdirs
 import trio
 
 from storage.api import RegistrySource
-from storage.drivers import FilesystemDriver, open_driver
+from storage.drivers import FilesystemDriver, StorageDriver, open_driver
+from storage.drivers.s3 import S3Driver, s3_client
 from storage.registry import Registry
 from storage.remote.client import RemoteClient
 from storage.remote.credentials import Credentials
@@ -21,7 +23,10 @@ from storage.remote.registry import RemoteRegistry
 from .mountpoint import MountError
 from .options import MountOptions
 
-SUPPORTED = "a storage root directory, 'inmemory:', or https://HOST[:PORT] (http:// too)"
+SUPPORTED = (
+    "a storage root directory, 'inmemory:', https://HOST[:PORT] (http:// too), "
+    "or s3://BUCKET[/PREFIX]"
+)
 
 
 # A registry host as people write it for docker and skopeo (`ghcr.io`, `quay.io`,
@@ -89,13 +94,46 @@ def check_storage_root(path: str, *, missing_ok: bool, init: bool = False) -> No
         )
 
 
-def existing_root(path: str) -> FilesystemDriver:
-    """The storage root that `regfs check` and `purge-uploads` work on; it must exist."""
+def existing_root(path: str, s3_endpoint: str | None = None) -> StorageDriver:
+    """The storage root (or bucket) that `regfs check` and `purge-uploads` work on; it must
+    exist."""
     try:
+        if is_s3(path):
+            driver = open_s3(path, s3_endpoint)
+            driver.check_bucket()
+            return driver
         check_storage_root(path, missing_ok=False)
     except ValueError as exc:
         raise MountError(str(exc)) from None
     return FilesystemDriver(path)
+
+
+# --------------------------------------------------------------------------- s3://
+
+# S3's rules for a bucket name (lower case, digits, dots, hyphens; 3 to 63 characters).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# The registry's rootdirectory: storage path names, as every path a driver is given.
+_PREFIX = re.compile(r"(?:/[A-Za-z0-9._-]+)*")
+
+
+def is_s3(source: str) -> bool:
+    return source.startswith("s3://")
+
+
+def open_s3(source: str, endpoint: str | None) -> S3Driver:
+    """`s3://BUCKET/PREFIX` → the S3 driver (nothing is contacted yet). PREFIX is the
+    registry's `rootdirectory`; credentials and region come from the standard AWS chain, the
+    endpoint from s3_endpoint or, without it, from that chain (AWS_ENDPOINT_URL)."""
+    parts = urlsplit(source)
+    prefix = parts.path.rstrip("/")
+    if parts.query or parts.fragment or "@" in parts.netloc or not _BUCKET.fullmatch(parts.netloc):
+        raise ValueError(
+            f"{source!r} is not s3://BUCKET[/PREFIX] with a valid bucket name (3-63 of a-z, "
+            f"0-9, '.', '-'); sources are {SUPPORTED}"
+        )
+    if not _PREFIX.fullmatch(prefix) or any(p in (".", "..") for p in prefix.split("/")):
+        raise ValueError(f"{source!r}: the prefix must be a path of plain names (a-z, 0-9, ._-)")
+    return S3Driver(parts.netloc, prefix, client=s3_client(endpoint))
 
 
 def open_root(source: str, *, init: bool = False) -> RegistrySource:
@@ -110,6 +148,8 @@ def open_root(source: str, *, init: bool = False) -> RegistrySource:
 
 def open_registry(options: MountOptions) -> RegistrySource:
     """The registry SOURCE names; nothing is contacted yet (see check_source)."""
+    if is_s3(options.source):
+        return Registry(open_s3(options.source, options.s3_endpoint))
     if not is_remote(options.source):
         return open_root(options.source, init=options.init)
     settings: dict[str, Any] = {"insecure": options.insecure, "ca_file": options.ca_file}
@@ -126,10 +166,12 @@ def open_registry(options: MountOptions) -> RegistrySource:
 
 def check_source(options: MountOptions) -> None:
     """Fail early and clearly: a root that cannot be made, a registry that does not answer
-    its ping (GET /v2/, authenticating as needed)."""
+    its ping (GET /v2/, authenticating as needed), a bucket that is not there or not ours."""
     registry = open_registry(options)
     if isinstance(registry, RemoteRegistry):
         trio.run(_ping, registry)
+    elif isinstance(registry, Registry) and isinstance(registry.driver, S3Driver):
+        registry.driver.check_bucket()
 
 
 async def _ping(registry: RemoteRegistry) -> None:
