@@ -160,7 +160,7 @@ async def test_move_above_the_threshold_copies_in_ranges(moto_server, s3_bucket)
 
 @pytest.fixture
 def few_retries(monkeypatch):
-    """Three retries (0.7 s of backoff) instead of five (3.1 s): the same path, faster."""
+    """Three retries (0.7 s of backoff) instead of four (1.5 s): the same path, faster."""
     monkeypatch.setattr("storage.drivers.s3.RETRIES", 3)
 
 

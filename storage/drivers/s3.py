@@ -46,6 +46,7 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    NoCredentialsError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
@@ -70,7 +71,7 @@ COPY_THRESHOLD = 32 * MIB  # 2.8's multipartcopythresholdsize: above it, copy in
 COPY_CHUNK = 32 * MIB  # 2.8's multipartcopychunksize
 COPY_CONCURRENCY = 8
 SKIP_LIMIT = MIB  # a reader reads over a gap this small rather than opening a new GET
-RETRIES = 5  # tries after the first: 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s of backoff
+RETRIES = 4  # tries after the first: 0.1 + 0.2 + 0.4 + 0.8 s of backoff
 POOL = 64  # connections; trio runs up to 40 worker threads, copies add their own
 
 _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
@@ -197,6 +198,31 @@ class S3Driver(StorageDriver):
 
     def _top(self) -> str:
         return f"{self.rootdirectory}/" if self.rootdirectory else ""
+
+    def check_bucket(self) -> None:
+        """One HEAD of the bucket, not retried, before a mount or a check starts: ValueError
+        in one line saying what is wrong (no credentials, wrong ones, no such bucket, no
+        server), rather than an EIO on every call later."""
+        where = self.client.meta.endpoint_url
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except NoCredentialsError:
+            raise ValueError(
+                f"s3://{self.bucket}: no AWS credentials found (environment, "
+                "~/.aws/credentials, AWS_PROFILE)"
+            ) from None
+        except ClientError as exc:
+            status = _status(exc)
+            if status == 404:
+                raise ValueError(f"s3://{self.bucket}: no such bucket at {where}") from None
+            if status in (401, 403):
+                raise ValueError(
+                    f"s3://{self.bucket}: access denied at {where}: wrong credentials, or "
+                    "no right to this bucket"
+                ) from None
+            raise ValueError(f"s3://{self.bucket}: {where} answered {exc}") from None
+        except (BotoCoreError, Urllib3Error) as exc:
+            raise ValueError(f"s3://{self.bucket}: cannot reach {where}: {exc}") from None
 
     # -- calling S3 ----------------------------------------------------------------------
 

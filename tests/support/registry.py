@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import shutil
 import socket
 import struct
@@ -332,8 +333,11 @@ class RegistryServer(StartStop):
     Upload purging is off so tests' hand-made uploads are not deleted behind their back.
 
     Options: `auth`, the config's `auth:` section as a mapping (e.g. `htpasswd_auth(path)` or
-    `TokenServer.registry_auth()`), and `tls`, a certificate and key for `http.tls` (the
-    server then speaks https only: `url` says so).
+    `TokenServer.registry_auth()`), `tls`, a certificate and key for `http.tls` (the
+    server then speaks https only: `url` says so), and `s3`, the `storage: s3:` section
+    (support.s3.registry_s3_config) to keep the storage in a bucket instead of `root`: blobs
+    are then proxied, not redirected, and the registry starts without `AWS_CA_BUNDLE`, with
+    which its 2.8 s3 driver panics (../shared/S3.md).
     """
 
     root: Path
@@ -345,6 +349,7 @@ class RegistryServer(StartStop):
     port: int = 0
     auth: Mapping[str, Any] | None = None
     tls: TLSFiles | None = None
+    s3: Mapping[str, Any] | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _own_workdir: bool = field(default=False, init=False, repr=False)
 
@@ -371,14 +376,17 @@ class RegistryServer(StartStop):
         # JSON strings are valid YAML scalars: safe quoting for any path or secret.
         q = json.dumps
         tls = {"certificate": str(self.tls.cert), "key": str(self.tls.key)} if self.tls else None
+        if self.s3 is None:
+            store = ["  filesystem:", f"    rootdirectory: {q(str(self.root))}"]
+        else:
+            store = _yaml({"s3": self.s3, "redirect": {"disable": True}}, 2)
         return "\n".join(
             [
                 "version: 0.1",
                 "log:",
                 f"  level: {self.log_level}",
                 "storage:",
-                "  filesystem:",
-                f"    rootdirectory: {q(str(self.root))}",
+                *store,
                 "  delete:",
                 "    enabled: true",
                 "  maintenance:",
@@ -431,6 +439,9 @@ class RegistryServer(StartStop):
     def _try_start(self) -> bool:
         """One start attempt; False only when the port was taken by someone else."""
         self.config_path.write_text(self.config_text())
+        env = None
+        if self.s3 is not None:
+            env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
         with self.log_path.open("wb") as logf:
             self._proc = subprocess.Popen(
                 [REGISTRY_BIN, "serve", str(self.config_path)],
@@ -438,6 +449,7 @@ class RegistryServer(StartStop):
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                env=env,
             )
         _live.add(self)
         log.info("registry pid %d on %s, root %s", self._proc.pid, self.host, self.root)

@@ -160,3 +160,17 @@ class MotoServer(StartStop):
             "AWS_CONFIG_FILE": str(home / "aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
         }
+
+
+def registry_s3_config(server: MotoServer, bucket: str, rootdirectory: str) -> dict[str, Any]:
+    """The `storage: s3:` section of a docker-registry 2.8 config for this bucket (S3.md)."""
+    return {
+        "accesskey": ACCESS_KEY,
+        "secretkey": SECRET_KEY,
+        "region": REGION,
+        "regionendpoint": server.url,
+        "bucket": bucket,
+        "rootdirectory": rootdirectory,
+        "secure": False,
+        "v4auth": True,
+    }

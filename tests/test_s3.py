@@ -1,0 +1,191 @@
+"""An S3 bucket as the source, against the real parts: moto in server mode, docker-registry
+2.8 with its s3 driver on the same bucket, skopeo, and regfs mounted with the real command
+line (`regfs mount s3://BUCKET/PREFIX`).
+
+- What skopeo pushed through the registry, the mount reads exactly, blob for blob.
+- What `cp`/`mv` push through the mount, skopeo pulls from the registry, identical.
+- `regfs check` and `purge-uploads` work on the bucket; purge aborts multipart uploads.
+- Bad input: a missing bucket refuses the mount in one line; a server gone mid-read is
+  EIO for that call, and the daemon lives on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from support.mounts import is_mounted, regfs
+from support.oci import blob_path, build_image, run, skopeo_pull, skopeo_push
+from support.registry import OCI_MANIFEST, RegistryServer
+from support.s3 import MotoServer, registry_s3_config
+from support.tools import digest_of, errno_of, ls, sha256sum
+from support.uploads import new_repo
+
+from storage.digests import digest_bytes
+from storage.drivers.s3 import S3Driver
+from storage.registry import Registry
+
+pytestmark = [pytest.mark.mount, pytest.mark.registry]
+
+ROOTDIRECTORY = "/regroot"
+FILES = {
+    "etc/regfs/hello.txt": b"hello from an S3 bucket\n",
+    "usr/share/regfs/data.bin": os.urandom(300_000),
+    "opt/app/run.sh": b"#!/bin/sh\necho regfs\n",
+}
+
+
+@pytest.fixture
+def aws_env(moto_server: MotoServer, tmp_path: Path, monkeypatch) -> None:
+    """The standard AWS chain of the daemons started here points at moto, and at no AWS
+    file of this machine."""
+    for name, value in moto_server.environment(tmp_path).items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def s3_registry(
+    moto_server: MotoServer, s3_bucket: str, tmp_path: Path
+) -> Iterator[RegistryServer]:
+    """docker-registry 2.8 with its s3 driver on the test's bucket, under /regroot."""
+    config = registry_s3_config(moto_server, s3_bucket, ROOTDIRECTORY)
+    with RegistryServer(tmp_path / "unused-root", workdir=tmp_path / "registry", s3=config) as r:
+        yield r
+
+
+def source(bucket: str) -> str:
+    return f"s3://{bucket}{ROOTDIRECTORY}"
+
+
+def test_registry_push_read_through_the_mount(tmp_path, aws_env, s3_bucket, s3_registry, mount):
+    """skopeo pushes through the registry into the bucket; the mount lists the repository
+    and reads its manifest, config and layers byte for byte (cat, sha256sum)."""
+    image = build_image(tmp_path / "layout", "v1", FILES, layers=2)
+    skopeo_push(tmp_path / "layout", "v1", s3_registry.host, "org/app")
+    m = mount(source(s3_bucket))
+    repo = m.path("org", "app")
+    assert ls(m.path("org")) == ["app"]
+    assert ls(repo / "tags") == ["v1"]
+    assert ls(repo / "manifests") == [image.digest]
+    assert ls(repo / "layers") == sorted(image.blob_digests)
+    assert (repo / "tags" / "v1").read_bytes() == image.manifest
+    for digest in image.blob_digests:
+        assert sha256sum(repo / "layers" / digest) == digest
+        run(["cmp", str(blob_path(tmp_path / "layout", digest)), str(repo / "layers" / digest)])
+        assert (repo / "layers" / digest).read_bytes() == image.blob(digest)
+
+
+def test_push_through_the_mount_pulled_by_skopeo(
+    tmp_path, aws_env, s3_bucket, s3_registry, mount, moto_server
+):
+    """`mkdir -p`, layers by `cp` + `mv` and by `cp` to digest names, the manifest by `cp` to
+    tags/v1: the registry on the same bucket serves it, and skopeo pulls it identical. The
+    endpoint comes from `-o s3_endpoint=` here (the others find it in AWS_ENDPOINT_URL)."""
+    layout = tmp_path / "layout"
+    image = build_image(layout, "v1", FILES, layers=3)
+    m = mount(source(s3_bucket), "-o", f"s3_endpoint={moto_server.url}")
+    repo = new_repo(m, "myorg/app")
+    for i, digest in enumerate(image.blob_digests):
+        src = blob_path(layout, digest)
+        if i % 2 == 0:
+            run(["cp", str(src), str(repo / "uploads" / f"part{i}")])
+            run(["mv", str(repo / "uploads" / f"part{i}"), str(repo / "layers" / digest)])
+        else:
+            run(["cp", str(src), str(repo / "uploads" / digest)])
+    run(["cp", str(blob_path(layout, image.digest)), str(repo / "tags" / "v1")])
+    assert ls(repo / "layers") == sorted(image.blob_digests)
+    assert ls(repo / "uploads") == []
+    m.stop()
+    s3 = moto_server.client()
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert all(k.startswith("regroot/docker/registry/v2/") for k in keys)
+    assert not [k for k in keys if "/_uploads/" in k]
+
+    client = s3_registry.client()
+    assert client.tags("myorg/app") == ["v1"]
+    body, media_type, digest = client.get_manifest("myorg/app", "v1")
+    assert (body, digest, media_type) == (image.manifest, image.digest, OCI_MANIFEST)
+    pulled = skopeo_pull(s3_registry.host, "myorg/app", "v1", tmp_path / "pulled")
+    assert (pulled.digest, pulled.manifest) == (image.digest, image.manifest)
+    for blob in image.blob_digests:
+        assert pulled.blob(blob) == image.blob(blob)
+        assert digest_of(pulled.blob(blob)) == blob
+
+
+def test_a_missing_bucket_refuses_the_mount(tmp_path, aws_env, moto_server):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = regfs("mount", "s3://no-such-bucket-here/regroot", str(mountpoint))
+    assert result.returncode != 0
+    assert "no such bucket" in result.stderr and result.stderr.count("\n") == 1
+    assert not is_mounted(mountpoint)
+    result = regfs("mount", "s3://Bad_Bucket/x", str(mountpoint))
+    assert result.returncode != 0 and "bucket name" in result.stderr
+    assert not is_mounted(mountpoint)
+
+
+async def old_upload(driver: S3Driver) -> str:
+    """An upload with data (a multipart upload in progress) started in 2020."""
+    layers = Registry(driver).repository("org/app").layers
+    upload = await layers.upload()
+    await upload.write(b"partial data")
+    await upload.close()
+    path = f"/docker/registry/v2/repositories/org/app/_uploads/{upload.uuid}/startedat"
+    await driver.put_content(path, b"2020-01-01T00:00:00Z")
+    return upload.uuid
+
+
+def test_check_and_purge_uploads_on_the_bucket(aws_env, s3_bucket, moto_server):
+    """`regfs check` reports the stale upload, `purge-uploads` deletes it and aborts its
+    multipart upload (which the registry's own purge leaves behind)."""
+    s3 = moto_server.client()
+    driver = S3Driver(s3_bucket, ROOTDIRECTORY, client=moto_server.client())
+    uuid = trio.run(old_upload, driver)
+    assert len(s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]) == 1
+    checked = regfs("check", source(s3_bucket))
+    assert uuid in checked.stdout, checked.stderr
+    purged = regfs("purge-uploads", "--older-than", "24h", source(s3_bucket))
+    assert purged.returncode == 0, purged.stderr
+    assert uuid in purged.stdout and "deleted 1 uploads" in purged.stderr
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+    assert not [k for k in keys if "/_uploads/" in k]
+    missing = regfs("check", "s3://no-such-bucket-here")
+    assert missing.returncode != 0 and "no such bucket" in missing.stderr
+
+
+def test_server_gone_mid_read_is_eio_and_the_daemon_lives(tmp_path, monkeypatch, mount):
+    """The S3 server stops while a layer is read: that read fails with EIO (after the
+    retries), never ENOENT, and the daemon keeps serving its mount."""
+    with MotoServer() as server:
+        for name, value in server.environment(tmp_path).items():
+            monkeypatch.setenv(name, value)
+        bucket = server.new_bucket()
+        driver = S3Driver(bucket, ROOTDIRECTORY, client=server.client())
+        data = os.urandom(24 << 20)
+        trio.run(push_layer, driver, data)
+        m = mount(source(bucket))
+        layer = m.path("org", "app", "layers", str(digest_bytes(data)))
+        with open(layer, "rb", buffering=0) as f:
+            assert f.read(1 << 20) == data[: 1 << 20]
+            server.stop()
+            with pytest.raises(OSError) as failed:
+                while f.read(1 << 20):
+                    pass
+            assert failed.value.errno == errno.EIO
+    assert is_mounted(m.mountpoint) and m.pids()
+    # The daemon still answers (a dead one would be ENOTCONN), and never says ENOENT.
+    assert errno_of(lambda: os.stat(m.path("org", "app"))) in (None, errno.EIO)
+    assert "S3 GET" in m.log_text()
+
+
+async def push_layer(driver: S3Driver, data: bytes) -> None:
+    layers = Registry(driver).repository("org/app").layers
+    upload = await layers.upload()
+    await upload.write(data)
+    await upload.finish(digest_bytes(data))
