@@ -1,7 +1,8 @@
-"""The `regfs` command line: mount and umount.
+"""The `regfs` command line: mount, umount, check, purge-uploads, and mount(8)'s helper.
 
 `regfs mount` starts the daemon as a child process in a new session and returns once the
-child reports, through a pipe, that the mount is up (or why it is not).
+child reports, through a pipe, that the mount is up (or why it is not). The parser here is
+the one source of `--help`, the man page (regfs/manpage.py) and bash completion (shtab).
 """
 
 from __future__ import annotations
@@ -11,21 +12,26 @@ import logging
 import os
 import re
 import select
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TypeVar
+from importlib.metadata import version
+from typing import Never, TypeVar
 
 import platformdirs
+import shtab
 import trio
+from tqdm import tqdm
 
 from storage.check import UPLOAD_PURGE_AGE, Severity, check, purge_uploads
 from storage.errors import StorageError
 
 from . import daemon
 from .logs import default_log_file, open_log, setup_logging
+from .mounthelper import HELPER_NAMES, is_fuse_call, mount_arguments
 from .mountpoint import MountError, daemon_pids, force_unmount, mounted_filesystem, prepare
 from .options import (
     DEFAULT_READ_AHEAD_KB,
@@ -51,6 +57,8 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 UMOUNT_TIMEOUT = 30.0
+COMMANDS = frozenset({"mount", "umount", "check", "purge-uploads"})
+PASSWORD_FILE_MAX = 4096
 
 
 def default_source() -> str:
@@ -62,6 +70,11 @@ def _octal(text: str) -> int:
 
 
 T = TypeVar("T")
+
+
+def _completes(action: argparse.Action, what: dict[str, str | dict[str, str]]) -> None:
+    """What bash completes for action's value (shtab.FILE, shtab.DIRECTORY)."""
+    action.complete = what  # type: ignore[attr-defined]  # an attribute shtab reads
 
 
 def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -82,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="regfs", description="A Linux filesystem view of a container registry."
     )
+    parser.add_argument("--version", action="version", version=f"regfs {version('regfs')}")
+    shtab.add_argument_to(parser, "--print-completion", help="print a bash completion script")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount = commands.add_parser(
@@ -94,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
             "unless --log says otherwise."
         ),
     )
-    mount.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT")
+    _completes(
+        mount.add_argument("paths", nargs="+", metavar="[SOURCE] MOUNTPOINT"), shtab.DIRECTORY
+    )
     mount.add_argument(
         "-f", "--foreground", action="store_true", help="stay attached; Ctrl-C unmounts"
     )
@@ -105,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="make SOURCE a storage root even though it holds other files",
     )
     mount.add_argument("-d", "--debug", action="store_true", help="log each FUSE operation")
-    mount.add_argument("--log", metavar="FILE", help="log to FILE")
+    _completes(mount.add_argument("--log", metavar="FILE", help="log to FILE"), shtab.FILE)
     mount.add_argument(
         "--allow-other",
         action="store_true",
@@ -141,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTS",
         help="mount options: ro, allow_other, uid=, gid=, file_mode=, dir_mode=, "
         "tag_ttl=, read_ahead_kb=, index_cache_size=, log=, debug, init; remote: insecure, "
-        "ca_file=, username=, timeout= (seconds a registry may take to answer, 30); "
-        "s3: s3_endpoint=",
+        "ca_file=, username=, password_file=, timeout= (seconds a registry may take to "
+        "answer, 30); s3: s3_endpoint=",
     )
     remote = mount.add_argument_group("remote registries (SOURCE is https://HOST[:PORT])")
     remote.add_argument(
@@ -157,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
+    _completes(
+        remote.add_argument(
+            "--password-file",
+            metavar="FILE",
+            help="read the password from FILE, which must be yours or root's and closed to "
+            "others (chmod 600): for fstab lines",
+        ),
+        shtab.FILE,
+    )
     s3 = mount.add_argument_group("S3 buckets (SOURCE is s3://BUCKET[/PREFIX])")
     s3.add_argument(
         "--s3-endpoint",
@@ -166,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--password-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)  # mount -f
 
     umount = commands.add_parser(
         "umount",
@@ -185,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
             "purge-uploads would remove; 2 damage."
         ),
     )
-    check.add_argument("root", help="the registry's storage root directory")
+    _completes(
+        check.add_argument("root", help="the registry's storage root directory"), shtab.DIRECTORY
+    )
     check.add_argument("--verify", action="store_true", help="hash every blob")
     check.add_argument(
         "--upload-age",
@@ -201,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Delete uploads started longer ago than --older-than, as the registry's "
         "upload purger does (uploads without a start time are left alone).",
     )
-    purge.add_argument("root", help="the registry's storage root directory")
+    _completes(
+        purge.add_argument("root", help="the registry's storage root directory"), shtab.DIRECTORY
+    )
     purge.add_argument(
         "--older-than",
         type=parse_duration,
@@ -225,8 +256,41 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+class TerminalProgress:
+    """storage.check's Progress as a bar on stderr, only when stderr is a terminal (tqdm
+    stays silent otherwise), so logs and pipes get the findings alone."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm[Never] | None = None
+
+    def begin(self, what: str, total: int, unit: str) -> None:
+        self.close()
+        self.bar = tqdm(
+            total=total,
+            desc=what,
+            unit=unit if unit == "B" else f" {unit}",  # 5/9 [00:01, 4.2 uploads/s]
+            unit_scale=unit == "B",
+            unit_divisor=1024,
+            disable=None,  # None: off when stderr is no terminal
+            file=sys.stderr,
+        )
+
+    def advance(self, amount: int) -> None:
+        if self.bar is not None:
+            self.bar.update(amount)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def run_check(args: argparse.Namespace) -> int:
-    findings = trio.run(check, existing_root(args.root), args.verify, args.upload_age)
+    progress = TerminalProgress()
+    try:
+        findings = trio.run(check, existing_root(args.root), args.verify, args.upload_age, progress)
+    finally:
+        progress.close()
     for finding in findings:
         print(finding)
     worst = max((f.severity for f in findings), default=0)
@@ -238,7 +302,13 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_purge(args: argparse.Namespace) -> int:
-    purged = trio.run(purge_uploads, existing_root(args.root), args.older_than, args.dry_run)
+    progress = TerminalProgress()
+    try:
+        purged = trio.run(
+            purge_uploads, existing_root(args.root), args.older_than, args.dry_run, progress
+        )
+    finally:
+        progress.close()
     verb = "would delete" if args.dry_run else "deleted"
     for upload in purged:
         print(
@@ -278,6 +348,13 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
             setattr(options, name, True)
     if args.insecure:
         options.insecure = True
+    if args.password_file is not None:
+        options.password_file = args.password_file
+    if options.password_file is not None:
+        if options.username is None and args.username is None:
+            raise MountError("a password file needs a user name: username=USER or --username")
+        options.password_file = os.path.abspath(options.password_file)
+        options.password = read_password_file(options.password_file)
     if args.password_stdin:
         options.password = sys.stdin.readline().rstrip("\n")
     elif args.password_fd is not None:
@@ -305,6 +382,37 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if options.ca_file:
         options.ca_file = os.path.abspath(options.ca_file)
     return options
+
+
+def read_password_file(path: str) -> str:
+    """The first line of a private file: yours or root's, closed to group and others.
+
+    Checked on the opened file, so nothing swapped in between the check and the read counts;
+    O_NONBLOCK so that a FIFO is refused instead of waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MountError(f"password file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MountError(f"password file {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise MountError(
+                f"password file {path} belongs to uid {st.st_uid}: it must be root's or yours"
+            )
+        if st.st_mode & 0o077:
+            raise MountError(
+                f"password file {path} is open to others (mode {st.st_mode & 0o777:03o}): "
+                f"chmod 600 {path}"
+            )
+        data = f.read(PASSWORD_FILE_MAX + 1)
+    if len(data) > PASSWORD_FILE_MAX:
+        raise MountError(f"password file {path} is longer than {PASSWORD_FILE_MAX} bytes")
+    password = data.decode(errors="replace").split("\n", 1)[0].rstrip("\r")
+    if not password:
+        raise MountError(f"password file {path} holds no password on its first line")
+    return password
 
 
 def child_command(options: MountOptions, ready_fd: int, password_fd: int | None) -> list[str]:
@@ -471,6 +579,11 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+        # mount(8) runs the helper by its name; fuse3's mount.fuse runs `regfs SRC MNT -o O`.
+        if os.path.basename(sys.argv[0]) in HELPER_NAMES or is_fuse_call(argv, COMMANDS):
+            argv = mount_arguments(argv)
     args = build_parser().parse_args(argv)
     if args.command == "umount":
         return umount(args.mountpoint)
@@ -486,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         options = mount_options(args)
+        if args.fake:
+            return 0
         if args.foreground:
             return mount_foreground(options, args.ready_fd)
         # Into the daemon's log: prepare() may clean up a dead mount, and says so.

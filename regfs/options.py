@@ -37,6 +37,7 @@ class MountOptions:
     ca_file: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    password_file: str | None = None  # read by the command, never passed on to the daemon
     timeout: float | None = None  # seconds per connect/read/write; None: the client's 30 s
     s3_endpoint: str | None = None  # s3:// sources: an S3-compatible server instead of AWS
     # The byte bound of the on-disk cache of layer indexes (the rootfs/ view).
@@ -119,6 +120,7 @@ _VALUES: dict[str, tuple[str, Callable[[str], object]]] = {
     "log": ("log_file", str),
     "ca_file": ("ca_file", str),
     "username": ("username", str),
+    "password_file": ("password_file", str),
     "timeout": ("timeout", _seconds),
     "s3_endpoint": ("s3_endpoint", endpoint_url),
     "index_cache_size": ("index_cache_size", byte_size),
@@ -160,7 +162,7 @@ def apply_o_options(options: MountOptions, text: str) -> None:
                 raise ValueError(f"-o {key}: {exc}") from None
             except ValueError:
                 raise ValueError(f"-o {key}: bad value {value!r}") from None
-        elif key not in _IGNORED:
+        elif key not in _IGNORED and not key.startswith("x-"):  # x-systemd.*: for others
             known = sorted([*_FLAGS, *(f"{k}=…" for k in _VALUES)])
             raise ValueError(f"unknown mount option {item!r} (known: {', '.join(known)})")
 

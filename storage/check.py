@@ -15,16 +15,17 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from .blobs import read_link
 from .digests import Digest, Sha256State
 from .drivers import PathNotFound, StorageDriver
 from .drivers.base import join
 from .errors import CorruptEntry, InvalidName, UnknownUpload
-from .hashing import hash_range
+from .hashing import HASH_CHUNK, hash_range
 from .paths import (
     ROOT,
+    BlobData,
     BlobsDir,
     LayerLink,
     RevisionLink,
@@ -62,20 +63,47 @@ class Finding:
         return f"{self.severity.name.lower()}: {self.kind}: {self.path}: {self.detail}"
 
 
+class Progress(Protocol):
+    """How far long work has got, for a progress bar on a terminal: a stage of `total`
+    units ("repositories", "B"), then `advance` as each piece is done."""
+
+    def begin(self, what: str, total: int, unit: str) -> None: ...
+
+    def advance(self, amount: int) -> None: ...
+
+
+class NoProgress:
+    def begin(self, what: str, total: int, unit: str) -> None:
+        pass
+
+    def advance(self, amount: int) -> None:
+        pass
+
+
 class Checker:
-    def __init__(self, driver: StorageDriver, verify: bool, upload_age: timedelta) -> None:
+    def __init__(
+        self,
+        driver: StorageDriver,
+        verify: bool,
+        upload_age: timedelta,
+        progress: Progress | None = None,
+    ) -> None:
         self.driver = driver
         self.registry = Registry(driver)
         self.verify = verify
         self.upload_age = upload_age
+        self.progress = progress or NoProgress()
         self.referenced: set[Digest] = set()
 
     async def run(self) -> AsyncIterator[Finding]:
         blobs = {d async for d in self._blobs()}
         catalog = self.registry.catalog
-        for name in await catalog.names_holding("_layers", "_manifests", "_uploads"):
+        names = await catalog.names_holding("_layers", "_manifests", "_uploads")
+        self.progress.begin("checking repositories", len(names), "repositories")
+        for name in names:
             async for finding in self._repository(name, blobs):
                 yield finding
+            self.progress.advance(1)
         for digest in sorted(blobs - self.referenced):
             yield Finding(
                 Severity.MAINTENANCE,
@@ -84,6 +112,8 @@ class Checker:
                 "no repository links it (garbage collection removes it)",
             )
         if self.verify:
+            sizes = [await self._size(digest) for digest in sorted(blobs)]
+            self.progress.begin("hashing blobs", sum(sizes), "B")
             for digest in sorted(blobs):
                 actual = await self._hash(digest)
                 if actual != digest:
@@ -248,21 +278,36 @@ class Checker:
                     f"started {started:%Y-%m-%d %H:%M:%S}Z",
                 )
 
+    async def _size(self, digest: Digest) -> int:
+        try:
+            return (await self.driver.stat(path_for(BlobData(digest)))).size
+        except (PathNotFound, CorruptEntry):  # reported by the hash that follows
+            return 0
+
     async def _hash(self, digest: Digest) -> Digest:
         reader = await self.registry.blobs.open(digest)
         state = Sha256State()
         try:
-            await hash_range(reader, state, reader.size)
+            # A chunk at a time, to show progress within a big blob; a short read ends it.
+            while state.size < reader.size:
+                done = state.size
+                await hash_range(reader, state, min(reader.size, done + HASH_CHUNK))
+                self.progress.advance(state.size - done)
+                if state.size < min(reader.size, done + HASH_CHUNK):
+                    break
         finally:
             await reader.aclose()
         return state.digest()
 
 
 async def check(
-    driver: StorageDriver, verify: bool = False, upload_age: timedelta = UPLOAD_PURGE_AGE
+    driver: StorageDriver,
+    verify: bool = False,
+    upload_age: timedelta = UPLOAD_PURGE_AGE,
+    progress: Progress | None = None,
 ) -> list[Finding]:
     """Every finding about the root; it changes nothing."""
-    return [f async for f in Checker(driver, verify, upload_age).run()]
+    return [f async for f in Checker(driver, verify, upload_age, progress).run()]
 
 
 async def _upload_dirs(driver: StorageDriver, name: str) -> list[str]:
@@ -312,7 +357,10 @@ class PurgedUpload:
 
 
 async def purge_uploads(
-    driver: StorageDriver, older_than: timedelta, dry_run: bool = False
+    driver: StorageDriver,
+    older_than: timedelta,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> list[PurgedUpload]:
     """Delete uploads started longer ago than older_than, as the registry's purger does.
 
@@ -322,18 +370,25 @@ async def purge_uploads(
     registry = Registry(driver)
     cutoff = datetime.now(UTC) - older_than
     purged = []
-    for name in await registry.catalog.names_holding("_uploads"):
-        for uuid in await _upload_dirs(driver, name):
-            try:
-                started = await read_started_at(driver, name, uuid)
-            except (UnknownUpload, CorruptEntry):
-                if await _holds_data(driver, name, uuid):
-                    continue
-                started = datetime.min.replace(tzinfo=UTC)
-            if started < cutoff:
-                label = await registry.repository(name).layers.label(uuid)
-                if not dry_run:
-                    await driver.delete(path_for(UploadDir(name, uuid)))
-                    log.info("purge: deleted upload %s of %s (started %s)", uuid, name, started)
-                purged.append(PurgedUpload(name, uuid, started, label))
+    uploads = [
+        (name, uuid)
+        for name in await registry.catalog.names_holding("_uploads")
+        for uuid in await _upload_dirs(driver, name)
+    ]
+    progress = progress or NoProgress()
+    progress.begin("reading uploads", len(uploads), "uploads")
+    for name, uuid in uploads:
+        progress.advance(1)
+        try:
+            started = await read_started_at(driver, name, uuid)
+        except (UnknownUpload, CorruptEntry):
+            if await _holds_data(driver, name, uuid):
+                continue
+            started = datetime.min.replace(tzinfo=UTC)
+        if started < cutoff:
+            label = await registry.repository(name).layers.label(uuid)
+            if not dry_run:
+                await driver.delete(path_for(UploadDir(name, uuid)))
+                log.info("purge: deleted upload %s of %s (started %s)", uuid, name, started)
+            purged.append(PurgedUpload(name, uuid, started, label))
     return purged

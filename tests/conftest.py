@@ -80,6 +80,20 @@ def mount(tmp_path) -> Iterator[Callable[..., Mount]]:
 
 
 @pytest.fixture
+def tracked() -> Iterator[Callable[..., Mount]]:
+    """track(mountpoint, log) → a Mount that is stopped (and its log checked) at teardown:
+    for mounts made by other command lines (no source, --foreground, mount(8), fstab)."""
+    with ExitStack() as stack:
+
+        def track(mountpoint: Path, log: Path, allow_tracebacks: bool = False) -> Mount:
+            m = Mount("", Path(mountpoint), Path(log), [], allow_tracebacks)
+            stack.push(m)  # its __exit__: unmount whatever state it is in, check the log
+            return m
+
+        yield track
+
+
+@pytest.fixture
 def other_user() -> OtherUser:
     """A second, unprivileged local user (made once when missing): tests/support/users.py."""
     return other_user_env()

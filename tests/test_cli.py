@@ -1,7 +1,7 @@
 """The `regfs` command line, run as users run it: mount, umount, signals, options, help.
 
 Mounts made with odd command lines (no source, --foreground, over a dead mount) are
-registered with `tracked`, which unmounts them at teardown like the `mount` fixture does.
+registered with `tracked` (conftest.py), which unmounts them at teardown like `mount` does.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,21 +29,6 @@ from regfs.options import DEFAULT_INDEX_CACHE_SIZE, MountOptions
 from regfs.readahead import bdi_setting
 
 pytestmark = pytest.mark.mount
-
-Track = Callable[..., Mount]
-
-
-@pytest.fixture
-def tracked() -> Iterator[Track]:
-    """track(mountpoint, log) → a Mount that is stopped (and its log checked) at teardown."""
-    with ExitStack() as stack:
-
-        def track(mountpoint: Path, log: Path, allow_tracebacks: bool = False) -> Mount:
-            m = Mount("", Path(mountpoint), Path(log), [], allow_tracebacks)
-            stack.push(m)  # its __exit__: unmount whatever state it is in, check the log
-            return m
-
-        yield track
 
 
 def mount_lines(mountpoint: Path) -> list[str]:
