@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import platformdirs
@@ -14,7 +14,6 @@ import trio
 
 from storage.api import RegistrySource
 from storage.drivers import FilesystemDriver, StorageDriver, open_driver
-from storage.drivers.s3 import S3Driver, s3_client
 from storage.registry import Registry
 from storage.remote.client import RemoteClient
 from storage.remote.credentials import Credentials
@@ -22,6 +21,9 @@ from storage.remote.registry import RemoteRegistry
 
 from .mountpoint import MountError
 from .options import MountOptions
+
+if TYPE_CHECKING:
+    from storage.drivers.s3 import S3Driver
 
 SUPPORTED = (
     "a storage root directory, 'inmemory:', https://HOST[:PORT] (http:// too), "
@@ -124,6 +126,9 @@ def open_s3(source: str, endpoint: str | None) -> S3Driver:
     """`s3://BUCKET/PREFIX` → the S3 driver (nothing is contacted yet). PREFIX is the
     registry's `rootdirectory`; credentials and region come from the standard AWS chain, the
     endpoint from s3_endpoint or, without it, from that chain (AWS_ENDPOINT_URL)."""
+    # Imported here: boto3 adds a quarter of a second to every regfs command otherwise.
+    from storage.drivers.s3 import S3Driver, s3_client
+
     parts = urlsplit(source)
     prefix = parts.path.rstrip("/")
     if parts.query or parts.fragment or "@" in parts.netloc or not _BUCKET.fullmatch(parts.netloc):
@@ -167,11 +172,12 @@ def open_registry(options: MountOptions) -> RegistrySource:
 def check_source(options: MountOptions) -> None:
     """Fail early and clearly: a root that cannot be made, a registry that does not answer
     its ping (GET /v2/, authenticating as needed), a bucket that is not there or not ours."""
+    if is_s3(options.source):
+        open_s3(options.source, options.s3_endpoint).check_bucket()
+        return
     registry = open_registry(options)
     if isinstance(registry, RemoteRegistry):
         trio.run(_ping, registry)
-    elif isinstance(registry, Registry) and isinstance(registry.driver, S3Driver):
-        registry.driver.check_bucket()
 
 
 async def _ping(registry: RemoteRegistry) -> None:
