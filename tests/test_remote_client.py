@@ -20,6 +20,7 @@ import trio
 from support import registry as registry_harness
 from support.credentials import credential_helper
 from support.fault_server import Fault, FaultServer
+from support.oci import image_manifest
 from support.registry import (
     OCI_MANIFEST,
     RegistryServer,
@@ -122,26 +123,9 @@ async def push_blob(client: RemoteClient, name: str, data: bytes, relative: bool
 async def push_image(client: RemoteClient, name: str, tag: str, layer: bytes) -> tuple[bytes, str]:
     """A minimal OCI image (config + one layer) under `tag`: (manifest bytes, digest)."""
     config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
-    config_digest = await push_blob(client, name, config)
-    layer_digest = await push_blob(client, name, layer, relative=True)
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config_digest,
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer_digest,
-                    "size": len(layer),
-                }
-            ],
-        }
-    ).encode()
+    await push_blob(client, name, config)
+    await push_blob(client, name, layer, relative=True)
+    manifest = image_manifest(config, [layer])
     await client.request(
         "PUT",
         f"/v2/{name}/manifests/{tag}",

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from support.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
+from support.oci import image_manifest
+from support.registry import OCI_INDEX, OCI_MANIFEST
 from support.tools import MIB
 
 from storage.digests import EMPTY_DIGEST, Digest, digest_bytes
@@ -68,13 +69,7 @@ async def push_image(repo: Repository, seed: int = 0) -> tuple[bytes, list[Diges
     config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
     layer = blob(1000, seed)
     blobs = [await push(repo, config), await push(repo, layer)]
-    body = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": str(blobs[0]), "size": len(config)},
-        "layers": [{"mediaType": LAYER_TYPE, "digest": str(blobs[1]), "size": len(layer)}],
-    }
-    return json.dumps(body).encode(), blobs
+    return image_manifest(config, [layer], layer_type=LAYER_TYPE), blobs
 
 
 async def repo_with_tag(repo: Repository) -> Digest:

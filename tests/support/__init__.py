@@ -10,7 +10,8 @@
 - `mounts`: a real `regfs mount` (`Mount`, `wait_until`, `parse_getfattr`).
 - `registry`: the real docker-registry (`RegistryServer`, `RegistryClient`, its paths,
   tokens and media types).
-- `oci`: OCI layouts built by umoci and copied by skopeo.
+- `oci`: OCI layouts built by umoci and copied by skopeo; `image_manifest` for blobs pushed
+  by hand.
 - `loopback`, `fault_server`, `token_server`: HTTP servers on 127.0.0.1 in threads.
 - `users`: a second, unprivileged local user.
 """

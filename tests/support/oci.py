@@ -1,7 +1,8 @@
 """Build real OCI images offline (umoci) and move them to and from a registry (skopeo).
 
 Gives tests genuine images (several gzip layers, a config, an OCI manifest) whose digests
-can be compared on both sides of a push or pull, without any network beyond 127.0.0.1.
+can be compared on both sides of a push or pull, without any network beyond 127.0.0.1;
+and `image_manifest`, the manifest of blobs a test pushes by hand.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from support.registry import OCI_CONFIG, OCI_MANIFEST
+
 log = logging.getLogger(__name__)
 
 REF_NAME = "org.opencontainers.image.ref.name"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 
 
 class CommandError(RuntimeError):
@@ -107,6 +111,22 @@ def read_oci_layout(layout_dir: Path, tag: str) -> OciImage:
 
 
 # --------------------------------------------------------------------------- building images
+
+
+def image_manifest(config: bytes, layers: Sequence[bytes], layer_type: str = LAYER_TAR) -> bytes:
+    """The bytes of an OCI image manifest naming `config` and `layers` by digest and size,
+    for tests that push the blobs themselves (through storage/, the client or HTTP)."""
+
+    def descriptor(media_type: str, data: bytes) -> dict[str, object]:
+        return {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data)}
+
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, config),
+        "layers": [descriptor(layer_type, layer) for layer in layers],
+    }
+    return json.dumps(body).encode()
 
 
 def _rootless() -> list[str]:

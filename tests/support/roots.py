@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
-from support.registry import OCI_MANIFEST
+from support.oci import image_manifest
 
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
 
@@ -37,18 +36,7 @@ async def build_root(
     """A repository with a config, one big random layer, a manifest and one tag."""
     blobs = [config, os.urandom(size)]
     config_digest, layer = await link_blobs(root, name, blobs)
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config_digest,
-                "size": len(config),
-            },
-            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": size}],
-        }
-    ).encode()
+    manifest = image_manifest(config, blobs[1:], layer_type="application/octet-stream")
     repo = Registry(FilesystemDriver(root)).repository(name)
     digest = await repo.manifests.put(manifest)
     await repo.tags.put(tag, digest)
