@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="regfs", description="A Linux filesystem view of a container registry."
     )
     parser.add_argument("--version", action="version", version=f"regfs {version('regfs')}")
-    shtab.add_argument_to(parser, "--print-completion", help="print a bash completion script")
+    shtab.add_argument_to(
+        parser, "--print-completion", help="print a completion script for that shell"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount = commands.add_parser(

@@ -33,7 +33,7 @@ from support.registry import (
 from support.roots import build_root, link_blobs
 from support.tools import C_LOCALE, errno_of, ls, sh
 
-from regfs.cli import build_parser
+from regfs.cli import build_parser, main
 from regfs.manpage import subcommands
 from storage.drivers import FilesystemDriver
 from storage.paths import UploadStartedAt, path_for
@@ -175,31 +175,24 @@ async def test_fstab_lines_for_a_root_and_a_remote_registry(root, tmp_path, trac
     ],
     ids=["world-readable", "group-readable", "other-owner", "fifo", "missing", "empty"],
 )
-def test_a_password_file_open_to_others_is_refused(tmp_path, make, words):
-    """Nothing is contacted and nothing mounted; the message names the file and the fix."""
+def test_a_password_file_open_to_others_is_refused(tmp_path, capsys, make, words):
+    """Nothing is contacted and nothing mounted; the message names the file and the fix.
+    (In-process: the refusal comes before anything a daemon would do.)"""
     make(tmp_path / "pw")
     (tmp_path / "mnt").mkdir()
-    result = regfs(
-        "mount",
-        "-o",
-        f"username={USER},password_file={tmp_path / 'pw'}",
-        "http://127.0.0.1:9",
-        str(tmp_path / "mnt"),
-        timeout=20,
-    )
-    assert result.returncode == 2, result.stderr
-    assert f"password file {tmp_path / 'pw'}" in result.stderr and words in result.stderr
-    assert PASSWORD not in result.stderr and not is_mounted(tmp_path / "mnt")
+    login = f"username={USER},password_file={tmp_path / 'pw'}"
+    assert main(["mount", "-o", login, "http://127.0.0.1:9", str(tmp_path / "mnt")]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"regfs: mount failed: password file {tmp_path / 'pw'}"), said
+    assert words in said and PASSWORD not in said and not is_mounted(tmp_path / "mnt")
 
 
-def test_a_password_file_needs_a_user_name(tmp_path):
+def test_a_password_file_needs_a_user_name(tmp_path, capsys):
     private_file(tmp_path / "pw", PASSWORD)
-    (tmp_path / "mnt").mkdir()
-    result = regfs(
-        "mount", "--password-file", str(tmp_path / "pw"), "http://127.0.0.1:9", str(tmp_path)
-    )
-    assert result.returncode == 2
-    assert "a password file needs a user name: username=USER or --username" in result.stderr
+    argv = ["mount", "--password-file", str(tmp_path / "pw"), "http://127.0.0.1:9", "/mnt"]
+    assert main(argv) == 2
+    said = capsys.readouterr().err
+    assert "a password file needs a user name: username=USER or --username" in said
 
 
 @pytest.mark.parametrize(
@@ -208,8 +201,6 @@ def test_a_password_file_needs_a_user_name(tmp_path):
         "bogus",
         "ro,uid=someone",
         "index_cache_size=lots",
-        "s3_endpoint=minio:9000",
-        "tag_ttl",
         f"username={USER},password_file=/nonexistent/pw",
     ],
 )
