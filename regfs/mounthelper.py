@@ -38,7 +38,8 @@ def helper_parser() -> argparse.ArgumentParser:
 
 def is_fuse_call(argv: list[str], commands: frozenset[str]) -> bool:
     """fuse3's mount.fuse runs `regfs SOURCE MOUNTPOINT -o OPTIONS`, exactly that shape."""
-    return len(argv) == 4 and argv[2] == "-o" and argv[0] not in commands
+    shape = len(argv) == 4 and argv[2] == "-o"
+    return shape and argv[0] not in commands and not argv[0].startswith("-")
 
 
 def mount_arguments(argv: list[str]) -> list[str]:

@@ -107,17 +107,25 @@ async def test_mount_t_regfs_then_umount(root, tmp_path, tracked, fstype):
     assert "unmounted" in log.read_text()
 
 
-async def test_fuse3_mount_fuse_runs_regfs_found_on_path(root, tmp_path, tracked):
+@pytest.mark.parametrize("path", ["venv", "unset"])
+async def test_fuse3_mount_fuse_runs_regfs_found_on_path(root, tmp_path, tracked, path):
     """Without the helper links, mount(8) runs fuse3's mount.fuse, which runs
-    `regfs SOURCE MOUNTPOINT -o OPTIONS` (adding dev,suid): regfs takes that form."""
+    `regfs SOURCE MOUNTPOINT -o OPTIONS` (adding dev,suid): regfs takes that form. mount(8)
+    leaves PATH unset, and /bin/sh's default PATH has /usr/local/bin, where a package
+    installed as root puts regfs (here `make install`'s link)."""
     if not MOUNT_FUSE3.exists() or os.geteuid() != 0:
         pytest.skip(f"needs {MOUNT_FUSE3} (fuse3) and root")
+    env = {**C_LOCALE, "PATH": f"{VENV_BIN}:/usr/bin:/bin"}
+    if path == "unset":
+        if Path("/usr/local/bin/regfs").resolve() != Path(REGFS).resolve():
+            pytest.skip("/usr/local/bin/regfs is not this checkout's: `make install` links it")
+        env = {}
     mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
     mnt.mkdir()
     tracked(mnt, log)
     result = subprocess.run(
         [MOUNT_FUSE3, root, mnt, "-t", "fuse.regfs", "-o", f"ro,log={log}"],
-        env={**C_LOCALE, "PATH": f"{VENV_BIN}:/usr/bin:/bin"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
