@@ -320,7 +320,7 @@ async def test_the_loop_keeps_running_during_a_pass(registry, cache):
         await Indexer(cache).index(layer.ref)
         nursery.cancel_scope.cancel()
     assert len(lags) > 20
-    assert max(lags) < 0.25, sorted(lags)[-5:]
+    assert max(lags) < 0.5, sorted(lags)[-5:]  # a GIL held for the whole pass took seconds
 
 
 # -- the cache -------------------------------------------------------------------------

@@ -113,6 +113,15 @@ class BlobFile(PieceFile):
         start = position - position % self._window
         return self._fetch(start), start
 
+    def window_at(self, offset: int) -> bytes:
+        """The bytes from `offset` to the end of their window (b"" at the end of the blob),
+        leaving the position alone: a second reader in the same thread, a little ahead."""
+        found = self._piece(offset)
+        if found is None:
+            return b""
+        data, start = found
+        return data[offset - start :]
+
     def _fetch(self, start: int) -> bytes:
         data = self._cache.get(start)
         if data is not None:

@@ -39,19 +39,21 @@ import zstandard
 from ..digests import SHA256, Digest
 from .errors import UnsafeCacheDir
 from .index import Format, LayerIndex
-from .members import Kind, Member, normalise
+from .members import Kind, Member
+from .tarscan import normal_name
 from .zstdframes import Frame
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 _FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
 DEFAULT_MAX_BYTES = 2 << 30
 _NAME = re.compile(r"([0-9a-f]{64})\.(idx|zst)")
 _TEMP = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]+\.tmp")
 _STALE_TEMP = 24 * 3600  # a temporary file this old belongs to a build that died
-_MAX_LINE = 64 << 20  # a member line holds at most a few headers' worth (tarscan.Limits)
+_MAX_LINE = 1 << 30  # a line of members: their names are bounded by tarscan.Limits.names
 _LEVEL = 3
+_BATCH = 4096  # members per line: few JSON calls, and no line of the whole table
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -263,26 +265,30 @@ def _encode(index: LayerIndex, file: BinaryIO) -> None:
         }
         out.write(_FORMAT_LINE)
         out.write(_line(meta))
-        for m in index.members:
-            xattrs = [[name, base64.b64encode(value).decode()] for name, value in m.xattrs]
-            row = [
-                m.path,
-                m.kind.value,
-                m.mode,
-                m.uid,
-                m.gid,
-                m.mtime_ns,
-                m.size,
-                m.offset,
-                m.linkname,
-                m.devmajor,
-                m.devminor,
-                xattrs,
-            ]
-            out.write(_line(row))
-        for f in index.frames:
-            out.write(_line([f.uoffset, f.usize, f.coffset, f.csize, f.in_copy]))
+        for first in range(0, len(index.members), _BATCH):
+            out.write(_line([_row(m) for m in index.members[first : first + _BATCH]]))
+        out.write(
+            _line([[f.uoffset, f.usize, f.coffset, f.csize, f.in_copy] for f in index.frames])
+        )
         out.write(index.gzip_index)
+
+
+def _row(m: Member) -> list[object]:
+    xattrs = [[name, base64.b64encode(value).decode()] for name, value in m.xattrs]
+    return [
+        m.path,
+        m.kind.value,
+        m.mode,
+        m.uid,
+        m.gid,
+        m.mtime_ns,
+        m.size,
+        m.offset,
+        m.linkname,
+        m.devmajor,
+        m.devminor,
+        xattrs,
+    ]
 
 
 def _line(value: object) -> bytes:
@@ -305,8 +311,13 @@ def _decode(file: BinaryIO, digest: Digest) -> LayerIndex:
         raise CorruptIndex("the index of another layer")
     fmt = Format(meta["format"])
     size = _count(meta["size"])
-    members = [_member(line(), size) for _ in range(_count(meta["members"]))]
-    frames = [_frame(line()) for _ in range(_count(meta["frames"]))]
+    members: list[Member] = []
+    count = _count(meta["members"])
+    while len(members) < count:
+        members.extend(_member(row, size) for row in line())
+    frames = [_frame(row) for row in line()]
+    if len(members) != count or len(frames) != meta["frames"]:
+        raise CorruptIndex("another number of members or frames than it says")
     gzip_index = reader.read(_count(meta["gzip_index"]))
     if len(gzip_index) != meta["gzip_index"] or reader.read(1):
         raise CorruptIndex("its seek points do not end where they should")
@@ -325,14 +336,17 @@ def _count(value: object) -> int:
 def _member(row: Any, size: int) -> Member:
     path, kind, mode, uid, gid, mtime_ns, length, offset, linkname, major, minor, xattrs = row
     kind = Kind(kind)
-    for value in (mode, uid, gid, length, offset, major, minor):
-        _count(value)
-    if type(mtime_ns) is not int or not isinstance(path, str) or not isinstance(linkname, str):
+    if not (
+        type(mode) is type(uid) is type(gid) is type(length) is type(offset) is int
+        and type(major) is type(minor) is type(mtime_ns) is int
+        and min(mode, uid, gid, length, offset, major, minor) >= 0
+        and type(path) is type(linkname) is str
+    ):
         raise CorruptIndex(f"a malformed member {row!r:.200}")
     if kind is Kind.FILE and offset + length > size:
         raise CorruptIndex(f"member {path!r} beyond the end of the layer")
     return Member(
-        path=normalise(path),
+        path=normal_name(path),
         kind=kind,
         mode=mode & 0o7777,
         uid=uid,
@@ -340,10 +354,12 @@ def _member(row: Any, size: int) -> Member:
         mtime_ns=mtime_ns,
         size=length,
         offset=offset,
-        linkname=normalise(linkname) if kind is Kind.HARDLINK else linkname,
+        linkname=normal_name(linkname) if kind is Kind.HARDLINK else linkname,
         devmajor=major,
         devminor=minor,
-        xattrs=tuple((str(name), base64.b64decode(value, validate=True)) for name, value in xattrs),
+        xattrs=tuple((str(name), base64.b64decode(value, validate=True)) for name, value in xattrs)
+        if xattrs
+        else (),
     )
 
 

@@ -238,6 +238,7 @@ class Indexer:
             layer.digest,
             layer.size,
             trio.lowlevel.current_trio_token(),
+            windows=gzipseek.PASS_WINDOWS if fmt is Format.GZIP else 8,
             on_read=progress.update,
             stop=stop,
         )
