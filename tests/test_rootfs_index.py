@@ -8,6 +8,7 @@ the source contract, counting every blob byte read.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
 import tarfile
@@ -182,6 +183,28 @@ async def test_member_table_and_file_bytes(registry, cache, files, how):
     # the pass read the blob about once (gzip's second look is served from recent windows)
     assert layer.counter.bytes <= layer.ref.size * 1.05 + MIB
     await check_files(files, layer, index, random.Random(how))
+
+
+def gzip_members(raw: bytes) -> bytes:
+    """The tar in three gzip members, split mid-header and mid-data (as `cat a.gz b.gz`)."""
+    cuts = [0, 700, len(raw) // 2, len(raw)]
+    return b"".join(compress(raw[a:b], "gzip") for a, b in itertools.pairwise(cuts))
+
+
+GZIP_FORMS = {
+    "members": gzip_members,
+    "zeros after": lambda raw: compress(raw, "gzip") + bytes(4096),
+    "garbage after": lambda raw: compress(raw, "gzip") + b"not gzip, ignored as gzip(1) does",
+}
+
+
+@pytest.mark.parametrize("form", GZIP_FORMS)
+async def test_gzip_forms_that_gzip_accepts(registry, cache, files, form):
+    raw = every_kind_tar(big=0)
+    layer = await store(registry, raw, "gzip", blob=GZIP_FORMS[form](raw))
+    index = await Indexer(cache).index(layer.ref)
+    assert index_view(index) == tarfile_view(raw)
+    await check_files(files, layer, index, random.Random(form))
 
 
 async def test_names_and_attributes_as_stored(registry, cache):
@@ -467,6 +490,7 @@ BAD = {
     "corrupt zstd": ("zstd", _flip(compress(_good(), "zstd"), 0.5), BadLayer),
     "truncated zstd": ("zstd", compress(_good(), "zstd")[:-30], CorruptLayer),
     "truncated tar": ("tar", _good()[:3000], CorruptLayer),
+    "gzip cut after a member": ("gzip", gzip_members(_good())[:-30], CorruptLayer),
     "bad header mid-tar": ("tar", _bad_header(), CorruptLayer),
     "too many members": ("tar", many_members_tar(1001), LayerTooLarge),
     "huge PAX header": (

@@ -89,17 +89,17 @@ class GzipPass:
             except zlib.error as exc:
                 raise CorruptLayer(self._layer, f"gzip at offset {offset}: {exc}") from None
             pending = decompressor.unconsumed_tail
-            if decompressor.eof:
-                pending = decompressor.unused_data
-                if not pending.startswith(MAGIC[: len(pending)]):
-                    break  # not another member: trailing bytes
-                decompressor, fed = zlib.decompressobj(zlib.MAX_WBITS | 16), False
             if out:
                 produced += len(out)
                 yield out
                 if produced - stepped >= STEP:
                     self._seek(produced)
                     stepped = produced
+            if decompressor.eof:
+                pending = decompressor.unused_data
+                if not pending.startswith(MAGIC[: len(pending)]):
+                    break  # not another member: trailing bytes
+                decompressor, fed = zlib.decompressobj(zlib.MAX_WBITS | 16), False
         if fed and not decompressor.eof:
             raise CorruptLayer(self._layer, f"gzip data cut short at offset {offset}")
         self._seek(produced)
