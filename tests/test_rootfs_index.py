@@ -207,6 +207,20 @@ async def test_gzip_forms_that_gzip_accepts(registry, cache, files, form):
     await check_files(files, layer, index, random.Random(form))
 
 
+async def test_zstd_of_tiny_and_skippable_frames(registry, cache, files):
+    """Frames of 200 bytes (smaller than a tar header: the parser gets them joined) and
+    skippable frames (zstd:chunked puts its manifest in one) between them."""
+    raw = every_kind_tar(big=0)
+    skippable = (0x184D2A5A).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"skip!"
+    frames = [compress(raw[i : i + 200], "zstd") for i in range(0, len(raw), 200)]
+    middle = len(frames) // 2
+    blob = b"".join([skippable, *frames[:middle], skippable, *frames[middle:], skippable])
+    layer = await store(registry, raw, "zstd", blob=blob)
+    index = await Indexer(cache).index(layer.ref)
+    assert index_view(index) == tarfile_view(raw) and not index.reframed
+    await check_files(files, layer, index, random.Random(5))
+
+
 async def test_names_and_attributes_as_stored(registry, cache):
     layer = await store(registry, every_kind_tar(big=0), "gzip")
     members = {m.path: m for m in (await Indexer(cache).index(layer.ref)).members}

@@ -161,6 +161,7 @@ class BlobFile(PieceFile):
         if self._hash is None:
             return False
         while self._hashed < self.size and self._hash is not None:
+            self._cache.pop(self._hashed, None)  # never cached unhashed; made sure of here
             self._fetch(self._hashed)
         if self._hash is None:
             return False

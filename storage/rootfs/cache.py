@@ -151,7 +151,10 @@ class IndexCache:
             log.error("index of layer %s not kept in %s: %s", index.digest, self.directory, exc)
             self._unlink(temp)
             return
-        self.evict(keep=index.digest.hex)
+        try:
+            self.evict(keep=index.digest.hex)
+        except OSError as exc:
+            log.error("index cache %s: eviction failed: %s", self.directory, exc)
 
     def new_copy(self, digest: Digest) -> PendingCopy:
         return PendingCopy(self, digest)

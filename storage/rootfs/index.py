@@ -113,7 +113,7 @@ def detect(head: bytes, media_type: str, layer: Digest) -> Format:
     """The compression, by magic bytes; a media type that says otherwise is only logged."""
     if head.startswith(gzipseek.MAGIC):
         found = Format.GZIP
-    elif head.startswith(zstdframes.MAGIC):
+    elif zstdframes.is_zstd(head[:4]):
         found = Format.ZSTD
     else:
         found = Format.TAR

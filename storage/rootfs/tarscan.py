@@ -38,6 +38,7 @@ _KINDS = {
     tarfile.FIFOTYPE: Kind.FIFO,
 }
 _BLOCK = tarfile.BLOCKSIZE
+_MIN_CHUNK = 64 << 10
 _ID_LIMIT = 1 << 32  # uid, gid and device numbers are 32-bit in the kernel
 _NS_LIMIT = 1 << 63  # mtime_ns must fit a signed 64-bit timespec
 _PLAIN_NAME = re.compile(r"[^/]+(?:/[^/]+)*")  # no empty component, no leading or final /
@@ -81,16 +82,24 @@ class ChunkStream(PieceFile):
         return offset
 
     def _advance(self) -> bool:
-        """Move to the next chunk; False at the end of the stream."""
+        """Move to the next chunk; False at the end of the stream. Small chunks (a zstd
+        block can be a few bytes) are joined, so that the current and the previous chunk
+        always hold the last header, which the end check reads again."""
         if self._ended:
             return False
+        pieces: list[bytes] = []
+        size = 0
         for chunk in self._chunks:
-            if chunk:
-                self._start += len(self._chunk)
-                self._previous, self._chunk = self._chunk, chunk
-                return True
-        self._ended = True
-        return False
+            pieces.append(chunk)
+            size += len(chunk)
+            if size >= _MIN_CHUNK:
+                break
+        if not size:
+            self._ended = True
+            return False
+        self._start += len(self._chunk)
+        self._previous, self._chunk = self._chunk, b"".join(pieces)
+        return True
 
     def read(self, size: int | None = -1) -> bytes:
         # Checked before io allocates the buffer: a header may claim any size.
