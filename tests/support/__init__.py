@@ -12,6 +12,7 @@
   tokens and media types).
 - `oci`: OCI layouts built by umoci and copied by skopeo; `image_manifest` for blobs pushed
   by hand.
+- `layers`: layer blobs built in Python (every tar entry kind; gzip, zstd, plain).
 - `loopback`, `fault_server`, `token_server`: HTTP servers on 127.0.0.1 in threads.
 - `users`: a second, unprivileged local user.
 """
