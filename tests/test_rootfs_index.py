@@ -360,6 +360,27 @@ async def test_the_loop_keeps_running_during_a_pass(registry, cache):
     assert max(lags) < 0.5, sorted(lags)[-5:]  # a GIL held for the whole pass took seconds
 
 
+async def test_a_cancelled_pass_stops_and_leaves_nothing(registry, cache, cache_dir):
+    """An unmount cancels a pass: its thread stops at its next read, its re-framed copy in
+    progress is removed, and the next request indexes the layer from the start."""
+    layer = await store(registry, every_kind_tar(big=5 * MIB), "zstd")
+    indexer = Indexer(cache)
+    with trio.move_on_after(5) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(indexer.index, layer.ref)
+            while not any(p.done for p in indexer.progress.values()):
+                await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+    assert not scope.cancelled_caught and not indexer.progress
+    read_then = layer.counter.bytes
+    with trio.fail_after(10):  # the abandoned thread notices at its next read
+        while cached_files(cache_dir):
+            await trio.sleep(0.01)
+    assert layer.counter.bytes - read_then <= 1 * MIB  # at most the read it was in
+    index = await indexer.index(layer.ref)
+    assert indexer.passes == 2 and index.reframed
+
+
 # -- the cache -------------------------------------------------------------------------
 
 
