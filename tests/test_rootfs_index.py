@@ -1,8 +1,9 @@
 """The layer index (storage/rootfs): member tables, file reads, the on-disk cache, bad layers.
 
 Layers are built in Python (tests/support/layers.py), stored through a real storage root
-(`registry` runs each test on the filesystem and the in-memory driver) and read back through
-the source contract, counting every blob byte read.
+(`registry` runs each test on the filesystem and the in-memory driver; `source` adds the
+real docker-registry over HTTP) and read back through the source contract, counting every
+blob byte read.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ from support.layers import (
 )
 from support.tools import MIB
 
-from storage.api import BlobReader, Buffer
+from storage.api import BlobReader, Buffer, RegistrySource
 from storage.digests import digest_bytes
-from storage.registry import Registry
 from storage.rootfs import cache as cachemod
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.errors import (
@@ -82,12 +82,14 @@ class Stored:
     raw: bytes  # the uncompressed tar
 
 
-async def store(registry: Registry, raw: bytes, how: str, blob: bytes | None = None) -> Stored:
+async def store(
+    registry: RegistrySource, raw: bytes, how: str, blob: bytes | None = None, repo: str = "t/fs"
+) -> Stored:
     """The layer pushed into a repository; its ref counts the bytes read from it."""
     blob = compress(raw, how) if blob is None else blob
-    layers = registry.repository("test/rootfs").layers
+    layers = registry.repository(repo).layers
     upload = await layers.upload()
-    await upload.write(blob)
+    await upload.write_at(0, blob)
     digest = digest_bytes(blob)
     await upload.finish(digest)
     counter = Counter()
@@ -219,6 +221,27 @@ async def test_zstd_of_tiny_and_skippable_frames(registry, cache, files):
     index = await Indexer(cache).index(layer.ref)
     assert index_view(index) == tarfile_view(raw) and not index.reframed
     await check_files(files, layer, index, random.Random(5))
+
+
+@pytest.mark.parametrize("how", ["gzip", "zstd"])
+async def test_every_source(source, cache_dir, how):
+    """Storage roots and a registry over HTTP (one streamed read for the pass, ranges after);
+    a second indexer on the same cache makes no pass."""
+    layer = await store(source.registry, every_kind_tar(big=5 * MIB), how, repo=source.name("fs"))
+    for passes in (1, 0):
+        cache = IndexCache(cache_dir)
+        indexer = Indexer(cache)
+        files = LayerFiles(cache)
+        try:
+            layer.counter.bytes = 0
+            index = await indexer.index(layer.ref)
+            assert indexer.passes == passes
+            assert layer.counter.bytes <= passes * (layer.ref.size + MIB)  # once, or not at all
+            await check_files(files, layer, index, random.Random(how))
+        finally:
+            await files.aclose()
+            cache.close()
+    assert index_view(index) == tarfile_view(layer.raw)
 
 
 async def test_names_and_attributes_as_stored(registry, cache):
