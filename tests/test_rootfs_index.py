@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import os
 import random
 import tarfile
@@ -34,6 +35,7 @@ from support.tools import MIB
 from storage.api import BlobReader, Buffer, RegistrySource
 from storage.digests import digest_bytes
 from storage.rootfs import cache as cachemod
+from storage.rootfs import index as index_module
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.errors import (
     BadLayer,
@@ -329,7 +331,11 @@ async def test_a_second_indexer_reuses_the_cache_without_a_pass(registry, cache_
     await check_files(files, layer, index, random.Random(2))
 
 
-async def test_concurrent_requests_share_one_pass_and_show_progress(registry, cache):
+async def test_concurrent_requests_share_one_pass_and_show_progress(
+    registry, cache, monkeypatch, caplog
+):
+    monkeypatch.setattr(index_module, "PROGRESS_LOG_EVERY", 0.0)
+    caplog.set_level(logging.INFO, "storage.rootfs")
     layer = await store(registry, every_kind_tar(big=4 * MIB), "gzip")
     indexer = Indexer(cache)
     seen: list[str] = []
@@ -357,6 +363,9 @@ async def test_concurrent_requests_share_one_pass_and_show_progress(registry, ca
     assert not indexer.progress
     assert any("% (" in text and "MB/s" in text for text in seen), seen
     assert str(layer.ref.digest) in seen[-1]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(str(layer.ref.digest) in m and "% (" in m for m in logged)  # a long pass logs
+    assert any(m.startswith(f"indexed layer {layer.ref.digest} (gzip") for m in logged)
 
 
 async def _append(results: list, awaitable) -> None:

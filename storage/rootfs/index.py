@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PLAIN_CHUNK = 1 << 20
+PROGRESS_LOG_EVERY = 10.0  # seconds between log lines of a long pass
 
 
 class Format(enum.Enum):
@@ -88,9 +89,14 @@ class Progress:
     total: int
     done: int = 0
     started: float | None = None  # monotonic; None while waiting for another build
+    logged: float = 0.0  # when the pass last logged how far it is
 
     def update(self, done: int) -> None:
         self.done = done
+        now = time.monotonic()
+        if now - (self.logged or self.started or now) >= PROGRESS_LOG_EVERY:
+            self.logged = now
+            log.info("%s", self.describe())
 
     @property
     def rate(self) -> float:
