@@ -413,6 +413,26 @@ async def test_a_cancelled_pass_stops_and_leaves_nothing(registry, cache, cache_
     assert indexer.passes == 2 and index.reframed
 
 
+async def test_a_waiter_indexes_the_layer_when_the_first_caller_is_cancelled(registry, cache):
+    layer = await store(registry, every_kind_tar(big=4 * MIB), "gzip")
+    indexer = Indexer(cache)
+    results: list[LayerIndex] = []
+
+    async def first(task_status=trio.TASK_STATUS_IGNORED):
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await indexer.index(layer.ref)
+
+    async with trio.open_nursery() as nursery:
+        scope = await nursery.start(first)
+        nursery.start_soon(_append, results, indexer.index(layer.ref))
+        while not any(p.done for p in indexer.progress.values()):
+            await trio.sleep(0.001)
+        scope.cancel()
+    assert len(results) == 1 and indexer.passes == 2
+    assert index_view(results[0]) == tarfile_view(layer.raw)
+
+
 # -- the cache -------------------------------------------------------------------------
 
 

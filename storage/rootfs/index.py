@@ -185,13 +185,13 @@ class Indexer:
 
     async def index(self, layer: LayerRef) -> LayerIndex:
         """The layer's index; BadLayer (logged here) when the layer is not a valid one."""
-        pending = self._builds.get(layer.digest)
-        if pending is not None:
+        while (pending := self._builds.get(layer.digest)) is not None:
             await pending.done.wait()
-            if pending.error is not None:
+            if pending.index is not None:
+                return pending.index
+            if isinstance(pending.error, Exception):
                 raise pending.error
-            assert pending.index is not None
-            return pending.index
+            # the builder was cancelled (its Cancelled is not ours to raise): build it here
         pending = self._builds[layer.digest] = _Build()
         try:
             index = await trio.to_thread.run_sync(self.cache.load, layer.digest)
