@@ -62,6 +62,13 @@ class UploadNode(Node):
 
 
 ROOT = DirNode("")
+REGISTRY_KINDS = (DirNode, SectionNode, TagNode, ManifestNode, LayerNode, UploadNode)
+
+
+@dataclass(frozen=True)
+class FixedNode(Node):
+    """A view's file whose bytes never change (a file inside an image): the kernel may keep
+    its pages across opens, as for layers/ and manifests/."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,13 @@ class Attr:
     size: int
     mtime_ns: int
     immutable: bool = False  # digest-addressed: the kernel may keep it (and its pages) long
+    # A view's own file (an image's file in rootfs/): its st_mode with the file type, owner,
+    # link count and device number. None/0: the mount's mode and owner, 1 or 2 links.
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    nlink: int = 0
+    rdev: int = 0
 
 
 def digest_name(name: str) -> Digest | None:

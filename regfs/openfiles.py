@@ -27,6 +27,7 @@ from .handles import (
 )
 from .nodes import (
     Attr,
+    FixedNode,
     LayerNode,
     ManifestNode,
     Node,
@@ -90,7 +91,7 @@ class OpenFiles:
         # Digest-addressed content never changes: keep its pages across opens. What moves
         # (tags, uploads, a manifest being written) is read directly, so a handle never mixes
         # old pages and new bytes.
-        info.keep_cache = isinstance(node, LayerNode | ManifestNode) and isinstance(
+        info.keep_cache = isinstance(node, LayerNode | ManifestNode | FixedNode) and isinstance(
             handle, ReadHandle
         )
         info.direct_io = not info.keep_cache

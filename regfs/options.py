@@ -44,8 +44,16 @@ class MountOptions:
     index_cache_size: int = DEFAULT_INDEX_CACHE_SIZE
 
     def fuse_options(self) -> set[str]:
-        # default_permissions: the kernel checks modes, as for a local filesystem.
-        opts = {"default_permissions", "subtype=regfs", f"fsname={_fsname(self.source)}"}
+        # default_permissions: the kernel checks modes, as for a local filesystem. nosuid,
+        # nodev: an image's setuid files and device nodes (rootfs/) are shown as the tar has
+        # them, and must never give their powers to whoever runs or opens them.
+        opts = {
+            "default_permissions",
+            "nosuid",
+            "nodev",
+            "subtype=regfs",
+            f"fsname={_fsname(self.source)}",
+        }
         if self.read_only:
             opts.add("ro")
         if self.allow_other:

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
 from .inodes import InodeTable
+from .nodes import REGISTRY_KINDS
 from .tree import Tree
 
 XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
@@ -23,17 +25,19 @@ class Xattrs:
         self.inodes = inodes
 
     async def get(self, inode: int, name: bytes) -> bytes:
-        if not name.startswith(XATTR_PREFIX):
+        node = self.inodes.node(inode)
+        if not name.startswith(XATTR_PREFIX) and isinstance(node, REGISTRY_KINDS):
             # `ls -l` asks every file for security.selinux and ACLs: answer without storage.
+            # A view's files may have any name (an image's files keep their tar xattrs).
             raise FUSEError(pyfuse3.ENOATTR)
-        xattrs = await self.tree.xattrs(self.inodes.node(inode))
+        xattrs = await self.tree.xattrs(node)
         try:
-            return xattrs[name.decode("utf-8", "replace")]
+            return xattrs[os.fsdecode(name)]
         except KeyError:
             raise FUSEError(pyfuse3.ENOATTR) from None
 
     async def names(self, inode: int) -> list[bytes]:
-        return [name.encode() for name in await self.tree.xattrs(self.inodes.node(inode))]
+        return [os.fsencode(name) for name in await self.tree.xattrs(self.inodes.node(inode))]
 
     @staticmethod
     def check_set(name: bytes, read_only: bool) -> None:
