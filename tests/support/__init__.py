@@ -13,6 +13,8 @@
 - `oci`: OCI layouts built by umoci and copied by skopeo; `image_manifest` for blobs pushed
   by hand.
 - `layers`: layer blobs built in Python (every tar entry kind; gzip, zstd, plain).
+- `images`: images of hand-made tar layers (`umoci raw add-layer`) and `Tree` records of a
+  root filesystem, unpacked, merged or mounted, to compare them.
 - `loopback`, `fault_server`, `token_server`: HTTP servers on 127.0.0.1 in threads.
 - `users`: a second, unprivileged local user.
 """

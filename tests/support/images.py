@@ -4,7 +4,8 @@
 `umoci raw add-layer`, so a test can state exactly the members a rule needs: whiteouts, opaque
 directories, hard links across layers, file/directory replacement, PAX xattrs and long names,
 device nodes, empty layers. umoci 0.4.7 writes gzip layers only; plain tar and zstd layers are
-re-encoded here from the gzip ones (`umoci unpack` reads plain tar, not zstd).
+re-encoded here from the gzip ones with `support.layers.compress` (`umoci unpack` reads plain
+tar, not zstd). `members_of_tar` reads a layer's member table with the layer index's own pass.
 
 `tree_of_dir` turns a directory (`umoci unpack`'s rootfs, later a mounted `rootfs/` view) into
 `Tree` records; `tree_of_merge` does the same for a `MergedTree` plus the bytes of its files,
@@ -14,7 +15,6 @@ so one `==` (and `differences` to read a failure) compares any two.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -29,15 +29,15 @@ from pathlib import Path
 
 import zstandard
 
-from storage.rootfs.members import Kind, Member, normalise
+from storage.digests import digest_bytes
+from storage.rootfs.members import Kind, Member
 from storage.rootfs.merge import MergedTree, merge
+from storage.rootfs.tarscan import Limits, scan
 
-from .oci import OciImage, blob_path, read_oci_layout, run, sha256_digest
+from .layers import MEDIA_TYPES, compress
+from .oci import OciImage, blob_path, new_image, read_oci_layout, run
+from .tools import digest_of, sha256_file
 
-LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-LAYER_GZIP = LAYER_TAR + "+gzip"
-LAYER_ZSTD = LAYER_TAR + "+zstd"
-MEDIA_TYPES = {"none": LAYER_TAR, "gzip": LAYER_GZIP, "zstd": LAYER_ZSTD}
 MTIME = 1_700_000_000
 XATTR = "SCHILY.xattr."
 
@@ -101,7 +101,6 @@ _TYPES = {
     Kind.BLOCK: tarfile.BLKTYPE,
     Kind.FIFO: tarfile.FIFOTYPE,
 }
-_KINDS = {**{t: k for k, t in _TYPES.items()}, tarfile.AREGTYPE: Kind.FILE}
 
 
 def layer_tar(entries: Iterable[Entry]) -> bytes:
@@ -131,37 +130,34 @@ def build_layered_image(
     layout_dir: Path, tag: str, layers: Sequence[Sequence[Entry]], compression: str = "gzip"
 ) -> OciImage:
     """`layout_dir:tag` with one layer per entry list, in order, compressed as `compression`
-    ("gzip", "none" or "zstd"); orphaned blobs are collected."""
+    (one of support.layers.COMPRESSIONS); orphaned blobs are collected."""
     layout_dir = Path(layout_dir)
-    image = f"{layout_dir}:{tag}"
-    if not (layout_dir / "oci-layout").exists():
-        run(["umoci", "init", "--layout", str(layout_dir)])
-    run(["umoci", "new", "--image", image])
+    image = new_image(layout_dir, tag)
     with tempfile.TemporaryDirectory(prefix="regfs-layers-") as tmp:
         for number, entries in enumerate(layers):
             tar_path = Path(tmp) / f"layer{number}.tar"
             tar_path.write_bytes(layer_tar(entries))
             run(["umoci", "raw", "add-layer", "--image", image, str(tar_path)])
     if compression != "gzip":
-        _recompress(layout_dir, tag, MEDIA_TYPES[compression])
+        _recompress(layout_dir, tag, compression)
     run(["umoci", "gc", "--layout", str(layout_dir)])
     return read_oci_layout(layout_dir, tag)
 
 
 def _put_blob(layout_dir: Path, data: bytes) -> str:
-    digest = sha256_digest(data)
+    digest = digest_of(data)
     blob_path(layout_dir, digest).write_bytes(data)
     return digest
 
 
-def _recompress(layout_dir: Path, tag: str, media_type: str) -> None:
-    """Re-encode the tag's gzip layers as `media_type`, then its manifest and index entry."""
+def _recompress(layout_dir: Path, tag: str, compression: str) -> None:
+    """Re-encode the tag's gzip layers as `compression`, then its manifest and index entry."""
     built = read_oci_layout(layout_dir, tag)
     manifest = json.loads(built.manifest)
     for layer in manifest["layers"]:
-        tar = gzip.decompress(built.blob(layer["digest"]))
-        data = tar if media_type == LAYER_TAR else zstandard.ZstdCompressor().compress(tar)
-        layer.update(mediaType=media_type, digest=_put_blob(layout_dir, data), size=len(data))
+        data = compress(gzip.decompress(built.blob(layer["digest"])), compression)
+        digest = _put_blob(layout_dir, data)
+        layer.update(mediaType=MEDIA_TYPES[compression], digest=digest, size=len(data))
     body = json.dumps(manifest).encode()
     index_path = layout_dir / "index.json"
     index = json.loads(index_path.read_text())
@@ -177,43 +173,18 @@ def layer_tars(image: OciImage) -> list[bytes]:
     tars = []
     for layer in manifest["layers"]:
         data = image.blob(layer["digest"])
-        if layer["mediaType"] == LAYER_GZIP:
+        if layer["mediaType"].endswith("+gzip"):
             data = gzip.decompress(data)
-        elif layer["mediaType"] == LAYER_ZSTD:
-            data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        elif layer["mediaType"].endswith("+zstd"):
+            reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+            data = reader.read()
         tars.append(data)
     return tars
 
 
 def members_of_tar(data: bytes) -> list[Member]:
-    """The members of one uncompressed layer tar in tar order, read with tarfile (the
-    stand-in for the layer index in tests of the merge alone)."""
-    members = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for info in tar:
-            pax = info.pax_headers
-            kind = _KINDS[info.type]
-            members.append(
-                Member(
-                    path=normalise(info.name),
-                    kind=kind,
-                    mode=info.mode & 0o7777,
-                    uid=info.uid,
-                    gid=info.gid,
-                    mtime_ns=int(Decimal(pax.get("mtime", info.mtime)) * 10**9),
-                    size=info.size if kind is Kind.FILE else 0,
-                    offset=info.offset_data,
-                    linkname=normalise(info.linkname) if kind is Kind.HARDLINK else info.linkname,
-                    devmajor=info.devmajor,
-                    devminor=info.devminor,
-                    xattrs=tuple(
-                        (key[len(XATTR) :], value.encode("utf-8", "surrogateescape"))
-                        for key, value in pax.items()
-                        if key.startswith(XATTR)
-                    ),
-                )
-            )
-    return members
+    """The member table of one uncompressed layer tar, as the layer index's pass reads it."""
+    return scan(iter([data]), digest_bytes(data), Limits()).members
 
 
 # --------------------------------------------------------------------------- umoci unpack
@@ -261,14 +232,6 @@ def _links(inodes: dict[object, list[str]]) -> frozenset[frozenset[str]]:
     return frozenset(frozenset(paths) for paths in inodes.values() if len(paths) > 1)
 
 
-def _sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 def tree_of_dir(root: Path) -> Tree:
     """Walk a directory without following any symlink: unpacked images and mounted views."""
     records: dict[str, Record] = {}
@@ -293,7 +256,7 @@ def tree_of_dir(root: Path) -> Tree:
         common = {"nlink": st.st_nlink, "mtime_ns": st.st_mtime_ns}
         if stat.S_ISREG(st.st_mode):
             records[rel] = replace(
-                base, type="file", size=st.st_size, sha256=_sha256_path(path), **common
+                base, type="file", size=st.st_size, sha256=sha256_file(path), **common
             )
         elif stat.S_ISLNK(st.st_mode):
             target = os.readlink(path)
@@ -327,7 +290,7 @@ def tree_of_merge(tree: MergedTree, read: Callable[[int, Member], bytes]) -> Tre
         common = {"nlink": node.nlink, "mtime_ns": m.mtime_ns}
         if m.kind is Kind.FILE:
             data = read(node.layer, m)
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            digest = digest_of(data)
             records[rel] = replace(base, size=len(data), sha256=digest, **common)
         elif m.kind is Kind.SYMLINK:
             size = len(os.fsencode(m.linkname))

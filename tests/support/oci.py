@@ -155,6 +155,15 @@ def _groups(files: Mapping[str, bytes], layers: int) -> list[dict[str, bytes]]:
     return groups
 
 
+def new_image(layout_dir: Path, tag: str) -> str:
+    """An empty image `layout_dir:tag` (the layout made if needed); returns that reference."""
+    image = f"{layout_dir}:{tag}"
+    if not (layout_dir / "oci-layout").exists():
+        run(["umoci", "init", "--layout", str(layout_dir)])
+    run(["umoci", "new", "--image", image])
+    return image
+
+
 def build_image(
     layout_dir: Path, tag: str, files: Mapping[str, bytes], layers: int = 2
 ) -> OciImage:
@@ -169,10 +178,7 @@ def build_image(
     if layers < 1:
         raise ValueError("an image needs at least one layer")
     layout_dir = Path(layout_dir)
-    image = f"{layout_dir}:{tag}"
-    if not (layout_dir / "oci-layout").exists():
-        run(["umoci", "init", "--layout", str(layout_dir)])
-    run(["umoci", "new", "--image", image])
+    image = new_image(layout_dir, tag)
     with tempfile.TemporaryDirectory(prefix="regfs-umoci-") as tmp:
         bundle = Path(tmp) / "bundle"
         run(["umoci", "unpack", *_rootless(), "--image", image, str(bundle)])
