@@ -82,17 +82,19 @@ class LayerFiles:
         if size == 0:
             return b""
         start = member.offset + offset
-        opened = await self._get(layer, index)
-        async with opened.lock:  # also keeps an eviction from closing it under this read
-            if opened.closed:
-                raise trio.BrokenResourceError(f"layer {layer.digest} was closed")
-            if index.format is Format.TAR:
-                data = bytes(await opened.reader.read_at(start, size))
-            elif index.format is Format.GZIP:
-                gzip = await self._gzip(opened, layer)
-                data = await trio.to_thread.run_sync(gzip.pread, start, size)
-            else:
-                data = await self._zstd(opened, layer, start, size)
+        while True:
+            opened = await self._get(layer, index)
+            async with opened.lock:  # also keeps an eviction from closing it under this read
+                if opened.closed:  # evicted while this read waited: open it again
+                    continue
+                if index.format is Format.TAR:
+                    data = bytes(await opened.reader.read_at(start, size))
+                elif index.format is Format.GZIP:
+                    gzip = await self._gzip(opened, layer)
+                    data = await trio.to_thread.run_sync(gzip.pread, start, size)
+                else:
+                    data = await self._zstd(opened, layer, start, size)
+                break
         if len(data) != size:
             raise CorruptLayer(
                 layer.digest, f"{len(data)} bytes of {member.path!r}, {size} expected"
