@@ -489,8 +489,20 @@ def damage_empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
+def damage_meta(path: Path) -> None:
+    """A well-formed file whose meta line lacks a field and whose member is a number."""
+    import zstandard
+
+    text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read()
+    lines = text.split(b"\n")
+    lines[1] = lines[1].replace(b'"size":', b'"sighs":')
+    lines[2] = b"[7]"
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines)))
+
+
 @pytest.mark.parametrize(
-    "damage", [damage_truncate, damage_flip, damage_version, damage_symlink, damage_empty]
+    "damage",
+    [damage_truncate, damage_flip, damage_version, damage_symlink, damage_empty, damage_meta],
 )
 async def test_a_damaged_index_file_is_rebuilt_not_trusted(registry, cache, cache_dir, damage):
     layer = await store(registry, every_kind_tar(big=0), "gzip")

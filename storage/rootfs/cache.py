@@ -108,9 +108,9 @@ class IndexCache:
                 index = _decode(file, digest)
             if index.reframed:
                 os.close(self._open_own(f"{digest.hex}.zst"))
-        except FileNotFoundError:
-            return None
-        except (CorruptIndex, OSError, ValueError, zstandard.ZstdError) as exc:
+        except Exception as exc:  # whatever a damaged file makes the decoder raise
+            if isinstance(exc, FileNotFoundError):
+                return None
             log.warning(
                 "index of layer %s in %s: %s; indexing it again", digest, self.directory, exc
             )
