@@ -409,6 +409,8 @@ def test_inodes_are_stable_and_listings_sorted_by_bytes():
     assert [name for name, _ in listing] == ["Z", "a", "b", "c", "sub", "é"]
     assert listing == list(again.entries(d))
     assert list(first.entries(d, start=4)) == listing[4:]
+    assert list(first.entries(d, start=-3)) == listing  # never another directory's entries
+    assert list(first.entries(d, start=99)) == [] == list(first.entries(first.resolve("top")))
     assert first.lookup(d, "c") == first.lookup(MergedTree.ROOT, "top")
     assert first.lookup(d, "missing") is None and first.lookup(d, "") is None
     assert first.node(MergedTree.ROOT).member is DEFAULT_DIR

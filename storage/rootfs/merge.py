@@ -173,7 +173,7 @@ class MergedTree:
         (readdir's offset); nothing for a non-directory."""
         i = self._slot(ino)
         first = self._first[i]
-        for at in range(first + start, first + self._count[i]):
+        for at in range(first + max(start, 0), first + self._count[i]):
             yield os.fsdecode(self._name(at)), self._child[at]
 
     def resolve(self, path: str) -> int | None:
