@@ -21,7 +21,17 @@ NEUTRAL = {
     "storage.names",
 }
 # `regfs check` and `purge-uploads` are tools over a storage root, not a registry source.
-TOOLS = {"cli.py": {"storage.check"}}
+# The rootfs/ view uses storage/rootfs, which works on any source's BlobReaders.
+ROOTFS = {
+    "storage.rootfs.cache",
+    "storage.rootfs.errors",
+    "storage.rootfs.image",
+    "storage.rootfs.index",
+    "storage.rootfs.members",
+    "storage.rootfs.merge",
+    "storage.rootfs.reader",
+}
+TOOLS = {"cli.py": {"storage.check"}, "rootfs.py": ROOTFS}
 
 
 def storage_imports(path: Path) -> set[str]:

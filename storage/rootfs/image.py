@@ -40,8 +40,9 @@ ATTESTATION = ("vnd.docker.reference.type", "attestation-manifest")
 _PLATFORM_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}")
 
 
-class NotAnImage(StorageError):
-    """A manifest that has no root filesystem to show (an artifact, malformed, nested index)."""
+class NotAnImage(StorageError, LookupError):
+    """A manifest with no root filesystem to show (an artifact, a malformed manifest): no
+    name in rootfs/ (ENOENT), like a tag that is not there."""
 
 
 @dataclass(frozen=True)

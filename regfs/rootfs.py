@@ -1,0 +1,460 @@
+"""The `rootfs/` view (issue 16): the files inside every tagged image, read-only and lazy.
+
+    <repo>/rootfs/<tag>/...                          the merged root filesystem of the image
+    <repo>/rootfs/sha256:<hex>/...                   the same by manifest digest (not listed)
+    <repo>/rootfs/<tag>/<os>-<arch>[-<variant>]/...  an image index: one image per platform
+
+`storage/rootfs` does the work: `image` reads manifests, `Indexer` indexes each layer once
+(kept in the on-disk `IndexCache`), `merge` applies the layers, `LayerFiles` reads a file's
+bytes. This module maps names to the merged trees' inodes, keeps the trees of the most
+recently used images, and answers a bad image (a layer that is no tar, a wrong digest, a
+merge refusal) with EIO for that image only. See docs/rootfs.md ("The view").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from storage.api import Buffer, RegistrySource, Repository
+from storage.cache import TtlCache
+from storage.digests import Digest
+from storage.errors import CorruptEntry, InvalidName, StorageError
+from storage.names import validate_tag
+from storage.rootfs.cache import IndexCache
+from storage.rootfs.errors import BadLayer, UnsafeCacheDir
+from storage.rootfs.image import Image, NotAnImage, Platforms, load
+from storage.rootfs.index import Indexer, LayerIndex, LayerRef
+from storage.rootfs.members import Kind, Member
+from storage.rootfs.merge import MergedTree, MergeError, merge
+from storage.rootfs.reader import LayerFiles
+
+from .nodes import Attr, FixedNode, Node, NotFound, SectionNode, digest_name
+from .tree import BytesReader
+
+log = logging.getLogger(__name__)
+
+SECTION = "rootfs"
+INDEX_XATTR = "user.regfs.index"
+DIGEST_XATTR = "user.regfs.digest"
+# umoci never sets these from a layer; a tar that carries them must not show them either.
+HIDDEN_XATTRS = frozenset({"security.selinux", "system.nfs4_acl"})
+MAX_IMAGES = 8  # merged trees kept (each refers to its layers' member tables)
+ROOT_WAIT = 0.5  # seconds a stat of an image's root waits for a build already under way
+_TYPES = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.DIR: stat.S_IFDIR,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.CHAR: stat.S_IFCHR,
+    Kind.BLOCK: stat.S_IFBLK,
+    Kind.FIFO: stat.S_IFIFO,
+}
+
+
+@dataclass(frozen=True)
+class PlatformsNode(Node):
+    """`rootfs/<name>/` for an image index: one directory per platform."""
+
+    repo: str
+    via: tuple[str, ...]  # the names below rootfs/ that lead here
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class ImageNode(FixedNode):
+    """Inode `ino` of the merged tree of image manifest `digest`, reached through `via`.
+
+    A directory has one path, so `via` keeps two names of one image (a tag and its digest)
+    apart; below one root, hard links are one node, hence one inode. The root (`ino` 1)
+    names a moving thing (a tag), everything below it fixed bytes.
+    """
+
+    repo: str
+    via: tuple[str, ...]
+    digest: Digest
+    ino: int = MergedTree.ROOT
+
+    @property
+    def is_root(self) -> bool:
+        return self.ino == MergedTree.ROOT
+
+
+class BrokenImage(CorruptEntry):
+    """An image whose layers cannot be indexed or merged: EIO for it, the mount goes on."""
+
+    def __init__(self, repo: str, digest: Digest, why: str) -> None:
+        StorageError.__init__(self, f"image {repo}@{digest}: {why}")
+        self.path = f"{repo}@{digest}"
+
+
+@dataclass(eq=False)
+class _Build:
+    """One image's merged tree: being built, built, or why it cannot be."""
+
+    image: Image
+    done: trio.Event = field(default_factory=trio.Event)
+    indexes: list[LayerIndex] = field(default_factory=list)
+    tree: MergedTree | None = None
+    error: str | None = None
+
+
+class MemberReader:
+    """A file inside an image, as a BlobReader (reads go to `LayerFiles`)."""
+
+    def __init__(
+        self, files: LayerFiles, layer: LayerRef, index: LayerIndex, member: Member, where: str
+    ) -> None:
+        self.files = files
+        self.layer = layer
+        self.index = index
+        self.member = member
+        self.where = where
+
+    async def read_at(self, offset: int, size: int) -> Buffer:
+        try:
+            return await self.files.read(self.layer, self.index, self.member, offset, size)
+        except BadLayer as exc:
+            raise CorruptEntry(self.where, str(exc)) from None
+
+    async def aclose(self) -> None:
+        pass  # the layer stays open in LayerFiles' LRU
+
+
+class RootfsView:
+    """The `rootfs/` section of every repository (regfs/views.py)."""
+
+    node_types: tuple[type[Node], ...] = (PlatformsNode, ImageNode)
+
+    def __init__(
+        self,
+        registry: RegistrySource,
+        cache: IndexCache,
+        tag_ttl: float,
+        max_images: int = MAX_IMAGES,
+        temporary_cache: bool = False,
+    ) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.indexer = Indexer(cache)
+        self.files = LayerFiles(cache)
+        self.max_images = max_images
+        self._temporary_cache = temporary_cache
+        self._tags: TtlCache[tuple[str, str], Digest] = TtlCache(tag_ttl)
+        self._manifests: TtlCache[tuple[str, Digest], Image | Platforms] = TtlCache(tag_ttl)
+        self._builds: OrderedDict[tuple[str, Digest], _Build] = OrderedDict()
+        self._scopes: set[trio.CancelScope] = set()
+        self._running = 0
+        self._idle = trio.Event()
+
+    @classmethod
+    def create(cls, registry: RegistrySource, tag_ttl: float, cache_size: int) -> RootfsView:
+        """The view with the user's index cache, or a private temporary one (logged) when
+        that directory is unsafe: someone else could write what the daemon would show."""
+        try:
+            return cls(registry, IndexCache(max_bytes=cache_size), tag_ttl)
+        except UnsafeCacheDir as exc:
+            temporary = tempfile.mkdtemp(prefix="regfs-index-")
+            log.warning("rootfs: %s; layer indexes last this mount only (%s)", exc, temporary)
+            cache = IndexCache(temporary, max_bytes=cache_size)
+            return cls(registry, cache, tag_ttl, temporary_cache=True)
+
+    async def aclose(self) -> None:
+        """At unmount: stop the builds, close every open layer (native decompressors must be
+        closed before the interpreter exits), then the cache."""
+        for scope in self._scopes:
+            scope.cancel()
+        if self._running:
+            await self._idle.wait()
+        await self.files.aclose()
+        self.cache.close()
+        if self._temporary_cache:
+            shutil.rmtree(self.cache.directory, ignore_errors=True)
+
+    def forget_moving(self) -> None:
+        """SIGHUP: tags are read again, and images that failed are tried again."""
+        self._tags.clear()
+        self._manifests.clear()
+        for key in [k for k, build in self._builds.items() if build.error is not None]:
+            del self._builds[key]
+
+    # -- names -----------------------------------------------------------------------------
+
+    def _repo(self, name: str) -> Repository:
+        return self.registry.repository(name)
+
+    async def _manifest(self, repo: str, digest: Digest) -> Image | Platforms:
+        found = self._manifests.get((repo, digest))
+        if found is None:
+            found = await load(self._repo(repo), digest)
+            self._manifests.put((repo, digest), found)
+        return found
+
+    async def _tag(self, repo: str, tag: str) -> Digest:
+        digest = self._tags.get((repo, tag))
+        if digest is None:
+            try:
+                validate_tag(tag)
+            except InvalidName:
+                raise NotFound(tag) from None
+            digest = await self._repo(repo).tags.get(tag)
+            self._tags.put((repo, tag), digest)
+        return digest
+
+    async def _named(self, repo: str, via: tuple[str, ...], digest: Digest) -> Node:
+        found = await self._manifest(repo, digest)
+        if isinstance(found, Platforms):
+            return PlatformsNode(repo, via, digest)
+        return ImageNode(repo, via, digest)
+
+    async def lookup(self, parent: Node, name: str) -> Node:
+        match parent:
+            case SectionNode(repo, _):
+                digest = digest_name(name) or await self._tag(repo, name)
+                return await self._named(repo, (name,), digest)
+            case PlatformsNode(repo, via, digest):
+                platforms = await self._manifest(repo, digest)
+                assert isinstance(platforms, Platforms)
+                child = platforms.get(name)
+                if child is not None:
+                    return ImageNode(repo, (*via, name), child)
+            case ImageNode(repo, via, digest, ino):
+                tree = await self._tree(parent)
+                found = tree.lookup(ino, name)
+                if found is not None:
+                    return ImageNode(repo, via, digest, found)
+        raise NotFound(name)
+
+    async def children(self, node: Node) -> list[tuple[str, Node]]:
+        match node:
+            case SectionNode(repo, _):
+                entries: list[tuple[str, Node]] = []
+                for tag in await self._repo(repo).tags.list():
+                    try:
+                        digest = await self._tag(repo, tag)
+                        entries.append((tag, await self._named(repo, (tag,), digest)))
+                    except LookupError:  # gone meanwhile, or an artifact (NotAnImage)
+                        continue
+                return entries
+            case PlatformsNode(repo, via, digest):
+                platforms = await self._manifest(repo, digest)
+                assert isinstance(platforms, Platforms)
+                return [(n, ImageNode(repo, (*via, n), d)) for n, d in platforms.platforms]
+            case ImageNode(repo, via, digest, ino):
+                tree = await self._tree(node)
+                return [
+                    (name, ImageNode(repo, via, digest, child))
+                    for name, child in tree.entries(ino)
+                    if _is_utf8(name)
+                ]
+        raise NotFound(str(node))
+
+    # -- attributes ------------------------------------------------------------------------
+
+    async def attr(self, node: Node) -> Attr:
+        match node:
+            case PlatformsNode(repo, _, digest):
+                info = await self._repo(repo).manifests.stat(digest)
+                return Attr(True, 0, info.mtime_ns)
+            case ImageNode():
+                if node.is_root:
+                    # A stat of the root (every `ls -l rootfs/`) starts no build: until one
+                    # is done it shows an image root's defaults (what merge gives a root
+                    # without a `./` member).
+                    build = await self._started(node)
+                    if build is not None:
+                        with trio.move_on_after(ROOT_WAIT):
+                            await build.done.wait()
+                    if build is None or build.tree is None:
+                        return _attr(MergedTree.ROOT, _DEFAULT_ROOT, 2, fixed=False)
+                    tree = build.tree
+                else:
+                    tree = await self._tree(node)
+                found = tree.node(node.ino)
+                return _attr(node.ino, found.member, found.nlink, fixed=not node.is_root)
+        raise NotFound(str(node))
+
+    async def xattrs(self, node: Node) -> dict[str, bytes]:
+        match node:
+            case PlatformsNode(_, _, digest):
+                return {DIGEST_XATTR: str(digest).encode()}
+            case ImageNode():
+                if not node.is_root:
+                    member = (await self._tree(node)).node(node.ino).member
+                    return _member_xattrs(member)
+                build = await self._started(node)
+                shown = {}
+                if build is not None and build.tree is not None:
+                    shown = _member_xattrs(build.tree.node(node.ino).member)
+                shown[DIGEST_XATTR] = str(node.digest).encode()
+                shown[INDEX_XATTR] = self._status(node, build).encode()
+                return shown
+        return {}
+
+    def _status(self, node: ImageNode, build: _Build | None) -> str:
+        """What `getfattr -n user.regfs.index` says of an image's root."""
+        manifest = self._manifests.get((node.repo, node.digest))
+        layers = manifest.layers if isinstance(manifest, Image) else ()
+        if build is None:
+            size = sum(layer.size for layer in layers)
+            return f"not indexed yet: {len(layers)} layers, {size} bytes (listing it starts)"
+        if build.error is not None:
+            return f"failed: {build.error}"
+        if build.tree is not None:
+            return f"indexed: {len(layers)} layers, {len(build.tree)} inodes"
+        lines = [f"indexing: {len(build.indexes)} of {len(layers)} layers indexed"]
+        lines += [
+            self.indexer.progress[layer.digest].describe()
+            for layer in layers
+            if layer.digest in self.indexer.progress
+        ]
+        return "\n".join(lines)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def open(self, node: Node) -> BytesReader | MemberReader:
+        if not isinstance(node, ImageNode):
+            raise IsADirectoryError(str(node))
+        build = await self._build_of(node)
+        assert build.tree is not None
+        found = build.tree.node(node.ino)
+        member = found.member
+        if member.kind is Kind.DIR:
+            raise IsADirectoryError(str(node))
+        if member.kind is Kind.SYMLINK:
+            return BytesReader(os.fsencode(member.linkname))  # what readlink answers
+        if member.kind is not Kind.FILE:
+            raise PermissionError(f"{node}: a device node or fifo is not read through regfs")
+        where = f"{node.repo}@{node.digest} ({member.path})"
+        layer = build.image.layers[found.layer]
+        return MemberReader(self.files, layer, build.indexes[found.layer], member, where)
+
+    # -- building --------------------------------------------------------------------------
+
+    async def _image(self, node: ImageNode) -> Image:
+        image = await self._manifest(node.repo, node.digest)
+        if not isinstance(image, Image):  # an index's entry that is an index itself
+            raise NotAnImage(f"manifest {node.digest} in {node.repo} is an index, no image")
+        return image
+
+    async def _started(self, node: ImageNode) -> _Build | None:
+        """The image's build if one was started (and is kept), without starting one."""
+        build = self._builds.get((node.repo, node.digest))
+        if build is None:
+            await self._image(node)  # the manifest is read for the status line
+        return build
+
+    async def _build_of(self, node: ImageNode) -> _Build:
+        """The image's finished build, started now if need be; BrokenImage if it failed."""
+        key = (node.repo, node.digest)
+        build = self._builds.get(key)
+        if build is None:
+            build = self._builds[key] = _Build(await self._image(node))
+            self._running += 1
+            trio.lowlevel.spawn_system_task(self._run, node.repo, build)
+            self._evict()
+        else:
+            self._builds.move_to_end(key)
+        if not build.done.is_set():  # waiting on a set Event is a trip through the loop
+            await build.done.wait()
+        if build.error is not None:
+            raise BrokenImage(node.repo, node.digest, build.error)
+        return build
+
+    async def _tree(self, node: ImageNode) -> MergedTree:
+        tree = (await self._build_of(node)).tree
+        assert tree is not None
+        return tree
+
+    def _evict(self) -> None:
+        finished = [k for k, b in self._builds.items() if b.done.is_set()]
+        for key in finished[: max(0, len(self._builds) - self.max_images)]:
+            del self._builds[key]
+
+    async def _run(self, repo: str, build: _Build) -> None:
+        """Index the image's layers in order (the indexer makes one pass at a time), then
+        merge them in a worker thread. A system task: it outlives the request that started
+        it (a `cat` interrupted by ^C), and `aclose` cancels it."""
+        image = build.image
+        key = (repo, image.digest)
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                for layer in image.layers:
+                    build.indexes.append(await self.indexer.index(layer))
+                tables = [index.members for index in build.indexes]
+                build.tree = await trio.to_thread.run_sync(merge, tables)
+                log.info(
+                    "rootfs: image %s@%s: %d layers merged, %d inodes",
+                    repo,
+                    image.digest,
+                    len(tables),
+                    len(build.tree),
+                )
+            except BadLayer as exc:  # the indexer has logged the layer and the reason
+                build.error = str(exc)
+            except MergeError as exc:
+                digest = image.layers[exc.layer].digest
+                build.error = f"layer {exc.layer} ({digest}): {exc.path!r}: {exc.reason}"
+                log.error("rootfs: image %s@%s: %s", repo, image.digest, build.error)
+            except Exception as exc:  # the source failing (a registry away): tried again
+                build.error = f"{type(exc).__name__}: {exc}"
+                log.error("rootfs: image %s@%s: %s", repo, image.digest, build.error)
+                self._forget(key, build)
+        self._scopes.discard(scope)
+        if scope.cancelled_caught:
+            build.error = "the mount is going away"
+            self._forget(key, build)
+        build.done.set()
+        self._running -= 1
+        if not self._running:
+            self._idle.set()
+            self._idle = trio.Event()
+
+    def _forget(self, key: tuple[str, Digest], build: _Build) -> None:
+        if self._builds.get(key) is build:
+            del self._builds[key]
+
+
+_DEFAULT_ROOT = Member("", Kind.DIR, 0o755, 0, 0, 0)
+
+
+def _attr(ino: int, member: Member, nlink: int, fixed: bool) -> Attr:
+    """What stat shows of a merged inode: the tar's type, mode, owner, times and size."""
+    kind = member.kind
+    size = member.size if kind is Kind.FILE else 0
+    mode = member.mode
+    if kind is Kind.SYMLINK:
+        size, mode = len(os.fsencode(member.linkname)), 0o777  # as Linux shows every symlink
+    rdev = os.makedev(member.devmajor, member.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else 0
+    return Attr(
+        kind is Kind.DIR,
+        size,
+        member.mtime_ns,
+        immutable=fixed,
+        mode=_TYPES[kind] | mode,
+        uid=member.uid,
+        gid=member.gid,
+        nlink=nlink,
+        rdev=rdev,
+    )
+
+
+def _member_xattrs(member: Member) -> dict[str, bytes]:
+    return {name: value for name, value in member.xattrs if name not in HIDDEN_XATTRS}
+
+
+def _is_utf8(name: str) -> bool:
+    """A name the mount can show: names are UTF-8 in regfs (refusals.decode_name)."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        log.info("rootfs: a name that is not UTF-8 is not shown: %r", name)
+        return False
+    return True
