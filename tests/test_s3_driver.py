@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 
 import pytest
+import trio
 from support.fault_server import Fault, FaultServer
 from support.s3 import MotoServer
 
@@ -136,9 +138,11 @@ async def test_one_writer_and_no_move_while_writing(drv):
     await drv.delete(UPLOAD)
 
 
-async def test_move_above_the_threshold_copies_in_ranges(moto_server, s3_bucket):
-    """A 40 MiB blob moves by UploadPartCopy in 32 MiB ranges; a registry upload finishes
-    into blobs/ with its digest, and its multipart upload is gone."""
+async def test_move_above_the_threshold_copies_in_ranges(moto_server, s3_bucket, monkeypatch):
+    """A 40 MiB blob above a 32 MiB threshold moves by UploadPartCopy in 16 MiB ranges; a
+    registry upload finishes into blobs/ with its digest, and its multipart upload is gone."""
+    monkeypatch.setattr("storage.drivers.s3.COPY_THRESHOLD", 32 << 20)
+    monkeypatch.setattr("storage.drivers.s3.COPY_CHUNK", 16 << 20)
     drv = S3Driver(s3_bucket, "", client=moto_server.client())
     data = os.urandom(40 << 20)
     await drv.put_content("/src", data)
@@ -206,3 +210,36 @@ async def test_a_stopped_server_is_eio_not_enoent(few_retries):
                 await call("/blob")
     finally:
         server.stop()
+
+
+async def test_reads_in_order_out_of_order_and_at_once(drv):
+    """The reader's read-ahead streams serve reads in order, two places read in turn, a
+    jump back, and reads at random offsets at once: every byte is the object's."""
+    data = os.urandom(12 << 20)
+    await drv.put_content("/blob", data)
+    reader = await drv.reader("/blob")
+    step = 128 << 10
+    for offset in range(0, 4 << 20, step):
+        assert await reader.read_at(offset, step) == data[offset : offset + step]
+    for offset in range(0, 2 << 20, step):  # two places in turn: a stream each
+        far = (8 << 20) + offset
+        assert await reader.read_at(far, step) == data[far : far + step]
+        assert (
+            await reader.read_at((4 << 20) + offset, step)
+            == data[(4 << 20) + offset : (4 << 20) + offset + step]
+        )
+    assert await reader.read_at(100, 1000) == data[100:1100]  # back to the start
+    assert await reader.read_at(len(data) - 10, 100) == data[-10:]
+    rng = random.Random(7)
+    offsets = [rng.randrange(len(data)) for _ in range(24)]
+    found: dict[int, bytes] = {}
+
+    async def read(offset: int) -> None:
+        found[offset] = await reader.read_at(offset, 70_000)
+
+    async with trio.open_nursery() as nursery:
+        for offset in offsets:
+            nursery.start_soon(read, offset)
+    assert all(found[o] == data[o : o + 70_000] for o in offsets)
+    await reader.aclose()
+    await drv.delete("/blob")

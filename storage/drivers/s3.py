@@ -31,6 +31,7 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,10 +68,18 @@ T = TypeVar("T")
 MIB = 1 << 20
 MIN_PART = 5 * MIB  # S3's least size of a part that is not the last one
 CHUNKSIZE = 16 * MIB  # a part; 64 MiB checkpoints (storage/uploads.py) end on part bounds
-COPY_THRESHOLD = 32 * MIB  # 2.8's multipartcopythresholdsize: above it, copy in ranges
-COPY_CHUNK = 32 * MIB  # 2.8's multipartcopychunksize
+# Up to COPY_THRESHOLD a move is one CopyObject; above, UploadPartCopy in COPY_CHUNK ranges.
+# 2.8 copies in 32 MiB ranges above 32 MiB: 32 requests for a 1 GiB layer, where one does
+# (and on moto each range reads the whole object: docs/scale-out.md has the figures).
+COPY_THRESHOLD = 1 << 30
+COPY_CHUNK = 256 * MIB
 COPY_CONCURRENCY = 8
-SKIP_LIMIT = MIB  # a reader reads over a gap this small rather than opening a new GET
+SKIP_LIMIT = 4 * MIB  # a reader reads over a gap this small rather than opening a new GET
+READ_CHUNK = MIB  # what a reader's stream reads at a time
+AHEAD = 8 * MIB  # how far a reader's stream reads ahead of the reads
+BEHIND = MIB  # what it keeps below the last read, for reads that come a little late
+STREAMS = 2  # streams per open file
+IDLE = 60.0  # seconds a stream waits for a read before it lets go of its connection
 RETRIES = 4  # tries after the first: 0.1 + 0.2 + 0.4 + 0.8 s of backoff
 POOL = 64  # connections; trio runs up to 40 worker threads, copies add their own
 
@@ -389,7 +398,7 @@ class S3Driver(StorageDriver):
 
     def _copy_parts(self, source: str, key: str, upload_id: str, size: int) -> list[_Part]:
         """UploadPartCopy of the object at source into parts of upload_id, in COPY_CHUNK
-        ranges, COPY_CONCURRENCY at once (2.8's multipart copy, src s3.go:708-806)."""
+        ranges, COPY_CONCURRENCY at once (as 2.8's multipart copy, src s3.go:708-806)."""
 
         def copy(number: int) -> _Part:
             start = (number - 1) * COPY_CHUNK
@@ -433,9 +442,10 @@ class S3Driver(StorageDriver):
             return _Pending(upload_id, [part], time.time_ns()), data
         return _Pending(upload_id, self._copy_parts(key, key, upload_id, size), time.time_ns()), b""
 
-    def materialize(self, key: str) -> bool:
+    def materialize(self, key: str, go_on: bool = True) -> bool:
         """Make the multipart upload at key (if any) readable: complete it into the object,
-        then go on in a new one holding the same bytes. False when there is none."""
+        then (go_on) go on in a new one holding the same bytes, as the file is still being
+        uploaded; a move, which deletes it next, does not. False when there is none."""
         with self._writers_lock:
             writer = self._writers.get(key)
         if writer is not None:
@@ -449,9 +459,12 @@ class S3Driver(StorageDriver):
                 f"PUT {key}",
                 lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=b""),
             )
+            if not go_on:
+                self.abort(key, pending.upload_id)
             return True
         self._complete(key, pending.upload_id, pending.parts)
-        self.restart(key)
+        if go_on:
+            self.restart(key)
         return True
 
     # -- the driver's calls --------------------------------------------------------------
@@ -561,7 +574,7 @@ class S3Driver(StorageDriver):
                 with self._writers_lock:
                     if src in self._writers:
                         raise Busy(f"{source} is being written: close it before moving it")
-                self.materialize(src)
+                self.materialize(src, go_on=False)
             head = self._head(src)
             if head is None:
                 raise PathNotFound(source)
@@ -621,19 +634,139 @@ class S3Driver(StorageDriver):
         await self._run(delete)
 
 
+class _Stream:
+    """One GET of the object from `start` on, read ahead by a thread of its own into chunks
+    held here: at most AHEAD bytes past what was taken, and BEHIND bytes before it (a
+    kernel's read-ahead requests may arrive a little out of order). A broken stream is
+    opened again where it broke, with backoff; what still fails is kept for the reads."""
+
+    def __init__(self, driver: S3Driver, key: str, etag: str, start: int, size: int) -> None:
+        self._driver = driver
+        self._key = key
+        self._etag = etag
+        self._size = size
+        self._chunks: deque[tuple[int, bytes]] = deque()  # (offset, bytes), in order
+        self._origin = start
+        self.start = start  # offset of the first byte held
+        self.end = start  # offset after the last byte received
+        self._taken = start  # the furthest end any read reached
+        self._error: Exception | None = None
+        self._closed = False
+        self.waiting = 0  # reads waiting for bytes: such a stream is never let go
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, name="regfs-s3-read", daemon=True).start()
+
+    def _ahead(self) -> int:
+        return min(AHEAD, max(READ_CHUNK, self._taken - self._origin))
+
+    def covers(self, offset: int) -> bool:
+        """Whether a read at offset is served by this stream (held, or soon to arrive)."""
+        return self.start <= offset <= self.end + SKIP_LIMIT
+
+    def take(self, offset: int, length: int, wait: bool = True) -> bytes | None:
+        """The bytes [offset, offset+length), once they arrived (blocks: a worker thread);
+        None if the stream was closed meanwhile (the caller takes another), or without
+        wait, if they are not all here yet."""
+        want = offset + length
+        with self._changed:
+            self._taken = max(self._taken, want)
+            self._changed.notify_all()
+            if not wait and self.end < want:
+                return None
+            self.waiting += 1
+            try:
+                while self.end < want and self._error is None and not self._closed:
+                    self._changed.wait()
+            finally:
+                self.waiting -= 1
+            if self.end < want:
+                if self._error is not None:
+                    raise self._error
+                return None
+            if offset < self.start:  # let go meanwhile, for a read further on
+                return None
+            pieces = [
+                chunk[max(offset, at) - at : min(want, at + len(chunk)) - at]
+                for at, chunk in self._chunks
+                if at < want and offset < at + len(chunk)
+            ]  # a whole chunk is not copied, a part of one once
+            while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= offset - BEHIND:
+                first_start, first = self._chunks.popleft()
+                self.start = first_start + len(first)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        driver = self._driver
+        failures = 0
+        body: Any = None
+        try:
+            while self.end < self._size:
+                with self._changed:
+                    # Read ahead as far as reads went on in order here, up to AHEAD: a
+                    # single read (a header, a random read) costs one chunk, not AHEAD.
+                    while self.end - self._taken >= self._ahead() and not self._closed:
+                        if not self._changed.wait(IDLE):  # a reader never closed: let go
+                            self._closed = True
+                    if self._closed:
+                        return
+                    position = self.end
+                try:
+                    if body is None:
+                        body = self._open(position)
+                    chunk: bytes = body.read(READ_CHUNK)
+                    if not chunk:
+                        raise ResponseStreamingError(error=f"the stream ended at {position}")
+                    failures = 0
+                except (BotoCoreError, Urllib3Error) as exc:
+                    if body is not None:
+                        body.close()
+                        body = None
+                    if failures >= RETRIES or not _transient(exc, resend=True):
+                        raise driver._error(f"GET {self._key}", exc) from exc
+                    failures += 1
+                    log.warning("S3 read of %s failed (%s), try %d", self._key, exc, failures + 1)
+                    time.sleep(backoff(failures))
+                    continue
+                with self._changed:
+                    self._chunks.append((position, chunk))
+                    self.end = position + len(chunk)
+                    self._changed.notify_all()
+        except Exception as exc:
+            with self._changed:
+                self._error = exc
+                self._changed.notify_all()
+        finally:
+            if body is not None:
+                body.close()
+
+    def _open(self, offset: int) -> Any:
+        driver = self._driver
+        return driver.call(
+            f"GET {self._key}",
+            lambda: driver.client.get_object(
+                Bucket=driver.bucket, Key=self._key, Range=f"bytes={offset}-", IfMatch=self._etag
+            ),
+        )["Body"]
+
+
 class _Reader(FileReader):
-    """One streamed GET from the offset read, kept open while reads go on in order; a read
-    elsewhere opens another (a short gap ahead is read over). If-Match the ETag seen at
-    open: an object replaced meanwhile is an error, never a mix of two."""
+    """Reads served by _Streams while each goes on in order (a short gap ahead is read over):
+    up to STREAMS of them, for readers of two places of one file at once. A read elsewhere
+    starts another in place of an idle one used longest ago; with none idle (reads at random
+    places at once), it is one GET of its own range, so every read makes progress. If-Match
+    the ETag seen at open: an object replaced meanwhile is an error, never a mix of two."""
 
     def __init__(self, driver: S3Driver, key: str, size: int, etag: str) -> None:
         self._driver = driver
         self._key = key
         self._etag = etag
         self.size = size
-        self._body: Any = None
-        self._position = 0
-        self._lock = trio.Lock()
+        self._streams: list[_Stream] = []  # the one used last, last
 
     async def read_at(self, offset: int, length: int) -> bytes:
         if offset < 0:
@@ -641,50 +774,53 @@ class _Reader(FileReader):
         length = min(length, self.size - offset)
         if length <= 0:
             return b""
-        async with self._lock:
-            return await trio.to_thread.run_sync(self._read_blocking, offset, length)
-
-    def _read_blocking(self, offset: int, length: int) -> bytes:
-        failures = 0
-        while True:
-            try:
-                if self._body is not None and 0 < offset - self._position <= SKIP_LIMIT:
-                    self._body.read(offset - self._position)
-                    self._position = offset
-                if self._body is None or self._position != offset:
-                    self._open(offset)
-                data: bytes = self._body.read(length)
-                self._position += len(data)
-                if len(data) != length:
-                    raise ResponseStreamingError(error=f"{len(data)} of {length} bytes")
+        stream = self._stream_at(offset)
+        if stream is not None:
+            # Bytes read ahead are taken at once: a thread hop costs more than the copy.
+            data = stream.take(offset, length, wait=False)
+            if data is None:
+                data = await trio.to_thread.run_sync(stream.take, offset, length)
+            if data is not None:
                 return data
-            except (BotoCoreError, Urllib3Error) as exc:
-                self._close()
-                if failures >= RETRIES or not _transient(exc, resend=True):
-                    raise self._driver._error(f"GET {self._key}", exc) from exc
-                failures += 1
-                log.warning("S3 read of %s failed (%s), try %d", self._key, exc, failures + 1)
-                time.sleep(backoff(failures))
+        return await trio.to_thread.run_sync(self._get_range, offset, length)
 
-    def _open(self, offset: int) -> None:
-        self._close()
+    def _stream_at(self, offset: int) -> _Stream | None:
+        for stream in self._streams:
+            if stream.covers(offset):
+                self._streams.remove(stream)
+                self._streams.append(stream)
+                return stream
+        if len(self._streams) >= STREAMS:
+            idle = next((s for s in self._streams if not s.waiting), None)
+            if idle is None:
+                return None
+            self._streams.remove(idle)
+            idle.close()
+        stream = _Stream(self._driver, self._key, self._etag, offset, self.size)
+        self._streams.append(stream)
+        return stream
+
+    def _get_range(self, offset: int, length: int) -> bytes:
         driver = self._driver
-        answer = driver.call(
-            f"GET {self._key}",
-            lambda: driver.client.get_object(
-                Bucket=driver.bucket, Key=self._key, Range=f"bytes={offset}-", IfMatch=self._etag
-            ),
-        )
-        self._body, self._position = answer["Body"], offset
 
-    def _close(self) -> None:
-        body, self._body = self._body, None
-        if body is not None:
-            body.close()
+        def get() -> bytes:
+            answer = driver.client.get_object(
+                Bucket=driver.bucket,
+                Key=self._key,
+                Range=f"bytes={offset}-{offset + length - 1}",
+                IfMatch=self._etag,
+            )
+            data: bytes = answer["Body"].read()
+            if len(data) != length:
+                raise ResponseStreamingError(error=f"{len(data)} of {length} bytes")
+            return data
+
+        return driver.call(f"GET {self._key} [{offset}, +{length})", get)
 
     async def aclose(self) -> None:
-        async with self._lock:
-            self._close()
+        for stream in self._streams:
+            stream.close()
+        self._streams = []
 
 
 class _Writer(FileWriter):
