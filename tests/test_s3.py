@@ -11,19 +11,22 @@ line (`regfs mount s3://BUCKET/PREFIX`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import trio
-from support.mounts import is_mounted, regfs
+from support.mounts import is_mounted, regfs, wait_until
 from support.oci import blob_path, build_image, run, skopeo_pull, skopeo_push
-from support.registry import OCI_MANIFEST, RegistryServer
+from support.registry import OCI_MANIFEST, TEST_SECRET, RegistryServer, upload_state_token
 from support.s3 import MotoServer, registry_s3_config
 from support.tools import digest_of, errno_of, ls, sha256sum
-from support.uploads import new_repo
+from support.uploads import new_repo, uuid_of
 
 from storage.digests import digest_bytes
 from storage.drivers.s3 import S3Driver
@@ -189,3 +192,92 @@ async def push_layer(driver: S3Driver, data: bytes) -> None:
     upload = await layers.upload()
     await upload.write(data)
     await upload.finish(digest_bytes(data))
+
+
+def bucket_uploads(moto_server: MotoServer, bucket: str) -> list[dict]:
+    return moto_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def no_upload_left(moto_server: MotoServer, bucket: str) -> None:
+    s3 = moto_server.client()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert [k for k in keys if "/_uploads/" in k] == []
+    assert bucket_uploads(moto_server, bucket) == []
+
+
+def test_upload_started_by_the_registry_finished_through_the_mount(
+    tmp_path, aws_env, s3_bucket, s3_registry, mount, moto_server
+):
+    """POST + PATCH through the registry (a multipart upload with a part under 5 MiB),
+    then `cat rest >>` through the mount resumes it (2.8's rule: complete, restart) and
+    `mv` finishes it; the registry serves the blob."""
+    client = s3_registry.client()
+    name = "org/resume"
+    data = os.urandom((7 << 20) + 4321)
+    half = 1_234_567
+    location, uuid = client.start_upload(name)
+    client.patch_chunk(location, data[:half], 0)
+    m = mount(source(s3_bucket))
+    uploads = m.path("org", "resume", "uploads")
+    assert ls(uploads) == [uuid]
+    assert os.stat(uploads / uuid).st_size == half
+    rest = tmp_path / "rest"
+    rest.write_bytes(data[half:])
+    run(["sh", "-c", f"cat '{rest}' >> '{uploads / uuid}'"])
+    assert os.stat(uploads / uuid).st_size == len(data)
+    digest = digest_of(data)
+    run(["mv", str(uploads / uuid), str(m.path("org", "resume", "layers", digest))])
+    assert ls(uploads) == []
+    assert client.get_blob(name, digest) == data
+    no_upload_left(moto_server, s3_bucket)
+
+
+def test_upload_through_the_mount_killed_then_finished_by_the_registry(
+    tmp_path, aws_env, s3_bucket, s3_registry, mount, moto_server
+):
+    """A `cp`-like writer through the mount, the daemon killed with SIGKILL once two parts
+    are in S3: the registry on the same bucket takes the upload at the size S3 holds (a
+    `_state` token made from the shared secret), PATCHes the rest and PUTs it; the blob it
+    serves is the whole data."""
+    name = "org/killed"
+    data = os.urandom(40 << 20)
+    m = mount(source(s3_bucket))
+    uploads = new_repo(m, name) / "uploads"
+
+    def sealed() -> list[dict]:
+        found = bucket_uploads(moto_server, s3_bucket)
+        if not found:
+            return []
+        upload = {"Key": found[0]["Key"], "UploadId": found[0]["UploadId"]}
+        return moto_server.client().list_parts(Bucket=s3_bucket, **upload).get("Parts", [])
+
+    fd = os.open(uploads / "big", os.O_WRONLY | os.O_CREAT)
+    try:
+        uuid = uuid_of(uploads / "big")
+        os.write(fd, data)
+        wait_until(lambda: len(sealed()) >= 2, 30, "two parts in S3")
+        for pid in m.pids():
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not m.pids(), 10, "the daemon to die")
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
+            os.close(fd)
+    size = sum(p["Size"] for p in sealed())
+    assert 0 < size < len(data)
+    started = (
+        moto_server.client()
+        .get_object(
+            Bucket=s3_bucket,
+            Key=f"regroot/docker/registry/v2/repositories/{name}/_uploads/{uuid}/startedat",
+        )["Body"]
+        .read()
+        .decode()
+    )
+    token = upload_state_token(TEST_SECRET, name, uuid, size, started)
+    client = s3_registry.client()
+    location = client.patch_chunk(
+        f"/v2/{name}/blobs/uploads/{uuid}?_state={quote(token)}", data[size:], size
+    )
+    client.finish_upload(location, digest_of(data))
+    assert client.get_blob(name, digest_of(data)) == data
+    no_upload_left(moto_server, s3_bucket)  # the registry completed the daemon's upload
