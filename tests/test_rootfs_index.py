@@ -8,6 +8,7 @@ blob byte read.
 
 from __future__ import annotations
 
+import gzip
 import io
 import itertools
 import logging
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from support.layers import (
     MEDIA_TYPES,
     compress,
     entry,
+    estargz,
     every_kind_tar,
     half_random,
     many_members_tar,
@@ -523,6 +526,64 @@ def test_a_pass_streams_in_bounded_memory(tmp_path):
     members, tar_size, peak, blob_size = (int(x) for x in out)
     assert members == 1 and tar_size >= size and blob_size > size // 3
     assert peak <= 40 * MIB + tar_size // 20, f"peak {peak / MIB:.0f} MiB"
+
+
+async def test_estargz_toc_gives_the_table_without_a_pass(registry, cache_dir, caplog):
+    """The TOC the manifest vouches for (toc.digest) gives the same table as a pass over the
+    same blob (the TOC's own tar entry included), reading only the TOC and the footer; each
+    file reads back from its chunks, also from the kept index."""
+    caplog.set_level(logging.INFO, "storage.rootfs")
+    blob, toc_digest = estargz(every_kind_tar(big=MIB), chunk=128 << 10)
+    tar = gzip.decompress(blob)  # what umoci, or an ordinary pass, reads
+    layer = await store(registry, tar, "gzip", blob=blob)
+    ref = replace(layer.ref, toc_digest=toc_digest)
+    for kept in (False, True):
+        cache = IndexCache(cache_dir)
+        indexer = Indexer(cache)
+        files = LayerFiles(cache)
+        try:
+            layer.counter.bytes = 0
+            index = await indexer.index(ref)
+            assert index.format is Format.ESTARGZ and indexer.passes == 0
+            assert 0 < layer.counter.bytes < len(blob) // 10 or kept  # footer and TOC only
+            assert layer.counter.bytes == 0 or not kept
+            assert index_view(index) == tarfile_view(tar)
+            await check_files(files, replace(layer, ref=ref), index, random.Random(8))
+        finally:
+            await files.aclose()
+            cache.close()
+    assert "members from its eStargz TOC" in caplog.text
+    passed = Indexer(IndexCache(cache_dir / "other"))
+    try:
+        ordinary = await passed.index(layer.ref)  # no annotation: an ordinary pass
+    finally:
+        passed.cache.close()
+    assert ordinary.format is Format.GZIP and index_view(ordinary) == index_view(index)
+
+
+async def test_estargz_toc_not_vouched_for_is_not_used(registry, cache, caplog):
+    caplog.set_level(logging.INFO, "storage.rootfs")
+    blob, _ = estargz(every_kind_tar(big=0))
+    layer = await store(registry, gzip.decompress(blob), "gzip", blob=blob)
+    indexer = Indexer(cache)
+    index = await indexer.index(replace(layer.ref, toc_digest="sha256:" + "0" * 64))
+    assert index.format is Format.GZIP and indexer.passes == 1
+    assert "eStargz TOC not used (its TOC is sha256:" in caplog.text
+
+
+async def test_estargz_chunk_that_is_not_its_digest(registry, cache, files):
+    raw = tar_of([(entry("a"), b"a" * 300_000), (entry("b"), b"b" * 300_000)])
+    blob, toc_digest = estargz(raw, chunk=100_000)
+    data = bytearray(blob)
+    at = data.index(zlib.compress(b"b" * 100_000, 6)[2:20])  # inside one of b's chunks
+    data[at + 5] ^= 0x01
+    layer = await store(registry, raw, "gzip", blob=bytes(data))
+    ref = replace(layer.ref, toc_digest=toc_digest)
+    index = await Indexer(cache).index(ref)
+    a, b = (m for m in index.members if m.path in ("a", "b"))
+    assert await files.read(ref, index, a, 0, a.size) == b"a" * 300_000
+    with pytest.raises(CorruptLayer, match=str(ref.digest)):
+        await files.read(ref, index, b, 0, b.size)
 
 
 # -- the cache -------------------------------------------------------------------------

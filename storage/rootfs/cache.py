@@ -30,6 +30,7 @@ import re
 import secrets
 import stat
 import time
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,7 +38,9 @@ import platformdirs
 import zstandard
 
 from ..digests import SHA256, Digest
+from . import estargz
 from .errors import UnsafeCacheDir
+from .estargz import Chunk
 from .index import Format, LayerIndex
 from .members import Kind, Member
 from .tarscan import normal_name
@@ -45,7 +48,7 @@ from .zstdframes import Frame
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 _FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
 DEFAULT_MAX_BYTES = 2 << 30
 _NAME = re.compile(r"([0-9a-f]{64})\.(idx|zst)")
@@ -273,6 +276,7 @@ def _encode(index: LayerIndex, file: BinaryIO) -> None:
         out.write(
             _line([[f.uoffset, f.usize, f.coffset, f.csize, f.in_copy] for f in index.frames])
         )
+        out.write(_line([[key, *astuple(c)] for key, cs in index.chunks.items() for c in cs]))
         out.write(index.gzip_index)
 
 
@@ -316,9 +320,11 @@ def _decode(file: BinaryIO, digest: Digest) -> LayerIndex:
     size = _count(meta["size"])
     members: list[Member] = []
     count = _count(meta["members"])
+    bound = None if fmt is Format.ESTARGZ else size  # an eStargz file is its chunks
     while len(members) < count:
-        members.extend(_member(row, size) for row in line())
+        members.extend(_member(row, bound) for row in line())
     frames = [_frame(row) for row in line()]
+    chunks = _chunks(line(), members, fmt)
     if len(members) != count or len(frames) != meta["frames"]:
         raise CorruptIndex("another number of members or frames than it says")
     gzip_index = reader.read(_count(meta["gzip_index"]))
@@ -327,7 +333,8 @@ def _decode(file: BinaryIO, digest: Digest) -> LayerIndex:
     _check_frames(frames, size)
     if (fmt is Format.GZIP) != bool(gzip_index) or (fmt is Format.ZSTD) != bool(frames):
         raise CorruptIndex(f"seek points that do not fit a {fmt.value} layer")
-    return LayerIndex(digest, fmt, _count(meta["blob_size"]), size, members, gzip_index, frames)
+    blob_size = _count(meta["blob_size"])
+    return LayerIndex(digest, fmt, blob_size, size, members, gzip_index, frames, chunks)
 
 
 def _count(value: object) -> int:
@@ -336,7 +343,29 @@ def _count(value: object) -> int:
     return value
 
 
-def _member(row: Any, size: int) -> Member:
+def _chunks(rows: Any, members: list[Member], fmt: Format) -> dict[int, list[Chunk]]:
+    """An eStargz layer's chunks: one list per FILE member (by its key), tiling the file."""
+    chunks: dict[int, list[Chunk]] = {}
+    for key, start, size, coffset, cend, inner, digest in rows:
+        for value in (key, start, size, coffset, cend, inner):
+            _count(value)
+        chunks.setdefault(key, []).append(Chunk(start, size, coffset, cend, inner, str(digest)))
+    files = {m.offset: m for m in members if m.kind is Kind.FILE}
+    if fmt is not Format.ESTARGZ:
+        if chunks:
+            raise CorruptIndex(f"eStargz chunks in a {fmt.value} layer")
+        return chunks
+    if not set(chunks) <= set(files):
+        raise CorruptIndex("eStargz chunks that are not its files'")
+    for key, member in files.items():
+        try:
+            estargz.check_chunks(member, chunks.setdefault(key, []))
+        except ValueError as exc:
+            raise CorruptIndex(str(exc)) from None
+    return chunks
+
+
+def _member(row: Any, size: int | None) -> Member:
     path, kind, mode, uid, gid, mtime_ns, length, offset, linkname, major, minor, xattrs = row
     kind = Kind(kind)
     if not (
@@ -346,7 +375,7 @@ def _member(row: Any, size: int) -> Member:
         and type(path) is type(linkname) is str
     ):
         raise CorruptIndex(f"a malformed member {row!r:.200}")
-    if kind is Kind.FILE and offset + length > size:
+    if size is not None and kind is Kind.FILE and offset + length > size:
         raise CorruptIndex(f"member {path!r} beyond the end of the layer")
     return Member(
         path=normal_name(path),

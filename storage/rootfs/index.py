@@ -26,9 +26,10 @@ import trio
 
 from ..api import BlobReader
 from ..digests import Digest
-from . import gzipseek, tarscan, zstdframes
+from . import estargz, gzipseek, tarscan, zstdframes
 from .blobfile import BlobFile
 from .errors import BadLayer
+from .estargz import Chunk
 from .members import Member
 from .tarscan import Limits
 from .zstdframes import Frame
@@ -46,15 +47,18 @@ class Format(enum.Enum):
     TAR = "tar"
     GZIP = "gzip"
     ZSTD = "zstd"
+    ESTARGZ = "estargz"  # from the layer's own TOC, no pass (`estargz`)
 
 
 @dataclass(frozen=True, eq=False)
 class LayerIndex:
     """What one pass learned about a layer: enough to list it and to read any file in it.
 
-    `size` is the length of the uncompressed tar; `gzip_index` is indexed_gzip's exported
-    seek points (GZIP); `frames` the zstd frame table (ZSTD), whose `in_copy` frames are in
-    the cache's re-framed copy of the layer.
+    `size` is the length of the uncompressed tar (0 for ESTARGZ: not known without a pass);
+    `gzip_index` is indexed_gzip's exported seek points (GZIP); `frames` the zstd frame table
+    (ZSTD), whose `in_copy` frames are in the cache's re-framed copy of the layer; `chunks`
+    an eStargz layer's chunks of each file, by the FILE member's `offset`, which is only
+    that key for ESTARGZ.
     """
 
     digest: Digest
@@ -64,6 +68,7 @@ class LayerIndex:
     members: list[Member]
     gzip_index: bytes = b""
     frames: list[Frame] = field(default_factory=list)
+    chunks: dict[int, list[Chunk]] = field(default_factory=dict)
 
     @property
     def reframed(self) -> bool:
@@ -72,12 +77,14 @@ class LayerIndex:
 
 @dataclass(frozen=True)
 class LayerRef:
-    """A layer as the index needs it: its digest, size, media type (a hint) and an opener."""
+    """A layer as the index needs it: its digest, size, media type (a hint), an opener, and
+    the manifest's `containerd.io/snapshot/stargz/toc.digest` annotation when it has one."""
 
     digest: Digest
     size: int
     media_type: str
     open: Callable[[], Awaitable[BlobReader]]
+    toc_digest: str = ""
 
 
 @dataclass
@@ -195,6 +202,8 @@ class Indexer:
         pending = self._builds[layer.digest] = _Build()
         try:
             index = await trio.to_thread.run_sync(self.cache.load, layer.digest)
+            if index is None and layer.toc_digest:
+                index = await self._from_toc(layer)
             if index is None:
                 index = await self._build(layer)
             pending.index = index
@@ -209,6 +218,24 @@ class Indexer:
         finally:
             del self._builds[layer.digest]
             pending.done.set()
+
+    async def _from_toc(self, layer: LayerRef) -> LayerIndex | None:
+        """An eStargz layer's index from its TOC (no pass), kept like any other; None (and
+        a log line) when the TOC is not there or not what the manifest vouches for."""
+        reader = await layer.open()
+        try:
+            toc = await estargz.read_toc(reader, layer.size, layer.toc_digest, layer.digest)
+        except estargz.Unusable as exc:
+            log.info("layer %s: eStargz TOC not used (%s); indexing it", layer.digest, exc)
+            return None
+        finally:
+            await reader.aclose()
+        index = LayerIndex(
+            layer.digest, Format.ESTARGZ, layer.size, 0, toc.members, chunks=toc.chunks
+        )
+        await trio.to_thread.run_sync(self.cache.store, index)
+        log.info("layer %s: %d members from its eStargz TOC", layer.digest, len(toc.members))
+        return index
 
     async def _build(self, layer: LayerRef) -> LayerIndex:
         progress = self.progress[layer.digest] = Progress(layer.digest, layer.size)

@@ -4,15 +4,19 @@ A plain tar's file is a range of the blob. A gzip layer's is decompressed by ind
 from the seek point before it (in a worker thread, through `BlobFile`, ~0.4 MB of blob at
 1 MiB spacing). A zstd layer's is decompressed from the frames that hold it (from the blob,
 or from the cache's re-framed copy), the last few kept, since a sequential `cat` reads one
-frame in many FUSE requests. The open state of the most recently used layers is kept in an
-LRU; `aclose()` closes it all (and must be awaited before exit: see ROOTFS.md on native
-decompressors left open at interpreter exit).
+frame in many FUSE requests; an eStargz layer's from its chunks' gzip members, the same
+way, each checked against its digest. The open state of the most recently used layers is
+kept in an LRU; `aclose()` closes it all (and must be awaited before exit: see ROOTFS.md on
+native decompressors left open at interpreter exit).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import zlib
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -23,13 +27,15 @@ from ..digests import Digest
 from .blobfile import BlobFile
 from .cache import IndexCache
 from .errors import CorruptLayer
+from .estargz import Chunk, chunk_bytes
 from .gzipseek import GzipReader
 from .index import Format, LayerIndex, LayerRef
 from .members import Kind, Member
 from .zstdframes import Frame, decompress, frames_at
 
 _INLINE_FRAME = 1 << 20  # a larger frame is decompressed in a worker thread
-_KEPT_FRAMES = 4
+_KEPT = 4  # decompressed zstd frames or eStargz chunks kept per open layer
+_MAX_CHUNK_MEMBER = 64 << 20  # compressed bytes read for one eStargz chunk
 _GZIP_WINDOW = 64 << 10  # BlobFile windows for random gzip reads: a read needs few bytes
 _GZIP_WINDOWS = 16
 
@@ -43,13 +49,13 @@ class _Open:
     lock: trio.Lock = field(default_factory=trio.Lock)
     gzip: GzipReader | None = None
     copy_fd: int = -1
-    frames: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    kept: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict)
     closed: bool = False
 
     @property
     def weight(self) -> int:
         """Memory held (indexed_gzip keeps the seek points in memory)."""
-        return len(self.index.gzip_index) + sum(map(len, self.frames.values()))
+        return len(self.index.gzip_index) + sum(map(len, self.kept.values()))
 
     async def aclose(self) -> None:
         async with self.lock:
@@ -92,6 +98,8 @@ class LayerFiles:
                 elif index.format is Format.GZIP:
                     gzip = await self._gzip(opened, layer)
                     data = await trio.to_thread.run_sync(gzip.pread, start, size)
+                elif index.format is Format.ESTARGZ:
+                    data = await self._estargz(opened, layer, member, offset, size)
                 else:
                     data = await self._zstd(opened, layer, start, size)
                 break
@@ -144,14 +152,33 @@ class LayerFiles:
     async def _zstd(self, opened: _Open, layer: LayerRef, start: int, size: int) -> bytes:
         pieces = []
         for frame in frames_at(opened.index.frames, start, size):
-            data = opened.frames.get(frame.uoffset)
-            if data is None:
-                data = await self._frame(opened, layer, frame)
-            else:
-                opened.frames.move_to_end(frame.uoffset)
-            low = max(start, frame.uoffset) - frame.uoffset
-            pieces.append(data[low : start + size - frame.uoffset])
+            make = functools.partial(self._frame, opened, layer, frame)
+            data = await _kept(opened, (frame.uoffset, 0), make)
+            pieces.append(_part(data, frame.uoffset, start, size))
         return b"".join(pieces)
+
+    async def _estargz(
+        self, opened: _Open, layer: LayerRef, member: Member, offset: int, size: int
+    ) -> bytes:
+        pieces = []
+        for chunk in opened.index.chunks.get(member.offset, []):
+            if chunk.start < offset + size and offset < chunk.start + chunk.size:
+                make = functools.partial(self._chunk, opened, layer, chunk)
+                data = await _kept(opened, (chunk.coffset, chunk.inner), make)
+                pieces.append(_part(data, chunk.start, offset, size))
+        return b"".join(pieces)
+
+    async def _chunk(self, opened: _Open, layer: LayerRef, chunk: Chunk) -> bytes:
+        if chunk.cend - chunk.coffset > _MAX_CHUNK_MEMBER:
+            why = f"an eStargz chunk of {chunk.cend - chunk.coffset} compressed bytes"
+            raise CorruptLayer(layer.digest, why)
+        compressed = bytes(await opened.reader.read_at(chunk.coffset, chunk.cend - chunk.coffset))
+        try:
+            if chunk.size <= _INLINE_FRAME:
+                return chunk_bytes(chunk, compressed)
+            return await trio.to_thread.run_sync(chunk_bytes, chunk, compressed)
+        except (ValueError, zlib.error) as exc:
+            raise CorruptLayer(layer.digest, f"eStargz chunk at {chunk.coffset}: {exc}") from None
 
     async def _frame(self, opened: _Open, layer: LayerRef, frame: Frame) -> bytes:
         if frame.in_copy:
@@ -169,7 +196,22 @@ class LayerFiles:
             where = "its local copy" if frame.in_copy else "the blob"
             why = f"zstd frame at {frame.coffset} of {where}: {exc}"
             raise CorruptLayer(layer.digest, why) from None
-        opened.frames[frame.uoffset] = data
-        while len(opened.frames) > _KEPT_FRAMES:
-            opened.frames.popitem(last=False)
         return data
+
+
+async def _kept(opened: _Open, key: tuple[int, int], make: Callable[[], Awaitable[bytes]]) -> bytes:
+    """A decompressed frame or chunk, from the few kept per layer or made now."""
+    data = opened.kept.get(key)
+    if data is not None:
+        opened.kept.move_to_end(key)
+        return data
+    data = opened.kept[key] = await make()
+    while len(opened.kept) > _KEPT:
+        opened.kept.popitem(last=False)
+    return data
+
+
+def _part(data: bytes, data_start: int, start: int, size: int) -> bytes:
+    """Of `data` (which begins at `data_start`), what lies in [start, start + size)."""
+    low = max(start, data_start) - data_start
+    return data[low : start + size - data_start]

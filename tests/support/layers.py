@@ -3,15 +3,21 @@
 `every_kind_tar()` holds each tar entry type, PAX long names and xattrs, a fractional PAX
 mtime, big numeric ids, device nodes, names that try to climb out (`..`, absolute) and
 whiteout names (kept as they are: the merge reads them). `compress(raw, how)` gives the
-blob for one of `COMPRESSIONS`.
+blob for one of `COMPRESSIONS`; `estargz(raw)` an eStargz blob and its TOC digest.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
 import io
+import json
 import random
 import tarfile
+import zlib
+from datetime import UTC, datetime
+from typing import Any
 
 import zstandard
 
@@ -106,3 +112,94 @@ def every_kind_tar(seed: int = 1, big: int = 5 * MIB) -> bytes:
 def many_members_tar(count: int) -> bytes:
     """`count` empty files: the shape of a layer that tries to exhaust memory."""
     return tar_of([(entry(f"d{i % 100}/f{i}"), b"") for i in range(count)], tarfile.GNU_FORMAT)
+
+
+def estargz(raw: bytes, chunk: int = 256 << 10) -> tuple[bytes, str]:
+    """`raw` (a tar) as eStargz, laid out as stargz-snapshotter's writer does: each entry's
+    header in the current gzip member, each chunk of a file's data in a member of its own,
+    then the TOC (`stargz.index.json` in a tar of its own) and the 51-byte footer.
+    Returns the blob and the TOC digest (the manifest's `toc.digest` annotation)."""
+    out = bytearray()
+    compressor: Any = None
+
+    def write(data: bytes) -> None:
+        nonlocal compressor
+        if compressor is None:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+        out.extend(compressor.compress(data))
+
+    def close() -> None:
+        nonlocal compressor
+        if compressor is not None:
+            out.extend(compressor.flush())
+            compressor = None
+
+    entries: list[dict[str, Any]] = []
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        for info in tar:
+            write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            record = _toc_entry(info)
+            extracted = tar.extractfile(info) if info.isreg() else None
+            data = extracted.read() if extracted is not None else b""
+            if not data:
+                entries.append(record)
+                continue
+            for start in range(0, len(data), chunk):
+                close()
+                piece = data[start : start + chunk]
+                if start:
+                    record = {"name": info.name, "type": "chunk"}
+                record |= {"offset": len(out), "chunkOffset": start}
+                if len(data) > chunk:
+                    record["chunkSize"] = len(piece)
+                record["chunkDigest"] = "sha256:" + hashlib.sha256(piece).hexdigest()
+                entries.append(record)
+                write(piece)
+            write(bytes(-len(data) % tarfile.BLOCKSIZE))
+    close()
+    toc_offset = len(out)
+    toc = json.dumps({"version": 1, "entries": entries}).encode()
+    write(tar_of([(entry("stargz.index.json", mode=0o644), toc)]))
+    close()
+    footer = (
+        b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff\x1a\x00SG\x16\x00"
+        + b"%016xSTARGZ" % toc_offset
+        + b"\x01\x00\x00\xff\xff"
+        + bytes(8)
+    )
+    return bytes(out) + footer, "sha256:" + hashlib.sha256(toc).hexdigest()
+
+
+_TOC_TYPES = {
+    tarfile.DIRTYPE: "dir",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
+
+
+def _toc_entry(info: tarfile.TarInfo) -> dict[str, Any]:
+    seconds, _, fraction = info.pax_headers.get("mtime", str(int(info.mtime))).partition(".")
+    stamp = datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    xattrs = {
+        key.removeprefix("SCHILY.xattr."): base64.b64encode(
+            value.encode("utf-8", "surrogateescape")
+        ).decode()
+        for key, value in info.pax_headers.items()
+        if key.startswith("SCHILY.xattr.")
+    }
+    return {
+        "name": info.name,
+        "type": "reg" if info.isreg() else _TOC_TYPES[info.type],
+        "size": info.size if info.isreg() else 0,
+        "modtime": stamp + (f".{fraction}" if fraction else "") + "Z",
+        "linkName": info.linkname,
+        "mode": info.mode,
+        "uid": info.uid,
+        "gid": info.gid,
+        "devMajor": info.devmajor,
+        "devMinor": info.devminor,
+        "xattrs": xattrs,
+    }
