@@ -561,10 +561,14 @@ async def test_estargz_toc_gives_the_table_without_a_pass(registry, cache_dir, c
     assert ordinary.format is Format.GZIP and index_view(ordinary) == index_view(index)
 
 
-async def test_estargz_toc_not_vouched_for_is_not_used(registry, cache, caplog):
+async def test_estargz_toc_not_vouched_for_or_too_big_is_not_used(registry, cache, caplog):
     caplog.set_level(logging.INFO, "storage.rootfs")
-    blob, _ = estargz(every_kind_tar(big=0))
+    blob, toc_digest = estargz(every_kind_tar(big=0))
     layer = await store(registry, gzip.decompress(blob), "gzip", blob=blob)
+    indexer = Indexer(cache, Limits(members=5))
+    with pytest.raises(LayerTooLarge):  # the pass's own bound, once the TOC is refused
+        await indexer.index(replace(layer.ref, toc_digest=toc_digest))
+    assert "eStargz TOC not used (more than 5 TOC entries)" in caplog.text
     indexer = Indexer(cache)
     index = await indexer.index(replace(layer.ref, toc_digest="sha256:" + "0" * 64))
     assert index.format is Format.GZIP and indexer.passes == 1

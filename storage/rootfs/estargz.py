@@ -29,7 +29,6 @@ from datetime import datetime
 from typing import Any
 
 from ..api import BlobReader
-from ..digests import Digest
 from .members import Kind, Member, normalise
 
 FOOTER_SIZE = 51
@@ -84,8 +83,10 @@ def toc_offset(footer: bytes) -> int:
         raise Unusable("a footer whose TOC offset is not hex") from None
 
 
-async def read_toc(reader: BlobReader, size: int, toc_digest: str, layer: Digest) -> Toc:
-    """The layer's members and chunks from its TOC; Unusable when it cannot be trusted."""
+async def read_toc(reader: BlobReader, size: int, toc_digest: str, max_members: int) -> Toc:
+    """The layer's members and chunks from its TOC; Unusable when it cannot be trusted or
+    holds more than `max_members` entries (the ordinary pass then says why, with its own
+    bounds)."""
     if size < FOOTER_SIZE:
         raise Unusable("shorter than a footer")
     start = toc_offset(bytes(await reader.read_at(size - FOOTER_SIZE, FOOTER_SIZE)))
@@ -99,6 +100,8 @@ async def read_toc(reader: BlobReader, size: int, toc_digest: str, layer: Digest
         raise Unusable(f"its TOC is {actual}, the manifest says {toc_digest}")
     try:
         entries = json.loads(raw.data)["entries"]
+        if len(entries) > max_members:
+            raise Unusable(f"more than {max_members} TOC entries")
         return _table(entries, raw.info, start, end)
     except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise Unusable(f"a TOC that does not read: {exc!r:.200}") from None

@@ -224,7 +224,7 @@ class Indexer:
         a log line) when the TOC is not there or not what the manifest vouches for."""
         reader = await layer.open()
         try:
-            toc = await estargz.read_toc(reader, layer.size, layer.toc_digest, layer.digest)
+            toc = await estargz.read_toc(reader, layer.size, layer.toc_digest, self.limits.members)
         except estargz.Unusable as exc:
             log.info("layer %s: eStargz TOC not used (%s); indexing it", layer.digest, exc)
             return None
