@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from support.images import (
@@ -38,7 +35,7 @@ from support.images import (
 )
 from support.layers import COMPRESSIONS
 from support.oci import CommandError
-from support.tools import digest_of
+from support.tools import digest_of, python_stdout
 
 from storage.rootfs.members import Kind, Member
 from storage.rootfs.merge import DEFAULT_DIR, MAX_SYMLINKS, MergedTree, MergeError, merge
@@ -481,15 +478,7 @@ MEMORY_SCRIPT = textwrap.dedent(
 def test_a_million_tiny_members_merge_in_bounded_memory():
     """Bound: the merge's peak ≤ 300 bytes per member above the members themselves, and the
     tree it keeps ≤ 100 bytes per member (measured: ~190 and ~60)."""
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=Path(__file__).parent.parent,
-    ).stdout.split()
-    members, inodes, peak, kept = (int(x) for x in out[:4])
+    members, inodes, peak, kept = (int(x) for x in python_stdout(MEMORY_SCRIPT).split()[:4])
     assert members == 1_000_000 and inodes == members + 1
     assert peak <= 300 * members, f"peak {peak / 1e6:.0f} MB"
     assert kept <= 100 * members, f"kept {kept / 1e6:.0f} MB"

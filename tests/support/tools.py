@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def sh(*args: str | Path, check: bool = True, timeout: float = 60) -> subprocess
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}: {result.stderr}")
     return result
+
+
+def python_stdout(script: str, *args: str, timeout: float = 120) -> str:
+    """What a Python script prints, run in a fresh interpreter at the project root (so it
+    imports storage/ and regfs/): for figures this test process would distort, like peak RSS."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+        cwd=Path(__file__).parents[2],
+    ).stdout
 
 
 def bash(script: str, check: bool = True) -> subprocess.CompletedProcess:
