@@ -25,7 +25,7 @@ from support.mounts import is_mounted, regfs, wait_until
 from support.oci import blob_path, build_image, run, skopeo_pull, skopeo_push
 from support.registry import OCI_MANIFEST, TEST_SECRET, RegistryServer, upload_state_token
 from support.s3 import MotoServer, registry_s3_config
-from support.tools import digest_of, errno_of, ls, sha256sum
+from support.tools import digest_of, errno_of, ls, open_errno, sha256sum
 from support.uploads import new_repo, uuid_of
 
 from storage.digests import digest_bytes
@@ -281,3 +281,34 @@ def test_upload_through_the_mount_killed_then_finished_by_the_registry(
     client.finish_upload(location, digest_of(data))
     assert client.get_blob(name, digest_of(data)) == data
     no_upload_left(moto_server, s3_bucket)  # the registry completed the daemon's upload
+
+
+def test_two_daemons_on_one_bucket(tmp_path, aws_env, s3_bucket, mount):
+    """Two regfs daemons (two processes, two mountpoints) on one bucket: an upload held open
+    on A is EBUSY on B (the S3 lock), B takes it once A closes, appends and finishes it;
+    nothing A wrote is lost. A tag written on A shows on B within the tag TTL (1 s here)."""
+    a = mount(source(s3_bucket), "-o", "tag_ttl=1")
+    b = mount(source(s3_bucket), "-o", "tag_ttl=1")
+    first, second = os.urandom(3 << 20), os.urandom(2 << 20)
+    uploads_a = new_repo(a, "org/app") / "uploads"
+    uploads_b = b.path("org", "app", "uploads")
+    fd = os.open(uploads_a / "shared", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, first)
+        wait_until(lambda: "shared" in ls(uploads_b), 10, "B to list A's upload")
+        assert open_errno(uploads_b / "shared", os.O_WRONLY | os.O_APPEND) == errno.EBUSY
+    finally:
+        os.close(fd)
+    with open(uploads_b / "shared", "ab") as f:
+        f.write(second)
+    digest = digest_of(first + second)
+    run(["mv", str(uploads_b / "shared"), str(b.path("org", "app", "layers", digest))])
+    assert sha256sum(a.path("org", "app", "layers", digest)) == digest
+
+    image = build_image(tmp_path / "layout", "v1", FILES, layers=1)
+    repo_a = a.path("org", "app")
+    for blob in image.blob_digests:
+        run(["cp", str(blob_path(tmp_path / "layout", blob)), str(repo_a / "uploads" / blob)])
+    run(["cp", str(blob_path(tmp_path / "layout", image.digest)), str(repo_a / "tags" / "v1")])
+    wait_until(lambda: ls(b.path("org", "app", "tags")) == ["v1"], 5, "B to see tag v1")
+    assert b.path("org", "app", "tags", "v1").read_bytes() == image.manifest

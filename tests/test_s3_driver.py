@@ -243,3 +243,47 @@ async def test_reads_in_order_out_of_order_and_at_once(drv):
     assert all(found[o] == data[o : o + 70_000] for o in offsets)
     await reader.aclose()
     await drv.delete("/blob")
+
+
+@pytest.fixture
+def quick_locks(monkeypatch):
+    """Locks that give up waiting in 0.2 s, expire after 1 s unrenewed (S3's clocks count
+    whole seconds) and are never renewed here: the expiry path in seconds, not minutes."""
+    monkeypatch.setattr("storage.drivers.s3.LOCK_WAIT", 0.2)
+    monkeypatch.setattr("storage.drivers.s3.LOCK_TTL", 1.0)
+    monkeypatch.setattr("storage.drivers.s3.LOCK_SAFE", 0.5)
+    monkeypatch.setattr("storage.drivers.s3.LOCK_RENEW", 100.0)
+
+
+async def test_one_writer_across_daemons_and_a_dead_ones_lock_expires(
+    moto_server, s3_bucket, quick_locks, caplog
+):
+    """Two drivers on one bucket, as two daemons: the second writer is Busy while the first
+    holds the lock, and gets it once the first closes. A holder that stops renewing (a
+    killed daemon) loses it after LOCK_TTL to the next writer, and from then on writes
+    nothing (Busy), so the data holds what the new holder wrote on top."""
+    a = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
+    b = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
+    path = f"{UPLOAD}/data"
+    first = await a.writer(path)
+    with pytest.raises(Busy):
+        await b.writer(path)
+    await first.write_at(0, b"from a;")
+    await first.aclose()
+    second = await b.writer(path)
+    await second.write_at(7, b"from b;")
+    await second.aclose()
+
+    stale = await a.writer(path)  # never renewed: expires in a second
+    await trio.sleep(2.2)
+    taker = await b.writer(path)
+    assert "taking over a writer lock" in caplog.text
+    await stale.write_at(14, b"late")  # buffered only
+    with pytest.raises(Busy):
+        await stale.sync()
+    with pytest.raises(Busy):
+        await stale.aclose()  # its close sends nothing, and leaves the new holder's lock
+    await taker.write_at(14, b"from b again")
+    await taker.aclose()
+    assert await a.get_content(path) == b"from a;from b;from b again"
+    await a.delete(UPLOAD)

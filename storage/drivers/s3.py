@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import email.utils
 import functools
+import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -80,6 +84,14 @@ AHEAD = 8 * MIB  # how far a reader's stream reads ahead of the reads
 BEHIND = MIB  # what it keeps below the last read, for reads that come a little late
 STREAMS = 2  # streams per open file
 IDLE = 60.0  # seconds a stream waits for a read before it lets go of its connection
+# The writer lock across daemons (docs/scale-out.md): an object beside the file, made with
+# If-None-Match: *, renewed with If-Match. Expired LOCK_TTL after its last write by the
+# server's clock; its holder writes nothing LOCK_SAFE after it sent its last renewal.
+LOCK_SUFFIX = ".regfs-lock"
+LOCK_TTL = 60.0
+LOCK_RENEW = 15.0
+LOCK_SAFE = 30.0
+LOCK_WAIT = 2.0  # how long a writer waits for a lock held elsewhere before Busy
 RETRIES = 4  # tries after the first: 0.1 + 0.2 + 0.4 + 0.8 s of backoff
 POOL = 64  # connections; trio runs up to 40 worker threads, copies add their own
 
@@ -88,6 +100,10 @@ _LOST = (ConnectionClosedError, ReadTimeoutError, ResponseStreamingError, Urllib
 _BUSY_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
 _MISSING_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
+
+
+class _PreconditionFailed(RemoteUnavailable):
+    """412: a conditional write (If-None-Match, If-Match) found the object not as it said."""
 
 
 def _code(exc: ClientError) -> str:
@@ -263,6 +279,8 @@ class S3Driver(StorageDriver):
     def _error(self, what: str, exc: Exception) -> Exception:
         if isinstance(exc, ClientError):
             code = _code(exc)
+            if code == "PreconditionFailed" or _status(exc) == 412:
+                return _PreconditionFailed(f"S3 {what}: precondition failed")
             if code in _DENIED_CODES:
                 return AccessDenied(f"S3 {what}: access denied ({code})")
             if code == "NoSuchBucket":
@@ -507,16 +525,22 @@ class S3Driver(StorageDriver):
             if key in self._writers:
                 raise Busy(f"{path} is being written by another writer")
             writer = self._writers[key] = _Writer(self, key)
+        lock = _Lock(self, key + LOCK_SUFFIX, path)
         try:
+            await self._run(lock.acquire)
+            writer.lock = lock
             await self._run(writer.open_blocking)
         except BaseException:
-            self._release(key)
+            await self._run(lambda: self._release(key))
             raise
         return writer
 
     def _release(self, key: str) -> None:
+        """Forget the writer at key and let go of its lock (blocks: a worker thread)."""
         with self._writers_lock:
-            self._writers.pop(key, None)
+            writer = self._writers.pop(key, None)
+        if writer is not None and writer.lock is not None:
+            writer.lock.release()
 
     async def _stat(self, path: str) -> FileInfo:
         if path == "/":
@@ -833,6 +857,7 @@ class _Writer(FileWriter):
     def __init__(self, driver: S3Driver, key: str) -> None:
         self._driver = driver
         self._key = key
+        self.lock: _Lock | None = None
         self._upload_id = ""
         self._parts: list[_Part] = []
         self._base = 0
@@ -886,6 +911,7 @@ class _Writer(FileWriter):
 
     def _seal(self, count: int) -> None:
         """Send the first count bytes of the tail as the next part, for good."""
+        self._check_lock()
         part = self._driver.upload_part(
             self._key, self._upload_id, len(self._parts) + 1, bytes(self._tail[:count])
         )
@@ -906,10 +932,15 @@ class _Writer(FileWriter):
             self._seal(len(self._tail))
             return
         # The tail (maybe empty, after a truncate) replaces the part last sent for it.
+        self._check_lock()
         self._tail_part = self._driver.upload_part(
             self._key, self._upload_id, len(self._parts) + 1, bytes(self._tail)
         )
         self._dirty = False
+
+    def _check_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.check()
 
     async def truncate(self, size: int) -> None:
         await trio.to_thread.run_sync(self._truncate_blocking, size)
@@ -955,4 +986,106 @@ class _Writer(FileWriter):
         try:
             await trio.to_thread.run_sync(self.sync_blocking)
         finally:
-            self._driver._release(self._key)
+            await trio.to_thread.run_sync(self._driver._release, self._key)
+
+
+class _Lock:
+    """One writer per file across daemons: the object `<key>.regfs-lock`, created only if
+    absent (If-None-Match: *), renewed by a thread every LOCK_RENEW seconds only if still
+    ours (If-Match its ETag), deleted only if ours. A lock not renewed for LOCK_TTL by the
+    server's clock (its Last-Modified against the Date of the answer that shows it) is
+    expired, and taken over with If-Match, so a killed daemon holds nothing for long. Its
+    holder writes nothing once LOCK_SAFE has passed since it sent its last renewal: before
+    anyone else may take it over. docs/scale-out.md says why this is safe, and its limits."""
+
+    def __init__(self, driver: S3Driver, key: str, path: str) -> None:
+        self._driver = driver
+        self._key = key
+        self._path = path
+        self._etag = ""
+        self._sent = 0.0  # time.monotonic() when the last successful write of it was sent
+        self._lost = False
+        self._stop = threading.Event()
+        self._body = json.dumps(
+            {"owner": f"{socket.gethostname()}:{os.getpid()}", "ttl": LOCK_TTL}
+        ).encode()
+
+    def acquire(self) -> None:
+        """Take the lock (waiting up to LOCK_WAIT for a holder to let go), or Busy."""
+        deadline = time.monotonic() + LOCK_WAIT
+        delay = 0.05
+        while not self._try():
+            if time.monotonic() >= deadline:
+                raise Busy(f"{self._path} is being written by another writer (lock held)")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        threading.Thread(target=self._renew, name="regfs-s3-lock", daemon=True).start()
+
+    def _put(self, if_match: str | None) -> bool:
+        """Write the lock object if it is absent (if_match None) or has ETag if_match;
+        False on 412."""
+        driver = self._driver
+        sent = time.monotonic()
+        put = functools.partial(
+            driver.client.put_object, Bucket=driver.bucket, Key=self._key, Body=self._body
+        )
+        put = (
+            functools.partial(put, IfNoneMatch="*")
+            if if_match is None
+            else functools.partial(put, IfMatch=if_match)
+        )
+        try:
+            self._etag = driver.call(f"LOCK {self._key}", put)["ETag"]
+        except _PreconditionFailed:
+            return False
+        self._sent = sent
+        return True
+
+    def _try(self) -> bool:
+        if self._put(None):
+            return True
+        driver = self._driver
+        try:
+            head = driver.call(
+                f"HEAD {self._key}",
+                lambda: driver.client.head_object(Bucket=driver.bucket, Key=self._key),
+                path=self._key,
+            )
+        except PathNotFound:
+            return False  # let go meanwhile: try again
+        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+        # Both times count whole seconds: one is taken off, against the one taking over.
+        age = (now - head["LastModified"]).total_seconds() - 1
+        if age < LOCK_TTL:
+            return False
+        log.warning("%s: taking over a writer lock not renewed for %.0f s", self._path, age)
+        return self._put(head["ETag"])
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_RENEW):
+            try:
+                if not self._put(self._etag):
+                    log.error("%s: writer lock taken over elsewhere: no more writes", self._path)
+                    self._lost = True
+                    return
+            except RemoteUnavailable as exc:  # tried again at the next turn
+                log.warning("%s: writer lock not renewed: %s", self._path, exc)
+
+    def check(self) -> None:
+        """Busy if writing now could clash with a writer that took the lock over."""
+        if self._lost or time.monotonic() - self._sent > LOCK_SAFE:
+            raise Busy(f"{self._path}: writer lock lost (not renewed in time); reopen the file")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._lost:
+            return
+        driver = self._driver
+        with contextlib.suppress(_PreconditionFailed, PathNotFound):
+            driver.call(
+                f"UNLOCK {self._key}",
+                lambda: driver.client.delete_object(
+                    Bucket=driver.bucket, Key=self._key, IfMatch=self._etag
+                ),
+                path=self._key,
+            )
