@@ -75,15 +75,18 @@ class Attributes:
                 entry.st_atime_ns = entry.st_mtime_ns = shown.mtime_ns
         if timeout is None:
             timeout = FOREVER if attr.immutable else self.options.tag_ttl
-            if isinstance(node, TagNode | UploadNode):
-                # What can change through this mount is never cached by the kernel (the
-                # daemon caches it for tag_ttl): invalidating a kernel entry takes its
-                # directory's lock, which a client waiting for the daemon may hold, and a
-                # daemon killed while waiting for it could never exit and free the mount.
-                timeout = 0
+            if isinstance(node, UploadNode):
+                timeout = 0  # its size moves with every write, from any mount
         entry.attr_timeout = entry.entry_timeout = timeout
-        if isinstance(node, LayerNode | ManifestNode):  # bytes fixed; presence not (a DELETE)
-            entry.entry_timeout = 0  # so each lookup asks the daemon, which caches for tag_ttl
+        if isinstance(node, TagNode | LayerNode | ManifestNode):
+            # A name that can go without the kernel seeing it (a tag deleted with its
+            # manifest, a registry DELETE) is never cached by the kernel: the daemon would have
+            # to invalidate it, which takes the directory's lock that a client waiting for the
+            # daemon may hold, and a daemon killed while waiting for it could never exit and
+            # free the mount. So every path walk asks the daemon (it caches for tag_ttl), and
+            # that lookup's reply refreshes the attributes, which may then be kept: they serve
+            # the stat that follows the lookup, and fstat (docs/concurrency.md).
+            entry.entry_timeout = 0
         return entry
 
     async def entry_of(self, node: Node) -> EntryAttributes:

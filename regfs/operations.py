@@ -55,7 +55,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         node = await self.tree.lookup(self.inodes.node(parent_inode), decode_name(name))
-        entry = self.attributes.entry(node, await self.tree.attr(node))
+        entry = await self.attributes.entry_of(node)  # a tag being written: its pending size
         self.inodes.ref(entry.st_ino)
         return entry
 

@@ -82,6 +82,9 @@ class Tree:
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
         self._digests: TtlCache[Node, Attr] = TtlCache(tag_ttl)  # manifests/, layers/
+        # A tag's link mtime, kept like its target: `ls -l` looks a tag up three times (a stat
+        # and two getxattrs, each a path walk), and reading the mtime is a stat of its own.
+        self._tag_mtimes: TtlCache[TagNode, int] = TtlCache(tag_ttl)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
         self._shadow_logged: set[str] = set()
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
@@ -89,6 +92,7 @@ class Tree:
     def forget_moving(self) -> None:
         """Drop every cached tag, listing and digest entry (SIGHUP)."""
         self._tags.clear()
+        self._tag_mtimes.clear()
         self._listings.clear()
         self._digests.clear()
         self._upload_names.clear()
@@ -109,6 +113,7 @@ class Tree:
             match node:
                 case TagNode():
                     self._tags.pop(node)
+                    self._tag_mtimes.pop(node)
                     self._listings.pop(SectionNode(node.repo, "tags"))
                 case SectionNode(repo, "uploads") | UploadNode(repo, _):
                     self._upload_names.pop(repo)
@@ -242,7 +247,11 @@ class Tree:
                 except UnknownManifest as exc:  # damage: ENOENT, but say so
                     log.warning("attr: %s", exc)
                     raise
-                return Attr(False, manifest.size, await self._repo(repo).tags.mtime_ns(tag))
+                mtime_ns = self._tag_mtimes.get(node)
+                if mtime_ns is None:
+                    mtime_ns = await self._repo(repo).tags.mtime_ns(tag)
+                    self._tag_mtimes.put(node, mtime_ns)
+                return Attr(False, manifest.size, mtime_ns)
             case ManifestNode(repo, digest):
                 info = await self._repo(repo).manifests.stat(digest)
                 attr = Attr(False, info.size, info.mtime_ns, immutable=True)
@@ -268,6 +277,7 @@ class Tree:
             return await use(digest)
         except UnknownManifest:
             self._tags.pop(node)
+            self._tag_mtimes.pop(node)
             if (fresh := await self._tag_target(node)) != digest:
                 return await use(fresh)
             raise UnknownManifest(
