@@ -65,8 +65,12 @@ class Attributes:
         entry.st_blocks = (attr.size + 511) // 512
         entry.st_blksize = BLOCK_SIZE
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
-        entry.st_uid = self.options.uid
-        entry.st_gid = self.options.gid
+        entry.st_uid = self.options.uid if attr.uid is None else attr.uid
+        entry.st_gid = self.options.gid if attr.gid is None else attr.gid
+        if attr.mode is not None:  # a view's file (rootfs/): its own type, mode and links
+            entry.st_mode = attr.mode
+            entry.st_nlink = attr.nlink or entry.st_nlink
+            entry.st_rdev = attr.rdev
         shown = self._shown.get(node) if isinstance(node, UploadNode) else None
         if shown is not None:
             entry.st_mode = stat.S_IFREG | shown.mode

@@ -64,6 +64,11 @@ class Operations(pyfuse3.Operations):
         return await self.attributes.entry_of(self.inodes.node(inode))
 
     @fuse_errors
+    async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
+        """A view's symlink (rootfs/): its target is its content."""
+        return await self.tree.read(self.inodes.node(inode))
+
+    @fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.inodes.forget(inode, count)
