@@ -21,6 +21,7 @@ import trio
 from .operations import Operations
 from .options import MountOptions
 from .readahead import set_read_ahead
+from .rootfs import SECTION, RootfsView
 from .sources import open_registry
 from .tree import Tree
 
@@ -51,12 +52,13 @@ async def _ready_when_served(options: MountOptions, on_ready: Callable[[], None]
     on_ready()
 
 
-async def _serve(ops: Operations, on_ready: Callable[[], None]) -> None:
+async def _serve(ops: Operations, rootfs: RootfsView, on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, ops)
         nursery.start_soon(_ready_when_served, ops.options, on_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+    await rootfs.aclose()  # before the registry: its open layers read through it
     await ops.tree.registry.aclose()
 
 
@@ -100,7 +102,8 @@ def _words(said: IO[bytes]) -> str:
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount and serve; returns once unmounted. Errors before the mount is up propagate."""
     registry = open_registry(options)
-    ops = Operations(Tree(registry, options.tag_ttl), options)
+    rootfs = RootfsView.create(registry, options.tag_ttl, options.index_cache_size)
+    ops = Operations(Tree(registry, options.tag_ttl, views={SECTION: rootfs}), options)
     log_file = logging.getLogger().handlers[0]
     stream = getattr(log_file, "stream", None)
     if stream is not None:
@@ -120,7 +123,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         "read-only" if options.read_only else "read-write",
     )
     try:
-        trio.run(_serve, ops, on_ready)
+        trio.run(_serve, ops, rootfs, on_ready)
     except Exception:
         log.exception("serve: the main loop failed; unmounting")
         raise

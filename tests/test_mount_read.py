@@ -27,7 +27,7 @@ from support.tools import (
 
 pytestmark = pytest.mark.mount
 
-SECTIONS = ["layers", "manifests", "tags", "uploads"]
+SECTIONS = ["layers", "manifests", "rootfs", "tags", "uploads"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -109,12 +109,14 @@ def test_real_registry_root(tmp_path, registry_server, client, mount):
 
     # The whole tree, as `ls -R` prints it.
     tree = parse_ls_recursive(run("ls", "-R", m.mountpoint).stdout.decode(), m.mountpoint)
+    tree = {k: v for k, v in tree.items() if not k.startswith("library/demo/rootfs/")}  # files
     assert tree == {
         "": ["library"],
         "library": ["demo"],
         "library/demo": SECTIONS,
         "library/demo/layers": blobs,
         "library/demo/manifests": sorted([small.digest, big.digest]),
+        "library/demo/rootfs": ["big", "v1"],
         "library/demo/tags": ["big", "v1"],
         "library/demo/uploads": [],
     }

@@ -200,7 +200,7 @@ def test_browse_and_read(served: RegistryServer, images: Images, mount) -> None:
     assert ls(m.mountpoint) == ["library", "myorg"]
     assert ls(m.path("myorg")) == ["team"]
     assert ls(m.path("myorg", "team")) == ["big"]
-    assert ls(m.path("library", "demo")) == ["layers", "manifests", "tags", "uploads"]
+    assert ls(m.path("library", "demo")) == ["layers", "manifests", "rootfs", "tags", "uploads"]
     assert ls(m.path("library", "demo", "tags")) == ["latest", "v1"]
     assert ls(m.path("library", "demo", "manifests")) == [images.demo.digest]
     assert ls(m.path("library", "demo", "layers")) == sorted(images.demo.blob_digests)
@@ -458,7 +458,7 @@ def test_without_catalog_repositories_are_reached_by_name(
         m = mount(proxy.url)
         assert ls(m.mountpoint) == []
         demo = m.path("library", "demo")
-        assert ls(demo) == ["layers", "manifests", "tags", "uploads"]
+        assert ls(demo) == ["layers", "manifests", "rootfs", "tags", "uploads"]
         assert ls(demo / "tags") == ["latest", "v1"]
         assert (demo / "tags" / "v1").read_bytes() == images.demo.manifest
         first = images.demo.layer_digests[0]

@@ -1,0 +1,447 @@
+"""The `rootfs/` view mounted (issue 16): images built with umoci, pushed with skopeo to the
+real registry, mounted, and held to `umoci unpack` of the same image with real tools.
+
+One module-wide storage root holds every image: the rule-covering image as gzip, plain tar and
+zstd layers, a second version of it, an index of two platforms and an attestation, and
+images whose one layer is bad (not a tar, a gzip cut short, bytes that are not its digest).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from support.images import (
+    Tree,
+    build_layered_image,
+    device,
+    differences,
+    directory,
+    file,
+    hardlink,
+    layer_tars,
+    opaque,
+    symlink,
+    tree_of_dir,
+    umoci_unpack,
+    whiteout,
+)
+from support.layers import MEDIA_TYPES
+from support.mounts import Mount, wait_until
+from support.oci import OciImage, image_manifest, skopeo_push
+from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_path
+from support.roots import link_blobs
+from support.tools import digest_of
+
+from storage.drivers import FilesystemDriver
+from storage.registry import Registry
+from storage.rootfs.members import Kind
+
+pytestmark = [pytest.mark.mount, pytest.mark.registry]
+
+REPO = "library/img"
+BIG = random.Random(16).randbytes(400_000)
+LONG = "long/" + "n" * 200 + "/" + "f" * 150
+
+
+def layers_v1() -> list[list]:
+    """Every rule the view must show as umoci does, in three layers (the last one empty)."""
+    base = [
+        directory(".", mode=0o755),
+        directory("etc"),
+        file("etc/os-release", b"ID=test\nVERSION=1\n"),
+        file("etc/shadow", b"root:*:19000::::::\n", mode=0o600),
+        file("etc/motd", b"hello\n"),
+        directory("usr"),
+        directory("usr/bin"),
+        file("usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o4755, uid=1000, gid=1000),
+        file("usr/bin/big", BIG, mode=0o755),
+        hardlink("usr/bin/tool-link", "usr/bin/tool"),
+        symlink("bin", "usr/bin"),
+        symlink("etc/abs", "/etc/os-release"),
+        symlink("dangling", "../nowhere"),
+        directory("dev"),
+        device("dev/null", Kind.CHAR, 1, 3),
+        device("dev/sda", Kind.BLOCK, 8, 0),
+        device("dev/fifo", Kind.FIFO, 0, 0),
+        file("xattr.txt", b"x", xattrs=(("user.a", b"1"), ("user.bin", b"\x00\xff"))),
+        directory("gone"),
+        file("gone/a", b"a"),
+        directory("opq", mode=0o750, uid=7),
+        file("opq/old", b"old"),
+        file("f2d", b"a file first"),
+        file("target", b"v0"),
+        file(LONG, b"long"),
+        file("ünïcode.txt", b"u", uid=100000, gid=200000),
+    ]
+    second = [
+        whiteout("gone"),
+        opaque("opq"),
+        file("opq/new", b"new"),
+        directory("f2d", mode=0o700),
+        file("f2d/child", b"c"),
+        hardlink("keep", "target"),
+        file("target", b"v1", mtime="1700000000.5"),
+    ]
+    return [base, second, []]
+
+
+def layers_v2() -> list[list]:
+    return [
+        *layers_v1(),
+        [file("etc/os-release", b"ID=test\nVERSION=2\n"), whiteout("etc/motd"), file("etc/added")],
+    ]
+
+
+def platform_index(children: dict[str, OciImage], attestation: OciImage) -> bytes:
+    """An OCI index of `children` by `<os>-<arch>[-<variant>]` and a buildkit-style
+    attestation entry (which the view must skip)."""
+    entries = []
+    for name, image in children.items():
+        os_, arch, *variant = name.split("-")
+        platform = {"os": os_, "architecture": arch, **({"variant": variant[0]} if variant else {})}
+        entries.append(_descriptor(image) | {"platform": platform})
+    entries.append(
+        _descriptor(attestation)
+        | {
+            "platform": {"os": "unknown", "architecture": "unknown"},
+            "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
+        }
+    )
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+
+
+def _descriptor(image: OciImage) -> dict[str, object]:
+    return {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest)}
+
+
+async def put_image(root: Path, tag: str, config: bytes, layers: list[bytes], kind: str) -> str:
+    """An image of `layers` (blobs as given) tagged `tag` in REPO, through storage/."""
+    await link_blobs(root, REPO, [config, *layers])
+    repo = Registry(FilesystemDriver(root)).repository(REPO)
+    digest = await repo.manifests.put(image_manifest(config, layers, kind))
+    await repo.tags.put(tag, digest)
+    return str(digest)
+
+
+async def put_index(root: Path, tag: str, data: bytes) -> str:
+    repo = Registry(FilesystemDriver(root)).repository(REPO)
+    digest = await repo.manifests.put(data)
+    await repo.tags.put(tag, digest)
+    return str(digest)
+
+
+class Images:
+    """The module's storage root, its OCI layout, and what was built into them."""
+
+    def __init__(self, base: Path) -> None:
+        self.layout = base / "oci"
+        self.root = base / "root"
+        self.cache = base / "cache"  # XDG_CACHE_HOME of every mount here
+        self.built: dict[str, OciImage] = {}
+        self.bad: dict[str, str] = {}  # tag → the bad layer's digest
+        self.bundles = base / "bundles"
+        self.unpacked: dict[str, Path] = {}
+
+    def build(self, workdir: Path) -> None:
+        for tag, layers, compression in [
+            ("v1", layers_v1(), "gzip"),
+            ("v1-tar", layers_v1(), "tar"),
+            ("v1-zstd", layers_v1(), "zstd"),
+            ("v2", layers_v2(), "gzip"),
+        ]:
+            self.built[tag] = build_layered_image(self.layout, tag, layers, compression)
+        with RegistryServer(self.root, workdir=workdir) as server:
+            for tag in self.built:
+                skopeo_push(self.layout, tag, server.host, REPO)
+        trio.run(self._put_more)
+
+    async def _put_more(self) -> None:
+        v1, v2 = self.built["v1"], self.built["v2"]
+        config = v1.blob(json.loads(v1.manifest)["config"]["digest"])
+        index = platform_index({"linux-amd64": v1, "linux-arm-v7": v2}, self.built["v1-tar"])
+        await put_index(self.root, "multi", index)
+        first_gzip = v1.blob(json.loads(v1.manifest)["layers"][0]["digest"])
+        tar = layer_tars(self.built["v1-tar"])[0]
+        bad = {
+            "notatar": (random.Random(1).randbytes(20_000), MEDIA_TYPES["tar"]),
+            "cutgzip": (first_gzip[: len(first_gzip) // 2], MEDIA_TYPES["gzip"]),
+            "baddigest": (tar + b"\0" * 1024, MEDIA_TYPES["tar"]),
+        }
+        for tag, (data, kind) in bad.items():
+            await put_image(self.root, tag, config, [data], kind)
+            self.bad[tag] = digest_of(data)
+        # The blob's bytes change under its digest (damage): same size, one member's content.
+        path = blob_data_path(self.root, self.bad["baddigest"])
+        data = bytearray(path.read_bytes())
+        at = data.index(b"ID=test")
+        data[at : at + 2] = b"XX"
+        path.write_bytes(bytes(data))
+
+    def unpack(self, tag: str) -> Path:
+        """`umoci unpack` of the tag, once per module."""
+        if tag not in self.unpacked:
+            self.unpacked[tag] = umoci_unpack(self.layout, tag, self.bundles / tag)
+        return self.unpacked[tag]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
+    base = tmp_path_factory.mktemp("rootfs")
+    built = Images(base)
+    built.build(base / "registry")
+    return built
+
+
+def start_mount(images: Images, where: Path, *args: str) -> Mount:
+    """A mount of the module's root whose index cache is the module's (XDG_CACHE_HOME)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(images.cache))
+        m = Mount(str(images.root), where / "mnt", where / "regfs.log", list(args), False)
+        try:
+            return m.start()
+        except BaseException:
+            m.stop()
+            raise
+
+
+@pytest.fixture(scope="module")
+def mounted(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    m = start_mount(images, tmp_path_factory.mktemp("mount"))
+    try:
+        yield m
+    finally:
+        m.stop()
+        m.check_log()
+
+
+def run(*args: object, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(a) for a in args], capture_output=True, check=check, timeout=60)
+
+
+def rootfs(m: Mount, *parts: str) -> Path:
+    return m.path(*REPO.split("/"), "rootfs", *parts)
+
+
+def view_tree(path: Path) -> Tree:
+    """tree_of_dir of a mounted image root, without the two xattrs regfs adds to that root
+    (checked on their own)."""
+    tree = tree_of_dir(path)
+    root = tree.records[""]
+    names = {name for name, _ in root.xattrs}
+    assert {"user.regfs.index", "user.regfs.digest"} <= names
+    shown = tuple((n, v) for n, v in root.xattrs if not n.startswith("user.regfs."))
+    records = {**tree.records, "": type(root)(**{**vars(root), "xattrs": shown})}
+    return Tree(records, tree.links)
+
+
+# --------------------------------------------------------------------------- the same tree
+
+
+@pytest.mark.parametrize(
+    ("tag", "reference"), [("v1", "v1"), ("v1-tar", "v1-tar"), ("v1-zstd", "v1"), ("v2", "v2")]
+)
+def test_rootfs_equals_umoci_unpack(images, mounted, tag, reference):
+    """Same paths, types, modes, owners, sizes, link targets, device numbers, xattrs,
+    sha256 of every file, link counts, mtimes and hard-link groups (zstd against its gzip
+    twin: umoci 0.4.7 cannot unpack zstd)."""
+    expected = tree_of_dir(images.unpack(reference))
+    run("ls", rootfs(mounted, tag))  # the first listing indexes and merges the image
+    actual = view_tree(rootfs(mounted, tag))
+    assert differences(expected, actual) == []
+    assert actual == expected
+    links = {frozenset({"usr/bin/tool", "usr/bin/tool-link"})}
+    assert links <= actual.links and actual.records["keep"].sha256 == digest_of(b"v0")
+
+
+def test_listing_and_names(images, mounted):
+    assert "rootfs" in os.listdir(mounted.path(*REPO.split("/")))
+    # Tags that are images (the bad ones too: they are listed, and fail when entered).
+    assert sorted(os.listdir(rootfs(mounted))) == sorted([*images.built, "multi", *images.bad])
+    digest = images.built["v1"].digest
+    assert (rootfs(mounted, digest) / "etc" / "os-release").read_bytes() == b"ID=test\nVERSION=1\n"
+    assert digest not in os.listdir(rootfs(mounted))  # looked up, not listed
+    assert not rootfs(mounted, "nosuchtag").exists()
+    st = os.lstat(rootfs(mounted, "v1", "usr", "bin", "tool"))
+    link = os.lstat(rootfs(mounted, "v1", "usr", "bin", "tool-link"))
+    assert (st.st_ino, st.st_nlink) == (link.st_ino, 2)
+    assert os.readlink(rootfs(mounted, "v1", "etc", "abs")) == "/etc/os-release"
+    assert os.readlink(rootfs(mounted, "v1", "bin")) == "usr/bin"
+
+
+def test_everyday_tools(images, mounted, tmp_path):
+    v1 = rootfs(mounted, "v1")
+    unpacked = images.unpack("v1")
+    assert run("cat", v1 / "etc" / "os-release").stdout == b"ID=test\nVERSION=1\n"
+    assert run("cat", v1 / "usr" / "bin" / "big").stdout == BIG
+    assert run("cat", v1 / "bin" / "tool").stdout == b"#!/bin/sh\necho tool\n"  # through a symlink
+    found = run("find", v1, "-printf", "%P %y %m %U:%G\n").stdout.splitlines()
+    want = run("find", unpacked, "-printf", "%P %y %m %U:%G\n").stdout.splitlines()
+    assert sorted(found) == sorted(want)
+
+    def ls_ln(root: Path) -> list[bytes]:
+        """`ls -ln` of two directories, paths relative, without `total` (blocks differ)."""
+        out = run("ls", "-ln", "--time-style=+%s", root / "usr" / "bin", root / "dev").stdout
+        return [line for line in out.replace(bytes(root), b"").splitlines() if b"total" not in line]
+
+    listing = ls_ln(v1)
+    assert listing == ls_ln(unpacked)
+    assert any(line.startswith(b"-rwsr-xr-x 2 1000 1000") for line in listing)
+    grep = run("grep", "-r", "VERSION", v1 / "etc").stdout.decode()
+    assert grep.strip() == f"{v1}/etc/os-release:VERSION=1"
+    # cp -a of one directory out of the mount: the same tree as umoci's.
+    run("cp", "-a", v1 / "usr", tmp_path / "usr")
+    assert differences(tree_of_dir(unpacked / "usr"), tree_of_dir(tmp_path / "usr")) == []
+
+    # diff -r between two versions says what it says of the two unpacked trees.
+    def diff(old: Path, new: Path) -> list[str]:
+        result = run("diff", "-r", "--no-dereference", old, new, check=False)
+        assert result.returncode == 1, result.stderr
+        text = result.stdout.decode().replace(f"{old}/", "OLD/").replace(f"{new}/", "NEW/")
+        return text.replace(f"{old}:", "OLD:").replace(f"{new}:", "NEW:").splitlines()
+
+    lines = diff(v1, rootfs(mounted, "v2"))
+    assert lines == diff(unpacked, images.unpack("v2"))
+    assert {"< VERSION=1", "> VERSION=2", "Only in NEW/etc: added", "Only in OLD/etc: motd"} <= set(
+        lines
+    )
+    out = run("getfattr", "--only-values", "-n", "user.regfs.index", v1).stdout.decode()
+    assert out.startswith("indexed: 3 layers")
+    assert run("getfattr", "--only-values", "-n", "user.a", v1 / "xattr.txt").stdout == b"1"
+
+
+def test_device_nodes_are_shown_not_opened(mounted):
+    """nodev, nosuid: an image's device nodes and setuid files keep no power on the host."""
+    dev = rootfs(mounted, "v1", "dev")
+    st = os.lstat(dev / "sda")
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (8, 0)
+    with pytest.raises(PermissionError):
+        open(dev / "null", "rb").close()
+    options = [
+        line.split()[3]
+        for line in Path("/proc/mounts").read_text().splitlines()
+        if line.split()[1] == str(mounted.mountpoint)
+    ]
+    assert {"nosuid", "nodev"} <= set(options[0].split(","))
+
+
+def test_writes_are_refused(mounted):
+    v1 = rootfs(mounted, "v1")
+    for args in (
+        ["touch", v1 / "new"],
+        ["touch", v1 / "etc" / "os-release"],
+        ["rm", v1 / "etc" / "motd"],
+        ["mkdir", v1 / "newdir"],
+        ["ln", "-s", "x", v1 / "link"],
+        ["mv", v1 / "target", v1 / "moved"],
+        ["chmod", "600", v1 / "target"],
+        ["setfattr", "-n", "user.x", "-v", "1", v1 / "target"],
+    ):
+        result = run(*args, check=False)
+        assert result.returncode != 0 and b"Operation not permitted" in result.stderr, args
+    with pytest.raises(PermissionError) as caught:
+        open(v1 / "etc" / "os-release", "r+b").close()
+    assert caught.value.errno == errno.EPERM
+    assert (v1 / "etc" / "os-release").read_bytes() == b"ID=test\nVERSION=1\n"
+
+
+# --------------------------------------------------------------------------- an image index
+
+
+def test_an_index_shows_one_directory_per_platform(mounted):
+    multi = rootfs(mounted, "multi")
+    assert sorted(os.listdir(multi)) == ["linux-amd64", "linux-arm-v7"]  # no attestation
+    assert (multi / "linux-amd64" / "etc" / "os-release").read_bytes().endswith(b"VERSION=1\n")
+    assert (multi / "linux-arm-v7" / "etc" / "os-release").read_bytes().endswith(b"VERSION=2\n")
+    assert run("getfattr", "--only-values", "-n", "user.regfs.digest", multi).stdout.startswith(
+        b"sha256:"
+    )
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("tag", "reason"),
+    [("notatar", "not a tar"), ("cutgzip", "gzip"), ("baddigest", "hash to")],
+)
+def test_a_bad_layer_is_eio_for_its_image_only(images, mounted, tag, reason):
+    with pytest.raises(OSError) as caught:
+        os.listdir(rootfs(mounted, tag))
+    assert caught.value.errno == errno.EIO
+    with pytest.raises(OSError) as again:  # the outcome is kept: no second pass
+        os.stat(rootfs(mounted, tag, "etc"))
+    assert again.value.errno == errno.EIO
+    layer = images.bad[tag]
+    wait_until(lambda: layer in mounted.log_text(), 5, "the log line")
+    lines = [line for line in mounted.log_text().splitlines() if layer in line and "ERROR" in line]
+    assert lines and reason in lines[0].lower(), lines
+    status = run("getfattr", "--only-values", "-n", "user.regfs.index", rootfs(mounted, tag))
+    assert status.stdout.startswith(b"failed: ") and layer.encode() in status.stdout
+    # The rest of the mount keeps working.
+    assert (rootfs(mounted, "v1", "etc", "motd")).read_bytes() == b"hello\n"
+    assert mounted.pids()
+
+
+# --------------------------------------------------------------------------- other sources
+
+
+@pytest.mark.remote
+def test_a_remote_mount_shows_the_same_tree(images, mounted, tmp_path):
+    """The same images served by docker-registry over HTTP: the same tree, read by Range."""
+    with (
+        RegistryServer(images.root, workdir=tmp_path / "registry") as server,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a fresh cache: a pass
+        with Mount(server.url, tmp_path / "mnt", tmp_path / "regfs.log") as remote:
+            for tag in ("v1", "v1-zstd"):
+                run("ls", rootfs(remote, tag))
+                assert view_tree(rootfs(remote, tag)) == view_tree(rootfs(mounted, tag))
+            assert "indexing layer" in remote.log_text()
+
+
+# --------------------------------------------------------------------------- the index cache
+
+
+def test_a_second_mount_reuses_the_index_cache(images, mounted, tmp_path):
+    """The module's mount indexed v1-tar's layers; another mount with the same cache makes
+    no pass at all (the indexer logs each pass) and shows the same tree."""
+    run("ls", rootfs(mounted, "v1-tar"))
+    passes = [line for line in mounted.log_text().splitlines() if "indexing layer" in line]
+    tar_layers = {d["digest"] for d in json.loads(images.built["v1-tar"].manifest)["layers"]}
+    assert tar_layers <= {word for line in passes for word in line.split()}
+    second = start_mount(images, tmp_path)
+    try:
+        expected = view_tree(rootfs(mounted, "v1-tar"))
+        assert view_tree(rootfs(second, "v1-tar")) == expected
+        assert "indexing layer" not in second.log_text()
+    finally:
+        second.stop()
+    second.check_log()
+
+
+def test_an_unsafe_cache_directory_is_not_used(images, tmp_path):
+    """A cache directory whose parent anyone may write could be swapped for another's: the
+    mount says so and keeps its indexes in a private directory that goes with it."""
+    shared = tmp_path / "xdg"
+    (shared / "regfs").mkdir(parents=True)
+    (shared / "regfs").chmod(0o777)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(shared))
+        m = Mount(str(images.root), tmp_path / "mnt", tmp_path / "regfs.log")
+        with m:
+            assert rootfs(m, "v1-tar", "etc", "motd").read_bytes() == b"hello\n"
+            line = next(s for s in m.log_text().splitlines() if "this mount only" in s)
+            private = Path(line.rsplit("(", 1)[1].rstrip(")"))
+            assert "WARNING" in line and private.is_dir()
+            assert (private.stat().st_mode & 0o777) == 0o700
+    assert not private.exists()
+    assert not (shared / "regfs" / "index").exists() or not os.listdir(shared / "regfs" / "index")
