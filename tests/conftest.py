@@ -22,6 +22,15 @@ from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Mounts keep layer indexes in $XDG_CACHE_HOME/regfs/index (rootfs/): the tests' own
+    directory, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(params=["inmemory", "filesystem"])
 def driver(request, tmp_path) -> StorageDriver:
     if request.param == "inmemory":
