@@ -634,19 +634,21 @@ def test_umoci_follows_a_parent_symlink_as_the_merge_does(tmp_path):
 
 INNER = ["a", "b", "a/x", "b/x", "c"]
 LEAVES = ["a/y", "a/x/z", "b/x/z", "c/x", "d"]
-TARGETS = ["a", "b", "/a", "../b", "a/x", "c/x", "nowhere", "/", "b/x", "a/y", "../../c"]
+TARGETS = ["a", "b", "/a", "../b", "a/x", "c/x", "nowhere", "/", "b/x", "a/y", "../../c", "."]
 
 
 def random_layers(rng: random.Random) -> list[list[Entry]]:
     """A stack of 1-4 layers of up to 8 members over a few names: files at leaves and
-    directories inside, swapped now and then, symlinks (parent paths included), hard links,
-    whiteouts and opaque directories."""
+    directories inside, swapped now and then, symlinks (parent paths and loops included),
+    hard links, whiteouts, opaque directories (the root too) and `./` entries."""
     layers: list[list[Entry]] = []
     for _ in range(rng.randint(1, 4)):
         entries: list[Entry] = []
         for _ in range(rng.randint(0, 8)):
             leaf, inner = rng.choice(LEAVES), rng.choice(INNER)
-            op = rng.choice(["file", "file", "dir", "dir", "swap", "symlink", "link", "wh", "opq"])
+            op = rng.choice(
+                ["file", "file", "dir", "dir", "swap", "symlink", "link", "wh", "opq", "root"]
+            )
             if op == "file":
                 data = rng.randbytes(rng.randint(0, 3))
                 entries.append(
@@ -667,8 +669,12 @@ def random_layers(rng: random.Random) -> list[list[Entry]]:
                 entries.append(hardlink(leaf, rng.choice(files or LEAVES)))
             elif op == "wh":
                 entries.append(whiteout(rng.choice([leaf, inner])))
+            elif op == "opq":
+                entries.append(opaque(rng.choice([inner, ""])))
             else:
-                entries.append(opaque(inner))
+                entries.append(
+                    directory(".", mode=rng.choice([0o755, 0o711]), uid=rng.randint(0, 2))
+                )
         layers.append(entries)
     return layers
 
