@@ -770,12 +770,12 @@ class _Stream:
 
     def _open(self, offset: int) -> Any:
         driver = self._driver
-        return driver.call(
-            f"GET {self._key}",
-            lambda: driver.client.get_object(
-                Bucket=driver.bucket, Key=self._key, Range=f"bytes={offset}-", IfMatch=self._etag
-            ),
-        )["Body"]
+        get = functools.partial(
+            driver.client.get_object, Bucket=driver.bucket, Key=self._key, IfMatch=self._etag
+        )
+        if offset:  # from the start, no Range: moto (not S3) reads a whole object per Range
+            get = functools.partial(get, Range=f"bytes={offset}-")
+        return driver.call(f"GET {self._key}", get)["Body"]
 
 
 class _Reader(FileReader):
@@ -820,6 +820,12 @@ class _Reader(FileReader):
                 return None
             self._streams.remove(idle)
             idle.close()
+        log.debug(
+            "%s: a GET from %d (streams at %s)",
+            self._key,
+            offset,
+            [(s.start, s.end) for s in self._streams],
+        )
         stream = _Stream(self._driver, self._key, self._etag, offset, self.size)
         self._streams.append(stream)
         return stream
