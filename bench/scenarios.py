@@ -447,9 +447,39 @@ def ls(env: Env) -> list[Row]:
     return rows
 
 
-def _ls_ms(path: Path, n: int) -> float:
-    t, out = timed(lambda: run(["ls", path], stdout=subprocess.PIPE))
-    if len(out.splitlines()) != n:
+def ls_long(env: Env) -> list[Row]:
+    """`ls -l` of N tags on a fresh mount (cold) and at once again (warm, within the tag TTL)
+    vs native `ls -l` of a local directory of N files. Every entry costs FUSE round trips
+    (docs/concurrency.md: what the kernel may keep), so this is latency, not throughput."""
+    n = env.config.entries
+    env.store.add_tags("bench/tagged", n)
+    native = env.store.scratch / "ls-native"
+    native.mkdir(exist_ok=True)
+    for i in range(n):
+        (native / f"t{i:05d}").write_bytes(b"{}")
+    times: dict[str, list[float]] = {"cold": [], "warm": [], "peer": []}
+    for rep in range(env.config.reps):
+        for side in sides(rep):
+            if side == "regfs":
+                with env.mount() as m:
+                    times["cold"].append(_ls_ms(m.path("bench/tagged/tags"), n, "-l"))
+                    times["warm"].append(_ls_ms(m.path("bench/tagged/tags"), n, "-l"))
+            else:
+                times["peer"].append(_ls_ms(native, n, "-l"))
+    theirs = median(times["peer"])
+    rows = []
+    for key in ("cold", "warm"):
+        mine = median(times[key])
+        samples = {"regfs": times[key], "peer": times["peer"]}
+        rows.append(Row("ls_long", f"ls -l of {n} tags, {key}", "ms", mine,
+                        f"native ls -l of {n} files", theirs, theirs / mine, "at most 3x native",
+                        mine <= 3 * theirs, samples))  # fmt: skip
+    return rows
+
+
+def _ls_ms(path: Path, n: int, *options: str) -> float:
+    t, out = timed(lambda: run(["ls", *options, path], stdout=subprocess.PIPE))
+    if len(out.splitlines()) != n + bool(options):  # `ls -l` begins with a `total` line
         raise BenchError(f"ls {path}: {len(out.splitlines())} entries, not {n}")
     return t * 1000
 
@@ -527,6 +557,7 @@ class Scenario:
 
 SCENARIOS = (
     Scenario("ls", ls, True, lambda c: c.entries * 64 * 1024),
+    Scenario("ls_long", ls_long, False, lambda c: c.entries * 72 * 1024),
     Scenario("random_read", random_read, True, lambda c: 0),
     Scenario("warm_read", warm_read, False, lambda c: 0),
     Scenario("cold_read", cold_read, True, lambda c: 0),

@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.mount
 
 REPO = Path(__file__).resolve().parent.parent
-MEASURES = {"cold_read", "warm_read", "random_read", "push", "rss", "ls", "parallel"}
+MEASURES = {"cold_read", "warm_read", "random_read", "push", "rss", "ls", "ls_long", "parallel"}
 MEASURES |= {"remote_cold_read", "remote_random_read"}
 TIMEOUT = 120  # the quick run takes ~20 s; leave room for a loaded machine
 
