@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from support.fault_server import Fault, FaultServer
 from support.images import (
     Tree,
     build_layered_image,
@@ -26,6 +27,7 @@ from support.images import (
     directory,
     file,
     hardlink,
+    layer_tar,
     layer_tars,
     opaque,
     symlink,
@@ -174,6 +176,7 @@ class Images:
             "notatar": (random.Random(1).randbytes(20_000), MEDIA_TYPES["tar"]),
             "cutgzip": (first_gzip[: len(first_gzip) // 2], MEDIA_TYPES["gzip"]),
             "baddigest": (tar + b"\0" * 1024, MEDIA_TYPES["tar"]),
+            "badmerge": (layer_tar([file("a"), hardlink("h", "nothing")]), MEDIA_TYPES["tar"]),
         }
         for tag, (data, kind) in bad.items():
             await put_image(self.root, tag, config, [data], kind)
@@ -300,18 +303,18 @@ def test_everyday_tools(images, mounted, tmp_path):
     run("cp", "-a", v1 / "usr", tmp_path / "usr")
     assert differences(tree_of_dir(unpacked / "usr"), tree_of_dir(tmp_path / "usr")) == []
 
-    # diff -r between two versions says what it says of the two unpacked trees.
+    # diff -r between two versions says what it says of the two unpacked trees (devices left
+    # out: diff reports a fifo, or a device, depending on what it finds of its inode).
     def diff(old: Path, new: Path) -> list[str]:
         result = run("diff", "-r", "--no-dereference", old, new, check=False)
         assert result.returncode == 1, result.stderr
         text = result.stdout.decode().replace(f"{old}/", "OLD/").replace(f"{new}/", "NEW/")
         return text.replace(f"{old}:", "OLD:").replace(f"{new}:", "NEW:").splitlines()
 
-    lines = diff(v1, rootfs(mounted, "v2"))
-    assert lines == diff(unpacked, images.unpack("v2"))
-    assert {"< VERSION=1", "> VERSION=2", "Only in NEW/etc: added", "Only in OLD/etc: motd"} <= set(
-        lines
-    )
+    lines = diff(v1 / "etc", rootfs(mounted, "v2", "etc"))
+    assert lines == diff(unpacked / "etc", images.unpack("v2") / "etc")
+    assert "< VERSION=1" in lines and "> VERSION=2" in lines
+    assert {"Only in NEW: added", "Only in OLD: motd"} <= set(lines)
     out = run("getfattr", "--only-values", "-n", "user.regfs.index", v1).stdout.decode()
     assert out.startswith("indexed: 3 layers")
     assert run("getfattr", "--only-values", "-n", "user.a", v1 / "xattr.txt").stdout == b"1"
@@ -352,6 +355,15 @@ def test_writes_are_refused(mounted):
     assert (v1 / "etc" / "os-release").read_bytes() == b"ID=test\nVERSION=1\n"
 
 
+def test_a_read_only_mount_answers_erofs(images, tmp_path):
+    with Mount(str(images.root), tmp_path / "mnt", tmp_path / "regfs.log", ["--read-only"]) as m:
+        v1 = rootfs(m, "v1-tar")
+        for args in (["touch", v1 / "new"], ["rm", v1 / "etc" / "motd"], ["mkdir", v1 / "d"]):
+            result = run(*args, check=False)
+            assert b"Read-only file system" in result.stderr, args
+        assert (v1 / "etc" / "motd").read_bytes() == b"hello\n"
+
+
 # --------------------------------------------------------------------------- an image index
 
 
@@ -370,7 +382,12 @@ def test_an_index_shows_one_directory_per_platform(mounted):
 
 @pytest.mark.parametrize(
     ("tag", "reason"),
-    [("notatar", "not a tar"), ("cutgzip", "gzip"), ("baddigest", "hash to")],
+    [
+        ("notatar", "not a tar"),
+        ("cutgzip", "gzip"),
+        ("baddigest", "hash to"),
+        ("badmerge", "'nothing', which does not exist"),
+    ],
 )
 def test_a_bad_layer_is_eio_for_its_image_only(images, mounted, tag, reason):
     with pytest.raises(OSError) as caught:
@@ -406,6 +423,33 @@ def test_a_remote_mount_shows_the_same_tree(images, mounted, tmp_path):
                 run("ls", rootfs(remote, tag))
                 assert view_tree(rootfs(remote, tag)) == view_tree(rootfs(mounted, tag))
             assert "indexing layer" in remote.log_text()
+
+
+def index_status(root: Path) -> str:
+    return run("getfattr", "--only-values", "-n", "user.regfs.index", root).stdout.decode()
+
+
+@pytest.mark.remote
+def test_getfattr_tells_how_far_indexing_is(images, tmp_path):
+    """A layer whose GET the registry holds back for 3 s: while a `cat` waits for the index,
+    user.regfs.index on the image's root names the layer being indexed."""
+    layer = json.loads(images.built["v2"].manifest)["layers"][0]["digest"]
+    with (
+        RegistryServer(images.root, workdir=tmp_path / "registry") as server,
+        FaultServer(upstream=server.url) as proxy,
+        Mount(proxy.url, tmp_path / "mnt", tmp_path / "regfs.log") as m,
+    ):
+        proxy.inject(Fault(status=503, delay=3, method="GET", path=layer))
+        root = rootfs(m, "v2")
+        assert index_status(root).startswith("not indexed yet: 4 layers")
+        with subprocess.Popen(["cat", root / "etc" / "added"], stdout=subprocess.PIPE) as cat:
+            wait_until(lambda: "indexing" in index_status(root), 10, "the pass to start")
+            status = index_status(root)
+            assert status.startswith("indexing: 0 of 4 layers indexed"), status
+            assert f"{layer}: indexing" in status, status
+            assert cat.communicate(timeout=60)[0] == b""
+            assert cat.returncode == 0
+        assert index_status(root).startswith("indexed: 4 layers")
 
 
 # --------------------------------------------------------------------------- the index cache
