@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 from support.mounts import REGFS, Mount, wait_until
+from support.oci import image_manifest
 from support.registry import (
     OCI_CONFIG,
     OCI_MANIFEST,
@@ -49,7 +50,6 @@ pytestmark = pytest.mark.mount
 
 NAME = "org/app"
 TTL = 1.0  # the fast mount's --tag-ttl
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 
 
 @dataclass(frozen=True)
@@ -69,18 +69,7 @@ def push_image(client: RegistryClient, tag: str, seed: int) -> Image:
     config = json.dumps({"seed": seed}).encode()
     layers = [os.urandom(3000 + 100 * seed + i) for i in range(2)]
     digests = [client.push_blob(NAME, blob) for blob in (config, *layers)]
-    sizes = [len(config), *map(len, layers)]
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": digests[0], "size": sizes[0]},
-            "layers": [
-                {"mediaType": OCI_LAYER, "digest": d, "size": s}
-                for d, s in zip(digests[1:], sizes[1:], strict=True)
-            ],
-        }
-    ).encode()
+    manifest = image_manifest(config, layers)
     tagged(client, tag, manifest)
     return Image(str(digest_bytes(manifest)), manifest, digests[0], tuple(digests[1:]))
 
@@ -352,9 +341,7 @@ async def test_tag_cached_after_its_manifest_is_no_warning(monkeypatch, caplog):
     upload = await repo.layers.upload()
     await upload.write(b"{}")
     await upload.finish(digest_bytes(b"{}"))
-    config = {"mediaType": OCI_CONFIG, "digest": str(digest_bytes(b"{}")), "size": 2}
-    body = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": []}
-    digest = await repo.manifests.put(json.dumps(body).encode())
+    digest = await repo.manifests.put(image_manifest(b"{}", []))
     await repo.tags.put("v1", digest)
     tree = Tree(registry, tag_ttl=10)
     await tree.attr(ManifestNode(NAME, digest))  # `ls -l manifests/`
