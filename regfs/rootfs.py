@@ -47,6 +47,7 @@ DIGEST_XATTR = "user.regfs.digest"
 # umoci never sets these from a layer; a tar that carries them must not show them either.
 HIDDEN_XATTRS = frozenset({"security.selinux", "system.nfs4_acl"})
 MAX_IMAGES = 8  # merged trees kept (each refers to its layers' member tables)
+MAX_KEPT_INODES = 2_000_000  # and their inodes in all (~0.5 KB each with the members)
 ROOT_WAIT = 0.5  # seconds a stat of an image's root waits for a build already under way
 _TYPES = {
     Kind.FILE: stat.S_IFREG,
@@ -373,9 +374,16 @@ class RootfsView:
         return tree
 
     def _evict(self) -> None:
-        finished = [k for k, b in self._builds.items() if b.done.is_set()]
-        for key in finished[: max(0, len(self._builds) - self.max_images)]:
-            del self._builds[key]
+        """Drop the least recently used finished builds beyond `max_images` images or
+        `MAX_KEPT_INODES` inodes; the newest is always kept. An image dropped and asked for
+        again is merged again from the on-disk indexes (no pass)."""
+        kept = sum(len(b.tree) for b in self._builds.values() if b.tree is not None)
+        for key, build in list(self._builds.items())[:-1]:
+            if len(self._builds) <= self.max_images and kept <= MAX_KEPT_INODES:
+                break
+            if build.done.is_set():
+                kept -= len(build.tree) if build.tree is not None else 0
+                del self._builds[key]
 
     async def _run(self, repo: str, build: _Build) -> None:
         """Index the image's layers in order (the indexer makes one pass at a time), then
@@ -412,6 +420,7 @@ class RootfsView:
             build.error = "the mount is going away"
             self._forget(key, build)
         build.done.set()
+        self._evict()
         self._running -= 1
         if not self._running:
             self._idle.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import subprocess
@@ -42,8 +43,11 @@ from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_
 from support.roots import link_blobs
 from support.tools import digest_of
 
+from regfs.nodes import SectionNode
+from regfs.rootfs import RootfsView
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
+from storage.rootfs.cache import IndexCache
 from storage.rootfs.members import Kind
 
 pytestmark = [pytest.mark.mount, pytest.mark.registry]
@@ -489,3 +493,24 @@ def test_an_unsafe_cache_directory_is_not_used(images, tmp_path):
             assert (private.stat().st_mode & 0o777) == 0o700
     assert not private.exists()
     assert not (shared / "regfs" / "index").exists() or not os.listdir(shared / "regfs" / "index")
+
+
+async def test_only_the_last_merged_trees_are_kept(images, tmp_path, caplog):
+    """In the daemon's view (no FUSE): with room for two trees, a third image drops the
+    least recently used one, which is merged again from the kept indexes, with no pass."""
+    registry = Registry(FilesystemDriver(images.root))
+    view = RootfsView(registry, IndexCache(tmp_path / "index"), 5.0, max_images=2)
+    try:
+        section = SectionNode(REPO, "rootfs")
+        roots = [await view.lookup(section, tag) for tag in ("v1", "v1-tar", "v2")]
+        for root in roots:
+            assert "etc" in [name for name, _ in await view.children(root)]
+        passes = view.indexer.passes
+        with caplog.at_level(logging.INFO, logger="regfs.rootfs"):
+            for root in reversed(roots):  # v2 and v1-tar are kept, v1 is merged again
+                assert "etc" in [name for name, _ in await view.children(root)]
+        merged = [r.getMessage() for r in caplog.records if "merged" in r.getMessage()]
+        assert len(merged) == 1 and images.built["v1"].digest in merged[0]
+        assert view.indexer.passes == passes
+    finally:
+        await view.aclose()
