@@ -107,8 +107,8 @@ def layers_v2() -> list[list]:
 
 
 def platform_index(children: dict[str, OciImage], attestation: OciImage) -> bytes:
-    """An OCI index of `children` by `<os>-<arch>[-<variant>]` and a buildkit-style
-    attestation entry (which the view must skip)."""
+    """An OCI index of `children` by `<os>-<arch>[-<variant>]`, a buildkit-style attestation
+    entry and platforms that are no file name (which the view must all skip)."""
     entries = []
     for name, image in children.items():
         os_, arch, *variant = name.split("-")
@@ -121,6 +121,8 @@ def platform_index(children: dict[str, OciImage], attestation: OciImage) -> byte
             "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
         }
     )
+    for hostile in ({"os": "..", "architecture": "x"}, {"os": "a/../..", "architecture": "b"}):
+        entries.append(_descriptor(attestation) | {"platform": hostile})  # no such file name
     return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
 
 
@@ -137,7 +139,7 @@ async def put_image(root: Path, tag: str, config: bytes, layers: list[bytes], ki
     return str(digest)
 
 
-async def put_index(root: Path, tag: str, data: bytes) -> str:
+async def put_manifest(root: Path, tag: str, data: bytes) -> str:
     repo = Registry(FilesystemDriver(root)).repository(REPO)
     digest = await repo.manifests.put(data)
     await repo.tags.put(tag, digest)
@@ -173,7 +175,8 @@ class Images:
         v1, v2 = self.built["v1"], self.built["v2"]
         config = v1.blob(json.loads(v1.manifest)["config"]["digest"])
         index = platform_index({"linux-amd64": v1, "linux-arm-v7": v2}, self.built["v1-tar"])
-        await put_index(self.root, "multi", index)
+        await put_manifest(self.root, "multi", index)
+        await self._put_artifact(config)
         first_gzip = v1.blob(json.loads(v1.manifest)["layers"][0]["digest"])
         tar = layer_tars(self.built["v1-tar"])[0]
         bad = {
@@ -191,6 +194,18 @@ class Images:
         at = data.index(b"ID=test")
         data[at : at + 2] = b"XX"
         path.write_bytes(bytes(data))
+
+    async def _put_artifact(self, blob: bytes) -> None:
+        """An artifact (a Helm chart's config type): a tag that rootfs/ does not show."""
+        await link_blobs(self.root, REPO, [blob])
+        descriptor = {"digest": digest_of(blob), "size": len(blob)}
+        body = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor | {"mediaType": "application/vnd.cncf.helm.config.v1+json"},
+            "layers": [descriptor | {"mediaType": MEDIA_TYPES["tar"]}],
+        }
+        await put_manifest(self.root, "chart", json.dumps(body).encode())
 
     def unpack(self, tag: str) -> Path:
         """`umoci unpack` of the tag, once per module."""
@@ -276,6 +291,8 @@ def test_listing_and_names(images, mounted):
     assert (rootfs(mounted, digest) / "etc" / "os-release").read_bytes() == b"ID=test\nVERSION=1\n"
     assert digest not in os.listdir(rootfs(mounted))  # looked up, not listed
     assert not rootfs(mounted, "nosuchtag").exists()
+    assert "chart" in os.listdir(mounted.path(*REPO.split("/"), "tags"))
+    assert not rootfs(mounted, "chart").exists()  # an artifact: no root filesystem
     st = os.lstat(rootfs(mounted, "v1", "usr", "bin", "tool"))
     link = os.lstat(rootfs(mounted, "v1", "usr", "bin", "tool-link"))
     assert (st.st_ino, st.st_nlink) == (link.st_ino, 2)
