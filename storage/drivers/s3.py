@@ -79,7 +79,7 @@ COPY_THRESHOLD = 1 << 30
 COPY_CHUNK = 256 * MIB
 COPY_CONCURRENCY = 8
 SKIP_LIMIT = 4 * MIB  # a reader reads over a gap this small rather than opening a new GET
-READ_CHUNK = MIB  # what a reader's stream reads at a time
+READ_CHUNK = 4 * MIB  # what a reader's stream reads at a time
 AHEAD = 8 * MIB  # how far a reader's stream reads ahead of the reads
 BEHIND = MIB  # what it keeps below the last read, for reads that come a little late
 STREAMS = 2  # streams per open file
@@ -677,6 +677,7 @@ class _Stream:
         self._error: Exception | None = None
         self._closed = False
         self.waiting = 0  # reads waiting for bytes: such a stream is never let go
+        self._full = False  # the read-ahead waits for reads to make room
         self._changed = threading.Condition()
         threading.Thread(target=self._run, name="regfs-s3-read", daemon=True).start()
 
@@ -693,8 +694,10 @@ class _Stream:
         wait, if they are not all here yet."""
         want = offset + length
         with self._changed:
-            self._taken = max(self._taken, want)
-            self._changed.notify_all()
+            if want > self._taken:
+                self._taken = want
+                if self._full:  # wake the read-ahead only when it waits for room
+                    self._changed.notify_all()
             if not wait and self.end < want:
                 return None
             self.waiting += 1
@@ -734,8 +737,10 @@ class _Stream:
                     # Read ahead as far as reads went on in order here, up to AHEAD: a
                     # single read (a header, a random read) costs one chunk, not AHEAD.
                     while self.end - self._taken >= self._ahead() and not self._closed:
+                        self._full = True
                         if not self._changed.wait(IDLE):  # a reader never closed: let go
                             self._closed = True
+                    self._full = False
                     if self._closed:
                         return
                     position = self.end
@@ -759,7 +764,8 @@ class _Stream:
                 with self._changed:
                     self._chunks.append((position, chunk))
                     self.end = position + len(chunk)
-                    self._changed.notify_all()
+                    if self.waiting:
+                        self._changed.notify_all()
         except Exception as exc:
             with self._changed:
                 self._error = exc
