@@ -19,7 +19,7 @@ from support.s3 import MotoServer
 
 from storage.digests import digest_bytes
 from storage.drivers import PathNotFound
-from storage.drivers.s3 import ANYWHERE, MIN_PART, S3Driver
+from storage.drivers.s3 import ANYWHERE, MIN_PART, S3Driver, s3_client
 from storage.errors import Busy, InvalidOffset, RemoteUnavailable
 from storage.registry import Registry
 
@@ -287,3 +287,24 @@ async def test_one_writer_across_daemons_and_a_dead_ones_lock_expires(
     await taker.aclose()
     assert await a.get_content(path) == b"from a;from b;from b again"
     await a.delete(UPLOAD)
+
+
+def test_check_bucket_says_what_is_wrong(moto_server, s3_bucket, monkeypatch, tmp_path):
+    """One line each: no such bucket, access denied (a server answering 403, as S3 does to
+    wrong credentials: moto takes any), no credentials at all, no server."""
+    assert S3Driver(s3_bucket, client=moto_server.client()).check_bucket() is None
+    with pytest.raises(ValueError, match="no such bucket"):
+        S3Driver("not-there", client=moto_server.client()).check_bucket()
+    with FaultServer(upstream=moto_server.url) as proxy:
+        proxy.inject(Fault(403, body=b"<Error><Code>AccessDenied</Code></Error>"))
+        with pytest.raises(ValueError, match=r"access denied .*wrong credentials"):
+            S3Driver(s3_bucket, client=moto_server.client(proxy.url)).check_bucket()
+    with pytest.raises(ValueError, match="cannot reach"):
+        S3Driver(s3_bucket, client=moto_server.client("http://127.0.0.1:9")).check_bucket()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ValueError, match="no AWS credentials"):
+        S3Driver(s3_bucket, client=s3_client(moto_server.url)).check_bucket()
