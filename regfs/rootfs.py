@@ -294,14 +294,13 @@ class RootfsView:
                 if build is not None and build.tree is not None:
                     shown = _member_xattrs(build.tree.node(node.ino).member)
                 shown[DIGEST_XATTR] = str(node.digest).encode()
-                shown[INDEX_XATTR] = self._status(node, build).encode()
+                shown[INDEX_XATTR] = self._status(await self._image(node), build).encode()
                 return shown
         return {}
 
-    def _status(self, node: ImageNode, build: _Build | None) -> str:
+    def _status(self, image: Image, build: _Build | None) -> str:
         """What `getfattr -n user.regfs.index` says of an image's root."""
-        manifest = self._manifests.get((node.repo, node.digest))
-        layers = manifest.layers if isinstance(manifest, Image) else ()
+        layers = image.layers
         if build is None:
             size = sum(layer.size for layer in layers)
             return f"not indexed yet: {len(layers)} layers, {size} bytes (listing it starts)"
@@ -345,11 +344,10 @@ class RootfsView:
         return image
 
     async def _started(self, node: ImageNode) -> _Build | None:
-        """The image's build if one was started (and is kept), without starting one."""
-        build = self._builds.get((node.repo, node.digest))
-        if build is None:
-            await self._image(node)  # the manifest is read for the status line
-        return build
+        """The image's build if one was started (and is kept), without starting one; the
+        manifest is read either way (NotAnImage, UnknownManifest: ENOENT)."""
+        await self._image(node)
+        return self._builds.get((node.repo, node.digest))
 
     async def _build_of(self, node: ImageNode) -> _Build:
         """The image's finished build, started now if need be; BrokenImage if it failed."""
