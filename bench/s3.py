@@ -24,12 +24,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import httpx
 
 from .config import parse_size
+from .measure import MB, BenchError, mb_per_s, median, run, sides
 from .mount import Mount
 from .registry import RegistryProcess
 
@@ -152,159 +154,221 @@ def operation(method: str, url: str) -> str:
     )
 
 
-def mb_s(size: int, seconds: float) -> float:
-    return size / seconds / 1e6
-
-
-def timed(fn: Callable[[], object]) -> float:
+def seconds_of(fn: Callable[[], object]) -> float:
     start = time.monotonic()
     fn()
     return time.monotonic() - start
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+@dataclass
+class Setup:
+    """moto, a bucket, the registry on it, and what a mount of it needs."""
+
+    work: Path
+    url: str
+    s3: Any
+    bucket: str
+    registry: S3Registry
+    requests: Requests
+
+    @property
+    def source(self) -> str:
+        return f"s3://{self.bucket}{ROOTDIRECTORY}"
+
+    def mount(self) -> Mount:
+        return Mount(self.source, self.work / "mnt", self.work / "logs")
+
+
+@contextlib.contextmanager
+def setup(work: Path) -> Iterator[Setup]:
+    """moto on loopback, a bucket, docker-registry 2.8 on it; the AWS chain of the mounts
+    started meanwhile points at them (and at no AWS file of this machine)."""
+    saved = dict(os.environ)
+    os.environ.pop("AWS_CA_BUNDLE", None)  # the registry's 2.8 s3 driver panics on it
+    try:
+        with moto(work) as url:
+            os.environ.update(
+                AWS_ACCESS_KEY_ID=ACCESS_KEY,
+                AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                AWS_DEFAULT_REGION=REGION,
+                AWS_ENDPOINT_URL=url,
+                AWS_CONFIG_FILE=str(work / "none"),
+                AWS_SHARED_CREDENTIALS_FILE=str(work / "none"),
+            )
+            s3 = boto3.client("s3", endpoint_url=url)
+            s3.create_bucket(Bucket="bench")
+            registry = S3Registry(work / "unused", work / "registry", endpoint=url, bucket="bench")
+            with registry:
+                yield Setup(work, url, s3, "bench", registry, Requests(url, work / "recording"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def random_blob(path: Path, size: int) -> str:
+    """A file of size random bytes; its digest."""
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        for _ in range(max(size >> 20, 1)):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            f.write(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def registry_put(env: Setup, blob: Path, digest: str) -> float:
+    """Seconds of a monolithic POST + PUT of blob through the registry."""
+    with httpx.Client(timeout=3600) as client:
+        start = time.monotonic()
+        post = client.post(f"{env.registry.url}/v2/peer/app/blobs/uploads/")
+        location = httpx.URL(post.headers["Location"]).copy_merge_params({"digest": digest})
+        with blob.open("rb") as f:
+            put = client.put(str(location), content=f)
+        if put.status_code != 201:
+            raise BenchError(f"registry PUT: {put.status_code} {put.text[:200]}")
+        return time.monotonic() - start
+
+
+def mount_push(env: Setup, blob: Path, digest: str) -> float:
+    """Seconds of `cp` to uploads/ and `mv` to layers/ through a fresh mount."""
+    with env.mount() as m:
+        repo = m.path("mine", "app")
+        repo.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        run(["cp", blob, repo / "uploads" / "x"])
+        run(["mv", repo / "uploads" / "x", repo / "layers" / digest])
+        return time.monotonic() - start
+
+
+def mount_cat(env: Setup, digest: str) -> tuple[float, float]:
+    """Seconds of a cold `cat` of the layer through a fresh mount, and the daemon's peak
+    RSS (MB) after it."""
+    with env.mount() as m:
+        layer = m.path("mine", "app", "layers", digest)
+        layer.stat()
+        seconds = seconds_of(lambda: run(["cat", layer]))
+        return seconds, m.status("VmHWM") / MB
+
+
+def boto3_get(env: Setup, digest: str) -> float:
+    """Seconds of boto3's own streamed GET of the same object."""
+    hexdigest = digest.removeprefix("sha256:")
+    key = f"{ROOTDIRECTORY[1:]}/docker/registry/v2/blobs/sha256/{hexdigest[:2]}/{hexdigest}/data"
+
+    def get() -> None:
+        body = env.s3.get_object(Bucket=env.bucket, Key=key)["Body"]
+        while body.read(1 << 20):
+            pass
+
+    return seconds_of(get)
 
 
 def main() -> None:
+    """Figures for docs/scale-out.md, as JSON: MB/s, peak RSS and S3 requests per side."""
     parser = argparse.ArgumentParser(prog="python -m bench.s3", description=__doc__)
     parser.add_argument("--size", type=parse_size, default=parse_size("256M"))
-    parser.add_argument("--counted-size", type=parse_size, default=parse_size("64M"))
+    parser.add_argument("--counted-size", type=parse_size, default=parse_size("32M"))
     parser.add_argument("--tags", type=int, default=200)
     args = parser.parse_args()
-    os.environ.pop("AWS_CA_BUNDLE", None)  # the registry's 2.8 s3 driver panics on it
     work = Path(tempfile.mkdtemp(prefix="regfs-bench-s3-"))
     try:
-        with moto(work) as url:
-            run(work, url, args.size, args.counted_size, args.tags)
+        with setup(work) as env:
+            results: dict[str, object] = {}
+            for label, size, counted in (
+                ("timed", args.size, False),
+                ("counted", args.counted_size, True),
+            ):
+                results[label] = side_by_side(env, work / label, size, counted)
+            results["listing"] = listings(env, args.tags)
+        results["targets"] = targets(results["timed"])
+        print(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work: Path, url: str, size: int, counted: int, tags: int) -> None:
-    os.environ.update(
-        AWS_ACCESS_KEY_ID=ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-        AWS_DEFAULT_REGION=REGION,
-        AWS_ENDPOINT_URL=url,
-        AWS_CONFIG_FILE=str(work / "none"),
-        AWS_SHARED_CREDENTIALS_FILE=str(work / "none"),
-    )
-    s3 = boto3.client("s3", endpoint_url=url)
-    bucket = "bench"
-    s3.create_bucket(Bucket=bucket)
-    source = f"s3://{bucket}{ROOTDIRECTORY}"
-    requests = Requests(url, work / "recording")
-    results: dict[str, object] = {}
-    with S3Registry(work / "unused", work / "registry", endpoint=url, bucket=bucket) as reg:
-        for label, nbytes, counting in (("timed", size, False), ("counted", counted, True)):
-            blob = work / f"blob-{label}"
-            with blob.open("wb") as f:
-                for _ in range(nbytes >> 20):
-                    f.write(os.urandom(1 << 20))
-            digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
-            results[label] = side_by_side(
-                work, source, reg, s3, bucket, blob, digest, requests if counting else None
-            )
-        results["listing"] = listings(work, source, reg, requests, tags)
-    print(json.dumps(results, indent=2))
+def targets(timed: dict[str, Any]) -> dict[str, object]:
+    """The issue's targets on the timed pass: medians, ratios, met or not."""
+
+    def mb(prefix: str) -> float:
+        return median([v["MB/s"] for k, v in timed.items() if k.startswith(prefix)])
+
+    read = mb("regfs cold cat") / mb("boto3 streamed GET")
+    push = mb("regfs cp + mv") / mb("registry monolithic PUT")
+    rss = max(v for k, v in timed.items() if k.startswith("daemon peak RSS"))
+    return {
+        "cold read vs boto3 GET (>= 0.9x)": {"ratio": round(read, 2), "met": read >= 0.9},
+        "cp + mv vs registry PUT (>= 1.5x)": {"ratio": round(push, 2), "met": push >= 1.5},
+        "daemon peak RSS (< 150 MB)": {"MB": rss, "met": rss < 150},
+    }
 
 
-def side_by_side(
-    work: Path,
-    source: str,
-    reg: S3Registry,
-    s3: object,
-    bucket: str,
-    blob: Path,
-    digest: str,
-    requests: Requests | None,
-) -> dict[str, object]:
-    size = blob.stat().st_size
+def side_by_side(env: Setup, blob: Path, size: int, counted: bool) -> dict[str, object]:
+    digest = random_blob(blob, size)
     out: dict[str, object] = {"size": size}
 
-    def measured(name: str, fn: Callable[[], object]) -> None:
-        if requests is not None:
-            requests.start()
-        seconds = timed(fn)
-        out[name] = {"MB/s": round(mb_s(size, seconds), 1), "s": round(seconds, 2)}
-        if requests is not None:
-            out[name]["requests"] = requests.counts()  # type: ignore[index]
+    def measured(name: str, fn: Callable[[], float]) -> None:
+        if counted:
+            env.requests.start()
+        seconds = fn()
+        found: dict[str, object] = {"MB/s": round(mb_per_s(size, seconds), 1)}
+        if counted:
+            found["requests"] = env.requests.counts()
+        out[name] = found
 
-    def registry_put() -> None:
-        with httpx.Client(timeout=3600) as client:
-            post = client.post(f"{reg.url}/v2/peer/app/blobs/uploads/")
-            location = httpx.URL(post.headers["Location"]).copy_merge_params({"digest": digest})
-            with blob.open("rb") as f:
-                put = client.put(str(location), content=f)
-            if put.status_code != 201:
-                raise RuntimeError(f"registry PUT: {put.status_code} {put.text[:200]}")
-
-    measured("registry monolithic PUT", registry_put)
-    with Mount(source, work / "mnt", work / "logs") as m:
-        repo = m.path("mine", "app")
-        repo.mkdir(parents=True, exist_ok=True)
-
-        def push() -> None:
-            subprocess.run(["cp", str(blob), str(repo / "uploads" / "x")], check=True)
-            subprocess.run(["mv", str(repo / "uploads" / "x"), str(repo / "layers" / digest)])
-
-        measured("regfs cp + mv", push)
-    key = f"{ROOTDIRECTORY[1:]}/docker/registry/v2/blobs/sha256/{digest[7:9]}/{digest[7:]}/data"
-
-    def boto3_get() -> None:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"]  # type: ignore[attr-defined]
-        while body.read(1 << 20):
-            pass
-
-    for rep in range(2):  # either side first once
-        order = ("boto3", "regfs") if rep else ("regfs", "boto3")
-        for side in order:
-            if side == "boto3":
-                measured(f"boto3 streamed GET #{rep}", boto3_get)
+    measured("registry monolithic PUT", lambda: registry_put(env, blob, digest))
+    measured("regfs cp + mv", lambda: mount_push(env, blob, digest))
+    for rep in range(2):
+        for side in sides(rep):
+            if side == "peer":
+                measured(f"boto3 streamed GET #{rep}", lambda: boto3_get(env, digest))
                 continue
-            with Mount(source, work / "mnt", work / "logs") as m:
-                layer = m.path("mine", "app", "layers", digest)
-                layer.stat()
-                measured(f"regfs cold cat #{rep}", lambda layer=layer: cat(layer))
-                out[f"daemon peak RSS MB #{rep}"] = round(peak_rss_mb(m.pid), 1)
+            if counted:
+                env.requests.start()
+            seconds, peak = mount_cat(env, digest)
+            found: dict[str, object] = {"MB/s": round(mb_per_s(size, seconds), 1)}
+            if counted:
+                found["requests"] = env.requests.counts()
+            out[f"regfs cold cat #{rep}"] = found
+            out[f"daemon peak RSS MB #{rep}"] = round(peak, 1)
+    blob.unlink()
     return out
 
 
-def cat(path: Path) -> None:
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-
-
-def listings(
-    work: Path, source: str, reg: S3Registry, requests: Requests, tags: int
-) -> dict[str, object]:
+def listings(env: Setup, tags: int) -> dict[str, object]:
     """`ls` of a repository's tags and of the catalog vs the registry's tags/list and
     _catalog, with the S3 requests each costs."""
-    manifest = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
-    manifest += b'"config":{"mediaType":"application/vnd.oci.image.config.v1+json",'
     config = b"{}"
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-    manifest += f'"digest":"{config_digest}","size":2}},"layers":[]}}'.encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": len(config),
+            },
+            "layers": [],
+        }
+    ).encode()
+    url = env.registry.url
+    out: dict[str, object] = {"tags": tags}
     with httpx.Client(timeout=60) as client:
-        post = client.post(f"{reg.url}/v2/many/app/blobs/uploads/")
+        post = client.post(f"{url}/v2/many/app/blobs/uploads/")
         location = httpx.URL(post.headers["Location"]).copy_merge_params({"digest": config_digest})
-        client.put(str(location), content=config)
+        client.put(str(location), content=config).raise_for_status()
         kind = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
         for i in range(tags):
-            client.put(f"{reg.url}/v2/many/app/manifests/t{i}", content=manifest, headers=kind)
-        out: dict[str, object] = {"tags": tags}
+            client.put(f"{url}/v2/many/app/manifests/t{i}", content=manifest, headers=kind)
         for name, path in (("tags/list", "/v2/many/app/tags/list"), ("_catalog", "/v2/_catalog")):
-            requests.start()
-            seconds = timed(lambda path=path: client.get(reg.url + path).raise_for_status())
-            out[f"registry {name}"] = {"ms": round(seconds * 1000, 1), **requests.counts()}
-    with Mount(source, work / "mnt", work / "logs") as m:
-        for name, path in (("ls tags", m.path("many", "app", "tags")), ("ls /", m.mountpoint)):
-            requests.start()
-            seconds = timed(lambda path=path: os.listdir(path))
-            out[f"regfs {name}"] = {"ms": round(seconds * 1000, 1), **requests.counts()}
+            env.requests.start()
+            seconds = seconds_of(lambda path=path: client.get(url + path).raise_for_status())
+            out[f"registry {name}"] = {"ms": round(seconds * 1000, 1), **env.requests.counts()}
+    with env.mount() as m:
+        for name, where in (("ls tags", m.path("many", "app", "tags")), ("ls /", m.mountpoint)):
+            env.requests.start()
+            seconds = seconds_of(lambda where=where: os.listdir(where))
+            out[f"regfs {name}"] = {"ms": round(seconds * 1000, 1), **env.requests.counts()}
     return out
 
 
