@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -312,3 +313,29 @@ def test_two_daemons_on_one_bucket(tmp_path, aws_env, s3_bucket, mount):
     run(["cp", str(blob_path(tmp_path / "layout", image.digest)), str(repo_a / "tags" / "v1")])
     wait_until(lambda: ls(b.path("org", "app", "tags")) == ["v1"], 5, "B to see tag v1")
     assert b.path("org", "app", "tags", "v1").read_bytes() == image.manifest
+
+
+def test_writes_in_order_through_the_mount(tmp_path, aws_env, s3_bucket, mount):
+    """What S3 allows, as a mount shows it: a write below the parts already sent is EINVAL
+    (and logged), the daemon lives on; `truncate -s 0` restarts the upload; the upload then
+    finishes with `mv` to its digest."""
+    m = mount(source(s3_bucket))
+    upload = new_repo(m, "org/app") / "uploads" / "x"
+    first = tmp_path / "first"
+    first.write_bytes(os.urandom(20 << 20))  # one 16 MiB part sent, the rest held
+    run(["cp", str(first), str(upload)])
+    below = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={upload}", "bs=4096", "count=1", "seek=16", "conv=notrunc"],
+        capture_output=True,
+        text=True,
+    )
+    assert below.returncode != 0 and "Invalid argument" in below.stderr
+    assert "writes go in order" in m.log_text()
+    assert os.stat(upload).st_size == 20 << 20
+    run(["truncate", "-s", "0", str(upload)])
+    assert os.stat(upload).st_size == 0
+    data = os.urandom(300_000)
+    with open(upload, "ab") as f:
+        f.write(data)
+    run(["mv", str(upload), str(m.path("org", "app", "layers", digest_of(data)))])
+    assert m.path("org", "app", "layers", digest_of(data)).read_bytes() == data
