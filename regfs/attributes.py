@@ -13,7 +13,7 @@ from pyfuse3 import EntryAttributes, FUSEError
 
 from .handles import ManifestWriter
 from .inodes import InodeTable
-from .nodes import Attr, LayerNode, ManifestNode, Node, TagNode, UploadNode
+from .nodes import REGISTRY_KINDS, Attr, LayerNode, ManifestNode, Node, TagNode, UploadNode
 from .openfiles import OpenFiles
 from .options import MountOptions
 from .tree import Tree
@@ -82,7 +82,8 @@ class Attributes:
             if isinstance(node, UploadNode):
                 timeout = 0  # its size moves with every write, from any mount
         entry.attr_timeout = entry.entry_timeout = timeout
-        if isinstance(node, TagNode | LayerNode | ManifestNode):
+        moves = not attr.immutable and not isinstance(node, REGISTRY_KINDS)  # rootfs/<tag>
+        if moves or isinstance(node, TagNode | LayerNode | ManifestNode):
             # A name that can go without the kernel seeing it (a tag deleted with its
             # manifest, a registry DELETE) is never cached by the kernel: the daemon would have
             # to invalidate it, which takes the directory's lock that a client waiting for the
