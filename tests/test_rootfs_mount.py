@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import random
+import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -405,7 +407,7 @@ def test_an_index_shows_one_directory_per_platform(mounted):
     ("tag", "reason"),
     [
         ("notatar", "not a tar"),
-        ("cutgzip", "gzip"),
+        ("cutgzip", "gzip|end of data"),
         ("baddigest", "hash to"),
         ("badmerge", "'nothing', which does not exist"),
     ],
@@ -420,7 +422,7 @@ def test_a_bad_layer_is_eio_for_its_image_only(images, mounted, tag, reason):
     layer = images.bad[tag]
     wait_until(lambda: layer in mounted.log_text(), 5, "the log line")
     lines = [line for line in mounted.log_text().splitlines() if layer in line and "ERROR" in line]
-    assert lines and reason in lines[0].lower(), lines
+    assert lines and re.search(reason, lines[0].lower()), lines
     status = run("getfattr", "--only-values", "-n", "user.regfs.index", rootfs(mounted, tag))
     assert status.stdout.startswith(b"failed: ") and layer.encode() in status.stdout
     # The rest of the mount keeps working.
@@ -531,3 +533,17 @@ async def test_only_the_last_merged_trees_are_kept(images, tmp_path, caplog):
         assert view.indexer.passes == passes
     finally:
         await view.aclose()
+
+
+def test_a_tag_that_moves_shows_the_new_image(images, mounted):
+    """rootfs/<tag> is never cached by the kernel as a name: once the daemon reads the tag
+    again (tag_ttl, or at once after SIGHUP), the next path walk reaches the new image."""
+    repo = mounted.path(*REPO.split("/"))
+    release = rootfs(mounted, "moving", "etc", "os-release")
+    run("cp", repo / "manifests" / images.built["v2"].digest, repo / "tags" / "moving")
+    assert release.read_bytes() == b"ID=test\nVERSION=2\n"
+    run("cp", repo / "manifests" / images.built["v1"].digest, repo / "tags" / "moving")
+    for pid in mounted.pids():
+        os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: release.read_bytes() == b"ID=test\nVERSION=1\n", 10, "the new image")
+    assert not rootfs(mounted, "moving", "etc", "added").exists()
