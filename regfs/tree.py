@@ -115,6 +115,8 @@ class Tree:
                     self._tags.pop(node)
                     self._tag_mtimes.pop(node)
                     self._listings.pop(SectionNode(node.repo, "tags"))
+                    for view in self._views.values():  # rootfs/<tag> follows the tag at once
+                        view.forget_moving()
                 case SectionNode(repo, "uploads") | UploadNode(repo, _):
                     self._upload_names.pop(repo)
                     self._listings.pop(SectionNode(repo, "uploads"))
