@@ -9,8 +9,11 @@ Against a real S3 server on loopback (moto), seen through a plain boto3 client.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import socket
+import subprocess
 
 import pytest
 import trio
@@ -308,3 +311,23 @@ def test_check_bucket_says_what_is_wrong(moto_server, s3_bucket, monkeypatch, tm
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(ValueError, match="no AWS credentials"):
         S3Driver(s3_bucket, client=s3_client(moto_server.url)).check_bucket()
+
+
+async def test_a_lock_left_by_a_dead_process_here_is_taken_at_once(drv, s3, s3_bucket, monkeypatch):
+    """A daemon killed on this host leaves its lock: the next writer here sees its process
+    is gone and takes it without waiting for the expiry; another host's fresh lock is kept
+    (Busy)."""
+    monkeypatch.setattr("storage.drivers.s3.LOCK_WAIT", 0.2)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    key = f"regroot{UPLOAD}/data.regfs-lock"
+    owner = {"owner": f"{socket.gethostname()}:{gone.pid}", "ttl": 60}
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=json.dumps(owner).encode())
+    with trio.fail_after(5):
+        writer = await drv.writer(f"{UPLOAD}/data")
+    await writer.aclose()
+    elsewhere = {"owner": "another-host:1", "ttl": 60}
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=json.dumps(elsewhere).encode())
+    with pytest.raises(Busy):
+        await drv.writer(f"{UPLOAD}/data")
+    await drv.delete(UPLOAD)

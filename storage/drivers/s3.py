@@ -1068,10 +1068,35 @@ class _Lock:
         now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
         # Both times count whole seconds: one is taken off, against the one taking over.
         age = (now - head["LastModified"]).total_seconds() - 1
-        if age < LOCK_TTL:
+        if age >= LOCK_TTL:
+            log.warning("%s: taking over a writer lock not renewed for %.0f s", self._path, age)
+        elif self._dead_here(head["ETag"]):
+            log.warning("%s: taking over the writer lock of a dead process here", self._path)
+        else:
             return False
-        log.warning("%s: taking over a writer lock not renewed for %.0f s", self._path, age)
         return self._put(head["ETag"])
+
+    def _dead_here(self, etag: str) -> bool:
+        """Whether the lock (as of etag) is held by a process of this host that is gone (a
+        daemon killed here): no need to wait for its expiry, as flock would not."""
+        driver = self._driver
+        try:
+            raw = driver.call(
+                f"GET {self._key}",
+                lambda: driver.client.get_object(Bucket=driver.bucket, Key=self._key, IfMatch=etag)[
+                    "Body"
+                ].read(4096),
+                path=self._key,
+            )
+            host, _, pid = str(json.loads(raw)["owner"]).rpartition(":")
+            if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+                return False
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PathNotFound, _PreconditionFailed, ValueError, KeyError, TypeError, OSError):
+            return False  # changed meanwhile, not ours to judge, or alive (EPERM)
+        return False
 
     def _renew(self) -> None:
         while not self._stop.wait(LOCK_RENEW):
