@@ -339,3 +339,32 @@ def test_writes_in_order_through_the_mount(tmp_path, aws_env, s3_bucket, mount):
         f.write(data)
     run(["mv", str(upload), str(m.path("org", "app", "layers", digest_of(data)))])
     assert m.path("org", "app", "layers", digest_of(data)).read_bytes() == data
+
+
+def test_upload_of_a_killed_daemon_finished_on_another(tmp_path, aws_env, s3_bucket, mount):
+    """Daemons A and B on one bucket: A writes an upload and is killed with SIGKILL once a
+    part is in S3; B lists the upload at the size S3 holds, takes its lock at once (A's
+    process is gone), appends the rest from there and finishes it with `mv`."""
+    data = os.urandom(24 << 20)
+    a = mount(source(s3_bucket))
+    b = mount(source(s3_bucket))
+    uploads_a = new_repo(a, "org/app") / "uploads"
+    fd = os.open(uploads_a / "big", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, data)
+        wait_until(lambda: os.stat(b.path("org", "app", "uploads", "big")).st_size > 0, 30,
+                   "a part of A's upload in S3")  # fmt: skip
+        for pid in a.pids():
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not a.pids(), 10, "A to die")
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
+            os.close(fd)
+    upload = b.path("org", "app", "uploads", "big")
+    size = os.stat(upload).st_size
+    assert 0 < size < len(data)
+    with open(upload, "ab") as f:
+        f.write(data[size:])
+    digest = digest_of(data)
+    run(["mv", str(upload), str(b.path("org", "app", "layers", digest))])
+    assert sha256sum(b.path("org", "app", "layers", digest)) == digest
