@@ -354,10 +354,13 @@ class RootfsView:
         key = (node.repo, node.digest)
         build = self._builds.get(key)
         if build is None:
-            build = self._builds[key] = _Build(await self._image(node))
-            self._running += 1
-            trio.lowlevel.spawn_system_task(self._run, node.repo, build)
-            self._evict()
+            image = await self._image(node)
+            build = self._builds.get(key)  # another request may have started it meanwhile
+            if build is None:
+                build = self._builds[key] = _Build(image)
+                self._running += 1
+                trio.lowlevel.spawn_system_task(self._run, node.repo, build)
+                self._evict()
         else:
             self._builds.move_to_end(key)
         if not build.done.is_set():  # waiting on a set Event is a trip through the loop
