@@ -60,6 +60,7 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.rootfs
 	$(BIN)/python -m bench.s3 --size 1G
 
 lint: install
