@@ -10,7 +10,8 @@
   multipart upload and starts another. Reading it (rare: `cat` of an upload, a hash chain
   that must be rebuilt) completes it into an object and starts a new one from that object,
   as the registry's writer does when its last part is under 5 MiB.
-- move = copy (UploadPartCopy in ranges above 32 MiB) + delete: not atomic, as in 2.8.
+- move = copy (one CopyObject up to 1 GiB, UploadPartCopy ranges above) + delete: not
+  atomic, as in 2.8.
 - delete removes every object under the path and aborts its multipart uploads (2.8 leaves
   those; a bucket lifecycle rule would be the only other way they go).
 
@@ -20,7 +21,9 @@ is used instead, for throttling (503 SlowDown), 5xx and lost connections. What s
 RemoteUnavailable (EIO through the mount), never PathNotFound. A call in a thread cannot be
 cancelled: a mount's interrupted read waits for its request.
 
-Only one writer per file in this process (Busy); across daemons see docs/scale-out.md.
+One writer per file: in this process (Busy), and across daemons by a lock object beside
+the file (`_Lock`; docs/scale-out.md says why it is safe). Reads stream ahead on a thread
+per stream (`_Stream`), so a sequential read costs one GET.
 """
 
 from __future__ import annotations
@@ -416,11 +419,14 @@ class S3Driver(StorageDriver):
 
     def _copy_parts(self, source: str, key: str, upload_id: str, size: int) -> list[_Part]:
         """UploadPartCopy of the object at source into parts of upload_id, in COPY_CHUNK
-        ranges, COPY_CONCURRENCY at once (as 2.8's multipart copy, src s3.go:708-806)."""
+        ranges, COPY_CONCURRENCY at once (as 2.8's multipart copy, src s3.go:708-806). A
+        remainder under MIN_PART joins the range before it: parts may follow these (restart),
+        and S3 refuses a part under MIN_PART anywhere but last."""
+        count = max(1, size // COPY_CHUNK + (size % COPY_CHUNK >= MIN_PART))
 
         def copy(number: int) -> _Part:
             start = (number - 1) * COPY_CHUNK
-            end = min(size, start + COPY_CHUNK) - 1
+            end = (size if number == count else start + COPY_CHUNK) - 1
             answer = self.call(
                 f"COPY PART {number} {source} → {key}",
                 lambda: self.client.upload_part_copy(
@@ -434,7 +440,6 @@ class S3Driver(StorageDriver):
             )
             return _Part(number, answer["CopyPartResult"]["ETag"], end + 1 - start)
 
-        count = -(-size // COPY_CHUNK)
         with ThreadPoolExecutor(min(count, COPY_CONCURRENCY)) as pool:
             return list(pool.map(copy, range(1, count + 1)))
 
