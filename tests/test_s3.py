@@ -81,6 +81,8 @@ def test_registry_push_read_through_the_mount(tmp_path, aws_env, s3_bucket, s3_r
         assert sha256sum(repo / "layers" / digest) == digest
         run(["cmp", str(blob_path(tmp_path / "layout", digest)), str(repo / "layers" / digest)])
         assert (repo / "layers" / digest).read_bytes() == image.blob(digest)
+    checked = regfs("check", "--verify", source(s3_bucket))
+    assert (checked.returncode, checked.stdout) == (0, ""), checked.stderr
 
 
 def test_push_through_the_mount_pulled_by_skopeo(
