@@ -16,5 +16,7 @@
 - `images`: images of hand-made tar layers (`umoci raw add-layer`) and `Tree` records of a
   root filesystem, unpacked, merged or mounted, to compare them.
 - `loopback`, `fault_server`, `token_server`: HTTP servers on 127.0.0.1 in threads.
+- `s3`: a real S3 server on 127.0.0.1 (moto in server mode), its clients and buckets, and
+  the `storage: s3:` config of a registry on one of them.
 - `users`: a second, unprivileged local user.
 """
