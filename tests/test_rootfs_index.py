@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import tarfile
@@ -40,6 +41,7 @@ from support.tools import MIB
 from storage.api import BlobReader, Buffer, RegistrySource
 from storage.digests import digest_bytes
 from storage.rootfs import cache as cachemod
+from storage.rootfs import fastgzip
 from storage.rootfs import index as index_module
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.errors import (
@@ -821,3 +823,195 @@ async def test_open_layers_are_bounded_and_closed(registry, cache):
     finally:
         await files.aclose()
     assert not failures and not files._open
+
+
+# -- gzip in a subprocess (storage/rootfs/fastgzip.py) ---------------------------------
+
+
+class DescriptorReader:
+    """A local blob reader that gives its file descriptor, as a storage root's can: the
+    subprocess then reads (and hashes) the blob itself."""
+
+    def __init__(self, path: Path, counter: Counter) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._counter = counter
+
+    def fileno(self) -> int:
+        return self._fd
+
+    async def read_at(self, offset: int, size: int) -> Buffer:
+        data = os.pread(self._fd, size, offset)
+        self._counter.bytes += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        os.close(self._fd)
+
+
+def local_layer(tmp_path: Path, raw: bytes, blob: bytes, digest_of: bytes | None = None) -> Stored:
+    """A gzip layer in a local file, read through a `DescriptorReader`; its digest is that of
+    `digest_of` when given (a blob that lies)."""
+    path = tmp_path / f"blob-{len(blob)}"
+    path.write_bytes(blob)
+    counter = Counter()
+
+    async def opener() -> BlobReader:
+        return DescriptorReader(path, counter)
+
+    digest = digest_bytes(blob if digest_of is None else digest_of)
+    return Stored(LayerRef(digest, len(blob), MEDIA_TYPES["gzip"], opener), counter, raw)
+
+
+def big_members(raw: bytes) -> bytes:
+    """Gzip members of a few MiB each, cut at odd places: seek points fall near their ends."""
+    cuts = [0, 3 * MIB + 333, 3 * MIB + 4000, 7 * MIB + 1, len(raw)]
+    return b"".join(compress(raw[a:b], "gzip") for a, b in itertools.pairwise(cuts))
+
+
+def seek_point_offsets(points: bytes) -> list[int]:
+    """The uncompressed offsets of exported seek points (indexed_gzip's GZIDX v1 layout)."""
+    count = int.from_bytes(points[31:35], "little")
+    return [
+        int.from_bytes(points[35 + 18 * i + 8 : 35 + 18 * i + 16], "little") for i in range(count)
+    ]
+
+
+def huffman_only(raw: bytes) -> bytes:
+    """deflate without back-references: rapidgzip keeps no window at its points, which sit
+    mid-byte (indexed_gzip fails there unless a window is filled in)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + 15, 8, zlib.Z_HUFFMAN_ONLY)
+    return compressor.compress(raw) + compressor.flush()
+
+
+SUBPROCESS_FORMS = {
+    "one member": lambda raw: compress(raw, "gzip"),
+    "members": big_members,
+    "huffman only": huffman_only,
+}
+
+
+@pytest.mark.parametrize("reader", ["copy", "descriptor"])
+@pytest.mark.parametrize("form", SUBPROCESS_FORMS)
+async def test_gzip_in_a_subprocess_equals_the_in_process_pass(
+    registry, cache, files, tmp_path, caplog, reader, form
+):
+    """The subprocess's table is the in-process pass's, and its seek points (zeroed windows
+    where rapidgzip keeps none) read the tar exactly at and just before every point."""
+    rng = random.Random(form)
+    raw = tar_of([(entry("a"), half_random(6 * MIB, rng)), (entry("b"), rng.randbytes(5 * MIB))])
+    blob = SUBPROCESS_FORMS[form](raw)
+    if reader == "copy":
+        layer = await store(registry, raw, "gzip", blob=blob)
+    else:
+        layer = local_layer(tmp_path, raw, blob)
+    caplog.set_level(logging.INFO)
+    index = await Indexer(cache).index(layer.ref)
+    assert "indexed in process instead" not in caplog.text  # the subprocess made it
+    if reader == "descriptor":
+        assert layer.counter.bytes <= 4  # the format's magic: the child read the rest
+    in_process = await Indexer(IndexCache(tmp_path / "other"), subprocess=False).index(layer.ref)
+    assert index.members == in_process.members and index.size == in_process.size
+    assert index_view(index) == tarfile_view(raw)
+    await check_files(files, layer, index, rng)
+    points = seek_point_offsets(index.gzip_index)
+    assert len(points) > 4
+    import indexed_gzip
+
+    for at in points[1:-1]:
+        for offset in (max(at - 5, 0), at):
+            with indexed_gzip.IndexedGzipFile(fileobj=io.BytesIO(blob)) as gz:
+                gz.import_index(fileobj=io.BytesIO(index.gzip_index))
+                gz.seek(offset)
+                assert gz.read(70_000) == raw[offset : offset + 70_000], offset
+
+
+async def test_gzip_forms_the_subprocess_declines_are_indexed_in_process(registry, cache, caplog):
+    raw = every_kind_tar(big=0)
+    layer = await store(registry, raw, "gzip", blob=GZIP_FORMS["garbage after"](raw))
+    caplog.set_level(logging.INFO)
+    index = await Indexer(cache).index(layer.ref)
+    assert "rapidgzip" in caplog.text and "indexed in process instead" in caplog.text
+    assert index_view(index) == tarfile_view(raw)
+
+
+@pytest.mark.parametrize("lie", ["digest", "size"])
+async def test_the_subprocess_checks_a_descriptor_blob(tmp_path, cache, cache_dir, lie):
+    raw = _good()
+    blob = compress(raw, "gzip")
+    layer = local_layer(tmp_path, raw, blob, digest_of=blob + b"x" if lie == "digest" else None)
+    if lie == "size":
+        layer = replace(layer, ref=replace(layer.ref, size=len(blob) + 4096))
+    error, why = {"digest": (LayerDigestMismatch, "hash to"), "size": (CorruptLayer, "shorter")}[
+        lie
+    ]
+    with pytest.raises(error, match=why):
+        await Indexer(cache).index(layer.ref)
+    assert cached_files(cache_dir) == set()
+
+
+def index_children() -> list[int]:
+    """This process's index subprocesses (the session's registry server is a child too)."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        ours = name.isdigit() and int(stat.rpartition(")")[2].split()[1]) == os.getpid()
+        if ours and b"fastgzip" in cmdline:
+            found.append(int(name))
+    return found
+
+
+async def index_child() -> int:
+    """The pid of the running index subprocess, once it has started."""
+    with trio.fail_after(30):
+        while not (pids := index_children()):
+            await trio.sleep(0.005)
+    return pids[0]
+
+
+async def gone(pid: int) -> None:
+    with trio.fail_after(10):
+        while Path(f"/proc/{pid}").exists():
+            await trio.sleep(0.01)
+
+
+@pytest.fixture
+async def slow_gzip(registry) -> Stored:
+    """A gzip layer the subprocess needs a while for (48 MiB of tar)."""
+    rng = random.Random(9)
+    raw = tar_of([(entry(f"f{i}"), half_random(4 * MIB, rng)) for i in range(12)])
+    return await store(registry, raw, "gzip", blob=gzip.compress(raw, compresslevel=1))
+
+
+async def test_a_subprocess_that_dies_is_a_clean_error(slow_gzip, cache, cache_dir, caplog):
+    """The child killed mid-pass: IndexProcessFailed (not a bad layer: the next request
+    indexes the layer again), logged; no process, no copy of the blob left."""
+    indexer = Indexer(cache)
+    async with trio.open_nursery() as nursery:
+        outcome: list[BaseException] = []
+
+        async def index() -> None:
+            try:
+                await indexer.index(slow_gzip.ref)
+            except fastgzip.IndexProcessFailed as exc:
+                outcome.append(exc)
+
+        nursery.start_soon(index)
+        os.kill(await index_child(), signal.SIGKILL)
+    assert outcome and "status -9" in str(outcome[0]) and "subprocess failed" in caplog.text
+    assert not index_children() and cached_files(cache_dir) == set()
+    index = await indexer.index(slow_gzip.ref)
+    assert indexer.passes == 2 and index_view(index) == tarfile_view(slow_gzip.raw)
+
+
+async def test_an_unmount_while_indexing_ends_the_subprocess(slow_gzip, cache, cache_dir):
+    indexer = Indexer(cache)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(indexer.index, slow_gzip.ref)
+        pid = await index_child()
+        nursery.cancel_scope.cancel()
+    await gone(pid)
+    assert not index_children() and not indexer.progress and cached_files(cache_dir) == set()

@@ -108,7 +108,7 @@ class IndexCache:
         try:
             fd = self._open_own(f"{digest.hex}.idx")
             with os.fdopen(fd, "rb") as file:
-                index = _decode(file, digest)
+                index = decode(file, digest)
             if index.reframed:
                 os.close(self._open_own(f"{digest.hex}.zst"))
         except Exception as exc:  # whatever a damaged file makes the decoder raise
@@ -148,7 +148,7 @@ class IndexCache:
         temp, fd = self._create_temp(index.digest)
         try:
             with os.fdopen(fd, "wb") as file:
-                _encode(index, file)
+                encode(index, file)
             self._rename(temp, f"{index.digest.hex}.idx")
         except OSError as exc:
             log.error("index of layer %s not kept in %s: %s", index.digest, self.directory, exc)
@@ -161,6 +161,21 @@ class IndexCache:
 
     def new_copy(self, digest: Digest) -> PendingCopy:
         return PendingCopy(self, digest)
+
+    def spool(self) -> int:
+        """A read-write descriptor of a new file without a name in the directory (O_TMPFILE),
+        or one unlinked at once where the file system has no O_TMPFILE: whatever happens to
+        the daemon, nothing is left behind once it is closed."""
+        try:
+            return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self._fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+        temp = f".spool.{secrets.token_hex(8)}.tmp"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temp, flags, 0o600, dir_fd=self._fd)
+        self._unlink(temp)
+        return fd
 
     def _create_temp(self, digest: Digest) -> tuple[str, int]:
         temp = f".{digest.hex}.{secrets.token_hex(8)}.tmp"
@@ -257,7 +272,7 @@ def _owner(st: os.stat_result) -> str:
 # -- the file format -----------------------------------------------------------------
 
 
-def _encode(index: LayerIndex, file: BinaryIO) -> None:
+def encode(index: LayerIndex, file: BinaryIO) -> None:
     compressor = zstandard.ZstdCompressor(level=_LEVEL, write_checksum=True)
     with compressor.stream_writer(file, closefd=False) as out:
         meta = {
@@ -302,7 +317,7 @@ def _line(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
-def _decode(file: BinaryIO, digest: Digest) -> LayerIndex:
+def decode(file: BinaryIO, digest: Digest) -> LayerIndex:
     reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(file))
 
     def line() -> Any:

@@ -26,7 +26,7 @@ import trio
 
 from ..api import BlobReader
 from ..digests import Digest
-from . import estargz, gzipseek, tarscan, zstdframes
+from . import estargz, fastgzip, gzipseek, tarscan, zstdframes
 from .blobfile import BlobFile
 from .errors import BadLayer
 from .estargz import Chunk
@@ -182,9 +182,12 @@ class Indexer:
     (a cached index costs none).
     """
 
-    def __init__(self, cache: IndexCache, limits: Limits | None = None) -> None:
+    def __init__(
+        self, cache: IndexCache, limits: Limits | None = None, *, subprocess: bool = True
+    ) -> None:
         self.cache = cache
         self.limits = limits or Limits()
+        self.subprocess = subprocess  # gzip layers by `fastgzip`; False for the old pass only
         self.progress: dict[Digest, Progress] = {}
         self.passes = 0
         self._limiter = trio.CapacityLimiter(1)
@@ -265,6 +268,10 @@ class Indexer:
         fmt = detect(bytes(await reader.read_at(0, 4)), layer.media_type, layer.digest)
         log.info("indexing layer %s (%s, %d bytes)", layer.digest, fmt.value, layer.size)
         self.passes += 1
+        if fmt is Format.GZIP and self.subprocess:
+            index = await fastgzip.index_gzip(reader, layer, self.cache, self.limits, progress)
+            if index is not None:
+                return index
         stop = threading.Event()
         blob = BlobFile(
             reader,

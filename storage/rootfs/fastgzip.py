@@ -1,0 +1,332 @@
+"""gzip layers indexed in one decompression, by rapidgzip in a subprocess.
+
+rapidgzip (ISA-L inflate) decompresses a gzip layer while it records seek points, so the
+tar member table and the seek points come from one decompression instead of two (zlib and
+indexed_gzip, `gzipseek.GzipPass`). It runs in a child process, never in the daemon: a build
+peaks at ~125 MB (1 MiB chunks), it calls `std::terminate` if one of its files is open at
+interpreter exit, and its reads through a Python file object would need the GIL. The child
+gets the blob as a file descriptor: the source's own (`fileno()` of a local reader; the
+child then hashes it too, in a thread beside the decompression) or an anonymous copy in the
+cache directory (`IndexCache.spool`), made while the blob is read and hashed in order as the
+in-process pass reads it. It answers on stdout: progress lines, one status line, then the
+encoded index (`cache.encode`), which the daemon decodes and checks like a stored one.
+
+rapidgzip exports its seek points in indexed_gzip's format, which the reads use
+(`gzipseek.GzipReader`), but a point whose window rapidgzip found unneeded carries none,
+which indexed_gzip takes for the start of a gzip member: such points get a zeroed window
+(never read: nothing after the point refers back past it). What rapidgzip refuses (data
+after the last member, which gzip(1) ignores) or cuts short without an error (a truncated
+stream) the child declines, and the in-process pass indexes that layer with its own checks
+and messages. A child that dies is a failure of this pass (`IndexProcessFailed`), not a bad
+layer: the view shows EIO and tries again at the next lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import trio
+
+from ..api import BlobReader
+from ..digests import Digest
+from ..errors import StorageError
+from . import errors, tarscan
+from .blobfile import BlobFile
+from .errors import BadLayer, CorruptLayer, LayerDigestMismatch
+from .tarscan import Limits
+
+if TYPE_CHECKING:
+    from .cache import IndexCache
+    from .index import LayerIndex, LayerRef, Progress
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # rapidgzip's compressed bytes per chunk = per seek point: ~0.4 MB per read
+_OUT = 1 << 20  # decompressed bytes per read in the child
+_HASH_READ = 4 << 20
+_PROGRESS_EVERY = 4 << 20  # blob bytes between two progress lines of the child
+_LINE_MAX = 1 << 16  # bytes of a progress or status line
+_STDERR_KEPT = 4096  # the end of the child's stderr, logged when it fails
+_ROOT = str(Path(__file__).resolve().parents[2])  # what holds the `storage` package
+_CHILD = (
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from storage.rootfs import fastgzip; fastgzip.child(sys.argv[2])"
+)
+_HEADER = struct.Struct("<5sBBQQIII")  # indexed_gzip's GZIDX header (version 1)
+_POINT = struct.Struct("<QQBB")  # compressed offset, uncompressed offset, bits, has a window
+
+
+class IndexProcessFailed(StorageError):
+    """The indexing subprocess died or answered nonsense: this pass failed, not the layer."""
+
+
+class _Declined(Exception):
+    """A gzip form the child leaves to the in-process pass."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the child is asked (its one JSON argument)."""
+
+    fd: int
+    digest: str
+    size: int
+    verify: bool  # hash the blob in the child (the daemon did not read it)
+    limits: dict[str, int]
+
+
+# -- the daemon's side ---------------------------------------------------------------
+
+
+async def index_gzip(
+    reader: BlobReader, layer: LayerRef, cache: IndexCache, limits: Limits, progress: Progress
+) -> LayerIndex | None:
+    """The layer's index from the child, or None when the child declines the layer (see the
+    module docstring); BadLayer for a bad one, IndexProcessFailed when the child fails."""
+    fileno = getattr(reader, "fileno", None)
+    if callable(fileno):
+        fd, verify = os.dup(fileno()), True
+    else:
+        fd, verify = await _spool(reader, layer, cache, progress), False
+    try:
+        request = Request(fd, str(layer.digest), layer.size, verify, dataclasses.asdict(limits))
+        encoded = await _run_child(request, layer.digest, progress if verify else None)
+    finally:
+        os.close(fd)
+    if encoded is None:
+        return None
+    from .cache import decode  # cache imports index, which imports this module
+
+    index: LayerIndex = await trio.to_thread.run_sync(decode, io.BytesIO(encoded), layer.digest)
+    return index
+
+
+async def _spool(reader: BlobReader, layer: LayerRef, cache: IndexCache, progress: Progress) -> int:
+    """A nameless copy of the blob in the cache directory, hashed while it is read in order
+    (LayerDigestMismatch); the caller closes the descriptor returned."""
+    fd = await trio.to_thread.run_sync(cache.spool)
+    stop = threading.Event()
+    blob = BlobFile(
+        reader,
+        layer.digest,
+        layer.size,
+        trio.lowlevel.current_trio_token(),
+        windows=1,
+        on_read=progress.update,
+        stop=stop,
+    )
+    try:
+        # The thread writes through its own descriptor and closes it however it ends: when
+        # abandoned (cancelled), it stops at its next read and never writes to a reused one.
+        await trio.to_thread.run_sync(_copy, blob, os.dup(fd), abandon_on_cancel=True)
+    except BaseException:
+        stop.set()
+        os.close(fd)
+        raise
+    return fd
+
+
+def _copy(blob: BlobFile, fd: int) -> None:
+    try:
+        offset = 0
+        while data := blob.window_at(offset):
+            os.pwrite(fd, data, offset)
+            offset += len(data)
+        blob.verify()  # read whole and in order: LayerDigestMismatch if it differs
+    finally:
+        os.close(fd)
+
+
+async def _run_child(request: Request, digest: Digest, progress: Progress | None) -> bytes | None:
+    command = [sys.executable, "-I", "-c", _CHILD, _ROOT, json.dumps(dataclasses.asdict(request))]
+    stderr = bytearray()
+    async with trio.open_nursery() as nursery:
+        # Cancelled (an unmount), trio ends the child (SIGTERM, then SIGKILL) and reaps it.
+        start = functools.partial(
+            trio.run_process,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(request.fd,),
+            check=False,
+        )
+        process: trio.Process = await nursery.start(start)
+        assert process.stdout is not None and process.stderr is not None
+        nursery.start_soon(_keep_end, process.stderr, stderr)
+        answer = await _read_answer(process.stdout, progress)
+    if process.returncode != 0 or answer is None:
+        tail = bytes(stderr).decode(errors="replace").strip()
+        log.error("layer %s: the index subprocess failed: %s", digest, tail or "no output")
+        raise IndexProcessFailed(
+            f"layer {digest}: the index subprocess ended with status {process.returncode}"
+        )
+    return _outcome(answer, digest)
+
+
+async def _keep_end(stream: trio.abc.ReceiveStream, kept: bytearray) -> None:
+    async for data in stream:
+        kept += data
+        del kept[:-_STDERR_KEPT]
+
+
+async def _read_answer(
+    stream: trio.abc.ReceiveStream, progress: Progress | None
+) -> tuple[dict[str, Any], bytes] | None:
+    """The child's status and what follows it; None when it ends without one."""
+    buffer = bytearray()
+    status: dict[str, Any] | None = None
+    async for data in stream:
+        buffer += data
+        while status is None and (end := buffer.find(b"\n", 0, _LINE_MAX)) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            if line.startswith(b"p "):
+                if progress is not None:
+                    progress.update(int(line[2:]))
+                continue
+            status = json.loads(line)
+        if status is None and len(buffer) >= _LINE_MAX:
+            return None
+    return (status, bytes(buffer)) if isinstance(status, dict) else None
+
+
+def _outcome(answer: tuple[dict[str, Any], bytes], digest: Digest) -> bytes | None:
+    status, rest = answer
+    if status.get("ok") is True:
+        return rest
+    if "declined" in status:
+        log.info("layer %s: %s; indexed in process instead", digest, status["declined"])
+        return None
+    kind = getattr(errors, str(status.get("bad")), None)
+    if isinstance(kind, type) and issubclass(kind, BadLayer):
+        raise kind(digest, str(status.get("why")))
+    raise IndexProcessFailed(f"layer {digest}: the index subprocess answered {status!r:.200}")
+
+
+# -- the child's side ----------------------------------------------------------------
+
+
+def child(argument: str) -> None:
+    """The child's whole run (see the module docstring); what it answers is its output."""
+    request = Request(**json.loads(argument))
+    out = sys.stdout.buffer
+    digest = Digest.parse(request.digest)
+    mismatch: list[BadLayer] = []
+    hasher = threading.Thread(target=_hash, args=(request, digest, mismatch))
+    if request.verify:
+        hasher.start()
+    index: LayerIndex | None = None
+    try:
+        index = _index(request, digest, out)
+        status: dict[str, Any] = {"ok": True}
+    except _Declined as exc:
+        status = {"declined": str(exc)}
+    except BadLayer as exc:
+        status = {"bad": type(exc).__name__, "why": exc.why}
+    if request.verify:
+        hasher.join()
+        if mismatch:  # what the blob is comes before what it holds
+            index = None
+            status = {"bad": type(mismatch[0]).__name__, "why": mismatch[0].why}
+    out.write(json.dumps(status).encode() + b"\n")
+    if index is not None:
+        from .cache import encode
+
+        encode(index, out)
+    out.flush()
+
+
+def _hash(request: Request, digest: Digest, mismatch: list[BadLayer]) -> None:
+    """The blob's digest (hashlib lets go of the GIL), as `BlobFile.verify` checks it."""
+    sha = hashlib.sha256()
+    offset = 0
+    while offset < request.size:
+        data = os.pread(request.fd, min(_HASH_READ, request.size - offset), offset)
+        if not data:
+            why = f"{offset} bytes, {request.size} expected: shorter than its size"
+            mismatch.append(CorruptLayer(digest, why))
+            return
+        sha.update(data)
+        offset += len(data)
+    if sha.hexdigest() != digest.hex:
+        mismatch.append(LayerDigestMismatch(digest, f"its bytes hash to sha256:{sha.hexdigest()}"))
+
+
+def _index(request: Request, digest: Digest, out: IO[bytes]) -> LayerIndex:
+    import rapidgzip  # only ever loaded in the child
+
+    from .index import Format, LayerIndex
+
+    limits = Limits(**request.limits)
+    try:
+        # By path, so that rapidgzip reads the descriptor itself, without the GIL.
+        with rapidgzip.RapidgzipFile(
+            f"/proc/self/fd/{request.fd}", parallelization=1, chunk_size=CHUNK
+        ) as gz:
+            table = tarscan.scan(_chunks(gz, out), digest, limits)
+            end = max(gz.block_offsets(), default=0)
+            if end != request.size * 8:  # it stops quietly where a stream is cut short
+                raise _Declined(f"rapidgzip stopped at byte {end // 8} of {request.size}")
+            exported = io.BytesIO()
+            gz.export_index(exported)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise _Declined(f"rapidgzip: {exc}") from None
+    points = fill_windows(exported.getvalue())
+    return LayerIndex(digest, Format.GZIP, request.size, table.size, table.members, points)
+
+
+def _chunks(gz: Any, out: IO[bytes]) -> Iterator[bytes]:
+    """The decompressed stream, with a progress line every `_PROGRESS_EVERY` blob bytes."""
+    told = 0
+    while True:
+        try:
+            data: bytes = gz.read(_OUT)
+        except (ValueError, RuntimeError) as exc:  # a bad CRC or deflate data, or worse
+            raise _Declined(f"rapidgzip: {exc}") from None
+        if not data:
+            return
+        where = gz.tell_compressed() // 8
+        if where - told >= _PROGRESS_EVERY:
+            out.write(b"p %d\n" % where)
+            out.flush()
+            told = where
+        yield data
+
+
+def fill_windows(exported: bytes) -> bytes:
+    """rapidgzip's exported seek points with a zeroed window at each point inside a stream
+    that has none (see the module docstring): indexed_gzip would read a gzip header there."""
+    magic, version, flags, csize, usize, spacing, window, count = _HEADER.unpack_from(exported)
+    if magic != b"GZIDX" or version != 1:
+        raise _Declined(f"rapidgzip exported seek points of format {magic!r} {version}")
+    at = _HEADER.size
+    points, windows = [], []
+    read = at + count * _POINT.size  # where the next window is
+    for number in range(count):
+        coffset, uoffset, bits, has = _POINT.unpack_from(exported, at + number * _POINT.size)
+        if has:
+            windows.append(exported[read : read + window])
+            read += window
+        elif 0 < uoffset < usize:
+            windows.append(bytes(window))
+            has = 1
+        points.append(_POINT.pack(coffset, uoffset, bits, has))
+    if read != len(exported):
+        raise _Declined("rapidgzip exported seek points of an unexpected length")
+    header = _HEADER.pack(magic, version, flags, csize, usize, spacing, window, count)
+    return b"".join([header, *points, *windows])
