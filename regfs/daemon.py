@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def _watch_signals(ops: Operations, task_status: trio.TaskStatus[None]) -> None:
+async def _watch_signals(
+    ops: Operations, rootfs: RootfsView, task_status: trio.TaskStatus[None]
+) -> None:
     with trio.open_signal_receiver(*SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # held since serve(): take them
         task_status.started()
@@ -40,6 +42,7 @@ async def _watch_signals(ops: Operations, task_status: trio.TaskStatus[None]) ->
                 ops.tree.forget_moving()
                 continue
             log.info("%s: unmounting", signal.Signals(signum).name)
+            rootfs.stop()  # pyfuse3.main() returns once the requests waiting for a build end
             pyfuse3.terminate()
             return
 
@@ -54,7 +57,7 @@ async def _ready_when_served(options: MountOptions, on_ready: Callable[[], None]
 
 async def _serve(ops: Operations, rootfs: RootfsView, on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, ops)
+        await nursery.start(_watch_signals, ops, rootfs)
         nursery.start_soon(_ready_when_served, ops.options, on_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

@@ -166,11 +166,15 @@ class RootfsView:
             cache = IndexCache(temporary, max_bytes=cache_size)
             return cls(registry, cache, tag_ttl, temporary_cache=True)
 
+    def stop(self) -> None:
+        """Cancel the builds under way (at unmount): the requests waiting for them get EIO."""
+        for scope in self._scopes:
+            scope.cancel()
+
     async def aclose(self) -> None:
         """At unmount: stop the builds, close every open layer (native decompressors must be
         closed before the interpreter exits), then the cache."""
-        for scope in self._scopes:
-            scope.cancel()
+        self.stop()
         if self._running:
             await self._idle.wait()
         await self.files.aclose()

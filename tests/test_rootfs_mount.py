@@ -8,6 +8,7 @@ images whose one layer is bad (not a tar, a gzip cut short, bytes that are not i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -16,6 +17,7 @@ import random
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -460,8 +462,11 @@ def test_getfattr_tells_how_far_indexing_is(images, tmp_path):
     with (
         RegistryServer(images.root, workdir=tmp_path / "registry") as server,
         FaultServer(upstream=server.url) as proxy,
-        Mount(proxy.url, tmp_path / "mnt", tmp_path / "regfs.log") as m,
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.ExitStack() as stack,  # the mount, stopped first
     ):
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no index yet: a pass
+        m = stack.enter_context(Mount(proxy.url, tmp_path / "mnt", tmp_path / "regfs.log"))
         proxy.inject(Fault(status=503, delay=3, method="GET", path=layer))
         root = rootfs(m, "v2")
         assert index_status(root).startswith("not indexed yet: 4 layers")
@@ -551,3 +556,31 @@ def test_a_tag_that_moves_shows_the_new_image(images, mounted):
     for pid in mounted.pids():
         os.kill(pid, signal.SIGHUP)
     wait_until(lambda: release.read_bytes() == b"ID=test\nVERSION=2\n", 10, "the new image")
+
+
+@pytest.mark.remote
+def test_sigterm_during_a_pass_unmounts_at_once(images, tmp_path):
+    """A pass held up by the registry (10 s) does not hold up an unmount: the build is
+    cancelled, the request waiting for it gets EIO, the daemon exits cleanly."""
+    layer = json.loads(images.built["v1"].manifest)["layers"][1]["digest"]
+    with (
+        RegistryServer(images.root, workdir=tmp_path / "registry") as server,
+        FaultServer(upstream=server.url) as proxy,
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.ExitStack() as stack,  # the mount, stopped first
+    ):
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no index yet: a pass
+        m = stack.enter_context(Mount(proxy.url, tmp_path / "mnt", tmp_path / "regfs.log"))
+        proxy.inject(Fault(status=503, delay=10, method="GET", path=layer))
+        root = rootfs(m, "v1")
+        with subprocess.Popen(["cat", root / "etc" / "motd"], stderr=subprocess.PIPE) as cat:
+            wait_until(lambda: "indexing" in index_status(root), 10, "the pass to start")
+            wait_until(lambda: layer in index_status(root), 10, "the held-up layer")
+            started = time.monotonic()
+            for pid in m.pids():
+                os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not m.pids(), 5, "the daemon to exit")
+            assert time.monotonic() - started < 5
+            _, err = cat.communicate(timeout=10)
+            assert cat.returncode != 0 and b"Input/output error" in err
+        assert "the mount is going away" in m.log_text()
