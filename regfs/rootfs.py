@@ -246,6 +246,8 @@ class RootfsView:
                         entries.append((tag, await self._named(repo, (tag,), digest)))
                     except LookupError:  # gone meanwhile, or an artifact (NotAnImage)
                         continue
+                    except StorageError as exc:  # one manifest unreadable: list the others
+                        log.warning("rootfs: %s:%s is not listed: %s", repo, tag, exc)
                 return entries
             case PlatformsNode(repo, via, digest):
                 platforms = await self._manifest(repo, digest)

@@ -43,7 +43,7 @@ from support.images import (
 from support.layers import MEDIA_TYPES
 from support.mounts import Mount, wait_until
 from support.oci import OciImage, image_manifest, skopeo_push
-from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_path
+from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_path, v2_root
 from support.roots import link_blobs
 from support.tools import digest_of
 
@@ -144,7 +144,11 @@ async def put_image(root: Path, tag: str, config: bytes, layers: list[bytes], ki
 
 
 async def put_manifest(root: Path, tag: str, data: bytes) -> str:
-    repo = Registry(FilesystemDriver(root)).repository(REPO)
+    return await put_manifest_in(root, REPO, tag, data)
+
+
+async def put_manifest_in(root: Path, name: str, tag: str, data: bytes) -> str:
+    repo = Registry(FilesystemDriver(root)).repository(name)
     digest = await repo.manifests.put(data)
     await repo.tags.put(tag, digest)
     return str(digest)
@@ -584,3 +588,19 @@ def test_sigterm_during_a_pass_unmounts_at_once(images, tmp_path):
             _, err = cat.communicate(timeout=10)
             assert cat.returncode != 0 and b"Input/output error" in err
         assert "the mount is going away" in m.log_text()
+
+
+def test_a_tag_that_cannot_be_read_is_left_out_of_the_listing(images, mounted):
+    """One tag whose link is garbage (damage): rootfs/ lists the others, the log says why."""
+    name, image = "library/damaged", images.built["v1-tar"]
+    manifest = json.loads(image.manifest)
+    blobs = [image.blob(d["digest"]) for d in [manifest["config"], *manifest["layers"]]]
+    trio.run(link_blobs, images.root, name, blobs)
+    for tag in ("good", "bad"):
+        trio.run(put_manifest_in, images.root, name, tag, image.manifest)
+    link = v2_root(images.root) / "repositories" / name / "_manifests/tags/bad/current/link"
+    link.write_bytes(b"garbage")
+    section = mounted.path(*name.split("/"), "rootfs")
+    assert os.listdir(section) == ["good"]
+    assert (section / "good" / "etc" / "motd").read_bytes() == b"hello\n"
+    assert any("damaged:bad is not listed" in line for line in mounted.log_text().splitlines())
