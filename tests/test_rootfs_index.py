@@ -8,6 +8,7 @@ blob byte read.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import io
 import itertools
@@ -1015,3 +1016,18 @@ async def test_an_unmount_while_indexing_ends_the_subprocess(slow_gzip, cache, c
         nursery.cancel_scope.cancel()
     await gone(pid)
     assert not index_children() and not indexer.progress and cached_files(cache_dir) == set()
+
+
+async def test_member_tables_are_kept_out_of_the_cyclic_gc(registry, cache):
+    """A full collection walks every tracked object: a table's `Member`s are frozen
+    (gc.freeze) once indexed or loaded, so that collections skip them."""
+    layer = await store(registry, many_members_tar(5000), "gzip")
+    for indexer in (Indexer(cache), Indexer(cache)):  # a pass, then a load from the cache
+        gc.unfreeze()
+        index = await indexer.index(layer.ref)
+        assert len(index.members) == 5000 and gc.get_freeze_count() >= 5000
+        walked = {id(o) for o in gc.get_objects()}  # what collections walk: not the frozen
+        assert not any(id(m) in walked for m in index.members)
+        gc.unfreeze()
+        walked = {id(o) for o in gc.get_objects()}
+        assert all(id(m) in walked for m in index.members)
