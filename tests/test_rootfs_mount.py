@@ -40,7 +40,7 @@ from support.images import (
     umoci_unpack,
     whiteout,
 )
-from support.layers import MEDIA_TYPES
+from support.layers import MEDIA_TYPES, estargz
 from support.mounts import Mount, wait_until
 from support.oci import OciImage, image_manifest, skopeo_push
 from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_path, v2_root
@@ -52,6 +52,7 @@ from regfs.rootfs import RootfsView
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
 from storage.rootfs.cache import IndexCache
+from storage.rootfs.image import TOC_DIGEST
 from storage.rootfs.members import Kind
 
 pytestmark = [pytest.mark.mount, pytest.mark.registry]
@@ -164,6 +165,7 @@ class Images:
         self.built: dict[str, OciImage] = {}
         self.bad: dict[str, str] = {}  # tag → the bad layer's digest
         self.bundles = base / "bundles"
+        self.stargz: list[str] = []  # the eStargz image's layer digests
         self.unpacked: dict[str, Path] = {}
 
     def build(self, workdir: Path) -> None:
@@ -184,6 +186,7 @@ class Images:
         config = v1.blob(json.loads(v1.manifest)["config"]["digest"])
         index = platform_index({"linux-amd64": v1, "linux-arm-v7": v2}, self.built["v1-tar"])
         await put_manifest(self.root, "multi", index)
+        await self._put_estargz(config)
         await self._put_artifact(config)
         first_gzip = v1.blob(json.loads(v1.manifest)["layers"][0]["digest"])
         tar = layer_tars(self.built["v1-tar"])[0]
@@ -202,6 +205,28 @@ class Images:
         at = data.index(b"ID=test")
         data[at : at + 2] = b"XX"
         path.write_bytes(bytes(data))
+
+    async def _put_estargz(self, config: bytes) -> None:
+        """v1's layers as eStargz, each with its TOC digest annotated as the manifest would."""
+        layers = [estargz(tar) for tar in layer_tars(self.built["v1-tar"])]
+        await link_blobs(self.root, REPO, [config, *(blob for blob, _ in layers)])
+        descriptor = {"digest": digest_of(config), "size": len(config)}
+        body = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor | {"mediaType": "application/vnd.oci.image.config.v1+json"},
+            "layers": [
+                {
+                    "mediaType": MEDIA_TYPES["gzip"],
+                    "digest": digest_of(blob),
+                    "size": len(blob),
+                    "annotations": {TOC_DIGEST: toc},
+                }
+                for blob, toc in layers
+            ],
+        }
+        await put_manifest(self.root, "stargz", json.dumps(body).encode())
+        self.stargz = [digest_of(blob) for blob, _ in layers]
 
     async def _put_artifact(self, blob: bytes) -> None:
         """An artifact (a Helm chart's config type): a tag that rootfs/ does not show."""
@@ -294,7 +319,9 @@ def test_rootfs_equals_umoci_unpack(images, mounted, tag, reference):
 def test_listing_and_names(images, mounted):
     assert "rootfs" in os.listdir(mounted.path(*REPO.split("/")))
     # Tags that are images (the bad ones too: they are listed, and fail when entered).
-    assert sorted(os.listdir(rootfs(mounted))) == sorted([*images.built, "multi", *images.bad])
+    assert sorted(os.listdir(rootfs(mounted))) == sorted(
+        [*images.built, "multi", "stargz", *images.bad]
+    )
     digest = images.built["v1"].digest
     assert (rootfs(mounted, digest) / "etc" / "os-release").read_bytes() == b"ID=test\nVERSION=1\n"
     assert digest not in os.listdir(rootfs(mounted))  # looked up, not listed
@@ -604,3 +631,18 @@ def test_a_tag_that_cannot_be_read_is_left_out_of_the_listing(images, mounted):
     assert os.listdir(section) == ["good"]
     assert (section / "good" / "etc" / "motd").read_bytes() == b"hello\n"
     assert any("damaged:bad is not listed" in line for line in mounted.log_text().splitlines())
+
+
+def test_an_estargz_image_is_read_from_its_tocs(images, mounted):
+    """Layers with a TOC the manifest vouches for: no pass, and the tree of the same layers
+    as plain tar plus what any runtime unpacking the tar.gz makes of it: the top layer's
+    `stargz.index.json` (a real tar entry; stargz-snapshotter alone hides it)."""
+    run("ls", rootfs(mounted, "stargz"))
+    expected, actual = view_tree(rootfs(mounted, "v1-tar")), view_tree(rootfs(mounted, "stargz"))
+    toc = actual.records.pop("stargz.index.json")
+    assert (toc.type, toc.mode) == ("file", 0o644)
+    assert differences(expected, actual) == []
+    log = mounted.log_text()
+    for layer in images.stargz:
+        assert f"layer {layer}: " in log and "from its eStargz TOC" in log
+        assert f"indexing layer {layer}" not in log

@@ -36,6 +36,8 @@ IMAGE_CONFIGS = (
 )
 IMAGE_MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
 ATTESTATION = ("vnd.docker.reference.type", "attestation-manifest")
+# An eStargz layer's TOC digest: with it the indexer reads the TOC instead of making a pass.
+TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 # A platform field as it may appear in a file name: no `/`, no leading dot, bounded.
 _PLATFORM_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}")
 
@@ -79,13 +81,26 @@ async def load(repo: Repository, digest: Digest) -> Image | Platforms:
         raise NotAnImage(
             f"manifest {digest} in {repo.name} is not an image (config {config.media_type!r})"
         )
+    raw_layers = load_json(manifest.data)["layers"]  # parse_manifest checked each one
     return Image(
         digest,
         tuple(
-            LayerRef(d.digest, d.size, d.media_type, functools.partial(repo.layers.fetch, d.digest))
-            for d in layers
+            LayerRef(
+                d.digest,
+                d.size,
+                d.media_type,
+                functools.partial(repo.layers.fetch, d.digest),
+                _annotation(raw, TOC_DIGEST),
+            )
+            for d, raw in zip(layers, raw_layers, strict=True)
         ),
     )
+
+
+def _annotation(descriptor: dict[str, Any], key: str) -> str:
+    annotations = descriptor.get("annotations")
+    value = annotations.get(key) if isinstance(annotations, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 def platform_name(entry: dict[str, Any]) -> str | None:
