@@ -88,9 +88,17 @@ class Tree:
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
         self._shadow_logged: set[str] = set()
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
+        # Counts changes (through the mount, SIGHUP). A cache is filled only if none came
+        # while its value was read: a lookup that read a tag's old target, then waited (a
+        # remote registry), must not put it back after `changed` dropped it.
+        self._changes = 0
+
+    def _unchanged_since(self, count: int) -> bool:
+        return count == self._changes
 
     def forget_moving(self) -> None:
         """Drop every cached tag, listing and digest entry (SIGHUP)."""
+        self._changes += 1
         self._tags.clear()
         self._tag_mtimes.clear()
         self._listings.clear()
@@ -107,6 +115,7 @@ class Tree:
 
     def changed(self, *nodes: Node) -> None:
         """Forget what the daemon cached about nodes that changed through this mount."""
+        self._changes += 1
         for node in nodes:
             self._listings.pop(node)
             self._digests.pop(node)
@@ -170,6 +179,7 @@ class Tree:
         """The names under uploads/ and their uuids: the label regfs stored, else the uuid."""
         names = self._upload_names.get(repo)
         if names is None:
+            since = self._changes
             layers = self._repo(repo).layers
             names = {}
             for uuid in await layers.uploads():
@@ -184,7 +194,8 @@ class Tree:
                         )
                     label = uuid
                 names[label] = uuid
-            self._upload_names.put(repo, names)
+            if self._unchanged_since(since):
+                self._upload_names.put(repo, names)
         return names
 
     async def upload_name(self, node: UploadNode) -> str:
@@ -198,8 +209,10 @@ class Tree:
             return await view.children(node)
         cached = self._listings.get(node)
         if cached is None:
+            since = self._changes
             cached = await self._list(node)
-            self._listings.put(node, cached)
+            if self._unchanged_since(since):
+                self._listings.put(node, cached)
         return cached
 
     async def _list(self, node: Node) -> list[tuple[str, Node]]:
@@ -240,6 +253,7 @@ class Tree:
         cached = self._digests.get(node)
         if cached is not None:
             return cached
+        since = self._changes
         match node:
             case DirNode(path) | SectionNode(path, _):
                 return Attr(True, 0, await self._dir_mtime_ns(path))
@@ -251,8 +265,10 @@ class Tree:
                     raise
                 mtime_ns = self._tag_mtimes.get(node)
                 if mtime_ns is None:
+                    since = self._changes
                     mtime_ns = await self._repo(repo).tags.mtime_ns(tag)
-                    self._tag_mtimes.put(node, mtime_ns)
+                    if self._unchanged_since(since):
+                        self._tag_mtimes.put(node, mtime_ns)
                 return Attr(False, manifest.size, mtime_ns)
             case ManifestNode(repo, digest):
                 info = await self._repo(repo).manifests.stat(digest)
@@ -263,7 +279,8 @@ class Tree:
             case UploadNode(repo, uuid):
                 upload = await self._repo(repo).layers.upload_info(uuid)
                 return Attr(False, upload.size, upload.started_ns)
-        self._digests.put(node, attr)
+        if self._unchanged_since(since):
+            self._digests.put(node, attr)
         return attr
 
     async def _dir_mtime_ns(self, path: str) -> int:
@@ -293,8 +310,10 @@ class Tree:
                 validate_tag(node.tag)
             except InvalidName:
                 raise NotFound(node.tag) from None
+            since = self._changes
             digest = await self._repo(node.repo).tags.get(node.tag)
-            self._tags.put(node, digest)
+            if self._unchanged_since(since):
+                self._tags.put(node, digest)
         return digest
 
     async def xattrs(self, node: Node) -> dict[str, bytes]:

@@ -4,6 +4,7 @@ the hook a new view plugs into."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import stat
@@ -11,14 +12,16 @@ from dataclasses import dataclass
 
 import pyfuse3
 import pytest
+import trio
+from support.registry import OCI_CONFIG, OCI_MANIFEST
 
 from regfs.attributes import FOREVER
-from regfs.nodes import Attr, Node, NotFound, SectionNode
+from regfs.nodes import Attr, Node, NotFound, SectionNode, TagNode
 from regfs.operations import Operations
 from regfs.options import MountOptions
 from regfs.tree import BytesReader, Tree
 from storage.api import BlobReader
-from storage.digests import digest_bytes
+from storage.digests import Digest, digest_bytes
 from storage.drivers import InMemoryDriver
 from storage.registry import Registry
 
@@ -174,3 +177,41 @@ async def test_a_view_plugs_in_as_a_section(ops):
     assert view.forgotten == 1
     layer = await lookup_path(with_view, "a", "b", "layers", str(digest_bytes(b"layer")))
     assert layer.st_size == 5
+
+
+async def test_a_lookup_racing_a_tag_push_keeps_nothing_stale(monkeypatch):
+    """A lookup reads a tag's old target and waits (a remote registry); meanwhile a push
+    through the mount moves the tag and drops the cache. The lookup must not put the old
+    target back: the tree shows the new manifest at once, though its TTL is long."""
+    registry = Registry(InMemoryDriver())
+    repo = registry.repository("a/b")
+    upload = await repo.layers.upload()
+    await upload.write(b"{}")
+    await upload.finish(digest_bytes(b"{}"))
+    config = {"mediaType": OCI_CONFIG, "digest": str(digest_bytes(b"{}")), "size": 2}
+    body = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": []}
+    old = json.dumps(body).encode()
+    new = json.dumps({**body, "annotations": {"v": "2"}}).encode()
+    await repo.tags.put("v1", await repo.manifests.put(old))
+    monkeypatch.setattr(registry, "repository", lambda name: repo)
+    tree = Tree(registry, tag_ttl=3600)
+    tag = TagNode("a/b", "v1")
+
+    read_old, pushed = trio.Event(), trio.Event()
+    real_get = repo.tags.get
+
+    async def slow_get(name: str) -> Digest:
+        digest = await real_get(name)
+        read_old.set()
+        await pushed.wait()
+        return digest
+
+    monkeypatch.setattr(repo.tags, "get", slow_get)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tree.lookup, SectionNode("a/b", "tags"), "v1")
+        await read_old.wait()
+        monkeypatch.setattr(repo.tags, "get", real_get)
+        await tree.put_tag(tag, new)
+        pushed.set()
+    assert await tree.read(tag) == new
+    assert (await tree.attr(tag)).size == len(new)
