@@ -347,3 +347,18 @@ async def test_a_restart_copies_no_small_part_before_others(drv, monkeypatch):
     await writer.aclose()
     assert await drv.get_content(path) == data + b"more"
     await drv.delete(UPLOAD)
+
+
+async def test_a_lock_whose_answer_was_lost_is_still_ours(moto_server, s3_bucket, few_retries):
+    """The lock's create reaches S3 but its answer is lost: the retry's 412 finds the
+    lock's own token, so the writer has it (not Busy), and its close removes it."""
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        proxy.inject(Fault(lose_answer=True, method="PUT", path=r"\.regfs-lock$"))
+        with trio.fail_after(5):
+            writer = await drv.writer(f"{UPLOAD}/data")
+        assert [s.status for s in proxy.seen if s.path.endswith(".regfs-lock")][:2] == [None, 412]
+        await writer.write_at(0, b"mine")
+        await writer.aclose()
+        assert await drv.list(UPLOAD) == ["data"]  # no lock left behind
+        await drv.delete(UPLOAD)

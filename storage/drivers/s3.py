@@ -35,6 +35,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -42,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
@@ -1006,6 +1007,31 @@ class _Writer(FileWriter):
             await trio.to_thread.run_sync(self._driver._release, self._key)
 
 
+def _server_now(answer: Any) -> float:
+    """The server's time of an answer (its Date header, in seconds since the epoch); none
+    readable counts as the epoch, so that no lock looks expired by it."""
+    try:
+        when = email.utils.parsedate_to_datetime(answer["ResponseMetadata"]["HTTPHeaders"]["date"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return when.replace(tzinfo=when.tzinfo or UTC).timestamp()
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """Whether a lock's holder is a process of this host that is gone (a daemon killed here):
+    its lock need not wait for its expiry, as a flock would not."""
+    host, _, pid = str(holder.get("owner", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's
+        return False
+    return False
+
+
 class _Lock:
     """One writer per file across daemons: the object `<key>.regfs-lock`, created only if
     absent (If-None-Match: *), renewed by a thread every LOCK_RENEW seconds only if still
@@ -1023,8 +1049,15 @@ class _Lock:
         self._sent = 0.0  # time.monotonic() when the last successful write of it was sent
         self._lost = False
         self._stop = threading.Event()
+        # The token tells this lock's own write from another's after a lost answer: a
+        # create or renewal that S3 applied but whose 200 never came back retries into a 412.
+        self._token = secrets.token_hex(8)
         self._body = json.dumps(
-            {"owner": f"{socket.gethostname()}:{os.getpid()}", "ttl": LOCK_TTL}
+            {
+                "owner": f"{socket.gethostname()}:{os.getpid()}",
+                "token": self._token,
+                "ttl": LOCK_TTL,
+            }
         ).encode()
 
     def acquire(self) -> None:
@@ -1070,46 +1103,44 @@ class _Lock:
             )
         except PathNotFound:
             return False  # let go meanwhile: try again
-        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
         # Both times count whole seconds: one is taken off, against the one taking over.
-        age = (now - head["LastModified"]).total_seconds() - 1
+        age = _server_now(head) - head["LastModified"].timestamp() - 1
+        holder = self._holder(head["ETag"])
         if age >= LOCK_TTL:
             log.warning("%s: taking over a writer lock not renewed for %.0f s", self._path, age)
-        elif self._dead_here(head["ETag"]):
+        elif holder.get("token") == self._token:
+            pass  # made by us, its answer lost: written again below, from now
+        elif _dead_here(holder):
             log.warning("%s: taking over the writer lock of a dead process here", self._path)
         else:
             return False
         return self._put(head["ETag"])
 
-    def _dead_here(self, etag: str) -> bool:
-        """Whether the lock (as of etag) is held by a process of this host that is gone (a
-        daemon killed here): no need to wait for its expiry, as flock would not."""
+    def _holder(self, etag: str | None = None) -> dict[str, Any]:
+        """The lock's body (as of etag, when given), with "etag" added; {} when it is gone,
+        changed, or not what a lock holds."""
         driver = self._driver
+        get = functools.partial(driver.client.get_object, Bucket=driver.bucket, Key=self._key)
+        if etag is not None:
+            get = functools.partial(get, IfMatch=etag)
         try:
-            raw = driver.call(
-                f"GET {self._key}",
-                lambda: driver.client.get_object(Bucket=driver.bucket, Key=self._key, IfMatch=etag)[
-                    "Body"
-                ].read(4096),
-                path=self._key,
-            )
-            host, _, pid = str(json.loads(raw)["owner"]).rpartition(":")
-            if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-                return False
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except (PathNotFound, _PreconditionFailed, ValueError, KeyError, TypeError, OSError):
-            return False  # changed meanwhile, not ours to judge, or alive (EPERM)
-        return False
+            answer = driver.call(f"GET {self._key}", get, path=self._key)
+            body = json.loads(answer["Body"].read(4096))
+        except (PathNotFound, _PreconditionFailed, ValueError):
+            return {}
+        return {**body, "etag": answer["ETag"]} if isinstance(body, dict) else {}
 
     def _renew(self) -> None:
         while not self._stop.wait(LOCK_RENEW):
             try:
-                if not self._put(self._etag):
-                    log.error("%s: writer lock taken over elsewhere: no more writes", self._path)
-                    self._lost = True
-                    return
+                if self._put(self._etag):
+                    continue
+                holder = self._holder()
+                if holder.get("token") == self._token and self._put(holder["etag"]):
+                    continue  # our last renewal was applied, its answer lost
+                log.error("%s: writer lock taken over elsewhere: no more writes", self._path)
+                self._lost = True
+                return
             except RemoteUnavailable as exc:  # tried again at the next turn
                 log.warning("%s: writer lock not renewed: %s", self._path, exc)
 
