@@ -111,7 +111,10 @@ async def index_gzip(
         return None
     from .cache import decode  # cache imports index, which imports this module
 
-    index: LayerIndex = await trio.to_thread.run_sync(decode, io.BytesIO(encoded), layer.digest)
+    try:
+        index: LayerIndex = await trio.to_thread.run_sync(decode, io.BytesIO(encoded), layer.digest)
+    except Exception as exc:  # whatever a damaged encoding makes the decoder raise
+        raise IndexProcessFailed(f"layer {layer.digest}: the index subprocess sent {exc}") from exc
     return index
 
 
@@ -195,11 +198,14 @@ async def _read_answer(
         while status is None and (end := buffer.find(b"\n", 0, _LINE_MAX)) >= 0:
             line = bytes(buffer[:end])
             del buffer[: end + 1]
-            if line.startswith(b"p "):
-                if progress is not None:
-                    progress.update(int(line[2:]))
-                continue
-            status = json.loads(line)
+            try:
+                if line.startswith(b"p "):
+                    if progress is not None:
+                        progress.update(int(line[2:]))
+                    continue
+                status = json.loads(line)
+            except ValueError:
+                return None
         if status is None and len(buffer) >= _LINE_MAX:
             return None
     return (status, bytes(buffer)) if isinstance(status, dict) else None
@@ -268,9 +274,12 @@ def _hash(request: Request, digest: Digest, mismatch: list[BadLayer]) -> None:
 
 
 def _index(request: Request, digest: Digest, out: IO[bytes]) -> LayerIndex:
-    import rapidgzip  # only ever loaded in the child
-
     from .index import Format, LayerIndex
+
+    try:
+        import rapidgzip  # only ever loaded in the child
+    except ImportError as exc:
+        raise _Declined(f"rapidgzip cannot be loaded ({exc})") from None
 
     limits = Limits(**request.limits)
     try:
