@@ -16,13 +16,13 @@ import errno
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import trio
-from support.mounts import is_mounted, regfs, wait_until
+from support.mounts import Mount, is_mounted, regfs, wait_until
 from support.oci import blob_path, build_image, run, skopeo_pull, skopeo_push
 from support.registry import OCI_MANIFEST, TEST_SECRET, RegistryServer, upload_state_token
 from support.s3 import MotoServer, registry_s3_config
@@ -235,6 +235,23 @@ def test_upload_started_by_the_registry_finished_through_the_mount(
     no_upload_left(moto_server, s3_bucket)
 
 
+def write_then_kill(m: Mount, path: Path, data: bytes, in_s3: Callable[[], bool]) -> str:
+    """Write data to a new upload through m, keep it open, SIGKILL the daemon once in_s3()
+    says parts are in the bucket; the upload's uuid."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        uuid = uuid_of(path)
+        os.write(fd, data)
+        wait_until(in_s3, 30, "parts of the upload in S3")
+        for pid in m.pids():
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not m.pids(), 10, "the daemon to die")
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
+            os.close(fd)
+    return uuid
+
+
 def test_upload_through_the_mount_killed_then_finished_by_the_registry(
     tmp_path, aws_env, s3_bucket, s3_registry, mount, moto_server
 ):
@@ -254,17 +271,7 @@ def test_upload_through_the_mount_killed_then_finished_by_the_registry(
         upload = {"Key": found[0]["Key"], "UploadId": found[0]["UploadId"]}
         return moto_server.client().list_parts(Bucket=s3_bucket, **upload).get("Parts", [])
 
-    fd = os.open(uploads / "big", os.O_WRONLY | os.O_CREAT)
-    try:
-        uuid = uuid_of(uploads / "big")
-        os.write(fd, data)
-        wait_until(lambda: len(sealed()) >= 2, 30, "two parts in S3")
-        for pid in m.pids():
-            os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not m.pids(), 10, "the daemon to die")
-    finally:
-        with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
-            os.close(fd)
+    uuid = write_then_kill(m, uploads / "big", data, lambda: len(sealed()) >= 2)
     size = sum(p["Size"] for p in sealed())
     assert 0 < size < len(data)
     started = (
@@ -351,17 +358,8 @@ def test_upload_of_a_killed_daemon_finished_on_another(tmp_path, aws_env, s3_buc
     a = mount(source(s3_bucket))
     b = mount(source(s3_bucket))
     uploads_a = new_repo(a, "org/app") / "uploads"
-    fd = os.open(uploads_a / "big", os.O_WRONLY | os.O_CREAT)
-    try:
-        os.write(fd, data)
-        wait_until(lambda: os.stat(b.path("org", "app", "uploads", "big")).st_size > 0, 30,
-                   "a part of A's upload in S3")  # fmt: skip
-        for pid in a.pids():
-            os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not a.pids(), 10, "A to die")
-    finally:
-        with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
-            os.close(fd)
+    seen_on_b = b.path("org", "app", "uploads", "big")
+    write_then_kill(a, uploads_a / "big", data, lambda: os.stat(seen_on_b).st_size > 0)
     upload = b.path("org", "app", "uploads", "big")
     size = os.stat(upload).st_size
     assert 0 < size < len(data)
