@@ -1034,3 +1034,22 @@ async def test_member_tables_are_kept_out_of_the_cyclic_gc(registry, cache):
         gc.unfreeze()
         walked = {id(o) for o in gc.get_objects()}
         assert all(id(m) in walked for m in index.members)
+
+
+ANSWERS = {  # what a child might write, and what the pass then raises
+    "nonsense": ("nonsense\n", fastgzip.IndexProcessFailed),
+    "no status": ("p 10\n", fastgzip.IndexProcessFailed),
+    "a bad layer": ('{"bad": "NotATar", "why": "said the child"}\n', NotATar),
+    "an unknown error": ('{"bad": "SystemExit", "why": "x"}\n', fastgzip.IndexProcessFailed),
+    "a garbled index": ('{"ok": true}\nnot zstd', fastgzip.IndexProcessFailed),
+}
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+async def test_what_the_child_answers_is_checked(registry, cache, cache_dir, monkeypatch, answer):
+    text, error = ANSWERS[answer]
+    monkeypatch.setattr(fastgzip, "_CHILD", f"import sys; sys.stdout.write({text!r})")
+    layer = await store(registry, _good(), "gzip")
+    with pytest.raises(error):
+        await Indexer(cache).index(layer.ref)
+    assert cached_files(cache_dir) == set() and not index_children()
