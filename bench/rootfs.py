@@ -584,18 +584,38 @@ def walks(b: Bench, image: Image) -> None:
             )
 
 
+def tree_rss(pid: int) -> tuple[int, int]:
+    """(bytes resident, processes) of `pid` and its descendants: the daemon may index a
+    layer in a child process (storage/rootfs/fastgzip.py), whose memory counts too."""
+    total, count, todo = 0, 0, [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):  # gone meanwhile
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    count += 1
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total, count
+
+
 def rss(b: Bench, image: Image) -> None:
-    """Measure 4: the daemon's RSS before, at its peak while indexing, and after."""
+    """Measure 4: the daemon's RSS (with any child's) before, at its peak while indexing,
+    and after; sampled every 50 ms, and the daemon's own VmHWM."""
     b.fresh_index_cache()
     with b.mount(image.root) as m:
         before = m.status("VmRSS") / MB
         samples: list[float] = []
+        children = 0
         done = threading.Event()
 
         def sample() -> None:
+            nonlocal children
             while not done.wait(0.05):
-                with contextlib.suppress(OSError, BenchError):
-                    samples.append(m.status("VmRSS") / MB)
+                resident, processes = tree_rss(m.pid)
+                samples.append(resident / MB)
+                children = max(children, processes - 1)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -604,8 +624,9 @@ def rss(b: Bench, image: Image) -> None:
         finally:
             done.set()
             sampler.join()
-        peak, after = m.status("VmHWM") / MB, m.status("VmRSS") / MB
+        own, after = m.status("VmHWM") / MB, tree_rss(m.pid)[0] / MB
         passes = log_seconds(m.log, "indexed layer")
+    peak = max([own, *samples])
     b.rows.append(
         Row(
             "rss",
@@ -616,8 +637,9 @@ def rss(b: Bench, image: Image) -> None:
             target=f"< {RSS_MB:g} MB",
             passed=peak < RSS_MB,
             samples={"rss": samples},
-            note=f"before {before:.0f} MB, after {after:.0f} MB; first cat {seconds:.1f} s, "
-            f"pass {passes[0] if passes else float('nan'):.1f} s",
+            note=f"daemon alone {own:.0f} MB (VmHWM), {children} child process(es) seen; "
+            f"before {before:.0f} MB; first cat {seconds:.1f} s, "
+            f"pass {passes[0] if passes else math.nan:.1f} s",
         )
     )
     b.rows.append(Row("rss", "daemon RSS after the index was built", "MB", after))
