@@ -1053,3 +1053,19 @@ async def test_what_the_child_answers_is_checked(registry, cache, cache_dir, mon
     with pytest.raises(error):
         await Indexer(cache).index(layer.ref)
     assert cached_files(cache_dir) == set() and not index_children()
+
+
+async def test_an_unmount_while_copying_for_the_child_leaves_no_descriptor(slow_gzip, cache):
+    """Cancelled while the blob is copied for the child (before it starts): the abandoned
+    thread stops at its next read and closes its descriptor of the nameless copy."""
+    before = set(os.listdir("/proc/self/fd"))
+    indexer = Indexer(cache)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(indexer.index, slow_gzip.ref)
+        while not any(p.done for p in indexer.progress.values()):
+            await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    assert not index_children()
+    with trio.fail_after(10):
+        while set(os.listdir("/proc/self/fd")) - before:
+            await trio.sleep(0.01)
