@@ -6,7 +6,6 @@ this registry, and whatever it writes must be readable by regfs.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import hashlib
 import hmac
@@ -314,15 +313,6 @@ def _yaml(section: Mapping[str, Any], indent: int) -> list[str]:
 
 # --------------------------------------------------------------------------- the server
 
-_live: set[RegistryServer] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    """Last resort for an interrupted run: never leave a registry process behind."""
-    for server in list(_live):
-        server.stop()
-
 
 @dataclass(eq=False)
 class RegistryServer(StartStop):
@@ -451,7 +441,7 @@ class RegistryServer(StartStop):
                 cwd=self.workdir,
                 env=env,
             )
-        _live.add(self)
+        self.track()
         log.info("registry pid %d on %s, root %s", self._proc.pid, self.host, self.root)
         deadline = time.monotonic() + self.startup_timeout
         # Readiness only: a test server's self-signed certificate is checked by the tests.
@@ -461,7 +451,7 @@ class RegistryServer(StartStop):
                 code = self._proc.poll()
                 if code is not None:
                     self._proc = None
-                    _live.discard(self)
+                    self.track(False)
                     tail = self.log_tail()
                     if "address already in use" in tail:
                         log.warning("port %d taken, retrying", self.port)
@@ -494,7 +484,7 @@ class RegistryServer(StartStop):
                     proc.kill()
                     proc.wait(self.stop_timeout)
             log.info("registry pid %d stopped (%s)", proc.pid, proc.returncode)
-        _live.discard(self)
+        self.track(False)
         if self._own_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir, self._own_workdir = None, False

@@ -8,7 +8,6 @@ find the server through the standard AWS chain, with no ~/.aws file of the machi
 
 from __future__ import annotations
 
-import atexit
 import logging
 import secrets
 import shutil
@@ -33,15 +32,6 @@ MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")
 ACCESS_KEY = "testkey"
 SECRET_KEY = "testsecret"
 REGION = "us-east-1"
-
-_live: set[MotoServer] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    """Last resort for an interrupted run: never leave a moto server behind."""
-    for server in list(_live):
-        server.stop()
 
 
 @dataclass(eq=False)
@@ -90,14 +80,14 @@ class MotoServer(StartStop):
                 stdout=logf,
                 stderr=subprocess.STDOUT,
             )
-        _live.add(self)
+        self.track()
         deadline = time.monotonic() + self.startup_timeout
         with httpx.Client(timeout=1.0) as client:
             while True:
                 code = self._proc.poll()
                 if code is not None:
                     self._proc = None
-                    _live.discard(self)
+                    self.track(False)
                     if "in use" in self.log_tail():
                         return False
                     raise RuntimeError(f"moto exited with {code} at start:\n{self.log_tail()}")
@@ -122,7 +112,7 @@ class MotoServer(StartStop):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(self.stop_timeout)
-        _live.discard(self)
+        self.track(False)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
