@@ -8,8 +8,10 @@ interpreter exit, and its reads through a Python file object would need the GIL.
 gets the blob as a file descriptor: the source's own (`fileno()` of a local reader; the
 child then hashes it too, in a thread beside the decompression) or an anonymous copy in the
 cache directory (`IndexCache.spool`), made while the blob is read and hashed in order as the
-in-process pass reads it. It answers on stdout: progress lines, one status line, then the
-encoded index (`cache.encode`), which the daemon decodes and checks like a stored one.
+in-process pass reads it; the child is started first and loads its modules meanwhile, and
+reads nothing before the daemon's `go` on its stdin. It answers on stdout: progress lines,
+one status line, then the encoded index (`cache.encode`), which the daemon decodes and
+checks like a stored one.
 
 rapidgzip exports its seek points in indexed_gzip's format, which the reads use
 (`gzipseek.GzipReader`), but a point whose window rapidgzip found unneeded carries none,
@@ -23,6 +25,7 @@ layer: the view shows EIO and tries again at the next lookup.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -33,8 +36,9 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -98,13 +102,12 @@ async def index_gzip(
     """The layer's index from the child, or None when the child declines the layer (see the
     module docstring); BadLayer for a bad one, IndexProcessFailed when the child fails."""
     fileno = getattr(reader, "fileno", None)
-    if callable(fileno):
-        fd, verify = os.dup(fileno()), True
-    else:
-        fd, verify = await _spool(reader, layer, cache, progress), False
+    verify = callable(fileno)
+    fd = os.dup(fileno()) if callable(fileno) else await trio.to_thread.run_sync(cache.spool)
     try:
         request = Request(fd, str(layer.digest), layer.size, verify, dataclasses.asdict(limits))
-        encoded = await _run_child(request, layer.digest, progress if verify else None)
+        copy = None if verify else functools.partial(_spool, reader, layer, fd, progress)
+        encoded = await _run_child(request, layer.digest, copy, progress if verify else None)
     finally:
         os.close(fd)
     if encoded is None:
@@ -118,10 +121,9 @@ async def index_gzip(
     return index
 
 
-async def _spool(reader: BlobReader, layer: LayerRef, cache: IndexCache, progress: Progress) -> int:
-    """A nameless copy of the blob in the cache directory, hashed while it is read in order
-    (LayerDigestMismatch); the caller closes the descriptor returned."""
-    fd = await trio.to_thread.run_sync(cache.spool)
+async def _spool(reader: BlobReader, layer: LayerRef, fd: int, progress: Progress) -> None:
+    """Copy the blob into the nameless file `fd`, hashed while it is read in order
+    (LayerDigestMismatch)."""
     stop = threading.Event()
     blob = BlobFile(
         reader,
@@ -138,9 +140,7 @@ async def _spool(reader: BlobReader, layer: LayerRef, cache: IndexCache, progres
         await trio.to_thread.run_sync(_copy, blob, os.dup(fd), abandon_on_cancel=True)
     except BaseException:
         stop.set()
-        os.close(fd)
         raise
-    return fd
 
 
 def _copy(blob: BlobFile, fd: int) -> None:
@@ -154,37 +154,47 @@ def _copy(blob: BlobFile, fd: int) -> None:
         os.close(fd)
 
 
-async def _run_child(request: Request, digest: Digest, progress: Progress | None) -> bytes | None:
+async def _run_child(
+    request: Request,
+    digest: Digest,
+    copy: Callable[[], Awaitable[None]] | None,
+    progress: Progress | None,
+) -> bytes | None:
+    """Start the child, make the copy (if any) while it loads its modules (~0.2-0.5 s),
+    then let it go and take its answer; the child never outlives this call."""
     command = [sys.executable, "-I", "-c", _CHILD, _ROOT, json.dumps(dataclasses.asdict(request))]
-    stderr = bytearray()
-    async with trio.open_nursery() as nursery:
-        # Cancelled (an unmount), trio ends the child (SIGTERM, then SIGKILL) and reaps it.
-        start = functools.partial(
-            trio.run_process,
+    answer = None
+    with tempfile.TemporaryFile() as stderr:
+        process = await trio.lowlevel.open_process(
             command,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             pass_fds=(request.fd,),
-            check=False,
         )
-        process: trio.Process = await nursery.start(start)
-        assert process.stdout is not None and process.stderr is not None
-        nursery.start_soon(_keep_end, process.stderr, stderr)
-        answer = await _read_answer(process.stdout, progress)
-    if process.returncode != 0 or answer is None:
-        tail = bytes(stderr).decode(errors="replace").strip()
-        log.error("layer %s: the index subprocess failed: %s", digest, tail or "no output")
-        raise IndexProcessFailed(
-            f"layer {digest}: the index subprocess ended with status {process.returncode}"
-        )
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            if copy is not None:
+                await copy()
+            with contextlib.suppress(trio.BrokenResourceError):  # it is gone: said below
+                await process.stdin.send_all(b"go\n")
+            answer = await _read_answer(process.stdout, progress)
+            await process.wait()
+        finally:
+            if process.returncode is None:  # cancelled (an unmount) or failed
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+                await process.stdin.aclose()
+                await process.stdout.aclose()
+        if process.returncode != 0 or answer is None:
+            stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - _STDERR_KEPT))
+            tail = stderr.read().decode(errors="replace").strip()
+            log.error("layer %s: the index subprocess failed: %s", digest, tail or "no output")
+            raise IndexProcessFailed(
+                f"layer {digest}: the index subprocess ended with status {process.returncode}"
+            )
     return _outcome(answer, digest)
-
-
-async def _keep_end(stream: trio.abc.ReceiveStream, kept: bytearray) -> None:
-    async for data in stream:
-        kept += data
-        del kept[:-_STDERR_KEPT]
 
 
 async def _read_answer(
@@ -229,6 +239,8 @@ def _outcome(answer: tuple[dict[str, Any], bytes], digest: Digest) -> bytes | No
 
 def child(argument: str) -> None:
     """The child's whole run (see the module docstring); what it answers is its output."""
+    if sys.stdin.buffer.readline() != b"go\n":
+        return  # the daemon gave up before the blob was there to read
     request = Request(**json.loads(argument))
     out = sys.stdout.buffer
     digest = Digest.parse(request.digest)
