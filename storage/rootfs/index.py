@@ -5,6 +5,8 @@ magic bytes; the media type is only a hint), parses the tar headers on the decom
 stream (`tarscan`) and keeps what random reads need: indexed_gzip's seek points
 (`gzipseek`), the zstd frame table (`zstdframes`, big frames re-framed into a local copy),
 or nothing for a plain tar. While the blob is read whole in order its digest is checked.
+A gzip layer's pass runs in a child process instead (`fastgzip`: one decompression, not
+two), and in this process only for the gzip forms the child declines.
 
 The pass runs in a worker thread and reads through the trio loop (`BlobFile`), one pass at
 a time (`Indexer`): a build is memory-heavy and competes for the GIL, and doing two at
