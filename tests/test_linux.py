@@ -357,8 +357,15 @@ def test_make_dist_wheel_installs_into_a_fresh_venv_and_mounts(tmp_path, tracked
         assert f"regfs-{version}/{name}" in listing, name
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", venv)
+    # Without PYTHONPATH: a checkout on it (its regfs.egg-info, left by `make dist`) would
+    # make pip call regfs installed already and install nothing.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     installed = subprocess.run(
-        [venv / "bin/pip", "install", "-q", wheel], capture_output=True, text=True, timeout=600
+        [venv / "bin/pip", "install", "-q", wheel],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean,
     )
     built_or_skip(installed, "pip install of the wheel")
     fresh = str(venv / "bin/regfs")
