@@ -834,14 +834,15 @@ async def test_open_layers_are_bounded_and_closed(registry, cache):
 
 class DescriptorReader:
     """A local blob reader that gives its file descriptor, as a storage root's can: the
-    subprocess then reads (and hashes) the blob itself."""
+    subprocess then reads (and hashes) the blob itself; or None from `fileno()`."""
 
-    def __init__(self, path: Path, counter: Counter) -> None:
+    def __init__(self, path: Path, counter: Counter, descriptor: bool) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._counter = counter
+        self._descriptor = descriptor
 
-    def fileno(self) -> int:
-        return self._fd
+    def fileno(self) -> int | None:
+        return self._fd if self._descriptor else None
 
     async def read_at(self, offset: int, size: int) -> Buffer:
         data = os.pread(self._fd, size, offset)
@@ -852,7 +853,9 @@ class DescriptorReader:
         os.close(self._fd)
 
 
-def local_layer(tmp_path: Path, raw: bytes, blob: bytes, digest_of: bytes | None = None) -> Stored:
+def local_layer(
+    tmp_path: Path, raw: bytes, blob: bytes, digest_of: bytes | None = None, descriptor: bool = True
+) -> Stored:
     """A gzip layer in a local file, read through a `DescriptorReader`; its digest is that of
     `digest_of` when given (a blob that lies)."""
     path = tmp_path / f"blob-{len(blob)}"
@@ -860,7 +863,7 @@ def local_layer(tmp_path: Path, raw: bytes, blob: bytes, digest_of: bytes | None
     counter = Counter()
 
     async def opener() -> BlobReader:
-        return DescriptorReader(path, counter)
+        return DescriptorReader(path, counter, descriptor)
 
     digest = digest_bytes(blob if digest_of is None else digest_of)
     return Stored(LayerRef(digest, len(blob), MEDIA_TYPES["gzip"], opener), counter, raw)
@@ -894,7 +897,7 @@ SUBPROCESS_FORMS = {
 }
 
 
-@pytest.mark.parametrize("reader", ["copy", "descriptor"])
+@pytest.mark.parametrize("reader", ["copy", "descriptor", "no descriptor"])
 @pytest.mark.parametrize("form", SUBPROCESS_FORMS)
 async def test_gzip_in_a_subprocess_equals_the_in_process_pass(
     registry, cache, files, tmp_path, caplog, reader, form
@@ -907,13 +910,17 @@ async def test_gzip_in_a_subprocess_equals_the_in_process_pass(
     if reader == "copy":
         layer = await store(registry, raw, "gzip", blob=blob)
     else:
-        layer = local_layer(tmp_path, raw, blob)
+        layer = local_layer(tmp_path, raw, blob, descriptor=reader == "descriptor")
     caplog.set_level(logging.INFO)
     index = await Indexer(cache).index(layer.ref)
     assert "indexed in process instead" not in caplog.text  # the subprocess made it
     if reader == "descriptor":
         assert layer.counter.bytes <= 4  # the format's magic: the child read the rest
-    in_process = await Indexer(IndexCache(tmp_path / "other"), subprocess=False).index(layer.ref)
+    else:  # no descriptor: the blob was copied for the child
+        assert layer.counter.bytes >= len(blob)
+    other = IndexCache(tmp_path / "other")
+    in_process = await Indexer(other, subprocess=False).index(layer.ref)
+    other.close()
     assert index.members == in_process.members and index.size == in_process.size
     assert index_view(index) == tarfile_view(raw)
     await check_files(files, layer, index, rng)

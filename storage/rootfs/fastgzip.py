@@ -101,9 +101,9 @@ async def index_gzip(
 ) -> LayerIndex | None:
     """The layer's index from the child, or None when the child declines the layer (see the
     module docstring); BadLayer for a bad one, IndexProcessFailed when the child fails."""
-    fileno = getattr(reader, "fileno", None)
-    verify = callable(fileno)
-    fd = os.dup(fileno()) if callable(fileno) else await trio.to_thread.run_sync(cache.spool)
+    own = _descriptor(reader)
+    verify = own is not None
+    fd = os.dup(own) if own is not None else await trio.to_thread.run_sync(cache.spool)
     try:
         request = Request(fd, str(layer.digest), layer.size, verify, dataclasses.asdict(limits))
         copy = None if verify else functools.partial(_spool, reader, layer, fd, progress)
@@ -119,6 +119,19 @@ async def index_gzip(
     except Exception as exc:  # whatever a damaged encoding makes the decoder raise
         raise IndexProcessFailed(f"layer {layer.digest}: the index subprocess sent {exc}") from exc
     return index
+
+
+def _descriptor(reader: BlobReader) -> int | None:
+    """The reader's own file descriptor, if it has one: `fileno()` returning an int (None,
+    or io.UnsupportedOperation, for a reader that has none, as io's files do)."""
+    fileno = getattr(reader, "fileno", None)
+    if not callable(fileno):
+        return None
+    try:
+        fd = fileno()
+    except OSError:  # io.UnsupportedOperation among them
+        return None
+    return fd if isinstance(fd, int) else None
 
 
 async def _spool(reader: BlobReader, layer: LayerRef, fd: int, progress: Progress) -> None:
