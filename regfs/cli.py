@@ -91,6 +91,19 @@ def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
     return typed
 
 
+ROOT_HELP = "the registry's storage root directory, or s3://BUCKET[/PREFIX]"
+
+
+def _s3_endpoint(group: argparse._ActionsContainer) -> None:
+    """--s3-endpoint, where a bucket may be the source: mount, check, purge-uploads."""
+    group.add_argument(
+        "--s3-endpoint",
+        type=_argument(endpoint_url),
+        metavar="URL",
+        help="an S3-compatible server (MinIO, Ceph…) instead of AWS, e.g. http://127.0.0.1:9000",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="regfs", description="A Linux filesystem view of a container registry."
@@ -185,13 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         shtab.FILE,
     )
-    s3 = mount.add_argument_group("S3 buckets (SOURCE is s3://BUCKET[/PREFIX])")
-    s3.add_argument(
-        "--s3-endpoint",
-        type=_argument(endpoint_url),
-        metavar="URL",
-        help="an S3-compatible server (MinIO, Ceph…) instead of AWS, e.g. http://127.0.0.1:9000",
-    )
+    _s3_endpoint(mount.add_argument_group("S3 buckets (SOURCE is s3://BUCKET[/PREFIX])"))
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--password-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--fake", action="store_true", help=argparse.SUPPRESS)  # mount -f
@@ -214,10 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
             "purge-uploads would remove; 2 damage."
         ),
     )
-    _completes(
-        check.add_argument("root", help="the registry's storage root directory"), shtab.DIRECTORY
-    )
+    _completes(check.add_argument("root", help=ROOT_HELP), shtab.DIRECTORY)
     check.add_argument("--verify", action="store_true", help="hash every blob")
+    _s3_endpoint(check)
     check.add_argument(
         "--upload-age",
         type=parse_duration,
@@ -232,9 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Delete uploads started longer ago than --older-than, as the registry's "
         "upload purger does (uploads without a start time are left alone).",
     )
-    _completes(
-        purge.add_argument("root", help="the registry's storage root directory"), shtab.DIRECTORY
-    )
+    _completes(purge.add_argument("root", help=ROOT_HELP), shtab.DIRECTORY)
     purge.add_argument(
         "--older-than",
         type=parse_duration,
@@ -243,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 168h, 7d, 1h30m",
     )
     purge.add_argument("-n", "--dry-run", action="store_true", help="only list them")
+    _s3_endpoint(purge)
     return parser
 
 
@@ -290,7 +295,8 @@ class TerminalProgress:
 def run_check(args: argparse.Namespace) -> int:
     progress = TerminalProgress()
     try:
-        findings = trio.run(check, existing_root(args.root), args.verify, args.upload_age, progress)
+        root = existing_root(args.root, args.s3_endpoint)
+        findings = trio.run(check, root, args.verify, args.upload_age, progress)
     finally:
         progress.close()
     for finding in findings:
@@ -306,9 +312,8 @@ def run_check(args: argparse.Namespace) -> int:
 def run_purge(args: argparse.Namespace) -> int:
     progress = TerminalProgress()
     try:
-        purged = trio.run(
-            purge_uploads, existing_root(args.root), args.older_than, args.dry_run, progress
-        )
+        root = existing_root(args.root, args.s3_endpoint)
+        purged = trio.run(purge_uploads, root, args.older_than, args.dry_run, progress)
     finally:
         progress.close()
     verb = "would delete" if args.dry_run else "deleted"

@@ -140,7 +140,7 @@ def errname(code: int | None) -> str:
 
 def settle(group: Group) -> None:
     """Wait for every upload's pending release: it saves a hash state after close() has
-    returned. Opening an upload for writing waits for that release (Operations._settled);
+    returned. Opening an upload for writing waits for that release (OpenFiles.settled);
     the second round waits for the first one's, which has nothing left to save."""
     for _ in range(2):
         for directory in group.upload_dirs:

@@ -218,9 +218,9 @@ async def test_foreground_ctrl_c_unmounts_and_exits_0(root, tmp_path, tracked):
 
 def test_unknown_source_scheme_names_supported_sources(tmp_path):
     (tmp_path / "mnt").mkdir()
-    result = regfs("mount", "--log", str(tmp_path / "l"), "s3://x", str(tmp_path / "mnt"))
+    result = regfs("mount", "--log", str(tmp_path / "l"), "ftp://x", str(tmp_path / "mnt"))
     assert result.returncode != 0
-    assert "s3://x" in result.stderr
+    assert "ftp://x" in result.stderr
     assert "storage root directory" in result.stderr and "inmemory:" in result.stderr
     assert not is_mounted(tmp_path / "mnt")
     assert regfs_processes_naming(tmp_path / "mnt") == []

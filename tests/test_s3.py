@@ -146,7 +146,7 @@ async def old_upload(driver: S3Driver) -> str:
     return upload.uuid
 
 
-def test_check_and_purge_uploads_on_the_bucket(aws_env, s3_bucket, moto_server):
+def test_check_and_purge_uploads_on_the_bucket(aws_env, s3_bucket, moto_server, monkeypatch):
     """`regfs check` reports the stale upload, `purge-uploads` deletes it and aborts its
     multipart upload (which the registry's own purge leaves behind)."""
     s3 = moto_server.client()
@@ -163,6 +163,20 @@ def test_check_and_purge_uploads_on_the_bucket(aws_env, s3_bucket, moto_server):
     assert not [k for k in keys if "/_uploads/" in k]
     missing = regfs("check", "s3://no-such-bucket-here")
     assert missing.returncode != 0 and "no such bucket" in missing.stderr
+    # The endpoint by flag, as on the mount, with none in the environment.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    flagged = regfs("check", "--s3-endpoint", moto_server.url, source(s3_bucket))
+    assert flagged.returncode == 0 and "no findings" in flagged.stderr, flagged.stderr
+    purged = regfs(
+        "purge-uploads",
+        "--s3-endpoint",
+        moto_server.url,
+        "-n",
+        "--older-than",
+        "1h",
+        source(s3_bucket),
+    )
+    assert purged.returncode == 0, purged.stderr
 
 
 def test_server_gone_mid_read_is_eio_and_the_daemon_lives(tmp_path, monkeypatch, mount):
