@@ -116,10 +116,13 @@ async def test_a_sequential_reader_streams_one_open_response():
         client, "/blob", BlobInfo(digest_bytes(BLOB), len(BLOB), 0), ReadAheadBudget()
     )
     assert await stream(reader, piece=1 << 20) == BLOB
-    # The first read is not known to be sequential yet: one range GET; then one stream.
-    assert client.requests == 1 and client.opened == [1 << 20]
+    # The first read is not known to be sequential yet, and the run earns its stream: range
+    # GETs of 1, 1, 2 and 4 MiB, then one open response for the rest.
+    assert client.requests == 4 and client.opened == [8 << 20]
+    assert reader._check.done and reader._check.claimed == len(BLOB)  # hashed whole
     # Back to the start (no kept window covers it): read again, in order.
     got = [await reader.read_at(i << 20, 1 << 20) for i in range(6)]
     assert b"".join(got) == BLOB[: 6 << 20]
-    assert client.opened == [1 << 20, 1 << 20]
+    # A new run earns its stream again: 4 more range GETs, then a stream ahead from 8 MiB.
+    assert client.requests == 8 and client.opened == [8 << 20, 8 << 20]
     await reader.aclose()
