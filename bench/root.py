@@ -28,6 +28,7 @@ from storage.paths import (
     LayerLink,
     Location,
     RepositoryDir,
+    RevisionLink,
     TagCurrentLink,
     TagIndexLink,
     path_for,
@@ -141,6 +142,16 @@ class Root:
             self._write(TagIndexLink(name, tag, manifest), link)
             self._write(TagCurrentLink(name, tag), link)
         return tags
+
+    def add_digests(self, name: str, count: int) -> None:
+        """`count` small blobs in repository `name`, each linked both as a layer and as a
+        manifest revision: `count` entries in its layers/ and in its manifests/."""
+        for i in range(count):
+            data = json.dumps({"schemaVersion": 2, "annotations": {"n": str(i)}}).encode()
+            digest = digest_bytes(data)
+            self._write(BlobData(digest), data)
+            self.link(name, digest)
+            self._write(RevisionLink(name, digest), str(digest).encode())
 
     async def _put_manifest(self, name: str) -> Digest:
         """One config and one tiny layer, and a manifest naming them, through storage/."""

@@ -21,6 +21,11 @@ from .tree import Tree
 log = logging.getLogger(__name__)
 
 FOREVER = 365 * 24 * 3600.0  # digest-addressed content never changes
+# How long the kernel may keep a digest's name (layers/, manifests/) without asking: long enough
+# for `ls -l` to stat and getxattr each name right after its readdirplus chunk gave it, short
+# enough that SIGHUP (which cannot reach the kernel's entries) is followed at once for anyone
+# but a racing stat (docs/concurrency.md).
+DIGEST_ENTRY_TIMEOUT = 0.1
 BLOCK_SIZE = 1 << 20  # the largest FUSE request: cp and cat size their buffers by st_blksize
 
 
@@ -83,15 +88,22 @@ class Attributes:
                 timeout = 0  # its size moves with every write, from any mount
         entry.attr_timeout = entry.entry_timeout = timeout
         moves = not attr.immutable and not isinstance(node, REGISTRY_KINDS)  # rootfs/<tag>
-        if moves or isinstance(node, TagNode | LayerNode | ManifestNode):
-            # A name that can go without the kernel seeing it (a tag deleted with its
-            # manifest, a registry DELETE) is never cached by the kernel: the daemon would have
-            # to invalidate it, which takes the directory's lock that a client waiting for the
-            # daemon may hold, and a daemon killed while waiting for it could never exit and
-            # free the mount. So every path walk asks the daemon (it caches for tag_ttl), and
-            # that lookup's reply refreshes the attributes, which may then be kept: they serve
-            # the stat that follows the lookup, and fstat (docs/concurrency.md).
+        if moves or isinstance(node, TagNode):
+            # A name that can go, or point elsewhere, without the kernel seeing it (a tag
+            # moved or deleted beside the mount) is never cached by the kernel: the daemon
+            # would have to invalidate it, which takes the directory's lock that a client
+            # waiting for the daemon may hold, and a daemon killed while waiting for it could
+            # never exit and free the mount. So every path walk asks the daemon (it caches for
+            # tag_ttl), and that lookup's reply refreshes the attributes, which may then be
+            # kept: they serve the stat that follows the lookup, and fstat
+            # (docs/concurrency.md).
             entry.entry_timeout = 0
+        elif isinstance(node, LayerNode | ManifestNode):
+            # A digest's name never means anything else, so the kernel may keep the entry
+            # briefly: a registry DELETE beside the mount shows for at most 0.1 s more than
+            # the daemon's own cache would (then the lookup says ENOENT and the kernel
+            # drops it itself); an unlink or rename through the mount moves it at once.
+            entry.entry_timeout = min(timeout, self.options.tag_ttl, DIGEST_ENTRY_TIMEOUT)
         return entry
 
     async def entry_of(self, node: Node) -> EntryAttributes:

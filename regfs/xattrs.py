@@ -17,6 +17,10 @@ XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
 # Extended attributes that carry POSIX ACLs: "not supported" (not EPERM) makes cp -p, sed -i
 # and rsync fall back to a plain chmod, as on any filesystem without ACLs.
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+# What `ls -l` asks of every file. "Not supported" (EOPNOTSUPP), not "no such attribute"
+# (ENODATA): coreutils' ls then stops asking for the rest of the device (getfilecon_cache,
+# file_has_acl_cache), which saves two FUSE round trips per listed file.
+UNSUPPORTED_PREFIX = b"security."
 
 
 class Xattrs:
@@ -29,6 +33,8 @@ class Xattrs:
         if not name.startswith(XATTR_PREFIX) and isinstance(node, REGISTRY_KINDS):
             # `ls -l` asks every file for security.selinux and ACLs: answer without storage.
             # A view's files may have any name (an image's files keep their tar xattrs).
+            if name in ACL_XATTRS or name.startswith(UNSUPPORTED_PREFIX):
+                raise FUSEError(errno.EOPNOTSUPP)
             raise FUSEError(pyfuse3.ENOATTR)
         xattrs = await self.tree.xattrs(node)
         try:
