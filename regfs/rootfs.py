@@ -1,8 +1,12 @@
 """The `rootfs/` view (issue 16): the files inside every tagged image, read-only and lazy.
 
     <repo>/rootfs/<tag>/...                          the merged root filesystem of the image
-    <repo>/rootfs/sha256:<hex>/...                   the same by manifest digest (not listed)
+    <repo>/rootfs/sha256:<hex>/...                   the same by manifest digest
     <repo>/rootfs/<tag>/<os>-<arch>[-<variant>]/...  an image index: one image per platform
+
+`rootfs/` itself lists nothing and answers lookups, as autofs does without `browse`: a `find`,
+`du`, `grep -r` or `rsync -a` of the mount must not index (decompress) every image of the
+registry and count its files on top of the blobs; whoever names an image gets it.
 
 `storage/rootfs` does the work: `image` reads manifests, `Indexer` indexes each layer once
 (kept in the on-disk `IndexCache`), `merge` applies the layers, `LayerFiles` reads a file's
@@ -238,17 +242,8 @@ class RootfsView:
 
     async def children(self, node: Node) -> list[tuple[str, Node]]:
         match node:
-            case SectionNode(repo, _):
-                entries: list[tuple[str, Node]] = []
-                for tag in await self._repo(repo).tags.list():
-                    try:
-                        digest = await self._tag(repo, tag)
-                        entries.append((tag, await self._named(repo, (tag,), digest)))
-                    except LookupError:  # gone meanwhile, or an artifact (NotAnImage)
-                        continue
-                    except StorageError as exc:  # one manifest unreadable: list the others
-                        log.warning("rootfs: %s:%s is not listed: %s", repo, tag, exc)
-                return entries
+            case SectionNode():
+                return []  # looked up, never listed (see the module's docstring)
             case PlatformsNode(repo, via, digest):
                 platforms = await self._manifest(repo, digest)
                 assert isinstance(platforms, Platforms)

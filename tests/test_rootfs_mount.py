@@ -45,7 +45,7 @@ from support.mounts import Mount, wait_until
 from support.oci import OciImage, image_manifest, skopeo_push
 from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_path, v2_root
 from support.roots import link_blobs
-from support.tools import digest_of
+from support.tools import digest_of, errno_of
 
 from regfs.nodes import SectionNode
 from regfs.rootfs import RootfsView
@@ -317,14 +317,15 @@ def test_rootfs_equals_umoci_unpack(images, mounted, tag, reference):
 
 
 def test_listing_and_names(images, mounted):
+    """rootfs/ lists nothing and answers every image's tag and digest (autofs without
+    `browse`): see test_find_du_and_grep_of_the_mount_index_no_image."""
     assert "rootfs" in os.listdir(mounted.path(*REPO.split("/")))
-    # Tags that are images (the bad ones too: they are listed, and fail when entered).
-    assert sorted(os.listdir(rootfs(mounted))) == sorted(
-        [*images.built, "multi", "stargz", *images.bad]
-    )
+    assert os.listdir(rootfs(mounted)) == []
+    # Tags that are images (the bad ones too: they are found, and fail when entered).
+    for tag in [*images.built, "multi", "stargz", *images.bad]:
+        assert rootfs(mounted, tag).is_dir(), tag
     digest = images.built["v1"].digest
     assert (rootfs(mounted, digest) / "etc" / "os-release").read_bytes() == b"ID=test\nVERSION=1\n"
-    assert digest not in os.listdir(rootfs(mounted))  # looked up, not listed
     assert not rootfs(mounted, "nosuchtag").exists()
     assert "chart" in os.listdir(mounted.path(*REPO.split("/"), "tags"))
     assert not rootfs(mounted, "chart").exists()  # an artifact: no root filesystem
@@ -617,8 +618,23 @@ def test_sigterm_during_a_pass_unmounts_at_once(images, tmp_path):
         assert "the mount is going away" in m.log_text()
 
 
-def test_a_tag_that_cannot_be_read_is_left_out_of_the_listing(images, mounted):
-    """One tag whose link is garbage (damage): rootfs/ lists the others, the log says why."""
+def test_find_du_and_grep_of_the_mount_index_no_image(images, mounted):
+    """A walk of the whole mount (find, du, grep -r) sees the registry's files only: it
+    does not enter rootfs/, so it starts no index or merge of any image (each would read
+    and decompress every layer) and counts no image file on top of the blobs."""
+    built = mounted.log_text().count("rootfs: image ")
+    found = run("find", mounted.mountpoint).stdout.decode().splitlines()
+    assert rootfs(mounted).as_posix() in found
+    assert not [f for f in found if "/rootfs/" in f]
+    total = run("du", "-sb", mounted.mountpoint).stdout.decode().split()[0]
+    files = [Path(f) for f in found if Path(f).is_file()]  # directories show size 0
+    assert int(total) == sum(f.stat().st_size for f in files)
+    run("grep", "-rq", "ID=test", mounted.mountpoint, check=False)
+    assert mounted.log_text().count("rootfs: image ") == built
+
+
+def test_a_tag_that_cannot_be_read_is_an_error_for_itself_only(images, mounted):
+    """One tag whose link is garbage (damage): its image is EIO, the others work."""
     name, image = "library/damaged", images.built["v1-tar"]
     manifest = json.loads(image.manifest)
     blobs = [image.blob(d["digest"]) for d in [manifest["config"], *manifest["layers"]]]
@@ -628,9 +644,9 @@ def test_a_tag_that_cannot_be_read_is_left_out_of_the_listing(images, mounted):
     link = v2_root(images.root) / "repositories" / name / "_manifests/tags/bad/current/link"
     link.write_bytes(b"garbage")
     section = mounted.path(*name.split("/"), "rootfs")
-    assert os.listdir(section) == ["good"]
+    assert os.listdir(section) == []
     assert (section / "good" / "etc" / "motd").read_bytes() == b"hello\n"
-    assert any("damaged:bad is not listed" in line for line in mounted.log_text().splitlines())
+    assert errno_of(lambda: os.stat(section / "bad")) == errno.EIO
 
 
 def test_an_estargz_image_is_read_from_its_tocs(images, mounted):
