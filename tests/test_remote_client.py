@@ -17,7 +17,6 @@ from contextlib import ExitStack
 import httpx
 import pytest
 import trio
-from support import registry as registry_harness
 from support.credentials import credential_helper
 from support.fault_server import Fault, FaultServer
 from support.oci import image_manifest
@@ -29,6 +28,7 @@ from support.registry import (
     write_htpasswd,
     write_self_signed_cert,
 )
+from support.servers import running
 from support.token_server import TokenServer
 from support.tools import digest_of
 
@@ -58,7 +58,7 @@ def nothing_left_behind() -> Iterator[None]:
     yield
     threads = [t.name for t in threading.enumerate() if any(n in t.name for n in SERVER_THREADS)]
     assert not threads, f"server threads left behind: {threads}"
-    assert not registry_harness._live, "registry processes left behind"
+    assert not running(RegistryServer), "registry processes left behind"
 
 
 @pytest.fixture

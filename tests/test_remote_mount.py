@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import registry as registry_harness
 from support.credentials import credential_helper
 from support.fault_server import Fault, FaultServer
 from support.mounts import REGFS, Mount, is_mounted, parse_getfattr, wait_until
@@ -39,6 +38,7 @@ from support.registry import (
     write_htpasswd,
     write_self_signed_cert,
 )
+from support.servers import running
 from support.token_server import TokenServer
 from support.tools import (
     C_LOCALE,
@@ -182,7 +182,7 @@ def isolated(tmp_path, monkeypatch) -> Iterator[None]:
         assert str(tmp_path) not in mounts.read()
     threads = [t.name for t in threading.enumerate() if any(n in t.name for n in SERVER_THREADS)]
     assert not threads, f"server threads left behind: {threads}"
-    assert len(registry_harness._live) <= 1, "registry processes left behind"
+    assert len(running(RegistryServer)) <= 1, "registry processes left behind"
 
 
 @pytest.fixture

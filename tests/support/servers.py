@@ -18,6 +18,11 @@ def _stop_leftovers() -> None:
         server.stop()
 
 
+def running(kind: type[StartStop]) -> list[StartStop]:
+    """The servers of this kind whose process runs now: what a test may have left behind."""
+    return [server for server in _live if isinstance(server, kind)]
+
+
 class StartStop:
     """A context manager over `start()` and `stop()`, which subclasses define."""
 
