@@ -13,7 +13,7 @@ import os
 
 import pytest
 from support.mounts import wait_until
-from support.oci import blob_path, build_image, run, skopeo_pull
+from support.oci import build_image, push_with_tools, run, skopeo_pull
 from support.registry import OCI_MANIFEST, upload_path
 from support.tools import bash, digest_of, ls
 from support.uploads import new_repo, state_path, uuid_of, write_file
@@ -35,14 +35,7 @@ def test_push_image_with_cp_and_mv_then_skopeo_pull(tmp_path, registry_server, c
     image = build_image(layout, "v1", FILES, layers=3)
     m = mount(registry_server.root)
     repo = new_repo(m, "myorg/app")
-    for i, digest in enumerate(image.blob_digests):
-        src = blob_path(layout, digest)
-        if i % 2 == 0:
-            run(["cp", str(src), str(repo / "uploads" / f"part{i}")])
-            run(["mv", str(repo / "uploads" / f"part{i}"), str(repo / "layers" / digest)])
-        else:
-            run(["cp", str(src), str(repo / "uploads" / digest)])
-    run(["cp", str(blob_path(layout, image.digest)), str(repo / "tags" / "v1")])
+    push_with_tools(repo, layout, image)
     assert ls(repo / "layers") == sorted(image.blob_digests)
     assert ls(repo / "manifests") == [image.digest] and ls(repo / "tags") == ["v1"]
     assert ls(repo / "uploads") == []

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import pytest
 import trio
 from support.mounts import Mount, is_mounted, regfs, wait_until
-from support.oci import blob_path, build_image, run, skopeo_pull, skopeo_push
+from support.oci import blob_path, build_image, push_with_tools, run, skopeo_pull, skopeo_push
 from support.registry import OCI_MANIFEST, TEST_SECRET, RegistryServer, upload_state_token
 from support.s3 import MotoServer, registry_s3_config
 from support.tools import digest_of, errno_of, ls, open_errno, sha256sum
@@ -95,14 +95,7 @@ def test_push_through_the_mount_pulled_by_skopeo(
     image = build_image(layout, "v1", FILES, layers=3)
     m = mount(source(s3_bucket), "-o", f"s3_endpoint={moto_server.url}")
     repo = new_repo(m, "myorg/app")
-    for i, digest in enumerate(image.blob_digests):
-        src = blob_path(layout, digest)
-        if i % 2 == 0:
-            run(["cp", str(src), str(repo / "uploads" / f"part{i}")])
-            run(["mv", str(repo / "uploads" / f"part{i}"), str(repo / "layers" / digest)])
-        else:
-            run(["cp", str(src), str(repo / "uploads" / digest)])
-    run(["cp", str(blob_path(layout, image.digest)), str(repo / "tags" / "v1")])
+    push_with_tools(repo, layout, image)
     assert ls(repo / "layers") == sorted(image.blob_digests)
     assert ls(repo / "uploads") == []
     m.stop()

@@ -164,6 +164,20 @@ def new_image(layout_dir: Path, tag: str) -> str:
     return image
 
 
+def push_with_tools(repo: Path, layout: Path, image: OciImage) -> None:
+    """Push `image` into a mounted repository with cp and mv alone, as a user would: every
+    other blob by `cp` into uploads/ then `mv` to layers/<digest>, the rest by `cp` to
+    uploads/<digest>, then the manifest by `cp` to tags/v1."""
+    for i, digest in enumerate(image.blob_digests):
+        src = blob_path(layout, digest)
+        if i % 2 == 0:
+            run(["cp", str(src), str(repo / "uploads" / f"part{i}")])
+            run(["mv", str(repo / "uploads" / f"part{i}"), str(repo / "layers" / digest)])
+        else:
+            run(["cp", str(src), str(repo / "uploads" / digest)])
+    run(["cp", str(blob_path(layout, image.digest)), str(repo / "tags" / "v1")])
+
+
 def build_image(
     layout_dir: Path, tag: str, files: Mapping[str, bytes], layers: int = 2
 ) -> OciImage:

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import tempfile
@@ -46,13 +45,6 @@ DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+jso
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the server retries if it is taken meanwhile)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- on-disk paths
@@ -415,16 +407,7 @@ class RegistryServer(StartStop):
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.workdir.resolve().is_relative_to(self.root):
             raise ValueError(f"workdir {self.workdir} must not be inside the storage root")
-        try:
-            for attempt in range(3):
-                if not self.port or attempt:
-                    self.port = free_port()
-                if self._try_start():
-                    return self
-            raise RuntimeError(f"registry could not bind a port:\n{self.log_tail()}")
-        except BaseException:
-            self.stop()
-            raise
+        return self.bind_and_start("registry")
 
     def _try_start(self) -> bool:
         """One start attempt; False only when the port was taken by someone else."""

@@ -23,7 +23,6 @@ import boto3
 import httpx
 from botocore.config import Config
 
-from support.registry import free_port
 from support.servers import StartStop
 
 log = logging.getLogger(__name__)
@@ -60,16 +59,7 @@ class MotoServer(StartStop):
         if self._proc is not None:
             raise RuntimeError("moto server already started")
         self._workdir = Path(tempfile.mkdtemp(prefix="regfs-moto-"))
-        try:
-            for attempt in range(3):
-                if not self.port or attempt:
-                    self.port = free_port()
-                if self._try_start():
-                    return self
-            raise RuntimeError(f"moto could not bind a port:\n{self.log_tail()}")
-        except BaseException:
-            self.stop()
-            raise
+        return self.bind_and_start("moto")
 
     def _try_start(self) -> bool:
         assert self._workdir is not None
