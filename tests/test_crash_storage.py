@@ -42,7 +42,7 @@ class FaultyDriver(StorageDriver):
         self.scope.cancel()
         await trio.lowlevel.checkpoint()
 
-    async def _get_content(self, path: str) -> bytes:
+    async def _get_content(self, path: str, limit: int) -> bytes:
         await self._step()
         return await self.inner.get_content(path)
 

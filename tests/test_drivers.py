@@ -28,9 +28,10 @@ from storage.drivers import (
     PathNotFound,
     StorageDriver,
 )
+from storage.drivers.base import CONTENT_LIMIT
 from storage.drivers.filesystem import LOCK_SUFFIX
 from storage.drivers.s3 import ANYWHERE, MIN_PART, S3Driver
-from storage.errors import Busy, InvalidOffset, UnsafeEntry
+from storage.errors import Busy, CorruptEntry, InvalidOffset, UnsafeEntry
 from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
@@ -80,6 +81,17 @@ async def test_put_get_stat_delete(drv):
     await drv.delete("/a")
     with pytest.raises(PathNotFound):
         await drv.stat("/a/b/c")
+
+
+async def test_get_content_reads_no_more_than_a_manifest_may_hold(drv):
+    """A file over CONTENT_LIMIT (a hostile root's 'link' or 'manifest') is CorruptEntry,
+    not read whole into memory; one at the limit is read."""
+    await drv.put_content("/big/at", b"x" * CONTENT_LIMIT)
+    assert len(await drv.get_content("/big/at")) == CONTENT_LIMIT
+    await drv.put_content("/big/over", b"x" * (CONTENT_LIMIT + 1))
+    with pytest.raises(CorruptEntry, match="too big"):
+        await drv.get_content("/big/over")
+    await drv.delete("/big")
 
 
 async def test_missing_paths(drv):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import InvalidPath, StorageError
+from ..errors import CorruptEntry, InvalidPath, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,21 @@ class FileWriter(ABC):
         """Release the file (and its writer lock); this does not sync."""
 
 
+# The most `get_content` reads: the files the registry keeps whole are links, upload records
+# and manifests, and distribution refuses a manifest over 4 MiB. A bigger file in a hostile
+# root is damage, never held in memory (docs/security.md).
+CONTENT_LIMIT = 4 << 20
+
+
 class StorageDriver(ABC):
     name: str
 
     async def get_content(self, path: str) -> bytes:
-        return await self._get_content(check_path(path))
+        data = await self._get_content(check_path(path), CONTENT_LIMIT + 1)
+        if len(data) > CONTENT_LIMIT:
+            why = f"over {CONTENT_LIMIT} bytes, too big for a link, record or manifest"
+            raise CorruptEntry(path, why)
+        return data
 
     async def put_content(self, path: str, data: bytes) -> None:
         """Replace the file atomically: readers see the old or the new content, never a mix."""
@@ -154,7 +164,9 @@ class StorageDriver(ABC):
         return None
 
     @abstractmethod
-    async def _get_content(self, path: str) -> bytes: ...
+    async def _get_content(self, path: str, limit: int) -> bytes:
+        """At most `limit` bytes of the file."""
+
     @abstractmethod
     async def _put_content(self, path: str, data: bytes) -> None: ...
     @abstractmethod

@@ -311,9 +311,9 @@ class FilesystemDriver(StorageDriver):
         log.warning("%s is %s, not a regular file: treated as absent", path, kind)
         raise PathNotFound(path)
 
-    async def _get_content(self, path: str) -> bytes:
+    async def _get_content(self, path: str, limit: int) -> bytes:
         with open(self._open_file(path), "rb") as f:
-            return f.read()
+            return f.read(limit)
 
     async def _put_content(self, path: str, data: bytes) -> None:
         await trio.to_thread.run_sync(self._put_sync, path, data)

@@ -96,8 +96,8 @@ class InMemoryDriver(StorageDriver):
             node = child
         return node, leaf
 
-    async def _get_content(self, path: str) -> bytes:
-        return bytes(self._file(path).data)
+    async def _get_content(self, path: str, limit: int) -> bytes:
+        return bytes(self._file(path).data[:limit])
 
     async def _put_content(self, path: str, data: bytes) -> None:
         parent, leaf = self._parent(path, create=True)

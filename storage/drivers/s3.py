@@ -444,9 +444,13 @@ class S3Driver(StorageDriver):
         with ThreadPoolExecutor(min(count, COPY_CONCURRENCY)) as pool:
             return list(pool.map(copy, range(1, count + 1)))
 
-    def _get(self, key: str, path: str) -> bytes:
+    def _get(self, key: str, path: str, limit: int) -> bytes:
         def read() -> bytes:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                return bytes(body.read(limit))
+            finally:
+                body.close()
 
         return self.call(f"GET {key}", read, path=path)
 
@@ -461,7 +465,7 @@ class S3Driver(StorageDriver):
         if size == 0:
             return _Pending(upload_id, [], time.time_ns()), b""
         if size < MIN_PART:
-            data = self._get(key, key)
+            data = self._get(key, key, MIN_PART)
             part = self.upload_part(key, upload_id, 1, data)
             return _Pending(upload_id, [part], time.time_ns()), data
         return _Pending(upload_id, self._copy_parts(key, key, upload_id, size), time.time_ns()), b""
@@ -493,13 +497,13 @@ class S3Driver(StorageDriver):
 
     # -- the driver's calls --------------------------------------------------------------
 
-    async def _get_content(self, path: str) -> bytes:
+    async def _get_content(self, path: str, limit: int) -> bytes:
         key = self.key(path)
 
         def get() -> bytes:
             if self._multipart.at(path):
                 self.materialize(key)
-            return self._get(key, path)
+            return self._get(key, path, limit)
 
         return await self._run(get)
 
