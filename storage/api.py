@@ -17,7 +17,7 @@ import builtins
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 from .digests import Digest
 
@@ -84,6 +84,24 @@ class BlobReader(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class LocalBlobReader(BlobReader, Protocol):
+    """A BlobReader that can hand out the blob's local file, so that a tool working on a
+    whole blob (the gzip index pass of `storage/rootfs`) reads it in place, without a copy.
+    Optional: a reader without `fileno` (HTTP) is taken as having no local file."""
+
+    def fileno(self) -> int | None:
+        """A read descriptor of the blob's file, owned by the reader (open until `aclose`;
+        use it with `pread` or dup it, never close it), or None where the blob is no local
+        file (S3, memory)."""
+        ...
+
+
+def local_fileno(reader: BlobReader) -> int | None:
+    """The blob's local file descriptor, when `reader` has one (`LocalBlobReader`)."""
+    return reader.fileno() if isinstance(reader, LocalBlobReader) else None
 
 
 class Upload(Protocol):
@@ -296,6 +314,7 @@ if TYPE_CHECKING:
     _manifests: list[type[Manifests]] = [manifests.ManifestService, remote.RemoteManifests]
     _layers: list[type[Layers]] = [layers.LayerService, remote.RemoteLayers]
     _uploads: list[type[Upload]] = [uploads.LayerUpload, remote_uploads.RemoteUpload]
+    _local_readers: list[type[LocalBlobReader]] = [layers.LayerReader]
     _readers: list[type[BlobReader]] = [
         layers.LayerReader,
         remote_reader.RemoteLayerReader,

@@ -59,6 +59,10 @@ class LayerReader:
     async def read_at(self, offset: int, size: int) -> bytes:
         return await self._file.read_at(offset, size)
 
+    def fileno(self) -> int | None:
+        """The blob's descriptor on a local root (filesystem driver); None on S3 or memory."""
+        return self._file.fileno()
+
     async def aclose(self) -> None:
         await self._file.aclose()
 

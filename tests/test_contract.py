@@ -4,9 +4,14 @@ factory (regfs/sources.py) imports an implementation, so a new source needs no c
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
+
+from storage.api import EmptyReader, local_fileno
+from storage.digests import digest_bytes
+from storage.drivers import FilesystemDriver
 
 pytestmark = pytest.mark.storage
 
@@ -51,3 +56,25 @@ def test_regfs_imports_only_the_contract_outside_the_factory():
         if path.name != "sources.py"
     }
     assert {name: modules for name, modules in wrong.items() if modules} == {}
+
+
+async def test_a_local_blob_reader_gives_its_blob_file(registry, tmp_path):
+    """`local_fileno` of a layer reader: the blob's own file on a filesystem root (so the
+    rootfs index reads it in place), None in memory; readers without `fileno` give None."""
+    upload = await registry.repository("a/b").layers.upload()
+    await upload.write_at(0, b"layer bytes")
+    digest = digest_bytes(b"layer bytes")
+    await upload.finish(digest)
+    reader = await registry.repository("a/b").layers.fetch(digest)
+    try:
+        fd = local_fileno(reader)
+        if isinstance(registry.driver, FilesystemDriver):
+            assert fd is not None and os.pread(fd, 100, 0) == b"layer bytes"
+            blob = next((tmp_path / "root").rglob(f"{digest.hex}/data"))
+            assert os.path.samestat(os.fstat(fd), blob.stat())
+        else:
+            assert fd is None
+    finally:
+        await reader.aclose()
+    assert local_fileno(reader) is None  # closed: the descriptor is no longer handed out
+    assert local_fileno(EmptyReader()) is None

@@ -41,6 +41,7 @@ from support.tools import MIB
 
 from storage.api import BlobReader, Buffer, RegistrySource
 from storage.digests import digest_bytes
+from storage.drivers import FilesystemDriver
 from storage.rootfs import cache as cachemod
 from storage.rootfs import fastgzip
 from storage.rootfs import index as index_module
@@ -934,6 +935,28 @@ async def test_gzip_in_a_subprocess_equals_the_in_process_pass(
                 gz.import_index(fileobj=io.BytesIO(index.gzip_index))
                 gz.seek(offset)
                 assert gz.read(70_000) == raw[offset : offset + 70_000], offset
+
+
+async def test_a_local_roots_gzip_layer_is_indexed_from_its_blob_file(
+    registry, cache, files, monkeypatch
+):
+    """Through the source contract's `local_fileno`: a filesystem root's blob goes to the
+    subprocess as it is (no copy in the cache directory); an in-memory one is copied."""
+    raw = every_kind_tar(3, big=3 * MIB)
+    layer = await store(registry, raw, "gzip")
+    layers = registry.repository("t/fs").layers
+    ref = replace(layer.ref, open=lambda: layers.fetch(layer.ref.digest))  # no CountingReader
+    spools = []
+
+    def spool() -> int:
+        spools.append(1)
+        return IndexCache.spool(cache)
+
+    monkeypatch.setattr(cache, "spool", spool)
+    index = await Indexer(cache).index(ref)
+    assert len(spools) == (0 if isinstance(registry.driver, FilesystemDriver) else 1)
+    assert index_view(index) == tarfile_view(raw)
+    await check_files(files, replace(layer, ref=ref), index, random.Random(3))
 
 
 async def test_gzip_forms_the_subprocess_declines_are_indexed_in_process(registry, cache, caplog):

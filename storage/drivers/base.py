@@ -64,6 +64,10 @@ class FileReader(ABC):
     @abstractmethod
     async def aclose(self) -> None: ...
 
+    def fileno(self) -> int | None:
+        """The file's local descriptor (`api.LocalBlobReader.fileno`); None unless local."""
+        return None
+
 
 class FileWriter(ABC):
     """Writes into one file at offsets up to its end; `size` is the current end."""

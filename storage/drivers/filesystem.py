@@ -153,6 +153,9 @@ class _Reader(FileReader):
             return os.pread(self._fd, length, offset)
         return await trio.to_thread.run_sync(os.pread, self._fd, length, offset)
 
+    def fileno(self) -> int | None:
+        return self._fd if self._fd >= 0 else None
+
     async def aclose(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

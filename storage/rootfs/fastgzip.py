@@ -5,13 +5,13 @@ tar member table and the seek points come from one decompression instead of two 
 indexed_gzip, `gzipseek.GzipPass`). It runs in a child process, never in the daemon: a build
 peaks at ~125 MB (1 MiB chunks), it calls `std::terminate` if one of its files is open at
 interpreter exit, and its reads through a Python file object would need the GIL. The child
-gets the blob as a file descriptor: the source's own (`fileno()` of a local reader; the
-child then hashes it too, in a thread beside the decompression) or an anonymous copy in the
-cache directory (`IndexCache.spool`), made while the blob is read and hashed in order as the
-in-process pass reads it; the child is started first and loads its modules meanwhile, and
-reads nothing before the daemon's `go` on its stdin. It answers on stdout: progress lines,
-one status line, then the encoded index (`cache.encode`), which the daemon decodes and
-checks like a stored one.
+gets the blob as a file descriptor: the source's own (`api.local_fileno`: a storage root's
+blob file; the child then hashes it too, in a thread beside the decompression) or an
+anonymous copy in the cache directory (`IndexCache.spool`), made while the blob is read and
+hashed in order as the in-process pass reads it; the child is started first and loads its
+modules meanwhile, and reads nothing before the daemon's `go` on its stdin. It answers on
+stdout: progress lines, one status line, then the encoded index (`cache.encode`), which the
+daemon decodes and checks like a stored one.
 
 rapidgzip exports its seek points in indexed_gzip's format, which the reads use
 (`gzipseek.GzipReader`), but a point whose window rapidgzip found unneeded carries none,
@@ -45,7 +45,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
-from ..api import BlobReader
+from ..api import BlobReader, local_fileno
 from ..digests import Digest
 from ..errors import StorageError
 from . import errors, tarscan
@@ -101,7 +101,7 @@ async def index_gzip(
 ) -> LayerIndex | None:
     """The layer's index from the child, or None when the child declines the layer (see the
     module docstring); BadLayer for a bad one, IndexProcessFailed when the child fails."""
-    own = _descriptor(reader)
+    own = local_fileno(reader)  # a local root's blob file: read in place, no copy
     verify = own is not None
     fd = os.dup(own) if own is not None else await trio.to_thread.run_sync(cache.spool)
     try:
@@ -119,19 +119,6 @@ async def index_gzip(
     except Exception as exc:  # whatever a damaged encoding makes the decoder raise
         raise IndexProcessFailed(f"layer {layer.digest}: the index subprocess sent {exc}") from exc
     return index
-
-
-def _descriptor(reader: BlobReader) -> int | None:
-    """The reader's own file descriptor, if it has one: `fileno()` returning an int (None,
-    or io.UnsupportedOperation, for a reader that has none, as io's files do)."""
-    fileno = getattr(reader, "fileno", None)
-    if not callable(fileno):
-        return None
-    try:
-        fd = fileno()
-    except OSError:  # io.UnsupportedOperation among them
-        return None
-    return fd if isinstance(fd, int) else None
 
 
 async def _spool(reader: BlobReader, layer: LayerRef, fd: int, progress: Progress) -> None:
