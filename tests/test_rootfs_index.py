@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import zstandard
 from support.layers import (
     COMPRESSIONS,
     MEDIA_TYPES,
@@ -40,7 +41,7 @@ from support.layers import (
 from support.tools import MIB
 
 from storage.api import BlobReader, Buffer, RegistrySource
-from storage.digests import digest_bytes
+from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.rootfs import cache as cachemod
 from storage.rootfs import fastgzip
@@ -336,8 +337,48 @@ async def test_a_second_indexer_reuses_the_cache_without_a_pass(registry, cache_
     finally:
         second.close()
     assert indexer.passes == 0 and layer.counter.bytes == 0
-    assert index.members == built.members and index.gzip_index == built.gzip_index
+    assert index.members == built.members and index.seek_points == built.seek_points
     await check_files(files, layer, index, random.Random(2))
+
+
+def held_points(files: LayerFiles) -> list[Digest]:
+    """The layers whose seek points an open indexed_gzip object holds in memory now."""
+    return [o.index.digest for o in files._open.values() if o.gzip is not None and o.gzip.held]
+
+
+async def test_seek_points_leave_memory_when_idle_and_come_back_at_the_next_read(registry, cache):
+    """No `LayerIndex` holds a gzip layer's seek points (only their length: they are in the
+    cache's `.gzi`); an open layer's indexed_gzip holds them until it was idle `idle` s."""
+    stored = [await store(registry, every_kind_tar(seed, big=3 * MIB), "gzip") for seed in (1, 2)]
+    indexer = Indexer(cache)
+    indexes = [await indexer.index(layer.ref) for layer in stored]
+    assert all(type(index.seek_points) is int and index.seek_points > 0 for index in indexes)
+    files = LayerFiles(cache, idle=1.0)
+    try:
+        for layer, index in zip(stored, indexes, strict=True):
+            await check_files(files, layer, index, random.Random(7))
+        assert indexes[1].digest in held_points(files)  # read less than `idle` ago
+        with trio.fail_after(30):
+            while held_points(files):
+                await trio.sleep(0.05)
+        assert len(files._open) == 2  # still open: only the points left memory
+        await check_files(files, stored[0], indexes[0], random.Random(8))
+        assert held_points(files) == [indexes[0].digest]
+    finally:
+        await files.aclose()
+    assert not files._open
+
+
+async def test_a_layer_whose_seek_points_were_evicted_is_read_from_its_start(
+    registry, cache, files, caplog
+):
+    """An index in memory whose `.gzi` went (another mount's eviction) still reads right."""
+    layer = await store(registry, every_kind_tar(4, big=3 * MIB), "gzip")
+    index = await Indexer(cache).index(layer.ref)
+    (cache.directory / f"{index.digest.hex}.gzi").unlink()
+    caplog.set_level(logging.WARNING)
+    await check_files(files, layer, index, random.Random(4))
+    assert f"layer {index.digest}: its seek points are gone" in caplog.text
 
 
 async def test_concurrent_requests_share_one_pass_and_show_progress(
@@ -621,7 +662,7 @@ async def test_eviction_keeps_the_bound_and_the_recently_used(registry, cache_di
     finally:
         cache.close()
     names = cached_files(cache_dir)
-    assert names == {f"{layers[i].ref.digest.hex}.idx" for i in (0, 2)}
+    assert names == {f"{layers[i].ref.digest.hex}.{e}" for i in (0, 2) for e in ("idx", "gzi")}
     assert sum(p.stat().st_size for p in cache_dir.iterdir()) <= cache.max_bytes
 
 
@@ -664,14 +705,24 @@ def damage_meta(path: Path) -> None:
     path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines)))
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [damage_truncate, damage_flip, damage_version, damage_symlink, damage_empty, damage_meta],
-)
-async def test_a_damaged_index_file_is_rebuilt_not_trusted(registry, cache, cache_dir, damage):
+def damage_remove(path: Path) -> None:
+    path.unlink()
+
+
+ANY_FILE = [damage_truncate, damage_flip, damage_symlink, damage_empty, damage_remove]
+DAMAGES = [("idx", d) for d in [*ANY_FILE, damage_version, damage_meta]] + [
+    ("gzi", d) for d in ANY_FILE
+]
+
+
+@pytest.mark.parametrize(("suffix", "damage"), DAMAGES)
+async def test_a_damaged_index_file_is_rebuilt_not_trusted(
+    registry, cache, cache_dir, suffix, damage
+):
+    """The `.idx` or the seek points beside it (`.gzi`)."""
     layer = await store(registry, every_kind_tar(big=0), "gzip")
     built = await Indexer(cache).index(layer.ref)
-    path = cache_dir / f"{layer.ref.digest.hex}.idx"
+    path = cache_dir / f"{layer.ref.digest.hex}.{suffix}"
     damage(path)
     indexer = Indexer(cache)
     index = await indexer.index(layer.ref)
@@ -876,6 +927,14 @@ def big_members(raw: bytes) -> bytes:
     return b"".join(compress(raw[a:b], "gzip") for a, b in itertools.pairwise(cuts))
 
 
+def kept_points(cache: IndexCache, index: LayerIndex) -> bytes:
+    """A gzip layer's exported seek points, as its cache entry keeps them (`.gzi`)."""
+    with open(cache.directory / f"{index.digest.hex}.gzi", "rb") as file:
+        points: bytes = zstandard.ZstdDecompressor().stream_reader(file).read()
+    assert len(points) == index.seek_points
+    return points
+
+
 def seek_point_offsets(points: bytes) -> list[int]:
     """The uncompressed offsets of exported seek points (indexed_gzip's GZIDX v1 layout)."""
     count = int.from_bytes(points[31:35], "little")
@@ -925,14 +984,15 @@ async def test_gzip_in_a_subprocess_equals_the_in_process_pass(
     assert index.members == in_process.members and index.size == in_process.size
     assert index_view(index) == tarfile_view(raw)
     await check_files(files, layer, index, rng)
-    points = seek_point_offsets(index.gzip_index)
+    exported = kept_points(cache, index)
+    points = seek_point_offsets(exported)
     assert len(points) > 4
     import indexed_gzip
 
     for at in points[1:-1]:
         for offset in (max(at - 5, 0), at):
             with indexed_gzip.IndexedGzipFile(fileobj=io.BytesIO(blob)) as gz:
-                gz.import_index(fileobj=io.BytesIO(index.gzip_index))
+                gz.import_index(fileobj=io.BytesIO(exported))
                 gz.seek(offset)
                 assert gz.read(70_000) == raw[offset : offset + 70_000], offset
 

@@ -1,14 +1,17 @@
 """Layer indexes kept on disk, keyed by layer digest, shared by every mount of the user.
 
 `<dir>/<hex>.idx` is one zstd frame (with its checksum) holding a format line, a JSON meta
-line, one JSON line per member, one per zstd frame, then indexed_gzip's seek points;
-`<hex>.zst` is a zstd layer's re-framed copy, when it has one. Files are written to a
+line, one JSON line per member, one per zstd frame and one of eStargz chunks; `<hex>.gzi` a
+gzip layer's seek points (indexed_gzip's export in one zstd frame, `gzipseek.write_points`),
+read only when a file of the layer is (so no `LayerIndex` holds them in memory); `<hex>.zst`
+a zstd layer's re-framed copy, when it has one. Files are written to a
 temporary name and renamed (0600, in a 0700 directory), so a reader (another mount too)
 sees a whole file or none. The least recently used (mtime, touched on each use) go first
 once the files pass `max_bytes`, except the one just stored. An evicted index that is in
-memory keeps serving; its zstd copy keeps serving once a reader has it open (`LayerFiles`
-opens it at the first read; one evicted before that read is EIO, and indexed again when
-the layer is next asked for).
+memory keeps serving; its zstd copy and seek points keep serving once a reader has them open
+(`LayerFiles` opens them at the first read; a zstd copy evicted before that read is EIO, and
+indexed again when the layer is next asked for; a gzip layer is then read without seek
+points, from the blob's start).
 
 Nothing read back is trusted: a file that does not decompress, ends early, has another
 version or digest, or holds a value out of place is deleted and rebuilt, and its member
@@ -38,7 +41,7 @@ import platformdirs
 import zstandard
 
 from ..digests import SHA256, Digest
-from . import estargz
+from . import estargz, gzipseek
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
 from .index import Format, LayerIndex
@@ -48,10 +51,10 @@ from .zstdframes import Frame
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 _FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
 DEFAULT_MAX_BYTES = 2 << 30
-_NAME = re.compile(r"([0-9a-f]{64})\.(idx|zst)")
+_NAME = re.compile(r"([0-9a-f]{64})\.(idx|zst|gzi)")
 _TEMP = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]+\.tmp")
 _STALE_TEMP = 24 * 3600  # a temporary file this old belongs to a build that died
 _MAX_LINE = 1 << 30  # a line of members: their names are bounded by tarscan.Limits.names
@@ -68,18 +71,19 @@ class CorruptIndex(Exception):
     """An index file that cannot be trusted; it is removed and the layer indexed again."""
 
 
-class PendingCopy:
-    """A re-framed zstd copy being written (by the pass): committed or discarded."""
+class PendingFile:
+    """A file of a layer's entry being written by its pass (a re-framed zstd copy, `.zst`,
+    or seek points, `.gzi`): committed under its name, or discarded."""
 
-    def __init__(self, cache: IndexCache, digest: Digest) -> None:
+    def __init__(self, cache: IndexCache, digest: Digest, suffix: str) -> None:
         self._cache = cache
-        self._digest = digest
+        self._name = f"{digest.hex}{suffix}"
         self._temp, fd = cache._create_temp(digest)
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
     def commit(self) -> None:
         self.file.close()
-        self._cache._rename(self._temp, f"{self._digest.hex}.zst")
+        self._cache._rename(self._temp, self._name)
 
     def discard(self) -> None:
         self.file.close()
@@ -111,6 +115,8 @@ class IndexCache:
                 index = decode(file, digest)
             if index.reframed:
                 os.close(self._open_own(f"{digest.hex}.zst"))
+            if index.format is Format.GZIP:
+                self._check_points(digest, index.seek_points)
         except Exception as exc:  # whatever a damaged file makes the decoder raise
             if isinstance(exc, FileNotFoundError):
                 return None
@@ -125,6 +131,26 @@ class IndexCache:
     def open_copy(self, digest: Digest) -> int:
         """A read descriptor of the layer's re-framed zstd copy (the caller closes it)."""
         return self._open_own(f"{digest.hex}.zst")
+
+    def open_points(self, digest: Digest) -> int | None:
+        """A read descriptor of a gzip layer's seek points (the caller closes it), or None
+        when they are gone (evicted, or not ours: logged)."""
+        try:
+            return self._open_own(f"{digest.hex}.gzi")
+        except FileNotFoundError:
+            return None
+        except CorruptIndex as exc:
+            log.warning("seek points of layer %s in %s: %s", digest, self.directory, exc)
+            return None
+
+    def _check_points(self, digest: Digest, size: int) -> None:
+        fd = self._open_own(f"{digest.hex}.gzi")
+        try:
+            why = gzipseek.check_points(fd, size)
+        finally:
+            os.close(fd)
+        if why is not None:
+            raise CorruptIndex(why)
 
     def _open_own(self, name: str) -> int:
         """Open an entry for reading: a regular file of ours, never through a link."""
@@ -159,8 +185,10 @@ class IndexCache:
         except OSError as exc:
             log.error("index cache %s: eviction failed: %s", self.directory, exc)
 
-    def new_copy(self, digest: Digest) -> PendingCopy:
-        return PendingCopy(self, digest)
+    def pending(self, digest: Digest, suffix: str) -> PendingFile:
+        """A new `.zst` or `.gzi` file of the layer's entry, written before its `.idx` is
+        stored (a loaded `.idx` can count on them)."""
+        return PendingFile(self, digest, suffix)
 
     def spool(self) -> int:
         """A read-write descriptor of a new file without a name in the directory (O_TMPFILE),
@@ -190,7 +218,7 @@ class IndexCache:
             os.unlink(name, dir_fd=self._fd)
 
     def _remove(self, hexdigest: str) -> None:
-        for suffix in (".idx", ".zst"):
+        for suffix in (".idx", ".zst", ".gzi"):
             self._unlink(hexdigest + suffix)
 
     def _touch(self, hexdigest: str) -> None:
@@ -282,7 +310,7 @@ def encode(index: LayerIndex, file: BinaryIO) -> None:
             "size": index.size,
             "members": len(index.members),
             "frames": len(index.frames),
-            "gzip_index": len(index.gzip_index),
+            "seek_points": index.seek_points,
         }
         out.write(_FORMAT_LINE)
         out.write(_line(meta))
@@ -292,7 +320,6 @@ def encode(index: LayerIndex, file: BinaryIO) -> None:
             _line([[f.uoffset, f.usize, f.coffset, f.csize, f.in_copy] for f in index.frames])
         )
         out.write(_line([[key, *astuple(c)] for key, cs in index.chunks.items() for c in cs]))
-        out.write(index.gzip_index)
 
 
 def _row(m: Member) -> list[object]:
@@ -342,14 +369,14 @@ def decode(file: BinaryIO, digest: Digest) -> LayerIndex:
     chunks = _chunks(line(), members, fmt)
     if len(members) != count or len(frames) != meta["frames"]:
         raise CorruptIndex("another number of members or frames than it says")
-    gzip_index = reader.read(_count(meta["gzip_index"]))
-    if len(gzip_index) != meta["gzip_index"] or reader.read(1):
-        raise CorruptIndex("its seek points do not end where they should")
+    seek_points = _count(meta["seek_points"])
+    if reader.read(1):
+        raise CorruptIndex("more after its last line")
     _check_frames(frames, size)
-    if (fmt is Format.GZIP) != bool(gzip_index) or (fmt is Format.ZSTD) != bool(frames):
+    if (fmt is Format.GZIP) != bool(seek_points) or (fmt is Format.ZSTD) != bool(frames):
         raise CorruptIndex(f"seek points that do not fit a {fmt.value} layer")
     blob_size = _count(meta["blob_size"])
-    return LayerIndex(digest, fmt, blob_size, size, members, gzip_index, frames, chunks)
+    return LayerIndex(digest, fmt, blob_size, size, members, seek_points, frames, chunks)
 
 
 def _count(value: object) -> int:

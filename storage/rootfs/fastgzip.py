@@ -9,9 +9,11 @@ gets the blob as a file descriptor: the source's own (`api.local_fileno`: a stor
 blob file; the child then hashes it too, in a thread beside the decompression) or an
 anonymous copy in the cache directory (`IndexCache.spool`), made while the blob is read and
 hashed in order as the in-process pass reads it; the child is started first and loads its
-modules meanwhile, and reads nothing before the daemon's `go` on its stdin. It answers on
-stdout: progress lines, one status line, then the encoded index (`cache.encode`), which the
-daemon decodes and checks like a stored one.
+modules meanwhile, and reads nothing before the daemon's `go` on its stdin. It writes the
+seek points into a new file of the cache entry (`.gzi`, a descriptor it is given: they never
+pass through the daemon's memory) and answers on stdout: progress lines, one status line,
+then the encoded index (`cache.encode`), which the daemon decodes and checks like a stored
+one before it commits the points.
 
 rapidgzip exports its seek points in indexed_gzip's format, which the reads use
 (`gzipseek.GzipReader`), but a point whose window rapidgzip found unneeded carries none,
@@ -51,6 +53,7 @@ from ..errors import StorageError
 from . import errors, tarscan
 from .blobfile import BlobFile
 from .errors import BadLayer, CorruptLayer, LayerDigestMismatch
+from .gzipseek import compress_points
 from .tarscan import Limits
 
 if TYPE_CHECKING:
@@ -87,6 +90,7 @@ class Request:
     """What the child is asked (its one JSON argument)."""
 
     fd: int
+    points_fd: int  # where the seek points go (`gzipseek.compress_points`)
     digest: str
     size: int
     verify: bool  # hash the blob in the child (the daemon did not read it)
@@ -103,21 +107,40 @@ async def index_gzip(
     module docstring); BadLayer for a bad one, IndexProcessFailed when the child fails."""
     own = local_fileno(reader)  # a local root's blob file: read in place, no copy
     verify = own is not None
-    fd = os.dup(own) if own is not None else await trio.to_thread.run_sync(cache.spool)
+    points = await trio.to_thread.run_sync(cache.pending, layer.digest, ".gzi")
     try:
-        request = Request(fd, str(layer.digest), layer.size, verify, dataclasses.asdict(limits))
-        copy = None if verify else functools.partial(_spool, reader, layer, fd, progress)
-        encoded = await _run_child(request, layer.digest, copy, progress if verify else None)
-    finally:
-        os.close(fd)
-    if encoded is None:
-        return None
+        fd = os.dup(own) if own is not None else await trio.to_thread.run_sync(cache.spool)
+        try:
+            request = Request(
+                fd,
+                points.file.fileno(),
+                str(layer.digest),
+                layer.size,
+                verify,
+                dataclasses.asdict(limits),
+            )
+            copy = None if verify else functools.partial(_spool, reader, layer, fd, progress)
+            encoded = await _run_child(request, layer.digest, copy, progress if verify else None)
+        finally:
+            os.close(fd)
+        index = None if encoded is None else await _decode(encoded, layer.digest)
+    except BaseException:
+        points.discard()
+        raise
+    if index is None:
+        points.discard()
+    else:
+        await trio.to_thread.run_sync(points.commit)
+    return index
+
+
+async def _decode(encoded: bytes, digest: Digest) -> LayerIndex:
     from .cache import decode  # cache imports index, which imports this module
 
     try:
-        index: LayerIndex = await trio.to_thread.run_sync(decode, io.BytesIO(encoded), layer.digest)
+        index: LayerIndex = await trio.to_thread.run_sync(decode, io.BytesIO(encoded), digest)
     except Exception as exc:  # whatever a damaged encoding makes the decoder raise
-        raise IndexProcessFailed(f"layer {layer.digest}: the index subprocess sent {exc}") from exc
+        raise IndexProcessFailed(f"layer {digest}: the index subprocess sent {exc}") from exc
     return index
 
 
@@ -170,7 +193,7 @@ async def _run_child(
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
-            pass_fds=(request.fd,),
+            pass_fds=(request.fd, request.points_fd),
         )
         assert process.stdin is not None and process.stdout is not None
         try:
@@ -308,7 +331,9 @@ def _index(request: Request, digest: Digest, out: IO[bytes]) -> LayerIndex:
     except (ValueError, RuntimeError, OSError) as exc:
         raise _Declined(f"rapidgzip: {exc}") from None
     points = fill_windows(exported.getvalue())
-    return LayerIndex(digest, Format.GZIP, request.size, table.size, table.members, points)
+    with open(request.points_fd, "wb", closefd=False) as file:
+        compress_points(points, file)
+    return LayerIndex(digest, Format.GZIP, request.size, table.size, table.members, len(points))
 
 
 def _chunks(gz: Any, out: IO[bytes]) -> Iterator[bytes]:

@@ -11,16 +11,25 @@ the same `BlobFile` windows, indexed_gzip a step behind, so the blob is read onc
 indexed_gzip's C code holds the GIL, but only between two calls of the file object's
 `read` (every `READBUF` compressed bytes), so the trio loop waits a few milliseconds at
 most (ROOTFS.md: `build_full_index` in one call held it for 2.9 s). zlib releases it.
+
+The exported points (~35 MB per GB of tar: a 32 KiB window per point) are kept on disk
+only, zstd-compressed (`write_points`, the cache's `<hex>.gzi`), never in the `LayerIndex`:
+an open indexed_gzip object holds its own copy of them, and a `GzipReader` imports them
+from the file at its first read and drops them again on `release()`, so an idle daemon
+holds none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import indexed_gzip
+import zstandard
 
 from ..digests import Digest
 from .blobfile import BlobFile
@@ -29,6 +38,8 @@ from .errors import CorruptLayer
 MAGIC = b"\x1f\x8b"
 SPACING = 1 << 20  # uncompressed bytes between seek points: ~0.3 MB of blob per random read
 WINDOW = 32 << 10
+_POINTS_MAGIC = b"GZIDX\x01"  # indexed_gzip's export format, version 1
+_POINTS_LEVEL = 3
 READBUF = 256 << 10  # compressed bytes per call of BlobFile.read during the pass
 RANDOM_READBUF = 64 << 10  # ... and for a random read, which wants few bytes
 CHUNK = 1 << 20
@@ -56,6 +67,72 @@ def _failure(blob: BlobFile, layer: Digest, exc: Exception) -> BaseException:
     if blob.error is not None:
         return blob.error
     return CorruptLayer(layer, f"gzip: {exc}")
+
+
+class _Stream(io.RawIOBase):
+    """A zstd stream as a file without a descriptor: indexed_gzip reads or writes through a
+    file's descriptor when it has one, which would go around the (de)compression."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.written = 0
+
+    def readable(self) -> bool:
+        return hasattr(self._inner, "read")
+
+    def writable(self) -> bool:
+        return hasattr(self._inner, "write")
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def write(self, data: Any) -> int:
+        self._inner.write(data)
+        self.written += len(data)
+        return len(data)
+
+
+def write_points(index: Any, file: BinaryIO) -> int:
+    """Export indexed_gzip object `index`'s seek points into `file` as one zstd frame;
+    their length (uncompressed)."""
+    compressor = zstandard.ZstdCompressor(level=_POINTS_LEVEL, write_checksum=True)
+    with compressor.stream_writer(file, closefd=False) as out:
+        stream = _Stream(out)
+        index.export_index(fileobj=stream)
+    return stream.written
+
+
+def compress_points(points: bytes, file: BinaryIO) -> None:
+    """Write exported seek points (bytes) into `file` as `write_points` does."""
+    compressor = zstandard.ZstdCompressor(level=_POINTS_LEVEL, write_checksum=True)
+    with compressor.stream_writer(file, closefd=False) as out:
+        out.write(points)
+
+
+@contextlib.contextmanager
+def _points(fd: int) -> Iterator[BinaryIO]:
+    """The seek points in the file `fd` (from its start), decompressed as they are read."""
+    with open(fd, "rb", closefd=False) as file:
+        file.seek(0)
+        with zstandard.ZstdDecompressor().stream_reader(file) as stream:
+            yield io.BufferedReader(_Stream(stream), 1 << 20)
+
+
+def check_points(fd: int, size: int) -> str | None:
+    """Why the seek points in `fd` cannot be used (None when they can): they must
+    decompress (the frame's checksum holds), be indexed_gzip's format and `size` bytes."""
+    try:
+        with _points(fd) as points:
+            if points.read(len(_POINTS_MAGIC)) != _POINTS_MAGIC:
+                return "its seek points are not indexed_gzip's"
+            length = len(_POINTS_MAGIC)
+            while data := points.read(1 << 20):
+                length += len(data)
+    except zstandard.ZstdError as exc:
+        return f"its seek points do not decompress: {exc}"
+    return None if length == size else f"{length} bytes of seek points, {size} expected"
 
 
 class GzipPass:
@@ -110,29 +187,35 @@ class GzipPass:
         except OSError as exc:
             raise _failure(self._blob, self._layer, exc) from None
 
-    def export(self) -> bytes:
-        out = io.BytesIO()
-        self._file.export_index(fileobj=out)
-        return out.getvalue()
+    def export(self, file: BinaryIO) -> int:
+        """The seek points into `file` (`write_points`); their length."""
+        return write_points(self._file, file)
 
     def close(self) -> None:
         self._file.close()
 
 
 class GzipReader:
-    """Random reads of a gzip blob from its exported seek points (in a worker thread)."""
+    """Random reads of a gzip blob (in a worker thread) from its seek points in the file
+    `points` (`write_points`; the reader owns the descriptor). They are imported at the
+    first read after the reader is made or `release`d. Without `points` (a cache entry
+    evicted under a mount that still uses the layer), indexed_gzip decompresses from the
+    blob's start up to each new place, and keeps the points it makes meanwhile."""
 
-    def __init__(self, blob: BlobFile, layer: Digest, index: bytes) -> None:
+    def __init__(self, blob: BlobFile, layer: Digest, points: int | None) -> None:
         self._blob = blob
         self._layer = layer
-        self._file = _open(blob, RANDOM_READBUF, RANDOM_READBUF)
-        try:
-            self._file.import_index(fileobj=io.BytesIO(index))
-        except (OSError, ValueError) as exc:
-            self._file.close()
-            raise CorruptLayer(layer, f"its gzip seek points do not load: {exc}") from None
+        self._points = points
+        self._file: Any = None
+
+    @property
+    def held(self) -> bool:
+        """Whether the points are in memory now, and could be released."""
+        return self._file is not None and self._points is not None
 
     def pread(self, offset: int, size: int) -> bytes:
+        if self._file is None:
+            self._file = self._open()
         try:
             self._file.seek(offset)
             data: bytes = self._file.read(size)
@@ -140,5 +223,28 @@ class GzipReader:
             raise _failure(self._blob, self._layer, exc) from None
         return data
 
+    def _open(self) -> Any:
+        file = _open(self._blob, RANDOM_READBUF, RANDOM_READBUF)
+        if self._points is None:
+            return file
+        try:
+            with _points(self._points) as points:
+                file.import_index(fileobj=points)
+        except (OSError, ValueError, zstandard.ZstdError) as exc:
+            file.close()
+            raise CorruptLayer(self._layer, f"its gzip seek points do not load: {exc}") from None
+        return file
+
+    def release(self) -> None:
+        """Drop the points from memory until the next read (never during one)."""
+        if self.held:
+            self._file.close()
+            self._file = None
+
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._points is not None:
+            os.close(self._points)
+            self._points = None

@@ -58,8 +58,9 @@ class LayerIndex:
     """What one pass learned about a layer: enough to list it and to read any file in it.
 
     `size` is the length of the uncompressed tar (0 for ESTARGZ: not known without a pass);
-    `gzip_index` is indexed_gzip's exported seek points (GZIP); `frames` the zstd frame table
-    (ZSTD), whose `in_copy` frames are in the cache's re-framed copy of the layer; `chunks`
+    `seek_points` the length of indexed_gzip's exported seek points (GZIP), which are in the
+    cache's `<hex>.gzi` and never in memory here (~35 MB per GB of tar); `frames` the zstd
+    frame table (ZSTD), whose `in_copy` frames are in the cache's re-framed copy; `chunks`
     an eStargz layer's chunks of each file, by the FILE member's `offset`, which is only
     that key for ESTARGZ.
     """
@@ -69,7 +70,7 @@ class LayerIndex:
     blob_size: int
     size: int
     members: list[Member]
-    gzip_index: bytes = b""
+    seek_points: int = 0
     frames: list[Frame] = field(default_factory=list)
     chunks: dict[int, list[Chunk]] = field(default_factory=dict)
 
@@ -140,11 +141,11 @@ def detect(head: bytes, media_type: str, layer: Digest) -> Format:
 
 
 def build(
-    blob: BlobFile, layer: LayerRef, fmt: Format, copy: BinaryIO | None, limits: Limits
+    blob: BlobFile, layer: LayerRef, fmt: Format, out: BinaryIO | None, limits: Limits
 ) -> LayerIndex:
     """The pass itself, in a worker thread (blocking); BadLayer for what is not a layer.
 
-    `copy` receives re-framed zstd frames (ZSTD only)."""
+    `out` receives the re-framed zstd frames (ZSTD) or the seek points (GZIP)."""
     digest = layer.digest
     gzip_pass: gzipseek.GzipPass | None = None
     zstd_pass: zstdframes.ZstdPass | None = None
@@ -152,21 +153,24 @@ def build(
         gzip_pass = gzipseek.GzipPass(blob, digest)
         chunks = gzip_pass.chunks()
     elif fmt is Format.ZSTD:
-        assert copy is not None
-        zstd_pass = zstdframes.ZstdPass(blob, digest, copy)
+        assert out is not None
+        zstd_pass = zstdframes.ZstdPass(blob, digest, out)
         chunks = zstd_pass.chunks()
     else:
         chunks = iter(functools.partial(blob.read, _PLAIN_CHUNK), b"")
     try:
         table = tarscan.scan(chunks, digest, limits)
-        gzip_index = gzip_pass.export() if gzip_pass is not None else b""
+        if gzip_pass is not None:
+            assert out is not None
+            seek_points = gzip_pass.export(out)
     finally:
         if gzip_pass is not None:
             gzip_pass.close()
     if not blob.verify():
         log.debug("layer %s: read out of order, digest not checked", digest)
     frames = zstd_pass.frames if zstd_pass is not None else []
-    return LayerIndex(digest, fmt, layer.size, table.size, table.members, gzip_index, frames)
+    points = seek_points if gzip_pass is not None else 0
+    return LayerIndex(digest, fmt, layer.size, table.size, table.members, points, frames)
 
 
 def _freeze() -> None:
@@ -305,17 +309,19 @@ class Indexer:
             raise
 
     def _run(self, blob: BlobFile, layer: LayerRef, fmt: Format) -> LayerIndex:
-        """The pass in its worker thread, which owns the zstd copy being written."""
-        copy = self.cache.new_copy(layer.digest) if fmt is Format.ZSTD else None
+        """The pass in its worker thread, which owns the file being written beside the index
+        (a zstd copy, or gzip seek points)."""
+        suffix = {Format.ZSTD: ".zst", Format.GZIP: ".gzi"}.get(fmt)
+        pending = self.cache.pending(layer.digest, suffix) if suffix else None
         try:
-            index = build(blob, layer, fmt, copy.file if copy else None, self.limits)
+            index = build(blob, layer, fmt, pending.file if pending else None, self.limits)
         except BaseException:
-            if copy is not None:
-                copy.discard()
+            if pending is not None:
+                pending.discard()
             raise
-        if copy is not None:
-            if index.reframed:
-                copy.commit()
+        if pending is not None:
+            if index.reframed or index.seek_points:
+                pending.commit()
             else:
-                copy.discard()
+                pending.discard()
         return index

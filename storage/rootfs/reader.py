@@ -7,12 +7,15 @@ or from the cache's re-framed copy), the last few kept, since a sequential `cat`
 frame in many FUSE requests; an eStargz layer's from its chunks' gzip members, the same
 way, each checked against its digest. The open state of the most recently used layers is
 kept in an LRU; `aclose()` closes it all (and must be awaited before exit: see ROOTFS.md on
-native decompressors left open at interpreter exit).
+native decompressors left open at interpreter exit). A gzip layer's seek points (~35 MB per
+GB of tar in indexed_gzip) are loaded from the cache at its first read and dropped once it
+has not been read for `idle` seconds, until its next read.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import zlib
 from collections import OrderedDict
@@ -38,6 +41,9 @@ _KEPT = 4  # decompressed zstd frames or eStargz chunks kept per open layer
 _MAX_CHUNK_MEMBER = 64 << 20  # compressed bytes read for one eStargz chunk
 _GZIP_WINDOW = 64 << 10  # BlobFile windows for random gzip reads: a read needs few bytes
 _GZIP_WINDOWS = 16
+IDLE = 30.0  # seconds without a read before a gzip layer's seek points leave memory
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -49,13 +55,14 @@ class _Open:
     lock: trio.Lock = field(default_factory=trio.Lock)
     gzip: GzipReader | None = None
     copy_fd: int = -1
+    used: float = 0.0  # trio time of its last gzip read
     kept: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict)
     closed: bool = False
 
     @property
     def weight(self) -> int:
         """Memory held (indexed_gzip keeps the seek points in memory)."""
-        return len(self.index.gzip_index) + sum(map(len, self.kept.values()))
+        return self.index.seek_points + sum(map(len, self.kept.values()))
 
     async def aclose(self) -> None:
         async with self.lock:
@@ -72,11 +79,15 @@ class _Open:
 class LayerFiles:
     """File reads from indexed layers, with an LRU of open layers (`max_open`, `max_bytes`)."""
 
-    def __init__(self, cache: IndexCache, max_open: int = 8, max_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, cache: IndexCache, max_open: int = 8, max_bytes: int = 256 << 20, idle: float = IDLE
+    ) -> None:
         self.cache = cache
         self.max_open = max_open
         self.max_bytes = max_bytes
+        self.idle = idle
         self._open: OrderedDict[Digest, _Open] = OrderedDict()
+        self._releasing: trio.CancelScope | None = None
 
     async def read(
         self, layer: LayerRef, index: LayerIndex, member: Member, offset: int, size: int
@@ -97,7 +108,12 @@ class LayerFiles:
                     data = bytes(await opened.reader.read_at(start, size))
                 elif index.format is Format.GZIP:
                     gzip = await self._gzip(opened, layer)
+                    opened.used = trio.current_time()
                     data = await trio.to_thread.run_sync(gzip.pread, start, size)
+                    opened.used = trio.current_time()
+                    if self._releasing is None:
+                        self._releasing = trio.CancelScope()
+                        trio.lowlevel.spawn_system_task(self._release_idle, self._releasing)
                 elif index.format is Format.ESTARGZ:
                     data = await self._estargz(opened, layer, member, offset, size)
                 else:
@@ -110,6 +126,8 @@ class LayerFiles:
         return data
 
     async def aclose(self) -> None:
+        if self._releasing is not None:
+            self._releasing.cancel()
         while self._open:
             await self._open.popitem()[1].aclose()
 
@@ -145,9 +163,25 @@ class LayerFiles:
                 windows=_GZIP_WINDOWS,
                 verify=False,
             )
-            index = opened.index.gzip_index
-            opened.gzip = await trio.to_thread.run_sync(GzipReader, blob, layer.digest, index)
+            points = await trio.to_thread.run_sync(self.cache.open_points, layer.digest)
+            if points is None:
+                why = "its seek points are gone from the index cache (evicted)"
+                log.warning("layer %s: %s: read from the blob's start", layer.digest, why)
+            opened.gzip = GzipReader(blob, layer.digest, points)
         return opened.gzip
+
+    async def _release_idle(self, scope: trio.CancelScope) -> None:
+        """Drop the seek points of the gzip layers not read for `idle` seconds; a system
+        task, running while any are held, so that an idle daemon holds none."""
+        with scope:
+            while held := [o for o in self._open.values() if o.gzip is not None and o.gzip.held]:
+                wake = min(o.used for o in held) + self.idle
+                await trio.sleep(max(wake - trio.current_time(), min(self.idle, 1.0)))
+                for o in held:
+                    idle = o.used + self.idle <= trio.current_time()
+                    if idle and o.gzip is not None and not o.lock.locked():
+                        o.gzip.release()
+        self._releasing = None
 
     async def _zstd(self, opened: _Open, layer: LayerRef, start: int, size: int) -> bytes:
         pieces = []
