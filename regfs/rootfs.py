@@ -270,7 +270,9 @@ class RootfsView:
                     # is done it shows an image root's defaults (what merge gives a root
                     # without a `./` member).
                     build = await self._started(node)
-                    if build is not None:
+                    if build is not None and not build.done.is_set():
+                        # A path walk asks this of a tag's root once per file (its name
+                        # is never cached): no trip through the loop when it is built.
                         with trio.move_on_after(ROOT_WAIT):
                             await build.done.wait()
                     if build is None or build.tree is None:

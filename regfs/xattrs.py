@@ -21,6 +21,7 @@ ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # (ENODATA): coreutils' ls then stops asking for the rest of the device (getfilecon_cache,
 # file_has_acl_cache), which saves two FUSE round trips per listed file.
 UNSUPPORTED_PREFIX = b"security."
+SELINUX = b"security.selinux"
 
 
 class Xattrs:
@@ -40,6 +41,11 @@ class Xattrs:
         try:
             return xattrs[os.fsdecode(name)]
         except KeyError:
+            if name == SELINUX or name in ACL_XATTRS:
+                # A view's file without it (rootfs/ never shows a label; an ACL only from
+                # an image's tar): "not supported" too, so `ls -l` stops asking. One cost:
+                # ls then shows no `+` for a later file of the mount that has an ACL.
+                raise FUSEError(errno.EOPNOTSUPP) from None
             raise FUSEError(pyfuse3.ENOATTR) from None
 
     async def names(self, inode: int) -> list[bytes]:

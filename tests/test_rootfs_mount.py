@@ -16,9 +16,11 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,14 @@ pytestmark = [pytest.mark.mount, pytest.mark.registry]
 REPO = "library/img"
 BIG = random.Random(16).randbytes(400_000)
 LONG = "long/" + "n" * 200 + "/" + "f" * 150
+# A POSIX ACL as a tar carries it (xattr system.posix_acl_access): version 2, then user::rw-,
+# user:1000:r--, group::r--, mask::r--, other::r-- (tag, permissions, id); one that says more
+# than the mode, so that a filesystem keeps it.
+ACL = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, ident)
+    for tag, perm, ident in ((1, 6, 0xFFFFFFFF), (2, 4, 1000), (4, 4, 0xFFFFFFFF),
+                             (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF))
+)  # fmt: skip
 
 
 def layers_v1() -> list[list]:
@@ -83,6 +93,7 @@ def layers_v1() -> list[list]:
         device("dev/sda", Kind.BLOCK, 8, 0),
         device("dev/fifo", Kind.FIFO, 0, 0),
         file("xattr.txt", b"x", xattrs=(("user.a", b"1"), ("user.bin", b"\x00\xff"))),
+        file("acl.txt", b"acl", xattrs=(("system.posix_acl_access", ACL),)),
         directory("gone"),
         file("gone/a", b"a"),
         directory("opq", mode=0o750, uid=7),
@@ -375,6 +386,30 @@ def test_everyday_tools(images, mounted, tmp_path):
     out = run("getfattr", "--only-values", "-n", "user.regfs.index", v1).stdout.decode()
     assert out.startswith("indexed: 3 layers")
     assert run("getfattr", "--only-values", "-n", "user.a", v1 / "xattr.txt").stdout == b"1"
+
+
+def test_ls_l_asks_no_label_or_acl_per_file(images, tmp_path):
+    """`ls -l` asks every file for its SELinux label and its ACL. A view's file without
+    them answers "not supported" (as the registry's files do; rootfs/ shows no label), and
+    ls stops asking for the rest of the mount: with "no such attribute" it made two round
+    trips per file. A file whose tar carries an ACL shows it, to ls too."""
+    m = start_mount(images, tmp_path, "--debug")
+    try:
+        root = rootfs(m, "v1")
+        run("ls", root)  # the image is built first
+        start = len(m.log_text())
+        listed = run("ls", "-lR", root).stdout.decode().splitlines()
+        asked = m.log_text()[start:].count("wrapper: getxattr(")
+        assert len(listed) > 30 and asked <= 4, asked
+        motd = root / "etc" / "motd"
+        for name in ("security.selinux", "system.posix_acl_access"):
+            assert errno_of(partial(os.getxattr, motd, name)) == errno.EOPNOTSUPP
+        assert errno_of(partial(os.getxattr, root / "xattr.txt", "user.b")) == errno.ENODATA
+        assert os.getxattr(root / "acl.txt", "system.posix_acl_access") == ACL
+        assert run("ls", "-l", root / "acl.txt").stdout.split()[0].endswith(b"+")
+    finally:
+        m.stop()
+    m.check_log()
 
 
 def test_device_nodes_are_shown_not_opened(mounted):
