@@ -27,7 +27,12 @@ from .mount import Mount
 from .registry import RegistryProcess
 from .report import host_info, summary, table, write_json
 from .root import Root
-from .scenarios import MARGIN, NAMES, SCENARIOS, SHARED_LAYER, Env, Scenario
+from .scenarios import MARGIN, SHARED_LAYER, Env, Scenario
+from .scenarios import SCENARIOS as LISTED
+from .walk import SCENARIOS as WALKS
+
+SCENARIOS = (*LISTED, *WALKS)
+NAMES = tuple(s.name for s in SCENARIOS)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOOLS = ("cat", "cp", "mv", "ls", "curl", "openssl", "fusermount3", "docker-registry")
