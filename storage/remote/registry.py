@@ -13,20 +13,26 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+import trio
 
 from ..api import BlobInfo, BlobReader, EmptyReader, Manifest, UploadInfo
 from ..digests import Digest, digest_bytes
 from ..errors import (
     CorruptEntry,
     InvalidManifest,
+    InvalidName,
     NotEmpty,
     RemoteError,
+    RemoteUnavailable,
+    StorageError,
     UnknownLayer,
     UnknownManifest,
     UnknownRepository,
@@ -46,6 +52,8 @@ from .untrusted import (
     MANIFEST_MAX,
     MANIFESTS_WALKED_MAX,
     PAGE_MAX,
+    TAG_SNAPSHOT_BYTES,
+    TAGS_RESOLVED_MAX,
     ByteCache,
     shown,
 )
@@ -59,6 +67,14 @@ ACCEPT = ", ".join(SUPPORTED)
 # storage again up to `last`: 10 000 repositories took 11 pages and 3 s at n=1000, 0.2 s at once.
 PAGE_SIZES = (100_000, 1000, 100)
 ENTRY_OVERHEAD = 400  # bytes a cache entry costs beyond its name and data (objects, digest)
+# Requests at once while a listing resolves its tags and stats its blobs: readdirplus asks
+# for every entry's attributes, one at a time, so they are fetched beforehand, in parallel.
+LISTING_PARALLEL = 8
+# How long a repository's tags, as one listing resolved them, answer the listings and
+# lookups that follow (a walk lists tags/, manifests/ and layers/ in turn); never longer
+# than the listing TTL, so a tag changed behind the mount is seen within TTL + this.
+TAG_REUSE_MAX = 1.0
+T = TypeVar("T")
 
 
 def _next_page(response: httpx.Response) -> str | None:
@@ -135,6 +151,47 @@ async def _pages(client: RemoteClient, path: str, key: str, size: int) -> list[s
         listing.add(response)
         next_url = _next_page(response)
     return listing.names
+
+
+async def _in_parallel(
+    items: Iterable[T], fetch: Callable[[T], Awaitable[object]], what: str
+) -> None:
+    """fetch(item) for every item, LISTING_PARALLEL at once, for what it leaves in a cache.
+
+    Only to save round trips: an item the registry does not know is left for its own call to
+    report, and any other failure (the registry gone, an answer refused) stops the rest."""
+    pending = iter(items)
+    failed: list[BaseException] = []
+
+    async def worker(scope: trio.CancelScope) -> None:
+        for item in pending:
+            try:
+                await fetch(item)
+            except (RemoteUnavailable, OSError) as exc:  # AccessDenied is a PermissionError
+                failed.append(exc)
+                scope.cancel()
+                return
+            except StorageError:
+                continue
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(LISTING_PARALLEL):
+            nursery.start_soon(worker, nursery.cancel_scope)
+    if failed:
+        log.debug("%s: fetching ahead stopped: %s", what, failed[0])
+
+
+@dataclass(frozen=True)
+class _TagSnapshot:
+    """One repository's tags as one listing found them, and the manifests they point at
+    (the first TAGS_RESOLVED_MAX: memory stays bounded, the rest are asked one by one)."""
+
+    tags: list[str]
+    targets: dict[str, Digest]
+    taken: float  # time.monotonic() when it was complete
+
+    def size(self) -> int:
+        return sum(len(t) + 60 for t in self.tags) + len(self.targets) * 200
 
 
 class RemoteCatalog:
@@ -235,15 +292,54 @@ class RemoteTags:
         self.repo = repo
         self.client = repo.client
         self.name = repo.name
+        self.registry = repo.registry
 
-    async def list(self) -> list[str]:
+    async def _names(self) -> list[str]:
         try:
             return sorted(await _paginated(self.client, f"/v2/{self.name}/tags/list", "tags"))
         except RemoteNotFound:
             return []
 
+    def _recent(self) -> _TagSnapshot | None:
+        snapshot = self.registry.tag_snapshots.get(self.name)
+        if snapshot is not None and time.monotonic() - snapshot.taken > self.registry.tag_reuse:
+            self.registry.tag_snapshots.pop(self.name)
+            return None
+        return snapshot
+
+    async def snapshot(self) -> _TagSnapshot:
+        """The tags and their targets: each tag's manifest is fetched by tag (its digest is
+        the body's, and it is cached for the stat that follows), LISTING_PARALLEL at once.
+        Reused for `tag_reuse` seconds; a change through this mount drops it."""
+        if (recent := self._recent()) is not None:
+            return recent
+        tags = await self._names()
+        targets: dict[str, Digest] = {}
+        manifests = self.repo.manifests
+
+        async def resolve(tag: str) -> None:
+            validate_tag(tag)  # a name from the registry goes into a URL
+            targets[tag] = (await manifests.fetch(tag)).digest
+
+        await _in_parallel(tags[:TAGS_RESOLVED_MAX], resolve, f"{self.name}: tags")
+        snapshot = _TagSnapshot(tags, targets, time.monotonic())
+        if self.registry.tag_reuse > 0:
+            self.registry.tag_snapshots.put(self.name, snapshot)
+        return snapshot
+
+    def forget(self) -> None:
+        """The tags changed through this mount: the next listing asks the registry."""
+        self.registry.tag_snapshots.pop(self.name)
+
+    async def list(self) -> list[str]:
+        if self.registry.tag_reuse <= 0:  # nothing would keep what is fetched ahead
+            return await self._names()
+        return (await self.snapshot()).tags
+
     async def get(self, tag: str) -> Digest:
         validate_tag(tag)
+        if (recent := self._recent()) is not None and tag in recent.targets:
+            return recent.targets[tag]
         try:
             response = await self.client.request(
                 "HEAD", f"/v2/{self.name}/manifests/{tag}", headers={"Accept": ACCEPT}
@@ -261,6 +357,7 @@ class RemoteTags:
     async def put(self, tag: str, digest: Digest) -> None:
         validate_tag(tag)
         manifest = await self.repo.manifests.get(digest)
+        self.forget()
         await self.client.request(
             "PUT",
             f"/v2/{self.name}/manifests/{tag}",
@@ -271,6 +368,7 @@ class RemoteTags:
 
     async def delete(self, tag: str) -> None:
         validate_tag(tag)
+        self.forget()
         response = await self.client.request(
             "DELETE", f"/v2/{self.name}/manifests/{tag}", expect=(202, 400, 404, 405)
         )
@@ -323,12 +421,16 @@ class RemoteManifests:
         return True
 
     async def _targets(self) -> dict[str, Digest]:
-        """Every tag and the manifest it points at (one HEAD per tag)."""
-        targets = {}
-        for tag in await self.repo.tags.list():
+        """Every tag and the manifest it points at: the snapshot's, and a HEAD for each tag
+        it left unresolved (past TAGS_RESOLVED_MAX, or its fetch failed)."""
+        snapshot = await self.repo.tags.snapshot()
+        targets = dict(snapshot.targets)
+        for tag in snapshot.tags:
+            if tag in targets:
+                continue
             try:
                 targets[tag] = await self.repo.tags.get(tag)
-            except UnknownTag:  # untagged since the listing
+            except (UnknownTag, InvalidName):  # untagged since the listing; not a tag
                 continue
         return targets
 
@@ -355,6 +457,7 @@ class RemoteManifests:
     async def delete(self, digest: Digest) -> builtins.list[str]:
         """The registry untags the manifest's tags as it deletes it; which they were is
         asked first (the API answers nothing about them), for the mount to forget."""
+        self.repo.tags.forget()  # which tags point at it now, and after: the registry's word
         tags = sorted(tag for tag, target in (await self._targets()).items() if target == digest)
         response = await self.client.request(
             "DELETE", f"/v2/{self.name}/manifests/{digest}", expect=(202, 404, 405)
@@ -364,6 +467,7 @@ class RemoteManifests:
         if response.status_code == 405:
             raise PermissionError(f"{self.client.base_url} does not delete manifests")
         self.repo.registry.manifest_cache.pop((self.name, digest))
+        self.repo.tags.forget()
         return tags
 
 
@@ -405,28 +509,47 @@ class RemoteLayers:
 
     async def list(self) -> list[Digest]:
         """Config and layers of the tagged manifests (and of the manifests they index), and
-        the blobs finished through this mount."""
+        the blobs finished through this mount. Manifests not cached yet are fetched a level
+        at a time, and the blobs' HEADs (their sizes) beforehand, in parallel: readdirplus
+        stats every entry."""
         found: set[Digest] = set(self._finished())
-        pending = await self.repo.manifests.list()
+        manifests = self.repo.manifests
+        pending = await manifests.list()
         seen: set[Digest] = set()
         while pending:
-            digest = pending.pop()
-            if digest in seen:
-                continue
-            if len(seen) >= MANIFESTS_WALKED_MAX:
-                raise RemoteTooLarge(
-                    f"{self.name}: layers/ would walk over {MANIFESTS_WALKED_MAX} manifests "
-                    "(indexes of indexes); not walked further",
-                    status=200,
-                )
-            seen.add(digest)
-            try:
-                parsed = parse_manifest((await self.repo.manifests.get(digest)).data)
-            except (UnknownManifest, InvalidManifest, CorruptEntry):
-                continue
-            found.update(d.digest for d in parsed.blobs if not d.urls)
-            pending.extend(d.digest for d in parsed.children)
-        return sorted(found)
+            await _in_parallel(self._uncached(pending), manifests.get, f"{self.name}: manifests")
+            children: list[Digest] = []
+            for digest in pending:
+                if digest in seen:
+                    continue
+                if len(seen) >= MANIFESTS_WALKED_MAX:
+                    raise RemoteTooLarge(
+                        f"{self.name}: layers/ would walk over {MANIFESTS_WALKED_MAX} "
+                        "manifests (indexes of indexes); not walked further",
+                        status=200,
+                    )
+                seen.add(digest)
+                try:
+                    parsed = parse_manifest((await manifests.get(digest)).data)
+                except (UnknownManifest, InvalidManifest, CorruptEntry):
+                    continue
+                found.update(d.digest for d in parsed.blobs if not d.urls)
+                children.extend(d.digest for d in parsed.children)
+            pending = children
+        listed = sorted(found)
+        await _in_parallel(self._unstated(listed), self.stat, f"{self.name}: blobs")
+        return listed
+
+    def _uncached(self, digests: builtins.list[Digest]) -> builtins.list[Digest]:
+        cache = self.registry.manifest_cache
+        return [d for d in dict.fromkeys(digests) if cache.get((self.name, d)) is None]
+
+    def _unstated(self, digests: builtins.list[Digest]) -> builtins.list[Digest]:
+        """The blobs to HEAD ahead: those not in the cache, as many as it holds (the first,
+        in the order a listing shows them), so none pushes out another before it is used."""
+        cache = self.registry.blob_cache
+        room = cache.max_bytes // (len(self.name) + ENTRY_OVERHEAD)
+        return [d for d in digests[:room] if cache.get((self.name, d)) is None]
 
     async def fetch(self, digest: Digest) -> RemoteLayerReader:
         info = await self.stat(digest)
@@ -515,6 +638,11 @@ class RemoteRegistry:
         )
         self.blob_cache: ByteCache[tuple[str, Digest], BlobInfo] = ByteCache(
             BLOB_CACHE_BYTES, lambda key, _: len(key[0]) + ENTRY_OVERHEAD
+        )
+        # A repository's tags as its last listing found them, for `tag_reuse` seconds.
+        self.tag_reuse = min(listing_ttl, TAG_REUSE_MAX)
+        self.tag_snapshots: ByteCache[str, _TagSnapshot] = ByteCache(
+            TAG_SNAPSHOT_BYTES, lambda name, snapshot: len(name) + snapshot.size()
         )
         self.read_ahead = ReadAheadBudget()
         self.catalog = RemoteCatalog(client, self, listing_ttl)

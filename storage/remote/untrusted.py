@@ -29,6 +29,8 @@ MANIFESTS_WALKED_MAX = 10_000  # manifests read to list one repository's layers/
 RANGE_SKIP_MAX = 16 << 20  # bytes skipped of a blob whose registry ignores `Range`
 MANIFEST_CACHE_BYTES = 64 << 20
 BLOB_CACHE_BYTES = 32 << 20
+TAG_SNAPSHOT_BYTES = 32 << 20  # repositories' tags and targets, as their listings found them
+TAGS_RESOLVED_MAX = 100_000  # tags of one listing whose manifests are fetched ahead
 SHOWN_MAX = 200
 
 

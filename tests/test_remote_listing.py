@@ -1,0 +1,249 @@
+"""Listings of a remote source: what a walk asks the registry, and what stays true.
+
+A walk of a repository (tags/, manifests/, layers/, each entry stat'ed, as readdirplus does)
+asks one `tags/list`, one manifest GET per tag and one HEAD per blob, in parallel, and reuses
+the tags for `tag_reuse` seconds; a change through the source is seen at once, one behind it
+after the reuse. The registry is Debian's docker-registry, behind the fault-injecting proxy
+that records every request (tests/support/fault_server.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from support.fault_server import Fault, FaultServer
+from support.mounts import Mount
+from support.oci import image_manifest
+from support.registry import RegistryClient, RegistryServer
+from support.tools import sh
+
+import storage.remote.registry as remote_registry
+from storage.digests import Digest
+from storage.errors import RemoteUnavailable
+from storage.remote.client import RemoteClient
+from storage.remote.registry import RemoteRegistry
+
+pytestmark = [pytest.mark.registry, pytest.mark.remote]
+
+TAGS = ("a", "b", "c", "d")
+
+
+@pytest.fixture
+def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
+    with FaultServer(upstream=module_registry_server.url) as server:
+        yield server
+
+
+def push_repo(client: RegistryClient, name: str, tags: tuple[str, ...] = TAGS) -> set[str]:
+    """One image per tag (its own config, one layer shared by all): the blobs' digests."""
+    layer = b"a shared layer\n"
+    blobs = {client.push_blob(name, layer)}
+    for tag in tags:
+        config = json.dumps({"architecture": "amd64", "os": "linux", "tag": tag}).encode()
+        blobs.add(client.push_blob(name, config))
+        client.put_manifest(name, tag, image_manifest(config, [layer]))
+    return blobs
+
+
+def asked(proxy: FaultServer, name: str) -> Counter[str]:
+    """The requests for repository `name`, by kind: `GET tags/list`, `GET manifests/<tag>`,
+    `HEAD manifests`, `HEAD blobs`, ..."""
+    kinds: Counter[str] = Counter()
+    for seen in proxy.seen:
+        path = seen.path.split("?")[0]
+        if not path.startswith(f"/v2/{name}/"):
+            continue
+        what = path[len(f"/v2/{name}/") :]
+        if what.startswith("manifests/") and not what.startswith("manifests/sha256:"):
+            what = "manifests/<tag>"
+        kinds[f"{seen.method} {re.sub(r'sha256:[0-9a-f]{64}', '<digest>', what)}"] += 1
+    return kinds
+
+
+@pytest.fixture
+async def registry(proxy: FaultServer, tmp_path: Path) -> AsyncIterator[RemoteRegistry]:
+    source = RemoteRegistry(RemoteClient(proxy.url, timeout=5), tmp_path / "state", 30.0)
+    try:
+        yield source
+    finally:
+        await source.aclose()
+
+
+async def walk(source: RemoteRegistry, name: str) -> tuple[list[str], list[Digest]]:
+    """What listing tags/, manifests/ and layers/ with readdirplus asks of the source."""
+    repo = source.repository(name)
+    tags = await repo.tags.list()
+    for tag in tags:
+        await repo.manifests.stat(await repo.tags.get(tag))
+    for digest in await repo.manifests.list():
+        await repo.manifests.stat(digest)
+    layers = await repo.layers.list()
+    for digest in layers:
+        await repo.layers.stat(digest)
+    return tags, layers
+
+
+async def test_a_walk_asks_each_thing_once(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """Before: three `tags/list` and three HEADs per tag (one per section), a GET per
+    manifest and a HEAD per blob, one at a time."""
+    blobs = push_repo(module_registry_server.client(), "listing/once")
+    proxy.seen.clear()
+    tags, layers = await walk(registry, "listing/once")
+    assert tags == list(TAGS)
+    assert {str(d) for d in layers} == blobs
+    assert asked(proxy, "listing/once") == {
+        "GET tags/list": 1,
+        "GET manifests/<tag>": len(TAGS),
+        "HEAD blobs/<digest>": len(blobs),
+    }
+    proxy.seen.clear()  # within the reuse, and the blobs' sizes are kept: nothing asked
+    assert await walk(registry, "listing/once") == (tags, layers)
+    assert asked(proxy, "listing/once") == {}
+
+
+async def test_a_change_through_the_source_is_seen_at_once(
+    registry: RemoteRegistry, module_registry_server: RegistryServer
+) -> None:
+    push_repo(module_registry_server.client(), "listing/through")
+    repo = registry.repository("listing/through")
+    await walk(registry, "listing/through")
+    b = await repo.tags.get("b")
+    await repo.tags.put("a", b)
+    assert await repo.tags.get("a") == b
+    await repo.tags.put("new", b)
+    assert await repo.tags.list() == [*TAGS, "new"]
+    assert sorted(await repo.manifests.delete(b)) == ["a", "b", "new"]
+    assert await repo.tags.list() == ["c", "d"]
+    assert b not in await repo.manifests.list()
+
+
+async def test_a_change_behind_the_source_is_seen_after_the_reuse(
+    registry: RemoteRegistry, module_registry_server: RegistryServer
+) -> None:
+    client = module_registry_server.client()
+    push_repo(client, "listing/behind")
+    repo = registry.repository("listing/behind")
+    await walk(registry, "listing/behind")
+    before = await repo.tags.get("a")
+    client.put_manifest("listing/behind", "a", client.get_manifest("listing/behind", "b").body)
+    assert await repo.tags.get("a") == before  # the listing's, for up to tag_reuse
+    assert registry.tag_reuse == remote_registry.TAG_REUSE_MAX
+    deadline = time.monotonic() + registry.tag_reuse + 5
+    while await repo.tags.get("a") == before:
+        assert time.monotonic() < deadline, "the retag behind the source was never seen"
+        await trio.sleep(0.05)
+    assert "c" in await repo.tags.list()
+
+
+async def test_no_reuse_without_a_listing_ttl(
+    proxy: FaultServer, module_registry_server: RegistryServer, tmp_path: Path
+) -> None:
+    """--tag-ttl 0: every listing and lookup asks the registry, and tags/ fetches nothing
+    ahead that nothing would keep."""
+    push_repo(module_registry_server.client(), "listing/ttl0")
+    source = RemoteRegistry(RemoteClient(proxy.url, timeout=5), tmp_path / "state", 0)
+    try:
+        assert source.tag_reuse == 0
+        proxy.seen.clear()
+        repo = source.repository("listing/ttl0")
+        assert await repo.tags.list() == list(TAGS)
+        assert asked(proxy, "listing/ttl0") == {"GET tags/list": 1}
+        await repo.manifests.list()
+        await repo.manifests.list()
+        assert asked(proxy, "listing/ttl0")["GET tags/list"] == 3
+    finally:
+        await source.aclose()
+
+
+async def test_tags_past_the_cap_are_asked_one_by_one(
+    registry: RemoteRegistry,
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory stays bounded: a listing resolves at most TAGS_RESOLVED_MAX tags ahead; the
+    others are still listed, and resolved when asked."""
+    monkeypatch.setattr(remote_registry, "TAGS_RESOLVED_MAX", 2)
+    push_repo(module_registry_server.client(), "listing/cap")
+    proxy.seen.clear()
+    repo = registry.repository("listing/cap")
+    assert await repo.tags.list() == list(TAGS)
+    assert asked(proxy, "listing/cap") == {"GET tags/list": 1, "GET manifests/<tag>": 2}
+    assert len(await repo.manifests.list()) == len(TAGS)
+    assert asked(proxy, "listing/cap")["HEAD manifests/<tag>"] == 2
+
+
+async def test_a_failing_registry_stops_the_fetching_ahead(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """503s past the retries: the listing still lists, the rest is not asked for ahead (a
+    registry that is down is not hammered), and a lookup reports the error itself."""
+    many = tuple(f"t{i:02d}" for i in range(30))
+    push_repo(module_registry_server.client(), "listing/down", many)
+    proxy.seen.clear()
+    proxy.inject(Fault(503, method="GET", path=r"/manifests/t\d\d$"), times=100)
+    repo = registry.repository("listing/down")
+    assert await repo.tags.list() == list(many)
+    fetched = {s.path for s in proxy.seen if s.method == "GET" and "/manifests/t" in s.path}
+    assert len(fetched) <= remote_registry.LISTING_PARALLEL < len(many)
+    proxy.inject(Fault(503, method="HEAD", path=r"/manifests/t\d\d$"), times=100)
+    with pytest.raises(RemoteUnavailable):
+        await repo.tags.get("t29")
+    proxy.clear()
+    assert await repo.tags.get("t29") == Digest.parse(
+        module_registry_server.client().get_manifest("listing/down", "t29").digest
+    )
+
+
+async def test_tag_names_from_the_registry_are_checked_before_use(tmp_path: Path) -> None:
+    """A hostile `tags/list` (a path, a query): those names are never put in a URL."""
+    hostile = ["../../../v2/_catalog", "ok?n=1", "a/b", "good"]
+    with FaultServer() as stub:
+        body = json.dumps({"name": "evil/repo", "tags": hostile}).encode()
+        stub.inject(Fault(200, body=body, method="GET", path=r"/tags/list$"))
+        source = RemoteRegistry(RemoteClient(stub.url, timeout=5), tmp_path / "state", 30.0)
+        try:
+            assert await source.repository("evil/repo").tags.list() == sorted(hostile)
+        finally:
+            await source.aclose()
+        fetched = [s.path for s in stub.seen if "/manifests/" in s.path]
+        assert fetched == ["/v2/evil/repo/manifests/good"]
+
+
+def test_find_and_ls_of_a_remote_mount(
+    mount: Callable[..., Mount],
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`find` and `ls -l` of a remote mount: every file found, with its size, for one
+    `tags/list`, one GET per tag and one HEAD per blob."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    client = module_registry_server.client()
+    blobs = push_repo(client, "listing/mounted")
+    m = mount(proxy.url)
+    proxy.seen.clear()
+    where = m.path("listing", "mounted")
+    found = sh("find", where, "-type", "f", "-printf", "%P %s\\n").stdout.splitlines()
+    sizes = dict(line.rsplit(" ", 1) for line in found)
+    assert sorted(k for k in sizes if k.startswith("tags/")) == [f"tags/{t}" for t in TAGS]
+    assert {k.split("/")[1] for k in sizes if k.startswith("layers/")} == blobs
+    for tag in TAGS:
+        assert int(sizes[f"tags/{tag}"]) == len(client.get_manifest("listing/mounted", tag).body)
+    assert asked(proxy, "listing/mounted") == {
+        "GET tags/list": 1,
+        "GET manifests/<tag>": len(TAGS),
+        "HEAD blobs/<digest>": len(blobs),
+    }
+    listed = sh("ls", "-l", where / "layers").stdout.splitlines()
+    assert len([line for line in listed if line.startswith("-")]) == len(blobs)
