@@ -29,6 +29,10 @@ from storage.registry import Registry
 pytestmark = pytest.mark.storage
 
 UPLOAD = "/docker/registry/v2/repositories/org/app/_uploads/0f1e2d3c-aaaa-bbbb-cccc-123456789abc"
+NO_SUCH_UPLOAD = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchUpload</Code>'
+    b"<Message>The specified upload does not exist.</Message></Error>"
+)
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
@@ -180,6 +184,58 @@ def few_retries(monkeypatch):
     monkeypatch.setattr("storage.drivers.s3.RETRIES", 3)
 
 
+async def test_a_complete_whose_answer_was_lost_is_done(moto_server, s3, s3_bucket, few_retries):
+    """CompleteMultipartUpload reaches S3 but its answer is lost, and the retry is answered
+    NoSuchUpload (moto answers a retry 200, as AWS does for a while; other servers and AWS
+    later do not: the proxy answers for them): the object the first try made is found (its
+    size, its multipart ETag), so the move of the upload's data goes on. A retry answered
+    NoSuchUpload where no try completed it (no object at the key, or another one of the
+    same size: a PUT of the same bytes, a multipart upload of other bytes) is still an
+    error."""
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        data = os.urandom(MIN_PART + 1000)
+        writer = await drv.writer(f"{UPLOAD}/data")
+        await writer.write_at(0, data)
+        await writer.aclose()
+        proxy.inject(
+            Fault(lose_answer=True, method="POST", path=r"/data$"),
+            Fault(404, body=NO_SUCH_UPLOAD, method="POST", path=r"/data$"),
+        )
+        await drv.move(f"{UPLOAD}/data", "/blobs/x/data")
+        completes = [s.status for s in proxy.seen if s.method == "POST" and "uploadId" in s.path]
+        assert completes == [None, 404]
+        assert await whole(drv, "/blobs/x/data") == data
+        assert uploads(s3, s3_bucket) == []
+
+        key = f"regroot{UPLOAD}/data"
+        for there in (None, data, os.urandom(len(data))):  # none, a PUT, other parts
+            if there is data:
+                s3.put_object(Bucket=s3_bucket, Key=key, Body=data)
+            elif there is not None:
+                other = s3.create_multipart_upload(Bucket=s3_bucket, Key=key)["UploadId"]
+                etag = s3.upload_part(
+                    Bucket=s3_bucket, Key=key, UploadId=other, PartNumber=1, Body=there
+                )["ETag"]
+                s3.complete_multipart_upload(
+                    Bucket=s3_bucket,
+                    Key=key,
+                    UploadId=other,
+                    MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]},
+                )
+            upload_id = drv._create(key)
+            part = drv.upload_part(key, upload_id, 1, data)
+            proxy.inject(  # the first try never reaches moto; the retry is refused
+                Fault(close=True, method="POST", path=r"/data$"),
+                Fault(404, body=NO_SUCH_UPLOAD, method="POST", path=r"/data$"),
+            )
+            with pytest.raises(RemoteUnavailable, match="NoSuchUpload"):
+                await trio.to_thread.run_sync(drv._complete, key, upload_id, [part])
+            drv.abort(key, upload_id)
+        await drv.delete("/blobs")
+        await drv.delete(UPLOAD)
+
+
 async def test_throttling_is_retried(moto_server, s3_bucket, few_retries):
     """503 SlowDown and a dropped connection are retried with backoff; a server that keeps
     refusing is RemoteUnavailable (EIO), never PathNotFound (ENOENT)."""
@@ -222,6 +278,38 @@ async def test_a_stopped_server_is_eio_not_enoent(few_retries):
                 await call("/blob")
     finally:
         server.stop()
+
+
+async def test_a_stat_is_one_request(moto_server, s3_bucket):
+    """A stat is one request: a HEAD for the registry's file names (data, link), a one-key
+    listing for the rest (a repository, a tag, a missing path), which tells a file, a
+    directory and nothing apart. A sibling that sorts first (`app-x` before `app/`) costs
+    a second listing, and answers right."""
+    repos = "/docker/registry/v2/repositories"
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        for path in (f"{repos}/app/_layers/link", f"{repos}/app-x/_layers/link", "/blob"):
+            await drv.put_content(path, b"12345")
+        for path, is_dir, requests in (
+            (f"{repos}/app/_layers/link", False, ["HEAD"]),
+            ("/blob", False, ["GET"]),
+            (f"{repos}/app/_layers", True, ["GET"]),
+            (repos, True, ["GET"]),
+            (f"{repos}/app", True, ["GET", "GET"]),
+            (f"{repos}/ap", None, ["GET", "GET"]),
+            (f"{repos}/nothing", None, ["GET"]),
+            (f"{repos}/app/_layers/nothing/link", None, ["HEAD", "GET"]),
+        ):
+            proxy.seen.clear()
+            if is_dir is None:
+                with pytest.raises(PathNotFound):
+                    await drv.stat(path)
+            else:
+                info = await drv.stat(path)
+                assert (info.is_dir, info.size) == (is_dir, 0 if is_dir else 5), path
+            assert [s.method for s in proxy.seen] == requests, path
+        await drv.delete("/docker")
+        await drv.delete("/blob")
 
 
 async def test_reads_in_order_out_of_order_and_at_once(drv):

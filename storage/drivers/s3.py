@@ -32,9 +32,11 @@ import builtins
 import contextlib
 import email.utils
 import functools
+import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -67,7 +69,11 @@ from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, ObjectIdentifierTypeDef
+    from mypy_boto3_s3.type_defs import (
+        CompletedPartTypeDef,
+        ObjectIdentifierTypeDef,
+        ObjectTypeDef,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,10 @@ CHUNKSIZE = 16 * MIB  # a part; 64 MiB checkpoints (storage/uploads.py) end on p
 COPY_THRESHOLD = 1 << 30
 COPY_CHUNK = 256 * MIB
 COPY_CONCURRENCY = 8
+# The names of the registry's files: a stat of one starts with a HEAD (one request). Any
+# other path (a repository, a tag, a digest's directory) starts with a one-key listing, which
+# answers for a file, a directory and nothing alike: one request, where HEAD + LIST were two.
+FILE_NAMES = frozenset({"data", "link", "startedat"})
 SKIP_LIMIT = 4 * MIB  # a reader reads over a gap this small rather than opening a new GET
 READ_CHUNK = 4 * MIB  # what a reader's stream reads at a time
 AHEAD = 8 * MIB  # how far a reader's stream reads ahead of the reads
@@ -307,6 +317,16 @@ class S3Driver(StorageDriver):
             return None
         return head["ContentLength"], _mtime_ns(head["LastModified"]), head["ETag"]
 
+    def _first(self, prefix: str) -> ObjectTypeDef | None:
+        """The first object whose key starts with prefix (a ListObjectsV2 of one key): the
+        object at prefix itself if there is one (it sorts first), else one below `prefix/`,
+        or a sibling whose name merely starts with the same letters (`app-x` for `app`)."""
+        page = self.call(
+            f"LIST {prefix}",
+            lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
+        )
+        return next(iter(page.get("Contents", [])), None)
+
     def _objects(self, prefix: str, delimiter: str = "") -> Iterator[dict[str, str]]:
         """ListObjectsV2 pages as {"key": …} (objects) and {"prefix": …} (common prefixes)."""
         token: str | None = None
@@ -395,17 +415,47 @@ class S3Driver(StorageDriver):
         return _Part(number, etag, len(data))
 
     def _complete(self, key: str, upload_id: str, parts: list[_Part]) -> None:
+        """CompleteMultipartUpload. A retry that finds the upload gone (NoSuchUpload) after
+        a try whose answer was lost checks whether that try completed it: the object at key
+        with the parts' size (and their multipart ETag, where S3's form of it shows) is
+        success, not an error."""
+        ordered = sorted(parts, key=lambda p: p.number)
         done: list[CompletedPartTypeDef] = [
-            {"PartNumber": p.number, "ETag": p.etag} for p in sorted(parts, key=lambda p: p.number)
+            {"PartNumber": p.number, "ETag": p.etag} for p in ordered
         ]
-        self.call(
-            f"COMPLETE {key}",
-            lambda: self.client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": done},
-            ),
+        tries = 0
+
+        def complete() -> None:
+            nonlocal tries
+            tries += 1
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": done},
+                )
+            except ClientError as exc:
+                if tries == 1 or _code(exc) != "NoSuchUpload" or not self._completed(key, ordered):
+                    raise
+                log.info("COMPLETE %s: the lost answer's try had completed it", key)
+
+        self.call(f"COMPLETE {key}", complete)
+
+    def _completed(self, key: str, parts: list[_Part]) -> bool:
+        """Whether the object at key is what completing parts made."""
+        head = self._head(key)
+        if head is None or head[0] != sum(p.size for p in parts):
+            return False
+        # S3's ETag of a multipart object: MD5 of the parts' MD5s, then -<number of parts>.
+        etag, md5s = head[2].strip('"'), [p.etag.strip('"') for p in parts]
+        digest, _, count = etag.partition("-")
+        if count != str(len(parts)):
+            return False  # one PUT made it (no -N), or other parts did
+        if not all(re.fullmatch(r"[0-9a-f]{32}", md5) for md5 in (digest, *md5s)):
+            return True  # ETags that are no MD5s (SSE-KMS, other servers): size and count
+        return (
+            digest == hashlib.md5(bytes.fromhex("".join(md5s)), usedforsecurity=False).hexdigest()
         )
 
     def abort(self, key: str, upload_id: str) -> None:
@@ -566,17 +616,17 @@ class S3Driver(StorageDriver):
                 pending = self._pending(key)
                 if pending is not None:
                     return FileInfo(path, pending.size, pending.mtime_ns, False)
-            head = self._head(key)
-            if head is not None:
-                return FileInfo(path, head[0], head[1], False)
-            page = self.call(
-                f"LIST {key}/",
-                lambda: self.client.list_objects_v2(
-                    Bucket=self.bucket, Prefix=key + "/", MaxKeys=1
-                ),
-            )
-            if page.get("Contents"):
-                return FileInfo(path, 0, _mtime_ns(page["Contents"][0]["LastModified"]), True)
+            if path.rpartition("/")[2] in FILE_NAMES:
+                head = self._head(key)
+                if head is not None:
+                    return FileInfo(path, head[0], head[1], False)
+            found = self._first(key)
+            if found is not None and found["Key"] == key:
+                return FileInfo(path, found["Size"], _mtime_ns(found["LastModified"]), False)
+            if found is not None and not found["Key"].startswith(key + "/"):
+                found = self._first(key + "/")  # a sibling sorted first
+            if found is not None:
+                return FileInfo(path, 0, _mtime_ns(found["LastModified"]), True)
             if self._multipart.below(path) and next(self._uploads(key + "/"), None):
                 return FileInfo(path, 0, time.time_ns(), True)
             raise PathNotFound(path)
