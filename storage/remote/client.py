@@ -353,6 +353,35 @@ class RemoteClient:
             limit=limit,
         )
 
+    async def small(
+        self, method: str, url: str, *, headers: dict[str, str] | None = None, limit: int = BODY_MAX
+    ) -> httpx.Response:
+        """`request` for a GET or HEAD of a listing (a manifest, a blob's size), which a
+        walk sends by the thousand: on a worker thread with http.client when the answer is
+        a plain 200, at a fifth of httpx's CPU per request (storage/remote/ranges.py);
+        anything else is asked again through `request`, which owns statuses and errors."""
+        target = self._resolve(url)
+        authorization = None
+        if self._auth.scheme is not None:
+            authorization = (await self._auth.authorization(method, target))[2]
+        with trio.move_on_after(self.deadline):
+            answer = await trio.to_thread.run_sync(
+                self._ranges.small,
+                method,
+                str(target),
+                headers or {},
+                authorization,
+                limit,
+                limiter=self._range_threads,
+                abandon_on_cancel=True,
+            )
+            if answer is not None:
+                request = httpx.Request(method, target)
+                return httpx.Response(
+                    answer.status, headers=answer.headers, content=answer.body, request=request
+                )
+        return await self.request(method, url, headers=headers, limit=limit)
+
     @asynccontextmanager
     async def stream(
         self,

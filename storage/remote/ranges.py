@@ -39,6 +39,15 @@ def _bare(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A small answer read whole on a worker thread."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
 @dataclass
 class RangeFetcher:
     """Kept-alive connections per origin, each used by one thread at a time.
@@ -79,14 +88,68 @@ class RangeFetcher:
         _, conn, resp = answer
         return OpenBody(conn, resp, start, end)
 
+    def small(
+        self, method: str, url: str, headers: dict[str, str], authorization: str | None, limit: int
+    ) -> Answer | None:
+        """A GET or HEAD (a manifest, a blob's HEAD) answered 200 with at most `limit` bytes,
+        or None: then ask through RemoteClient, which owns every other status and the
+        errors. Blocking: call it on a worker thread."""
+        answer = self._follow(
+            method, url, {**headers, "User-Agent": self.user_agent}, authorization
+        )
+        if answer is None:
+            return None
+        where, conn, resp = answer
+        length = resp.getheader("Content-Length")
+        try:
+            too_long = method != "HEAD" and length is not None and int(length) > limit
+            if resp.status != 200 or too_long:
+                raise ValueError(f"{resp.status}, Content-Length {length!r}")
+            body = resp.read(limit + 1)  # nothing for a HEAD
+            if len(body) > limit:
+                raise ValueError(f"a body over {limit} bytes")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            log.debug("%s %s: %s; asking again through the client", method, _bare(url), exc)
+            conn.close()
+            return None
+        self._release(where, conn, resp)
+        return Answer(resp.status, resp.getheaders(), body)
+
     def _send(
         self, url: str, start: int, end: int, authorization: str | None, open_ended: bool = False
     ) -> tuple[Origin, http.client.HTTPConnection, http.client.HTTPResponse] | None:
         """A 206 for bytes [start, end) whose body is still to be read, following redirects;
         None for anything else."""
-        first = origin_of(url)
         wanted = f"bytes={start}-" if open_ended else f"bytes={start}-{end - 1}"
         headers = {"Range": wanted, "User-Agent": self.user_agent}
+        answer = self._follow("GET", url, headers, authorization)
+        if answer is None:
+            return None
+        where, conn, resp = answer
+        length = resp.getheader("Content-Length")
+        try:
+            if resp.status == 206 and length is not None and int(length) == end - start:
+                return where, conn, resp
+        except ValueError:
+            pass
+        log.debug(
+            "range GET %s: %d, Content-Length %r for %d bytes; asking again through the client",
+            _bare(url),
+            resp.status,
+            length,
+            end - start,
+        )
+        conn.close()
+        return None
+
+    def _follow(
+        self, method: str, url: str, headers: dict[str, str], authorization: str | None
+    ) -> tuple[Origin, http.client.HTTPConnection, http.client.HTTPResponse] | None:
+        """The first answer that is not a redirect, its body still to be read; redirects
+        are followed without the Authorization (it goes to the registry's origin only), and
+        never from https to plain http. None when the exchange failed."""
+        first = origin_of(url)
+        headers = dict(headers)
         for _ in range(MAX_REDIRECTS + 1):
             where = origin_of(url)
             if authorization is not None and where == first:
@@ -97,35 +160,24 @@ class RangeFetcher:
             parts = urlsplit(url)
             path = parts.path + (f"?{parts.query}" if parts.query else "")
             try:
-                conn.request("GET", path, headers=headers)
+                conn.request(method, path, headers=headers)
                 resp = conn.getresponse()
-                if resp.status in REDIRECTS and resp.getheader("Location"):
-                    following = urljoin(url, resp.getheader("Location", ""))
-                    if urlsplit(following).scheme != "https" and where[0] == "https":
-                        # The client refuses it too, with the error a user sees.
-                        log.debug("range GET %s: redirect to plain http refused", _bare(url))
-                        conn.close()
-                        return None
-                    resp.read(64 << 10)
-                    self._release(where, conn, resp)
-                    url = following
-                    continue
-                length = resp.getheader("Content-Length")
-                if resp.status == 206 and length is not None and int(length) == end - start:
+                if resp.status not in REDIRECTS or not resp.getheader("Location"):
                     return where, conn, resp
-                log.debug(
-                    "range GET %s: %d, Content-Length %r for %d bytes; asking again through "
-                    "the client",
-                    _bare(url),
-                    resp.status,
-                    length,
-                    end - start,
-                )
+                following = urljoin(url, resp.getheader("Location", ""))
+                if urlsplit(following).scheme != "https" and where[0] == "https":
+                    # The client refuses it too, with the error a user sees.
+                    log.debug("%s %s: redirect to plain http refused", method, _bare(url))
+                    conn.close()
+                    return None
+                resp.read(64 << 10)
+                self._release(where, conn, resp)
+                url = following
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                log.debug("range GET %s: %r; asking again through the client", _bare(url), exc)
-            conn.close()
-            return None
-        log.debug("range GET %s: more than %d redirects", _bare(url), MAX_REDIRECTS)
+                log.debug("%s %s: %r; asking again through the client", method, _bare(url), exc)
+                conn.close()
+                return None
+        log.debug("%s %s: more than %d redirects", method, _bare(url), MAX_REDIRECTS)
         return None
 
     def close(self) -> None:

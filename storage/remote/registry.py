@@ -388,7 +388,7 @@ class RemoteManifests:
 
     async def fetch(self, reference: str) -> Manifest:
         try:
-            response = await self.client.request(
+            response = await self.client.small(
                 "GET",
                 f"/v2/{self.name}/manifests/{reference}",
                 headers={"Accept": ACCEPT},
@@ -486,7 +486,7 @@ class RemoteLayers:
         if cached is not None:
             return cached
         try:
-            response = await self.client.request("HEAD", self._url(digest))
+            response = await self.client.small("HEAD", self._url(digest))
         except RemoteNotFound:
             raise UnknownLayer(f"blob unknown to {self.name}: {digest}") from None
         length = response.headers.get("Content-Length", "0")
