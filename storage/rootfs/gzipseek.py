@@ -22,6 +22,7 @@ holds none.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import zlib
@@ -35,6 +36,7 @@ from ..digests import Digest
 from .blobfile import BlobFile
 from .errors import CorruptLayer
 
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
 MAGIC = b"\x1f\x8b"
 SPACING = 1 << 20  # uncompressed bytes between seek points: ~0.3 MB of blob per random read
 WINDOW = 32 << 10
@@ -60,6 +62,15 @@ def _open(blob: BlobFile, readbuf: int, buffer: int) -> Any:
         readbuf_size=readbuf,
         buffer_size=buffer,
     )
+
+
+def trim() -> None:
+    """Give the memory freed by `GzipReader.release` back to the system (glibc's
+    `malloc_trim`): the windows are 32 KiB blocks spread over the heap among longer-lived
+    objects, which a `free` alone leaves resident (measured: no RSS returned with 10 layers
+    released; with one big layer the heap's top shrank)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _failure(blob: BlobFile, layer: Digest, exc: Exception) -> BaseException:

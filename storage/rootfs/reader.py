@@ -31,7 +31,7 @@ from .blobfile import BlobFile
 from .cache import IndexCache
 from .errors import CorruptLayer
 from .estargz import Chunk, chunk_bytes
-from .gzipseek import GzipReader
+from .gzipseek import GzipReader, trim
 from .index import Format, LayerIndex, LayerRef
 from .members import Kind, Member
 from .zstdframes import Frame, decompress, frames_at
@@ -177,10 +177,14 @@ class LayerFiles:
             while held := [o for o in self._open.values() if o.gzip is not None and o.gzip.held]:
                 wake = min(o.used for o in held) + self.idle
                 await trio.sleep(max(wake - trio.current_time(), min(self.idle, 1.0)))
+                released = False
                 for o in held:
                     idle = o.used + self.idle <= trio.current_time()
                     if idle and o.gzip is not None and not o.lock.locked():
                         o.gzip.release()
+                        released = True
+                if released:
+                    await trio.to_thread.run_sync(trim)
         self._releasing = None
 
     async def _zstd(self, opened: _Open, layer: LayerRef, start: int, size: int) -> bytes:
