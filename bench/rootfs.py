@@ -69,6 +69,7 @@ CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 TAG = "latest"
 SMALL_FILE = 100_000  # the "100 KB file" of issue 16
 CAT_MS, CAT_BYTES, WALK_RATIO, RSS_MB = 20.0, MB, 2.0, 400.0  # the issue's targets
+STEPS = ("first_cat", "profile", "kept_index_cat", "walk", "rss")  # the measures, in order
 TOOLS = ("cat", "tar", "gzip", "find", "ls", "umoci", "docker-registry", "fusermount3")
 
 
@@ -309,6 +310,13 @@ def _sent(layer: Digest) -> re.Pattern[str]:
     return re.compile(rf'"GET /v2/\S+/blobs/{layer} HTTP/[\d.]+" \d{{3}} (\d+)')
 
 
+def cpu_seconds(pid: int) -> float:
+    """The daemon's user + system CPU time so far (/proc/<pid>/stat): on a shared machine
+    steadier than the wall time a walk takes, which waits for every round trip."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rchar(pid: int) -> int:
     """Bytes the process has read through read(2)/pread(2) so far: blob reads, the index
     file, and FUSE request headers (a few dozen bytes each)."""
@@ -546,24 +554,30 @@ def kept_index(b: Bench, image: Image) -> None:
 
 
 def walks(b: Bench, image: Image) -> None:
-    """Measure 3: find | wc -l and ls -lR, cold and warm, regfs vs the unpacked tree."""
+    """Measure 3: find | wc -l and ls -lR, cold and warm, regfs vs the unpacked tree; and
+    the daemon's CPU time for each regfs walk."""
     commands = {"find | wc -l": ["find"], "ls -lR": ["ls", "-lR"]}
     for label, command in commands.items():
         times: dict[str, list[float]] = {"cold": [], "warm": [], "peer cold": [], "peer warm": []}
+        cpu: dict[str, list[float]] = {"cold": [], "warm": []}
         counts: set[int] = set()
         for rep in range(b.scale.reps):
             for side in sides(rep):
                 with contextlib.ExitStack() as stack:
+                    pid = 0  # the daemon's, on the regfs side
                     if side == "regfs":
                         m = stack.enter_context(b.mount(image.root))
-                        where, key = image.in_mount(m.mountpoint), ""
+                        where, key, pid = image.in_mount(m.mountpoint), "", m.pid
                     else:
                         where, key = image.unpacked, "peer "
                     cold()
                     for state in ("cold", "warm"):
+                        used = cpu_seconds(pid) if pid else 0.0
                         t, out = timed_output([*command, where])
                         times[key + state].append(t * 1000)
                         counts.add(len(out.splitlines()))
+                        if pid:
+                            cpu[state].append((cpu_seconds(pid) - used) * 1000)
         if label.startswith("find") and len(counts) != 1:
             raise BenchError(f"find counted {sorted(counts)} entries: the trees differ")
         for state in ("cold", "warm"):
@@ -579,7 +593,8 @@ def walks(b: Bench, image: Image) -> None:
                     theirs / mine,
                     f"≤ {WALK_RATIO:g}x",
                     mine <= WALK_RATIO * theirs,
-                    {"regfs": times[state], "peer": times["peer " + state]},
+                    {"regfs": times[state], "peer": times["peer " + state], "cpu": cpu[state]},
+                    f"daemon CPU {median(cpu[state]):.0f} ms (median)",
                 )
             )
 
@@ -648,6 +663,14 @@ def rss(b: Bench, image: Image) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def index_once(b: Bench, image: Image) -> None:
+    """What measure 1 leaves when it does not run (--only): the image's index in a fresh
+    cache, kept (`b.kept`) for the measures that follow."""
+    b.kept = b.fresh_index_cache()
+    with b.mount(image.root) as m:
+        os.listdir(image.in_mount(m.mountpoint))
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -662,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--big-size", type=parse_size, help="RSS image's tar (1G)")
     parser.add_argument("--reps", type=int, help="fresh mounts per measure (3)")
     parser.add_argument("--reads", type=int, help="~100 KB files read per mount (40)")
+    parser.add_argument(
+        "--only", action="append", choices=STEPS, help="run this measure only (repeatable)"
+    )
     parser.add_argument("--images", type=Path, default=IMAGES, help="where built images stay")
     parser.add_argument("--dir", type=Path, help="where the work directory goes ($TMPDIR)")
     parser.add_argument("--json", type=Path, help="write the JSON here (bench/results/…)")
@@ -693,8 +719,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             scale.members,
             scale.reads,
         )
-        big_image = build_image(
-            args.images / f"big-{scale.big_bytes}", "bench/big", scale.big_bytes, 10**6, 1
+        only = args.only or STEPS
+        big_image = (
+            build_image(
+                args.images / f"big-{scale.big_bytes}", "bench/big", scale.big_bytes, 10**6, 1
+            )
+            if "rss" in only
+            else None
         )
         with workspace(args.dir or Path(tempfile.gettempdir())) as work:
             b = Bench(work, scale)
@@ -703,8 +734,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("profile", lambda: profile_load(b, walk_image)),
                 ("kept_index_cat", lambda: kept_index(b, walk_image)),
                 ("walk", lambda: walks(b, walk_image)),
-                ("rss", lambda: rss(b, big_image)),
             ]
+            if big_image is not None:
+                steps.append(("rss", lambda: rss(b, big_image)))
+            steps = [(name, step) for name, step in steps if name in only]
+            if steps[0][0] != "first_cat":  # the others want an index kept
+                index_once(b, walk_image)
             for index, (name, step) in enumerate(steps, 1):
                 say(f"[{index}/{len(steps)}] {name} …")
                 begun = time.monotonic()

@@ -118,3 +118,11 @@ def test_quick_rootfs_bench_reports_every_measure(tmp_path):
     kept = sorted(p.name for p in images.iterdir())
     assert [name.split("-")[0] for name in kept] == ["big", "usr"], kept
     assert (images / kept[1] / "bundle" / "rootfs" / "usr").is_dir()
+    assert all(len(rows[m]["samples"]["cpu"]) == 1 for m in walked)  # the daemon's CPU
+    # One measure alone, on the kept images: its index is made first, as measure 1 would.
+    result = run_bench(*args, "--only", "walk", module="bench.rootfs")
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    document = json.loads(out.read_text())
+    assert document["errors"] == {} and document["daemon_tracebacks"] == []
+    assert {row["measure"] for row in document["rows"]} == {"walk"}
+    assert_cleaned_up(work)
