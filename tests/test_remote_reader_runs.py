@@ -31,7 +31,7 @@ from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
 from storage.remote.client import RemoteClient
-from storage.remote.reader import WIDEN_MAX, ReadAheadBudget, RemoteLayerReader
+from storage.remote.reader import WIDEN_MAX, InOrderDigest, ReadAheadBudget, RemoteLayerReader
 
 pytestmark = [pytest.mark.remote, pytest.mark.registry]
 
@@ -164,3 +164,15 @@ def test_a_small_file_of_a_remote_gzip_layer_costs_about_one_get(served, tmp_pat
             sent = served.sent()[before:]
     assert len(sent) <= 2 * len(names), sent
     assert sum(sent) / len(names) <= MIB, sent
+
+
+def test_a_window_far_ahead_ends_the_in_order_check_at_once():
+    """The digest check of a blob read in order parks windows that land ahead of the bytes
+    hashed so far; one more than AHEAD_MAX ahead (a random reader: rootfs/ files) gives the
+    check up at once instead of holding windows up to the bound."""
+    near = InOrderDigest(64 << 20)
+    assert near.claim(MIB, b"x" * 10) == ([], False)
+    assert not near.done and near._ahead_size == 10  # parked: the gap may yet be filled
+    far = InOrderDigest(64 << 20)
+    assert far.claim(InOrderDigest.AHEAD_MAX + 1, b"x" * 10) == ([], False)
+    assert far.done and not far._ahead
