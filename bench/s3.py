@@ -3,6 +3,10 @@ same run: docker-registry 2.8 (s3 driver) and boto3's own streamed GET, on moto 
 mode (../shared/S3.md). Prints MB/s, ratios, the daemon's peak RSS, and how many S3
 requests each side sent for the same work (moto's request recorder), for docs/scale-out.md.
 
+`--before DIR` also mounts with the `storage/` and `regfs/` of DIR (an earlier tree:
+`git archive REV storage regfs | tar -x -C DIR`), interleaved with the current one, so that
+a change is measured before and after in one run, on one load.
+
 moto reads a whole object for every ranged GET and UploadPartCopy range, and runs on the
 same two cores as everything else: its figures bound both sides alike, not S3's.
 """
@@ -175,8 +179,23 @@ class Setup:
     def source(self) -> str:
         return f"s3://{self.bucket}{ROOTDIRECTORY}"
 
-    def mount(self) -> Mount:
-        return Mount(self.source, self.work / "mnt", self.work / "logs")
+    @contextlib.contextmanager
+    def mount(self, code: Path | None = None) -> Iterator[Mount]:
+        """A fresh mount of the bucket; with code, its daemon runs code's storage/ and
+        regfs/ (PYTHONPATH, which `python -P` still reads) instead of this tree's."""
+        saved = os.environ.get("PYTHONPATH")
+        if code is not None:
+            os.environ["PYTHONPATH"] = str(code)
+        try:
+            mount = Mount(self.source, self.work / "mnt", self.work / "logs").start()
+        finally:
+            os.environ.pop("PYTHONPATH", None)
+            if saved is not None:
+                os.environ["PYTHONPATH"] = saved
+        try:
+            yield mount
+        finally:
+            mount.stop()
 
 
 @contextlib.contextmanager
@@ -229,9 +248,9 @@ def registry_put(env: Setup, blob: Path, digest: str) -> float:
         return time.monotonic() - start
 
 
-def mount_push(env: Setup, blob: Path, digest: str) -> float:
+def mount_push(env: Setup, blob: Path, digest: str, code: Path | None) -> float:
     """Seconds of `cp` to uploads/ and `mv` to layers/ through a fresh mount."""
-    with env.mount() as m:
+    with env.mount(code) as m:
         repo = m.path("mine", "app")
         repo.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
@@ -240,10 +259,10 @@ def mount_push(env: Setup, blob: Path, digest: str) -> float:
         return time.monotonic() - start
 
 
-def mount_cat(env: Setup, digest: str) -> tuple[float, float]:
+def mount_cat(env: Setup, digest: str, code: Path | None) -> tuple[float, float]:
     """Seconds of a cold `cat` of the layer through a fresh mount, and the daemon's peak
     RSS (MB) after it."""
-    with env.mount() as m:
+    with env.mount(code) as m:
         layer = m.path("mine", "app", "layers", digest)
         layer.stat()
         seconds = seconds_of(lambda: run(["cat", layer]))
@@ -269,74 +288,95 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, default=parse_size("256M"))
     parser.add_argument("--counted-size", type=parse_size, default=parse_size("32M"))
     parser.add_argument("--tags", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each timed side")
+    parser.add_argument("--before", type=Path, help="an earlier tree's storage/ and regfs/")
     args = parser.parse_args()
+    codes: dict[str, Path | None] = {"": None}
+    if args.before is not None:
+        codes["before: "] = args.before.resolve()
     work = Path(tempfile.mkdtemp(prefix="regfs-bench-s3-"))
     try:
         with setup(work) as env:
-            results: dict[str, object] = {}
+            results: dict[str, Any] = {}
             for label, size, counted in (
                 ("timed", args.size, False),
                 ("counted", args.counted_size, True),
             ):
-                results[label] = side_by_side(env, work / label, size, counted)
-            results["listing"] = listings(env, args.tags)
-        results["targets"] = targets(results["timed"])
+                reps = args.reps if not counted else 1
+                results[label] = side_by_side(env, work / label, size, counted, reps, codes)
+            results["listing"] = listings(env, args.tags, args.reps, codes)
+        results["targets"] = {
+            f"{name}{target}": value
+            for name in codes
+            for target, value in targets(results["timed"], results["listing"], name).items()
+        }
         print(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def targets(timed: dict[str, Any]) -> dict[str, object]:
-    """The issue's targets on the timed pass: medians, ratios, met or not."""
+def targets(timed: dict[str, Any], listing: dict[str, Any], name: str) -> dict[str, object]:
+    """The issue's targets for the tree labelled name: medians, ratios, met or not."""
 
     def mb(prefix: str) -> float:
         return median([v["MB/s"] for k, v in timed.items() if k.startswith(prefix)])
 
-    read = mb("regfs cold cat") / mb("boto3 streamed GET")
-    push = mb("regfs cp + mv") / mb("registry monolithic PUT")
-    rss = max(v for k, v in timed.items() if k.startswith("daemon peak RSS"))
+    def faster(regfs: str, registry: str) -> dict[str, object]:
+        ratio = listing[f"registry {registry}"]["ms"] / listing[f"{name}regfs {regfs}"]["ms"]
+        return {"ratio": round(ratio, 2), "met": ratio >= 1}
+
+    read = mb(f"{name}regfs cold cat") / mb("boto3 streamed GET")
+    push = mb(f"{name}regfs cp + mv") / mb("registry monolithic PUT")
+    rss = max(v for k, v in timed.items() if k.startswith(f"{name}daemon peak RSS"))
     return {
         "cold read vs boto3 GET (>= 0.9x)": {"ratio": round(read, 2), "met": read >= 0.9},
         "cp + mv vs registry PUT (>= 1.5x)": {"ratio": round(push, 2), "met": push >= 1.5},
         "daemon peak RSS (< 150 MB)": {"MB": rss, "met": rss < 150},
+        "ls tags vs tags/list (>= 1x)": faster("ls tags", "tags/list"),
+        "ls / vs _catalog (>= 1x)": faster("ls /", "_catalog"),
     }
 
 
-def side_by_side(env: Setup, blob: Path, size: int, counted: bool) -> dict[str, object]:
+def side_by_side(
+    env: Setup, blob: Path, size: int, counted: bool, reps: int, codes: dict[str, Path | None]
+) -> dict[str, object]:
+    """Each side reps times, interleaved (either side first in turn), each regfs side once
+    per tree in codes."""
     digest = random_blob(blob, size)
     out: dict[str, object] = {"size": size}
 
-    def measured(name: str, fn: Callable[[], float]) -> None:
+    def measured(name: str, fn: Callable[[], float | tuple[float, float]]) -> None:
         if counted:
             env.requests.start()
-        seconds = fn()
+        result = fn()
+        seconds, peak = result if isinstance(result, tuple) else (result, None)
         found: dict[str, object] = {"MB/s": round(mb_per_s(size, seconds), 1)}
         if counted:
             found["requests"] = env.requests.counts()
         out[name] = found
+        if peak is not None:
+            out[name.replace("regfs cold cat", "daemon peak RSS MB")] = round(peak, 1)
 
     measured("registry monolithic PUT", lambda: registry_put(env, blob, digest))
-    measured("regfs cp + mv", lambda: mount_push(env, blob, digest))
-    for rep in range(2):
+    for name, code in codes.items():
+        measured(f"{name}regfs cp + mv", lambda code=code: mount_push(env, blob, digest, code))
+    for rep in range(reps):
         for side in sides(rep):
             if side == "peer":
                 measured(f"boto3 streamed GET #{rep}", lambda: boto3_get(env, digest))
                 continue
-            if counted:
-                env.requests.start()
-            seconds, peak = mount_cat(env, digest)
-            found: dict[str, object] = {"MB/s": round(mb_per_s(size, seconds), 1)}
-            if counted:
-                found["requests"] = env.requests.counts()
-            out[f"regfs cold cat #{rep}"] = found
-            out[f"daemon peak RSS MB #{rep}"] = round(peak, 1)
+            for name, code in codes.items():
+                measured(
+                    f"{name}regfs cold cat #{rep}",
+                    lambda code=code: mount_cat(env, digest, code),
+                )
     blob.unlink()
     return out
 
 
-def listings(env: Setup, tags: int) -> dict[str, object]:
-    """`ls` of a repository's tags and of the catalog vs the registry's tags/list and
-    _catalog, with the S3 requests each costs."""
+def listings(env: Setup, tags: int, reps: int, codes: dict[str, Path | None]) -> dict[str, object]:
+    """`ls` of a repository's tags and of the catalog (each through a fresh mount, cold) vs
+    the registry's tags/list and _catalog: median ms of reps, and the S3 requests of one."""
     config = b"{}"
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
     manifest = json.dumps(
@@ -353,6 +393,14 @@ def listings(env: Setup, tags: int) -> dict[str, object]:
     ).encode()
     url = env.registry.url
     out: dict[str, object] = {"tags": tags}
+    timings: dict[str, list[float]] = collections.defaultdict(list)
+    counts: dict[str, dict[str, int]] = {}
+
+    def timed(name: str, fn: Callable[[], object]) -> None:
+        env.requests.start()
+        timings[name].append(seconds_of(fn) * 1000)
+        counts[name] = env.requests.counts()
+
     with httpx.Client(timeout=60) as client:
         post = client.post(f"{url}/v2/many/app/blobs/uploads/")
         location = httpx.URL(post.headers["Location"]).copy_merge_params({"digest": config_digest})
@@ -360,15 +408,25 @@ def listings(env: Setup, tags: int) -> dict[str, object]:
         kind = {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
         for i in range(tags):
             client.put(f"{url}/v2/many/app/manifests/t{i}", content=manifest, headers=kind)
-        for name, path in (("tags/list", "/v2/many/app/tags/list"), ("_catalog", "/v2/_catalog")):
-            env.requests.start()
-            seconds = seconds_of(lambda path=path: client.get(url + path).raise_for_status())
-            out[f"registry {name}"] = {"ms": round(seconds * 1000, 1), **env.requests.counts()}
-    with env.mount() as m:
-        for name, where in (("ls tags", m.path("many", "app", "tags")), ("ls /", m.mountpoint)):
-            env.requests.start()
-            seconds = seconds_of(lambda where=where: os.listdir(where))
-            out[f"regfs {name}"] = {"ms": round(seconds * 1000, 1), **env.requests.counts()}
+        for rep in range(reps):
+            for side in sides(rep):
+                if side == "peer":
+                    for name, path in (
+                        ("tags/list", "/v2/many/app/tags/list"),
+                        ("_catalog", "/v2/_catalog"),
+                    ):
+                        timed(
+                            f"registry {name}",
+                            lambda path=path: client.get(url + path).raise_for_status(),
+                        )
+                    continue
+                for label, code in codes.items():
+                    for name, parts in (("ls tags", ("many", "app", "tags")), ("ls /", ())):
+                        with env.mount(code) as m:
+                            where = m.path(*parts)
+                            timed(f"{label}regfs {name}", lambda where=where: os.listdir(where))
+    for name, ms in timings.items():
+        out[name] = {"ms": round(median(ms), 1), "each": [round(t, 1) for t in ms], **counts[name]}
     return out
 
 
