@@ -90,6 +90,8 @@ class Attr:
 
 def digest_name(name: str) -> Digest | None:
     """The digest a file name spells (`sha256:<hex>`), or None for any other name."""
+    if ":" not in name:  # every tag and file name: no exception raised and caught per lookup
+        return None
     try:
         return Digest.parse(name)
     except InvalidName:

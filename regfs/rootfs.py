@@ -107,6 +107,7 @@ class _Build:
     done: trio.Event = field(default_factory=trio.Event)
     indexes: list[LayerIndex] = field(default_factory=list)
     tree: MergedTree | None = None
+    root: Attr | None = None  # the tree's root, asked for once per path walk below a tag
     error: str | None = None
 
 
@@ -277,11 +278,12 @@ class RootfsView:
                             await build.done.wait()
                     if build is None or build.tree is None:
                         return _attr(MergedTree.ROOT, _DEFAULT_ROOT, 2, fixed=False)
-                    tree = build.tree
-                else:
-                    tree = await self._tree(node)
-                found = tree.node(node.ino)
-                return _attr(node.ino, found.member, found.nlink, fixed=not node.is_root)
+                    if build.root is None:
+                        found = build.tree.node(node.ino)
+                        build.root = _attr(node.ino, found.member, found.nlink, fixed=False)
+                    return build.root
+                found = (await self._tree(node)).node(node.ino)
+                return _attr(node.ino, found.member, found.nlink, fixed=True)
         raise NotFound(str(node))
 
     async def xattrs(self, node: Node) -> dict[str, bytes]:
