@@ -324,10 +324,12 @@ async def test_a_small_file_of_a_big_gzip_layer_reads_little(registry, cache, fi
     assert layer.counter.bytes <= 1 * MIB
 
 
-async def test_a_second_indexer_reuses_the_cache_without_a_pass(registry, cache_dir, files):
+@pytest.mark.parametrize("child", [True, False], ids=["subprocess", "in process"])
+async def test_a_second_indexer_reuses_the_cache_without_a_pass(registry, cache_dir, files, child):
+    """Its seek points too, as the subprocess or the in-process pass wrote them."""
     layer = await store(registry, every_kind_tar(big=MIB), "gzip")
     first = IndexCache(cache_dir)
-    built = await Indexer(first).index(layer.ref)
+    built = await Indexer(first, subprocess=child).index(layer.ref)
     first.close()
     layer.counter.bytes = 0
     second = IndexCache(cache_dir)
