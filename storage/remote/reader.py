@@ -159,11 +159,12 @@ class RemoteLayerReader:
     a gzip seek point to the end of a file, 200-450 KiB of blob, and each range GET costs a
     round trip and, from docker-registry 2.8, a 4 MiB read of the blob file whatever its
     size (its blob reader's buffer), so one GET per file instead of three or four saves
-    most of a small file's time. A caller that reads exactly what it needs (zstd frames,
-    eStargz chunks, tar members) never runs on, so its jumps stay exact. Reads inside that
-    first window fetch nothing ahead (it usually holds the whole run: bench.rootfs measured
-    fewer bytes and no slower files than with read-ahead from its last quarter); a run that
-    outgrows it goes on as any sequential run, from the read that misses.
+    most of a small file's time. A caller that reads exactly what it needs in one read per
+    jump (zstd frames, eStargz chunks, small tar members) never runs on: its jumps stay
+    exact. Reads inside that first window fetch nothing ahead (it usually holds the whole
+    run; measured as bench.rootfs does: fewer bytes and no slower files than with read-ahead
+    from its middle or last quarter); a run that outgrows it goes on as any sequential run,
+    from the read that misses (docs/performance.md).
     """
 
     DEPTH = 2  # windows fetched ahead of a sequential reader, once it streams
