@@ -247,3 +247,45 @@ def test_find_and_ls_of_a_remote_mount(
     }
     listed = sh("ls", "-l", where / "layers").stdout.splitlines()
     assert len([line for line in listed if line.startswith("-")]) == len(blobs)
+
+
+async def test_a_walk_in_catalog_order_is_listed_ahead(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """Two repositories listed in the order of the catalog fetched: the next LISTINGS_AHEAD
+    are listed in the background (tags, or layers/ with its blobs' HEADs, as the walk lists
+    them), and their own listings then ask nothing. Out of order, nothing is listed ahead."""
+    client = module_registry_server.client()
+    names = [f"zz/r{i}" for i in range(5)]  # last in the catalog
+    blobs = {name: push_repo(client, name, ("x", "y")) for name in names}
+    registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
+    await registry.repository(names[0]).tags.list()
+    await registry.repository(names[1]).tags.list()
+    assert registry.listed_ahead() == set(), "listed ahead with no catalog fetched"
+    # A walk goes through the catalog first (find and the shell's glob list zz/).
+    assert await registry.catalog.children("zz") == [n.split("/")[1] for n in names]
+    proxy.seen.clear()
+    await registry.repository(names[0]).tags.list()
+    await registry.repository(names[4]).tags.list()  # not the next one: no walk
+    assert registry.listed_ahead() == set()
+
+    proxy.seen.clear()
+    await registry.repository(names[0]).layers.list()
+    await registry.repository(names[1]).layers.list()
+    deadline = time.monotonic() + 10
+    while registry.listed_ahead():
+        assert time.monotonic() < deadline, "the listings ahead never finished"
+        await trio.sleep(0.02)
+    for name in names[2:4]:
+        assert asked(proxy, name) == {
+            "GET tags/list": 1,
+            "GET manifests/<tag>": 2,
+            "HEAD blobs/<digest>": len(blobs[name]),
+        }
+    assert asked(proxy, names[4]) == {}  # LISTINGS_AHEAD: two
+    proxy.seen.clear()
+    layers = await registry.repository(names[2]).layers.list()
+    assert {str(d) for d in layers} == blobs[names[2]]
+    for digest in layers:
+        await registry.repository(names[2]).layers.stat(digest)
+    assert asked(proxy, names[2]) == {}

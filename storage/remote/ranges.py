@@ -62,6 +62,7 @@ class RangeFetcher:
     registry_context: ssl.SSLContext | None = None
     _idle: dict[Origin, list[http.client.HTTPConnection]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closed: bool = False  # a thread abandoned on cancel may finish after close()
 
     def get(self, url: str, start: int, end: int, authorization: str | None) -> bytes | None:
         """Bytes [start, end) of the blob at url, or None: then ask through RemoteClient.
@@ -182,7 +183,7 @@ class RangeFetcher:
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, {}
+            idle, self._idle, self._closed = self._idle, {}, True
         for conns in idle.values():
             for conn in conns:
                 conn.close()
@@ -203,11 +204,11 @@ class RangeFetcher:
     def _release(
         self, where: Origin, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse
     ) -> None:
-        if resp.will_close or not resp.isclosed():
-            conn.close()
-            return
         with self._lock:
-            self._idle.setdefault(where, []).append(conn)
+            if not (resp.will_close or not resp.isclosed() or self._closed):
+                self._idle.setdefault(where, []).append(conn)
+                return
+        conn.close()
 
 
 @dataclass

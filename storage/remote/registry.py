@@ -74,6 +74,9 @@ LISTING_PARALLEL = 8
 # lookups that follow (a walk lists tags/, manifests/ and layers/ in turn); never longer
 # than the listing TTL, so a tag changed behind the mount is seen within TTL + this.
 TAG_REUSE_MAX = 1.0
+# Repositories listed ahead, in the background, once listings go through the catalog in
+# order (a walk: find, du, `ls -l */tags`), as read-ahead follows a sequential read.
+LISTINGS_AHEAD = 2
 T = TypeVar("T")
 
 
@@ -246,6 +249,11 @@ class RemoteCatalog:
             or name in self.registry.pushed()
         )
 
+    def known(self) -> list[str]:
+        """The names as last fetched, sorted, without asking (empty before the first fetch
+        and without a catalog): what a walk goes through."""
+        return self._sorted
+
     async def repositories(self, n: int | None = None, last: str = "") -> list[str]:
         names = await self._all() or []
         start = bisect.bisect_right(names, last)
@@ -334,6 +342,7 @@ class RemoteTags:
     async def list(self) -> list[str]:
         if self.registry.tag_reuse <= 0:  # nothing would keep what is fetched ahead
             return await self._names()
+        await self.registry.listing(self.name, layers=False)
         return (await self.snapshot()).tags
 
     async def get(self, tag: str) -> Digest:
@@ -512,6 +521,12 @@ class RemoteLayers:
         the blobs finished through this mount. Manifests not cached yet are fetched a level
         at a time, and the blobs' HEADs (their sizes) beforehand, in parallel: readdirplus
         stats every entry."""
+        if self.registry.tag_reuse > 0:
+            await self.registry.listing(self.name, layers=True)
+        return await self.walk()
+
+    async def walk(self) -> builtins.list[Digest]:
+        """list() without telling the registry a listing was asked for (listing ahead)."""
         found: set[Digest] = set(self._finished())
         manifests = self.repo.manifests
         pending = await manifests.list()
@@ -644,11 +659,48 @@ class RemoteRegistry:
         self.tag_snapshots: ByteCache[str, _TagSnapshot] = ByteCache(
             TAG_SNAPSHOT_BYTES, lambda name, snapshot: len(name) + snapshot.size()
         )
+        self._last_listed = ""
+        self._ahead: dict[str, trio.Event] = {}  # repositories being listed in the background
         self.read_ahead = ReadAheadBudget()
         self.catalog = RemoteCatalog(client, self, listing_ttl)
 
     def repository(self, name: str) -> RemoteRepository:
         return RemoteRepository(self, name)
+
+    async def listing(self, name: str, layers: bool) -> None:
+        """A listing of repository `name` is asked for (its layers/, or its tags). When the
+        one before was of the repository before it in the catalog as last fetched (never
+        fetched for this), a walk is going through the catalog in order: the next
+        LISTINGS_AHEAD repositories are listed the same way in the background, so their
+        requests overlap this one's FUSE work. Returns when `name` itself is not being
+        listed in the background (its caches are then filled)."""
+        if (event := self._ahead.get(name)) is not None:
+            await event.wait()
+        names = self.catalog.known()
+        at = bisect.bisect_left(names, name)
+        previous, self._last_listed = self._last_listed, name
+        if at == len(names) or names[at] != name or at == 0 or names[at - 1] != previous:
+            return
+        for ahead in names[at + 1 : at + 1 + LISTINGS_AHEAD]:
+            if ahead in self._ahead or len(self._ahead) >= LISTINGS_AHEAD:
+                continue
+            self._ahead[ahead] = trio.Event()
+            trio.lowlevel.spawn_system_task(self._list_ahead, ahead, layers)
+
+    def listed_ahead(self) -> set[str]:
+        """The repositories being listed in the background now."""
+        return set(self._ahead)
+
+    async def _list_ahead(self, name: str, layers: bool) -> None:
+        """One repository listed ahead (its layers/, or its tags): only a head start, so a
+        failure is left for the listing itself to meet. A system task must not raise."""
+        try:
+            repo = self.repository(name)
+            await (repo.layers.walk() if layers else repo.tags.snapshot())
+        except Exception as exc:
+            log.debug("%s: listing ahead failed: %s", name, shown(exc))
+        finally:
+            self._ahead.pop(name).set()
 
     async def create_repository(self, name: str) -> RemoteRepository:
         repo = self.repository(name)
