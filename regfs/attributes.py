@@ -21,11 +21,11 @@ from .tree import Tree
 log = logging.getLogger(__name__)
 
 FOREVER = 365 * 24 * 3600.0  # digest-addressed content never changes
-# How long the kernel may keep a digest's name (layers/, manifests/) without asking: long enough
-# for `ls -l` to stat and getxattr each name right after its readdirplus chunk gave it, short
-# enough that SIGHUP (which cannot reach the kernel's entries) is followed at once for anyone
-# but a racing stat (docs/concurrency.md).
-DIGEST_ENTRY_TIMEOUT = 0.1
+# How long the kernel may keep a digest's name (layers/, manifests/), and a tag's name as a
+# listing gave it, without asking: long enough for `ls -l` to stat each name right after its
+# readdirplus chunk gave it, short enough that SIGHUP (which cannot reach the kernel's entries)
+# is followed at once for anyone but a racing stat (docs/concurrency.md).
+LISTED_ENTRY_TIMEOUT = 0.1
 BLOCK_SIZE = 1 << 20  # the largest FUSE request: cp and cat size their buffers by st_blksize
 
 
@@ -55,11 +55,56 @@ class Attributes:
         self.inodes = inodes
         self.files = files
         self._shown: dict[UploadNode, Shown] = {}
+        self._unread = self._stat(Attr(False, 0, tree.started_ns))
+        self._unread.attr_timeout = self._unread.entry_timeout = 0
 
-    def entry(self, node: Node, attr: Attr, timeout: float | None = None) -> EntryAttributes:
-        """The entry the kernel gets for a node; `timeout` overrides the kind's timeouts."""
-        entry = EntryAttributes()
+    def entry(
+        self, node: Node, attr: Attr, timeout: float | None = None, listed: bool = False
+    ) -> EntryAttributes:
+        """The entry the kernel gets for a node; `timeout` overrides the kind's timeouts.
+        `listed`: for readdirplus, whose tag entries the kernel may keep briefly."""
+        entry = self._stat(attr)
         entry.st_ino = self.inodes.inode(node)
+        shown = self._shown.get(node) if isinstance(node, UploadNode) else None
+        if shown is not None:
+            entry.st_mode = stat.S_IFREG | shown.mode
+            entry.st_uid, entry.st_gid = shown.uid, shown.gid
+            if shown.mtime_ns is not None:
+                entry.st_atime_ns = entry.st_mtime_ns = shown.mtime_ns
+        if timeout is None:
+            timeout = FOREVER if attr.immutable else self.options.tag_ttl
+            if isinstance(node, UploadNode):
+                timeout = 0  # its size moves with every write, from any mount
+        entry.attr_timeout = entry.entry_timeout = timeout
+        moves = not attr.immutable and not isinstance(node, REGISTRY_KINDS)  # rootfs/<tag>
+        if isinstance(node, TagNode) and listed and timeout:
+            # What `ls -l` stats right after the listing: kept as briefly as a digest's (a
+            # tag's name keeps its inode; writes, rm and mv through the mount update the
+            # kernel's own entry). The one change through the mount the kernel does not see,
+            # tags deleted with their manifest, waits until these have expired (Tree.remove).
+            entry.entry_timeout = min(timeout, self.options.tag_ttl, LISTED_ENTRY_TIMEOUT)
+            self.tree.tags_listed(node.repo, entry.entry_timeout)
+        elif moves or isinstance(node, TagNode):
+            # A name that can go, or point elsewhere, without the kernel seeing it (a tag
+            # moved or deleted beside the mount) is not cached by the kernel beyond that:
+            # the daemon would have to invalidate it, which takes the directory's lock that a
+            # client waiting for the daemon may hold, and a daemon killed while waiting for
+            # it could never exit and free the mount. So every path walk asks the daemon (it
+            # caches for tag_ttl), and that lookup's reply refreshes the attributes, which
+            # may then be kept: they serve the stat that follows the lookup, and fstat
+            # (docs/concurrency.md).
+            entry.entry_timeout = 0
+        elif isinstance(node, LayerNode | ManifestNode):
+            # A digest's name never means anything else, so the kernel may keep the entry
+            # briefly: a registry DELETE beside the mount shows for at most 0.1 s more than
+            # the daemon's own cache would (then the lookup says ENOENT and the kernel
+            # drops it itself); an unlink or rename through the mount moves it at once.
+            entry.entry_timeout = min(timeout, self.options.tag_ttl, LISTED_ENTRY_TIMEOUT)
+        return entry
+
+    def _stat(self, attr: Attr) -> EntryAttributes:
+        """What stat shows of attr, without inode and timeouts."""
+        entry = EntryAttributes()
         if attr.is_dir:
             entry.st_mode = stat.S_IFDIR | self.options.dir_mode
             entry.st_nlink = 2
@@ -76,34 +121,25 @@ class Attributes:
             entry.st_mode = attr.mode
             entry.st_nlink = attr.nlink or entry.st_nlink
             entry.st_rdev = attr.rdev
-        shown = self._shown.get(node) if isinstance(node, UploadNode) else None
-        if shown is not None:
-            entry.st_mode = stat.S_IFREG | shown.mode
-            entry.st_uid, entry.st_gid = shown.uid, shown.gid
-            if shown.mtime_ns is not None:
-                entry.st_atime_ns = entry.st_mtime_ns = shown.mtime_ns
-        if timeout is None:
-            timeout = FOREVER if attr.immutable else self.options.tag_ttl
-            if isinstance(node, UploadNode):
-                timeout = 0  # its size moves with every write, from any mount
-        entry.attr_timeout = entry.entry_timeout = timeout
-        moves = not attr.immutable and not isinstance(node, REGISTRY_KINDS)  # rootfs/<tag>
-        if moves or isinstance(node, TagNode):
-            # A name that can go, or point elsewhere, without the kernel seeing it (a tag
-            # moved or deleted beside the mount) is never cached by the kernel: the daemon
-            # would have to invalidate it, which takes the directory's lock that a client
-            # waiting for the daemon may hold, and a daemon killed while waiting for it could
-            # never exit and free the mount. So every path walk asks the daemon (it caches for
-            # tag_ttl), and that lookup's reply refreshes the attributes, which may then be
-            # kept: they serve the stat that follows the lookup, and fstat
-            # (docs/concurrency.md).
-            entry.entry_timeout = 0
-        elif isinstance(node, LayerNode | ManifestNode):
-            # A digest's name never means anything else, so the kernel may keep the entry
-            # briefly: a registry DELETE beside the mount shows for at most 0.1 s more than
-            # the daemon's own cache would (then the lookup says ENOENT and the kernel
-            # drops it itself); an unlink or rename through the mount moves it at once.
-            entry.entry_timeout = min(timeout, self.options.tag_ttl, DIGEST_ENTRY_TIMEOUT)
+        return entry
+
+    def listed(self, node: Node) -> EntryAttributes | None:
+        """What readdirplus hands the kernel for a tag without reading storage (None for
+        other kinds: read their attributes).
+
+        A tag whose attributes the daemon holds gets them, kept briefly (`entry`). Any other
+        gets a placeholder the kernel never uses: timeouts of 0 make the next stat or open
+        look the name up, and that reply carries the real attributes. So listing tags
+        reads no link (one request per tag on a remote or S3 source). Not while a writer has
+        the tag open: the kernel would take the placeholder's size 0 for its file's size.
+        """
+        if not isinstance(node, TagNode) or self.files.writer(node) is not None:
+            return None
+        attr = self.tree.cached_attr(node)
+        if attr is not None:
+            return self.entry(node, attr, listed=True)
+        entry = self._unread  # one object: readdir_reply copies it into the reply
+        entry.st_ino = self.inodes.inode(node)
         return entry
 
     async def entry_of(self, node: Node) -> EntryAttributes:

@@ -45,8 +45,10 @@ class Directories:
         listing = self._listings[fh]
         for index in range(start_id, len(listing.entries)):
             name, node = listing.entries[index]
+            entry = self.attributes.listed(node)  # a tag: no storage read
             try:
-                entry = self.attributes.entry(node, await self.tree.attr(node))
+                if entry is None:
+                    entry = await self.attributes.entry_of(node)
             except CorruptEntry as exc:
                 # Listed, so the user sees it; uncached, so the next lookup reports EIO.
                 log.error("readdir: %s: %s", name, exc)

@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
+import trio
+
 from storage.api import BlobReader, RegistrySource, Repository, Upload
 from storage.cache import TtlCache
 from storage.digests import Digest
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SECTIONS = ("layers", "manifests", "tags", "uploads")
+LISTED_MARGIN = 0.05  # seconds: see tags_listed
+# Tags whose target and attributes are kept (the most recent): memory stays bounded with
+# 100,000 tags in a repository; a listing of more hands the rest to the kernel unread.
+TAGS_KEPT = 20_000
 # What a file in uploads/ may be called: no path syntax, room for `sha256:<hex>` and the
 # `.name.XXXXXX` temporaries that tools write before a rename.
 UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
@@ -79,13 +85,16 @@ class Tree:
         self._owners = {kind: view for view in self._views.values() for kind in view.node_types}
         self.sections = tuple(sorted((*SECTIONS, *self._views)))
         self.started_ns = time.time_ns()
-        self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl)
+        self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl, TAGS_KEPT)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
         self._digests: TtlCache[Node, Attr] = TtlCache(tag_ttl)  # manifests/, layers/
-        # A tag's link mtime, kept like its target: `ls -l` looks a tag up three times (a stat
-        # and two getxattrs, each a path walk), and reading the mtime is a stat of its own.
-        self._tag_mtimes: TtlCache[TagNode, int] = TtlCache(tag_ttl)
+        # A tag's attributes (its manifest's size, its link's mtime), kept like its target and
+        # as long as its manifest's: a listing hands them to the kernel without a storage read.
+        self._tag_attrs: TtlCache[TagNode, tuple[Attr, ManifestNode]] = TtlCache(tag_ttl, TAGS_KEPT)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
+        # Until when (time.monotonic) the kernel may keep tag entries a listing gave it, by
+        # repository: tags deleted with their manifest wait for them (`remove`).
+        self._listed_tags: dict[str, float] = {}
         self._shadow_logged: set[str] = set()
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
         # Counts changes (through the mount, SIGHUP). A cache is filled only if none came
@@ -100,7 +109,7 @@ class Tree:
         """Drop every cached tag, listing and digest entry (SIGHUP)."""
         self._changes += 1
         self._tags.clear()
-        self._tag_mtimes.clear()
+        self._tag_attrs.clear()
         self._listings.clear()
         self._digests.clear()
         self._upload_names.clear()
@@ -122,7 +131,7 @@ class Tree:
             match node:
                 case TagNode():
                     self._tags.pop(node)
-                    self._tag_mtimes.pop(node)
+                    self._tag_attrs.pop(node)
                     self._listings.pop(SectionNode(node.repo, "tags"))
                     for view in self._views.values():  # rootfs/<tag> follows the tag at once
                         view.forget_moving()
@@ -247,6 +256,20 @@ class Tree:
 
     # -- attributes ------------------------------------------------------------------------
 
+    def cached_attr(self, node: TagNode) -> Attr | None:
+        """A tag's attributes if the daemon holds them: a listing reads no link for them."""
+        kept = self._tag_attrs.get(node)
+        if kept is None or self._digests.get(kept[1]) is None:
+            return None  # the manifest may be gone: a lookup finds out (`_tagged`)
+        return kept[0]
+
+    def tags_listed(self, repo: str, seconds: float) -> None:
+        """The kernel may keep a tag entry of repo's listing for `seconds` from about now:
+        from when the client reads the reply, a little later (and the kernel's clock ticks)."""
+        until = time.monotonic() + seconds + LISTED_MARGIN
+        if until > self._listed_tags.get(repo, 0.0):
+            self._listed_tags[repo] = until
+
     async def attr(self, node: Node) -> Attr:
         if (view := self._owners.get(type(node))) is not None:
             return await view.attr(node)
@@ -258,18 +281,19 @@ class Tree:
             case DirNode(path) | SectionNode(path, _):
                 return Attr(True, 0, await self._dir_mtime_ns(path))
             case TagNode(repo, tag):
+                if (cached := self.cached_attr(node)) is not None:
+                    return cached
                 try:
-                    manifest = await self._tagged(node, lambda d: self.attr(ManifestNode(repo, d)))
+                    target, manifest = await self._tagged(
+                        node, lambda d: self._manifest_attr(ManifestNode(repo, d))
+                    )
                 except UnknownManifest as exc:  # damage: ENOENT, but say so
                     log.warning("attr: %s", exc)
                     raise
-                mtime_ns = self._tag_mtimes.get(node)
-                if mtime_ns is None:
-                    since = self._changes
-                    mtime_ns = await self._repo(repo).tags.mtime_ns(tag)
-                    if self._unchanged_since(since):
-                        self._tag_mtimes.put(node, mtime_ns)
-                return Attr(False, manifest.size, mtime_ns)
+                attr = Attr(False, manifest.size, await self._repo(repo).tags.mtime_ns(tag))
+                if self._unchanged_since(since):
+                    self._tag_attrs.put(node, (attr, target))
+                return attr
             case ManifestNode(repo, digest):
                 info = await self._repo(repo).manifests.stat(digest)
                 attr = Attr(False, info.size, info.mtime_ns, immutable=True)
@@ -282,6 +306,9 @@ class Tree:
         if self._unchanged_since(since):
             self._digests.put(node, attr)
         return attr
+
+    async def _manifest_attr(self, target: ManifestNode) -> tuple[ManifestNode, Attr]:
+        return target, await self.attr(target)
 
     async def _dir_mtime_ns(self, path: str) -> int:
         mtime_ns = await self.registry.catalog.mtime_ns(path)
@@ -296,7 +323,7 @@ class Tree:
             return await use(digest)
         except UnknownManifest:
             self._tags.pop(node)
-            self._tag_mtimes.pop(node)
+            self._tag_attrs.pop(node)
             if (fresh := await self._tag_target(node)) != digest:
                 return await use(fresh)
             raise UnknownManifest(
@@ -403,6 +430,11 @@ class Tree:
             case ManifestNode(repo, digest):
                 deleted = await self._repo(repo).manifests.delete(digest)
                 gone = [TagNode(repo, tag) for tag in deleted]
+                if gone:
+                    # The kernel did not see these tags go: let the entries a listing gave it
+                    # expire before rm returns (forgotten first, so none is given again).
+                    self.changed(node, *gone)
+                    await trio.sleep(max(0.0, self._listed_tags.get(repo, 0.0) - time.monotonic()))
             case LayerNode(repo, digest):
                 await self._repo(repo).layers.unlink(digest)
             case DirNode() | SectionNode():

@@ -1,12 +1,15 @@
 """Listings and what the kernel may keep of them (issue 18), through a real mount.
 
-Tags get kernel attribute timeouts (`--tag-ttl`) but entry timeouts of 0, and the daemon keeps
-a tag's attributes with its target: `ls -l tags/` then costs five round trips per entry, not
-six. Digests (layers/, manifests/) get entry timeouts of 0.1 s: `ls -l` of them costs two (the
-getxattrs). What must stay true: a tag changed through the mount is seen at once, one changed
-beside it at SIGHUP, a digest deleted beside it at SIGHUP too; and nothing the kernel
-keeps ever needs the daemon to invalidate it, so a daemon killed mid-listing or mid-push always
-frees its clients and its mount (docs/concurrency.md).
+A listing of tags reads no tag's link: a tag whose attributes the daemon holds is handed to
+the kernel with them and an entry timeout of 0.1 s, any other with a placeholder the kernel
+never uses (timeouts of 0). A lookup of a tag gets an entry timeout of 0 and attribute timeout
+`--tag-ttl`. Digests (layers/, manifests/) get entry timeouts of 0.1 s. So `ls tags/` costs no
+storage read per tag, and `ls -l` of tags, layers or manifests within the TTL no round trip
+per entry. What must stay true: a tag changed through the mount is seen at once (also tags
+deleted with their manifest), one changed beside it within the TTL and at SIGHUP, a digest
+deleted beside it at SIGHUP too; and nothing the kernel keeps ever needs the daemon to
+invalidate it, so a daemon killed mid-listing, mid-push or mid-rm always frees its clients and
+its mount (docs/concurrency.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -155,6 +159,107 @@ def test_ls_l_of_digests_needs_no_round_trip_per_entry(tmp_path: Path, mount: Ca
         assert calls_after(m, start, m.path(NAME, section))["lookup in parent"] < count // 2
 
 
+def test_a_listing_of_tags_reads_no_link(tmp_path: Path, mount: Callable) -> None:
+    """`ls tags/` reads no tag's link (one request per tag on a remote or S3 source): shown
+    by links that are all garbage. ls lists every tag and the daemon logs nothing; a stat of
+    one reads its link, and that is EIO with the log line that names it."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    garbage = {TagCurrentLink(NAME, f"g{i:03d}"): "garbage" for i in range(300)}
+    write_links(root, garbage)
+    m: Mount = mount(root)
+    tags = m.path(NAME, "tags")
+    assert ls(tags) == sorted(["latest", *(f"g{i:03d}" for i in range(300))])
+    assert "ERROR" not in m.log_text()
+    assert errno_closing(lambda: os.stat(tags / "g007")) == errno.EIO
+    assert "/tags/g007/current/link" in m.log_text()
+    assert os.stat(tags / "latest").st_size == len(image["manifest"])
+
+
+def test_ls_l_of_tags_within_the_ttl_needs_no_round_trip_per_entry(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """The first `ls -l` of tags looks each up (the listing read no link); within the TTL the
+    listing hands the kernel what those lookups read, so the next one walks no path through
+    the daemon. Both show every tag's real size and mtime: never the placeholder's."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    add_tags(root, NAME, image["digest"], 200)
+    m: Mount = mount(root, "--debug", "--tag-ttl", "60")
+    tags = m.path(NAME, "tags")
+    run("stat", tags)
+    listings = []
+    for _ in range(2):
+        start = len(m.log_text())
+        listings.append(run("ls", "-l", "--time-style=+%s", tags).stdout.decode())
+        listings.append(calls_after(m, start, tags))
+    cold_out, cold, warm_out, warm = listings
+    assert cold_out == warm_out
+    sizes = {line.split()[4] for line in cold_out.splitlines()[1:]}
+    assert sizes == {str(len(image["manifest"]))} and len(cold_out.splitlines()) == 202
+    assert cold["lookup in parent"] >= 201, cold  # placeholders: the kernel asks for each
+    # 0 but for a loaded machine's pauses over LISTED_ENTRY_TIMEOUT
+    assert warm["lookup in parent"] < 100, warm
+    assert warm["getattr"] <= 2, warm
+
+
+def test_tags_deleted_with_their_manifest_are_gone_when_rm_returns(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """`rm manifests/<digest>` deletes the tags that point at it, which the kernel does not
+    see; the kernel keeps listed tags' entries for 0.1 s and nothing invalidates them. So the
+    rm returns only once those have expired: a stat right after it finds no tag. (Without
+    that wait most rounds here find them still there: the rm takes less than 0.1 s.)"""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    m: Mount = mount(root, "--tag-ttl", "60")
+    tags = m.path(NAME, "tags")
+    for round in range(3):
+        other = padded(image["manifest"], 100 + round)
+
+        async def store_other(other: bytes = other) -> None:
+            await Registry(FilesystemDriver(root)).repository(NAME).manifests.put(other)
+
+        trio.run(store_other)
+        add_tags(root, NAME, str(digest_bytes(other)), 5)
+        sighup(m)  # the daemon lists the new tags
+        run("ls", "-l", tags)  # and now holds their attributes
+        listed = os.listdir(tags)  # this listing hands them to the kernel; rm follows at once
+        os.unlink(m.path(NAME, "manifests", str(digest_bytes(other))))
+        there = [n for n in listed if errno_closing(lambda n=n: os.stat(tags / n)) is None]
+        assert len(listed) == 6 and there == ["latest"], (round, listed, there)
+    assert ls(tags) == ["latest"]
+
+
+def test_a_tag_moved_beside_the_mount_is_seen_within_the_ttl(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """The registry moves a tag while `ls -l` keeps listing it: the listings' entries never
+    make the old one last beyond the daemon's TTL (plus the kernel's 0.1 s)."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    add_tags(root, NAME, image["digest"], 50)
+    second = padded(image["manifest"], 500)
+    m: Mount = mount(root, "--tag-ttl", "1")
+    tags = m.path(NAME, "tags")
+
+    def size_listed() -> int:
+        line = next(x for x in run("ls", "-l", tags).stdout.decode().splitlines() if "latest" in x)
+        return int(line.split()[4])
+
+    assert size_listed() == size_listed() == len(image["manifest"])
+
+    async def retag() -> None:
+        repo = Registry(FilesystemDriver(root)).repository(NAME)
+        await repo.tags.put("latest", await repo.manifests.put(second))
+
+    trio.run(retag)
+    moved = time.monotonic()
+    wait_until(lambda: size_listed() == len(second), 5, "ls -l to show the moved tag")
+    assert time.monotonic() - moved < 1 + 0.1 + 0.5  # TTL, the kernel's entry, a slow ls
+    assert os.stat(tags / "latest").st_size == len(second)
+
+
 def test_a_digest_deleted_through_the_mount_goes_at_once_and_beside_it_at_sighup(
     tmp_path: Path, mount: Callable
 ) -> None:
@@ -265,6 +370,16 @@ def kill_mid(m: Mount, scripts: dict[str, str], started: Callable[[], bool]) -> 
                 client.stderr.close()
 
 
+def listing_loop(directory: Path, listed: Path) -> str:
+    """A script that runs `ls -l directory` until it fails for another reason than a name
+    removed between its readdir and its lstat (a dead mount), a line in `listed` per run."""
+    return (
+        f'while err=$(ls -l "{directory}" 2>&1 > /dev/null)'
+        f' || ! printf "%s\\n" "$err" | grep -qv "No such file or directory"; do'
+        f' echo >> "{listed}"; done; printf "%s\\n" "$err" >&2; exit 1'
+    )
+
+
 def test_kill_9_mid_listing_and_mid_push_frees_clients_and_mount(
     tmp_path: Path, mount: Callable
 ) -> None:
@@ -303,11 +418,8 @@ def test_kill_9_mid_listing_and_mid_rm_of_layers_frees_clients_and_mount(
     listed, removed = tmp_path / "listed", tmp_path / "removed"
     doomed = " ".join(digests[1000:])
     scripts = {
-        # ls fails on a name removed between its readdir and its lstat; only another error ends
-        # the loop (not `|| stat`: a stat can be answered from the kernel's cache, dead mount or not)
-        "ls": f'while err=$(ls -l "{layers}" 2>&1 > /dev/null)'
-        f' || ! printf "%s\\n" "$err" | grep -qv "No such file or directory"; do'
-        f' echo >> "{listed}"; done; printf "%s\\n" "$err" >&2; exit 1',
+        # not `|| stat`: a stat can be answered from the kernel's cache, dead mount or not
+        "ls": listing_loop(layers, listed),
         "rm": f'cd "{layers}"; for d in {doomed}; do rm "$d" || exit 1; echo >> "{removed}"; done',
     }
     started = lambda: listed.exists() and removed.exists() and len(removed.read_bytes()) > 3  # noqa: E731
@@ -315,3 +427,30 @@ def test_kill_9_mid_listing_and_mid_rm_of_layers_frees_clients_and_mount(
     with Mount(str(root), m.mountpoint, tmp_path / "again.log") as again:
         names = set(ls(again.path(NAME, "layers")))
     assert set(digests[:1000]) <= names and len(names) < 2000
+
+
+def test_kill_9_mid_listing_and_mid_rm_of_tagged_manifests_frees_clients_and_mount(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """The new wait: an `rm` of a tagged manifest waits for the tag entries a listing gave
+    the kernel to expire. kill -9 while `ls -l` lists 2000 tags (within the TTL: entries the
+    kernel keeps) and a loop tags a manifest and removes it (each rm waiting): no client
+    hangs, and a new mount lists every tag the loop did not remove."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    add_tags(root, NAME, image["digest"], 2000)
+    other = padded(image["manifest"], 100)
+    (tmp_path / "other.json").write_bytes(other)
+    m: Mount = mount(root, "--tag-ttl", "60")
+    tags, manifest = m.path(NAME, "tags"), m.path(NAME, "manifests", str(digest_bytes(other)))
+    listed, removed = tmp_path / "listed", tmp_path / "removed"
+    scripts = {
+        "ls": listing_loop(tags, listed),
+        "rm": f'i=0; while cp "{tmp_path}/other.json" "{tags}/x$i" && rm "{manifest}"; do'
+        f' i=$((i+1)); echo >> "{removed}"; done; exit 1',
+    }
+    started = lambda: listed.exists() and removed.exists() and len(removed.read_bytes()) > 3  # noqa: E731
+    kill_mid(m, scripts, started)
+    with Mount(str(root), m.mountpoint, tmp_path / "again.log") as again:
+        names = set(ls(again.path(NAME, "tags")))
+    assert {"latest", "t00000", "t01999"} <= names and len(names) <= 2002
