@@ -46,6 +46,7 @@ from .root import Blob, Root, data_chunks, write_file
 PAGE = 4096
 SLOT = 256 << 10  # one random read per slot: read-ahead around one never serves another
 RSS_LIMIT_MB = 100.0
+TAGS_RSS_LIMIT_MB = 150.0  # issue 18: listing 100,000 tags
 FLAT = 0.9  # peak RSS at the small size / at the large size, at least
 
 
@@ -484,6 +485,25 @@ def ls_long(env: Env) -> list[Row]:
     return rows
 
 
+def tags_rss(env: Env) -> list[Row]:
+    """Peak RSS of the daemon while it lists 10N tags of one repository (`ls`, then `ls -l`
+    twice) on a fresh mount: what it keeps per tag stays bounded (docs/concurrency.md)."""
+    n = 10 * env.config.entries
+    env.store.add_tags("bench/many-tags", n)
+    with env.mount() as m:
+        after_mount = m.status("VmHWM") / MB
+        path = m.path("bench/many-tags/tags")
+        times = [_ls_ms(path, n), _ls_ms(path, n, "-l"), _ls_ms(path, n, "-l")]
+        peak = m.status("VmHWM") / MB
+    note = (
+        f"ls {times[0] / 1000:.1f} s, ls -l {times[1] / 1000:.1f} s then"
+        f" {times[2] / 1000:.1f} s; {after_mount:.0f} MB after mount"
+    )
+    return [Row("tags_rss", f"daemon peak RSS, ls and ls -l of {n} tags", "MB", peak,
+                target=f"< {TAGS_RSS_LIMIT_MB:.0f} MB", passed=peak < TAGS_RSS_LIMIT_MB,
+                samples={"regfs": [peak]}, note=note)]  # fmt: skip
+
+
 def _ls_ms(path: Path, n: int, *options: str) -> float:
     t, out = timed(lambda: run(["ls", *options, path], stdout=subprocess.PIPE))
     if len(out.splitlines()) != n + bool(options):  # `ls -l` begins with a `total` line
@@ -565,6 +585,7 @@ class Scenario:
 SCENARIOS = (
     Scenario("ls", ls, True, lambda c: c.entries * 64 * 1024),
     Scenario("ls_long", ls_long, False, lambda c: c.entries * 96 * 1024),
+    Scenario("tags_rss", tags_rss, False, lambda c: c.entries * 10 * 32 * 1024),
     Scenario("random_read", random_read, True, lambda c: 0),
     Scenario("warm_read", warm_read, False, lambda c: 0),
     Scenario("cold_read", cold_read, True, lambda c: 0),

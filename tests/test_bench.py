@@ -19,7 +19,7 @@ pytestmark = pytest.mark.mount
 
 REPO = Path(__file__).resolve().parent.parent
 MEASURES = {"cold_read", "warm_read", "random_read", "push", "rss", "ls", "ls_long", "parallel"}
-MEASURES |= {"remote_cold_read", "remote_random_read", "walk", "remote_walk"}
+MEASURES |= {"remote_cold_read", "remote_random_read", "walk", "remote_walk", "tags_rss"}
 TIMEOUT = 240  # the quick run takes ~30 s; 100 s and more on a loaded machine
 
 
