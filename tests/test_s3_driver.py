@@ -284,7 +284,8 @@ async def test_a_stat_is_one_request(moto_server, s3_bucket):
     """A stat is one request: a HEAD for the registry's file names (data, link), a one-key
     listing for the rest (a repository, a tag, a missing path), which tells a file, a
     directory and nothing apart. A sibling that sorts first (`app-x` before `app/`) costs
-    a second listing, and answers right."""
+    a second listing, and answers right. `symlinks` (none on S3) is one stat, not a listing
+    paged through a whole directory."""
     repos = "/docker/registry/v2/repositories"
     with FaultServer(upstream=moto_server.url) as proxy:
         drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
@@ -308,6 +309,12 @@ async def test_a_stat_is_one_request(moto_server, s3_bucket):
                 info = await drv.stat(path)
                 assert (info.is_dir, info.size) == (is_dir, 0 if is_dir else 5), path
             assert [s.method for s in proxy.seen] == requests, path
+        proxy.seen.clear()  # symlinks: none on S3, one request to say the directory is there
+        assert await drv.symlinks(f"{repos}/app/_layers") == []
+        for path in (f"{repos}/app/_layers/link", f"{repos}/nothing"):
+            with pytest.raises(PathNotFound):
+                await drv.symlinks(path)
+        assert [s.method for s in proxy.seen] == ["GET", "HEAD", "GET"]
         await drv.delete("/docker")
         await drv.delete("/blob")
 

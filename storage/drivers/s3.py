@@ -633,6 +633,14 @@ class S3Driver(StorageDriver):
 
         return await self._run(stat)
 
+    async def _symlinks(self, path: str) -> builtins.list[str]:
+        """None: S3 has no links. One stat says whether the directory is there (PathNotFound
+        as list would say it), where a listing would page through all of it: `regfs check`
+        asks this of every directory it walks, `blobs/sha256/<2 hex>/` holding thousands."""
+        if not (await self._stat(path)).is_dir:
+            raise PathNotFound(path)
+        return []
+
     async def _list(self, path: str) -> builtins.list[str]:
         prefix = self._top() if path == "/" else self.key(path) + "/"
 
