@@ -150,7 +150,7 @@ def test_ls_l_of_digests_needs_no_round_trip_per_entry(tmp_path: Path, mount: Ca
         out = run("ls", "-l", m.path(NAME, section)).stdout
         assert len(out.splitlines()) == count + 1  # `total` first
         calls = calls_after(m, start, m.path(NAME, section))
-        # 0 but for a loaded machine's pauses over DIGEST_ENTRY_TIMEOUT; 3 per entry before
+        # 0 but for a loaded machine's pauses over LISTED_ENTRY_TIMEOUT; 3 per entry before
         assert calls["lookup in parent"] < count // 2, (section, calls)
         assert calls["getattr"] <= 2, (section, calls)  # the directory's, none per entry
         assert calls["getxattr"] <= 4, (section, calls)
