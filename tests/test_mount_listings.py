@@ -115,6 +115,35 @@ def test_a_tag_changed_beside_the_mount_is_seen_at_sighup(tmp_path: Path, mount:
     assert latest.read_bytes() == second
 
 
+def test_a_listing_right_after_sighup_shows_a_tag_moved_beside_the_mount(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """The kernel keeps listed tags' entries for 0.1 s, and SIGHUP cannot reach them; but the
+    daemon forgets their attributes, so the next listing hands the kernel placeholders (timeouts
+    0) and `ls -l` right after SIGHUP looks each tag up: the moved tag shows at once."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    add_tags(root, NAME, image["digest"], 50)
+    second = padded(image["manifest"], 500)
+    m: Mount = mount(root, "--tag-ttl", "60")
+    tags = m.path(NAME, "tags")
+
+    def sizes() -> set[str]:
+        lines = run("ls", "-l", tags).stdout.decode().splitlines()
+        return {line.split()[4] for line in lines if line.endswith(" latest")}
+
+    assert sizes() == sizes() == {str(len(image["manifest"]))}  # the second: kept entries
+
+    async def retag() -> None:
+        repo = Registry(FilesystemDriver(root)).repository(NAME)
+        await repo.tags.put("latest", await repo.manifests.put(second))
+
+    trio.run(retag)
+    assert sizes() == {str(len(image["manifest"]))}  # the daemon's cache (TTL)
+    sighup(m)
+    assert sizes() == {str(len(second))}
+
+
 CALL = re.compile(r" DEBUG \S+\.wrapper: (\w+)\((\d*)")
 
 
