@@ -34,10 +34,14 @@ from urllib.parse import parse_qs, urlsplit
 import boto3
 import httpx
 
+from storage.digests import Digest
+from storage.paths import BlobData
+
 from .config import parse_size
 from .measure import MB, BenchError, mb_per_s, median, run, sides
 from .mount import Mount
 from .registry import RegistryProcess
+from .root import Root
 
 ACCESS_KEY, SECRET_KEY, REGION = "benchkey", "benchsecret", "us-east-1"
 ROOTDIRECTORY = "/regroot"
@@ -277,6 +281,24 @@ def mount_cat(env: Setup, digest: str, code: Path | None) -> tuple[float, float]
         return seconds, m.status("VmHWM") / MB
 
 
+def local_cat(env: Setup, blob: Path, digest: str) -> float:
+    """Seconds of a cold `cat` of the same bytes through a fresh mount of a local root (the
+    filesystem driver, the file in the page cache): what FUSE and the daemon's request path
+    cost on this load, without S3."""
+    root = Root(env.work / "local-root", env.work)
+    data = root.path(BlobData(Digest.parse(digest)))
+    data.parent.mkdir(parents=True, exist_ok=True)
+    os.link(blob, data)
+    root.link("local/app", Digest.parse(digest))
+    try:
+        with Mount(root.root, env.work / "mnt", env.work / "logs") as m:
+            layer = m.path("local", "app", "layers", digest)
+            layer.stat()
+            return seconds_of(lambda: run(["cat", layer]))
+    finally:
+        shutil.rmtree(root.root)
+
+
 def boto3_get(env: Setup, digest: str) -> float:
     """Seconds of boto3's own streamed GET of the same object."""
     hexdigest = digest.removeprefix("sha256:")
@@ -335,10 +357,12 @@ def targets(timed: dict[str, Any], listing: dict[str, Any], name: str) -> dict[s
         return {"ratio": round(ratio, 2), "met": ratio >= 1}
 
     read = mb(f"{name}regfs cold cat") / mb("boto3 streamed GET")
+    fuse = mb(f"{name}regfs cold cat") / mb("local root cold cat")
     push = mb(f"{name}regfs cp + mv") / mb("registry monolithic PUT")
     rss = max(v for k, v in timed.items() if k.startswith(f"{name}daemon peak RSS"))
     return {
         "cold read vs boto3 GET (>= 0.9x)": {"ratio": round(read, 2), "met": read >= 0.9},
+        "cold read vs the same through a local root (no target)": {"ratio": round(fuse, 2)},
         "cp + mv vs registry PUT (>= 1.5x)": {"ratio": round(push, 2), "met": push >= 1.5},
         "daemon peak RSS (< 150 MB)": {"MB": rss, "met": rss < 150},
         "ls tags vs tags/list (>= 1x)": faster("ls tags", "tags/list"),
@@ -350,7 +374,7 @@ def side_by_side(
     env: Setup, blob: Path, size: int, counted: bool, reps: int, codes: dict[str, Path | None]
 ) -> dict[str, object]:
     """Each side reps times, interleaved (either side first in turn), each regfs side once
-    per tree in codes."""
+    per tree in codes; beside boto3's GET, the same bytes through a local root's mount."""
     digest = random_blob(blob, size)
     out: dict[str, object] = {"size": size}
 
@@ -377,6 +401,8 @@ def side_by_side(
         for side in sides(rep):
             if side == "peer":
                 measured(f"boto3 streamed GET #{rep}", lambda: boto3_get(env, digest))
+                if not counted:
+                    measured(f"local root cold cat #{rep}", lambda: local_cat(env, blob, digest))
                 continue
             for name, code in codes.items():
                 measured(
