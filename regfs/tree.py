@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SECTIONS = ("layers", "manifests", "tags", "uploads")
-LISTED_MARGIN = 0.05  # seconds: see tags_listed
+# A listing's reply reaches the kernel a little after the daemon sends it, on a loaded
+# machine much later; this long after it, the client surely has it (see `remove`).
+LISTED_LATE = 1.0
+TICK = 0.02  # the kernel rounds an entry's timeout up to its clock's tick (4-10 ms)
 # Tags whose target and attributes are kept (the most recent): memory stays bounded with
 # 100,000 tags in a repository; a listing of more hands the rest to the kernel unread.
 TAGS_KEPT = 20_000
@@ -92,9 +95,9 @@ class Tree:
         # as long as its manifest's: a listing hands them to the kernel without a storage read.
         self._tag_attrs: TtlCache[TagNode, tuple[Attr, ManifestNode]] = TtlCache(tag_ttl, TAGS_KEPT)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
-        # Until when (time.monotonic) the kernel may keep tag entries a listing gave it, by
-        # repository: tags deleted with their manifest wait for them (`remove`).
-        self._listed_tags: dict[str, float] = {}
+        # When a listing last gave the kernel tag entries it keeps (time.monotonic), and for
+        # how long, by repository: tags deleted with their manifest wait for them (`remove`).
+        self._listed_tags: dict[str, tuple[float, float]] = {}
         self._shadow_logged: set[str] = set()
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
         # Counts changes (through the mount, SIGHUP). A cache is filled only if none came
@@ -264,11 +267,8 @@ class Tree:
         return kept[0]
 
     def tags_listed(self, repo: str, seconds: float) -> None:
-        """The kernel may keep a tag entry of repo's listing for `seconds` from about now:
-        from when the client reads the reply, a little later (and the kernel's clock ticks)."""
-        until = time.monotonic() + seconds + LISTED_MARGIN
-        if until > self._listed_tags.get(repo, 0.0):
-            self._listed_tags[repo] = until
+        """A listing gives the kernel entries of repo's tags that it keeps for `seconds`."""
+        self._listed_tags[repo] = (time.monotonic(), seconds)
 
     async def attr(self, node: Node) -> Attr:
         if (view := self._owners.get(type(node))) is not None:
@@ -421,6 +421,7 @@ class Tree:
 
         Returns the tags that went with a manifest.
         """
+        started = time.monotonic()
         gone: list[TagNode] = []
         match node:
             case UploadNode(repo, uuid):
@@ -434,7 +435,7 @@ class Tree:
                     # The kernel did not see these tags go: let the entries a listing gave it
                     # expire before rm returns (forgotten first, so none is given again).
                     self.changed(node, *gone)
-                    await trio.sleep(max(0.0, self._listed_tags.get(repo, 0.0) - time.monotonic()))
+                    await self._outlive_listed_tags(repo, started)
             case LayerNode(repo, digest):
                 await self._repo(repo).layers.unlink(digest)
             case DirNode() | SectionNode():
@@ -443,6 +444,15 @@ class Tree:
                 raise PermissionError(f"a view is read-only: {node}")
         self.changed(node, *gone)
         return gone
+
+    async def _outlive_listed_tags(self, repo: str, started: float) -> None:
+        """Wait until no tag entry of repo that a listing gave the kernel before `started` (an
+        rm's arrival) can be valid: the kernel took each by then, so each expires by
+        `started` plus its timeout (and a tick). Only after a recent listing: one whose reply
+        the client takes more than LISTED_LATE to read is not waited for."""
+        listed = self._listed_tags.get(repo)
+        if listed is not None and started - listed[0] < LISTED_LATE + listed[1]:
+            await trio.sleep(max(0.0, started + listed[1] + TICK - time.monotonic()))
 
     async def put_tag(self, node: TagNode, data: bytes) -> Digest:
         """Check and store the manifest, then point the tag at it (InvalidManifest: nothing)."""
