@@ -256,7 +256,8 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
     are listed in the background (tags, or layers/ with its blobs' HEADs, as the walk lists
     them), and their own listings then ask nothing. Out of order, nothing is listed ahead."""
     client = module_registry_server.client()
-    names = [f"zz/r{i}" for i in range(5)]  # last in the catalog
+    ahead = remote_registry.LISTINGS_AHEAD
+    names = [f"zz/r{i}" for i in range(ahead + 3)]  # last in the catalog
     blobs = {name: push_repo(client, name, ("x", "y")) for name in names}
     registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
     await registry.repository(names[0]).tags.list()
@@ -266,7 +267,7 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
     assert await registry.catalog.children("zz") == [n.split("/")[1] for n in names]
     proxy.seen.clear()
     await registry.repository(names[0]).tags.list()
-    await registry.repository(names[4]).tags.list()  # not the next one: no walk
+    await registry.repository(names[-1]).tags.list()  # not the next one: no walk
     assert registry.listed_ahead() == set()
 
     proxy.seen.clear()
@@ -276,16 +277,33 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
     while registry.listed_ahead():
         assert time.monotonic() < deadline, "the listings ahead never finished"
         await trio.sleep(0.02)
-    for name in names[2:4]:
+    for name in names[2 : 2 + ahead]:
         assert asked(proxy, name) == {
             "GET tags/list": 1,
             "GET manifests/<tag>": 2,
             "HEAD blobs/<digest>": len(blobs[name]),
         }
-    assert asked(proxy, names[4]) == {}  # LISTINGS_AHEAD: two
+    assert asked(proxy, names[-1]) == {}  # one more than LISTINGS_AHEAD
     proxy.seen.clear()
     layers = await registry.repository(names[2]).layers.list()
     assert {str(d) for d in layers} == blobs[names[2]]
     for digest in layers:
         await registry.repository(names[2]).layers.stat(digest)
     assert asked(proxy, names[2]) == {}
+
+
+async def test_a_slow_listing_is_reused_as_long_as_it_took(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """readdir of a big tags/ consumes the listing for a while: it is reused for as long as
+    it took to take (here ≥ 0.6 s of retries), not only the minimum, never past the TTL."""
+    push_repo(module_registry_server.client(), "listing/slow")
+    registry.tag_reuse = 0.1
+    proxy.inject(Fault(503, method="GET", path=r"/listing/slow/manifests/a$"), times=4)
+    started = time.monotonic()
+    await registry.repository("listing/slow").tags.list()
+    took = time.monotonic() - started
+    assert took >= 0.6  # 0.1 + 0.2 + 0.4 s of backoff, jittered
+    snapshot = registry.tag_snapshots.get("listing/slow")
+    assert snapshot is not None and snapshot.until - time.monotonic() > took - 0.2
+    assert snapshot.until - started <= took + registry.listing_ttl

@@ -70,13 +70,13 @@ ENTRY_OVERHEAD = 400  # bytes a cache entry costs beyond its name and data (obje
 # Requests at once while a listing resolves its tags and stats its blobs: readdirplus asks
 # for every entry's attributes, one at a time, so they are fetched beforehand, in parallel.
 LISTING_PARALLEL = 8
-# How long a repository's tags, as one listing resolved them, answer the listings and
-# lookups that follow (a walk lists tags/, manifests/ and layers/ in turn); never longer
-# than the listing TTL, so a tag changed behind the mount is seen within TTL + this.
+# How long, at least, a repository's tags as one listing resolved them answer the listings
+# and lookups that follow (a walk lists tags/, manifests/ and layers/ in turn); as long as
+# the listing took if that is longer, never longer than the listing TTL.
 TAG_REUSE_MAX = 1.0
 # Repositories listed ahead, in the background, once listings go through the catalog in
 # order (a walk: find, du, `ls -l */tags`), as read-ahead follows a sequential read.
-LISTINGS_AHEAD = 2
+LISTINGS_AHEAD = 4
 T = TypeVar("T")
 
 
@@ -191,7 +191,7 @@ class _TagSnapshot:
 
     tags: list[str]
     targets: dict[str, Digest]
-    taken: float  # time.monotonic() when it was complete
+    until: float  # time.monotonic() when it is no longer reused
 
     def size(self) -> int:
         return sum(len(t) + 60 for t in self.tags) + len(self.targets) * 200
@@ -310,7 +310,7 @@ class RemoteTags:
 
     def _recent(self) -> _TagSnapshot | None:
         snapshot = self.registry.tag_snapshots.get(self.name)
-        if snapshot is not None and time.monotonic() - snapshot.taken > self.registry.tag_reuse:
+        if snapshot is not None and time.monotonic() > snapshot.until:
             self.registry.tag_snapshots.pop(self.name)
             return None
         return snapshot
@@ -318,9 +318,12 @@ class RemoteTags:
     async def snapshot(self) -> _TagSnapshot:
         """The tags and their targets: each tag's manifest is fetched by tag (its digest is
         the body's, and it is cached for the stat that follows), LISTING_PARALLEL at once.
-        Reused for `tag_reuse` seconds; a change through this mount drops it."""
+        Reused for as long as it took to take, at least `tag_reuse` seconds and at most the
+        listing TTL (readdir of 10,000 tags takes a while to consume it, and a tag left
+        unresolved costs a round trip of its own); a change through this mount drops it."""
         if (recent := self._recent()) is not None:
             return recent
+        started = time.monotonic()
         tags = await self._names()
         targets: dict[str, Digest] = {}
         manifests = self.repo.manifests
@@ -330,7 +333,9 @@ class RemoteTags:
             targets[tag] = (await manifests.fetch(tag)).digest
 
         await _in_parallel(tags[:TAGS_RESOLVED_MAX], resolve, f"{self.name}: tags")
-        snapshot = _TagSnapshot(tags, targets, time.monotonic())
+        now = time.monotonic()
+        reuse = min(self.registry.listing_ttl, max(self.registry.tag_reuse, now - started))
+        snapshot = _TagSnapshot(tags, targets, now + reuse)
         if self.registry.tag_reuse > 0:
             self.registry.tag_snapshots.put(self.name, snapshot)
         return snapshot
@@ -654,7 +659,9 @@ class RemoteRegistry:
         self.blob_cache: ByteCache[tuple[str, Digest], BlobInfo] = ByteCache(
             BLOB_CACHE_BYTES, lambda key, _: len(key[0]) + ENTRY_OVERHEAD
         )
-        # A repository's tags as its last listing found them, for `tag_reuse` seconds.
+        # A repository's tags as its last listing found them, for `tag_reuse` seconds or as
+        # long as the listing took, up to the listing TTL (TagSnapshot.until).
+        self.listing_ttl = listing_ttl
         self.tag_reuse = min(listing_ttl, TAG_REUSE_MAX)
         self.tag_snapshots: ByteCache[str, _TagSnapshot] = ByteCache(
             TAG_SNAPSHOT_BYTES, lambda name, snapshot: len(name) + snapshot.size()
