@@ -19,9 +19,9 @@ from typing import Protocol, TypeVar
 
 from .blobs import read_link
 from .digests import Digest, Sha256State
-from .drivers import PathNotFound, StorageDriver
+from .drivers import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
 from .drivers.base import join
-from .errors import CorruptEntry, InvalidName, UnknownUpload
+from .errors import CorruptEntry, InvalidName, StorageError, UnknownUpload
 from .hashing import HASH_CHUNK, hash_range
 from .paths import (
     ROOT,
@@ -80,6 +80,82 @@ class NoProgress:
         pass
 
 
+class ListedOnce(StorageDriver):
+    """A read-only view of a driver for one check, whose passes (blobs, repositories, the
+    tree) ask about the same directories: each directory is listed once, with what its
+    listing says of each entry (`entries`: on S3 no request per file), and a stat is answered
+    from its directory's listing. The check reads a snapshot taken as it goes; contents
+    (links, start times, blobs) are still read from the driver. It holds every listing it
+    made, a FileInfo per entry of the tree, until the check ends."""
+
+    name = "listed-once"
+
+    def __init__(self, driver: StorageDriver) -> None:
+        self.driver = driver
+        self.keeps_symlinks = driver.keeps_symlinks
+        self._listed: dict[str, dict[str, FileInfo] | None] = {}  # None: no such directory
+
+    def __repr__(self) -> str:
+        return f"ListedOnce({self.driver!r})"
+
+    async def _entries(self, path: str) -> list[FileInfo]:
+        if path not in self._listed:
+            try:
+                infos = await self.driver.entries(path)
+            except PathNotFound:
+                self._listed[path] = None
+            else:
+                self._listed[path] = {info.path.rpartition("/")[2]: info for info in infos}
+        listed = self._listed[path]
+        if listed is None:
+            raise PathNotFound(path)
+        return list(listed.values())
+
+    async def _list(self, path: str) -> list[str]:
+        return [info.path.rpartition("/")[2] for info in await self._entries(path)]
+
+    async def _stat(self, path: str) -> FileInfo:
+        if path == "/":
+            return await self.driver.stat(path)
+        parent, _, name = path.rpartition("/")
+        try:
+            await self._entries(parent or "/")
+        except PathNotFound:
+            raise PathNotFound(path) from None
+        info = (self._listed[parent or "/"] or {}).get(name)
+        if info is not None:
+            return info
+        if self.keeps_symlinks:  # a symlink, not listed: the driver says CorruptEntry for it
+            return await self.driver.stat(path)
+        raise PathNotFound(path)
+
+    async def _symlinks(self, path: str) -> list[str]:
+        await self._entries(path)  # PathNotFound as list() would say it
+        return await self.driver.symlinks(path) if self.keeps_symlinks else []
+
+    async def _get_content(self, path: str, limit: int) -> bytes:
+        return await self.driver.get_content(path)  # its own limit: CorruptEntry above
+
+    async def _reader(self, path: str) -> FileReader:
+        return await self.driver.reader(path)
+
+    async def _put_content(self, path: str, data: bytes) -> None:
+        raise _read_only(path)
+
+    async def _writer(self, path: str) -> FileWriter:
+        raise _read_only(path)
+
+    async def _move(self, source: str, dest: str) -> None:
+        raise _read_only(source)
+
+    async def _delete(self, path: str) -> None:
+        raise _read_only(path)
+
+
+def _read_only(path: str) -> StorageError:
+    return StorageError(f"{path}: the check changes nothing")
+
+
 class Checker:
     def __init__(
         self,
@@ -88,6 +164,7 @@ class Checker:
         upload_age: timedelta,
         progress: Progress | None = None,
     ) -> None:
+        driver = ListedOnce(driver)
         self.driver = driver
         self.registry = Registry(driver)
         self.verify = verify

@@ -169,6 +169,32 @@ async def test_walk_depth_first_sorted(drv):
     await drv.delete("/w")
 
 
+async def test_entries_say_what_stat_says(drv):
+    """The walk's hook: a driver may answer from its listing, never differently from stat
+    (a directory's time aside: S3 keeps none). A file being written counts its writes."""
+    for path, data in (("/e/a-x", b"12"), ("/e/a/1", b"345"), ("/e/b", b"")):
+        await drv.put_content(path, data)
+    writer = await drv.writer("/e/c")
+    try:
+        await writer.write_at(0, b"written")
+        entries = await drv.entries("/e")
+        assert [i.path for i in entries] == [f"/e/{name}" for name in await drv.list("/e")]
+        assert {"/e/a", "/e/a-x", "/e/b", "/e/c"} <= {i.path for i in entries}
+        for info in entries:
+            stat = await drv.stat(info.path)
+            assert (info.size, info.is_dir) == (stat.size, stat.is_dir), info.path
+            if not info.is_dir and info.path != "/e/c":
+                assert info.mtime_ns == stat.mtime_ns, info.path
+        assert next(i for i in entries if i.path == "/e/c").size == 7
+        with pytest.raises(PathNotFound):
+            await drv.entries("/e/b")  # a file
+        with pytest.raises(PathNotFound):
+            await drv.entries("/nothing")
+    finally:
+        await writer.aclose()
+        await drv.delete("/e")
+
+
 @pytest.mark.parametrize(
     "bad", ["", "relative", "/a/../b", "/..", "/a/./b", "/a//b", "/a/", "/a\0b", "/sp ace", "/ü"]
 )

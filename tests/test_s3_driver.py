@@ -18,8 +18,10 @@ import subprocess
 import pytest
 import trio
 from support.fault_server import Fault, FaultServer
+from support.oci import image_manifest
 from support.s3 import MotoServer
 
+from storage.check import check
 from storage.digests import digest_bytes
 from storage.drivers import PathNotFound
 from storage.drivers.s3 import ANYWHERE, MIN_PART, S3Driver, s3_client
@@ -317,6 +319,30 @@ async def test_a_stat_is_one_request(moto_server, s3_bucket):
         assert [s.method for s in proxy.seen] == ["GET", "HEAD", "GET"]
         await drv.delete("/docker")
         await drv.delete("/blob")
+
+
+async def test_check_lists_each_directory_once(moto_server, s3_bucket):
+    """`regfs check` on a bucket: every directory one listing, whose sizes and times answer
+    the stats (no HEAD); the only GETs are of the links and start times it reads."""
+    registry = Registry(S3Driver(s3_bucket, "/", client=moto_server.client()))
+    repo = registry.repository("org/app")
+    blobs = [b'{"os":"linux"}', os.urandom(1000)]
+    for data in blobs:
+        upload = await repo.layers.upload()
+        await upload.write(data)
+        await upload.finish(digest_bytes(data))
+    manifest = await repo.manifests.put(image_manifest(blobs[0], blobs[1:]))
+    await repo.tags.put("v1", manifest)
+    await (await repo.layers.upload()).close()  # in progress: a multipart upload
+    files = [i async for i in registry.driver.walk("/") if not i.is_dir]
+    with FaultServer(upstream=moto_server.url) as proxy:
+        assert await check(S3Driver(s3_bucket, "/", client=moto_server.client(proxy.url))) == []
+    listings = [s.path for s in proxy.seen if "list-type=2" in s.path]
+    assert len(listings) == len(set(listings)), "a directory listed twice"
+    assert [s.method for s in proxy.seen if s.method != "GET"] == []
+    reads = [s.path for s in proxy.seen if "?" not in s.path]
+    assert len(reads) == sum(i.path.endswith(("/link", "/startedat")) for i in files) - 1
+    # the index link is the one not read: a tag's current link says what it points at
 
 
 async def test_reads_in_order_out_of_order_and_at_once(drv):

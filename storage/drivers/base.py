@@ -105,6 +105,7 @@ CONTENT_LIMIT = 4 << 20
 
 class StorageDriver(ABC):
     name: str
+    keeps_symlinks = False  # whether `symlinks` can ever name one (a filesystem's root)
 
     async def get_content(self, path: str) -> bytes:
         data = await self._get_content(check_path(path), CONTENT_LIMIT + 1)
@@ -149,19 +150,24 @@ class StorageDriver(ABC):
         await self._delete(check_path(path))
 
     async def walk(self, path: str) -> AsyncIterator[FileInfo]:
-        """Every entry below path, depth first, in sorted order; a name no storage path may
-        hold (`lost+found`, a space) is passed over, as every other call would refuse it."""
-        check_tree(path)
-        for name in await self._list(path):
-            child = join(path, name)
-            if _PATH_RE.fullmatch(child) is None:
-                log.warning("walk: %r in %s is no storage path name: passed over", name, path)
-                continue
-            info = await self._stat(child)
+        """Every entry below path, depth first, in sorted order (see `entries`)."""
+        for info in await self.entries(check_tree(path)):
             yield info
             if info.is_dir:
                 async for below in self.walk(info.path):
                     yield below
+
+    async def entries(self, path: str) -> builtins.list[FileInfo]:
+        """What `stat` says of each entry of a directory, in `list`'s order; a name no storage
+        path may hold (`lost+found`, a space) is passed over, as every other call would
+        refuse it."""
+        infos = []
+        for info in await self._entries(check_tree(path)):
+            if _PATH_RE.fullmatch(info.path) is None:
+                log.warning("%s: no storage path name: passed over", info.path)
+                continue
+            infos.append(info)
+        return infos
 
     def statvfs(self) -> os.statvfs_result | None:
         """Space and file counts of the store, where it has such a thing."""
@@ -181,6 +187,11 @@ class StorageDriver(ABC):
     async def _stat(self, path: str) -> FileInfo: ...
     @abstractmethod
     async def _list(self, path: str) -> builtins.list[str]: ...
+    async def _entries(self, path: str) -> builtins.list[FileInfo]:
+        """A stat of each listed name. A driver whose listing already says what a stat would
+        (S3's ListObjectsV2, os.scandir) overrides this to spare a request per entry."""
+        return [await self._stat(join(path, name)) for name in await self._list(path)]
+
     async def _symlinks(self, path: str) -> builtins.list[str]:
         await self._list(path)  # PathNotFound as list() would say it
         return []

@@ -31,7 +31,7 @@ from contextlib import contextmanager, suppress
 import trio
 
 from ..errors import Busy, CorruptEntry, InvalidOffset, UnsafeEntry
-from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
+from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver, join
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ def _create_temp(dirfd: int) -> tuple[int, str]:
 
 class FilesystemDriver(StorageDriver):
     name = "filesystem"
+    keeps_symlinks = True
 
     def __init__(self, root: str | os.PathLike[str], openat2: bool = True) -> None:
         """openat2=False walks paths component by component even where openat2 works (the
@@ -402,24 +403,46 @@ class FilesystemDriver(StorageDriver):
             raise self._refusal(OSError(errno.ELOOP, "a symbolic link"), path)
         return FileInfo(path, st.st_size, st.st_mtime_ns, statmod.S_ISDIR(st.st_mode))
 
-    def _scan(self, path: str) -> tuple[list[str], list[str]]:
-        """The sorted names in a directory: its entries that are no symlink, and those that are."""
-        names: list[str] = []
+    def _scan(
+        self, path: str, stat: bool = False
+    ) -> tuple[dict[str, os.stat_result | None], list[str]]:
+        """A directory's entries that are no symlink (each with its lstat, taken through the
+        directory's descriptor, when `stat`), and the sorted names of those that are."""
+        found: dict[str, os.stat_result | None] = {}
         links: list[str] = []
         fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             with os.scandir(fd) as entries:
                 for entry in entries:
-                    (links if entry.is_symlink() else names).append(entry.name)
+                    try:
+                        st = entry.stat(follow_symlinks=False) if stat else None
+                    except FileNotFoundError:
+                        continue  # deleted since the directory was read
+                    if entry.is_symlink() or (st is not None and statmod.S_ISLNK(st.st_mode)):
+                        links.append(entry.name)
+                    else:
+                        found[entry.name] = st
         finally:
             os.close(fd)
-        return sorted(names), sorted(links)
+        return found, sorted(links)
 
-    async def _list(self, path: str) -> list[str]:
-        names, links = self._scan(path)
+    def _listed(self, path: str, stat: bool = False) -> dict[str, os.stat_result | None]:
+        found, links = self._scan(path, stat)
         for name in links:
             log.warning("%s/%s: a symbolic link in the storage root: not listed", path, name)
-        return names
+        return found
+
+    async def _list(self, path: str) -> list[str]:
+        return sorted(self._listed(path))
+
+    async def _entries(self, path: str) -> list[FileInfo]:
+        """One scandir, each entry's lstat with it: no path resolved per entry."""
+        found = self._listed(path, stat=True)
+        return [
+            FileInfo(join(path, name), st.st_size, st.st_mtime_ns, statmod.S_ISDIR(st.st_mode))
+            for name, st in sorted(found.items())
+            if st is not None
+        ]
 
     async def _symlinks(self, path: str) -> list[str]:
         return self._scan(path)[1]

@@ -65,7 +65,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from ..errors import AccessDenied, Busy, InvalidOffset, RemoteUnavailable
 from ..remote.retry import backoff
-from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver
+from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver, join
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -327,8 +327,10 @@ class S3Driver(StorageDriver):
         )
         return next(iter(page.get("Contents", [])), None)
 
-    def _objects(self, prefix: str, delimiter: str = "") -> Iterator[dict[str, str]]:
-        """ListObjectsV2 pages as {"key": …} (objects) and {"prefix": …} (common prefixes)."""
+    def _objects(
+        self, prefix: str, delimiter: str = ""
+    ) -> Iterator[tuple[str, ObjectTypeDef | None]]:
+        """ListObjectsV2 pages as (key, the object) and (common prefix, None)."""
         token: str | None = None
         while True:
             listing = functools.partial(
@@ -338,9 +340,9 @@ class S3Driver(StorageDriver):
                 listing = functools.partial(listing, ContinuationToken=token)
             page = self.call(f"LIST {prefix}", listing)
             for obj in page.get("Contents", []):
-                yield {"key": obj["Key"]}
+                yield obj["Key"], obj
             for common in page.get("CommonPrefixes", []):
-                yield {"prefix": common["Prefix"]}
+                yield common["Prefix"], None
             if not page.get("IsTruncated"):
                 return
             token = page["NextContinuationToken"]
@@ -646,8 +648,8 @@ class S3Driver(StorageDriver):
 
         def names() -> builtins.list[str]:
             found = set()
-            for entry in self._objects(prefix, "/"):
-                found.add(entry.get("key", entry.get("prefix", ""))[len(prefix) :].rstrip("/"))
+            for name, _ in self._objects(prefix, "/"):
+                found.add(name[len(prefix) :].rstrip("/"))
             if self._multipart.below(path):
                 for key, _ in self._uploads(prefix):
                     found.add(key[len(prefix) :].partition("/")[0])
@@ -657,6 +659,41 @@ class S3Driver(StorageDriver):
             return sorted(found)
 
         return await self._run(names)
+
+    async def _entries(self, path: str) -> builtins.list[FileInfo]:
+        """The listing's own sizes and times, so a file costs no request of its own; a
+        directory's time is 0 (S3 keeps none: `stat` takes the first key's below it). Where
+        a multipart upload may stand (`self._multipart`), a file is stat'ed as before: its
+        size is its parts', or its writer's."""
+        prefix = self._top() if path == "/" else self.key(path) + "/"
+
+        def listed() -> dict[str, FileInfo]:
+            found: dict[str, FileInfo] = {}
+            for name, obj in self._objects(prefix, "/"):
+                leaf = name[len(prefix) :].rstrip("/")
+                if not leaf:
+                    continue  # a directory marker another tool made
+                child = join(path, leaf)
+                if obj is not None:
+                    found[child] = FileInfo(
+                        child, obj["Size"], _mtime_ns(obj["LastModified"]), False
+                    )
+                else:
+                    found.setdefault(child, FileInfo(child, 0, 0, True))
+            if self._multipart.below(path):
+                for key, _ in self._uploads(prefix):
+                    leaf, below, _ = key[len(prefix) :].partition("/")
+                    child = join(path, leaf)
+                    found.setdefault(child, FileInfo(child, 0, 0, bool(below)))
+            if not found and path != "/":
+                raise PathNotFound(path)
+            return found
+
+        found = await self._run(listed)
+        return [
+            await self._stat(child) if not info.is_dir and self._multipart.at(child) else info
+            for child, info in sorted(found.items())
+        ]
 
     async def _move(self, source: str, dest: str) -> None:
         src, dst = self.key(source), self.key(dest)
@@ -702,7 +739,7 @@ class S3Driver(StorageDriver):
             return k == key or k.startswith(key + "/")
 
         def delete() -> None:
-            keys = [e["key"] for e in self._objects(key) if "key" in e and below(e["key"])]
+            keys = [k for k, _ in self._objects(key) if below(k)]
             uploads = []
             if self._multipart.below(path) or self._multipart.at(path):
                 uploads = [(k, u) for k, u in self._uploads(key) if below(k)]
