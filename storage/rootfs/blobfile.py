@@ -122,14 +122,46 @@ class BlobFile(PieceFile):
         data, start = found
         return data[offset - start :]
 
+    def prefetch(self, start: int, end: int) -> None:
+        """Fetch the windows over [start, end) that are not cached in ONE `read_at`, so
+        that the reads which follow find them: a remote source then makes one exact GET
+        instead of a small one and others widened after it. Bounded: the windows fetched
+        never exceed what the cache holds less one (more would evict their own start);
+        past that, reads fetch as they go. Cached windows at either end are not fetched
+        again, and are made the most recent, so that the new ones do not evict them.
+        Errors are those of `_fetch` (kept in `error`, raised); a failed or cancelled
+        prefetch caches nothing."""
+        if end <= start:
+            return
+        first = max(start, 0) - max(start, 0) % self._window
+        end = min(end, self.size, first + self._window * (self._windows - 1))
+        last = min(end + (-end) % self._window, self.size)
+        for at in range(first, last, self._window):  # kept: the new windows evict others
+            if at in self._cache:
+                self._cache.move_to_end(at)
+        while first < last and first in self._cache:
+            first += self._window
+        while first < last and last - (last - 1) % self._window - 1 in self._cache:
+            last -= (last - 1) % self._window + 1
+        if first >= last:
+            return
+        data = self._read(first, last - first)
+        for at in range(first, last, self._window):
+            self._keep(at, data[at - first : at - first + self._window])
+
     def _fetch(self, start: int) -> bytes:
         data = self._cache.get(start)
         if data is not None:
             self._cache.move_to_end(start)
             return data
+        data = self._read(start, min(self._window, self.size - start))
+        self._keep(start, data)
+        return data
+
+    def _read(self, start: int, want: int) -> bytes:
+        """`want` bytes at `start` from the source, in one `read_at` through the loop."""
         if self._stop is not None and self._stop.is_set():
             raise Stopped
-        want = min(self._window, self.size - start)
         try:
             got = trio.from_thread.run(self._reader.read_at, start, want, trio_token=self._token)
         except BaseException as exc:
@@ -141,6 +173,11 @@ class BlobFile(PieceFile):
             self.error = CorruptLayer(self.layer, why)
             raise self.error
         self.bytes_read += len(data)
+        return data
+
+    def _keep(self, start: int, data: bytes) -> None:
+        """Cache the window at `start` (the least recently used leaves), hashing it when
+        it is the next in order."""
         if self._hash is not None:
             if start == self._hashed:
                 self._hash.update(data)
@@ -150,9 +187,9 @@ class BlobFile(PieceFile):
             elif start > self._hashed:
                 self._hash = None  # a gap: this pass cannot vouch for the digest
         self._cache[start] = data
+        self._cache.move_to_end(start)
         if len(self._cache) > self._windows:
             self._cache.popitem(last=False)
-        return data
 
     def verify(self) -> bool:
         """Read what the pass left unread (a tail after the data), then compare the digest.

@@ -21,12 +21,14 @@ holds none.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import io
 import os
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import indexed_gzip
@@ -206,18 +208,53 @@ class GzipPass:
         self._file.close()
 
 
+@dataclass(frozen=True)
+class SeekPoints:
+    """Where the seek points are (uncompressed and compressed offsets, ascending), to tell
+    which blob bytes a random read will make indexed_gzip read."""
+
+    uncompressed: list[int]
+    compressed: list[int]
+
+    @classmethod
+    def of(cls, file: Any) -> SeekPoints:
+        points = list(file.seek_points())
+        return cls([u for u, _ in points], [c for _, c in points])
+
+    def span(self, offset: int, size: int, blob_size: int) -> tuple[int, int]:
+        """The blob bytes [start, end) that `pread(offset, size)` reads: zran starts at
+        the last point at or before `offset` (the byte before its compressed offset holds
+        its first bits; the first point starts at the header), decompresses `size` bytes
+        and at most a buffer (`RANDOM_READBUF`, what its reader reads ahead) past them,
+        which the input before the next point holds; input comes in `RANDOM_READBUF`
+        reads. Past the last point (or with none) the read may go on to the blob's end.
+        Not bounded here: `BlobFile.prefetch` bounds what it fetches."""
+        before = bisect.bisect_right(self.uncompressed, offset) - 1
+        start = self.compressed[before] - 1 if before > 0 else 0
+        after = bisect.bisect_left(self.uncompressed, offset + size + RANDOM_READBUF)
+        if after >= len(self.compressed):
+            return max(start, 0), blob_size
+        return max(start, 0), min(self.compressed[after] + RANDOM_READBUF, blob_size)
+
+
 class GzipReader:
     """Random reads of a gzip blob (in a worker thread) from its seek points in the file
     `points` (`write_points`; the reader owns the descriptor). They are imported at the
     first read after the reader is made or `release`d. Without `points` (a cache entry
     evicted under a mount that still uses the layer), indexed_gzip decompresses from the
-    blob's start up to each new place, and keeps the points it makes meanwhile."""
+    blob's start up to each new place, and keeps the points it makes meanwhile.
+
+    Before each read the blob bytes it needs (`SeekPoints.span`) are fetched in one
+    `BlobFile.prefetch`: over HTTP one range GET per read, not a small one and more after
+    it as zran reads on (docs/performance.md). Without imported points nothing is
+    prefetched: the read starts at the blob's start and its end is not known."""
 
     def __init__(self, blob: BlobFile, layer: Digest, points: int | None) -> None:
         self._blob = blob
         self._layer = layer
         self._points = points
         self._file: Any = None
+        self._where: SeekPoints | None = None
 
     @property
     def held(self) -> bool:
@@ -227,7 +264,11 @@ class GzipReader:
     def pread(self, offset: int, size: int) -> bytes:
         if self._file is None:
             self._file = self._open()
+            self._where = SeekPoints.of(self._file) if self._points is not None else None
+        self._blob.error = None  # an earlier read's, which this one's failure is not
         try:
+            if self._where is not None and self._where.compressed:
+                self._blob.prefetch(*self._where.span(offset, size, self._blob.size))
             self._file.seek(offset)
             data: bytes = self._file.read(size)
         except (OSError, ValueError) as exc:
@@ -251,11 +292,13 @@ class GzipReader:
         if self.held:
             self._file.close()
             self._file = None
+            self._where = None
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+            self._where = None
         if self._points is not None:
             os.close(self._points)
             self._points = None
