@@ -93,6 +93,25 @@ def test_a_tag_changed_through_the_mount_is_seen_at_once(tmp_path: Path, mount: 
     assert ls(tags) == []
 
 
+def test_a_listing_while_a_tag_is_appended_to_keeps_its_size(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """A listing hands a tag with a writer its real (pending) size, never the placeholder's
+    0: the kernel takes a listed entry's size for its inode's, and an O_APPEND write lands
+    at that size. So an append with listings in between adds to the end."""
+    image = trio.run(build_root, tmp_path / "root", NAME, 1000)
+    m: Mount = mount(tmp_path / "root")
+    tags = m.path(NAME, "tags")
+    fd = os.open(tags / "latest", os.O_WRONLY | os.O_APPEND)
+    try:
+        for piece in (b"\n", b" \n"):
+            assert ls(tags) == ["latest"]  # readdirplus while the writer is open
+            os.write(fd, piece)
+    finally:
+        os.close(fd)
+    assert (tags / "latest").read_bytes() == image["manifest"] + b"\n \n"
+
+
 def test_a_tag_changed_beside_the_mount_is_seen_at_sighup(tmp_path: Path, mount: Callable) -> None:
     """The registry moves a tag: within the TTL the daemon may still show the old one, and
     the kernel adds nothing of its own; after SIGHUP a stat shows the new one at once."""
