@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import os
 import uuid as uuidlib
+from datetime import datetime
 
 from .api import BlobInfo, BlobReader, EmptyReader, UploadInfo
 from .blobs import BlobStore, LinkedBlobs
@@ -128,9 +129,7 @@ class LayerService:
         return await LayerUpload.resume(self.driver, self._blobs, self.linked, self.name, uuid)
 
     async def upload_info(self, uuid: str) -> UploadInfo:
-        if UUID_RE.fullmatch(uuid) is None:
-            raise UnknownUpload(f"unknown upload {uuid!r} in {self.name}: not an upload id")
-        started_at = await read_started_at(self.driver, self.name, uuid)
+        started_at = await self._started_at(uuid)
         try:
             size = (await self.driver.stat(path_for(UploadData(self.name, uuid)))).size
         except PathNotFound:
@@ -140,11 +139,16 @@ class LayerService:
     async def read_upload(self, uuid: str) -> BlobReader:
         """The bytes received so far (none when the data file is missing, as the registry
         reads it; a finish cut after moving the data into blobs/ leaves such an upload)."""
-        await self.upload_info(uuid)
+        await self._started_at(uuid)  # UnknownUpload without; the data's size is the reader's
         try:
             return await self.driver.reader(path_for(UploadData(self.name, uuid)))
         except PathNotFound:
             return EmptyReader()
+
+    async def _started_at(self, uuid: str) -> datetime:
+        if UUID_RE.fullmatch(uuid) is None:
+            raise UnknownUpload(f"unknown upload {uuid!r} in {self.name}: not an upload id")
+        return await read_started_at(self.driver, self.name, uuid)
 
     async def uploads(self) -> builtins.list[str]:
         """Uuids of the uploads in progress. Directories that are not uuids are skipped, and

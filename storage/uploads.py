@@ -107,7 +107,6 @@ class LayerUpload:
         self._base = hashed.size  # the saved state the hash chain started from (0: none)
         self._states = HashStates(driver, name, uuid, saved_at=hashed.size)
         self._pipeline = AppendPipeline(self._states)
-        self._data_missing = False
         self._position = writer.size
         self._lock = trio.Lock()
 
@@ -144,16 +143,9 @@ class LayerUpload:
         if UUID_RE.fullmatch(uuid) is None:
             raise UnknownUpload(f"unknown upload {uuid!r} in {name}: not an upload id")
         started_at = await read_started_at(driver, name, uuid)
-        try:
-            await driver.stat(path_for(UploadData(name, uuid)))
-            data_missing = False
-        except PathNotFound:
-            data_missing = True  # an empty upload, or one whose finish moved its data
         writer = await driver.writer(path_for(UploadData(name, uuid)))
         hashed = await HashStates(driver, name, uuid).nearest(writer.size)
-        upload = cls(driver, blobs, layers, name, uuid, started_at, writer, hashed)
-        upload._data_missing = data_missing
-        return upload
+        return cls(driver, blobs, layers, name, uuid, started_at, writer, hashed)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -376,8 +368,11 @@ class LayerUpload:
 
     async def _finished_before(self, expected: Digest) -> bool:
         """Whether an interrupted finish already moved this upload's data to blob `expected`:
-        its data is gone, the blob is there, and a saved hash state proves the digest."""
-        if not self._data_missing or self.size or not await self._blobs.exists(expected):
+        no data, the blob is there, and a saved hash state of some bytes proves the digest.
+        Data cut to nothing keeps no state above 0 (`_rewind`), so only a move leaves one;
+        no stat of the data before the writer made it, which on S3 is a multipart lookup
+        more in every finish."""
+        if self.size or not await self._blobs.exists(expected):
             return False
         return await self._states.prove(expected)
 

@@ -151,17 +151,22 @@ def _mtime_ns(when: datetime) -> int:
 @dataclass(frozen=True)
 class MultipartPaths:
     """Where multipart uploads in progress (files a writer made) are looked for: each look
-    is a ListMultipartUploads, so a registry's driver looks only under `_uploads`."""
+    is a ListMultipartUploads, so a registry's driver looks only where the registry (and
+    regfs) write with a writer: `_uploads/<id>/data`, never in `hashstates/`."""
 
     everywhere: bool
 
     def at(self, path: str) -> bool:
         """Whether the file at path may be a multipart upload."""
-        return self.everywhere or ("/_uploads/" in path and path.endswith("/data"))
+        return self.everywhere or _UPLOAD_DATA.search(path) is not None
 
     def below(self, path: str) -> bool:
         """Whether a multipart upload may lie at or below path."""
-        return self.everywhere or "/_uploads" in path
+        return self.everywhere or _UPLOAD_DIR.search(path) is not None
+
+
+_UPLOAD_DATA = re.compile(r"/_uploads/[^/]+/data$")
+_UPLOAD_DIR = re.compile(r"/_uploads(?:/[^/]+)?(?:/data)?$")
 
 
 ANYWHERE = MultipartPaths(everywhere=True)
