@@ -134,10 +134,22 @@ class Requests:
     def counts(self) -> dict[str, int]:
         httpx.post(f"{self.url}/moto-api/recorder/stop-recording")
         found: collections.Counter[str] = collections.Counter()
-        for line in self.recording.read_text().splitlines():
-            entry = json.loads(line)
+        for entry in json_objects(self.recording.read_text()):
             found[operation(entry["method"], entry["url"])] += 1
         return dict(sorted(found.items()))
+
+
+def json_objects(text: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects of moto's recording, one after another: its server threads append
+    an entry and its newline in separate writes, so two entries may share a line."""
+    decoder, at = json.JSONDecoder(), 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return
+        entry, at = decoder.raw_decode(text, at)
+        yield entry
 
 
 def operation(method: str, url: str) -> str:
