@@ -124,19 +124,26 @@ async def test_writes_go_in_order(drv):
 
 
 async def test_resume_after_a_small_last_part(drv, s3, s3_bucket):
-    """A last part under 5 MiB cannot be followed by more: reopening completes the upload
-    and starts another holding its bytes (2.8's rule), and the data stays whole."""
+    """A last part under 5 MiB cannot be followed by more: the first change after reopening
+    completes the upload and starts another holding its bytes (2.8's rule), and the data
+    stays whole. Reopened and closed unchanged (as a finish does), it stays as it was."""
     path = f"{UPLOAD}/data"
     head = os.urandom(300_000)
     writer = await drv.writer(path)
     await writer.write_at(0, head)
     await writer.aclose()  # one part of 300 000 bytes
-    tail = os.urandom(2 * MIN_PART)
+    key = f"regroot{path}"
+    before = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]
     writer = await drv.writer(path)
     assert writer.size == len(head)
-    await writer.write_at(len(head), tail)
     await writer.aclose()
-    key = f"regroot{path}"
+    assert s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"] == before
+    assert f"regroot{path}" not in keys(s3, s3_bucket)
+    tail = os.urandom(2 * MIN_PART)
+    writer = await drv.writer(path)
+    await writer.truncate(len(head) - 1000)  # in what the restart holds unsealed
+    await writer.write_at(len(head) - 1000, head[-1000:] + tail)
+    await writer.aclose()
     upload_id = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]["UploadId"]
     sizes = [
         p["Size"] for p in s3.list_parts(Bucket=s3_bucket, Key=key, UploadId=upload_id)["Parts"]
@@ -408,6 +415,7 @@ async def test_one_writer_across_daemons_and_a_dead_ones_lock_expires(
     await second.aclose()
 
     stale = await a.writer(path)  # never renewed: expires in a second
+    await stale.write_at(14, b"")  # a change: the short last part is completed, restarted
     await trio.sleep(2.2)
     taker = await b.writer(path)
     assert "taking over a writer lock" in caplog.text

@@ -988,23 +988,37 @@ class _Writer(FileWriter):
         self._dirty = False  # the tail differs from that part
         self._lock = threading.Lock()  # the disk worker, the sync thread and the loop
         self._closed = False
+        self._short = False  # the last part is under MIN_PART: see _writable
         self.size = 0
 
     def open_blocking(self) -> None:
         """Resume the upload at the key as 2.8 does; a last part under MIN_PART cannot be
-        followed by more, so the upload is completed and restarted from its object. With no
-        upload, start one (holding the object at the key, if one is there)."""
+        followed by more, so the upload is completed and restarted from its object before
+        the first change (`_writable`). With no upload, start one (holding the object at the
+        key, if one is there)."""
         driver, key = self._driver, self._key
         pending = driver._pending(key)
-        if pending is not None and pending.parts and pending.parts[-1].size < MIN_PART:
-            driver._complete(key, pending.upload_id, pending.parts)
-            pending = None
-        self._go_on(driver.restart(key) if pending is None else (pending, b""))
+        if pending is None:
+            self._go_on(driver.restart(key))
+            return
+        self._go_on((pending, b""))
+        # Not completed here: a finish changes nothing, and its move completes the upload
+        # anyway; another node's writes would need the lock, which this writer holds.
+        self._short = bool(pending.parts) and pending.parts[-1].size < MIN_PART
+
+    def _writable(self) -> None:
+        """Before a change: an upload whose last part is under MIN_PART is completed and
+        restarted from its object, as no part may follow that one."""
+        if self._short:
+            self._check_lock()
+            self._driver._complete(self._key, self._upload_id, self._parts)
+            self._go_on(self._driver.restart(self._key))
 
     def _go_on(self, upload: tuple[_Pending, bytes]) -> None:
         """Write on in this upload; a tail returned by restart (sent as part 1) is kept
         here, to grow."""
         pending, tail = upload
+        self._short = False
         self._upload_id = pending.upload_id
         self._parts = [] if tail else pending.parts
         self._tail_part = pending.parts[0] if tail else None
@@ -1017,6 +1031,7 @@ class _Writer(FileWriter):
 
     def write_at_blocking(self, offset: int, data: bytes) -> None:
         with self._lock:
+            self._writable()
             if not self._base <= offset <= self.size:
                 if offset > self.size:
                     raise InvalidOffset(f"write at {offset} would leave a gap after {self.size}")
@@ -1071,6 +1086,8 @@ class _Writer(FileWriter):
         with self._lock:
             if size == self.size:
                 return
+            if size != 0:
+                self._writable()
             if size == 0:
                 driver = self._driver
                 driver.abort(self._key, self._upload_id)
