@@ -352,6 +352,34 @@ async def test_check_lists_each_directory_once(moto_server, s3_bucket):
     # the index link is the one not read: a tag's current link says what it points at
 
 
+async def test_a_finish_looks_up_its_multipart_upload_twice(moto_server, s3_bucket):
+    """Resume and finish of an upload whose last part is short (a `mv` into layers/): the
+    multipart upload is looked up when the writer opens it under the lock and when the
+    move completes it after the lock went, nowhere else (not in `hashstates/`, not by a
+    stat before the open), and completed once, by the move."""
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "/", client=moto_server.client(proxy.url), chunksize=MIN_PART)
+        layers = Registry(drv).repository("org/app").layers
+        data = os.urandom(MIN_PART + 1000)
+        upload = await layers.upload()
+        await upload.write(data)
+        await upload.close()  # parts of 5 MiB and 1000 bytes
+        proxy.seen.clear()
+        await (await layers.resume(upload.uuid)).finish(digest_bytes(data))
+        async with await layers.fetch(digest_bytes(data)) as reader:
+            assert await reader.read() == data
+    lookups = [
+        "ListParts" if "uploadId=" in s.path else f"ListMultipartUploads {s.path.count('%2F')}"
+        for s in proxy.seen
+        if s.method == "GET" and ("uploads&" in s.path or "uploadId=" in s.path)
+    ]
+    at_data = ["ListMultipartUploads 8", "ListParts"]  # the prefix: …/_uploads/<id>/data
+    assert lookups == at_data * 2 + ["ListMultipartUploads 7"]  # + the delete's, of <id>
+    assert [s.path for s in proxy.seen if "%2Fhashstates" in s.path and "uploads&" in s.path] == []
+    completes = [s for s in proxy.seen if "uploadId=" in s.path and s.method == "POST"]
+    assert len(completes) == 1
+
+
 async def test_reads_in_order_out_of_order_and_at_once(drv):
     """The reader's read-ahead streams serve reads in order, two places read in turn, a
     jump back, and reads at random offsets at once: every byte is the object's."""

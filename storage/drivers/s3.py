@@ -642,8 +642,9 @@ class S3Driver(StorageDriver):
 
     async def _symlinks(self, path: str) -> builtins.list[str]:
         """None: S3 has no links. One stat says whether the directory is there (PathNotFound
-        as list would say it), where a listing would page through all of it: `regfs check`
-        asks this of every directory it walks, `blobs/sha256/<2 hex>/` holding thousands."""
+        as list would say it), where a listing would page through all of it
+        (`blobs/sha256/<2 hex>/` holds thousands). `regfs check` asks no S3 driver this: its
+        view (`keeps_symlinks`) answers from the listings it made."""
         if not (await self._stat(path)).is_dir:
             raise PathNotFound(path)
         return []
