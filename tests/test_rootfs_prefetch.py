@@ -266,6 +266,29 @@ async def test_each_read_of_a_gzip_layer_is_one_read_with_exact_bytes(members):
         gzip.close()
 
 
+async def test_a_file_read_on_is_one_sequential_run_after_its_first_read():
+    """A big file read in 128 KiB pieces (FUSE requests): only its first read prefetches;
+    zran goes on from where it stopped, so the rest is window after window, each where the
+    last ended (one run, which an HTTP reader streams), never back to a seek point."""
+    rng = random.Random(6)
+    raw = tar_of([(entry("big"), half_random(6_000_000, rng))])
+    blob = compress(raw, "gzip")
+    layer = await _layer(raw, blob)
+    source = Recording(blob)
+    gzip = _reader(layer, source)
+    try:
+        start, piece = 512 + 1_000_000, 128 << 10  # the data begins after one header block
+        for offset in range(start, 512 + 6_000_000, piece):
+            data = await trio.to_thread.run_sync(gzip.pread, offset, piece)
+            assert data == raw[offset : offset + piece]
+        first, *rest = source.reads
+        assert first[1] > WINDOW and all(size == WINDOW for _, size in rest[:-1]), source.reads
+        ends = [offset + size for offset, size in source.reads]
+        assert [offset for offset, _ in rest] == ends[:-1]
+    finally:
+        gzip.close()
+
+
 async def test_a_span_over_the_cap_is_fetched_in_bounded_reads():
     """Incompressible data: a point's span (~1 MiB of blob) is more than the cap; the
     prefetch fetches the cap, the rest is read as it goes, all bounded, bytes exact."""

@@ -246,7 +246,10 @@ class GzipReader:
 
     Before each read the blob bytes it needs (`SeekPoints.span`) are fetched in one
     `BlobFile.prefetch`: over HTTP one range GET per read, not a small one and more after
-    it as zran reads on (docs/performance.md). Without imported points nothing is
+    it as zran reads on (docs/performance.md). Not for a read that starts where the last
+    one ended (a file read on, FUSE request after request): zran goes on from where it
+    stopped, not from the point before, and its window-by-window reads stay one sequential
+    run for the source (an HTTP reader streams those). Without imported points nothing is
     prefetched: the read starts at the blob's start and its end is not known."""
 
     def __init__(self, blob: BlobFile, layer: Digest, points: int | None) -> None:
@@ -255,6 +258,7 @@ class GzipReader:
         self._points = points
         self._file: Any = None
         self._where: SeekPoints | None = None
+        self._next = -1  # where the last read ended: a read from there continues zran's
 
     @property
     def held(self) -> bool:
@@ -266,13 +270,15 @@ class GzipReader:
             self._file = self._open()
             self._where = SeekPoints.of(self._file) if self._points is not None else None
         self._blob.error = None  # an earlier read's, which this one's failure is not
+        goes_on, self._next = offset == self._next, -1
         try:
-            if self._where is not None and self._where.compressed:
+            if self._where is not None and self._where.compressed and not goes_on:
                 self._blob.prefetch(*self._where.span(offset, size, self._blob.size))
             self._file.seek(offset)
             data: bytes = self._file.read(size)
         except (OSError, ValueError) as exc:
             raise _failure(self._blob, self._layer, exc) from None
+        self._next = offset + len(data)
         return data
 
     def _open(self) -> Any:
@@ -293,12 +299,14 @@ class GzipReader:
             self._file.close()
             self._file = None
             self._where = None
+            self._next = -1
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
             self._where = None
+            self._next = -1
         if self._points is not None:
             os.close(self._points)
             self._points = None
