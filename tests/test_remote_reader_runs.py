@@ -10,9 +10,7 @@ range GET whatever its size, so a small file's time is mostly its number of GETs
 from __future__ import annotations
 
 import random
-import re
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +49,8 @@ class Served:
     files: dict[str, bytes]
 
     def sent(self, at_least: int = 0) -> list[int]:
-        """Body sizes of the registry's 206 answers for the layer so far (access log), once
-        there are `at_least` and the log has stopped growing: a request is logged just
-        after its answer. Polled, until a deadline."""
-        pattern = re.compile(rf'"GET /v2/{NAME}/blobs/{self.digest} HTTP/[\d.]+" 206 (\d+)')
-        size, deadline = -1, time.monotonic() + 10
-        while True:
-            text = self.server.log_path.read_text(errors="replace")
-            found = [int(n) for n in pattern.findall(text)]
-            if (len(found) >= at_least and len(text) == size) or time.monotonic() > deadline:
-                return found
-            size = len(text)
-            time.sleep(0.1)
+        """Body sizes of the registry's 206 answers for the layer so far."""
+        return self.server.range_gets(NAME, str(self.digest), at_least)
 
     def reader(self, client: RemoteClient, budget: ReadAheadBudget) -> RemoteLayerReader:
         info = BlobInfo(self.digest, len(self.layer), 0)

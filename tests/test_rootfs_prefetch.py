@@ -14,9 +14,7 @@ import itertools
 import json
 import os
 import random
-import re
 import threading
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -400,7 +398,6 @@ def test_a_small_file_of_a_remote_mount_costs_one_get_and_is_exact(tmp_path):
     build_layered_image(layout, "latest", [entries])
     unpacked = umoci_unpack(layout, "latest", tmp_path / "bundle")
     layer = json.loads(read_oci_layout(layout, "latest").manifest)["layers"][0]["digest"]
-    get = re.compile(rf'"GET /v2/{REPO}/blobs/{layer} HTTP/[\d.]+" 206 (\d+)')
     # four files apart in tar order: a span that starts where the previous file's ended would
     # be a sequential run to the remote reader, which reads a window ahead (a second GET)
     names = [SMALL[1 + (3 + k * 4) % (len(SMALL) - 1)] for k in range(len(SMALL) - 1)]
@@ -413,25 +410,11 @@ def test_a_small_file_of_a_remote_mount_costs_one_get_and_is_exact(tmp_path):
         with Mount(server.url, tmp_path / "mnt", tmp_path / "regfs.log") as mount:
             top = mount.path(REPO, "rootfs", "latest")
             assert sha256sum(top / SMALL[0]) == sha256_file(unpacked / SMALL[0])
-            sent = [_gets(server, get)]
+            sent = [server.range_gets(REPO, layer)]
             for name in names:
                 assert sha256sum(top / name) == sha256_file(unpacked / name), name
-                sent.append(_gets(server, get, len(sent[-1]) + 1))
+                sent.append(server.range_gets(REPO, layer, len(sent[-1]) + 1))
     per_file = [after[len(before) :] for before, after in itertools.pairwise(sent)]
     assert all(len(gets) <= 1 for gets in per_file), per_file
     assert sum(map(len, per_file)) >= len(names) - 2, per_file  # none only when cached
     assert max(map(max, filter(None, per_file))) < MIB, per_file
-
-
-def _gets(server: RegistryServer, pattern: re.Pattern[str], at_least: int = 0) -> list[int]:
-    """Body sizes of the registry's 206 answers for the layer so far (access log), once there
-    are `at_least` and the log has stopped growing (a request is logged after its answer);
-    polled, until a deadline."""
-    size, deadline = -1, time.monotonic() + 10
-    while True:
-        text = server.log_path.read_text(errors="replace")
-        found = [int(n) for n in pattern.findall(text)]
-        if (len(found) >= at_least and len(text) == size) or time.monotonic() > deadline:
-            return found
-        size = len(text)
-        time.sleep(0.1)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -382,6 +383,20 @@ class RegistryServer(StartStop):
                 "",
             ]
         )
+
+    def range_gets(self, repo: str, digest: str, at_least: int = 0) -> list[int]:
+        """Body sizes of the 206 answers to GETs of blob `digest` so far (the access log),
+        once there are `at_least` and the log has stopped growing: a request is logged
+        just after its answer. Polled, until a deadline."""
+        pattern = re.compile(rf'"GET /v2/{repo}/blobs/{digest} HTTP/[\d.]+" 206 (\d+)')
+        size, deadline = -1, time.monotonic() + 10
+        while True:
+            text = self.log_path.read_text(errors="replace")
+            found = [int(n) for n in pattern.findall(text)]
+            if (len(found) >= at_least and len(text) == size) or time.monotonic() > deadline:
+                return found
+            size = len(text)
+            time.sleep(0.1)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
