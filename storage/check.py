@@ -82,9 +82,9 @@ class NoProgress:
 
 class ListedOnce(StorageDriver):
     """A read-only view of a driver for one check, whose passes (blobs, repositories, the
-    tree) ask about the same directories: each directory is listed once, with what its
-    listing says of each entry (`entries`: on S3 no request per file), and a stat is answered
-    from its directory's listing. The check reads a snapshot taken as it goes; contents
+    tree) ask about the same directories: the whole tree is listed at once where the driver
+    can (`files`: on S3 a request per 1000 keys), else each directory once, with what its
+    listing says of each entry (`entries`), and a stat is answered from those listings. The check reads a snapshot taken as it goes; contents
     (links, start times, blobs) are still read from the driver. It holds every listing it
     made, a FileInfo per entry of the tree, until the check ends."""
 
@@ -93,23 +93,43 @@ class ListedOnce(StorageDriver):
     def __init__(self, driver: StorageDriver) -> None:
         self.driver = driver
         self.keeps_symlinks = driver.keeps_symlinks
-        self._listed: dict[str, dict[str, FileInfo] | None] = {}  # None: no such directory
+        self._listed: dict[str, dict[str, FileInfo]] = {}
+        self._missing: set[str] = set()  # directories found not there
+        self._whole: bool | None = None  # whether every directory came from `files`
 
     def __repr__(self) -> str:
         return f"ListedOnce({self.driver!r})"
 
+    async def _list_whole_tree(self) -> bool:
+        """Every directory from one listing of all files (`files`), where the driver has
+        one: on S3 a request per 1000 keys instead of one per directory."""
+        files = await self.driver.files("/")
+        if files is None:
+            return False
+        self._listed["/"] = {}
+        for info in files:
+            parts = info.path.split("/")  # "", then the components
+            for depth in range(1, len(parts) - 1):
+                directory = "/".join(parts[: depth + 1])
+                above = self._listed["/".join(parts[:depth]) or "/"]
+                above.setdefault(parts[depth], FileInfo(directory, 0, 0, True))
+                self._listed.setdefault(directory, {})
+            self._listed["/".join(parts[:-1]) or "/"][parts[-1]] = info
+        return True
+
     async def _entries(self, path: str) -> list[FileInfo]:
-        if path not in self._listed:
+        if self._whole is None:
+            self._whole = await self._list_whole_tree()
+        if path not in self._listed and not self._whole and path not in self._missing:
             try:
                 infos = await self.driver.entries(path)
             except PathNotFound:
-                self._listed[path] = None
+                self._missing.add(path)
             else:
                 self._listed[path] = {info.path.rpartition("/")[2]: info for info in infos}
-        listed = self._listed[path]
-        if listed is None:
+        if path not in self._listed:
             raise PathNotFound(path)
-        return list(listed.values())
+        return sorted(self._listed[path].values(), key=lambda info: info.path)
 
     async def _list(self, path: str) -> list[str]:
         return [info.path.rpartition("/")[2] for info in await self._entries(path)]
@@ -122,7 +142,7 @@ class ListedOnce(StorageDriver):
             await self._entries(parent or "/")
         except PathNotFound:
             raise PathNotFound(path) from None
-        info = (self._listed[parent or "/"] or {}).get(name)
+        info = self._listed[parent or "/"].get(name)
         if info is not None:
             return info
         if self.keeps_symlinks:  # a symlink, not listed: the driver says CorruptEntry for it

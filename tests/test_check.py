@@ -12,7 +12,8 @@ from support.mounts import regfs
 
 from storage.check import Severity, check, purge_uploads
 from storage.digests import digest_bytes
-from storage.drivers import FilesystemDriver
+from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
+from storage.drivers.s3 import S3Driver
 from storage.paths import (
     BlobData,
     LayerLink,
@@ -24,6 +25,15 @@ from storage.paths import (
 from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
+
+
+@pytest.fixture(params=["inmemory", "filesystem", "s3"])
+def driver(request, tmp_path) -> StorageDriver:
+    """conftest's drivers, and S3 on moto: the check lists a bucket's whole tree at once."""
+    if request.param == "s3":
+        server = request.getfixturevalue("moto_server")
+        return S3Driver(request.getfixturevalue("s3_bucket"), "/", client=server.client())
+    return InMemoryDriver() if request.param == "inmemory" else FilesystemDriver(tmp_path / "root")
 
 
 async def healthy(registry: Registry) -> dict[str, str]:

@@ -701,6 +701,35 @@ class S3Driver(StorageDriver):
             for child, info in sorted(found.items())
         ]
 
+    async def _files(self, path: str) -> builtins.list[FileInfo]:
+        """One listing without a delimiter (1000 keys a request) and one of the multipart
+        uploads below; a file where one may stand is stat'ed, as in `_entries`."""
+        prefix = self._top() if path == "/" else self.key(path) + "/"
+
+        def listed() -> dict[str, FileInfo]:
+            found: dict[str, FileInfo] = {}
+            for name, obj in self._objects(prefix):
+                rest = name[len(prefix) :]
+                if obj is not None and rest and not rest.endswith("/"):  # not a marker
+                    child = join(path, rest)
+                    found[child] = FileInfo(
+                        child, obj["Size"], _mtime_ns(obj["LastModified"]), False
+                    )
+            for key, _ in self._uploads(prefix):
+                child = join(path, key[len(prefix) :])
+                found.setdefault(child, FileInfo(child, 0, 0, False))
+            return found
+
+        infos = []
+        for child, info in sorted((await self._run(listed)).items()):
+            if self._multipart.at(child):
+                try:
+                    info = await self._stat(child)
+                except PathNotFound:
+                    continue  # finished or cancelled meanwhile
+            infos.append(info)
+        return infos
+
     async def _move(self, source: str, dest: str) -> None:
         src, dst = self.key(source), self.key(dest)
 
