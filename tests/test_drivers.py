@@ -195,6 +195,24 @@ async def test_entries_say_what_stat_says(drv):
         await drv.delete("/e")
 
 
+async def test_files_say_what_walk_says(drv):
+    """A driver that lists a whole tree at once (`files`, S3) names every file the walk
+    meets, with the same size and time; the others say None."""
+    for path, data in (("/f/a-x", b"12"), ("/f/a/1", b"345"), ("/f/a/b/2", b"")):
+        await drv.put_content(path, data)
+    try:
+        files = await drv.files("/f")
+        if isinstance(drv, S3Driver):
+            walked = [i async for i in drv.walk("/f") if not i.is_dir]
+            assert sorted(files, key=str) == sorted(walked, key=str)
+            assert {i.path for i in files} == {"/f/a-x", "/f/a/1", "/f/a/b/2"}
+            assert await drv.files("/nothing") == []
+        else:
+            assert files is None
+    finally:
+        await drv.delete("/f")
+
+
 @pytest.mark.parametrize(
     "bad", ["", "relative", "/a/../b", "/..", "/a/./b", "/a//b", "/a/", "/a\0b", "/sp ace", "/ü"]
 )
