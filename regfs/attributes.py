@@ -16,16 +16,11 @@ from .inodes import InodeTable
 from .nodes import REGISTRY_KINDS, Attr, LayerNode, ManifestNode, Node, TagNode, UploadNode
 from .openfiles import OpenFiles
 from .options import MountOptions
-from .tree import Tree
+from .tree import LISTED_ENTRY_TIMEOUT, Tree
 
 log = logging.getLogger(__name__)
 
 FOREVER = 365 * 24 * 3600.0  # digest-addressed content never changes
-# How long the kernel may keep a digest's name (layers/, manifests/), and a tag's name as a
-# listing gave it, without asking: long enough for `ls -l` to stat each name right after its
-# readdirplus chunk gave it, short enough that SIGHUP (which cannot reach the kernel's entries)
-# is followed at once for anyone but a racing stat (docs/concurrency.md).
-LISTED_ENTRY_TIMEOUT = 0.1
 BLOCK_SIZE = 1 << 20  # the largest FUSE request: cp and cat size their buffers by st_blksize
 
 
@@ -84,7 +79,7 @@ class Attributes:
             # tags deleted with their manifest, waits until these have expired (Tree.remove).
             entry.entry_timeout = min(timeout, self.options.tag_ttl, LISTED_ENTRY_TIMEOUT)
             self.tree.tags_listed(node.repo, entry.entry_timeout)
-        elif moves or isinstance(node, TagNode):
+        elif isinstance(node, TagNode):
             # A name that can go, or point elsewhere, without the kernel seeing it (a tag
             # moved or deleted beside the mount) is not cached by the kernel beyond that:
             # the daemon would have to invalidate it, which takes the directory's lock that a
@@ -94,11 +89,15 @@ class Attributes:
             # may then be kept: they serve the stat that follows the lookup, and fstat
             # (docs/concurrency.md).
             entry.entry_timeout = 0
-        elif isinstance(node, LayerNode | ManifestNode):
+        elif moves or isinstance(node, LayerNode | ManifestNode):
             # A digest's name never means anything else, so the kernel may keep the entry
             # briefly: a registry DELETE beside the mount shows for at most 0.1 s more than
             # the daemon's own cache would (then the lookup says ENOENT and the kernel
             # drops it itself); an unlink or rename through the mount moves it at once.
+            # A view's name that moves with a tag (rootfs/<tag>, an image's root) too, or a
+            # walk below it (`ls -lR`, `find`) would look it up for every file: every change
+            # of a tag through the mount waits until these have expired (Tree.lookup records
+            # them; Tree.put_tag and Tree.remove wait), one beside the mount shows as late.
             entry.entry_timeout = min(timeout, self.options.tag_ttl, LISTED_ENTRY_TIMEOUT)
         return entry
 

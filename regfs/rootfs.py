@@ -272,8 +272,8 @@ class RootfsView:
                     # without a `./` member).
                     build = await self._started(node)
                     if build is not None and not build.done.is_set():
-                        # A path walk asks this of a tag's root once per file (its name
-                        # is never cached): no trip through the loop when it is built.
+                        # A walk asks this of a tag's root often (its name is kept 0.1 s
+                        # only): no trip through the loop when it is built.
                         with trio.move_on_after(ROOT_WAIT):
                             await build.done.wait()
                     if build is None or build.tree is None:

@@ -19,6 +19,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
@@ -48,6 +49,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SECTIONS = ("layers", "manifests", "tags", "uploads")
+# How long the kernel may keep a name that can change without it seeing (a digest's name, a
+# tag's as a listing gave it, a tag's image root under a view) without asking: long enough
+# for `ls -l` to stat each name right after its readdirplus chunk gave it, and for a walk
+# below rootfs/<tag> not to look the root up for every file; short enough that SIGHUP (which
+# cannot reach the kernel's entries) is followed at once for anyone but a racing stat
+# (docs/concurrency.md). What changes through the mount waits for these (`Handed`).
+LISTED_ENTRY_TIMEOUT = 0.1
 # A listing's reply reaches the kernel a little after the daemon sends it, on a loaded
 # machine much later; this long after it, the client surely has it (see `remove`).
 LISTED_LATE = 1.0
@@ -77,6 +85,30 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
+@dataclass
+class Handed:
+    """When the kernel was last handed entries of a repository that it keeps for a while and
+    that a change through the mount leaves stale behind its back (the kernel is never told:
+    an invalidation can hang a killed daemon, docs/concurrency.md). Such a change waits, by
+    a plain sleep, until they have expired (`expiry`)."""
+
+    _last: dict[str, tuple[float, float]] = field(default_factory=dict)  # (monotonic, s)
+
+    def handed(self, repo: str, seconds: float) -> None:
+        if seconds > 0:
+            self._last[repo] = (time.monotonic(), seconds)
+
+    def expiry(self, repo: str, started: float) -> float:
+        """When no entry of repo handed before `started` (a change's arrival) can be valid:
+        the kernel took each by then, so each expires by `started` plus its timeout (and a
+        tick). Only after a recent hand-out: a client that takes more than LISTED_LATE to
+        read a reply is not waited for."""
+        last = self._last.get(repo)
+        if last is None or started - last[0] >= LISTED_LATE + last[1]:
+            return started
+        return started + last[1] + TICK
+
+
 class Tree:
     """The registry's sections, and the router to the views (regfs/views.py) beside them."""
 
@@ -88,6 +120,7 @@ class Tree:
         self._owners = {kind: view for view in self._views.values() for kind in view.node_types}
         self.sections = tuple(sorted((*SECTIONS, *self._views)))
         self.started_ns = time.time_ns()
+        self._tag_ttl = tag_ttl
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl, TAGS_KEPT)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
         self._digests: TtlCache[Node, Attr] = TtlCache(tag_ttl)  # manifests/, layers/
@@ -95,9 +128,11 @@ class Tree:
         # as long as its manifest's: a listing hands them to the kernel without a storage read.
         self._tag_attrs: TtlCache[TagNode, tuple[Attr, ManifestNode]] = TtlCache(tag_ttl, TAGS_KEPT)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
-        # When a listing last gave the kernel tag entries it keeps (time.monotonic), and for
-        # how long, by repository: tags deleted with their manifest wait for them (`remove`).
-        self._listed_tags: dict[str, tuple[float, float]] = {}
+        # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
+        # manifest wait for them (`remove`). And the names in a view's section, a tag's image
+        # root (rootfs/<tag>) that moves with the tag: every change of a tag waits for them.
+        self._listed_tags = Handed()
+        self._view_roots = Handed()
         self._shadow_logged: set[str] = set()
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
         # Counts changes (through the mount, SIGHUP). A cache is filled only if none came
@@ -160,6 +195,8 @@ class Tree:
 
     async def lookup(self, parent: Node, name: str) -> Node:
         if (view := self._view_of(parent)) is not None:
+            if isinstance(parent, SectionNode):  # a tag's root: the kernel keeps it briefly
+                self._view_roots.handed(parent.repo, min(self._tag_ttl, LISTED_ENTRY_TIMEOUT))
             return await view.lookup(parent, name)
         found: Node  # narrowed to the kind each case makes
         match parent:
@@ -268,7 +305,7 @@ class Tree:
 
     def tags_listed(self, repo: str, seconds: float) -> None:
         """A listing gives the kernel entries of repo's tags that it keeps for `seconds`."""
-        self._listed_tags[repo] = (time.monotonic(), seconds)
+        self._listed_tags.handed(repo, seconds)
 
     async def attr(self, node: Node) -> Attr:
         if (view := self._owners.get(type(node))) is not None:
@@ -423,19 +460,18 @@ class Tree:
         """
         started = time.monotonic()
         gone: list[TagNode] = []
+        stale: tuple[Handed, ...] = ()  # what the kernel keeps that this change outdates
         match node:
             case UploadNode(repo, uuid):
                 await (await self._repo(repo).layers.resume(uuid)).cancel()
             case TagNode(repo, tag):
                 await self._repo(repo).tags.delete(tag)
+                stale = (self._view_roots,)
             case ManifestNode(repo, digest):
                 deleted = await self._repo(repo).manifests.delete(digest)
                 gone = [TagNode(repo, tag) for tag in deleted]
-                if gone:
-                    # The kernel did not see these tags go: let the entries a listing gave it
-                    # expire before rm returns (forgotten first, so none is given again).
-                    self.changed(node, *gone)
-                    await self._outlive_listed_tags(repo, started)
+                if gone:  # the kernel did not see these tags go
+                    stale = (self._listed_tags, self._view_roots)
             case LayerNode(repo, digest):
                 await self._repo(repo).layers.unlink(digest)
             case DirNode() | SectionNode():
@@ -443,23 +479,25 @@ class Tree:
             case _:
                 raise PermissionError(f"a view is read-only: {node}")
         self.changed(node, *gone)
+        if isinstance(node, TagNode | ManifestNode) and stale:
+            await self._outlive(node.repo, started, stale)
         return gone
 
-    async def _outlive_listed_tags(self, repo: str, started: float) -> None:
-        """Wait until no tag entry of repo that a listing gave the kernel before `started` (an
-        rm's arrival) can be valid: the kernel took each by then, so each expires by
-        `started` plus its timeout (and a tick). Only after a recent listing: one whose reply
-        the client takes more than LISTED_LATE to read is not waited for."""
-        listed = self._listed_tags.get(repo)
-        if listed is not None and started - listed[0] < LISTED_LATE + listed[1]:
-            await trio.sleep(max(0.0, started + listed[1] + TICK - time.monotonic()))
+    async def _outlive(self, repo: str, started: float, stale: tuple[Handed, ...]) -> None:
+        """Return once the entries of repo the kernel was handed before `started` (a change's
+        arrival) that it changed have expired. Forgotten first (`changed`), so none is handed
+        again; a sleep, nothing a dying daemon waits on."""
+        until = max((handed.expiry(repo, started) for handed in stale), default=started)
+        await trio.sleep(max(0.0, until - time.monotonic()))
 
     async def put_tag(self, node: TagNode, data: bytes) -> Digest:
         """Check and store the manifest, then point the tag at it (InvalidManifest: nothing)."""
+        started = time.monotonic()
         repo = self._repo(node.repo)
         digest = await repo.manifests.put(data)
         await repo.tags.put(node.tag, digest)
         self.changed(node, ManifestNode(node.repo, digest))
+        await self._outlive(node.repo, started, (self._view_roots,))
         return digest
 
     async def put_manifest(self, node: ManifestNode, data: bytes) -> Digest:
