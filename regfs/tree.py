@@ -151,6 +151,7 @@ class Tree:
         self._listings.clear()
         self._digests.clear()
         self._upload_names.clear()
+        self.registry.forget()
         for view in self._views.values():
             view.forget_moving()
 

@@ -292,6 +292,11 @@ class RegistrySource(Protocol):
         """The space of the storage behind the source; None when it has no such thing."""
         ...
 
+    def forget(self) -> None:
+        """Drop what the source keeps of what moves beside the mount (the catalog, tag
+        listings, blob stats), so that the next ask goes to the registry (SIGHUP)."""
+        ...
+
     async def aclose(self) -> None:
         """Release what the source holds (connections), at unmount."""
         ...

@@ -35,6 +35,9 @@ class Registry:
     async def aclose(self) -> None:
         """Nothing to release: drivers hold no connections (a remote registry does)."""
 
+    def forget(self) -> None:
+        """Nothing kept: every ask reads storage."""
+
     def repository(self, name: str) -> Repository:
         """A repository view; InvalidName for a name the registry would refuse."""
         return Repository(self.driver, self.blobs, name)

@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from support.mounts import REGFS, Mount, wait_until
+from support.mounts import REGFS, Mount, hang_up
 from support.oci import image_manifest
 from support.registry import (
     OCI_CONFIG,
@@ -126,14 +125,6 @@ def absent(m: Mount, section: str, name: str) -> None:
     assert name not in ls(directory)
     assert errno_closing(lambda: os.stat(directory / name)) == errno.ENOENT
     assert errno_closing(lambda: os.open(directory / name, os.O_RDONLY)) == errno.ENOENT
-
-
-def hang_up(m: Mount) -> None:
-    """SIGHUP, and wait until the daemon has taken it."""
-    before = m.log_text().count("SIGHUP")
-    for pid in m.pids():
-        os.kill(pid, signal.SIGHUP)
-    wait_until(lambda: m.log_text().count("SIGHUP") > before, what="the daemon to take SIGHUP")
 
 
 def regfs_check(root: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from support.fault_server import Fault, FaultServer
-from support.mounts import Mount
+from support.mounts import Mount, hang_up
 from support.oci import image_manifest
 from support.registry import RegistryClient, RegistryServer
 from support.tools import sh
@@ -247,6 +247,33 @@ def test_find_and_ls_of_a_remote_mount(
     }
     listed = sh("ls", "-l", where / "layers").stdout.splitlines()
     assert len([line for line in listed if line.startswith("-")]) == len(blobs)
+
+
+def test_sighup_drops_what_a_remote_mount_keeps(
+    mount: Callable[..., Mount],
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`kill -HUP` drops every cache of a remote mount too: with a tag TTL of an hour, a
+    retag and a repository pushed behind the mount are seen right after SIGHUP (the source's
+    tag snapshot and catalog, not only the tree's caches)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    client = module_registry_server.client()
+    push_repo(client, "listing/hup")
+    m = mount(proxy.url, "--tag-ttl", "3600")
+    tags = m.path("listing", "hup", "tags")
+    sh("ls", "-l", tags)
+    assert "listing" in sh("ls", m.mountpoint).stdout.split()
+    moved = client.get_manifest("listing/hup", "b").body
+    client.put_manifest("listing/hup", "a", moved)
+    push_repo(client, "hupped/late", ("x",))
+    assert (tags / "a").read_bytes() != moved  # kept for the hour
+    assert "hupped" not in sh("ls", m.mountpoint).stdout.split()
+    hang_up(m)
+    assert (tags / "a").read_bytes() == moved
+    assert "hupped" in sh("ls", m.mountpoint).stdout.split()
 
 
 async def test_a_walk_in_catalog_order_is_listed_ahead(

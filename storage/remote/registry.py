@@ -212,6 +212,10 @@ class RemoteCatalog:
         self._local: frozenset[str] = frozenset()
         self._sorted: list[str] = []
 
+    def forget(self) -> None:
+        """The next listing fetches `_catalog` again."""
+        self._names = None
+
     async def _all(self) -> list[str] | None:
         """Every name, sorted (the same list until something changes); None without a
         catalog."""
@@ -730,6 +734,11 @@ class RemoteRegistry:
 
     def statvfs(self) -> os.statvfs_result | None:
         return None
+
+    def forget(self) -> None:
+        self.catalog.forget()
+        self.tag_snapshots.clear()
+        self.blob_cache.clear()  # a blob deleted beside the mount; manifests never change
 
     async def aclose(self) -> None:
         """Close the connections (at unmount)."""

@@ -116,3 +116,11 @@ class Mount:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self.check_log()
+
+
+def hang_up(m: Mount) -> None:
+    """SIGHUP, and wait until the daemon has taken it."""
+    before = m.log_text().count("SIGHUP")
+    for pid in m.pids():
+        os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: m.log_text().count("SIGHUP") > before, what="the daemon to take SIGHUP")
