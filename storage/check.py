@@ -84,9 +84,10 @@ class ListedOnce(StorageDriver):
     """A read-only view of a driver for one check, whose passes (blobs, repositories, the
     tree) ask about the same directories: the whole tree is listed at once where the driver
     can (`files`: on S3 a request per 1000 keys), else each directory once, with what its
-    listing says of each entry (`entries`), and a stat is answered from those listings. The check reads a snapshot taken as it goes; contents
-    (links, start times, blobs) are still read from the driver. It holds every listing it
-    made, a FileInfo per entry of the tree, until the check ends."""
+    listing says of each entry (`entries`), and a stat is answered from those listings. The
+    check reads a snapshot taken as it goes; contents (links, start times, blobs) are still
+    read from the driver. It holds every listing it made, a FileInfo per entry of the tree,
+    until the check ends."""
 
     name = "listed-once"
 
