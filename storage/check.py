@@ -464,23 +464,26 @@ async def purge_uploads(
 
     An upload without a readable start time is left alone, as there, unless it holds no
     data: that is what a crash during an upload's create or final delete leaves behind.
+    Listings and stats come from the check's view (on S3 one listing of the bucket, not one
+    per directory); start times are read, and uploads deleted, through the driver itself.
     """
-    registry = Registry(driver)
+    view = ListedOnce(driver)  # read-only: a delete through it would be refused
+    registry = Registry(view)
     cutoff = datetime.now(UTC) - older_than
     purged = []
     uploads = [
         (name, uuid)
         for name in await registry.catalog.names_holding("_uploads")
-        for uuid in await _upload_dirs(driver, name)
+        for uuid in await _upload_dirs(view, name)
     ]
     progress = progress or NoProgress()
     progress.begin("reading uploads", len(uploads), "uploads")
     for name, uuid in uploads:
         progress.advance(1)
         try:
-            started = await read_started_at(driver, name, uuid)
+            started = await read_started_at(view, name, uuid)
         except (UnknownUpload, CorruptEntry):
-            if await _holds_data(driver, name, uuid):
+            if await _holds_data(view, name, uuid):
                 continue
             started = datetime.min.replace(tzinfo=UTC)
         if started < cutoff:

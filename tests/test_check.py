@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import errno
 import shutil
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from support.fault_server import FaultServer, Seen
 from support.mounts import regfs
 
 from storage.check import Severity, check, purge_uploads
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
-from storage.drivers.s3 import S3Driver
+from storage.drivers.s3 import MIN_PART, S3Driver
 from storage.paths import (
     BlobData,
     LayerLink,
@@ -264,3 +266,68 @@ async def test_purge_names_uploads_as_the_mount_shows_them(tmp_path):
     assert f"would delete org/app/uploads/{bare.uuid} (upload {bare.uuid}," in result.stdout
     checked = regfs("check", str(root))
     assert checked.returncode < 2 and "Traceback" not in checked.stderr, checked.stderr
+
+
+def s3_call(seen: Seen) -> str:
+    """The S3 operation a request through the fault proxy was."""
+    if seen.method == "GET" and "list-type=2" in seen.path:
+        return "ListObjects"
+    if seen.method == "GET" and "uploads&" in seen.path:
+        return "ListMultipartUploads"
+    if "uploadId=" in seen.path:
+        return "AbortMultipartUpload" if seen.method == "DELETE" else f"{seen.method} part"
+    if seen.method == "POST" and "?delete" in seen.path:
+        return "DeleteObjects"
+    return {"GET": "GetObject", "HEAD": "HeadObject"}.get(seen.method, seen.method)
+
+
+async def test_purge_lists_a_bucket_once(moto_server, s3_bucket):
+    """`regfs purge-uploads s3://…` reads through the check's view: one listing of the whole
+    tree answers the catalog, the upload directories and whether a leftover holds data;
+    what is left is a GET per start time and per purged upload's label, and the real
+    driver's delete of each purged upload, which aborts its multipart upload."""
+    s3 = moto_server.client()
+    registry = Registry(S3Driver(s3_bucket, "/", client=s3, chunksize=MIN_PART))
+    for i in range(10):  # repositories without uploads, which a purge lists all the same
+        layers = registry.repository(f"team/svc{i}").layers
+        await (await layers.upload()).finish(digest_bytes(b""))
+    stale, fresh = [], []
+    for name in ("org/a", "org/b", "lib/c"):
+        layers = registry.repository(name).layers
+        done = await layers.upload()
+        await done.write(name.encode())
+        await done.finish(digest_bytes(name.encode()))
+        for uploads, label in ((stale, "layer.tar"), (fresh, None)):
+            upload = await layers.upload(label=label)
+            await upload.write(b"partial")  # in progress: a multipart upload
+            await upload.close()
+            uploads.append(upload.uuid)
+        await registry.driver.put_content(
+            path_for(UploadStartedAt(name, stale[-1])), b"2020-01-01T00:00:00Z"
+        )
+    leftover = await registry.repository("org/a").layers.upload()
+    await leftover.close()
+    for path in (UploadStartedAt("org/a", leftover.uuid), UploadData("org/a", leftover.uuid)):
+        await registry.driver.delete(path_for(path))
+    in_progress = len(stale) + len(fresh)
+    assert len(s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]) == in_progress
+
+    with FaultServer(upstream=moto_server.url) as proxy:
+        driver = S3Driver(s3_bucket, "/", client=moto_server.client(proxy.url))
+        purged = await purge_uploads(driver, timedelta(days=7))
+    assert sorted(p.uuid for p in purged) == sorted([*stale, leftover.uuid])
+    assert {p.shown for p in purged} == {"layer.tar", leftover.uuid}
+    left = [u["Key"] for u in s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]]
+    assert sorted(key.split("/")[-2] for key in left) == sorted(fresh)  # aborted, not leaked
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert not [k for k in keys if any(u in k for u in [*stale, leftover.uuid])]
+    calls = Counter(s3_call(s) for s in proxy.seen)
+    gone = len(purged)  # each delete: a listing of its directory and of its multipart uploads
+    assert calls == {
+        "ListObjects": 1 + gone,  # the whole tree once (was 25: one per directory)
+        "ListMultipartUploads": 1 + in_progress + gone,  # files' stat of each in progress,
+        "GET part": in_progress,  # its size, which the purge does not need
+        "GetObject": len(stale) + len(fresh) + 1 + gone,  # start times, purged ones' labels
+        "DeleteObjects": gone,
+        "AbortMultipartUpload": len(stale),
+    }
