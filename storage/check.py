@@ -32,6 +32,7 @@ from .paths import (
     TagCurrentLink,
     UploadData,
     UploadDir,
+    UploadLabel,
     UploadsDir,
     path_for,
 )
@@ -487,7 +488,9 @@ async def purge_uploads(
                 continue
             started = datetime.min.replace(tzinfo=UTC)
         if started < cutoff:
-            label = await registry.repository(name).layers.label(uuid)
+            label = None  # read only where listed: most uploads have none (the registry's)
+            if await _exists(view, path_for(UploadLabel(name, uuid))):
+                label = await registry.repository(name).layers.label(uuid)
             if not dry_run:
                 await driver.delete(path_for(UploadDir(name, uuid)))
                 log.info("purge: deleted upload %s of %s (started %s)", uuid, name, started)
