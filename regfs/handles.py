@@ -14,9 +14,9 @@ import time
 
 from pyfuse3 import FUSEError
 
-from storage.api import BlobReader, Buffer, Upload
+from storage.api import BlobReader, Buffer, Upload, epoch_ns
 from storage.digests import Digest, digest_bytes
-from storage.errors import DigestMismatch, InvalidManifest, InvalidOffset
+from storage.errors import DigestMismatch, InvalidManifest, InvalidOffset, UnknownUpload
 from storage.manifest_format import MAX_MANIFEST_SIZE
 
 from .nodes import Attr, ManifestNode, TagNode, UploadNode, digest_name
@@ -95,6 +95,18 @@ class UploadHandle(Handle):
     async def truncate(self, size: int) -> None:
         await self.upload.truncate(size)
         self._written = True
+
+    def pending_attr(self) -> Attr | None:
+        """The upload as this writer has it: the only writer, on any node, so storage need
+        not be asked (a `cp` stats its file after every write: on S3 a GET and a listing
+        each). None once it is finished or being finished: then storage says."""
+        if self.finished:
+            return None
+        try:
+            size = self.upload.size
+        except UnknownUpload:  # its writer closed by a finish under way
+            return None
+        return Attr(False, size, epoch_ns(self.upload.started_at))
 
     async def flush(self) -> None:
         if self.finished or not self._written:

@@ -50,8 +50,12 @@ class UploadInfo:
 
     @property
     def started_ns(self) -> int:
-        """started_at in nanoseconds since the epoch, exactly (a float timestamp is not)."""
-        return (self.started_at - EPOCH) // timedelta(microseconds=1) * 1000
+        return epoch_ns(self.started_at)
+
+
+def epoch_ns(when: datetime) -> int:
+    """when in nanoseconds since the epoch, exactly (a float timestamp is not)."""
+    return (when - EPOCH) // timedelta(microseconds=1) * 1000
 
 
 @dataclass(frozen=True)

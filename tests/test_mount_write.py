@@ -230,6 +230,33 @@ async def test_uploads_listing_xattrs_truncate_and_overwrite(tmp_path, mount):
     assert ls(uploads) == ["b"]
 
 
+async def test_an_upload_being_written_is_stated_from_its_writer(tmp_path, mount):
+    """While its writer is open, stat of an upload answers from the writer (the one writer of
+    that upload anywhere): every byte written, its start time, and no storage read (on S3 a
+    stat costs a GET of startedat and a listing, and `cp` stats after every write). Shown
+    here by taking startedat away behind the mount: storage could no longer answer."""
+    root, name = tmp_path / "root", "myorg/stat"
+    m = mount(root)
+    path = new_repo(m, name) / "uploads" / "w"
+    data = os.urandom(3 * MIB + 5)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data[: 2 * MIB])
+        started = upload_path(root, name, uuid_of(path)) / "startedat"
+        kept = started.read_bytes()
+        epoch = datetime.fromisoformat(kept.decode().replace("Z", "+00:00")).timestamp()
+        started.unlink()
+        os.write(fd, data[2 * MIB :])
+        for st in (os.stat(path), os.fstat(fd)):
+            assert (st.st_size, st.st_mtime) == (len(data), epoch)
+        started.write_bytes(kept)
+    finally:
+        os.close(fd)
+    assert sha256sum(path) == digest_of(data)
+    st = os.stat(path)  # closed: storage answers again
+    assert (st.st_size, st.st_mtime) == (len(data), epoch)
+
+
 async def test_rm_cancels_and_mv_renames_uploads(tmp_path, mount):
     """`rm` cancels (its `_uploads/<uuid>` goes), `mv` within uploads/ renames, onto an
     existing name replaces that upload, and onto a digest name finishes it (the pattern of
