@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from support.clients import DEAD
 from support.mounts import Mount, wait_until
 from support.registry import OCI_MANIFEST, RegistryServer, blob_data_path, repo_path, v2_root
 from support.tools import MIB
@@ -55,7 +56,6 @@ SEEDS = range(20)
 # The kill comes up to this long after the chosen marker, so it lands inside the next step:
 # writes of a few MiB take tens of ms, a finish or a tag push (a few fsyncs) about ten.
 KILL_DELAYS = {"start": 0.06, "write": 0.04, "finish": 0.015, "tag": 0.015}
-DEAD = ("Transport endpoint is not connected", "Software caused connection abort")
 
 CRASH_POINTS: Counter[str] = Counter()  # kind of half-done state → rounds that left one
 ROUNDS_RUN: set[int] = set()
