@@ -326,8 +326,8 @@ async def test_purge_lists_a_bucket_once(moto_server, s3_bucket):
     gone = len(purged)  # each delete: a listing of its directory and of its multipart uploads
     assert calls == {
         "ListObjects": 1 + gone,  # the whole tree once (was 25: one per directory)
-        "ListMultipartUploads": 1 + in_progress + gone,  # files' stat of each in progress,
-        "GET part": in_progress,  # its size, which the purge does not need
+        "ListMultipartUploads": 1 + gone,  # the whole tree's once (was 1 + in_progress + gone)
+        "GET part": in_progress,  # files' size of each in progress, which the purge does not need
         "GetObject": len(stale) + len(fresh) + 1 + 1,  # start times, org/a's stale label
         "DeleteObjects": gone,
         "AbortMultipartUpload": len(stale),

@@ -331,8 +331,8 @@ async def test_a_stat_is_one_request(moto_server, s3_bucket):
 async def test_check_lists_each_directory_once(moto_server, s3_bucket):
     """`regfs check` on a bucket: one listing of the whole tree (under 1000 keys), whose
     sizes and times answer the stats (no HEAD), and one of its multipart uploads (the one in
-    progress then looked up for its size); the only GETs are of the links and start times
-    it reads."""
+    progress then sized by its parts, not looked up again); the only GETs are of the links
+    and start times it reads."""
     registry = Registry(S3Driver(s3_bucket, "/", client=moto_server.client()))
     repo = registry.repository("org/app")
     blobs = [b'{"os":"linux"}', os.urandom(1000)]
@@ -347,11 +347,41 @@ async def test_check_lists_each_directory_once(moto_server, s3_bucket):
     with FaultServer(upstream=moto_server.url) as proxy:
         assert await check(S3Driver(s3_bucket, "/", client=moto_server.client(proxy.url))) == []
     assert len([s for s in proxy.seen if "list-type=2" in s.path]) == 1
-    assert len([s for s in proxy.seen if "uploads&" in s.path]) == 2
+    assert len([s for s in proxy.seen if "uploads&" in s.path]) == 1  # its parts: no lookup
+    assert len([s for s in proxy.seen if "uploadId=" in s.path]) == 1
     assert [s.method for s in proxy.seen if s.method != "GET"] == []
     reads = [s.path for s in proxy.seen if "?" not in s.path]
     assert len(reads) == sum(i.path.endswith(("/link", "/startedat")) for i in files) - 1
     # the index link is the one not read: a tag's current link says what it points at
+
+
+async def test_files_size_an_upload_from_their_one_listing(moto_server, s3, s3_bucket):
+    """`files` sizes an upload in progress as stat does (its parts), from the upload its one
+    ListMultipartUploads found: a ListParts, no second lookup. One finished or cancelled
+    between that listing and its ListParts is stat'ed after all: the object it became, or
+    nothing."""
+    key, path = f"regroot{UPLOAD}/data", f"{UPLOAD}/data"
+    drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
+    data = os.urandom(MIN_PART + 1000)
+    await drv.put_content(f"{UPLOAD}/startedat", b"2026-01-01T00:00:00Z")
+    writer = await drv.writer(path)
+    await writer.write_at(0, data)
+    await writer.aclose()
+    with FaultServer(upstream=moto_server.url) as proxy:
+        files = await S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url)).files(
+            "/"
+        )
+    lookups = [s.path for s in proxy.seen if "uploads&" in s.path or "uploadId=" in s.path]
+    assert ["uploadId=" in p for p in lookups] == [False, True]
+    assert [i.path for i in files] == [path, f"{UPLOAD}/startedat"]
+    assert files[0] == await drv.stat(path) and files[0].size == len(data)
+    upload_id = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]["UploadId"]
+    s3.abort_multipart_upload(Bucket=s3_bucket, Key=key, UploadId=upload_id)
+    with pytest.raises(PathNotFound):
+        await drv._sized(path, files[0], upload_id)  # cancelled since listed
+    await drv.put_content(path, b"done")
+    assert (await drv._sized(path, files[0], upload_id)).size == 4  # finished since listed
+    await drv.delete(UPLOAD)
 
 
 async def test_a_finish_looks_up_its_multipart_upload_twice(moto_server, s3_bucket):

@@ -376,8 +376,11 @@ class S3Driver(StorageDriver):
         """The multipart upload at exactly key that 2.8's writer would resume: the first
         listed (src s3.go:570-605), with its parts."""
         upload_id = next((u for k, u in self._uploads(key) if k == key), None)
-        if upload_id is None:
-            return None
+        return None if upload_id is None else self._parts(key, upload_id)
+
+    def _parts(self, key: str, upload_id: str, path: str | None = None) -> _Pending:
+        """The multipart upload upload_id at key, with its parts (ListParts, a page per 1000);
+        with path, PathNotFound(path) where it is no longer in progress."""
         parts: list[_Part] = []
         newest = 0
         marker = 0
@@ -389,7 +392,7 @@ class S3Driver(StorageDriver):
                 UploadId=upload_id,
                 PartNumberMarker=marker,
             )
-            page = self.call(f"LIST PARTS {key}", listing)
+            page = self.call(f"LIST PARTS {key}", listing, path=path)
             for part in page.get("Parts", []):
                 parts.append(_Part(part["PartNumber"], part["ETag"], part["Size"]))
                 newest = max(newest, _mtime_ns(part["LastModified"]))
@@ -609,6 +612,12 @@ class S3Driver(StorageDriver):
         if writer is not None and writer.lock is not None:
             writer.lock.release()
 
+    def _written(self, path: str, key: str) -> FileInfo | None:
+        """The file as its writer here has it (every byte written), where one is open."""
+        with self._writers_lock:
+            writer = self._writers.get(key)
+        return None if writer is None else FileInfo(path, writer.size, time.time_ns(), False)
+
     async def _stat(self, path: str) -> FileInfo:
         if path == "/":
             return FileInfo(path, 0, 0, True)
@@ -616,10 +625,9 @@ class S3Driver(StorageDriver):
 
         def stat() -> FileInfo:
             if self._multipart.at(path):
-                with self._writers_lock:
-                    writer = self._writers.get(key)
-                if writer is not None:
-                    return FileInfo(path, writer.size, time.time_ns(), False)
+                written = self._written(path, key)
+                if written is not None:
+                    return written
                 pending = self._pending(key)
                 if pending is not None:
                     return FileInfo(path, pending.size, pending.mtime_ns, False)
@@ -703,10 +711,11 @@ class S3Driver(StorageDriver):
 
     async def _files(self, path: str) -> builtins.list[FileInfo]:
         """One listing without a delimiter (1000 keys a request) and one of the multipart
-        uploads below; a file where one may stand is stat'ed, as in `_entries`."""
+        uploads below; a file where one may stand is sized as a stat would (`_sized`), from
+        the upload that listing found: a ListParts per upload in progress, no lookup of it."""
         prefix = self._top() if path == "/" else self.key(path) + "/"
 
-        def listed() -> dict[str, FileInfo]:
+        def listed() -> tuple[dict[str, FileInfo], dict[str, str]]:
             found: dict[str, FileInfo] = {}
             for name, obj in self._objects(prefix):
                 rest = name[len(prefix) :]
@@ -715,20 +724,42 @@ class S3Driver(StorageDriver):
                     found[child] = FileInfo(
                         child, obj["Size"], _mtime_ns(obj["LastModified"]), False
                     )
-            for key, _ in self._uploads(prefix):
+            uploads: dict[str, str] = {}  # the first listed at a key: the one resumed
+            for key, upload_id in self._uploads(prefix):
                 child = join(path, key[len(prefix) :])
                 found.setdefault(child, FileInfo(child, 0, 0, False))
-            return found
+                uploads.setdefault(child, upload_id)
+            return found, uploads
 
+        found, uploads = await self._run(listed)
         infos = []
-        for child, info in sorted((await self._run(listed)).items()):
+        for child, info in sorted(found.items()):
             if self._multipart.at(child):
                 try:
-                    info = await self._stat(child)
+                    info = await self._sized(child, info, uploads.get(child))
                 except PathNotFound:
                     continue  # finished or cancelled meanwhile
             infos.append(info)
         return infos
+
+    async def _sized(self, path: str, listed: FileInfo, upload_id: str | None) -> FileInfo:
+        """What `stat` says of a file where a multipart upload may stand, given what one
+        listing of the objects and uploads found there: its writer's size where one is open
+        here, else the listed upload's parts (ListParts), else the listed object. An upload
+        finished or cancelled since it was listed is stat'ed after all."""
+        key = self.key(path)
+
+        def sized() -> FileInfo | None:
+            written = self._written(path, key)
+            if written is not None or upload_id is None:
+                return written or listed
+            try:
+                pending = self._parts(key, upload_id, path)
+            except PathNotFound:
+                return None
+            return FileInfo(path, pending.size, pending.mtime_ns, False)
+
+        return await self._run(sized) or await self._stat(path)
 
     async def _move(self, source: str, dest: str) -> None:
         src, dst = self.key(source), self.key(dest)
