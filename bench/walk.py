@@ -264,7 +264,11 @@ def peer_tags(curl: Curl, repos: list[str]) -> int:
 def peer_layers(curl: Curl, repos: list[str]) -> int:
     """`ls -l` of every repository's layers/: tags/list each, the manifest of each tag (what
     it names), one HEAD per blob (its size)."""
-    tags = _tags(curl, repos)
+    return _blob_heads(curl, _tags(curl, repos))
+
+
+def _blob_heads(curl: Curl, tags: list[tuple[str, str]]) -> int:
+    """The manifest of each (repository, tag), then one HEAD per blob they name: how many."""
     manifests = curl.get([f"/v2/{r}/manifests/{t}" for r, t in tags], "-H", ACCEPT)
     blobs: dict[tuple[str, str], None] = {}
     for (repo, _), body in zip(tags, manifests, strict=True):
@@ -279,14 +283,7 @@ def peer_walk(curl: Curl, repos: int) -> int:
     (each tag's manifest is fetched once: it answers the tag's size and its blobs)."""
     names = _catalog(curl, repos)
     tags = _tags(curl, names)
-    manifests = curl.get([f"/v2/{r}/manifests/{t}" for r, t in tags], "-H", ACCEPT)
-    blobs: dict[tuple[str, str], None] = {}
-    for (repo, _), body in zip(tags, manifests, strict=True):
-        parsed = json.loads(body)
-        for d in [parsed["config"], *parsed["layers"]]:
-            blobs[(repo, d["digest"])] = None
-    heads = curl.head([f"/v2/{r}/blobs/{d}" for r, d in blobs])
-    return 2 * len(tags) + len(heads)
+    return 2 * len(tags) + _blob_heads(curl, tags)
 
 
 def remote_walk(env: Env) -> list[Row]:

@@ -531,20 +531,28 @@ def index_status(root: Path) -> str:
     return run("getfattr", "--only-values", "-n", "user.regfs.index", root).stdout.decode()
 
 
+@contextlib.contextmanager
+def held_up_mount(images: Images, tmp_path: Path, layer: str, delay: float) -> Iterator[Mount]:
+    """A mount of the images over HTTP, with no index cache yet, whose registry holds back
+    the GET of `layer` for `delay` seconds (then 503) each time; the mount stops first."""
+    with (
+        RegistryServer(images.root, workdir=tmp_path / "registry") as server,
+        FaultServer(upstream=server.url) as proxy,
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.ExitStack() as stack,
+    ):
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no index yet: a pass
+        m = stack.enter_context(Mount(proxy.url, tmp_path / "mnt", tmp_path / "regfs.log"))
+        proxy.inject(Fault(status=503, delay=delay, method="GET", path=layer))
+        yield m
+
+
 @pytest.mark.remote
 def test_getfattr_tells_how_far_indexing_is(images, tmp_path):
     """A layer whose GET the registry holds back for 3 s: while a `cat` waits for the index,
     user.regfs.index on the image's root names the layer being indexed."""
     layer = json.loads(images.built["v2"].manifest)["layers"][0]["digest"]
-    with (
-        RegistryServer(images.root, workdir=tmp_path / "registry") as server,
-        FaultServer(upstream=server.url) as proxy,
-        pytest.MonkeyPatch.context() as patch,
-        contextlib.ExitStack() as stack,  # the mount, stopped first
-    ):
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no index yet: a pass
-        m = stack.enter_context(Mount(proxy.url, tmp_path / "mnt", tmp_path / "regfs.log"))
-        proxy.inject(Fault(status=503, delay=3, method="GET", path=layer))
+    with held_up_mount(images, tmp_path, layer, 3) as m:
         root = rootfs(m, "v2")
         assert index_status(root).startswith("not indexed yet: 4 layers")
         with subprocess.Popen(["cat", root / "etc" / "added"], stdout=subprocess.PIPE) as cat:
@@ -690,15 +698,7 @@ def test_sigterm_during_a_pass_unmounts_at_once(images, tmp_path):
     """A pass held up by the registry (10 s) does not hold up an unmount: the build is
     cancelled, the request waiting for it gets EIO, the daemon exits cleanly."""
     layer = json.loads(images.built["v1"].manifest)["layers"][1]["digest"]
-    with (
-        RegistryServer(images.root, workdir=tmp_path / "registry") as server,
-        FaultServer(upstream=server.url) as proxy,
-        pytest.MonkeyPatch.context() as patch,
-        contextlib.ExitStack() as stack,  # the mount, stopped first
-    ):
-        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no index yet: a pass
-        m = stack.enter_context(Mount(proxy.url, tmp_path / "mnt", tmp_path / "regfs.log"))
-        proxy.inject(Fault(status=503, delay=10, method="GET", path=layer))
+    with held_up_mount(images, tmp_path, layer, 10) as m:
         root = rootfs(m, "v1")
         with subprocess.Popen(["cat", root / "etc" / "motd"], stderr=subprocess.PIPE) as cat:
             wait_until(lambda: "indexing" in index_status(root), 10, "the pass to start")
