@@ -86,8 +86,10 @@ class InOrderDigest:
         if self.done or offset + len(data) <= self.claimed:
             return [], False
         if offset > self.claimed:
-            self._ahead_size += len(data) - len(self._ahead.get(offset, b""))
-            self._ahead[offset] = bytes(data)  # no copy of a window's bytes
+            parked = self._ahead.get(offset, b"")
+            if len(data) > len(parked):  # a shorter window at the same start adds nothing
+                self._ahead_size += len(data) - len(parked)
+                self._ahead[offset] = bytes(data)  # no copy of a window's bytes
             if (
                 offset - self.claimed > self.AHEAD_MAX
                 or self._ahead_size > self.AHEAD_MAX
