@@ -23,7 +23,7 @@ from support.s3 import MotoServer
 
 from storage.check import check
 from storage.digests import digest_bytes
-from storage.drivers import PathNotFound
+from storage.drivers import FileInfo, PathNotFound
 from storage.drivers.s3 import ANYWHERE, MIN_PART, S3Driver, s3_client
 from storage.errors import Busy, InvalidOffset, RemoteUnavailable
 from storage.registry import Registry
@@ -359,7 +359,7 @@ async def test_files_size_an_upload_from_their_one_listing(moto_server, s3, s3_b
     """`files` sizes an upload in progress as stat does (its parts), from the upload its one
     ListMultipartUploads found: a ListParts, no second lookup. One finished or cancelled
     between that listing and its ListParts is stat'ed after all: the object it became, or
-    nothing."""
+    nothing. Without sizes (a purge), no ListParts: the upload is there, size and time 0."""
     key, path = f"regroot{UPLOAD}/data", f"{UPLOAD}/data"
     drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
     data = os.urandom(MIN_PART + 1000)
@@ -368,12 +368,15 @@ async def test_files_size_an_upload_from_their_one_listing(moto_server, s3, s3_b
     await writer.write_at(0, data)
     await writer.aclose()
     with FaultServer(upstream=moto_server.url) as proxy:
-        files = await S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url)).files(
-            "/"
-        )
-    lookups = [s.path for s in proxy.seen if "uploads&" in s.path or "uploadId=" in s.path]
-    assert ["uploadId=" in p for p in lookups] == [False, True]
+        counted = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        files = await counted.files("/")
+        lookups = [s.path for s in proxy.seen if "uploads&" in s.path or "uploadId=" in s.path]
+        assert ["uploadId=" in p for p in lookups] == [False, True]
+        proxy.seen.clear()
+        unsized = await counted.files("/", sizes=False)
+        assert [s.path for s in proxy.seen if "uploadId=" in s.path] == []
     assert [i.path for i in files] == [path, f"{UPLOAD}/startedat"]
+    assert unsized == [FileInfo(path, 0, 0, False), files[1]]
     assert files[0] == await drv.stat(path) and files[0].size == len(data)
     upload_id = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]["UploadId"]
     s3.abort_multipart_upload(Bucket=s3_bucket, Key=key, UploadId=upload_id)

@@ -169,11 +169,16 @@ class StorageDriver(ABC):
             infos.append(info)
         return infos
 
-    async def files(self, path: str) -> builtins.list[FileInfo] | None:
+    async def files(self, path: str, sizes: bool = True) -> builtins.list[FileInfo] | None:
         """What `stat` says of every file below a directory, where the store lists a whole
         tree in fewer requests than one per directory (S3: 1000 keys a request); None where
-        it does not (walk instead). A path no storage path may be is passed over."""
-        found = await self._files(check_tree(path))
+        it does not (walk instead). A path no storage path may be is passed over.
+
+        sizes=False is for a caller that needs only which files are there (a purge): a
+        file whose size and time would cost a request of its own (on S3 an upload in
+        progress, a ListParts each) is listed with size and time 0, and one finished or
+        cancelled since the listing may still be listed."""
+        found = await self._files(check_tree(path), sizes)
         if found is None:
             return None
         for info in found:
@@ -204,7 +209,7 @@ class StorageDriver(ABC):
         (S3's ListObjectsV2, os.scandir) overrides this to spare a request per entry."""
         return [await self._stat(join(path, name)) for name in await self._list(path)]
 
-    async def _files(self, path: str) -> builtins.list[FileInfo] | None:
+    async def _files(self, path: str, sizes: bool) -> builtins.list[FileInfo] | None:
         return None
 
     async def _symlinks(self, path: str) -> builtins.list[str]:

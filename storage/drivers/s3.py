@@ -709,10 +709,11 @@ class S3Driver(StorageDriver):
             for child, info in sorted(found.items())
         ]
 
-    async def _files(self, path: str) -> builtins.list[FileInfo]:
+    async def _files(self, path: str, sizes: bool) -> builtins.list[FileInfo]:
         """One listing without a delimiter (1000 keys a request) and one of the multipart
         uploads below; a file where one may stand is sized as a stat would (`_sized`), from
-        the upload that listing found: a ListParts per upload in progress, no lookup of it."""
+        the upload that listing found: a ListParts per upload in progress, no lookup of it.
+        Without sizes, no ListParts: an upload in progress is listed with size and time 0."""
         prefix = self._top() if path == "/" else self.key(path) + "/"
 
         def listed() -> tuple[dict[str, FileInfo], dict[str, str]]:
@@ -732,6 +733,13 @@ class S3Driver(StorageDriver):
             return found, uploads
 
         found, uploads = await self._run(listed)
+        if not sizes:  # an upload's size is its parts', not a stale object's beside it
+            return [
+                FileInfo(child, 0, 0, False)
+                if child in uploads and self._multipart.at(child)
+                else info
+                for child, info in sorted(found.items())
+            ]
         infos = []
         for child, info in sorted(found.items()):
             if self._multipart.at(child):
