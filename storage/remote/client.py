@@ -31,10 +31,10 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import httpcore._async.http11 as _http11
 import httpx
@@ -142,22 +142,29 @@ async def _read_body(
         if not prefix and declared.isdigit() and int(declared) > limit:
             return b"", True
         body = bytearray()
-        async for chunk in _raw(resp):
-            body += chunk
-            if len(body) > limit:
-                return bytes(body[:limit]), True
+        async with aclosing(_raw(resp)) as chunks:
+            async for chunk in chunks:
+                body += chunk
+                if len(body) > limit:
+                    return bytes(body[:limit]), True
         return bytes(body), False
     finally:
         await resp.aclose()
 
 
-async def _raw(resp: httpx.Response) -> AsyncIterator[bytes]:
-    """The body as it arrives; at once if it was read already (a mock transport's)."""
+async def _raw(resp: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """The body as it arrives; at once if it was read already (a mock transport's).
+
+    A caller that stops at a cap closes this (`aclosing`), and this closes httpx's
+    iterator, so neither is left to the garbage collector (trio warns of each). The
+    generators inside httpx and httpcore are still left so (encode/httpx#3686)."""
     try:
         yield resp.content
     except httpx.ResponseNotRead:
-        async for chunk in resp.aiter_raw():
-            yield chunk
+        # httpx types aiter_raw as an AsyncIterator; it is an async generator.
+        async with aclosing(cast(AsyncGenerator[bytes, None], resp.aiter_raw())) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
 
 def _with_body(resp: httpx.Response, body: bytes) -> httpx.Response:
