@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 import zstandard
+from indexed_gzip import IndexedGzipFile
 from support.layers import (
     COMPRESSIONS,
     MEDIA_TYPES,
@@ -371,16 +372,49 @@ async def test_seek_points_leave_memory_when_idle_and_come_back_at_the_next_read
     assert not files._open
 
 
-async def test_a_layer_whose_seek_points_were_evicted_is_read_from_its_start(
-    registry, cache, files, caplog
+def open_zrans() -> int:
+    """indexed_gzip objects open in this process (each holds its seek points in memory)."""
+    return sum(isinstance(o, IndexedGzipFile) and not o.closed for o in gc.get_objects())
+
+
+async def idle(files: LayerFiles) -> None:
+    """Until no open layer holds seek points (`idle` must be short)."""
+    with trio.fail_after(30):
+        while files.held:
+            await trio.sleep(0.05)
+
+
+def member_named(index: LayerIndex, path: str) -> Member:
+    return next(m for m in index.members if m.path == path)
+
+
+async def test_a_layer_whose_seek_points_were_evicted_rebuilds_them_and_lets_them_go_when_idle(
+    registry, cache, caplog
 ):
-    """An index in memory whose `.gzi` went (another mount's eviction) still reads right."""
+    """An index in memory whose `.gzi` went (another mount's eviction) still reads right,
+    from the blob's start at first; the points those reads made leave memory once the layer
+    is idle, as any layer's (they stayed before), and serve the reads after that."""
     layer = await store(registry, every_kind_tar(4, big=3 * MIB), "gzip")
     index = await Indexer(cache).index(layer.ref)
     (cache.directory / f"{index.digest.hex}.gzi").unlink()
     caplog.set_level(logging.WARNING)
-    await check_files(files, layer, index, random.Random(4))
-    assert f"layer {index.digest}: its seek points are gone" in caplog.text
+    files = LayerFiles(cache, idle=1.0)
+    before = open_zrans()
+    try:
+        await check_files(files, layer, index, random.Random(4))
+        assert f"layer {index.digest}: its seek points are gone" in caplog.text
+        assert files.held > 0 and open_zrans() == before + 1
+        await idle(files)
+        assert open_zrans() == before and len(files._open) == 1
+        big = member_named(index, "bin/big")
+        want = layer.raw[big.offset + big.size - 100_000 : big.offset + big.size]
+        layer.counter.bytes = 0
+        assert await files.read(layer.ref, index, big, big.size - 100_000, 100_000) == want
+        assert layer.counter.bytes <= MIB  # from a point near it (the blob is ~2.8 MB)
+        assert files.held > 0
+    finally:
+        await files.aclose()
+    assert open_zrans() == before
 
 
 async def test_concurrent_requests_share_one_pass_and_show_progress(

@@ -25,9 +25,10 @@ import bisect
 import contextlib
 import ctypes
 import io
+import logging
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -38,6 +39,7 @@ from ..digests import Digest
 from .blobfile import BlobFile
 from .errors import CorruptLayer
 
+log = logging.getLogger(__name__)
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
 MAGIC = b"\x1f\x8b"
 SPACING = 1 << 20  # uncompressed bytes between seek points: ~0.3 MB of blob per random read
@@ -242,30 +244,39 @@ class GzipReader:
     `points` (`write_points`; the reader owns the descriptor). They are imported at the
     first read after the reader is made or `release`d. Without `points` (a cache entry
     evicted under a mount that still uses the layer), indexed_gzip decompresses from the
-    blob's start up to each new place, and keeps the points it makes meanwhile.
+    blob's start up to each new place, and keeps the points it makes meanwhile; `release`
+    then writes those into a nameless file from `spool` (the index cache's), which later
+    reads import as they would the cache's: the layer's points are rebuilt as it is read,
+    and leave memory when it is idle like any other layer's.
 
     Before each read the blob bytes it needs (`SeekPoints.span`) are fetched in one
     `BlobFile.prefetch`: over HTTP one range GET per read, not a small one and more after
     it as zran reads on (docs/performance.md). Not for a read that starts where the last
     one ended (a file read on, FUSE request after request): zran goes on from where it
     stopped, not from the point before, and its window-by-window reads stay one sequential
-    run for the source (an HTTP reader streams those). Without imported points nothing is
-    prefetched: the read starts at the blob's start and its end is not known."""
+    run for the source (an HTTP reader streams those). Without imported points (before a
+    pointless reader's first `release`) nothing is prefetched: the read starts at the
+    blob's start and its end is not known."""
 
-    def __init__(self, blob: BlobFile, layer: Digest, points: int | None) -> None:
+    def __init__(
+        self, blob: BlobFile, layer: Digest, points: int | None, spool: Callable[[], int]
+    ) -> None:
         self._blob = blob
         self._layer = layer
         self._points = points
+        self._spool = spool
         self._file: Any = None
         self._where: SeekPoints | None = None
         self._next = -1  # where the last read ended: a read from there continues zran's
-
-    @property
-    def held(self) -> bool:
-        """Whether the points are in memory now, and could be released."""
-        return self._file is not None and self._points is not None
+        self.held = 0  # bytes of seek points in memory now (a window each), as of the last read
 
     def pread(self, offset: int, size: int) -> bytes:
+        try:
+            return self._pread(offset, size)
+        finally:
+            self.held = self._file.raw.npoints * WINDOW if self._file is not None else 0
+
+    def _pread(self, offset: int, size: int) -> bytes:
         if self._file is None:
             self._file = self._open()
             self._where = SeekPoints.of(self._file) if self._points is not None else None
@@ -294,19 +305,38 @@ class GzipReader:
         return file
 
     def release(self) -> None:
-        """Drop the points from memory until the next read (never during one)."""
-        if self.held:
-            self._file.close()
-            self._file = None
-            self._where = None
-            self._next = -1
+        """Drop the points from memory until the next read (never during one). Blocking:
+        points made without a `points` file are written to one first (logged if that
+        fails: they are dropped all the same, and reads start from the blob's start again)."""
+        if self._file is None:
+            return
+        if self._points is None and self._file.raw.npoints:
+            try:
+                self._points = self._keep_points()
+            except (OSError, zstandard.ZstdError) as exc:
+                log.warning("layer %s: seek points made by reads not kept: %s", self._layer, exc)
+        self._drop()
 
-    def close(self) -> None:
+    def _keep_points(self) -> int:
+        fd = self._spool()
+        try:
+            with open(fd, "wb", closefd=False) as file:
+                write_points(self._file, file)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _drop(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
             self._where = None
             self._next = -1
+            self.held = 0
+
+    def close(self) -> None:
+        self._drop()
         if self._points is not None:
             os.close(self._points)
             self._points = None

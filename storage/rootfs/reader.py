@@ -61,8 +61,9 @@ class _Open:
 
     @property
     def weight(self) -> int:
-        """Memory held (indexed_gzip keeps the seek points in memory)."""
-        return self.index.seek_points + sum(map(len, self.kept.values()))
+        """Memory held now: seek points while indexed_gzip has them (from a layer's first
+        read until it is idle), decompressed frames or chunks kept."""
+        return (self.gzip.held if self.gzip is not None else 0) + sum(map(len, self.kept.values()))
 
     async def aclose(self) -> None:
         async with self.lock:
@@ -125,6 +126,11 @@ class LayerFiles:
             )
         return data
 
+    @property
+    def held(self) -> int:
+        """Bytes the open layers hold in memory (what `max_bytes` bounds)."""
+        return sum(o.weight for o in self._open.values())
+
     async def aclose(self) -> None:
         if self._releasing is not None:
             self._releasing.cancel()
@@ -166,8 +172,12 @@ class LayerFiles:
             points = await trio.to_thread.run_sync(self.cache.open_points, layer.digest)
             if points is None:
                 why = "its seek points are gone from the index cache (evicted)"
-                log.warning("layer %s: %s: read from the blob's start", layer.digest, why)
-            opened.gzip = GzipReader(blob, layer.digest, points)
+                log.warning(
+                    "layer %s: %s: read from the blob's start, points rebuilt as it is read",
+                    layer.digest,
+                    why,
+                )
+            opened.gzip = GzipReader(blob, layer.digest, points, self.cache.spool)
         return opened.gzip
 
     async def _release_idle(self, scope: trio.CancelScope) -> None:
@@ -179,10 +189,8 @@ class LayerFiles:
                 await trio.sleep(max(wake - trio.current_time(), min(self.idle, 1.0)))
                 released = False
                 for o in held:
-                    idle = o.used + self.idle <= trio.current_time()
-                    if idle and o.gzip is not None and not o.lock.locked():
-                        o.gzip.release()
-                        released = True
+                    if o.used + self.idle <= trio.current_time():
+                        released |= await _release(o)
                 if released:
                     await trio.to_thread.run_sync(trim)
         self._releasing = None
@@ -235,6 +243,22 @@ class LayerFiles:
             why = f"zstd frame at {frame.coffset} of {where}: {exc}"
             raise CorruptLayer(layer.digest, why) from None
         return data
+
+
+async def _release(opened: _Open) -> bool:
+    """Release an idle layer's seek points, unless a read has it (then it is not idle);
+    whether it did. In a worker thread: points a reader made must be written out first."""
+    try:
+        opened.lock.acquire_nowait()
+    except trio.WouldBlock:
+        return False
+    try:
+        if opened.closed or opened.gzip is None:
+            return False
+        await trio.to_thread.run_sync(opened.gzip.release)
+        return True
+    finally:
+        opened.lock.release()
 
 
 async def _kept(opened: _Open, key: tuple[int, int], make: Callable[[], Awaitable[bytes]]) -> bytes:
