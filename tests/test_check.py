@@ -9,8 +9,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from support.fault_server import FaultServer, Seen
+from support.fault_server import FaultServer
 from support.mounts import regfs
+from support.s3 import s3_call
 
 from storage.check import Severity, check, purge_uploads
 from storage.digests import digest_bytes
@@ -266,19 +267,6 @@ async def test_purge_names_uploads_as_the_mount_shows_them(tmp_path):
     assert f"would delete org/app/uploads/{bare.uuid} (upload {bare.uuid}," in result.stdout
     checked = regfs("check", str(root))
     assert checked.returncode < 2 and "Traceback" not in checked.stderr, checked.stderr
-
-
-def s3_call(seen: Seen) -> str:
-    """The S3 operation a request through the fault proxy was."""
-    if seen.method == "GET" and "list-type=2" in seen.path:
-        return "ListObjects"
-    if seen.method == "GET" and "uploads&" in seen.path:
-        return "ListMultipartUploads"
-    if "uploadId=" in seen.path:
-        return "AbortMultipartUpload" if seen.method == "DELETE" else f"{seen.method} part"
-    if seen.method == "POST" and "?delete" in seen.path:
-        return "DeleteObjects"
-    return {"GET": "GetObject", "HEAD": "HeadObject"}.get(seen.method, seen.method)
 
 
 async def test_purge_lists_a_bucket_once(moto_server, s3_bucket):

@@ -19,7 +19,7 @@ import pytest
 import trio
 from support.fault_server import Fault, FaultServer
 from support.oci import image_manifest
-from support.s3 import MotoServer
+from support.s3 import MotoServer, s3_call
 
 from storage.check import check
 from storage.digests import digest_bytes
@@ -384,6 +384,34 @@ async def test_files_size_an_upload_from_their_one_listing(moto_server, s3, s3_b
         await drv._sized(path, files[0], upload_id)  # cancelled since listed
     await drv.put_content(path, b"done")
     assert (await drv._sized(path, files[0], upload_id)).size == 4  # finished since listed
+    await drv.delete(UPLOAD)
+
+
+async def test_entries_size_an_upload_from_their_one_listing(moto_server, s3_bucket):
+    """`entries` of an upload's directory (what a walk of `_uploads/` asks) answers as stat
+    does from its one listing: data in progress is sized by a ListParts of the upload that
+    listing's ListMultipartUploads found (no second lookup), data that is an object takes
+    the listing's size (no lookup, no HEAD)."""
+    path = f"{UPLOAD}/data"
+    drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
+    await drv.put_content(f"{UPLOAD}/startedat", b"2026-01-01T00:00:00Z")
+    writer = await drv.writer(path)
+    await writer.write_at(0, os.urandom(MIN_PART + 1000))
+    await writer.aclose()
+    with FaultServer(upstream=moto_server.url) as proxy:
+        counted = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        for data, sent in (
+            (None, ["ListObjects", "ListMultipartUploads", "ListParts"]),
+            (b"done", ["ListObjects", "ListMultipartUploads"]),
+        ):
+            if data is not None:
+                await drv.delete(path)
+                await drv.put_content(path, data)
+            proxy.seen.clear()
+            entries = await counted.entries(UPLOAD)
+            assert [s3_call(s) for s in proxy.seen] == sent
+            assert entries == [await drv.stat(path), await drv.stat(f"{UPLOAD}/startedat")]
+            assert entries[0].size == (MIN_PART + 1000 if data is None else len(data))
     await drv.delete(UPLOAD)
 
 

@@ -677,11 +677,11 @@ class S3Driver(StorageDriver):
     async def _entries(self, path: str) -> builtins.list[FileInfo]:
         """The listing's own sizes and times, so a file costs no request of its own; a
         directory's time is 0 (S3 keeps none: `stat` takes the first key's below it). Where
-        a multipart upload may stand (`self._multipart`), a file is stat'ed as before: its
-        size is its parts', or its writer's."""
+        a multipart upload may stand (`self._multipart`), a file is sized as a stat would,
+        from the upload the listing's ListMultipartUploads found (`_sized`)."""
         prefix = self._top() if path == "/" else self.key(path) + "/"
 
-        def listed() -> dict[str, FileInfo]:
+        def listed() -> tuple[dict[str, FileInfo], dict[str, str]]:
             found: dict[str, FileInfo] = {}
             for name, obj in self._objects(prefix, "/"):
                 leaf = name[len(prefix) :].rstrip("/")
@@ -694,20 +694,19 @@ class S3Driver(StorageDriver):
                     )
                 else:
                     found.setdefault(child, FileInfo(child, 0, 0, True))
+            uploads: dict[str, str] = {}  # the first listed at a key: the one resumed
             if self._multipart.below(path):
-                for key, _ in self._uploads(prefix):
+                for key, upload_id in self._uploads(prefix):
                     leaf, below, _ = key[len(prefix) :].partition("/")
                     child = join(path, leaf)
                     found.setdefault(child, FileInfo(child, 0, 0, bool(below)))
+                    if not below:
+                        uploads.setdefault(child, upload_id)
             if not found and path != "/":
                 raise PathNotFound(path)
-            return found
+            return found, uploads
 
-        found = await self._run(listed)
-        return [
-            await self._stat(child) if not info.is_dir and self._multipart.at(child) else info
-            for child, info in sorted(found.items())
-        ]
+        return await self._all_sized(*await self._run(listed))
 
     async def _files(self, path: str, sizes: bool) -> builtins.list[FileInfo]:
         """One listing without a delimiter (1000 keys a request) and one of the multipart
@@ -740,13 +739,21 @@ class S3Driver(StorageDriver):
                 else info
                 for child, info in sorted(found.items())
             ]
+        return await self._all_sized(found, uploads)
+
+    async def _all_sized(
+        self, found: dict[str, FileInfo], uploads: dict[str, str]
+    ) -> builtins.list[FileInfo]:
+        """What one listing found (by path), in order, each file where a multipart upload
+        may stand sized by `_sized` from the upload listed there (uploads, by path); one
+        finished or cancelled since, with nothing left in its place, is left out."""
         infos = []
         for child, info in sorted(found.items()):
-            if self._multipart.at(child):
+            if not info.is_dir and self._multipart.at(child):
                 try:
                     info = await self._sized(child, info, uploads.get(child))
                 except PathNotFound:
-                    continue  # finished or cancelled meanwhile
+                    continue
             infos.append(info)
         return infos
 

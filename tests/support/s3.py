@@ -23,6 +23,7 @@ import boto3
 import httpx
 from botocore.config import Config
 
+from support.fault_server import Seen
 from support.servers import StartStop
 
 log = logging.getLogger(__name__)
@@ -154,3 +155,25 @@ def registry_s3_config(server: MotoServer, bucket: str, rootdirectory: str) -> d
         "secure": False,
         "v4auth": True,
     }
+
+
+_UPLOAD_CALLS = {
+    "GET": "ListParts",
+    "PUT": "UploadPart",
+    "POST": "CompleteMultipartUpload",
+    "DELETE": "AbortMultipartUpload",
+}
+
+
+def s3_call(seen: Seen) -> str:
+    """The S3 operation a request through the fault proxy (tests/support/fault_server.py)
+    was, for tests that count them."""
+    if seen.method == "GET" and "list-type=2" in seen.path:
+        return "ListObjects"
+    if seen.method == "GET" and "uploads&" in seen.path:
+        return "ListMultipartUploads"
+    if "uploadId=" in seen.path:
+        return _UPLOAD_CALLS.get(seen.method, seen.method)
+    if seen.method == "POST" and "?delete" in seen.path:
+        return "DeleteObjects"
+    return {"GET": "GetObject", "HEAD": "HeadObject"}.get(seen.method, seen.method)
