@@ -417,6 +417,35 @@ async def test_a_layer_whose_seek_points_were_evicted_rebuilds_them_and_lets_the
     assert open_zrans() == before
 
 
+async def test_memory_bound_counts_only_the_seek_points_held(registry, cache):
+    """`max_bytes` bounds what the open layers hold: a layer whose points left memory when
+    idle counts for nothing (before, for all its points: others were closed for it), and
+    one whose points come back at a read makes room as a newly opened one does."""
+    seeds = (1, 2, 3)
+    stored = [await store(registry, every_kind_tar(seed, big=3 * MIB), "gzip") for seed in seeds]
+    indexer = Indexer(cache)
+    indexes = [await indexer.index(layer.ref) for layer in stored]
+    bound = max(index.seek_points for index in indexes) * 3 // 2  # room for one layer's points
+    files = LayerFiles(cache, max_bytes=bound, idle=1.0)
+
+    async def read(i: int) -> None:
+        member = member_named(indexes[i], "bin/half")
+        data = await files.read(stored[i].ref, indexes[i], member, 0, member.size)
+        assert data == stored[i].raw[member.offset : member.offset + member.size]
+        assert 0 < files.held <= bound
+
+    try:
+        for i in range(3):
+            await read(i)
+            await idle(files)
+        assert len(files._open) == 3  # all open, none holding points
+        await read(0)
+        await read(1)  # would hold two layers' points: the other holding them is closed
+        assert list(files._open) == [indexes[2].digest, indexes[1].digest]
+    finally:
+        await files.aclose()
+
+
 async def test_concurrent_requests_share_one_pass_and_show_progress(
     registry, cache, monkeypatch, caplog
 ):

@@ -65,6 +65,13 @@ class _Open:
         read until it is idle), decompressed frames or chunks kept."""
         return (self.gzip.held if self.gzip is not None else 0) + sum(map(len, self.kept.values()))
 
+    @property
+    def reading(self) -> int:
+        """Memory held once a read has brought a gzip layer's seek points back."""
+        if self.index.format is not Format.GZIP:
+            return self.weight
+        return max(self.weight, self.index.seek_points + sum(map(len, self.kept.values())))
+
     async def aclose(self) -> None:
         async with self.lock:
             self.closed = True
@@ -141,7 +148,12 @@ class LayerFiles:
         opened = self._open.get(layer.digest)
         if opened is not None and opened.index is index:
             self._open.move_to_end(layer.digest)
-            return opened
+        else:
+            opened = await self._opened(layer, index)
+        await self._bound(opened)
+        return opened
+
+    async def _opened(self, layer: LayerRef, index: LayerIndex) -> _Open:
         reader = await layer.open()
         if layer.digest in self._open:  # opened meanwhile by another read, or re-indexed
             stale = self._open.pop(layer.digest)
@@ -151,12 +163,24 @@ class LayerFiles:
                 return stale
             await stale.aclose()
         opened = self._open[layer.digest] = _Open(index, reader)
-        while len(self._open) > 1 and (
-            len(self._open) > self.max_open
-            or sum(o.weight for o in self._open.values()) > self.max_bytes
-        ):
-            await self._open.popitem(last=False)[1].aclose()
         return opened
+
+    async def _bound(self, opened: _Open) -> None:
+        """Close the least recently used other layer while more than `max_open` are open,
+        and the least recently used other one holding memory while they hold more than
+        `max_bytes` with what `opened` will hold once read (a layer whose points were
+        released holds none until its next read)."""
+        while True:
+            others = [(d, o) for d, o in self._open.items() if o is not opened]
+            if len(self._open) <= self.max_open:
+                if self.held - opened.weight + opened.reading <= self.max_bytes:
+                    return
+                others = [(d, o) for d, o in others if o.weight]
+            if not others:
+                return
+            digest, victim = others[0]
+            del self._open[digest]
+            await victim.aclose()
 
     async def _gzip(self, opened: _Open, layer: LayerRef) -> GzipReader:
         if opened.gzip is None:
