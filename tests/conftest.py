@@ -6,13 +6,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from support.mounts import Mount
 from support.registry import RegistryClient, RegistryServer, running_registry
 from support.s3 import MotoServer
+from support.sources import REMOTE_CANNOT, Source
 from support.users import OtherUser, other_user_env
 
 from storage.api import RegistrySource
@@ -20,6 +20,18 @@ from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
 from storage.registry import Registry
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
+
+# The layers of the suite (pyproject.toml's markers; docs/testing.md): `-m` selects by them.
+LAYERS = ("storage", "mount", "registry", "remote")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test belongs to at least one layer, so that no `-m` selection misses it."""
+    unmarked = [item.nodeid for item in items if not any(map(item.get_closest_marker, LAYERS))]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests without a layer marker ({', '.join(LAYERS)}): {', '.join(unmarked)}"
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -110,44 +122,7 @@ def other_user() -> OtherUser:
 
 # --------------------------------------------------------------------------- every source
 
-# What a source legitimately cannot do, and why: service tests assert the documented
-# fallback for these instead of the full behaviour (see Source.can), never skip silently.
-REMOTE_CANNOT = {
-    "overwrite": "the upload protocol appends in order: it cannot rewrite or cut below the end",
-    "read_upload": "the API cannot read an upload's bytes back (an upload reads as empty)",
-    "list_untagged": "the API lists tags only: manifests/ and layers/ show what tagged "
-    "manifests reference, plus the blobs pushed through this client",
-    "delete_tag": "docker-registry 2.8 refuses DELETE of a manifest by tag (400 UNSUPPORTED); "
-    "only registries of the OCI distribution spec 1.1 untag",
-}
 _unique = itertools.count()
-
-
-@dataclass
-class Source:
-    """One registry implementation, as the service tests see it.
-
-    `registry` is fresh for the test; `name(repo)` puts a repository in a namespace of its
-    own (the remote source shares one docker-registry across a module); `reopen()` gives
-    another view of the same storage, as a restarted daemon would have."""
-
-    kind: str
-    registry: RegistrySource
-    opener: Callable[[], RegistrySource]
-    prefix: str
-    cannot: dict[str, str] = field(default_factory=dict)
-    opened: list[RegistrySource] = field(default_factory=list)
-
-    def name(self, repo: str) -> str:
-        return f"{self.prefix}/{repo}"
-
-    def can(self, capability: str) -> bool:
-        return capability not in self.cannot
-
-    def reopen(self) -> RegistrySource:
-        registry = self.opener()
-        self.opened.append(registry)
-        return registry
 
 
 @pytest.fixture(scope="module")

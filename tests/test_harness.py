@@ -6,6 +6,7 @@ layout after a push, the upload `_state` token, `startedat` and the saved hash s
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import socket
@@ -43,6 +44,7 @@ def read_link(path: Path) -> str:
 # --------------------------------------------------------------------------- offline facts
 
 
+@pytest.mark.storage
 def test_token_known_vector() -> None:
     """A token taken from a real registry 2.8.2 (secret `test-secret`)."""
     token = upload_state_token(
@@ -59,6 +61,7 @@ def test_token_known_vector() -> None:
         parse_state_token("other-secret", token)
 
 
+@pytest.mark.storage
 def test_go_time_format() -> None:
     from datetime import UTC, datetime, timedelta, timezone
 
@@ -68,6 +71,7 @@ def test_go_time_format() -> None:
     assert go_time(plus1) == "2026-01-02T03:04:05Z"
 
 
+@pytest.mark.storage
 def test_go_sha256_state_empty() -> None:
     """The fresh state: magic, SHA-256 initial words, empty block, length 0."""
     state = go_sha256_state(b"")
@@ -75,6 +79,25 @@ def test_go_sha256_state_empty() -> None:
     assert state[:4] == b"sha\x03"
     assert state[4:8] == bytes.fromhex("6a09e667") and state[32:36] == bytes.fromhex("5be0cd19")
     assert state[36:] == bytes(72)
+
+
+@pytest.mark.storage
+def test_no_test_module_imports_another() -> None:
+    """What test modules share lives in tests/support/ (docs/testing.md): no module of the
+    suite imports a test module or conftest.py, whose fixtures pytest hands out itself."""
+    tests = Path(__file__).parent
+    wrong = {}
+    for path in sorted([*tests.glob("*.py"), *tests.glob("support/*.py")]):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        tops = {name.split(".")[0] for name in imported}
+        if found := sorted(n for n in tops if n == "conftest" or n.startswith("test_")):
+            wrong[str(path.relative_to(tests))] = found
+    assert wrong == {}
 
 
 # --------------------------------------------------------------------------- the server

@@ -1,5 +1,6 @@
-"""The service-level contract, run on every source (`source` in conftest.py: in-memory,
-filesystem, and the remote registry against the real docker-registry).
+"""The service-level contract, run on every source (the `source` fixture in conftest.py, a
+support/sources.py `Source`: in-memory, filesystem, and the remote registry against the real
+docker-registry).
 
 The calls are the ones regfs/tree.py and regfs/handles.py make (storage/api.py writes them
 down). What a source legitimately cannot do is in `source.cannot` (REMOTE_CANNOT), and the
@@ -37,7 +38,7 @@ from storage.errors import (
 pytestmark = pytest.mark.storage
 
 if TYPE_CHECKING:
-    from conftest import Source
+    from support.sources import Source
 
     from storage.api import Repository, Upload
 

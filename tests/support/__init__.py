@@ -8,6 +8,8 @@
 - `credentials`: a `docker-credential-<name>` helper on PATH.
 - `servers`: the start/stop/context-manager shape of the helper servers.
 - `mounts`: a real `regfs mount` (`Mount`, `wait_until`, `parse_getfattr`).
+- `clients`: client loops against a mount whose daemon is killed (`kill_mid`).
+- `sources`: `Source`, each registry implementation as the service tests see it.
 - `registry`: the real docker-registry (`RegistryServer`, `RegistryClient`, its paths,
   tokens and media types).
 - `oci`: OCI layouts built by umoci and copied by skopeo; `image_manifest` for blobs pushed
