@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.credentials import docker_login
 from support.mounts import REGFS, daemon_pids, is_mounted, regfs, wait_until
 from support.registry import (
     RegistryServer,
@@ -48,11 +49,31 @@ MOUNT_FUSE3 = Path("/sbin/mount.fuse3")
 USER, PASSWORD = "alice", "fstab-s3cret-Zq9"
 
 
-def need_installed_helper() -> None:
+def installed_here(path: Path) -> bool:
+    """Whether `make install` linked path to this checkout's regfs."""
+    return path.exists() and path.resolve() == Path(REGFS).resolve()
+
+
+# Fixtures, not calls in the tests: pytest-trio drops the reason of a skip raised inside an
+# async test, and a skip must say why.
+
+
+@pytest.fixture
+def installed_helper() -> None:
     if os.geteuid() != 0:
         pytest.skip("mount(8) with a helper mounts as root")
-    if not HELPER.exists() or HELPER.resolve() != Path(REGFS).resolve():
+    if not installed_here(HELPER):
         pytest.skip(f"{HELPER} is not this checkout's regfs: `make install` as root links it")
+
+
+@pytest.fixture
+def installed_on_path() -> None:
+    """regfs where a package installed as root puts it: /usr/local/bin (here make install's
+    link), on /bin/sh's default PATH."""
+    if not MOUNT_FUSE3.exists() or os.geteuid() != 0:
+        pytest.skip(f"needs {MOUNT_FUSE3} (fuse3) and root")
+    if not installed_here(Path("/usr/local/bin/regfs")):
+        pytest.skip("/usr/local/bin/regfs is not this checkout's: `make install` links it")
 
 
 def mount_options_of(mountpoint: Path) -> tuple[str, list[str]]:
@@ -85,11 +106,11 @@ def servers(tmp_path) -> Iterator[Callable[..., RegistryServer]]:
 # --------------------------------------------------------------------------- mount(8), fstab
 
 
+@pytest.mark.usefixtures("installed_helper")
 @pytest.mark.parametrize("fstype", ["fuse.regfs", "regfs"])
 async def test_mount_t_regfs_then_umount(root, tmp_path, tracked, fstype):
     """`mount -t fuse.regfs` (and `-t regfs`) runs the installed helper with -o options;
     a plain `umount` unmounts and the daemon exits."""
-    need_installed_helper()
     mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
     mnt.mkdir()
     m = tracked(mnt, log)
@@ -107,65 +128,87 @@ async def test_mount_t_regfs_then_umount(root, tmp_path, tracked, fstype):
     assert "unmounted" in log.read_text()
 
 
-@pytest.mark.parametrize("path", ["venv", "unset"])
-async def test_fuse3_mount_fuse_runs_regfs_found_on_path(root, tmp_path, tracked, path):
-    """Without the helper links, mount(8) runs fuse3's mount.fuse, which runs
-    `regfs SOURCE MOUNTPOINT -o OPTIONS` (adding dev,suid): regfs takes that form. mount(8)
-    leaves PATH unset, and /bin/sh's default PATH has /usr/local/bin, where a package
-    installed as root puts regfs (here `make install`'s link)."""
-    if not MOUNT_FUSE3.exists() or os.geteuid() != 0:
-        pytest.skip(f"needs {MOUNT_FUSE3} (fuse3) and root")
-    env = {**C_LOCALE, "PATH": f"{VENV_BIN}:/usr/bin:/bin"}
-    if path == "unset":
-        if Path("/usr/local/bin/regfs").resolve() != Path(REGFS).resolve():
-            pytest.skip("/usr/local/bin/regfs is not this checkout's: `make install` links it")
-        env = {}
-    mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
-    mnt.mkdir()
-    tracked(mnt, log)
-    result = subprocess.run(
-        [MOUNT_FUSE3, root, mnt, "-t", "fuse.regfs", "-o", f"ro,log={log}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def mounted_by_mount_fuse(command: list[str | Path], env: dict[str, str], mnt: Path) -> None:
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert ls(mnt) == ["library"] and "ro" in mount_options_of(mnt)[1]
     assert regfs("umount", str(mnt)).returncode == 0 and not is_mounted(mnt)
 
 
+async def test_fuse3_mount_fuse_runs_regfs_found_on_path(root, tmp_path, tracked):
+    """fuse3's mount.fuse runs `regfs SOURCE MOUNTPOINT -o OPTIONS` (adding dev,suid)
+    through /bin/sh, so a regfs anywhere on PATH (here the venv's) takes that form."""
+    if not MOUNT_FUSE3.exists() or os.geteuid() != 0:
+        pytest.skip(f"needs {MOUNT_FUSE3} (fuse3) and root")
+    mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
+    mnt.mkdir()
+    tracked(mnt, log)
+    command = [MOUNT_FUSE3, root, mnt, "-t", "fuse.regfs", "-o", f"ro,log={log}"]
+    mounted_by_mount_fuse(command, {**C_LOCALE, "PATH": f"{VENV_BIN}:/usr/bin:/bin"}, mnt)
+
+
+@pytest.mark.usefixtures("installed_on_path")
+async def test_mount_8_finds_a_package_installed_as_root_without_the_helper(
+    root, tmp_path, tracked
+):
+    """A package installed as root (pip) gives no /sbin/mount.fuse.regfs; for
+    `-t fuse.regfs` mount(8) then runs /sbin/mount.fuse, as for `-t fuse` with
+    `regfs#SOURCE` (the form used here, so that make install's helper is not the one run).
+    With no environment at all, mount.fuse's /bin/sh finds regfs on its default PATH, in
+    /usr/local/bin, where pip as root puts it."""
+    mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
+    mnt.mkdir()
+    tracked(mnt, log)
+    mount = shutil.which("mount")
+    assert mount is not None
+    command = [mount, "-t", "fuse", f"regfs#{root}", mnt, "-o", f"ro,log={log}"]
+    mounted_by_mount_fuse(command, {}, mnt)
+
+
+@pytest.mark.usefixtures("installed_helper")
 async def test_fstab_lines_for_a_root_and_a_remote_registry(root, tmp_path, tracked, servers):
-    """`mount -T FSTAB MNT` for a storage root and for a registry that wants a login
-    (`_netdev`, password_file=); the password shows nowhere; `umount` ends both."""
-    need_installed_helper()
+    """`mount -T FSTAB MNT` for a storage root and for a registry that wants a login, given
+    by password_file= or by the Docker config (`_netdev`); the password shows nowhere;
+    `umount` ends each. A password file open to others is refused through fstab too."""
     write_htpasswd(tmp_path / "htpasswd", {USER: PASSWORD})
     await build_root(tmp_path / "root1", name="org/app", size=5_000)  # the server's root
     server = servers(auth=htpasswd_auth(tmp_path / "htpasswd"))
     password_file = private_file(tmp_path / "password", PASSWORD + "\n")
-    local, remote = tmp_path / "local", tmp_path / "remote"
-    logs = {local: tmp_path / "local.log", remote: tmp_path / "remote.log"}
+    open_file = private_file(tmp_path / "open-password", PASSWORD, 0o644)
+    docker_login(tmp_path / "docker", server.host, USER, PASSWORD)
+    local, remote, config = tmp_path / "local", tmp_path / "remote", tmp_path / "config"
+    logs = {mnt: tmp_path / f"{mnt.name}.log" for mnt in (local, remote, config)}
+    refused = tmp_path / "refused"
     fstab = tmp_path / "fstab"
     fstab.write_text(
-        "# a storage root, and a remote registry\n"
+        "# a storage root; a remote registry, its login from a file and from Docker's\n"
         f"{root}  {local}  fuse.regfs  ro,tag_ttl=2,nofail,log={logs[local]}  0 0\n"
         f"{server.url}  {remote}  fuse.regfs  _netdev,ro,username={USER},"
         f"password_file={password_file},x-systemd.mount-timeout=30,log={logs[remote]}  0 0\n"
+        f"{server.url}  {config}  fuse.regfs  _netdev,ro,log={logs[config]}  0 0\n"
+        f"{server.url}  {refused}  fuse.regfs  ro,username={USER},password_file={open_file}  0 0\n"
     )
-    for mnt in (local, remote):
+    # root's ~/.docker/config.json, as mount(8) leaves DOCKER_CONFIG alone
+    env = {**C_LOCALE, "DOCKER_CONFIG": str(tmp_path / "docker")}
+    for mnt in (local, remote, config, refused):
         mnt.mkdir()
+    for mnt in (local, remote, config):
         tracked(mnt, logs[mnt])
-        sh("mount", "-T", fstab, mnt)
+        subprocess.run(["mount", "-T", fstab, mnt], env=env, check=True, timeout=60)
     assert ls(local) == ["library"]
-    assert ls(remote / "org" / "app" / "tags") == ["latest"]
-    assert (remote / "org" / "app" / "tags" / "latest").read_bytes().startswith(b"{")
+    for mnt in (remote, config):
+        assert ls(mnt / "org" / "app" / "tags") == ["latest"]
+        assert (mnt / "org" / "app" / "tags" / "latest").read_bytes().startswith(b"{")
     (pid,) = daemon_pids(remote)
     for place in (f"/proc/{pid}/cmdline", f"/proc/{pid}/environ", "/proc/mounts"):
         assert PASSWORD.encode() not in Path(place).read_bytes(), place
-    for mnt in (local, remote):
+    for mnt in (local, remote, config):
         sh("umount", mnt)
         assert not is_mounted(mnt)
-    assert PASSWORD not in logs[remote].read_text()
+        assert PASSWORD not in logs[mnt].read_text()
+    said = sh("mount", "-T", fstab, refused, check=False)
+    assert said.returncode != 0 and not is_mounted(refused)
+    assert f"password file {open_file} is open to others (mode 644)" in said.stderr, said.stderr
 
 
 @pytest.mark.parametrize(
@@ -203,6 +246,7 @@ def test_a_password_file_needs_a_user_name(tmp_path, capsys):
     assert "a password file needs a user name: username=USER or --username" in said
 
 
+@pytest.mark.usefixtures("installed_helper")
 @pytest.mark.parametrize(
     "bad",
     [
@@ -215,7 +259,6 @@ def test_a_password_file_needs_a_user_name(tmp_path, capsys):
 def test_bad_options_are_refused_in_the_same_words_by_every_route(tmp_path, bad):
     """regfs mount -o, mount -t fuse.regfs (the helper) and fuse3's mount.fuse all say the
     same, exit 2, and mount nothing."""
-    need_installed_helper()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     routes = {

@@ -10,7 +10,6 @@ The last section tests RemoteUpload's PATCH recovery against a scripted registry
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import hashlib
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.credentials import credential_helper
+from support.credentials import credential_helper, docker_login
 from support.fault_server import Fault, FaultServer
 from support.mounts import REGFS, Mount, is_mounted, parse_getfattr, wait_until
 from support.oci import build_image, build_large_image, run, skopeo_pull, skopeo_push
@@ -104,9 +103,7 @@ def mounted_with_password(tmp_path: Path, source: str, *args: str) -> Iterator[M
 
 def docker_config(host: str, user: str, password: str) -> None:
     """The login `docker login HOST` would leave, in this test's DOCKER_CONFIG."""
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    path = Path(os.environ["DOCKER_CONFIG"]) / "config.json"
-    path.write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    docker_login(Path(os.environ["DOCKER_CONFIG"]), host, user, password)
 
 
 def skopeo_push_auth(layout: Path, tag: str, host: str, repo: str, tls_verify: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -32,3 +33,13 @@ def credential_helper(
         "print(json.dumps(login))\n"
     )
     script.chmod(0o755)
+
+
+def docker_login(config_dir: Path, host: str, user: str, password: str) -> Path:
+    """The config.json `docker login HOST` would leave in config_dir (a DOCKER_CONFIG)."""
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    config_dir.mkdir(exist_ok=True)
+    path = config_dir / "config.json"
+    path.write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    path.chmod(0o600)
+    return path
