@@ -10,10 +10,10 @@ Four measures, each side by side with what a user would do without regfs:
    (fresh mount; page cache dropped) and warm (again at once);
 4. the daemon's peak RSS while indexing a big layer, and its RSS after.
 
-The images are made of local files (/usr/bin, /usr/include, /usr/share, /usr/lib, as
-../shared/ROOTFS.md did) and kept between runs under bench/results/rootfs-images/, with the
-`umoci unpack` of the first, so a rerun only measures. Every mount and registry is stopped
-and the work directory removed, even on failure, Ctrl-C or SIGTERM.
+The images are made of local files (/usr/bin, /usr/include, /usr/share, /usr/lib) and kept
+between runs under bench/results/rootfs-images/, with the `umoci unpack` of the first, so a
+rerun only measures. Every mount and registry is stopped and the work directory removed,
+even on failure, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`python -m bench.s3`: regfs on an S3 bucket against its peers on the same bucket, in the
 same run: docker-registry 2.8 (s3 driver) and boto3's own streamed GET, on moto in server
-mode (../shared/S3.md). Prints MB/s, ratios, the daemon's peak RSS, and how many S3
+mode (docs/s3.md). Prints MB/s, ratios, the daemon's peak RSS, and how many S3
 requests each side sent for the same work (moto's request recorder), for docs/scale-out.md.
 
 `--before DIR` also mounts with the `storage/` and `regfs/` of DIR (an earlier tree:

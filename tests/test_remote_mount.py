@@ -408,8 +408,8 @@ def test_truncate_restarts_an_upload_under_its_name(
     served: RegistryServer, mount, tmp_path
 ) -> None:
     """`truncate -s 0`, `: >` and `cp` over it (O_TRUNC) restart an upload from zero, as
-    SPEC.md says: the same name and uuid, the registry's upload begun again (the old one
-    cancelled there), and what is written next finishes by mv."""
+    they do on a storage root: the same name and uuid, the registry's upload begun again
+    (the old one cancelled there), and what is written next finishes by mv."""
     data = random.Random(12).randbytes(MIB + 5)
     (tmp_path / "data").write_bytes(data)
     m = mount(served.url)

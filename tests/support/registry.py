@@ -320,7 +320,7 @@ class RegistryServer(StartStop):
     server then speaks https only: `url` says so), and `s3`, the `storage: s3:` section
     (support.s3.registry_s3_config) to keep the storage in a bucket instead of `root`: blobs
     are then proxied, not redirected, and the registry starts without `AWS_CA_BUNDLE`, with
-    which its 2.8 s3 driver panics (../shared/S3.md).
+    which its 2.8 s3 driver panics (docs/s3.md).
     """
 
     root: Path
