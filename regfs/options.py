@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 DEFAULT_TAG_TTL = 5.0
@@ -173,6 +173,3 @@ def apply_o_options(options: MountOptions, text: str) -> None:
         elif key not in _IGNORED and not key.startswith("x-"):  # x-systemd.*: for others
             known = sorted([*_FLAGS, *(f"{k}=…" for k in _VALUES)])
             raise ValueError(f"unknown mount option {item!r} (known: {', '.join(known)})")
-
-
-OPTION_FIELDS = [f.name for f in fields(MountOptions)]
