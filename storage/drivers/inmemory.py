@@ -41,7 +41,7 @@ class _Writer(FileWriter):
         self._node = node
 
     @property
-    def size(self) -> int:  # type: ignore[override]
+    def size(self) -> int:  # type: ignore[override]  # FileWriter's attribute; the node's live length
         return len(self._node.data)
 
     def write_at_blocking(self, offset: int, data: bytes) -> None:
