@@ -7,6 +7,7 @@ checkout's regfs (`make test` does, as root); they skip, saying so, where it poi
 
 from __future__ import annotations
 
+import configparser
 import errno
 import importlib.metadata
 import os
@@ -329,6 +330,38 @@ def test_make_install_puts_helper_man_page_and_completion(tmp_path):
         assert sh("bash", "-c", script).stdout.split() == expected, line
 
 
+BASH_COMPLETION = Path("/usr/share/bash-completion/bash_completion")
+
+
+@pytest.mark.usefixtures("installed_helper")
+def test_make_install_put_them_where_linux_looks():
+    """On this machine, as `make install` left it: `man regfs` finds regfs(1) on man's own
+    search path, bash-completion's loader finds regfs's completion, and `regfs` is on
+    /bin/sh's default PATH (what mount(8), fuse3 and an empty environment see)."""
+    page = sh("man", "-w", "regfs")
+    assert page.stdout.strip().endswith("/man1/regfs.1"), page.stdout
+    shown = subprocess.run(
+        ["man", "-P", "cat", "regfs"],
+        capture_output=True,
+        text=True,
+        env={**C_LOCALE, "MANWIDTH": "200"},
+    )
+    assert "--index-cache-size SIZE" in shown.stdout and "mount.fuse.regfs" in shown.stdout
+    found = subprocess.run(
+        ["/bin/sh", "-c", "command -v regfs"], capture_output=True, text=True, env={}
+    )
+    assert Path(found.stdout.strip()).resolve() == Path(REGFS).resolve(), found
+    if not BASH_COMPLETION.exists():
+        pytest.skip(f"{BASH_COMPLETION} missing: `make install` installs bash-completion")
+    loaded = subprocess.run(
+        ["bash", "-c", f"source {BASH_COMPLETION}; __load_completion regfs; complete -p regfs"],
+        capture_output=True,
+        text=True,
+        env={},
+    )
+    assert loaded.stdout.strip() == "complete -o bashdefault -F _shtab_regfs regfs", loaded
+
+
 def roff_sections(page: str) -> dict[str, str]:
     """A man page's roff source as plain text per section (.SH) and command (.SS)."""
     text = page.replace("\\-", "-").replace("\\&", "").replace("\\e", "\\")
@@ -363,11 +396,15 @@ def test_man_page_and_help_list_the_same_options():
         assert re.search(rf"\b{name}\b", page["mount"]), name
 
 
-def test_version_is_the_package_version():
-    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
-    assert importlib.metadata.version("regfs") == pyproject["project"]["version"]
+def test_version_is_the_package_version_and_the_changelogs_newest_release():
+    version = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["version"]
+    assert importlib.metadata.version("regfs") == version
     result = regfs("--version")
-    assert result.returncode == 0 and result.stdout == f"regfs {pyproject['project']['version']}\n"
+    assert result.returncode == 0 and result.stdout == f"regfs {version}\n"
+    # CHANGELOG.md: what is not released yet (if any) on top, then this version and its date.
+    headings = re.findall(r"(?m)^## (.*)$", (PROJECT / "CHANGELOG.md").read_text())
+    released = headings[1:] if headings[0] == "Unreleased" else headings
+    assert re.fullmatch(rf"{re.escape(version)} — \d{{4}}-\d\d-\d\d", released[0]), headings
 
 
 OFFLINE = ("No matching distribution", "Could not find a version", "Network is unreachable")
@@ -437,29 +474,67 @@ def documented_units() -> dict[str, str]:
     return {Path(path).name: body for path, body in blocks}
 
 
-async def test_systemd_units_in_the_docs(tmp_path, root, tracked):
-    """Where systemd runs the machine, the mount unit is started and stopped for real (on a
-    tmp mountpoint); else every documented unit passes `systemd-analyze verify`."""
+def unit_fields(body: str) -> configparser.ConfigParser:
+    """A unit file's [Section] Key=value fields (these units set no key twice)."""
+    unit = configparser.ConfigParser(interpolation=None, delimiters=("=",))
+    unit.optionxform = str  # keys as written: ExecStart, not execstart
+    unit.read_string(body)
+    return unit
+
+
+def test_systemd_units_in_the_docs_are_what_regfs_takes(tmp_path):
+    """Runs everywhere (no systemd needed): the mount unit is named after its Where= and is
+    of regfs's type, with options regfs accepts (the helper's -f checks them, mounting
+    nothing); the service runs `regfs mount --foreground`, as systemd must supervise it."""
     units = documented_units()
     assert set(units) == {"mnt-registry.mount", "regfs-registry.service"}
-    systemd_runs = Path("/proc/1/comm").read_text().strip() == "systemd"
-    if systemd_runs and os.geteuid() == 0:
-        start_mount_unit(units["mnt-registry.mount"], tmp_path, root, tracked)
-        return
+    mount = unit_fields(units["mnt-registry.mount"])
+    where = mount["Mount"]["Where"]
+    assert where.strip("/").replace("/", "-") + ".mount" == "mnt-registry.mount"
+    assert mount["Mount"]["Type"] == "fuse.regfs" and mount["Install"]["WantedBy"]
+    helper = tmp_path / "mount.fuse.regfs"
+    helper.symlink_to(REGFS)
+    options = mount["Mount"]["Options"]
+    checked = sh(helper, "inmemory:", tmp_path, "-f", "-o", options, check=False)
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+    service = unit_fields(units["regfs-registry.service"])["Service"]
+    assert service["Type"] == "exec" and service["Restart"] == "on-failure"
+    program, *argv = service["ExecStart"].split()
+    assert program == "/usr/local/bin/regfs"
+    args = build_parser().parse_args(argv)
+    assert args.command == "mount" and args.foreground and args.read_only
+
+
+@pytest.fixture
+def systemd() -> str:
+    """ "start" where systemd runs the machine (and we are root), else systemd-analyze."""
+    if Path("/proc/1/comm").read_text().strip() == "systemd" and os.geteuid() == 0:
+        return "start"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd is not PID 1 here and systemd-analyze is not installed")
+    return analyze
+
+
+async def test_systemd_units_in_the_docs(tmp_path, root, tracked, systemd):
+    """Where systemd runs the machine, the mount unit is started and stopped for real (on a
+    tmp mountpoint); else every documented unit passes `systemd-analyze verify` (the
+    service's regfs taken from this checkout where `make install` has not linked it)."""
+    units = documented_units()
+    if systemd == "start":
+        start_mount_unit(units["mnt-registry.mount"], tmp_path, root, tracked)
+        return
     if not Path("/usr/local/bin/regfs").exists():
-        pytest.skip("the service runs /usr/local/bin/regfs, which `make install` links")
+        units = {k: v.replace("/usr/local/bin/regfs", REGFS) for k, v in units.items()}
     for name, body in units.items():
         (tmp_path / name).write_text(body)
     result = subprocess.run(
-        [analyze, "verify", *(tmp_path / name for name in units)], capture_output=True, text=True
+        [systemd, "verify", *(tmp_path / name for name in units)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     # It does check: a mount unit whose name is not its Where= is refused.
     (tmp_path / "mnt-other.mount").write_text(units["mnt-registry.mount"])
-    wrong = subprocess.run([analyze, "verify", tmp_path / "mnt-other.mount"], capture_output=True)
+    wrong = subprocess.run([systemd, "verify", tmp_path / "mnt-other.mount"], capture_output=True)
     assert wrong.returncode != 0
 
 
