@@ -104,6 +104,26 @@ def _s3_endpoint(group: argparse._ActionsContainer) -> None:
     )
 
 
+class _PrintManPage(argparse.Action):
+    """`--print-man-page`: regfs(1) where no `make install` wrote it (a pip install), from
+    the interpreter regfs runs on, as `--print-completion` prints the completion."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from .manpage import build_date, manpage  # it imports this module for build_parser
+
+        sys.stdout.write(manpage(parser, build_date()))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="regfs", description="A Linux filesystem view of a container registry."
@@ -112,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     shtab.add_argument_to(
         parser, "--print-completion", help="print a completion script for that shell"
     )
+    parser.add_argument("--print-man-page", action=_PrintManPage, help="print regfs(1) (roff)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount = commands.add_parser(

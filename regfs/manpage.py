@@ -1,8 +1,8 @@
 """regfs(1), written from the parser that prints `--help`, so the two cannot drift.
 
-`python -m regfs.manpage > regfs.1` (make install and make dist run it). Every command and
-option comes from regfs.cli.build_parser(); the prose around them (mount(8) and fstab,
-files, exit status) is below, where an option name appears only as an example.
+`python -m regfs.manpage > regfs.1` (make install runs it), or `regfs --print-man-page`.
+Every command and option comes from regfs.cli.build_parser(); the prose around them (mount(8)
+and fstab, files, exit status) is below, where an option name appears only as an example.
 """
 
 from __future__ import annotations
@@ -38,7 +38,13 @@ runs
 .B regfs SOURCE MOUNTPOINT \\-o OPTIONS
 (a
 .B regfs
-on its default PATH, such as /usr/local/bin), which works the same.
+on its default PATH, such as /usr/local/bin, where pip as root installs it with the system's
+Python), which works the same for
+.BR "\\-t fuse.regfs" .
+A regfs installed elsewhere (a virtualenv, pipx) needs the link:
+.B ln \\-s \\(dq$(command \\-v regfs)\\(dq /sbin/mount.fuse.regfs
+(this page:
+.BR "regfs \\-\\-print\\-man\\-page" ).
 .PP
 .nf
 mount \\-t fuse.regfs /var/lib/docker\\-registry /mnt/registry \\-o ro,tag_ttl=30

@@ -396,6 +396,19 @@ def test_man_page_and_help_list_the_same_options():
         assert re.search(rf"\b{name}\b", page["mount"]), name
 
 
+def test_print_man_page_is_the_page_make_install_writes():
+    """For a regfs installed without make (pip): the same page, from its own interpreter."""
+    env = {**C_LOCALE, "SOURCE_DATE_EPOCH": "1764374400"}  # 2025-11-29: the date shown
+    printed = subprocess.run(
+        [REGFS, "--print-man-page"], capture_output=True, text=True, env=env, check=True
+    )
+    written = subprocess.run(
+        [sys.executable, "-m", "regfs.manpage"], capture_output=True, text=True, env=env
+    )
+    assert printed.stdout == written.stdout
+    assert printed.stdout.startswith('.TH REGFS 1 "2025-11-29" "regfs ')
+
+
 def test_version_is_the_package_version_and_the_changelogs_newest_release():
     version = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["version"]
     assert importlib.metadata.version("regfs") == version
