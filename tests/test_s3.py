@@ -16,16 +16,18 @@ import errno
 import os
 import signal
 import subprocess
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import trio
+from support.fault_server import FaultServer
 from support.mounts import Mount, is_mounted, regfs, wait_until
 from support.oci import blob_path, build_image, push_with_tools, run, skopeo_pull, skopeo_push
 from support.registry import OCI_MANIFEST, TEST_SECRET, RegistryServer, upload_state_token
-from support.s3 import MotoServer, registry_s3_config
+from support.s3 import MotoServer, bucket_keys, registry_s3_config, s3_call
 from support.tools import digest_of, errno_of, ls, open_errno, sha256sum
 from support.uploads import new_repo, uuid_of
 
@@ -209,8 +211,7 @@ def bucket_uploads(moto_server: MotoServer, bucket: str) -> list[dict]:
 
 
 def no_upload_left(moto_server: MotoServer, bucket: str) -> None:
-    s3 = moto_server.client()
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    keys = bucket_keys(moto_server.client(), bucket)
     assert [k for k in keys if "/_uploads/" in k] == []
     assert bucket_uploads(moto_server, bucket) == []
 
@@ -375,3 +376,34 @@ def test_upload_of_a_killed_daemon_finished_on_another(tmp_path, aws_env, s3_buc
     digest = digest_of(data)
     run(["mv", str(upload), str(b.path("org", "app", "layers", digest))])
     assert sha256sum(b.path("org", "app", "layers", digest)) == digest
+
+
+def test_mv_of_an_upload_looks_it_up_once(tmp_path, aws_env, s3_bucket, moto_server, mount):
+    """`mv` of an upload into layers/ looks its multipart upload up once (one
+    ListMultipartUploads at its data): the stat of the upload, the resume under the lock
+    and the move into blobs/ are three FUSE and driver steps, and the two after the first
+    ask for the parts of the upload it found, by its id (a ListParts each)."""
+    data = os.urandom(6 << 20)  # one part: the move completes it, then copies the object
+    s3 = moto_server.client()
+    with FaultServer(upstream=moto_server.url) as proxy:
+        m = mount(source(s3_bucket), "-o", f"s3_endpoint={proxy.url}")
+        upload = new_repo(m, "org/app") / "uploads" / "x"
+        (tmp_path / "x").write_bytes(data)
+        run(["cp", str(tmp_path / "x"), str(upload)])
+        wait_until(  # the daemon's release of the file comes after cp's close
+            lambda: not [k for k in bucket_keys(s3, s3_bucket) if k.endswith(".regfs-lock")],
+            10,
+            "the writer lock to go",
+        )
+        proxy.seen.clear()
+        layer = m.path("org", "app", "layers", digest_of(data))
+        run(["mv", str(upload), str(layer)])
+        calls = [s3_call(s) for s in proxy.seen]
+        at_data = [s for s in proxy.seen if "uploads&" in s.path and "%2Fdata&" in s.path]
+        assert sha256sum(layer) == digest_of(data)
+    assert len(at_data) == 1  # was 3: the stat's, the resume's and the move's
+    assert calls.count("ListParts") == 3
+    # the other two: the tree's listing of uploads/, the upload's delete
+    assert calls.count("ListMultipartUploads") == 3  # was 5
+    assert calls.count("CompleteMultipartUpload") == 1
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []

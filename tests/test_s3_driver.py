@@ -19,7 +19,7 @@ import pytest
 import trio
 from support.fault_server import Fault, FaultServer
 from support.oci import image_manifest
-from support.s3 import MotoServer, s3_call
+from support.s3 import MotoServer, bucket_keys, s3_call
 
 from storage.check import check
 from storage.digests import digest_bytes
@@ -56,10 +56,6 @@ def uploads(s3, bucket: str) -> list[str]:
     return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
 
 
-def keys(s3, bucket: str) -> list[str]:
-    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
-
-
 async def whole(drv: S3Driver, path: str) -> bytes:
     """All of a file through a reader: upload data outgrows get_content's limit."""
     reader = await drv.reader(path)
@@ -79,7 +75,7 @@ async def test_upload_data_is_a_multipart_upload_in_progress(drv, s3, s3_bucket)
         await writer.write_at(start, data[start : start + (1 << 20)])
     await writer.aclose()
     key = f"regroot{UPLOAD}/data"
-    assert keys(s3, s3_bucket) == [f"regroot{UPLOAD}/startedat"]
+    assert bucket_keys(s3, s3_bucket) == [f"regroot{UPLOAD}/startedat"]
     assert uploads(s3, s3_bucket) == [key]
     upload_id = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]["UploadId"]
     parts = s3.list_parts(Bucket=s3_bucket, Key=key, UploadId=upload_id)["Parts"]
@@ -95,7 +91,7 @@ async def test_upload_data_is_a_multipart_upload_in_progress(drv, s3, s3_bucket)
     await writer.aclose()
     assert await whole(drv, f"{UPLOAD}/data") == data + b"more"
     await drv.delete(UPLOAD)
-    assert keys(s3, s3_bucket) == [] and uploads(s3, s3_bucket) == []
+    assert bucket_keys(s3, s3_bucket) == [] and uploads(s3, s3_bucket) == []
 
 
 async def test_writes_go_in_order(drv):
@@ -138,7 +134,7 @@ async def test_resume_after_a_small_last_part(drv, s3, s3_bucket):
     assert writer.size == len(head)
     await writer.aclose()
     assert s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"] == before
-    assert f"regroot{path}" not in keys(s3, s3_bucket)
+    assert f"regroot{path}" not in bucket_keys(s3, s3_bucket)
     tail = os.urandom(2 * MIN_PART)
     writer = await drv.writer(path)
     await writer.truncate(len(head) - 1000)  # in what the restart holds unsealed
@@ -184,7 +180,7 @@ async def test_move_above_the_threshold_copies_in_ranges(moto_server, s3_bucket,
     assert info.size == 7 << 20
     s3 = moto_server.client()
     assert uploads(s3, s3_bucket) == []
-    assert not [k for k in keys(s3, s3_bucket) if "_uploads" in k]
+    assert not [k for k in bucket_keys(s3, s3_bucket) if "_uploads" in k]
 
 
 @pytest.fixture
@@ -415,11 +411,12 @@ async def test_entries_size_an_upload_from_their_one_listing(moto_server, s3_buc
     await drv.delete(UPLOAD)
 
 
-async def test_a_finish_looks_up_its_multipart_upload_twice(moto_server, s3_bucket):
+async def test_a_finish_looks_up_its_multipart_upload_once(moto_server, s3_bucket):
     """Resume and finish of an upload whose last part is short (a `mv` into layers/): the
-    multipart upload is looked up when the writer opens it under the lock and when the
-    move completes it after the lock went, nowhere else (not in `hashstates/`, not by a
-    stat before the open), and completed once, by the move."""
+    multipart upload is looked up once, when the writer opens it under the lock; the move
+    that completes it after the lock went asks for the parts of that upload by its id (a
+    ListParts: another node may have resumed it meanwhile). Nowhere else (not in
+    `hashstates/`, not by a stat before the open); completed once, by the move."""
     with FaultServer(upstream=moto_server.url) as proxy:
         drv = S3Driver(s3_bucket, "/", client=moto_server.client(proxy.url), chunksize=MIN_PART)
         layers = Registry(drv).repository("org/app").layers
@@ -436,11 +433,59 @@ async def test_a_finish_looks_up_its_multipart_upload_twice(moto_server, s3_buck
         for s in proxy.seen
         if s.method == "GET" and ("uploads&" in s.path or "uploadId=" in s.path)
     ]
-    at_data = ["ListMultipartUploads 8", "ListParts"]  # the prefix: …/_uploads/<id>/data
-    assert lookups == at_data * 2 + ["ListMultipartUploads 7"]  # + the delete's, of <id>
+    # at the prefix …/_uploads/<id>/data (was twice, with a ListParts each), then the
+    # delete's of <id>
+    assert lookups == ["ListMultipartUploads 8", "ListParts", "ListParts", "ListMultipartUploads 7"]
     assert [s.path for s in proxy.seen if "%2Fhashstates" in s.path and "uploads&" in s.path] == []
     completes = [s for s in proxy.seen if "uploadId=" in s.path and s.method == "POST"]
     assert len(completes) == 1
+
+
+async def test_an_upload_found_here_then_changed_elsewhere(drv, moto_server, s3, s3_bucket):
+    """The upload a lookup found is asked for by its id afterwards, and whatever another node
+    did to it since is seen: parts it appended, an upload it cancelled and started anew
+    (truncate to 0), an upload it completed into the object (its read); each stat, write and
+    move then answers as a fresh lookup would."""
+    path, key = f"{UPLOAD}/data", f"regroot{UPLOAD}/data"
+    other = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
+    first = os.urandom(MIN_PART)
+    writer = await drv.writer(path)
+    await writer.write_at(0, first)
+    await writer.aclose()
+    assert (await drv.stat(path)).size == MIN_PART  # looked up, and its id kept
+    writer = await other.writer(path)  # another node appends
+    await writer.write_at(MIN_PART, b"more")
+    await writer.aclose()
+    assert (await drv.stat(path)).size == MIN_PART + 4
+    assert await whole(drv, path) == first + b"more"  # read: completed, and a new one begun
+
+    upload_id = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]["UploadId"]
+    assert (await drv.stat(path)).size == MIN_PART + 4  # the new one, looked up
+    s3.abort_multipart_upload(Bucket=s3_bucket, Key=key, UploadId=upload_id)
+    anew = s3.create_multipart_upload(Bucket=s3_bucket, Key=key)["UploadId"]
+    s3.upload_part(Bucket=s3_bucket, Key=key, UploadId=anew, PartNumber=1, Body=b"anew")
+    assert (await drv.stat(path)).size == 4  # not the cancelled one's parts
+    writer = await drv.writer(path)  # resumes the new one (and, its part short, restarts it)
+    assert writer.size == 4
+    await writer.write_at(4, b"!")
+    await writer.aclose()
+    assert (await drv.stat(path)).size == 5
+
+    upload_id = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"][0]["UploadId"]
+    parts = s3.list_parts(Bucket=s3_bucket, Key=key, UploadId=upload_id)["Parts"]
+    s3.complete_multipart_upload(  # another node completes it (reads it)
+        Bucket=s3_bucket,
+        Key=key,
+        UploadId=upload_id,
+        MultipartUpload={
+            "Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in parts]
+        },
+    )
+    assert (await drv.stat(path)).size == 5  # the object it became
+    await drv.move(path, "/moved")
+    assert await drv.get_content("/moved") == b"anew!"
+    assert uploads(s3, s3_bucket) == [] and bucket_keys(s3, s3_bucket) == ["regroot/moved"]
+    await drv.delete("/moved")
 
 
 async def test_reads_in_order_out_of_order_and_at_once(drv):

@@ -41,7 +41,7 @@ import secrets
 import socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,6 +108,7 @@ LOCK_SAFE = 30.0
 LOCK_WAIT = 2.0  # how long a writer waits for a lock held elsewhere before Busy
 RETRIES = 4  # tries after the first: 0.1 + 0.2 + 0.4 + 0.8 s of backoff
 POOL = 64  # connections; trio runs up to 40 worker threads, copies add their own
+KNOWN = 4096  # keys whose multipart upload the driver remembers (`_known`); the least used go
 
 _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
 _LOST = (ConnectionClosedError, ReadTimeoutError, ResponseStreamingError, Urllib3Error)
@@ -232,6 +233,12 @@ class S3Driver(StorageDriver):
         self._multipart = multipart
         self._writers: dict[str, _Writer] = {}  # key → this process's open writer
         self._writers_lock = threading.Lock()
+        # key → the id of the multipart upload a lookup last found there (the one a writer
+        # resumes: the first listed at the key, which it stays while it is in progress), so
+        # that a stat, a resume and a move of one upload look it up once (`_pending`). Only
+        # a lookup's: an upload made here may follow another one at its key.
+        self._known: OrderedDict[str, str] = OrderedDict()
+        self._known_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"S3Driver(s3://{self.bucket}/{self.rootdirectory})"
@@ -374,9 +381,39 @@ class S3Driver(StorageDriver):
 
     def _pending(self, key: str) -> _Pending | None:
         """The multipart upload at exactly key that 2.8's writer would resume: the first
-        listed (src s3.go:570-605), with its parts."""
+        listed (src s3.go:570-605), with its parts. Where a lookup found one at key before,
+        its parts are asked for by its id (one ListParts, no ListMultipartUploads):
+        while it is in progress it is still the first listed (an upload started before it
+        cannot appear later); once finished or cancelled (by any node) S3 answers
+        NoSuchUpload, and the key is looked up again."""
+        with self._known_lock:
+            known = self._known.get(key)
+            if known is not None:
+                self._known.move_to_end(key)
+        if known is not None:
+            try:
+                return self._parts(key, known, key)
+            except PathNotFound:
+                self._forget(key, known)
         upload_id = next((u for k, u in self._uploads(key) if k == key), None)
-        return None if upload_id is None else self._parts(key, upload_id)
+        if upload_id is None:
+            return None
+        self._remember(key, upload_id)
+        return self._parts(key, upload_id)
+
+    def _remember(self, key: str, upload_id: str) -> None:
+        """upload_id is the multipart upload at key a writer resumes (`_pending`)."""
+        with self._known_lock:
+            self._known[key] = upload_id
+            self._known.move_to_end(key)
+            while len(self._known) > KNOWN:
+                self._known.popitem(last=False)
+
+    def _forget(self, key: str, upload_id: str) -> None:
+        """upload_id at key is finished or cancelled."""
+        with self._known_lock:
+            if self._known.get(key) == upload_id:
+                del self._known[key]
 
     def _parts(self, key: str, upload_id: str, path: str | None = None) -> _Pending:
         """The multipart upload upload_id at key, with its parts (ListParts, a page per 1000);
@@ -451,6 +488,7 @@ class S3Driver(StorageDriver):
                 log.info("COMPLETE %s: the lost answer's try had completed it", key)
 
         self.call(f"COMPLETE {key}", complete)
+        self._forget(key, upload_id)
 
     def _completed(self, key: str, parts: list[_Part]) -> bool:
         """Whether the object at key is what completing parts made."""
@@ -477,6 +515,7 @@ class S3Driver(StorageDriver):
                 ),
                 path=key,
             )
+        self._forget(key, upload_id)
 
     def _copy_parts(self, source: str, key: str, upload_id: str, size: int) -> list[_Part]:
         """UploadPartCopy of the object at source into parts of upload_id, in COPY_CHUNK

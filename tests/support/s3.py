@@ -177,3 +177,8 @@ def s3_call(seen: Seen) -> str:
     if seen.method == "POST" and "?delete" in seen.path:
         return "DeleteObjects"
     return {"GET": "GetObject", "HEAD": "HeadObject"}.get(seen.method, seen.method)
+
+
+def bucket_keys(s3: Any, bucket: str) -> list[str]:
+    """Every key in the bucket (up to 1000), as a plain S3 client lists them."""
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
