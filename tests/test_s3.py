@@ -16,7 +16,6 @@ import errno
 import os
 import signal
 import subprocess
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
