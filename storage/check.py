@@ -495,7 +495,11 @@ async def purge_uploads(
             if await _exists(view, path_for(UploadLabel(name, uuid))):
                 label = await registry.repository(name).layers.label(uuid)
             if not dry_run:
-                await driver.delete(path_for(UploadDir(name, uuid)))
+                try:
+                    await driver.delete(path_for(UploadDir(name, uuid)))
+                except PathNotFound:  # finished or cancelled elsewhere since it was read
+                    log.info("purge: upload %s of %s is gone already", uuid, name)
+                    continue
                 log.info("purge: deleted upload %s of %s (started %s)", uuid, name, started)
             purged.append(PurgedUpload(name, uuid, started, label))
     return purged

@@ -320,3 +320,40 @@ async def test_purge_lists_a_bucket_once(moto_server, s3_bucket):
         "DeleteObjects": gone,
         "AbortMultipartUpload": len(stale),
     }
+
+
+class FinishedElsewhere(S3Driver):
+    """The bucket as one node sees it while another finishes (or cancels) an upload right
+    after this one read its start time: the upload's objects and multipart upload go."""
+
+    gone: str = ""  # the upload's uuid
+
+    async def _get_content(self, path: str, limit: int) -> bytes:
+        data = await super()._get_content(path, limit)
+        if self.gone and path.endswith(f"/{self.gone}/startedat"):
+            others = S3Driver(self.bucket, self.rootdirectory, client=self.client)
+            await others.delete(path.rpartition("/")[0])
+        return data
+
+
+async def test_purge_goes_on_past_an_upload_finished_meanwhile(moto_server, s3_bucket):
+    """An upload finished or cancelled elsewhere between the purge's read of its start time
+    and its delete is gone already: the purge says so in its log, leaves it out of what it
+    purged, and goes on with the others."""
+    driver = FinishedElsewhere(s3_bucket, "/", client=moto_server.client(), chunksize=MIN_PART)
+    layers = Registry(driver).repository("org/app").layers
+    stale = []
+    for _ in range(2):
+        upload = await layers.upload()
+        await upload.write(b"partial")
+        await upload.close()
+        await driver.put_content(
+            path_for(UploadStartedAt("org/app", upload.uuid)), b"2020-01-01T00:00:00Z"
+        )
+        stale.append(upload.uuid)
+    driver.gone = stale[0]
+    purged = await purge_uploads(driver, timedelta(days=7))
+    assert [p.uuid for p in purged] == [stale[1]]
+    s3 = moto_server.client()
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
