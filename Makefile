@@ -7,7 +7,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev docker-registry skopeo umoci \
-                attr curl openssl apache2-utils rsync vim man-db
+                attr curl openssl apache2-utils rsync vim man-db patch
 STAMP := $(VENV)/.installed
 PREFIX ?= /usr/local
 SBINDIR ?= /sbin
@@ -44,10 +44,13 @@ deb:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): pyproject.toml
+# pyfuse3 is rebuilt with regfs's patch (third_party/pyfuse3/README.md: listings the kernel
+# keeps); a stock pyfuse3 works too, without those savings.
+$(STAMP): pyproject.toml third_party/pyfuse3/regfs.patch third_party/pyfuse3/install
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	third_party/pyfuse3/install $(VENV)
 	touch $@
 
 demo: install

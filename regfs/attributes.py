@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import pyfuse3
 from pyfuse3 import EntryAttributes, FUSEError
 
+from . import fusefeatures
 from .handles import ManifestWriter
 from .inodes import InodeTable
 from .nodes import REGISTRY_KINDS, Attr, LayerNode, ManifestNode, Node, TagNode, UploadNode
@@ -122,24 +123,29 @@ class Attributes:
             entry.st_rdev = attr.rdev
         return entry
 
-    def listed(self, node: Node) -> EntryAttributes | None:
-        """What readdirplus hands the kernel for a tag without reading storage (None for
-        other kinds: read their attributes).
+    def listed(self, node: Node) -> tuple[EntryAttributes, bool] | None:
+        """What readdirplus hands the kernel for a tag without reading storage, and whether
+        the kernel makes an inode of it (None for other kinds: read their attributes).
 
         A tag whose attributes the daemon holds gets them, kept briefly (`entry`). Any other
-        gets a placeholder the kernel never uses: timeouts of 0 make the next stat or open
-        look the name up, and that reply carries the real attributes. So listing tags
-        reads no link (one request per tag on a remote or S3 source). Not while a writer has
-        the tag open: the kernel would take the placeholder's size 0 for its file's size.
+        gets a placeholder: by name and type only where pyfuse3 allows and the kernel holds no
+        inode of it (regfs/fusefeatures.py; nothing kept), else with timeouts of 0, which also
+        ends what the kernel kept of it (SIGHUP): the next stat or open looks the name up, and
+        that reply carries the real attributes. So listing tags reads no link
+        (one request per tag on a remote or S3 source). Not while a writer has the tag open:
+        the kernel would take the placeholder's size 0 for its file's size.
         """
         if not isinstance(node, TagNode) or self.files.writer(node) is not None:
             return None
         attr = self.tree.cached_attr(node)
         if attr is not None:
-            return self.entry(node, attr, listed=True)
+            return self.entry(node, attr, listed=True), True
         entry = self._unread  # one object: readdir_reply copies it into the reply
+        if fusefeatures.PATCHED and self.inodes.known(node) is None:
+            entry.st_ino = self.inodes.peek(node)
+            return entry, False
         entry.st_ino = self.inodes.inode(node)
-        return entry
+        return entry, True
 
     async def entry_of(self, node: Node) -> EntryAttributes:
         """What getattr answers: a writer's pending size, else the storage's."""

@@ -7,13 +7,14 @@ import logging
 from dataclasses import dataclass
 
 import pyfuse3
-from pyfuse3 import EntryAttributes, ReaddirToken
+from pyfuse3 import EntryAttributes, FileInfo, ReaddirToken
 
 from storage.errors import CorruptEntry
 
+from . import fusefeatures
 from .attributes import Attributes
 from .inodes import InodeTable
-from .nodes import Attr, DirNode, Node
+from .nodes import Attr, DirNode, FixedNode, Node
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Listing:
-    """A directory snapshot taken at opendir, so readdir offsets stay stable."""
+    """A directory snapshot taken at opendir, so readdir offsets stay stable; of a directory
+    whose entries never change, at the first readdir (None until then), which never comes
+    while the kernel keeps the listing."""
 
-    entries: list[tuple[str, Node]]
+    node: Node
+    entries: list[tuple[str, Node]] | None
 
 
 class Directories:
@@ -34,21 +38,30 @@ class Directories:
         self._listings: dict[int, Listing] = {}
         self._next_fh = 1
 
-    async def open(self, node: Node) -> int:
-        listing = Listing(await self.tree.children(node))
+    async def open(self, node: Node) -> int | FileInfo:
+        """A handle; for a directory whose entries never change (inside an image), one that
+        lets the kernel keep its listing across opens, where pyfuse3 allows it."""
+        fixed = isinstance(node, FixedNode) and fusefeatures.PATCHED
+        listing = Listing(node, None if fixed else await self.tree.children(node))
         fh = self._next_fh
         self._next_fh += 1
         self._listings[fh] = listing
-        return fh
+        return FileInfo(fh=fh, keep_cache=True, cache_readdir=True) if fixed else fh
 
     async def read(self, fh: int, start_id: int, token: ReaddirToken) -> None:
         listing = self._listings[fh]
+        if listing.entries is None:
+            listing.entries = await self.tree.children(listing.node)
         for index in range(start_id, len(listing.entries)):
             name, node = listing.entries[index]
-            entry = self.attributes.listed(node)  # a tag: no storage read
+            listed = self.attributes.listed(node)  # a tag: no storage read
+            if listed is not None and not listed[1]:  # by name only: no inode, no count
+                entry = listed[0]
+                if not pyfuse3.readdir_reply(token, name.encode(), entry, index + 1, lookup=False):
+                    break
+                continue
             try:
-                if entry is None:
-                    entry = await self.attributes.entry_of(node)
+                entry = listed[0] if listed is not None else await self.attributes.entry_of(node)
             except CorruptEntry as exc:
                 # Listed, so the user sees it; uncached, so the next lookup reports EIO.
                 log.error("readdir: %s: %s", name, exc)

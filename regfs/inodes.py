@@ -8,10 +8,19 @@ import pyfuse3
 
 from .nodes import ROOT, Node
 
+_DERIVED = 1 << 62  # numbers derived from nodes; counted ones are below
+_HASH_BITS = _DERIVED - 1
+
 
 class InodeTable:
     """node ↔ inode. Every entry the kernel learns (lookup, readdirplus) adds one to its count;
-    forget subtracts; at zero the number is dropped (the root never is)."""
+    forget subtracts; at zero the number is dropped (the root never is).
+
+    A node's number is derived from the node itself (its hash, within this process), so an
+    entry listed without a lookup shows the number (d_ino) its later lookup gives it, and
+    nothing is kept for it meanwhile. Two live nodes never share one: a node whose derived
+    number is taken gets the next of a counter below the derived range.
+    """
 
     def __init__(self) -> None:
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
@@ -25,11 +34,19 @@ class InodeTable:
     def inode(self, node: Node) -> int:
         ino = self._inodes.get(node)
         if ino is None:
-            ino = self._next
-            self._next += 1
+            ino = _DERIVED | (hash(node) & _HASH_BITS)
+            if ino in self._nodes:
+                ino = self._next
+                self._next += 1
             self._inodes[node] = ino
             self._nodes[ino] = node
         return ino
+
+    def peek(self, node: Node) -> int:
+        """The number of a node listed without a lookup: its own if the kernel holds it, else
+        the one its first lookup will most likely give it. Nothing is kept."""
+        ino = self._inodes.get(node)
+        return ino if ino is not None else _DERIVED | (hash(node) & _HASH_BITS)
 
     def node(self, ino: int) -> Node:
         try:

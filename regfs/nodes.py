@@ -68,7 +68,8 @@ REGISTRY_KINDS = (DirNode, SectionNode, TagNode, ManifestNode, LayerNode, Upload
 @dataclass(frozen=True)
 class FixedNode(Node):
     """A view's file whose bytes never change (a file inside an image): the kernel may keep
-    its pages across opens, as for layers/ and manifests/."""
+    its pages across opens, as for layers/ and manifests/; or a view's directory whose
+    entries never change: the kernel may keep its listing."""
 
 
 @dataclass(frozen=True)

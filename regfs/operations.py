@@ -115,7 +115,7 @@ class Operations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
 
     @fuse_errors
-    async def opendir(self, inode: int, ctx: RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: RequestContext) -> int | FileInfo:
         return await self.directories.open(self.inodes.node(inode))
 
     @fuse_errors

@@ -64,7 +64,7 @@ _TYPES = {
 
 
 @dataclass(frozen=True)
-class PlatformsNode(Node):
+class PlatformsNode(FixedNode):
     """`rootfs/<name>/` for an image index: one directory per platform."""
 
     repo: str

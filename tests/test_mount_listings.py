@@ -25,10 +25,13 @@ from pathlib import Path
 import pytest
 import trio
 from support.clients import calls_after, kill_mid, listing_loop
+from support.images import directory, file, layer_tar
 from support.mounts import Mount, wait_until
+from support.oci import image_manifest
 from support.roots import build_root, link_blobs
-from support.tools import errno_closing, ls, run
+from support.tools import digest_of, errno_closing, ls, run
 
+from regfs import fusefeatures
 from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.paths import BlobData, LayerLink, Location, TagCurrentLink, TagIndexLink, path_for
@@ -444,3 +447,77 @@ def test_kill_9_mid_listing_and_mid_rm_of_tagged_manifests_frees_clients_and_mou
     with Mount(str(root), m.mountpoint, tmp_path / "again.log") as again:
         names = set(ls(again.path(NAME, "tags")))
     assert {"latest", "t00000", "t01999"} <= names and len(names) <= 2002
+
+
+def test_the_daemon_runs_the_patched_pyfuse3() -> None:
+    """`make install` builds pyfuse3 with third_party/pyfuse3/regfs.patch; the tests below
+    show what it saves, and fail as this one does if a stock pyfuse3 came in."""
+    assert fusefeatures.PATCHED, "run third_party/pyfuse3/install .venv (make install does)"
+
+
+def fuse_inodes() -> int:
+    """The kernel's FUSE inodes in use, all mounts together (/proc/slabinfo, as root)."""
+    for line in Path("/proc/slabinfo").read_text().splitlines():
+        if line.startswith("fuse_inode "):
+            return int(line.split()[1])
+    raise AssertionError("no fuse_inode slab")
+
+
+def test_listing_tags_makes_no_inode_and_shows_the_numbers_stat_shows(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """`ls tags/` hands the kernel tags it has not read by name and type only: no inode in
+    the kernel or the daemon per tag (the `ls -l` after it, which looks each tag up, is the
+    control that the count sees them). The number `ls -i` shows is the one stat shows."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    count = 3000
+    add_tags(root, NAME, image["digest"], count)
+    m: Mount = mount(root, "--tag-ttl", "60")
+    tags = m.path(NAME, "tags")
+    run("stat", tags)
+    before = fuse_inodes()
+    assert len(ls(tags)) == count + 1
+    listed = fuse_inodes() - before
+    run("ls", "-l", tags)
+    looked_up = fuse_inodes() - before
+    assert listed < count // 10 and looked_up > count * 9 // 10, (listed, looked_up)
+    listed_i = run("ls", "-i", tags).stdout.decode().splitlines()
+    numbers = {name: int(number) for number, name in (line.split() for line in listed_i)}
+    for tag in ("latest", "t00000", f"t{count - 1:05d}"):
+        assert numbers[tag] == os.stat(tags / tag).st_ino, tag
+        assert os.stat(tags / tag).st_size == len(image["manifest"])
+
+
+def test_the_kernel_keeps_a_listing_inside_an_image_not_of_tags(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """A directory inside an image never changes: its listing is read from the daemon once,
+    then the kernel answers `ls` from what it kept (no READDIR). tags/ changes: each `ls` of it
+    reads it from the daemon again."""
+    root = tmp_path / "root"
+    trio.run(build_root, root, NAME, 1000)
+    entries = [directory("."), directory("etc"), *(file(f"etc/f{i}", b"x") for i in range(50))]
+    tar = layer_tar(entries)
+    rootfs = {"type": "layers", "diff_ids": [digest_of(tar)]}
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": rootfs}).encode()
+
+    async def put() -> None:
+        await link_blobs(root, NAME, [config, tar])
+        repo = Registry(FilesystemDriver(root)).repository(NAME)
+        await repo.tags.put("img", await repo.manifests.put(image_manifest(config, [tar])))
+
+    trio.run(put)
+    m: Mount = mount(root, "--debug")
+    etc = m.path(NAME, "rootfs", "img", "etc")
+    tags = m.path(NAME, "tags")
+    listings = []
+    for _ in range(3):
+        for path in (etc, tags):
+            start = len(m.log_text())
+            listings.append((ls(path), calls_after(m, start, path)))
+    (etc1, first), (_, tags1), (etc2, second), (_, tags2), (etc3, third), _ = listings
+    assert etc1 == etc2 == etc3 == sorted(f"f{i}" for i in range(50))
+    assert first["readdir"] >= 1 and first["opendir"] == 1, first
+    assert second["readdir"] == third["readdir"] == 0 and second["opendir"] == 1, second
+    assert tags1["readdir"] >= 1 and tags2["readdir"] >= 1, (tags1, tags2)
