@@ -107,7 +107,9 @@ def endpoint_url(text: str) -> str:
 
 
 def _fsname(source: str) -> str:
-    return "regfs:" + source.replace(",", "_").replace(" ", "_")
+    """The source as given, as sshfs shows its own (the type says regfs): `mount -a` counts
+    an fstab line as mounted only when /proc/mounts shows the line's source there."""
+    return source.replace(",", "_").replace(" ", "_")
 
 
 # -o names → (field, parser). Flags take no value.

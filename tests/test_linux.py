@@ -168,9 +168,10 @@ async def test_mount_8_finds_a_package_installed_as_root_without_the_helper(
 
 @pytest.mark.usefixtures("installed_helper")
 async def test_fstab_lines_for_a_root_and_a_remote_registry(root, tmp_path, tracked, servers):
-    """`mount -T FSTAB MNT` for a storage root and for a registry that wants a login, given
-    by password_file= or by the Docker config (`_netdev`); the password shows nowhere;
-    `umount` ends each. A password file open to others is refused through fstab too."""
+    """`mount -T FSTAB MNT` and `mount -a -T FSTAB` for a storage root and for a registry
+    that wants a login, given by password_file= or by the Docker config (`_netdev`); the
+    password shows nowhere; `umount` ends each. A password file open to others is refused
+    through fstab too."""
     write_htpasswd(tmp_path / "htpasswd", {USER: PASSWORD})
     await build_root(tmp_path / "root1", name="org/app", size=5_000)  # the server's root
     server = servers(auth=htpasswd_auth(tmp_path / "htpasswd"))
@@ -187,7 +188,8 @@ async def test_fstab_lines_for_a_root_and_a_remote_registry(root, tmp_path, trac
         f"{server.url}  {remote}  fuse.regfs  _netdev,ro,username={USER},"
         f"password_file={password_file},x-systemd.mount-timeout=30,log={logs[remote]}  0 0\n"
         f"{server.url}  {config}  fuse.regfs  _netdev,ro,log={logs[config]}  0 0\n"
-        f"{server.url}  {refused}  fuse.regfs  ro,username={USER},password_file={open_file}  0 0\n"
+        f"{server.url}  {refused}  fuse.regfs  noauto,ro,username={USER},"
+        f"password_file={open_file}  0 0\n"
     )
     # root's ~/.docker/config.json, as mount(8) leaves DOCKER_CONFIG alone
     env = {**C_LOCALE, "DOCKER_CONFIG": str(tmp_path / "docker")}
@@ -195,7 +197,13 @@ async def test_fstab_lines_for_a_root_and_a_remote_registry(root, tmp_path, trac
         mnt.mkdir()
     for mnt in (local, remote, config):
         tracked(mnt, logs[mnt])
-        subprocess.run(["mount", "-T", fstab, mnt], env=env, check=True, timeout=60)
+    # One line by its mount point, then `mount -a`: the rest (not the noauto line, nor the
+    # one mounted already)
+    subprocess.run(["mount", "-T", fstab, local], env=env, check=True, timeout=60)
+    subprocess.run(["mount", "-a", "-T", fstab], env=env, check=True, timeout=60)
+    assert not is_mounted(refused)
+    again = subprocess.run(["mount", "-a", "-T", fstab], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stderr == "", again.stderr  # all seen as mounted
     assert ls(local) == ["library"]
     for mnt in (remote, config):
         assert ls(mnt / "org" / "app" / "tags") == ["latest"]
