@@ -12,7 +12,6 @@ and proves regfs refuses it for that call only, with a log line, never a dead da
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from support.tools import MIB
 
 import storage.remote.registry as remote_registry
 from storage.api import BlobInfo, Manifest
-from storage.digests import Digest
+from storage.digests import digest_bytes
 from storage.errors import AccessDenied, CorruptEntry, RemoteUnavailable
 from storage.remote.auth import Token, TokenCache
 from storage.remote.client import RemoteClient, RemoteError, RemoteTooLarge, TLSError
@@ -171,10 +170,6 @@ def stub() -> Iterator[Callable[[Callable[[BaseHTTPRequestHandler], None]], Stub
 
 def client_of(url: str, **kw: object) -> RemoteClient:
     return RemoteClient(url, timeout=3, retries=0, **kw)  # type: ignore[arg-type]
-
-
-def sha256(data: bytes) -> Digest:
-    return Digest("sha256", hashlib.sha256(data).hexdigest())
 
 
 # --------------------------------------------------------------------------- upload ids
@@ -343,7 +338,7 @@ def index_chain(depth: int) -> dict[str, bytes]:
     below: list[dict[str, object]] = []
     for _ in range(depth):
         data = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": below}).encode()
-        digest = str(sha256(data))
+        digest = str(digest_bytes(data))
         manifests[digest] = manifests["v1"] = data
         below = [{"mediaType": OCI_INDEX, "digest": digest, "size": len(data)}]
     return manifests
@@ -359,7 +354,9 @@ async def test_a_deep_index_is_walked_only_so_far(tmp_path: Path, stub, monkeypa
             s.answer(h, 200, b'{"tags": ["v1"]}')
             return
         data = manifests[h.path.rpartition("/")[2]]
-        s.answer(h, 200, data, Content_Type=OCI_INDEX, Docker_Content_Digest=str(sha256(data)))
+        s.answer(
+            h, 200, data, Content_Type=OCI_INDEX, Docker_Content_Digest=str(digest_bytes(data))
+        )
 
     s = stub(respond)
     async with client_of(s.url) as client:
@@ -383,7 +380,7 @@ async def test_a_head_is_not_held_to_a_body_cap(tmp_path: Path, stub) -> None:
     s = stub(lambda h: s.answer(h, 200, b"", Content_Length=str(10 << 30)))
     async with client_of(s.url) as client:
         layers = RemoteRegistry(client, tmp_path).repository("x").layers
-        assert (await layers.stat(sha256(b""))).size == 10 << 30
+        assert (await layers.stat(digest_bytes(b""))).size == 10 << 30
 
 
 def test_caches_are_bounded_in_bytes(tmp_path: Path) -> None:
@@ -395,7 +392,7 @@ def test_caches_are_bounded_in_bytes(tmp_path: Path) -> None:
     cache.put("huge", bytes(11 * MIB))  # larger than the whole cache: not kept
     assert cache.get("huge") is None and cache.used <= 10 * MIB
     registry = RemoteRegistry(RemoteClient("http://127.0.0.1:9"), tmp_path)
-    manifest = Manifest(sha256(b"m"), "application/json", bytes(MANIFEST_MAX))
+    manifest = Manifest(digest_bytes(b"m"), "application/json", bytes(MANIFEST_MAX))
     for i in range(256):
         registry.manifest_cache.put((f"r{i}", manifest.digest), manifest)
     assert registry.manifest_cache.used <= registry.manifest_cache.max_bytes <= 64 * MIB
@@ -544,7 +541,7 @@ async def test_layer_bytes_are_checked_against_the_digest(
     s = stub(lambda h: None)
     s.respond = range_server(s, sent)
     async with client_of(s.url) as client:
-        info = BlobInfo(sha256(data), len(data), 0)
+        info = BlobInfo(digest_bytes(data), len(data), 0)
         reader = RemoteLayerReader(client, BLOB, info, ReadAheadBudget())
         try:
             if not tampered:
@@ -552,12 +549,12 @@ async def test_layer_bytes_are_checked_against_the_digest(
                 return
             with pytest.raises(ExceptionGroup) as failed:
                 await read_whole(reader, len(data), 128 << 10)
-            assert failed.group_contains(CorruptEntry, match=sha256(sent).hex)
+            assert failed.group_contains(CorruptEntry, match=digest_bytes(sent).hex)
             with pytest.raises(CorruptEntry):  # and every read after
                 await reader.read_at(0, 10)
         finally:
             await reader.aclose()
-    assert f"{sha256(sent).hex}" in caplog.text and str(sha256(data)) in caplog.text
+    assert f"{digest_bytes(sent).hex}" in caplog.text and str(digest_bytes(data)) in caplog.text
 
 
 def test_in_order_digest_takes_reads_out_of_order(monkeypatch) -> None:
@@ -573,7 +570,7 @@ def test_in_order_digest_takes_reads_out_of_order(monkeypatch) -> None:
         check.hash(pieces)
         completes.append(complete)
     assert completes == [False] * (len(order) - 1) + [True]
-    assert check.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert check.hexdigest() == digest_bytes(data).hex
     # A shorter window parked at the start of a longer one (a window fetched again after a
     # failure, or a read's own): the longer one's bytes stay parked, or the check would
     # wait forever for bytes it had (seen as a tampered blob read without a refusal).
@@ -581,7 +578,7 @@ def test_in_order_digest_takes_reads_out_of_order(monkeypatch) -> None:
     for offset, end in [(2000, 6000), (2000, 3000), (6000, len(data)), (0, 2000)]:
         pieces, complete = again.claim(offset, data[offset:end])
         again.hash(pieces)
-    assert complete and again.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert complete and again.hexdigest() == digest_bytes(data).hex
     monkeypatch.setattr(InOrderDigest, "AHEAD_MAX", 100)
     skipped = InOrderDigest(len(data))
     assert skipped.claim(5000, data[5000:6000]) == ([], False) and skipped.done
@@ -682,7 +679,7 @@ def push_image(server: RegistryServer, name: str, layer: bytes) -> tuple[str, st
         "PUT", f"/v2/{name}/manifests/v1", content=manifest, headers={"Content-Type": OCI_MANIFEST}
     )
     assert put.status_code == 201, put.text
-    return blobs[1][0], str(sha256(manifest))
+    return blobs[1][0], str(digest_bytes(manifest))
 
 
 def read_errno(path: Path) -> int | None:
@@ -718,7 +715,7 @@ def test_tampered_layer_bytes_are_eio_through_the_mount(
     assert os.stat(path).st_size == len(layer)
     assert read_errno(path) == errno.EIO
     log = m.log_text()
-    assert digest in log and str(sha256(bytes(tampered))) in log
+    assert digest in log and str(digest_bytes(bytes(tampered))) in log
     assert os.listdir(m.path("hostile", "app", "tags")) == ["v1"]
 
 
@@ -742,7 +739,7 @@ def test_a_huge_manifest_is_eio_through_the_mount(
         assert listed.returncode == 0 or "Input/output error" in listed.stderr
         assert os.listdir(m.mountpoint) == ["hostile"]
         proxy.clear()
-        assert str(sha256((tags / "v1").read_bytes())) == manifest_digest
+        assert str(digest_bytes((tags / "v1").read_bytes())) == manifest_digest
         m.stop()
     over = [line for line in m.log_text().splitlines() if "over the 4194304 bytes" in line]
     assert over and all("(EIO)" in line for line in over)
