@@ -88,15 +88,15 @@ class ListedOnce(StorageDriver):
     listing says of each entry (`entries`), and a stat is answered from those listings. The
     check reads a snapshot taken as it goes; contents (links, start times, blobs) are still
     read from the driver. It holds every listing it made, a FileInfo per entry of the tree,
-    until the check ends. Without sizes (a purge, which asks only what is there), a file
-    whose size costs a request of its own (S3: an upload in progress) is listed with size
-    and time 0 (`StorageDriver.files`)."""
+    until the check ends. The check and the purge ask only whether an upload's data is
+    there, never its size: a file whose size would cost a request of its own (S3: an
+    upload in progress, a ListParts) is listed with size and time 0 (`files` without
+    sizes)."""
 
     name = "listed-once"
 
-    def __init__(self, driver: StorageDriver, sizes: bool = True) -> None:
+    def __init__(self, driver: StorageDriver) -> None:
         self.driver = driver
-        self._sizes = sizes
         self.keeps_symlinks = driver.keeps_symlinks
         self._listed: dict[str, dict[str, FileInfo]] = {}
         self._missing: set[str] = set()  # directories found not there
@@ -108,7 +108,7 @@ class ListedOnce(StorageDriver):
     async def _list_whole_tree(self) -> bool:
         """Every directory from one listing of all files (`files`), where the driver has
         one: on S3 a request per 1000 keys instead of one per directory."""
-        files = await self.driver.files("/", self._sizes)
+        files = await self.driver.files("/", sizes=False)
         if files is None:
             return False
         self._listed["/"] = {}
@@ -471,7 +471,7 @@ async def purge_uploads(
     Listings and stats come from the check's view (on S3 one listing of the bucket, not one
     per directory); start times are read, and uploads deleted, through the driver itself.
     """
-    view = ListedOnce(driver, sizes=False)  # read-only: a delete through it is refused
+    view = ListedOnce(driver)  # read-only: a delete through it would be refused
     registry = Registry(view)
     cutoff = datetime.now(UTC) - older_than
     purged = []
