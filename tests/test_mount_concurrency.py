@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 from support.mounts import Mount, wait_until
-from support.tools import C_LOCALE, MIB
+from support.tools import C_LOCALE, MIB, digest_of, open_errno
 
 from storage.check import Severity, check
 from storage.digests import digest_bytes
@@ -234,14 +233,6 @@ def test_soak_readers_and_writers(
 # --------------------------------------------------------------------------- (b) two daemons
 
 
-def errno_of_open(path: Path, flags: int) -> int | None:
-    try:
-        os.close(os.open(path, flags))
-    except OSError as exc:
-        return exc.errno
-    return None
-
-
 def test_two_mounts_upload_into_one_repository(tmp_path: Path, mount: Callable) -> None:
     root = tmp_path / "root"
     a: Mount = mount(root, "--tag-ttl", "0")
@@ -255,7 +246,7 @@ def test_two_mounts_upload_into_one_repository(tmp_path: Path, mount: Callable) 
         scripts = []
         jobs = [(a, own_a, False), (b, own_b, True), (a, same, False), (b, same, True)]
         for m, data, by_digest in jobs:
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            digest = digest_of(data)
             local = tmp_path / f"blob-{len(scripts)}"
             local.write_bytes(data)
             blobs[digest] = data
@@ -276,12 +267,12 @@ def test_two_mounts_upload_into_one_repository(tmp_path: Path, mount: Callable) 
 
     # One writer per upload across the two daemons.
     data = rng.randbytes(3 * MIB + 5)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = digest_of(data)
     on_a, on_b = a.path(REPO, "uploads", "held"), b.path(REPO, "uploads", "held")
     fd = os.open(on_a, os.O_CREAT | os.O_WRONLY)
     try:
         os.write(fd, data[:MIB])
-        assert errno_of_open(on_b, os.O_WRONLY) == errno.EBUSY
+        assert open_errno(on_b, os.O_WRONLY) == errno.EBUSY
         for command in (["rm", on_b], ["mv", on_b, b.path(REPO, "layers", digest)]):
             result = subprocess.run(command, capture_output=True, env=C_LOCALE)
             assert result.returncode != 0 and b"busy" in result.stderr, result.stderr
@@ -291,7 +282,7 @@ def test_two_mounts_upload_into_one_repository(tmp_path: Path, mount: Callable) 
         os.close(fd)
     # a's release (hash state, fsync, unlock) runs after close() returned: b's open waits
     # for it (the driver's LOCK_WAIT) instead of being refused.
-    assert errno_of_open(on_b, os.O_WRONLY) is None
+    assert open_errno(on_b, os.O_WRONLY) is None
     source = tmp_path / "held"
     source.write_bytes(data)
     size = os.stat(on_b).st_size

@@ -18,7 +18,6 @@ points it really hit.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -39,7 +38,7 @@ import trio
 from support.clients import DEAD
 from support.mounts import Mount, wait_until
 from support.registry import OCI_MANIFEST, RegistryServer, blob_data_path, repo_path, v2_root
-from support.tools import MIB
+from support.tools import MIB, digest_of, run, sha256_file
 
 from storage.check import Severity, check
 from storage.digests import Digest
@@ -59,25 +58,6 @@ KILL_DELAYS = {"start": 0.06, "write": 0.04, "finish": 0.015, "tag": 0.015}
 
 CRASH_POINTS: Counter[str] = Counter()  # kind of half-done state → rounds that left one
 ROUNDS_RUN: set[int] = set()
-
-
-def run(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    result = subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}: {result.stderr.decode()}")
-    return result
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -107,7 +87,7 @@ class Image:
 
 
 def make_blob(src: Path, name: str | None, data: bytes) -> Blob:
-    digest = "sha256:" + sha256_hex(data)
+    digest = digest_of(data)
     path = src / (name or digest.replace(":", "-"))
     path.write_bytes(data)
     return Blob(name or digest, path, digest, name is None)
@@ -220,7 +200,7 @@ def crash_state(root: Path, images: list[Image]) -> list[str]:
                 else:
                     found.append("upload written, finish not begun or cut before the move")
         manifest = image.manifest.read_bytes()
-        hexdigest = sha256_hex(manifest)
+        hexdigest = digest_of(manifest).removeprefix("sha256:")
         tag_dir = repo / "_manifests/tags" / image.tag
         revision = (repo / "_manifests/revisions/sha256" / hexdigest / "link").exists()
         if (tag_dir / "current/link").exists():
@@ -311,7 +291,9 @@ def assert_root_valid(root: Path) -> None:
         assert finding.kind == "broken-upload", str(finding)
         assert not (root / finding.path.lstrip("/") / "data").exists(), str(finding)
     for data in (v2_root(root) / "blobs/sha256").glob("*/*/data"):
-        assert file_sha256(data) == data.parent.name, f"{data} does not hash to its name"
+        assert sha256_file(data) == f"sha256:{data.parent.name}", (
+            f"{data} does not hash to its name"
+        )
     # An atomic put cut before its rename leaves `.tmp-*` (in blobs/ too, for a manifest):
     # never a blob, ignored by the registry, and check must report each one.
     temps = {str(p.relative_to(root)) for p in root.rglob(".tmp-*")}
@@ -334,9 +316,9 @@ def assert_served(root: Path, workdir: Path, images: list[Image]) -> None:
         for image in images:
             for blob in image.blobs:
                 content = get(f"blobs/{blob.digest}").content
-                assert "sha256:" + sha256_hex(content) == blob.digest
+                assert digest_of(content) == blob.digest
             manifest = image.manifest.read_bytes()
-            digest = "sha256:" + sha256_hex(manifest)
+            digest = digest_of(manifest)
             for ref in (image.tag, digest):
                 response = get(f"manifests/{ref}", headers={"Accept": OCI_MANIFEST})
                 assert response.content == manifest
@@ -349,7 +331,7 @@ def assert_complete_through(m: Mount, images: list[Image]) -> None:
     assert os.listdir(repo / "uploads") == []
     for image in images:
         for blob in image.blobs:
-            assert "sha256:" + file_sha256(repo / "layers" / blob.digest) == blob.digest
+            assert sha256_file(repo / "layers" / blob.digest) == blob.digest
         assert (repo / "tags" / image.tag).read_bytes() == image.manifest.read_bytes()
 
 
@@ -455,7 +437,7 @@ def test_upload_left_by_a_cut_finish_reads_empty_and_resumes(
     """
     root = tmp_path / "root"
     data = random.Random(cut).randbytes(MIB + 7)
-    digest = "sha256:" + sha256_hex(data)
+    digest = digest_of(data)
 
     async def cut_finish() -> None:
         driver = FilesystemDriver(root)
@@ -480,7 +462,7 @@ def test_upload_left_by_a_cut_finish_reads_empty_and_resumes(
     blob = Blob("cut", source, digest, by_digest=False)
     upload(m, blob, 0, random.Random(0))
     assert os.listdir(uploads) == []
-    assert file_sha256(m.path(REPO, "layers", digest)) == digest.split(":")[1]
+    assert sha256_file(m.path(REPO, "layers", digest)) == digest
     m.stop()
     assert_root_valid(root)
 

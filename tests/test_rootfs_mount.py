@@ -48,7 +48,7 @@ from support.mounts import Mount, wait_until
 from support.oci import OciImage, image_manifest, skopeo_push
 from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_path, v2_root
 from support.roots import link_blobs
-from support.tools import digest_of, errno_of
+from support.tools import digest_of, errno_of, run
 
 from regfs.nodes import SectionNode
 from regfs.rootfs import RootfsView
@@ -289,10 +289,6 @@ def mounted(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         m.check_log()
 
 
-def run(*args: object, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(a) for a in args], capture_output=True, check=check, timeout=60)
-
-
 def rootfs(m: Mount, *parts: str) -> Path:
     return m.path(*REPO.split("/"), "rootfs", *parts)
 
@@ -525,6 +521,36 @@ def test_a_remote_mount_shows_the_same_tree(images, mounted, tmp_path):
                 run("ls", rootfs(remote, tag))
                 assert view_tree(rootfs(remote, tag)) == view_tree(rootfs(mounted, tag))
             assert "indexing layer" in remote.log_text()
+
+
+@pytest.mark.remote
+def test_a_remote_image_opens_its_layers_while_it_is_built(images, mounted, tmp_path):
+    """Over HTTP opening a layer costs a HEAD of its blob (for its size): it is made while
+    the image is built (indexes loaded, merged), not in the first read's way. So `ls` of an
+    image (a build, no read) makes one per layer, and a `cat` after it only GETs bytes."""
+    run("ls", rootfs(mounted, "v1-tar"))  # its indexes are in the session's cache: no pass
+    layers = {d["digest"] for d in json.loads(images.built["v1-tar"].manifest)["layers"]}
+
+    def blob_requests(method: str, since: int = 0) -> list[str]:
+        seen = proxy.seen[since:]
+        return [
+            s.path.rsplit("/", 1)[1] for s in seen if s.method == method and "/blobs/" in s.path
+        ]
+
+    with (
+        RegistryServer(images.root, workdir=tmp_path / "registry") as server,
+        FaultServer(upstream=server.url) as proxy,
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.ExitStack() as stack,
+    ):
+        patch.setenv("XDG_CACHE_HOME", str(images.cache))  # the module mount's
+        remote = stack.enter_context(Mount(proxy.url, tmp_path / "mnt", tmp_path / "regfs.log"))
+        run("ls", rootfs(remote, "v1-tar"))
+        wait_until(lambda: set(blob_requests("HEAD")) == layers, 10, "a HEAD of each layer")
+        before = len(proxy.seen)
+        assert rootfs(remote, "v1-tar", "etc", "motd").read_bytes() == b"hello\n"
+        assert blob_requests("GET", before) and not blob_requests("HEAD", before)
+        assert "indexing layer" not in remote.log_text()
 
 
 def index_status(root: Path) -> str:
