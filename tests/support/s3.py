@@ -1,4 +1,4 @@
-"""A real S3 server on loopback for tests: moto in server mode (../shared/S3.md), with boto3
+"""A real S3 server on loopback for tests: moto in server mode (docs/s3.md), with boto3
 clients and buckets on it.
 
 moto accepts any credentials and keeps everything in memory: a bucket made by one test is
@@ -144,7 +144,7 @@ class MotoServer(StartStop):
 
 
 def registry_s3_config(server: MotoServer, bucket: str, rootdirectory: str) -> dict[str, Any]:
-    """The `storage: s3:` section of a docker-registry 2.8 config for this bucket (S3.md)."""
+    """The `storage: s3:` section of a docker-registry 2.8 config for this bucket (docs/s3.md)."""
     return {
         "accesskey": ACCESS_KEY,
         "secretkey": SECRET_KEY,
