@@ -7,7 +7,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev docker-registry skopeo umoci \
-                attr curl openssl apache2-utils rsync vim man-db patch
+                attr curl openssl apache2-utils rsync vim man-db patch bash-completion
 STAMP := $(VENV)/.installed
 PREFIX ?= /usr/local
 SBINDIR ?= /sbin
