@@ -286,47 +286,76 @@ def peer_walk(curl: Curl, repos: int) -> int:
     return 2 * len(tags) + _blob_heads(curl, tags)
 
 
+TAGGED = "bench/tagged"  # the bench root's repository of `entries` tags (scenarios.ls's too)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command timed on a fresh remote mount of `source`, after `ready` (untimed, on the
+    same mount), and what it must count; `peer` makes a client's requests for the same."""
+
+    script: str
+    want: int | None
+    peer: Callable[[], int]
+    source: str
+    ready: str = ""
+
+
 def remote_walk(env: Env) -> list[Row]:
     """The walk root served by docker-registry and mounted by URL: `ls` of the namespace,
-    `ls -l` of every repository's tags/ and layers/ (one `ls` each), `find | wc -l` and
-    `du -sb` of the namespace, each on a fresh mount, against the requests a client makes
-    for the same answer (curl, one kept-alive connection)."""
+    `ls` and `ls -l` of every repository's tags/ (one `ls` each), `ls -l` of their layers/,
+    `find | wc -l` and `du -sb` of the namespace, and `ls` of `entries` tags of one
+    repository of the bench's root (its path looked up first), each on a fresh mount,
+    against the requests a client makes for the same answer (curl, one kept-alive
+    connection)."""
     root = _root_for(env)
     n = len(root.repos)
+    tagged = len(env.store.add_tags(TAGGED, env.config.entries))
     times: dict[str, list[float]] = {}
     registry = RegistryProcess(root.store.root, root.store.root.parent / "registry")
     with registry:
         curl = Curl(registry.url, env.store.scratch)
-        ns = NAMESPACE
-        tags_glob = f'ls -l "$1"/{ns}/*/tags | grep -c "^-"'
-        layers_glob = f'ls -l "$1"/{ns}/*/layers | grep -c "^-"'
-        steps: dict[str, tuple[str, int, Callable[[], int]]] = {
-            "ls": (f'ls "$1"/{ns} | wc -l', n, lambda: len(_catalog(curl, n))),
-            "tags": (tags_glob, len(root.images), lambda: peer_tags(curl, root.repos)),
-            "layers": (layers_glob, sum(map(len, root.blobs.values())),
-                       lambda: peer_layers(curl, root.repos)),
-            "find": (f'find "$1"/{ns} -type f | wc -l', root.files, lambda: peer_walk(curl, n)),
-            "du": (f'du -sb "$1"/{ns}', 0, lambda: peer_walk(curl, n)),
+        ns, url = NAMESPACE, registry.url
+        one = Curl(env.registry_url, env.store.scratch)
+        steps: dict[str, Step] = {
+            "ls": Step(f'ls "$1"/{ns} | wc -l', n, lambda: len(_catalog(curl, n)), url),
+            "ls_tags": Step(f'ls "$1"/{ns}/*/tags | grep -c "^t"', len(root.images),
+                            lambda: len(_tags(curl, root.repos)), url),
+            "tags": Step(f'ls -l "$1"/{ns}/*/tags | grep -c "^-"', len(root.images),
+                         lambda: peer_tags(curl, root.repos), url),
+            "layers": Step(f'ls -l "$1"/{ns}/*/layers | grep -c "^-"',
+                           sum(map(len, root.blobs.values())),
+                           lambda: peer_layers(curl, root.repos), url),
+            "find": Step(f'find "$1"/{ns} -type f | wc -l', root.files,
+                         lambda: peer_walk(curl, n), url),
+            "du": Step(f'du -sb "$1"/{ns}', None, lambda: peer_walk(curl, n), url),
+            "one": Step(f'ls "$1"/{TAGGED}/tags | wc -l', tagged,
+                        lambda: len(_tags(one, [TAGGED])), env.registry_url,
+                        f'stat "$1"/{TAGGED}/tags'),
         }  # fmt: skip
         for rep in range(min(env.config.reps, REMOTE_REPS)):
-            for key, (script, want, peer) in steps.items():
+            for key, step in steps.items():
                 for side in sides(rep):
                     if side == "peer":
-                        t, got = timed(peer)
-                        if key != "du" and got != want:
-                            raise BenchError(f"{key}: the client found {got}, not {want}")
+                        t, got = timed(step.peer)
+                        if step.want is not None and got != step.want:
+                            raise BenchError(f"{key}: the client found {got}, not {step.want}")
                         times.setdefault(f"{key}_peer", []).append(t * 1000)
                         continue
-                    with env.mount(registry.url) as m:
-                        ms, out = _ms(_shell(script, m.mountpoint))
-                    if key != "du":
-                        _check_find(out, want, f"{key} of the remote mount")
+                    with env.mount(step.source) as m:
+                        if step.ready:
+                            _shell(step.ready, m.mountpoint)()
+                        ms, out = _ms(_shell(step.script, m.mountpoint))
+                    if step.want is not None:
+                        _check_find(out, step.want, f"{key} of the remote mount")
                     times.setdefault(key, []).append(ms)
     what = f"{n} repositories"
     tags, blobs = len(root.images), sum(map(len, root.blobs.values()))
     return [
         _row("remote_walk", f"remote mount: ls of a namespace of {what}", times, "ls",
              "registry _catalog (curl)", None, 1.0),
+        _row("remote_walk", f"remote mount: ls of tags/ of {what} ({tags} tags)", times,
+             "ls_tags", "tags/list each (curl)", None, 1.0),
         _row("remote_walk", f"remote mount: ls -l of tags/ of {what} ({tags} tags)", times,
              "tags", "tags/list + HEAD per tag (curl)", None, 1.0),
         _row("remote_walk", f"remote mount: ls -l of layers/ of {what} ({blobs} blobs)", times,
@@ -335,6 +364,8 @@ def remote_walk(env: Env) -> list[Row]:
              "catalog, tags/list, manifests, HEAD per blob (curl)", None, 1.0),
         _row("remote_walk", f"remote mount: du -sb, {what}", times, "du",
              "catalog, tags/list, manifests, HEAD per blob (curl)", None, 1.0),
+        _row("remote_walk", f"remote mount: ls of {tagged} tags of one repository", times,
+             "one", "registry tags/list (curl)", None, 1.0),
     ]  # fmt: skip
 
 
@@ -343,7 +374,12 @@ def _disk(config: Config) -> int:
     return config.entries // 10 * 600 * 1024
 
 
+def _remote_disk(config: Config) -> int:
+    """The walk root, and `entries` tags in the bench's root (as scenarios.ls's)."""
+    return _disk(config) + config.entries * 64 * 1024
+
+
 SCENARIOS = (
     Scenario("walk", walk, False, _disk),
-    Scenario("remote_walk", remote_walk, False, _disk),
+    Scenario("remote_walk", remote_walk, True, _remote_disk),
 )

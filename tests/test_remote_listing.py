@@ -1,9 +1,11 @@
 """Listings of a remote source: what a walk asks the registry, and what stays true.
 
-A walk of a repository (tags/, manifests/, layers/, each entry stat'ed, as readdirplus does)
-asks one `tags/list`, one manifest GET per tag and one HEAD per blob, in parallel, and reuses
-the tags for `tag_reuse` seconds; a change through the source is seen at once, one behind it
-after the reuse. The registry is Debian's docker-registry, behind the fault-injecting proxy
+A listing of tags/ asks one `tags/list` and nothing more; the first lookup of a listed tag
+resolves them all (one manifest GET per tag, in parallel), for `ls -l` looks them all up next.
+A walk of a repository (tags/, manifests/, layers/, each entry stat'ed) so asks one
+`tags/list`, one manifest GET per tag and one HEAD per blob, and reuses the tags for
+`tag_reuse` seconds; a change through the source is seen at once, one behind it after the
+reuse. The registry is Debian's docker-registry, behind the fault-injecting proxy
 that records every request (tests/support/fault_server.py).
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 from support.fault_server import Fault, FaultServer
-from support.mounts import Mount, hang_up
+from support.mounts import Mount, hang_up, wait_until
 from support.oci import image_manifest
 from support.registry import RegistryClient, RegistryServer
 from support.tools import sh
@@ -110,6 +112,29 @@ async def test_a_walk_asks_each_thing_once(
     assert asked(proxy, "listing/once") == {}
 
 
+async def test_a_listing_of_tags_resolves_nothing_until_a_lookup(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """`ls tags/` asks `tags/list` only; the first lookup of one of them fetches every tag's
+    manifest at once (before: the listing did, a GET per tag for a plain `ls`)."""
+    many = tuple(f"t{i:02d}" for i in range(12))
+    client = module_registry_server.client()
+    push_repo(client, "listing/lazy", many)
+    proxy.seen.clear()
+    repo = registry.repository("listing/lazy")
+    assert await repo.tags.list() == list(many)
+    assert asked(proxy, "listing/lazy") == {"GET tags/list": 1}
+    assert str(await repo.tags.get("t05")) == client.get_manifest("listing/lazy", "t05").digest
+    assert asked(proxy, "listing/lazy") == {"GET tags/list": 1, "GET manifests/<tag>": len(many)}
+    for tag in many:
+        assert str(await repo.tags.get(tag)) == client.get_manifest("listing/lazy", tag).digest
+    assert asked(proxy, "listing/lazy") == {"GET tags/list": 1, "GET manifests/<tag>": len(many)}
+    proxy.seen.clear()  # not listed: a tag of another repository is asked on its own
+    push_repo(client, "listing/unlisted")
+    await registry.repository("listing/unlisted").tags.get("a")
+    assert asked(proxy, "listing/unlisted") == {"HEAD manifests/<tag>": 1}
+
+
 async def test_a_change_through_the_source_is_seen_at_once(
     registry: RemoteRegistry, module_registry_server: RegistryServer
 ) -> None:
@@ -170,34 +195,45 @@ async def test_tags_past_the_cap_are_asked_one_by_one(
     module_registry_server: RegistryServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Memory stays bounded: a listing resolves at most TAGS_RESOLVED_MAX tags ahead; the
-    others are still listed, and resolved when asked."""
+    """Memory stays bounded: a lookup resolves at most TAGS_RESOLVED_MAX tags ahead; the
+    others are still listed, and resolved when asked (a lookup of one never starts a
+    resolution of the first ones again)."""
     monkeypatch.setattr(remote_registry, "TAGS_RESOLVED_MAX", 2)
     push_repo(module_registry_server.client(), "listing/cap")
     proxy.seen.clear()
     repo = registry.repository("listing/cap")
     assert await repo.tags.list() == list(TAGS)
+    await repo.tags.get("a")
     assert asked(proxy, "listing/cap") == {"GET tags/list": 1, "GET manifests/<tag>": 2}
     assert len(await repo.manifests.list()) == len(TAGS)
     assert asked(proxy, "listing/cap")["HEAD manifests/<tag>"] == 2
+    snapshot = registry.tag_snapshots.get("listing/cap")
+    assert snapshot is not None
+    snapshot.targets_until = 0  # expired: "d" is still asked on its own
+    await repo.tags.get("d")
+    assert asked(proxy, "listing/cap") == {
+        "GET tags/list": 1,
+        "GET manifests/<tag>": 2,
+        "HEAD manifests/<tag>": 3,
+    }
 
 
 async def test_a_failing_registry_stops_the_fetching_ahead(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
-    """503s past the retries: the listing still lists, the rest is not asked for ahead (a
-    registry that is down is not hammered), and a lookup reports the error itself."""
+    """503s past the retries: the first lookup's resolution stops, the rest is not asked
+    for ahead (a registry that is down is not hammered), and the lookup reports the error
+    itself."""
     many = tuple(f"t{i:02d}" for i in range(30))
     push_repo(module_registry_server.client(), "listing/down", many)
     proxy.seen.clear()
-    proxy.inject(Fault(503, method="GET", path=r"/manifests/t\d\d$"), times=100)
     repo = registry.repository("listing/down")
     assert await repo.tags.list() == list(many)
-    fetched = {s.path for s in proxy.seen if s.method == "GET" and "/manifests/t" in s.path}
-    assert len(fetched) <= remote_registry.LISTING_PARALLEL < len(many)
-    proxy.inject(Fault(503, method="HEAD", path=r"/manifests/t\d\d$"), times=100)
+    proxy.inject(Fault(503, path=r"/manifests/t\d\d$"), times=100)
     with pytest.raises(RemoteUnavailable):
         await repo.tags.get("t29")
+    fetched = {s.path for s in proxy.seen if s.method == "GET" and "/manifests/t" in s.path}
+    assert len(fetched) <= remote_registry.LISTING_PARALLEL < len(many)
     proxy.clear()
     assert await repo.tags.get("t29") == Digest.parse(
         module_registry_server.client().get_manifest("listing/down", "t29").digest
@@ -212,7 +248,9 @@ async def test_tag_names_from_the_registry_are_checked_before_use(tmp_path: Path
         stub.inject(Fault(200, body=body, method="GET", path=r"/tags/list$"))
         source = RemoteRegistry(RemoteClient(stub.url, timeout=5), tmp_path / "state", 30.0)
         try:
-            assert await source.repository("evil/repo").tags.list() == sorted(hostile)
+            repo = source.repository("evil/repo")
+            assert await repo.tags.list() == sorted(hostile)
+            await repo.tags.get("good")  # resolves the listed tags
         finally:
             await source.aclose()
         fetched = [s.path for s in stub.seen if "/manifests/" in s.path]
@@ -247,6 +285,57 @@ def test_find_and_ls_of_a_remote_mount(
     }
     listed = sh("ls", "-l", where / "layers").stdout.splitlines()
     assert len([line for line in listed if line.startswith("-")]) == len(blobs)
+
+
+def test_ls_of_tags_asks_tags_list_only(
+    mount: Callable[..., Mount],
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ls tags/` of a remote mount is one `tags/list` (before: a GET per tag too); `ls -l`
+    then resolves them all at its first lookup, 8 at once (a GET per tag, no HEAD: no tag
+    looked up on its own), with every size right."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    many = tuple(f"t{i:02d}" for i in range(20))
+    client = module_registry_server.client()
+    push_repo(client, "listing/plain", many)
+    m = mount(proxy.url)
+    tags = m.path("listing", "plain", "tags")
+    proxy.seen.clear()
+    assert sh("ls", tags).stdout.split() == list(many)
+    assert asked(proxy, "listing/plain") == {"GET tags/list": 1}
+    listed = [line.split() for line in sh("ls", "-l", tags).stdout.splitlines()[1:]]
+    sizes = {fields[-1]: int(fields[4]) for fields in listed}
+    assert sizes == {t: len(client.get_manifest("listing/plain", t).body) for t in many}
+    kinds = asked(proxy, "listing/plain")
+    assert kinds["GET manifests/<tag>"] == len(many)
+    assert kinds["GET tags/list"] <= 2  # the tree's listing may have expired meanwhile
+    assert set(kinds) == {"GET tags/list", "GET manifests/<tag>"}
+
+
+def test_a_retag_behind_a_remote_mount_is_seen_within_the_ttl(
+    mount: Callable[..., Mount],
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ls -l tags/` resolves the tags once; a tag moved behind the mount is then read within
+    --tag-ttl plus the time the resolution is reused (TAG_REUSE_MAX, at most the TTL)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    client = module_registry_server.client()
+    push_repo(client, "listing/retag")
+    ttl = 1.0
+    m = mount(module_registry_server.url, "--tag-ttl", str(ttl))
+    tags = m.path("listing", "retag", "tags")
+    sh("ls", "-l", tags)
+    assert (tags / "a").read_bytes() == client.get_manifest("listing/retag", "a").body
+    moved = client.get_manifest("listing/retag", "b").body
+    client.put_manifest("listing/retag", "a", moved)
+    moved_at = time.monotonic()
+    wait_until(lambda: (tags / "a").read_bytes() == moved, 10, "the retag to show")
+    assert time.monotonic() - moved_at < 2 * ttl + 2  # + a loaded machine's slack
 
 
 def test_sighup_drops_what_a_remote_mount_keeps(
@@ -319,18 +408,56 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
     assert asked(proxy, names[2]) == {}
 
 
-async def test_a_slow_listing_is_reused_as_long_as_it_took(
+async def test_a_slow_resolution_is_reused_as_long_as_it_took(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
-    """readdir of a big tags/ consumes the listing for a while: it is reused for as long as
-    it took to take (here ≥ 0.6 s of retries), not only the minimum, never past the TTL."""
+    """`ls -l` of a big tags/ consumes the resolution for a while: it is reused for as long
+    as it took to take (here ≥ 0.6 s of retries), not only the minimum, never past the TTL."""
     push_repo(module_registry_server.client(), "listing/slow")
     registry.tag_reuse = 0.1
+    repo = registry.repository("listing/slow")
+    await repo.tags.list()
     proxy.inject(Fault(503, method="GET", path=r"/listing/slow/manifests/a$"), times=4)
     started = time.monotonic()
-    await registry.repository("listing/slow").tags.list()
+    await repo.tags.get("b")
     took = time.monotonic() - started
     assert took >= 0.6  # 0.1 + 0.2 + 0.4 s of backoff, jittered
     snapshot = registry.tag_snapshots.get("listing/slow")
-    assert snapshot is not None and snapshot.until - time.monotonic() > took - 0.2
-    assert snapshot.until - started <= took + registry.listing_ttl
+    assert snapshot is not None and snapshot.targets_until - time.monotonic() > took - 0.2
+    assert snapshot.targets_until - started <= took + registry.listing_ttl
+
+
+async def test_lookups_in_catalog_order_resolve_ahead(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """`ls */tags` lists the next repositories' tags ahead, and nothing more; `ls -l */tags`
+    (a tag of each looked up in turn) resolves the next ones' tags ahead too."""
+    client = module_registry_server.client()
+    ahead = remote_registry.LISTINGS_AHEAD
+    names = [f"zy/r{i}" for i in range(ahead + 3)]
+    for name in names:
+        push_repo(client, name, ("x", "y"))
+    registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
+    await registry.catalog.children("zy")
+    proxy.seen.clear()
+
+    async def listed_ahead() -> None:
+        deadline = time.monotonic() + 10
+        while registry.listed_ahead():
+            assert time.monotonic() < deadline, "the listings ahead never finished"
+            await trio.sleep(0.02)
+
+    for name in names[:2]:
+        assert await registry.repository(name).tags.list() == ["x", "y"]
+    await listed_ahead()
+    for name in names[2 : 2 + ahead]:
+        assert asked(proxy, name) == {"GET tags/list": 1}
+    for name in names[:2]:
+        await registry.repository(name).tags.get("x")
+    await listed_ahead()
+    for name in names[2 : 2 + ahead]:
+        assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
+        for tag in ("x", "y"):
+            await registry.repository(name).tags.get(tag)
+        assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
+    assert asked(proxy, names[-1]) == {}

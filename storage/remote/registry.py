@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import contextvars
 import itertools
 import logging
 import os
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -67,17 +68,25 @@ ACCEPT = ", ".join(SUPPORTED)
 # storage again up to `last`: 10 000 repositories took 11 pages and 3 s at n=1000, 0.2 s at once.
 PAGE_SIZES = (100_000, 1000, 100)
 ENTRY_OVERHEAD = 400  # bytes a cache entry costs beyond its name and data (objects, digest)
-# Requests at once while a listing resolves its tags and stats its blobs: readdirplus asks
-# for every entry's attributes, one at a time, so they are fetched beforehand, in parallel.
+# Requests at once while a repository's tags are resolved (the first lookup of a listed tag)
+# and a listing of layers/ stats its blobs: `ls -l` and readdirplus ask for every entry's
+# attributes, one at a time, so they are fetched beforehand, in parallel.
 LISTING_PARALLEL = 8
-# How long, at least, a repository's tags as one listing resolved them answer the listings
-# and lookups that follow (a walk lists tags/, manifests/ and layers/ in turn); as long as
-# the listing took if that is longer, never longer than the listing TTL.
+# How long, at least, a repository's tags as one listing found them, and their targets as
+# one resolution found them, answer the listings and lookups that follow (a walk lists
+# tags/, manifests/ and layers/ in turn); as long as fetching them took if that is longer,
+# never longer than the listing TTL.
 TAG_REUSE_MAX = 1.0
 # Repositories listed ahead, in the background, once listings go through the catalog in
 # order (a walk: find, du, `ls -l */tags`), as read-ahead follows a sequential read.
 LISTINGS_AHEAD = 4
 T = TypeVar("T")
+Listed = Literal["tags", "targets", "layers"]  # what a listing of a repository asks for
+# Set in a task listing ahead: what it calls is no listing of its own (it would wait for
+# itself, or list further ahead).
+_LISTING_AHEAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "listing_ahead", default=False
+)
 
 
 def _next_page(response: httpx.Response) -> str | None:
@@ -184,17 +193,26 @@ async def _in_parallel(
         log.debug("%s: fetching ahead stopped: %s", what, failed[0])
 
 
-@dataclass(frozen=True)
+@dataclass
 class _TagSnapshot:
-    """One repository's tags as one listing found them, and the manifests they point at
-    (the first TAGS_RESOLVED_MAX: memory stays bounded, the rest are asked one by one)."""
+    """One repository's tags as one `tags/list` found them, and, once a tag of them is looked
+    up, the manifests they point at (the first TAGS_RESOLVED_MAX: memory stays bounded, the
+    rest are asked one by one). A plain `ls tags/` asks nothing more than the listing."""
 
-    tags: list[str]
-    targets: dict[str, Digest]
-    until: float  # time.monotonic() when it is no longer reused
+    tags: list[str]  # sorted
+    until: float  # time.monotonic() when the names are no longer reused
+    hint_until: float  # until then, a lookup of one of them resolves them all (read-ahead)
+    targets: dict[str, Digest] = field(default_factory=dict)
+    targets_until: float = 0.0  # when the targets are no longer reused
+    batch: trio.Event | None = None  # the resolution under way, or the last one finished
 
     def size(self) -> int:
         return sum(len(t) + 60 for t in self.tags) + len(self.targets) * 200
+
+    def resolves(self, tag: str) -> bool:
+        """Whether tag is one of those a resolution fetches."""
+        at = bisect.bisect_left(self.tags, tag, 0, min(len(self.tags), TAGS_RESOLVED_MAX))
+        return at < len(self.tags) and self.tags[at] == tag
 
 
 class RemoteCatalog:
@@ -312,23 +330,56 @@ class RemoteTags:
         except RemoteNotFound:
             return []
 
-    def _recent(self) -> _TagSnapshot | None:
+    def _kept(self) -> _TagSnapshot | None:
+        """The last listing's snapshot while it may still guide a resolution."""
         snapshot = self.registry.tag_snapshots.get(self.name)
-        if snapshot is not None and time.monotonic() > snapshot.until:
+        if snapshot is not None and time.monotonic() > snapshot.hint_until:
             self.registry.tag_snapshots.pop(self.name)
             return None
         return snapshot
 
+    def _recent(self) -> _TagSnapshot | None:
+        """The last listing's snapshot while its names are reused."""
+        snapshot = self._kept()
+        return snapshot if snapshot is not None and time.monotonic() <= snapshot.until else None
+
     async def snapshot(self) -> _TagSnapshot:
-        """The tags and their targets: each tag's manifest is fetched by tag (its digest is
-        the body's, and it is cached for the stat that follows), LISTING_PARALLEL at once.
-        Reused for as long as it took to take, at least `tag_reuse` seconds and at most the
-        listing TTL (readdir of 10,000 tags takes a while to consume it, and a tag left
-        unresolved costs a round trip of its own); a change through this mount drops it."""
+        """The tags, from one `tags/list` (paged). Reused for as long as it took to take, at
+        least `tag_reuse` seconds and at most the listing TTL; a change through this mount
+        drops it. Kept for the listing TTL beyond that (the tree hands the listing out that
+        long), as what a lookup of one of its tags resolves ahead."""
         if (recent := self._recent()) is not None:
             return recent
         started = time.monotonic()
         tags = await self._names()
+        now = time.monotonic()
+        ttl = self.registry.listing_ttl
+        snapshot = _TagSnapshot(tags, now + self._reuse(now - started), now + ttl)
+        if self.registry.tag_reuse > 0:
+            self.registry.tag_snapshots.put(self.name, snapshot)
+        return snapshot
+
+    def _reuse(self, took: float) -> float:
+        """How long what took `took` seconds to fetch is reused: readdir of 10,000 tags, or
+        `ls -l` of them, consumes it for a while, and an entry left out costs a round trip."""
+        return min(self.registry.listing_ttl, max(self.registry.tag_reuse, took))
+
+    async def resolved(self, snapshot: _TagSnapshot) -> dict[str, Digest]:
+        """The snapshot's targets, resolved now unless they still are: each tag's manifest
+        fetched by tag (its digest is the body's, and it is cached for the stat that
+        follows), LISTING_PARALLEL at once, one resolution at a time."""
+        while time.monotonic() > snapshot.targets_until:
+            running = snapshot.batch
+            if running is None or running.is_set():
+                return await self._resolve(snapshot)
+            await running.wait()
+            if snapshot.batch is running:  # it finished (one cancelled is cleared)
+                return snapshot.targets
+        return snapshot.targets
+
+    async def _resolve(self, snapshot: _TagSnapshot) -> dict[str, Digest]:
+        snapshot.batch = batch = trio.Event()
+        started = time.monotonic()
         targets: dict[str, Digest] = {}
         manifests = self.repo.manifests
 
@@ -336,28 +387,45 @@ class RemoteTags:
             validate_tag(tag)  # a name from the registry goes into a URL
             targets[tag] = (await manifests.fetch(tag)).digest
 
-        await _in_parallel(tags[:TAGS_RESOLVED_MAX], resolve, f"{self.name}: tags")
+        try:
+            tags = snapshot.tags[:TAGS_RESOLVED_MAX]
+            await _in_parallel(tags, resolve, f"{self.name}: tags")
+        except BaseException:
+            snapshot.batch = None  # cancelled: whoever waits resolves them itself
+            raise
+        finally:
+            batch.set()
         now = time.monotonic()
-        reuse = min(self.registry.listing_ttl, max(self.registry.tag_reuse, now - started))
-        snapshot = _TagSnapshot(tags, targets, now + reuse)
-        if self.registry.tag_reuse > 0:
+        snapshot.targets, snapshot.targets_until = targets, now + self._reuse(now - started)
+        if self.registry.tag_snapshots.get(self.name) is snapshot:  # count what it holds now
             self.registry.tag_snapshots.put(self.name, snapshot)
-        return snapshot
+        return targets
 
     def forget(self) -> None:
         """The tags changed through this mount: the next listing asks the registry."""
         self.registry.tag_snapshots.pop(self.name)
 
     async def list(self) -> list[str]:
-        if self.registry.tag_reuse <= 0:  # nothing would keep what is fetched ahead
+        if self.registry.tag_reuse <= 0:  # nothing would keep what is fetched
             return await self._names()
-        await self.registry.listing(self.name, layers=False)
+        await self.registry.listing(self.name, "tags")
         return (await self.snapshot()).tags
 
     async def get(self, tag: str) -> Digest:
+        """A listed tag looked up resolves the listing's tags, all at once (read-ahead: `ls
+        -l` looks them all up next); any other is asked on its own."""
         validate_tag(tag)
-        if (recent := self._recent()) is not None and tag in recent.targets:
-            return recent.targets[tag]
+        if (kept := self._kept()) is not None and kept.resolves(tag):
+            if time.monotonic() > kept.targets_until:  # a walk may resolve the next ones too
+                await self.registry.listing(self.name, "targets")
+            kept = self._kept() or kept
+            if (target := (await self.resolved(kept)).get(tag)) is not None:
+                return target
+        return await self.ask(tag)
+
+    async def ask(self, tag: str) -> Digest:
+        """The tag's target, from the registry now (a HEAD), whatever a listing resolved."""
+        validate_tag(tag)
         try:
             response = await self.client.request(
                 "HEAD", f"/v2/{self.name}/manifests/{tag}", headers={"Accept": ACCEPT}
@@ -442,12 +510,12 @@ class RemoteManifests:
         """Every tag and the manifest it points at: the snapshot's, and a HEAD for each tag
         it left unresolved (past TAGS_RESOLVED_MAX, or its fetch failed)."""
         snapshot = await self.repo.tags.snapshot()
-        targets = dict(snapshot.targets)
+        targets = dict(await self.repo.tags.resolved(snapshot))
         for tag in snapshot.tags:
             if tag in targets:
                 continue
             try:
-                targets[tag] = await self.repo.tags.get(tag)
+                targets[tag] = await self.repo.tags.ask(tag)
             except (UnknownTag, InvalidName):  # untagged since the listing; not a tag
                 continue
         return targets
@@ -531,7 +599,7 @@ class RemoteLayers:
         at a time, and the blobs' HEADs (their sizes) beforehand, in parallel: readdirplus
         stats every entry."""
         if self.registry.tag_reuse > 0:
-            await self.registry.listing(self.name, layers=True)
+            await self.registry.listing(self.name, "layers")
         return await self.walk()
 
     async def walk(self) -> builtins.list[Digest]:
@@ -663,55 +731,73 @@ class RemoteRegistry:
         self.blob_cache: ByteCache[tuple[str, Digest], BlobInfo] = ByteCache(
             BLOB_CACHE_BYTES, lambda key, _: len(key[0]) + ENTRY_OVERHEAD
         )
-        # A repository's tags as its last listing found them, for `tag_reuse` seconds or as
-        # long as the listing took, up to the listing TTL (TagSnapshot.until).
+        # A repository's tags as its last listing found them, and their targets once a
+        # lookup resolved them, each for `tag_reuse` seconds or as long as fetching them
+        # took, up to the listing TTL (_TagSnapshot.until, .targets_until).
         self.listing_ttl = listing_ttl
         self.tag_reuse = min(listing_ttl, TAG_REUSE_MAX)
         self.tag_snapshots: ByteCache[str, _TagSnapshot] = ByteCache(
             TAG_SNAPSHOT_BYTES, lambda name, snapshot: len(name) + snapshot.size()
         )
-        self._last_listed = ""
-        self._ahead: dict[str, trio.Event] = {}  # repositories being listed in the background
+        self._last_listed: dict[Listed, str] = {}  # the repository of each kind's last listing
+        # Repositories being listed in the background, and what of them.
+        self._ahead: dict[tuple[str, Listed], trio.Event] = {}
         self.read_ahead = ReadAheadBudget()
         self.catalog = RemoteCatalog(client, self, listing_ttl)
 
     def repository(self, name: str) -> RemoteRepository:
         return RemoteRepository(self, name)
 
-    async def listing(self, name: str, layers: bool) -> None:
-        """A listing of repository `name` is asked for (its layers/, or its tags). When the
-        one before was of the repository before it in the catalog as last fetched (never
-        fetched for this), a walk is going through the catalog in order: the next
-        LISTINGS_AHEAD repositories are listed the same way in the background, so their
-        requests overlap this one's FUSE work. Returns when `name` itself is not being
-        listed in the background (its caches are then filled)."""
-        if (event := self._ahead.get(name)) is not None:
+    async def listing(self, name: str, kind: Listed) -> None:
+        """A listing of repository `name` is asked for: its tags, its tags' targets (a tag
+        looked up), or its layers/. When the one of that kind before was of the repository
+        before it in the catalog as last fetched (never fetched for this), a walk is going
+        through the catalog in order: the next LISTINGS_AHEAD repositories are listed the
+        same way in the background, so their requests overlap this one's FUSE work. Returns
+        when `name` itself is not being listed in the background (its caches are then
+        filled)."""
+        if _LISTING_AHEAD.get():
+            return
+        for event in [e for (n, _), e in self._ahead.items() if n == name]:
             await event.wait()
         names = self.catalog.known()
         at = bisect.bisect_left(names, name)
-        previous, self._last_listed = self._last_listed, name
+        previous, self._last_listed[kind] = self._last_listed.get(kind), name
         if at == len(names) or names[at] != name or at == 0 or names[at - 1] != previous:
             return
         for ahead in names[at + 1 : at + 1 + LISTINGS_AHEAD]:
-            if ahead in self._ahead or len(self._ahead) >= LISTINGS_AHEAD:
+            if (ahead, kind) in self._ahead or self._kinds_ahead(kind) >= LISTINGS_AHEAD:
                 continue
-            self._ahead[ahead] = trio.Event()
-            trio.lowlevel.spawn_system_task(self._list_ahead, ahead, layers)
+            before = [e for (n, _), e in self._ahead.items() if n == ahead]
+            self._ahead[(ahead, kind)] = trio.Event()
+            trio.lowlevel.spawn_system_task(self._list_ahead, ahead, kind, before)
+
+    def _kinds_ahead(self, kind: Listed) -> int:
+        return sum(1 for _, k in self._ahead if k == kind)
 
     def listed_ahead(self) -> set[str]:
         """The repositories being listed in the background now."""
-        return set(self._ahead)
+        return {name for name, _ in self._ahead}
 
-    async def _list_ahead(self, name: str, layers: bool) -> None:
-        """One repository listed ahead (its layers/, or its tags): only a head start, so a
-        failure is left for the listing itself to meet. A system task must not raise."""
+    async def _list_ahead(self, name: str, kind: Listed, before: list[trio.Event]) -> None:
+        """One repository listed ahead, once what was started before for it has ended (or
+        both would ask its tags/list): only a head start, so a failure is left for the
+        listing itself to meet. A system task must not raise."""
+        _LISTING_AHEAD.set(True)
         try:
-            repo = self.repository(name)
-            await (repo.layers.walk() if layers else repo.tags.snapshot())
+            for event in before:
+                await event.wait()
+            tags = self.repository(name).tags
+            if kind == "tags":
+                await tags.snapshot()
+            elif kind == "targets":
+                await tags.resolved(await tags.snapshot())
+            else:
+                await self.repository(name).layers.walk()
         except Exception as exc:
             log.debug("%s: listing ahead failed: %s", name, shown(exc))
         finally:
-            self._ahead.pop(name).set()
+            self._ahead.pop((name, kind)).set()
 
     async def create_repository(self, name: str) -> RemoteRepository:
         repo = self.repository(name)
