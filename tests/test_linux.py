@@ -428,6 +428,11 @@ def test_version_is_the_package_version_and_the_changelogs_newest_release():
     assert re.fullmatch(rf"{re.escape(version)} — \d{{4}}-\d\d-\d\d", released[0]), headings
 
 
+# pip's cache as the user has it, read at import: conftest's private XDG_CACHE_HOME (set
+# later, for the session) would make pip fetch and build every dependency again (~40 s more).
+PIP_CACHE = os.environ.get("PIP_CACHE_DIR") or str(
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pip"
+)
 OFFLINE = ("No matching distribution", "Could not find a version", "Network is unreachable")
 
 
@@ -443,11 +448,17 @@ def test_make_dist_wheel_installs_into_a_fresh_venv_and_mounts(tmp_path, tracked
     """`make dist` builds an sdist and, from it, a wheel; the wheel and its dependencies
     install into a new virtualenv, whose regfs mounts inmemory:, lists, and unmounts."""
     dist = tmp_path / "dist"
+    # pip's cache; no PYTHONPATH: a checkout on it (its regfs.egg-info, left by `make dist`)
+    # would make pip call regfs installed already and install nothing.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "PIP_CACHE_DIR": PIP_CACHE
+    }
     built = subprocess.run(
         ["make", "-s", "-C", PROJECT, "-o", ".venv/.installed", "dist", f"DISTDIR={dist}"],
         capture_output=True,
         text=True,
         timeout=300,
+        env=clean,
     )
     built_or_skip(built, "make dist")
     version = importlib.metadata.version("regfs")
@@ -457,12 +468,10 @@ def test_make_dist_wheel_installs_into_a_fresh_venv_and_mounts(tmp_path, tracked
     for name in ("LICENSE", "README.md", "CHANGELOG.md", "regfs/cli.py", "storage/api.py"):
         assert f"regfs-{version}/{name}" in listing, name
     venv = tmp_path / "venv"
-    sh(sys.executable, "-m", "venv", venv)
-    # Without PYTHONPATH: a checkout on it (its regfs.egg-info, left by `make dist`) would
-    # make pip call regfs installed already and install nothing.
-    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # No pip of its own (ensurepip takes ~8 s): this venv's pip installs into it.
+    sh(sys.executable, "-m", "venv", "--without-pip", venv)
     installed = subprocess.run(
-        [venv / "bin/pip", "install", "-q", wheel],
+        [sys.executable, "-m", "pip", "--python", venv / "bin/python", "install", "-q", wheel],
         capture_output=True,
         text=True,
         timeout=600,
