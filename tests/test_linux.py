@@ -153,15 +153,19 @@ async def test_mount_8_finds_a_package_installed_as_root_without_the_helper(
     root, tmp_path, tracked
 ):
     """A package installed as root (pip) gives no /sbin/mount.fuse.regfs; for
-    `-t fuse.regfs` mount(8) then runs /sbin/mount.fuse, as for `-t fuse` with
-    `regfs#SOURCE` (the form used here, so that make install's helper is not the one run).
-    With no environment at all, mount.fuse's /bin/sh finds regfs on its default PATH, in
-    /usr/local/bin, where pip as root puts it."""
+    `-t fuse.regfs` mount(8) then runs /sbin/mount.fuse (shown with a type that has no
+    helper), as for `-t fuse` with `regfs#SOURCE` (the form used here, so that make
+    install's helper is not the one run). With no environment at all, mount.fuse's /bin/sh
+    finds regfs on its default PATH, in /usr/local/bin, where pip as root puts it."""
     mnt, log = tmp_path / "mnt", tmp_path / "regfs.log"
     mnt.mkdir()
     tracked(mnt, log)
     mount = shutil.which("mount")
     assert mount is not None
+    no_helper = subprocess.run(
+        [mount, "-t", "fuse.regfs-no-helper", root, mnt], env={}, capture_output=True, text=True
+    )
+    assert "regfs-no-helper: not found" in no_helper.stderr, no_helper.stderr  # mount.fuse's sh
     command = [mount, "-t", "fuse", f"regfs#{root}", mnt, "-o", f"ro,log={log}"]
     mounted_by_mount_fuse(command, {}, mnt)
 
