@@ -135,6 +135,31 @@ async def test_a_listing_of_tags_resolves_nothing_until_a_lookup(
     assert asked(proxy, "listing/unlisted") == {"HEAD manifests/<tag>": 1}
 
 
+async def test_a_listing_again_keeps_the_targets_resolved_since(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """A walk lists manifests/ after layers/; when resolving the tags took longer than the
+    names are reused, the listing again asks `tags/list`, not every tag's manifest again."""
+    push_repo(module_registry_server.client(), "listing/again")
+    repo = registry.repository("listing/again")
+    proxy.seen.clear()
+    await repo.layers.list()
+    resolved = {"GET tags/list": 1, "GET manifests/<tag>": len(TAGS)}
+    assert asked(proxy, "listing/again") == resolved | {"HEAD blobs/<digest>": len(TAGS) + 1}
+    snapshot = registry.tag_snapshots.get("listing/again")
+    assert snapshot is not None
+    snapshot.until = 0  # the names expired, the targets not
+    proxy.seen.clear()
+    assert len(await repo.manifests.list()) == len(TAGS)
+    for tag in TAGS:
+        await repo.tags.get(tag)
+    assert asked(proxy, "listing/again") == {"GET tags/list": 1}
+    registry.forget()  # SIGHUP: nothing kept is carried into the next listing
+    proxy.seen.clear()
+    await repo.manifests.list()
+    assert asked(proxy, "listing/again") == resolved
+
+
 async def test_a_change_through_the_source_is_seen_at_once(
     registry: RemoteRegistry, module_registry_server: RegistryServer
 ) -> None:

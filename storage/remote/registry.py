@@ -355,6 +355,11 @@ class RemoteTags:
         now = time.monotonic()
         ttl = self.registry.listing_ttl
         snapshot = _TagSnapshot(tags, now + self._reuse(now - started), now + ttl)
+        if (kept := self._kept()) is not None and now <= kept.targets_until:
+            # Resolved since the names before, still reused: a walk's manifests/ after a
+            # long resolution for its layers/ must not resolve them all again.
+            snapshot.targets, snapshot.targets_until = kept.targets, kept.targets_until
+            snapshot.batch = kept.batch
         if self.registry.tag_reuse > 0:
             self.registry.tag_snapshots.put(self.name, snapshot)
         return snapshot
