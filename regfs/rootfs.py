@@ -402,6 +402,7 @@ class RootfsView:
             try:
                 for layer in image.layers:
                     build.indexes.append(await self.indexer.index(layer))
+                self.files.prepare(list(zip(image.layers, build.indexes, strict=True)))
                 tables = [index.members for index in build.indexes]
                 build.tree = await trio.to_thread.run_sync(merge, tables)
                 log.info(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import zstandard
 from indexed_gzip import IndexedGzipFile
 from support.layers import (
@@ -446,6 +447,101 @@ async def test_memory_bound_counts_only_the_seek_points_held(registry, cache):
         await files.aclose()
 
 
+def counting_opens(layer: Stored, opens: list[Digest], opener=None) -> LayerRef:
+    """The layer's ref, noting each open in `opens` (and opening with `opener` if given)."""
+
+    async def opened() -> BlobReader:
+        opens.append(layer.ref.digest)
+        return await (opener or layer.ref.open)()
+
+    return replace(layer.ref, open=opened)
+
+
+async def test_layers_opened_ahead_are_not_opened_again_by_their_reads(registry, cache, files):
+    """`prepare` opens an image's layers in the background (over HTTP a HEAD each, made
+    while the view merges): the first reads find them open."""
+    stored = [
+        await store(registry, every_kind_tar(i, big=MIB), how)
+        for i, how in enumerate(["gzip", "tar"])
+    ]
+    indexer = Indexer(cache)
+    indexes = [await indexer.index(layer.ref) for layer in stored]
+    opens: list[Digest] = []
+    refs = [counting_opens(layer, opens) for layer in stored]
+    files.prepare(list(zip(refs, indexes, strict=True)))
+    with trio.fail_after(10):
+        while len(files._open) < 2:
+            await trio.sleep(0.01)
+    assert sorted(opens) == sorted(index.digest for index in indexes)
+    for layer, ref, index in zip(stored, refs, indexes, strict=True):
+        await check_files(files, replace(layer, ref=ref), index, random.Random(3))
+    assert len(opens) == 2 and files.held  # the gzip layer's points came in at its first read
+
+
+async def test_a_read_while_its_layer_is_opened_ahead_takes_that_open(registry, cache, files):
+    """One open per layer at a time: a read that comes while the open ahead waits for the
+    source (an HTTP round trip) waits for it too, and makes no second one."""
+    layer = await store(registry, every_kind_tar(6, big=MIB), "tar")
+    index = await Indexer(cache).index(layer.ref)
+    member = member_named(index, "bin/half")
+    go = trio.Event()
+
+    async def slow() -> BlobReader:
+        await go.wait()
+        return await layer.ref.open()
+
+    opens: list[Digest] = []
+    ref = counting_opens(layer, opens, slow)
+    files.prepare([(ref, index)])
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_append, got, files.read(ref, index, member, 0, member.size))
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+    assert got == [layer.raw[member.offset : member.offset + member.size]]
+    assert len(opens) == 1 and len(files._open) == 1
+
+
+async def test_an_open_ahead_that_fails_or_hangs_leaves_nothing_behind(registry, cache, caplog):
+    """A layer that cannot be opened is left for its read, which meets the same error; an
+    open still waiting at `aclose` is cancelled, and nothing stays open."""
+    layer = await store(registry, every_kind_tar(5, big=MIB), "gzip")
+    index = await Indexer(cache).index(layer.ref)
+    member = member_named(index, "bin/half")
+    caplog.set_level(logging.DEBUG, "storage.rootfs")
+
+    async def refused() -> BlobReader:
+        raise ConnectionRefusedError("the registry is away")
+
+    opens: list[Digest] = []
+    failing = counting_opens(layer, opens, refused)
+    files = LayerFiles(cache)
+    try:
+        files.prepare([(failing, index)])
+        with trio.fail_after(10):
+            while not opens or files._preparing:
+                await trio.sleep(0.01)
+        assert not files._open
+        assert f"layer {index.digest} not opened ahead of its reads" in caplog.text
+        with pytest.raises(ConnectionRefusedError):
+            await files.read(failing, index, member, 0, 10)
+        assert len(opens) == 2
+    finally:
+        await files.aclose()
+    started = trio.Event()
+
+    async def hangs() -> BlobReader:
+        started.set()
+        await trio.sleep_forever()
+
+    files = LayerFiles(cache)
+    files.prepare([(replace(layer.ref, open=hangs), index)])
+    await started.wait()
+    with trio.fail_after(5):
+        await files.aclose()
+    assert not files._open and not files._preparing
+
+
 async def test_concurrent_requests_share_one_pass_and_show_progress(
     registry, cache, monkeypatch, caplog
 ):
@@ -551,6 +647,7 @@ async def test_a_waiter_indexes_the_layer_when_the_first_caller_is_cancelled(reg
 PASS_MEMORY_SCRIPT = """
 import gzip, hashlib, io, os, random, resource, sys, tarfile
 import trio
+import trio.testing
 from storage.digests import Digest
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.index import Indexer, LayerRef

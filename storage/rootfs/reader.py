@@ -19,7 +19,7 @@ import logging
 import os
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -96,6 +96,8 @@ class LayerFiles:
         self.idle = idle
         self._open: OrderedDict[Digest, _Open] = OrderedDict()
         self._releasing: trio.CancelScope | None = None
+        self._preparing: dict[trio.CancelScope, trio.Event] = {}  # opens ahead, and their end
+        self._opening: dict[Digest, trio.Event] = {}  # layers being opened
 
     async def read(
         self, layer: LayerRef, index: LayerIndex, member: Member, offset: int, size: int
@@ -138,49 +140,90 @@ class LayerFiles:
         """Bytes the open layers hold in memory (what `max_bytes` bounds)."""
         return sum(o.weight for o in self._open.values())
 
+    def prepare(self, layers: Sequence[tuple[LayerRef, LayerIndex]]) -> None:
+        """Open these layers (an image's, once indexed) in the background, so that the first
+        read of each finds it open: opening one may cost the source a round trip (over HTTP
+        a HEAD of the blob, for its size), which then runs while the view merges the image,
+        not in that read's way. The last `max_open` only (the bound would close the others
+        at once); a failure is left for the read, which opens the layer again."""
+        scope, done = trio.CancelScope(), trio.Event()
+        self._preparing[scope] = done
+        trio.lowlevel.spawn_system_task(self._prepare, layers[-self.max_open :], scope, done)
+
+    async def _prepare(
+        self,
+        layers: Sequence[tuple[LayerRef, LayerIndex]],
+        scope: trio.CancelScope,
+        done: trio.Event,
+    ) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    for layer, index in layers:
+                        nursery.start_soon(self._prepare_one, layer, index)
+        finally:
+            del self._preparing[scope]
+            done.set()
+
+    async def _prepare_one(self, layer: LayerRef, index: LayerIndex) -> None:
+        if layer.digest in self._open:
+            return
+        try:
+            await self._get(layer, index, reading=False)
+        except Exception as exc:  # a system task must not raise: the read will meet it
+            log.debug("layer %s not opened ahead of its reads: %s", layer.digest, exc)
+
     async def aclose(self) -> None:
+        for scope, done in list(self._preparing.items()):
+            scope.cancel()
+            await done.wait()
         if self._releasing is not None:
             self._releasing.cancel()
         while self._open:
             await self._open.popitem()[1].aclose()
 
-    async def _get(self, layer: LayerRef, index: LayerIndex) -> _Open:
+    async def _get(self, layer: LayerRef, index: LayerIndex, reading: bool = True) -> _Open:
+        while (opening := self._opening.get(layer.digest)) is not None:
+            await opening.wait()  # one open of a layer at a time: its outcome may serve
         opened = self._open.get(layer.digest)
         if opened is not None and opened.index is index:
             self._open.move_to_end(layer.digest)
         else:
             opened = await self._opened(layer, index)
-        await self._bound(opened)
+        await self._bound(opened, opened.reading if reading else opened.weight)
         return opened
 
     async def _opened(self, layer: LayerRef, index: LayerIndex) -> _Open:
-        reader = await layer.open()
-        if layer.digest in self._open:  # opened meanwhile by another read, or re-indexed
-            stale = self._open.pop(layer.digest)
-            if stale.index is index:
-                self._open[layer.digest] = stale
-                await reader.aclose()
-                return stale
-            await stale.aclose()
+        """The layer opened (one open at a time per layer: a read that comes while an open
+        ahead waits for the source takes that one, not a second round trip)."""
+        opening = self._opening[layer.digest] = trio.Event()
+        try:
+            reader = await layer.open()
+        finally:
+            del self._opening[layer.digest]
+            opening.set()
+        stale = self._open.pop(layer.digest, None)  # the layer re-indexed since it was opened
         opened = self._open[layer.digest] = _Open(index, reader)
+        if stale is not None:
+            await _shielded(stale.aclose)
         return opened
 
-    async def _bound(self, opened: _Open) -> None:
+    async def _bound(self, opened: _Open, weight: int) -> None:
         """Close the least recently used other layer while more than `max_open` are open,
         and the least recently used other one holding memory while they hold more than
-        `max_bytes` with what `opened` will hold once read (a layer whose points were
-        released holds none until its next read)."""
+        `max_bytes` with `opened` holding `weight` (a read brings a gzip layer's released
+        points back: `_Open.reading`; a layer whose points were released holds none)."""
         while True:
             others = [(d, o) for d, o in self._open.items() if o is not opened]
             if len(self._open) <= self.max_open:
-                if self.held - opened.weight + opened.reading <= self.max_bytes:
+                if self.held - opened.weight + weight <= self.max_bytes:
                     return
                 others = [(d, o) for d, o in others if o.weight]
             if not others:
                 return
             digest, victim = others[0]
             del self._open[digest]
-            await victim.aclose()
+            await _shielded(victim.aclose)
 
     async def _gzip(self, opened: _Open, layer: LayerRef) -> GzipReader:
         if opened.gzip is None:
@@ -267,6 +310,13 @@ class LayerFiles:
             why = f"zstd frame at {frame.coffset} of {where}: {exc}"
             raise CorruptLayer(layer.digest, why) from None
         return data
+
+
+async def _shielded(close: Callable[[], Awaitable[None]]) -> None:
+    """Close what is no longer in `_open` even if the task is cancelled meanwhile (an open
+    ahead at unmount): nothing else would close it."""
+    with trio.CancelScope(shield=True):
+        await close()
 
 
 async def _release(opened: _Open) -> bool:
