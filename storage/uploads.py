@@ -203,9 +203,12 @@ class LayerUpload:
     async def flush(self) -> None:
         """Wait until every write so far is in the data file, so that whoever opens it after
         close(2) reads what was written (close-to-open, as NFS); raises a failed write's
-        error."""
+        error. The data is synced too: a driver may hold the last bytes back until then (S3
+        sends its tail as a part), and a local file's sync is the one close would make."""
         async with self._lock:
             await self._settle()
+            if self._writer is not None:
+                await self._writer.sync()
 
     async def truncate(self, size: int = 0) -> None:
         """Cut the data to size (0 restarts the upload); only shrinking is allowed."""

@@ -1,5 +1,6 @@
 """Shared fixtures: storage tests run on both drivers; registry tests get a real registry;
-service tests run on every source (`source`: both drivers and the remote registry)."""
+service tests run on every source (`source`: in memory, a filesystem root, an S3 bucket on
+moto, and the remote registry)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from support.users import OtherUser, other_user_env
 
 from storage.api import RegistrySource
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
+from storage.drivers.s3 import S3Driver
 from storage.registry import Registry
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
@@ -137,6 +139,7 @@ def module_registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     params=[
         "inmemory",
         "filesystem",
+        "s3",
         pytest.param("remote", marks=[pytest.mark.registry, pytest.mark.remote]),
     ]
 )
@@ -145,12 +148,17 @@ async def source(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     kind: str = request.param
     memory = InMemoryDriver()
     url = request.getfixturevalue("module_registry_server").url if kind == "remote" else ""
+    if kind == "s3":  # a bucket of its own on the session's moto
+        moto: MotoServer = request.getfixturevalue("moto_server")
+        bucket = request.getfixturevalue("s3_bucket")
 
     def opener() -> RegistrySource:
         if kind == "inmemory":
             return Registry(memory)
         if kind == "filesystem":
             return Registry(FilesystemDriver(tmp_path / "root"))
+        if kind == "s3":
+            return Registry(S3Driver(bucket, "/regroot", client=moto.client()))
         # The upload records live in the state dir, so a reopened view resumes uploads.
         return RemoteRegistry(RemoteClient(url, timeout=10), tmp_path / "state", listing_ttl=0)
 

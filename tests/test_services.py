@@ -1,6 +1,6 @@
 """The service-level contract, run on every source (the `source` fixture in conftest.py, a
-support/sources.py `Source`: in-memory, filesystem, and the remote registry against the real
-docker-registry).
+support/sources.py `Source`: in memory, a filesystem root, an S3 bucket on moto, and the
+remote registry against the real docker-registry).
 
 The calls are the ones regfs/tree.py and regfs/handles.py make (storage/api.py writes them
 down). What a source legitimately cannot do is in `source.cannot` (REMOTE_CANNOT), and the
@@ -141,6 +141,7 @@ async def test_flush_makes_writes_visible(source: Source) -> None:
     assert (await other.upload_info(upload.uuid)).size == 100_000
     assert upload.name == name
     assert abs(upload.started_at.timestamp() - time.time()) < 60
+    await upload.close()
 
 
 async def test_empty_blob(source: Source) -> None:
@@ -327,6 +328,8 @@ async def test_upload_labels(source: Source) -> None:
     assert await layers.label(unnamed.uuid) == "config.json"
     info = await layers.upload_info(named.uuid)
     assert (info.uuid, info.size) == (named.uuid, 0)
+    for upload in (named, unnamed):
+        await upload.close()
 
 
 async def test_label_of_a_cancelled_upload_is_none(source: Source) -> None:
@@ -536,6 +539,7 @@ async def test_times_are_nanoseconds_up_to_now(source: Source) -> None:
     ]
     now = time.time_ns()
     assert all(since_2020 < t <= now for t in times), times
+    await upload.close()
 
 
 # --------------------------------------------------------------------------- catalog
@@ -565,7 +569,7 @@ async def test_repository_holding_only_an_upload(source: Source) -> None:
     """An interrupted first push: its uploads must be reachable, yet it is no repository
     for the registry's catalog."""
     name = source.name("first/push")
-    await source.registry.repository(name).layers.upload()
+    await (await source.registry.repository(name).layers.upload()).close()
     catalog = source.registry.catalog
     assert await catalog.is_repository(name, with_uploads=True)
     assert not await catalog.is_repository(name)
