@@ -24,7 +24,7 @@ from support.s3 import MotoServer, bucket_keys, s3_call
 from storage.check import check
 from storage.digests import digest_bytes
 from storage.drivers import FileInfo, PathNotFound
-from storage.drivers.s3 import ANYWHERE, MIN_PART, S3Driver, s3_client
+from storage.drivers.s3 import ANYWHERE, LOCK_SAFE, MIN_PART, S3Driver, s3_client
 from storage.errors import Busy, InvalidOffset, RemoteUnavailable
 from storage.registry import Registry
 
@@ -521,23 +521,21 @@ async def test_reads_in_order_out_of_order_and_at_once(drv):
     await drv.delete("/blob")
 
 
-@pytest.fixture
-def quick_locks(monkeypatch):
-    """Locks that give up waiting in 0.2 s, expire after 1 s unrenewed (S3's clocks count
-    whole seconds) and are never renewed here: the expiry path in seconds, not minutes."""
-    monkeypatch.setattr("storage.drivers.s3.LOCK_WAIT", 0.2)
-    monkeypatch.setattr("storage.drivers.s3.LOCK_TTL", 1.0)
-    monkeypatch.setattr("storage.drivers.s3.LOCK_SAFE", 0.5)
-    monkeypatch.setattr("storage.drivers.s3.LOCK_RENEW", 100.0)
-
-
 async def test_one_writer_across_daemons_and_a_dead_ones_lock_expires(
-    moto_server, s3_bucket, quick_locks, caplog
+    moto_server, s3_bucket, monkeypatch, caplog
 ):
     """Two drivers on one bucket, as two daemons: the second writer is Busy while the first
     holds the lock, and gets it once the first closes. A holder that stops renewing (a
     killed daemon) loses it after LOCK_TTL to the next writer, and from then on writes
-    nothing (Busy), so the data holds what the new holder wrote on top."""
+    nothing (Busy), so the data holds what the new holder wrote on top.
+
+    No renewals here (LOCK_RENEW is out of reach), and the live holders write under the
+    default LOCK_SAFE, so no step depends on how fast a loaded machine runs. The expiry is
+    brought down to seconds only once the dead holder has stopped: S3's clocks count whole
+    seconds, so its takeover still comes over a second after its last write, past the
+    LOCK_SAFE it then has."""
+    monkeypatch.setattr("storage.drivers.s3.LOCK_WAIT", 0.2)
+    monkeypatch.setattr("storage.drivers.s3.LOCK_RENEW", 1000.0)
     a = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
     b = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
     path = f"{UPLOAD}/data"
@@ -550,16 +548,27 @@ async def test_one_writer_across_daemons_and_a_dead_ones_lock_expires(
     await second.write_at(7, b"from b;")
     await second.aclose()
 
-    stale = await a.writer(path)  # never renewed: expires in a second
+    stale = await a.writer(path)
     await stale.write_at(14, b"")  # a change: the short last part is completed, restarted
-    await trio.sleep(2.2)
-    taker = await b.writer(path)
-    assert "taking over a writer lock" in caplog.text
+    with pytest.raises(Busy):
+        await b.writer(path)  # held, and fresh
+    # a's daemon dies here: its lock is renewed no more, and expires after a second.
+    monkeypatch.setattr("storage.drivers.s3.LOCK_TTL", 1.0)
+    monkeypatch.setattr("storage.drivers.s3.LOCK_SAFE", 0.5)
+    with trio.fail_after(30):
+        while True:
+            try:
+                taker = await b.writer(path)
+                break
+            except Busy:  # not expired yet: each try waited LOCK_WAIT
+                pass
+    assert "taking over a writer lock not renewed" in caplog.text
     await stale.write_at(14, b"late")  # buffered only
     with pytest.raises(Busy):
         await stale.sync()
     with pytest.raises(Busy):
         await stale.aclose()  # its close sends nothing, and leaves the new holder's lock
+    monkeypatch.setattr("storage.drivers.s3.LOCK_SAFE", LOCK_SAFE)  # b lives on, as by default
     await taker.write_at(14, b"from b again")
     await taker.aclose()
     assert await a.get_content(path) == b"from a;from b;from b again"
