@@ -45,7 +45,7 @@ from . import estargz, gzipseek
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
 from .index import Format, LayerIndex
-from .members import Kind, Member
+from .members import Kind, Member, gc_paused
 from .tarscan import normal_name
 from .zstdframes import Frame
 
@@ -61,6 +61,7 @@ _MAX_LINE = 1 << 30  # a line of members: their names are bounded by tarscan.Lim
 _LEVEL = 3
 _BATCH = 4096  # members per line: few JSON calls, and no line of the whole table
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_KINDS = {kind.value: kind for kind in Kind}  # a dict lookup: Kind(value) cost ~0.6 µs a member
 
 
 def default_directory() -> Path:
@@ -111,7 +112,7 @@ class IndexCache:
         """The cached index of `digest`, or None (missing, or corrupt and now removed)."""
         try:
             fd = self._open_own(f"{digest.hex}.idx")
-            with os.fdopen(fd, "rb") as file:
+            with os.fdopen(fd, "rb") as file, gc_paused():
                 index = decode(file, digest)
             if index.reframed:
                 os.close(self._open_own(f"{digest.hex}.zst"))
@@ -408,10 +409,11 @@ def _chunks(rows: Any, members: list[Member], fmt: Format) -> dict[int, list[Chu
 
 
 def _member(row: Any, size: int | None) -> Member:
-    path, kind, mode, uid, gid, mtime_ns, length, offset, linkname, major, minor, xattrs = row
-    kind = Kind(kind)
+    path, kind_name, mode, uid, gid, mtime_ns, length, offset, linkname, major, minor, xattrs = row
+    kind = _KINDS.get(kind_name) if type(kind_name) is str else None
     if not (
-        type(mode) is type(uid) is type(gid) is type(length) is type(offset) is int
+        kind is not None
+        and type(mode) is type(uid) is type(gid) is type(length) is type(offset) is int
         and type(major) is type(minor) is type(mtime_ns) is int
         and min(mode, uid, gid, length, offset, major, minor) >= 0
         and type(path) is type(linkname) is str

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from storage.errors import StorageError
 
-from .members import Kind, Member
+from .members import Kind, Member, gc_paused
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -206,15 +206,16 @@ def merge(layers: Sequence[Sequence[Member]], max_nodes: int = MAX_NODES) -> Mer
         total += len(members)
         if total > max_nodes:
             raise MergeError(number, "", f"more than {max_nodes} members in the image")
-    merger = _Merger(max_nodes)
-    for number, members in enumerate(layers):
-        merger.start_layer(number)
-        for member in members:
-            try:
-                merger.apply(member)
-            except _Refused as refusal:
-                raise MergeError(number, member.path, str(refusal)) from None
-    return _freeze(merger.root)
+    with gc_paused():
+        merger = _Merger(max_nodes)
+        for number, members in enumerate(layers):
+            merger.start_layer(number)
+            for member in members:
+                try:
+                    merger.apply(member)
+                except _Refused as refusal:
+                    raise MergeError(number, member.path, str(refusal)) from None
+        return _freeze(merger.root)
 
 
 class _Merger:
