@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
@@ -309,7 +308,7 @@ def test_a_commit_whose_answer_is_lost_still_finishes(served: RegistryServer, mo
     """The PUT that commits lands, but its answer is lost: the client sends it again, the
     registry no longer knows the upload (404), and the blob it became proves the commit."""
     data = random.Random(11).randbytes(3 * MIB)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = digest_of(data)
     with FaultServer(upstream=served.url) as proxy:
         m = mount(proxy.url)
         repo = m.path("lost", "answer")
