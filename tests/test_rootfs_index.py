@@ -504,6 +504,27 @@ async def test_a_read_while_its_layer_is_opened_ahead_takes_that_open(registry, 
     assert len(opens) == 1 and len(files._open) == 1
 
 
+async def test_images_sharing_a_layer_share_its_index_and_keep_the_layer_open(
+    registry, cache, files
+):
+    """Two images' builds index a shared layer one after the other: the second gets the
+    index the first holds (no second load), so reads alternating between the images (a
+    `diff -r` of two tags) keep the layer open: one open, where each switch opened it again
+    (over HTTP a HEAD, and the seek points imported again)."""
+    layer = await store(registry, every_kind_tar(7, big=MIB), "gzip")
+    indexer = Indexer(cache)
+    first = await indexer.index(layer.ref)
+    second = await indexer.index(layer.ref)
+    assert second is first and indexer.passes == 1
+    opens: list[Digest] = []
+    ref = counting_opens(layer, opens)
+    member = member_named(first, "bin/half")
+    want = layer.raw[member.offset : member.offset + member.size]
+    for index in [first, second] * 3:
+        assert await files.read(ref, index, member, 0, member.size) == want
+    assert len(opens) == 1
+
+
 async def test_an_open_ahead_that_fails_or_hangs_leaves_nothing_behind(registry, cache, caplog):
     """A layer that cannot be opened is left for its read, which meets the same error; an
     open still waiting at `aclose` is cancelled, and nothing stays open."""

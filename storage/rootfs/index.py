@@ -21,6 +21,7 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
@@ -195,8 +196,12 @@ class _Build:
 class Indexer:
     """Layer indexes on demand: from the cache, else one pass (one at a time), then cached.
 
-    `progress` holds the layers waiting for or in their pass; `passes` counts passes made
-    (a cached index costs none).
+    An index still in use (by any image's build) is handed out again, not loaded again:
+    images that share a layer share its member table, and `LayerFiles` sees one index of
+    the layer, so reads that alternate between the images keep it open (with two, each
+    switch closed the layer and opened it again: a HEAD over HTTP, the seek points imported
+    again). `progress` holds the layers waiting for or in their pass; `passes` counts
+    passes made (a cached index costs none).
     """
 
     def __init__(
@@ -209,6 +214,7 @@ class Indexer:
         self.passes = 0
         self._limiter = trio.CapacityLimiter(1)
         self._builds: dict[Digest, _Build] = {}
+        self._alive: weakref.WeakValueDictionary[Digest, LayerIndex] = weakref.WeakValueDictionary()
 
     async def index(self, layer: LayerRef) -> LayerIndex:
         """The layer's index; BadLayer (logged here) when the layer is not a valid one."""
@@ -219,6 +225,8 @@ class Indexer:
             if isinstance(pending.error, Exception):
                 raise pending.error
             # the builder was cancelled (its Cancelled is not ours to raise): build it here
+        if (alive := self._alive.get(layer.digest)) is not None:
+            return alive
         pending = self._builds[layer.digest] = _Build()
         try:
             index = await trio.to_thread.run_sync(self.cache.load, layer.digest)
@@ -226,7 +234,7 @@ class Indexer:
                 index = await self._from_toc(layer)
             if index is None:
                 index = await self._build(layer)
-            pending.index = index
+            pending.index = self._alive[layer.digest] = index
             _freeze()
             return index
         except BadLayer as exc:
