@@ -26,7 +26,7 @@ from support.fault_server import FaultServer
 from support.mounts import Mount, is_mounted, regfs, wait_until
 from support.oci import blob_path, build_image, push_with_tools, run, skopeo_pull, skopeo_push
 from support.registry import OCI_MANIFEST, TEST_SECRET, RegistryServer, upload_state_token
-from support.s3 import MotoServer, bucket_keys, registry_s3_config, s3_call
+from support.s3 import MotoServer, bucket_keys, registry_s3_config, s3_call, store_image
 from support.tools import digest_of, errno_of, ls, open_errno, sha256sum
 from support.uploads import new_repo, uuid_of
 
@@ -406,3 +406,26 @@ def test_mv_of_an_upload_looks_it_up_once(tmp_path, aws_env, s3_bucket, moto_ser
     assert calls.count("ListParts") >= 3  # the stat's, the resume's, the move's
     assert calls.count("CompleteMultipartUpload") == 1
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_ls_of_tags_asks_each_directory_once(tmp_path, aws_env, s3_bucket, moto_server, mount):
+    """`ls` of a repository's tags on a fresh mount asks S3 for each directory on the way at
+    most once (was 7 ListObjects: the lookup of a name and the attributes it replies with
+    were two stats of one directory, and tags/ asked its repository's again): the tags' one
+    delimited listing, the repository's (is it one), and a stat, where the first key a stat
+    finds does not already show the path. A repository that is not there, a namespace's
+    tags/ and a name the registry refuses are still ENOENT."""
+
+    registry = Registry(S3Driver(s3_bucket, ROOTDIRECTORY, client=moto_server.client()))
+    trio.run(store_image, registry.repository("many/app"), [f"t{i}" for i in range(20)])
+    with FaultServer(upstream=moto_server.url) as proxy:
+        m = mount(source(s3_bucket), "-o", f"s3_endpoint={proxy.url}")
+        proxy.seen.clear()
+        assert sorted(ls(m.path("many", "app", "tags"))) == sorted(f"t{i}" for i in range(20))
+        asked = [(s.method, s.path) for s in proxy.seen]
+        for where in (("many", "nope", "tags"), ("many", "tags"), ("many", "App", "tags")):
+            assert errno_of(lambda where=where: os.listdir(m.path(*where))) == errno.ENOENT
+    assert len(set(asked)) == len(asked), asked  # nothing asked twice
+    assert all(s3_call(s) == "ListObjects" for s in proxy.seen[: len(asked)])
+    assert len([p for _, p in asked if "%2F_manifests%2Ftags%2F&delimiter" in p]) == 1
+    assert len(asked) <= 3, asked

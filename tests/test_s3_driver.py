@@ -18,8 +18,7 @@ import subprocess
 import pytest
 import trio
 from support.fault_server import Fault, FaultServer
-from support.oci import image_manifest
-from support.s3 import MotoServer, bucket_keys, s3_call
+from support.s3 import MotoServer, bucket_keys, s3_call, store_image
 
 from storage.check import check
 from storage.digests import digest_bytes
@@ -290,10 +289,15 @@ async def test_a_stat_is_one_request(moto_server, s3_bucket):
     listing for the rest (a repository, a tag, a missing path), which tells a file, a
     directory and nothing apart. A sibling that sorts first (`app-x` before `app/`) costs
     a second listing, and answers right. `symlinks` (none on S3) is one stat, not a listing
-    paged through a whole directory."""
+    paged through a whole directory. Each on a new driver: one keeps the directories a
+    stat found for the next stats (test_a_directory_stat_answers_the_next_ones_briefly)."""
     repos = "/docker/registry/v2/repositories"
     with FaultServer(upstream=moto_server.url) as proxy:
-        drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+
+        def new_driver() -> S3Driver:
+            return S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+
+        drv = new_driver()
         for path in (f"{repos}/app/_layers/link", f"{repos}/app-x/_layers/link", "/blob"):
             await drv.put_content(path, b"12345")
         for path, is_dir, requests in (
@@ -307,6 +311,7 @@ async def test_a_stat_is_one_request(moto_server, s3_bucket):
             (f"{repos}/app/_layers/nothing/link", None, ["HEAD", "GET"]),
         ):
             proxy.seen.clear()
+            drv = new_driver()
             if is_dir is None:
                 with pytest.raises(PathNotFound):
                     await drv.stat(path)
@@ -315,6 +320,7 @@ async def test_a_stat_is_one_request(moto_server, s3_bucket):
                 assert (info.is_dir, info.size) == (is_dir, 0 if is_dir else 5), path
             assert [s.method for s in proxy.seen] == requests, path
         proxy.seen.clear()  # symlinks: none on S3, one request to say the directory is there
+        drv = new_driver()
         assert await drv.symlinks(f"{repos}/app/_layers") == []
         for path in (f"{repos}/app/_layers/link", f"{repos}/nothing"):
             with pytest.raises(PathNotFound):
@@ -331,13 +337,7 @@ async def test_check_lists_each_directory_once(moto_server, s3_bucket):
     only GETs are of the links and start times it reads."""
     registry = Registry(S3Driver(s3_bucket, "/", client=moto_server.client()))
     repo = registry.repository("org/app")
-    blobs = [b'{"os":"linux"}', os.urandom(1000)]
-    for data in blobs:
-        upload = await repo.layers.upload()
-        await upload.write(data)
-        await upload.finish(digest_bytes(data))
-    manifest = await repo.manifests.put(image_manifest(blobs[0], blobs[1:]))
-    await repo.tags.put("v1", manifest)
+    await store_image(repo, ["v1"])
     await (await repo.layers.upload()).close()  # in progress: a multipart upload
     files = [i async for i in registry.driver.walk("/") if not i.is_dir]
     with FaultServer(upstream=moto_server.url) as proxy:
@@ -645,3 +645,31 @@ async def test_a_lock_whose_answer_was_lost_is_still_ours(moto_server, s3_bucket
         await writer.aclose()
         assert await drv.list(UPLOAD) == ["data"]  # no lock left behind
         await drv.delete(UPLOAD)
+
+
+async def test_a_directory_stat_answers_the_next_ones_briefly(drv, moto_server, s3, s3_bucket):
+    """A stat of a directory, and of those on the way to the first key it found, is kept for
+    DIR_SEEN: a mount's lookup, its reply's attributes and a section's stat of one directory
+    are one request. What this driver changes drops them at once; a directory gone beside it
+    is gone for its stats within DIR_SEEN."""
+    await drv.put_content("/a/b/c/file", b"x")
+    await drv.put_content("/a/z", b"y")
+    with FaultServer(upstream=moto_server.url) as proxy:
+        seeing = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        first = await seeing.stat("/a")
+        assert first.is_dir
+        assert await seeing.stat("/a") == first
+        assert await seeing.stat("/a/b/c") == FileInfo("/a/b/c", 0, first.mtime_ns, True)
+        assert len(proxy.seen) == 1  # the first key below /a is below /a/b/c too
+        await seeing.delete("/a/b")
+        with pytest.raises(PathNotFound):
+            await seeing.stat("/a/b/c")
+        assert (await seeing.stat("/a")).is_dir  # /a/z
+        s3.delete_object(Bucket=s3_bucket, Key="regroot/a/z")  # beside it
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await seeing.stat("/a")
+                except PathNotFound:
+                    break
+                await trio.sleep(0.05)

@@ -33,6 +33,7 @@ import contextlib
 import email.utils
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -109,7 +110,13 @@ LOCK_WAIT = 2.0  # how long a writer waits for a lock held elsewhere before Busy
 RETRIES = 4  # tries after the first: 0.1 + 0.2 + 0.4 + 0.8 s of backoff
 POOL = 64  # connections; trio runs up to 40 worker threads, copies add their own
 KNOWN = 4096  # keys whose multipart upload the driver remembers (`_known`); the least used go
+# A directory a stat found answers the stats of it for this long (`_dirs`): a mount's lookup
+# of a name and the attributes it replies with, then a section's (tags/: its repository's),
+# are three stats of one directory within milliseconds. The kernel keeps a directory's
+# entry for --tag-ttl anyway; every change made through this driver drops them all.
+DIR_SEEN = 1.0
 
+_READS = ("LIST", "HEAD", "GET")  # what `call` names requests that change nothing
 _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
 _LOST = (ConnectionClosedError, ReadTimeoutError, ResponseStreamingError, Urllib3Error)
 _BUSY_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
@@ -239,6 +246,11 @@ class S3Driver(StorageDriver):
         # a lookup's: an upload made here may follow another one at its key.
         self._known: OrderedDict[str, str] = OrderedDict()
         self._known_lock = threading.Lock()
+        # path → (its stat, time.monotonic() when made) of directories stats found: DIR_SEEN.
+        # `_changes` counts the changes sent: a stat answered before one is not kept after it.
+        self._dirs: OrderedDict[str, tuple[FileInfo, float]] = OrderedDict()
+        self._dirs_lock = threading.Lock()
+        self._changes = 0
 
     def __repr__(self) -> str:
         return f"S3Driver(s3://{self.bucket}/{self.rootdirectory})"
@@ -289,6 +301,10 @@ class S3Driver(StorageDriver):
         not sent: a CreateMultipartUpload sent twice would leave a second upload at the key,
         and the registry resumes the first it lists). With path, a missing key (or upload)
         is PathNotFound(path). Blocks: for worker threads."""
+        if not what.startswith(_READS):
+            with self._dirs_lock:  # a key made, changed or gone may change what they say
+                self._changes += 1
+                self._dirs.clear()
         failures = 0
         while True:
             try:
@@ -674,18 +690,38 @@ class S3Driver(StorageDriver):
                 head = self._head(key)
                 if head is not None:
                     return FileInfo(path, head[0], head[1], False)
+            with self._dirs_lock:
+                seen, since = self._dirs.get(path), self._changes
+            if seen is not None and time.monotonic() - seen[1] < DIR_SEEN:
+                return seen[0]
             found = self._first(key)
             if found is not None and found["Key"] == key:
                 return FileInfo(path, found["Size"], _mtime_ns(found["LastModified"]), False)
             if found is not None and not found["Key"].startswith(key + "/"):
                 found = self._first(key + "/")  # a sibling sorted first
             if found is not None:
-                return FileInfo(path, 0, _mtime_ns(found["LastModified"]), True)
+                mtime_ns = _mtime_ns(found["LastModified"])
+                self._saw_dirs(path, found["Key"][len(key) + 1 :], mtime_ns, since)
+                return FileInfo(path, 0, mtime_ns, True)
             if self._multipart.below(path) and next(self._uploads(key + "/"), None):
                 return FileInfo(path, 0, time.time_ns(), True)
             raise PathNotFound(path)
 
         return await self._run(stat)
+
+    def _saw_dirs(self, path: str, below: str, mtime_ns: int, since: int) -> None:
+        """Keep for DIR_SEEN the directory path, whose first key is path/below, and those on
+        the way to it: that key is the first below each of them too (a key between would be
+        below path), so a stat of one would find it, and say what this one did."""
+        now = time.monotonic()
+        with self._dirs_lock:
+            if since != self._changes:
+                return
+            for name in itertools.accumulate(below.split("/")[:-1], lambda a, b: f"{a}/{b}"):
+                self._dirs[join(path, name)] = (FileInfo(join(path, name), 0, mtime_ns, True), now)
+            self._dirs[path] = (FileInfo(path, 0, mtime_ns, True), now)
+            while len(self._dirs) > KNOWN:
+                self._dirs.popitem(last=False)
 
     async def _symlinks(self, path: str) -> builtins.list[str]:
         """None: S3 has no links. One stat says whether the directory is there (PathNotFound

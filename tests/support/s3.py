@@ -9,12 +9,14 @@ find the server through the standard AWS chain, with no ~/.aws file of the machi
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -23,7 +25,10 @@ import boto3
 import httpx
 from botocore.config import Config
 
+from storage.digests import Digest, digest_bytes
+from storage.registry import Repository
 from support.fault_server import Seen
+from support.oci import image_manifest
 from support.servers import StartStop
 
 log = logging.getLogger(__name__)
@@ -182,3 +187,17 @@ def s3_call(seen: Seen) -> str:
 def bucket_keys(s3: Any, bucket: str) -> list[str]:
     """Every key in the bucket (up to 1000), as a plain S3 client lists them."""
     return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+async def store_image(repo: Repository, tags: Iterable[str], layer_size: int = 1000) -> Digest:
+    """An image of a config and one random layer stored in repo through the storage API (no
+    server: the S3 tests fill a bucket as a registry would), tagged with each of tags."""
+    blobs = [b'{"os":"linux"}', os.urandom(layer_size)]
+    for data in blobs:
+        upload = await repo.layers.upload()
+        await upload.write(data)
+        await upload.finish(digest_bytes(data))
+    manifest = await repo.manifests.put(image_manifest(blobs[0], blobs[1:]))
+    for tag in tags:
+        await repo.tags.put(tag, manifest)
+    return manifest
