@@ -444,7 +444,9 @@ async def test_memory_bound_counts_only_the_seek_points_held(registry, cache):
         assert len(files._open) == 3  # all open, none holding points
         await read(0)
         await read(1)  # would hold two layers' points: the other holding them is closed
-        assert list(files._open) == [indexes[2].digest, indexes[1].digest]
+        holding = [d for d, o in files._open.items() if o.weight]
+        assert holding == [indexes[1].digest] and indexes[2].digest in files._open
+        # (layer 0 is closed, or open without its points if a slow read let it go idle)
     finally:
         await files.aclose()
 
