@@ -388,7 +388,9 @@ def test_kill_9_mid_listing_and_mid_push_frees_clients_and_mount(
     tags = m.path(NAME, "tags")
     listed = tmp_path / "listed"
     scripts = {
-        "ls": f'while ls -l "{tags}" > /dev/null; do echo >> "{listed}"; done; exit 1',
+        # A tag being pushed is listed once its directory is made, before its current link
+        # (the registry's order, tags/list alike): ls -l may find it not there yet (ENOENT).
+        "ls": listing_loop(tags, listed),
         "cp": f'i=0; while cp "{manifest}" "{tags}/c$i"; do i=$((i+1)); done; exit 1',
     }
     pushed = root / path_for(TagCurrentLink(NAME, "c2")).lstrip("/")
