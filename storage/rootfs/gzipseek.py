@@ -10,7 +10,7 @@ the same `BlobFile` windows, indexed_gzip a step behind, so the blob is read onc
 
 indexed_gzip's C code holds the GIL, but only between two calls of the file object's
 `read` (every `READBUF` compressed bytes), so the trio loop waits a few milliseconds at
-most (ROOTFS.md: `build_full_index` in one call held it for 2.9 s). zlib releases it.
+most (docs/rootfs.md: `build_full_index` in one call held it for 2.9 s). zlib releases it.
 
 The exported points (~35 MB per GB of tar: a 32 KiB window per point) are kept on disk
 only, zstd-compressed (`write_points`, the cache's `<hex>.gzi`), never in the `LayerIndex`:

@@ -6,7 +6,7 @@ from the seek point before it (in a worker thread, through `BlobFile`, ~0.4 MB o
 or from the cache's re-framed copy), the last few kept, since a sequential `cat` reads one
 frame in many FUSE requests; an eStargz layer's from its chunks' gzip members, the same
 way, each checked against its digest. The open state of the most recently used layers is
-kept in an LRU; `aclose()` closes it all (and must be awaited before exit: see ROOTFS.md on
+kept in an LRU; `aclose()` closes it all (and must be awaited before exit: see docs/rootfs.md on
 native decompressors left open at interpreter exit). A gzip layer's seek points (~35 MB per
 GB of tar in indexed_gzip) are loaded from the cache at its first read and dropped once it
 has not been read for `idle` seconds, until its next read.

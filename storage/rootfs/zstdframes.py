@@ -7,7 +7,7 @@ to a decompressor: the frame boundaries come out exact, and no block can make mo
 128 KiB of output at once, so a zstd bomb cannot grow memory. Most zstd layers are one
 frame (the zstd CLI, containerd and buildkit write one): a frame whose output passes
 `REFRAME_ABOVE` is re-compressed, as it is decompressed, into `FRAME_SIZE` frames in a local
-copy (ROOTFS.md: 1 MiB frames cost ~1 ms and ~224 KB per random read instead of 260-520 ms),
+copy (docs/rootfs.md: 1 MiB frames cost ~1 ms and ~224 KB per random read instead of 260-520 ms),
 and its table entries point into that copy.
 """
 
