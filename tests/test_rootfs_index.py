@@ -905,6 +905,89 @@ async def test_eviction_keeps_the_bound_and_the_recently_used(registry, cache_di
     assert sum(p.stat().st_size for p in cache_dir.iterdir()) <= cache.max_bytes
 
 
+async def evict_all_but(indexer: Indexer, cache: IndexCache, layer: Stored) -> None:
+    """Index `layer` with room for nothing else: its store evicts every entry it may."""
+    cache.max_bytes = 1
+    await indexer.index(layer.ref)
+
+
+@pytest.mark.parametrize("how", ["zstd", "gzip"])
+async def test_an_entry_evicted_while_its_layer_is_in_use_keeps_serving_reads(
+    registry, cache, cache_dir, how
+):
+    """A layer whose index is in memory (an image's tree holds it) reads right through
+    evictions made by indexing other layers past `--index-cache-size`: before the first
+    read and after a read, with the layer closed meanwhile (`max_open`) and opened again.
+    A zstd layer's re-framed copy used to go, and every read of it was then EIO (through a
+    mount, for every image sharing the layer) until no image held the index: the copy is
+    now held open by its index and not evicted while held. A gzip layer's `.gzi` may go:
+    the layer is then read from the blob's start, its points rebuilt as it is read."""
+    layer = await store(registry, every_kind_tar(5, big=6 * MIB), how)
+    others = [await store(registry, every_kind_tar(s, big=0), "gzip") for s in (6, 7, 8, 9)]
+    indexer = Indexer(cache)
+    index = await indexer.index(layer.ref)
+    assert index.reframed == (how == "zstd")
+    files = LayerFiles(cache, max_open=1)
+    big = member_named(index, "bin/big")
+    other = await indexer.index(others[0].ref)
+    ours = {f"{layer.ref.digest.hex}.{e}" for e in ("idx", "zst")}
+    try:
+        await evict_all_but(indexer, cache, others[1])  # before the first read
+        assert (cached_files(cache_dir) >= ours) == (how == "zstd")
+        assert (
+            await files.read(layer.ref, index, big, 0, big.size)
+            == layer.raw[big.offset : big.offset + big.size]
+        )
+        small = member_named(other, "etc/os-release")
+        assert await files.read(others[0].ref, other, small, 0, 100) == b"ID=test\n"
+        assert list(files._open) == [other.digest]  # ours closed
+        await evict_all_but(indexer, cache, others[2])  # and opened again below
+        assert (
+            await files.read(layer.ref, index, big, big.size - 5000, 5000)
+            == layer.raw[big.offset + big.size - 5000 : big.offset + big.size]
+        )
+    finally:
+        await files.aclose()
+    del index
+    gc.collect()
+    await evict_all_but(indexer, cache, others[3])  # no longer in use: it goes
+    assert cached_files(cache_dir) == {f"{others[3].ref.digest.hex}.{e}" for e in ("idx", "gzi")}
+
+
+async def test_a_held_copy_another_mount_evicted_counts_in_the_bound(registry, cache, cache_dir):
+    """Another mount's eviction unlinks a copy this one holds (it cannot know it is in
+    use): reads go on from the descriptor, and until the index leaves memory its bytes
+    count in this cache's bound (the disk still holds them), so the next store evicts
+    more of the directory; once the index is gone they count no more."""
+    layer = await store(registry, every_kind_tar(5, big=6 * MIB), "zstd")
+    others = [await store(registry, every_kind_tar(seed, big=0), "gzip") for seed in (6, 7)]
+    indexer = Indexer(cache)
+    index = await indexer.index(layer.ref)
+    copy = cache_dir / f"{layer.ref.digest.hex}.zst"
+    held = copy.stat().st_size
+    await indexer.index(others[0].ref)
+    for suffix in (".idx", ".zst"):  # what the other mount's eviction does
+        (cache_dir / f"{layer.ref.digest.hex}{suffix}").unlink()
+    files = LayerFiles(cache)
+    big = member_named(index, "bin/big")
+    try:
+        data = await files.read(layer.ref, index, big, 1000, 3 * MIB)
+        assert data == layer.raw[big.offset + 1000 : big.offset + 1000 + 3 * MIB]
+    finally:
+        await files.aclose()
+    cache.max_bytes = held + 1  # room for the held copy and not much more
+    await indexer.index(others[1].ref)
+    first, second = ({f"{o.ref.digest.hex}.{e}" for e in ("idx", "gzi")} for o in others)
+    assert cached_files(cache_dir) == second  # the held copy left no room for the first
+    del index, data
+    gc.collect()
+    cache.max_bytes = 1 << 30
+    assert await indexer.index(others[0].ref) is not None
+    cache.max_bytes = held  # the copy, no longer held, no longer counts
+    cache.evict()
+    assert cached_files(cache_dir) == first | second
+
+
 def damage_truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

@@ -7,11 +7,12 @@ read only when a file of the layer is (so no `LayerIndex` holds them in memory);
 a zstd layer's re-framed copy, when it has one. Files are written to a
 temporary name and renamed (0600, in a 0700 directory), so a reader (another mount too)
 sees a whole file or none. The least recently used (mtime, touched on each use) go first
-once the files pass `max_bytes`, except the one just stored. An evicted index that is in
-memory keeps serving; its zstd copy and seek points keep serving once a reader has them open
-(`LayerFiles` opens them at the first read; a zstd copy evicted before that read is EIO, and
-indexed again when the layer is next asked for; a gzip layer is then read without seek
-points, from the blob's start).
+once the files pass `max_bytes`, except the one just stored and the zstd copies an index in
+memory holds (`Held`). An evicted index that is in memory keeps serving. Its zstd copy is
+held open by that index from its load or pass on, so no eviction (another mount's either)
+can make its reads fail; one unlinked meanwhile still counts in the bound until it is let
+go. Seek points are read at a layer's first read and then kept by its reader; a `.gzi`
+evicted before that leaves the layer read from the blob's start, its points rebuilt.
 
 Nothing read back is trusted: a file that does not decompress, ends early, has another
 version or digest, or holds a value out of place is deleted and rebuilt, and its member
@@ -32,8 +33,10 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
-from dataclasses import astuple
+import weakref
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -72,6 +75,60 @@ class CorruptIndex(Exception):
     """An index file that cannot be trusted; it is removed and the layer indexed again."""
 
 
+class Held:
+    """A cache file an index in memory reads from (a zstd layer's re-framed copy), held open
+    for as long as that index lives: the open descriptor keeps the file's bytes whatever
+    eviction, this mount's or another's, does to its name meanwhile (docs/rootfs.md, "The
+    cache directory"). `fd` is for `os.pread`; it is closed when the index is freed."""
+
+    def __init__(self, fd: int, files: _HeldFiles) -> None:
+        self.fd = fd
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        files.add(key, st.st_size)
+        weakref.finalize(self, files.let_go, key, fd)
+
+
+class _HeldFiles:
+    """The files of a cache held open (`Held`), by inode, with their sizes: eviction leaves
+    them in place (removing one would free nothing) and counts those whose name is gone.
+    Locked: holds are taken in worker threads and let go wherever an index is freed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[tuple[int, int], tuple[int, int]] = {}  # inode → (holds, size)
+
+    def add(self, key: tuple[int, int], size: int) -> None:
+        with self._lock:
+            holds, _ = self._files.get(key, (0, size))
+            self._files[key] = (holds + 1, size)
+
+    def let_go(self, key: tuple[int, int], fd: int) -> None:
+        os.close(fd)
+        with self._lock:
+            holds, size = self._files.pop(key)
+            if holds > 1:
+                self._files[key] = (holds - 1, size)
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        with self._lock:
+            return key in self._files
+
+    def unnamed(self, named: set[tuple[int, int]]) -> int:
+        """Bytes held in files that are not among `named` (unlinked by another mount)."""
+        with self._lock:
+            return sum(size for key, (_, size) in self._files.items() if key not in named)
+
+
+@dataclass
+class _Entry:
+    """One layer's files in the cache directory, as eviction sees them."""
+
+    used: float = 0.0  # the `.idx` mtime
+    size: int = 0
+    held: bool = False  # a file of it held open by an index in memory
+
+
 class PendingFile:
     """A file of a layer's entry being written by its pass (a re-framed zstd copy, `.zst`,
     or seek points, `.gzi`): committed under its name, or discarded."""
@@ -82,9 +139,15 @@ class PendingFile:
         self._temp, fd = cache._create_temp(digest)
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
-    def commit(self) -> None:
+    def commit(self, hold: bool = False) -> Held | None:
+        """Give the file its name; with `hold`, the file held open from now on (before its
+        name exists, so no eviction can come between)."""
+        self.file.flush()
+        fd = os.dup(self.file.fileno()) if hold else -1
+        held = Held(fd, self._cache._held) if hold else None
         self.file.close()
         self._cache._rename(self._temp, self._name)
+        return held
 
     def discard(self) -> None:
         self.file.close()
@@ -100,6 +163,7 @@ class IndexCache:
         self.directory = Path(directory) if directory is not None else default_directory()
         self.max_bytes = max_bytes
         self._fd = _open_private(self.directory)
+        self._held = _HeldFiles()
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -115,7 +179,7 @@ class IndexCache:
             with os.fdopen(fd, "rb") as file, gc_paused():
                 index = decode(file, digest)
             if index.reframed:
-                os.close(self._open_own(f"{digest.hex}.zst"))
+                index = replace(index, copy=Held(self._open_own(f"{digest.hex}.zst"), self._held))
             if index.format is Format.GZIP:
                 self._check_points(digest, index.seek_points)
         except Exception as exc:  # whatever a damaged file makes the decoder raise
@@ -128,10 +192,6 @@ class IndexCache:
             return None
         self._touch(digest.hex)
         return index
-
-    def open_copy(self, digest: Digest) -> int:
-        """A read descriptor of the layer's re-framed zstd copy (the caller closes it)."""
-        return self._open_own(f"{digest.hex}.zst")
 
     def open_points(self, digest: Digest) -> int | None:
         """A read descriptor of a gzip layer's seek points (the caller closes it), or None
@@ -208,8 +268,8 @@ class IndexCache:
 
     def _create_temp(self, digest: Digest) -> tuple[str, int]:
         temp = f".{digest.hex}.{secrets.token_hex(8)}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        return temp, os.open(temp, flags, 0o600, dir_fd=self._fd)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return temp, os.open(temp, flags, 0o600, dir_fd=self._fd)  # RDWR: to be `Held`
 
     def _rename(self, temp: str, name: str) -> None:
         os.rename(temp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
@@ -229,9 +289,11 @@ class IndexCache:
 
     # -- the bound -------------------------------------------------------------------
 
-    def usage(self) -> dict[str, tuple[float, int]]:
-        """hex digest → (last use, bytes of its files); old temporary files are removed."""
-        found: dict[str, tuple[float, int]] = {}
+    def _scan(self) -> tuple[dict[str, _Entry], int]:
+        """hex digest → its entry, and the bytes held open here whose names are gone (in
+        the bound too: the disk keeps them); old temporary files are removed."""
+        found: dict[str, _Entry] = {}
+        named: set[tuple[int, int]] = set()
         with os.scandir(self._fd) as entries:
             for entry in entries:
                 st = entry.stat(follow_symlinks=False)
@@ -240,25 +302,36 @@ class IndexCache:
                     if _TEMP.fullmatch(entry.name) and time.time() - st.st_mtime > _STALE_TEMP:
                         self._unlink(entry.name)
                     continue
-                used, size = found.get(match[1], (0.0, 0))
+                key = (st.st_dev, st.st_ino)
+                named.add(key)
+                layer = found.setdefault(match[1], _Entry())
+                layer.size += st.st_size
+                layer.held |= key in self._held
                 if match[2] == "idx":
-                    used = st.st_mtime
-                found[match[1]] = (used, size + st.st_size)
-        return found
+                    layer.used = st.st_mtime
+        return found, self._held.unnamed(named)
 
     def evict(self, keep: str = "") -> None:
         """Remove the least recently used indexes (with their copies) past `max_bytes`,
-        never the one whose hex digest is `keep`."""
-        entries = self.usage()
-        total = sum(size for _, size in entries.values())
-        for hexdigest, (_, size) in sorted(entries.items(), key=lambda item: item[1][0]):
+        never the one whose hex digest is `keep` nor one with a file held open (`Held`:
+        removing it would free nothing, and the next mount could not reuse it)."""
+        entries, total = self._scan()
+        total += sum(entry.size for entry in entries.values())
+        for hexdigest, entry in sorted(entries.items(), key=lambda item: item[1].used):
             if total <= self.max_bytes:
                 break
-            if hexdigest == keep:
+            if hexdigest == keep or entry.held:
                 continue
             self._remove(hexdigest)
-            total -= size
+            total -= entry.size
             log.info("index of layer %s:%s evicted from %s", SHA256, hexdigest, self.directory)
+        if total > self.max_bytes:
+            log.info(
+                "index cache %s: %d bytes, past its bound of %d: the rest is in use",
+                self.directory,
+                total,
+                self.max_bytes,
+            )
 
 
 def _open_private(directory: Path) -> int:

@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
 
 import trio
@@ -39,7 +39,7 @@ from .tarscan import Limits
 from .zstdframes import Frame
 
 if TYPE_CHECKING:
-    from .cache import IndexCache
+    from .cache import Held, IndexCache
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class LayerIndex:
     `size` is the length of the uncompressed tar (0 for ESTARGZ: not known without a pass);
     `seek_points` the length of indexed_gzip's exported seek points (GZIP), which are in the
     cache's `<hex>.gzi` and never in memory here (~35 MB per GB of tar); `frames` the zstd
-    frame table (ZSTD), whose `in_copy` frames are in the cache's re-framed copy; `chunks`
+    frame table (ZSTD), whose `in_copy` frames are in the cache's re-framed copy, which
+    `copy` holds open while this index lives (an eviction cannot take it away); `chunks`
     an eStargz layer's chunks of each file, by the FILE member's `offset`, which is only
     that key for ESTARGZ.
     """
@@ -74,6 +75,7 @@ class LayerIndex:
     seek_points: int = 0
     frames: list[Frame] = field(default_factory=list)
     chunks: dict[int, list[Chunk]] = field(default_factory=dict)
+    copy: Held | None = field(default=None, repr=False)
 
     @property
     def reframed(self) -> bool:
@@ -328,7 +330,9 @@ class Indexer:
                 pending.discard()
             raise
         if pending is not None:
-            if index.reframed or index.seek_points:
+            if index.reframed:
+                index = replace(index, copy=pending.commit(hold=True))
+            elif index.seek_points:
                 pending.commit()
             else:
                 pending.discard()

@@ -54,7 +54,6 @@ class _Open:
     reader: BlobReader
     lock: trio.Lock = field(default_factory=trio.Lock)
     gzip: GzipReader | None = None
-    copy_fd: int = -1
     used: float = 0.0  # trio time of its last gzip read
     kept: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict)
     closed: bool = False
@@ -78,9 +77,6 @@ class _Open:
             if self.gzip is not None:
                 self.gzip.close()
                 self.gzip = None
-            if self.copy_fd >= 0:
-                os.close(self.copy_fd)
-                self.copy_fd = -1
             await self.reader.aclose()
 
 
@@ -295,9 +291,10 @@ class LayerFiles:
 
     async def _frame(self, opened: _Open, layer: LayerRef, frame: Frame) -> bytes:
         if frame.in_copy:
-            if opened.copy_fd < 0:
-                opened.copy_fd = await trio.to_thread.run_sync(self.cache.open_copy, layer.digest)
-            compressed = os.pread(opened.copy_fd, frame.csize, frame.coffset)
+            copy = opened.index.copy
+            if copy is None:  # an index not from the cache or a pass: nothing to read
+                raise CorruptLayer(layer.digest, "its re-framed zstd copy is not held")
+            compressed = os.pread(copy.fd, frame.csize, frame.coffset)
         else:
             compressed = bytes(await opened.reader.read_at(frame.coffset, frame.csize))
         try:
