@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from .drivers import PathNotFound, StorageDriver
@@ -39,7 +40,13 @@ class Catalog:
 
     async def is_repository(self, name: str, with_uploads: bool = False) -> bool:
         """Whether name is a repository as the registry counts them; with_uploads, also one
-        holding only uploads: a first push to it, interrupted before any blob finished."""
+        holding only uploads: a first push to it, interrupted before any blob finished.
+        A stat of `_layers` first, which every repository holding a blob has: a listing of
+        the directory pages through every entry of a namespace, and a driver may answer
+        that stat from the lookup of name it made just before (S3: docs/scale-out.md)."""
+        with contextlib.suppress(PathNotFound):
+            await self.driver.stat(f"{path_for(RepositoryDir(name))}/{MARKERS[0]}")
+            return True
         entries = await self._entries(name)
         markers = (*MARKERS, "_uploads") if with_uploads else MARKERS
         return any(marker in entries for marker in markers)

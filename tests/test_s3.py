@@ -411,10 +411,12 @@ def test_mv_of_an_upload_looks_it_up_once(tmp_path, aws_env, s3_bucket, moto_ser
 def test_ls_of_tags_asks_each_directory_once(tmp_path, aws_env, s3_bucket, moto_server, mount):
     """`ls` of a repository's tags on a fresh mount asks S3 for each directory on the way at
     most once (was 7 ListObjects: the lookup of a name and the attributes it replies with
-    were two stats of one directory, and tags/ asked its repository's again): the tags' one
-    delimited listing, the repository's (is it one), and a stat, where the first key a stat
-    finds does not already show the path. A repository that is not there, a namespace's
-    tags/ and a name the registry refuses are still ENOENT."""
+    were two stats of one directory, tags/ asked its repository's again, and listed it to
+    see it is one): the tags' one delimited listing, and a stat of each name on the way
+    where the first key a stat found does not already show it (the mount's stat of its root
+    shows the path to the first repository). `ls` of the namespace is one listing (was
+    two). A repository that is not there, a namespace's tags/ and a name the registry
+    refuses are still ENOENT."""
 
     registry = Registry(S3Driver(s3_bucket, ROOTDIRECTORY, client=moto_server.client()))
     trio.run(store_image, registry.repository("many/app"), [f"t{i}" for i in range(20)])
@@ -425,7 +427,12 @@ def test_ls_of_tags_asks_each_directory_once(tmp_path, aws_env, s3_bucket, moto_
         asked = [(s.method, s.path) for s in proxy.seen]
         for where in (("many", "nope", "tags"), ("many", "tags"), ("many", "App", "tags")):
             assert errno_of(lambda where=where: os.listdir(m.path(*where))) == errno.ENOENT
+        proxy.seen.clear()
+        assert ls(m.path("many")) == ["app"]
+        namespace = [s3_call(s) for s in proxy.seen]
     assert len(set(asked)) == len(asked), asked  # nothing asked twice
     assert all(s3_call(s) == "ListObjects" for s in proxy.seen[: len(asked)])
     assert len([p for _, p in asked if "%2F_manifests%2Ftags%2F&delimiter" in p]) == 1
+    assert not [p for _, p in asked if "%2Fapp%2F&delimiter" in p]  # the repository's
     assert len(asked) <= 3, asked
+    assert namespace in ([], ["ListObjects"])  # none where the ENOENT checks listed it

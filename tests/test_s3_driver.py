@@ -650,8 +650,9 @@ async def test_a_lock_whose_answer_was_lost_is_still_ours(moto_server, s3_bucket
 async def test_a_directory_stat_answers_the_next_ones_briefly(drv, moto_server, s3, s3_bucket):
     """A stat of a directory, and of those on the way to the first key it found, is kept for
     DIR_SEEN: a mount's lookup, its reply's attributes and a section's stat of one directory
-    are one request. What this driver changes drops them at once; a directory gone beside it
-    is gone for its stats within DIR_SEEN."""
+    are one request. A listing is kept as long: it answers itself again, and a stat of a name
+    not in it. What this driver changes drops them at once; a directory gone beside it is
+    gone for its stats within DIR_SEEN."""
     await drv.put_content("/a/b/c/file", b"x")
     await drv.put_content("/a/z", b"y")
     with FaultServer(upstream=moto_server.url) as proxy:
@@ -661,6 +662,12 @@ async def test_a_directory_stat_answers_the_next_ones_briefly(drv, moto_server, 
         assert await seeing.stat("/a") == first
         assert await seeing.stat("/a/b/c") == FileInfo("/a/b/c", 0, first.mtime_ns, True)
         assert len(proxy.seen) == 1  # the first key below /a is below /a/b/c too
+        assert await seeing.list("/a") == ["b", "z"]
+        assert await seeing.list("/a") == ["b", "z"]
+        with pytest.raises(PathNotFound):
+            await seeing.stat("/a/_layers")
+        assert len(proxy.seen) == 2
+        assert (await seeing.stat("/a/z")).size == 1  # in it: a stat of its own
         await seeing.delete("/a/b")
         with pytest.raises(PathNotFound):
             await seeing.stat("/a/b/c")

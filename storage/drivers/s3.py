@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 MIB = 1 << 20
 MIN_PART = 5 * MIB  # S3's least size of a part that is not the last one
@@ -246,9 +247,11 @@ class S3Driver(StorageDriver):
         # a lookup's: an upload made here may follow another one at its key.
         self._known: OrderedDict[str, str] = OrderedDict()
         self._known_lock = threading.Lock()
-        # path → (its stat, time.monotonic() when made) of directories stats found: DIR_SEEN.
-        # `_changes` counts the changes sent: a stat answered before one is not kept after it.
+        # path → (its stat, time.monotonic() when made) of directories stats found, and
+        # (its names, when) of listings made: DIR_SEEN. `_changes` counts the changes sent:
+        # an answer read before one is not kept after it.
         self._dirs: OrderedDict[str, tuple[FileInfo, float]] = OrderedDict()
+        self._listed: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
         self._dirs_lock = threading.Lock()
         self._changes = 0
 
@@ -305,6 +308,7 @@ class S3Driver(StorageDriver):
             with self._dirs_lock:  # a key made, changed or gone may change what they say
                 self._changes += 1
                 self._dirs.clear()
+                self._listed.clear()
         failures = 0
         while True:
             try:
@@ -690,10 +694,14 @@ class S3Driver(StorageDriver):
                 head = self._head(key)
                 if head is not None:
                     return FileInfo(path, head[0], head[1], False)
-            with self._dirs_lock:
-                seen, since = self._dirs.get(path), self._changes
-            if seen is not None and time.monotonic() - seen[1] < DIR_SEEN:
-                return seen[0]
+            since = self._changes
+            seen = self._kept(self._dirs, path)
+            if seen is not None:
+                return seen
+            parent, _, name = path.rpartition("/")
+            listed = self._kept(self._listed, parent or "/")
+            if listed is not None and name not in listed and not self._multipart.below(path):
+                raise PathNotFound(path)  # not in a listing of its directory just made
             found = self._first(key)
             if found is not None and found["Key"] == key:
                 return FileInfo(path, found["Size"], _mtime_ns(found["LastModified"]), False)
@@ -713,15 +721,24 @@ class S3Driver(StorageDriver):
         """Keep for DIR_SEEN the directory path, whose first key is path/below, and those on
         the way to it: that key is the first below each of them too (a key between would be
         below path), so a stat of one would find it, and say what this one did."""
-        now = time.monotonic()
+        ways = itertools.accumulate(below.split("/")[:-1], lambda a, b: f"{a}/{b}")
+        for dir_path in (*(join(path, name) for name in ways), path):
+            self._keep(self._dirs, dir_path, FileInfo(dir_path, 0, mtime_ns, True), since)
+
+    def _keep(
+        self, memo: OrderedDict[str, tuple[V, float]], path: str, value: V, since: int
+    ) -> None:
+        """Keep value (`_dirs`, `_listed`) for DIR_SEEN, unless a change was sent since."""
         with self._dirs_lock:
-            if since != self._changes:
-                return
-            for name in itertools.accumulate(below.split("/")[:-1], lambda a, b: f"{a}/{b}"):
-                self._dirs[join(path, name)] = (FileInfo(join(path, name), 0, mtime_ns, True), now)
-            self._dirs[path] = (FileInfo(path, 0, mtime_ns, True), now)
-            while len(self._dirs) > KNOWN:
-                self._dirs.popitem(last=False)
+            if since == self._changes:
+                memo[path] = (value, time.monotonic())
+                while len(memo) > KNOWN:
+                    memo.popitem(last=False)
+
+    def _kept(self, memo: OrderedDict[str, tuple[V, float]], path: str) -> V | None:
+        with self._dirs_lock:
+            kept = memo.get(path)
+        return kept[0] if kept is not None and time.monotonic() - kept[1] < DIR_SEEN else None
 
     async def _symlinks(self, path: str) -> builtins.list[str]:
         """None: S3 has no links. One stat says whether the directory is there (PathNotFound
@@ -736,15 +753,21 @@ class S3Driver(StorageDriver):
         prefix = self._top() if path == "/" else self.key(path) + "/"
 
         def names() -> builtins.list[str]:
+            since, uploads = self._changes, self._multipart.below(path)
+            kept = None if uploads else self._kept(self._listed, path)
+            if kept is not None:
+                return [*kept]
             found = set()
             for name, _ in self._objects(prefix, "/"):
                 found.add(name[len(prefix) :].rstrip("/"))
-            if self._multipart.below(path):
+            if uploads:
                 for key, _ in self._uploads(prefix):
                     found.add(key[len(prefix) :].partition("/")[0])
             found.discard("")  # a directory marker another tool made
             if not found and path != "/":
                 raise PathNotFound(path)
+            if not uploads:  # its names answer its stats too: one not among them is absent
+                self._keep(self._listed, path, tuple(sorted(found)), since)
             return sorted(found)
 
         return await self._run(names)
