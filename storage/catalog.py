@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 from .drivers import PathNotFound, StorageDriver
+from .errors import UnsafeEntry
 from .names import is_component
 from .paths import RepositoryDir, path_for
 
@@ -44,7 +45,7 @@ class Catalog:
         A stat of `_layers` first, which every repository holding a blob has: a listing of
         the directory pages through every entry of a namespace, and a driver may answer
         that stat from the lookup of name it made just before (S3: docs/scale-out.md)."""
-        with contextlib.suppress(PathNotFound):
+        with contextlib.suppress(PathNotFound, UnsafeEntry):  # a symlink: as the listing says
             await self.driver.stat(f"{path_for(RepositoryDir(name))}/{MARKERS[0]}")
             return True
         entries = await self._entries(name)

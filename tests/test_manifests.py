@@ -7,9 +7,11 @@ import json
 import pytest
 
 from storage.digests import Digest, digest_bytes
+from storage.drivers.filesystem import FilesystemDriver
 from storage.errors import CorruptEntry, InvalidManifest, InvalidName
 from storage.manifest_format import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from storage.paths import RepositoryDir, TagCurrentLink, TagIndexDir, path_for
+from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
 
@@ -180,6 +182,19 @@ async def test_catalog_levels_and_listing(registry):
     assert await cat.exists("lib") and not await cat.exists("nope")
     assert await cat.repositories() == ["a-x", "a/b", "a/b/c", "lib/alpine", "z"]
     assert await cat.repositories(n=2, last="a/b") == ["a/b/c", "lib/alpine"]
+
+
+async def test_a_linked_marker_makes_no_repository(tmp_path):
+    """A symlink in a root is never followed: a `_layers` that is one makes no repository
+    (is_repository says so, as the listing it falls back on does), where a real `_manifests`
+    beside it does."""
+    registry = Registry(FilesystemDriver(tmp_path / "root"))
+    repo = tmp_path / "root" / path_for(RepositoryDir("org/loop")).lstrip("/")
+    repo.mkdir(parents=True)
+    (repo / "_layers").symlink_to(tmp_path)
+    assert not await registry.catalog.is_repository("org/loop")
+    (repo / "_manifests").mkdir()
+    assert await registry.catalog.is_repository("org/loop")
 
 
 async def test_repository_names_validated(registry):
