@@ -43,7 +43,7 @@ from support.images import (
     umoci_unpack,
     whiteout,
 )
-from support.layers import MEDIA_TYPES, estargz
+from support.layers import MEDIA_TYPES, compress, estargz
 from support.mounts import Mount, wait_until
 from support.oci import OciImage, image_manifest, skopeo_push
 from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_path, v2_root
@@ -628,6 +628,34 @@ def test_an_unsafe_cache_directory_is_not_used(images, tmp_path):
             assert (private.stat().st_mode & 0o777) == 0o700
     assert not private.exists()
     assert not (shared / "regfs" / "index").exists() or not os.listdir(shared / "regfs" / "index")
+
+
+def test_a_layer_in_use_reads_on_when_the_index_cache_evicts_it(images, tmp_path):
+    """`--index-cache-size 1`: indexing a second image evicts the first's entry while its
+    tree is in memory. Its one-frame zstd layer is read from the re-framed copy, which that
+    eviction used to remove: every open of its files then failed (ENOENT, the copy's
+    FileNotFoundError let through) until the image left memory. The copy is held by the
+    index and stays until then, and the bound is logged as passed."""
+    v1 = images.built["v1"]
+    config = v1.blob(json.loads(v1.manifest)["config"]["digest"])
+    big = random.Random(17).randbytes(6 << 20)  # one zstd frame past REFRAME_ABOVE
+    zstd = compress(layer_tar([directory("."), file("big", big), file("small", b"z\n")]), "zstd")
+    other = compress(layer_tar([directory("."), file("small", b"g\n"), file("big", big)]), "gzip")
+    root = tmp_path / "root"
+    trio.run(put_image, root, "zstd", config, [zstd], MEDIA_TYPES["zstd"])
+    trio.run(put_image, root, "gzip", config, [other], MEDIA_TYPES["gzip"])
+    cache = tmp_path / "xdg" / "regfs" / "index"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        m = Mount(str(root), tmp_path / "mnt", tmp_path / "regfs.log", ["--index-cache-size", "1"])
+        with m:
+            run("ls", rootfs(m, "zstd"))  # indexed, the copy made
+            run("ls", rootfs(m, "gzip"))  # indexed: everything else is evicted that may be
+            assert (cache / f"{digest_of(zstd).split(':')[1]}.zst").is_file()  # in use
+            assert rootfs(m, "zstd", "big").read_bytes() == big
+            assert rootfs(m, "zstd", "small").read_bytes() == b"z\n"
+            assert "past its bound of 1: the rest is in use" in m.log_text()
+    m.check_log()
 
 
 async def test_only_the_last_merged_trees_are_kept(images, tmp_path, caplog):
