@@ -164,8 +164,16 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]
         """pyfuse3 replies from any buffer, though its stub says bytes: a memoryview (a remote
-        layer's read-ahead window) goes to the kernel without a copy."""
-        return await self.files.get(fh).read(off, size)
+        layer's read-ahead window) goes to the kernel without a copy.
+
+        What an open file reads from may go (a blob deleted on a registry, a cache file
+        removed): that is EIO, logged, as a disk's failure is; ENOENT would say that the
+        name is gone, which a read cannot."""
+        try:
+            return await self.files.get(fh).read(off, size)
+        except (LookupError, FileNotFoundError) as exc:
+            log.error("read: %s (EIO)", exc)
+            raise FUSEError(errno.EIO) from None
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -29,6 +29,7 @@ from support.mounts import REGFS, Mount, is_mounted, parse_getfattr, wait_until
 from support.oci import build_image, build_large_image, run, skopeo_pull, skopeo_push
 from support.registry import (
     RegistryServer,
+    blob_data_path,
     htpasswd_auth,
     repo_path,
     started_registries,
@@ -640,6 +641,26 @@ def test_registry_stopped_mid_read(servers, mount) -> None:
     assert got == data
     assert sha256sum(m.path("big", "layers", digest)) == digest
     assert "ConnectError" in m.log_text()
+
+
+@pytest.mark.registry
+def test_a_blob_deleted_on_the_registry_mid_read_is_eio(servers, mount) -> None:
+    """An open layer whose blob the registry's storage loses (a GC, a hand) reads on from
+    what was fetched, then fails with EIO and a log line: an I/O error, as a disk gives,
+    not ENOENT (the name is still there; a read cannot say it is not)."""
+    server = servers()
+    data = random.Random(8).randbytes(48 * MIB)
+    digest = server.client().push_blob("gone", data)
+    m = mount(server.url)
+    with open(m.path("gone", "layers", digest), "rb", buffering=0) as f:
+        assert f.read(MIB) == data[:MIB]
+        blob_data_path(server.root, digest).unlink()
+        with pytest.raises(OSError) as err:
+            f.seek(40 * MIB)  # past what the read-ahead may hold
+            f.read(MIB)
+        assert err.value.errno == errno.EIO, err.value
+    assert "read: " in m.log_text() and "(EIO)" in m.log_text()
+    assert m.pids() and is_mounted(m.mountpoint)
 
 
 @pytest.mark.registry
