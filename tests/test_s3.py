@@ -417,7 +417,6 @@ def test_ls_of_tags_asks_each_directory_once(tmp_path, aws_env, s3_bucket, moto_
     shows the path to the first repository). `ls` of the namespace is one listing (was
     two). A repository that is not there, a namespace's tags/ and a name the registry
     refuses are still ENOENT."""
-
     registry = Registry(S3Driver(s3_bucket, ROOTDIRECTORY, client=moto_server.client()))
     trio.run(store_image, registry.repository("many/app"), [f"t{i}" for i in range(20)])
     with FaultServer(upstream=moto_server.url) as proxy:
@@ -425,13 +424,14 @@ def test_ls_of_tags_asks_each_directory_once(tmp_path, aws_env, s3_bucket, moto_
         proxy.seen.clear()
         assert sorted(ls(m.path("many", "app", "tags"))) == sorted(f"t{i}" for i in range(20))
         asked = [(s.method, s.path) for s in proxy.seen]
+        calls = [s3_call(s) for s in proxy.seen]
         for where in (("many", "nope", "tags"), ("many", "tags"), ("many", "App", "tags")):
             assert errno_of(lambda where=where: os.listdir(m.path(*where))) == errno.ENOENT
         proxy.seen.clear()
         assert ls(m.path("many")) == ["app"]
         namespace = [s3_call(s) for s in proxy.seen]
     assert len(set(asked)) == len(asked), asked  # nothing asked twice
-    assert all(s3_call(s) == "ListObjects" for s in proxy.seen[: len(asked)])
+    assert set(calls) == {"ListObjects"}
     assert len([p for _, p in asked if "%2F_manifests%2Ftags%2F&delimiter" in p]) == 1
     assert not [p for _, p in asked if "%2Fapp%2F&delimiter" in p]  # the repository's
     assert len(asked) <= 3, asked
