@@ -36,7 +36,9 @@ class Registry:
         """Nothing to release: drivers hold no connections (a remote registry does)."""
 
     def forget(self) -> None:
-        """Nothing kept: every ask reads storage."""
+        """Every ask reads storage; only a driver may keep something (S3: a second's
+        directories and listings)."""
+        self.driver.forget()
 
     def repository(self, name: str) -> Repository:
         """A repository view; InvalidName for a name the registry would refuse."""

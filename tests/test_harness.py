@@ -100,6 +100,27 @@ def test_no_test_module_imports_another() -> None:
     assert wrong == {}
 
 
+OUTSIDE = re.compile(r"\.\./shared|\b(?:ROOTFS|S3|SPEC|LAYOUT|PERF|STYLE)\.md\b")
+
+
+@pytest.mark.storage
+def test_no_word_points_outside_the_project() -> None:
+    """Code, tests and docs name only what the project holds: the facts they rest on are in
+    docs/, not in files a clone does not have (the planning notes beside the checkout)."""
+    project = Path(__file__).parent.parent
+    files = [project / name for name in ("README.md", "CHANGELOG.md", "Makefile", "pyproject.toml")]
+    for top in ("storage", "regfs", "tests", "bench", "docs", "third_party"):
+        files += [p for p in (project / top).rglob("*") if p.suffix in {".py", ".md", ".toml"}]
+    found = [
+        f"{path.relative_to(project)}:{number}"
+        for path in files
+        if "results" not in path.parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if OUTSIDE.search(line) and path.name != "test_harness.py"
+    ]
+    assert found == []
+
+
 # --------------------------------------------------------------------------- the server
 
 

@@ -680,3 +680,18 @@ async def test_a_directory_stat_answers_the_next_ones_briefly(drv, moto_server, 
                 except PathNotFound:
                     break
                 await trio.sleep(0.05)
+
+
+async def test_forget_drops_what_the_driver_kept(drv, moto_server, s3_bucket):
+    """SIGHUP drops every cache (RegistrySource.forget): the directories and listings kept for
+    DIR_SEEN go too, so the next stat and listing ask the bucket again."""
+    await drv.put_content("/f/g/file", b"x")
+    with FaultServer(upstream=moto_server.url) as proxy:
+        seeing = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        registry = Registry(seeing)
+        for _ in range(2):
+            assert (await seeing.stat("/f")).is_dir and await seeing.list("/f") == ["g"]
+        assert len(proxy.seen) == 2
+        registry.forget()
+        assert (await seeing.stat("/f")).is_dir and await seeing.list("/f") == ["g"]
+        assert len(proxy.seen) == 4

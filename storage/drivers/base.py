@@ -190,6 +190,9 @@ class StorageDriver(ABC):
         """Space and file counts of the store, where it has such a thing."""
         return None
 
+    def forget(self) -> None:  # noqa: B027 (most drivers keep nothing: nothing to drop)
+        """Drop whatever the driver keeps of the store's state (SIGHUP)."""
+
     @abstractmethod
     async def _get_content(self, path: str, limit: int) -> bytes:
         """At most `limit` bytes of the file."""

@@ -1,5 +1,5 @@
 """The S3 driver: the tree docker-registry 2.8's `s3` driver keeps in a bucket, byte for byte
-(facts in ../shared/S3.md, checked against moto and the registry).
+(facts in docs/s3.md, checked against moto and the registry).
 
 - Object key = the registry's `rootdirectory` without its leading `/`, then the storage path.
   No directory markers: a directory is there when some key lies below it.
@@ -15,7 +15,7 @@
 - delete removes every object under the path and aborts its multipart uploads (2.8 leaves
   those; a bucket lifecycle rule would be the only other way they go).
 
-boto3 blocks, so every call runs on a worker thread (trio.to_thread), which S3.md measured as
+boto3 blocks, so every call runs on a worker thread (trio.to_thread), which docs/s3.md says was
 the fastest client here; botocore's own retries are off and storage/remote/retry.py's backoff
 is used instead, for throttling (503 SlowDown), 5xx and lost connections. What still fails is
 RemoteUnavailable (EIO through the mount), never PathNotFound. A call in a thread cannot be
@@ -716,6 +716,12 @@ class S3Driver(StorageDriver):
             raise PathNotFound(path)
 
         return await self._run(stat)
+
+    def forget(self) -> None:
+        """Drop the directories and listings kept for DIR_SEEN (SIGHUP: every cache goes)."""
+        with self._dirs_lock:
+            self._dirs.clear()
+            self._listed.clear()
 
     def _saw_dirs(self, path: str, below: str, mtime_ns: int, since: int) -> None:
         """Keep for DIR_SEEN the directory path, whose first key is path/below, and those on
