@@ -437,9 +437,11 @@ async def test_a_slow_resolution_is_reused_as_long_as_it_took(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """`ls -l` of a big tags/ consumes the resolution for a while: it is reused for as long
-    as it took to take (here ≥ 0.6 s of retries), not only the minimum, never past the TTL."""
+    as it took to take (here ≥ 0.6 s of retries), not only the minimum, never past the TTL.
+    A resolution right after the listing (a walk's) keeps the names as long: the next
+    section's listing asks no `tags/list` again."""
     push_repo(module_registry_server.client(), "listing/slow")
-    registry.tag_reuse = 0.1
+    registry.tag_reuse = 0.5
     repo = registry.repository("listing/slow")
     await repo.tags.list()
     proxy.inject(Fault(503, method="GET", path=r"/listing/slow/manifests/a$"), times=4)
@@ -450,6 +452,10 @@ async def test_a_slow_resolution_is_reused_as_long_as_it_took(
     snapshot = registry.tag_snapshots.get("listing/slow")
     assert snapshot is not None and snapshot.targets_until - time.monotonic() > took - 0.2
     assert snapshot.targets_until - started <= took + registry.listing_ttl
+    proxy.seen.clear()
+    assert await repo.tags.list() == list(TAGS)
+    assert await repo.manifests.list()
+    assert asked(proxy, "listing/slow") == {}
 
 
 async def test_lookups_in_catalog_order_resolve_ahead(

@@ -200,7 +200,8 @@ class _TagSnapshot:
     rest are asked one by one). A plain `ls tags/` asks nothing more than the listing."""
 
     tags: list[str]  # sorted
-    until: float  # time.monotonic() when the names are no longer reused
+    listed: float  # time.monotonic() when `tags/list` was asked
+    until: float  # when the names are no longer reused
     hint_until: float  # until then, a lookup of one of them resolves them all (read-ahead)
     targets: dict[str, Digest] = field(default_factory=dict)
     targets_until: float = 0.0  # when the targets are no longer reused
@@ -354,7 +355,7 @@ class RemoteTags:
         tags = await self._names()
         now = time.monotonic()
         ttl = self.registry.listing_ttl
-        snapshot = _TagSnapshot(tags, now + self._reuse(now - started), now + ttl)
+        snapshot = _TagSnapshot(tags, started, now + self._reuse(now - started), now + ttl)
         if (kept := self._kept()) is not None and now <= kept.targets_until:
             # Resolved since the names before, still reused: a walk's manifests/ after a
             # long resolution for its layers/ must not resolve them all again.
@@ -402,6 +403,8 @@ class RemoteTags:
             batch.set()
         now = time.monotonic()
         snapshot.targets, snapshot.targets_until = targets, now + self._reuse(now - started)
+        if started <= snapshot.until:  # right after the listing (a walk): taken as one
+            snapshot.until = max(snapshot.until, now + self._reuse(now - snapshot.listed))
         if self.registry.tag_snapshots.get(self.name) is snapshot:  # count what it holds now
             self.registry.tag_snapshots.put(self.name, snapshot)
         return targets
