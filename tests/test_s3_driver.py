@@ -14,6 +14,8 @@ import os
 import random
 import socket
 import subprocess
+import threading
+import time
 
 import pytest
 import trio
@@ -38,6 +40,8 @@ SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+LOCK = r"\.regfs-lock$"
+QUICK_SAFE = 4.0  # the safe window of quick_lock
 
 
 @pytest.fixture
@@ -637,13 +641,105 @@ async def test_a_lock_whose_answer_was_lost_is_still_ours(moto_server, s3_bucket
     lock's own token, so the writer has it (not Busy), and its close removes it."""
     with FaultServer(upstream=moto_server.url) as proxy:
         drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
-        proxy.inject(Fault(lose_answer=True, method="PUT", path=r"\.regfs-lock$"))
+        proxy.inject(Fault(lose_answer=True, method="PUT", path=LOCK))
         with trio.fail_after(5):
             writer = await drv.writer(f"{UPLOAD}/data")
         assert [s.status for s in proxy.seen if s.path.endswith(".regfs-lock")][:2] == [None, 412]
         await writer.write_at(0, b"mine")
         await writer.aclose()
         assert await drv.list(UPLOAD) == ["data"]  # no lock left behind
+        await drv.delete(UPLOAD)
+
+
+@pytest.fixture
+def quick_lock(monkeypatch):
+    """The lock's default timings (a renewal at half the safe window) in seconds, and one
+    retry per request: a failed renewal is two refused PUTs."""
+    monkeypatch.setattr("storage.drivers.s3.LOCK_RENEW", QUICK_SAFE / 2)
+    monkeypatch.setattr("storage.drivers.s3.LOCK_SAFE", QUICK_SAFE)
+    monkeypatch.setattr("storage.drivers.s3.RETRIES", 1)
+
+
+def lock_puts(proxy: FaultServer) -> list[int | None]:
+    """What became of each write of a lock object through the proxy."""
+    return [s.status for s in proxy.seen if s.method == "PUT" and s.path.endswith(".regfs-lock")]
+
+
+def renewing(path: str) -> bool:
+    """Whether the renewal thread of the lock of path (in the /regroot drivers) runs."""
+    name = f"regfs-s3-lock:regroot{path}.regfs-lock"
+    return any(t.name == name for t in threading.enumerate())
+
+
+async def test_a_failed_renewal_is_tried_again_at_once(moto_server, s3_bucket, quick_lock):
+    """A renewal refused with 503 SlowDown (its retry too) is tried again after the backoff,
+    not a whole period later, which would be past the safe window: the lock is renewed
+    within that window and the writer writes on, never Busy. Its close stops the renewals
+    (no thread left) and deletes the lock."""
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        path = f"{UPLOAD}/data"
+        written = bytearray()
+        try:
+            with trio.fail_after(QUICK_SAFE):  # counted from before the lock was taken
+                writer = await drv.writer(path)
+                proxy.inject(Fault(503, body=SLOW_DOWN, method="PUT", path=LOCK), times=3)
+                while len(lock_puts(proxy)) < 5:  # taken, refused twice, refused, renewed
+                    await writer.write_at(len(written), b"x")
+                    written += b"x"
+                    await writer.sync()
+                    await trio.sleep(0.05)
+        except BaseException:
+            drv.client.close()  # its kept connections would hold the proxy's stop
+            raise
+        assert lock_puts(proxy) == [200, 503, 503, 503, 200]
+        await writer.write_at(len(written), b"after")
+        await writer.aclose()
+        assert not renewing(path)
+        assert await drv.get_content(path) == written + b"after"
+        assert await drv.list(UPLOAD) == ["data"]  # no lock left behind
+        await drv.delete(UPLOAD)
+
+
+async def test_a_renewal_that_keeps_failing_is_busy_in_time(
+    moto_server, s3_bucket, quick_lock, caplog
+):
+    """Every renewal is refused: each is tried again soon while the safe window is open, then
+    given up. No write is sent after LOCK_SAFE from the lock's last write (well before it
+    could expire elsewhere, LOCK_TTL after), none is refused before, and from then on every
+    write is Busy. The close still deletes the lock (its DELETE gets through)."""
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
+        path = f"{UPLOAD}/data"
+        before = time.monotonic()
+        writer = await drv.writer(path)
+        taken = time.monotonic()  # the lock's write was sent between before and taken
+        proxy.inject(Fault(503, body=SLOW_DOWN, method="PUT", path=LOCK), times=1000)
+        size = 0
+        with trio.fail_after(QUICK_SAFE + 10):
+            while True:
+                sent = time.monotonic()
+                try:
+                    await writer.write_at(size, b"x")
+                    await writer.sync()
+                except Busy:
+                    break
+                size, last = size + 1, sent
+                await trio.sleep(0.05)
+        assert last <= taken + QUICK_SAFE
+        assert time.monotonic() >= before + QUICK_SAFE
+        assert lock_puts(proxy).count(503) >= 6  # three renewals or more, each retried once
+        with trio.fail_after(5):
+            while renewing(path):  # given up (maybe a moment after the window closed)
+                await trio.sleep(0.05)
+        assert "writer lock not renewed in time" in caplog.text
+        with pytest.raises(Busy):
+            await writer.sync()
+        with pytest.raises(Busy):
+            await writer.aclose()  # the tail is not sent; the lock goes
+        proxy.clear()
+        assert await drv.list(UPLOAD) == ["data"]
+        assert await drv.get_content(path) == b"x" * size
         await drv.delete(UPLOAD)
 
 

@@ -65,7 +65,7 @@ from botocore.exceptions import (
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from ..errors import AccessDenied, Busy, InvalidOffset, RemoteUnavailable
-from ..remote.retry import backoff
+from ..remote.retry import backoff, pause
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver, join
 
 if TYPE_CHECKING:
@@ -102,7 +102,8 @@ STREAMS = 2  # streams per open file
 IDLE = 60.0  # seconds a stream waits for a read before it lets go of its connection
 # The writer lock across daemons (docs/scale-out.md): an object beside the file, made with
 # If-None-Match: *, renewed with If-Match. Expired LOCK_TTL after its last write by the
-# server's clock; its holder writes nothing LOCK_SAFE after it sent its last renewal.
+# server's clock; its holder writes nothing LOCK_SAFE after it sent its last renewal, and
+# retries a failed renewal after the backoff until then.
 LOCK_SUFFIX = ".regfs-lock"
 LOCK_TTL = 60.0
 LOCK_RENEW = 15.0
@@ -1336,7 +1337,8 @@ def _dead_here(holder: dict[str, Any]) -> bool:
 class _Lock:
     """One writer per file across daemons: the object `<key>.regfs-lock`, created only if
     absent (If-None-Match: *), renewed by a thread every LOCK_RENEW seconds only if still
-    ours (If-Match its ETag), deleted only if ours. A lock not renewed for LOCK_TTL by the
+    ours (If-Match its ETag; a failed renewal is tried again after the backoff, not a whole
+    period later), deleted only if ours. A lock not renewed for LOCK_TTL by the
     server's clock (its Last-Modified against the Date of the answer that shows it) is
     expired, and taken over with If-Match, so a killed daemon holds nothing for long. Its
     holder writes nothing once LOCK_SAFE has passed since it sent its last renewal: before
@@ -1350,6 +1352,7 @@ class _Lock:
         self._sent = 0.0  # time.monotonic() when the last successful write of it was sent
         self._lost = False
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None  # the renewals, joined by release
         # The token tells this lock's own write from another's after a lost answer: a
         # create or renewal that S3 applied but whose 200 never came back retries into a 412.
         self._token = secrets.token_hex(8)
@@ -1370,7 +1373,10 @@ class _Lock:
                 raise Busy(f"{self._path} is being written by another writer (lock held)")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
-        threading.Thread(target=self._renew, name="regfs-s3-lock", daemon=True).start()
+        self._thread = threading.Thread(
+            target=self._renew, name=f"regfs-s3-lock:{self._key}", daemon=True
+        )
+        self._thread.start()
 
     def _put(self, if_match: str | None) -> bool:
         """Write the lock object if it is absent (if_match None) or has ETag if_match;
@@ -1432,18 +1438,41 @@ class _Lock:
         return {**body, "etag": answer["ETag"]} if isinstance(body, dict) else {}
 
     def _renew(self) -> None:
-        while not self._stop.wait(LOCK_RENEW):
+        """Rewrite the lock LOCK_RENEW after its last write. A failed renewal (S3 throttling
+        or unreachable, after the driver's own retries) is tried again after the backoff
+        while the safe window is open, then given up: writes are Busy from then on. Only a
+        write S3 accepted moves the window (_put sets _sent), never a failure."""
+        failures = 0
+        while True:
+            now = time.monotonic()
+            if failures:
+                wait = min(pause(failures, None), self._sent + LOCK_SAFE - now)
+            else:
+                wait = self._sent + LOCK_RENEW - now
+            if self._stop.wait(max(0.0, wait)):
+                return
+            if time.monotonic() - self._sent >= LOCK_SAFE:
+                log.error("%s: writer lock not renewed in time: no more writes", self._path)
+                return  # maybe still ours: release deletes it if S3 lets it
             try:
-                if self._put(self._etag):
-                    continue
-                holder = self._holder()
-                if holder.get("token") == self._token and self._put(holder["etag"]):
-                    continue  # our last renewal was applied, its answer lost
+                renewed = self._put(self._etag) or self._still_ours()
+            except (RemoteUnavailable, AccessDenied) as exc:
+                failures += 1
+                log.warning(
+                    "%s: writer lock not renewed (%s), try %d", self._path, exc, failures + 1
+                )
+                continue
+            if not renewed:
                 log.error("%s: writer lock taken over elsewhere: no more writes", self._path)
                 self._lost = True
                 return
-            except RemoteUnavailable as exc:  # tried again at the next turn
-                log.warning("%s: writer lock not renewed: %s", self._path, exc)
+            failures = 0
+
+    def _still_ours(self) -> bool:
+        """After a renewal's 412: whether the lock holds our token (our last renewal was
+        applied, its answer lost), and if so, rewrite it from now."""
+        holder = self._holder()
+        return holder.get("token") == self._token and self._put(holder["etag"])
 
     def check(self) -> None:
         """Busy if writing now could clash with a writer that took the lock over."""
@@ -1451,7 +1480,11 @@ class _Lock:
             raise Busy(f"{self._path}: writer lock lost (not renewed in time); reopen the file")
 
     def release(self) -> None:
+        """Stop the renewals, waiting for one in flight (a renewal after the delete would
+        leave the lock behind for LOCK_TTL), then delete the lock if still ours."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         if self._lost:
             return
         driver = self._driver
