@@ -711,36 +711,39 @@ async def test_a_renewal_that_keeps_failing_is_busy_in_time(
     with FaultServer(upstream=moto_server.url) as proxy:
         drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
         path = f"{UPLOAD}/data"
-        before = time.monotonic()
-        writer = await drv.writer(path)
-        taken = time.monotonic()  # the lock's write was sent between before and taken
-        proxy.inject(Fault(503, body=SLOW_DOWN, method="PUT", path=LOCK), times=1000)
-        size = 0
-        with trio.fail_after(QUICK_SAFE + 10):
-            while True:
-                sent = time.monotonic()
-                try:
-                    await writer.write_at(size, b"x")
-                    await writer.sync()
-                except Busy:
-                    break
-                size, last = size + 1, sent
-                await trio.sleep(0.05)
-        assert last <= taken + QUICK_SAFE
-        assert time.monotonic() >= before + QUICK_SAFE
-        assert lock_puts(proxy).count(503) >= 6  # three renewals or more, each retried once
-        with trio.fail_after(5):
-            while renewing(path):  # given up (maybe a moment after the window closed)
-                await trio.sleep(0.05)
-        assert "writer lock not renewed in time" in caplog.text
-        with pytest.raises(Busy):
-            await writer.sync()
-        with pytest.raises(Busy):
-            await writer.aclose()  # the tail is not sent; the lock goes
-        proxy.clear()
-        assert await drv.list(UPLOAD) == ["data"]
-        assert await drv.get_content(path) == b"x" * size
-        await drv.delete(UPLOAD)
+        try:
+            before = time.monotonic()
+            writer = await drv.writer(path)
+            taken = time.monotonic()  # the lock's write was sent between before and taken
+            proxy.inject(Fault(503, body=SLOW_DOWN, method="PUT", path=LOCK), times=1000)
+            size = 0
+            with trio.fail_after(QUICK_SAFE + 10):
+                while True:
+                    sent = time.monotonic()
+                    try:
+                        await writer.write_at(size, b"x")
+                        await writer.sync()
+                    except Busy:
+                        break
+                    size, last = size + 1, sent
+                    await trio.sleep(0.05)
+            assert last <= taken + QUICK_SAFE
+            assert time.monotonic() >= before + QUICK_SAFE
+            assert lock_puts(proxy).count(503) >= 6  # three renewals or more, each retried once
+            with trio.fail_after(5):
+                while renewing(path):  # given up (maybe a moment after the window closed)
+                    await trio.sleep(0.05)
+            assert "writer lock not renewed in time" in caplog.text
+            with pytest.raises(Busy):
+                await writer.sync()
+            with pytest.raises(Busy):
+                await writer.aclose()  # the tail is not sent; the lock goes
+            proxy.clear()
+            assert await drv.list(UPLOAD) == ["data"]
+            assert await drv.get_content(path) == b"x" * size
+            await drv.delete(UPLOAD)
+        finally:
+            drv.client.close()  # its kept connections would hold the proxy's stop
 
 
 async def test_a_directory_stat_answers_the_next_ones_briefly(drv, moto_server, s3, s3_bucket):
