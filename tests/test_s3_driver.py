@@ -25,6 +25,7 @@ from support.s3 import MotoServer, bucket_keys, s3_call, store_image
 from storage.check import check
 from storage.digests import digest_bytes
 from storage.drivers import FileInfo, PathNotFound
+from storage.drivers import s3 as s3_module
 from storage.drivers.s3 import ANYWHERE, LOCK_SAFE, MIN_PART, S3Driver, s3_client
 from storage.errors import Busy, InvalidOffset, RemoteUnavailable
 from storage.registry import Registry
@@ -794,3 +795,15 @@ async def test_forget_drops_what_the_driver_kept(drv, moto_server, s3_bucket):
         registry.forget()
         assert (await seeing.stat("/f")).is_dir and await seeing.list("/f") == ["g"]
         assert len(proxy.seen) == 4
+
+
+async def test_what_is_kept_is_only_the_last_second(drv, monkeypatch):
+    """A listing kept for DIR_SEEN can be large: once a newer one is kept, older ones past
+    DIR_SEEN are gone from memory, not only unused (nothing unbounded is held)."""
+    monkeypatch.setattr(s3_module, "DIR_SEEN", 0.2)
+    for name in ("/k/a/x", "/k/b/x"):
+        await drv.put_content(name, b"x")
+    assert await drv.list("/k/a") == ["x"]
+    await trio.sleep(0.3)
+    assert await drv.list("/k/b") == ["x"]
+    assert list(drv._listed) == ["/k/b"]

@@ -103,6 +103,17 @@ class FileWriter(ABC):
 CONTENT_LIMIT = 4 << 20
 
 
+def _storage_paths(found: builtins.list[FileInfo]) -> builtins.list[FileInfo]:
+    """found without the paths no storage path may be (`lost+found`, a space), each logged."""
+    infos = []
+    for info in found:
+        if _PATH_RE.fullmatch(info.path) is None:
+            log.warning("%s: no storage path name: passed over", info.path)
+        else:
+            infos.append(info)
+    return infos
+
+
 class StorageDriver(ABC):
     name: str
     keeps_symlinks = False  # whether `symlinks` can ever name one (a filesystem's root)
@@ -161,13 +172,7 @@ class StorageDriver(ABC):
         """What `stat` says of each entry of a directory, in `list`'s order; a name no storage
         path may hold (`lost+found`, a space) is passed over, as every other call would
         refuse it."""
-        infos = []
-        for info in await self._entries(check_tree(path)):
-            if _PATH_RE.fullmatch(info.path) is None:
-                log.warning("%s: no storage path name: passed over", info.path)
-                continue
-            infos.append(info)
-        return infos
+        return _storage_paths(await self._entries(check_tree(path)))
 
     async def files(self, path: str, sizes: bool = True) -> builtins.list[FileInfo] | None:
         """What `stat` says of every file below a directory, where the store lists a whole
@@ -179,12 +184,7 @@ class StorageDriver(ABC):
         progress, a ListParts each) is listed with size and time 0, and one finished or
         cancelled since the listing may still be listed."""
         found = await self._files(check_tree(path), sizes)
-        if found is None:
-            return None
-        for info in found:
-            if _PATH_RE.fullmatch(info.path) is None:
-                log.warning("%s: no storage path name: passed over", info.path)
-        return [info for info in found if _PATH_RE.fullmatch(info.path) is not None]
+        return None if found is None else _storage_paths(found)
 
     def statvfs(self) -> os.statvfs_result | None:
         """Space and file counts of the store, where it has such a thing."""

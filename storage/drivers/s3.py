@@ -735,11 +735,17 @@ class S3Driver(StorageDriver):
     def _keep(
         self, memo: OrderedDict[str, tuple[V, float]], path: str, value: V, since: int
     ) -> None:
-        """Keep value (`_dirs`, `_listed`) for DIR_SEEN, unless a change was sent since."""
+        """Keep value (`_dirs`, `_listed`) for DIR_SEEN, unless a change was sent since.
+        Newest last: what is older than DIR_SEEN goes at once (a listing can be large), and
+        never more than KNOWN."""
         with self._dirs_lock:
             if since == self._changes:
-                memo[path] = (value, time.monotonic())
-                while len(memo) > KNOWN:
+                now = time.monotonic()
+                memo[path] = (value, now)
+                memo.move_to_end(path)
+                while memo and (
+                    len(memo) > KNOWN or now - next(iter(memo.values()))[1] >= DIR_SEEN
+                ):
                     memo.popitem(last=False)
 
     def _kept(self, memo: OrderedDict[str, tuple[V, float]], path: str) -> V | None:
