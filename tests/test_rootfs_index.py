@@ -1388,6 +1388,14 @@ async def index_child() -> int:
     return pids[0]
 
 
+async def decoder_of(pid: int) -> int:
+    """The pid of the index subprocess's decompressing process (`fastgzip._Decoder`)."""
+    with trio.fail_after(30):
+        while not (found := Path(f"/proc/{pid}/task/{pid}/children").read_text().split()):
+            await trio.sleep(0.005)
+    return int(found[0])
+
+
 async def gone(pid: int) -> None:
     with trio.fail_after(10):
         while Path(f"/proc/{pid}").exists():
@@ -1416,8 +1424,11 @@ async def test_a_subprocess_that_dies_is_a_clean_error(slow_gzip, cache, cache_d
                 outcome.append(exc)
 
         nursery.start_soon(index)
-        os.kill(await index_child(), signal.SIGKILL)
+        pid = await index_child()
+        decoder = await decoder_of(pid)
+        os.kill(pid, signal.SIGKILL)
     assert outcome and "status -9" in str(outcome[0]) and "subprocess failed" in caplog.text
+    await gone(decoder)  # it dies with the child
     assert not index_children() and cached_files(cache_dir) == set()
     index = await indexer.index(slow_gzip.ref)
     assert indexer.passes == 2 and index_view(index) == tarfile_view(slow_gzip.raw)
@@ -1428,8 +1439,10 @@ async def test_an_unmount_while_indexing_ends_the_subprocess(slow_gzip, cache, c
     async with trio.open_nursery() as nursery:
         nursery.start_soon(indexer.index, slow_gzip.ref)
         pid = await index_child()
+        decoder = await decoder_of(pid)
         nursery.cancel_scope.cancel()
     await gone(pid)
+    await gone(decoder)
     assert not index_children() and not indexer.progress and cached_files(cache_dir) == set()
 
 
