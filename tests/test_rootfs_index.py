@@ -22,6 +22,7 @@ import tarfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,7 +63,7 @@ from storage.rootfs.index import Format, Indexer, LayerIndex, LayerRef
 from storage.rootfs.members import Kind, Member, gc_paused, normalise
 from storage.rootfs.merge import merge
 from storage.rootfs.reader import LayerFiles
-from storage.rootfs.tarscan import Limits
+from storage.rootfs.tarscan import Limits, _TarInfo
 from storage.rootfs.zstdframes import FRAME_SIZE
 
 pytestmark = pytest.mark.storage
@@ -1201,6 +1202,51 @@ async def test_open_layers_are_bounded_and_closed(registry, cache):
     finally:
         await files.aclose()
     assert not failures and not files._open
+
+
+def tar_headers(raw: bytes) -> list[bytes]:
+    """Every 512-byte block of a tar that holds a header (of a member or a PAX record)."""
+    found = []
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        for info in tar:
+            found.append(raw[info.offset : info.offset + 512])
+            if info.offset_data - info.offset > 512:  # a PAX or GNU header before it
+                found.append(raw[info.offset_data - 512 : info.offset_data])
+    return found
+
+
+def parsed(header: bytes, parse: Callable[[bytes, str, str], tarfile.TarInfo]) -> object:
+    """What a `frombuf` makes of a header: its fields, or the error it raises."""
+    try:
+        info = parse(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        return type(exc)
+    return tuple(getattr(info, name) for name in tarfile.TarInfo.__slots__ if hasattr(info, name))
+
+
+def test_the_quick_header_parse_is_tarfiles():
+    """tarscan's quick `frombuf` gives what tarfile's gives (or raises what it raises) for
+    the headers of every tar form (ustar, GNU, PAX) and for them mutated at random: bytes
+    changed in the number fields, the checksum, type, names and magic."""
+    rng = random.Random(5)
+    headers = tar_headers(every_kind_tar(big=0))
+    long_path = "d" * 60 + "/" + "n" * 70  # a ustar prefix, a GNU long name, a PAX path
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        members = [(entry(long_path), b"x"), (entry("e"), b"abc"), (entry("d/", b"5"), b"")]
+        headers += tar_headers(tar_of(members, fmt))
+    headers += tar_headers(tar_of([(entry("big", uid=3_000_000), b"")], tarfile.GNU_FORMAT))
+    assert len(headers) > 20
+    values = [b"\0", b" ", b"7", b"8", b"\x80", b"\xff", b"_", b"-", b"a", b"/"]
+    for header in list(headers):
+        for _ in range(60):
+            mutated = bytearray(header)
+            for _ in range(rng.randint(1, 3)):
+                at = rng.choice([rng.randrange(512), rng.randrange(100, 160)])
+                mutated[at : at + 1] = rng.choice(values)
+            headers.append(bytes(mutated))
+    headers += [bytes(512), b"", b"x" * 100]
+    for header in headers:
+        assert parsed(header, _TarInfo.frombuf) == parsed(header, tarfile.TarInfo.frombuf)
 
 
 # -- gzip in a subprocess (storage/rootfs/fastgzip.py) ---------------------------------
