@@ -15,22 +15,44 @@ carries its own layer markers instead of one `pytestmark` for the module.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import io
+import os
 import random
+import re
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
 import zstandard
+from support.images import (
+    Entry,
+    Tree,
+    build_layered_image,
+    differences,
+    directory,
+    file,
+    symlink,
+    tree_of_dir,
+    umoci_unpack,
+)
 from support.layers import compress, entry, half_random, many_members_tar, tar_of
+from support.mounts import Mount, wait_until
+from support.oci import OciImage, skopeo_push
 from support.passes import Openings, loop_lag, timed_layer
-from support.tools import MIB
+from support.registry import RegistryServer
+from support.tools import MIB, errno_of, run
 
+from storage.remote.reader import STREAM_AFTER
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.index import Format, Indexer, LayerIndex
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-IN_PROCESS = [pytest.mark.storage]
 
 
 @pytest.fixture
@@ -116,3 +138,238 @@ async def test_the_kept_index_is_compressed(cache, tmp_path):
         if suffix == ".idx":
             assert decoded.startswith(b"regfs-layer-index ")
             assert decoded.count(b"d7/f") >= 200  # the member names are in it
+
+
+# --------------------------------------------------------------------------- through a mount
+
+REPO = "guarantees/img"
+BIG = random.Random(7).randbytes(12 * MIB)  # a gzip layer past the remote's STREAM_AFTER
+
+
+def replacing() -> list[list[Entry]]:
+    """A directory (with children) replaced by a file and another by a symlink; a directory
+    declared again with a new mode, owner and xattrs, over the one below, keeping its
+    children (directory over directory changes the attributes only)."""
+    base = [
+        directory("."),
+        directory("d2f"),
+        file("d2f/child", b"c"),
+        directory("d2f/sub"),
+        file("d2f/sub/deep", b"deep"),
+        directory("d2l"),
+        file("d2l/child", b"c"),
+        directory("attrs", mode=0o755, xattrs=(("user.old", b"1"),)),
+        file("attrs/inner", b"inner"),
+        directory("attrs/keep", mode=0o700, uid=3),
+        file("attrs/keep/f", b"f"),
+    ]
+    upper = [
+        file("d2f", b"now a file\n", mode=0o640, uid=5, gid=6),
+        symlink("d2l", "attrs"),
+        directory("attrs", mode=0o2710, uid=1000, gid=100, xattrs=(("user.new", b"2"),)),
+        file("attrs/added", b"added"),
+    ]
+    return [base, upper]
+
+
+IMAGES: dict[str, list[list[Entry]]] = {
+    "replace": replacing(),
+    "climb": [[directory("."), file("../../escape", b"climbs"), file("/abs/name", b"abs")]],
+    "bare": [[directory("."), file("a", b"a")], [file("d/.wh.")]],
+    "loop": [[directory("."), symlink("a", "b"), symlink("b", "a")], [file("a/x", b"x")]],
+    "big": [[directory("."), file("big", BIG), file("small", b"small\n")]],
+}
+
+
+@dataclass
+class Built:
+    """The module's storage root (every image of IMAGES pushed by skopeo), its layout, and
+    the index cache (XDG_CACHE_HOME) of its mounts."""
+
+    base: Path
+    images: dict[str, OciImage] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> Path:
+        return self.base / "oci"
+
+    @property
+    def root(self) -> Path:
+        return self.base / "root"
+
+    @property
+    def cache(self) -> Path:
+        return self.base / "cache"
+
+    def layers(self, tag: str) -> list[str]:
+        return list(self.images[tag].layer_digests)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    made = Built(tmp_path_factory.mktemp("guarantees"))
+    for tag, layers in IMAGES.items():
+        made.images[tag] = build_layered_image(made.layout, tag, layers)
+    with RegistryServer(made.root, workdir=made.base / "registry") as server:
+        for tag in IMAGES:
+            skopeo_push(made.layout, tag, server.host, REPO)
+    return made
+
+
+@contextlib.contextmanager
+def mounted_at(source: str, where: Path, cache: Path) -> Iterator[Mount]:
+    """A mount of `source` whose index cache is under `cache` (XDG_CACHE_HOME); stopped and
+    its log checked at the end."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        with Mount(source, where / "mnt", where / "regfs.log") as m:
+            yield m
+
+
+@pytest.fixture(scope="module")
+def mounted(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    with mounted_at(str(built.root), tmp_path_factory.mktemp("mount"), built.cache) as m:
+        yield m
+
+
+def rootfs(m: Mount, *parts: str) -> Path:
+    return m.path(*REPO.split("/"), "rootfs", *parts)
+
+
+def shown_tree(path: Path) -> Tree:
+    """tree_of_dir of an image root, without the xattrs regfs adds to that root."""
+    tree = tree_of_dir(path)
+    root = tree.records[""]
+    kept = tuple(x for x in root.xattrs if not x[0].startswith("user.regfs."))
+    return Tree({**tree.records, "": dataclasses.replace(root, xattrs=kept)}, tree.links)
+
+
+@pytest.mark.parametrize("tag", ["replace", "climb"])
+@pytest.mark.mount
+@pytest.mark.registry
+def test_the_view_equals_umoci_unpack(built, mounted, tag, tmp_path):
+    """A directory replaced by a file or a symlink loses its subtree; one declared again
+    takes the new mode, owner and xattrs (the old xattr gone) and keeps its children; member
+    names that climb out (`../../escape`, `/abs/name`) land inside the image, as umoci
+    puts them. Paths, types, modes, owners, sizes, link targets, xattrs, sha256, mtimes."""
+    expected = tree_of_dir(umoci_unpack(built.layout, tag, tmp_path / "bundle"))
+    actual = shown_tree(rootfs(mounted, tag))
+    assert differences(expected, actual) == []
+    assert actual == expected
+    records = actual.records
+    if tag == "replace":
+        assert records["d2f"].type == "file" and records["d2f"].mode == 0o640
+        assert not [p for p in records if p.startswith(("d2f/", "d2l/"))]
+        assert records["d2l"].target == "attrs"
+        attrs = records["attrs"]
+        assert (attrs.mode, attrs.uid, attrs.gid) == (0o2710, 1000, 100)
+        assert attrs.xattrs == (("user.new", b"2"),)
+        assert {"attrs/inner", "attrs/keep/f", "attrs/added"} <= records.keys()
+        assert records["attrs/keep"].uid == 3
+    else:
+        assert set(records) == {"", "escape", "abs", "abs/name"}
+
+
+@pytest.mark.mount
+@pytest.mark.registry
+def test_names_that_climb_out_show_nothing_outside_the_image(built, mounted):
+    """`../../escape` and `/abs/name` are inside the image only: nothing of them above its
+    root in the mount, nor in the storage root, the index cache or the mount's directory."""
+    image = rootfs(mounted, "climb")
+    assert (image / "escape").read_bytes() == b"climbs"
+    assert (image / "abs" / "name").read_bytes() == b"abs"
+    assert sorted(os.listdir(image)) == ["abs", "escape"]
+    assert os.listdir(rootfs(mounted)) == []
+    repo = mounted.path(*REPO.split("/"))
+    assert sorted(os.listdir(repo)) == ["layers", "manifests", "rootfs", "tags", "uploads"]
+    assert errno_of(lambda: os.stat(image / ".." / ".." / "escape")) == errno.ENOENT
+    for where in (mounted.mountpoint.parent, built.root, built.cache):
+        found = run("find", where, "-name", "escape", "-o", "-name", "abs").stdout
+        assert found == b"", (where, found)
+
+
+@pytest.mark.parametrize(
+    ("tag", "reason"), [("bare", "a bare .wh. whiteout"), ("loop", "a symlink loop")]
+)
+@pytest.mark.mount
+@pytest.mark.registry
+def test_a_layer_the_merge_refuses_is_eio_for_its_image_only(built, mounted, tag, reason):
+    """A bare `.wh.` (umoci ignores it; regfs refuses it, docs/rootfs.md) and a symlink loop
+    in a parent path (umoci fails too) in the second layer: EIO for that image, kept (no
+    second merge), a log line naming the image, the layer and the reason; the other images
+    of the mount read on."""
+    image = rootfs(mounted, tag)
+    assert errno_of(lambda: os.listdir(image)) == errno.EIO
+    assert errno_of(lambda: os.stat(image / "a")) == errno.EIO
+    layer = built.layers(tag)[1]
+    wait_until(lambda: layer in mounted.log_text(), 5, "the log line")
+    lines = [line for line in mounted.log_text().splitlines() if layer in line]
+    merged = [line for line in lines if "ERROR regfs.rootfs" in line]  # once: the outcome kept
+    assert len(merged) == 1 and reason in merged[0], lines
+    assert f"image {REPO}@{built.images[tag].digest}: layer 1 ({layer})" in merged[0]
+    status = run("getfattr", "--only-values", "-n", "user.regfs.index", image).stdout
+    assert status.startswith(b"failed: ") and reason.encode() in status
+    assert (rootfs(mounted, "replace", "d2f")).read_bytes() == b"now a file\n"
+    assert (rootfs(mounted, "climb", "escape")).read_bytes() == b"climbs"
+    assert mounted.pids()
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+def blob_gets(server: RegistryServer, digest: str) -> list[int]:
+    """The body sizes of the registry's answers to GETs of blob `digest` (its access log):
+    ranges all, a GET of the whole blob would be a 200."""
+    sizes = server.range_gets(REPO, digest)
+    text = server.log_path.read_text(errors="replace")
+    whole = re.findall(rf'"GET /v2/{REPO}/blobs/{digest} HTTP/[\d.]+" (?!206)\d+', text)
+    assert whole == [], whole
+    return sizes
+
+
+@pytest.mark.mount
+@pytest.mark.registry
+@pytest.mark.remote
+def test_a_listing_of_an_indexed_image_over_http_reads_no_layer_byte(built, mounted, tmp_path):
+    """With the image's layers in the index cache (indexed by the local mount), a fresh
+    remote mount's `ls -lR` and `find` of it show the whole tree without one GET of a layer
+    (a HEAD each, to open them ahead, is all); the first `cat` then GETs (so the count
+    would see them)."""
+    tag = "replace"
+    want = run("find", rootfs(mounted, tag), "-printf", "%P %y %m %U:%G %s %l\n").stdout
+    with (
+        RegistryServer(built.root, workdir=tmp_path / "registry") as server,
+        mounted_at(server.url, tmp_path, built.cache) as remote,
+    ):
+        image = rootfs(remote, tag)
+        assert len(run("ls", "-lR", image).stdout.splitlines()) > 10
+        assert run("find", image, "-printf", "%P %y %m %U:%G %s %l\n").stdout == want
+        assert "indexing layer" not in remote.log_text()
+        for layer in built.layers(tag):
+            assert blob_gets(server, layer) == [], layer
+        assert (image / "d2f").read_bytes() == b"now a file\n"
+        assert blob_gets(server, built.layers(tag)[1])
+
+
+@pytest.mark.mount
+@pytest.mark.registry
+@pytest.mark.remote
+def test_a_pass_over_http_reads_its_layer_once_in_few_gets(built, tmp_path):
+    """Issue 16 says a remote layer is indexed "from one streamed GET". What a pass makes is
+    a GET of the 4 magic bytes (the compression), then the blob in order through the remote
+    reader's sequential run: range GETs (1, 1, 2, 4 MiB here) until the run is STREAM_AFTER
+    long, then one GET to the blob's end. So 6 GETs for a 12 MiB layer (as for any larger
+    one: the last GET streams the rest), and no byte read twice."""
+    layer = built.layers("big")[0]
+    size = len(built.images["big"].blob(layer))
+    with (
+        RegistryServer(built.root, workdir=tmp_path / "registry") as server,
+        mounted_at(server.url, tmp_path, tmp_path / "cache") as remote,
+    ):
+        assert run("ls", rootfs(remote, "big")).stdout == b"big\nsmall\n"  # indexed, merged
+        assert f"indexing layer {layer}" in remote.log_text()
+        sizes = blob_gets(server, layer)
+        assert rootfs(remote, "big", "small").read_bytes() == b"small\n"
+    assert len(sizes) <= 6, sizes
+    assert size <= sum(sizes) <= size + 4, sizes
+    assert max(sizes) >= size - STREAM_AFTER * 2, sizes  # the stream: all past the run
