@@ -261,6 +261,105 @@ async def test_throttling_is_retried(moto_server, s3_bucket, few_retries):
         assert await drv.list("/a") == ["b"]
 
 
+async def test_listings_read_as_boto3_reads_them(moto_server, s3, s3_bucket):
+    """The driver's own ListObjectsV2 (s3_list.py) says what boto3's says: keys that need
+    URL-encoding, sizes, times, common prefixes, and pages followed by their tokens."""
+    names = ["a b", "a+b", "100%", "x&y<z>", "ü/deeper", "~tilde", "q?=1"]
+    for i, name in enumerate(names):
+        s3.put_object(Bucket=s3_bucket, Key=f"r/odd/{name}", Body=b"x" * i)
+    drv = S3Driver(s3_bucket, "/r", client=moto_server.client())
+    assert await drv.list("/odd") == sorted(n.partition("/")[0] for n in names)
+    plain = s3.list_objects_v2(Bucket=s3_bucket, Prefix="r/odd/")["Contents"]
+    assert [(k, o.size, o.mtime_ns) for k, o in drv._objects("r/odd/") if o] == [
+        (o["Key"], o["Size"], s3_module.mtime_ns(o["LastModified"])) for o in plain
+    ]
+    for delimiter in ("", "/"):
+        pages, token = [], None
+        while True:
+            page = drv._lister.page("r/odd/", delimiter, max_keys=2, token=token)
+            pages.append((sorted(o.key for o in page.objects), sorted(page.prefixes)))
+            if page.token is None:
+                break
+            token = page.token
+        plain_pages = [
+            (
+                sorted(o["Key"] for o in p.get("Contents", [])),
+                sorted(c["Prefix"] for c in p.get("CommonPrefixes", [])),
+            )
+            for p in s3.get_paginator("list_objects_v2").paginate(
+                Bucket=s3_bucket, Prefix="r/odd/", Delimiter=delimiter, MaxKeys=2
+            )
+        ]
+        assert pages == plain_pages and len(pages) > 2
+
+
+async def test_a_listing_a_driver_does_not_read_is_eio_at_once(
+    moto_server, s3_bucket, monkeypatch, caplog
+):
+    """A hostile or broken listing answer is refused, not retried, and is EIO (never ENOENT):
+    a DTD (no entity is ever expanded), more than LIST_LIMIT bytes (never read whole), not
+    XML, an entry without a size or with a negative one, a truncated page without a token.
+    An answer that the bucket is in another region hands the listings to boto3, which
+    follows it: the listing still answers."""
+    monkeypatch.setattr("storage.drivers.s3_list.LIST_LIMIT", 4096)
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "/r", client=moto_server.client(proxy.url))
+        await drv.put_content("/a/b", b"hello")
+        entry = (
+            b"<Contents><Key>r/a/b</Key><Size>%s</Size><LastModified>%s</LastModified></Contents>"
+        )
+        listing = b"<ListBucketResult>%s<IsTruncated>%s</IsTruncated></ListBucketResult>"
+        for body in (
+            b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaa">]><ListBucketResult>&a;'
+            b"</ListBucketResult>",
+            listing % (entry % (b"1", b"2026-01-01T00:00:00.000Z") * 100, b"false"),
+            b"{}",
+            listing % (entry % (b"-1", b"2026-01-01T00:00:00.000Z"), b"false"),
+            listing % (entry % (b"1", b"yesterday"), b"false"),
+            listing % (b"", b"true"),
+        ):
+            proxy.seen.clear()
+            proxy.inject(Fault(200, body=body, method="GET", path=f"^/{s3_bucket}$"))
+            drv.forget()
+            with pytest.raises(RemoteUnavailable):
+                await drv.list("/a")
+            assert len(proxy.seen) == 1, body
+        assert "S3 sent a listing regfs does not read" in caplog.text
+        assert await drv.list("/a") == ["b"]
+        elsewhere = b"<Error><Code>PermanentRedirect</Code><Message>elsewhere</Message></Error>"
+        proxy.inject(Fault(301, body=elsewhere, method="GET", path=f"^/{s3_bucket}$"))
+        drv.forget()
+        assert await drv.list("/a") == ["b"]
+        assert "max-keys=1000" in proxy.seen[-1].path  # boto3's own call
+        await drv.delete("/a")
+
+
+def test_the_fault_proxy_hangs_up_on_its_clients_at_stop(moto_server, s3_bucket):
+    """The fault proxy's stop returns at once with clients still connected: one idle in a
+    client's pool of kept connections, one that stopped in the middle of a request's body.
+    Each held a handler thread, which stop joins, for the handler's timeout (5 s), or for
+    good while its client went on sending."""
+    proxy = FaultServer(upstream=moto_server.url).start()
+    stalled = socket.create_connection(("127.0.0.1", proxy.port))
+    try:
+        client = moto_server.client(proxy.url)
+        client.head_bucket(Bucket=s3_bucket)  # its connection stays open in the pool
+        stalled.sendall(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n12")
+        deadline = time.monotonic() + 5
+        while proxy.connections < 2:
+            assert time.monotonic() < deadline, "the proxy never saw both clients"
+            time.sleep(0.01)
+        start = time.monotonic()
+        proxy.stop()
+        assert time.monotonic() - start < 2
+        stalled.settimeout(5)
+        assert stalled.recv(1) == b""  # hung up on, not answered
+        assert proxy.connections == 0
+    finally:
+        stalled.close()
+        proxy.stop()
+
+
 async def test_a_stopped_server_is_eio_not_enoent(few_retries):
     """A server gone in the middle of a read: that read fails (RemoteUnavailable), the next
     open too, and nothing says the file is missing."""
@@ -601,6 +700,42 @@ def test_check_bucket_says_what_is_wrong(moto_server, s3_bucket, monkeypatch, tm
         S3Driver(s3_bucket, client=s3_client(moto_server.url)).check_bucket()
 
 
+async def test_a_profile_of_the_aws_files_and_an_empty_prefix(
+    moto_server, s3_bucket, monkeypatch, tmp_path
+):
+    """With no key in the environment, the standard AWS chain's files answer: AWS_PROFILE
+    picks a profile's keys in the credentials file and its region in the config file, and
+    every request is signed with them (the Authorization header's credential and scope),
+    the driver's own listings too. An empty prefix (`s3://BUCKET`, a registry whose
+    rootdirectory is `/`) keeps the registry's tree at the bucket's top."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "credentials").write_text(
+        "[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = d\n"
+        "[bench]\naws_access_key_id = AKIAPROFILE\naws_secret_access_key = p\n"
+    )
+    (tmp_path / "config").write_text("[profile bench]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "bench")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with FaultServer(upstream=moto_server.url) as proxy:
+        drv = S3Driver(s3_bucket, "", client=s3_client(proxy.url))
+        drv.check_bucket()
+        registry = Registry(drv)
+        await store_image(registry.repository("org/app"), ["v1"])
+        assert await registry.repository("org/app").tags.list() == ["v1"]
+        assert {s3_call(s) for s in proxy.seen} >= {"HeadObject", "ListObjects", "PUT"}
+        for seen in proxy.seen:
+            assert seen.authorization is not None, seen
+            assert "Credential=AKIAPROFILE/" in seen.authorization, seen
+            assert "/eu-west-3/s3/aws4_request" in seen.authorization, seen
+        keys = bucket_keys(drv.client, s3_bucket)
+    assert keys and all(k.startswith("docker/registry/v2/") for k in keys), keys
+
+
 async def test_a_lock_left_by_a_dead_process_here_is_taken_at_once(drv, s3, s3_bucket, monkeypatch):
     """A daemon killed on this host leaves its lock: the next writer here sees its process
     is gone and takes it without waiting for the expiry; another host's fresh lock is kept
@@ -712,39 +847,36 @@ async def test_a_renewal_that_keeps_failing_is_busy_in_time(
     with FaultServer(upstream=moto_server.url) as proxy:
         drv = S3Driver(s3_bucket, "/regroot", client=moto_server.client(proxy.url))
         path = f"{UPLOAD}/data"
-        try:
-            before = time.monotonic()
-            writer = await drv.writer(path)
-            taken = time.monotonic()  # the lock's write was sent between before and taken
-            proxy.inject(Fault(503, body=SLOW_DOWN, method="PUT", path=LOCK), times=1000)
-            size = 0
-            with trio.fail_after(QUICK_SAFE + 10):
-                while True:
-                    sent = time.monotonic()
-                    try:
-                        await writer.write_at(size, b"x")
-                        await writer.sync()
-                    except Busy:
-                        break
-                    size, last = size + 1, sent
-                    await trio.sleep(0.05)
-            assert last <= taken + QUICK_SAFE
-            assert time.monotonic() >= before + QUICK_SAFE
-            assert lock_puts(proxy).count(503) >= 6  # three renewals or more, each retried once
-            with trio.fail_after(5):
-                while renewing(path):  # given up (maybe a moment after the window closed)
-                    await trio.sleep(0.05)
-            assert "writer lock not renewed in time" in caplog.text
-            with pytest.raises(Busy):
-                await writer.sync()
-            with pytest.raises(Busy):
-                await writer.aclose()  # the tail is not sent; the lock goes
-            proxy.clear()
-            assert await drv.list(UPLOAD) == ["data"]
-            assert await drv.get_content(path) == b"x" * size
-            await drv.delete(UPLOAD)
-        finally:
-            drv.client.close()  # its kept connections would hold the proxy's stop
+        before = time.monotonic()
+        writer = await drv.writer(path)
+        taken = time.monotonic()  # the lock's write was sent between before and taken
+        proxy.inject(Fault(503, body=SLOW_DOWN, method="PUT", path=LOCK), times=1000)
+        size = 0
+        with trio.fail_after(QUICK_SAFE + 10):
+            while True:
+                sent = time.monotonic()
+                try:
+                    await writer.write_at(size, b"x")
+                    await writer.sync()
+                except Busy:
+                    break
+                size, last = size + 1, sent
+                await trio.sleep(0.05)
+        assert last <= taken + QUICK_SAFE
+        assert time.monotonic() >= before + QUICK_SAFE
+        assert lock_puts(proxy).count(503) >= 6  # three renewals or more, each retried once
+        with trio.fail_after(5):
+            while renewing(path):  # given up (maybe a moment after the window closed)
+                await trio.sleep(0.05)
+        assert "writer lock not renewed in time" in caplog.text
+        with pytest.raises(Busy):
+            await writer.sync()
+        with pytest.raises(Busy):
+            await writer.aclose()  # the tail is not sent; the lock goes
+        proxy.clear()
+        assert await drv.list(UPLOAD) == ["data"]
+        assert await drv.get_content(path) == b"x" * size
+        await drv.delete(UPLOAD)
 
 
 async def test_a_directory_stat_answers_the_next_ones_briefly(drv, moto_server, s3, s3_bucket):

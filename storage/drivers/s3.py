@@ -19,7 +19,9 @@ boto3 blocks, so every call runs on a worker thread (trio.to_thread), which docs
 the fastest client here; botocore's own retries are off and storage/remote/retry.py's backoff
 is used instead, for throttling (503 SlowDown), 5xx and lost connections. What still fails is
 RemoteUnavailable (EIO through the mount), never PathNotFound. A call in a thread cannot be
-cancelled: a mount's interrupted read waits for its request.
+cancelled: a mount's interrupted read waits for its request. ListObjectsV2, the call
+behind every lookup and readdir, is sent by s3_list.py with the client's signer and pool
+but not its per-call work (docs/s3.md, "Listings").
 
 One writer per file: in this process (Busy), and across daemons by a lock object beside
 the file (`_Lock`; docs/scale-out.md says why it is safe). Reads stream ahead on a thread
@@ -46,7 +48,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
@@ -67,13 +69,13 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from ..errors import AccessDenied, Busy, InvalidOffset, RemoteUnavailable
 from ..remote.retry import backoff, pause
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver, join
+from .s3_list import ListedObject, Lister, mtime_ns
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import (
         CompletedPartTypeDef,
         ObjectIdentifierTypeDef,
-        ObjectTypeDef,
     )
 
 log = logging.getLogger(__name__)
@@ -152,10 +154,6 @@ def _transient(exc: Exception, resend: bool) -> bool:
 
 def _missing(exc: Exception) -> bool:
     return isinstance(exc, ClientError) and _code(exc) in _MISSING_CODES
-
-
-def _mtime_ns(when: datetime) -> int:
-    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
 
 
 @dataclass(frozen=True)
@@ -238,6 +236,7 @@ class S3Driver(StorageDriver):
         self.bucket = bucket
         self.rootdirectory = rootdirectory.strip("/")
         self.client: S3Client = client if client is not None else s3_client()
+        self._lister = Lister(self.client, bucket)
         self.chunksize = chunksize
         self._multipart = multipart
         self._writers: dict[str, _Writer] = {}  # key → this process's open writer
@@ -348,37 +347,32 @@ class S3Driver(StorageDriver):
             )
         except PathNotFound:
             return None
-        return head["ContentLength"], _mtime_ns(head["LastModified"]), head["ETag"]
+        return head["ContentLength"], mtime_ns(head["LastModified"]), head["ETag"]
 
-    def _first(self, prefix: str) -> ObjectTypeDef | None:
+    def _first(self, prefix: str) -> ListedObject | None:
         """The first object whose key starts with prefix (a ListObjectsV2 of one key): the
         object at prefix itself if there is one (it sorts first), else one below `prefix/`,
         or a sibling whose name merely starts with the same letters (`app-x` for `app`)."""
-        page = self.call(
-            f"LIST {prefix}",
-            lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
-        )
-        return next(iter(page.get("Contents", [])), None)
+        page = self.call(f"LIST {prefix}", lambda: self._lister.page(prefix, max_keys=1))
+        return next(iter(page.objects), None)
 
     def _objects(
         self, prefix: str, delimiter: str = ""
-    ) -> Iterator[tuple[str, ObjectTypeDef | None]]:
-        """ListObjectsV2 pages as (key, the object) and (common prefix, None)."""
+    ) -> Iterator[tuple[str, ListedObject | None]]:
+        """ListObjectsV2 pages (s3_list.py) as (key, the object) and (common prefix, None)."""
         token: str | None = None
         while True:
-            listing = functools.partial(
-                self.client.list_objects_v2, Bucket=self.bucket, Prefix=prefix, Delimiter=delimiter
+            page = self.call(
+                f"LIST {prefix}",
+                functools.partial(self._lister.page, prefix, delimiter, token=token),
             )
-            if token:
-                listing = functools.partial(listing, ContinuationToken=token)
-            page = self.call(f"LIST {prefix}", listing)
-            for obj in page.get("Contents", []):
-                yield obj["Key"], obj
-            for common in page.get("CommonPrefixes", []):
-                yield common["Prefix"], None
-            if not page.get("IsTruncated"):
+            for obj in page.objects:
+                yield obj.key, obj
+            for common in page.prefixes:
+                yield common, None
+            if page.token is None:
                 return
-            token = page["NextContinuationToken"]
+            token = page.token
 
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
         """(key, upload id) of the multipart uploads in progress under prefix, in S3's order
@@ -453,7 +447,7 @@ class S3Driver(StorageDriver):
             page = self.call(f"LIST PARTS {key}", listing, path=path)
             for part in page.get("Parts", []):
                 parts.append(_Part(part["PartNumber"], part["ETag"], part["Size"]))
-                newest = max(newest, _mtime_ns(part["LastModified"]))
+                newest = max(newest, mtime_ns(part["LastModified"]))
             if not page.get("IsTruncated"):
                 break
             marker = page["NextPartNumberMarker"]
@@ -704,14 +698,13 @@ class S3Driver(StorageDriver):
             if listed is not None and name not in listed and not self._multipart.below(path):
                 raise PathNotFound(path)  # not in a listing of its directory just made
             found = self._first(key)
-            if found is not None and found["Key"] == key:
-                return FileInfo(path, found["Size"], _mtime_ns(found["LastModified"]), False)
-            if found is not None and not found["Key"].startswith(key + "/"):
+            if found is not None and found.key == key:
+                return FileInfo(path, found.size, found.mtime_ns, False)
+            if found is not None and not found.key.startswith(key + "/"):
                 found = self._first(key + "/")  # a sibling sorted first
             if found is not None:
-                mtime_ns = _mtime_ns(found["LastModified"])
-                self._saw_dirs(path, found["Key"][len(key) + 1 :], mtime_ns, since)
-                return FileInfo(path, 0, mtime_ns, True)
+                self._saw_dirs(path, found.key[len(key) + 1 :], found.mtime_ns, since)
+                return FileInfo(path, 0, found.mtime_ns, True)
             if self._multipart.below(path) and next(self._uploads(key + "/"), None):
                 return FileInfo(path, 0, time.time_ns(), True)
             raise PathNotFound(path)
@@ -800,9 +793,7 @@ class S3Driver(StorageDriver):
                     continue  # a directory marker another tool made
                 child = join(path, leaf)
                 if obj is not None:
-                    found[child] = FileInfo(
-                        child, obj["Size"], _mtime_ns(obj["LastModified"]), False
-                    )
+                    found[child] = FileInfo(child, obj.size, obj.mtime_ns, False)
                 else:
                     found.setdefault(child, FileInfo(child, 0, 0, True))
             uploads: dict[str, str] = {}  # the first listed at a key: the one resumed
@@ -832,9 +823,7 @@ class S3Driver(StorageDriver):
                 rest = name[len(prefix) :]
                 if obj is not None and rest and not rest.endswith("/"):  # not a marker
                     child = join(path, rest)
-                    found[child] = FileInfo(
-                        child, obj["Size"], _mtime_ns(obj["LastModified"]), False
-                    )
+                    found[child] = FileInfo(child, obj.size, obj.mtime_ns, False)
             uploads: dict[str, str] = {}  # the first listed at a key: the one resumed
             for key, upload_id in self._uploads(prefix):
                 child = join(path, key[len(prefix) :])

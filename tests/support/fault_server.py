@@ -7,13 +7,18 @@ the body. Requests that match no
 fault are forwarded to `upstream` (the `Host` header is kept, so the registry's `Location`s
 point back at the proxy), or answered `200 {}` without one. Every request is recorded.
 
-Threads: one per connection, all joined by `stop()`; a sleeping fault wakes up at stop.
+Threads: one per connection, all joined by `stop()`, which first closes every client
+connection (a client's idle keep-alive connection, or one that stopped mid-request, would
+hold its thread until the handler's timeout) and wakes every sleeping fault: it returns in
+bounded time whatever the clients do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
 import ssl
 import threading
 from collections import deque
@@ -71,6 +76,7 @@ class FaultServer(StartStop):
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _http: LoopbackHTTP | None = field(default=None, init=False, repr=False)
+    _connections: set[socket.socket] = field(default_factory=set, init=False, repr=False)
 
     @property
     def port(self) -> int:
@@ -107,19 +113,65 @@ class FaultServer(StartStop):
         self._http = LoopbackHTTP(_Handler, self, "fault-server", self.tls)
         return self
 
+    def connected(self, connection: socket.socket) -> bool:
+        """Track a client's connection until `disconnected`; False (and it is shut) once
+        stopping."""
+        with self._lock:
+            if not self._stopping.is_set():
+                self._connections.add(connection)
+                return True
+        _hang_up(connection)
+        return False
+
+    def disconnected(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+    @property
+    def connections(self) -> int:
+        """Client connections open now."""
+        with self._lock:
+            return len(self._connections)
+
     def stop(self) -> None:
+        """Stop accepting, hang up on every client, join every handler thread."""
         self._stopping.set()
         http, self._http = self._http, None
-        if http is not None:
-            http.stop()
+        if http is None:
+            return
+        http.server.shutdown()
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            _hang_up(connection)
+        http.stop()
+
+
+def _hang_up(connection: socket.socket) -> None:
+    """Wake the handler blocked reading from connection (it reads EOF), and end it for the
+    client; closing is left to the handler's own finish."""
+    with contextlib.suppress(OSError):  # already gone
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(LoopbackHandler):
+    def setup(self) -> None:
+        super().setup()
+        self.owner: FaultServer = self.server.owner  # type: ignore[attr-defined]
+        if not self.owner.connected(self.connection):
+            self.close_connection = True
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.owner.disconnected(self.connection)
+
     def _seen(self, status: int | None, faulted: bool) -> Seen:
         return Seen(self.command, self.path, status, faulted, self.headers.get("Authorization"))
 
     def _handle(self) -> None:
-        fs: FaultServer = self.server.owner  # type: ignore[attr-defined]
+        fs = self.owner
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         fault = fs.take(self.command, self.path)
