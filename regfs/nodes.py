@@ -7,19 +7,24 @@ are here; a view (regfs/views.py) defines its own kinds as more subclasses of `N
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 from storage.digests import Digest
 from storage.errors import InvalidName
+
+_TAG_KIND = "tag"
 
 
 class NotFound(LookupError):
     """A name that does not exist in the tree (ENOENT)."""
 
 
-@dataclass(frozen=True)
 class Node:
     """A file or directory of the mount; subclasses say which (equal only within one kind)."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,35 @@ class SectionNode(Node):
     section: str
 
 
-@dataclass(frozen=True)
-class TagNode(Node):
-    repo: str
-    tag: str
+class TagNode(tuple[str, str, str], Node):
+    """`<repository>/tags/<tag>`: a tuple (a kind marker, repo, tag), not a dataclass. A listing
+    makes one per tag (10,000 and more) and its readdir looks each up in several tables; a
+    tuple is made, hashed and compared in C, about 3x cheaper than a frozen dataclass (see
+    docs/performance.md). The marker keeps it unequal to every other kind, as a dataclass is."""
+
+    __slots__ = ()
+    __match_args__ = ("repo", "tag")
+
+    def __new__(cls, repo: str, tag: str) -> TagNode:
+        return tuple.__new__(cls, (_TAG_KIND, repo, tag))
+
+    @property
+    def repo(self) -> str:
+        return self[1]
+
+    @property
+    def tag(self) -> str:
+        return self[2]
+
+    def __repr__(self) -> str:
+        return f"TagNode(repo={self[1]!r}, tag={self[2]!r})"
+
+    @classmethod
+    def listing(cls, repo: str, tags: Sequence[str]) -> list[tuple[str, Node]]:
+        """(tag, its node) for each of a repository's tags, made without a Python call per
+        tag: 10,000 in ~2.5 ms, not ~6."""
+        fields = zip(repeat(_TAG_KIND), repeat(repo), tags, strict=False)  # as long as tags
+        return list(zip(tags, map(tuple.__new__, repeat(cls), fields), strict=True))
 
 
 @dataclass(frozen=True)

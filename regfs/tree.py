@@ -283,7 +283,7 @@ class Tree:
                 entries += [(n, DirNode(_join(path, n))) for n in names if n not in self.sections]
                 return entries
             case SectionNode(repo, "tags"):
-                return [(t, TagNode(repo, t)) for t in await self._repo(repo).tags.list()]
+                return TagNode.listing(repo, await self._repo(repo).tags.list())
             case SectionNode(repo, "manifests"):
                 digests = await self._repo(repo).manifests.list()
                 return [(str(d), ManifestNode(repo, d)) for d in digests]

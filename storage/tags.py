@@ -9,7 +9,7 @@ from .blobs import read_link, write_link
 from .digests import Digest
 from .drivers import PathNotFound, StorageDriver
 from .errors import CorruptEntry, UnknownTag
-from .names import TAG_RE, validate_tag
+from .names import valid_tags, validate_tag
 from .paths import TagCurrentLink, TagDir, TagIndexLink, TagsDir, path_for
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class TagService:
             names = await self.driver.list(path_for(TagsDir(self.name)))
         except PathNotFound:
             return []
-        valid = [n for n in names if TAG_RE.fullmatch(n)]
+        valid = valid_tags(names)
         if len(valid) != len(names):
             log.warning(
                 "list: ignoring invalid tag names in %s: %s",

@@ -1,0 +1,96 @@
+"""What a listing of tags costs, and what it may not give up for it (issue 18).
+
+A listing of 10,000 tags checks their names in one regex pass (`storage.names.valid_tags`)
+and makes their nodes as tuples in C (`regfs.nodes.TagNode`): the names it shows, and the
+nodes' equality, must stay what the per-name grammar and a dataclass gave.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+from support.mounts import Mount
+from support.roots import build_root
+from support.tools import errno_closing, run
+
+from regfs.nodes import TagNode, UploadNode
+from storage.digests import Digest
+from storage.names import TAG_RE, valid_tags
+from storage.paths import TagCurrentLink, TagIndexLink, path_for
+
+NAME = "library/demo"
+# Names a storage root (or a registry's tags/list) may hold that are no tag, each beside
+# valid ones: a newline could make one name pass as two in a one-pass check.
+NOT_TAGS = (
+    "a\nb",
+    "a\n",
+    "\n",
+    "ok\n-bad",
+    "",
+    "-dash",
+    ".hidden",
+    "a b",
+    "a/b",
+    "..",
+    "é",
+    "t" * 129,
+    "a\x00b",
+)
+TAGS = ("latest", "v1.0", "v1.0-rc_2", "_", "9", "A" * 128, "x.-")
+
+
+@pytest.mark.storage
+def test_valid_tags_keeps_exactly_what_the_grammar_accepts() -> None:
+    for name in (*NOT_TAGS, *TAGS):
+        assert valid_tags([name]) == ([name] if TAG_RE.fullmatch(name) else []), repr(name)
+    mixed = [*TAGS[:3], *NOT_TAGS, *TAGS[3:], *reversed(NOT_TAGS)]
+    assert valid_tags(mixed) == [n for n in mixed if TAG_RE.fullmatch(n)]
+    assert valid_tags(list(TAGS)) == list(TAGS)
+    assert valid_tags([]) == []
+
+
+@pytest.mark.storage
+def test_a_tag_node_equals_only_the_same_tag() -> None:
+    """A tuple underneath: equal and hashed as a dataclass was, never equal to another kind
+    (the inode table and the caches hold every kind in one dict)."""
+    node = TagNode(NAME, "v1")
+    assert node == TagNode(NAME, "v1") and hash(node) == hash(TagNode(NAME, "v1"))
+    assert node != TagNode(NAME, "v2") and node != TagNode("other/repo", "v1")
+    assert node != UploadNode(NAME, "v1") and node != (NAME, "v1")
+    assert len({node, TagNode(NAME, "v1"), UploadNode(NAME, "v1")}) == 2
+    assert (node.repo, node.tag) == (NAME, "v1")
+    assert repr(node) == f"TagNode(repo={NAME!r}, tag='v1')"
+    match node:
+        case TagNode(repo, tag):
+            assert (repo, tag) == (NAME, "v1")
+        case _:
+            raise AssertionError("no match")
+    listed = TagNode.listing(NAME, ["a", "b"])
+    assert listed == [("a", TagNode(NAME, "a")), ("b", TagNode(NAME, "b"))]
+    assert all(type(n) is TagNode for _, n in listed)
+
+
+@pytest.mark.mount
+def test_ls_tags_shows_the_valid_names_and_logs_the_rest(tmp_path: Path, mount: Callable) -> None:
+    """Tag directories in the storage root whose names hold a newline between valid tags
+    (which a one-pass check could take for two tags) are left out of `ls tags/` with a
+    warning; every valid one is listed and reads."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    digest = Digest.parse(image["digest"])
+    for name in ("a\nb", "v1.0\nlatest", *TAGS):
+        for location in (TagCurrentLink(NAME, name), TagIndexLink(NAME, name, digest)):
+            path = root / path_for(location).lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(digest))
+    m: Mount = mount(root)
+    tags = m.path(NAME, "tags")
+    assert run("ls", "-1b", tags).stdout.decode().splitlines() == sorted(TAGS)
+    assert "ignoring invalid tag names" in m.log_text()
+    assert (tags / "v1.0-rc_2").read_bytes() == image["manifest"]
+    assert errno_closing(lambda: os.stat(tags / "a\nb")) == errno.ENOENT
