@@ -47,8 +47,7 @@ from support.tools import MIB
 from storage.api import BlobReader, Buffer, RegistrySource
 from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
-from storage.rootfs import cache as cachemod
-from storage.rootfs import fastgzip
+from storage.rootfs import fastgzip, indexfile
 from storage.rootfs import index as index_module
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.errors import (
@@ -1003,7 +1002,7 @@ def damage_version(path: Path) -> None:
     import zstandard
 
     text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read()
-    other = text.replace(cachemod._FORMAT_LINE, b"regfs-layer-index 999\n", 1)
+    other = text.replace(indexfile.FORMAT_LINE, b"regfs-layer-index 999\n", 1)
     path.write_bytes(zstandard.ZstdCompressor().compress(other))
 
 
@@ -1421,7 +1420,7 @@ def index_children() -> list[int]:
         except (OSError, ValueError):
             continue
         ours = name.isdigit() and int(stat.rpartition(")")[2].split()[1]) == os.getpid()
-        if ours and b"fastgzip" in cmdline:
+        if ours and b"gzipchild" in cmdline:
             found.append(int(name))
     return found
 

@@ -12,7 +12,6 @@ start, each new window is hashed, so a pass that reads it whole also checks its 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import threading
 from collections import OrderedDict
@@ -24,46 +23,11 @@ import trio
 from ..api import BlobReader
 from ..digests import Digest
 from .errors import CorruptLayer, LayerDigestMismatch
+from .tarscan import PieceFile
 
 
 class Stopped(Exception):
     """The pass was abandoned (its caller was cancelled): the worker thread ends here."""
-
-
-class PieceFile(io.RawIOBase):
-    """A read-only file made of pieces (a blob's windows, a stream's chunks): `_piece` gives
-    the piece that holds a position; this class copies from pieces into `read` buffers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def _piece(self, position: int) -> tuple[bytes, int] | None:
-        """The piece holding `position` and where it starts; None at the end."""
-        raise NotImplementedError
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        done = 0
-        while done < len(view):
-            found = self._piece(self._position)
-            if found is None:
-                break
-            data, start = found
-            piece = data[self._position - start : self._position - start + len(view) - done]
-            view[done : done + len(piece)] = piece
-            done += len(piece)
-            self._position += len(piece)
-        return done
 
 
 class BlobFile(PieceFile):

@@ -44,7 +44,7 @@ import platformdirs
 import zstandard
 
 from ..digests import SHA256, Digest
-from . import estargz, gzipseek
+from . import estargz, gzipseek, indexfile
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
 from .index import Format, LayerIndex
@@ -54,15 +54,11 @@ from .zstdframes import Frame
 
 log = logging.getLogger(__name__)
 
-VERSION = 4
-_FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
 DEFAULT_MAX_BYTES = 2 << 30
 _NAME = re.compile(r"([0-9a-f]{64})\.(idx|zst|gzi)")
 _TEMP = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]+\.tmp")
 _STALE_TEMP = 24 * 3600  # a temporary file this old belongs to a build that died
 _MAX_LINE = 1 << 30  # a line of members: their names are bounded by tarscan.Limits.names
-_LEVEL = 3
-_BATCH = 4096  # members per line: few JSON calls, and no line of the whole table
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _KINDS = {kind.value: kind for kind in Kind}  # a dict lookup: Kind(value) cost ~0.6 µs a member
 
@@ -375,47 +371,12 @@ def _owner(st: os.stat_result) -> str:
 
 
 def encode(index: LayerIndex, file: BinaryIO) -> None:
-    compressor = zstandard.ZstdCompressor(level=_LEVEL, write_checksum=True)
-    with compressor.stream_writer(file, closefd=False) as out:
-        meta = {
-            "digest": str(index.digest),
-            "format": index.format.value,
-            "blob_size": index.blob_size,
-            "size": index.size,
-            "members": len(index.members),
-            "frames": len(index.frames),
-            "seek_points": index.seek_points,
-        }
-        out.write(_FORMAT_LINE)
-        out.write(_line(meta))
-        for first in range(0, len(index.members), _BATCH):
-            out.write(_line([_row(m) for m in index.members[first : first + _BATCH]]))
-        out.write(
-            _line([[f.uoffset, f.usize, f.coffset, f.csize, f.in_copy] for f in index.frames])
-        )
-        out.write(_line([[key, *astuple(c)] for key, cs in index.chunks.items() for c in cs]))
-
-
-def _row(m: Member) -> list[object]:
-    xattrs = [[name, base64.b64encode(value).decode()] for name, value in m.xattrs]
-    return [
-        m.path,
-        m.kind.value,
-        m.mode,
-        m.uid,
-        m.gid,
-        m.mtime_ns,
-        m.size,
-        m.offset,
-        m.linkname,
-        m.devmajor,
-        m.devminor,
-        xattrs,
-    ]
-
-
-def _line(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+    meta = indexfile.Meta(
+        str(index.digest), index.format.value, index.blob_size, index.size, index.seek_points
+    )
+    frames = [[f.uoffset, f.usize, f.coffset, f.csize, f.in_copy] for f in index.frames]
+    chunks = [[key, *astuple(c)] for key, cs in index.chunks.items() for c in cs]
+    indexfile.write(file, meta, index.members, frames, chunks)
 
 
 def decode(file: BinaryIO, digest: Digest) -> LayerIndex:
@@ -427,7 +388,7 @@ def decode(file: BinaryIO, digest: Digest) -> LayerIndex:
             raise CorruptIndex("ends early")
         return json.loads(raw)
 
-    if reader.readline(len(_FORMAT_LINE)) != _FORMAT_LINE:
+    if reader.readline(len(indexfile.FORMAT_LINE)) != indexfile.FORMAT_LINE:
         raise CorruptIndex("another format or version")
     meta = line()
     if not isinstance(meta, dict) or meta.get("digest") != str(digest):

@@ -1,64 +1,50 @@
-"""gzip layers indexed in one decompression, by rapidgzip in a subprocess.
+"""gzip layers indexed in one decompression, by rapidgzip in a subprocess: the daemon's side.
 
 rapidgzip (ISA-L inflate) decompresses a gzip layer while it records seek points, so the
 tar member table and the seek points come from one decompression instead of two (zlib and
-indexed_gzip, `gzipseek.GzipPass`). It runs in a child process, never in the daemon: a build
-peaks at ~125 MB (1 MiB chunks), it calls `std::terminate` if one of its files is open at
-interpreter exit, and its reads through a Python file object would need the GIL. The child
-gets the blob as a file descriptor: the source's own (`api.local_fileno`: a storage root's
-blob file; the child then hashes it too, in a thread beside the decompression) or an
-anonymous copy in the cache directory (`IndexCache.spool`), made while the blob is read and
-hashed in order as the in-process pass reads it; the child is started first and loads its
-modules meanwhile, and reads nothing before the daemon's `go` on its stdin. The child forks
-the decompression into a process of its own (`_Decoder`), so that it and the tar scan each
-have a core and no GIL between them. It writes the
-seek points into a new file of the cache entry (`.gzi`, a descriptor it is given: they never
-pass through the daemon's memory) and answers on stdout: progress lines, one status line,
-then the encoded index (`cache.encode`), which the daemon decodes and checks like a stored
-one before it commits the points.
-
-rapidgzip exports its seek points in indexed_gzip's format, which the reads use
-(`gzipseek.GzipReader`), but a point whose window rapidgzip found unneeded carries none,
-which indexed_gzip takes for the start of a gzip member: such points get a zeroed window
-(never read: nothing after the point refers back past it). What rapidgzip refuses (data
-after the last member, which gzip(1) ignores) or cuts short without an error (a truncated
-stream) the child declines, and the in-process pass indexes that layer with its own checks
-and messages. A child that dies is a failure of this pass (`IndexProcessFailed`), not a bad
-layer: the view shows EIO and tries again at the next lookup.
+indexed_gzip, `gzipseek.GzipPass`). It runs in a child process (`gzipchild`, which forks
+the decompression into one more), never in the daemon: a build peaks at ~125 MB (1 MiB
+chunks), it calls `std::terminate` if one of its files is open at interpreter exit, and its
+reads through a Python file object would need the GIL. The child gets the blob as a file
+descriptor: the source's own (`api.local_fileno`: a storage root's blob file; the child
+then hashes it too, in a thread beside the decompression) or an anonymous copy in the cache
+directory (`IndexCache.spool`), made while the blob is read and hashed in order as the
+in-process pass reads it; the child is started first and loads its modules meanwhile, and
+reads nothing before the daemon's `go` on its stdin. It writes the seek points into a new
+file of the cache entry (`.gzi`, a descriptor it is given: they never pass through the
+daemon's memory) and answers on stdout: progress lines, one status line, then the encoded
+index (`indexfile.write`), which the daemon decodes and checks like a stored one before it
+commits the points. What the child declines (`gzipchild`) the in-process pass indexes. A
+child that dies is a failure of this pass (`IndexProcessFailed`), not a bad layer: the view
+shows EIO and tries again at the next lookup.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import logging
-import mmap
 import os
-import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..api import BlobReader, local_fileno
 from ..digests import Digest
 from ..errors import StorageError
-from . import errors, tarscan
+from . import errors
 from .blobfile import BlobFile
-from .errors import BadLayer, CorruptLayer, LayerDigestMismatch
-from .gzipseek import compress_points
+from .errors import BadLayer
+from .gzipchild import Request
 from .tarscan import Limits
 
 if TYPE_CHECKING:
@@ -67,43 +53,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20  # rapidgzip's compressed bytes per chunk = per seek point: ~0.4 MB per read
-_OUT = 1 << 20  # decompressed bytes per read in the child
-_SLOTS = 4  # slots of `_OUT` bytes between the decoder and the tar scan (`_Decoder`)
-_RECORD = struct.Struct("<qqq")  # a slot (-1: the end), its bytes, the blob position
-_SLOT = struct.Struct("<q")  # a slot given back
-_PR_SET_PDEATHSIG = 1
-_HASH_READ = 4 << 20
-_PROGRESS_EVERY = 4 << 20  # blob bytes between two progress lines of the child
 _LINE_MAX = 1 << 16  # bytes of a progress or status line
 _STDERR_KEPT = 4096  # the end of the child's stderr, logged when it fails
 _ROOT = str(Path(__file__).resolve().parents[2])  # what holds the `storage` package
 _CHILD = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from storage.rootfs import fastgzip; fastgzip.child(sys.argv[2])"
+    "from storage.rootfs import gzipchild; gzipchild.child(sys.argv[2])"
 )
-_HEADER = struct.Struct("<5sBBQQIII")  # indexed_gzip's GZIDX header (version 1)
-_POINT = struct.Struct("<QQBB")  # compressed offset, uncompressed offset, bits, has a window
 
 
 class IndexProcessFailed(StorageError):
     """The indexing subprocess died or answered nonsense: this pass failed, not the layer."""
-
-
-class _Declined(Exception):
-    """A gzip form the child leaves to the in-process pass."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """What the child is asked (its one JSON argument)."""
-
-    fd: int
-    points_fd: int  # where the seek points go (`gzipseek.compress_points`)
-    digest: str
-    size: int
-    verify: bool  # hash the blob in the child (the daemon did not read it)
-    limits: dict[str, int]
 
 
 # -- the daemon's side ---------------------------------------------------------------
@@ -264,247 +224,3 @@ def _outcome(answer: tuple[dict[str, Any], bytes], digest: Digest) -> bytes | No
     if isinstance(kind, type) and issubclass(kind, BadLayer):
         raise kind(digest, str(status.get("why")))
     raise IndexProcessFailed(f"layer {digest}: the index subprocess answered {status!r:.200}")
-
-
-# -- the child's side ----------------------------------------------------------------
-
-
-def child(argument: str) -> None:
-    """The child's whole run (see the module docstring); what it answers is its output."""
-    if sys.stdin.buffer.readline() != b"go\n":
-        return  # the daemon gave up before the blob was there to read
-    request = Request(**json.loads(argument))
-    out = sys.stdout.buffer
-    digest = Digest.parse(request.digest)
-    mismatch: list[BadLayer] = []
-    index: LayerIndex | None = None
-    try:
-        with _Decoder(request) as decoder:  # forked before this process has a thread
-            hasher = threading.Thread(target=_hash, args=(request, digest, mismatch))
-            if request.verify:
-                hasher.start()
-            try:
-                index = _index(request, digest, decoder, out)
-            finally:
-                if request.verify:
-                    hasher.join()
-        status: dict[str, Any] = {"ok": True}
-    except _Declined as exc:
-        status = {"declined": str(exc)}
-    except BadLayer as exc:
-        status = {"bad": type(exc).__name__, "why": exc.why}
-    if mismatch:  # what the blob is comes before what it holds
-        index = None
-        status = {"bad": type(mismatch[0]).__name__, "why": mismatch[0].why}
-    out.write(json.dumps(status).encode() + b"\n")
-    if index is not None:
-        from .cache import encode
-
-        encode(index, out)
-    out.flush()
-
-
-def _hash(request: Request, digest: Digest, mismatch: list[BadLayer]) -> None:
-    """The blob's digest (hashlib lets go of the GIL), as `BlobFile.verify` checks it."""
-    sha = hashlib.sha256()
-    offset = 0
-    while offset < request.size:
-        data = os.pread(request.fd, min(_HASH_READ, request.size - offset), offset)
-        if not data:
-            why = f"{offset} bytes, {request.size} expected: shorter than its size"
-            mismatch.append(CorruptLayer(digest, why))
-            return
-        sha.update(data)
-        offset += len(data)
-    if sha.hexdigest() != digest.hex:
-        mismatch.append(LayerDigestMismatch(digest, f"its bytes hash to sha256:{sha.hexdigest()}"))
-
-
-def _index(request: Request, digest: Digest, decoder: _Decoder, out: IO[bytes]) -> LayerIndex:
-    from .index import Format, LayerIndex
-
-    table = tarscan.scan(decoder.chunks(out), digest, Limits(**request.limits))
-    points = decoder.outcome()
-    return LayerIndex(digest, Format.GZIP, request.size, table.size, table.members, points)
-
-
-class _Decoder:
-    """rapidgzip in a process of its own, forked from the child, which meanwhile parses the
-    tar: the decompression (ISA-L, without the GIL) and tarfile's header parsing (with it)
-    each had a core, where in one process they took turns (rapidgzip's reads want the GIL
-    back after each block: a busy Python thread beside one made it several times slower).
-    The decompressed stream goes through `_SLOTS` slots of a shared mapping, which the
-    decoder fills with `readinto` (no copy of its own); records on a pipe say which slot
-    holds what, and the child gives each slot back once it has copied it. After the stream
-    the decoder writes the seek points (`points_fd`) and sends its outcome: their length,
-    or why it declines the layer. It dies with the child (PR_SET_PDEATHSIG, and its pipes
-    break), and the child kills it when it stops reading early (a bad layer)."""
-
-    def __init__(self, request: Request) -> None:
-        try:
-            import rapidgzip  # only ever loaded in the child
-        except ImportError as exc:
-            raise _Declined(f"rapidgzip cannot be loaded ({exc})") from None
-        self._ring = mmap.mmap(-1, _SLOTS * _OUT)  # MAP_SHARED: the decoder's writes show here
-        filled, self._filled_w = os.pipe()
-        self._free_r, free = os.pipe()
-        parent = os.getpid()
-        self._pid = os.fork()
-        if self._pid == 0:  # the decoder
-            _die_with(parent)
-            os.close(filled)
-            os.close(free)
-            _run_decoder(rapidgzip, request, self._ring, self._filled_w, self._free_r)
-        os.close(self._filled_w)
-        os.close(self._free_r)
-        self._filled, self._free = filled, free
-        self._status: dict[str, Any] | None = None
-
-    def chunks(self, out: IO[bytes]) -> Iterator[bytes]:
-        """The decompressed stream, with a progress line every `_PROGRESS_EVERY` blob bytes;
-        _Declined where rapidgzip fails."""
-        view = memoryview(self._ring)
-        told = 0
-        while True:
-            slot, length, where = _RECORD.unpack(_read_exactly(self._filled, _RECORD.size))
-            if slot < 0:
-                self._status = json.loads(_read_exactly(self._filled, length))
-                if "declined" in self._status:
-                    raise _Declined(str(self._status["declined"]))
-                return
-            if not 0 <= slot < _SLOTS or not 0 < length <= _OUT:
-                raise RuntimeError(f"the decoder sent slot {slot} of {length} bytes")
-            data = bytes(view[slot * _OUT : slot * _OUT + length])
-            with contextlib.suppress(BrokenPipeError):  # it has ended: the end record says how
-                os.write(self._free, _SLOT.pack(slot))
-            if where - told >= _PROGRESS_EVERY:
-                out.write(b"p %d\n" % where)
-                out.flush()
-                told = where
-            yield data
-
-    def outcome(self) -> int:
-        """The length of the seek points the decoder wrote, once the stream has ended
-        (the tar scan drains it); _Declined if it declines the layer."""
-        while self._status is None:  # the scan stopped before the end record
-            for _ in self.chunks(io.BytesIO()):
-                pass
-        points = self._status.get("points")
-        if type(points) is not int:
-            raise RuntimeError(f"the decoder answered {self._status!r:.200}")
-        return points
-
-    def __enter__(self) -> _Decoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self._filled)
-        os.close(self._free)
-        if self._status is None:  # stopped early: whatever the decoder does is not wanted
-            os.kill(self._pid, signal.SIGKILL)
-        _, code = os.waitpid(self._pid, 0)
-        if self._status is not None and code != 0:
-            raise RuntimeError(f"the decoder ended with status {code}")
-
-
-def _die_with(parent: int) -> None:
-    """End this process when `parent` (the child, which forked it) ends."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it ended before the call
-        os._exit(1)
-
-
-def _run_decoder(rapidgzip: Any, request: Request, ring: mmap.mmap, filled: int, free: int) -> None:
-    """The decoder's whole run (`_Decoder`); it never returns."""
-    code = 1
-    try:
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):  # the child's pipes to the daemon: its answer ends with the child
-            os.dup2(null, fd)
-        status = _decompress(rapidgzip, request, memoryview(ring), filled, free)
-        encoded = json.dumps(status).encode()
-        _write(filled, _RECORD.pack(-1, len(encoded), 0) + encoded)
-        code = 0
-    except BrokenPipeError:
-        pass  # the child stopped reading: nothing more is wanted
-    finally:
-        os._exit(code)  # no interpreter exit: rapidgzip's file would std::terminate it
-
-
-def _decompress(
-    rapidgzip: Any, request: Request, view: memoryview, filled: int, free: int
-) -> dict[str, Any]:
-    """Fill the slots (one record each), then write the seek points; the end's status."""
-    vacant = list(range(_SLOTS))
-    try:
-        # By path, so that rapidgzip reads the descriptor itself.
-        with rapidgzip.RapidgzipFile(
-            f"/proc/self/fd/{request.fd}", parallelization=1, chunk_size=CHUNK
-        ) as gz:
-            while True:
-                if not vacant:
-                    (slot,) = _SLOT.unpack(_read_exactly(free, _SLOT.size))
-                    vacant.append(slot)
-                slot = vacant.pop()
-                length = gz.readinto(view[slot * _OUT : (slot + 1) * _OUT])
-                if not length:
-                    break
-                _write(filled, _RECORD.pack(slot, length, gz.tell_compressed() // 8))
-            end = max(gz.block_offsets(), default=0)
-            if end != request.size * 8:  # it stops quietly where a stream is cut short
-                return {"declined": f"rapidgzip stopped at byte {end // 8} of {request.size}"}
-            exported = io.BytesIO()
-            gz.export_index(exported)
-    except (ValueError, RuntimeError) as exc:  # a bad CRC or deflate data, or worse
-        return {"declined": f"rapidgzip: {exc}"}
-    except OSError as exc:
-        if isinstance(exc, BrokenPipeError):
-            raise
-        return {"declined": f"rapidgzip: {exc}"}
-    try:
-        points = fill_windows(exported.getvalue())
-    except _Declined as exc:
-        return {"declined": str(exc)}
-    with open(request.points_fd, "wb", closefd=False) as file:
-        compress_points(points, file)
-    return {"points": len(points)}
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        more = os.read(fd, size - len(data))
-        if not more:
-            raise BrokenPipeError("the other process ended")
-        data += more
-    return data
-
-
-def _write(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
-
-
-def fill_windows(exported: bytes) -> bytes:
-    """rapidgzip's exported seek points with a zeroed window at each point inside a stream
-    that has none (see the module docstring): indexed_gzip would read a gzip header there."""
-    magic, version, flags, csize, usize, spacing, window, count = _HEADER.unpack_from(exported)
-    if magic != b"GZIDX" or version != 1:
-        raise _Declined(f"rapidgzip exported seek points of format {magic!r} {version}")
-    at = _HEADER.size
-    points, windows = [], []
-    read = at + count * _POINT.size  # where the next window is
-    for number in range(count):
-        coffset, uoffset, bits, has = _POINT.unpack_from(exported, at + number * _POINT.size)
-        if has:
-            windows.append(exported[read : read + window])
-            read += window
-        elif 0 < uoffset < usize:
-            windows.append(bytes(window))
-            has = 1
-        points.append(_POINT.pack(coffset, uoffset, bits, has))
-    if read != len(exported):
-        raise _Declined("rapidgzip exported seek points of an unexpected length")
-    header = _HEADER.pack(magic, version, flags, csize, usize, spacing, window, count)
-    return b"".join([header, *points, *windows])

@@ -38,6 +38,7 @@ import zstandard
 from ..digests import Digest
 from .blobfile import BlobFile
 from .errors import CorruptLayer
+from .gzipchild import POINTS_LEVEL
 
 log = logging.getLogger(__name__)
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
@@ -45,7 +46,6 @@ MAGIC = b"\x1f\x8b"
 SPACING = 1 << 20  # uncompressed bytes between seek points: ~0.3 MB of blob per random read
 WINDOW = 32 << 10
 _POINTS_MAGIC = b"GZIDX\x01"  # indexed_gzip's export format, version 1
-_POINTS_LEVEL = 3
 READBUF = 256 << 10  # compressed bytes per call of BlobFile.read during the pass
 RANDOM_READBUF = 64 << 10  # ... and for a random read, which wants few bytes
 CHUNK = 1 << 20
@@ -112,18 +112,11 @@ class _Stream(io.RawIOBase):
 def write_points(index: Any, file: BinaryIO) -> int:
     """Export indexed_gzip object `index`'s seek points into `file` as one zstd frame;
     their length (uncompressed)."""
-    compressor = zstandard.ZstdCompressor(level=_POINTS_LEVEL, write_checksum=True)
+    compressor = zstandard.ZstdCompressor(level=POINTS_LEVEL, write_checksum=True)
     with compressor.stream_writer(file, closefd=False) as out:
         stream = _Stream(out)
         index.export_index(fileobj=stream)
     return stream.written
-
-
-def compress_points(points: bytes, file: BinaryIO) -> None:
-    """Write exported seek points (bytes) into `file` as `write_points` does."""
-    compressor = zstandard.ZstdCompressor(level=_POINTS_LEVEL, write_checksum=True)
-    with compressor.stream_writer(file, closefd=False) as out:
-        out.write(points)
 
 
 @contextlib.contextmanager

@@ -22,9 +22,9 @@ import tarfile
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..digests import Digest
-from .blobfile import PieceFile
 from .errors import BadLayer, CorruptLayer, LayerTooLarge, NotATar
 from .members import Kind, Member, normalise
 
@@ -56,6 +56,42 @@ class Limits:
     names: int = 256 << 20  # bytes of paths, link targets and xattrs, all members together
     header: int = 1 << 20  # one PAX or GNU long-name header
     trailer: int = 16 << 20  # decompressed bytes after the end of the archive
+
+
+class PieceFile(io.RawIOBase):
+    """A read-only file made of pieces (a blob's windows, a stream's chunks): `_piece` gives
+    the piece that holds a position; this class copies from pieces into `read` buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def _piece(self, position: int) -> tuple[bytes, int] | None:
+        """The piece holding `position` and where it starts; None at the end."""
+        raise NotImplementedError
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            found = self._piece(self._position)
+            if found is None:
+                break
+            data, start = found
+            piece = data[self._position - start : self._position - start + len(view) - done]
+            view[done : done + len(piece)] = piece
+            done += len(piece)
+            self._position += len(piece)
+        return done
 
 
 class ChunkStream(PieceFile):
