@@ -6,8 +6,9 @@
   a file and a directory re-declared with new attributes, as `umoci unpack` makes them; bad
   layers (a bare `.wh.`, a symlink loop in a parent path) that fail their own image only;
   member names that climb out (`../../`, absolute) kept inside the image.
-- Through a remote (`https://`) mount: a listing of an indexed image reads no layer byte,
-  and a pass reads its layer in a few GETs (counted through a proxy).
+- Through an `https://` mount of the same root served by docker-registry: a listing of an
+  indexed image reads no layer byte, and a pass reads its layer in a few GETs (counted in
+  the registry's access log).
 
 The tests need different parts (in process, a mount, the registry, https), so each one
 carries its own layer markers instead of one `pytestmark` for the module.
@@ -45,7 +46,7 @@ from support.layers import compress, entry, half_random, many_members_tar, tar_o
 from support.mounts import Mount, wait_until
 from support.oci import OciImage, skopeo_push
 from support.passes import Openings, loop_lag, timed_layer
-from support.registry import RegistryServer
+from support.registry import RegistryServer, write_self_signed_cert
 from support.tools import MIB, errno_of, run
 
 from storage.remote.reader import STREAM_AFTER
@@ -214,12 +215,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 @contextlib.contextmanager
-def mounted_at(source: str, where: Path, cache: Path) -> Iterator[Mount]:
+def mounted_at(source: str, where: Path, cache: Path, *args: str) -> Iterator[Mount]:
     """A mount of `source` whose index cache is under `cache` (XDG_CACHE_HOME); stopped and
     its log checked at the end."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(cache))
-        with Mount(source, where / "mnt", where / "regfs.log") as m:
+        with Mount(source, where / "mnt", where / "regfs.log", list(args)) as m:
             yield m
 
 
@@ -311,7 +312,20 @@ def test_a_layer_the_merge_refuses_is_eio_for_its_image_only(built, mounted, tag
     assert mounted.pids()
 
 
-# --------------------------------------------------------------------------- over HTTP
+# --------------------------------------------------------------------------- over https
+
+
+@contextlib.contextmanager
+def over_https(built: Built, where: Path, cache: Path) -> Iterator[tuple[RegistryServer, Mount]]:
+    """The module's root served by docker-registry over https (a self-signed certificate),
+    and a mount of it that trusts that certificate, its index cache under `cache`."""
+    tls = write_self_signed_cert(where / "cert.pem", where / "key.pem")
+    with (
+        RegistryServer(built.root, workdir=where / "registry", tls=tls) as server,
+        mounted_at(server.url, where, cache, "--ca-file", str(tls.cert)) as remote,
+    ):
+        assert server.url.startswith("https://")
+        yield server, remote
 
 
 def blob_gets(server: RegistryServer, digest: str) -> list[int]:
@@ -327,17 +341,14 @@ def blob_gets(server: RegistryServer, digest: str) -> list[int]:
 @pytest.mark.mount
 @pytest.mark.registry
 @pytest.mark.remote
-def test_a_listing_of_an_indexed_image_over_http_reads_no_layer_byte(built, mounted, tmp_path):
+def test_a_listing_of_an_indexed_image_over_https_reads_no_layer_byte(built, mounted, tmp_path):
     """With the image's layers in the index cache (indexed by the local mount), a fresh
     remote mount's `ls -lR` and `find` of it show the whole tree without one GET of a layer
     (a HEAD each, to open them ahead, is all); the first `cat` then GETs (so the count
     would see them)."""
     tag = "replace"
     want = run("find", rootfs(mounted, tag), "-printf", "%P %y %m %U:%G %s %l\n").stdout
-    with (
-        RegistryServer(built.root, workdir=tmp_path / "registry") as server,
-        mounted_at(server.url, tmp_path, built.cache) as remote,
-    ):
+    with over_https(built, tmp_path, built.cache) as (server, remote):
         image = rootfs(remote, tag)
         assert len(run("ls", "-lR", image).stdout.splitlines()) > 10
         assert run("find", image, "-printf", "%P %y %m %U:%G %s %l\n").stdout == want
@@ -351,7 +362,7 @@ def test_a_listing_of_an_indexed_image_over_http_reads_no_layer_byte(built, moun
 @pytest.mark.mount
 @pytest.mark.registry
 @pytest.mark.remote
-def test_a_pass_over_http_reads_its_layer_once_in_few_gets(built, tmp_path):
+def test_a_pass_over_https_reads_its_layer_once_in_few_gets(built, tmp_path):
     """Issue 16 says a remote layer is indexed "from one streamed GET". What a pass makes is
     a GET of the 4 magic bytes (the compression), then the blob in order through the remote
     reader's sequential run: range GETs (1, 1, 2, 4 MiB here) until the run is STREAM_AFTER
@@ -359,10 +370,7 @@ def test_a_pass_over_http_reads_its_layer_once_in_few_gets(built, tmp_path):
     one: the last GET streams the rest), and no byte read twice."""
     layer = built.layers("big")[0]
     size = len(built.images["big"].blob(layer))
-    with (
-        RegistryServer(built.root, workdir=tmp_path / "registry") as server,
-        mounted_at(server.url, tmp_path, tmp_path / "cache") as remote,
-    ):
+    with over_https(built, tmp_path, tmp_path / "cache") as (server, remote):
         assert run("ls", rootfs(remote, "big")).stdout == b"big\nsmall\n"  # indexed, merged
         assert f"indexing layer {layer}" in remote.log_text()
         sizes = blob_gets(server, layer)
