@@ -265,21 +265,49 @@ async def test_a_failing_registry_stops_the_fetching_ahead(
     )
 
 
-async def test_tag_names_from_the_registry_are_checked_before_use(tmp_path: Path) -> None:
-    """A hostile `tags/list` (a path, a query): those names are never put in a URL."""
-    hostile = ["../../../v2/_catalog", "ok?n=1", "a/b", "good"]
+HOSTILE_TAGS = ["../../../v2/_catalog", "ok?n=1", "a/b", "a\nb", "t" * 129, "-x", "good"]
+
+
+async def test_tag_names_from_the_registry_are_checked_before_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hostile `tags/list` (a path, a query, a newline): those names are not listed, said
+    in one warning, and never put in a URL."""
     with FaultServer() as stub:
-        body = json.dumps({"name": "evil/repo", "tags": hostile}).encode()
+        body = json.dumps({"name": "evil/repo", "tags": HOSTILE_TAGS}).encode()
         stub.inject(Fault(200, body=body, method="GET", path=r"/tags/list$"))
         source = RemoteRegistry(RemoteClient(stub.url, timeout=5), tmp_path / "state", 30.0)
         try:
             repo = source.repository("evil/repo")
-            assert await repo.tags.list() == sorted(hostile)
+            assert await repo.tags.list() == ["good"]
             await repo.tags.get("good")  # resolves the listed tags
         finally:
             await source.aclose()
         fetched = [s.path for s in stub.seen if "/manifests/" in s.path]
         assert fetched == ["/v2/evil/repo/manifests/good"]
+    assert "ignoring 6 invalid tag names" in caplog.text
+    assert "a\\nb" in caplog.text and "a\nb" not in caplog.text  # no forged log line
+
+
+def test_ls_of_a_hostile_tags_list_shows_the_valid_tags(
+    mount: Callable[..., Mount],
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A `tags/list` naming `a/b` beside real tags: `ls tags/` lists the real ones (a name
+    with a `/` handed to the kernel fails the whole listing with EIO), and they read."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    client = module_registry_server.client()
+    push_repo(client, "listing/hostile", ("good",))
+    body = json.dumps({"name": "listing/hostile", "tags": HOSTILE_TAGS}).encode()
+    proxy.inject(Fault(200, body=body, method="GET", path=r"/listing/hostile/tags/list$"), times=5)
+    m = mount(proxy.url)
+    tags = m.path("listing", "hostile", "tags")
+    assert sh("ls", tags).stdout.split() == ["good"]
+    assert (tags / "good").read_bytes() == client.get_manifest("listing/hostile", "good").body
+    assert "ignoring 6 invalid tag names" in m.log_text()
 
 
 def test_find_and_ls_of_a_remote_mount(

@@ -41,7 +41,7 @@ from ..errors import (
     UnknownUpload,
 )
 from ..manifest_format import SUPPORTED, parse_manifest, sniff_media_type
-from ..names import is_component, validate_name, validate_tag
+from ..names import is_component, valid_tags, validate_name, validate_tag
 from .client import RemoteClient, RemoteNotFound, RemoteTooLarge
 from .reader import ReadAheadBudget, RemoteLayerReader
 from .untrusted import (
@@ -326,10 +326,22 @@ class RemoteTags:
         self.registry = repo.registry
 
     async def _names(self) -> list[str]:
+        """The registry's tags that are valid tags: any other name could not be looked up,
+        and one holding a `/` would fail the whole listing in the kernel (EIO)."""
         try:
-            return sorted(await _paginated(self.client, f"/v2/{self.name}/tags/list", "tags"))
+            names = await _paginated(self.client, f"/v2/{self.name}/tags/list", "tags")
         except RemoteNotFound:
             return []
+        valid = valid_tags(names)
+        if len(valid) != len(names):
+            invalid = sorted(set(names) - set(valid))
+            log.warning(
+                "%s: tags/list: ignoring %d invalid tag names: %s",
+                self.name,
+                len(invalid),
+                shown(", ".join(invalid), 300),
+            )
+        return sorted(valid)
 
     def _kept(self) -> _TagSnapshot | None:
         """The last listing's snapshot while it may still guide a resolution."""
