@@ -47,6 +47,7 @@ from support.tools import MIB
 from storage.api import BlobReader, Buffer, RegistrySource
 from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
+from storage.rootfs import cache as cachemod
 from storage.rootfs import fastgzip, indexfile
 from storage.rootfs import index as index_module
 from storage.rootfs.cache import IndexCache
@@ -1350,6 +1351,9 @@ async def test_gzip_in_a_subprocess_equals_the_in_process_pass(
     other.close()
     assert index.members == in_process.members and index.size == in_process.size
     assert index_view(index) == tarfile_view(raw)
+    encoded = io.BytesIO()  # the child's file was kept as it wrote it: what encode writes
+    cachemod.encode(index, encoded)
+    assert (cache.directory / f"{index.digest.hex}.idx").read_bytes() == encoded.getvalue()
     await check_files(files, layer, index, rng)
     exported = kept_points(cache, index)
     points = seek_point_offsets(exported)

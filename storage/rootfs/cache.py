@@ -225,13 +225,18 @@ class IndexCache:
 
     # -- writing ---------------------------------------------------------------------
 
-    def store(self, index: LayerIndex) -> None:
-        """Keep `index` (atomically), then evict down to the bound. A failure to write is
-        logged, not raised: the index in memory serves this mount anyway."""
+    def store(self, index: LayerIndex, encoded: bytes | None = None) -> None:
+        """Keep `index` (atomically), then evict down to the bound; `encoded` is its file
+        when at hand (the gzip child's, which `decode` made `index` from): kept as it is,
+        not encoded again. A failure to write is logged, not raised: the index in memory
+        serves this mount anyway."""
         temp, fd = self._create_temp(index.digest)
         try:
             with os.fdopen(fd, "wb") as file:
-                encode(index, file)
+                if encoded is None:
+                    encode(index, file)
+                else:
+                    file.write(encoded)
             self._rename(temp, f"{index.digest.hex}.idx")
         except OSError as exc:
             log.error("index of layer %s not kept in %s: %s", index.digest, self.directory, exc)

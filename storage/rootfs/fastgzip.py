@@ -71,9 +71,10 @@ class IndexProcessFailed(StorageError):
 
 async def index_gzip(
     reader: BlobReader, layer: LayerRef, cache: IndexCache, limits: Limits, progress: Progress
-) -> LayerIndex | None:
-    """The layer's index from the child, or None when the child declines the layer (see the
-    module docstring); BadLayer for a bad one, IndexProcessFailed when the child fails."""
+) -> tuple[LayerIndex, bytes] | None:
+    """The layer's index from the child and its file as the child wrote it (to be kept as
+    it is), or None when the child declines the layer (see `gzipchild`); BadLayer for a bad
+    one, IndexProcessFailed when the child fails."""
     own = local_fileno(reader)  # a local root's blob file: read in place, no copy
     verify = own is not None
     points = await trio.to_thread.run_sync(cache.pending, layer.digest, ".gzi")
@@ -96,11 +97,11 @@ async def index_gzip(
     except BaseException:
         points.discard()
         raise
-    if index is None:
+    if index is None or encoded is None:
         points.discard()
-    else:
-        await trio.to_thread.run_sync(points.commit)
-    return index
+        return None
+    await trio.to_thread.run_sync(points.commit)
+    return index, encoded
 
 
 async def _decode(encoded: bytes, digest: Digest) -> LayerIndex:

@@ -275,10 +275,10 @@ class Indexer:
                 progress.started = time.monotonic()
                 reader = await layer.open()
                 try:
-                    index = await self._pass(layer, reader, progress)
+                    index, encoded = await self._pass(layer, reader, progress)
                 finally:
                     await reader.aclose()
-                await trio.to_thread.run_sync(self.cache.store, index)
+                await trio.to_thread.run_sync(self.cache.store, index, encoded)
         finally:
             del self.progress[layer.digest]
         took = time.monotonic() - progress.started
@@ -292,14 +292,17 @@ class Indexer:
         )
         return index
 
-    async def _pass(self, layer: LayerRef, reader: BlobReader, progress: Progress) -> LayerIndex:
+    async def _pass(
+        self, layer: LayerRef, reader: BlobReader, progress: Progress
+    ) -> tuple[LayerIndex, bytes | None]:
+        """The pass, and the index's file when the pass wrote it already (the gzip child)."""
         fmt = detect(bytes(await reader.read_at(0, 4)), layer.media_type, layer.digest)
         log.info("indexing layer %s (%s, %d bytes)", layer.digest, fmt.value, layer.size)
         self.passes += 1
         if fmt is Format.GZIP and self.subprocess:
-            index = await fastgzip.index_gzip(reader, layer, self.cache, self.limits, progress)
-            if index is not None:
-                return index
+            built = await fastgzip.index_gzip(reader, layer, self.cache, self.limits, progress)
+            if built is not None:
+                return built
         stop = threading.Event()
         blob = BlobFile(
             reader,
@@ -313,7 +316,7 @@ class Indexer:
         try:
             run = functools.partial(self._run, blob, layer, fmt)
             # Abandoned on cancel (an unmount): the thread then stops at its next read.
-            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True), None
         except BaseException:
             stop.set()
             raise
