@@ -5,8 +5,8 @@ line (`regfs mount s3://BUCKET/PREFIX`).
 - What skopeo pushed through the registry, the mount reads exactly, blob for blob.
 - What `cp`/`mv` push through the mount, skopeo pulls from the registry, identical.
 - `regfs check` and `purge-uploads` work on the bucket; purge aborts multipart uploads.
-- Bad input: a missing bucket refuses the mount in one line; a server gone mid-read is
-  EIO for that call, and the daemon lives on.
+- Bad input: a missing bucket or wrong credentials refuse the mount in one line; a server
+  gone mid-read is EIO for that call, and the daemon lives on.
 """
 
 from __future__ import annotations
@@ -22,16 +22,24 @@ from urllib.parse import quote
 
 import pytest
 import trio
-from support.fault_server import FaultServer
+from support.fault_server import Fault, FaultServer
 from support.mounts import Mount, is_mounted, regfs, wait_until
 from support.oci import blob_path, build_image, push_with_tools, run, skopeo_pull, skopeo_push
 from support.registry import OCI_MANIFEST, TEST_SECRET, RegistryServer, upload_state_token
-from support.s3 import MotoServer, bucket_keys, registry_s3_config, s3_call, store_image
+from support.s3 import (
+    MotoServer,
+    bucket_keys,
+    registry_s3_config,
+    s3_call,
+    signed_by_profile,
+    store_image,
+    use_profile,
+)
 from support.tools import digest_of, errno_of, ls, open_errno, sha256sum
 from support.uploads import new_repo, uuid_of
 
 from storage.digests import digest_bytes
-from storage.drivers.s3 import S3Driver
+from storage.drivers.s3 import S3Driver, s3_client
 from storage.registry import Registry
 
 pytestmark = [pytest.mark.mount, pytest.mark.registry]
@@ -127,6 +135,39 @@ def test_a_missing_bucket_refuses_the_mount(tmp_path, aws_env, moto_server):
     result = regfs("mount", "s3://Bad_Bucket/x", str(mountpoint))
     assert result.returncode != 0 and "bucket name" in result.stderr
     assert not is_mounted(mountpoint)
+
+
+def test_a_bucket_at_its_top_through_a_profile(
+    tmp_path, s3_bucket, moto_server, monkeypatch, mount
+):
+    """`regfs mount --s3-endpoint URL s3://BUCKET` (no prefix: the registry's rootdirectory
+    is `/`) with no key in the environment: the daemon signs every request with the key and
+    region of AWS_PROFILE's profile in the AWS files. Through it, reads, xattrs and `rm` of
+    a tag are a root directory's. Wrong credentials (S3's 403) refuse the mount in one
+    line, and nothing is mounted."""
+    registry = Registry(S3Driver(s3_bucket, "", client=moto_server.client()))
+    manifest = trio.run(store_image, registry.repository("org/app"), ["v1", "v2"])
+    use_profile(tmp_path, monkeypatch)
+    with FaultServer(upstream=moto_server.url) as proxy:
+        refused = tmp_path / "refused"
+        refused.mkdir()
+        proxy.inject(Fault(403, body=b"<Error><Code>AccessDenied</Code></Error>", method="HEAD"))
+        result = regfs("mount", "--s3-endpoint", proxy.url, f"s3://{s3_bucket}", str(refused))
+        assert result.returncode != 0 and "access denied" in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and not is_mounted(refused)
+        m = mount(f"s3://{s3_bucket}", "--s3-endpoint", proxy.url)
+        tags = m.path("org", "app", "tags")
+        assert ls(tags) == ["v1", "v2"]
+        assert sha256sum(tags / "v1") == str(manifest)
+        digest = run(["getfattr", "--only-values", "-n", "user.regfs.digest", str(tags / "v1")])
+        assert digest.stdout == str(manifest)
+        run(["rm", str(tags / "v2")])
+        assert ls(tags) == ["v1"]
+        assert proxy.seen and all(signed_by_profile(s) for s in proxy.seen), proxy.seen
+    keys = bucket_keys(s3_client(moto_server.url), s3_bucket)  # a new session: the profile's
+    assert all(k.startswith("docker/registry/v2/") for k in keys)
+    assert not [k for k in keys if "/_manifests/tags/v2/" in k]
+    assert [k for k in keys if "/_manifests/tags/v1/" in k]
 
 
 async def old_upload(driver: S3Driver) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Self
 
 import boto3
 import httpx
+import pytest
 from botocore.config import Config
 
 from storage.digests import Digest, digest_bytes
@@ -146,6 +147,37 @@ class MotoServer(StartStop):
             "AWS_CONFIG_FILE": str(home / "aws-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
         }
+
+
+PROFILE_KEY, PROFILE_REGION = "AKIAPROFILE", "eu-west-3"
+
+
+def use_profile(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AWS chain with no key in the environment: a credentials file whose profile
+    `bench` (PROFILE_KEY; `default` has another key) AWS_PROFILE picks, and its region
+    (PROFILE_REGION) in the config file, both written under home. boto3's default session
+    (`MotoServer.client`) has read other files already: a client made after this is
+    `storage.drivers.s3.s3_client`'s, from a new session."""
+    (home / "aws-credentials").write_text(
+        "[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = d\n"
+        f"[bench]\naws_access_key_id = {PROFILE_KEY}\naws_secret_access_key = p\n"
+    )
+    (home / "aws-config").write_text(f"[profile bench]\nregion = {PROFILE_REGION}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "aws-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "aws-config"))
+    monkeypatch.setenv("AWS_PROFILE", "bench")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def signed_by_profile(seen: Seen) -> bool:
+    """Whether a request through the fault proxy was signed with the profile's key and
+    region (its Authorization header's credential and scope)."""
+    auth = seen.authorization or ""
+    return f"Credential={PROFILE_KEY}/" in auth and f"/{PROFILE_REGION}/s3/aws4_request" in auth
 
 
 def registry_s3_config(server: MotoServer, bucket: str, rootdirectory: str) -> dict[str, Any]:
