@@ -14,7 +14,17 @@ from pyfuse3 import EntryAttributes, FUSEError
 from . import fusefeatures
 from .handles import ManifestWriter
 from .inodes import InodeTable
-from .nodes import REGISTRY_KINDS, Attr, LayerNode, ManifestNode, Node, TagNode, UploadNode
+from .nodes import (
+    REGISTRY_KINDS,
+    Attr,
+    DirNode,
+    LayerNode,
+    ManifestNode,
+    Node,
+    SectionNode,
+    TagNode,
+    UploadNode,
+)
 from .openfiles import OpenFiles
 from .options import MountOptions
 from .tree import LISTED_ENTRY_TIMEOUT, Tree
@@ -100,6 +110,15 @@ class Attributes:
             # of a tag through the mount waits until these have expired (Tree.lookup records
             # them; Tree.put_tag and Tree.remove wait), one beside the mount shows as late.
             entry.entry_timeout = min(timeout, self.options.tag_ttl, LISTED_ENTRY_TIMEOUT)
+        elif isinstance(node, DirNode | SectionNode) and fusefeatures.PATCHED:
+            # The kernel keeps this directory's listing and reads it again only once these
+            # attributes expired and its mtime moved (regfs/listings.py), so a change it does
+            # not see shows 0.1 s later at most, or is waited for (`Tree._outlive`). Not 0:
+            # default_permissions makes every path walk refresh each expired directory on
+            # its way (a GETATTR per directory per file that `ls -l` stats).
+            entry.attr_timeout = min(timeout, LISTED_ENTRY_TIMEOUT)
+            if isinstance(node, SectionNode) and self.tree.kept.get(node) is not None:
+                self.tree.section_attrs_handed(node, entry.attr_timeout)
         return entry
 
     def _stat(self, attr: Attr) -> EntryAttributes:

@@ -38,8 +38,9 @@ async def _watch_signals(
         task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
-                log.info("SIGHUP: dropping cached tags and listings")
-                ops.tree.forget_moving()
+                # Logged once done: the kernel's copies of kept listings expire 0.1 s later.
+                await ops.directories.forget_moving()
+                log.info("SIGHUP: dropped cached tags and listings")
                 continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             rootfs.stop()  # pyfuse3.main() returns once the requests waiting for a build end

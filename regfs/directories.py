@@ -1,33 +1,33 @@
-"""Directories: a listing per opendir, readdir from it, and repositories made by mkdir and
-removed by rmdir."""
+"""Directories: listings read by inode and offset, the kernel's kept listings checked at
+GETATTR, and repositories made by mkdir and removed by rmdir."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
 
 import pyfuse3
-from pyfuse3 import EntryAttributes, FileInfo, ReaddirToken
+import trio
+from pyfuse3 import EntryAttributes, ReaddirToken
 
 from storage.errors import CorruptEntry
 
 from . import fusefeatures
 from .attributes import Attributes
 from .inodes import InodeTable
-from .nodes import Attr, DirNode, FixedNode, Node
-from .tree import Tree
+from .listings import names_of
+from .nodes import Attr, DirNode, FixedNode, Node, SectionNode
+from .tree import LISTED_ENTRY_TIMEOUT, SECTIONS, TICK, Tree
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Listing:
-    """A directory snapshot taken at opendir, so readdir offsets stay stable; of a directory
-    whose entries never change, at the first readdir (None until then), which never comes
-    while the kernel keeps the listing."""
-
-    node: Node
-    entries: list[tuple[str, Node]] | None
+# Listings being read (any directory): a readdir's offset names its listing, so the chunks
+# of one listing come from one snapshot whatever changes meanwhile. No release says when a
+# listing is done (opendir answers ENOSYS); a reader that falls this far behind goes on in
+# the directory's current listing, as on a directory that changed under it.
+SNAPSHOTS_KEPT = 64
+_INDEX_BITS = 32  # offset = snapshot << 32 | index of the next entry
+_SNAPSHOT_IDS = 1 << 31  # positive offsets (off_t is signed)
 
 
 class Directories:
@@ -35,45 +35,119 @@ class Directories:
         self.tree = tree
         self.inodes = inodes
         self.attributes = attributes
-        self._listings: dict[int, Listing] = {}
-        self._next_fh = 1
+        self._snapshots: OrderedDict[int, tuple[Node, list[tuple[str, Node]]]] = OrderedDict()
+        self._next_snapshot = 1
 
-    async def open(self, node: Node) -> int | FileInfo:
-        """A handle; for a directory whose entries never change (inside an image), one that
-        lets the kernel keep its listing across opens, where pyfuse3 allows it."""
-        fixed = isinstance(node, FixedNode) and fusefeatures.PATCHED
-        listing = Listing(node, None if fixed else await self.tree.children(node))
-        fh = self._next_fh
-        self._next_fh += 1
-        self._listings[fh] = listing
-        return FileInfo(fh=fh, keep_cache=True, cache_readdir=True) if fixed else fh
-
-    async def read(self, fh: int, start_id: int, token: ReaddirToken) -> None:
-        listing = self._listings[fh]
-        if listing.entries is None:
-            listing.entries = await self.tree.children(listing.node)
-        for index in range(start_id, len(listing.entries)):
-            name, node = listing.entries[index]
-            listed = self.attributes.listed(node)  # a tag: no storage read
+    async def read(self, node: Node, start_id: int, token: ReaddirToken) -> None:
+        """readdir: from offset 0 a new snapshot of node's listing, else the one the offset
+        names. Offsets carry the snapshot, so the kernel, which keeps a listing only from a
+        chain of offsets that follow one another, never mixes two snapshots in one."""
+        snapshot, start = start_id >> _INDEX_BITS, start_id & ((1 << _INDEX_BITS) - 1)
+        kept = self._snapshots.get(snapshot) if start_id else None
+        if kept is not None and kept[0] == node:
+            self._snapshots.move_to_end(snapshot)
+            entries = kept[1]
+        else:
+            entries = await self._present(node)
+            snapshot = self._snapshot(node, entries)
+            if start_id == 0 and _kept_by_kernel(node):
+                self.tree.kept.listed(node, names_of(entries))
+        base = snapshot << _INDEX_BITS
+        for index in range(start, len(entries)):
+            name, child = entries[index]
+            listed = self.attributes.listed(child)  # a tag: no storage read
             if listed is not None and not listed[1]:  # by name only: no inode, no count
                 entry = listed[0]
-                if not pyfuse3.readdir_reply(token, name.encode(), entry, index + 1, lookup=False):
+                if not pyfuse3.readdir_reply(
+                    token, name.encode(), entry, base | (index + 1), lookup=False
+                ):
                     break
                 continue
             try:
-                entry = listed[0] if listed is not None else await self.attributes.entry_of(node)
+                # Not `entry_of`: a directory the kernel keeps a listing of is not listed again
+                # for this (`ls -l` of 10,000 repositories after a `find`); its attributes go
+                # with the mtime last seen, and the kernel asks again 0.1 s later.
+                entry = listed[0] if listed is not None else await self.attributes.entry_of(child)
             except CorruptEntry as exc:
                 # Listed, so the user sees it; uncached, so the next lookup reports EIO.
                 log.error("readdir: %s: %s", name, exc)
-                entry = self.attributes.entry(node, Attr(False, 0, self.tree.started_ns), 0)
+                entry = self.attributes.entry(child, Attr(False, 0, self.tree.started_ns), 0)
             except LookupError:
-                continue  # gone since opendir
-            if not pyfuse3.readdir_reply(token, name.encode(), entry, index + 1):
+                continue  # gone since the snapshot
+            if not pyfuse3.readdir_reply(token, name.encode(), entry, base | (index + 1)):
                 break
             self.inodes.ref(entry.st_ino)
 
-    def release(self, fh: int) -> None:
-        del self._listings[fh]
+    def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
+        snapshot = self._next_snapshot
+        self._next_snapshot = snapshot % (_SNAPSHOT_IDS - 1) + 1
+        self._snapshots[snapshot] = (node, entries)
+        if len(self._snapshots) > SNAPSHOTS_KEPT:
+            self._snapshots.popitem(last=False)
+        return snapshot
+
+    async def entry_of(self, node: Node) -> EntryAttributes:
+        """What a GETATTR or a lookup hands the kernel (`Attributes`), with, for a directory
+        whose listing the kernel keeps, an mtime checked first: each renews the kernel's
+        attributes, so each must say whether the listing moved."""
+        if self.tree.kept.get(node) is not None:
+            await self._revalidate(node)
+        return await self.attributes.entry_of(node)
+
+    async def _revalidate(self, node: Node) -> None:
+        """The mtime of a directory whose listing the kernel keeps moves if the names the
+        daemon has now (read again once --tag-ttl passed) differ from those the kernel was
+        handed, or if its entries are being looked up (`KeptListings.looked_up`). A directory
+        the kernel never read costs nothing here (`ls -l` of 10,000 repositories lists none
+        of them)."""
+        kept = self.tree.kept
+        if kept.stats_entries(node):
+            kept.move(node)
+            return
+        try:
+            entries = await self._present(node)
+        except LookupError:
+            kept.move(node)  # gone: the kernel's lookup or listing finds out
+            return
+        kept.listed(node, names_of(entries))
+
+    async def _present(self, node: Node) -> list[tuple[str, Node]]:
+        """node's listing as readdir hands it: without the digests whose stat
+        fails (a manifest the registry deleted leaves its empty directory, so the names
+        alone would not show it went). Their attributes are cached for --tag-ttl, as the
+        listing is, so readdir's stat of each costs nothing more."""
+        entries = await self.tree.children(node)
+        if not isinstance(node, SectionNode) or node.section not in ("layers", "manifests"):
+            return entries
+        present = []
+        for name, child in entries:
+            try:
+                await self.tree.attr(child)
+            except LookupError:
+                continue
+            except CorruptEntry:
+                pass  # listed, and its lookup reports EIO
+            present.append((name, child))
+        return present
+
+    async def forget_moving(self) -> None:
+        """SIGHUP: the daemon forgets what moves, and every listing the kernel keeps has its
+        mtime moved; returns once the kernel's attributes of those directories, handed
+        before, expired (LISTED_ENTRY_TIMEOUT), so the next `ls` of any of them asks."""
+        self.tree.forget_moving()
+        if fusefeatures.PATCHED:
+            ttl = self.attributes.options.tag_ttl
+            await trio.sleep(min(ttl, LISTED_ENTRY_TIMEOUT) + TICK)
+
+    def looked_up(self, parent: Node) -> None:
+        """A name was looked up in parent: see `KeptListings.looked_up`. Only the registry's
+        sections, whose entries the kernel keeps for 0.1 s or not at all."""
+        if isinstance(parent, SectionNode) and parent.section in SECTIONS:
+            self.tree.kept.looked_up(parent, self.attributes.options.tag_ttl)
+
+    def forgotten(self, node: Node) -> None:
+        """The kernel forgot node's inode: whatever listing of it it kept went with it."""
+        self.tree.kept.drop(node)
 
     async def make(self, parent: DirNode, name: str) -> EntryAttributes:
         """mkdir: a new repository (or namespace) beneath parent."""
@@ -87,3 +161,9 @@ class Directories:
         """rmdir of an empty repository or namespace."""
         node = await self.tree.rmdir(parent, name)
         log.info("rmdir: removed repository %s", node.path)
+
+
+def _kept_by_kernel(node: Node) -> bool:
+    """Whether the kernel keeps node's listing and its names can change: every directory
+    outside an image, with regfs's pyfuse3 build (opendir answers ENOSYS)."""
+    return fusefeatures.PATCHED and not isinstance(node, FixedNode)

@@ -1,14 +1,15 @@
 """What the installed pyfuse3 offers beyond its release.
 
-`make install` builds pyfuse3 with regfs's small patch (third_party/pyfuse3/): `opendir` may
-return a `FileInfo` whose `cache_readdir` lets the kernel keep a listing, and `readdir_reply`
-may hand an entry by name and type only (`lookup=False`), so that listing N tags costs no
-inode in daemon or kernel. A stock pyfuse3 (a wheel from PyPI, as `pip install regfs` gets)
-works too, without these two savings: regfs asks which one it runs on, once.
+`make install` builds pyfuse3 with regfs's small patch (third_party/pyfuse3/): `readdir` learns
+its directory's inode (`ReaddirToken.inode`), so opendir can answer ENOSYS and the kernel keeps
+every listing (regfs/listings.py); and `readdir_reply` may hand an entry by name and type only
+(`lookup=False`), so that listing N tags costs no inode in daemon or kernel. A stock pyfuse3 (a
+wheel from PyPI, as `pip install regfs` gets) works too, without these two savings: regfs asks
+which one it runs on, once.
 """
 
 from __future__ import annotations
 
 import pyfuse3
 
-PATCHED: bool = hasattr(pyfuse3.FileInfo, "cache_readdir")
+PATCHED: bool = hasattr(pyfuse3.ReaddirToken, "inode")

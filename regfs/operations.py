@@ -17,6 +17,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, ReaddirToken, RequestC
 
 from storage.api import Buffer
 
+from . import fusefeatures
 from .attributes import Attributes
 from .directories import Directories
 from .errors import fuse_errors
@@ -54,14 +55,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
-        node = await self.tree.lookup(self.inodes.node(parent_inode), decode_name(name))
-        entry = await self.attributes.entry_of(node)  # a tag being written: its pending size
+        parent = self.inodes.node(parent_inode)
+        node = await self.tree.lookup(parent, decode_name(name))
+        entry = await self.directories.entry_of(node)  # a tag being written: its pending size
         self.inodes.ref(entry.st_ino)
+        self.directories.looked_up(parent)
         return entry
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
-        return await self.attributes.entry_of(self.inodes.node(inode))
+        return await self.directories.entry_of(self.inodes.node(inode))
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
@@ -71,7 +74,10 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
+            node = self.inodes.get(inode)
             self.inodes.forget(inode, count)
+            if node is not None and self.inodes.get(inode) is None:
+                self.directories.forgotten(node)
 
     @fuse_errors
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
@@ -115,16 +121,24 @@ class Operations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
 
     @fuse_errors
-    async def opendir(self, inode: int, ctx: RequestContext) -> int | FileInfo:
-        return await self.directories.open(self.inodes.node(inode))
+    async def opendir(self, inode: int, ctx: RequestContext) -> int:
+        """ENOSYS with regfs's pyfuse3 build: Linux then sends no OPENDIR or RELEASEDIR again
+        and keeps every listing (regfs/listings.py; readdir finds its directory by the
+        token's inode). A stock pyfuse3 cannot tell readdir the inode: the handle is the
+        inode, and the kernel reads every listing from the daemon."""
+        if fusefeatures.PATCHED:
+            raise FUSEError(errno.ENOSYS)
+        self.inodes.node(inode)  # ESTALE if unknown
+        return inode
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: ReaddirToken) -> None:
-        await self.directories.read(fh, start_id, token)
+        inode = token.inode if fusefeatures.PATCHED else fh
+        await self.directories.read(self.inodes.node(inode), start_id, token)
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
-        self.directories.release(fh)
+        """Nothing to release: a handle is an inode (a stock pyfuse3 only)."""
 
     @fuse_errors
     async def mkdir(

@@ -31,6 +31,7 @@ from storage.errors import InvalidName, UnknownManifest
 from storage.manifest_format import sniff_media_type
 from storage.names import is_component, validate_name, validate_tag
 
+from .listings import KeptListings
 from .nodes import (
     Attr,
     DirNode,
@@ -133,6 +134,11 @@ class Tree:
         # root (rootfs/<tag>) that moves with the tag: every change of a tag waits for them.
         self._listed_tags = Handed()
         self._view_roots = Handed()
+        # Listings the kernel keeps (regfs/listings.py), and when it was handed the attributes
+        # of a section it keeps a listing of (keyed `repo/section`): a change through the mount
+        # that it does not see waits for them, as for the tags above.
+        self.kept = KeptListings()
+        self._section_attrs = Handed()
         self._shadow_logged: set[str] = set()
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
         # Counts changes (through the mount, SIGHUP). A cache is filled only if none came
@@ -149,6 +155,7 @@ class Tree:
         self._tags.clear()
         self._tag_attrs.clear()
         self._listings.clear()
+        self.kept.move_all()
         self._digests.clear()
         self._upload_names.clear()
         self.registry.forget()
@@ -165,21 +172,31 @@ class Tree:
         """Forget what the daemon cached about nodes that changed through this mount."""
         self._changes += 1
         for node in nodes:
-            self._listings.pop(node)
+            self._relist(node)
             self._digests.pop(node)
             match node:
                 case TagNode():
                     self._tags.pop(node)
                     self._tag_attrs.pop(node)
-                    self._listings.pop(SectionNode(node.repo, "tags"))
+                    self._relist(SectionNode(node.repo, "tags"))
                     for view in self._views.values():  # rootfs/<tag> follows the tag at once
                         view.forget_moving()
                 case SectionNode(repo, "uploads") | UploadNode(repo, _):
                     self._upload_names.pop(repo)
-                    self._listings.pop(SectionNode(repo, "uploads"))
+                    self._relist(SectionNode(repo, "uploads"))
                 case LayerNode(repo, _) | ManifestNode(repo, _):
                     section = "layers" if isinstance(node, LayerNode) else "manifests"
-                    self._listings.pop(SectionNode(repo, section))
+                    self._relist(SectionNode(repo, section))
+
+    def _relist(self, node: Node) -> None:
+        """node's names changed: the daemon lists it again, the kernel too (its mtime moves)."""
+        self._listings.pop(node)
+        self.kept.move(node)
+
+    def section_attrs_handed(self, node: SectionNode, seconds: float) -> None:
+        """The kernel was handed the attributes of a section whose listing it keeps, for
+        `seconds`: it reads the listing again only once they expired and the mtime moved."""
+        self._section_attrs.handed(_join(node.repo, node.section), seconds)
 
     def _repo(self, name: str) -> Repository:
         repo = self._repos.get(name)
@@ -317,7 +334,7 @@ class Tree:
         since = self._changes
         match node:
             case DirNode(path) | SectionNode(path, _):
-                return Attr(True, 0, await self._dir_mtime_ns(path))
+                return Attr(True, 0, self.kept.mtime_ns(node, await self._dir_mtime_ns(path)))
             case TagNode(repo, tag):
                 if (cached := self.cached_attr(node)) is not None:
                     return cached
@@ -445,8 +462,12 @@ class Tree:
 
     async def finish_upload(self, node: UploadNode, upload: Upload, digest: Digest) -> None:
         """Verify and commit; the upload stays (and DigestMismatch propagates) on a mismatch."""
+        started = time.monotonic()
         await upload.finish(digest)
         self.changed(node, LayerNode(node.repo, digest))
+        # A `cp` into uploads/<digest> ends here, at its close: the kernel sees neither
+        # listing change.
+        await self._outlive(started, self._sections(node.repo, "layers", "uploads"))
 
     async def rename_upload(self, node: UploadNode, name: str) -> None:
         if not UPLOAD_NAME_RE.fullmatch(name) or name in (".", ".."):
@@ -461,18 +482,19 @@ class Tree:
         """
         started = time.monotonic()
         gone: list[TagNode] = []
-        stale: tuple[Handed, ...] = ()  # what the kernel keeps that this change outdates
+        stale: list[tuple[Handed, str]] = []  # what the kernel keeps that this change outdates
         match node:
             case UploadNode(repo, uuid):
                 await (await self._repo(repo).layers.resume(uuid)).cancel()
             case TagNode(repo, tag):
                 await self._repo(repo).tags.delete(tag)
-                stale = (self._view_roots,)
+                stale = [(self._view_roots, repo)]
             case ManifestNode(repo, digest):
                 deleted = await self._repo(repo).manifests.delete(digest)
                 gone = [TagNode(repo, tag) for tag in deleted]
                 if gone:  # the kernel did not see these tags go
-                    stale = (self._listed_tags, self._view_roots)
+                    stale = [(self._listed_tags, repo), (self._view_roots, repo)]
+                    stale += self._sections(repo, "tags")
             case LayerNode(repo, digest):
                 await self._repo(repo).layers.unlink(digest)
             case DirNode() | SectionNode():
@@ -480,16 +502,19 @@ class Tree:
             case _:
                 raise PermissionError(f"a view is read-only: {node}")
         self.changed(node, *gone)
-        if isinstance(node, TagNode | ManifestNode) and stale:
-            await self._outlive(node.repo, started, stale)
+        await self._outlive(started, stale)
         return gone
 
-    async def _outlive(self, repo: str, started: float, stale: tuple[Handed, ...]) -> None:
-        """Return once the entries of repo the kernel was handed before `started` (a change's
-        arrival) that it changed have expired. Forgotten first (`changed`), so none is handed
-        again; a sleep, nothing a dying daemon waits on."""
-        until = max((handed.expiry(repo, started) for handed in stale), default=started)
-        await trio.sleep(max(0.0, until - time.monotonic()))
+    def _sections(self, repo: str, *sections: str) -> list[tuple[Handed, str]]:
+        return [(self._section_attrs, _join(repo, section)) for section in sections]
+
+    async def _outlive(self, started: float, stale: list[tuple[Handed, str]]) -> None:
+        """Return once what the kernel was handed before `started` (a change's arrival) under
+        each (Handed, key) that the change outdates has expired. Forgotten first (`changed`),
+        so none is handed again; a sleep, nothing a dying daemon waits on."""
+        until = max((handed.expiry(key, started) for handed, key in stale), default=started)
+        if until > started:
+            await trio.sleep(max(0.0, until - time.monotonic()))
 
     async def put_tag(self, node: TagNode, data: bytes) -> Digest:
         """Check and store the manifest, then point the tag at it (InvalidManifest: nothing)."""
@@ -498,7 +523,8 @@ class Tree:
         digest = await repo.manifests.put(data)
         await repo.tags.put(node.tag, digest)
         self.changed(node, ManifestNode(node.repo, digest))
-        await self._outlive(node.repo, started, (self._view_roots,))
+        stale = [(self._view_roots, node.repo), *self._sections(node.repo, "manifests")]
+        await self._outlive(started, stale)
         return digest
 
     async def put_manifest(self, node: ManifestNode, data: bytes) -> Digest:

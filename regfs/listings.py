@@ -1,0 +1,103 @@
+"""Listings the kernel keeps, and the directory mtimes that tell it to read one again.
+
+With regfs's pyfuse3 build, opendir answers ENOSYS: Linux then sends no OPENDIR or
+RELEASEDIR again and keeps every listing in its page cache (FOPEN_CACHE_DIR). It reads a
+kept listing again only when, at the start of a readdir, the directory's mtime (from a
+GETATTR once its attributes expired) or its own change counter (bumped by a create, unlink,
+rename, mkdir or rmdir through the mount) differs from when it read it. So every directory
+whose names can change without the kernel seeing it must show an mtime that moves when they
+do; nothing is invalidated (docs/concurrency.md says why, and what the kernel keeps).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .nodes import Node
+
+
+def names_of(entries: Sequence[tuple[str, Node]]) -> int:
+    """What is compared of two listings: their names, in order (a hash: holding the names of
+    every directory the kernel keeps would cost as much as the listings)."""
+    return hash(tuple(name for name, _ in entries))
+
+
+@dataclass
+class Held:
+    """A directory whose listing the kernel may keep: the names it was last handed, the mtime
+    that moved for it (0: the storage's own), and until when its entries are being looked up
+    (`KeptListings.looked_up`)."""
+
+    names: int
+    mtime_ns: int = 0  # at least the last mtime shown, so a move goes past it
+    looked_up_until: float = 0.0
+
+
+class KeptListings:
+    """The directories (outside images) whose listings the kernel may hold: one entry per
+    directory inode the kernel holds that it has read, dropped when the kernel forgets the
+    inode (its listing goes with it), so this is bounded by the kernel's own inodes."""
+
+    def __init__(self) -> None:
+        self._held: dict[Node, Held] = {}
+
+    def get(self, node: Node) -> Held | None:
+        return self._held.get(node)
+
+    def listed(self, node: Node, names: int) -> None:
+        """The kernel reads a listing of node with these names (a readdir at offset 0), or
+        the daemon has these now (a GETATTR of a kept listing): if the kernel may hold other
+        names, the mtime moves, so that whatever it kept is read again."""
+        held = self._held.get(node)
+        if held is None:
+            self._held[node] = Held(names)
+        elif held.names != names:
+            held.names = names
+            self._move(held)
+
+    def move(self, node: Node) -> None:
+        """node's names changed (through the mount, or it must be read again): its mtime moves."""
+        held = self._held.get(node)
+        if held is not None:
+            self._move(held)
+
+    def move_all(self) -> None:
+        """SIGHUP: every kept listing is read again."""
+        for held in self._held.values():
+            self._move(held)
+
+    def looked_up(self, node: Node, seconds: float) -> None:
+        """An entry of node was looked up: `ls -l`, `du`, `find -size` stat the names of a
+        listing. A kept listing goes to the kernel as names only, and an entry that expires
+        in 0.1 s (tags/, layers/, manifests/, uploads/) then costs a LOOKUP each; listed by
+        the daemon, its READDIRPLUS chunks carry their attributes. So for `seconds` after a
+        lookup, each GETATTR moves the mtime (`stats_entries`) and the next readdir lists it."""
+        held = self._held.get(node)
+        if held is not None:
+            held.looked_up_until = time.monotonic() + seconds
+
+    def stats_entries(self, node: Node) -> bool:
+        held = self._held.get(node)
+        return held is not None and time.monotonic() < held.looked_up_until
+
+    def mtime_ns(self, node: Node, stored_ns: int) -> int:
+        """What stat shows: the storage's mtime, or when the daemon last saw the names move."""
+        held = self._held.get(node)
+        if held is None:
+            return stored_ns
+        held.mtime_ns = max(stored_ns, held.mtime_ns)  # never back, while the kernel holds it
+        return held.mtime_ns
+
+    def drop(self, node: Node) -> None:
+        """The kernel forgot node's inode, and its listing with it."""
+        self._held.pop(node, None)
+
+    @staticmethod
+    def _move(held: Held) -> None:
+        """Strictly later than any mtime shown before: the kernel compares for equality."""
+        held.mtime_ns = max(time.time_ns(), held.mtime_ns + 1)
