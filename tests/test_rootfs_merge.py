@@ -8,6 +8,7 @@ with tarfile; the golden tests build images with umoci and compare the merge wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import textwrap
@@ -37,7 +38,7 @@ from support.layers import COMPRESSIONS
 from support.oci import CommandError
 from support.tools import digest_of, python_stdout
 
-from storage.rootfs.members import Kind, Member
+from storage.rootfs.members import Kind, Member, make_member
 from storage.rootfs.merge import DEFAULT_DIR, MAX_SYMLINKS, MergedTree, MergeError, merge
 
 pytestmark = pytest.mark.storage
@@ -201,6 +202,17 @@ def test_a_file_as_a_parent_is_refused():
     error = refused([file("f")], [file("f/x")])
     assert (error.layer, error.path) == (1, "f/x")
     assert "not a directory" in error.reason
+
+
+def test_make_member_is_the_dataclass_made_faster():
+    """`make_member` (what decoding and the tar scan use) makes the same frozen `Member` as
+    its constructor: equal, equally hashed, and refusing to change."""
+    fields = ("p/q", Kind.CHAR, 0o640, 7, 8, -5, 3, 512, "t", 1, 2, (("user.a", b"\x00"),))
+    made, constructed = make_member(*fields), Member(*fields)
+    assert made == constructed and hash(made) == hash(constructed)
+    assert [getattr(made, name) for name in Member.__slots__] == list(fields)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.path = "elsewhere"  # type: ignore[misc]
 
 
 def test_member_names_never_climb_out_of_the_image():

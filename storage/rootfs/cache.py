@@ -48,7 +48,7 @@ from . import estargz, gzipseek, indexfile
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
 from .index import Format, LayerIndex
-from .members import Kind, Member, gc_paused
+from .members import Kind, Member, gc_paused, make_member
 from .tarscan import normal_name
 from .zstdframes import Frame
 
@@ -460,19 +460,19 @@ def _member(row: Any, size: int | None) -> Member:
         raise CorruptIndex(f"a malformed member {row!r:.200}")
     if size is not None and kind is Kind.FILE and offset + length > size:
         raise CorruptIndex(f"member {path!r} beyond the end of the layer")
-    return Member(
-        path=normal_name(path),
-        kind=kind,
-        mode=mode & 0o7777,
-        uid=uid,
-        gid=gid,
-        mtime_ns=mtime_ns,
-        size=length,
-        offset=offset,
-        linkname=normal_name(linkname) if kind is Kind.HARDLINK else linkname,
-        devmajor=major,
-        devminor=minor,
-        xattrs=tuple((str(name), base64.b64decode(value, validate=True)) for name, value in xattrs)
+    return make_member(
+        normal_name(path),
+        kind,
+        mode & 0o7777,
+        uid,
+        gid,
+        mtime_ns,
+        length,
+        offset,
+        normal_name(linkname) if kind is Kind.HARDLINK else linkname,
+        major,
+        minor,
+        tuple((str(name), base64.b64decode(value, validate=True)) for name, value in xattrs)
         if xattrs
         else (),
     )

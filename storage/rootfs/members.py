@@ -53,6 +53,46 @@ class Member:
     xattrs: tuple[tuple[str, bytes], ...] = ()
 
 
+_new = object.__new__
+(_path, _kind, _mode, _uid, _gid, _mtime_ns, _size, _offset, _link, _major, _minor, _xattrs) = (
+    Member.__dict__[name].__set__
+    for name in Member.__slots__  # the slots' own setters
+)
+
+
+def make_member(
+    path: str,
+    kind: Kind,
+    mode: int,
+    uid: int,
+    gid: int,
+    mtime_ns: int,
+    size: int,
+    offset: int,
+    linkname: str,
+    devmajor: int,
+    devminor: int,
+    xattrs: tuple[tuple[str, bytes], ...],
+) -> Member:
+    """`Member(...)` with every field given, without the frozen dataclass's `__init__`,
+    which sets each field through `object.__setattr__` (2.5 µs a member, this 1.2): a stored
+    table is decoded a member at a time, on the way to a fresh mount's first `cat`."""
+    member: Member = _new(Member)
+    _path(member, path)
+    _kind(member, kind)
+    _mode(member, mode)
+    _uid(member, uid)
+    _gid(member, gid)
+    _mtime_ns(member, mtime_ns)
+    _size(member, size)
+    _offset(member, offset)
+    _link(member, linkname)
+    _major(member, devmajor)
+    _minor(member, devminor)
+    _xattrs(member, xattrs)
+    return member
+
+
 def normalise(name: str) -> str:
     """A tar name as a path inside the image: `/`, `./` and `..` can never climb out of it."""
     parts: list[str] = []

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..digests import Digest
 from .errors import BadLayer, CorruptLayer, LayerTooLarge, NotATar
-from .members import Kind, Member, normalise
+from .members import Kind, Member, make_member, normalise
 
 log = logging.getLogger(__name__)
 
@@ -299,19 +299,20 @@ def _member(info: tarfile.TarInfo, layer: Digest) -> Member | None:
         linkname = normal_name(linkname)
     elif kind is not Kind.SYMLINK:
         linkname = ""
-    return Member(
-        path=normal_name(info.name),
-        kind=kind,
-        mode=info.mode & 0o7777,
-        uid=info.uid,
-        gid=info.gid,
-        mtime_ns=_mtime_ns(info),
-        size=info.size if is_file else 0,
-        offset=info.offset_data if is_file else 0,
-        linkname=linkname,
-        devmajor=info.devmajor if kind in (Kind.CHAR, Kind.BLOCK) else 0,
-        devminor=info.devminor if kind in (Kind.CHAR, Kind.BLOCK) else 0,
-        xattrs=_xattrs(info, layer),
+    device = kind in (Kind.CHAR, Kind.BLOCK)
+    return make_member(
+        normal_name(info.name),
+        kind,
+        info.mode & 0o7777,
+        info.uid,
+        info.gid,
+        _mtime_ns(info),
+        info.size if is_file else 0,
+        info.offset_data if is_file else 0,
+        linkname,
+        info.devmajor if device else 0,
+        info.devminor if device else 0,
+        _xattrs(info, layer),
     )
 
 
