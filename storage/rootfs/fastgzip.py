@@ -45,6 +45,7 @@ from . import errors
 from .blobfile import BlobFile
 from .errors import BadLayer
 from .gzipchild import Request
+from .members import gc_paused
 from .tarscan import Limits
 
 if TYPE_CHECKING:
@@ -107,8 +108,12 @@ async def index_gzip(
 async def _decode(encoded: bytes, digest: Digest) -> LayerIndex:
     from .cache import decode  # cache imports index, which imports this module
 
+    def run() -> LayerIndex:
+        with gc_paused():  # as a stored index's load (`members.gc_paused`)
+            return decode(io.BytesIO(encoded), digest)
+
     try:
-        index: LayerIndex = await trio.to_thread.run_sync(decode, io.BytesIO(encoded), digest)
+        index: LayerIndex = await trio.to_thread.run_sync(run)
     except Exception as exc:  # whatever a damaged encoding makes the decoder raise
         raise IndexProcessFailed(f"layer {digest}: the index subprocess sent {exc}") from exc
     return index
