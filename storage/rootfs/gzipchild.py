@@ -74,14 +74,16 @@ class Request:
 class _Index:
     table: TarTable
     points: int  # bytes of seek points written
+    points_sha256: str  # of the `.gzi` file
 
 
-def compress_points(points: bytes, file: BinaryIO) -> None:
+def compress_points(points: bytes, file: BinaryIO) -> str:
     """Write exported seek points into `file` as one zstd frame with its checksum (as
-    `gzipseek.write_points` does from an indexed_gzip object)."""
-    compressor = zstandard.ZstdCompressor(level=POINTS_LEVEL, write_checksum=True)
-    with compressor.stream_writer(file, closefd=False) as out:
-        out.write(points)
+    `gzipseek.write_points` does from an indexed_gzip object); the sha256 of what was
+    written (the `.idx` keeps it: a load checks the `.gzi` by it)."""
+    compressed = zstandard.ZstdCompressor(level=POINTS_LEVEL, write_checksum=True).compress(points)
+    file.write(compressed)
+    return hashlib.sha256(compressed).hexdigest()
 
 
 def child(argument: str) -> None:
@@ -113,7 +115,14 @@ def child(argument: str) -> None:
         status = {"bad": type(mismatch[0]).__name__, "why": mismatch[0].why}
     out.write(json.dumps(status).encode() + b"\n")
     if index is not None:
-        meta = indexfile.Meta(request.digest, "gzip", request.size, index.table.size, index.points)
+        meta = indexfile.Meta(
+            request.digest,
+            "gzip",
+            request.size,
+            index.table.size,
+            index.points,
+            index.points_sha256,
+        )
         indexfile.write(out, meta, index.table.members)
     out.flush()
 
@@ -136,7 +145,7 @@ def _hash(request: Request, digest: Digest, mismatch: list[BadLayer]) -> None:
 
 def _index(request: Request, digest: Digest, decoder: _Decoder, out: IO[bytes]) -> _Index:
     table = tarscan.scan(decoder.chunks(out), digest, Limits(**request.limits))
-    return _Index(table, decoder.outcome())
+    return _Index(table, *decoder.outcome())
 
 
 class _Decoder:
@@ -194,16 +203,16 @@ class _Decoder:
                 told = where
             yield data
 
-    def outcome(self) -> int:
-        """The length of the seek points the decoder wrote, once the stream has ended
-        (the tar scan drains it); Declined if it declines the layer."""
+    def outcome(self) -> tuple[int, str]:
+        """The length of the seek points the decoder wrote and the sha256 of their file,
+        once the stream has ended (the tar scan drains it); Declined if it declines."""
         while self._status is None:  # the scan stopped before the end record
             for _ in self.chunks(io.BytesIO()):
                 pass
-        points = self._status.get("points")
-        if type(points) is not int:
+        points, sha256 = self._status.get("points"), self._status.get("sha256")
+        if type(points) is not int or type(sha256) is not str:
             raise RuntimeError(f"the decoder answered {self._status!r:.200}")
-        return points
+        return points, sha256
 
     def __enter__(self) -> _Decoder:
         return self
@@ -278,8 +287,8 @@ def _decompress(
     except Declined as exc:
         return {"declined": str(exc)}
     with open(request.points_fd, "wb", closefd=False) as file:
-        compress_points(points, file)
-    return {"points": len(points)}
+        sha256 = compress_points(points, file)
+    return {"points": len(points), "sha256": sha256}
 
 
 def _read_exactly(fd: int, size: int) -> bytes:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import hashlib
 import io
 import logging
 import os
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import indexed_gzip
 import zstandard
@@ -45,7 +46,6 @@ _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl 
 MAGIC = b"\x1f\x8b"
 SPACING = 1 << 20  # uncompressed bytes between seek points: ~0.3 MB of blob per random read
 WINDOW = 32 << 10
-_POINTS_MAGIC = b"GZIDX\x01"  # indexed_gzip's export format, version 1
 READBUF = 256 << 10  # compressed bytes per call of BlobFile.read during the pass
 RANDOM_READBUF = 64 << 10  # ... and for a random read, which wants few bytes
 CHUNK = 1 << 20
@@ -109,14 +109,32 @@ class _Stream(io.RawIOBase):
         return len(data)
 
 
-def write_points(index: Any, file: BinaryIO) -> int:
+class _Digesting:
+    """A file that hashes what is written into it (a `.gzi`'s sha256, which its `.idx`
+    keeps: a load then checks the file by hashing it, not by decompressing it)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def write_points(index: Any, file: BinaryIO) -> tuple[int, str]:
     """Export indexed_gzip object `index`'s seek points into `file` as one zstd frame;
-    their length (uncompressed)."""
+    their length (uncompressed) and the sha256 of what was written."""
     compressor = zstandard.ZstdCompressor(level=POINTS_LEVEL, write_checksum=True)
-    with compressor.stream_writer(file, closefd=False) as out:
+    written = _Digesting(file)
+    # zstandard wants a file; it only ever calls write and flush
+    with compressor.stream_writer(cast(IO[bytes], written), closefd=False) as out:
         stream = _Stream(out)
         index.export_index(fileobj=stream)
-    return stream.written
+    return stream.written, written.sha256.hexdigest()
 
 
 @contextlib.contextmanager
@@ -126,21 +144,6 @@ def _points(fd: int) -> Iterator[BinaryIO]:
         file.seek(0)
         with zstandard.ZstdDecompressor().stream_reader(file) as stream:
             yield io.BufferedReader(_Stream(stream), 1 << 20)
-
-
-def check_points(fd: int, size: int) -> str | None:
-    """Why the seek points in `fd` cannot be used (None when they can): they must
-    decompress (the frame's checksum holds), be indexed_gzip's format and `size` bytes."""
-    try:
-        with _points(fd) as points:
-            if points.read(len(_POINTS_MAGIC)) != _POINTS_MAGIC:
-                return "its seek points are not indexed_gzip's"
-            length = len(_POINTS_MAGIC)
-            while data := points.read(1 << 20):
-                length += len(data)
-    except zstandard.ZstdError as exc:
-        return f"its seek points do not decompress: {exc}"
-    return None if length == size else f"{length} bytes of seek points, {size} expected"
 
 
 class GzipPass:
@@ -195,8 +198,8 @@ class GzipPass:
         except OSError as exc:
             raise _failure(self._blob, self._layer, exc) from None
 
-    def export(self, file: BinaryIO) -> int:
-        """The seek points into `file` (`write_points`); their length."""
+    def export(self, file: BinaryIO) -> tuple[int, str]:
+        """The seek points into `file` (`write_points`); their length and file's sha256."""
         return write_points(self._file, file)
 
     def close(self) -> None:

@@ -76,6 +76,7 @@ class LayerIndex:
     frames: list[Frame] = field(default_factory=list)
     chunks: dict[int, list[Chunk]] = field(default_factory=dict)
     copy: Held | None = field(default=None, repr=False)
+    points_sha256: str = ""  # of the `.gzi` (GZIP): a load checks the file against it
 
     @property
     def reframed(self) -> bool:
@@ -165,15 +166,24 @@ def build(
         table = tarscan.scan(chunks, digest, limits)
         if gzip_pass is not None:
             assert out is not None
-            seek_points = gzip_pass.export(out)
+            seek_points, points_sha256 = gzip_pass.export(out)
     finally:
         if gzip_pass is not None:
             gzip_pass.close()
     if not blob.verify():
         log.debug("layer %s: read out of order, digest not checked", digest)
     frames = zstd_pass.frames if zstd_pass is not None else []
-    points = seek_points if gzip_pass is not None else 0
-    return LayerIndex(digest, fmt, layer.size, table.size, table.members, points, frames)
+    if gzip_pass is None:
+        return LayerIndex(digest, fmt, layer.size, table.size, table.members, 0, frames)
+    return LayerIndex(
+        digest,
+        fmt,
+        layer.size,
+        table.size,
+        table.members,
+        seek_points,
+        points_sha256=points_sha256,
+    )
 
 
 def _freeze() -> None:

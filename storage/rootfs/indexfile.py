@@ -19,7 +19,7 @@ import zstandard
 
 from .members import Member
 
-VERSION = 4  # bump whenever the file or `Member` changes: older files are then rebuilt
+VERSION = 5  # bump whenever the file or `Member` changes: older files are then rebuilt
 FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
 _LEVEL = 3
 _BATCH = 4096  # members per line: few JSON calls, and no line of the whole table
@@ -34,6 +34,7 @@ class Meta:
     blob_size: int
     size: int
     seek_points: int
+    points_sha256: str = ""  # of the `.gzi` file (gzip layers)
 
 
 def write(
@@ -54,6 +55,7 @@ def write(
             "members": len(members),
             "frames": len(frames),
             "seek_points": meta.seek_points,
+            "points_sha256": meta.points_sha256,
         }
         out.write(FORMAT_LINE)
         out.write(_line(values))
