@@ -53,6 +53,7 @@ class Directories:
             if start_id == 0 and _kept_by_kernel(node):
                 self.tree.kept.listed(node, names_of(entries))
         base = snapshot << _INDEX_BITS
+        with_attributes = False
         for index in range(start, len(entries)):
             name, child = entries[index]
             listed = self.attributes.listed(child)  # a tag: no storage read
@@ -77,6 +78,9 @@ class Directories:
             if not pyfuse3.readdir_reply(token, name.encode(), entry, base | (index + 1)):
                 break
             self.inodes.ref(entry.st_ino)
+            with_attributes = True
+        if with_attributes:
+            self.entries_used(node)
 
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot
@@ -97,11 +101,11 @@ class Directories:
     async def _revalidate(self, node: Node) -> None:
         """The mtime of a directory whose listing the kernel keeps moves if the names the
         daemon has now (read again once --tag-ttl passed) differ from those the kernel was
-        handed, or if its entries are being looked up (`KeptListings.looked_up`). A directory
+        handed, or if its entries are in use (`KeptListings.entries_used`). A directory
         the kernel never read costs nothing here (`ls -l` of 10,000 repositories lists none
         of them)."""
         kept = self.tree.kept
-        if kept.stats_entries(node):
+        if kept.relists(node):
             kept.move(node)
             return
         try:
@@ -139,11 +143,12 @@ class Directories:
             ttl = self.attributes.options.tag_ttl
             await trio.sleep(min(ttl, LISTED_ENTRY_TIMEOUT) + TICK)
 
-    def looked_up(self, parent: Node) -> None:
-        """A name was looked up in parent: see `KeptListings.looked_up`. Only the registry's
-        sections, whose entries the kernel keeps for 0.1 s or not at all."""
+    def entries_used(self, parent: Node) -> None:
+        """A name in parent was looked up, or listed with its attributes: see
+        `KeptListings.entries_used`. Only the registry's sections, whose entries the kernel
+        keeps for 0.1 s or not at all."""
         if isinstance(parent, SectionNode) and parent.section in SECTIONS:
-            self.tree.kept.looked_up(parent, self.attributes.options.tag_ttl)
+            self.tree.kept.entries_used(parent, self.attributes.options.tag_ttl)
 
     def forgotten(self, node: Node) -> None:
         """The kernel forgot node's inode: whatever listing of it it kept went with it."""

@@ -30,12 +30,12 @@ def names_of(entries: Sequence[tuple[str, Node]]) -> int:
 @dataclass
 class Held:
     """A directory whose listing the kernel may keep: the names it was last handed, the mtime
-    that moved for it (0: the storage's own), and until when its entries are being looked up
-    (`KeptListings.looked_up`)."""
+    that moved for it (0: the storage's own), and until when its entries are in use
+    (`KeptListings.entries_used`)."""
 
     names: int
     mtime_ns: int = 0  # at least the last mtime shown, so a move goes past it
-    looked_up_until: float = 0.0
+    used_until: float = 0.0
 
 
 class KeptListings:
@@ -71,19 +71,21 @@ class KeptListings:
         for held in self._held.values():
             self._move(held)
 
-    def looked_up(self, node: Node, seconds: float) -> None:
-        """An entry of node was looked up: `ls -l`, `du`, `find -size` stat the names of a
-        listing. A kept listing goes to the kernel as names only, and an entry that expires
-        in 0.1 s (tags/, layers/, manifests/, uploads/) then costs a LOOKUP each; listed by
-        the daemon, its READDIRPLUS chunks carry their attributes. So for `seconds` after a
-        lookup, each GETATTR moves the mtime (`stats_entries`) and the next readdir lists it."""
+    def entries_used(self, node: Node, seconds: float) -> None:
+        """node's entries are in use: one was looked up (`ls -l`, `du`, `find -size` stat the
+        names of a listing), or a listing handed them with their attributes. A kept listing
+        goes to the kernel as names only, and an entry that expires in 0.1 s (tags/, layers/,
+        manifests/, uploads/) then costs a LOOKUP each; listed by the daemon, its READDIRPLUS
+        chunks carry the attributes. So for `seconds` after, each GETATTR moves the mtime
+        (`relists`) and the next readdir lists it from the daemon. Tags listed as
+        placeholders (names only) leave it alone: a plain `ls` of them stays kept."""
         held = self._held.get(node)
         if held is not None:
-            held.looked_up_until = time.monotonic() + seconds
+            held.used_until = time.monotonic() + seconds
 
-    def stats_entries(self, node: Node) -> bool:
+    def relists(self, node: Node) -> bool:
         held = self._held.get(node)
-        return held is not None and time.monotonic() < held.looked_up_until
+        return held is not None and time.monotonic() < held.used_until
 
     def mtime_ns(self, node: Node, stored_ns: int) -> int:
         """What stat shows: the storage's mtime, or when the daemon last saw the names move."""

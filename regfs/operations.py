@@ -59,7 +59,7 @@ class Operations(pyfuse3.Operations):
         node = await self.tree.lookup(parent, decode_name(name))
         entry = await self.directories.entry_of(node)  # a tag being written: its pending size
         self.inodes.ref(entry.st_ino)
-        self.directories.looked_up(parent)
+        self.directories.entries_used(parent)
         return entry
 
     @fuse_errors
