@@ -28,7 +28,7 @@ from support.tools import sh
 
 import storage.remote.registry as remote_registry
 from storage.digests import Digest
-from storage.errors import RemoteUnavailable
+from storage.errors import RemoteUnavailable, UnknownTag
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 
@@ -243,6 +243,27 @@ async def test_tags_past_the_cap_are_asked_one_by_one(
     }
 
 
+async def test_a_page_size_refused_once_is_not_asked_again(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """A registry that refuses pages of 100,000 (400 PAGINATION_NUMBER_INVALID, as its
+    catalog does past `maxentries`): the first listing asks smaller pages, and every listing
+    after it asks those at once (before: each listing asked the refused size first)."""
+    client = module_registry_server.client()
+    for name in ("listing/paged1", "listing/paged2"):
+        push_repo(client, name)
+    refused = b'{"errors":[{"code":"PAGINATION_NUMBER_INVALID","message":"too many"}]}'
+    proxy.inject(Fault(400, body=refused, method="GET", path=r"/tags/list$"))
+    proxy.seen.clear()
+    for name in ("listing/paged1", "listing/paged2"):
+        assert await registry.repository(name).tags.list() == list(TAGS)
+    assert [s.path for s in proxy.seen] == [
+        "/v2/listing/paged1/tags/list?n=100000",
+        "/v2/listing/paged1/tags/list?n=1000",
+        "/v2/listing/paged2/tags/list?n=1000",
+    ]
+
+
 async def test_a_failing_registry_stops_the_fetching_ahead(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
@@ -263,6 +284,33 @@ async def test_a_failing_registry_stops_the_fetching_ahead(
     assert await repo.tags.get("t29") == Digest.parse(
         module_registry_server.client().get_manifest("listing/down", "t29").digest
     )
+
+
+async def test_a_tag_gone_midway_stops_the_batch_and_the_rest_are_asked_once(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """The tags' manifests are asked by worker threads in one batch; a tag the registry no
+    longer knows stops it, and each tag it left is asked once on its own: every other tag
+    resolves with one GET, the gone one is unknown."""
+    many = tuple(f"t{i:02d}" for i in range(24))
+    client = module_registry_server.client()
+    push_repo(client, "listing/gone", many)
+    repo = registry.repository("listing/gone")
+    assert await repo.tags.list() == list(many)
+    unknown = b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}'
+    proxy.inject(Fault(404, body=unknown, path=r"/listing/gone/manifests/t05$"), times=20)
+    proxy.seen.clear()
+    for tag in ("t00", "t23"):
+        assert await repo.tags.get(tag) == Digest.parse(
+            client.get_manifest("listing/gone", tag).digest
+        )
+    with pytest.raises(UnknownTag):
+        await repo.tags.get("t05")
+    gets = Counter(s.path for s in proxy.seen if s.method == "GET" and "/manifests/t" in s.path)
+    assert {path for path, count in gets.items() if count != 1} == {
+        "/v2/listing/gone/manifests/t05"
+    }
+    assert len(gets) == len(many)
 
 
 HOSTILE_TAGS = ["../../../v2/_catalog", "ok?n=1", "a/b", "a\nb", "t" * 129, "-x", "good"]
@@ -472,7 +520,8 @@ async def test_a_slow_resolution_is_reused_as_long_as_it_took(
     registry.tag_reuse = 0.5
     repo = registry.repository("listing/slow")
     await repo.tags.list()
-    proxy.inject(Fault(503, method="GET", path=r"/listing/slow/manifests/a$"), times=4)
+    # Two 503s end the batch's and `small`'s http.client tries; three more are retried.
+    proxy.inject(Fault(503, method="GET", path=r"/listing/slow/manifests/a$"), times=5)
     started = time.monotonic()
     await repo.tags.get("b")
     took = time.monotonic() - started

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import contextlib
 import contextvars
 import itertools
+import json
 import logging
 import os
 import time
@@ -42,7 +44,7 @@ from ..errors import (
 )
 from ..manifest_format import SUPPORTED, parse_manifest, sniff_media_type
 from ..names import is_component, valid_tags, validate_name, validate_tag
-from .client import RemoteClient, RemoteNotFound, RemoteTooLarge
+from .client import RemoteClient, RemoteNotFound, RemoteTooLarge, Small
 from .reader import ReadAheadBudget, RemoteLayerReader
 from .untrusted import (
     BLOB_CACHE_BYTES,
@@ -89,22 +91,27 @@ _LISTING_AHEAD: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-def _next_page(response: httpx.Response) -> str | None:
-    """The `Link: <url>; rel="next"` of a paginated answer."""
-    link = response.links.get("next")
-    return link["url"] if link else None
+def _next_page(page: Small) -> str | None:
+    """The `Link: <url>; rel="next"` of a paginated answer (parsed by httpx)."""
+    if "link" not in page.headers:
+        return None
+    link = httpx.Response(page.status_code, headers={"link": page.headers["link"]}).links
+    return link["next"]["url"] if "next" in link else None
 
 
 async def _paginated(client: RemoteClient, path: str, key: str) -> list[str]:
-    """Every item of a paginated listing, in pages as large as the registry allows."""
-    for size in PAGE_SIZES[:-1]:
+    """Every item of a paginated listing, in pages as large as the registry allows: the
+    size it last answered is asked at once (one request per listing, not one refused more)."""
+    known = client.page_size
+    sizes = PAGE_SIZES if known is None else [s for s in PAGE_SIZES if s <= known]
+    for size in sizes[:-1]:
         try:
             return await _pages(client, path, key, size)
         except RemoteError as exc:
             if "PAGINATION_NUMBER_INVALID" not in exc.codes:
                 raise
             log.debug("%s: pages of %d refused; asking for smaller ones", path, size)
-    return await _pages(client, path, key, PAGE_SIZES[-1])
+    return await _pages(client, path, key, sizes[-1])
 
 
 @dataclass
@@ -126,17 +133,17 @@ class _Listing:
             self.too_large(f"{LISTING_PAGES_MAX} pages")
         self.asked.add(url)
 
-    def add(self, response: httpx.Response) -> None:
+    def add(self, response: Small) -> None:
         """The names of one page; RemoteError for a page that is not a listing."""
         try:
-            page = response.json()
+            page = json.loads(response.content)
             names = page.get(self.key) or []
         except (ValueError, AttributeError):
             names = None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise RemoteError(
                 f"{self.path}: the registry's answer is not a listing of {self.key}: "
-                f"{shown(response.text, 80)}",
+                f"{shown(response.content.decode(errors='replace'), 80)}",
                 status=response.status_code,
             )
         self.names.extend(names)
@@ -159,7 +166,13 @@ async def _pages(client: RemoteClient, path: str, key: str, size: int) -> list[s
     next_url: str | None = f"{path}?n={size}"
     while next_url:
         listing.ask(next_url)
-        response = await client.request("GET", next_url, limit=PAGE_MAX)
+        # A size answered before goes the cheaper way (`small`), which would ask again, as
+        # `request`, what it does not answer 200 (a refused size).
+        if size == client.page_size:
+            response = await client.small("GET", next_url, limit=PAGE_MAX)
+        else:
+            response = Small.of(await client.request("GET", next_url, limit=PAGE_MAX))
+            client.page_size = size
         listing.add(response)
         next_url = _next_page(response)
     return listing.names
@@ -402,12 +415,16 @@ class RemoteTags:
         manifests = self.repo.manifests
 
         async def resolve(tag: str) -> None:
-            validate_tag(tag)  # a name from the registry goes into a URL
             targets[tag] = (await manifests.fetch(tag)).digest
 
         try:
             tags = snapshot.tags[:TAGS_RESOLVED_MAX]
-            await _in_parallel(tags, resolve, f"{self.name}: tags")
+            for tag in tags:
+                validate_tag(tag)  # a name from the registry goes into a URL
+            found = await manifests.fetch_many(tags)
+            targets.update((tag, manifest.digest) for tag, manifest in found.items())
+            left = [tag for tag in tags if tag not in found]
+            await _in_parallel(left, resolve, f"{self.name}: tags")
         except BaseException:
             snapshot.batch = None  # cancelled: whoever waits resolves them itself
             raise
@@ -492,21 +509,41 @@ class RemoteManifests:
         self.client = repo.client
         self.name = repo.name
 
+    def _path(self, reference: str) -> str:
+        return f"/v2/{self.name}/manifests/{reference}"
+
     async def fetch(self, reference: str) -> Manifest:
         try:
             response = await self.client.small(
-                "GET",
-                f"/v2/{self.name}/manifests/{reference}",
-                headers={"Accept": ACCEPT},
-                limit=MANIFEST_MAX,
+                "GET", self._path(reference), headers={"Accept": ACCEPT}, limit=MANIFEST_MAX
             )
         except RemoteNotFound:
             raise UnknownManifest(f"unknown manifest {self.name}@{reference}") from None
+        return self._kept(reference, response)
+
+    async def fetch_many(self, references: builtins.list[str]) -> dict[str, Manifest]:
+        """The manifests of those references the registry answers plainly (`small_many`),
+        each checked and cached as `fetch` does; the others are left for `fetch` to ask and
+        report."""
+        paths = [self._path(reference) for reference in references]
+        answers = await self.client.small_many(
+            "GET", paths, headers={"Accept": ACCEPT}, limit=MANIFEST_MAX, parallel=LISTING_PARALLEL
+        )
+        found: dict[str, Manifest] = {}
+        for reference, answer in zip(references, answers, strict=True):
+            if answer is not None:
+                with contextlib.suppress(CorruptEntry):
+                    found[reference] = self._kept(reference, answer)
+        return found
+
+    def _kept(self, reference: str, response: Small) -> Manifest:
+        """The manifest a GET of reference answered, checked against a digest reference,
+        and cached."""
         data = response.content
         digest = digest_bytes(data)
         if reference.startswith("sha256:") and str(digest) != reference:
             raise CorruptEntry(f"{self.name}@{reference}", f"the registry sent {digest}")
-        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        media_type = response.headers.get("content-type", "").split(";")[0].strip()
         manifest = Manifest(digest, media_type or sniff_media_type(data), data)
         self.repo.registry.manifest_cache.put((self.name, digest), manifest)
         return manifest
@@ -595,7 +632,7 @@ class RemoteLayers:
             response = await self.client.small("HEAD", self._url(digest))
         except RemoteNotFound:
             raise UnknownLayer(f"blob unknown to {self.name}: {digest}") from None
-        length = response.headers.get("Content-Length", "0")
+        length = response.headers.get("content-length", "0")
         if not length.isdigit():
             raise RemoteError(
                 f"registry {self.client.name}: HEAD {self._url(digest)}: Content-Length "
@@ -629,6 +666,7 @@ class RemoteLayers:
         pending = await manifests.list()
         seen: set[Digest] = set()
         while pending:
+            await manifests.fetch_many([str(d) for d in self._uncached(pending)])
             await _in_parallel(self._uncached(pending), manifests.get, f"{self.name}: manifests")
             children: list[Digest] = []
             for digest in pending:
@@ -649,8 +687,20 @@ class RemoteLayers:
                 children.extend(d.digest for d in parsed.children)
             pending = children
         listed = sorted(found)
+        await self._stat_many(self._unstated(listed))
         await _in_parallel(self._unstated(listed), self.stat, f"{self.name}: blobs")
         return listed
+
+    async def _stat_many(self, digests: builtins.list[Digest]) -> None:
+        """The sizes of those blobs the registry answers plainly (`small_many`), cached as
+        `stat` does; the others are left for `stat` to ask and report."""
+        paths = [self._url(digest) for digest in digests]
+        answers = await self.client.small_many("HEAD", paths, parallel=LISTING_PARALLEL)
+        for digest, answer in zip(digests, answers, strict=True):
+            length = "" if answer is None else answer.headers.get("content-length", "")
+            if length.isdigit():
+                info = BlobInfo(digest, int(length), self.registry.started_ns)
+                self.registry.blob_cache.put((self.name, digest), info)
 
     def _uncached(self, digests: builtins.list[Digest]) -> builtins.list[Digest]:
         cache = self.registry.manifest_cache
