@@ -1529,6 +1529,25 @@ async def test_what_the_child_answers_is_checked(registry, cache, cache_dir, mon
     assert cached_files(cache_dir) == set() and not index_children()
 
 
+async def test_a_decoder_that_fails_is_told_in_the_log(
+    registry, cache, cache_dir, monkeypatch, caplog
+):
+    """An error in the child's decompressing process (`gzipchild._Decoder`) ends the pass as
+    IndexProcessFailed, and its traceback reaches the daemon's log with the child's."""
+    boom = "def boom(exported): raise RuntimeError('the decoder broke')"
+    monkeypatch.setattr(
+        fastgzip,
+        "_CHILD",
+        f"import sys; sys.path.insert(0, sys.argv[1]); from storage.rootfs import gzipchild; "
+        f"exec({boom!r}); gzipchild.fill_windows = boom; gzipchild.child(sys.argv[2])",
+    )
+    layer = await store(registry, _good(), "gzip")
+    with pytest.raises(fastgzip.IndexProcessFailed):
+        await Indexer(cache).index(layer.ref)
+    assert "RuntimeError: the decoder broke" in caplog.text
+    assert cached_files(cache_dir) == set() and not index_children()
+
+
 async def test_an_unmount_while_copying_for_the_child_leaves_no_descriptor(slow_gzip, cache):
     """Cancelled while the blob is copied for the child (before it starts): the abandoned
     thread stops at its next read and closes its descriptor of the nameless copy."""

@@ -30,6 +30,7 @@ import signal
 import struct
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
@@ -248,6 +249,9 @@ def _run_decoder(rapidgzip: Any, request: Request, ring: mmap.mmap, filled: int,
         code = 0
     except BrokenPipeError:
         pass  # the child stopped reading: nothing more is wanted
+    except BaseException:  # to the child's stderr, which the daemon logs the end of
+        traceback.print_exc()
+        sys.stderr.flush()
     finally:
         os._exit(code)  # no interpreter exit: rapidgzip's file would std::terminate it
 
