@@ -65,6 +65,9 @@ class TagNode(tuple[str, str, str], Node):
     def __repr__(self) -> str:
         return f"TagNode(repo={self[1]!r}, tag={self[2]!r})"
 
+    def __getnewargs__(self) -> tuple[str, str]:  # copy and pickle call __new__ with these
+        return self[1], self[2]
+
     @classmethod
     def listing(cls, repo: str, tags: Sequence[str]) -> list[tuple[str, Node]]:
         """(tag, its node) for each of a repository's tags, made without a Python call per

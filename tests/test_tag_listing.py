@@ -7,8 +7,10 @@ nodes' equality, must stay what the per-name grammar and a dataclass gave.
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,6 +67,7 @@ def test_a_tag_node_equals_only_the_same_tag() -> None:
     assert len({node, TagNode(NAME, "v1"), UploadNode(NAME, "v1")}) == 2
     assert (node.repo, node.tag) == (NAME, "v1")
     assert repr(node) == f"TagNode(repo={NAME!r}, tag='v1')"
+    assert copy.copy(node) == node == pickle.loads(pickle.dumps(node))
     match node:
         case TagNode(repo, tag):
             assert (repo, tag) == (NAME, "v1")
