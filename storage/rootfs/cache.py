@@ -394,7 +394,7 @@ def encode(index: LayerIndex, file: BinaryIO) -> None:
     )
     frames = [[f.uoffset, f.usize, f.coffset, f.csize, f.in_copy] for f in index.frames]
     chunks = [[key, *astuple(c)] for key, cs in index.chunks.items() for c in cs]
-    indexfile.write(file, meta, index.members, frames, chunks)
+    indexfile.write(file, meta, indexfile.table(index.members), frames, chunks)
 
 
 def decode(file: BinaryIO, digest: Digest) -> LayerIndex:

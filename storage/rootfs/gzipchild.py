@@ -46,7 +46,8 @@ CHUNK = 1 << 20  # rapidgzip's compressed bytes per chunk = per seek point: ~0.4
 POINTS_LEVEL = 3  # zstd level of the kept seek points (`.gzi`)
 _OUT = 1 << 20  # decompressed bytes per read in the child
 _SLOTS = 4  # slots of `_OUT` bytes between the decoder and the tar scan (`_Decoder`)
-_RECORD = struct.Struct("<qqq")  # a slot (-1: the end), its bytes, the blob position
+_RECORD = struct.Struct("<qqq")  # a slot (-1: the outcome), its bytes, the blob position
+_DATA_ENDED = -2  # the slot of the record after the last data: the outcome comes later
 _SLOT = struct.Struct("<q")  # a slot given back
 _PR_SET_PDEATHSIG = 1
 _HASH_READ = 4 << 20
@@ -74,6 +75,7 @@ class Request:
 @dataclass(frozen=True)
 class _Index:
     table: TarTable
+    lines: indexfile.Table  # the table as the index file's lines
     points: int  # bytes of seek points written
     points_sha256: str  # of the `.gzi` file
 
@@ -124,7 +126,7 @@ def child(argument: str) -> None:
             index.points,
             index.points_sha256,
         )
-        indexfile.write(out, meta, index.table.members)
+        indexfile.write(out, meta, index.lines)
     out.flush()
 
 
@@ -146,7 +148,8 @@ def _hash(request: Request, digest: Digest, mismatch: list[BadLayer]) -> None:
 
 def _index(request: Request, digest: Digest, decoder: _Decoder, out: IO[bytes]) -> _Index:
     table = tarscan.scan(decoder.chunks(out), digest, Limits(**request.limits))
-    return _Index(table, *decoder.outcome())
+    lines = indexfile.table(table.members)  # while the decoder writes the seek points
+    return _Index(table, lines, *decoder.outcome())
 
 
 class _Decoder:
@@ -188,6 +191,8 @@ class _Decoder:
         told = 0
         while True:
             slot, length, where = _RECORD.unpack(_read_exactly(self._filled, _RECORD.size))
+            if slot == _DATA_ENDED:  # the outcome follows once the seek points are written
+                return
             if slot < 0:
                 self._status = json.loads(_read_exactly(self._filled, length))
                 if "declined" in self._status:
@@ -207,7 +212,7 @@ class _Decoder:
     def outcome(self) -> tuple[int, str]:
         """The length of the seek points the decoder wrote and the sha256 of their file,
         once the stream has ended (the tar scan drains it); Declined if it declines."""
-        while self._status is None:  # the scan stopped before the end record
+        while self._status is None:  # after the data's end, or the scan stopped before it
             for _ in self.chunks(io.BytesIO()):
                 pass
         points, sha256 = self._status.get("points"), self._status.get("sha256")
@@ -278,6 +283,7 @@ def _decompress(
             end = max(gz.block_offsets(), default=0)
             if end != request.size * 8:  # it stops quietly where a stream is cut short
                 return {"declined": f"rapidgzip stopped at byte {end // 8} of {request.size}"}
+            _write(filled, _RECORD.pack(_DATA_ENDED, 0, 0))  # the scan can end meanwhile
             exported = io.BytesIO()
             gz.export_index(exported)
     except (ValueError, RuntimeError) as exc:  # a bad CRC or deflate data, or worse

@@ -37,10 +37,24 @@ class Meta:
     points_sha256: str = ""  # of the `.gzi` file (gzip layers)
 
 
+@dataclass(frozen=True)
+class Table:
+    """A member table as the file's lines: rendered ahead of the file by the gzip child,
+    while its decoder still writes the seek points that the meta line counts."""
+
+    count: int
+    lines: list[bytes]
+
+
+def table(members: Sequence[Member]) -> Table:
+    rows = range(0, len(members), _BATCH)
+    return Table(len(members), [_line([_row(m) for m in members[i : i + _BATCH]]) for i in rows])
+
+
 def write(
     file: BinaryIO,
     meta: Meta,
-    members: Sequence[Member],
+    members: Table,
     frames: Sequence[Sequence[object]] = (),
     chunks: Sequence[Sequence[object]] = (),
 ) -> None:
@@ -52,15 +66,15 @@ def write(
             "format": meta.format,
             "blob_size": meta.blob_size,
             "size": meta.size,
-            "members": len(members),
+            "members": members.count,
             "frames": len(frames),
             "seek_points": meta.seek_points,
             "points_sha256": meta.points_sha256,
         }
         out.write(FORMAT_LINE)
         out.write(_line(values))
-        for first in range(0, len(members), _BATCH):
-            out.write(_line([_row(m) for m in members[first : first + _BATCH]]))
+        for line in members.lines:
+            out.write(line)
         out.write(_line(list(frames)))
         out.write(_line(list(chunks)))
 
