@@ -43,7 +43,7 @@ from .errors import BadLayer, CorruptLayer, LayerDigestMismatch
 from .tarscan import Limits, TarTable
 
 CHUNK = 1 << 20  # rapidgzip's compressed bytes per chunk = per seek point: ~0.4 MB per read
-POINTS_LEVEL = 3  # zstd level of the kept seek points (`.gzi`)
+POINTS_LEVEL = 1  # zstd level of the `.gzi`: 18 MB of points in 16 ms (level 3: 38 ms, 6% smaller)
 _OUT = 1 << 20  # decompressed bytes per read in the child
 _SLOTS = 4  # slots of `_OUT` bytes between the decoder and the tar scan (`_Decoder`)
 _RECORD = struct.Struct("<qqq")  # a slot (-1: the outcome), its bytes, the blob position
