@@ -323,15 +323,17 @@ def fill_windows(exported: bytes) -> bytes:
     if magic != b"GZIDX" or version != 1:
         raise Declined(f"rapidgzip exported seek points of format {magic!r} {version}")
     at = _HEADER.size
-    points, windows = [], []
+    points: list[bytes] = []
+    windows: list[bytes | memoryview] = []  # views: the join below is their one copy
+    view, zeros = memoryview(exported), bytes(window)
     read = at + count * _POINT.size  # where the next window is
     for number in range(count):
         coffset, uoffset, bits, has = _POINT.unpack_from(exported, at + number * _POINT.size)
         if has:
-            windows.append(exported[read : read + window])
+            windows.append(view[read : read + window])
             read += window
         elif 0 < uoffset < usize:
-            windows.append(bytes(window))
+            windows.append(zeros)
             has = 1
         points.append(_POINT.pack(coffset, uoffset, bits, has))
     if read != len(exported):
