@@ -26,6 +26,7 @@ from support.oci import image_manifest
 from support.registry import RegistryClient, RegistryServer
 from support.tools import sh
 
+import storage.remote.client as remote_client
 import storage.remote.registry as remote_registry
 from storage.digests import Digest
 from storage.errors import RemoteUnavailable, UnknownTag
@@ -311,6 +312,35 @@ async def test_a_tag_gone_midway_stops_the_batch_and_the_rest_are_asked_once(
         "/v2/listing/gone/manifests/t05"
     }
     assert len(gets) == len(many)
+
+
+async def test_a_batch_of_manifests_holds_a_bounded_number_of_bytes(
+    registry: RemoteRegistry,
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch holds its answers until its last: past SMALL_MANY_BYTES it asks nothing more
+    (a registry answering 100,000 tags with 4 MiB manifests must not grow the daemon), and
+    the next batch asks what it left. Here one answer passes the budget: each batch stops
+    after the answers in flight, and every tag still resolves with one GET."""
+    monkeypatch.setattr(remote_client, "SMALL_MANY_BYTES", 1)
+    many = tuple(f"t{i:02d}" for i in range(24))
+    client = module_registry_server.client()
+    push_repo(client, "listing/budget", many)
+    repo = registry.repository("listing/budget")
+    assert await repo.tags.list() == list(many)
+    paths = [f"/v2/listing/budget/manifests/{tag}" for tag in many]
+    accept = {"Accept": remote_registry.ACCEPT}
+    batch = await registry.client.small_many("GET", paths, headers=accept, parallel=4)
+    answered = [a for a in batch.answers if a is not None]
+    assert 1 <= len(answered) <= 4 and not batch.failed
+    proxy.seen.clear()
+    assert await repo.tags.get("t23") == Digest.parse(
+        client.get_manifest("listing/budget", "t23").digest
+    )
+    gets = Counter(s.path for s in proxy.seen if s.method == "GET" and "/manifests/t" in s.path)
+    assert gets == {path: 1 for path in paths}
 
 
 HOSTILE_TAGS = ["../../../v2/_catalog", "ok?n=1", "a/b", "a\nb", "t" * 129, "-x", "good"]

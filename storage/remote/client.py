@@ -48,7 +48,14 @@ from storage.remote.auth import Authenticator, Token
 from storage.remote.credentials import Credentials, docker_config_credentials
 from storage.remote.ranges import Answer, OpenBody, RangeFetcher, origin_of
 from storage.remote.retry import IDEMPOTENT, NOT_SENT, pause
-from storage.remote.untrusted import BODY_MAX, ERROR_BODY_MAX, RANGE_SKIP_MAX, error_detail, shown
+from storage.remote.untrusted import (
+    BODY_MAX,
+    ERROR_BODY_MAX,
+    RANGE_SKIP_MAX,
+    SMALL_MANY_BYTES,
+    error_detail,
+    shown,
+)
 from storage.remote.urls import DOCKER_HUB_ALIASES, DOCKER_HUB_API, is_loopback, loggable, origin
 
 __all__ = [
@@ -211,6 +218,15 @@ class Small:
     def answered(cls, answer: Answer) -> Small:
         """From http.client's answer on a worker thread (ranges.py)."""
         return cls(answer.status, {k.lower(): v for k, v in answer.headers}, answer.body)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What `RemoteClient.small_many` answered: each path's answer or None, and whether it
+    stopped at an answer that was no plain 200, or at its deadline (ask no more in batches)."""
+
+    answers: list[Small | None]
+    failed: bool
 
 
 class RemoteClient:
@@ -426,15 +442,17 @@ class RemoteClient:
         headers: dict[str, str] | None = None,
         limit: int = BODY_MAX,
         parallel: int = 8,
-    ) -> list[Small | None]:
+    ) -> Batch:
         """`small` for many paths (`/v2/...`) of one repository, whose one authorization
         serves them all: `parallel` worker threads each send their share in turn, with no
         trio round trip per request (a walk's thousands of manifest GETs and blob HEADs spent
         most of the daemon's thread on those). The first answer that is not a plain 200 stops
-        the rest (a registry failing is not asked further), and so does the deadline: None
-        for each path not answered, to ask with `small`, which owns every other answer."""
+        the rest (a registry failing is not asked further: `failed`), and so do the deadline
+        (`failed` too) and answers past SMALL_MANY_BYTES, held until the last (ask the paths left
+        in another batch once the caller kept what it needs). None for each path not
+        answered, to ask again or with `small`, which owns every other answer."""
         if not paths:
-            return []
+            return Batch([], failed=False)
         if not all(p.startswith("/") and not p.startswith("//") for p in paths):
             raise ValueError("small_many takes paths on the registry's origin")
         authorization = None
@@ -445,9 +463,12 @@ class RemoteClient:
         order = iter(range(len(paths)))
         taking = threading.Lock()
         stop = threading.Event()
+        failed = threading.Event()
         sent = headers or {}
+        held = 0
 
         def work() -> None:
+            nonlocal held
             while not stop.is_set():
                 with taking:
                     index = next(order, None)
@@ -457,20 +478,28 @@ class RemoteClient:
                     method, self._origin + paths[index], sent, authorization, limit
                 )
                 if answer is None:
+                    failed.set()
                     stop.set()
+                    return
                 answers[index] = answer
+                size = len(answer.body) + sum(len(k) + len(v) for k, v in answer.headers)
+                with taking:
+                    held += size
+                    if held > SMALL_MANY_BYTES:
+                        stop.set()
 
         run = partial(
             trio.to_thread.run_sync, work, limiter=self._range_threads, abandon_on_cancel=True
         )
         try:
-            with trio.move_on_after(self.deadline):
+            with trio.move_on_after(self.deadline) as scope:
                 async with trio.open_nursery() as nursery:
                     for _ in range(min(parallel, len(paths))):
                         nursery.start_soon(run)
         finally:
             stop.set()  # a thread abandoned at the deadline sends nothing more
-        return [None if a is None else Small.answered(a) for a in list(answers)]
+        answered = [None if a is None else Small.answered(a) for a in list(answers)]
+        return Batch(answered, failed=failed.is_set() or scope.cancelled_caught)
 
     @asynccontextmanager
     async def stream(

@@ -48,6 +48,7 @@ from .client import RemoteClient, RemoteNotFound, RemoteTooLarge, Small
 from .reader import ReadAheadBudget, RemoteLayerReader
 from .untrusted import (
     BLOB_CACHE_BYTES,
+    BODY_MAX,
     LISTING_BYTES_MAX,
     LISTING_NAMES_MAX,
     LISTING_PAGES_MAX,
@@ -176,6 +177,39 @@ async def _pages(client: RemoteClient, path: str, key: str, size: int) -> list[s
         listing.add(response)
         next_url = _next_page(response)
     return listing.names
+
+
+async def _batched(
+    client: RemoteClient,
+    method: str,
+    paths: list[str],
+    keep: Callable[[int, Small], None],
+    *,
+    headers: dict[str, str] | None = None,
+    limit: int = BODY_MAX,
+) -> None:
+    """keep(index, answer) for each path the registry answers plainly, asked in batches
+    (`RemoteClient.small_many`, LISTING_PARALLEL at once) whose answers are handed over
+    before the next: a batch stopped by its byte budget is followed by one of the paths it
+    left, one that failed by none (what is left is for the caller to ask one by one)."""
+    pending = list(range(len(paths)))
+    while pending:
+        batch = await client.small_many(
+            method,
+            [paths[i] for i in pending],
+            headers=headers,
+            limit=limit,
+            parallel=LISTING_PARALLEL,
+        )
+        left = []
+        for index, answer in zip(pending, batch.answers, strict=True):
+            if answer is None:
+                left.append(index)
+            else:
+                keep(index, answer)
+        if batch.failed or len(left) == len(pending):
+            return
+        pending = left
 
 
 async def _in_parallel(
@@ -421,9 +455,8 @@ class RemoteTags:
             tags = snapshot.tags[:TAGS_RESOLVED_MAX]
             for tag in tags:
                 validate_tag(tag)  # a name from the registry goes into a URL
-            found = await manifests.fetch_many(tags)
-            targets.update((tag, manifest.digest) for tag, manifest in found.items())
-            left = [tag for tag in tags if tag not in found]
+            targets.update(await manifests.fetch_many(tags))
+            left = [tag for tag in tags if tag not in targets]
             await _in_parallel(left, resolve, f"{self.name}: tags")
         except BaseException:
             snapshot.batch = None  # cancelled: whoever waits resolves them itself
@@ -521,19 +554,19 @@ class RemoteManifests:
             raise UnknownManifest(f"unknown manifest {self.name}@{reference}") from None
         return self._kept(reference, response)
 
-    async def fetch_many(self, references: builtins.list[str]) -> dict[str, Manifest]:
-        """The manifests of those references the registry answers plainly (`small_many`),
-        each checked and cached as `fetch` does; the others are left for `fetch` to ask and
-        report."""
+    async def fetch_many(self, references: builtins.list[str]) -> dict[str, Digest]:
+        """The digests of those references the registry answers plainly (`_batched`), each
+        manifest checked and cached as `fetch` does; the others are left for `fetch` to ask
+        and report."""
+        found: dict[str, Digest] = {}
+
+        def keep(index: int, answer: Small) -> None:
+            with contextlib.suppress(CorruptEntry):
+                found[references[index]] = self._kept(references[index], answer).digest
+
         paths = [self._path(reference) for reference in references]
-        answers = await self.client.small_many(
-            "GET", paths, headers={"Accept": ACCEPT}, limit=MANIFEST_MAX, parallel=LISTING_PARALLEL
-        )
-        found: dict[str, Manifest] = {}
-        for reference, answer in zip(references, answers, strict=True):
-            if answer is not None:
-                with contextlib.suppress(CorruptEntry):
-                    found[reference] = self._kept(reference, answer)
+        headers = {"Accept": ACCEPT}
+        await _batched(self.client, "GET", paths, keep, headers=headers, limit=MANIFEST_MAX)
         return found
 
     def _kept(self, reference: str, response: Small) -> Manifest:
@@ -694,13 +727,14 @@ class RemoteLayers:
     async def _stat_many(self, digests: builtins.list[Digest]) -> None:
         """The sizes of those blobs the registry answers plainly (`small_many`), cached as
         `stat` does; the others are left for `stat` to ask and report."""
-        paths = [self._url(digest) for digest in digests]
-        answers = await self.client.small_many("HEAD", paths, parallel=LISTING_PARALLEL)
-        for digest, answer in zip(digests, answers, strict=True):
-            length = "" if answer is None else answer.headers.get("content-length", "")
+
+        def keep(index: int, answer: Small) -> None:
+            length = answer.headers.get("content-length", "")
             if length.isdigit():
-                info = BlobInfo(digest, int(length), self.registry.started_ns)
-                self.registry.blob_cache.put((self.name, digest), info)
+                info = BlobInfo(digests[index], int(length), self.registry.started_ns)
+                self.registry.blob_cache.put((self.name, digests[index]), info)
+
+        await _batched(self.client, "HEAD", [self._url(d) for d in digests], keep)
 
     def _uncached(self, digests: builtins.list[Digest]) -> builtins.list[Digest]:
         cache = self.registry.manifest_cache

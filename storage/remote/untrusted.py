@@ -31,6 +31,7 @@ MANIFEST_CACHE_BYTES = 64 << 20
 BLOB_CACHE_BYTES = 32 << 20
 TAG_SNAPSHOT_BYTES = 32 << 20  # repositories' tags and targets, as their listings found them
 TAGS_RESOLVED_MAX = 100_000  # tags of one listing whose manifests are fetched ahead
+SMALL_MANY_BYTES = 16 << 20  # answers one batch of manifest GETs or HEADs holds at once
 SHOWN_MAX = 200
 
 
