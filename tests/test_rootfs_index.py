@@ -1438,7 +1438,7 @@ async def index_child() -> int:
 
 
 async def decoder_of(pid: int) -> int:
-    """The pid of the index subprocess's decompressing process (`fastgzip._Decoder`)."""
+    """The pid of the index subprocess's decompressing process (`gzipchild._Decoder`)."""
     with trio.fail_after(30):
         while not (found := Path(f"/proc/{pid}/task/{pid}/children").read_text().split()):
             await trio.sleep(0.005)

@@ -1,9 +1,10 @@
 """Layer indexes kept on disk, keyed by layer digest, shared by every mount of the user.
 
 `<dir>/<hex>.idx` is one zstd frame (with its checksum) holding a format line, a JSON meta
-line, one JSON line per member, one per zstd frame and one of eStargz chunks; `<hex>.gzi` a
-gzip layer's seek points (indexed_gzip's export in one zstd frame, `gzipseek.write_points`),
-read only when a file of the layer is (so no `LayerIndex` holds them in memory); `<hex>.zst`
+line, JSON lines of members, one of zstd frames and one of eStargz chunks (`indexfile`);
+`<hex>.gzi` a gzip layer's seek points (indexed_gzip's export in one zstd frame,
+`gzipseek.write_points`), whose sha256 the `.idx` keeps and a load checks, read only when a
+file of the layer is (so no `LayerIndex` holds them in memory); `<hex>.zst`
 a zstd layer's re-framed copy, when it has one. Files are written to a
 temporary name and renamed (0600, in a 0700 directory), so a reader (another mount too)
 sees a whole file or none. The least recently used (mtime, touched on each use) go first
