@@ -676,6 +676,10 @@ class S3Driver(StorageDriver):
         if path == "/":
             return FileInfo(path, 0, 0, True)
         key = self.key(path)
+        if not self._multipart.at(path) and path.rpartition("/")[2] not in FILE_NAMES:
+            seen = self._kept(self._dirs, path)  # kept: answered without a thread's hop
+            if seen is not None:
+                return seen
 
         def stat() -> FileInfo:
             if self._multipart.at(path):
@@ -757,12 +761,13 @@ class S3Driver(StorageDriver):
 
     async def _list(self, path: str) -> builtins.list[str]:
         prefix = self._top() if path == "/" else self.key(path) + "/"
+        uploads = self._multipart.below(path)
+        kept = None if uploads else self._kept(self._listed, path)
+        if kept is not None:  # answered without a thread's hop
+            return [*kept]
 
         def names() -> builtins.list[str]:
-            since, uploads = self._changes, self._multipart.below(path)
-            kept = None if uploads else self._kept(self._listed, path)
-            if kept is not None:
-                return [*kept]
+            since = self._changes
             found = set()
             for name, _ in self._objects(prefix, "/"):
                 found.add(name[len(prefix) :].rstrip("/"))
