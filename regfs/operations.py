@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
+    # The kernel keeps what readlink answered (regfs's pyfuse3 build; a stock one ignores it):
+    # the only links are inside images (rootfs/), whose members never change.
+    enable_cache_symlinks = True
 
     def __init__(self, tree: Tree, options: MountOptions) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import trio
 from support.clients import calls_after, kill_mid, listing_loop
-from support.images import directory, file, layer_tar
+from support.images import directory, file, layer_tar, symlink
 from support.mounts import Mount, wait_until
 from support.oci import image_manifest
 from support.roots import build_root, link_blobs
@@ -513,14 +513,16 @@ def put_image(root: Path, tag: str, entries: list) -> None:
 def test_the_kernel_keeps_every_listing(tmp_path: Path, mount: Callable) -> None:
     """opendir answers ENOSYS, so the kernel sends no OPENDIR or RELEASEDIR and keeps every
     listing: a warm `find` and `ls -lR` of an image (whose directories never change) send no
-    directory request at all, and `ls` of tags/ again, namespaces and repositories no
-    READDIR (at most a GETATTR of each directory once its 0.1 s attributes expired). Before:
-    an OPENDIR and a RELEASEDIR per directory per walk, and READDIRs outside images."""
+    directory request at all, nor a READLINK (the kernel keeps link targets too), and `ls`
+    of tags/ again, namespaces and repositories no READDIR (at most a GETATTR of each
+    directory once its 0.1 s attributes expired). Before: an OPENDIR and a RELEASEDIR per
+    directory per walk, a READLINK per link, and READDIRs outside images."""
     root = tmp_path / "root"
     trio.run(build_root, root, NAME, 1000)
     dirs = [directory(f"d{i}") for i in range(8)] + [directory(f"d{i}/e") for i in range(8)]
     files = [file(f"d{i}/e/f{j}", b"x") for i in range(8) for j in range(20)]
-    put_image(root, "img", [directory("."), *dirs, *files])
+    links = [symlink(f"d{i}/link", f"e/f{i}") for i in range(8)]
+    put_image(root, "img", [directory("."), *dirs, *files, *links])
     m: Mount = mount(root, "--debug", "--tag-ttl", "60")
     image = m.path(NAME, "rootfs", "img")
     outside = [m.path(NAME, "tags"), m.path("library"), m.path(NAME), m.mountpoint]
@@ -532,10 +534,11 @@ def test_the_kernel_keeps_every_listing(tmp_path: Path, mount: Callable) -> None
     start = len(m.log_text())
     warm += [run("ls", path).stdout for path in outside]
     outside_calls = calls_after(m, start, image)
-    assert warm == cold and len(cold[0].splitlines()) == 1 + 16 + 160
+    assert warm == cold and len(cold[0].splitlines()) == 1 + 16 + 160 + 8
     for calls in (image_calls, outside_calls):
         assert calls["opendir"] == calls["readdir"] == calls["releasedir"] == 0, calls
     assert image_calls["lookup in parent"] == image_calls["lookup"] == 0, image_calls
+    assert image_calls["readlink"] == 0, image_calls
     assert sum(image_calls.values()) <= 5, image_calls  # ls's getxattrs, statfs, the root's
     assert outside_calls["getattr"] <= 3 * len(outside), outside_calls  # dirs on the paths
 
