@@ -456,6 +456,35 @@ def test_kill_9_mid_listing_and_mid_rm_of_tagged_manifests_frees_clients_and_mou
     assert {"latest", "t00000", "t01999"} <= names and len(names) <= 2002
 
 
+def test_kill_9_mid_listing_and_mid_upload_finish_frees_clients_and_mount(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """The wait for a kept listing: an upload closed under its digest waits for the kernel's
+    attributes of layers/ and uploads/ to expire, when the kernel keeps their listings. kill
+    -9 while `ls -l` lists layers/ again and again and a loop pushes blobs into uploads/ (each
+    close waiting): no client hangs, and a new mount lists every layer the loop finished."""
+    root = tmp_path / "root"
+    digests = add_layers(root, NAME, 500)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for i in range(200):
+        (blobs / str(digest_bytes(b"pushed %d" % i))).write_bytes(b"pushed %d" % i)
+    m: Mount = mount(root, "--tag-ttl", "60")
+    layers, uploads = m.path(NAME, "layers"), m.path(NAME, "uploads")
+    listed, pushed = tmp_path / "listed", tmp_path / "pushed"
+    scripts = {
+        "ls": listing_loop(layers, listed),
+        "cp": f'cd "{blobs}"; for d in *; do cp "$d" "{uploads}/$d" || exit 1;'
+        f' echo "$d" >> "{pushed}"; done; while ls "{uploads}" > /dev/null; do :; done; exit 1',
+    }
+    started = lambda: listed.exists() and pushed.exists() and len(pushed.read_bytes()) > 3  # noqa: E731
+    kill_mid(m, scripts, started)
+    finished = pushed.read_text().split()
+    with Mount(str(root), m.mountpoint, tmp_path / "again.log") as again:
+        names = set(ls(again.path(NAME, "layers")))
+    assert set(digests) | set(finished) <= names, len(names)
+
+
 def test_the_daemon_runs_the_patched_pyfuse3() -> None:
     """`make install` builds pyfuse3 with third_party/pyfuse3/regfs.patch; the tests below
     show what it saves, and fail as this one does if a stock pyfuse3 came in."""
