@@ -9,7 +9,6 @@ whatever its size, so a small file's time is mostly its number of GETs
 
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import json
@@ -229,8 +228,7 @@ async def _layer(raw: bytes, blob: bytes) -> Layer:
 def _reader(layer: Layer, source: Recording) -> GzipReader:
     fd = os.memfd_create("points")
     os.write(fd, layer.points)
-    spool = functools.partial(os.memfd_create, "spooled points")
-    return GzipReader(blob_file(source), digest_bytes(layer.blob), fd, spool)
+    return GzipReader(blob_file(source), digest_bytes(layer.blob), fd)
 
 
 def _reads(raw: bytes, rng: random.Random) -> list[tuple[int, int]]:

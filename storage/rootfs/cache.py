@@ -8,12 +8,11 @@ file of the layer is (so no `LayerIndex` holds them in memory); `<hex>.zst`
 a zstd layer's re-framed copy, when it has one. Files are written to a
 temporary name and renamed (0600, in a 0700 directory), so a reader (another mount too)
 sees a whole file or none. The least recently used (mtime, touched on each use) go first
-once the files pass `max_bytes`, except the one just stored and the zstd copies an index in
-memory holds (`Held`). An evicted index that is in memory keeps serving. Its zstd copy is
-held open by that index from its load or pass on, so no eviction (another mount's either)
-can make its reads fail; one unlinked meanwhile still counts in the bound until it is let
-go. Seek points are read at a layer's first read and then kept by its reader; a `.gzi`
-evicted before that leaves the layer read from the blob's start, its points rebuilt.
+once the files pass `max_bytes`, except the one just stored and the files an index in
+memory holds (`Held`). An evicted index that is in memory keeps serving. Its zstd copy or
+`.gzi` is held open by that index from its load or pass on, so no eviction (another
+mount's either) can make its reads fail or start from the blob's start; one unlinked
+meanwhile still counts in the bound until it is let go.
 
 Nothing read back is trusted: a file that does not decompress, ends early, has another
 version or digest, or holds a value out of place is deleted and rebuilt, and its member
@@ -76,10 +75,12 @@ class CorruptIndex(Exception):
 
 
 class Held:
-    """A cache file an index in memory reads from (a zstd layer's re-framed copy), held open
-    for as long as that index lives: the open descriptor keeps the file's bytes whatever
-    eviction, this mount's or another's, does to its name meanwhile (docs/rootfs.md, "The
-    cache directory"). `fd` is for `os.pread`; it is closed when the index is freed."""
+    """A cache file an index in memory reads from (a zstd layer's re-framed copy, a gzip
+    layer's seek points), held open for as long as that index lives: the open descriptor
+    keeps the file's bytes whatever eviction, this mount's or another's, does to its name
+    meanwhile (docs/rootfs.md, "The cache directory"). `fd` is for `os.pread` (a reader that
+    wants an offset of its own opens `/proc/self/fd/<fd>`); it is closed when the index is
+    freed."""
 
     def __init__(self, fd: int, files: _HeldFiles) -> None:
         self.fd = fd
@@ -181,7 +182,7 @@ class IndexCache:
             if index.reframed:
                 index = replace(index, copy=Held(self._open_own(f"{digest.hex}.zst"), self._held))
             if index.format is Format.GZIP:
-                self._check_points(digest, index.points_sha256)
+                index = replace(index, copy=self._held_points(digest, index.points_sha256))
         except Exception as exc:  # whatever a damaged file makes the decoder raise
             if isinstance(exc, FileNotFoundError):
                 return None
@@ -193,30 +194,23 @@ class IndexCache:
         self._touch(digest.hex)
         return index
 
-    def open_points(self, digest: Digest) -> int | None:
-        """A read descriptor of a gzip layer's seek points (the caller closes it), or None
-        when they are gone (evicted, or not ours: logged)."""
-        try:
-            return self._open_own(f"{digest.hex}.gzi")
-        except FileNotFoundError:
-            return None
-        except CorruptIndex as exc:
-            log.warning("seek points of layer %s in %s: %s", digest, self.directory, exc)
-            return None
-
-    def _check_points(self, digest: Digest, sha256: str) -> None:
-        """The `.gzi` must be the file its `.idx` was made with: hashed (~3 ms for the 1 MB
-        of 15,000 members' points), where decompressing it took ~11 ms (and the first read
-        decompresses it again, to import it)."""
+    def _held_points(self, digest: Digest, sha256: str) -> Held:
+        """The `.gzi`, held by its index from now on (an eviction cannot take it from the
+        layer's reads), once it is the file its `.idx` was made with: hashed (~3 ms for the
+        1 MB of 15,000 members' points), where decompressing it took ~11 ms (and the first
+        read decompresses it again, to import it)."""
         fd = self._open_own(f"{digest.hex}.gzi")
         try:
-            found = hashlib.sha256()
-            while data := os.read(fd, _POINTS_READ):
+            found, offset = hashlib.sha256(), 0
+            while data := os.pread(fd, _POINTS_READ, offset):
                 found.update(data)
-        finally:
+                offset += len(data)
+            if found.hexdigest() != sha256:
+                raise CorruptIndex("its seek points are not those it was made with")
+            return Held(fd, self._held)
+        except BaseException:
             os.close(fd)
-        if found.hexdigest() != sha256:
-            raise CorruptIndex("its seek points are not those it was made with")
+            raise
 
     def _open_own(self, name: str) -> int:
         """Open an entry for reading: a regular file of ours, never through a link."""

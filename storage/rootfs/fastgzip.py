@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +102,8 @@ async def index_gzip(
     if index is None or encoded is None:
         points.discard()
         return None
-    await trio.to_thread.run_sync(points.commit)
-    return index, encoded
+    held = await trio.to_thread.run_sync(functools.partial(points.commit, hold=True))
+    return replace(index, copy=held), encoded
 
 
 async def _decode(encoded: bytes, digest: Digest) -> LayerIndex:

@@ -29,7 +29,7 @@ import io
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, cast
 
@@ -237,30 +237,21 @@ class SeekPoints:
 
 class GzipReader:
     """Random reads of a gzip blob (in a worker thread) from its seek points in the file
-    `points` (`write_points`; the reader owns the descriptor). They are imported at the
-    first read after the reader is made or `release`d. Without `points` (a cache entry
-    evicted under a mount that still uses the layer), indexed_gzip decompresses from the
-    blob's start up to each new place, and keeps the points it makes meanwhile; `release`
-    then writes those into a nameless file from `spool` (the index cache's), which later
-    reads import as they would the cache's: the layer's points are rebuilt as it is read,
-    and leave memory when it is idle like any other layer's.
+    `points` (`write_points`; the reader owns the descriptor, reads it from its start, and
+    its index holds the file: `LayerIndex.copy`). They are imported at the first read after
+    the reader is made or `release`d.
 
     Before each read the blob bytes it needs (`SeekPoints.span`) are fetched in one
     `BlobFile.prefetch`: over HTTP one range GET per read, not a small one and more after
     it as zran reads on (docs/performance.md). Not for a read that starts where the last
     one ended (a file read on, FUSE request after request): zran goes on from where it
     stopped, not from the point before, and its window-by-window reads stay one sequential
-    run for the source (an HTTP reader streams those). Without imported points (before a
-    pointless reader's first `release`) nothing is prefetched: the read starts at the
-    blob's start and its end is not known."""
+    run for the source (an HTTP reader streams those)."""
 
-    def __init__(
-        self, blob: BlobFile, layer: Digest, points: int | None, spool: Callable[[], int]
-    ) -> None:
+    def __init__(self, blob: BlobFile, layer: Digest, points: int) -> None:
         self._blob = blob
         self._layer = layer
         self._points = points
-        self._spool = spool
         self._file: Any = None
         self._where: SeekPoints | None = None
         self._next = -1  # where the last read ended: a read from there continues zran's
@@ -273,13 +264,13 @@ class GzipReader:
             self.held = self._file.raw.npoints * WINDOW if self._file is not None else 0
 
     def _pread(self, offset: int, size: int) -> bytes:
-        if self._file is None:
+        if self._file is None or self._where is None:
             self._file = self._open()
-            self._where = SeekPoints.of(self._file) if self._points is not None else None
+            self._where = SeekPoints.of(self._file)
         self._blob.error = None  # an earlier read's, which this one's failure is not
         goes_on, self._next = offset == self._next, -1
         try:
-            if self._where is not None and self._where.compressed and not goes_on:
+            if self._where.compressed and not goes_on:
                 self._blob.prefetch(*self._where.span(offset, size, self._blob.size))
             self._file.seek(offset)
             data: bytes = self._file.read(size)
@@ -290,8 +281,6 @@ class GzipReader:
 
     def _open(self) -> Any:
         file = _open(self._blob, RANDOM_READBUF, RANDOM_READBUF)
-        if self._points is None:
-            return file
         try:
             with _points(self._points) as points:
                 file.import_index(fileobj=points)
@@ -301,27 +290,8 @@ class GzipReader:
         return file
 
     def release(self) -> None:
-        """Drop the points from memory until the next read (never during one). Blocking:
-        points made without a `points` file are written to one first (logged if that
-        fails: they are dropped all the same, and reads start from the blob's start again)."""
-        if self._file is None:
-            return
-        if self._points is None and self._file.raw.npoints:
-            try:
-                self._points = self._keep_points()
-            except (OSError, zstandard.ZstdError) as exc:
-                log.warning("layer %s: seek points made by reads not kept: %s", self._layer, exc)
+        """Drop the points from memory until the next read (never during one)."""
         self._drop()
-
-    def _keep_points(self) -> int:
-        fd = self._spool()
-        try:
-            with open(fd, "wb", closefd=False) as file:
-                write_points(self._file, file)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
 
     def _drop(self) -> None:
         if self._file is not None:
@@ -333,6 +303,6 @@ class GzipReader:
 
     def close(self) -> None:
         self._drop()
-        if self._points is not None:
+        if self._points >= 0:
             os.close(self._points)
-            self._points = None
+            self._points = -1

@@ -61,8 +61,9 @@ class LayerIndex:
     `size` is the length of the uncompressed tar (0 for ESTARGZ: not known without a pass);
     `seek_points` the length of indexed_gzip's exported seek points (GZIP), which are in the
     cache's `<hex>.gzi` and never in memory here (~35 MB per GB of tar); `frames` the zstd
-    frame table (ZSTD), whose `in_copy` frames are in the cache's re-framed copy, which
-    `copy` holds open while this index lives (an eviction cannot take it away); `chunks`
+    frame table (ZSTD), whose `in_copy` frames are in the cache's re-framed copy; `copy`
+    holds the `.gzi` or the copy open while this index lives (an eviction cannot take it
+    away); `chunks`
     an eStargz layer's chunks of each file, by the FILE member's `offset`, which is only
     that key for ESTARGZ.
     """
@@ -343,10 +344,8 @@ class Indexer:
                 pending.discard()
             raise
         if pending is not None:
-            if index.reframed:
+            if index.reframed or index.seek_points:
                 index = replace(index, copy=pending.commit(hold=True))
-            elif index.seek_points:
-                pending.commit()
             else:
                 pending.discard()
         return index

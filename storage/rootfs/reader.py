@@ -232,15 +232,12 @@ class LayerFiles:
                 windows=_GZIP_WINDOWS,
                 verify=False,
             )
-            points = await trio.to_thread.run_sync(self.cache.open_points, layer.digest)
-            if points is None:
-                why = "its seek points are gone from the index cache (evicted)"
-                log.warning(
-                    "layer %s: %s: read from the blob's start, points rebuilt as it is read",
-                    layer.digest,
-                    why,
-                )
-            opened.gzip = GzipReader(blob, layer.digest, points, self.cache.spool)
+            held = opened.index.copy
+            if held is None:  # an index not from the cache or a pass: nothing to read
+                raise CorruptLayer(layer.digest, "its gzip seek points are not held")
+            # A descriptor of its own (its own offset) on the file the index holds.
+            points = os.open(f"/proc/self/fd/{held.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            opened.gzip = GzipReader(blob, layer.digest, points)
         return opened.gzip
 
     async def _release_idle(self, scope: trio.CancelScope) -> None:
