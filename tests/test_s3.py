@@ -6,7 +6,8 @@ line (`regfs mount s3://BUCKET/PREFIX`).
 - What `cp`/`mv` push through the mount, skopeo pulls from the registry, identical.
 - `regfs check` and `purge-uploads` work on the bucket; purge aborts multipart uploads.
 - Bad input: a missing bucket or wrong credentials refuse the mount in one line; a server
-  gone mid-read is EIO for that call, and the daemon lives on.
+  throttling (503 SlowDown) is retried, then, like one gone mid-read, EIO for that call,
+  and the daemon lives on.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ from storage.registry import Registry
 pytestmark = [pytest.mark.mount, pytest.mark.registry]
 
 ROOTDIRECTORY = "/regroot"
+SLOW_DOWN = (
+    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+)
 FILES = {
     "etc/regfs/hello.txt": b"hello from an S3 bucket\n",
     "usr/share/regfs/data.bin": os.urandom(300_000),
@@ -237,6 +241,38 @@ def test_server_gone_mid_read_is_eio_and_the_daemon_lives(tmp_path, monkeypatch,
     # The daemon still answers (a dead one would be ENOTCONN), and never says ENOENT.
     assert errno_of(lambda: os.stat(m.path("org", "app"))) in (None, errno.EIO)
     assert "S3 GET" in m.log_text()
+
+
+def test_a_throttled_read_is_retried_then_eio_for_that_read_only(
+    tmp_path, aws_env, s3_bucket, moto_server, mount
+):
+    """S3 answers 503 SlowDown to a layer's GET through a mount: twice, and `cat` still
+    reads it whole (retried with backoff); every time, and that `cat` fails with EIO after
+    the retries, never ENOENT, with a log line; the daemon lives, its other files read on,
+    and the same layer reads whole once S3 answers again."""
+    driver = S3Driver(s3_bucket, ROOTDIRECTORY, client=moto_server.client())
+    data, other = os.urandom(3 << 20), os.urandom(1 << 20)
+    for blob in (data, other):
+        trio.run(push_layer, driver, blob)
+    slow = Fault(503, body=SLOW_DOWN, method="GET", path=r"/data$")
+    with FaultServer(upstream=moto_server.url) as proxy:
+        m = mount(source(s3_bucket), "-o", f"s3_endpoint={proxy.url}")
+        layers = m.path("org", "app", "layers")
+        layer = layers / digest_of(data)
+        os.stat(layer)
+        proxy.inject(slow, times=2)
+        assert sha256sum(layer) == digest_of(data)
+        assert sum(s.faulted for s in proxy.seen) == 2
+        fresh = mount(source(s3_bucket), "-o", f"s3_endpoint={proxy.url}")
+        layer = fresh.path("org", "app", "layers", digest_of(data))
+        os.stat(layer)
+        proxy.inject(slow, times=1000)
+        assert errno_of(lambda: layer.read_bytes()) == errno.EIO
+        assert "SlowDown" in fresh.log_text()
+        proxy.clear()
+        assert is_mounted(fresh.mountpoint) and fresh.pids()
+        assert sha256sum(fresh.path("org", "app", "layers", digest_of(other))) == digest_of(other)
+        assert layer.read_bytes() == data
 
 
 async def push_layer(driver: S3Driver, data: bytes) -> None:
