@@ -4,6 +4,7 @@ line (`regfs mount s3://BUCKET/PREFIX`).
 
 - What skopeo pushed through the registry, the mount reads exactly, blob for blob.
 - What `cp`/`mv` push through the mount, skopeo pulls from the registry, identical.
+- xattrs, rmdir and `rm -r` of a repository as on a storage root (SPEC §3, §6, §7).
 - `regfs check` and `purge-uploads` work on the bucket; purge aborts multipart uploads.
 - Bad input: a missing bucket or wrong credentials refuse the mount in one line; a server
   throttling (503 SlowDown) is retried, then, like one gone mid-read, EIO for that call,
@@ -18,13 +19,14 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import trio
 from support.fault_server import Fault, FaultServer
-from support.mounts import Mount, is_mounted, regfs, wait_until
+from support.mounts import Mount, is_mounted, parse_getfattr, regfs, wait_until
 from support.oci import blob_path, build_image, push_with_tools, run, skopeo_pull, skopeo_push
 from support.registry import OCI_MANIFEST, TEST_SECRET, RegistryServer, upload_state_token
 from support.s3 import (
@@ -513,3 +515,67 @@ def test_ls_of_tags_asks_each_directory_once(tmp_path, aws_env, s3_bucket, moto_
     assert not [p for _, p in asked if "%2Fapp%2F&delimiter" in p]  # the repository's
     assert len(asked) <= 3, asked
     assert namespace in ([], ["ListObjects"])  # none where the ENOENT checks listed it
+
+
+SECTIONS = ("layers", "manifests", "rootfs", "tags", "uploads")
+
+
+def test_upload_xattrs_rmdir_and_rm_r_on_the_bucket(
+    tmp_path, aws_env, s3_bucket, moto_server, mount
+):
+    """SPEC §3, §6, §7 on a bucket, through the mount. `getfattr`: an upload in progress
+    shows its uuid and start time, a finished layer its digest. rmdir: an empty repository
+    goes; one holding an image is ENOTEMPTY, and stays whole. `rm -r` of it removes every
+    tag, manifest, layer link and upload (the one in progress aborted in S3); the five
+    sections themselves are no directories to remove (EPERM, as on a storage root), so the
+    emptied repository goes with an rmdir after it. Then neither `ls` of its namespace nor
+    a fresh mount of the bucket shows it, and the bucket holds no key of it; the blobs stay
+    (garbage collection's)."""
+    layout = tmp_path / "layout"
+    image = build_image(layout, "v1", FILES, layers=1)
+    m = mount(source(s3_bucket))
+    run(["mkdir", "-p", str(m.path("org", "empty"))])
+    assert ls(m.path("org", "empty")) == list(SECTIONS)
+    run(["rmdir", str(m.path("org", "empty"))])
+    assert ls(m.mountpoint) == []  # S3 keeps no empty directory: org/ went with its last
+    repo = new_repo(m, "org/app")
+    push_with_tools(repo, layout, image)
+    assert ls(m.path("org")) == ["app"]
+
+    upload = repo / "uploads" / "part"
+    layer = repo / "layers" / image.layer_digests[0]
+    s3 = moto_server.client()
+    before = datetime.now(UTC).replace(microsecond=0)
+    with open(upload, "wb") as f:
+        f.write(b"half a layer")
+        f.flush()
+        attrs = getfattr(upload)
+        (in_s3,) = s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"]
+    uuid = in_s3["Key"].split("/_uploads/")[1].removesuffix("/data")
+    assert set(attrs) == {"user.regfs.uuid", "user.regfs.startedat"}
+    assert attrs["user.regfs.uuid"] == uuid
+    started = datetime.strptime(attrs["user.regfs.startedat"], "%Y-%m-%dT%H:%M:%S%z")
+    assert before <= started <= datetime.now(UTC)
+    assert getfattr(layer) == {"user.regfs.digest": image.layer_digests[0]}
+
+    assert errno_of(lambda: os.rmdir(repo)) == errno.ENOTEMPTY
+    assert (ls(repo / "tags"), ls(repo / "layers")) == (["v1"], sorted(image.blob_digests))
+    removed = subprocess.run(["rm", "-r", str(repo)], capture_output=True, text=True)
+    assert removed.returncode == 1
+    assert removed.stderr.splitlines() == [
+        f"rm: cannot remove '{repo / section}': Operation not permitted" for section in SECTIONS
+    ]
+    assert [ls(repo / section) for section in SECTIONS] == [[]] * len(SECTIONS)
+    run(["rmdir", str(repo)])
+    assert ls(m.path("org")) == []
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    keys = bucket_keys(s3, s3_bucket)
+    assert not [k for k in keys if "/repositories/org/app/" in k]
+    blobs = {"sha256:" + k.split("/")[-2] for k in keys if "/blobs/sha256/" in k}
+    assert blobs == {*image.blob_digests, image.digest}  # the manifest is a blob too
+    assert ls(mount(source(s3_bucket)).mountpoint) == []  # org/ was app's alone
+
+
+def getfattr(path: Path) -> dict[str, str]:
+    """The `user.` extended attributes of one file, as `getfattr -d` dumps them."""
+    return parse_getfattr(run(["getfattr", "-d", "--absolute-names", str(path)]).stdout)[str(path)]
