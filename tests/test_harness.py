@@ -7,14 +7,18 @@ layout after a push, the upload `_state` token, `startedat` and the saved hash s
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import socket
+import ssl
+import time
 import uuid as uuidlib
 from pathlib import Path
 
 import httpx
 import pytest
+from support.loopback import LoopbackHandler, LoopbackHTTP
 from support.oci import build_image, build_large_image, read_oci_layout, skopeo_pull, skopeo_push
 from support.registry import (
     OCI_MANIFEST,
@@ -28,6 +32,7 @@ from support.registry import (
     state_from_location,
     upload_path,
     upload_state_token,
+    write_self_signed_cert,
 )
 from support.tools import digest_of
 
@@ -161,6 +166,53 @@ def test_server_retries_taken_port(tmp_path: Path) -> None:
         taken = busy.getsockname()[1]
         with RegistryServer(tmp_path / "root", port=taken) as server:
             assert server.port != taken and server.running
+
+
+class _Hello(LoopbackHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+
+@pytest.mark.storage
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_loopback_server_hangs_up_on_its_clients_at_stop(tmp_path: Path, https: bool) -> None:
+    """LoopbackHTTP (the stubs', the token server's and the fault proxy's) stops at once
+    with clients still connected: one idle in a client's pool of kept connections, one
+    that stopped in the middle of a request. Each held a handler thread, which stop joins,
+    for the handler's timeout (5 s), or for good while its client went on sending."""
+    server_tls = client_tls = None
+    if https:
+        tls = write_self_signed_cert(tmp_path / "cert.pem", tmp_path / "key.pem")
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(tls.cert, tls.key)
+        client_tls = ssl.create_default_context(cafile=tls.cert)
+    http = LoopbackHTTP(_Hello, None, "hello", server_tls)
+    url = f"{'https' if https else 'http'}://127.0.0.1:{http.port}/"
+    stalled = socket.create_connection(("127.0.0.1", http.port))
+    if client_tls is not None:
+        stalled = client_tls.wrap_socket(stalled, server_hostname="127.0.0.1")
+    try:
+        with httpx.Client(verify=client_tls or True) as client:
+            assert client.get(url).content == b"hello"  # its connection stays in the pool
+            stalled.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n")  # no end of the headers
+            deadline = time.monotonic() + 5
+            while http.connections < 2:
+                assert time.monotonic() < deadline, "the server never saw both clients"
+                time.sleep(0.01)
+            start = time.monotonic()
+            http.stop()
+            assert time.monotonic() - start < 2
+            assert http.connections == 0
+            stalled.settimeout(5)
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                assert stalled.recv(1) == b""  # hung up on, not answered
+            with pytest.raises(httpx.TransportError):
+                client.get(url, timeout=1)
+    finally:
+        stalled.close()
 
 
 # --------------------------------------------------------------------------- push and pull
