@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.loopback import LoopbackHandler, LoopbackHTTP
+from support.mounts import wait_until
 from support.oci import build_image, build_large_image, read_oci_layout, skopeo_pull, skopeo_push
 from support.registry import (
     OCI_MANIFEST,
@@ -198,10 +199,7 @@ def test_loopback_server_hangs_up_on_its_clients_at_stop(tmp_path: Path, https: 
         with httpx.Client(verify=client_tls or True) as client:
             assert client.get(url).content == b"hello"  # its connection stays in the pool
             stalled.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n")  # no end of the headers
-            deadline = time.monotonic() + 5
-            while http.connections < 2:
-                assert time.monotonic() < deadline, "the server never saw both clients"
-                time.sleep(0.01)
+            wait_until(lambda: http.connections == 2, 5, "the server to see both clients")
             start = time.monotonic()
             http.stop()
             assert time.monotonic() - start < 2
@@ -213,6 +211,7 @@ def test_loopback_server_hangs_up_on_its_clients_at_stop(tmp_path: Path, https: 
                 client.get(url, timeout=1)
     finally:
         stalled.close()
+        http.stop()
 
 
 # --------------------------------------------------------------------------- push and pull
