@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -30,12 +31,23 @@ _INDEX_BITS = 32  # offset = snapshot << 32 | index of the next entry
 _SNAPSHOT_IDS = 1 << 31  # positive offsets (off_t is signed)
 
 
+@dataclass
+class _Snapshot:
+    """A listing being read; once every entry went out, only its end is asked for next,
+    so its entries are let go (a second copy of 100,000 tags would stay alive beside the
+    one a later listing reads: the kernel sends no release)."""
+
+    node: Node
+    entries: list[tuple[str, Node]] | None  # None: all handed out
+    length: int
+
+
 class Directories:
     def __init__(self, tree: Tree, inodes: InodeTable, attributes: Attributes) -> None:
         self.tree = tree
         self.inodes = inodes
         self.attributes = attributes
-        self._snapshots: OrderedDict[int, tuple[Node, list[tuple[str, Node]]]] = OrderedDict()
+        self._snapshots: OrderedDict[int, _Snapshot] = OrderedDict()
         self._next_snapshot = 1
 
     async def read(self, node: Node, start_id: int, token: ReaddirToken) -> None:
@@ -44,10 +56,10 @@ class Directories:
         chain of offsets that follow one another, never mixes two snapshots in one."""
         snapshot, start = start_id >> _INDEX_BITS, start_id & ((1 << _INDEX_BITS) - 1)
         kept = self._snapshots.get(snapshot) if start_id else None
-        if kept is not None and kept[0] == node:
+        if kept is not None and kept.node == node and (kept.entries or start >= kept.length):
             self._snapshots.move_to_end(snapshot)
-            entries = kept[1]
-        else:
+            entries = kept.entries or []  # read to its end: nothing more
+        else:  # a reader that went back into a listing it read whole goes on in the current
             entries = await self._present(node)
             snapshot = self._snapshot(node, entries)
             if start_id == 0 and _kept_by_kernel(node):
@@ -79,13 +91,16 @@ class Directories:
                 break
             self.inodes.ref(entry.st_ino)
             with_attributes = True
+        else:  # every entry went out: only the end is asked for next
+            if (ended := self._snapshots.get(snapshot)) is not None:
+                ended.entries = None
         if with_attributes:
             self.entries_used(node)
 
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot
         self._next_snapshot = snapshot % (_SNAPSHOT_IDS - 1) + 1
-        self._snapshots[snapshot] = (node, entries)
+        self._snapshots[snapshot] = _Snapshot(node, entries, len(entries))
         if len(self._snapshots) > SNAPSHOTS_KEPT:
             self._snapshots.popitem(last=False)
         return snapshot

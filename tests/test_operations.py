@@ -219,3 +219,27 @@ async def test_a_lookup_racing_a_tag_push_keeps_nothing_stale(monkeypatch):
         pushed.set()
     assert await tree.read(tag) == new
     assert (await tree.attr(tag)).size == len(new)
+
+
+async def test_a_listing_read_to_its_end_lets_go_of_its_entries(ops, monkeypatch):
+    """No release tells the daemon a listing is done (opendir answers ENOSYS), so a snapshot
+    handed out whole keeps only its length: its end still answers empty, and a reader that
+    goes back into it reads the current listing (a kept copy of 100,000 tags, beside the
+    one the next listing builds, took the daemon past 150 MB in `bench --only tags_rss`)."""
+    handed: list[tuple[bytes, int]] = []
+
+    def reply(token: object, name: bytes, entry: object, next_id: int, lookup: bool = True) -> bool:
+        handed.append((name, next_id))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    layers = SectionNode("a/b", "layers")
+    await ops.directories.read(layers, 0, None)
+    [(name, end)] = handed
+    assert name == str(digest_bytes(b"layer")).encode()
+    [snapshot] = ops.directories._snapshots.values()
+    assert snapshot.entries is None and snapshot.length == 1
+    await ops.directories.read(layers, end, None)  # the end: nothing more
+    assert len(handed) == 1
+    await ops.directories.read(layers, end - 1, None)  # back into it: the current listing
+    assert handed[1][0] == name and len(handed) == 2
