@@ -18,6 +18,7 @@ import errno
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -405,8 +406,12 @@ def test_two_daemons_on_one_bucket(tmp_path, aws_env, s3_bucket, mount):
     repo_a = a.path("org", "app")
     for blob in image.blob_digests:
         run(["cp", str(blob_path(tmp_path / "layout", blob)), str(repo_a / "uploads" / blob)])
+    assert ls(b.path("org", "app", "tags")) == []  # B (and its kernel) now keep an empty listing
     run(["cp", str(blob_path(tmp_path / "layout", image.digest)), str(repo_a / "tags" / "v1")])
+    written = time.monotonic()
     wait_until(lambda: ls(b.path("org", "app", "tags")) == ["v1"], 5, "B to see tag v1")
+    # Within the TTL (1 s), plus the kernel's 0.1 s and a loaded machine's slack.
+    assert time.monotonic() - written < 1 + 1.5
     assert b.path("org", "app", "tags", "v1").read_bytes() == image.manifest
 
 
