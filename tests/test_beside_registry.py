@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 from support.mounts import REGFS, Mount, hang_up
-from support.oci import image_manifest
+from support.oci import empty_image, image_manifest
 from support.registry import (
     OCI_CONFIG,
     OCI_MANIFEST,
@@ -329,10 +329,7 @@ async def test_tag_cached_after_its_manifest_is_no_warning(monkeypatch, caplog):
     monkeypatch.setattr(storage.cache, "time", SimpleNamespace(monotonic=lambda: clock.now))
     registry = Registry(InMemoryDriver())
     repo = registry.repository(NAME)
-    upload = await repo.layers.upload()
-    await upload.write(b"{}")
-    await upload.finish(digest_bytes(b"{}"))
-    digest = await repo.manifests.put(image_manifest(b"{}", []))
+    digest = await empty_image(repo)
     await repo.tags.put("v1", digest)
     tree = Tree(registry, tag_ttl=10)
     await tree.attr(ManifestNode(NAME, digest))  # `ls -l manifests/`

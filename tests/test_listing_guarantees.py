@@ -7,12 +7,11 @@ the bound made small: what is kept is answered without storage, what is not is r
 from __future__ import annotations
 
 import pytest
-from support.oci import image_manifest
+from support.oci import empty_image, image_manifest
 
 import regfs.tree
 from regfs.nodes import SectionNode, TagNode
 from regfs.tree import Tree
-from storage.digests import digest_bytes
 from storage.drivers import InMemoryDriver
 from storage.registry import Registry
 
@@ -31,10 +30,7 @@ async def test_only_the_most_recent_tags_are_kept(monkeypatch):
     monkeypatch.setattr(regfs.tree, "TAGS_KEPT", KEPT)
     registry = Registry(InMemoryDriver())
     repo = registry.repository(NAME)
-    upload = await repo.layers.upload()
-    await upload.write(b"{}")
-    await upload.finish(digest_bytes(b"{}"))
-    digest = await repo.manifests.put(image_manifest(b"{}", []))
+    digest = await empty_image(repo)
     for tag in TAGS:
         await repo.tags.put(tag, digest)
     tree = Tree(registry, tag_ttl=600)

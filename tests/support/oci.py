@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from storage.digests import Digest, digest_bytes
+from storage.registry import Repository
 from support.registry import OCI_CONFIG, OCI_MANIFEST
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,15 @@ def image_manifest(config: bytes, layers: Sequence[bytes], layer_type: str = LAY
         "layers": [descriptor(layer_type, layer) for layer in layers],
     }
     return json.dumps(body).encode()
+
+
+async def empty_image(repo: Repository) -> Digest:
+    """An image of an empty config (`{}`) and no layers put into repo: its manifest's digest,
+    for tests that need a tag to point somewhere."""
+    upload = await repo.layers.upload()
+    await upload.write(b"{}")
+    await upload.finish(digest_bytes(b"{}"))
+    return await repo.manifests.put(image_manifest(b"{}", []))
 
 
 def _rootless() -> list[str]:
