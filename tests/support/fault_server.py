@@ -15,10 +15,8 @@ bounded time whatever the clients do.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-import socket
 import ssl
 import threading
 from collections import deque
@@ -76,7 +74,6 @@ class FaultServer(StartStop):
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _http: LoopbackHTTP | None = field(default=None, init=False, repr=False)
-    _connections: set[socket.socket] = field(default_factory=set, init=False, repr=False)
 
     @property
     def port(self) -> int:
@@ -113,59 +110,24 @@ class FaultServer(StartStop):
         self._http = LoopbackHTTP(_Handler, self, "fault-server", self.tls)
         return self
 
-    def connected(self, connection: socket.socket) -> bool:
-        """Track a client's connection until `disconnected`; False (and it is shut) once
-        stopping."""
-        with self._lock:
-            if not self._stopping.is_set():
-                self._connections.add(connection)
-                return True
-        _hang_up(connection)
-        return False
-
-    def disconnected(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(connection)
-
     @property
     def connections(self) -> int:
         """Client connections open now."""
-        with self._lock:
-            return len(self._connections)
+        return 0 if self._http is None else self._http.connections
 
     def stop(self) -> None:
-        """Stop accepting, hang up on every client, join every handler thread."""
+        """Wake every sleeping fault, then stop as `LoopbackHTTP.stop` does (it hangs up on
+        every client and joins every handler thread)."""
         self._stopping.set()
         http, self._http = self._http, None
-        if http is None:
-            return
-        http.server.shutdown()
-        with self._lock:
-            connections, self._connections = self._connections, set()
-        for connection in connections:
-            _hang_up(connection)
-        http.stop()
-
-
-def _hang_up(connection: socket.socket) -> None:
-    """Wake the handler blocked reading from connection (it reads EOF), and end it for the
-    client; closing is left to the handler's own finish."""
-    with contextlib.suppress(OSError):  # already gone
-        connection.shutdown(socket.SHUT_RDWR)
+        if http is not None:
+            http.stop()
 
 
 class _Handler(LoopbackHandler):
     def setup(self) -> None:
         super().setup()
         self.owner: FaultServer = self.server.owner  # type: ignore[attr-defined]
-        if not self.owner.connected(self.connection):
-            self.close_connection = True
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.owner.disconnected(self.connection)
 
     def _seen(self, status: int | None, faulted: bool) -> Seen:
         return Seen(self.command, self.path, status, faulted, self.headers.get("Authorization"))
