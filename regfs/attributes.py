@@ -18,6 +18,7 @@ from .nodes import (
     REGISTRY_KINDS,
     Attr,
     DirNode,
+    FixedNode,
     LayerNode,
     ManifestNode,
     Node,
@@ -71,6 +72,11 @@ class Attributes:
         `listed`: for readdirplus, whose tag entries the kernel may keep briefly."""
         entry = self._stat(attr)
         entry.st_ino = self.inodes.inode(node)
+        if attr.immutable and timeout is None and isinstance(node, FixedNode):
+            # A file or directory inside an image: kept for good, and nothing below applies
+            # (readdir of an image's directory asks this for each entry).
+            entry.attr_timeout = entry.entry_timeout = FOREVER
+            return entry
         shown = self._shown.get(node) if isinstance(node, UploadNode) else None
         if shown is not None:
             entry.st_mode = stat.S_IFREG | shown.mode
@@ -124,7 +130,11 @@ class Attributes:
     def _stat(self, attr: Attr) -> EntryAttributes:
         """What stat shows of attr, without inode and timeouts."""
         entry = EntryAttributes()
-        if attr.is_dir:
+        if attr.mode is not None:  # a view's file (rootfs/): its own type, mode and links
+            entry.st_mode = attr.mode
+            entry.st_nlink = attr.nlink or (2 if attr.is_dir else 1)
+            entry.st_rdev = attr.rdev
+        elif attr.is_dir:
             entry.st_mode = stat.S_IFDIR | self.options.dir_mode
             entry.st_nlink = 2
         else:
@@ -136,10 +146,6 @@ class Attributes:
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
         entry.st_uid = self.options.uid if attr.uid is None else attr.uid
         entry.st_gid = self.options.gid if attr.gid is None else attr.gid
-        if attr.mode is not None:  # a view's file (rootfs/): its own type, mode and links
-            entry.st_mode = attr.mode
-            entry.st_nlink = attr.nlink or entry.st_nlink
-            entry.st_rdev = attr.rdev
         return entry
 
     def listed(self, node: Node) -> tuple[EntryAttributes, bool] | None:

@@ -17,7 +17,7 @@ from . import fusefeatures
 from .attributes import Attributes
 from .inodes import InodeTable
 from .listings import names_of
-from .nodes import Attr, DirNode, FixedNode, Node, SectionNode
+from .nodes import Attr, DirNode, FixedNode, Listing, Node, SectionNode
 from .tree import LISTED_ENTRY_TIMEOUT, SECTIONS, TICK, Tree
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ class Directories:
             if start_id == 0 and _kept_by_kernel(node):
                 self.tree.kept.listed(node, names_of(entries))
         base = snapshot << _INDEX_BITS
+        if isinstance(entries, Listing):
+            self._reply_listed(entries, start, base, token)
+            return
         with_attributes = False
         for index in range(start, len(entries)):
             name, child = entries[index]
@@ -91,11 +94,28 @@ class Directories:
                 break
             self.inodes.ref(entry.st_ino)
             with_attributes = True
-        else:  # every entry went out: only the end is asked for next
-            if (ended := self._snapshots.get(snapshot)) is not None:
-                ended.entries = None
+        else:
+            self._handed_out(snapshot)
         if with_attributes:
             self.entries_used(node)
+
+    def _reply_listed(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> None:
+        """readdir of a listing that came with its entries' attributes (an image's
+        directory): no call per entry to the tree, nothing that can fail on the way."""
+        attrs = self.attributes
+        inodes = self.inodes
+        for index in range(start, len(entries)):
+            name, child = entries[index]
+            entry = attrs.entry(child, entries.attrs[index])
+            if not pyfuse3.readdir_reply(token, name.encode(), entry, base | (index + 1)):
+                return
+            inodes.ref(entry.st_ino)
+        self._handed_out(base >> _INDEX_BITS)
+
+    def _handed_out(self, snapshot: int) -> None:
+        """Every entry went out: only the end is asked for next."""
+        if (ended := self._snapshots.get(snapshot)) is not None:
+            ended.entries = None
 
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot

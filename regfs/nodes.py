@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from typing import NamedTuple
 
 from storage.digests import Digest
 from storage.errors import InvalidName
@@ -98,16 +99,18 @@ ROOT = DirNode("")
 REGISTRY_KINDS = (DirNode, SectionNode, TagNode, ManifestNode, LayerNode, UploadNode)
 
 
-@dataclass(frozen=True)
 class FixedNode(Node):
     """A view's file whose bytes never change (a file inside an image): the kernel may keep
     its pages across opens, as for layers/ and manifests/; or a view's directory whose
     entries never change: the kernel may keep its listing."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class Attr:
-    """What the tree says of a node; regfs/attributes.py turns it into what stat shows."""
+
+class Attr(NamedTuple):
+    """What the tree says of a node; regfs/attributes.py turns it into what stat shows.
+    A named tuple, made 3x faster than a frozen dataclass: a listing of an image's
+    directory makes one per entry."""
 
     is_dir: bool
     size: int
@@ -120,6 +123,23 @@ class Attr:
     gid: int | None = None
     nlink: int = 0
     rdev: int = 0
+
+
+class Listing(list[tuple[str, Node]]):
+    """A directory's entries that came with what stat shows of each (`attrs[i]` is entry
+    i's), as a view's `children` may answer: an image's directory has every entry's
+    attributes in its merged tree, so readdirplus asks for no attributes entry by entry
+    (15,000 trips through the tree and the view in a `find` of an image)."""
+
+    __slots__ = ("attrs",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attrs: list[Attr] = []
+
+    def add(self, name: str, node: Node, attr: Attr) -> None:
+        self.append((name, node))
+        self.attrs.append(attr)
 
 
 def digest_name(name: str) -> Digest | None:

@@ -40,12 +40,14 @@ from storage.rootfs.members import Kind, Member
 from storage.rootfs.merge import MergedTree, MergeError, merge
 from storage.rootfs.reader import LayerFiles
 
-from .nodes import Attr, FixedNode, Node, NotFound, SectionNode, digest_name
+from .nodes import Attr, FixedNode, Listing, Node, NotFound, SectionNode, digest_name
 from .tree import BytesReader
 
 log = logging.getLogger(__name__)
 
 SECTION = "rootfs"
+_IMAGE_KIND = "image"  # ImageNode's marker: unequal to every other kind of node
+_new_tuple = tuple.__new__
 INDEX_XATTR = "user.regfs.index"
 DIGEST_XATTR = "user.regfs.digest"
 # umoci never sets these from a layer; a tar that carries them must not show them either.
@@ -72,23 +74,56 @@ class PlatformsNode(FixedNode):
     digest: Digest
 
 
-@dataclass(frozen=True)
-class ImageNode(FixedNode):
+class ImageNode(tuple[str, str, tuple[str, ...], Digest, int], FixedNode):
     """Inode `ino` of the merged tree of image manifest `digest`, reached through `via`.
 
     A directory has one path, so `via` keeps two names of one image (a tag and its digest)
     apart; below one root, hard links are one node, hence one inode. The root (`ino` 1)
     names a moving thing (a tag), everything below it fixed bytes.
+
+    A tuple (a kind marker, repo, via, digest, ino), as `TagNode` is: a listing of an
+    image's directory makes one per entry, which the inode table hashes and compares; a
+    tuple is made, hashed and compared in C.
     """
 
-    repo: str
-    via: tuple[str, ...]
-    digest: Digest
-    ino: int = MergedTree.ROOT
+    __slots__ = ()
+    __match_args__ = ("repo", "via", "digest", "ino")
+
+    def __new__(
+        cls, repo: str, via: tuple[str, ...], digest: Digest, ino: int = MergedTree.ROOT
+    ) -> ImageNode:
+        return tuple.__new__(cls, (_IMAGE_KIND, repo, via, digest, ino))
+
+    @property
+    def repo(self) -> str:
+        return self[1]
+
+    @property
+    def via(self) -> tuple[str, ...]:
+        return self[2]
+
+    @property
+    def digest(self) -> Digest:
+        return self[3]
+
+    @property
+    def ino(self) -> int:
+        return self[4]
 
     @property
     def is_root(self) -> bool:
-        return self.ino == MergedTree.ROOT
+        return self[4] == MergedTree.ROOT
+
+    def below(self, ino: int) -> ImageNode:
+        """Inode `ino` of the same image, reached the same way (no Python call to `__new__`:
+        one per entry of a listing)."""
+        return _new_tuple(ImageNode, (_IMAGE_KIND, self[1], self[2], self[3], ino))
+
+    def __repr__(self) -> str:
+        return f"ImageNode(repo={self[1]!r}, via={self[2]!r}, digest={self[3]!r}, ino={self[4]})"
+
+    def __getnewargs__(self) -> tuple[str, tuple[str, ...], Digest, int]:
+        return self[1], self[2], self[3], self[4]
 
 
 class BrokenImage(CorruptEntry):
@@ -234,11 +269,10 @@ class RootfsView:
                 child = platforms.get(name)
                 if child is not None:
                     return ImageNode(repo, (*via, name), child)
-            case ImageNode(repo, via, digest, ino):
-                tree = await self._tree(parent)
-                found = tree.lookup(ino, name)
+            case ImageNode(ino=ino):
+                found = (await self._tree(parent)).lookup(ino, name)
                 if found is not None:
-                    return ImageNode(repo, via, digest, found)
+                    return parent.below(found)
         raise NotFound(name)
 
     async def children(self, node: Node) -> list[tuple[str, Node]]:
@@ -249,13 +283,13 @@ class RootfsView:
                 platforms = await self._manifest(repo, digest)
                 assert isinstance(platforms, Platforms)
                 return [(n, ImageNode(repo, (*via, n), d)) for n, d in platforms.platforms]
-            case ImageNode(repo, via, digest, ino):
-                tree = await self._tree(node)
-                return [
-                    (name, ImageNode(repo, via, digest, child))
-                    for name, child in tree.entries(ino)
-                    if _is_utf8(name)
-                ]
+            case ImageNode(ino=ino):
+                listing = Listing()
+                for name, child, member, nlink in (await self._tree(node)).entries(ino):
+                    if _is_utf8(name):
+                        attr = _attr(member, nlink, fixed=True)
+                        listing.add(name, node.below(child), attr)
+                return listing
         raise NotFound(str(node))
 
     # -- attributes ------------------------------------------------------------------------
@@ -277,13 +311,13 @@ class RootfsView:
                         with trio.move_on_after(ROOT_WAIT):
                             await build.done.wait()
                     if build is None or build.tree is None:
-                        return _attr(MergedTree.ROOT, _DEFAULT_ROOT, 2, fixed=False)
+                        return _attr(_DEFAULT_ROOT, 2, fixed=False)
                     if build.root is None:
                         found = build.tree.node(node.ino)
-                        build.root = _attr(node.ino, found.member, found.nlink, fixed=False)
+                        build.root = _attr(found.member, found.nlink, fixed=False)
                     return build.root
                 found = (await self._tree(node)).node(node.ino)
-                return _attr(node.ino, found.member, found.nlink, fixed=True)
+                return _attr(found.member, found.nlink, fixed=True)
         raise NotFound(str(node))
 
     async def xattrs(self, node: Node) -> dict[str, bytes]:
@@ -441,7 +475,7 @@ class RootfsView:
 _DEFAULT_ROOT = Member("", Kind.DIR, 0o755, 0, 0, 0)
 
 
-def _attr(ino: int, member: Member, nlink: int, fixed: bool) -> Attr:
+def _attr(member: Member, nlink: int, fixed: bool) -> Attr:
     """What stat shows of a merged inode: the tar's type, mode, owner, times and size."""
     kind = member.kind
     size = member.size if kind is Kind.FILE else 0
@@ -449,16 +483,17 @@ def _attr(ino: int, member: Member, nlink: int, fixed: bool) -> Attr:
     if kind is Kind.SYMLINK:
         size, mode = len(os.fsencode(member.linkname)), 0o777  # as Linux shows every symlink
     rdev = os.makedev(member.devmajor, member.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else 0
+    # positional: a listing of an image's directory makes one per entry
     return Attr(
         kind is Kind.DIR,
         size,
         member.mtime_ns,
-        immutable=fixed,
-        mode=_TYPES[kind] | mode,
-        uid=member.uid,
-        gid=member.gid,
-        nlink=nlink,
-        rdev=rdev,
+        fixed,
+        _TYPES[kind] | mode,
+        member.uid,
+        member.gid,
+        nlink,
+        rdev,
     )
 
 

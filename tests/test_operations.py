@@ -17,7 +17,7 @@ from support.registry import OCI_CONFIG, OCI_MANIFEST
 
 from regfs import fusefeatures
 from regfs.attributes import FOREVER
-from regfs.nodes import Attr, Node, NotFound, SectionNode, TagNode
+from regfs.nodes import Attr, FixedNode, Listing, Node, NotFound, SectionNode, TagNode
 from regfs.operations import Operations
 from regfs.options import MountOptions
 from regfs.tree import LISTED_ENTRY_TIMEOUT, BytesReader, Tree
@@ -181,6 +181,71 @@ async def test_a_view_plugs_in_as_a_section(ops):
     assert view.forgotten == 1
     layer = await lookup_path(with_view, "a", "b", "layers", str(digest_bytes(b"layer")))
     assert layer.st_size == 5
+
+
+@dataclass(frozen=True)
+class PageNode(FixedNode):
+    """A page of the listed test view: bytes that never change."""
+
+    number: int
+
+
+class PagesView(NotesView):
+    """A view whose section lists its pages with their attributes (a `Listing`), as the
+    rootfs/ view lists an image's directory; it counts the attributes asked of it."""
+
+    node_types = (PageNode,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    async def lookup(self, parent: Node, name: str) -> Node:
+        return PageNode(int(name))
+
+    async def children(self, node: Node) -> list[tuple[str, Node]]:
+        listing = Listing()
+        for number in (1, 2, 3):
+            listing.add(str(number), PageNode(number), self._attr(number))
+        return listing
+
+    async def attr(self, node: Node) -> Attr:
+        assert isinstance(node, PageNode)
+        self.asked += 1
+        return self._attr(node.number)
+
+    @staticmethod
+    def _attr(number: int) -> Attr:
+        return Attr(False, number, 7, True, stat.S_IFLNK | 0o777, 5, 6, 2)
+
+
+async def test_a_listing_with_attributes_is_handed_as_a_lookup_shows_it(ops, monkeypatch):
+    """A view's `children` may answer a `Listing`: readdirplus hands each entry the
+    attributes that came with it, without asking the view for any, and they are what a
+    lookup of the entry shows (inode, type, mode, owner, links, timeouts)."""
+    handed: list[tuple[bytes, pyfuse3.EntryAttributes]] = []
+
+    def reply(token: object, name: bytes, entry: pyfuse3.EntryAttributes, _: int) -> bool:
+        handed.append((name, entry))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    view = PagesView()
+    with_view = Operations(Tree(ops.tree.registry, 2.0, views={"pages": view}), ops.options)
+    section = await lookup_path(with_view, "a", "b", "pages")
+    await with_view.directories.read(with_view.inodes.node(section.st_ino), 0, None)
+    assert [name for name, _ in handed] == [b"1", b"2", b"3"] and view.asked == 0
+
+    def shown(entry: pyfuse3.EntryAttributes) -> tuple[object, ...]:
+        fields = ("st_ino", "st_mode", "st_size", "st_uid", "st_gid", "st_nlink", "st_mtime_ns")
+        timeouts = (entry.attr_timeout, entry.entry_timeout)
+        return (*(getattr(entry, f) for f in fields), *timeouts)
+
+    for name, entry in handed:
+        looked_up = await lookup_path(with_view, "a", "b", "pages", name.decode())
+        assert shown(entry) == shown(looked_up)
+        assert entry.st_mode == stat.S_IFLNK | 0o777 and entry.attr_timeout == FOREVER
+    assert view.asked == 3
 
 
 async def test_a_lookup_racing_a_tag_push_keeps_nothing_stale(monkeypatch):

@@ -27,6 +27,10 @@ class Kind(enum.Enum):
     BLOCK = "block"
     FIFO = "fifo"
 
+    # Members are singletons, so identity will do; Enum's own hash is a Python call (a
+    # listing of an image's directory looks each entry's kind up in a table).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class Member:

@@ -168,13 +168,19 @@ class MergedTree:
             return self._child[lo]
         return None
 
-    def entries(self, ino: int, start: int = 0) -> Iterator[tuple[str, int]]:
-        """A directory's (name, inode) pairs in name order, from the `start`-th on
-        (readdir's offset); nothing for a non-directory."""
+    def entries(self, ino: int) -> Iterator[tuple[str, int, Member, int]]:
+        """A directory's entries in name order, each with what stat shows of it: (name,
+        inode, member, nlink), as `node` gives them; nothing for a non-directory."""
         i = self._slot(ino)
         first = self._first[i]
-        for at in range(first + max(start, 0), first + self._count[i]):
-            yield os.fsdecode(self._name(at)), self._child[at]
+        names, ends, children = self._names, self._ends, self._child
+        member, nlink = self._member, self._nlink
+        start = ends[first - 1] if first else 0
+        for at in range(first, first + self._count[i]):
+            end = ends[at]
+            child = children[at]
+            yield os.fsdecode(names[start:end]), child, member[child - 1], nlink[child - 1]
+            start = end
 
     def resolve(self, path: str) -> int | None:
         """The inode of a normalised path, following no symlink; None if absent."""

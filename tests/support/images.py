@@ -283,7 +283,7 @@ def tree_of_merge(tree: MergedTree, read: Callable[[int, Member], bytes]) -> Tre
         if m.kind is Kind.DIR:
             records[rel] = base
             stack.extend(
-                (f"{rel}/{name}" if rel else name, child) for name, child in tree.entries(ino)
+                (f"{rel}/{name}" if rel else name, child) for name, child, *_ in tree.entries(ino)
             )
             continue
         inodes[ino].append(rel)
