@@ -137,10 +137,6 @@ class Listing(list[tuple[str, Node]]):
         super().__init__()
         self.attrs: list[Attr] = []
 
-    def add(self, name: str, node: Node, attr: Attr) -> None:
-        self.append((name, node))
-        self.attrs.append(attr)
-
 
 def digest_name(name: str) -> Digest | None:
     """The digest a file name spells (`sha256:<hex>`), or None for any other name."""

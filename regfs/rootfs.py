@@ -285,10 +285,11 @@ class RootfsView:
                 return [(n, ImageNode(repo, (*via, n), d)) for n, d in platforms.platforms]
             case ImageNode(ino=ino):
                 listing = Listing()
+                entry, attr, below = listing.append, listing.attrs.append, node.below
                 for name, child, member, nlink in (await self._tree(node)).entries(ino):
                     if _is_utf8(name):
-                        attr = _attr(member, nlink, fixed=True)
-                        listing.add(name, node.below(child), attr)
+                        entry((name, below(child)))
+                        attr(_attr(member, nlink, fixed=True))
                 return listing
         raise NotFound(str(node))
 
@@ -483,18 +484,9 @@ def _attr(member: Member, nlink: int, fixed: bool) -> Attr:
     if kind is Kind.SYMLINK:
         size, mode = len(os.fsencode(member.linkname)), 0o777  # as Linux shows every symlink
     rdev = os.makedev(member.devmajor, member.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else 0
-    # positional: a listing of an image's directory makes one per entry
-    return Attr(
-        kind is Kind.DIR,
-        size,
-        member.mtime_ns,
-        fixed,
-        _TYPES[kind] | mode,
-        member.uid,
-        member.gid,
-        nlink,
-        rdev,
-    )
+    fields = (kind is Kind.DIR, size, member.mtime_ns, fixed, _TYPES[kind] | mode)
+    # Every field given, so no call to the named tuple's __new__ (one per listed entry).
+    return _new_tuple(Attr, (*fields, member.uid, member.gid, nlink, rdev))
 
 
 def _member_xattrs(member: Member) -> dict[str, bytes]:

@@ -206,7 +206,8 @@ class PagesView(NotesView):
     async def children(self, node: Node) -> list[tuple[str, Node]]:
         listing = Listing()
         for number in (1, 2, 3):
-            listing.add(str(number), PageNode(number), self._attr(number))
+            listing.append((str(number), PageNode(number)))
+            listing.attrs.append(self._attr(number))
         return listing
 
     async def attr(self, node: Node) -> Attr:

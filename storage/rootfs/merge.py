@@ -24,6 +24,7 @@ Memory: the merge builds one small object per node, then `MergedTree` keeps flat
 from __future__ import annotations
 
 import os
+import sys
 from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,7 @@ DEFAULT_DIR = Member("", Kind.DIR, 0o755, 0, 0, 0)
 the root 0755 0:0 at the epoch, and missing parents with MkdirAll(0777) under umask 022."""
 NO_LAYER = -1
 """The layer of the default root: no layer placed it."""
+_ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 class MergeError(StorageError):
@@ -179,7 +181,8 @@ class MergedTree:
         for at in range(first, first + self._count[i]):
             end = ends[at]
             child = children[at]
-            yield os.fsdecode(names[start:end]), child, member[child - 1], nlink[child - 1]
+            name = names[start:end].decode(_ENCODING, _ERRORS)  # os.fsdecode, without its call
+            yield name, child, member[child - 1], nlink[child - 1]
             start = end
 
     def resolve(self, path: str) -> int | None:
@@ -434,7 +437,8 @@ def _freeze(root: _Node) -> MergedTree:
             count.append(0)
             continue
         subdirs = 0
-        for key, name in sorted((os.fsencode(name), name) for name in node.children):
+        keys = [(name.encode(_ENCODING, _ERRORS), name) for name in node.children]  # fsencode
+        for key, name in sorted(keys):
             entry = node.children[name]
             number = shared.get(id(entry), 0) if entry.nlink > 1 else 0
             if not number:
