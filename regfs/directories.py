@@ -153,19 +153,22 @@ class Directories:
     async def _present(self, node: Node) -> list[tuple[str, Node]]:
         """node's listing as readdir hands it: without the digests whose stat
         fails (a manifest the registry deleted leaves its empty directory, so the names
-        alone would not show it went). Their attributes are cached for --tag-ttl, as the
-        listing is, so readdir's stat of each costs nothing more."""
+        alone would not show it went). Their attributes are read in bulk where the source
+        can (`Tree.read_attrs`) and cached for --tag-ttl, as the listing is, so readdir's
+        stat of each costs nothing more."""
         entries = await self.tree.children(node)
         if not isinstance(node, SectionNode) or node.section not in ("layers", "manifests"):
             return entries
+        attrs = await self.tree.read_attrs([child for _, child in entries])
         present = []
-        for name, child in entries:
-            try:
-                await self.tree.attr(child)
-            except LookupError:
-                continue
-            except CorruptEntry:
-                pass  # listed, and its lookup reports EIO
+        for (name, child), attr in zip(entries, attrs, strict=True):
+            if attr is None:  # not read in bulk: absent or damaged, asked alone says which
+                try:
+                    await self.tree.attr(child)
+                except LookupError:
+                    continue
+                except CorruptEntry:
+                    pass  # listed, and its lookup reports EIO
             present.append((name, child))
         return present
 

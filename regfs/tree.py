@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -64,6 +64,11 @@ TICK = 0.02  # the kernel rounds an entry's timeout up to its clock's tick (4-10
 # Tags whose target and attributes are kept (the most recent): memory stays bounded with
 # 100,000 tags in a repository; a listing of more hands the rest to the kernel unread.
 TAGS_KEPT = 20_000
+TAGS_APPLIED = 500  # tags read ahead cached between checkpoints (~5 ms: lookups go on)
+# Digests whose attributes are kept (the most recently read; ~0.6 KB each, 24 MB at most):
+# a tag's attributes last only as long as its manifest's, so room for as many manifests as
+# tags, and as many again for a listing of layers/ or manifests/ read at once (`read_attrs`).
+DIGESTS_KEPT = 2 * TAGS_KEPT
 # What a file in uploads/ may be called: no path syntax, room for `sha256:<hex>` and the
 # `.name.XXXXXX` temporaries that tools write before a rename.
 UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
@@ -124,7 +129,7 @@ class Tree:
         self._tag_ttl = tag_ttl
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl, TAGS_KEPT)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
-        self._digests: TtlCache[Node, Attr] = TtlCache(tag_ttl)  # manifests/, layers/
+        self._digests: TtlCache[Node, Attr] = TtlCache(tag_ttl, DIGESTS_KEPT)  # layers/, manifests/
         # A tag's attributes (its manifest's size, its link's mtime), kept like its target and
         # as long as its manifest's: a listing hands them to the kernel without a storage read.
         self._tag_attrs: TtlCache[TagNode, tuple[Attr, ManifestNode]] = TtlCache(tag_ttl, TAGS_KEPT)
@@ -140,6 +145,7 @@ class Tree:
         self.kept = KeptListings()
         self._section_attrs = Handed()
         self._shadow_logged: set[str] = set()
+        self._tags_reading: set[str] = set()  # repositories whose tags are read ahead now
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
         # Counts changes (through the mount, SIGHUP). A cache is filled only if none came
         # while its value was read: a lookup that read a tag's old target, then waited (a
@@ -280,6 +286,8 @@ class Tree:
             cached = await self._list(node)
             if self._unchanged_since(since):
                 self._listings.put(node, cached)
+            if isinstance(node, SectionNode) and node.section == "tags":
+                self._read_tags_ahead(node.repo, cached)
         return cached
 
     async def _list(self, node: Node) -> list[tuple[str, Node]]:
@@ -361,6 +369,81 @@ class Tree:
         if self._unchanged_since(since):
             self._digests.put(node, attr)
         return attr
+
+    async def read_attrs(self, nodes: Sequence[Node]) -> list[Attr | None]:
+        """The attributes of a listing's digests (layers/, manifests/: readdirplus hands
+        every entry's), as `attr` gives them: those not cached read in bulk where the source
+        can (a local root: a few syscalls per entry in one worker thread call, not a chain
+        of calls per entry), and cached. None for each the source leaves (absent, damaged):
+        `attr` says why. At most DIGESTS_KEPT are read, so none pushes out another before it
+        is used."""
+        attrs = [self._digests.get(node) for node in nodes]
+        wanted = [at for at, attr in enumerate(attrs) if attr is None][:DIGESTS_KEPT]
+        found = await self._read_digests([nodes[at] for at in wanted])
+        for at, attr in zip(wanted, found, strict=True):
+            attrs[at] = attr
+        return attrs
+
+    async def _read_digests(self, nodes: Sequence[Node]) -> list[Attr | None]:
+        """`read_attrs` of nodes not cached, all of one section (a listing's)."""
+        if not nodes or not isinstance(first := nodes[0], LayerNode | ManifestNode):
+            return [None] * len(nodes)
+        since = self._changes
+        store = self._repo(first.repo)
+        source = store.layers if isinstance(first, LayerNode) else store.manifests
+        digests = [n.digest for n in nodes if isinstance(n, LayerNode | ManifestNode)]
+        infos = await source.stats(digests)
+        attrs = [
+            None if info is None else Attr(False, info.size, info.mtime_ns, immutable=True)
+            for info in infos
+        ]
+        if self._unchanged_since(since):
+            for node, attr in zip(nodes, attrs, strict=True):
+                if attr is not None:
+                    self._digests.put(node, attr)
+        return attrs
+
+    def _read_tags_ahead(self, repo: str, listing: list[tuple[str, Node]]) -> None:
+        """A listing of repo's tags was just read: their targets and attributes are read
+        in the background, never delaying the listing (a plain `ls` stats nothing), ahead of
+        the lookups `ls -l` sends next (a tag's kernel entry has timeout 0), so each finds
+        them cached. Once per listing read, one at a time per repository."""
+        if repo not in self._tags_reading:
+            self._tags_reading.add(repo)
+            trio.lowlevel.spawn_system_task(self._read_tags, repo, listing[:TAGS_KEPT])
+
+    async def _read_tags(self, repo: str, listing: list[tuple[str, Node]]) -> None:
+        """The tags not cached yet (at most what the cache holds), read in bulk where the
+        source can (`Tags.read_many`), with their manifests, and cached as a lookup caches
+        them, unless anything changed meanwhile (`_changes`). A system task, so it must not
+        raise: whatever fails is left to the lookups, which report it."""
+        since, started = self._changes, time.monotonic()
+        try:
+            nodes = [n for _, n in listing if isinstance(n, TagNode) and not self.cached_attr(n)]
+            if not nodes:
+                return
+            log.debug("%s: reading %d tags ahead", repo, len(nodes))
+            found = await self._repo(repo).tags.read_many([n.tag for n in nodes])
+            if found is None:
+                return
+            targets = [ManifestNode(repo, d) for d in {got[0] for got in found if got}]
+            attrs = await self.read_attrs(targets)
+            manifests = {m.digest: (m, a) for m, a in zip(targets, attrs, strict=True) if a}
+            for at, (node, got) in enumerate(zip(nodes, found, strict=True)):
+                if at % TAGS_APPLIED == 0:
+                    await trio.lowlevel.checkpoint()  # lookups go on meanwhile
+                    if not self._unchanged_since(since):
+                        return
+                # Absent, damaged, or its manifest gone: its lookup says so.
+                if got is not None and (target := manifests.get(got[0])) is not None:
+                    self._tags.put(node, got[0])
+                    self._tag_attrs.put(node, (Attr(False, target[1].size, got[1]), target[0]))
+            took = (time.monotonic() - started) * 1000
+            log.debug("%s: %d tags read ahead in %.0f ms", repo, len(nodes), took)
+        except Exception as exc:  # a head start only
+            log.debug("%s: reading tags ahead failed: %s", repo, exc)
+        finally:
+            self._tags_reading.discard(repo)
 
     async def _manifest_attr(self, target: ManifestNode) -> tuple[ManifestNode, Attr]:
         return target, await self.attr(target)

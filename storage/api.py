@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
@@ -164,6 +165,11 @@ class Layers(Protocol):
         """UnknownLayer when not linked here (or its blob is gone)."""
         ...
 
+    async def stats(self, digests: Sequence[Digest]) -> builtins.list[BlobInfo | None]:
+        """`stat` of many (a listing's), as cheaply as the source can: None for each it
+        leaves to `stat` (absent, damaged, or no cheaper way than one by one)."""
+        ...
+
     async def fetch(self, digest: Digest) -> BlobReader:
         """A reader of the layer; UnknownLayer when it is not there."""
         ...
@@ -206,6 +212,10 @@ class Manifests(Protocol):
 
     async def stat(self, digest: Digest) -> BlobInfo: ...
 
+    async def stats(self, digests: Sequence[Digest]) -> builtins.list[BlobInfo | None]:
+        """As `Layers.stats`."""
+        ...
+
     async def exists(self, digest: Digest) -> bool: ...
 
     async def delete(self, digest: Digest) -> builtins.list[str]:
@@ -223,6 +233,14 @@ class Tags(Protocol):
 
     async def mtime_ns(self, tag: str) -> int:
         """When the tag last moved (as far as the source can say)."""
+        ...
+
+    async def read_many(
+        self, tags: Sequence[str]
+    ) -> builtins.list[tuple[Digest, int] | None] | None:
+        """`get` and `mtime_ns` of many tags (a listing's, read ahead of the lookups `ls -l`
+        sends), where the source reads them without a request each; None where it would not
+        (S3, HTTP). None for each tag it leaves to `get`."""
         ...
 
     async def put(self, tag: str, digest: Digest) -> None:

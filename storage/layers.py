@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import os
 import uuid as uuidlib
+from collections.abc import Sequence
 from datetime import datetime
 
 from .api import BlobInfo, BlobReader, EmptyReader, UploadInfo
@@ -82,6 +83,9 @@ class LayerService:
 
     async def stat(self, digest: Digest) -> BlobInfo:
         return await self.linked.stat(digest)
+
+    async def stats(self, digests: Sequence[Digest]) -> builtins.list[BlobInfo | None]:
+        return await self.linked.stats(digests)
 
     async def list(self) -> list[Digest]:
         return await self.linked.list()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+from collections.abc import Sequence
 
 from .api import BlobInfo, Manifest
 from .blobs import BlobStore, LinkedBlobs
@@ -44,6 +45,9 @@ class ManifestService:
 
     async def stat(self, digest: Digest) -> BlobInfo:
         return await self.revisions.stat(digest)
+
+    async def stats(self, digests: Sequence[Digest]) -> builtins.list[BlobInfo | None]:
+        return await self.revisions.stats(digests)
 
     async def exists(self, digest: Digest) -> bool:
         return await self.revisions.exists(digest)

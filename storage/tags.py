@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import builtins
 import logging
+from collections.abc import Sequence
 
-from .blobs import read_link, write_link
+from .blobs import below, read_link, write_link
 from .digests import Digest
 from .drivers import PathNotFound, StorageDriver
-from .errors import CorruptEntry, UnknownTag
+from .errors import CorruptEntry, InvalidName, UnknownTag
 from .names import valid_tags, validate_tag
 from .paths import TagCurrentLink, TagDir, TagIndexLink, TagsDir, path_for
 
@@ -40,6 +41,36 @@ class TagService:
             return await read_link(self.driver, path_for(TagCurrentLink(self.name, tag)))
         except PathNotFound:
             raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
+
+    async def read_many(
+        self, tags: Sequence[str]
+    ) -> builtins.list[tuple[Digest, int] | None] | None:
+        """`get` and `mtime_ns` of each (valid) tag, in one call of the driver where it reads
+        many files at once (a local root); None where it does not. None for each tag those
+        would not answer plainly (absent, damaged): `get` says why."""
+        if not tags:
+            return []
+        directory = path_for(TagsDir(self.name))
+        names = [f"{tag}/current/link" for tag in tags]
+        first = TagCurrentLink(self.name, tags[0])
+        read = await self.driver.contents(directory, below(directory, names, first))
+        if read is None:
+            return None
+        digests: dict[bytes, Digest | None] = {}  # tags point at few manifests: parsed once
+        found: builtins.list[tuple[Digest, int] | None] = []
+        for got in read:
+            if got is None:
+                found.append(None)
+                continue
+            data, mtime_ns = got
+            if data not in digests:
+                try:
+                    digests[data] = Digest.parse(data.decode("ascii"))
+                except (UnicodeDecodeError, InvalidName):
+                    digests[data] = None
+            digest = digests[data]
+            found.append(None if digest is None else (digest, mtime_ns))
+        return found
 
     async def mtime_ns(self, tag: str) -> int:
         """When the tag last moved (its current link was written)."""

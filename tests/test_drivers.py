@@ -214,6 +214,65 @@ async def test_files_say_what_walk_says(drv):
         await drv.delete("/f")
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "thread"])
+async def test_bulk_reads_say_what_get_content_and_stat_say(drv, inline, monkeypatch):
+    """`contents` and `stats` (a listing's links and blobs, read in one call): the same bytes,
+    size and time as one call each; None for what one call would not answer plainly, for
+    the caller to ask it. A store without a cheaper way says None for the whole."""
+    from storage.drivers import filesystem
+
+    monkeypatch.setattr(filesystem, "INLINE_ENTRIES", 1_000 if inline else 0)
+    for path, data in (("/c/a/link", b"sha256:a"), ("/c/b/link", b""), ("/c/d/x", b"x")):
+        await drv.put_content(path, data)
+    names = ["a/link", "b/link", "gone/link", "d", "d/x"]
+    try:
+        read, stated = await drv.contents("/c", names), await drv.stats("/c", names)
+        if not isinstance(drv, FilesystemDriver):
+            assert (read, stated) == (None, None)
+            return
+        mtimes = {n: (await drv.stat(f"/c/{n}")).mtime_ns for n in ("a/link", "b/link", "d/x")}
+        assert read == [
+            (b"sha256:a", mtimes["a/link"]),
+            (b"", mtimes["b/link"]),
+            None,  # absent
+            None,  # a directory
+            (b"x", mtimes["d/x"]),
+        ]
+        assert stated is not None
+        assert [None if i is None else (i.path, i.size, i.mtime_ns) for i in stated] == [
+            ("/c/a/link", 8, mtimes["a/link"]),
+            ("/c/b/link", 0, mtimes["b/link"]),
+            None,
+            None,
+            ("/c/d/x", 1, mtimes["d/x"]),
+        ]
+        assert await drv.contents("/nothing", names[:2]) == [None, None]
+        assert await drv.stats("/c", []) == []
+    finally:
+        await drv.delete("/c")
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "/x", "x/", "a//b", "a/./b", "a/..", "sp ace"])
+async def test_bulk_reads_refuse_names_that_are_no_relative_paths(drv, bad):
+    for call in (drv.contents, drv.stats):
+        with pytest.raises(InvalidPath):
+            await call("/c", ["ok", bad])
+
+
+async def test_bulk_reads_skip_what_is_no_small_regular_file(tmp_path):
+    """A FIFO (whose open would block without a writer) and a file over CONTENT_LIMIT: None,
+    as get_content refuses them; nothing hangs."""
+    drv = FilesystemDriver(tmp_path / "root")
+    (tmp_path / "root" / "d").mkdir(parents=True)
+    os.mkfifo(tmp_path / "root" / "d" / "fifo")
+    (tmp_path / "root" / "d" / "big").write_bytes(b"x" * (CONTENT_LIMIT + 1))
+    with trio.fail_after(5):
+        assert await drv.contents("/d", ["fifo", "big"]) == [None, None]
+        stated = await drv.stats("/d", ["fifo", "big"])
+    assert stated is not None and stated[0] is None
+    assert stated[1] is not None and stated[1].size == CONTENT_LIMIT + 1
+
+
 @pytest.mark.parametrize(
     "bad", ["", "relative", "/a/../b", "/..", "/a/./b", "/a//b", "/a/", "/a\0b", "/sp ace", "/ü"]
 )
@@ -425,6 +484,23 @@ async def test_listing_leaves_symlinks_out(planted):
     assert [i.path async for i in drv.walk("/")] == ["/a", "/a/real"]
     with pytest.raises(PathNotFound):
         await drv.symlinks("/nope")
+
+
+async def test_bulk_reads_follow_no_symlink(planted, caplog):
+    """A listing's links and blobs read in one call resolve each name beneath its directory
+    as every other call does: a symlink anywhere (the directory itself too) is None, for the
+    call that follows to refuse and log; nothing outside is read."""
+    drv = planted.drv
+    names = ["real", "file", "dir/keep", "loop", "loop/x", "dangling", "dir"]
+    assert await drv.contents("/a", names) == [
+        (b"real", (await drv.stat("/a/real")).mtime_ns),
+        *[None] * 6,
+    ]
+    stated = await drv.stats("/a", names)
+    assert stated is not None and [i is not None for i in stated] == [True, *[False] * 6]
+    assert await drv.contents("/a/dir", ["keep"]) == [None]
+    assert await drv.stats("/a/dir", ["keep"]) == [None]
+    planted.untouched()
 
 
 async def test_delete_removes_links_not_their_targets(planted):

@@ -11,9 +11,10 @@ import time
 
 import pytest
 import trio
+from support.oci import empty_image
 
 from storage.digests import Sha256State, digest_bytes
-from storage.drivers import PathNotFound
+from storage.drivers import FilesystemDriver, PathNotFound
 from storage.errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownLayer, UnknownUpload
 from storage.paths import (
     BlobData,
@@ -223,6 +224,41 @@ async def test_garbage_link_is_corrupt(registry):
     with pytest.raises(CorruptEntry, match="not a digest link"):
         await registry.repository("foo").layers.stat(digest)
     assert await registry.repository("foo").layers.list() == [digest]
+
+
+async def test_stats_of_a_listing_say_what_stat_says(registry, caplog):
+    """A listing's layers and manifests stated at once (`stats`: a local root reads every
+    link, then every blob, each in one driver call) give what `stat` gives; whatever `stat`
+    would not answer plainly is None, and `stat` then says why (and logs it once, as before)."""
+    repo = registry.repository("foo")
+    digests = []
+    for data in (b"one", b"two", b"three", b"four", b"five"):
+        upload = await repo.layers.upload()
+        await upload.write(data)
+        digests.append(digest_bytes(data))
+        await upload.finish(digests[-1])
+    one, two, three, four, five = digests
+    other = digest_bytes(b"unlinked")
+    driver = registry.driver
+    await driver.delete(path_for(BlobData(two)).rsplit("/", 1)[0])  # collected
+    await driver.put_content(path_for(LayerLink("foo", three)), b"not a digest\n")
+    await driver.put_content(path_for(LayerLink("foo", four)), str(one).encode())  # another
+    asked = [one, two, three, four, five, other]
+    stats = await repo.layers.stats(asked)
+    local = isinstance(driver, FilesystemDriver)
+    if local:
+        assert stats == [await repo.layers.stat(one), None, None, None,
+                         await repo.layers.stat(five), None]  # fmt: skip
+        assert "symbolic link" not in caplog.text and "blob data is missing" not in caplog.text
+    else:
+        assert stats == [None] * len(asked)  # no cheaper way: asked one by one
+    for digest, raised in ((two, UnknownLayer), (three, CorruptEntry), (four, CorruptEntry)):
+        with pytest.raises(raised):
+            await repo.layers.stat(digest)
+    assert await repo.layers.stats([]) == []
+    manifest = await empty_image(repo)
+    stated = await repo.manifests.stats([manifest, other])
+    assert stated == ([await repo.manifests.stat(manifest), None] if local else [None, None])
 
 
 async def test_unlink_keeps_the_blob(registry):

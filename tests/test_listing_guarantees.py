@@ -2,18 +2,32 @@
 bounded with 100,000 tags in a repository because the tree keeps the targets and attributes
 of the TAGS_KEPT most recent tags only (regfs/tree.py). Checked in process on a `Tree` with
 the bound made small: what is kept is answered without storage, what is not is read again.
+
+And what a listing reads ahead in bulk (`Tree.read_attrs`, the tags read in the background
+after a listing): the same answers as one read each, bounded as the caches are, dropped
+by a change meanwhile, damage left to the lookups that report it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
+import trio
 from support.oci import empty_image, image_manifest
 
 import regfs.tree
-from regfs.nodes import SectionNode, TagNode
+from regfs.nodes import LayerNode, Node, SectionNode, TagNode
 from regfs.tree import Tree
-from storage.drivers import InMemoryDriver
+from storage.digests import digest_bytes
+from storage.drivers import FileInfo, FilesystemDriver, InMemoryDriver
+from storage.errors import CorruptEntry
+from storage.layers import LayerService
+from storage.paths import TagCurrentLink, path_for
 from storage.registry import Registry
+from storage.tags import TagService
 
 pytestmark = pytest.mark.storage
 
@@ -56,3 +70,142 @@ async def test_only_the_most_recent_tags_are_kept(monkeypatch):
         with pytest.raises(LookupError):
             await tree.lookup(section, tag)
     assert max(kept()) <= KEPT
+
+
+# ------------------------------------------------------------------ read ahead in bulk
+
+
+class Counting(FilesystemDriver):
+    """A local root that counts the calls that read one file each (link reads and stats)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads = 0
+
+    async def _get_content(self, path: str, limit: int) -> bytes:
+        self.reads += 1
+        return await super()._get_content(path, limit)
+
+    async def _stat(self, path: str) -> FileInfo:
+        self.reads += 1
+        return await super()._stat(path)
+
+
+async def tagged_root(root: Path, count: int) -> tuple[Registry, Counting]:
+    """count tags on one image, and three damaged: a garbage link, one naming a manifest
+    that is not there, one without its current link."""
+    driver = Counting(root)
+    registry = Registry(driver)
+    repo = registry.repository(NAME)
+    digest = await empty_image(repo)
+    for tag in TAGS[:count]:
+        await repo.tags.put(tag, digest)
+    await driver.put_content(path_for(TagCurrentLink(NAME, "garbage")), b"garbage")
+    await repo.tags.put("orphan", digest)
+    await driver.put_content(path_for(TagCurrentLink(NAME, "orphan")), str(OTHER).encode())
+    await repo.tags.put("unpushed", digest)
+    await driver.delete(path_for(TagCurrentLink(NAME, "unpushed")).rsplit("/", 1)[0])
+    return registry, driver
+
+
+async def read_ahead(tree: Tree) -> list[tuple[str, Node]]:
+    """The tags' listing, once the read-ahead it starts has ended."""
+    listing = await tree.children(SectionNode(NAME, "tags"))
+    with trio.fail_after(10):
+        while NAME in tree._tags_reading:
+            await trio.sleep(0.01)
+    return listing
+
+
+OTHER = digest_bytes(b"no such manifest")
+
+
+def changed_after(
+    monkeypatch: pytest.MonkeyPatch, owner: type, method: str, change: Callable[[Any], None]
+) -> None:
+    """owner.method (a bulk read) answers, then a change through the mount comes (before the
+    tree has the answer): change(what was asked)."""
+    original = getattr(owner, method)
+
+    async def then_changed(self: object, asked: Any) -> Any:
+        found = await original(self, asked)
+        change(asked)
+        return found
+
+    monkeypatch.setattr(owner, method, then_changed)
+
+
+async def test_a_listing_reads_its_tags_ahead_so_lookups_read_nothing(tmp_path):
+    """`ls -l tags/` looks each tag up after the listing (entry timeout 0): the listing reads
+    every tag's link and manifest in bulk in the background (a local root), so a lookup and
+    stat of each reads no storage and answers what a tree that read nothing ahead answers.
+    The damaged ones are left to their lookups, which fail as before; bounded as the tag
+    cache is."""
+    registry, driver = await tagged_root(tmp_path / "root", 2 * KEPT)
+    tree = Tree(registry, tag_ttl=600)
+    listing = await read_ahead(tree)
+    section = SectionNode(NAME, "tags")
+    fresh = Tree(registry, tag_ttl=600)
+    for name, node in listing:
+        if name in ("garbage", "orphan", "unpushed"):
+            assert tree.cached_attr(node) is None, name
+            continue
+        driver.reads = 0
+        assert await tree.lookup(section, name) == node
+        attr = await tree.attr(node)
+        assert driver.reads == 0, name
+        assert attr == await fresh.attr(await fresh.lookup(section, name))
+        assert driver.reads > 0  # the control: one that read nothing ahead reads
+    reads = driver.reads
+    for name, error in (("garbage", CorruptEntry), ("orphan", LookupError)):
+        with pytest.raises(error):
+            await tree.attr(await tree.lookup(section, name))
+    with pytest.raises(LookupError):
+        await tree.lookup(section, "unpushed")
+    assert driver.reads > reads
+
+
+async def test_tags_read_ahead_are_as_many_as_the_cache_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(regfs.tree, "TAGS_KEPT", KEPT)
+    registry, _ = await tagged_root(tmp_path / "root", 3 * KEPT)
+    tree = Tree(registry, tag_ttl=600)
+    listing = await read_ahead(tree)
+    held = [name for name, node in listing if tree.cached_attr(node) is not None]
+    assert held == [name for name, _ in listing[:KEPT] if name not in ("garbage", "orphan")]
+
+
+async def test_a_change_while_tags_are_read_ahead_drops_what_was_read(tmp_path, monkeypatch):
+    """A tag changed through the mount while its link was being read ahead: nothing read
+    before the change is kept (it may be the old target)."""
+    registry, _ = await tagged_root(tmp_path / "root", KEPT)
+    tree = Tree(registry, tag_ttl=600)
+    change = lambda tags: tree.changed(TagNode(NAME, tags[0]))  # noqa: E731
+    changed_after(monkeypatch, TagService, "read_many", change)
+    listing = await read_ahead(tree)
+    assert [name for name, node in listing if tree.cached_attr(node)] == []
+
+
+async def test_digests_stated_in_bulk_are_bounded_and_dropped_by_a_change(tmp_path, monkeypatch):
+    """A listing of layers/ stated in bulk keeps at most DIGESTS_KEPT attributes (the rest
+    are answered, not kept); a change meanwhile keeps none."""
+    monkeypatch.setattr(regfs.tree, "DIGESTS_KEPT", KEPT)
+    registry = Registry(FilesystemDriver(tmp_path / "root"))
+    repo = registry.repository(NAME)
+    for i in range(3 * KEPT):
+        upload = await repo.layers.upload()
+        await upload.write(b"%d" % i)
+        await upload.finish(digest_bytes(b"%d" % i))
+    tree = Tree(registry, tag_ttl=600)
+    nodes = [node for _, node in await tree.children(SectionNode(NAME, "layers"))]
+    attrs = await tree.read_attrs(nodes)
+    assert [a is not None for a in attrs] == [True] * KEPT + [False] * 2 * KEPT
+    fresh = Tree(registry, tag_ttl=600)
+    assert attrs[:KEPT] == [await fresh.attr(node) for node in nodes[:KEPT]]
+    assert len(tree._digests._entries) == KEPT
+    assert await tree.read_attrs(nodes[:KEPT]) == attrs[:KEPT]  # kept: read no more
+
+    tree = Tree(registry, tag_ttl=600)
+    change = lambda digests: tree.changed(LayerNode(NAME, digests[0]))  # noqa: E731
+    changed_after(monkeypatch, LayerService, "stats", change)
+    assert await tree.read_attrs(nodes[:KEPT]) == attrs[:KEPT]
+    assert len(tree._digests._entries) == 0

@@ -2,7 +2,8 @@
 
 A listing of tags reads no tag's link: a tag whose attributes the daemon holds is handed to
 the kernel with them and an entry timeout of 0.1 s, any other with a placeholder the kernel
-never uses (timeouts of 0). A lookup of a tag gets an entry timeout of 0 and attribute timeout
+never uses (timeouts of 0); on a local root the daemon reads the tags ahead after the reply,
+in bulk, for the lookups `ls -l` sends next. A lookup of a tag gets an entry timeout of 0 and attribute timeout
 `--tag-ttl`. Digests (layers/, manifests/) get entry timeouts of 0.1 s. So `ls tags/` costs no
 storage read per tag, and `ls -l` of tags, layers or manifests within the TTL no round trip
 per entry. What must stay true: a tag changed through the mount is seen at once (also tags
@@ -483,6 +484,32 @@ def test_kill_9_mid_listing_and_mid_upload_finish_frees_clients_and_mount(
     with Mount(str(root), m.mountpoint, tmp_path / "again.log") as again:
         names = set(ls(again.path(NAME, "layers")))
     assert set(digests) | set(finished) <= names, len(names)
+
+
+def test_kill_9_mid_read_ahead_frees_clients_and_mount(tmp_path: Path, mount: Callable) -> None:
+    """What a listing reads in bulk on a worker thread: kill -9 while `ls -l` lists 5000 tags
+    and 2000 layers again and again (a TTL of 0.2 s: each listing is read again, its tags
+    read ahead, its layers stated in bulk) and `cp` pushes tags: no client hangs, and a new
+    mount lists every tag."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    add_tags(root, NAME, image["digest"], 5000)
+    add_layers(root, NAME, 2000)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes(image["manifest"])
+    m: Mount = mount(root, "--debug", "--tag-ttl", "0.2")
+    tags, layers = m.path(NAME, "tags"), m.path(NAME, "layers")
+    listed = tmp_path / "listed"
+    scripts = {
+        "tags": listing_loop(tags, listed),
+        "layers": listing_loop(layers, listed),
+        "cp": f'i=0; while cp "{manifest}" "{tags}/c$i"; do i=$((i+1)); done; exit 1',
+    }
+    started = lambda: listed.exists() and "tags ahead" in m.log_text()  # noqa: E731
+    kill_mid(m, scripts, started)
+    with Mount(str(root), m.mountpoint, tmp_path / "again.log") as again:
+        names = ls(again.path(NAME, "tags"))
+    assert len(names) > 5001 and {"latest", "t04999", "c0"} <= set(names)
 
 
 def test_the_daemon_runs_the_patched_pyfuse3() -> None:

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -51,6 +51,15 @@ def check_tree(path: str) -> str:
 
 def join(*parts: str) -> str:
     return "/" + "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def _relative(names: Sequence[str]) -> list[str]:
+    """names, each checked as a relative storage path (no `..`, no empty or absolute part):
+    a driver resolves them beneath their directory."""
+    for name in names:
+        if _PATH_RE.fullmatch("/" + name) is None:
+            raise InvalidPath(name)
+    return list(names)
 
 
 class FileReader(ABC):
@@ -186,6 +195,23 @@ class StorageDriver(ABC):
         found = await self._files(check_tree(path), sizes)
         return None if found is None else _storage_paths(found)
 
+    async def contents(
+        self, directory: str, names: Sequence[str]
+    ) -> builtins.list[tuple[bytes, int] | None] | None:
+        """`get_content` of each `directory/name` (names are relative paths: a link below
+        the directory that lists it) with its `mtime_ns`, in one call where the store reads
+        many small files cheaply (a local root); None where it has no such way (ask each).
+        An entry is None where `get_content` would not answer plainly (absent, too big, no
+        regular file, a symbolic link on its way): ask it for why, and it logs what it logs."""
+        return await self._contents(check_tree(directory), _relative(names))
+
+    async def stats(
+        self, directory: str, names: Sequence[str]
+    ) -> builtins.list[FileInfo | None] | None:
+        """`stat` of each regular file `directory/name`, as `contents` reads them (None: ask
+        each; an entry None: `stat` would not answer plainly, or no regular file)."""
+        return await self._stats(check_tree(directory), _relative(names))
+
     def statvfs(self) -> os.statvfs_result | None:
         """Space and file counts of the store, where it has such a thing."""
         return None
@@ -213,6 +239,16 @@ class StorageDriver(ABC):
         return [await self._stat(join(path, name)) for name in await self._list(path)]
 
     async def _files(self, path: str, sizes: bool) -> builtins.list[FileInfo] | None:
+        return None
+
+    async def _contents(
+        self, directory: str, names: builtins.list[str]
+    ) -> builtins.list[tuple[bytes, int] | None] | None:
+        return None
+
+    async def _stats(
+        self, directory: str, names: builtins.list[str]
+    ) -> builtins.list[FileInfo | None] | None:
         return None
 
     async def _symlinks(self, path: str) -> builtins.list[str]:

@@ -4,14 +4,15 @@ No path below the root is resolved through a symbolic link: whoever can write th
 registry run by another user, a shared volume) must not steer the daemon, usually root, to
 read, write or delete anything outside it. The root is opened once; every call opens its path
 from that descriptor with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) or, where the kernel
-(or a seccomp filter) lacks openat2, by a walk of one O_NOFOLLOW open per component. A symlink
-met anywhere is UnsafeEntry for that entry (EIO through the mount, logged); listings leave
-symlinks out, so the rest of a directory stays reachable; trees are removed through directory
-descriptors, which never follow a link.
+(or a seccomp filter) lacks openat2, by a walk of one O_NOFOLLOW open per component (the bulk
+reads of a listing, `contents` and `stats`, open its directory so, then each name beneath that
+descriptor the same way). A symlink met anywhere is UnsafeEntry for that entry (EIO through the
+mount, logged); listings leave symlinks out, so the rest of a directory stays reachable; trees
+are removed through directory descriptors, which never follow a link.
 
 Small local calls (stat, a link file, a read of up to a FUSE request) run inline: a thread hop
-costs more than they do. Calls that may block for long (fsync, large reads, tree deletes) go to
-a worker thread.
+costs more than they do. Calls that may block for long (fsync, large reads, tree deletes, the
+bulk reads of a big listing) go to a worker thread.
 """
 
 from __future__ import annotations
@@ -27,15 +28,28 @@ import shutil
 import stat as statmod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import TypeVar
 
 import trio
 
 from ..errors import Busy, CorruptEntry, InvalidOffset, UnsafeEntry
-from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver, join
+from .base import (
+    CONTENT_LIMIT,
+    FileInfo,
+    FileReader,
+    FileWriter,
+    PathNotFound,
+    StorageDriver,
+    join,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INLINE_READ_LIMIT = 1 << 20
+# Bulk reads (`contents`, `stats`) of more entries than this go to a worker thread: one hop,
+# where a listing of 10,000 links would hold the event loop for tens of milliseconds.
+INLINE_ENTRIES = 64
 # The registry's driver creates files with 0666 and lets the umask cut it (0644 under 022).
 # tempfile.mkstemp's 0600 would lock a registry running as another user (Debian's service
 # runs as `docker-registry`) out of every link, startedat and hash state regfs writes.
@@ -402,6 +416,66 @@ class FilesystemDriver(StorageDriver):
         if statmod.S_ISLNK(st.st_mode):
             raise self._refusal(OSError(errno.ELOOP, "a symbolic link"), path)
         return FileInfo(path, st.st_size, st.st_mtime_ns, statmod.S_ISDIR(st.st_mode))
+
+    async def _contents(
+        self, directory: str, names: list[str]
+    ) -> list[tuple[bytes, int] | None] | None:
+        def content_at(dirfd: int, name: str) -> tuple[bytes, int] | None:
+            """The whole of a small regular file, read by its size (None: anything else, or
+            a size that moved meanwhile), and its mtime."""
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_BENEATH
+            fd = self._resolve(dirfd, name, flags, 0)
+            try:
+                st = os.fstat(fd)
+                if not statmod.S_ISREG(st.st_mode) or st.st_size > CONTENT_LIMIT:
+                    return None
+                data = os.read(fd, st.st_size + 1)
+            finally:
+                os.close(fd)
+            return (data, st.st_mtime_ns) if len(data) == st.st_size else None
+
+        return await self._each(directory, names, content_at)
+
+    async def _stats(self, directory: str, names: list[str]) -> list[FileInfo | None] | None:
+        def stat_at(dirfd: int, name: str) -> FileInfo | None:
+            fd = self._resolve(dirfd, name, os.O_PATH | _O_BENEATH, 0)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if not statmod.S_ISREG(st.st_mode):
+                return None  # a directory, a symlink (O_PATH|O_NOFOLLOW opens it as such): ask
+            return FileInfo(f"{directory}/{name}", st.st_size, st.st_mtime_ns, False)
+
+        return await self._each(directory, names, stat_at)
+
+    async def _each(
+        self, directory: str, names: list[str], one: Callable[[int, str], T | None]
+    ) -> list[T | None] | None:
+        """one(directory's descriptor, name) for each name, resolved beneath that descriptor
+        as `_open` resolves beneath the root (no symlink followed anywhere), in one worker
+        thread call for many. Whatever fails is None: the caller asks the path alone, which
+        says why (and logs a symlink)."""
+        try:
+            dirfd = self._open(directory, os.O_PATH | os.O_DIRECTORY)
+        except (PathNotFound, CorruptEntry):
+            return [None] * len(names)
+
+        def each() -> list[T | None]:
+            found: list[T | None] = []
+            for name in names:
+                try:
+                    found.append(one(dirfd, name))
+                except OSError:
+                    found.append(None)
+            return found
+
+        try:
+            if len(names) <= INLINE_ENTRIES:
+                return each()
+            return await trio.to_thread.run_sync(each)
+        finally:
+            os.close(dirfd)
 
     def _scan(
         self, path: str, stat: bool = False

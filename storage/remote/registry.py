@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -510,6 +510,12 @@ class RemoteTags:
     async def mtime_ns(self, tag: str) -> int:
         return self.repo.registry.started_ns
 
+    async def read_many(
+        self, tags: Sequence[str]
+    ) -> builtins.list[tuple[Digest, int] | None] | None:
+        """None: a request per tag. A lookup of a listed tag resolves the listing (`get`)."""
+        return None
+
     async def put(self, tag: str, digest: Digest) -> None:
         validate_tag(tag)
         manifest = await self.repo.manifests.get(digest)
@@ -588,6 +594,19 @@ class RemoteManifests:
     async def stat(self, digest: Digest) -> BlobInfo:
         manifest = await self.get(digest)
         return BlobInfo(digest, len(manifest.data), self.repo.registry.started_ns)
+
+    async def stats(self, digests: Sequence[Digest]) -> builtins.list[BlobInfo | None]:
+        """Those not cached yet fetched in parallel (`fetch_many`; a listing fetched most),
+        the rest left to `stat`."""
+        cache = self.repo.registry.manifest_cache
+        missing = [str(d) for d in dict.fromkeys(digests) if cache.get((self.name, d)) is None]
+        await self.fetch_many(missing)
+        started = self.repo.registry.started_ns
+        kept = [cache.get((self.name, digest)) for digest in digests]
+        return [
+            None if manifest is None else BlobInfo(digest, len(manifest.data), started)
+            for digest, manifest in zip(digests, kept, strict=True)
+        ]
 
     async def exists(self, digest: Digest) -> bool:
         try:
@@ -682,6 +701,12 @@ class RemoteLayers:
         except UnknownLayer:
             return False
         return True
+
+    async def stats(self, digests: Sequence[Digest]) -> builtins.list[BlobInfo | None]:
+        """Those not cached yet asked in parallel (`_stat_many`; a listing asked most), the
+        rest left to `stat`."""
+        await self._stat_many(self._unstated(builtins.list(digests)))
+        return [self.registry.blob_cache.get((self.name, digest)) for digest in digests]
 
     async def list(self) -> list[Digest]:
         """Config and layers of the tagged manifests (and of the manifests they index), and
