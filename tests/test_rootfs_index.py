@@ -1017,7 +1017,7 @@ def damage_empty(path: Path) -> None:
 
 
 def damage_meta(path: Path) -> None:
-    """A well-formed file whose meta line lacks a field and whose member is a number."""
+    """A file whose meta line lacks a field and whose first block's length is no number."""
     import zstandard
 
     text = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read()
@@ -1070,6 +1070,76 @@ async def test_a_stored_index_is_normalised_again_on_load(cache):
     beyond = [Member("f", Kind.FILE, 0o644, 0, 0, 0, size=100, offset=0)]
     cache.store(LayerIndex(digest, Format.TAR, 10, 10, beyond))
     assert cache.load(digest) is None  # a file past the layer's end: not trusted
+
+
+BLOCK_MEMBERS = [
+    Member("d", Kind.DIR, 0o755, 1, 2, -7, xattrs=(("user.a", b"\x00\xff"), ("user.b", b""))),
+    Member("d/f\udcff", Kind.FILE, 0o4644, 2**32 - 1, 0, 2**62, size=3, offset=512),
+    Member("d/h", Kind.HARDLINK, 0o644, 0, 0, 0, linkname="d/f\udcff"),
+    Member("s", Kind.SYMLINK, 0o777, 0, 0, 0, linkname="../é/\n"),
+    Member("c", Kind.CHAR, 0o600, 0, 0, 0, devmajor=5, devminor=1),
+]
+
+
+def _block_file(cache_dir: Path, digest: Digest, block: bytes) -> None:
+    """An index file of a plain tar layer of 1,024 bytes whose members are `block`."""
+    meta = indexfile.Meta(str(digest), Format.TAR.value, 1024, 1024, 0)
+    out = io.BytesIO()
+    indexfile.write(out, meta, indexfile.Table(len(BLOCK_MEMBERS), [block]))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / f"{digest.hex}.idx").write_bytes(out.getvalue())
+
+
+def _payload(changed: Callable[[bytearray], None]) -> bytes:
+    """The block of BLOCK_MEMBERS with `changed` applied to its payload, and its length."""
+    _, payload = indexfile.block(BLOCK_MEMBERS).split(b"\n", 1)
+    data = bytearray(payload)
+    changed(data)
+    return b"%d\n" % len(data) + bytes(data)
+
+
+def _number(column: str, member: int, value: int) -> Callable[[bytearray], None]:
+    """Set one member's number in a block of BLOCK_MEMBERS."""
+    n = len(BLOCK_MEMBERS)
+    at = 4 + n + 8 * (n * indexfile.INTS.index(column) + member)
+    return lambda data: data.__setitem__(
+        slice(at, at + 8), value.to_bytes(8, "little", signed=True)
+    )
+
+
+def _replaced(old: bytes, new: bytes) -> Callable[[bytearray], None]:
+    def change(data: bytearray) -> None:
+        at = data.rindex(old)
+        data[at : at + len(old)] = new
+
+    return change
+
+
+BAD_BLOCKS = {
+    "unknown kind": lambda data: data.__setitem__(4 + 1, len(indexfile.KINDS)),
+    "negative uid": _number("uid", 2, -1),
+    "file past the layer's end": _number("size", 1, 1024 - 512 + 1),
+    "cut short": lambda data: data.__delitem__(slice(len(data) - 40, len(data))),
+    "xattrs not JSON": _replaced(b"]]]", b"]]}"),
+    "xattrs of no member": _replaced(b"[[0,", b"[[5,"),
+}
+
+
+def test_a_block_of_members_reads_back_as_written(cache, cache_dir):
+    digest = digest_bytes(b"block")
+    _block_file(cache_dir, digest, indexfile.block(BLOCK_MEMBERS))
+    loaded = cache.load(digest)
+    assert loaded is not None and loaded.members == BLOCK_MEMBERS
+    assert all(type(m) is Member and type(m.kind) is Kind for m in loaded.members)
+
+
+@pytest.mark.parametrize("damage", BAD_BLOCKS)
+def test_a_hostile_block_of_members_is_not_trusted(cache, cache_dir, damage):
+    """A block that says what no writer writes: the file is removed, not trusted."""
+    digest = digest_bytes(damage.encode())
+    _block_file(cache_dir, digest, _payload(BAD_BLOCKS[damage]))
+    assert cache.load(digest) is None
+    assert not (cache_dir / f"{digest.hex}.idx").exists()
 
 
 def test_an_unsafe_cache_directory_is_refused(tmp_path):

@@ -34,10 +34,13 @@ import os
 import re
 import secrets
 import stat
+import sys
 import threading
 import time
 import weakref
+from array import array
 from dataclasses import astuple, dataclass, replace
+from itertools import accumulate, repeat
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -63,7 +66,11 @@ _POINTS_READ = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_LINE = 1 << 30  # a line of members: their names are bounded by tarscan.Limits.names
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_KINDS = {kind.value: kind for kind in Kind}  # a dict lookup: Kind(value) cost ~0.6 µs a member
+_KIND_CODES = indexfile.KINDS
+_LENGTH_LINE = 24  # a block's length line: digits and a newline
+_LENGTH = re.compile(rb"[0-9]{1,20}\n")
+_UTF8, _ESCAPED = repeat("utf-8"), repeat("surrogateescape")  # endless: shared by every map
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 def default_directory() -> Path:
@@ -412,7 +419,13 @@ def decode(file: BinaryIO, digest: Digest) -> LayerIndex:
     count = _count(meta["members"])
     bound = None if fmt is Format.ESTARGZ else size  # an eStargz file is its chunks
     while len(members) < count:
-        members += _members(line(), bound)
+        length = reader.readline(_LENGTH_LINE)
+        if not _LENGTH.fullmatch(length) or int(length) > _MAX_LINE:
+            raise CorruptIndex(f"a block of members of length {length!r:.40}")
+        payload = reader.read(int(length))
+        if len(payload) != int(length):
+            raise CorruptIndex("ends early")
+        members += _members(payload, bound)
     frames = [_frame(row) for row in line()]
     chunks = _chunks(line(), members, fmt)
     if len(members) != count or len(frames) != meta["frames"]:
@@ -470,50 +483,81 @@ def _chunks(rows: Any, members: list[Member], fmt: Format) -> dict[int, list[Chu
     return chunks
 
 
-def _members(rows: Any, size: int | None) -> list[Member]:
-    """A line of members, checked and made a field at a time: each check and each field of
-    4,096 members in a C loop, where a Python call per member (its checks, then
-    `make_member`) made most of a stored index's load (57 → 30 ms for 15,000 members)."""
-    if type(rows) is not list or not rows:
-        raise CorruptIndex(f"a malformed line of members {rows!r:.200}")
-    if set(map(type, rows)) != {list} or set(map(len, rows)) != {12}:
-        raise CorruptIndex("a member that is not a row of 12 fields")
-    paths, names, modes, uids, gids, mtimes, lengths, offsets, links, majors, minors, xattrs = zip(
-        *rows, strict=True
-    )
-    numbers = (modes, uids, gids, lengths, offsets, majors, minors)
-    if not (
-        set(map(type, names)) == {str}
-        and {str} == set(map(type, paths)) == set(map(type, links))
-        and all(set(map(type, column)) == {int} for column in (*numbers, mtimes))
-        and min(map(min, numbers)) >= 0
-    ):
-        raise CorruptIndex(f"a malformed member in {rows!r:.200}")
+def _members(payload: bytes, size: int | None) -> list[Member]:
+    """A block of members (`indexfile`), checked and made a column at a time: each column
+    an array or a list of strings made in C, no Python call per member but `normal_name`
+    (57 → ~25 ms for the bench's 15,000 members, JSON rows before)."""
+    block = _Block(memoryview(payload))
+    (count,) = indexfile.COUNT.unpack(block.take(indexfile.COUNT.size))
+    if not count:
+        raise CorruptIndex("an empty block of members")
     try:
-        kinds = list(map(_KINDS.__getitem__, names))
-    except KeyError as exc:
-        raise CorruptIndex(f"a member of an unknown kind {exc}") from None
+        kinds = list(map(_KIND_CODES.__getitem__, block.take(count)))
+    except IndexError:
+        raise CorruptIndex("a member of an unknown kind") from None
+    mode, uid, gid, mtime_ns, length, offset, major, minor = (
+        block.numbers("q", count) for _ in indexfile.INTS
+    )
+    if min(map(min, (mode, uid, gid, length, offset, major, minor))) < 0:
+        raise CorruptIndex("a member with a negative number")
+    paths, links = block.strings(count), block.strings(count)
+    xattrs: list[tuple[tuple[str, bytes], ...]] = [()] * count
+    for at, pairs in json.loads(block.rest()):
+        if type(at) is not int or not 0 <= at < count or not pairs:
+            raise CorruptIndex(f"xattrs of member {at!r:.40}")
+        xattrs[at] = _xattrs(pairs)
     if size is not None:
-        for path, kind, offset, length in zip(paths, kinds, offsets, lengths, strict=True):
-            if kind is Kind.FILE and offset + length > size:
+        for path, kind, start, end in zip(paths, kinds, offset, length, strict=True):
+            if kind is Kind.FILE and start + end > size:
                 raise CorruptIndex(f"member {path!r} beyond the end of the layer")
     hardlink = Kind.HARDLINK
     return make_members(
         (
             list(map(normal_name, paths)),
             kinds,
-            [mode & 0o7777 for mode in modes],
-            uids,
-            gids,
-            mtimes,
-            lengths,
-            offsets,
+            [bits & 0o7777 for bits in mode],
+            uid,
+            gid,
+            mtime_ns,
+            length,
+            offset,
             [normal_name(t) if k is hardlink else t for k, t in zip(kinds, links, strict=True)],
-            majors,
-            minors,
-            [_xattrs(pairs) if pairs else () for pairs in xattrs],
+            major,
+            minor,
+            xattrs,
         )
     )
+
+
+class _Block:
+    """Reads a block's parts in order; too short a block is CorruptIndex, not short data."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.at = 0
+
+    def take(self, length: int) -> memoryview:
+        part = self.view[self.at : self.at + length]
+        if len(part) != length:
+            raise CorruptIndex("a block of members that ends early")
+        self.at += length
+        return part
+
+    def numbers(self, typecode: str, count: int) -> array[int]:
+        values = array(typecode)
+        values.frombytes(self.take(count * values.itemsize))
+        if _BIG_ENDIAN:
+            values.byteswap()
+        return values
+
+    def strings(self, count: int) -> list[str]:
+        ends = list(accumulate(self.numbers("I", count)))
+        data = bytes(self.take(ends[-1]))
+        spans = map(slice, [0, *ends[:-1]], ends)
+        return list(map(bytes.decode, map(data.__getitem__, spans), _UTF8, _ESCAPED))
+
+    def rest(self) -> bytes:
+        return bytes(self.take(len(self.view) - self.at))
 
 
 def _xattrs(pairs: Any) -> tuple[tuple[str, bytes], ...]:
