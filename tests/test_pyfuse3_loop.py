@@ -1,0 +1,114 @@
+"""regfs's pyfuse3 build serves a request in the task that read it (third_party/pyfuse3):
+watched from outside on a real mount of a small pyfuse3 filesystem (support/waitfs.py), driven
+by `stat` and by threads of a client process. Also keeps bench/requests.py from rotting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.mounts import is_mounted, wait_until
+from support.tools import run
+
+from regfs import fusefeatures
+
+pytestmark = pytest.mark.mount
+
+REPO = Path(__file__).resolve().parent.parent
+LOOP = "user.loop"  # what support/waitfs.py answers on its root (it runs in its own process)
+patched_only = pytest.mark.skipif(
+    not fusefeatures.PATCHED, reason="a stock pyfuse3 hands requests from task to task"
+)
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "support.waitfs", str(mountpoint)], cwd=REPO / "tests", env=env
+    )
+    try:
+        wait_until(lambda: is_mounted(mountpoint) or daemon.poll() is not None, what="waitfs")
+        assert daemon.poll() is None, "waitfs did not mount"
+        yield mountpoint
+    finally:
+        run("fusermount3", "-u", "-z", mountpoint, check=False)
+        try:
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    assert daemon.returncode == 0
+
+
+def loop_state(mnt: Path) -> dict[str, int]:
+    state: dict[str, int] = json.loads(os.getxattr(mnt, LOOP))
+    return state
+
+
+@patched_only
+def test_sequential_requests_are_served_by_one_task(mnt):
+    run("bash", "-c", 'for i in $(seq 100); do stat -L "$1" >/dev/null; done', "-", mnt / "f")
+    # Stock pyfuse3 reads each request in the task that did not read the one before.
+    assert loop_state(mnt)["getattr_tasks"] == 1
+
+
+def test_a_waiting_handler_holds_up_no_other_request(mnt):
+    slow = subprocess.Popen(["stat", mnt / "big/slow"], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: loop_state(mnt)["waiting"] == 1, what="the lookup of big/slow")
+        for _ in range(20):
+            run("stat", mnt / "f")
+        assert slow.poll() is None, "slow was answered before go"
+        assert run("stat", mnt / "go", check=False).returncode != 0  # ENOENT, and slow goes on
+        out, _ = slow.communicate(timeout=10)
+    finally:
+        if slow.poll() is None:
+            run("stat", mnt / "go", check=False)  # the lookup ends, so waitfs can stop
+            slow.kill()
+            slow.wait()
+    assert slow.returncode == 0 and "slow" in out
+    assert loop_state(mnt)["waiting"] == 0
+
+
+@patched_only
+def test_a_stream_of_requests_lets_other_tasks_run(mnt):
+    """Four threads keep requests queued for a second: the loop still waits for the fd (a
+    trio checkpoint) every 16 requests, so the daemon's 1 ms ticker keeps running."""
+    client = (
+        "import os, sys, threading, time\n"
+        "fd = os.open(sys.argv[1], os.O_PATH)\n"
+        "end = time.monotonic() + 1\n"
+        "def stats():\n"
+        "    while time.monotonic() < end:\n"
+        "        os.stat(fd)\n"
+        "threads = [threading.Thread(target=stats) for _ in range(4)]\n"
+        "for t in threads: t.start()\n"
+        "for t in threads: t.join()\n"
+    )
+    before = loop_state(mnt)["ticks"]
+    subprocess.run([sys.executable, "-c", client, str(mnt / "f")], check=True, timeout=60)
+    assert loop_state(mnt)["ticks"] - before >= 100  # of ~1,000 in that second
+
+
+def test_bench_requests_runs():
+    """`python -m bench.requests` at its smallest: every row has its figures."""
+    args = ["--calls", "50", "--entries", "100", "--listings", "2", "--rounds", "1"]
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.requests", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [row[0] for row in rows] == ["getattr", "lookup", "readdir"]
+    assert all(float(row[1]) > 0 and float(row[5]) >= 1 for row in rows)
