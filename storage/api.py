@@ -109,6 +109,25 @@ def local_fileno(reader: BlobReader) -> int | None:
     return reader.fileno() if isinstance(reader, LocalBlobReader) else None
 
 
+@runtime_checkable
+class StreamingBlobReader(BlobReader, Protocol):
+    """A BlobReader that reads a blob whole and in order better as one stream than as reads
+    at offsets: over HTTP one GET to the end, not a range GET per window. Optional: for
+    other readers `read_at` is as good (a local `pread`; S3's reader streams by itself)."""
+
+    async def read_in_order(self, offset: int, size: int) -> Buffer:
+        """As `read_at`, for a caller that goes on reading from there to the blob's end in
+        order (the next call starts where this one ended) and checks the digest itself."""
+        ...
+
+
+async def read_in_order(reader: BlobReader, offset: int, size: int) -> Buffer:
+    """`size` bytes at `offset` of a blob read whole in order (`StreamingBlobReader`)."""
+    if isinstance(reader, StreamingBlobReader):
+        return await reader.read_in_order(offset, size)
+    return await reader.read_at(offset, size)
+
+
 class Upload(Protocol):
     """One upload being written by its one writer; finishing turns it into a layer."""
 
@@ -342,6 +361,7 @@ if TYPE_CHECKING:
     _layers: list[type[Layers]] = [layers.LayerService, remote.RemoteLayers]
     _uploads: list[type[Upload]] = [uploads.LayerUpload, remote_uploads.RemoteUpload]
     _local_readers: list[type[LocalBlobReader]] = [layers.LayerReader]
+    _streaming_readers: list[type[StreamingBlobReader]] = [remote_reader.RemoteLayerReader]
     _readers: list[type[BlobReader]] = [
         layers.LayerReader,
         remote_reader.RemoteLayerReader,

@@ -17,13 +17,14 @@ from storage.digests import digest_bytes
 from storage.errors import AccessDenied, CorruptEntry, RemoteUnavailable
 from storage.remote.client import RemoteClient
 from storage.remote.ranges import RangeFetcher
-from storage.remote.reader import STREAM_AFTER, ReadAheadBudget, RemoteLayerReader
+from storage.remote.reader import RESUMES, STREAM_AFTER, ReadAheadBudget, RemoteLayerReader
 
 pytestmark = pytest.mark.remote
 
 BLOB = os.urandom(16 << 20)
 FLIPPED = BLOB[: 8 << 20] + bytes([BLOB[8 << 20] ^ 1]) + BLOB[(8 << 20) + 1 :]
 PIECE = 64 << 10  # the stub writes bodies in pieces of this, and counts them
+CUT_PAST = 1000  # a cut answer sends this many bytes past half its body, then hangs up
 
 
 class Stub:
@@ -31,6 +32,7 @@ class Stub:
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.cuts = 0  # answers to cut (as mode "cut" does all), then whole ones
         self.seen: list[tuple[str, str | None, str | None]] = []  # path, Range, Authorization
         self.sent = 0  # body bytes handed to the socket, as a registry's access log counts
         self.connections: set[int] = set()
@@ -61,15 +63,17 @@ class StubHandler(LoopbackHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+        asked = self.headers["Range"] or "bytes=0-"  # none: the whole blob, a 200
+        first, last = asked.removeprefix("bytes=").split("-")
         blob = FLIPPED if stub.mode == "flipped" else BLOB
         body = blob[int(first) : int(last or len(blob) - 1) + 1]  # `bytes=N-`: to the end
-        self.send_response(206)
+        self.send_response(206 if self.headers["Range"] else 200)
         length = len(body) - 1 if stub.mode == "short-length" else len(body)
         self.send_header("Content-Length", str(length))
         self.end_headers()
-        if stub.mode == "cut":
-            length = len(body) // 2
+        if stub.mode == "cut" or stub.cuts:
+            stub.cuts = max(stub.cuts - 1, 0)
+            length = min(len(body) // 2 + CUT_PAST, len(body) - 1)
             self.close_connection = True
         for at in range(0, length, PIECE):
             stub.sent += min(PIECE, length - at)  # before the write: a reader can't outrun it
@@ -188,3 +192,40 @@ async def test_a_whole_read_in_order_streams_once_and_is_checked(stub, mode):
     assert len(streams) == 1 and STREAM_AFTER <= streams[0] <= 2 * STREAM_AFTER
     assert stub.sent == len(BLOB)
     assert got == BLOB if mode == "ok" else len(got) < len(BLOB)
+
+
+@pytest.mark.parametrize("cuts", [0, 1, 2])
+async def test_a_blob_read_in_order_is_one_plain_get_resumed_where_it_broke(stub, cuts):
+    """The rootfs index pass's reads (`read_in_order`, 1 MiB at a time from the start): one
+    GET without a Range (issue 16: "indexed from one streamed GET"). A connection that drops
+    is opened again with `Range: bytes=N-` at the first byte not yet read, not from the
+    start: every byte is sent once, but for what was in flight when it broke."""
+    stub.cuts = cuts
+    got = bytearray()
+    async with RemoteClient(stub.url, timeout=2, retries=0) as client:
+        reader = layer_reader(client)
+        for offset in range(0, len(BLOB), 1 << 20):
+            got += await reader.read_in_order(offset, 1 << 20)
+        await reader.aclose()
+    assert got == BLOB
+    # A cut answer sends half its body and CUT_PAST bytes: the read of the MiB it cuts
+    # fails, and the GET opens again at that MiB.
+    assert [r for _, r, _ in stub.seen] == [None, "bytes=8388608-", "bytes=12582912-"][: cuts + 1]
+    assert stub.sent == len(BLOB) + cuts * CUT_PAST
+
+
+async def test_a_blob_read_in_order_from_a_registry_that_always_drops_fails(stub):
+    """Each try that gets further resumes there; RESUMES tries in a row at one byte that
+    all break hand the read to `read_at`, whose error (the client's) is the read's."""
+    stub.mode = "cut"
+    async with RemoteClient(stub.url, timeout=2, retries=0) as client:
+        reader = layer_reader(client)
+        with pytest.raises(RemoteUnavailable):
+            for offset in range(0, len(BLOB), 1 << 20):
+                assert await reader.read_in_order(offset, 1 << 20) == BLOB[offset:][: 1 << 20]
+        await reader.aclose()
+    ranges = [r for _, r, _ in stub.seen]
+    # 16 MiB answers cut at 8, 12, 14 and 15 MiB and a bit: the MiB at 15 never comes.
+    resumed = [f"bytes={n << 20}-" for n in (8, 12, 14)] + ["bytes=15728640-"] * RESUMES
+    assert ranges[: 1 + len(resumed)] == [None, *resumed]
+    assert set(ranges[1 + len(resumed) :]) == {"bytes=15728640-16777215"}  # read_at's

@@ -1,21 +1,23 @@
 """The `rootfs/` view on an `s3://` source (issue 16: "works on every source"): an image that
 skopeo pushed through docker-registry's s3 driver into a bucket (moto) shows, through a mount
-of the bucket, the tree `umoci unpack` makes of it; its layers are indexed from ranged GETs of
-the bucket, and a second mount reuses the index."""
+of the bucket, the tree `umoci unpack` makes of it; each layer is indexed from one GetObject
+of its blob (counted through a proxy), and a second mount reuses the index."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.fault_server import FaultServer
 from support.images import Tree, differences, tree_of_dir, umoci_unpack
 from support.mounts import Mount
-from support.oci import build_image, skopeo_push
+from support.oci import build_image, read_oci_layout, skopeo_push
 from support.registry import RegistryServer
-from support.s3 import MotoServer, registry_s3_config
+from support.s3 import MotoServer, registry_s3_config, s3_call
 from support.tools import run
 
 pytestmark = [pytest.mark.mount, pytest.mark.registry]
@@ -23,7 +25,7 @@ pytestmark = [pytest.mark.mount, pytest.mark.registry]
 ROOTDIRECTORY = "/regroot"
 FILES = {
     "etc/os-release": b'ID=regfs\nNAME="regfs test"\n',
-    "usr/share/data.bin": os.urandom(300_000),
+    "usr/share/data.bin": os.urandom(6 << 20),  # a layer of several of the pass's windows
     "usr/bin/run.sh": b"#!/bin/sh\necho regfs\n",
 }
 
@@ -56,19 +58,35 @@ def without_own_xattrs(path: Path) -> Tree:
 
 
 def test_an_image_in_a_bucket_shows_what_umoci_unpacks(
-    pushed: Path, s3_bucket: str, tmp_path: Path, mount
+    pushed: Path,
+    s3_bucket: str,
+    tmp_path: Path,
+    mount,
+    moto_server: MotoServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     expected = tree_of_dir(umoci_unpack(pushed, "v1", tmp_path / "bundle"))
     source = f"s3://{s3_bucket}{ROOTDIRECTORY}"
     image = ("org", "app", "rootfs", "v1")
-    first: Mount = mount(source)
-    run("ls", first.path(*image))  # indexes both layers from the bucket
-    shown = without_own_xattrs(first.path(*image))
-    assert differences(expected, shown) == []
-    assert shown == expected
-    assert first.path(*image, "etc", "os-release").read_bytes() == FILES["etc/os-release"]
-    assert first.log_text().count("indexing layer") == 2
-    first.stop()
+    layers = [d.split(":")[1] for d in read_oci_layout(pushed, "v1").layer_digests]
+    with FaultServer(upstream=moto_server.url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the first mount's calls, seen
+        first: Mount = mount(source)
+        run("ls", first.path(*image))  # indexes both layers from the bucket
+        gets = Counter(
+            layer
+            for seen in proxy.seen
+            for layer in layers
+            if f"/{layer}/data" in seen.path and s3_call(seen) == "GetObject"
+        )
+        shown = without_own_xattrs(first.path(*image))
+        assert differences(expected, shown) == []
+        assert shown == expected
+        assert first.path(*image, "etc", "os-release").read_bytes() == FILES["etc/os-release"]
+        assert first.log_text().count("indexing layer") == 2
+        first.stop()
+    assert gets == dict.fromkeys(layers, 1)  # one GetObject per layer's pass
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
 
     second: Mount = mount(source)  # the same cache: no pass again
     assert without_own_xattrs(second.path(*image)) == shown

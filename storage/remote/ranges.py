@@ -82,7 +82,8 @@ class RangeFetcher:
 
     def open(self, url: str, start: int, end: int, authorization: str | None) -> OpenBody | None:
         """The blob from start to its end (`end`) as one open response, to read in order;
-        None when that cannot be had. Blocking: call it on a worker thread."""
+        None when that cannot be had. From the start it is a plain GET (200), from
+        elsewhere `Range: bytes=start-` (206). Blocking: call it on a worker thread."""
         answer = self._send(url, start, end, authorization, open_ended=True)
         if answer is None:
             return None
@@ -119,17 +120,20 @@ class RangeFetcher:
     def _send(
         self, url: str, start: int, end: int, authorization: str | None, open_ended: bool = False
     ) -> tuple[Origin, http.client.HTTPConnection, http.client.HTTPResponse] | None:
-        """A 206 for bytes [start, end) whose body is still to be read, following redirects;
-        None for anything else."""
-        wanted = f"bytes={start}-" if open_ended else f"bytes={start}-{end - 1}"
-        headers = {"Range": wanted, "User-Agent": self.user_agent}
+        """A 206 for bytes [start, end) whose body is still to be read, following redirects
+        (a 200 to a GET without a Range: open-ended from the start); None for anything else."""
+        headers = {"User-Agent": self.user_agent}
+        whole = open_ended and start == 0
+        if not whole:
+            headers["Range"] = f"bytes={start}-" if open_ended else f"bytes={start}-{end - 1}"
         answer = self._follow("GET", url, headers, authorization)
         if answer is None:
             return None
         where, conn, resp = answer
         length = resp.getheader("Content-Length")
         try:
-            if resp.status == 206 and length is not None and int(length) == end - start:
+            status = 200 if whole else 206
+            if resp.status == status and length is not None and int(length) == end - start:
                 return where, conn, resp
         except ValueError:
             pass

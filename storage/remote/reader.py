@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from http.client import HTTPException
@@ -33,6 +34,7 @@ READ_AHEAD_TOTAL = 256 << 20  # for all open files of a mount together
 HASH_ON_THREAD = 64 << 10  # smaller reads are hashed on the loop: a thread costs more
 RUNS_KEPT = 8  # recent runs whose lengths widen a jump's window
 WIDEN_MAX = 1 << 20  # the most a jump's window is widened by
+RESUMES = 3  # times in a row a dropped GET of a blob read in order is opened again
 
 
 class ReadAheadBudget:
@@ -189,6 +191,8 @@ class RemoteLayerReader:
         self._runs: deque[int] = deque(maxlen=RUNS_KEPT)  # how far recent runs read on
         self._opening: _Window | None = None  # the window the current run's jump fetched
         self._stream: OpenBody | None = None
+        self._in_order: OpenBody | None = None  # the GET of `read_in_order`
+        self._no_stream = False  # one could not be had: read_in_order is read_at
         self._last_turn: trio.Event | None = None
         self._check = InOrderDigest(info.size)
         self._hashing = trio.Lock()
@@ -232,6 +236,67 @@ class RemoteLayerReader:
         if self._corrupt is not None:
             raise self._corrupt
         return memoryview(window.data)[offset - window.start : end - window.start]
+
+    async def read_in_order(self, offset: int, size: int) -> Buffer:
+        """`read_at` for a caller that reads the blob from `offset` to its end in order and
+        checks its digest itself (the rootfs index pass): one GET to the end (a plain GET
+        from the start), `size` bytes at a time, so no range GET per window; not hashed
+        here. A connection that breaks is opened again where it stopped (`Range: bytes=N-`),
+        up to RESUMES times in a row. Where no open response can be had (the registry
+        refuses it, or wants a login the client has not made yet), `read_at` serves, with
+        the client's retries and errors, this read and the ones after."""
+        end = min(offset + size, self.length)
+        if end <= offset:
+            return b""
+        for attempt in range(RESUMES + 1):
+            stream = self._in_order
+            if stream is None or stream.position != offset:
+                if stream is not None:
+                    stream.close()
+                self._in_order = stream = None
+                if not self._no_stream:
+                    stream = await self._open_in_order(offset)
+                if stream is None:
+                    self._no_stream = True
+                    break
+                self._in_order = stream
+            try:
+                return await self.client.read_open(stream, end - offset)
+            except (OSError, HTTPException) as exc:
+                log.warning(
+                    "GET of layer %s broke at byte %d (%s), try %d of %d",
+                    self.digest,
+                    stream.position,
+                    shown(exc),
+                    attempt + 1,
+                    RESUMES + 1,
+                )
+                stream.close()
+                self._in_order = None
+        return await self.read_at(offset, size)
+
+    async def _open_in_order(self, offset: int) -> OpenBody | None:
+        """`client.open_range`, abandoned on cancel: an unmount during a pass must not wait
+        for a registry that holds the GET back (up to the socket's timeout, 30 s). A
+        response that comes after that is closed here, which `open_range` (not abandoned,
+        lest the response be left open) cannot do."""
+        gone = threading.Event()
+        fetcher = self.client._ranges
+
+        def open_body(url: str, start: int, end: int, authorization: str | None) -> OpenBody | None:
+            body = fetcher.open(url, start, end, authorization)
+            if body is not None and gone.is_set():
+                body.close()
+                return None
+            return body
+
+        try:
+            return await self.client._on_range_thread(
+                open_body, self.url, offset, self.length, abandon=True
+            )
+        except BaseException:
+            gone.set()
+            raise
 
     async def _verify(self, offset: int, data: bytes) -> None:
         """Hash a window's bytes once they are next in order, on a thread (sha256 on the
@@ -369,6 +434,7 @@ class RemoteLayerReader:
         for window in self._windows:
             self.budget.give(window.charged)
         self._windows = []
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+        for stream in (self._stream, self._in_order):
+            if stream is not None:
+                stream.close()
+        self._stream = self._in_order = None

@@ -6,7 +6,9 @@ through the trio loop (`trio.from_thread.run` with the loop's token), so the loo
 ever busy for one `read_at`. A few recent windows are kept: indexed_gzip reads the stream
 twice over a short distance (it extends its index, then decompresses from the seek point
 behind), and those re-reads then cost nothing. While the blob is read in order from its
-start, each new window is hashed, so a pass that reads it whole also checks its digest.
+start, each new window is hashed, so a pass that reads it whole also checks its digest,
+and is fetched with `api.read_in_order`: over HTTP the pass is one GET, not a range GET
+per window.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any
 
 import trio
 
-from ..api import BlobReader
+from ..api import BlobReader, read_in_order
 from ..digests import Digest
 from .errors import CorruptLayer, LayerDigestMismatch
 from .tarscan import PieceFile
+
+WINDOW = 1 << 20  # bytes per `read_at` by default
 
 
 class Stopped(Exception):
@@ -44,12 +48,14 @@ class BlobFile(PieceFile):
         size: int,
         token: trio.lowlevel.TrioToken,
         *,
-        window: int = 1 << 20,
+        window: int = WINDOW,
         windows: int = 8,
         on_read: Callable[[int], None] | None = None,
         stop: threading.Event | None = None,
         verify: bool = True,
+        head: bytes = b"",
     ) -> None:
+        """`head`: the blob's first window, already read (in order) by the caller."""
         super().__init__()
         self.layer = layer
         self.size = size
@@ -65,6 +71,8 @@ class BlobFile(PieceFile):
         # None once a window was read out of order (or for random reads: nothing to check)
         self._hash: Any = hashlib.sha256() if verify else None
         self._hashed = 0
+        if head:
+            self._keep(0, self._whole(head, 0, min(window, size)))
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self.size}[whence]
@@ -126,12 +134,22 @@ class BlobFile(PieceFile):
         """`want` bytes at `start` from the source, in one `read_at` through the loop."""
         if self._stop is not None and self._stop.is_set():
             raise Stopped
+        # The next window of the in-order hash: read as part of one stream to the end.
+        read = read_in_order if start == self._hashed and self._hash is not None else None
         try:
-            got = trio.from_thread.run(self._reader.read_at, start, want, trio_token=self._token)
+            if read is not None:
+                got = trio.from_thread.run(read, self._reader, start, want, trio_token=self._token)
+            else:
+                got = trio.from_thread.run(
+                    self._reader.read_at, start, want, trio_token=self._token
+                )
         except BaseException as exc:
             self.error = exc
             raise
-        data = bytes(got)
+        return self._whole(bytes(got), start, want)
+
+    def _whole(self, data: bytes, start: int, want: int) -> bytes:
+        """`data`, read at `start`, if it is the `want` bytes asked for (CorruptLayer)."""
         if len(data) != want:
             why = f"{len(data)} bytes at offset {start}, {want} expected: shorter than its size"
             self.error = CorruptLayer(self.layer, why)

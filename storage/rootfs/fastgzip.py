@@ -72,11 +72,16 @@ class IndexProcessFailed(StorageError):
 
 
 async def index_gzip(
-    reader: BlobReader, layer: LayerRef, cache: IndexCache, limits: Limits, progress: Progress
+    reader: BlobReader,
+    layer: LayerRef,
+    cache: IndexCache,
+    limits: Limits,
+    progress: Progress,
+    head: bytes,
 ) -> tuple[LayerIndex, bytes] | None:
     """The layer's index from the child and its file as the child wrote it (to be kept as
     it is), or None when the child declines the layer (see `gzipchild`); BadLayer for a bad
-    one, IndexProcessFailed when the child fails."""
+    one, IndexProcessFailed when the child fails. `head` is the blob's first window, read."""
     own = local_fileno(reader)  # a local root's blob file: read in place, no copy
     verify = own is not None
     points = await trio.to_thread.run_sync(cache.pending, layer.digest, ".gzi")
@@ -91,7 +96,7 @@ async def index_gzip(
                 verify,
                 dataclasses.asdict(limits),
             )
-            copy = None if verify else functools.partial(_spool, reader, layer, fd, progress)
+            copy = None if verify else functools.partial(_spool, reader, layer, fd, progress, head)
             encoded = await _run_child(request, layer.digest, copy, progress if verify else None)
         finally:
             os.close(fd)
@@ -120,9 +125,11 @@ async def _decode(encoded: bytes, digest: Digest) -> LayerIndex:
     return index
 
 
-async def _spool(reader: BlobReader, layer: LayerRef, fd: int, progress: Progress) -> None:
+async def _spool(
+    reader: BlobReader, layer: LayerRef, fd: int, progress: Progress, head: bytes
+) -> None:
     """Copy the blob into the nameless file `fd`, hashed while it is read in order
-    (LayerDigestMismatch)."""
+    (LayerDigestMismatch); `head` is its first window, read already."""
     stop = threading.Event()
     blob = BlobFile(
         reader,
@@ -132,6 +139,7 @@ async def _spool(reader: BlobReader, layer: LayerRef, fd: int, progress: Progres
         windows=1,
         on_read=progress.update,
         stop=stop,
+        head=head,
     )
     try:
         # The thread writes through its own descriptor and closes it however it ends: when

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import trio
 
-from ..api import BlobReader
+from ..api import BlobReader, local_fileno, read_in_order
 from ..digests import Digest
 from . import estargz, fastgzip, gzipseek, tarscan, zstdframes
-from .blobfile import BlobFile
+from .blobfile import WINDOW, BlobFile
 from .errors import BadLayer
 from .estargz import Chunk
 from .members import Member
@@ -306,12 +306,21 @@ class Indexer:
     async def _pass(
         self, layer: LayerRef, reader: BlobReader, progress: Progress
     ) -> tuple[LayerIndex, bytes | None]:
-        """The pass, and the index's file when the pass wrote it already (the gzip child)."""
-        fmt = detect(bytes(await reader.read_at(0, 4)), layer.media_type, layer.digest)
+        """The pass, and the index's file when the pass wrote it already (the gzip child).
+
+        The blob's first window tells the format and is the first of the pass's reads: the
+        whole pass reads the blob in order once (`read_in_order`: over HTTP one GET). From
+        a local file only the magic bytes: the gzip child reads the blob itself."""
+        local = local_fileno(reader) is not None
+        head = bytes(await read_in_order(reader, 0, min(4 if local else WINDOW, layer.size)))
+        fmt = detect(head, layer.media_type, layer.digest)
+        head = b"" if local else head  # not a window
         log.info("indexing layer %s (%s, %d bytes)", layer.digest, fmt.value, layer.size)
         self.passes += 1
         if fmt is Format.GZIP and self.subprocess:
-            built = await fastgzip.index_gzip(reader, layer, self.cache, self.limits, progress)
+            built = await fastgzip.index_gzip(
+                reader, layer, self.cache, self.limits, progress, head
+            )
             if built is not None:
                 return built
         stop = threading.Event()
@@ -323,6 +332,7 @@ class Indexer:
             windows=gzipseek.PASS_WINDOWS if fmt is Format.GZIP else 8,
             on_read=progress.update,
             stop=stop,
+            head=head,
         )
         try:
             run = functools.partial(self._run, blob, layer, fmt)
