@@ -29,6 +29,7 @@ from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 from storage.errors import StorageError
 
@@ -51,6 +52,7 @@ the root 0755 0:0 at the epoch, and missing parents with MkdirAll(0777) under um
 NO_LAYER = -1
 """The layer of the default root: no layer placed it."""
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+_FIRST = itemgetter(0)
 
 
 class MergeError(StorageError):
@@ -230,9 +232,12 @@ def merge(layers: Sequence[Sequence[Member]], max_nodes: int = MAX_NODES) -> Mer
 class _Merger:
     """The tree being built, and the current layer's upper names (see `_Node.mark`).
 
-    `parents` remembers the directory the last member's parent path resolved to: tar order
-    keeps a directory's members together, and only a removal can change what a resolved
-    path names (a new name never replaces one without removing it first).
+    `parents` remembers the directory each parent path of this layer resolved to: only a
+    removal can change what a resolved path names (a new name never replaces one without
+    removing it first), and the directories on its way were marked upper when it was
+    resolved. All of them, not the last one's only: tar order puts a directory's files
+    before or after its subdirectories' (a walk), so the last one missed for 14,470 of the
+    bench image's 15,000 members, each then resolved again (~10 ms of a 35 ms merge).
     """
 
     def __init__(self, max_nodes: int) -> None:
@@ -241,12 +246,12 @@ class _Merger:
         self.root = self._new(DEFAULT_DIR, NO_LAYER)
         self.layer = 0
         self.linked: set[tuple[_Node, str]] = set()
-        self.parents: tuple[str, _Node] | None = None
+        self.parents: dict[str, _Node] = {}
 
     def start_layer(self, number: int) -> None:
         self.layer = number
         self.linked.clear()
-        self.parents = None  # its marks are the last layer's
+        self.parents.clear()  # its marks are the last layer's
 
     def _new(self, member: Member, layer: int) -> _Node:
         self.nodes += 1
@@ -265,12 +270,10 @@ class _Merger:
         if name.startswith(WHITEOUT):
             self._whiteout(head, name)
             return
-        _check_name(name)
-        if self.parents is not None and self.parents[0] == head:
-            parent = self.parents[1]
-        else:
-            parent = self._make_parents(self._resolve(head))
-            self.parents = (head, parent)
+        _check_length(name)  # no whiteout prefix: see above
+        parent = self.parents.get(head)
+        if parent is None:
+            parent = self.parents[head] = self._make_parents(self._resolve(head))
         assert parent.children is not None
         existing = parent.children.get(name)
         if existing is not None:
@@ -375,7 +378,7 @@ class _Merger:
     def _unlink(self, parent: _Node, name: str) -> None:
         """Remove a name and the subtree below it; inodes with other names live on."""
         assert parent.children is not None
-        self.parents = None
+        self.parents.clear()
         stack = [parent.children.pop(name)]
         while stack:
             node = stack.pop()
@@ -407,7 +410,11 @@ def _check_name(name: str) -> None:
     malformed layer, and no `.wh.` name may show), or longer than NAME_MAX (ENAMETOOLONG)."""
     if name.startswith(WHITEOUT):
         raise _Refused(f"a whiteout name {name!r} used as a directory")
-    if len(name) > NAME_MAX // 4 and len(os.fsencode(name)) > NAME_MAX:
+    _check_length(name)
+
+
+def _check_length(name: str) -> None:
+    if len(name) > NAME_MAX // 4 and len(name.encode(_ENCODING, _ERRORS)) > NAME_MAX:
         raise _Refused(f"a name longer than {NAME_MAX} bytes")
 
 
@@ -424,6 +431,8 @@ def _freeze(root: _Node) -> MergedTree:
     names = bytearray()
     shared: dict[int, int] = {}
     queue = deque([root])
+    queue_append, parent_append = queue.append, parent.append  # bound once: a call per name
+    ends_append, child_append = ends.append, child.append
     numbered = 1
     ino = 0
     while queue:
@@ -437,21 +446,23 @@ def _freeze(root: _Node) -> MergedTree:
             count.append(0)
             continue
         subdirs = 0
-        keys = [(name.encode(_ENCODING, _ERRORS), name) for name in node.children]  # fsencode
-        for key, name in sorted(keys):
-            entry = node.children[name]
-            number = shared.get(id(entry), 0) if entry.nlink > 1 else 0
-            if not number:
-                queue.append(entry)
-                numbered += 1
-                number = numbered
-                parent.append(ino)
-                if entry.nlink > 1:
-                    shared[id(entry)] = number
+        keys = [name.encode(_ENCODING, _ERRORS) for name in node.children]  # os.fsencode
+        entries = zip(keys, node.children.values(), strict=True)
+        for key, entry in sorted(entries, key=_FIRST):
+            if entry.nlink > 1:
+                number = shared.get(id(entry), 0)
+                if not number:
+                    number = shared[id(entry)] = numbered = numbered + 1
+                    queue_append(entry)
+                    parent_append(ino)
+            else:
+                number = numbered = numbered + 1
+                queue_append(entry)
+                parent_append(ino)
             subdirs += entry.children is not None
             names += key
-            ends.append(len(names))
-            child.append(number)
+            ends_append(len(names))
+            child_append(number)
         node.children = None
         nlink.append(2 + subdirs)
         count.append(len(child) - first[-1])
