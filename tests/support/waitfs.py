@@ -2,10 +2,12 @@
 
 bench/requests.py's in-memory filesystem, plus `big/slow`, whose lookup waits until a lookup
 of `go` arrives (in another directory: the kernel serializes the lookups in one, pyfuse3 not
-asking for FUSE_CAP_PARALLEL_DIROPS), and a trio task that ticks every millisecond.
+asking for FUSE_CAP_PARALLEL_DIROPS), `big/<n>`, whose getattr computes for 2 ms
+without waiting (so that clients of several keep requests queued: Linux asks for one inode's
+attributes one request at a time), and a trio task that ticks every millisecond.
 getxattr of `user.loop` on the root answers what the loop did, as JSON: `getattr_tasks`, how
-many trio tasks served a GETATTR; `waiting`, lookups of `big/slow` still waiting; `ticks`,
-the ticker's count so far.
+many trio tasks served a GETATTR; `getattrs`, how many GETATTRs; `waiting`, lookups of
+`big/slow` still waiting; `longest_gap_ms`, the longest time between two ticks so far.
 
     python -m support.waitfs MOUNTPOINT   (cwd tests/, the project root on PYTHONPATH)
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import time
 
 import pyfuse3
 import trio
@@ -30,10 +33,13 @@ class WaitFs(Memory):
         self.go = trio.Event()
         self.getattr_tasks: set[str] = set()
         self.waiting = 0
-        self.ticks = 0
+        self.longest_gap = 0.0  # s, between two ticks
+        self.last_tick = 0.0
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.getattr_tasks.add(trio.lowlevel.current_task().name)
+        if inode > DIR_INODE:
+            time.sleep(0.002)  # blocks the loop, as a handler that computes does
         return await super().getattr(inode, ctx)
 
     async def lookup(
@@ -53,13 +59,20 @@ class WaitFs(Memory):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode != pyfuse3.ROOT_INODE or name != LOOP:
             raise pyfuse3.FUSEError(errno.ENODATA)
-        shown = {"getattr_tasks": len(self.getattr_tasks), "waiting": self.waiting}
-        return json.dumps(shown | {"ticks": self.ticks}).encode()
+        shown: dict[str, float] = {"getattr_tasks": len(self.getattr_tasks)}
+        shown |= {"waiting": self.waiting, "getattrs": self.counts["getattr"]}
+        return json.dumps(shown | {"longest_gap_ms": self._gap() * 1000}).encode()
+
+    def _gap(self) -> float:
+        """The longest time between two ticks, the one going on counted too."""
+        return max(self.longest_gap, trio.current_time() - self.last_tick)
 
     async def tick(self) -> None:
+        self.last_tick = trio.current_time()
         while True:
             await trio.sleep(0.001)
-            self.ticks += 1
+            self.longest_gap = self._gap()
+            self.last_tick = trio.current_time()
 
 
 async def _serve(fs: WaitFs) -> None:
