@@ -1,8 +1,8 @@
 """A pyfuse3 filesystem to watch pyfuse3's session loop from outside (tests/test_pyfuse3_loop.py).
 
 bench/requests.py's in-memory filesystem, plus `big/slow`, whose lookup waits until a lookup
-of `go` arrives (in another directory: the kernel serializes the lookups in one, pyfuse3 not
-asking for FUSE_CAP_PARALLEL_DIROPS), `big/<n>`, whose getattr computes for 2 ms
+of `go` arrives (in another directory: the kernel serializes the lookups in one, since
+libfuse 3.14 never passes FUSE_PARALLEL_DIROPS on), `big/<n>`, whose getattr computes for 2 ms
 without waiting (so that clients of several keep requests queued: Linux asks for one inode's
 attributes one request at a time), and a trio task that ticks every millisecond.
 getxattr of `user.loop` on the root answers what the loop did, as JSON: `getattr_tasks`, how
