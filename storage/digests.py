@@ -13,6 +13,7 @@ import ctypes.util
 import hashlib
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import InvalidName, UnsupportedDigest
@@ -77,8 +78,16 @@ class _ShaCtx(ctypes.Structure):
     Nh: int
 
 
+def _libcrypto_names() -> Iterator[str | None]:
+    """OpenSSL 3's soname first: dlopen finds it alone, where find_library runs `ldconfig -p`
+    in a subprocess (~10 ms of every daemon's and every indexing child's start)."""
+    yield "libcrypto.so.3"
+    yield ctypes.util.find_library("crypto")
+    yield "libcrypto.so"
+
+
 def _load_libcrypto() -> ctypes.CDLL:
-    for name in (ctypes.util.find_library("crypto"), "libcrypto.so.3", "libcrypto.so"):
+    for name in _libcrypto_names():
         if not name:
             continue
         try:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -102,3 +104,19 @@ def test_digest_does_not_end_hashing():
 def test_unmarshal_refuses_garbage(blob):
     with pytest.raises(ValueError):
         Sha256State.unmarshal(blob)
+
+
+def test_loading_libcrypto_starts_no_process():
+    """The daemon and every indexing child import this module: OpenSSL's soname is tried
+    before ctypes.util.find_library, which runs `ldconfig -p` in a subprocess."""
+    probe = (
+        "import sys\n"
+        "def hook(event, args):\n"
+        "    if event in ('subprocess.Popen', 'os.posix_spawn', 'os.fork'):\n"
+        "        raise SystemExit(f'started a process: {event} {args!r:.200}')\n"
+        "sys.addaudithook(hook)\n"
+        "import storage.digests\n"
+        "assert storage.digests.Sha256State().size == 0\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
