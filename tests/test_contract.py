@@ -7,6 +7,7 @@ import ast
 import os
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
 from storage.api import EmptyReader, local_fileno
@@ -78,3 +79,50 @@ async def test_a_local_blob_reader_gives_its_blob_file(registry, tmp_path):
         await reader.aclose()
     assert local_fileno(reader) is None  # closed: the descriptor is no longer handed out
     assert local_fileno(EmptyReader()) is None
+
+
+# pyfuse3's calls that make the daemon write a notification to the kernel (invalidate_entry,
+# invalidate_entry_async, invalidate_inode, notify_store, and any it adds later).
+NOTIFICATIONS = frozenset(
+    name for name in dir(pyfuse3) if name.startswith(("invalidate_", "notify_"))
+)
+
+
+def notifications_named(source: str) -> list[str]:
+    """Every name of NOTIFICATIONS that `source` uses: as an attribute
+    (`pyfuse3.invalidate_entry`), a bare name or import alias, or a string (`getattr`)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            found.append(node.attr)
+        elif isinstance(node, ast.Name):
+            found.append(node.id)
+        elif isinstance(node, ast.alias):
+            found.append(node.name)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.append(node.value)
+    return [name for name in found if name in NOTIFICATIONS]
+
+
+def test_regfs_sends_the_kernel_no_invalidation_or_notification():
+    """Issue 18 keeps this hazard closed (docs/concurrency.md, "Caching and timeouts"): an
+    entry invalidation takes the parent directory's lock, which a client in `create()` holds
+    while it waits for the daemon, so a daemon killed while one waited could never finish
+    dying. Tags get short kernel timeouts instead; nothing in regfs/ may call pyfuse3's
+    invalidate_* or notify_*."""
+    assert {"invalidate_entry", "invalidate_inode", "notify_store"} <= NOTIFICATIONS
+    sample = (
+        "import pyfuse3\nfrom pyfuse3 import notify_store as store\n"
+        "pyfuse3.invalidate_entry_async(1, b'x')\ngetattr(pyfuse3, 'invalidate_inode')(1)\n"
+    )
+    assert sorted(notifications_named(sample)) == [
+        "invalidate_entry_async",
+        "invalidate_inode",
+        "notify_store",
+    ]
+    used = {
+        str(path.relative_to(REGFS)): names
+        for path in sorted(REGFS.rglob("*.py"))
+        if (names := notifications_named(path.read_text()))
+    }
+    assert used == {}
