@@ -267,9 +267,22 @@ def peer_layers(curl: Curl, repos: list[str]) -> int:
     return _blob_heads(curl, _tags(curl, repos))
 
 
+def _manifests(curl: Curl, tags: list[tuple[str, str]]) -> list[bytes]:
+    """The manifest of each (repository, tag), in order."""
+    return curl.get([f"/v2/{r}/manifests/{t}" for r, t in tags], "-H", ACCEPT)
+
+
+def peer_manifests(curl: Curl, repos: list[str]) -> int:
+    """`ls -l` of every repository's manifests/: tags/list each, then a GET of each tag's
+    manifest (the API lists no manifests: their digests and sizes come from the bodies)."""
+    tags = _tags(curl, repos)
+    bodies = _manifests(curl, tags)
+    return len({(r, digest_bytes(b)) for (r, _), b in zip(tags, bodies, strict=True)})
+
+
 def _blob_heads(curl: Curl, tags: list[tuple[str, str]]) -> int:
     """The manifest of each (repository, tag), then one HEAD per blob they name: how many."""
-    manifests = curl.get([f"/v2/{r}/manifests/{t}" for r, t in tags], "-H", ACCEPT)
+    manifests = _manifests(curl, tags)
     blobs: dict[tuple[str, str], None] = {}
     for (repo, _), body in zip(tags, manifests, strict=True):
         parsed = json.loads(body)
@@ -303,8 +316,8 @@ class Step:
 
 def remote_walk(env: Env) -> list[Row]:
     """The walk root served by docker-registry and mounted by URL: `ls` of the namespace,
-    `ls` and `ls -l` of every repository's tags/ (one `ls` each), `ls -l` of their layers/,
-    `find | wc -l` and `du -sb` of the namespace, and `ls` of `entries` tags of one
+    `ls` and `ls -l` of every repository's tags/ (one `ls` each), `ls -l` of their layers/
+    and manifests/, `find | wc -l` and `du -sb` of the namespace, and `ls` of `entries` tags of one
     repository of the bench's root (its path looked up first), each on a fresh mount,
     against the requests a client makes for the same answer (curl, one kept-alive
     connection)."""
@@ -326,6 +339,8 @@ def remote_walk(env: Env) -> list[Row]:
             "layers": Step(f'ls -l "$1"/{ns}/*/layers | grep -c "^-"',
                            sum(map(len, root.blobs.values())),
                            lambda: peer_layers(curl, root.repos), url),
+            "manifests": Step(f'ls -l "$1"/{ns}/*/manifests | grep -c "^-"', len(root.images),
+                              lambda: peer_manifests(curl, root.repos), url),
             "find": Step(f'find "$1"/{ns} -type f | wc -l', root.files,
                          lambda: peer_walk(curl, n), url),
             "du": Step(f'du -sb "$1"/{ns}', None, lambda: peer_walk(curl, n), url),
@@ -360,6 +375,8 @@ def remote_walk(env: Env) -> list[Row]:
              "tags", "tags/list + HEAD per tag (curl)", None, 1.0),
         _row("remote_walk", f"remote mount: ls -l of layers/ of {what} ({blobs} blobs)", times,
              "layers", "tags/list + manifests + HEAD per blob (curl)", None, 1.0),
+        _row("remote_walk", f"remote mount: ls -l of manifests/ of {what} ({tags} manifests)",
+             times, "manifests", "tags/list + GET per manifest (curl)", None, 1.0),
         _row("remote_walk", f"remote mount: find -type f | wc -l, {what}", times, "find",
              "catalog, tags/list, manifests, HEAD per blob (curl)", None, 1.0),
         _row("remote_walk", f"remote mount: du -sb, {what}", times, "du",
