@@ -6,8 +6,11 @@
   a file and a directory re-declared with new attributes, as `umoci unpack` makes them; bad
   layers (a bare `.wh.`, a symlink loop in a parent path) that fail their own image only;
   member names that climb out (`../../`, absolute) kept inside the image.
-- Through an `https://` mount of the same root served by docker-registry: a listing of an
-  indexed image reads no layer byte, and a pass reads its layer in one GET (counted in the
+- Each platform directory of an index is `umoci unpack` of the image it names.
+- Through an `https://` mount of the same root served by docker-registry: plain tar, gzip
+  with whiteouts and an opaque directory, eStargz (no pass) and each platform of an index,
+  all as umoci unpacks them; a listing of an indexed image reads no layer byte, a read GETs
+  only the layer that holds the file, and a pass reads its layer in one GET (counted in the
   registry's access log).
 
 The tests need different parts (in process, a mount, the registry, https), so each one
@@ -38,18 +41,31 @@ from support.images import (
     differences,
     directory,
     file,
+    layer_tars,
+    opaque,
     symlink,
     tree_of_dir,
     umoci_unpack,
+    whiteout,
 )
-from support.layers import compress, entry, half_random, many_members_tar, tar_of
+from support.layers import (
+    MEDIA_TYPES,
+    compress,
+    entry,
+    estargz,
+    half_random,
+    many_members_tar,
+    tar_of,
+)
 from support.mounts import Mount, wait_until
-from support.oci import OciImage, skopeo_push
+from support.oci import OciImage, image_index, image_manifest, skopeo_push
 from support.passes import Openings, loop_lag, timed_layer
 from support.registry import RegistryServer, write_self_signed_cert
+from support.roots import link_blobs, put_tagged
 from support.tools import MIB, errno_of, run
 
 from storage.rootfs.cache import IndexCache
+from storage.rootfs.image import TOC_DIGEST
 from storage.rootfs.index import Format, Indexer, LayerIndex
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -169,13 +185,32 @@ def replacing() -> list[list[Entry]]:
     return [base, upper]
 
 
+def stacked() -> list[list[Entry]]:
+    """Three layers, each holding files no other layer has, with a whiteout and an opaque
+    directory between them."""
+    base = [
+        directory("."),
+        directory("etc"),
+        file("etc/base", b"base\n"),
+        file("etc/gone", b"gone"),
+        directory("lib", mode=0o750, uid=2),
+        file("lib/old", b"old"),
+    ]
+    middle = [whiteout("etc/gone"), opaque("lib"), file("lib/new", b"new"), file("mid", b"mid\n")]
+    return [base, middle, [file("etc/top", b"top\n", mode=0o600)]]
+
+
 IMAGES: dict[str, list[list[Entry]]] = {
     "replace": replacing(),
+    "replace-tar": replacing(),
+    "stack": stacked(),
     "climb": [[directory("."), file("../../escape", b"climbs"), file("/abs/name", b"abs")]],
     "bare": [[directory("."), file("a", b"a")], [file("d/.wh.")]],
     "loop": [[directory("."), symlink("a", "b"), symlink("b", "a")], [file("a/x", b"x")]],
     "big": [[directory("."), file("big", BIG), file("small", b"small\n")]],
 }
+COMPRESSION = {"replace-tar": "tar"}  # the others gzip
+PLATFORMS = {"linux-amd64": "replace", "linux-arm64-v8": "stack"}  # the index `multi`
 
 
 @dataclass
@@ -185,6 +220,8 @@ class Built:
 
     base: Path
     images: dict[str, OciImage] = field(default_factory=dict)
+    stargz: list[str] = field(default_factory=list)  # the eStargz image's layer digests
+    unpacked: dict[str, Path] = field(default_factory=dict)
 
     @property
     def layout(self) -> Path:
@@ -201,15 +238,37 @@ class Built:
     def layers(self, tag: str) -> list[str]:
         return list(self.images[tag].layer_digests)
 
+    def unpack(self, tag: str) -> Path:
+        """`umoci unpack` of the tag, once per module."""
+        if tag not in self.unpacked:
+            self.unpacked[tag] = umoci_unpack(self.layout, tag, self.base / "bundles" / tag)
+        return self.unpacked[tag]
+
+    async def put_derived(self) -> None:
+        """`stargz`: the `stack` image's layers as eStargz, each with its TOC digest
+        annotated as the manifest would; `multi`: an index of PLATFORMS' images."""
+        stack = self.images["stack"]
+        config = stack.blob(stack.config_digest)
+        layers = [estargz(tar) for tar in layer_tars(stack)]
+        blobs = [blob for blob, _ in layers]
+        self.stargz = (await link_blobs(self.root, REPO, [config, *blobs]))[1:]
+        notes = [{TOC_DIGEST: toc} for _, toc in layers]
+        manifest = image_manifest(config, blobs, MEDIA_TYPES["gzip"], notes)
+        await put_tagged(self.root, REPO, "stargz", manifest)
+        index = image_index({name: self.images[tag] for name, tag in PLATFORMS.items()})
+        await put_tagged(self.root, REPO, "multi", index)
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     made = Built(tmp_path_factory.mktemp("guarantees"))
     for tag, layers in IMAGES.items():
-        made.images[tag] = build_layered_image(made.layout, tag, layers)
+        compression = COMPRESSION.get(tag, "gzip")
+        made.images[tag] = build_layered_image(made.layout, tag, layers, compression)
     with RegistryServer(made.root, workdir=made.base / "registry") as server:
         for tag in IMAGES:
             skopeo_push(made.layout, tag, server.host, REPO)
+    trio.run(made.put_derived)
     return made
 
 
@@ -244,12 +303,12 @@ def shown_tree(path: Path) -> Tree:
 @pytest.mark.parametrize("tag", ["replace", "climb"])
 @pytest.mark.mount
 @pytest.mark.registry
-def test_the_view_equals_umoci_unpack(built, mounted, tag, tmp_path):
+def test_the_view_equals_umoci_unpack(built, mounted, tag):
     """A directory replaced by a file or a symlink loses its subtree; one declared again
     takes the new mode, owner and xattrs (the old xattr gone) and keeps its children; member
     names that climb out (`../../escape`, `/abs/name`) land inside the image, as umoci
     puts them. Paths, types, modes, owners, sizes, link targets, xattrs, sha256, mtimes."""
-    expected = tree_of_dir(umoci_unpack(built.layout, tag, tmp_path / "bundle"))
+    expected = tree_of_dir(built.unpack(tag))
     actual = shown_tree(rootfs(mounted, tag))
     assert differences(expected, actual) == []
     assert actual == expected
@@ -265,6 +324,20 @@ def test_the_view_equals_umoci_unpack(built, mounted, tag, tmp_path):
         assert records["attrs/keep"].uid == 3
     else:
         assert set(records) == {"", "escape", "abs", "abs/name"}
+
+
+@pytest.mark.mount
+@pytest.mark.registry
+def test_each_platform_of_an_index_is_what_umoci_unpacks_of_its_image(built, mounted):
+    """rootfs/multi/<os>-<arch>[-<variant>] is the whole tree of the image that the index
+    names for that platform (not only its name and a file)."""
+    multi = rootfs(mounted, "multi")
+    assert sorted(os.listdir(multi)) == sorted(PLATFORMS)
+    for platform, tag in PLATFORMS.items():
+        expected = tree_of_dir(built.unpack(tag))
+        actual = shown_tree(multi / platform)
+        assert differences(expected, actual) == [], platform
+        assert actual == expected, platform
 
 
 @pytest.mark.mount
@@ -382,3 +455,59 @@ def test_a_pass_over_https_reads_its_layer_in_one_get(built, tmp_path):
         assert rootfs(remote, "big", "small").read_bytes() == b"small\n"
         assert {status for status, _ in layer_gets(server, layer)[len(gets) :]} == {206}
     assert gets == [(200, size)]
+
+
+REMOTE_TREES = {  # a path under rootfs/ → the tag whose `umoci unpack` it must equal
+    "replace-tar": "replace-tar",
+    "stack": "stack",
+    "stargz": "stack",
+    **{f"multi/{platform}": tag for platform, tag in PLATFORMS.items()},
+}
+
+
+@pytest.mark.mount
+@pytest.mark.registry
+@pytest.mark.remote
+def test_a_remote_mount_shows_every_kind_of_image_as_umoci_unpacks_it(built, tmp_path):
+    """Over https with an empty index cache: a plain tar layer, gzip layers with a whiteout
+    and an opaque directory, the same layers as eStargz (read from their TOCs: no pass, and
+    the top layer's `stargz.index.json`, a real tar entry, shown) and each platform of an
+    index: each the tree `umoci unpack` makes of its image."""
+    with over_https(built, tmp_path, tmp_path / "cache") as (_, remote):
+        for path, tag in REMOTE_TREES.items():
+            expected = tree_of_dir(built.unpack(tag))
+            actual = shown_tree(rootfs(remote, *path.split("/")))
+            if path == "stargz":
+                assert actual.records.pop("stargz.index.json").type == "file"
+            assert differences(expected, actual) == [], path
+            assert actual == expected, path
+        log = remote.log_text()
+    assert f"indexing layer {built.layers('replace-tar')[0]}" in log  # a pass, counted
+    for layer in built.stargz:
+        assert f"indexing layer {layer}" not in log
+        assert re.search(f"layer {layer}: .*from its eStargz TOC", log), layer
+
+
+@pytest.mark.mount
+@pytest.mark.registry
+@pytest.mark.remote
+def test_a_read_over_https_gets_only_the_layer_that_holds_the_file(built, mounted, tmp_path):
+    """Issue 16: "reading a file reads only the layers it needs". With the image's indexes
+    kept (the local mount indexed it), a fresh remote mount's `cat` of a file only the top
+    layer holds GETs that layer's blob and no other; a `cat` of one from the bottom layer
+    then GETs the bottom layer's, and the middle layer is never read."""
+    run("ls", rootfs(mounted, "stack"))  # indexed into the module's cache
+    layers = built.layers("stack")
+    with over_https(built, tmp_path, built.cache) as (server, remote):
+        image = rootfs(remote, "stack")
+        assert sorted(os.listdir(image)) == ["etc", "lib", "mid"]
+
+        def read() -> list[bool]:
+            return [bool(layer_gets(server, layer)) for layer in layers]
+
+        assert read() == [False, False, False]
+        assert run("cat", image / "etc" / "top").stdout == b"top\n"
+        assert read() == [False, False, True]
+        assert run("cat", image / "etc" / "base").stdout == b"base\n"
+        assert read() == [True, False, True]
+        assert "indexing layer" not in remote.log_text()

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from storage.digests import Digest, digest_bytes
 from storage.registry import Repository
-from support.registry import OCI_CONFIG, OCI_MANIFEST
+from support.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +115,46 @@ def read_oci_layout(layout_dir: Path, tag: str) -> OciImage:
 # --------------------------------------------------------------------------- building images
 
 
-def image_manifest(config: bytes, layers: Sequence[bytes], layer_type: str = LAYER_TAR) -> bytes:
+def image_manifest(
+    config: bytes,
+    layers: Sequence[bytes],
+    layer_type: str = LAYER_TAR,
+    annotations: Sequence[Mapping[str, str]] = (),
+) -> bytes:
     """The bytes of an OCI image manifest naming `config` and `layers` by digest and size,
-    for tests that push the blobs themselves (through storage/, the client or HTTP)."""
+    for tests that push the blobs themselves (through storage/, the client or HTTP);
+    `annotations`, if given, one mapping per layer (an eStargz layer's TOC digest)."""
 
     def descriptor(media_type: str, data: bytes) -> dict[str, object]:
         return {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data)}
 
+    described = [descriptor(layer_type, layer) for layer in layers]
+    for layer, notes in zip(described, annotations or [{}] * len(layers), strict=True):
+        if notes:
+            layer["annotations"] = dict(notes)
     body = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": descriptor(OCI_CONFIG, config),
-        "layers": [descriptor(layer_type, layer) for layer in layers],
+        "layers": described,
     }
     return json.dumps(body).encode()
+
+
+def image_index(platforms: Mapping[str, OciImage]) -> bytes:
+    """The bytes of an OCI index of one image per platform, named `<os>-<arch>[-<variant>]`
+    (as rootfs/ names its directories)."""
+    entries = []
+    for name, image in platforms.items():
+        os_, arch, *variant = name.split("-")
+        platform = {"os": os_, "architecture": arch} | ({"variant": variant[0]} if variant else {})
+        descriptor = {
+            "mediaType": OCI_MANIFEST,
+            "digest": image.digest,
+            "size": len(image.manifest),
+        }
+        entries.append(descriptor | {"platform": platform})
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
 
 
 async def empty_image(repo: Repository) -> Digest:

@@ -26,6 +26,15 @@ async def link_blobs(root: Path, name: str, blobs: list[bytes]) -> list[str]:
     return digests
 
 
+async def put_tagged(root: Path, name: str, tag: str, manifest: bytes) -> str:
+    """Put `manifest` (its blobs already linked) into repository `name` through storage/
+    and tag it `tag`; returns its digest."""
+    repo = Registry(FilesystemDriver(root)).repository(name)
+    digest = await repo.manifests.put(manifest)
+    await repo.tags.put(tag, digest)
+    return str(digest)
+
+
 async def build_root(
     root: Path,
     name: str = "library/demo",
@@ -37,13 +46,11 @@ async def build_root(
     blobs = [config, os.urandom(size)]
     config_digest, layer = await link_blobs(root, name, blobs)
     manifest = image_manifest(config, blobs[1:], layer_type="application/octet-stream")
-    repo = Registry(FilesystemDriver(root)).repository(name)
-    digest = await repo.manifests.put(manifest)
-    await repo.tags.put(tag, digest)
+    digest = await put_tagged(root, name, tag, manifest)
     return {
         "blobs": dict(zip([config_digest, layer], blobs, strict=True)),
         "manifest": manifest,
-        "digest": str(digest),
+        "digest": digest,
         "layer": layer,
         "config": config_digest,
     }
