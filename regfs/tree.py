@@ -64,7 +64,9 @@ TICK = 0.02  # the kernel rounds an entry's timeout up to its clock's tick (4-10
 # Tags whose target and attributes are kept (the most recent): memory stays bounded with
 # 100,000 tags in a repository; a listing of more hands the rest to the kernel unread.
 TAGS_KEPT = 20_000
-TAGS_APPLIED = 500  # tags read ahead cached between checkpoints (~5 ms: lookups go on)
+# Tags read ahead per driver call (`Tree._read_tags`): each batch is cached as soon as it is
+# read (the lookups `ls -l` sends meanwhile find the first ones), and little is held meanwhile.
+TAGS_READ_BATCH = 1000
 # Digests whose attributes are kept (the most recently read; ~0.6 KB each, 24 MB at most):
 # a tag's attributes last only as long as its manifest's, so room for as many manifests as
 # tags, and as many again for a listing of layers/ or manifests/ read at once (`read_attrs`).
@@ -415,29 +417,31 @@ class Tree:
     async def _read_tags(self, repo: str, listing: list[tuple[str, Node]]) -> None:
         """The tags not cached yet (at most what the cache holds), read in bulk where the
         source can (`Tags.read_many`), with their manifests, and cached as a lookup caches
-        them, unless anything changed meanwhile (`_changes`). A system task, so it must not
-        raise: whatever fails is left to the lookups, which report it."""
+        them, a batch at a time (each cached as soon as read, what is held meanwhile stays
+        small), unless anything changed meanwhile (`_changes`). A system task, so it must
+        not raise: whatever fails is left to the lookups, which report it."""
         since, started = self._changes, time.monotonic()
         try:
             nodes = [n for _, n in listing if isinstance(n, TagNode) and not self.cached_attr(n)]
             if not nodes:
                 return
             log.debug("%s: reading %d tags ahead", repo, len(nodes))
-            found = await self._repo(repo).tags.read_many([n.tag for n in nodes])
-            if found is None:
-                return
-            targets = [ManifestNode(repo, d) for d in {got[0] for got in found if got}]
-            attrs = await self.read_attrs(targets)
-            manifests = {m.digest: (m, a) for m, a in zip(targets, attrs, strict=True) if a}
-            for at, (node, got) in enumerate(zip(nodes, found, strict=True)):
-                if at % TAGS_APPLIED == 0:
-                    await trio.lowlevel.checkpoint()  # lookups go on meanwhile
-                    if not self._unchanged_since(since):
-                        return
-                # Absent, damaged, or its manifest gone: its lookup says so.
-                if got is not None and (target := manifests.get(got[0])) is not None:
-                    self._tags.put(node, got[0])
-                    self._tag_attrs.put(node, (Attr(False, target[1].size, got[1]), target[0]))
+            manifests: dict[Digest, tuple[ManifestNode, Attr] | None] = {}
+            for at in range(0, len(nodes), TAGS_READ_BATCH):
+                batch = nodes[at : at + TAGS_READ_BATCH]
+                found = await self._repo(repo).tags.read_many([n.tag for n in batch])
+                if found is None:
+                    return
+                new = [ManifestNode(repo, d) for d in {g[0] for g in found if g} - set(manifests)]
+                for manifest, attr in zip(new, await self.read_attrs(new), strict=True):
+                    manifests[manifest.digest] = None if attr is None else (manifest, attr)
+                if not self._unchanged_since(since):
+                    return
+                for node, got in zip(batch, found, strict=True):
+                    # Absent, damaged, or its manifest gone: its lookup says so.
+                    if got is not None and (target := manifests.get(got[0])) is not None:
+                        self._tags.put(node, got[0])
+                        self._tag_attrs.put(node, (Attr(False, target[1].size, got[1]), target[0]))
             took = (time.monotonic() - started) * 1000
             log.debug("%s: %d tags read ahead in %.0f ms", repo, len(nodes), took)
         except Exception as exc:  # a head start only

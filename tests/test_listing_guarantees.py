@@ -135,12 +135,13 @@ def changed_after(
     monkeypatch.setattr(owner, method, then_changed)
 
 
-async def test_a_listing_reads_its_tags_ahead_so_lookups_read_nothing(tmp_path):
+async def test_a_listing_reads_its_tags_ahead_so_lookups_read_nothing(tmp_path, monkeypatch):
     """`ls -l tags/` looks each tag up after the listing (entry timeout 0): the listing reads
     every tag's link and manifest in bulk in the background (a local root), so a lookup and
     stat of each reads no storage and answers what a tree that read nothing ahead answers.
     The damaged ones are left to their lookups, which fail as before; bounded as the tag
-    cache is."""
+    cache is. In batches of 3 here: each cached as read."""
+    monkeypatch.setattr(regfs.tree, "TAGS_READ_BATCH", 3)
     registry, driver = await tagged_root(tmp_path / "root", 2 * KEPT)
     tree = Tree(registry, tag_ttl=600)
     listing = await read_ahead(tree)
@@ -177,6 +178,7 @@ async def test_tags_read_ahead_are_as_many_as_the_cache_holds(tmp_path, monkeypa
 async def test_a_change_while_tags_are_read_ahead_drops_what_was_read(tmp_path, monkeypatch):
     """A tag changed through the mount while its link was being read ahead: nothing read
     before the change is kept (it may be the old target)."""
+    monkeypatch.setattr(regfs.tree, "TAGS_READ_BATCH", 3)
     registry, _ = await tagged_root(tmp_path / "root", KEPT)
     tree = Tree(registry, tag_ttl=600)
     change = lambda tags: tree.changed(TagNode(NAME, tags[0]))  # noqa: E731

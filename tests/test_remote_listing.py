@@ -29,7 +29,7 @@ from support.tools import sh
 import storage.remote.client as remote_client
 import storage.remote.registry as remote_registry
 from storage.digests import Digest
-from storage.errors import RemoteUnavailable, UnknownTag
+from storage.errors import RemoteUnavailable, UnknownLayer, UnknownTag
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 
@@ -112,6 +112,32 @@ async def test_a_walk_asks_each_thing_once(
     proxy.seen.clear()  # within the reuse, and the blobs' sizes are kept: nothing asked
     assert await walk(registry, "listing/once") == (tags, layers)
     assert asked(proxy, "listing/once") == {}
+
+
+async def test_stats_of_a_listing_say_what_stat_says_and_ask_each_thing_once(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """`stats` (what a listing of layers/ or manifests/ asks before readdir): each blob's
+    HEAD and each manifest's GET once, in parallel, nothing for what a listing already
+    asked; what the registry does not know is None, for `stat` to report."""
+    blobs = sorted(Digest.parse(b) for b in push_repo(module_registry_server.client(), "l/s"))
+    repo = registry.repository("l/s")
+    manifests = [await repo.tags.ask(tag) for tag in TAGS]
+    unknown = Digest.parse("sha256:" + "0" * 64)
+    proxy.seen.clear()
+    layer_stats = await repo.layers.stats([*blobs, unknown])
+    manifest_stats = await repo.manifests.stats([*manifests, unknown])
+    assert asked(proxy, "l/s") == {
+        "HEAD blobs/<digest>": len(blobs) + 1,
+        "GET manifests/<digest>": len(manifests) + 1,
+    }
+    proxy.seen.clear()
+    assert layer_stats == [*[await repo.layers.stat(d) for d in blobs], None]
+    assert manifest_stats == [*[await repo.manifests.stat(d) for d in manifests], None]
+    assert await repo.layers.stats(blobs) == layer_stats[:-1]
+    assert asked(proxy, "l/s") == {}  # all kept
+    with pytest.raises(UnknownLayer):
+        await repo.layers.stat(unknown)
 
 
 async def test_a_listing_of_tags_resolves_nothing_until_a_lookup(
