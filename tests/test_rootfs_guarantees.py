@@ -1,7 +1,8 @@
 """What issue 16 promises of the `rootfs/` view that no other test held it to.
 
 - The indexer (in process): one build at a time, never in the trio thread whatever the
-  layer's compression, and an index kept on disk compressed.
+  layer's compression, and an index kept on disk compressed; a layer of many tiny members
+  indexed and merged in memory linear in its members, and refused past the limit.
 - Through a mount of images pushed with skopeo to the real registry: a directory replaced by
   a file and a directory re-declared with new attributes, as `umoci unpack` makes them; bad
   layers (a bare `.wh.`, a symlink loop in a parent path) that fail their own image only;
@@ -57,6 +58,7 @@ from support.layers import (
     many_members_tar,
     tar_of,
 )
+from support.member_memory import measured
 from support.mounts import Mount, wait_until
 from support.oci import OciImage, image_index, image_manifest, skopeo_push
 from support.passes import Openings, loop_lag, timed_layer
@@ -151,6 +153,36 @@ async def test_the_kept_index_is_compressed(cache, tmp_path):
         if suffix == ".idx":
             assert decoded.startswith(b"regfs-layer-index ")
             assert decoded.count(b"d7/f") >= 200  # the member names are in it
+
+
+# Bytes of RSS per member, at most: the pass of a gzip layer of empty files (the table), and
+# the pass and the merge of its table (the tree beside it). Measured (support.member_memory,
+# load 5-7): 335 and 560 MB at 1,000,000 members (the default limit; pass 25 s, merge 3.6 s,
+# 90 s with the layer's making: too long for the suite); from 50,000 to 100,000 members
+# 358 and 574 B per member. Holding the tar (512 B a member) or anything quadratic would
+# break either bound.
+PASS_PER_MEMBER, MERGED_PER_MEMBER = 400, 650
+
+
+@pytest.mark.storage
+def test_many_tiny_members_cost_memory_linear_in_their_number():
+    """Issue 16: "a million tiny members (bounded memory)". The daemon's pass over a gzip
+    layer of empty files (its gzip child included) and the merge of the table, in a fresh
+    process for 50,000 and 100,000 members: the peak RSS grows by at most the bounds above
+    per member, so at the default limit of 1,000,000 the pass stays under 400 MB. One member
+    over the limit is refused (LayerTooLarge, from the child's table) before any merge."""
+    small, large = measured(50_000, 50_000), measured(100_000, 100_000)
+    assert (small.members, large.members) == (50_000, 100_000)
+    assert large.nodes == 100_000 + 101  # the root and d0 .. d99
+    grown = large.pass_peak - small.pass_peak
+    assert 0 < grown <= PASS_PER_MEMBER * 50_000, f"{grown / 50_000:.0f} B per member"
+    assert large.pass_peak <= PASS_PER_MEMBER * 100_000, large
+    grown = large.peak - small.peak
+    assert 0 < grown <= MERGED_PER_MEMBER * 50_000, f"{grown / 50_000:.0f} B per member"
+    assert large.peak <= MERGED_PER_MEMBER * 100_000, large
+    over = measured(10_001, 10_000)
+    assert over.members == 0 and "more than 10000 tar members" in over.refused, over
+    assert over.peak < 20 * MIB, over
 
 
 # --------------------------------------------------------------------------- through a mount
