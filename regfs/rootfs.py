@@ -199,12 +199,15 @@ class RootfsView:
         """The view with the user's index cache, or a private temporary one (logged) when
         that directory is unsafe: someone else could write what the daemon would show."""
         try:
-            return cls(registry, IndexCache(max_bytes=cache_size), tag_ttl)
+            view = cls(registry, IndexCache(max_bytes=cache_size), tag_ttl)
         except UnsafeCacheDir as exc:
             temporary = tempfile.mkdtemp(prefix="regfs-index-")
             log.warning("rootfs: %s; layer indexes last this mount only (%s)", exc, temporary)
             cache = IndexCache(temporary, max_bytes=cache_size)
-            return cls(registry, cache, tag_ttl, temporary_cache=True)
+            view = cls(registry, cache, tag_ttl, temporary_cache=True)
+        # The first gzip pass then finds its child started (storage/rootfs/fastgzip.py).
+        view.indexer.children.keep_spare()
+        return view
 
     def stop(self) -> None:
         """Cancel the builds under way (at unmount): the requests waiting for them get EIO."""
@@ -217,6 +220,7 @@ class RootfsView:
         self.stop()
         if self._running:
             await self._idle.wait()
+        self.indexer.children.close()
         await self.files.aclose()
         self.cache.close()
         if self._temporary_cache:

@@ -42,6 +42,8 @@ from support.layers import (
     many_members_tar,
     tar_of,
 )
+from support.mounts import Mount, wait_until
+from support.registry import v2_root
 from support.tools import MIB
 
 from storage.api import BlobReader, Buffer, RegistrySource
@@ -1483,8 +1485,9 @@ async def test_the_subprocess_checks_a_descriptor_blob(tmp_path, cache, cache_di
     assert cached_files(cache_dir) == set()
 
 
-def index_children() -> list[int]:
-    """This process's index subprocesses (the session's registry server is a child too)."""
+def index_children(parent: int | None = None) -> list[int]:
+    """The index subprocesses of `parent` (this process: the session's registry server is a
+    child too), spare or at work."""
     found = []
     for name in os.listdir("/proc"):
         try:
@@ -1492,10 +1495,18 @@ def index_children() -> list[int]:
             cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
         except (OSError, ValueError):
             continue
-        ours = name.isdigit() and int(stat.rpartition(")")[2].split()[1]) == os.getpid()
-        if ours and b"gzipchild" in cmdline:
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        if name.isdigit() and ppid == (parent or os.getpid()) and b"gzipchild" in cmdline:
             found.append(int(name))
     return found
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie (dead, not yet reaped by its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 async def index_child() -> int:
@@ -1516,7 +1527,7 @@ async def decoder_of(pid: int) -> int:
 
 async def gone(pid: int) -> None:
     with trio.fail_after(10):
-        while Path(f"/proc/{pid}").exists():
+        while not ended(pid):
             await trio.sleep(0.01)
 
 
@@ -1564,6 +1575,65 @@ async def test_an_unmount_while_indexing_ends_the_subprocess(slow_gzip, cache, c
     assert not index_children() and not indexer.progress and cached_files(cache_dir) == set()
 
 
+async def test_a_spare_child_waits_ahead_and_each_pass_takes_it(slow_gzip, cache):
+    """`keep_spare` (at mount) starts one child, which waits with its modules loaded; a pass
+    takes it (no second child meanwhile: one build at a time) and another is started after;
+    `close` (at unmount) ends it."""
+    indexer = Indexer(cache)
+    indexer.children.keep_spare()
+    try:
+        spare = await index_child()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(indexer.index, slow_gzip.ref)
+            await decoder_of(spare)  # the spare got the request: it decodes
+            assert index_children() == [spare]
+        (after,) = index_children()
+        assert after != spare and ended(spare)
+    finally:
+        indexer.children.close()
+    assert not index_children() and ended(after)
+    index = await indexer.index(slow_gzip.ref)  # the pass's, still in use: no other pass
+    assert indexer.passes == 1 and index_view(index) == tarfile_view(slow_gzip.raw)
+
+
+async def test_a_spare_that_never_started_or_died_leaves_each_pass_its_own_child(
+    registry, cache, caplog, monkeypatch, tmp_path
+):
+    indexer = Indexer(cache)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "absent"))
+    indexer.children.keep_spare()
+    assert "no index subprocess started ahead" in caplog.text and not index_children()
+    monkeypatch.undo()
+    try:
+        for seed in (1, 2):  # with no spare, then with a spare killed before the pass
+            raw = every_kind_tar(seed, big=0)
+            index = await indexer.index((await store(registry, raw, "gzip")).ref)
+            assert index_view(index) == tarfile_view(raw)
+            (spare,) = index_children()  # started after the pass
+            os.kill(spare, signal.SIGKILL)
+            await gone(spare)
+        assert "the spare index subprocess ended (status -9)" in caplog.text
+    finally:
+        indexer.children.close()
+    assert not index_children()
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("end", ["unmount", "SIGKILL"])
+def test_a_mounts_spare_child_ends_with_its_daemon(tmp_path, end):
+    """A mount starts its spare child at once; it ends at unmount, and with a daemon killed
+    by SIGKILL too (its stdin's other end closes)."""
+    v2_root(tmp_path / "root").mkdir(parents=True)
+    with Mount(str(tmp_path / "root"), tmp_path / "mnt", tmp_path / "regfs.log") as m:
+        (daemon,) = m.pids()
+        wait_until(lambda: bool(index_children(daemon)), 30, "the spare child")
+        (spare,) = index_children(daemon)
+        if end == "SIGKILL":
+            os.kill(daemon, signal.SIGKILL)
+            wait_until(lambda: ended(daemon), 10, "the daemon to end")
+    wait_until(lambda: ended(spare), 10, "the spare child to end")
+
+
 async def test_member_tables_are_kept_out_of_the_cyclic_gc(registry, cache):
     """A full collection walks every tracked object: a table's `Member`s are frozen
     (gc.freeze) once indexed or loaded, so that collections skip them."""
@@ -1607,8 +1677,8 @@ async def test_a_decoder_that_fails_is_told_in_the_log(
     monkeypatch.setattr(
         fastgzip,
         "_CHILD",
-        f"import sys; sys.path.insert(0, sys.argv[1]); from storage.rootfs import gzipchild; "
-        f"exec({boom!r}); gzipchild.fill_windows = boom; gzipchild.child(sys.argv[2])",
+        f"import sys; sys.path[:0] = sys.argv[1:]; from storage.rootfs import gzipchild; "
+        f"exec({boom!r}); gzipchild.fill_windows = boom; gzipchild.child()",
     )
     layer = await store(registry, _good(), "gzip")
     with pytest.raises(fastgzip.IndexProcessFailed):

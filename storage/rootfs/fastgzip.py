@@ -9,8 +9,10 @@ reads through a Python file object would need the GIL. The child gets the blob a
 descriptor: the source's own (`api.local_fileno`: a storage root's blob file; the child
 then hashes it too, in a thread beside the decompression) or an anonymous copy in the cache
 directory (`IndexCache.spool`), made while the blob is read and hashed in order as the
-in-process pass reads it; the child is started first and loads its modules meanwhile, and
-reads nothing before the daemon's `go` on its stdin. It writes the seek points into a new
+in-process pass reads it. A child is started ahead of its pass (`Children`: one spare, at
+mount and after each pass) and waits, its modules loaded, for its request on its stdin (a
+Unix socket: the request and the two descriptors in one message); it ends when that socket
+does (the daemon ended or gave it up). It writes the seek points into a new
 file of the cache entry (`.gzi`, a descriptor it is given: they never pass through the
 daemon's memory) and answers on stdout: progress lines, one status line, then the encoded
 index (`indexfile.write`), which the daemon decodes and checks like a stored one before it
@@ -28,14 +30,16 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
@@ -57,10 +61,15 @@ log = logging.getLogger(__name__)
 
 _LINE_MAX = 1 << 16  # bytes of a progress or status line
 _STDERR_KEPT = 4096  # the end of the child's stderr, logged when it fails
-_ROOT = str(Path(__file__).resolve().parents[2])  # what holds the `storage` package
+# Where the child imports from: what holds the `storage` package, then the venv's packages
+# (the child runs without `site`: -S saves its ~13 ms, most of it the editable install's hook).
+_PATHS = [
+    str(Path(__file__).resolve().parents[2]),
+    *dict.fromkeys(sysconfig.get_path(name) for name in ("purelib", "platlib")),
+]
 _CHILD = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from storage.rootfs import gzipchild; gzipchild.child(sys.argv[2])"
+    "import sys; sys.path[:0] = sys.argv[1:]; "
+    "from storage.rootfs import gzipchild; gzipchild.child()"
 )
 
 
@@ -78,6 +87,7 @@ async def index_gzip(
     limits: Limits,
     progress: Progress,
     head: bytes,
+    children: Children,
 ) -> tuple[LayerIndex, bytes] | None:
     """The layer's index from the child and its file as the child wrote it (to be kept as
     it is), or None when the child declines the layer (see `gzipchild`); BadLayer for a bad
@@ -97,7 +107,9 @@ async def index_gzip(
                 dataclasses.asdict(limits),
             )
             copy = None if verify else functools.partial(_spool, reader, layer, fd, progress, head)
-            encoded = await _run_child(request, layer.digest, copy, progress if verify else None)
+            encoded = await _run_child(
+                children, request, layer.digest, copy, progress if verify else None
+            )
         finally:
             os.close(fd)
         index = None if encoded is None else await _decode(encoded, layer.digest)
@@ -161,46 +173,147 @@ def _copy(blob: BlobFile, fd: int) -> None:
         os.close(fd)
 
 
+@dataclasses.dataclass
+class Child:
+    """An index subprocess, started before its request: its modules load meanwhile."""
+
+    process: subprocess.Popen[bytes]
+    control: socket.socket  # the daemon's end of the child's stdin: the request goes there
+    stdout: int  # the read end of the child's stdout
+    stderr: IO[bytes]  # a nameless file: its end is logged when the child fails
+
+    @classmethod
+    def start(cls) -> Child:
+        """Blocking (fork and exec: a few ms); OSError when no process can be started."""
+        with contextlib.ExitStack() as undo:  # what is undone if it fails
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            undo.callback(ours.close)
+            stdout, write_end = os.pipe()
+            undo.callback(os.close, stdout)
+            stderr = undo.enter_context(tempfile.TemporaryFile())
+            command = [sys.executable, "-I", "-S", "-c", _CHILD, *_PATHS]
+            with theirs:
+                try:
+                    process = subprocess.Popen(
+                        command, stdin=theirs.fileno(), stdout=write_end, stderr=stderr
+                    )
+                finally:
+                    os.close(write_end)
+            undo.pop_all()
+        return cls(process, ours, stdout, stderr)
+
+    def send(self, request: Request) -> None:
+        """The request, with its two descriptors; OSError if the child is gone."""
+        message = json.dumps(dataclasses.asdict(request)).encode()
+        socket.send_fds(self.control, [message], [request.fd, request.points_fd])
+
+    async def wait(self) -> int:
+        if self.process.returncode is None:
+            pidfd = os.pidfd_open(self.process.pid)
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+        return self.process.wait()
+
+    def close(self) -> None:
+        """End it (if it runs) and reap it: SIGKILL, which it cannot delay."""
+        if self.process.returncode is None:
+            self.process.kill()
+            self.process.wait()
+        self.control.close()
+        self.stderr.close()
+        if self.stdout >= 0:  # not taken by the answer's stream
+            os.close(self.stdout)
+
+    def tail(self) -> str:
+        """The end of what the child wrote on its stderr."""
+        self.stderr.seek(max(0, self.stderr.seek(0, os.SEEK_END) - _STDERR_KEPT))
+        return self.stderr.read().decode(errors="replace").strip()
+
+
+class Children:
+    """The index subprocesses of one indexer: at most one spare, started ahead (`keep_spare`:
+    at mount; then after each pass) so that a pass finds the child's ~0.1-0.25 s of start
+    and imports done. A spare blocks on its stdin and ends when the daemon's end closes, so
+    a daemon killed with SIGKILL leaves none behind either. A spare that cannot be started
+    is logged, and each pass starts its own child as it comes."""
+
+    def __init__(self) -> None:
+        self._spare: Child | None = None
+        self._ahead = False
+
+    def keep_spare(self) -> None:
+        """Start a spare now, and another after each pass, until `close`."""
+        self._ahead = True
+        self._replace()
+
+    def take(self) -> Child:
+        """The spare if it is alive, else a child started now."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            if spare.process.poll() is None:
+                return spare
+            log.warning("the spare index subprocess ended (status %s)", spare.process.returncode)
+            spare.close()
+        return Child.start()
+
+    def after_pass(self) -> None:
+        if self._ahead:
+            self._replace()
+
+    def close(self) -> None:
+        """End the spare (at unmount); no other is started."""
+        self._ahead = False
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
+
+    def _replace(self) -> None:
+        if self._spare is not None:
+            return
+        try:
+            self._spare = Child.start()
+        except OSError as exc:
+            log.warning("no index subprocess started ahead (%s): each pass starts one", exc)
+
+
 async def _run_child(
+    children: Children,
     request: Request,
     digest: Digest,
     copy: Callable[[], Awaitable[None]] | None,
     progress: Progress | None,
 ) -> bytes | None:
-    """Start the child, make the copy (if any) while it loads its modules (~0.2-0.5 s),
-    then let it go and take its answer; the child never outlives this call."""
-    command = [sys.executable, "-I", "-c", _CHILD, _ROOT, json.dumps(dataclasses.asdict(request))]
+    """Take a child, make the copy (if any) meanwhile, send the request and take its answer;
+    the child never outlives this call."""
+    child = children.take()
     answer = None
-    with tempfile.TemporaryFile() as stderr:
-        process = await trio.lowlevel.open_process(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            pass_fds=(request.fd, request.points_fd),
-        )
-        assert process.stdin is not None and process.stdout is not None
+    try:
+        if copy is not None:
+            await copy()
+        with contextlib.suppress(OSError):  # it is gone: said below
+            child.send(request)
+        stdout = trio.lowlevel.FdStream(child.stdout)  # it owns the descriptor now
+        child.stdout = -1
         try:
-            if copy is not None:
-                await copy()
-            with contextlib.suppress(trio.BrokenResourceError):  # it is gone: said below
-                await process.stdin.send_all(b"go\n")
-            answer = await _read_answer(process.stdout, progress)
-            await process.wait()
+            answer = await _read_answer(stdout, progress)
+            await child.wait()
         finally:
-            if process.returncode is None:  # cancelled (an unmount) or failed
-                process.kill()
             with trio.CancelScope(shield=True):
-                await process.wait()
-                await process.stdin.aclose()
-                await process.stdout.aclose()
-        if process.returncode != 0 or answer is None:
-            stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - _STDERR_KEPT))
-            tail = stderr.read().decode(errors="replace").strip()
-            log.error("layer %s: the index subprocess failed: %s", digest, tail or "no output")
-            raise IndexProcessFailed(
-                f"layer {digest}: the index subprocess ended with status {process.returncode}"
-            )
+                await stdout.aclose()
+    finally:
+        if child.process.returncode is None:  # cancelled (an unmount) or failed
+            child.process.kill()
+        with trio.CancelScope(shield=True):
+            await child.wait()
+        status = child.process.returncode
+        tail = child.tail() if status != 0 or answer is None else ""
+        child.close()
+    children.after_pass()  # not when cancelled: an unmount
+    if status != 0 or answer is None:
+        log.error("layer %s: the index subprocess failed: %s", digest, tail or "no output")
+        raise IndexProcessFailed(f"layer {digest}: the index subprocess ended with status {status}")
     return _outcome(answer, digest)
 
 

@@ -1,8 +1,9 @@
 """The gzip index subprocess (`fastgzip`): one decompression by rapidgzip, the tar scanned
 on the way.
 
-The daemon starts it (`python -c`, this module's `child`) and it answers on stdout; see
-`fastgzip` for the protocol and why a child. This module is kept light on imports (no trio,
+The daemon starts it ahead of its pass (`python -c`, this module's `child`), it waits for
+its request on its stdin and answers on stdout; see `fastgzip` for the protocol and why a
+child. This module is kept light on imports (no trio,
 no indexed_gzip, none of the daemon's modules): the child's start is on the first `cat`'s
 path, and importing those took ~0.15-0.2 s of its ~0.3 s. It forks the decompression into a
 process of its own (`_Decoder`): rapidgzip's reads want the GIL back after each block, so in
@@ -27,12 +28,13 @@ import json
 import mmap
 import os
 import signal
+import socket
 import struct
 import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, BinaryIO
 
 import zstandard
@@ -51,6 +53,7 @@ _DATA_ENDED = -2  # the slot of the record after the last data: the outcome come
 _SLOT = struct.Struct("<q")  # a slot given back
 _PR_SET_PDEATHSIG = 1
 _HASH_READ = 4 << 20
+_REQUEST_MAX = 1 << 16  # bytes of the request's message
 _PROGRESS_EVERY = 4 << 20  # blob bytes between two progress lines of the child
 _HEADER = struct.Struct("<5sBBQQIII")  # indexed_gzip's GZIDX header (version 1)
 _POINT = struct.Struct("<QQBB")  # compressed offset, uncompressed offset, bits, has a window
@@ -62,9 +65,9 @@ class Declined(Exception):
 
 @dataclass(frozen=True)
 class Request:
-    """What the child is asked (its one JSON argument)."""
+    """What the child is asked: one message on its stdin, JSON with the two descriptors."""
 
-    fd: int
+    fd: int  # the blob (the number is the daemon's: the child's comes with the message)
     points_fd: int  # where the seek points go (`compress_points`)
     digest: str
     size: int
@@ -89,11 +92,16 @@ def compress_points(points: bytes, file: BinaryIO) -> str:
     return hashlib.sha256(compressed).hexdigest()
 
 
-def child(argument: str) -> None:
+def child() -> None:
     """The child's whole run (see the module docstring); what it answers is its output."""
-    if sys.stdin.buffer.readline() != b"go\n":
-        return  # the daemon gave up before the blob was there to read
-    request = Request(**json.loads(argument))
+    with contextlib.suppress(ImportError):  # loaded while it waits; `_Decoder` says if not
+        import rapidgzip  # noqa: F401
+    message, fds, _, _ = socket.recv_fds(socket.socket(fileno=0), _REQUEST_MAX, 2)
+    if not message:
+        return  # the daemon ended, or gave this child up
+    if len(fds) != 2:
+        raise RuntimeError(f"a request with {len(fds)} descriptors")
+    request = replace(Request(**json.loads(message)), fd=fds[0], points_fd=fds[1])
     out = sys.stdout.buffer
     digest = Digest.parse(request.digest)
     mismatch: list[BadLayer] = []

@@ -223,6 +223,7 @@ class Indexer:
         self.cache = cache
         self.limits = limits or Limits()
         self.subprocess = subprocess  # gzip layers by `fastgzip`; False for the old pass only
+        self.children = fastgzip.Children()  # `keep_spare` at mount, `close` at unmount
         self.progress: dict[Digest, Progress] = {}
         self.passes = 0
         self._limiter = trio.CapacityLimiter(1)
@@ -319,7 +320,7 @@ class Indexer:
         self.passes += 1
         if fmt is Format.GZIP and self.subprocess:
             built = await fastgzip.index_gzip(
-                reader, layer, self.cache, self.limits, progress, head
+                reader, layer, self.cache, self.limits, progress, head, self.children
             )
             if built is not None:
                 return built
