@@ -3,13 +3,14 @@ GETATTR, and repositories made by mkdir and removed by rmdir."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyfuse3
 import trio
-from pyfuse3 import EntryAttributes, ReaddirToken
+from pyfuse3 import EntryAttributes, FUSEError, ReaddirToken
 
 from storage.errors import CorruptEntry
 
@@ -201,8 +202,23 @@ class Directories:
         return entry
 
     async def remove(self, parent: DirNode, name: str) -> None:
-        """rmdir of an empty repository or namespace."""
-        node = await self.tree.rmdir(parent, name)
+        """rmdir of an empty repository or namespace, or of an empty section.
+
+        `rm -r` of a repository empties each section, removes it, then removes the
+        repository. A section has nothing of its own to remove and is part of its repository
+        as long as that exists, so an empty one "goes" as a no-op (what readdir would show of
+        it decides: a digest the registry deleted is not there); one with anything listed is
+        ENOTEMPTY, as a local directory would be."""
+        node = await self.tree.lookup(parent, name)
+        if isinstance(node, SectionNode):
+            if await self._present(node):
+                raise FUSEError(errno.ENOTEMPTY)
+            log.info(
+                "rmdir: %s/%s is empty; it stays while its repository does", node.repo, node.section
+            )
+            return
+        assert isinstance(node, DirNode)  # a directory's children: directories, sections
+        await self.tree.rmdir(parent, node)
         log.info("rmdir: removed repository %s", node.path)
 
 

@@ -627,14 +627,10 @@ class Tree:
         self.changed(parent)
         return DirNode(path)
 
-    async def rmdir(self, parent: DirNode, name: str) -> DirNode:
+    async def rmdir(self, parent: DirNode, node: DirNode) -> None:
         """rmdir of an empty repository (what `mkdir` made) or an emptied namespace."""
-        node = await self.lookup(parent, name)
-        if not isinstance(node, DirNode):
-            raise PermissionError(f"only repositories are removed with rmdir: {node}")
         await self.registry.remove_repository(node.path)
         self.changed(parent, node)
-        return node
 
 
 def _parse_digest(name: str) -> Digest:

@@ -14,6 +14,10 @@ from .names import validate_name
 from .paths import EmptyMarker, RepositoryDir, path_for
 from .tags import TagService
 
+# Entries an emptied repository's directories are looked through before rmdir takes it for
+# full: one directory per digest and tag it had, each left empty (bounds a hostile tree).
+EMPTIED_ENTRIES_MAX = 100_000
+
 
 class Repository:
     def __init__(self, driver: StorageDriver, blobs: BlobStore, name: str) -> None:
@@ -56,17 +60,41 @@ class Registry:
         return repo
 
     async def remove_repository(self, name: str) -> None:
-        """rmdir: remove a repository that holds nothing but what `mkdir` made (its marker),
+        """rmdir: remove a repository that holds no file but what `mkdir` made (its marker),
         or a namespace directory left empty; anything else is NotEmpty, as for a local
-        directory. Blobs are never touched: they are shared, and garbage collection's."""
+        directory. Empty directories do not count: the registry's DELETE, and removing every
+        tag, manifest, layer link and upload through a mount (`rm -r`), leave them behind.
+        Blobs are never touched: they are shared, and garbage collection's."""
         directory = path_for(RepositoryDir(name))
         try:
             entries = await self.driver.list(directory)
         except PathNotFound:
             raise UnknownRepository(name) from None
-        if entries and not (entries == ["_layers"] and await self._only_marked(name)):
+        if entries and not await self._holds_nothing(name, directory, entries):
             raise NotEmpty(f"repository {name} is not empty")
         await self.driver.delete(directory)
+
+    async def _holds_nothing(self, name: str, directory: str, entries: list[str]) -> bool:
+        """Whether a repository's own directories (`_layers`, `_manifests`, `_uploads`: a
+        nested repository or namespace is something) hold no file but the empty marker,
+        looked at through at most EMPTIED_ENTRIES_MAX entries (more is taken as full)."""
+        if not all(entry.startswith("_") for entry in entries):
+            return False
+        marker = path_for(EmptyMarker(name))
+        if (files := await self.driver.files(directory, sizes=False)) is not None:
+            return len(files) <= EMPTIED_ENTRIES_MAX and all(f.path == marker for f in files)
+        pending, seen = [f"{directory}/{entry}" for entry in entries], 0
+        while pending:
+            found = await self.driver.entries(pending.pop())
+            seen += len(found)
+            if seen > EMPTIED_ENTRIES_MAX:
+                return False
+            for info in found:
+                if info.is_dir:
+                    pending.append(info.path)
+                elif info.path != marker:
+                    return False
+        return True
 
     async def _only_marked(self, name: str) -> bool:
         """Whether the repository holds nothing but the marker of an empty repository."""

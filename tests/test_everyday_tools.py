@@ -350,7 +350,8 @@ async def test_index_pushed_after_its_children_by_digest(
 def test_rmdir_removes_an_empty_repository_only(tmp_path, mount):
     """`mkdir -p MNT/org/a\\ b` fails at `a b` (EINVAL) after making `org`; rmdir must be
     able to take `org` back, as on a local filesystem. A repository with anything in it,
-    or a namespace holding one, stays (ENOTEMPTY); a section is no directory to remove."""
+    or a namespace holding one, stays (ENOTEMPTY), and so does a section with anything in
+    it; an empty section "goes" as a no-op (see test_rm_r_of_a_repository_removes_it)."""
     root = tmp_path / "root"
     m = mount(root)
     failed = run("mkdir", "-p", m.path("org", "a b"), check=False)
@@ -365,12 +366,41 @@ def test_rmdir_removes_an_empty_repository_only(tmp_path, mount):
     for busy in ("ns", "full"):
         result = run("rmdir", m.path(busy), check=False)
         assert b"Directory not empty" in result.stderr, result.stderr
-    result = run("rmdir", m.path("full", "tags"), check=False)
-    assert b"Operation not permitted" in result.stderr, result.stderr
+    result = run("rmdir", m.path("full", "uploads"), check=False)
+    assert b"Directory not empty" in result.stderr, result.stderr
+    run("rmdir", m.path("full", "tags"))  # empty: "goes", and stays while `full` does
+    assert ls(m.path("full")) == ["layers", "manifests", "rootfs", "tags", "uploads"]
     run("rmdir", m.path("ns", "app"), m.path("ns"))
     assert ls(m.mountpoint) == ["full"]
     assert m.path("full", "uploads", "u1").read_bytes() == b"data"
     assert not m.path("ns").exists()
+
+
+@pytest.mark.registry
+async def test_rm_r_of_a_repository_removes_it(
+    registry_server: RegistryServer, client: RegistryClient, mount
+):
+    """`rm -r MNT/library/demo` as on a local directory: rm exits 0 and says nothing. It
+    removes every layer link, the manifest (and its tag with it), the upload in progress,
+    then each emptied section (a no-op: a section is part of its repository while that
+    exists), then the repository. The registry on the same root answers 404 for the tag and
+    the manifest and no longer lists the repository; the blobs stay (garbage collection's)."""
+    root = registry_server.root
+    image = await build_root(root, size=10_000)
+    assert client.catalog() == [NAME]
+    m = mount(root)
+    repo = m.path(*NAME.split("/"))
+    write_file(repo / "uploads" / "part", b"half a layer")
+
+    removed = run("rm", "-r", repo, check=False)
+    assert (removed.returncode, removed.stderr.decode()) == (0, ""), m.log_text()[-3000:]
+    assert not repo.exists() and ls(m.path("library")) == []
+    assert client.request("GET", f"/v2/{NAME}/manifests/latest").status_code == 404
+    assert client.request("GET", f"/v2/{NAME}/manifests/{image['digest']}").status_code == 404
+    assert client.catalog() == []
+    assert upload_uuids(root, NAME) == []
+    for digest in image["blobs"]:
+        assert blob_data_path(root, digest).exists(), digest
 
 
 def test_rmdir_on_a_read_only_mount_is_erofs(tmp_path, mount):

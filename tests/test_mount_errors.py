@@ -120,7 +120,7 @@ async def test_writes_to_layers_and_manifests_are_eperm(tmp_path, mount):
             if (directory.name, what) == ("manifests", "create"):
                 continue  # a new manifest by digest is taken (tests/test_everyday_tools.py)
             assert errno_closing(call) == errno.EPERM, f"{what} in {directory.name}"
-    assert errno_closing(lambda: os.rmdir(repo / "layers")) == errno.EPERM
+    assert errno_closing(lambda: os.rmdir(repo / "layers")) == errno.ENOTEMPTY
     assert files_snapshot(root) == before, "a refused write changed the storage"
     assert "refused" in m.log_text()
     assert run("cat", repo / "manifests" / image["digest"]).stdout == image["manifest"]

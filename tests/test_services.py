@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,7 +22,9 @@ from support.oci import image_manifest
 from support.registry import OCI_INDEX, OCI_MANIFEST
 from support.tools import MIB
 
+import storage.registry
 from storage.digests import EMPTY_DIGEST, Digest, digest_bytes
+from storage.drivers.filesystem import FilesystemDriver
 from storage.errors import (
     DigestMismatch,
     InvalidManifest,
@@ -34,6 +37,7 @@ from storage.errors import (
     UnknownTag,
     UnknownUpload,
 )
+from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
 
@@ -592,6 +596,57 @@ async def test_remove_repository(source: Source) -> None:
     assert await registry.catalog.children(source.prefix) == ["full"]
     with pytest.raises(NotEmpty):
         await registry.remove_repository(full)
+
+
+async def test_an_emptied_repository_is_removed(source: Source) -> None:
+    """What `rm -r` through a mount leaves (the manifest and its tag deleted, every layer
+    unlinked: on a storage root, empty directories only) is removed by rmdir; the blobs
+    stay. In a bucket it is gone with its last key already (S3 keeps no directory)."""
+    name = source.name("emptied")
+    repo = source.registry.repository(name)
+    digest = await repo_with_tag(repo)
+    layers = await repo.layers.list()
+    await repo.manifests.delete(digest)
+    for layer in layers:
+        with pytest.raises(NotEmpty):  # a layer link is something
+            await source.registry.remove_repository(name)
+        await repo.layers.unlink(layer)
+    if not source.can("remove_repository"):
+        with pytest.raises(NotEmpty):
+            await source.registry.remove_repository(name)
+        return
+    if source.kind == "s3":
+        with pytest.raises(UnknownRepository):
+            await source.registry.remove_repository(name)
+    else:
+        await source.registry.remove_repository(name)
+    assert not await source.registry.catalog.is_repository(name)
+    for layer in layers:
+        assert (await source.registry.blobs.stat(layer)).digest == layer
+
+
+async def test_rmdir_looks_through_a_bounded_number_of_empty_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a storage root the registry's DELETE leaves an empty directory per digest; one
+    holding more entries than EMPTIED_ENTRIES_MAX is taken for full, so a hostile tree of a
+    million empty directories is not walked whole."""
+    registry = Registry(FilesystemDriver(tmp_path))
+    await registry.create_repository("org/app")
+    repo = tmp_path / "docker/registry/v2/repositories/org/app"
+    for i in range(3):
+        (repo / "_layers/sha256" / f"{i:064x}").mkdir(parents=True)
+        (repo / "_manifests/revisions/sha256" / f"{i:064x}").mkdir(parents=True)
+    monkeypatch.setattr(storage.registry, "EMPTIED_ENTRIES_MAX", 6)
+    with pytest.raises(NotEmpty):
+        await registry.remove_repository("org/app")
+    monkeypatch.setattr(storage.registry, "EMPTIED_ENTRIES_MAX", 100)
+    (repo / "_manifests/revisions/sha256" / f"{1:064x}" / "link").write_bytes(b"x")
+    with pytest.raises(NotEmpty):  # a file anywhere is something
+        await registry.remove_repository("org/app")
+    (repo / "_manifests/revisions/sha256" / f"{1:064x}" / "link").unlink()
+    await registry.remove_repository("org/app")
+    assert not repo.exists()
 
 
 async def test_repository_holding_a_layer_is_not_removed(source: Source) -> None:

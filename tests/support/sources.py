@@ -17,6 +17,8 @@ REMOTE_CANNOT = {
     "manifests reference, plus the blobs pushed through this client",
     "delete_tag": "docker-registry 2.8 refuses DELETE of a manifest by tag (400 UNSUPPORTED); "
     "only registries of the OCI distribution spec 1.1 untag",
+    "remove_repository": "the API cannot remove a repository: rmdir takes only one this mount "
+    "made and never filled (NotEmpty for any other)",
 }
 
 
