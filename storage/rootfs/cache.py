@@ -39,6 +39,7 @@ import threading
 import time
 import weakref
 from array import array
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, replace
 from itertools import accumulate, repeat
 from pathlib import Path
@@ -71,6 +72,7 @@ _LENGTH_LINE = 24  # a block's length line: digits and a newline
 _LENGTH = re.compile(rb"[0-9]{1,20}\n")
 _UTF8, _ESCAPED = repeat("utf-8"), repeat("surrogateescape")  # endless: shared by every map
 _BIG_ENDIAN = sys.byteorder == "big"
+_PERMISSIONS = tuple(range(0o10000))  # shared ints: see `_permissions`
 
 
 def default_directory() -> Path:
@@ -515,10 +517,10 @@ def _members(payload: bytes, size: int | None) -> list[Member]:
         (
             list(map(normal_name, paths)),
             kinds,
-            [bits & 0o7777 for bits in mode],
-            uid,
-            gid,
-            mtime_ns,
+            _permissions(mode),
+            _shared(uid),
+            _shared(gid),
+            _shared(mtime_ns),
             length,
             offset,
             [normal_name(t) if k is hardlink else t for k, t in zip(kinds, links, strict=True)],
@@ -527,6 +529,24 @@ def _members(payload: bytes, size: int | None) -> list[Member]:
             xattrs,
         )
     )
+
+
+def _permissions(mode: array[int]) -> list[int]:
+    """The permission bits, one int object per value: 0o644 is above 256, the ints Python
+    shares, and would be 32 bytes a member."""
+    if max(mode) > 0o7777:
+        return [_PERMISSIONS[bits & 0o7777] for bits in mode]
+    return list(map(_PERMISSIONS.__getitem__, mode))
+
+
+def _shared(values: array[int]) -> Sequence[int]:
+    """A column whose values are all one (a layer's mtime, owner) as one int object: an int
+    above 256 is 32 bytes a member. Mixed values stay as they are: sharing them cost more
+    time than the load's whole decode of a column."""
+    first = values[0]
+    if first > 256 and values.count(first) == len(values):
+        return [first] * len(values)
+    return values
 
 
 class _Block:

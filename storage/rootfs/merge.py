@@ -70,23 +70,35 @@ class _Refused(Exception):
 
 
 class _Node:
-    """One inode while merging. `children` is None for every non-directory.
+    """One non-directory inode while merging; `_Dir` is a directory's.
 
-    `mark` is the last layer in which this node was placed or was the ancestor of a placed
-    name (umoci's upperPaths); hard links placed in a layer are in `_Merger.linked` instead,
-    because the node they share may be lower under its other names. Six slots and no int
-    above 256 (the member is a reference): the merge's peak memory is mostly these.
+    Its layer is its mark (see `_Dir`): only directories are marked again. Three
+    slots and no int above 256 (the member is a reference): the merge's peak memory is
+    mostly these, one per member (56 bytes; 80 when every node had a directory's slots).
     """
 
-    __slots__ = ("children", "kind", "layer", "mark", "member", "nlink")
+    __slots__ = ("layer", "member", "nlink")
+    children: dict[str, _Node] | None = None
 
     def __init__(self, member: Member, layer: int) -> None:
-        self.children: dict[str, _Node] | None = {} if member.kind is Kind.DIR else None
-        self.kind = member.kind
         self.member = member
         self.layer = layer
-        self.mark = layer
         self.nlink = 1
+
+
+class _Dir(_Node):
+    """One directory while merging. `mark` is the last layer in which it was placed or was
+    the ancestor of a placed name (umoci's upperPaths); hard links placed in a layer are in
+    `_Merger.linked` instead, because the node they share may be lower under its other
+    names."""
+
+    __slots__ = ("children", "mark")
+
+    def __init__(self, member: Member, layer: int) -> None:  # no super() call: one per node
+        self.member = member
+        self.layer = self.mark = layer
+        self.nlink = 1
+        self.children = {}
 
 
 _Chain = list[tuple[str, _Node | None]]
@@ -243,10 +255,10 @@ class _Merger:
     def __init__(self, max_nodes: int) -> None:
         self.max_nodes = max_nodes
         self.nodes = 0
-        self.root = self._new(DEFAULT_DIR, NO_LAYER)
+        self.root = self._new_dir(NO_LAYER)
         self.layer = 0
         self.linked: set[tuple[_Node, str]] = set()
-        self.parents: dict[str, _Node] = {}
+        self.parents: dict[str, _Dir] = {}
 
     def start_layer(self, number: int) -> None:
         self.layer = number
@@ -257,7 +269,13 @@ class _Merger:
         self.nodes += 1
         if self.nodes > self.max_nodes:
             raise _Refused(f"more than {self.max_nodes} entries in the image")
-        return _Node(member, layer)
+        return (_Dir if member.kind is Kind.DIR else _Node)(member, layer)
+
+    def _new_dir(self, layer: int) -> _Dir:
+        """A directory made implicitly (`DEFAULT_DIR`)."""
+        node = self._new(DEFAULT_DIR, layer)
+        assert isinstance(node, _Dir)
+        return node
 
     def apply(self, member: Member) -> None:
         """One member, as umoci's UnpackEntry."""
@@ -277,7 +295,7 @@ class _Merger:
         assert parent.children is not None
         existing = parent.children.get(name)
         if existing is not None:
-            if existing.children is not None and member.kind is Kind.DIR:
+            if isinstance(existing, _Dir) and member.kind is Kind.DIR:
                 self._update(existing, member)
                 return
             self._unlink(parent, name)
@@ -289,7 +307,7 @@ class _Merger:
         else:
             parent.children[name] = self._new(member, self.layer)
 
-    def _update(self, node: _Node, member: Member) -> None:
+    def _update(self, node: _Dir, member: Member) -> None:
         """Directory over directory: the new member's attributes, the old children."""
         node.member = member
         node.layer = node.mark = self.layer
@@ -317,7 +335,7 @@ class _Merger:
             node = None
             if parent is not None and parent.children is not None:
                 node = parent.children.get(part)
-            if node is not None and node.kind is Kind.SYMLINK:
+            if node is not None and node.member.kind is Kind.SYMLINK:
                 followed += 1
                 target = node.member.linkname
                 if target.startswith("/"):
@@ -327,7 +345,7 @@ class _Merger:
             chain.append((part, node))
         return chain
 
-    def _make_parents(self, chain: _Chain) -> _Node:
+    def _make_parents(self, chain: _Chain) -> _Dir:
         """MkdirAll of a resolved chain: missing directories made, each one marked upper."""
         node = self.root
         for name, _ in chain:
@@ -335,10 +353,10 @@ class _Merger:
             child = node.children.get(name)
             if child is None:
                 _check_name(name)
-                child = self._new(DEFAULT_DIR, self.layer)
+                child = self._new_dir(self.layer)
                 node.children[name] = child
-            elif child.children is None:
-                raise _Refused(f"parent {name!r} is a {child.kind.value}, not a directory")
+            elif not isinstance(child, _Dir):
+                raise _Refused(f"parent {name!r} is a {child.member.kind.value}, not a directory")
             child.mark = self.layer
             node = child
         return node
@@ -373,7 +391,8 @@ class _Merger:
                     self._unlink(directory, child_name)
 
     def _upper(self, parent: _Node, name: str, node: _Node) -> bool:
-        return node.mark == self.layer or (parent, name) in self.linked
+        mark = node.mark if isinstance(node, _Dir) else node.layer
+        return mark == self.layer or (parent, name) in self.linked
 
     def _unlink(self, parent: _Node, name: str) -> None:
         """Remove a name and the subtree below it; inodes with other names live on."""
@@ -383,7 +402,7 @@ class _Merger:
         while stack:
             node = stack.pop()
             node.nlink -= 1
-            if node.children:
+            if isinstance(node, _Dir) and node.children:
                 stack.extend(node.children.values())
                 node.children = {}  # freed one by one here, not by a deep recursion
 
@@ -441,13 +460,14 @@ def _freeze(root: _Node) -> MergedTree:
         members.append(node.member)
         layer.append(node.layer)
         first.append(len(child))
-        if node.children is None:
+        children = node.children
+        if children is None:
             nlink.append(node.nlink)
             count.append(0)
             continue
         subdirs = 0
-        keys = [name.encode(_ENCODING, _ERRORS) for name in node.children]  # os.fsencode
-        entries = zip(keys, node.children.values(), strict=True)
+        keys = [name.encode(_ENCODING, _ERRORS) for name in children]  # os.fsencode
+        entries = zip(keys, children.values(), strict=True)
         for key, entry in sorted(entries, key=_FIRST):
             if entry.nlink > 1:
                 number = shared.get(id(entry), 0)
@@ -463,7 +483,7 @@ def _freeze(root: _Node) -> MergedTree:
             names += key
             ends_append(len(names))
             child_append(number)
-        node.children = None
+        children.clear()
         nlink.append(2 + subdirs)
         count.append(len(child) - first[-1])
     return MergedTree(members, layer, nlink, parent, first, count, bytes(names), ends, child)
