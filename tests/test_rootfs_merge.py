@@ -436,6 +436,19 @@ def test_inodes_are_stable_and_listings_sorted_by_bytes():
         first.node(len(first) + 1)
 
 
+def test_names_that_are_not_utf8_sort_by_their_bytes():
+    """A name with bytes that are not UTF-8 (escaped as lone surrogates) sorts by its bytes
+    like every other: 0xff after U+FF01's 0xef, where code points would put it first."""
+    raw, wide = os.fsdecode(b"\xff"), "\uff01"
+    names = [raw, wide, "a", "é"]
+    tree = merge([[dir_member("d"), *(Member(f"d/{n}", Kind.FILE, 0o644, 0, 0, 0) for n in names)]])
+    d = tree.resolve("d")
+    assert d is not None
+    listed = [name for name, _, _, _ in tree.entries(d)]
+    assert listed == ["a", "é", wide, raw] == sorted(names, key=os.fsencode)
+    assert [tree.lookup(d, name) for name in listed] == [3, 4, 5, 6]
+
+
 # --------------------------------------------------------------------------- bounds
 
 
