@@ -72,13 +72,12 @@ class _Refused(Exception):
 class _Node:
     """One non-directory inode while merging; `_Dir` is a directory's.
 
-    Its layer is its mark (see `_Dir`): only directories are marked again. Three
-    slots and no int above 256 (the member is a reference): the merge's peak memory is
-    mostly these, one per member (56 bytes; 80 when every node had a directory's slots).
+    Its layer is its mark (see `_Dir`): only directories are marked again. The base
+    layer's non-directories are their bare `Member` in their directory until a hard link
+    names one (`_Entry`): layer 0, one name, no node. Three slots and no int above 256.
     """
 
     __slots__ = ("layer", "member", "nlink")
-    children: dict[str, _Node] | None = None
 
     def __init__(self, member: Member, layer: int) -> None:
         self.member = member
@@ -93,6 +92,7 @@ class _Dir(_Node):
     names."""
 
     __slots__ = ("children", "mark")
+    children: dict[str, _Entry]
 
     def __init__(self, member: Member, layer: int) -> None:  # no super() call: one per node
         self.member = member
@@ -101,7 +101,10 @@ class _Dir(_Node):
         self.children = {}
 
 
-_Chain = list[tuple[str, _Node | None]]
+_Entry = _Node | Member
+"""A name's inode while merging: a bare member is a base layer's non-directory with one
+name, 56 bytes a member less at the merge's peak than a `_Node` each."""
+_Chain = list[tuple[str, _Entry | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +260,7 @@ class _Merger:
         self.nodes = 0
         self.root = self._new_dir(NO_LAYER)
         self.layer = 0
-        self.linked: set[tuple[_Node, str]] = set()
+        self.linked: set[tuple[_Dir, str]] = set()
         self.parents: dict[str, _Dir] = {}
 
     def start_layer(self, number: int) -> None:
@@ -268,8 +271,13 @@ class _Merger:
     def _new(self, member: Member, layer: int) -> _Node:
         self.nodes += 1
         if self.nodes > self.max_nodes:
-            raise _Refused(f"more than {self.max_nodes} entries in the image")
-        return (_Dir if member.kind is Kind.DIR else _Node)(member, layer)
+            raise self._too_many()
+        if member.kind is Kind.DIR:
+            return _Dir(member, layer)
+        return _Node(member, layer)
+
+    def _too_many(self) -> _Refused:
+        return _Refused(f"more than {self.max_nodes} entries in the image")
 
     def _new_dir(self, layer: int) -> _Dir:
         """A directory made implicitly (`DEFAULT_DIR`)."""
@@ -292,7 +300,6 @@ class _Merger:
         parent = self.parents.get(head)
         if parent is None:
             parent = self.parents[head] = self._make_parents(self._resolve(head))
-        assert parent.children is not None
         existing = parent.children.get(name)
         if existing is not None:
             if isinstance(existing, _Dir) and member.kind is Kind.DIR:
@@ -304,8 +311,13 @@ class _Merger:
             target.nlink += 1
             parent.children[name] = target
             self.linked.add((parent, name))
-        else:
+        elif self.layer or member.kind is Kind.DIR:
             parent.children[name] = self._new(member, self.layer)
+        else:
+            self.nodes += 1  # an inode kept bare (see `_Entry`)
+            if self.nodes > self.max_nodes:
+                raise self._too_many()
+            parent.children[name] = member
 
     def _update(self, node: _Dir, member: Member) -> None:
         """Directory over directory: the new member's attributes, the old children."""
@@ -332,12 +344,10 @@ class _Merger:
                     chain.pop()
                 continue
             parent = chain[-1][1] if chain else self.root
-            node = None
-            if parent is not None and parent.children is not None:
-                node = parent.children.get(part)
-            if node is not None and node.member.kind is Kind.SYMLINK:
+            node = parent.children.get(part) if isinstance(parent, _Dir) else None
+            if node is not None and _member(node).kind is Kind.SYMLINK:
                 followed += 1
-                target = node.member.linkname
+                target = _member(node).linkname
                 if target.startswith("/"):
                     chain.clear()
                 pending.extend(reversed(target.split("/")))
@@ -349,14 +359,13 @@ class _Merger:
         """MkdirAll of a resolved chain: missing directories made, each one marked upper."""
         node = self.root
         for name, _ in chain:
-            assert node.children is not None
             child = node.children.get(name)
             if child is None:
                 _check_name(name)
                 child = self._new_dir(self.layer)
                 node.children[name] = child
             elif not isinstance(child, _Dir):
-                raise _Refused(f"parent {name!r} is a {child.member.kind.value}, not a directory")
+                raise _Refused(f"parent {name!r} is a {_member(child).kind.value}, not a directory")
             child.mark = self.layer
             node = child
         return node
@@ -367,8 +376,9 @@ class _Merger:
             raise _Refused("a bare .wh. whiteout names nothing")
         chain = self._resolve(head)
         parent = chain[-1][1] if chain else self.root
-        if parent is None or parent.children is None:
+        if not isinstance(parent, _Dir):
             return
+        stack: list[_Entry]
         if name == OPAQUE:
             stack = [parent]
         else:
@@ -382,7 +392,7 @@ class _Merger:
             stack = [node]
         while stack:
             directory = stack.pop()
-            if directory.children is None:
+            if not isinstance(directory, _Dir):
                 continue
             for child_name, child in list(directory.children.items()):
                 if self._upper(directory, child_name, child):
@@ -390,17 +400,21 @@ class _Merger:
                 else:
                     self._unlink(directory, child_name)
 
-    def _upper(self, parent: _Node, name: str, node: _Node) -> bool:
-        mark = node.mark if isinstance(node, _Dir) else node.layer
+    def _upper(self, parent: _Dir, name: str, node: _Entry) -> bool:
+        if isinstance(node, _Dir):
+            mark = node.mark
+        else:
+            mark = 0 if isinstance(node, Member) else node.layer
         return mark == self.layer or (parent, name) in self.linked
 
-    def _unlink(self, parent: _Node, name: str) -> None:
+    def _unlink(self, parent: _Dir, name: str) -> None:
         """Remove a name and the subtree below it; inodes with other names live on."""
-        assert parent.children is not None
         self.parents.clear()
         stack = [parent.children.pop(name)]
         while stack:
             node = stack.pop()
+            if isinstance(node, Member):
+                continue  # one name: gone with it
             node.nlink -= 1
             if isinstance(node, _Dir) and node.children:
                 stack.extend(node.children.values())
@@ -414,14 +428,19 @@ class _Merger:
             raise _Refused("a hard link to the image root, a directory")
         chain = self._resolve(head)
         parent = chain[-1][1] if chain else self.root
-        target = None
-        if parent is not None and parent.children is not None:
-            target = parent.children.get(name)
+        target = parent.children.get(name) if isinstance(parent, _Dir) else None
         if target is None:
             raise _Refused(f"a hard link to {linkname!r}, which does not exist")
-        if target.children is not None:
+        if isinstance(target, _Dir):
             raise _Refused(f"a hard link to {linkname!r}, a directory")
+        if isinstance(target, Member):
+            assert isinstance(parent, _Dir)
+            target = parent.children[name] = _Node(target, 0)  # a node for its names to share
         return target
+
+
+def _member(entry: _Entry) -> Member:
+    return entry if isinstance(entry, Member) else entry.member
 
 
 def _check_name(name: str) -> None:
@@ -437,7 +456,7 @@ def _check_length(name: str) -> None:
         raise _Refused(f"a name longer than {NAME_MAX} bytes")
 
 
-def _by_bytes(children: dict[str, _Node]) -> Iterator[tuple[bytes, _Node]]:
+def _by_bytes(children: dict[str, _Entry]) -> Iterator[tuple[bytes, _Entry]]:
     """A directory's entries as (encoded name, node), sorted by the encoded names.
 
     UTF-8 keeps the order of code points, so names that encode strictly sort as they are,
@@ -460,7 +479,7 @@ def _strict(text: str) -> bool:
     return True
 
 
-def _freeze(root: _Node) -> MergedTree:
+def _freeze(root: _Dir) -> MergedTree:
     """Number the inodes breadth first in name order and flatten the tree into arrays.
 
     A node is numbered when first met; only a non-directory with several names can be met
@@ -472,7 +491,7 @@ def _freeze(root: _Node) -> MergedTree:
     first, count, child, ends = array("I"), array("I"), array("I"), array("Q")
     names = bytearray()
     shared: dict[int, int] = {}
-    queue = deque([root])
+    queue: deque[_Entry] = deque([root])
     queue_append, parent_append = queue.append, parent.append  # bound once: a call per name
     ends_append, child_append = ends.append, child.append
     numbered = 1
@@ -480,17 +499,23 @@ def _freeze(root: _Node) -> MergedTree:
     while queue:
         node = queue.popleft()
         ino += 1
+        first.append(len(child))
+        if isinstance(node, Member):
+            members.append(node)
+            layer.append(0)
+            nlink.append(1)
+            count.append(0)
+            continue
         members.append(node.member)
         layer.append(node.layer)
-        first.append(len(child))
-        children = node.children
-        if children is None:
+        if not isinstance(node, _Dir):
             nlink.append(node.nlink)
             count.append(0)
             continue
+        children = node.children
         subdirs = 0
         for key, entry in _by_bytes(children):
-            if entry.nlink > 1:
+            if isinstance(entry, _Node) and entry.nlink > 1:
                 number = shared.get(id(entry), 0)
                 if not number:
                     number = shared[id(entry)] = numbered = numbered + 1
@@ -500,7 +525,7 @@ def _freeze(root: _Node) -> MergedTree:
                 number = numbered = numbered + 1
                 queue_append(entry)
                 parent_append(ino)
-            subdirs += entry.children is not None
+            subdirs += isinstance(entry, _Dir)
             names += key
             ends_append(len(names))
             child_append(number)
