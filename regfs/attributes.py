@@ -76,6 +76,8 @@ class Attributes:
             # A file or directory inside an image: kept for good, and nothing below applies
             # (readdir of an image's directory asks this for each entry).
             entry.attr_timeout = entry.entry_timeout = FOREVER
+            if attr.is_dir:  # asked again after each READDIR of it (InodeTable.fixed)
+                self.inodes.keep_fixed(entry)
             return entry
         shown = self._shown.get(node) if isinstance(node, UploadNode) else None
         if shown is not None:

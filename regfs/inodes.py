@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 import pyfuse3
+from pyfuse3 import EntryAttributes
 
 from .nodes import ROOT, Node
 
@@ -26,6 +27,11 @@ class InodeTable:
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._lookups: dict[int, int] = {}
+        # What GETATTR answers for a directory inside an image (its attributes never change),
+        # made once, when a listing or lookup first hands it: the kernel asks again after
+        # every READDIR of it (its atime; not on a read-only mount), so each `find` of an
+        # image asks it of every directory. Dropped with the number at forget.
+        self._fixed: dict[int, EntryAttributes] = {}
         self._next = pyfuse3.ROOT_INODE + 1
 
     def __len__(self) -> int:
@@ -61,11 +67,21 @@ class InodeTable:
         """The node's inode if the kernel may know it (for invalidations)."""
         return self._inodes.get(node)
 
+    def fixed(self, ino: int) -> EntryAttributes | None:
+        """What GETATTR answered for ino if it can never change (`keep_fixed`)."""
+        return self._fixed.get(ino)
+
+    def keep_fixed(self, entry: EntryAttributes) -> None:
+        """Keep an immutable node's entry (made with its inode, st_ino) for each GETATTR of
+        it. Whoever gets it hands it on unchanged, as pyfuse3 does (it copies it)."""
+        self._fixed[entry.st_ino] = entry
+
     def rebind(self, ino: int, node: Node) -> None:
         """Make ino stand for another node (an upload renamed into the layer it became).
 
         The node may have an inode already; both numbers then name it until one is forgotten.
         """
+        self._fixed.pop(ino, None)
         old = self._nodes.get(ino)
         if old is not None and self._inodes.get(old) == ino:
             del self._inodes[old]
@@ -81,6 +97,7 @@ class InodeTable:
             self._lookups[ino] = left
             return
         self._lookups.pop(ino, None)
+        self._fixed.pop(ino, None)
         if ino != pyfuse3.ROOT_INODE:
             node = self._nodes.pop(ino, None)
             if node is not None and self._inodes.get(node) == ino:

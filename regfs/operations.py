@@ -67,6 +67,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
+        fixed = self.inodes.fixed(inode)  # an image's directory: its atime after a READDIR
+        if fixed is not None:
+            return fixed
         return await self.directories.entry_of(self.inodes.node(inode))
 
     @fuse_errors

@@ -220,6 +220,29 @@ class PagesView(NotesView):
         return Attr(False, number, 7, True, stat.S_IFLNK | 0o777, 5, 6, 2)
 
 
+def shown(entry: pyfuse3.EntryAttributes) -> tuple[object, ...]:
+    """Every field of an entry the kernel gets."""
+    return tuple(getattr(entry, field) for field in SHOWN)
+
+
+SHOWN = (
+    "st_ino",
+    "st_mode",
+    "st_size",
+    "st_uid",
+    "st_gid",
+    "st_nlink",
+    "st_rdev",
+    "st_blocks",
+    "st_blksize",
+    "st_atime_ns",
+    "st_mtime_ns",
+    "st_ctime_ns",
+    "attr_timeout",
+    "entry_timeout",
+)
+
+
 async def test_a_listing_with_attributes_is_handed_as_a_lookup_shows_it(ops, monkeypatch):
     """A view's `children` may answer a `Listing`: readdirplus hands each entry the
     attributes that came with it, without asking the view for any, and they are what a
@@ -236,11 +259,6 @@ async def test_a_listing_with_attributes_is_handed_as_a_lookup_shows_it(ops, mon
     section = await lookup_path(with_view, "a", "b", "pages")
     await with_view.directories.read(with_view.inodes.node(section.st_ino), 0, None)
     assert [name for name, _ in handed] == [b"1", b"2", b"3"] and view.asked == 0
-
-    def shown(entry: pyfuse3.EntryAttributes) -> tuple[object, ...]:
-        fields = ("st_ino", "st_mode", "st_size", "st_uid", "st_gid", "st_nlink", "st_mtime_ns")
-        timeouts = (entry.attr_timeout, entry.entry_timeout)
-        return (*(getattr(entry, f) for f in fields), *timeouts)
 
     for name, entry in handed:
         looked_up = await lookup_path(with_view, "a", "b", "pages", name.decode())
@@ -309,3 +327,44 @@ async def test_a_listing_read_to_its_end_lets_go_of_its_entries(ops, monkeypatch
     assert len(handed) == 1
     await ops.directories.read(layers, end - 1, None)  # back into it: the current listing
     assert handed[1][0] == name and len(handed) == 2
+
+
+class ShelvesView(PagesView):
+    """PagesView whose page 1 is a directory of an image, page 2 one that moves with a tag
+    (an image's root, rootfs/<tag>: not immutable), page 3 a file of an image."""
+
+    @staticmethod
+    def _attr(number: int) -> Attr:
+        if number == 3:
+            return PagesView._attr(number)
+        return Attr(True, 0, 7 + number, number == 1, stat.S_IFDIR | 0o750, 5, 6, 2 + number)
+
+
+async def test_an_image_directory_answers_getattr_with_what_it_was_handed(ops, monkeypatch):
+    """The kernel asks GETATTR of an image's directory after each READDIR of it (its atime),
+    so every `find` asks it of each directory: the entry a listing (or lookup) handed for it
+    answers as is, field for field what the view says of it, until the kernel forgets its
+    inode. A directory that moves with a tag, and a file, are asked of the view each time."""
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *args: True)
+    view = ShelvesView()
+    with_view = Operations(Tree(ops.tree.registry, 2.0, views={"pages": view}), ops.options)
+    section = await lookup_path(with_view, "a", "b", "pages")
+    await with_view.directories.read(with_view.inodes.node(section.st_ino), 0, None)
+    pages = [PageNode(number) for number in (1, 2, 3)]
+    inodes = [with_view.inodes.inode(page) for page in pages]
+    answers = [await with_view.getattr(ino, None) for ino in inodes]
+    assert view.asked == 2  # pages 2 and 3; page 1's entry came with the listing
+    again = [await with_view.getattr(ino, None) for ino in inodes]
+    assert again[0] is answers[0] and view.asked == 4
+    for page, answer in zip(pages, answers, strict=True):
+        assert shown(answer) == shown(with_view.attributes.entry(page, view._attr(page.number)))
+    assert stat.S_ISDIR(answers[0].st_mode) and answers[0].st_nlink == 3
+    assert answers[0].attr_timeout == FOREVER and answers[1].attr_timeout < FOREVER
+    await with_view.forget([(inodes[0], 1)])  # the kernel lets go: nothing kept
+    assert with_view.inodes.fixed(inodes[0]) is None
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await with_view.getattr(inodes[0], None)
+    assert err.value.errno == errno.ESTALE
+    looked_up = await lookup_path(with_view, "a", "b", "pages", "1")
+    assert shown(looked_up) == shown(answers[0]) and view.asked == 5
+    assert await with_view.getattr(looked_up.st_ino, None) is looked_up and view.asked == 5
