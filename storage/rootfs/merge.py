@@ -17,8 +17,9 @@ refusals):
 - A hard link names the target's node: both names share one inode, and that node keeps the
   (layer, member) whose bytes it shows even when a later member replaces the target's name.
 
-Memory: the merge builds one small object per node, then `MergedTree` keeps flat arrays
-(docs/rootfs.md has the measured bytes per member) and drops the objects.
+Memory: the merge builds one small object per directory and per non-directory of a layer
+above the base (the base layer's are their bare `Member`, see `_Entry`), then `MergedTree`
+keeps flat arrays (docs/rootfs.md has the measured bytes per member) and drops the objects.
 """
 
 from __future__ import annotations
