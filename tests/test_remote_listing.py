@@ -479,6 +479,34 @@ def test_find_and_ls_of_a_remote_mount(
     assert len([line for line in listed if line.startswith("-")]) == len(blobs)
 
 
+def test_ls_of_a_namespace_asks_the_catalog_once(
+    mount: Callable[..., Mount],
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ls` of a namespace on a fresh remote mount is one `_catalog` (the lookup's, which the
+    listing reuses) and nothing per repository it shows; again within the catalog's TTL,
+    nothing: what is left of its time is the registry's answer and FUSE (issue 18)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    client = module_registry_server.client()
+    names = [f"r{i:02d}" for i in range(12)]
+    for name in names:
+        client.push_blob(f"spread/{name}", name.encode())
+    m = mount(proxy.url)
+    proxy.seen.clear()
+    assert sh("ls", m.path("spread")).stdout.split() == names
+    # The module's registry refuses pages over 1,000 (its default `catalog: maxentries`):
+    # a fresh client asks 100,000 first, once.
+    asked_for = [(s.method, s.path.split("?")[0], s.status) for s in proxy.seen]
+    assert asked_for[-1:] == [("GET", "/v2/_catalog", 200)]
+    assert asked_for[:-1] in ([], [("GET", "/v2/_catalog", 400)])
+    seen = len(proxy.seen)
+    assert sh("ls", m.path("spread")).stdout.split() == names
+    assert len(proxy.seen) == seen
+
+
 def test_ls_of_tags_asks_tags_list_only(
     mount: Callable[..., Mount],
     proxy: FaultServer,
