@@ -148,6 +148,7 @@ class Tree:
         self._section_attrs = Handed()
         self._shadow_logged: set[str] = set()
         self._tags_reading: set[str] = set()  # repositories whose tags are read ahead now
+        self._tags_unread: set[str] = set()  # ... whose tags were listed, none looked up since
         self._repos: dict[str, Repository] = {}  # stateless views, kept to save rebuilding
         # Counts changes (through the mount, SIGHUP). A cache is filled only if none came
         # while its value was read: a lookup that read a tag's old target, then waited (a
@@ -233,6 +234,7 @@ class Tree:
                 if is_component(name) and await self.registry.catalog.exists(child):
                     return DirNode(child)
             case SectionNode(repo, "tags"):
+                self._read_tags_ahead(repo)
                 found = TagNode(repo, name)
                 await self._tag_target(found)
                 return found
@@ -289,7 +291,7 @@ class Tree:
             if self._unchanged_since(since):
                 self._listings.put(node, cached)
             if isinstance(node, SectionNode) and node.section == "tags":
-                self._read_tags_ahead(node.repo, cached)
+                self._tags_unread.add(node.repo)  # read ahead at its first lookup
         return cached
 
     async def _list(self, node: Node) -> list[tuple[str, Node]]:
@@ -405,14 +407,19 @@ class Tree:
                     self._digests.put(node, attr)
         return attrs
 
-    def _read_tags_ahead(self, repo: str, listing: list[tuple[str, Node]]) -> None:
-        """A listing of repo's tags was just read: their targets and attributes are read
-        in the background, never delaying the listing (a plain `ls` stats nothing), ahead of
-        the lookups `ls -l` sends next (a tag's kernel entry has timeout 0), so each finds
-        them cached. Once per listing read, one at a time per repository."""
-        if repo not in self._tags_reading:
-            self._tags_reading.add(repo)
-            trio.lowlevel.spawn_system_task(self._read_tags, repo, listing[:TAGS_KEPT])
+    def _read_tags_ahead(self, repo: str) -> None:
+        """A tag of repo is looked up: if it is the first since a listing of repo's tags was
+        read from storage, the targets and attributes of the listed tags are read in the
+        background, ahead of the lookups `ls -l` sends next (a tag's kernel entry has timeout
+        0), so each finds them cached. Not at the listing: a plain `ls` (or `watch ls`) looks
+        nothing up and reads no link. Once per listing read, one at a time per repository;
+        none if the listing is no longer cached (expired, changed, SIGHUP)."""
+        if repo in self._tags_unread and repo not in self._tags_reading:
+            self._tags_unread.discard(repo)
+            listing = self._listings.get(SectionNode(repo, "tags"))
+            if listing:
+                self._tags_reading.add(repo)
+                trio.lowlevel.spawn_system_task(self._read_tags, repo, listing[:TAGS_KEPT])
 
     async def _read_tags(self, repo: str, listing: list[tuple[str, Node]]) -> None:
         """The tags not cached yet (at most what the cache holds), read in bulk where the
@@ -440,7 +447,8 @@ class Tree:
                 for node, got in zip(batch, found, strict=True):
                     # Absent, damaged, or its manifest gone: its lookup says so.
                     if got is not None and (target := manifests.get(got[0])) is not None:
-                        self._tags.put(node, got[0])
+                        # The manifest's digest, one object for all its tags (not the link's).
+                        self._tags.put(node, target[0].digest)
                         self._tag_attrs.put(node, (Attr(False, target[1].size, got[1]), target[0]))
             took = (time.monotonic() - started) * 1000
             log.debug("%s: %d tags read ahead in %.0f ms", repo, len(nodes), took)

@@ -109,8 +109,11 @@ async def tagged_root(root: Path, count: int) -> tuple[Registry, Counting]:
 
 
 async def read_ahead(tree: Tree) -> list[tuple[str, Node]]:
-    """The tags' listing, once the read-ahead it starts has ended."""
-    listing = await tree.children(SectionNode(NAME, "tags"))
+    """The tags' listing, once the read-ahead its first lookup starts (`ls -l`) has ended."""
+    section = SectionNode(NAME, "tags")
+    listing = await tree.children(section)
+    assert NAME not in tree._tags_reading  # a listing alone reads nothing ahead
+    await tree.lookup(section, TAGS[0])
     with trio.fail_after(10):
         while NAME in tree._tags_reading:
             await trio.sleep(0.01)
@@ -164,6 +167,28 @@ async def test_a_listing_reads_its_tags_ahead_so_lookups_read_nothing(tmp_path, 
     with pytest.raises(LookupError):
         await tree.lookup(section, "unpushed")
     assert driver.reads > reads
+
+
+async def test_a_listing_no_tag_is_looked_up_in_reads_no_tag_link(tmp_path):
+    """A plain `ls tags/` (or `watch ls tags/`, once per --tag-ttl) looks nothing up: the
+    listing reads no tag's link. The first lookup after it reads them ahead, once: a
+    second lookup, or one after a listing served from the cache, starts nothing."""
+    registry, driver = await tagged_root(tmp_path / "root", KEPT)
+    tree = Tree(registry, tag_ttl=600)
+    section = SectionNode(NAME, "tags")
+    driver.reads = 0
+    listing = await tree.children(section)
+    await trio.sleep(0.05)  # what a system task started by the listing would do meanwhile
+    assert driver.reads == 0
+    assert [name for name, node in listing if tree.cached_attr(node)] == []
+    await tree.lookup(section, "t001")
+    assert NAME in tree._tags_reading
+    with trio.fail_after(10):
+        while NAME in tree._tags_reading:
+            await trio.sleep(0.01)
+    await tree.children(section)  # cached: not read from storage
+    await tree.lookup(section, "t002")
+    assert NAME not in tree._tags_reading
 
 
 async def test_tags_read_ahead_are_as_many_as_the_cache_holds(tmp_path, monkeypatch):

@@ -11,12 +11,13 @@ import copy
 import errno
 import os
 import pickle
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
-from support.mounts import Mount
+from support.mounts import Mount, wait_until
 from support.roots import build_root
 from support.tools import errno_closing, run
 
@@ -97,3 +98,27 @@ def test_ls_tags_shows_the_valid_names_and_logs_the_rest(tmp_path: Path, mount: 
     assert "ignoring invalid tag names" in m.log_text()
     assert (tags / "v1.0-rc_2").read_bytes() == image["manifest"]
     assert errno_closing(lambda: os.stat(tags / "a\nb")) == errno.ENOENT
+
+
+@pytest.mark.mount
+def test_ls_reads_no_tag_link_and_ls_l_reads_them_ahead(tmp_path: Path, mount: Callable) -> None:
+    """A plain `ls tags/`, again and again past the tag TTL (`watch ls`), looks no tag up:
+    the daemon reads no tag's link for it (its --debug log says when it reads tags ahead).
+    The `ls -l` after it looks each tag up; its first lookup starts the read-ahead."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    digest = Digest.parse(image["digest"])
+    names = [f"t{i:03d}" for i in range(300)]
+    for name in names:
+        for location in (TagCurrentLink(NAME, name), TagIndexLink(NAME, name, digest)):
+            path = root / path_for(location).lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(digest))
+    m: Mount = mount(root, "--debug", "--tag-ttl", "0.05")
+    tags = m.path(NAME, "tags")
+    for _ in range(5):  # each past the TTL: the listing is read from storage again
+        assert run("ls", tags).stdout.decode().split() == sorted([*names, "latest"])
+        time.sleep(0.1)
+    assert "tags ahead" not in m.log_text()
+    assert len(run("ls", "-l", tags).stdout.decode().splitlines()) == len(names) + 2  # + total
+    wait_until(lambda: "tags ahead" in m.log_text(), 10, "the tags read ahead")
