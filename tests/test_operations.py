@@ -4,6 +4,7 @@ the hook a new view plugs into."""
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -327,6 +328,37 @@ async def test_a_listing_read_to_its_end_lets_go_of_its_entries(ops, monkeypatch
     assert len(handed) == 1
     await ops.directories.read(layers, end - 1, None)  # back into it: the current listing
     assert handed[1][0] == name and len(handed) == 2
+
+
+async def test_a_listing_is_read_with_the_cyclic_gc_off_and_it_comes_back(ops, monkeypatch):
+    """A fresh listing's nodes (20,000 tracked tuples for 10,000 tags) set off a full
+    collection of the daemon's objects: half a fresh mount's `ls`. The GC is off while the
+    listing is read, on again after, even when the listing fails; off stays off."""
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *args, **kwargs: True)
+    real_children = ops.tree.children
+    seen: list[bool] = []
+
+    async def children(node: Node) -> list[tuple[str, Node]]:
+        seen.append(gc.isenabled())
+        if node.repo == "broken":  # type: ignore[attr-defined]
+            raise OSError(errno.EIO, "the source failed")
+        return await real_children(node)
+
+    monkeypatch.setattr(ops.tree, "children", children)
+    layers = SectionNode("a/b", "layers")
+    assert gc.isenabled()
+    await ops.directories.read(layers, 0, None)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(OSError):
+        await ops.directories.read(SectionNode("broken", "tags"), 0, None)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        await ops.directories.read(layers, 0, None)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert seen == [False] * 3
 
 
 class ShelvesView(PagesView):
