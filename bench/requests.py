@@ -1,13 +1,14 @@
 """What one FUSE request costs through pyfuse3 + trio, without regfs (issues 16 and 18).
 
-Every cold walk is bounded by the daemon's time per request (GETATTR, LOOKUP, READDIR). This
-mounts a filesystem that answers from memory (a file, a directory of `--entries` names, every
-timeout 0, so the kernel asks each time) and times the calls that make one request each:
-fstat of an O_PATH descriptor (GETATTR), access(F_OK) by path (LOOKUP), a listing of the
-directory (READDIRPLUS). Each `--python` is a virtualenv's interpreter with its own pyfuse3
-(e.g. a stock 3.5.0 against regfs's build); they take turns for `--rounds`, and the medians
-are shown: wall time per call, and the daemon's CPU per request (its main thread's run time,
-/proc/<pid>/schedstat), the request counts read back from the daemon itself.
+Every cold walk is bounded by the daemon's time per request (GETATTR, LOOKUP, READDIR). This mounts
+a filesystem that answers from memory (a file, a directory of `--entries` names, every timeout 0, so
+the kernel asks each time) and times the calls that make one request each: fstat of an O_PATH
+descriptor (GETATTR; of `kept`, a GETATTR answered by `getattr_kept`, without a coroutine, on
+regfs's pyfuse3 build: third_party/pyfuse3), access(F_OK) by path (LOOKUP), a listing of the
+directory (READDIRPLUS). Each `--python` is a virtualenv's interpreter with its own pyfuse3 (e.g. a
+stock 3.5.0 against regfs's build); they take turns for `--rounds`, and the medians are shown: wall
+time per call, and the daemon's CPU per request (its main thread's run time, /proc/<pid>/schedstat),
+the request counts read back from the daemon itself.
 
     python -m bench.requests --python /stock/bin/python --python .venv/bin/python
 
@@ -35,13 +36,15 @@ import pyfuse3
 import trio
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
-DIR_INODE = FILE_INODE + 1
+KEPT_INODE = FILE_INODE + 1  # `kept`, a file whose GETATTR `getattr_kept` answers
+DIR_INODE = KEPT_INODE + 1
 COUNTS = b"user.counts"  # getxattr of this on the root answers the daemon's request counts
 
 
 class Memory(pyfuse3.Operations):
-    """A root holding `f` and `big/` (`entries` empty files); nothing is cached by the
-    kernel (every timeout 0) and every request is counted by its name."""
+    """A root holding `f`, `kept` and `big/` (`entries` empty files); nothing is cached by
+    the kernel (every timeout 0) and every request is counted by its name (a GETATTR of
+    `kept` as "kept", whichever method answers it)."""
 
     def __init__(self, entries: int) -> None:
         super().__init__()
@@ -60,15 +63,21 @@ class Memory(pyfuse3.Operations):
 
     def _child(self, parent: int, name: bytes) -> int:
         if parent == pyfuse3.ROOT_INODE:
-            found = {b"f": FILE_INODE, b"big": DIR_INODE}.get(name)
+            found = {b"f": FILE_INODE, b"kept": KEPT_INODE, b"big": DIR_INODE}.get(name)
             if found is not None:
                 return found
         elif parent == DIR_INODE and name.isdigit() and int(name) < self.entries:
             return DIR_INODE + 1 + int(name)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
+    def getattr_kept(self, inode: int) -> pyfuse3.EntryAttributes | None:
+        if inode != KEPT_INODE:
+            return None
+        self.counts["kept"] += 1
+        return self._attr(inode)
+
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.counts["getattr"] += 1
+        self.counts["kept" if inode == KEPT_INODE else "getattr"] += 1
         return self._attr(inode)
 
     async def lookup(
@@ -178,16 +187,19 @@ class Daemon:
 def measure_all(daemon: Daemon, calls: int, listings: int) -> dict[str, Sample]:
     path = daemon.mountpoint / "f"
     fd = os.open(path, os.O_PATH)
+    kept = os.open(daemon.mountpoint / "kept", os.O_PATH)
     try:
         os.access(path, os.F_OK)  # the kernel learns that ACCESS is not implemented
         return {
             "getattr": daemon.measure("getattr", calls, lambda: os.stat(fd)),
+            "kept": daemon.measure("kept", calls, lambda: os.stat(kept)),
             "lookup": daemon.measure("lookup", calls, lambda: os.access(path, os.F_OK)),
             "readdir": daemon.measure(
                 "readdir", listings, lambda: os.listdir(daemon.mountpoint / "big")
             ),
         }
     finally:
+        os.close(kept)
         os.close(fd)
 
 
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load {os.getloadavg()[0]:.1f}; medians of {args.rounds} rounds")
     for python in pythons:
         print(f"{python} (pyfuse3 {_version(python)})")
-        for kind in ("getattr", "lookup", "readdir"):
+        for kind in ("getattr", "kept", "lookup", "readdir"):
             runs = [run[kind] for run in samples[python]]
             per_call = statistics.median(s.us_per_call for s in runs)
             cpu = statistics.median(s.cpu_us_per_request for s in runs)

@@ -3,9 +3,10 @@
 `make install` builds pyfuse3 with regfs's small patch (third_party/pyfuse3/): `readdir` learns
 its directory's inode (`ReaddirToken.inode`), so opendir can answer ENOSYS and the kernel keeps
 every listing (regfs/listings.py); and `readdir_reply` may hand an entry by name and type only
-(`lookup=False`), so that listing N tags costs no inode in daemon or kernel. A stock pyfuse3 (a
-wheel from PyPI, as `pip install regfs` gets) works too, without these two savings: regfs asks
-which one it runs on, once.
+(`lookup=False`), so that listing N tags costs no inode in daemon or kernel; and
+`Operations.getattr_kept` answers a GETATTR without a coroutine (an image directory's, asked
+after each READDIR of it). A stock pyfuse3 (a wheel from PyPI, as `pip install regfs` gets) works
+too, without these savings: regfs asks which one it runs on, once.
 """
 
 from __future__ import annotations
@@ -13,3 +14,5 @@ from __future__ import annotations
 import pyfuse3
 
 PATCHED: bool = hasattr(pyfuse3.ReaddirToken, "inode")
+# Builds of the patch before getattr_kept lack it; a stock pyfuse3 never calls it.
+GETATTR_KEPT: bool = hasattr(pyfuse3.Operations, "getattr_kept")

@@ -65,9 +65,14 @@ class Operations(pyfuse3.Operations):
         self.directories.entries_used(parent)
         return entry
 
+    def getattr_kept(self, inode: int) -> EntryAttributes | None:
+        """GETATTR of an image's directory (its atime, after each READDIR of it) answered
+        without a coroutine, on regfs's pyfuse3 build (`fusefeatures.GETATTR_KEPT`)."""
+        return self.inodes.fixed(inode)
+
     @fuse_errors
     async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
-        fixed = self.inodes.fixed(inode)  # an image's directory: its atime after a READDIR
+        fixed = self.inodes.fixed(inode)  # what getattr_kept answers on regfs's build
         if fixed is not None:
             return fixed
         return await self.directories.entry_of(self.inodes.node(inode))

@@ -4,8 +4,10 @@ by `stat` and by threads of a client process. Also keeps bench/requests.py from 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -101,6 +103,32 @@ def test_a_stream_of_requests_lets_other_tasks_run(mnt):
     assert after["longest_gap_ms"] < 400, after  # 16 requests: 35-80 ms; unchecked 1,000
 
 
+@pytest.mark.skipif(not fusefeatures.GETATTR_KEPT, reason="a pyfuse3 without getattr_kept")
+def test_getattr_kept_answers_without_the_async_getattr(mnt):
+    kept = os.open(mnt / "kept", os.O_PATH)
+    try:
+        before = loop_state(mnt)
+        answers = {(st.st_ino, st.st_mode) for st in (os.stat(kept) for _ in range(50))}
+    finally:
+        os.close(kept)
+    after = loop_state(mnt)
+    assert answers == {(os.stat(mnt / "kept").st_ino, stat.S_IFREG | 0o644)}
+    assert after["kept"] - before["kept"] >= 50  # every timeout 0: the kernel asks each time
+    assert after["getattrs"] == before["getattrs"]  # `getattr` was not called
+
+
+@pytest.mark.skipif(not fusefeatures.GETATTR_KEPT, reason="a pyfuse3 without getattr_kept")
+def test_getattr_kept_raising_fuseerror_answers_its_errno(mnt):
+    broken = os.open(mnt / "big/9", os.O_PATH)
+    try:
+        with pytest.raises(OSError) as raised:
+            os.stat(broken)
+    finally:
+        os.close(broken)
+    assert raised.value.errno == errno.EIO
+    assert stat.S_ISREG(os.stat(mnt / "f").st_mode)  # the daemon goes on
+
+
 def test_bench_requests_runs():
     """`python -m bench.requests` at its smallest: every row has its figures."""
     args = ["--calls", "50", "--entries", "100", "--listings", "2", "--rounds", "1"]
@@ -113,5 +141,5 @@ def test_bench_requests_runs():
         check=True,
     ).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
-    assert [row[0] for row in rows] == ["getattr", "lookup", "readdir"]
+    assert [row[0] for row in rows] == ["getattr", "kept", "lookup", "readdir"]
     assert all(float(row[1]) > 0 and float(row[5]) >= 1 for row in rows)

@@ -4,9 +4,11 @@ bench/requests.py's in-memory filesystem, plus `big/slow`, whose lookup waits un
 of `go` arrives (in another directory: the kernel serializes the lookups in one, since
 libfuse 3.14 never passes FUSE_PARALLEL_DIROPS on), `big/<n>`, whose getattr computes for 2 ms
 without waiting (so that clients of several keep requests queued: Linux asks for one inode's
-attributes one request at a time), and a trio task that ticks every millisecond.
+attributes one request at a time), `big/9`, whose `getattr_kept` raises EIO, and a trio task
+that ticks every millisecond.
 getxattr of `user.loop` on the root answers what the loop did, as JSON: `getattr_tasks`, how
-many trio tasks served a GETATTR; `getattrs`, how many GETATTRs; `waiting`, lookups of
+many trio tasks served a GETATTR; `getattrs`, how many GETATTRs `getattr` answered; `kept`, how
+many GETATTRs of `kept` (answered by `getattr_kept` on regfs's build); `waiting`, lookups of
 `big/slow` still waiting; `longest_gap_ms`, the longest time between two ticks so far.
 
     python -m support.waitfs MOUNTPOINT   (cwd tests/, the project root on PYTHONPATH)
@@ -25,6 +27,7 @@ import trio
 from bench.requests import DIR_INODE, FILE_INODE, Memory
 
 LOOP = b"user.loop"
+BROKEN_INODE = DIR_INODE + 1 + 9  # big/9, whose getattr_kept raises EIO
 
 
 class WaitFs(Memory):
@@ -41,6 +44,11 @@ class WaitFs(Memory):
         if inode > DIR_INODE:
             time.sleep(0.002)  # blocks the loop, as a handler that computes does
         return await super().getattr(inode, ctx)
+
+    def getattr_kept(self, inode: int) -> pyfuse3.EntryAttributes | None:
+        if inode == BROKEN_INODE:
+            raise pyfuse3.FUSEError(errno.EIO)
+        return super().getattr_kept(inode)
 
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
@@ -61,6 +69,7 @@ class WaitFs(Memory):
             raise pyfuse3.FUSEError(errno.ENODATA)
         shown: dict[str, float] = {"getattr_tasks": len(self.getattr_tasks)}
         shown |= {"waiting": self.waiting, "getattrs": self.counts["getattr"]}
+        shown |= {"kept": self.counts["kept"]}
         return json.dumps(shown | {"longest_gap_ms": self._gap() * 1000}).encode()
 
     def _gap(self) -> float:
