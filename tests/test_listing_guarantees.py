@@ -236,3 +236,21 @@ async def test_digests_stated_in_bulk_are_bounded_and_dropped_by_a_change(tmp_pa
     changed_after(monkeypatch, LayerService, "stats", change)
     assert await tree.read_attrs(nodes[:KEPT]) == attrs[:KEPT]
     assert len(tree._digests._entries) == 0
+
+
+async def test_tags_of_one_image_keep_one_digest_and_manifest_node(tmp_path):
+    """Memory with 100,000 tags (most of them on a few images): the tags a tree keeps, read
+    ahead or looked up one by one, share one digest and one manifest node per image."""
+    registry, _ = await tagged_root(tmp_path / "root", 2 * KEPT)
+    section = SectionNode(NAME, "tags")
+    ahead = Tree(registry, tag_ttl=600)
+    await read_ahead(ahead)
+    one_by_one = Tree(registry, tag_ttl=600)
+    nodes = [TagNode(NAME, name) for name in TAGS[: 2 * KEPT]]
+    for node in nodes:
+        assert await one_by_one.attr(await one_by_one.lookup(section, node.tag)) is not None
+    for tree in (ahead, one_by_one):
+        assert len({id(tree._tags.get(node)) for node in nodes}) == 1
+        kept = [tree._tag_attrs.get(node) for node in nodes]
+        assert len({id(pair[1]) for pair in kept if pair is not None}) == 1
+        assert None not in kept
