@@ -3,12 +3,9 @@ GETATTR, and repositories made by mkdir and removed by rmdir."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import gc
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyfuse3
@@ -64,8 +61,7 @@ class Directories:
             self._snapshots.move_to_end(snapshot)
             entries = kept.entries or []  # read to its end: nothing more
         else:  # a reader that went back into a listing it read whole goes on in the current
-            with _no_cyclic_gc():
-                entries = await self._present(node)
+            entries = await self._present(node)
             snapshot = self._snapshot(node, entries)
             if start_id == 0 and _kept_by_kernel(node):
                 self.tree.kept.listed(node, names_of(entries))
@@ -224,25 +220,6 @@ class Directories:
         assert isinstance(node, DirNode)  # a directory's children: directories, sections
         await self.tree.rmdir(parent, node)
         log.info("rmdir: removed repository %s", node.path)
-
-
-@contextlib.contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """No cyclic GC while a listing is read: 10,000 tags make 20,000 tracked tuples (a
-    TagNode and its pair each), which set off ~27 collections, a full one among them, on a
-    fresh daemon's ~60,000 objects: 47-97 ms of a fresh mount's 65-150 ms `ls` (gc.callbacks,
-    load 11); once on, one young collection walks them. A listing holds no cycles. It stays
-    off across the listing's awaits (a remote one: its HTTP request), so other requests'
-    cyclic garbage waits that long. Pauses that overlap (another listing, or
-    `storage.rootfs.members.gc_paused` in a thread) leave it on once the first that found it
-    on ends."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _kept_by_kernel(node: Node) -> bool:

@@ -7,7 +7,9 @@ are here; a view (regfs/views.py) defines its own kinds as more subclasses of `N
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import gc
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from typing import NamedTuple
@@ -20,6 +22,23 @@ _TAG_KIND = "tag"
 
 class NotFound(LookupError):
     """A name that does not exist in the tree (ENOENT)."""
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic collection while a listing's nodes are made. 10,000 tags are 20,000
+    tracked tuples (a TagNode and its pair each): they set off ~27 collections, a full one
+    among them, on a fresh daemon's ~60,000 objects, 47-97 ms of a fresh mount's 65-150 ms
+    `ls` of them (gc.callbacks, load 11). A listing holds no cycles; once on again, one young
+    collection walks its nodes. Only around code that does not await, so other requests'
+    cyclic garbage never waits on storage or the network. Off stays off."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class Node:
@@ -72,9 +91,10 @@ class TagNode(tuple[str, str, str], Node):
     @classmethod
     def listing(cls, repo: str, tags: Sequence[str]) -> list[tuple[str, Node]]:
         """(tag, its node) for each of a repository's tags, made without a Python call per
-        tag: 10,000 in ~2.5 ms, not ~6."""
+        tag (10,000 in ~2.5 ms, not ~6) and no cyclic collection (`gc_paused`)."""
         fields = zip(repeat(_TAG_KIND), repeat(repo), tags, strict=False)  # as long as tags
-        return list(zip(tags, map(tuple.__new__, repeat(cls), fields), strict=True))
+        with gc_paused():
+            return list(zip(tags, map(tuple.__new__, repeat(cls), fields), strict=True))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from .nodes import (
     TagNode,
     UploadNode,
     digest_name,
+    gc_paused,
 )
 from .views import View
 
@@ -305,7 +306,8 @@ class Tree:
             case DirNode(path):
                 names = await self.registry.catalog.children(path)
                 if not path or not await self._is_repository(path):
-                    return [(n, DirNode(_join(path, n))) for n in names]
+                    with gc_paused():  # 10,000 repositories: see gc_paused
+                        return [(n, DirNode(_join(path, n))) for n in names]
                 shadowed = sorted(set(names) & set(self.sections))
                 if shadowed and path not in self._shadow_logged:
                     self._shadow_logged.add(path)
@@ -321,10 +323,12 @@ class Tree:
                 return TagNode.listing(repo, await self._repo(repo).tags.list())
             case SectionNode(repo, "manifests"):
                 digests = await self._repo(repo).manifests.list()
-                return [(str(d), ManifestNode(repo, d)) for d in digests]
+                with gc_paused():
+                    return [(str(d), ManifestNode(repo, d)) for d in digests]
             case SectionNode(repo, "layers"):
                 digests = await self._repo(repo).layers.list()
-                return [(str(d), LayerNode(repo, d)) for d in digests]
+                with gc_paused():
+                    return [(str(d), LayerNode(repo, d)) for d in digests]
             case SectionNode(repo, "uploads"):
                 uploads = await self.uploads(repo)
                 return [(n, UploadNode(repo, u)) for n, u in sorted(uploads.items())]
