@@ -2,11 +2,11 @@
 
 A listing of tags reads no tag's link: a tag whose attributes the daemon holds is handed to
 the kernel with them and an entry timeout of 0.1 s, any other with a placeholder the kernel
-never uses (timeouts of 0); on a local root the daemon reads the tags ahead after the reply,
-in bulk, for the lookups `ls -l` sends next. A lookup of a tag gets an entry timeout of 0 and
-attribute timeout `--tag-ttl`. Digests (layers/, manifests/) get entry timeouts of 0.1 s. So
-`ls tags/` costs no
-storage read per tag, and `ls -l` of tags, layers or manifests within the TTL no round trip
+never uses (timeouts of 0); on a local root the daemon reads the tags ahead at the first
+lookup of one after the listing (what `ls -l` sends; a plain `ls` sends none), in bulk, for
+the lookups it sends next. A lookup of a tag gets an entry timeout of 0 and attribute timeout
+`--tag-ttl`. Digests (layers/, manifests/) get entry timeouts of 0.1 s. So `ls tags/` costs
+no storage read per tag, and `ls -l` of tags, layers or manifests within the TTL no round trip
 per entry. What must stay true: a tag changed through the mount is seen at once (also tags
 deleted with their manifest), one changed beside it within the TTL and at SIGHUP, a digest
 deleted beside it at SIGHUP too; and nothing the kernel keeps ever needs the daemon to
