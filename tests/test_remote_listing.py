@@ -3,7 +3,8 @@
 A listing of tags/ asks one `tags/list` and nothing more; the first lookup of a listed tag
 resolves them all (one manifest GET per tag, in parallel), for `ls -l` looks them all up next.
 A walk of a repository (tags/, manifests/, layers/, each entry stat'ed) so asks one
-`tags/list`, one manifest GET per tag and one HEAD per blob, and reuses the tags for
+`tags/list` and one manifest GET per tag (a blob's size is its descriptor's: no HEAD, where
+a client would send one per blob), and reuses the tags for
 `tag_reuse` seconds; a change through the source is seen at once, one behind it after the
 reuse. The registry is Debian's docker-registry, behind the fault-injecting proxy
 that records every request (tests/support/fault_server.py).
@@ -22,14 +23,14 @@ import pytest
 import trio
 from support.fault_server import Fault, FaultServer
 from support.mounts import Mount, hang_up, wait_until
-from support.oci import image_manifest
+from support.oci import image_manifest, sha256_digest
 from support.registry import RegistryClient, RegistryServer
 from support.tools import sh
 
 import storage.remote.client as remote_client
 import storage.remote.registry as remote_registry
 from storage.digests import Digest
-from storage.errors import RemoteUnavailable, UnknownLayer, UnknownTag
+from storage.errors import RemoteUnavailable, StorageError, UnknownLayer, UnknownTag
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 
@@ -97,21 +98,50 @@ async def test_a_walk_asks_each_thing_once(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """Before: three `tags/list` and three HEADs per tag (one per section), a GET per
-    manifest and a HEAD per blob, one at a time."""
+    manifest and a HEAD per blob, one at a time; the blobs' sizes now come from the
+    manifests' descriptors."""
     blobs = push_repo(module_registry_server.client(), "listing/once")
     registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
     proxy.seen.clear()
     tags, layers = await walk(registry, "listing/once")
     assert tags == list(TAGS)
     assert {str(d) for d in layers} == blobs
-    assert asked(proxy, "listing/once") == {
-        "GET tags/list": 1,
-        "GET manifests/<tag>": len(TAGS),
-        "HEAD blobs/<digest>": len(blobs),
-    }
+    assert asked(proxy, "listing/once") == {"GET tags/list": 1, "GET manifests/<tag>": len(TAGS)}
     proxy.seen.clear()  # within the reuse, and the blobs' sizes are kept: nothing asked
     assert await walk(registry, "listing/once") == (tags, layers)
     assert asked(proxy, "listing/once") == {}
+
+
+async def test_a_blob_size_a_manifest_lies_about_is_caught_on_read(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """A blob's size in layers/ is its descriptor's, a claim like a HEAD's Content-Length:
+    one larger than a file can be is asked with a HEAD instead, and a wrong one is shown but
+    fails the read (the bytes never match it), never served as the blob."""
+    client = module_registry_server.client()
+    config, layer = b'{"os": "linux"}', b"a layer whose size is lied about\n"
+    client.push_blob("l/lies", config)
+    client.push_blob("l/lies", layer)
+    client.put_manifest("l/lies", "a", image_manifest(config, [layer]))
+    lying = json.loads(image_manifest(config, [layer]))
+    lying["config"]["size"] = 1 << 64
+    lying["layers"][0]["size"] = len(layer) + 5
+    body = json.dumps(lying).encode()
+    proxy.inject(Fault(200, body=body, method="GET", path=r"/l/lies/manifests/a$"), times=1)
+    repo = registry.repository("l/lies")
+    proxy.seen.clear()
+    config_digest, layer_digest = (Digest.parse(sha256_digest(b)) for b in (config, layer))
+    assert sorted(await repo.layers.list()) == sorted([config_digest, layer_digest])
+    assert asked(proxy, "l/lies") == {
+        "GET tags/list": 1,
+        "GET manifests/<tag>": 1,
+        "HEAD blobs/<digest>": 1,  # the config's: 2**64 bytes is no file's size
+    }
+    assert (await repo.layers.stat(config_digest)).size == len(config)
+    assert (await repo.layers.stat(layer_digest)).size == len(layer) + 5
+    reader = await repo.layers.fetch(layer_digest)
+    with pytest.raises(StorageError):
+        await reader.read_at(0, len(layer) + 5)
 
 
 async def test_stats_of_a_listing_say_what_stat_says_and_ask_each_thing_once(
@@ -182,7 +212,7 @@ async def test_a_listing_again_keeps_the_targets_resolved_since(
     proxy.seen.clear()
     await repo.layers.list()
     resolved = {"GET tags/list": 1, "GET manifests/<tag>": len(TAGS)}
-    assert asked(proxy, "listing/again") == resolved | {"HEAD blobs/<digest>": len(TAGS) + 1}
+    assert asked(proxy, "listing/again") == resolved
     snapshot = registry.tag_snapshots.get("listing/again")
     assert snapshot is not None
     snapshot.until = 0  # the names expired, the targets not
@@ -457,7 +487,7 @@ def test_find_and_ls_of_a_remote_mount(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`find` and `ls -l` of a remote mount: every file found, with its size, for one
-    `tags/list`, one GET per tag and one HEAD per blob."""
+    `tags/list` and one GET per tag (no HEAD per blob: the manifests give their sizes)."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     client = module_registry_server.client()
     blobs = push_repo(client, "listing/mounted")
@@ -470,10 +500,11 @@ def test_find_and_ls_of_a_remote_mount(
     assert {k.split("/")[1] for k in sizes if k.startswith("layers/")} == blobs
     for tag in TAGS:
         assert int(sizes[f"tags/{tag}"]) == len(client.get_manifest("listing/mounted", tag).body)
+    for digest in blobs:
+        assert int(sizes[f"layers/{digest}"]) == len(client.get_blob("listing/mounted", digest))
     assert asked(proxy, "listing/mounted") == {
         "GET tags/list": 1,
         "GET manifests/<tag>": len(TAGS),
-        "HEAD blobs/<digest>": len(blobs),
     }
     listed = sh("ls", "-l", where / "layers").stdout.splitlines()
     assert len([line for line in listed if line.startswith("-")]) == len(blobs)
@@ -589,7 +620,7 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """Two repositories listed in the order of the catalog fetched: the next LISTINGS_AHEAD
-    are listed in the background (tags, or layers/ with its blobs' HEADs, as the walk lists
+    are listed in the background (tags, or layers/ with its manifests, as the walk lists
     them), and their own listings then ask nothing. Out of order, nothing is listed ahead."""
     client = module_registry_server.client()
     ahead = remote_registry.LISTINGS_AHEAD
@@ -614,11 +645,7 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
         assert time.monotonic() < deadline, "the listings ahead never finished"
         await trio.sleep(0.02)
     for name in names[2 : 2 + ahead]:
-        assert asked(proxy, name) == {
-            "GET tags/list": 1,
-            "GET manifests/<tag>": 2,
-            "HEAD blobs/<digest>": len(blobs[name]),
-        }
+        assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
     assert asked(proxy, names[-1]) == {}  # one more than LISTINGS_AHEAD
     proxy.seen.clear()
     layers = await registry.repository(names[2]).layers.list()

@@ -56,6 +56,7 @@ from .untrusted import (
     MANIFEST_MAX,
     MANIFESTS_WALKED_MAX,
     PAGE_MAX,
+    SIZE_MAX,
     TAG_SNAPSHOT_BYTES,
     TAGS_RESOLVED_MAX,
     ByteCache,
@@ -685,13 +686,16 @@ class RemoteLayers:
         except RemoteNotFound:
             raise UnknownLayer(f"blob unknown to {self.name}: {digest}") from None
         length = response.headers.get("content-length", "0")
-        if not length.isdigit():
+        if (size := _size(length)) is None:
             raise RemoteError(
                 f"registry {self.client.name}: HEAD {self._url(digest)}: Content-Length "
                 f"{shown(length, 40)} is not a size",
                 status=response.status_code,
             )
-        info = BlobInfo(digest, int(length), self.registry.started_ns)
+        return self._keep(digest, size)
+
+    def _keep(self, digest: Digest, size: int) -> BlobInfo:
+        info = BlobInfo(digest, size, self.registry.started_ns)
         self.registry.blob_cache.put((self.name, digest), info)
         return info
 
@@ -711,8 +715,8 @@ class RemoteLayers:
     async def list(self) -> list[Digest]:
         """Config and layers of the tagged manifests (and of the manifests they index), and
         the blobs finished through this mount. Manifests not cached yet are fetched a level
-        at a time, and the blobs' HEADs (their sizes) beforehand, in parallel: readdirplus
-        stats every entry."""
+        at a time, in parallel; a blob's size is its descriptor's (readdirplus stats every
+        entry), and a HEAD asks it only of a blob no descriptor sizes."""
         if self.registry.tag_reuse > 0:
             await self.registry.listing(self.name, "layers")
         return await self.walk()
@@ -720,6 +724,7 @@ class RemoteLayers:
     async def walk(self) -> builtins.list[Digest]:
         """list() without telling the registry a listing was asked for (listing ahead)."""
         found: set[Digest] = set(self._finished())
+        sizes: dict[Digest, int] = {}  # what the manifests' descriptors say, the first's
         manifests = self.repo.manifests
         pending = await manifests.list()
         seen: set[Digest] = set()
@@ -741,10 +746,16 @@ class RemoteLayers:
                     parsed = parse_manifest((await manifests.get(digest)).data)
                 except (UnknownManifest, InvalidManifest, CorruptEntry):
                     continue
-                found.update(d.digest for d in parsed.blobs if not d.urls)
+                for blob in parsed.blobs:
+                    if not blob.urls:
+                        found.add(blob.digest)
+                        sizes.setdefault(blob.digest, blob.size)
                 children.extend(d.digest for d in parsed.children)
             pending = children
         listed = sorted(found)
+        for digest in self._unstated(listed):
+            if (size := sizes.get(digest)) is not None and size <= SIZE_MAX:
+                self._keep(digest, size)
         await self._stat_many(self._unstated(listed))
         await _in_parallel(self._unstated(listed), self.stat, f"{self.name}: blobs")
         return listed
@@ -754,10 +765,8 @@ class RemoteLayers:
         `stat` does; the others are left for `stat` to ask and report."""
 
         def keep(index: int, answer: Small) -> None:
-            length = answer.headers.get("content-length", "")
-            if length.isdigit():
-                info = BlobInfo(digests[index], int(length), self.registry.started_ns)
-                self.registry.blob_cache.put((self.name, digests[index]), info)
+            if (size := _size(answer.headers.get("content-length", ""))) is not None:
+                self._keep(digests[index], size)
 
         await _batched(self.client, "HEAD", [self._url(d) for d in digests], keep)
 
@@ -766,7 +775,7 @@ class RemoteLayers:
         return [d for d in dict.fromkeys(digests) if cache.get((self.name, d)) is None]
 
     def _unstated(self, digests: builtins.list[Digest]) -> builtins.list[Digest]:
-        """The blobs to HEAD ahead: those not in the cache, as many as it holds (the first,
+        """The blobs to size ahead: those not in the cache, as many as it holds (the first,
         in the order a listing shows them), so none pushes out another before it is used."""
         cache = self.registry.blob_cache
         room = cache.max_bytes // (len(self.name) + ENTRY_OVERHEAD)
@@ -958,6 +967,13 @@ class RemoteRegistry:
     async def aclose(self) -> None:
         """Close the connections (at unmount)."""
         await self.client.aclose()
+
+
+def _size(length: str) -> int | None:
+    """A blob's size from a Content-Length, or None if it is none a file can have."""
+    if not (length.isascii() and length.isdigit()):  # "²".isdigit(), and int() refuses it
+        return None
+    return int(length) if int(length) <= SIZE_MAX else None
 
 
 def _errors(response: httpx.Response) -> str:
