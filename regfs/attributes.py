@@ -65,11 +65,8 @@ class Attributes:
         self._unread = self._stat(Attr(False, 0, tree.started_ns))
         self._unread.attr_timeout = self._unread.entry_timeout = 0
 
-    def entry(
-        self, node: Node, attr: Attr, timeout: float | None = None, listed: bool = False
-    ) -> EntryAttributes:
-        """The entry the kernel gets for a node; `timeout` overrides the kind's timeouts.
-        `listed`: for readdirplus, whose tag entries the kernel may keep briefly."""
+    def entry(self, node: Node, attr: Attr, timeout: float | None = None) -> EntryAttributes:
+        """The entry the kernel gets for a node; `timeout` overrides the kind's timeouts."""
         entry = self._stat(attr)
         entry.st_ino = self.inodes.inode(node)
         if attr.immutable and timeout is None and isinstance(node, FixedNode):
@@ -91,23 +88,19 @@ class Attributes:
                 timeout = 0  # its size moves with every write, from any mount
         entry.attr_timeout = entry.entry_timeout = timeout
         moves = not attr.immutable and not isinstance(node, REGISTRY_KINDS)  # rootfs/<tag>
-        if isinstance(node, TagNode) and listed and timeout:
-            # What `ls -l` stats right after the listing: kept as briefly as a digest's (a
-            # tag's name keeps its inode; writes, rm and mv through the mount update the
-            # kernel's own entry). The one change through the mount the kernel does not see,
-            # tags deleted with their manifest, waits until these have expired (Tree.remove).
-            entry.entry_timeout = min(timeout, self.options.tag_ttl, LISTED_ENTRY_TIMEOUT)
-            self.tree.tags_listed(node.repo, entry.entry_timeout)
-        elif isinstance(node, TagNode):
+        if isinstance(node, TagNode):
             # A name that can go, or point elsewhere, without the kernel seeing it (a tag
-            # moved or deleted beside the mount) is not cached by the kernel beyond that:
-            # the daemon would have to invalidate it, which takes the directory's lock that a
-            # client waiting for the daemon may hold, and a daemon killed while waiting for
-            # it could never exit and free the mount. So every path walk asks the daemon (it
-            # caches for tag_ttl), and that lookup's reply refreshes the attributes, which
-            # may then be kept: they serve the stat that follows the lookup, and fstat
-            # (docs/concurrency.md).
-            entry.entry_timeout = 0
+            # moved or deleted beside the mount) is kept by the kernel only as briefly as a
+            # digest's: invalidating it would take the directory's lock that a client
+            # waiting for the daemon may hold, and a daemon killed while waiting for it could
+            # never exit and free the mount. Long enough for `ls -l` to stat a name right
+            # after readdirplus or a lookup handed it. A tag's name keeps its inode, and
+            # writes, rm and mv through the mount update the kernel's own entry; the one
+            # change through the mount it does not see, tags deleted with their manifest,
+            # waits until these have expired (Tree.remove). A writer's (timeout 0): none.
+            entry.entry_timeout = min(timeout, self.options.tag_ttl, LISTED_ENTRY_TIMEOUT)
+            if entry.entry_timeout:
+                self.tree.tags_listed(node.repo, entry.entry_timeout)
         elif moves or isinstance(node, LayerNode | ManifestNode):
             # A digest's name never means anything else, so the kernel may keep the entry
             # briefly: a registry DELETE beside the mount shows for at most 0.1 s more than
@@ -154,7 +147,9 @@ class Attributes:
         """What readdirplus hands the kernel for a tag without reading storage, and whether
         the kernel makes an inode of it (None for other kinds: read their attributes).
 
-        A tag whose attributes the daemon holds gets them, kept briefly (`entry`). Any other
+        A tag whose attributes the daemon holds gets them, kept briefly (`entry`); one a
+        read-ahead under way will read (`Tree.ahead`, `ls -l` looked a tag up) None: readdir
+        waits for its attributes (`entry_of`), so `ls -l` stats it without a LOOKUP. Any other
         gets a placeholder: by name and type only where pyfuse3 allows and the kernel holds no
         inode of it (regfs/fusefeatures.py; nothing kept), else with timeouts of 0, which also
         ends what the kernel kept of it (SIGHUP): the next stat or open looks the name up, and
@@ -166,7 +161,9 @@ class Attributes:
             return None
         attr = self.tree.cached_attr(node)
         if attr is not None:
-            return self.entry(node, attr, listed=True), True
+            return self.entry(node, attr), True
+        if self.tree.ahead(node):
+            return None
         entry = self._unread  # one object: readdir_reply copies it into the reply
         if fusefeatures.PATCHED and self.inodes.known(node) is None:
             entry.st_ino = self.inodes.peek(node)

@@ -119,6 +119,22 @@ class Handed:
         return started + last[1] + TICK
 
 
+@dataclass
+class ReadAhead:
+    """A read-ahead of a repository's tags under way (`Tree._read_tags`): the tags it has
+    yet to read, and an event set (and replaced) as each batch is cached. A readdir chunk
+    sent meanwhile waits for the tags it hands (`Tree.ahead`), so `ls -l` finds them with
+    their attributes rather than looking each up."""
+
+    pending: set[TagNode]
+    progress: trio.Event = field(default_factory=trio.Event)
+
+    def done(self, batch: Sequence[TagNode]) -> None:
+        self.pending.difference_update(batch)
+        self.progress.set()
+        self.progress = trio.Event()
+
+
 class Tree:
     """The registry's sections, and the router to the views (regfs/views.py) beside them."""
 
@@ -149,7 +165,7 @@ class Tree:
         self.kept = KeptListings()
         self._section_attrs = Handed()
         self._shadow_logged: set[str] = set()
-        self._tags_reading: set[str] = set()  # repositories whose tags are read ahead now
+        self._tags_reading: dict[str, ReadAhead] = {}  # repositories whose tags are read now
         self._tags_unread: set[str] = set()  # ... whose tags were listed, none looked up since
         # The manifest node (and digest) of each manifest a kept tag points at, one object for
         # all its tags (`_manifest_node`), dropped with the last: ~0.3 KB less per kept tag.
@@ -343,6 +359,20 @@ class Tree:
             return None  # the manifest may be gone: a lookup finds out (`_tagged`)
         return kept[0]
 
+    def ahead(self, node: TagNode) -> bool:
+        """Whether a read-ahead under way will read node, whose target no lookup has read:
+        a readdir chunk waits for it (`attr`) rather than hand a placeholder that costs
+        `ls -l` a LOOKUP. A lookup reads the target it needs itself, and waits for nothing."""
+        reading = self._tags_reading.get(node.repo)
+        return reading is not None and node in reading.pending and self._tags.get(node) is None
+
+    async def _read_ahead(self, node: TagNode) -> Attr | None:
+        """node's cached attributes, once a read-ahead under way that will read it has
+        (`ahead`); None if it is not cached then (a damaged tag: `attr` asks alone)."""
+        while (cached := self.cached_attr(node)) is None and self.ahead(node):
+            await self._tags_reading[node.repo].progress.wait()
+        return cached
+
     def tags_listed(self, repo: str, seconds: float) -> None:
         """A listing gives the kernel entries of repo's tags that it keeps for `seconds`."""
         self._listed_tags.handed(repo, seconds)
@@ -358,7 +388,7 @@ class Tree:
             case DirNode(path) | SectionNode(path, _):
                 return Attr(True, 0, self.kept.mtime_ns(node, await self._dir_mtime_ns(path)))
             case TagNode(repo, tag):
-                if (cached := self.cached_attr(node)) is not None:
+                if (cached := await self._read_ahead(node)) is not None:
                     return cached
                 try:
                     target, manifest = await self._tagged(
@@ -427,21 +457,24 @@ class Tree:
         if repo in self._tags_unread and repo not in self._tags_reading:
             self._tags_unread.discard(repo)
             listing = self._listings.get(SectionNode(repo, "tags"))
-            if listing:
-                self._tags_reading.add(repo)
-                trio.lowlevel.spawn_system_task(self._read_tags, repo, listing[:TAGS_KEPT])
+            nodes = [
+                n
+                for _, n in (listing or [])[:TAGS_KEPT]
+                if isinstance(n, TagNode) and not self.cached_attr(n)
+            ]
+            if nodes:
+                self._tags_reading[repo] = ReadAhead(set(nodes))
+                trio.lowlevel.spawn_system_task(self._read_tags, repo, nodes)
 
-    async def _read_tags(self, repo: str, listing: list[tuple[str, Node]]) -> None:
+    async def _read_tags(self, repo: str, nodes: list[TagNode]) -> None:
         """The tags not cached yet (at most what the cache holds), read in bulk where the
         source can (`Tags.read_many`), with their manifests, and cached as a lookup caches
         them, a batch at a time (each cached as soon as read, what is held meanwhile stays
         small), unless anything changed meanwhile (`_changes`). A system task, so it must
         not raise: whatever fails is left to the lookups, which report it."""
         since, started = self._changes, time.monotonic()
+        reading = self._tags_reading[repo]
         try:
-            nodes = [n for _, n in listing if isinstance(n, TagNode) and not self.cached_attr(n)]
-            if not nodes:
-                return
             log.debug("%s: reading %d tags ahead", repo, len(nodes))
             manifests: dict[Digest, tuple[ManifestNode, Attr] | None] = {}
             for at in range(0, len(nodes), TAGS_READ_BATCH):
@@ -462,12 +495,14 @@ class Tree:
                     if got is not None and (target := manifests.get(got[0])) is not None:
                         self._tags.put(node, target[0].digest)
                         self._tag_attrs.put(node, (Attr(False, target[1].size, got[1]), target[0]))
+                reading.done(batch)
             took = (time.monotonic() - started) * 1000
             log.debug("%s: %d tags read ahead in %.0f ms", repo, len(nodes), took)
         except Exception as exc:  # a head start only
             log.debug("%s: reading tags ahead failed: %s", repo, exc)
         finally:
-            self._tags_reading.discard(repo)
+            del self._tags_reading[repo]
+            reading.done(nodes)  # whoever waits asks alone
 
     def _manifest_node(self, repo: str, digest: Digest) -> ManifestNode:
         """The node of a manifest tags point at: the one cached tags hold if any, so 20,000

@@ -191,6 +191,55 @@ async def test_a_listing_no_tag_is_looked_up_in_reads_no_tag_link(tmp_path):
     assert NAME not in tree._tags_reading
 
 
+async def test_a_listing_chunk_waits_for_the_tags_being_read_ahead(tmp_path, monkeypatch):
+    """While tags are read ahead (`ls -l` looked one up), readdir hands each tag the read
+    will cover with its attributes, waiting for its batch (`Tree.ahead`, `attr`), so `ls -l`
+    stats it without a LOOKUP: no read of its own, the answer a fresh tree reads. A damaged
+    one is then asked alone and fails as before. A lookup waits for nothing: it reads the
+    target it needs, and its attributes, itself."""
+    monkeypatch.setattr(regfs.tree, "TAGS_READ_BATCH", 3)
+    registry, driver = await tagged_root(tmp_path / "root", 2 * KEPT)
+    gate = trio.Event()
+    read_many = TagService.read_many
+
+    async def gated(self: TagService, tags: list[str]) -> Any:
+        await gate.wait()
+        return await read_many(self, tags)
+
+    monkeypatch.setattr(TagService, "read_many", gated)
+    tree = Tree(registry, tag_ttl=600)
+    section = SectionNode(NAME, "tags")
+    await tree.children(section)
+    looked_up = TagNode(NAME, TAGS[1])
+    with trio.fail_after(5):
+        await tree.lookup(section, TAGS[0])  # starts the read-ahead
+        assert await tree.lookup(section, looked_up.tag) == looked_up
+        assert not tree.ahead(looked_up)
+        await tree.attr(looked_up)  # while the read-ahead waits at the gate
+    listed = TagNode(NAME, TAGS[2 * KEPT - 1])
+    assert tree.ahead(listed) and tree.ahead(TagNode(NAME, "garbage"))
+    got: dict[str, object] = {}
+
+    async def attr(name: str) -> None:
+        try:
+            got[name] = await tree.attr(TagNode(NAME, name))
+        except CorruptEntry as exc:
+            got[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(attr, listed.tag)
+        nursery.start_soon(attr, "garbage")
+        await trio.sleep(0.05)
+        assert got == {}  # they wait for the read-ahead
+        driver.reads = 0
+        gate.set()
+    assert driver.reads == 1  # the garbage link, read alone once the read-ahead skipped it
+    assert isinstance(got["garbage"], CorruptEntry)
+    fresh = Tree(registry, tag_ttl=600)
+    assert got[listed.tag] == await fresh.attr(await fresh.lookup(section, listed.tag))
+    assert not tree.ahead(listed) and NAME not in tree._tags_reading
+
+
 async def test_tags_read_ahead_are_as_many_as_the_cache_holds(tmp_path, monkeypatch):
     monkeypatch.setattr(regfs.tree, "TAGS_KEPT", KEPT)
     registry, _ = await tagged_root(tmp_path / "root", 3 * KEPT)

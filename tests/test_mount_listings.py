@@ -4,14 +4,15 @@ A listing of tags reads no tag's link: a tag whose attributes the daemon holds i
 the kernel with them and an entry timeout of 0.1 s, any other with a placeholder the kernel
 never uses (timeouts of 0); on a local root the daemon reads the tags ahead at the first
 lookup of one after the listing (what `ls -l` sends; a plain `ls` sends none), in bulk, for
-the lookups it sends next. A lookup of a tag gets an entry timeout of 0 and attribute timeout
-`--tag-ttl`. Digests (layers/, manifests/) get entry timeouts of 0.1 s. So `ls tags/` costs
-no storage read per tag, and `ls -l` of tags, layers or manifests within the TTL no round trip
-per entry. What must stay true: a tag changed through the mount is seen at once (also tags
-deleted with their manifest), one changed beside it within the TTL and at SIGHUP, a digest
-deleted beside it at SIGHUP too; and nothing the kernel keeps ever needs the daemon to
-invalidate it, so a daemon killed mid-listing, mid-push or mid-rm always frees its clients and
-its mount (docs/concurrency.md).
+the lookups it sends next (a readdir chunk sent meanwhile waits for what it hands). A lookup
+of a tag gets an entry timeout of 0.1 s too and attribute timeout `--tag-ttl`. Digests
+(layers/, manifests/) get entry timeouts of 0.1 s. So `ls tags/` costs no storage read per
+tag, and `ls -l` of tags, layers or manifests within the TTL no round trip per entry. What
+must stay true: a tag changed through the mount is seen at once (also tags deleted with
+their manifest), one changed beside it within the TTL and at SIGHUP, a digest deleted beside
+it at SIGHUP too; and nothing the kernel keeps ever needs the daemon to invalidate it, so a
+daemon killed mid-listing, mid-push or mid-rm always frees its clients and its mount
+(docs/concurrency.md).
 """
 
 from __future__ import annotations
@@ -270,13 +271,15 @@ def test_ls_l_of_tags_within_the_ttl_needs_no_round_trip_per_entry(
     assert_getattrs_only_on_the_way(m, start, way, seconds)  # the warm pass's
 
 
+@pytest.mark.parametrize("handed", ["listed", "looked up"])
 def test_tags_deleted_with_their_manifest_are_gone_when_rm_returns(
-    tmp_path: Path, mount: Callable
+    tmp_path: Path, mount: Callable, handed: str
 ) -> None:
     """`rm manifests/<digest>` deletes the tags that point at it, which the kernel does not
-    see; the kernel keeps listed tags' entries for 0.1 s and nothing invalidates them. So the
-    rm returns only once those have expired: a stat right after it finds no tag. (Without
-    that wait most rounds here find them still there: the rm takes less than 0.1 s.)"""
+    see; the kernel keeps tags' entries, listed or looked up, for 0.1 s and nothing
+    invalidates them. So the rm returns only once those have expired: a stat right after it
+    finds no tag. (Without that wait most rounds here find them still there: the rm takes
+    less than 0.1 s.)"""
     root = tmp_path / "root"
     image = trio.run(build_root, root, NAME, 1000)
     m: Mount = mount(root, "--tag-ttl", "60")
@@ -292,6 +295,9 @@ def test_tags_deleted_with_their_manifest_are_gone_when_rm_returns(
         sighup(m)  # the daemon lists the new tags
         run("ls", "-l", tags)  # and now holds their attributes
         listed = os.listdir(tags)  # this listing hands them to the kernel; rm follows at once
+        if handed == "looked up":
+            time.sleep(0.2)  # the listed entries expired: these lookups hand them again
+            assert all(os.stat(tags / n).st_size for n in listed)
         os.unlink(m.path(NAME, "manifests", str(digest_bytes(other))))
         there = [n for n in listed if errno_closing(lambda n=n: os.stat(tags / n)) is None]
         assert len(listed) == 6 and there == ["latest"], (round, listed, there)
