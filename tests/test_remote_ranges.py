@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 import ssl
+import threading
+import time
 from contextlib import nullcontext
 
 import pytest
+import trio
 from support.loopback import LoopbackHandler, LoopbackHTTP
 
 from storage.api import BlobInfo
@@ -36,6 +39,7 @@ class Stub:
         self.seen: list[tuple[str, str | None, str | None]] = []  # path, Range, Authorization
         self.sent = 0  # body bytes handed to the socket, as a registry's access log counts
         self.connections: set[int] = set()
+        self.release = threading.Event()  # mode "hold" answers once it is set
         self.http = LoopbackHTTP(StubHandler, self, "ranges-stub")
         self.url = f"http://127.0.0.1:{self.http.port}"
 
@@ -58,6 +62,8 @@ class StubHandler(LoopbackHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if stub.mode == "hold":
+            stub.release.wait(10)
         if stub.mode == "denied":
             self.send_response(401)
             self.send_header("Content-Length", "0")
@@ -148,6 +154,25 @@ async def test_the_client_falls_back_to_httpx_and_its_errors(stub):
         stub.mode = "cut"
         with pytest.raises(RemoteUnavailable):
             await client.get_range("/v2/a/blobs/x", 0, 1 << 20)
+
+
+async def test_an_open_range_abandoned_on_cancel_closes_what_comes_after(stub):
+    """`open_range(abandon=True)` (the rootfs pass's GET to the end): a cancel returns at
+    once while the registry holds the answer back, and the response that comes after is
+    closed on its thread, not left open with 16 MiB unread."""
+    stub.mode = "hold"
+    async with RemoteClient(stub.url, timeout=5) as client:
+        started = time.monotonic()
+        with trio.move_on_after(0.2):
+            await client.open_range("/v2/a/blobs/x", 0, len(BLOB), abandon=True)
+        assert time.monotonic() - started < 2
+        assert stub.http.connections == 1
+        stub.release.set()
+        deadline = time.monotonic() + 5
+        while stub.http.connections:
+            assert time.monotonic() < deadline, "the late response was left open"
+            await trio.sleep(0.02)
+        assert stub.sent < len(BLOB)
 
 
 def layer_reader(client: RemoteClient) -> RemoteLayerReader:

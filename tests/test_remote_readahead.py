@@ -32,7 +32,7 @@ class ScriptedClient:
         await trio.sleep(0.001)  # a round trip: reads overlap as they do under the kernel
         return BLOB[start:end]
 
-    async def open_range(self, url: str, start: int, end: int) -> None:
+    async def open_range(self, url: str, start: int, end: int, *, abandon: bool = False) -> None:
         return None  # no open responses: every window is a range GET
 
 
@@ -45,7 +45,9 @@ class StreamingClient(ScriptedClient):
         self.opened: list[int] = []
         self.reading = False
 
-    async def open_range(self, url: str, start: int, end: int) -> SimpleNamespace:
+    async def open_range(
+        self, url: str, start: int, end: int, *, abandon: bool = False
+    ) -> SimpleNamespace:
         self.opened.append(start)
         await trio.sleep(0.001)
         return SimpleNamespace(position=start, end=end, close=lambda: None)

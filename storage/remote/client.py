@@ -586,12 +586,30 @@ class RemoteClient:
         body, _ = await _read_body(resp, end, prefix=True)
         return body[start:end]
 
-    async def open_range(self, url: str, start: int, end: int) -> OpenBody | None:
+    async def open_range(
+        self, url: str, start: int, end: int, *, abandon: bool = False
+    ) -> OpenBody | None:
         """The blob at `url` from start to its end `end` as one open response, to read in
         order with `read_open`; None when that cannot be had (then use `get_range`).
-        Not abandoned on cancel, which would leave the response open: the socket's timeout
-        bounds it."""
-        return await self._on_range_thread(self._ranges.open, url, start, end, abandon=False)
+        Waited for on cancel (the socket's timeout bounds it), unless `abandon`: then the
+        caller goes at once (an unmount must not wait for a registry that holds the GET
+        back), and a response that comes after it has gone is closed on its thread."""
+        if not abandon:
+            return await self._on_range_thread(self._ranges.open, url, start, end, abandon=False)
+        gone = threading.Event()
+
+        def open_body(url: str, start: int, end: int, authorization: str | None) -> OpenBody | None:
+            body = self._ranges.open(url, start, end, authorization)
+            if body is not None and gone.is_set():
+                body.close()
+                return None
+            return body
+
+        try:
+            return await self._on_range_thread(open_body, url, start, end, abandon=True)
+        except BaseException:
+            gone.set()
+            raise
 
     async def read_open(self, body: OpenBody, size: int) -> bytes:
         """The next `size` bytes of an open response (see OpenBody.read). Not abandoned on

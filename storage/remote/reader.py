@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from http.client import HTTPException
@@ -255,7 +254,10 @@ class RemoteLayerReader:
                     stream.close()
                 self._in_order = stream = None
                 if not self._no_stream:
-                    stream = await self._open_in_order(offset)
+                    # Abandoned on cancel: an unmount during a pass must not wait for it.
+                    stream = await self.client.open_range(
+                        self.url, offset, self.length, abandon=True
+                    )
                 if stream is None:
                     self._no_stream = True
                     break
@@ -274,29 +276,6 @@ class RemoteLayerReader:
                 stream.close()
                 self._in_order = None
         return await self.read_at(offset, size)
-
-    async def _open_in_order(self, offset: int) -> OpenBody | None:
-        """`client.open_range`, abandoned on cancel: an unmount during a pass must not wait
-        for a registry that holds the GET back (up to the socket's timeout, 30 s). A
-        response that comes after that is closed here, which `open_range` (not abandoned,
-        lest the response be left open) cannot do."""
-        gone = threading.Event()
-        fetcher = self.client._ranges
-
-        def open_body(url: str, start: int, end: int, authorization: str | None) -> OpenBody | None:
-            body = fetcher.open(url, start, end, authorization)
-            if body is not None and gone.is_set():
-                body.close()
-                return None
-            return body
-
-        try:
-            return await self.client._on_range_thread(
-                open_body, self.url, offset, self.length, abandon=True
-            )
-        except BaseException:
-            gone.set()
-            raise
 
     async def _verify(self, offset: int, data: bytes) -> None:
         """Hash a window's bytes once they are next in order, on a thread (sha256 on the
