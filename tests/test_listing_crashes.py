@@ -1,0 +1,102 @@
+"""kill -9 of the daemon while the kernel keeps what regfs lets it keep (issue 18), through a
+real mount: the listings of sections the kernel holds in its page cache (a plain `ls`, FOPEN_
+CACHE_DIR), a tag write that waits for the kernel's 0.1 s attributes of manifests/ to expire
+(its new manifest changes that kept listing), tags read ahead and handed with 0.1 s entries.
+
+After each kill: every client fails at once with a dead connection (bounded waits, none
+hangs), `regfs umount` of the dead mount succeeds and leaves a plain empty directory, a new
+mount on it shows every tag written before the kill with its bytes, and `regfs check` finds
+no damage in the storage root. The existing kill tests (tests/test_mount_listings.py,
+tests/test_rootfs_mount.py) show the clients freed; these add the umount and the storage.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+from support.clients import kill_mid, listing_loop
+from support.mounts import Mount, is_mounted, regfs
+from support.oci import image_manifest
+from support.roots import build_root, write_tags
+from support.tools import ls, run
+
+from regfs.tree import LISTED_ENTRY_TIMEOUT
+from storage.digests import digest_bytes
+
+pytestmark = pytest.mark.mount
+
+NAME = "library/demo"
+
+
+def manifests_of(image: dict, count: int, where: Path) -> list[Path]:
+    """`count` distinct manifests of build_root's image (an annotation each), as files."""
+    where.mkdir()
+    config, layer = image["blobs"][image["config"]], image["blobs"][image["layer"]]
+    files = []
+    for i in range(count):
+        notes = [{"org.example.n": str(i)}]
+        manifest = image_manifest(config, [layer], "application/octet-stream", notes)
+        files.append(where / f"w{i:03d}")
+        files[-1].write_bytes(manifest)
+    return files
+
+
+def assert_left_intact(root: Path, m: Mount, tags: set[str], written: list[Path]) -> None:
+    """After the kill: `regfs umount` frees the mountpoint (a plain empty directory again), a
+    new mount on it lists `tags` and every tag written, each with its bytes, and the
+    storage root has no damage (`regfs check` exits 0 or 1: only what gc would remove)."""
+    result = regfs("umount", str(m.mountpoint), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(m.mountpoint) and os.listdir(m.mountpoint) == []
+    with Mount(str(root), m.mountpoint, m.log.with_suffix(".again.log")) as again:
+        names = set(ls(again.path(NAME, "tags")))
+        assert tags | {f.name for f in written} <= names, len(names)
+        for pushed in written:
+            assert again.path(NAME, "tags", pushed.name).read_bytes() == pushed.read_bytes()
+    checked = regfs("check", str(root))
+    assert checked.returncode in (0, 1), checked.stdout + checked.stderr
+
+
+def test_kill_9_mid_kept_listings_and_a_tag_write_waiting_for_them(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """Plain `ls` of tags/ and manifests/ and `find` of the namespace again and again (the
+    kernel keeps those listings) while `cp` writes tags, each with a new manifest (so each
+    waits for the kernel's attributes of manifests/ to expire): kill -9 frees every client
+    and leaves the mountpoint and the storage usable."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    old = {"latest", *(f"t{i:04d}" for i in range(2000))}
+    write_tags(root, NAME, image["digest"], sorted(old - {"latest"}))
+    files = manifests_of(image, 100, tmp_path / "pushed")
+    m: Mount = mount(root, "--tag-ttl", "60")
+    tags, manifests = m.path(NAME, "tags"), m.path(NAME, "manifests")
+
+    assert ls(manifests) == ls(manifests) == [image["digest"]]  # kept by the kernel
+    began = time.monotonic()
+    run("cp", files[0], tags / files[0].name)  # a new manifest: waits for manifests/
+    assert time.monotonic() - began >= LISTED_ENTRY_TIMEOUT
+    assert str(digest_bytes(files[0].read_bytes())) in ls(manifests)  # seen at once
+
+    listed, written = tmp_path / "listed", tmp_path / "written"
+    scripts = {
+        "tags": listing_loop(tags, listed, ""),
+        "manifests": listing_loop(manifests, listed, ""),
+        "find": f'while find "{m.path("library")}" > /dev/null; do echo >> "{listed}"; done;'
+        " exit 1",
+        "cp": f'for f in "{files[0].parent}"/*; do cp "$f" "{tags}/${{f##*/}}" || exit 1;'
+        f' echo "$f" >> "{written}"; done; while ls "{tags}" > /dev/null; do :; done; exit 1',
+    }
+
+    def under_way() -> bool:
+        return listed.exists() and written.exists() and len(written.read_bytes().split()) >= 3
+
+    kill_mid(m, scripts, under_way)
+    done = [Path(line) for line in written.read_text().split()]
+    assert len(done) < len(files)  # killed while the writes went on
+    assert_left_intact(root, m, old, done)
