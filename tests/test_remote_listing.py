@@ -17,6 +17,8 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,27 @@ TAGS = ("a", "b", "c", "d")
 def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
     with FaultServer(upstream=module_registry_server.url) as server:
         yield server
+
+
+@dataclass(frozen=True)
+class Remote:
+    """What the mounted tests share: the registry's client (to push and to compare with),
+    and `mount(*args)`, a fresh mount of the registry through the recording proxy."""
+
+    client: RegistryClient
+    mount: Callable[..., Mount]
+
+
+@pytest.fixture
+def remote(
+    mount: Callable[..., Mount],
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Remote:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the mounts' upload records
+    return Remote(module_registry_server.client(), partial(mount, proxy.url))
 
 
 def push_repo(client: RegistryClient, name: str, tags: tuple[str, ...] = TAGS) -> set[str]:
@@ -458,40 +481,26 @@ async def test_tag_names_from_the_registry_are_checked_before_use(
     assert "a\\nb" in caplog.text and "a\nb" not in caplog.text  # no forged log line
 
 
-def test_ls_of_a_hostile_tags_list_shows_the_valid_tags(
-    mount: Callable[..., Mount],
-    proxy: FaultServer,
-    module_registry_server: RegistryServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_ls_of_a_hostile_tags_list_shows_the_valid_tags(remote: Remote, proxy: FaultServer) -> None:
     """A `tags/list` naming `a/b` beside real tags: `ls tags/` lists the real ones (a name
     with a `/` handed to the kernel fails the whole listing with EIO), and they read."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    client = module_registry_server.client()
+    client = remote.client
     push_repo(client, "listing/hostile", ("good",))
     body = json.dumps({"name": "listing/hostile", "tags": HOSTILE_TAGS}).encode()
     proxy.inject(Fault(200, body=body, method="GET", path=r"/listing/hostile/tags/list$"), times=5)
-    m = mount(proxy.url)
+    m = remote.mount()
     tags = m.path("listing", "hostile", "tags")
     assert sh("ls", tags).stdout.split() == ["good"]
     assert (tags / "good").read_bytes() == client.get_manifest("listing/hostile", "good").body
     assert "ignoring 6 invalid tag names" in m.log_text()
 
 
-def test_find_and_ls_of_a_remote_mount(
-    mount: Callable[..., Mount],
-    proxy: FaultServer,
-    module_registry_server: RegistryServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_find_and_ls_of_a_remote_mount(remote: Remote, proxy: FaultServer) -> None:
     """`find` and `ls -l` of a remote mount: every file found, with its size, for one
     `tags/list` and one GET per tag (no HEAD per blob: the manifests give their sizes)."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    client = module_registry_server.client()
+    client = remote.client
     blobs = push_repo(client, "listing/mounted")
-    m = mount(proxy.url)
+    m = remote.mount()
     proxy.seen.clear()
     where = m.path("listing", "mounted")
     found = sh("find", where, "-type", "f", "-printf", "%P %s\\n").stdout.splitlines()
@@ -510,22 +519,15 @@ def test_find_and_ls_of_a_remote_mount(
     assert len([line for line in listed if line.startswith("-")]) == len(blobs)
 
 
-def test_ls_of_a_namespace_asks_the_catalog_once(
-    mount: Callable[..., Mount],
-    proxy: FaultServer,
-    module_registry_server: RegistryServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_ls_of_a_namespace_asks_the_catalog_once(remote: Remote, proxy: FaultServer) -> None:
     """`ls` of a namespace on a fresh remote mount is one `_catalog` (the lookup's, which the
     listing reuses) and nothing per repository it shows; again within the catalog's TTL,
     nothing: what is left of its time is the registry's answer and FUSE (issue 18)."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    client = module_registry_server.client()
+    client = remote.client
     names = [f"r{i:02d}" for i in range(12)]
     for name in names:
         client.push_blob(f"spread/{name}", name.encode())
-    m = mount(proxy.url)
+    m = remote.mount()
     proxy.seen.clear()
     assert sh("ls", m.path("spread")).stdout.split() == names
     # The module's registry refuses pages over 1,000 (its default `catalog: maxentries`):
@@ -538,21 +540,14 @@ def test_ls_of_a_namespace_asks_the_catalog_once(
     assert len(proxy.seen) == seen
 
 
-def test_ls_of_tags_asks_tags_list_only(
-    mount: Callable[..., Mount],
-    proxy: FaultServer,
-    module_registry_server: RegistryServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_ls_of_tags_asks_tags_list_only(remote: Remote, proxy: FaultServer) -> None:
     """`ls tags/` of a remote mount is one `tags/list` (before: a GET per tag too); `ls -l`
     then resolves them all at its first lookup, 8 at once (a GET per tag, no HEAD: no tag
     looked up on its own), with every size right."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     many = tuple(f"t{i:02d}" for i in range(20))
-    client = module_registry_server.client()
+    client = remote.client
     push_repo(client, "listing/plain", many)
-    m = mount(proxy.url)
+    m = remote.mount()
     tags = m.path("listing", "plain", "tags")
     proxy.seen.clear()
     assert sh("ls", tags).stdout.split() == list(many)
@@ -566,19 +561,13 @@ def test_ls_of_tags_asks_tags_list_only(
     assert set(kinds) == {"GET tags/list", "GET manifests/<tag>"}
 
 
-def test_a_retag_behind_a_remote_mount_is_seen_within_the_ttl(
-    mount: Callable[..., Mount],
-    module_registry_server: RegistryServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_retag_behind_a_remote_mount_is_seen_within_the_ttl(remote: Remote) -> None:
     """`ls -l tags/` resolves the tags once; a tag moved behind the mount is then read within
     --tag-ttl plus the time the resolution is reused (TAG_REUSE_MAX, at most the TTL)."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    client = module_registry_server.client()
+    client = remote.client
     push_repo(client, "listing/retag")
     ttl = 1.0
-    m = mount(module_registry_server.url, "--tag-ttl", str(ttl))
+    m = remote.mount("--tag-ttl", str(ttl))
     tags = m.path("listing", "retag", "tags")
     sh("ls", "-l", tags)
     assert (tags / "a").read_bytes() == client.get_manifest("listing/retag", "a").body
@@ -589,20 +578,13 @@ def test_a_retag_behind_a_remote_mount_is_seen_within_the_ttl(
     assert time.monotonic() - moved_at < 2 * ttl + 2  # + a loaded machine's slack
 
 
-def test_sighup_drops_what_a_remote_mount_keeps(
-    mount: Callable[..., Mount],
-    proxy: FaultServer,
-    module_registry_server: RegistryServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_sighup_drops_what_a_remote_mount_keeps(remote: Remote, proxy: FaultServer) -> None:
     """`kill -HUP` drops every cache of a remote mount too: with a tag TTL of an hour, a
     retag and a repository pushed behind the mount are seen right after SIGHUP (the source's
     tag snapshot and catalog, not only the tree's caches)."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    client = module_registry_server.client()
+    client = remote.client
     push_repo(client, "listing/hup")
-    m = mount(proxy.url, "--tag-ttl", "3600")
+    m = remote.mount("--tag-ttl", "3600")
     tags = m.path("listing", "hup", "tags")
     sh("ls", "-l", tags)
     assert "listing" in sh("ls", m.mountpoint).stdout.split()
