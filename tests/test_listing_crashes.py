@@ -21,8 +21,7 @@ import pytest
 import trio
 from support.clients import kill_mid, listing_loop
 from support.mounts import Mount, is_mounted, regfs
-from support.oci import image_manifest
-from support.roots import build_root, write_tags
+from support.roots import build_root, variants, write_tags
 from support.tools import ls, run
 
 from regfs.tree import LISTED_ENTRY_TIMEOUT
@@ -34,15 +33,11 @@ NAME = "library/demo"
 
 
 def manifests_of(image: dict, count: int, where: Path) -> list[Path]:
-    """`count` distinct manifests of build_root's image (an annotation each), as files."""
+    """`count` distinct manifests of build_root's image, as files."""
     where.mkdir()
-    config, layer = image["blobs"][image["config"]], image["blobs"][image["layer"]]
-    files = []
-    for i in range(count):
-        notes = [{"org.example.n": str(i)}]
-        manifest = image_manifest(config, [layer], "application/octet-stream", notes)
-        files.append(where / f"w{i:03d}")
-        files[-1].write_bytes(manifest)
+    files = [where / f"w{i:03d}" for i in range(count)]
+    for path, manifest in zip(files, variants(image, count), strict=True):
+        path.write_bytes(manifest)
     return files
 
 

@@ -60,6 +60,14 @@ async def build_root(
     }
 
 
+def variants(image: dict, count: int) -> list[bytes]:
+    """`count` distinct manifests of build_root's `image` (an annotation each, sizes that
+    differ from its own manifest's): a tag moved to one shows other bytes and size."""
+    config, layer = image["blobs"][image["config"]], image["blobs"][image["layer"]]
+    notes = ({"org.example.variant": f"v{i:03d}"} for i in range(count))
+    return [image_manifest(config, [layer], "application/octet-stream", [n]) for n in notes]
+
+
 def write_tags(root: Path, name: str, digest: str, tags: Iterable[str], index: bool = True) -> None:
     """Tags of repository `name` on manifest `digest`, their link files written directly in
     the registry's layout (the current link, and the index link too unless `index` is
