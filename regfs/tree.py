@@ -363,6 +363,8 @@ class Tree:
         """Whether a read-ahead under way will read node, whose target no lookup has read:
         a readdir chunk waits for it (`attr`) rather than hand a placeholder that costs
         `ls -l` a LOOKUP. A lookup reads the target it needs itself, and waits for nothing."""
+        if not self._tags_reading:  # every placeholder of a plain `ls` asks: kept cheap
+            return False
         reading = self._tags_reading.get(node.repo)
         return reading is not None and node in reading.pending and self._tags.get(node) is None
 
