@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import trio
 from support.clients import kill_mid, listing_loop
+from support.images import directory, file
 from support.mounts import Mount, is_mounted, regfs
-from support.roots import build_root, variants, write_tags
+from support.roots import build_root, put_layer_image, put_tagged, variants, write_tags
 from support.tools import ls, run
 
 from regfs.tree import LISTED_ENTRY_TIMEOUT
@@ -41,18 +42,15 @@ def manifests_of(image: dict, count: int, where: Path) -> list[Path]:
     return files
 
 
-def assert_left_intact(root: Path, m: Mount, tags: set[str], written: list[Path]) -> None:
+def assert_left_intact(root: Path, m: Mount, look: Callable[[Mount], None]) -> None:
     """After the kill: `regfs umount` frees the mountpoint (a plain empty directory again), a
-    new mount on it lists `tags` and every tag written, each with its bytes, and the
-    storage root has no damage (`regfs check` exits 0 or 1: only what gc would remove)."""
+    new mount on it shows what `look` checks, and the storage root has no damage (`regfs
+    check` exits 0 or 1: only what garbage collection would remove)."""
     result = regfs("umount", str(m.mountpoint), timeout=30)
     assert result.returncode == 0, result.stderr
     assert not is_mounted(m.mountpoint) and os.listdir(m.mountpoint) == []
     with Mount(str(root), m.mountpoint, m.log.with_suffix(".again.log")) as again:
-        names = set(ls(again.path(NAME, "tags")))
-        assert tags | {f.name for f in written} <= names, len(names)
-        for pushed in written:
-            assert again.path(NAME, "tags", pushed.name).read_bytes() == pushed.read_bytes()
+        look(again)
     checked = regfs("check", str(root))
     assert checked.returncode in (0, 1), checked.stdout + checked.stderr
 
@@ -66,7 +64,7 @@ def test_kill_9_mid_kept_listings_and_a_tag_write_waiting_for_them(
     and leaves the mountpoint and the storage usable."""
     root = tmp_path / "root"
     image = trio.run(build_root, root, NAME, 1000)
-    old = {"latest", *(f"t{i:04d}" for i in range(2000))}
+    old = {"latest", *(f"t{i:04d}" for i in range(500))}
     write_tags(root, NAME, image["digest"], sorted(old - {"latest"}))
     files = manifests_of(image, 100, tmp_path / "pushed")
     m: Mount = mount(root, "--tag-ttl", "60")
@@ -94,4 +92,62 @@ def test_kill_9_mid_kept_listings_and_a_tag_write_waiting_for_them(
     kill_mid(m, scripts, under_way)
     done = [Path(line) for line in written.read_text().split()]
     assert len(done) < len(files)  # killed while the writes went on
-    assert_left_intact(root, m, old, done)
+
+    def look(again: Mount) -> None:
+        names = set(ls(again.path(NAME, "tags")))
+        assert old | {f.name for f in done} <= names, len(names)
+        for pushed in done:
+            assert again.path(NAME, "tags", pushed.name).read_bytes() == pushed.read_bytes()
+
+    assert_left_intact(root, m, look)
+
+
+def test_kill_9_mid_walks_of_images_and_a_tag_moving_below_them(
+    tmp_path: Path, mount: Callable
+) -> None:
+    """What the kernel keeps of images (their listings, cache_readdir, a year; GETATTRs of
+    their directories answered from the kept entry) and of a tag's image root (0.1 s):
+    kill -9 while `find` walks one image again and again, `ls -lR` walks below a tag that
+    `cp` moves between two images (each write waiting for the kernel's root entries to
+    expire), and `ls -l` lists 500 tags read ahead each time (TTL 0.2 s). Every client is
+    freed, the mountpoint and the storage are left usable, the tag shows one of its images."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    write_tags(root, NAME, image["digest"], [f"t{i:04d}" for i in range(500)])
+    dirs = [directory("."), *(directory(f"d{i}") for i in range(8))]
+    shown = {}
+    for tag in ("fixed", "v1", "v2"):
+        files = [
+            file(f"d{i}/f{j}", f"{tag} {i} {j}\n".encode()) for i in range(8) for j in range(20)
+        ]
+        shown[tag] = trio.run(put_layer_image, root, NAME, tag, dirs + files)
+    trio.run(put_tagged, root, NAME, "moving", shown["v1"])
+    (tmp_path / "v1").write_bytes(shown["v1"])
+    (tmp_path / "v2").write_bytes(shown["v2"])
+    m: Mount = mount(root, "--debug", "--tag-ttl", "0.2")
+    tags, views = m.path(NAME, "tags"), m.path(NAME, "rootfs")
+    assert len(run("find", views / "fixed").stdout.splitlines()) == 1 + 8 + 160
+
+    listed, written = tmp_path / "listed", tmp_path / "written"
+    scripts = {
+        "find": f'while find "{views}/fixed" > /dev/null; do echo >> "{listed}"; done; exit 1',
+        "walk": listing_loop(views / "moving", listed, "-lR"),
+        "tags": listing_loop(tags, listed),
+        "cp": f'while cp "{tmp_path}/v2" "{tags}/moving" && cp "{tmp_path}/v1" "{tags}/moving";'
+        f' do echo >> "{written}"; done; exit 1',
+    }
+
+    def under_way() -> bool:
+        moved = written.exists() and len(written.read_bytes()) >= 2
+        return listed.exists() and moved and "tags ahead" in m.log_text()  # begun
+
+    kill_mid(m, scripts, under_way)
+
+    def look(again: Mount) -> None:
+        tag = again.path(NAME, "tags", "moving").read_bytes()
+        (which,) = [name for name in ("v1", "v2") if shown[name] == tag]
+        image_file = again.path(NAME, "rootfs", "moving", "d7", "f19")
+        assert image_file.read_bytes() == f"{which} 7 19\n".encode()
+        assert len(ls(again.path(NAME, "tags"))) == 500 + 5  # latest, fixed, v1, v2, moving
+
+    assert_left_intact(root, m, look)

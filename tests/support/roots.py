@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Iterable, Iterator
@@ -12,7 +13,8 @@ from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.paths import TagCurrentLink, TagIndexLink, path_for
 from storage.registry import Registry
-from support.oci import image_manifest
+from support.images import Entry, layer_tar
+from support.oci import image_manifest, sha256_digest
 
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
 
@@ -58,6 +60,18 @@ async def build_root(
         "layer": layer,
         "config": config_digest,
     }
+
+
+async def put_layer_image(root: Path, name: str, tag: str, entries: list[Entry]) -> bytes:
+    """An image of one plain tar layer of `entries`, its config naming the layer's diff_id
+    (what rootfs/<tag> shows), stored through storage/ and tagged `tag`; its manifest."""
+    tar = layer_tar(entries)
+    rootfs = {"type": "layers", "diff_ids": [sha256_digest(tar)]}
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": rootfs}).encode()
+    await link_blobs(root, name, [config, tar])
+    manifest = image_manifest(config, [tar])
+    await put_tagged(root, name, tag, manifest)
+    return manifest
 
 
 def variants(image: dict, count: int) -> list[bytes]:
