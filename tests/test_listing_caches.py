@@ -10,6 +10,9 @@ manifest's), which the other listing tests do not single out.
   0.1 s), while the tools keep asking.
 - SIGHUP: at once (the kernel's 0.1 s), however long the TTL; before it the daemon's caches
   still answer, which shows they were in play.
+A remote mount (`https://`-style source, the real registry) keeps the registry's tags/list
+and the resolved targets instead (docs/concurrency.md, Remote mounts): behind it within
+twice --tag-ttl, and at SIGHUP, through the same three tools.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 import pytest
 import trio
 from support.mounts import Mount, hang_up, wait_until
+from support.oci import image_manifest
+from support.registry import RegistryClient, RegistryServer
 from support.roots import build_root, put_tagged, variants, write_tags
 from support.tools import errno_closing, ls, run
 
@@ -162,3 +167,83 @@ def test_a_tag_changed_through_the_mount_shows_at_once_in_every_tool(
     run("cp", tmp_path / "other.json", tags / "new")
     assert sizes(tags)["new"] == len(repo.other) and "new" in ls(tags)
     assert (tags / "new").read_bytes() == repo.other
+
+
+REMOTE_TAGS = [f"r{i:02d}" for i in range(20)]
+
+
+def push_images(client: RegistryClient, name: str) -> list[bytes]:
+    """Three images (a config each, one shared layer); REMOTE_TAGS on the first."""
+    layer = b"a layer\n"
+    client.push_blob(name, layer)
+    manifests = []
+    for n in range(3):
+        config = f'{{"architecture":"amd64","os":"linux","n":{n}}}'.encode()
+        client.push_blob(name, config)
+        manifests.append(image_manifest(config, [layer]) + b" " * n)  # sizes differ
+    for tag in REMOTE_TAGS:
+        client.put_manifest(name, tag, manifests[0])
+    return manifests
+
+
+@pytest.fixture
+def remote_mount(
+    mount: Callable[..., Mount],
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., Mount]:
+    """mount(*args) of the module's real registry over HTTP."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the mounts' upload records
+    return lambda *args: mount(module_registry_server.url, *args)
+
+
+def shows(tags: Path, moved: bytes, new: str) -> bool:
+    """`ls -l`, `cat` and `ls` all show the last tag moved to `moved` and tag `new`."""
+    shown = sizes(tags)
+    listed = shown.get(REMOTE_TAGS[-1]) == len(moved) and new in shown
+    return listed and (tags / REMOTE_TAGS[-1]).read_bytes() == moved and new in ls(tags)
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+def test_a_tag_moved_behind_a_remote_mount_shows_within_twice_the_ttl(
+    remote_mount: Callable[..., Mount], module_registry_server: RegistryServer
+) -> None:
+    """The registry moves a resolved tag and gains one while `ls -l`, `cat` and `ls` keep
+    asking: all three show both within twice --tag-ttl (1 s) and a slow machine's margin."""
+    client, name = module_registry_server.client(), "caches/ttl"
+    manifests = push_images(client, name)
+    m = remote_mount("--tag-ttl", "1")
+    tags = m.path(*name.split("/"), "tags")
+    assert set(sizes(tags).values()) == {len(manifests[0])}  # resolved: every tag read
+    assert (tags / REMOTE_TAGS[-1]).read_bytes() == manifests[0]
+
+    client.put_manifest(name, REMOTE_TAGS[-1], manifests[1])
+    client.put_manifest(name, "new", manifests[2])
+    changed = time.monotonic()
+    wait_until(lambda: shows(tags, manifests[1], "new"), 10, "ls -l, cat and ls to show it")
+    assert time.monotonic() - changed < 2 * 1 + 1
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+def test_sighup_drops_the_resolved_tags_of_a_remote_mount(
+    remote_mount: Callable[..., Mount], module_registry_server: RegistryServer
+) -> None:
+    """With a TTL of an hour, the registry moves a resolved tag and gains one: `ls -l`,
+    `cat` and `ls` still show the mount's snapshot, and right after SIGHUP the changes."""
+    client, name = module_registry_server.client(), "caches/hup"
+    manifests = push_images(client, name)
+    m = remote_mount("--tag-ttl", "3600")
+    tags = m.path(*name.split("/"), "tags")
+    before = sizes(tags)
+    assert (tags / REMOTE_TAGS[-1]).read_bytes() == manifests[0]
+
+    client.put_manifest(name, REMOTE_TAGS[-1], manifests[1])
+    client.put_manifest(name, "new", manifests[2])
+    time.sleep(2 * LISTED_ENTRY_TIMEOUT)  # the kernel's entries expired: the daemon answers
+    assert sizes(tags) == before and "new" not in ls(tags)
+    assert (tags / REMOTE_TAGS[-1]).read_bytes() == manifests[0]
+    hang_up(m)
+    wait_until(lambda: shows(tags, manifests[1], "new"), 1, "the changes right after SIGHUP")
