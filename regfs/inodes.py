@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+from collections import Counter
+from collections.abc import Iterable
 
 import pyfuse3
 from pyfuse3 import EntryAttributes
@@ -26,7 +28,7 @@ class InodeTable:
     def __init__(self) -> None:
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
-        self._lookups: dict[int, int] = {}
+        self._lookups: Counter[int] = Counter()
         # What GETATTR answers for a directory inside an image (its attributes never change),
         # made once, when a listing or lookup first hands it: the kernel asks again after
         # every READDIR of it (its atime; not on a read-only mount), so each `find` of an
@@ -90,6 +92,10 @@ class InodeTable:
 
     def ref(self, ino: int) -> None:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def ref_all(self, inos: Iterable[int]) -> None:
+        """`ref` of each (a listing's entries, counted in C)."""
+        self._lookups.update(inos)
 
     def forget(self, ino: int, count: int) -> None:
         left = self._lookups.get(ino, 0) - count

@@ -47,10 +47,10 @@ from support.layers import MEDIA_TYPES, compress, estargz
 from support.mounts import Mount, wait_until
 from support.oci import OciImage, image_manifest, skopeo_push
 from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_path, v2_root
-from support.roots import link_blobs
+from support.roots import CONFIG, link_blobs, put_tagged
 from support.tools import digest_of, errno_of, run
 
-from regfs.nodes import SectionNode
+from regfs.nodes import Listing, SectionNode
 from regfs.rootfs import RootfsView
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
@@ -675,6 +675,41 @@ async def test_only_the_last_merged_trees_are_kept(images, tmp_path, caplog):
         merged = [r.getMessage() for r in caplog.records if "merged" in r.getMessage()]
         assert len(merged) == 1 and images.built["v1"].digest in merged[0]
         assert view.indexer.passes == passes
+    finally:
+        await view.aclose()
+
+
+async def test_a_name_that_is_not_utf8_is_not_listed(tmp_path, caplog):
+    """In the daemon's view (no FUSE): a directory listed with its entries' attributes
+    shows every name but those whose bytes are not UTF-8 (logged), and its entries the
+    inodes and attributes a lookup and a stat of each give."""
+    tar = layer_tar(
+        [
+            directory("plain"),
+            file("plain/é", b"1"),
+            symlink("plain/s", "é"),
+            directory("mixed"),
+            file("mixed/ok", b"22"),
+            file(os.fsdecode(b"mixed/bad\xff"), b"333"),
+        ]
+    )
+    await link_blobs(tmp_path, REPO, [CONFIG, tar])
+    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
+    view = RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "index"), 5.0)
+    try:
+        root = await view.lookup(SectionNode(REPO, "rootfs"), "t")
+        with caplog.at_level(logging.INFO, logger="regfs.rootfs"):
+            listed = {}
+            for name in ("plain", "mixed"):
+                directory_node = await view.lookup(root, name)
+                listing = await view.children(directory_node)
+                assert isinstance(listing, Listing) and len(listing.attrs) == len(listing)
+                listed[name] = [n for n, _ in listing]
+                for (entry, node), attr in zip(listing, listing.attrs, strict=True):
+                    assert node == await view.lookup(directory_node, entry)
+                    assert attr == await view.attr(node)
+        assert listed == {"plain": ["s", "é"], "mixed": ["ok"]}
+        assert "not UTF-8" in caplog.text and "bad" in caplog.text
     finally:
         await view.aclose()
 

@@ -30,7 +30,10 @@ from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from operator import itemgetter
+from operator import sub as _sub
+from typing import NamedTuple
 
 from storage.errors import StorageError
 
@@ -106,6 +109,15 @@ _Entry = _Node | Member
 """A name's inode while merging: a bare member is a base layer's non-directory with one
 name, 56 bytes a member less at the merge's peak than a `_Node` each."""
 _Chain = list[tuple[str, _Entry | None]]
+
+
+class Entries(NamedTuple):
+    """A directory's entries as columns (`MergedTree.columns`): entry i is names[i]."""
+
+    names: list[str]
+    inodes: list[int]
+    members: list[Member]
+    nlinks: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,17 +203,26 @@ class MergedTree:
     def entries(self, ino: int) -> Iterator[tuple[str, int, Member, int]]:
         """A directory's entries in name order, each with what stat shows of it: (name,
         inode, member, nlink), as `node` gives them; nothing for a non-directory."""
+        return zip(*self.columns(ino), strict=True)
+
+    def columns(self, ino: int) -> Entries:
+        """`entries` a column at a time, each made in C with no Python step per entry: a
+        cold `find` of an image lists every directory once (15,000 entries of the bench's)."""
         i = self._slot(ino)
         first = self._first[i]
-        names, ends, children = self._names, self._ends, self._child
-        member, nlink = self._member, self._nlink
-        start = ends[first - 1] if first else 0
-        for at in range(first, first + self._count[i]):
-            end = ends[at]
-            child = children[at]
-            name = names[start:end].decode(_ENCODING, _ERRORS)  # os.fsdecode, without its call
-            yield name, child, member[child - 1], nlink[child - 1]
-            start = end
+        last = first + self._count[i]
+        ends = self._ends[first:last]
+        spans = map(slice, [self._ends[first - 1] if first else 0, *ends[:-1]], ends)
+        parts = map(self._names.__getitem__, spans)
+        names = list(map(bytes.decode, parts, repeat(_ENCODING), repeat(_ERRORS)))  # os.fsdecode
+        children = self._child[first:last].tolist()
+        slots = list(map(_sub, children, repeat(1)))
+        return Entries(
+            names,
+            children,
+            list(map(self._member.__getitem__, slots)),
+            list(map(self._nlink.__getitem__, slots)),
+        )
 
     def resolve(self, path: str) -> int | None:
         """The inode of a normalised path, following no symlink; None if absent."""
