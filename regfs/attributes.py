@@ -177,7 +177,8 @@ class Attributes:
         pending = writer.pending_attr() if writer is not None else None
         if pending is not None:
             return self.entry(node, pending, timeout=0)
-        return self.entry(node, await self.tree.attr(node))
+        held = self.tree.held_attr(node)  # a listing's digests: no coroutine each
+        return self.entry(node, held if held is not None else await self.tree.attr(node))
 
     # -- chmod, chown, touch ---------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import NamedTuple
 
@@ -98,15 +98,29 @@ class TagNode(tuple[str, str, str], Node):
 
 
 @dataclass(frozen=True)
-class ManifestNode(Node):
+class DigestNode(Node):
+    """A digest of a repository, in its manifests/ or layers/ (the subclasses). Hashed once:
+    readdir of 10,000 looks each up in ~5 tables, and a dataclass hashes (repo, Digest) in two
+    Python calls every time (35% of readdir's work per entry, cProfile). Equal only within
+    one subclass, as dataclasses are."""
+
     repo: str
     digest: Digest
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((type(self).__name__, self.repo, self.digest)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
-@dataclass(frozen=True)
-class LayerNode(Node):
-    repo: str
-    digest: Digest
+class ManifestNode(DigestNode):
+    """`<repository>/manifests/<digest>` (no @dataclass of its own: it would hash again)."""
+
+
+class LayerNode(DigestNode):
+    """`<repository>/layers/<digest>`."""
 
 
 @dataclass(frozen=True)

@@ -379,6 +379,10 @@ class Tree:
         """A listing gives the kernel entries of repo's tags that it keeps for `seconds`."""
         self._listed_tags.handed(repo, seconds)
 
+    def held_attr(self, node: Node) -> Attr | None:
+        """A digest's attributes if cached (what `attr` answers without awaiting anything)."""
+        return self._digests.get(node)
+
     async def attr(self, node: Node) -> Attr:
         if (view := self._owners.get(type(node))) is not None:
             return await view.attr(node)

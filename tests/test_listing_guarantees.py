@@ -19,7 +19,7 @@ import trio
 from support.oci import empty_image, image_manifest
 
 import regfs.tree
-from regfs.nodes import LayerNode, Node, SectionNode, TagNode
+from regfs.nodes import LayerNode, ManifestNode, Node, SectionNode, TagNode
 from regfs.tree import Tree
 from storage.digests import digest_bytes
 from storage.drivers import FileInfo, FilesystemDriver, InMemoryDriver
@@ -303,3 +303,15 @@ async def test_tags_of_one_image_keep_one_digest_and_manifest_node(tmp_path):
         kept = [tree._tag_attrs.get(node) for node in nodes]
         assert len({id(pair[1]) for pair in kept if pair is not None}) == 1
         assert None not in kept
+
+
+def test_digest_nodes_hashed_once_are_still_keys_by_value():
+    """Layer and manifest nodes keep their hash (computed once, at creation): equal nodes
+    made apart are one key, a layer and a manifest of one digest two, as dataclasses were."""
+    digest = digest_bytes(b"layer")
+    table = {LayerNode(NAME, digest): "layer", ManifestNode(NAME, digest): "manifest"}
+    assert table[LayerNode(NAME, digest)] == "layer"
+    assert table[ManifestNode(NAME, digest)] == "manifest"
+    assert LayerNode(NAME, digest) != ManifestNode(NAME, digest)
+    assert LayerNode(NAME, digest_bytes(b"other")) not in table
+    assert repr(LayerNode(NAME, digest)) == f"LayerNode(repo={NAME!r}, digest={digest!r})"
