@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -33,6 +34,7 @@ import storage.remote.client as remote_client
 import storage.remote.registry as remote_registry
 from storage.digests import Digest
 from storage.errors import RemoteUnavailable, StorageError, UnknownLayer, UnknownTag
+from storage.manifest_format import parse_manifest
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 
@@ -165,6 +167,36 @@ async def test_a_blob_size_a_manifest_lies_about_is_caught_on_read(
     reader = await repo.layers.fetch(layer_digest)
     with pytest.raises(StorageError):
         await reader.read_at(0, len(layer) + 5)
+
+
+async def test_a_walk_of_the_same_tagged_manifests_parses_them_once(
+    registry: RemoteRegistry,
+    module_registry_server: RegistryServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """layers/ listed again (a walk listed ahead, then by the listing itself) parses none of
+    the manifests again while the tags point where they did; a retag walks anew."""
+    client = module_registry_server.client()
+    blobs = push_repo(client, "listing/parsed")
+    parsed: list[bytes] = []
+
+    def counted(data: bytes, *args: Any) -> Any:
+        parsed.append(data)
+        return parse_manifest(data, *args)
+
+    monkeypatch.setattr(remote_registry, "parse_manifest", counted)
+    repo = registry.repository("listing/parsed")
+    assert {str(d) for d in await repo.layers.list()} == blobs
+    assert len(parsed) == len(TAGS)
+    assert {str(d) for d in await repo.layers.walk()} == blobs
+    assert len(parsed) == len(TAGS)
+    extra = client.push_blob("listing/parsed", b"one more layer\n")
+    config = b'{"os": "linux"}'
+    client.push_blob("listing/parsed", config)
+    client.put_manifest("listing/parsed", "a", image_manifest(config, [b"one more layer\n"]))
+    repo.tags.forget()  # as a change through the mount does
+    assert extra in {str(d) for d in await repo.layers.walk()}
+    assert len(parsed) == 2 * len(TAGS)
 
 
 async def test_stats_of_a_listing_say_what_stat_says_and_ask_each_thing_once(

@@ -49,6 +49,7 @@ from .reader import ReadAheadBudget, RemoteLayerReader
 from .untrusted import (
     BLOB_CACHE_BYTES,
     BODY_MAX,
+    LAYER_WALK_BYTES,
     LISTING_BYTES_MAX,
     LISTING_NAMES_MAX,
     LISTING_PAGES_MAX,
@@ -262,6 +263,18 @@ class _TagSnapshot:
         """Whether tag is one of those a resolution fetches."""
         at = bisect.bisect_left(self.tags, tag, 0, min(len(self.tags), TAGS_RESOLVED_MAX))
         return at < len(self.tags) and self.tags[at] == tag
+
+
+@dataclass(frozen=True)
+class _LayerWalk:
+    """What a walk of a repository's layers/ found: the blobs its tagged manifests name, with
+    their descriptors' sizes."""
+
+    manifests: tuple[Digest, ...]  # the tagged manifests, as manifests.list() gave them
+    sizes: dict[Digest, int]
+
+    def size(self) -> int:
+        return (len(self.manifests) + len(self.sizes)) * 200
 
 
 class RemoteCatalog:
@@ -722,12 +735,31 @@ class RemoteLayers:
         return await self.walk()
 
     async def walk(self) -> builtins.list[Digest]:
-        """list() without telling the registry a listing was asked for (listing ahead)."""
+        """list() without telling the registry a listing was asked for (listing ahead).
+        The blobs of the same tagged manifests as the last walk's are that walk's (they are
+        content-addressed): a walk listed ahead is not parsed again by the listing."""
         found: set[Digest] = set(self._finished())
-        sizes: dict[Digest, int] = {}  # what the manifests' descriptors say, the first's
+        tagged = tuple(await self.repo.manifests.list())
+        kept = self.registry.layer_walks.get(self.name)
+        if kept is None or kept.manifests != tagged:
+            kept = await self._walk(tagged)
+        found.update(kept.sizes)
+        listed = sorted(found)
+        for digest in self._unstated(listed):
+            if (size := kept.sizes.get(digest)) is not None and size <= SIZE_MAX:
+                self._keep(digest, size)
+        await self._stat_many(self._unstated(listed))
+        await _in_parallel(self._unstated(listed), self.stat, f"{self.name}: blobs")
+        return listed
+
+    async def _walk(self, tagged: tuple[Digest, ...]) -> _LayerWalk:
+        """The blobs the manifests name (and those their indexes name), with the sizes their
+        descriptors say (the first's); kept unless a manifest could not be had."""
+        sizes: dict[Digest, int] = {}
         manifests = self.repo.manifests
-        pending = await manifests.list()
+        pending = builtins.list(tagged)
         seen: set[Digest] = set()
+        whole = True
         while pending:
             await manifests.fetch_many([str(d) for d in self._uncached(pending)])
             await _in_parallel(self._uncached(pending), manifests.get, f"{self.name}: manifests")
@@ -744,21 +776,20 @@ class RemoteLayers:
                 seen.add(digest)
                 try:
                     parsed = parse_manifest((await manifests.get(digest)).data)
-                except (UnknownManifest, InvalidManifest, CorruptEntry):
+                except UnknownManifest:
+                    whole = False
+                    continue
+                except (InvalidManifest, CorruptEntry):
                     continue
                 for blob in parsed.blobs:
                     if not blob.urls:
-                        found.add(blob.digest)
                         sizes.setdefault(blob.digest, blob.size)
                 children.extend(d.digest for d in parsed.children)
             pending = children
-        listed = sorted(found)
-        for digest in self._unstated(listed):
-            if (size := sizes.get(digest)) is not None and size <= SIZE_MAX:
-                self._keep(digest, size)
-        await self._stat_many(self._unstated(listed))
-        await _in_parallel(self._unstated(listed), self.stat, f"{self.name}: blobs")
-        return listed
+        walked = _LayerWalk(tagged, sizes)
+        if whole:
+            self.registry.layer_walks.put(self.name, walked)
+        return walked
 
     async def _stat_many(self, digests: builtins.list[Digest]) -> None:
         """The sizes of those blobs the registry answers plainly (`small_many`), cached as
@@ -877,6 +908,9 @@ class RemoteRegistry:
         self.tag_snapshots: ByteCache[str, _TagSnapshot] = ByteCache(
             TAG_SNAPSHOT_BYTES, lambda name, snapshot: len(name) + snapshot.size()
         )
+        self.layer_walks: ByteCache[str, _LayerWalk] = ByteCache(
+            LAYER_WALK_BYTES, lambda name, walked: len(name) + walked.size()
+        )
         self._last_listed: dict[Listed, str] = {}  # the repository of each kind's last listing
         # Repositories being listed in the background, and what of them.
         self._ahead: dict[tuple[str, Listed], trio.Event] = {}
@@ -962,6 +996,7 @@ class RemoteRegistry:
     def forget(self) -> None:
         self.catalog.forget()
         self.tag_snapshots.clear()
+        self.layer_walks.clear()
         self.blob_cache.clear()  # a blob deleted beside the mount; manifests never change
 
     async def aclose(self) -> None:
