@@ -103,6 +103,18 @@ def mount(tmp_path) -> Iterator[Callable[..., Mount]]:
 
 
 @pytest.fixture
+def remote_mount(
+    mount: Callable[..., Mount],
+    module_registry_server: RegistryServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., Mount]:
+    """remote_mount(*args) → a started mount of the module's real registry over HTTP."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the mounts' upload records
+    return lambda *args: mount(module_registry_server.url, *args)
+
+
+@pytest.fixture
 def tracked() -> Iterator[Callable[..., Mount]]:
     """track(mountpoint, log) → a Mount that is stopped (and its log checked) at teardown:
     for mounts made by other command lines (no source, --foreground, mount(8), fstab)."""

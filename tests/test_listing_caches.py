@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import trio
 from support.mounts import Mount, hang_up, wait_until
-from support.oci import image_manifest
-from support.registry import RegistryClient, RegistryServer
+from support.oci import push_images
+from support.registry import RegistryServer
 from support.roots import build_root, put_tagged, variants, write_tags
 from support.tools import errno_closing, ls, run
 
@@ -172,32 +172,6 @@ def test_a_tag_changed_through_the_mount_shows_at_once_in_every_tool(
 REMOTE_TAGS = [f"r{i:02d}" for i in range(20)]
 
 
-def push_images(client: RegistryClient, name: str) -> list[bytes]:
-    """Three images (a config each, one shared layer); REMOTE_TAGS on the first."""
-    layer = b"a layer\n"
-    client.push_blob(name, layer)
-    manifests = []
-    for n in range(3):
-        config = f'{{"architecture":"amd64","os":"linux","n":{n}}}'.encode()
-        client.push_blob(name, config)
-        manifests.append(image_manifest(config, [layer]) + b" " * n)  # sizes differ
-    for tag in REMOTE_TAGS:
-        client.put_manifest(name, tag, manifests[0])
-    return manifests
-
-
-@pytest.fixture
-def remote_mount(
-    mount: Callable[..., Mount],
-    module_registry_server: RegistryServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Callable[..., Mount]:
-    """mount(*args) of the module's real registry over HTTP."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the mounts' upload records
-    return lambda *args: mount(module_registry_server.url, *args)
-
-
 def shows(tags: Path, moved: bytes, new: str) -> bool:
     """`ls -l`, `cat` and `ls` all show the last tag moved to `moved` and tag `new`."""
     shown = sizes(tags)
@@ -213,7 +187,7 @@ def test_a_tag_moved_behind_a_remote_mount_shows_within_twice_the_ttl(
     """The registry moves a resolved tag and gains one while `ls -l`, `cat` and `ls` keep
     asking: all three show both within twice --tag-ttl (1 s) and a slow machine's margin."""
     client, name = module_registry_server.client(), "caches/ttl"
-    manifests = push_images(client, name)
+    manifests = push_images(client, name, 3, REMOTE_TAGS)
     m = remote_mount("--tag-ttl", "1")
     tags = m.path(*name.split("/"), "tags")
     assert set(sizes(tags).values()) == {len(manifests[0])}  # resolved: every tag read
@@ -234,7 +208,7 @@ def test_sighup_drops_the_resolved_tags_of_a_remote_mount(
     """With a TTL of an hour, the registry moves a resolved tag and gains one: `ls -l`,
     `cat` and `ls` still show the mount's snapshot, and right after SIGHUP the changes."""
     client, name = module_registry_server.client(), "caches/hup"
-    manifests = push_images(client, name)
+    manifests = push_images(client, name, 3, REMOTE_TAGS)
     m = remote_mount("--tag-ttl", "3600")
     tags = m.path(*name.split("/"), "tags")
     before = sizes(tags)

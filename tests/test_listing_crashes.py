@@ -22,6 +22,8 @@ import trio
 from support.clients import kill_mid, listing_loop
 from support.images import directory, file
 from support.mounts import Mount, is_mounted, regfs
+from support.oci import push_images
+from support.registry import RegistryServer
 from support.roots import build_root, put_layer_image, put_tagged, variants, write_tags
 from support.tools import ls, run
 
@@ -42,16 +44,17 @@ def manifests_of(image: dict, count: int, where: Path) -> list[Path]:
     return files
 
 
-def assert_left_intact(root: Path, m: Mount, look: Callable[[Mount], None]) -> None:
+def assert_left_intact(m: Mount, look: Callable[[Mount], None], root: Path | None = None) -> None:
     """After the kill: `regfs umount` frees the mountpoint (a plain empty directory again), a
-    new mount on it shows what `look` checks, and the storage root has no damage (`regfs
-    check` exits 0 or 1: only what garbage collection would remove)."""
+    new mount of the same source on it shows what `look` checks, and the storage root (the
+    source's, or a remote registry's `root`) has no damage (`regfs check` exits 0 or 1: only
+    what garbage collection or purge-uploads would remove)."""
     result = regfs("umount", str(m.mountpoint), timeout=30)
     assert result.returncode == 0, result.stderr
     assert not is_mounted(m.mountpoint) and os.listdir(m.mountpoint) == []
-    with Mount(str(root), m.mountpoint, m.log.with_suffix(".again.log")) as again:
+    with Mount(m.source, m.mountpoint, m.log.with_suffix(".again.log")) as again:
         look(again)
-    checked = regfs("check", str(root))
+    checked = regfs("check", str(root or m.source))
     assert checked.returncode in (0, 1), checked.stdout + checked.stderr
 
 
@@ -99,7 +102,7 @@ def test_kill_9_mid_kept_listings_and_a_tag_write_waiting_for_them(
         for pushed in done:
             assert again.path(NAME, "tags", pushed.name).read_bytes() == pushed.read_bytes()
 
-    assert_left_intact(root, m, look)
+    assert_left_intact(m, look)
 
 
 def test_kill_9_mid_walks_of_images_and_a_tag_moving_below_them(
@@ -150,4 +153,48 @@ def test_kill_9_mid_walks_of_images_and_a_tag_moving_below_them(
         assert image_file.read_bytes() == f"{which} 7 19\n".encode()
         assert len(ls(again.path(NAME, "tags"))) == 500 + 5  # latest, fixed, v1, v2, moving
 
-    assert_left_intact(root, m, look)
+    assert_left_intact(m, look)
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+def test_kill_9_mid_listing_and_push_of_a_remote_mount(
+    remote_mount: Callable[..., Mount], module_registry_server: RegistryServer, tmp_path: Path
+) -> None:
+    """A remote mount (the real registry over HTTP): kill -9 while `ls -l` lists 100 tags
+    again and again (TTL 0.2 s: each listing's tags resolved anew, 8 GETs at once on worker
+    threads) and `cp` pushes tags through the mount: every client is freed, the mountpoint
+    is left usable, every tag pushed before the kill is in the registry with its bytes, and
+    the registry's storage has no damage."""
+    client, name = module_registry_server.client(), "crashes/remote"
+    old = [f"r{i:03d}" for i in range(100)]
+    manifests = push_images(client, name, 6, old[:1])
+    digest = client.get_manifest(name, old[0]).digest
+    write_tags(module_registry_server.root, name, digest, old[1:])  # as the registry would
+    files = [tmp_path / f"w{i:03d}" for i in range(1, 6)]
+    for path, manifest in zip(files, manifests[1:], strict=True):
+        path.write_bytes(manifest)
+    m = remote_mount("--tag-ttl", "0.2")
+    tags = m.path(*name.split("/"), "tags")
+    listed, written = tmp_path / "listed", tmp_path / "written"
+    scripts = {
+        "ls": listing_loop(tags, listed),
+        # then a read of a tag (direct_io: each goes to the daemon) until the mount is dead
+        "cp": f'for f in "{tmp_path}"/w*; do cp "$f" "{tags}/${{f##*/}}" || exit 1;'
+        f' echo "$f" >> "{written}"; done; while cat "{tags}/r000" > /dev/null; do :; done;'
+        " exit 1",
+    }
+
+    def under_way() -> bool:
+        return listed.exists() and written.exists() and len(written.read_bytes().split()) >= 3
+
+    kill_mid(m, scripts, under_way)
+    done = [Path(line) for line in written.read_text().split()]
+    for pushed in done:
+        assert client.get_manifest(name, pushed.name).body == pushed.read_bytes()
+
+    def look(again: Mount) -> None:
+        names = set(ls(again.path(*name.split("/"), "tags")))
+        assert {*old, *(f.name for f in done)} <= names, len(names)
+
+    assert_left_intact(m, look, module_registry_server.root)

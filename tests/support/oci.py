@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from storage.digests import Digest, digest_bytes
 from storage.registry import Repository
-from support.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
+from support.registry import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,22 @@ def image_manifest(
         "layers": described,
     }
     return json.dumps(body).encode()
+
+
+def push_images(client: RegistryClient, name: str, count: int, tags: Sequence[str]) -> list[bytes]:
+    """`count` images pushed into repository `name` over HTTP (a config each, one shared
+    layer; manifests of distinct sizes, so `ls -l` tells them apart), `tags` on the first:
+    their manifests."""
+    layer = b"a layer\n"
+    client.push_blob(name, layer)
+    manifests = []
+    for n in range(count):
+        config = json.dumps({"architecture": "amd64", "os": "linux", "n": n}).encode()
+        client.push_blob(name, config)
+        manifests.append(image_manifest(config, [layer]) + b" " * n)
+    for tag in tags:
+        client.put_manifest(name, tag, manifests[0])
+    return manifests
 
 
 def image_index(platforms: Mapping[str, OciImage]) -> bytes:
