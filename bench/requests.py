@@ -4,7 +4,8 @@ Every cold walk is bounded by the daemon's time per request (GETATTR, LOOKUP, RE
 a filesystem that answers from memory (a file, a directory of `--entries` names, every timeout 0, so
 the kernel asks each time) and times the calls that make one request each: fstat of an O_PATH
 descriptor (GETATTR; of `kept`, a GETATTR answered by `getattr_kept`, without a coroutine, on
-regfs's pyfuse3 build: third_party/pyfuse3), access(F_OK) by path (LOOKUP), a listing of the
+regfs's pyfuse3 build: third_party/pyfuse3), access(F_OK) by path (LOOKUP; of `thread`, a LOOKUP
+whose handler waits for a worker thread, as regfs's do that read storage), a listing of the
 directory (READDIRPLUS). Each `--python` is a virtualenv's interpreter with its own pyfuse3 (e.g. a
 stock 3.5.0 against regfs's build); they take turns for `--rounds`, and the medians are shown: wall
 time per call, and the daemon's CPU per request (its main thread's run time, /proc/<pid>/schedstat),
@@ -38,13 +39,14 @@ import trio
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 KEPT_INODE = FILE_INODE + 1  # `kept`, a file whose GETATTR `getattr_kept` answers
 DIR_INODE = KEPT_INODE + 1
+KINDS = ("getattr", "kept", "lookup", "thread", "readdir")  # what measure_all measures
 COUNTS = b"user.counts"  # getxattr of this on the root answers the daemon's request counts
 
 
 class Memory(pyfuse3.Operations):
-    """A root holding `f`, `kept` and `big/` (`entries` empty files); nothing is cached by
-    the kernel (every timeout 0) and every request is counted by its name (a GETATTR of
-    `kept` as "kept", whichever method answers it)."""
+    """A root holding `f`, `kept`, `thread` and `big/` (`entries` empty files); nothing is
+    cached by the kernel (every timeout 0) and every request is counted by its name (a GETATTR
+    of `kept` as "kept", whichever method answers it; a LOOKUP of `thread` as "thread")."""
 
     def __init__(self, entries: int) -> None:
         super().__init__()
@@ -83,6 +85,9 @@ class Memory(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode == pyfuse3.ROOT_INODE and name == b"thread":
+            self.counts["thread"] += 1
+            return await trio.to_thread.run_sync(self._attr, FILE_INODE)
         self.counts["lookup"] += 1
         return self._attr(self._child(parent_inode, name))
 
@@ -188,12 +193,14 @@ def measure_all(daemon: Daemon, calls: int, listings: int) -> dict[str, Sample]:
     path = daemon.mountpoint / "f"
     fd = os.open(path, os.O_PATH)
     kept = os.open(daemon.mountpoint / "kept", os.O_PATH)
+    thread = daemon.mountpoint / "thread"
     try:
         os.access(path, os.F_OK)  # the kernel learns that ACCESS is not implemented
         return {
             "getattr": daemon.measure("getattr", calls, lambda: os.stat(fd)),
             "kept": daemon.measure("kept", calls, lambda: os.stat(kept)),
             "lookup": daemon.measure("lookup", calls, lambda: os.access(path, os.F_OK)),
+            "thread": daemon.measure("thread", calls, lambda: os.access(thread, os.F_OK)),
             "readdir": daemon.measure(
                 "readdir", listings, lambda: os.listdir(daemon.mountpoint / "big")
             ),
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load {os.getloadavg()[0]:.1f}; medians of {args.rounds} rounds")
     for python in pythons:
         print(f"{python} (pyfuse3 {_version(python)})")
-        for kind in ("getattr", "kept", "lookup", "readdir"):
+        for kind in KINDS:
             runs = [run[kind] for run in samples[python]]
             per_call = statistics.median(s.us_per_call for s in runs)
             cpu = statistics.median(s.cpu_us_per_request for s in runs)

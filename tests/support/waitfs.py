@@ -5,13 +5,13 @@ of `go` arrives (in another directory: the kernel serializes the lookups in one,
 libfuse 3.14 never passes FUSE_PARALLEL_DIROPS on), `big/<n>`, whose getattr computes for 2 ms
 without waiting (so that clients of several keep requests queued: Linux asks for one inode's
 attributes one request at a time), `big/9`, whose `getattr_kept` raises EIO, and a trio task
-that ticks every millisecond.
+that ticks every millisecond (unless `--quiet`: then the daemon uses no CPU between requests).
 getxattr of `user.loop` on the root answers what the loop did, as JSON: `getattr_tasks`, how
 many trio tasks served a GETATTR; `getattrs`, how many GETATTRs `getattr` answered; `kept`, how
 many GETATTRs of `kept` (answered by `getattr_kept` on regfs's build); `waiting`, lookups of
 `big/slow` still waiting; `longest_gap_ms`, the longest time between two ticks so far.
 
-    python -m support.waitfs MOUNTPOINT   (cwd tests/, the project root on PYTHONPATH)
+    python -m support.waitfs MOUNTPOINT [--quiet]   (cwd tests/, the project root on PYTHONPATH)
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class WaitFs(Memory):
     ) -> pyfuse3.EntryAttributes:
         if parent_inode == pyfuse3.ROOT_INODE and name == b"go":
             self.go.set()
+            self.go = trio.Event()  # the next lookup of big/slow waits again
         elif parent_inode == DIR_INODE and name == b"slow":
             self.waiting += 1
             try:
@@ -84,21 +85,22 @@ class WaitFs(Memory):
             self.last_tick = trio.current_time()
 
 
-async def _serve(fs: WaitFs) -> None:
+async def _serve(fs: WaitFs, tick: bool) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fs.tick)
+        if tick:
+            nursery.start_soon(fs.tick)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-def main(mountpoint: str) -> None:
+def main(mountpoint: str, quiet: bool) -> None:
     fs = WaitFs()
     pyfuse3.init(fs, mountpoint, {"fsname=waitfs"})
     try:
-        trio.run(_serve, fs)
+        trio.run(_serve, fs, not quiet)
     finally:
         pyfuse3.close(unmount=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:] == ["--quiet"])
