@@ -18,7 +18,7 @@ from . import fusefeatures
 from .attributes import Attributes
 from .inodes import InodeTable
 from .listings import names_of
-from .nodes import Attr, DirNode, FixedNode, Listing, Node, SectionNode, gc_paused
+from .nodes import Attr, DirNode, FixedNode, Listing, Node, SectionNode
 from .tree import LISTED_ENTRY_TIMEOUT, SECTIONS, TICK, Tree
 
 log = logging.getLogger(__name__)
@@ -102,18 +102,16 @@ class Directories:
 
     def _reply_listed(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> None:
         """readdir of a listing that came with its entries' attributes (an image's
-        directory): no call per entry to the tree, nothing that can fail on the way, and no
-        cyclic collection meanwhile (an entry each for the kernel: `gc_paused`)."""
+        directory): no call per entry to the tree, nothing that can fail on the way."""
         entry, attrs = self.attributes.entry, entries.attrs
         handed: list[int] = []  # their lookups, counted at once
         try:
-            with gc_paused():
-                for index in range(start, len(entries)):
-                    name, child = entries[index]
-                    made = entry(child, attrs[index])
-                    if not pyfuse3.readdir_reply(token, name.encode(), made, base | (index + 1)):
-                        return
-                    handed.append(made.st_ino)
+            for index in range(start, len(entries)):
+                name, child = entries[index]
+                made = entry(child, attrs[index])
+                if not pyfuse3.readdir_reply(token, name.encode(), made, base | (index + 1)):
+                    return
+                handed.append(made.st_ino)
             self._handed_out(base >> _INDEX_BITS)
         finally:
             self.inodes.ref_all(handed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from support.roots import CONFIG, link_blobs, put_tagged
 from support.tools import digest_of, errno_of, run
 
 from regfs.nodes import Listing, SectionNode
-from regfs.rootfs import RootfsView
+from regfs.rootfs import PAUSE_GC_AT, RootfsView
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
 from storage.rootfs.cache import IndexCache
@@ -710,6 +711,35 @@ async def test_a_name_that_is_not_utf8_is_not_listed(tmp_path, caplog):
                     assert attr == await view.attr(node)
         assert listed == {"plain": ["s", "é"], "mixed": ["ok"]}
         assert "not UTF-8" in caplog.text and "bad" in caplog.text
+    finally:
+        await view.aclose()
+
+
+async def test_a_big_directory_is_listed_with_no_collection(tmp_path):
+    """Listing an image's directory makes three tracked objects an entry: one of more than
+    PAUSE_GC_AT entries sets off no cyclic collection while it is made (a cold `find`
+    lists every directory once); the GC is on again after, and one young collection walks
+    the listing's objects once (made without the pause: 4 here)."""
+    tar = layer_tar([directory("big"), *(file(f"big/f{i:04}", b"") for i in range(1000))])
+    await link_blobs(tmp_path, REPO, [CONFIG, tar])
+    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
+    view = RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "index"), 5.0)
+    started: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    try:
+        big = await view.lookup(await view.lookup(SectionNode(REPO, "rootfs"), "t"), "big")
+        assert len(await view.children(big)) == 1000 > PAUSE_GC_AT  # built: no merge below
+        gc.collect()
+        gc.callbacks.append(count)
+        try:
+            listing = await view.children(big)
+        finally:
+            gc.callbacks.remove(count)
+        assert len(listing) == 1000 and started in ([], [0]) and gc.isenabled()
     finally:
         await view.aclose()
 
