@@ -109,9 +109,14 @@ def remote_mount(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[..., Mount]:
-    """remote_mount(*args) → a started mount of the module's real registry over HTTP."""
+    """remote_mount(*args, via=URL) → a started mount of the module's real registry over
+    HTTP (or of `via`, a proxy in front of it)."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the mounts' upload records
-    return lambda *args: mount(module_registry_server.url, *args)
+
+    def start(*args: str, via: str | None = None) -> Mount:
+        return mount(via or module_registry_server.url, *args)
+
+    return start
 
 
 @pytest.fixture

@@ -60,14 +60,9 @@ class Remote:
 
 @pytest.fixture
 def remote(
-    mount: Callable[..., Mount],
-    proxy: FaultServer,
-    module_registry_server: RegistryServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    remote_mount: Callable[..., Mount], proxy: FaultServer, module_registry_server: RegistryServer
 ) -> Remote:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the mounts' upload records
-    return Remote(module_registry_server.client(), partial(mount, proxy.url))
+    return Remote(module_registry_server.client(), partial(remote_mount, via=proxy.url))
 
 
 def push_repo(client: RegistryClient, name: str, tags: tuple[str, ...] = TAGS) -> set[str]:
