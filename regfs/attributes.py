@@ -148,8 +148,8 @@ class Attributes:
         the kernel makes an inode of it (None for other kinds: read their attributes).
 
         A tag whose attributes the daemon holds gets them, kept briefly (`entry`); one a
-        read-ahead under way will read (`Tree.ahead`, `ls -l` looked a tag up) None: readdir
-        waits for its attributes (`entry_of`), so `ls -l` stats it without a LOOKUP. Any other
+        read-ahead under way will read (`Tree.ahead`: `ls -l` looked a tag up) None: readdir
+        waits for its attributes in `entry_of`, so `ls -l` stats it without a LOOKUP. Any other
         gets a placeholder: by name and type only where pyfuse3 allows and the kernel holds no
         inode of it (regfs/fusefeatures.py; nothing kept), else with timeouts of 0, which also
         ends what the kernel kept of it (SIGHUP): the next stat or open looks the name up, and
@@ -177,6 +177,14 @@ class Attributes:
         pending = writer.pending_attr() if writer is not None else None
         if pending is not None:
             return self.entry(node, pending, timeout=0)
+        if isinstance(node, TagNode) and self.tree.ahead(node):
+            # What readdir asks of a tag being read ahead (`listed`): its attributes once
+            # read. One the read-ahead leaves out (damaged) is listed as a placeholder, as
+            # any other, whose lookup reports it (a rare getattr of it reads size 0).
+            attr = await self.tree.read_ahead(node)
+            if attr is None:
+                return self.entry(node, Attr(False, 0, self.tree.started_ns), timeout=0)
+            return self.entry(node, attr)
         held = self.tree.held_attr(node)  # a listing's digests: no coroutine each
         return self.entry(node, held if held is not None else await self.tree.attr(node))
 

@@ -361,16 +361,16 @@ class Tree:
 
     def ahead(self, node: TagNode) -> bool:
         """Whether a read-ahead under way will read node, whose target no lookup has read:
-        a readdir chunk waits for it (`attr`) rather than hand a placeholder that costs
+        a readdir chunk waits for it (`read_ahead`) rather than hand a placeholder that costs
         `ls -l` a LOOKUP. A lookup reads the target it needs itself, and waits for nothing."""
         if not self._tags_reading:  # every placeholder of a plain `ls` asks: kept cheap
             return False
         reading = self._tags_reading.get(node.repo)
         return reading is not None and node in reading.pending and self._tags.get(node) is None
 
-    async def _read_ahead(self, node: TagNode) -> Attr | None:
+    async def read_ahead(self, node: TagNode) -> Attr | None:
         """node's cached attributes, once a read-ahead under way that will read it has
-        (`ahead`); None if it is not cached then (a damaged tag: `attr` asks alone)."""
+        (`ahead`); None if it is not cached then (damaged: the read-ahead leaves it out)."""
         while (cached := self.cached_attr(node)) is None and self.ahead(node):
             await self._tags_reading[node.repo].progress.wait()
         return cached
@@ -394,7 +394,7 @@ class Tree:
             case DirNode(path) | SectionNode(path, _):
                 return Attr(True, 0, self.kept.mtime_ns(node, await self._dir_mtime_ns(path)))
             case TagNode(repo, tag):
-                if (cached := await self._read_ahead(node)) is not None:
+                if (cached := self.cached_attr(node)) is not None:
                     return cached
                 try:
                     target, manifest = await self._tagged(

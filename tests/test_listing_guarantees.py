@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 import trio
+from pyfuse3 import EntryAttributes
 from support.oci import empty_image, image_manifest
 
 import regfs.tree
 from regfs.nodes import LayerNode, ManifestNode, Node, SectionNode, TagNode
-from regfs.tree import Tree
+from regfs.operations import Operations
+from regfs.options import MountOptions
+from regfs.tree import LISTED_ENTRY_TIMEOUT, Tree
 from storage.digests import digest_bytes
 from storage.drivers import FileInfo, FilesystemDriver, InMemoryDriver
 from storage.errors import CorruptEntry
@@ -193,9 +196,10 @@ async def test_a_listing_no_tag_is_looked_up_in_reads_no_tag_link(tmp_path):
 
 async def test_a_listing_chunk_waits_for_the_tags_being_read_ahead(tmp_path, monkeypatch):
     """While tags are read ahead (`ls -l` looked one up), readdir hands each tag the read
-    will cover with its attributes, waiting for its batch (`Tree.ahead`, `attr`), so `ls -l`
-    stats it without a LOOKUP: no read of its own, the answer a fresh tree reads. A damaged
-    one is then asked alone and fails as before. A lookup waits for nothing: it reads the
+    will cover with its attributes, waiting for its batch (`Tree.ahead`, `entry_of`), so
+    `ls -l` stats it without a LOOKUP: no read of its own, what a fresh tree reads, kept
+    0.1 s. One the read-ahead leaves out (damaged) is still listed, as a placeholder
+    (timeouts 0), and its lookup fails as before. A lookup waits for nothing: it reads the
     target it needs, and its attributes, itself."""
     monkeypatch.setattr(regfs.tree, "TAGS_READ_BATCH", 3)
     registry, driver = await tagged_root(tmp_path / "root", 2 * KEPT)
@@ -207,7 +211,8 @@ async def test_a_listing_chunk_waits_for_the_tags_being_read_ahead(tmp_path, mon
         return await read_many(self, tags)
 
     monkeypatch.setattr(TagService, "read_many", gated)
-    tree = Tree(registry, tag_ttl=600)
+    ops = Operations(Tree(registry, tag_ttl=600), MountOptions(str(tmp_path), "/mnt"))
+    tree, attributes = ops.tree, ops.attributes
     section = SectionNode(NAME, "tags")
     await tree.children(section)
     looked_up = TagNode(NAME, TAGS[1])
@@ -215,29 +220,33 @@ async def test_a_listing_chunk_waits_for_the_tags_being_read_ahead(tmp_path, mon
         await tree.lookup(section, TAGS[0])  # starts the read-ahead
         assert await tree.lookup(section, looked_up.tag) == looked_up
         assert not tree.ahead(looked_up)
-        await tree.attr(looked_up)  # while the read-ahead waits at the gate
-    listed = TagNode(NAME, TAGS[2 * KEPT - 1])
-    assert tree.ahead(listed) and tree.ahead(TagNode(NAME, "garbage"))
-    got: dict[str, object] = {}
+        await attributes.entry_of(looked_up)  # while the read-ahead waits at the gate
+    listed, garbage = TagNode(NAME, TAGS[2 * KEPT - 1]), TagNode(NAME, "garbage")
+    assert attributes.listed(listed) is None and attributes.listed(garbage) is None
+    got: dict[TagNode, EntryAttributes] = {}
 
-    async def attr(name: str) -> None:
-        try:
-            got[name] = await tree.attr(TagNode(NAME, name))
-        except CorruptEntry as exc:
-            got[name] = exc
+    async def entry_of(node: TagNode) -> None:
+        got[node] = await attributes.entry_of(node)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(attr, listed.tag)
-        nursery.start_soon(attr, "garbage")
+        nursery.start_soon(entry_of, listed)
+        nursery.start_soon(entry_of, garbage)
         await trio.sleep(0.05)
         assert got == {}  # they wait for the read-ahead
         driver.reads = 0
         gate.set()
-    assert driver.reads == 1  # the garbage link, read alone once the read-ahead skipped it
-    assert isinstance(got["garbage"], CorruptEntry)
+    assert driver.reads == 0 and not tree.ahead(listed) and NAME not in tree._tags_reading
     fresh = Tree(registry, tag_ttl=600)
-    assert got[listed.tag] == await fresh.attr(await fresh.lookup(section, listed.tag))
-    assert not tree.ahead(listed) and NAME not in tree._tags_reading
+    real = await fresh.attr(await fresh.lookup(section, listed.tag))
+    assert (got[listed].st_size, got[listed].st_mtime_ns) == (real.size, real.mtime_ns)
+    assert got[listed].entry_timeout == LISTED_ENTRY_TIMEOUT
+    assert (got[garbage].st_size, got[garbage].entry_timeout, got[garbage].attr_timeout) == (
+        0,
+        0,
+        0,
+    )
+    with pytest.raises(CorruptEntry):
+        await tree.attr(await tree.lookup(section, garbage.tag))
 
 
 async def test_tags_read_ahead_are_as_many_as_the_cache_holds(tmp_path, monkeypatch):
