@@ -245,9 +245,11 @@ def test_a_listing_of_tags_reads_no_link(tmp_path: Path, mount: Callable) -> Non
 def test_ls_l_of_tags_within_the_ttl_needs_no_round_trip_per_entry(
     tmp_path: Path, mount: Callable
 ) -> None:
-    """The first `ls -l` of tags looks each up (the listing read no link); within the TTL the
-    listing hands the kernel what those lookups read, so the next one walks no path through
-    the daemon. Both show every tag's real size and mtime: never the placeholder's."""
+    """The first `ls -l` of tags looks up only the few its first readdir chunk gave (the
+    listing read no link): the first lookup reads the tags ahead, and the next chunk waits
+    for them and hands them with their attributes. Within the TTL the listing hands the kernel
+    what was read, so the next one walks no path through the daemon. Both show every tag's
+    real size and mtime: never the placeholder's."""
     root = tmp_path / "root"
     image = trio.run(build_root, root, NAME, 1000)
     add_tags(root, NAME, image["digest"], 200)
@@ -265,7 +267,7 @@ def test_ls_l_of_tags_within_the_ttl_needs_no_round_trip_per_entry(
     assert cold_out == warm_out
     sizes = {line.split()[4] for line in cold_out.splitlines()[1:]}
     assert sizes == {str(len(image["manifest"]))} and len(cold_out.splitlines()) == 202
-    assert cold["lookup in parent"] >= 201, cold  # placeholders: the kernel asks for each
+    assert 1 <= cold["lookup in parent"] < 100, cold  # the first chunk's placeholders only
     # 0 but for a loaded machine's pauses over LISTED_ENTRY_TIMEOUT
     assert warm["lookup in parent"] < 100, warm
     assert_getattrs_only_on_the_way(m, start, way, seconds)  # the warm pass's
