@@ -57,6 +57,9 @@ async def test_lookup_attrs_and_timeouts(ops):
     # so its attributes are kept only briefly; else for the tag TTL.
     kept = min(2.0, LISTED_ENTRY_TIMEOUT) if fusefeatures.PATCHED else 2.0
     assert directory.attr_timeout == kept
+    # cp sizes its buffer by a file's st_blksize, glibc's opendir its getdents buffer by a
+    # directory's: as on a local disk, not 1 MiB per READDIR of a small directory
+    assert (entry.st_blksize, directory.st_blksize) == (1 << 20, 4096)
     with pytest.raises(pyfuse3.FUSEError) as err:
         await lookup_path(ops, "a", "b", "layers", "sha256:" + "0" * 64)
     assert err.value.errno == errno.ENOENT
