@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         errors=errors,
         daemon_tracebacks=env.problems if env else [],
     )
-    out = args.json or RESULTS / f"{started:%Y%m%d-%H%M%S}.json"
+    out = args.json or RESULTS / f"{started:%Y%m%d-%H%M%S}-{os.getpid()}.json"
     write_json(out, document, rows)
     load_before, load_after = host["loadavg"][0], document["loadavg_after"][0]  # type: ignore[index]
     print(

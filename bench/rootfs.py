@@ -779,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "daemon_tracebacks": b.tracebacks,
         "profile": b.profile,
     }
-    out = args.json or RESULTS / f"rootfs-{started:%Y%m%d-%H%M%S}.json"
+    out = args.json or RESULTS / f"rootfs-{started:%Y%m%d-%H%M%S}-{os.getpid()}.json"
     write_json(out, document, b.rows)
     print(
         f"regfs rootfs bench, {document['started']}, {host['cpus']} CPUs, load average "
