@@ -690,6 +690,40 @@ async def test_a_slow_resolution_is_reused_as_long_as_it_took(
     assert asked(proxy, "listing/slow") == {}
 
 
+async def test_tags_slower_to_resolve_than_the_ttl_are_then_asked_one_by_one(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """A resolution that took longer than the listing TTL is reused no longer than the TTL:
+    had each lookup after it resolved every tag again, `ls -l` beside `watch ls` (each
+    listing a new snapshot without targets) asked for every tag per tag (300 tags, TTL 0.2
+    s: 4 s alone, 200 s beside the loop). Such a repository's listed tags are then asked
+    one at a time (a HEAD each); after SIGHUP a lookup resolves them all again."""
+    push_repo(module_registry_server.client(), "listing/slowttl")
+    registry.listing_ttl = registry.tag_reuse = 0.3
+    repo = registry.repository("listing/slowttl")
+    await repo.tags.list()
+    # Two 503s end the batch's and `small`'s http.client tries; three more are retried.
+    proxy.inject(Fault(503, method="GET", path=r"/listing/slowttl/manifests/a$"), times=5)
+    started = time.monotonic()
+    await repo.tags.get("b")
+    assert time.monotonic() - started >= 0.6  # 0.1 + 0.2 + 0.4 s of backoff: past the TTL
+    await trio.sleep(0.35)  # the targets have expired
+    proxy.seen.clear()
+    for tag in ("c", "d"):
+        assert await repo.tags.list() == list(TAGS)  # a listing before each, as `watch ls`
+        await repo.tags.get(tag)
+    seen = asked(proxy, "listing/slowttl")
+    assert seen["HEAD manifests/<tag>"] == 2 and seen["GET manifests/<tag>"] == 0, seen
+    registry.forget()  # SIGHUP
+    proxy.seen.clear()
+    await repo.tags.list()
+    await repo.tags.get("a")
+    assert asked(proxy, "listing/slowttl") == {
+        "GET tags/list": 1,
+        "GET manifests/<tag>": len(TAGS),
+    }
+
+
 async def test_lookups_in_catalog_order_resolve_ahead(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:

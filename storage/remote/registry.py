@@ -58,6 +58,7 @@ from .untrusted import (
     MANIFESTS_WALKED_MAX,
     PAGE_MAX,
     SIZE_MAX,
+    SLOW_RESOLUTIONS_BYTES,
     TAG_SNAPSHOT_BYTES,
     TAGS_RESOLVED_MAX,
     ByteCache,
@@ -85,6 +86,10 @@ TAG_REUSE_MAX = 1.0
 # Repositories listed ahead, in the background, once listings go through the catalog in
 # order (a walk: find, du, `ls -l */tags`), as read-ahead follows a sequential read.
 LISTINGS_AHEAD = 4
+# How long a repository whose tags took longer to resolve than their targets are reused
+# (the listing TTL) has its listed tags looked up one at a time: resolving them all again
+# at each lookup would never end while listings keep coming (`ls -l` beside `watch ls`).
+SLOW_RESOLUTION_KEPT = 60.0
 T = TypeVar("T")
 Listed = Literal["tags", "targets", "layers"]  # what a listing of a repository asks for
 # Set in a task listing ahead: what it calls is no listing of its own (it would wait for
@@ -479,11 +484,23 @@ class RemoteTags:
             batch.set()
         now = time.monotonic()
         snapshot.targets, snapshot.targets_until = targets, now + self._reuse(now - started)
+        if now - started >= self.registry.listing_ttl:
+            self.registry.slow_resolutions.put(self.name, now + SLOW_RESOLUTION_KEPT)
+        else:
+            self.registry.slow_resolutions.pop(self.name)
         if started <= snapshot.until:  # right after the listing (a walk): taken as one
             snapshot.until = max(snapshot.until, now + self._reuse(now - snapshot.listed))
         if self.registry.tag_snapshots.get(self.name) is snapshot:  # count what it holds now
             self.registry.tag_snapshots.put(self.name, snapshot)
         return targets
+
+    def _resolves_slowly(self) -> bool:
+        """Whether the last resolution of these tags took longer than its targets are
+        reused, within SLOW_RESOLUTION_KEPT: a lookup then asks its own tag, else each
+        would resolve them all again, and each listing meanwhile starts a snapshot that
+        holds no targets."""
+        until = self.registry.slow_resolutions.get(self.name)
+        return until is not None and time.monotonic() < until
 
     def forget(self) -> None:
         """The tags changed through this mount: the next listing asks the registry."""
@@ -500,8 +517,10 @@ class RemoteTags:
         -l` looks them all up next); any other is asked on its own."""
         validate_tag(tag)
         if (kept := self._kept()) is not None and kept.resolves(tag):
-            if time.monotonic() > kept.targets_until:  # a walk may resolve the next ones too
-                await self.registry.listing(self.name, "targets")
+            if time.monotonic() > kept.targets_until:
+                if self._resolves_slowly():
+                    return await self.ask(tag)
+                await self.registry.listing(self.name, "targets")  # a walk: the next ones too
             kept = self._kept() or kept
             if (target := (await self.resolved(kept)).get(tag)) is not None:
                 return target
@@ -911,6 +930,10 @@ class RemoteRegistry:
         self.layer_walks: ByteCache[str, _LayerWalk] = ByteCache(
             LAYER_WALK_BYTES, lambda name, walked: len(name) + walked.size()
         )
+        # Until when each repository's listed tags are looked up one at a time (`get`).
+        self.slow_resolutions: ByteCache[str, float] = ByteCache(
+            SLOW_RESOLUTIONS_BYTES, lambda name, _: len(name) + ENTRY_OVERHEAD
+        )
         self._last_listed: dict[Listed, str] = {}  # the repository of each kind's last listing
         # Repositories being listed in the background, and what of them.
         self._ahead: dict[tuple[str, Listed], trio.Event] = {}
@@ -997,6 +1020,7 @@ class RemoteRegistry:
         self.catalog.forget()
         self.tag_snapshots.clear()
         self.layer_walks.clear()
+        self.slow_resolutions.clear()
         self.blob_cache.clear()  # a blob deleted beside the mount; manifests never change
 
     async def aclose(self) -> None:

@@ -31,6 +31,7 @@ MANIFEST_CACHE_BYTES = 64 << 20
 BLOB_CACHE_BYTES = 32 << 20
 TAG_SNAPSHOT_BYTES = 32 << 20  # repositories' tags and targets, as their listings found them
 LAYER_WALK_BYTES = 16 << 20  # repositories' blobs, as their manifests name them
+SLOW_RESOLUTIONS_BYTES = 1 << 20  # repositories whose tags are looked up one by one
 TAGS_RESOLVED_MAX = 100_000  # tags of one listing whose manifests are fetched ahead
 SMALL_MANY_BYTES = 16 << 20  # answers one batch of manifest GETs or HEADs holds at once
 SIZE_MAX = (1 << 63) - 1  # a blob's size as stat shows it (st_size is a signed 64-bit number)
