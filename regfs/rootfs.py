@@ -40,7 +40,7 @@ from storage.rootfs.errors import BadLayer, UnsafeCacheDir
 from storage.rootfs.image import Image, NotAnImage, Platforms, load
 from storage.rootfs.index import Indexer, LayerIndex, LayerRef
 from storage.rootfs.members import Kind, Member
-from storage.rootfs.merge import MergedTree, MergeError, merge
+from storage.rootfs.merge import MergedTree, MergeError, is_utf8, merge
 from storage.rootfs.reader import LayerFiles
 
 from .nodes import (
@@ -315,7 +315,7 @@ class RootfsView:
                 # Three tracked objects an entry: a big directory's would set off collections
                 # (see gc_paused); a small one's at most one young one, cheaper than the pause.
                 with gc_paused() if len(names) > PAUSE_GC_AT else nullcontext():
-                    if _all_utf8(names):
+                    if is_utf8("".join(names)):  # all at once
                         listing += zip(names, map(node.below, inodes), strict=True)
                         listing.attrs += map(_attr, members, nlinks, repeat(True))
                         return listing
@@ -532,24 +532,9 @@ def _member_xattrs(member: Member) -> dict[str, bytes]:
     return {name: value for name, value in member.xattrs if name not in HIDDEN_XATTRS}
 
 
-def _all_utf8(names: list[str]) -> bool:
-    """Whether every name can be shown (`_is_utf8`), in one check of them all: a name
-    decoded from bytes that are not UTF-8 holds surrogates (surrogateescape)."""
-    joined = "".join(names)
-    if joined.isascii():
-        return True
-    try:
-        joined.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _is_utf8(name: str) -> bool:
     """A name the mount can show: names are UTF-8 in regfs (refusals.decode_name)."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        log.info("rootfs: a name that is not UTF-8 is not shown: %r", name)
-        return False
-    return True
+    if is_utf8(name):
+        return True
+    log.info("rootfs: a name that is not UTF-8 is not shown: %r", name)
+    return False

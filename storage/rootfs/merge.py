@@ -486,14 +486,18 @@ def _by_bytes(children: dict[str, _Entry]) -> Iterator[tuple[bytes, _Entry]]:
     and a tuple each at once too (~120 B a name at the merge's peak). Lone surrogates (bytes
     that were not UTF-8, escaped) sort otherwise, so those directories sort by the bytes."""
     joined = "".join(children)
-    if _ENCODING == "utf-8" and (joined.isascii() or _strict(joined)):
+    if _ENCODING == "utf-8" and is_utf8(joined):
         names = sorted(children)
         return zip(map(str.encode, names), map(children.__getitem__, names), strict=True)
     keys = [name.encode(_ENCODING, _ERRORS) for name in children]  # os.fsencode
     return iter(sorted(zip(keys, children.values(), strict=True), key=_FIRST))
 
 
-def _strict(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether text encodes strictly as UTF-8: a name decoded from bytes that were not holds
+    lone surrogates (surrogateescape). A string of many names joined is checked at once."""
+    if text.isascii():
+        return True
     try:
         text.encode()
     except UnicodeEncodeError:
