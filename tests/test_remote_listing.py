@@ -649,10 +649,7 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
     proxy.seen.clear()
     await registry.repository(names[0]).layers.list()
     await registry.repository(names[1]).layers.list()
-    deadline = time.monotonic() + 10
-    while registry.listed_ahead():
-        assert time.monotonic() < deadline, "the listings ahead never finished"
-        await trio.sleep(0.02)
+    await listed_ahead(registry)
     for name in names[2 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
     assert asked(proxy, names[-1]) == {}  # one more than LISTINGS_AHEAD
@@ -724,37 +721,76 @@ async def test_tags_slower_to_resolve_than_the_ttl_are_then_asked_one_by_one(
     }
 
 
+async def repositories_in_order(
+    registry: RemoteRegistry, proxy: FaultServer, server: RegistryServer, prefix: str, count: int
+) -> list[str]:
+    """`count` repositories of tags x and y under prefix, the catalog fetched (as a walk's
+    first step), their tags reused for long (a loaded machine may take seconds between the
+    steps), and the requests seen so far forgotten."""
+    names = [f"{prefix}/r{i}" for i in range(count)]
+    for name in names:
+        push_repo(server.client(), name, ("x", "y"))
+    registry.tag_reuse = 60
+    await registry.catalog.children(prefix)
+    proxy.seen.clear()
+    return names
+
+
+async def listed_ahead(registry: RemoteRegistry) -> None:
+    """Once nothing is being listed in the background."""
+    deadline = time.monotonic() + 10
+    while registry.listed_ahead():
+        assert time.monotonic() < deadline, "the listings ahead never finished"
+        await trio.sleep(0.02)
+
+
+async def test_manifests_listed_in_catalog_order_resolve_ahead(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """`ls -l */manifests` resolves the next repositories' tags ahead (their tags' targets
+    are what it lists), as lookups of their tags do: each asked once, none by its own
+    listing."""
+    ahead = remote_registry.LISTINGS_AHEAD
+    names = await repositories_in_order(registry, proxy, module_registry_server, "zx", ahead + 3)
+    for name in names[:2]:
+        assert len(await registry.repository(name).manifests.list()) == 2
+    await listed_ahead(registry)
+    for name in names[2 : 2 + ahead]:
+        assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
+    assert asked(proxy, names[-1]) == {}
+    for name in names[2:]:  # the window moves on: the last is resolved ahead too
+        assert len(await registry.repository(name).manifests.list()) == 2
+        assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
+
+
 async def test_lookups_in_catalog_order_resolve_ahead(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """`ls */tags` lists the next repositories' tags ahead, and nothing more; `ls -l */tags`
-    (a tag of each looked up in turn) resolves the next ones' tags ahead too."""
-    client = module_registry_server.client()
+    (a tag of each looked up in turn) resolves the next ones' tags ahead too, and goes on
+    resolving ahead as it reaches those resolved ahead (before, only a repository it had to
+    wait for moved the window: a third of a walk's repositories waited). What was listed
+    ahead for the walk is not listed again (here, their caches dropped, it would be asked
+    again), and each repository is asked once."""
     ahead = remote_registry.LISTINGS_AHEAD
-    names = [f"zy/r{i}" for i in range(ahead + 3)]
-    for name in names:
-        push_repo(client, name, ("x", "y"))
-    registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
-    await registry.catalog.children("zy")
-    proxy.seen.clear()
-
-    async def listed_ahead() -> None:
-        deadline = time.monotonic() + 10
-        while registry.listed_ahead():
-            assert time.monotonic() < deadline, "the listings ahead never finished"
-            await trio.sleep(0.02)
-
+    names = await repositories_in_order(registry, proxy, module_registry_server, "zy", ahead + 4)
     for name in names[:2]:
         assert await registry.repository(name).tags.list() == ["x", "y"]
-    await listed_ahead()
+    await listed_ahead(registry)
     for name in names[2 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1}
     for name in names[:2]:
         await registry.repository(name).tags.get("x")
-    await listed_ahead()
+    await listed_ahead(registry)
     for name in names[2 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
-        for tag in ("x", "y"):
-            await registry.repository(name).tags.get(tag)
+    assert asked(proxy, names[2 + ahead]) == {}
+    for name in names[3 : 2 + ahead]:
+        registry.tag_snapshots.pop(name)  # listed ahead already: not listed again
+    await registry.repository(names[2]).tags.get("x")
+    await listed_ahead(registry)
+    assert asked(proxy, names[2]) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
+    for name in names[3 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
-    assert asked(proxy, names[-1]) == {}
+    assert asked(proxy, names[2 + ahead]) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
+    assert asked(proxy, names[-1]) == {}  # one past the window

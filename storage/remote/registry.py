@@ -148,7 +148,7 @@ class _Listing:
             names = page.get(self.key) or []
         except (ValueError, AttributeError):
             names = None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        if not isinstance(names, list) or not set(map(type, names)) <= {str}:
             raise RemoteError(
                 f"{self.path}: the registry's answer is not a listing of {self.key}: "
                 f"{shown(response.content.decode(errors='replace'), 80)}",
@@ -260,9 +260,14 @@ class _TagSnapshot:
     targets: dict[str, Digest] = field(default_factory=dict)
     targets_until: float = 0.0  # when the targets are no longer reused
     batch: trio.Event | None = None  # the resolution under way, or the last one finished
+    # What the names cost, counted once: the cache counts a snapshot at every change.
+    names_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names_size = sum(map(len, self.tags)) + 60 * len(self.tags)
 
     def size(self) -> int:
-        return sum(len(t) + 60 for t in self.tags) + len(self.targets) * 200
+        return self.names_size + len(self.targets) * 200
 
     def resolves(self, tag: str) -> bool:
         """Whether tag is one of those a resolution fetches."""
@@ -275,7 +280,7 @@ class _LayerWalk:
     """What a walk of a repository's layers/ found: the blobs its tagged manifests name, with
     their descriptors' sizes."""
 
-    manifests: tuple[Digest, ...]  # the tagged manifests, as manifests.list() gave them
+    manifests: tuple[Digest, ...]  # the tagged manifests, as manifests.tagged() gave them
     sizes: dict[Digest, int]
 
     def size(self) -> int:
@@ -517,10 +522,11 @@ class RemoteTags:
         -l` looks them all up next); any other is asked on its own."""
         validate_tag(tag)
         if (kept := self._kept()) is not None and kept.resolves(tag):
-            if time.monotonic() > kept.targets_until:
-                if self._resolves_slowly():
-                    return await self.ask(tag)
-                await self.registry.listing(self.name, "targets")  # a walk: the next ones too
+            if time.monotonic() > kept.targets_until and self._resolves_slowly():
+                return await self.ask(tag)
+            # Told even when these were resolved ahead: a walk's window moves on with each
+            # repository it reaches, not only with those it had to wait for.
+            await self.registry.listing(self.name, "targets")
             kept = self._kept() or kept
             if (target := (await self.resolved(kept)).get(tag)) is not None:
                 return target
@@ -663,7 +669,14 @@ class RemoteManifests:
         return targets
 
     async def list(self) -> list[Digest]:
-        """The manifests that tags point at (the API cannot list untagged ones)."""
+        """The manifests that tags point at (the API cannot list untagged ones): the tags'
+        targets, so a walk through manifests/ resolves the next repositories' tags ahead."""
+        if self.repo.registry.tag_reuse > 0:
+            await self.repo.registry.listing(self.name, "targets")
+        return await self.tagged()
+
+    async def tagged(self) -> builtins.list[Digest]:
+        """list() without telling the registry a listing was asked for (layers/ is one)."""
         return sorted(set((await self._targets()).values()))
 
     async def put(self, data: bytes, content_type: str | None = None) -> Digest:
@@ -758,7 +771,7 @@ class RemoteLayers:
         The blobs of the same tagged manifests as the last walk's are that walk's (they are
         content-addressed): a walk listed ahead is not parsed again by the listing."""
         found: set[Digest] = set(self._finished())
-        tagged = tuple(await self.repo.manifests.list())
+        tagged = tuple(await self.repo.manifests.tagged())
         kept = self.registry.layer_walks.get(self.name)
         if kept is None or kept.manifests != tagged:
             kept = await self._walk(tagged)
@@ -935,6 +948,7 @@ class RemoteRegistry:
             SLOW_RESOLUTIONS_BYTES, lambda name, _: len(name) + ENTRY_OVERHEAD
         )
         self._last_listed: dict[Listed, str] = {}  # the repository of each kind's last listing
+        self._ahead_last: dict[Listed, str] = {}  # the last repository of each kind listed ahead
         # Repositories being listed in the background, and what of them.
         self._ahead: dict[tuple[str, Listed], trio.Event] = {}
         self.read_ahead = ReadAheadBudget()
@@ -945,12 +959,12 @@ class RemoteRegistry:
 
     async def listing(self, name: str, kind: Listed) -> None:
         """A listing of repository `name` is asked for: its tags, its tags' targets (a tag
-        looked up), or its layers/. When the one of that kind before was of the repository
-        before it in the catalog as last fetched (never fetched for this), a walk is going
-        through the catalog in order: the next LISTINGS_AHEAD repositories are listed the
-        same way in the background, so their requests overlap this one's FUSE work. Returns
-        when `name` itself is not being listed in the background (its caches are then
-        filled)."""
+        looked up, or manifests/ listed), or its layers/. When the one of that kind before
+        was of the repository before it in the catalog as last fetched (never fetched for
+        this), a walk is going through the catalog in order: the next LISTINGS_AHEAD
+        repositories are listed the same way in the background, so their requests overlap
+        this one's FUSE work. Returns when `name` itself is not being listed in the
+        background (its caches are then filled)."""
         if _LISTING_AHEAD.get():
             return
         for event in [e for (n, _), e in self._ahead.items() if n == name]:
@@ -960,12 +974,20 @@ class RemoteRegistry:
         previous, self._last_listed[kind] = self._last_listed.get(kind), name
         if at == len(names) or names[at] != name or at == 0 or names[at - 1] != previous:
             return
-        for ahead in names[at + 1 : at + 1 + LISTINGS_AHEAD]:
-            if (ahead, kind) in self._ahead or self._kinds_ahead(kind) >= LISTINGS_AHEAD:
-                continue
-            before = [e for (n, _), e in self._ahead.items() if n == ahead]
-            self._ahead[(ahead, kind)] = trio.Event()
-            trio.lowlevel.spawn_system_task(self._list_ahead, ahead, kind, before)
+        window = names[at + 1 : at + 1 + LISTINGS_AHEAD]
+        # Those up to the last listed ahead were listed for an earlier step of this walk:
+        # listed again, each would only find its caches filled (or, were they expired by
+        # now, ask the registry twice for one walk).
+        last = self._ahead_last.get(kind, "")
+        start = bisect.bisect_right(window, last) if window and name < last <= window[-1] else 0
+        for ahead in window[start:]:
+            if (ahead, kind) not in self._ahead:
+                if self._kinds_ahead(kind) >= LISTINGS_AHEAD:
+                    return
+                before = [e for (n, _), e in self._ahead.items() if n == ahead]
+                self._ahead[(ahead, kind)] = trio.Event()
+                trio.lowlevel.spawn_system_task(self._list_ahead, ahead, kind, before)
+            self._ahead_last[kind] = ahead
 
     def _kinds_ahead(self, kind: Listed) -> int:
         return sum(1 for _, k in self._ahead if k == kind)
@@ -1022,6 +1044,7 @@ class RemoteRegistry:
         self.layer_walks.clear()
         self.slow_resolutions.clear()
         self.blob_cache.clear()  # a blob deleted beside the mount; manifests never change
+        self._ahead_last.clear()  # what was listed ahead is gone with them
 
     async def aclose(self) -> None:
         """Close the connections (at unmount)."""
