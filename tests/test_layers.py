@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import os
+import shutil
 import tarfile
 import threading
 import time
@@ -13,11 +15,19 @@ import pytest
 import trio
 from support.oci import empty_image
 
-from storage.digests import Sha256State, digest_bytes
+from storage.digests import Digest, Sha256State, digest_bytes
 from storage.drivers import FilesystemDriver, PathNotFound
-from storage.errors import CorruptEntry, DigestMismatch, InvalidOffset, UnknownLayer, UnknownUpload
+from storage.errors import (
+    CorruptEntry,
+    DigestMismatch,
+    InvalidOffset,
+    UnknownLayer,
+    UnknownUpload,
+    UnsafeEntry,
+)
 from storage.paths import (
     BlobData,
+    BlobDir,
     HashState,
     HashStatesDir,
     LayerLink,
@@ -25,6 +35,7 @@ from storage.paths import (
     UploadStartedAt,
     path_for,
 )
+from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
 
@@ -259,6 +270,65 @@ async def test_stats_of_a_listing_say_what_stat_says(registry, caplog):
     manifest = await empty_image(repo)
     stated = await repo.manifests.stats([manifest, other])
     assert stated == ([await repo.manifests.stat(manifest), None] if local else [None, None])
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "walk"])
+async def test_stats_of_a_listing_follow_no_symlink(tmp_path, openat2, caplog):
+    """A listing's bulk stat opens each blobs/sha256/<xx> once and each blob below it one
+    component at a time: a symlinked `data`, blob directory, fan-out directory or link
+    directory is None there, never followed (the files outside, of other sizes, are not
+    what it answers), and `stat` alone refuses each and logs it; a link naming another
+    digest is None, and CorruptEntry alone, as before."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    registry = Registry(FilesystemDriver(root, openat2=openat2))
+    layers = registry.repository("foo").layers
+    digests = [await registry.blobs.put(b"layer %d" % n) for n in range(100)]
+    for digest in digests:
+        await layers.link(digest)
+    by_fan_out: dict[str, list[Digest]] = {}
+    for d in digests:
+        by_fan_out.setdefault(d.hex[:2], []).append(d)
+    alone = next(ds[0] for ds in by_fan_out.values() if len(ds) == 1)
+    # Blobs whose fan-out directory the bulk call opens once for several.
+    linked_data, linked_blob, linked_link, other, names_other = [
+        d for ds in by_fan_out.values() if len(ds) > 1 for d in ds
+    ][:5]
+    local = {d: root / path_for(BlobDir(d)).lstrip("/") for d in digests}
+    outside.mkdir()
+    secret = b"a secret of another size"
+    (outside / "data").write_bytes(secret)
+    (outside / alone.hex).mkdir()
+    (outside / alone.hex / "data").write_bytes(secret)
+    (outside / "link").write_bytes(str(linked_link).encode())  # would pass, if followed
+    (local[linked_data] / "data").unlink()
+    (local[linked_data] / "data").symlink_to(outside / "data")
+    shutil.rmtree(local[linked_blob])
+    local[linked_blob].symlink_to(outside)
+    fan_out = local[alone].parent
+    shutil.rmtree(fan_out)
+    fan_out.symlink_to(outside)
+    link_dir = root / path_for(LayerLink("foo", linked_link)).lstrip("/")
+    shutil.rmtree(link_dir.parent)
+    link_dir.parent.symlink_to(outside)
+    await registry.driver.put_content(path_for(LayerLink("foo", names_other)), str(other).encode())
+    bad = {linked_data, linked_blob, alone, linked_link, names_other}
+
+    stats = await layers.stats(digests)
+    assert gc.isenabled()  # paused while the bulk calls made their objects, on again
+    for digest, info in zip(digests, stats, strict=True):
+        if digest in bad:
+            assert info is None, digest
+        else:
+            assert info == await layers.stat(digest)
+            assert info is not None and info.size == len(b"layer %d" % digests.index(digest))
+    assert "symbolic link" not in caplog.text  # the bulk call logs nothing: `stat` does
+    for digest in bad - {names_other}:
+        with pytest.raises(UnsafeEntry):
+            await layers.stat(digest)
+    with pytest.raises(CorruptEntry, match="names"):
+        await layers.stat(names_other)
+    assert caplog.text.count("a symbolic link in the storage root") == len(bad) - 1
+    assert (outside / "data").read_bytes() == secret  # nothing outside written
 
 
 async def test_unlink_keeps_the_blob(registry):

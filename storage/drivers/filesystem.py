@@ -4,11 +4,15 @@ No path below the root is resolved through a symbolic link: whoever can write th
 registry run by another user, a shared volume) must not steer the daemon, usually root, to
 read, write or delete anything outside it. The root is opened once; every call opens its path
 from that descriptor with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) or, where the kernel
-(or a seccomp filter) lacks openat2, by a walk of one O_NOFOLLOW open per component (the bulk
-reads of a listing, `contents` and `stats`, open its directory so, then each name beneath that
-descriptor the same way). A symlink met anywhere is UnsafeEntry for that entry (EIO through the
-mount, logged); listings leave symlinks out, so the rest of a directory stays reachable; trees
-are removed through directory descriptors, which never follow a link.
+(or a seccomp filter) lacks openat2, by a walk of one O_NOFOLLOW open per component. The bulk
+reads of a listing open its directory so; `contents` then opens each name beneath that
+descriptor the same way, and `stats` walks each name one O_NOFOLLOW component at a time from
+the directory descriptors it keeps while sorted names share them (`_Parents`), and lstats the
+last component in its directory: an lstat (AT_SYMLINK_NOFOLLOW) refuses only a last link,
+so it never gets a path of two components. A symlink met anywhere is UnsafeEntry for that
+entry (EIO through the mount, logged); listings leave symlinks out, so the rest of a
+directory stays reachable; trees are removed through directory descriptors, which never
+follow a link.
 
 Small local calls (stat, a link file, a read of up to a FUSE request) run inline: a thread hop
 costs more than they do. Calls that may block for long (fsync, large reads, tree deletes, the
@@ -33,6 +37,7 @@ from typing import TypeVar
 import trio
 
 from ..errors import Busy, CorruptEntry, InvalidOffset, UnsafeEntry
+from ..rootfs.members import gc_paused
 from .base import (
     CONTENT_LIMIT,
     FileInfo,
@@ -74,31 +79,36 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+# The open_how goes by address (c_void_p) and the path as bytes: ctypes converts neither,
+# a third of the call's cost when a listing opens 10,000 links.
 _syscall = ctypes.CDLL(None, use_errno=True).syscall
 _syscall.restype = ctypes.c_long
 _syscall.argtypes = [
     ctypes.c_long,
     ctypes.c_long,
     ctypes.c_char_p,
-    ctypes.POINTER(_OpenHow),
+    ctypes.c_void_p,
     ctypes.c_size_t,
 ]
 
 
 _HOW_SIZE = ctypes.sizeof(_OpenHow)
+_HOWS: list[_OpenHow] = []  # every open_how built, alive as long as its address is used
 
 
 @functools.cache
-def _how(flags: int, mode: int) -> _OpenHow:
-    """The open_how of these flags, built once: a stat per tag listed must stay cheap."""
-    return _OpenHow(flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+def _how(flags: int, mode: int) -> int:
+    """The address of the open_how of these flags, built once: a stat per tag listed must
+    stay cheap."""
+    _HOWS.append(_OpenHow(flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS))
+    return ctypes.addressof(_HOWS[-1])
 
 
 def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
     """openat2(2), which Python 3.11 lacks: no symlink, no `..` and no absolute path leads
-    out of dirfd (ELOOP for a symlink anywhere on the path)."""
-    how = _how(flags, mode)
-    fd: int = _syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, _HOW_SIZE)
+    out of dirfd (ELOOP for a symlink anywhere on the path). Storage paths are ASCII
+    (base._PATH_RE), so str.encode is their fsencode."""
+    fd: int = _syscall(_SYS_OPENAT2, dirfd, path.encode(), _how(flags, mode), _HOW_SIZE)
     if fd < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), path)
@@ -215,6 +225,42 @@ def _create_temp(dirfd: int) -> tuple[int, str]:
             return os.open(tmp, flags, FILE_MODE, dir_fd=dirfd), tmp
         except FileExistsError:
             continue
+
+
+class _Parents:
+    """Descriptors of the directories on the way to the last name a bulk call resolved below
+    `base`, each opened from the one above it: sorted names share them, so a listing's blobs
+    (`<xx>/<hex>/data`) open each fan-out directory `<xx>` once for its ~40 blobs, and each
+    blob is two calls (`<hex>`, then a stat of `data` in it) that ctypes never sees.
+
+    Every open is of ONE component with O_NOFOLLOW|O_DIRECTORY (a symlink fails, ENOTDIR;
+    names are storage paths, so none is `..`): no link is followed, as with openat2."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self._names: list[str] = []
+        self._fds: list[int] = []
+
+    def of(self, path: str) -> int:
+        """The descriptor of the directory `path` (relative, "" for base) below base."""
+        parts = path.split("/") if path else []
+        keep = 0
+        for held, part in zip(self._names, parts, strict=False):
+            if held != part:
+                break
+            keep += 1
+        self.close(keep)
+        for part in parts[keep:]:
+            at = self._fds[-1] if self._fds else self.base
+            self._fds.append(os.open(part, os.O_PATH | os.O_DIRECTORY | _O_BENEATH, dir_fd=at))
+            self._names.append(part)
+        return self._fds[-1] if self._fds else self.base
+
+    def close(self, keep: int = 0) -> None:
+        """Close the descriptors below the first `keep` (all, by default)."""
+        while len(self._fds) > keep:
+            self._names.pop()
+            os.close(self._fds.pop())
 
 
 class FilesystemDriver(StorageDriver):
@@ -420,11 +466,11 @@ class FilesystemDriver(StorageDriver):
     async def _contents(
         self, directory: str, names: list[str]
     ) -> list[tuple[bytes, int] | None] | None:
-        def content_at(dirfd: int, name: str) -> tuple[bytes, int] | None:
+        def content_at(parents: _Parents, name: str) -> tuple[bytes, int] | None:
             """The whole of a small regular file, read by its size (None: anything else, or
             a size that moved meanwhile), and its mtime."""
             flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_BENEATH
-            fd = self._resolve(dirfd, name, flags, 0)
+            fd = self._resolve(parents.base, name, flags, 0)
             try:
                 st = os.fstat(fd)
                 if not statmod.S_ISREG(st.st_mode) or st.st_size > CONTENT_LIMIT:
@@ -437,25 +483,26 @@ class FilesystemDriver(StorageDriver):
         return await self._each(directory, names, content_at)
 
     async def _stats(self, directory: str, names: list[str]) -> list[FileInfo | None] | None:
-        def stat_at(dirfd: int, name: str) -> FileInfo | None:
-            fd = self._resolve(dirfd, name, os.O_PATH | _O_BENEATH, 0)
-            try:
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
+        def stat_at(parents: _Parents, name: str) -> FileInfo | None:
+            head, _, leaf = name.rpartition("/")
+            # One component from a descriptor opened without following a link: lstat's
+            # answer, a symlink's own mode (no regular file: ask).
+            st = os.stat(leaf, dir_fd=parents.of(head), follow_symlinks=False)
             if not statmod.S_ISREG(st.st_mode):
-                return None  # a directory, a symlink (O_PATH|O_NOFOLLOW opens it as such): ask
+                return None  # a directory, a symlink, a FIFO: ask
             return FileInfo(f"{directory}/{name}", st.st_size, st.st_mtime_ns, False)
 
         return await self._each(directory, names, stat_at)
 
     async def _each(
-        self, directory: str, names: list[str], one: Callable[[int, str], T | None]
+        self, directory: str, names: list[str], one: Callable[[_Parents, str], T | None]
     ) -> list[T | None] | None:
-        """one(directory's descriptor, name) for each name, resolved beneath that descriptor
+        """one(directory's `_Parents`, name) for each name, resolved beneath that directory
         as `_open` resolves beneath the root (no symlink followed anywhere), in one worker
         thread call for many. Whatever fails is None: the caller asks the path alone, which
-        says why (and logs a symlink)."""
+        says why (and logs a symlink). Without the cyclic GC (`gc_paused`): a stat result
+        and a tuple or FileInfo per name set off the collections of a listing's full one,
+        70-160 ms of it under load in this loop alone (gc.callbacks); none holds a cycle."""
         try:
             dirfd = self._open(directory, os.O_PATH | os.O_DIRECTORY)
         except (PathNotFound, CorruptEntry):
@@ -463,11 +510,16 @@ class FilesystemDriver(StorageDriver):
 
         def each() -> list[T | None]:
             found: list[T | None] = []
-            for name in names:
-                try:
-                    found.append(one(dirfd, name))
-                except OSError:
-                    found.append(None)
+            parents = _Parents(dirfd)
+            try:
+                with gc_paused():
+                    for name in names:
+                        try:
+                            found.append(one(parents, name))
+                        except OSError:
+                            found.append(None)
+            finally:
+                parents.close()
             return found
 
         try:
