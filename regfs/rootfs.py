@@ -309,13 +309,14 @@ class RootfsView:
                 assert isinstance(platforms, Platforms)
                 return [(n, ImageNode(repo, (*via, n), d)) for n, d in platforms.platforms]
             case ImageNode(ino=ino):
-                columns = (await self._tree(node)).columns(ino)
+                tree = await self._tree(node)
+                columns = tree.columns(ino)
                 names, inodes, members, nlinks = columns
                 listing = Listing()
                 # Three tracked objects an entry: a big directory's would set off collections
                 # (see gc_paused); a small one's at most one young one, cheaper than the pause.
                 with gc_paused() if len(names) > PAUSE_GC_AT else nullcontext():
-                    if is_utf8("".join(names)):  # all at once
+                    if tree.utf8 or is_utf8("".join(names)):  # all at once
                         listing += zip(names, map(node.below, inodes), strict=True)
                         listing.attrs += map(_attr, members, nlinks, repeat(True))
                         return listing
@@ -465,6 +466,8 @@ class RootfsView:
         it (a `cat` interrupted by ^C), and `aclose` cancels it."""
         image = build.image
         key = (repo, image.digest)
+        layers = [layer.digest for layer in image.layers]
+        merged = False
         with trio.CancelScope() as scope:
             self._scopes.add(scope)
             try:
@@ -472,13 +475,15 @@ class RootfsView:
                     build.indexes.append(await self.indexer.index(layer))
                 self.files.prepare(list(zip(image.layers, build.indexes, strict=True)))
                 tables = [index.members for index in build.indexes]
-                build.tree = await trio.to_thread.run_sync(merge, tables)
+                tree, merged = await trio.to_thread.run_sync(self._merged, layers, tables)
+                build.tree = tree
                 log.info(
-                    "rootfs: image %s@%s: %d layers merged, %d inodes",
+                    "rootfs: image %s@%s: %d layers %s, %d inodes",
                     repo,
                     image.digest,
                     len(tables),
-                    len(build.tree),
+                    "merged" if merged else "merged before (the tree kept)",
+                    len(tree),
                 )
             except BadLayer as exc:  # the indexer has logged the layer and the reason
                 build.error = str(exc)
@@ -495,11 +500,22 @@ class RootfsView:
             build.error = "the mount is going away"
             self._forget(key, build)
         build.done.set()
+        if merged and build.tree is not None:  # for the next mount, once this one is served
+            tables = [index.members for index in build.indexes]
+            await trio.to_thread.run_sync(self.cache.store_tree, layers, tables, build.tree)
         self._evict()
         self._running -= 1
         if not self._running:
             self._idle.set()
             self._idle = trio.Event()
+
+    def _merged(self, layers: list[Digest], tables: list[list[Member]]) -> tuple[MergedTree, bool]:
+        """The image's tree as a former mount kept it, else merged now (True): a worker
+        thread's job. Loading a kept tree is ~2x cheaper than merging (docs/rootfs.md)."""
+        kept = self.cache.load_tree(layers, tables)
+        if kept is not None:
+            return kept, False
+        return merge(tables), True
 
     def _forget(self, key: tuple[str, Digest], build: _Build) -> None:
         if self._builds.get(key) is build:

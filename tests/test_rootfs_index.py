@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -31,6 +32,7 @@ import trio
 import trio.testing
 import zstandard
 from indexed_gzip import IndexedGzipFile
+from support.images import directory, file, hardlink, layer_tar, whiteout
 from support.layers import (
     COMPRESSIONS,
     MEDIA_TYPES,
@@ -50,7 +52,7 @@ from storage.api import BlobReader, Buffer, RegistrySource
 from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.rootfs import cache as cachemod
-from storage.rootfs import fastgzip, indexfile
+from storage.rootfs import fastgzip, indexfile, treefile
 from storage.rootfs import index as index_module
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.errors import (
@@ -63,7 +65,7 @@ from storage.rootfs.errors import (
 )
 from storage.rootfs.index import Format, Indexer, LayerIndex, LayerRef
 from storage.rootfs.members import Kind, Member, gc_paused, normalise
-from storage.rootfs.merge import merge
+from storage.rootfs.merge import MergedTree, merge
 from storage.rootfs.reader import LayerFiles
 from storage.rootfs.tarscan import Limits, _TarInfo, normal_name, normal_names
 from storage.rootfs.zstdframes import FRAME_SIZE
@@ -905,6 +907,47 @@ async def test_eviction_keeps_the_bound_and_the_recently_used(registry, cache_di
     names = cached_files(cache_dir)
     assert names == {f"{layers[i].ref.digest.hex}.{e}" for i in (0, 2) for e in ("idx", "gzi")}
     assert sum(p.stat().st_size for p in cache_dir.iterdir()) <= cache.max_bytes
+
+
+async def test_a_kept_tree_is_stored_found_evicted_and_removed_when_damaged(
+    registry, cache_dir, caplog
+):
+    """An image's merged tree beside its layers' indexes (`<key>.tree`): found for those
+    layers only, in the bound like an index (least recently used first), and a file that
+    does not decompress is removed and logged, and the image merged again."""
+    tars = [
+        layer_tar([directory("d"), file("d/a", b"a"), hardlink("h", "d/a")]),
+        layer_tar([file("d/b", b"b"), whiteout("d/a")]),
+    ]
+    layers = [await store(registry, tar, "gzip") for tar in tars]
+    cache = IndexCache(cache_dir)
+    try:
+        indexes = [await Indexer(cache).index(layer.ref) for layer in layers]
+        digests, tables = [layer.ref.digest for layer in layers], [i.members for i in indexes]
+        assert cache.load_tree(digests, tables) is None  # none kept yet
+        tree = merge(tables)
+        cache.store_tree(digests, tables, tree)
+        kept = cache_dir / f"{treefile.key(digests)}.tree"
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        found = cache.load_tree(digests, tables)
+        assert found is not None and len(found) == len(tree)
+        assert list(found.entries(MergedTree.ROOT)) == list(tree.entries(MergedTree.ROOT))
+        assert cache.load_tree(digests[:1], tables[:1]) is None  # another image
+        data = bytearray(kept.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        kept.write_bytes(data)
+        with caplog.at_level(logging.WARNING):
+            assert cache.load_tree(digests, tables) is None
+        assert not kept.exists() and "merging again" in caplog.text
+        cache.store_tree(digests, tables, tree)
+        past = time.time() - 100
+        os.utime(kept, (past, past))
+        cache.max_bytes = sum(p.stat().st_size for p in cache_dir.iterdir()) - 1
+        cache.evict()
+        assert not kept.exists()  # the least recently used entry
+        assert all(cache.load(digest) is not None for digest in digests)
+    finally:
+        cache.close()
 
 
 async def evict_all_but(indexer: Indexer, cache: IndexCache, layer: Stored) -> None:

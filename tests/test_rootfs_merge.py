@@ -8,11 +8,16 @@ with tarfile; the golden tests build images with umoci and compare the merge wit
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import random
 import textwrap
+from array import array
+from collections.abc import Callable
 
 import pytest
+import zstandard
 from support.images import (
     Entry,
     Tree,
@@ -37,8 +42,16 @@ from support.layers import COMPRESSIONS
 from support.oci import CommandError
 from support.tools import digest_of, python_stdout
 
+from storage.rootfs import treefile
 from storage.rootfs.members import Kind, Member, make_member, make_members
-from storage.rootfs.merge import DEFAULT_DIR, MAX_SYMLINKS, MergedTree, MergeError, merge
+from storage.rootfs.merge import (
+    DEFAULT_DIR,
+    MAX_NODES,
+    MAX_SYMLINKS,
+    MergedTree,
+    MergeError,
+    merge,
+)
 
 pytestmark = pytest.mark.storage
 
@@ -739,3 +752,145 @@ def test_the_index_pass_gives_the_merge_offsets_and_pax_fields():
     assert tar[members[1].offset : members[1].offset + 4] == b"long"
     assert members[1].mtime_ns == 1_500_000_000 and members[2].linkname == "a"
     assert os.fsencode(members[0].path) == b"a"
+
+
+# --------------------------------------------------------------------------- the kept tree
+
+
+def kept(tables: list[list[Member]]) -> tuple[MergedTree, bytes]:
+    """A merged tree and its file (`treefile`)."""
+    tree = merge(tables)
+    out = io.BytesIO()
+    treefile.encode(tree, tables, out)
+    return tree, out.getvalue()
+
+
+def loaded(data: bytes, tables: list[list[Member]]) -> MergedTree:
+    return treefile.decode(io.BytesIO(data), tables, MAX_NODES)
+
+
+def assert_same_tree(merged: MergedTree, back: MergedTree) -> None:
+    """Every inode as the view asks for it: node (the very member), parent, entries."""
+    assert len(back) == len(merged) and back.utf8 == merged.utf8
+    for ino in range(1, len(merged) + 1):
+        node = back.node(ino)
+        assert node == merged.node(ino) and node.member is merged.node(ino).member
+        assert back.parent(ino) == merged.parent(ino)
+        assert list(back.entries(ino)) == list(merged.entries(ino))
+        for name, child, _, _ in merged.entries(ino):
+            assert back.lookup(ino, name) == child
+
+
+def test_a_kept_tree_loads_as_the_merged_tree():
+    """Every rule of the golden image (hard links across layers, whiteouts, opaque and
+    implicit directories, replacements), a name that is not UTF-8, an empty image, and the
+    random stacks of the differential test: the file gives back the same tree."""
+    stacks = [golden_layers(), [[file(os.fsdecode(b"bad\xff"), b"x"), directory("d")]], [[]]]
+    stacks += [random_layers(random.Random(seed)) for seed in range(40)]
+    loads = 0
+    for layers in stacks:
+        tables = [members_of_tar(layer_tar(entries)) for entries in layers]
+        try:
+            tree, data = kept(tables)
+        except MergeError:
+            continue
+        assert_same_tree(tree, loaded(data, tables))
+        loads += 1
+    assert loads >= 18
+    bad = merge([members_of_tar(layer_tar(stacks[1][0]))])
+    assert not bad.utf8 and merge([members_of_tar(layer_tar(stacks[0][0]))]).utf8
+
+
+def test_a_kept_tree_of_other_member_tables_is_stale():
+    """The file points into its layers' tables: a table indexed again differently (another
+    version) must not be read through it, even with as many members."""
+    tables = [members_of_tar(layer_tar([directory("d"), file("d/a"), file("d/b")]))]
+    _, data = kept(tables)
+    renamed = [[*tables[0][:2], tables[0][2]._replace(path="d/c")]]
+    retyped = [[*tables[0][:2], tables[0][2]._replace(kind=Kind.SYMLINK, linkname="a")]]
+    for other in (renamed, retyped, [*tables, []], [tables[0][:2]]):
+        with pytest.raises(treefile.StaleTree, match="other member tables"):
+            loaded(data, other)
+
+
+def rewritten(data: bytes, change: Callable[[dict[str, array]], None]) -> bytes:
+    """The file with its columns changed by `change` (a valid zstd frame again)."""
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    head, meta_line, rest = raw.split(b"\n", 2)
+    meta = json.loads(meta_line)
+    sizes = {"position": meta["inodes"], "count": meta["inodes"], "child": meta["entries"]}
+    columns: dict[str, array] = {}
+    for name, size in sizes.items():
+        columns[name] = array("I", rest[: 4 * size])
+        rest = rest[4 * size :]
+    columns["names"] = array("B", rest)
+    change(columns)
+    meta["entries"], meta["names"] = len(columns["child"]), len(columns["names"])
+    parts = [head, b"\n", json.dumps(meta).encode(), b"\n"]
+    parts += [columns[name].tobytes() for name in (*sizes, "names")]
+    return zstandard.ZstdCompressor(write_checksum=True).compress(b"".join(parts))
+
+
+def _names(columns: dict[str, array], old: bytes, new: bytes) -> None:
+    columns["names"] = array("B", columns["names"].tobytes().replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda c: c["position"].__setitem__(3, 1000), "past its tables"),
+        (lambda c: c["child"].__setitem__(0, 99), "naming no inode"),
+        (lambda c: c["child"].__setitem__(0, 1), "naming no inode"),  # the root
+        (lambda c: c["child"].__setitem__(4, 2), "listed twice"),  # e/h names d
+        (lambda c: c["child"].__setitem__(3, 4), "no directory lists"),  # d/long names ab
+        (lambda c: c["count"].__setitem__(3, 1), "do not add up"),  # ab lists something
+        (lambda c: _names(c, b"ab\0", b"a/\0"), "holds it"),
+        (lambda c: _names(c, b"ab\0", b"..\0"), "holds it"),
+        (lambda c: _names(c, b"ab\0", b"\0"), "holds it"),  # an empty name
+        (lambda c: _names(c, b"long\0", b".wh.\0"), "holds it"),
+        (lambda c: _names(c, b"ab\0", b"zz\0"), "out of order"),
+        (lambda c: _names(c, b"ab\0", b"ab"), "do not fit"),
+        (lambda c: _names(c, b"long\0", b"l" * 256 + b"\0"), "longer than 255"),
+    ],
+)
+def test_a_damaged_kept_tree_is_never_trusted(change, reason):
+    """A file that passes its checksum but holds a value out of place (what another version
+    or a hostile writer could leave): no position outside the tables, no entry outside
+    the tree, no cycle (a directory below itself or listed twice), no name the merge could
+    not give."""
+    entries = [
+        directory("d"),
+        directory("e"),
+        file("d/ab"),
+        file("d/long"),
+        hardlink("e/h", "d/ab"),
+    ]
+    tables = [members_of_tar(layer_tar(entries))]
+    tree, data = kept(tables)
+    # root(1): d(2) e(3); d: ab(4) long(5); e: h(4)
+    assert [(n, i) for n, i, _, _ in tree.entries(2)] == [("ab", 4), ("long", 5)]
+    assert loaded(rewritten(data, lambda c: None), tables) is not None  # the rewrite itself
+    with pytest.raises(treefile.StaleTree, match=reason):
+        loaded(rewritten(data, change), tables)
+
+
+def test_a_directory_below_a_later_one_is_a_cycle():
+    """Directories listed once each but one of them below a higher number: a loop, or a
+    tree the breadth-first numbering never makes."""
+    tables = [members_of_tar(layer_tar([directory("a"), directory("b"), directory("a/c")]))]
+    tree, data = kept(tables)
+    assert [(n, i) for n, i, _, _ in tree.entries(2)] == [("c", 4)]
+
+    def swap(columns: dict[str, array]) -> None:
+        columns["child"][0], columns["child"][2] = 4, 2  # root lists c; a below c
+        columns["count"][1], columns["count"][3] = 0, 1
+
+    with pytest.raises(treefile.StaleTree, match="above its parent"):
+        loaded(rewritten(data, swap), tables)
+
+
+def test_a_name_with_a_nul_is_refused():
+    """A PAX path may hold a NUL; umoci cannot create it (EINVAL) and no listing may show it."""
+    error = refused_members([[dir_member("d"), Member("d/a\0b", Kind.FILE, 0o644, 0, 0, 0)]])
+    assert "NUL" in error.reason and error.path == "d/a\0b"
+    assert "NUL" in refused_members([[Member("a\0b/c", Kind.FILE, 0o644, 0, 0, 0)]]).reason

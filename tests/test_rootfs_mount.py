@@ -55,6 +55,7 @@ from regfs.nodes import Listing, SectionNode
 from regfs.rootfs import PAUSE_GC_AT, RootfsView
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
+from storage.rootfs import treefile
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.image import TOC_DIGEST
 from storage.rootfs.members import Kind
@@ -596,17 +597,21 @@ def test_getfattr_tells_how_far_indexing_is(images, tmp_path):
 
 
 def test_a_second_mount_reuses_the_index_cache(images, mounted, tmp_path):
-    """The module's mount indexed v1-tar's layers; another mount with the same cache makes
-    no pass at all (the indexer logs each pass) and shows the same tree."""
+    """The module's mount indexed v1-tar's layers and kept its merged tree; another mount
+    with the same cache makes no pass at all (the indexer logs each pass), loads the tree
+    instead of merging, and shows the same tree."""
     run("ls", rootfs(mounted, "v1-tar"))
     passes = [line for line in mounted.log_text().splitlines() if "indexing layer" in line]
-    tar_layers = {d["digest"] for d in json.loads(images.built["v1-tar"].manifest)["layers"]}
-    assert tar_layers <= {word for line in passes for word in line.split()}
+    layers = [d["digest"] for d in json.loads(images.built["v1-tar"].manifest)["layers"]]
+    assert set(layers) <= {word for line in passes for word in line.split()}
+    kept = images.cache / "regfs" / "index" / f"{treefile.key(layers)}.tree"
+    wait_until(kept.exists, what="the merged tree kept")  # stored once the listing went
     second = start_mount(images, tmp_path)
     try:
         expected = view_tree(rootfs(mounted, "v1-tar"))
         assert view_tree(rootfs(second, "v1-tar")) == expected
         assert "indexing layer" not in second.log_text()
+        assert "merged before (the tree kept)" in second.log_text()
     finally:
         second.stop()
     second.check_log()

@@ -5,7 +5,8 @@ line, JSON lines of members, one of zstd frames and one of eStargz chunks (`inde
 `<hex>.gzi` a gzip layer's seek points (indexed_gzip's export in one zstd frame,
 `gzipseek.write_points`), whose sha256 the `.idx` keeps and a load checks, read only when a
 file of the layer is (so no `LayerIndex` holds them in memory); `<hex>.zst`
-a zstd layer's re-framed copy, when it has one. Files are written to a
+a zstd layer's re-framed copy, when it has one; `<key>.tree` an image's merged tree
+(`treefile`, keyed by its layers), an entry of its own. Files are written to a
 temporary name and renamed (0600, in a 0700 directory), so a reader (another mount too)
 sees a whole file or none. The least recently used (mtime, touched on each use) go first
 once the files pass `max_bytes`, except the one just stored and the files an index in
@@ -50,18 +51,20 @@ import platformdirs
 import zstandard
 
 from ..digests import SHA256, Digest
-from . import estargz, indexfile
+from . import estargz, indexfile, treefile
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
 from .index import Format, LayerIndex
 from .members import Kind, Member, gc_paused, make_members
+from .merge import MAX_NODES, MergedTree
 from .tarscan import normal_name, normal_names
 from .zstdframes import Frame
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 2 << 30
-_NAME = re.compile(r"([0-9a-f]{64})\.(idx|zst|gzi)")
+_NAME = re.compile(r"([0-9a-f]{64})\.(idx|zst|gzi|tree)")
+_USED = ("idx", "tree")  # the file of an entry whose mtime says when it was last used
 _TEMP = re.compile(r"\.[0-9a-f]{64}\.[0-9a-f]+\.tmp")
 _STALE_TEMP = 24 * 3600  # a temporary file this old belongs to a build that died
 _POINTS_READ = 1 << 20
@@ -147,7 +150,7 @@ class PendingFile:
     def __init__(self, cache: IndexCache, digest: Digest, suffix: str) -> None:
         self._cache = cache
         self._name = f"{digest.hex}{suffix}"
-        self._temp, fd = cache._create_temp(digest)
+        self._temp, fd = cache._create_temp(digest.hex)
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
     def commit(self, hold: bool = False) -> Held | None:
@@ -201,8 +204,43 @@ class IndexCache:
             )
             self._remove(digest.hex)
             return None
-        self._touch(digest.hex)
+        self._touch(f"{digest.hex}.idx")
         return index
+
+    def load_tree(
+        self, layers: Sequence[Digest], tables: Sequence[Sequence[Member]]
+    ) -> MergedTree | None:
+        """The merged tree kept for an image of `layers` whose member tables are `tables`,
+        or None (missing, or stale or damaged and now removed: merge again)."""
+        name = f"{treefile.key(layers)}.tree"
+        try:
+            fd = self._open_own(name)
+            with os.fdopen(fd, "rb") as file, gc_paused():
+                tree = treefile.decode(file, tables, MAX_NODES)
+        except Exception as exc:  # whatever a damaged file makes the decoder raise
+            if isinstance(exc, FileNotFoundError):
+                return None
+            log.warning("merged tree %s in %s: %s; merging again", name, self.directory, exc)
+            self._unlink(name)
+            return None
+        self._touch(name)
+        return tree
+
+    def store_tree(
+        self, layers: Sequence[Digest], tables: Sequence[Sequence[Member]], tree: MergedTree
+    ) -> None:
+        """Keep `tree` (merged from `tables`, the indexes of `layers`) for the next mount,
+        atomically, then evict down to the bound; a failure is logged, not raised."""
+        hexdigest = treefile.key(layers)
+        temp, fd = self._create_temp(hexdigest)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                treefile.encode(tree, tables, file)
+            self._rename(temp, f"{hexdigest}.tree")
+            self.evict(keep=hexdigest)
+        except Exception as exc:  # a disk full, or a bug: the mount goes on merging
+            log.error("merged tree %s not kept in %s: %r", hexdigest, self.directory, exc)
+            self._unlink(temp)
 
     def _held_points(self, digest: Digest, sha256: str) -> Held:
         """The `.gzi`, held by its index from now on (an eviction cannot take it from the
@@ -243,7 +281,7 @@ class IndexCache:
         when at hand (the gzip child's, which `decode` made `index` from): kept as it is,
         not encoded again. A failure to write is logged, not raised: the index in memory
         serves this mount anyway."""
-        temp, fd = self._create_temp(index.digest)
+        temp, fd = self._create_temp(index.digest.hex)
         try:
             with os.fdopen(fd, "wb") as file:
                 if encoded is None:
@@ -280,8 +318,8 @@ class IndexCache:
         self._unlink(temp)
         return fd
 
-    def _create_temp(self, digest: Digest) -> tuple[str, int]:
-        temp = f".{digest.hex}.{secrets.token_hex(8)}.tmp"
+    def _create_temp(self, hexdigest: str) -> tuple[str, int]:
+        temp = f".{hexdigest}.{secrets.token_hex(8)}.tmp"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         return temp, os.open(temp, flags, 0o600, dir_fd=self._fd)  # RDWR: to be `Held`
 
@@ -293,13 +331,13 @@ class IndexCache:
             os.unlink(name, dir_fd=self._fd)
 
     def _remove(self, hexdigest: str) -> None:
-        for suffix in (".idx", ".zst", ".gzi"):
+        for suffix in (".idx", ".zst", ".gzi", ".tree"):
             self._unlink(hexdigest + suffix)
 
-    def _touch(self, hexdigest: str) -> None:
+    def _touch(self, name: str) -> None:
         """Mark as recently used (mtime: atime is often not kept)."""
         with contextlib.suppress(FileNotFoundError):
-            os.utime(f"{hexdigest}.idx", dir_fd=self._fd, follow_symlinks=False)
+            os.utime(name, dir_fd=self._fd, follow_symlinks=False)
 
     # -- the bound -------------------------------------------------------------------
 
@@ -321,7 +359,7 @@ class IndexCache:
                 layer = found.setdefault(match[1], _Entry())
                 layer.size += st.st_size
                 layer.held |= key in self._held
-                if match[2] == "idx":
+                if match[2] in _USED:
                     layer.used = st.st_mtime
         return found, self._held.unnamed(named)
 

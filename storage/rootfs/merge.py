@@ -125,7 +125,8 @@ class Node:
     """One inode of the merged tree, as the view serves it.
 
     `member` holds the attributes and, for a file, where its bytes are in layer `layer`'s
-    uncompressed tar; for the default root and implicit directories it is `DEFAULT_DIR`.
+    uncompressed tar; for the default root and implicit directories it is `DEFAULT_DIR`,
+    from no layer (`NO_LAYER`).
     `nlink` counts names for non-directories, 2 + subdirectories for directories.
     """
 
@@ -146,6 +147,8 @@ class MergedTree:
     Each directory's entries are a contiguous run of `_child` and of the names, sorted by
     their bytes (the order of `ls` in the C locale) and found by bisection. The names are
     one bytes buffer with offsets, not a str each: a third of the memory for tiny members.
+    Each name is followed by a NUL (which no name holds), so a directory's names are
+    decoded and split in two calls (`columns`), not one decode each.
     """
 
     ROOT = 1
@@ -161,6 +164,7 @@ class MergedTree:
         names: bytes,
         ends: array[int],
         child: array[int],
+        utf8: bool = False,
     ) -> None:
         self._member = member
         self._layer = layer
@@ -171,6 +175,13 @@ class MergedTree:
         self._names = names
         self._ends = ends
         self._child = child
+        self.utf8 = utf8
+        """Whether every name is strict UTF-8 (`is_utf8`): a listing need not check its own."""
+
+    def parts(self) -> tuple[list[Member], array[int], array[int], array[int], bytes]:
+        """What `treefile` keeps of the tree: each inode's member, layer and entry count,
+        each entry's inode, and the names; the rest follows from them."""
+        return self._member, self._layer, self._count, self._child, self._names
 
     def __len__(self) -> int:
         """The number of inodes."""
@@ -207,18 +218,20 @@ class MergedTree:
 
     def columns(self, ino: int) -> Entries:
         """`entries` a column at a time, each made in C with no Python step per entry: a
-        cold `find` of an image lists every directory once (15,000 entries of the bench's)."""
+        cold `find` of an image lists every directory once (1,686 directories of 15,000
+        entries in the bench's, most of them small, so the steps per directory count too)."""
         i = self._slot(ino)
         first = self._first[i]
-        last = first + self._count[i]
-        ends = self._ends[first:last]
-        spans = map(slice, [self._ends[first - 1] if first else 0, *ends[:-1]], ends)
-        parts = map(self._names.__getitem__, spans)
-        names = list(map(bytes.decode, parts, repeat(_ENCODING), repeat(_ERRORS)))  # os.fsdecode
+        count = self._count[i]
+        if not count:
+            return Entries([], [], [], [])
+        last = first + count
+        start = self._ends[first - 1] if first else 0
+        text = self._names[start : self._ends[last - 1] - 1].decode(_ENCODING, _ERRORS)
         children = self._child[first:last].tolist()
         slots = list(map(_sub, children, repeat(1)))
         return Entries(
-            names,
+            text.split("\0"),  # os.fsdecode of each name: no byte of a name is a NUL
             children,
             list(map(self._member.__getitem__, slots)),
             list(map(self._nlink.__getitem__, slots)),
@@ -234,7 +247,7 @@ class MergedTree:
         return ino
 
     def _name(self, at: int) -> bytes:
-        return self._names[self._ends[at - 1] if at else 0 : self._ends[at]]
+        return self._names[self._ends[at - 1] if at else 0 : self._ends[at] - 1]
 
     def _slot(self, ino: int) -> int:
         if not 1 <= ino <= len(self._member):
@@ -318,7 +331,7 @@ class _Merger:
         if name.startswith(WHITEOUT):
             self._whiteout(head, name)
             return
-        _check_length(name)  # no whiteout prefix: see above
+        _check_creatable(name)  # no whiteout prefix: see above
         parent = self.parents.get(head)
         if parent is None:
             parent = self.parents[head] = self._make_parents(self._resolve(head))
@@ -467,30 +480,36 @@ def _member(entry: _Entry) -> Member:
 
 def _check_name(name: str) -> None:
     """Names umoci could not create either: a whiteout prefix (a parent named `.wh.x` is a
-    malformed layer, and no `.wh.` name may show), or longer than NAME_MAX (ENAMETOOLONG)."""
+    malformed layer, and no `.wh.` name may show), and `_check_creatable`'s."""
     if name.startswith(WHITEOUT):
         raise _Refused(f"a whiteout name {name!r} used as a directory")
-    _check_length(name)
+    _check_creatable(name)
 
 
-def _check_length(name: str) -> None:
+def _check_creatable(name: str) -> None:
+    """A name longer than NAME_MAX (ENAMETOOLONG), or holding a NUL (a PAX path may: Go's
+    system calls refuse it, EINVAL, and `MergedTree` keeps its names NUL-separated)."""
     if len(name) > NAME_MAX // 4 and len(name.encode(_ENCODING, _ERRORS)) > NAME_MAX:
         raise _Refused(f"a name longer than {NAME_MAX} bytes")
+    if "\0" in name:
+        raise _Refused(f"a name with a NUL byte: {name!r}")
 
 
-def _by_bytes(children: dict[str, _Entry]) -> Iterator[tuple[bytes, _Entry]]:
-    """A directory's entries as (encoded name, node), sorted by the encoded names.
+def _by_bytes(children: dict[str, _Entry]) -> tuple[bool, Iterator[tuple[bytes, _Entry]]]:
+    """Whether a directory's names are all strict UTF-8, and its entries as (encoded name,
+    node), sorted by the encoded names.
 
     UTF-8 keeps the order of code points, so names that encode strictly sort as they are,
     and only a sorted list of them is held: a directory of a million names held their bytes
     and a tuple each at once too (~120 B a name at the merge's peak). Lone surrogates (bytes
     that were not UTF-8, escaped) sort otherwise, so those directories sort by the bytes."""
     joined = "".join(children)
-    if _ENCODING == "utf-8" and is_utf8(joined):
+    utf8 = is_utf8(joined)
+    if _ENCODING == "utf-8" and utf8:
         names = sorted(children)
-        return zip(map(str.encode, names), map(children.__getitem__, names), strict=True)
+        return utf8, zip(map(str.encode, names), map(children.__getitem__, names), strict=True)
     keys = [name.encode(_ENCODING, _ERRORS) for name in children]  # os.fsencode
-    return iter(sorted(zip(keys, children.values(), strict=True), key=_FIRST))
+    return utf8, iter(sorted(zip(keys, children.values(), strict=True), key=_FIRST))
 
 
 def is_utf8(text: str) -> bool:
@@ -522,6 +541,7 @@ def _freeze(root: _Dir) -> MergedTree:
     ends_append, child_append = ends.append, child.append
     numbered = 1
     ino = 0
+    utf8 = True
     while queue:
         node = queue.popleft()
         ino += 1
@@ -533,14 +553,16 @@ def _freeze(root: _Dir) -> MergedTree:
             count.append(0)
             continue
         members.append(node.member)
-        layer.append(node.layer)
+        layer.append(NO_LAYER if node.member is DEFAULT_DIR else node.layer)
         if not isinstance(node, _Dir):
             nlink.append(node.nlink)
             count.append(0)
             continue
         children = node.children
         subdirs = 0
-        for key, entry in _by_bytes(children):
+        plain, entries = _by_bytes(children)
+        utf8 = utf8 and plain
+        for key, entry in entries:
             if isinstance(entry, _Node) and entry.nlink > 1:
                 number = shared.get(id(entry), 0)
                 if not number:
@@ -553,9 +575,10 @@ def _freeze(root: _Dir) -> MergedTree:
                 parent_append(ino)
             subdirs += isinstance(entry, _Dir)
             names += key
+            names.append(0)  # the separator (see MergedTree)
             ends_append(len(names))
             child_append(number)
         children.clear()
         nlink.append(2 + subdirs)
         count.append(len(child) - first[-1])
-    return MergedTree(members, layer, nlink, parent, first, count, bytes(names), ends, child)
+    return MergedTree(members, layer, nlink, parent, first, count, bytes(names), ends, child, utf8)
