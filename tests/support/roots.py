@@ -85,10 +85,13 @@ def variants(image: dict, count: int) -> list[bytes]:
 def write_tags(root: Path, name: str, digest: str, tags: Iterable[str], index: bool = True) -> None:
     """Tags of repository `name` on manifest `digest`, their link files written directly in
     the registry's layout (the current link, and the index link too unless `index` is
-    false: regfs reads only the current one): 100,000 in seconds on a tmpfs, for tests of
-    big listings."""
-    kinds = [TagCurrentLink(name, "-"), TagIndexLink(name, "-", Digest.parse(digest))]
-    paths = [path_for(kind).split("/-/") for kind in kinds[: 1 + index]]
+    false: regfs reads only the current one; then `digest` may be any text, a damaged
+    link): 100,000 in seconds on a tmpfs, for tests of big listings. A tag already there
+    is pointed at `digest`."""
+    kinds = [TagCurrentLink(name, "-")]
+    if index:
+        kinds.append(TagIndexLink(name, "-", Digest.parse(digest)))
+    paths = [path_for(kind).split("/-/") for kind in kinds]
     tags_dir = root / paths[0][0].lstrip("/")
     tags_dir.mkdir(parents=True, exist_ok=True)
     links = [below for _, below in paths]  # current/link, index/sha256/<hex>/link
@@ -97,9 +100,11 @@ def write_tags(root: Path, name: str, digest: str, tags: Iterable[str], index: b
     try:
         for tag in tags:
             for made in ("", *dirs):
-                os.mkdir(f"{tag}/{made}", dir_fd=fd)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(f"{tag}/{made}", dir_fd=fd)
             for link in links:
-                out = os.open(f"{tag}/{link}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                out = os.open(f"{tag}/{link}", flags, 0o644, dir_fd=fd)
                 try:
                     os.write(out, digest.encode())
                 finally:
