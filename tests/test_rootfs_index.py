@@ -1180,6 +1180,8 @@ def _replaced(old: bytes, new: bytes) -> Callable[[bytearray], None]:
 BAD_BLOCKS = {
     "unknown kind": lambda data: data.__setitem__(4 + 1, len(indexfile.KINDS)),
     "negative uid": _number("uid", 2, -1),
+    "negative mode": _number("mode", 0, -(1 << 40)),
+    "negative device minor": _number("devminor", 4, -1),  # the last column's last member
     "file past the layer's end": _number("size", 1, 1024 - 512 + 1),
     "cut short": lambda data: data.__delitem__(slice(len(data) - 40, len(data))),
     "xattrs not JSON": _replaced(b"]]]", b"]]}"),
