@@ -913,8 +913,9 @@ async def test_a_kept_tree_is_stored_found_evicted_and_removed_when_damaged(
     registry, cache_dir, caplog
 ):
     """An image's merged tree beside its layers' indexes (`<key>.tree`): found for those
-    layers only, in the bound like an index (least recently used first), and a file that
-    does not decompress is removed and logged, and the image merged again."""
+    layers only, in the bound like an index (least recently used first) but never kept in
+    place of its layers' indexes, and a file that does not decompress is removed and
+    logged, and the image merged again."""
     tars = [
         layer_tar([directory("d"), file("d/a", b"a"), hardlink("h", "d/a")]),
         layer_tar([file("d/b", b"b"), whiteout("d/a")]),
@@ -945,6 +946,10 @@ async def test_a_kept_tree_is_stored_found_evicted_and_removed_when_damaged(
         cache.max_bytes = sum(p.stat().st_size for p in cache_dir.iterdir()) - 1
         cache.evict()
         assert not kept.exists()  # the least recently used entry
+        assert all(cache.load(digest) is not None for digest in digests)
+        cache.max_bytes = sum(p.stat().st_size for p in cache_dir.iterdir())  # layers' only
+        cache.store_tree(digests, tables, tree)
+        assert not kept.exists()  # never kept at the cost of its layers' indexes
         assert all(cache.load(digest) is not None for digest in digests)
     finally:
         cache.close()

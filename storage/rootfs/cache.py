@@ -230,14 +230,18 @@ class IndexCache:
         self, layers: Sequence[Digest], tables: Sequence[Sequence[Member]], tree: MergedTree
     ) -> None:
         """Keep `tree` (merged from `tables`, the indexes of `layers`) for the next mount,
-        atomically, then evict down to the bound; a failure is logged, not raised."""
+        atomically, then evict down to the bound; a failure is logged, not raised. Never
+        at the expense of those indexes (a pass costs seconds, a merge milliseconds): a
+        tree that does not fit beside them is removed again."""
         hexdigest = treefile.key(layers)
         temp, fd = self._create_temp(hexdigest)
         try:
             with os.fdopen(fd, "wb") as file:
                 treefile.encode(tree, tables, file)
             self._rename(temp, f"{hexdigest}.tree")
-            self.evict(keep=hexdigest)
+            if self.evict(keep=frozenset({hexdigest, *(d.hex for d in layers)})) > self.max_bytes:
+                self._remove(hexdigest)
+                log.info("merged tree %s not kept: no room beside its layers", hexdigest)
         except Exception as exc:  # a disk full, or a bug: the mount goes on merging
             log.error("merged tree %s not kept in %s: %r", hexdigest, self.directory, exc)
             self._unlink(temp)
@@ -363,16 +367,18 @@ class IndexCache:
                     layer.used = st.st_mtime
         return found, self._held.unnamed(named)
 
-    def evict(self, keep: str = "") -> None:
+    def evict(self, keep: str | frozenset[str] = "") -> int:
         """Remove the least recently used indexes (with their copies) past `max_bytes`,
-        never the one whose hex digest is `keep` nor one with a file held open (`Held`:
-        removing it would free nothing, and the next mount could not reuse it)."""
+        never those whose hex digest is (in) `keep` nor one with a file held open (`Held`:
+        removing it would free nothing, and the next mount could not reuse it). Returns
+        the bytes left, held files included."""
+        kept = frozenset({keep}) if isinstance(keep, str) else keep
         entries, total = self._scan()
         total += sum(entry.size for entry in entries.values())
         for hexdigest, entry in sorted(entries.items(), key=lambda item: item[1].used):
             if total <= self.max_bytes:
                 break
-            if hexdigest == keep or entry.held:
+            if hexdigest in kept or entry.held:
                 continue
             self._remove(hexdigest)
             total -= entry.size
@@ -384,6 +390,7 @@ class IndexCache:
                 total,
                 self.max_bytes,
             )
+        return total
 
 
 def _open_private(directory: Path) -> int:
