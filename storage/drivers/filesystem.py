@@ -70,6 +70,9 @@ LOCK_SUFFIX = ".regfs-lock"
 LOCK_WAIT = 2.0
 
 _O_BENEATH = os.O_NOFOLLOW | os.O_CLOEXEC  # added to every open below the root
+# A directory of one component opened to resolve names beneath it: a symlink there fails
+# (ENOTDIR: O_DIRECTORY sees the link itself), and a name is never `..` (storage paths).
+_DIRECTORY = os.O_PATH | os.O_DIRECTORY | _O_BENEATH
 _SYS_OPENAT2 = 437  # the same on x86_64 and aarch64 (every architecture's table since 5.6)
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
@@ -122,7 +125,7 @@ def _walk_open(dirfd: int, path: str, flags: int, mode: int) -> int:
     fd = dirfd
     try:
         for name in parents:
-            child = os.open(name, os.O_PATH | os.O_DIRECTORY | _O_BENEATH, dir_fd=fd)
+            child = os.open(name, _DIRECTORY, dir_fd=fd)
             if fd != dirfd:
                 os.close(fd)
             fd = child
@@ -228,39 +231,29 @@ def _create_temp(dirfd: int) -> tuple[int, str]:
 
 
 class _Parents:
-    """Descriptors of the directories on the way to the last name a bulk call resolved below
-    `base`, each opened from the one above it: sorted names share them, so a listing's blobs
-    (`<xx>/<hex>/data`) open each fan-out directory `<xx>` once for its ~40 blobs, and each
-    blob is two calls (`<hex>`, then a stat of `data` in it) that ctypes never sees.
+    """The descriptor of one directory below `base`, kept while the names a bulk call resolves
+    share it: sorted names of a listing's blobs (`<xx>/<hex>/data`) open each fan-out
+    directory `<xx>` once for its ~40 blobs (`resolve`: openat2, or the walk without it)."""
 
-    Every open is of ONE component with O_NOFOLLOW|O_DIRECTORY (a symlink fails, ENOTDIR;
-    names are storage paths, so none is `..`): no link is followed, as with openat2."""
-
-    def __init__(self, base: int) -> None:
+    def __init__(self, base: int, resolve: Callable[[int, str, int, int], int]) -> None:
         self.base = base
-        self._names: list[str] = []
-        self._fds: list[int] = []
+        self._resolve = resolve
+        self._path = ""
+        self._fd = base
 
     def of(self, path: str) -> int:
         """The descriptor of the directory `path` (relative, "" for base) below base."""
-        parts = path.split("/") if path else []
-        keep = 0
-        for held, part in zip(self._names, parts, strict=False):
-            if held != part:
-                break
-            keep += 1
-        self.close(keep)
-        for part in parts[keep:]:
-            at = self._fds[-1] if self._fds else self.base
-            self._fds.append(os.open(part, os.O_PATH | os.O_DIRECTORY | _O_BENEATH, dir_fd=at))
-            self._names.append(part)
-        return self._fds[-1] if self._fds else self.base
+        if path != self._path:
+            self.close()
+            if path:
+                self._fd = self._resolve(self.base, path, _DIRECTORY, 0)
+                self._path = path
+        return self._fd
 
-    def close(self, keep: int = 0) -> None:
-        """Close the descriptors below the first `keep` (all, by default)."""
-        while len(self._fds) > keep:
-            self._names.pop()
-            os.close(self._fds.pop())
+    def close(self) -> None:
+        if self._path:
+            os.close(self._fd)
+            self._path, self._fd = "", self.base
 
 
 class FilesystemDriver(StorageDriver):
@@ -346,7 +339,7 @@ class FilesystemDriver(StorageDriver):
                 with self._beneath(path):
                     with suppress(FileExistsError):
                         os.mkdir(name, DIR_MODE, dir_fd=fd)
-                    child = os.open(name, os.O_PATH | os.O_DIRECTORY | _O_BENEATH, dir_fd=fd)
+                    child = os.open(name, _DIRECTORY, dir_fd=fd)
                 os.close(fd)
                 fd = child
         except BaseException:
@@ -484,12 +477,21 @@ class FilesystemDriver(StorageDriver):
 
     async def _stats(self, directory: str, names: list[str]) -> list[FileInfo | None] | None:
         def stat_at(parents: _Parents, name: str) -> FileInfo | None:
+            """An lstat of the last component in its own directory, opened (O_NOFOLLOW, one
+            component) from the kept descriptor of the one above: no path of two components
+            goes to a call that would follow a link on its way."""
             head, _, leaf = name.rpartition("/")
-            # One component from a descriptor opened without following a link: lstat's
-            # answer, a symlink's own mode (no regular file: ask).
-            st = os.stat(leaf, dir_fd=parents.of(head), follow_symlinks=False)
+            up, _, below = head.rpartition("/")
+            if not below:  # a name of one component
+                st = os.stat(leaf, dir_fd=parents.base, follow_symlinks=False)
+            else:
+                fd = os.open(below, _DIRECTORY, dir_fd=parents.of(up))
+                try:
+                    st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+                finally:
+                    os.close(fd)
             if not statmod.S_ISREG(st.st_mode):
-                return None  # a directory, a symlink, a FIFO: ask
+                return None  # a directory, a symlink (its own mode, lstat's), a FIFO: ask
             return FileInfo(f"{directory}/{name}", st.st_size, st.st_mtime_ns, False)
 
         return await self._each(directory, names, stat_at)
@@ -510,7 +512,7 @@ class FilesystemDriver(StorageDriver):
 
         def each() -> list[T | None]:
             found: list[T | None] = []
-            parents = _Parents(dirfd)
+            parents = _Parents(dirfd, self._resolve)
             try:
                 with gc_paused():
                     for name in names:
