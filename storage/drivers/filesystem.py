@@ -6,13 +6,13 @@ read, write or delete anything outside it. The root is opened once; every call o
 from that descriptor with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) or, where the kernel
 (or a seccomp filter) lacks openat2, by a walk of one O_NOFOLLOW open per component. The bulk
 reads of a listing open its directory so; `contents` then opens each name beneath that
-descriptor the same way, and `stats` walks each name one O_NOFOLLOW component at a time from
-the directory descriptors it keeps while sorted names share them (`_Parents`), and lstats the
-last component in its directory: an lstat (AT_SYMLINK_NOFOLLOW) refuses only a last link,
-so it never gets a path of two components. A symlink met anywhere is UnsafeEntry for that
-entry (EIO through the mount, logged); listings leave symlinks out, so the rest of a
-directory stays reachable; trees are removed through directory descriptors, which never
-follow a link.
+descriptor the same way, and `stats` keeps the descriptor of a blob's fan-out directory
+(opened so) for the sorted names that share it, opens each blob's own directory from it
+(O_NOFOLLOW, one component) and lstats `data` in that: an lstat (AT_SYMLINK_NOFOLLOW)
+refuses only a last link, so it never gets a path of two components. A symlink met
+anywhere is UnsafeEntry for that entry (EIO through the mount, logged); listings leave
+symlinks out, so the rest of a directory stays reachable; trees are removed through
+directory descriptors, which never follow a link.
 
 Small local calls (stat, a link file, a read of up to a FUSE request) run inline: a thread hop
 costs more than they do. Calls that may block for long (fsync, large reads, tree deletes, the
