@@ -443,15 +443,14 @@ class Tree:
         source = store.layers if isinstance(first, LayerNode) else store.manifests
         digests = [n.digest for n in nodes if isinstance(n, LayerNode | ManifestNode)]
         infos = await source.stats(digests)
-        with gc_paused():  # 10,000 and more: see gc_paused
-            attrs = [
-                None if info is None else Attr(False, info.size, info.mtime_ns, immutable=True)
-                for info in infos
-            ]
-            if self._unchanged_since(since):
-                for node, attr in zip(nodes, attrs, strict=True):
-                    if attr is not None:
-                        self._digests.put(node, attr)
+        attrs = [
+            None if info is None else Attr(False, info.size, info.mtime_ns, immutable=True)
+            for info in infos
+        ]
+        if self._unchanged_since(since):
+            for node, attr in zip(nodes, attrs, strict=True):
+                if attr is not None:
+                    self._digests.put(node, attr)
         return attrs
 
     def _read_tags_ahead(self, repo: str) -> None:

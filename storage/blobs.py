@@ -11,7 +11,6 @@ from .digests import SHA256, Digest, digest_bytes
 from .drivers import FileReader, PathNotFound, StorageDriver
 from .errors import CorruptEntry, InvalidName, UnknownLayer
 from .paths import BlobData, BlobDir, BlobsDir, Location, path_for
-from .rootfs.members import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +149,7 @@ class LinkedBlobs:
         """`stat` of each digest, in two calls of the driver where it reads many files at
         once (a local root: a listing's links, then their blobs' data, each relative to its
         directory): None for each that `stat` would not answer plainly (absent, damaged, or
-        a store without such calls), for the caller to ask `stat`, which says why.
-
-        What it makes per digest is made without the cyclic GC (`gc_paused`, as the
-        driver's bulk calls do): 10,000 digests' tuples and infos set off the young
-        collections whose survivors make a full one due, 70-150 ms of a fresh mount's
-        `ls -l` of 10,000 layers under load (gc.callbacks); they hold no cycles."""
+        a store without such calls), for the caller to ask `stat`, which says why."""
         found: list[BlobInfo | None] = [None] * len(digests)
         if not digests:
             return found
@@ -164,21 +158,19 @@ class LinkedBlobs:
         read = await self.driver.contents(links, below(links, names, self._link_of(digests[0])))
         if read is None:
             return found
-        with gc_paused():
-            linked = [
-                (at, d)
-                for at, (d, r) in enumerate(zip(digests, read, strict=True))
-                if r is not None and r[0] == str(d).encode()
-            ]
+        linked = [
+            (at, d)
+            for at, (d, r) in enumerate(zip(digests, read, strict=True))
+            if r is not None and r[0] == str(d).encode()
+        ]
         if not linked:
             return found
         blobs = path_for(BlobsDir())
         names = [f"{d.hex[:2]}/{d.hex}/data" for _, d in linked]
         infos = await self.driver.stats(blobs, below(blobs, names, BlobData(linked[0][1])))
-        with gc_paused():
-            for (at, digest), info in zip(linked, infos or [None] * len(linked), strict=True):
-                if info is not None:
-                    found[at] = BlobInfo(digest, info.size, info.mtime_ns)
+        for (at, digest), info in zip(linked, infos or [None] * len(linked), strict=True):
+            if info is not None:
+                found[at] = BlobInfo(digest, info.size, info.mtime_ns)
         return found
 
     async def is_linked(self, digest: Digest) -> bool:
@@ -211,8 +203,7 @@ class LinkedBlobs:
             return []
         text = "\n".join([*names, ""])
         if text.count("\n") == len(names) and _HEX_LINES_RE.fullmatch(text) is not None:
-            with gc_paused():  # 10,000 digests: see `stats`
-                return [Digest(SHA256, name) for name in names]  # one regex pass, not one each
+            return [Digest(SHA256, name) for name in names]  # one regex pass, not one each
         found = []
         for name in names:
             try:

@@ -37,7 +37,6 @@ from typing import TypeVar
 import trio
 
 from ..errors import Busy, CorruptEntry, InvalidOffset, UnsafeEntry
-from ..rootfs.members import gc_paused
 from .base import (
     CONTENT_LIMIT,
     FileInfo,
@@ -502,9 +501,7 @@ class FilesystemDriver(StorageDriver):
         """one(directory's `_Parents`, name) for each name, resolved beneath that directory
         as `_open` resolves beneath the root (no symlink followed anywhere), in one worker
         thread call for many. Whatever fails is None: the caller asks the path alone, which
-        says why (and logs a symlink). Without the cyclic GC (`gc_paused`): a stat result
-        and a tuple or FileInfo per name set off the collections of a listing's full one,
-        70-160 ms of it under load in this loop alone (gc.callbacks); none holds a cycle."""
+        says why (and logs a symlink)."""
         try:
             dirfd = self._open(directory, os.O_PATH | os.O_DIRECTORY)
         except (PathNotFound, CorruptEntry):
@@ -514,12 +511,11 @@ class FilesystemDriver(StorageDriver):
             found: list[T | None] = []
             parents = _Parents(dirfd, self._resolve)
             try:
-                with gc_paused():
-                    for name in names:
-                        try:
-                            found.append(one(parents, name))
-                        except OSError:
-                            found.append(None)
+                for name in names:
+                    try:
+                        found.append(one(parents, name))
+                    except OSError:
+                        found.append(None)
             finally:
                 parents.close()
             return found
