@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
+import stat
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyfuse3
@@ -36,6 +39,15 @@ _SNAPSHOT_IDS = 1 << 31  # positive offsets (off_t is signed)
 # attributes (`Tree.ahead`), not a LOOKUP per tag (a first chunk of 1 MiB held 6,553 of
 # 10,000). A plain `ls` pays one READDIR more.
 FIRST_PLACEHOLDERS = 32
+# Linux keeps a listing as `struct fuse_dirent`s (24 bytes and the name, 8-aligned), none across
+# a page (fs/fuse/readdir.c, fuse_add_dirent_to_cache). When they fill their last page to its
+# end, a reader whose offset is not in that copy (another snapshot's: a listing begun before
+# the kept one) is told the listing ended there, not sent to the daemon (fuse_readdir_cached's
+# "EOF?" test, met after the last full page): of two `ls` of 1,024 tags at once, one saw 32.
+# Such a listing ends with "." (as every local directory lists it; `ls`, `find`, readdir(3)
+# users skip it), so the kernel's copy never ends on a page's end. docs/concurrency.md.
+_DIRENT = 24
+_PAGE = mmap.PAGESIZE
 
 
 @dataclass
@@ -47,6 +59,7 @@ class _Snapshot:
     node: Node
     entries: list[tuple[str, Node]] | None  # None: all handed out
     length: int
+    dot: bool = False  # the listing ends with "." (`_fills_pages`), once all went out
 
 
 class Directories:
@@ -104,7 +117,7 @@ class Directories:
             self.inodes.ref(entry.st_ino)
             with_attributes = True
         else:
-            self._handed_out(snapshot)
+            self._ended(snapshot, start, token)
         if with_attributes:
             self.entries_used(node)
 
@@ -120,14 +133,26 @@ class Directories:
                 if not pyfuse3.readdir_reply(token, name.encode(), made, base | (index + 1)):
                     return
                 handed.append(made.st_ino)
-            self._handed_out(base >> _INDEX_BITS)
+            self._ended(base >> _INDEX_BITS, start, token)
         finally:
             self.inodes.ref_all(handed)
 
-    def _handed_out(self, snapshot: int) -> None:
-        """Every entry went out: only the end is asked for next."""
-        if (ended := self._snapshots.get(snapshot)) is not None:
+    def _ended(self, snapshot: int, start: int, token: ReaddirToken) -> None:
+        """Every entry went out: only the end is asked for next, and after the last entry
+        a "." where the kernel's copy would fill its last page (`_PAGE`)."""
+        ended = self._snapshots.get(snapshot)
+        if ended is None:
+            return
+        if ended.entries is not None:
+            ended.dot = _fills_pages(name for name, _ in ended.entries)
             ended.entries = None
+        if ended.dot and start <= ended.length:
+            dot = EntryAttributes()
+            dot.st_ino = self.inodes.inode(ended.node)
+            dot.st_mode = stat.S_IFDIR
+            more = {"lookup": False} if fusefeatures.PATCHED else {}  # "." is no lookup
+            next_id = snapshot << _INDEX_BITS | (ended.length + 1)
+            pyfuse3.readdir_reply(token, b".", dot, next_id, **more)
 
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot
@@ -231,6 +256,15 @@ class Directories:
         assert isinstance(node, DirNode)  # a directory's children: directories, sections
         await self.tree.rmdir(parent, node)
         log.info("rmdir: removed repository %s", node.path)
+
+
+def _fills_pages(names: Iterable[str]) -> bool:
+    """Whether the kernel's copy of a listing of these names ends on a page's end."""
+    used = 0
+    for name in names:
+        size = (_DIRENT + 7 + (len(name) if name.isascii() else len(name.encode()))) & ~7
+        used = size if used + size > _PAGE else used + size
+    return used == _PAGE
 
 
 def _kept_by_kernel(node: Node) -> bool:

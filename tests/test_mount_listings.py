@@ -686,6 +686,33 @@ def test_kept_listings_are_read_again_after_sighup(tmp_path: Path, mount: Callab
     wait_until(lambda: ls(library) == ["demo", "other"], 1, "ls to show the new repository")
 
 
+@pytest.mark.parametrize("count", [1023, 1022])
+def test_a_listing_begun_before_the_kept_one_is_read_to_its_end(
+    tmp_path: Path, mount: Callable, count: int
+) -> None:
+    """Two readers of one tags/ at once, each in its own snapshot: A reads its first chunk,
+    B its own, A reads to the end (the kernel keeps A's listing), then B reads on. With
+    `count` + 1 names of 32-byte dirents, 1,024 fill the kernel's copy to a page's end,
+    where Linux told B the listing ended (32 names of 1,024) instead of asking the daemon;
+    such a listing ends with "." (regfs/directories.py, `_fills_pages`)."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    write_tags(root, NAME, image["digest"], numbered(count))
+    want = {"latest", *numbered(count)}
+    m: Mount = mount(root)
+    tags = m.path(NAME, "tags")
+    with os.scandir(tags) as a, os.scandir(tags) as b:
+        first_a = [next(a).name for _ in range(5)]  # one getdents each: its first chunk
+        first_b = [next(b).name for _ in range(5)]
+        seen_a = first_a + [entry.name for entry in a]
+        seen_b = first_b + [entry.name for entry in b]
+    assert sorted(seen_a) == sorted(want)
+    assert sorted(seen_b) == sorted(want)
+    listed = run("ls", "-1a", tags).stdout.decode().splitlines()
+    dots = [name for name in listed if name.startswith(".")]
+    assert dots == (["."] if count + 1 == 1024 else [])
+
+
 def test_concurrent_listings_of_a_changing_directory_skip_and_repeat_nothing(
     tmp_path: Path, mount: Callable
 ) -> None:
