@@ -7,6 +7,7 @@ stacks of all threads to the log (faulthandler).
 from __future__ import annotations
 
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -28,6 +29,18 @@ from .tree import Tree
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Allocations between two young collections (CPython's default: 700). A request's objects are
+# freed by reference counting; a listing of 10,000 entries makes ~20,000 at once and set off a
+# full collection of the daemon's every object inside the cold `ls -l` (46-50 ms of ~300 ms of
+# daemon CPU, gc.callbacks); at 20,000 none is full and the young ones cost 18-32 ms.
+GC_YOUNG = 20_000
+
+
+def _collect_less() -> None:
+    """What the daemon made to start (modules, the tree, the mount) lives as long as it does:
+    frozen, no collection walks it again; young collections come ~30x less often."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 async def _watch_signals(
@@ -126,6 +139,7 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
         options.mountpoint,
         "read-only" if options.read_only else "read-write",
     )
+    _collect_less()
     try:
         trio.run(_serve, ops, rootfs, on_ready)
     except Exception:
