@@ -7,38 +7,20 @@ are here; a view (regfs/views.py) defines its own kinds as more subclasses of `N
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import NamedTuple
 
 from storage.digests import Digest
 from storage.errors import InvalidName
+from storage.gcpause import gc_paused
 
 _TAG_KIND = "tag"
 
 
 class NotFound(LookupError):
     """A name that does not exist in the tree (ENOENT)."""
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic collection while a listing's nodes are made. 10,000 tags are 20,000
-    tracked tuples (a TagNode and its pair each): they set off ~27 collections, a full one
-    among them, on a fresh daemon's ~60,000 objects, 47-97 ms of a fresh mount's 65-150 ms
-    `ls` of them (gc.callbacks, load 11). A listing holds no cycles; once on again, one young
-    collection walks its nodes. Only around code that does not await, so other requests'
-    cyclic garbage never waits on storage or the network. Off stays off."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class Node:

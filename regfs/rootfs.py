@@ -34,6 +34,7 @@ from storage.api import Buffer, RegistrySource, Repository
 from storage.cache import TtlCache
 from storage.digests import Digest
 from storage.errors import CorruptEntry, InvalidName, StorageError
+from storage.gcpause import gc_paused
 from storage.names import validate_tag
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.errors import BadLayer, UnsafeCacheDir
@@ -51,7 +52,6 @@ from .nodes import (
     NotFound,
     SectionNode,
     digest_name,
-    gc_paused,
 )
 from .tree import BytesReader
 

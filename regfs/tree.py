@@ -29,6 +29,7 @@ from storage.api import BlobReader, RegistrySource, Repository, Upload
 from storage.cache import TtlCache
 from storage.digests import Digest
 from storage.errors import InvalidName, UnknownManifest
+from storage.gcpause import gc_paused
 from storage.manifest_format import sniff_media_type
 from storage.names import is_component, validate_name, validate_tag
 
@@ -44,7 +45,6 @@ from .nodes import (
     TagNode,
     UploadNode,
     digest_name,
-    gc_paused,
 )
 from .views import View
 

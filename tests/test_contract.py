@@ -23,6 +23,7 @@ NEUTRAL = {
     "storage.cache",
     "storage.digests",
     "storage.errors",
+    "storage.gcpause",
     "storage.manifest_format",
     "storage.names",
 }

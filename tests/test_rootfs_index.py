@@ -51,6 +51,7 @@ from support.tools import MIB
 from storage.api import BlobReader, Buffer, RegistrySource
 from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
+from storage.gcpause import gc_paused
 from storage.rootfs import cache as cachemod
 from storage.rootfs import fastgzip, indexfile, treefile
 from storage.rootfs import index as index_module
@@ -64,7 +65,7 @@ from storage.rootfs.errors import (
     UnsafeCacheDir,
 )
 from storage.rootfs.index import Format, Indexer, LayerIndex, LayerRef
-from storage.rootfs.members import Kind, Member, gc_paused, normalise
+from storage.rootfs.members import Kind, Member, normalise
 from storage.rootfs.merge import MergedTree, merge
 from storage.rootfs.reader import LayerFiles
 from storage.rootfs.tarscan import Limits, _TarInfo, normal_name, normal_names

@@ -51,11 +51,12 @@ import platformdirs
 import zstandard
 
 from ..digests import SHA256, Digest
+from ..gcpause import gc_paused
 from . import estargz, indexfile, treefile
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
 from .index import Format, LayerIndex
-from .members import Kind, Member, gc_paused, make_members
+from .members import Kind, Member, make_members
 from .merge import MAX_NODES, MergedTree
 from .tarscan import normal_name, normal_names
 from .zstdframes import Frame

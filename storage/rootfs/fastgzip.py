@@ -46,11 +46,11 @@ import trio
 from ..api import BlobReader, local_fileno
 from ..digests import Digest
 from ..errors import StorageError
+from ..gcpause import gc_paused
 from . import errors
 from .blobfile import BlobFile
 from .errors import BadLayer
 from .gzipchild import Request
-from .members import gc_paused
 from .tarscan import Limits
 
 if TYPE_CHECKING:

@@ -7,12 +7,9 @@ normalised once, here, so that no later step can be led outside the image by a h
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import gc
 import posixpath
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -104,30 +101,3 @@ def normalise(name: str) -> str:
             continue
         parts.append(part)
     return posixpath.join(*parts) if parts else ""
-
-
-_pauses = 0  # gc_paused() blocks running now, in any thread
-_pauses_lock = threading.Lock()
-_gc_was_enabled = True
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic GC while member tables or trees are made (a stored index's load, a merge):
-    they hold no reference cycles, and the collections their allocations set off walk
-    every new object again and again: 12-43 ms of the 200-340 ms that loading and merging
-    15,000 members took (gc.callbacks, a daemon's modules imported). Pauses in several
-    threads end with the last; a GC that was off before stays off."""
-    global _pauses, _gc_was_enabled
-    with _pauses_lock:
-        if _pauses == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _pauses += 1
-    try:
-        yield
-    finally:
-        with _pauses_lock:
-            _pauses -= 1
-            if _pauses == 0 and _gc_was_enabled:
-                gc.enable()

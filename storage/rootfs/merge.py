@@ -37,7 +37,8 @@ from typing import NamedTuple
 
 from storage.errors import StorageError
 
-from .members import Kind, Member, gc_paused
+from ..gcpause import gc_paused
+from .members import Kind, Member
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
