@@ -713,6 +713,24 @@ def test_a_listing_begun_before_the_kept_one_is_read_to_its_end(
     assert dots == (["."] if count + 1 == 1024 else [])
 
 
+def test_an_image_directory_begun_twice_is_read_to_its_end(tmp_path: Path, mount: Callable) -> None:
+    """The same for a directory inside an image (listed with attributes, two chunks): 256
+    names of four letters fill two pages of the kernel's copy exactly."""
+    root = tmp_path / "root"
+    trio.run(build_root, root, NAME, 1000)
+    names = [f"f{i:03d}" for i in range(256)]
+    entries = [directory("."), directory("d"), *(file(f"d/{name}", b"x") for name in names)]
+    trio.run(put_layer_image, root, NAME, "img", entries)
+    m: Mount = mount(root)
+    listed = m.path(NAME, "rootfs", "img", "d")
+    with os.scandir(listed) as a, os.scandir(listed) as b:
+        first_a = [next(a).name for _ in range(5)]
+        first_b = [next(b).name for _ in range(5)]
+        seen_a = first_a + [entry.name for entry in a]
+        seen_b = first_b + [entry.name for entry in b]
+    assert sorted(seen_a) == sorted(seen_b) == names
+
+
 def test_concurrent_listings_of_a_changing_directory_skip_and_repeat_nothing(
     tmp_path: Path, mount: Callable
 ) -> None:
