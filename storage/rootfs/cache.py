@@ -35,7 +35,6 @@ import os
 import re
 import secrets
 import stat
-import sys
 import threading
 import time
 import weakref
@@ -76,7 +75,6 @@ _KIND_CODES = indexfile.KINDS
 _LENGTH_LINE = 24  # a block's length line: digits and a newline
 _LENGTH = re.compile(rb"[0-9]{1,20}\n")
 _UTF8, _ESCAPED = repeat("utf-8"), repeat("surrogateescape")  # endless: shared by every map
-_BIG_ENDIAN = sys.byteorder == "big"
 _PERMISSIONS = tuple(range(0o10000))  # shared ints: see `_permissions`
 
 
@@ -552,7 +550,8 @@ def _members(payload: bytes, size: int | None) -> list[Member]:
     )
     if not all(bytes(sign).isascii() for sign in signs):
         raise CorruptIndex("a member with a negative number")
-    mode, uid, gid, mtime_ns, length, offset, major, minor = map(_int64s, raws)
+    columns = (indexfile.le_array("q", raw) for raw in raws)
+    mode, uid, gid, mtime_ns, length, offset, major, minor = columns
     paths, links = block.strings(count), block.strings(count)
     xattrs: list[tuple[tuple[str, bytes], ...]] = [()] * count
     for at, pairs in json.loads(block.rest()):
@@ -623,11 +622,7 @@ class _Block:
         return part
 
     def strings(self, count: int) -> list[str]:
-        lengths = array("I")
-        lengths.frombytes(self.take(count * lengths.itemsize))
-        if _BIG_ENDIAN:
-            lengths.byteswap()
-        ends = list(accumulate(lengths))
+        ends = list(accumulate(indexfile.le_array("I", self.take(count * 4))))
         data = bytes(self.take(ends[-1]))
         spans = map(slice, [0, *ends[:-1]], ends)
         if data.isascii():  # the usual table: byte offsets are offsets in its one decoding
@@ -636,15 +631,6 @@ class _Block:
 
     def rest(self) -> bytes:
         return bytes(self.take(len(self.view) - self.at))
-
-
-def _int64s(raw: memoryview) -> array[int]:
-    """A column of little-endian i64."""
-    values = array("q")
-    values.frombytes(raw)
-    if _BIG_ENDIAN:
-        values.byteswap()
-    return values
 
 
 def _xattrs(pairs: Any) -> tuple[tuple[str, bytes], ...]:

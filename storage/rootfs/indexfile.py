@@ -72,21 +72,32 @@ def block(members: Sequence[Member]) -> bytes:
     """One block of members, with its length line (the module's docstring)."""
     columns = dict(zip(Member._fields, zip(*members, strict=True), strict=True))
     parts = [COUNT.pack(len(members)), bytes(map(_CODES.__getitem__, columns["kind"]))]
-    parts += [_le(array("q", columns[name])) for name in INTS]
+    parts += [le_bytes(array("q", columns[name])) for name in INTS]
     for name in ("path", "linkname"):
         encoded = [text.encode(_ENCODING, _ERRORS) for text in columns[name]]
-        parts += [_le(array("I", map(len, encoded))), b"".join(encoded)]
+        parts += [le_bytes(array("I", map(len, encoded))), b"".join(encoded)]
     xattrs = [[i, _pairs(pairs)] for i, pairs in enumerate(columns["xattrs"]) if pairs]
     parts.append(json.dumps(xattrs, separators=(",", ":")).encode())
     payload = b"".join(parts)
     return b"%d\n" % len(payload) + payload
 
 
-def _le(values: array[int]) -> bytes:
-    """An array's bytes, little-endian whatever the machine's order."""
+def le_bytes(values: array[int]) -> bytes:
+    """An array's bytes, little-endian whatever the machine's order (the index and tree
+    files' numbers)."""
     if _BIG_ENDIAN:
+        values = array(values.typecode, values)
         values.byteswap()
     return values.tobytes()
+
+
+def le_array(typecode: str, data: bytes | memoryview) -> array[int]:
+    """The numbers `le_bytes` wrote (a length not a multiple of the item size: ValueError)."""
+    values = array(typecode)
+    values.frombytes(data)
+    if _BIG_ENDIAN:
+        values.byteswap()
+    return values
 
 
 def _pairs(xattrs: tuple[tuple[str, bytes], ...]) -> list[list[str]]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 from array import array
 from collections import Counter
 from collections.abc import Sequence
@@ -34,14 +33,13 @@ from typing import BinaryIO
 import zstandard
 
 from ..digests import Digest
-from .indexfile import KINDS
+from .indexfile import KINDS, le_array, le_bytes
 from .members import Kind, Member
 from .merge import DEFAULT_DIR, NAME_MAX, NO_LAYER, WHITEOUT, MergedTree
 
 VERSION = 1  # bump whenever the file or `MergedTree`'s arrays change
 FORMAT_LINE = f"regfs-merged-tree {VERSION}\n".encode()
 _LEVEL = 3
-_BIG_ENDIAN = sys.byteorder == "big"
 _MAX_META = 1 << 20  # a count and a fingerprint per layer
 _CODES = {kind: bytes([code]) for code, kind in enumerate(KINDS)}
 _KIND, _PATH, _LINK = itemgetter(1), itemgetter(0), itemgetter(8)
@@ -87,7 +85,7 @@ def encode(tree: MergedTree, tables: Sequence[Sequence[Member]], file: BinaryIO)
         out.write(FORMAT_LINE)
         out.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
         for values in (position, count, child):
-            out.write(_le(values))
+            out.write(le_bytes(values))
         out.write(names)
 
 
@@ -201,15 +199,4 @@ def _read(reader: BinaryIO, size: int) -> bytes:
 
 
 def _array(reader: BinaryIO, count: int) -> array[int]:
-    values = array("I")
-    values.frombytes(_read(reader, count * values.itemsize))
-    if _BIG_ENDIAN:
-        values.byteswap()
-    return values
-
-
-def _le(values: array[int]) -> bytes:
-    if _BIG_ENDIAN:
-        values = array(values.typecode, values)
-        values.byteswap()
-    return values.tobytes()
+    return le_array("I", _read(reader, count * 4))
