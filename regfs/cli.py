@@ -19,17 +19,13 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from importlib.metadata import version
-from typing import Never, TypeVar
+from typing import TypeVar
 
 import platformdirs
 import shtab
-import trio
-from tqdm import tqdm
 
-from storage.check import UPLOAD_PURGE_AGE, Severity, check, purge_uploads
 from storage.errors import StorageError
 
-from . import daemon
 from .logs import default_log_file, open_log, setup_logging
 from .mounthelper import HELPER_NAMES, is_fuse_call, mount_arguments
 from .mountpoint import MountError, daemon_pids, force_unmount, mounted_filesystem, prepare
@@ -46,7 +42,6 @@ from .options import (
 from .sources import (
     SUPPORTED,
     check_source,
-    existing_root,
     is_remote,
     open_registry,
     refuse_host_like,
@@ -248,9 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--upload-age",
         type=parse_duration,
-        default=UPLOAD_PURGE_AGE,
         metavar="DURATION",
-        help="an upload older than this is stale (168h)",
+        help="an upload older than this is stale (default: the registry's 168h)",
     )
 
     purge = commands.add_parser(
@@ -282,69 +276,6 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 168h, 7d, 1h30m)")
     seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([dhms])", text))
     return timedelta(seconds=seconds)
-
-
-class TerminalProgress:
-    """storage.check's Progress as a bar on stderr, only when stderr is a terminal (tqdm
-    stays silent otherwise), so logs and pipes get the findings alone."""
-
-    def __init__(self) -> None:
-        self.bar: tqdm[Never] | None = None
-
-    def begin(self, what: str, total: int, unit: str) -> None:
-        self.close()
-        self.bar = tqdm(
-            total=total,
-            desc=what,
-            unit=unit if unit == "B" else f" {unit}",  # 5/9 [00:01, 4.2 uploads/s]
-            unit_scale=unit == "B",
-            unit_divisor=1024,
-            disable=None,  # None: off when stderr is no terminal
-            file=sys.stderr,
-        )
-
-    def advance(self, amount: int) -> None:
-        if self.bar is not None:
-            self.bar.update(amount)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def run_check(args: argparse.Namespace) -> int:
-    progress = TerminalProgress()
-    try:
-        root = existing_root(args.root, args.s3_endpoint)
-        findings = trio.run(check, root, args.verify, args.upload_age, progress)
-    finally:
-        progress.close()
-    for finding in findings:
-        print(finding)
-    worst = max((f.severity for f in findings), default=0)
-    damage = sum(f.severity == Severity.DAMAGE for f in findings)
-    print(
-        f"{len(findings)} findings, {damage} damage" if findings else "no findings", file=sys.stderr
-    )
-    return int(worst)
-
-
-def run_purge(args: argparse.Namespace) -> int:
-    progress = TerminalProgress()
-    try:
-        root = existing_root(args.root, args.s3_endpoint)
-        purged = trio.run(purge_uploads, root, args.older_than, args.dry_run, progress)
-    finally:
-        progress.close()
-    verb = "would delete" if args.dry_run else "deleted"
-    for upload in purged:
-        print(
-            f"{verb} {upload.repository}/uploads/{upload.shown} "
-            f"(upload {upload.uuid}, started {upload.started_at:%F %T}Z)"
-        )
-    print(f"{verb} {len(purged)} uploads", file=sys.stderr)
-    return 0
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
@@ -562,6 +493,8 @@ def mount_foreground(options: MountOptions, ready_fd: int | None) -> int:
     try:
         prepare(options.mountpoint)
         check_source(options)
+        from . import daemon  # the daemon's imports, in the daemon only
+
         daemon.serve(options, lambda: report("ok"))
     except (MountError, ValueError, OSError, RuntimeError, StorageError) as exc:
         log.error("mount: %s", exc)
@@ -589,7 +522,7 @@ def umount(mountpoint: str) -> int:
         if time.monotonic() > deadline:
             print(f"regfs: the daemon of {path} did not exit (pids {pids})", file=sys.stderr)
             return 1
-        time.sleep(0.05)
+        time.sleep(0.01)  # the daemon is usually gone within 10 ms of the unmount
     return 0
 
 
@@ -618,7 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("check", "purge-uploads"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
         try:
-            return run_check(args) if args.command == "check" else run_purge(args)
+            # Imported here: storage.check, trio and tqdm are most of what `regfs umount`
+            # and the parent of `regfs mount` would otherwise load for nothing.
+            from . import maintenance
+
+            run = maintenance.run_check if args.command == "check" else maintenance.run_purge
+            return run(args)
         except MountError as exc:
             print(f"regfs {args.command}: {exc}", file=sys.stderr)
             return 2

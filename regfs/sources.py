@@ -1,5 +1,9 @@
 """What SOURCE names: a storage root directory, `inmemory:`, a registry over HTTP(S), or a
-registry's S3 bucket (`s3://BUCKET/PREFIX`)."""
+registry's S3 bucket (`s3://BUCKET/PREFIX`).
+
+Each implementation is imported by the function that opens it, so `regfs umount`, and the
+parent process of a `regfs mount`, load only what their SOURCE needs (all of it took 0.25 s
+of CPU per command)."""
 
 from __future__ import annotations
 
@@ -10,20 +14,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import platformdirs
-import trio
 
 from storage.api import RegistrySource
-from storage.drivers import FilesystemDriver, StorageDriver, open_driver
-from storage.registry import Registry
-from storage.remote.client import RemoteClient
-from storage.remote.credentials import Credentials
-from storage.remote.registry import RemoteRegistry
 
 from .mountpoint import MountError
 from .options import MountOptions
 
 if TYPE_CHECKING:
+    from storage.drivers import StorageDriver
     from storage.drivers.s3 import S3Driver
+    from storage.remote.registry import RemoteRegistry
 
 SUPPORTED = (
     "a storage root directory, 'inmemory:', https://HOST[:PORT] (http:// too), "
@@ -107,6 +107,8 @@ def existing_root(path: str, s3_endpoint: str | None = None) -> StorageDriver:
         check_storage_root(path, missing_ok=False)
     except ValueError as exc:
         raise MountError(str(exc)) from None
+    from storage.drivers import FilesystemDriver
+
     return FilesystemDriver(path)
 
 
@@ -146,6 +148,9 @@ def open_root(source: str, *, init: bool = False) -> RegistrySource:
     if source != "inmemory:":
         check_storage_root(source, missing_ok=True, init=init)
     try:
+        from storage.drivers import open_driver
+        from storage.registry import Registry
+
         return Registry(open_driver(source))
     except ValueError:
         raise ValueError(f"unsupported source {source!r}: use {SUPPORTED}") from None
@@ -154,9 +159,19 @@ def open_root(source: str, *, init: bool = False) -> RegistrySource:
 def open_registry(options: MountOptions) -> RegistrySource:
     """The registry SOURCE names; nothing is contacted yet (see check_source)."""
     if is_s3(options.source):
+        from storage.registry import Registry
+
         return Registry(open_s3(options.source, options.s3_endpoint))
     if not is_remote(options.source):
         return open_root(options.source, init=options.init)
+    return _open_remote(options)
+
+
+def _open_remote(options: MountOptions) -> RemoteRegistry:
+    from storage.remote.client import RemoteClient
+    from storage.remote.credentials import Credentials
+    from storage.remote.registry import RemoteRegistry
+
     settings: dict[str, Any] = {"insecure": options.insecure, "ca_file": options.ca_file}
     if options.timeout is not None:
         settings["timeout"] = options.timeout
@@ -174,10 +189,12 @@ def check_source(options: MountOptions) -> None:
     its ping (GET /v2/, authenticating as needed), a bucket that is not there or not ours."""
     if is_s3(options.source):
         open_s3(options.source, options.s3_endpoint).check_bucket()
-        return
-    registry = open_registry(options)
-    if isinstance(registry, RemoteRegistry):
-        trio.run(_ping, registry)
+    elif is_remote(options.source):
+        import trio
+
+        trio.run(_ping, _open_remote(options))
+    else:
+        open_root(options.source, init=options.init)
 
 
 async def _ping(registry: RemoteRegistry) -> None:

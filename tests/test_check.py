@@ -230,13 +230,13 @@ async def test_symlinks_are_damage_and_never_followed(tmp_path):
 
 def test_a_crash_is_exit_2_in_one_line(tmp_path, monkeypatch, capsys):
     """Whatever check meets that it did not foresee: exit 2, one line, no traceback."""
-    from regfs import cli
+    from regfs import cli, maintenance
 
     async def crash(*args: object) -> None:
         raise OSError(errno.ELOOP, "Too many levels of symbolic links", "somewhere")
 
-    monkeypatch.setattr(cli, "check", crash)
-    monkeypatch.setattr(cli, "purge_uploads", crash)
+    monkeypatch.setattr(maintenance, "check", crash)
+    monkeypatch.setattr(maintenance, "purge_uploads", crash)
     (tmp_path / "root").mkdir()
     assert cli.main(["check", str(tmp_path / "root")]) == 2
     assert cli.main(["purge-uploads", str(tmp_path / "root"), "--older-than", "1h"]) == 2

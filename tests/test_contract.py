@@ -38,7 +38,7 @@ ROOTFS = {
     "storage.rootfs.merge",
     "storage.rootfs.reader",
 }
-TOOLS = {"cli.py": {"storage.check"}, "rootfs.py": ROOTFS}
+TOOLS = {"maintenance.py": {"storage.check"}, "rootfs.py": ROOTFS}
 
 
 def storage_imports(path: Path) -> set[str]:
