@@ -59,6 +59,7 @@ class _Snapshot:
     node: Node
     entries: list[tuple[str, Node]] | None  # None: all handed out
     length: int
+    since: int  # `Directories._uses` when it began: were its entries in use since?
     dot: bool = False  # the listing ends with "." (`_fills_pages`), once all went out
 
 
@@ -69,6 +70,12 @@ class Directories:
         self.attributes = attributes
         self._snapshots: OrderedDict[int, _Snapshot] = OrderedDict()
         self._next_snapshot = 1
+        # The directories (outside the sections) whose entries were last in use (an entry
+        # looked up, or listed with its attributes) at which count of such uses: a listing
+        # begun before then hands the rest with attributes (`Attributes.by_name`). One per
+        # directory inode the kernel holds (dropped when it forgets it).
+        self._uses = 0
+        self._used: dict[Node, int] = {}
 
     async def read(self, node: Node, start_id: int, token: ReaddirToken) -> None:
         """readdir: from offset 0 a new snapshot of node's listing, else the one the offset
@@ -88,14 +95,20 @@ class Directories:
         if isinstance(entries, Listing):
             self._reply_listed(entries, start, base, token)
             return
+        in_use = self._used.get(node, 0) > self._snapshots[snapshot].since
+        named = self.attributes.by_name(node, in_use)
         with_attributes = False
         for index in range(start, len(entries)):
             name, child = entries[index]
-            listed = self.attributes.listed(child)  # a tag: no storage read
-            if listed is not None and not listed[1]:  # by name only: no inode, no count
+            listed = None
+            entry = named(child) if named is not None else None
+            if entry is None:
+                listed = self.attributes.listed(child)  # a tag: no storage read
+                if listed is not None and not listed[1]:
+                    entry = listed[0]
+            if entry is not None:  # by name only: no inode, no count
                 if start == 0 and index >= FIRST_PLACEHOLDERS:
                     break
-                entry = listed[0]
                 if not pyfuse3.readdir_reply(
                     token, name.encode(), entry, base | (index + 1), lookup=False
                 ):
@@ -157,7 +170,7 @@ class Directories:
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot
         self._next_snapshot = snapshot % (_SNAPSHOT_IDS - 1) + 1
-        self._snapshots[snapshot] = _Snapshot(node, entries, len(entries))
+        self._snapshots[snapshot] = _Snapshot(node, entries, len(entries), self._uses)
         if len(self._snapshots) > SNAPSHOTS_KEPT:
             self._snapshots.popitem(last=False)
         return snapshot
@@ -220,14 +233,19 @@ class Directories:
 
     def entries_used(self, parent: Node) -> None:
         """A name in parent was looked up, or listed with its attributes: see
-        `KeptListings.entries_used`. Only the registry's sections, whose entries the kernel
-        keeps for 0.1 s or not at all."""
+        `KeptListings.entries_used` for the registry's sections, whose entries the kernel
+        keeps for 0.1 s or not at all; a namespace's or repository's listing begun before
+        hands the rest with their attributes (`_used`)."""
         if isinstance(parent, SectionNode) and parent.section in SECTIONS:
             self.tree.kept.entries_used(parent, self.attributes.options.tag_ttl)
+        elif isinstance(parent, DirNode):
+            self._uses += 1
+            self._used[parent] = self._uses
 
     def forgotten(self, node: Node) -> None:
         """The kernel forgot node's inode: whatever listing of it it kept went with it."""
         self.tree.kept.drop(node)
+        self._used.pop(node, None)
 
     async def make(self, parent: DirNode, name: str) -> EntryAttributes:
         """mkdir: a new repository (or namespace) beneath parent."""

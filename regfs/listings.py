@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 def names_of(entries: Sequence[tuple[str, Node]]) -> int:
     """What is compared of two listings: their names, in order (a hash: holding the names of
     every directory the kernel keeps would cost as much as the listings)."""
-    return hash(tuple(name for name, _ in entries))
+    return hash(tuple(map(itemgetter(0), entries)))
 
 
 @dataclass

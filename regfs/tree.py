@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -367,6 +367,13 @@ class Tree:
             return False
         reading = self._tags_reading.get(node.repo)
         return reading is not None and node in reading.pending and self._tags.get(node) is None
+
+    def tags_held(self, repo: str) -> tuple[Container[Node], Container[Node]]:
+        """What the daemon may hold of repo's tags, tested in C for each tag of a listing
+        (`Attributes.by_name`): those whose attributes may be cached, those a read-ahead
+        under way will read. A tag in neither has no `cached_attr` and is not `ahead`."""
+        reading = self._tags_reading.get(repo)
+        return self._tag_attrs.keys(), frozenset() if reading is None else reading.pending
 
     async def read_ahead(self, node: TagNode) -> Attr | None:
         """node's cached attributes, once a read-ahead under way that will read it has

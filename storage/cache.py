@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import KeysView
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -35,6 +36,11 @@ class TtlCache(Generic[K, V]):
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_size:
             self._entries.popitem(last=False)
+
+    def keys(self) -> KeysView[K]:
+        """The keys held, expired ones among them: what may be cached, tested in C (`get`
+        says whether it is)."""
+        return self._entries.keys()
 
     def pop(self, key: K) -> None:
         self._entries.pop(key, None)

@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
-from storage.paths import TagCurrentLink, TagIndexLink, path_for
+from storage.paths import RepositoryDir, TagCurrentLink, TagIndexLink, path_for
 from storage.registry import Registry
 from support.images import Entry, layer_tar
 from support.oci import image_manifest, sha256_digest
@@ -111,6 +111,17 @@ def write_tags(root: Path, name: str, digest: str, tags: Iterable[str], index: b
                     os.close(out)
     finally:
         os.close(fd)
+
+
+def add_repositories(root: Path, namespace: str, count: int) -> list[str]:
+    """`count` empty repositories `namespace/rNNNNN`, each a `_layers` directory (what the
+    registry's catalog and regfs count as one), made directly in the layout; their names."""
+    names = [f"r{i:05d}" for i in range(count)]
+    for name in names:
+        (root / path_for(RepositoryDir(f"{namespace}/{name}")).lstrip("/") / "_layers").mkdir(
+            parents=True
+        )
+    return names
 
 
 @contextlib.contextmanager
