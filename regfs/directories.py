@@ -146,16 +146,23 @@ class Directories:
                 if not pyfuse3.readdir_reply(token, name.encode(), made, base | (index + 1)):
                     return
                 handed.append(made.st_ino)
-            self._ended(base >> _INDEX_BITS, start, token)
+            end = self._ended(base >> _INDEX_BITS, start, token)
+            if end and fusefeatures.READDIR_ENDED:
+                # Its entries never change: the READDIR that only learns that nothing
+                # follows is answered in pyfuse3's C callback (one per directory a cold
+                # `find` of an image lists, as many as those with entries).
+                pyfuse3.readdir_ended(token, base | end)
         finally:
             self.inodes.ref_all(handed)
 
-    def _ended(self, snapshot: int, start: int, token: ReaddirToken) -> None:
+    def _ended(self, snapshot: int, start: int, token: ReaddirToken) -> int:
         """Every entry went out: only the end is asked for next, and after the last entry
-        a "." where the kernel's copy would fill its last page (`_PAGE`)."""
+        a "." where the kernel's copy would fill its last page (`_PAGE`). Returns the index
+        the reader asks for next, if this reply handed the listing's last entry (or the
+        "."), else 0."""
         ended = self._snapshots.get(snapshot)
         if ended is None:
-            return
+            return 0
         if ended.entries is not None:
             ended.dot = _fills_pages(name for name, _ in ended.entries)
             ended.entries = None
@@ -165,7 +172,10 @@ class Directories:
             dot.st_mode = stat.S_IFDIR
             more = {"lookup": False} if fusefeatures.PATCHED else {}  # "." is no lookup
             next_id = snapshot << _INDEX_BITS | (ended.length + 1)
-            pyfuse3.readdir_reply(token, b".", dot, next_id, **more)
+            if not pyfuse3.readdir_reply(token, b".", dot, next_id, **more):
+                return 0  # no room: the next READDIR asks for it
+            return ended.length + 1
+        return ended.length if start < ended.length else 0
 
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot

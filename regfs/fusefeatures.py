@@ -5,8 +5,10 @@ its directory's inode (`ReaddirToken.inode`), so opendir can answer ENOSYS and t
 every listing (regfs/listings.py); and `readdir_reply` may hand an entry by name and type only
 (`lookup=False`), so that listing N tags costs no inode in daemon or kernel; and
 `Operations.getattr_kept` answers a GETATTR without a coroutine (an image directory's, asked
-after each READDIR of it). A stock pyfuse3 (a wheel from PyPI, as `pip install regfs` gets) works
-too, without these savings: regfs asks which one it runs on, once.
+after each READDIR of it); and `readdir_ended` has the READDIR that only learns a listing's end
+answered without one (an image directory's, which never changes). A stock pyfuse3 (a wheel
+from PyPI, as `pip install regfs` gets) works too, without these savings: regfs asks which one
+it runs on, once.
 """
 
 from __future__ import annotations
@@ -16,3 +18,5 @@ import pyfuse3
 PATCHED: bool = hasattr(pyfuse3.ReaddirToken, "inode")
 # Builds of the patch before getattr_kept lack it; a stock pyfuse3 never calls it.
 GETATTR_KEPT: bool = hasattr(pyfuse3.Operations, "getattr_kept")
+# Builds before readdir_ended ask readdir for the end of every listing.
+READDIR_ENDED: bool = hasattr(pyfuse3, "readdir_ended")

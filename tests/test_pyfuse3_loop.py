@@ -6,6 +6,7 @@ bench/requests.py from rotting."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -159,6 +160,51 @@ def test_getattr_kept_raising_fuseerror_answers_its_errno(mnt):
         os.close(broken)
     assert raised.value.errno == errno.EIO
     assert stat.S_ISREG(os.stat(mnt / "f").st_mode)  # the daemon goes on
+
+
+def _getdents(fd: int) -> list[str]:
+    """One getdents64(2) of a directory's descriptor from its offset: the names it gave (one
+    READDIR; os.listdir would start again at offset 0 and read on to the end)."""
+    buf = ctypes.create_string_buffer(4096)
+    size = _LIBC.getdents64(fd, buf, len(buf))
+    if size < 0:
+        raise OSError(ctypes.get_errno(), "getdents64")
+    names, at = [], 0
+    while at < size:  # struct linux_dirent64: ino 8, off 8, reclen 2, type 1, name
+        reclen = int.from_bytes(buf.raw[at + 16 : at + 18], sys.byteorder)
+        names.append(buf.raw[at + 19 : at + reclen].split(b"\0", 1)[0].decode())
+        at += reclen
+    return names
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+@pytest.mark.skipif(not fusefeatures.READDIR_ENDED, reason="a pyfuse3 without readdir_ended")
+def test_readdir_ended_answers_the_end_of_that_listing_only(mnt):
+    """waitfs reports where big/'s listing ends (10): the READDIR of big/ at 10, which only
+    learns that nothing follows, is answered in pyfuse3's C callback, once; one of another
+    directory at the same offset, or of big/ at 10 again, still reaches `readdir`."""
+    big = os.open(mnt / "big", os.O_RDONLY | os.O_DIRECTORY)
+    root = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        before = loop_state(mnt)["readdirs"]
+        listed = _getdents(big)  # READDIR at 0: all 10, and waitfs reports the end
+        os.lseek(root, 10, os.SEEK_SET)
+        assert _getdents(root) == []  # the root at 10: `readdir`
+        assert _getdents(big) == []  # big/ at 10: pyfuse3
+        middle = loop_state(mnt)["readdirs"]
+        os.lseek(big, 10, os.SEEK_SET)
+        assert _getdents(big) == []  # big/ at 10 again: `readdir`
+        after = loop_state(mnt)["readdirs"]
+    finally:
+        os.close(big)
+        os.close(root)
+    assert listed == [str(n) for n in range(10)]
+    assert (middle - before, after - middle) == (2, 1)
+    for _ in range(3):  # each `ls`: a READDIR at 0 and one at 10, which `readdir` never sees
+        assert sorted(os.listdir(mnt / "big"), key=int) == listed
+    assert loop_state(mnt)["readdirs"] - after == 3
 
 
 def test_bench_requests_runs():

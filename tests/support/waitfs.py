@@ -4,11 +4,13 @@ bench/requests.py's in-memory filesystem, plus `big/slow`, whose lookup waits un
 of `go` arrives (in another directory: the kernel serializes the lookups in one, since
 libfuse 3.14 never passes FUSE_PARALLEL_DIROPS on), `big/<n>`, whose getattr computes for 2 ms
 without waiting (so that clients of several keep requests queued: Linux asks for one inode's
-attributes one request at a time), `big/9`, whose `getattr_kept` raises EIO, and a trio task
+attributes one request at a time), `big/9`, whose `getattr_kept` raises EIO, a listing of
+`big/` that reports its end (`readdir_ended`, regfs's build), and a trio task
 that ticks every millisecond (unless `--quiet`: then the daemon uses no CPU between requests).
 getxattr of `user.loop` on the root answers what the loop did, as JSON: `getattr_tasks`, how
 many trio tasks served a GETATTR; `getattrs`, how many GETATTRs `getattr` answered; `kept`, how
-many GETATTRs of `kept` (answered by `getattr_kept` on regfs's build); `waiting`, lookups of
+many GETATTRs of `kept` (answered by `getattr_kept` on regfs's build); `readdirs`, how many
+READDIRs `readdir` answered; `waiting`, lookups of
 `big/slow` still waiting; `longest_gap_ms`, the longest time between two ticks so far.
 
     python -m support.waitfs MOUNTPOINT [--quiet]   (cwd tests/, the project root on PYTHONPATH)
@@ -65,12 +67,18 @@ class WaitFs(Memory):
             return self._attr(FILE_INODE)
         return await super().lookup(parent_inode, name, ctx)
 
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await super().readdir(fh, start_id, token)
+        # big/'s 10 entries go out in one reply (~1.5 KB; clients ask for 4 KiB or more).
+        if fh == DIR_INODE and start_id < self.entries and hasattr(pyfuse3, "readdir_ended"):
+            pyfuse3.readdir_ended(token, self.entries)
+
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode != pyfuse3.ROOT_INODE or name != LOOP:
             raise pyfuse3.FUSEError(errno.ENODATA)
         shown: dict[str, float] = {"getattr_tasks": len(self.getattr_tasks)}
         shown |= {"waiting": self.waiting, "getattrs": self.counts["getattr"]}
-        shown |= {"kept": self.counts["kept"]}
+        shown |= {"kept": self.counts["kept"], "readdirs": self.counts["readdir"]}
         return json.dumps(shown | {"longest_gap_ms": self._gap() * 1000}).encode()
 
     def _gap(self) -> float:
