@@ -146,32 +146,28 @@ class LinkedBlobs:
         return True
 
     async def stats(self, digests: Sequence[Digest]) -> list[BlobInfo | None]:
-        """`stat` of each digest, in two calls of the driver where it reads many files at
-        once (a local root: a listing's links, then their blobs' data, each relative to its
-        directory): None for each that `stat` would not answer plainly (absent, damaged, or
-        a store without such calls), for the caller to ask `stat`, which says why."""
-        found: list[BlobInfo | None] = [None] * len(digests)
+        """`stat` of each digest, in one call of the driver where it reads many files at
+        once (a local root: each link, and the blob it names if it names the right one):
+        None for each that `stat` would not answer plainly (absent, damaged, or a store
+        without such calls), for the caller to ask `stat`, which says why."""
         if not digests:
-            return found
-        links = path_for(self._directory)
-        names = [f"{d.hex}/link" for d in digests]
-        read = await self.driver.contents(links, below(links, names, self._link_of(digests[0])))
-        if read is None:
-            return found
-        linked = [
-            (at, d)
-            for at, (d, r) in enumerate(zip(digests, read, strict=True))
-            if r is not None and r[0] == str(d).encode()
+            return []
+        links, blobs = path_for(self._directory), path_for(BlobsDir())
+        link_names = [f"{d.hex}/link" for d in digests]
+        data_names = [f"{d.hex[:2]}/{d.hex}/data" for d in digests]
+        found = await self.driver.linked_stats(
+            links,
+            below(links, link_names, self._link_of(digests[0])),
+            [str(d).encode() for d in digests],
+            blobs,
+            below(blobs, data_names, BlobData(digests[0])),
+        )
+        if found is None:
+            return [None] * len(digests)
+        return [
+            None if got is None else BlobInfo(digest, *got)
+            for digest, got in zip(digests, found, strict=True)
         ]
-        if not linked:
-            return found
-        blobs = path_for(BlobsDir())
-        names = [f"{d.hex[:2]}/{d.hex}/data" for _, d in linked]
-        infos = await self.driver.stats(blobs, below(blobs, names, BlobData(linked[0][1])))
-        for (at, digest), info in zip(linked, infos or [None] * len(linked), strict=True):
-            if info is not None:
-                found[at] = BlobInfo(digest, info.size, info.mtime_ns)
-        return found
 
     async def is_linked(self, digest: Digest) -> bool:
         try:

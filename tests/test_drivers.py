@@ -216,17 +216,32 @@ async def test_files_say_what_walk_says(drv):
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "thread"])
 async def test_bulk_reads_say_what_get_content_and_stat_say(drv, inline, monkeypatch):
-    """`contents` and `stats` (a listing's links and blobs, read in one call): the same bytes,
-    size and time as one call each; None for what one call would not answer plainly, for
-    the caller to ask it. A store without a cheaper way says None for the whole."""
+    """`contents` and `linked_stats` (a listing's links and blobs, read in one call): the
+    same bytes, size and time as one call each, a file stated only where its link holds
+    just the target; None for what one call would not answer plainly, for the caller to ask
+    it. A store without a cheaper way says None for the whole."""
     from storage.drivers import filesystem
 
     monkeypatch.setattr(filesystem, "INLINE_ENTRIES", 1_000 if inline else 0)
     for path, data in (("/c/a/link", b"sha256:a"), ("/c/b/link", b""), ("/c/d/x", b"x")):
         await drv.put_content(path, data)
     names = ["a/link", "b/link", "gone/link", "d", "d/x"]
+    linked = [  # (the link, what it must hold, the file then stated)
+        ("a/link", b"sha256:a", "d/x"),
+        ("a/link", b"sha256:a", "d"),  # a directory
+        ("a/link", b"sha256:", "d/x"),  # the link holds more
+        ("a/link", b"sha256:ab", "d/x"),  # ... or less
+        ("a/link", b"sha256:b", "d/x"),  # ... or other bytes
+        ("b/link", b"", "d/x"),
+        ("gone/link", b"", "d/x"),
+        ("d", b"", "d/x"),  # a directory
+        ("d/x", b"x", "a/link"),
+        ("d/x", b"x", "gone"),
+    ]
+    links, targets, files = ([row[i] for row in linked] for i in range(3))
     try:
-        read, stated = await drv.contents("/c", names), await drv.stats("/c", names)
+        read = await drv.contents("/c", names)
+        stated = await drv.linked_stats("/c", links, targets, "/c", files)
         if not isinstance(drv, FilesystemDriver):
             assert (read, stated) == (None, None)
             return
@@ -238,39 +253,63 @@ async def test_bulk_reads_say_what_get_content_and_stat_say(drv, inline, monkeyp
             None,  # a directory
             (b"x", mtimes["d/x"]),
         ]
-        assert stated is not None
-        assert [None if i is None else (i.path, i.size, i.mtime_ns) for i in stated] == [
-            ("/c/a/link", 8, mtimes["a/link"]),
-            ("/c/b/link", 0, mtimes["b/link"]),
-            None,
-            None,
-            ("/c/d/x", 1, mtimes["d/x"]),
-        ]
+        x, link = (1, mtimes["d/x"]), (8, mtimes["a/link"])
+        assert stated == [x, None, None, None, None, x, None, None, link, None]
         assert await drv.contents("/nothing", names[:2]) == [None, None]
-        assert await drv.stats("/c", []) == []
+        gone = await drv.linked_stats("/nothing", links[:1], targets[:1], "/c", files[:1])
+        assert gone == [None]
+        assert await drv.linked_stats("/c", [], [], "/c", []) == []
     finally:
         await drv.delete("/c")
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "/x", "x/", "a//b", "a/./b", "a/..", "sp ace"])
+@pytest.mark.parametrize(
+    "bad", ["", ".", "..", "../x", "/x", "x/", "a//b", "a/./b", "a/..", "sp ace", "ü", "a\nb"]
+)
 async def test_bulk_reads_refuse_names_that_are_no_relative_paths(drv, bad):
-    for call in (drv.contents, drv.stats):
-        with pytest.raises(InvalidPath):
-            await call("/c", ["ok", bad])
+    """Every name of a bulk call is checked (all at once, then the culprit named)."""
+    with pytest.raises(InvalidPath) as raised:
+        await drv.contents("/c", ["ok", bad, "ok/x"])
+    assert raised.value.path == bad
+    for links, files in ((["ok", bad], ["ok", "ok"]), (["ok", "ok"], [bad, "ok"])):
+        with pytest.raises(InvalidPath) as raised:
+            await drv.linked_stats("/c", links, [b"", b""], "/c", files)
+        assert raised.value.path == bad
 
 
 async def test_bulk_reads_skip_what_is_no_small_regular_file(tmp_path):
     """A FIFO (whose open would block without a writer) and a file over CONTENT_LIMIT: None,
-    as get_content refuses them; nothing hangs."""
+    as get_content refuses them; nothing hangs. A link that is a FIFO is None even while a
+    writer holds it open having written just the target (the bulk call reads it by one
+    pread, which a FIFO refuses, and takes no fstat)."""
     drv = FilesystemDriver(tmp_path / "root")
-    (tmp_path / "root" / "d").mkdir(parents=True)
-    os.mkfifo(tmp_path / "root" / "d" / "fifo")
-    (tmp_path / "root" / "d" / "big").write_bytes(b"x" * (CONTENT_LIMIT + 1))
-    with trio.fail_after(5):
-        assert await drv.contents("/d", ["fifo", "big"]) == [None, None]
-        stated = await drv.stats("/d", ["fifo", "big"])
-    assert stated is not None and stated[0] is None
-    assert stated[1] is not None and stated[1].size == CONTENT_LIMIT + 1
+    d = tmp_path / "root" / "d"
+    d.mkdir(parents=True)
+    os.mkfifo(d / "fifo")
+    os.mkfifo(d / "fed")
+    (d / "big").write_bytes(b"x" * (CONTENT_LIMIT + 1))
+    (d / "link").write_bytes(b"sha256:a")
+    reader = os.open(d / "fed", os.O_RDONLY | os.O_NONBLOCK)  # so the writer's open returns
+    writer = os.open(d / "fed", os.O_WRONLY)
+    try:
+        os.write(writer, b"sha256:a")
+        with trio.fail_after(5):
+            assert await drv.contents("/d", ["fifo", "big", "fed"]) == [None, None, None]
+            stated = await drv.linked_stats(
+                "/d", ["fifo", "fed", "big", "link", "link"], [b"sha256:a"] * 5, "/d",
+                ["big", "big", "link", "fifo", "big"],
+            )  # fmt: skip
+        assert stated == [
+            None,
+            None,
+            None,
+            None,
+            (CONTENT_LIMIT + 1, os.stat(d / "big").st_mtime_ns),
+        ]
+        assert os.read(reader, 100) == b"sha256:a"  # nothing read from the FIFO
+    finally:
+        os.close(writer)
+        os.close(reader)
 
 
 @pytest.mark.parametrize(
@@ -496,10 +535,13 @@ async def test_bulk_reads_follow_no_symlink(planted, caplog):
         (b"real", (await drv.stat("/a/real")).mtime_ns),
         *[None] * 6,
     ]
-    stated = await drv.stats("/a", names)
-    assert stated is not None and [i is not None for i in stated] == [True, *[False] * 6]
+    real = (4, (await drv.stat("/a/real")).mtime_ns)
+    held = [b"real"] * len(names)
+    assert await drv.linked_stats("/a", ["real"] * 7, held, "/a", names) == [real, *[None] * 6]
+    assert await drv.linked_stats("/a", names, held, "/a", ["real"] * 7) == [real, *[None] * 6]
     assert await drv.contents("/a/dir", ["keep"]) == [None]
-    assert await drv.stats("/a/dir", ["keep"]) == [None]
+    assert await drv.linked_stats("/a/dir", ["keep"], [b"keep"], "/a", ["real"]) == [None]
+    assert await drv.linked_stats("/a", ["real"], [b"real"], "/a/dir", ["keep"]) == [None]
     planted.untouched()
 
 

@@ -53,12 +53,26 @@ def join(*parts: str) -> str:
     return "/" + "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
+# What a storage path may hold besides its separators (`_PATH_RE`), for `_relative`.
+_NAME_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-/"
+
+
 def _relative(names: Sequence[str]) -> list[str]:
     """names, each checked as a relative storage path (no `..`, no empty or absolute part):
-    a driver resolves them beneath their directory."""
-    for name in names:
-        if _PATH_RE.fullmatch("/" + name) is None:
-            raise InvalidPath(name)
+    a driver resolves them beneath their directory. All at once (a listing's 10,000 links
+    and blobs, one regex each, cost 14 ms): joined by "/", every component of every name
+    lies between two slashes, so an empty one shows as "//", `.` and `..` as "/./" and
+    "/../"; only the names of a list that fails are checked one by one, to say which."""
+    joined = f"/{'/'.join(names)}/"
+    if (
+        joined.encode("ascii", "replace").translate(None, _NAME_BYTES)
+        or "//" in joined
+        or "/./" in joined
+        or "/../" in joined
+    ):
+        for name in names:
+            if _PATH_RE.fullmatch("/" + name) is None:
+                raise InvalidPath(name)
     return list(names)
 
 
@@ -205,12 +219,23 @@ class StorageDriver(ABC):
         regular file, a symbolic link on its way): ask it for why, and it logs what it logs."""
         return await self._contents(check_tree(directory), _relative(names))
 
-    async def stats(
-        self, directory: str, names: Sequence[str]
-    ) -> builtins.list[FileInfo | None] | None:
-        """`stat` of each regular file `directory/name`, as `contents` reads them (None: ask
-        each; an entry None: `stat` would not answer plainly, or no regular file)."""
-        return await self._stats(check_tree(directory), _relative(names))
+    async def linked_stats(
+        self, links: str, link_names: Sequence[str], targets: Sequence[bytes], files: str,
+        file_names: Sequence[str],
+    ) -> builtins.list[tuple[int, int] | None] | None:  # fmt: skip
+        """For each i, where the link file `links/link_names[i]` holds exactly `targets[i]`,
+        the size and mtime_ns that `stat` gives of the regular file `files/file_names[i]` (a
+        listing's links, each naming its blob, and those blobs' data), in one call where
+        the store reads many small files cheaply (a local root); None where it has no such
+        way (ask each). An entry is None where the link holds anything else or either is not
+        plainly there (absent, no regular file, a symbolic link on its way): ask each, which
+        says why."""
+        if not len(link_names) == len(targets) == len(file_names):
+            raise ValueError("linked_stats: a target and a file for each link")
+        return await self._linked_stats(
+            check_tree(links), _relative(link_names), targets, check_tree(files),
+            _relative(file_names),
+        )  # fmt: skip
 
     def statvfs(self) -> os.statvfs_result | None:
         """Space and file counts of the store, where it has such a thing."""
@@ -246,9 +271,10 @@ class StorageDriver(ABC):
     ) -> builtins.list[tuple[bytes, int] | None] | None:
         return None
 
-    async def _stats(
-        self, directory: str, names: builtins.list[str]
-    ) -> builtins.list[FileInfo | None] | None:
+    async def _linked_stats(
+        self, links: str, link_names: builtins.list[str], targets: Sequence[bytes], files: str,
+        file_names: builtins.list[str],
+    ) -> builtins.list[tuple[int, int] | None] | None:  # fmt: skip
         return None
 
     async def _symlinks(self, path: str) -> builtins.list[str]:

@@ -5,14 +5,14 @@ registry run by another user, a shared volume) must not steer the daemon, usuall
 read, write or delete anything outside it. The root is opened once; every call opens its path
 from that descriptor with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) or, where the kernel
 (or a seccomp filter) lacks openat2, by a walk of one O_NOFOLLOW open per component. The bulk
-reads of a listing open its directory so; `contents` then opens each name beneath that
-descriptor the same way, and `stats` keeps the descriptor of a blob's fan-out directory
-(opened so) for the sorted names that share it, opens each blob's own directory from it
-(O_NOFOLLOW, one component) and lstats `data` in that: an lstat (AT_SYMLINK_NOFOLLOW)
-refuses only a last link, so it never gets a path of two components. A symlink met
-anywhere is UnsafeEntry for that entry (EIO through the mount, logged); listings leave
-symlinks out, so the rest of a directory stays reachable; trees are removed through
-directory descriptors, which never follow a link.
+reads of a listing open its directories so; `contents` then opens each name beneath that
+descriptor the same way, and `linked_stats` reads each link so, keeps the descriptor of a
+blob's fan-out directory (opened so) for the sorted names that share it, opens each blob's
+own directory from it (O_NOFOLLOW, one component) and lstats `data` in that: an lstat
+(AT_SYMLINK_NOFOLLOW) refuses only a last link, so it never gets a path of two
+components. A symlink met anywhere is UnsafeEntry for that entry (EIO through the mount,
+logged); listings leave symlinks out, so the rest of a directory stays reachable; trees are
+removed through directory descriptors, which never follow a link.
 
 Small local calls (stat, a link file, a read of up to a FUSE request) run inline: a thread hop
 costs more than they do. Calls that may block for long (fsync, large reads, tree deletes, the
@@ -30,7 +30,7 @@ import os
 import secrets
 import shutil
 import stat as statmod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TypeVar
 
@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 INLINE_READ_LIMIT = 1 << 20
-# Bulk reads (`contents`, `stats`) of more entries than this go to a worker thread: one hop,
-# where a listing of 10,000 links would hold the event loop for tens of milliseconds.
+# Bulk reads (`contents`, `linked_stats`) of more entries than this go to a worker thread:
+# one hop, where a listing of 10,000 links would hold the event loop for tens of milliseconds.
 INLINE_ENTRIES = 64
 # The registry's driver creates files with 0666 and lets the umask cut it (0644 under 022).
 # tempfile.mkstemp's 0600 would lock a registry running as another user (Debian's service
@@ -253,6 +253,25 @@ class _Parents:
         if self._path:
             os.close(self._fd)
             self._path, self._fd = "", self.base
+
+
+def _stat_at(parents: _Parents, name: str) -> tuple[int, int] | None:
+    """Size and mtime_ns of the regular file at name (`<xx>/<hex>/data`) below parents.base,
+    None if it is anything else (a directory, a symlink: lstat's own mode, a FIFO): an
+    lstat of the last component in its own directory, opened (O_NOFOLLOW, one component)
+    from the kept descriptor of the one above, so no path of two components goes to a call
+    that would follow a link on its way."""
+    head, _, leaf = name.rpartition("/")
+    up, _, below = head.rpartition("/")
+    if not below:  # a name of one component
+        st = os.stat(leaf, dir_fd=parents.base, follow_symlinks=False)
+    else:
+        fd = os.open(below, _DIRECTORY, dir_fd=parents.of(up))
+        try:
+            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+    return (st.st_size, st.st_mtime_ns) if statmod.S_ISREG(st.st_mode) else None
 
 
 class FilesystemDriver(StorageDriver):
@@ -458,11 +477,12 @@ class FilesystemDriver(StorageDriver):
     async def _contents(
         self, directory: str, names: list[str]
     ) -> list[tuple[bytes, int] | None] | None:
-        def content_at(parents: _Parents, name: str) -> tuple[bytes, int] | None:
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_BENEATH
+
+        def content_at(dirfd: int, name: str) -> tuple[bytes, int] | None:
             """The whole of a small regular file, read by its size (None: anything else, or
             a size that moved meanwhile), and its mtime."""
-            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_BENEATH
-            fd = self._resolve(parents.base, name, flags, 0)
+            fd = self._resolve(dirfd, name, flags, 0)
             try:
                 st = os.fstat(fd)
                 if not statmod.S_ISREG(st.st_mode) or st.st_size > CONTENT_LIMIT:
@@ -472,60 +492,69 @@ class FilesystemDriver(StorageDriver):
                 os.close(fd)
             return (data, st.st_mtime_ns) if len(data) == st.st_size else None
 
-        return await self._each(directory, names, content_at)
-
-    async def _stats(self, directory: str, names: list[str]) -> list[FileInfo | None] | None:
-        def stat_at(parents: _Parents, name: str) -> FileInfo | None:
-            """An lstat of the last component in its own directory, opened (O_NOFOLLOW, one
-            component) from the kept descriptor of the one above: no path of two components
-            goes to a call that would follow a link on its way."""
-            head, _, leaf = name.rpartition("/")
-            up, _, below = head.rpartition("/")
-            if not below:  # a name of one component
-                st = os.stat(leaf, dir_fd=parents.base, follow_symlinks=False)
-            else:
-                fd = os.open(below, _DIRECTORY, dir_fd=parents.of(up))
+        def run(fds: list[int]) -> list[tuple[bytes, int] | None]:
+            found: list[tuple[bytes, int] | None] = []
+            for name in names:
                 try:
-                    st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
-                finally:
-                    os.close(fd)
-            if not statmod.S_ISREG(st.st_mode):
-                return None  # a directory, a symlink (its own mode, lstat's), a FIFO: ask
-            return FileInfo(f"{directory}/{name}", st.st_size, st.st_mtime_ns, False)
+                    found.append(content_at(fds[0], name))
+                except OSError:
+                    found.append(None)
+            return found
 
-        return await self._each(directory, names, stat_at)
+        return await self._bulk((directory,), len(names), run)
 
-    async def _each(
-        self, directory: str, names: list[str], one: Callable[[_Parents, str], T | None]
-    ) -> list[T | None] | None:
-        """one(directory's `_Parents`, name) for each name, resolved beneath that directory
-        as `_open` resolves beneath the root (no symlink followed anywhere), in one worker
-        thread call for many. Whatever fails is None: the caller asks the path alone, which
-        says why (and logs a symlink)."""
-        try:
-            dirfd = self._open(directory, os.O_PATH | os.O_DIRECTORY)
-        except (PathNotFound, CorruptEntry):
-            return [None] * len(names)
+    async def _linked_stats(
+        self, links: str, link_names: list[str], targets: Sequence[bytes], files: str,
+        file_names: list[str],
+    ) -> list[tuple[int, int] | None] | None:  # fmt: skip
+        """Each link opened beneath `links` (openat2, or the walk) and read by one pread of a
+        byte more than its target: a FIFO or socket fails that (ESPIPE; the open is
+        O_NONBLOCK, so a FIFO's never waits for a writer), a directory too (EISDIR), and a
+        bigger file reads that byte, so no fstat is needed to know a regular file of just
+        those bytes. Then the file (`_stat_at`)."""
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_BENEATH
+        resolve = self._resolve
 
-        def each() -> list[T | None]:
-            found: list[T | None] = []
-            parents = _Parents(dirfd, self._resolve)
+        def run(fds: list[int]) -> list[tuple[int, int] | None]:
+            found: list[tuple[int, int] | None] = []
+            parents = _Parents(fds[1], resolve)
             try:
-                for name in names:
+                for link, target, name in zip(link_names, targets, file_names, strict=True):
                     try:
-                        found.append(one(parents, name))
+                        fd = resolve(fds[0], link, flags, 0)
+                        try:
+                            read = os.pread(fd, len(target) + 1, 0)
+                        finally:
+                            os.close(fd)
+                        found.append(_stat_at(parents, name) if read == target else None)
                     except OSError:
                         found.append(None)
             finally:
                 parents.close()
             return found
 
+        return await self._bulk((links, files), len(link_names), run)
+
+    async def _bulk(
+        self, directories: tuple[str, ...], count: int, run: Callable[[list[int]], list[T | None]]
+    ) -> list[T | None]:
+        """run(a descriptor of each directory, opened as `_open` opens: no symlink followed)
+        for `count` names resolved beneath them, in one worker thread call for many.
+        Whatever fails is None: the caller asks the path alone, which says why (and logs a
+        symlink); all are None where a directory is not there plainly."""
+        fds: list[int] = []
         try:
-            if len(names) <= INLINE_ENTRIES:
-                return each()
-            return await trio.to_thread.run_sync(each)
+            try:
+                for directory in directories:
+                    fds.append(self._open(directory, os.O_PATH | os.O_DIRECTORY))
+            except (PathNotFound, CorruptEntry):
+                return [None] * count
+            if count <= INLINE_ENTRIES:
+                return run(fds)
+            return await trio.to_thread.run_sync(run, fds)
         finally:
-            os.close(dirfd)
+            for fd in fds:
+                os.close(fd)
 
     def _scan(
         self, path: str, stat: bool = False
