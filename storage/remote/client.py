@@ -28,6 +28,7 @@ connect/read/write timeouts, so no caller waits forever.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 import threading
@@ -46,7 +47,7 @@ import trio
 from storage.errors import RemoteError, RemoteUnavailable
 from storage.remote.auth import Authenticator, Token
 from storage.remote.credentials import Credentials, docker_config_credentials
-from storage.remote.ranges import Answer, OpenBody, RangeFetcher, origin_of
+from storage.remote.ranges import PIPELINE_DEPTH, Answer, OpenBody, RangeFetcher, origin_of
 from storage.remote.retry import IDEMPOTENT, NOT_SENT, pause
 from storage.remote.untrusted import (
     BODY_MAX,
@@ -444,9 +445,13 @@ class RemoteClient:
         parallel: int = 8,
     ) -> Batch:
         """`small` for many paths (`/v2/...`) of one repository, whose one authorization
-        serves them all: `parallel` worker threads each send their share in turn, with no
-        trio round trip per request (a walk's thousands of manifest GETs and blob HEADs spent
-        most of the daemon's thread on those). The first answer that is not a plain 200 stops
+        serves them all: up to `parallel` worker threads each take PIPELINE_DEPTH paths at a
+        time and pipeline them on one connection (`RangeFetcher.pipelined`), with no trio
+        round trip per request (a walk's thousands of manifest GETs and blob HEADs spent most
+        of the daemon's thread on those; http.client's own request and answer per path cost
+        ~170 us of CPU, a pipelined one ~110, at ~1 ms of registry CPU each). A repository's
+        10 tags so go on one connection, and a walk's parallelism is the repositories listed
+        ahead. The first answer that is not a plain 200 or a redirect stops
         the rest (a registry failing is not asked further: `failed`), and so do the deadline
         (`failed` too) and answers past SMALL_MANY_BYTES, held until the last (ask the paths left
         in another batch once the caller kept what it needs). None for each path not
@@ -467,26 +472,35 @@ class RemoteClient:
         sent = headers or {}
         held = 0
 
-        def work() -> None:
+        def keep(share: list[int], at: int, answer: Answer) -> bool:
             nonlocal held
+            answers[share[at]] = answer
+            size = len(answer.body) + sum(len(k) + len(v) for k, v in answer.headers)
+            with taking:
+                held += size
+                if held > SMALL_MANY_BYTES:
+                    stop.set()
+            return not stop.is_set()
+
+        def work() -> None:
             while not stop.is_set():
                 with taking:
-                    index = next(order, None)
-                if index is None:
+                    share = list(itertools.islice(order, PIPELINE_DEPTH))
+                if not share:
                     return
-                answer = self._ranges.small(
-                    method, self._origin + paths[index], sent, authorization, limit
-                )
-                if answer is None:
-                    failed.set()
-                    stop.set()
-                    return
-                answers[index] = answer
-                size = len(answer.body) + sum(len(k) + len(v) for k, v in answer.headers)
-                with taking:
-                    held += size
-                    if held > SMALL_MANY_BYTES:
+                while share and not stop.is_set():  # a registry that hangs up after some
+                    urls = [self._origin + paths[index] for index in share]
+                    done = self._ranges.pipelined(
+                        method, urls, sent, authorization, limit, partial(keep, share)
+                    )
+                    if not done:
+                        failed.set()
                         stop.set()
+                        return
+                    left = [index for index in share if answers[index] is None]
+                    if len(left) == len(share):
+                        return
+                    share = left
 
         run = partial(
             trio.to_thread.run_sync, work, limiter=self._range_threads, abandon_on_cancel=True
@@ -494,7 +508,7 @@ class RemoteClient:
         try:
             with trio.move_on_after(self.deadline) as scope:
                 async with trio.open_nursery() as nursery:
-                    for _ in range(min(parallel, len(paths))):
+                    for _ in range(min(parallel, -(-len(paths) // PIPELINE_DEPTH))):
                         nursery.start_soon(run)
         finally:
             stop.set()  # a thread abandoned at the deadline sends nothing more

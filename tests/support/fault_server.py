@@ -63,6 +63,7 @@ class Seen:
     status: int | None
     faulted: bool
     authorization: str | None = None
+    client: int = 0  # the client's port: which connection it came on
 
 
 @dataclass(eq=False)
@@ -130,7 +131,8 @@ class _Handler(LoopbackHandler):
         self.owner: FaultServer = self.server.owner  # type: ignore[attr-defined]
 
     def _seen(self, status: int | None, faulted: bool) -> Seen:
-        return Seen(self.command, self.path, status, faulted, self.headers.get("Authorization"))
+        authorization = self.headers.get("Authorization")
+        return Seen(self.command, self.path, status, faulted, authorization, self.client_address[1])
 
     def _handle(self) -> None:
         fs = self.owner
