@@ -51,6 +51,7 @@ from support.registry import OCI_INDEX, OCI_MANIFEST, RegistryServer, blob_data_
 from support.roots import CONFIG, link_blobs, put_tagged
 from support.tools import digest_of, errno_of, run
 
+from regfs import fusefeatures
 from regfs.nodes import Listing, SectionNode
 from regfs.rootfs import PAUSE_GC_AT, RootfsView
 from storage.drivers import FilesystemDriver
@@ -418,6 +419,26 @@ def test_ls_l_asks_no_label_or_acl_per_file(images, tmp_path):
     finally:
         m.stop()
     m.check_log()
+
+
+@pytest.mark.skipif(not fusefeatures.READDIR_ENDED, reason="a pyfuse3 without readdir_ended")
+def test_a_cold_find_reaches_readdir_once_per_directory(images, tmp_path):
+    """Linux reads a listing until a READDIR answers nothing: two READDIRs per directory.
+    The second of an image's directory (which never changes) is answered in pyfuse3's C
+    callback (`readdir_ended`), so a cold `find` reaches `readdir` once per directory, at
+    offset 0 (before 834dd61: once more each, at its end), and finds what umoci unpacked."""
+    m = start_mount(images, tmp_path, "--debug")
+    try:
+        start = len(m.log_text())
+        found = run("find", rootfs(m, "v1")).stdout.splitlines()
+        asked = re.findall(r" DEBUG \S+\.wrapper: readdir\(\d+, (\d+),", m.log_text()[start:])
+    finally:
+        m.stop()
+    m.check_log()
+    unpacked = images.unpack("v1")
+    directories = run("find", unpacked, "-type", "d").stdout.splitlines()
+    assert len(found) == len(run("find", unpacked).stdout.splitlines()) > len(directories) > 5
+    assert asked == ["0"] * len(directories)
 
 
 def test_device_nodes_are_shown_not_opened(mounted):
