@@ -259,6 +259,8 @@ async def test_bulk_reads_say_what_get_content_and_stat_say(drv, inline, monkeyp
         gone = await drv.linked_stats("/nothing", links[:1], targets[:1], "/c", files[:1])
         assert gone == [None]
         assert await drv.linked_stats("/c", [], [], "/c", []) == []
+        with pytest.raises(ValueError, match="a target and a file for each link"):
+            await drv.linked_stats("/c", links, targets[1:], "/c", files)
     finally:
         await drv.delete("/c")
 
