@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -220,12 +220,15 @@ async def _batched(
 
 
 async def _in_parallel(
-    items: Iterable[T], fetch: Callable[[T], Awaitable[object]], what: str
+    items: Sequence[T], fetch: Callable[[T], Awaitable[object]], what: str
 ) -> None:
     """fetch(item) for every item, LISTING_PARALLEL at once, for what it leaves in a cache.
 
     Only to save round trips: an item the registry does not know is left for its own call to
-    report, and any other failure (the registry gone, an answer refused) stops the rest."""
+    report, and any other failure (the registry gone, an answer refused) stops the rest.
+    Mostly there are none left (a batch answered them all): then no worker is started."""
+    if not items:
+        return
     pending = iter(items)
     failed: list[BaseException] = []
 
