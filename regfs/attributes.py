@@ -190,11 +190,12 @@ class Attributes:
         per child in a few lookups done in C, not `listed`'s calls (10,000 tags: ~5 each).
 
         Tags: as `listed` decides, for a tag the daemon holds nothing of, no writer has
-        open and the kernel holds no inode of. A directory's repositories, namespaces and
-        sections: each, unless its entries are in use (`in_use`: one was looked up since
-        the listing began: `ls -l`, `du` stat them, so the rest go with their attributes,
-        not a LOOKUP each). A plain `ls` or `find` asks no attributes; a directory's entry
-        the kernel holds keeps its own timeout (tag_ttl), as if not listed again."""
+        open and the kernel holds no inode of. A directory's repositories and namespaces
+        (not a repository's sections, which a walk goes into: they keep their attributes):
+        each, unless its entries are in use (`in_use`: one was looked up since the listing
+        began: `ls -l`, `du` stat them, so the rest go with their attributes, not a LOOKUP
+        each). A plain `ls` asks no attributes; a directory's entry the kernel holds keeps
+        its own timeout (tag_ttl), as if not listed again."""
         if not fusefeatures.PATCHED:
             return None
         peek = self.inodes.peek
@@ -203,7 +204,9 @@ class Attributes:
                 return None
             directory = self._unread_dir
 
-            def named_dir(node: Node) -> EntryAttributes:
+            def named_dir(node: Node) -> EntryAttributes | None:
+                if not isinstance(node, DirNode):
+                    return None  # a section: with its attributes (`du`, `find` go in)
                 directory.st_ino = peek(node)
                 return directory
 

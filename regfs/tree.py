@@ -15,12 +15,14 @@ No FUSE here: the operations module turns these into inodes and errnos.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import TypeVar
 
 import trio
@@ -253,6 +255,8 @@ class Tree:
             case DirNode(path):
                 if name in self.sections and path and await self._is_repository(path):
                     return SectionNode(path, name)
+                if (listed := self._listed_dir(parent, name)) is not None:
+                    return listed
                 child = _join(path, name)
                 if is_component(name) and await self.registry.catalog.exists(child):
                     return DirNode(child)
@@ -274,6 +278,17 @@ class Tree:
                 if uuid is not None:
                     return UploadNode(repo, uuid)
         raise NotFound(name)
+
+    def _listed_dir(self, parent: DirNode, name: str) -> DirNode | None:
+        """The repository or namespace `name` if parent's cached listing has it: a namespace
+        goes to the kernel by name only (`Attributes.by_name`), so `find` and `ls -l` after
+        `ls` look each up, and the listing says it is there for as long as it is cached."""
+        listing = self._listings.get(parent)
+        if listing is None:
+            return None
+        at = bisect.bisect_left(listing, name, key=itemgetter(0))  # sorted: the storage's order
+        found = listing[at][1] if at < len(listing) and listing[at][0] == name else None
+        return found if isinstance(found, DirNode) else None
 
     async def uploads(self, repo: str) -> dict[str, str]:
         """The names under uploads/ and their uuids: the label regfs stored, else the uuid."""
