@@ -6,6 +6,7 @@ requests or answers out of step never gets an answer taken for another request's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -123,14 +124,20 @@ class RawServer:
         except OSError:
             return
 
+    def hang_up(self) -> None:
+        """Close every connection from this end (an idle timeout)."""
+        for conn in self._conns:
+            with contextlib.suppress(OSError):  # hung up on before
+                conn.shutdown(socket.SHUT_RDWR)
+
     def __enter__(self) -> RawServer:
         return self
 
     def __exit__(self, *_: object) -> None:
         self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         self._listener.close()
+        self.hang_up()
         for conn in self._conns:
-            conn.shutdown(socket.SHUT_RDWR)
             conn.close()
         for thread in self._threads:
             thread.join(5)
@@ -215,3 +222,15 @@ async def test_a_registry_that_hangs_up_after_each_answer_is_asked_each_path_onc
     assert not batch.failed
     assert [a.content.decode() if a else None for a in batch.answers] == paths
     assert asked == sorted(paths)
+
+
+def test_a_kept_connection_the_server_hung_up_on_is_not_used() -> None:
+    """A registry that closed an idle kept-alive connection: the next exchange opens a new
+    one (a connection that can be read before anything was asked is done for), instead of
+    failing its batch on the old one."""
+    fetcher = RangeFetcher(ssl.create_default_context(), timeout=2, user_agent="test")
+    with RawServer(lambda asked, done: b"".join(ok(done + i) for i in range(len(asked)))) as server:
+        assert run(fetcher, server.url, 3) == (True, {i: f"answer {i}".encode() for i in range(3)})
+        server.hang_up()
+        assert run(fetcher, server.url, 3) == (True, {i: f"answer {i}".encode() for i in range(3)})
+    fetcher.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import logging
 import select
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -159,7 +160,7 @@ class RangeFetcher:
             log.debug("%s %s: %s; asking through the client", method, _bare(urls[0]), exc)
             return False
         conn = self._connection(where)
-        if conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+        if conn.sock is not None and _readable(conn.sock):
             conn.close()  # kept idle and hung up on since (or sent what no one asked): anew
         fp = None
         plain, asking, sent, index = True, True, 0, 0
@@ -354,6 +355,14 @@ class _Shared:
 
     def close(self) -> None:
         pass
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether an idle connection has something to read: its end, or bytes no one asked
+    for. poll, not select: a daemon's descriptors may number over select's 1024."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _request(method: str, url: str, headers: dict[str, str]) -> bytes:
