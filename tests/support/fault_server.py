@@ -43,6 +43,8 @@ class Fault:
     close: bool = False
     stall: float = 0.0  # send the headers and half the body, then wait this long
     lose_answer: bool = False  # pass the request upstream, then hang up instead of answering
+    # Send this informational answer first (103 Early Hints), then answer as without a fault.
+    interim: int = 0
     body: bytes = b'{"errors":[]}'
     method: str | None = None
     path: str | None = None  # a regex searched in the path (without the query)
@@ -139,6 +141,12 @@ class _Handler(LoopbackHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         fault = fs.take(self.command, self.path)
+        if fault is not None and fault.interim:
+            self.send_response_only(fault.interim)
+            for key, value in fault.headers:
+                self.send_header(key, value)
+            self.end_headers()
+            fault = None
         if fault is not None and fault.lose_answer:
             resp = self._forward(fs, body)
             fs.record(self._seen(None, True))

@@ -1,0 +1,113 @@
+"""Review of pipelined listing requests (`RangeFetcher.pipelined`, under `small_many`) against
+servers that are not hostile but unusual: each answer a listing keeps must be its own
+request's, since nothing checks it afterwards (a tag's manifest has no digest to check it by,
+a blob's HEAD gives the size `ls -l` shows).
+
+An informational answer (`103 Early Hints`, sent by CDNs and proxies in front of a registry
+before the real answer) is taken by http.client's `begin()` as a final answer of no body
+(it skips `100 Continue` only): the pipelined reader then takes the real answer that follows
+for the next request's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from support.fault_server import Fault, FaultServer
+from support.oci import image_manifest
+from support.registry import RegistryServer
+
+from storage.digests import digest_bytes
+from storage.remote.client import RemoteClient
+from storage.remote.ranges import PIPELINE_DEPTH
+from storage.remote.registry import RemoteRegistry
+
+pytestmark = [pytest.mark.registry, pytest.mark.remote]
+
+EARLY_HINTS = Fault(interim=103, headers=(("Link", "</v2/>; rel=preload"),))
+BAD_1XX = "a 103 before an answer shifts every answer after it onto the next request"
+
+
+@pytest.fixture
+def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
+    with FaultServer(upstream=module_registry_server.url) as server:
+        yield server
+
+
+@pytest.fixture
+async def registry(proxy: FaultServer, tmp_path: Path) -> AsyncIterator[RemoteRegistry]:
+    source = RemoteRegistry(RemoteClient(proxy.url, timeout=5), tmp_path / "state", 30.0)
+    try:
+        yield source
+    finally:
+        await source.aclose()
+
+
+def push_images(server: RegistryServer, name: str, count: int) -> tuple[list[str], list[bytes]]:
+    """`count` tags, each an image of its own config and layer (of its own size): the
+    manifests' digests, tag by tag, and the layers."""
+    client = server.client()
+    digests, layers = [], []
+    for i in range(count):
+        config = json.dumps({"architecture": "amd64", "os": "linux", "n": i}).encode()
+        layer = b"layer %d\n" % i * (i + 1)
+        client.push_blob(name, config)
+        client.push_blob(name, layer)
+        manifest = image_manifest(config, [layer])
+        client.put_manifest(name, f"t{i:02d}", manifest)
+        digests.append(str(digest_bytes(manifest)))
+        layers.append(layer)
+    return digests, layers
+
+
+async def test_every_tag_resolved_in_a_batch_is_its_own(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """Without interim answers: each tag of a pipelined batch resolves to its own manifest
+    (the reference the test below breaks)."""
+    digests, _ = push_images(module_registry_server, "review/plain", PIPELINE_DEPTH + 4)
+    tags = [f"t{i:02d}" for i in range(len(digests))]
+    found = await registry.repository("review/plain").manifests.fetch_many(tags)
+    assert {tag: str(d) for tag, d in found.items()} == dict(zip(tags, digests, strict=True))
+
+
+@pytest.mark.xfail(strict=True, reason=BAD_1XX)
+async def test_a_103_never_gives_a_tag_another_tags_manifest(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """A 103 before the answer to t03's GET: t03 is asked again or left unresolved, and no
+    tag resolves to another tag's manifest (today t04 resolves to t03's, t05 to t04's...,
+    and tags/t04 shows t03's image)."""
+    digests, _ = push_images(module_registry_server, "review/early", PIPELINE_DEPTH + 4)
+    tags = [f"t{i:02d}" for i in range(len(digests))]
+    proxy.inject(replace(EARLY_HINTS, path=r"/manifests/t03$"))
+    found = await registry.repository("review/early").manifests.fetch_many(tags)
+    wrong = {tag: str(d) for tag, d in found.items() if str(d) != digests[tags.index(tag)]}
+    assert wrong == {}
+
+
+@pytest.mark.xfail(strict=True, reason=BAD_1XX)
+async def test_a_103_never_gives_a_blob_another_blobs_size(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """Blob HEADs of a layers/ listing with a 103 before one answer: every size kept is the
+    blob's own (today the blobs after it get the size of the one before: `ls -l` shows it,
+    and a read stops at it)."""
+    _, layers = push_images(module_registry_server, "review/sizes", PIPELINE_DEPTH + 4)
+    digests = [digest_bytes(layer) for layer in layers]
+    proxy.inject(replace(EARLY_HINTS, path=rf"/blobs/{digests[3]}$"))
+    repo = registry.repository("review/sizes")
+    stats = await repo.layers.stats(digests)
+    sizes = {str(d): s.size for d, s in zip(digests, stats, strict=True) if s is not None}
+    assert sizes == {str(d): len(layer) for d, layer in zip(digests, layers, strict=True)}
+
+
+def test_early_hints_fault_answers_after_its_interim(proxy: FaultServer) -> None:
+    """The support fault itself: the 103 goes first, then the answer httpx (h11) sees."""
+    proxy.inject(replace(EARLY_HINTS, path=r"^/v2/$"))
+    with httpx.Client() as client:
+        assert client.get(f"{proxy.url}/v2/").status_code == 200
