@@ -11,6 +11,7 @@ for the next request's."""
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from support.registry import RegistryServer
 
 from storage.digests import digest_bytes
 from storage.remote.client import RemoteClient
-from storage.remote.ranges import PIPELINE_DEPTH
+from storage.remote.ranges import PIPELINE_DEPTH, Answer, RangeFetcher
 from storage.remote.registry import RemoteRegistry
 
 pytestmark = [pytest.mark.registry, pytest.mark.remote]
@@ -111,3 +112,30 @@ def test_early_hints_fault_answers_after_its_interim(proxy: FaultServer) -> None
     proxy.inject(replace(EARLY_HINTS, path=r"^/v2/$"))
     with httpx.Client() as client:
         assert client.get(f"{proxy.url}/v2/").status_code == 200
+
+
+def test_a_redirect_in_a_pipeline_takes_the_authorization_to_its_own_origin_only() -> None:
+    """Pipelined GETs with the registry's Authorization: an answer that redirects to another
+    origin (another port of the same host) is followed without it, one that redirects
+    within the registry's origin with it; every answer is still its own request's."""
+    with FaultServer() as registry, FaultServer() as other:
+        registry.inject(
+            Fault(307, headers=(("Location", f"{other.url}/elsewhere/t3"),), path=r"/t3$"),
+            Fault(307, headers=(("Location", "/v2/a/moved/t5"),), path=r"/t5$"),
+        )
+        fetcher = RangeFetcher(ssl.create_default_context(), timeout=5, user_agent="review")
+        kept: dict[int, int] = {}
+
+        def keep(index: int, answer: Answer) -> bool:
+            kept[index] = answer.status
+            return True
+
+        urls = [f"{registry.url}/v2/a/manifests/t{i}" for i in range(8)]
+        try:
+            assert fetcher.pipelined("GET", urls, {}, "Bearer secret", 1 << 20, keep)
+        finally:
+            fetcher.close()
+        assert kept == dict.fromkeys(range(8), 200)
+        assert [(s.path, s.authorization) for s in other.seen] == [("/elsewhere/t3", None)]
+        assert {s.authorization for s in registry.seen} == {"Bearer secret"}
+        assert "/v2/a/moved/t5" in [s.path for s in registry.seen]
