@@ -382,6 +382,25 @@ async def test_a_page_size_refused_once_is_not_asked_again(
     ]
 
 
+async def test_a_catalog_page_size_refused_does_not_shrink_tag_pages(
+    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+) -> None:
+    """A registry's `catalog.maxentries` bounds `_catalog` pages only: after the catalog
+    refused pages of 100,000, a tags/list still asks for them (in pages of 1,000, a
+    repository of 10,000 tags would be 10 requests, each reading all its tags)."""
+    push_repo(module_registry_server.client(), "listing/kinds")
+    refused = b'{"errors":[{"code":"PAGINATION_NUMBER_INVALID","message":"too many"}]}'
+    proxy.inject(Fault(400, body=refused, method="GET", path=r"/_catalog$"))
+    proxy.seen.clear()
+    assert "listing/kinds" in await registry.catalog.repositories()
+    assert await registry.repository("listing/kinds").tags.list() == list(TAGS)
+    assert [s.path for s in proxy.seen] == [
+        "/v2/_catalog?n=100000",
+        "/v2/_catalog?n=1000",
+        "/v2/listing/kinds/tags/list?n=100000",
+    ]
+
+
 async def test_a_failing_registry_stops_the_fetching_ahead(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:

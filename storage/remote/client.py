@@ -272,8 +272,10 @@ class RemoteClient:
             url = url.copy_with(host=DOCKER_HUB_API)
         self.base_url = url.copy_with(path="/", query=None, fragment=None)
         self._origin = str(self.base_url).rstrip("/")  # what a path is joined to
-        # The page size the registry last answered a listing with (storage/remote/registry.py).
-        self.page_size: int | None = None
+        # The page size the registry last answered each kind of listing with (`_catalog`'s
+        # "repositories", "tags"; storage/remote/registry.py): a catalog's maxentries does
+        # not bound tags/list.
+        self.page_sizes: dict[str, int] = {}
         if url.scheme == "http" and not insecure and not is_loopback(url.host):
             raise ValueError(
                 f"plain http to {url.netloc.decode()} is not allowed without --insecure "

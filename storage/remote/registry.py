@@ -109,8 +109,9 @@ def _next_page(page: Small) -> str | None:
 
 async def _paginated(client: RemoteClient, path: str, key: str) -> list[str]:
     """Every item of a paginated listing, in pages as large as the registry allows: the
-    size it last answered is asked at once (one request per listing, not one refused more)."""
-    known = client.page_size
+    size it last answered for this kind of listing is asked at once (one request per
+    listing, not one refused more)."""
+    known = client.page_sizes.get(key)
     sizes = PAGE_SIZES if known is None else [s for s in PAGE_SIZES if s <= known]
     for size in sizes[:-1]:
         try:
@@ -176,11 +177,11 @@ async def _pages(client: RemoteClient, path: str, key: str, size: int) -> list[s
         listing.ask(next_url)
         # A size answered before goes the cheaper way (`small`), which would ask again, as
         # `request`, what it does not answer 200 (a refused size).
-        if size == client.page_size:
+        if size == client.page_sizes.get(key):
             response = await client.small("GET", next_url, limit=PAGE_MAX)
         else:
             response = Small.of(await client.request("GET", next_url, limit=PAGE_MAX))
-            client.page_size = size
+            client.page_sizes[key] = size
         listing.add(response)
         next_url = _next_page(response)
     return listing.names
