@@ -13,11 +13,12 @@ import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from support.fault_server import Fault, FaultServer
 from support.oci import image_manifest
-from support.registry import RegistryServer
+from support.registry import RegistryServer, write_self_signed_cert
 
 from storage.digests import digest_bytes
 from storage.remote.client import RemoteClient
@@ -234,3 +235,21 @@ def test_a_kept_connection_the_server_hung_up_on_is_not_used() -> None:
         server.hang_up()
         assert run(fetcher, server.url, 3) == (True, {i: f"answer {i}".encode() for i in range(3)})
     fetcher.close()
+
+
+def test_pipelined_over_tls(tmp_path: Path) -> None:
+    """The same exchanges over https (the registry's certificate checked): one connection
+    for both (what TLS sends after its handshake does not make a kept connection look hung
+    up on), each answer its own request's."""
+    files = write_self_signed_cert(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(files.cert, files.key)
+    fetcher = RangeFetcher(ssl.create_default_context(cafile=files.cert), 5, "test")
+    with FaultServer(tls=server_side) as server:
+        for _ in range(2):
+            for i in range(20):
+                server.inject(Fault(200, body=f"answer {i}".encode(), path=rf"/t{i}$"))
+            done, kept = run(fetcher, server.url, 20)
+            assert done and kept == {i: f"answer {i}".encode() for i in range(20)}
+    fetcher.close()
+    assert len(server.seen) == 40 and len({seen.client for seen in server.seen}) == 1
