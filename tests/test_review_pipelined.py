@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 import pytest
 from support.fault_server import Fault, FaultServer
+from support.mounts import Mount
 from support.oci import image_manifest
 from support.registry import RegistryServer
+from support.tools import run, sha256sum
 
 from storage.digests import digest_bytes
 from storage.remote.client import RemoteClient
@@ -48,63 +50,83 @@ async def registry(proxy: FaultServer, tmp_path: Path) -> AsyncIterator[RemoteRe
         await source.aclose()
 
 
-def push_images(server: RegistryServer, name: str, count: int) -> tuple[list[str], list[bytes]]:
-    """`count` tags, each an image of its own config and layer (of its own size): the
-    manifests' digests, tag by tag, and the layers."""
-    client = server.client()
-    digests, layers = [], []
-    for i in range(count):
+@dataclass(frozen=True)
+class Pushed:
+    """A repository of tags t00.., each an image of its own config and layer (of its own
+    size): the manifests' digests and the layers, tag by tag."""
+
+    name: str
+    tags: list[str]
+    digests: list[str]
+    layers: list[bytes]
+
+
+@pytest.fixture(scope="module")
+def pushed(module_registry_server: RegistryServer) -> Pushed:
+    client = module_registry_server.client()
+    name, count = "review/pipelined", PIPELINE_DEPTH + 4
+    tags, digests, layers = [f"t{i:02d}" for i in range(count)], [], []
+    for i, tag in enumerate(tags):
         config = json.dumps({"architecture": "amd64", "os": "linux", "n": i}).encode()
         layer = b"layer %d\n" % i * (i + 1)
         client.push_blob(name, config)
         client.push_blob(name, layer)
         manifest = image_manifest(config, [layer])
-        client.put_manifest(name, f"t{i:02d}", manifest)
+        client.put_manifest(name, tag, manifest)
         digests.append(str(digest_bytes(manifest)))
         layers.append(layer)
-    return digests, layers
+    return Pushed(name, tags, digests, layers)
 
 
 async def test_every_tag_resolved_in_a_batch_is_its_own(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    registry: RemoteRegistry, pushed: Pushed
 ) -> None:
     """Without interim answers: each tag of a pipelined batch resolves to its own manifest
-    (the reference the test below breaks)."""
-    digests, _ = push_images(module_registry_server, "review/plain", PIPELINE_DEPTH + 4)
-    tags = [f"t{i:02d}" for i in range(len(digests))]
-    found = await registry.repository("review/plain").manifests.fetch_many(tags)
-    assert {tag: str(d) for tag, d in found.items()} == dict(zip(tags, digests, strict=True))
+    (the reference the tests below break)."""
+    found = await registry.repository(pushed.name).manifests.fetch_many(pushed.tags)
+    assert {tag: str(d) for tag, d in found.items()} == dict(
+        zip(pushed.tags, pushed.digests, strict=True)
+    )
 
 
 @pytest.mark.xfail(strict=True, reason=BAD_1XX)
 async def test_a_103_never_gives_a_tag_another_tags_manifest(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    registry: RemoteRegistry, proxy: FaultServer, pushed: Pushed
 ) -> None:
     """A 103 before the answer to t03's GET: t03 is asked again or left unresolved, and no
-    tag resolves to another tag's manifest (today t04 resolves to t03's, t05 to t04's...,
-    and tags/t04 shows t03's image)."""
-    digests, _ = push_images(module_registry_server, "review/early", PIPELINE_DEPTH + 4)
-    tags = [f"t{i:02d}" for i in range(len(digests))]
+    tag resolves to another tag's manifest (today t04 resolves to t03's, t05 to t04's...)."""
     proxy.inject(replace(EARLY_HINTS, path=r"/manifests/t03$"))
-    found = await registry.repository("review/early").manifests.fetch_many(tags)
-    wrong = {tag: str(d) for tag, d in found.items() if str(d) != digests[tags.index(tag)]}
-    assert wrong == {}
+    found = await registry.repository(pushed.name).manifests.fetch_many(pushed.tags)
+    by_tag = dict(zip(pushed.tags, pushed.digests, strict=True))
+    assert {tag: str(d) for tag, d in found.items() if str(d) != by_tag[tag]} == {}
 
 
 @pytest.mark.xfail(strict=True, reason=BAD_1XX)
 async def test_a_103_never_gives_a_blob_another_blobs_size(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    registry: RemoteRegistry, proxy: FaultServer, pushed: Pushed
 ) -> None:
     """Blob HEADs of a layers/ listing with a 103 before one answer: every size kept is the
     blob's own (today the blobs after it get the size of the one before: `ls -l` shows it,
     and a read stops at it)."""
-    _, layers = push_images(module_registry_server, "review/sizes", PIPELINE_DEPTH + 4)
-    digests = [digest_bytes(layer) for layer in layers]
+    digests = [digest_bytes(layer) for layer in pushed.layers]
     proxy.inject(replace(EARLY_HINTS, path=rf"/blobs/{digests[3]}$"))
-    repo = registry.repository("review/sizes")
-    stats = await repo.layers.stats(digests)
+    stats = await registry.repository(pushed.name).layers.stats(digests)
     sizes = {str(d): s.size for d, s in zip(digests, stats, strict=True) if s is not None}
-    assert sizes == {str(d): len(layer) for d, layer in zip(digests, layers, strict=True)}
+    assert sizes == {str(d): len(b) for d, b in zip(digests, pushed.layers, strict=True)}
+
+
+@pytest.mark.xfail(strict=True, reason=BAD_1XX)
+def test_a_103_never_shows_a_tag_another_tags_image(
+    remote_mount: Callable[..., Mount], proxy: FaultServer, pushed: Pushed
+) -> None:
+    """Through a mount: after `ls -l` of tags/ with a 103 before t03's answer, `sha256sum` of
+    every tags/<tag> is that tag's own manifest's digest (today tags/t04 shows t03's
+    manifest, and so on)."""
+    proxy.inject(replace(EARLY_HINTS, path=r"/manifests/t03$"))
+    tags = remote_mount(via=proxy.url).path(*pushed.name.split("/"), "tags")
+    run("ls", "-l", tags)  # resolves the tags in a batch (`ls` of tags/ asks nothing)
+    shown = {tag: sha256sum(tags / tag) for tag in pushed.tags}
+    assert shown == dict(zip(pushed.tags, pushed.digests, strict=True))
 
 
 def test_early_hints_fault_answers_after_its_interim(proxy: FaultServer) -> None:
