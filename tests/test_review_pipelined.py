@@ -105,9 +105,10 @@ async def test_a_103_never_gives_a_tag_another_tags_manifest(
 async def test_a_103_never_gives_a_blob_another_blobs_size(
     registry: RemoteRegistry, proxy: FaultServer, pushed: Pushed
 ) -> None:
-    """Blob HEADs of a layers/ listing with a 103 before one answer: every size kept is the
-    blob's own (today the blobs after it get the size of the one before: `ls -l` shows it,
-    and a read stops at it)."""
+    """Blob HEADs (`layers.stats`) with a 103 before one answer: every size kept is the
+    blob's own (today the blobs after it get the size of the one before). A mount asks
+    HEADs only of blobs no manifest descriptor sizes (a layers/ listing takes the sizes its
+    digest-checked manifests give), so this reaches few listings."""
     digests = [digest_bytes(layer) for layer in pushed.layers]
     proxy.inject(replace(EARLY_HINTS, path=rf"/blobs/{digests[3]}$"))
     stats = await registry.repository(pushed.name).layers.stats(digests)
