@@ -22,7 +22,7 @@ from support.registry import RegistryServer, write_self_signed_cert
 
 from storage.digests import digest_bytes
 from storage.remote.client import RemoteClient
-from storage.remote.ranges import PIPELINE_DEPTH, Answer, RangeFetcher
+from storage.remote.ranges import INTERIM_MAX, PIPELINE_DEPTH, Answer, RangeFetcher
 from storage.remote.registry import ACCEPT
 
 pytestmark = [pytest.mark.registry, pytest.mark.remote]
@@ -203,6 +203,30 @@ def test_a_header_that_would_add_a_line_is_never_sent() -> None:
         done, kept = run(fetcher, server.url, 3, "Bearer x\r\nX-Evil: 1")
         assert not done and not kept and not server.requests
     fetcher.close()
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </v2/>; rel=preload\r\n\r\n"
+
+
+@pytest.mark.parametrize("hints", [1, INTERIM_MAX + 1])
+def test_interim_answers_go_before_an_answer_never_in_its_place(hints: int) -> None:
+    """103 Early Hints before the second answer: passed over, every answer its request's
+    (taken for an answer, each after it went to the next request); more interim answers
+    before one than INTERIM_MAX end the exchange, nothing after them kept."""
+
+    def script(asked: list[bytes], done: int) -> bytes:
+        return b"".join(
+            EARLY_HINTS * hints * (done + i == 1) + ok(done + i) for i in range(len(asked))
+        )
+
+    fetcher = RangeFetcher(ssl.create_default_context(), timeout=2, user_agent="test")
+    with RawServer(script) as server:
+        done, kept = run(fetcher, server.url, 6)
+    fetcher.close()
+    if hints <= INTERIM_MAX:
+        assert done and kept == {i: f"answer {i}".encode() for i in range(6)}
+    else:
+        assert not done and kept == {0: b"answer 0"}
 
 
 def echo_and_close(asked: list[bytes], done: int) -> bytes:

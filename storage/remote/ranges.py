@@ -33,6 +33,7 @@ PIPELINE_DEPTH = 16
 # The largest answer still read once nothing more is asked (an error's body, or one of
 # those already asked for when a batch stops): what is larger hangs up the connection.
 IN_FLIGHT_KEPT = 64 << 10
+INTERIM_MAX = 8  # interim answers (1xx) passed over before one answer
 REDIRECTS = (301, 302, 303, 307, 308)
 Origin = tuple[str, str, int]
 
@@ -171,8 +172,7 @@ class RangeFetcher:
             conn.sock.sendall(requests[0])  # the rest once it is a plain 200
             sent = 1
             while index < sent:
-                resp = http.client.HTTPResponse(_Shared(fp), method=method)  # type: ignore[arg-type]
-                resp.begin()
+                resp = _final(fp, method)
                 if not asking and (resp.length is None or resp.length > IN_FLIGHT_KEPT):
                     conn.close()
                     return plain
@@ -355,6 +355,21 @@ class _Shared:
 
     def close(self) -> None:
         pass
+
+
+def _final(fp: BinaryIO, method: str) -> http.client.HTTPResponse:
+    """The next final answer on a pipelined connection, its headers read: an interim one
+    (1xx: a 103 Early Hints) goes before it and is passed over, never taken for it (it
+    would give each answer after it to the next request). ValueError past INTERIM_MAX of
+    them, or for a 101: this protocol ends there."""
+    for _ in range(INTERIM_MAX + 1):
+        resp = http.client.HTTPResponse(_Shared(fp), method=method)  # type: ignore[arg-type]
+        resp.begin()  # passes over 100 Continue itself
+        if not 100 <= resp.status < 200:
+            return resp
+        if resp.status == 101:
+            raise ValueError("101 Switching Protocols to a request that asked for none")
+    raise ValueError(f"over {INTERIM_MAX} interim answers before one")
 
 
 def _readable(sock: socket.socket) -> bool:
