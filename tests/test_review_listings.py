@@ -101,7 +101,8 @@ def test_names_handed_by_name_show_the_inode_stat_shows(
 ) -> None:
     """A fresh mount's `ls -i` (d_ino) of a namespace and of a tags/ directory, both handed
     by name only, shows for every entry the number `stat` shows; `find -inum` finds each
-    by it; `cp -a` and `rsync -a` copy every tag with the bytes `cat` reads."""
+    by it; `cp -a` and `rsync -a` copy every tag with the bytes `cat` reads, and `cp -a` of
+    the namespace makes the tree `find` shows."""
     root = tmp_path / "root"
     built = trio.run(build_root, root, "review/names", 1000)
     tags = [f"t{i:03d}" for i in range(150)]
@@ -132,3 +133,9 @@ def test_names_handed_by_name_show_the_inode_stat_shows(
     for copy in ("cp", "rsync"):
         got = {p.name: p.read_bytes() for p in (copies / copy).iterdir()}
         assert got == dict.fromkeys(["latest", *tags], manifest), copy
+    # A namespace whose repositories went by name only, copied as a tree: the same tree.
+    run("cp", "-a", m.path("many"), copies / "many")
+    tree = "%P %y\\n"
+    shown = run("find", m.path("many"), "-printf", tree).stdout.decode().splitlines()
+    copied = run("find", copies / "many", "-printf", tree).stdout.decode().splitlines()
+    assert len(shown) > 150 and sorted(copied) == sorted(shown)
