@@ -11,6 +11,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,13 @@ from support.registry import RegistryServer, write_self_signed_cert
 
 from storage.digests import digest_bytes
 from storage.remote.client import RemoteClient
-from storage.remote.ranges import INTERIM_MAX, PIPELINE_DEPTH, Answer, RangeFetcher
+from storage.remote.ranges import (
+    IN_FLIGHT_WAIT,
+    INTERIM_MAX,
+    PIPELINE_DEPTH,
+    Answer,
+    RangeFetcher,
+)
 from storage.remote.registry import ACCEPT
 
 pytestmark = [pytest.mark.registry, pytest.mark.remote]
@@ -193,6 +200,26 @@ def test_an_answer_out_of_step_ends_the_exchange() -> None:
         done, kept = run(fetcher, server.url, 8)
     fetcher.close()
     assert not done and kept == {0: b"answer 0", 1: b"body"}
+
+
+def test_answers_in_flight_held_back_are_not_waited_for_long() -> None:
+    """A 404 stops a pipeline whose other answers the server holds back: they are waited
+    for IN_FLIGHT_WAIT, not the registry's timeout (a batch's thread must not linger)."""
+
+    def script(asked: list[bytes], done: int) -> bytes:
+        if done == 0:
+            return ok(0)
+        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"  # and nothing more
+
+    fetcher = RangeFetcher(ssl.create_default_context(), timeout=30, user_agent="test")
+    with RawServer(script) as server:
+        started = time.monotonic()
+        done, kept = run(fetcher, server.url, 6)
+        waited = time.monotonic() - started
+    fetcher.close()
+    assert not done and kept == {0: b"answer 0"}
+    assert IN_FLIGHT_WAIT <= waited < IN_FLIGHT_WAIT + 5
+    assert fetcher.pipeline_depth == PIPELINE_DEPTH  # the server did not drop them: it failed
 
 
 def test_a_header_that_would_add_a_line_is_never_sent() -> None:

@@ -34,6 +34,10 @@ PIPELINE_DEPTH = 16
 # those already asked for when a batch stops): what is larger hangs up the connection.
 IN_FLIGHT_KEPT = 64 << 10
 INTERIM_MAX = 8  # interim answers (1xx) passed over before one answer
+# How long an answer already asked for is waited for once nothing more is asked (a batch
+# stopped by a failure, its byte budget or its deadline): a thread must not linger for a
+# registry that holds its answers back.
+IN_FLIGHT_WAIT = 1.0
 REDIRECTS = (301, 302, 303, 307, 308)
 Origin = tuple[str, str, int]
 
@@ -161,8 +165,6 @@ class RangeFetcher:
             log.debug("%s %s: %s; asking through the client", method, _bare(urls[0]), exc)
             return False
         conn = self._connection(where)
-        if conn.sock is not None and _readable(conn.sock):
-            conn.close()  # kept idle and hung up on since (or sent what no one asked): anew
         fp = None
         plain, asking, sent, index = True, True, 0, 0
         try:
@@ -185,6 +187,8 @@ class RangeFetcher:
                 if not resp.isclosed() or resp.will_close:  # out of step, or no more answers
                     conn.close()
                     return plain
+                if not asking:  # what is in flight is read only if it comes soon
+                    conn.sock.settimeout(min(self.timeout, IN_FLIGHT_WAIT))
                 index += 1
                 if asking and sent < (ahead := min(len(urls), index + self.pipeline_depth)):
                     conn.sock.sendall(b"".join(requests[sent:ahead]))
@@ -192,14 +196,15 @@ class RangeFetcher:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             log.debug("%s %s: %r; asking again through the client", method, _bare(urls[index]), exc)
             conn.close()
-            if isinstance(exc, TimeoutError) and sent > index + 1:
+            if isinstance(exc, TimeoutError) and asking and sent > index + 1:
                 # Answers that never come to requests sent ahead (a server or a proxy on
                 # the way that drops pipelined requests): one at a time from now on.
                 self.pipeline_depth = 1
-            return False
+            return plain and not asking  # stopped by keep: the rest is asked again
         finally:
             if fp is not None:
                 fp.close()
+        conn.sock.settimeout(self.timeout)
         self._pool(where, conn)
         return plain
 
@@ -315,10 +320,17 @@ class RangeFetcher:
                 conn.close()
 
     def _connection(self, where: Origin) -> http.client.HTTPConnection:
+        """A kept connection to `where`, or a new one (connected at its first request). One
+        that can be read before anything was asked is closed first (it reconnects): the
+        registry hung up while it idled, or sent bytes no one asked for (a HEAD's answer
+        with a body), which the next request would take for its answer."""
         with self._lock:
             pool = self._idle.get(where)
-            if pool:
-                return pool.pop()
+            conn = pool.pop() if pool else None
+        if conn is not None:
+            if conn.sock is not None and _readable(conn.sock):
+                conn.close()
+            return conn
         scheme, host, port = where
         if scheme == "https":
             context = self.ssl_context
