@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import socketserver
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -45,11 +46,9 @@ def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
 
 @pytest.fixture
 async def registry(proxy: FaultServer, tmp_path: Path) -> AsyncIterator[RemoteRegistry]:
-    source = RemoteRegistry(RemoteClient(proxy.url, timeout=5), tmp_path / "state", 30.0)
-    try:
+    client = RemoteClient(proxy.url, timeout=5)
+    async with contextlib.aclosing(RemoteRegistry(client, tmp_path / "state", 30.0)) as source:
         yield source
-    finally:
-        await source.aclose()
 
 
 @dataclass(frozen=True)
@@ -165,62 +164,53 @@ def test_a_redirect_in_a_pipeline_takes_the_authorization_to_its_own_origin_only
         assert "/v2/a/moved/t5" in [s.path for s in registry.seen]
 
 
-class ScriptedServer:
+class ScriptedServer(socketserver.ThreadingTCPServer):
     """A loopback server that reads each request on a connection in turn and has
     `answer(server, connection, path)` send what it answers, which may take its time
     (`stopping` is set on exit). `open` counts the connections no one hung up yet. Every
-    connection and thread ends on exit."""
+    connection and thread ends on exit (each connection is shut down, each handler joined)."""
+
+    block_on_close = True
 
     def __init__(self, answer: Callable[[ScriptedServer, socket.socket, bytes], None]) -> None:
+        super().__init__(("127.0.0.1", 0), _Scripted)
         self.answer = answer
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.release, self.sent = threading.Event(), threading.Event()
         self.stopping = threading.Event()
         self.open = 0
-        self._counting = threading.Lock()
-        self._conns: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            with self._counting:
-                self.open += 1
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            with contextlib.suppress(OSError), conn.makefile("rb") as requests:  # hung up on
-                while line := requests.readline():
-                    while requests.readline() not in (b"\r\n", b""):
-                        pass  # the request's headers
-                    self.answer(self, conn, line.split(b" ")[1])
-        finally:
-            with self._counting:
-                self.open -= 1
-
-    def __enter__(self) -> ScriptedServer:
-        return self
+        self.conns: list[socket.socket] = []
+        self.counting = threading.Lock()
+        self._loop = threading.Thread(target=self.serve_forever, daemon=True)
+        self._loop.start()
 
     def __exit__(self, *_: object) -> None:
         self.stopping.set()
         self.release.set()
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
+        self.shutdown()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):  # hung up on before
                 conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        for thread in self._threads:
-            thread.join(5)
+        self.server_close()
+        self._loop.join(5)
+
+
+class _Scripted(socketserver.StreamRequestHandler):
+    server: ScriptedServer
+
+    def handle(self) -> None:
+        with self.server.counting:
+            self.server.open += 1
+            self.server.conns.append(self.connection)
+        try:
+            with contextlib.suppress(OSError):  # hung up on
+                while line := self.rfile.readline():
+                    while self.rfile.readline() not in (b"\r\n", b""):
+                        pass  # the request's headers
+                    self.server.answer(self.server, self.connection, line.split(b" ")[1])
+        finally:
+            with self.server.counting:
+                self.server.open -= 1
 
 
 def answer(conn: socket.socket, body: bytes, with_body: bool = True) -> None:
