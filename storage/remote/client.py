@@ -47,7 +47,14 @@ import trio
 from storage.errors import RemoteError, RemoteUnavailable
 from storage.remote.auth import Authenticator, Token
 from storage.remote.credentials import Credentials, docker_config_credentials
-from storage.remote.ranges import PIPELINE_DEPTH, Answer, OpenBody, RangeFetcher, origin_of
+from storage.remote.ranges import (
+    PIPELINE_DEPTH,
+    Answer,
+    InUse,
+    OpenBody,
+    RangeFetcher,
+    origin_of,
+)
 from storage.remote.retry import IDEMPOTENT, NOT_SENT, pause
 from storage.remote.untrusted import (
     BODY_MAX,
@@ -473,6 +480,7 @@ class RemoteClient:
         failed = threading.Event()
         sent = headers or {}
         held = 0
+        in_use = InUse()
 
         def keep(share: list[int], at: int, answer: Answer) -> bool:
             nonlocal held
@@ -493,7 +501,7 @@ class RemoteClient:
                 while share and not stop.is_set():  # a registry that hangs up after some
                     urls = [self._origin + paths[index] for index in share]
                     done = self._ranges.pipelined(
-                        method, urls, sent, authorization, limit, partial(keep, share)
+                        method, urls, sent, authorization, limit, partial(keep, share), in_use
                     )
                     if not done:
                         failed.set()
@@ -513,7 +521,8 @@ class RemoteClient:
                     for _ in range(min(parallel, -(-len(paths) // PIPELINE_DEPTH))):
                         nursery.start_soon(run)
         finally:
-            stop.set()  # a thread abandoned at the deadline sends nothing more
+            stop.set()  # a thread abandoned at the deadline (or a cancel) sends nothing more
+            in_use.shut_down()  # nor reads on (once all ended, none is left to shut)
         answered = [None if a is None else Small.answered(a) for a in list(answers)]
         return Batch(answered, failed=failed.is_set() or scope.cancelled_caught)
 

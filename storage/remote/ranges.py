@@ -13,6 +13,7 @@ Logs show URLs without their query: a redirect's is often a signature.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import select
@@ -142,6 +143,7 @@ class RangeFetcher:
         authorization: str | None,
         limit: int,
         keep: Callable[[int, Answer], bool],
+        in_use: InUse | None = None,
     ) -> bool:
         """GETs or HEADs of urls (on one origin, the registry's) on one kept-alive
         connection, once the first is answered up to `pipeline_depth` sent ahead of their
@@ -151,8 +153,9 @@ class RangeFetcher:
         exchange failed: ask no more.
         Once nothing more is asked, the answers already asked for are still read and kept
         if they are small (IN_FLIGHT_KEPT: an answer read twice costs the registry twice);
-        an url left unkept is for the caller to ask again. Blocking: call it on a worker
-        thread."""
+        an url left unkept is for the caller to ask again. The connection is in `in_use`
+        while it is read (a caller gone at its deadline shuts it down). Blocking: call it on
+        a worker thread."""
         if not urls:
             return True
         where = origin_of(urls[0])
@@ -165,11 +168,15 @@ class RangeFetcher:
             log.debug("%s %s: %s; asking through the client", method, _bare(urls[0]), exc)
             return False
         conn = self._connection(where)
-        fp = None
+        fp = sock = None
         plain, asking, sent, index = True, True, 0, 0
         try:
             if conn.sock is None:
                 conn.connect()
+            sock = conn.sock
+            if in_use is not None and not in_use.add(sock):
+                conn.close()  # the caller is gone
+                return False
             fp = conn.sock.makefile("rb")
             conn.sock.sendall(requests[0])  # the rest once it is a plain 200
             sent = 1
@@ -204,6 +211,8 @@ class RangeFetcher:
         finally:
             if fp is not None:
                 fp.close()
+            if in_use is not None:
+                in_use.discard(sock)
         conn.sock.settimeout(self.timeout)
         self._pool(where, conn)
         return plain
@@ -347,6 +356,37 @@ class RangeFetcher:
                 self._idle.setdefault(where, []).append(conn)
                 return
         conn.close()
+
+
+@dataclass
+class InUse:
+    """The sockets a batch's worker threads read from, to shut down when the batch is given
+    up at its deadline: a thread blocked reading an answer that drips in, a byte within
+    each read's timeout, would read on for minutes, holding one of the range threads."""
+
+    _socks: set[socket.socket] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _shut: bool = False
+
+    def add(self, sock: socket.socket) -> bool:
+        """Whether sock may be used: not once the batch was given up."""
+        with self._lock:
+            if not self._shut:
+                self._socks.add(sock)
+            return not self._shut
+
+    def discard(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            if sock is not None:
+                self._socks.discard(sock)
+
+    def shut_down(self) -> None:
+        """Wake every read under way with an end of stream; none starts after."""
+        with self._lock:
+            self._shut, socks = True, list(self._socks)
+        for sock in socks:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Shared:
