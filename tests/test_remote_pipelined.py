@@ -184,6 +184,23 @@ def test_a_server_that_drops_pipelined_requests_is_asked_one_at_a_time() -> None
     fetcher.close()
 
 
+def test_the_first_answers_sent_ahead_are_waited_for_briefly() -> None:
+    """Until one answer to requests sent ahead came, it is waited for `probe_wait`
+    (PIPELINE_PROBE_WAIT), not the registry's timeout: a proxy that drops pipelined requests
+    costs the first listing seconds, not 30 s; from then on one at a time."""
+    fetcher = RangeFetcher(
+        ssl.create_default_context(), timeout=30, user_agent="test", probe_wait=0.3
+    )
+    with RawServer(lambda asked, done: ok(done)) as server:
+        started = time.monotonic()
+        done, kept = run(fetcher, server.url, 6)
+        waited = time.monotonic() - started
+        assert not done and fetcher.pipeline_depth == 1 and waited < 5
+        done, kept = run(fetcher, server.url, 6)
+        assert done and kept == {i: f"answer {i}".encode() for i in range(6)}
+    fetcher.close()
+
+
 def test_an_answer_out_of_step_ends_the_exchange() -> None:
     """An answer longer than its Content-Length says: what follows cannot be told apart
     from the next answer, so nothing after it is kept and the exchange fails (asked again

@@ -39,6 +39,10 @@ INTERIM_MAX = 8  # interim answers (1xx) passed over before one answer
 # stopped by a failure, its byte budget or its deadline): a thread must not linger for a
 # registry that holds its answers back.
 IN_FLIGHT_WAIT = 1.0
+# How long the first answer to requests sent ahead is waited for before the registry (or a
+# proxy on the way) is taken to drop pipelined requests: its timeout (30 s by default)
+# would stall a mount's first listing that long. Once one came, the timeout applies.
+PIPELINE_PROBE_WAIT = 5.0
 REDIRECTS = (301, 302, 303, 307, 308)
 Origin = tuple[str, str, int]
 
@@ -81,6 +85,8 @@ class RangeFetcher:
     _closed: bool = False  # a thread abandoned on cancel may finish after close()
     # One at a time once a pipelined answer never came (a server that drops them).
     pipeline_depth: int = PIPELINE_DEPTH
+    probe_wait: float = PIPELINE_PROBE_WAIT
+    pipelining_seen: bool = False  # an answer to a request sent ahead came
 
     def get(self, url: str, start: int, end: int, authorization: str | None) -> bytes | None:
         """Bytes [start, end) of the blob at url, or None: then ask through RemoteClient.
@@ -180,8 +186,15 @@ class RangeFetcher:
             fp = conn.sock.makefile("rb")
             conn.sock.sendall(requests[0])  # the rest once it is a plain 200
             sent = 1
+            behind = [False] * len(urls)  # sent while an earlier answer had not come
             while index < sent:
+                probing = asking and behind[index] and not self.pipelining_seen
+                if probing:
+                    conn.sock.settimeout(min(self.timeout, self.probe_wait))
                 resp = _final(fp, method)
+                if probing:
+                    self.pipelining_seen = True
+                    conn.sock.settimeout(self.timeout)
                 if not asking and (resp.length is None or resp.length > IN_FLIGHT_KEPT):
                     conn.close()
                     return plain
@@ -198,6 +211,8 @@ class RangeFetcher:
                     conn.sock.settimeout(min(self.timeout, IN_FLIGHT_WAIT))
                 index += 1
                 if asking and sent < (ahead := min(len(urls), index + self.pipeline_depth)):
+                    for at in range(sent, ahead):
+                        behind[at] = at > sent or sent > index
                     conn.sock.sendall(b"".join(requests[sent:ahead]))
                     sent = ahead
         except (OSError, http.client.HTTPException, ValueError) as exc:
