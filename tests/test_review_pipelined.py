@@ -29,6 +29,7 @@ from support.registry import RegistryServer
 from support.tools import run, sha256sum
 
 from storage.digests import digest_bytes
+from storage.errors import RemoteError
 from storage.remote.client import RemoteClient
 from storage.remote.ranges import PIPELINE_DEPTH, Answer, RangeFetcher
 from storage.remote.registry import RemoteRegistry
@@ -115,6 +116,28 @@ async def test_a_103_never_gives_a_blob_another_blobs_size(
     stats = await registry.repository(pushed.name).layers.stats(digests)
     sizes = {str(d): s.size for d, s in zip(digests, stats, strict=True) if s is not None}
     assert sizes == {str(d): len(b) for d, b in zip(digests, pushed.layers, strict=True)}
+
+
+async def test_a_blob_answer_naming_another_blob_gives_no_size(
+    registry: RemoteRegistry, proxy: FaultServer, pushed: Pushed
+) -> None:
+    """A HEAD of a blob answered for another (Docker-Content-Digest names another blob: a
+    proxy out of step, a lying registry): its size is not kept from a batch (`stats`: a
+    size of 0 before), and asked alone it is an error that names the other blob."""
+    digests = [digest_bytes(layer) for layer in pushed.layers]
+    other = Fault(status=200, headers=(("Docker-Content-Digest", str(digests[0])),), body=b"")
+    proxy.inject(replace(other, method="HEAD", path=rf"/blobs/{digests[3]}$"))
+    layers = registry.repository(pushed.name).layers
+    stats = await layers.stats(digests)
+    sizes = {str(d): s.size for d, s in zip(digests, stats, strict=True) if s is not None}
+    assert str(digests[3]) not in sizes
+    assert sizes == {
+        str(d): len(b) for d, b in zip(digests, pushed.layers, strict=True) if d != digests[3]
+    }
+    proxy.inject(replace(other, method="HEAD", path=rf"/blobs/{digests[3]}$"))
+    with pytest.raises(RemoteError, match=str(digests[0])):
+        await layers.stat(digests[3])
+    assert (await layers.stat(digests[3])).size == len(pushed.layers[3])
 
 
 def test_a_103_never_shows_a_tag_another_tags_image(

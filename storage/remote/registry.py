@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -734,6 +734,12 @@ class RemoteLayers:
             response = await self.client.small("HEAD", self._url(digest))
         except RemoteNotFound:
             raise UnknownLayer(f"blob unknown to {self.name}: {digest}") from None
+        if (other := _other_blob(digest, response.headers)) is not None:
+            raise RemoteError(
+                f"registry {self.client.name}: HEAD {self._url(digest)} answered for "
+                f"another blob ({shown(other, 80)})",
+                status=response.status_code,
+            )
         length = response.headers.get("content-length", "0")
         if (size := _size(length)) is None:
             raise RemoteError(
@@ -832,6 +838,8 @@ class RemoteLayers:
         `stat` does; the others are left for `stat` to ask and report."""
 
         def keep(index: int, answer: Small) -> None:
+            if _other_blob(digests[index], answer.headers) is not None:
+                return  # `stat` asks it alone and reports it
             if (size := _size(answer.headers.get("content-length", ""))) is not None:
                 self._keep(digests[index], size)
 
@@ -1053,6 +1061,14 @@ class RemoteRegistry:
     async def aclose(self) -> None:
         """Close the connections (at unmount)."""
         await self.client.aclose()
+
+
+def _other_blob(digest: Digest, headers: Mapping[str, str]) -> str | None:
+    """The digest a blob's answer names (Docker-Content-Digest) if it is not the one asked:
+    an answer meant for another request (a proxy out of step) or a lying registry, whose
+    size is not this blob's. None where it agrees, or where the registry names none."""
+    named = headers.get("docker-content-digest")
+    return named if named is not None and named != str(digest) else None
 
 
 def _size(length: str) -> int | None:
