@@ -286,7 +286,9 @@ class Tree:
         listing = self._listings.get(parent)
         if listing is None:
             return None
-        at = bisect.bisect_left(listing, name, key=itemgetter(0))  # sorted: the storage's order
+        # A namespace's listing is in the storage's (sorted) order; a repository's begins with
+        # its sections, so a repository nested in it may be missed here: then a stat asks.
+        at = bisect.bisect_left(listing, name, key=itemgetter(0))
         found = listing[at][1] if at < len(listing) and listing[at][0] == name else None
         return found if isinstance(found, DirNode) else None
 
