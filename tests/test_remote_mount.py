@@ -52,7 +52,7 @@ from support.tools import (
 from storage.digests import Digest
 from storage.errors import DigestMismatch, RemoteUnavailable
 from storage.remote.client import RemoteClient
-from storage.remote.uploads import RemoteUpload, UploadRecords
+from storage.remote.uploads import RemoteUpload, UploadRecord, UploadRecords
 
 pytestmark = [pytest.mark.mount, pytest.mark.remote]
 
@@ -773,6 +773,34 @@ async def upload_through(script: ScriptedRegistry, tmp_path: Path, data: bytes) 
     finally:
         await client.aclose()
     return upload
+
+
+def test_upload_repositories_are_read_again_only_when_records_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog asks where uploads were started at every lookup: the records are read
+    once, then again only after one is written or deleted, here or by another mount."""
+    records, other = UploadRecords(tmp_path / "records"), UploadRecords(tmp_path / "records")
+    assert records.repositories() == frozenset()
+    record = UploadRecord("org/a", "u1", "/v2/org/a/blobs/uploads/u1", "2026-11-30T00:00:00")
+    records.save(record)
+    loads: list[str] = []
+    load = UploadRecords.load
+
+    def counted(self: UploadRecords, uuid: str) -> UploadRecord:
+        loads.append(uuid)
+        return load(self, uuid)
+
+    monkeypatch.setattr(UploadRecords, "load", counted)
+    for _ in range(100):
+        assert records.repositories() == {"org/a"}
+    assert loads == ["u1"]
+    other.save(UploadRecord("org/b", "u2", "/v2/org/b/blobs/uploads/u2", record.started_at))
+    assert records.repositories() == {"org/a", "org/b"}  # another mount's, seen at once
+    other.delete("u1")
+    assert records.repositories() == {"org/b"}
+    records.delete("u2")
+    assert records.repositories() == frozenset()
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,10 @@ class UploadRecords:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        # `repositories`, and the directory's (mtime, inode) it was read at: the catalog asks
+        # at every lookup, and a glob and a JSON load per record each time is not free.
+        self._repositories: frozenset[str] = frozenset()
+        self._read_at: tuple[int, int] | None = None
 
     def _path(self, uuid: str) -> Path:
         if not UPLOAD_ID.fullmatch(uuid):
@@ -98,9 +102,11 @@ class UploadRecords:
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(record), f)
         os.replace(tmp, self._path(record.uuid))
+        self._read_at = None
 
     def delete(self, uuid: str) -> None:
         self._path(uuid).unlink(missing_ok=True)
+        self._read_at = None
 
     def all(self) -> list[UploadRecord]:
         records = []
@@ -114,10 +120,22 @@ class UploadRecords:
     def of(self, repository: str) -> list[UploadRecord]:
         return [record for record in self.all() if record.repository == repository]
 
-    def repositories(self) -> set[str]:
+    def repositories(self) -> frozenset[str]:
         """Where uploads were started: a repository that holds only uploads is in no
-        catalog, yet its uploads must be reachable for a resume (after a remount too)."""
-        return {record.repository for record in self.all()}
+        catalog, yet its uploads must be reachable for a resume (after a remount too).
+
+        Read again only when the directory changed: a record written or deleted here, or
+        one another mount of the registry added or removed (its mtime moves; Linux's
+        multigrain timestamps tell apart two changes in one tick once the first was seen)."""
+        try:
+            st = os.stat(self.directory)
+        except FileNotFoundError:
+            return frozenset()
+        read_at = (st.st_mtime_ns, st.st_ino)
+        if read_at != self._read_at:
+            self._repositories = frozenset(record.repository for record in self.all())
+            self._read_at = read_at
+        return self._repositories
 
 
 class RemoteUpload:
