@@ -6,7 +6,9 @@ every listing (regfs/listings.py); and `readdir_reply` may hand an entry by name
 (`lookup=False`), so that listing N tags costs no inode in daemon or kernel; and
 `Operations.getattr_kept` answers a GETATTR without a coroutine (an image directory's, asked
 after each READDIR of it); and `readdir_ended` has the READDIR that only learns a listing's end
-answered without one (an image directory's, which never changes). A stock pyfuse3 (a wheel
+answered without one (an image directory's, which never changes); and `readdir_reply_many`
+hands a run of a listing's entries in one call, their fields packed in arrays (no
+`EntryAttributes` and no call per entry: regfs/directories.py). A stock pyfuse3 (a wheel
 from PyPI, as `pip install regfs` gets) works too, without these savings: regfs asks which one
 it runs on, once.
 """
@@ -20,3 +22,10 @@ PATCHED: bool = hasattr(pyfuse3.ReaddirToken, "inode")
 GETATTR_KEPT: bool = hasattr(pyfuse3.Operations, "getattr_kept")
 # Builds before readdir_ended ask readdir for the end of every listing.
 READDIR_ENDED: bool = hasattr(pyfuse3, "readdir_ended")
+# The fields readdir_reply_many takes per entry, in the order `Attributes.row` gives them;
+# builds before it (or with other fields) hand a listing one readdir_reply per entry.
+PACKED_FIELDS = (
+    "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
+    "st_blocks", "st_blksize", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+)  # fmt: skip
+REPLY_MANY: bool = getattr(pyfuse3, "PACKED_FIELDS", None) == PACKED_FIELDS
