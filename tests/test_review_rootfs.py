@@ -6,7 +6,10 @@ pushed with skopeo to docker-registry and compared with `umoci unpack`:
   link to a link, the target and one name of a pair replaced later, a name whited out);
 - odd member names (`./`, `//`, `/./`, `d/../`) land where umoci puts them;
 - symlink loops that no member's path goes through are shown as stored, and open as loops;
-- a layer two images share is indexed once for both;
+- `security.capability` (a PAX xattr beyond `user.`), a hard link to a device node;
+- Docker's schema 2 (what `docker push` makes) and a Docker manifest list;
+- one layer twice in an image is applied twice; a layer two images share is indexed once;
+- a sparse member is refused as bad input (umoci 0.4.7 unpacks PAX's: a difference);
 - the index cache: kept under `~/.cache` when XDG_CACHE_HOME is unset; `--index-cache-size`
   keeps its bound across mounts; a damaged `.idx` or `.gzi` left by one mount is not trusted
   by the next, which shows the same tree and the same bytes.
@@ -15,6 +18,7 @@ pushed with skopeo to docker-registry and compared with `umoci unpack`:
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
@@ -43,6 +47,7 @@ from support.registry import RegistryServer
 from support.tools import MIB, errno_of, run
 from test_rootfs_guarantees import mounted_at, shown_tree
 
+from storage.manifest_format import DOCKER_LIST, DOCKER_MANIFEST
 from storage.rootfs import treefile
 from storage.rootfs.members import Kind
 
@@ -82,6 +87,9 @@ IMAGES: dict[str, list[list[Entry]]] = {
         ],
     ],
     "shared": [BASE, [file("extra", b"extra")]],  # BASE's layer, the same blob as links'
+    # BASE's layer again after one that changed and removed its files (as an image whose
+    # empty layer repeats, or one that reverts to its base): one blob twice in the manifest.
+    "repeat": [BASE, [file("target", b"changed"), whiteout("other"), whiteout("d")], BASE],
     "names": [
         [
             directory("."),
@@ -149,7 +157,27 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     with RegistryServer(made.root, workdir=made.base / "registry") as server:
         for tag in made.images:
             skopeo_push(made.base / "oci", tag, server.host, REPO)
+        put_docker_forms(made.base / "oci", server)
     return made
+
+
+def put_docker_forms(layout: Path, server: RegistryServer) -> None:
+    """`links-docker`: the `links` image as skopeo converts it to Docker's schema 2 (what
+    `docker push` makes: Docker media types, the same layer blobs); `list-docker`: a
+    Docker manifest list naming it for linux/arm64/v8, put over the registry's API."""
+    destination = f"docker://{server.host}/{REPO}:links-docker"
+    run("skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+        "--format", "v2s2", f"oci:{layout}:links", destination)  # fmt: skip
+    docker = server.client().get_manifest(REPO, "links-docker")
+    assert docker.media_type == DOCKER_MANIFEST
+    platform = {"os": "linux", "architecture": "arm64", "variant": "v8"}
+    entry = {"mediaType": DOCKER_MANIFEST, "digest": docker.digest, "size": len(docker.body)}
+    body = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_LIST,
+        "manifests": [entry | {"platform": platform}],
+    }
+    server.client().put_manifest(REPO, "list-docker", json.dumps(body).encode(), DOCKER_LIST)
 
 
 def sparse_image(base: Path, form: str) -> OciImage:
@@ -215,6 +243,27 @@ def test_hard_links_keep_the_content_of_their_layer(built, tmp_path):
         "d": (b"d2", 1),
     }
     assert "solo" not in records and "d/in" not in records
+
+
+def test_docker_schema_2_images_and_manifest_lists_as_umoci_unpacks_them(built, tmp_path):
+    """What `docker push` makes (Docker media types for the manifest, its config and
+    layers) and a Docker manifest list of it: each the tree umoci unpacks of the OCI form."""
+    expected = tree_of_dir(built.unpack("links"))
+    with built.mount(tmp_path, tmp_path / "cache") as m:
+        assert os.listdir(rootfs(m, "list-docker")) == ["linux-arm64-v8"]
+        for path in ("links-docker", "list-docker/linux-arm64-v8"):
+            actual = shown_tree(rootfs(m, *path.split("/")))
+            assert differences(expected, actual) == [], path
+
+
+def test_a_layer_twice_in_one_image_is_applied_twice(built, tmp_path):
+    layers = built.images["repeat"].layer_digests
+    assert layers[0] == layers[2] != layers[1]
+    with built.mount(tmp_path, tmp_path / "cache") as m:
+        records = assert_as_umoci_unpacks(built, m, "repeat")
+        assert (rootfs(m, "repeat", "target")).read_bytes() == b"v0"
+        assert passes(m.log_text(), layers[0]) == 1
+    assert {"other", "d/in"} <= records.keys()
 
 
 def test_odd_member_names_land_where_umoci_puts_them(built, tmp_path):
