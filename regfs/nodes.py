@@ -7,9 +7,11 @@ are here; a view (regfs/views.py) defines its own kinds as more subclasses of `N
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import attrgetter
 from typing import NamedTuple
 
 from storage.digests import Digest
@@ -17,6 +19,7 @@ from storage.errors import InvalidName
 from storage.gcpause import gc_paused
 
 _TAG_KIND = "tag"
+_HEX = attrgetter("hex")  # a Digest's
 
 
 class NotFound(LookupError):
@@ -79,30 +82,52 @@ class TagNode(tuple[str, str, str], Node):
             return list(zip(tags, map(tuple.__new__, repeat(cls), fields), strict=True))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class DigestNode(Node):
     """A digest of a repository, in its manifests/ or layers/ (the subclasses). Hashed once:
     readdir of 10,000 looks each up in ~5 tables, and a dataclass hashes (repo, Digest) in two
     Python calls every time (35% of readdir's work per entry, cProfile). Equal only within
-    one subclass, as dataclasses are."""
+    one subclass, as dataclasses are. Slots: less memory per kept digest, and `listing`
+    makes them without a Python call each; a weak reference: the tree shares one manifest
+    node among the tags that point at it (`Tree._targets`)."""
 
     repo: str
     digest: Digest
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((type(self).__name__, self.repo, self.digest)))
+        object.__setattr__(self, "_hash", hash((type(self).__name__, self.repo, self.digest.hex)))
 
     def __hash__(self) -> int:
         return self._hash
+
+    @classmethod
+    def listing(cls, repo: str, digests: Sequence[Digest]) -> list[tuple[str, Node]]:
+        """(its name, its node) for each digest of a listing, the nodes made and hashed as
+        one at a time, but field by field in C (10,000 in ~6 ms, not ~11)."""
+        count, put = len(digests), object.__setattr__  # past the frozen dataclass's refusal
+        with gc_paused():
+            nodes = list(map(object.__new__, repeat(cls, count)))
+            hashes = map(hash, zip(repeat(cls.__name__), repeat(repo), map(_HEX, digests)))
+            for name, values in (
+                ("repo", repeat(repo, count)),
+                ("digest", digests),
+                ("_hash", hashes),
+            ):
+                deque(map(put, nodes, repeat(name), values), maxlen=0)
+            return list(zip(map(str, digests), nodes, strict=True))
 
 
 class ManifestNode(DigestNode):
     """`<repository>/manifests/<digest>` (no @dataclass of its own: it would hash again)."""
 
+    __slots__ = ()
+
 
 class LayerNode(DigestNode):
     """`<repository>/layers/<digest>`."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)

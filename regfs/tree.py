@@ -355,13 +355,9 @@ class Tree:
             case SectionNode(repo, "tags"):
                 return TagNode.listing(repo, await self._repo(repo).tags.list())
             case SectionNode(repo, "manifests"):
-                digests = await self._repo(repo).manifests.list()
-                with gc_paused():
-                    return [(str(d), ManifestNode(repo, d)) for d in digests]
+                return ManifestNode.listing(repo, await self._repo(repo).manifests.list())
             case SectionNode(repo, "layers"):
-                digests = await self._repo(repo).layers.list()
-                with gc_paused():
-                    return [(str(d), LayerNode(repo, d)) for d in digests]
+                return LayerNode.listing(repo, await self._repo(repo).layers.list())
             case SectionNode(repo, "uploads"):
                 uploads = await self.uploads(repo)
                 return [(n, UploadNode(repo, u)) for n, u in sorted(uploads.items())]
