@@ -10,6 +10,8 @@ pushed with skopeo to docker-registry and compared with `umoci unpack`:
 - Docker's schema 2 (what `docker push` makes) and a Docker manifest list;
 - one layer twice in an image is applied twice; a layer two images share is indexed once;
 - a sparse member is refused as bad input (umoci 0.4.7 unpacks PAX's: a difference);
+- names, ids, times, link targets, devices and xattrs at their edges; a PAX xattr record
+  with an empty value, which POSIX says deletes it, shown as an empty xattr (strict xfail);
 - the index cache: kept under `~/.cache` when XDG_CACHE_HOME is unset; `--index-cache-size`
   keeps its bound across mounts; a damaged `.idx` or `.gzi` left by one mount is not trusted
   by the next, which shows the same tree and the same bytes.
@@ -102,6 +104,21 @@ IMAGES: dict[str, list[list[Entry]]] = {
             file("c/./d//e", b"e"),  # parents never declared
         ]
     ],
+    "edges": [
+        [
+            directory("."),
+            file("日" * 85, b"255 bytes of UTF-8"),
+            file("new\nline and back\\slash", b"odd"),
+            file("big-ids", b"ids", uid=5_000_000, gid=4_000_000),  # PAX uid and gid
+            file("old", b"1969", mtime="-86400.25"),
+            symlink("long-target", "t/" * 2000),
+            device("nvme", Kind.BLOCK, 259, 1_048_575),
+            file("many-xattrs", b"x", xattrs=tuple((f"user.k{i}", b"v" * i) for i in range(1, 61))),
+            file("big-xattr", b"x", xattrs=(("user.big", bytes(range(250)) * 8),)),
+        ]
+    ],
+    # POSIX pax: a record with an empty value deletes the keyword; umoci sets no xattr.
+    "empty-xattr": [[directory("."), file("e", b"e", xattrs=(("user.e", b""), ("user.f", b"1")))]],
     "loops": [
         [
             directory("."),
@@ -271,6 +288,26 @@ def test_odd_member_names_land_where_umoci_puts_them(built, tmp_path):
         records = assert_as_umoci_unpacks(built, m, "names")
         assert (rootfs(m, "names", "c", "d", "e")).read_bytes() == b"e"
     assert {"dot", "a/double", "a/single", "up", "c/d/e"} <= records.keys()
+
+
+def test_names_ids_times_targets_devices_and_xattrs_at_their_edges(built, tmp_path):
+    """A name of 255 bytes of UTF-8, one with a newline; ids past the octal fields (PAX);
+    an mtime before 1970; a 4,000-byte link target; a device of major 259, minor 2^20-1;
+    60 xattrs on a file, one of 2,000 bytes (ext4 keeps no more): each as umoci unpacks it."""
+    with built.mount(tmp_path, tmp_path / "cache") as m:
+        records = assert_as_umoci_unpacks(built, m, "edges")
+    assert records["big-ids"].uid == 5_000_000 and records["nvme"].rdev == (259, 1_048_575)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a PAX xattr record with an empty value (which POSIX says deletes the keyword) is"
+    " shown as an empty xattr; umoci unpack sets none. Fix: tarscan._xattrs skips empty values",
+)
+def test_an_empty_pax_xattr_record_sets_no_xattr(built, tmp_path):
+    with built.mount(tmp_path, tmp_path / "cache") as m:
+        assert os.listxattr(rootfs(m, "empty-xattr", "e")) == ["user.f"]
+        assert_as_umoci_unpacks(built, m, "empty-xattr")
 
 
 def test_symlink_loops_no_path_goes_through_are_shown_as_stored(built, tmp_path):
