@@ -30,7 +30,7 @@ import zstandard
 
 from .members import Kind, Member
 
-VERSION = 6  # bump whenever the file or `Member` changes: older files are then rebuilt
+VERSION = 7  # bump whenever the file or `Member` changes: older files are then rebuilt
 FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
 _LEVEL = 3
 _BATCH = 4096  # members per block: few calls per column, and no block of the whole table

@@ -358,9 +358,13 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
 
 
 def _xattrs(info: tarfile.TarInfo, layer: Digest) -> tuple[tuple[str, bytes], ...]:
-    """SCHILY.xattr.* (GNU tar, Go's archive/tar) and LIBARCHIVE.xattr.* (bsdtar) records."""
+    """SCHILY.xattr.* (GNU tar, Go's archive/tar) and LIBARCHIVE.xattr.* (bsdtar) records.
+    A record with an empty value sets nothing: POSIX has it delete the keyword, and
+    `umoci unpack` sets no such xattr."""
     found: dict[str, bytes] = {}
     for key, value in info.pax_headers.items():
+        if not value:
+            continue
         if key.startswith("SCHILY.xattr."):
             found[key[len("SCHILY.xattr.") :]] = value.encode("utf-8", "surrogateescape")
         elif key.startswith("LIBARCHIVE.xattr."):
