@@ -508,19 +508,25 @@ class Tree:
                 found = await self._repo(repo).tags.read_many([n.tag for n in batch])
                 if found is None:
                     return
-                new = [
-                    self._manifest_node(repo, d)
-                    for d in {g[0] for g in found if g} - set(manifests)
-                ]
+                # Each Digest object read (read_many makes one per manifest pointed at) is
+                # looked up by identity, not hashed per tag: that is a Python call each.
+                read = {id(got[0]): got[0] for got in found if got is not None}
+                new = [self._manifest_node(repo, d) for d in set(read.values()) - set(manifests)]
                 for manifest, attr in zip(new, await self.read_attrs(new), strict=True):
                     manifests[manifest.digest] = None if attr is None else (manifest, attr)
                 if not self._unchanged_since(since):
                     return
-                for node, got in zip(batch, found, strict=True):
-                    # Absent, damaged, or its manifest gone: its lookup says so.
-                    if got is not None and (target := manifests.get(got[0])) is not None:
-                        self._tags.put(node, target[0].digest)
-                        self._tag_attrs.put(node, (Attr(False, target[1].size, got[1]), target[0]))
+                targets = {key: manifests[digest] for key, digest in read.items()}
+                kept = [  # absent, damaged, or its manifest gone: its lookup says so
+                    (node, got[1], target)
+                    for node, got in zip(batch, found, strict=True)
+                    if got is not None and (target := targets[id(got[0])]) is not None
+                ]
+                held = [node for node, _, _ in kept]
+                self._tags.put_many(held, [target[0].digest for _, _, target in kept])
+                self._tag_attrs.put_many(
+                    held, [(Attr(False, t[1].size, mtime_ns), t[0]) for _, mtime_ns, t in kept]
+                )
                 reading.done(batch)
             took = (time.monotonic() - started) * 1000
             log.debug("%s: %d tags read ahead in %.0f ms", repo, len(nodes), took)

@@ -4,8 +4,9 @@ the mount), and digest-addressed content of a remote registry (no TTL, only a si
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from collections.abc import KeysView
+from collections import OrderedDict, deque
+from collections.abc import Iterable, KeysView, Sequence
+from itertools import repeat
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -36,6 +37,17 @@ class TtlCache(Generic[K, V]):
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_size:
             self._entries.popitem(last=False)
+
+    def put_many(self, keys: Sequence[K], values: Iterable[V]) -> None:
+        """`put` of each key with its value, in order, but no Python call per key (a read
+        ahead of 1,000 tags at a time): one read of the clock, and those held taken out
+        first, so that all go to the end as `put` moves them."""
+        entries = self._entries
+        deque(map(entries.pop, keys, repeat(None)), maxlen=0)
+        held = zip(repeat(time.monotonic() + (self.ttl or 0)), values)  # as long as values
+        entries.update(zip(keys, held, strict=True))
+        while len(entries) > self.max_size:
+            entries.popitem(last=False)
 
     def keys(self) -> KeysView[K]:
         """The keys held, expired ones among them: what may be cached, tested in C (`get`

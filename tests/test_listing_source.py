@@ -1,21 +1,93 @@
 """What a listing's source is read into, made in bulk (issue 18: the first READDIR of a cold
-`ls -l` of 10,000 layers or manifests spends ~70 ms of Python beside its ~110 ms of
-syscalls): the bulk ways say exactly what the one-at-a-time ways say."""
+`ls -l` of 10,000 layers or manifests spends ~60 ms of Python beside its ~110 ms of
+syscalls, a read ahead of 10,000 tags ~40 ms beside ~80): the bulk ways say exactly what
+the one-at-a-time ways say."""
 
 from __future__ import annotations
 
 import copy
 import pickle
 import weakref
+from pathlib import Path
 
 import pytest
+import trio
+from support.oci import empty_image, image_manifest
 
-from regfs.nodes import DigestNode, LayerNode, ManifestNode, Node, TagNode
+import regfs.tree
+from regfs.nodes import DigestNode, LayerNode, ManifestNode, Node, SectionNode, TagNode
+from regfs.tree import Tree
+from storage.cache import TtlCache
 from storage.digests import digest_bytes
+from storage.drivers import FilesystemDriver
+from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
 
 NAME = "org/app"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_put_many_keeps_what_a_put_each_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same entries, order (the oldest dropped first past the bound: one held moves to
+    the end) and expiry as `put` of each; keys and values of one length."""
+    clock = Clock()
+    monkeypatch.setattr("storage.cache.time.monotonic", clock)
+    one, bulk = TtlCache[str, int](5.0, max_size=6), TtlCache[str, int](5.0, max_size=6)
+    for key, value in (("a", 1), ("b", 2), ("c", 3)):
+        one.put(key, value)
+    bulk.put_many(["a", "b", "c"], [1, 2, 3])
+    clock.now += 3
+    for key, value in (("d", 4), ("a", 5), ("e", 6), ("f", 7), ("g", 8)):
+        one.put(key, value)  # "b" goes past the bound
+    bulk.put_many(["d", "a", "e", "f", "g"], iter([4, 5, 6, 7, 8]))
+    assert list(bulk.keys()) == list(one.keys()) == ["c", "d", "a", "e", "f", "g"]
+    keys = ["a", "b", "c", "g"]
+    assert [bulk.get(k) for k in keys] == [one.get(k) for k in keys] == [5, None, 3, 8]
+    clock.now += 3  # "c" expired, the rest not
+    assert [bulk.get(k) for k in keys] == [one.get(k) for k in keys] == [5, None, None, 8]
+    with pytest.raises(ValueError):
+        bulk.put_many(["y", "z"], [1])
+
+
+async def test_tags_read_ahead_get_each_its_own_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tags on two images, alternating, read ahead in batches of 3 (each batch its own
+    digest objects): each tag keeps its own manifest's digest and size, as a lookup reads
+    them; one whose manifest is gone is left to its lookup."""
+    monkeypatch.setattr(regfs.tree, "TAGS_READ_BATCH", 3)
+    registry = Registry(FilesystemDriver(tmp_path / "root"))
+    repo = registry.repository(NAME)
+    upload = await repo.layers.upload()
+    await upload.write(b"layer")
+    await upload.finish(digest_bytes(b"layer"))
+    images = [await empty_image(repo), await repo.manifests.put(image_manifest(b"{}", [b"layer"]))]
+    tags = [f"t{i:02d}" for i in range(11)]
+    for at, tag in enumerate(tags):
+        await repo.tags.put(tag, images[at % 2])
+    await repo.tags.put("gone", digest_bytes(b"no such manifest"))
+    tree, fresh = Tree(registry, tag_ttl=600), Tree(registry, tag_ttl=600)
+    section = SectionNode(NAME, "tags")
+    await tree.children(section)
+    await tree.lookup(section, tags[0])  # starts the read-ahead
+    with trio.fail_after(10):
+        while NAME in tree._tags_reading:
+            await trio.sleep(0.01)
+    for at, tag in enumerate(tags):
+        node = TagNode(NAME, tag)
+        assert tree._tags.get(node) == images[at % 2]
+        assert tree.cached_attr(node) == await fresh.attr(await fresh.lookup(section, tag))
+    assert tree.cached_attr(TagNode(NAME, "gone")) is None
+    two = [tree.cached_attr(TagNode(NAME, tag)) for tag in tags[:2]]
+    assert len({attr.size for attr in two if attr is not None}) == 2  # the images differ
 
 
 @pytest.mark.parametrize("kind", [LayerNode, ManifestNode])
