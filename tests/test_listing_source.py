@@ -16,10 +16,13 @@ from support.oci import empty_image, image_manifest
 
 import regfs.tree
 from regfs.nodes import DigestNode, LayerNode, ManifestNode, Node, SectionNode, TagNode
+from regfs.operations import Operations
+from regfs.options import MountOptions
 from regfs.tree import Tree
 from storage.cache import TtlCache
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver
+from storage.paths import LayerLink, path_for
 from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
@@ -109,3 +112,26 @@ def test_digest_nodes_made_in_bulk_are_those_made_one_by_one(kind: type[DigestNo
         assert TagNode(NAME, str(digest)) not in held and kind(NAME, digest) in held
         assert not hasattr(node, "__dict__")  # slots: 108 bytes a node, not 140 (tracemalloc)
     assert kind.listing(NAME, []) == []
+
+
+async def test_a_digest_listing_shows_what_is_there(tmp_path: Path) -> None:
+    """layers/ as readdir lists it: every digest stated in bulk (the listing itself, not a
+    copy), then without one whose link the registry's DELETE removed (its directory stays)."""
+    registry = Registry(FilesystemDriver(tmp_path / "root"))
+    repo = registry.repository(NAME)
+    digests = []
+    for i in range(3):
+        upload = await repo.layers.upload()
+        await upload.write(b"%d" % i)
+        await upload.finish(digest := digest_bytes(b"%d" % i))
+        digests.append(digest)
+    options = MountOptions(str(tmp_path / "root"), "/mnt", tag_ttl=600)
+    ops = Operations(Tree(registry, options.tag_ttl), options)
+    section = SectionNode(NAME, "layers")
+    listed = await ops.directories._present(section)
+    assert listed is await ops.tree.children(section)
+    assert listed == LayerNode.listing(NAME, sorted(digests))
+    (tmp_path / "root" / path_for(LayerLink(NAME, digests[1])).lstrip("/")).unlink()
+    ops = Operations(Tree(registry, options.tag_ttl), options)
+    expected = LayerNode.listing(NAME, sorted(d for d in digests if d != digests[1]))
+    assert await ops.directories._present(section) == expected
