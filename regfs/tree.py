@@ -22,6 +22,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from operator import itemgetter
 from typing import TypeVar
 
@@ -467,10 +468,8 @@ class Tree:
             None if info is None else Attr(False, info.size, info.mtime_ns, immutable=True)
             for info in infos
         ]
-        if self._unchanged_since(since):
-            for node, attr in zip(nodes, attrs, strict=True):
-                if attr is not None:
-                    self._digests.put(node, attr)
+        if self._unchanged_since(since):  # those stated (an Attr is never false), in bulk
+            self._digests.put_many(list(compress(nodes, attrs)), list(filter(None, attrs)))
         return attrs
 
     def _read_tags_ahead(self, repo: str) -> None:
