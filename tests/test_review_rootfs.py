@@ -12,6 +12,8 @@ pushed with skopeo to docker-registry and compared with `umoci unpack`:
 - a sparse member is refused as bad input (umoci 0.4.7 unpacks PAX's: a difference);
 - names, ids, times, link targets, devices and xattrs at their edges; a PAX xattr record
   with an empty value, which POSIX says deletes it, sets no xattr (as umoci unpacks it);
+  an empty PAX `path` or `linkpath` record, for which POSIX says the header's field holds,
+  makes the image EIO where umoci unpacks it (strict xfail);
 - the index cache: kept under `~/.cache` when XDG_CACHE_HOME is unset; `--index-cache-size`
   keeps its bound across mounts; a damaged `.idx` or `.gzi` left by one mount is not trusted
   by the next, which shows the same tree and the same bytes.
@@ -20,17 +22,20 @@ pushed with skopeo to docker-registry and compared with `umoci unpack`:
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import random
 import re
 import struct
+import tarfile
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from support.images import (
+    MTIME,
     Entry,
     build_layered_image,
     device,
@@ -62,6 +67,7 @@ BIG = random.Random(21).randbytes(6 * MIB)  # a gzip layer of several seek point
 # file capability, which real images carry (ping) and a tar keeps as a PAX xattr.
 CAP = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
 SPARSE_FORMS = ("gnu", "posix")
+EMPTY_RECORDS = ("path", "linkpath")
 SPARSE_SIZE, SPARSE_DATA = 4 * MIB, random.Random(5).randbytes(8192)
 BASE = [
     directory("."),
@@ -171,6 +177,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         made.images[tag] = build_layered_image(made.base / "oci", tag, layers)
     for form in SPARSE_FORMS:
         made.images[f"sparse-{form}"] = sparse_image(made.base, form)
+    for record in EMPTY_RECORDS:
+        made.images[f"empty-{record}"] = empty_pax_record_image(made.base, record)
     with RegistryServer(made.root, workdir=made.base / "registry") as server:
         for tag in made.images:
             skopeo_push(made.base / "oci", tag, server.host, REPO)
@@ -211,9 +219,31 @@ def sparse_image(base: Path, form: str) -> OciImage:
     tar = base / "sparse" / f"{form}.tar"
     run("tar", "--sparse", "--hole-detection=raw", f"--format={form}", "--numeric-owner",
         "-C", source, "-cf", tar, ".")  # fmt: skip
-    image = new_image(base / "oci", f"sparse-{form}")
-    run("umoci", "raw", "add-layer", "--image", image, tar)
-    return read_oci_layout(base / "oci", f"sparse-{form}")
+    return one_layer_image(base, f"sparse-{form}", tar)
+
+
+def one_layer_image(base: Path, tag: str, tar: Path) -> OciImage:
+    """`tag` in the module's layout: the layer `tar` as it is (`umoci raw add-layer`)."""
+    run("umoci", "raw", "add-layer", "--image", new_image(base / "oci", tag), tar)
+    return read_oci_layout(base / "oci", tag)
+
+
+def empty_pax_record_image(base: Path, record: str) -> OciImage:
+    """`empty-<record>`: a file `a`, then `b` (a file, or a hard link to `a`) whose PAX
+    `path` or `linkpath` record is empty: POSIX says the header's own field then holds."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        first = tarfile.TarInfo("a")
+        first.size, first.mtime = 1, MTIME
+        tar.addfile(first, io.BytesIO(b"a"))
+        second = tarfile.TarInfo("b")
+        second.mtime, second.pax_headers = MTIME, {record: ""}
+        if record == "linkpath":
+            second.type, second.linkname = tarfile.LNKTYPE, "a"
+        tar.addfile(second, io.BytesIO(b""))
+    path = base / f"empty-{record}.tar"
+    path.write_bytes(out.getvalue())
+    return one_layer_image(base, f"empty-{record}", path)
 
 
 def rootfs(m: Mount, *parts: str) -> Path:
@@ -303,6 +333,21 @@ def test_an_empty_pax_xattr_record_sets_no_xattr(built, tmp_path):
     with built.mount(tmp_path, tmp_path / "cache") as m:
         assert os.listxattr(rootfs(m, "empty-xattr", "e")) == ["user.f"]
         assert_as_umoci_unpacks(built, m, "empty-xattr")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a PAX path or linkpath record with an empty value (POSIX: the header's own name"
+    " or link name then holds) empties the name: the image is EIO ('a file cannot replace"
+    " the image root', 'a hard link to the image root'), where umoci unpacks `b`. Fix:"
+    " tarscan keeps the ustar header's name and linkname when the record is empty",
+)
+@pytest.mark.parametrize("record", EMPTY_RECORDS)
+def test_an_empty_pax_path_record_keeps_the_header_name(built, tmp_path, record):
+    want = b"a" if record == "linkpath" else b""  # b: a hard link to a, or an empty file
+    with built.mount(tmp_path, tmp_path / "cache") as m:
+        assert (rootfs(m, f"empty-{record}", "b")).read_bytes() == want
+        assert_as_umoci_unpacks(built, m, f"empty-{record}")
 
 
 def test_symlink_loops_no_path_goes_through_are_shown_as_stored(built, tmp_path):
