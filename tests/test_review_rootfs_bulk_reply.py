@@ -27,14 +27,6 @@ REPLY_MANY = "readdir_reply_many({token}, [b'a'], array('q', [5]), None, {templa
 
 
 @pytest.mark.storage
-@pytest.mark.xfail(
-    strict=True,
-    reason="Cython lets None through for a typed argument: None as the token is read as a"
-    " ReaddirToken (its buffer pointer and size from the memory after Py_None; when that"
-    " pointer is NULL, a calloc'd one is written there), None as the template is copied from"
-    " there. Fix: `ReaddirToken token not None`, `EntryAttributes template not None` (and in"
-    " readdir_reply and readdir_ended, which stock pyfuse3 declares the same way)",
-)
 @pytest.mark.parametrize(
     ("token", "template"),
     [("None", "EntryAttributes()"), ("ReaddirToken()", "None")],
@@ -86,14 +78,6 @@ class KeepsItsToken(pyfuse3.Operations):
 
 
 @pytest.mark.mount
-@pytest.mark.xfail(
-    strict=True,
-    reason="after its readdir returns, a token's buffer is freed but its pointer and size are"
-    " kept: a late readdir_reply_many (readdir_reply too) writes the entry into freed heap"
-    " memory and says it was reported (1). Fix: the readdir handler clears buf_start, buf and"
-    " size after the reply (a late call then reports nothing), or marks the token done and"
-    " the reply functions raise",
-)
 def test_a_token_kept_past_its_readdir_reports_nothing(tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
