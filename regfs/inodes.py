@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+from array import array
 from collections import Counter
 from collections.abc import Iterable
+from typing import cast
 
 import pyfuse3
 from pyfuse3 import EntryAttributes
@@ -49,6 +51,14 @@ class InodeTable:
             self._inodes[node] = ino
             self._nodes[ino] = node
         return ino
+
+    def inode_all(self, nodes: list[Node]) -> array[int]:
+        """`inode` of each, as readdir_reply_many takes them: looked up in C, a call each
+        only for a node that has none yet."""
+        found = list(map(self._inodes.get, nodes))
+        if None in found:
+            return array("q", [self.inode(node) for node in nodes])
+        return array("q", cast("list[int]", found))
 
     def peek(self, node: Node) -> int:
         """The number of a node listed without a lookup: its own if the kernel holds it, else

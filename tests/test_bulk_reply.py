@@ -5,7 +5,8 @@ same names, inodes, types, modes, owners, sizes and times, across many READDIRPL
 at an entry that does not fit; the next resumes at its offset), with entries the bulk mount
 hands one by one between bulk calls (as regfs's entries that need Python), names of 255 bytes
 and non-ASCII names. Its lookups answer ENOENT, so whatever `stat` shows came in the listing.
-Hostile arguments raise before anything is written.
+Hostile arguments raise before anything is written. And the fields regfs packs for a run of a
+listing (`Attributes.rows`) are what stat shows of each.
 
     python tests/test_bulk_reply.py MOUNTPOINT single|bulk   (the filesystem, mounted)
 """
@@ -21,12 +22,17 @@ import sys
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
 import trio
 
 from regfs import fusefeatures
+from regfs.attributes import Attributes
+from regfs.inodes import InodeTable
+from regfs.nodes import Attr
+from regfs.options import MountOptions
 
 ENTRIES = 3000
 ONE_BY_ONE = 97  # the bulk mount hands every 97th entry with readdir_reply
@@ -246,3 +252,30 @@ def test_the_patch_is_detected() -> None:
 
 if __name__ == "__main__":
     _serve(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        [Attr(False, 0, 0), Attr(False, 511, -1), Attr(False, 513, 10**18, True)],  # digests
+        [Attr(True, 0, 5), Attr(True, 4096, 6)],  # directories
+        [Attr(False, 1, 2), Attr(True, 3, 4), Attr(False, 5, 6, True, 0o20644, 7, 8, 1, 99)],
+    ],
+    ids=["files", "directories", "mixed"],
+)
+def test_packed_rows_are_what_stat_shows(attrs: list[Attr]) -> None:
+    """`Attributes.rows` (the fields a listing goes with in bulk) against `_stat` of each."""
+    options = MountOptions("root", "mnt", uid=1234, gid=5678, file_mode=0o640)
+    attributes = Attributes(
+        SimpleNamespace(started_ns=0),  # type: ignore[arg-type]
+        options,
+        InodeTable(),
+        None,  # type: ignore[arg-type]
+    )
+    rows = attributes.rows(attrs)
+    expected = [
+        getattr(attributes._stat(attr), field)
+        for attr in attrs
+        for field in fusefeatures.PACKED_FIELDS
+    ]
+    assert rows.tolist() == expected
