@@ -20,7 +20,7 @@ import re
 import struct
 import tarfile
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,6 +219,14 @@ class _TarInfo(tarfile.TarInfo):
             info.name = prefix + "/" + info.name
         return info
 
+    def _apply_pax_info(self, pax_headers: Mapping[str, str], encoding: str, errors: str) -> None:
+        """A PAX record with an empty value deletes its keyword (POSIX): the header's own
+        field holds (its name, link name, ids, size, mtime) and an xattr is not set, as
+        `umoci unpack` has it. tarfile would set the field empty (a member named "", the
+        image's root) or 0."""
+        kept = {keyword: value for keyword, value in pax_headers.items() if value}
+        super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]  # not in typeshed
+
 
 def _octal(field: bytes) -> int:
     """tarfile's value of a plain octal number field; ValueError for any other form (the
@@ -358,13 +366,10 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
 
 
 def _xattrs(info: tarfile.TarInfo, layer: Digest) -> tuple[tuple[str, bytes], ...]:
-    """SCHILY.xattr.* (GNU tar, Go's archive/tar) and LIBARCHIVE.xattr.* (bsdtar) records.
-    A record with an empty value sets nothing: POSIX has it delete the keyword, and
-    `umoci unpack` sets no such xattr."""
+    """SCHILY.xattr.* (GNU tar, Go's archive/tar) and LIBARCHIVE.xattr.* (bsdtar) records
+    (none with an empty value: `_TarInfo._apply_pax_info`)."""
     found: dict[str, bytes] = {}
     for key, value in info.pax_headers.items():
-        if not value:
-            continue
         if key.startswith("SCHILY.xattr."):
             found[key[len("SCHILY.xattr.") :]] = value.encode("utf-8", "surrogateescape")
         elif key.startswith("LIBARCHIVE.xattr."):
