@@ -13,6 +13,7 @@ pushed with skopeo to docker-registry and compared with `umoci unpack`:
 - names, ids, times, link targets, devices and xattrs at their edges; a PAX xattr record
   with an empty value, which POSIX says deletes it, sets no xattr (as umoci unpacks it);
   an empty PAX `path` or `linkpath` record leaves the header's own name (POSIX), as umoci;
+- reads at random offsets and lengths of a 6 MiB file in a gzip, tar and zstd layer;
 - the index cache: kept under `~/.cache` when XDG_CACHE_HOME is unset; `--index-cache-size`
   keeps its bound across mounts; a damaged `.idx` or `.gzi` left by one mount is not trusted
   by the next, which shows the same tree and the same bytes.
@@ -174,6 +175,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     made = Built(tmp_path_factory.mktemp("review-rootfs"))
     for tag, layers in IMAGES.items():
         made.images[tag] = build_layered_image(made.base / "oci", tag, layers)
+    for how in ("tar", "zstd"):  # `big` again, as a plain tar and a zstd layer
+        made.images[f"big-{how}"] = build_layered_image(
+            made.base / "oci", f"big-{how}", IMAGES["big"], how
+        )
     for form in SPARSE_FORMS:
         made.images[f"sparse-{form}"] = sparse_image(made.base, form)
     for record in EMPTY_RECORDS:
@@ -387,6 +392,26 @@ def test_a_sparse_member_umoci_unpacks_is_eio_for_its_image_only(built, tmp_path
         lines = [line for line in m.log_text().splitlines() if layer in line and "ERROR" in line]
         assert lines and "sparse tar member './holes' is not supported" in lines[0], lines
         assert (rootfs(m, "big", "small")).read_bytes() == b"small\n"
+
+
+@pytest.mark.parametrize("tag", ["big", "big-tar", "big-zstd"])
+def test_reads_at_any_offset_and_length_give_the_files_bytes(built, tmp_path, tag):
+    """pread of 6 MiB of random bytes (gzip: a seek point every ~1 MiB; zstd: 256 KiB
+    frames) at 200 random offsets and lengths, across windows, frames and the file's end,
+    from two descriptors in turn; each kind of layer in a fresh mount and index cache."""
+    rng = random.Random(tag)
+    with built.mount(tmp_path, tmp_path / "cache") as m:
+        path = rootfs(m, tag, "big")
+        first, second = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+        try:
+            for n in range(200):
+                at = rng.randrange(len(BIG) + 10)
+                size = rng.choice([1, 4095, 4097, 65536, 300_000, 1_100_000])
+                got = os.pread(first if n % 2 else second, size, at)
+                assert got == BIG[at : at + size], (at, size)
+        finally:
+            os.close(first)
+            os.close(second)
 
 
 # --------------------------------------------------------------------------- the index cache
