@@ -26,7 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 from support.mounts import Mount, hang_up, wait_until
+from support.roots import build_root, write_tags
 from support.tools import errno_of, run
 
 from storage.digests import digest_bytes
@@ -342,3 +344,36 @@ def test_a_damaged_layer_in_the_middle_of_a_run_is_listed_and_its_stat_is_eio(
         assert damaged in out.stderr.decode()
         assert errno_of(lambda: os.stat(layers / damaged)) == errno.EIO
     assert damaged.removeprefix("sha256:")[:12] in m.log_text()
+
+
+def test_a_tag_being_written_in_the_middle_of_a_run_shows_its_writer_size(
+    tmp_path: Path, mount: Callable[..., Mount]
+) -> None:
+    """Tags read ahead (a first `ls -l`) are handed in runs; one tag in the middle has a
+    writer open (`cp` of a manifest half way): the run stops before it (`Attributes.held`),
+    it goes one by one with what its writer holds (the size written so far), and the run
+    goes on after it. `ls -l` shows that size for it, every other tag its manifest's, and
+    `ls -i` the inode stat gives."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    tags = [f"t{i:03d}" for i in range(120)]
+    write_tags(root, NAME, image["digest"], tags)
+    m = mount(root, "--tag-ttl", "60")
+    listed = m.path(NAME, "tags")
+    run("ls", "-l", listed)
+    run("ls", "-l", listed)  # every tag's attributes held now
+    half = image["manifest"][:100]
+    with open(listed / "t060", "r+b") as writer:
+        writer.truncate(0)
+        writer.write(half)
+        writer.flush()
+        out = run("ls", "-ln", listed).stdout.decode().splitlines()[1:]
+        sizes = {line.split()[-1]: int(line.split()[4]) for line in out}
+        by_ls = dict(
+            (name, int(number))
+            for number, name in map(str.split, run("ls", "-i", listed).stdout.decode().splitlines())
+        )
+        assert sizes.pop("t060") == len(half)
+        assert sizes == {tag: len(image["manifest"]) for tag in ["latest", *tags] if tag != "t060"}
+        for tag in ("t000", "t059", "t060", "t061", "t119"):
+            assert by_ls[tag] == os.stat(listed / tag).st_ino, tag
