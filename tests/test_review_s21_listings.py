@@ -20,6 +20,7 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -294,9 +295,10 @@ def test_entries_listed_in_runs_show_what_a_lookup_each_shows(
 ) -> None:
     """A first `find` of layers/ states every digest in bulk, then its READDIRPLUS hands
     them in runs (8173149), and find's stat of each within their 0.1 s entry timeout shows
-    what the run handed. `ls -i` (the kept listing's d_ino) and `stat` once those entries
-    expired (a LOOKUP each, entry by entry) give each layer the same inode, mode, links,
-    owner, size, blocks and time, and `find -inum` finds each by it."""
+    what the run handed (the kernel keeps it: attributes of a digest never time out). Each
+    layer shows what a stat of it must: mode 644, one link, the mount's owner, its blob's
+    size, blocks and mtime; `ls -i` (the kept listing's d_ino) the inode `stat` gives once
+    its entry expired (a LOOKUP), and `find -inum` finds each by it."""
     path, blobs = root
     m = mount(path, "--tag-ttl", "60")
     layers = m.path(NAME, "layers")
@@ -308,14 +310,16 @@ def test_entries_listed_in_runs_show_what_a_lookup_each_shows(
     time.sleep(0.2)  # each name's 0.1 s went: stat looks it up
     stated = stats_of(layers)
     assert set(listed) == set(stated) == set(by_ls) == set(blobs)
-    for name, s in stated.items():
-        ino, mode, nlink, uid, gid, size, blocks, _, mtime_ns, _ = s
-        assert by_ls[name] == ino, name
-        want = (str(ino), f"{mode & 0o7777:o}", str(nlink), str(uid), str(gid), str(size),
-                str(blocks))  # fmt: skip
+    for name, data in blobs.items():
+        data_file = path / path_for(BlobData(digest_bytes(data))).lstrip("/")
+        ino, mtime_ns = stated[name][0], data_file.stat().st_mtime_ns
+        size, uid, gid = len(data), os.getuid(), os.getgid()
+        want = (str(ino), "644", "1", str(uid), str(gid), str(size), str((size + 511) // 512))
         assert listed[name][:-1] == want, name
         assert abs(float(listed[name][-1]) - mtime_ns / 1e9) < 1e-3, name
-        assert size == len(blobs[name])
+        assert by_ls[name] == ino, name
+        assert stated[name] == (ino, stat.S_IFREG | 0o644, 1, uid, gid, size, (size + 511) // 512,
+                                1 << 20, mtime_ns, mtime_ns)  # fmt: skip
     for name in sorted(stated)[:: LAYERS // 8]:
         found = run("find", layers, "-inum", str(stated[name][0]), "-printf", "%P\\n")
         assert found.stdout.decode().split() == [name]
