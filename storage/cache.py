@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, KeysView, Sequence
+from collections.abc import KeysView, Sequence
 from itertools import repeat
 from typing import Generic, TypeVar
 
@@ -38,14 +38,18 @@ class TtlCache(Generic[K, V]):
         while len(self._entries) > self.max_size:
             self._entries.popitem(last=False)
 
-    def put_many(self, keys: Sequence[K], values: Iterable[V]) -> None:
+    def put_many(self, keys: Sequence[K], values: Sequence[V]) -> None:
         """`put` of each key with its value, in order, but no Python call per key (a read
         ahead of 1,000 tags at a time): one read of the clock, and those held taken out
         first, so that all go to the end as `put` moves them."""
         entries = self._entries
         deque(map(entries.pop, keys, repeat(None)), maxlen=0)
+        before = len(entries)
         held = zip(repeat(time.monotonic() + (self.ttl or 0)), values)  # as long as values
         entries.update(zip(keys, held, strict=True))
+        if len(entries) - before != len(keys):  # a key given twice: to the end at its last
+            for key, value in zip(keys, values, strict=True):
+                self.put(key, value)
         while len(entries) > self.max_size:
             entries.popitem(last=False)
 

@@ -12,13 +12,6 @@ from storage.cache import TtlCache
 pytestmark = pytest.mark.storage
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage/cache.py put_many: a key given twice stays where its first put would "
-    "put it (dict.update), not at the end as a second put moves it: another key is dropped "
-    "past the bound. No caller gives one twice today (listings of unique names); fix: "
-    "dict.fromkeys the keys' last places, or document that keys are unique",
-)
 def test_a_key_given_twice_goes_to_the_end_as_a_second_put_moves_it() -> None:
     one, bulk = TtlCache[str, int](5.0, max_size=2), TtlCache[str, int](5.0, max_size=2)
     for key, value in (("x", 1), ("y", 2), ("x", 3)):
