@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 # Listings being read (any directory): a readdir's offset names its listing, so the chunks
 # of one listing come from one snapshot whatever changes meanwhile. No release says when a
 # listing is done (opendir answers ENOSYS); a reader that falls this far behind goes on in
-# the directory's current listing, as on a directory that changed under it.
+# the directory's current listing, as on a directory that changed under it. Kept: this many,
+# holding at most SNAPSHOT_ENTRIES entries in all (besides the newest): a snapshot is most
+# often the tree's cached listing itself, but one kept past --tag-ttl is a copy of its own.
 SNAPSHOTS_KEPT = 64
+SNAPSHOT_ENTRIES = 250_000
 _INDEX_BITS = 32  # offset = snapshot << 32 | index of the next entry
 _SNAPSHOT_IDS = 1 << 31  # positive offsets (off_t is signed)
 # A readdir at offset 0 hands at most this many placeholders (tags by name only): the kernel
@@ -57,15 +60,16 @@ RUN = 32
 
 @dataclass
 class _Snapshot:
-    """A listing being read; once every entry went out, only its end is asked for next,
-    so its entries are let go (a second copy of 100,000 tags would stay alive beside the
-    one a later listing reads: the kernel sends no release)."""
+    """A listing being read. Its entries stay until it is evicted, not only until the last
+    went out: a reader whose getdents buffer took part of the last reply asks again at an
+    offset inside it, and so does another reader of the same listing through the kernel's
+    kept copy; going on in the current listing there would hand an entry twice, or skip
+    one, if an earlier one came or went meanwhile."""
 
     node: Node
-    entries: list[tuple[str, Node]] | None  # None: all handed out
-    length: int
+    entries: list[tuple[str, Node]]
     since: int  # `Directories._uses` when it began: were its entries in use since?
-    dot: bool = False  # the listing ends with "." (`_fills_pages`), once all went out
+    dot: bool | None = None  # the listing ends with "." (`_fills_pages`), once all went out
 
 
 class Directories:
@@ -74,6 +78,7 @@ class Directories:
         self.inodes = inodes
         self.attributes = attributes
         self._snapshots: OrderedDict[int, _Snapshot] = OrderedDict()
+        self._entries_kept = 0  # of all snapshots
         self._next_snapshot = 1
         # The directories (outside the sections) whose entries were last in use (an entry
         # looked up, or listed with its attributes) at which count of such uses: a listing
@@ -88,9 +93,9 @@ class Directories:
         chain of offsets that follow one another, never mixes two snapshots in one."""
         snapshot, start = start_id >> _INDEX_BITS, start_id & ((1 << _INDEX_BITS) - 1)
         kept = self._snapshots.get(snapshot) if start_id else None
-        if kept is not None and kept.node == node and (kept.entries or start >= kept.length):
+        if kept is not None and kept.node == node:
             self._snapshots.move_to_end(snapshot)
-            entries = kept.entries or []  # read to its end: nothing more
+            entries = kept.entries
         else:  # a reader that went back into a listing it read whole goes on in the current
             entries = await self._present(node)
             snapshot = self._snapshot(node, entries)
@@ -163,6 +168,8 @@ class Directories:
             return index, False
         nodes = [child for _, child in islice(entries, index, index + RUN)]
         attrs = self.attributes.held(nodes)
+        if not attrs:  # expired since the first was asked
+            return index, False
         del nodes[len(attrs) :]
         names = [name.encode() for name, _ in islice(entries, index, index + len(nodes))]
         inodes = self.inodes.inode_all(nodes)
@@ -203,26 +210,30 @@ class Directories:
         ended = self._snapshots.get(snapshot)
         if ended is None:
             return 0
-        if ended.entries is not None:
+        length = len(ended.entries)
+        if ended.dot is None:
             ended.dot = _fills_pages(name for name, _ in ended.entries)
-            ended.entries = None
-        if ended.dot and start <= ended.length:
+        if ended.dot and start <= length:
             dot = EntryAttributes()
             dot.st_ino = self.inodes.inode(ended.node)
             dot.st_mode = stat.S_IFDIR
             more = {"lookup": False} if fusefeatures.PATCHED else {}  # "." is no lookup
-            next_id = snapshot << _INDEX_BITS | (ended.length + 1)
+            next_id = snapshot << _INDEX_BITS | (length + 1)
             if not pyfuse3.readdir_reply(token, b".", dot, next_id, **more):
                 return 0  # no room: the next READDIR asks for it
-            return ended.length + 1
-        return ended.length if start < ended.length else 0
+            return length + 1
+        return length if start < length else 0
 
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot
         self._next_snapshot = snapshot % (_SNAPSHOT_IDS - 1) + 1
-        self._snapshots[snapshot] = _Snapshot(node, entries, len(entries), self._uses)
-        if len(self._snapshots) > SNAPSHOTS_KEPT:
-            self._snapshots.popitem(last=False)
+        self._snapshots[snapshot] = _Snapshot(node, entries, self._uses)
+        self._entries_kept += len(entries)
+        snapshots = self._snapshots
+        while len(snapshots) > SNAPSHOTS_KEPT or (
+            self._entries_kept > SNAPSHOT_ENTRIES and len(snapshots) > 1
+        ):
+            self._entries_kept -= len(snapshots.popitem(last=False)[1].entries)
         return snapshot
 
     async def entry_of(self, node: Node) -> EntryAttributes:

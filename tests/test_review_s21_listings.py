@@ -152,13 +152,6 @@ def read_near_the_end(layers: Path, count: int) -> Reader:
     return reader
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="regfs/directories.py `_ended` lets a snapshot's entries go once a reply handed "
-    "its last entry, but the kernel keeps only what fits the reader's getdents buffer and "
-    "asks again inside that reply: the daemon then goes on in the current listing at that "
-    "index, so an entry added or removed before it shifts the rest (a duplicate, a skip)",
-)
 @pytest.mark.parametrize("how", ["rm-first", "cp-first"])
 def test_a_reader_near_the_end_sees_each_entry_once_when_an_earlier_one_changes(
     root: tuple[Path, dict[str, bytes]], mount: Callable[..., Mount], how: str
@@ -220,15 +213,6 @@ def test_a_reader_half_way_ends_the_listing_it_began(
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="regfs/directories.py `_ended` lets a snapshot's entries go once a reply handed "
-    "its end, but another reader of the same snapshot (through the kernel's kept listing, "
-    "whose copy a push reset) or the same one (its getdents buffer took part of that reply) "
-    "asks again at an offset inside it: the daemon goes on in the current listing at that "
-    "index (an entry twice, or one skipped). And `_reply_held` raises IndexError (ENOENT: "
-    "getdents64 fails) when --tag-ttl expires between its two `Attributes.held`",
-)
 def test_two_readers_at_once_each_see_one_state_while_layers_are_pushed(
     root: tuple[Path, dict[str, bytes]], mount: Callable[..., Mount]
 ) -> None:

@@ -43,13 +43,6 @@ def clock_expiring_after(calls: int, now: float) -> Callable[[], float]:
     return monotonic
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="regfs/directories.py `_reply_held`: the run's attributes (`Attributes.held`) "
-    "are asked again after its first entry's; if they expired meanwhile the run is empty "
-    "and `nodes[0]` raises IndexError, a LookupError, which the readdir answers ENOENT",
-)
 def test_a_run_whose_attributes_expire_meanwhile_is_handed_one_by_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
