@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 # of one listing come from one snapshot whatever changes meanwhile. No release says when a
 # listing is done (opendir answers ENOSYS); a reader that falls this far behind goes on in
 # the directory's current listing, as on a directory that changed under it. Kept: this many,
-# holding at most SNAPSHOT_ENTRIES entries in all (besides the newest): a snapshot is most
-# often the tree's cached listing itself, but one kept past --tag-ttl is a copy of its own.
+# holding at most SNAPSHOT_ENTRIES entries in all (the newest alone may hold more): one is most
+# often the tree's cached listing itself, but one kept past --tag-ttl is a copy of its own
+# (two of 100,000 tags took the daemon past 150 MB in `bench --only tags_rss`).
 SNAPSHOTS_KEPT = 64
-SNAPSHOT_ENTRIES = 250_000
+SNAPSHOT_ENTRIES = 100_000
 _INDEX_BITS = 32  # offset = snapshot << 32 | index of the next entry
 _SNAPSHOT_IDS = 1 << 31  # positive offsets (off_t is signed)
 # A readdir at offset 0 hands at most this many placeholders (tags by name only): the kernel

@@ -16,7 +16,7 @@ import pytest
 import trio
 from support.registry import OCI_CONFIG, OCI_MANIFEST
 
-from regfs import fusefeatures
+from regfs import directories, fusefeatures
 from regfs.attributes import FOREVER
 from regfs.nodes import Attr, FixedNode, Listing, Node, NotFound, SectionNode, TagNode
 from regfs.operations import Operations
@@ -258,6 +258,7 @@ async def test_a_listing_with_attributes_is_handed_as_a_lookup_shows_it(ops, mon
         return True
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    monkeypatch.setattr(pyfuse3, "readdir_ended", lambda token, next_id: None)
     view = PagesView()
     with_view = Operations(Tree(ops.tree.registry, 2.0, views={"pages": view}), ops.options)
     section = await lookup_path(with_view, "a", "b", "pages")
@@ -309,11 +310,12 @@ async def test_a_lookup_racing_a_tag_push_keeps_nothing_stale(monkeypatch):
     assert (await tree.attr(tag)).size == len(new)
 
 
-async def test_a_listing_read_to_its_end_lets_go_of_its_entries(ops, monkeypatch):
-    """No release tells the daemon a listing is done (opendir answers ENOSYS), so a snapshot
-    handed out whole keeps only its length: its end still answers empty, and a reader that
-    goes back into it reads the current listing (a kept copy of 100,000 tags, beside the
-    one the next listing builds, took the daemon past 150 MB in `bench --only tags_rss`)."""
+async def test_a_listing_read_to_its_end_is_read_again_from_its_snapshot(ops, monkeypatch):
+    """No release tells the daemon a listing is done (opendir answers ENOSYS), and a reader
+    may ask again inside its last reply (its getdents buffer took only part of it), as may
+    another reader of the kernel's kept copy: a snapshot read to its end answers from its
+    own entries, whatever changed since, until it is evicted (here by SNAPSHOT_ENTRIES:
+    then the current listing)."""
     handed: list[tuple[bytes, int]] = []
 
     def reply(token: object, name: bytes, entry: object, next_id: int, lookup: bool = True) -> bool:
@@ -321,16 +323,24 @@ async def test_a_listing_read_to_its_end_lets_go_of_its_entries(ops, monkeypatch
         return True
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    monkeypatch.setattr(fusefeatures, "REPLY_MANY", False)  # one readdir_reply each
     layers = SectionNode("a/b", "layers")
     await ops.directories.read(layers, 0, None)
     [(name, end)] = handed
     assert name == str(digest_bytes(b"layer")).encode()
-    [snapshot] = ops.directories._snapshots.values()
-    assert snapshot.entries is None and snapshot.length == 1
     await ops.directories.read(layers, end, None)  # the end: nothing more
     assert len(handed) == 1
-    await ops.directories.read(layers, end - 1, None)  # back into it: the current listing
-    assert handed[1][0] == name and len(handed) == 2
+    upload = await ops.tree.registry.repository("a/b").layers.upload()
+    await upload.write(b"other")
+    await upload.finish(digest_bytes(b"other"))
+    ops.tree.forget_moving()  # SIGHUP: the tree reads the listing again
+    await ops.directories.read(layers, end - 1, None)  # back into it: its own entries
+    assert handed[1:] == [(name, end)]
+    monkeypatch.setattr(directories, "SNAPSHOT_ENTRIES", 2)
+    await ops.directories.read(layers, 0, None)  # a new listing of 2: the first goes
+    assert len(handed) == 4 and len(ops.directories._snapshots) == 1
+    await ops.directories.read(layers, end - 1, None)  # the current listing
+    assert len(handed) == 6
 
 
 def test_a_listing_of_many_tags_sets_off_no_collection():
@@ -380,6 +390,7 @@ async def test_an_image_directory_answers_getattr_with_what_it_was_handed(ops, m
     answers as is, field for field what the view says of it, until the kernel forgets its
     inode. A directory that moves with a tag, and a file, are asked of the view each time."""
     monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *args: True)
+    monkeypatch.setattr(pyfuse3, "readdir_ended", lambda token, next_id: None)
     view = ShelvesView()
     with_view = Operations(Tree(ops.tree.registry, 2.0, views={"pages": view}), ops.options)
     section = await lookup_path(with_view, "a", "b", "pages")

@@ -43,16 +43,16 @@ from support.images import (
     directory,
     file,
     hardlink,
+    shown_tree,
     symlink,
     tree_of_dir,
     umoci_unpack,
     whiteout,
 )
-from support.mounts import Mount, wait_until
+from support.mounts import Mount, mounted_at, wait_until
 from support.oci import CommandError, OciImage, new_image, read_oci_layout, skopeo_push
 from support.registry import RegistryServer
 from support.tools import MIB, errno_of, run
-from test_rootfs_guarantees import mounted_at, shown_tree
 
 from storage.manifest_format import DOCKER_LIST, DOCKER_MANIFEST
 from storage.rootfs import treefile

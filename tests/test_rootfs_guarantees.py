@@ -21,7 +21,6 @@ carries its own layer markers instead of one `pytestmark` for the module.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import io
 import os
@@ -37,13 +36,13 @@ import trio
 import zstandard
 from support.images import (
     Entry,
-    Tree,
     build_layered_image,
     differences,
     directory,
     file,
     layer_tars,
     opaque,
+    shown_tree,
     symlink,
     tree_of_dir,
     umoci_unpack,
@@ -59,7 +58,7 @@ from support.layers import (
     tar_of,
 )
 from support.member_memory import measured
-from support.mounts import Mount, wait_until
+from support.mounts import Mount, mounted_at, wait_until
 from support.oci import OciImage, image_index, image_manifest, skopeo_push
 from support.passes import Openings, loop_lag, timed_layer
 from support.registry import RegistryServer, write_self_signed_cert
@@ -307,16 +306,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return made
 
 
-@contextlib.contextmanager
-def mounted_at(source: str, where: Path, cache: Path, *args: str) -> Iterator[Mount]:
-    """A mount of `source` whose index cache is under `cache` (XDG_CACHE_HOME); stopped and
-    its log checked at the end."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(cache))
-        with Mount(source, where / "mnt", where / "regfs.log", list(args)) as m:
-            yield m
-
-
 @pytest.fixture(scope="module")
 def mounted(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     with mounted_at(str(built.root), tmp_path_factory.mktemp("mount"), built.cache) as m:
@@ -325,14 +314,6 @@ def mounted(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 def rootfs(m: Mount, *parts: str) -> Path:
     return m.path(*REPO.split("/"), "rootfs", *parts)
-
-
-def shown_tree(path: Path) -> Tree:
-    """tree_of_dir of an image root, without the xattrs regfs adds to that root."""
-    tree = tree_of_dir(path)
-    root = tree.records[""]
-    kept = tuple(x for x in root.xattrs if not x[0].startswith("user.regfs."))
-    return Tree({**tree.records, "": dataclasses.replace(root, xattrs=kept)}, tree.links)
 
 
 @pytest.mark.parametrize("tag", ["replace", "climb"])

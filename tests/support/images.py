@@ -324,3 +324,11 @@ def merge_tars(tars: Sequence[bytes]) -> tuple[MergedTree, Tree]:
 def merge_entries(*layers: Sequence[Entry]) -> tuple[MergedTree, Tree]:
     """`merge_tars` of hand-made layers, each written as a real PAX tar first."""
     return merge_tars([layer_tar(entries) for entries in layers])
+
+
+def shown_tree(path: Path) -> Tree:
+    """tree_of_dir of an image root, without the xattrs regfs adds to that root."""
+    tree = tree_of_dir(path)
+    root = tree.records[""]
+    kept = tuple(x for x in root.xattrs if not x[0].startswith("user.regfs."))
+    return Tree({**tree.records, "": replace(root, xattrs=kept)}, tree.links)

@@ -14,9 +14,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 REGFS = str(Path(sys.executable).parent / "regfs")
 
@@ -169,3 +171,13 @@ def kernel_inodes(m: Mount, numbers: Iterable[int]) -> int:
     finally:
         os.close(mount_fd)
     return held
+
+
+@contextlib.contextmanager
+def mounted_at(source: str, where: Path, cache: Path, *args: str) -> Iterator[Mount]:
+    """A mount of `source` whose index cache is under `cache` (XDG_CACHE_HOME); stopped and
+    its log checked at the end."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        with Mount(source, where / "mnt", where / "regfs.log", list(args)) as m:
+            yield m
