@@ -20,6 +20,7 @@ import re
 import struct
 import tarfile
 import urllib.parse
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -193,24 +194,27 @@ class _TarInfo(tarfile.TarInfo):
     @classmethod
     def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> _TarInfo:
         try:
-            fields = _USTAR.unpack(buf)
-            kind = fields[7]
-            checksum = _octal(fields[6])
-            numbers = [_octal(fields[i]) for i in (1, 2, 3, 4, 5, 12, 13)]
+            name, *octal, kind, linkname, _, uname, gname, major, minor, prefix = _USTAR.unpack(buf)
+            # tarfile's value of each plain octal field (`nti`); a base-256 one (its first
+            # byte 0x80 or 0xff) or any other form raises ValueError, and tarfile parses it
+            mode, uid, gid, size, mtime, checksum, devmajor, devminor = [
+                int(field.partition(b"\0")[0] or b"0", 8) for field in (*octal, major, minor)
+            ]
         except (ValueError, struct.error):
             return super().frombuf(buf, encoding, errors)
-        if kind == tarfile.GNUTYPE_SPARSE or checksum != 256 + sum(buf) - sum(buf[148:156]):
+        if kind == tarfile.GNUTYPE_SPARSE or checksum != 256 + _unsigned_sum(buf):
             return super().frombuf(buf, encoding, errors)
         info = cls()
-        info.name = tarfile.nts(fields[0], encoding, errors)  # type: ignore[attr-defined]
-        info.mode, info.uid, info.gid, info.size, info.mtime = numbers[:5]
-        info.devmajor, info.devminor = numbers[5:]
+        # tarfile's `nts` for each name: up to the first NUL, decoded
+        info.name = name.partition(b"\0")[0].decode(encoding, errors)
+        info.mode, info.uid, info.gid, info.size, info.mtime = mode, uid, gid, size, mtime
+        info.devmajor, info.devminor = devmajor, devminor
         info.chksum = checksum
         info.type = kind
-        info.linkname = tarfile.nts(fields[8], encoding, errors)  # type: ignore[attr-defined]
-        info.uname = tarfile.nts(fields[10], encoding, errors)  # type: ignore[attr-defined]
-        info.gname = tarfile.nts(fields[11], encoding, errors)  # type: ignore[attr-defined]
-        prefix = tarfile.nts(fields[14], encoding, errors)  # type: ignore[attr-defined]
+        info.linkname = linkname.partition(b"\0")[0].decode(encoding, errors)
+        info.uname = uname.partition(b"\0")[0].decode(encoding, errors)
+        info.gname = gname.partition(b"\0")[0].decode(encoding, errors)
+        prefix = prefix.partition(b"\0")[0].decode(encoding, errors)
         if info.type == tarfile.AREGTYPE and info.name.endswith("/"):
             info.type = tarfile.DIRTYPE
         if info.isdir():
@@ -228,12 +232,16 @@ class _TarInfo(tarfile.TarInfo):
         super()._apply_pax_info(kept, encoding, errors)  # type: ignore[misc]  # not in typeshed
 
 
-def _octal(field: bytes) -> int:
-    """tarfile's value of a plain octal number field; ValueError for any other form (the
-    base-256 one, or what tarfile would read otherwise), which tarfile then parses."""
-    if field[0] >= 0x80:
-        raise ValueError("base-256")
-    return int(field.partition(b"\0")[0] or b"0", 8)
+def _unsigned_sum(header: bytes | bytearray) -> int:
+    """The sum of a header's bytes but its checksum field's (tarfile's unsigned checksum,
+    less the field's 8 spaces), in C: adler32 started at 0 keeps the sum of a piece's bytes
+    modulo 65521 in its low half, exact for pieces of at most 256 bytes (~0.3 µs against
+    `sum`'s 2 µs over the 512). `header` is 512 bytes."""
+    return (
+        (zlib.adler32(header[:148], 0) & 0xFFFF)
+        + (zlib.adler32(header[156:404], 0) & 0xFFFF)
+        + (zlib.adler32(header[404:], 0) & 0xFFFF)
+    )
 
 
 class _Tar(tarfile.TarFile):
