@@ -7,7 +7,8 @@ import errno
 import logging
 import mmap
 import stat
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -31,11 +32,13 @@ log = logging.getLogger(__name__)
 # of one listing come from one snapshot whatever changes meanwhile. No release says when a
 # listing is done (opendir answers ENOSYS); a reader that falls this far behind goes on in
 # the directory's current listing, as on a directory that changed under it. Kept: this many,
-# holding at most SNAPSHOT_ENTRIES entries in all (the newest alone may hold more): one is most
-# often the tree's cached listing itself, but one kept past --tag-ttl is a copy of its own
+# holding at most SNAPSHOT_ENTRIES entries in all (the newest alone may hold more), and each
+# only ENDED_KEPT seconds after its end went out: one is most often the tree's cached
+# listing itself, but one kept past --tag-ttl is a copy of its own beside the tree's next
 # (two of 100,000 tags took the daemon past 150 MB in `bench --only tags_rss`).
 SNAPSHOTS_KEPT = 64
 SNAPSHOT_ENTRIES = 100_000
+ENDED_KEPT = 1.0
 _INDEX_BITS = 32  # offset = snapshot << 32 | index of the next entry
 _SNAPSHOT_IDS = 1 << 31  # positive offsets (off_t is signed)
 # A readdir at offset 0 hands at most this many placeholders (tags by name only): the kernel
@@ -61,14 +64,15 @@ RUN = 32
 
 @dataclass
 class _Snapshot:
-    """A listing being read. Its entries stay until it is evicted, not only until the last
-    went out: a reader whose getdents buffer took part of the last reply asks again at an
-    offset inside it, and so does another reader of the same listing through the kernel's
-    kept copy; going on in the current listing there would hand an entry twice, or skip
-    one, if an earlier one came or went meanwhile."""
+    """A listing being read. Its entries stay for ENDED_KEPT after the last went out, not
+    only until then: a reader whose getdents buffer took part of the last reply asks again
+    at an offset inside it, and so may another reader of the same listing through the
+    kernel's kept copy; going on in the current listing there would hand an entry twice,
+    or skip one, if an earlier one came or went meanwhile."""
 
     node: Node
-    entries: list[tuple[str, Node]]
+    entries: list[tuple[str, Node]] | None  # None: let go (`Directories._let_go`)
+    length: int
     since: int  # `Directories._uses` when it began: were its entries in use since?
     dot: bool | None = None  # the listing ends with "." (`_fills_pages`), once all went out
 
@@ -80,6 +84,7 @@ class Directories:
         self.attributes = attributes
         self._snapshots: OrderedDict[int, _Snapshot] = OrderedDict()
         self._entries_kept = 0  # of all snapshots
+        self._read_whole: deque[tuple[float, _Snapshot]] = deque()  # their end went out when
         self._next_snapshot = 1
         # The directories (outside the sections) whose entries were last in use (an entry
         # looked up, or listed with its attributes) at which count of such uses: a listing
@@ -94,10 +99,15 @@ class Directories:
         chain of offsets that follow one another, never mixes two snapshots in one."""
         snapshot, start = start_id >> _INDEX_BITS, start_id & ((1 << _INDEX_BITS) - 1)
         kept = self._snapshots.get(snapshot) if start_id else None
-        if kept is not None and kept.node == node:
+        if (
+            kept is not None
+            and kept.node == node
+            and (kept.entries is not None or start >= kept.length)
+        ):
             self._snapshots.move_to_end(snapshot)
-            entries = kept.entries
-        else:  # a reader that went back into a listing it read whole goes on in the current
+            entries = kept.entries or []  # let go when it was read to its end: nothing more
+        else:  # a reader back in a listing read whole long ago goes on in the current
+            self._let_go()
             entries = await self._present(node)
             snapshot = self._snapshot(node, entries)
             if start_id == 0 and _kept_by_kernel(node):
@@ -211,9 +221,10 @@ class Directories:
         ended = self._snapshots.get(snapshot)
         if ended is None:
             return 0
-        length = len(ended.entries)
-        if ended.dot is None:
+        length = ended.length
+        if ended.dot is None and ended.entries is not None:
             ended.dot = _fills_pages(name for name, _ in ended.entries)
+            self._read_whole.append((time.monotonic(), ended))
         if ended.dot and start <= length:
             dot = EntryAttributes()
             dot.st_ino = self.inodes.inode(ended.node)
@@ -228,14 +239,28 @@ class Directories:
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot
         self._next_snapshot = snapshot % (_SNAPSHOT_IDS - 1) + 1
-        self._snapshots[snapshot] = _Snapshot(node, entries, self._uses)
+        self._snapshots[snapshot] = _Snapshot(node, entries, len(entries), self._uses)
         self._entries_kept += len(entries)
         snapshots = self._snapshots
         while len(snapshots) > SNAPSHOTS_KEPT or (
             self._entries_kept > SNAPSHOT_ENTRIES and len(snapshots) > 1
         ):
-            self._entries_kept -= len(snapshots.popitem(last=False)[1].entries)
+            self._drop(snapshots.popitem(last=False)[1])
         return snapshot
+
+    def _let_go(self) -> None:
+        """The entries of snapshots whose end went out more than ENDED_KEPT ago: done before
+        a listing is made, so that it is never held beside a stale copy of itself."""
+        whole = self._read_whole
+        if whole:
+            now = time.monotonic()
+            while whole and now - whole[0][0] > ENDED_KEPT:
+                self._drop(whole.popleft()[1])
+
+    def _drop(self, snapshot: _Snapshot) -> None:
+        if snapshot.entries is not None:
+            self._entries_kept -= len(snapshot.entries)
+            snapshot.entries = None
 
     async def entry_of(self, node: Node) -> EntryAttributes:
         """What a GETATTR or a lookup hands the kernel (`Attributes`), with, for a directory
@@ -255,6 +280,7 @@ class Directories:
         if kept.relists(node):
             kept.move(node)
             return
+        self._let_go()
         try:
             entries = await self._present(node)
         except LookupError:

@@ -315,7 +315,7 @@ async def test_a_listing_read_to_its_end_is_read_again_from_its_snapshot(ops, mo
     may ask again inside its last reply (its getdents buffer took only part of it), as may
     another reader of the kernel's kept copy: a snapshot read to its end answers from its
     own entries, whatever changed since, until it is evicted (here by SNAPSHOT_ENTRIES:
-    then the current listing)."""
+    then the current listing) or ENDED_KEPT passed."""
     handed: list[tuple[bytes, int]] = []
 
     def reply(token: object, name: bytes, entry: object, next_id: int, lookup: bool = True) -> bool:
@@ -341,6 +341,10 @@ async def test_a_listing_read_to_its_end_is_read_again_from_its_snapshot(ops, mo
     assert len(handed) == 4 and len(ops.directories._snapshots) == 1
     await ops.directories.read(layers, end - 1, None)  # the current listing
     assert len(handed) == 6
+    [second] = ops.directories._snapshots.values()  # read to its end, and then held
+    monkeypatch.setattr(directories, "ENDED_KEPT", 0.0)
+    await ops.directories.read(layers, 0, None)  # a listing made lets go of it first
+    assert second.entries is None and len(handed) == 8
 
 
 def test_a_listing_of_many_tags_sets_off_no_collection():
