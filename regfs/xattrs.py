@@ -10,7 +10,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from .inodes import InodeTable
-from .nodes import REGISTRY_KINDS
+from .nodes import REGISTRY_KINDS, ROOT, Node
 from .tree import Tree
 
 XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
@@ -22,6 +22,10 @@ ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 # file_has_acl_cache), which saves two FUSE round trips per listed file.
 UNSUPPORTED_PREFIX = b"security."
 SELINUX = b"security.selinux"
+# On the mount's root: how many inodes the daemon holds for the kernel (its lookup counts
+# not yet forgotten), the root included. A user watching memory, and the tests, can see
+# from outside that what the kernel lets go the daemon lets go too (no count leaks).
+INODES_XATTR = "user.regfs.inodes"
 
 
 class Xattrs:
@@ -37,7 +41,7 @@ class Xattrs:
             if name in ACL_XATTRS or name.startswith(UNSUPPORTED_PREFIX):
                 raise FUSEError(errno.EOPNOTSUPP)
             raise FUSEError(pyfuse3.ENOATTR)
-        xattrs = await self.tree.xattrs(node)
+        xattrs = await self._of(node)
         try:
             return xattrs[os.fsdecode(name)]
         except KeyError:
@@ -49,7 +53,12 @@ class Xattrs:
             raise FUSEError(pyfuse3.ENOATTR) from None
 
     async def names(self, inode: int) -> list[bytes]:
-        return [os.fsencode(name) for name in await self.tree.xattrs(self.inodes.node(inode))]
+        return [os.fsencode(name) for name in await self._of(self.inodes.node(inode))]
+
+    async def _of(self, node: Node) -> dict[str, bytes]:
+        if node == ROOT:
+            return {INODES_XATTR: str(len(self.inodes)).encode()}
+        return await self.tree.xattrs(node)
 
     @staticmethod
     def check_set(name: bytes, read_only: bool) -> None:

@@ -1,0 +1,110 @@
+"""The daemon's inode table, seen from outside (`getfattr -n user.regfs.inodes` on the root):
+what the kernel lets go the daemon lets go too, and what the kernel holds it keeps.
+
+Every entry handed with a lookup (LOOKUP, READDIRPLUS, one by one or in bulk, CREATE, MKDIR,
+a rename's) is counted once, and FORGET takes the kernel's count back: one counted twice
+would stay after the kernel dropped it (memory that grows with every walk, and a stale
+number); one not counted would be dropped while the kernel still uses it (ESTALE). Dropping
+the kernel's dentries and inodes (`drop_caches`) sends FORGET for all it does not hold.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from support.images import directory, file, hardlink, symlink
+from support.mounts import Mount, wait_until
+from support.roots import build_root, put_layer_image, write_tags
+from support.tools import run
+
+pytestmark = pytest.mark.mount
+
+NAME = "library/counted"
+
+
+def held(m: Mount) -> int:
+    value = run("getfattr", "--only-values", "-n", "user.regfs.inodes", m.mountpoint).stdout
+    return int(value)
+
+
+def drop_kernel_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+
+
+def forgotten(m: Mount, at_most: int) -> None:
+    """Drop the kernel's unused inodes until the daemon holds at most `at_most` (FORGETs
+    come asynchronously, after the write returns)."""
+
+    def settled() -> bool:
+        drop_kernel_caches()
+        return held(m) <= at_most
+
+    wait_until(settled, 10, f"the daemon to hold at most {at_most} inodes")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A repository with 300 tags, a layer, an upload's worth of room, and an image of nested
+    directories, hard links and symlinks for rootfs/."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 20_000)
+    write_tags(root, NAME, image["digest"], [f"t{i:03d}" for i in range(300)])
+    entries = [directory("."), *(directory(f"d{i}") for i in range(30))]
+    entries += [file(f"d{i}/f{j}", f"{i} {j}\n".encode()) for i in range(30) for j in range(20)]
+    entries += [hardlink("d0/linked", "d1/f1"), symlink("d2/up", "../d3/f3")]
+    trio.run(put_layer_image, root, NAME, "img", entries)
+    return root
+
+
+def test_what_the_kernel_forgets_the_daemon_forgets(root: Path, mount, tmp_path: Path) -> None:
+    """Walks, stats, reads and writes of every kind of entry raise the count; once the kernel
+    drops its caches the daemon holds the root alone again."""
+    m: Mount = mount(root)
+    assert held(m) == 1
+    repo = m.path(NAME)
+    run("find", m.mountpoint)
+    run("ls", "-lR", repo / "tags", repo / "layers", repo / "manifests")
+    run("find", repo / "rootfs" / "img", "-type", "f", "-exec", "cat", "{}", "+")
+    run("ls", "-lR", repo / "rootfs" / "img")
+    run("du", "-sb", repo / "rootfs" / "img")
+    upload = repo / "uploads" / "blob"
+    upload.write_bytes(b"not a layer yet\n")
+    run("mv", upload, repo / "uploads" / "renamed")
+    run("rm", repo / "uploads" / "renamed")
+    run("cp", repo / "tags" / "t000", repo / "tags" / "copied")
+    run("rm", repo / "tags" / "copied")
+    walked = held(m)
+    assert walked > 300 + 600, walked  # the tags and the image's files were counted
+    forgotten(m, 1)
+
+
+def test_what_the_kernel_holds_the_daemon_keeps(root: Path, mount) -> None:
+    """A file held open, and the directories above it that the kernel pins, survive the
+    kernel dropping everything else: its inode still answers (no ESTALE), and the count
+    goes back to the root alone once it is closed."""
+    m: Mount = mount(root)
+    deep = m.path(NAME, "rootfs", "img", "d7", "f7")
+    run("find", m.path(NAME, "rootfs", "img"))
+    # A reader that holds the file open while the kernel drops its caches around it.
+    with subprocess.Popen(
+        ["sh", "-c", 'exec 3< "$1"; echo open; read line; cat <&3', "sh", str(deep)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as reader:
+        assert reader.stdin is not None and reader.stdout is not None
+        assert reader.stdout.readline() == b"open\n"
+        # The file, d7, img, rootfs, the repository's two names and the root: pinned.
+        forgotten(m, 7)
+        assert held(m) == 7
+        reader.stdin.write(b"go\n")
+        reader.stdin.close()
+        out = reader.stdout.read()
+        assert reader.wait(timeout=30) == 0
+    assert out == b"7 7\n"
+    assert os.stat(deep).st_size == 4  # looked up again after the drop
+    forgotten(m, 1)
