@@ -10,6 +10,7 @@ the kernel's dentries and inodes (`drop_caches`) sends FORGET for all it does no
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from pathlib import Path
@@ -47,26 +48,42 @@ def forgotten(m: Mount, at_most: int) -> None:
     wait_until(settled, 10, f"the daemon to hold at most {at_most} inodes")
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """A repository with 300 tags, a layer, an upload's worth of room, and an image of nested
-    directories, hard links and symlinks for rootfs/."""
-    root = tmp_path / "root"
-    image = trio.run(build_root, root, NAME, 20_000)
-    write_tags(root, NAME, image["digest"], [f"t{i:03d}" for i in range(300)])
+async def build(root: Path, name: str) -> None:
+    """A repository with 300 tags and a layer, and an image of nested directories, hard
+    links and a symlink for rootfs/."""
+    image = await build_root(root, name, 20_000)
+    write_tags(root, name, image["digest"], [f"t{i:03d}" for i in range(300)])
     entries = [directory("."), *(directory(f"d{i}") for i in range(30))]
     entries += [file(f"d{i}/f{j}", f"{i} {j}\n".encode()) for i in range(30) for j in range(20)]
     entries += [hardlink("d0/linked", "d1/f1"), symlink("d2/up", "../d3/f3")]
-    trio.run(put_layer_image, root, NAME, "img", entries)
-    return root
+    await put_layer_image(root, name, "img", entries)
 
 
-def test_what_the_kernel_forgets_the_daemon_forgets(root: Path, mount, tmp_path: Path) -> None:
+@pytest.fixture(
+    params=["local", pytest.param("remote", marks=[pytest.mark.registry, pytest.mark.remote])]
+)
+def counted(request: pytest.FixtureRequest, tmp_path: Path, mount) -> tuple[Mount, Path]:
+    """A mount of the repository (a storage root, or the real registry over HTTP) and the
+    repository's path in it."""
+    if request.param == "local":
+        trio.run(build, tmp_path / "root", NAME)
+        m = mount(tmp_path / "root")
+        return m, m.path(NAME)
+    server = request.getfixturevalue("module_registry_server")
+    name = f"{NAME}-{next(_names)}"
+    trio.run(build, server.root, name)
+    m = request.getfixturevalue("remote_mount")()
+    return m, m.path(name)
+
+
+_names = itertools.count()
+
+
+def test_what_the_kernel_forgets_the_daemon_forgets(counted: tuple[Mount, Path]) -> None:
     """Walks, stats, reads and writes of every kind of entry raise the count; once the kernel
     drops its caches the daemon holds the root alone again."""
-    m: Mount = mount(root)
+    m, repo = counted
     assert held(m) == 1
-    repo = m.path(NAME)
     run("find", m.mountpoint)
     run("ls", "-lR", repo / "tags", repo / "layers", repo / "manifests")
     run("find", repo / "rootfs" / "img", "-type", "f", "-exec", "cat", "{}", "+")
@@ -77,17 +94,17 @@ def test_what_the_kernel_forgets_the_daemon_forgets(root: Path, mount, tmp_path:
     run("mv", upload, repo / "uploads" / "renamed")
     run("rm", repo / "uploads" / "renamed")
     run("cp", repo / "tags" / "t000", repo / "tags" / "copied")
-    run("rm", repo / "tags" / "copied")
     walked = held(m)
     assert walked > 300 + 600, walked  # the tags and the image's files were counted
     forgotten(m, 1)
 
 
-def test_what_the_kernel_holds_the_daemon_keeps(root: Path, mount) -> None:
+def test_what_the_kernel_holds_the_daemon_keeps(tmp_path: Path, mount) -> None:
     """A file held open, and the directories above it that the kernel pins, survive the
     kernel dropping everything else: its inode still answers (no ESTALE), and the count
     goes back to the root alone once it is closed."""
-    m: Mount = mount(root)
+    trio.run(build, tmp_path / "root", NAME)
+    m: Mount = mount(tmp_path / "root")
     deep = m.path(NAME, "rootfs", "img", "d7", "f7")
     run("find", m.path(NAME, "rootfs", "img"))
     # A reader that holds the file open while the kernel drops its caches around it.
