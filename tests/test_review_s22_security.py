@@ -1,0 +1,250 @@
+"""Review (stop 22): hostile storage roots, registries and token servers, attacks not yet
+tested elsewhere (docs/security.md has the threat model). A test marked xfail(strict) shows
+a bug found here, failing today for that reason only; its comment says what should happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from support.fault_server import Fault, FaultServer
+from support.images import directory, file, layer_tar
+from support.layers import MEDIA_TYPES, compress, estargz
+from support.mounts import mounted_at
+from support.oci import image_manifest, sha256_digest
+from support.registry import blob_data_path, write_self_signed_cert
+from support.roots import CONFIG, link_blobs, put_tagged
+
+from storage.drivers import FilesystemDriver
+from storage.errors import StorageError
+from storage.remote.client import RemoteClient
+from storage.remote.registry import RemoteRegistry
+from storage.remote.uploads import RemoteUpload, UploadRecords
+from storage.rootfs.cache import IndexCache
+from storage.rootfs.errors import UnsafeCacheDir
+from storage.rootfs.image import TOC_DIGEST
+
+# --------------------------------------------------------------------------- index cache
+
+
+async def _trusted_and_hostile(trusted: Path, hostile: Path) -> None:
+    """`trusted`: library/app:v1, one gzip layer L holding etc/motd. `hostile` (its owner
+    writes what they like): evil/img:v1 whose manifest names L's digest, with a
+    `toc.digest` annotation, and whose blob file under that digest is an eStargz blob of
+    other members (the owner overwrote it: a storage root's blob is never hashed on a
+    random read)."""
+    layer = compress(layer_tar([directory("etc"), file("etc/motd", b"trusted\n")]), "gzip")
+    await link_blobs(trusted, "library/app", [CONFIG, layer])
+    await put_tagged(
+        trusted, "library/app", "v1", image_manifest(CONFIG, [layer], MEDIA_TYPES["gzip"])
+    )
+    planted, toc = estargz(layer_tar([directory("etc"), file("planted", b"from another root\n")]))
+    await link_blobs(hostile, "evil/img", [CONFIG, layer])
+    blob_data_path(hostile, sha256_digest(layer)).write_bytes(planted)
+    # The manifest of the eStargz blob, naming it by L's digest.
+    manifest = image_manifest(CONFIG, [planted], MEDIA_TYPES["gzip"], [{TOC_DIGEST: toc}])
+    named = manifest.replace(sha256_digest(planted).encode(), sha256_digest(layer).encode())
+    await put_tagged(hostile, "evil/img", "v1", named)
+
+
+# A hostile source (a storage root's owner, or any registry the same user mounts) poisons
+# the index cache shared by every mount of the user: an eStargz TOC is checked only against
+# the hostile manifest's own annotation, then kept under the layer digest, and any later
+# mount that meets that digest loads it (IndexCache.load takes the digest alone). Should:
+# a TOC's index is kept per manifest annotation (or not kept), never served for the digest.
+@pytest.mark.mount
+@pytest.mark.xfail(strict=True, reason="an eStargz TOC index is cached by layer digest alone")
+def test_a_toc_from_a_hostile_root_never_shows_in_another_roots_image(tmp_path: Path) -> None:
+    trusted, hostile, cache = tmp_path / "trusted", tmp_path / "hostile", tmp_path / "xdg"
+    trio.run(_trusted_and_hostile, trusted, hostile)
+    with mounted_at(str(hostile), tmp_path / "h4-hostile", cache) as m:
+        assert "planted" in os.listdir(m.path("evil", "img", "rootfs", "v1"))
+    with mounted_at(str(trusted), tmp_path / "h4-trusted", cache) as m:
+        shown = m.path("library", "app", "rootfs", "v1")
+        assert sorted(os.listdir(shown)) == ["etc"]
+        assert (shown / "etc" / "motd").read_bytes() == b"trusted\n"
+
+
+# --------------------------------------------------------------------------- remote
+
+
+@pytest.fixture
+def https(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server-side TLS context and its self-signed certificate (its own CA)."""
+    files = write_self_signed_cert(tmp_path / "h4.pem", tmp_path / "h4.key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files.cert, files.key)
+    return context, files.cert
+
+
+def _client(url: str, **kw: Any) -> RemoteClient:
+    return RemoteClient(url, timeout=3, retries=0, **kw)
+
+
+# The registry is https, but a `Link: next` it sends is asked wherever it points, plain http
+# included (only a redirect is held to https): whoever is on that path can add or hide
+# names. Should: a next page off https is refused, as a redirect to http is.
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="a Link: next to plain http is followed from https")
+async def test_a_next_page_never_leaves_https_for_plain_http(
+    tmp_path: Path, https: tuple[ssl.SSLContext, Path]
+) -> None:
+    context, cert = https
+    with FaultServer(tls=context) as registry, FaultServer() as plain:
+        link = (("Link", f'<{plain.url}/v2/x/tags/list?n=1000&last=a>; rel="next"'),)
+        page = json.dumps({"name": "x", "tags": ["a"]}).encode()
+        registry.inject(Fault(200, headers=link, body=page, path="/tags/list"), times=4)
+        async with _client(registry.url, ca_file=str(cert)) as client:
+            with contextlib.suppress(StorageError):
+                await RemoteRegistry(client, tmp_path).repository("x").tags.list()
+    assert plain.seen == []
+
+
+# An upload's `Location` from an https registry is used as given: a plain-http one gets the
+# layer's bytes in clear (a redirect to http is refused). Should: RemoteError, nothing sent.
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="an upload Location on plain http gets the layer bytes")
+async def test_an_upload_never_leaves_https_for_plain_http(
+    tmp_path: Path, https: tuple[ssl.SSLContext, Path]
+) -> None:
+    context, cert = https
+    with FaultServer(tls=context) as registry, FaultServer() as plain:
+        location = (("Location", f"{plain.url}/v2/x/blobs/uploads/u1"),)
+        registry.inject(Fault(202, method="POST", headers=location))
+        plain.inject(Fault(202, method="PATCH", headers=location), times=2)
+        async with _client(registry.url, ca_file=str(cert)) as client:
+            with contextlib.suppress(StorageError):
+                upload = await RemoteUpload.start(client, UploadRecords(tmp_path / "r"), "x", None)
+                await upload.write_at(0, b"secret layer bytes")
+                await upload.flush()
+    assert [s.method for s in plain.seen] == []
+
+
+async def _token_then_tags(token: object) -> None:
+    """A registry that asks for a bearer token and a token server that grants `token`;
+    then a tags listing."""
+    with FaultServer() as registry, FaultServer() as tokens:
+        realm = (("WWW-Authenticate", f'Bearer realm="{tokens.url}/token",service="s"'),)
+        registry.inject(Fault(401, headers=realm, path="/tags/"))
+        body = json.dumps({"token": token, "expires_in": 300}).encode()
+        tokens.inject(Fault(200, body=body, path="/token"), times=4)
+        async with _client(registry.url) as client:
+            await client.request("GET", "/v2/x/tags/list")
+
+
+# A token server's token that is not ASCII ("tök") escapes as UnicodeEncodeError (httpx's
+# header encoding) from RemoteClient: through a mount an unexpected error, a traceback in
+# the log. Should: RemoteError naming the token server.
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="a non-ASCII token raises UnicodeEncodeError")
+async def test_a_token_that_is_no_header_value_is_a_remote_error() -> None:
+    with pytest.raises(StorageError):
+        await _token_then_tags("t\u00f6k")
+
+
+# --------------------------------------------------------------------------- storage root
+
+
+# Names in a storage root are its owner's: a symlink or a file named with a newline is
+# logged as it is (`a symbolic link ... not listed`, `no storage path name`), so the owner
+# writes whole lines of their own into the daemon's log. Should: escaped, as server text is.
+@pytest.mark.storage
+@pytest.mark.xfail(strict=True, reason="names from a storage root are logged unescaped")
+async def test_names_in_a_root_cannot_forge_log_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "\n2026-11-30 12:00:00,000 ERROR regfs: forged"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / f"file{forged}").write_bytes(b"")
+    (tmp_path / "d" / f"link{forged}").symlink_to("/etc/passwd")
+    driver = FilesystemDriver(tmp_path)
+    await driver.list("/d")
+    await driver.entries("/d")
+    assert "forged" in caplog.text
+    assert not [r for r in caplog.records if "\n" in r.getMessage()]
+
+
+# A directory removed (an upload's, `rm -r` through the mount, purge-uploads) goes by
+# shutil.rmtree(dir_fd=): Python 3.11's lstat, then open(O_RDONLY) without O_NOFOLLOW or
+# O_NONBLOCK, then a check that it is the same inode. A root's owner who swaps the
+# directory for a symlink between the two makes the daemon (root) open the link's target
+# outside the root: a FIFO there holds the call (and a worker thread) for good. The swap is
+# made here at the very moment, as a racing loop would. Should: opened with O_NOFOLLOW
+# (and O_NONBLOCK), nothing outside the root is opened.
+@pytest.mark.storage
+@pytest.mark.xfail(strict=True, reason="rmtree opens a swapped-in symlink's target")
+async def test_a_directory_swapped_for_a_link_while_removed_opens_nothing_outside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, fifo = tmp_path / "root", tmp_path / "outside-fifo"
+    (root / "up" / "u1").mkdir(parents=True)
+    (root / "up" / "u1" / "data").write_bytes(b"x")
+    os.mkfifo(fifo)
+    real_open = os.open
+    swapped = threading.Event()
+
+    def racing_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if path == "u1" and flags == os.O_RDONLY and not swapped.is_set():  # rmtree's open
+            swapped.set()
+            os.rename(root / "up" / "u1", root / "up" / "moved")
+            os.symlink(fifo, root / "up" / "u1")
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def release() -> None:  # a writer lets a reader blocked opening the FIFO go
+        os.close(real_open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        released.set()
+
+    released = threading.Event()
+    watchdog = threading.Timer(1.5, release)
+    monkeypatch.setattr(os, "open", racing_open)
+    driver = FilesystemDriver(root)
+    watchdog.start()
+    try:
+        with contextlib.suppress(OSError, StorageError):
+            await driver.delete("/up/u1")
+    finally:
+        watchdog.cancel()
+    assert swapped.is_set()
+    assert not released.is_set(), "the daemon blocked opening a FIFO outside the root"
+
+
+# --------------------------------------------------------------------------- index cache dir
+
+
+# `$XDG_CACHE_HOME/regfs` planted as a symlink by whoever can write XDG_CACHE_HOME (a shared,
+# sticky directory: the case test_rootfs_mount's unsafe-cache test plays): the daemon makes
+# `index` through the link before it checks anything (Path.mkdir, os.mkdir follow it), so
+# root creates a directory wherever the link points; a dangling link is a FileExistsError
+# that no caller takes for UnsafeCacheDir (the mount fails instead of using a private
+# directory). Should: nothing made through a link; UnsafeCacheDir either way.
+@pytest.mark.storage
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-directory", "dangling"])
+@pytest.mark.xfail(
+    strict=True,
+    raises=(AssertionError, FileExistsError),
+    reason="the index directory is made through a planted link",
+)
+def test_a_planted_cache_link_makes_nothing_where_it_points(tmp_path: Path, dangling: bool) -> None:
+    shared, elsewhere = tmp_path / "xdg", tmp_path / "elsewhere"
+    shared.mkdir(mode=0o1777)
+    shared.chmod(0o1777)
+    if not dangling:
+        elsewhere.mkdir()
+    (shared / "regfs").symlink_to(elsewhere)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(shared))
+        try:
+            IndexCache().close()
+        except UnsafeCacheDir:
+            pass
+        finally:
+            made = (elsewhere / "index").exists()
+    assert not made
