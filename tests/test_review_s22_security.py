@@ -23,11 +23,14 @@ from support.oci import image_manifest, sha256_digest
 from support.registry import blob_data_path, write_self_signed_cert
 from support.roots import CONFIG, link_blobs, put_tagged
 
+from regfs.options import MountOptions
+from regfs.sources import _open_remote
 from storage.drivers import FilesystemDriver
+from storage.drivers.s3 import S3Driver
 from storage.errors import StorageError
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
-from storage.remote.uploads import RemoteUpload, UploadRecords
+from storage.remote.uploads import RemoteUpload, UploadRecord, UploadRecords
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.errors import UnsafeCacheDir
 from storage.rootfs.image import TOC_DIGEST
@@ -248,3 +251,60 @@ def test_a_planted_cache_link_makes_nothing_where_it_points(tmp_path: Path, dang
         finally:
             made = (elsewhere / "index").exists()
     assert not made
+
+
+# --------------------------------------------------------------------------- S3
+
+
+# An S3 endpoint (MinIO or any other that someone else runs) whose truncated listing names
+# the same continuation token again is asked that page for ever, a worker thread and the
+# `ls` held meanwhile; fresh tokens each time would also grow the listing without bound. The
+# remote registry's listing stops at a loop and at its caps (_Listing). Should: a token
+# seen before in the listing is refused (EIO), and so are pages past a cap.
+@pytest.mark.storage
+@pytest.mark.xfail(strict=True, reason="an S3 listing follows a looping continuation token")
+async def test_an_s3_listing_whose_next_page_loops_back_stops(moto_server, s3_bucket) -> None:
+    loops = 30  # then the requests reach moto, which ends the listing its way
+    with FaultServer(upstream=moto_server.url) as proxy:
+        driver = S3Driver(s3_bucket, "/r", client=moto_server.client(proxy.url))
+        await driver.put_content("/a/b", b"hello")
+        entry = (
+            b"<Key>r/a/b</Key><Size>5</Size><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+        )
+        page = (
+            b"<ListBucketResult><Contents>%s</Contents><IsTruncated>true</IsTruncated>"
+            b"<NextContinuationToken>again</NextContinuationToken></ListBucketResult>" % entry
+        )
+        proxy.inject(Fault(200, body=page, method="GET", path=f"^/{s3_bucket}$"), times=loops)
+        driver.forget()
+        with contextlib.suppress(StorageError):
+            await driver.list("/a")
+        pages = [s for s in proxy.seen if "list-type=2" in s.path]
+    assert len(pages) <= 2, f"{len(pages)} requests for the same page"
+
+
+# --------------------------------------------------------------------------- upload records
+
+
+# Upload records hold signed upload locations and hash states (docs/security.md: "private").
+# The state directory gets none of the index cache's checks: `$XDG_STATE_HOME/regfs` planted
+# as a symlink (a shared XDG_STATE_HOME, as the cache test above) has records written, and
+# read back, wherever it points. Should: refused as IndexCache refuses its directory (ours,
+# reached without a link, writable by nobody else), or a private directory used instead.
+@pytest.mark.storage
+@pytest.mark.xfail(strict=True, reason="upload records are kept through a planted link")
+async def test_upload_records_are_not_kept_through_a_planted_link(tmp_path: Path) -> None:
+    shared, elsewhere = tmp_path / "xdg-state", tmp_path / "elsewhere"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    elsewhere.mkdir()
+    (shared / "regfs").symlink_to(elsewhere)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(shared))
+        registry = _open_remote(MountOptions("http://127.0.0.1:9", "/nowhere"))
+        with contextlib.suppress(StorageError, OSError):
+            registry.records.save(
+                UploadRecord("org/app", "u1", "http://127.0.0.1:9/x?_state=s", None)
+            )
+        await registry.client.aclose()
+    assert not list(elsewhere.rglob("*.json"))
