@@ -1,0 +1,230 @@
+"""Review (stop 22): everyday tools a user runs on a mount, and the registry's own garbage
+collection beside it, compared with what a local filesystem (ext4) does.
+
+Each `xfail(strict=True)` test is a bug found here: it fails today for the reason it names,
+and passes once the mount answers as a local filesystem would (then drop its mark). The
+tests without a mark cover what nothing else did: reads that go on while the registry
+collects what they read, and `tar -c` of an image's hard links.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from support.images import directory, file, hardlink, symlink
+from support.registry import REGISTRY_BIN, RegistryServer, blob_data_path, repo_path
+from support.roots import build_root, put_layer_image
+from support.tools import errno_of, ls, run
+from support.uploads import write_file
+
+pytestmark = pytest.mark.mount
+
+NAME = "library/demo"
+
+
+@pytest.fixture
+async def uploads(tmp_path: Path, mount) -> Path:
+    """uploads/ of a fresh root's library/demo, through a mount."""
+    await build_root(tmp_path / "root", size=10_000)
+    return mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"), "uploads")
+
+
+def files_to_copy(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A directory of two files, as a user keeps blobs to push."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = {"one": os.urandom(10_000), "two": os.urandom(20_000)}
+    for name, body in data.items():
+        write_file(src / name, body)
+    return src, data
+
+
+# --------------------------------------------------------------------------- uploads/
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="uploads/ refuses the directory times rsync -a, cp -a and tar -x set on it "
+    "(utimensat of uploads/ is EPERM): each copies every file, then exits non-zero",
+)
+@pytest.mark.parametrize("tool", ["rsync -a", "cp -a", "tar -x"])
+async def test_a_directory_copied_into_uploads_exits_0(tmp_path, uploads, tool):
+    # ext4: the directory takes the source's times; every tool exits 0.
+    src, data = files_to_copy(tmp_path)
+    if tool == "rsync -a":
+        result = run("rsync", "-a", f"{src}/", f"{uploads}/", check=False)
+    elif tool == "cp -a":
+        result = run("cp", "-a", f"{src}/.", f"{uploads}/", check=False)
+    else:  # a tar of a directory's contents, as `tar -C dir -c .` makes it: "./" first
+        run("tar", "-C", src, "-cf", tmp_path / "blobs.tar", ".")
+        result = run("tar", "-C", uploads, "-xf", tmp_path / "blobs.tar", check=False)
+    for name, body in data.items():  # every file arrived, today too
+        assert (uploads / name).read_bytes() == body, name
+    assert result.returncode == 0, result.stderr.decode()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a write past an upload's end is EINVAL, so cp of a sparse file (it seeks over "
+    "the hole) fails and leaves an empty upload; truncate -s to a bigger size is EINVAL too",
+)
+async def test_cp_of_a_sparse_file_into_uploads(tmp_path, uploads):
+    # ext4: the copy is the same bytes (the hole reads as zeros), cp exits 0.
+    sparse = tmp_path / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 20)
+        f.seek(500_000)
+        f.write(b"data after a hole")
+    result = run("cp", sparse, uploads / "img", check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert (uploads / "img").read_bytes() == sparse.read_bytes()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="mv of an upload to another repository's uploads/ is EPERM; EXDEV would make mv "
+    "copy it and remove the original, as it does across filesystems",
+)
+async def test_mv_of_an_upload_to_another_repository(tmp_path, uploads):
+    # ext4: rename(2) moves it; across filesystems rename is EXDEV and mv copies + unlinks.
+    data = os.urandom(50_000)
+    write_file(uploads / "blob", data)
+    other = uploads.parents[2] / "org" / "other"  # uploads is MNT/library/demo/uploads
+    run("mkdir", "-p", other)
+    result = run("mv", uploads / "blob", other / "uploads" / "blob", check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert (other / "uploads" / "blob").read_bytes() == data
+    assert "blob" not in ls(uploads)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an upload's mtime stays its start time: a later append does not move it",
+)
+async def test_an_append_moves_an_uploads_mtime(uploads):
+    # ext4: st_mtime is the time of the last write.
+    write_file(uploads / "growing", b"first part")
+    time.sleep(1.1)
+    appended = time.time()
+    with open(uploads / "growing", "ab") as f:
+        f.write(b", second part")
+    assert os.stat(uploads / "growing").st_mtime >= int(appended)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="user.* xattrs are refused on uploads with EPERM, which mv reports; a filesystem "
+    "without user xattrs answers EOPNOTSUPP, which cp and mv pass over in silence",
+)
+async def test_mv_of_a_downloaded_file_into_uploads_says_nothing(tmp_path, uploads):
+    # ext4 keeps the xattr; tmpfs without user xattrs says EOPNOTSUPP: mv prints nothing.
+    downloaded = write_file(tmp_path / "layer.tar.gz", os.urandom(5_000))
+    os.setxattr(downloaded, "user.xdg.origin.url", b"https://example.com/layer.tar.gz")
+    result = run("mv", downloaded, uploads / "layer", check=False)
+    assert (uploads / "layer").stat().st_size == 5_000
+    assert (result.returncode, result.stderr.decode()) == (0, "")
+
+
+# --------------------------------------------------------------------------- mmap
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a shared mmap of a tag or an upload is ENODEV (they are read with direct_io); "
+    "layers and manifests map",
+)
+@pytest.mark.parametrize("section", ["tags", "uploads"])
+async def test_python_mmap_of_a_tag_or_an_upload(tmp_path, mount, section):
+    # ext4: mmap(MAP_SHARED, PROT_READ) of any regular file maps it (Python's default).
+    image = await build_root(tmp_path / "root", size=10_000)
+    repo = mount(tmp_path / "root").path(*NAME.split("/"))
+    write_file(repo / "uploads" / "blob", b"an upload's bytes")
+    path = repo / "tags" / "latest" if section == "tags" else repo / "uploads" / "blob"
+    want = image["manifest"] if section == "tags" else b"an upload's bytes"
+    layer = repo / "layers" / image["layer"]
+    with open(layer, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert m[:100] == image["blobs"][image["layer"]][:100]  # a layer maps, today too
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert m[:] == want  # today: mmap raises OSError ENODEV
+
+
+# --------------------------------------------------------------------------- beside the registry
+
+
+@pytest.mark.registry
+async def test_reads_go_on_while_the_registry_collects_their_blobs(
+    tmp_path, registry_server: RegistryServer, mount
+):
+    """A layer and a file of its image, opened and half read, then the image untagged and
+    `docker-registry garbage-collect --delete-untagged` deletes their blob: both read on to
+    their end with the right bytes (as an unlinked file on ext4 does), and a new open is
+    ENOENT once the tag TTL has passed."""
+    root = registry_server.root
+    big = os.urandom(3 << 20)
+    manifest = await put_layer_image(root, NAME, "gone", [directory("etc"), file("etc/big", big)])
+    layer = json.loads(manifest)["layers"][0]["digest"]
+    await build_root(root, size=10_000)  # a tagged image gc keeps
+    repo_dir = repo_path(root, NAME)
+    m = mount(root, "--tag-ttl", "0.5")
+    repo = m.path(*NAME.split("/"))
+    whole = (repo / "layers" / layer).read_bytes()
+    with (
+        open(repo / "layers" / layer, "rb", buffering=0) as blob,
+        open(repo / "rootfs" / "gone" / "etc" / "big", "rb", buffering=0) as member,
+    ):
+        heads = blob.read(1 << 20), member.read(1 << 20)
+        registry_server.stop()  # garbage-collect wants the registry stopped
+        untag(repo_dir, "gone")
+        gc = subprocess.run(
+            [REGISTRY_BIN, "garbage-collect", "--delete-untagged", registry_server.config_path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert gc.returncode == 0, gc.stdout + gc.stderr
+        assert not blob_data_path(root, layer).exists()
+        assert heads[0] + blob.read() == whole
+        assert heads[1] + member.read() == big
+    time.sleep(0.6)
+    assert errno_of(lambda: open(repo / "layers" / layer, "rb").close()) == errno.ENOENT
+    assert errno_of(lambda: os.stat(repo / "rootfs" / "gone")) == errno.ENOENT
+    assert ls(repo / "tags") == ["latest"]
+
+
+def untag(repo_dir: Path, tag: str) -> None:
+    """What a tag delete leaves (the registry's own API has none in 2.8): the tag's
+    directory gone, its manifest untagged."""
+    run("rm", "-r", repo_dir / "_manifests" / "tags" / tag)
+
+
+# --------------------------------------------------------------------------- rootfs/
+
+
+async def test_tar_c_of_an_image_keeps_its_hard_links(tmp_path, mount):
+    """`tar -c` of rootfs/<tag> writes a hard link as a link to the first name (one
+    inode, `st_nlink` 2), a symlink as a symlink, and each file's bytes once."""
+    body = b"#!/bin/sh\necho tool\n"
+    entries = [
+        directory("bin"),
+        file("bin/tool", body, mode=0o755),
+        hardlink("bin/tool2", "bin/tool"),
+        symlink("bin/sh", "tool"),
+    ]
+    await put_layer_image(tmp_path / "root", NAME, "v1", entries)
+    image = mount(tmp_path / "root").path(*NAME.split("/"), "rootfs", "v1")
+    run("tar", "-C", image, "-cf", tmp_path / "image.tar", "bin")
+    with tarfile.open(tmp_path / "image.tar") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert members["bin/tool"].isfile() and members["bin/tool"].size == len(body)
+        assert members["bin/tool2"].islnk() and members["bin/tool2"].linkname == "bin/tool"
+        assert members["bin/sh"].issym() and members["bin/sh"].linkname == "tool"
+        extracted = tar.extractfile("bin/tool")
+        assert extracted is not None and extracted.read() == body
