@@ -5,10 +5,12 @@ a bug found here, failing today for that reason only; its comment says what shou
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import ssl
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import trio
 from support.fault_server import Fault, FaultServer
 from support.images import directory, file, layer_tar
 from support.layers import MEDIA_TYPES, compress, estargz
-from support.mounts import mounted_at
+from support.mounts import REGFS, Mount, mounted_at
 from support.oci import image_manifest, sha256_digest
 from support.registry import blob_data_path, write_self_signed_cert
 from support.roots import CONFIG, link_blobs, put_tagged
@@ -308,3 +310,47 @@ async def test_upload_records_are_not_kept_through_a_planted_link(tmp_path: Path
             )
         await registry.client.aclose()
     assert not list(elsewhere.rglob("*.json"))
+
+
+# --------------------------------------------------------------------------- logs
+
+
+@pytest.mark.remote
+@pytest.mark.mount
+def test_a_debug_log_holds_no_password_and_no_token(tmp_path: Path) -> None:
+    """`--debug` logs every request: neither the password (nor its Basic header), nor the
+    bearer token a token server grants, nor a signed redirect's query may be in it."""
+    password, token, signature = "pw-h4-s3cret", "tok-h4-s3cret", "sig-h4-s3cret"
+    basic = base64.b64encode(f"alice:{password}".encode()).decode()
+    with FaultServer() as registry, FaultServer() as tokens, FaultServer() as storage:
+        realm = (("WWW-Authenticate", f'Bearer realm="{tokens.url}/token",service="s"'),)
+        registry.inject(Fault(401, headers=realm, path="^/v2/$"))
+        tokens.inject(Fault(200, body=json.dumps({"token": token}).encode()), times=20)
+        catalog = json.dumps({"repositories": ["org/app"]}).encode()
+        registry.inject(Fault(200, body=catalog, path="_catalog"), times=20)
+        tags = json.dumps({"name": "org/app", "tags": ["v1"]}).encode()
+        registry.inject(Fault(200, body=tags, path="/tags/list"), times=20)
+        signed = (("Location", f"{storage.url}/m?X-Amz-Signature={signature}"),)
+        registry.inject(Fault(307, headers=signed, path="/manifests/"), times=20)
+        m = Mount(registry.url, tmp_path / "h4-mnt", tmp_path / "regfs.log")
+        try:
+            login = ["--username", "alice", "--password-stdin", "--log", str(m.log)]
+            result = subprocess.run(
+                [REGFS, "mount", "--debug", *login, registry.url, str(m.mountpoint)],
+                input=password + "\n",
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, result.stderr + m.log_text()
+            assert os.listdir(m.path("org", "app")) != []
+            with contextlib.suppress(OSError):
+                os.listdir(m.path("org", "app", "tags"))
+                os.stat(m.path("org", "app", "tags", "v1"))
+        finally:
+            m.stop()
+    assert any(s.authorization == f"Bearer {token}" for s in registry.seen)
+    assert storage.seen, "the signed redirect was not followed"
+    text = m.log_text()
+    for secret in (password, basic, token, signature):
+        assert secret not in text, secret
