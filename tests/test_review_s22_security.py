@@ -12,12 +12,13 @@ import os
 import ssl
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from support.fault_server import Fault, FaultServer
+from support.fault_server import Fault, FaultServer, Seen
 from support.images import directory, file, layer_tar
 from support.layers import MEDIA_TYPES, compress, estargz
 from support.mounts import REGFS, Mount, mounted_at
@@ -133,16 +134,31 @@ async def test_an_upload_never_leaves_https_for_plain_http(
     assert [s.method for s in plain.seen] == []
 
 
-async def _token_then_tags(token: object) -> None:
-    """A registry that asks for a bearer token and a token server that grants `token`;
-    then a tags listing."""
+@dataclass
+class Granted:
+    """What the registry and the token server saw of `_token_then_tags`, and how it ended."""
+
+    registry: list[Seen]
+    tokens: list[Seen]
+    error: Exception | None
+
+
+async def _token_then_tags(token: str, expires_in: float = 300, asks: int = 1) -> Granted:
+    """A registry that asks for a bearer token and a token server that grants `token` for
+    `expires_in` seconds; then `asks` tags listings."""
     with FaultServer() as registry, FaultServer() as tokens:
         realm = (("WWW-Authenticate", f'Bearer realm="{tokens.url}/token",service="s"'),)
         registry.inject(Fault(401, headers=realm, path="/tags/"))
-        body = json.dumps({"token": token, "expires_in": 300}).encode()
+        body = json.dumps({"token": token, "expires_in": expires_in}).encode()
         tokens.inject(Fault(200, body=body, path="/token"), times=4)
+        error = None
         async with _client(registry.url) as client:
-            await client.request("GET", "/v2/x/tags/list")
+            try:
+                for _ in range(asks):
+                    await client.request("GET", "/v2/x/tags/list")
+            except Exception as exc:
+                error = exc
+        return Granted(list(registry.seen), list(tokens.seen), error)
 
 
 # A token server's token that is not ASCII ("tök") escapes as UnicodeEncodeError (httpx's
@@ -151,8 +167,28 @@ async def _token_then_tags(token: object) -> None:
 @pytest.mark.remote
 @pytest.mark.xfail(strict=True, reason="a non-ASCII token raises UnicodeEncodeError")
 async def test_a_token_that_is_no_header_value_is_a_remote_error() -> None:
-    with pytest.raises(StorageError):
-        await _token_then_tags("t\u00f6k")
+    granted = await _token_then_tags("t\u00f6k")
+    assert isinstance(granted.error, StorageError), repr(granted.error)
+
+
+@pytest.mark.remote
+async def test_a_token_cannot_add_a_header_of_its_own() -> None:
+    """A token holding CR LF would end the Authorization line and add a header of its own:
+    it is never sent (the request fails, as a registry's error)."""
+    granted = await _token_then_tags("t\r\nX-Injected: 1")
+    assert isinstance(granted.error, StorageError), repr(granted.error)
+    assert "Bearer t" not in [s.authorization for s in granted.registry]
+
+
+# `expires_in: NaN` (Python's json reads it) passes the `lifetime <= 0` check: the token
+# expires at NaN, is never valid, and every request fetches a new one. Should: a lifetime
+# that is no finite positive number is the default (60 s), as 0 or a string is.
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="expires_in NaN makes a token fetch per request")
+async def test_a_token_lifetime_that_is_no_number_is_the_default() -> None:
+    granted = await _token_then_tags("t", expires_in=float("nan"), asks=3)
+    assert granted.error is None, repr(granted.error)
+    assert len(granted.tokens) == 1
 
 
 # --------------------------------------------------------------------------- storage root
