@@ -8,11 +8,11 @@ of `_BATCH` (`block`), the zstd frames in one JSON line, the eStargz chunks in o
 
 A block is its length in decimal and a newline, then, little-endian: the member count
 (u32), each member's kind (a byte: its place in `KINDS`), eight columns of i64 (mode, uid,
-gid, mtime_ns, size, offset, devmajor, devminor), the paths and the link names (each: u32
-byte lengths, then the UTF-8 bytes, surrogates escaped, one after the other), and the
-xattrs as JSON (`[[member, [[name, base64], ...]], ...]`, the members that have any). Read
-column by column into arrays and strings in C loops: JSON rows cost a Python step per
-field, and decoding them was most of a stored index's load.
+gid, mtime_ns, size, offset, devmajor, devminor), the paths and the link names (each: its
+byte length as a u64, then `names`), and the xattrs as JSON (`[[member, [[name, base64],
+...]], ...]`, the members that have any). Read column by column into arrays and strings in
+C loops: JSON rows cost a Python step per field, and decoding them was most of a stored
+index's load; the names as one split of their text, not a slice each by their lengths.
 """
 
 from __future__ import annotations
@@ -30,13 +30,16 @@ import zstandard
 
 from .members import Kind, Member
 
-VERSION = 7  # bump whenever the file or `Member` changes: older files are then rebuilt
+VERSION = 8  # bump whenever the file or `Member` changes: older files are then rebuilt
 FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
 _LEVEL = 3
 _BATCH = 4096  # members per block: few calls per column, and no block of the whole table
 KINDS = tuple(Kind)  # a member's kind is stored as its place here
 INTS = ("mode", "uid", "gid", "mtime_ns", "size", "offset", "devmajor", "devminor")
 COUNT = struct.Struct("<I")
+SIZE = struct.Struct("<Q")  # a column of names' bytes
+ESCAPE = "\x01"  # in `names`: ESCAPE ESCAPE for itself, ESCAPE ONE for a NUL
+ONE = "\x02"
 _ENCODING, _ERRORS = "utf-8", "surrogateescape"
 _CODES = {kind: code for code, kind in enumerate(KINDS)}
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -74,12 +77,24 @@ def block(members: Sequence[Member]) -> bytes:
     parts = [COUNT.pack(len(members)), bytes(map(_CODES.__getitem__, columns["kind"]))]
     parts += [le_bytes(array("q", columns[name])) for name in INTS]
     for name in ("path", "linkname"):
-        encoded = [text.encode(_ENCODING, _ERRORS) for text in columns[name]]
-        parts += [le_bytes(array("I", map(len, encoded))), b"".join(encoded)]
+        encoded = names(columns[name])
+        parts += [SIZE.pack(len(encoded)), encoded]
     xattrs = [[i, _pairs(pairs)] for i, pairs in enumerate(columns["xattrs"]) if pairs]
     parts.append(json.dumps(xattrs, separators=(",", ":")).encode())
     payload = b"".join(parts)
     return b"%d\n" % len(payload) + payload
+
+
+def names(texts: Sequence[str]) -> bytes:
+    """Names as a column of the file: each followed by a NUL, in UTF-8 (surrogates escaped),
+    so that a reader splits them all at once. A name may hold a NUL (a PAX path): then it
+    is escaped (`ESCAPE`), as the escape itself is; the text of the usual table has neither.
+    """
+    text = "\0".join([*texts, ""])
+    if ESCAPE in text or text.count("\0") != len(texts):
+        escaped = (t.replace(ESCAPE, ESCAPE * 2).replace("\0", ESCAPE + ONE) for t in texts)
+        text = "\0".join([*escaped, ""])
+    return text.encode(_ENCODING, _ERRORS)
 
 
 def le_bytes(values: array[int]) -> bytes:

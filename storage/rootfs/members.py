@@ -59,6 +59,18 @@ class Member(NamedTuple):
     xattrs: tuple[tuple[str, bytes], ...] = ()
 
 
+class Table(list[Member]):
+    """A layer's members as its stored index gave them, with the fingerprint of what the
+    file held of them (`treefile.fingerprint`): hashed from the file's bytes as they were
+    read, not from the members made of them."""
+
+    __slots__ = ("fingerprint",)
+
+    def __init__(self, members: list[Member], fingerprint: str) -> None:
+        super().__init__(members)
+        self.fingerprint = fingerprint
+
+
 _new = tuple.__new__
 
 
