@@ -1,10 +1,12 @@
-"""Review (stop 22): everyday tools a user runs on a mount, and the registry's own garbage
-collection beside it, compared with what a local filesystem (ext4) does.
+"""Review (stop 22): everyday tools a user runs on a mount (rsync, cp, tar, mv, cat, a
+shell's redirections, Python's mmap and statvfs), and the registry's own garbage collection
+beside it, compared with what a local filesystem (ext4) does.
 
 Each `xfail(strict=True)` test is a bug found here: it fails today for the reason it names,
-and passes once the mount answers as a local filesystem would (then drop its mark). The
-tests without a mark cover what nothing else did: reads that go on while the registry
-collects what they read, and `tar -c` of an image's hard links.
+and passes once the mount answers as a local filesystem would (then drop its mark); the
+comment at its top says what ext4 does. The tests without a mark cover what nothing else
+did: reads that go on while the registry collects what they read, and `tar -c` of an
+image's hard links.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 from support.images import directory, file, hardlink, symlink
 from support.registry import REGISTRY_BIN, RegistryServer, blob_data_path, repo_path
-from support.roots import build_root, put_layer_image
+from support.roots import build_root, put_layer_image, variants
 from support.tools import digest_of, errno_of, ls, run
 from support.uploads import write_file
 
@@ -135,6 +137,39 @@ async def test_mv_of_a_downloaded_file_into_uploads_says_nothing(tmp_path, uploa
 
 @pytest.mark.xfail(
     strict=True,
+    reason="an append is answered before it is stored, and a read does not wait for it "
+    "(through another descriptor, or the writer's own O_RDWR one): it ends short (0 bytes) "
+    "below the size stat gives",
+)
+async def test_a_read_after_an_append_returns_its_bytes(uploads):
+    # ext4 (POSIX write(2)): once write returns, a read of those bytes through any
+    # descriptor returns them. Up to 2,048 appends (truncated every 32 MiB): today a read
+    # comes back short within the first few dozen.
+    size = 128 << 10
+    writer = os.open(uploads / "growing", os.O_WRONLY | os.O_CREAT, 0o644)
+    reader = os.open(uploads / "growing", os.O_RDONLY)
+    short = None
+    try:
+        for i in range(2048):
+            at = (i % 256) * size
+            if at == 0:
+                os.ftruncate(writer, 0)
+            chunk = bytes([i % 251 + 1]) * size
+            os.pwrite(writer, chunk, at)
+            if (got := os.pread(reader, size, at)) != chunk:
+                short = (i, len(got))
+                break
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert short is None, f"append {short[0]}: a read gave {short[1]} of its {size} bytes"
+
+
+# ------------------------------------------------------------------- writers of tags and uploads
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="every close(2) (FLUSH) of a tag or a digest-named upload checks or finishes it, "
     "also the close of one of several descriptors: the first cat of "
     "`{ cat a; cat b; } > tags/v1` fails (EINVAL; EIO in uploads/), so `set -e` stops there",
@@ -160,31 +195,27 @@ async def test_a_file_written_by_two_processes_in_turn(tmp_path, mount, section)
 
 @pytest.mark.xfail(
     strict=True,
-    reason="an append is answered before it is stored, and a read through another "
-    "descriptor does not wait for it: it ends short (0 bytes) below the size stat gives",
+    reason="a second writer of a tag is refused (EBUSY) while the first is open, so two "
+    "cp to one tag at once fail one; ext4 and the registry's own PUT take both",
 )
-async def test_a_read_after_an_append_returns_its_bytes(uploads):
-    # ext4 (POSIX write(2)): once write returns, a read of those bytes through any
-    # descriptor returns them. Up to 2,048 appends (truncated every 32 MiB): today a read
-    # comes back short within the first few dozen.
-    size = 128 << 10
-    writer = os.open(uploads / "growing", os.O_WRONLY | os.O_CREAT, 0o644)
-    reader = os.open(uploads / "growing", os.O_RDONLY)
-    short = None
+async def test_two_writers_of_one_tag_the_last_to_close_wins(tmp_path, mount):
+    # ext4: both opens succeed and the file holds what was written last; the registry's
+    # PUT of two manifests under one tag at once stores both, the tag on the last.
+    image = await build_root(tmp_path / "root", size=10_000)
+    variant = variants(image, 1)[0]
+    tag = mount(tmp_path / "root").path(*NAME.split("/"), "tags", "latest")
+    fds = [os.open(tag, os.O_WRONLY | os.O_TRUNC)]
     try:
-        for i in range(2048):
-            at = (i % 256) * size
-            if at == 0:
-                os.ftruncate(writer, 0)
-            chunk = bytes([i % 251 + 1]) * size
-            os.pwrite(writer, chunk, at)
-            if (got := os.pread(reader, size, at)) != chunk:
-                short = (i, len(got))
-                break
+        fds.append(os.open(tag, os.O_WRONLY | os.O_TRUNC))  # today: EBUSY
+        for fd, body in zip(fds, (image["manifest"], variant), strict=True):
+            os.write(fd, body)
     finally:
-        os.close(reader)
-        os.close(writer)
-    assert short is None, f"append {short[0]}: a read gave {short[1]} of its {size} bytes"
+        for fd in fds:
+            os.close(fd)
+    assert tag.read_bytes() == variant
+
+
+# --------------------------------------------------------------------------- https://
 
 
 @pytest.mark.xfail(
@@ -243,7 +274,7 @@ async def test_python_mmap_of_a_tag_or_an_upload(tmp_path, mount, section):
         assert m[:] == want  # today: mmap raises OSError ENODEV
 
 
-# --------------------------------------------------------------------------- beside the registry
+# --------------------------------------------------------------------- beside the registry
 
 
 @pytest.mark.registry
