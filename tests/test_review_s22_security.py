@@ -239,12 +239,21 @@ async def test_a_directory_swapped_for_a_link_while_removed_opens_nothing_outsid
             os.symlink(fifo, root / "up" / "u1")
         return real_open(path, flags, mode, dir_fd=dir_fd)
 
-    def release() -> None:  # a writer lets a reader blocked opening the FIFO go
-        os.close(real_open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        released.set()
+    released, done = threading.Event(), threading.Event()
 
-    released = threading.Event()
-    watchdog = threading.Timer(1.5, release)
+    def release() -> None:
+        """From 1.5 s on, open the FIFO's other end: a reader blocked opening it goes on."""
+        done.wait(1.5)
+        while not done.is_set():
+            try:
+                os.close(real_open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader (yet)
+                done.wait(0.05)
+                continue
+            released.set()
+            return
+
+    watchdog = threading.Thread(target=release, name="h4-watchdog")
     monkeypatch.setattr(os, "open", racing_open)
     driver = FilesystemDriver(root)
     watchdog.start()
@@ -252,7 +261,8 @@ async def test_a_directory_swapped_for_a_link_while_removed_opens_nothing_outsid
         with contextlib.suppress(OSError, StorageError):
             await driver.delete("/up/u1")
     finally:
-        watchdog.cancel()
+        done.set()
+        watchdog.join()
     assert swapped.is_set()
     assert not released.is_set(), "the daemon blocked opening a FIFO outside the root"
 
