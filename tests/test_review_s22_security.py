@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import ssl
 import subprocess
 import threading
@@ -21,11 +22,13 @@ import trio
 from support.fault_server import Fault, FaultServer, Seen
 from support.images import directory, file, layer_tar
 from support.layers import MEDIA_TYPES, compress, estargz
-from support.mounts import REGFS, Mount, mounted_at
+from support.mounts import REGFS, Mount, mounted_at, wait_until
 from support.oci import image_manifest, sha256_digest
 from support.registry import blob_data_path, write_self_signed_cert
 from support.roots import CONFIG, link_blobs, put_tagged
+from support.users import OtherUser
 
+from regfs.mountpoint import daemon_pids
 from regfs.options import MountOptions
 from regfs.sources import _open_remote
 from storage.drivers import FilesystemDriver
@@ -400,3 +403,31 @@ def test_a_debug_log_holds_no_password_and_no_token(tmp_path: Path) -> None:
     text = m.log_text()
     for secret in (password, basic, token, signature):
         assert secret not in text, secret
+
+
+# --------------------------------------------------------------------------- local users
+
+
+# `regfs umount` waits for the daemons `daemon_pids` finds: any process whose command line
+# has `regfs` first, `--foreground` and the mountpoint last, whoever runs it. Another user's
+# `exec -a regfs sh -c 'sleep 600; :' --foreground MNT` makes root's umount wait its 30 s
+# and exit 1 ("the daemon did not exit") though the unmount was done. Should: only a
+# process of the mount's own user (or that holds the mount's /dev/fuse) is its daemon.
+@pytest.mark.mount
+@pytest.mark.xfail(strict=True, reason="daemon_pids takes any user's look-alike process")
+def test_another_users_look_alike_is_never_taken_for_the_daemon(
+    tmp_path: Path, other_user: OtherUser
+) -> None:
+    with Mount("inmemory:", tmp_path / "h4-mnt", tmp_path / "regfs.log") as m:
+        script = f'exec -a regfs sh -c "sleep 600; :" --foreground {m.mountpoint}'
+        impostor = subprocess.Popen(
+            other_user.command("bash", "-c", script), start_new_session=True
+        )
+        try:
+            with contextlib.suppress(AssertionError):  # not taken for a daemon in 2 s
+                wait_until(lambda: len(daemon_pids(str(m.mountpoint))) > 1, 2, "a look-alike")
+            found = daemon_pids(str(m.mountpoint))
+        finally:
+            os.killpg(impostor.pid, signal.SIGKILL)  # its sleep too
+            impostor.wait()
+    assert impostor.pid not in found
