@@ -6,6 +6,7 @@ replaces, on ordinary and hostile input."""
 
 from __future__ import annotations
 
+import gc
 import io
 import random
 from array import array
@@ -222,3 +223,28 @@ def test_a_tree_with_many_hard_links_loads_by_every_entry():
     back = treefile.decode(io.BytesIO(out.getvalue()), [table], MAX_NODES)
     assert back.node(2) == tree.node(2) and back.node(2).nlink == 301
     assert list(back.entries(1)) == list(tree.entries(1))
+
+
+def test_a_loaded_table_is_frozen_before_the_gc_comes_back(cache):
+    """No collection walks a loaded table's members: they are out of the cyclic GC's
+    reach (gc.freeze) before it is on again, and it is on again."""
+    members = [_member(f"f{n}") for n in range(3000)]
+    digest = digest_bytes(b"frozen")
+    cache.store(LayerIndex(digest, Format.TAR, 10, 10, members))
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.unfreeze()
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        loaded = cache.load(digest)
+        walked = {id(o) for o in gc.get_objects()}
+    finally:
+        gc.callbacks.remove(count)
+    assert loaded is not None and gc.isenabled() and not collections
+    assert gc.get_freeze_count() >= 3000
+    assert not any(id(m) in walked for m in loaded.members)

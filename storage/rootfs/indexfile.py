@@ -24,7 +24,8 @@ import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from operator import itemgetter
+from typing import BinaryIO, TypeVar
 
 import zstandard
 
@@ -43,6 +44,7 @@ ONE = "\x02"
 _ENCODING, _ERRORS = "utf-8", "surrogateescape"
 _CODES = {kind: code for code, kind in enumerate(KINDS)}
 _BIG_ENDIAN = sys.byteorder == "big"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,14 @@ def names(texts: Sequence[str]) -> bytes:
         escaped = (t.replace(ESCAPE, ESCAPE * 2).replace("\0", ESCAPE + ONE) for t in texts)
         text = "\0".join([*escaped, ""])
     return text.encode(_ENCODING, _ERRORS)
+
+
+def picked(items: Sequence[T], at: Sequence[int]) -> list[T]:
+    """`[items[i] for i in at]` in one C call (`itemgetter`), a third of a `map`'s time:
+    IndexError if one is out of range."""
+    if len(at) == 1:
+        return [items[at[0]]]
+    return list(itemgetter(*at)(items)) if at else []
 
 
 def le_bytes(values: array[int]) -> bytes:

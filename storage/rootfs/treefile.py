@@ -34,7 +34,7 @@ import zstandard
 
 from ..digests import Digest
 from . import indexfile
-from .indexfile import KINDS, le_array, le_bytes
+from .indexfile import KINDS, le_array, le_bytes, picked
 from .members import Kind, Member, Table
 from .merge import DEFAULT_DIR, NAME_MAX, NO_LAYER, WHITEOUT, MergedTree
 
@@ -136,14 +136,14 @@ def decode(file: BinaryIO, tables: Sequence[Sequence[Member]], max_nodes: int) -
     if reader.read(1):
         raise StaleTree("more after its names")
     flat = [DEFAULT_DIR, *chain.from_iterable(tables)]
-    layer_of = array("i", [NO_LAYER])
+    layer_of = [NO_LAYER]
     for number, table in enumerate(tables):
-        layer_of += array("i", [number]) * len(table)
+        layer_of += repeat(number, len(table))
     try:
-        members = list(map(flat.__getitem__, position))
+        members = picked(flat, position)
     except IndexError:
         raise StaleTree("a member past its tables") from None
-    layer = array("i", map(layer_of.__getitem__, position))
+    layer = array("i", picked(layer_of, position))
     return _assemble(members, layer, count, child, names)
 
 
@@ -168,7 +168,7 @@ def _assemble(
     subdirs = Counter(above)
     for ino in compress(numbers, is_dir):  # 2 + subdirectories (most inodes are files)
         nlink[ino - 1] = 2 + subdirs[ino]
-    parts = _names(names, entries)
+    parts, lengths = _names(names, entries)
     first = array("I", accumulate(count, initial=0))
     first.pop()
     in_order = list(map(lt, parts, parts[1:]))  # each name against the next, then
@@ -177,7 +177,7 @@ def _assemble(
             in_order[start - 1] = True
     if not all(in_order):
         raise StaleTree("names out of order in a directory")
-    ends = array("Q", accumulate(map(add, map(len, parts), repeat(1))))
+    ends = array("Q", accumulate(map(add, lengths, repeat(1))))
     try:
         names.decode("utf-8")  # strict: neither a lone surrogate nor an undecodable byte
     except UnicodeDecodeError:
@@ -293,19 +293,20 @@ def _any_order(child: array[int], owners: list[int], is_dir: list[bool]) -> _Lin
     return _Links(parent, nlink, above)
 
 
-def _names(names: bytes, entries: int) -> list[bytes]:
-    """The names, once each of `entries` is a single plain component followed by a NUL."""
-    framed = b"\0" + names
-    if names.count(b"\0") != entries or (entries and not names.endswith(b"\0")):
+def _names(names: bytes, entries: int) -> tuple[list[bytes], list[int]]:
+    """The names and their lengths, once each of `entries` is a single plain component
+    followed by a NUL."""
+    parts = names.split(b"\0")
+    if len(parts) != entries + 1 or parts.pop():  # nothing after the last NUL
         raise StaleTree("names that do not fit the entries")
+    framed = b"\0" + names
     for bad in (b"/", b"\0\0", b"\0.\0", b"\0..\0", b"\0" + WHITEOUT.encode()):
         if bad in framed:
             raise StaleTree(f"a name that is empty, {bad!r} or holds it")
-    parts = names.split(b"\0")
-    parts.pop()  # after the last NUL
-    if parts and max(map(len, parts)) > NAME_MAX:
+    lengths = list(map(len, parts))
+    if parts and max(lengths) > NAME_MAX:
         raise StaleTree(f"a name longer than {NAME_MAX} bytes")
-    return parts
+    return parts, lengths
 
 
 def _read(reader: BinaryIO, size: int) -> bytes:
