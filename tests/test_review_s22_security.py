@@ -102,7 +102,6 @@ def _client(url: str, **kw: Any) -> RemoteClient:
 # included (only a redirect is held to https): whoever is on that path can add or hide
 # names. Should: a next page off https is refused, as a redirect to http is.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="a Link: next to plain http is followed from https")
 async def test_a_next_page_never_leaves_https_for_plain_http(
     tmp_path: Path, https: tuple[ssl.SSLContext, Path]
 ) -> None:
@@ -120,7 +119,6 @@ async def test_a_next_page_never_leaves_https_for_plain_http(
 # An upload's `Location` from an https registry is used as given: a plain-http one gets the
 # layer's bytes in clear (a redirect to http is refused). Should: RemoteError, nothing sent.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="an upload Location on plain http gets the layer bytes")
 async def test_an_upload_never_leaves_https_for_plain_http(
     tmp_path: Path, https: tuple[ssl.SSLContext, Path]
 ) -> None:

@@ -672,8 +672,29 @@ class RemoteClient:
     # ----------------------------------------------------------------------- internals
 
     def _resolve(self, url: str) -> httpx.URL:
-        """A path or a relative `Location` is resolved against `base_url`."""
-        return self.base_url.join(url)
+        """A path, or a URL the registry gave (a `Link` to the next page, an upload's
+        `Location`), resolved against `base_url`; held to the rule of redirects
+        (`_leaves_https`): from an https registry, names and layer bytes never go in clear."""
+        target = self.base_url.join(url)
+        if self._leaves_https(self.base_url, target):
+            log.error(
+                "registry %s: refused %s, given by the registry (https only leads to https)",
+                self.name,
+                shown(self._where(target)),
+            )
+            raise RemoteError(
+                f"registry {self.name}: {shown(self._where(target))} refused "
+                "(https only leads to https)",
+                status=0,
+            )
+        return target
+
+    @staticmethod
+    def _leaves_https(source: httpx.URL, target: httpx.URL) -> bool:
+        """target is no http(s) URL, or leads from https to plain http."""
+        return target.scheme not in ("http", "https") or (
+            source.scheme == "https" and target.scheme != "https"
+        )
 
     def _where(self, url: httpx.URL) -> str:
         """The URL for logs and messages (urls.loggable)."""
@@ -851,9 +872,7 @@ class RemoteClient:
             resp.status_code,
             self._where(following),
         )
-        if following.scheme not in ("http", "https") or (
-            target.scheme == "https" and following.scheme != "https"
-        ):
+        if self._leaves_https(target, following):
             log.error(
                 "registry %s: %s %s: refused a redirect from %s to %s",
                 self.name,
