@@ -560,6 +560,39 @@ async def test_delete_removes_links_not_their_targets(planted):
     planted.untouched()
 
 
+async def test_delete_of_a_deep_tree_opens_no_fifo_and_follows_no_swap(tmp_path, monkeypatch):
+    """A tree 3,000 directories deep goes without recursion; a FIFO in it is unlinked, never
+    opened (an open would block); a directory swapped for a link to one outside while the
+    tree is removed is unlinked as a name: what it pointed at stays."""
+    from storage.drivers import removal
+
+    root = tmp_path / "root"
+    (root / "up").mkdir(parents=True)
+    fd = os.open(root / "up", os.O_RDONLY)
+    for _ in range(3000):  # deeper than PATH_MAX: made through descriptors
+        os.mkdir("d", dir_fd=fd)
+        fd, above = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(above)
+    os.mkfifo("fifo", dir_fd=fd)
+    os.close(fd)
+    (root / "up" / "d" / "swapped" / "x").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    real_open = os.open
+
+    def swapping_open(path, flags, mode=0o777, *, dir_fd=None):
+        if path == "swapped":
+            os.rename("swapped", "gone", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.symlink(outside, "swapped", dir_fd=dir_fd)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(removal.os, "open", swapping_open)
+    with trio.fail_after(30):
+        await FilesystemDriver(root).delete("/up")
+    assert not (root / "up").exists()
+    assert (outside / "keep").is_dir()
+
+
 async def test_a_symlinked_parent_is_refused_when_making_directories(planted):
     drv = planted.drv
     for path in ("/a/dir/deeper/new", "/a/file/new"):

@@ -28,7 +28,6 @@ import functools
 import logging
 import os
 import secrets
-import shutil
 import stat as statmod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -46,6 +45,7 @@ from .base import (
     StorageDriver,
     join,
 )
+from .removal import remove_tree
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -618,14 +618,13 @@ class FilesystemDriver(StorageDriver):
 
     async def _delete(self, path: str) -> None:
         """Remove the name at path; a symlink is unlinked, never followed, and a tree is
-        removed through directory descriptors (rmtree with dir_fd follows no link)."""
+        removed through directory descriptors, opening no link (`removal.remove_tree`)."""
         parent, leaf = self._parent(path)
         try:
             with self._beneath(path):
                 mode = os.stat(leaf, dir_fd=parent, follow_symlinks=False).st_mode
                 if statmod.S_ISDIR(mode):
-                    rmtree = functools.partial(shutil.rmtree, leaf, dir_fd=parent)
-                    await trio.to_thread.run_sync(rmtree)
+                    await trio.to_thread.run_sync(remove_tree, leaf, parent)
                 else:
                     os.unlink(leaf, dir_fd=parent)
         finally:
