@@ -77,19 +77,24 @@ async def test_a_directory_copied_into_uploads_exits_0(tmp_path, uploads, tool):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="an upload named by its digest finishes at close, and install and Python's "
-    "shutil.copy then set its mode by path: each stores the layer, then fails (ENOENT)",
+    reason="an upload named by its digest finishes at close, and install, Python's "
+    "shutil.copy and rsync --inplace then chmod or stat it by path: each stores the layer, "
+    "then fails (ENOENT; rsync exits 23)",
 )
-@pytest.mark.parametrize("tool", ["install -m 644", "shutil.copy"])
-async def test_a_tool_that_chmods_after_close_copies_a_digest_named_upload(tmp_path, uploads, tool):
-    # ext4: install and shutil.copy copy, close, then chmod the path; both succeed.
+@pytest.mark.parametrize("tool", ["install -m 644", "shutil.copy", "rsync -a --inplace"])
+async def test_a_tool_that_sets_attributes_after_close_copies_a_digest_named_upload(
+    tmp_path, uploads, tool
+):
+    # ext4: each copies, closes, then sets the mode (and rsync the times) by path; exit 0.
     data = os.urandom(30_000)
     src, dst = write_file(tmp_path / "f", data), uploads / digest_of(data)
     if tool == "install -m 644":
         result = run("install", "-m", "644", src, dst, check=False)
-    else:
+    elif tool == "shutil.copy":
         result = run(sys.executable, "-c", "import shutil, sys; shutil.copy(*sys.argv[1:])",
                      src, dst, check=False)  # fmt: skip
+    else:
+        result = run("rsync", "-a", "--inplace", src, dst, check=False)
     assert (uploads.parent / "layers" / digest_of(data)).read_bytes() == data  # today too
     assert result.returncode == 0, result.stderr.decode()
 
