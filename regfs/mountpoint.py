@@ -63,17 +63,41 @@ def prepare(mountpoint: str) -> str:
     return path
 
 
+def mount_owner(path: str) -> int | None:
+    """The user a FUSE mount on path belongs to (its `user_id=` in /proc/self/mountinfo),
+    or None if none is mounted there."""
+    found = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 5 or _unescape(fields[4]) != path or " - " not in line:
+            continue
+        options = line.rsplit(" - ", 1)[1].split()[-1].split(",")
+        found = next((int(o[8:]) for o in options if o.startswith("user_id=")), None)
+    return found
+
+
 def daemon_pids(mountpoint: str) -> list[int]:
-    """Pids of the regfs daemons serving mountpoint (their command line ends with it)."""
+    """Pids of the regfs daemons serving mountpoint: their command line ends with it, and
+    they run as the mount's user (as the caller, if nothing is mounted there). Anyone can
+    name a process `regfs ... --foreground MNT`; root's `regfs umount` must not wait on
+    another user's look-alike."""
+    owner = mount_owner(mountpoint)
+    uid = os.getuid() if owner is None else owner
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             args = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+            runs_as = entry.stat().st_uid
         except OSError:
             continue
         is_regfs = any(a == b"regfs" or a.endswith(b"/regfs") for a in args)
-        if is_regfs and b"--foreground" in args and args[-1] == os.fsencode(mountpoint):
+        if (
+            is_regfs
+            and b"--foreground" in args
+            and args[-1] == os.fsencode(mountpoint)
+            and runs_as == uid
+        ):
             pids.append(int(entry.name))
     return pids

@@ -411,7 +411,6 @@ def test_a_debug_log_holds_no_password_and_no_token(tmp_path: Path) -> None:
 # and exit 1 ("the daemon did not exit") though the unmount was done. Should: only a
 # process of the mount's own user (or that holds the mount's /dev/fuse) is its daemon.
 @pytest.mark.mount
-@pytest.mark.xfail(strict=True, reason="daemon_pids takes any user's look-alike process")
 def test_another_users_look_alike_is_never_taken_for_the_daemon(
     tmp_path: Path, other_user: OtherUser
 ) -> None:
