@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socketserver
 import ssl
 import subprocess
 import threading
@@ -427,3 +428,57 @@ def test_another_users_look_alike_is_never_taken_for_the_daemon(
             os.killpg(impostor.pid, signal.SIGKILL)  # its sleep too
             impostor.wait()
     assert impostor.pid not in found
+
+
+# --------------------------------------------------------------------------- endless headers
+
+
+class _EndlessHeaders(socketserver.BaseRequestHandler):
+    """Answers every request with a status line and header lines that never end (one long
+    line, or line after line), counting the bytes it got out before the client hung up."""
+
+    server: _HeaderFlood
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        line = b"X-" + b"a" * 4094 + b"\r\n" if self.server.many else b"a" * 4096
+        try:
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nX-Long: ")
+            while not self.server.stopping.is_set() and self.server.sent < 1 << 30:
+                self.request.sendall(line)
+                self.server.sent += len(line)
+        except OSError:
+            pass  # hung up on
+
+
+class _HeaderFlood(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, many: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _EndlessHeaders)
+        self.many = many
+        self.sent = 0
+        self.stopping = threading.Event()
+
+
+@pytest.mark.remote
+@pytest.mark.parametrize("many", [False, True], ids=["one-endless-line", "endless-lines"])
+async def test_endless_headers_are_not_read(many: bool) -> None:
+    """A registry whose answer's headers never end (one endless line, or line after line):
+    both request paths (http.client on a thread, httpx) give up within a bounded read, and
+    the request fails as a registry's error."""
+    server = _HeaderFlood(many)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="h4-flood")
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        async with _client(url) as client:
+            with pytest.raises(StorageError):
+                await client.small("GET", "/v2/x/manifests/a")
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert 0 < server.sent < 32 << 20, server.sent  # loopback buffers hold a few MB
