@@ -1140,12 +1140,12 @@ def test_names_checked_at_once_are_what_each_checked_alone_gives():
     assert normal_names(plain) is plain  # all plain: the list itself, nothing made
 
 
-BLOCK_MEMBERS = [
-    Member("d", Kind.DIR, 0o755, 1, 2, -7, xattrs=(("user.a", b"\x00\xff"), ("user.b", b""))),
-    Member("d/f\udcff", Kind.FILE, 0o4644, 2**32 - 1, 0, 2**62, size=3, offset=512),
-    Member("d/h", Kind.HARDLINK, 0o644, 0, 0, 0, linkname="d/f\udcff"),
-    Member("s", Kind.SYMLINK, 0o777, 0, 0, 0, linkname="../é/\n"),
-    Member("c", Kind.CHAR, 0o600, 0, 0, 0, devmajor=5, devminor=1),
+BLOCK_MEMBERS = [  # columns of each width: uid, devminor and mtime i64; gid one for all
+    Member("d", Kind.DIR, 0o755, 1, 7, -7, xattrs=(("user.a", b"\x00\xff"), ("user.b", b""))),
+    Member("d/f\udcff", Kind.FILE, 0o4644, 2**40, 7, 2**62, size=3, offset=512),
+    Member("d/h", Kind.HARDLINK, 0o644, 2**32 - 1, 7, 0, linkname="d/f\udcff"),
+    Member("s", Kind.SYMLINK, 0o777, 0, 7, 0, linkname="../é/\n"),
+    Member("c", Kind.CHAR, 0o600, 0, 7, 0, devmajor=5, devminor=2**33),
 ]
 
 
@@ -1167,12 +1167,22 @@ def _payload(changed: Callable[[bytearray], None]) -> bytes:
 
 
 def _number(column: str, member: int, value: int) -> Callable[[bytearray], None]:
-    """Set one member's number in a block of BLOCK_MEMBERS."""
+    """Set one member's number in a block of BLOCK_MEMBERS (every member's, in a column of
+    one value for all)."""
     n = len(BLOCK_MEMBERS)
-    at = 4 + n + 8 * (n * indexfile.INTS.index(column) + member)
-    return lambda data: data.__setitem__(
-        slice(at, at + 8), value.to_bytes(8, "little", signed=True)
-    )
+
+    def change(data: bytearray) -> None:
+        widths = data[4 + n : 4 + n + len(indexfile.INTS)]
+        at = 4 + n + len(widths)
+        for name, width in zip(indexfile.INTS, widths, strict=True):
+            if name == column:
+                break
+            at += width * n if width else 8
+        size = width or 8
+        at += size * member if width else 0
+        data[at : at + size] = value.to_bytes(size, "little", signed=size == 8)
+
+    return change
 
 
 def _replaced(old: bytes, new: bytes) -> Callable[[bytearray], None]:
@@ -1186,7 +1196,8 @@ def _replaced(old: bytes, new: bytes) -> Callable[[bytearray], None]:
 BAD_BLOCKS = {
     "unknown kind": lambda data: data.__setitem__(4 + 1, len(indexfile.KINDS)),
     "negative uid": _number("uid", 2, -1),
-    "negative mode": _number("mode", 0, -(1 << 40)),
+    "negative gid, one for all": _number("gid", 0, -(1 << 40)),
+    "numbers 5 bytes wide": lambda data: data.__setitem__(4 + len(BLOCK_MEMBERS) + 2, 5),
     "negative device minor": _number("devminor", 4, -1),  # the last column's last member
     "file past the layer's end": _number("size", 1, 1024 - 512 + 1),
     "cut short": lambda data: data.__delitem__(slice(len(data) - 40, len(data))),

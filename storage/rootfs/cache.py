@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import stat
+import struct
 import threading
 import time
 import weakref
@@ -79,6 +80,7 @@ _ESCAPED_NAME = re.compile(f"{indexfile.ESCAPE}(.?)", re.DOTALL)
 _UNESCAPE = {indexfile.ESCAPE: indexfile.ESCAPE, indexfile.ONE: "\0"}
 # `/`, NUL and `.` as `/`, every other byte as `a` (`_normal_paths`)
 _SEPARATORS = bytes(0x2F if byte in b"/\0." else 0x61 for byte in range(256))
+_I64 = struct.Struct("<q")
 _HARDLINK_CODE = _KIND_CODES.index(Kind.HARDLINK)
 _PERMISSIONS = tuple(range(0o10000))  # shared ints: see `_permissions`
 
@@ -555,17 +557,13 @@ def _members(payload: bytes, size: int | None, found: treefile.Fingerprint) -> l
         kinds = indexfile.picked(_KIND_CODES, codes)
     except IndexError:
         raise CorruptIndex("a member of an unknown kind") from None
-    raws = [block.take(count * 8) for _ in indexfile.INTS]
-    # An i64 is negative if its last byte (little-endian) is 0x80 or more: a scan in C of
-    # every eighth byte, where min() made an int object of every value (~2 ms a load).
-    signs = (
-        raw[7::8] for name, raw in zip(indexfile.INTS, raws, strict=True) if name != "mtime_ns"
-    )
-    if not all(bytes(sign).isascii() for sign in signs):
-        raise CorruptIndex("a member with a negative number")
-    columns = (indexfile.le_array("q", raw) for raw in raws)
+    widths = block.take(len(indexfile.INTS))
+    columns = [
+        block.numbers(width, count, signed=name == "mtime_ns")
+        for name, width in zip(indexfile.INTS, widths, strict=True)
+    ]
     mode, uid, gid, mtime_ns, lengths, offsets, major, minor = columns
-    length, offset = lengths.tolist(), offsets.tolist()  # ints made once: checked, then kept
+    length, offset = _ints(lengths), _ints(offsets)  # ints made once: checked, then kept
     (paths, path_bytes), (links, link_bytes) = block.names(count), block.names(count)
     found.update(codes, path_bytes, link_bytes)
     xattrs: list[tuple[tuple[str, bytes], ...]] = [()] * count
@@ -582,14 +580,14 @@ def _members(payload: bytes, size: int | None, found: treefile.Fingerprint) -> l
             _normal_paths(paths, path_bytes),
             kinds,
             _permissions(mode),
-            _shared(uid),
-            _shared(gid),
-            _shared(mtime_ns),
+            uid,
+            gid,
+            mtime_ns,
             length,
             offset,
             _link_targets(codes, kinds, links),
-            _shared(major),
-            _shared(minor),
+            major,
+            minor,
             xattrs,
         )
     )
@@ -618,7 +616,7 @@ def _link_targets(codes: memoryview, kinds: list[Kind], links: list[str]) -> lis
     return [normal_name(t) if k is hardlink else t for k, t in zip(kinds, links, strict=True)]
 
 
-def _permissions(mode: array[int]) -> list[int]:
+def _permissions(mode: Sequence[int]) -> list[int]:
     """The permission bits, one int object per value: 0o644 is above 256, the ints Python
     shares, and would be 32 bytes a member."""
     try:
@@ -627,15 +625,8 @@ def _permissions(mode: array[int]) -> list[int]:
         return [_PERMISSIONS[bits & 0o7777] for bits in mode]
 
 
-def _shared(values: array[int]) -> Sequence[int]:
-    """A column whose values are all one (a layer's mtime, owner, no device) as a list of
-    one int object: an int above 256 is 32 bytes a member, and making the members reads a
-    list faster than an array (~0.1 ms a column of 4,096). Mixed values stay as they are:
-    sharing them cost more time than the load's whole decode of a column. Compared as
-    bytes, in C (array.count made an int of each)."""
-    if values.tobytes() == values[:1].tobytes() * len(values):
-        return [values[0]] * len(values)
-    return values
+def _ints(column: list[int] | array[int]) -> list[int]:
+    return column if isinstance(column, list) else column.tolist()
 
 
 class _Block:
@@ -651,6 +642,26 @@ class _Block:
             raise CorruptIndex("a block of members that ends early")
         self.at += length
         return part
+
+    def numbers(self, width: int, count: int, signed: bool) -> list[int] | array[int]:
+        """A column of `count` numbers (`indexfile.numbers`); a negative one only if
+        `signed`. One value for all is a list of that one int (an int above 256 is 32
+        bytes a member, and making the members reads a list faster than an array)."""
+        if width == indexfile.ONE_FOR_ALL:
+            (value,) = _I64.unpack(self.take(8))
+            if value < 0 and not signed:
+                raise CorruptIndex("a member with a negative number")
+            return [value] * count
+        if width == 4:
+            return indexfile.le_array("I", self.take(4 * count))
+        if width != 8:
+            raise CorruptIndex(f"a column of numbers {width} bytes wide")
+        data = self.take(8 * count)
+        # An i64 is negative if its last byte (little-endian) is 0x80 or more: a scan in C
+        # of every eighth byte, where min() made an int object of every value.
+        if not signed and not bytes(data[7::8]).isascii():
+            raise CorruptIndex("a member with a negative number")
+        return indexfile.le_array("q", data)
 
     def names(self, count: int) -> tuple[list[str], bytes]:
         """A column of `count` names (`indexfile.names`), and its bytes: split at once."""

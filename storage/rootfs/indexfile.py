@@ -7,9 +7,10 @@ One zstd frame with its checksum: a format line, a JSON meta line, the members i
 of `_BATCH` (`block`), the zstd frames in one JSON line, the eStargz chunks in one JSON line.
 
 A block is its length in decimal and a newline, then, little-endian: the member count
-(u32), each member's kind (a byte: its place in `KINDS`), eight columns of i64 (mode, uid,
-gid, mtime_ns, size, offset, devmajor, devminor), the paths and the link names (each: its
-byte length as a u64, then `names`), and the xattrs as JSON (`[[member, [[name, base64],
+(u32), each member's kind (a byte: its place in `KINDS`), the widths of eight columns of
+numbers (mode, uid, gid, mtime_ns, size, offset, devmajor, devminor; a byte each), the
+columns (`numbers`: one i64 for all, u32 or i64 each), the paths and the link names (each:
+its byte length as a u64, then `names`), and the xattrs as JSON (`[[member, [[name, base64],
 ...]], ...]`, the members that have any). Read column by column into arrays and strings in
 C loops: JSON rows cost a Python step per field, and decoding them was most of a stored
 index's load; the names as one split of their text, not a slice each by their lengths.
@@ -31,7 +32,7 @@ import zstandard
 
 from .members import Kind, Member
 
-VERSION = 8  # bump whenever the file or `Member` changes: older files are then rebuilt
+VERSION = 9  # bump whenever the file or `Member` changes: older files are then rebuilt
 FORMAT_LINE = f"regfs-layer-index {VERSION}\n".encode()
 _LEVEL = 3
 _BATCH = 4096  # members per block: few calls per column, and no block of the whole table
@@ -39,6 +40,7 @@ KINDS = tuple(Kind)  # a member's kind is stored as its place here
 INTS = ("mode", "uid", "gid", "mtime_ns", "size", "offset", "devmajor", "devminor")
 COUNT = struct.Struct("<I")
 SIZE = struct.Struct("<Q")  # a column of names' bytes
+ONE_FOR_ALL = 0  # the width of a column of numbers stored once (`numbers`)
 ESCAPE = "\x01"  # in `names`: ESCAPE ESCAPE for itself, ESCAPE ONE for a NUL
 ONE = "\x02"
 _ENCODING, _ERRORS = "utf-8", "surrogateescape"
@@ -77,7 +79,8 @@ def block(members: Sequence[Member]) -> bytes:
     """One block of members, with its length line (the module's docstring)."""
     columns = dict(zip(Member._fields, zip(*members, strict=True), strict=True))
     parts = [COUNT.pack(len(members)), bytes(map(_CODES.__getitem__, columns["kind"]))]
-    parts += [le_bytes(array("q", columns[name])) for name in INTS]
+    widths, numbers_ = zip(*(numbers(columns[name]) for name in INTS), strict=True)
+    parts += [bytes(widths), *numbers_]
     for name in ("path", "linkname"):
         encoded = names(columns[name])
         parts += [SIZE.pack(len(encoded)), encoded]
@@ -85,6 +88,21 @@ def block(members: Sequence[Member]) -> bytes:
     parts.append(json.dumps(xattrs, separators=(",", ":")).encode())
     payload = b"".join(parts)
     return b"%d\n" % len(payload) + payload
+
+
+def numbers(values: Sequence[int]) -> tuple[int, bytes]:
+    """A column of numbers as its width and its bytes: `ONE_FOR_ALL` (one i64, the value of
+    every member: a layer's owner or mtime, no device), 4 (u32 each: most modes, sizes and
+    offsets) or 8 (i64 each). Half the bytes to decompress of 8 bytes each, and no sign to
+    check in a u32."""
+    wide = array("q", values)
+    data = le_bytes(wide)
+    if data == data[:8] * len(values):
+        return ONE_FOR_ALL, data[:8]
+    try:
+        return 4, le_bytes(array("I", wide))
+    except OverflowError:  # negative, or 4 GiB and more
+        return 8, data
 
 
 def names(texts: Sequence[str]) -> bytes:

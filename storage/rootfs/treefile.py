@@ -44,6 +44,9 @@ _LEVEL = 3
 _MAX_META = 1 << 20  # a count and a fingerprint per layer
 _CODES = {kind: code for code, kind in enumerate(KINDS)}
 _KIND, _PATH, _LINK = itemgetter(1), itemgetter(0), itemgetter(8)
+# Names no entry may have, each after the NUL before it: scanned for only if a name starts
+# with a dot (`_names`), which none of the bench image's 15,002 does.
+_DOTTED = (b"\0.\0", b"\0..\0", b"\0" + WHITEOUT.encode())
 
 
 class StaleTree(Exception):
@@ -300,7 +303,7 @@ def _names(names: bytes, entries: int) -> tuple[list[bytes], list[int]]:
     if len(parts) != entries + 1 or parts.pop():  # nothing after the last NUL
         raise StaleTree("names that do not fit the entries")
     framed = b"\0" + names
-    for bad in (b"/", b"\0\0", b"\0.\0", b"\0..\0", b"\0" + WHITEOUT.encode()):
+    for bad in (b"/", b"\0\0", *(_DOTTED if b"\0." in framed else ())):
         if bad in framed:
             raise StaleTree(f"a name that is empty, {bad!r} or holds it")
     lengths = list(map(len, parts))
