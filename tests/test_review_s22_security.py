@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 import os
+import resource
 import signal
 import socketserver
 import ssl
@@ -482,3 +483,33 @@ async def test_endless_headers_are_not_read(many: bool) -> None:
         server.server_close()
         thread.join(5)
     assert 0 < server.sent < 32 << 20, server.sent  # loopback buffers hold a few MB
+
+
+# A tree is removed holding a descriptor for each level it is in (removal.remove_tree): one
+# deeper than the daemon's descriptor limit (RLIMIT_NOFILE, soft 1024 under a stock systemd
+# unit, and the daemon raises it not) fails EMFILE every time, and while it runs every other
+# open of the daemon fails too: a root's owner makes an upload that no rm -r nor
+# purge-uploads removes. Should: removed whatever its depth, within a bounded number of
+# descriptors.
+@pytest.mark.storage
+@pytest.mark.xfail(strict=True, reason="remove_tree holds a descriptor per level")
+async def test_a_tree_deeper_than_the_descriptor_limit_is_removed(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "up").mkdir(parents=True)
+    fd = os.open(root / "up", os.O_RDONLY)
+    for _ in range(300):  # deeper than PATH_MAX allows by name: made through descriptors
+        os.mkdir("d", dir_fd=fd)
+        fd, above = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(above)
+    os.close(fd)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))  # new ones take the lowest free numbers
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 128, hard))  # 300 levels: past it
+    failed = None
+    try:
+        await FilesystemDriver(root).delete("/up")
+    except OSError as exc:
+        failed = exc
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert failed is None and not (root / "up").exists(), failed
