@@ -342,7 +342,6 @@ async def test_an_s3_listing_whose_next_page_loops_back_stops(moto_server, s3_bu
 # read back, wherever it points. Should: refused as IndexCache refuses its directory (ours,
 # reached without a link, writable by nobody else), or a private directory used instead.
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="upload records are kept through a planted link")
 async def test_upload_records_are_not_kept_through_a_planted_link(tmp_path: Path) -> None:
     shared, elsewhere = tmp_path / "xdg-state", tmp_path / "elsewhere"
     shared.mkdir()

@@ -19,6 +19,7 @@ from support.registry import RegistryServer, htpasswd_auth, write_htpasswd
 from support.users import OtherUser, shared_directory
 
 from regfs.sources import split_login
+from storage.privatedir import UnsafeDirectory, open_private
 from storage.remote.uploads import UploadRecord, UploadRecords
 
 pytestmark = pytest.mark.mount
@@ -181,3 +182,41 @@ def test_upload_records_are_private(tmp_path: Path) -> None:
     (saved,) = (tmp_path / "records").iterdir()
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
     assert records.load("0b6d6e5c-uuid").location.endswith("_state=s")
+
+
+@pytest.mark.storage
+@pytest.mark.parametrize("planted", ["link to a directory", "dangling link", "others may write"])
+def test_a_private_directory_is_made_through_no_link_and_refused_if_shared(
+    tmp_path: Path, planted: str
+) -> None:
+    """The index cache's and the upload records' directories (storage/privatedir.py) below
+    a shared, sticky base: a part someone planted as a link (to a directory, or dangling) is
+    refused and nothing is made where it points; a part others may write is refused."""
+    base, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    base.mkdir()
+    base.chmod(0o1777)
+    if planted == "others may write":
+        (base / "regfs").mkdir()
+        (base / "regfs").chmod(0o777)
+    else:
+        if planted == "link to a directory":
+            elsewhere.mkdir()
+        (base / "regfs").symlink_to(elsewhere)
+    with pytest.raises(UnsafeDirectory):
+        open_private(base, ["regfs", "uploads"])
+    assert not (elsewhere / "uploads").exists()
+    assert not (base / "regfs" / "uploads").exists()
+
+
+@pytest.mark.storage
+def test_a_private_directory_is_made_0700_and_ours(tmp_path: Path) -> None:
+    fd = open_private(tmp_path / "base", ["regfs", "uploads", "host"])
+    try:
+        st = os.fstat(fd)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o700)
+        assert os.path.samestat(st, os.stat(tmp_path / "base" / "regfs" / "uploads" / "host"))
+    finally:
+        os.close(fd)
+    (tmp_path / "base" / "regfs" / "uploads" / "host").chmod(0o770)
+    with pytest.raises(UnsafeDirectory, match="ours alone"):
+        open_private(tmp_path / "base", ["regfs", "uploads", "host"])

@@ -933,7 +933,7 @@ class RemoteRegistry:
         self.client = client
         self.started_ns = time.time_ns()
         host = urlsplit(str(client.base_url)).netloc.replace(":", "_")
-        self.records = UploadRecords(state_dir / "uploads" / host)
+        self.records = UploadRecords(state_dir / "uploads" / host, base=state_dir.parent)
         # Repositories made by mkdir (they exist once pushed to), blobs pushed through here.
         self.created: set[str] = set()
         self.finished: dict[str, dict[Digest, BlobInfo]] = {}
@@ -1059,7 +1059,8 @@ class RemoteRegistry:
         self._ahead_last.clear()  # what was listed ahead is gone with them
 
     async def aclose(self) -> None:
-        """Close the connections (at unmount)."""
+        """Close the connections and the records' directory (at unmount)."""
+        self.records.close()
         await self.client.aclose()
 
 

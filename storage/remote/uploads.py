@@ -7,11 +7,11 @@ small JSON record per upload under the user's state directory, written atomicall
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 import uuid as uuids
 from dataclasses import asdict, dataclass
@@ -30,6 +30,7 @@ from ..errors import (
     RemoteUnavailable,
     UnknownUpload,
 )
+from ..privatedir import open_private
 from .client import RemoteClient, RemoteNotFound, TLSError
 from .retry import backoff
 from .untrusted import shown
@@ -41,6 +42,9 @@ CHUNK = 8 << 20  # bytes gathered in memory before they go out as one PATCH
 UPLOAD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 """The upload ids a record file may be named by: distribution's are UUIDs, other registries
 use similar tokens. No `/`, no leading `.`: a registry's id never leads out of the directory."""
+
+
+RECORD_MAX = 64 << 10  # a record is a few hundred bytes: a bigger file is no record of ours
 
 
 class UnsafeUploadId(RemoteError):
@@ -73,46 +77,77 @@ class UploadRecord:
 
 
 class UploadRecords:
-    """The local records of one registry's uploads, one JSON file each."""
+    """The local records of one registry's uploads, one JSON file each, in a directory only
+    this user can write, reached without a planted link (storage/privatedir.py): the records
+    hold signed upload locations and hash states. `base` is the user's directory it lies in
+    ($XDG_STATE_HOME; by default the directory's parent); every part below it is checked."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, base: Path | None = None) -> None:
         self.directory = directory
+        self._base = directory.parent if base is None else base
+        self._parts = directory.relative_to(self._base).parts
+        self._fd: int | None = None
         # `repositories`, and the directory's (mtime, inode) it was read at: the catalog asks
-        # at every lookup, and a glob and a JSON load per record each time is not free.
+        # at every lookup, and a listing and a JSON load per record each time is not free.
         self._repositories: frozenset[str] = frozenset()
         self._read_at: tuple[int, int] | None = None
 
-    def _path(self, uuid: str) -> Path:
+    def _dir(self) -> int:
+        """The directory's descriptor, opened (and made) at first use, kept until `close`."""
+        if self._fd is None:
+            self._fd = open_private(self._base, self._parts)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _name(self, uuid: str) -> str:
         if not UPLOAD_ID.fullmatch(uuid):
             raise UnknownUpload(f"no upload record can be named {shown(uuid)}")
-        return self.directory / f"{uuid}.json"
+        return f"{uuid}.json"
 
     def load(self, uuid: str) -> UploadRecord:
+        name = self._name(uuid)
         try:
-            raw = json.loads(self._path(uuid).read_text())
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir())
+            with os.fdopen(fd, "rb") as f:
+                raw = json.loads(f.read(RECORD_MAX + 1)[: RECORD_MAX + 1])
             return UploadRecord(**raw)
         except FileNotFoundError:
             raise UnknownUpload(f"unknown upload {uuid}") from None
-        except (ValueError, TypeError) as exc:
-            raise UnknownUpload(f"upload record {self._path(uuid)} is unreadable: {exc}") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise UnknownUpload(
+                f"upload record {self.directory / name} is unreadable: {exc}"
+            ) from None
 
     def save(self, record: UploadRecord) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(record), f)
-        os.replace(tmp, self._path(record.uuid))
+        fd, name = self._dir(), self._name(record.uuid)
+        temp = f".tmp-{uuids.uuid4().hex}"
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
+        try:
+            with os.fdopen(out, "w") as f:
+                json.dump(asdict(record), f)
+            os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=fd)
+            raise
         self._read_at = None
 
     def delete(self, uuid: str) -> None:
-        self._path(uuid).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._name(uuid), dir_fd=self._dir())
         self._read_at = None
 
     def all(self) -> list[UploadRecord]:
         records = []
-        for path in sorted(self.directory.glob("*.json")) if self.directory.exists() else ():
+        for name in sorted(os.listdir(self._dir())):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
             try:
-                records.append(self.load(path.stem))
+                records.append(self.load(name[: -len(".json")]))
             except UnknownUpload as exc:
                 log.warning("records: skipping %s", exc)
         return records
@@ -127,10 +162,7 @@ class UploadRecords:
         Read again only when the directory changed: a record written or deleted here, or
         one another mount of the registry added or removed (its mtime moves; Linux's
         multigrain timestamps tell apart two changes in one tick once the first was seen)."""
-        try:
-            st = os.stat(self.directory)
-        except FileNotFoundError:
-            return frozenset()
+        st = os.fstat(self._dir())
         read_at = (st.st_mtime_ns, st.st_ino)
         if read_at != self._read_at:
             self._repositories = frozenset(record.repository for record in self.all())
