@@ -168,7 +168,6 @@ async def _token_then_tags(token: str, expires_in: float = 300, asks: int = 1) -
 # header encoding) from RemoteClient: through a mount an unexpected error, a traceback in
 # the log. Should: RemoteError naming the token server.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="a non-ASCII token raises UnicodeEncodeError")
 async def test_a_token_that_is_no_header_value_is_a_remote_error() -> None:
     granted = await _token_then_tags("t\u00f6k")
     assert isinstance(granted.error, StorageError), repr(granted.error)
@@ -187,7 +186,6 @@ async def test_a_token_cannot_add_a_header_of_its_own() -> None:
 # expires at NaN, is never valid, and every request fetches a new one. Should: a lifetime
 # that is no finite positive number is the default (60 s), as 0 or a string is.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="expires_in NaN makes a token fetch per request")
 async def test_a_token_lifetime_that_is_no_number_is_the_default() -> None:
     granted = await _token_then_tags("t", expires_in=float("nan"), asks=3)
     assert granted.error is None, repr(granted.error)

@@ -18,6 +18,7 @@ a login comes from (credentials.py). The rules, each testable alone:
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -156,9 +157,12 @@ class Token:
         value = body.get("token") or body.get("access_token")
         if not isinstance(value, str) or not value:
             raise ValueError("token server answer has no token")
+        if not (value.isascii() and value.isprintable()) or " " in value:
+            # It goes into a header: RFC 6750's token68 is visible ASCII, no space.
+            raise ValueError("token server answer's token is not a header value")
         lifetime = body.get("expires_in")
-        if not isinstance(lifetime, int | float) or lifetime <= 0:
-            lifetime = DEFAULT_TOKEN_LIFETIME
+        if not isinstance(lifetime, int | float) or not 0 < lifetime < math.inf:
+            lifetime = DEFAULT_TOKEN_LIFETIME  # NaN too: no comparison holds for it
         return cls(value, requested_at + lifetime - min(30.0, lifetime / 10))
 
 
