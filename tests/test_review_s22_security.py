@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -15,10 +16,12 @@ import socketserver
 import ssl
 import subprocess
 import threading
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from support.fault_server import Fault, FaultServer, Seen
@@ -36,6 +39,7 @@ from regfs.sources import _open_remote
 from storage.drivers import FilesystemDriver
 from storage.drivers.s3 import S3Driver
 from storage.errors import StorageError
+from storage.remote.auth import Authenticator, TokenCache
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 from storage.remote.uploads import RemoteUpload, UploadRecord, UploadRecords
@@ -510,3 +514,42 @@ async def test_a_tree_deeper_than_the_descriptor_limit_is_removed(tmp_path: Path
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert failed is None and not (root / "up").exists(), failed
+
+
+# --------------------------------------------------------------------------- token locks
+
+
+# A bearer token is fetched under a lock per scope (Authenticator._locks), which is kept for
+# good: the token cache is bounded in bytes, the locks are not, so every repository a walk
+# ever touched keeps ~0.4 KB; a registry that lists other names at each listing (1,000,000
+# a listing, its cap) grows the daemon without end. Should: a scope's lock goes when no
+# fetch holds or waits for it, and memory stays within the token cache's bound.
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="a token lock per scope is kept for good")
+async def test_token_fetches_of_many_repositories_keep_memory_bounded() -> None:
+    granted = httpx.Response(200, json={"token": "t" * 40, "expires_in": 300})
+
+    async def grant(
+        method: str, url: httpx.URL, headers: dict[str, str], content: bytes | None, expect: Any
+    ) -> httpx.Response:
+        return granted
+
+    auth = Authenticator(httpx.URL("https://registry.test/"), None, False, grant)
+    auth.tokens = TokenCache(max_bytes=1 << 10)  # a token or two: what grows is the rest
+    challenge = httpx.Response(
+        401, headers={"WWW-Authenticate": 'Bearer realm="https://registry.test/token"'}
+    )
+    await auth.on_challenge(challenge, "GET", httpx.URL("https://registry.test/v2/"), None, None)
+    repositories = 1_500
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(repositories):
+            target = httpx.URL(f"https://registry.test/v2/org/repo-{i:06d}/tags/list")
+            await auth.authorization("GET", target)
+        gc.collect()  # what the loop left in cycles
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Dropping each lock once its fetch is done leaves ~30 KB here (1,500 kept: ~700 KB).
+    assert grown < 128 << 10, f"{grown / repositories:.0f} bytes kept per repository"
