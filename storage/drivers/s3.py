@@ -359,8 +359,11 @@ class S3Driver(StorageDriver):
     def _objects(
         self, prefix: str, delimiter: str = ""
     ) -> Iterator[tuple[str, ListedObject | None]]:
-        """ListObjectsV2 pages (s3_list.py) as (key, the object) and (common prefix, None)."""
+        """ListObjectsV2 pages (s3_list.py) as (key, the object) and (common prefix, None).
+        A continuation token met before is refused: an endpoint that names one page again
+        would be asked it for ever (the remote registry's listings stop so too)."""
         token: str | None = None
+        seen: set[str] = set()
         while True:
             page = self.call(
                 f"LIST {prefix}",
@@ -372,7 +375,11 @@ class S3Driver(StorageDriver):
                 yield common, None
             if page.token is None:
                 return
+            if page.token in seen:
+                log.error("S3 LIST %s: the next page loops back to one read before", prefix)
+                raise RemoteUnavailable(f"S3 LIST {prefix}: the next page loops back")
             token = page.token
+            seen.add(token)
 
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
         """(key, upload id) of the multipart uploads in progress under prefix, in S3's order
