@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import gc
 import io
+import json
 import random
 from array import array
 
 import pytest
+import zstandard
 
 from storage.digests import digest_bytes
 from storage.rootfs import cache as cachemod
@@ -248,3 +250,42 @@ def test_a_loaded_table_is_frozen_before_the_gc_comes_back(cache):
     assert loaded is not None and gc.isenabled() and not collections
     assert gc.get_freeze_count() >= 3000
     assert not any(id(m) in walked for m in loaded.members)
+
+
+def _with_positions(data: bytes, changes: dict[int, int]) -> bytes:
+    """A tree file with some inodes' positions in the tables changed (a valid zstd frame
+    again)."""
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    head, meta, rest = raw.split(b"\n", 2)
+    position = array("I", rest[: 4 * json.loads(meta)["inodes"]])
+    for ino, value in changes.items():
+        position[ino - 1] = value
+    changed = b"\n".join([head, meta, position.tobytes() + rest[len(position) * 4 :]])
+    return zstandard.ZstdCompressor(write_checksum=True).compress(changed)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({3: 4}, "a hard link member as an inode"),  # the file inode: the link's member
+        ({1: 3}, "a root that is no directory"),  # the root: the file's member
+    ],
+)
+def test_a_tree_whose_inodes_are_members_of_the_wrong_kind_is_stale(cache, changes, reason):
+    """The inodes' kinds come from the stored tables' kind bytes (`Table.codes`), or from
+    the members of a table not loaded from a file: both refuse the same."""
+    members = [
+        _member("", Kind.DIR),
+        _member("d", Kind.DIR),
+        _member("d/a"),
+        _member("h", Kind.HARDLINK, linkname="d/a"),
+    ]
+    loaded = _stored(cache, members)
+    tree = merge([members])
+    assert [(n, i) for n, i, _, _ in tree.entries(1)] == [("d", 2), ("h", 3)]
+    out = io.BytesIO()
+    treefile.encode(tree, [members], out)
+    for tables in ([members], [loaded]):
+        assert len(treefile.decode(io.BytesIO(out.getvalue()), tables, MAX_NODES)) == 3
+        with pytest.raises(treefile.StaleTree, match=reason):
+            treefile.decode(io.BytesIO(_with_positions(out.getvalue(), changes)), tables, 10)

@@ -552,3 +552,30 @@ async def test_token_fetches_of_many_repositories_keep_memory_bounded() -> None:
         tracemalloc.stop()
     # Dropping each lock once its fetch is done leaves ~30 KB here (1,500 kept: ~700 KB).
     assert grown < 128 << 10, f"{grown / repositories:.0f} bytes kept per repository"
+
+
+# The S3 fix (b27ae8d) stops a ListObjectsV2 whose token comes back; ListMultipartUploads
+# (`_uploads`, through boto3: a stat or a listing of an upload) still follows markers that
+# come back, for ever. Should: refused as a looping ListObjectsV2 is.
+@pytest.mark.storage
+@pytest.mark.xfail(strict=True, reason="ListMultipartUploads follows looping markers")
+async def test_an_s3_uploads_listing_whose_next_page_loops_back_stops(
+    moto_server, s3_bucket
+) -> None:
+    loops = 30  # then the requests reach moto, which ends the listing its way
+    page = (
+        b'<?xml version="1.0" encoding="UTF-8"?><ListMultipartUploadsResult>'
+        b"<Bucket>%s</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker>"
+        b"<NextKeyMarker>k</NextKeyMarker><NextUploadIdMarker>u</NextUploadIdMarker>"
+        b"<MaxUploads>1000</MaxUploads><IsTruncated>true</IsTruncated><Upload>"
+        b"<Key>r/other</Key><UploadId>u</UploadId><Initiated>2026-01-01T00:00:00.000Z</Initiated>"
+        b"</Upload></ListMultipartUploadsResult>" % s3_bucket.encode()
+    )
+    upload = "/docker/registry/v2/repositories/x/_uploads/0f1e2d3c-aaaa-bbbb-cccc-123456789abc"
+    with FaultServer(upstream=moto_server.url) as proxy:
+        driver = S3Driver(s3_bucket, "/r", client=moto_server.client(proxy.url))
+        proxy.inject(Fault(200, body=page, method="GET", path=f"^/{s3_bucket}$"), times=loops)
+        with contextlib.suppress(StorageError):
+            await driver.stat(f"{upload}/data")
+        pages = [s for s in proxy.seen if "uploads" in s.path]
+    assert len(pages) <= 2, f"{len(pages)} requests for the same page"

@@ -485,7 +485,7 @@ def decode(file: BinaryIO, digest: Digest) -> LayerIndex:
         if len(payload) != int(length):
             raise CorruptIndex("ends early")
         read += _members(payload, bound, found)
-    members = Table(read, found.hexdigest())
+    members = Table(read, found.hexdigest(), bytes(found.codes))
     frames = [_frame(row) for row in line()]
     chunks = _chunks(line(), members, fmt)
     if len(members) != count or len(frames) != meta["frames"]:

@@ -60,15 +60,17 @@ class Member(NamedTuple):
 
 
 class Table(list[Member]):
-    """A layer's members as its stored index gave them, with the fingerprint of what the
-    file held of them (`treefile.fingerprint`): hashed from the file's bytes as they were
-    read, not from the members made of them."""
+    """A layer's members as its stored index gave them, with what the file held of them
+    that a kept tree's load reads (`treefile`): the fingerprint of their kinds, paths and
+    link names, hashed from the file's bytes as they were read, and their kinds' bytes
+    (`indexfile.KINDS`), not taken from the members made of them again."""
 
-    __slots__ = ("fingerprint",)
+    __slots__ = ("codes", "fingerprint")
 
-    def __init__(self, members: list[Member], fingerprint: str) -> None:
+    def __init__(self, members: list[Member], fingerprint: str, codes: bytes) -> None:
         super().__init__(members)
         self.fingerprint = fingerprint
+        self.codes = codes
 
 
 _new = tuple.__new__

@@ -27,14 +27,14 @@ from array import array
 from collections import Counter
 from collections.abc import Sequence
 from itertools import accumulate, chain, compress, repeat
-from operator import add, gt, is_, itemgetter, lt, sub
+from operator import add, gt, itemgetter, lt, sub
 from typing import BinaryIO, NamedTuple
 
 import zstandard
 
 from ..digests import Digest
 from . import indexfile
-from .indexfile import KINDS, le_array, le_bytes, picked
+from .indexfile import KINDS, le_array, le_bytes, picker
 from .members import Kind, Member, Table
 from .merge import DEFAULT_DIR, NAME_MAX, NO_LAYER, WHITEOUT, MergedTree
 
@@ -44,6 +44,7 @@ _LEVEL = 3
 _MAX_META = 1 << 20  # a count and a fingerprint per layer
 _CODES = {kind: code for code, kind in enumerate(KINDS)}
 _KIND, _PATH, _LINK = itemgetter(1), itemgetter(0), itemgetter(8)
+_IS_DIR = bytes(code == _CODES[Kind.DIR] for code in range(256))  # a kind's code → 1 or 0
 # Names no entry may have, each after the NUL before it: scanned for only if a name starts
 # with a dot (`_names`), which none of the bench image's 15,002 does.
 _DOTTED = (b"\0.\0", b"\0..\0", b"\0" + WHITEOUT.encode())
@@ -67,10 +68,12 @@ class Fingerprint:
 
     def __init__(self) -> None:
         self._columns = [hashlib.sha256() for _ in range(3)]
+        self.codes = bytearray()  # the kinds, as `Table.codes`
 
     def update(self, kinds: bytes | memoryview, paths: bytes, links: bytes) -> None:
         for column, data in zip(self._columns, (kinds, paths, links), strict=True):
             column.update(data)
+        self.codes += kinds
 
     def hexdigest(self) -> str:
         whole = hashlib.sha256(b"".join(column.digest() for column in self._columns))
@@ -83,10 +86,16 @@ def fingerprint(members: Sequence[Member]) -> str:
     if isinstance(members, Table):
         return members.fingerprint
     found = Fingerprint()
-    kinds = bytes(map(_CODES.__getitem__, map(_KIND, members)))
     paths, links = (indexfile.names(list(map(f, members))) for f in (_PATH, _LINK))
-    found.update(kinds, paths, links)
+    found.update(_codes(members), paths, links)
     return found.hexdigest()
+
+
+def _codes(members: Sequence[Member]) -> bytes:
+    """The members' kinds as bytes (`indexfile.KINDS`), as a stored table keeps them."""
+    if isinstance(members, Table):
+        return members.codes
+    return bytes(map(_CODES.__getitem__, map(_KIND, members)))
 
 
 def encode(tree: MergedTree, tables: Sequence[Sequence[Member]], file: BinaryIO) -> None:
@@ -142,23 +151,30 @@ def decode(file: BinaryIO, tables: Sequence[Sequence[Member]], max_nodes: int) -
     layer_of = [NO_LAYER]
     for number, table in enumerate(tables):
         layer_of += repeat(number, len(table))
+    pick = picker(position)
     try:
-        members = picked(flat, position)
+        members = pick(flat)
     except IndexError:
         raise StaleTree("a member past its tables") from None
-    layer = array("i", picked(layer_of, position))
-    return _assemble(members, layer, count, child, names)
+    layer = array("i", pick(layer_of))
+    codes = bytes(pick(b"".join([_CODES[Kind.DIR].to_bytes(), *map(_codes, tables)])))
+    return _assemble(members, codes, layer, count, child, names)
 
 
 def _assemble(
-    members: list[Member], layer: array[int], count: array[int], child: array[int], names: bytes
+    members: list[Member],
+    codes: bytes,
+    layer: array[int],
+    count: array[int],
+    child: array[int],
+    names: bytes,
 ) -> MergedTree:
-    """Check the shape (the module's docstring) and derive what the file leaves out."""
+    """Check the shape (the module's docstring) and derive what the file leaves out;
+    `codes` are the inodes' kinds (`indexfile.KINDS`), `is_dir` a byte each (1 or 0)."""
     inodes, entries = len(members), len(child)
-    kinds = list(map(_KIND, members))
-    if Kind.HARDLINK in kinds:
+    if _CODES[Kind.HARDLINK] in codes:
         raise StaleTree("a hard link member as an inode")
-    is_dir = list(map(is_, kinds, repeat(Kind.DIR)))
+    is_dir = codes.translate(_IS_DIR)
     if not is_dir[0]:
         raise StaleTree("a root that is no directory")
     if sum(count) != entries or sum(compress(count, is_dir)) != entries:  # counts are >= 0
@@ -199,7 +215,7 @@ class _Links(NamedTuple):
     above: list[int]
 
 
-def _breadth_first(child: array[int], owners: list[int], is_dir: list[bool]) -> _Links | None:
+def _breadth_first(child: array[int], owners: list[int], is_dir: Sequence[int]) -> _Links | None:
     """`_any_order`'s parents and link counts, for a file numbered as the merge numbers
     (each inode's first name the next number, breadth first) with at most `_FEW_LINKS`
     further names (hard links); None for any other, which `_any_order` then checks. The
@@ -275,7 +291,7 @@ def _run(
     return at + good, met + good
 
 
-def _any_order(child: array[int], owners: list[int], is_dir: list[bool]) -> _Links:
+def _any_order(child: array[int], owners: list[int], is_dir: Sequence[int]) -> _Links:
     """Parents and link counts of any numbering, every entry checked: it names an inode,
     every inode but the root is named, each directory once and below a lower number (no
     cycle, every one reached from the root)."""
