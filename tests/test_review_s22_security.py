@@ -206,7 +206,6 @@ async def test_a_token_lifetime_that_is_no_number_is_the_default() -> None:
 # logged as it is (`a symbolic link ... not listed`, `no storage path name`), so the owner
 # writes whole lines of their own into the daemon's log. Should: escaped, as server text is.
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="names from a storage root are logged unescaped")
 async def test_names_in_a_root_cannot_forge_log_lines(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -131,7 +131,7 @@ def _storage_paths(found: builtins.list[FileInfo]) -> builtins.list[FileInfo]:
     infos = []
     for info in found:
         if _PATH_RE.fullmatch(info.path) is None:
-            log.warning("%s: no storage path name: passed over", info.path)
+            log.warning("%r: no storage path name: passed over", info.path)
         else:
             infos.append(info)
     return infos

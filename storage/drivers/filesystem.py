@@ -306,7 +306,7 @@ class FilesystemDriver(StorageDriver):
         itself. Paths hold no `..`, so RESOLVE_BENEATH's EXDEV cannot happen here."""
         code = exc.errno
         if code == errno.ELOOP or (code == errno.ENOTDIR and self._linked(path)):
-            log.error("%s: a symbolic link in the storage root, never followed: refused", path)
+            log.error("%r: a symbolic link in the storage root, never followed: refused", path)
             return UnsafeEntry(path, "a symbolic link (or one on its way), never followed")
         if code in (errno.ENOENT, errno.ENOTDIR):
             return PathNotFound(path)
@@ -383,7 +383,7 @@ class FilesystemDriver(StorageDriver):
                 return fd
             os.close(fd)
             kind = "a directory" if statmod.S_ISDIR(mode) else f"of mode {mode:o}"
-        log.warning("%s is %s, not a regular file: treated as absent", path, kind)
+        log.warning("%r is %s, not a regular file: treated as absent", path, kind)
         raise PathNotFound(path)
 
     async def _get_content(self, path: str, limit: int) -> bytes:
@@ -429,7 +429,7 @@ class FilesystemDriver(StorageDriver):
                 # the root too: writing through it would change a file nobody meant. The
                 # registry never makes hard links (and protected_hardlinks limits who can).
                 if st.st_nlink > 1:
-                    log.error("%s has %d hard links: not written through", path, st.st_nlink)
+                    log.error("%r has %d hard links: not written through", path, st.st_nlink)
                     raise UnsafeEntry(path, f"{st.st_nlink} hard links: not written through")
                 lock = await self._lock(parent, leaf, path)
             except BaseException:
@@ -582,7 +582,7 @@ class FilesystemDriver(StorageDriver):
     def _listed(self, path: str, stat: bool = False) -> dict[str, os.stat_result | None]:
         found, links = self._scan(path, stat)
         for name in links:
-            log.warning("%s/%s: a symbolic link in the storage root: not listed", path, name)
+            log.warning("%r: a symbolic link in the storage root: not listed", f"{path}/{name}")
         return found
 
     async def _list(self, path: str) -> list[str]:
