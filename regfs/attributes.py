@@ -7,9 +7,10 @@ import errno
 import logging
 import stat
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from itertools import chain
+from itertools import chain, repeat
+from operator import add, floordiv
 from typing import cast
 
 import pyfuse3
@@ -21,6 +22,7 @@ from .inodes import InodeTable
 from .nodes import (
     REGISTRY_KINDS,
     Attr,
+    AttrColumns,
     DirNode,
     FixedNode,
     LayerNode,
@@ -44,9 +46,14 @@ BLOCK_SIZE = 1 << 20  # the largest FUSE request: cp and cat size their buffers 
 # daemon CPU.
 DIR_BLOCK_SIZE = 4096
 # An entry's fields in what `rows` gives, and where its size, blocks and times are.
-_FIELDS = len(fusefeatures.PACKED_FIELDS)
+PACKED = len(fusefeatures.PACKED_FIELDS)
 _SIZE, _BLOCKS = (fusefeatures.PACKED_FIELDS.index(f) for f in ("st_size", "st_blocks"))
 _TIMES = [fusefeatures.PACKED_FIELDS.index(f"st_{t}time_ns") for t in "amc"]
+_BLKSIZE = fusefeatures.PACKED_FIELDS.index("st_blksize")
+_COLUMNS = [  # where `AttrColumns`' first six are
+    fusefeatures.PACKED_FIELDS.index(f"st_{name}")
+    for name in ("mode", "nlink", "uid", "gid", "rdev", "size")
+]
 
 
 @dataclass
@@ -66,6 +73,23 @@ class Shown:
     mtime_ns: int | None = None  # None: the storage's (when the upload started)
 
 
+def packed(columns: AttrColumns) -> array[int]:
+    """What `Attributes.rows` makes of fixed files and directories (an image's entries), from
+    their columns, each field a column at a time (no `Attr` or `EntryAttributes` each)."""
+    count = len(columns.mode)
+    fields = array("q", bytes(8 * PACKED * count))
+    for at, column in zip(_COLUMNS, columns[:6], strict=True):
+        fields[at::PACKED] = array("q", column)
+    blocks = map(floordiv, map(add, columns.size, repeat(511)), repeat(512))  # _stat's
+    fields[_BLOCKS::PACKED] = array("q", blocks)
+    sizes = (BLOCK_SIZE, DIR_BLOCK_SIZE)  # st_blksize, by whether it is a directory
+    fields[_BLKSIZE::PACKED] = array("q", map(sizes.__getitem__, map(stat.S_ISDIR, columns.mode)))
+    mtimes = array("q", columns.mtime_ns)
+    for at in _TIMES:
+        fields[at::PACKED] = mtimes
+    return fields
+
+
 class Attributes:
     def __init__(
         self, tree: Tree, options: MountOptions, inodes: InodeTable, files: OpenFiles
@@ -81,6 +105,9 @@ class Attributes:
         self._unread_dir = self._stat(Attr(True, 0, tree.started_ns))
         for unread in (self._unread, self._unread_dir):
             unread.attr_timeout = unread.entry_timeout = 0
+        # The timeouts of every fixed file's entry (`fixed_entry`), for readdir_reply_many.
+        self.fixed_template = EntryAttributes()
+        self.fixed_template.attr_timeout = self.fixed_template.entry_timeout = FOREVER
 
     def entry(self, node: Node, attr: Attr, timeout: float | None = None) -> EntryAttributes:
         """The entry the kernel gets for a node; `timeout` overrides the kind's timeouts."""
@@ -225,11 +252,21 @@ class Attributes:
         fields = self._row(first) * len(attrs)
         sizes = [a.size for a in attrs]
         mtimes = array("q", [a.mtime_ns for a in attrs])
-        fields[_SIZE::_FIELDS] = array("q", sizes)
-        fields[_BLOCKS::_FIELDS] = array("q", [(size + 511) // 512 for size in sizes])  # _stat's
+        fields[_SIZE::PACKED] = array("q", sizes)
+        fields[_BLOCKS::PACKED] = array("q", [(size + 511) // 512 for size in sizes])  # _stat's
         for at in _TIMES:
-            fields[at::_FIELDS] = mtimes
+            fields[at::PACKED] = mtimes
         return fields
+
+    def fixed_entry(self, ino: int, row: Sequence[int]) -> EntryAttributes:
+        """What `entry` makes of a fixed file or directory (an image's) whose `rows` row is
+        row, with `fixed_template`'s timeouts."""
+        entry = EntryAttributes()
+        for name, value in zip(fusefeatures.PACKED_FIELDS, row, strict=True):
+            setattr(entry, name, value)
+        entry.st_ino = ino
+        entry.attr_timeout = entry.entry_timeout = FOREVER
+        return entry
 
     def _row(self, attr: Attr) -> array[int]:
         entry = self._stat(attr)

@@ -11,7 +11,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import islice
+from itertools import compress, count, islice
+from operator import itemgetter
 
 import pyfuse3
 import trio
@@ -20,7 +21,7 @@ from pyfuse3 import EntryAttributes, FUSEError, ReaddirToken
 from storage.errors import CorruptEntry
 
 from . import fusefeatures
-from .attributes import Attributes
+from .attributes import PACKED, Attributes
 from .inodes import InodeTable
 from .listings import names_of
 from .nodes import Attr, DirNode, FixedNode, Listing, Node, SectionNode
@@ -60,6 +61,8 @@ _PAGE = mmap.PAGESIZE
 # what a run makes for those that do not fit is made again (a READDIRPLUS of `ls -l` holds
 # ~145 digests); 32 cost less daemon CPU than 16 or 64 in `ls -l` of 10,000 layers.
 RUN = 32
+_MODE = fusefeatures.PACKED_FIELDS.index("st_mode")
+_NODE = itemgetter(1)
 
 
 @dataclass
@@ -195,6 +198,46 @@ class Directories:
     def _reply_listed(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> None:
         """readdir of a listing that came with its entries' attributes (an image's
         directory): no call per entry to the tree, nothing that can fail on the way."""
+        if entries.rows is not None and fusefeatures.REPLY_MANY:
+            if not self._reply_packed(entries, start, base, token):
+                return
+        elif not self._reply_each(entries, start, base, token):
+            return
+        end = self._ended(base >> _INDEX_BITS, start, token)
+        if end and fusefeatures.READDIR_ENDED:
+            # Its entries never change: the READDIR that only learns that nothing
+            # follows is answered in pyfuse3's C callback (one per directory a cold
+            # `find` of an image lists, as many as those with entries).
+            pyfuse3.readdir_ended(token, base | end)
+
+    def _reply_packed(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> bool:
+        """Hands a packed listing's entries from start on in runs of RUN, each in one
+        `readdir_reply_many`, as `_reply_each` would one by one: each with a lookup (counted
+        here), a directory's entry kept for its GETATTRs (`InodeTable.keep_fixed`). Returns
+        whether all went out. What a run numbers for entries that do not fit is numbered
+        again, the same, for the next READDIR."""
+        names, rows = entries.encoded, entries.rows
+        assert names is not None and rows is not None
+        template, fixed = self.attributes.fixed_template, self.attributes.fixed_entry
+        index = start
+        while index < len(names):
+            stop = min(index + RUN, len(names))
+            inodes = self.inodes.inode_all(list(map(_NODE, entries[index:stop])))
+            run = rows[index * PACKED : stop * PACKED]
+            handed = pyfuse3.readdir_reply_many(
+                token, names[index:stop], inodes, run, template, base | index, 0, stop - index
+            )
+            self.inodes.ref_all(inodes[:handed])
+            modes = run[_MODE : handed * PACKED : PACKED]
+            for i in compress(count(), map(stat.S_ISDIR, modes)):  # asked after each READDIR
+                self.inodes.keep_fixed(fixed(inodes[i], run[i * PACKED : (i + 1) * PACKED]))
+            index += handed
+            if index < stop:
+                return False
+        return True
+
+    def _reply_each(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> bool:
+        """`_reply_listed` one entry at a time: whether all went out."""
         entry, attrs = self.attributes.entry, entries.attrs
         handed: list[int] = []  # their lookups, counted at once
         try:
@@ -202,14 +245,9 @@ class Directories:
                 name, child = entries[index]
                 made = entry(child, attrs[index])
                 if not pyfuse3.readdir_reply(token, name.encode(), made, base | (index + 1)):
-                    return
+                    return False
                 handed.append(made.st_ino)
-            end = self._ended(base >> _INDEX_BITS, start, token)
-            if end and fusefeatures.READDIR_ENDED:
-                # Its entries never change: the READDIR that only learns that nothing
-                # follows is answered in pyfuse3's C callback (one per directory a cold
-                # `find` of an image lists, as many as those with entries).
-                pyfuse3.readdir_ended(token, base | end)
+            return True
         finally:
             self.inodes.ref_all(handed)
 
@@ -223,7 +261,7 @@ class Directories:
             return 0
         length = ended.length
         if ended.dot is None and ended.entries is not None:
-            ended.dot = _fills_pages(name for name, _ in ended.entries)
+            ended.dot = _fills_pages(_lengths(ended.entries))
             self._read_whole.append((time.monotonic(), ended))
         if ended.dot and start <= length:
             dot = EntryAttributes()
@@ -366,12 +404,21 @@ class Directories:
         log.info("rmdir: removed repository %s", node.path)
 
 
-def _fills_pages(names: Iterable[str]) -> bool:
-    """Whether the kernel's copy of a listing of these names ends on a page's end."""
-    used = 0
-    for name in names:
-        size = (_DIRENT + 7 + (len(name) if name.isascii() else len(name.encode()))) & ~7
-        used = size if used + size > _PAGE else used + size
+def _lengths(entries: list[tuple[str, Node]]) -> Iterable[int]:
+    """The bytes of each entry's name."""
+    if isinstance(entries, Listing) and entries.encoded is not None:
+        return map(len, entries.encoded)
+    return (len(name) if name.isascii() else len(name.encode()) for name, _ in entries)
+
+
+def _fills_pages(lengths: Iterable[int]) -> bool:
+    """Whether the kernel's copy of a listing of names of these lengths ends on a page's end."""
+    sizes = [(_DIRENT + 7 + length) & ~7 for length in lengths]
+    used = sum(sizes)
+    if used > _PAGE:  # more than one page (most directories fit in one)
+        used = 0
+        for size in sizes:
+            used = size if used + size > _PAGE else used + size
     return used == _PAGE
 
 

@@ -6,6 +6,8 @@ import errno
 from array import array
 from collections import Counter
 from collections.abc import Iterable
+from itertools import compress, repeat
+from operator import and_, is_not, or_
 from typing import cast
 
 import pyfuse3
@@ -56,9 +58,20 @@ class InodeTable:
         """`inode` of each, as readdir_reply_many takes them: looked up in C, a call each
         only for a node that has none yet."""
         found = list(map(self._inodes.get, nodes))
-        if None in found:
-            return array("q", [self.inode(node) for node in nodes])
-        return array("q", cast("list[int]", found))
+        if None not in found:
+            return array("q", cast("list[int]", found))
+        # The new ones (a listing's) numbered at once, as `inode` would one by one when no
+        # two of them, or one and a number in use, share a derived number (else: `inode`).
+        hashes = map(and_, map(hash, nodes), repeat(_HASH_BITS))
+        numbers = dict(zip(nodes, map(or_, repeat(_DERIVED), hashes), strict=True))
+        for known in compress(nodes, map(is_not, found, repeat(None))):
+            numbers.pop(known, None)
+        taken = dict(zip(numbers.values(), numbers, strict=True))
+        if len(taken) == len(numbers) and self._nodes.keys().isdisjoint(taken):
+            self._inodes.update(numbers)
+            self._nodes.update(taken)
+            return array("q", map(self._inodes.__getitem__, nodes))
+        return array("q", [self.inode(node) for node in nodes])
 
     def peek(self, node: Node) -> int:
         """The number of a node listed without a lookup: its own if the kernel holds it, else

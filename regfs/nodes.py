@@ -7,6 +7,7 @@ are here; a view (regfs/views.py) defines its own kinds as more subclasses of `N
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,17 +167,36 @@ class Attr(NamedTuple):
     rdev: int = 0
 
 
+class AttrColumns(NamedTuple):
+    """What stat shows of each entry of a listing, a column per field (entry i's is each
+    column's item i): `Attr`'s fields of a view's fixed file (`immutable`, mode with the
+    file type, owner and link count given), made a column at a time, not an `Attr` each."""
+
+    mode: list[int]
+    nlink: list[int]
+    uid: list[int]
+    gid: list[int]
+    rdev: list[int]
+    size: list[int]
+    mtime_ns: list[int]
+
+
 class Listing(list[tuple[str, Node]]):
-    """A directory's entries that came with what stat shows of each (`attrs[i]` is entry
-    i's), as a view's `children` may answer: an image's directory has every entry's
-    attributes in its merged tree, so readdirplus asks for no attributes entry by entry
-    (15,000 trips through the tree and the view in a `find` of an image)."""
+    """A directory's entries that came with what stat shows of each, as a view's `children`
+    may answer: `attrs[i]` is entry i's; or, for entries that are all fixed files and
+    directories (`FixedNode`, immutable: an image's), their names as bytes (`encoded`) and
+    their fields packed as `readdir_reply_many` takes them (`rows`, `attributes.packed`).
+    An image's directory has every entry's attributes in its merged tree, so readdirplus
+    asks for no attributes entry by entry (15,000 trips through the tree and the view in a
+    `find` of an image), and packed hands them in runs (`Directories._reply_packed`)."""
 
-    __slots__ = ("attrs",)
+    __slots__ = ("attrs", "encoded", "rows")
 
-    def __init__(self) -> None:
+    def __init__(self, encoded: list[bytes] | None = None, rows: array[int] | None = None) -> None:
         super().__init__()
         self.attrs: list[Attr] = []
+        self.encoded = encoded
+        self.rows = rows
 
 
 def digest_name(name: str) -> Digest | None:

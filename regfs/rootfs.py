@@ -21,12 +21,15 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import tempfile
+from array import array
 from collections import OrderedDict
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import repeat
+from itertools import chain, compress, count, repeat
+from operator import attrgetter, mul, or_
 
 import trio
 
@@ -44,8 +47,10 @@ from storage.rootfs.members import Kind, Member
 from storage.rootfs.merge import MergedTree, MergeError, is_utf8, merge
 from storage.rootfs.reader import LayerFiles
 
+from .attributes import PACKED, packed
 from .nodes import (
     Attr,
+    AttrColumns,
     FixedNode,
     Listing,
     Node,
@@ -58,6 +63,7 @@ from .tree import BytesReader
 log = logging.getLogger(__name__)
 
 SECTION = "rootfs"
+_ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # fsdecode
 _IMAGE_KIND = "image"  # ImageNode's marker: unequal to every other kind of node
 _new_tuple = tuple.__new__
 INDEX_XATTR = "user.regfs.index"
@@ -65,10 +71,16 @@ DIGEST_XATTR = "user.regfs.digest"
 # umoci never sets these from a layer; a tar that carries them must not show them either.
 HIDDEN_XATTRS = frozenset({"security.selinux", "system.nfs4_acl"})
 MAX_IMAGES = 8  # merged trees kept (each refers to its layers' member tables)
-MAX_KEPT_INODES = 2_000_000  # and their inodes in all (~0.5 KB each with the members)
+MAX_KEPT_INODES = 2_000_000  # and their inodes in all (~0.5 KB each with the members,
+# and 88 B more once the image is listed: `_Build.rows`)
 PAUSE_GC_AT = 200  # entries of a listing made with no cyclic collection
 ROOT_WAIT = 0.5  # seconds a stat of an image's root waits for a build already under way
 _FILE, _DIR, _REG, _DIR_TYPE = Kind.FILE, Kind.DIR, stat.S_IFREG, stat.S_IFDIR
+_KIND, _MODE, _UID, _GID, _MTIME, _SIZE = (
+    attrgetter(name) for name in ("kind", "mode", "uid", "gid", "mtime_ns", "size")
+)
+_IS_FILE = {kind: int(kind is Kind.FILE) for kind in Kind}  # a directory's size shows as 0
+_SPECIAL = frozenset((Kind.SYMLINK, Kind.CHAR, Kind.BLOCK))  # what `_attr` shows otherwise
 _TYPES = {
     Kind.FILE: stat.S_IFREG,
     Kind.DIR: stat.S_IFDIR,
@@ -134,6 +146,11 @@ class ImageNode(tuple[str, str, tuple[str, ...], str, int], FixedNode):
         one per entry of a listing)."""
         return _new_tuple(ImageNode, (_IMAGE_KIND, self[1], self[2], self[3], ino))
 
+    def below_all(self, inos: Iterable[int]) -> Iterator[ImageNode]:
+        """`below` of each, made in C (a listing's entries)."""
+        fields = zip(repeat(_IMAGE_KIND), repeat(self[1]), repeat(self[2]), repeat(self[3]), inos)
+        return map(_new_tuple, repeat(ImageNode), fields)
+
     def __repr__(self) -> str:
         return f"ImageNode(repo={self[1]!r}, via={self[2]!r}, digest={self[3]!r}, ino={self[4]})"
 
@@ -155,6 +172,18 @@ class BrokenImage(CorruptEntry):
         self.path = f"{repo}@{digest}"
 
 
+@dataclass(frozen=True)
+class _Last:
+    """The build an image's last listing came from, by the texts of its key: a walk lists
+    its directories one after another, and the key's `Digest` is parsed and hashed by
+    Python calls (`RootfsView._build_of`). Always the most recently used build, so a listing
+    from it need not move it up in the LRU order: forgotten whenever `_build_of` hands
+    another, or a build is dropped (`_drop`)."""
+
+    key: tuple[str, str]  # repo, the digest's text
+    build: _Build
+
+
 @dataclass(eq=False)
 class _Build:
     """One image's merged tree: being built, built, or why it cannot be."""
@@ -164,6 +193,9 @@ class _Build:
     indexes: list[LayerIndex] = field(default_factory=list)
     tree: MergedTree | None = None
     root: Attr | None = None  # the tree's root, asked for once per path walk below a tag
+    # What stat shows of each entry of the tree, made at its first listing (a cold `find`
+    # lists all of them): packed fields (`attributes.packed`), 88 bytes an entry.
+    rows: array[int] | None = None
     error: str | None = None
 
 
@@ -211,6 +243,7 @@ class RootfsView:
         self._tags: TtlCache[tuple[str, str], Digest] = TtlCache(tag_ttl)
         self._manifests: TtlCache[tuple[str, Digest], Image | Platforms] = TtlCache(tag_ttl)
         self._builds: OrderedDict[tuple[str, Digest], _Build] = OrderedDict()
+        self._last: _Last | None = None
         self._scopes: set[trio.CancelScope] = set()
         self._running = 0
         self._idle = trio.Event()
@@ -252,7 +285,7 @@ class RootfsView:
         self._tags.clear()
         self._manifests.clear()
         for key in [k for k, build in self._builds.items() if build.error is not None]:
-            del self._builds[key]
+            self._drop(key)
 
     # -- names -----------------------------------------------------------------------------
 
@@ -301,6 +334,11 @@ class RootfsView:
         raise NotFound(name)
 
     async def children(self, node: Node) -> list[tuple[str, Node]]:
+        if type(node) is ImageNode:  # first: a walk of an image lists ~1,700 directories
+            last = self._last
+            if last is None or last.key != (node[1], node[3]):
+                last = self._last = _Last((node[1], node[3]), await self._build_of(node))
+            return self._listing(node, last.build)
         match node:
             case SectionNode():
                 return []  # looked up, never listed (see the module's docstring)
@@ -308,24 +346,37 @@ class RootfsView:
                 platforms = await self._manifest(repo, digest)
                 assert isinstance(platforms, Platforms)
                 return [(n, ImageNode(repo, (*via, n), d)) for n, d in platforms.platforms]
-            case ImageNode(ino=ino):
-                tree = await self._tree(node)
-                columns = tree.columns(ino)
-                names, inodes, members, nlinks = columns
-                listing = Listing()
-                # Three tracked objects an entry: a big directory's would set off collections
-                # (see gc_paused); a small one's at most one young one, cheaper than the pause.
-                with gc_paused() if len(names) > PAUSE_GC_AT else nullcontext():
-                    if tree.utf8 or is_utf8("".join(names)):  # all at once
-                        listing += zip(names, map(node.below, inodes), strict=True)
-                        listing.attrs += map(_attr, members, nlinks, repeat(True))
-                        return listing
-                    for name, child, member, nlink in zip(*columns, strict=True):
-                        if _is_utf8(name):
-                            listing.append((name, node.below(child)))
-                            listing.attrs.append(_attr(member, nlink, fixed=True))
-                return listing
         raise NotFound(str(node))
+
+    def _listing(self, node: ImageNode, build: _Build) -> Listing:
+        """An image directory's listing, with every entry's attributes packed (`_Build.rows`,
+        made at the image's first listing): per listing a few calls in C, no step an entry."""
+        tree = build.tree
+        assert tree is not None
+        raw, inodes, start = tree.names(node.ino)
+        if not inodes:
+            return Listing()
+        if build.rows is None:
+            build.rows = packed(_columns(*tree.entry_columns()))
+        rows = build.rows[start * PACKED : (start + len(inodes)) * PACKED]
+        text = raw.decode(_ENCODING, _ERRORS)  # os.fsdecode of each, at once
+        names, encoded = text.split("\0"), raw.split(b"\0")
+        if not (tree.utf8 or is_utf8(text)):
+            shown = [i for i, name in enumerate(names) if _is_utf8(name)]
+            names, encoded = [names[i] for i in shown], [encoded[i] for i in shown]
+            inodes = [inodes[i] for i in shown]
+            rows = array(
+                "q", chain.from_iterable(rows[i * PACKED : (i + 1) * PACKED] for i in shown)
+            )
+        listing = Listing(encoded, rows)
+        if len(inodes) <= PAUSE_GC_AT:
+            listing += zip(names, node.below_all(inodes), strict=True)
+            return listing
+        # Tracked objects an entry: a big directory's would set off collections (see
+        # gc_paused); a small one's at most one young one, cheaper than the pause.
+        with gc_paused():
+            listing += zip(names, node.below_all(inodes), strict=True)
+        return listing
 
     # -- attributes ------------------------------------------------------------------------
 
@@ -437,6 +488,8 @@ class RootfsView:
                 self._evict()
         else:
             self._builds.move_to_end(key)
+        if self._last is not None and self._last.build is not build:
+            self._last = None
         if not build.done.is_set():  # waiting on a set Event is a trip through the loop
             await build.done.wait()
         if build.error is not None:
@@ -458,7 +511,7 @@ class RootfsView:
                 break
             if build.done.is_set():
                 kept -= len(build.tree) if build.tree is not None else 0
-                del self._builds[key]
+                self._drop(key)
 
     async def _run(self, repo: str, build: _Build) -> None:
         """Index the image's layers in order (the indexer makes one pass at a time), then
@@ -519,7 +572,11 @@ class RootfsView:
 
     def _forget(self, key: tuple[str, Digest], build: _Build) -> None:
         if self._builds.get(key) is build:
-            del self._builds[key]
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, Digest]) -> None:
+        del self._builds[key]
+        self._last = None
 
 
 _DEFAULT_ROOT = Member("", Kind.DIR, 0o755, 0, 0, 0)
@@ -542,6 +599,23 @@ def _attr(member: Member, nlink: int, fixed: bool) -> Attr:
     return _new_tuple(
         Attr, (False, size, mtime_ns, fixed, _TYPES[kind] | mode, uid, gid, nlink, rdev)
     )
+
+
+def _columns(members: list[Member], nlinks: list[int]) -> AttrColumns:
+    """`_attr` of each (fixed), a column at a time: a step per entry in C, and in Python only
+    for a symlink or a device node."""
+    kinds = list(map(_KIND, members))
+    modes = list(map(or_, map(_TYPES.__getitem__, kinds), map(_MODE, members)))
+    sizes = list(map(mul, map(_SIZE, members), map(_IS_FILE.__getitem__, kinds)))
+    rdevs = [0] * len(kinds)
+    for i in compress(count(), map(_SPECIAL.__contains__, kinds)):
+        member = members[i]
+        if member.kind is Kind.SYMLINK:  # as Linux shows every symlink
+            sizes[i], modes[i] = len(os.fsencode(member.linkname)), stat.S_IFLNK | 0o777
+        else:
+            rdevs[i] = os.makedev(member.devmajor, member.devminor)
+    uids, gids, mtimes = (list(map(field, members)) for field in (_UID, _GID, _MTIME))
+    return AttrColumns(modes, nlinks, uids, gids, rdevs, sizes, mtimes)
 
 
 def _member_xattrs(member: Member) -> dict[str, bytes]:

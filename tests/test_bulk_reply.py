@@ -29,9 +29,9 @@ import pytest
 import trio
 
 from regfs import fusefeatures
-from regfs.attributes import Attributes
+from regfs.attributes import Attributes, packed
 from regfs.inodes import InodeTable
-from regfs.nodes import Attr
+from regfs.nodes import Attr, AttrColumns, Node
 from regfs.options import MountOptions
 
 ENTRIES = 3000
@@ -279,3 +279,58 @@ def test_packed_rows_are_what_stat_shows(attrs: list[Attr]) -> None:
         for field in fusefeatures.PACKED_FIELDS
     ]
     assert rows.tolist() == expected
+
+
+def test_packed_columns_are_what_stat_shows() -> None:
+    """`attributes.packed` (an image's entries, a column at a time) against `_stat` of each
+    as a fixed file: a file, a directory, a symlink, a device node, sizes about a block."""
+    attrs = [
+        Attr(False, 511, -1, True, stat.S_IFREG | 0o4755, 0, 0, 1),
+        Attr(False, 513, 10**18, True, stat.S_IFREG | 0o600, 7, 8, 3),
+        Attr(True, 0, 5, True, stat.S_IFDIR | 0o1777, 9, 10, 4),
+        Attr(False, 6, 6, True, stat.S_IFLNK | 0o777, 0, 0, 1),
+        Attr(False, 0, 7, True, stat.S_IFCHR | 0o620, 0, 5, 1, os.makedev(4, 64)),
+    ]
+    attributes = Attributes(
+        SimpleNamespace(started_ns=0),  # type: ignore[arg-type]
+        MountOptions("root", "mnt", uid=1234, gid=5678),
+        InodeTable(),
+        None,  # type: ignore[arg-type]
+    )
+    columns = AttrColumns(
+        *([getattr(attr, name) for attr in attrs] for name in AttrColumns._fields)
+    )
+    expected = [
+        getattr(attributes._stat(attr), field)
+        for attr in attrs
+        for field in fusefeatures.PACKED_FIELDS
+    ]
+    assert packed(columns).tolist() == expected
+
+
+class Clashing(tuple[str, int], Node):
+    """A node whose hash is its second field: two of them can derive one inode number."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        return self[1]
+
+
+def test_inode_all_numbers_as_inode_does_one_by_one() -> None:
+    """A listing's new nodes are numbered at once (`inode_all`), as `inode` of each in turn
+    numbers them: derived numbers, a hard link's two names one number, and a node whose
+    derived number is taken (by one known, or one before it in the same run) the next of
+    the counter. Both tables then map the same nodes and numbers both ways."""
+    runs = [
+        [Clashing(("a", 1)), Clashing(("b", 2)), Clashing(("a", 1))],  # all new, a hard link
+        [Clashing(("b", 2)), Clashing(("c", 3)), Clashing(("d", 4))],  # one known
+        [Clashing(("e", 5)), Clashing(("f", 5))],  # two new with one derived number
+        [Clashing(("g", 3)), Clashing(("h", 6))],  # one whose number a known node has
+    ]
+    bulk, one_by_one = InodeTable(), InodeTable()
+    for nodes in runs:
+        numbers = bulk.inode_all(list(nodes))
+        assert numbers.tolist() == [one_by_one.inode(node) for node in nodes]
+    assert bulk._inodes == one_by_one._inodes and bulk._nodes == one_by_one._nodes
+    assert len({bulk.inode(node) for nodes in runs for node in nodes}) == 8

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import signal
+import stat
 import struct
 import subprocess
 import time
@@ -52,7 +53,8 @@ from support.roots import CONFIG, link_blobs, put_tagged
 from support.tools import digest_of, errno_of, run
 
 from regfs import fusefeatures
-from regfs.nodes import Listing, SectionNode
+from regfs.attributes import PACKED
+from regfs.nodes import Attr, Listing, SectionNode
 from regfs.rootfs import PAUSE_GC_AT, RootfsView
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
@@ -730,19 +732,31 @@ async def test_a_name_that_is_not_utf8_is_not_listed(tmp_path, caplog):
             for name in ("plain", "mixed"):
                 directory_node = await view.lookup(root, name)
                 listing = await view.children(directory_node)
-                assert isinstance(listing, Listing) and len(listing.attrs) == len(listing)
+                assert isinstance(listing, Listing) and listing.rows is not None
+                assert listing.encoded == [n.encode() for n, _ in listing]
                 listed[name] = [n for n, _ in listing]
-                for (entry, node), attr in zip(listing, listing.attrs, strict=True):
+                for i, (entry, node) in enumerate(listing):
                     assert node == await view.lookup(directory_node, entry)
-                    assert attr == await view.attr(node)
+                    row = listing.rows[i * PACKED : (i + 1) * PACKED].tolist()
+                    assert row == packed_row(await view.attr(node))
         assert listed == {"plain": ["s", "é"], "mixed": ["ok"]}
         assert "not UTF-8" in caplog.text and "bad" in caplog.text
     finally:
         await view.aclose()
 
 
+def packed_row(attr: Attr) -> list[int]:
+    """What stat shows of a fixed file's attr, field by field, in `PACKED_FIELDS` order."""
+    blksize = 4096 if stat.S_ISDIR(attr.mode or 0) else 1 << 20
+    shown = {"st_mode": attr.mode, "st_nlink": attr.nlink, "st_uid": attr.uid,
+             "st_gid": attr.gid, "st_rdev": attr.rdev, "st_size": attr.size,
+             "st_blocks": (attr.size + 511) // 512, "st_blksize": blksize}  # fmt: skip
+    times = {f"st_{t}time_ns": attr.mtime_ns for t in "amc"}
+    return [(shown | times)[name] for name in fusefeatures.PACKED_FIELDS]
+
+
 async def test_a_big_directory_is_listed_with_no_collection(tmp_path):
-    """Listing an image's directory makes three tracked objects an entry: one of more than
+    """Listing an image's directory makes two tracked objects an entry: one of more than
     PAUSE_GC_AT entries sets off no cyclic collection while it is made (a cold `find`
     lists every directory once); the GC is on again after, and one young collection walks
     the listing's objects once (made without the pause: 4 here)."""

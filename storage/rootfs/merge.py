@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
 from operator import sub as _sub
-from typing import NamedTuple
 
 from storage.errors import StorageError
 
@@ -110,15 +109,6 @@ _Entry = _Node | Member
 """A name's inode while merging: a bare member is a base layer's non-directory with one
 name, 56 bytes a member less at the merge's peak than a `_Node` each."""
 _Chain = list[tuple[str, _Entry | None]]
-
-
-class Entries(NamedTuple):
-    """A directory's entries as columns (`MergedTree.columns`): entry i is names[i]."""
-
-    names: list[str]
-    inodes: list[int]
-    members: list[Member]
-    nlinks: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,28 +205,39 @@ class MergedTree:
     def entries(self, ino: int) -> Iterator[tuple[str, int, Member, int]]:
         """A directory's entries in name order, each with what stat shows of it: (name,
         inode, member, nlink), as `node` gives them; nothing for a non-directory."""
-        return zip(*self.columns(ino), strict=True)
+        names, children, _ = self.names(ino)
+        slots = list(map(_sub, children, repeat(1)))
+        return zip(
+            names.decode(_ENCODING, _ERRORS).split("\0") if children else [],
+            children,
+            map(self._member.__getitem__, slots),
+            map(self._nlink.__getitem__, slots),
+            strict=True,
+        )
 
-    def columns(self, ino: int) -> Entries:
-        """`entries` a column at a time, each made in C with no Python step per entry: a
-        cold `find` of an image lists every directory once (1,686 directories of 15,000
-        entries in the bench's, most of them small, so the steps per directory count too)."""
+    def names(self, ino: int) -> tuple[bytes, list[int], int]:
+        """A directory's entries for a listing made from `entry_columns`: their names as
+        one bytes, NUL-separated (b"" for none: split in one call, not decoded each), their
+        inodes, and where they start in those columns. A cold `find` of an image lists
+        every directory once (1,686 of 15,000 entries in the bench's, most of them small,
+        so the steps per directory count)."""
         i = self._slot(ino)
         first = self._first[i]
-        count = self._count[i]
-        if not count:
-            return Entries([], [], [], [])
-        last = first + count
+        last = first + self._count[i]
+        if first == last:
+            return b"", [], first
         start = self._ends[first - 1] if first else 0
-        text = self._names[start : self._ends[last - 1] - 1].decode(_ENCODING, _ERRORS)
-        children = self._child[first:last].tolist()
-        slots = list(map(_sub, children, repeat(1)))
-        return Entries(
-            text.split("\0"),  # os.fsdecode of each name: no byte of a name is a NUL
-            children,
-            list(map(self._member.__getitem__, slots)),
-            list(map(self._nlink.__getitem__, slots)),
+        return (
+            self._names[start : self._ends[last - 1] - 1],
+            self._child[first:last].tolist(),
+            first,
         )
+
+    def entry_columns(self) -> tuple[list[Member], list[int]]:
+        """Every entry's member and link count, each directory's a run (`names`): what stat
+        shows of all of them, for a view to make at once, not per listing."""
+        slots = list(map(_sub, self._child, repeat(1)))
+        return list(map(self._member.__getitem__, slots)), list(map(self._nlink.__getitem__, slots))
 
     def resolve(self, path: str) -> int | None:
         """The inode of a normalised path, following no symlink; None if absent."""
