@@ -526,7 +526,6 @@ async def test_a_tree_deeper_than_the_descriptor_limit_is_removed(tmp_path: Path
 # a listing, its cap) grows the daemon without end. Should: a scope's lock goes when no
 # fetch holds or waits for it, and memory stays within the token cache's bound.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="a token lock per scope is kept for good")
 async def test_token_fetches_of_many_repositories_keep_memory_bounded() -> None:
     granted = httpx.Response(200, json={"token": "t" * 40, "expires_in": 300})
 

@@ -411,14 +411,20 @@ class Authenticator:
         `force` (the registry asked for more than `key` says).
         """
         lock = self._locks.setdefault(key, trio.Lock())
-        async with lock:
-            self.tokens.discard(key, stale)
-            current = self.tokens.get(key)
-            if current is not None and not force:
-                return current
-            token = await self._fetch_token(scopes)
-            self.tokens.put(key, token)
-            return token
+        try:
+            async with lock:
+                self.tokens.discard(key, stale)
+                current = self.tokens.get(key)
+                if current is not None and not force:
+                    return current
+                token = await self._fetch_token(scopes)
+                self.tokens.put(key, token)
+                return token
+        finally:
+            # Kept only while a fetch holds it or waits (a release hands it to the next
+            # waiter): one per scope for good grew with every repository a walk touched.
+            if not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]
 
     async def _fetch_token(self, scopes: list[str]) -> Token:
         """A token for `scopes`: `GET realm?service=&scope=` with Basic credentials if there
