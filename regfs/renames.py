@@ -39,6 +39,17 @@ class Renames:
     ) -> None:
         """Within uploads/: rename the upload; into layers/<digest>: verify and finish it.
         `flags` is what rename(2) passed (RENAME_NOREPLACE or 0)."""
+        if (
+            isinstance(node, UploadNode | TagNode)
+            and isinstance(old_parent, SectionNode)
+            and isinstance(new_parent, SectionNode)
+            and new_parent.section == old_parent.section
+            and new_parent.repo != old_parent.repo
+        ):
+            # As between two filesystems: mv then copies it and removes the original (the
+            # copy is checked, or finished, as any other write into that section).
+            log.info("rename: %s to another repository (EXDEV): %s", node, new_parent)
+            raise FUSEError(errno.EXDEV)
         if isinstance(node, TagNode) and new_parent == SectionNode(node.repo, "tags"):
             await self._retag(node, decode_name(new_name, errno.EINVAL), flags)
             return

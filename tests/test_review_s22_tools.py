@@ -116,11 +116,6 @@ async def test_cp_of_a_sparse_file_into_uploads(tmp_path, uploads):
     assert (uploads / "img").read_bytes() == sparse.read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mv of an upload to another repository's uploads/ is EPERM; EXDEV would make mv "
-    "copy it and remove the original, as it does across filesystems",
-)
 async def test_mv_of_an_upload_to_another_repository(tmp_path, uploads):
     # ext4: rename(2) moves it; across filesystems rename is EXDEV and mv copies + unlinks.
     data = os.urandom(50_000)
