@@ -628,3 +628,22 @@ async def test_a_header_byte_past_ascii_is_no_unexpected_error(
         async with RemoteClient(registry.url, timeout=3, retries=1) as client:
             with contextlib.suppress(StorageError):  # the registry's error: fine
                 await RemoteUpload.resume(client, records, uuid)
+
+
+# The same on the range threads' path, apart from _with_body: a listing's second page asked
+# through `small` (http.client reads the header as latin-1) has its `Link` parsed by building
+# an httpx.Response from it (_next_page), which encodes it as ASCII: a Link past ASCII is a
+# UnicodeEncodeError. Should: followed (percent-encoded) or refused as RemoteError.
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="_next_page rebuilds a Response from a non-ASCII Link")
+async def test_a_next_page_link_past_ascii_is_no_unexpected_error(tmp_path: Path) -> None:
+    page = json.dumps({"name": "x", "tags": ["a"]}).encode()
+    link = '</v2/x/tags/list?n=1000&last=a&note=caf\u00e9>; rel="next"'
+    with FaultServer() as registry:
+        registry.inject(Fault(200, body=page, path="/tags/list"))  # the page size learnt
+        registry.inject(Fault(200, body=page, headers=(("Link", link),), path="/tags/list"))
+        async with _client(registry.url) as client:
+            for listing in ("first", "second"):  # the second through `small`
+                registry_view = RemoteRegistry(client, tmp_path / listing, listing_ttl=0)
+                with contextlib.suppress(StorageError):
+                    await registry_view.repository("x").tags.list()
