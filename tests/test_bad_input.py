@@ -872,7 +872,7 @@ def renames_table(mnt: Path, image: dict, other: dict) -> list[Case]:
     with_a(
         "upload → another repository's layers/", mv(a, far / "layers" / other["layer"]), errno.EPERM
     )
-    with_a("upload → another repository's uploads/", mv(a, far / "uploads" / "a"), errno.EPERM)
+    with_a("upload → another repository's uploads/", mv(a, far / "uploads" / "a"), errno.EXDEV)
     with_a("upload → manifests/", mv(a, manifests / digest_of(wrong)), errno.EPERM)
     with_a("upload → tags/", mv(a, tags / "v9"), errno.EPERM)
     with_a("upload → the repository directory", mv(a, repo / "a"), errno.EPERM)
@@ -891,7 +891,7 @@ def renames_table(mnt: Path, image: dict, other: dict) -> list[Case]:
         "layer → another repository", mv(layers / image["layer"], far / "layers" / "x"), errno.EPERM
     )
     row("tag → uploads/", mv(tags / "latest", uploads / "c"), errno.EPERM)
-    row("tag → another repository's tags/", mv(tags / "latest", far / "tags" / "v9"), errno.EPERM)
+    row("tag → another repository's tags/", mv(tags / "latest", far / "tags" / "v9"), errno.EXDEV)
 
     # Within tags/: a retag (sed -i, editors that save by rename). The target points at the
     # source's manifest, the source goes.
