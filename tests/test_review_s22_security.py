@@ -49,7 +49,7 @@ from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 from storage.remote.uploads import RemoteUpload, UploadRecord, UploadRecords
 from storage.rootfs.cache import IndexCache
-from storage.rootfs.errors import UnsafeCacheDir
+from storage.rootfs.errors import BadLayer, UnsafeCacheDir
 from storage.rootfs.image import TOC_DIGEST
 from storage.rootfs.index import Indexer, LayerRef
 
