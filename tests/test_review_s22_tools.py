@@ -54,11 +54,6 @@ def files_to_copy(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 # --------------------------------------------------------------------------- uploads/
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uploads/ refuses the directory times rsync -a, cp -a and tar -x set on it "
-    "(utimensat of uploads/ is EPERM): each copies every file, then exits non-zero",
-)
 @pytest.mark.parametrize("tool", ["rsync -a", "cp -a", "tar -x"])
 async def test_a_directory_copied_into_uploads_exits_0(tmp_path, uploads, tool):
     # ext4: the directory takes the source's times; every tool exits 0.
