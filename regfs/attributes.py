@@ -7,6 +7,7 @@ import errno
 import logging
 import stat
 from array import array
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain, repeat
@@ -262,8 +263,7 @@ class Attributes:
         """What `entry` makes of a fixed file or directory (an image's) whose `rows` row is
         row, with `fixed_template`'s timeouts."""
         entry = EntryAttributes()
-        for name, value in zip(fusefeatures.PACKED_FIELDS, row, strict=True):
-            setattr(entry, name, value)
+        deque(map(setattr, repeat(entry), fusefeatures.PACKED_FIELDS, row), maxlen=0)
         entry.st_ino = ino
         entry.attr_timeout = entry.entry_timeout = FOREVER
         return entry

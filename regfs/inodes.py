@@ -7,7 +7,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable
 from itertools import compress, repeat
-from operator import and_, is_not, or_
+from operator import is_not
 from typing import cast
 
 import pyfuse3
@@ -55,21 +55,25 @@ class InodeTable:
         return ino
 
     def inode_all(self, nodes: list[Node]) -> array[int]:
-        """`inode` of each, as readdir_reply_many takes them: looked up in C, a call each
-        only for a node that has none yet."""
+        """`inode` of each, as readdir_reply_many takes them: looked up, and the new ones
+        numbered, a step per node in C (a call each only where derived numbers clash)."""
         found = list(map(self._inodes.get, nodes))
         if None not in found:
             return array("q", cast("list[int]", found))
         # The new ones (a listing's) numbered at once, as `inode` would one by one when no
         # two of them, or one and a number in use, share a derived number (else: `inode`).
-        hashes = map(and_, map(hash, nodes), repeat(_HASH_BITS))
-        numbers = dict(zip(nodes, map(or_, repeat(_DERIVED), hashes), strict=True))
-        for known in compress(nodes, map(is_not, found, repeat(None))):
-            numbers.pop(known, None)
+        derived = [_DERIVED | (h & _HASH_BITS) for h in map(hash, nodes)]
+        numbers = dict(zip(nodes, derived, strict=True))  # a hard link's names: one
+        fresh = found.count(None) == len(found)  # a listing's first READDIR
+        if not fresh:
+            for known in compress(nodes, map(is_not, found, repeat(None))):
+                numbers.pop(known, None)
         taken = dict(zip(numbers.values(), numbers, strict=True))
         if len(taken) == len(numbers) and self._nodes.keys().isdisjoint(taken):
             self._inodes.update(numbers)
             self._nodes.update(taken)
+            if fresh:
+                return array("q", derived)
             return array("q", map(self._inodes.__getitem__, nodes))
         return array("q", [self.inode(node) for node in nodes])
 
