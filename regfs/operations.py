@@ -268,7 +268,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
-        self.xattrs.check_set(name, self.options.read_only)
+        self.xattrs.check_set(inode, name, self.options.read_only)
         raise self._refuse("setxattr", inode)
 
     # -- what the mount never does ---------------------------------------------------------

@@ -10,7 +10,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from .inodes import InodeTable
-from .nodes import REGISTRY_KINDS, ROOT, Node
+from .nodes import REGISTRY_KINDS, ROOT, Node, TagNode, UploadNode
 from .tree import Tree
 
 XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
@@ -60,8 +60,14 @@ class Xattrs:
             return {INODES_XATTR: str(len(self.inodes)).encode()}
         return await self.tree.xattrs(node)
 
-    @staticmethod
-    def check_set(name: bytes, read_only: bool) -> None:
-        """Setting an ACL is "not supported"; the caller refuses every other name."""
-        if name in ACL_XATTRS and not read_only:
+    def check_set(self, inode: int, name: bytes, read_only: bool) -> None:
+        """Setting an ACL is "not supported", and so is a user.* name of a file being written
+        (an upload or a tag: neither keeps one), as on a filesystem without user xattrs:
+        `mv` and `cp -a` of a downloaded file (user.xdg.origin.url) then go on in silence,
+        where EPERM made them warn. The caller refuses every other name."""
+        if read_only:
+            return
+        written = isinstance(self.inodes.node(inode), UploadNode | TagNode)
+        user = name.startswith(b"user.") and not name.startswith(XATTR_PREFIX)
+        if name in ACL_XATTRS or (user and written):
             raise FUSEError(errno.EOPNOTSUPP)

@@ -137,11 +137,6 @@ async def test_an_append_moves_an_uploads_mtime(uploads):
     assert os.stat(uploads / "growing").st_mtime >= int(appended)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="user.* xattrs are refused on uploads with EPERM, which mv reports; a filesystem "
-    "without user xattrs answers EOPNOTSUPP, which cp and mv pass over in silence",
-)
 async def test_mv_of_a_downloaded_file_into_uploads_says_nothing(tmp_path, uploads):
     # ext4 keeps the xattr; tmpfs without user xattrs says EOPNOTSUPP: mv prints nothing.
     downloaded = write_file(tmp_path / "layer.tar.gz", os.urandom(5_000))
