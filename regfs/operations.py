@@ -18,7 +18,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, ReaddirToken, RequestC
 from storage.api import Buffer
 
 from . import fusefeatures
-from .attributes import Attributes
+from .attributes import BLOCK_SIZE, Attributes
 from .directories import Directories
 from .errors import fuse_errors
 from .handles import UploadHandle
@@ -32,6 +32,13 @@ from .tree import Tree
 from .xattrs import Xattrs
 
 log = logging.getLogger(__name__)
+
+# What statfs says of a source that has no space to tell (an https:// registry, S3): every
+# local filesystem gives block sizes, and tools divide by them; free space unknown is
+# better said as plenty (1 PiB, as rclone says) than as none.
+_UNKNOWN_FRSIZE = 4096
+_UNKNOWN_SPACE = 1 << 50
+_UNKNOWN_FILES = 1 << 32
 
 
 class Operations(pyfuse3.Operations):
@@ -94,7 +101,11 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         st = self.tree.registry.statvfs()
-        if st is not None:
+        if st is None:  # a registry over HTTP, S3: no space to tell; plenty, as rclone says
+            data.f_bsize, data.f_frsize = BLOCK_SIZE, _UNKNOWN_FRSIZE
+            data.f_blocks = data.f_bfree = data.f_bavail = _UNKNOWN_SPACE // _UNKNOWN_FRSIZE
+            data.f_files = data.f_ffree = data.f_favail = _UNKNOWN_FILES
+        else:
             for name in (
                 "f_bsize",
                 "f_frsize",

@@ -288,10 +288,6 @@ def test_reading_an_upload_on_a_remote_mount_gives_its_bytes_or_fails(tmp_path, 
     assert result.returncode != 0 or result.stdout == data, len(result.stdout)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="statfs of a mount of an https:// registry is all zeros, block sizes included",
-)
 @pytest.mark.registry
 @pytest.mark.remote
 def test_statfs_of_a_remote_mount_has_a_block_size(remote_mount):
