@@ -748,8 +748,10 @@ async def test_an_s3_lock_owner_that_is_no_pid_is_a_live_holder(
 # manifest_format catches for manifests but nothing catches for the other JSON a registry
 # or token server sends: an error answer's body (error_detail, error_codes: every 4xx, a
 # redirect target's too), a listing page (_Listing.add), a token grant (Token.from_response)
-# escape as an unexpected error (a traceback, EIO). Should: each is the registry's garbage,
-# a RemoteError (or an error without detail), as a body that is no JSON is.
+# escape as an unexpected error (a traceback, EIO). So do an S3 lock object's body
+# (_Lock._holder reads 4,096 bytes), an eStargz TOC (estargz.read_toc) and registry._errors.
+# Should: each is the registry's garbage, a RemoteError (or an error without detail), as a
+# body that is no JSON is.
 @pytest.mark.remote
 @pytest.mark.xfail(strict=True, reason="JSON nested past the parser's depth: RecursionError")
 @pytest.mark.parametrize("answer", ["error", "listing", "token"])
