@@ -237,13 +237,20 @@ class Directories:
         return True
 
     def _reply_each(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> bool:
-        """`_reply_listed` one entry at a time: whether all went out."""
-        entry, attrs = self.attributes.entry, entries.attrs
+        """`_reply_listed` one entry at a time (packed ones too, on a pyfuse3 without
+        readdir_reply_many): whether all went out."""
+        entry, attrs, rows = self.attributes.entry, entries.attrs, entries.rows
         handed: list[int] = []  # their lookups, counted at once
         try:
             for index in range(start, len(entries)):
                 name, child = entries[index]
-                made = entry(child, attrs[index])
+                if rows is None:
+                    made = entry(child, attrs[index])
+                else:
+                    row = rows[index * PACKED : (index + 1) * PACKED]
+                    made = self.attributes.fixed_entry(self.inodes.inode(child), row)
+                    if stat.S_ISDIR(made.st_mode):  # as `entry` keeps it
+                        self.inodes.keep_fixed(made)
                 if not pyfuse3.readdir_reply(token, name.encode(), made, base | (index + 1)):
                     return False
                 handed.append(made.st_ino)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import pyfuse3
 import pytest
 import trio
 from support.clients import kill_mid, listing_loop
@@ -55,7 +56,10 @@ from support.tools import digest_of, errno_of, run
 from regfs import fusefeatures
 from regfs.attributes import PACKED
 from regfs.nodes import Attr, Listing, SectionNode
+from regfs.operations import Operations
+from regfs.options import MountOptions
 from regfs.rootfs import PAUSE_GC_AT, RootfsView
+from regfs.tree import Tree as RegfsTree
 from storage.drivers import FilesystemDriver
 from storage.registry import Registry
 from storage.rootfs import treefile
@@ -916,3 +920,71 @@ def test_an_estargz_image_is_read_from_its_tocs(images, mounted):
     for layer in images.stargz:
         assert f"layer {layer}: " in log and "from its eStargz TOC" in log
         assert f"indexing layer {layer}" not in log
+
+
+async def test_an_image_directory_is_handed_alike_in_bulk_and_one_by_one(tmp_path, monkeypatch):
+    """In the daemon's operations (no FUSE): readdirplus of an image's directory hands the
+    same names, inodes, attributes, timeouts and offsets whether its entries go in runs of
+    `readdir_reply_many` or, on a pyfuse3 without it, one `readdir_reply` each; each with
+    one lookup counted, and each directory's entry kept for its GETATTRs."""
+    tar = layer_tar(
+        [
+            directory("d", mode=0o750, uid=3, gid=4),
+            file("d/a", b"x" * 513, mode=0o4755),
+            hardlink("d/b", "d/a"),
+            symlink("d/s", "a"),
+            device("d/null", Kind.CHAR, 1, 3),
+            directory("d/sub"),
+            file("d/sub/f", b""),
+        ]
+    )
+    await link_blobs(tmp_path, REPO, [CONFIG, tar])
+    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
+    handed: list[tuple[object, ...]] = []
+
+    def reply(token, name, entry, next_id, lookup=True):
+        handed.append((name, entry.st_ino, *_fields(entry), entry.attr_timeout, next_id, lookup))
+        return True
+
+    def reply_many(token, names, inodes, fields, template, base, start, stop, lookup=True):
+        for i in range(start, stop):
+            row = tuple(fields[i * PACKED : (i + 1) * PACKED])
+            handed.append((names[i], inodes[i], *row, template.attr_timeout, base + i + 1, lookup))
+        return stop
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    monkeypatch.setattr(pyfuse3, "readdir_reply_many", reply_many, raising=False)
+    monkeypatch.setattr(pyfuse3, "readdir_ended", lambda token, next_id: None, raising=False)
+    shown = {}
+    for bulk in (True, False):
+        monkeypatch.setattr(fusefeatures, "REPLY_MANY", bulk)
+        view = RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "ix"), 5.0)
+        options = MountOptions(str(tmp_path), "/mnt")
+        ops = Operations(RegfsTree(view.registry, 5.0, views={"rootfs": view}), options)
+        try:
+            inode = pyfuse3.ROOT_INODE
+            for name in (*REPO.split("/"), "rootfs", "t", "d"):
+                inode = (await ops.lookup(inode, name.encode(), None)).st_ino
+            handed.clear()
+            await ops.readdir(inode, 0, ReaddirTokenFor(inode))
+            counts = {ino: ops.inodes._lookups[ino] for _, ino, *_ in handed}
+            fixed = [ops.inodes.fixed(ino) for _, ino, *_ in handed]
+            kept = [_fields(entry) for entry in fixed if entry is not None]
+            shown[bulk] = (list(handed), counts, kept)
+        finally:
+            await view.aclose()
+    assert shown[True] == shown[False]
+    names = [entry[0] for entry in shown[True][0]]
+    assert names == [b"a", b"b", b"null", b"s", b"sub"] and len(shown[True][2]) == 1
+    assert set(shown[True][1].values()) == {1, 2}  # a and b: one inode, a lookup each
+
+
+class ReaddirTokenFor:
+    """What `Operations.readdir` reads of a token: the directory's inode."""
+
+    def __init__(self, inode: int) -> None:
+        self.inode = inode
+
+
+def _fields(entry: pyfuse3.EntryAttributes) -> tuple[int, ...]:
+    return tuple(getattr(entry, name) for name in fusefeatures.PACKED_FIELDS)
