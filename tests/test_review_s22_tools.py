@@ -302,12 +302,6 @@ async def test_purge_uploads_leaves_an_upload_being_written(tmp_path, mount):
 # --------------------------------------------------------------------------- https://
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="over https:// an upload reads as 0 bytes while stat gives its size "
-    "(EmptyReader): cat, cp and sha256sum exit 0 with nothing, where a read that cannot "
-    "be served should fail",
-)
 @pytest.mark.registry
 @pytest.mark.remote
 def test_reading_an_upload_on_a_remote_mount_gives_its_bytes_or_fails(tmp_path, remote_mount):

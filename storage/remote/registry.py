@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from ..api import BlobInfo, BlobReader, EmptyReader, Manifest, UploadInfo
+from ..api import BlobInfo, BlobReader, Manifest, UploadInfo
 from ..digests import Digest, digest_bytes
 from ..errors import (
     CorruptEntry,
@@ -906,8 +906,32 @@ class RemoteLayers:
         return UploadInfo(uuid, datetime.fromisoformat(record.started_at), record.offset)
 
     async def read_upload(self, uuid: str) -> BlobReader:
-        await self.upload_info(uuid)
-        return EmptyReader()  # the protocol cannot read an upload back
+        info = await self.upload_info(uuid)
+        return _UnreadableUpload(
+            f"{self.registry.client.name}: {self.name}: upload {uuid}", info.size
+        )
+
+
+class _UnreadableUpload:
+    """An upload's bytes, sent to a registry over HTTP: the protocol cannot read an upload
+    back, so a read of any of them is an error (EIO, logged), not the end of the file:
+    `cat`, `cp` and `sha256sum` went on with nothing, and exited 0."""
+
+    def __init__(self, what: str, size: int) -> None:
+        self.what = what
+        self.size = size
+
+    async def read_at(self, offset: int, size: int) -> bytes:
+        if size <= 0 or offset >= self.size:
+            return b""
+        raise RemoteError(
+            f"{self.what}: its {self.size} bytes are at the registry, which cannot read an "
+            "upload back",
+            status=0,
+        )
+
+    async def aclose(self) -> None:
+        pass
 
 
 class RemoteRepository:
