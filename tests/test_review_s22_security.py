@@ -499,7 +499,6 @@ async def test_endless_headers_are_not_read(many: bool) -> None:
 # purge-uploads removes. Should: removed whatever its depth, within a bounded number of
 # descriptors.
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="remove_tree holds a descriptor per level")
 async def test_a_tree_deeper_than_the_descriptor_limit_is_removed(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "up").mkdir(parents=True)

@@ -5,7 +5,8 @@ O_RDONLY, then checks that it opened the same inode: a storage root's owner who 
 directory for a symlink between the two makes the daemon (root) open the link's target,
 outside the root, and a FIFO there holds the call for good. Here every open is
 O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK: a name that is no longer a directory is unlinked as a
-name, never followed or opened. Iterative, so a deep tree costs no recursion.
+name, never followed or opened. Iterative, so a deep tree costs no recursion, and it holds
+a bounded number of descriptors.
 """
 
 from __future__ import annotations
@@ -17,34 +18,54 @@ _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O
 # What opening a name with _DIRECTORY says when it is not a directory (a symlink: ELOOP, or
 # ENOTDIR with O_DIRECTORY on some kernels; a file, a FIFO: ENOTDIR).
 _NOT_A_DIRECTORY = (errno.ELOOP, errno.ENOTDIR)
+HELD = 32  # descriptors held at most while a tree is removed (RLIMIT_NOFILE may be 1024)
 
 
 def remove_tree(name: str, dir_fd: int) -> None:
-    """Remove `name` (a directory in `dir_fd`) and everything below it."""
-    opened: list[tuple[int, str]] = []  # (descriptor, its name in the one before)
+    """Remove `name` (a directory in `dir_fd`) and everything below it, whatever its depth,
+    holding at most HELD descriptors: a directory above those is opened again from `dir_fd`
+    by its names when its turn comes (never by `..`, which a rename could lead outside)."""
+    names: list[str] = []  # from dir_fd down to the directory being emptied
+    held: dict[int, int] = {}  # depth (len of names) -> descriptor of that directory
+
+    def at(depth: int) -> int:
+        if depth == 0:
+            return dir_fd
+        if depth not in held:  # opened again, with the few below it, from the nearest held
+            start = max((d for d in held if d < depth), default=0)
+            for d in range(start + 1, depth + 1):
+                hold(d, os.open(names[d - 1], _DIRECTORY, dir_fd=at(d - 1)))
+        return held[depth]
+
+    def hold(depth: int, fd: int) -> None:
+        held[depth] = fd
+        while len(held) > HELD:
+            os.close(held.pop(min(held)))
+
     below: str | None = name
     try:
         while True:
-            parent = opened[-1][0] if opened else dir_fd
             if below is not None:
                 try:
-                    opened.append((os.open(below, _DIRECTORY, dir_fd=parent), below))
+                    fd = os.open(below, _DIRECTORY, dir_fd=at(len(names)))
                 except OSError as exc:
                     if exc.errno not in _NOT_A_DIRECTORY:
                         raise
-                    os.unlink(below, dir_fd=parent)  # swapped for a link or a file meanwhile
-                    if not opened:
+                    os.unlink(below, dir_fd=at(len(names)))  # swapped for a link or a file
+                    if not names:
                         return
-            fd, own = opened[-1]
-            below = _unlink_all_but_a_directory(fd)
+                else:
+                    names.append(below)
+                    hold(len(names), fd)
+            below = _unlink_all_but_a_directory(at(len(names)))
             if below is None:
-                opened.pop()
-                os.close(fd)
-                os.rmdir(own, dir_fd=opened[-1][0] if opened else dir_fd)
-                if not opened:
+                os.close(held.pop(len(names)))
+                own = names.pop()
+                os.rmdir(own, dir_fd=at(len(names)))
+                if not names:
                     return
     finally:
-        for fd, _ in opened:
+        for fd in held.values():
             os.close(fd)
 
 
