@@ -35,7 +35,8 @@ class HashStates:
             names = await self.driver.list(path_for(HashStatesDir(self.name, self.uuid)))
         except PathNotFound:
             return []
-        return sorted(int(n) for n in names if n.isdigit())
+        # Plain ASCII decimals only: "²".isdigit() holds, and int() refuses it.
+        return sorted(int(n) for n in names if n.isascii() and n.isdigit())
 
     async def save(self, offset: int, marshalled: bytes) -> None:
         """Save the state of the first `offset` bytes; the caller has synced them."""

@@ -563,7 +563,6 @@ async def test_token_fetches_of_many_repositories_keep_memory_bounded() -> None:
 # (`_uploads`, through boto3: a stat or a listing of an upload) still follows markers that
 # come back, for ever. Should: refused as a looping ListObjectsV2 is.
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="ListMultipartUploads follows looping markers")
 async def test_an_s3_uploads_listing_whose_next_page_loops_back_stops(
     moto_server, s3_bucket
 ) -> None:
@@ -591,7 +590,6 @@ async def test_an_s3_uploads_listing_whose_next_page_loops_back_stops(
 # resume of that upload an unexpected error (a traceback, EIO) instead of a state passed
 # over. Should: only ASCII decimal names are offsets; others are passed over (logged).
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="a hash state named '²' passes isdigit and fails int")
 async def test_a_hash_state_whose_name_is_no_ascii_number_is_passed_over(tmp_path: Path) -> None:
     uuid = "0f1e2d3c-aaaa-bbbb-cccc-123456789abc"
     driver = FilesystemDriver(tmp_path)
@@ -725,7 +723,6 @@ async def test_names_in_a_root_cannot_forge_check_report_lines(tmp_path: Path) -
 # unexpected error instead of Busy. Should: a pid that is no plain number in range is a
 # live holder of another host (Busy after LOCK_WAIT).
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="a lock owner's pid '²' or 10**20 escapes _dead_here")
 @pytest.mark.parametrize("pid", ["\u00b2", "99999999999999999999"], ids=["superscript", "huge"])
 async def test_an_s3_lock_owner_that_is_no_pid_is_a_live_holder(
     moto_server, s3_bucket, pid: str

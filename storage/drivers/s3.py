@@ -360,8 +360,7 @@ class S3Driver(StorageDriver):
         self, prefix: str, delimiter: str = ""
     ) -> Iterator[tuple[str, ListedObject | None]]:
         """ListObjectsV2 pages (s3_list.py) as (key, the object) and (common prefix, None).
-        A continuation token met before is refused: an endpoint that names one page again
-        would be asked it for ever (the remote registry's listings stop so too)."""
+        A page named again is refused (`_unseen`)."""
         token: str | None = None
         seen: set[str] = set()
         while True:
@@ -375,16 +374,14 @@ class S3Driver(StorageDriver):
                 yield common, None
             if page.token is None:
                 return
-            if page.token in seen:
-                log.error("S3 LIST %s: the next page loops back to one read before", prefix)
-                raise RemoteUnavailable(f"S3 LIST {prefix}: the next page loops back")
+            _unseen(seen, page.token, f"LIST {prefix}")
             token = page.token
-            seen.add(token)
 
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
         """(key, upload id) of the multipart uploads in progress under prefix, in S3's order
         (by key, then oldest first)."""
         key_marker = upload_marker = ""
+        seen: set[tuple[str, str]] = set()
         while True:
             listing = functools.partial(
                 self.client.list_multipart_uploads,
@@ -400,6 +397,7 @@ class S3Driver(StorageDriver):
                 return
             key_marker = page["NextKeyMarker"]
             upload_marker = page["NextUploadIdMarker"]
+            _unseen(seen, (key_marker, upload_marker), f"LIST UPLOADS {prefix}")
 
     def _pending(self, key: str) -> _Pending | None:
         """The multipart upload at exactly key that 2.8's writer would resume: the first
@@ -1330,7 +1328,9 @@ def _dead_here(holder: dict[str, Any]) -> bool:
     """Whether a lock's holder is a process of this host that is gone (a daemon killed here):
     its lock need not wait for its expiry, as a flock would not."""
     host, _, pid = str(holder.get("owner", "")).rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    if host != socket.gethostname() or not (pid.isascii() and pid.isdigit() and len(pid) < 10):
+        return False  # no pid of this host (whoever writes the bucket wrote it): live
+    if int(pid) == os.getpid():
         return False
     try:
         os.kill(int(pid), 0)
@@ -1503,3 +1503,13 @@ class _Lock:
                 ),
                 path=self._key,
             )
+
+
+def _unseen(seen: set[Any], marker: Any, what: str) -> None:
+    """Keep the marker of a listing's next page; RemoteUnavailable (logged) if it is one
+    read before: an endpoint that names one page again would be asked it for ever (the
+    remote registry's listings stop so too)."""
+    if marker in seen:
+        log.error("S3 %s: the next page loops back to one read before", what)
+        raise RemoteUnavailable(f"S3 {what}: the next page loops back")
+    seen.add(marker)
