@@ -765,3 +765,62 @@ async def test_json_nested_too_deep_is_a_registry_error(tmp_path: Path, answer: 
         async with _client(registry.url) as client:
             with pytest.raises(StorageError):
                 await RemoteRegistry(client, tmp_path).repository("x").tags.list()
+
+
+# --------------------------------------------------------------------------- slow answers
+
+
+class _Drip(socketserver.BaseRequestHandler):
+    """A 200 whose body of 1 MB comes a byte every 0.2 s: each read is within any timeout."""
+
+    server: _DripServer
+
+    def handle(self) -> None:
+        self.request.recv(65536)
+        try:
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+            while not self.server.stopping.wait(0.2):
+                self.request.sendall(b"a")
+        except OSError:
+            with self.server.lock:
+                self.server.hung_up += 1
+
+
+class _DripServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Drip)
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.hung_up = 0
+
+
+# A manifest GET (`small`, on a range thread) given up at its deadline leaves its thread
+# reading on from a registry that drips, a byte within each read's timeout, for as long as
+# the registry likes, holding one of the 8 range threads: 8 such answers and every blob
+# read waits a whole deadline (150 s by default) for a thread before going through httpx.
+# A batch given up so shuts its sockets down (InUse, docs/security.md); `small`, `get_range`
+# and `open_range` do not. Should: the thread's connection is shut at the deadline too.
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="a range thread given up reads on from a drip")
+async def test_a_request_given_up_at_its_deadline_leaves_no_thread_reading() -> None:
+    server = _DripServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="h4-drip")
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        async with RemoteClient(url, timeout=1, retries=0, deadline=1) as client:
+            with pytest.raises(StorageError):
+                await client.small("GET", "/v2/x/manifests/a")  # the thread's, then httpx's
+            with trio.move_on_after(3):
+                while server.hung_up < 2:
+                    await trio.sleep(0.05)
+            hung_up = server.hung_up
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert hung_up == 2, "the range thread still reads from the registry"
