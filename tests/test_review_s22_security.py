@@ -612,7 +612,6 @@ async def test_a_hash_state_whose_name_is_no_ascii_number_is_passed_over(tmp_pat
 # headers kept as bytes); a number that is no ASCII number is the registry's garbage
 # (RemoteError, or Retry-After ignored), as registry._size already checks (isascii).
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="a header byte past ASCII: UnicodeEncodeError")
 @pytest.mark.parametrize(
     ("status", "header", "value"),
     [(204, "X-Note", "caf\u00e9"), (503, "Retry-After", "\u00b2"), (204, "Range", "0-\u00b2")],
@@ -637,7 +636,6 @@ async def test_a_header_byte_past_ascii_is_no_unexpected_error(
 # an httpx.Response from it (_next_page), which encodes it as ASCII: a Link past ASCII is a
 # UnicodeEncodeError. Should: followed (percent-encoded) or refused as RemoteError.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="_next_page rebuilds a Response from a non-ASCII Link")
 async def test_a_next_page_link_past_ascii_is_no_unexpected_error(tmp_path: Path) -> None:
     page = json.dumps({"name": "x", "tags": ["a"]}).encode()
     link = '</v2/x/tags/list?n=1000&last=a&note=caf\u00e9>; rel="next"'

@@ -186,8 +186,10 @@ async def _raw(resp: httpx.Response) -> AsyncGenerator[bytes, None]:
 
 
 def _with_body(resp: httpx.Response, body: bytes) -> httpx.Response:
-    """`resp` as a read response holding `body` (what was kept of a capped read)."""
-    headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
+    """`resp` as a read response holding `body` (what was kept of a capped read). Its
+    headers as the bytes they came as: decoded ones past ASCII (a CDN's `X-Note: café`)
+    would not encode back."""
+    headers = [(k, v) for k, v in resp.headers.raw if k.lower() != b"content-encoding"]
     return httpx.Response(
         resp.status_code,
         headers=headers,

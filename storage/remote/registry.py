@@ -103,6 +103,10 @@ def _next_page(page: Small) -> str | None:
     """The `Link: <url>; rel="next"` of a paginated answer (parsed by httpx)."""
     if "link" not in page.headers:
         return None
+    if not page.headers["link"].isascii():  # httpx would fail to encode it
+        raise RemoteError(
+            f"a next page's Link is not ASCII: {shown(page.headers['link'])}", status=200
+        )
     link = httpx.Response(page.status_code, headers={"link": page.headers["link"]}).links
     return link["next"]["url"] if "next" in link else None
 

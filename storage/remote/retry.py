@@ -47,7 +47,7 @@ def retry_after(resp: httpx.Response) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() holds, and float() refuses it
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

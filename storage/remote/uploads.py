@@ -473,7 +473,7 @@ def _range_end(header: str | None, recorded: int) -> int:
     if not header or "-" not in header:
         return 0
     last = header.rpartition("-")[2].strip()
-    if not last.isdigit():
+    if not (last.isascii() and last.isdigit()):  # "²".isdigit() holds; int() refuses it
         raise RemoteError(
             f"upload: the registry's Range {shown(header, 60)} is garbage", status=204
         )
