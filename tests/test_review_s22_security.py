@@ -822,3 +822,23 @@ async def test_a_request_given_up_at_its_deadline_leaves_no_thread_reading() -> 
         server.server_close()
         thread.join(5)
     assert hung_up == 2, "the range thread still reads from the registry"
+
+
+# The client refuses a redirect to anything but http(s) (_leaves_https); the range threads'
+# path (ranges._follow) refuses only https to another scheme, so from a plain-http registry
+# (loopback, --insecure) a blob redirected to gopher://host:port/ (or file:///x: host "",
+# which connects to this host's port 80) is asked there in plain HTTP, and its bytes served.
+# Should: refused there too (then the client refuses it, with the error a user sees).
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="ranges._follow follows a redirect to another scheme")
+async def test_a_blob_redirect_to_another_scheme_is_refused_on_every_path() -> None:
+    blob = "/v2/x/blobs/sha256:" + "0" * 64
+    with FaultServer() as registry, FaultServer() as other:
+        elsewhere = other.url.replace("http://", "gopher://") + "/blob"
+        registry.inject(Fault(307, headers=(("Location", elsewhere),), path="/blobs/"), times=4)
+        content_range = (("Content-Range", "bytes 0-9/10"),)
+        other.inject(Fault(206, body=b"x" * 10, headers=content_range), times=4)
+        async with _client(registry.url) as client:
+            with contextlib.suppress(StorageError):
+                await client.get_range(blob, 0, 10)
+    assert other.seen == []
