@@ -43,11 +43,12 @@ from storage.check import check
 from storage.digests import Sha256State
 from storage.drivers import FilesystemDriver
 from storage.drivers.s3 import S3Driver
-from storage.errors import Busy, StorageError
+from storage.errors import AccessDenied, Busy, StorageError
 from storage.hashstates import HashStates
 from storage.paths import HashStatesDir, path_for
 from storage.remote.auth import Authenticator, TokenCache
 from storage.remote.client import RemoteClient
+from storage.remote.credentials import Credentials
 from storage.remote.registry import RemoteRegistry
 from storage.remote.uploads import RemoteUpload, UploadRecord, UploadRecords
 from storage.rootfs.cache import IndexCache
@@ -747,7 +748,6 @@ async def test_an_s3_lock_owner_that_is_no_pid_is_a_live_holder(
 # Should: each is the registry's garbage, a RemoteError (or an error without detail), as a
 # body that is no JSON is.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="JSON nested past the parser's depth: RecursionError")
 @pytest.mark.parametrize("answer", ["error", "listing", "token"])
 async def test_json_nested_too_deep_is_a_registry_error(tmp_path: Path, answer: str) -> None:
     deep = b"[" * 5000
@@ -842,3 +842,25 @@ async def test_a_blob_redirect_to_another_scheme_is_refused_on_every_path() -> N
             with contextlib.suppress(StorageError):
                 await client.get_range(blob, 0, 10)
     assert other.seen == []
+
+
+@pytest.mark.remote
+@pytest.mark.parametrize(
+    ("realm", "refusal"),
+    [("file:///etc/passwd", "is not http"), ("http://192.0.2.1/token", "is plain http")],
+    ids=["file-realm", "plain-http-realm"],
+)
+async def test_a_token_realm_off_http_s_gets_no_login(
+    https: tuple[ssl.SSLContext, Path], realm: str, refusal: str
+) -> None:
+    """A challenge whose realm is a file:// URL, or plain http on another host than the
+    registry's (192.0.2.1: TEST-NET, never reached), is refused before any request: the
+    login never goes there."""
+    context, cert = https
+    with FaultServer(tls=context) as registry:
+        challenge = (("WWW-Authenticate", f'Bearer realm="{realm}",service="s"'),)
+        registry.inject(Fault(401, headers=challenge, path="/tags/"))
+        login = Credentials("alice", "pw-h4")
+        async with _client(registry.url, ca_file=str(cert), credentials=login) as client:
+            with pytest.raises(AccessDenied, match=refusal):
+                await client.request("GET", "/v2/x/tags/list")
