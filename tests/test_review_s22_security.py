@@ -748,7 +748,6 @@ async def test_an_s3_lock_owner_that_is_no_pid_is_a_live_holder(
 # Should: each is the registry's garbage, a RemoteError (or an error without detail), as a
 # body that is no JSON is.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="JSON nested past the parser's depth: RecursionError")
 @pytest.mark.parametrize("answer", ["error", "listing", "token"])
 async def test_json_nested_too_deep_is_a_registry_error(tmp_path: Path, answer: str) -> None:
     deep = b"[" * 5000

@@ -66,6 +66,7 @@ from botocore.exceptions import (
 )
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from .. import jsontext
 from ..errors import AccessDenied, Busy, InvalidOffset, RemoteUnavailable
 from ..remote.retry import backoff, pause
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver, join
@@ -1439,7 +1440,7 @@ class _Lock:
             get = functools.partial(get, IfMatch=etag)
         try:
             answer = driver.call(f"GET {self._key}", get, path=self._key)
-            body = json.loads(answer["Body"].read(4096))
+            body = jsontext.loads(answer["Body"].read(4096))
         except (PathNotFound, _PreconditionFailed, ValueError):
             return {}
         return {**body, "etag": answer["ETag"]} if isinstance(body, dict) else {}

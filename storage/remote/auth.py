@@ -28,6 +28,7 @@ from urllib.parse import urlencode
 import httpx
 import trio
 
+from .. import jsontext
 from ..errors import AccessDenied, RemoteError
 from .credentials import Credentials
 from .untrusted import ByteCache, error_detail, shown
@@ -463,7 +464,7 @@ class Authenticator:
         what = " ".join(scopes) or "(no scope)"
         self._check_token_answer(resp, method, realm, what)
         try:
-            token = Token.from_response(resp.json(), requested_at)
+            token = Token.from_response(jsontext.loads(resp.content), requested_at)
         except ValueError as exc:
             raise RemoteError(
                 f"registry {self.name}: token server {realm.host}: {exc}", status=200

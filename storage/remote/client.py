@@ -44,6 +44,7 @@ import httpcore._async.http11 as _http11
 import httpx
 import trio
 
+from storage import jsontext
 from storage.errors import RemoteError, RemoteUnavailable
 from storage.remote.auth import Authenticator, Token
 from storage.remote.credentials import Credentials, docker_config_credentials
@@ -111,7 +112,7 @@ class TLSError(RemoteUnavailable):
 def error_codes(resp: httpx.Response) -> tuple[str, ...]:
     """The `code`s of a distribution error body; empty if the body is not one (or unread)."""
     try:
-        errors = resp.json().get("errors")
+        errors = jsontext.loads(resp.content).get("errors")
         return tuple(str(e["code"]) for e in errors if isinstance(e, dict) and "code" in e)
     except (ValueError, AttributeError, TypeError, KeyError, httpx.ResponseNotRead):
         return ()

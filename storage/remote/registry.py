@@ -12,7 +12,6 @@ import builtins
 import contextlib
 import contextvars
 import itertools
-import json
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from .. import jsontext
 from ..api import BlobInfo, BlobReader, Manifest, UploadInfo
 from ..digests import Digest, digest_bytes
 from ..errors import (
@@ -149,7 +149,7 @@ class _Listing:
     def add(self, response: Small) -> None:
         """The names of one page; RemoteError for a page that is not a listing."""
         try:
-            page = json.loads(response.content)
+            page = jsontext.loads(response.content)
             names = page.get(self.key) or []
         except (ValueError, AttributeError):
             names = None
@@ -1110,7 +1110,8 @@ def _size(length: str) -> int | None:
 def _errors(response: httpx.Response) -> str:
     try:
         said = "; ".join(
-            f"{e.get('code')}: {e.get('message')}" for e in response.json().get("errors", [])
+            f"{e.get('code')}: {e.get('message')}"
+            for e in jsontext.loads(response.content).get("errors", [])
         )
     except (ValueError, AttributeError, TypeError):
         said = response.text

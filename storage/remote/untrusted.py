@@ -13,6 +13,7 @@ from typing import Generic, TypeVar
 
 import httpx
 
+from .. import jsontext
 from ..manifest_format import MAX_MANIFEST_SIZE
 
 K = TypeVar("K")
@@ -53,7 +54,7 @@ def error_detail(resp: httpx.Response) -> str:
     the start of a plain-text body (e.g. Go's "Client sent an HTTP request to an HTTPS
     server.")."""
     try:
-        body = resp.json()
+        body = jsontext.loads(resp.content)
         if isinstance(body.get("error"), str):
             said = (body["error"], body.get("error_description"))
             return shown(": ".join(str(part) for part in said if part), 300)

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from .. import jsontext
 from ..api import BlobInfo
 from ..digests import Digest, Sha256State
 from ..errors import (
@@ -113,8 +114,10 @@ class UploadRecords:
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir())
             with os.fdopen(fd, "rb") as f:
-                raw = json.loads(f.read(RECORD_MAX + 1)[: RECORD_MAX + 1])
-            return UploadRecord(**raw)
+                data = f.read(RECORD_MAX + 1)
+            if len(data) > RECORD_MAX:
+                raise ValueError(f"over {RECORD_MAX} bytes")
+            return UploadRecord(**jsontext.loads(data))
         except FileNotFoundError:
             raise UnknownUpload(f"unknown upload {uuid}") from None
         except (OSError, ValueError, TypeError) as exc:

@@ -20,7 +20,6 @@ import binascii
 import bisect
 import hashlib
 import io
-import json
 import re
 import tarfile
 import zlib
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .. import jsontext
 from ..api import BlobReader
 from .members import Kind, Member, normalise
 
@@ -99,7 +99,7 @@ async def read_toc(reader: BlobReader, size: int, toc_digest: str, max_members: 
     if actual != toc_digest:
         raise Unusable(f"its TOC is {actual}, the manifest says {toc_digest}")
     try:
-        entries = json.loads(raw.data)["entries"]
+        entries = jsontext.loads(raw.data)["entries"]
         if len(entries) > max_members:
             raise Unusable(f"more than {max_members} TOC entries")
         return _table(entries, raw.info, start, end)
