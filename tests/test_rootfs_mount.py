@@ -54,6 +54,7 @@ from support.roots import CONFIG, link_blobs, put_tagged
 from support.tools import digest_of, errno_of, run
 
 from regfs import fusefeatures
+from regfs import rootfs as rootfs_view
 from regfs.attributes import PACKED
 from regfs.nodes import Attr, Listing, SectionNode
 from regfs.operations import Operations
@@ -988,3 +989,115 @@ class ReaddirTokenFor:
 
 def _fields(entry: pyfuse3.EntryAttributes) -> tuple[int, ...]:
     return tuple(getattr(entry, name) for name in fusefeatures.PACKED_FIELDS)
+
+
+async def test_an_image_is_packed_once_in_a_worker_thread(tmp_path, monkeypatch):
+    """What stat shows of an image's entries is packed at its first listing, off the trio
+    thread (an image of millions of entries takes seconds): listings that come meanwhile
+    wait for that one packing, and all of them show their entries."""
+    tar = layer_tar([directory("d"), file("d/f", b"1"), directory("e"), file("e/g", b"22")])
+    await link_blobs(tmp_path, REPO, [CONFIG, tar])
+    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
+    view = RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "ix"), 5.0)
+    threads: list[bool] = []
+    packed_rows = rootfs_view._packed_rows
+
+    def counted(tree: object) -> object:
+        threads.append(_in_worker())
+        time.sleep(0.05)  # the other listings arrive meanwhile
+        return packed_rows(tree)
+
+    monkeypatch.setattr(rootfs_view, "_packed_rows", counted)
+    try:
+        root = await view.lookup(SectionNode(REPO, "rootfs"), "t")
+        nodes = [root, await view.lookup(root, "d"), await view.lookup(root, "e")]
+        listed: dict[int, list[str]] = {}
+
+        async def list_one(i: int) -> None:
+            listed[i] = [name for name, _ in await view.children(nodes[i])]
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(list_one, i)
+        assert listed == {0: ["d", "e"], 1: ["f"], 2: ["g"]} and threads == [True]
+    finally:
+        await view.aclose()
+
+
+def _in_worker() -> bool:
+    """Whether this runs outside the trio thread."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return True
+    return False
+
+
+async def test_a_listing_cancelled_while_packing_leaves_it_packed(tmp_path, monkeypatch):
+    """The first listing of an image interrupted (^C) while its entries are packed: the
+    packing runs to its end (a worker thread is not abandoned), and the listings that
+    waited for it, and later ones, use it (no EIO, no second packing)."""
+    tar = layer_tar([directory("d"), file("d/f", b"1")])
+    await link_blobs(tmp_path, REPO, [CONFIG, tar])
+    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
+    view = RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "ix"), 5.0)
+    packed_rows, calls = rootfs_view._packed_rows, []
+
+    def slow(tree: object) -> object:
+        calls.append(tree)
+        time.sleep(0.1)
+        return packed_rows(tree)
+
+    monkeypatch.setattr(rootfs_view, "_packed_rows", slow)
+    try:
+        root = await view.lookup(SectionNode(REPO, "rootfs"), "t")
+        directory_node = await view.lookup(root, "d")
+        listed: list[list[str]] = []
+
+        async def waiting() -> None:
+            await trio.sleep(0.02)  # after the first began packing
+            listed.append([name for name, _ in await view.children(directory_node)])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting)
+            with trio.move_on_after(0.05):
+                await view.children(root)
+        assert listed == [["f"]] and len(calls) == 1
+        assert [name for name, _ in await view.children(root)] == ["d"] and len(calls) == 1
+    finally:
+        await view.aclose()
+
+
+async def test_a_packing_that_failed_is_tried_again_by_the_next_listing(tmp_path, monkeypatch):
+    """A packing that raised (a bug) fails its own listing only: a listing that waited for
+    it packs again, and shows its entries."""
+    tar = layer_tar([directory("d"), file("d/f", b"1")])
+    await link_blobs(tmp_path, REPO, [CONFIG, tar])
+    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
+    view = RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "ix"), 5.0)
+    packed_rows, calls = rootfs_view._packed_rows, []
+
+    def failing_once(tree: object) -> object:
+        calls.append(tree)
+        time.sleep(0.05)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return packed_rows(tree)
+
+    monkeypatch.setattr(rootfs_view, "_packed_rows", failing_once)
+    try:
+        root = await view.lookup(SectionNode(REPO, "rootfs"), "t")
+        directory_node = await view.lookup(root, "d")
+        listed: list[list[str]] = []
+
+        async def waiting() -> None:
+            await trio.sleep(0.02)  # after the first began packing
+            listed.append([name for name, _ in await view.children(directory_node)])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiting)
+            with pytest.raises(RuntimeError):
+                await view.children(root)
+        assert listed == [["f"]] and len(calls) == 2
+    finally:
+        await view.aclose()
