@@ -61,7 +61,15 @@ class Finding:
     detail: str
 
     def __str__(self) -> str:
-        return f"{self.severity.name.lower()}: {self.kind}: {self.path}: {self.detail}"
+        """One line of the report: a name in the root (its owner's) is escaped where it is
+        not printable, so that a link named with a newline or a terminal escape cannot
+        write lines of its own into the report an administrator reads."""
+        path, detail = _printable(self.path), _printable(self.detail)
+        return f"{self.severity.name.lower()}: {self.kind}: {path}: {detail}"
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 class Progress(Protocol):
