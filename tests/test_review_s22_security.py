@@ -829,7 +829,6 @@ async def test_a_request_given_up_at_its_deadline_leaves_no_thread_reading() -> 
 # which connects to this host's port 80) is asked there in plain HTTP, and its bytes served.
 # Should: refused there too (then the client refuses it, with the error a user sees).
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="ranges._follow follows a redirect to another scheme")
 async def test_a_blob_redirect_to_another_scheme_is_refused_on_every_path() -> None:
     blob = "/v2/x/blobs/sha256:" + "0" * 64
     with FaultServer() as registry, FaultServer() as other:

@@ -321,9 +321,10 @@ class RangeFetcher:
                 if resp.status not in REDIRECTS or not resp.getheader("Location"):
                     return where, conn, resp
                 following = urljoin(url, resp.getheader("Location", ""))
-                if urlsplit(following).scheme != "https" and where[0] == "https":
+                scheme = urlsplit(following).scheme
+                if scheme not in ("http", "https") or (scheme != "https" and where[0] == "https"):
                     # The client refuses it too, with the error a user sees.
-                    log.debug("%s %s: redirect to plain http refused", method, _bare(url))
+                    log.debug("%s %s: redirect to %s refused", method, _bare(url), scheme)
                     conn.close()
                     return None
                 resp.read(64 << 10)
