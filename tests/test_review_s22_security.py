@@ -801,7 +801,6 @@ class _DripServer(socketserver.ThreadingTCPServer):
 # A batch given up so shuts its sockets down (InUse, docs/security.md); `small`, `get_range`
 # and `open_range` do not. Should: the thread's connection is shut at the deadline too.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="a range thread given up reads on from a drip")
 async def test_a_request_given_up_at_its_deadline_leaves_no_thread_reading() -> None:
     server = _DripServer()
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="h4-drip")

@@ -432,7 +432,8 @@ class RemoteClient:
         authorization = None
         if self._auth.scheme is not None:
             authorization = (await self._auth.authorization(method, httpx.URL(where)))[2]
-        with trio.move_on_after(self.deadline):
+        in_use = InUse()
+        with trio.move_on_after(self.deadline) as scope:
             answer = await trio.to_thread.run_sync(
                 self._ranges.small,
                 method,
@@ -440,11 +441,14 @@ class RemoteClient:
                 headers or {},
                 authorization,
                 limit,
+                in_use,
                 limiter=self._range_threads,
                 abandon_on_cancel=True,
             )
             if answer is not None:
                 return Small.answered(answer)
+        if scope.cancelled_caught:
+            in_use.shut_down()  # the abandoned thread must not read on from a drip
         return Small.of(await self.request(method, url, headers=headers, limit=limit))
 
     async def small_many(
@@ -573,11 +577,16 @@ class RemoteClient:
     async def get_range(self, url: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the blob at `url` (a `/v2/.../blobs/<digest>` path): on a
         worker thread when it can (storage/remote/ranges.py), else through `request`."""
-        with trio.move_on_after(self.deadline):
-            # Abandoned at the deadline: the thread keeps nothing the next call needs.
-            body = await self._on_range_thread(self._ranges.get, url, start, end, abandon=True)
+        in_use = InUse()
+        with trio.move_on_after(self.deadline) as scope:
+            # Abandoned at the deadline: the thread keeps nothing the next call needs, and
+            # its connection is shut down, so that it does not read on from a drip.
+            fetch = partial(self._ranges.get, in_use=in_use)
+            body = await self._on_range_thread(fetch, url, start, end, abandon=True)
             if body is not None:
                 return body
+        if scope.cancelled_caught:
+            in_use.shut_down()
         headers = {"Range": f"bytes={start}-{end - 1}"}
         async with self.stream("GET", url, headers=headers) as resp:
             if resp.status_code == 206:

@@ -88,10 +88,18 @@ class RangeFetcher:
     probe_wait: float = PIPELINE_PROBE_WAIT
     pipelining_seen: bool = False  # an answer to a request sent ahead came
 
-    def get(self, url: str, start: int, end: int, authorization: str | None) -> bytes | None:
+    def get(
+        self,
+        url: str,
+        start: int,
+        end: int,
+        authorization: str | None,
+        in_use: InUse | None = None,
+    ) -> bytes | None:
         """Bytes [start, end) of the blob at url, or None: then ask through RemoteClient.
-        Blocking: call it on a worker thread."""
-        answer = self._send(url, start, end, authorization)
+        The connection is in `in_use` while it is read (`_follow`). Blocking: call it on a
+        worker thread."""
+        answer = self._send(url, start, end, authorization, in_use=in_use)
         if answer is None:
             return None
         where, conn, resp = answer
@@ -101,6 +109,9 @@ class RangeFetcher:
             log.debug("range GET %s: %r; asking again through the client", _bare(url), exc)
             conn.close()
             return None
+        finally:
+            if in_use is not None:
+                in_use.discard(conn.sock)
         self._release(where, conn, resp)
         return body
 
@@ -115,13 +126,20 @@ class RangeFetcher:
         return OpenBody(conn, resp, start, end)
 
     def small(
-        self, method: str, url: str, headers: dict[str, str], authorization: str | None, limit: int
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        authorization: str | None,
+        limit: int,
+        in_use: InUse | None = None,
     ) -> Answer | None:
         """A GET or HEAD (a manifest, a blob's HEAD) answered 200 with at most `limit` bytes,
         or None: then ask through RemoteClient, which owns every other status and the
-        errors. Blocking: call it on a worker thread."""
+        errors. The connection is in `in_use` while it is read (`_follow`). Blocking: call
+        it on a worker thread."""
         answer = self._follow(
-            method, url, {**headers, "User-Agent": self.user_agent}, authorization
+            method, url, {**headers, "User-Agent": self.user_agent}, authorization, in_use
         )
         if answer is None:
             return None
@@ -138,6 +156,9 @@ class RangeFetcher:
             log.debug("%s %s: %s; asking again through the client", method, _bare(url), exc)
             conn.close()
             return None
+        finally:
+            if in_use is not None:
+                in_use.discard(conn.sock)
         self._release(where, conn, resp)
         return Answer(resp.status, resp.getheaders(), body)
 
@@ -269,7 +290,13 @@ class RangeFetcher:
         conn.close()
 
     def _send(
-        self, url: str, start: int, end: int, authorization: str | None, open_ended: bool = False
+        self,
+        url: str,
+        start: int,
+        end: int,
+        authorization: str | None,
+        open_ended: bool = False,
+        in_use: InUse | None = None,
     ) -> tuple[Origin, http.client.HTTPConnection, http.client.HTTPResponse] | None:
         """A 206 for bytes [start, end) whose body is still to be read, following redirects
         (a 200 to a GET without a Range: open-ended from the start); None for anything else."""
@@ -277,7 +304,7 @@ class RangeFetcher:
         whole = open_ended and start == 0
         if not whole:
             headers["Range"] = f"bytes={start}-" if open_ended else f"bytes={start}-{end - 1}"
-        answer = self._follow("GET", url, headers, authorization)
+        answer = self._follow("GET", url, headers, authorization, in_use)
         if answer is None:
             return None
         where, conn, resp = answer
@@ -299,11 +326,19 @@ class RangeFetcher:
         return None
 
     def _follow(
-        self, method: str, url: str, headers: dict[str, str], authorization: str | None
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        authorization: str | None,
+        in_use: InUse | None = None,
     ) -> tuple[Origin, http.client.HTTPConnection, http.client.HTTPResponse] | None:
         """The first answer that is not a redirect, its body still to be read; redirects
         are followed without the Authorization (it goes to the registry's origin only), and
-        never from https to plain http. None when the exchange failed."""
+        never from https to plain http. None when the exchange failed. Each connection is
+        in `in_use` once its request went (the caller discards the last once it read the
+        body): a caller gone at its deadline shuts it down, so the thread does not read on
+        from a registry that drips."""
         first = origin_of(url)
         headers = dict(headers)
         for _ in range(MAX_REDIRECTS + 1):
@@ -317,6 +352,9 @@ class RangeFetcher:
             path = parts.path + (f"?{parts.query}" if parts.query else "")
             try:
                 conn.request(method, path, headers=headers)
+                if in_use is not None and not in_use.add(conn.sock):
+                    conn.close()  # the caller is gone
+                    return None
                 resp = conn.getresponse()
                 if resp.status not in REDIRECTS or not resp.getheader("Location"):
                     return where, conn, resp
@@ -328,6 +366,8 @@ class RangeFetcher:
                     conn.close()
                     return None
                 resp.read(64 << 10)
+                if in_use is not None:
+                    in_use.discard(conn.sock)
                 self._release(where, conn, resp)
                 url = following
             except (OSError, http.client.HTTPException, ValueError) as exc:
