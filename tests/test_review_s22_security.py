@@ -10,6 +10,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import tarfile
 import threading
 import tracemalloc
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -768,14 +770,16 @@ async def test_json_nested_too_deep_is_a_registry_error(tmp_path: Path, answer: 
 
 
 class _Drip(socketserver.BaseRequestHandler):
-    """A 200 whose body of 1 MB comes a byte every 0.2 s: each read is within any timeout."""
+    """A 200 whose body of 1 MB (or a 206 of the range asked) comes a byte every 0.2 s: each
+    read is within any timeout."""
 
     server: _DripServer
 
     def handle(self) -> None:
-        self.request.recv(65536)
+        asked = re.search(rb"Range: bytes=(\d+)-(\d+)", self.request.recv(65536))
+        status, length = (b"206", int(asked[2]) - int(asked[1]) + 1) if asked else (b"200", 10**6)
         try:
-            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+            self.request.sendall(b"HTTP/1.1 %s x\r\nContent-Length: %d\r\n\r\n" % (status, length))
             while not self.server.stopping.wait(0.2):
                 self.request.sendall(b"a")
         except OSError:
@@ -789,6 +793,29 @@ class _DripServer(socketserver.ThreadingTCPServer):
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Drip)
+@contextlib.contextmanager
+def _dripping() -> Iterator[_DripServer]:
+    """A started _DripServer; stopped (its answers ended) at the end."""
+    server = _DripServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="h4-drip")
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+async def _hang_ups(server: _DripServer, wanted: int, within: float = 3) -> int:
+    """The connections the client has hung up on, once `wanted` or after `within` s."""
+    with trio.move_on_after(within):
+        while server.hung_up < wanted:
+            await trio.sleep(0.05)
+    return server.hung_up
+
+
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.hung_up = 0
@@ -802,23 +829,33 @@ class _DripServer(socketserver.ThreadingTCPServer):
 # and `open_range` do not. Should: the thread's connection is shut at the deadline too.
 @pytest.mark.remote
 async def test_a_request_given_up_at_its_deadline_leaves_no_thread_reading() -> None:
-    server = _DripServer()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="h4-drip")
-    thread.start()
-    try:
+    with _dripping() as server:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         async with RemoteClient(url, timeout=1, retries=0, deadline=1) as client:
             with pytest.raises(StorageError):
+# 83a702f shuts a range thread's connection down when `small` or `get_range` reach their own
+# deadline; a cancel from outside (a read-ahead let go, a caller's own deadline, an unmount)
+# abandons the thread as well (abandon_on_cancel) but skips that: the thread reads on from a
+# registry that drips, holding one of the 8 range threads. Should: shut down whenever the
+# thread is left behind, whatever ended the wait.
+@pytest.mark.remote
+@pytest.mark.xfail(strict=True, reason="a cancel from outside leaves the range thread unshut")
+@pytest.mark.parametrize("call", ["small", "get_range"])
+async def test_a_request_cancelled_from_outside_leaves_no_thread_reading(call: str) -> None:
+    with _dripping() as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        async with RemoteClient(url, timeout=5, retries=0, deadline=30) as client:
+            with trio.move_on_after(1):  # the caller's own limit, well before the client's
+                if call == "small":
+                    await client.small("GET", "/v2/x/manifests/a")
+                else:
+                    await client.get_range("/v2/x/blobs/sha256:" + "0" * 64, 0, 1000)
+            hung_up = await _hang_ups(server, 1)
+    assert hung_up == 1, "the range thread still reads from the registry"
+
+
                 await client.small("GET", "/v2/x/manifests/a")  # the thread's, then httpx's
-            with trio.move_on_after(3):
-                while server.hung_up < 2:
-                    await trio.sleep(0.05)
-            hung_up = server.hung_up
-    finally:
-        server.stopping.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+            hung_up = await _hang_ups(server, 2)
     assert hung_up == 2, "the range thread still reads from the registry"
 
 
