@@ -52,6 +52,7 @@ import zstandard
 
 from ..digests import SHA256, Digest
 from ..gcpause import gc_paused
+from ..privatedir import open_private
 from . import estargz, indexfile, treefile
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
@@ -181,8 +182,12 @@ class IndexCache:
         self, directory: str | os.PathLike[str] | None = None, max_bytes: int = DEFAULT_MAX_BYTES
     ) -> None:
         self.directory = Path(directory) if directory is not None else default_directory()
+        # Below the user's cache home, each part checked (storage/privatedir.py); a
+        # directory given is checked from its parent down.
+        base = self.directory.parent.parent if directory is None else self.directory.parent
+        parts = self.directory.relative_to(base).parts
         self.max_bytes = max_bytes
-        self._fd = _open_private(self.directory)
+        self._fd = open_private(base, parts, UnsafeCacheDir)
         self._held = _HeldFiles()
 
     def close(self) -> None:
@@ -401,43 +406,6 @@ class IndexCache:
                 self.max_bytes,
             )
         return total
-
-
-def _open_private(directory: Path) -> int:
-    """The cache directory (made 0700 when missing), refused unless it is the user's own,
-    writable by nobody else, and reached without a symbolic link; its parent must be the
-    user's or root's, and writable by others only if sticky (as /tmp), so that nobody else
-    can swap the directory for theirs."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(directory, 0o700)
-    parent = _open_dir(directory.parent)
-    try:
-        st = os.fstat(parent)
-        if st.st_uid not in (0, os.geteuid()) or (
-            st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
-        ):
-            raise UnsafeCacheDir(f"index cache {directory}: {_owner(st)} of its parent")
-        fd = _open_dir(directory.name, parent)
-    finally:
-        os.close(parent)
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        os.close(fd)
-        raise UnsafeCacheDir(f"index cache {directory}: {_owner(st)}; it must be ours alone")
-    return fd
-
-
-def _open_dir(path: str | Path, parent: int | None = None) -> int:
-    try:
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.open(path, flags, dir_fd=parent)
-    except OSError as exc:
-        raise UnsafeCacheDir(f"index cache {path}: {exc.strerror}") from None
-
-
-def _owner(st: os.stat_result) -> str:
-    return f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}"
 
 
 # -- the file format -----------------------------------------------------------------

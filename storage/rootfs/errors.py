@@ -7,6 +7,7 @@ message; the rest of the mount keeps working.
 from __future__ import annotations
 
 from ..errors import StorageError
+from ..privatedir import UnsafeDirectory
 
 
 class BadLayer(StorageError):
@@ -34,5 +35,5 @@ class LayerTooLarge(BadLayer):
     """A layer beyond the index's bounds (members, names, header sizes): memory stays bounded."""
 
 
-class UnsafeCacheDir(StorageError):
+class UnsafeCacheDir(UnsafeDirectory):
     """An index cache directory that someone else could write or that is reached by a link."""
