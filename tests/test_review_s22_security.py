@@ -87,7 +87,6 @@ async def _trusted_and_hostile(trusted: Path, hostile: Path) -> None:
 # mount that meets that digest loads it (IndexCache.load takes the digest alone). Should:
 # a TOC's index is kept per manifest annotation (or not kept), never served for the digest.
 @pytest.mark.mount
-@pytest.mark.xfail(strict=True, reason="an eStargz TOC index is cached by layer digest alone")
 def test_a_toc_from_a_hostile_root_never_shows_in_another_roots_image(tmp_path: Path) -> None:
     trusted, hostile, cache = tmp_path / "trusted", tmp_path / "hostile", tmp_path / "xdg"
     trio.run(_trusted_and_hostile, trusted, hostile)

@@ -244,6 +244,8 @@ class Indexer:
         pending = self._builds[layer.digest] = _Build()
         try:
             index = await trio.to_thread.run_sync(self.cache.load, layer.digest)
+            if index is not None and index.format is Format.ESTARGZ:
+                index = None  # kept by an older regfs: trusted no more (`_from_toc`)
             if index is None and layer.toc_digest:
                 index = await self._from_toc(layer)
             if index is None:
@@ -263,8 +265,12 @@ class Indexer:
             pending.done.set()
 
     async def _from_toc(self, layer: LayerRef) -> LayerIndex | None:
-        """An eStargz layer's index from its TOC (no pass), kept like any other; None (and
-        a log line) when the TOC is not there or not what the manifest vouches for."""
+        """An eStargz layer's index from its TOC (no pass); None (and a log line) when the
+        TOC is not there or not what the manifest vouches for. Not kept in the cache, which
+        every mount of the user shares by layer digest: the TOC is checked against the
+        manifest's annotation only, never the blob against its digest, so a source whose
+        owner put other bytes under a layer's digest would have its members shown in every
+        other source's image of that layer. Reading it again costs one range read."""
         reader = await layer.open()
         try:
             toc = await estargz.read_toc(reader, layer.size, layer.toc_digest, self.limits.members)
@@ -276,7 +282,6 @@ class Indexer:
         index = LayerIndex(
             layer.digest, Format.ESTARGZ, layer.size, 0, toc.members, chunks=toc.chunks
         )
-        await trio.to_thread.run_sync(self.cache.store, index)
         log.info("layer %s: %d members from its eStargz TOC", layer.digest, len(toc.members))
         return index
 
