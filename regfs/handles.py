@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 
 from pyfuse3 import FUSEError
 
@@ -74,6 +75,7 @@ class UploadHandle(Handle):
         self._written = False
 
     async def read(self, offset: int, size: int) -> Buffer:
+        await self.upload.settle()  # its own appends, answered before they were written
         reader = await self.tree.open(self.node)
         try:
             return await reader.read_at(offset, size)
@@ -131,6 +133,22 @@ class UploadHandle(Handle):
     async def release(self) -> None:
         if not self.finished:
             await self.upload.close()
+
+
+class UploadReader(ReadHandle):
+    """A reader of an upload: each read first waits for the writes its writer was answered
+    (appends return before they are written): once write(2) returned, a read through any
+    descriptor returns those bytes, as on a local filesystem."""
+
+    def __init__(self, reader: BlobReader, writer: Callable[[], Handle | None]) -> None:
+        super().__init__(reader)
+        self._writer = writer
+
+    async def read(self, offset: int, size: int) -> Buffer:
+        writer = self._writer()
+        if isinstance(writer, UploadHandle):
+            await writer.upload.settle()
+        return await self.reader.read_at(offset, size)
 
 
 class ManifestWriter(Handle):

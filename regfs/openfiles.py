@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import time
+from functools import partial
 
 import trio
 from pyfuse3 import FileInfo, FUSEError
@@ -24,6 +25,7 @@ from .handles import (
     ReadHandle,
     TagHandle,
     UploadHandle,
+    UploadReader,
 )
 from .nodes import (
     Attr,
@@ -102,6 +104,8 @@ class OpenFiles:
     async def open(self, node: Node, flags: int) -> Handle:
         truncate = bool(flags & os.O_TRUNC)
         if flags & os.O_ACCMODE == os.O_RDONLY and not truncate:
+            if isinstance(node, UploadNode):
+                return UploadReader(await self.tree.open(node), partial(self.writer, node))
             return ReadHandle(await self.tree.open(node))
         if self.options.read_only:
             raise refusal("open", node, self.options.read_only)

@@ -160,6 +160,11 @@ class Upload(Protocol):
         remote upload resumed without its hash state)."""
         ...
 
+    async def settle(self) -> None:
+        """Every write so far can be read back (`read_upload`) once this returns, not
+        necessarily synced; raises a failed write's error."""
+        ...
+
     async def flush(self) -> None:
         """Every write so far is in storage once this returns; raises a failed write's error."""
         ...

@@ -200,6 +200,13 @@ class LayerUpload:
             if self._hash.size - self._states.saved_at >= CHECKPOINT:
                 await self._save_state()
 
+    async def settle(self) -> None:
+        """Wait until every write so far is in the data file (not synced): a read of it
+        through any descriptor then finds what write(2) said was written, as POSIX has it.
+        Raises a failed write's error."""
+        async with self._lock:
+            await self._settle()
+
     async def flush(self) -> None:
         """Wait until every write so far is in the data file, so that whoever opens it after
         close(2) reads what was written (close-to-open, as NFS); raises a failed write's

@@ -162,12 +162,6 @@ async def test_mv_of_a_downloaded_file_into_uploads_says_nothing(tmp_path, uploa
     assert (result.returncode, result.stderr.decode()) == (0, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an append is answered before it is stored, and a read does not wait for it "
-    "(through another descriptor, or the writer's own O_RDWR one): it ends short (0 bytes) "
-    "below the size stat gives",
-)
 async def test_a_read_after_an_append_returns_its_bytes(uploads):
     # ext4 (POSIX write(2)): once write returns, a read of those bytes through any
     # descriptor returns them. Up to 2,048 appends (truncated every 32 MiB): today a read

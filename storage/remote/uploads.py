@@ -271,6 +271,9 @@ class RemoteUpload:
     async def digest(self, expected: Digest | None = None) -> Digest | None:
         return self._hash.digest() if self._hash is not None else None
 
+    async def settle(self) -> None:
+        """Nothing to wait for: the protocol cannot read an upload back (`read_upload`)."""
+
     async def flush(self) -> None:
         """Send what is pending, so close(2) reports a failed PATCH."""
         await self._send()
