@@ -340,10 +340,10 @@ class Attributes:
         """What setattr would show, EPERM if the node cannot show it, None if nothing to keep.
 
         What changes nothing succeeds anywhere (cp -p and rsync -a set what is already shown);
-        a real change only on an upload (see Shown). The times of a tag, or of a manifest
-        being written, are accepted and ignored (they say when it was stored): `cp -p` sets
-        them before close; so are a directory's of the registry's tree (`rsync -a`, `cp -a`
-        and `tar -x` of a directory into uploads/ set its times last, and failed on EPERM)."""
+        a real change only on an upload (see Shown). Whatever is set on a tag, or a manifest
+        being written, is accepted and ignored (its times say when it was stored); so are a
+        directory's times in the registry's tree (`rsync -a`, `cp -a` and `tar -x` of a
+        directory into uploads/ set its times last, and failed on EPERM)."""
         now = await self.entry_of(node)
         mode = stat.S_IMODE(attr.st_mode if fields.update_mode else now.st_mode)
         uid = attr.st_uid if fields.update_uid else now.st_uid
@@ -353,9 +353,12 @@ class Attributes:
             fields.update_atime and attr.st_atime_ns != now.st_atime_ns
         )
         writer = self.files.writer(node)
-        fixed_times = not isinstance(node, TagNode | DirNode | SectionNode) and not isinstance(
-            writer, ManifestWriter
-        )
+        if isinstance(node, TagNode) or isinstance(writer, ManifestWriter):
+            # A manifest keeps no mode, owner or times: `cp -p` and `rsync -a` of a manifest
+            # file made under umask 077 (mktemp) set mode 600 and exited non-zero on EPERM,
+            # the tag stored. Accepted and ignored, as rclone's mount does.
+            return None
+        fixed_times = not isinstance(node, DirNode | SectionNode)
         if not isinstance(node, UploadNode) and (owner or (retimed and fixed_times)):
             log.info(
                 "setattr: refused on %s: it keeps the mount's mode %o, owner %d:%d and times"

@@ -667,9 +667,9 @@ def writes_table(mnt: Path, image: dict) -> list[Case]:
     row("create a file in a repository", create(repo / "file"), errno.EPERM)
 
     # chmod and chown: what changes nothing succeeds everywhere (cp -p, rsync -a); a real
-    # change is kept for an upload (in memory) and EPERM elsewhere. setxattr, removexattr:
-    # EPERM, but ACLs are "not supported", so that tools fall back to chmod, and so are user.*
-    # names on what is written (an upload, a tag), so that mv and cp -a go on in silence.
+    # change is kept for an upload (in memory), ignored on a tag, EPERM elsewhere. setxattr,
+    # removexattr: EPERM, but ACLs are "not supported", so that tools fall back to chmod, and
+    # so are user.* names on what is written (an upload, a tag): mv and cp -a go on quietly.
     nodes = {
         "the top": mnt,
         "a namespace": ns,
@@ -683,12 +683,14 @@ def writes_table(mnt: Path, image: dict) -> list[Case]:
     me = (os.getuid(), os.getgid())  # the daemon's, which the mount shows
     for label, path in nodes.items():
         kw = {"setup": new_upload, "cleanup": drop, "changes": changes} if path == upload else {}
-        real = None if path == upload else errno.EPERM
+        real = None if path in (upload, tag) else errno.EPERM
         same = 0o644 if path in (layer, manifest, tag, upload) else 0o755
-        row(f"chmod {label}", both(call(os.chmod, path, 0o600), shows(path, 0o600)), real, **kw)
+        # An upload shows what it is given; a tag takes it and shows its own (ignored).
+        mode, owner = (0o600, (1234, 4321)) if path != tag else (same, me)
+        row(f"chmod {label}", both(call(os.chmod, path, 0o600), shows(path, mode)), real, **kw)
         row(
             f"chown {label}",
-            both(call(os.chown, path, 1234, 4321), shows(path, owner=(1234, 4321))),
+            both(call(os.chown, path, 1234, 4321), shows(path, owner=owner)),
             real,
             **kw,
         )

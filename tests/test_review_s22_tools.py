@@ -214,12 +214,6 @@ async def test_a_file_written_by_two_processes_in_turn(tmp_path, mount, section)
     assert done.read_bytes() == whole
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tag's times are accepted and ignored but a mode change is EPERM, so cp -p and "
-    "rsync -a --inplace (the way README gives) of a manifest file with mode 600 (umask 077, "
-    "mktemp) store the tag, then exit non-zero",
-)
 @pytest.mark.parametrize("tool", ["cp -p", "rsync -a --inplace"])
 async def test_a_manifest_file_of_mode_600_copied_to_a_tag_exits_0(tmp_path, mount, tool):
     # ext4: the copy takes mode 600 and the tool exits 0.
