@@ -62,12 +62,12 @@ class Xattrs:
 
     def check_set(self, inode: int, name: bytes, read_only: bool) -> None:
         """Setting an ACL is "not supported", and so is a user.* name of a file being written
-        (an upload or a tag: neither keeps one), as on a filesystem without user xattrs:
-        `mv` and `cp -a` of a downloaded file (user.xdg.origin.url) then go on in silence,
-        where EPERM made them warn. The caller refuses every other name."""
+        (an upload or a tag: neither keeps one; the tree's own user.regfs.* included), as on
+        a filesystem without user xattrs: `mv` and `cp -a` of a downloaded file
+        (user.xdg.origin.url), or of an upload to another repository, then go on in
+        silence, where EPERM made them warn. The caller refuses every other name."""
         if read_only:
             return
         written = isinstance(self.inodes.node(inode), UploadNode | TagNode)
-        user = name.startswith(b"user.") and not name.startswith(XATTR_PREFIX)
-        if name in ACL_XATTRS or (user and written):
+        if name in ACL_XATTRS or (name.startswith(b"user.") and written):
             raise FUSEError(errno.EOPNOTSUPP)

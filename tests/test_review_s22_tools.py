@@ -123,12 +123,6 @@ async def test_mv_of_an_upload_to_another_repository(tmp_path, uploads):
     assert "blob" not in ls(uploads)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mv of an upload to another repository copies it (EXDEV) with its xattrs, and "
-    "setxattr of user.regfs.uuid and .startedat on the new upload is EPERM, which mv "
-    "prints (EOPNOTSUPP it would pass over)",
-)
 async def test_mv_of_an_upload_to_another_repository_says_nothing(tmp_path, uploads):
     # ext4 moves it in silence; across filesystems mv copies the xattrs it can, quietly.
     write_file(uploads / "blob", os.urandom(5_000))
