@@ -114,6 +114,8 @@ class Attributes:
         """The entry the kernel gets for a node; `timeout` overrides the kind's timeouts."""
         entry = self._stat(attr)
         entry.st_ino = self.inodes.inode(node)
+        if isinstance(node, DirNode | SectionNode):
+            entry.st_ctime_ns = self.tree.kept.ctime_ns(node, attr.mtime_ns)
         if attr.immutable and timeout is None and isinstance(node, FixedNode):
             # A file or directory inside an image: kept for good, and nothing below applies
             # (readdir of an image's directory asks this for each entry).

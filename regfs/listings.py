@@ -37,6 +37,7 @@ class Held:
     names: int
     mtime_ns: int = 0  # at least the last mtime shown, so a move goes past it
     used_until: float = 0.0
+    stored_ns: int = 0  # the storage's own mtime, last read: what ctime shows (`ctime_ns`)
 
 
 class KeptListings:
@@ -93,8 +94,17 @@ class KeptListings:
         held = self._held.get(node)
         if held is None:
             return stored_ns
+        held.stored_ns = stored_ns
         held.mtime_ns = max(stored_ns, held.mtime_ns)  # never back, while the kernel holds it
         return held.mtime_ns
+
+    def ctime_ns(self, node: Node, mtime_ns: int) -> int:
+        """What stat shows as ctime beside `mtime_ns`: the storage's mtime, not one moved
+        only to have the kernel list the directory again. `tar -c` compares a directory's
+        ctime before and after it read it, and said "file changed as we read it" (exit 1)
+        of layers/ after it had stat'ed its entries, though nothing had changed."""
+        held = self._held.get(node)
+        return held.stored_ns if held is not None and held.stored_ns else mtime_ns
 
     def drop(self, node: Node) -> None:
         """The kernel forgot node's inode, and its listing with it."""

@@ -382,12 +382,6 @@ def untag(repo_dir: Path, tag: str) -> None:
 # --------------------------------------------------------------------------- tar -c
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a section's mtime moves at each GETATTR for --tag-ttl after its entries were "
-    "stat'ed (KeptListings.entries_used), so tar -c of layers/ says 'file changed as we "
-    "read it' and exits 1 though nothing changed",
-)
 async def test_tar_c_of_a_repository_exits_0(tmp_path, mount):
     # ext4: a directory nobody changes keeps its mtime and ctime; tar exits 0.
     await build_root(tmp_path / "root", size=10_000)
