@@ -68,7 +68,7 @@ from storage.rootfs.index import Format, Indexer, LayerIndex, LayerRef
 from storage.rootfs.members import Kind, Member, normalise
 from storage.rootfs.merge import MergedTree, merge
 from storage.rootfs.reader import LayerFiles
-from storage.rootfs.tarscan import Limits, _TarInfo, normal_name, normal_names
+from storage.rootfs.tarscan import Limits, _TarInfo
 from storage.rootfs.zstdframes import FRAME_SIZE
 
 pytestmark = pytest.mark.storage
@@ -1122,23 +1122,6 @@ async def test_a_stored_index_is_normalised_again_on_load(cache):
     beyond = [Member("f", Kind.FILE, 0o644, 0, 0, 0, size=100, offset=0)]
     cache.store(LayerIndex(digest, Format.TAR, 10, 10, beyond))
     assert cache.load(digest) is None  # a file past the layer's end: not trusted
-
-
-def test_names_checked_at_once_are_what_each_checked_alone_gives():
-    """A stored index's names are checked together (`normal_names`, one scan in C); any
-    list gives exactly what `normal_name` gives each, whatever its names hold: empty
-    ones, NULs, dots, slashes, bytes that were not UTF-8."""
-    rng = random.Random(16)
-    parts = ["a", "bc", ".", "..", "/", "", "\0", "\udcff", "é", ".wh.", "x.y"]
-    plain = ["etc/passwd", "usr/lib/x.so", "", "a\0b", "é/\udcff"]
-    for _ in range(3000):
-        names = [
-            "".join(rng.choices(parts, k=rng.randint(0, 6))) if rng.random() < 0.3
-            else rng.choice(plain)
-            for _ in range(rng.randint(1, 6))
-        ]  # fmt: skip
-        assert normal_names(names) == [normal_name(n) for n in names], names
-    assert normal_names(plain) is plain  # all plain: the list itself, nothing made
 
 
 BLOCK_MEMBERS = [  # columns of each width: uid, devminor and mtime i64; gid one for all

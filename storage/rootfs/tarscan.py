@@ -44,8 +44,6 @@ _MIN_CHUNK = 64 << 10
 _ID_LIMIT = 1 << 32  # uid, gid and device numbers are 32-bit in the kernel
 _NS_LIMIT = 1 << 63  # mtime_ns must fit a signed 64-bit timespec
 _PLAIN_NAME = re.compile(r"[^/]+(?:/[^/]+)*")  # no empty component, no leading or final /
-# What names joined by NUL hold if one of them is not plain or empty (`normal_names`)
-_NOT_PLAIN = ("//", "/.", "/\0", "\0/", "\0.")
 # a ustar header: name, mode, uid, gid, size, mtime, checksum, type, linkname, magic and
 # version, uname, gname, devmajor, devminor, prefix
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
@@ -340,21 +338,6 @@ def normal_name(name: str) -> str:
     if _PLAIN_NAME.fullmatch(name) and not name.startswith(".") and "/." not in name:
         return name
     return normalise(name)
-
-
-def normal_names(names: list[str]) -> list[str]:
-    """`normal_name` of each, checked at once: a stored index's names were normalised when it
-    was made, so all of them are usually returned as they are after a few substring scans
-    in C (a call each took ~8 ms of loading the bench's 15,000). Joined by NUL, the names
-    are plain (no empty, `.` or `..` component, no leading or final `/`) if the joined text
-    holds none of `_NOT_PLAIN`; a name that holds a NUL passes only if it is plain too."""
-    joined = "\0".join(names)
-    if joined.startswith(("/", ".")) or joined.endswith("/"):
-        return list(map(normal_name, names))
-    for bad in _NOT_PLAIN:
-        if bad in joined:
-            return list(map(normal_name, names))
-    return names
 
 
 def _mtime_ns(info: tarfile.TarInfo) -> int:
