@@ -838,7 +838,6 @@ async def test_a_request_given_up_at_its_deadline_leaves_no_thread_reading() -> 
 # registry that drips, holding one of the 8 range threads. Should: shut down whenever the
 # thread is left behind, whatever ended the wait.
 @pytest.mark.remote
-@pytest.mark.xfail(strict=True, reason="a cancel from outside leaves the range thread unshut")
 @pytest.mark.parametrize("call", ["small", "get_range"])
 async def test_a_request_cancelled_from_outside_leaves_no_thread_reading(call: str) -> None:
     with _dripping() as server:

@@ -433,22 +433,26 @@ class RemoteClient:
         if self._auth.scheme is not None:
             authorization = (await self._auth.authorization(method, httpx.URL(where)))[2]
         in_use = InUse()
-        with trio.move_on_after(self.deadline) as scope:
-            answer = await trio.to_thread.run_sync(
-                self._ranges.small,
-                method,
-                where,
-                headers or {},
-                authorization,
-                limit,
-                in_use,
-                limiter=self._range_threads,
-                abandon_on_cancel=True,
-            )
-            if answer is not None:
-                return Small.answered(answer)
-        if scope.cancelled_caught:
-            in_use.shut_down()  # the abandoned thread must not read on from a drip
+        try:
+            with trio.move_on_after(self.deadline):
+                answer = await trio.to_thread.run_sync(
+                    self._ranges.small,
+                    method,
+                    where,
+                    headers or {},
+                    authorization,
+                    limit,
+                    in_use,
+                    limiter=self._range_threads,
+                    abandon_on_cancel=True,
+                )
+                if answer is not None:
+                    return Small.answered(answer)
+        finally:
+            # At the deadline, or cancelled from outside (a read-ahead let go, an unmount):
+            # the abandoned thread must not read on from a drip. Once it answered, nothing
+            # of it is left in in_use.
+            in_use.shut_down()
         return Small.of(await self.request(method, url, headers=headers, limit=limit))
 
     async def small_many(
@@ -578,14 +582,15 @@ class RemoteClient:
         """Bytes [start, end) of the blob at `url` (a `/v2/.../blobs/<digest>` path): on a
         worker thread when it can (storage/remote/ranges.py), else through `request`."""
         in_use = InUse()
-        with trio.move_on_after(self.deadline) as scope:
-            # Abandoned at the deadline: the thread keeps nothing the next call needs, and
-            # its connection is shut down, so that it does not read on from a drip.
-            fetch = partial(self._ranges.get, in_use=in_use)
-            body = await self._on_range_thread(fetch, url, start, end, abandon=True)
-            if body is not None:
-                return body
-        if scope.cancelled_caught:
+        try:
+            with trio.move_on_after(self.deadline):
+                # Abandoned at the deadline (or cancelled): the thread keeps nothing the
+                # next call needs, and its connection is shut down (`small`).
+                fetch = partial(self._ranges.get, in_use=in_use)
+                body = await self._on_range_thread(fetch, url, start, end, abandon=True)
+                if body is not None:
+                    return body
+        finally:
             in_use.shut_down()
         headers = {"Range": f"bytes={start}-{end - 1}"}
         async with self.stream("GET", url, headers=headers) as resp:
