@@ -673,7 +673,6 @@ def _zstd_zeros_tar(size: int) -> bytes:
 # for everyone reading it. Should: a layer's pass is bounded in what it decompresses per
 # byte of blob (LayerTooLarge), or does not hold the other layers back.
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="a zstd bomb's pass holds every other layer's back")
 async def test_a_decompression_bomb_holds_no_other_layer_back(tmp_path: Path) -> None:
     cache = IndexCache(tmp_path / "index")
     indexer = Indexer(cache, subprocess=False)

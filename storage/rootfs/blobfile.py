@@ -130,10 +130,15 @@ class BlobFile(PieceFile):
         self._keep(start, data)
         return data
 
-    def _read(self, start: int, want: int) -> bytes:
-        """`want` bytes at `start` from the source, in one `read_at` through the loop."""
+    def check_stop(self) -> None:
+        """Stopped if the pass was given up (an unmount, a cancel): checked at each read, and
+        by a decompressor between the chunks it makes of one read."""
         if self._stop is not None and self._stop.is_set():
             raise Stopped
+
+    def _read(self, start: int, want: int) -> bytes:
+        """`want` bytes at `start` from the source, in one `read_at` through the loop."""
+        self.check_stop()
         # The next window of the in-order hash: read as part of one stream to the end.
         read = read_in_order if start == self._hashed and self._hash is not None else None
         try:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -32,7 +32,7 @@ from ..api import BlobReader, local_fileno, read_in_order
 from ..digests import Digest
 from . import estargz, fastgzip, gzipseek, tarscan, zstdframes
 from .blobfile import WINDOW, BlobFile
-from .errors import BadLayer
+from .errors import BadLayer, LayerTooLarge
 from .estargz import Chunk
 from .members import Member
 from .tarscan import Limits
@@ -164,7 +164,8 @@ def build(
     else:
         chunks = iter(functools.partial(blob.read, _PLAIN_CHUNK), b"")
     try:
-        table = tarscan.scan(chunks, digest, limits)
+        bound = max(limits.expanded_free, limits.expansion * layer.size)
+        table = tarscan.scan(_bounded(chunks, blob, bound, digest), digest, limits)
         if gzip_pass is not None:
             assert out is not None
             seek_points, points_sha256 = gzip_pass.export(out)
@@ -185,6 +186,20 @@ def build(
         seek_points,
         points_sha256=points_sha256,
     )
+
+
+def _bounded(
+    chunks: Iterator[bytes], blob: BlobFile, bound: int, digest: Digest
+) -> Iterator[bytes]:
+    """chunks, up to `bound` bytes in all (LayerTooLarge past it: a decompression bomb), and
+    each after a look at the pass's stop: one read of a blob can inflate for minutes."""
+    total = 0
+    for chunk in chunks:
+        blob.check_stop()
+        total += len(chunk)
+        if total > bound:
+            raise LayerTooLarge(digest, f"decompresses past {bound} bytes")
+        yield chunk
 
 
 def _freeze() -> None:

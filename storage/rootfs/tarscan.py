@@ -57,6 +57,12 @@ class Limits:
     names: int = 256 << 20  # bytes of paths, link targets and xattrs, all members together
     header: int = 1 << 20  # one PAX or GNU long-name header
     trailer: int = 16 << 20  # decompressed bytes after the end of the archive
+    # Decompressed bytes per byte of blob, past the first `expanded_free`: a zstd layer of
+    # RLE blocks holds 8 GiB of zeros in 256 KiB, and a pass of it held every other layer's
+    # index back (one pass at a time). gzip cannot pass ~1,032; a tar of a GiB of zeros
+    # compressed by zstd -19 is ~30,000 to one, hence the free GiB.
+    expansion: int = 1000
+    expanded_free: int = 1 << 30
 
 
 class PieceFile(io.RawIOBase):
