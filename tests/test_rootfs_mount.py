@@ -56,7 +56,7 @@ from support.tools import digest_of, errno_of, run
 from regfs import fusefeatures
 from regfs import rootfs as rootfs_view
 from regfs.attributes import PACKED
-from regfs.nodes import Attr, Listing, SectionNode
+from regfs.nodes import Attr, Listing, Node, SectionNode
 from regfs.operations import Operations
 from regfs.options import MountOptions
 from regfs.rootfs import PAUSE_GC_AT, RootfsView
@@ -1033,14 +1033,25 @@ def _in_worker() -> bool:
     return False
 
 
+async def _view_of_one_directory(tmp_path: Path) -> RootfsView:
+    """A view of a storage root holding one image, tag `t`: `d/f`."""
+    tar = layer_tar([directory("d"), file("d/f", b"1")])
+    await link_blobs(tmp_path, REPO, [CONFIG, tar])
+    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
+    return RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "ix"), 5.0)
+
+
+async def _list_after_packing_began(view: RootfsView, node: Node, listed: list[list[str]]) -> None:
+    """List node once the first listing of its image began packing (20 ms in)."""
+    await trio.sleep(0.02)
+    listed.append([name for name, _ in await view.children(node)])
+
+
 async def test_a_listing_cancelled_while_packing_leaves_it_packed(tmp_path, monkeypatch):
     """The first listing of an image interrupted (^C) while its entries are packed: the
     packing runs to its end (a worker thread is not abandoned), and the listings that
     waited for it, and later ones, use it (no EIO, no second packing)."""
-    tar = layer_tar([directory("d"), file("d/f", b"1")])
-    await link_blobs(tmp_path, REPO, [CONFIG, tar])
-    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
-    view = RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "ix"), 5.0)
+    view = await _view_of_one_directory(tmp_path)
     packed_rows, calls = rootfs_view._packed_rows, []
 
     def slow(tree: object) -> object:
@@ -1053,13 +1064,8 @@ async def test_a_listing_cancelled_while_packing_leaves_it_packed(tmp_path, monk
         root = await view.lookup(SectionNode(REPO, "rootfs"), "t")
         directory_node = await view.lookup(root, "d")
         listed: list[list[str]] = []
-
-        async def waiting() -> None:
-            await trio.sleep(0.02)  # after the first began packing
-            listed.append([name for name, _ in await view.children(directory_node)])
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiting)
+            nursery.start_soon(_list_after_packing_began, view, directory_node, listed)
             with trio.move_on_after(0.05):
                 await view.children(root)
         assert listed == [["f"]] and len(calls) == 1
@@ -1071,10 +1077,7 @@ async def test_a_listing_cancelled_while_packing_leaves_it_packed(tmp_path, monk
 async def test_a_packing_that_failed_is_tried_again_by_the_next_listing(tmp_path, monkeypatch):
     """A packing that raised (a bug) fails its own listing only: a listing that waited for
     it packs again, and shows its entries."""
-    tar = layer_tar([directory("d"), file("d/f", b"1")])
-    await link_blobs(tmp_path, REPO, [CONFIG, tar])
-    await put_tagged(tmp_path, REPO, "t", image_manifest(CONFIG, [tar]))
-    view = RootfsView(Registry(FilesystemDriver(tmp_path)), IndexCache(tmp_path / "ix"), 5.0)
+    view = await _view_of_one_directory(tmp_path)
     packed_rows, calls = rootfs_view._packed_rows, []
 
     def failing_once(tree: object) -> object:
@@ -1089,13 +1092,8 @@ async def test_a_packing_that_failed_is_tried_again_by_the_next_listing(tmp_path
         root = await view.lookup(SectionNode(REPO, "rootfs"), "t")
         directory_node = await view.lookup(root, "d")
         listed: list[list[str]] = []
-
-        async def waiting() -> None:
-            await trio.sleep(0.02)  # after the first began packing
-            listed.append([name for name, _ in await view.children(directory_node)])
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiting)
+            nursery.start_soon(_list_after_packing_began, view, directory_node, listed)
             with pytest.raises(RuntimeError):
                 await view.children(root)
         assert listed == [["f"]] and len(calls) == 2
