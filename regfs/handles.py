@@ -73,6 +73,7 @@ class UploadHandle(Handle):
         self.name = name
         self.finished = False
         self._written = False
+        self._written_ns: int | None = None  # the last write's time: what stat shows
 
     async def read(self, offset: int, size: int) -> Buffer:
         await self.upload.settle()  # its own appends, answered before they were written
@@ -92,6 +93,7 @@ class UploadHandle(Handle):
             log.info("write: %s: %s (EINVAL)", self.name, exc)
             raise
         self._written = True
+        self._written_ns = time.time_ns()
         return len(data)
 
     async def truncate(self, size: int) -> None:
@@ -108,7 +110,8 @@ class UploadHandle(Handle):
             size = self.upload.size
         except UnknownUpload:  # its writer closed by a finish under way
             return None
-        return Attr(False, size, epoch_ns(self.upload.started_at))
+        started = epoch_ns(self.upload.started_at)
+        return Attr(False, size, max(started, self._written_ns or started))
 
     async def flush(self) -> None:
         if self.finished or not self._written:

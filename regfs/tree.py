@@ -436,7 +436,7 @@ class Tree:
                 attr = Attr(False, info.size, info.mtime_ns, immutable=True)
             case UploadNode(repo, uuid):
                 upload = await self._repo(repo).layers.upload_info(uuid)
-                return Attr(False, upload.size, upload.started_ns)
+                return Attr(False, upload.size, upload.mtime_ns)
         if self._unchanged_since(since):
             self._digests.put(node, attr)
         return attr

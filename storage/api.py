@@ -43,15 +43,23 @@ class BlobInfo:
 
 @dataclass(frozen=True)
 class UploadInfo:
-    """An upload in progress: its id, when it started, and the bytes received so far."""
+    """An upload in progress: its id, when it started, the bytes received so far, and when
+    they last grew (None where the source cannot tell: then its start)."""
 
     uuid: str
     started_at: datetime
     size: int
+    written_ns: int | None = None
 
     @property
     def started_ns(self) -> int:
         return epoch_ns(self.started_at)
+
+    @property
+    def mtime_ns(self) -> int:
+        """What stat shows: the last write, as on any filesystem, never before the start."""
+        started = self.started_ns
+        return started if self.written_ns is None else max(started, self.written_ns)
 
 
 def epoch_ns(when: datetime) -> int:

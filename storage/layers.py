@@ -135,10 +135,10 @@ class LayerService:
     async def upload_info(self, uuid: str) -> UploadInfo:
         started_at = await self._started_at(uuid)
         try:
-            size = (await self.driver.stat(path_for(UploadData(self.name, uuid)))).size
-        except PathNotFound:
-            size = 0  # the registry treats a missing data file as an empty upload
-        return UploadInfo(uuid, started_at, size)
+            data = await self.driver.stat(path_for(UploadData(self.name, uuid)))
+        except PathNotFound:  # the registry treats a missing data file as an empty upload
+            return UploadInfo(uuid, started_at, 0)
+        return UploadInfo(uuid, started_at, data.size, data.mtime_ns)
 
     async def read_upload(self, uuid: str) -> BlobReader:
         """The bytes received so far (none when the data file is missing, as the registry

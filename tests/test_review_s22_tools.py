@@ -133,10 +133,6 @@ async def test_mv_of_an_upload_to_another_repository_says_nothing(tmp_path, uplo
     assert (result.returncode, result.stderr.decode()) == (0, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upload's mtime stays its start time: a later append does not move it",
-)
 async def test_an_append_moves_an_uploads_mtime(uploads):
     # ext4: st_mtime is the time of the last write.
     write_file(uploads / "growing", b"first part")
