@@ -12,7 +12,7 @@ from storage.api import RegistrySource
 # fallback for these instead of the full behaviour (see Source.can), never skip silently.
 REMOTE_CANNOT = {
     "overwrite": "the upload protocol appends in order: it cannot rewrite or cut below the end",
-    "read_upload": "the API cannot read an upload's bytes back (an upload reads as empty)",
+    "read_upload": "the API cannot read an upload's bytes back (a read of them is an error)",
     "list_untagged": "the API lists tags only: manifests/ and layers/ show what tagged "
     "manifests reference, plus the blobs pushed through this client",
     "delete_tag": "docker-registry 2.8 refuses DELETE of a manifest by tag (400 UNSUPPORTED); "
