@@ -220,3 +220,18 @@ def test_a_private_directory_is_made_0700_and_ours(tmp_path: Path) -> None:
     (tmp_path / "base" / "regfs" / "uploads" / "host").chmod(0o770)
     with pytest.raises(UnsafeDirectory, match="ours alone"):
         open_private(tmp_path / "base", ["regfs", "uploads", "host"])
+
+
+@pytest.mark.storage
+def test_upload_records_outlive_their_directory_removed(tmp_path: Path) -> None:
+    """The records' directory is held open; removed meanwhile (`rm -r ~/.local/state/regfs`),
+    it is made again, not written into while unlinked (the records would be lost)."""
+    records = UploadRecords(tmp_path / "state" / "regfs" / "uploads" / "host", tmp_path / "state")
+    try:
+        records.save(UploadRecord("org/app", "u1", "https://r/x", "2026-11-30T00:00:00Z"))
+        subprocess.run(["rm", "-r", tmp_path / "state" / "regfs"], check=True)
+        records.save(UploadRecord("org/app", "u2", "https://r/y", "2026-11-30T00:00:00Z"))
+        assert [r.uuid for r in records.all()] == ["u2"]
+        assert (tmp_path / "state" / "regfs" / "uploads" / "host" / "u2.json").is_file()
+    finally:
+        records.close()

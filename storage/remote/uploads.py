@@ -94,7 +94,11 @@ class UploadRecords:
         self._read_at: tuple[int, int] | None = None
 
     def _dir(self) -> int:
-        """The directory's descriptor, opened (and made) at first use, kept until `close`."""
+        """The directory's descriptor, opened (and made) at first use, kept until `close`;
+        opened again if the directory was removed meanwhile (records written into it would
+        be lost with it)."""
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            self.close()
         if self._fd is None:
             self._fd = open_private(self._base, self._parts)
         return self._fd
