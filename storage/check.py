@@ -502,6 +502,9 @@ async def purge_uploads(
             label = None  # read only where listed: most uploads have none (the registry's)
             if await _exists(view, path_for(UploadLabel(name, uuid))):
                 label = await registry.repository(name).layers.label(uuid)
+            if await driver.being_written(path_for(UploadData(name, uuid))):
+                log.info("purge: upload %s of %s is being written: left", uuid, name)
+                continue
             if not dry_run:
                 try:
                     await driver.delete(path_for(UploadDir(name, uuid)))

@@ -70,6 +70,23 @@ async def drv(driver: StorageDriver):
     assert leftovers == [], f"test left {leftovers}"
 
 
+async def test_being_written_is_asked_without_taking_the_lock(drv):
+    """What purge-uploads asks before it deletes an upload: True while a writer holds the
+    file, False before, after, and for a file that is not there. S3 cannot tell so (its
+    lock's expiry is the server's clock): False there."""
+    assert not await drv.being_written("/w/data")
+    writer = await drv.writer("/w/data")
+    try:
+        await writer.write_at(0, b"x")
+        assert await drv.being_written("/w/data") == (type(drv).__name__ != "S3Driver")
+    finally:
+        await writer.aclose()
+    assert not await drv.being_written("/w/data")
+    with trio.fail_after(1):  # the questions left no lock: no wait of LOCK_WAIT, no Busy
+        await (await drv.writer("/w/data")).aclose()
+    await drv.delete("/w")
+
+
 async def test_put_get_stat_delete(drv):
     await drv.put_content("/a/b/c", b"hello")
     assert await drv.get_content("/a/b/c") == b"hello"

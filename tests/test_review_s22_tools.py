@@ -255,11 +255,6 @@ async def test_two_writers_of_one_tag_the_last_to_close_wins(tmp_path, mount):
     assert tag.read_bytes() == variant
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="regfs purge-uploads deletes an upload a mount is writing (its writer holds the "
-    "upload's flock): the writer's close then succeeds and its bytes are gone",
-)
 async def test_purge_uploads_leaves_an_upload_being_written(tmp_path, mount):
     # The mount itself refuses rm of an upload being written (EBUSY); on ext4 a file a
     # writer holds open keeps every byte it writes until it closes.

@@ -166,6 +166,14 @@ class StorageDriver(ABC):
     async def stat(self, path: str) -> FileInfo:
         return await self._stat(check_tree(path))
 
+    async def being_written(self, path: str) -> bool:
+        """Whether a writer, of this process or another, holds path's writer lock now, asked
+        without taking it; False where the store cannot tell so (S3: its lock object's
+        expiry is the server's clock). `purge-uploads` asks it of an upload's data before
+        it deletes the upload: it deleted one a mount was writing, whose close then
+        succeeded with every byte gone."""
+        return await self._being_written(check_path(path))
+
     async def list(self, path: str) -> list[str]:
         """Sorted names of the entries of a directory (a symbolic link is left out, logged)."""
         return await self._list(check_tree(path))
@@ -280,6 +288,9 @@ class StorageDriver(ABC):
     async def _symlinks(self, path: str) -> builtins.list[str]:
         await self._list(path)  # PathNotFound as list() would say it
         return []
+
+    async def _being_written(self, path: str) -> bool:
+        return False
 
     @abstractmethod
     async def _move(self, source: str, dest: str) -> None: ...

@@ -464,6 +464,29 @@ class FilesystemDriver(StorageDriver):
             raise
         return fd
 
+    async def _being_written(self, path: str) -> bool:
+        """Whether the flock of `<name>.regfs-lock` (`_lock`) is held: taken and let go at
+        once if it is free (a writer opening meanwhile waits LOCK_WAIT for it)."""
+        try:
+            parent, leaf = self._parent(path)
+        except PathNotFound:
+            return False
+        try:
+            with self._beneath(path + LOCK_SUFFIX):
+                flags = os.O_WRONLY | os.O_NONBLOCK | _O_BENEATH
+                fd = os.open(leaf + LOCK_SUFFIX, flags, dir_fd=parent)
+        except (PathNotFound, UnsafeEntry):  # no lock; a planted link is none of ours
+            return False
+        finally:
+            os.close(parent)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # and the lock with it, if it was free
+        return False
+
     async def _stat(self, path: str) -> FileInfo:
         fd = self._open(path, os.O_PATH)  # O_PATH|O_NOFOLLOW: a last symlink is opened as such
         try:

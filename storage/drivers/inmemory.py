@@ -118,6 +118,12 @@ class InMemoryDriver(StorageDriver):
         node.writing = True
         return _Writer(node)
 
+    async def _being_written(self, path: str) -> bool:
+        try:
+            return self._file(path).writing
+        except PathNotFound:
+            return False
+
     async def _stat(self, path: str) -> FileInfo:
         node = self._find(path)
         if isinstance(node, _Dir):
