@@ -321,3 +321,17 @@ def test_pipelined_over_tls(tmp_path: Path) -> None:
             assert done and kept == {i: f"answer {i}".encode() for i in range(20)}
     fetcher.close()
     assert len(server.seen) == 40 and len({seen.client for seen in server.seen}) == 1
+
+
+async def test_a_redirect_in_a_batch_to_another_scheme_is_never_followed() -> None:
+    """A pipelined answer that redirects to anything but http(s) (`gopher://` of a host
+    that serves HTTP) is refused on the range threads, as every other path refuses it
+    (urls.leaves_https): nothing is asked there, and the client's answer is the refusal."""
+    with FaultServer() as registry, FaultServer() as other:
+        elsewhere = other.url.replace("http://", "gopher://") + "/m"
+        registry.inject(Fault(302, headers=(("Location", elsewhere),), path="/manifests/"), times=8)
+        other.inject(Fault(200, body=b"{}"), times=8)
+        async with RemoteClient(registry.url, timeout=3, retries=0) as client:
+            with contextlib.suppress(Exception):
+                await client.small_many("GET", ["/v2/x/manifests/a", "/v2/x/manifests/b"])
+    assert other.seen == []

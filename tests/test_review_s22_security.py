@@ -851,7 +851,7 @@ async def test_a_request_cancelled_from_outside_leaves_no_thread_reading(call: s
     assert hung_up == 1, "the range thread still reads from the registry"
 
 
-# The client refuses a redirect to anything but http(s) (_leaves_https); the range threads'
+# The client refuses a redirect to anything but http(s) (urls.leaves_https); the range threads'
 # path (ranges._follow) refuses only https to another scheme, so from a plain-http registry
 # (loopback, --insecure) a blob redirected to gopher://host:port/ (or file:///x: host "",
 # which connects to this host's port 80) is asked there in plain HTTP, and its bytes served.

@@ -469,7 +469,7 @@ class FilesystemDriver(StorageDriver):
         once if it is free (a writer opening meanwhile waits LOCK_WAIT for it)."""
         try:
             parent, leaf = self._parent(path)
-        except PathNotFound:
+        except (PathNotFound, UnsafeEntry):  # a planted link leads to no lock of ours
             return False
         try:
             with self._beneath(path + LOCK_SUFFIX):

@@ -65,7 +65,14 @@ from storage.remote.untrusted import (
     error_detail,
     shown,
 )
-from storage.remote.urls import DOCKER_HUB_ALIASES, DOCKER_HUB_API, is_loopback, loggable, origin
+from storage.remote.urls import (
+    DOCKER_HUB_ALIASES,
+    DOCKER_HUB_API,
+    is_loopback,
+    leaves_https,
+    loggable,
+    origin,
+)
 
 __all__ = [
     "RemoteClient",
@@ -691,9 +698,9 @@ class RemoteClient:
     def _resolve(self, url: str) -> httpx.URL:
         """A path, or a URL the registry gave (a `Link` to the next page, an upload's
         `Location`), resolved against `base_url`; held to the rule of redirects
-        (`_leaves_https`): from an https registry, names and layer bytes never go in clear."""
+        (`urls.leaves_https`)."""
         target = self.base_url.join(url)
-        if self._leaves_https(self.base_url, target):
+        if leaves_https(self.base_url.scheme, target.scheme):
             log.error(
                 "registry %s: refused %s, given by the registry (https only leads to https)",
                 self.name,
@@ -705,13 +712,6 @@ class RemoteClient:
                 status=0,
             )
         return target
-
-    @staticmethod
-    def _leaves_https(source: httpx.URL, target: httpx.URL) -> bool:
-        """target is no http(s) URL, or leads from https to plain http."""
-        return target.scheme not in ("http", "https") or (
-            source.scheme == "https" and target.scheme != "https"
-        )
 
     def _where(self, url: httpx.URL) -> str:
         """The URL for logs and messages (urls.loggable)."""
@@ -889,7 +889,7 @@ class RemoteClient:
             resp.status_code,
             self._where(following),
         )
-        if self._leaves_https(target, following):
+        if leaves_https(target.scheme, following.scheme):
             log.error(
                 "registry %s: %s %s: refused a redirect from %s to %s",
                 self.name,

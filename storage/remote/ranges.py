@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
+from storage.remote.urls import leaves_https
+
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
@@ -269,7 +271,7 @@ class RangeFetcher:
             if not resp.isclosed():
                 raise ValueError(f"a redirect with a body over {IN_FLIGHT_KEPT} bytes")
             following = urljoin(url, resp.getheader("Location", ""))
-            if origin_of(following)[0] != "https" and origin_of(url)[0] == "https":
+            if leaves_https(origin_of(url)[0], urlsplit(following).scheme):
                 return None  # the client refuses it, with the error a user sees
             # The registry's Authorization goes to its own origin only.
             same = origin_of(following) == origin_of(url)
@@ -360,7 +362,7 @@ class RangeFetcher:
                     return where, conn, resp
                 following = urljoin(url, resp.getheader("Location", ""))
                 scheme = urlsplit(following).scheme
-                if scheme not in ("http", "https") or (scheme != "https" and where[0] == "https"):
+                if leaves_https(where[0], scheme):
                     # The client refuses it too, with the error a user sees.
                     log.debug("%s %s: redirect to %s refused", method, _bare(url), scheme)
                     conn.close()

@@ -33,6 +33,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def leaves_https(source_scheme: str, target_scheme: str) -> bool:
+    """Whether a URL a registry points to (a redirect, a `Link` to the next page, an
+    upload's `Location`) must be refused: it is no http(s) URL, or it leads from https to
+    plain http, where names, layer bytes and signed URLs would travel in clear."""
+    return target_scheme not in ("http", "https") or (
+        source_scheme == "https" and target_scheme != "https"
+    )
+
+
 def loggable(registry: httpx.URL, url: httpx.URL) -> str:
     """`url` for logs and messages: no query (upload `_state`, token scopes, signatures),
     and the host only when it is not the `registry`'s."""
