@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from pyfuse3 import FUSEError
 
-from storage.api import BlobReader, Buffer, Upload, epoch_ns
+from storage.api import BlobReader, Buffer, Upload, UploadInfo
 from storage.digests import Digest, digest_bytes
 from storage.errors import DigestMismatch, InvalidManifest, InvalidOffset, UnknownUpload
 from storage.manifest_format import MAX_MANIFEST_SIZE
@@ -110,8 +110,8 @@ class UploadHandle(Handle):
             size = self.upload.size
         except UnknownUpload:  # its writer closed by a finish under way
             return None
-        started = epoch_ns(self.upload.started_at)
-        return Attr(False, size, max(started, self._written_ns or started))
+        written = UploadInfo(self.node.uuid, self.upload.started_at, size, self._written_ns)
+        return Attr(False, size, written.mtime_ns)
 
     async def flush(self) -> None:
         if self.finished or not self._written:

@@ -94,14 +94,19 @@ class UploadRecords:
         self._read_at: tuple[int, int] | None = None
 
     def _dir(self) -> int:
-        """The directory's descriptor, opened (and made) at first use, kept until `close`;
-        opened again if the directory was removed meanwhile (records written into it would
-        be lost with it)."""
-        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+        return self._opened()[0]
+
+    def _opened(self) -> tuple[int, os.stat_result]:
+        """The directory's descriptor and its stat, opened (and made) at first use, kept
+        until `close`; opened again if the directory was removed meanwhile (records
+        written into it would be lost with it)."""
+        if self._fd is not None:
+            st = os.fstat(self._fd)
+            if st.st_nlink:
+                return self._fd, st
             self.close()
-        if self._fd is None:
-            self._fd = open_private(self._base, self._parts)
-        return self._fd
+        self._fd = open_private(self._base, self._parts)
+        return self._fd, os.fstat(self._fd)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -169,7 +174,7 @@ class UploadRecords:
         Read again only when the directory changed: a record written or deleted here, or
         one another mount of the registry added or removed (its mtime moves; Linux's
         multigrain timestamps tell apart two changes in one tick once the first was seen)."""
-        st = os.fstat(self._dir())
+        _, st = self._opened()  # one fstat per catalog lookup, as the stat it replaced
         read_at = (st.st_mtime_ns, st.st_ino)
         if read_at != self._read_at:
             self._repositories = frozenset(record.repository for record in self.all())
