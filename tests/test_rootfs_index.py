@@ -1207,6 +1207,18 @@ def test_a_hostile_block_of_members_is_not_trusted(cache, cache_dir, damage):
     assert not (cache_dir / f"{digest.hex}.idx").exists()
 
 
+def test_an_index_of_more_members_than_a_pass_keeps_is_not_trusted(cache, cache_dir, monkeypatch):
+    """The member count a file claims is bounded before any block is read (a pass keeps
+    at most `Limits.members`): a few KB of one-value columns would make millions."""
+    digest = digest_bytes(b"many")
+    _block_file(cache_dir, digest, indexfile.block(BLOCK_MEMBERS))
+    monkeypatch.setattr(
+        "storage.rootfs.cache.Limits", lambda: Limits(members=len(BLOCK_MEMBERS) - 1)
+    )
+    assert cache.load(digest) is None
+    assert not (cache_dir / f"{digest.hex}.idx").exists()
+
+
 def test_an_unsafe_cache_directory_is_refused(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)

@@ -59,7 +59,7 @@ from .estargz import Chunk
 from .index import Format, LayerIndex
 from .members import Kind, Member, Table, make_members
 from .merge import MAX_NODES, MergedTree
-from .tarscan import normal_name
+from .tarscan import Limits, normal_name
 from .zstdframes import Frame
 
 log = logging.getLogger(__name__)
@@ -443,6 +443,8 @@ def decode(file: BinaryIO, digest: Digest) -> LayerIndex:
     size = _count(meta["size"])
     read: list[Member] = []
     count = _count(meta["members"])
+    if count > Limits().members:  # a few KB of one-value columns would make millions
+        raise CorruptIndex(f"{count} members, more than a pass ever keeps")
     bound = None if fmt is Format.ESTARGZ else size  # an eStargz file is its chunks
     found = treefile.Fingerprint()
     while len(read) < count:
@@ -520,7 +522,7 @@ def _members(payload: bytes, size: int | None, found: treefile.Fingerprint) -> l
     (count,) = indexfile.COUNT.unpack(block.take(indexfile.COUNT.size))
     if not count:
         raise CorruptIndex("an empty block of members")
-    codes = block.take(count)
+    codes = bytes(block.take(count))  # bytes: `in` and `picked` scan it in C
     try:
         kinds = indexfile.picked(_KIND_CODES, codes)
     except IndexError:
@@ -575,7 +577,7 @@ def _normal_paths(paths: list[str], column: bytes) -> list[str]:
     return paths
 
 
-def _link_targets(codes: memoryview, kinds: list[Kind], links: list[str]) -> list[str]:
+def _link_targets(codes: bytes, kinds: list[Kind], links: list[str]) -> list[str]:
     """Hard links' targets normalised again (paths in the image); symlinks' as stored. No
     Python step per member in a table without hard links (`codes`: the kinds' bytes)."""
     if _HARDLINK_CODE not in codes:
