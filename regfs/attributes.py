@@ -78,7 +78,7 @@ def packed(columns: AttrColumns) -> array[int]:
     """What `Attributes.rows` makes of fixed files and directories (an image's entries), from
     their columns, each field a column at a time (no `Attr` or `EntryAttributes` each)."""
     count = len(columns.mode)
-    fields = array("q", bytes(8 * PACKED * count))
+    fields = array("q", [0]) * (PACKED * count)  # no temporary bytes of the same size
     for at, column in zip(_COLUMNS, columns[:6], strict=True):
         fields[at::PACKED] = array("q", column)
     blocks = map(floordiv, map(add, columns.size, repeat(511)), repeat(512))  # _stat's

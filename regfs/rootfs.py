@@ -338,7 +338,10 @@ class RootfsView:
         if type(node) is ImageNode:  # first: a walk of an image lists ~1,700 directories
             last = self._last
             if last is None or last.key != (node[1], node[3]):
-                last = self._last = _Last((node[1], node[3]), await self._build_of(node))
+                build = await self._build_of(node)
+                last = _Last((node[1], node[3]), build)
+                if self._builds.get((node.repo, node.digest)) is build:
+                    self._last = last  # not one an eviction dropped while we waited
             if last.build.rows is None:
                 await self._pack(last.build)
             return self._listing(node, last.build)

@@ -1047,33 +1047,6 @@ async def _list_after_packing_began(view: RootfsView, node: Node, listed: list[l
     listed.append([name for name, _ in await view.children(node)])
 
 
-async def test_a_listing_cancelled_while_packing_leaves_it_packed(tmp_path, monkeypatch):
-    """The first listing of an image interrupted (^C) while its entries are packed: the
-    packing runs to its end (a worker thread is not abandoned), and the listings that
-    waited for it, and later ones, use it (no EIO, no second packing)."""
-    view = await _view_of_one_directory(tmp_path)
-    packed_rows, calls = rootfs_view._packed_rows, []
-
-    def slow(tree: object) -> object:
-        calls.append(tree)
-        time.sleep(0.1)
-        return packed_rows(tree)
-
-    monkeypatch.setattr(rootfs_view, "_packed_rows", slow)
-    try:
-        root = await view.lookup(SectionNode(REPO, "rootfs"), "t")
-        directory_node = await view.lookup(root, "d")
-        listed: list[list[str]] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_list_after_packing_began, view, directory_node, listed)
-            with trio.move_on_after(0.05):
-                await view.children(root)
-        assert listed == [["f"]] and len(calls) == 1
-        assert [name for name, _ in await view.children(root)] == ["d"] and len(calls) == 1
-    finally:
-        await view.aclose()
-
-
 async def test_a_packing_that_failed_is_tried_again_by_the_next_listing(tmp_path, monkeypatch):
     """A packing that raised (a bug) fails its own listing only: a listing that waited for
     it packs again, and shows its entries."""
