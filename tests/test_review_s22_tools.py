@@ -94,21 +94,25 @@ async def test_a_tool_that_sets_attributes_after_close_copies_a_digest_named_upl
     assert result.returncode == 0, result.stderr.decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a write past an upload's end is EINVAL, so cp of a sparse file (it seeks over "
-    "the hole) fails and leaves an empty upload; truncate -s to a bigger size is EINVAL too",
-)
-async def test_cp_of_a_sparse_file_into_uploads(tmp_path, uploads):
-    # ext4: the copy is the same bytes (the hole reads as zeros), cp exits 0.
+async def test_cp_of_a_sparse_file_into_uploads_is_refused_with_its_reason(tmp_path, mount):
+    # Decided (SPEC §5): an upload is written in order; a write past its end, leaving a gap,
+    # is EINVAL. cp seeks over a source's holes, so cp of a sparse file fails: it must say
+    # so (not exit 0 with a short upload), the log must say why, and cp --sparse=never
+    # (holes written as zeros) copies it. ext4 would take the gap as a hole.
+    await build_root(tmp_path / "root", size=10_000)
+    m = mount(tmp_path / "root")
+    uploads = m.path(*NAME.split("/"), "uploads")
     sparse = tmp_path / "sparse.img"
     with open(sparse, "wb") as f:
         f.truncate(1 << 20)
         f.seek(500_000)
         f.write(b"data after a hole")
     result = run("cp", sparse, uploads / "img", check=False)
-    assert result.returncode == 0, result.stderr.decode()
-    assert (uploads / "img").read_bytes() == sparse.read_bytes()
+    assert result.returncode != 0
+    assert "Invalid argument" in result.stderr.decode()
+    assert "would leave a gap" in m.log_text()
+    run("cp", "--sparse=never", sparse, uploads / "whole")
+    assert (uploads / "whole").read_bytes() == sparse.read_bytes()
 
 
 async def test_mv_of_an_upload_to_another_repository(tmp_path, uploads):
