@@ -851,6 +851,25 @@ async def test_a_request_cancelled_from_outside_leaves_no_thread_reading(call: s
     assert hung_up == 1, "the range thread still reads from the registry"
 
 
+# An open response (a sequential reader's one GET to the blob's end, the index pass's GET)
+# was read on a range thread that a cancel waited for: a registry that drips held the
+# reader's cancel (an interrupted read, an unmount) and one of the 8 range threads for as
+# long as it liked. Now a cancel closes the body, which wakes its thread (docs/security.md).
+@pytest.mark.remote
+async def test_an_open_body_cancelled_from_outside_leaves_no_thread_reading() -> None:
+    with _dripping() as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        async with RemoteClient(url, timeout=5, retries=0, deadline=30) as client:
+            body = await client.open_range("/v2/x/blobs/sha256:" + "0" * 64, 0, 10**6)
+            assert body is not None
+            started = trio.current_time()
+            with trio.move_on_after(1):
+                await client.read_open(body, 1000)  # 200 s of drip
+            assert trio.current_time() - started < 3, "the cancel waited for the thread"
+            hung_up = await _hang_ups(server, 1)
+    assert hung_up == 1, "the range thread still reads from the registry"
+
+
 # The client refuses a redirect to anything but http(s) (urls.leaves_https); the range threads'
 # path (ranges._follow) refuses only https to another scheme, so from a plain-http registry
 # (loopback, --insecure) a blob redirected to gopher://host:port/ (or file:///x: host "",

@@ -661,9 +661,17 @@ class RemoteClient:
             raise
 
     async def read_open(self, body: OpenBody, size: int) -> bytes:
-        """The next `size` bytes of an open response (see OpenBody.read). Not abandoned on
-        cancel: the next read must find the body where this one left it."""
-        return await trio.to_thread.run_sync(body.read, size, limiter=self._range_threads)
+        """The next `size` bytes of an open response (see OpenBody.read). A cancel (a
+        read-ahead let go, an interrupted read, an unmount) closes the body, which wakes its
+        thread at once: one of the range threads must not read on from a registry that
+        drips. The body is done for then; its reader opens another where it needs one."""
+        try:
+            return await trio.to_thread.run_sync(
+                body.read, size, limiter=self._range_threads, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            body.close()
+            raise
 
     async def _on_range_thread(
         self,

@@ -522,6 +522,11 @@ class OpenBody:
         return body
 
     def close(self) -> None:
+        """Done with it, also while a thread reads it: a shut-down socket wakes a read
+        blocked on a registry that drips (closing its descriptor would not)."""
+        if (sock := self.conn.sock) is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                sock.shutdown(socket.SHUT_RDWR)
         self.conn.close()
 
 
