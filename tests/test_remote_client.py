@@ -216,6 +216,8 @@ def test_token_lifetime() -> None:
     token = Token.from_response({"access_token": "t", "expires_in": 300}, now)
     assert token.value == "t" and now + 269 < token.expires <= now + 270
     assert Token.from_response({"token": "t"}, now).expires == now + 54  # 60 s default
+    # A token server's 0.001 s would mean a token fetch per request: 60 s at least, as Docker.
+    assert Token.from_response({"token": "t", "expires_in": 0.001}, now).expires == now + 54
     with pytest.raises(ValueError):
         Token.from_response({"expires_in": 60}, now)
 
@@ -447,7 +449,8 @@ async def test_token_auth_caches_per_scope(token_servers, servers, caplog) -> No
 
 
 @pytest.mark.registry
-async def test_token_refreshed_when_expired_or_refused(token_servers, servers) -> None:
+async def test_token_refreshed_when_expired_or_refused(token_servers, servers, monkeypatch) -> None:
+    monkeypatch.setattr("storage.remote.auth.MIN_TOKEN_LIFETIME", 1.0)  # not a minute's wait
     tokens = token_servers(expires_in=1)
     server = servers(auth=tokens.registry_auth())
     tags = "/v2/team/app/tags/list"

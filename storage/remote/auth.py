@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_LIFETIME = 60.0
 """Seconds a token lives when the token server does not say (the distribution token spec)."""
+MIN_TOKEN_LIFETIME = 60.0
+"""Seconds a token is used at least, whatever the token server says (Docker's floor): one
+that said 0.001 would be asked for again at every request. A token the registry refuses
+sooner is fetched again on that 401."""
 TOKEN_CACHE_BYTES = 16 << 20
 CLIENT_ID = "regfs"  # what token servers are told in the OAuth2 grant (`client_id`)
 
@@ -150,8 +154,9 @@ class Token:
     def from_response(cls, body: object, requested_at: float) -> Token:
         """Parse a token server's JSON (`token` or `access_token`, `expires_in`).
 
-        The token is dropped a tenth of its lifetime (at most 30 s) early, so a request
-        never leaves with one that expires on the way. ValueError if there is no token.
+        The token is kept at least MIN_TOKEN_LIFETIME, and dropped a tenth of its lifetime
+        (at most 30 s) early, so a request never leaves with one that expires on the way.
+        ValueError if there is no token.
         """
         if not isinstance(body, dict):
             raise ValueError("token server answer is not a JSON object")
@@ -164,6 +169,7 @@ class Token:
         lifetime = body.get("expires_in")
         if not isinstance(lifetime, int | float) or not 0 < lifetime < math.inf:
             lifetime = DEFAULT_TOKEN_LIFETIME  # NaN too: no comparison holds for it
+        lifetime = max(lifetime, MIN_TOKEN_LIFETIME)
         return cls(value, requested_at + lifetime - min(30.0, lifetime / 10))
 
 
