@@ -160,6 +160,7 @@ class Directories:
             except LookupError:
                 continue  # gone since the snapshot
             if not pyfuse3.readdir_reply(token, name.encode(), entry, base | index):
+                self.inodes.unhanded([entry.st_ino])
                 break
             self.inodes.ref(entry.st_ino)
             with_attributes = True
@@ -176,8 +177,7 @@ class Directories:
         as `read` would one by one: each with a lookup (counted here). Returns the index
         after the last one handed (index if entries[index] is none such: `read` hands it)
         and whether the reply is full. What a run makes for entries that do not fit is made
-        again for the next READDIR, their inode numbers kept (as one by one the one that
-        does not fit)."""
+        again for the next READDIR, their numbers dropped meanwhile (`InodeTable.unhanded`)."""
         if not self.attributes.held([entries[index][1]]):  # a tag read ahead, an upload...
             return index, False
         nodes = [child for _, child in islice(entries, index, index + RUN)]
@@ -193,6 +193,7 @@ class Directories:
             len(names),
         )  # fmt: skip
         self.inodes.ref_all(inodes[:handed])
+        self.inodes.unhanded(inodes[handed:])
         return index + handed, handed < len(names)
 
     def _reply_listed(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> None:
@@ -214,8 +215,8 @@ class Directories:
         """Hands a packed listing's entries from start on in runs of RUN, each in one
         `readdir_reply_many`, as `_reply_each` would one by one: each with a lookup (counted
         here), a directory's entry kept for its GETATTRs (`InodeTable.keep_fixed`). Returns
-        whether all went out. What a run numbers for entries that do not fit is numbered
-        again, the same, for the next READDIR."""
+        whether all went out. What a run numbers for entries that do not fit is dropped,
+        and numbered again, the same, for the next READDIR."""
         names, rows = entries.encoded, entries.rows
         assert names is not None and rows is not None
         template, fixed = self.attributes.fixed_template, self.attributes.fixed_entry
@@ -233,6 +234,7 @@ class Directories:
                 self.inodes.keep_fixed(fixed(inodes[i], run[i * PACKED : (i + 1) * PACKED]))
             index += handed
             if index < stop:
+                self.inodes.unhanded(inodes[handed:])
                 return False
         return True
 
@@ -252,6 +254,7 @@ class Directories:
                     if stat.S_ISDIR(made.st_mode):  # as `entry` keeps it
                         self.inodes.keep_fixed(made)
                 if not pyfuse3.readdir_reply(token, name.encode(), made, base | (index + 1)):
+                    self.inodes.unhanded([made.st_ino])
                     return False
                 handed.append(made.st_ino)
             return True

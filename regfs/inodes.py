@@ -124,6 +124,14 @@ class InodeTable:
         """`ref` of each (a listing's entries, counted in C)."""
         self._lookups.update(inos)
 
+    def unhanded(self, inos: Iterable[int]) -> None:
+        """Numbers made for a reply that did not take them: those the kernel holds by no
+        other lookup go, as at FORGET (a listing given up after this reply would keep them
+        for good; the next READDIR numbers them again, the same unless taken meanwhile)."""
+        for ino in inos:
+            if ino not in self._lookups:
+                self.forget(ino, 0)
+
     def forget(self, ino: int, count: int) -> None:
         left = self._lookups.get(ino, 0) - count
         if left > 0:

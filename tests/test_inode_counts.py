@@ -125,3 +125,19 @@ def test_what_the_kernel_holds_the_daemon_keeps(tmp_path: Path, mount) -> None:
     assert out == b"7 7\n"
     assert os.stat(deep).st_size == 4  # looked up again after the drop
     forgotten(m, 1)
+
+
+def test_a_listing_given_up_leaves_no_inode(tmp_path: Path, mount) -> None:
+    """A reader that stops after its first entries (a `scandir` left early, `ls | head` of a
+    tool that reads lazily) leaves nothing numbered: entries prepared for a reply that the
+    kernel's buffer did not take are no inodes of the kernel's."""
+    trio.run(build, tmp_path / "root", NAME)
+    m: Mount = mount(tmp_path / "root")
+    tags, image = m.path(NAME, "tags"), m.path(NAME, "rootfs", "img")
+    run("ls", "-l", tags)  # their attributes held: handed in runs
+    run("find", image)
+    forgotten(m, 1)
+    for listed in (tags, m.path(NAME, "layers"), image, image / "d0"):
+        with os.scandir(listed) as listing:
+            next(listing)
+    forgotten(m, 1)
