@@ -26,9 +26,9 @@ from storage.check import purge_uploads
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.drivers.s3 import S3Driver
-from storage.errors import InvalidOffset, RemoteUnavailable
+from storage.errors import Busy, InvalidOffset, RemoteUnavailable
 from storage.paths import HashStatesDir, path_for
-from storage.registry import Registry
+from storage.registry import Registry, Repository
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 
@@ -466,3 +466,156 @@ async def test_s3_failed_part_ends_the_upload_where_the_failure_began(
             assert upload.size == 15 * MIB
         finally:
             await upload.cancel()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an S3 upload whose start failed stays listed in uploads/ (its startedat was "
+    "written before the multipart upload was refused)",
+)
+async def test_s3_failed_upload_start_leaves_no_upload(
+    moto_server: MotoServer, s3_bucket: str
+) -> None:
+    # Should: SPEC §7, "a failed operation leaves the registry as it was": `cp x uploads/y`
+    # that fails (EIO: S3 refused CreateMultipartUpload through every retry) leaves no
+    # upload. LayerUpload.start writes startedat (and the label) first, then opens the
+    # writer: its failure leaves `_uploads/<id>/startedat`, which uploads/ lists as an
+    # upload of 0 bytes named by its uuid, which the user never made. Remove what start
+    # wrote when the writer cannot be had (on every source).
+    with FaultServer(upstream=moto_server.url) as proxy:
+        registry = s3_registry(moto_server, s3_bucket, proxy.url)
+        layers = registry.repository("org/app").layers
+        proxy.inject(Fault(503, body=SLOW_DOWN, method="POST", path=r"/data$"), times=10)
+        with pytest.raises(RemoteUnavailable):
+            await layers.upload(label="y")
+        proxy.clear()
+        assert await layers.uploads() == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="purge-uploads never removes an S3 upload left as a multipart upload alone "
+    "(no startedat): it counts as data",
+)
+async def test_s3_purge_removes_a_multipart_upload_left_alone(
+    moto_server: MotoServer, s3_bucket: str
+) -> None:
+    # Should: on a root, what the registry's purge or a finish cut short leave (an upload
+    # directory without startedat) holds no data, and purge-uploads removes it. On S3 the
+    # registry's purge deletes objects, never multipart uploads (docs/s3.md, Pitfalls), and
+    # the driver's own delete removes the objects before it aborts: either leaves
+    # `_uploads/<id>/data` as a multipart upload alone, which `_holds_data` counts as data,
+    # so purge-uploads leaves it for ever (S3 bills its parts; only a lifecycle rule would
+    # go). An upload without startedat whose only file is a multipart upload in progress is
+    # the same leftover: abort it (its parts are there, its start is not).
+    registry = s3_registry(moto_server, s3_bucket)
+    layers = registry.repository("org/app").layers
+    upload = await layers.upload()
+    await upload.write_at(0, blob(1000, seed=6))
+    await upload.close()
+    s3 = moto_server.client()
+    prefix = f"{ROOT.strip('/')}/docker/registry/v2/repositories/org/app/_uploads/{upload.uuid}/"
+    for key in [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix=prefix)["Contents"]]:
+        s3.delete_object(Bucket=s3_bucket, Key=key)  # what the registry's purge does
+    assert len(s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) == 1
+    await purge_uploads(registry.driver, timedelta(hours=1))
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+@pytest.mark.mount
+def test_s3_layer_collected_beside_the_mount_is_absent(
+    aws_env: None, moto_server: MotoServer, s3_bucket: str, mount
+) -> None:
+    # README: what the registry's garbage-collect leaves (a link to a collected blob) the
+    # registry answers 404 for, and the mount shows absent, not EIO: on a bucket too, where
+    # the collected blob's "directory" goes with its last key.
+    registry = s3_registry(moto_server, s3_bucket)
+    repo = registry.repository("org/app")
+    gone = blob(2000, seed=7)
+    kept = blob(3000, seed=8)
+    for data in (gone, kept):
+        trio.run(push_blob, repo, data)
+    s3 = moto_server.client()
+    hexa = digest_bytes(gone).hex
+    s3.delete_object(
+        Bucket=s3_bucket,
+        Key=f"{ROOT.strip('/')}/docker/registry/v2/blobs/sha256/{hexa[:2]}/{hexa}/data",
+    )
+    m = mount(f"s3://{s3_bucket}{ROOT}")
+    layers = m.path("org", "app", "layers")
+    assert ls(layers) == [str(digest_bytes(kept))]
+    with pytest.raises(FileNotFoundError):
+        (layers / str(digest_bytes(gone))).stat()
+    assert (layers / str(digest_bytes(kept))).read_bytes() == kept
+
+
+async def push_blob(repo: Repository, data: bytes) -> None:
+    upload = await repo.layers.upload()
+    await upload.write_at(0, data)
+    await upload.finish(digest_bytes(data))
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+@pytest.mark.xfail(
+    strict=True,
+    reason="two mounts of one registry over https:// both open one upload for writing",
+)
+async def test_remote_one_writer_per_upload_across_mounts(
+    tmp_path: Path, module_registry_server
+) -> None:
+    # Should: README, "One writer per upload (EBUSY), across mounts too", as a root (flock)
+    # and S3 (the lock object) hold it. Two mounts of one registry by one user share the
+    # upload records (~/.local/state/regfs), so both list and resume the same upload: the
+    # second writer is let in, and the two PATCH streams then clash at the registry (416,
+    # EIO) or one overwrites the other's record. Hold a lock on the record (flock on its
+    # file, as the filesystem driver does) while a writer has it.
+    def opened() -> RemoteRegistry:
+        return RemoteRegistry(
+            RemoteClient(module_registry_server.url, timeout=10), tmp_path / "state", listing_ttl=0
+        )
+
+    a, b = opened(), opened()
+    try:
+        upload = await a.repository("h4/one-writer").layers.upload(label="x")
+        await upload.write_at(0, b"from a")
+        await upload.flush()
+        with pytest.raises(Busy):
+            await b.repository("h4/one-writer").layers.resume(upload.uuid)
+        await upload.cancel()
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a key DeleteObjects answers SlowDown for is not deleted again: `rm` is EIO",
+)
+async def test_s3_throttled_key_of_a_delete_is_retried(
+    moto_server: MotoServer, s3_bucket: str
+) -> None:
+    # Should: SPEC §10, throttling is retried with backoff. S3 answers DeleteObjects 200
+    # with an <Error> per key it did not delete (SlowDown, InternalError under load);
+    # `_delete` raises RemoteUnavailable at once for them, so `rm layers/<digest>` (or a
+    # tag, an upload, a finish's cleanup) is EIO where sending those keys again would do.
+    registry = s3_registry(moto_server, s3_bucket)
+    layers = registry.repository("org/app").layers
+    data = blob(500, seed=9)
+    await push_blob(registry.repository("org/app"), data)
+    key = (
+        f"{ROOT.strip('/')}/docker/registry/v2/repositories/org/app/_layers/sha256/"
+        f"{digest_bytes(data).hex}/link"
+    )
+    throttled = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        f"<Error><Key>{key}</Key><Code>SlowDown</Code>"
+        "<Message>Please reduce your request rate.</Message></Error></DeleteResult>"
+    ).encode()
+    with FaultServer(upstream=moto_server.url) as proxy:
+        behind = s3_registry(moto_server, s3_bucket, proxy.url)
+        proxy.inject(Fault(200, body=throttled, method="POST", path=rf"^/{s3_bucket}/?$"), times=1)
+        await behind.repository("org/app").layers.unlink(digest_bytes(data))
+        assert any(s.faulted for s in proxy.seen)
+    assert not await layers.exists(digest_bytes(data))
