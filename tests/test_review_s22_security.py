@@ -338,6 +338,52 @@ async def test_an_s3_listing_whose_next_page_loops_back_stops(moto_server, s3_bu
     assert len(pages) <= 2, f"{len(pages)} requests for the same page"
 
 
+# A listing whose every next page has a fresh token is no loop, and was followed for ever,
+# growing what the caller collects. Now it stops at the remote registry's cap on names
+# (LISTING_NAMES_MAX, made small here), ListMultipartUploads too.
+@pytest.mark.storage
+@pytest.mark.parametrize("listing", ["objects", "uploads"])
+async def test_an_s3_listing_of_fresh_pages_for_ever_stops_at_a_cap(
+    moto_server, s3_bucket, monkeypatch, listing: str
+) -> None:
+    monkeypatch.setattr("storage.drivers.s3.LISTING_NAMES_MAX", 10)
+    entry = b"<Key>r/a/b</Key><Size>5</Size><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+    upload = "/docker/registry/v2/repositories/x/_uploads/0f1e2d3c-aaaa-bbbb-cccc-123456789abc"
+    with FaultServer(upstream=moto_server.url) as proxy:
+        driver = S3Driver(s3_bucket, "/r", client=moto_server.client(proxy.url))
+        await driver.put_content("/a/b", b"hello")
+        for i in range(30):  # then the requests reach moto, which ends the listing its way
+            if listing == "objects":
+                page = (
+                    b"<ListBucketResult><Contents>%s</Contents><IsTruncated>true</IsTruncated>"
+                    b"<NextContinuationToken>t%d</NextContinuationToken></ListBucketResult>"
+                    % (entry, i)
+                )
+            else:
+                page = (
+                    b'<?xml version="1.0" encoding="UTF-8"?><ListMultipartUploadsResult>'
+                    b"<Bucket>%s</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker>"
+                    b"<NextKeyMarker>k%d</NextKeyMarker><NextUploadIdMarker>u</NextUploadIdMarker>"
+                    b"<MaxUploads>1000</MaxUploads><IsTruncated>true</IsTruncated><Upload>"
+                    b"<Key>r/other</Key><UploadId>u</UploadId>"
+                    b"<Initiated>2026-01-01T00:00:00.000Z</Initiated>"
+                    b"</Upload></ListMultipartUploadsResult>" % (s3_bucket.encode(), i)
+                )
+            proxy.inject(Fault(200, body=page, method="GET", path=f"^/{s3_bucket}$"))
+        driver.forget()
+        with pytest.raises(StorageError, match="goes on past"):
+            if listing == "objects":
+                await driver.list("/a")
+            else:
+                await driver.stat(f"{upload}/data")
+        pages = [
+            s
+            for s in proxy.seen
+            if ("list-type=2" if listing == "objects" else "uploads") in s.path
+        ]
+    assert len(pages) <= 11, f"{len(pages)} pages read"
+
+
 # --------------------------------------------------------------------------- upload records
 
 

@@ -69,6 +69,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from .. import jsontext
 from ..errors import AccessDenied, Busy, InvalidOffset, RemoteUnavailable
 from ..remote.retry import backoff, pause
+from ..remote.untrusted import LISTING_NAMES_MAX
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver, join
 from .s3_list import ListedObject, Lister, mtime_ns
 
@@ -364,6 +365,7 @@ class S3Driver(StorageDriver):
         A page named again is refused (`_unseen`)."""
         token: str | None = None
         seen: set[str] = set()
+        listed = 0
         while True:
             page = self.call(
                 f"LIST {prefix}",
@@ -375,7 +377,8 @@ class S3Driver(StorageDriver):
                 yield common, None
             if page.token is None:
                 return
-            _unseen(seen, page.token, f"LIST {prefix}")
+            listed += len(page.objects) + len(page.prefixes)
+            _unseen(seen, page.token, f"LIST {prefix}", listed)
             token = page.token
 
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
@@ -383,6 +386,7 @@ class S3Driver(StorageDriver):
         (by key, then oldest first)."""
         key_marker = upload_marker = ""
         seen: set[tuple[str, str]] = set()
+        listed = 0
         while True:
             listing = functools.partial(
                 self.client.list_multipart_uploads,
@@ -392,13 +396,15 @@ class S3Driver(StorageDriver):
                 UploadIdMarker=upload_marker,
             )
             page = self.call(f"LIST UPLOADS {prefix}", listing)
-            for upload in page.get("Uploads", []):
+            uploads = page.get("Uploads", [])
+            for upload in uploads:
                 yield upload["Key"], upload["UploadId"]
             if not page.get("IsTruncated"):
                 return
+            listed += len(uploads)
             key_marker = page["NextKeyMarker"]
             upload_marker = page["NextUploadIdMarker"]
-            _unseen(seen, (key_marker, upload_marker), f"LIST UPLOADS {prefix}")
+            _unseen(seen, (key_marker, upload_marker), f"LIST UPLOADS {prefix}", listed)
 
     def _pending(self, key: str) -> _Pending | None:
         """The multipart upload at exactly key that 2.8's writer would resume: the first
@@ -1506,11 +1512,16 @@ class _Lock:
             )
 
 
-def _unseen(seen: set[Any], marker: Any, what: str) -> None:
+def _unseen(seen: set[Any], marker: Any, what: str, listed: int) -> None:
     """Keep the marker of a listing's next page; RemoteUnavailable (logged) if it is one
-    read before: an endpoint that names one page again would be asked it for ever (the
-    remote registry's listings stop so too)."""
+    read before, or if the `listed` entries so far reach LISTING_NAMES_MAX: an endpoint
+    that names one page again would be asked it for ever, and one that names fresh pages
+    for ever would grow what the caller collects (the remote registry's listings stop so
+    too: storage/remote/untrusted.py)."""
     if marker in seen:
         log.error("S3 %s: the next page loops back to one read before", what)
         raise RemoteUnavailable(f"S3 {what}: the next page loops back")
+    if listed >= LISTING_NAMES_MAX:
+        log.error("S3 %s: the listing goes on past %d entries; not read further", what, listed)
+        raise RemoteUnavailable(f"S3 {what}: the listing goes on past {listed} entries")
     seen.add(marker)
