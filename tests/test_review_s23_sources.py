@@ -25,6 +25,7 @@ from storage.api import Upload
 from storage.check import purge_uploads
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver
+from storage.drivers import s3 as s3driver
 from storage.drivers.s3 import S3Driver
 from storage.errors import Busy, InvalidOffset, RemoteUnavailable
 from storage.paths import HashStatesDir, path_for
@@ -619,3 +620,65 @@ async def test_s3_throttled_key_of_a_delete_is_retried(
         await behind.repository("org/app").layers.unlink(digest_bytes(data))
         assert any(s.faulted for s in proxy.seen)
     assert not await layers.exists(digest_bytes(data))
+
+
+@pytest.mark.mount
+@pytest.mark.xfail(
+    strict=True,
+    reason="on a storage root, a repository whose only upload was rm'd stays in the tree "
+    "(its empty _uploads/ counts as uploads); on S3 it goes",
+)
+def test_cancelled_first_push_leaves_no_repository(tmp_path: Path, mount) -> None:
+    # Should: as on S3 (there the last key goes with the upload) and as the registry's
+    # catalog counts: a client's first push to org/app, interrupted (its upload shows in
+    # uploads/ for a resume), then `rm`'d through the mount, leaves no repository.
+    # Catalog.is_repository(with_uploads=True) takes the empty `_uploads/` that removing the
+    # last upload leaves on a root for "holds uploads": `ls MOUNT/org` shows app, with four
+    # empty sections, until an rmdir. Count only an `_uploads/` holding an upload.
+    registry = Registry(FilesystemDriver(tmp_path / "root"))
+    trio.run(start_upload, registry.repository("org/app"))
+    m = mount(tmp_path / "root", "-o", "tag_ttl=0")
+    (uuid,) = ls(m.path("org", "app", "uploads"))
+    (m.path("org", "app", "uploads", uuid)).unlink()
+    wait_until(lambda: ls(m.path("org")) == [], 3, "org/app to go with its last upload")
+
+
+async def start_upload(repo: Repository) -> None:
+    """An upload as a registry client leaves one it started (and was interrupted in)."""
+    upload = await repo.layers.upload()
+    await upload.write_at(0, b"a first push, interrupted")
+    await upload.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="while S3 is unreachable past the lock's safe window, writes fail EBUSY, not EIO",
+)
+async def test_s3_writes_while_the_server_is_down_are_eio(
+    moto_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Should: SPEC §10, "a throttled or unreachable server is retried with backoff, then
+    # EIO for that call". When the writer lock's renewals fail (S3 down or throttling) past
+    # LOCK_SAFE, `_Lock.check` raises Busy ("writer lock lost ... reopen the file"): `cp`
+    # and `dd` report "Device or resource busy", which says another writer has the file,
+    # during an outage nobody else caused. Busy is right where the lock was taken over
+    # (a 412 on renewal); where renewals failed, the server's error (RemoteUnavailable)
+    # is. The windows are shortened here (15 s / 30 s in the driver).
+    monkeypatch.setattr(s3driver, "LOCK_RENEW", 0.2)
+    monkeypatch.setattr(s3driver, "LOCK_SAFE", 1.0)
+    with FaultServer(upstream=moto_server.url) as proxy:
+        registry = s3_registry(moto_server, s3_bucket, proxy.url)
+        upload = await registry.repository("org/app").layers.upload()
+        try:
+            await upload.write_at(0, blob(MIB, seed=10))
+            await upload.flush()
+            proxy.inject(
+                Fault(503, body=SLOW_DOWN, method="PUT", path=r"\.regfs-lock$"), times=1000
+            )
+            await trio.sleep(1.5)
+            with pytest.raises(RemoteUnavailable):
+                await upload.write_at(MIB, blob(MIB, seed=11))
+                await upload.flush()
+        finally:
+            proxy.clear()
+            await discard(upload)
