@@ -81,7 +81,9 @@ async def test_s3_read_of_an_upload_another_mount_writes_leaves_its_writer_alone
     # SPEC §10) reads what is there, or is refused (EBUSY), and A's upload goes on and
     # finishes. On a storage root B reads the data file and A never notices. On S3, B's
     # read completes A's multipart upload (materialize) without A's writer lock, so A's next
-    # part goes to an upload S3 no longer has.
+    # part goes to an upload S3 no longer has (EIO: the `cp` on A fails). A registry node
+    # mid-PATCH would meet the same. Take the writer lock to materialize (EBUSY while a
+    # writer holds it), as the writer's own daemon does through its writer.
     name = "org/app"
     a, b = s3_registry(moto_server, s3_bucket), s3_registry(moto_server, s3_bucket)
     data = blob(300_000, seed=1)
@@ -243,7 +245,7 @@ async def test_s3_write_below_the_end_is_einval_whatever_the_size(
     # Should: SPEC §10, "S3 appends only: uploads are written in order (a write below the
     # end is EINVAL)". Today the answer depends on the size: below 5 MiB the driver reads
     # the data back into its tail (restart) and `dd conv=notrunc seek=0` is taken; from
-    # 5 MiB (checked: 6 MiB, open or reopened) the same write completes and copies the
+    # 5 MiB (checked: 6 MiB, still open) the same write completes and copies the
     # multipart upload, then is refused. One rule a user can predict: refuse below the end
     # (as the remote source does), or SPEC says where S3 can rewrite.
     # (test_services' test_write_below_the_end holds S3 to "can overwrite" at 100 KB: a fix
@@ -427,7 +429,7 @@ async def test_set_label_of_an_upload_that_is_gone(tmp_path: Path) -> None:
     # Should: as the remote source, UnknownUpload (ENOENT) and nothing written. A storage
     # root writes `_uploads/<uuid>/label` for any uuid: `mv uploads/a uploads/b` racing an
     # `rm` (or a finish) on another mount makes a directory without startedat, hidden from
-    # uploads/ but counted by rmdir (ENOTEMPTY) and never purged.
+    # uploads/ but counted by rmdir (ENOTEMPTY) until a purge-uploads.
     registry = Registry(FilesystemDriver(tmp_path / "root"))
     layers = registry.repository("org/app").layers
     upload = await layers.upload()
@@ -504,7 +506,8 @@ async def test_s3_purge_removes_a_multipart_upload_left_alone(
     # Should: on a root, what the registry's purge or a finish cut short leave (an upload
     # directory without startedat) holds no data, and purge-uploads removes it. On S3 the
     # registry's purge deletes objects, never multipart uploads (docs/s3.md, Pitfalls), and
-    # the driver's own delete removes the objects before it aborts: either leaves
+    # the driver's own delete removes the objects before it aborts (a delete cut short
+    # between the two, an abort refused): either leaves
     # `_uploads/<id>/data` as a multipart upload alone, which `_holds_data` counts as data,
     # so purge-uploads leaves it for ever (S3 bills its parts; only a lifecycle rule would
     # go). An upload without startedat whose only file is a multipart upload in progress is
@@ -568,8 +571,8 @@ async def test_remote_one_writer_per_upload_across_mounts(
     # Should: README, "One writer per upload (EBUSY), across mounts too", as a root (flock)
     # and S3 (the lock object) hold it. Two mounts of one registry by one user share the
     # upload records (~/.local/state/regfs), so both list and resume the same upload: the
-    # second writer is let in, and the two PATCH streams then clash at the registry (416,
-    # EIO) or one overwrites the other's record. Hold a lock on the record (flock on its
+    # second writer is let in, and the two PATCH streams would then clash at the registry
+    # (EIO) or one overwrite the other's record. Hold a lock on the record (flock on its
     # file, as the filesystem driver does) while a writer has it.
     def opened() -> RemoteRegistry:
         return RemoteRegistry(
@@ -629,7 +632,8 @@ async def test_s3_throttled_key_of_a_delete_is_retried(
     "(its empty _uploads/ counts as uploads); on S3 it goes",
 )
 def test_cancelled_first_push_leaves_no_repository(tmp_path: Path, mount) -> None:
-    # Should: as on S3 (there the last key goes with the upload) and as the registry's
+    # Should: as on S3 (checked through the storage API: after the cancel its catalog has
+    # neither org nor org/app, the last key went with the upload) and as the registry's
     # catalog counts: a client's first push to org/app, interrupted (its upload shows in
     # uploads/ for a resume), then `rm`'d through the mount, leaves no repository.
     # Catalog.is_repository(with_uploads=True) takes the empty `_uploads/` that removing the
