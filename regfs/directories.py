@@ -199,7 +199,7 @@ class Directories:
     def _reply_listed(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> None:
         """readdir of a listing that came with its entries' attributes (an image's
         directory): no call per entry to the tree, nothing that can fail on the way."""
-        if entries.rows is not None and fusefeatures.REPLY_MANY:
+        if fusefeatures.REPLY_MANY:
             if not self._reply_packed(entries, start, base, token):
                 return
         elif not self._reply_each(entries, start, base, token):
@@ -218,7 +218,6 @@ class Directories:
         whether all went out. What a run numbers for entries that do not fit is dropped,
         and numbered again, the same, for the next READDIR."""
         names, rows = entries.encoded, entries.rows
-        assert names is not None and rows is not None
         template, fixed = self.attributes.fixed_template, self.attributes.fixed_entry
         index = start
         while index < len(names):
@@ -239,20 +238,17 @@ class Directories:
         return True
 
     def _reply_each(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> bool:
-        """`_reply_listed` one entry at a time (packed ones too, on a pyfuse3 without
-        readdir_reply_many): whether all went out."""
-        entry, attrs, rows = self.attributes.entry, entries.attrs, entries.rows
+        """`_reply_listed` one entry at a time (on a pyfuse3 without readdir_reply_many):
+        whether all went out."""
+        rows = entries.rows
         handed: list[int] = []  # their lookups, counted at once
         try:
             for index in range(start, len(entries)):
                 name, child = entries[index]
-                if rows is None:
-                    made = entry(child, attrs[index])
-                else:
-                    row = rows[index * PACKED : (index + 1) * PACKED]
-                    made = self.attributes.fixed_entry(self.inodes.inode(child), row)
-                    if stat.S_ISDIR(made.st_mode):  # as `entry` keeps it
-                        self.inodes.keep_fixed(made)
+                row = rows[index * PACKED : (index + 1) * PACKED]
+                made = self.attributes.fixed_entry(self.inodes.inode(child), row)
+                if stat.S_ISDIR(made.st_mode):  # as `entry` keeps it
+                    self.inodes.keep_fixed(made)
                 if not pyfuse3.readdir_reply(token, name.encode(), made, base | (index + 1)):
                     self.inodes.unhanded([made.st_ino])
                     return False
@@ -416,7 +412,7 @@ class Directories:
 
 def _lengths(entries: list[tuple[str, Node]]) -> Iterable[int]:
     """The bytes of each entry's name."""
-    if isinstance(entries, Listing) and entries.encoded is not None:
+    if isinstance(entries, Listing):
         return map(len, entries.encoded)
     return (len(name) if name.isascii() else len(name.encode()) for name, _ in entries)
 

@@ -182,19 +182,18 @@ class AttrColumns(NamedTuple):
 
 
 class Listing(list[tuple[str, Node]]):
-    """A directory's entries that came with what stat shows of each, as a view's `children`
-    may answer: `attrs[i]` is entry i's; or, for entries that are all fixed files and
-    directories (`FixedNode`, immutable: an image's), their names as bytes (`encoded`) and
-    their fields packed as `readdir_reply_many` takes them (`rows`, `attributes.packed`).
-    An image's directory has every entry's attributes in its merged tree, so readdirplus
-    asks for no attributes entry by entry (15,000 trips through the tree and the view in a
-    `find` of an image), and packed hands them in runs (`Directories._reply_packed`)."""
+    """A directory's entries that are all fixed files and directories (`FixedNode`,
+    immutable: an image's), with their names as bytes (`encoded`) and what stat shows of
+    each packed as `readdir_reply_many` takes it (`rows`, `attributes.packed`), as a view's
+    `children` may answer. An image's directory has every entry's attributes in its merged
+    tree, so readdirplus asks for no attributes entry by entry (15,000 trips through the
+    tree and the view in a `find` of an image), and hands them in runs
+    (`Directories._reply_packed`)."""
 
-    __slots__ = ("attrs", "encoded", "rows")
+    __slots__ = ("encoded", "rows")
 
-    def __init__(self, encoded: list[bytes] | None = None, rows: array[int] | None = None) -> None:
+    def __init__(self, encoded: list[bytes], rows: array[int]) -> None:
         super().__init__()
-        self.attrs: list[Attr] = []
         self.encoded = encoded
         self.rows = rows
 

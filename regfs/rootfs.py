@@ -377,7 +377,7 @@ class RootfsView:
         assert tree is not None and rows is not None
         raw, inodes, start = tree.names(node.ino)
         if not inodes:
-            return Listing()
+            return Listing([], array("q"))
         rows = rows[start * PACKED : (start + len(inodes)) * PACKED]
         text = raw.decode(_ENCODING, _ERRORS)  # os.fsdecode of each, at once
         names, encoded = text.split("\0"), raw.split(b"\0")

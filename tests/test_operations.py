@@ -17,8 +17,17 @@ import trio
 from support.registry import OCI_CONFIG, OCI_MANIFEST
 
 from regfs import directories, fusefeatures
-from regfs.attributes import FOREVER
-from regfs.nodes import Attr, FixedNode, Listing, Node, NotFound, SectionNode, TagNode
+from regfs.attributes import FOREVER, packed
+from regfs.nodes import (
+    Attr,
+    AttrColumns,
+    FixedNode,
+    Listing,
+    Node,
+    NotFound,
+    SectionNode,
+    TagNode,
+)
 from regfs.operations import Operations
 from regfs.options import MountOptions
 from regfs.tree import LISTED_ENTRY_TIMEOUT, BytesReader, Tree
@@ -207,11 +216,16 @@ class PagesView(NotesView):
     async def lookup(self, parent: Node, name: str) -> Node:
         return PageNode(int(name))
 
+    listed = (1, 2, 3)
+
     async def children(self, node: Node) -> list[tuple[str, Node]]:
-        listing = Listing()
-        for number in (1, 2, 3):
-            listing.append((str(number), PageNode(number)))
-            listing.attrs.append(self._attr(number))
+        numbers = self.listed
+        attrs = [self._attr(number) for number in numbers]
+        columns = AttrColumns(
+            *([getattr(a, field) for a in attrs] for field in AttrColumns._fields)
+        )
+        listing = Listing([str(n).encode() for n in numbers], packed(columns))
+        listing += ((str(number), PageNode(number)) for number in numbers)
         return listing
 
     async def attr(self, node: Node) -> Attr:
@@ -259,6 +273,7 @@ async def test_a_listing_with_attributes_is_handed_as_a_lookup_shows_it(ops, mon
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
     monkeypatch.setattr(pyfuse3, "readdir_ended", lambda token, next_id: None)
+    monkeypatch.setattr(fusefeatures, "REPLY_MANY", False)  # one readdir_reply each
     view = PagesView()
     with_view = Operations(Tree(ops.tree.registry, 2.0, views={"pages": view}), ops.options)
     section = await lookup_path(with_view, "a", "b", "pages")
@@ -379,7 +394,10 @@ def test_a_listing_of_many_tags_sets_off_no_collection():
 
 class ShelvesView(PagesView):
     """PagesView whose page 1 is a directory of an image, page 2 one that moves with a tag
-    (an image's root, rootfs/<tag>: not immutable), page 3 a file of an image."""
+    (an image's root, rootfs/<tag>: not immutable, so in no `Listing`), page 3 a file of an
+    image."""
+
+    listed = (1, 3)
 
     @staticmethod
     def _attr(number: int) -> Attr:
@@ -395,6 +413,7 @@ async def test_an_image_directory_answers_getattr_with_what_it_was_handed(ops, m
     inode. A directory that moves with a tag, and a file, are asked of the view each time."""
     monkeypatch.setattr(pyfuse3, "readdir_reply", lambda *args: True)
     monkeypatch.setattr(pyfuse3, "readdir_ended", lambda token, next_id: None)
+    monkeypatch.setattr(fusefeatures, "REPLY_MANY", False)  # one readdir_reply each
     view = ShelvesView()
     with_view = Operations(Tree(ops.tree.registry, 2.0, views={"pages": view}), ops.options)
     section = await lookup_path(with_view, "a", "b", "pages")
