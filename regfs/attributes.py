@@ -25,6 +25,7 @@ from .nodes import (
     Attr,
     AttrColumns,
     DirNode,
+    FinishedNode,
     FixedNode,
     LayerNode,
     ManifestNode,
@@ -131,8 +132,8 @@ class Attributes:
                 entry.st_atime_ns = entry.st_mtime_ns = shown.mtime_ns
         if timeout is None:
             timeout = FOREVER if attr.immutable else self.options.tag_ttl
-            if isinstance(node, UploadNode):
-                timeout = 0  # its size moves with every write, from any mount
+            if isinstance(node, UploadNode | FinishedNode):
+                timeout = 0  # its size moves with every write, from any mount; or it goes
         entry.attr_timeout = entry.entry_timeout = timeout
         moves = not attr.immutable and not isinstance(node, REGISTRY_KINDS)  # rootfs/<tag>
         if isinstance(node, TagNode):
@@ -343,9 +344,10 @@ class Attributes:
 
         What changes nothing succeeds anywhere (cp -p and rsync -a set what is already shown);
         a real change only on an upload (see Shown). Whatever is set on a tag, or a manifest
-        being written, is accepted and ignored (its times say when it was stored); so are a
-        directory's times in the registry's tree (`rsync -a`, `cp -a` and `tar -x` of a
-        directory into uploads/ set its times last, and failed on EPERM)."""
+        being written, or a finished upload's name (`FinishedNode`: the layer), is accepted
+        and ignored (its times say when it was stored); so are a directory's times in the
+        registry's tree (`rsync -a`, `cp -a` and `tar -x` of a directory into uploads/ set its
+        times last, and failed on EPERM)."""
         now = await self.entry_of(node)
         mode = stat.S_IMODE(attr.st_mode if fields.update_mode else now.st_mode)
         uid = attr.st_uid if fields.update_uid else now.st_uid
@@ -355,10 +357,11 @@ class Attributes:
             fields.update_atime and attr.st_atime_ns != now.st_atime_ns
         )
         writer = self.files.writer(node)
-        if isinstance(node, TagNode) or isinstance(writer, ManifestWriter):
+        if isinstance(node, TagNode | FinishedNode) or isinstance(writer, ManifestWriter):
             # A manifest keeps no mode, owner or times: `cp -p` and `rsync -a` of a manifest
             # file made under umask 077 (mktemp) set mode 600 and exited non-zero on EPERM,
-            # the tag stored. Accepted and ignored, as rclone's mount does.
+            # the tag stored. Accepted and ignored, as rclone's mount does; and by the name
+            # of an upload that finished at its close, which `install -m` chmods next.
             return None
         fixed_times = not isinstance(node, DirNode | SectionNode)
         if not isinstance(node, UploadNode) and (owner or (retimed and fixed_times)):

@@ -137,8 +137,19 @@ class UploadNode(Node):
     uuid: str
 
 
+@dataclass(frozen=True)
+class FinishedNode(Node):
+    """`<repository>/uploads/<digest>` for a few seconds after the upload of that name finished
+    (`Tree.finished`): the layer it became, read-only. Tools that copy by path set the mode
+    and times by path after close (`install -m`, Python's `shutil.copy`, `rsync -a
+    --inplace`), and found no file there. Not listed: it is no upload."""
+
+    repo: str
+    digest: Digest
+
+
 ROOT = DirNode("")
-REGISTRY_KINDS = (DirNode, SectionNode, TagNode, ManifestNode, LayerNode, UploadNode)
+REGISTRY_KINDS = (DirNode, SectionNode, TagNode, ManifestNode, LayerNode, UploadNode, FinishedNode)
 
 
 class FixedNode(Node):

@@ -29,6 +29,7 @@ from .handles import (
 )
 from .nodes import (
     Attr,
+    FinishedNode,
     FixedNode,
     LayerNode,
     ManifestNode,
@@ -111,6 +112,8 @@ class OpenFiles:
             raise refusal("open", node, self.options.read_only)
         if isinstance(node, UploadNode):
             return await self._upload_writer(node, truncate)
+        if isinstance(node, FinishedNode) and truncate:  # a new upload, as create begins one
+            return (await self.create(SectionNode(node.repo, "uploads"), str(node.digest)))[1]
         if isinstance(node, TagNode):
             self.check_no_writer(node)
             return TagHandle(self.tree, node, b"" if truncate else await self.tree.read(node))

@@ -1,5 +1,6 @@
 """rename(2): an upload renamed within uploads/ or finished by a rename into layers/ (or to
-its digest), and a tag moved within tags/ (retag). Nothing else moves."""
+its digest), a tag moved within tags/ (retag), and a finished upload's name (`FinishedNode`)
+moved into layers/ or copied elsewhere. Nothing else moves."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from storage.names import validate_tag
 
 from .attributes import Attributes
 from .inodes import InodeTable
-from .nodes import LayerNode, Node, SectionNode, TagNode, UploadNode, digest_name
+from .nodes import FinishedNode, LayerNode, Node, SectionNode, TagNode, UploadNode, digest_name
 from .openfiles import OpenFiles
 from .refusals import decode_name, refusal
 from .tree import Tree
@@ -39,6 +40,9 @@ class Renames:
     ) -> None:
         """Within uploads/: rename the upload; into layers/<digest>: verify and finish it.
         `flags` is what rename(2) passed (RENAME_NOREPLACE or 0)."""
+        if isinstance(node, FinishedNode):
+            await self._move_finished(node, new_parent, decode_name(new_name, errno.EINVAL))
+            return
         if (
             isinstance(node, UploadNode | TagNode)
             and isinstance(old_parent, SectionNode)
@@ -73,7 +77,7 @@ class Renames:
         assert isinstance(new_parent, SectionNode)
         target = decode_name(new_name, errno.EINVAL)
         if new_parent.section == "layers":
-            await self._finish(node, Digest.parse(target))
+            await self._finish(node, Digest.parse(target), named=False)
             return
         if new_parent.section != "uploads":
             raise refusal("rename", new_parent, read_only=False)
@@ -89,7 +93,7 @@ class Renames:
             await self.files.settled(replaced)
         expected = digest_name(target)
         if expected is not None:
-            await self._finish(node, expected)
+            await self._finish(node, expected, named=True)
         else:
             await self.tree.rename_upload(node, target)
         if replaced is not None:
@@ -122,11 +126,12 @@ class Renames:
             "rename: tag %s:%s now points at %s (from tag %s)", node.repo, name, digest, node.tag
         )
 
-    async def _finish(self, node: UploadNode, digest: Digest) -> None:
-        """Finish an upload by rename: verified against digest, it becomes that layer."""
+    async def _finish(self, node: UploadNode, digest: Digest, named: bool) -> None:
+        """Finish an upload by rename: verified against digest, it becomes that layer
+        (`named`: renamed to uploads/<digest>, see `Tree.finish_upload`)."""
         upload = await self.tree.resume_upload(node)
         try:
-            await self.tree.finish_upload(node, upload, digest)
+            await self.tree.finish_upload(node, upload, digest, named)
         except BaseException as exc:
             if isinstance(exc, DigestMismatch):
                 log.warning("rename: upload %s not finished: %s; it stays", node.uuid, exc)
@@ -134,8 +139,29 @@ class Renames:
                 await upload.close()
             raise
         self.attributes.forget_shown(node)  # a layer shows the mount's mode and owner
-        # The kernel moves its dentry to the new name with the upload's inode number: let
-        # that number stand for the layer it became.
+        self._rebind(node, LayerNode(node.repo, digest))
+
+    async def _move_finished(self, node: FinishedNode, new_parent: Node, name: str) -> None:
+        """mv of a finished upload's name: into layers/ under its digest (the finish by
+        rename a script does next), the name goes, the layer is there already; a different
+        digest is EINVAL, as that finish would be. Into uploads/ of any repository, as
+        between two filesystems (EXDEV): mv copies the layer's bytes into a new upload
+        there, then removes this name. Elsewhere EPERM, as for an upload."""
+        if new_parent == SectionNode(node.repo, "layers"):
+            if Digest.parse(name) != node.digest:
+                log.warning("rename: %s is the layer %s, not %s (EINVAL)", node, node.digest, name)
+                raise FUSEError(errno.EINVAL)
+            await self.tree.remove(node)
+            self._rebind(node, LayerNode(node.repo, node.digest))
+            return
+        if isinstance(new_parent, SectionNode) and new_parent.section == "uploads":
+            log.info("rename: %s is a finished upload, mv copies it (EXDEV)", node)
+            raise FUSEError(errno.EXDEV)
+        raise refusal("rename", node, read_only=False)
+
+    def _rebind(self, node: Node, layer: LayerNode) -> None:
+        """The kernel moves its dentry to the new name with node's inode number: let that
+        number stand for the layer node became."""
         ino = self.inodes.known(node)
         if ino is not None:
-            self.inodes.rebind(ino, LayerNode(node.repo, digest))
+            self.inodes.rebind(ino, layer)

@@ -40,6 +40,7 @@ from .listings import KeptListings
 from .nodes import (
     Attr,
     DirNode,
+    FinishedNode,
     LayerNode,
     ManifestNode,
     Node,
@@ -79,6 +80,11 @@ DIGESTS_KEPT = 2 * TAGS_KEPT
 # What a file in uploads/ may be called: no path syntax, room for `sha256:<hex>` and the
 # `.name.XXXXXX` temporaries that tools write before a rename.
 UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
+# How long the name of an upload that finished as uploads/<digest> still resolves (to the
+# layer it became, `FinishedNode`), and for how many such uploads at most (the oldest go
+# first): a tool sets the mode and times by path right after its close.
+FINISHED_GRACE = 10.0
+FINISHED_KEPT = 1000
 
 
 class BytesReader:
@@ -157,6 +163,7 @@ class Tree:
         # as long as its manifest's: a listing hands them to the kernel without a storage read.
         self._tag_attrs: TtlCache[TagNode, tuple[Attr, ManifestNode]] = TtlCache(tag_ttl, TAGS_KEPT)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
+        self._finished: TtlCache[FinishedNode, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
         # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
         # manifest wait for them (`remove`). And the names in a view's section, a tag's image
         # root (rootfs/<tag>) that moves with the tag: every change of a tag waits for them.
@@ -278,7 +285,17 @@ class Tree:
                 uuid = (await self.uploads(repo)).get(name)
                 if uuid is not None:
                     return UploadNode(repo, uuid)
+                if (finished := self._finished_as(repo, name)) is not None:
+                    return finished
         raise NotFound(name)
+
+    def _finished_as(self, repo: str, name: str) -> FinishedNode | None:
+        """The upload of repo that finished as uploads/<name> less than FINISHED_GRACE ago."""
+        digest = digest_name(name)
+        if digest is None:
+            return None
+        node = FinishedNode(repo, digest)
+        return node if self._finished.get(node) else None
 
     def _listed_dir(self, parent: DirNode, name: str) -> DirNode | None:
         """The repository or namespace `name` if parent's cached listing has it: a namespace
@@ -437,6 +454,9 @@ class Tree:
             case UploadNode(repo, uuid):
                 upload = await self._repo(repo).layers.upload_info(uuid)
                 return Attr(False, upload.size, upload.mtime_ns)
+            case FinishedNode(repo, digest):  # its name goes: not kept, asked each time
+                info = await self._repo(repo).layers.stat(digest)
+                return Attr(False, info.size, info.mtime_ns)
         if self._unchanged_since(since):
             self._digests.put(node, attr)
         return attr
@@ -597,7 +617,7 @@ class Tree:
                     "user.regfs.digest": str(digest).encode(),
                     "user.regfs.mediatype": sniff_media_type(data).encode(),
                 }
-            case LayerNode(_, digest):
+            case LayerNode(_, digest) | FinishedNode(_, digest):
                 return {"user.regfs.digest": str(digest).encode()}
             case UploadNode(repo, uuid):
                 info = await self._repo(repo).layers.upload_info(uuid)
@@ -620,7 +640,7 @@ class Tree:
         if (view := self._view_of(node)) is not None:
             return await view.open(node)
         match node:
-            case LayerNode(repo, digest):
+            case LayerNode(repo, digest) | FinishedNode(repo, digest):
                 return await self._repo(repo).layers.fetch(digest)
             case ManifestNode(repo, digest):
                 return BytesReader((await self._repo(repo).manifests.get(digest)).data)
@@ -637,16 +657,27 @@ class Tree:
             raise InvalidName(f"invalid upload name {name!r}")
         upload = await self._repo(repo).layers.upload(label=name)
         node = UploadNode(repo, upload.uuid)
+        if (finished := digest_name(name)) is not None:  # the name is an upload's again
+            self._finished.pop(FinishedNode(repo, finished))
         self.changed(node)
         return node, upload
 
     async def resume_upload(self, node: UploadNode) -> Upload:
         return await self._repo(node.repo).layers.resume(node.uuid)
 
-    async def finish_upload(self, node: UploadNode, upload: Upload, digest: Digest) -> None:
-        """Verify and commit; the upload stays (and DigestMismatch propagates) on a mismatch."""
+    async def finish_upload(
+        self, node: UploadNode, upload: Upload, digest: Digest, named: bool = True
+    ) -> None:
+        """Verify and commit; the upload stays (and DigestMismatch propagates) on a mismatch.
+
+        `named`: it finished as uploads/<digest> (closed, or renamed to it), not by a rename
+        into layers/. That name then resolves to the layer for FINISHED_GRACE seconds
+        (`FinishedNode`), for the chmod, utimes and stat by path that copying tools send
+        after the close; none lists it, and only FINISHED_KEPT are held, the oldest dropped."""
         started = time.monotonic()
         await upload.finish(digest)
+        if named:
+            self._finished.put(FinishedNode(node.repo, digest), True)
         self.changed(node, LayerNode(node.repo, digest))
         # A `cp` into uploads/<digest> ends here, at its close: the kernel sees neither
         # listing change.
@@ -680,6 +711,8 @@ class Tree:
                     stale += self._sections(repo, "tags")
             case LayerNode(repo, digest):
                 await self._repo(repo).layers.unlink(digest)
+            case FinishedNode():  # only the name goes: the layer is in layers/
+                self._finished.pop(node)
             case DirNode() | SectionNode():
                 raise PermissionError(f"directories cannot be removed: {node}")
             case _:

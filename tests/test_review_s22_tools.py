@@ -70,12 +70,6 @@ async def test_a_directory_copied_into_uploads_exits_0(tmp_path, uploads, tool):
     assert result.returncode == 0, result.stderr.decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upload named by its digest finishes at close, and install, Python's "
-    "shutil.copy and rsync --inplace then chmod or stat it by path: each stores the layer, "
-    "then fails (ENOENT; rsync exits 23)",
-)
 @pytest.mark.parametrize("tool", ["install -m 644", "shutil.copy", "rsync -a --inplace"])
 async def test_a_tool_that_sets_attributes_after_close_copies_a_digest_named_upload(
     tmp_path, uploads, tool
