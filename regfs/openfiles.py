@@ -91,13 +91,15 @@ class OpenFiles:
         info = FileInfo(fh=fh)
         if isinstance(handle, UploadHandle | ManifestWriter):
             self._writers[handle.node] = fh
-        # Digest-addressed content never changes: keep its pages across opens. What moves
-        # (tags, uploads, a manifest being written) is read directly, so a handle never mixes
-        # old pages and new bytes.
-        info.keep_cache = isinstance(node, LayerNode | ManifestNode | FixedNode) and isinstance(
-            handle, ReadHandle
-        )
-        info.direct_io = not info.keep_cache
+        # Digest-addressed content never changes: keep its pages across opens. An upload's
+        # readers read through the page cache too, so that it maps (mmap), dropped at each
+        # open and whenever its size or mtime moved (its attributes last 0 s); its writer
+        # writes directly. A tag is read directly: a handle reads the manifest the tag
+        # pointed at when opened, and the page cache is the inode's, shared with handles
+        # opened after the tag moved (their manifest's pages, their size: a cut manifest).
+        reader = isinstance(handle, ReadHandle)
+        info.keep_cache = reader and isinstance(node, LayerNode | ManifestNode | FixedNode)
+        info.direct_io = not reader or isinstance(node, TagNode)
         return info
 
     # -- opening ---------------------------------------------------------------------------

@@ -299,12 +299,22 @@ def test_statfs_of_a_remote_mount_has_a_block_size(remote_mount):
 # --------------------------------------------------------------------------- mmap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a shared mmap of a tag or an upload is ENODEV (they are read with direct_io); "
-    "layers and manifests map",
+@pytest.mark.parametrize(
+    "section",
+    [
+        pytest.param(
+            "tags",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a shared mmap of a tag is ENODEV: tags are read with direct_io (a tag "
+                "read through the page cache could be cut or mixed with the manifest it points "
+                "at after a move: tests/test_h2_page_cache.py); uploads, layers and manifests "
+                "map",
+            ),
+        ),
+        "uploads",
+    ],
 )
-@pytest.mark.parametrize("section", ["tags", "uploads"])
 async def test_python_mmap_of_a_tag_or_an_upload(tmp_path, mount, section):
     # ext4: mmap(MAP_SHARED, PROT_READ) of any regular file maps it (Python's default).
     image = await build_root(tmp_path / "root", size=10_000)
