@@ -183,7 +183,10 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         node = self.inodes.node(inode)
-        return self.files.add(node, await self.files.open(node, flags))
+        handle = await self.files.open(node, flags)
+        if isinstance(handle, UploadHandle) and handle.node != node:
+            self.inodes.rebind(inode, handle.node)  # a finished upload's name begun again
+        return self.files.add(node, handle)
 
     @fuse_errors
     async def create(
