@@ -561,10 +561,6 @@ async def push_blob(repo: Repository, data: bytes) -> None:
 
 @pytest.mark.registry
 @pytest.mark.remote
-@pytest.mark.xfail(
-    strict=True,
-    reason="two mounts of one registry over https:// both open one upload for writing",
-)
 async def test_remote_one_writer_per_upload_across_mounts(
     tmp_path: Path, module_registry_server
 ) -> None:

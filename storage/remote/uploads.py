@@ -24,6 +24,7 @@ import trio
 from .. import jsontext
 from ..api import BlobInfo
 from ..digests import Digest, Sha256State
+from ..drivers.filesystem import _flock
 from ..errors import (
     DigestMismatch,
     InvalidOffset,
@@ -46,6 +47,7 @@ use similar tokens. No `/`, no leading `.`: a registry's id never leads out of t
 
 
 RECORD_MAX = 64 << 10  # a record is a few hundred bytes: a bigger file is no record of ours
+LOCK_SUFFIX = ".lock"  # beside `<uuid>.json`: its writer's lock (UploadRecords.lock)
 
 
 class UnsafeUploadId(RemoteError):
@@ -113,10 +115,46 @@ class UploadRecords:
             os.close(self._fd)
             self._fd = None
 
-    def _name(self, uuid: str) -> str:
+    def _name(self, uuid: str, suffix: str = ".json") -> str:
         if not UPLOAD_ID.fullmatch(uuid):
             raise UnknownUpload(f"no upload record can be named {shown(uuid)}")
-        return f"{uuid}.json"
+        return uuid + suffix
+
+    async def lock(self, uuid: str) -> int:
+        """The exclusive flock of `<uuid>.lock` beside the upload's record, for its one
+        writer: two mounts of one registry by one user share these records, and two writers
+        of one upload would send clashing PATCHes. Busy after the filesystem driver's wait,
+        as a local upload's second writer. The record itself cannot carry the lock (`save`
+        replaces its file). The lock file lives while it is held (`unlock` removes it), so
+        a lock taken on a file removed meanwhile is no lock: taken again on the new one."""
+        name, directory = self._name(uuid, LOCK_SUFFIX), self._dir()
+        while True:
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                0o600,
+                dir_fd=directory,
+            )
+            try:
+                await _flock(fd, f"upload {uuid}")
+                held = os.fstat(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    now = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                    if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                        return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def unlock(self, uuid: str, lock: int) -> None:
+        """Let go of `lock` (from `lock`), removing its file first: a writer waiting on
+        that file then finds it gone and locks a new one."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._name(uuid, LOCK_SUFFIX), dir_fd=self._dir())
+        finally:
+            os.close(lock)
 
     def load(self, uuid: str) -> UploadRecord:
         name = self._name(uuid)
@@ -183,7 +221,8 @@ class UploadRecords:
 
 
 class RemoteUpload:
-    """One upload, written in order only: the protocol appends and cannot overwrite."""
+    """One upload, written in order only: the protocol appends and cannot overwrite. It
+    holds its record's lock (`lock`, a descriptor) until closed, finished or cancelled."""
 
     def __init__(
         self,
@@ -191,10 +230,12 @@ class RemoteUpload:
         records: UploadRecords,
         record: UploadRecord,
         hashed: Sha256State | None,
+        lock: int,
     ) -> None:
         self.client = client
         self.records = records
         self.record = record
+        self._lock: int | None = lock
         self.name = record.repository
         self.uuid = record.uuid
         self.started_at = datetime.fromisoformat(record.started_at)
@@ -221,11 +262,27 @@ class RemoteUpload:
             raise
         started = datetime.now(UTC).replace(microsecond=0).isoformat()
         record = UploadRecord(name, uuid, location, started, label=label)
-        records.save(record)
-        return cls(client, records, record, Sha256State())
+        lock = await records.lock(uuid)
+        try:
+            records.save(record)
+        except BaseException:
+            records.unlock(uuid, lock)
+            raise
+        return cls(client, records, record, Sha256State(), lock)
 
     @classmethod
     async def resume(cls, client: RemoteClient, records: UploadRecords, uuid: str) -> RemoteUpload:
+        lock = await records.lock(uuid)
+        try:
+            return await cls._resumed(client, records, uuid, lock)
+        except BaseException:
+            records.unlock(uuid, lock)
+            raise
+
+    @classmethod
+    async def _resumed(
+        cls, client: RemoteClient, records: UploadRecords, uuid: str, lock: int
+    ) -> RemoteUpload:
         record = records.load(uuid)
         try:
             response = await client.request("GET", record.location, expect=(204,))
@@ -246,7 +303,7 @@ class RemoteUpload:
         record.offset = received
         if "Location" in response.headers:
             record.location = response.headers["Location"]
-        return cls(client, records, record, hashed)
+        return cls(client, records, record, hashed, lock)
 
     async def write_at(self, offset: int, data: bytes) -> None:
         if offset != self.size:
@@ -289,8 +346,17 @@ class RemoteUpload:
 
     async def close(self) -> None:
         if not self._closed:
-            await self._send()
-            self._closed = True
+            try:
+                await self._send()
+            finally:
+                self._ended()
+
+    def _ended(self) -> None:
+        """Closed: the lock goes (the record stays, unless the caller deleted it)."""
+        self._closed = True
+        if self._lock is not None:
+            self.records.unlock(self.uuid, self._lock)
+            self._lock = None
 
     async def finish(self, expected: Digest, size: int | None = None) -> BlobInfo:
         if size is not None and size != self.size:
@@ -343,7 +409,7 @@ class RemoteUpload:
             # it stays resumable only if this PUT appended nothing (the `_state` still fits).
             if body or not await self._still_there():
                 self.records.delete(self.uuid)
-                self._closed = True
+                self._ended()
                 log.error(
                     "finish: the registry refused upload %s as %s and it cannot be resumed",
                     self.uuid,
@@ -359,7 +425,7 @@ class RemoteUpload:
 
     def _finished(self, digest: Digest, size: int) -> BlobInfo:
         self.records.delete(self.uuid)
-        self._closed = True
+        self._ended()
         info = self.finished[digest] = BlobInfo(digest, size, time.time_ns())
         return info
 
@@ -377,7 +443,7 @@ class RemoteUpload:
             await self.client.request("DELETE", self.record.location, expect=(204, 404))
         finally:
             self.records.delete(self.uuid)
-            self._closed = True
+            self._ended()
 
     async def _send(self) -> None:
         """PATCH what is pending, then record how far the upload got.
