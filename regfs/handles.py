@@ -1,13 +1,18 @@
 """Open files: one class per kind, each with read, write, flush and release.
 
 Errors meant for close() (a digest mismatch, a refused manifest) can only reach the user from
-flush: release comes after close() has returned. So whatever finishes on close happens in
-flush. A flush with no write since the previous flush does nothing: shells dup a redirected
-descriptor and close the original before anything is written.
+flush: release comes after close() has returned. So whatever finishes on close happens in the
+flush of the last close (`Close.LAST`, regfs/closers.py): the close of one of several
+descriptors ends nothing (a shell dups a redirected descriptor and closes the original before
+anything is written; the children of `{ cat a; cat b; } > tags/v1` close theirs as they
+exit). When the closer cannot be told (`Close.UNKNOWN`), a flush with writes since the last
+end ends the file, as before closes were told apart. What no flush ended, release ends, its
+errors only logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -20,6 +25,7 @@ from storage.digests import Digest, digest_bytes
 from storage.errors import DigestMismatch, InvalidManifest, InvalidOffset, UnknownUpload
 from storage.manifest_format import MAX_MANIFEST_SIZE
 
+from .closers import Close, Opener
 from .nodes import Attr, ManifestNode, TagNode, UploadNode, digest_name
 from .tree import Tree
 
@@ -27,7 +33,12 @@ log = logging.getLogger(__name__)
 
 
 class Handle:
-    """An open file; the base refuses what a handle of its kind cannot do."""
+    """An open file; the base refuses what a handle of its kind cannot do.
+
+    opener: who opened a tag or an upload, or a file being written (None: unknown or
+    another file): only a writer's last close ends it."""
+
+    opener: Opener | None = None
 
     async def read(self, offset: int, size: int) -> Buffer:
         raise FUSEError(errno.EBADF)
@@ -38,7 +49,11 @@ class Handle:
     async def truncate(self, size: int) -> None:
         raise FUSEError(errno.EPERM)
 
-    async def flush(self) -> None:
+    def ends_on_close(self) -> bool:
+        """Whether a close could end something (and so whose close it is matters)."""
+        return False
+
+    async def flush(self, close: Close) -> None:
         pass
 
     async def release(self) -> None:
@@ -63,7 +78,7 @@ class ReadHandle(Handle):
 class UploadHandle(Handle):
     """The one writer of an upload. Data goes through the driver as it comes, never spooled.
 
-    An upload named by its digest finishes in the flush that follows its last write.
+    An upload named by its digest finishes at its last close after a write (or its release).
     """
 
     def __init__(self, tree: Tree, node: UploadNode, upload: Upload, name: str) -> None:
@@ -113,29 +128,43 @@ class UploadHandle(Handle):
         written = UploadInfo(self.node.uuid, self.upload.started_at, size, self._written_ns)
         return Attr(False, size, written.mtime_ns)
 
-    async def flush(self) -> None:
+    def ends_on_close(self) -> bool:
+        return self._written and not self.finished and digest_name(self.name) is not None
+
+    async def flush(self, close: Close) -> None:
         if self.finished or not self._written:
             return
+        if close is Close.NOT_LAST or not self.ends_on_close():
+            await self.upload.flush()  # what close(2) returns after is in storage
+            self._written = self.ends_on_close()  # still to be finished by the last close
+            return
+        await self._finish("flush")
+
+    async def release(self) -> None:
+        """Finish what no flush finished (a last close by another process than the opener),
+        then let the upload go; a refusal can only be logged now."""
+        if self.ends_on_close():
+            with contextlib.suppress(FUSEError):  # logged
+                await self._finish("release")
+        if not self.finished:
+            await self.upload.close()
+
+    async def _finish(self, operation: str) -> None:
         self._written = False
         expected = digest_name(self.name)
-        if expected is None:
-            await self.upload.flush()  # what close(2) returns after is in storage
-            return
+        assert expected is not None  # ends_on_close said so
         try:
             await self.tree.finish_upload(self.node, self.upload, expected)
         except DigestMismatch as exc:
             log.error(
-                "flush: upload %s (%s) not finished: %s; it stays for a resume or rm",
+                "%s: upload %s (%s) not finished: %s; it stays for a resume or rm",
+                operation,
                 self.name,
                 self.node.uuid,
                 exc,
             )
             raise FUSEError(errno.EIO) from None
         self.finished = True
-
-    async def release(self) -> None:
-        if not self.finished:
-            await self.upload.close()
 
 
 class UploadReader(ReadHandle):
@@ -159,14 +188,21 @@ class ManifestWriter(Handle):
 
     A refused manifest fails close() with EINVAL and the log says where it was going and
     why: a shell's `echo "$M" > tags/x` ignores close(2)'s error, so the log is all it leaves.
+    A tag opened with O_TRUNC (`emptied`) ends at its last close even with nothing written,
+    and an empty manifest is refused: the old tag stays, and close() says so, as truncate(2)
+    does. A close that cannot be told the last leaves that to the release (only logged
+    then), so a shell redirect's first close, with nothing written yet, refuses nothing.
     """
 
-    def __init__(self, tree: Tree, node: TagNode | ManifestNode, initial: bytes = b"") -> None:
+    def __init__(
+        self, tree: Tree, node: TagNode | ManifestNode, initial: bytes = b"", emptied: bool = False
+    ) -> None:
         self.tree = tree
         self.node = node
         self.data = bytearray(initial)
         self.opened = time.time_ns()
-        self._written = False
+        self._written = False  # since the last end
+        self._emptied = emptied  # truncated by open(2), not ended since
         self._too_big = False  # a write was refused: what got in is not what was written
 
     def pending_attr(self) -> Attr | None:
@@ -198,18 +234,31 @@ class ManifestWriter(Handle):
         """Check and store; InvalidManifest or DigestMismatch when refused (nothing stored)."""
         raise NotImplementedError
 
-    async def flush(self) -> None:
-        if not self._written:
-            return
-        self._written = False
+    def ends_on_close(self) -> bool:
+        return self._written or self._emptied
+
+    async def flush(self, close: Close) -> None:
+        # A close not told apart ends only what was written: a shell redirect's first.
+        last = self.ends_on_close() if close is Close.LAST else self._written
+        if close is not Close.NOT_LAST and last:
+            await self._end("flush")
+
+    async def release(self) -> None:
+        """Store what no flush stored (the last close was another process's)."""
+        if self.ends_on_close():
+            with contextlib.suppress(FUSEError):  # logged
+                await self._end("release")
+
+    async def _end(self, operation: str) -> None:
+        self._written = self._emptied = False
         try:
             if self._too_big:
                 raise InvalidManifest("a write past 4 MiB was refused")
             digest = await self.store(bytes(self.data))
         except (InvalidManifest, DigestMismatch) as exc:
-            log.warning("flush: %s not stored: %s (EINVAL)", self.where(), exc)
+            log.warning("%s: %s not stored: %s (EINVAL)", operation, self.where(), exc)
             raise FUSEError(errno.EINVAL) from None
-        log.info("flush: stored %s (%s)", self.where(), digest)
+        log.info("%s: stored %s (%s)", operation, self.where(), digest)
 
 
 class TagHandle(ManifestWriter):

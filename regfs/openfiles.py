@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import time
+from collections import Counter
 from functools import partial
 
 import trio
@@ -18,6 +19,7 @@ from pyfuse3 import FileInfo, FUSEError
 from storage.digests import Digest
 from storage.names import validate_tag
 
+from .closers import Close, Closers
 from .handles import (
     Handle,
     ManifestHandle,
@@ -51,7 +53,9 @@ class OpenFiles:
         self.tree = tree
         self.options = options
         self._handles: dict[int, Handle] = {}
-        self._writers: dict[Node, int] = {}  # one writer per upload or tag: its handle
+        # The writer of each upload or manifest, the newest of each tag's: its handle.
+        self._writers: dict[Node, int] = {}
+        self._closers = Closers(options.mountpoint)
         # Uploads whose last writer is still being released (saving its hash state, fsync,
         # unlocking): release arrives after close() has returned, so a `cp` followed at once
         # by `mv`, `rm` or another writer must wait for it instead of finding the upload busy.
@@ -116,9 +120,10 @@ class OpenFiles:
             return await self._upload_writer(node, truncate)
         if isinstance(node, FinishedNode) and truncate:  # a new upload, as create begins one
             return (await self.create(SectionNode(node.repo, "uploads"), str(node.digest)))[1]
-        if isinstance(node, TagNode):
-            self.check_no_writer(node)
-            return TagHandle(self.tree, node, b"" if truncate else await self.tree.read(node))
+        if isinstance(node, TagNode):  # writers of a tag each store at their last close
+            if truncate:
+                return TagHandle(self.tree, node, emptied=True)
+            return TagHandle(self.tree, node, await self.tree.read(node))
         raise refusal("open", node, self.options.read_only)
 
     async def _upload_writer(self, node: UploadNode, truncate: bool) -> UploadHandle:
@@ -139,7 +144,6 @@ class OpenFiles:
             case SectionNode(repo, "tags"):
                 validate_tag(name)
                 node = TagNode(repo, name)
-                self.check_no_writer(node)
                 return node, TagHandle(self.tree, node), Attr(False, 0, time.time_ns())
             case SectionNode(repo, "manifests") if digest_name(name) is not None:
                 # A manifest by digest, checked and stored on close (an index's children).
@@ -174,8 +178,34 @@ class OpenFiles:
 
     # -- closing ---------------------------------------------------------------------------
 
+    def opened_by(self, node: Node, handle: Handle, tid: int, inode: int) -> None:
+        """Note who opened a file that may be written (thread tid of the OPEN or CREATE):
+        a writer's last close ends it, and a reader's descriptor in the writer's process
+        must not be taken for the writer's (regfs/closers.py)."""
+        if isinstance(node, TagNode | UploadNode) or isinstance(
+            handle, UploadHandle | ManifestWriter
+        ):
+            handle.opener = self._closers.opener(tid, inode)
+
+    async def flush(self, fh: int, tid: int | None) -> None:
+        """close(2) of a descriptor of fh by thread tid (None: not told, a stock pyfuse3)."""
+        handle = self.get(fh)
+        close = Close.UNKNOWN
+        if tid is not None and handle.opener is not None and handle.ends_on_close():
+            others = Counter(
+                other.opener.process
+                for other_fh, other in self._handles.items()
+                if other.opener is not None
+                and other.opener.inode == handle.opener.inode
+                and other_fh != fh
+            )
+            close = await self._closers.close_of(handle.opener, tid, others)
+            log.debug("flush: fh %d by thread %d: %s", fh, tid, close.value)
+        await handle.flush(close)
+
     def take(self, fh: int) -> Handle:
-        """Remove a handle from the table (release), so the node may get a new writer."""
+        """Remove a handle from the table (release), so the node may get a new writer (a
+        tag's other writer, if one is open, is its writer then)."""
         handle = self.get(fh)
         del self._handles[fh]
         if (
@@ -183,6 +213,9 @@ class OpenFiles:
             and self._writers.get(handle.node) == fh
         ):
             del self._writers[handle.node]
+            for other_fh, other in self._handles.items():
+                if isinstance(other, ManifestWriter) and other.node == handle.node:
+                    self._writers[handle.node] = other_fh
         return handle
 
     async def release(self, handle: Handle) -> None:

@@ -186,6 +186,7 @@ class Operations(pyfuse3.Operations):
         handle = await self.files.open(node, flags)
         if isinstance(handle, UploadHandle) and handle.node != node:
             self.inodes.rebind(inode, handle.node)  # a finished upload's name begun again
+        self.files.opened_by(node, handle, ctx.pid, inode)
         return self.files.add(node, handle)
 
     @fuse_errors
@@ -198,6 +199,7 @@ class Operations(pyfuse3.Operations):
         node, handle, attr = await self.files.create(parent, decode_name(name, errno.EINVAL))
         entry = self.attributes.entry(node, attr, timeout=0)
         self.inodes.ref(entry.st_ino)
+        self.files.opened_by(node, handle, ctx.pid, entry.st_ino)
         return self.files.add(node, handle), entry
 
     @fuse_errors
@@ -224,14 +226,22 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        await self.files.get(fh).flush()
+        """close(2) on a stock pyfuse3, which does not tell who closes (regfs/closers.py)."""
+        await self.files.flush(fh, None)
+
+    @fuse_errors
+    async def flush_closer(self, fh: int, ctx: RequestContext, lock_owner: int) -> None:
+        """close(2) by thread ctx.pid (regfs's pyfuse3 build): only the opener's last close
+        ends a file being written (regfs/closers.py)."""
+        await self.files.flush(fh, ctx.pid)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
+        """The last reference is gone: what no flush ended ends here (errors logged)."""
         handle = self.files.take(fh)
+        await self.files.release(handle)
         if isinstance(handle, UploadHandle) and handle.finished:
             self.attributes.forget_shown(handle.node)
-        await self.files.release(handle)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -177,12 +177,6 @@ async def test_a_read_after_an_append_returns_its_bytes(uploads):
 # ------------------------------------------------------------------- writers of tags and uploads
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every close(2) (FLUSH) of a tag or a digest-named upload checks or finishes it, "
-    "also the close of one of several descriptors: the first cat of "
-    "`{ cat a; cat b; } > tags/v1` fails (EINVAL; EIO in uploads/), so `set -e` stops there",
-)
 @pytest.mark.parametrize("section", ["tags", "uploads"])
 async def test_a_file_written_by_two_processes_in_turn(tmp_path, mount, section):
     # ext4: a close is the end of nothing while another descriptor is open; both cat exit 0.
@@ -214,12 +208,6 @@ async def test_a_manifest_file_of_mode_600_copied_to_a_tag_exits_0(tmp_path, mou
     assert result.returncode == 0, result.stderr.decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tag opened with O_TRUNC and closed with nothing written is left as it was, "
-    "and close(2) succeeds: `produce-manifest > tags/v1` that prints nothing keeps the old "
-    "tag in silence, where truncate -s 0 of the same tag is refused (EINVAL)",
-)
 async def test_a_tag_truncated_by_open_and_left_empty_is_refused(tmp_path, mount):
     # ext4: the file is empty after it. An empty manifest cannot be stored, so the close
     # should fail as `truncate -s 0 tags/v1` does (EINVAL).
@@ -231,11 +219,6 @@ async def test_a_tag_truncated_by_open_and_left_empty_is_refused(tmp_path, mount
     assert closed == errno.EINVAL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a second writer of a tag is refused (EBUSY) while the first is open, so two "
-    "cp to one tag at once fail one; ext4 and the registry's own PUT take both",
-)
 async def test_two_writers_of_one_tag_the_last_to_close_wins(tmp_path, mount):
     # ext4: both opens succeed and the file holds what was written last; the registry's
     # PUT of two manifests under one tag at once stores both, the tag on the last.

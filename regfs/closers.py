@@ -1,0 +1,226 @@
+"""Which close(2) of a file being written is its last: the one that stores a tag or finishes
+an upload named by its digest, and so the one whose error the writer must see.
+
+Every close of a descriptor is a FLUSH, and a descriptor has copies: a shell's redirect dups
+it (and closes the original before anything is written), the children of
+`{ cat a; cat b; } > tags/v1` inherit it and close it as they exit, a program may open a file
+on one thread and close it on another. Only the last close of the process that opened the
+file is its end: a FLUSH from another process (thread group) ends nothing, and one from the
+opener ends the file only if neither that process nor its children hold another descriptor
+on the same inode of this mount (a parent that hands the descriptor to a child it does not
+wait for, as Python's `Popen(..., stdout=f)` then `f.close()`, does not end the file
+there). The kernel tells the closing thread (its id; 0 outside our pid namespace) with
+each FLUSH; close(2) takes the descriptor out of the table before it flushes, and an exiting
+process's table is detached before its descriptors are closed, so what /proc shows then is
+what remains. What nobody's flush ended, the release ends (docs/concurrency.md).
+
+Reading /proc costs a few syscalls per descriptor of the closer and its children: done only
+for the opener's closes of a file with something to end, for at most `MAX_DESCRIPTORS` in all
+and `MAX_CHILDREN` children. Procfs reads do not block on I/O, so a few run inline; many go
+to a worker thread (a flush's added cost: docs/concurrency.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import trio
+
+log = logging.getLogger(__name__)
+
+# A closer and its children holding more descriptors than this are taken as holding none of
+# ours: the scan stays bounded, and the file ends at this close. Up to INLINE_DESCRIPTORS
+# are read on the trio thread (~7 us each), more in a worker thread.
+MAX_DESCRIPTORS = 4096
+INLINE_DESCRIPTORS = 64
+MAX_CHILDREN = 64  # and as many of its threads: whose children are scanned too
+_MOUNT_IDS_KEPT = 64  # mount ids known to be this mount (bind mounts, other namespaces)
+
+
+class Close(enum.Enum):
+    """What a FLUSH is to the file it closes."""
+
+    LAST = "last"  # the opener's last descriptor on the file: it ends here
+    NOT_LAST = "not last"  # another process's, or the opener keeps another descriptor
+    UNKNOWN = "unknown"  # no closer known (stock pyfuse3, pid 0, /proc unreadable)
+
+
+@dataclass(frozen=True)
+class Opener:
+    """Who opened a file being written: the process (tgid; 0 if unknown) and the inode."""
+
+    process: int
+    inode: int
+
+
+class Closers:
+    """Tells a FLUSH's `Close` from the closing thread's id (see the module's docstring)."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = mountpoint
+        self._device: str | None = None  # "major:minor" of this mount, once found
+        self._device_looked_up = False
+        self._mount_ids: set[int] = set()
+
+    def thread_group(self, tid: int) -> int:
+        """The process of thread tid (its tgid), or 0 if it cannot be told."""
+        if tid <= 0:
+            return 0
+        try:
+            with open(f"/proc/{tid}/status", "rb") as status:
+                for line in status:
+                    if line.startswith(b"Tgid:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def opener(self, tid: int, inode: int) -> Opener:
+        return Opener(self.thread_group(tid), inode)
+
+    async def close_of(self, opener: Opener, tid: int, others: Mapping[int, int]) -> Close:
+        """What the FLUSH by thread tid of a file opener opened is.
+
+        others: per process, how many other handles of the same inode it opened that are
+        still open; descriptors of theirs do not keep this one from ending (two writers of
+        one tag in one process each end at their own close). A closer (with its children)
+        holding more than INLINE_DESCRIPTORS is scanned in a worker thread."""
+        if opener.process == 0:
+            return Close.UNKNOWN
+        closer = tid if tid == opener.process else self.thread_group(tid)  # its main thread
+        if closer == 0:
+            return Close.UNKNOWN
+        if closer != opener.process:
+            return Close.NOT_LAST
+        close = self._scan(closer, opener.inode, others, INLINE_DESCRIPTORS)
+        if close is None:
+            close = await trio.to_thread.run_sync(
+                self._scan, closer, opener.inode, others, MAX_DESCRIPTORS
+            )
+        return Close.LAST if close is None else close
+
+    def _scan(
+        self, closer: int, inode: int, others: Mapping[int, int], budget: int
+    ) -> Close | None:
+        """Whether the closer or a child holds a descriptor on inode besides those of its
+        other handles; None if that takes reading more than budget descriptors."""
+        for process in (closer, *self._children(closer)):
+            try:
+                fds = os.listdir(f"/proc/{process}/fdinfo")
+            except OSError:  # another user's, or gone: the closer's is unknown, a child's
+                if process == closer:  # holds none of ours then
+                    return Close.UNKNOWN
+                continue
+            budget -= len(fds)
+            if budget < 0:
+                return None
+            held = self._held(process, fds, inode)
+            if held is None and process == closer:
+                return Close.UNKNOWN
+            if held is not None and held > others.get(process, 0):
+                return Close.NOT_LAST
+        return Close.LAST
+
+    def _children(self, pid: int) -> set[int]:
+        """The children of process pid (of each of its threads), at most MAX_CHILDREN."""
+        found: set[int] = set()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")[:MAX_CHILDREN]
+        except OSError:
+            return found
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/children", "rb") as children:
+                    found.update(int(child) for child in children.read().split())
+            except (OSError, ValueError):
+                continue
+            if len(found) >= MAX_CHILDREN:
+                break
+        return found
+
+    def _held(self, pid: int, fds: list[str], inode: int) -> int | None:
+        """How many of process pid's descriptors fds are on inode of this mount; None if
+        /proc cannot say (another user's process, a process gone)."""
+        wanted = b"\nino:\t%d\n" % inode
+        mounts: list[int] = []
+        try:
+            table = os.open(f"/proc/{pid}/fdinfo", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None
+        try:
+            for fd in fds:
+                try:
+                    info = os.open(fd, os.O_RDONLY, dir_fd=table)
+                except OSError:  # closed meanwhile
+                    continue
+                try:
+                    text = os.read(info, 4096)
+                finally:
+                    os.close(info)
+                if wanted in text:
+                    mounts.append(_mount_id(text))
+        finally:
+            os.close(table)
+        ours = self._mount_ids
+        if any(m not in ours for m in mounts):
+            ours = ours | self._learn_mounts(pid, set(mounts) - ours)
+            if self._device is None:
+                return None
+        return sum(m in ours for m in mounts)
+
+    def _learn_mounts(self, pid: int, ids: set[int]) -> set[int]:
+        """Which of ids (in process pid's mount namespace) are this mount: those of its
+        device. Asked only when a descriptor's inode number is ours (a tty's may be too);
+        the first _MOUNT_IDS_KEPT found are kept (a set only added to, so a scan in a
+        worker thread and one on the trio thread never see it shrink)."""
+        if not self._device_looked_up:
+            self._device_looked_up = True
+            self._device = self._find_device()
+        if self._device is None:
+            return set()
+        try:
+            with open(f"/proc/{pid}/mountinfo", "rb") as mountinfo:
+                lines = mountinfo.read().decode(errors="replace").splitlines()
+        except OSError:
+            return set()
+        found = set()
+        for line in lines:
+            fields = line.split(maxsplit=3)  # mount id, parent id, major:minor, the rest
+            if len(fields) > 2 and fields[2] == self._device and fields[0].isdigit():
+                found |= {int(fields[0])} & ids
+        if len(self._mount_ids) < _MOUNT_IDS_KEPT:
+            self._mount_ids |= found
+        return found
+
+    def _find_device(self) -> str | None:
+        """This mount's device ("major:minor"), from the daemon's own mount table. The
+        mountpoint's parent is resolved (mountinfo shows real paths), never the mountpoint
+        itself: that would ask this daemon, which is busy asking."""
+        parent, name = os.path.split(self.mountpoint)
+        escaped = os.path.join(os.path.realpath(parent), name)
+        for char in "\\ \t\n":  # as /proc escapes them, backslash first
+            escaped = escaped.replace(char, f"\\{ord(char):03o}")
+        try:
+            with open("/proc/self/mountinfo", "rb") as mountinfo:
+                lines = mountinfo.read().decode(errors="replace").splitlines()
+        except OSError:
+            return None
+        found = None
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == escaped and " - fuse" in line:
+                found = fields[2]  # the last one is on top
+        if found is None:
+            log.warning("flush: %s not in /proc/self/mountinfo: closes not told apart", escaped)
+        return found
+
+
+def _mount_id(fdinfo: bytes) -> int:
+    start = fdinfo.find(b"mnt_id:")
+    if start < 0:
+        return -1
+    return int(fdinfo[start + 7 : fdinfo.index(b"\n", start)])
