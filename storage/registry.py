@@ -23,7 +23,8 @@ class Repository:
     def __init__(self, driver: StorageDriver, blobs: BlobStore, name: str) -> None:
         self.name = validate_name(name)
         self.layers = LayerService(driver, blobs, name)
-        self.tags = TagService(driver, name)
+        # Late-bound: manifests need tags (a deleted manifest's tags go with it).
+        self.tags = TagService(driver, name, lambda digest: self.manifests.stat(digest))
         self.manifests = ManifestService(blobs, self.layers.linked, self.tags, name)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
+from .api import BlobInfo
 from .blobs import below, read_link, write_link
 from .digests import Digest
 from .drivers import PathNotFound, StorageDriver
@@ -17,9 +18,17 @@ log = logging.getLogger(__name__)
 
 
 class TagService:
-    def __init__(self, driver: StorageDriver, name: str) -> None:
+    def __init__(
+        self,
+        driver: StorageDriver,
+        name: str,
+        manifest: Callable[[Digest], Awaitable[BlobInfo]],
+    ) -> None:
+        """`manifest`: the stat of a manifest stored in the repository (UnknownManifest
+        for one that is not), which `put` asks first."""
         self.driver = driver
         self.name = name
+        self._manifest = manifest
 
     async def list(self) -> list[str]:
         try:
@@ -81,8 +90,11 @@ class TagService:
             raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
 
     async def put(self, tag: str, digest: Digest) -> None:
-        """Record the digest in the tag's index, then point the tag at it (the registry's order)."""
+        """Point the tag at a stored manifest (UnknownManifest, nothing written, for one that
+        is not, as the registry's PUT by tag needs the manifest): record the digest in the
+        tag's index, then the tag's current link (the registry's order)."""
         validate_tag(tag)
+        await self._manifest(digest)
         await write_link(self.driver, path_for(TagIndexLink(self.name, tag, digest)), digest)
         await write_link(self.driver, path_for(TagCurrentLink(self.name, tag)), digest)
 

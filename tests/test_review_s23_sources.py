@@ -405,10 +405,6 @@ async def test_remote_mkdir_lasts_as_on_other_sources(
 # --------------------------------------------------------------------------- the Protocols
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Tags.put of a storage root points a tag at a manifest that is not stored",
-)
 async def test_tag_put_needs_a_stored_manifest(tmp_path: Path) -> None:
     # Should: storage/api.py, Tags.put "points the tag at a stored manifest"; the remote
     # source refuses one that is not (UnknownManifest, ENOENT), and so should every source:
