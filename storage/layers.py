@@ -127,6 +127,9 @@ class LayerService:
         return raw.decode("utf-8", "replace")
 
     async def set_label(self, uuid: str, label: str) -> None:
+        """UnknownUpload, nothing written, for an upload that is gone (finished or cancelled
+        by another mount): a label alone makes a directory uploads/ hides and rmdir counts."""
+        await self._started_at(uuid)
         await self.driver.put_content(path_for(UploadLabel(self.name, uuid)), label.encode())
 
     async def resume(self, uuid: str) -> LayerUpload:

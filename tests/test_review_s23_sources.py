@@ -417,10 +417,6 @@ async def test_tag_put_needs_a_stored_manifest(tmp_path: Path) -> None:
     assert await repo.tags.list() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Layers.set_label of a storage root writes a label for an upload that is gone",
-)
 async def test_set_label_of_an_upload_that_is_gone(tmp_path: Path) -> None:
     # Should: as the remote source, UnknownUpload (ENOENT) and nothing written. A storage
     # root writes `_uploads/<uuid>/label` for any uuid: `mv uploads/a uploads/b` racing an
