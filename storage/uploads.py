@@ -129,11 +129,23 @@ class LayerUpload:
         await driver.put_content(
             path_for(UploadStartedAt(name, uuid)), format_started_at(started_at)
         )
-        if label is not None:  # right after startedat: a crash rarely loses the name
-            await driver.put_content(path_for(UploadLabel(name, uuid)), label.encode())
-        writer = await driver.writer(path_for(UploadData(name, uuid)))
+        try:
+            if label is not None:  # right after startedat: a crash rarely loses the name
+                await driver.put_content(path_for(UploadLabel(name, uuid)), label.encode())
+            writer = await driver.writer(path_for(UploadData(name, uuid)))
+        except Exception:
+            # A failed start leaves no upload (an S3 refusing CreateMultipartUpload would
+            # leave startedat, listed as an upload of 0 bytes the user never made).
+            with contextlib.suppress(Exception):
+                await driver.delete(path_for(UploadDir(name, uuid)))
+            raise
         upload = cls(driver, blobs, layers, name, uuid, started_at, writer, Sha256State())
-        await upload._save_state()
+        try:
+            await upload._save_state()
+        except Exception:
+            with contextlib.suppress(Exception):
+                await upload.cancel()
+            raise
         return upload
 
     @classmethod

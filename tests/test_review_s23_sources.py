@@ -215,10 +215,6 @@ async def test_s3_refused_truncate_changes_nothing(moto_server: MotoServer, s3_b
         await discard(resumed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 503 SlowDown to CreateMultipartUpload is not retried: starting an upload fails",
-)
 async def test_s3_throttled_upload_start_is_retried(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
@@ -260,9 +256,6 @@ async def test_s3_write_below_the_end_is_einval_whatever_the_size(
         await upload.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="one 503 SlowDown to the bucket's HEAD at mount refuses the mount"
-)
 def test_s3_throttled_bucket_check_is_retried(moto_server: MotoServer, s3_bucket: str) -> None:
     # Should: SPEC §10, "a throttled or unreachable server is retried with backoff, then EIO
     # for that call; wrong credentials or a missing bucket refuse the mount". check_bucket
@@ -463,11 +456,6 @@ async def test_s3_failed_part_ends_the_upload_where_the_failure_began(
             await upload.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an S3 upload whose start failed stays listed in uploads/ (its startedat was "
-    "written before the multipart upload was refused)",
-)
 async def test_s3_failed_upload_start_leaves_no_upload(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
@@ -580,10 +568,6 @@ async def test_remote_one_writer_per_upload_across_mounts(
         await b.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a key DeleteObjects answers SlowDown for is not deleted again: `rm` is EIO",
-)
 async def test_s3_throttled_key_of_a_delete_is_retried(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:

@@ -17,7 +17,9 @@
 
 boto3 blocks, so every call runs on a worker thread (trio.to_thread), which docs/s3.md says was
 the fastest client here; botocore's own retries are off and storage/remote/retry.py's backoff
-is used instead, for throttling (503 SlowDown), 5xx and lost connections. What still fails is
+is used instead, for throttling (503 SlowDown, sent again even where a call must not be
+sent twice: S3 refused it unprocessed; and a DeleteObjects key refused so), 5xx and lost
+connections. What still fails is
 RemoteUnavailable (EIO through the mount), never PathNotFound. A call in a thread cannot be
 cancelled: a mount's interrupted read waits for its request. ListObjectsV2, the call
 behind every lookup and readdir, is sent by s3_list.py with the client's signer and pool
@@ -143,9 +145,12 @@ def _status(exc: ClientError) -> int:
 
 
 def _transient(exc: Exception, resend: bool) -> bool:
-    """Whether to try again: nothing was sent, or (for a call that may be sent twice) the
-    server was busy or the connection broke."""
+    """Whether to try again: nothing was sent, or S3 refused the request unprocessed (503
+    SlowDown: even a call not to be sent twice may go again), or (for a call that may be
+    sent twice) the server was busy or the connection broke."""
     if isinstance(exc, _NOT_SENT):
+        return True
+    if isinstance(exc, ClientError) and (_code(exc) == "SlowDown" or _status(exc) == 503):
         return True
     if not resend:
         return False
@@ -268,29 +273,37 @@ class S3Driver(StorageDriver):
         return f"{self.rootdirectory}/" if self.rootdirectory else ""
 
     def check_bucket(self) -> None:
-        """One HEAD of the bucket, not retried, before a mount or a check starts: ValueError
-        in one line saying what is wrong (no credentials, wrong ones, no such bucket, no
-        server), rather than an EIO on every call later."""
+        """A HEAD of the bucket before a mount or a check starts: ValueError in one line
+        saying what is wrong (no credentials, wrong ones, no such bucket, no server), rather
+        than an EIO on every call later. Throttling, 5xx and lost connections are retried
+        as every call's are (`call`); those four refuse at once."""
         where = self.client.meta.endpoint_url
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except NoCredentialsError:
-            raise ValueError(
-                f"s3://{self.bucket}: no AWS credentials found (environment, "
-                "~/.aws/credentials, AWS_PROFILE)"
-            ) from None
-        except ClientError as exc:
-            status = _status(exc)
-            if status == 404:
-                raise ValueError(f"s3://{self.bucket}: no such bucket at {where}") from None
-            if status in (401, 403):
+
+        def head() -> None:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except NoCredentialsError:
                 raise ValueError(
-                    f"s3://{self.bucket}: access denied at {where}: wrong credentials, or "
-                    "no right to this bucket"
+                    f"s3://{self.bucket}: no AWS credentials found (environment, "
+                    "~/.aws/credentials, AWS_PROFILE)"
                 ) from None
-            raise ValueError(f"s3://{self.bucket}: {where} answered {exc}") from None
-        except (BotoCoreError, Urllib3Error) as exc:
-            raise ValueError(f"s3://{self.bucket}: cannot reach {where}: {exc}") from None
+            except ClientError as exc:
+                if _status(exc) == 404:
+                    raise ValueError(f"s3://{self.bucket}: no such bucket at {where}") from None
+                if _status(exc) in (401, 403):
+                    raise ValueError(
+                        f"s3://{self.bucket}: access denied at {where}: wrong credentials, "
+                        "or no right to this bucket"
+                    ) from None
+                raise
+
+        try:
+            self.call(f"HEAD bucket {self.bucket}", head)
+        except (RemoteUnavailable, AccessDenied) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError):
+                raise ValueError(f"s3://{self.bucket}: {where} answered {cause}") from None
+            raise ValueError(f"s3://{self.bucket}: cannot reach {where}: {cause}") from None
 
     # -- calling S3 ----------------------------------------------------------------------
 
@@ -944,21 +957,39 @@ class S3Driver(StorageDriver):
             if not keys and not uploads:
                 raise PathNotFound(path)
             for start in range(0, len(keys), 1000):
-                batch: list[ObjectIdentifierTypeDef] = [
-                    {"Key": k} for k in keys[start : start + 1000]
-                ]
-                deleting = functools.partial(
-                    self.client.delete_objects,
-                    Bucket=self.bucket,
-                    Delete={"Objects": batch, "Quiet": True},
-                )
-                answer = self.call(f"DELETE {key}/…", deleting)
-                if answer.get("Errors"):
-                    raise RemoteUnavailable(f"S3 DELETE {key}: {answer['Errors'][:3]}")
+                self._delete_keys(key, keys[start : start + 1000])
             for upload_key, upload_id in uploads:
                 self.abort(upload_key, upload_id)
 
         await self._run(delete)
+
+    def _delete_keys(self, what: str, keys: builtins.list[str]) -> None:
+        """DeleteObjects of up to 1000 keys. S3 answers 200 with an error per key it did not
+        delete: those it was too busy for (SlowDown, InternalError) are sent again after the
+        backoff, as `call` retries a throttled request; any other is RemoteUnavailable."""
+        failures = 0
+        while keys:
+            batch: builtins.list[ObjectIdentifierTypeDef] = [{"Key": k} for k in keys]
+            deleting = functools.partial(
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
+            errors = self.call(f"DELETE {what}/…", deleting).get("Errors", [])
+            busy = [e for e in errors if e.get("Code") in _BUSY_CODES]
+            if len(busy) < len(errors) or (busy and failures >= RETRIES):
+                raise RemoteUnavailable(f"S3 DELETE {what}: {errors[:3]}")
+            keys = [str(e.get("Key")) for e in busy]
+            if keys:
+                failures += 1
+                log.warning(
+                    "S3 DELETE %s: %d keys refused (%s), try %d in a moment",
+                    what,
+                    len(keys),
+                    busy[0].get("Code"),
+                    failures + 1,
+                )
+                time.sleep(backoff(failures))
 
 
 class _Stream:
