@@ -14,7 +14,8 @@ is always what was hashed.
 
 A write below the hashed end rewinds the hash to the nearest saved state at or below it (later
 states are deleted first: the registry would trust one whose offset matches the data's size)
-and re-hashes forward from there (storage/hashing.py).
+and re-hashes forward from there (storage/hashing.py). The writer is asked first whether it
+can write there (S3 appends only): a refused write or truncate changes nothing.
 
 A saved state is never taken on faith when a digest does not match: the registry 2.8, when
 a PATCH lands where it has no state, saves a state of the new bytes alone under their count,
@@ -201,6 +202,7 @@ class LayerUpload:
                 await self._pipeline.advance_checkpoint(writer, self._hash, CHECKPOINT)
                 return
             await self._settle()
+            writer.check_write(offset)  # before the rewind: a refusal changes nothing
             if offset < self._hash.size:
                 await self._rewind(offset)
             await self._hash_to(offset)
@@ -236,6 +238,7 @@ class LayerUpload:
             writer = self._open_writer()
             if not 0 <= size <= writer.size:
                 raise InvalidOffset(f"upload {self.uuid}: cannot truncate to {size}")
+            writer.check_truncate(size)  # before the rewind: a refusal changes nothing
             if size < self._hash.size:
                 await self._rewind(size)
             await writer.truncate(size)

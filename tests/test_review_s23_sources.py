@@ -127,9 +127,6 @@ async def test_s3_purge_leaves_an_upload_being_written(
         await discard(upload)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="an S3 upload's mtime, while its writer is open, is the time of the stat"
-)
 async def test_s3_upload_mtime_is_its_last_write(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -156,11 +153,6 @@ async def test_s3_upload_mtime_is_its_last_write(
             await discard(upload)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a write below an S3 upload's sealed parts is refused only after its hash states "
-    "above the offset were deleted",
-)
 async def test_s3_refused_write_below_the_end_changes_nothing(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
@@ -189,11 +181,6 @@ async def test_s3_refused_write_below_the_end_changes_nothing(
         await discard(resumed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a truncate below an S3 upload's sealed parts is refused only after its hash "
-    "states above the size were deleted",
-)
 async def test_s3_refused_truncate_changes_nothing(moto_server: MotoServer, s3_bucket: str) -> None:
     # Should: as the write above: LayerUpload.truncate rewinds (deletes the states above
     # the size) before the S3 writer refuses the cut (InvalidOffset).
@@ -231,10 +218,6 @@ async def test_s3_throttled_upload_start_is_retried(
         assert (await upload.finish(digest_bytes(b"throttled once"))).size == 14
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="S3 accepts a write below the end of an upload under 5 MiB, and refuses it above",
-)
 async def test_s3_write_below_the_end_is_einval_whatever_the_size(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
@@ -424,11 +407,6 @@ async def test_set_label_of_an_upload_that_is_gone(tmp_path: Path) -> None:
     assert list((tmp_path / "root").rglob("label")) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a part S3 refused, the next append seals the bytes anyway, and the cut "
-    "back to the failed write is refused: EINVAL for a server's failure",
-)
 async def test_s3_failed_part_ends_the_upload_where_the_failure_began(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:

@@ -247,10 +247,10 @@ async def test_write_below_the_end(source: Source) -> None:
     data = blob(100_000, seed=3)
     upload = await layers.upload()
     await write_pieces(upload, data)
-    if source.can("overwrite"):
+    if source.can("write_below_the_end"):
         await upload.write_at(10, b"XXXXX")
         data = data[:10] + b"XXXXX" + data[15:]
-    else:  # REMOTE_CANNOT["overwrite"]: refused, nothing changes
+    else:  # CANNOT[kind]["write_below_the_end"]: refused, nothing changes
         with pytest.raises(InvalidOffset):
             await upload.write_at(10, b"XXXXX")
     assert upload.size == len(data)
@@ -275,10 +275,10 @@ async def test_truncate_cuts(source: Source) -> None:
     await upload.write_at(0, data)
     with pytest.raises(InvalidOffset):
         await upload.truncate(len(data) + 1)
-    if source.can("overwrite"):
+    if source.can("cut"):
         await upload.truncate(4000)
         data = data[:4000]
-    else:  # REMOTE_CANNOT["overwrite"]: refused, nothing changes
+    else:  # REMOTE_CANNOT["cut"]: refused, nothing changes
         with pytest.raises(InvalidOffset):
             await upload.truncate(4000)
     assert upload.size == len(data)

@@ -107,6 +107,16 @@ class FileWriter(ABC):
     @abstractmethod
     async def truncate(self, size: int) -> None: ...
 
+    def check_write(self, offset: int) -> None:
+        """InvalidOffset where a write at offset (≤ size) cannot be made: asked before
+        anything is changed for it (an upload's hash states above it), so a refusal changes
+        nothing. A store that rewrites anywhere refuses none; S3 refuses any below the end."""
+        return None
+
+    def check_truncate(self, size: int) -> None:
+        """As check_write, for a truncate to size (≤ size): S3 cuts only its unsealed tail."""
+        return None
+
     async def sync(self) -> None:
         """Make the data written so far durable (before anything that vouches for it)."""
         await trio.to_thread.run_sync(self.sync_blocking)

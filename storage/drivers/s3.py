@@ -692,10 +692,11 @@ class S3Driver(StorageDriver):
             writer.lock.release()
 
     def _written(self, path: str, key: str) -> FileInfo | None:
-        """The file as its writer here has it (every byte written), where one is open."""
+        """The file as its writer here has it (every byte written, the last one's time),
+        where one is open."""
         with self._writers_lock:
             writer = self._writers.get(key)
-        return None if writer is None else FileInfo(path, writer.size, time.time_ns(), False)
+        return None if writer is None else FileInfo(path, writer.size, writer.mtime_ns, False)
 
     async def _stat(self, path: str) -> FileInfo:
         if path == "/":
@@ -1197,8 +1198,9 @@ class _Writer(FileWriter):
     """The file at key as an S3 multipart upload: sealed parts, then a tail held here (under
     chunksize) that goes up as part len(parts)+1 on sync and close, and again, whole, once
     it has grown: S3 replaces a part sent twice. A tail of MIN_PART or more is sealed by a
-    sync. Writes land at or above the tail's start (`base`); truncate cuts the tail, or to 0
-    aborts the upload and starts a new one."""
+    sync. Writes append, whatever the size (SPEC §10: one rule, where the tail alone could
+    be rewritten); truncate cuts the tail, or to 0 aborts the upload and starts a new one.
+    A write whose part S3 refused is undone: the file ends where it began."""
 
     def __init__(self, driver: S3Driver, key: str) -> None:
         self._driver = driver
@@ -1214,6 +1216,7 @@ class _Writer(FileWriter):
         self._closed = False
         self._short = False  # the last part is under MIN_PART: see _writable
         self.size = 0
+        self.mtime_ns = time.time_ns()  # of the last change, or the upload's last part
 
     def open_blocking(self) -> None:
         """Resume the upload at the key as 2.8 does; a last part under MIN_PART cannot be
@@ -1226,6 +1229,7 @@ class _Writer(FileWriter):
             self._go_on(driver.restart(key))
             return
         self._go_on((pending, b""))
+        self.mtime_ns = pending.mtime_ns or self.mtime_ns
         # Not completed here: a finish changes nothing, and its move completes the upload
         # anyway; another node's writes would need the lock, which this writer holds.
         self._short = bool(pending.parts) and pending.parts[-1].size < MIN_PART
@@ -1253,22 +1257,42 @@ class _Writer(FileWriter):
     async def write_at(self, offset: int, data: bytes) -> None:
         await trio.to_thread.run_sync(self.write_at_blocking, offset, data)
 
+    def check_write(self, offset: int) -> None:
+        if offset > self.size:
+            raise InvalidOffset(f"write at {offset} would leave a gap after {self.size}")
+        if offset < self.size:
+            raise InvalidOffset(
+                f"write at {offset}, below the end ({self.size}): an S3 upload's writes go in order"
+            )
+
+    def check_truncate(self, size: int) -> None:
+        # A short last part is completed and restarted first (`_writable`): read back into
+        # the tail under MIN_PART, else copied into sealed parts.
+        base = 0 if self._short and self.size < MIN_PART else self._base
+        if size != 0 and not base <= size <= self.size:
+            raise InvalidOffset(
+                f"cannot truncate to {size}: S3 can cut only the unsealed tail "
+                f"(from {base}) or restart the upload (0)"
+            )
+
     def write_at_blocking(self, offset: int, data: bytes) -> None:
         with self._lock:
+            self.check_write(offset)
             self._writable()
-            if not self._base <= offset <= self.size:
-                if offset > self.size:
-                    raise InvalidOffset(f"write at {offset} would leave a gap after {self.size}")
-                raise InvalidOffset(
-                    f"write at {offset}: S3 holds this upload's bytes below {self._base} in "
-                    "sealed parts; writes go in order"
-                )
-            start = offset - self._base
-            self._tail[start : start + len(data)] = data
+            self._tail += data
             self._dirty = True
-            self.size = self._base + len(self._tail)
-            while len(self._tail) >= self._driver.chunksize:
-                self._seal(self._driver.chunksize)
+            self.size = offset + len(data)
+            self.mtime_ns = time.time_ns()
+            try:
+                while len(self._tail) >= self._driver.chunksize:
+                    self._seal(self._driver.chunksize)
+            except BaseException:
+                # Not written: the file ends where this write began (what was sealed stays),
+                # so no later write seals these bytes once S3 answers again.
+                end = max(offset, self._base)
+                del self._tail[end - self._base :]
+                self.size = end
+                raise
 
     def _seal(self, count: int) -> None:
         """Send the first count bytes of the tail as the next part, for good."""
@@ -1310,21 +1334,17 @@ class _Writer(FileWriter):
         with self._lock:
             if size == self.size:
                 return
-            if size != 0:
-                self._writable()
+            self.check_truncate(size)
             if size == 0:
                 driver = self._driver
                 driver.abort(self._key, self._upload_id)
                 self._go_on((_Pending(driver._create(self._key), [], time.time_ns()), b""))
-            elif self._base <= size < self.size:
+            else:
+                self._writable()
                 del self._tail[size - self._base :]
                 self._dirty = True
-            else:
-                raise InvalidOffset(
-                    f"cannot truncate to {size}: S3 can cut only the unsealed tail "
-                    f"(from {self._base}) or restart the upload (0)"
-                )
             self.size = size
+            self.mtime_ns = time.time_ns()
 
     def materialize_blocking(self) -> None:
         """Complete the upload into its object, so it can be read; go on in a new one."""

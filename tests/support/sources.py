@@ -11,7 +11,8 @@ from storage.api import RegistrySource
 # What a source legitimately cannot do, and why: service tests assert the documented
 # fallback for these instead of the full behaviour (see Source.can), never skip silently.
 REMOTE_CANNOT = {
-    "overwrite": "the upload protocol appends in order: it cannot rewrite or cut below the end",
+    "write_below_the_end": "the upload protocol appends in order: it cannot rewrite",
+    "cut": "the upload protocol appends in order: it cannot cut below the end",
     "read_upload": "the API cannot read an upload's bytes back (a read of them is an error)",
     "list_untagged": "the API lists tags only: manifests/ and layers/ show what tagged "
     "manifests reference, plus the blobs pushed through this client",
@@ -20,6 +21,11 @@ REMOTE_CANNOT = {
     "remove_repository": "the API cannot remove a repository: rmdir takes only one this mount "
     "made and never filled (NotEmpty for any other)",
 }
+S3_CANNOT = {
+    "write_below_the_end": "SPEC §10: S3 uploads are written in order, whatever their size "
+    "(only an unsealed tail could be rewritten: one rule is what a user can predict)",
+}
+CANNOT = {"remote": REMOTE_CANNOT, "s3": S3_CANNOT}  # by Source.kind
 
 
 @dataclass
@@ -36,6 +42,9 @@ class Source:
     prefix: str
     cannot: dict[str, str] = field(default_factory=dict)
     opened: list[RegistrySource] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cannot = {**CANNOT.get(self.kind, {}), **self.cannot}
 
     def name(self, repo: str) -> str:
         return f"{self.prefix}/{repo}"
