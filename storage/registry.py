@@ -11,7 +11,7 @@ from .errors import NotEmpty, UnknownRepository
 from .layers import LayerService
 from .manifests import ManifestService
 from .names import validate_name
-from .paths import EmptyMarker, RepositoryDir, path_for
+from .paths import EmptyMarker, RepositoryDir, UploadsDir, UploadStartedAt, path_for
 from .tags import TagService
 
 # Entries an emptied repository's directories are looked through before rmdir takes it for
@@ -77,25 +77,43 @@ class Registry:
 
     async def _holds_nothing(self, name: str, directory: str, entries: list[str]) -> bool:
         """Whether a repository's own directories (`_layers`, `_manifests`, `_uploads`: a
-        nested repository or namespace is something) hold no file but the empty marker,
-        looked at through at most EMPTIED_ENTRIES_MAX entries (more is taken as full)."""
+        nested repository or namespace is something) hold no file but the empty marker and
+        what the registry leaves of a cancelled upload (its DELETE keeps
+        `_uploads/<id>/hashstates/sha256/0`; an upload without `startedat` is none, as
+        uploads/ and the registry see it), looked at through at most EMPTIED_ENTRIES_MAX
+        entries (more is taken as full)."""
         if not all(entry.startswith("_") for entry in entries):
             return False
+        files = await self._files(directory, entries)
+        if files is None:
+            return False
         marker = path_for(EmptyMarker(name))
-        if (files := await self.driver.files(directory, sizes=False)) is not None:
-            return len(files) <= EMPTIED_ENTRIES_MAX and all(f.path == marker for f in files)
+        uploads = path_for(UploadsDir(name)) + "/"
+        for path in files:
+            if path == marker:
+                continue
+            uuid, inside, _ = path.removeprefix(uploads).partition("/")
+            if not (path.startswith(uploads) and inside) or (
+                path_for(UploadStartedAt(name, uuid)) in files
+            ):
+                return False
+        return True
+
+    async def _files(self, directory: str, entries: list[str]) -> set[str] | None:
+        """The paths of every file below `directory` (whose `entries` are given), or None
+        past EMPTIED_ENTRIES_MAX entries."""
+        if (listed := await self.driver.files(directory, sizes=False)) is not None:
+            return {f.path for f in listed} if len(listed) <= EMPTIED_ENTRIES_MAX else None
+        files: set[str] = set()
         pending, seen = [f"{directory}/{entry}" for entry in entries], 0
         while pending:
             found = await self.driver.entries(pending.pop())
             seen += len(found)
             if seen > EMPTIED_ENTRIES_MAX:
-                return False
-            for info in found:
-                if info.is_dir:
-                    pending.append(info.path)
-                elif info.path != marker:
-                    return False
-        return True
+                return None
+            pending += [info.path for info in found if info.is_dir]
+            files.update(info.path for info in found if not info.is_dir)
+        return files
 
     async def _only_marked(self, name: str) -> bool:
         """Whether the repository holds nothing but the marker of an empty repository."""

@@ -255,11 +255,6 @@ def test_s3_throttled_bucket_check_is_retried(moto_server: MotoServer, s3_bucket
 
 
 @pytest.mark.registry
-@pytest.mark.xfail(
-    strict=True,
-    reason="rmdir of a repository whose only upload the registry cancelled is ENOTEMPTY: "
-    "the hashstates/sha256/0 the registry leaves counts as content",
-)
 async def test_rmdir_after_the_registry_cancelled_an_upload(
     tmp_path: Path, registry_server
 ) -> None:
