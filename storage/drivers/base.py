@@ -178,8 +178,8 @@ class StorageDriver(ABC):
 
     async def being_written(self, path: str) -> bool:
         """Whether a writer, of this process or another, holds path's writer lock now, asked
-        without taking it; False where the store cannot tell so (S3: its lock object's
-        expiry is the server's clock). `purge-uploads` asks it of an upload's data before
+        without taking it (S3: its lock object is there, renewed within its expiry by the
+        server's clock). `purge-uploads` asks it of an upload's data before
         it deletes the upload: it deleted one a mount was writing, whose close then
         succeeded with every byte gone."""
         return await self._being_written(check_path(path))

@@ -6,10 +6,11 @@
 - A file a writer made (an upload's `data`) is an S3 multipart upload in progress, as the
   registry's writer leaves it: its size is the sum of its parts, and an object at the same
   key beside it is stale. Its parts are sealed once uploaded, so S3 appends only: a write
-  below the start of the unsealed tail is InvalidOffset, and truncate to 0 aborts the
-  multipart upload and starts another. Reading it (rare: `cat` of an upload, a hash chain
-  that must be rebuilt) completes it into an object and starts a new one from that object,
-  as the registry's writer does when its last part is under 5 MiB.
+  below the end is InvalidOffset (SPEC §10, whatever the size), truncate cuts only the
+  unsealed tail, and truncate to 0 aborts the multipart upload and starts another. Reading
+  it (rare: `cat` of an upload, a hash chain that must be rebuilt) completes it into an
+  object and starts a new one from that object, as the registry's writer does when its
+  last part is under 5 MiB: under the writer lock, so Busy while another daemon writes it.
 - move = copy (one CopyObject up to 1 GiB, UploadPartCopy ranges above) + delete: not
   atomic, as in 2.8.
 - delete removes every object under the path and aborts its multipart uploads (2.8 leaves
@@ -609,18 +610,37 @@ class S3Driver(StorageDriver):
             return _Pending(upload_id, [part], time.time_ns()), data
         return _Pending(upload_id, self._copy_parts(key, key, upload_id, size), time.time_ns()), b""
 
-    def materialize(self, key: str, go_on: bool = True) -> bool:
+    def materialize(self, key: str, path: str) -> None:
         """Make the multipart upload at key (if any) readable: complete it into the object,
-        then (go_on) go on in a new one holding the same bytes, as the file is still being
-        uploaded; a move, which deletes it next, does not. False when there is none."""
+        then go on in a new one holding the same bytes, as the file is still being uploaded.
+        Its writer here does it; else under the writer lock (`_locked`): Busy while another
+        daemon (or a registry node's PATCH, which takes no lock: a window the lock cannot
+        close) writes it, whose next part would go to an upload S3 no longer has."""
         with self._writers_lock:
             writer = self._writers.get(key)
         if writer is not None:
             writer.materialize_blocking()
-            return True
+            return
+        with self._locked(key, path):
+            self._materialize(key, go_on=True)
+
+    @contextlib.contextmanager
+    def _locked(self, key: str, path: str) -> Iterator[None]:
+        """The writer lock of the file at key held, as a writer holds it (blocks: a thread):
+        for what completes a multipart upload that is not this process's writer's."""
+        lock = _Lock(self, key + LOCK_SUFFIX, path)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _materialize(self, key: str, go_on: bool) -> None:
+        """materialize without a writer (go_on False: a move, which deletes it next, does
+        not go on); the caller holds the lock. Nothing where there is no multipart upload."""
         pending = self._pending(key)
         if pending is None:
-            return False
+            return
         if not pending.parts:  # nothing to read, and S3 cannot complete an empty upload
             self.call(
                 f"PUT {key}",
@@ -628,11 +648,10 @@ class S3Driver(StorageDriver):
             )
             if not go_on:
                 self.abort(key, pending.upload_id)
-            return True
+            return
         self._complete(key, pending.upload_id, pending.parts)
         if go_on:
             self.restart(key)
-        return True
 
     # -- the driver's calls --------------------------------------------------------------
 
@@ -641,7 +660,7 @@ class S3Driver(StorageDriver):
 
         def get() -> bytes:
             if self._multipart.at(path):
-                self.materialize(key)
+                self.materialize(key, path)
             return self._get(key, path, limit)
 
         return await self._run(get)
@@ -660,7 +679,7 @@ class S3Driver(StorageDriver):
 
         def open_() -> _Reader:
             if self._multipart.at(path):
-                self.materialize(key)
+                self.materialize(key, path)
             head = self._head(key)
             if head is None:
                 raise PathNotFound(path)
@@ -697,6 +716,13 @@ class S3Driver(StorageDriver):
         with self._writers_lock:
             writer = self._writers.get(key)
         return None if writer is None else FileInfo(path, writer.size, writer.mtime_ns, False)
+
+    async def _being_written(self, path: str) -> bool:
+        """Whether the file's lock object is there and live: renewed within LOCK_TTL by the
+        server's clock, as a writer taking it over (`_Lock._try`) judges it."""
+        key = self.key(path) + LOCK_SUFFIX
+        head = await self._run(lambda: _lock_head(self, key))
+        return head is not None and _lock_age(head) < LOCK_TTL
 
     async def _stat(self, path: str) -> FileInfo:
         if path == "/":
@@ -911,11 +937,16 @@ class S3Driver(StorageDriver):
         src, dst = self.key(source), self.key(dest)
 
         def move() -> None:
-            if self._multipart.at(source):
-                with self._writers_lock:
-                    if src in self._writers:
-                        raise Busy(f"{source} is being written: close it before moving it")
-                self.materialize(src, go_on=False)
+            if not self._multipart.at(source):
+                return move_object()
+            with self._writers_lock:
+                if src in self._writers:
+                    raise Busy(f"{source} is being written: close it before moving it")
+            with self._locked(src, source):  # Busy while another daemon writes it
+                self._materialize(src, go_on=False)
+                move_object()
+
+        def move_object() -> None:
             head = self._head(src)
             if head is None:
                 raise PathNotFound(source)
@@ -1382,6 +1413,25 @@ def _server_now(answer: Any) -> float:
     return when.replace(tzinfo=when.tzinfo or UTC).timestamp()
 
 
+def _lock_head(driver: S3Driver, key: str) -> Any:
+    """The HEAD answer of the lock object at key (its Date is the server's now); None when
+    there is none."""
+    try:
+        return driver.call(
+            f"HEAD {key}",
+            lambda: driver.client.head_object(Bucket=driver.bucket, Key=key),
+            path=key,
+        )
+    except PathNotFound:
+        return None
+
+
+def _lock_age(head: Any) -> float:
+    """Seconds since the lock object of this HEAD answer was last written, by the server's
+    clock. Both times count whole seconds: one is taken off, against whoever takes it over."""
+    return float(_server_now(head) - head["LastModified"].timestamp() - 1)
+
+
 def _dead_here(holder: dict[str, Any]) -> bool:
     """Whether a lock's holder is a process of this host that is gone (a daemon killed here):
     its lock need not wait for its expiry, as a flock would not."""
@@ -1416,6 +1466,7 @@ class _Lock:
         self._etag = ""
         self._sent = 0.0  # time.monotonic() when the last successful write of it was sent
         self._lost = False
+        self._renewing = threading.Lock()  # one renewal at a time: the thread's, check's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None  # the renewals, joined by release
         # The token tells this lock's own write from another's after a lost answer: a
@@ -1466,17 +1517,10 @@ class _Lock:
     def _try(self) -> bool:
         if self._put(None):
             return True
-        driver = self._driver
-        try:
-            head = driver.call(
-                f"HEAD {self._key}",
-                lambda: driver.client.head_object(Bucket=driver.bucket, Key=self._key),
-                path=self._key,
-            )
-        except PathNotFound:
+        head = _lock_head(self._driver, self._key)
+        if head is None:
             return False  # let go meanwhile: try again
-        # Both times count whole seconds: one is taken off, against the one taking over.
-        age = _server_now(head) - head["LastModified"].timestamp() - 1
+        age = _lock_age(head)
         holder = self._holder(head["ETag"])
         if age >= LOCK_TTL:
             log.warning("%s: taking over a writer lock not renewed for %.0f s", self._path, age)
@@ -1504,34 +1548,41 @@ class _Lock:
 
     def _renew(self) -> None:
         """Rewrite the lock LOCK_RENEW after its last write. A failed renewal (S3 throttling
-        or unreachable, after the driver's own retries) is tried again after the backoff
-        while the safe window is open, then given up: writes are Busy from then on. Only a
-        write S3 accepted moves the window (_put sets _sent), never a failure."""
+        or unreachable, after the driver's own retries) is tried again after the backoff,
+        for as long as the writer is open: past the safe window writes fail (`check`), and
+        a renewal that goes through after it (If-Match: nobody took the lock over meanwhile)
+        lets them go on. Only a write S3 accepted moves the window (_put sets _sent)."""
         failures = 0
         while True:
             now = time.monotonic()
             if failures:
-                wait = min(pause(failures, None), self._sent + LOCK_SAFE - now)
+                wait = min(pause(failures, None), LOCK_RENEW)
             else:
                 wait = self._sent + LOCK_RENEW - now
             if self._stop.wait(max(0.0, wait)):
                 return
-            if time.monotonic() - self._sent >= LOCK_SAFE:
-                log.error("%s: writer lock not renewed in time: no more writes", self._path)
-                return  # maybe still ours: release deletes it if S3 lets it
             try:
-                renewed = self._put(self._etag) or self._still_ours()
+                if not self._renew_once():
+                    return
             except (RemoteUnavailable, AccessDenied) as exc:
                 failures += 1
                 log.warning(
                     "%s: writer lock not renewed (%s), try %d", self._path, exc, failures + 1
                 )
                 continue
-            if not renewed:
-                log.error("%s: writer lock taken over elsewhere: no more writes", self._path)
-                self._lost = True
-                return
             failures = 0
+
+    def _renew_once(self) -> bool:
+        """Rewrite the lock if it is still ours; False (and lost for good) where another
+        writer took it over. RemoteUnavailable or AccessDenied where S3 failed."""
+        with self._renewing:
+            if self._lost:
+                return False
+            if self._put(self._etag) or self._still_ours():
+                return True
+            log.error("%s: writer lock taken over elsewhere: no more writes", self._path)
+            self._lost = True
+            return False
 
     def _still_ours(self) -> bool:
         """After a renewal's 412: whether the lock holds our token (our last renewal was
@@ -1540,9 +1591,22 @@ class _Lock:
         return holder.get("token") == self._token and self._put(holder["etag"])
 
     def check(self) -> None:
-        """Busy if writing now could clash with a writer that took the lock over."""
-        if self._lost or time.monotonic() - self._sent > LOCK_SAFE:
-            raise Busy(f"{self._path}: writer lock lost (not renewed in time); reopen the file")
+        """Refuse a write that could clash with a writer taking the lock over. Past the safe
+        window since the last renewal, renew first (If-Match: only if nobody took it over):
+        Busy where another writer did, RemoteUnavailable (EIO, SPEC §10) where S3 still
+        fails (throttling, unreachable); writes go on once a renewal goes through."""
+        unrenewed = time.monotonic() - self._sent
+        if not self._lost and unrenewed > LOCK_SAFE:
+            try:
+                self._renew_once()
+            except (RemoteUnavailable, AccessDenied) as exc:
+                log.error("%s: writer lock not renewed in time: write refused", self._path)
+                raise RemoteUnavailable(
+                    f"{self._path}: writer lock not renewed for {unrenewed:.0f} s (S3 "
+                    f"unreachable or throttling: {exc}); writes go on once it is"
+                ) from exc
+        if self._lost:
+            raise Busy(f"{self._path}: writer lock taken over by another writer; reopen the file")
 
     def release(self) -> None:
         """Stop the renewals, waiting for one in flight (a renewal after the delete would
