@@ -11,10 +11,12 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
-from pyfuse3 import FileInfo, FUSEError
+from pyfuse3 import FileInfo, FUSEError, RequestContext
 
 from storage.digests import Digest
 from storage.names import validate_tag
@@ -56,6 +58,9 @@ class OpenFiles:
         # The writer of each upload or manifest, the newest of each tag's: its handle.
         self._writers: dict[Node, int] = {}
         self._closers = Closers(options.mountpoint)
+        # Tags whose writers' ends (a check and store each) are under way: one at a time,
+        # in the order the closes came, so that the last to close wins.
+        self._turns: dict[Node, trio.Lock] = {}
         # Uploads whose last writer is still being released (saving its hash state, fsync,
         # unlocking): release arrives after close() has returned, so a `cp` followed at once
         # by `mv`, `rm` or another writer must wait for it instead of finding the upload busy.
@@ -178,14 +183,14 @@ class OpenFiles:
 
     # -- closing ---------------------------------------------------------------------------
 
-    def opened_by(self, node: Node, handle: Handle, tid: int, inode: int) -> None:
-        """Note who opened a file that may be written (thread tid of the OPEN or CREATE):
+    def opened_by(self, node: Node, handle: Handle, ctx: RequestContext, inode: int) -> None:
+        """Note who opened a file that may be written (the thread of the OPEN or CREATE):
         a writer's last close ends it, and a reader's descriptor in the writer's process
         must not be taken for the writer's (regfs/closers.py)."""
         if isinstance(node, TagNode | UploadNode) or isinstance(
             handle, UploadHandle | ManifestWriter
         ):
-            handle.opener = self._closers.opener(tid, inode)
+            handle.opener = self._closers.opener(ctx.pid, inode)
 
     async def flush(self, fh: int, tid: int | None) -> None:
         """close(2) of a descriptor of fh by thread tid (None: not told, a stock pyfuse3)."""
@@ -201,7 +206,22 @@ class OpenFiles:
             )
             close = await self._closers.close_of(handle.opener, tid, others)
             log.debug("flush: fh %d by thread %d: %s", fh, tid, close.value)
-        await handle.flush(close)
+        if not isinstance(handle, ManifestWriter):
+            await handle.flush(close)
+            return
+        async with self._turn(handle.node):
+            await handle.flush(close)
+
+    @asynccontextmanager
+    async def _turn(self, node: Node) -> AsyncIterator[None]:
+        """Hold the node's turn to end (see _turns); dropped once nobody holds or awaits it."""
+        turn = self._turns.setdefault(node, trio.Lock())
+        try:
+            async with turn:
+                yield
+        finally:
+            if not turn.locked() and self._turns.get(node) is turn:
+                del self._turns[node]
 
     def take(self, fh: int) -> Handle:
         """Remove a handle from the table (release), so the node may get a new writer (a
@@ -219,7 +239,12 @@ class OpenFiles:
         return handle
 
     async def release(self, handle: Handle) -> None:
-        """Release a taken handle; an upload's release is waited for by `settled`."""
+        """Release a taken handle; an upload's release is waited for by `settled`, a tag's
+        (what no flush stored) takes its turn."""
+        if isinstance(handle, ManifestWriter):
+            async with self._turn(handle.node):
+                await handle.release()
+            return
         if not isinstance(handle, UploadHandle):
             await handle.release()
             return

@@ -6,10 +6,12 @@ close of the opener ended, the release ends. Real mounts, real tools."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +193,32 @@ async def test_two_processes_writing_one_tag_the_last_to_close_wins(tmp_path, im
         if last == "parent":
             os.close(fd)
     assert tag.read_bytes() == (mine if last == "parent" else theirs)
+    assert refusals(mounted) == 0, mounted.log_text()
+
+
+async def test_of_two_ends_of_one_tag_at_once_the_later_close_wins(image, mounted):
+    """Two writers of a tag in one process close at once, the first with a big manifest
+    (slow to check and store), the second with a small one: the ends take turns in the
+    order of the closes, so the tag holds the second, as the registry's PUTs would."""
+    tag = tags_of(mounted) / "latest"
+    small = variants(image, 1)[0]
+    big = json.dumps({**json.loads(small), "annotations": {"pad": "x" * (3 << 20)}}).encode()
+    fds = [os.open(tag, os.O_WRONLY | os.O_TRUNC) for _ in range(2)]
+    for fd, body in zip(fds, (big, small), strict=True):
+        assert os.write(fd, body) == len(body)
+    closing = threading.Event()
+
+    def close_first() -> None:
+        closing.set()
+        os.close(fds[0])
+
+    first = threading.Thread(target=close_first)
+    first.start()
+    closing.wait()
+    time.sleep(0.005)  # its FLUSH is in, its store under way
+    os.close(fds[1])
+    first.join()
+    assert tag.read_bytes() == small
     assert refusals(mounted) == 0, mounted.log_text()
 
 
