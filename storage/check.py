@@ -197,9 +197,8 @@ class Checker:
         upload_age: timedelta,
         progress: Progress | None = None,
     ) -> None:
-        driver = ListedOnce(driver)
-        self.driver = driver
-        self.registry = Registry(driver)
+        self.driver = ListedOnce(driver)
+        self.registry = Registry(self.driver)
         self.verify = verify
         self.upload_age = upload_age
         self.progress = progress or NoProgress()
@@ -437,9 +436,19 @@ async def _listed(listing: Awaitable[list[T]]) -> list[T]:
         return []
 
 
-async def _holds_data(driver: StorageDriver, name: str, uuid: str) -> bool:
-    """Whether the upload's data is there: a symlink counts, so it is never purged as empty."""
-    return await _exists(driver, path_for(UploadData(name, uuid)))
+async def _holds_data(driver: ListedOnce, name: str, uuid: str) -> bool:
+    """Whether the data of an upload without a start time is there: a symlink counts, so
+    it is never purged as empty. On S3, data that is the upload's only file is not: the
+    registry's purge deletes objects, never multipart uploads (an upload's data until it
+    finishes), and the driver's own delete removes the objects first, then aborts; either
+    left cut short leaves a multipart upload alone, which S3 bills and nobody can resume
+    (no start time). On a root such data would be a lost upload: kept, and reported."""
+    data = path_for(UploadData(name, uuid))
+    if not await _exists(driver, data):
+        return False
+    if driver.driver.name != "s3":
+        return True
+    return await driver.list(path_for(UploadDir(name, uuid))) != [data.rpartition("/")[2]]
 
 
 async def _exists(driver: StorageDriver, path: str) -> bool:

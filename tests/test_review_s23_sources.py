@@ -443,11 +443,6 @@ async def test_s3_failed_upload_start_leaves_no_upload(
         assert await layers.uploads() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="purge-uploads never removes an S3 upload left as a multipart upload alone "
-    "(no startedat): it counts as data",
-)
 async def test_s3_purge_removes_a_multipart_upload_left_alone(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
