@@ -22,7 +22,7 @@ from regfs.tree import Tree
 from storage.cache import TtlCache
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver
-from storage.paths import LayerLink, path_for
+from storage.paths import LayerLink, TagCurrentLink, path_for
 from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
@@ -76,7 +76,9 @@ async def test_tags_read_ahead_get_each_its_own_manifest(
     tags = [f"t{i:02d}" for i in range(11)]
     for at, tag in enumerate(tags):
         await repo.tags.put(tag, images[at % 2])
-    await repo.tags.put("gone", digest_bytes(b"no such manifest"))
+    # A tag whose manifest is not there (Tags.put refuses to make one: written directly).
+    gone = path_for(TagCurrentLink(NAME, "gone"))
+    await registry.driver.put_content(gone, str(digest_bytes(b"no such manifest")).encode())
     tree, fresh = Tree(registry, tag_ttl=600), Tree(registry, tag_ttl=600)
     section = SectionNode(NAME, "tags")
     await tree.children(section)

@@ -133,8 +133,8 @@ def writer():
                 write_all(upload, data, half, os.O_WRONLY)
         if mode != "by-digest":
             timed("rename", upload, os.rename, upload, layer)
-        if os.path.exists(upload):
-            raise AssertionError(f"{upload} is still there once finished")
+        if name in os.listdir(f"{repo}/uploads"):  # its name resolves a while (the layer)
+            raise AssertionError(f"{upload} is still an upload once finished")
         with open(layer, "rb") as f:
             got = timed("read-back", layer, f.read)
         if got != data:

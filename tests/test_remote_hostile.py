@@ -215,6 +215,8 @@ async def test_uuid_ids_are_kept_and_a_missing_one_is_named_here(
     async with RemoteClient(fault_server.url, timeout=2, retries=0) as client:
         first = await RemoteUpload.start(client, records, "x", None)
         second = await RemoteUpload.start(client, records, "x", None)
+        for upload in (first, second):  # its writer's lock file goes; the record stays
+            await upload.close()
     assert first.uuid == uuid
     assert sorted(p.name for p in records.directory.iterdir()) == sorted(
         [f"{uuid}.json", f"{second.uuid}.json"]

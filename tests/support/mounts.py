@@ -39,6 +39,17 @@ def daemon_pids(mountpoint: Path) -> list[int]:
     return find(os.path.abspath(mountpoint))
 
 
+def exited(pid: int) -> bool:
+    """Whether a process is gone or a zombie: its files closed. Its command line goes
+    before that (an exit drops the memory first), so `daemon_pids` stops seeing a daemon
+    that still holds its storage root open: a tmpfs under it is busy a moment longer."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
 def parse_getfattr(out: str) -> dict[str, dict[str, str]]:
     """`getfattr -d --absolute-names` output → {file: {name: value}}."""
     found: dict[str, dict[str, str]] = {}
@@ -107,7 +118,7 @@ class Mount:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not self.pids(), 10, "the daemon to exit")
+        wait_until(lambda: not self.pids() and all(map(exited, pids)), 10, "the daemon to exit")
 
     def check_log(self) -> None:
         text = self.log_text()
