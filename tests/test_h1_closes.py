@@ -20,6 +20,8 @@ from support.roots import build_root, variants
 from support.tools import bash, digest_of, errno_of, run
 from support.uploads import write_file
 
+from regfs.closers import Close, Closers, Opener
+
 pytestmark = pytest.mark.mount
 
 NAME = "library/demo"
@@ -144,21 +146,26 @@ async def test_a_child_that_inherited_the_descriptor_ends_nothing(tmp_path, imag
     assert refusals(mounted) == 1, mounted.log_text()
 
 
-async def test_a_descriptor_handed_to_a_child_ends_at_the_child_s_exit(tmp_path, image, mounted):
+@pytest.mark.parametrize("section", ["tags", "uploads"])
+async def test_a_descriptor_handed_to_a_child_ends_at_the_child_s_exit(
+    tmp_path, image, mounted, section
+):
     """`Popen(..., stdout=f)` then `f.close()` before the child is done: the parent's close
     ends nothing (its child holds the file), the child's exit ends nothing either (not the
-    opener), and the release stores the whole."""
-    tag = tags_of(mounted) / "v1"
-    whole = image["manifest"]
+    opener), and the release stores the whole manifest, or finishes the upload."""
+    whole = image["manifest"] if section == "tags" else os.urandom(100_000)
+    repo = mounted.path(*NAME.split("/"))
+    path = repo / section / ("v1" if section == "tags" else digest_of(whole))
+    done = path if section == "tags" else repo / "layers" / digest_of(whole)
     half = len(whole) // 2
     rest = write_file(tmp_path / "rest", whole[half:])
-    with open(tag, "wb") as f:
+    with open(path, "wb") as f:
         f.write(whole[:half])
         f.flush()
         child = subprocess.Popen(["sh", "-c", f"sleep 0.5; cat {rest}"], stdout=f)
-    assert child.wait() == 0  # f.close() did not raise: half a manifest was not checked
-    wait_until(lambda: tag.exists() and tag.read_bytes() == whole, what="the release's store")
-    assert refusals(mounted) == 0, mounted.log_text()
+    assert child.wait() == 0  # f.close() did not raise: half was not checked
+    wait_until(lambda: done.exists() and done.read_bytes() == whole, what="the release's end")
+    assert refusals(mounted) == 0 and " not finished: " not in mounted.log_text()
 
 
 @pytest.mark.parametrize("last", ["parent", "child"])
@@ -242,3 +249,30 @@ async def test_a_digest_named_upload_ends_at_the_last_close(tmp_path, image, mou
     other = repo / "uploads" / digest_of(b"another")
     result = run("bash", "-c", f"cat {whole} > {other}; exit $?", check=False)
     assert result.returncode != 0 and b"Input/output error" in result.stderr, result.stderr
+
+
+async def test_closers_tell_this_mount_s_descriptors_by_mount_and_inode(tmp_path, mounted):
+    """The scan behind each ending close, asked in process: a descriptor on this mount's
+    inode keeps a close from being the last; one on another filesystem's file of the same
+    inode number does not (a tty's number is small too); no closer known is UNKNOWN."""
+    closers = Closers(str(mounted.mountpoint))
+    tag = tags_of(mounted) / "latest"
+    local = write_file(tmp_path / "local", b"x")
+    me, thread = os.getpid(), threading.get_native_id()
+
+    async def close_with(path: Path) -> Close:
+        with open(path, "rb") as held:
+            return await closers.close_of(Opener(me, os.fstat(held.fileno()).st_ino), thread, {})
+
+    assert await close_with(tag) is Close.NOT_LAST
+    assert await close_with(local) is Close.LAST  # its inode, another mount
+    assert await closers.close_of(Opener(0, 1), thread, {}) is Close.UNKNOWN
+    assert await closers.close_of(Opener(me, 1), 0, {}) is Close.UNKNOWN
+    with open(tag, "rb") as held:  # the process's other handle of the inode holds it
+        inode = os.fstat(held.fileno()).st_ino
+        assert await closers.close_of(Opener(me, inode), thread, {me: 1}) is Close.LAST
+    seen: list[int] = []
+    other = threading.Thread(target=lambda: seen.append(closers.thread_group(thread)))
+    other.start()
+    other.join()
+    assert seen == [me]
