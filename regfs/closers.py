@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # are read on the trio thread (~7 us each), more in a worker thread.
 MAX_DESCRIPTORS = 4096
 INLINE_DESCRIPTORS = 64
-MAX_CHILDREN = 64  # and as many of its threads: whose children are scanned too
+MAX_CHILDREN = 64  # children of the closer scanned, found through as many of its threads
 _MOUNT_IDS_KEPT = 64  # mount ids known to be this mount (bind mounts, other namespaces)
 
 
@@ -51,7 +51,8 @@ class Close(enum.Enum):
 
 @dataclass(frozen=True)
 class Opener:
-    """Who opened a file being written: the process (tgid; 0 if unknown) and the inode."""
+    """Who opened a tag, an upload or a manifest being written: the process (tgid; 0 if
+    unknown) and the inode."""
 
     process: int
     inode: int
@@ -80,6 +81,7 @@ class Closers:
         return 0
 
     def opener(self, tid: int, inode: int) -> Opener:
+        """The opener of inode by thread tid (an OPEN's or CREATE's)."""
         return Opener(self.thread_group(tid), inode)
 
     async def close_of(self, opener: Opener, tid: int, others: Mapping[int, int]) -> Close:
@@ -220,7 +222,9 @@ class Closers:
 
 
 def _mount_id(fdinfo: bytes) -> int:
-    start = fdinfo.find(b"mnt_id:")
-    if start < 0:
-        return -1
-    return int(fdinfo[start + 7 : fdinfo.index(b"\n", start)])
+    """A descriptor's `mnt_id:`, or -1 (no mount's id) if its fdinfo has none."""
+    for line in fdinfo.splitlines():
+        if line.startswith(b"mnt_id:"):
+            field = line[7:].strip()
+            return int(field) if field.isdigit() else -1
+    return -1
