@@ -1,5 +1,6 @@
-"""The one writer of a remote upload across mounts (UploadRecords.lock): held while an
-Upload is open, its file gone once it is let go (closed, finished, cancelled, not found)."""
+"""What a remote source keeps beside its upload records (UploadRecords): the lock of an
+upload's one writer across mounts, held while an Upload is open, its file gone once it is
+let go (closed, finished, cancelled, not found); and the repositories mkdir made."""
 
 from __future__ import annotations
 
@@ -87,3 +88,23 @@ async def test_a_writer_that_waited_holds_the_lock_the_next_one_meets(tmp_path: 
     records.unlock(UUID, second[0])
     assert list(records.directory.iterdir()) == []
     records.close()
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+async def test_a_made_repository_lasts_until_rmdir_and_is_seen_by_another_mount(
+    tmp_path: Path, module_registry_server: RegistryServer
+) -> None:
+    """mkdir over https:// is kept beside the upload records: another mount of the user
+    (or the next one) finds it, and its rmdir removes it for both."""
+    a = opened(module_registry_server.url, tmp_path / "state")
+    b = opened(module_registry_server.url, tmp_path / "state")
+    try:
+        await a.create_repository("h6/made")
+        assert await b.catalog.is_repository("h6/made")
+        await b.remove_repository("h6/made")
+        assert not await a.catalog.is_repository("h6/made")
+        assert a.created == b.created == frozenset()
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -337,10 +337,6 @@ def test_rmdir_p_of_a_new_repository(
 
 @pytest.mark.registry
 @pytest.mark.remote
-@pytest.mark.xfail(
-    strict=True,
-    reason="an empty repository made by mkdir over https:// is gone at the next mount",
-)
 async def test_remote_mkdir_lasts_as_on_other_sources(
     tmp_path: Path, module_registry_server
 ) -> None:

@@ -962,8 +962,7 @@ class RemoteRegistry:
         self.started_ns = time.time_ns()
         host = urlsplit(str(client.base_url)).netloc.replace(":", "_")
         self.records = UploadRecords(state_dir / "uploads" / host, base=state_dir.parent)
-        # Repositories made by mkdir (they exist once pushed to), blobs pushed through here.
-        self.created: set[str] = set()
+        # Blobs pushed through here (the repositories mkdir made: `created`).
         self.finished: dict[str, dict[Digest, BlobInfo]] = {}
         # Digest-addressed, so never stale; bounded in bytes so memory is too.
         self.manifest_cache: ByteCache[tuple[str, Digest], Manifest] = ByteCache(
@@ -1056,20 +1055,27 @@ class RemoteRegistry:
         finally:
             self._ahead.pop((name, kind)).set()
 
+    @property
+    def created(self) -> frozenset[str]:
+        """The repositories mkdir made (they exist at the registry once pushed to), kept
+        beside the upload records: they last across remounts until rmdir, as on a root."""
+        return self.records.made()
+
     async def create_repository(self, name: str) -> RemoteRepository:
         repo = self.repository(name)
-        self.created.add(name)
+        if name not in self.created:
+            self.records.set_made(self.created | {name})
         return repo
 
     async def remove_repository(self, name: str) -> None:
-        """rmdir: only a repository made by this mount's mkdir that holds nothing yet (no
+        """rmdir: only a repository made by mkdir here (`created`) that holds nothing yet (no
         tag at the registry, no upload or blob of ours); the registry API cannot remove one."""
         at_registry = await self.repository(name).exists()
         if name not in self.created and not at_registry:
             raise UnknownRepository(name)
         if at_registry or self.records.of(name) or name in self.pushed():
             raise NotEmpty(f"repository {name} cannot be removed through the registry's API")
-        self.created.discard(name)
+        self.records.set_made(self.created - {name})
 
     def pushed(self) -> set[str]:
         """The repositories a blob was pushed to through this client."""

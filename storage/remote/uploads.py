@@ -32,6 +32,7 @@ from ..errors import (
     RemoteUnavailable,
     UnknownUpload,
 )
+from ..names import NAME_RE
 from ..privatedir import open_private
 from .client import RemoteClient, RemoteNotFound, TLSError
 from .retry import backoff
@@ -48,6 +49,8 @@ use similar tokens. No `/`, no leading `.`: a registry's id never leads out of t
 
 RECORD_MAX = 64 << 10  # a record is a few hundred bytes: a bigger file is no record of ours
 LOCK_SUFFIX = ".lock"  # beside `<uuid>.json`: its writer's lock (UploadRecords.lock)
+MADE = "made-by-mkdir"  # beside the records: the repositories mkdir made, a JSON list
+MADE_MAX = 4 << 20
 
 
 class UnsafeUploadId(RemoteError):
@@ -90,9 +93,10 @@ class UploadRecords:
         self._base = directory.parent if base is None else base
         self._parts = directory.relative_to(self._base).parts
         self._fd: int | None = None
-        # `repositories`, and the directory's (mtime, inode) it was read at: the catalog asks
-        # at every lookup, and a listing and a JSON load per record each time is not free.
+        # `repositories`, `made`, and the directory's (mtime, inode) they were read at: the
+        # catalog asks at every lookup, and a listing and a JSON load per record is not free.
         self._repositories: frozenset[str] = frozenset()
+        self._made: frozenset[str] = frozenset()
         self._read_at: tuple[int, int] | None = None
 
     def _dir(self) -> int:
@@ -173,12 +177,16 @@ class UploadRecords:
             ) from None
 
     def save(self, record: UploadRecord) -> None:
-        fd, name = self._dir(), self._name(record.uuid)
+        self._write(self._name(record.uuid), asdict(record))
+
+    def _write(self, name: str, value: object) -> None:
+        """Replace file `name` with `value` as JSON, atomically (a temporary file renamed)."""
+        fd = self._dir()
         temp = f".tmp-{uuids.uuid4().hex}"
         out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
         try:
             with os.fdopen(out, "w") as f:
-                json.dump(asdict(record), f)
+                json.dump(value, f)
             os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -207,17 +215,47 @@ class UploadRecords:
 
     def repositories(self) -> frozenset[str]:
         """Where uploads were started: a repository that holds only uploads is in no
-        catalog, yet its uploads must be reachable for a resume (after a remount too).
+        catalog, yet its uploads must be reachable for a resume (after a remount too)."""
+        return self._read()[0]
 
-        Read again only when the directory changed: a record written or deleted here, or
-        one another mount of the registry added or removed (its mtime moves; Linux's
-        multigrain timestamps tell apart two changes in one tick once the first was seen)."""
+    def made(self) -> frozenset[str]:
+        """The repositories mkdir made (`set_made`): the registry knows a repository only
+        once something is pushed to it, and an empty one must last until rmdir, across
+        remounts, as on a storage root."""
+        return self._read()[1]
+
+    def set_made(self, names: frozenset[str]) -> None:
+        self._write(MADE, sorted(names))
+
+    def _read(self) -> tuple[frozenset[str], frozenset[str]]:
+        """`repositories` and `made`, read again only when the directory changed: a file
+        written or deleted here, or by another mount of the registry (its mtime moves;
+        Linux's multigrain timestamps tell apart two changes in one tick once the first
+        was seen)."""
         _, st = self._opened()  # one fstat per catalog lookup, as the stat it replaced
         read_at = (st.st_mtime_ns, st.st_ino)
         if read_at != self._read_at:
             self._repositories = frozenset(record.repository for record in self.all())
+            self._made = self._load_made()
             self._read_at = read_at
-        return self._repositories
+        return self._repositories, self._made
+
+    def _load_made(self) -> frozenset[str]:
+        try:
+            fd = os.open(MADE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir())
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(MADE_MAX + 1)
+            if len(data) > MADE_MAX:
+                raise ValueError(f"over {MADE_MAX} bytes")
+            names = jsontext.loads(data)
+            if not isinstance(names, list):
+                raise ValueError("not a list")
+            return frozenset(n for n in names if isinstance(n, str) and NAME_RE.fullmatch(n))
+        except FileNotFoundError:
+            return frozenset()
+        except (OSError, ValueError) as exc:
+            log.warning("records: %s is unreadable (%s): no repository made by mkdir", MADE, exc)
+            return frozenset()
 
 
 class RemoteUpload:
