@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -72,7 +73,8 @@ class Shown:
     mode: int
     uid: int
     gid: int
-    mtime_ns: int | None = None  # None: the storage's (when the upload started)
+    mtime_ns: int | None = None  # None: the storage's (its last write)
+    changed_ns: int = 0  # when they were set: the ctime, unless a write came after
 
 
 def packed(columns: AttrColumns) -> array[int]:
@@ -130,6 +132,7 @@ class Attributes:
             entry.st_uid, entry.st_gid = shown.uid, shown.gid
             if shown.mtime_ns is not None:
                 entry.st_atime_ns = entry.st_mtime_ns = shown.mtime_ns
+            entry.st_ctime_ns = max(entry.st_ctime_ns, shown.changed_ns)
         if timeout is None:
             timeout = FOREVER if attr.immutable else self.options.tag_ttl
             if isinstance(node, UploadNode | FinishedNode):
@@ -379,13 +382,14 @@ class Attributes:
         return None
 
     def show(self, node: Node, shown: Shown) -> None:
-        """Keep what check_change returned (an mtime not given stays what it was)."""
+        """Keep what check_change returned (an mtime not given stays what it was), changed
+        now: chmod, chown and touch move the ctime, as on any filesystem."""
         if not isinstance(node, UploadNode):
             return
         before = self._shown.get(node)
         if shown.mtime_ns is None and before is not None:
             shown = replace(shown, mtime_ns=before.mtime_ns)
-        self._shown[node] = shown
+        self._shown[node] = replace(shown, changed_ns=time.time_ns())
 
     def written(self, node: Node) -> None:
         """A write moves the mtime on, as on any filesystem."""

@@ -85,6 +85,9 @@ UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
 # first): a tool sets the mode and times by path right after its close.
 FINISHED_GRACE = 10.0
 FINISHED_KEPT = 1000
+# Sections whose names changed through the mount, and when: their mtime and ctime move then,
+# as a directory's do when an entry comes or goes (the oldest forgotten past this many).
+SECTIONS_CHANGED_KEPT = 10_000
 
 
 class BytesReader:
@@ -164,6 +167,7 @@ class Tree:
         self._tag_attrs: TtlCache[TagNode, tuple[Attr, ManifestNode]] = TtlCache(tag_ttl, TAGS_KEPT)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
         self._finished: TtlCache[FinishedNode, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
+        self._sections_changed: TtlCache[SectionNode, int] = TtlCache(None, SECTIONS_CHANGED_KEPT)
         # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
         # manifest wait for them (`remove`). And the names in a view's section, a tag's image
         # root (rootfs/<tag>) that moves with the tag: every change of a tag waits for them.
@@ -234,6 +238,8 @@ class Tree:
         """node's names changed: the daemon lists it again, the kernel too (its mtime moves)."""
         self._listings.pop(node)
         self.kept.move(node)
+        if isinstance(node, SectionNode):
+            self._sections_changed.put(node, time.time_ns())
 
     def section_attrs_handed(self, node: SectionNode, seconds: float) -> None:
         """The kernel was handed the attributes of a section whose listing it keeps, for
@@ -430,7 +436,10 @@ class Tree:
         since = self._changes
         match node:
             case DirNode(path) | SectionNode(path, _):
-                return Attr(True, 0, self.kept.mtime_ns(node, await self._dir_mtime_ns(path)))
+                stored = await self._dir_mtime_ns(path)
+                if isinstance(node, SectionNode):  # its own names moved through the mount
+                    stored = max(stored, self._sections_changed.get(node) or 0)
+                return Attr(True, 0, self.kept.mtime_ns(node, stored))
             case TagNode(repo, tag):
                 if (cached := self.cached_attr(node)) is not None:
                     return cached

@@ -285,10 +285,6 @@ async def test_a_directorys_link_count_counts_its_subdirectories(demo):
         assert path.stat().st_nlink == 2 + len(subdirectories), path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uploads/ and tags/ keep their mtime and ctime when an entry is created or removed",
-)
 @pytest.mark.parametrize("section", ["uploads", "tags"])
 async def test_a_sections_mtime_moves_when_an_entry_comes_or_goes(demo, section):
     # ext4: creating, renaming or unlinking an entry sets its directory's mtime and ctime
@@ -307,7 +303,6 @@ async def test_a_sections_mtime_moves_when_an_entry_comes_or_goes(demo, section)
     assert before.st_ctime_ns < created.st_ctime_ns < removed.st_ctime_ns
 
 
-@pytest.mark.xfail(strict=True, reason="a chmod of an upload leaves its ctime where it was")
 async def test_chmod_of_an_upload_moves_its_ctime(demo):
     # ext4: chmod, chown and utimes set st_ctime to now (backup tools and `find -cmin` look
     # for changed metadata there); the mode itself is kept, as the README says.
