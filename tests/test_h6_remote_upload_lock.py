@@ -108,3 +108,24 @@ async def test_a_made_repository_lasts_until_rmdir_and_is_seen_by_another_mount(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+async def test_a_rename_while_the_upload_is_open_stays(
+    tmp_path: Path, module_registry_server: RegistryServer
+) -> None:
+    """`mv uploads/a uploads/b` while a's writer is open (set_label beside the Upload): the
+    writer's next save of its record keeps the new name, not the one it opened with."""
+    a = opened(module_registry_server.url, tmp_path / "state")
+    try:
+        layers = a.repository("h6/renamed").layers
+        upload = await layers.upload(label="a")
+        await upload.write_at(0, b"before ")
+        await layers.set_label(upload.uuid, "b")
+        await upload.write_at(7, b"after")
+        await upload.flush()
+        assert await layers.label(upload.uuid) == "b"
+        await upload.cancel()
+    finally:
+        await a.aclose()

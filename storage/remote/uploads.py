@@ -343,6 +343,13 @@ class RemoteUpload:
             record.location = response.headers["Location"]
         return cls(client, records, record, hashed, lock)
 
+    def _save(self) -> None:
+        """Save the record with the name the upload has now: a rename (`set_label`, by
+        this mount or another) may have changed it since this writer loaded it."""
+        with contextlib.suppress(UnknownUpload):
+            self.record.label = self.records.load(self.uuid).label
+        self.records.save(self.record)
+
     async def write_at(self, offset: int, data: bytes) -> None:
         if offset != self.size:
             raise InvalidOffset(
@@ -368,7 +375,7 @@ class RemoteUpload:
         self.record.location, _ = await _begin(self.client, self.name)
         self.record.offset, self.record.hash_state = 0, None
         self._pending, self._hash = bytearray(), Sha256State()
-        self.records.save(self.record)
+        self._save()
         await _abandon(self.client, old)
         log.info("truncate: upload %s in %s restarts from 0", self.uuid, self.name)
 
@@ -529,7 +536,7 @@ class RemoteUpload:
         if response is not None:
             self.record.location = response.headers.get("Location", self.record.location)
         self.record.hash_state = self._hash.marshal().hex() if self._hash is not None else None
-        self.records.save(self.record)
+        self._save()
 
     async def _patch(self, data: bytes, start: int) -> httpx.Response:
         return await self.client.request(
