@@ -100,3 +100,20 @@ async def test_an_unknown_closer_leaves_an_emptied_tag_to_the_release(ops, caplo
         await ops.release(info.fh)
     assert "release: tag a/b:latest not stored: " in caplog.text
     assert await ops.tree.read(ops.inodes.node(latest.st_ino)) == before
+
+
+async def test_pyfuse3_s_flush_closer_calls_a_file_system_s_flush():
+    """regfs's pyfuse3 calls `flush_closer` for each FLUSH; a file system that defines only
+    `flush` (as before the patch) has it called by the default."""
+
+    class OnlyFlush(pyfuse3.Operations):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flushed: list[int] = []
+
+        async def flush(self, fh: int) -> None:
+            self.flushed.append(fh)
+
+    fs = OnlyFlush()
+    await fs.flush_closer(7, Context(1), 0)  # type: ignore[arg-type]
+    assert fs.flushed == [7]
