@@ -79,6 +79,18 @@ class OpenFiles:
         """The handle writing the node, if one is open."""
         return self._handles.get(self._writers.get(node, 0))
 
+    def being_written(self, parent: Node, name: str) -> TagNode | ManifestNode | None:
+        """The tag or manifest `name` of section `parent` that a writer created and has not
+        stored yet (storage does not know it)."""
+        match parent:
+            case SectionNode(repo, "tags"):
+                node: TagNode | ManifestNode = TagNode(repo, name)
+            case SectionNode(repo, "manifests") if digest_name(name) is not None:
+                node = ManifestNode(repo, Digest.parse(name))
+            case _:
+                return None
+        return node if node in self._writers else None
+
     def is_written(self, node: Node) -> bool:
         return node in self._writers
 

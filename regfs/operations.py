@@ -66,7 +66,16 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         parent = self.inodes.node(parent_inode)
-        node = await self.tree.lookup(parent, decode_name(name))
+        decoded = decode_name(name)
+        try:
+            node = await self.tree.lookup(parent, decoded)
+        except LookupError:  # NotFound, UnknownTag, UnknownManifest...
+            # A tag or manifest being written exists from its create on, as on any
+            # filesystem: a second O_CREAT|O_EXCL is EEXIST (the lock-file idiom).
+            written = self.files.being_written(parent, decoded)
+            if written is None:
+                raise
+            node = written
         entry = await self.directories.entry_of(node)  # a tag being written: its pending size
         self.inodes.ref(entry.st_ino)
         self.directories.entries_used(parent)

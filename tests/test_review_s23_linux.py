@@ -331,11 +331,6 @@ async def test_o_creat_o_excl_on_every_existing_kind_is_eexist(demo):
         assert open_errno(path, os.O_RDONLY | os.O_DIRECTORY) == errno.ENOTDIR, kind
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a second O_CREAT|O_EXCL of a tag another descriptor is writing is EBUSY (and "
-    "stat says ENOENT) until the first closes",
-)
 async def test_o_excl_create_of_a_tag_being_written_is_eexist(demo):
     # ext4: the name exists from the first create on: a second O_CREAT|O_EXCL is EEXIST
     # (the lock-file idiom: whoever gets EEXIST knows someone else holds it); an upload
