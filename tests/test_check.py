@@ -319,6 +319,7 @@ async def test_purge_lists_a_bucket_once(moto_server, s3_bucket):
         "GetObject": len(stale) + len(fresh) + 1 + 1,  # start times, org/a's stale label
         "DeleteObjects": gone,
         "AbortMultipartUpload": len(stale),
+        "HeadObject": gone,  # each upload to purge: is its writer lock live?
     }
 
 
