@@ -17,15 +17,26 @@ from .tags import TagService
 log = logging.getLogger(__name__)
 
 
+def revisions_of(blobs: BlobStore, name: str) -> LinkedBlobs:
+    """A repository's manifests as linked blobs (`_manifests/revisions/`): what its tags
+    may point at and its ManifestService keeps."""
+    return LinkedBlobs(blobs, lambda d: RevisionLink(name, d), RevisionsDir(name), UnknownManifest)
+
+
 class ManifestService:
-    def __init__(self, blobs: BlobStore, layers: LinkedBlobs, tags: TagService, name: str) -> None:
+    def __init__(
+        self,
+        blobs: BlobStore,
+        layers: LinkedBlobs,
+        tags: TagService,
+        revisions: LinkedBlobs,
+        name: str,
+    ) -> None:
         self.name = name
         self._blobs = blobs
         self._layers = layers
         self._tags = tags
-        self.revisions = LinkedBlobs(
-            blobs, lambda d: RevisionLink(name, d), RevisionsDir(name), UnknownManifest
-        )
+        self.revisions = revisions
 
     async def put(self, data: bytes, content_type: str | None = None) -> Digest:
         """Check, store as a blob, link as a revision; nothing is written when a check fails."""

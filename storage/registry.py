@@ -9,7 +9,7 @@ from .catalog import Catalog
 from .drivers import PathNotFound, StorageDriver
 from .errors import NotEmpty, UnknownRepository
 from .layers import LayerService
-from .manifests import ManifestService
+from .manifests import ManifestService, revisions_of
 from .names import validate_name
 from .paths import EmptyMarker, RepositoryDir, UploadsDir, UploadStartedAt, path_for
 from .tags import TagService
@@ -23,9 +23,12 @@ class Repository:
     def __init__(self, driver: StorageDriver, blobs: BlobStore, name: str) -> None:
         self.name = validate_name(name)
         self.layers = LayerService(driver, blobs, name)
-        # Late-bound: manifests need tags (a deleted manifest's tags go with it).
-        self.tags = TagService(driver, name, lambda digest: self.manifests.stat(digest))
-        self.manifests = ManifestService(blobs, self.layers.linked, self.tags, name)
+        # Tags point at stored manifests only; a deleted manifest's tags go with it. No
+        # reference cycle: a repository's objects (and a root's descriptors) go with the last
+        # reference, not at the next collection.
+        revisions = revisions_of(blobs, self.name)
+        self.tags = TagService(driver, name, revisions.stat)
+        self.manifests = ManifestService(blobs, self.layers.linked, self.tags, revisions, name)
 
 
 class Registry:

@@ -42,7 +42,15 @@ from regfs.tree import SECTIONS, ManifestNode, TagNode, Tree
 from storage.check import Severity, check
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver, InMemoryDriver
-from storage.paths import BlobData, BlobDir, LayerLink, RevisionLink, TagDir, path_for
+from storage.paths import (
+    BlobData,
+    BlobDir,
+    LayerLink,
+    RevisionLink,
+    TagCurrentLink,
+    TagDir,
+    path_for,
+)
 from storage.registry import Registry
 
 pytestmark = pytest.mark.mount
@@ -301,7 +309,9 @@ async def test_check_reclaimable_apart_from_damage(tmp_path):
     await driver.put_content(path_for(BlobData(wrong)), b"other bytes")
     await driver.put_content(path_for(BlobData(truncated)), b"trunc")
     await driver.delete(path_for(BlobData(lost)))  # its directory stays: not gc's doing
-    await repo.tags.put("deleted", manifest)  # the registry deletes a manifest's tags with it
+    # A tag left naming it (the registry deletes a manifest's tags with it; Tags.put refuses
+    # a manifest not stored): its link written as such.
+    await driver.put_content(path_for(TagCurrentLink(NAME, "deleted")), str(manifest).encode())
     found = {f.kind: f.severity for f in await check(driver, verify=True)}
     assert found == {
         "tag-to-missing-manifest": Severity.DAMAGE,
