@@ -24,7 +24,7 @@ from . import fusefeatures
 from .attributes import PACKED, Attributes
 from .inodes import InodeTable
 from .listings import names_of
-from .nodes import Attr, DirNode, FixedNode, Listing, Node, SectionNode
+from .nodes import Attr, DirNode, FixedNode, Listing, Node, NotFound, SectionNode
 from .tree import LISTED_ENTRY_TIMEOUT, SECTIONS, TICK, Tree
 
 log = logging.getLogger(__name__)
@@ -397,7 +397,15 @@ class Directories:
         as long as that exists, so an empty one "goes" as a no-op (what readdir would show of
         it decides: a digest the registry deleted is not there); one with anything listed is
         ENOTEMPTY, as a local directory would be."""
-        node = await self.tree.lookup(parent, name)
+        try:
+            node = await self.tree.lookup(parent, name)
+        except NotFound:
+            # The kernel held the name (else rmdir never arrives), yet the directory went
+            # with its last entry (S3 keeps no empty one: a namespace goes with its last
+            # repository's key): what rmdir wants is done.
+            self.tree.changed(parent)
+            log.info("rmdir: %s/%s is gone already", parent.path, name)
+            return
         if isinstance(node, SectionNode):
             if await self._present(node):
                 raise FUSEError(errno.ENOTEMPTY)

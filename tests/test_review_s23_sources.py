@@ -305,13 +305,7 @@ def test_s3_tag_added_beside_a_mount_shows_within_the_ttl(
     "kind",
     [
         "filesystem",
-        pytest.param(
-            "s3",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="on S3, `rmdir -p org/app` fails on org (ENOENT): it went with app",
-            ),
-        ),
+        "s3",
     ],
 )
 def test_rmdir_p_of_a_new_repository(
