@@ -13,7 +13,7 @@ import pytest
 from support.mounts import Mount
 from support.registry import RegistryClient, RegistryServer, running_registry
 from support.s3 import MotoServer
-from support.sources import REMOTE_CANNOT, Source
+from support.sources import Source
 from support.users import OtherUser, other_user_env
 
 from storage.api import RegistrySource
@@ -179,8 +179,7 @@ async def source(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         # The upload records live in the state dir, so a reopened view resumes uploads.
         return RemoteRegistry(RemoteClient(url, timeout=10), tmp_path / "state", listing_ttl=0)
 
-    cannot = REMOTE_CANNOT if kind == "remote" else {}
-    src = Source(kind, opener(), opener, f"svc{next(_unique)}", cannot)
+    src = Source(kind, opener(), opener, f"svc{next(_unique)}")  # its kind's `cannot`
     try:
         yield src
     finally:

@@ -3,7 +3,7 @@ support/sources.py `Source`: in memory, a filesystem root, an S3 bucket on moto,
 remote registry against the real docker-registry).
 
 The calls are the ones regfs/tree.py and regfs/handles.py make (storage/api.py writes them
-down). What a source legitimately cannot do is in `source.cannot` (REMOTE_CANNOT), and the
+down). What a source legitimately cannot do is in `source.cannot` (support/sources.py), and the
 tests assert its documented fallback there instead of skipping; everything else every source
 must pass alike.
 """

@@ -40,11 +40,12 @@ class Source:
     registry: RegistrySource
     opener: Callable[[], RegistrySource]
     prefix: str
-    cannot: dict[str, str] = field(default_factory=dict)
     opened: list[RegistrySource] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.cannot = {**CANNOT.get(self.kind, {}), **self.cannot}
+    @property
+    def cannot(self) -> dict[str, str]:
+        """What this kind of source legitimately cannot do (CANNOT)."""
+        return CANNOT.get(self.kind, {})
 
     def name(self, repo: str) -> str:
         return f"{self.prefix}/{repo}"
