@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MAX_DESCRIPTORS = 4096
 INLINE_DESCRIPTORS = 64
 MAX_CHILDREN = 64  # children of the closer scanned, found through as many of its threads
+_CHILDREN_BYTES = MAX_CHILDREN * 8  # "<pid> " of MAX_CHILDREN pids (7 digits at most)
 _MOUNT_IDS_KEPT = 64  # mount ids known to be this mount (bind mounts, other namespaces)
 
 
@@ -111,8 +112,9 @@ class Closers:
         """Whether the closer or a child holds a descriptor on inode besides those of its
         other handles; None if that takes reading more than budget descriptors."""
         for process in (closer, *self._children(closer)):
+            budget -= 1  # a process costs its listing, even one without descriptors
             try:
-                fds = os.listdir(f"/proc/{process}/fdinfo")
+                fds = _names(f"/proc/{process}/fdinfo", budget)
             except OSError:  # another user's, or gone: the closer's is unknown, a child's
                 if process == closer:  # holds none of ours then
                     return Close.UNKNOWN
@@ -128,20 +130,25 @@ class Closers:
         return Close.LAST
 
     def _children(self, pid: int) -> set[int]:
-        """The children of process pid (of each of its threads), at most MAX_CHILDREN."""
+        """The children of process pid (of each of its threads), at most MAX_CHILDREN: a
+        thread's list is read only as far as that many pids reach, and cut there."""
         found: set[int] = set()
         try:
-            tasks = os.listdir(f"/proc/{pid}/task")[:MAX_CHILDREN]
+            tasks = _names(f"/proc/{pid}/task", MAX_CHILDREN)[:MAX_CHILDREN]
         except OSError:
             return found
         for task in tasks:
             try:
                 with open(f"/proc/{pid}/task/{task}/children", "rb") as children:
-                    found.update(int(child) for child in children.read().split())
-            except (OSError, ValueError):
+                    listed = children.read(_CHILDREN_BYTES + 1)
+            except OSError:
                 continue
+            pids = listed.split()
+            if len(listed) > _CHILDREN_BYTES:
+                pids.pop()  # perhaps cut short
+            found.update(int(child) for child in pids if child.isdigit())
             if len(found) >= MAX_CHILDREN:
-                break
+                return set(sorted(found)[:MAX_CHILDREN])
         return found
 
     def _held(self, pid: int, fds: list[str], inode: int) -> int | None:
@@ -219,6 +226,19 @@ class Closers:
         if found is None:
             log.warning("flush: %s not in /proc/self/mountinfo: closes not told apart", escaped)
         return found
+
+
+def _names(directory: str, most: int) -> list[str]:
+    """The names in a /proc directory, at most one more than most (more than most tells
+    that there are more): a process may hold a million descriptors, and listing them whole
+    on the trio thread stalled every request for seconds."""
+    names: list[str] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            names.append(entry.name)
+            if len(names) > most:
+                break
+    return names
 
 
 def _mount_id(fdinfo: bytes) -> int:
