@@ -168,6 +168,8 @@ class Closers:
                     continue
                 try:
                     text = os.read(info, 4096)
+                except OSError:  # the process exited since the open (ENOENT): none held
+                    continue
                 finally:
                     os.close(info)
                 if wanted in text:

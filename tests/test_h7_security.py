@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ from typing import Any
 import pytest
 from support.h7_processes import process
 
-from regfs.closers import INLINE_DESCRIPTORS, MAX_CHILDREN, MAX_DESCRIPTORS, Close, Closers
+from regfs import closers as closers_module
+from regfs.closers import INLINE_DESCRIPTORS, MAX_CHILDREN, MAX_DESCRIPTORS, Close, Closers, Opener
 
 pytestmark = pytest.mark.mount  # the daemon's side of a mount (its scan of /proc)
 
@@ -61,3 +64,36 @@ def test_a_closer_holding_many_descriptors_is_not_listed_whole_inline(tmp_path: 
         scans = [cpu(lambda: closers._scan(pid, 1, {}, INLINE_DESCRIPTORS)) for _ in range(5)]
         assert closers._scan(pid, 1, {}, INLINE_DESCRIPTORS) is None  # over budget: a thread's
     assert statistics.median(scans) < listing / 5, (scans, listing)
+
+
+async def test_a_child_exiting_mid_scan_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child of the closer that exits between the open of one of its fdinfo files and the
+    read (ENOENT) made the flush fail: close(2) of the writer returned ENOENT and its tag
+    was not stored at that close. A child gone holds nothing."""
+    child = subprocess.Popen(["sleep", "60"])
+    held = tmp_path / "held"
+    held.write_bytes(b"")
+
+    class Exiting:
+        """os, but the child exits just before its first fdinfo file is read."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def read(self, fd: int, size: int) -> bytes:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/proc/{child.pid}/"):
+                child.kill()
+                child.wait()
+            return os.read(fd, size)
+
+    monkeypatch.setattr(closers_module, "os", Exiting())
+    try:
+        opener = Opener(os.getpid(), held.stat().st_ino)
+        close = await Closers(str(tmp_path)).close_of(opener, threading.get_native_id(), {})
+    finally:
+        child.kill()
+        child.wait()
+    assert close is Close.LAST
+    assert child.returncode is not None
