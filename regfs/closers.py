@@ -64,7 +64,7 @@ class Closers:
 
     def __init__(self, mountpoint: str) -> None:
         self.mountpoint = mountpoint
-        self._device: str | None = None  # "major:minor" of this mount, once found
+        self._device: bytes | None = None  # "major:minor" of this mount, once found
         self._device_looked_up = False
         self._mount_ids: set[int] = set()
 
@@ -194,39 +194,35 @@ class Closers:
         if self._device is None:
             return set()
         try:
-            with open(f"/proc/{pid}/mountinfo", "rb") as mountinfo:
-                lines = mountinfo.read().decode(errors="replace").splitlines()
+            mounts = _mountinfo(f"/proc/{pid}/mountinfo")
         except OSError:
             return set()
         found = set()
-        for line in lines:
-            fields = line.split(maxsplit=3)  # mount id, parent id, major:minor, the rest
+        for fields in mounts:  # mount id, parent id, major:minor, ...
             if len(fields) > 2 and fields[2] == self._device and fields[0].isdigit():
                 found |= {int(fields[0])} & ids
         if len(self._mount_ids) < _MOUNT_IDS_KEPT:
             self._mount_ids |= found
         return found
 
-    def _find_device(self) -> str | None:
+    def _find_device(self) -> bytes | None:
         """This mount's device ("major:minor"), from the daemon's own mount table. The
         mountpoint's parent is resolved (mountinfo shows real paths), never the mountpoint
         itself: that would ask this daemon, which is busy asking."""
         parent, name = os.path.split(self.mountpoint)
-        escaped = os.path.join(os.path.realpath(parent), name)
-        for char in "\\ \t\n":  # as /proc escapes them, backslash first
-            escaped = escaped.replace(char, f"\\{ord(char):03o}")
+        escaped = os.fsencode(os.path.join(os.path.realpath(parent), name))
+        for char in b"\\ \t\n":  # as /proc escapes them, backslash first
+            escaped = escaped.replace(bytes([char]), b"\\%03o" % char)
         try:
-            with open("/proc/self/mountinfo", "rb") as mountinfo:
-                lines = mountinfo.read().decode(errors="replace").splitlines()
+            mounts = _mountinfo("/proc/self/mountinfo")
         except OSError:
             return None
         found = None
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == escaped and " - fuse" in line:
+        for fields in mounts:
+            if len(fields) > 4 and fields[4] == escaped and _kind(fields).startswith(b"fuse"):
                 found = fields[2]  # the last one is on top
         if found is None:
-            log.warning("flush: %s not in /proc/self/mountinfo: closes not told apart", escaped)
+            log.warning("flush: %r not in /proc/self/mountinfo: closes not told apart", escaped)
         return found
 
 
@@ -241,6 +237,25 @@ def _names(directory: str, most: int) -> list[str]:
             if len(names) > most:
                 break
     return names
+
+
+def _mountinfo(path: str) -> list[list[bytes]]:
+    """A mountinfo file's lines, each cut into its fields: at newlines and spaces only, as
+    the kernel writes it (a name has its newlines and spaces escaped, never its \\r, \\x1f or
+    U+2028). str.splitlines and str.split cut at those too: any local user could mount
+    (fusermount3, a FUSE file system of theirs) at a name holding one, and forge a line that
+    named another device as this mount's; the closes of every writer were then misjudged."""
+    with open(path, "rb") as mountinfo:
+        return [line.split(b" ") for line in mountinfo.read().split(b"\n")]
+
+
+def _kind(fields: list[bytes]) -> bytes:
+    """The file system type of a mountinfo line: the field after the "-" that ends the
+    optional fields."""
+    try:
+        return fields[fields.index(b"-", 6) + 1]
+    except (ValueError, IndexError):
+        return b""
 
 
 def _mount_id(fdinfo: bytes) -> int:

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.h7_processes import process
+from support.mounts import Mount
+from support.roots import build_root
 
 from regfs import closers as closers_module
 from regfs.closers import INLINE_DESCRIPTORS, MAX_CHILDREN, MAX_DESCRIPTORS, Close, Closers, Opener
@@ -97,3 +102,48 @@ async def test_a_child_exiting_mid_scan_is_no_error(
         child.wait()
     assert close is Close.LAST
     assert child.returncode is not None
+
+
+@pytest.fixture
+def forging_mount_point() -> Iterator[Callable[[Path], None]]:
+    """forge(mountpoint): mount a FUSE file system (a bind mount of mountpoint's, as root;
+    fusermount3 lets any user mount one of theirs) at a name that, cut at \\r and \\x1f as
+    str.splitlines and str.split cut, holds a line of device 6:66 mounted at mountpoint.
+    Unmounted at the end."""
+    top = Path(tempfile.mkdtemp(prefix="h7-forge-", dir="/tmp"))
+    made: list[Path] = []
+
+    def forge(mountpoint: Path) -> None:
+        forged = "\x1f".join(["x\r1", "2", "6:66", "/", os.path.realpath(mountpoint)])
+        at = top / forged  # its slashes make directories: the name of the last holds none
+        at.mkdir(parents=True)
+        subprocess.run(["mount", "--bind", str(mountpoint), str(at)], check=True)
+        made.append(at)
+
+    try:
+        yield forge
+    finally:
+        for at in made:
+            subprocess.run(["umount", str(at)], check=True)
+        shutil.rmtree(top)
+
+
+async def test_a_mount_at_a_forging_name_cannot_steer_which_descriptors_are_this_mount_s(
+    tmp_path: Path, mount: Callable[..., Mount], forging_mount_point: Callable[[Path], None]
+) -> None:
+    """The daemon found its device in its mountinfo with str.splitlines and str.split, which
+    cut at \\r, \\x1c-\\x1f and U+2028 too; the kernel escapes only space, tab, newline and
+    backslash in a name. Another user's mount at such a name (mounted after this one, so
+    read as on top) named a device of its choosing as this mount's: a writer's descriptors
+    on this mount then counted as none, so the close of a parent that handed its descriptor
+    to a child ended the tag or upload under the child (half a file stored, EIO)."""
+    await build_root(tmp_path / "root", size=1_000)
+    mounted = mount(tmp_path / "root")
+    forging_mount_point(mounted.mountpoint)
+    closers = Closers(str(mounted.mountpoint))
+    device = os.stat(mounted.mountpoint).st_dev
+    with open(mounted.path("library", "demo", "tags", "latest"), "rb") as held:
+        opener = Opener(os.getpid(), os.fstat(held.fileno()).st_ino)
+        close = await closers.close_of(opener, threading.get_native_id(), {})
+    assert close is Close.NOT_LAST  # this process holds the tag
+    assert closers._device == b"%d:%d" % (os.major(device), os.minor(device))
