@@ -3,6 +3,7 @@ directory or a bucket can do to the daemon. Each test failed before its fix."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -26,6 +27,7 @@ from regfs import closers as closers_module
 from regfs.closers import INLINE_DESCRIPTORS, MAX_CHILDREN, MAX_DESCRIPTORS, Close, Closers, Opener
 from regfs.mountpoint import mounted_filesystem
 from storage.drivers.s3 import LOCK_TTL, _lock_age
+from storage.remote.uploads import MADE, MADE_MAX, UploadRecords
 
 pytestmark = pytest.mark.mount  # the daemon's side of a mount (its scan of /proc)
 
@@ -200,3 +202,42 @@ def test_an_s3_lock_whose_last_modified_cannot_be_read_is_live_not_a_crash() -> 
     head = parser.parse(answer, shape)
     assert "LastModified" not in head
     assert _lock_age(head) < LOCK_TTL
+
+
+@pytest.mark.storage
+@pytest.mark.parametrize("planted", ["link", "fifo", "directory", "huge", "deep", "not names"])
+def test_what_is_planted_as_the_list_of_mkdir_s_repositories_is_none(
+    tmp_path: Path, planted: str
+) -> None:
+    """The repositories made by mkdir over https:// are a file beside the upload records
+    (`made-by-mkdir`): whatever is found there instead is read as no repository, at once,
+    through no link and no more than 4 MiB, and the next mkdir replaces it (a link as a
+    name: its target stays as it was)."""
+    records = UploadRecords(tmp_path / "state" / "records", base=tmp_path / "state")
+    assert records.made() == frozenset()
+    made = tmp_path / "state" / "records" / MADE
+    target = tmp_path / "target"
+    target.write_text('["org/secret"]')
+    match planted:
+        case "link":
+            made.symlink_to(target)
+        case "fifo":
+            os.mkfifo(made)
+        case "directory":
+            made.mkdir()
+            (made / "x").write_text("[]")
+        case "huge":
+            made.write_text(json.dumps(["org/app"] * (MADE_MAX // 8)))
+        case "deep":
+            made.write_text("[" * 100_000 + "]" * 100_000)
+        case "not names":
+            made.write_text(json.dumps(["../..", "/etc", "org/app\n", {"a": 1}, "Org/App"]))
+    records.close()  # read again, as another mount or a remount does
+    started = time.monotonic()
+    assert records.made() == frozenset()
+    assert time.monotonic() - started < 1
+    if planted != "directory":  # a directory cannot be replaced by a file: mkdir fails
+        records.set_made(frozenset({"org/app"}))
+        records.close()
+        assert records.made() == frozenset({"org/app"})
+    assert target.read_text() == '["org/secret"]'
