@@ -67,10 +67,14 @@ class Closers:
         self._device: bytes | None = None  # "major:minor" of this mount, once found
         self._device_looked_up = False
         self._mount_ids: set[int] = set()
+        self._proc_is_ours = _proc_is_ours()
 
     def thread_group(self, tid: int) -> int:
-        """The process of thread tid (its tgid), or 0 if it cannot be told."""
-        if tid <= 0:
+        """The process of thread tid (its tgid), or 0 if it cannot be told: also when the
+        /proc mounted here is another pid namespace's than the daemon's (`unshare --pid`
+        without a /proc of its own, a container given the host's), where tid is another
+        process."""
+        if tid <= 0 or not self._proc_is_ours:
             return 0
         try:
             with open(f"/proc/{tid}/status", "rb") as status:
@@ -224,6 +228,15 @@ class Closers:
         if found is None:
             log.warning("flush: %r not in /proc/self/mountinfo: closes not told apart", escaped)
         return found
+
+
+def _proc_is_ours() -> bool:
+    """Whether /proc shows the daemon's pid namespace, in which FUSE numbers a request's
+    thread: its /proc/self is then the daemon's own pid."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 def _names(directory: str, most: int) -> list[str]:

@@ -9,6 +9,7 @@ import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -241,3 +242,24 @@ def test_what_is_planted_as_the_list_of_mkdir_s_repositories_is_none(
         records.close()
         assert records.made() == frozenset({"org/app"})
     assert target.read_text() == '["org/secret"]'
+
+
+def test_a_proc_of_another_pid_namespace_tells_no_closer() -> None:
+    """FUSE numbers a request's thread in the daemon's pid namespace; a daemon started in a
+    new one without a /proc of its own (`unshare --pid`, a container given the host's /proc)
+    read another process's /proc under that number: its own thread 1 was the host's init,
+    so the opener and the closer of a tag were whatever the host ran under their numbers.
+    Now no closer is known there (each close with writes ends the file, as before stop 23)."""
+    probe = (
+        "import threading\n"
+        "from regfs.closers import Closers\n"
+        "print(Closers('/nowhere').thread_group(threading.get_native_id()))\n"
+    )
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-P", "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert result.stdout == "0\n", result.stderr
