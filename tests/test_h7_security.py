@@ -178,13 +178,6 @@ def test_a_mount_at_a_forging_name_cannot_show_a_mount_where_there_is_none(
 
 
 @pytest.mark.storage
-@pytest.mark.xfail(
-    strict=True,
-    reason="H5's (storage/drivers/s3.py): _lock_age indexes head['LastModified'], which "
-    "botocore leaves out when it cannot parse the header; read it with .get and count a "
-    "lock without one as live (as an unreadable Date is), and head['ETag'] in _Lock._try "
-    "likewise",
-)
 def test_an_s3_lock_whose_last_modified_cannot_be_read_is_live_not_a_crash() -> None:
     """The HEAD answer of a `.regfs-lock` object comes from the bucket's server: a
     Last-Modified botocore cannot parse (garbage, year 9999) is left out of the answer, and

@@ -1429,7 +1429,10 @@ def _lock_head(driver: S3Driver, key: str) -> Any:
 def _lock_age(head: Any) -> float:
     """Seconds since the lock object of this HEAD answer was last written, by the server's
     clock. Both times count whole seconds: one is taken off, against whoever takes it over."""
-    return float(_server_now(head) - head["LastModified"].timestamp() - 1)
+    modified = head.get("LastModified")
+    if modified is None:  # unreadable (botocore leaves it out): live, as an unreadable Date
+        return 0.0
+    return float(_server_now(head) - modified.timestamp() - 1)
 
 
 def _dead_here(holder: dict[str, Any]) -> bool:
@@ -1520,8 +1523,11 @@ class _Lock:
         head = _lock_head(self._driver, self._key)
         if head is None:
             return False  # let go meanwhile: try again
+        etag = head.get("ETag")
+        if etag is None:
+            return False  # no version to take it over by (If-Match): live
         age = _lock_age(head)
-        holder = self._holder(head["ETag"])
+        holder = self._holder(etag)
         if age >= LOCK_TTL:
             log.warning("%s: taking over a writer lock not renewed for %.0f s", self._path, age)
         elif holder.get("token") == self._token:
@@ -1530,7 +1536,7 @@ class _Lock:
             log.warning("%s: taking over the writer lock of a dead process here", self._path)
         else:
             return False
-        return self._put(head["ETag"])
+        return self._put(etag)
 
     def _holder(self, etag: str | None = None) -> dict[str, Any]:
         """The lock's body (as of etag, when given), with "etag" added; {} when it is gone,
