@@ -322,11 +322,27 @@ class Attributes:
         return named_tag
 
     async def entry_of(self, node: Node) -> EntryAttributes:
-        """What getattr answers: a writer's pending size, else the storage's."""
+        """What getattr answers: a writer's pending size, else the storage's; for a file
+        whose name went while it was open (`OpenFiles.unlinked`), st_nlink 0 and what it
+        was then (its writer's size), until its last close or its name is back."""
         writer = self.files.writer(node)
         pending = writer.pending_attr() if writer is not None else None
         if pending is not None:
-            return self.entry(node, pending, timeout=0)
+            entry = self.entry(node, pending, timeout=0)
+            if self.files.unlinked_attr(node) is not None:
+                entry.st_nlink = 0
+            return entry
+        try:
+            return await self._stored_entry(node)
+        except (LookupError, FileNotFoundError):
+            gone = self.files.unlinked_attr(node)
+            if gone is None:
+                raise
+        entry = self.entry(node, gone, timeout=0)
+        entry.st_nlink = 0
+        return entry
+
+    async def _stored_entry(self, node: Node) -> EntryAttributes:
         if isinstance(node, TagNode) and self.tree.ahead(node):
             # What readdir asks of a tag being read ahead (`listed`): its attributes once
             # read. One the read-ahead leaves out (damaged) is listed as a placeholder, as

@@ -79,6 +79,8 @@ class UploadHandle(Handle):
     """The one writer of an upload. Data goes through the driver as it comes, never spooled.
 
     An upload named by its digest finishes at its last close after a write (or its release).
+    One removed while open (`removed`: rm) takes writes on, finishes nothing, and is
+    cancelled in storage by its last close (or its release).
     """
 
     def __init__(self, tree: Tree, node: UploadNode, upload: Upload, name: str) -> None:
@@ -87,6 +89,7 @@ class UploadHandle(Handle):
         self.upload = upload
         self.name = name
         self.finished = False
+        self.removed = False
         self._written = False
         self._written_ns: int | None = None  # the last write's time: what stat shows
 
@@ -129,9 +132,15 @@ class UploadHandle(Handle):
         return Attr(False, size, written.mtime_ns)
 
     def ends_on_close(self) -> bool:
-        return self._written and not self.finished and digest_name(self.name) is not None
+        if self.finished:
+            return False
+        return self.removed or (self._written and digest_name(self.name) is not None)
 
     async def flush(self, close: Close) -> None:
+        if self.removed:  # cancelled by the last close, so nothing of it is left after
+            if close is Close.LAST and not self.finished:
+                await self._cancel("flush")
+            return
         if self.finished or not self._written:
             return
         if close is Close.NOT_LAST or not self.ends_on_close():
@@ -141,13 +150,28 @@ class UploadHandle(Handle):
         await self._finish("flush")
 
     async def release(self) -> None:
-        """Finish what no flush finished (a last close by another process than the opener),
-        then let the upload go; a refusal can only be logged now."""
+        """Finish (or cancel) what no flush did (a last close by another process than the
+        opener, or not told apart), then let the upload go; a refusal is only logged now."""
+        if self.removed:
+            if not self.finished:
+                await self._cancel("release")
+            return
         if self.ends_on_close():
             with contextlib.suppress(FUSEError):  # logged
                 await self._finish("release")
         if not self.finished:
             await self.upload.close()
+
+    async def _cancel(self, operation: str) -> None:
+        """The end of an upload removed while written: cancelled in storage, as rm does."""
+        self.finished = True  # no more writes, and storage says what stat shows
+        await self.upload.cancel()
+        log.info(
+            "%s: upload %s (%s) removed while written: cancelled",
+            operation,
+            self.name,
+            self.node.uuid,
+        )
 
     async def _finish(self, operation: str) -> None:
         self._written = False

@@ -55,6 +55,11 @@ class OpenFiles:
         self.tree = tree
         self.options = options
         self._handles: dict[int, Handle] = {}
+        self._nodes: dict[int, Node] = {}  # each handle's node
+        self._open: Counter[Node] = Counter()  # the handles of each node
+        # Files unlinked while open, and what they were then: an open descriptor outlives
+        # its name, as on any filesystem (fstat says st_nlink 0), until its last release.
+        self._unlinked: dict[Node, Attr] = {}
         # The writer of each upload or manifest, the newest of each tag's: its handle.
         self._writers: dict[Node, int] = {}
         self._closers = Closers(options.mountpoint)
@@ -94,6 +99,36 @@ class OpenFiles:
     def is_written(self, node: Node) -> bool:
         return node in self._writers
 
+    def is_open(self, node: Node) -> bool:
+        return node in self._open
+
+    def unlinked(self, node: Node, attr: Attr) -> None:
+        """node's name went (rm) while a handle of it is open: what getattr answers now."""
+        if self.is_open(node):  # not released while the name was being removed
+            self._unlinked[node] = attr
+
+    def unlinked_attr(self, node: Node) -> Attr | None:
+        """What node was when unlinked, if its name went while it was open."""
+        return self._unlinked.get(node)
+
+    def remove_written(self, node: UploadNode, attr: Attr) -> None:
+        """rm of an upload its writer holds: the name goes now, and the writer's last close
+        (or its release) cancels the upload in storage; its writes go on meanwhile, as
+        into an unlinked file. The writer holds the upload's lock: no other can cancel it."""
+        writer = self.writer(node)
+        assert isinstance(writer, UploadHandle)
+        writer.removed = True
+        self.tree.removed_uploads.add(node)
+        self.tree.changed(node)
+        self.unlinked(node, attr)
+
+    def renamed(self, node: UploadNode, name: str) -> None:
+        """mv of an upload within uploads/: its writer, if one holds it, writes on under the
+        new name (which says whether its last close finishes it)."""
+        writer = self.writer(node)
+        if isinstance(writer, UploadHandle):
+            writer.name = name
+
     def check_no_writer(self, node: Node) -> None:
         if node in self._writers:
             log.info("open: %s already has a writer (EBUSY)", node)
@@ -112,6 +147,9 @@ class OpenFiles:
         info = FileInfo(fh=fh)
         if isinstance(handle, UploadHandle | ManifestWriter):
             self._writers[handle.node] = fh
+            node = handle.node  # may be another than opened (a finished upload's name)
+        self._nodes[fh] = node
+        self._open[node] += 1
         # Digest-addressed content never changes: keep its pages across opens. An upload's
         # readers read through the page cache too, so that it maps (mmap), dropped at each
         # open and whenever its size or mtime moved (its attributes last 0 s); its writer
@@ -240,6 +278,11 @@ class OpenFiles:
         tag's other writer, if one is open, is its writer then)."""
         handle = self.get(fh)
         del self._handles[fh]
+        node = self._nodes.pop(fh)
+        self._open[node] -= 1
+        if not self._open[node]:
+            del self._open[node]
+            self._unlinked.pop(node, None)
         if (
             isinstance(handle, UploadHandle | ManifestWriter)
             and self._writers.get(handle.node) == fh
@@ -267,3 +310,6 @@ class OpenFiles:
             done.set()
             if self._closing.get(handle.node) is done:
                 del self._closing[handle.node]
+            if handle.removed:
+                self.tree.removed_uploads.discard(handle.node)
+                self.tree.changed(handle.node)

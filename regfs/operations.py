@@ -23,7 +23,7 @@ from .directories import Directories
 from .errors import fuse_errors
 from .handles import UploadHandle
 from .inodes import InodeTable
-from .nodes import DirNode
+from .nodes import DirNode, UploadNode
 from .openfiles import OpenFiles
 from .options import MountOptions
 from .refusals import decode_name, refusal
@@ -270,11 +270,22 @@ class Operations(pyfuse3.Operations):
         if self.options.read_only:
             raise self._refuse("unlink", parent_inode)
         node = await self.tree.lookup(self.inodes.node(parent_inode), decode_name(name))
-        if self.files.is_written(node):
-            log.info("unlink: upload %s is open for writing (EBUSY)", node)
+        # What a descriptor still open reads and fstat says once the name is gone, as on
+        # any filesystem: what the file is now, with st_nlink 0 (`Attributes.entry_of`).
+        attr = await self.tree.attr(node) if self.files.is_open(node) else None
+        if isinstance(node, UploadNode) and self.files.is_written(node):
+            assert attr is not None  # its writer's handle is open
+            self.files.remove_written(node, attr)
+            self.attributes.forget_shown(node)
+            log.info("unlink: removed %s; its writer's last close cancels it", node)
+            return
+        if self.files.is_written(node):  # a tag or manifest: its writer stores at its close
+            log.info("unlink: %s is open for writing (EBUSY)", node)
             raise FUSEError(errno.EBUSY)
         await self.files.settled(node)
         await self.tree.remove(node)
+        if attr is not None:
+            self.files.unlinked(node, attr)
         self.attributes.forget_shown(node)
         log.info("unlink: removed %s", node)
 

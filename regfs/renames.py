@@ -70,12 +70,16 @@ class Renames:
                 new_parent,
             )
             raise FUSEError(errno.EPERM)
-        if self.files.is_written(node):
-            log.info("rename: upload %s is open for writing (EBUSY)", node.uuid)
-            raise FUSEError(errno.EBUSY)
-        await self.files.settled(node)
         assert isinstance(new_parent, SectionNode)
         target = decode_name(new_name, errno.EINVAL)
+        if self.files.is_written(node) and (
+            new_parent.section != "uploads" or digest_name(target) is not None
+        ):
+            # A finish by rename verifies every byte, and the writer may still send more:
+            # the same mv succeeds once it has closed (a within-uploads/ rename does now).
+            log.info("rename: upload %s is open for writing, no finish (EBUSY)", node.uuid)
+            raise FUSEError(errno.EBUSY)
+        await self.files.settled(node)
         if new_parent.section == "layers":
             await self._finish(node, Digest.parse(target), named=False)
             return
@@ -96,6 +100,7 @@ class Renames:
             await self._finish(node, expected, named=True)
         else:
             await self.tree.rename_upload(node, target)
+            self.files.renamed(node, target)  # a writer writes on under the new name
         if replaced is not None:
             await self.tree.remove(replaced)
             self.attributes.forget_shown(replaced)

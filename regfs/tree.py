@@ -166,6 +166,9 @@ class Tree:
         # as long as its manifest's: a listing hands them to the kernel without a storage read.
         self._tag_attrs: TtlCache[TagNode, tuple[Attr, ManifestNode]] = TtlCache(tag_ttl, TAGS_KEPT)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
+        # Uploads removed (rm) while a writer holds them: gone from uploads/ at once, and
+        # cancelled in storage by that writer's release (regfs/openfiles.py, `remove_written`).
+        self.removed_uploads: set[UploadNode] = set()
         self._finished: TtlCache[FinishedNode, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
         self._sections_changed: TtlCache[SectionNode, int] = TtlCache(None, SECTIONS_CHANGED_KEPT)
         # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
@@ -324,6 +327,8 @@ class Tree:
             layers = self._repo(repo).layers
             names = {}
             for uuid in await layers.uploads():
+                if UploadNode(repo, uuid) in self.removed_uploads:
+                    continue
                 label = await layers.label(uuid)
                 if label is None or not UPLOAD_NAME_RE.fullmatch(label) or label in names:
                     if label is not None:

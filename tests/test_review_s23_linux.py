@@ -411,10 +411,6 @@ async def test_another_user_meets_the_modes_as_on_ext4(tmp_path, other_user):
 # ------------------------------------------------------------------------ unlink, rename
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rm or mv of an upload while a descriptor writes it is EBUSY",
-)
 @pytest.mark.parametrize("change", ["unlink", "rename"])
 async def test_an_upload_being_written_can_be_removed_or_renamed(demo, change):
     # ext4: unlink and rename act on the name, never on an open file: `rm` of a file a
@@ -467,11 +463,6 @@ async def test_a_tags_reader_keeps_its_manifest_across_a_retag(demo):
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="once its name is unlinked, fstat of an open descriptor is ENOENT (a layer, a tag, "
-    "an upload), and so is a read of a tag or an upload",
-)
 @pytest.mark.parametrize("kind", ["layer", "tag", "upload"])
 async def test_an_open_file_outlives_its_name(demo, kind):
     # ext4: unlink removes the name; a descriptor still open reads the whole file and fstat
