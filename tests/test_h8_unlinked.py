@@ -164,3 +164,28 @@ async def test_on_s3_an_upload_removed_while_open(tmp_path, aws_env, moto_server
     s3 = moto_server.client()
     assert [k for k in bucket_keys(s3, s3_bucket) if "/_uploads/" in k] == []
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+@pytest.mark.registry
+async def test_over_https_an_upload_removed_or_renamed_while_written(remote_mount, tmp_path):
+    # The registry keeps the upload: rm under the writer DELETEs it at the writer's close,
+    # and its record goes (no upload left to list or resume); mv keeps the writer's PATCHes
+    # going to the renamed upload, which `mv` into layers/ then finishes.
+    m = remote_mount()
+    uploads = new_repo(m, "org/app") / "uploads"
+    bash(
+        f"{{ head -c 3000 /dev/zero; rm '{uploads}/held'; head -c 2000 /dev/zero; }}"
+        f" > '{uploads}/held'"
+    )
+    assert os.listdir(uploads) == []
+    data = os.urandom(12_000)
+    (tmp_path / "src").write_bytes(data)
+    bash(
+        f"{{ head -c 5000; mv '{uploads}/tmp' '{uploads}/moved'; cat; }}"
+        f" < '{tmp_path}/src' > '{uploads}/tmp'"
+    )
+    assert os.listdir(uploads) == ["moved"]
+    assert os.stat(uploads / "moved").st_size == len(data)
+    bash(f"mv '{uploads}/moved' '{uploads.parent}/layers/{digest_of(data)}'")
+    assert (uploads.parent / "layers" / digest_of(data)).read_bytes() == data
+    assert os.listdir(uploads) == []
