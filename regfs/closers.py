@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import trio
 
+from .mountpoint import mount_table, mountinfo_type
+
 log = logging.getLogger(__name__)
 
 # A closer and its children holding more descriptors than this are taken as holding none of
@@ -198,7 +200,7 @@ class Closers:
         if self._device is None:
             return set()
         try:
-            mounts = _mountinfo(f"/proc/{pid}/mountinfo")
+            mounts = mount_table(f"/proc/{pid}/mountinfo")
         except OSError:
             return set()
         found = set()
@@ -218,12 +220,13 @@ class Closers:
         for char in b"\\ \t\n":  # as /proc escapes them, backslash first
             escaped = escaped.replace(bytes([char]), b"\\%03o" % char)
         try:
-            mounts = _mountinfo("/proc/self/mountinfo")
+            mounts = mount_table("/proc/self/mountinfo")
         except OSError:
             return None
         found = None
         for fields in mounts:
-            if len(fields) > 4 and fields[4] == escaped and _kind(fields).startswith(b"fuse"):
+            fuse = mountinfo_type(fields).startswith(b"fuse")
+            if len(fields) > 4 and fields[4] == escaped and fuse:
                 found = fields[2]  # the last one is on top
         if found is None:
             log.warning("flush: %r not in /proc/self/mountinfo: closes not told apart", escaped)
@@ -250,25 +253,6 @@ def _names(directory: str, most: int) -> list[str]:
             if len(names) > most:
                 break
     return names
-
-
-def _mountinfo(path: str) -> list[list[bytes]]:
-    """A mountinfo file's lines, each cut into its fields: at newlines and spaces only, as
-    the kernel writes it (a name has its newlines and spaces escaped, never its \\r, \\x1f or
-    U+2028). str.splitlines and str.split cut at those too: any local user could mount
-    (fusermount3, a FUSE file system of theirs) at a name holding one, and forge a line that
-    named another device as this mount's; the closes of every writer were then misjudged."""
-    with open(path, "rb") as mountinfo:
-        return [line.split(b" ") for line in mountinfo.read().split(b"\n")]
-
-
-def _kind(fields: list[bytes]) -> bytes:
-    """The file system type of a mountinfo line: the field after the "-" that ends the
-    optional fields."""
-    try:
-        return fields[fields.index(b"-", 6) + 1]
-    except (ValueError, IndexError):
-        return b""
 
 
 def _mount_id(fdinfo: bytes) -> int:

@@ -15,20 +15,37 @@ class MountError(Exception):
     """A mount or unmount that cannot go ahead; the message is for the user."""
 
 
-def _unescape(field: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as octal."""
-    for code in ("040", "011", "012", "134"):
-        field = field.replace("\\" + code, chr(int(code, 8)))
-    return field
+def _unescape(field: bytes) -> str:
+    """/proc/mounts and mountinfo escape space, tab, newline and backslash as octal, and
+    nothing else: a mount point's name may hold a CR or a 0x1f, where str.splitlines and
+    str.split would also cut (a name made to forge a line or a field)."""
+    for code in (b"040", b"011", b"012", b"134"):
+        field = field.replace(b"\\" + code, bytes([int(code, 8)]))
+    return os.fsdecode(field)
+
+
+def mount_table(path: str) -> list[list[bytes]]:
+    """Each line of a mount table (/proc/mounts, a mountinfo) as the kernel writes it: cut
+    at newlines, fields at spaces, nothing else (see `_unescape`). Any local user can mount
+    (fusermount3) at a name made to forge a line where more is cut."""
+    return [line.split(b" ") for line in Path(path).read_bytes().split(b"\n") if line]
+
+
+def mountinfo_type(fields: list[bytes]) -> bytes:
+    """The file system type of a mountinfo line: the field after the "-" that ends the
+    optional fields (b"" if there is none)."""
+    try:
+        return fields[fields.index(b"-", 6) + 1]
+    except (ValueError, IndexError):
+        return b""
 
 
 def mounted_filesystem(path: str) -> str | None:
     """The filesystem type mounted exactly on path (per /proc/mounts), or None."""
     found = None
-    for line in Path("/proc/mounts").read_text().splitlines():
-        parts = line.split()
+    for parts in mount_table("/proc/mounts"):
         if len(parts) > 2 and _unescape(parts[1]) == path:
-            found = parts[2]  # the last one is on top
+            found = os.fsdecode(parts[2])  # the last one is on top
     return found
 
 
@@ -67,12 +84,12 @@ def mount_owner(path: str) -> int | None:
     """The user a FUSE mount on path belongs to (its `user_id=` in /proc/self/mountinfo),
     or None if none is mounted there."""
     found = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if len(fields) < 5 or _unescape(fields[4]) != path or " - " not in line:
+    for fields in mount_table("/proc/self/mountinfo"):
+        # id parent dev root point options [optional...] - type source super-options
+        if len(fields) < 5 or _unescape(fields[4]) != path or not mountinfo_type(fields):
             continue
-        options = line.rsplit(" - ", 1)[1].split()[-1].split(",")
-        found = next((int(o[8:]) for o in options if o.startswith("user_id=")), None)
+        options = fields[-1].split(b",")
+        found = next((int(o[8:]) for o in options if o.startswith(b"user_id=")), None)
     return found
 
 

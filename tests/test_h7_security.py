@@ -156,12 +156,6 @@ async def test_a_mount_at_a_forging_name_cannot_steer_which_descriptors_are_this
     assert closers._device == b"%d:%d" % (os.major(device), os.minor(device))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="regfs/mountpoint.py is not H7's: mounted_filesystem and mount_owner should cut "
-    "/proc/mounts and mountinfo at newlines and spaces only (as regfs/closers.py's _mountinfo "
-    "now does), never with str.splitlines/str.split",
-)
 def test_a_mount_at_a_forging_name_cannot_show_a_mount_where_there_is_none(
     tmp_path: Path, forging_mount_point: Callable[[Path, str], None]
 ) -> None:
