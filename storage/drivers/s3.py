@@ -146,12 +146,13 @@ def _status(exc: ClientError) -> int:
 
 
 def _transient(exc: Exception, resend: bool) -> bool:
-    """Whether to try again: nothing was sent, or S3 refused the request unprocessed (503
-    SlowDown: even a call not to be sent twice may go again), or (for a call that may be
-    sent twice) the server was busy or the connection broke."""
+    """Whether to try again: nothing was sent, or S3 refused the request unprocessed (its
+    own SlowDown: even a call not to be sent twice may go again; any other 503, a gateway's,
+    may come after S3 did it), or (for a call that may be sent twice) the server was busy
+    or the connection broke."""
     if isinstance(exc, _NOT_SENT):
         return True
-    if isinstance(exc, ClientError) and (_code(exc) == "SlowDown" or _status(exc) == 503):
+    if isinstance(exc, ClientError) and _code(exc) == "SlowDown":
         return True
     if not resend:
         return False
