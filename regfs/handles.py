@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import trio
 from pyfuse3 import FUSEError
 
 from storage.api import BlobReader, Buffer, Upload, UploadInfo
@@ -156,11 +157,14 @@ class UploadHandle(Handle):
             if not self.finished:
                 await self._cancel("release")
             return
-        if self.ends_on_close():
-            with contextlib.suppress(FUSEError):  # logged
-                await self._finish("release")
-        if not self.finished:
-            await self.upload.close()
+        try:
+            if self.ends_on_close():
+                with contextlib.suppress(FUSEError):  # logged
+                    await self._finish("release")
+        finally:
+            if not self.finished:  # whatever the finish raised: never leave it locked
+                with trio.CancelScope(shield=True):
+                    await self.upload.close()
 
     async def _cancel(self, operation: str) -> None:
         """The end of an upload removed while written: cancelled in storage, as rm does."""

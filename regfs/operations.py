@@ -23,7 +23,7 @@ from .directories import Directories
 from .errors import fuse_errors
 from .handles import UploadHandle
 from .inodes import InodeTable
-from .nodes import DirNode, UploadNode
+from .nodes import DirNode, Node, TagNode, UploadNode
 from .openfiles import OpenFiles
 from .options import MountOptions
 from .refusals import decode_name, refusal
@@ -66,20 +66,23 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         parent = self.inodes.node(parent_inode)
-        decoded = decode_name(name)
-        try:
-            node = await self.tree.lookup(parent, decoded)
-        except LookupError:  # NotFound, UnknownTag, UnknownManifest...
-            # A tag or manifest being written exists from its create on, as on any
-            # filesystem: a second O_CREAT|O_EXCL is EEXIST (the lock-file idiom).
-            written = self.files.being_written(parent, decoded)
-            if written is None:
-                raise
-            node = written
+        node = await self._named(parent, decode_name(name))
         entry = await self.directories.entry_of(node)  # a tag being written: its pending size
         self.inodes.ref(entry.st_ino)
         self.directories.entries_used(parent)
         return entry
+
+    async def _named(self, parent: Node, name: str) -> Node:
+        """The node `name` in parent: what the tree has, or a tag or manifest being written,
+        which exists from its create on, as on any filesystem (a second O_CREAT|O_EXCL is
+        EEXIST: the lock-file idiom; rm and mv of it are EBUSY until its writer closes)."""
+        try:
+            return await self.tree.lookup(parent, name)
+        except LookupError:  # NotFound, UnknownTag, UnknownManifest...
+            written = self.files.being_written(parent, name)
+            if written is None:
+                raise
+            return written
 
     def getattr_kept(self, inode: int) -> EntryAttributes | None:
         """GETATTR of an image's directory (its atime, after each READDIR of it) answered
@@ -258,7 +261,8 @@ class Operations(pyfuse3.Operations):
         written before is in storage (the driver's sync, as at close: a local file's fsync,
         a remote or S3 upload's tail sent), and report a failed write. Without this handler
         Linux took pyfuse3's ENOSYS as success: `dd conv=fsync` returned with bytes still in
-        flight. Nothing else here holds unstored bytes (a tag is stored at close)."""
+        flight. A tag's writer holds its bytes in memory until its last close stores them:
+        its fsync answers at once, having stored nothing."""
         handle = self.files.get(fh)
         if isinstance(handle, UploadHandle) and not handle.finished:
             await handle.upload.flush()
@@ -269,7 +273,11 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         if self.options.read_only:
             raise self._refuse("unlink", parent_inode)
-        node = await self.tree.lookup(self.inodes.node(parent_inode), decode_name(name))
+        node = await self._named(self.inodes.node(parent_inode), decode_name(name))
+        if not isinstance(node, UploadNode) and self.files.is_written(node):
+            # A tag or manifest: its writer stores it at its close.
+            log.info("unlink: %s is open for writing (EBUSY)", node)
+            raise FUSEError(errno.EBUSY)
         # What a descriptor still open reads and fstat says once the name is gone, as on
         # any filesystem: what the file is now, with st_nlink 0 (`Attributes.entry_of`).
         attr = await self.tree.attr(node) if self.files.is_open(node) else None
@@ -279,9 +287,6 @@ class Operations(pyfuse3.Operations):
             self.attributes.forget_shown(node)
             log.info("unlink: removed %s; its writer's last close cancels it", node)
             return
-        if self.files.is_written(node):  # a tag or manifest: its writer stores at its close
-            log.info("unlink: %s is open for writing (EBUSY)", node)
-            raise FUSEError(errno.EBUSY)
         await self.files.settled(node)
         await self.tree.remove(node)
         if attr is not None:
@@ -308,7 +313,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         old_parent = self.inodes.node(parent_inode_old)
         new_parent = self.inodes.node(parent_inode_new)
-        node = await self.tree.lookup(old_parent, decode_name(name_old))
+        node = await self._named(old_parent, decode_name(name_old))
+        if isinstance(node, TagNode) and self.files.is_written(node):
+            log.info("rename: %s is open for writing (EBUSY)", node)  # stored at its close
+            raise FUSEError(errno.EBUSY)
         await self.renames.rename(node, old_parent, new_parent, name_new, flags)
 
     # -- extended attributes ---------------------------------------------------------------

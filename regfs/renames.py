@@ -17,6 +17,7 @@ from storage.errors import DigestMismatch
 from storage.names import validate_tag
 
 from .attributes import Attributes
+from .handles import UploadHandle
 from .inodes import InodeTable
 from .nodes import FinishedNode, LayerNode, Node, SectionNode, TagNode, UploadNode, digest_name
 from .openfiles import OpenFiles
@@ -99,11 +100,25 @@ class Renames:
         if expected is not None:
             await self._finish(node, expected, named=True)
         else:
-            await self.tree.rename_upload(node, target)
-            self.files.renamed(node, target)  # a writer writes on under the new name
+            await self._rename_upload(node, target)
         if replaced is not None:
             await self.tree.remove(replaced)
             self.attributes.forget_shown(replaced)
+
+    async def _rename_upload(self, node: UploadNode, name: str) -> None:
+        """Rename within uploads/; a writer, if one holds it, writes on under the new name,
+        given before the storage is (a last close that comes meanwhile must see it: under
+        the old digest name it would finish the upload the mv renames), taken back if the
+        rename fails."""
+        writer = self.files.writer(node)
+        before = writer.name if isinstance(writer, UploadHandle) else None
+        self.files.renamed(node, name)
+        try:
+            await self.tree.rename_upload(node, name)
+        except BaseException:
+            if before is not None:
+                self.files.renamed(node, before)
+            raise
 
     async def _retag(self, node: TagNode, name: str, flags: int) -> None:
         """mv tags/tmp tags/v1: v1 points at tmp's manifest, then tmp goes. The tag's link is

@@ -167,7 +167,8 @@ class Tree:
         self._tag_attrs: TtlCache[TagNode, tuple[Attr, ManifestNode]] = TtlCache(tag_ttl, TAGS_KEPT)
         self._upload_names: TtlCache[str, dict[str, str]] = TtlCache(tag_ttl)
         # Uploads removed (rm) while a writer holds them: gone from uploads/ at once, and
-        # cancelled in storage by that writer's release (regfs/openfiles.py, `remove_written`).
+        # cancelled in storage by that writer's last close, or its release
+        # (regfs/openfiles.py, `remove_written`).
         self.removed_uploads: set[UploadNode] = set()
         self._finished: TtlCache[FinishedNode, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
         self._sections_changed: TtlCache[SectionNode, int] = TtlCache(None, SECTIONS_CHANGED_KEPT)

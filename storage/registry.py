@@ -82,9 +82,10 @@ class Registry:
         """Whether a repository's own directories (`_layers`, `_manifests`, `_uploads`: a
         nested repository or namespace is something) hold no file but the empty marker and
         what the registry leaves of a cancelled upload (its DELETE keeps
-        `_uploads/<id>/hashstates/sha256/0`; an upload without `startedat` is none, as
-        uploads/ and the registry see it), looked at through at most EMPTIED_ENTRIES_MAX
-        entries (more is taken as full)."""
+        `_uploads/<id>/hashstates/sha256/0`: hash states of an upload without `startedat`,
+        none as uploads/ and the registry see it; its data is a lost upload's bytes, which
+        `regfs check` reports and keeps, so NotEmpty), looked at through at most
+        EMPTIED_ENTRIES_MAX entries (more is taken as full)."""
         if not all(entry.startswith("_") for entry in entries):
             return False
         files = await self._files(directory, entries)
@@ -95,8 +96,8 @@ class Registry:
         for path in files:
             if path == marker:
                 continue
-            uuid, inside, _ = path.removeprefix(uploads).partition("/")
-            if not (path.startswith(uploads) and inside) or (
+            uuid, _, inside = path.removeprefix(uploads).partition("/")
+            if not (path.startswith(uploads) and inside.startswith("hashstates/")) or (
                 path_for(UploadStartedAt(name, uuid)) in files
             ):
                 return False
