@@ -7,12 +7,14 @@ it (and closes the original before anything is written), the children of
 on one thread and close it on another. Only the last close of the process that opened the
 file is its end: a FLUSH from another process (thread group) ends nothing, and one from the
 opener ends the file only if neither that process nor its children hold another descriptor
-on the same inode of this mount (a parent that hands the descriptor to a child it does not
-wait for, as Python's `Popen(..., stdout=f)` then `f.close()`, does not end the file
-there). The kernel tells the closing thread (its id; 0 outside our pid namespace) with
-each FLUSH; close(2) takes the descriptor out of the table before it flushes, and an exiting
-process's table is detached before its descriptors are closed, so what /proc shows then is
-what remains. What nobody's flush ended, the release ends (docs/concurrency.md).
+open for writing on the same inode of this mount (a parent that hands the descriptor to a
+child it does not wait for, as Python's `Popen(..., stdout=f)` then `f.close()`, does not
+end the file there; a reader it opened, held by a child or not, is no copy of the writer's
+and keeps nothing from ending). The kernel tells the closing thread (its id; 0 outside our
+pid namespace) with each FLUSH; close(2) takes the descriptor out of the table before it
+flushes, and an exiting process's table is detached before its descriptors are closed, so
+what /proc shows then is what remains. What nobody's flush ended, the release ends
+(docs/concurrency.md).
 
 Reading /proc costs a few syscalls per descriptor of the closer and its children: done only
 for the opener's closes of a file with something to end, for at most `MAX_DESCRIPTORS` in all
@@ -94,7 +96,7 @@ class Closers:
     async def close_of(self, opener: Opener, tid: int, others: Mapping[int, int]) -> Close:
         """What the FLUSH by thread tid of a file opener opened is.
 
-        others: per process, how many other handles of the same inode it opened that are
+        others: per process, how many other writer handles of the same inode it opened are
         still open; descriptors of theirs do not keep this one from ending (two writers of
         one tag in one process each end at their own close). A closer (with its children)
         holding more than INLINE_DESCRIPTORS is scanned in a worker thread."""
@@ -115,8 +117,9 @@ class Closers:
     def _scan(
         self, closer: int, inode: int, others: Mapping[int, int], budget: int
     ) -> Close | None:
-        """Whether the closer or a child holds a descriptor on inode besides those of its
-        other handles; None if that takes reading more than budget descriptors."""
+        """Whether the closer or a child holds a descriptor for writing on inode besides
+        those of its other writer handles; None if that takes reading more than budget
+        descriptors."""
         for process in (closer, *self._children(closer)):
             budget -= 1  # a process costs its listing, even one without descriptors
             try:
@@ -158,8 +161,10 @@ class Closers:
         return found
 
     def _held(self, pid: int, fds: list[str], inode: int) -> int | None:
-        """How many of process pid's descriptors fds are on inode of this mount; None if
-        /proc cannot say (another user's process, a process gone)."""
+        """How many of process pid's descriptors fds are open for writing on inode of this
+        mount; None if /proc cannot say (another user's process, a process gone). A reader's
+        is left out: it is no copy of a writer's, wherever it went (a reader handed to a
+        child counted against the child, whose writer handles are none)."""
         wanted = b"\nino:\t%d\n" % inode
         mounts: list[int] = []
         try:
@@ -178,8 +183,8 @@ class Closers:
                     continue
                 finally:
                     os.close(info)
-                if wanted in text:
-                    mounts.append(_mount_id(text))
+                if wanted in text and _field(text, b"flags:", 8) & os.O_ACCMODE != os.O_RDONLY:
+                    mounts.append(_field(text, b"mnt_id:", 10))
         finally:
             os.close(table)
         ours = self._mount_ids
@@ -255,10 +260,14 @@ def _names(directory: str, most: int) -> list[str]:
     return names
 
 
-def _mount_id(fdinfo: bytes) -> int:
-    """A descriptor's `mnt_id:`, or -1 (no mount's id) if its fdinfo has none."""
+def _field(fdinfo: bytes, name: bytes, base: int) -> int:
+    """A descriptor's number `name` (`mnt_id:` decimal, `flags:` octal), or -1 if its fdinfo
+    has none: no mount's id, and flags whose access mode is not read-only."""
     for line in fdinfo.splitlines():
-        if line.startswith(b"mnt_id:"):
-            field = line[7:].strip()
-            return int(field) if field.isdigit() else -1
+        if line.startswith(name):
+            field = line[len(name) :].strip()
+            try:
+                return int(field, base) if field.isdigit() else -1
+            except ValueError:  # an 8 or 9 in octal
+                return -1
     return -1

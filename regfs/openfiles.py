@@ -234,12 +234,9 @@ class OpenFiles:
     # -- closing ---------------------------------------------------------------------------
 
     def opened_by(self, node: Node, handle: Handle, ctx: RequestContext, inode: int) -> None:
-        """Note who opened a file that may be written (the thread of the OPEN or CREATE):
-        a writer's last close ends it, and a reader's descriptor in the writer's process
-        must not be taken for the writer's (regfs/closers.py)."""
-        if isinstance(node, TagNode | UploadNode) or isinstance(
-            handle, UploadHandle | ManifestWriter
-        ):
+        """Note who opened a writer (the thread of the OPEN or CREATE): its last close ends
+        the file (regfs/closers.py)."""
+        if isinstance(handle, UploadHandle | ManifestWriter):
             handle.opener = self._closers.opener(ctx.pid, inode)
 
     async def flush(self, fh: int, tid: int | None) -> None:
