@@ -240,24 +240,30 @@ class OpenFiles:
             handle.opener = self._closers.opener(ctx.pid, inode)
 
     async def flush(self, fh: int, tid: int | None) -> None:
-        """close(2) of a descriptor of fh by thread tid (None: not told, a stock pyfuse3)."""
+        """close(2) of a descriptor of fh by thread tid (None: not told, a stock pyfuse3). A
+        tag's writer takes its turn before its closer is scanned: a scan in a worker thread
+        may end after a later close's, which must still store after it."""
         handle = self.get(fh)
-        close = Close.UNKNOWN
-        if tid is not None and handle.opener is not None and handle.ends_on_close():
-            others = Counter(
-                other.opener.process
-                for other_fh, other in self._handles.items()
-                if other.opener is not None
-                and other.opener.inode == handle.opener.inode
-                and other_fh != fh
-            )
-            close = await self._closers.close_of(handle.opener, tid, others)
-            log.debug("flush: fh %d by thread %d: %s", fh, tid, close.value)
         if not isinstance(handle, ManifestWriter):
-            await handle.flush(close)
+            await handle.flush(await self._close_of(fh, handle, tid))
+
+    async def _close_of(self, fh: int, handle: Handle, tid: int | None) -> Close:
+        """What the close of handle fh by thread tid is (regfs/closers.py)."""
+        if tid is None or handle.opener is None or not handle.ends_on_close():
+            return Close.UNKNOWN
+        others = Counter(
+            other.opener.process
+            for other_fh, other in self._handles.items()
+            if other.opener is not None
+            and other.opener.inode == handle.opener.inode
+            and other_fh != fh
+        )
+        close = await self._closers.close_of(handle.opener, tid, others)
+        log.debug("flush: fh %d by thread %d: %s", fh, tid, close.value)
+        return close
             return
         async with self._turn(handle.node):
-            await handle.flush(close)
+            await handle.flush(await self._close_of(fh, handle, tid))
 
     @asynccontextmanager
     async def _turn(self, node: Node) -> AsyncIterator[None]:
