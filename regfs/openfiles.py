@@ -185,9 +185,15 @@ class OpenFiles:
         self.check_no_writer(node)
         await self.settled(node)
         upload = await self.tree.resume_upload(node)
-        if truncate:
-            await upload.truncate(0)
-        return UploadHandle(self.tree, node, upload, await self.tree.upload_name(node))
+        try:
+            if truncate:
+                await upload.truncate(0)
+            name = await self.tree.upload_name(node)
+        except BaseException:  # a registry's POST failing: no handle will ever close it
+            with trio.CancelScope(shield=True):  # never leave the upload locked
+                await upload.close()
+            raise
+        return UploadHandle(self.tree, node, upload, name)
 
     async def create(self, parent: Node, name: str) -> tuple[Node, Handle, Attr]:
         """A new file in uploads/ (an upload), tags/ (a tag) or manifests/ (by digest)."""

@@ -1,6 +1,6 @@
 """Review findings on which close ends a file being written (regfs/closers.py,
-regfs/openfiles.py): a reader's descriptor held by the writer's child, and the order of two
-writers' ends."""
+regfs/openfiles.py): a reader's descriptor held by the writer's child, the order of two
+writers' ends, and an upload's lock after a failed O_TRUNC."""
 
 from __future__ import annotations
 
@@ -8,24 +8,31 @@ import errno
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pyfuse3
 import pytest
 import trio
-from support.registry import OCI_CONFIG, OCI_MANIFEST
+from support.registry import OCI_CONFIG, OCI_MANIFEST, RegistryServer
 from support.roots import build_root
 from support.tools import errno_of
 
 from regfs.closers import Close, Opener
+from regfs.nodes import UploadNode
 from regfs.operations import Operations
 from regfs.options import MountOptions
 from regfs.tree import Tree
-from storage.api import RegistrySource
+from storage.api import RegistrySource, Upload
 from storage.digests import digest_bytes
-from storage.drivers import InMemoryDriver
+from storage.drivers import FilesystemDriver, InMemoryDriver
+from storage.errors import RemoteUnavailable
 from storage.registry import Registry
+from storage.remote import uploads as remote_uploads
+from storage.remote.client import RemoteClient
+from storage.remote.registry import RemoteRegistry
 
 NAME = "library/demo"
 BAD = b'{"schemaVersion": 2}'  # JSON, but no media type: refused (EINVAL)
@@ -118,3 +125,67 @@ async def test_of_two_writers_of_a_tag_the_later_close_wins_though_its_scan_was_
     for fh in fhs:
         await ops.release(fh)
     assert await registry.repository("a/b").tags.get("v1") == digest_bytes(manifests[1])
+
+
+async def open_truncating_fails_then_not_busy(
+    ops: Operations, monkeypatch: pytest.MonkeyPatch, failure: Callable[[pytest.MonkeyPatch], None]
+) -> None:
+    """An upload written and closed is opened with O_TRUNC while failure (patched in) makes
+    its truncate fail, so the open fails; then opened again: not EBUSY, as the failed open
+    let the upload (and its lock) go."""
+    monkeypatch.setattr("storage.drivers.filesystem.LOCK_WAIT", 0.5)  # else EBUSY after 2 s
+    uploads = await section(ops, "uploads")
+    info, entry = await ops.create(uploads, b"x", 0o644, os.O_WRONLY, Context(os.getpid()))
+    await ops.write(info.fh, 0, b"abc")
+    await ops.release(info.fh)
+    with monkeypatch.context() as patched:
+        failure(patched)
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.open(entry.st_ino, os.O_WRONLY | os.O_TRUNC, Context(os.getpid()))
+    again = await ops.open(entry.st_ino, os.O_WRONLY | os.O_TRUNC, Context(os.getpid()))
+    await ops.release(again.fh)
+
+
+async def down(*args: object) -> NoReturn:
+    raise RemoteUnavailable("registry down")
+
+
+@pytest.mark.storage
+async def test_a_failed_truncate_on_open_lets_the_upload_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(FilesystemDriver(tmp_path / "root"))
+    await registry.create_repository("a/b")
+    ops = operations(registry)
+    resume = ops.tree.resume_upload
+
+    def truncate_fails(patched: pytest.MonkeyPatch) -> None:
+        async def resumed(node: UploadNode) -> Upload:
+            upload = await resume(node)
+            patched.setattr(upload, "truncate", down)
+            return upload
+
+        patched.setattr(ops.tree, "resume_upload", resumed)
+
+    await open_truncating_fails_then_not_busy(ops, monkeypatch, truncate_fails)
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+async def test_a_failed_truncate_on_open_leaves_no_remote_upload_locked(
+    tmp_path: Path, module_registry_server: RegistryServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over https://, the truncate is a new upload begun at the registry (a POST): its
+    failure left the upload's lock file held, every later writer EBUSY."""
+    registry = RemoteRegistry(
+        RemoteClient(module_registry_server.url, timeout=10), tmp_path / "state", listing_ttl=0
+    )
+    try:
+        await registry.create_repository("a/b")
+        await open_truncating_fails_then_not_busy(
+            operations(registry),
+            monkeypatch,
+            lambda patched: patched.setattr(remote_uploads, "_begin", down),
+        )
+    finally:
+        await registry.aclose()
