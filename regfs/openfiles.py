@@ -252,6 +252,9 @@ class OpenFiles:
         handle = self.get(fh)
         if not isinstance(handle, ManifestWriter):
             await handle.flush(await self._close_of(fh, handle, tid))
+            return
+        async with self._turn(handle.node):
+            await handle.flush(await self._close_of(fh, handle, tid))
 
     async def _close_of(self, fh: int, handle: Handle, tid: int | None) -> Close:
         """What the close of handle fh by thread tid is (regfs/closers.py)."""
@@ -267,9 +270,6 @@ class OpenFiles:
         close = await self._closers.close_of(handle.opener, tid, others)
         log.debug("flush: fh %d by thread %d: %s", fh, tid, close.value)
         return close
-            return
-        async with self._turn(handle.node):
-            await handle.flush(await self._close_of(fh, handle, tid))
 
     @asynccontextmanager
     async def _turn(self, node: Node) -> AsyncIterator[None]:
