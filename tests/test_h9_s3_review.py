@@ -1,5 +1,6 @@
 """Faults a review found in the S3 driver (storage/drivers/s3.py), on moto: a gateway's
-503 to a create that was made."""
+503 to a create that was made, and a whole-bucket listing past the cap on a directory's
+names."""
 
 from __future__ import annotations
 
@@ -51,3 +52,21 @@ async def test_a_create_answered_503_after_it_was_made_is_not_sent_again(
     assert len(made) == 1
     uploads = moto_server.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
     assert [u["UploadId"] for u in uploads] == made
+
+
+async def test_whole_bucket_listing_past_the_cap_is_read_whole(
+    moto_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """files('/') (regfs check, purge-uploads) lists the whole bucket without a delimiter:
+    a bucket of more objects than a directory may list (LISTING_NAMES_MAX, made 2000 here
+    against 2500 objects, three pages) is read whole, where it was EIO. A directory's
+    listing past that cap still stops."""
+    monkeypatch.setattr(s3_module, "LISTING_NAMES_MAX", 2000)
+    s3 = moto_server.client()
+    for i in range(2500):
+        s3.put_object(Bucket=s3_bucket, Key=f"regroot/docker/registry/v2/blobs/k{i:05}", Body=b"")
+    driver = S3Driver(s3_bucket, "/regroot", client=moto_server.client(), chunksize=MIN_PART)
+    files = await driver.files("/", sizes=False)
+    assert len(files) == 2500
+    with pytest.raises(RemoteUnavailable, match="goes on past 2000 entries"):
+        await driver.list("/docker/registry/v2/blobs")

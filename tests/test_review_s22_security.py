@@ -339,14 +339,16 @@ async def test_an_s3_listing_whose_next_page_loops_back_stops(moto_server, s3_bu
 
 
 # A listing whose every next page has a fresh token is no loop, and was followed for ever,
-# growing what the caller collects. Now it stops at the remote registry's cap on names
-# (LISTING_NAMES_MAX, made small here), ListMultipartUploads too.
+# growing what the caller collects. Now it stops at a cap: a directory's (with a delimiter)
+# at the remote registry's cap on names (LISTING_NAMES_MAX), ListMultipartUploads (no
+# delimiter) at LISTING_KEYS_MAX; both made small here.
 @pytest.mark.storage
 @pytest.mark.parametrize("listing", ["objects", "uploads"])
 async def test_an_s3_listing_of_fresh_pages_for_ever_stops_at_a_cap(
     moto_server, s3_bucket, monkeypatch, listing: str
 ) -> None:
     monkeypatch.setattr("storage.drivers.s3.LISTING_NAMES_MAX", 10)
+    monkeypatch.setattr("storage.drivers.s3.LISTING_KEYS_MAX", 10)
     entry = b"<Key>r/a/b</Key><Size>5</Size><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
     upload = "/docker/registry/v2/repositories/x/_uploads/0f1e2d3c-aaaa-bbbb-cccc-123456789abc"
     with FaultServer(upstream=moto_server.url) as proxy:

@@ -124,6 +124,10 @@ KNOWN = 4096  # keys whose multipart upload the driver remembers (`_known`); the
 # are three stats of one directory within milliseconds. The kernel keeps a directory's
 # entry for --tag-ttl anyway; every change made through this driver drops them all.
 DIR_SEEN = 1.0
+# A listing without a delimiter names every key under its prefix: the whole bucket's for
+# `regfs check` and `purge-uploads` (files("/")), far past the LISTING_NAMES_MAX names a
+# directory may hold, and far past any registry too: still a bound on fresh pages for ever.
+LISTING_KEYS_MAX = 100_000_000
 
 _READS = ("LIST", "HEAD", "GET")  # what `call` names requests that change nothing
 _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
@@ -393,7 +397,8 @@ class S3Driver(StorageDriver):
             if page.token is None:
                 return
             listed += len(page.objects) + len(page.prefixes)
-            _unseen(seen, page.token, f"LIST {prefix}", listed)
+            cap = LISTING_NAMES_MAX if delimiter else LISTING_KEYS_MAX
+            _unseen(seen, page.token, f"LIST {prefix}", listed, cap)
             token = page.token
 
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
@@ -419,7 +424,8 @@ class S3Driver(StorageDriver):
             listed += len(uploads)
             key_marker = page["NextKeyMarker"]
             upload_marker = page["NextUploadIdMarker"]
-            _unseen(seen, (key_marker, upload_marker), f"LIST UPLOADS {prefix}", listed)
+            marker = (key_marker, upload_marker)
+            _unseen(seen, marker, f"LIST UPLOADS {prefix}", listed, LISTING_KEYS_MAX)
 
     def _pending(self, key: str) -> _Pending | None:
         """The multipart upload at exactly key that 2.8's writer would resume: the first
@@ -1634,16 +1640,17 @@ class _Lock:
             )
 
 
-def _unseen(seen: set[Any], marker: Any, what: str, listed: int) -> None:
+def _unseen(seen: set[Any], marker: Any, what: str, listed: int, cap: int) -> None:
     """Keep the marker of a listing's next page; RemoteUnavailable (logged) if it is one
-    read before, or if the `listed` entries so far reach LISTING_NAMES_MAX: an endpoint
-    that names one page again would be asked it for ever, and one that names fresh pages
-    for ever would grow what the caller collects (the remote registry's listings stop so
-    too: storage/remote/untrusted.py)."""
+    read before, or if the `listed` entries so far reach cap (LISTING_NAMES_MAX for a
+    directory, LISTING_KEYS_MAX for keys under a prefix): an endpoint that names one page
+    again would be asked it for ever, and one that names fresh pages for ever would grow
+    what the caller collects (the remote registry's listings stop so too:
+    storage/remote/untrusted.py)."""
     if marker in seen:
         log.error("S3 %s: the next page loops back to one read before", what)
         raise RemoteUnavailable(f"S3 {what}: the next page loops back")
-    if listed >= LISTING_NAMES_MAX:
+    if listed >= cap:
         log.error("S3 %s: the listing goes on past %d entries; not read further", what, listed)
         raise RemoteUnavailable(f"S3 {what}: the listing goes on past {listed} entries")
     seen.add(marker)
