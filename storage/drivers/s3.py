@@ -1506,7 +1506,8 @@ class _Lock:
 
     def _put(self, if_match: str | None) -> bool:
         """Write the lock object if it is absent (if_match None) or has ETag if_match;
-        False on 412."""
+        False on 412, and where if_match finds no object (NoSuchKey: let go or removed
+        meanwhile; a renewal's lock is then lost, a takeover tries a create again)."""
         driver = self._driver
         sent = time.monotonic()
         put = functools.partial(
@@ -1518,8 +1519,8 @@ class _Lock:
             else functools.partial(put, IfMatch=if_match)
         )
         try:
-            self._etag = driver.call(f"LOCK {self._key}", put)["ETag"]
-        except _PreconditionFailed:
+            self._etag = driver.call(f"LOCK {self._key}", put, path=self._key)["ETag"]
+        except (_PreconditionFailed, PathNotFound):
             return False
         self._sent = sent
         return True
@@ -1587,7 +1588,8 @@ class _Lock:
 
     def _renew_once(self) -> bool:
         """Rewrite the lock if it is still ours; False (and lost for good) where another
-        writer took it over. RemoteUnavailable or AccessDenied where S3 failed."""
+        writer took it over, or it is gone (taken over and let go, or removed by an rm).
+        RemoteUnavailable or AccessDenied where S3 failed."""
         with self._renewing:
             if self._lost:
                 return False
