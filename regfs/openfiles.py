@@ -239,7 +239,7 @@ class OpenFiles:
 
     # -- closing ---------------------------------------------------------------------------
 
-    def opened_by(self, node: Node, handle: Handle, ctx: RequestContext, inode: int) -> None:
+    def opened_by(self, handle: Handle, ctx: RequestContext, inode: int) -> None:
         """Note who opened a writer (the thread of the OPEN or CREATE): its last close ends
         the file (regfs/closers.py)."""
         if isinstance(handle, UploadHandle | ManifestWriter):

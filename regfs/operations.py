@@ -198,7 +198,7 @@ class Operations(pyfuse3.Operations):
         handle = await self.files.open(node, flags)
         if isinstance(handle, UploadHandle) and handle.node != node:
             self.inodes.rebind(inode, handle.node)  # a finished upload's name begun again
-        self.files.opened_by(node, handle, ctx, inode)
+        self.files.opened_by(handle, ctx, inode)
         return self.files.add(node, handle)
 
     @fuse_errors
@@ -211,7 +211,7 @@ class Operations(pyfuse3.Operations):
         node, handle, attr = await self.files.create(parent, decode_name(name, errno.EINVAL))
         entry = self.attributes.entry(node, attr, timeout=0)
         self.inodes.ref(entry.st_ino)
-        self.files.opened_by(node, handle, ctx, entry.st_ino)
+        self.files.opened_by(handle, ctx, entry.st_ino)
         return self.files.add(node, handle), entry
 
     @fuse_errors

@@ -260,15 +260,16 @@ async def test_closers_tell_this_mount_s_descriptors_by_mount_and_inode(tmp_path
     local = write_file(tmp_path / "local", b"x")
     me, thread = os.getpid(), threading.get_native_id()
 
-    async def close_with(path: Path) -> Close:
-        with open(path, "rb") as held:
+    async def close_with(path: Path, mode: str = "r+b") -> Close:
+        with open(path, mode) as held:
             return await closers.close_of(Opener(me, os.fstat(held.fileno()).st_ino), thread, {})
 
     assert await close_with(tag) is Close.NOT_LAST
+    assert await close_with(tag, "rb") is Close.LAST  # a reader's is no copy of a writer's
     assert await close_with(local) is Close.LAST  # its inode, another mount
     assert await closers.close_of(Opener(0, 1), thread, {}) is Close.UNKNOWN
     assert await closers.close_of(Opener(me, 1), 0, {}) is Close.UNKNOWN
-    with open(tag, "rb") as held:  # the process's other handle of the inode holds it
+    with open(tag, "r+b") as held:  # the process's other handle of the inode holds it
         inode = os.fstat(held.fileno()).st_ino
         assert await closers.close_of(Opener(me, inode), thread, {me: 1}) is Close.LAST
     seen: list[int] = []

@@ -149,7 +149,7 @@ async def test_a_mount_at_a_forging_name_cannot_steer_which_descriptors_are_this
     forging_mount_point(mounted.mountpoint, forged)
     closers = Closers(str(mounted.mountpoint))
     device = os.stat(mounted.mountpoint).st_dev
-    with open(mounted.path("library", "demo", "tags", "latest"), "rb") as held:
+    with open(mounted.path("library", "demo", "tags", "latest"), "r+b") as held:
         opener = Opener(os.getpid(), os.fstat(held.fileno()).st_ino)
         close = await closers.close_of(opener, threading.get_native_id(), {})
     assert close is Close.NOT_LAST  # this process holds the tag

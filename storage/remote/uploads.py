@@ -163,12 +163,7 @@ class UploadRecords:
     def load(self, uuid: str) -> UploadRecord:
         name = self._name(uuid)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir())
-            with os.fdopen(fd, "rb") as f:
-                data = f.read(RECORD_MAX + 1)
-            if len(data) > RECORD_MAX:
-                raise ValueError(f"over {RECORD_MAX} bytes")
-            return UploadRecord(**jsontext.loads(data))
+            return UploadRecord(**jsontext.loads(self._bounded(name, RECORD_MAX)))
         except FileNotFoundError:
             raise UnknownUpload(f"unknown upload {uuid}") from None
         except (OSError, ValueError, TypeError) as exc:
@@ -240,14 +235,19 @@ class UploadRecords:
             self._read_at = read_at
         return self._repositories, self._made
 
+    def _bounded(self, name: str, limit: int) -> bytes:
+        """A file of the records' directory, through no link and no FIFO's wait: ValueError
+        past `limit` bytes (anyone who could write there could plant a huge one)."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir())
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"over {limit} bytes")
+        return data
+
     def _load_made(self) -> frozenset[str]:
         try:
-            fd = os.open(MADE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self._dir())
-            with os.fdopen(fd, "rb") as f:
-                data = f.read(MADE_MAX + 1)
-            if len(data) > MADE_MAX:
-                raise ValueError(f"over {MADE_MAX} bytes")
-            names = jsontext.loads(data)
+            names = jsontext.loads(self._bounded(MADE, MADE_MAX))
             if not isinstance(names, list):
                 raise ValueError("not a list")
             return frozenset(n for n in names if isinstance(n, str) and NAME_RE.fullmatch(n))
