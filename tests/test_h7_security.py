@@ -225,7 +225,7 @@ def test_what_is_planted_as_the_list_of_mkdir_s_repositories_is_none(
     assert records.made() == frozenset()
     assert time.monotonic() - started < 1
     if planted != "directory":  # a directory cannot be replaced by a file: mkdir fails
-        records.set_made(frozenset({"org/app"}))
+        records.change_made(add="org/app")
         records.close()
         assert records.made() == frozenset({"org/app"})
     assert target.read_text() == '["org/secret"]'

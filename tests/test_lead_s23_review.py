@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from storage.drivers.base import StorageDriver
 from storage.errors import NotEmpty
 from storage.paths import UploadData, path_for
 from storage.registry import Registry
+from storage.remote.uploads import UploadRecords
 
 pytestmark = pytest.mark.storage
 
@@ -151,3 +153,27 @@ async def test_rmdir_keeps_a_lost_uploads_data(tmp_path: Path) -> None:
     await registry.driver.put_content(path_for(UploadData("org/app", uuid)), b"x" * 1000)
     with pytest.raises(NotEmpty):
         await registry.remove_repository("org/app")
+
+
+def test_two_mounts_mkdir_at_once_keep_both(tmp_path: Path) -> None:
+    """The repositories mkdir made over https:// are one file beside the upload records,
+    shared by every mount of the user: each mkdir read it, then wrote it, so two at one
+    moment lost one (R2's interleaving: a reads, b writes, a writes)."""
+    directory, base = tmp_path / "state" / "uploads" / "host", tmp_path / "state"
+    mounts = [UploadRecords(directory, base=base) for _ in range(2)]
+    names = [f"org/app{i}" for i in range(60)]
+
+    def make(records: UploadRecords, mine: list[str]) -> None:
+        for name in mine:
+            records.change_made(add=name)
+
+    threads = [
+        threading.Thread(target=make, args=(records, names[i::2]))
+        for i, records in enumerate(mounts)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    mounts[0].change_made(drop="org/app0")
+    assert UploadRecords(directory, base=base).made() == set(names) - {"org/app0"}

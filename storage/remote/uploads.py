@@ -8,6 +8,7 @@ small JSON record per upload under the user's state directory, written atomicall
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -214,13 +215,22 @@ class UploadRecords:
         return self._read()[0]
 
     def made(self) -> frozenset[str]:
-        """The repositories mkdir made (`set_made`): the registry knows a repository only
+        """The repositories mkdir made (`change_made`): the registry knows a repository only
         once something is pushed to it, and an empty one must last until rmdir, across
         remounts, as on a storage root."""
         return self._read()[1]
 
-    def set_made(self, names: frozenset[str]) -> None:
-        self._write(MADE, sorted(names))
+    def change_made(self, add: str | None = None, drop: str | None = None) -> None:
+        """Add a repository to `made`, or drop one: read afresh and written under an flock
+        of the records' directory, so two mounts' mkdir or rmdir at one moment each keep the
+        other's (a read, then a write, lost one). Held for a small file's write."""
+        fd = self._dir()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            names = set(self._load_made()) - {drop} | ({add} if add is not None else set())
+            self._write(MADE, sorted(names))
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _read(self) -> tuple[frozenset[str], frozenset[str]]:
         """`repositories` and `made`, read again only when the directory changed: a file
