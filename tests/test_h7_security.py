@@ -20,6 +20,7 @@ from typing import Any
 import botocore.parsers
 import botocore.session
 import pytest
+import trio
 from support.h7_processes import process
 from support.mounts import Mount
 from support.roots import build_root
@@ -225,7 +226,7 @@ def test_what_is_planted_as_the_list_of_mkdir_s_repositories_is_none(
     assert records.made() == frozenset()
     assert time.monotonic() - started < 1
     if planted != "directory":  # a directory cannot be replaced by a file: mkdir fails
-        records.change_made(add="org/app")
+        trio.run(records.change_made, "org/app")
         records.close()
         assert records.made() == frozenset({"org/app"})
     assert target.read_text() == '["org/secret"]'

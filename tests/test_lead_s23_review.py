@@ -8,6 +8,7 @@ import errno
 import os
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -163,9 +164,12 @@ def test_two_mounts_mkdir_at_once_keep_both(tmp_path: Path) -> None:
     mounts = [UploadRecords(directory, base=base) for _ in range(2)]
     names = [f"org/app{i}" for i in range(60)]
 
-    def make(records: UploadRecords, mine: list[str]) -> None:
+    async def add(records: UploadRecords, mine: list[str]) -> None:
         for name in mine:
-            records.change_made(add=name)
+            await records.change_made(add=name)
+
+    def make(records: UploadRecords, mine: list[str]) -> None:
+        trio.run(add, records, mine)  # one daemon's loop each
 
     threads = [
         threading.Thread(target=make, args=(records, names[i::2]))
@@ -175,5 +179,5 @@ def test_two_mounts_mkdir_at_once_keep_both(tmp_path: Path) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    mounts[0].change_made(drop="org/app0")
+    trio.run(partial(mounts[0].change_made, drop="org/app0"))
     assert UploadRecords(directory, base=base).made() == set(names) - {"org/app0"}

@@ -152,8 +152,9 @@ def _openat2_usable(dirfd: int) -> bool:
     return _openat2_works
 
 
-async def _flock(fd: int, path: str) -> None:
-    """flock(LOCK_EX), polled (a blocking flock would hold a thread) for up to LOCK_WAIT."""
+async def flock_polled(fd: int, path: str) -> None:
+    """flock(LOCK_EX), polled (a blocking flock would hold a thread, or the trio loop) for
+    up to LOCK_WAIT, then Busy; the remote source's upload records take theirs so too."""
     deadline = trio.current_time() + LOCK_WAIT
     delay = 0.005
     while True:
@@ -458,7 +459,7 @@ class FilesystemDriver(StorageDriver):
                 dir_fd=parent,
             )
         try:
-            await _flock(fd, path)
+            await flock_polled(fd, path)
         except BaseException:
             os.close(fd)
             raise

@@ -1064,7 +1064,7 @@ class RemoteRegistry:
     async def create_repository(self, name: str) -> RemoteRepository:
         repo = self.repository(name)
         if name not in self.created:
-            self.records.change_made(add=name)
+            await self.records.change_made(add=name)
         return repo
 
     async def remove_repository(self, name: str) -> None:
@@ -1075,7 +1075,7 @@ class RemoteRegistry:
             raise UnknownRepository(name)
         if at_registry or self.records.of(name) or name in self.pushed():
             raise NotEmpty(f"repository {name} cannot be removed through the registry's API")
-        self.records.change_made(drop=name)
+        await self.records.change_made(drop=name)
 
     def pushed(self) -> set[str]:
         """The repositories a blob was pushed to through this client."""

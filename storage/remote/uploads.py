@@ -25,7 +25,7 @@ import trio
 from .. import jsontext
 from ..api import BlobInfo
 from ..digests import Digest, Sha256State
-from ..drivers.filesystem import _flock
+from ..drivers.filesystem import flock_polled
 from ..errors import (
     DigestMismatch,
     InvalidOffset,
@@ -141,7 +141,7 @@ class UploadRecords:
                 dir_fd=directory,
             )
             try:
-                await _flock(fd, f"upload {uuid}")
+                await flock_polled(fd, f"upload {uuid}")
                 held = os.fstat(fd)
                 with contextlib.suppress(FileNotFoundError):
                     now = os.stat(name, dir_fd=directory, follow_symlinks=False)
@@ -220,12 +220,12 @@ class UploadRecords:
         remounts, as on a storage root."""
         return self._read()[1]
 
-    def change_made(self, add: str | None = None, drop: str | None = None) -> None:
+    async def change_made(self, add: str | None = None, drop: str | None = None) -> None:
         """Add a repository to `made`, or drop one: read afresh and written under an flock
-        of the records' directory, so two mounts' mkdir or rmdir at one moment each keep the
-        other's (a read, then a write, lost one). Held for a small file's write."""
+        of the records' directory (polled, never blocking the loop), so two mounts' mkdir
+        or rmdir at one moment each keep the other's (a read, then a write, lost one)."""
         fd = self._dir()
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        await flock_polled(fd, f"{self.directory}/{MADE}")
         try:
             names = set(self._load_made()) - {drop} | ({add} if add is not None else set())
             self._write(MADE, sorted(names))
