@@ -296,12 +296,16 @@ class Authenticator:
             return "bearer", token, "Bearer " + token.value
         return None, None, None
 
-    def check_challenger(self, resp: httpx.Response, method: str, where: str) -> None:
-        """AccessDenied for a 401 from anywhere but the registry's origin (a redirect target):
-        acting on its challenge would send the user's credentials to its realm and take its
-        token for the registry's."""
+    def check_challenger(
+        self, resp: httpx.Response, method: str, where: str, strayed: bool
+    ) -> None:
+        """AccessDenied for a 401 from anywhere but the registry's origin (a redirect target),
+        or from it at the end of a chain of redirects that left it (`strayed`: the path was
+        named by a third party): acting on its challenge would send the user's credentials
+        to its realm, or to a path the user never asked for, and take its token for the
+        registry's."""
         answered = resp.request.url
-        if origin(answered) == origin(self.registry):
+        if origin(answered) == origin(self.registry) and not strayed:
             return
         target = loggable(self.registry, answered)
         log.warning(

@@ -247,6 +247,18 @@ class Batch:
     failed: bool
 
 
+@dataclass(frozen=True)
+class Exchanged:
+    """One try's final answer (its body unread), the scheme and token it was sent with
+    (None when it went elsewhere), and whether its chain of redirects left the origin it
+    was first addressed to (its 401 is then no challenge of the registry's)."""
+
+    resp: httpx.Response
+    sent_scheme: str | None
+    sent_token: Token | None
+    strayed: bool
+
+
 class RemoteClient:
     """Requests to one registry (`base_url`, e.g. `https://host:5000`), authenticated and
     retried. Use from trio; `aclose()` (or `async with`) releases the connections.
@@ -758,9 +770,10 @@ class RemoteClient:
             while True:
                 started = time.monotonic()
                 try:
-                    resp, sent_scheme, sent_token = await self._exchange(
+                    exchanged = await self._exchange(
                         method, target, headers, content, follow_redirects, authenticate
                     )
+                    resp = exchanged.resp
                     if resp.status_code in expect and not stream:
                         resp = await self._read(resp, method, limit)
                 except httpx.TransportError as exc:
@@ -782,12 +795,14 @@ class RemoteClient:
                     return resp
                 resp = await _drain(resp)
                 if status == 401 and authenticate and not reauthenticated:
-                    self._auth.check_challenger(resp, method, where)
+                    self._auth.check_challenger(resp, method, where, exchanged.strayed)
                     reauthenticated = True
-                    await self._auth.on_challenge(resp, method, target, sent_scheme, sent_token)
+                    await self._auth.on_challenge(
+                        resp, method, target, exchanged.sent_scheme, exchanged.sent_token
+                    )
                     continue
                 if status in (401, 403):
-                    raise self._auth.denied(resp, method, where, sent_scheme)
+                    raise self._auth.denied(resp, method, where, exchanged.sent_scheme)
                 if status == 404:
                     raise RemoteNotFound(
                         f"registry {self.name}: {method} {where}: 404 {error_detail(resp)}",
@@ -845,27 +860,30 @@ class RemoteClient:
         content: bytes | None,
         follow_redirects: bool,
         authenticate: bool,
-    ) -> tuple[httpx.Response, str | None, Token | None]:
+    ) -> Exchanged:
         """One try: the request and the redirects it is sent on (followed here, not by
         httpx, which would read each redirect's body whole and follow https to http).
         The registry's credentials go to each hop on the registry's origin only, a caller's
-        `Authorization` to the origin it was addressed to only. The response comes unread,
-        with the scheme and token it was sent with (None when it went elsewhere)."""
+        `Authorization` to the origin it was addressed to only, and neither to any hop once
+        the chain has left that origin, even back at the registry's: the first request is
+        the user's, what a third party (a CDN) names is not."""
         first = origin(target)
+        strayed = False  # a hop left `first`: what a third party names gets no credentials
         for _ in range(MAX_REDIRECTS + 1):
             hop_headers = dict(headers or {})
             sent_scheme: str | None = None
             sent_token: Token | None = None
-            if origin(target) != first:
+            strayed = strayed or origin(target) != first
+            if strayed:
                 hop_headers = {k: v for k, v in hop_headers.items() if k.lower() != "authorization"}
-            if authenticate and origin(target) == origin(self.base_url):
+            elif authenticate and origin(target) == origin(self.base_url):
                 sent_scheme, sent_token, value = await self._auth.authorization(method, target)
                 if value is not None:
                     hop_headers["Authorization"] = value
             request = self._http.build_request(method, target, headers=hop_headers, content=content)
             resp = await self._http.send(request, stream=True, follow_redirects=False)
             if not (follow_redirects and resp.has_redirect_location):
-                return resp, sent_scheme, sent_token
+                return Exchanged(resp, sent_scheme, sent_token, strayed)
             await _read_body(resp, ERROR_BODY_MAX)
             following = self._redirect_target(resp, method, target)
             if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):

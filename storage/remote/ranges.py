@@ -4,8 +4,8 @@ Layer bytes are most of what a remote mount moves, and httpx on trio tops out at
 here for 8 MiB Range GETs (h11 parses and copies each body several times in Python), where
 http.client reading straight into the bytes it returns does 1.1-1.4 GB/s, beside the
 loop. So a layer's range takes this path when it can: the registry's own client supplies
-the Authorization header; redirects (to object storage) are followed without it, and never
-from https to plain http. Anything else (no auth yet, a 401, an error status, a broken
+the Authorization header; redirects (to object storage) are followed without it (and a
+hop back to the registry after one elsewhere too), and never from https to plain http. Anything else (no auth yet, a 401, an error status, a broken
 connection, a timeout) returns None and the caller sends the request again through
 RemoteClient, which owns auth challenges, retries, the deadline and the error messages.
 Logs show URLs without their query: a redirect's is often a signature.
@@ -336,16 +336,19 @@ class RangeFetcher:
         in_use: InUse | None = None,
     ) -> tuple[Origin, http.client.HTTPConnection, http.client.HTTPResponse] | None:
         """The first answer that is not a redirect, its body still to be read; redirects
-        are followed without the Authorization (it goes to the registry's origin only), and
-        never from https to plain http. None when the exchange failed. Each connection is
-        in `in_use` once its request went (the caller discards the last once it read the
-        body): a caller gone at its deadline shuts it down, so the thread does not read on
-        from a registry that drips."""
+        are followed without the Authorization (it goes to the registry's origin only, and
+        to no hop once the chain has left it, even back at the registry's: that path is a
+        third party's), and never from https to plain http. None when the exchange failed.
+        Each connection is in `in_use` once its request went (the caller discards the last
+        once it read the body): a caller gone at its deadline shuts it down, so the thread
+        does not read on from a registry that drips."""
         first = origin_of(url)
+        strayed = False
         headers = dict(headers)
         for _ in range(MAX_REDIRECTS + 1):
             where = origin_of(url)
-            if authorization is not None and where == first:
+            strayed = strayed or where != first
+            if authorization is not None and not strayed:
                 headers["Authorization"] = authorization
             else:
                 headers.pop("Authorization", None)
