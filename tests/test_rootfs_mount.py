@@ -665,11 +665,12 @@ def test_an_unsafe_cache_directory_is_not_used(images, tmp_path):
 
 
 def test_a_layer_in_use_reads_on_when_the_index_cache_evicts_it(images, tmp_path):
-    """`--index-cache-size 1`: indexing a second image evicts the first's entry while its
-    tree is in memory. Its one-frame zstd layer is read from the re-framed copy, which that
-    eviction used to remove: every open of its files then failed (ENOENT, the copy's
-    FileNotFoundError let through) until the image left memory. The copy is held by the
-    index and stays until then, and the bound is logged as passed."""
+    """`--index-cache-size` with room for the first image's entry alone: indexing a second
+    image evicts the first's entry while its tree is in memory. Its one-frame zstd layer is
+    read from the re-framed copy, which that eviction used to remove: every open of its
+    files then failed (ENOENT, the copy's FileNotFoundError let through) until the image
+    left memory. The copy is held by the index and stays until then, and the bound is
+    logged as passed."""
     v1 = images.built["v1"]
     config = v1.blob(json.loads(v1.manifest)["config"]["digest"])
     big = random.Random(17).randbytes(6 << 20)  # one zstd frame past REFRAME_ABOVE
@@ -681,14 +682,19 @@ def test_a_layer_in_use_reads_on_when_the_index_cache_evicts_it(images, tmp_path
     cache = tmp_path / "xdg" / "regfs" / "index"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-        m = Mount(str(root), tmp_path / "mnt", tmp_path / "regfs.log", ["--index-cache-size", "1"])
+        with Mount(str(root), tmp_path / "mnt", tmp_path / "first.log") as m:
+            run("ls", rootfs(m, "zstd"))  # indexed, the copy made: how big its entry is
+        bound = str(sum(p.stat().st_size for p in cache.iterdir()))
+        m = Mount(
+            str(root), tmp_path / "mnt", tmp_path / "regfs.log", ["--index-cache-size", bound]
+        )
         with m:
-            run("ls", rootfs(m, "zstd"))  # indexed, the copy made
+            run("ls", rootfs(m, "zstd"))  # loaded, the copy held
             run("ls", rootfs(m, "gzip"))  # indexed: everything else is evicted that may be
             assert (cache / f"{digest_of(zstd).split(':')[1]}.zst").is_file()  # in use
             assert rootfs(m, "zstd", "big").read_bytes() == big
             assert rootfs(m, "zstd", "small").read_bytes() == b"z\n"
-            assert "past its bound of 1: the rest is in use" in m.log_text()
+            assert f"past its bound of {bound}: the rest is in use" in m.log_text()
     m.check_log()
 
 

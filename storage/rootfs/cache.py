@@ -9,8 +9,10 @@ a zstd layer's re-framed copy, when it has one; `<key>.tree` an image's merged t
 (`treefile`, keyed by its layers), an entry of its own. Files are written to a
 temporary name and renamed (0600, in a 0700 directory), so a reader (another mount too)
 sees a whole file or none. The least recently used (mtime, touched on each use) go first
-once the files pass `max_bytes`, except the one just stored and the files an index in
-memory holds (`Held`). An evicted index that is in memory keeps serving. Its zstd copy or
+to make room for what is stored (never that entry, nor the files an index in memory holds:
+`Held`), so the files stay within `max_bytes`; an entry that alone passes it is not kept
+(its copy serves this mount from a nameless file), and a gzip spool counts as the blob's
+size while it lives. An evicted index that is in memory keeps serving. Its zstd copy or
 `.gzi` is held open by that index from its load or pass on, so no eviction (another
 mount's either) can make its reads fail or start from the blob's start; one unlinked
 meanwhile still counts in the bound until it is let go.
@@ -56,7 +58,7 @@ from ..privatedir import open_private
 from . import estargz, indexfile, treefile
 from .errors import UnsafeCacheDir
 from .estargz import Chunk
-from .index import Format, LayerIndex
+from .index import Format, LayerIndex, LayerRef
 from .members import Kind, Member, Table, make_members
 from .merge import MAX_NODES, MergedTree
 from .tarscan import Limits, normal_name
@@ -84,6 +86,7 @@ _SEPARATORS = bytes(0x2F if byte in b"/\0." else 0x61 for byte in range(256))
 _I64 = struct.Struct("<q")
 _HARDLINK_CODE = _KIND_CODES.index(Kind.HARDLINK)
 _PERMISSIONS = tuple(range(0o10000))  # shared ints: see `_permissions`
+_PRIVATE = ("its index", "not kept, it serves this mount alone (its copy from a nameless file)")
 
 
 def default_directory() -> Path:
@@ -100,14 +103,28 @@ class Held:
     keeps the file's bytes whatever eviction, this mount's or another's, does to its name
     meanwhile (docs/rootfs.md, "The cache directory"). `fd` is for `os.pread` (a reader that
     wants an offset of its own opens `/proc/self/fd/<fd>`); it is closed when the index is
-    freed."""
+    freed, or by `close`. It counts in the bound as `size` bytes (its size now if None)
+    until it is let go, or made `private`: a file of this mount's alone, without a name,
+    never the cache's (an entry too big for the bound)."""
 
-    def __init__(self, fd: int, files: _HeldFiles) -> None:
+    def __init__(self, fd: int, files: _HeldFiles, size: int | None = None) -> None:
         self.fd = fd
+        self.private = False
         st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        files.add(key, st.st_size)
-        weakref.finalize(self, files.let_go, key, fd)
+        self._key = (st.st_dev, st.st_ino)
+        self._files = files
+        self.size = st.st_size if size is None else size
+        files.add(self._key, self.size)
+        self._finalizer = weakref.finalize(self, files.let_go, self._key, fd)
+
+    def make_private(self) -> None:
+        """Count no more in the cache's bound (its name, if any, is the caller's to remove)."""
+        if not self.private:
+            self.private = True
+            self._files.forget(self._key)
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 class _HeldFiles:
@@ -126,8 +143,12 @@ class _HeldFiles:
 
     def let_go(self, key: tuple[int, int], fd: int) -> None:
         os.close(fd)
+        self.forget(key)
+
+    def forget(self, key: tuple[int, int]) -> None:
+        """One hold of `key` less (none left of a file made private: nothing to do)."""
         with self._lock:
-            holds, size = self._files.pop(key)
+            holds, size = self._files.pop(key, (0, 0))
             if holds > 1:
                 self._files[key] = (holds - 1, size)
 
@@ -156,18 +177,32 @@ class PendingFile:
 
     def __init__(self, cache: IndexCache, digest: Digest, suffix: str) -> None:
         self._cache = cache
+        self._hex = digest.hex
         self._name = f"{digest.hex}{suffix}"
         self._temp, fd = cache._create_temp(digest.hex)
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
     def commit(self, hold: bool = False) -> Held | None:
-        """Give the file its name; with `hold`, the file held open from now on (before its
-        name exists, so no eviction can come between)."""
+        """Give the file its name, once the least recently used entries made room for it;
+        with `hold`, the file held open from now on (before its name exists, so no eviction
+        can come between). A file that alone passes the bound gets no name: held, it is
+        this mount's private file (`Held.private`), and its index is not kept either."""
         self.file.flush()
+        size = os.fstat(self.file.fileno()).st_size
+        kept = size <= self._cache.max_bytes
+        if kept:
+            self._cache._evict(keep=self._hex, incoming=size)
+        else:
+            self._cache._not_kept(self._hex, size, *_PRIVATE)
         fd = os.dup(self.file.fileno()) if hold else -1
         held = Held(fd, self._cache._held) if hold else None
         self.file.close()
-        self._cache._rename(self._temp, self._name)
+        if kept:
+            self._cache._rename(self._temp, self._name)
+            return held
+        self._cache._unlink(self._temp)
+        if held is not None:
+            held.make_private()
         return held
 
     def discard(self) -> None:
@@ -189,6 +224,7 @@ class IndexCache:
         self.max_bytes = max_bytes
         self._fd = open_private(base, parts, UnsafeCacheDir)
         self._held = _HeldFiles()
+        self._told: set[tuple[str, str]] = set()  # what was logged too big to keep: once
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -299,43 +335,87 @@ class IndexCache:
         """Keep `index` (atomically), then evict down to the bound; `encoded` is its file
         when at hand (the gzip child's, which `decode` made `index` from): kept as it is,
         not encoded again. A failure to write is logged, not raised: the index in memory
-        serves this mount anyway."""
-        temp, fd = self._create_temp(index.digest.hex)
+        serves this mount anyway. The least recently used entries go first to make room
+        for it; an entry (with its copy or seek points) that alone passes the bound is not
+        kept, its copy this mount's private file from then on."""
+        hexdigest = index.digest.hex
+        copy = index.copy
+        temp = ""
         try:
-            with os.fdopen(fd, "wb") as file:
-                if encoded is None:
-                    encode(index, file)
-                else:
-                    file.write(encoded)
-            self._rename(temp, f"{index.digest.hex}.idx")
+            if copy is None or not copy.private:  # else its copy alone passed (logged)
+                temp, fd = self._create_temp(hexdigest)
+                with os.fdopen(fd, "wb") as file:
+                    if encoded is None:
+                        encode(index, file)
+                    else:
+                        file.write(encoded)
+                    written = file.tell()
+                size = written + (0 if copy is None else copy.size)
+                if size <= self.max_bytes:
+                    self._evict(keep=hexdigest, incoming=written)
+                    self._rename(temp, f"{hexdigest}.idx")
+                    return
+                self._unlink(temp)
+                self._remove(hexdigest)  # the copy's name: it is read through `copy` alone
+                if copy is not None:
+                    copy.make_private()
+                self._not_kept(hexdigest, size, *_PRIVATE)
+            self._evict()  # what is not kept leaves the bound to hold for the rest
         except OSError as exc:
             log.error("index of layer %s not kept in %s: %s", index.digest, self.directory, exc)
             self._unlink(temp)
-            return
-        try:
-            self.evict(keep=index.digest.hex)
-        except OSError as exc:
-            log.error("index cache %s: eviction failed: %s", self.directory, exc)
 
     def pending(self, digest: Digest, suffix: str) -> PendingFile:
         """A new `.zst` or `.gzi` file of the layer's entry, written before its `.idx` is
         stored (a loaded `.idx` can count on them)."""
         return PendingFile(self, digest, suffix)
 
-    def spool(self) -> int:
-        """A read-write descriptor of a new file without a name in the directory (O_TMPFILE),
-        or one unlinked at once where the file system has no O_TMPFILE: whatever happens to
-        the daemon, nothing is left behind once it is closed."""
+    def spool(self, layer: LayerRef) -> Held | None:
+        """A new file for a copy of `layer`'s blob (`layer.size` bytes) without a name in
+        the directory (O_TMPFILE, or one unlinked at once where the file system has none):
+        whatever happens to the daemon, nothing is left behind once it is closed
+        (`Held.close`). It counts in the bound as `layer.size` until then, the least
+        recently used entries evicted first to make room; None, logged, when that alone
+        passes the bound (then index without a copy)."""
+        size = layer.size
+        if size > self.max_bytes:
+            self._not_kept(layer.digest.hex, size, "a copy of its blob", "indexed in process")
+            return None
+        self._evict(incoming=size)
         try:
-            return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self._fd)
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self._fd)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-        temp = f".spool.{secrets.token_hex(8)}.tmp"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temp, flags, 0o600, dir_fd=self._fd)
-        self._unlink(temp)
-        return fd
+            temp = f".spool.{secrets.token_hex(8)}.tmp"
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(temp, flags, 0o600, dir_fd=self._fd)
+            self._unlink(temp)
+        return Held(fd, self._held, size)
+
+    def _evict(self, keep: str = "", incoming: int = 0) -> None:
+        """`evict` where a failure is only logged: the index in memory serves anyway."""
+        try:
+            self.evict(keep, incoming)
+        except OSError as exc:
+            log.error("index cache %s: eviction failed: %s", self.directory, exc)
+
+    def _not_kept(self, hexdigest: str, size: int, what: str, instead: str) -> None:
+        """Log, once per layer and `what`, that it passes the bound alone."""
+        if (hexdigest, what) in self._told:
+            return
+        self._told.add((hexdigest, what))
+        log.warning(
+            "layer %s:%s: %s (%d bytes) alone passes the index cache's bound of %d "
+            "(--index-cache-size) in %s: %s",
+            SHA256,
+            hexdigest,
+            what,
+            size,
+            self.max_bytes,
+            self.directory,
+            instead,
+        )
 
     def _create_temp(self, hexdigest: str) -> tuple[str, int]:
         temp = f".{hexdigest}.{secrets.token_hex(8)}.tmp"
@@ -382,27 +462,28 @@ class IndexCache:
                     layer.used = st.st_mtime
         return found, self._held.unnamed(named)
 
-    def evict(self, keep: str | frozenset[str] = "") -> int:
-        """Remove the least recently used indexes (with their copies) past `max_bytes`,
-        never those whose hex digest is (in) `keep` nor one with a file held open (`Held`:
-        removing it would free nothing, and the next mount could not reuse it). Returns
-        the bytes left, held files included."""
+    def evict(self, keep: str | frozenset[str] = "", incoming: int = 0) -> int:
+        """Remove the least recently used indexes (with their copies) past `max_bytes` less
+        `incoming` (the bytes about to be stored), never those whose hex digest is (in)
+        `keep` nor one with a file held open (`Held`: removing it would free nothing, and
+        the next mount could not reuse it). Returns the bytes left, held files included."""
         kept = frozenset({keep}) if isinstance(keep, str) else keep
         entries, total = self._scan()
         total += sum(entry.size for entry in entries.values())
+        room = self.max_bytes - incoming
         for hexdigest, entry in sorted(entries.items(), key=lambda item: item[1].used):
-            if total <= self.max_bytes:
+            if total <= room:
                 break
             if hexdigest in kept or entry.held:
                 continue
             self._remove(hexdigest)
             total -= entry.size
             log.info("index of layer %s:%s evicted from %s", SHA256, hexdigest, self.directory)
-        if total > self.max_bytes:
+        if total > room:
             log.info(
                 "index cache %s: %d bytes, past its bound of %d: the rest is in use",
                 self.directory,
-                total,
+                total + incoming,
                 self.max_bytes,
             )
         return total

@@ -94,9 +94,15 @@ async def index_gzip(
     one, IndexProcessFailed when the child fails. `head` is the blob's first window, read."""
     own = local_fileno(reader)  # a local root's blob file: read in place, no copy
     verify = own is not None
+    spool = None
+    if own is None:  # a copy, in the cache's bound while it lives
+        spool = await trio.to_thread.run_sync(cache.spool, layer)
+        if spool is None:
+            return None  # it alone would pass the bound: indexed in process (logged)
+        own = spool.fd
     points = await trio.to_thread.run_sync(cache.pending, layer.digest, ".gzi")
     try:
-        fd = os.dup(own) if own is not None else await trio.to_thread.run_sync(cache.spool)
+        fd = os.dup(own)
         try:
             request = Request(
                 fd,
@@ -112,6 +118,8 @@ async def index_gzip(
             )
         finally:
             os.close(fd)
+            if spool is not None:
+                spool.close()
         index = None if encoded is None else await _decode(encoded, layer.digest)
     except BaseException:
         points.discard()
