@@ -20,7 +20,7 @@ from pyfuse3 import EntryAttributes, FUSEError, ReaddirToken
 
 from storage.errors import CorruptEntry
 
-from . import fusefeatures
+from . import fusefeatures, statahead
 from .attributes import PACKED, Attributes
 from .inodes import InodeTable
 from .listings import names_of
@@ -78,6 +78,7 @@ class _Snapshot:
     length: int
     since: int  # `Directories._uses` when it began: were its entries in use since?
     dot: bool | None = None  # the listing ends with "." (`_fills_pages`), once all went out
+    ahead: statahead.StatAhead | None = None  # its digests' attributes, being read (`_listing`)
 
 
 class Directories:
@@ -111,8 +112,9 @@ class Directories:
             entries = kept.entries or []  # let go when it was read to its end: nothing more
         else:  # a reader back in a listing read whole long ago goes on in the current
             self._let_go()
-            entries = await self._present(node)
+            entries, ahead = await self._listing(node)
             snapshot = self._snapshot(node, entries)
+            self._snapshots[snapshot].ahead = ahead
             if start_id == 0 and _kept_by_kernel(node):
                 self.tree.kept.listed(node, names_of(entries))
         base = snapshot << _INDEX_BITS
@@ -120,11 +122,15 @@ class Directories:
             self._reply_listed(entries, start, base, token)
             return
         in_use = self._used.get(node, 0) > self._snapshots[snapshot].since
+        if (ahead := self._snapshots[snapshot].ahead) is not None:
+            await ahead.ready(start)
         named = self.attributes.by_name(node, in_use)
         with_attributes = False
         index = start
         while index < len(entries):
             name, child = entries[index]
+            if ahead is not None and index >= ahead.read:  # the next READDIR waits for it
+                break
             listed = None
             entry = named(child) if named is not None else None
             if entry is None and fusefeatures.REPLY_MANY:
@@ -331,6 +337,21 @@ class Directories:
             kept.move(node)  # gone: the kernel's lookup or listing finds out
             return
         kept.listed(node, names_of(entries))
+
+    async def _listing(
+        self, node: Node
+    ) -> tuple[list[tuple[str, Node]], statahead.StatAhead | None]:
+        """A new snapshot's entries: `_present`'s, or, for a listing of layers/ or manifests/
+        whose attributes the daemon does not hold, all its names and the reading of those
+        attributes begun (`StatAhead`): each READDIR hands what is read by then, and a
+        digest whose stat fails is left out when its turn comes, asked alone as `_present`
+        would (absent: not listed; damaged: listed, EIO on lookup)."""
+        if isinstance(node, SectionNode) and node.section in ("layers", "manifests"):
+            entries = await self.tree.children(node)
+            held = self.tree.held_attr
+            if len(entries) > statahead.FIRST_CHUNK and not any(held(n) for _, n in entries[:8]):
+                return entries, statahead.StatAhead(self.tree, list(map(_NODE, entries)))
+        return await self._present(node), None
 
     async def _present(self, node: Node) -> list[tuple[str, Node]]:
         """node's listing as readdir hands it: without the digests whose stat

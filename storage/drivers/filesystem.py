@@ -21,15 +21,13 @@ bulk reads of a big listing) go to a worker thread.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import functools
 import logging
 import os
 import secrets
 import stat as statmod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TypeVar
 
@@ -45,7 +43,13 @@ from .base import (
     StorageDriver,
     join,
 )
+from .bulkstat import DIRECTORY as _DIRECTORY
+from .bulkstat import O_BENEATH as _O_BENEATH
+from .bulkstat import linked_stats
+from .bulkstat import openat2 as _openat2
+from .bulkstat import walk_open as _walk_open
 from .removal import remove_tree
+from .statworker import StatWorker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,72 +71,6 @@ LOCK_SUFFIX = ".regfs-lock"
 # release, which comes after close() has returned: another process (another mount) that
 # opens the file at once would be refused for a few milliseconds without this wait.
 LOCK_WAIT = 2.0
-
-_O_BENEATH = os.O_NOFOLLOW | os.O_CLOEXEC  # added to every open below the root
-# A directory of one component opened to resolve names beneath it: a symlink there fails
-# (ENOTDIR: O_DIRECTORY sees the link itself), and a name is never `..` (storage paths).
-_DIRECTORY = os.O_PATH | os.O_DIRECTORY | _O_BENEATH
-_SYS_OPENAT2 = 437  # the same on x86_64 and aarch64 (every architecture's table since 5.6)
-_RESOLVE_NO_SYMLINKS = 0x04
-_RESOLVE_BENEATH = 0x08
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-# The open_how goes by address (c_void_p) and the path as bytes: ctypes converts neither,
-# a third of the call's cost when a listing opens 10,000 links.
-_syscall = ctypes.CDLL(None, use_errno=True).syscall
-_syscall.restype = ctypes.c_long
-_syscall.argtypes = [
-    ctypes.c_long,
-    ctypes.c_long,
-    ctypes.c_char_p,
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-]
-
-
-_HOW_SIZE = ctypes.sizeof(_OpenHow)
-_HOWS: list[_OpenHow] = []  # every open_how built, alive as long as its address is used
-
-
-@functools.cache
-def _how(flags: int, mode: int) -> int:
-    """The address of the open_how of these flags, built once: a stat per tag listed must
-    stay cheap."""
-    _HOWS.append(_OpenHow(flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS))
-    return ctypes.addressof(_HOWS[-1])
-
-
-def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
-    """openat2(2), which Python 3.11 lacks: no symlink, no `..` and no absolute path leads
-    out of dirfd (ELOOP for a symlink anywhere on the path). Storage paths are ASCII
-    (base._PATH_RE), so str.encode is their fsencode."""
-    fd: int = _syscall(_SYS_OPENAT2, dirfd, path.encode(), _how(flags, mode), _HOW_SIZE)
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
-    return fd
-
-
-def _walk_open(dirfd: int, path: str, flags: int, mode: int) -> int:
-    """openat2's job without it: one O_NOFOLLOW directory open per component. A symlink on
-    the way fails with ENOTDIR (O_DIRECTORY sees the link), the last one with ELOOP."""
-    *parents, leaf = path.split("/")
-    fd = dirfd
-    try:
-        for name in parents:
-            child = os.open(name, _DIRECTORY, dir_fd=fd)
-            if fd != dirfd:
-                os.close(fd)
-            fd = child
-        return os.open(leaf, flags, mode, dir_fd=fd)
-    finally:
-        if fd != dirfd:
-            os.close(fd)
-
 
 _openat2_works: bool | None = None
 
@@ -230,51 +168,6 @@ def _create_temp(dirfd: int) -> tuple[int, str]:
             continue
 
 
-class _Parents:
-    """The descriptor of one directory below `base`, kept while the names a bulk call resolves
-    share it: sorted names of a listing's blobs (`<xx>/<hex>/data`) open each fan-out
-    directory `<xx>` once for its ~40 blobs (`resolve`: openat2, or the walk without it)."""
-
-    def __init__(self, base: int, resolve: Callable[[int, str, int, int], int]) -> None:
-        self.base = base
-        self._resolve = resolve
-        self._path = ""
-        self._fd = base
-
-    def of(self, path: str) -> int:
-        """The descriptor of the directory `path` (relative, "" for base) below base."""
-        if path != self._path:
-            self.close()
-            if path:
-                self._fd = self._resolve(self.base, path, _DIRECTORY, 0)
-                self._path = path
-        return self._fd
-
-    def close(self) -> None:
-        if self._path:
-            os.close(self._fd)
-            self._path, self._fd = "", self.base
-
-
-def _stat_at(parents: _Parents, name: str) -> tuple[int, int] | None:
-    """Size and mtime_ns of the regular file at name (`<xx>/<hex>/data`) below parents.base,
-    None if it is anything else (a directory, a symlink: lstat's own mode, a FIFO): an
-    lstat of the last component in its own directory, opened (O_NOFOLLOW, one component)
-    from the kept descriptor of the one above, so no path of two components goes to a call
-    that would follow a link on its way."""
-    head, _, leaf = name.rpartition("/")
-    up, _, below = head.rpartition("/")
-    if not below:  # a name of one component
-        st = os.stat(leaf, dir_fd=parents.base, follow_symlinks=False)
-    else:
-        fd = os.open(below, _DIRECTORY, dir_fd=parents.of(up))
-        try:
-            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
-        finally:
-            os.close(fd)
-    return (st.st_size, st.st_mtime_ns) if statmod.S_ISREG(st.st_mode) else None
-
-
 class FilesystemDriver(StorageDriver):
     name = "filesystem"
     keeps_symlinks = True
@@ -288,10 +181,13 @@ class FilesystemDriver(StorageDriver):
         self._fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         use = openat2 and _openat2_usable(self._fd)
         self._resolve: Callable[[int, str, int, int], int] = _openat2 if use else _walk_open
+        self._stat_worker = StatWorker()
 
     def __del__(self) -> None:
         with suppress(AttributeError, OSError):
             os.close(self._fd)
+        with suppress(AttributeError):
+            self._stat_worker.close()
 
     def __repr__(self) -> str:
         return f"FilesystemDriver({self.root!r})"
@@ -531,39 +427,27 @@ class FilesystemDriver(StorageDriver):
         self, links: str, link_names: list[str], targets: Sequence[bytes], files: str,
         file_names: list[str],
     ) -> list[tuple[int, int] | None] | None:  # fmt: skip
-        """Each link opened beneath `links` (openat2, or the walk) and read by one pread of a
-        byte more than its target: a FIFO or socket fails that (ESPIPE; the open is
-        O_NONBLOCK, so a FIFO's never waits for a writer), a directory too (EISDIR), and a
-        bigger file reads that byte, so no fstat is needed to know a regular file of just
-        those bytes. Then the file (`_stat_at`)."""
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_BENEATH
+        """`bulkstat.linked_stats` beneath the two directories: many go to the stat worker
+        process (started by the first such call; in a thread until it is ready)."""
         resolve = self._resolve
 
         def run(fds: list[int]) -> list[tuple[int, int] | None]:
-            found: list[tuple[int, int] | None] = []
-            parents = _Parents(fds[1], resolve)
-            try:
-                for link, target, name in zip(link_names, targets, file_names, strict=True):
-                    try:
-                        fd = resolve(fds[0], link, flags, 0)
-                        try:
-                            read = os.pread(fd, len(target) + 1, 0)
-                        finally:
-                            os.close(fd)
-                        found.append(_stat_at(parents, name) if read == target else None)
-                    except OSError:
-                        found.append(None)
-            finally:
-                parents.close()
-            return found
+            return linked_stats(resolve, fds[0], fds[1], link_names, targets, file_names)
 
-        return await self._bulk((links, files), len(link_names), run)
+        async def elsewhere(fds: list[int]) -> list[tuple[int, int] | None] | None:
+            return await self._stat_worker.linked_stats(
+                fds[0], fds[1], resolve is not _walk_open, link_names, targets, file_names
+            )
+
+        return await self._bulk((links, files), len(link_names), run, elsewhere)
 
     async def _bulk(
-        self, directories: tuple[str, ...], count: int, run: Callable[[list[int]], list[T | None]]
-    ) -> list[T | None]:
+        self, directories: tuple[str, ...], count: int, run: Callable[[list[int]], list[T | None]],
+        elsewhere: Callable[[list[int]], Awaitable[list[T | None] | None]] | None = None,
+    ) -> list[T | None]:  # fmt: skip
         """run(a descriptor of each directory, opened as `_open` opens: no symlink followed)
-        for `count` names resolved beneath them, in one worker thread call for many.
+        for `count` names resolved beneath them, in one worker thread call for many (or
+        `elsewhere` for many, unless it answers None).
         Whatever fails is None: the caller asks the path alone, which says why (and logs a
         symlink); all are None where a directory is not there plainly."""
         fds: list[int] = []
@@ -575,6 +459,8 @@ class FilesystemDriver(StorageDriver):
                 return [None] * count
             if count <= INLINE_ENTRIES:
                 return run(fds)
+            if elsewhere is not None and (found := await elsewhere(fds)) is not None:
+                return found
             return await trio.to_thread.run_sync(run, fds)
         finally:
             for fd in fds:

@@ -1,0 +1,78 @@
+"""A listing's attributes read ahead of its READDIRs, a chunk at a time.
+
+A cold `ls -l` of 10,000 layers waited for every link and blob to be stated (~120 ms)
+before its first READDIRPLUS was answered, and `ls` did its own work (statx, output) only
+after. Read in chunks by a task of their own (in the stat worker process on a local root,
+`storage/drivers/statworker.py`), each READDIR hands what is read so far, and `ls` works
+while the rest are read.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from .nodes import Node
+    from .tree import Tree
+
+log = logging.getLogger(__name__)
+
+# The first chunk is small, so the first reply goes out soon; the rest are what one request
+# to the stat worker holds at most. Two are asked at once, so the worker always has the next.
+FIRST_CHUNK = 128
+CHUNK = 512
+IN_FLIGHT = 2
+
+
+class StatAhead:
+    """`Tree.read_attrs` of a listing's nodes, chunk after chunk in a system task, each cached
+    by the tree as it is read; `ready` says how far."""
+
+    def __init__(self, tree: Tree, nodes: list[Node]) -> None:
+        self._tree = tree
+        self._nodes = nodes
+        self._next = 0  # where the next chunk begins
+        self._ends: dict[int, int] = {}  # chunks read out of order: start -> end
+        self.read = 0  # the nodes read, from the first on without a gap
+        self._failed: BaseException | None = None
+        self._moved = trio.Event()
+        trio.lowlevel.spawn_system_task(self._run)
+
+    async def ready(self, index: int) -> int:
+        """Once node `index` is read (or all are), how many are, from the first on; what
+        failed the reading, raised (EIO for that READDIR)."""
+        while self.read <= index < len(self._nodes) and self._failed is None:
+            await self._moved.wait()
+        if self._failed is not None:
+            raise self._failed
+        return self.read
+
+    async def _run(self) -> None:
+        """A system task: whatever fails is kept for `ready`, never raised."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(IN_FLIGHT):
+                    nursery.start_soon(self._read_chunks)
+        except Exception as exc:  # kept for the READDIRs that wait
+            while isinstance(exc, ExceptionGroup):  # a nursery's: what its task raised
+                exc = exc.exceptions[0]
+            log.debug("reading a listing's attributes ahead failed: %s", exc)
+            self._failed = exc
+        self._move()
+
+    async def _read_chunks(self) -> None:
+        while self._next < len(self._nodes):
+            start = self._next
+            end = self._next = min(start + (FIRST_CHUNK if start == 0 else CHUNK), len(self._nodes))
+            await self._tree.read_attrs(self._nodes[start:end])
+            self._ends[start] = end
+            while self.read in self._ends:
+                self.read = self._ends.pop(self.read)
+            self._move()
+
+    def _move(self) -> None:
+        self._moved.set()
+        self._moved = trio.Event()

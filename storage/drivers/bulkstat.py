@@ -1,0 +1,219 @@
+"""Opening names beneath a directory descriptor with no symlink followed, and the bulk stat of
+a listing's links and the blobs they name (`linked_stats`) built on it; this file run as a
+script is the stat worker process that runs that bulk stat beside the daemon
+(`statworker.StatWorker`).
+
+The standard library only, and nothing of the package: the worker starts in a few
+milliseconds (`python -I -S` of this file), not the ~0.3 s that importing trio costs, and it
+runs the very code the filesystem driver runs in process (storage/drivers/filesystem.py
+imports it from here).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import marshal
+import os
+import signal
+import socket
+import stat as statmod
+import sys
+from array import array
+from collections.abc import Callable, Sequence
+
+O_BENEATH = os.O_NOFOLLOW | os.O_CLOEXEC  # added to every open below the root
+# A directory of one component opened to resolve names beneath it: a symlink there fails
+# (ENOTDIR: O_DIRECTORY sees the link itself), and a name is never `..` (storage paths).
+DIRECTORY = os.O_PATH | os.O_DIRECTORY | O_BENEATH
+_SYS_OPENAT2 = 437  # the same on x86_64 and aarch64 (every architecture's table since 5.6)
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+# A request to the worker holds at most this many entries and its reply fits in REPLY_LIMIT
+# (a SOCK_SEQPACKET message is one send: ~230 bytes an entry asked, ~26 answered).
+REQUEST_ENTRIES = 512
+REQUEST_LIMIT = 1 << 18
+REPLY_LIMIT = 1 << 16
+READY = b"ready"
+_PR_SET_PDEATHSIG = 1
+
+Resolve = Callable[[int, str, int, int], int]
+Stat = tuple[int, int] | None  # size and mtime_ns of a regular file, or None
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+# The open_how goes by address (c_void_p) and the path as bytes: ctypes converts neither,
+# a third of the call's cost when a listing opens 10,000 links.
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = [
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+]
+
+
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+_HOWS: list[_OpenHow] = []  # every open_how built, alive as long as its address is used
+
+
+@functools.cache
+def _how(flags: int, mode: int) -> int:
+    """The address of the open_how of these flags, built once: a stat per tag listed must
+    stay cheap."""
+    _HOWS.append(_OpenHow(flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS))
+    return ctypes.addressof(_HOWS[-1])
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
+    """openat2(2), which Python 3.11 lacks: no symlink, no `..` and no absolute path leads
+    out of dirfd (ELOOP for a symlink anywhere on the path). Storage paths are ASCII
+    (base._PATH_RE), so str.encode is their fsencode."""
+    fd: int = _syscall(_SYS_OPENAT2, dirfd, path.encode(), _how(flags, mode), _HOW_SIZE)
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    return fd
+
+
+def walk_open(dirfd: int, path: str, flags: int, mode: int) -> int:
+    """openat2's job without it: one O_NOFOLLOW directory open per component. A symlink on
+    the way fails with ENOTDIR (O_DIRECTORY sees the link), the last one with ELOOP."""
+    *parents, leaf = path.split("/")
+    fd = dirfd
+    try:
+        for name in parents:
+            child = os.open(name, DIRECTORY, dir_fd=fd)
+            if fd != dirfd:
+                os.close(fd)
+            fd = child
+        return os.open(leaf, flags, mode, dir_fd=fd)
+    finally:
+        if fd != dirfd:
+            os.close(fd)
+
+
+class Parents:
+    """The descriptor of one directory below `base`, kept while the names a bulk call resolves
+    share it: sorted names of a listing's blobs (`<xx>/<hex>/data`) open each fan-out
+    directory `<xx>` once for its ~40 blobs (`resolve`: openat2, or the walk without it)."""
+
+    def __init__(self, base: int, resolve: Resolve) -> None:
+        self.base = base
+        self._resolve = resolve
+        self._path = ""
+        self._fd = base
+
+    def of(self, path: str) -> int:
+        """The descriptor of the directory `path` (relative, "" for base) below base."""
+        if path != self._path:
+            self.close()
+            if path:
+                self._fd = self._resolve(self.base, path, DIRECTORY, 0)
+                self._path = path
+        return self._fd
+
+    def close(self) -> None:
+        if self._path:
+            os.close(self._fd)
+            self._path, self._fd = "", self.base
+
+
+def _stat_at(parents: Parents, name: str) -> Stat:
+    """Size and mtime_ns of the regular file at name (`<xx>/<hex>/data`) below parents.base,
+    None if it is anything else (a directory, a symlink: lstat's own mode, a FIFO): an
+    lstat of the last component in its own directory, opened (O_NOFOLLOW, one component)
+    from the kept descriptor of the one above, so no path of two components goes to a call
+    that would follow a link on its way."""
+    head, _, leaf = name.rpartition("/")
+    up, _, below = head.rpartition("/")
+    if not below:  # a name of one component
+        st = os.stat(leaf, dir_fd=parents.base, follow_symlinks=False)
+    else:
+        fd = os.open(below, DIRECTORY, dir_fd=parents.of(up))
+        try:
+            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+    return (st.st_size, st.st_mtime_ns) if statmod.S_ISREG(st.st_mode) else None
+
+
+def linked_stats(
+    resolve: Resolve, links: int, files: int, link_names: Sequence[str],
+    targets: Sequence[bytes], file_names: Sequence[str],
+) -> list[Stat]:  # fmt: skip
+    """Each link opened beneath the descriptor `links` (`resolve`: openat2, or the walk) and
+    read by one pread of a byte more than its target: a FIFO or socket fails that (ESPIPE;
+    the open is O_NONBLOCK, so a FIFO's never waits for a writer), a directory too
+    (EISDIR), and a bigger file reads that byte, so no fstat is needed to know a regular
+    file of just those bytes. Then the file beneath `files` (`_stat_at`). None for each
+    entry that is anything else, or fails."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | O_BENEATH
+    found: list[Stat] = []
+    parents = Parents(files, resolve)
+    try:
+        for link, target, name in zip(link_names, targets, file_names, strict=True):
+            try:
+                fd = resolve(links, link, flags, 0)
+                try:
+                    read = os.pread(fd, len(target) + 1, 0)
+                finally:
+                    os.close(fd)
+                found.append(_stat_at(parents, name) if read == target else None)
+            except OSError:
+                found.append(None)
+    finally:
+        parents.close()
+    return found
+
+
+def serve(sock: socket.socket) -> None:
+    """The worker's loop: each request is one message, the descriptors of the links' and the
+    files' directories (opened by the driver, as it opens them) and, marshalled, whether to
+    resolve with openat2 and the names (`linked_stats`); the reply is the list it returns.
+    Returns when the daemon's end closes (it exited, or was killed); anything unexpected
+    ends the worker, and the daemon answers EIO for the listings waiting for it."""
+    fd_size = array("i").itemsize
+    while True:
+        data, ancillary, flags, _ = sock.recvmsg(REQUEST_LIMIT, socket.CMSG_SPACE(2 * fd_size))
+        fds = array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
+        try:
+            if not data:
+                return
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 2:
+                raise ValueError(f"a request cut short, or with {len(fds)} descriptors, not 2")
+            use_openat2, link_names, targets, file_names = marshal.loads(data)
+            resolve = openat2 if use_openat2 else walk_open
+            found = linked_stats(resolve, fds[0], fds[1], link_names, targets, file_names)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.send(marshal.dumps(found))
+
+
+def main(argv: list[str]) -> int:
+    """`bulkstat.py FD PARENT`: serve the daemon (pid PARENT) on the socket FD. The kernel
+    kills the worker when the thread that started it ends (PR_SET_PDEATHSIG: that thread
+    waits for the worker as long as the daemon lives), and it ends when the daemon's end of
+    the socket closes; a daemon gone before the signal was asked for is seen as a new parent."""
+    sock = socket.socket(fileno=int(argv[1]))
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return 1
+    if os.getppid() != int(argv[2]):
+        return 1
+    sock.send(READY)
+    serve(sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

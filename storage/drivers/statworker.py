@@ -1,0 +1,183 @@
+"""The stat worker: a child process that runs a listing's bulk stat (`bulkstat.linked_stats`)
+on the other core, beside the daemon's loop, which replies meanwhile.
+
+In a thread, those ~60,000 syscalls of `ls -l` of 10,000 layers held the GIL for most of
+their ~120 ms and slowed the loop as much as they spared it; a process holds no GIL of the
+daemon's. It runs the driver's own code (bulkstat.py as a script, the standard library
+only: it starts in ~30 ms), on directory descriptors the driver opened and passes with each
+request (SCM_RIGHTS), so it resolves every name as the driver would, beneath them with no
+symlink followed. It is started off the trio thread by a thread that then waits for it: the
+kernel kills it when that thread ends (PR_SET_PDEATHSIG), which is when the daemon ends,
+also by kill -9; and it exits when its socket closes. Until it is ready, or after it
+failed, `linked_stats` answers None and the driver stats in a thread as before; a failure
+while requests wait is CorruptEntry (EIO) for them, logged once, and the next call starts a
+new worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import marshal
+import os
+import socket
+import subprocess
+import sys
+import threading
+from array import array
+from collections.abc import Sequence
+from contextlib import suppress
+
+import trio
+
+from ..errors import CorruptEntry
+from . import bulkstat
+
+log = logging.getLogger(__name__)
+
+
+class _Channel:
+    """One worker's socket and the requests waiting for it. Requests go out as they come,
+    replies come back in that order (one loop in the worker), and each caller reads its own
+    in turn: the oldest caller still waiting reads first, passing over the replies of
+    callers cancelled meanwhile."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sent = 0  # requests sent, numbered from 0
+        self.received = 0  # replies read
+        self.waiting: set[int] = set()  # numbers of the requests whose caller waits
+        self.moved = trio.Event()
+        self.broken = ""  # why it cannot answer any more
+
+    async def call(self, links: int, files: int, request: bytes) -> bytes:
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", (links, files)))]
+        while True:
+            self._check()
+            try:
+                self.sock.sendmsg([request], fds)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+        number, self.sent = self.sent, self.sent + 1
+        self.waiting.add(number)
+        try:
+            while min(self.waiting) != number:
+                await self.moved.wait()
+                self._check()
+            while self.received < number:  # a reply its cancelled caller left
+                await self._receive()
+            return await self._receive()
+        finally:
+            self.waiting.discard(number)
+            self.moved.set()
+            self.moved = trio.Event()
+
+    def _check(self) -> None:
+        if self.broken:
+            raise OSError(self.broken)
+
+    async def _receive(self) -> bytes:
+        while True:
+            self._check()
+            try:
+                reply, _, flags, _ = self.sock.recvmsg(bulkstat.REPLY_LIMIT)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+        if not reply:
+            raise OSError("it exited")
+        if flags & socket.MSG_TRUNC:
+            raise OSError("a reply longer than REPLY_LIMIT")
+        self.received += 1
+        return reply
+
+    def close(self, why: str) -> None:
+        """No request is answered any more: those waiting fail with why."""
+        if not self.broken:
+            self.broken = why
+            with suppress(OSError):
+                trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+            self.moved.set()
+
+
+class StatWorker:
+    """The worker process of one driver, started when a bulk stat first asks for it."""
+
+    def __init__(self) -> None:
+        self._channel: _Channel | None = None  # set by the starting thread once ready
+        self._starting = False
+
+    @property
+    def ready(self) -> bool:
+        return self._channel is not None
+
+    def start(self) -> None:
+        """Starts the worker on a thread of its own, unless it runs or is starting."""
+        if self._channel is None and not self._starting:
+            self._starting = True
+            threading.Thread(target=self._run, name="regfs-stat-worker", daemon=True).start()
+
+    def close(self) -> None:
+        """The worker's socket closed: it exits (it is not waited for)."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.broken = "closed"
+            channel.sock.close()
+
+    def _run(self) -> None:
+        """Spawns the worker, then waits for it (its PR_SET_PDEATHSIG names this thread)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with theirs:
+                worker = subprocess.Popen(
+                    [sys.executable, "-I", "-S", bulkstat.__file__, str(theirs.fileno()),
+                     str(os.getpid())],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+            if ours.recv(len(bulkstat.READY)) != bulkstat.READY:
+                worker.wait()
+                raise OSError(f"exited with status {worker.returncode} before it was ready")
+        except OSError as exc:
+            log.error("the stat worker did not start (%s): listings are stated in process", exc)
+            ours.close()
+            return
+        finally:
+            self._starting = False
+        ours.setblocking(False)
+        channel = self._channel = _Channel(ours)
+        log.info("the stat worker (pid %d) is ready", worker.pid)
+        status = worker.wait()
+        if not channel.broken:  # not closed by us: the next request finds out
+            log.error("the stat worker (pid %d) exited with status %d", worker.pid, status)
+
+    async def linked_stats(
+        self, links: int, files: int, use_openat2: bool, link_names: Sequence[str],
+        targets: Sequence[bytes], file_names: Sequence[str],
+    ) -> list[bulkstat.Stat] | None:  # fmt: skip
+        """`bulkstat.linked_stats` of the names beneath the descriptors links and files, in
+        the worker, in requests of REQUEST_ENTRIES at most; None when no worker is ready (one
+        is started): stat in process. CorruptEntry (EIO) when the worker fails meanwhile."""
+        channel = self._channel
+        if channel is None:
+            self.start()
+            return None
+        found: list[bulkstat.Stat] = []
+        step = bulkstat.REQUEST_ENTRIES
+        try:
+            for at in range(0, len(link_names), step):
+                request = marshal.dumps(
+                    (use_openat2, list(link_names[at : at + step]),
+                     list(targets[at : at + step]), list(file_names[at : at + step]))
+                )  # fmt: skip
+                found.extend(marshal.loads(await channel.call(links, files, request)))
+        except (OSError, trio.ClosedResourceError, ValueError, EOFError) as exc:
+            if self._channel is channel:
+                log.error("the stat worker failed (%s): a new one starts for the next listing", exc)
+                self._channel = None
+            channel.close(str(exc))
+            raise CorruptEntry(
+                "(a listing's bulk stat)", f"the stat worker failed: {exc}"
+            ) from None
+        return found
