@@ -5,8 +5,9 @@ here for 8 MiB Range GETs (h11 parses and copies each body several times in Pyth
 http.client reading straight into the bytes it returns does 1.1-1.4 GB/s, beside the
 loop. So a layer's range takes this path when it can: the registry's own client supplies
 the Authorization header; redirects (to object storage) are followed without it (and a
-hop back to the registry after one elsewhere too), and never from https to plain http. Anything else (no auth yet, a 401, an error status, a broken
-connection, a timeout) returns None and the caller sends the request again through
+hop back to the registry after one elsewhere too), and never from https to plain http.
+Anything else (no auth yet, a 401, an error status, a broken connection, a timeout)
+returns None and the caller sends the request again through
 RemoteClient, which owns auth challenges, retries, the deadline and the error messages.
 Logs show URLs without their query: a redirect's is often a signature.
 """

@@ -83,6 +83,35 @@ class UploadRecord:
     hash_state: str | None = None  # hex of the Go sha256 state at `offset`, when known
 
 
+def _remove_stale_locks(directory: int) -> None:
+    """Remove the lock files (`UploadRecords.lock`) no process holds an flock on: a writer
+    killed (kill -9, a crash) left its own, and nothing else removes one whose record is
+    gone (killed between the lock and the record's save, or its delete and the unlock).
+    Taken as a writer takes it, then unlinked while held, as `unlock` does: a writer that
+    opened the file meanwhile finds it gone and locks a new one; a file whose name is
+    another's by then is not ours to remove (only a holder unlinks a lock file)."""
+    removed = 0
+    for name in os.listdir(directory):
+        if not name.endswith(LOCK_SUFFIX) or not UPLOAD_ID.fullmatch(name[: -len(LOCK_SUFFIX)]):
+            continue
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+        except OSError:
+            continue  # gone meanwhile (its holder's unlock), or no file of ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer's
+            held, now = os.fstat(fd), os.stat(name, dir_fd=directory, follow_symlinks=False)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(name, dir_fd=directory)
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("records: removed %d lock files no writer held (left by a killed one)", removed)
+
+
 class UploadRecords:
     """The local records of one registry's uploads, one JSON file each, in a directory only
     this user can write, reached without a planted link (storage/privatedir.py): the records
@@ -113,6 +142,7 @@ class UploadRecords:
                 return self._fd, st
             self.close()
         self._fd = open_private(self._base, self._parts)
+        _remove_stale_locks(self._fd)
         return self._fd, os.fstat(self._fd)
 
     def close(self) -> None:
