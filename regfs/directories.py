@@ -57,9 +57,10 @@ FIRST_PLACEHOLDERS = 32
 # users skip it), so the kernel's copy never ends on a page's end. docs/concurrency.md.
 _DIRENT = 24
 _PAGE = mmap.PAGESIZE
-# Entries handed in one readdir_reply_many at most (pyfuse3 with regfs's patch, `_reply_held`):
-# what a run makes for those that do not fit is made again (a READDIRPLUS of `ls -l` holds
-# ~145 digests); 32 cost less daemon CPU than 16 or 64 in `ls -l` of 10,000 layers.
+# Entries handed in one readdir_reply_many (pyfuse3 with regfs's patch, `_reply_held`) at
+# least: a run takes the rest of what the last full READDIRPLUS took (~145 digests in `ls -l`'s,
+# one call, not five runs of 32: 10-25 ms of daemon CPU less per cold `ls -l` of 10,000), and
+# what it makes for entries that do not fit is made again for the next READDIR.
 RUN = 32
 _MODE = fusefeatures.PACKED_FIELDS.index("st_mode")
 _NODE = itemgetter(1)
@@ -90,6 +91,7 @@ class Directories:
         self._entries_kept = 0  # of all snapshots
         self._read_whole: deque[tuple[float, _Snapshot]] = deque()  # their end went out when
         self._next_snapshot = 1
+        self._held_fits = RUN  # entries the last full READDIRPLUS took (`_reply_held`)
         # The directories (outside the sections) whose entries were last in use (an entry
         # looked up, or listed with its attributes) at which count of such uses: a listing
         # begun before then hands the rest with attributes (`Attributes.by_name`). One per
@@ -134,7 +136,7 @@ class Directories:
             listed = None
             entry = named(child) if named is not None else None
             if entry is None and fusefeatures.REPLY_MANY:
-                after, full = self._reply_held(entries, index, base, token)
+                after, full = self._reply_held(entries, index, start, base, token)
                 with_attributes |= after > index
                 if full:
                     break
@@ -176,17 +178,20 @@ class Directories:
             self.entries_used(node)
 
     def _reply_held(
-        self, entries: list[tuple[str, Node]], index: int, base: int, token: ReaddirToken
-    ) -> tuple[int, bool]:
+        self, entries: list[tuple[str, Node]], index: int, start: int, base: int,
+        token: ReaddirToken,
+    ) -> tuple[int, bool]:  # fmt: skip
         """Hands in one `readdir_reply_many` the entries from index on whose attributes the
-        daemon holds, of one kind (`Attributes.held`: tags, layers, manifests), at most RUN,
-        as `read` would one by one: each with a lookup (counted here). Returns the index
+        daemon holds, of one kind (`Attributes.held`: tags, layers, manifests), as many as
+        the rest of what the last full READDIR (from `start`) took, at least RUN, as `read`
+        would one by one: each with a lookup (counted here). Returns the index
         after the last one handed (index if entries[index] is none such: `read` hands it)
         and whether the reply is full. What a run makes for entries that do not fit is made
         again for the next READDIR, their numbers dropped meanwhile (`InodeTable.unhanded`)."""
         if not self.attributes.held([entries[index][1]]):  # a tag read ahead, an upload...
             return index, False
-        nodes = [child for _, child in islice(entries, index, index + RUN)]
+        run = max(RUN, self._held_fits - (index - start))
+        nodes = [child for _, child in islice(entries, index, index + run)]
         attrs = self.attributes.held(nodes)
         if not attrs:  # expired since the first was asked
             return index, False
@@ -200,6 +205,8 @@ class Directories:
         )  # fmt: skip
         self.inodes.ref_all(inodes[:handed])
         self.inodes.unhanded(inodes[handed:])
+        if handed < len(names):
+            self._held_fits = index + handed - start
         return index + handed, handed < len(names)
 
     def _reply_listed(self, entries: Listing, start: int, base: int, token: ReaddirToken) -> None:
