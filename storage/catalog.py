@@ -8,7 +8,7 @@ import logging
 from .drivers import PathNotFound, StorageDriver
 from .errors import UnsafeEntry
 from .names import is_component
-from .paths import RepositoryDir, path_for
+from .paths import RepositoryDir, UploadsDir, path_for
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,17 @@ class Catalog:
             await self.driver.stat(f"{path_for(RepositoryDir(name))}/{MARKERS[0]}")
             return True
         entries = await self._entries(name)
-        markers = (*MARKERS, "_uploads") if with_uploads else MARKERS
-        return any(marker in entries for marker in markers)
+        if any(marker in entries for marker in MARKERS):
+            return True
+        # An emptied `_uploads/` (the registry's purger, or its finish, leaves one) holds no
+        # upload: on S3 it does not exist, and the repository is gone with its last upload.
+        return with_uploads and "_uploads" in entries and bool(await self._uploads_of(name))
+
+    async def _uploads_of(self, name: str) -> list[str]:
+        try:
+            return await self.driver.list(path_for(UploadsDir(name)))
+        except PathNotFound:
+            return []
 
     async def mtime_ns(self, prefix: str) -> int | None:
         """When the directory of prefix last changed (None for an absent one)."""

@@ -44,9 +44,11 @@ from .hashing import hash_range
 from .hashstates import HashStates
 from .paths import (
     BlobData,
+    RepositoryDir,
     UploadData,
     UploadDir,
     UploadLabel,
+    UploadsDir,
     UploadStartedAt,
     path_for,
 )
@@ -137,15 +139,13 @@ class LayerUpload:
         except Exception:
             # A failed start leaves no upload (an S3 refusing CreateMultipartUpload would
             # leave startedat, listed as an upload of 0 bytes the user never made).
-            with contextlib.suppress(Exception):
-                await driver.delete(path_for(UploadDir(name, uuid)))
+            await _undo_start(driver.delete(path_for(UploadDir(name, uuid))), name, uuid)
             raise
         upload = cls(driver, blobs, layers, name, uuid, started_at, writer, Sha256State())
         try:
             await upload._save_state()
         except Exception:
-            with contextlib.suppress(Exception):
-                await upload.cancel()
+            await _undo_start(upload.cancel(), name, uuid)
             raise
         return upload
 
@@ -327,6 +327,7 @@ class LayerUpload:
                 writer, self._writer = self._writer, None
                 await writer.aclose()
             await self._delete()
+            await self._remove_emptied_repository()
 
     # -- internals -----------------------------------------------------------------------
 
@@ -340,6 +341,18 @@ class LayerUpload:
             await self.driver.delete(path_for(UploadDir(self.name, self.uuid)))
         except PathNotFound:
             raise UnknownUpload(f"unknown upload {self.uuid} in {self.name}") from None
+
+    async def _remove_emptied_repository(self) -> None:
+        """A repository that held nothing but this upload (a first push, cancelled) goes with
+        it, as on S3, where its last key did and as the registry's catalog (which counts
+        `_layers` only) never listed it: its emptied `_uploads/` and its own directory are
+        removed, each only if empty (rmdir), so an upload started there meanwhile keeps
+        them. A namespace above it stays, as after `rm -r` of a repository."""
+        repository, uploads = path_for(RepositoryDir(self.name)), path_for(UploadsDir(self.name))
+        with contextlib.suppress(PathNotFound):
+            only_uploads = await self.driver.list(repository) == [uploads.rpartition("/")[2]]
+            if only_uploads and await self.driver.remove_empty(uploads):
+                await self.driver.remove_empty(repository)
 
     def _hashed_end(self) -> int:
         end = self._pipeline.end
@@ -431,3 +444,20 @@ class LayerUpload:
             await reader.aclose()
         if self._hash.size < offset:
             raise CorruptEntry(path, "upload data shorter than its size")
+
+
+async def _undo_start(undo: Awaitable[None], name: str, uuid: str) -> None:
+    """Remove what a failed start wrote; the start's own error is what the caller raises,
+    so a failure here is only logged: what it left shows in uploads/ (0 bytes), for an
+    `rm` or `purge-uploads`."""
+    try:
+        await undo
+    except Exception as exc:
+        log.warning(
+            "start: upload %s in %s failed, and removing what it wrote failed too "
+            "(left for rm or purge-uploads): %s: %s",
+            uuid,
+            name,
+            type(exc).__name__,
+            exc,
+        )

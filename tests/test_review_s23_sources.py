@@ -2,7 +2,7 @@
 same operation through a storage root, an S3 bucket (moto) and a registry over HTTP, and
 the S3 source against its own contract and docker-registry 2.8's (docs/s3.md).
 
-Each xfail names what regfs does today; its comment says what should happen and why.
+Each test's comment says what should happen and why: the rule its fix follows.
 """
 
 from __future__ import annotations
@@ -72,13 +72,12 @@ async def state_offsets(registry: Registry, name: str, uuid: str) -> list[int]:
 async def test_s3_read_of_an_upload_another_mount_writes_leaves_its_writer_alone(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: `cat uploads/x` on mount B while mount A writes x (two mounts on one bucket,
-    # SPEC §10) reads what is there, or is refused (EBUSY), and A's upload goes on and
-    # finishes. On a storage root B reads the data file and A never notices. On S3, B's
-    # read completes A's multipart upload (materialize) without A's writer lock, so A's next
-    # part goes to an upload S3 no longer has (EIO: the `cp` on A fails). A registry node
-    # mid-PATCH would meet the same. Take the writer lock to materialize (EBUSY while a
-    # writer holds it), as the writer's own daemon does through its writer.
+    # `cat uploads/x` on mount B while mount A writes x (two mounts on one bucket, SPEC §10)
+    # reads what is there, or is refused (EBUSY), and A's upload goes on and finishes, as on a
+    # storage root, where B reads the data file and A never notices. On S3 a read that
+    # completes the multipart upload (materialize) takes the writer lock to do it (EBUSY while
+    # a writer holds it), as the writer's own daemon does through its writer: A's next part
+    # never goes to an upload S3 no longer has, nor would a registry node's mid-PATCH.
     name = "org/app"
     a, b = s3_registry(moto_server, s3_bucket), s3_registry(moto_server, s3_bucket)
     data = blob(300_000, seed=1)
@@ -104,10 +103,10 @@ async def test_s3_read_of_an_upload_another_mount_writes_leaves_its_writer_alone
 async def test_s3_purge_leaves_an_upload_being_written(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: as on a storage root (b218123), purge-uploads leaves an upload whose writer
-    # holds it. The S3 writer holds a lock object (`<data>.regfs-lock`) renewed every 15 s,
-    # whose age a HEAD tells by the server's own clock (_Lock._try does exactly that), so
-    # S3 can tell; today it says no, and the purge deletes the upload under its writer.
+    # As on a storage root (b218123), purge-uploads leaves an upload whose writer holds it. The
+    # S3 writer holds a lock object (`<data>.regfs-lock`) renewed every 15 s, whose age a HEAD
+    # tells by the server's own clock (as _Lock._try does): the purge asks it and deletes no
+    # upload under its writer.
     name = "org/app"
     registry = s3_registry(moto_server, s3_bucket)
     upload = await registry.repository(name).layers.upload()
@@ -125,12 +124,10 @@ async def test_s3_purge_leaves_an_upload_being_written(
 async def test_s3_upload_mtime_is_its_last_write(
     moto_server: MotoServer, s3_bucket: str, tmp_path: Path
 ) -> None:
-    # Should: an upload's mtime is its last write's time (9384e60, UploadInfo.mtime_ns), as
-    # on a storage root. On S3, with the writer open in this daemon, `_written` answers
-    # time.time_ns(): every ask is "changed just now". Through the mount the writer's own
-    # handle answers stat and `ls -l` of its node (UploadHandle.pending_attr), so a user
-    # rarely sees it; any other caller of upload_info in that daemon does. The writer
-    # knows when it last wrote.
+    # An upload's mtime is its last write's time (9384e60, UploadInfo.mtime_ns), as on a storage
+    # root, and on S3 with the writer open in this daemon too: the writer knows when it last
+    # wrote, so every caller of upload_info in that daemon gets that time (not only the
+    # writer's own handle, UploadHandle.pending_attr), never "changed just now".
     for registry in (
         Registry(FilesystemDriver(tmp_path / "root")),
         s3_registry(moto_server, s3_bucket),
@@ -151,12 +148,11 @@ async def test_s3_upload_mtime_is_its_last_write(
 async def test_s3_refused_write_below_the_end_changes_nothing(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: SPEC §7, "a failed operation leaves the registry as it was". A write below the
-    # end of an S3 upload's sealed parts is InvalidOffset (SPEC §10), but LayerUpload.write_at
-    # rewinds first (deleting every hash state above the offset), then the S3 writer
-    # refuses: the state at the upload's size, which the registry (and a resume) would use,
-    # is gone, and the next finish re-reads the whole upload from S3. Ask the writer whether
-    # it can write there before rewinding (or let it refuse before the rewind).
+    # SPEC §7, "a failed operation leaves the registry as it was". A write below the end of an
+    # S3 upload's sealed parts is InvalidOffset (SPEC §10), and the writer is asked whether it
+    # can write there before LayerUpload.write_at rewinds: every hash state stays, the one at
+    # the upload's size too, which the registry (and a resume) uses, so no finish re-reads the
+    # whole upload from S3.
     name = "org/app"
     registry = s3_registry(moto_server, s3_bucket)
     data = blob(17 * MIB, seed=2)
@@ -177,8 +173,8 @@ async def test_s3_refused_write_below_the_end_changes_nothing(
 
 
 async def test_s3_refused_truncate_changes_nothing(moto_server: MotoServer, s3_bucket: str) -> None:
-    # Should: as the write above: LayerUpload.truncate rewinds (deletes the states above
-    # the size) before the S3 writer refuses the cut (InvalidOffset).
+    # As the write above: the S3 writer refuses the cut (InvalidOffset) before
+    # LayerUpload.truncate rewinds, so the states above the size stay.
     name = "org/app"
     registry = s3_registry(moto_server, s3_bucket)
     data = blob(17 * MIB, seed=3)
@@ -200,11 +196,11 @@ async def test_s3_refused_truncate_changes_nothing(moto_server: MotoServer, s3_b
 async def test_s3_throttled_upload_start_is_retried(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: SPEC §10, "a throttled or unreachable server is retried with backoff, then
-    # EIO for that call". CreateMultipartUpload is sent with resend=False (a second upload
-    # at the key would be resumed first by 2.8), and `_transient` then retries nothing that
-    # was answered; but a 503 SlowDown is S3 refusing the request unprocessed, so sending
-    # it again makes no second upload. One throttle fails `cp x uploads/` (EIO).
+    # SPEC §10, "a throttled or unreachable server is retried with backoff, then EIO for that
+    # call". CreateMultipartUpload is not sent again once answered (a second upload at the key
+    # would be resumed first by 2.8), but a 503 SlowDown is S3 refusing the request
+    # unprocessed: sent again, it makes no second upload, so one throttle does not fail
+    # `cp x uploads/` (EIO).
     with FaultServer(upstream=moto_server.url) as proxy:
         registry = s3_registry(moto_server, s3_bucket, proxy.url)
         proxy.inject(Fault(503, body=SLOW_DOWN, method="POST", path=r"/data$"), times=1)
@@ -216,14 +212,11 @@ async def test_s3_throttled_upload_start_is_retried(
 async def test_s3_write_below_the_end_is_einval_whatever_the_size(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: SPEC §10, "S3 appends only: uploads are written in order (a write below the
-    # end is EINVAL)". Today the answer depends on the size: below 5 MiB the driver reads
-    # the data back into its tail (restart) and `dd conv=notrunc seek=0` is taken; from
-    # 5 MiB (checked: 6 MiB, still open) the same write completes and copies the
-    # multipart upload, then is refused. One rule a user can predict: refuse below the end
-    # (as the remote source does), or SPEC says where S3 can rewrite.
-    # (test_services' test_write_below_the_end holds S3 to "can overwrite" at 100 KB: a fix
-    # lists S3 as `cannot` there too.)
+    # SPEC §10, "S3 appends only: uploads are written in order (a write below the end is
+    # EINVAL)", whatever the size: one rule a user can predict, as the remote source's. Neither
+    # an upload below 5 MiB (which the driver could read back into its tail) nor a larger one
+    # (whose multipart upload a rewrite would copy) takes `dd conv=notrunc seek=0`.
+    # (test_services' test_write_below_the_end lists S3 as `cannot` there too.)
     layers = s3_registry(moto_server, s3_bucket).repository("org/app").layers
     upload = await layers.upload()
     try:
@@ -235,11 +228,11 @@ async def test_s3_write_below_the_end_is_einval_whatever_the_size(
 
 
 def test_s3_throttled_bucket_check_is_retried(moto_server: MotoServer, s3_bucket: str) -> None:
-    # Should: SPEC §10, "a throttled or unreachable server is retried with backoff, then EIO
-    # for that call; wrong credentials or a missing bucket refuse the mount". check_bucket
-    # sends its HEAD once, unretried: a throttled S3 (or one 500) refuses `regfs mount`
-    # (and `regfs check`, `purge-uploads`) with "answered SlowDown". Retry the transient
-    # answers as `call` does; refuse at once only for 403/404 and no credentials.
+    # SPEC §10, "a throttled or unreachable server is retried with backoff, then EIO for that
+    # call; wrong credentials or a missing bucket refuse the mount". check_bucket retries the
+    # transient answers as `call` does, so a throttled S3 (or one 500) refuses neither
+    # `regfs mount` nor `regfs check` nor `purge-uploads`; only 403/404 and no credentials
+    # refuse at once.
     with FaultServer(upstream=moto_server.url) as proxy:
         driver = S3Driver(s3_bucket, ROOT, client=moto_server.client(proxy.url))
         proxy.inject(Fault(503, body=SLOW_DOWN, method="HEAD"), times=1)
@@ -253,13 +246,12 @@ def test_s3_throttled_bucket_check_is_retried(moto_server: MotoServer, s3_bucket
 async def test_rmdir_after_the_registry_cancelled_an_upload(
     tmp_path: Path, registry_server
 ) -> None:
-    # Should: README, "rmdir removes one that is still empty ... an emptied repository";
-    # Registry.remove_repository lets empty directories pass for what the registry's DELETE
-    # leaves. A client's cancelled upload (DELETE of the upload: docker push ^C) leaves
-    # `_uploads/<id>/hashstates/sha256/0` (docs/s3.md, Pitfalls; the same on a root), which
-    # `uploads/` rightly hides (no startedat): every section lists nothing, and rmdir says
-    # ENOTEMPTY. An upload directory without startedat is the registry's leftover (its
-    # purge never removes it either): rmdir should pass over it as over empty directories.
+    # README, "rmdir removes one that is still empty ... an emptied repository": rmdir passes
+    # over empty directories, what the registry's DELETE leaves, and over what a client's
+    # cancelled upload leaves (DELETE of the upload: docker push ^C):
+    # `_uploads/<id>/hashstates/sha256/0` (docs/s3.md, Pitfalls; the same on a root), an upload
+    # directory without startedat that `uploads/` rightly hides and the registry's purge never
+    # removes. Every section lists nothing, and rmdir succeeds.
     name = "org/app"
     registry = Registry(FilesystemDriver(tmp_path / "root"))
     await registry.create_repository(name)
@@ -334,12 +326,10 @@ def test_rmdir_p_of_a_new_repository(
 async def test_remote_mkdir_lasts_as_on_other_sources(
     tmp_path: Path, module_registry_server
 ) -> None:
-    # Should: SPEC §6, "mkdir -p MOUNT/myorg/app creates an empty repository": on a root and
-    # on S3 it lasts (a marker file) until rmdir, across remounts. Over https:// it lives in
-    # the daemon's memory only (RemoteRegistry.created): a remount shows nothing, and a
-    # `cp` into app/uploads/ after it (a script's next step) meets ENOENT. Keep the made
-    # repositories beside the upload records (~/.local/state), as uploads are kept, or say
-    # in SPEC §9 that an empty repository lasts while the mount does.
+    # SPEC §6, "mkdir -p MOUNT/myorg/app creates an empty repository": on a root and on S3 it
+    # lasts (a marker file) until rmdir, across remounts, and over https:// too: kept beside the
+    # upload records (~/.local/state), as uploads are, so a remount shows it and a `cp` into
+    # app/uploads/ after it (a script's next step) finds it.
     def opened() -> RemoteRegistry:
         return RemoteRegistry(
             RemoteClient(module_registry_server.url, timeout=10), tmp_path / "state", listing_ttl=0
@@ -362,11 +352,10 @@ async def test_remote_mkdir_lasts_as_on_other_sources(
 
 
 async def test_tag_put_needs_a_stored_manifest(tmp_path: Path) -> None:
-    # Should: storage/api.py, Tags.put "points the tag at a stored manifest"; the remote
-    # source refuses one that is not (UnknownManifest, ENOENT), and so should every source:
-    # TagService.put writes the links without looking, so a retag racing an `rm
-    # manifests/<digest>` (or any library caller) leaves a tag that names nothing, which
-    # `cat tags/v1` then answers ENOENT/EIO for, and the registry 404s.
+    # storage/api.py, Tags.put "points the tag at a stored manifest": every source refuses one
+    # that is not (UnknownManifest, ENOENT), as the remote source does, so a retag racing an
+    # `rm manifests/<digest>` (or any library caller) leaves no tag that names nothing (which
+    # `cat tags/v1` would answer ENOENT/EIO for, and the registry 404).
     repo = Registry(FilesystemDriver(tmp_path / "root")).repository("org/app")
     with pytest.raises(LookupError):
         await repo.tags.put("v1", digest_bytes(b"no such manifest"))
@@ -374,10 +363,10 @@ async def test_tag_put_needs_a_stored_manifest(tmp_path: Path) -> None:
 
 
 async def test_set_label_of_an_upload_that_is_gone(tmp_path: Path) -> None:
-    # Should: as the remote source, UnknownUpload (ENOENT) and nothing written. A storage
-    # root writes `_uploads/<uuid>/label` for any uuid: `mv uploads/a uploads/b` racing an
-    # `rm` (or a finish) on another mount makes a directory without startedat, hidden from
-    # uploads/ but counted by rmdir (ENOTEMPTY) until a purge-uploads.
+    # As the remote source: UnknownUpload (ENOENT), and nothing written. A label written for any
+    # uuid (`mv uploads/a uploads/b` racing an `rm`, or a finish, on another mount) would make a
+    # directory without startedat, hidden from uploads/ but counted by rmdir (ENOTEMPTY) until
+    # a purge-uploads.
     registry = Registry(FilesystemDriver(tmp_path / "root"))
     layers = registry.repository("org/app").layers
     upload = await layers.upload()
@@ -390,15 +379,12 @@ async def test_set_label_of_an_upload_that_is_gone(tmp_path: Path) -> None:
 async def test_s3_failed_part_ends_the_upload_where_the_failure_began(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: README, "a failed write fails a later write or close(): the upload then ends
-    # where the failure began, ready to resume", and SPEC §10, a server that stays down is
-    # EIO. On S3 the write whose part failed (after the retries) keeps its bytes in the
-    # tail; the appends queued behind it go on, and the next one seals the tail, failed
-    # bytes included, once S3 answers again. The cut back to the failed write is then
-    # below the sealed parts: `_cut_back_on_failure` raises the driver's InvalidOffset
-    # (EINVAL, "S3 can cut only the unsealed tail") instead of the server's error, after
-    # dropping the running hash. A writer whose part failed should refuse every write
-    # until the cut (or drop the failed bytes from its tail at once).
+    # README, "a failed write fails a later write or close(): the upload then ends where the
+    # failure began, ready to resume", and SPEC §10, a server that stays down is EIO. On S3 the
+    # bytes of a write whose part failed (after the retries) are never sealed by the appends
+    # queued behind it, so the cut back to the failed write stays within the unsealed tail and
+    # the caller gets the server's error, not the driver's InvalidOffset (EINVAL, "S3 can cut
+    # only the unsealed tail").
     with FaultServer(upstream=moto_server.url) as proxy:
         registry = s3_registry(moto_server, s3_bucket, proxy.url)
         upload = await registry.repository("org/app").layers.upload()
@@ -417,12 +403,11 @@ async def test_s3_failed_part_ends_the_upload_where_the_failure_began(
 async def test_s3_failed_upload_start_leaves_no_upload(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: SPEC §7, "a failed operation leaves the registry as it was": `cp x uploads/y`
-    # that fails (EIO: S3 refused CreateMultipartUpload through every retry) leaves no
-    # upload. LayerUpload.start writes startedat (and the label) first, then opens the
-    # writer: its failure leaves `_uploads/<id>/startedat`, which uploads/ lists as an
-    # upload of 0 bytes named by its uuid, which the user never made. Remove what start
-    # wrote when the writer cannot be had (on every source).
+    # SPEC §7, "a failed operation leaves the registry as it was": `cp x uploads/y` that fails
+    # (EIO: S3 refused CreateMultipartUpload through every retry) leaves no upload.
+    # LayerUpload.start writes startedat (and the label) first, then opens the writer: when the
+    # writer cannot be had, what it wrote is removed (on every source; a failure of that
+    # removal is logged), so uploads/ lists no upload of 0 bytes the user never made.
     with FaultServer(upstream=moto_server.url) as proxy:
         registry = s3_registry(moto_server, s3_bucket, proxy.url)
         layers = registry.repository("org/app").layers
@@ -436,15 +421,13 @@ async def test_s3_failed_upload_start_leaves_no_upload(
 async def test_s3_purge_removes_a_multipart_upload_left_alone(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: on a root, what the registry's purge or a finish cut short leave (an upload
-    # directory without startedat) holds no data, and purge-uploads removes it. On S3 the
-    # registry's purge deletes objects, never multipart uploads (docs/s3.md, Pitfalls), and
-    # the driver's own delete removes the objects before it aborts (a delete cut short
-    # between the two, an abort refused): either leaves
-    # `_uploads/<id>/data` as a multipart upload alone, which `_holds_data` counts as data,
-    # so purge-uploads leaves it for ever (S3 bills its parts; only a lifecycle rule would
-    # go). An upload without startedat whose only file is a multipart upload in progress is
-    # the same leftover: abort it (its parts are there, its start is not).
+    # On a root, what the registry's purge or a finish cut short leave (an upload directory
+    # without startedat) holds no data, and purge-uploads removes it. On S3 the registry's purge
+    # deletes objects, never multipart uploads (docs/s3.md, Pitfalls), and a delete cut short
+    # (or an abort refused) can leave `_uploads/<id>/data` as a multipart upload alone: an
+    # upload without startedat whose only file is a multipart upload in progress is the same
+    # leftover, and purge-uploads aborts it (its parts are there, its start is not) rather
+    # than keep it for ever (S3 bills its parts).
     registry = s3_registry(moto_server, s3_bucket)
     layers = registry.repository("org/app").layers
     upload = await layers.upload()
@@ -497,12 +480,11 @@ async def push_blob(repo: Repository, data: bytes) -> None:
 async def test_remote_one_writer_per_upload_across_mounts(
     tmp_path: Path, module_registry_server
 ) -> None:
-    # Should: README, "One writer per upload (EBUSY), across mounts too", as a root (flock)
-    # and S3 (the lock object) hold it. Two mounts of one registry by one user share the
-    # upload records (~/.local/state/regfs), so both list and resume the same upload: the
-    # second writer is let in, and the two PATCH streams would then clash at the registry
-    # (EIO) or one overwrite the other's record. Hold a lock on the record (flock on its
-    # file, as the filesystem driver does) while a writer has it.
+    # README, "One writer per upload (EBUSY), across mounts too", as a root (flock) and S3 (the
+    # lock object) hold it. Two mounts of one registry by one user share the upload records
+    # (~/.local/state/regfs), so both list the same upload: a writer holds a lock on its record
+    # (flock on its file, as the filesystem driver does), and a second writer is refused, so no
+    # two PATCH streams clash at the registry or overwrite each other's record.
     def opened() -> RemoteRegistry:
         return RemoteRegistry(
             RemoteClient(module_registry_server.url, timeout=10), tmp_path / "state", listing_ttl=0
@@ -524,10 +506,10 @@ async def test_remote_one_writer_per_upload_across_mounts(
 async def test_s3_throttled_key_of_a_delete_is_retried(
     moto_server: MotoServer, s3_bucket: str
 ) -> None:
-    # Should: SPEC §10, throttling is retried with backoff. S3 answers DeleteObjects 200
-    # with an <Error> per key it did not delete (SlowDown, InternalError under load);
-    # `_delete` raises RemoteUnavailable at once for them, so `rm layers/<digest>` (or a
-    # tag, an upload, a finish's cleanup) is EIO where sending those keys again would do.
+    # SPEC §10, throttling is retried with backoff. S3 answers DeleteObjects 200 with an <Error>
+    # per key it did not delete (SlowDown, InternalError under load): those keys are sent
+    # again, so `rm layers/<digest>` (or of a tag, an upload, a finish's cleanup) is not EIO
+    # where sending them again does.
     registry = s3_registry(moto_server, s3_bucket)
     layers = registry.repository("org/app").layers
     data = blob(500, seed=9)
@@ -551,19 +533,12 @@ async def test_s3_throttled_key_of_a_delete_is_retried(
 
 
 @pytest.mark.mount
-@pytest.mark.xfail(
-    strict=True,
-    reason="on a storage root, a repository whose only upload was rm'd stays in the tree "
-    "(its empty _uploads/ counts as uploads); on S3 it goes",
-)
 def test_cancelled_first_push_leaves_no_repository(tmp_path: Path, mount) -> None:
-    # Should: as on S3 (checked through the storage API: after the cancel its catalog has
-    # neither org nor org/app, the last key went with the upload) and as the registry's
-    # catalog counts: a client's first push to org/app, interrupted (its upload shows in
-    # uploads/ for a resume), then `rm`'d through the mount, leaves no repository.
-    # Catalog.is_repository(with_uploads=True) takes the empty `_uploads/` that removing the
-    # last upload leaves on a root for "holds uploads": `ls MOUNT/org` shows app, with four
-    # empty sections, until an rmdir. Count only an `_uploads/` holding an upload.
+    # As on S3 (its catalog has neither org nor org/app after the cancel: the last key went
+    # with the upload) and as the registry's catalog counts: a client's first push to
+    # org/app, interrupted (its upload shows in uploads/ for a resume), then `rm`'d through
+    # the mount, leaves no repository: its emptied directories go with the upload, and an
+    # emptied `_uploads/` counts for no upload.
     registry = Registry(FilesystemDriver(tmp_path / "root"))
     trio.run(start_upload, registry.repository("org/app"))
     m = mount(tmp_path / "root", "-o", "tag_ttl=0")
@@ -582,13 +557,12 @@ async def start_upload(repo: Repository) -> None:
 async def test_s3_writes_while_the_server_is_down_are_eio(
     moto_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Should: SPEC §10, "a throttled or unreachable server is retried with backoff, then
-    # EIO for that call". When the writer lock's renewals fail (S3 down or throttling) past
-    # LOCK_SAFE, `_Lock.check` raises Busy ("writer lock lost ... reopen the file"): `cp`
-    # and `dd` report "Device or resource busy", which says another writer has the file,
-    # during an outage nobody else caused. Busy is right where the lock was taken over
-    # (a 412 on renewal); where renewals failed, the server's error (RemoteUnavailable)
-    # is. The windows are shortened here (15 s / 30 s in the driver).
+    # SPEC §10, "a throttled or unreachable server is retried with backoff, then EIO for that
+    # call". Where the writer lock's renewals failed past LOCK_SAFE (S3 down or throttling), a
+    # write gets the server's error (RemoteUnavailable: EIO), not Busy ("Device or resource
+    # busy" would say another writer has the file, during an outage nobody else caused); Busy
+    # is for a lock taken over (a 412 on renewal). The windows are shortened here (15 s / 30 s
+    # in the driver).
     monkeypatch.setattr(s3driver, "LOCK_RENEW", 0.2)
     monkeypatch.setattr(s3driver, "LOCK_SAFE", 1.0)
     with FaultServer(upstream=moto_server.url) as proxy:

@@ -201,6 +201,12 @@ class StorageDriver(ABC):
         """Delete a file or a whole directory tree."""
         await self._delete(check_path(path))
 
+    async def remove_empty(self, path: str) -> bool:
+        """Remove the directory at path if it holds nothing, in one step (rmdir(2)), so an
+        entry made there meanwhile keeps it; whether it went. A store without directories
+        (S3) has none to remove: its empty directories do not exist."""
+        return await self._remove_empty(check_path(path))
+
     async def walk(self, path: str) -> AsyncIterator[FileInfo]:
         """Every entry below path, depth first, in sorted order (see `entries`)."""
         for info in await self.entries(check_tree(path)):
@@ -300,6 +306,9 @@ class StorageDriver(ABC):
         return []
 
     async def _being_written(self, path: str) -> bool:
+        return False
+
+    async def _remove_empty(self, path: str) -> bool:
         return False
 
     @abstractmethod

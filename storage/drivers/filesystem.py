@@ -539,3 +539,18 @@ class FilesystemDriver(StorageDriver):
                     os.unlink(leaf, dir_fd=parent)
         finally:
             os.close(parent)
+    async def _remove_empty(self, path: str) -> bool:
+        try:
+            parent, leaf = self._parent(path)
+        except PathNotFound:
+            return False
+        try:
+            os.rmdir(leaf, dir_fd=parent)  # a symlink is ENOTDIR, never followed
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
+                return False
+            raise self._refusal(exc, path) from None
+        finally:
+            os.close(parent)
+        return True
+

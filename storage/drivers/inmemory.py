@@ -143,6 +143,17 @@ class InMemoryDriver(StorageDriver):
         del src_parent.children[src_leaf]
         dst_parent.children[dst_leaf] = node
 
+    async def _remove_empty(self, path: str) -> bool:
+        try:
+            node = self._find(path)
+        except PathNotFound:
+            return False
+        if not isinstance(node, _Dir) or node.children:
+            return False
+        parent, leaf = self._parent(path, create=False)
+        del parent.children[leaf]
+        return True
+
     async def _delete(self, path: str) -> None:
         self._find(path)
         parent, leaf = self._parent(path, create=False)

@@ -340,11 +340,15 @@ class RemoteUpload:
             raise
         started = datetime.now(UTC).replace(microsecond=0).isoformat()
         record = UploadRecord(name, uuid, location, started, label=label)
-        lock = await records.lock(uuid)
         try:
-            records.save(record)
-        except BaseException:
-            records.unlock(uuid, lock)
+            lock = await records.lock(uuid)
+            try:
+                records.save(record)
+            except BaseException:
+                records.unlock(uuid, lock)
+                raise
+        except Exception:  # no record: nothing else could ever name it
+            await _abandon(client, location)
             raise
         return cls(client, records, record, Sha256State(), lock)
 
@@ -626,11 +630,17 @@ async def _begin(client: RemoteClient, name: str) -> tuple[str, str | None]:
 
 
 async def _abandon(client: RemoteClient, location: str) -> None:
-    """Cancel an upload that cannot be recorded, if the registry lets us; errors are moot."""
+    """Cancel an upload that cannot be recorded, if the registry lets us: its start's own
+    error is what the caller raises, so a failure here is logged, the upload left to the
+    registry's purge (no record names it: uploads/ cannot show it)."""
     try:
         await client.request("DELETE", location, expect=(202, 204, 404))
     except (RemoteError, RemoteUnavailable) as exc:
-        log.debug("upload at %s left to the registry's purge: %s", client.name, exc)
+        log.warning(
+            "start: an upload at %s that could not be recorded is left to its purge: %s",
+            client.name,
+            exc,
+        )
 
 
 def _range_end(header: str | None, recorded: int) -> int:
