@@ -28,7 +28,12 @@ def mount_table(path: str) -> list[list[bytes]]:
     """Each line of a mount table (/proc/mounts, a mountinfo) as the kernel writes it: cut
     at newlines, fields at spaces, nothing else (see `_unescape`). Any local user can mount
     (fusermount3) at a name made to forge a line where more is cut."""
-    return [line.split(b" ") for line in Path(path).read_bytes().split(b"\n") if line]
+    return mount_lines(Path(path).read_bytes())
+
+
+def mount_lines(table: bytes) -> list[list[bytes]]:
+    """`mount_table` of a table read already."""
+    return [line.split(b" ") for line in table.split(b"\n") if line]
 
 
 def mountinfo_type(fields: list[bytes]) -> bytes:
