@@ -233,10 +233,14 @@ class MergedTree:
             first,
         )
 
-    def entry_columns(self) -> tuple[list[Member], list[int]]:
+    def entry_columns(
+        self, start: int = 0, stop: int | None = None
+    ) -> tuple[list[Member], list[int]]:
         """Every entry's member and link count, each directory's a run (`names`): what stat
-        shows of all of them, for a view to make at once, not per listing."""
-        slots = list(map(_sub, self._child, repeat(1)))
+        shows of all of them, for a view to make at once, not per listing; those from
+        `start` to `stop` only (each call holds the GIL throughout: a caller beside an event
+        loop takes them in parts)."""
+        slots = list(map(_sub, self._child[start:stop], repeat(1)))
         return list(map(self._member.__getitem__, slots)), list(map(self._nlink.__getitem__, slots))
 
     def resolve(self, path: str) -> int | None:
