@@ -238,9 +238,12 @@ def _breadth_first(child: array[int], owners: list[int], is_dir: Sequence[int]) 
         links.append(at)
         at += 1
     # Every inode met: at most `further` further names, and no run past the last inode.
-    kept = owners.copy()  # each inode's (its first name's) directory, from inode 2
-    for at in reversed(links):
-        del kept[at]
+    # Each inode's (its first name's) directory, from inode 2: the runs between the
+    # further names, each copied once (a `del` of each moved all after it: with links
+    # near the front of millions of entries, ~2 ms a link).
+    starts = [0, *(at + 1 for at in links)]
+    runs = zip(starts, [*links, None], strict=True)
+    kept = list(chain.from_iterable(owners[a:b] for a, b in runs))
     if not all(map(gt, counting[2 : inodes + 1], kept)):  # a directory below a later one: a cycle
         return None
     nlink = array("I", [1]) * inodes
