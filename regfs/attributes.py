@@ -182,7 +182,7 @@ class Attributes:
             entry.st_rdev = attr.rdev
         elif attr.is_dir:
             entry.st_mode = stat.S_IFDIR | self.options.dir_mode
-            entry.st_nlink = 2
+            entry.st_nlink = attr.nlink or 1  # 1: its subdirectories are not known (Tree.attr)
         else:
             entry.st_mode = stat.S_IFREG | self.options.file_mode
             entry.st_nlink = 1

@@ -27,7 +27,7 @@ from storage.errors import DigestMismatch, InvalidManifest, InvalidOffset, Unkno
 from storage.manifest_format import MAX_MANIFEST_SIZE
 
 from .closers import Close, Opener
-from .nodes import Attr, ManifestNode, TagNode, UploadNode, digest_name
+from .nodes import Attr, FinishedNode, ManifestNode, TagNode, UploadNode, digest_name
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,8 @@ class UploadHandle(Handle):
             )
             raise FUSEError(errno.EIO) from None
         self.finished = True
+        if self.removed:  # rm came while it finished: the layer stays, its name goes
+            await self.tree.remove(FinishedNode(self.node.repo, expected))
 
 
 class UploadReader(ReadHandle):

@@ -2,34 +2,90 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
+import logging
+import os
 from array import array
 from collections import Counter
 from collections.abc import Iterable
 from itertools import compress, repeat
 from operator import is_not
+from pathlib import Path
 from typing import cast
 
+import platformdirs
 import pyfuse3
 from pyfuse3 import EntryAttributes
 
-from .nodes import ROOT, Node
+from storage.privatedir import UnsafeDirectory, open_private
+
+from .nodes import ROOT, Node, TagNode
+
+log = logging.getLogger(__name__)
 
 _DERIVED = 1 << 62  # numbers derived from nodes; counted ones are below
 _HASH_BITS = _DERIVED - 1
+KEY_FILE = "inode-key"
+KEY_SIZE = 16
+
+
+def inode_key(base: Path | None = None) -> bytes | None:
+    """The user's key for inode numbers, made once (random, 0600) in their state directory
+    (`~/.local/state/regfs/inode-key`), so every mount of theirs numbers a file alike: a
+    backup tool's or git's cache keys unchanged files on st_ino. Keyed, so the names a
+    registry chooses cannot pick their numbers (and so take a file's). Where it cannot be
+    kept, None (logged): numbers then hold until the unmount."""
+    base = platformdirs.user_state_path() if base is None else base
+    try:
+        directory = open_private(base, ["regfs"])
+    except (OSError, UnsafeDirectory) as exc:
+        log.warning("inode numbers: no state directory (%s): they last this mount only", exc)
+        return None
+    try:
+        with contextlib.suppress(FileExistsError):
+            made = os.open(KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory)
+            try:
+                os.write(made, os.urandom(KEY_SIZE))
+            finally:
+                os.close(made)
+        kept = os.open(KEY_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        try:
+            key = os.read(kept, KEY_SIZE + 1)
+        finally:
+            os.close(kept)
+    except OSError as exc:
+        log.warning(
+            "inode numbers: %s/regfs/%s: %s: they last this mount only", base, KEY_FILE, exc
+        )
+        return None
+    finally:
+        os.close(directory)
+    if len(key) != KEY_SIZE:  # another daemon is writing it this moment, or it is damaged
+        log.warning(
+            "inode numbers: %s/regfs/%s is not a key: they last this mount only", base, KEY_FILE
+        )
+        return None
+    return key
 
 
 class InodeTable:
     """node ↔ inode. Every entry the kernel learns (lookup, readdirplus) adds one to its count;
     forget subtracts; at zero the number is dropped (the root never is).
 
-    A node's number is derived from the node itself (its hash, within this process), so an
-    entry listed without a lookup shows the number (d_ino) its later lookup gives it, and
-    nothing is kept for it meanwhile. Two live nodes never share one: a node whose derived
-    number is taken gets the next of a counter below the derived range.
+    A node's number is derived from the node itself (a keyed hash of what it names, the
+    same in every mount with the same key: `inode_key`), so an entry listed without a lookup
+    shows the number (d_ino) its later lookup gives it, nothing is kept for it meanwhile,
+    and a remount numbers it alike. Without a key, from its hash() (this process's: the
+    numbers last until the unmount). Two live nodes never share one: a node whose derived
+    number is taken gets the next of a counter below the derived range (that node's number
+    then lasts while the kernel holds it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes | None = None) -> None:
+        # Keyed once: a copy of the keyed state per node costs half of keying each anew.
+        self._keyed = None if key is None else hashlib.blake2b(key=key, digest_size=8)
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._lookups: Counter[int] = Counter()
@@ -46,7 +102,7 @@ class InodeTable:
     def inode(self, node: Node) -> int:
         ino = self._inodes.get(node)
         if ino is None:
-            ino = _DERIVED | (hash(node) & _HASH_BITS)
+            ino = self._derived(node)
             if ino in self._nodes:
                 ino = self._next
                 self._next += 1
@@ -62,7 +118,7 @@ class InodeTable:
             return array("q", cast("list[int]", found))
         # The new ones (a listing's) numbered at once, as `inode` would one by one when no
         # two of them, or one and a number in use, share a derived number (else: `inode`).
-        derived = [_DERIVED | (h & _HASH_BITS) for h in map(hash, nodes)]
+        derived = list(map(self._derived, nodes))
         numbers = dict(zip(nodes, derived, strict=True))  # a hard link's names: one
         fresh = found.count(None) == len(found)  # a listing's first READDIR
         if not fresh:
@@ -81,7 +137,17 @@ class InodeTable:
         """The number of a node listed without a lookup: its own if the kernel holds it, else
         the one its first lookup will most likely give it. Nothing is kept."""
         ino = self._inodes.get(node)
-        return ino if ino is not None else _DERIVED | (hash(node) & _HASH_BITS)
+        return ino if ino is not None else self._derived(node)
+
+    def _derived(self, node: Node) -> int:
+        """The number node's name gives it: a keyed hash of its kind and fields (their
+        repr, which is the same in every process, where hash() of a str is not)."""
+        if self._keyed is None:
+            return _DERIVED | (hash(node) & _HASH_BITS)
+        named = "\0".join(node) if type(node) is TagNode else f"{type(node).__name__}{node!r}"
+        keyed = self._keyed.copy()
+        keyed.update(named.encode(errors="surrogateescape"))
+        return _DERIVED | (int.from_bytes(keyed.digest(), "little") & _HASH_BITS)
 
     def node(self, ino: int) -> Node:
         try:
@@ -116,6 +182,16 @@ class InodeTable:
             del self._inodes[old]
         self._nodes[ino] = node
         self._inodes.setdefault(node, ino)
+
+    def exchange(self, a: Node, b: Node) -> None:
+        """Swap the numbers of two nodes (renameat2's RENAME_EXCHANGE: the kernel swaps their
+        dentries); one the kernel does not hold is numbered afresh when next handed."""
+        ino_a, ino_b = self._inodes.pop(a, None), self._inodes.pop(b, None)
+        for ino, node in ((ino_a, b), (ino_b, a)):
+            if ino is not None:
+                self._fixed.pop(ino, None)
+                self._nodes[ino] = node
+                self._inodes[node] = ino
 
     def ref(self, ino: int) -> None:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1

@@ -176,6 +176,12 @@ class OpenFiles:
         if isinstance(node, FinishedNode) and truncate:  # a new upload, as create begins one
             return (await self.create(SectionNode(node.repo, "uploads"), str(node.digest)))[1]
         if isinstance(node, TagNode):  # writers of a tag each store at their last close
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                # O_TRUNC on a descriptor that can write nothing to take the tag's place: the
+                # kernel refuses it so for a file that cannot be emptied (append-only),
+                # rather than leave a tag no close of that descriptor could end well.
+                log.info("open: %s for reading with O_TRUNC: a tag is never emptied (EPERM)", node)
+                raise FUSEError(errno.EPERM)
             if truncate:
                 return TagHandle(self.tree, node, emptied=True)
             return TagHandle(self.tree, node, await self.tree.read(node))
@@ -322,3 +328,5 @@ class OpenFiles:
             if handle.removed:
                 self.tree.removed_uploads.discard(handle.node)
                 self.tree.changed(handle.node)
+                with trio.CancelScope(shield=True):
+                    await self.tree.upload_released(handle.node)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Sequence
 
 import pyfuse3
@@ -22,8 +23,8 @@ from .attributes import BLOCK_SIZE, Attributes
 from .directories import Directories
 from .errors import fuse_errors
 from .handles import UploadHandle
-from .inodes import InodeTable
-from .nodes import DirNode, Node, TagNode, UploadNode
+from .inodes import InodeTable, inode_key
+from .nodes import Attr, DirNode, Node, TagNode, UploadNode
 from .openfiles import OpenFiles
 from .options import MountOptions
 from .refusals import decode_name, refusal
@@ -51,7 +52,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.options = options
-        self.inodes = InodeTable()
+        self.inodes = InodeTable(inode_key())
         self.files = OpenFiles(tree, options)
         self.attributes = Attributes(tree, options, self.inodes, self.files)
         self.directories = Directories(tree, self.inodes, self.attributes)
@@ -94,7 +95,11 @@ class Operations(pyfuse3.Operations):
         fixed = self.inodes.fixed(inode)  # what getattr_kept answers on regfs's build
         if fixed is not None:
             return fixed
-        return await self.directories.entry_of(self.inodes.node(inode))
+        node = self.inodes.node(inode)
+        entry = await self.directories.entry_of(node)
+        if isinstance(node, DirNode) and entry.st_nlink == 1:  # its subdirectories unknown
+            entry.st_nlink = await self.tree.counted_nlink(node)
+        return entry
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: RequestContext) -> bytes:
@@ -273,22 +278,35 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
         if self.options.read_only:
             raise self._refuse("unlink", parent_inode)
-        node = await self._named(self.inodes.node(parent_inode), decode_name(name))
+        parent = self.inodes.node(parent_inode)
+        node = await self._named(parent, decode_name(name))
         if not isinstance(node, UploadNode) and self.files.is_written(node):
             # A tag or manifest: its writer stores it at its close.
             log.info("unlink: %s is open for writing (EBUSY)", node)
             raise FUSEError(errno.EBUSY)
-        # What a descriptor still open reads and fstat says once the name is gone, as on
-        # any filesystem: what the file is now, with st_nlink 0 (`Attributes.entry_of`).
-        attr = await self.tree.attr(node) if self.files.is_open(node) else None
         if isinstance(node, UploadNode) and self.files.is_written(node):
-            assert attr is not None  # its writer's handle is open
-            self.files.remove_written(node, attr)
+            # What its writer has, not storage's: its last close may be finishing it now
+            # (named by its digest), and then storage has it no more.
+            writer = self.files.writer(node)
+            pending = writer.pending_attr() if writer is not None else None
+            self.files.remove_written(node, pending or Attr(False, 0, time.time_ns()))
             self.attributes.forget_shown(node)
             log.info("unlink: removed %s; its writer's last close cancels it", node)
             return
+        # What a descriptor still open reads and fstat says once the name is gone, as on
+        # any filesystem: what the file is now, with st_nlink 0 (`Attributes.entry_of`).
+        attr = await self.tree.attr(node) if self.files.is_open(node) else None
         await self.files.settled(node)
-        await self.tree.remove(node)
+        try:
+            await self.tree.remove(node)
+        except LookupError:
+            if not isinstance(node, UploadNode):
+                raise
+            # Its writer's last close finished it meanwhile (named by its digest): the name
+            # is the layer's now (`FinishedNode`), and goes as that, as rm of a file racing
+            # its writer's close removes the name whichever came first.
+            node = await self._named(parent, decode_name(name))
+            await self.tree.remove(node)
         if attr is not None:
             self.files.unlinked(node, attr)
         self.attributes.forget_shown(node)
@@ -306,9 +324,9 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if self.options.read_only:
             raise self._refuse("rename", parent_inode_old)
-        if flags & ~pyfuse3.RENAME_NOREPLACE:
-            # RENAME_EXCHANGE, RENAME_WHITEOUT: taken for a plain rename, an exchange would
-            # silently cancel the upload it was meant to keep.
+        if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
+            # RENAME_WHITEOUT: taken for a plain rename, it would silently cancel the upload
+            # it was meant to keep.
             log.info("rename: flags %#x are not supported (EINVAL)", flags)
             raise FUSEError(errno.EINVAL)
         old_parent = self.inodes.node(parent_inode_old)
@@ -317,6 +335,9 @@ class Operations(pyfuse3.Operations):
         if isinstance(node, TagNode) and self.files.is_written(node):
             log.info("rename: %s is open for writing (EBUSY)", node)  # stored at its close
             raise FUSEError(errno.EBUSY)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            await self.renames.exchange(node, old_parent, new_parent, name_new)
+            return
         await self.renames.rename(node, old_parent, new_parent, name_new, flags)
 
     # -- extended attributes ---------------------------------------------------------------

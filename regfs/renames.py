@@ -146,6 +146,31 @@ class Renames:
             "rename: tag %s:%s now points at %s (from tag %s)", node.repo, name, digest, node.tag
         )
 
+    async def exchange(
+        self, node: Node, old_parent: Node, new_parent: Node, new_name: bytes
+    ) -> None:
+        """renameat2(RENAME_EXCHANGE), `mv --exchange`: of two tags of one repository, a swap
+        of what they point at (as `mv` of a tag is a retag), each link replaced atomically,
+        so a reader of either finds one of the two manifests, never none. Nothing else
+        swaps: an exchange taken for a rename would cancel the upload it meant to keep
+        (EINVAL, as on a filesystem without it)."""
+        tags = SectionNode(node.repo, "tags") if isinstance(node, TagNode) else None
+        if tags is None or old_parent != tags or new_parent != tags:
+            log.info("rename: only two tags of one repository are exchanged (EINVAL): %s", node)
+            raise FUSEError(errno.EINVAL)
+        assert isinstance(node, TagNode)
+        other = await self.tree.lookup(tags, decode_name(new_name, errno.EINVAL))
+        assert isinstance(other, TagNode)
+        if self.files.is_written(other):
+            log.info("rename: %s is open for writing (EBUSY)", other)
+            raise FUSEError(errno.EBUSY)
+        if other == node:
+            return
+        await self.tree.exchange_tags(node, other)
+        # The kernel swaps the two dentries: each inode now names the other tag, which
+        # points at what that inode's name pointed at before (its cached size holds).
+        self.inodes.exchange(node, other)
+
     async def _finish(self, node: UploadNode, digest: Digest, named: bool) -> None:
         """Finish an upload by rename: verified against digest, it becomes that layer
         (`named`: renamed to uploads/<digest>, see `Tree.finish_upload`)."""

@@ -31,7 +31,13 @@ import trio
 from storage.api import BlobReader, RegistrySource, Repository, Upload
 from storage.cache import TtlCache
 from storage.digests import Digest
-from storage.errors import InvalidName, UnknownManifest
+from storage.errors import (
+    InvalidName,
+    NotEmpty,
+    StorageError,
+    UnknownManifest,
+    UnknownRepository,
+)
 from storage.gcpause import gc_paused
 from storage.manifest_format import sniff_media_type
 from storage.names import is_component, validate_name, validate_tag
@@ -158,9 +164,14 @@ class Tree:
         self._owners = {kind: view for view in self._views.values() for kind in view.node_types}
         self.sections = tuple(sorted((*SECTIONS, *self._views)))
         self.started_ns = time.time_ns()
+        self._lists_cheaply = registry.statvfs() is not None  # a storage root (`_dir_nlink`)
         self._tag_ttl = tag_ttl
         self._tags: TtlCache[TagNode, Digest] = TtlCache(tag_ttl, TAGS_KEPT)
         self._listings: TtlCache[Node, list[tuple[str, Node]]] = TtlCache(tag_ttl)
+        # Subdirectories of each repository or namespace listed (st_nlink, `_dir_nlink`),
+        # kept as long as the kernel keeps a directory's attributes at least: a count as old
+        # as the listing it came from, as `find` reads the two together.
+        self._subdirs: TtlCache[Node, int] = TtlCache(max(tag_ttl, LISTED_ENTRY_TIMEOUT))
         self._digests: TtlCache[Node, Attr] = TtlCache(tag_ttl, DIGESTS_KEPT)  # layers/, manifests/
         # A tag's attributes (its manifest's size, its link's mtime), kept like its target and
         # as long as its manifest's: a listing hands them to the kernel without a storage read.
@@ -170,6 +181,8 @@ class Tree:
         # cancelled in storage by that writer's last close, or its release
         # (regfs/openfiles.py, `remove_written`).
         self.removed_uploads: set[UploadNode] = set()
+        # Repositories rmdir'd while writers of such uploads hold them: hidden until they go.
+        self._removed_repos: set[str] = set()
         self._finished: TtlCache[FinishedNode, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
         self._sections_changed: TtlCache[SectionNode, int] = TtlCache(None, SECTIONS_CHANGED_KEPT)
         # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
@@ -205,6 +218,7 @@ class Tree:
         self._tags.clear()
         self._tag_attrs.clear()
         self._listings.clear()
+        self._subdirs.clear()
         self.kept.move_all()
         self._digests.clear()
         self._upload_names.clear()
@@ -241,6 +255,7 @@ class Tree:
     def _relist(self, node: Node) -> None:
         """node's names changed: the daemon lists it again, the kernel too (its mtime moves)."""
         self._listings.pop(node)
+        self._subdirs.pop(node)
         self.kept.move(node)
         if isinstance(node, SectionNode):
             self._sections_changed.put(node, time.time_ns())
@@ -259,6 +274,8 @@ class Tree:
     async def _is_repository(self, path: str) -> bool:
         """Also a directory holding only uploads: a client's first push to a repository,
         interrupted before any blob finished, must show its uploads for a resume."""
+        if path in self._removed_repos:
+            return False
         return await self.registry.catalog.is_repository(path, with_uploads=True)
 
     # -- lookups ---------------------------------------------------------------------------
@@ -276,7 +293,11 @@ class Tree:
                 if (listed := self._listed_dir(parent, name)) is not None:
                     return listed
                 child = _join(path, name)
-                if is_component(name) and await self.registry.catalog.exists(child):
+                if (
+                    is_component(name)
+                    and child not in self._removed_repos
+                    and await self.registry.catalog.exists(child)
+                ):
                     return DirNode(child)
             case SectionNode(repo, "tags"):
                 self._read_tags_ahead(repo)
@@ -360,6 +381,8 @@ class Tree:
             cached = await self._list(node)
             if self._unchanged_since(since):
                 self._listings.put(node, cached)
+                if isinstance(node, DirNode):  # every entry a directory
+                    self._subdirs.put(node, len(cached))
             if isinstance(node, SectionNode) and node.section == "tags":
                 self._tags_unread.add(node.repo)  # read ahead at its first lookup
         return cached
@@ -368,6 +391,8 @@ class Tree:
         match node:
             case DirNode(path):
                 names = await self.registry.catalog.children(path)
+                if self._removed_repos:
+                    names = [n for n in names if _join(path, n) not in self._removed_repos]
                 if not path or not await self._is_repository(path):
                     with gc_paused():  # 10,000 repositories: see gc_paused
                         return [(n, DirNode(_join(path, n))) for n in names]
@@ -445,7 +470,8 @@ class Tree:
                 stored = await self._dir_mtime_ns(path)
                 if isinstance(node, SectionNode):  # its own names moved through the mount
                     stored = max(stored, self._sections_changed.get(node) or 0)
-                return Attr(True, 0, self.kept.mtime_ns(node, stored))
+                nlink = self._dir_nlink(node)
+                return Attr(True, 0, self.kept.mtime_ns(node, stored), nlink=nlink)
             case TagNode(repo, tag):
                 if (cached := self.cached_attr(node)) is not None:
                     return cached
@@ -581,6 +607,31 @@ class Tree:
     async def _manifest_attr(self, target: ManifestNode) -> tuple[ManifestNode, Attr]:
         return target, await self.attr(target)
 
+    def _dir_nlink(self, node: DirNode | SectionNode) -> int:
+        """st_nlink: 2 and a link for each subdirectory, as on ext4. `find` trusts it: once it
+        has met that many subdirectories it takes the other entries for files, unstatted,
+        so a count too low hides directories. A registry section holds files only; a
+        repository or namespace is counted from its last listing if the daemon has it (the
+        one `ls` reads, for `--tag-ttl` or 0.1 s at least); else 1, the count for "unknown"
+        (btrfs's), as for a view's section (rootfs/ lists no image). `counted_nlink` reads
+        the listing."""
+        if isinstance(node, SectionNode):
+            return 1 if node.section in self._views else 2
+        subdirs = self._subdirs.get(node)
+        return 1 if subdirs is None else 2 + subdirs
+
+    async def counted_nlink(self, node: DirNode) -> int:
+        """`_dir_nlink`, the listing read for it where that is cheap: on a storage root (one
+        getdents; over HTTP or S3 a request). For a GETATTR only (`stat dir`, `find`'s fstat
+        of a directory it enters): a lookup does without (`ls -l` of 2,000 repositories
+        would list each: 3x the daemon's CPU)."""
+        if self._lists_cheaply and self._subdirs.get(node) is None:
+            try:
+                await self.children(node)
+            except (NotFound, StorageError) as exc:
+                log.debug("getattr: %s counted as 1 link: %s", node, exc)
+        return self._dir_nlink(node)
+
     async def _dir_mtime_ns(self, path: str) -> int:
         mtime_ns = await self.registry.catalog.mtime_ns(path)
         return self.started_ns if mtime_ns is None else mtime_ns
@@ -690,9 +741,21 @@ class Tree:
         (`FinishedNode`), for the chmod, utimes and stat by path that copying tools send
         after the close; none lists it, and only FINISHED_KEPT are held, the oldest dropped."""
         started = time.monotonic()
-        await upload.finish(digest)
+        finished = FinishedNode(node.repo, digest)
+        # The name resolves to the layer from before the upload goes (the finish's last
+        # step: the layer is linked by then), so a lookup meanwhile (an `rm` racing the
+        # close) never finds neither.
+        put = named and not self._finished.get(finished)
+        if put:
+            self._finished.put(finished, True)
+        try:
+            await upload.finish(digest)
+        except BaseException:
+            if put:
+                self._finished.pop(finished)
+            raise
         if named:
-            self._finished.put(FinishedNode(node.repo, digest), True)
+            self._finished.put(finished, True)
         self.changed(node, LayerNode(node.repo, digest))
         # A `cp` into uploads/<digest> ends here, at its close: the kernel sees neither
         # listing change.
@@ -711,10 +774,13 @@ class Tree:
         """
         started = time.monotonic()
         gone: list[TagNode] = []
+        gone_with: list[Node] = []  # directories whose names may move with it
         stale: list[tuple[Handed, str]] = []  # what the kernel keeps that this change outdates
         match node:
             case UploadNode(repo, uuid):
                 await (await self._repo(repo).layers.resume(uuid)).cancel()
+                # A repository that held only this upload went with it (LayerUpload.cancel).
+                gone_with = [DirNode(repo), DirNode(repo.rpartition("/")[0])]
             case TagNode(repo, tag):
                 await self._repo(repo).tags.delete(tag)
                 stale = [(self._view_roots, repo)]
@@ -732,7 +798,7 @@ class Tree:
                 raise PermissionError(f"directories cannot be removed: {node}")
             case _:
                 raise PermissionError(f"a view is read-only: {node}")
-        self.changed(node, *gone)
+        self.changed(node, *gone, *gone_with)
         await self._outlive(started, stale)
         return gone
 
@@ -758,6 +824,17 @@ class Tree:
         await self._outlive(started, stale)
         return digest
 
+    async def exchange_tags(self, a: TagNode, b: TagNode) -> None:
+        """Point a where b pointed and b where a did (renameat2's RENAME_EXCHANGE)."""
+        started = time.monotonic()
+        tags = self._repo(a.repo).tags
+        digest_a, digest_b = await tags.get(a.tag), await tags.get(b.tag)
+        await tags.put(a.tag, digest_b)
+        await tags.put(b.tag, digest_a)
+        self.changed(a, b)
+        await self._outlive(started, [(self._view_roots, a.repo)])
+        log.info("rename: tags %s and %s of %s exchanged", a.tag, b.tag, a.repo)
+
     async def put_manifest(self, node: ManifestNode, data: bytes) -> Digest:
         """Check and store a manifest by digest, without a tag (InvalidManifest: nothing)."""
         stored = await self._repo(node.repo).manifests.put(data)
@@ -768,13 +845,49 @@ class Tree:
         path = _join(parent.path, name)
         validate_name(path)
         await self.registry.create_repository(path)
+        self._removed_repos.discard(path)  # made again: it stays
         self.changed(parent)
         return DirNode(path)
 
     async def rmdir(self, parent: DirNode, node: DirNode) -> None:
-        """rmdir of an empty repository (what `mkdir` made) or an emptied namespace."""
-        await self.registry.remove_repository(node.path)
+        """rmdir of an empty repository (what `mkdir` made) or an emptied namespace. One whose
+        only content is uploads removed while written (`rm -r` beside a `cp` into uploads/)
+        goes at once, as a local directory goes with its last name: hidden now, removed in
+        storage once the last of those writers let go (`upload_released`)."""
+        try:
+            await self.registry.remove_repository(node.path)
+        except NotEmpty:
+            if not await self._holds_only_removed_uploads(node.path):
+                raise
+            self._removed_repos.add(node.path)
+            log.info("rmdir: %s goes once its uploads' writers close", node.path)
         self.changed(parent, node)
+
+    async def _holds_only_removed_uploads(self, path: str) -> bool:
+        if not any(upload.repo == path for upload in self.removed_uploads):
+            return False
+        repo = self._repo(path)
+        return not (
+            await self.uploads(path)
+            or await repo.tags.list()
+            or await repo.manifests.list()
+            or await repo.layers.list()
+            or await self.registry.catalog.children(path)
+        )
+
+    async def upload_released(self, node: UploadNode) -> None:
+        """A writer of an upload removed while written let go (the upload is cancelled): its
+        repository, if rmdir'd meanwhile and no other such writer holds it, goes now."""
+        if node.repo not in self._removed_repos or any(
+            upload.repo == node.repo for upload in self.removed_uploads
+        ):
+            return
+        self._removed_repos.discard(node.repo)
+        try:
+            await self.registry.remove_repository(node.repo)
+        except (NotEmpty, UnknownRepository) as exc:  # something came meanwhile: it stays
+            log.warning("rmdir: %s stays after all: %s", node.repo, exc)
+        self.changed(DirNode(node.repo.rpartition("/")[0]), DirNode(node.repo))
 
 
 def _parse_digest(name: str) -> Digest:

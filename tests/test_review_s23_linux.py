@@ -153,7 +153,7 @@ def test_fsync_of_a_remote_upload_sends_what_was_written(remote_mount, module_re
         os.fsync(fd)
         uuid = os.getxattr(path, "user.regfs.uuid").decode()
         data = repo_path(module_registry_server.root, "fsync/app") / "_uploads" / uuid / "data"
-        assert data.stat().st_size == 12 << 20  # today: 9437136
+        assert data.stat().st_size == 12 << 20  # every byte written before the fsync
     finally:
         os.close(fd)
 
@@ -177,11 +177,6 @@ async def test_fsync_of_a_local_upload_returns_once_it_is_stored(demo):
 # ------------------------------------------------------------------------ inode numbers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inode numbers are Python's hash() of the node, salted per process: a remount "
-    "numbers every file and directory anew",
-)
 async def test_inode_numbers_survive_a_remount(tmp_path, mount):
     # ext4: an inode number is the file's for its life, across remounts and reboots; backup
     # tools (borg's and restic's file caches, tar --listed-incremental) and git's index key
@@ -272,11 +267,6 @@ async def test_telldir_seekdir_rewinddir_return_to_each_entry(demo):
 # ------------------------------------------------------------------------ stat fields
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a directory's st_nlink is 2 whatever it holds: a repository (five sections), an "
-    "image's root holding etc/",
-)
 async def test_a_directorys_link_count_counts_its_subdirectories(demo):
     # ext4: a directory's st_nlink is 2 plus its subdirectories (each one's `..`); find's
     # and fts's leaf optimisation trust it where they know the filesystem.
@@ -289,7 +279,7 @@ async def test_a_directorys_link_count_counts_its_subdirectories(demo):
 async def test_a_sections_mtime_moves_when_an_entry_comes_or_goes(demo, section):
     # ext4: creating, renaming or unlinking an entry sets its directory's mtime and ctime
     # (make's directory prerequisites, `find -newer`, `ls -lt` of the repository, and
-    # watchers that poll a directory's mtime rely on it). mkdir in a namespace does, today.
+    # watchers that poll a directory's mtime rely on it), as mkdir in a namespace does.
     where = demo.repo / section
     data = demo.image["manifest"] if section == "tags" else b"bytes"
     before = where.stat()
@@ -333,8 +323,8 @@ async def test_o_creat_o_excl_on_every_existing_kind_is_eexist(demo):
 
 async def test_o_excl_create_of_a_tag_being_written_is_eexist(demo):
     # ext4: the name exists from the first create on: a second O_CREAT|O_EXCL is EEXIST
-    # (the lock-file idiom: whoever gets EEXIST knows someone else holds it); an upload
-    # being written answers EEXIST today.
+    # (the lock-file idiom: whoever gets EEXIST knows someone else holds it), as an upload
+    # being written does.
     excl = os.O_CREAT | os.O_EXCL | os.O_WRONLY
     fd = os.open(demo.repo / "tags" / "v2", excl, 0o644)
     try:
@@ -433,7 +423,6 @@ async def test_an_upload_being_written_can_be_removed_or_renamed(demo, change):
         assert (demo.repo / "uploads" / "moved").read_bytes() == b"a" * 1000 + b"b" * 1000
 
 
-@pytest.mark.xfail(strict=True, reason="renameat2(RENAME_EXCHANGE) of two tags is EINVAL")
 async def test_rename_exchange_swaps_two_tags(demo, tmp_path):
     # ext4: RENAME_EXCHANGE swaps two names in one step (coreutils 9.5's `mv --exchange`);
     # for tags that is a swap of what they point at, as `mv tags/a tags/b` is a retag.
@@ -482,13 +471,16 @@ async def test_an_open_file_outlives_its_name(demo, kind):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="an upload named by its digest leaves uploads/ at close without an IN_DELETE, so a "
-    "watcher of uploads/ still holds it",
+    reason="no IN_DELETE when an upload named by its digest leaves uploads/ at close: FUSE's "
+    "delete notice takes uploads/'s lock, which a client's create() there holds while it waits "
+    "for the daemon, so a daemon killed while it waits never finishes dying and the mount "
+    "hangs (docs/concurrency.md, Why no kernel notification)",
 )
 async def test_inotify_sees_a_digest_named_upload_leave_uploads(demo):
     # ext4 has no file that moves itself; the nearest is a rename, which a watcher sees
-    # (IN_MOVED_FROM here, IN_MOVED_TO in layers/, as `mv uploads/x layers/<digest>` gives
-    # today). The daemon can say it with a FUSE delete notice (d_delete_notify: IN_DELETE).
+    # (IN_MOVED_FROM here, IN_MOVED_TO in layers/, as `mv uploads/x layers/<digest>` gives).
+    # Only a FUSE delete notice (d_delete_notify: IN_DELETE) could say it, and that one can
+    # hang a dying daemon: see the mark.
     IN_DELETE, IN_MOVED_FROM = 0x200, 0x40
     ifd = LIBC.inotify_init1(os.O_NONBLOCK)
     libc_call(ifd)
