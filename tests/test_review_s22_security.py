@@ -1,6 +1,6 @@
 """Review (stop 22): hostile storage roots, registries and token servers, attacks not yet
-tested elsewhere (docs/security.md has the threat model). A test marked xfail(strict) shows
-a bug found here, failing today for that reason only; its comment says what should happen.
+tested elsewhere (docs/security.md has the threat model). Each test's comment says what
+must hold and why: the rule the fix of a bug found here follows.
 """
 
 from __future__ import annotations
@@ -81,11 +81,10 @@ async def _trusted_and_hostile(trusted: Path, hostile: Path) -> None:
     await put_tagged(hostile, "evil/img", "v1", named)
 
 
-# A hostile source (a storage root's owner, or any registry the same user mounts) poisons
-# the index cache shared by every mount of the user: an eStargz TOC is checked only against
-# the hostile manifest's own annotation, then kept under the layer digest, and any later
-# mount that meets that digest loads it (IndexCache.load takes the digest alone). Should:
-# a TOC's index is kept per manifest annotation (or not kept), never served for the digest.
+# A hostile source (a storage root's owner, or any registry the same user mounts) must not
+# poison the index cache shared by every mount of the user: an eStargz TOC, checked only
+# against the hostile manifest's own annotation, is kept per manifest annotation (or not
+# kept), never served to a later mount for the layer digest alone.
 @pytest.mark.mount
 def test_a_toc_from_a_hostile_root_never_shows_in_another_roots_image(tmp_path: Path) -> None:
     trusted, hostile, cache = tmp_path / "trusted", tmp_path / "hostile", tmp_path / "xdg"
@@ -114,9 +113,8 @@ def _client(url: str, **kw: Any) -> RemoteClient:
     return RemoteClient(url, timeout=3, retries=0, **kw)
 
 
-# The registry is https, but a `Link: next` it sends is asked wherever it points, plain http
-# included (only a redirect is held to https): whoever is on that path can add or hide
-# names. Should: a next page off https is refused, as a redirect to http is.
+# The registry is https: a `Link: next` it sends off https (plain http, where whoever is on
+# that path could add or hide names) is refused, as a redirect to http is.
 @pytest.mark.remote
 async def test_a_next_page_never_leaves_https_for_plain_http(
     tmp_path: Path, https: tuple[ssl.SSLContext, Path]
@@ -132,8 +130,8 @@ async def test_a_next_page_never_leaves_https_for_plain_http(
     assert plain.seen == []
 
 
-# An upload's `Location` from an https registry is used as given: a plain-http one gets the
-# layer's bytes in clear (a redirect to http is refused). Should: RemoteError, nothing sent.
+# An upload's `Location` from an https registry that is plain http (the layer's bytes in
+# clear) is a RemoteError, nothing sent, as a redirect to http is.
 @pytest.mark.remote
 async def test_an_upload_never_leaves_https_for_plain_http(
     tmp_path: Path, https: tuple[ssl.SSLContext, Path]
@@ -178,9 +176,8 @@ async def _token_then_tags(token: str, expires_in: float = 300, asks: int = 1) -
         return Granted(list(registry.seen), list(tokens.seen), error)
 
 
-# A token server's token that is not ASCII ("tök") escapes as UnicodeEncodeError (httpx's
-# header encoding) from RemoteClient: through a mount an unexpected error, a traceback in
-# the log. Should: RemoteError naming the token server.
+# A token server's token that is not ASCII ("tök", which httpx cannot put in a header) is
+# a RemoteError naming the token server, not an unexpected error with a traceback.
 @pytest.mark.remote
 async def test_a_token_that_is_no_header_value_is_a_remote_error() -> None:
     granted = await _token_then_tags("t\u00f6k")
@@ -196,9 +193,9 @@ async def test_a_token_cannot_add_a_header_of_its_own() -> None:
     assert "Bearer t" not in [s.authorization for s in granted.registry]
 
 
-# `expires_in: NaN` (Python's json reads it) passes the `lifetime <= 0` check: the token
-# expires at NaN, is never valid, and every request fetches a new one. Should: a lifetime
-# that is no finite positive number is the default (60 s), as 0 or a string is.
+# `expires_in: NaN` (Python's json reads it) is no lifetime: one that is no finite positive
+# number is the default (60 s), as 0 or a string is, so the token is valid and not fetched
+# again at every request.
 @pytest.mark.remote
 async def test_a_token_lifetime_that_is_no_number_is_the_default() -> None:
     granted = await _token_then_tags("t", expires_in=float("nan"), asks=3)
@@ -210,8 +207,8 @@ async def test_a_token_lifetime_that_is_no_number_is_the_default() -> None:
 
 
 # Names in a storage root are its owner's: a symlink or a file named with a newline is
-# logged as it is (`a symbolic link ... not listed`, `no storage path name`), so the owner
-# writes whole lines of their own into the daemon's log. Should: escaped, as server text is.
+# logged escaped (`a symbolic link ... not listed`, `no storage path name`), as server
+# text is, so the owner writes no lines of their own into the daemon's log.
 @pytest.mark.storage
 async def test_names_in_a_root_cannot_forge_log_lines(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -227,13 +224,11 @@ async def test_names_in_a_root_cannot_forge_log_lines(
     assert not [r for r in caplog.records if "\n" in r.getMessage()]
 
 
-# A directory removed (an upload's, `rm -r` through the mount, purge-uploads) goes by
-# shutil.rmtree(dir_fd=): Python 3.11's lstat, then open(O_RDONLY) without O_NOFOLLOW or
-# O_NONBLOCK, then a check that it is the same inode. A root's owner who swaps the
-# directory for a symlink between the two makes the daemon (root) open the link's target
-# outside the root: a FIFO there holds the call (and a worker thread) for good. The swap is
-# made here at the very moment, as a racing loop would. Should: opened with O_NOFOLLOW
-# (and O_NONBLOCK), nothing outside the root is opened.
+# A directory removed (an upload's, `rm -r` through the mount, purge-uploads) is opened with
+# O_NOFOLLOW (and O_NONBLOCK) level by level: a root's owner who swaps it for a symlink
+# while it is removed (made here at the very moment, as a racing loop would) makes the
+# daemon (root) open nothing outside the root (a FIFO there would hold the call, and a
+# worker thread, for good).
 @pytest.mark.storage
 async def test_a_directory_swapped_for_a_link_while_removed_opens_nothing_outside(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -284,11 +279,9 @@ async def test_a_directory_swapped_for_a_link_while_removed_opens_nothing_outsid
 
 
 # `$XDG_CACHE_HOME/regfs` planted as a symlink by whoever can write XDG_CACHE_HOME (a shared,
-# sticky directory: the case test_rootfs_mount's unsafe-cache test plays): the daemon makes
-# `index` through the link before it checks anything (Path.mkdir, os.mkdir follow it), so
-# root creates a directory wherever the link points; a dangling link is a FileExistsError
-# that no caller takes for UnsafeCacheDir (the mount fails instead of using a private
-# directory). Should: nothing made through a link; UnsafeCacheDir either way.
+# sticky directory: the case test_rootfs_mount's unsafe-cache test plays): nothing is made
+# through the link (root would make `index` wherever it points), and a link, dangling or
+# not, is refused (UnsafeCacheDir), never a FileExistsError no caller expects.
 @pytest.mark.storage
 @pytest.mark.parametrize("dangling", [False, True], ids=["to-a-directory", "dangling"])
 def test_a_planted_cache_link_makes_nothing_where_it_points(tmp_path: Path, dangling: bool) -> None:
@@ -313,10 +306,9 @@ def test_a_planted_cache_link_makes_nothing_where_it_points(tmp_path: Path, dang
 
 
 # An S3 endpoint (MinIO or any other that someone else runs) whose truncated listing names
-# the same continuation token again is asked that page for ever, a worker thread and the
-# `ls` held meanwhile; fresh tokens each time would also grow the listing without bound. The
-# remote registry's listing stops at a loop and at its caps (_Listing). Should: a token
-# seen before in the listing is refused (EIO), and so are pages past a cap.
+# the same continuation token again is refused (EIO), as the remote registry's listing
+# stops at a loop (_Listing), and so are pages past a cap: asked for ever, it would hold a
+# worker thread and the `ls`, and fresh tokens would grow the listing without bound.
 @pytest.mark.storage
 async def test_an_s3_listing_whose_next_page_loops_back_stops(moto_server, s3_bucket) -> None:
     loops = 30  # then the requests reach moto, which ends the listing its way
@@ -389,11 +381,10 @@ async def test_an_s3_listing_of_fresh_pages_for_ever_stops_at_a_cap(
 # --------------------------------------------------------------------------- upload records
 
 
-# Upload records hold signed upload locations and hash states (docs/security.md: "private").
-# The state directory gets none of the index cache's checks: `$XDG_STATE_HOME/regfs` planted
-# as a symlink (a shared XDG_STATE_HOME, as the cache test above) has records written, and
-# read back, wherever it points. Should: refused as IndexCache refuses its directory (ours,
-# reached without a link, writable by nobody else), or a private directory used instead.
+# Upload records hold signed upload locations and hash states (docs/security.md: "private"):
+# `$XDG_STATE_HOME/regfs` planted as a symlink (a shared XDG_STATE_HOME, as the cache test
+# above) is refused as IndexCache refuses its directory (ours, reached without a link,
+# writable by nobody else), and no record is written or read back where it points.
 @pytest.mark.storage
 async def test_upload_records_are_not_kept_through_a_planted_link(tmp_path: Path) -> None:
     shared, elsewhere = tmp_path / "xdg-state", tmp_path / "elsewhere"
@@ -459,11 +450,10 @@ def test_a_debug_log_holds_no_password_and_no_token(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- local users
 
 
-# `regfs umount` waits for the daemons `daemon_pids` finds: any process whose command line
-# has `regfs` first, `--foreground` and the mountpoint last, whoever runs it. Another user's
-# `exec -a regfs sh -c 'sleep 600; :' --foreground MNT` makes root's umount wait its 30 s
-# and exit 1 ("the daemon did not exit") though the unmount was done. Should: only a
-# process of the mount's own user (or that holds the mount's /dev/fuse) is its daemon.
+# `regfs umount` waits only for the mount's daemon: a process of the mount's own user (or
+# one that holds the mount's /dev/fuse). Another user's look-alike (`exec -a regfs sh -c
+# 'sleep 600; :' --foreground MNT`, a command line with `regfs` first, `--foreground` and
+# the mountpoint last) does not make root's umount wait its 30 s and exit 1.
 @pytest.mark.mount
 def test_another_users_look_alike_is_never_taken_for_the_daemon(
     tmp_path: Path, other_user: OtherUser
@@ -537,12 +527,11 @@ async def test_endless_headers_are_not_read(many: bool) -> None:
     assert 0 < server.sent < 32 << 20, server.sent  # loopback buffers hold a few MB
 
 
-# A tree is removed holding a descriptor for each level it is in (removal.remove_tree): one
-# deeper than the daemon's descriptor limit (RLIMIT_NOFILE, soft 1024 under a stock systemd
-# unit, and the daemon raises it not) fails EMFILE every time, and while it runs every other
-# open of the daemon fails too: a root's owner makes an upload that no rm -r nor
-# purge-uploads removes. Should: removed whatever its depth, within a bounded number of
-# descriptors.
+# A tree is removed (removal.remove_tree) whatever its depth, within a bounded number of
+# descriptors: one deeper than the daemon's descriptor limit (RLIMIT_NOFILE, soft 1024
+# under a stock systemd unit) would otherwise fail EMFILE every time, failing every other
+# open of the daemon meanwhile, and leave an upload that no rm -r nor purge-uploads
+# removes.
 @pytest.mark.storage
 async def test_a_tree_deeper_than_the_descriptor_limit_is_removed(tmp_path: Path) -> None:
     root = tmp_path / "root"
@@ -569,11 +558,10 @@ async def test_a_tree_deeper_than_the_descriptor_limit_is_removed(tmp_path: Path
 # --------------------------------------------------------------------------- token locks
 
 
-# A bearer token is fetched under a lock per scope (Authenticator._locks), which is kept for
-# good: the token cache is bounded in bytes, the locks are not, so every repository a walk
-# ever touched keeps ~0.4 KB; a registry that lists other names at each listing (1,000,000
-# a listing, its cap) grows the daemon without end. Should: a scope's lock goes when no
-# fetch holds or waits for it, and memory stays within the token cache's bound.
+# A bearer token is fetched under a lock per scope (Authenticator._locks), which goes when
+# no fetch holds or waits for it, so memory stays within the token cache's bound: a
+# registry that lists other names at each listing (1,000,000 a listing, its cap) does not
+# grow the daemon by ~0.4 KB per repository a walk ever touched.
 @pytest.mark.remote
 async def test_token_fetches_of_many_repositories_keep_memory_bounded() -> None:
     granted = httpx.Response(200, json={"token": "t" * 40, "expires_in": 300})
@@ -604,9 +592,9 @@ async def test_token_fetches_of_many_repositories_keep_memory_bounded() -> None:
     assert grown < 128 << 10, f"{grown / repositories:.0f} bytes kept per repository"
 
 
-# The S3 fix (b27ae8d) stops a ListObjectsV2 whose token comes back; ListMultipartUploads
-# (`_uploads`, through boto3: a stat or a listing of an upload) still follows markers that
-# come back, for ever. Should: refused as a looping ListObjectsV2 is.
+# ListMultipartUploads (`_uploads`, through boto3: a stat or a listing of an upload) whose
+# marker comes back is refused, as a looping ListObjectsV2 is (b27ae8d), never followed
+# for ever.
 @pytest.mark.storage
 async def test_an_s3_uploads_listing_whose_next_page_loops_back_stops(
     moto_server, s3_bucket
@@ -630,10 +618,9 @@ async def test_an_s3_uploads_listing_whose_next_page_loops_back_stops(
     assert len(pages) <= 2, f"{len(pages)} requests for the same page"
 
 
-# A hash state's offset is its file name, taken when `str.isdigit()`: that holds for "²" or
-# "١٢" too, and int("²") is a ValueError, so a state the root's owner names so makes every
-# resume of that upload an unexpected error (a traceback, EIO) instead of a state passed
-# over. Should: only ASCII decimal names are offsets; others are passed over (logged).
+# A hash state's offset is its file name when that is an ASCII decimal number: a name such
+# as "²" or "١٢" (`str.isdigit()` holds, int() refuses it) is passed over (logged), so a
+# state the root's owner names so makes no resume of that upload an unexpected error.
 @pytest.mark.storage
 async def test_a_hash_state_whose_name_is_no_ascii_number_is_passed_over(tmp_path: Path) -> None:
     uuid = "0f1e2d3c-aaaa-bbbb-cccc-123456789abc"
@@ -649,13 +636,11 @@ async def test_a_hash_state_whose_name_is_no_ascii_number_is_passed_over(tmp_pat
 
 
 # A header byte past ASCII in any answer read through httpx (a UTF-8 `X-Note: café` from a
-# CDN, a latin-1 one) breaks the request: `_with_body` rebuilds the answer from its decoded
-# headers, which httpx encodes back as ASCII: UnicodeEncodeError, which no caller expects
-# (a traceback, EIO), for every request while the header is sent. Behind it, numbers are
-# taken when `str.isdigit()`: "²" passes, then float() or int() raise ValueError: a
-# `Retry-After: ²` on a 503, an upload's `Range: 0-²`. Should: the answer is read (its
-# headers kept as bytes); a number that is no ASCII number is the registry's garbage
-# (RemoteError, or Retry-After ignored), as registry._size already checks (isascii).
+# CDN, a latin-1 one) does not break the request: the answer is read, its headers kept as
+# bytes (`_with_body` rebuilt it from headers httpx encodes back as ASCII:
+# UnicodeEncodeError). A number that is no ASCII number (`Retry-After: ²` on a 503, an
+# upload's `Range: 0-²`, where "²".isdigit() holds and int() refuses it) is the registry's
+# garbage (RemoteError, or Retry-After ignored), as registry._size checks (isascii).
 @pytest.mark.remote
 @pytest.mark.parametrize(
     ("status", "header", "value"),
@@ -677,9 +662,9 @@ async def test_a_header_byte_past_ascii_is_no_unexpected_error(
 
 
 # The same on the range threads' path, apart from _with_body: a listing's second page asked
-# through `small` (http.client reads the header as latin-1) has its `Link` parsed by building
-# an httpx.Response from it (_next_page), which encodes it as ASCII: a Link past ASCII is a
-# UnicodeEncodeError. Should: followed (percent-encoded) or refused as RemoteError.
+# through `small` (http.client reads the header as latin-1) whose `Link` is past ASCII is
+# followed (percent-encoded) or refused as RemoteError, never a UnicodeEncodeError from
+# the httpx.Response built to parse it (_next_page).
 @pytest.mark.remote
 async def test_a_next_page_link_past_ascii_is_no_unexpected_error(tmp_path: Path) -> None:
     page = json.dumps({"name": "x", "tags": ["a"]}).encode()
@@ -713,13 +698,12 @@ def _zstd_zeros_tar(size: int) -> bytes:
     return frame + (block(1, 1 << 17) + b"\0") * full + block(1, rest, last=True) + b"\0"
 
 
-# The indexer makes one pass at a time, and a zstd pass decompresses all a layer holds: a
-# 256 KiB layer of 8 GiB of zeros (RLE blocks) holds every other image's first listing back
-# for its whole pass (3.2 s CPU here, 7.5 s wall at load 4.9; 1 TB from a 32 MB layer: ~7
-# min, and a cancel or an unmount does not stop it: the pass checks its stop event at its
-# blob reads, and the whole blob is one). Any image's author can so stall rootfs/ of a mount
-# for everyone reading it. Should: a layer's pass is bounded in what it decompresses per
-# byte of blob (LayerTooLarge), or does not hold the other layers back.
+# The indexer makes one pass at a time, so a layer's pass is bounded in what it
+# decompresses per byte of blob (LayerTooLarge): a 256 KiB zstd layer of 8 GiB of zeros
+# (RLE blocks) would hold every other image's first listing back for its whole pass (3.2 s
+# CPU, 7.5 s wall at load 4.9; 1 TB from a 32 MB layer: ~7 min, which a cancel or an
+# unmount does not stop), and any image's author could so stall rootfs/ of a mount for
+# everyone reading it.
 @pytest.mark.storage
 async def test_a_decompression_bomb_holds_no_other_layer_back(tmp_path: Path) -> None:
     cache = IndexCache(tmp_path / "index")
@@ -750,10 +734,10 @@ async def test_a_decompression_bomb_holds_no_other_layer_back(tmp_path: Path) ->
     assert took["small"] < 3.0, took
 
 
-# `regfs check` prints one line per finding, the path of a symlink as the root names it:
-# a link named with a newline or a terminal escape writes lines of its owner's into the
-# report an administrator reads (a forged "no findings", a cleared screen). The log lines
-# are escaped since 30348de; the report is not. Should: a finding's path is escaped too.
+# `regfs check` prints one line per finding, the path of a symlink escaped as the log's
+# lines are (30348de): a link named with a newline or a terminal escape writes no lines of
+# its owner's into the report an administrator reads (a forged "no findings", a cleared
+# screen).
 @pytest.mark.storage
 async def test_names_in_a_root_cannot_forge_check_report_lines(tmp_path: Path) -> None:
     tree = tmp_path / "docker" / "registry" / "v2"
@@ -765,11 +749,10 @@ async def test_names_in_a_root_cannot_forge_check_report_lines(tmp_path: Path) -
 
 
 # An S3 writer lock's holder is read from the lock object: `owner` is `host:pid`, and a
-# holder of this host whose pid is gone is taken over (_dead_here). The pid is taken when
-# `str.isdigit()`: "²" then fails int() (ValueError), and 99999999999999999999 fails
-# os.kill (OverflowError): whoever can write the bucket makes every writer of that file an
-# unexpected error instead of Busy. Should: a pid that is no plain number in range is a
-# live holder of another host (Busy after LOCK_WAIT).
+# holder of this host whose pid is gone is taken over (_dead_here). A pid that is no plain
+# number in range ("²": int() refuses it; 99999999999999999999: os.kill overflows) is a
+# live holder of another host (Busy after LOCK_WAIT), so whoever can write the bucket makes
+# no writer of that file an unexpected error.
 @pytest.mark.storage
 @pytest.mark.parametrize("pid", ["\u00b2", "99999999999999999999"], ids=["superscript", "huge"])
 async def test_an_s3_lock_owner_that_is_no_pid_is_a_live_holder(
@@ -788,14 +771,13 @@ async def test_an_s3_lock_owner_that_is_no_pid_is_a_live_holder(
 # --------------------------------------------------------------------------- deep JSON
 
 
-# JSON nested deeper than Python's parser goes ("[" 5,000 times) is a RecursionError, which
-# manifest_format catches for manifests but nothing catches for the other JSON a registry
-# or token server sends: an error answer's body (error_detail, error_codes: every 4xx, a
-# redirect target's too), a listing page (_Listing.add), a token grant (Token.from_response)
-# escape as an unexpected error (a traceback, EIO). So do an S3 lock object's body
-# (_Lock._holder reads 4,096 bytes), an eStargz TOC (estargz.read_toc) and registry._errors.
-# Should: each is the registry's garbage, a RemoteError (or an error without detail), as a
-# body that is no JSON is.
+# JSON nested deeper than Python's parser goes ("[" 5,000 times: a RecursionError) is the
+# registry's garbage wherever a registry, token server or bucket sends JSON, a RemoteError
+# (or an error without detail), as a body that is no JSON is: an error answer's body
+# (error_detail, error_codes: every 4xx, a redirect target's too), a listing page
+# (_Listing.add), a token grant (Token.from_response), an S3 lock object's body
+# (_Lock._holder reads 4,096 bytes), an eStargz TOC (estargz.read_toc), registry._errors;
+# manifest_format catches it for manifests.
 @pytest.mark.remote
 @pytest.mark.parametrize("answer", ["error", "listing", "token"])
 async def test_json_nested_too_deep_is_a_registry_error(tmp_path: Path, answer: str) -> None:
@@ -869,12 +851,11 @@ async def _hang_ups(server: _DripServer, wanted: int, within: float = 3) -> int:
     return server.hung_up
 
 
-# A manifest GET (`small`, on a range thread) given up at its deadline leaves its thread
-# reading on from a registry that drips, a byte within each read's timeout, for as long as
-# the registry likes, holding one of the 8 range threads: 8 such answers and every blob
-# read waits a whole deadline (150 s by default) for a thread before going through httpx.
-# A batch given up so shuts its sockets down (InUse, docs/security.md); `small`, `get_range`
-# and `open_range` do not. Should: the thread's connection is shut at the deadline too.
+# A manifest GET (`small`, on a range thread) given up at its deadline shuts its thread's
+# connection down, as a batch given up does (InUse, docs/security.md), and so do
+# `get_range` and `open_range`: a registry that drips, a byte within each read's timeout,
+# would otherwise hold one of the 8 range threads for as long as it likes, and 8 such
+# answers make every blob read wait a whole deadline (150 s by default) for a thread.
 @pytest.mark.remote
 async def test_a_request_given_up_at_its_deadline_leaves_no_thread_reading() -> None:
     with _dripping() as server:
@@ -886,11 +867,10 @@ async def test_a_request_given_up_at_its_deadline_leaves_no_thread_reading() -> 
     assert hung_up == 2, "the range thread still reads from the registry"
 
 
-# 83a702f shuts a range thread's connection down when `small` or `get_range` reach their own
-# deadline; a cancel from outside (a read-ahead let go, a caller's own deadline, an unmount)
-# abandons the thread as well (abandon_on_cancel) but skips that: the thread reads on from a
-# registry that drips, holding one of the 8 range threads. Should: shut down whenever the
-# thread is left behind, whatever ended the wait.
+# A range thread left behind is shut down whatever ended the wait: its own deadline
+# (83a702f) or a cancel from outside (a read-ahead let go, a caller's own deadline, an
+# unmount: abandon_on_cancel), so it reads on from no registry that drips, holding one of
+# the 8 range threads.
 @pytest.mark.remote
 @pytest.mark.parametrize("call", ["small", "get_range"])
 async def test_a_request_cancelled_from_outside_leaves_no_thread_reading(call: str) -> None:
@@ -925,11 +905,11 @@ async def test_an_open_body_cancelled_from_outside_leaves_no_thread_reading() ->
     assert hung_up == 1, "the range thread still reads from the registry"
 
 
-# The client refuses a redirect to anything but http(s) (urls.leaves_https); the range threads'
-# path (ranges._follow) refuses only https to another scheme, so from a plain-http registry
-# (loopback, --insecure) a blob redirected to gopher://host:port/ (or file:///x: host "",
-# which connects to this host's port 80) is asked there in plain HTTP, and its bytes served.
-# Should: refused there too (then the client refuses it, with the error a user sees).
+# A redirect to anything but http(s) is refused on the range threads' path (ranges._follow)
+# as the client refuses it (urls.leaves_https), from a plain-http registry too (loopback,
+# --insecure): a blob redirected to gopher://host:port/ (or file:///x: host "", which
+# connects to this host's port 80) is never asked there, and the user sees the client's
+# error.
 @pytest.mark.remote
 async def test_a_blob_redirect_to_another_scheme_is_refused_on_every_path() -> None:
     blob = "/v2/x/blobs/sha256:" + "0" * 64

@@ -152,8 +152,8 @@ async def test_mv_of_a_downloaded_file_into_uploads_says_nothing(tmp_path, uploa
 
 async def test_a_read_after_an_append_returns_its_bytes(uploads):
     # ext4 (POSIX write(2)): once write returns, a read of those bytes through any
-    # descriptor returns them. Up to 2,048 appends (truncated every 32 MiB): today a read
-    # comes back short within the first few dozen.
+    # descriptor returns them, each of up to 2,048 appends (truncated every 32 MiB): no
+    # read comes back short.
     size = 128 << 10
     writer = os.open(uploads / "growing", os.O_WRONLY | os.O_CREAT, 0o644)
     reader = os.open(uploads / "growing", os.O_RDONLY)
@@ -227,7 +227,7 @@ async def test_two_writers_of_one_tag_the_last_to_close_wins(tmp_path, mount):
     tag = mount(tmp_path / "root").path(*NAME.split("/"), "tags", "latest")
     fds = [os.open(tag, os.O_WRONLY | os.O_TRUNC)]
     try:
-        fds.append(os.open(tag, os.O_WRONLY | os.O_TRUNC))  # today: EBUSY
+        fds.append(os.open(tag, os.O_WRONLY | os.O_TRUNC))  # a second writer: no EBUSY
         for fd, body in zip(fds, (image["manifest"], variant), strict=True):
             os.write(fd, body)
     finally:
@@ -309,7 +309,7 @@ async def test_python_mmap_of_a_tag_or_an_upload(tmp_path, mount, section):
     with open(layer, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         assert m[:100] == image["blobs"][image["layer"]][:100]  # a layer maps, today too
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        assert m[:] == want  # today: mmap raises OSError ENODEV
+        assert m[:] == want  # a tag: mmap raises ENODEV (its mark says why)
 
 
 # --------------------------------------------------------------------- beside the registry
