@@ -4,15 +4,20 @@ and a failed upload start, which removes what it wrote and says so when that fai
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
 import pytest
+from support.registry import repo_path
 
 from storage.drivers import FilesystemDriver, InMemoryDriver, StorageDriver
 from storage.errors import RemoteUnavailable
 from storage.paths import RepositoryDir, UploadsDir, path_for
 from storage.registry import Registry
+from storage.remote.client import RemoteClient
+from storage.remote.registry import RemoteRegistry
+from storage.remote.uploads import UploadRecords
 
 pytestmark = pytest.mark.storage
 
@@ -85,3 +90,25 @@ async def test_a_failed_start_whose_cleanup_fails_says_so(caplog) -> None:
     (record,) = [r for r in caplog.records if r.name == "storage.uploads"]
     assert "removing what it wrote failed too" in record.getMessage()
     assert "delete: the store went away" in record.getMessage()
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+async def test_a_remote_upload_that_cannot_be_recorded_is_cancelled_at_the_registry(
+    tmp_path: Path, module_registry_server, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    # Without a record nothing could ever name the upload the registry began (uploads/ lists
+    # records): a failed record lock cancels it there (it was left to the registry's purge).
+    async def no_lock(self: UploadRecords, uuid: str) -> int:
+        raise OSError(errno.ENOSPC, "no space left for the record's lock")
+
+    monkeypatch.setattr(UploadRecords, "lock", no_lock)
+    client = RemoteClient(module_registry_server.url, timeout=10)
+    registry = RemoteRegistry(client, tmp_path / "state", listing_ttl=0)
+    try:
+        with pytest.raises(OSError, match="no space"):
+            await registry.repository("h4/unrecorded").layers.upload()
+    finally:
+        await registry.aclose()
+    uploads = repo_path(module_registry_server.root, "h4/unrecorded") / "_uploads"
+    assert not list(uploads.glob("*/startedat"))  # the registry's DELETE keeps hash states
