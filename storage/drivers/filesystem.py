@@ -16,7 +16,9 @@ removed through directory descriptors, which never follow a link.
 
 Small local calls (stat, a link file, a read of up to a FUSE request) run inline: a thread hop
 costs more than they do. Calls that may block for long (fsync, large reads, tree deletes, the
-bulk reads of a big listing) go to a worker thread.
+bulk reads of a big listing) go to a worker thread; a big listing's `linked_stats` goes to the
+stat worker process once it runs (statworker.py: the same code, bulkstat.py, on descriptors
+opened here).
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 INLINE_READ_LIMIT = 1 << 20
-# Bulk reads (`contents`, `linked_stats`) of more entries than this go to a worker thread:
-# one hop, where a listing of 10,000 links would hold the event loop for tens of milliseconds.
+# Bulk reads (`contents`, `linked_stats`) of more entries than this go to a worker thread (or
+# the stat worker process): one hop, where a listing of 10,000 links would hold the event loop
+# for tens of milliseconds.
 INLINE_ENTRIES = 64
 # The registry's driver creates files with 0666 and lets the umask cut it (0644 under 022).
 # tempfile.mkstemp's 0600 would lock a registry running as another user (Debian's service
