@@ -8,8 +8,8 @@ import logging
 import mmap
 import stat
 import time
+from array import array
 from collections import OrderedDict, deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import compress, count, islice
 from operator import itemgetter
@@ -24,7 +24,20 @@ from . import fusefeatures, statahead
 from .attributes import PACKED, Attributes
 from .inodes import InodeTable
 from .listings import names_of
-from .nodes import Attr, DirNode, FixedNode, Listing, Node, NotFound, SectionNode
+from .nodes import (
+    Attr,
+    DirNode,
+    FinishedNode,
+    FixedNode,
+    LayerNode,
+    Listing,
+    ManifestNode,
+    Node,
+    NotFound,
+    SectionNode,
+    TagNode,
+    UploadNode,
+)
 from .tree import LISTED_ENTRY_TIMEOUT, SECTIONS, TICK, Tree
 
 log = logging.getLogger(__name__)
@@ -62,8 +75,16 @@ _PAGE = mmap.PAGESIZE
 # one call, not five runs of 32: 10-25 ms of daemon CPU less per cold `ls -l` of 10,000), and
 # what it makes for entries that do not fit is made again for the next READDIR.
 RUN = 32
+# Entries of a READDIR handed in one call (`_reply_plain`): as many as the last full one took
+# (`ls`'s getdents buffer, 32 KiB, holds 1,024 six-letter names), then PLAIN_MORE at a time;
+# what a run numbered for entries that did not fit is numbered again for the next READDIR.
+PLAIN_RUN = 1024
+PLAIN_MORE = 8
+_DIRECTORY_KINDS = frozenset({DirNode, SectionNode})
+_FILE_KINDS = frozenset({TagNode, ManifestNode, LayerNode, UploadNode, FinishedNode})
+_DIGEST_KINDS = frozenset({ManifestNode, LayerNode})  # listed only if their stat succeeds
 _MODE = fusefeatures.PACKED_FIELDS.index("st_mode")
-_NODE = itemgetter(1)
+_NAME, _NODE = itemgetter(0), itemgetter(1)
 
 
 @dataclass
@@ -98,6 +119,9 @@ class Directories:
         # directory inode the kernel holds (dropped when it forgets it).
         self._uses = 0
         self._used: dict[Node, int] = {}
+        self._plain_fit = PLAIN_RUN  # entries the last full READDIR took (`_reply_plain`)
+        self._plain = {True: EntryAttributes(), False: EntryAttributes()}  # `_reply_plain`'s
+        self._plain[True].st_mode, self._plain[False].st_mode = stat.S_IFDIR, stat.S_IFREG
 
     async def read(self, node: Node, start_id: int, token: ReaddirToken) -> None:
         """readdir: from offset 0 a new snapshot of node's listing, else the one the offset
@@ -120,6 +144,13 @@ class Directories:
             if start_id == 0 and _kept_by_kernel(node):
                 self.tree.kept.listed(node, names_of(entries))
         base = snapshot << _INDEX_BITS
+        if fusefeatures.READDIRPLUS_AUTO and not token.plus:
+            ahead = self._snapshots[snapshot].ahead
+            if await self._reply_plain(entries, start, base, token, ahead):
+                end = self._ended(snapshot, start, token)
+                if end and isinstance(entries, Listing) and fusefeatures.READDIR_ENDED:
+                    pyfuse3.readdir_ended(token, base | end)
+            return
         if isinstance(entries, Listing):
             self._reply_listed(entries, start, base, token)
             return
@@ -176,6 +207,86 @@ class Directories:
             self._ended(snapshot, start, token)
         if with_attributes:
             self.entries_used(node)
+
+    async def _reply_plain(
+        self,
+        entries: list[tuple[str, Node]],
+        start: int,
+        base: int,
+        token: ReaddirToken,
+        ahead: statahead.StatAhead | None,
+    ) -> bool:
+        """A READDIR, not a READDIRPLUS (the kernel asks one past a listing's first chunk
+        when nothing in the directory was looked up since: a plain `ls`, `find`): every
+        entry from start on by name, inode number (`InodeTable.peek`: nothing kept, nothing
+        counted) and type, in runs of one type, each in one call (`readdir_reply_names`; an
+        image's in `readdir_reply_many`, each its type). Digests as `_present` lists them:
+        those read ahead once read (`StatAhead`), one whose stat failed asked alone. Returns
+        whether all went out."""
+        index = start
+        while index < len(entries):
+            stop = min(index + max(self._plain_fit - (index - start), PLAIN_MORE), len(entries))
+            if ahead is not None:
+                stop = min(stop, max(await ahead.ready(index), index + 1))
+            nodes = list(map(_NODE, entries[index:stop]))
+            if isinstance(entries, Listing):  # each its own type, in its packed row
+                inodes = array("q", map(self.inodes.peek, nodes))
+                handed = pyfuse3.readdir_reply_many(
+                    token, entries.encoded[index:stop], inodes,
+                    entries.rows[index * PACKED : stop * PACKED], self.attributes.fixed_template,
+                    base | index, 0, stop - index, lookup=False,
+                )  # fmt: skip
+            else:
+                kinds = set(map(type, nodes))
+                directories = kinds <= _DIRECTORY_KINDS
+                if not (directories or kinds <= _FILE_KINDS) or (
+                    not kinds.isdisjoint(_DIGEST_KINDS) and None in map(self.tree.held_attr, nodes)
+                ):  # a view's, a mix, or a digest whose stat failed
+                    handed = await self._reply_each_plain(entries, index, stop, base, token)
+                else:
+                    inodes = array("q", map(self.inodes.peek, nodes))
+                    names = list(map(_NAME, entries[index:stop]))
+                    handed = pyfuse3.readdir_reply_names(
+                        token, names, inodes, self._plain[directories], base | index, 0,
+                        stop - index,
+                    )  # fmt: skip
+            index += handed
+            if index < stop:
+                self._plain_fit = index - start
+                return False
+        return True
+
+    async def _reply_each_plain(
+        self, entries: list[tuple[str, Node]], start: int, stop: int, base: int,
+        token: ReaddirToken,
+    ) -> int:  # fmt: skip
+        """`_reply_plain` of entries start to stop - 1 one at a time, the type of a kind that
+        is not the registry's from its attributes, a digest the daemon holds none of asked
+        alone (absent: not listed; damaged: listed, its lookup reports EIO). Returns how
+        many of them went out (or were left out)."""
+        for index in range(start, stop):
+            name, child = entries[index]
+            kind = type(child)
+            if kind in _DIRECTORY_KINDS or (
+                kind in _FILE_KINDS
+                and (kind not in _DIGEST_KINDS or self.tree.held_attr(child) is not None)
+            ):
+                mode = stat.S_IFDIR if kind in _DIRECTORY_KINDS else stat.S_IFREG
+            else:
+                try:
+                    attr = await self.tree.attr(child)
+                except CorruptEntry:
+                    attr = Attr(False, 0, 0)
+                except LookupError:
+                    continue  # gone
+                mode = stat.S_IFMT(attr.mode) if attr.mode is not None else stat.S_IFREG
+                if attr.is_dir and attr.mode is None:
+                    mode = stat.S_IFDIR
+            entry = EntryAttributes()
+            entry.st_ino, entry.st_mode = self.inodes.peek(child), mode
+            if not pyfuse3.readdir_reply(token, name.encode(), entry, base | (index + 1)):
+                return index - start
+        return stop - start
 
     def _reply_held(
         self, entries: list[tuple[str, Node]], index: int, start: int, base: int,
@@ -446,21 +557,28 @@ class Directories:
         log.info("rmdir: removed repository %s", node.path)
 
 
-def _lengths(entries: list[tuple[str, Node]]) -> Iterable[int]:
+def _lengths(entries: list[tuple[str, Node]]) -> list[int]:
     """The bytes of each entry's name."""
     if isinstance(entries, Listing):
-        return map(len, entries.encoded)
-    return (len(name) if name.isascii() else len(name.encode()) for name, _ in entries)
+        return list(map(len, entries.encoded))
+    names = list(map(_NAME, entries))
+    if "".join(names).isascii():  # tags always, and most names: a length each in C
+        return list(map(len, names))
+    return [len(name.encode()) for name in names]
 
 
-def _fills_pages(lengths: Iterable[int]) -> bool:
+def _fills_pages(lengths: list[int]) -> bool:
     """Whether the kernel's copy of a listing of names of these lengths ends on a page's end."""
-    sizes = [(_DIRENT + 7 + length) & ~7 for length in lengths]
-    used = sum(sizes)
-    if used > _PAGE:  # more than one page (most directories fit in one)
-        used = 0
-        for size in sizes:
-            used = size if used + size > _PAGE else used + size
+    if not lengths:
+        return False
+    smallest, largest = ((_DIRENT + 7 + length) & ~7 for length in (min(lengths), max(lengths)))
+    if smallest == largest:  # one dirent size (a listing of tags, most often): each page
+        per_page = _PAGE // largest  # holds as many, the last what is left
+        return ((len(lengths) - 1) % per_page + 1) * largest == _PAGE
+    used = 0
+    for length in lengths:
+        size = (_DIRENT + 7 + length) & ~7
+        used = size if used + size > _PAGE else used + size
     return used == _PAGE
 
 

@@ -8,9 +8,12 @@ every listing (regfs/listings.py); and `readdir_reply` may hand an entry by name
 after each READDIR of it); and `readdir_ended` has the READDIR that only learns a listing's end
 answered without one (an image directory's, which never changes); and `readdir_reply_many`
 hands a run of a listing's entries in one call, their fields packed in arrays (no
-`EntryAttributes` and no call per entry: regfs/directories.py). A stock pyfuse3 (a wheel
-from PyPI, as `pip install regfs` gets) works too, without these savings: regfs asks which one
-it runs on, once.
+`EntryAttributes` and no call per entry: regfs/directories.py); and a readdir's
+`ReaddirToken.plus` says whether the kernel asked a READDIR (with
+`Operations.enable_readdirplus_auto`: the rest of a plain `ls`), whose entries all go by
+name, a run at a time (`readdir_reply_names`: names as they are, numbers in an array). A
+stock pyfuse3 (a wheel from PyPI, as `pip install regfs` gets) works too, without these
+savings: regfs asks which one it runs on, once.
 """
 
 from __future__ import annotations
@@ -29,3 +32,6 @@ PACKED_FIELDS = (
     "st_blocks", "st_blksize", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
 )  # fmt: skip
 REPLY_MANY: bool = getattr(pyfuse3, "PACKED_FIELDS", None) == PACKED_FIELDS
+# Builds before `ReaddirToken.plus` (and `readdir_reply_names`, which came with it) always
+# ask READDIRPLUS.
+READDIRPLUS_AUTO: bool = hasattr(pyfuse3.ReaddirToken, "plus")
