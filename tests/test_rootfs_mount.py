@@ -987,10 +987,12 @@ async def test_an_image_directory_is_handed_alike_in_bulk_and_one_by_one(tmp_pat
 
 
 class ReaddirTokenFor:
-    """What `Operations.readdir` reads of a token: the directory's inode."""
+    """What `Operations.readdir` reads of a token: the directory's inode, and that the
+    kernel asked a READDIRPLUS (entries with their attributes)."""
 
     def __init__(self, inode: int) -> None:
         self.inode = inode
+        self.plus = True
 
 
 def _fields(entry: pyfuse3.EntryAttributes) -> tuple[int, ...]:
