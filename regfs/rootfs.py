@@ -418,7 +418,9 @@ class RootfsView:
                         with trio.move_on_after(ROOT_WAIT):
                             await build.done.wait()
                     if build is None or build.tree is None:
-                        return _attr(_DEFAULT_ROOT, 2, fixed=False)
+                        # st_nlink 1: its subdirectories are not known yet (2 said none,
+                        # which a walk's leaf optimisation may believe).
+                        return _attr(_DEFAULT_ROOT, 1, fixed=False)
                     if build.root is None:
                         found = build.tree.node(node.ino)
                         build.root = _attr(found.member, found.nlink, fixed=False)
