@@ -556,6 +556,7 @@ class FilesystemDriver(StorageDriver):
                     os.unlink(leaf, dir_fd=parent)
         finally:
             os.close(parent)
+
     async def _remove_empty(self, path: str) -> bool:
         try:
             parent, leaf = self._parent(path)
@@ -570,4 +571,3 @@ class FilesystemDriver(StorageDriver):
         finally:
             os.close(parent)
         return True
-
