@@ -2,7 +2,8 @@
 file it writes (`/dev/pts/N` is inode N+3) made each of its closes read the whole mountinfo
 again to learn that descriptor's mount is not this one (~5 ms at 3,000 mounts). The mount
 ids found not to be this mount are now kept per mount namespace until its mount table
-changes (a poll of the mountinfo read): one read, then none until a mount comes or goes."""
+changes (a poll of the mountinfo read): one read, then none until a mount comes or goes
+(the machine's: the counts allow for other tests' mounts meanwhile)."""
 
 from __future__ import annotations
 
@@ -58,11 +59,13 @@ async def test_a_descriptor_elsewhere_with_the_same_inode_number_reads_mountinfo
         for _ in range(50):
             assert await closers.close_of(opener, tid, {}) is Close.LAST
         first = len(counted)
-        assert first <= 2  # the daemon's own (its device), and the writer's once
+        # the daemon's own (its device) and the writer's once, and once more after each
+        # change of the mount table meanwhile (other tests mount too): not 50
+        assert first <= 5, counted
         subprocess.run(["mount", "-t", "tmpfs", "h3-spare", str(spare)], check=True)
         try:
             for _ in range(50):
                 assert await closers.close_of(opener, tid, {}) is Close.LAST
         finally:
             subprocess.run(["umount", str(spare)], check=True)
-        assert len(counted) == first + 1  # the table changed: read again, once
+        assert first + 1 <= len(counted) <= first + 4  # the table changed: read again
