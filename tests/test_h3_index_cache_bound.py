@@ -27,8 +27,6 @@ from storage.rootfs.cache import IndexCache
 from storage.rootfs.index import Indexer, LayerRef
 from storage.rootfs.reader import LayerFiles
 
-pytestmark = pytest.mark.storage
-
 REPO = "library/bound"
 
 
@@ -49,6 +47,7 @@ def on_disk(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir())
 
 
+@pytest.mark.storage
 async def test_a_copy_that_alone_passes_the_bound_is_read_from_a_private_file(
     registry, tmp_path, caplog
 ):
@@ -85,6 +84,7 @@ async def test_a_copy_that_alone_passes_the_bound_is_read_from_a_private_file(
         cache.close()
 
 
+@pytest.mark.storage
 async def test_a_spool_counts_in_the_bound_and_one_past_it_is_not_made(tmp_path, caplog):
     """The gzip child reads a remote layer from a nameless copy in the cache directory: the
     least recently used entries now make room for it first, and it counts in the bound while
@@ -118,6 +118,7 @@ async def test_a_spool_counts_in_the_bound_and_one_past_it_is_not_made(tmp_path,
         cache.close()
 
 
+@pytest.mark.mount
 def test_through_a_mount_a_layer_past_the_bound_leaves_nothing_in_the_cache(tmp_path):
     """`--index-cache-size 1M` and an image of a one-frame zstd layer of 6 MiB: its files
     read right, twice, from a mount's private copy; the cache directory stays within the
