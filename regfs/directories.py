@@ -8,7 +8,6 @@ import logging
 import mmap
 import stat
 import time
-from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from itertools import compress, count, islice
@@ -230,7 +229,7 @@ class Directories:
                 stop = min(stop, max(await ahead.ready(index), index + 1))
             nodes = list(map(_NODE, entries[index:stop]))
             if isinstance(entries, Listing):  # each its own type, in its packed row
-                inodes = array("q", map(self.inodes.peek, nodes))
+                inodes = self.inodes.peek_all(nodes)
                 handed = pyfuse3.readdir_reply_many(
                     token, entries.encoded[index:stop], inodes,
                     entries.rows[index * PACKED : stop * PACKED], self.attributes.fixed_template,
@@ -244,7 +243,7 @@ class Directories:
                 ):  # a view's, a mix, or a digest whose stat failed
                     handed = await self._reply_each_plain(entries, index, stop, base, token)
                 else:
-                    inodes = array("q", map(self.inodes.peek, nodes))
+                    inodes = self.inodes.peek_all(nodes)
                     names = list(map(_NAME, entries[index:stop]))
                     handed = pyfuse3.readdir_reply_names(
                         token, names, inodes, self._plain[directories], base | index, 0,
