@@ -158,7 +158,12 @@ class InodeTable:
         return array("q", [d if f is None else f for f, d in zip(found, derived, strict=True)])
 
     def _derived(self, node: Node) -> int:
-        return self._derived_all((node,))[0]
+        """`_derived_all` of one node (a lookup's, a READDIRPLUS entry's by name)."""
+        if self._key is None:
+            return _DERIVED | (hash(node) & _HASH_BITS)
+        named = _named(node)
+        crc, adler = self._key
+        return _DERIVED | ((zlib.crc32(named, crc) << 30 ^ zlib.adler32(named, adler)) & _HASH_BITS)
 
     def _derived_all(self, nodes: Iterable[Node]) -> list[int]:
         """The numbers the nodes' names give them: a keyed checksum of each one's kind and
