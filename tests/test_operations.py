@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
@@ -47,6 +48,10 @@ async def ops() -> Operations:
     await upload.finish(digest_bytes(b"layer"))
     options = MountOptions("inmemory:", "/mnt", tag_ttl=2.0)
     return Operations(Tree(registry, options.tag_ttl), options)
+
+
+# What `Directories.read` asks of a token here: that the kernel asked a READDIRPLUS.
+READDIRPLUS = SimpleNamespace(plus=True)
 
 
 async def lookup_path(ops: Operations, *names: str) -> pyfuse3.EntryAttributes:
@@ -277,7 +282,7 @@ async def test_a_listing_with_attributes_is_handed_as_a_lookup_shows_it(ops, mon
     view = PagesView()
     with_view = Operations(Tree(ops.tree.registry, 2.0, views={"pages": view}), ops.options)
     section = await lookup_path(with_view, "a", "b", "pages")
-    await with_view.directories.read(with_view.inodes.node(section.st_ino), 0, None)
+    await with_view.directories.read(with_view.inodes.node(section.st_ino), 0, READDIRPLUS)
     assert [name for name, _ in handed] == [b"1", b"2", b"3"] and view.asked == 0
 
     for name, entry in handed:
@@ -340,25 +345,25 @@ async def test_a_listing_read_to_its_end_is_read_again_from_its_snapshot(ops, mo
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
     monkeypatch.setattr(fusefeatures, "REPLY_MANY", False)  # one readdir_reply each
     layers = SectionNode("a/b", "layers")
-    await ops.directories.read(layers, 0, None)
+    await ops.directories.read(layers, 0, READDIRPLUS)
     [(name, end)] = handed
     assert name == str(digest_bytes(b"layer")).encode()
-    await ops.directories.read(layers, end, None)  # the end: nothing more
+    await ops.directories.read(layers, end, READDIRPLUS)  # the end: nothing more
     assert len(handed) == 1
     upload = await ops.tree.registry.repository("a/b").layers.upload()
     await upload.write(b"other")
     await upload.finish(digest_bytes(b"other"))
     ops.tree.forget_moving()  # SIGHUP: the tree reads the listing again
-    await ops.directories.read(layers, end - 1, None)  # back into it: its own entries
+    await ops.directories.read(layers, end - 1, READDIRPLUS)  # back into it: its own entries
     assert handed[1:] == [(name, end)]
     monkeypatch.setattr(directories, "SNAPSHOT_ENTRIES", 2)
-    await ops.directories.read(layers, 0, None)  # a new listing of 2: the first goes
+    await ops.directories.read(layers, 0, READDIRPLUS)  # a new listing of 2: the first goes
     assert len(handed) == 4 and len(ops.directories._snapshots) == 1
-    await ops.directories.read(layers, end - 1, None)  # the current listing
+    await ops.directories.read(layers, end - 1, READDIRPLUS)  # the current listing
     assert len(handed) == 6
     [second] = ops.directories._snapshots.values()  # read to its end, and then held
     monkeypatch.setattr(directories, "ENDED_KEPT", 0.0)
-    await ops.directories.read(layers, 0, None)  # a listing made lets go of it first
+    await ops.directories.read(layers, 0, READDIRPLUS)  # a listing made lets go of it first
     assert second.entries is None and len(handed) == 8
 
 
@@ -417,7 +422,7 @@ async def test_an_image_directory_answers_getattr_with_what_it_was_handed(ops, m
     view = ShelvesView()
     with_view = Operations(Tree(ops.tree.registry, 2.0, views={"pages": view}), ops.options)
     section = await lookup_path(with_view, "a", "b", "pages")
-    await with_view.directories.read(with_view.inodes.node(section.st_ino), 0, None)
+    await with_view.directories.read(with_view.inodes.node(section.st_ino), 0, READDIRPLUS)
     pages = [PageNode(number) for number in (1, 2, 3)]
     inodes = [with_view.inodes.inode(page) for page in pages]
     answers = [await with_view.getattr(ino, None) for ino in inodes]
