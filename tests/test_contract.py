@@ -26,6 +26,7 @@ NEUTRAL = {
     "storage.gcpause",
     "storage.manifest_format",
     "storage.names",
+    "storage.privatedir",  # the user's private directories (the inode key): no source's
 }
 # `regfs check` and `purge-uploads` are tools over a storage root, not a registry source.
 # The rootfs/ view uses storage/rootfs, which works on any source's BlobReaders.
