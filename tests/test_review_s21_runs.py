@@ -70,6 +70,6 @@ def test_a_run_whose_attributes_expire_meanwhile_is_handed_one_by_one(
     monkeypatch.setattr("storage.cache.time.monotonic", clock_expiring_after(1, time.monotonic()))
     # Held when first asked, expired from then on: a run of what was held then (here the
     # first entry at most), or none (`read` hands them one by one, asking storage again).
-    after, full = ops.directories._reply_held(entries, 0, 1 << 32, pyfuse3.ReaddirToken())
+    after, full = ops.directories._reply_held(entries, 0, 0, 1 << 32, pyfuse3.ReaddirToken())
     assert not full and after <= 1
     assert handed == [name.encode() for name, _ in entries[:after]]
