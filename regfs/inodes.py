@@ -34,9 +34,9 @@ KEY_SIZE = 16
 def inode_key(base: Path | None = None) -> bytes | None:
     """The user's key for inode numbers, made once (random, 0600) in their state directory
     (`~/.local/state/regfs/inode-key`), so every mount of theirs numbers a file alike: a
-    backup tool's or git's cache keys unchanged files on st_ino. Keyed, so a registry
-    cannot choose names whose numbers clash unless it reads this user's numbers (a clash
-    costs a name its lasting number, nothing else). Where it cannot be kept, None
+    backup tool's or git's cache keys unchanged files on st_ino. Keyed, so the numbers
+    are this user's own; names can still be made to clash (the checksums are affine), which
+    costs such a name its lasting number, nothing else. Where it cannot be kept, None
     (logged): numbers then hold until the unmount."""
     base = platformdirs.user_state_path() if base is None else base
     try:
@@ -170,7 +170,7 @@ class InodeTable:
         fields (their repr, the same in every process, where hash() of a str is not): CRC-32
         and Adler-32 side by side, each from a part of the key, 62 bits in all, in C a node
         at a time (a keyed blake2b cost 0.9 us a node in Python: 9 ms of each `ls` of 10,000
-        tags). Checksums, so one who reads numbers can make names whose numbers clash: that
+        tags). Checksums are affine: names can be made whose numbers clash under any key; that
         costs such a name its lasting number (a clash takes the counter's), nothing else."""
         if self._key is None:
             return [_DERIVED | (h & _HASH_BITS) for h in map(hash, nodes)]
