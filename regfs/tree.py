@@ -825,12 +825,23 @@ class Tree:
         return digest
 
     async def exchange_tags(self, a: TagNode, b: TagNode) -> None:
-        """Point a where b pointed and b where a did (renameat2's RENAME_EXCHANGE)."""
+        """Point a where b pointed and b where a did (renameat2's RENAME_EXCHANGE). Two puts:
+        if the second fails (or is cancelled), a is put back first, so that both tags stay as
+        they were, as a failed rename changes neither name."""
         started = time.monotonic()
         tags = self._repo(a.repo).tags
         digest_a, digest_b = await tags.get(a.tag), await tags.get(b.tag)
         await tags.put(a.tag, digest_b)
-        await tags.put(b.tag, digest_a)
+        try:
+            await tags.put(b.tag, digest_a)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await tags.put(a.tag, digest_a)
+                except Exception:
+                    self.changed(a)  # a now points at b's manifest: forget what was handed
+                    log.exception("rename: tag %s of %s not put back", a.tag, a.repo)
+            raise
         self.changed(a, b)
         await self._outlive(started, [(self._view_roots, a.repo)])
         log.info("rename: tags %s and %s of %s exchanged", a.tag, b.tag, a.repo)

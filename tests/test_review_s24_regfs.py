@@ -108,7 +108,6 @@ async def _two_tags() -> tuple[Registry, object, dict[str, Digest]]:
 
 
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="r1-2: exchange_tags does not undo its first put")
 async def test_an_exchange_failing_between_its_puts_leaves_both_tags_as_they_were(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
