@@ -159,11 +159,13 @@ class Renames:
             log.info("rename: only two tags of one repository are exchanged (EINVAL): %s", node)
             raise FUSEError(errno.EINVAL)
         assert isinstance(node, TagNode)
-        other = await self.tree.lookup(tags, decode_name(new_name, errno.EINVAL))
-        assert isinstance(other, TagNode)
-        if self.files.is_written(other):
-            log.info("rename: %s is open for writing (EBUSY)", other)
+        name = decode_name(new_name, errno.EINVAL)
+        written = self.files.being_written(tags, name)  # stored or only created: stored at close
+        if written is not None:
+            log.info("rename: %s is open for writing (EBUSY)", written)
             raise FUSEError(errno.EBUSY)
+        other = await self.tree.lookup(tags, name)
+        assert isinstance(other, TagNode)
         if other == node:
             return
         await self.tree.exchange_tags(node, other)

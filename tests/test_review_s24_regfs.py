@@ -289,7 +289,6 @@ async def test_a_lookup_while_a_digest_named_upload_finishes_finds_a_file(
 
 
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="r1-7: exchange looks the other tag up in storage only")
 async def test_an_exchange_with_a_tag_being_written_is_ebusy() -> None:
     # Should: as `mv tags/a tags/c` and `rm tags/c` while c's writer is open (EBUSY: it is
     # stored at its close), so `mv --exchange tags/a tags/c`: the name exists from its
