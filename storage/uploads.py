@@ -327,7 +327,16 @@ class LayerUpload:
                 writer, self._writer = self._writer, None
                 await writer.aclose()
             await self._delete()
-            await self._remove_emptied_repository()
+            try:
+                await self._remove_emptied_repository()
+            except Exception as exc:  # the upload is gone: tidying after it is best effort
+                log.warning(
+                    "cancel: upload %s in %s deleted; its emptied repository stays (%s: %s)",
+                    self.uuid,
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                )
 
     # -- internals -----------------------------------------------------------------------
 
