@@ -27,15 +27,14 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import select
 import threading
-import weakref
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
-from .mountpoint import mount_lines, mount_table, mountinfo_type
+from .mountpoint import mount_table, mountinfo_type
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,8 @@ INLINE_DESCRIPTORS = 64
 MAX_CHILDREN = 64  # children of the closer scanned, found through as many of its threads
 _CHILDREN_BYTES = MAX_CHILDREN * 8  # "<pid> " of MAX_CHILDREN pids (7 digits at most)
 _MOUNT_IDS_KEPT = 64  # mount ids known to be this mount (bind mounts, other namespaces)
-_NAMESPACES_KEPT = 16  # mount namespaces (the first met) whose other mounts' ids are kept
-_CHANGED = select.POLLPRI | select.POLLERR  # a mount table's poll: it changed since opened
+_NAMESPACES_KEPT = 16  # mount namespaces whose other mounts' ids are kept
+_OTHERS_LIFETIME = 1.0  # seconds (monotonic) those ids are kept: one mountinfo read a second
 
 
 class Close(enum.Enum):
@@ -68,19 +67,15 @@ class Opener:
     inode: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Others:
-    """Mount ids of one mount namespace known not to be this mount, for as long as its
-    mount table (`table`, open on its mountinfo since they were read from it) has not
-    changed: an id is reused once its mount is gone, perhaps by a bind mount of this one."""
+    """Mount ids of one mount namespace known not to be this mount, until `expires`
+    (monotonic): an id is reused once its mount is gone, perhaps by a bind mount of this
+    one. No descriptor of its mountinfo is kept to poll for a change: an open mountinfo
+    holds its namespace, and every mount in it, alive after its last process exits."""
 
-    table: int
-    ids: set[int] = field(default_factory=set)
-
-    def unchanged(self) -> bool:
-        poll = select.poll()
-        poll.register(self.table, select.POLLPRI)
-        return not any(events & _CHANGED for _, events in poll.poll(0))
+    ids: frozenset[int]
+    expires: float
 
 
 class Closers:
@@ -91,12 +86,11 @@ class Closers:
         self._device: bytes | None = None  # "major:minor" of this mount, once found
         self._device_looked_up = False
         self._mount_ids: set[int] = set()
-        # per mount namespace (/proc/<pid>/ns/mnt): a descriptor of a tty (/dev/pts/N is
-        # inode N+3) or a file elsewhere with the inode number of the file being written
-        # read the whole mountinfo at each close (~5 ms at 3,000 mounts)
-        self._others: dict[str, _Others] = {}
+        # per mount namespace (st_dev, st_ino of /proc/<pid>/ns/mnt): a descriptor of a tty
+        # (/dev/pts/N is inode N+3) or a file elsewhere with the inode number of the file
+        # being written read the whole mountinfo at each close (~5 ms at 3,000 mounts)
+        self._others: dict[tuple[int, int], _Others] = {}
         self._learning = threading.Lock()  # scans run on the trio thread and on workers
-        weakref.finalize(self, _close_tables, self._others)
         self._proc_is_ours = _proc_is_ours()
 
     def thread_group(self, tid: int) -> int:
@@ -225,43 +219,50 @@ class Closers:
         device. Asked only when a descriptor's inode number is ours (a tty's may be too);
         the first _MOUNT_IDS_KEPT found are kept (a set only added to, so a scan in a
         worker thread and one on the trio thread never see it shrink), and those found
-        not ours are kept per namespace until its mount table changes (`_Others`): the
-        mountinfo is read again only for an id not seen before, or after a change."""
+        not ours are kept per namespace for _OTHERS_LIFETIME (`_Others`): the mountinfo
+        is read again only for an id not seen before, or a second later."""
         if not self._device_looked_up:
             self._device_looked_up = True
             self._device = self._find_device()
         if self._device is None:
             return set()
-        with self._learning:
+        cached = self._learning.acquire()
+        try:
+            return self._learn(pid, ids, cached)
+        finally:
+            if cached:
+                self._learning.release()
+
+    def _learn(self, pid: int, ids: set[int], cached: bool) -> set[int]:
+        """`_learn_mounts`, with the cache (`_others`) used only if cached (its lock held)."""
+        namespace = None
+        if cached:
             try:
-                namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+                ns = os.stat(f"/proc/{pid}/ns/mnt")
+                namespace = (ns.st_dev, ns.st_ino)
             except OSError:
-                namespace = ""  # not kept: each read again
-            known = self._others.get(namespace)
-            if known is not None and not known.unchanged():
-                os.close(self._others.pop(namespace).table)
-                known = None
-            if known is not None and ids <= known.ids:
-                return set()
-            read = _mount_table_of(pid)
-            if read is None:
-                return set()
-            table, mounts = read
-            found = set()
-            for fields in mounts:  # mount id, parent id, major:minor, ...
-                if len(fields) > 2 and fields[2] == self._device and fields[0].isdigit():
-                    found |= {int(fields[0])} & ids
-            if len(self._mount_ids) < _MOUNT_IDS_KEPT:
-                self._mount_ids |= found
-            if namespace and (known is not None or len(self._others) < _NAMESPACES_KEPT):
-                # read through `table`: a change since its open shows in its poll
-                if known is not None:
-                    os.close(known.table)
+                pass  # not kept: each read again
+        now = time.monotonic()
+        known = self._others.get(namespace) if namespace is not None else None
+        if known is not None and known.expires > now and ids <= known.ids:
+            return set()
+        try:
+            mounts = mount_table(f"/proc/{pid}/mountinfo")
+        except OSError:
+            return set()
+        found = set()
+        for fields in mounts:  # mount id, parent id, major:minor, ...
+            if len(fields) > 2 and fields[2] == self._device and fields[0].isdigit():
+                found |= {int(fields[0])} & ids
+        if cached and len(self._mount_ids) < _MOUNT_IDS_KEPT:
+            self._mount_ids |= found
+        if namespace is not None:
+            for gone in [n for n, o in self._others.items() if o.expires <= now]:
+                del self._others[gone]
+            if namespace in self._others or len(self._others) < _NAMESPACES_KEPT:
                 kept = ids - found | (known.ids if known is not None else set())
-                self._others[namespace] = _Others(table, kept)
-            else:
-                os.close(table)
-            return found
+                self._others[namespace] = _Others(frozenset(kept), now + _OTHERS_LIFETIME)
+        return found
 
     def _find_device(self) -> bytes | None:
         """This mount's device ("major:minor"), from the daemon's own mount table. The
@@ -283,28 +284,6 @@ class Closers:
         if found is None:
             log.warning("flush: %r not in /proc/self/mountinfo: closes not told apart", escaped)
         return found
-
-
-def _mount_table_of(pid: int) -> tuple[int, list[list[bytes]]] | None:
-    """Process pid's mountinfo (`mount_lines`) and a descriptor of it, open since before it
-    was read (the caller's to close); None if it cannot be read."""
-    try:
-        table = os.open(f"/proc/{pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        chunks = []
-        while chunk := os.read(table, 1 << 16):
-            chunks.append(chunk)
-    except OSError:
-        os.close(table)
-        return None
-    return table, mount_lines(b"".join(chunks))
-
-
-def _close_tables(others: dict[str, _Others]) -> None:
-    for known in others.values():
-        os.close(known.table)
 
 
 def _proc_is_ours() -> bool:

@@ -52,7 +52,6 @@ async def _section(ops: Operations, name: str) -> int:
 
 
 @pytest.mark.mount  # root: unshare -m
-@pytest.mark.xfail(strict=True, reason="r1-1: _Others keeps /proc/<pid>/mountinfo open")
 def test_a_mount_namespace_whose_processes_exited_is_not_kept_alive(tmp_path: Path) -> None:
     # Should: the daemon holds nothing that keeps another mount namespace (and every mount
     # in it) alive once its processes are gone. An open /proc/<pid>/mountinfo holds a
