@@ -220,13 +220,14 @@ class Closers:
         the first _MOUNT_IDS_KEPT found are kept (a set only added to, so a scan in a
         worker thread and one on the trio thread never see it shrink), and those found
         not ours are kept per namespace for _OTHERS_LIFETIME (`_Others`): the mountinfo
-        is read again only for an id not seen before, or a second later."""
+        is read again only for an id not seen before, or a second later. The trio thread
+        never waits for a worker's read: it reads the table without the cache instead."""
         if not self._device_looked_up:
             self._device_looked_up = True
             self._device = self._find_device()
         if self._device is None:
             return set()
-        cached = self._learning.acquire()
+        cached = self._learning.acquire(blocking=not trio.lowlevel.in_trio_run())
         try:
             return self._learn(pid, ids, cached)
         finally:

@@ -64,3 +64,33 @@ async def test_a_descriptor_elsewhere_with_the_same_inode_number_reads_mountinfo
         for _ in range(50):
             assert await closers.close_of(opener, tid, {}) is Close.LAST
         assert first + 1 <= len(counted) <= first + 4  # the kept ids expired: read again
+
+
+def test_the_trio_thread_does_not_wait_for_a_workers_mount_table_read(tmp_path: Path) -> None:
+    # a close scanned inline waited on the lock for a worker thread's read (~5 ms at 3,000
+    # mounts), stalling every request: it now reads the table without the cache
+    closers = Closers(str(tmp_path))
+    closers._device_looked_up, closers._device = True, b"0:999999"  # no mount needed
+    held, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with closers._learning:
+            held.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        held.wait()
+
+        async def inline() -> tuple[set[int], float]:
+            start = trio.current_time()
+            found = closers._learn_mounts(os.getpid(), {987654})
+            return found, trio.current_time() - start
+
+        found, took = trio.run(inline)
+    finally:
+        done.set()
+        thread.join()
+    assert found == set() and took < 5
+    assert closers._others == {}  # the cache is the lock holder's
