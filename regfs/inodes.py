@@ -45,17 +45,9 @@ def inode_key(base: Path | None = None) -> bytes | None:
         log.warning("inode numbers: no state directory (%s): they last this mount only", exc)
         return None
     try:
-        with contextlib.suppress(FileExistsError):
-            made = os.open(KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory)
-            try:
-                os.write(made, os.urandom(KEY_SIZE))
-            finally:
-                os.close(made)
-        kept = os.open(KEY_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
-        try:
-            key = os.read(kept, KEY_SIZE + 1)
-        finally:
-            os.close(kept)
+        key = _read_key(directory)
+        if key is None or len(key) < KEY_SIZE:  # none yet, or left short by a failed write
+            key = _make_key(directory, replace=key is not None)
     except OSError as exc:
         log.warning(
             "inode numbers: %s/regfs/%s: %s: they last this mount only", base, KEY_FILE, exc
@@ -63,12 +55,58 @@ def inode_key(base: Path | None = None) -> bytes | None:
         return None
     finally:
         os.close(directory)
-    if len(key) != KEY_SIZE:  # another daemon is writing it this moment, or it is damaged
+    if len(key) != KEY_SIZE:  # longer: damaged
         log.warning(
             "inode numbers: %s/regfs/%s is not a key: they last this mount only", base, KEY_FILE
         )
         return None
     return key
+
+
+def _read_key(directory: int) -> bytes | None:
+    """The key file's bytes (at most one more than a key's), or None if there is none."""
+    try:
+        kept = os.open(KEY_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(kept, KEY_SIZE + 1)
+    finally:
+        os.close(kept)
+
+
+def _make_key(directory: int, replace: bool) -> bytes:
+    """A new key, written to a temporary file beside the key file and fsynced before it
+    takes that name, so a daemon killed or out of space meanwhile leaves no short key file.
+    A new name is linked (the first daemon wins: the others read its key); a short file is
+    renamed over. The key is what the file holds then."""
+    temp = f".{KEY_FILE}-{os.urandom(8).hex()}"
+    made = os.open(
+        temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=directory
+    )
+    try:
+        try:
+            if os.write(made, os.urandom(KEY_SIZE)) != KEY_SIZE:
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(made)
+        finally:
+            os.close(made)
+        if replace:
+            os.rename(temp, KEY_FILE, src_dir_fd=directory, dst_dir_fd=directory)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(
+                    temp,
+                    KEY_FILE,
+                    src_dir_fd=directory,
+                    dst_dir_fd=directory,
+                    follow_symlinks=False,
+                )
+        os.fsync(directory)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=directory)
+    return _read_key(directory) or b""
 
 
 def _word(key: bytes, at: int) -> int:

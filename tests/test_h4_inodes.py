@@ -33,6 +33,16 @@ def test_the_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
     assert (tmp_path / "regfs").stat().st_mode & 0o777 == 0o700
 
 
+def test_a_short_key_file_is_made_again_and_nothing_is_left_beside_it(tmp_path: Path) -> None:
+    (tmp_path / "regfs").mkdir(mode=0o700)
+    kept = tmp_path / "regfs" / KEY_FILE
+    kept.write_bytes(b"cut")  # a write of before this one's cut short
+    key = inode_key(tmp_path)
+    assert len(key) == KEY_SIZE and kept.read_bytes() == key
+    assert inode_key(tmp_path) == key
+    assert os.listdir(tmp_path / "regfs") == [KEY_FILE]  # no temporary file stays
+
+
 def test_a_planted_state_directory_gives_a_key_for_this_mount_alone(tmp_path: Path, caplog) -> None:
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o1777)

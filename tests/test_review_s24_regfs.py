@@ -136,7 +136,6 @@ async def test_an_exchange_failing_between_its_puts_leaves_both_tags_as_they_wer
 
 
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="r1-3: O_EXCL create then write; an empty key stays")
 def test_a_key_file_left_empty_by_a_failed_write_is_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
