@@ -149,12 +149,6 @@ async def test_a_listing_never_names_a_symlink_while_a_directory_is_made(
     assert "s" not in listed, listed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="filesystem._makedirs: an upload start whose _uploads/ another mount's cancel "
-    "rmdirs (uploads._remove_emptied_repository) between its open and the mkdir of <uuid> "
-    "fails (PathNotFound): the walk is not made again",
-)
 async def test_an_upload_start_survives_another_mount_removing_the_emptied_uploads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,11 +161,13 @@ async def test_an_upload_start_survives_another_mount_removing_the_emptied_uploa
     uploads = root / (path_for(RepositoryDir("org/app")) + "/_uploads").lstrip("/")
     uploads.mkdir(parents=True)  # the other mount's cancel deleted its last <uuid> already
     real_mkdir = os.mkdir
+    removed: list[Path] = []
 
     def mkdir(name, mode=0o777, *, dir_fd=None):  # type: ignore[no-untyped-def]
-        if dir_fd is not None and len(name) == 36 and uploads.exists():
+        if dir_fd is not None and len(name) == 36 and not removed:
             os.rmdir(uploads)  # the other mount's _remove_emptied_repository, at that moment
             os.rmdir(uploads.parent)
+            removed.append(uploads)
         return real_mkdir(name, mode, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "mkdir", mkdir)

@@ -66,6 +66,8 @@ INLINE_ENTRIES = 64
 # runs as `docker-registry`) out of every link, startedat and hash state regfs writes.
 FILE_MODE = 0o666
 DIR_MODE = 0o777
+# Walks of _makedirs: a directory on the way removed meanwhile by another mount is made again.
+_MAKEDIRS_TRIES = 3
 # A writer's lock file: writable as the data file is (after the umask), readable by nobody
 # else, so only a user who could write the data anyway can open it to take the lock.
 LOCK_MODE = 0o622
@@ -250,14 +252,25 @@ class FilesystemDriver(StorageDriver):
         return self._makedirs(head), leaf
 
     def _makedirs(self, path: str) -> int:
-        """os.makedirs beneath the root: each directory made and opened in the one before."""
+        """os.makedirs beneath the root: each directory made and opened in the one before.
+        One removed after its open (ENOENT: another mount's cancel rmdirs an emptied
+        `_uploads/` and its repository) makes the walk again, a few times: no `rm` asked."""
+        with self._beneath(path):
+            for _ in range(_MAKEDIRS_TRIES - 1):
+                try:
+                    return self._make_each(path)
+                except FileNotFoundError:
+                    log.info("%r: a directory on the way was removed meanwhile: again", path)
+            return self._make_each(path)
+
+    def _make_each(self, path: str) -> int:
+        """One walk of _makedirs; an OSError is raised as it is."""
         fd = os.dup(self._fd)
         try:
             for name in path.strip("/").split("/"):
-                with self._beneath(path):
-                    with suppress(FileExistsError):
-                        os.mkdir(name, DIR_MODE, dir_fd=fd)
-                    child = os.open(name, _DIRECTORY, dir_fd=fd)
+                with suppress(FileExistsError):
+                    os.mkdir(name, DIR_MODE, dir_fd=fd)
+                child = os.open(name, _DIRECTORY, dir_fd=fd)
                 os.close(fd)
                 fd = child
         except BaseException:
