@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="make SOURCE a storage root even though it holds other files",
     )
     mount.add_argument("-d", "--debug", action="store_true", help="log each FUSE operation")
+    mount.add_argument(
+        "--plain-readdir",
+        action="store_true",
+        help="after a listing's first part, send names only unless its files are being "
+        "stat'ed: a plain ls of 10,000 tags about twice as fast, a first find in rootfs/ "
+        "about 15%% slower (its subdirectories looked up one by one)",
+    )
     _completes(mount.add_argument("--log", metavar="FILE", help="log to FILE"), shtab.FILE)
     mount.add_argument(
         "--allow-other",
@@ -188,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPTS",
         help="mount options: ro, allow_other, uid=, gid=, file_mode=, dir_mode=, "
-        "tag_ttl=, read_ahead_kb=, index_cache_size=, log=, debug, init; remote: insecure, "
+        "tag_ttl=, read_ahead_kb=, index_cache_size=, log=, debug, init, plain_readdir; remote: "
+        "insecure, "
         "ca_file=, username=, password_file=, timeout= (seconds a registry may take to "
         "answer, 30); s3: s3_endpoint=",
     )
@@ -301,6 +309,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         "allow_other": args.allow_other,
         "debug": args.debug,
         "init": args.init,
+        "plain_readdir": args.plain_readdir,
     }
     for name, value in flags.items():
         if value:
@@ -411,6 +420,7 @@ def child_command(options: MountOptions, ready_fd: int, password_fd: int | None)
         ("--debug", options.debug),
         ("--insecure", options.insecure),
         ("--init", options.init),
+        ("--plain-readdir", options.plain_readdir),
     ):
         if on:
             command.append(flag)

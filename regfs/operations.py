@@ -47,15 +47,16 @@ class Operations(pyfuse3.Operations):
     # The kernel keeps what readlink answered (regfs's pyfuse3 build; a stock one ignores it):
     # the only links are inside images (rootfs/), whose members never change.
     enable_cache_symlinks = True
-    # `enable_readdirplus_auto` (the rest of a plain `ls` or `find` in READDIRs by name,
-    # `Directories._reply_plain`) stays off: `ls` of 10,000 tags 52-60 -> 24-27 ms, but a
-    # cold `find` of an image 334-359 -> 383-436 ms, its subdirectories listed without
-    # attributes looked up one by one (547 LOOKUPs). docs/performance.md, stop 24.
 
     def __init__(self, tree: Tree, options: MountOptions) -> None:
         super().__init__()
         self.tree = tree
         self.options = options
+        # `--plain-readdir` (regfs's pyfuse3 build reads it at init): the rest of a plain `ls`
+        # or `find` in READDIRs by name (`Directories._reply_plain`). Off by default: `ls` of
+        # 10,000 tags 52-60 -> 24-27 ms, but a cold `find` of an image 334-359 -> 383-436 ms,
+        # its subdirectories listed without attributes looked up one by one (547 LOOKUPs).
+        self.enable_readdirplus_auto = options.plain_readdir
         self.inodes = InodeTable(inode_key())
         self.files = OpenFiles(tree, options)
         self.attributes = Attributes(tree, options, self.inodes, self.files)

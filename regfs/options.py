@@ -32,6 +32,8 @@ class MountOptions:
     tag_ttl: float = DEFAULT_TAG_TTL
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
     init: bool = False  # make a non-empty directory a storage root
+    # Names only where the kernel wants no attributes (regfs's pyfuse3 build; `Operations`).
+    plain_readdir: bool = False
     # Remote sources (http:// and https://).
     insecure: bool = False
     ca_file: str | None = None
@@ -119,6 +121,7 @@ _FLAGS = {
     "debug": "debug",
     "insecure": "insecure",
     "init": "init",
+    "plain_readdir": "plain_readdir",
 }
 _VALUES: dict[str, tuple[str, Callable[[str], object]]] = {
     "uid": ("uid", int),

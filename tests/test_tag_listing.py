@@ -122,3 +122,44 @@ def test_ls_reads_no_tag_link_and_ls_l_reads_them_ahead(tmp_path: Path, mount: C
     assert "tags ahead" not in m.log_text()
     assert len(run("ls", "-l", tags).stdout.decode().splitlines()) == len(names) + 2  # + total
     wait_until(lambda: "tags ahead" in m.log_text(), 10, "the tags read ahead")
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("option", [["--plain-readdir"], ["-o", "plain_readdir"]])
+def test_a_plain_readdir_mount_lists_as_the_default_one(
+    tmp_path: Path, mount: Callable, option: list[str]
+) -> None:
+    """`--plain-readdir`: the kernel asks names only after a listing's first part (regfs's
+    pyfuse3 build), and `ls`, `ls -l`, `ls -i` against stat, and `find` show what a default
+    mount shows of 3,000 tags and a repository's layers."""
+    root = tmp_path / "root"
+    image = trio.run(build_root, root, NAME, 1000)
+    digest = Digest.parse(image["digest"])
+    names = [f"t{i:04d}" for i in range(3000)]
+    for name in names:
+        for location in (TagCurrentLink(NAME, name), TagIndexLink(NAME, name, digest)):
+            path = root / path_for(location).lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(digest))
+
+    def shown(m: Mount) -> list[list[str]]:
+        tags = m.path(NAME, "tags")
+        numbered = run("ls", "-i1", tags).stdout.decode().split()
+        stat_script = 'cd "$1" && stat -c "%i %n" *'
+        stated = run("bash", "-c", stat_script, "-", tags).stdout.decode().split()
+        assert numbered == stated  # d_ino as stat's st_ino
+        return [
+            run("ls", tags).stdout.decode().split(),
+            [line.split()[-1] for line in run("ls", "-l", tags).stdout.decode().splitlines()],
+            sorted(run("find", m.path(NAME)).stdout.decode().split()),
+        ]
+
+    default = mount(root)
+    expected = [[str(p).replace(str(default.mountpoint), "") for p in part]
+                for part in shown(default)]  # fmt: skip
+    default.stop()
+    plain = mount(root, *option)
+    (pid,) = plain.pids()
+    assert b"--plain-readdir" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    got = [[str(p).replace(str(plain.mountpoint), "") for p in part] for part in shown(plain)]
+    assert got == expected and len(got[0]) == len(names) + 1
