@@ -552,8 +552,12 @@ class Directories:
             )
             return
         assert isinstance(node, DirNode)  # a directory's children: directories, sections
-        await self.tree.rmdir(parent, node)
-        log.info("rmdir: removed repository %s", node.path)
+        if await self.tree.rmdir(parent, node):
+            log.info("rmdir: removed repository %s", node.path)
+        else:
+            log.info(
+                "rmdir: hidden repository %s, removed once its uploads' writers close", node.path
+            )
 
 
 def _lengths(entries: list[tuple[str, Node]]) -> list[int]:

@@ -860,19 +860,22 @@ class Tree:
         self.changed(parent)
         return DirNode(path)
 
-    async def rmdir(self, parent: DirNode, node: DirNode) -> None:
+    async def rmdir(self, parent: DirNode, node: DirNode) -> bool:
         """rmdir of an empty repository (what `mkdir` made) or an emptied namespace. One whose
         only content is uploads removed while written (`rm -r` beside a `cp` into uploads/)
         goes at once, as a local directory goes with its last name: hidden now, removed in
-        storage once the last of those writers let go (`upload_released`)."""
+        storage once the last of those writers let go (`upload_released`). True if removed,
+        False if only hidden."""
+        removed = True
         try:
             await self.registry.remove_repository(node.path)
         except NotEmpty:
             if not await self._holds_only_removed_uploads(node.path):
                 raise
             self._removed_repos.add(node.path)
-            log.info("rmdir: %s goes once its uploads' writers close", node.path)
+            removed = False
         self.changed(parent, node)
+        return removed
 
     async def _holds_only_removed_uploads(self, path: str) -> bool:
         if not any(upload.repo == path for upload in self.removed_uploads):
@@ -896,7 +899,9 @@ class Tree:
         self._removed_repos.discard(node.repo)
         try:
             await self.registry.remove_repository(node.repo)
-        except (NotEmpty, UnknownRepository) as exc:  # something came meanwhile: it stays
+        except UnknownRepository:  # it held uploads alone: the writer's cancel removed it
+            pass
+        except NotEmpty as exc:  # something came meanwhile: it stays
             log.warning("rmdir: %s stays after all: %s", node.repo, exc)
         self.changed(DirNode(node.repo.rpartition("/")[0]), DirNode(node.repo))
 

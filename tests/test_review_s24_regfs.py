@@ -336,7 +336,6 @@ def test_after_an_exchange_a_listing_numbers_each_tag_as_its_lookup_does() -> No
 
 
 @pytest.mark.mount
-@pytest.mark.xfail(strict=True, reason="r1-9: upload_released warns of UnknownRepository")
 async def test_rm_r_beside_a_writer_of_a_repository_of_uploads_alone_logs_no_warning(
     tmp_path: Path, mount: Callable[..., Mount]
 ) -> None:
