@@ -91,11 +91,6 @@ async def test_a_worker_that_died_while_idle_costs_no_listing(tmp_path: Path) ->
     assert got is not None and all(got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="statworker.StatWorker.linked_stats: a reply is used as it comes, never checked "
-    "against its request (one entry per name): a short one misaligns the listing",
-)
 async def test_a_worker_reply_of_the_wrong_length_is_corrupt_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

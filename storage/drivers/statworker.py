@@ -158,7 +158,8 @@ class StatWorker:
     ) -> list[bulkstat.Stat] | None:  # fmt: skip
         """`bulkstat.linked_stats` of the names beneath the descriptors links and files, in
         the worker, in requests of REQUEST_ENTRIES at most; None when no worker is ready (one
-        is started): stat in process. CorruptEntry (EIO) when the worker fails meanwhile."""
+        is started): stat in process. CorruptEntry (EIO) when the worker fails meanwhile,
+        or answers not one entry for each name."""
         channel = self._channel
         if channel is None:
             self.start()
@@ -171,7 +172,11 @@ class StatWorker:
                     (use_openat2, list(link_names[at : at + step]),
                      list(targets[at : at + step]), list(file_names[at : at + step]))
                 )  # fmt: skip
-                found.extend(marshal.loads(await channel.call(links, files, request)))
+                reply = marshal.loads(await channel.call(links, files, request))
+                asked = min(step, len(link_names) - at)
+                if not isinstance(reply, list) or len(reply) != asked:
+                    raise ValueError(f"a reply not of one entry for each of {asked} names")
+                found.extend(reply)
         except (OSError, trio.ClosedResourceError, ValueError, EOFError) as exc:
             if self._channel is channel:
                 log.error("the stat worker failed (%s): a new one starts for the next listing", exc)
