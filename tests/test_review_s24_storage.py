@@ -115,11 +115,6 @@ async def test_a_worker_reply_of_the_wrong_length_is_corrupt_entry(
         driver._stat_worker.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="filesystem._list: names and link count are not one snapshot: a directory made "
-    "between os.listdir and the fstat makes nlink == len(names) + 2 with a symlink listed",
-)
 async def test_a_listing_never_names_a_symlink_while_a_directory_is_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -512,15 +512,17 @@ class FilesystemDriver(StorageDriver):
         return found
 
     async def _list(self, path: str) -> list[str]:
-        """The names alone (os.listdir: no object per entry) where the link count, taken after
-        them, says each is a directory (ext4, XFS and tmpfs count two and one per
-        subdirectory: a tags/ or repositories/ directory), so none is a symlink; else, or
-        where the count is no guide (btrfs: 1; ext4 past 65,000 subdirectories: 1),
-        `_scan`'s."""
+        """The names alone (os.listdir: no object per entry) where the link count says each is
+        a directory (ext4, XFS and tmpfs count two and one per subdirectory: a tags/ or
+        repositories/ directory), so none is a symlink; else, or where the count is no guide
+        (btrfs: 1; ext4 past 65,000 subdirectories: 1), `_scan`'s. The count is taken before
+        and after the names and must not move: a directory made meanwhile, counted after but
+        not listed, would make a symlink's name look like its own."""
         fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
+            before = os.fstat(fd).st_nlink
             names = os.listdir(fd)
-            only_directories = os.fstat(fd).st_nlink == len(names) + 2
+            only_directories = os.fstat(fd).st_nlink == before == len(names) + 2
         finally:
             os.close(fd)
         if only_directories:
