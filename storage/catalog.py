@@ -8,7 +8,8 @@ import logging
 from .drivers import PathNotFound, StorageDriver
 from .errors import UnsafeEntry
 from .names import is_component
-from .paths import RepositoryDir, UploadsDir, path_for
+from .paths import RepositoryDir, UploadsDir, UploadStartedAt, path_for
+from .uploads import UUID_RE
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,21 @@ class Catalog:
             return True
         # An emptied `_uploads/` (the registry's purger, or its finish, leaves one) holds no
         # upload: on S3 it does not exist, and the repository is gone with its last upload.
-        return with_uploads and "_uploads" in entries and bool(await self._uploads_of(name))
+        return with_uploads and "_uploads" in entries and await self._holds_an_upload(name)
 
-    async def _uploads_of(self, name: str) -> list[str]:
+    async def _holds_an_upload(self, name: str) -> bool:
+        """Whether `_uploads/` holds an upload as uploads/ and the registry see one: a uuid
+        with `startedat` (the registry's DELETE of an upload leaves its hash states only)."""
         try:
-            return await self.driver.list(path_for(UploadsDir(name)))
+            uuids = await self.driver.list(path_for(UploadsDir(name)))
         except PathNotFound:
-            return []
+            return False
+        for uuid in uuids:
+            if UUID_RE.fullmatch(uuid) is not None:
+                with contextlib.suppress(PathNotFound):
+                    await self.driver.stat(path_for(UploadStartedAt(name, uuid)))
+                    return True
+        return False
 
     async def mtime_ns(self, prefix: str) -> int | None:
         """When the directory of prefix last changed (None for an absent one)."""
