@@ -864,13 +864,17 @@ class Tree:
         """rmdir of an empty repository (what `mkdir` made) or an emptied namespace. One whose
         only content is uploads removed while written (`rm -r` beside a `cp` into uploads/)
         goes at once, as a local directory goes with its last name: hidden now, removed in
-        storage once the last of those writers let go (`upload_released`). True if removed,
-        False if only hidden."""
+        storage once the last of those writers let go (`upload_released`); so does a
+        namespace that holds only such hidden ones (`rm -r` of the namespace). True if
+        removed, False if only hidden."""
         removed = True
         try:
             await self.registry.remove_repository(node.path)
         except NotEmpty:
-            if not await self._holds_only_removed_uploads(node.path):
+            if not (
+                await self._holds_only_removed_uploads(node.path)
+                or await self._holds_only_hidden(node.path)
+            ):
                 raise
             self._removed_repos.add(node.path)
             removed = False
@@ -889,21 +893,38 @@ class Tree:
             or await self.registry.catalog.children(path)
         )
 
+    async def _holds_only_hidden(self, path: str) -> bool:
+        """Whether a namespace's every child is a repository or namespace rmdir hid."""
+        if not any(hidden.startswith(path + "/") for hidden in self._removed_repos):
+            return False
+        children = await self.registry.catalog.children(path)
+        return all(_join(path, child) in self._removed_repos for child in children) and not (
+            await self.registry.catalog.is_repository(path, with_uploads=True)
+        )
+
     async def upload_released(self, node: UploadNode) -> None:
         """A writer of an upload removed while written let go (the upload is cancelled): its
-        repository, if rmdir'd meanwhile and no other such writer holds it, goes now."""
-        if node.repo not in self._removed_repos or any(
-            upload.repo == node.repo for upload in self.removed_uploads
-        ):
+        repository, if rmdir'd meanwhile and no other such writer holds it, goes now, then
+        each namespace above it that rmdir hid and that hides nothing else."""
+        if any(upload.repo == node.repo for upload in self.removed_uploads):
             return
-        self._removed_repos.discard(node.repo)
-        try:
-            await self.registry.remove_repository(node.repo)
-        except UnknownRepository:  # it held uploads alone: the writer's cancel removed it
-            pass
-        except NotEmpty as exc:  # something came meanwhile: it stays
-            log.warning("rmdir: %s stays after all: %s", node.repo, exc)
-        self.changed(DirNode(node.repo.rpartition("/")[0]), DirNode(node.repo))
+        path = node.repo
+        while path in self._removed_repos and not any(
+            hidden.startswith(path + "/") for hidden in self._removed_repos
+        ):
+            self._removed_repos.discard(path)
+            parent = path.rpartition("/")[0]
+            try:
+                await self.registry.remove_repository(path)
+            except UnknownRepository:  # it held uploads alone: the writer's cancel removed it
+                pass
+            except NotEmpty as exc:  # something came meanwhile: it stays, as do those above
+                log.warning("rmdir: %s stays after all: %s", path, exc)
+                above = {h for h in self._removed_repos if path.startswith(h + "/")}
+                self._removed_repos -= above
+                self.changed(*(DirNode(p) for h in above for p in (h, h.rpartition("/")[0])))
+            self.changed(DirNode(parent), DirNode(path))
+            path = parent
 
 
 def _parse_digest(name: str) -> Digest:

@@ -159,7 +159,6 @@ def test_a_key_file_left_empty_by_a_failed_write_is_made_again(
 
 
 @pytest.mark.mount
-@pytest.mark.xfail(strict=True, reason="r1-4: rmdir of the namespace finds the hidden repo")
 def test_rm_r_of_a_namespace_while_cp_writes_into_a_repository_in_it(
     tmp_path: Path, mount: Callable[..., Mount]
 ) -> None:
