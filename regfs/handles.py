@@ -93,6 +93,7 @@ class UploadHandle(Handle):
         self.removed = False
         self._written = False
         self._written_ns: int | None = None  # the last write's time: what stat shows
+        self._finishing: Attr | None = None  # what it was when its finish began
 
     async def read(self, offset: int, size: int) -> Buffer:
         await self.upload.settle()  # its own appends, answered before they were written
@@ -122,9 +123,12 @@ class UploadHandle(Handle):
     def pending_attr(self) -> Attr | None:
         """The upload as this writer has it: the only writer, on any node, so storage need
         not be asked (a `cp` stats its file after every write: on S3 a GET and a listing
-        each). None once it is finished or being finished: then storage says."""
+        each). While its finish runs, what it was when that began: storage's upload loses
+        its data before its name goes. None once it is finished: then storage says."""
         if self.finished:
             return None
+        if self._finishing is not None:
+            return self._finishing
         try:
             size = self.upload.size
         except UnknownUpload:  # its writer closed by a finish under way
@@ -181,6 +185,7 @@ class UploadHandle(Handle):
         self._written = False
         expected = digest_name(self.name)
         assert expected is not None  # ends_on_close said so
+        self._finishing = self.pending_attr()
         try:
             await self.tree.finish_upload(self.node, self.upload, expected)
         except DigestMismatch as exc:
@@ -192,6 +197,8 @@ class UploadHandle(Handle):
                 exc,
             )
             raise FUSEError(errno.EIO) from None
+        finally:
+            self._finishing = None
         self.finished = True
         if self.removed:  # rm came while it finished: the layer stays, its name goes
             await self.tree.remove(FinishedNode(self.node.repo, expected))

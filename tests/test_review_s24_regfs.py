@@ -225,7 +225,6 @@ async def test_the_read_ahead_keeps_what_the_next_readdir_hands(
 
 
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="r1-6: the name resolves to the upload, its attr fails")
 @pytest.mark.parametrize("driver_kind", ["memory", "filesystem"])
 async def test_a_lookup_while_a_digest_named_upload_finishes_finds_a_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver_kind: str
