@@ -120,7 +120,7 @@ def test_a_listing_goes_to_the_worker_which_ends_with_the_daemon(tmp_path, mount
     wait_until(lambda: exited(worker), 10, "the stat worker to go with the daemon")
 
 
-def test_a_failed_worker_is_eio_for_that_listing_and_the_next_starts_another(tmp_path, mount):
+def test_a_worker_killed_while_idle_costs_no_listing_and_the_next_starts_another(tmp_path, mount):
     root = tmp_path / "root"
     for name in ("r/one", "r/two", "r/three"):
         put_layers(root, name, COUNT)
@@ -132,9 +132,6 @@ def test_a_failed_worker_is_eio_for_that_listing_and_the_next_starts_another(tmp
     assert f"the stat worker (pid {worker}) is ready" in m.log_text()
     os.kill(worker, signal.SIGKILL)
     wait_until(lambda: "exited with status -9" in m.log_text(), 10, "the daemon to see it")
-    failed = subprocess.run(["ls", "-l", m.path("r/two/layers")], capture_output=True, text=True)
-    assert failed.returncode != 0 and "Input/output error" in failed.stderr
-    assert "the stat worker failed" in m.log_text()
     for name in ("r/two", "r/three"):  # at once in process, then in a new worker
         again = subprocess.run(["ls", "-l", m.path(name, "layers")], capture_output=True, text=True)
         assert again.returncode == 0 and len(again.stdout.splitlines()) == COUNT + 1

@@ -66,13 +66,8 @@ async def _ready(driver: FilesystemDriver) -> None:
         await trio.sleep(0.01)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="statworker.py: a worker that died while idle (its thread logged the exit) is "
-    "found out by the next listing's send (EPIPE), which is EIO for that listing",
-)
 async def test_a_worker_that_died_while_idle_costs_no_listing(tmp_path: Path) -> None:
-    # Should: a worker known dead before a request is sent (its waiting thread saw it exit)
+    # A worker known dead before a request is sent (its waiting thread saw it exit)
     # is no failure of the next listing: it is stated in a thread, and a new worker starts.
     root = tmp_path / "root"
     digests = _put_layers(root, "a/b", COUNT)

@@ -48,6 +48,7 @@ class _Channel:
         self.waiting: set[int] = set()  # numbers of the requests whose caller waits
         self.moved = trio.Event()
         self.broken = ""  # why it cannot answer any more
+        self.exited = False  # set by the worker's thread once it was reaped
 
     async def call(self, links: int, files: int, request: bytes) -> bytes:
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", (links, files)))]
@@ -149,7 +150,8 @@ class StatWorker:
         channel = self._channel = _Channel(ours)
         log.info("the stat worker (pid %d) is ready", worker.pid)
         status = worker.wait()
-        if not channel.broken:  # not closed by us: the next request finds out
+        channel.exited = True  # the next request drops it unsent, and starts a new one
+        if not channel.broken:
             log.error("the stat worker (pid %d) exited with status %d", worker.pid, status)
 
     async def linked_stats(
@@ -158,9 +160,12 @@ class StatWorker:
     ) -> list[bulkstat.Stat] | None:  # fmt: skip
         """`bulkstat.linked_stats` of the names beneath the descriptors links and files, in
         the worker, in requests of REQUEST_ENTRIES at most; None when no worker is ready (one
-        is started): stat in process. CorruptEntry (EIO) when the worker fails meanwhile,
-        or answers not one entry for each name."""
+        is started, also for one known dead before this call: no failure of any listing).
+        CorruptEntry (EIO) when the worker fails meanwhile, or answers not one entry a name."""
         channel = self._channel
+        if channel is not None and channel.exited:
+            channel.close("it exited")
+            channel = self._channel = None
         if channel is None:
             self.start()
             return None
