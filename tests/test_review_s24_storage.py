@@ -72,8 +72,9 @@ async def test_a_worker_that_died_while_idle_costs_no_listing(tmp_path: Path) ->
     root = tmp_path / "root"
     digests = _put_layers(root, "a/b", COUNT)
     driver = FilesystemDriver(root)
+    others = set(_worker_pids())  # earlier tests' drivers' workers, in this process
     await _ready(driver)
-    (pid,) = _worker_pids()
+    (pid,) = set(_worker_pids()) - others
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while pid in _worker_pids() and time.monotonic() < deadline:  # reaped by its thread
