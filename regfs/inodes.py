@@ -6,17 +6,17 @@ import contextlib
 import errno
 import logging
 import os
-import zlib
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import compress, repeat
-from operator import and_, is_not, lshift, or_, xor
+from operator import and_, is_, is_not, or_
 from pathlib import Path
 from typing import cast
 
 import platformdirs
 import pyfuse3
+import siphashc
 from pyfuse3 import EntryAttributes
 
 from storage.privatedir import UnsafeDirectory, open_private
@@ -28,16 +28,17 @@ log = logging.getLogger(__name__)
 _DERIVED = 1 << 62  # numbers derived from nodes; counted ones are below
 _HASH_BITS = _DERIVED - 1
 KEY_FILE = "inode-key"
-KEY_SIZE = 16
+KEY_SIZE = 16  # SipHash-2-4's key
+# SipHash-2-4 (a keyed PRF, in C): what a name's number is, under the user's key
+_siphash: Callable[[bytes, bytes | str], int] = siphashc.siphash
 
 
 def inode_key(base: Path | None = None) -> bytes | None:
     """The user's key for inode numbers, made once (random, 0600) in their state directory
     (`~/.local/state/regfs/inode-key`), so every mount of theirs numbers a file alike: a
-    backup tool's or git's cache keys unchanged files on st_ino. Keyed, so the numbers
-    are this user's own; names can still be made to clash (the checksums are affine), which
-    costs such a name its lasting number, nothing else. Where it cannot be kept, None
-    (logged): numbers then hold until the unmount."""
+    backup tool's or git's cache keys unchanged files on st_ino. A SipHash key, so the
+    numbers are this user's own and names cannot be made to clash without it. Where it
+    cannot be kept, None (logged): numbers then hold until the unmount."""
     base = platformdirs.user_state_path() if base is None else base
     try:
         directory = open_private(base, ["regfs"])
@@ -109,10 +110,6 @@ def _make_key(directory: int, replace: bool) -> bytes:
     return _read_key(directory) or b""
 
 
-def _word(key: bytes, at: int) -> int:
-    return int.from_bytes(key[at : at + 4], "little")
-
-
 def _named(node: Node) -> bytes:
     """What a node names, as bytes: a tag's repository and name, else its kind and repr."""
     named = "\0".join(node) if type(node) is TagNode else f"{type(node).__name__}{node!r}"
@@ -129,11 +126,11 @@ class InodeTable:
     and a remount numbers it alike. Without a key, from its hash() (this process's: the
     numbers last until the unmount). Two live nodes never share one: a node whose derived
     number is taken gets the next of a counter below the derived range (that node's number
-    then lasts while the kernel holds it).
+    then lasts while the kernel holds it), and `peek` hands it what `inode` will.
     """
 
     def __init__(self, key: bytes | None = None) -> None:
-        self._key = None if key is None else (_word(key, 0), _word(key, 4))
+        self._key = key
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._lookups: Counter[int] = Counter()
@@ -183,44 +180,70 @@ class InodeTable:
 
     def peek(self, node: Node) -> int:
         """The number of a node listed without a lookup: its own if the kernel holds it, else
-        the one its first lookup will most likely give it. Nothing is kept."""
+        the one its first lookup will most likely give it (the counter's next where another
+        node holds its derived number: after an exchange, or a clash). Nothing is kept."""
         ino = self._inodes.get(node)
-        return ino if ino is not None else self._derived(node)
+        if ino is None:
+            ino = self._derived(node)
+            if ino in self._nodes:
+                return self._next
+        return ino
 
     def peek_all(self, nodes: list[Node]) -> array[int]:
-        """`peek` of each (a listing's run handed by name), numbered in one pass."""
+        """`peek` of each (a listing's run handed by name), numbered in one pass where no
+        derived number is held or repeated (else as `inode` would number them in turn), so a
+        listing never shows two nodes with one number."""
         found = list(map(self._inodes.get, nodes))
         if None not in found:
             return array("q", cast("list[int]", found))
-        derived = self._derived_all(nodes)
-        return array("q", [d if f is None else f for f, d in zip(found, derived, strict=True)])
+        derived = self._derived_all(compress(nodes, map(is_, found, repeat(None))))
+        if len(set(derived)) < len(derived) or not self._nodes.keys().isdisjoint(derived):
+            return array("q", self._peek_each(nodes, found, derived))
+        if len(derived) == len(nodes):  # a listing's first READDIR
+            return array("q", derived)
+        fresh = iter(derived)
+        return array("q", [next(fresh) if f is None else f for f in found])
+
+    def _peek_each(
+        self, nodes: list[Node], found: list[int | None], derived: list[int]
+    ) -> list[int]:
+        """`peek_all` where derived numbers clash: what `inode` of each in turn would give
+        (the same node twice, a hard link, one number), nothing kept."""
+        given: dict[Node, int] = {}
+        taken: set[int] = set()
+        counter, fresh, numbers = self._next, iter(derived), []
+        for node, ino in zip(nodes, found, strict=True):
+            if ino is None:
+                ino = given.get(node, next(fresh))  # each unfound one has its derived
+                if node not in given:
+                    if ino in self._nodes or ino in taken:
+                        ino, counter = counter, counter + 1
+                    given[node] = ino
+                    taken.add(ino)
+            numbers.append(ino)
+        return numbers
 
     def _derived(self, node: Node) -> int:
         """`_derived_all` of one node (a lookup's, a READDIRPLUS entry's by name)."""
         if self._key is None:
             return _DERIVED | (hash(node) & _HASH_BITS)
-        named = _named(node)
-        crc, adler = self._key
-        return _DERIVED | ((zlib.crc32(named, crc) << 30 ^ zlib.adler32(named, adler)) & _HASH_BITS)
+        return _DERIVED | (_siphash(self._key, _named(node)) & _HASH_BITS)
 
     def _derived_all(self, nodes: Iterable[Node]) -> list[int]:
-        """The numbers the nodes' names give them: a keyed checksum of each one's kind and
-        fields (their repr, the same in every process, where hash() of a str is not): CRC-32
-        and Adler-32 side by side, each from a part of the key, 62 bits in all, in C a node
-        at a time (a keyed blake2b cost 0.9 us a node in Python: 9 ms of each `ls` of 10,000
-        tags). Checksums are affine: names can be made whose numbers clash under any key; that
-        costs such a name its lasting number (a clash takes the counter's), nothing else."""
+        """The numbers the nodes' names give them: SipHash-2-4 under the user's key of each
+        one's kind and fields (their repr, the same in every process, where hash() of a str
+        is not), 62 of its bits, a node at a time in C (~0.25 us a tag; a keyed blake2b in
+        Python cost ~1). A PRF: without the key, names cannot be made to clash."""
         if self._key is None:
             return [_DERIVED | (h & _HASH_BITS) for h in map(hash, nodes)]
         nodes = list(nodes)
         if set(map(type, nodes)) == {TagNode}:  # a tags/ listing: every step in C
-            named = list(map(str.encode, map("\0".join, cast("list[TagNode]", nodes))))
+            # its text as _named's bytes: a listed repository and tag are ASCII
+            named: Iterable[bytes | str] = map("\0".join, cast("list[TagNode]", nodes))
         else:
-            named = list(map(_named, nodes))
-        crc, adler = self._key
-        high = map(lshift, map(zlib.crc32, named, repeat(crc)), repeat(30))
-        mixed = map(xor, high, map(zlib.adler32, named, repeat(adler)))
-        return list(map(or_, map(and_, mixed, repeat(_HASH_BITS)), repeat(_DERIVED)))
+            named = map(_named, nodes)
+        hashed = map(_siphash, repeat(self._key), named)
+        return list(map(or_, map(and_, hashed, repeat(_HASH_BITS)), repeat(_DERIVED)))
 
     def node(self, ino: int) -> Node:
         try:

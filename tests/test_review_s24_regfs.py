@@ -306,7 +306,6 @@ async def test_an_exchange_with_a_tag_being_written_is_ebusy() -> None:
 
 
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="r1-8: peek gives the derived number another node holds")
 def test_after_an_exchange_a_listing_numbers_each_tag_as_its_lookup_does() -> None:
     # Should: `ls -i` (d_ino: `peek`) shows what `stat` (a lookup) gets, and two names never
     # list one number. After `mv --exchange tags/a tags/b`, a holds b's derived number;
@@ -399,7 +398,6 @@ def _clashing_tags(repo: str) -> tuple[str, str]:
 
 
 @pytest.mark.storage
-@pytest.mark.xfail(strict=True, reason="r1-10: peek hands a clashing tag the other's number")
 def test_two_tags_made_to_clash_under_every_key_list_two_numbers() -> None:
     # Should: `ls -i` never shows two names of one directory with one number, and `ls -i`
     # shows what `stat` gets (docs/security.md: "two files never share one"). 977cbcf's
