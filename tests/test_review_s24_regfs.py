@@ -309,12 +309,8 @@ async def test_an_exchange_with_a_tag_being_written_is_ebusy() -> None:
 def test_after_an_exchange_a_listing_numbers_each_tag_as_its_lookup_does() -> None:
     # Should: `ls -i` (d_ino: `peek`) shows what `stat` (a lookup) gets, and two names never
     # list one number. After `mv --exchange tags/a tags/b`, a holds b's derived number;
-    # once the kernel forgets b's inode (a's old number), `peek(b)` is b's derived number,
-    # which a holds: `ls -i` shows a and b with one number, and `stat b` gets another (the
-    # counter's). The same holds for any clash, and 977cbcf's keyed CRC-32/Adler-32 clash
-    # for every key once they clash for one (both are affine in their start value), so a
-    # registry can put two such tags in one tags/ listing. Fix: `peek`/`peek_all` give a
-    # node whose derived number another holds the number `inode` would give it.
+    # once the kernel forgets b's inode (a's old number), b is listed with the number its
+    # lookup gives it (the counter's), not the derived one a holds.
     from regfs.inodes import InodeTable
 
     table = InodeTable(os.urandom(KEY_SIZE))
@@ -400,14 +396,9 @@ def _clashing_tags(repo: str) -> tuple[str, str]:
 @pytest.mark.storage
 def test_two_tags_made_to_clash_under_every_key_list_two_numbers() -> None:
     # Should: `ls -i` never shows two names of one directory with one number, and `ls -i`
-    # shows what `stat` gets (docs/security.md: "two files never share one"). 977cbcf's
-    # checksums are affine in their start value (the key), so equal-length names that
-    # clash under one key clash under all: a registry's owner makes such tags offline,
-    # no key read. `peek_all` hands both the one derived number; `stat` of the second
-    # gets the counter's (and loses its lasting number). The docstrings of `inode_key` and
-    # `_derived_all` ("unless it reads this user's numbers") say otherwise. Fix: a keyed
-    # PRF (blake2b/siphash of the key and the name) where a clash matters, and `peek` that
-    # gives a node whose derived number another holds what `inode` gives it.
+    # shows what `stat` gets (docs/security.md: "two files never share one"). Names made
+    # offline, no key read, to clash under an affine checksum (CRC-32 and Adler-32 clash
+    # for every key once they clash for one) must not clash under the keyed numbers.
     from regfs.inodes import InodeTable
 
     repo = "org/app"
