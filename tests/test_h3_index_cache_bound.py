@@ -6,7 +6,10 @@ spool that would is not made (the layer is indexed in process); each is logged o
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -23,8 +26,10 @@ from storage.api import BlobReader, RegistrySource
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver, InMemoryDriver
 from storage.registry import Registry
+from storage.rootfs import treefile
 from storage.rootfs.cache import IndexCache
 from storage.rootfs.index import Indexer, LayerRef
+from storage.rootfs.merge import merge
 from storage.rootfs.reader import LayerFiles
 
 REPO = "library/bound"
@@ -149,3 +154,67 @@ def test_through_a_mount_a_layer_past_the_bound_leaves_nothing_in_the_cache(tmp_
             assert not list(cache.glob(f"{digest_bytes(blob).hex}.*"))
             assert m.log_text().count("alone passes the index cache's bound") == 1
     m.check_log()
+
+
+@pytest.mark.storage
+async def test_a_merged_tree_lands_only_once_eviction_made_room_for_it(tmp_path):
+    """`store_tree` renamed the tree into the directory and evicted afterwards: for that
+    moment the cache held more than its bound. The least recently used entry (a layer of
+    another image) is now evicted first, and the tree's name appears with the bound kept."""
+    registry = Registry(InMemoryDriver())
+    tars = [layer_tar([directory(f"d{n}"), file(f"d{n}/f", b"x" * n * 999)]) for n in (1, 2, 3)]
+    layers = [await stored(registry, compress(tar, "gzip"), "gzip") for tar in tars]
+    directory_ = tmp_path / "index"
+    indexing = IndexCache(directory_)
+    try:
+        indexes = [await Indexer(indexing).index(layer) for layer in layers]
+    finally:
+        indexing.close()
+    image, tables = [lay.digest for lay in layers[1:]], [i.members for i in indexes[1:]]
+    del indexes  # no entry held open by an index in memory: each may be evicted
+    other = layers[0].digest.hex  # the oldest entry, of another image
+    for path in directory_.glob(f"{other}.*"):
+        os.utime(path, (1, 1))
+    cache = IndexCache(directory_)
+    try:
+        tree = merge(tables)
+        encoded = io.BytesIO()
+        treefile.encode(tree, tables, encoded)
+        cache.max_bytes = on_disk(directory_) + len(encoded.getvalue()) - 1
+        seen: list[int] = []
+        rename = cache._rename
+
+        def watched(temp: str, name: str) -> None:
+            rename(temp, name)
+            seen.append(on_disk(directory_))
+
+        cache._rename = watched  # type: ignore[method-assign]
+        cache.store_tree(image, tables, tree)
+        assert (directory_ / f"{treefile.key(image)}.tree").exists()
+        assert not list(directory_.glob(f"{other}.*"))  # evicted to make room
+        assert seen and max(seen) <= cache.max_bytes
+    finally:
+        cache.close()
+
+
+@pytest.mark.storage
+async def test_a_spool_is_let_go_when_its_pass_fails_before_the_child(tmp_path, monkeypatch):
+    """A remote gzip layer's nameless copy counts in the bound while it is open: a failure
+    between making it and the child's start (the `.gzi` file cannot be made) left it to a
+    garbage collection, counted meanwhile, while the error's traceback still held it."""
+    registry = Registry(InMemoryDriver())  # no local file: the child needs a copy
+    layer = await stored(registry, compress(every_kind_tar(4, big=MIB), "gzip"), "gzip")
+    directory_ = tmp_path / "index"
+    cache = IndexCache(directory_)
+
+    def no_room(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "pending", no_room)
+    try:
+        with pytest.raises(Exception) as failed:
+            await Indexer(cache).index(layer)
+        assert failed.value is not None  # the traceback, and its frames, still alive
+        assert cache.evict() == on_disk(directory_)  # no nameless copy counted
+    finally:
+        cache.close()

@@ -281,17 +281,21 @@ class IndexCache:
         self, layers: Sequence[Digest], tables: Sequence[Sequence[Member]], tree: MergedTree
     ) -> None:
         """Keep `tree` (merged from `tables`, the indexes of `layers`) for the next mount,
-        atomically, then evict down to the bound; a failure is logged, not raised. Never
-        at the expense of those indexes (a pass costs seconds, a merge milliseconds): a
-        tree that does not fit beside them is removed again."""
+        atomically, once eviction made room for it (the bound holds at every moment); a
+        failure is logged, not raised. Never at the expense of those indexes (a pass costs
+        seconds, a merge milliseconds): a tree that does not fit beside them is not kept."""
         hexdigest = treefile.key(layers)
         temp, fd = self._create_temp(hexdigest)
         try:
             with os.fdopen(fd, "wb") as file:
                 treefile.encode(tree, tables, file)
-            self._rename(temp, f"{hexdigest}.tree")
-            if self.evict(keep=frozenset({hexdigest, *(d.hex for d in layers)})) > self.max_bytes:
-                self._remove(hexdigest)
+                size = file.tell()
+            self._unlink(f"{hexdigest}.tree")  # one it replaces (found damaged) is no room
+            keep = frozenset({hexdigest, *(d.hex for d in layers)})
+            if self.evict(keep=keep, incoming=size) + size <= self.max_bytes:
+                self._rename(temp, f"{hexdigest}.tree")
+            else:
+                self._unlink(temp)
                 log.info("merged tree %s not kept: no room beside its layers", hexdigest)
         except Exception as exc:  # a disk full, or a bug: the mount goes on merging
             log.error("merged tree %s not kept in %s: %r", hexdigest, self.directory, exc)

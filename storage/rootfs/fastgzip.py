@@ -100,30 +100,34 @@ async def index_gzip(
         if spool is None:
             return None  # it alone would pass the bound: indexed in process (logged)
         own = spool.fd
-    points = await trio.to_thread.run_sync(cache.pending, layer.digest, ".gzi")
-    try:
-        fd = os.dup(own)
+    try:  # the spool is closed on every way out: it counts in the bound while open
+        points = await trio.to_thread.run_sync(cache.pending, layer.digest, ".gzi")
         try:
-            request = Request(
-                fd,
-                points.file.fileno(),
-                str(layer.digest),
-                layer.size,
-                verify,
-                dataclasses.asdict(limits),
-            )
-            copy = None if verify else functools.partial(_spool, reader, layer, fd, progress, head)
-            encoded = await _run_child(
-                children, request, layer.digest, copy, progress if verify else None
-            )
-        finally:
-            os.close(fd)
-            if spool is not None:
-                spool.close()
-        index = None if encoded is None else await _decode(encoded, layer.digest)
-    except BaseException:
-        points.discard()
-        raise
+            fd = os.dup(own)
+            try:
+                request = Request(
+                    fd,
+                    points.file.fileno(),
+                    str(layer.digest),
+                    layer.size,
+                    verify,
+                    dataclasses.asdict(limits),
+                )
+                copy = (
+                    None if verify else functools.partial(_spool, reader, layer, fd, progress, head)
+                )
+                encoded = await _run_child(
+                    children, request, layer.digest, copy, progress if verify else None
+                )
+            finally:
+                os.close(fd)
+            index = None if encoded is None else await _decode(encoded, layer.digest)
+        except BaseException:
+            points.discard()
+            raise
+    finally:
+        if spool is not None:
+            spool.close()
     if index is None or encoded is None:
         points.discard()
         return None
