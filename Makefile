@@ -59,7 +59,7 @@ demo: install
 test: install
 	$(BIN)/ruff check storage regfs tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
 bench: install
 	$(BIN)/python -m bench
