@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 from support.mounts import exited, wait_until
+from support.statworkers import put_layers, stat_workers
 
-from storage.digests import Digest, digest_bytes
 from storage.drivers import FilesystemDriver
 from storage.drivers.bulkstat import linked_stats
 from storage.paths import BlobData, BlobsDir, LayerLink, LayersDir, path_for
@@ -22,33 +22,6 @@ from storage.paths import BlobData, BlobsDir, LayerLink, LayersDir, path_for
 pytestmark = pytest.mark.mount
 
 COUNT = 300  # more than a listing's first chunk (regfs/statahead.py), so it reads ahead
-
-
-def put_layers(root: Path, name: str, count: int) -> list[Digest]:
-    """count small blobs linked into repository name, written as the registry lays them out."""
-    digests = []
-    for i in range(count):
-        data = json.dumps({"n": i, "repo": name}).encode()
-        digest = digest_bytes(data)
-        for location, content in ((BlobData(digest), data), (LayerLink(name, digest), b"")):
-            path = root / path_for(location).lstrip("/")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content or str(digest).encode())
-        digests.append(digest)
-    return digests
-
-
-def workers_of(pid: int) -> list[int]:
-    """The daemon's children that run the stat worker."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
-            try:
-                if b"bulkstat.py" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(int(child))
-            except FileNotFoundError:
-                continue
-    return found
 
 
 @pytest.mark.parametrize("openat2", [True, False])
@@ -112,10 +85,10 @@ def test_a_listing_goes_to_the_worker_which_ends_with_the_daemon(tmp_path, mount
     first = subprocess.run(["ls", "-l", m.path("r/one/layers")], capture_output=True, text=True)
     assert first.returncode == 0 and len(first.stdout.splitlines()) == COUNT + 1
     wait_until(lambda: "stat worker" in m.log_text(), 10, "the stat worker")
-    (worker,) = workers_of(pid)
+    (worker,) = stat_workers(pid)
     second = subprocess.run(["ls", "-l", m.path("r/two/layers")], capture_output=True, text=True)
     assert second.returncode == 0 and len(second.stdout.splitlines()) == COUNT + 1
-    assert workers_of(pid) == [worker]
+    assert stat_workers(pid) == [worker]
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: exited(worker), 10, "the stat worker to go with the daemon")
 
@@ -128,11 +101,11 @@ def test_a_worker_killed_while_idle_costs_no_listing_and_the_next_starts_another
     (pid,) = m.pids()
     subprocess.run(["ls", "-l", m.path("r/one/layers")], capture_output=True, check=True)
     wait_until(lambda: "stat worker" in m.log_text(), 10, "the stat worker")
-    (worker,) = workers_of(pid)
+    (worker,) = stat_workers(pid)
     assert f"the stat worker (pid {worker}) is ready" in m.log_text()
     os.kill(worker, signal.SIGKILL)
     wait_until(lambda: "exited with status -9" in m.log_text(), 10, "the daemon to see it")
     for name in ("r/two", "r/three"):  # at once in process, then in a new worker
         again = subprocess.run(["ls", "-l", m.path(name, "layers")], capture_output=True, text=True)
         assert again.returncode == 0 and len(again.stdout.splitlines()) == COUNT + 1
-    wait_until(lambda: workers_of(pid) not in ([], [worker]), 10, "a new stat worker")
+    wait_until(lambda: stat_workers(pid) not in ([], [worker]), 10, "a new stat worker")

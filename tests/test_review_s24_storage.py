@@ -3,7 +3,6 @@ states the rule; it passes once the finding is fixed."""
 
 from __future__ import annotations
 
-import json
 import marshal
 import os
 import signal
@@ -13,41 +12,17 @@ from typing import Any
 
 import pytest
 import trio
+from support.statworkers import put_layers, stat_workers
 
-from storage.digests import Digest, digest_bytes
+from storage.digests import Digest
 from storage.drivers import FilesystemDriver, statworker
 from storage.errors import CorruptEntry
-from storage.paths import BlobData, BlobsDir, LayerLink, LayersDir, RepositoryDir, path_for
+from storage.paths import BlobsDir, LayersDir, RepositoryDir, path_for
 from storage.registry import Registry
 
 pytestmark = pytest.mark.storage
 
 COUNT = 100  # past INLINE_ENTRIES (64): the bulk stat goes to the stat worker
-
-
-def _put_layers(root: Path, name: str, count: int) -> list[Digest]:
-    digests = []
-    for i in range(count):
-        data = json.dumps({"n": i, "repo": name}).encode()
-        digest = digest_bytes(data)
-        for location, content in ((BlobData(digest), data), (LayerLink(name, digest), b"")):
-            path = root / path_for(location).lstrip("/")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content or str(digest).encode())
-        digests.append(digest)
-    return digests
-
-
-def _worker_pids() -> list[int]:
-    found = []
-    for task in os.listdir("/proc/self/task"):
-        for child in Path(f"/proc/self/task/{task}/children").read_text().split():
-            try:
-                if b"bulkstat.py" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(int(child))
-            except FileNotFoundError:
-                continue
-    return found
 
 
 def _names(digests: list[Digest]) -> tuple[str, list[str], list[bytes], str, list[str]]:
@@ -70,14 +45,14 @@ async def test_a_worker_that_died_while_idle_costs_no_listing(tmp_path: Path) ->
     # A worker known dead before a request is sent (its waiting thread saw it exit)
     # is no failure of the next listing: it is stated in a thread, and a new worker starts.
     root = tmp_path / "root"
-    digests = _put_layers(root, "a/b", COUNT)
+    digests = put_layers(root, "a/b", COUNT)
     driver = FilesystemDriver(root)
-    others = set(_worker_pids())  # earlier tests' drivers' workers, in this process
+    others = set(stat_workers())  # earlier tests' drivers' workers, in this process
     await _ready(driver)
-    (pid,) = set(_worker_pids()) - others
+    (pid,) = set(stat_workers()) - others
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while pid in _worker_pids() and time.monotonic() < deadline:  # reaped by its thread
+    while pid in stat_workers() and time.monotonic() < deadline:  # reaped by its thread
         await trio.sleep(0.01)
     await trio.sleep(0.1)
     try:
@@ -94,7 +69,7 @@ async def test_a_worker_reply_of_the_wrong_length_is_corrupt_entry(
     # failure (CorruptEntry: EIO for that listing), never a list of another length that
     # blobs.stats' zip(strict=True) turns into a ValueError.
     root = tmp_path / "root"
-    digests = _put_layers(root, "a/b", COUNT)
+    digests = put_layers(root, "a/b", COUNT)
     driver = FilesystemDriver(root)
     await _ready(driver)
     real = statworker._Channel.call

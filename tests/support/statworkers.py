@@ -1,0 +1,38 @@
+"""Layers laid out as the registry writes them, and the stat worker processes
+(storage/drivers/statworker.py) a process has started: what the stat worker's tests share."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from storage.digests import Digest, digest_bytes
+from storage.paths import BlobData, LayerLink, path_for
+
+
+def put_layers(root: Path, name: str, count: int) -> list[Digest]:
+    """count small blobs linked into repository name, written as the registry lays them out."""
+    digests = []
+    for i in range(count):
+        data = json.dumps({"n": i, "repo": name}).encode()
+        digest = digest_bytes(data)
+        for location, content in ((BlobData(digest), data), (LayerLink(name, digest), b"")):
+            path = root / path_for(location).lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content or str(digest).encode())
+        digests.append(digest)
+    return digests
+
+
+def stat_workers(pid: int | str = "self") -> list[int]:
+    """The children of process pid (this one by default) that run the stat worker."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+            try:
+                if b"bulkstat.py" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+            except FileNotFoundError:
+                continue
+    return found
