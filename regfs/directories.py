@@ -428,6 +428,9 @@ class Directories:
         if snapshot.entries is not None:
             self._entries_kept -= len(snapshot.entries)
             snapshot.entries = None
+        if snapshot.ahead is not None:  # no READDIR asks further: it reads on for nobody
+            snapshot.ahead.stop()
+            snapshot.ahead = None
 
     async def entry_of(self, node: Node) -> EntryAttributes:
         """What a GETATTR or a lookup hands the kernel (`Attributes`), with, for a directory
