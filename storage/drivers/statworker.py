@@ -11,7 +11,7 @@ kernel kills it when that thread ends (PR_SET_PDEATHSIG), which is when the daem
 also by kill -9; and it exits when its socket closes. Until it is ready, or after it
 failed, `linked_stats` answers None and the driver stats in a thread as before; a failure
 while requests wait is CorruptEntry (EIO) for them, logged once, and the next call starts a
-new worker.
+new worker; one that could not start is tried again only RETRY_START later.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from array import array
 from collections.abc import Sequence
 from contextlib import suppress
@@ -33,6 +34,11 @@ from ..errors import CorruptEntry
 from . import bulkstat
 
 log = logging.getLogger(__name__)
+
+# After a worker that could not start (no `python`, no process left, an exit before it was
+# ready), listings are stated in process this long before another is tried: each big listing
+# would otherwise spawn one again, and log again.
+RETRY_START = 60.0
 
 
 class _Channel:
@@ -107,15 +113,18 @@ class StatWorker:
 
     def __init__(self) -> None:
         self._channel: _Channel | None = None  # set by the starting thread once ready
-        self._starting = False
+        self._starting = False  # until _channel is set, or the start failed
+        self._retry_at = 0.0  # time.monotonic() before which no start is tried
+        self._failure_logged = False  # since a worker last started
 
     @property
     def ready(self) -> bool:
         return self._channel is not None
 
     def start(self) -> None:
-        """Starts the worker on a thread of its own, unless it runs or is starting."""
-        if self._channel is None and not self._starting:
+        """Starts the worker on a thread of its own, unless it runs, is starting, or could
+        not start less than RETRY_START ago."""
+        if self._channel is None and not self._starting and time.monotonic() >= self._retry_at:
             self._starting = True
             threading.Thread(target=self._run, name="regfs-stat-worker", daemon=True).start()
 
@@ -140,14 +149,21 @@ class StatWorker:
             if ours.recv(len(bulkstat.READY)) != bulkstat.READY:
                 worker.wait()
                 raise OSError(f"exited with status {worker.returncode} before it was ready")
-        except OSError as exc:
-            log.error("the stat worker did not start (%s): listings are stated in process", exc)
+        except (OSError, subprocess.SubprocessError) as exc:
             ours.close()
-            return
-        finally:
+            self._retry_at = time.monotonic() + RETRY_START
             self._starting = False
+            if not self._failure_logged:
+                self._failure_logged = True
+                log.error(
+                    "the stat worker did not start (%s): listings are stated in process,"
+                    " another tried every %.0f s", exc, RETRY_START,
+                )  # fmt: skip
+            return
         ours.setblocking(False)
         channel = self._channel = _Channel(ours)
+        self._starting = False  # only now: a start() meanwhile would spawn a second one
+        self._failure_logged = False
         log.info("the stat worker (pid %d) is ready", worker.pid)
         status = worker.wait()
         channel.exited = True  # the next request drops it unsent, and starts a new one
