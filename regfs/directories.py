@@ -575,8 +575,8 @@ def _lengths(entries: list[tuple[str, Node]]) -> list[int]:
 
 def _fills_pages(lengths: list[int]) -> bool:
     """Whether the kernel's copy of a listing of names of these lengths ends on a page's end."""
-    if not lengths:
-        return False
+    if sum(lengths) + len(lengths) * (_DIRENT + 7) < _PAGE:  # short of one page (most are:
+        return False  # an image's directories, ~1,700 a `find`; each dirent is at most this)
     smallest, largest = ((_DIRENT + 7 + length) & ~7 for length in (min(lengths), max(lengths)))
     if smallest == largest:  # one dirent size (a listing of tags, most often): each page
         per_page = _PAGE // largest  # holds as many, the last what is left

@@ -10,6 +10,8 @@ import pytest
 import regfs.inodes
 from regfs.inodes import KEY_SIZE, InodeTable
 from regfs.nodes import DirNode, Node, TagNode
+from regfs.rootfs import ImageNode
+from storage.digests import Digest
 
 pytestmark = pytest.mark.storage
 
@@ -77,3 +79,16 @@ def test_without_a_key_a_listing_still_agrees_with_its_lookups() -> None:
     table = InodeTable(None)
     assert list(table.peek_all(nodes)) == [table.inode(node) for node in nodes]
     assert InodeTable(os.urandom(KEY_SIZE)).inode(nodes[0]) != table.inode(nodes[0])
+
+
+def test_an_images_entries_are_numbered_alike_in_a_listing_and_one_by_one() -> None:
+    latest = ImageNode("org/app", ("latest",), Digest("sha256", "ab" * 32))
+    pinned = ImageNode("org/app", ("sha256:" + "ab" * 32,), Digest("sha256", "ab" * 32))
+    one_image: list[Node] = [latest, *latest.below_all(range(2, 300))]
+    two_images: list[Node] = [*one_image[:5], *pinned.below_all(range(1, 5)), one_image[7]]
+    for nodes in (one_image, two_images):
+        listed = InodeTable(KEY).inode_all(nodes)
+        looked_up = InodeTable(KEY)
+        assert list(listed) == [looked_up.inode(node) for node in nodes]
+        assert len(set(listed)) == len(nodes)  # two ways to one image: two numbers each
+    assert InodeTable(KEY).inode(latest) == 6723104322639194674  # kept across releases
