@@ -85,7 +85,7 @@ TAGS_READ_BATCH = 1000
 DIGESTS_KEPT = 2 * TAGS_KEPT
 # What a file in uploads/ may be called: no path syntax, room for `sha256:<hex>` and the
 # `.name.XXXXXX` temporaries that tools write before a rename.
-UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
+UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=~#-]{1,255}")  # ~, #: backups (cp -b, editors)
 # How long the name of an upload that finished as uploads/<digest> still resolves (to the
 # layer it became, `FinishedNode`), and for how many such uploads at most (the oldest go
 # first): a tool sets the mode and times by path right after its close.

@@ -393,11 +393,6 @@ def test_a_refused_retag_on_a_remote_mount_changes_nothing(
         assert client.get_manifest(name, "a").body == manifest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`~` is not among the characters of an upload's name (README: letters, digits "
-    "and ._:@+=-): the backup's rename is EINVAL",
-)
 @pytest.mark.parametrize("tool", ["cp -b", "mv -b", "install -b"])
 async def test_a_backup_suffix_in_uploads(tmp_path, mount, tool):
     # ext4: `cp -b`, `mv -b` and `install -b` first rename the existing dst to `dst~` (as
