@@ -225,9 +225,9 @@ class ManifestWriter(Handle):
 
     A refused manifest fails close() with EINVAL and the log says where it was going and
     why: a shell's `echo "$M" > tags/x` ignores close(2)'s error, so the log is all it leaves.
-    A tag opened with O_TRUNC (`emptied`) ends at its last close even with nothing written,
-    and an empty manifest is refused: the old tag stays, and close() says so, as truncate(2)
-    does. A close that cannot be told the last leaves that to the release (only logged
+    A tag opened with O_TRUNC or created (`emptied`) ends at its last close even with
+    nothing written, and an empty manifest is refused: an old tag stays, a new one is not
+    made, and close() says so (`touch` or `cp /dev/null` of a tag must not look stored). A close that cannot be told the last leaves that to the release (only logged
     then), so a shell redirect's first close, with nothing written yet, refuses nothing.
     """
 
@@ -239,7 +239,7 @@ class ManifestWriter(Handle):
         self.data = bytearray(initial)
         self.opened = time.time_ns()
         self._written = False  # since the last end
-        self._emptied = emptied  # truncated by open(2), not ended since
+        self._emptied = emptied  # truncated by open(2) or created, not ended since
         self._too_big = False  # a write was refused: what got in is not what was written
 
     def pending_attr(self) -> Attr | None:

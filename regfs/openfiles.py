@@ -211,12 +211,14 @@ class OpenFiles:
             case SectionNode(repo, "tags"):
                 validate_tag(name)
                 node = TagNode(repo, name)
-                return node, TagHandle(self.tree, node), Attr(False, 0, time.time_ns())
+                handle: ManifestWriter = TagHandle(self.tree, node, emptied=True)
+                return node, handle, Attr(False, 0, time.time_ns())
             case SectionNode(repo, "manifests") if digest_name(name) is not None:
                 # A manifest by digest, checked and stored on close (an index's children).
                 node = ManifestNode(repo, Digest.parse(name))
                 self.check_no_writer(node)
-                return node, ManifestHandle(self.tree, node), Attr(False, 0, time.time_ns())
+                handle = ManifestHandle(self.tree, node, emptied=True)
+                return node, handle, Attr(False, 0, time.time_ns())
         raise refusal("create", parent, self.options.read_only)
 
     # -- truncating ------------------------------------------------------------------------
