@@ -227,8 +227,9 @@ class ManifestWriter(Handle):
     why: a shell's `echo "$M" > tags/x` ignores close(2)'s error, so the log is all it leaves.
     A tag opened with O_TRUNC or created (`emptied`) ends at its last close even with
     nothing written, and an empty manifest is refused: an old tag stays, a new one is not
-    made, and close() says so (`touch` or `cp /dev/null` of a tag must not look stored). A close that cannot be told the last leaves that to the release (only logged
-    then), so a shell redirect's first close, with nothing written yet, refuses nothing.
+    made, and close() says so (`touch` or `cp /dev/null` of a tag must not look stored). A
+    close that cannot be told the last leaves that to the release (only logged then), so a
+    shell redirect's first close, with nothing written yet, refuses nothing.
     """
 
     def __init__(
