@@ -669,7 +669,28 @@ def small_disk(tmp_path) -> Iterator[Path]:
     try:
         yield disk
     finally:
-        subprocess.run(["umount", disk], check=True)
+        # What the daemon started may close its last descriptor on it a moment after the
+        # daemon: poll, then detach it lazily (no stale mount) and say who held it.
+        try:
+            wait_until(
+                lambda: subprocess.run(["umount", disk], capture_output=True).returncode == 0,
+                10,
+                "the small disk to be let go",
+            )
+        except AssertionError:
+            held = _holders(disk)
+            subprocess.run(["umount", "-l", disk], check=True)
+            raise AssertionError(f"{disk} stayed busy, held by {held}") from None
+
+
+def _holders(disk: Path) -> list[str]:
+    """The processes with a descriptor on disk: their command lines."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(str(disk)):
+                found.append((fd.parent.parent / "cmdline").read_text().replace("\0", " "))
+    return found
 
 
 async def test_a_full_disk_fails_cp_and_leaves_the_upload_whole(small_disk, tmp_path, mount):
