@@ -28,7 +28,14 @@ from storage.errors import StorageError
 
 from .logs import default_log_file, open_log, setup_logging
 from .mounthelper import HELPER_NAMES, is_fuse_call, mount_arguments
-from .mountpoint import MountError, daemon_pids, force_unmount, mounted_filesystem, prepare
+from .mountpoint import (
+    MountError,
+    daemon_pids,
+    exited,
+    force_unmount,
+    mounted_filesystem,
+    prepare,
+)
 from .options import (
     DEFAULT_READ_AHEAD_KB,
     DEFAULT_TAG_TTL,
@@ -528,25 +535,12 @@ def umount(mountpoint: str) -> int:
             return 1
         force_unmount(path)  # a dead mount: its daemon is gone already
     deadline = time.monotonic() + UMOUNT_TIMEOUT
-    while any(_alive(pid) for pid in pids):
+    while not all(map(exited, pids)):
         if time.monotonic() > deadline:
             print(f"regfs: the daemon of {path} did not exit (pids {pids})", file=sys.stderr)
             return 1
         time.sleep(0.01)  # the daemon is usually gone within 10 ms of the unmount
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie child of ours is gone for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,3 +123,22 @@ def daemon_pids(mountpoint: str) -> list[int]:
         ):
             pids.append(int(entry.name))
     return pids
+
+
+def exited(pid: int) -> bool:
+    """Whether process pid is gone, or every thread of it a zombie: its descriptors closed.
+    The leader turns zombie while other threads still exit, holding the descriptor table
+    they share: until then a disk under the storage root is busy (`umount` says EBUSY)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as stat:
+                state = stat.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in (b"Z", b"X"):
+            return False
+    return True

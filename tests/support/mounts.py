@@ -33,30 +33,16 @@ def regfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([REGFS, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def exited(pid: int) -> bool:
+    from regfs.mountpoint import exited as gone
+
+    return gone(pid)
+
+
 def daemon_pids(mountpoint: Path) -> list[int]:
     from regfs.mountpoint import daemon_pids as find
 
     return find(os.path.abspath(mountpoint))
-
-
-def exited(pid: int) -> bool:
-    """Whether a process is gone, or every thread of it a zombie: its files closed. Its
-    command line goes before that (an exit drops the memory first), so `daemon_pids` stops
-    seeing a daemon that still holds its storage root open: a tmpfs under it is busy a
-    moment longer. The leader turns zombie while other threads still exit, holding the
-    descriptor table they share."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    for task in tasks:
-        try:
-            stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if stat.rpartition(")")[2].split()[0] not in ("Z", "X"):
-            return False
-    return True
 
 
 def parse_getfattr(out: str) -> dict[str, dict[str, str]]:
