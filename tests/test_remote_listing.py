@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import trio
@@ -364,41 +365,54 @@ async def test_tags_past_the_cap_are_asked_one_by_one(
 async def test_a_page_size_refused_once_is_not_asked_again(
     registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
-    """A registry that refuses pages of 100,000 (400 PAGINATION_NUMBER_INVALID, as its
-    catalog does past `maxentries`): the first listing asks smaller pages, and every listing
-    after it asks those at once (before: each listing asked the refused size first)."""
+    """A registry that refuses pages of 1,000 (400 PAGINATION_NUMBER_INVALID, as its
+    catalog does past `maxentries`): the page is asked again smaller (the refusal twice:
+    `small`, then the `request` that reports it), and every listing after it asks that size
+    at once."""
     client = module_registry_server.client()
     for name in ("listing/paged1", "listing/paged2"):
         push_repo(client, name)
     refused = b'{"errors":[{"code":"PAGINATION_NUMBER_INVALID","message":"too many"}]}'
-    proxy.inject(Fault(400, body=refused, method="GET", path=r"/tags/list$"))
+    proxy.inject(Fault(400, body=refused, method="GET", path=r"/tags/list$"), times=2)
     proxy.seen.clear()
     for name in ("listing/paged1", "listing/paged2"):
         assert await registry.repository(name).tags.list() == list(TAGS)
     assert [s.path for s in proxy.seen] == [
-        "/v2/listing/paged1/tags/list?n=100000",
         "/v2/listing/paged1/tags/list?n=1000",
-        "/v2/listing/paged2/tags/list?n=1000",
+        "/v2/listing/paged1/tags/list?n=1000",
+        "/v2/listing/paged1/tags/list?n=100",
+        "/v2/listing/paged2/tags/list?n=100",
     ]
 
 
-async def test_a_catalog_page_size_refused_does_not_shrink_tag_pages(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+async def test_a_listing_past_its_first_page_asks_the_rest_at_once(
+    registry: RemoteRegistry,
+    proxy: FaultServer,
+    module_registry_server: RegistryServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A registry's `catalog.maxentries` bounds `_catalog` pages only: after the catalog
-    refused pages of 100,000, a tags/list still asks for them (in pages of 1,000, a
-    repository of 10,000 tags would be 10 requests, each reading all its tags)."""
-    push_repo(module_registry_server.client(), "listing/kinds")
-    refused = b'{"errors":[{"code":"PAGINATION_NUMBER_INVALID","message":"too many"}]}'
-    proxy.inject(Fault(400, body=refused, method="GET", path=r"/_catalog$"))
+    """The first page asks FIRST_PAGE names (docker-registry allocates `n` for each
+    `_catalog`), the next one, its `last` kept, as many as the registry allows: this one
+    refuses 100,000 (its catalog.maxentries is the default 1,000), so the page is asked
+    again at 1,000, and the next listing asks that at once."""
+    monkeypatch.setattr(remote_registry, "FIRST_PAGE", 2)
+    client = module_registry_server.client()
+    for name in ("listing/pages1", "listing/pages2", "listing/pages3"):
+        push_repo(client, name)
     proxy.seen.clear()
-    assert "listing/kinds" in await registry.catalog.repositories()
-    assert await registry.repository("listing/kinds").tags.list() == list(TAGS)
+    names = await registry.catalog.repositories()
+    assert {"listing/pages1", "listing/pages2", "listing/pages3"} <= set(names)
+    last = f"last={quote(names[1], safe='')}"  # the first page's last name: the Link's
     assert [s.path for s in proxy.seen] == [
-        "/v2/_catalog?n=100000",
-        "/v2/_catalog?n=1000",
-        "/v2/listing/kinds/tags/list?n=100000",
+        "/v2/_catalog?n=2",
+        f"/v2/_catalog?{last}&n=100000",
+        f"/v2/_catalog?{last}&n=100000",
+        f"/v2/_catalog?{last}&n=1000",
     ]
+    registry.catalog.forget()
+    proxy.seen.clear()
+    assert await registry.catalog.repositories() == names
+    assert [s.path for s in proxy.seen] == ["/v2/_catalog?n=2", f"/v2/_catalog?{last}&n=1000"]
 
 
 async def test_a_failing_registry_stops_the_fetching_ahead(

@@ -782,14 +782,15 @@ async def test_an_s3_lock_owner_that_is_no_pid_is_a_live_holder(
 @pytest.mark.parametrize("answer", ["error", "listing", "token"])
 async def test_json_nested_too_deep_is_a_registry_error(tmp_path: Path, answer: str) -> None:
     deep = b"[" * 5000
+    # Faults twice: a listing's page goes by `small` first, which asks again by `request`.
     with FaultServer() as registry:
         if answer == "error":
-            registry.inject(Fault(400, body=deep))
+            registry.inject(Fault(400, body=deep), times=2)
         elif answer == "listing":
             registry.inject(Fault(200, body=deep, path="/tags/list"))
         else:
             realm = (("WWW-Authenticate", f'Bearer realm="{registry.url}/token"'),)
-            registry.inject(Fault(401, headers=realm, path="/tags/list"))
+            registry.inject(Fault(401, headers=realm, path="/tags/list"), times=2)
             registry.inject(Fault(200, body=b'{"token": ' + deep, path="/token"))
         async with _client(registry.url) as client:
             with pytest.raises(StorageError):
