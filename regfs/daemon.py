@@ -23,7 +23,7 @@ from .operations import Operations
 from .options import MountOptions
 from .readahead import set_read_ahead
 from .rootfs import SECTION, RootfsView
-from .sources import open_registry
+from .sources import open_registry, read_ahead
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ async def _serve(ops: Operations, rootfs: RootfsView, on_ready: Callable[[], Non
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, ops, rootfs)
         nursery.start_soon(_ready_when_served, ops.options, on_ready)
+        nursery.start_soon(read_ahead, ops.options, ops.tree.registry)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await rootfs.aclose()  # before the registry: its open layers read through it

@@ -197,6 +197,19 @@ def check_source(options: MountOptions) -> None:
         open_root(options.source, init=options.init)
 
 
+async def read_ahead(options: MountOptions, registry: RegistrySource) -> None:
+    """What a new mount's first lookup will ask, asked as it starts (in the background):
+    a remote registry's catalog, which any lookup below the root reads (is the name a
+    repository, or on the way to one?), so the first `ls` or `cat` after `regfs mount` finds
+    it fetched, within the listing TTL, instead of waiting for the registry. A mount left
+    unused for longer asks it once more; a failure is left for that lookup to report."""
+    if is_remote(options.source):
+        from storage.remote.registry import RemoteRegistry
+
+        assert isinstance(registry, RemoteRegistry)
+        await registry.catalog.read_ahead()
+
+
 async def _ping(registry: RemoteRegistry) -> None:
     try:
         await registry.client.ping()

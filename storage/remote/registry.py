@@ -319,37 +319,56 @@ class RemoteCatalog:
         self._names: frozenset[str] | None = None
         self._local: frozenset[str] = frozenset()
         self._sorted: list[str] = []
+        # One `_catalog` at a time: a lookup that comes while the mount's read-ahead (or
+        # another lookup) fetches it waits for that answer instead of asking again.
+        self._fetching = trio.Lock()
 
     def forget(self) -> None:
         """The next listing fetches `_catalog` again."""
         self._names = None
 
+    def _stale(self) -> bool:
+        return self._names is None or time.monotonic() - self._fetched > self.ttl
+
+    async def read_ahead(self) -> None:
+        """Fetch the names now, for the first lookup: any lookup below the mount's root asks
+        whether a name is a repository or leads to one, which reads the catalog."""
+        try:
+            await self._all()
+        except (StorageError, OSError) as exc:  # the lookup that needs it asks, and says
+            log.debug("catalog: reading ahead failed: %s", shown(exc))
+
     async def _all(self) -> list[str] | None:
         """Every name, sorted (the same list until something changes); None without a
         catalog."""
+        if self.available and self._stale():
+            async with self._fetching:
+                if self.available and self._stale():  # not fetched by the one waited for
+                    await self._fetch()
         if not self.available:
             return None
-        if self._names is None or time.monotonic() - self._fetched > self.ttl:
-            try:
-                names = await _paginated(self.client, "/v2/_catalog", "repositories")
-            except (RemoteNotFound, PermissionError) as exc:
-                log.warning(
-                    "catalog: %s has no usable _catalog (%s); browse by name",
-                    self.client.base_url,
-                    exc,
-                )
-                self.available = False
-                return None
-            self._names, self._local = frozenset(names), frozenset()
-            self._sorted = sorted(self._names)
-            self._fetched = time.monotonic()
         local = frozenset(
             {*self.registry.created, *self.registry.pushed(), *self.registry.records.repositories()}
         )
         if local != self._local:
-            self._sorted = sorted(self._names | local)
+            self._sorted = sorted((self._names or frozenset()) | local)
             self._local = local
         return self._sorted
+
+    async def _fetch(self) -> None:
+        try:
+            names = await _paginated(self.client, "/v2/_catalog", "repositories")
+        except (RemoteNotFound, PermissionError) as exc:
+            log.warning(
+                "catalog: %s has no usable _catalog (%s); browse by name",
+                self.client.base_url,
+                exc,
+            )
+            self.available = False
+            return
+        self._names, self._local = frozenset(names), frozenset()
+        self._sorted = sorted(self._names)
+        self._fetched = time.monotonic()
 
     def _counted(self, name: str) -> bool:
         """A repository as the registry counts them (its catalog needs a `_layers`: a blob
