@@ -48,8 +48,8 @@ class StatAhead:
         self._ends: dict[int, int] = {}  # chunks read out of order: start -> end
         self.read = 0  # the nodes read, from the first on without a gap
         self._asked = 0  # the furthest node a READDIR waited for
-        # Half the cache at most: a chunk begun at the window's end, and the chunks before
-        # it not handed yet, never push out one another.
+        # Half the cache at most: what is read and not handed yet never pushes out itself
+        # (DIGESTS_KEPT is smaller in tests).
         self._ahead = max(1, min(AHEAD, tree_module.DIGESTS_KEPT // 2))
         self._stopped = False
         self._ended = False  # no chunk will be read any more
