@@ -184,6 +184,11 @@ class Tree:
         # Repositories rmdir'd while writers of such uploads hold them: hidden until they go.
         self._removed_repos: set[str] = set()
         self._finished: TtlCache[FinishedNode, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
+        # Namespaces that went with the last repository an rmdir here removed (no longer
+        # listed: `Catalog.children`), still found by name for FINISHED_GRACE: `rm -r` of a
+        # namespace ends with its rmdir, which a kernel whose entry expired meanwhile looks
+        # up first.
+        self._emptied: TtlCache[str, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
         self._sections_changed: TtlCache[SectionNode, int] = TtlCache(None, SECTIONS_CHANGED_KEPT)
         # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
         # manifest wait for them (`remove`). And the names in a view's section, a tag's image
@@ -251,6 +256,12 @@ class Tree:
                 case LayerNode(repo, _) | ManifestNode(repo, _):
                     section = "layers" if isinstance(node, LayerNode) else "manifests"
                     self._relist(SectionNode(repo, section))
+                case DirNode(path) if path:
+                    # A namespace is listed while a repository is below it (`Catalog.children`),
+                    # so every one above may have come or gone with this one.
+                    while path:
+                        path = path.rpartition("/")[0]
+                        self._relist(DirNode(path))
 
     def _relist(self, node: Node) -> None:
         """node's names changed: the daemon lists it again, the kernel too (its mtime moves)."""
@@ -296,7 +307,7 @@ class Tree:
                 if (
                     is_component(name)
                     and child not in self._removed_repos
-                    and await self.registry.catalog.exists(child)
+                    and (self._emptied.get(child) or await self.registry.catalog.exists(child))
                 ):
                     return DirNode(child)
             case SectionNode(repo, "tags"):
@@ -870,16 +881,40 @@ class Tree:
         removed = True
         try:
             await self.registry.remove_repository(node.path)
-        except NotEmpty:
-            if not (
-                await self._holds_only_removed_uploads(node.path)
-                or await self._holds_only_hidden(node.path)
-            ):
-                raise
-            self._removed_repos.add(node.path)
-            removed = False
+        except (NotEmpty, UnknownRepository):
+            # Gone where nothing shown is left (what the registry's deletes left stays).
+            catalog = self.registry.catalog
+            if not self._emptied.get(node.path) and await catalog.exists(node.path):
+                if not (
+                    await self._holds_only_removed_uploads(node.path)
+                    or await self._holds_only_hidden(node.path)
+                ):
+                    raise
+                self._removed_repos.add(node.path)
+                removed = False
+        listing = self._listings.get(parent)
         self.changed(parent, node)
+        if listing is not None:  # kept, less node: `rm -r` lists (and counts) parent once
+            listing = [entry for entry in listing if entry[1] != node]
+            self._listings.put(parent, listing)
+            self._subdirs.put(parent, len(listing))
+        if removed:
+            self._emptied.pop(node.path)
+            await self._namespaces_emptied(parent.path)
         return removed
+
+    async def _namespaces_emptied(self, path: str) -> None:
+        """After an rmdir below path: each namespace up from path that now holds nothing
+        shown went with it (`Catalog.children`), but is found by name for a while
+        (`_emptied`); the kernel keeps the listing above it until the attributes it was
+        handed expire."""
+        emptied = False
+        while path and not await self.registry.catalog.exists(path):
+            self._emptied.put(path, True)
+            emptied = True
+            path = path.rpartition("/")[0]
+        if emptied:
+            await trio.sleep(LISTED_ENTRY_TIMEOUT)
 
     async def _holds_only_removed_uploads(self, path: str) -> bool:
         if not any(upload.repo == path for upload in self.removed_uploads):

@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import trio
+
 from .drivers import PathNotFound, StorageDriver
 from .errors import UnsafeEntry
+from .layers import started_uploads
 from .names import is_component
-from .paths import RepositoryDir, UploadsDir, UploadStartedAt, path_for
-from .uploads import UUID_RE
+from .paths import RepositoryDir, path_for
 
 log = logging.getLogger(__name__)
 
 # The registry 2.8 counts a directory as a repository when it holds `_layers` (v3: `_manifests`).
 MARKERS = ("_layers", "_manifests")
+# Children a listing checks at once (`Catalog.children`): S3 answers each with a request.
+CHECKS_AT_ONCE = 32
 
 
 class Catalog:
@@ -28,8 +32,12 @@ class Catalog:
             return []
 
     async def children(self, prefix: str = "") -> list[str]:
-        """Name components directly below prefix (namespaces or repositories, unvalidated ones
-        logged and skipped). Reads one directory: never walks the tree."""
+        """Name components directly below prefix that the registry's catalog counts: each a
+        repository, or a namespace with one somewhere below it (`holds_repository`). What
+        the registry's own deletes leave (a cancelled first push's hash states, an
+        `_uploads/` its purge emptied, a namespace emptied of its last repository) is left
+        out, as `_catalog` leaves it out and as S3, which keeps no empty directory, shows
+        it. Unvalidated names are logged and skipped."""
         names = []
         for entry in await self._entries(prefix):
             if entry.startswith("_"):
@@ -38,36 +46,66 @@ class Catalog:
                 names.append(entry)
             else:
                 log.warning("children: ignoring %r under %r: not a repository name", entry, prefix)
-        return names
+        directory, pending, shown = path_for(RepositoryDir(prefix)), iter(names), set()
+
+        async def check() -> None:
+            """Checks children one after another: a local root's stat never yields, so one
+            of these does them all; S3's is a request, so CHECKS_AT_ONCE are under way."""
+            for entry in pending:
+                try:  # `holds_repository`'s first question, asked here: one stat for most
+                    await self.driver.stat(f"{directory}/{entry}/{MARKERS[0]}")
+                except (PathNotFound, UnsafeEntry):
+                    if not await self.holds_repository(f"{prefix}/{entry}" if prefix else entry):
+                        continue
+                shown.add(entry)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(CHECKS_AT_ONCE, len(names))):
+                nursery.start_soon(check)
+        return [entry for entry in names if entry in shown]
+
+    async def holds_repository(self, name: str) -> bool:
+        """Whether name is a repository (`is_repository`, with uploads) or a namespace with
+        one below it: what the mount shows as a directory. Depth first, done at the first
+        found, so a repository costs `is_repository`'s one stat of `_layers`."""
+        entries = await self._unless_repository(name, with_uploads=True)
+        if entries is None:
+            return True
+        for entry in entries:
+            if (
+                not entry.startswith("_")
+                and is_component(entry)
+                and await self.holds_repository(f"{name}/{entry}")
+            ):
+                return True
+        return False
 
     async def is_repository(self, name: str, with_uploads: bool = False) -> bool:
         """Whether name is a repository as the registry counts them; with_uploads, also one
-        holding only uploads: a first push to it, interrupted before any blob finished.
+        holding only uploads: a first push to it, interrupted before any blob finished."""
+        return await self._unless_repository(name, with_uploads) is None
+
+    async def _unless_repository(self, name: str, with_uploads: bool) -> list[str] | None:
+        """None where name is a repository (as `is_repository` says), else its entries.
         A stat of `_layers` first, which every repository holding a blob has: a listing of
         the directory pages through every entry of a namespace, and a driver may answer
         that stat from the lookup of name it made just before (S3: docs/scale-out.md)."""
         with contextlib.suppress(PathNotFound, UnsafeEntry):  # a symlink: as the listing says
             await self.driver.stat(f"{path_for(RepositoryDir(name))}/{MARKERS[0]}")
-            return True
+            return None
         entries = await self._entries(name)
         if any(marker in entries for marker in MARKERS):
-            return True
+            return None
         # An emptied `_uploads/` (the registry's purger, or its finish, leaves one) holds no
         # upload: on S3 it does not exist, and the repository is gone with its last upload.
-        return with_uploads and "_uploads" in entries and await self._holds_an_upload(name)
+        if with_uploads and "_uploads" in entries and await self._holds_an_upload(name):
+            return None
+        return entries
 
     async def _holds_an_upload(self, name: str) -> bool:
-        """Whether `_uploads/` holds an upload as uploads/ and the registry see one: a uuid
-        with `startedat` (the registry's DELETE of an upload leaves its hash states only)."""
-        try:
-            uuids = await self.driver.list(path_for(UploadsDir(name)))
-        except PathNotFound:
-            return False
-        for uuid in uuids:
-            if UUID_RE.fullmatch(uuid) is not None:
-                with contextlib.suppress(PathNotFound):
-                    await self.driver.stat(path_for(UploadStartedAt(name, uuid)))
-                    return True
+        async with contextlib.aclosing(started_uploads(self.driver, name)) as uploads:
+            async for _ in uploads:
+                return True
         return False
 
     async def mtime_ns(self, prefix: str) -> int | None:
@@ -78,12 +116,9 @@ class Catalog:
             return None
 
     async def exists(self, prefix: str) -> bool:
-        """Whether prefix names a repository or a namespace holding something."""
-        try:
-            info = await self.driver.stat(path_for(RepositoryDir(prefix)))
-        except PathNotFound:
-            return False
-        return info.is_dir
+        """Whether prefix names a repository or a namespace holding one (`holds_repository`):
+        a name `children` lists."""
+        return await self.holds_repository(prefix)
 
     async def repositories(self, n: int | None = None, last: str = "") -> list[str]:
         """Every repository name in lexical order after `last`, at most n (the `_catalog` API)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import os
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 
 from .api import BlobInfo, BlobReader, EmptyReader, UploadInfo
@@ -158,20 +158,24 @@ class LayerService:
         return await read_started_at(self.driver, self.name, uuid)
 
     async def uploads(self) -> builtins.list[str]:
-        """Uuids of the uploads in progress. Directories that are not uuids are skipped, and
-        so are those without `startedat`, which the registry does not know: registry 2.8's
-        DELETE leaves `hashstates/sha256/0` behind in the otherwise removed upload."""
+        """Uuids of the uploads in progress (`started_uploads`)."""
+        return [uuid async for uuid in started_uploads(self.driver, self.name)]
+
+
+async def started_uploads(driver: StorageDriver, name: str) -> AsyncGenerator[str]:
+    """The uuids of name's uploads in progress as the registry knows them: directories of
+    `_uploads/` named by a uuid that hold `startedat` (registry 2.8's DELETE of an upload
+    leaves its `hashstates/sha256/0` behind, its purge an empty `_uploads/`). One rule for
+    uploads/ and for whether a directory of uploads alone is a repository (the catalog)."""
+    try:
+        names = await driver.list(path_for(UploadsDir(name)))
+    except PathNotFound:
+        return
+    for uuid in names:
+        if UUID_RE.fullmatch(uuid) is None:
+            continue
         try:
-            names = await self.driver.list(path_for(UploadsDir(self.name)))
+            await driver.stat(path_for(UploadStartedAt(name, uuid)))
         except PathNotFound:
-            return []
-        found = []
-        for name in names:
-            if UUID_RE.fullmatch(name) is None:
-                continue
-            try:
-                await self.driver.stat(path_for(UploadStartedAt(self.name, name)))
-            except PathNotFound:
-                continue
-            found.append(name)
-        return found
+            continue
+        yield uuid

@@ -537,14 +537,14 @@ def test_cancelled_first_push_leaves_no_repository(tmp_path: Path, mount) -> Non
     # As on S3 (its catalog has neither org nor org/app after the cancel: the last key went
     # with the upload) and as the registry's catalog counts: a client's first push to
     # org/app, interrupted (its upload shows in uploads/ for a resume), then `rm`'d through
-    # the mount, leaves no repository: its emptied directories go with the upload, and an
-    # emptied `_uploads/` counts for no upload.
+    # the mount, leaves no repository, nor the namespace above it: its emptied directories go
+    # with the upload, and an emptied `_uploads/` counts for no upload.
     registry = Registry(FilesystemDriver(tmp_path / "root"))
     trio.run(start_upload, registry.repository("org/app"))
     m = mount(tmp_path / "root", "-o", "tag_ttl=0")
     (uuid,) = ls(m.path("org", "app", "uploads"))
     (m.path("org", "app", "uploads", uuid)).unlink()
-    wait_until(lambda: ls(m.path("org")) == [], 3, "org/app to go with its last upload")
+    wait_until(lambda: ls(m.mountpoint) == [], 3, "org/app, and org, to go with its last upload")
 
 
 async def start_upload(repo: Repository) -> None:
