@@ -660,8 +660,13 @@ def writes_table(mnt: Path, image: dict) -> list[Case]:
         row(f"open a layer {label}", open_(layer, flags), errno.EPERM)
         row(f"open a manifest {label}", open_(manifest, flags), errno.EPERM)
     # A manifest by digest is stored on close, checked (test_everyday_tools.py): closed
-    # with nothing written, it stores nothing; a name that is no digest is refused.
-    row("create in manifests/, nothing written", create(manifests / ("sha256:" + "0" * 64)), None)
+    # with nothing written, it stores nothing and says so (EINVAL, as a new tag left empty);
+    # a name that is no digest is refused.
+    row(
+        "create in manifests/, nothing written",
+        create(manifests / ("sha256:" + "0" * 64)),
+        errno.EINVAL,
+    )
     row("create junk in manifests/", create(manifests / "junk"), errno.EPERM)
     row("create junk in layers/", create(layers / "junk"), errno.EPERM)
     row("create a file in a repository", create(repo / "file"), errno.EPERM)
@@ -1206,9 +1211,12 @@ def manifests_table(mnt: Path, root: Path, tmp: Path, image: dict, other: dict) 
         Case("write past 4 MiB", put(tags / "v1", padded.read_bytes()), errno.EFBIG),
         Case("a bad manifest over latest", tool("cp", huge, tags / "latest"), errno.EFBIG),
         Case("an empty manifest over latest", at_close(tags / "latest", b"{}"), errno.EINVAL),
-        # No write reached the daemon, so close() cannot tell this from a shell that dups a
-        # redirection and closes the original (handles.py): it succeeds and stores nothing.
-        Case("cp of an empty file to a new tag", tool("cp", "/dev/null", tags / "v1"), None),
+        # Created and left empty at its last close (a shell's dup'd descriptor is no last
+        # close): refused, as an existing tag emptied (02479b6), not a silent nothing.
+        Case(
+            "cp of an empty file to a new tag", tool("cp", "/dev/null", tags / "v1"), errno.EINVAL
+        ),
+        Case("no tag v1 is left", expect_listing(tags, ["latest"]), None),
         Case("latest is untouched", expect_bytes(tags / "latest", image["manifest"]), None),
     ]
 

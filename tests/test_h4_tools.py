@@ -9,7 +9,6 @@ import errno
 import hashlib
 import json
 import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from support.registry import repo_path
 from support.roots import build_root
 from support.tools import errno_of, ls, open_errno, run
 from support.uploads import write_file
+from support.writers import cp_writing
 
 pytestmark = pytest.mark.mount
 
@@ -42,21 +42,11 @@ def test_rm_r_of_a_repository_while_cp_writes_into_its_uploads(tmp_path: Path, m
     m = mount(tmp_path / "root")
     repo = m.path("org", "app")
     os.makedirs(repo)
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    cp = subprocess.Popen(["cp", str(fifo), str(repo / "uploads" / "x")])
-    with open(fifo, "wb") as feed:
-        feed.write(os.urandom(100_000))
-        feed.flush()
-        for _ in range(200):  # the upload shows once cp has created it
-            if ls(repo / "uploads") == ["x"]:
-                break
-            threading.Event().wait(0.02)
+    with cp_writing(repo / "uploads" / "x", tmp_path / "fifo") as feed:
         assert run("rm", "-r", repo, check=False).returncode == 0
         assert ls(m.path("org")) == []
         assert errno_of(lambda: os.stat(repo)) == errno.ENOENT
         feed.write(os.urandom(100_000))
-    assert cp.wait(timeout=30) == 0
     stored = repo_path(tmp_path / "root", "org/app")
     wait_until(lambda: not stored.exists(), 5, "the repository to go at the writer's release")
     assert ls(m.path("org")) == []

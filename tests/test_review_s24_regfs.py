@@ -19,6 +19,7 @@ from support.mounts import Mount
 from support.registry import OCI_CONFIG, OCI_MANIFEST
 from support.statworkers import put_layers
 from support.tools import errno_of, ls, run
+from support.writers import cp_writing
 
 import regfs.inodes
 from regfs import statahead
@@ -170,20 +171,10 @@ def test_rm_r_of_a_namespace_while_cp_writes_into_a_repository_in_it(
     m = mount(tmp_path / "root")
     org, repo = m.path("org"), m.path("org", "app")
     os.makedirs(repo)
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    cp = subprocess.Popen(["cp", str(fifo), str(repo / "uploads" / "x")])
-    with open(fifo, "wb") as feed:
-        feed.write(os.urandom(100_000))
-        feed.flush()
-        for _ in range(200):
-            if ls(repo / "uploads") == ["x"]:
-                break
-            threading.Event().wait(0.02)
+    with cp_writing(repo / "uploads" / "x", tmp_path / "fifo") as feed:
         removed = run("rm", "-r", org, check=False)
         shown = ls(org) if org.exists() else None
         feed.write(os.urandom(100_000))
-    assert cp.wait(timeout=30) == 0
     assert shown in (None, [])
     assert removed.returncode == 0, removed.stderr
     assert errno_of(lambda: os.stat(org)) == errno.ENOENT
@@ -343,19 +334,9 @@ async def test_rm_r_beside_a_writer_of_a_repository_of_uploads_alone_logs_no_war
     await left.close()
     m = mount(root)
     repo = m.path("org", "app")
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    cp = subprocess.Popen(["cp", str(fifo), str(repo / "uploads" / "x")])
-    with open(fifo, "wb") as feed:
-        feed.write(os.urandom(100_000))
-        feed.flush()
-        for _ in range(200):
-            if "x" in ls(repo / "uploads"):
-                break
-            threading.Event().wait(0.02)
+    with cp_writing(repo / "uploads" / "x", tmp_path / "fifo") as feed:
         assert run("rm", "-r", repo, check=False).returncode == 0
         feed.write(os.urandom(1000))
-    assert cp.wait(timeout=30) == 0
     threading.Event().wait(1)  # the release
     assert not (root / "docker/registry/v2/repositories/org/app").exists()
     log = "\n".join(p.read_text() for p in tmp_path.glob("regfs*.log"))

@@ -2,7 +2,7 @@
 filesystem (ext4/tmpfs), as a user who judges regfs as sshfs or rclone mount.
 
 Each `xfail(strict=True)` test is a bug found here: it fails today for the reason it names,
-and passes once the mount answers as a local filesystem would, or as SPEC.md says where
+and passes once the mount answers as a local filesystem would, or as the README says where
 regfs refuses by design (then drop its mark); the comment at its top says what ext4 does
 and what happens today.
 """

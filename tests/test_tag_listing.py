@@ -18,13 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 from support.mounts import Mount, wait_until
-from support.roots import build_root
+from support.roots import build_root, write_tags
 from support.tools import errno_closing, run
 
 from regfs.nodes import TagNode, UploadNode
-from storage.digests import Digest
 from storage.names import TAG_RE, valid_tags
-from storage.paths import TagCurrentLink, TagIndexLink, path_for
 
 NAME = "library/demo"
 # Names a storage root (or a registry's tags/list) may hold that are no tag, each beside
@@ -86,12 +84,7 @@ def test_ls_tags_shows_the_valid_names_and_logs_the_rest(tmp_path: Path, mount: 
     warning; every valid one is listed and reads."""
     root = tmp_path / "root"
     image = trio.run(build_root, root, NAME, 1000)
-    digest = Digest.parse(image["digest"])
-    for name in ("a\nb", "v1.0\nlatest", *TAGS):
-        for location in (TagCurrentLink(NAME, name), TagIndexLink(NAME, name, digest)):
-            path = root / path_for(location).lstrip("/")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(str(digest))
+    write_tags(root, NAME, image["digest"], ("a\nb", "v1.0\nlatest", *TAGS))
     m: Mount = mount(root)
     tags = m.path(NAME, "tags")
     assert run("ls", "-1b", tags).stdout.decode().splitlines() == sorted(TAGS)
@@ -107,13 +100,8 @@ def test_ls_reads_no_tag_link_and_ls_l_reads_them_ahead(tmp_path: Path, mount: C
     The `ls -l` after it looks each tag up; its first lookup starts the read-ahead."""
     root = tmp_path / "root"
     image = trio.run(build_root, root, NAME, 1000)
-    digest = Digest.parse(image["digest"])
     names = [f"t{i:03d}" for i in range(300)]
-    for name in names:
-        for location in (TagCurrentLink(NAME, name), TagIndexLink(NAME, name, digest)):
-            path = root / path_for(location).lstrip("/")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(str(digest))
+    write_tags(root, NAME, image["digest"], names)
     m: Mount = mount(root, "--debug", "--tag-ttl", "0.05")
     tags = m.path(NAME, "tags")
     for _ in range(5):  # each past the TTL: the listing is read from storage again
@@ -134,13 +122,8 @@ def test_a_plain_readdir_mount_lists_as_the_default_one(
     mount shows of 3,000 tags and a repository's layers."""
     root = tmp_path / "root"
     image = trio.run(build_root, root, NAME, 1000)
-    digest = Digest.parse(image["digest"])
     names = [f"t{i:04d}" for i in range(3000)]
-    for name in names:
-        for location in (TagCurrentLink(NAME, name), TagIndexLink(NAME, name, digest)):
-            path = root / path_for(location).lstrip("/")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(str(digest))
+    write_tags(root, NAME, image["digest"], names)
 
     def shown(m: Mount) -> list[list[str]]:
         tags = m.path(NAME, "tags")
