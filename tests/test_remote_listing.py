@@ -35,7 +35,13 @@ import storage.remote.client as remote_client
 import storage.remote.ranges as remote_ranges
 import storage.remote.registry as remote_registry
 from storage.digests import Digest
-from storage.errors import RemoteUnavailable, StorageError, UnknownLayer, UnknownTag
+from storage.errors import (
+    RemoteUnavailable,
+    StorageError,
+    UnknownLayer,
+    UnknownManifest,
+    UnknownTag,
+)
 from storage.manifest_format import parse_manifest
 from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
@@ -293,6 +299,27 @@ async def test_a_change_through_the_source_is_seen_at_once(
     assert sorted(await repo.manifests.delete(b)) == ["a", "b", "new"]
     assert await repo.tags.list() == ["c", "d"]
     assert b not in await repo.manifests.list()
+
+
+async def test_a_delete_whose_answer_was_lost_is_done_when_its_retry_is_404(
+    registry: RemoteRegistry, module_registry_server: RegistryServer, proxy: FaultServer
+) -> None:
+    # The registry deleted the manifest, but its answer never came back (a slow registry
+    # under load: ReadTimeout): the retry of the idempotent DELETE is answered 404, which
+    # is the first try's success, not an unknown manifest (was: rm said ENOENT, done).
+    push_repo(module_registry_server.client(), "listing/lost-delete")
+    repo = registry.repository("listing/lost-delete")
+    b = await repo.tags.get("b")
+    await repo.tags.put("a", b)
+    proxy.inject(Fault(lose_answer=True, method="DELETE", path=r"/manifests/sha256:"))
+    proxy.seen.clear()
+    assert sorted(await repo.manifests.delete(b)) == ["a", "b"]
+    deletes = [s.status for s in proxy.seen if s.method == "DELETE"]
+    assert deletes == [None, 404]
+    assert await repo.tags.list() == ["c", "d"]
+    # A DELETE of what is not there, with no try lost, is still unknown.
+    with pytest.raises(UnknownManifest):
+        await repo.manifests.delete(b)
 
 
 async def test_a_change_behind_the_source_is_seen_after_the_reuse(

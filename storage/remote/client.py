@@ -766,6 +766,7 @@ class RemoteClient:
         failures = 0
         reauthenticated = False
         last = "no answer"
+        reached = False  # a failed try may have reached the server (its answer was lost)
         with trio.move_on_after(self.deadline):
             while True:
                 started = time.monotonic()
@@ -783,6 +784,7 @@ class RemoteClient:
                     log.debug("%s %s: %s", method, where, last)
                     if failures < self.retries and (may_retry or isinstance(exc, NOT_SENT)):
                         failures += 1
+                        reached = reached or not isinstance(exc, NOT_SENT)
                         await self._pause(method, where, last, failures, None)
                         continue
                     raise RemoteUnavailable(
@@ -791,6 +793,16 @@ class RemoteClient:
                     ) from exc
                 status = resp.status_code
                 log.debug("%s %s -> %d (%.3f s)", method, where, status, time.monotonic() - started)
+                if status == 404 and method == "DELETE" and reached:
+                    # The try whose answer was lost deleted it (a DELETE is retried as
+                    # idempotent, and its second answer is 404): the delete is done.
+                    done = next((code for code in expect if 200 <= code < 300), None)
+                    if done is not None:
+                        await _drain(resp)
+                        log.info(
+                            "%s %s: 404 after a try whose answer was lost: done", method, where
+                        )
+                        return httpx.Response(done, request=resp.request)
                 if status in expect:
                     return resp
                 resp = await _drain(resp)
@@ -813,6 +825,7 @@ class RemoteClient:
                     last = _reason(resp)
                     if failures < self.retries and may_retry:
                         failures += 1
+                        reached = reached or status != 429  # a 5xx may have done part of it
                         await self._pause(method, where, last, failures, resp)
                         continue
                     raise RemoteUnavailable(
