@@ -376,11 +376,16 @@ class Attributes:
             fields.update_atime and attr.st_atime_ns != now.st_atime_ns
         )
         writer = self.files.writer(node)
-        if isinstance(node, TagNode | FinishedNode) or isinstance(writer, ManifestWriter):
+        if (
+            isinstance(node, TagNode | FinishedNode)
+            or isinstance(writer, ManifestWriter)
+            or self.files.just_stored(node)
+        ):
             # A manifest keeps no mode, owner or times: `cp -p` and `rsync -a` of a manifest
             # file made under umask 077 (mktemp) set mode 600 and exited non-zero on EPERM,
             # the tag stored. Accepted and ignored, as rclone's mount does; and by the name
-            # of an upload that finished at its close, which `install -m` chmods next.
+            # of an upload that finished at its close, or of a manifest just stored by
+            # digest, which `install -m` chmods and `rsync -a` retimes next.
             return None
         fixed_times = not isinstance(node, DirNode | SectionNode)
         if not isinstance(node, UploadNode) and (owner or (retimed and fixed_times)):

@@ -82,16 +82,24 @@ class UploadHandle(Handle):
     An upload named by its digest finishes at its last close after a write (or its release).
     One removed while open (`removed`: rm) takes writes on, finishes nothing, and is
     cancelled in storage by its last close (or its release).
+
+    `layer`: created as layers/<digest> (a tool that replaces a layer unlinks it, then
+    creates it): it finishes at its last close even if nothing was written (the empty
+    layer), not as uploads/<digest> (no `FinishedNode`), and one whose bytes hash to
+    another digest is cancelled: nothing is linked, nothing is left.
     """
 
-    def __init__(self, tree: Tree, node: UploadNode, upload: Upload, name: str) -> None:
+    def __init__(
+        self, tree: Tree, node: UploadNode, upload: Upload, name: str, layer: bool = False
+    ) -> None:
         self.tree = tree
         self.node = node
         self.upload = upload
         self.name = name
+        self.layer = layer
         self.finished = False
         self.removed = False
-        self._written = False
+        self._written = layer
         self._written_ns: int | None = None  # the last write's time: what stat shows
         self._finishing: Attr | None = None  # what it was when its finish began
 
@@ -170,16 +178,12 @@ class UploadHandle(Handle):
                 with trio.CancelScope(shield=True):
                     await self.upload.close()
 
-    async def _cancel(self, operation: str) -> None:
-        """The end of an upload removed while written: cancelled in storage, as rm does."""
+    async def _cancel(self, operation: str, why: str = "removed while written") -> None:
+        """The end of an upload removed while written (or a layer's that is not its own):
+        cancelled in storage, as rm does."""
         self.finished = True  # no more writes, and storage says what stat shows
         await self.upload.cancel()
-        log.info(
-            "%s: upload %s (%s) removed while written: cancelled",
-            operation,
-            self.name,
-            self.node.uuid,
-        )
+        log.info("%s: upload %s (%s) %s: cancelled", operation, self.name, self.node.uuid, why)
 
     async def _finish(self, operation: str) -> None:
         self._written = False
@@ -187,8 +191,12 @@ class UploadHandle(Handle):
         assert expected is not None  # ends_on_close said so
         self._finishing = self.pending_attr()
         try:
-            await self.tree.finish_upload(self.node, self.upload, expected)
+            await self.tree.finish_upload(self.node, self.upload, expected, named=not self.layer)
         except DigestMismatch as exc:
+            if self.layer:
+                log.error("%s: layers/%s not linked: %s (EIO)", operation, self.name, exc)
+                await self._cancel(operation, "written as a layer it is not")
+                raise FUSEError(errno.EIO) from None
             log.error(
                 "%s: upload %s (%s) not finished: %s; it stays for a resume or rm",
                 operation,
@@ -295,8 +303,12 @@ class ManifestWriter(Handle):
             digest = await self.store(bytes(self.data))
         except (InvalidManifest, DigestMismatch) as exc:
             log.warning("%s: %s not stored: %s (EINVAL)", operation, self.where(), exc)
+            await self.refused()
             raise FUSEError(errno.EINVAL) from None
         log.info("%s: stored %s (%s)", operation, self.where(), digest)
+
+    async def refused(self) -> None:
+        """What a refused manifest leaves: nothing stored, nothing else to undo."""
 
 
 class TagHandle(ManifestWriter):
@@ -309,6 +321,10 @@ class TagHandle(ManifestWriter):
 
     async def store(self, data: bytes) -> Digest:
         return await self.tree.put_tag(self.node, data)
+
+    async def refused(self) -> None:
+        """The tag as it was: put back if a tool's unlink deleted it before this create."""
+        await self.tree.tag_refused(self.node)
 
 
 class ManifestHandle(ManifestWriter):

@@ -6,6 +6,7 @@ The tables are touched only between awaits (docs/concurrency.md), so they need n
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -18,6 +19,7 @@ from functools import partial
 import trio
 from pyfuse3 import FileInfo, FUSEError, RequestContext
 
+from storage.cache import TtlCache
 from storage.digests import Digest
 from storage.names import validate_tag
 
@@ -45,7 +47,7 @@ from .nodes import (
 )
 from .options import MountOptions
 from .refusals import refusal
-from .tree import Tree
+from .tree import FINISHED_GRACE, FINISHED_KEPT, Tree
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,10 @@ class OpenFiles:
         # unlocking): release arrives after close() has returned, so a `cp` followed at once
         # by `mv`, `rm` or another writer must wait for it instead of finding the upload busy.
         self._closing: dict[Node, trio.Event] = {}
+        # Manifests a writer here stored by digest (manifests/<digest>) and let go less than
+        # FINISHED_GRACE ago: the chmod and utimes that `install -m` and `rsync -a` send by
+        # path after the close are accepted and ignored, as by a finished upload's name.
+        self._stored: TtlCache[Node, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
         self._next_fh = 1
 
     # -- the table -------------------------------------------------------------------------
@@ -84,10 +90,23 @@ class OpenFiles:
         """The handle writing the node, if one is open."""
         return self._handles.get(self._writers.get(node, 0))
 
-    def being_written(self, parent: Node, name: str) -> TagNode | ManifestNode | None:
+    def being_written(self, parent: Node, name: str) -> TagNode | ManifestNode | UploadNode | None:
         """The tag or manifest `name` of section `parent` that a writer created and has not
-        stored yet (storage does not know it)."""
+        stored yet (storage does not know it), or the upload a create of layers/<digest>
+        began (linked at its last close)."""
         match parent:
+            case SectionNode(repo, "layers"):
+                return next(
+                    (
+                        handle.node
+                        for fh in self._writers.values()
+                        if isinstance(handle := self._handles[fh], UploadHandle)
+                        and handle.layer
+                        and handle.node.repo == repo
+                        and handle.name == name
+                    ),
+                    None,
+                )
             case SectionNode(repo, "tags"):
                 node: TagNode | ManifestNode = TagNode(repo, name)
             case SectionNode(repo, "manifests") if digest_name(name) is not None:
@@ -98,6 +117,10 @@ class OpenFiles:
 
     def is_written(self, node: Node) -> bool:
         return node in self._writers
+
+    def just_stored(self, node: Node) -> bool:
+        """Whether a writer here stored node by digest and let go less than 10 s ago."""
+        return bool(self._stored.get(node))
 
     def is_open(self, node: Node) -> bool:
         return node in self._open
@@ -111,16 +134,26 @@ class OpenFiles:
         """What node was when unlinked, if its name went while it was open."""
         return self._unlinked.get(node)
 
-    def remove_written(self, node: UploadNode, attr: Attr) -> None:
+    def remove_written(self, node: UploadNode, attr: Attr | None = None) -> None:
         """rm of an upload its writer holds: the name goes now, and the writer's last close
         (or its release) cancels the upload in storage; its writes go on meanwhile, as
-        into an unlinked file. The writer holds the upload's lock: no other can cancel it."""
+        into an unlinked file. The writer holds the upload's lock: no other can cancel it.
+        `attr`: what fstat says of it now (None: its writer's size)."""
         writer = self.writer(node)
         assert isinstance(writer, UploadHandle)
         writer.removed = True
         self.tree.removed_uploads.add(node)
         self.tree.changed(node)
-        self.unlinked(node, attr)
+        self.unlinked(node, attr or writer.pending_attr() or Attr(False, 0, time.time_ns()))
+
+    def restore_written(self, node: UploadNode) -> None:
+        """Undo `remove_written` (a rename over it failed): its name is back."""
+        writer = self.writer(node)
+        if isinstance(writer, UploadHandle):
+            writer.removed = False
+        self.tree.removed_uploads.discard(node)
+        self.tree.changed(node)
+        self._unlinked.pop(node, None)
 
     def renamed(self, node: UploadNode, name: str) -> None:
         """mv of an upload within uploads/: its writer, if one holds it, writes on under the
@@ -151,14 +184,16 @@ class OpenFiles:
         self._nodes[fh] = node
         self._open[node] += 1
         # Digest-addressed content never changes: keep its pages across opens. An upload's
-        # readers read through the page cache too, so that it maps (mmap), dropped at each
-        # open and whenever its size or mtime moved (its attributes last 0 s); its writer
-        # writes directly. A tag is read directly: a handle reads the manifest the tag
-        # pointed at when opened, and the page cache is the inode's, shared with handles
-        # opened after the tag moved (their manifest's pages, their size: a cut manifest).
+        # readers and its writer go through the page cache too, so that it maps (mmap, a
+        # shared writable map of the writer's too: a store is a write at its offset when
+        # flushed), dropped at each open and whenever its size or mtime moved (its
+        # attributes last 0 s); its one writer's writes keep the pages in step. A tag (and
+        # its writer) is read directly: a handle reads the manifest the tag pointed at when
+        # opened, and the page cache is the inode's, shared with handles opened after the
+        # tag moved (their manifest's pages, their size: a cut manifest).
         reader = isinstance(handle, ReadHandle)
         info.keep_cache = reader and isinstance(node, LayerNode | ManifestNode | FixedNode)
-        info.direct_io = not reader or isinstance(node, TagNode)
+        info.direct_io = isinstance(handle, ManifestWriter) or isinstance(node, TagNode)
         return info
 
     # -- opening ---------------------------------------------------------------------------
@@ -202,12 +237,22 @@ class OpenFiles:
         return UploadHandle(self.tree, node, upload, name)
 
     async def create(self, parent: Node, name: str) -> tuple[Node, Handle, Attr]:
-        """A new file in uploads/ (an upload), tags/ (a tag) or manifests/ (by digest)."""
+        """A new file in uploads/ (an upload), layers/ (an upload by digest), tags/ (a tag) or
+        manifests/ (by digest)."""
         node: UploadNode | TagNode | ManifestNode  # narrowed to the kind each case makes
         match parent:
             case SectionNode(repo, "uploads"):
                 node, upload = await self.tree.create_upload(repo, name)
                 return node, UploadHandle(self.tree, node, upload, name), await self.tree.attr(node)
+            case SectionNode(repo, "layers") if digest_name(name) is not None:
+                # A layer a tool unlinked before it creates it again (`cp -f`, `install`,
+                # `tar -x`): an upload verified by its name, linked at its last close.
+                with contextlib.suppress(LookupError):
+                    await self.tree.lookup(parent, name)
+                    raise refusal("create", parent, self.options.read_only)  # linked: EPERM
+                node, upload = await self.tree.create_upload(repo, name)
+                writer = UploadHandle(self.tree, node, upload, name, layer=True)
+                return node, writer, await self.tree.attr(node)
             case SectionNode(repo, "tags"):
                 validate_tag(name)
                 node = TagNode(repo, name)
@@ -220,6 +265,14 @@ class OpenFiles:
                 handle = ManifestHandle(self.tree, node, emptied=True)
                 return node, handle, Attr(False, 0, time.time_ns())
         raise refusal("create", parent, self.options.read_only)
+
+    async def make_upload(self, parent: SectionNode, name: str) -> tuple[UploadNode, Attr]:
+        """An empty upload in uploads/ that no writer holds, as open(O_CREAT) and a close
+        leave one: mknod(S_IFREG), or a create for reading (`flock FILE`)."""
+        node, upload = await self.tree.create_upload(parent.repo, name)
+        with trio.CancelScope(shield=True):  # never leave the upload locked
+            await upload.close()
+        return node, await self.tree.attr(node)
 
     # -- truncating ------------------------------------------------------------------------
 
@@ -305,6 +358,8 @@ class OpenFiles:
             and self._writers.get(handle.node) == fh
         ):
             del self._writers[handle.node]
+            if isinstance(handle, ManifestHandle):
+                self._stored.put(handle.node, True)
             for other_fh, other in self._handles.items():
                 if isinstance(other, ManifestWriter) and other.node == handle.node:
                     self._writers[handle.node] = other_fh

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import stat
 import time
 from collections.abc import Sequence
 
@@ -24,7 +26,7 @@ from .directories import Directories
 from .errors import fuse_errors
 from .handles import UploadHandle
 from .inodes import InodeTable, inode_key
-from .nodes import Attr, DirNode, Node, TagNode, UploadNode
+from .nodes import Attr, DirNode, Node, SectionNode, TagNode, UploadNode
 from .openfiles import OpenFiles
 from .options import MountOptions
 from .refusals import decode_name, refusal
@@ -218,6 +220,18 @@ class Operations(pyfuse3.Operations):
         parent = self.inodes.node(parent_inode)
         if self.options.read_only:
             raise self._refuse("create", parent_inode)
+        if (
+            flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY
+            and isinstance(parent, SectionNode)
+            and parent.section == "uploads"
+        ):
+            # `flock FILE` (O_RDONLY|O_CREAT): an empty upload, opened by a reader, which
+            # holds no writer's place (SPEC 5: one writer), so `cmd >> FILE` can write next.
+            upload, made = await self.files.make_upload(parent, decode_name(name, errno.EINVAL))
+            reader = await self.files.open(upload, os.O_RDONLY)
+            entry = self.attributes.entry(upload, made, timeout=0)
+            self.inodes.ref(entry.st_ino)
+            return self.files.add(upload, reader), entry
         node, handle, attr = await self.files.create(parent, decode_name(name, errno.EINVAL))
         entry = self.attributes.entry(node, attr, timeout=0)
         self.inodes.ref(entry.st_ino)
@@ -241,6 +255,17 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.files.get(fh)
+        if isinstance(handle, UploadHandle) and handle.finished:
+            # A shared map's stores after the close that finished (or cancelled) the upload,
+            # written back at its munmap: the layer it became never changes.
+            log.warning(
+                "write: upload %s has ended (finished or cancelled): %d bytes at %d not "
+                "written (EBADF; a store into a map after its last close?)",
+                handle.name,
+                len(buf),
+                off,
+            )
+            raise FUSEError(errno.EBADF)
         written = await handle.write(off, buf)
         if isinstance(handle, UploadHandle):
             self.attributes.written(handle.node)
@@ -303,7 +328,7 @@ class Operations(pyfuse3.Operations):
         attr = await self.tree.attr(node) if self.files.is_open(node) else None
         await self.files.settled(node)
         try:
-            await self.tree.remove(node)
+            await self.tree.remove(node, unlink=True)  # its tags remembered a while
         except LookupError:
             if not isinstance(node, UploadNode):
                 raise
@@ -360,17 +385,31 @@ class Operations(pyfuse3.Operations):
         self.xattrs.check_set(inode, name, self.options.read_only)
         raise self._refuse("setxattr", inode)
 
-    # -- what the mount never does ---------------------------------------------------------
-
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
-        raise self._refuse("removexattr", inode)
+        await self.xattrs.remove(inode, name, self.options.read_only)
+
+    # -- what the mount never does ---------------------------------------------------------
 
     @fuse_errors
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
     ) -> EntryAttributes:
-        raise self._refuse("mknod", parent_inode)
+        """mknod(S_IFREG) in uploads/ makes an empty upload, as open(O_CREAT) and close would
+        (GNU tar --xattrs makes a file so, sets its xattrs, then opens it to write). The
+        mode given is the mount's, as for a create. Any other node is refused."""
+        parent = self.inodes.node(parent_inode)
+        if (
+            self.options.read_only
+            or not stat.S_ISREG(mode)
+            or not isinstance(parent, SectionNode)
+            or parent.section != "uploads"
+        ):
+            raise self._refuse("mknod", parent_inode)
+        node, attr = await self.files.make_upload(parent, decode_name(name, errno.EINVAL))
+        entry = self.attributes.entry(node, attr, timeout=0)
+        self.inodes.ref(entry.st_ino)
+        return entry
 
     @fuse_errors
     async def link(

@@ -90,19 +90,35 @@ class Renames:
         replaced = None
         if existing is not None and existing != node.uuid:
             replaced = UploadNode(node.repo, existing)
+        written = False
         if replaced is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
+                log.info("rename: uploads/%s exists (EEXIST, RENAME_NOREPLACE)", target)
                 raise FUSEError(errno.EEXIST)
-            if self.files.is_written(replaced):
-                raise FUSEError(errno.EBUSY)
-            await self.files.settled(replaced)
-        expected = digest_name(target)
-        if expected is not None:
-            await self._finish(node, expected, named=True)
-        else:
-            await self._rename_upload(node, target)
+            written = self.files.is_written(replaced)
+            if written:
+                # As rm of it: the name goes now and its writer writes on, its last close
+                # cancelling it (README). Hidden first, so that no listing meanwhile shows
+                # two uploads of one name; shown again if the rename fails.
+                self.files.remove_written(replaced)
+            else:
+                await self.files.settled(replaced)
+        try:
+            expected = digest_name(target)
+            if expected is not None:
+                await self._finish(node, expected, named=True)
+            else:
+                await self._rename_upload(node, target)
+        except BaseException:
+            if written:
+                assert replaced is not None
+                self.files.restore_written(replaced)
+            raise
         if replaced is not None:
-            await self.tree.remove(replaced)
+            if written:
+                log.info("rename: replaced %s; its writer's last close cancels it", replaced)
+            else:
+                await self.tree.remove(replaced)
             self.attributes.forget_shown(replaced)
 
     async def _rename_upload(self, node: UploadNode, name: str) -> None:
@@ -121,7 +137,7 @@ class Renames:
             raise
 
     async def _retag(self, node: TagNode, name: str, flags: int) -> None:
-        """mv tags/tmp tags/v1: v1 points at tmp's manifest, then tmp goes. The tag's link is
+        """mv tags/tmp tags/v1: v1 points at tmp's manifest and tmp goes. The tag's link is
         replaced atomically, so a reader sees v1's old manifest or the new one, never none:
         how `sed -i` and editors that save by rename retag."""
         validate_tag(name)
@@ -133,11 +149,7 @@ class Renames:
                 await self.tree.lookup(SectionNode(node.repo, "tags"), name)
                 raise FUSEError(errno.EEXIST)
         # The manifest is stored already: only the tag's link moves (no second check of it).
-        tags = self.tree.registry.repository(node.repo).tags
-        digest = await tags.get(node.tag)
-        await tags.put(name, digest)
-        self.tree.changed(target)
-        await self.tree.remove(node)
+        digest = await self.tree.retag(node, target)
         # The kernel moves its dentry to the new name with the old inode number.
         ino = self.inodes.known(node)
         if ino is not None:

@@ -16,6 +16,7 @@ No FUSE here: the operations module turns these into inodes and errnos.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import re
 import time
@@ -37,6 +38,7 @@ from storage.errors import (
     StorageError,
     UnknownManifest,
     UnknownRepository,
+    UnknownTag,
 )
 from storage.gcpause import gc_paused
 from storage.manifest_format import sniff_media_type
@@ -91,6 +93,10 @@ UPLOAD_NAME_RE = re.compile(r"[A-Za-z0-9._:@+=~#-]{1,255}")  # ~, #: backups (cp
 # first): a tool sets the mode and times by path right after its close.
 FINISHED_GRACE = 10.0
 FINISHED_KEPT = 1000
+# How long, and for how many tags at most, an unlink through the mount keeps what it deleted
+# (`Tree._unlinked_tags`): tools that replace a file unlink it, then create it again.
+UNLINKED_GRACE = 60.0
+UNLINKED_KEPT = 10_000
 # Sections whose names changed through the mount, and when: their mtime and ctime move then,
 # as a directory's do when an entry comes or goes (the oldest forgotten past this many).
 SECTIONS_CHANGED_KEPT = 10_000
@@ -190,6 +196,12 @@ class Tree:
         # up first.
         self._emptied: TtlCache[str, bool] = TtlCache(FINISHED_GRACE, FINISHED_KEPT)
         self._sections_changed: TtlCache[SectionNode, int] = TtlCache(None, SECTIONS_CHANGED_KEPT)
+        # Tags an unlink through the mount deleted (`rm tags/t`, or with their manifest: `rm
+        # manifests/<d>`) and the manifest each named, for UNLINKED_GRACE: `install`, `tar
+        # -x`, `cp -f` and `cp --remove-destination` unlink a file before they create it
+        # again, and what that create stores (`put_manifest`) or refuses (`tag_refused`)
+        # puts those tags back, as tags/ on ext4 would be symlinks that dangle and revive.
+        self._unlinked_tags: TtlCache[TagNode, Digest] = TtlCache(UNLINKED_GRACE, UNLINKED_KEPT)
         # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
         # manifest wait for them (`remove`). And the names in a view's section, a tag's image
         # root (rootfs/<tag>) that moves with the tag: every change of a tag waits for them.
@@ -778,10 +790,11 @@ class Tree:
         await self._repo(node.repo).layers.set_label(node.uuid, name)
         self.changed(node)
 
-    async def remove(self, node: Node) -> list[TagNode]:
+    async def remove(self, node: Node, unlink: bool = False) -> list[TagNode]:
         """rm: cancel an upload, delete a tag, a manifest (and its tags), unlink a layer.
 
-        Returns the tags that went with a manifest.
+        Returns the tags that went with a manifest. `unlink`: an unlink through the mount,
+        whose deleted tags are remembered (`_unlinked_tags`); not a rename's.
         """
         started = time.monotonic()
         gone: list[TagNode] = []
@@ -793,11 +806,17 @@ class Tree:
                 # A repository that held only this upload went with it (LayerUpload.cancel).
                 gone_with = [DirNode(repo), DirNode(repo.rpartition("/")[0])]
             case TagNode(repo, tag):
-                await self._repo(repo).tags.delete(tag)
+                tags = self._repo(repo).tags
+                named = await tags.get(tag) if unlink else None
+                await tags.delete(tag)
+                if named is not None:
+                    self._unlinked_tags.put(node, named)
                 stale = [(self._view_roots, repo)]
             case ManifestNode(repo, digest):
                 deleted = await self._repo(repo).manifests.delete(digest)
                 gone = [TagNode(repo, tag) for tag in deleted]
+                if unlink:
+                    self._unlinked_tags.put_many(gone, [digest] * len(gone))
                 if gone:  # the kernel did not see these tags go
                     stale = [(self._listed_tags, repo), (self._view_roots, repo)]
                     stale += self._sections(repo, "tags")
@@ -830,9 +849,21 @@ class Tree:
         repo = self._repo(node.repo)
         digest = await repo.manifests.put(data)
         await repo.tags.put(node.tag, digest)
+        self._unlinked_tags.pop(node)
         self.changed(node, ManifestNode(node.repo, digest))
         stale = [(self._view_roots, node.repo), *self._sections(node.repo, "manifests")]
         await self._outlive(started, stale)
+        return digest
+
+    async def retag(self, node: TagNode, target: TagNode) -> Digest:
+        """Point target where node pointed and delete node (`mv` of a tag): the source's
+        `Tags.move` orders its two steps. Returns the manifest's digest."""
+        started = time.monotonic()
+        try:
+            digest = await self._repo(node.repo).tags.move(node.tag, target.tag)
+        finally:
+            self.changed(node, target)  # either may have moved, even on a failure
+        await self._outlive(started, [(self._view_roots, node.repo)])
         return digest
 
     async def exchange_tags(self, a: TagNode, b: TagNode) -> None:
@@ -861,7 +892,42 @@ class Tree:
         """Check and store a manifest by digest, without a tag (InvalidManifest: nothing)."""
         stored = await self._repo(node.repo).manifests.put(data)
         self.changed(ManifestNode(node.repo, stored))
+        if self._unlinked_tags.keys():
+            await self._tags_back(
+                [
+                    tag
+                    for tag in list(self._unlinked_tags.keys())
+                    if tag.repo == node.repo and self._unlinked_tags.get(tag) == stored
+                ],
+                f"manifest {node.repo}@{stored} stored again",
+            )
         return stored
+
+    async def tag_refused(self, node: TagNode) -> None:
+        """A manifest written to tags/<tag> was refused: if an unlink through the mount
+        deleted that tag a moment ago (a tool's unlink before its create), it is put back,
+        so that the refused write leaves the registry as it was (SPEC 7)."""
+        await self._tags_back([node], "its new manifest refused")
+
+    async def _tags_back(self, nodes: Sequence[TagNode], why: str) -> None:
+        """Point each tag an unlink through the mount deleted a moment ago back at the
+        manifest it named, unless it is set again meanwhile (by anyone: it is left alone)."""
+        for node in nodes:
+            digest = self._unlinked_tags.get(node)
+            self._unlinked_tags.pop(node)
+            if digest is None:
+                continue
+            tags = self._repo(node.repo).tags
+            with contextlib.suppress(UnknownTag):
+                await tags.get(node.tag)
+                continue  # set again meanwhile
+            try:
+                await tags.put(node.tag, digest)
+            except (UnknownManifest, UnknownRepository) as exc:
+                log.warning("tag %s of %s not put back: %s", node.tag, node.repo, exc)
+                continue
+            self.changed(node)
+            log.info("tag %s of %s points at %s again: %s", node.tag, node.repo, digest, why)
 
     async def mkdir(self, parent: DirNode, name: str) -> DirNode:
         path = _join(parent.path, name)

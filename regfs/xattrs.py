@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 import pyfuse3
@@ -11,7 +12,10 @@ from pyfuse3 import FUSEError
 
 from .inodes import InodeTable
 from .nodes import REGISTRY_KINDS, ROOT, Node, TagNode, UploadNode
+from .refusals import refusal
 from .tree import Tree
+
+log = logging.getLogger(__name__)
 
 XATTR_PREFIX = b"user.regfs."  # every extended attribute the tree has
 # Extended attributes that carry POSIX ACLs: "not supported" (not EPERM) makes cp -p, sed -i
@@ -51,6 +55,26 @@ class Xattrs:
                 # ls then shows no `+` for a later file of the mount that has an ACL.
                 raise FUSEError(errno.EOPNOTSUPP) from None
             raise FUSEError(pyfuse3.ENOATTR) from None
+
+    async def remove(self, inode: int, name: bytes, read_only: bool) -> None:
+        """removexattr: what a local filesystem answers, so that `setfattr -x` and `rsync
+        -X` (which removes from its copy each xattr its source lacks) go on: a name the
+        file does not have is ENODATA (ENOTSUP for ACLs and security.*, as `get` says);
+        one of the tree's own (`user.regfs.*`, what the registry holds, computed at each
+        read) is accepted and ignored, as a tag's times are; an image's own xattrs
+        (rootfs/) are refused, as the rest of a view."""
+        if read_only:
+            raise refusal("removexattr", self.inodes.get(inode), read_only)
+        node = self.inodes.node(inode)
+        if isinstance(node, REGISTRY_KINDS) and (
+            name in ACL_XATTRS or name.startswith(UNSUPPORTED_PREFIX)
+        ):
+            raise FUSEError(errno.EOPNOTSUPP)
+        if os.fsdecode(name) not in await self._of(node):
+            raise FUSEError(pyfuse3.ENOATTR)
+        if not name.startswith(XATTR_PREFIX):
+            raise refusal("removexattr", node, read_only)
+        log.debug("removexattr: %s of %s accepted and ignored (computed)", name, node)
 
     async def names(self, inode: int) -> list[bytes]:
         return [os.fsencode(name) for name in await self._of(self.inodes.node(inode))]

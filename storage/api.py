@@ -281,6 +281,12 @@ class Tags(Protocol):
 
     async def delete(self, tag: str) -> None: ...
 
+    async def move(self, tag: str, to: str) -> Digest:
+        """Point `to` at the manifest `tag` names, and delete `tag` (a retag, `mv`): in the
+        order that leaves no tag lost if the source fails between its two steps, and
+        nothing changed if it refuses the delete. Returns the manifest's digest."""
+        ...
+
     async def list(self) -> builtins.list[str]: ...
 
 

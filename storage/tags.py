@@ -105,6 +105,14 @@ class TagService:
         except PathNotFound:
             raise UnknownTag(f"unknown tag {self.name}:{tag}") from None
 
+    async def move(self, tag: str, to: str) -> Digest:
+        """`to` first, then `tag` goes: a failure (a crash) between the two leaves both
+        names, never neither; storage deletes any tag."""
+        digest = await self.get(tag)
+        await self.put(to, digest)
+        await self.delete(tag)
+        return digest
+
     async def lookup(self, digest: Digest) -> builtins.list[str]:
         """Tags that point at digest now (tags that cannot be read are skipped)."""
         found = []

@@ -148,3 +148,32 @@ async def test_manifest_push_interrupted_at_every_step():
         if faulty.calls < step:
             break
         step += 1
+
+
+async def test_retag_interrupted_at_every_step_loses_no_tag():
+    # `mv tags/v1 tags/v2` (Tags.move): whatever call the process dies at, v1 or v2 (or
+    # both) still names the manifest; it is never left untagged for a garbage collection.
+    step = 1
+    while True:
+        inner = InMemoryDriver()
+        repo = Registry(inner).repository("a/b")
+        upload = await repo.layers.upload()
+        await upload.write(b"cfg")
+        await upload.finish(digest_bytes(b"cfg"))
+        desc = {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": str(digest_bytes(b"cfg")),
+            "size": 3,
+        }
+        body = json.dumps({"schemaVersion": 2, "config": desc, "layers": []}).encode()
+        digest = await repo.manifests.put(body)
+        await repo.tags.put("v1", digest)
+        faulty = FaultyDriver(inner)
+        faulty.fail_at = step
+        with contextlib.suppress(Crash):
+            assert await Registry(faulty).repository("a/b").tags.move("v1", "v2") == digest
+        assert await repo.tags.lookup(digest) != [], f"no tag left at step {step}"
+        if faulty.calls < step:
+            assert await repo.tags.list() == ["v2"]
+            break
+        step += 1

@@ -617,6 +617,20 @@ class RemoteTags:
                 f"{self.client.base_url} does not delete tags ({response.status_code})"
             )
 
+    async def move(self, tag: str, to: str) -> Digest:
+        """`tag` goes first: a registry that deletes no tag alone (2.8) refuses that before
+        anything changed, where a put first would leave both names, the new one for good.
+        A put that fails next puts `tag` back."""
+        digest = await self.get(tag)
+        await self.delete(tag)
+        try:
+            await self.put(to, digest)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.put(tag, digest)
+            raise
+        return digest
+
 
 class RemoteManifests:
     def __init__(self, repo: RemoteRepository) -> None:
