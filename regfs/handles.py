@@ -27,7 +27,15 @@ from storage.errors import DigestMismatch, InvalidManifest, InvalidOffset, Unkno
 from storage.manifest_format import MAX_MANIFEST_SIZE
 
 from .closers import Close, Opener
-from .nodes import Attr, FinishedNode, ManifestNode, TagNode, UploadNode, digest_name
+from .nodes import (
+    Attr,
+    FinishedNode,
+    LayerNode,
+    ManifestNode,
+    TagNode,
+    UploadNode,
+    digest_name,
+)
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -196,6 +204,7 @@ class UploadHandle(Handle):
             if self.layer:
                 log.error("%s: layers/%s not linked: %s (EIO)", operation, self.name, exc)
                 await self._cancel(operation, "written as a layer it is not")
+                await self.tree.layer_refused(LayerNode(self.node.repo, expected))
                 raise FUSEError(errno.EIO) from None
             log.error(
                 "%s: upload %s (%s) not finished: %s; it stays for a resume or rm",

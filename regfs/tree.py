@@ -202,6 +202,9 @@ class Tree:
         # again, and what that create stores (`put_manifest`) or refuses (`tag_refused`)
         # puts those tags back, as tags/ on ext4 would be symlinks that dangle and revive.
         self._unlinked_tags: TtlCache[TagNode, Digest] = TtlCache(UNLINKED_GRACE, UNLINKED_KEPT)
+        # And the layers it unlinked, as long: bytes written over one that are another's
+        # are refused (`layer_refused`), and it is linked again where the source can.
+        self._unlinked_layers: TtlCache[LayerNode, bool] = TtlCache(UNLINKED_GRACE, UNLINKED_KEPT)
         # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
         # manifest wait for them (`remove`). And the names in a view's section, a tag's image
         # root (rootfs/<tag>) that moves with the tag: every change of a tag waits for them.
@@ -822,6 +825,8 @@ class Tree:
                     stale += self._sections(repo, "tags")
             case LayerNode(repo, digest):
                 await self._repo(repo).layers.unlink(digest)
+                if unlink:
+                    self._unlinked_layers.put(node, True)
             case FinishedNode():  # only the name goes: the layer is in layers/
                 self._finished.pop(node)
             case DirNode() | SectionNode():
@@ -908,6 +913,24 @@ class Tree:
         deleted that tag a moment ago (a tool's unlink before its create), it is put back,
         so that the refused write leaves the registry as it was (SPEC 7)."""
         await self._tags_back([node], "its new manifest refused")
+
+    async def layer_refused(self, node: LayerNode) -> None:
+        """Bytes written to layers/<digest> were another's: if an unlink through the mount
+        took that layer a moment ago (`cp -f`, `install`: unlink, then create), it is linked
+        again where the source still can, so that the refused write loses nothing."""
+        if not self._unlinked_layers.get(node):
+            return
+        self._unlinked_layers.pop(node)
+        relinked = await self._repo(node.repo).layers.relink(node.digest)
+        if relinked:
+            self.changed(node)
+        log.log(
+            logging.INFO if relinked else logging.WARNING,
+            "layer %s of %s %s: the bytes written over it were refused",
+            node.digest,
+            node.repo,
+            "linked again" if relinked else "stays unlinked (its source cannot link it again)",
+        )
 
     async def _tags_back(self, nodes: Sequence[TagNode], why: str) -> None:
         """Point each tag an unlink through the mount deleted a moment ago back at the

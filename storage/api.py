@@ -208,6 +208,11 @@ class Layers(Protocol):
 
     async def unlink(self, digest: Digest) -> None: ...
 
+    async def relink(self, digest: Digest) -> bool:
+        """Link again a blob this repository unlinked a moment ago, if the source still holds
+        it and can (False where it cannot: a registry's blob DELETE is final)."""
+        ...
+
     async def upload(self, label: str | None = None) -> Upload:
         """Start an upload; `label` is the client's name for it, kept beside it."""
         ...

@@ -112,6 +112,14 @@ class LayerService:
     async def unlink(self, digest: Digest) -> None:
         await self.linked.unlink(digest)
 
+    async def relink(self, digest: Digest) -> bool:
+        """The blob stays in the store after an unlink until a garbage collection."""
+        try:
+            await self.link(digest)
+        except UnknownLayer:
+            return False
+        return True
+
     async def upload(self, label: str | None = None) -> LayerUpload:
         """Start an upload; `label` is a client's name for it, kept beside it (see paths)."""
         uuid = str(uuidlib.uuid4())

@@ -119,3 +119,23 @@ async def test_a_retag_is_not_undone_by_a_refused_create(tmp_path, mount):
     assert run("cp", bad, repo / "tags" / "latest", check=False).returncode
     assert ls(repo / "tags") == ["v1"]
     assert (repo / "tags" / "v1").read_bytes() == image["manifest"]
+
+
+async def test_cp_f_of_other_bytes_over_a_layer_keeps_it_linked(tmp_path, mount):
+    # cp -f cannot open the layer to write (EPERM), so it unlinks it and creates it again:
+    # the bytes are another's, refused (EIO), and the layer it unlinked is linked again,
+    # as a refused manifest puts back the tag an unlink took (was: the image lost it).
+    image = await build_root(tmp_path / "root", size=10_000)
+    m = mount(tmp_path / "root", "--tag-ttl", "0")
+    repo = m.path(*NAME.split("/"))
+    layer = repo / "layers" / image["layer"]
+    before = layer.read_bytes()
+    result = run("cp", "-f", write_file(tmp_path / "other", b"other\n"), layer, check=False)
+    assert result.returncode != 0
+    assert b"Input/output error" in result.stderr
+    assert layer.read_bytes() == before
+    assert ls(repo / "layers") == sorted(image["blobs"])
+    assert "linked again" in m.log.read_text()
+    # An rm alone stays an rm: only a refused create of the name undoes it.
+    run("rm", layer)
+    assert image["layer"] not in ls(repo / "layers")

@@ -917,6 +917,11 @@ class RemoteLayers:
         if response.status_code == 404:
             raise UnknownLayer(f"blob unknown to {self.name}: {digest}")
 
+    async def relink(self, digest: Digest) -> bool:
+        """Never: no API links a blob into a repository without its bytes but a mount from
+        another repository, and the blob's DELETE took this one's link."""
+        return False
+
     # -- uploads ---------------------------------------------------------------------------
 
     def _finished(self) -> dict[Digest, BlobInfo]:
