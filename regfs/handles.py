@@ -84,6 +84,49 @@ class ReadHandle(Handle):
         await self.reader.aclose()
 
 
+class FinishedWriter(Handle):
+    """A finished upload's name (`FinishedNode`) opened for writing without O_TRUNC within
+    FINISHED_GRACE: `dd conv=notrunc` or a resume script run again after the upload
+    finished at its close. The file is the layer, and a layer never changes: a write of the
+    bytes it holds at that offset is taken and changes nothing (as it would change nothing
+    in a local file), and so is a truncate to its own size; one that would change it (other
+    bytes, past its end, another size) is EPERM, with a log line. Nothing ends at close."""
+
+    def __init__(self, node: FinishedNode, reader: BlobReader, size: int) -> None:
+        self.node = node
+        self.reader = reader
+        self.size = size
+
+    async def read(self, offset: int, size: int) -> Buffer:
+        return await self.reader.read_at(offset, size)
+
+    async def release(self) -> None:
+        await self.reader.aclose()
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if offset + len(data) <= self.size and await self.reader.read_at(offset, len(data)) == data:
+            return len(data)
+        what = f"a write of {len(data)} bytes at {offset} that are not its own"
+        raise finished_refusal(self.node, self.size, what)
+
+    async def truncate(self, size: int) -> None:
+        if size != self.size:
+            raise finished_refusal(self.node, self.size, f"a truncate to {size} bytes")
+
+
+def finished_refusal(node: FinishedNode, size: int, what: str) -> FUSEError:
+    """EPERM, logged, for what would change the layer a finished upload's name became."""
+    log.info(
+        "write: uploads/%s of %s is the layer it finished as (%d bytes), which never "
+        "changes: %s is refused (EPERM); write a new upload (O_TRUNC, or after rm)",
+        node.digest,
+        node.repo,
+        size,
+        what,
+    )
+    return FUSEError(errno.EPERM)
+
+
 class UploadHandle(Handle):
     """The one writer of an upload. Data goes through the driver as it comes, never spooled.
 

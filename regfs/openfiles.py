@@ -25,6 +25,7 @@ from storage.names import validate_tag
 
 from .closers import Close, Closers
 from .handles import (
+    FinishedWriter,
     Handle,
     ManifestHandle,
     ManifestWriter,
@@ -32,6 +33,7 @@ from .handles import (
     TagHandle,
     UploadHandle,
     UploadReader,
+    finished_refusal,
 )
 from .nodes import (
     Attr,
@@ -208,8 +210,12 @@ class OpenFiles:
             raise refusal("open", node, self.options.read_only)
         if isinstance(node, UploadNode):
             return await self._upload_writer(node, truncate)
-        if isinstance(node, FinishedNode) and truncate:  # a new upload, as create begins one
-            return (await self.create(SectionNode(node.repo, "uploads"), str(node.digest)))[1]
+        if isinstance(node, FinishedNode):
+            if truncate:  # a new upload, as create begins one
+                return (await self.create(SectionNode(node.repo, "uploads"), str(node.digest)))[1]
+            # The layer it became, which takes only its own bytes (`dd conv=notrunc` again).
+            size = (await self.tree.attr(node)).size
+            return FinishedWriter(node, await self.tree.open(node), size)
         if isinstance(node, TagNode):  # writers of a tag each store at their last close
             if flags & os.O_ACCMODE == os.O_RDONLY:
                 # O_TRUNC on a descriptor that can write nothing to take the tag's place: the
@@ -284,6 +290,10 @@ class OpenFiles:
             await handle.truncate(size)
         elif isinstance(node, UploadNode):
             await self._truncate_upload(node, size)
+        elif isinstance(node, FinishedNode):  # the layer: to its own size only (no change)
+            own = (await self.tree.attr(node)).size
+            if size != own:
+                raise finished_refusal(node, own, f"a truncate to {size} bytes")
         else:
             raise refusal("truncate", node, self.options.read_only)
 

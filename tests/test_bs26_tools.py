@@ -1,0 +1,88 @@
+"""Everyday tools on a mount, reviewer r1's rough edges of stop 25 (stop 26, b): each run
+with the real tool on a real mount and compared with what it does on a local filesystem."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from support.mounts import Mount
+from support.roots import build_root
+from support.tools import digest_of, errno_of, ls, run
+from support.uploads import write_file
+
+pytestmark = pytest.mark.mount
+
+NAME = "library/demo"
+MIB = 1 << 20
+
+
+@pytest.fixture
+async def mounted(tmp_path: Path, mount) -> Mount:
+    """A mount of a fresh root holding library/demo."""
+    await build_root(tmp_path / "root", size=10_000)
+    return mount(tmp_path / "root")
+
+
+@pytest.fixture
+def repo(mounted: Mount) -> Path:
+    return mounted.path(*NAME.split("/"))
+
+
+def dd(src: Path, dst: Path, *args: str, check: bool = False):
+    return run(
+        "dd", f"if={src}", f"of={dst}", "bs=1M", "conv=notrunc", "status=none", *args, check=check
+    )
+
+
+# ------------------------------------------------- a finished upload's name, written again
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+async def test_dd_conv_notrunc_of_a_just_finished_upload_with_its_own_bytes(tmp_path, repo, skip):
+    # ext4: `dd if=blob of=file bs=1M skip=K seek=K conv=notrunc` of a file that holds blob
+    # writes the same bytes over it and exits 0. The resume of an upload (README), run again
+    # right after the upload finished at its close (a retry of a script), found its name
+    # (`FinishedNode`, FINISHED_GRACE) refusing any open for writing without O_TRUNC: EPERM.
+    # The name is the layer, which never changes: the bytes it holds are taken, nothing is
+    # stored, nothing ends at close.
+    data = os.urandom(3 * MIB + 5)
+    blob = write_file(tmp_path / "blob", data)
+    name = repo / "uploads" / digest_of(data)
+    run("cp", blob, name)
+    result = dd(blob, name, f"skip={skip}", f"seek={skip}")
+    assert (result.returncode, result.stderr.decode()) == (0, "")
+    assert ls(repo / "uploads") == []
+    assert (repo / "layers" / digest_of(data)).read_bytes() == data
+    assert name.read_bytes() == data
+
+
+async def test_a_write_that_would_change_a_finished_layer_is_eperm_and_logged(
+    tmp_path, repo, mounted
+):
+    # A local file would take any bytes; this one is a layer, and a finished layer never
+    # changes (SPEC 5): other bytes, bytes past its end (`>>`) and a truncate to another size
+    # are EPERM, each with a log line; a truncate to its own size changes nothing and is taken.
+    data = os.urandom(MIB)
+    name = repo / "uploads" / digest_of(data)
+    run("cp", write_file(tmp_path / "blob", data), name)
+    other = write_file(tmp_path / "other", os.urandom(4096))
+    result = dd(other, name)
+    assert result.returncode == 1 and "Operation not permitted" in result.stderr.decode()
+    assert run("bash", "-c", f'echo more >> "{name}"', check=False).returncode != 0
+    assert errno_of(lambda: os.truncate(name, 10)) == errno.EPERM
+    os.truncate(name, len(data))
+    with open(name, "r+b") as f:  # O_RDWR: reads the layer, takes its own bytes
+        assert f.read(100) == data[:100]
+        f.seek(50)
+        f.write(data[50:4096])
+        f.flush()
+        os.ftruncate(f.fileno(), len(data))
+        assert errno_of(lambda: os.pwrite(f.fileno(), b"x", 0)) == errno.EPERM
+    assert (repo / "layers" / digest_of(data)).read_bytes() == data
+    assert ls(repo / "uploads") == []
+    refused = [line for line in mounted.log_text().splitlines() if "never changes" in line]
+    assert len(refused) == 4, refused  # dd, >>, truncate, pwrite
+    assert f"uploads/{digest_of(data)} of {NAME} is the layer it finished as" in refused[0]
