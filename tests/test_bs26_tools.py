@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from support.inodes import forgotten
 from support.mounts import Mount
 from support.roots import build_root
 from support.tools import digest_of, errno_of, ls, run
@@ -86,3 +87,38 @@ async def test_a_write_that_would_change_a_finished_layer_is_eperm_and_logged(
     refused = [line for line in mounted.log_text().splitlines() if "never changes" in line]
     assert len(refused) == 4, refused  # dd, >>, truncate, pwrite
     assert f"uploads/{digest_of(data)} of {NAME} is the layer it finished as" in refused[0]
+
+
+# ------------------------------------------------------- a renamed tag's inode number
+
+
+async def test_a_renamed_tags_number_becomes_its_names_once_forgotten_and_git_sees_no_change(
+    tmp_path, repo, mounted, mount
+):
+    # ext4: `mv a b` keeps the inode, and its number, for good. Here the kernel moves the
+    # dentry with a's number (`InodeTable.rebind`), and once it forgets the inode, b is
+    # numbered by its name (SipHash of what it names), as a remount numbers it: the number
+    # changes once, to the one a remount would give anyway, never to one another live file
+    # has. Not a bug for the tools that look at st_ino: hard-link detection (rsync -H, tar,
+    # cp -a, du) looks only at files with st_nlink > 1 (a tag has 1), and a cache keyed on
+    # it (git's index, backup tools) reads the file again and finds it unchanged: shown with
+    # git, whose `status` stats every file of its index.
+    tags = repo / "tags"
+    run("cp", tags / "latest", tags / "v1")
+    git = ["git", f"--git-dir={tmp_path / 'git'}", f"--work-tree={tags}"]
+    ident = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    run("git", "init", "-q", "--bare", tmp_path / "git")
+    run(*git, "add", "-A")
+    run(*git, *ident, "commit", "-qm", "tags")
+    kept = os.stat(tags / "v1").st_ino
+    run("mv", tags / "v1", tags / "v2")
+    assert os.stat(tags / "v2").st_ino == kept  # the kernel's dentry, moved
+    run(*git, "add", "-A")
+    run(*git, *ident, "commit", "-qm", "mv")
+    forgotten(mounted, 1)
+    renumbered = os.stat(tags / "v2").st_ino
+    assert renumbered != kept
+    assert run(*git, "status", "--porcelain").stdout == b""
+    others = mount(tmp_path / "root").path(*NAME.split("/"), "tags")
+    assert os.stat(others / "v2").st_ino == renumbered  # what a remount gives it
+    assert len({os.stat(tags / tag).st_ino for tag in ls(tags)}) == len(ls(tags))

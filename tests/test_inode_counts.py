@@ -18,34 +18,14 @@ from pathlib import Path
 import pytest
 import trio
 from support.images import directory, file, hardlink, symlink
-from support.mounts import Mount, wait_until
+from support.inodes import forgotten, held
+from support.mounts import Mount
 from support.roots import build_root, put_layer_image, write_tags
 from support.tools import run
 
 pytestmark = pytest.mark.mount
 
 NAME = "library/counted"
-
-
-def held(m: Mount) -> int:
-    value = run("getfattr", "--only-values", "-n", "user.regfs.inodes", m.mountpoint).stdout
-    return int(value)
-
-
-def drop_kernel_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("2")
-
-
-def forgotten(m: Mount, at_most: int) -> None:
-    """Drop the kernel's unused inodes until the daemon holds at most `at_most` (FORGETs
-    come asynchronously, after the write returns)."""
-
-    def settled() -> bool:
-        drop_kernel_caches()
-        return held(m) <= at_most
-
-    wait_until(settled, 10, f"the daemon to hold at most {at_most} inodes")
 
 
 async def build(root: Path, name: str) -> None:
