@@ -4,12 +4,14 @@ moto, and the remote registry)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from support.fault_server import FaultServer
 from support.mounts import Mount
 from support.registry import RegistryClient, RegistryServer, running_registry
 from support.s3 import MotoServer
@@ -150,6 +152,22 @@ def module_registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     through repository names of their own (Source.name). Stopped when the module ends."""
     base = tmp_path_factory.mktemp("services")
     yield from running_registry(base / "root", workdir=base / "registry")
+
+
+@pytest.fixture
+def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
+    """A FaultServer in front of the module's registry: it records each request it passes
+    on (`seen`) and injects the faults a test gives it."""
+    with FaultServer(upstream=module_registry_server.url) as server:
+        yield server
+
+
+@pytest.fixture
+async def proxied(proxy: FaultServer, tmp_path: Path) -> AsyncIterator[RemoteRegistry]:
+    """A remote source (storage/remote) of the module's registry through `proxy`."""
+    client = RemoteClient(proxy.url, timeout=5)
+    async with contextlib.aclosing(RemoteRegistry(client, tmp_path / "state", 30.0)) as source:
+        yield source
 
 
 @pytest.fixture(

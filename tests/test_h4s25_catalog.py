@@ -4,8 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -14,25 +13,9 @@ from support.mounts import Mount, wait_until
 from support.registry import RegistryServer
 from support.tools import sh
 
-from storage.remote.client import RemoteClient
 from storage.remote.registry import RemoteRegistry
 
 pytestmark = pytest.mark.registry
-
-
-@pytest.fixture
-def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
-    with FaultServer(upstream=module_registry_server.url) as server:
-        yield server
-
-
-@pytest.fixture
-async def registry(proxy: FaultServer, tmp_path: Path) -> AsyncIterator[RemoteRegistry]:
-    source = RemoteRegistry(RemoteClient(proxy.url, timeout=5), tmp_path / "state", 30.0)
-    try:
-        yield source
-    finally:
-        await source.aclose()
 
 
 def catalogs(proxy: FaultServer) -> list[tuple[str, int | None]]:
@@ -40,28 +23,28 @@ def catalogs(proxy: FaultServer) -> list[tuple[str, int | None]]:
 
 
 async def test_a_lookup_during_the_read_ahead_waits_for_its_answer(
-    registry: RemoteRegistry, proxy: FaultServer
+    proxied: RemoteRegistry, proxy: FaultServer
 ) -> None:
     """The mount's read-ahead of the catalog and a lookup that comes meanwhile ask the
     registry once: the lookup takes the read-ahead's answer (before: each fetched it)."""
     body = b'{"repositories": ["slow/one"]}'
     proxy.inject(Fault(200, body=body, delay=0.5, method="GET", path=r"/_catalog$"))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(registry.catalog.read_ahead)
+        nursery.start_soon(proxied.catalog.read_ahead)
         await trio.sleep(0.1)
-        assert await registry.catalog.is_repository("slow/one")
+        assert await proxied.catalog.is_repository("slow/one")
     assert catalogs(proxy) == [("/v2/_catalog?n=1000", 200)]
 
 
 async def test_a_failed_read_ahead_is_left_for_the_lookup(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """A read-ahead the registry answers with garbage raises nothing (it runs beside the
     mount, for no one): the lookup asks again, and would report what it meets."""
     module_registry_server.client().push_blob("ahead/failed", b"x")
     proxy.inject(Fault(200, body=b"no json", method="GET", path=r"/_catalog$"))
-    await registry.catalog.read_ahead()
-    assert await registry.catalog.is_repository("ahead/failed")
+    await proxied.catalog.read_ahead()
+    assert await proxied.catalog.is_repository("ahead/failed")
     assert [status for _, status in catalogs(proxy)] == [200, 200]
 
 

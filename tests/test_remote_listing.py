@@ -16,7 +16,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -49,12 +49,6 @@ from storage.remote.registry import RemoteRegistry
 pytestmark = [pytest.mark.registry, pytest.mark.remote]
 
 TAGS = ("a", "b", "c", "d")
-
-
-@pytest.fixture
-def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
-    with FaultServer(upstream=module_registry_server.url) as server:
-        yield server
 
 
 @dataclass(frozen=True)
@@ -99,15 +93,6 @@ def asked(proxy: FaultServer, name: str) -> Counter[str]:
     return kinds
 
 
-@pytest.fixture
-async def registry(proxy: FaultServer, tmp_path: Path) -> AsyncIterator[RemoteRegistry]:
-    source = RemoteRegistry(RemoteClient(proxy.url, timeout=5), tmp_path / "state", 30.0)
-    try:
-        yield source
-    finally:
-        await source.aclose()
-
-
 async def walk(source: RemoteRegistry, name: str) -> tuple[list[str], list[Digest]]:
     """What listing tags/, manifests/ and layers/ with readdirplus asks of the source."""
     repo = source.repository(name)
@@ -123,25 +108,25 @@ async def walk(source: RemoteRegistry, name: str) -> tuple[list[str], list[Diges
 
 
 async def test_a_walk_asks_each_thing_once(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """Before: three `tags/list` and three HEADs per tag (one per section), a GET per
     manifest and a HEAD per blob, one at a time; the blobs' sizes now come from the
     manifests' descriptors."""
     blobs = push_repo(module_registry_server.client(), "listing/once")
-    registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
+    proxied.tag_reuse = 60  # a loaded machine may take seconds between the steps
     proxy.seen.clear()
-    tags, layers = await walk(registry, "listing/once")
+    tags, layers = await walk(proxied, "listing/once")
     assert tags == list(TAGS)
     assert {str(d) for d in layers} == blobs
     assert asked(proxy, "listing/once") == {"GET tags/list": 1, "GET manifests/<tag>": len(TAGS)}
     proxy.seen.clear()  # within the reuse, and the blobs' sizes are kept: nothing asked
-    assert await walk(registry, "listing/once") == (tags, layers)
+    assert await walk(proxied, "listing/once") == (tags, layers)
     assert asked(proxy, "listing/once") == {}
 
 
 async def test_a_blob_size_a_manifest_lies_about_is_caught_on_read(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """A blob's size in layers/ is its descriptor's, a claim like a HEAD's Content-Length:
     one larger than a file can be is asked with a HEAD instead, and a wrong one is shown but
@@ -156,7 +141,7 @@ async def test_a_blob_size_a_manifest_lies_about_is_caught_on_read(
     lying["layers"][0]["size"] = len(layer) + 5
     body = json.dumps(lying).encode()
     proxy.inject(Fault(200, body=body, method="GET", path=r"/l/lies/manifests/a$"), times=1)
-    repo = registry.repository("l/lies")
+    repo = proxied.repository("l/lies")
     proxy.seen.clear()
     config_digest, layer_digest = (Digest.parse(sha256_digest(b)) for b in (config, layer))
     assert sorted(await repo.layers.list()) == sorted([config_digest, layer_digest])
@@ -173,7 +158,7 @@ async def test_a_blob_size_a_manifest_lies_about_is_caught_on_read(
 
 
 async def test_a_walk_of_the_same_tagged_manifests_parses_them_once(
-    registry: RemoteRegistry,
+    proxied: RemoteRegistry,
     module_registry_server: RegistryServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -188,7 +173,7 @@ async def test_a_walk_of_the_same_tagged_manifests_parses_them_once(
         return parse_manifest(data, *args)
 
     monkeypatch.setattr(remote_registry, "parse_manifest", counted)
-    repo = registry.repository("listing/parsed")
+    repo = proxied.repository("listing/parsed")
     assert {str(d) for d in await repo.layers.list()} == blobs
     assert len(parsed) == len(TAGS)
     assert {str(d) for d in await repo.layers.walk()} == blobs
@@ -203,13 +188,13 @@ async def test_a_walk_of_the_same_tagged_manifests_parses_them_once(
 
 
 async def test_stats_of_a_listing_say_what_stat_says_and_ask_each_thing_once(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """`stats` (what a listing of layers/ or manifests/ asks before readdir): each blob's
     HEAD and each manifest's GET once, in parallel, nothing for what a listing already
     asked; what the registry does not know is None, for `stat` to report."""
     blobs = sorted(Digest.parse(b) for b in push_repo(module_registry_server.client(), "l/s"))
-    repo = registry.repository("l/s")
+    repo = proxied.repository("l/s")
     manifests = [await repo.tags.ask(tag) for tag in TAGS]
     unknown = Digest.parse("sha256:" + "0" * 64)
     proxy.seen.clear()
@@ -229,7 +214,7 @@ async def test_stats_of_a_listing_say_what_stat_says_and_ask_each_thing_once(
 
 
 async def test_a_listing_of_tags_resolves_nothing_until_a_lookup(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """`ls tags/` asks `tags/list` only; the first lookup of one of them fetches every tag's
     manifest at once (before: the listing did, a GET per tag for a plain `ls`)."""
@@ -237,16 +222,16 @@ async def test_a_listing_of_tags_resolves_nothing_until_a_lookup(
     client = module_registry_server.client()
     push_repo(client, "listing/lazy", many)
     digests = {tag: client.get_manifest("listing/lazy", tag).digest for tag in many}
-    registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
+    proxied.tag_reuse = 60  # a loaded machine may take seconds between the steps
     proxy.seen.clear()
-    repo = registry.repository("listing/lazy")
+    repo = proxied.repository("listing/lazy")
     assert await repo.tags.list() == list(many)
     assert asked(proxy, "listing/lazy") == {"GET tags/list": 1}
     assert str(await repo.tags.get("t05")) == digests["t05"]
     assert asked(proxy, "listing/lazy") == {"GET tags/list": 1, "GET manifests/<tag>": len(many)}
     assert {tag: str(await repo.tags.get(tag)) for tag in many} == digests
     assert asked(proxy, "listing/lazy") == {"GET tags/list": 1, "GET manifests/<tag>": len(many)}
-    snapshot = registry.tag_snapshots.get("listing/lazy")
+    snapshot = proxied.tag_snapshots.get("listing/lazy")
     assert snapshot is not None
     snapshot.targets_until = 0  # the reuse over (at the default 1 s, a loaded test's steps)
     assert {tag: str(await repo.tags.get(tag)) for tag in many} == digests
@@ -256,22 +241,22 @@ async def test_a_listing_of_tags_resolves_nothing_until_a_lookup(
     }
     proxy.seen.clear()  # not listed: a tag of another repository is asked on its own
     push_repo(client, "listing/unlisted")
-    await registry.repository("listing/unlisted").tags.get("a")
+    await proxied.repository("listing/unlisted").tags.get("a")
     assert asked(proxy, "listing/unlisted") == {"HEAD manifests/<tag>": 1}
 
 
 async def test_a_listing_again_keeps_the_targets_resolved_since(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """A walk lists manifests/ after layers/; when resolving the tags took longer than the
     names are reused, the listing again asks `tags/list`, not every tag's manifest again."""
     push_repo(module_registry_server.client(), "listing/again")
-    repo = registry.repository("listing/again")
+    repo = proxied.repository("listing/again")
     proxy.seen.clear()
     await repo.layers.list()
     resolved = {"GET tags/list": 1, "GET manifests/<tag>": len(TAGS)}
     assert asked(proxy, "listing/again") == resolved
-    snapshot = registry.tag_snapshots.get("listing/again")
+    snapshot = proxied.tag_snapshots.get("listing/again")
     assert snapshot is not None
     snapshot.until = 0  # the names expired, the targets not
     proxy.seen.clear()
@@ -279,18 +264,18 @@ async def test_a_listing_again_keeps_the_targets_resolved_since(
     for tag in TAGS:
         await repo.tags.get(tag)
     assert asked(proxy, "listing/again") == {"GET tags/list": 1}
-    registry.forget()  # SIGHUP: nothing kept is carried into the next listing
+    proxied.forget()  # SIGHUP: nothing kept is carried into the next listing
     proxy.seen.clear()
     await repo.manifests.list()
     assert asked(proxy, "listing/again") == resolved
 
 
 async def test_a_change_through_the_source_is_seen_at_once(
-    registry: RemoteRegistry, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, module_registry_server: RegistryServer
 ) -> None:
     push_repo(module_registry_server.client(), "listing/through")
-    repo = registry.repository("listing/through")
-    await walk(registry, "listing/through")
+    repo = proxied.repository("listing/through")
+    await walk(proxied, "listing/through")
     b = await repo.tags.get("b")
     await repo.tags.put("a", b)
     assert await repo.tags.get("a") == b
@@ -323,17 +308,17 @@ async def test_a_delete_whose_answer_was_lost_is_done_when_its_retry_is_404(
 
 
 async def test_a_change_behind_the_source_is_seen_after_the_reuse(
-    registry: RemoteRegistry, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, module_registry_server: RegistryServer
 ) -> None:
     client = module_registry_server.client()
     push_repo(client, "listing/behind")
-    repo = registry.repository("listing/behind")
-    await walk(registry, "listing/behind")
+    repo = proxied.repository("listing/behind")
+    await walk(proxied, "listing/behind")
     before = await repo.tags.get("a")
     client.put_manifest("listing/behind", "a", client.get_manifest("listing/behind", "b").body)
     assert await repo.tags.get("a") == before  # the listing's, for up to tag_reuse
-    assert registry.tag_reuse == remote_registry.TAG_REUSE_MAX
-    deadline = time.monotonic() + registry.tag_reuse + 5
+    assert proxied.tag_reuse == remote_registry.TAG_REUSE_MAX
+    deadline = time.monotonic() + proxied.tag_reuse + 5
     while await repo.tags.get("a") == before:
         assert time.monotonic() < deadline, "the retag behind the source was never seen"
         await trio.sleep(0.05)
@@ -361,7 +346,7 @@ async def test_no_reuse_without_a_listing_ttl(
 
 
 async def test_tags_past_the_cap_are_asked_one_by_one(
-    registry: RemoteRegistry,
+    proxied: RemoteRegistry,
     proxy: FaultServer,
     module_registry_server: RegistryServer,
     monkeypatch: pytest.MonkeyPatch,
@@ -372,13 +357,13 @@ async def test_tags_past_the_cap_are_asked_one_by_one(
     monkeypatch.setattr(remote_registry, "TAGS_RESOLVED_MAX", 2)
     push_repo(module_registry_server.client(), "listing/cap")
     proxy.seen.clear()
-    repo = registry.repository("listing/cap")
+    repo = proxied.repository("listing/cap")
     assert await repo.tags.list() == list(TAGS)
     await repo.tags.get("a")
     assert asked(proxy, "listing/cap") == {"GET tags/list": 1, "GET manifests/<tag>": 2}
     assert len(await repo.manifests.list()) == len(TAGS)
     assert asked(proxy, "listing/cap")["HEAD manifests/<tag>"] == 2
-    snapshot = registry.tag_snapshots.get("listing/cap")
+    snapshot = proxied.tag_snapshots.get("listing/cap")
     assert snapshot is not None
     snapshot.targets_until = 0  # expired: "d" is still asked on its own
     await repo.tags.get("d")
@@ -390,7 +375,7 @@ async def test_tags_past_the_cap_are_asked_one_by_one(
 
 
 async def test_a_page_size_refused_once_is_not_asked_again(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """A registry that refuses pages of 1,000 (400 PAGINATION_NUMBER_INVALID, as its
     catalog does past `maxentries`): the page is asked again smaller (the refusal twice:
@@ -403,7 +388,7 @@ async def test_a_page_size_refused_once_is_not_asked_again(
     proxy.inject(Fault(400, body=refused, method="GET", path=r"/tags/list$"), times=2)
     proxy.seen.clear()
     for name in ("listing/paged1", "listing/paged2"):
-        assert await registry.repository(name).tags.list() == list(TAGS)
+        assert await proxied.repository(name).tags.list() == list(TAGS)
     assert [s.path for s in proxy.seen] == [
         "/v2/listing/paged1/tags/list?n=1000",
         "/v2/listing/paged1/tags/list?n=1000",
@@ -413,7 +398,7 @@ async def test_a_page_size_refused_once_is_not_asked_again(
 
 
 async def test_a_listing_past_its_first_page_asks_the_rest_at_once(
-    registry: RemoteRegistry,
+    proxied: RemoteRegistry,
     proxy: FaultServer,
     module_registry_server: RegistryServer,
     monkeypatch: pytest.MonkeyPatch,
@@ -427,7 +412,7 @@ async def test_a_listing_past_its_first_page_asks_the_rest_at_once(
     for name in ("listing/pages1", "listing/pages2", "listing/pages3"):
         push_repo(client, name)
     proxy.seen.clear()
-    names = await registry.catalog.repositories()
+    names = await proxied.catalog.repositories()
     assert {"listing/pages1", "listing/pages2", "listing/pages3"} <= set(names)
     last = f"last={quote(names[1], safe='')}"  # the first page's last name: the Link's
     assert [s.path for s in proxy.seen] == [
@@ -436,14 +421,14 @@ async def test_a_listing_past_its_first_page_asks_the_rest_at_once(
         f"/v2/_catalog?{last}&n=100000",
         f"/v2/_catalog?{last}&n=1000",
     ]
-    registry.catalog.forget()
+    proxied.catalog.forget()
     proxy.seen.clear()
-    assert await registry.catalog.repositories() == names
+    assert await proxied.catalog.repositories() == names
     assert [s.path for s in proxy.seen] == ["/v2/_catalog?n=2", f"/v2/_catalog?{last}&n=1000"]
 
 
 async def test_a_failing_registry_stops_the_fetching_ahead(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """503s past the retries: the first lookup's resolution stops, the rest is not asked
     for ahead (a registry that is down is not hammered), and the lookup reports the error
@@ -451,7 +436,7 @@ async def test_a_failing_registry_stops_the_fetching_ahead(
     many = tuple(f"t{i:02d}" for i in range(30))
     push_repo(module_registry_server.client(), "listing/down", many)
     proxy.seen.clear()
-    repo = registry.repository("listing/down")
+    repo = proxied.repository("listing/down")
     assert await repo.tags.list() == list(many)
     proxy.inject(Fault(503, path=r"/manifests/t\d\d$"), times=100)
     with pytest.raises(RemoteUnavailable):
@@ -468,7 +453,7 @@ async def test_a_failing_registry_stops_the_fetching_ahead(
 
 
 async def test_a_tag_gone_midway_stops_the_batch_and_the_rest_are_asked_once(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """The tags' manifests are asked by worker threads in one batch; a tag the registry no
     longer knows stops it, and each tag it left is asked once on its own: every other tag
@@ -476,8 +461,8 @@ async def test_a_tag_gone_midway_stops_the_batch_and_the_rest_are_asked_once(
     many = tuple(f"t{i:02d}" for i in range(24))
     client = module_registry_server.client()
     push_repo(client, "listing/gone", many)
-    registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
-    repo = registry.repository("listing/gone")
+    proxied.tag_reuse = 60  # a loaded machine may take seconds between the steps
+    repo = proxied.repository("listing/gone")
     assert await repo.tags.list() == list(many)
     unknown = b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}'
     proxy.inject(Fault(404, body=unknown, path=r"/listing/gone/manifests/t05$"), times=20)
@@ -496,7 +481,7 @@ async def test_a_tag_gone_midway_stops_the_batch_and_the_rest_are_asked_once(
 
 
 async def test_an_answer_lost_midway_is_the_only_one_asked_again(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """A connection that hangs up after the registry took the request (a reset under load)
     stops the batch; the answers already received are kept, and only the tags that got none
@@ -504,8 +489,8 @@ async def test_an_answer_lost_midway_is_the_only_one_asked_again(
     many = tuple(f"t{i:02d}" for i in range(24))
     client = module_registry_server.client()
     push_repo(client, "listing/lost", many)
-    registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
-    repo = registry.repository("listing/lost")
+    proxied.tag_reuse = 60  # a loaded machine may take seconds between the steps
+    repo = proxied.repository("listing/lost")
     assert await repo.tags.list() == list(many)
     proxy.inject(Fault(lose_answer=True, method="GET", path=r"/listing/lost/manifests/t05$"))
     proxy.seen.clear()
@@ -520,7 +505,7 @@ async def test_an_answer_lost_midway_is_the_only_one_asked_again(
 
 
 async def test_a_batch_of_manifests_holds_a_bounded_number_of_bytes(
-    registry: RemoteRegistry,
+    proxied: RemoteRegistry,
     proxy: FaultServer,
     module_registry_server: RegistryServer,
     monkeypatch: pytest.MonkeyPatch,
@@ -533,11 +518,11 @@ async def test_a_batch_of_manifests_holds_a_bounded_number_of_bytes(
     many = tuple(f"t{i:02d}" for i in range(24))
     client = module_registry_server.client()
     push_repo(client, "listing/budget", many)
-    repo = registry.repository("listing/budget")
+    repo = proxied.repository("listing/budget")
     assert await repo.tags.list() == list(many)
     paths = [f"/v2/listing/budget/manifests/{tag}" for tag in many]
     accept = {"Accept": remote_registry.ACCEPT}
-    batch = await registry.client.small_many("GET", paths, headers=accept, parallel=4)
+    batch = await proxied.client.small_many("GET", paths, headers=accept, parallel=4)
     answered = [a for a in batch.answers if a is not None]
     assert 1 <= len(answered) <= 4 and not batch.failed
     proxy.seen.clear()
@@ -688,7 +673,7 @@ def test_sighup_drops_what_a_remote_mount_keeps(remote: Remote, proxy: FaultServ
 
 
 async def test_a_walk_in_catalog_order_is_listed_ahead(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """Two repositories listed in the order of the catalog fetched: the next LISTINGS_AHEAD
     are listed in the background (tags, or layers/ with its manifests, as the walk lists
@@ -697,42 +682,42 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
     ahead = remote_registry.LISTINGS_AHEAD
     names = [f"zz/r{i}" for i in range(ahead + 3)]  # last in the catalog
     blobs = {name: push_repo(client, name, ("x", "y")) for name in names}
-    registry.tag_reuse = 60  # a loaded machine may take seconds between the steps
-    await registry.repository(names[0]).tags.list()
-    await registry.repository(names[1]).tags.list()
-    assert registry.listed_ahead() == set(), "listed ahead with no catalog fetched"
+    proxied.tag_reuse = 60  # a loaded machine may take seconds between the steps
+    await proxied.repository(names[0]).tags.list()
+    await proxied.repository(names[1]).tags.list()
+    assert proxied.listed_ahead() == set(), "listed ahead with no catalog fetched"
     # A walk goes through the catalog first (find and the shell's glob list zz/).
-    assert await registry.catalog.children("zz") == [n.split("/")[1] for n in names]
+    assert await proxied.catalog.children("zz") == [n.split("/")[1] for n in names]
     proxy.seen.clear()
-    await registry.repository(names[0]).tags.list()
-    await registry.repository(names[-1]).tags.list()  # not the next one: no walk
-    assert registry.listed_ahead() == set()
+    await proxied.repository(names[0]).tags.list()
+    await proxied.repository(names[-1]).tags.list()  # not the next one: no walk
+    assert proxied.listed_ahead() == set()
 
     proxy.seen.clear()
-    await registry.repository(names[0]).layers.list()
-    await registry.repository(names[1]).layers.list()
-    await listed_ahead(registry)
+    await proxied.repository(names[0]).layers.list()
+    await proxied.repository(names[1]).layers.list()
+    await listed_ahead(proxied)
     for name in names[2 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
     assert asked(proxy, names[-1]) == {}  # one more than LISTINGS_AHEAD
     proxy.seen.clear()
-    layers = await registry.repository(names[2]).layers.list()
+    layers = await proxied.repository(names[2]).layers.list()
     assert {str(d) for d in layers} == blobs[names[2]]
     for digest in layers:
-        await registry.repository(names[2]).layers.stat(digest)
+        await proxied.repository(names[2]).layers.stat(digest)
     assert asked(proxy, names[2]) == {}
 
 
 async def test_a_slow_resolution_is_reused_as_long_as_it_took(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """`ls -l` of a big tags/ consumes the resolution for a while: it is reused for as long
     as it took to take (here ≥ 0.6 s of retries), not only the minimum, never past the TTL.
     A resolution right after the listing (a walk's) keeps the names as long: the next
     section's listing asks no `tags/list` again."""
     push_repo(module_registry_server.client(), "listing/slow")
-    registry.tag_reuse = 0.5
-    repo = registry.repository("listing/slow")
+    proxied.tag_reuse = 0.5
+    repo = proxied.repository("listing/slow")
     await repo.tags.list()
     # Two 503s end the batch's and `small`'s http.client tries; three more are retried.
     proxy.inject(Fault(503, method="GET", path=r"/listing/slow/manifests/a$"), times=5)
@@ -740,9 +725,9 @@ async def test_a_slow_resolution_is_reused_as_long_as_it_took(
     await repo.tags.get("b")
     took = time.monotonic() - started
     assert took >= 0.6  # 0.1 + 0.2 + 0.4 s of backoff, jittered
-    snapshot = registry.tag_snapshots.get("listing/slow")
+    snapshot = proxied.tag_snapshots.get("listing/slow")
     assert snapshot is not None and snapshot.targets_until - time.monotonic() > took - 0.2
-    assert snapshot.targets_until - started <= took + registry.listing_ttl
+    assert snapshot.targets_until - started <= took + proxied.listing_ttl
     proxy.seen.clear()
     assert await repo.tags.list() == list(TAGS)
     assert await repo.manifests.list()
@@ -750,7 +735,7 @@ async def test_a_slow_resolution_is_reused_as_long_as_it_took(
 
 
 async def test_tags_slower_to_resolve_than_the_ttl_are_then_asked_one_by_one(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """A resolution that took longer than the listing TTL is reused no longer than the TTL:
     had each lookup after it resolved every tag again, `ls -l` beside `watch ls` (each
@@ -758,8 +743,8 @@ async def test_tags_slower_to_resolve_than_the_ttl_are_then_asked_one_by_one(
     s: 4 s alone, 200 s beside the loop). Such a repository's listed tags are then asked
     one at a time (a HEAD each); after SIGHUP a lookup resolves them all again."""
     push_repo(module_registry_server.client(), "listing/slowttl")
-    registry.listing_ttl = registry.tag_reuse = 0.3
-    repo = registry.repository("listing/slowttl")
+    proxied.listing_ttl = proxied.tag_reuse = 0.3
+    repo = proxied.repository("listing/slowttl")
     await repo.tags.list()
     # Two 503s end the batch's and `small`'s http.client tries; three more are retried.
     proxy.inject(Fault(503, method="GET", path=r"/listing/slowttl/manifests/a$"), times=5)
@@ -773,7 +758,7 @@ async def test_tags_slower_to_resolve_than_the_ttl_are_then_asked_one_by_one(
         await repo.tags.get(tag)
     seen = asked(proxy, "listing/slowttl")
     assert seen["HEAD manifests/<tag>"] == 2 and seen["GET manifests/<tag>"] == 0, seen
-    registry.forget()  # SIGHUP
+    proxied.forget()  # SIGHUP
     proxy.seen.clear()
     await repo.tags.list()
     await repo.tags.get("a")
@@ -784,7 +769,7 @@ async def test_tags_slower_to_resolve_than_the_ttl_are_then_asked_one_by_one(
 
 
 async def repositories_in_order(
-    registry: RemoteRegistry, proxy: FaultServer, server: RegistryServer, prefix: str, count: int
+    proxied: RemoteRegistry, proxy: FaultServer, server: RegistryServer, prefix: str, count: int
 ) -> list[str]:
     """`count` repositories of tags x and y under prefix, the catalog fetched (as a walk's
     first step), their tags reused for long (a loaded machine may take seconds between the
@@ -792,41 +777,41 @@ async def repositories_in_order(
     names = [f"{prefix}/r{i}" for i in range(count)]
     for name in names:
         push_repo(server.client(), name, ("x", "y"))
-    registry.tag_reuse = 60
-    await registry.catalog.children(prefix)
+    proxied.tag_reuse = 60
+    await proxied.catalog.children(prefix)
     proxy.seen.clear()
     return names
 
 
-async def listed_ahead(registry: RemoteRegistry) -> None:
+async def listed_ahead(proxied: RemoteRegistry) -> None:
     """Once nothing is being listed in the background."""
     deadline = time.monotonic() + 10
-    while registry.listed_ahead():
+    while proxied.listed_ahead():
         assert time.monotonic() < deadline, "the listings ahead never finished"
         await trio.sleep(0.02)
 
 
 async def test_manifests_listed_in_catalog_order_resolve_ahead(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """`ls -l */manifests` resolves the next repositories' tags ahead (their tags' targets
     are what it lists), as lookups of their tags do: each asked once, none by its own
     listing."""
     ahead = remote_registry.LISTINGS_AHEAD
-    names = await repositories_in_order(registry, proxy, module_registry_server, "zx", ahead + 3)
+    names = await repositories_in_order(proxied, proxy, module_registry_server, "zx", ahead + 3)
     for name in names[:2]:
-        assert len(await registry.repository(name).manifests.list()) == 2
-    await listed_ahead(registry)
+        assert len(await proxied.repository(name).manifests.list()) == 2
+    await listed_ahead(proxied)
     for name in names[2 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
     assert asked(proxy, names[-1]) == {}
     for name in names[2:]:  # the window moves on: the last is resolved ahead too
-        assert len(await registry.repository(name).manifests.list()) == 2
+        assert len(await proxied.repository(name).manifests.list()) == 2
         assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
 
 
 async def test_lookups_in_catalog_order_resolve_ahead(
-    registry: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
+    proxied: RemoteRegistry, proxy: FaultServer, module_registry_server: RegistryServer
 ) -> None:
     """`ls */tags` lists the next repositories' tags ahead, and nothing more; `ls -l */tags`
     (a tag of each looked up in turn) resolves the next ones' tags ahead too, and goes on
@@ -835,22 +820,22 @@ async def test_lookups_in_catalog_order_resolve_ahead(
     ahead for the walk is not listed again (here, their caches dropped, it would be asked
     again), and each repository is asked once."""
     ahead = remote_registry.LISTINGS_AHEAD
-    names = await repositories_in_order(registry, proxy, module_registry_server, "zy", ahead + 4)
+    names = await repositories_in_order(proxied, proxy, module_registry_server, "zy", ahead + 4)
     for name in names[:2]:
-        assert await registry.repository(name).tags.list() == ["x", "y"]
-    await listed_ahead(registry)
+        assert await proxied.repository(name).tags.list() == ["x", "y"]
+    await listed_ahead(proxied)
     for name in names[2 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1}
     for name in names[:2]:
-        await registry.repository(name).tags.get("x")
-    await listed_ahead(registry)
+        await proxied.repository(name).tags.get("x")
+    await listed_ahead(proxied)
     for name in names[2 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
     assert asked(proxy, names[2 + ahead]) == {}
     for name in names[3 : 2 + ahead]:
-        registry.tag_snapshots.pop(name)  # listed ahead already: not listed again
-    await registry.repository(names[2]).tags.get("x")
-    await listed_ahead(registry)
+        proxied.tag_snapshots.pop(name)  # listed ahead already: not listed again
+    await proxied.repository(names[2]).tags.get("x")
+    await listed_ahead(proxied)
     assert asked(proxy, names[2]) == {"GET tags/list": 1, "GET manifests/<tag>": 2}
     for name in names[3 : 2 + ahead]:
         assert asked(proxy, name) == {"GET tags/list": 1, "GET manifests/<tag>": 2}

@@ -13,7 +13,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,12 +33,6 @@ from storage.remote.ranges import (
 from storage.remote.registry import ACCEPT
 
 pytestmark = [pytest.mark.registry, pytest.mark.remote]
-
-
-@pytest.fixture
-def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
-    with FaultServer(upstream=module_registry_server.url) as server:
-        yield server
 
 
 def push_tags(server: RegistryServer, name: str, tags: list[str]) -> list[str]:

@@ -16,9 +16,8 @@ import socket
 import socketserver
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import httpx
 import pytest
@@ -37,19 +36,6 @@ from storage.remote.registry import RemoteRegistry
 pytestmark = [pytest.mark.registry, pytest.mark.remote]
 
 EARLY_HINTS = Fault(interim=103, headers=(("Link", "</v2/>; rel=preload"),))
-
-
-@pytest.fixture
-def proxy(module_registry_server: RegistryServer) -> Iterator[FaultServer]:
-    with FaultServer(upstream=module_registry_server.url) as server:
-        yield server
-
-
-@pytest.fixture
-async def registry(proxy: FaultServer, tmp_path: Path) -> AsyncIterator[RemoteRegistry]:
-    client = RemoteClient(proxy.url, timeout=5)
-    async with contextlib.aclosing(RemoteRegistry(client, tmp_path / "state", 30.0)) as source:
-        yield source
 
 
 @dataclass(frozen=True)
@@ -81,30 +67,30 @@ def pushed(module_registry_server: RegistryServer) -> Pushed:
 
 
 async def test_every_tag_resolved_in_a_batch_is_its_own(
-    registry: RemoteRegistry, pushed: Pushed
+    proxied: RemoteRegistry, pushed: Pushed
 ) -> None:
     """Without interim answers: each tag of a pipelined batch resolves to its own manifest
     (the reference the tests below break)."""
-    found = await registry.repository(pushed.name).manifests.fetch_many(pushed.tags)
+    found = await proxied.repository(pushed.name).manifests.fetch_many(pushed.tags)
     assert {tag: str(d) for tag, d in found.items()} == dict(
         zip(pushed.tags, pushed.digests, strict=True)
     )
 
 
 async def test_a_103_never_gives_a_tag_another_tags_manifest(
-    registry: RemoteRegistry, proxy: FaultServer, pushed: Pushed
+    proxied: RemoteRegistry, proxy: FaultServer, pushed: Pushed
 ) -> None:
     """A 103 before the answer to t03's GET: t03 is asked again or left unresolved, and no
     tag resolves to another tag's manifest (with the 103 taken for an answer, t04 resolved
     to t03's, t05 to t04's...)."""
     proxy.inject(replace(EARLY_HINTS, path=r"/manifests/t03$"))
-    found = await registry.repository(pushed.name).manifests.fetch_many(pushed.tags)
+    found = await proxied.repository(pushed.name).manifests.fetch_many(pushed.tags)
     by_tag = dict(zip(pushed.tags, pushed.digests, strict=True))
     assert {tag: str(d) for tag, d in found.items() if str(d) != by_tag[tag]} == {}
 
 
 async def test_a_103_never_gives_a_blob_another_blobs_size(
-    registry: RemoteRegistry, proxy: FaultServer, pushed: Pushed
+    proxied: RemoteRegistry, proxy: FaultServer, pushed: Pushed
 ) -> None:
     """Blob HEADs (`layers.stats`) with a 103 before one answer: every size kept is the
     blob's own (with the 103 taken for an answer, the blobs after it got the size of the one
@@ -113,13 +99,13 @@ async def test_a_103_never_gives_a_blob_another_blobs_size(
     digest-checked manifests give), so this reaches few listings."""
     digests = [digest_bytes(layer) for layer in pushed.layers]
     proxy.inject(replace(EARLY_HINTS, path=rf"/blobs/{digests[3]}$"))
-    stats = await registry.repository(pushed.name).layers.stats(digests)
+    stats = await proxied.repository(pushed.name).layers.stats(digests)
     sizes = {str(d): s.size for d, s in zip(digests, stats, strict=True) if s is not None}
     assert sizes == {str(d): len(b) for d, b in zip(digests, pushed.layers, strict=True)}
 
 
 async def test_a_blob_answer_naming_another_blob_gives_no_size(
-    registry: RemoteRegistry, proxy: FaultServer, pushed: Pushed
+    proxied: RemoteRegistry, proxy: FaultServer, pushed: Pushed
 ) -> None:
     """A HEAD of a blob answered for another (Docker-Content-Digest names another blob: a
     proxy out of step, a lying registry): its size is not kept from a batch (`stats`: a
@@ -127,7 +113,7 @@ async def test_a_blob_answer_naming_another_blob_gives_no_size(
     digests = [digest_bytes(layer) for layer in pushed.layers]
     other = Fault(status=200, headers=(("Docker-Content-Digest", str(digests[0])),), body=b"")
     proxy.inject(replace(other, method="HEAD", path=rf"/blobs/{digests[3]}$"))
-    layers = registry.repository(pushed.name).layers
+    layers = proxied.repository(pushed.name).layers
     stats = await layers.stats(digests)
     sizes = {str(d): s.size for d, s in zip(digests, stats, strict=True) if s is not None}
     assert str(digests[3]) not in sizes
