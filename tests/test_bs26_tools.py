@@ -122,3 +122,43 @@ async def test_a_renamed_tags_number_becomes_its_names_once_forgotten_and_git_se
     others = mount(tmp_path / "root").path(*NAME.split("/"), "tags")
     assert os.stat(others / "v2").st_ino == renumbered  # what a remount gives it
     assert len({os.stat(tags / tag).st_ino for tag in ls(tags)}) == len(ls(tags))
+
+
+# ------------------------------------------------------- cp -a of a repository's uploads/
+
+
+async def test_cp_a_of_a_repository_and_its_uploads_to_and_from_a_local_disk(
+    tmp_path, repo, mounted
+):
+    # ext4: `cp -a dir new` makes new, then makes each subdirectory in it: a new directory is
+    # empty. A new repository is not: `mkdir` makes it with its sections (SPEC 3), and cp,
+    # which took it for new, does not look before its mkdir of each section: "cannot create
+    # directory 'new/uploads': File exists" (the kernel's answer: the daemon never sees
+    # that mkdir, so no log line). Not the daemon's to change: hiding the sections of a new
+    # repository until a mkdir would break `mkdir -p org/app && cp blob
+    # org/app/uploads/...`, the README's push. What works, as README says: copy into
+    # the repository once it exists (`cp -a src/. repo/`), or `rsync -a`, which looks first;
+    # and copying out, to a local disk, keeps every section and upload.
+    data = b"the first part of a layer\n"
+    run("bash", "-c", f'printf %s "{data.decode()}" > "{repo}/uploads/part"')
+    local = tmp_path / "local"
+    local.mkdir()
+    run("cp", "-a", repo, local)
+    assert sorted(ls(local / "demo")) == ["layers", "manifests", "rootfs", "tags", "uploads"]
+    assert (local / "demo" / "uploads" / "part").read_bytes() == data
+    new = mounted.path("library", "new")
+    result = run("cp", "-a", local / "demo", new, check=False)
+    assert result.returncode == 1
+    assert f"cannot create directory '{new}/uploads': File exists" in result.stderr.decode()
+    for target, argv in [
+        (mounted.path("library", "copied"), ["cp", "-a", f"{local / 'demo' / 'uploads'}/."]),
+        (mounted.path("library", "synced"), ["rsync", "-a", f"{local / 'demo' / 'uploads'}/"]),
+    ]:
+        run("mkdir", "-p", target)
+        result = run(*argv, f"{target / 'uploads'}/", check=False)
+        assert (result.returncode, result.stderr.decode()) == (0, "")
+        assert (target / "uploads" / "part").read_bytes() == data
+    assert (
+        run("cp", "-a", repo / "uploads", mounted.path("library", "copied"), check=False).returncode
+        == 0
+    )
