@@ -12,7 +12,7 @@ from support.inodes import forgotten
 from support.mounts import Mount
 from support.roots import build_root
 from support.tools import digest_of, errno_of, ls, run
-from support.uploads import write_file
+from support.uploads import new_repo, write_file
 
 pytestmark = pytest.mark.mount
 
@@ -58,6 +58,20 @@ async def test_dd_conv_notrunc_of_a_just_finished_upload_with_its_own_bytes(tmp_
     assert ls(repo / "uploads") == []
     assert (repo / "layers" / digest_of(data)).read_bytes() == data
     assert name.read_bytes() == data
+
+
+@pytest.mark.registry
+@pytest.mark.remote
+def test_dd_conv_notrunc_of_a_just_finished_upload_on_a_remote_mount(tmp_path, remote_mount):
+    # The same over https://: the name reads the layer from the registry to compare.
+    data = os.urandom(2 * MIB)
+    blob = write_file(tmp_path / "blob", data)
+    uploads = new_repo(remote_mount(), "b26/dd") / "uploads"
+    run("cp", blob, uploads / digest_of(data))
+    result = dd(blob, uploads / digest_of(data), "skip=1", "seek=1")
+    assert (result.returncode, result.stderr.decode()) == (0, "")
+    assert dd(write_file(tmp_path / "x", b"x"), uploads / digest_of(data)).returncode == 1
+    assert ls(uploads) == []
 
 
 async def test_a_write_that_would_change_a_finished_layer_is_eperm_and_logged(
