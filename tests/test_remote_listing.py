@@ -287,13 +287,13 @@ async def test_a_change_through_the_source_is_seen_at_once(
 
 
 async def test_a_delete_whose_answer_was_lost_is_done_when_its_retry_is_404(
-    registry: RemoteRegistry, module_registry_server: RegistryServer, proxy: FaultServer
+    proxied: RemoteRegistry, module_registry_server: RegistryServer, proxy: FaultServer
 ) -> None:
     # The registry deleted the manifest, but its answer never came back (a slow registry
     # under load: ReadTimeout): the retry of the idempotent DELETE is answered 404, which
     # is the first try's success, not an unknown manifest (was: rm said ENOENT, done).
     push_repo(module_registry_server.client(), "listing/lost-delete")
-    repo = registry.repository("listing/lost-delete")
+    repo = proxied.repository("listing/lost-delete")
     b = await repo.tags.get("b")
     await repo.tags.put("a", b)
     proxy.inject(Fault(lose_answer=True, method="DELETE", path=r"/manifests/sha256:"))
