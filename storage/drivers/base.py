@@ -265,6 +265,10 @@ class StorageDriver(ABC):
         """Space and file counts of the store, where it has such a thing."""
         return None
 
+    def start_workers(self) -> None:  # noqa: B027 (most drivers have none: nothing to start)
+        """Start now what the driver would start at its first call that needs it: a daemon
+        about to serve wants it ready for its first request."""
+
     def forget(self) -> None:  # noqa: B027 (most drivers keep nothing: nothing to drop)
         """Drop whatever the driver keeps of the store's state (SIGHUP)."""
 

@@ -197,6 +197,12 @@ class FilesystemDriver(StorageDriver):
     def __repr__(self) -> str:
         return f"FilesystemDriver({self.root!r})"
 
+    def start_workers(self) -> None:
+        """The stat worker, started now, not at the first big listing: a fresh mount's first
+        `ls -l` finds it ready, rather than stating its first chunks in threads that hold the
+        GIL against the loop while the worker starts (10-45 ms)."""
+        self._stat_worker.start()
+
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self._fd)
 
