@@ -29,7 +29,11 @@ def stat_workers(pid: int | str = "self") -> list[int]:
     """The children of process pid (this one by default) that run the stat worker."""
     found = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except FileNotFoundError:  # the thread ended since the listing (a worker's waiter)
+            continue
+        for child in children:
             try:
                 if b"bulkstat.py" in Path(f"/proc/{child}/cmdline").read_bytes():
                     found.append(int(child))
