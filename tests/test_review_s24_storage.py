@@ -3,7 +3,6 @@ states the rule; it passes once the finding is fixed."""
 
 from __future__ import annotations
 
-import marshal
 import os
 import signal
 import time
@@ -12,10 +11,10 @@ from typing import Any
 
 import pytest
 import trio
-from support.statworkers import put_layers, stat_workers
+from support.statworkers import cut_replies, put_layers, stat_workers
 
 from storage.digests import Digest
-from storage.drivers import FilesystemDriver, statworker
+from storage.drivers import FilesystemDriver
 from storage.errors import CorruptEntry
 from storage.paths import BlobsDir, LayersDir, RepositoryDir, path_for
 from storage.registry import Registry
@@ -72,12 +71,7 @@ async def test_a_worker_reply_of_the_wrong_length_is_corrupt_entry(
     digests = put_layers(root, "a/b", COUNT)
     driver = FilesystemDriver(root)
     await _ready(driver)
-    real = statworker._Channel.call
-
-    async def short(self, links, files, request):  # type: ignore[no-untyped-def]
-        return marshal.dumps(marshal.loads(await real(self, links, files, request))[:-1])
-
-    monkeypatch.setattr(statworker._Channel, "call", short)
+    cut_replies(monkeypatch)
     try:
         with pytest.raises(CorruptEntry):
             got = await driver.linked_stats(*_names(digests))

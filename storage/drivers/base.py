@@ -240,7 +240,9 @@ class StorageDriver(ABC):
         the directory that lists it) with its `mtime_ns`, in one call where the store reads
         many small files cheaply (a local root); None where it has no such way (ask each).
         An entry is None where `get_content` would not answer plainly (absent, too big, no
-        regular file, a symbolic link on its way): ask it for why, and it logs what it logs."""
+        regular file, a symbolic link on its way): ask it for why, and it logs what it logs.
+        Also None for a file over what the store reads in bulk (a local root's stat worker:
+        WORKER_CONTENT bytes, a tag's link): a caller asks that one alone too."""
         return await self._contents(check_tree(directory), _relative(names))
 
     async def linked_stats(

@@ -1,7 +1,7 @@
-"""Opening names beneath a directory descriptor with no symlink followed, and the bulk stat of
-a listing's links and the blobs they name (`linked_stats`) built on it; this file run as a
-script is the stat worker process that runs that bulk stat beside the daemon
-(`statworker.StatWorker`).
+"""Opening names beneath a directory descriptor with no symlink followed, and the bulk calls
+built on it: the stat of a listing's links and the blobs they name (`linked_stats`), the
+read of small files such as tags' links (`contents`); this file run as a script is the
+stat worker process that runs them beside the daemon (`statworker.StatWorker`).
 
 The standard library only, and nothing of the package: the worker starts in a few
 milliseconds (`python -I -S` of this file), not the ~0.3 s that importing trio costs, and it
@@ -30,15 +30,21 @@ _SYS_OPENAT2 = 437  # the same on x86_64 and aarch64 (every architecture's table
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 # A request to the worker holds at most this many entries and its reply fits in REPLY_LIMIT
-# (a SOCK_SEQPACKET message is one send: ~230 bytes an entry asked, ~26 answered).
+# (a SOCK_SEQPACKET message is one send, at most the socket's send buffer, ~208 KiB: ~230
+# bytes an entry asked, ~26 answered by `linked_stats`, up to 182 by `contents`).
 REQUEST_ENTRIES = 512
 REQUEST_LIMIT = 1 << 18
-REPLY_LIMIT = 1 << 16
+REPLY_LIMIT = 1 << 17
 READY = b"ready"
 _PR_SET_PDEATHSIG = 1
 
 Resolve = Callable[[int, str, int, int], int]
 Stat = tuple[int, int] | None  # size and mtime_ns of a regular file, or None
+Content = tuple[bytes, int] | None  # the bytes and mtime_ns of a small regular file, or None
+# What the worker reads of a file at most (`contents`): a tag's link is 71 bytes (sha256;
+# sha512's 135), and a reply of REQUEST_ENTRIES files this big (~93 KB marshalled) must fit
+# REPLY_LIMIT; a bigger file is None there, never read (the caller asks it alone).
+WORKER_CONTENT = 160
 
 
 class _OpenHow(ctypes.Structure):
@@ -173,10 +179,34 @@ def linked_stats(
     return found
 
 
+def contents(resolve: Resolve, dirfd: int, names: Sequence[str], limit: int) -> list[Content]:
+    """The whole of each small regular file beneath the descriptor dirfd (`resolve`: openat2,
+    or the walk), read by its size, and its mtime_ns: None for one that is anything else,
+    over limit bytes, of a size that moved meanwhile, or fails."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | O_BENEATH
+    found: list[Content] = []
+    for name in names:
+        try:
+            fd = resolve(dirfd, name, flags, 0)
+            try:
+                st = os.fstat(fd)
+                if not statmod.S_ISREG(st.st_mode) or st.st_size > limit:
+                    found.append(None)
+                    continue
+                data = os.read(fd, st.st_size + 1)
+            finally:
+                os.close(fd)
+            found.append((data, st.st_mtime_ns) if len(data) == st.st_size else None)
+        except OSError:
+            found.append(None)
+    return found
+
+
 def serve(sock: socket.socket) -> None:
-    """The worker's loop: each request is one message, the descriptors of the links' and the
-    files' directories (opened by the driver, as it opens them) and, marshalled, whether to
-    resolve with openat2 and the names (`linked_stats`); the reply is the list it returns.
+    """The worker's loop: each request is one message, the descriptors of the directories
+    (opened by the driver, as it opens them) and, marshalled, whether to resolve with openat2
+    and the names: of links and files beneath two (`linked_stats`), or of files beneath one
+    and a limit (`contents`); the reply is the list it returns.
     Returns when the daemon's end closes (it exited, or was killed); anything unexpected
     ends the worker, and the daemon answers EIO for the listings waiting for it."""
     fd_size = array("i").itemsize
@@ -189,11 +219,17 @@ def serve(sock: socket.socket) -> None:
         try:
             if not data:
                 return
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 2:
-                raise ValueError(f"a request cut short, or with {len(fds)} descriptors, not 2")
-            use_openat2, link_names, targets, file_names = marshal.loads(data)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ValueError("a request cut short")
+            use_openat2, *asked = marshal.loads(data)
             resolve = openat2 if use_openat2 else walk_open
-            found = linked_stats(resolve, fds[0], fds[1], link_names, targets, file_names)
+            found: list[Stat] | list[Content]
+            if len(fds) == 2 and len(asked) == 3:
+                found = linked_stats(resolve, fds[0], fds[1], *asked)
+            elif len(fds) == 1 and len(asked) == 2:
+                found = contents(resolve, fds[0], *asked)
+            else:
+                raise ValueError(f"a request of {len(asked)} parts with {len(fds)} descriptors")
         finally:
             for fd in fds:
                 os.close(fd)

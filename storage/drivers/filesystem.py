@@ -47,7 +47,7 @@ from .base import (
 )
 from .bulkstat import DIRECTORY as _DIRECTORY
 from .bulkstat import O_BENEATH as _O_BENEATH
-from .bulkstat import linked_stats
+from .bulkstat import contents, linked_stats
 from .bulkstat import openat2 as _openat2
 from .bulkstat import walk_open as _walk_open
 from .removal import remove_tree
@@ -419,31 +419,17 @@ class FilesystemDriver(StorageDriver):
     async def _contents(
         self, directory: str, names: list[str]
     ) -> list[tuple[bytes, int] | None] | None:
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | _O_BENEATH
-
-        def content_at(dirfd: int, name: str) -> tuple[bytes, int] | None:
-            """The whole of a small regular file, read by its size (None: anything else, or
-            a size that moved meanwhile), and its mtime."""
-            fd = self._resolve(dirfd, name, flags, 0)
-            try:
-                st = os.fstat(fd)
-                if not statmod.S_ISREG(st.st_mode) or st.st_size > CONTENT_LIMIT:
-                    return None
-                data = os.read(fd, st.st_size + 1)
-            finally:
-                os.close(fd)
-            return (data, st.st_mtime_ns) if len(data) == st.st_size else None
+        """`bulkstat.contents` beneath the directory: many go to the stat worker process
+        (files of WORKER_CONTENT bytes at most there: a tag's link), as `_linked_stats`."""
+        resolve = self._resolve
 
         def run(fds: list[int]) -> list[tuple[bytes, int] | None]:
-            found: list[tuple[bytes, int] | None] = []
-            for name in names:
-                try:
-                    found.append(content_at(fds[0], name))
-                except OSError:
-                    found.append(None)
-            return found
+            return contents(resolve, fds[0], names, CONTENT_LIMIT)
 
-        return await self._bulk((directory,), len(names), run)
+        async def elsewhere(fds: list[int]) -> list[tuple[bytes, int] | None] | None:
+            return await self._stat_worker.contents(fds[0], resolve is not _walk_open, names)
+
+        return await self._bulk((directory,), len(names), run, elsewhere)
 
     async def _linked_stats(
         self, links: str, link_names: list[str], targets: Sequence[bytes], files: str,

@@ -1,5 +1,6 @@
 """The stat worker: a child process that runs a listing's bulk stat (`bulkstat.linked_stats`)
-on the other core, beside the daemon's loop, which replies meanwhile.
+and the tags' read-ahead's reads of their links (`bulkstat.contents`) on the other core,
+beside the daemon's loop, which replies meanwhile.
 
 In a thread, those ~60,000 syscalls of `ls -l` of 10,000 layers held the GIL for most of
 their ~120 ms and slowed the loop as much as they spared it; a process holds no GIL of the
@@ -9,7 +10,7 @@ request (SCM_RIGHTS), so it resolves every name as the driver would, beneath the
 symlink followed. It is started off the trio thread by a thread that then waits for it: the
 kernel kills it when that thread ends (PR_SET_PDEATHSIG), which is when the daemon ends,
 also by kill -9; and it exits when its socket closes. Until it is ready, or after it
-failed, `linked_stats` answers None and the driver stats in a thread as before; a failure
+failed, its calls answer None and the driver reads in a thread as before; a failure
 while requests wait is CorruptEntry (EIO) for them, logged once, and the next call starts a
 new worker; one that could not start is tried again only RETRY_START later.
 """
@@ -25,8 +26,9 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
+from typing import Any
 
 import trio
 
@@ -56,8 +58,8 @@ class _Channel:
         self.broken = ""  # why it cannot answer any more
         self.exited = False  # set by the worker's thread once it was reaped
 
-    async def call(self, links: int, files: int, request: bytes) -> bytes:
-        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", (links, files)))]
+    async def call(self, directories: Sequence[int], request: bytes) -> bytes:
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", directories))]
         while True:
             self._check()
             try:
@@ -109,7 +111,8 @@ class _Channel:
 
 
 class StatWorker:
-    """The worker process of one driver, started when a bulk stat first asks for it."""
+    """The worker process of one driver, started by `start` (the daemon's, at mount) or by
+    the first bulk call that finds none ready."""
 
     def __init__(self) -> None:
         self._channel: _Channel | None = None  # set by the starting thread once ready
@@ -175,9 +178,31 @@ class StatWorker:
         targets: Sequence[bytes], file_names: Sequence[str],
     ) -> list[bulkstat.Stat] | None:  # fmt: skip
         """`bulkstat.linked_stats` of the names beneath the descriptors links and files, in
-        the worker, in requests of REQUEST_ENTRIES at most; None when no worker is ready (one
-        is started, also for one known dead before this call: no failure of any listing).
-        CorruptEntry (EIO) when the worker fails meanwhile, or answers not one entry a name."""
+        the worker (`_ask`)."""
+        return await self._ask(
+            (links, files), use_openat2, len(link_names),
+            lambda at, to: (list(link_names[at:to]), list(targets[at:to]), list(file_names[at:to])),
+        )  # fmt: skip
+
+    async def contents(
+        self, directory: int, use_openat2: bool, names: Sequence[str]
+    ) -> list[bulkstat.Content] | None:
+        """`bulkstat.contents` of the names beneath the descriptor directory, in the worker
+        (`_ask`): files of at most WORKER_CONTENT bytes, any other None."""
+        return await self._ask(
+            (directory,), use_openat2, len(names),
+            lambda at, to: (list(names[at:to]), bulkstat.WORKER_CONTENT),
+        )  # fmt: skip
+
+    async def _ask(
+        self, directories: tuple[int, ...], use_openat2: bool, count: int,
+        parts: Callable[[int, int], tuple[Any, ...]],
+    ) -> list[Any] | None:  # fmt: skip
+        """What the worker answers for count names, one entry a name, in requests of
+        REQUEST_ENTRIES at most (parts(at, to): what serve takes after use_openat2, for the
+        names from at to to); None when no worker is ready (one is started, also for one
+        known dead before this call: no failure of any listing). CorruptEntry (EIO) when the
+        worker fails meanwhile, or answers not one entry a name."""
         channel = self._channel
         if channel is not None and channel.exited:
             channel.close("it exited")
@@ -185,18 +210,15 @@ class StatWorker:
         if channel is None:
             self.start()
             return None
-        found: list[bulkstat.Stat] = []
+        found: list[Any] = []
         step = bulkstat.REQUEST_ENTRIES
         try:
-            for at in range(0, len(link_names), step):
-                request = marshal.dumps(
-                    (use_openat2, list(link_names[at : at + step]),
-                     list(targets[at : at + step]), list(file_names[at : at + step]))
-                )  # fmt: skip
-                reply = marshal.loads(await channel.call(links, files, request))
-                asked = min(step, len(link_names) - at)
-                if not isinstance(reply, list) or len(reply) != asked:
-                    raise ValueError(f"a reply not of one entry for each of {asked} names")
+            for at in range(0, count, step):
+                to = min(at + step, count)
+                request = marshal.dumps((use_openat2, *parts(at, to)))
+                reply = marshal.loads(await channel.call(directories, request))
+                if not isinstance(reply, list) or len(reply) != to - at:
+                    raise ValueError(f"a reply not of one entry for each of {to - at} names")
                 found.extend(reply)
         except (OSError, trio.ClosedResourceError, ValueError, EOFError) as exc:
             if self._channel is channel:

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import json
+import marshal
 import os
 from pathlib import Path
 
+import pytest
+
 from storage.digests import Digest, digest_bytes
+from storage.drivers import statworker
 from storage.paths import BlobData, LayerLink, path_for
 
 
@@ -40,3 +44,13 @@ def stat_workers(pid: int | str = "self") -> list[int]:
             except FileNotFoundError:
                 continue
     return found
+
+
+def cut_replies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reply of a stat worker loses its last entry: a worker that answers wrong."""
+    real = statworker._Channel.call
+
+    async def short(self, directories, request):  # type: ignore[no-untyped-def]
+        return marshal.dumps(marshal.loads(await real(self, directories, request))[:-1])
+
+    monkeypatch.setattr(statworker._Channel, "call", short)
