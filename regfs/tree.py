@@ -79,8 +79,9 @@ TICK = 0.02  # the kernel rounds an entry's timeout up to its clock's tick (4-10
 # 100,000 tags in a repository; a listing of more hands the rest to the kernel unread.
 TAGS_KEPT = 20_000
 # Tags read ahead per driver call (`Tree._read_tags`): each batch is cached as soon as it is
-# read (the lookups `ls -l` sends meanwhile find the first ones), and little is held meanwhile.
-TAGS_READ_BATCH = 1000
+# read (the lookups `ls -l` sends meanwhile find the first ones), the next read meanwhile,
+# and little is held. A local root's stat worker reads 512 per request (REQUEST_ENTRIES).
+TAGS_READ_BATCH = 512
 # Digests whose attributes are kept (the most recently read; ~0.6 KB each, 24 MB at most):
 # a tag's attributes last only as long as its manifest's, so room for as many manifests as
 # tags, and as many again for a listing of layers/ or manifests/ read at once (`read_attrs`).
@@ -582,45 +583,86 @@ class Tree:
         """The tags not cached yet (at most what the cache holds), read in bulk where the
         source can (`Tags.read_many`), with their manifests, and cached as a lookup caches
         them, a batch at a time (each cached as soon as read, what is held meanwhile stays
-        small), unless anything changed meanwhile (`_changes`). A system task, so it must
-        not raise: whatever fails is left to the lookups, which report it."""
+        small), unless anything changed meanwhile (`_changes`). The next batch is read
+        (`_read_batch`: on a local root by the stat worker, on the other core) while this
+        one is cached, and only then the one after it; the last cached, the read-ahead
+        has ended (no other step: a READDIR that waited for it sees it gone). A system
+        task, so it must not raise: whatever fails is left to the lookups, which report it."""
         since, started = self._changes, time.monotonic()
         reading = self._tags_reading[repo]
         try:
             log.debug("%s: reading %d tags ahead", repo, len(nodes))
             manifests: dict[Digest, tuple[ManifestNode, Attr] | None] = {}
-            for at in range(0, len(nodes), TAGS_READ_BATCH):
-                batch = nodes[at : at + TAGS_READ_BATCH]
-                found = await self._repo(repo).tags.read_many([n.tag for n in batch])
-                if found is None:
-                    return
-                # Each Digest object read (read_many makes one per manifest pointed at) is
-                # looked up by identity, not hashed per tag: that is a Python call each.
-                read = {id(got[0]): got[0] for got in found if got is not None}
-                new = [self._manifest_node(repo, d) for d in set(read.values()) - set(manifests)]
-                for manifest, attr in zip(new, await self.read_attrs(new), strict=True):
-                    manifests[manifest.digest] = None if attr is None else (manifest, attr)
-                if not self._unchanged_since(since):
-                    return
-                targets = {key: manifests[digest] for key, digest in read.items()}
-                kept = [  # absent, damaged, or its manifest gone: its lookup says so
-                    (node, got[1], target)
-                    for node, got in zip(batch, found, strict=True)
-                    if got is not None and (target := targets[id(got[0])]) is not None
-                ]
-                held = [node for node, _, _ in kept]
-                self._tags.put_many(held, [target[0].digest for _, _, target in kept])
-                self._tag_attrs.put_many(
-                    held, [(Attr(False, t[1].size, mtime_ns), t[0]) for _, mtime_ns, t in kept]
-                )
-                reading.done(batch)
+            size = TAGS_READ_BATCH
+            batches = [nodes[at : at + size] for at in range(0, len(nodes), size)]
+            async with trio.open_nursery() as nursery:
+                read = self._read_batch(nursery, repo, batches[0])
+                for at, batch in enumerate(batches):
+                    found = await read()
+                    if found is None:
+                        return
+                    if at + 1 < len(batches):  # read while this one is cached
+                        read = self._read_batch(nursery, repo, batches[at + 1])
+                        # Let it ask (the worker's request sent) before this one is cached:
+                        # caching awaits nothing, and the read would start only after.
+                        await trio.lowlevel.checkpoint()
+                    if not await self._cache_tags(repo, batch, found, manifests, since):
+                        nursery.cancel_scope.cancel()
+                        return
+                    reading.done(batch)
             took = (time.monotonic() - started) * 1000
             log.debug("%s: %d tags read ahead in %.0f ms", repo, len(nodes), took)
-        except Exception as exc:  # a head start only
+        except Exception as exc:  # a head start only (an ExceptionGroup of the nursery too)
             log.debug("%s: reading tags ahead failed: %s", repo, exc)
         finally:
             del self._tags_reading[repo]
             reading.done(nodes)  # whoever waits asks alone
+
+    async def _cache_tags(
+        self, repo: str, batch: list[TagNode], found: list[tuple[Digest, int] | None],
+        manifests: dict[Digest, tuple[ManifestNode, Attr] | None], since: int,
+    ) -> bool:  # fmt: skip
+        """Caches what was read of a batch of tags with their manifests' attributes (read
+        once each, kept in manifests), as a lookup would; False, caching nothing, if anything
+        changed since the read-ahead began."""
+        # Each Digest object read (read_many makes one per manifest pointed at) is looked up
+        # by identity, not hashed per tag: that is a Python call each.
+        read = {id(got[0]): got[0] for got in found if got is not None}
+        new = [self._manifest_node(repo, d) for d in set(read.values()) - set(manifests)]
+        for manifest, attr in zip(new, await self.read_attrs(new), strict=True):
+            manifests[manifest.digest] = None if attr is None else (manifest, attr)
+        if not self._unchanged_since(since):
+            return False
+        targets = {key: manifests[digest] for key, digest in read.items()}
+        kept = [  # absent, damaged, or its manifest gone: its lookup says so
+            (node, got[1], target)
+            for node, got in zip(batch, found, strict=True)
+            if got is not None and (target := targets[id(got[0])]) is not None
+        ]
+        held = [node for node, _, _ in kept]
+        self._tags.put_many(held, [target[0].digest for _, _, target in kept])
+        self._tag_attrs.put_many(
+            held, [(Attr(False, t[1].size, mtime_ns), t[0]) for _, mtime_ns, t in kept]
+        )
+        return True
+
+    def _read_batch(
+        self, nursery: trio.Nursery, repo: str, batch: list[TagNode]
+    ) -> Callable[[], Awaitable[list[tuple[Digest, int] | None] | None]]:
+        """`Tags.read_many` of a batch of repo's tags, begun now in nursery: what it read,
+        to be awaited (an error of it fails the nursery)."""
+        done, found = trio.Event(), []
+
+        async def read() -> None:
+            found.append(await self._repo(repo).tags.read_many([n.tag for n in batch]))
+            done.set()
+
+        async def result() -> list[tuple[Digest, int] | None] | None:
+            await done.wait()
+            return found[0]
+
+        nursery.start_soon(read)
+        return result
 
     def _manifest_node(self, repo: str, digest: Digest) -> ManifestNode:
         """The node of a manifest tags point at: the one cached tags hold if any, so 20,000

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from pyfuse3 import EntryAttributes
 from support.oci import empty_image, image_manifest
 
@@ -267,6 +268,46 @@ async def test_a_change_while_tags_are_read_ahead_drops_what_was_read(tmp_path, 
     change = lambda tags: tree.changed(TagNode(NAME, tags[0]))  # noqa: E731
     changed_after(monkeypatch, TagService, "read_many", change)
     listing = await read_ahead(tree)
+    assert [name for name, node in listing if tree.cached_attr(node)] == []
+
+
+async def test_tags_are_read_one_batch_ahead_of_those_cached_and_no_further(tmp_path, monkeypatch):
+    """The next batch of tags is read (on a local root by the stat worker, on the other core)
+    while one is cached, and no more than that one: what is held stays small. A change
+    meanwhile stops both: the batch read ahead is neither kept nor followed by another."""
+    monkeypatch.setattr(regfs.tree, "TAGS_READ_BATCH", 3)
+    registry, _ = await tagged_root(tmp_path / "root", KEPT)
+    tree = Tree(registry, tag_ttl=600)
+    asked: list[list[str]] = []
+    read_many, cache_tags = TagService.read_many, Tree._cache_tags
+    caching, go_on = trio.Event(), trio.Event()
+
+    async def counted(self: TagService, tags: list[str]) -> Any:
+        asked.append(list(tags))
+        return await read_many(self, tags)
+
+    async def first_held(self: Tree, *args: Any) -> bool:
+        if not caching.is_set():
+            caching.set()
+            await go_on.wait()
+        return await cache_tags(self, *args)
+
+    monkeypatch.setattr(TagService, "read_many", counted)
+    monkeypatch.setattr(Tree, "_cache_tags", first_held)
+    section = SectionNode(NAME, "tags")
+    listing = await tree.children(section)
+    await tree.lookup(section, TAGS[0])
+    with trio.fail_after(10):
+        await caching.wait()
+        await trio.testing.wait_all_tasks_blocked()  # whatever would be read meanwhile is
+    names = [name for name, _ in listing]
+    assert asked == [names[0:3], names[3:6]]  # the first being cached, the second read
+    tree.changed(TagNode(NAME, TAGS[0]))
+    go_on.set()
+    with trio.fail_after(10):
+        while NAME in tree._tags_reading:
+            await trio.sleep(0.01)
+    assert asked == [names[0:3], names[3:6]]
     assert [name for name, node in listing if tree.cached_attr(node)] == []
 
 
