@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from itertools import compress, repeat
-from operator import add, and_, eq, is_, is_not, itemgetter, or_
+from operator import add, and_, attrgetter, eq, is_, is_not, itemgetter, ne, or_
 from pathlib import Path
 from typing import cast
 
@@ -22,7 +22,7 @@ from pyfuse3 import EntryAttributes
 
 from storage.privatedir import UnsafeDirectory, open_private
 
-from .nodes import ROOT, Node, TagNode
+from .nodes import ROOT, DigestNode, Node, TagNode
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ _siphash: Callable[[bytes, bytes | str], int] = siphashc.siphash  # str: as UTF-
 # A `_counted` node's last field, and the rest (a tuple)
 _LAST = cast("Callable[[Node], int]", itemgetter(-1))
 _BUT_LAST = cast("Callable[[Node], tuple[object, ...]]", itemgetter(slice(None, -1)))
+_REPO, _DIGEST = attrgetter("repo"), attrgetter("digest")  # of a DigestNode
+_ALGORITHM, _HEX = attrgetter("algorithm"), attrgetter("hex")  # of a Digest
 
 
 def inode_key(base: Path | None = None) -> bytes | None:
@@ -118,6 +120,27 @@ def _named(node: Node) -> str:
     """What a node names (but a tag or a `_counted` one: `InodeTable._derived`): its kind
     and repr (the same in every process, where hash() of a str is not)."""
     return f"{type(node).__name__}{node!r}"
+
+
+def _digests_named(nodes: list[Node], kinds: set[type]) -> Iterable[str] | None:
+    """`_named` of each node of a listing of layers/ or manifests/ (one kind of DigestNode,
+    one repository, one algorithm: their reprs differ in the hex alone), made in C from the
+    first's (a dataclass repr of each costs ~0.8 us: 12 vs 5 ms per 10,000 nodes numbered);
+    None for any other list."""
+    if len(kinds) != 1 or not issubclass(next(iter(kinds)), DigestNode):
+        return None
+    digest_nodes = cast("list[DigestNode]", nodes)
+    first = digest_nodes[0]
+    if any(map(ne, map(_REPO, digest_nodes), repeat(first.repo))):
+        return None
+    digests = list(map(_DIGEST, digest_nodes))
+    if any(map(ne, map(_ALGORITHM, digests), repeat(first.digest.algorithm))):
+        return None
+    full, hexed = _named(first), repr(first.digest.hex)
+    at = full.rindex(hexed)
+    head, tail = full[:at], full[at + len(hexed) :]
+    hexes = map(repr, map(_HEX, digests))
+    return map(str.__add__, repeat(head), map(str.__add__, hexes, repeat(tail)))
 
 
 def _counted(node: Node) -> bool:
@@ -269,6 +292,8 @@ class InodeTable:
         elif rest is not None and all(map(eq, map(_BUT_LAST, nodes), repeat(rest))):  # alike
             base = _counted_base(key, kinds.pop().__name__, rest)
             hashed = map(add, repeat(base), map(_LAST, nodes))
+        elif (named := _digests_named(nodes, kinds)) is not None:
+            hashed = map(_siphash, repeat(key), named)
         else:
             return list(map(self._derived, nodes))
         return list(map(or_, map(and_, hashed, repeat(_HASH_BITS)), repeat(_DERIVED)))
