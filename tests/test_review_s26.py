@@ -1,0 +1,156 @@
+"""Review (stop 26, c): what landed at stop 25 read as an adversary (d966217 the catalog's
+namespaces, d1c3aed everyday tools, 36687ea a refused layer linked again, 669e05a a remote
+DELETE retried).
+
+Each `xfail(strict=True)` test is a finding: it fails today for the reason it names, and
+passes once regfs answers as the reason says it should (then drop its mark). Worst first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from support.roots import add_repositories, build_root
+from support.tools import ls, run
+from support.uploads import write_file
+
+pytestmark = pytest.mark.mount
+
+NAME = "library/demo"
+
+
+# --------------------------------------------------------------- the catalog (d966217)
+
+
+def deep_namespace(root: Path, top: str, depth: int) -> Path:
+    """repositories/<top>/a/a/…: `depth` empty directories, made one below the other (no
+    path is ever longer than one name: a root's owner is bound by no PATH_MAX)."""
+    fd = os.open(root / "docker/registry/v2/repositories", os.O_DIRECTORY)
+    try:
+        for name in [top] + ["a"] * depth:
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    return root / "docker/registry/v2/repositories" / top
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="~1,000 empty directories below one name in a storage root make the root's "
+    "listing raise RecursionError (Catalog.holds_repository recurses per level): getattr of "
+    "the mount's root is EIO and `regfs mount` fails; it should list library/ alone",
+)
+async def test_a_deep_empty_namespace_in_the_root_leaves_the_mount_working(tmp_path, mount):
+    # A root's owner is hostile (docs/security.md, 2). Today `Catalog.holds_repository`
+    # recurses one Python frame pair per level to learn whether a namespace holds a
+    # repository: ~1,000 empty directories below one name raise RecursionError inside the
+    # root's listing (an ExceptionGroup out of `children`'s nursery), so getattr of the
+    # mount's root is EIO, `regfs mount` fails ("the main loop failed; unmounting"), and a
+    # mount already up answers EIO to `ls MOUNT` and to every lookup of that name. Before
+    # d966217 the name was listed (a directory). Should: the walk is iterative and stops
+    # where a name could no longer be a repository's (MAX_NAME_LENGTH, 255): the mount
+    # comes up and lists library/ alone, as the registry's _catalog does.
+    await build_root(tmp_path / "root", size=1000)
+    evil = deep_namespace(tmp_path / "root", "evil", 1100)
+    try:
+        m = mount(tmp_path / "root", allow_tracebacks=True)
+        assert ls(m.path()) == ["library"]
+        assert not m.path("evil").exists()
+    finally:
+        run("rm", "-rf", evil)  # fts: shutil.rmtree of the basetemp would recurse too deep
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rm -r of a namespace of 30 one-repository namespaces takes 4.2 s (0.5 s before "
+    "d966217): each rmdir that empties a namespace sleeps LISTED_ENTRY_TIMEOUT (0.1 s) on the "
+    "rmdir's own request; it should cost what it did (< 2 s, no sleep per namespace)",
+)
+async def test_rm_r_of_many_small_namespaces_sleeps_for_none(tmp_path, mount):
+    # ext4: rm -r of 30 directories is milliseconds. Tree._namespaces_emptied awaits
+    # trio.sleep(0.1) for the kernel's listing above after each rmdir that emptied a
+    # namespace: `rm -r org` of org/team00/r00000 … org/team29/r00000 sleeps 30+ times in a
+    # row (rm waits for each rmdir). 0.51 s at b1621ff, 4.2 s at HEAD (load 4).
+    await build_root(tmp_path / "root", size=1000)
+    for i in range(30):
+        add_repositories(tmp_path / "root", f"org/team{i:02d}", 1)
+    m = mount(tmp_path / "root", "--tag-ttl", "0")
+    assert len(ls(m.path("org"))) == 30
+    started = time.monotonic()
+    run("rm", "-r", m.path("org"))
+    took = time.monotonic() - started
+    assert ls(m.path()) == ["library"]
+    assert took < 2.0, f"rm -r took {took:.1f} s"
+
+
+# ------------------------------------------- what a refused write puts back (d1c3aed, 36687ea)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a deliberate `rm tags/latest` is undone by another process's refused write of "
+    "tags/latest within 60 s (Tree.tag_refused puts back any tag an unlink deleted): the "
+    "refused write changed storage; it should leave latest deleted (the put-back is for the "
+    "process whose unlink preceded its create: cp -f, install, tar -x)",
+)
+async def test_a_refused_tag_write_does_not_undo_another_processs_rm(tmp_path, mount):
+    # ext4 (tags/ as symlinks): `rm tags/latest`, then a `cp bad tags/latest` that fails
+    # leaves latest gone. Today it points at the old manifest again, logged as "its new
+    # manifest refused"; the user who removed the tag (to withdraw a release) sees it back,
+    # and so does the registry.
+    await build_root(tmp_path / "root", size=1000)
+    repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
+    run("rm", repo / "tags" / "latest")
+    bad = write_file(tmp_path / "bad.json", b'{"schemaVersion": 2}')
+    assert run("cp", bad, repo / "tags" / "latest", check=False).returncode != 0
+    assert ls(repo / "tags") == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a deliberate `rm layers/<d>` is undone by another process's refused write of "
+    "layers/<d> within 60 s (Tree.layer_refused relinks any layer an unlink took): the "
+    "close fails EIO yet storage changed; it should leave the layer unlinked",
+)
+async def test_a_refused_layer_write_does_not_relink_what_another_process_removed(tmp_path, mount):
+    # `rm layers/<d>` is how a user withdraws a layer from a repository (a leaked secret,
+    # a wrong base): the blob stays for the garbage collection. Any later `cp junk
+    # layers/<d>` (a script's retry, another user's mistake) fails with EIO and, today,
+    # links the layer again ("linked again: the bytes written over it were refused"), so
+    # the next garbage collection keeps it.
+    image = await build_root(tmp_path / "root", size=1000)
+    repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
+    layer = image["layer"]
+    run("rm", repo / "layers" / layer)
+    junk = write_file(tmp_path / "junk", b"junk")
+    assert run("cp", junk, repo / "layers" / layer, check=False).returncode != 0
+    assert layer not in ls(repo / "layers")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`rm manifests/<d>` (the image and its tags) by one process, then the same "
+    "manifest stored by digest by another within 60 s, brings the deleted tags back "
+    "(Tree.put_manifest's _tags_back); it should store the manifest untagged, as a push by "
+    "digest does",
+)
+async def test_storing_a_manifest_again_does_not_bring_back_tags_another_process_deleted(
+    tmp_path, mount
+):
+    # The put-back is for `install`/`cp -f` of a manifest's own bytes (one process unlinks,
+    # then creates). A user who deletes an image (`rm manifests/<d>`, its tags with it) and
+    # a CI job that pushes that manifest by digest a moment later (an index's child, a
+    # mirror) are two processes: today latest points at it again, silently.
+    image = await build_root(tmp_path / "root", size=1000)
+    repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
+    run("rm", repo / "manifests" / image["digest"])
+    own = write_file(tmp_path / "manifest.json", image["manifest"])
+    run("cp", own, repo / "manifests" / image["digest"])
+    assert image["digest"] in ls(repo / "manifests")
+    assert ls(repo / "tags") == []
