@@ -10,7 +10,7 @@ import trio
 from .drivers import PathNotFound, StorageDriver
 from .errors import UnsafeEntry
 from .layers import started_uploads
-from .names import is_component
+from .names import MAX_NAME_LENGTH, is_component
 from .paths import RepositoryDir, path_for
 
 log = logging.getLogger(__name__)
@@ -67,17 +67,23 @@ class Catalog:
     async def holds_repository(self, name: str) -> bool:
         """Whether name is a repository (`is_repository`, with uploads) or a namespace with
         one below it: what the mount shows as a directory. Depth first, done at the first
-        found, so a repository costs `is_repository`'s one stat of `_layers`."""
-        entries = await self._unless_repository(name, with_uploads=True)
-        if entries is None:
-            return True
-        for entry in entries:
-            if (
-                not entry.startswith("_")
-                and is_component(entry)
-                and await self.holds_repository(f"{name}/{entry}")
-            ):
+        found, so a repository costs `is_repository`'s one stat of `_layers`. Iterative, and
+        never below a name no repository can have (past MAX_NAME_LENGTH): a root's owner
+        can nest empty directories past any depth, and a recursion per level raised
+        RecursionError from the root's listing (the mount's root EIO, `regfs mount` failed)."""
+        pending = [name]
+        while pending:
+            name = pending.pop()
+            entries = await self._unless_repository(name, with_uploads=True)
+            if entries is None:
                 return True
+            pending.extend(
+                below
+                for entry in reversed(entries)
+                if not entry.startswith("_")
+                and is_component(entry)
+                and len(below := f"{name}/{entry}") <= MAX_NAME_LENGTH
+            )
         return False
 
     async def is_repository(self, name: str, with_uploads: bool = False) -> bool:

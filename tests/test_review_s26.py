@@ -40,12 +40,6 @@ def deep_namespace(root: Path, top: str, depth: int) -> Path:
     return root / "docker/registry/v2/repositories" / top
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="~1,000 empty directories below one name in a storage root make the root's "
-    "listing raise RecursionError (Catalog.holds_repository recurses per level): getattr of "
-    "the mount's root is EIO and `regfs mount` fails; it should list library/ alone",
-)
 async def test_a_deep_empty_namespace_in_the_root_leaves_the_mount_working(tmp_path, mount):
     # A root's owner is hostile (docs/security.md, 2). `Catalog.holds_repository` recursed
     # (d966217) one Python frame pair per level to learn whether a namespace holds a
