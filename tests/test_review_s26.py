@@ -22,6 +22,12 @@ pytestmark = pytest.mark.mount
 NAME = "library/demo"
 
 
+def finding(reason: str) -> pytest.MarkDecorator:
+    """A finding of this review: a strict xfail whose reason says what happens and what
+    should."""
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
 # --------------------------------------------------------------- the catalog (d966217)
 
 
@@ -63,9 +69,8 @@ async def test_a_deep_empty_namespace_in_the_root_leaves_the_mount_working(tmp_p
         run("rm", "-rf", evil)  # fts: shutil.rmtree of the basetemp would recurse too deep
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rm -r of a namespace of 30 one-repository namespaces takes 4.2 s (0.5 s before "
+@finding(
+    "rm -r of a namespace of 30 one-repository namespaces takes 4.2 s (0.5 s before "
     "d966217): each rmdir that empties a namespace sleeps LISTED_ENTRY_TIMEOUT (0.1 s) on the "
     "rmdir's own request; it should cost what it did (< 2 s, no sleep per namespace)",
 )
@@ -89,9 +94,8 @@ async def test_rm_r_of_many_small_namespaces_sleeps_for_none(tmp_path, mount):
 # ------------------------------------------- what a refused write puts back (d1c3aed, 36687ea)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a deliberate `rm tags/latest` is undone by another process's refused write of "
+@finding(
+    "a deliberate `rm tags/latest` is undone by another process's refused write of "
     "tags/latest within 60 s (Tree.tag_refused puts back any tag an unlink deleted): the "
     "refused write changed storage; it should leave latest deleted (the put-back is for the "
     "process whose unlink preceded its create: cp -f, install, tar -x)",
@@ -109,9 +113,8 @@ async def test_a_refused_tag_write_does_not_undo_another_processs_rm(tmp_path, m
     assert ls(repo / "tags") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a deliberate `rm layers/<d>` is undone by another process's refused write of "
+@finding(
+    "a deliberate `rm layers/<d>` is undone by another process's refused write of "
     "layers/<d> within 60 s (Tree.layer_refused relinks any layer an unlink took): the "
     "close fails EIO yet storage changed; it should leave the layer unlinked",
 )
@@ -130,9 +133,8 @@ async def test_a_refused_layer_write_does_not_relink_what_another_process_remove
     assert layer not in ls(repo / "layers")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`rm manifests/<d>` (the image and its tags) by one process, then the same "
+@finding(
+    "`rm manifests/<d>` (the image and its tags) by one process, then the same "
     "manifest stored by digest by another within 60 s, brings the deleted tags back "
     "(Tree.put_manifest's _tags_back); it should store the manifest untagged, as a push by "
     "digest does (test_f1s25_replace's rm-then-cp test states the opposite: the lead's call)",
@@ -153,12 +155,11 @@ async def test_storing_a_manifest_again_does_not_bring_back_tags_another_process
     assert ls(repo / "tags") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tag rm'd, then set again by a retag (mv tags/tmp tags/latest) and renamed "
-    "away (mv tags/latest tags/v2), comes back at the manifest it named before the retag "
-    "when a write to it is refused: Tree.retag leaves _unlinked_tags as it was (put_tag "
-    "pops it); a set through the mount should end the put-back",
+@finding(
+    "a tag rm'd, then set again by a retag (mv tags/tmp tags/latest) and renamed away (mv "
+    "tags/latest tags/v2), comes back at the manifest it named before the retag when a "
+    "write to it is refused: Tree.retag leaves _unlinked_tags as it was (put_tag pops it); "
+    "a set through the mount should end the put-back"
 )
 async def test_a_tag_set_by_a_retag_is_not_put_back_at_its_older_manifest(tmp_path, mount):
     # ext4 (tags/ as symlinks): after `mv tags/latest tags/v2`, latest is gone, and a
