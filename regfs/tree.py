@@ -910,6 +910,10 @@ class Tree:
             digest = await self._repo(node.repo).tags.move(node.tag, target.tag)
         finally:
             self.changed(node, target)  # either may have moved, even on a failure
+        # Set (target) and deleted for good (node) through the mount, as put_tag sets: what an
+        # earlier unlink of either remembered is no longer theirs to put back.
+        self._unlinked_tags.pop(target)
+        self._unlinked_tags.pop(node)
         await self._outlive(started, [(self._view_roots, node.repo)])
         return digest
 

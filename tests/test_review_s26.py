@@ -155,16 +155,11 @@ async def test_storing_a_manifest_again_does_not_bring_back_tags_another_process
     assert ls(repo / "tags") == []
 
 
-@finding(
-    "a tag rm'd, then set again by a retag (mv tags/tmp tags/latest) and renamed away (mv "
-    "tags/latest tags/v2), comes back at the manifest it named before the retag when a "
-    "write to it is refused: Tree.retag leaves _unlinked_tags as it was (put_tag pops it); "
-    "a set through the mount should end the put-back"
-)
 async def test_a_tag_set_by_a_retag_is_not_put_back_at_its_older_manifest(tmp_path, mount):
     # ext4 (tags/ as symlinks): after `mv tags/latest tags/v2`, latest is gone, and a
-    # `cp bad tags/latest` that fails leaves it gone. Today latest points again at the
-    # manifest it named before the retag, older than what v2 holds.
+    # `cp bad tags/latest` that fails leaves it gone. latest pointed again at the manifest
+    # it named before the retag, older than what v2 holds: Tree.retag left
+    # _unlinked_tags as it was (put_tag pops it). A set through the mount ends the put-back.
     image = await build_root(tmp_path / "root", size=1000)
     [other] = variants(image, 1)
     repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
