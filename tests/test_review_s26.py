@@ -71,6 +71,43 @@ async def test_a_deep_empty_namespace_in_the_root_leaves_the_mount_working(tmp_p
         run("rm", "-rf", evil)  # fts: shutil.rmtree of the basetemp would recurse too deep
 
 
+# ------------------------------------------------ a layer created over itself (d1c3aed)
+
+
+@finding(
+    "while `cp -f`/`install` writes layers/<d> (after its unlink), the same upload is "
+    "uploads/<d> too: an rm of that name (a cleanup of uploads/, rsync --delete) cancels it, "
+    "a mv renames it so that it no longer ends on close (no log line at all); either way "
+    "close() returns 0 and the layer stays unlinked. It should be linked at the close "
+    "(the create's own name was never touched), or close() fail with the layer linked again"
+)
+@pytest.mark.parametrize("how", ["rm", "mv"])
+async def test_a_layer_being_created_is_not_lost_through_its_uploads_name(tmp_path, mount, how):
+    # ext4: what happens in another directory does not touch a file being written. Here
+    # the create of layers/<d> is an upload labelled <d> (OpenFiles.create, `layer=True`),
+    # listed in uploads/ and acted on there as any upload: `remove_written` cancels it at
+    # its last close (UploadHandle.flush: no EIO, no `layer_refused`), `renamed` gives the
+    # handle another name, so `ends_on_close` is False. The image has lost its layer and
+    # the tool that rewrote it exited 0.
+    image = await build_root(tmp_path / "root", size=100_000)
+    repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
+    layer = image["layer"]
+    data = image["blobs"][layer]
+    os.unlink(repo / "layers" / layer)  # what cp -f and install do first
+    fd = os.open(repo / "layers" / layer, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data[:50_000])
+        assert ls(repo / "uploads") == [layer]
+        if how == "rm":
+            os.unlink(repo / "uploads" / layer)
+        else:
+            os.rename(repo / "uploads" / layer, repo / "uploads" / "elsewhere")
+        os.write(fd, data[50_000:])
+    finally:
+        os.close(fd)  # today: 0
+    assert layer in ls(repo / "layers")
+
+
 # ------------------------------------------- what a refused write puts back (d1c3aed, 36687ea)
 
 
