@@ -49,6 +49,11 @@ class Handle:
 
     opener: Opener | None = None
 
+    @property
+    def process(self) -> int:
+        """The opener's process (tgid), 0 if not told."""
+        return self.opener.process if self.opener is not None else 0
+
     async def read(self, offset: int, size: int) -> Buffer:
         raise FUSEError(errno.EBADF)
 
@@ -247,7 +252,7 @@ class UploadHandle(Handle):
             if self.layer:
                 log.error("%s: layers/%s not linked: %s (EIO)", operation, self.name, exc)
                 await self._cancel(operation, "written as a layer it is not")
-                await self.tree.layer_refused(LayerNode(self.node.repo, expected))
+                await self.tree.layer_refused(LayerNode(self.node.repo, expected), self.process)
                 raise FUSEError(errno.EIO) from None
             log.error(
                 "%s: upload %s (%s) not finished: %s; it stays for a resume or rm",
@@ -376,7 +381,7 @@ class TagHandle(ManifestWriter):
 
     async def refused(self) -> None:
         """The tag as it was: put back if a tool's unlink deleted it before this create."""
-        await self.tree.tag_refused(self.node)
+        await self.tree.tag_refused(self.node, self.process)
 
 
 class ManifestHandle(ManifestWriter):
@@ -392,4 +397,4 @@ class ManifestHandle(ManifestWriter):
         actual = digest_bytes(data)
         if actual != self.node.digest:
             raise DigestMismatch(self.node.digest, actual)
-        return await self.tree.put_manifest(self.node, data)
+        return await self.tree.put_manifest(self.node, data, self.process)

@@ -310,6 +310,10 @@ class OpenFiles:
 
     # -- closing ---------------------------------------------------------------------------
 
+    def process_of(self, ctx: RequestContext) -> int:
+        """The process (tgid) of a request's thread, 0 if it cannot be told."""
+        return self._closers.thread_group(ctx.pid)
+
     def opened_by(self, handle: Handle, ctx: RequestContext, inode: int) -> None:
         """Note who opened a writer (the thread of the OPEN or CREATE): its last close ends
         the file (regfs/closers.py)."""

@@ -328,7 +328,8 @@ class Operations(pyfuse3.Operations):
         attr = await self.tree.attr(node) if self.files.is_open(node) else None
         await self.files.settled(node)
         try:
-            await self.tree.remove(node, unlink=True)  # its tags remembered a while
+            # What it took is remembered a while for this process's own create (cp -f).
+            await self.tree.remove(node, unlinked_by=self.files.process_of(ctx))
         except LookupError:
             if not isinstance(node, UploadNode):
                 raise

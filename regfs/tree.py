@@ -202,10 +202,14 @@ class Tree:
         # -x`, `cp -f` and `cp --remove-destination` unlink a file before they create it
         # again, and what that create stores (`put_manifest`) or refuses (`tag_refused`)
         # puts those tags back, as tags/ on ext4 would be symlinks that dangle and revive.
-        self._unlinked_tags: TtlCache[TagNode, Digest] = TtlCache(UNLINKED_GRACE, UNLINKED_KEPT)
+        # Each with the process that unlinked it: only its own create puts it back (another
+        # process's write is no tool replacing a file, and a deliberate rm stays done).
+        self._unlinked_tags: TtlCache[TagNode, tuple[Digest, int]] = TtlCache(
+            UNLINKED_GRACE, UNLINKED_KEPT
+        )
         # And the layers it unlinked, as long: bytes written over one that are another's
         # are refused (`layer_refused`), and it is linked again where the source can.
-        self._unlinked_layers: TtlCache[LayerNode, bool] = TtlCache(UNLINKED_GRACE, UNLINKED_KEPT)
+        self._unlinked_layers: TtlCache[LayerNode, int] = TtlCache(UNLINKED_GRACE, UNLINKED_KEPT)
         # Tag entries a listing gave the kernel, kept briefly: tags deleted with their
         # manifest wait for them (`remove`). And the names in a view's section, a tag's image
         # root (rootfs/<tag>) that moves with the tag: every change of a tag waits for them.
@@ -835,11 +839,13 @@ class Tree:
         await self._repo(node.repo).layers.set_label(node.uuid, name)
         self.changed(node)
 
-    async def remove(self, node: Node, unlink: bool = False) -> list[TagNode]:
+    async def remove(self, node: Node, unlinked_by: int | None = None) -> list[TagNode]:
         """rm: cancel an upload, delete a tag, a manifest (and its tags), unlink a layer.
 
-        Returns the tags that went with a manifest. `unlink`: an unlink through the mount,
-        whose deleted tags are remembered (`_unlinked_tags`); not a rename's.
+        Returns the tags that went with a manifest. `unlinked_by`: the process (tgid) of an
+        unlink through the mount (0: not told, as where /proc is another pid namespace's,
+        and then any create not told matches it), whose deleted tags and layer are remembered
+        for it (`_unlinked_tags`, `_unlinked_layers`); None: a rename's.
         """
         started = time.monotonic()
         gone: list[TagNode] = []
@@ -852,23 +858,23 @@ class Tree:
                 gone_with = [DirNode(repo), DirNode(repo.rpartition("/")[0])]
             case TagNode(repo, tag):
                 tags = self._repo(repo).tags
-                named = await tags.get(tag) if unlink else None
+                named = await tags.get(tag) if unlinked_by is not None else None
                 await tags.delete(tag)
-                if named is not None:
-                    self._unlinked_tags.put(node, named)
+                if named is not None and unlinked_by is not None:
+                    self._unlinked_tags.put(node, (named, unlinked_by))
                 stale = [(self._view_roots, repo)]
             case ManifestNode(repo, digest):
                 deleted = await self._repo(repo).manifests.delete(digest)
                 gone = [TagNode(repo, tag) for tag in deleted]
-                if unlink:
-                    self._unlinked_tags.put_many(gone, [digest] * len(gone))
+                if unlinked_by is not None:
+                    self._unlinked_tags.put_many(gone, [(digest, unlinked_by)] * len(gone))
                 if gone:  # the kernel did not see these tags go
                     stale = [(self._listed_tags, repo), (self._view_roots, repo)]
                     stale += self._sections(repo, "tags")
             case LayerNode(repo, digest):
                 await self._repo(repo).layers.unlink(digest)
-                if unlink:
-                    self._unlinked_layers.put(node, True)
+                if unlinked_by is not None:
+                    self._unlinked_layers.put(node, unlinked_by)
             case FinishedNode():  # only the name goes: the layer is in layers/
                 self._finished.pop(node)
             case DirNode() | SectionNode():
@@ -939,8 +945,10 @@ class Tree:
         await self._outlive(started, [(self._view_roots, a.repo)])
         log.info("rename: tags %s and %s of %s exchanged", a.tag, b.tag, a.repo)
 
-    async def put_manifest(self, node: ManifestNode, data: bytes) -> Digest:
-        """Check and store a manifest by digest, without a tag (InvalidManifest: nothing)."""
+    async def put_manifest(self, node: ManifestNode, data: bytes, by: int) -> Digest:
+        """Check and store a manifest by digest, without a tag (InvalidManifest: nothing).
+        `by`: the writer's process; the tags its own unlink of the manifest deleted a
+        moment ago point at it again."""
         stored = await self._repo(node.repo).manifests.put(data)
         self.changed(ManifestNode(node.repo, stored))
         if self._unlinked_tags.keys():
@@ -948,23 +956,25 @@ class Tree:
                 [
                     tag
                     for tag in list(self._unlinked_tags.keys())
-                    if tag.repo == node.repo and self._unlinked_tags.get(tag) == stored
+                    if tag.repo == node.repo and self._unlinked_tags.get(tag) == (stored, by)
                 ],
+                by,
                 f"manifest {node.repo}@{stored} stored again",
             )
         return stored
 
-    async def tag_refused(self, node: TagNode) -> None:
-        """A manifest written to tags/<tag> was refused: if an unlink through the mount
-        deleted that tag a moment ago (a tool's unlink before its create), it is put back,
-        so that the refused write leaves the registry as it was (SPEC 7)."""
-        await self._tags_back([node], "its new manifest refused")
+    async def tag_refused(self, node: TagNode, by: int) -> None:
+        """A manifest written to tags/<tag> by process `by` was refused: if that process's
+        unlink deleted the tag a moment ago (a tool's unlink before its create), it is put
+        back, so that the refused write leaves the registry as it was (SPEC 7)."""
+        await self._tags_back([node], by, "its new manifest refused")
 
-    async def layer_refused(self, node: LayerNode) -> None:
-        """Bytes written to layers/<digest> were another's: if an unlink through the mount
-        took that layer a moment ago (`cp -f`, `install`: unlink, then create), it is linked
-        again where the source still can, so that the refused write loses nothing."""
-        if not self._unlinked_layers.get(node):
+    async def layer_refused(self, node: LayerNode, by: int) -> None:
+        """Bytes written to layers/<digest> by process `by` were another's: if that
+        process's unlink took the layer a moment ago (`cp -f`, `install`: unlink, then
+        create), it is linked again where the source still can, so that the refused write
+        loses nothing. Another process's rm of it stays done."""
+        if self._unlinked_layers.get(node) != by:
             return
         self._unlinked_layers.pop(node)
         relinked = await self._repo(node.repo).layers.relink(node.digest)
@@ -978,14 +988,16 @@ class Tree:
             "linked again" if relinked else "stays unlinked (its source cannot link it again)",
         )
 
-    async def _tags_back(self, nodes: Sequence[TagNode], why: str) -> None:
-        """Point each tag an unlink through the mount deleted a moment ago back at the
-        manifest it named, unless it is set again meanwhile (by anyone: it is left alone)."""
+    async def _tags_back(self, nodes: Sequence[TagNode], by: int, why: str) -> None:
+        """Point each tag process `by`'s unlink through the mount deleted a moment ago back
+        at the manifest it named, unless it is set again meanwhile (by anyone: it is left
+        alone)."""
         for node in nodes:
-            digest = self._unlinked_tags.get(node)
-            self._unlinked_tags.pop(node)
-            if digest is None:
+            unlinked = self._unlinked_tags.get(node)
+            if unlinked is None or unlinked[1] != by:
                 continue
+            self._unlinked_tags.pop(node)
+            digest = unlinked[0]
             tags = self._repo(node.repo).tags
             with contextlib.suppress(UnknownTag):
                 await tags.get(node.tag)

@@ -111,17 +111,10 @@ async def test_a_layer_being_created_is_not_lost_through_its_uploads_name(tmp_pa
 # ------------------------------------------- what a refused write puts back (d1c3aed, 36687ea)
 
 
-@finding(
-    "a deliberate `rm tags/latest` is undone by another process's refused write of "
-    "tags/latest within 60 s (Tree.tag_refused puts back any tag an unlink deleted): the "
-    "refused write changed storage; it should leave latest deleted (the put-back is for the "
-    "process whose unlink preceded its create: cp -f, install, tar -x)",
-)
 async def test_a_refused_tag_write_does_not_undo_another_processs_rm(tmp_path, mount):
     # ext4 (tags/ as symlinks): `rm tags/latest`, then a `cp bad tags/latest` that fails
-    # leaves latest gone. Today it points at the old manifest again, logged as "its new
-    # manifest refused"; the user who removed the tag (to withdraw a release) sees it back,
-    # and so does the registry.
+    # leaves latest gone. It pointed at the old manifest again ("its new manifest
+    # refused"); now only the process whose own unlink took it (cp -f, install) puts it back.
     await build_root(tmp_path / "root", size=1000)
     repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
     run("rm", repo / "tags" / "latest")
@@ -130,17 +123,12 @@ async def test_a_refused_tag_write_does_not_undo_another_processs_rm(tmp_path, m
     assert ls(repo / "tags") == []
 
 
-@finding(
-    "a deliberate `rm layers/<d>` is undone by another process's refused write of "
-    "layers/<d> within 60 s (Tree.layer_refused relinks any layer an unlink took): the "
-    "close fails EIO yet storage changed; it should leave the layer unlinked",
-)
 async def test_a_refused_layer_write_does_not_relink_what_another_process_removed(tmp_path, mount):
     # `rm layers/<d>` is how a user withdraws a layer from a repository (a leaked secret,
     # a wrong base): the blob stays for the garbage collection. Any later `cp junk
-    # layers/<d>` (a script's retry, another user's mistake) fails with EIO and, today,
-    # links the layer again ("linked again: the bytes written over it were refused"), so
-    # the next garbage collection keeps it.
+    # layers/<d>` (a script's retry, another user's mistake) fails with EIO and linked
+    # the layer again, so the next garbage collection kept it; now only the process whose
+    # own unlink took it relinks it.
     image = await build_root(tmp_path / "root", size=1000)
     repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
     layer = image["layer"]
@@ -150,19 +138,13 @@ async def test_a_refused_layer_write_does_not_relink_what_another_process_remove
     assert layer not in ls(repo / "layers")
 
 
-@finding(
-    "`rm manifests/<d>` (the image and its tags) by one process, then the same "
-    "manifest stored by digest by another within 60 s, brings the deleted tags back "
-    "(Tree.put_manifest's _tags_back); it should store the manifest untagged, as a push by "
-    "digest does (test_f1s25_replace's rm-then-cp test states the opposite: the lead's call)",
-)
 async def test_storing_a_manifest_again_does_not_bring_back_tags_another_process_deleted(
     tmp_path, mount
 ):
     # The put-back is for `install`/`cp -f` of a manifest's own bytes (one process unlinks,
     # then creates). A user who deletes an image (`rm manifests/<d>`, its tags with it) and
     # a CI job that pushes that manifest by digest a moment later (an index's child, a
-    # mirror) are two processes: today latest points at it again, silently.
+    # mirror) are two processes: latest pointed at it again, silently (now: not).
     image = await build_root(tmp_path / "root", size=1000)
     repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
     run("rm", repo / "manifests" / image["digest"])
