@@ -19,13 +19,11 @@ from typing import IO
 import pyfuse3
 import trio
 
-from storage.drivers.base import StorageDriver
-
 from .operations import Operations
 from .options import MountOptions
 from .readahead import set_read_ahead
 from .rootfs import SECTION, RootfsView
-from .sources import open_registry, read_ahead
+from .sources import open_registry, read_ahead, start_workers
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -122,11 +120,7 @@ def _words(said: IO[bytes]) -> str:
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount and serve; returns once unmounted. Errors before the mount is up propagate."""
     registry = open_registry(options)
-    # A storage root's or bucket's driver starts its workers now (the stat worker of a local
-    # root), not at the first listing that wants them. Not through storage.registry: a remote
-    # daemon does not import it (~40 ms).
-    if isinstance(driver := getattr(registry, "driver", None), StorageDriver):
-        driver.start_workers()
+    start_workers(registry)
     rootfs = RootfsView.create(registry, options.tag_ttl, options.index_cache_size)
     ops = Operations(Tree(registry, options.tag_ttl, views={SECTION: rootfs}), options)
     log_file = logging.getLogger().handlers[0]

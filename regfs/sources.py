@@ -197,6 +197,16 @@ def check_source(options: MountOptions) -> None:
         open_root(options.source, init=options.init)
 
 
+def start_workers(registry: RegistrySource) -> None:
+    """A storage root's or bucket's driver starts its workers now (the stat worker of a local
+    root), not at the first listing that wants them. Not through storage.registry: a remote
+    daemon does not import it (~40 ms)."""
+    from storage.drivers.base import StorageDriver
+
+    if isinstance(driver := getattr(registry, "driver", None), StorageDriver):
+        driver.start_workers()
+
+
 async def read_ahead(options: MountOptions, registry: RegistrySource) -> None:
     """What a new mount's first lookup will ask, asked as it starts (in the background):
     a remote registry's catalog, which any lookup below the root reads (is the name a
