@@ -120,6 +120,13 @@ class OpenFiles:
     def is_written(self, node: Node) -> bool:
         return node in self._writers
 
+    def writes_a_layer(self, node: Node) -> str | None:
+        """The layers/ name an upload's writer created it as (`cp -f` over a layer: it
+        shows in uploads/ too), if it is one: what its close links, which a rm or mv of it
+        in uploads/ must not undo."""
+        writer = self.writer(node)
+        return writer.name if isinstance(writer, UploadHandle) and writer.layer else None
+
     def just_stored(self, node: Node) -> bool:
         """Whether a writer here stored node by digest and let go less than 10 s ago."""
         return bool(self._stored.get(node))

@@ -314,6 +314,14 @@ class Operations(pyfuse3.Operations):
             # A tag or manifest: its writer stores it at its close.
             log.info("unlink: %s is open for writing (EBUSY)", node)
             raise FUSEError(errno.EBUSY)
+        if (
+            isinstance(parent, SectionNode)
+            and parent.section == "uploads"
+            and (layer := self.files.writes_a_layer(node))
+        ):
+            # Its own name, layers/<digest>, is unlinked as any file being written.
+            log.info("unlink: %s is layers/%s being written (EBUSY)", node, layer)
+            raise FUSEError(errno.EBUSY)
         if isinstance(node, UploadNode) and self.files.is_written(node):
             # What its writer has, not storage's: its last close may be finishing it now
             # (named by its digest), and then storage has it no more.

@@ -73,6 +73,9 @@ class Renames:
             raise FUSEError(errno.EPERM)
         assert isinstance(new_parent, SectionNode)
         target = decode_name(new_name, errno.EINVAL)
+        if layer := self.files.writes_a_layer(node):
+            log.info("rename: %s is layers/%s being written (EBUSY)", node, layer)
+            raise FUSEError(errno.EBUSY)
         if self.files.is_written(node) and (
             new_parent.section != "uploads" or digest_name(target) is not None
         ):
@@ -95,6 +98,9 @@ class Renames:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 log.info("rename: uploads/%s exists (EEXIST, RENAME_NOREPLACE)", target)
                 raise FUSEError(errno.EEXIST)
+            if layer := self.files.writes_a_layer(replaced):
+                log.info("rename: %s is layers/%s being written (EBUSY)", replaced, layer)
+                raise FUSEError(errno.EBUSY)
             written = self.files.is_written(replaced)
             if written:
                 # As rm of it: the name goes now and its writer writes on, its last close

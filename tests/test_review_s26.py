@@ -8,6 +8,7 @@ passes once regfs answers as the reason says it should (then drop its mark). Wor
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from support.fault_server import FaultServer
 from support.roots import add_repositories, build_root, variants
 from support.s3 import MotoServer, s3_call
-from support.tools import ls, run
+from support.tools import errno_of, ls, run
 from support.uploads import write_file
 
 pytestmark = pytest.mark.mount
@@ -74,21 +75,14 @@ async def test_a_deep_empty_namespace_in_the_root_leaves_the_mount_working(tmp_p
 # ------------------------------------------------ a layer created over itself (d1c3aed)
 
 
-@finding(
-    "while `cp -f`/`install` writes layers/<d> (after its unlink), the same upload is "
-    "uploads/<d> too: an rm of that name (a cleanup of uploads/, rsync --delete) cancels it, "
-    "a mv renames it so that it no longer ends on close (no log line at all); either way "
-    "close() returns 0 and the layer stays unlinked. It should be linked at the close "
-    "(the create's own name was never touched), or close() fail with the layer linked again"
-)
 @pytest.mark.parametrize("how", ["rm", "mv"])
 async def test_a_layer_being_created_is_not_lost_through_its_uploads_name(tmp_path, mount, how):
     # ext4: what happens in another directory does not touch a file being written. Here
     # the create of layers/<d> is an upload labelled <d> (OpenFiles.create, `layer=True`),
     # listed in uploads/ and acted on there as any upload: `remove_written` cancels it at
     # its last close (UploadHandle.flush: no EIO, no `layer_refused`), `renamed` gives the
-    # handle another name, so `ends_on_close` is False. The image has lost its layer and
-    # the tool that rewrote it exited 0.
+    # handle another name, so `ends_on_close` is False. The image lost its layer and the
+    # tool that rewrote it exited 0. Now both are EBUSY (logged): its close links it.
     image = await build_root(tmp_path / "root", size=100_000)
     repo = mount(tmp_path / "root", "--tag-ttl", "0").path(*NAME.split("/"))
     layer = image["layer"]
@@ -99,13 +93,15 @@ async def test_a_layer_being_created_is_not_lost_through_its_uploads_name(tmp_pa
         os.write(fd, data[:50_000])
         assert ls(repo / "uploads") == [layer]
         if how == "rm":
-            os.unlink(repo / "uploads" / layer)
+            assert errno_of(lambda: os.unlink(repo / "uploads" / layer)) == errno.EBUSY
         else:
-            os.rename(repo / "uploads" / layer, repo / "uploads" / "elsewhere")
+            uploads = repo / "uploads"
+            assert errno_of(lambda: os.rename(uploads / layer, uploads / "x")) == errno.EBUSY
         os.write(fd, data[50_000:])
     finally:
-        os.close(fd)  # today: 0
+        os.close(fd)  # was 0 with the layer lost; now it is linked
     assert layer in ls(repo / "layers")
+    assert (repo / "layers" / layer).read_bytes() == data
 
 
 # ------------------------------------------- what a refused write puts back (d1c3aed, 36687ea)
