@@ -169,8 +169,11 @@ class Attributes:
             # default_permissions makes every path walk refresh each expired directory on
             # its way (a GETATTR per directory per file that `ls -l` stats).
             entry.attr_timeout = min(timeout, LISTED_ENTRY_TIMEOUT)
-            if isinstance(node, SectionNode) and self.tree.kept.get(node) is not None:
-                self.tree.section_attrs_handed(node, entry.attr_timeout)
+            if self.tree.kept.get(node) is not None:
+                if isinstance(node, SectionNode):
+                    self.tree.section_attrs_handed(node, entry.attr_timeout)
+                else:
+                    self.tree.dir_attrs_handed(node, entry.attr_timeout)
         return entry
 
     def _stat(self, attr: Attr) -> EntryAttributes:

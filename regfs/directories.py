@@ -142,6 +142,7 @@ class Directories:
             self._snapshots[snapshot].ahead = ahead
             if start_id == 0 and _kept_by_kernel(node):
                 self.tree.kept.listed(node, names_of(entries))
+                self.tree.kept.filled(node)
         base = snapshot << _INDEX_BITS
         if fusefeatures.READDIRPLUS_AUTO and not token.plus:
             ahead = self._snapshots[snapshot].ahead

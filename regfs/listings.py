@@ -38,6 +38,10 @@ class Held:
     mtime_ns: int = 0  # at least the last mtime shown, so a move goes past it
     used_until: float = 0.0
     stored_ns: int = 0  # the storage's own mtime, last read: what ctime shows (`ctime_ns`)
+    # Whether the listing the kernel last read may still be good in its eyes: not if it saw a
+    # change of the directory itself since (an rmdir or mkdir in it through the mount bumps
+    # its change counter), until it reads the listing again (`filled`, `kernel_changed`).
+    fresh: bool = True
 
 
 class KeptListings:
@@ -61,6 +65,26 @@ class KeptListings:
         elif held.names != names:
             held.names = names
             self._move(held)
+
+    def filled(self, node: Node) -> None:
+        """The kernel reads node's listing from its start: what it keeps from now is good in
+        its eyes until its attributes expire (and the mtime moved) or it changes node."""
+        held = self._held.get(node)
+        if held is not None:
+            held.fresh = True
+
+    def kernel_changed(self, node: Node) -> None:
+        """An rmdir or mkdir in node succeeded: the kernel bumps node's change counter at the
+        reply, so the listing it keeps is read again at the next readdir, whatever else moves
+        meanwhile (a readdir answered before this reply began its fill before the bump)."""
+        held = self._held.get(node)
+        if held is not None:
+            held.fresh = False
+
+    def may_hold(self, node: Node) -> bool:
+        """Whether the kernel may hold a listing of node that it would show without asking."""
+        held = self._held.get(node)
+        return held is not None and held.fresh
 
     def move(self, node: Node) -> None:
         """node's names changed (through the mount, or it must be read again): its mtime moves."""

@@ -193,7 +193,9 @@ class Operations(pyfuse3.Operations):
         parent = self.inodes.node(parent_inode)
         if self.options.read_only or not isinstance(parent, DirNode):
             raise self._refuse("mkdir", parent_inode)
-        return await self.directories.make(parent, decode_name(name, errno.EINVAL))
+        entry = await self.directories.make(parent, decode_name(name, errno.EINVAL))
+        self.tree.kept.kernel_changed(parent)
+        return entry
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
@@ -201,6 +203,7 @@ class Operations(pyfuse3.Operations):
         if self.options.read_only or not isinstance(parent, DirNode):
             raise self._refuse("rmdir", parent_inode)
         await self.directories.remove(parent, decode_name(name))
+        self.tree.kept.kernel_changed(parent)
 
     # -- files -----------------------------------------------------------------------------
 
