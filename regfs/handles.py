@@ -23,7 +23,13 @@ from pyfuse3 import FUSEError
 
 from storage.api import BlobReader, Buffer, Upload, UploadInfo
 from storage.digests import Digest, digest_bytes
-from storage.errors import DigestMismatch, InvalidManifest, InvalidOffset, UnknownUpload
+from storage.errors import (
+    DigestMismatch,
+    InvalidManifest,
+    InvalidOffset,
+    MissingReference,
+    UnknownUpload,
+)
 from storage.manifest_format import MAX_MANIFEST_SIZE
 
 from .closers import Close, Opener
@@ -76,6 +82,16 @@ class Handle:
     def pending_attr(self) -> Attr | None:
         """Attributes of content that is not in storage yet (a tag being written)."""
         return None
+
+
+# Said after a manifest refused for what its repository lacks: a copy of a repository
+# (`cp -a`, `tar -x`, `rsync`) stores what it meets in the order it meets it (README).
+ORDER_HINTS = {
+    False: "; its blobs go into layers/ first (copying a repository: layers/, then "
+    "manifests/, then tags/)",
+    True: "; an index's manifests go into manifests/ before it is stored or tagged (copying "
+    "a repository: layers/, the images' manifests, the indexes, then tags/)",
+}
 
 
 class ReadHandle(Handle):
@@ -375,7 +391,8 @@ class ManifestWriter(Handle):
                 raise InvalidManifest("a write past 4 MiB was refused")
             digest = await self.store(bytes(self.data))
         except (InvalidManifest, DigestMismatch) as exc:
-            log.warning("%s: %s not stored: %s (EINVAL)", operation, self.where(), exc)
+            hint = ORDER_HINTS[exc.child] if isinstance(exc, MissingReference) else ""
+            log.warning("%s: %s not stored: %s (EINVAL)%s", operation, self.where(), exc, hint)
             await self.refused()
             raise FUSEError(errno.EINVAL) from None
         log.info("%s: stored %s (%s)", operation, self.where(), digest)

@@ -72,6 +72,15 @@ class InvalidManifest(StorageError, ValueError):
     """A manifest that fails one of the registry's checks; the message names the check."""
 
 
+class MissingReference(InvalidManifest):
+    """A manifest names a blob (`child` false) or, an index, a manifest (`child` true) that
+    its repository lacks."""
+
+    def __init__(self, message: str, child: bool) -> None:
+        super().__init__(message)
+        self.child = child
+
+
 class CorruptEntry(StorageError):
     """A storage entry that exists but cannot be understood (garbage link, bad startedat)."""
 

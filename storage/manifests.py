@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from .api import BlobInfo, Manifest
 from .blobs import BlobStore, LinkedBlobs
 from .digests import Digest
-from .errors import InvalidManifest, UnknownLayer, UnknownManifest
+from .errors import MissingReference, UnknownLayer, UnknownManifest
 from .manifest_format import parse_manifest, sniff_media_type
 from .paths import RevisionLink, RevisionsDir
 from .tags import TagService
@@ -43,12 +43,12 @@ class ManifestService:
         parsed = parse_manifest(data, content_type)
         for blob in parsed.blobs:
             if not blob.urls and not await self._layers.exists(blob.digest):
-                raise InvalidManifest(f"{blob.where} names blob {blob.digest}, not in {self.name}")
+                what = f"{blob.where} names blob {blob.digest}, not in {self.name}"
+                raise MissingReference(what, child=False)
         for child in parsed.children:
             if not await self.revisions.exists(child.digest):
-                raise InvalidManifest(
-                    f"{child.where} names manifest {child.digest}, not in {self.name}"
-                )
+                what = f"{child.where} names manifest {child.digest}, not in {self.name}"
+                raise MissingReference(what, child=True)
         digest = await self._blobs.put(data)
         await self.revisions.link(digest)
         log.info("put: manifest %s (%s) in %s", digest, parsed.media_type, self.name)
