@@ -203,7 +203,13 @@ class OpenFiles:
         # tag moved (their manifest's pages, their size: a cut manifest).
         reader = isinstance(handle, ReadHandle)
         info.keep_cache = reader and isinstance(node, LayerNode | ManifestNode | FixedNode)
-        info.direct_io = isinstance(handle, ManifestWriter) or isinstance(node, TagNode)
+        # A layer opened for writing (`FinishedWriter`) goes around the page cache too: a
+        # refused write, and a store into a shared map whose write-back is refused, would
+        # leave their bytes in the pages every reader of the layer is served from (keep_cache)
+        # until the kernel drops them. Its shared map is refused by the kernel (ENODEV).
+        info.direct_io = isinstance(handle, ManifestWriter | FinishedWriter) or isinstance(
+            node, TagNode
+        )
         return info
 
     # -- opening ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import subprocess
 import time
@@ -98,6 +99,37 @@ async def test_a_write_that_would_change_a_linked_layer_is_eperm_and_logged(
     refused = [line for line in mounted.log_text().splitlines() if "never changes" in line]
     assert len(refused) == 4, refused  # dd, >>, pwrite, ftruncate
     assert f"layers/{image['layer']} of {NAME} ({len(data)} bytes) never changes" in refused[0]
+
+
+@pytest.mark.parametrize("where", ["layers", "uploads"])
+async def test_a_shared_writable_map_of_a_layer_is_refused_and_readers_see_its_bytes(
+    tmp_path, image, mounted, where
+):
+    # A store into a shared map of a layer opened O_RDWR went into the page cache that
+    # every reader of the layer is served from (keep_cache) and stayed there when its
+    # write-back was refused (EPERM at msync): `sha256sum layers/<digest>` then disagreed
+    # with its name. A layer's writer goes around the page cache (direct_io), so the kernel
+    # refuses the shared map (ENODEV); a private map is the process's own copy.
+    data = image["blobs"][image["layer"]]
+    layers = mounted.path(*NAME.split("/"), "layers")
+    name = layers / image["layer"]
+    if where == "uploads":  # a just-finished upload's name, which is the same layer
+        data = os.urandom(MIB)
+        name = mounted.path(*NAME.split("/"), "uploads", digest_of(data))
+        run("cp", write_file(tmp_path / "blob", data), name)
+    assert name.read_bytes() == data
+    fd = os.open(name, os.O_RDWR)
+    try:
+        shared = mmap.MAP_SHARED
+        writable = mmap.PROT_READ | mmap.PROT_WRITE
+        assert errno_of(lambda: mmap.mmap(fd, len(data), shared, writable)) == errno.ENODEV
+        private = mmap.mmap(fd, len(data), mmap.MAP_PRIVATE, writable)
+        private[:4] = b"XXXX"
+        private.close()
+    finally:
+        os.close(fd)
+    assert name.read_bytes() == data
+    assert (layers / digest_of(data)).read_bytes() == data
 
 
 # ------------------------------------------------------------- rm -r of many namespaces
