@@ -106,20 +106,17 @@ class ReadHandle(Handle):
 
 
 class FinishedWriter(Handle):
-    """A linked layer opened for writing without O_TRUNC: layers/<digest>, or a finished
-    upload's name (`FinishedNode`) within FINISHED_GRACE, which is the layer it became:
-    `dd conv=notrunc`, `rsync --inplace` of the same bytes, or a resume script run again
-    after the upload finished at its close. A layer never changes: a write of the bytes it
-    holds at that offset is taken and changes nothing (as it would change nothing in a local
-    file), and so is a truncate to its own size; one that would change it (other bytes, past
-    its end, another size) is EPERM, with a log line. Nothing ends at close. (The kernel
-    drops the pages of a refused write, so no reader sees its bytes.)"""
+    """A finished upload's name (`FinishedNode`) opened for writing without O_TRUNC within
+    FINISHED_GRACE: `dd conv=notrunc` or a resume script run again after the upload
+    finished at its close. The file is the layer, and a layer never changes: a write of the
+    bytes it holds at that offset is taken and changes nothing (as it would change nothing
+    in a local file), and so is a truncate to its own size; one that would change it (other
+    bytes, past its end, another size) is EPERM, with a log line. Nothing ends at close."""
 
-    def __init__(self, node: FinishedNode | LayerNode, reader: BlobReader, size: int) -> None:
+    def __init__(self, node: FinishedNode, reader: BlobReader, size: int) -> None:
         self.node = node
         self.reader = reader
         self.size = size
-        self.took = False  # a write or truncate of its own was taken (`OpenFiles.take`)
 
     async def read(self, offset: int, size: int) -> Buffer:
         return await self.reader.read_at(offset, size)
@@ -129,7 +126,6 @@ class FinishedWriter(Handle):
 
     async def write(self, offset: int, data: bytes) -> int:
         if offset + len(data) <= self.size and await self.reader.read_at(offset, len(data)) == data:
-            self.took = True
             return len(data)
         what = f"a write of {len(data)} bytes at {offset} that are not its own"
         raise finished_refusal(self.node, self.size, what)
@@ -137,30 +133,18 @@ class FinishedWriter(Handle):
     async def truncate(self, size: int) -> None:
         if size != self.size:
             raise finished_refusal(self.node, self.size, f"a truncate to {size} bytes")
-        self.took = True
 
 
-def finished_refusal(node: FinishedNode | LayerNode, size: int, what: str) -> FUSEError:
-    """EPERM, logged, for what would change a layer (or the layer a finished upload's name
-    became)."""
-    if isinstance(node, LayerNode):
-        log.info(
-            "write: layers/%s of %s (%d bytes) never changes: %s is refused (EPERM); "
-            "a layer takes only its own bytes (rm it to push it again)",
-            node.digest,
-            node.repo,
-            size,
-            what,
-        )
-    else:
-        log.info(
-            "write: uploads/%s of %s is the layer it finished as (%d bytes), which never "
-            "changes: %s is refused (EPERM); write a new upload (O_TRUNC, or after rm)",
-            node.digest,
-            node.repo,
-            size,
-            what,
-        )
+def finished_refusal(node: FinishedNode, size: int, what: str) -> FUSEError:
+    """EPERM, logged, for what would change the layer a finished upload's name became."""
+    log.info(
+        "write: uploads/%s of %s is the layer it finished as (%d bytes), which never "
+        "changes: %s is refused (EPERM); write a new upload (O_TRUNC, or after rm)",
+        node.digest,
+        node.repo,
+        size,
+        what,
+    )
     return FUSEError(errno.EPERM)
 
 

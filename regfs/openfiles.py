@@ -128,8 +128,7 @@ class OpenFiles:
         return writer.name if isinstance(writer, UploadHandle) and writer.layer else None
 
     def just_stored(self, node: Node) -> bool:
-        """Whether a writer here stored node by digest (or wrote a layer's own bytes over it)
-        and let go less than 10 s ago."""
+        """Whether a writer here stored node by digest and let go less than 10 s ago."""
         return bool(self._stored.get(node))
 
     def is_open(self, node: Node) -> bool:
@@ -228,12 +227,8 @@ class OpenFiles:
             if truncate:  # a new upload, as create begins one
                 return (await self.create(SectionNode(node.repo, "uploads"), str(node.digest)))[1]
             # The layer it became, which takes only its own bytes (`dd conv=notrunc` again).
-            return await self._layer_writer(node, flags)
-        if isinstance(node, LayerNode) and not truncate:
-            # As a finished upload's name does: its own bytes (`rsync --inplace`, `dd
-            # conv=notrunc` of the same blob). O_TRUNC would empty it: EPERM, as ever (a
-            # tool that replaces a layer unlinks it first, `create` below).
-            return await self._layer_writer(node, flags)
+            size = (await self.tree.attr(node)).size
+            return FinishedWriter(node, await self.tree.open(node), size)
         if isinstance(node, TagNode):  # writers of a tag each store at their last close
             if flags & os.O_ACCMODE == os.O_RDONLY:
                 # O_TRUNC on a descriptor that can write nothing to take the tag's place: the
@@ -245,14 +240,6 @@ class OpenFiles:
                 return TagHandle(self.tree, node, emptied=True)
             return TagHandle(self.tree, node, await self.tree.read(node))
         raise refusal("open", node, self.options.read_only)
-
-    async def _layer_writer(self, node: FinishedNode | LayerNode, flags: int) -> FinishedWriter:
-        """A layer opened for writing, which takes only the bytes it holds; opened for
-        appending it could take none (each write lands past its end): EPERM at the open."""
-        size = (await self.tree.attr(node)).size
-        if flags & os.O_APPEND:
-            raise finished_refusal(node, size, "an open for appending")
-        return FinishedWriter(node, await self.tree.open(node), size)
 
     async def _upload_writer(self, node: UploadNode, truncate: bool) -> UploadHandle:
         self.check_no_writer(node)
@@ -403,10 +390,6 @@ class OpenFiles:
             for other_fh, other in self._handles.items():
                 if isinstance(other, ManifestWriter) and other.node == handle.node:
                     self._writers[handle.node] = other_fh
-        if isinstance(handle, FinishedWriter) and handle.took and isinstance(node, LayerNode):
-            # A layer written over with its own bytes (`rsync -a --inplace` retimes it next):
-            # its times and mode are accepted and ignored, as a manifest's just stored.
-            self._stored.put(node, True)
         return handle
 
     async def release(self, handle: Handle) -> None:

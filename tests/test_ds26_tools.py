@@ -40,83 +40,23 @@ def mounted(tmp_path: Path, image: dict, mount) -> Mount:
     return mount(tmp_path / "root")
 
 
-# ------------------------------------------------------- a linked layer, its own bytes again
+# ------------------------------------------------- a layer's writer and the page cache
 
 
-@pytest.mark.parametrize("skip", [0, 1])
-async def test_dd_conv_notrunc_of_a_layers_own_bytes_exits_0(tmp_path, image, mounted, skip):
-    # ext4: `dd conv=notrunc` of the bytes a file holds rewrites them and exits 0. A linked
-    # layer was EPERM at the open, while a just-finished upload's name (the same layer)
-    # took them (`FinishedWriter`): both take their own bytes now, and nothing changes.
-    layer = mounted.path(*NAME.split("/"), "layers", image["layer"])
-    data = image["blobs"][image["layer"]]
-    blob = write_file(tmp_path / "blob", data)
-    before = sorted(p for p in (tmp_path / "root").rglob("*"))
-    result = run("dd", f"if={blob}", f"of={layer}", "bs=1M", "conv=notrunc", "status=none",
-                 f"skip={skip}", f"seek={skip}", check=False)  # fmt: skip
-    assert (result.returncode, result.stderr.decode()) == (0, "")
-    assert layer.read_bytes() == data
-    assert sorted(p for p in (tmp_path / "root").rglob("*")) == before
-
-
-async def test_rsync_inplace_of_a_layers_own_bytes_exits_0(tmp_path, image, mounted):
-    # `rsync -a --inplace` (the way rsync writes where a temporary name is refused) of a
-    # backup over a repository that holds the layer already: its bytes, its mode; the mtime
-    # it sets is the storage's to keep.
-    layers = mounted.path(*NAME.split("/"), "layers")
-    data = image["blobs"][image["layer"]]
-    backup = tmp_path / "backup"
-    backup.mkdir()
-    write_file(backup / image["layer"], data)
-    os.utime(backup / image["layer"], (1, 1))
-    for extra in ([], ["--no-whole-file"]):
-        result = subprocess.run(
-            ["rsync", "-a", "--inplace", *extra, f"{backup}/", f"{layers}/"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert (result.returncode, result.stderr) == (0, ""), extra
-    assert (layers / image["layer"]).read_bytes() == data
-
-
-async def test_a_write_that_would_change_a_linked_layer_is_eperm_and_logged(
+async def test_a_shared_writable_map_of_a_layer_is_refused_and_readers_see_its_bytes(
     tmp_path, image, mounted
 ):
-    layer = mounted.path(*NAME.split("/"), "layers", image["layer"])
-    data = image["blobs"][image["layer"]]
-    assert layer.read_bytes() == data  # its pages are in the kernel's cache
-    other = write_file(tmp_path / "other", os.urandom(4096))
-    result = run("dd", f"if={other}", f"of={layer}", "conv=notrunc", "status=none", check=False)
-    assert result.returncode == 1 and "Operation not permitted" in result.stderr.decode()
-    assert run("bash", "-c", f'echo more >> "{layer}"', check=False).returncode != 0
-    assert errno_of(lambda: os.open(layer, os.O_WRONLY | os.O_TRUNC)) == errno.EPERM
-    with open(layer, "r+b") as f:
-        f.seek(4096)
-        f.write(data[4096:8192])  # its own
-        f.flush()
-        assert errno_of(lambda: os.pwrite(f.fileno(), b"x", 0)) == errno.EPERM
-        assert errno_of(lambda: os.ftruncate(f.fileno(), 10)) == errno.EPERM
-    assert layer.read_bytes() == data  # the kernel kept none of the refused bytes
-    refused = [line for line in mounted.log_text().splitlines() if "never changes" in line]
-    assert len(refused) == 4, refused  # dd, >>, pwrite, ftruncate
-    assert f"layers/{image['layer']} of {NAME} ({len(data)} bytes) never changes" in refused[0]
-
-
-@pytest.mark.parametrize("where", ["layers", "uploads"])
-async def test_a_shared_writable_map_of_a_layer_is_refused_and_readers_see_its_bytes(
-    tmp_path, image, mounted, where
-):
-    # A store into a shared map of a layer opened O_RDWR went into the page cache that
-    # every reader of the layer is served from (keep_cache) and stayed there when its
+    # A store into a shared map of a finished upload's name opened O_RDWR went into the page
+    # cache that every reader of the layer is served from (keep_cache) and stayed there when its
     # write-back was refused (EPERM at msync): `sha256sum layers/<digest>` then disagreed
     # with its name. A layer's writer goes around the page cache (direct_io), so the kernel
     # refuses the shared map (ENODEV); a private map is the process's own copy.
-    data = image["blobs"][image["layer"]]
     layers = mounted.path(*NAME.split("/"), "layers")
-    name = layers / image["layer"]
-    if where == "uploads":  # a just-finished upload's name, which is the same layer
-        data = os.urandom(MIB)
-        name = mounted.path(*NAME.split("/"), "uploads", digest_of(data))
-        run("cp", write_file(tmp_path / "blob", data), name)
+    # A linked layer is EPERM to open for writing (SPEC: writing to layers/).
+    assert errno_of(lambda: os.open(layers / image["layer"], os.O_RDWR)) == errno.EPERM
+    data = os.urandom(MIB)  # a just-finished upload's name, which is the layer it became
+    name = mounted.path(*NAME.split("/"), "uploads", digest_of(data))
+    run("cp", write_file(tmp_path / "blob", data), name)
     assert name.read_bytes() == data
     fd = os.open(name, os.O_RDWR)
     try:
