@@ -323,9 +323,10 @@ class OpenFiles:
 
     # -- closing ---------------------------------------------------------------------------
 
-    def process_of(self, ctx: RequestContext) -> int:
-        """The process (tgid) of a request's thread, 0 if it cannot be told."""
-        return self._closers.thread_group(ctx.pid)
+    def process_of(self, ctx: RequestContext | None) -> int:
+        """The process (tgid) of a request's thread, 0 if it cannot be told (or no request:
+        a call made in process)."""
+        return self._closers.thread_group(ctx.pid) if ctx is not None else 0
 
     def opened_by(self, handle: Handle, ctx: RequestContext, inode: int) -> None:
         """Note who opened a writer (the thread of the OPEN or CREATE): its last close ends
