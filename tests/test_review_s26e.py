@@ -1,0 +1,113 @@
+"""Review (stop 26, e): the stat worker started at mount (c1bb558, 55074d3), the tags' links
+read in it and read one batch ahead (53e5a5a, 2c919b4), a digest listing numbered from its
+first node's repr (4f62bb1), a finished upload's name opened for writing (2c3bb4c), read
+as an adversary.
+
+Each `xfail(strict=True)` test is a finding: it fails today for the reason it names, and
+passes once regfs answers as the reason says it should (then drop its mark). Worst first.
+The tests without a mark pin what was tried and held.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+from support.mounts import wait_until
+from support.roots import build_root, write_tags
+from support.statworkers import put_layers, stat_workers
+
+pytestmark = pytest.mark.mount
+
+NAME = "library/demo"
+COUNT = 300  # past INLINE_ENTRIES (64): a bulk call goes to the stat worker
+LS_WAIT = 30.0  # what the test waits for one ls before it calls the listing hung
+
+
+def finding(reason: str) -> pytest.MarkDecorator:
+    """A finding of this review: a strict xfail whose reason says what happens and what
+    should."""
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+def _ls_stopped(worker: int, *lists: tuple[str | Path, ...]) -> list[tuple[int, str] | None]:
+    """For each of lists, in turn, (exit status, stdout) of `ls *args`, run while the stat
+    worker is stopped (SIGSTOP), or None if it had not ended after LS_WAIT. The worker goes
+    on (SIGCONT) at the end either way: an ls whose FUSE request was sent cannot be killed
+    (kill -9 leaves it in D, `request_wait_answer`) until the daemon answers it."""
+    os.kill(worker, signal.SIGSTOP)
+    started: list[subprocess.Popen[bytes]] = []
+    got: list[tuple[int, str] | None] = []
+    try:
+        for args in lists:
+            ls = subprocess.Popen(["ls", *map(str, args)], stdout=subprocess.PIPE)
+            started.append(ls)
+            try:
+                out, _ = ls.communicate(timeout=LS_WAIT)
+                got.append((ls.returncode, out.decode()))
+            except subprocess.TimeoutExpired:
+                got.append(None)
+    finally:
+        with suppress(ProcessLookupError):  # killed, once given up
+            os.kill(worker, signal.SIGCONT)
+        for ls in started:
+            ls.kill()
+            ls.communicate(timeout=60)
+    return got
+
+
+def _ready_worker(m) -> int:  # type: ignore[no-untyped-def]
+    (pid,) = m.pids()
+    wait_until(lambda: "stat worker (pid" in m.log_text(), 10, "the stat worker at mount")
+    (worker,) = stat_workers(pid)
+    return worker
+
+
+# ------------------------------------------ a worker that never answers (c1bb558, 53e5a5a)
+
+STOPPED = (
+    "A stat worker that stops answering (SIGSTOP here; a worker stuck in the kernel, or "
+    "starved) is waited for for ever: _Channel.call has no deadline, so `ls -l layers/` of "
+    "300 layers never ends (each READDIR waits for the statahead's bulk stat), and every "
+    "later listing queues behind it on the one socket. Should: a request not answered "
+    "within a deadline (seconds) gives the worker up (killed, logged) and the listing is "
+    "stated in a thread, as when no worker is ready"
+)
+
+
+@finding(STOPPED)
+def test_a_stopped_worker_does_not_hang_a_layers_listing(tmp_path, mount):
+    root = tmp_path / "root"
+    put_layers(root, "r/one", COUNT)
+    m = mount(root)
+    worker = _ready_worker(m)
+    (got,) = _ls_stopped(worker, ("-l", m.path("r/one/layers")))
+    assert got is not None, f"ls -l layers/ had not ended after {LS_WAIT} s"
+    assert got[0] == 0 and len(got[1].splitlines()) == COUNT + 1
+
+
+TAGS_STOPPED = (
+    "The tags' read-ahead (Tree._read_tags, a system task) awaits the stopped worker for "
+    "ever, and while it is under way every READDIR of tags/ waits for the tags it will "
+    "read (Tree.ahead, read_ahead): `ls -l tags/` of 300 tags never ends, nor does a plain "
+    "`ls tags/` after it, and no later read-ahead of that repository starts "
+    "(_tags_reading keeps it). Should: the read-ahead gives up at a deadline (it is a head "
+    "start only) and the lookups read each tag"
+)
+
+
+@finding(TAGS_STOPPED)
+async def test_a_stopped_worker_does_not_hang_a_tags_listing(tmp_path, mount):
+    root = tmp_path / "root"
+    image = await build_root(root, NAME, size=1000)
+    write_tags(root, NAME, image["digest"], [f"t{i:03d}" for i in range(COUNT)])
+    m = mount(root)
+    worker = _ready_worker(m)
+    long, plain = _ls_stopped(worker, ("-l", m.path(NAME, "tags")), (m.path(NAME, "tags"),))
+    assert long is not None, f"ls -l tags/ had not ended after {LS_WAIT} s"
+    assert plain is not None, f"ls tags/ had not ended after {LS_WAIT} s"
+    assert long[0] == 0 and len(long[1].splitlines()) == COUNT + 2  # the total, latest
