@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 # ready), listings are stated in process this long before another is tried: each big listing
 # would otherwise spawn one again, and log again.
 RETRY_START = 60.0
+# A request not answered this long after it was asked gives the worker up (killed, logged):
+# one of 512 entries takes ~4 ms warm (a cold disk's seeks: seconds); a worker stopped
+# (SIGSTOP), starved or stuck in the kernel held every READDIR of the listings waiting for
+# it, and the tags' read-ahead, for ever. Those callers then state in a thread, as when no
+# worker is ready: a worker that was only slow costs no listing, only its speed for a while.
+ANSWER_DEADLINE = 10.0
 
 
 class _Channel:
@@ -57,6 +63,8 @@ class _Channel:
         self.moved = trio.Event()
         self.broken = ""  # why it cannot answer any more
         self.exited = False  # set by the worker's thread once it was reaped
+        self.given_up = False  # a request passed ANSWER_DEADLINE: its callers use threads
+        self.worker: subprocess.Popen[bytes] | None = None  # set once it is ready
 
     async def call(self, directories: Sequence[int], request: bytes) -> bytes:
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", directories))]
@@ -164,7 +172,9 @@ class StatWorker:
                 )  # fmt: skip
             return
         ours.setblocking(False)
-        channel = self._channel = _Channel(ours)
+        channel = _Channel(ours)
+        channel.worker = worker
+        self._channel = channel
         self._starting = False  # only now: a start() meanwhile would spawn a second one
         self._failure_logged = False
         log.info("the stat worker (pid %d) is ready", worker.pid)
@@ -194,6 +204,27 @@ class StatWorker:
             lambda at, to: (list(names[at:to]), bulkstat.WORKER_CONTENT),
         )  # fmt: skip
 
+    def _give_up(self, channel: _Channel) -> None:
+        """A request of channel passed ANSWER_DEADLINE: its worker is killed (a stopped one
+        too) and its callers state in a thread, as do bulk calls for RETRY_START."""
+        if not channel.given_up:
+            channel.given_up = True
+            pid = channel.worker.pid if channel.worker is not None else 0
+            log.error(
+                "the stat worker (pid %d) did not answer within %.0f s: killed, the listings"
+                " waiting for it stated in threads, another tried in %.0f s",
+                pid, ANSWER_DEADLINE, RETRY_START,
+            )  # fmt: skip
+            if channel.worker is not None:
+                with suppress(OSError):
+                    channel.worker.kill()  # Popen: never a pid reaped and reused meanwhile
+        if self._channel is channel:
+            self._channel = None
+            # Storage this slow is as slow in a thread: no new worker for a while, not a
+            # worker spawned and killed per listing.
+            self._retry_at = time.monotonic() + RETRY_START
+        channel.close(f"no answer within {ANSWER_DEADLINE:.0f} s")
+
     async def _ask(
         self, directories: tuple[int, ...], use_openat2: bool, count: int,
         parts: Callable[[int, int], tuple[Any, ...]],
@@ -201,7 +232,8 @@ class StatWorker:
         """What the worker answers for count names, one entry a name, in requests of
         REQUEST_ENTRIES at most (parts(at, to): what serve takes after use_openat2, for the
         names from at to to); None when no worker is ready (one is started, also for one
-        known dead before this call: no failure of any listing). CorruptEntry (EIO) when the
+        known dead before this call: no failure of any listing), or when one of its requests
+        is not answered within ANSWER_DEADLINE (`_give_up`). CorruptEntry (EIO) when the
         worker fails meanwhile, or answers not one entry a name."""
         channel = self._channel
         if channel is not None and channel.exited:
@@ -216,11 +248,18 @@ class StatWorker:
             for at in range(0, count, step):
                 to = min(at + step, count)
                 request = marshal.dumps((use_openat2, *parts(at, to)))
-                reply = marshal.loads(await channel.call(directories, request))
+                with trio.move_on_after(ANSWER_DEADLINE) as waited:
+                    answer = await channel.call(directories, request)
+                if waited.cancelled_caught:
+                    self._give_up(channel)
+                    return None
+                reply = marshal.loads(answer)
                 if not isinstance(reply, list) or len(reply) != to - at:
                     raise ValueError(f"a reply not of one entry for each of {to - at} names")
                 found.extend(reply)
         except (OSError, trio.ClosedResourceError, ValueError, EOFError) as exc:
+            if channel.given_up:  # by another caller, at its deadline
+                return None
             if self._channel is channel:
                 log.error("the stat worker failed (%s): a new one starts for the next listing", exc)
                 self._channel = None
