@@ -217,7 +217,7 @@ class StatWorker:
             )  # fmt: skip
             if channel.worker is not None:
                 with suppress(OSError):
-                    channel.worker.kill()  # Popen: never a pid reaped and reused meanwhile
+                    channel.worker.kill()  # Popen: not once its exit is known (no pid reused)
         if self._channel is channel:
             self._channel = None
             # Storage this slow is as slow in a thread: no new worker for a while, not a
