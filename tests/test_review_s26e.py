@@ -17,11 +17,13 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
+import trio
 from support.mounts import wait_until
 from support.roots import build_root, write_tags
 from support.statworkers import put_layers, stat_workers
 
-pytestmark = pytest.mark.mount
+from storage.drivers import FilesystemDriver, statworker
+from storage.paths import TagsDir, path_for
 
 NAME = "library/demo"
 COUNT = 300  # past INLINE_ENTRIES (64): a bulk call goes to the stat worker
@@ -80,6 +82,7 @@ STOPPED = (
 )
 
 
+@pytest.mark.mount
 def test_a_stopped_worker_does_not_hang_a_layers_listing(tmp_path, mount):
     root = tmp_path / "root"
     put_layers(root, "r/one", COUNT)
@@ -104,6 +107,7 @@ TAGS_STOPPED = (
 )
 
 
+@pytest.mark.mount
 async def test_a_stopped_worker_does_not_hang_a_tags_listing(tmp_path, mount):
     root = tmp_path / "root"
     image = await build_root(root, NAME, size=1000)
@@ -114,3 +118,43 @@ async def test_a_stopped_worker_does_not_hang_a_tags_listing(tmp_path, mount):
     assert long is not None, f"ls -l tags/ had not ended after {LS_WAIT} s"
     assert plain is not None, f"ls tags/ had not ended after {LS_WAIT} s"
     assert long[0] == 0 and len(long[1].splitlines()) == COUNT + 2  # the total, latest
+
+
+@pytest.mark.storage
+async def test_every_caller_waiting_on_a_stopped_worker_reads_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    write_tags(root, NAME, "sha256:" + "0" * 64, [f"t{i:03d}" for i in range(COUNT)], index=False)
+    # In process, the deadline shortened: two bulk calls wait on one stopped worker; the
+    # first passes the deadline and gives it up (killed) while the second still waits, and
+    # both answer what a thread reads, neither CorruptEntry (the second's channel closed
+    # under it).
+    monkeypatch.setattr(statworker, "ANSWER_DEADLINE", 0.5)
+    directory = path_for(TagsDir(NAME))
+    names = [f"t{i:03d}/current/link" for i in range(COUNT)]
+    driver = FilesystemDriver(root)
+    driver.start_workers()
+    with trio.fail_after(10):
+        while not driver._stat_worker.ready:
+            await trio.sleep(0.01)
+    (worker,) = stat_workers()
+    os.kill(worker, signal.SIGSTOP)
+    got: list[object] = []
+
+    async def read() -> None:
+        got.append(await driver.contents(directory, names))
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.sleep(0.3)  # the second waits when the first gives the worker up
+                nursery.start_soon(read)
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
+        driver._stat_worker.close()
+    assert len(got) == 2 and all(g is not None and len(g) == COUNT and all(g) for g in got)
+    assert not driver._stat_worker.ready  # none started again for RETRY_START
+    wait_until(lambda: worker not in stat_workers(), 10, "the stopped worker killed")
