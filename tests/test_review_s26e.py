@@ -10,6 +10,8 @@ The tests without a mark pin what was tried and held.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -21,7 +23,11 @@ import trio
 from support.mounts import wait_until
 from support.roots import build_root, write_tags
 from support.statworkers import put_layers, stat_workers
+from support.tools import digest_of, errno_of, run
 
+from regfs.inodes import KEY_SIZE, InodeTable, _digests_named, _named
+from regfs.nodes import LayerNode, ManifestNode, Node
+from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver, statworker
 from storage.paths import TagsDir, path_for
 
@@ -158,3 +164,71 @@ async def test_every_caller_waiting_on_a_stopped_worker_reads_in_a_thread(
     assert len(got) == 2 and all(g is not None and len(g) == COUNT and all(g) for g in got)
     assert not driver._stat_worker.ready  # none started again for RETRY_START
     wait_until(lambda: worker not in stat_workers(), 10, "the stopped worker killed")
+
+
+# ----------------------------------------- a finished upload's name written (2c3bb4c)
+
+# Fixed meanwhile by 5649286 (FinishedWriter is direct_io): what happened before, at 270b9d5.
+MAPPED = (
+    "FinishedWriter (a just-finished upload's name opened for writing without O_TRUNC) goes "
+    "through the page cache: a store through a shared writable mapping of it is refused at "
+    "msync (EPERM, logged), but the page keeps the refused bytes, so another reader of "
+    "uploads/<digest> that had it cached reads them (b'EVIL' for the layer's first bytes) "
+    "until the page goes. Should: a refused write shows no byte of it to anyone (the handle "
+    "direct_io, as a tag's or a manifest's writer: no page of it is written, a shared map "
+    "refused)"
+)
+
+
+@pytest.mark.mount
+async def test_a_refused_write_to_a_finished_uploads_name_shows_no_byte_of_it(tmp_path, mount):
+    await build_root(tmp_path / "root", size=10_000)
+    m = mount(tmp_path / "root")
+    repo = m.path(*NAME.split("/"))
+    data = os.urandom(3 * (1 << 20) + 5)
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    name = repo / "uploads" / digest_of(data)
+    run("cp", blob, name)
+    fd = os.open(name, os.O_RDWR)
+    other = os.open(name, os.O_RDONLY)
+    try:
+        assert os.pread(other, 8192, 0) == data[:8192]  # its pages cached
+        assert errno_of(lambda: os.pwrite(fd, b"X" * 4096, 0)) == errno.EPERM
+        assert errno_of(lambda: os.pwrite(fd, data[:8000] + b"Y", 0)) == errno.EPERM
+        assert os.pread(other, 8192, 0) == data[:8192]
+        try:
+            mapped = mmap.mmap(fd, 8192, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:  # a direct_io file: no shared map (no DIRECT_IO_ALLOW_MMAP)
+            assert exc.errno == errno.ENODEV
+        else:
+            with mapped:
+                mapped[0:4] = b"EVIL"
+                assert errno_of(mapped.flush) == errno.EPERM
+                assert os.pread(other, 8192, 0) == data[:8192]
+        assert os.pread(fd, 8192, 0) == data[:8192]
+        assert run("head", "-c", "8192", name).stdout == data[:8192]
+    finally:
+        os.close(other)
+        os.close(fd)
+    assert (repo / "layers" / digest_of(data)).read_bytes() == data
+
+
+# ----------------------------------------- held: what was tried against 4f62bb1
+
+
+@pytest.mark.storage
+@pytest.mark.parametrize("kind", [LayerNode, ManifestNode])
+def test_a_repository_named_as_a_listed_hex_numbers_its_listing_as_lookups_do(kind) -> None:
+    # `_digests_named` cuts the first node's repr at the *last* quoted hex (rindex): a
+    # repository named as that hex (or holding it) repeats it earlier in the repr. Held:
+    # names, numbers and lookups agree, no two nodes share a number.
+    digests = [digest_bytes(b"%d" % i) for i in range(50)]
+    key = bytes(range(KEY_SIZE))
+    hexed = digests[0].hex
+    for repo in (hexed, f"{hexed}/{hexed}", f"a/{hexed}", digests[1].hex):
+        nodes: list[Node] = [node for _, node in kind.listing(repo, digests)]
+        assert list(_digests_named(nodes, {kind}) or []) == list(map(_named, nodes))
+        numbers = list(InodeTable(key).inode_all(nodes))
+        assert numbers == [InodeTable(key).inode(node) for node in nodes]
+        assert len(set(numbers)) == len(nodes)
