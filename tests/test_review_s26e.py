@@ -11,10 +11,15 @@ The tests without a mark pin what was tried and held.
 from __future__ import annotations
 
 import errno
+import marshal
 import mmap
 import os
+import select
 import signal
+import socket
 import subprocess
+import threading
+from array import array
 from contextlib import suppress
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from support.tools import digest_of, errno_of, run
 from regfs.inodes import KEY_SIZE, InodeTable, _digests_named, _named
 from regfs.nodes import LayerNode, ManifestNode, Node
 from storage.digests import digest_bytes
-from storage.drivers import FilesystemDriver, statworker
+from storage.drivers import FilesystemDriver, bulkstat, statworker
 from storage.paths import TagsDir, path_for
 
 NAME = "library/demo"
@@ -232,3 +237,29 @@ def test_a_repository_named_as_a_listed_hex_numbers_its_listing_as_lookups_do(ki
         numbers = list(InodeTable(key).inode_all(nodes))
         assert numbers == [InodeTable(key).inode(node) for node in nodes]
         assert len(set(numbers)) == len(nodes)
+
+
+@pytest.mark.storage
+def test_a_worker_whose_daemon_hung_up_with_a_reply_unread_ends_quietly(tmp_path: Path) -> None:
+    # The daemon closes its end (unmount, or a worker given up) while a reply of the
+    # worker's is unread: the worker's next recv is ECONNRESET, which is the end of its
+    # daemon, not an error to print (a traceback in the daemon's log, seen in the suite).
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    request = marshal.dumps((False, ["a"], 96))
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ours.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [fd]))])
+    finally:
+        os.close(fd)
+
+    def hang_up() -> None:
+        select.select([ours], [], [], 5)  # the reply is there: left unread, the end closed
+        ours.close()
+
+    thread = threading.Thread(target=hang_up)
+    thread.start()
+    try:
+        bulkstat.serve(theirs)  # returns; raised ConnectionResetError before
+    finally:
+        thread.join(5)
+        theirs.close()

@@ -207,11 +207,15 @@ def serve(sock: socket.socket) -> None:
     (opened by the driver, as it opens them) and, marshalled, whether to resolve with openat2
     and the names: of links and files beneath two (`linked_stats`), or of files beneath one
     and a limit (`contents`); the reply is the list it returns.
-    Returns when the daemon's end closes (it exited, or was killed); anything unexpected
-    ends the worker, and the daemon answers EIO for the listings waiting for it."""
+    Returns when the daemon's end closes (it exited, was killed, or gave this worker up
+    with a reply unread: a reset, not an error); anything unexpected ends the worker, and
+    the daemon answers EIO for the listings waiting for it."""
     fd_size = array("i").itemsize
     while True:
-        data, ancillary, flags, _ = sock.recvmsg(REQUEST_LIMIT, socket.CMSG_SPACE(2 * fd_size))
+        try:
+            data, ancillary, flags, _ = sock.recvmsg(REQUEST_LIMIT, socket.CMSG_SPACE(2 * fd_size))
+        except ConnectionResetError:
+            return
         fds = array("i")
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -233,7 +237,10 @@ def serve(sock: socket.socket) -> None:
         finally:
             for fd in fds:
                 os.close(fd)
-        sock.send(marshal.dumps(found))
+        try:
+            sock.send(marshal.dumps(found))
+        except (BrokenPipeError, ConnectionResetError):
+            return
 
 
 def main(argv: list[str]) -> int:
