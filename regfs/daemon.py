@@ -120,7 +120,6 @@ def _words(said: IO[bytes]) -> str:
 def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     """Mount and serve; returns once unmounted. Errors before the mount is up propagate."""
     registry = open_registry(options)
-    start_workers(registry)
     rootfs = RootfsView.create(registry, options.tag_ttl, options.index_cache_size)
     ops = Operations(Tree(registry, options.tag_ttl, views={SECTION: rootfs}), options)
     log_file = logging.getLogger().handlers[0]
@@ -130,6 +129,9 @@ def serve(options: MountOptions, on_ready: Callable[[], None]) -> None:
     # Hold the signals that unmount until _watch_signals receives them: one arriving between
     # the mount and the receiver would kill the daemon by default and leave a dead mount.
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    # Only now: a thread inherits its creator's mask, and one made before the block (the
+    # stat worker's starter) took a SIGTERM by default during start-up: a dead mount.
+    start_workers(registry)
     try:
         _mount(ops, options)
     except BaseException:
