@@ -17,6 +17,10 @@ from .paths import TagCurrentLink, TagDir, TagIndexLink, TagsDir, path_for
 log = logging.getLogger(__name__)
 
 
+# Invalid names a listing's warning shows at most: a root may hold 100,000 (a line of MBs).
+LOGGED_NAMES = 20
+
+
 class TagService:
     def __init__(
         self,
@@ -37,10 +41,13 @@ class TagService:
             return []
         valid = valid_tags(names)
         if len(valid) != len(names):
+            invalid = sorted(set(names) - set(valid))
             log.warning(
-                "list: ignoring invalid tag names in %s: %s",
+                "list: ignoring %d invalid tag names in %s: %s%s",
+                len(invalid),
                 self.name,
-                sorted(set(names) - set(valid)),
+                invalid[:LOGGED_NAMES],  # a repr: a newline in a name forges no log line
+                " and more" if len(invalid) > LOGGED_NAMES else "",
             )
         return valid
 

@@ -35,6 +35,7 @@ from regfs.nodes import LayerNode, ManifestNode, Node
 from storage.digests import digest_bytes
 from storage.drivers import FilesystemDriver, bulkstat, statworker
 from storage.paths import TagsDir, path_for
+from storage.registry import Registry
 
 NAME = "library/demo"
 COUNT = 300  # past INLINE_ENTRIES (64): a bulk call goes to the stat worker
@@ -267,3 +268,19 @@ def test_a_worker_whose_daemon_hung_up_with_a_reply_unread_ends_quietly(tmp_path
     finally:
         thread.join(5)
         theirs.close()
+
+
+@pytest.mark.storage
+async def test_a_listing_of_many_invalid_tag_names_logs_a_bounded_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Reviewer e: every invalid name went into one warning, 100,000 names a line of MBs.
+    root = tmp_path / "root"
+    write_tags(root, NAME, "sha256:" + "0" * 64, ["ok", *(f"bad:{i:05d}" for i in range(5000))])
+    tags = Registry(FilesystemDriver(root)).repository(NAME).tags
+    with caplog.at_level("WARNING", logger="storage.tags"):
+        assert await tags.list() == ["ok"]
+    (record,) = [r for r in caplog.records if "invalid tag names" in r.getMessage()]
+    message = record.getMessage()
+    assert "ignoring 5000 invalid tag names" in message and "and more" in message
+    assert len(message) < 1000
