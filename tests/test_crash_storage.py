@@ -13,7 +13,7 @@ import trio
 from storage.check import Severity, check
 from storage.digests import digest_bytes
 from storage.drivers import FileInfo, FileReader, FileWriter, InMemoryDriver, StorageDriver
-from storage.registry import Registry
+from storage.registry import Registry, Repository
 
 pytestmark = pytest.mark.storage
 
@@ -123,20 +123,25 @@ async def test_finish_interrupted_at_every_step(mode):
     assert step > 5  # the finish really was cut at each of its steps
 
 
+async def manifest_of_a_config(repo: Repository) -> bytes:
+    """An image manifest of a config blob pushed first, and no layer: its bytes."""
+    upload = await repo.layers.upload()
+    await upload.write(b"cfg")
+    await upload.finish(digest_bytes(b"cfg"))
+    desc = {
+        "mediaType": "application/vnd.oci.image.config.v1+json",
+        "digest": str(digest_bytes(b"cfg")),
+        "size": 3,
+    }
+    return json.dumps({"schemaVersion": 2, "config": desc, "layers": []}).encode()
+
+
 async def test_manifest_push_interrupted_at_every_step():
     step = 1
     while True:
         inner = InMemoryDriver()
         repo = Registry(inner).repository("a/b")
-        upload = await repo.layers.upload()
-        await upload.write(b"cfg")
-        await upload.finish(digest_bytes(b"cfg"))
-        desc = {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": str(digest_bytes(b"cfg")),
-            "size": 3,
-        }
-        body = json.dumps({"schemaVersion": 2, "config": desc, "layers": []}).encode()
+        body = await manifest_of_a_config(repo)
         faulty = FaultyDriver(inner)
         frepo = Registry(faulty).repository("a/b")
         faulty.fail_at = step
@@ -157,15 +162,7 @@ async def test_retag_interrupted_at_every_step_loses_no_tag():
     while True:
         inner = InMemoryDriver()
         repo = Registry(inner).repository("a/b")
-        upload = await repo.layers.upload()
-        await upload.write(b"cfg")
-        await upload.finish(digest_bytes(b"cfg"))
-        desc = {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": str(digest_bytes(b"cfg")),
-            "size": 3,
-        }
-        body = json.dumps({"schemaVersion": 2, "config": desc, "layers": []}).encode()
+        body = await manifest_of_a_config(repo)
         digest = await repo.manifests.put(body)
         await repo.tags.put("v1", digest)
         faulty = FaultyDriver(inner)
