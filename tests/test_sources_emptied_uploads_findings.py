@@ -1,5 +1,10 @@
 """Reviewer r2's findings on stop 24's storage/ changes (b37c113..): each a strict xfail that
-states the rule; it passes once the finding is fixed."""
+states the rule; it passes once the finding is fixed.
+
+Mostly an emptied upload area beside the registry's cancel and another mount (with
+tests/test_sources_emptied_uploads.py); also the stat worker (one that died while idle, a
+reply of the wrong length) and a listing while a directory is made.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 same operation through a storage root, an S3 bucket (moto) and a registry over HTTP, and
 the S3 source against its own contract and docker-registry 2.8's (docs/s3.md).
 
-Each test's comment says what should happen and why: the rule its fix follows.
+Each test's comment says what should happen and why: the rule its fix follows. Most are the
+S3 source's (`test_s3_*`); the rest (rmdir, mkdir, a tag's put, an upload's label, one
+writer per remote upload, a cancelled first push) go through the other sources.
 """
 
 from __future__ import annotations
