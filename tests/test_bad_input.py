@@ -793,7 +793,7 @@ def writes_table(mnt: Path, image: dict) -> list[Case]:
         "O_WRONLY|O_APPEND": os.O_WRONLY | os.O_APPEND,
     }.items():
         while_written(f"second writer {label}", open_(upload, flags), errno.EBUSY)
-    row(  # the name goes; the writer's close cancels the upload (tests/test_h8_unlinked.py)
+    row(  # the name goes; the writer's close cancels the upload (tests/test_mount_unlinked.py)
         "rm while written",
         rm(upload),
         None,

@@ -291,7 +291,7 @@ def test_statfs_of_a_remote_mount_has_a_block_size(remote_mount):
                 strict=True,
                 reason="a shared mmap of a tag is ENODEV: tags are read with direct_io (a tag "
                 "read through the page cache could be cut or mixed with the manifest it points "
-                "at after a move: tests/test_h2_page_cache.py); uploads, layers and manifests "
+                "at after a move: tests/test_mount_page_cache.py); uploads, layers and manifests "
                 "map",
             ),
         ),

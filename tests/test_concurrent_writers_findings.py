@@ -4,6 +4,10 @@ DELETE retried).
 
 Each `xfail(strict=True)` test is a finding: it fails today for the reason it names, and
 passes once regfs answers as the reason says it should (then drop its mark). Worst first.
+
+Mostly a write (refused, repeated, a retag) that must not undo what another process did
+meanwhile; also a deep empty namespace in the root, `ls` of a namespace on S3, and `rm -r`
+of many small namespaces.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Review of 8173149 (`Directories._reply_held`): a run of held entries asks what the daemon
 holds twice, once of its first entry (is there a run?) and once of the whole run; the
 digests' cache entries can expire between the two (--tag-ttl). Seen through a real mount
-(tests/test_review_s21_listings.py's two readers while layers are pushed, --tag-ttl 0.2):
+(tests/test_listing_snapshots.py's two readers while layers are pushed, --tag-ttl 0.2):
 `readdir: list index out of range (ENOENT)` in the daemon's debug log, and getdents64
 failing with ENOENT in the middle of `ls` of layers/. Here the clock is moved between the
 two questions, in process (no mount can time that), so it fails every time it can."""

@@ -9,7 +9,7 @@ inode number its lookup gives; the "." that ends a listing filling its last page
 as before; the filesystem driver lists a directory of directories by its names alone and
 still leaves a symlink out.
 
-    python tests/test_h1_names_reply.py MOUNTPOINT single|bulk|auto|keeps   (the filesystem)
+    python tests/test_pyfuse3_names_reply.py MOUNTPOINT single|bulk|auto|keeps   (the filesystem)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 reply that the `rootfs/` walk is to use: what it does with arguments no caller should pass,
 which must raise or report nothing, never touch memory that is not a live reply buffer.
 
-    python tests/test_review_rootfs_bulk_reply.py MOUNTPOINT   (the filesystem below, mounted)
+    python tests/test_bulk_reply_hostile.py MOUNTPOINT   (the filesystem below, mounted)
 """
 
 from __future__ import annotations

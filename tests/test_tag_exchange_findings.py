@@ -1,5 +1,11 @@
 """Reviewer r1, stop 24: findings in this stop's changes (b37c113..), each a strict xfail
-that passes once fixed. Run with --basetemp under /tmp so the mounts stay there."""
+that passes once fixed. Run with --basetemp under /tmp so the mounts stay there.
+
+Mostly a rename exchange of tags (one failing between its puts, one with a tag being
+written, the numbers a listing gives after one); also inode numbers (a key file left empty,
+two tags made to clash), `rm -r` of a namespace beside a writer, a mount namespace kept
+alive, the read-ahead, and a lookup while a digest-named upload finishes.
+"""
 
 from __future__ import annotations
 
