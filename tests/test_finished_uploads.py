@@ -5,7 +5,7 @@ not listed, its chmod and times accepted and ignored, `rm` drops the name (the l
 `mv` into layers/ under its digest drops the name, `mv` into uploads/ copies it, an open
 with O_TRUNC starts a new upload of that name, as a create does, and any other open for
 writing gets the layer, which takes only the bytes it holds (EPERM for any other: the upload
-finished, the layer never changes; tests/test_bs26_tools.py)."""
+finished, the layer never changes; tests/test_everyday_tools_finished_layers.py)."""
 
 from __future__ import annotations
 

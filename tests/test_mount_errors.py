@@ -120,7 +120,7 @@ async def test_writes_to_layers_and_manifests_are_eperm(tmp_path, mount):
             if (directory.name, what) == ("manifests", "create"):
                 continue  # a new manifest by digest is taken (tests/test_everyday_tools.py)
             if (directory.name, what) == ("layers", "create"):
-                # An upload verified by its name (tests/test_f1s25_replace.py): nothing
+                # An upload verified by its name (tests/test_everyday_tools_replace.py): nothing
                 # written is another's digest, so close() fails and nothing is left.
                 descriptor = call()
                 assert isinstance(descriptor, int)

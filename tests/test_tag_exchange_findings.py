@@ -230,7 +230,8 @@ async def test_a_lookup_while_a_digest_named_upload_finishes_finds_a_file(
     # pending_attr is None, and between the data's move into the blob store and the
     # upload's deletion the name still resolves to the UploadNode, whose attributes storage
     # no longer has: size 0 here (both drivers); ENOENT a moment later, during the
-    # upload's deletion: test_h4_tools.py::test_rm_of_an_upload_racing_its_writers_last_close
+    # upload's deletion: test_everyday_tools_name_races.py::
+    # test_rm_of_an_upload_racing_its_writers_last_close
     # [digest-named] failed so once in 7 runs under load ({'close': None, 'rm': 2}).
     driver = InMemoryDriver() if driver_kind == "memory" else FilesystemDriver(tmp_path / "root")
     registry = Registry(driver)

@@ -1,5 +1,10 @@
 """Everyday tools on a mount, reviewer r1's rough edges of stop 25 (stop 26, b): each run
-with the real tool on a real mount and compared with what it does on a local filesystem."""
+with the real tool on a real mount and compared with what it does on a local filesystem.
+
+Mostly a finished upload's layer written over (`dd conv=notrunc` with its own bytes, locally
+and remotely; any other byte EPERM and logged); also a renamed tag's inode number seen by
+git, and `cp -a` of a repository and its uploads to and from a local disk.
+"""
 
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ and passes once the mount answers as a local filesystem would (then drop its mar
 comment at its top says what ext4 does. The tests without a mark cover what nothing else
 did: reads that go on while the registry collects what they read, and `tar -c` of an
 image's hard links.
+
+Mostly what tools do into uploads/ (copies, moves, appends, a purge beside a writer); also
+tags written by two processes, a remote mount's statfs and `tar -c`.
 """
 
 from __future__ import annotations

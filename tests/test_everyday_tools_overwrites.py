@@ -5,6 +5,11 @@ Each `xfail(strict=True)` test is a bug found here: it fails today for the reaso
 and passes once the mount answers as a local filesystem would, or as the README says where
 regfs refuses by design (then drop its mark); the comment at its top says what ext4 does
 and what happens today.
+
+Mostly tools that write over what is there (a layer's or a manifest's own bytes copied over
+it, locally and remotely, `tar -x` of a repository's own backup, a refused manifest or
+retag, `mv` onto an upload being written); also xattrs (`tar -x --xattrs`, `rsync -aX`,
+removexattr), flock, mmap and a backup suffix in uploads/.
 """
 
 from __future__ import annotations
@@ -168,7 +173,7 @@ async def test_tar_x_with_xattrs_into_uploads(tmp_path, mount):
     # --xattrs -x` of a file with user xattrs (a downloaded file keeps user.xdg.origin.url)
     # creates it so, sets its xattrs, then opens it to write. Today tar says "Cannot open:
     # Operation not permitted" and nothing arrives; without --xattrs the same tar works
-    # (tests/test_review_s22_tools.py). The xattrs themselves may be refused, as by tmpfs
+    # (tests/test_everyday_tools_uploads.py). The xattrs themselves may be refused, as by tmpfs
     # without user xattrs (EOPNOTSUPP): tar then warns, and the bytes arrive.
     await build_root(tmp_path / "root", size=10_000)
     uploads = mount(tmp_path / "root").path(*NAME.split("/"), "uploads")

@@ -1,7 +1,7 @@
 """Tools that replace a file unlink it, then create it again (`cp -f` over a file it cannot
 open, `install`, `tar -x`, `cp --remove-destination`, `mv` from another disk): what the
 create of layers/<digest> is, and what the daemon remembers of the tags an unlink deleted
-(stop 25, f1; r1's findings in tests/test_review_s25_tools.py are the tools themselves)."""
+(stop 25, f1; r1's findings in tests/test_everyday_tools_overwrites.py are the tools themselves)."""
 
 from __future__ import annotations
 
