@@ -106,6 +106,45 @@ def test_no_test_module_imports_another() -> None:
     assert wrong == {}
 
 
+# A part of a test file's name that says who wrote it when, not what it tests: a session
+# (s25, stop25), a helper of one (h2, f1, r1, as26, h2s25, s26e), a review or the lead.
+WRITER_CODE = re.compile(
+    r"(?:[a-z]{0,2}\d{0,2}s\d{2}[a-z]?|[a-hr]\d{1,2}|stop\d+|review|lead)", re.I
+)
+
+
+def writer_codes(name: str) -> list[str]:
+    """The parts of a test file's name (split at `_`) that name a session or helper."""
+    stem = name.removesuffix(".py").removeprefix("test_")
+    return [part for part in stem.split("_") if WRITER_CODE.fullmatch(part)]
+
+
+@pytest.mark.storage
+def test_test_files_are_named_for_what_they_test() -> None:
+    """A test file is named for what it tests: tests/test_<module>.py, or test_<topic>_*.py
+    for end-to-end tests (docs/testing.md), never for the session or helper that wrote it,
+    which the next engineer looking for a module's tests cannot guess."""
+    examples = {
+        "test_h2s25_statahead.py": ["h2s25"],
+        "test_review_s26e.py": ["review", "s26e"],
+        "test_as26_tag_contents.py": ["as26"],
+        "test_lead_s25_rmdir.py": ["lead", "s25"],
+        "test_h10_closes_review.py": ["h10", "review"],
+        "test_s3_driver.py": [],
+        "test_pyfuse3_loop.py": [],
+    }
+    assert {name: writer_codes(name) for name in examples} == examples
+    tests = Path(__file__).parent
+    wrong = {
+        path.name: codes for path in tests.glob("test_*.py") if (codes := writer_codes(path.name))
+    }
+    assert wrong == {}, (
+        "name these test files for what they test (the module or topic: tests/test_<module>.py,"
+        " test_<topic>_*.py; docs/testing.md), not for the session or helper that wrote them:"
+        f" {wrong}"
+    )
+
+
 OUTSIDE = re.compile(r"\.\./shared|\b(?:ROOTFS|S3|SPEC|LAYOUT|PERF|STYLE)\.md\b")
 
 
