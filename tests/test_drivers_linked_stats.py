@@ -50,7 +50,7 @@ async def test_device_nodes_where_links_belong_state_nothing(
     for name in DEVICES:  # asked alone, as a listing then does: absent, and logged
         with pytest.raises(PathNotFound):
             await drv.get_content(f"/l/{name}")
-        assert f"'/l/{name}' is of mode 20644, not a regular file" in caplog.text
+        assert f"'/l/{name}' is a character device, not a regular file" in caplog.text
 
 
 # Names a bulk call's one-pass check (`_relative`) must judge as one regex each would:

@@ -1,7 +1,8 @@
-"""Opening names beneath a directory descriptor with no symlink followed, and the bulk calls
-built on it: the stat of a listing's links and the blobs they name (`linked_stats`), the
-read of small files such as tags' links (`contents`); this file run as a script is the
-stat worker process that runs them beside the daemon (`statworker.StatWorker`).
+"""Opening names beneath a directory descriptor with no symlink followed, and nothing but a
+regular file opened for its bytes (`open_regular`), and the bulk calls built on it: the
+stat of a listing's links and the blobs they name (`linked_stats`), the read of small files
+such as tags' links (`contents`); this file run as a script is the stat worker process
+that runs them beside the daemon (`statworker.StatWorker`).
 
 The standard library only, and nothing of the package: the worker starts in a few
 milliseconds (`python -I -S` of this file), not the ~0.3 s that importing trio costs, and it
@@ -12,6 +13,7 @@ imports it from here).
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import marshal
 import os
@@ -37,6 +39,9 @@ REQUEST_LIMIT = 1 << 18
 REPLY_LIMIT = 1 << 17
 READY = b"ready"
 _PR_SET_PDEATHSIG = 1
+# How a regular file found by `open_regular` is opened for its bytes (the O_NONBLOCK and
+# O_NOCTTY only matter where /proc is missing: `_reopen`'s second open by name).
+READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 Resolve = Callable[[int, str, int, int], int]
 Stat = tuple[int, int] | None  # size and mtime_ns of a regular file, or None
@@ -105,6 +110,65 @@ def walk_open(dirfd: int, path: str, flags: int, mode: int) -> int:
             os.close(fd)
 
 
+_fd_directory: list[int] = []  # this process's /proc/self/fd (O_PATH), or -1: opened once
+
+
+def _forget_fd_directory() -> None:
+    _fd_directory.clear()  # a fork's child has /proc/self/fd of its own: opened again
+
+
+os.register_at_fork(after_in_child=_forget_fd_directory)
+
+
+def _fds() -> int:
+    """A descriptor (O_PATH) of this process's /proc/self/fd, opened once; -1 without /proc."""
+    if not _fd_directory:
+        try:
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+            _fd_directory.append(os.open("/proc/self/fd", flags))
+        except OSError:
+            _fd_directory.append(-1)
+    return _fd_directory[0]
+
+
+def _reopen(
+    held: int, flags: int, resolve: Resolve, dirfd: int, path: str, st: os.stat_result
+) -> int:
+    """The regular file the O_PATH descriptor held names, opened for flags through
+    /proc/self/fd/<held>: the very inode fstat saw, never its name looked up again, so a
+    name swapped meanwhile (for a FIFO, a device) is not what opens. Without /proc, the name
+    is opened again (O_NONBLOCK, O_NOCTTY) and kept only if it is still that inode: a device
+    swapped in between the two opens (its mknod needs CAP_MKNOD) would then be opened."""
+    fds = _fds()
+    if fds >= 0:
+        return os.open(str(held), flags | os.O_CLOEXEC, dir_fd=fds)
+    fd = resolve(dirfd, path, flags | os.O_NONBLOCK | os.O_NOCTTY | O_BENEATH, 0)
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+        return fd
+    os.close(fd)
+    raise OSError(errno.ESTALE, "replaced while it was opened", path)
+
+
+def open_regular(
+    resolve: Resolve, dirfd: int, path: str, flags: int, limit: int | None = None
+) -> tuple[int, os.stat_result]:
+    """path beneath dirfd (`resolve`) opened for flags if it is a regular file (of at most
+    limit bytes), and its stat; (-1, its stat) if it is anything else: a FIFO, a socket, a
+    device, a directory, a symlink (O_PATH|O_NOFOLLOW holds the link itself). First opened
+    O_PATH, which opens nothing (no FIFO waits for a writer, no device's driver runs: a
+    tape rewinds, a terminal becomes the caller's), then fstat, then only a regular file
+    is opened for its bytes (`_reopen`). OSError as the open's."""
+    held = resolve(dirfd, path, os.O_PATH | O_BENEATH, 0)
+    try:
+        st = os.fstat(held)
+        if not statmod.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+            return -1, st
+        return _reopen(held, flags, resolve, dirfd, path, st), st
+    finally:
+        os.close(held)
+
+
 class Parents:
     """The descriptor of one directory below `base`, kept while the names a bulk call resolves
     share it: sorted names of a listing's blobs (`<xx>/<hex>/data`) open each fan-out
@@ -154,19 +218,21 @@ def linked_stats(
     resolve: Resolve, links: int, files: int, link_names: Sequence[str],
     targets: Sequence[bytes], file_names: Sequence[str],
 ) -> list[Stat]:  # fmt: skip
-    """Each link opened beneath the descriptor `links` (`resolve`: openat2, or the walk) and
-    read by one pread of a byte more than its target: a FIFO or socket fails that (ESPIPE;
-    the open is O_NONBLOCK, so a FIFO's never waits for a writer), a directory too
-    (EISDIR), and a bigger file reads that byte, so no fstat is needed to know a regular
-    file of just those bytes. Then the file beneath `files` (`_stat_at`). None for each
-    entry that is anything else, or fails."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | O_BENEATH
+    """Each link beneath the descriptor `links` (`resolve`: openat2, or the walk) read if it
+    is a regular file of just its target's size (`open_regular`: nothing else is opened)
+    and compared with its target; then the file beneath `files` (`_stat_at`). None for
+    each entry that is anything else, or fails."""
     found: list[Stat] = []
     parents = Parents(files, resolve)
     try:
         for link, target, name in zip(link_names, targets, file_names, strict=True):
             try:
-                fd = resolve(links, link, flags, 0)
+                fd, st = open_regular(resolve, links, link, READ, len(target))
+                if fd < 0 or st.st_size != len(target):
+                    if fd >= 0:
+                        os.close(fd)
+                    found.append(None)
+                    continue
                 try:
                     read = os.pread(fd, len(target) + 1, 0)
                 finally:
@@ -181,18 +247,17 @@ def linked_stats(
 
 def contents(resolve: Resolve, dirfd: int, names: Sequence[str], limit: int) -> list[Content]:
     """The whole of each small regular file beneath the descriptor dirfd (`resolve`: openat2,
-    or the walk), read by its size, and its mtime_ns: None for one that is anything else,
-    over limit bytes, of a size that moved meanwhile, or fails."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | O_BENEATH
+    or the walk), read by its size, and its mtime_ns: None for one that is anything else
+    (never opened: `open_regular`), over limit bytes, of a size that moved meanwhile, or
+    fails."""
     found: list[Content] = []
     for name in names:
         try:
-            fd = resolve(dirfd, name, flags, 0)
+            fd, st = open_regular(resolve, dirfd, name, READ, limit)
+            if fd < 0:
+                found.append(None)
+                continue
             try:
-                st = os.fstat(fd)
-                if not statmod.S_ISREG(st.st_mode) or st.st_size > limit:
-                    found.append(None)
-                    continue
                 data = os.read(fd, st.st_size + 1)
             finally:
                 os.close(fd)

@@ -47,7 +47,8 @@ from .base import (
 )
 from .bulkstat import DIRECTORY as _DIRECTORY
 from .bulkstat import O_BENEATH as _O_BENEATH
-from .bulkstat import contents, linked_stats
+from .bulkstat import READ as _READ
+from .bulkstat import contents, linked_stats, open_regular
 from .bulkstat import openat2 as _openat2
 from .bulkstat import walk_open as _walk_open
 from .removal import remove_tree
@@ -77,7 +78,22 @@ LOCK_SUFFIX = ".regfs-lock"
 # opens the file at once would be refused for a few milliseconds without this wait.
 LOCK_WAIT = 2.0
 
+# Tries of `_open_or_create` while its name comes and goes between its open and its create.
+_CREATE_TRIES = 3
+
 _openat2_works: bool | None = None
+
+
+def _kind(mode: int) -> str:
+    """What a file of this mode is, for a log line."""
+    for test, kind in (
+        (statmod.S_ISDIR, "a directory"), (statmod.S_ISFIFO, "a FIFO"),
+        (statmod.S_ISSOCK, "a socket"), (statmod.S_ISCHR, "a character device"),
+        (statmod.S_ISBLK, "a block device"), (statmod.S_ISLNK, "a symbolic link"),
+    ):  # fmt: skip
+        if test(mode):
+            return kind
+    return f"of mode {mode:o}"
 
 
 def _openat2_usable(dirfd: int) -> bool:
@@ -288,22 +304,42 @@ class FilesystemDriver(StorageDriver):
 
     def _open_file(self, path: str) -> int:
         """A descriptor of the regular file at path, for reading. Anything else (a directory,
-        a FIFO, a socket, a device) is absent, as in the in-memory driver. O_NONBLOCK: a FIFO
-        without a writer would block its open, and with it the whole daemon."""
+        a FIFO, a socket, a device) is absent, as in the in-memory driver, and never opened
+        (`open_regular`: an O_PATH open, fstat, then only a regular file opened to read; an
+        open of a FIFO waits for a writer, a device's runs its driver)."""
         try:
-            fd = self._open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            fd, st = open_regular(self._resolve, self._fd, path[1:] or ".", _READ)
         except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            kind = "a socket"
-        else:
-            mode = os.fstat(fd).st_mode
-            if statmod.S_ISREG(mode):
-                return fd
-            os.close(fd)
-            kind = "a directory" if statmod.S_ISDIR(mode) else f"of mode {mode:o}"
-        log.warning("%r is %s, not a regular file: treated as absent", path, kind)
+            raise self._refusal(exc, path) from None
+        if fd >= 0:
+            return fd
+        if statmod.S_ISLNK(st.st_mode):
+            raise self._refusal(OSError(errno.ELOOP, "a symbolic link"), path)
+        log.warning("%r is %s, not a regular file: treated as absent", path, _kind(st.st_mode))
         raise PathNotFound(path)
+
+    def _open_or_create(self, parent: int, leaf: str, path: str, flags: int, mode: int) -> int:
+        """leaf in the directory parent opened for flags, made (O_EXCL, mode) where there is
+        none. One found is opened only if it is a regular file (`open_regular`): anything
+        else is CorruptEntry, never opened (a device's open runs its driver, a terminal's
+        makes it the daemon's), a symlink UnsafeEntry."""
+        for _ in range(_CREATE_TRIES):
+            with self._beneath(path):
+                try:
+                    fd, st = open_regular(_walk_open, parent, leaf, flags)
+                except FileNotFoundError:
+                    try:
+                        made = flags | os.O_CREAT | os.O_EXCL | _O_BENEATH
+                        return os.open(leaf, made, mode, dir_fd=parent)
+                    except FileExistsError:  # made meanwhile: opened as any found
+                        continue
+            if fd >= 0:
+                return fd
+            if statmod.S_ISLNK(st.st_mode):
+                raise self._refusal(OSError(errno.ELOOP, "a symbolic link"), path)
+            log.error("%r is %s, not a regular file: not opened", path, _kind(st.st_mode))
+            raise CorruptEntry(path, f"{_kind(st.st_mode)}, not a regular file")
+        raise CorruptEntry(path, f"came and went {_CREATE_TRIES} times while it was opened")
 
     async def _get_content(self, path: str, limit: int) -> bytes:
         with open(self._open_file(path), "rb") as f:
@@ -338,8 +374,7 @@ class FilesystemDriver(StorageDriver):
     async def _writer(self, path: str) -> FileWriter:
         parent, leaf = self._parent(path, create=True)
         try:
-            with self._beneath(path):
-                fd = os.open(leaf, os.O_RDWR | os.O_CREAT | _O_BENEATH, FILE_MODE, dir_fd=parent)
+            fd = self._open_or_create(parent, leaf, path, os.O_RDWR, FILE_MODE)
             try:
                 st = os.fstat(fd)
                 if not statmod.S_ISREG(st.st_mode):
@@ -369,13 +404,9 @@ class FilesystemDriver(StorageDriver):
         sees it. A lock file found is used as it is: only someone who can write the
         directory could have made it, and they could remove the whole upload anyway.
         """
-        with self._beneath(path + LOCK_SUFFIX):
-            fd = os.open(
-                leaf + LOCK_SUFFIX,
-                os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | _O_BENEATH,
-                LOCK_MODE,
-                dir_fd=parent,
-            )
+        fd = self._open_or_create(
+            parent, leaf + LOCK_SUFFIX, path + LOCK_SUFFIX, os.O_WRONLY, LOCK_MODE
+        )
         try:
             await flock_polled(fd, path)
         except BaseException:
@@ -392,12 +423,13 @@ class FilesystemDriver(StorageDriver):
             return False
         try:
             with self._beneath(path + LOCK_SUFFIX):
-                flags = os.O_WRONLY | os.O_NONBLOCK | _O_BENEATH
-                fd = os.open(leaf + LOCK_SUFFIX, flags, dir_fd=parent)
-        except (PathNotFound, UnsafeEntry):  # no lock; a planted link is none of ours
+                fd, _ = open_regular(_walk_open, parent, leaf + LOCK_SUFFIX, os.O_WRONLY)
+        except (PathNotFound, UnsafeEntry):  # no lock
             return False
         finally:
             os.close(parent)
+        if fd < 0:  # a planted link, FIFO or device is no lock of ours, and never opened
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
