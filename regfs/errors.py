@@ -2,6 +2,8 @@
 
 pyfuse3 turns only FUSEError into an errno: any other exception ends its main loop, so every
 handler is wrapped. Expected errors are logged in one line; unexpected ones with a traceback.
+An ExceptionGroup of one error (a nursery's: trio wraps even one) is that error
+(`storage.nurseries.sole_error`); a group of several is unexpected.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from storage.errors import (
     RemoteError,
     RemoteUnavailable,
 )
+from storage.nurseries import sole_error
 
 log = logging.getLogger("regfs.ops")
 
@@ -56,6 +59,10 @@ LEVELS = {errno.ENOENT: logging.DEBUG, errno.EIO: logging.ERROR}
 
 
 def errno_of(exc: BaseException) -> int | None:
+    """The errno exc answers (a group of one error: that error's), or None: unexpected."""
+    exc = sole_error(exc)
+    if isinstance(exc, PermissionError) and exc.errno in (errno.EACCES, errno.EPERM):
+        return exc.errno  # the system's own (EACCES: a root the daemon may not read)
     for kind, code in ERRNOS:
         if isinstance(exc, kind):
             return code
@@ -89,14 +96,17 @@ def fuse_errors(
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: %s", name, errno.errorcode.get(exc.errno, exc.errno))
             raise
-        except Exception as exc:
-            code = errno_of(exc)
+        except Exception as error:
+            failed = sole_error(error)
+            if isinstance(failed, pyfuse3.FUSEError):  # a nursery's task answered an errno
+                raise failed from None
+            code = errno_of(failed)
             if code is None:
                 log.exception("%s: unexpected error, answering EIO", name)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             # A missing name is routine (shells probe many); anything else is worth a line.
             level = LEVELS.get(code, logging.WARNING)
-            log.log(level, "%s: %s (%s)", name, exc, errno.errorcode.get(code, code))
+            log.log(level, "%s: %s (%s)", name, failed, errno.errorcode.get(code, code))
             raise pyfuse3.FUSEError(code) from None
 
     return wrapper

@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 
-import trio
-
 from .drivers import PathNotFound, StorageDriver
 from .errors import UnsafeEntry
 from .layers import started_uploads
 from .names import MAX_NAME_LENGTH, is_component
+from .nurseries import open_nursery
 from .paths import RepositoryDir, path_for
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class Catalog:
                         continue
                 shown.add(entry)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:  # a child's error comes out as itself
             for _ in range(min(CHECKS_AT_ONCE, len(names))):
                 nursery.start_soon(check)
         return [entry for entry in names if entry in shown]

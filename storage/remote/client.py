@@ -46,6 +46,7 @@ import trio
 
 from storage import jsontext
 from storage.errors import RemoteError, RemoteUnavailable
+from storage.nurseries import open_nursery
 from storage.remote.auth import Authenticator, Token
 from storage.remote.credentials import Credentials, docker_config_credentials
 from storage.remote.ranges import (
@@ -547,7 +548,7 @@ class RemoteClient:
         )
         try:
             with trio.move_on_after(self.deadline) as scope:
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     for _ in range(min(parallel, -(-len(paths) // PIPELINE_DEPTH))):
                         nursery.start_soon(run)
         finally:

@@ -44,6 +44,7 @@ from ..errors import (
 )
 from ..manifest_format import SUPPORTED, parse_manifest, sniff_media_type
 from ..names import is_component, valid_tags, validate_name, validate_tag
+from ..nurseries import open_nursery
 from .client import RemoteClient, RemoteNotFound, RemoteTooLarge, Small
 from .reader import ReadAheadBudget, RemoteLayerReader
 from .untrusted import (
@@ -258,7 +259,7 @@ async def _in_parallel(
             except StorageError:
                 continue
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         for _ in range(LISTING_PARALLEL):
             nursery.start_soon(worker, nursery.cancel_scope)
     if failed:
