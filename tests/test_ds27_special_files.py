@@ -31,7 +31,7 @@ import pytest
 import trio
 from support.mounts import Mount
 from support.roots import build_root, write_tags
-from support.statworkers import put_layers, stat_workers
+from support.statworkers import put_layers, stat_workers, worker_ready
 
 from storage.digests import Digest
 from storage.drivers import FilesystemDriver
@@ -108,13 +108,6 @@ def plant(path: Path, kind: str) -> Path:
     return path
 
 
-async def _ready(driver: FilesystemDriver) -> None:
-    driver.start_workers()
-    with trio.fail_after(10):
-        while not driver._stat_worker.ready:
-            await trio.sleep(0.01)
-
-
 @pytest.mark.storage
 @pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "walk"])
 @pytest.mark.parametrize("many", [False, True], ids=["in-process", "worker"])
@@ -139,7 +132,7 @@ async def test_bulk_reads_open_no_fifo_socket_device_or_symlink(
         names *= 12
     drv = FilesystemDriver(root, openat2=openat2)
     if many:
-        await _ready(drv)
+        await worker_ready(drv)
     blob = (4, os.stat(root / "b" / "data").st_mtime_ns)
     with witness() as w:
         for path in (*planted, outside, d / "plain"):

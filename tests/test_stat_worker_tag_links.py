@@ -14,7 +14,7 @@ import pytest
 import trio
 from support.mounts import wait_until
 from support.roots import build_root, write_tags
-from support.statworkers import cut_replies, stat_workers
+from support.statworkers import cut_replies, stat_workers, worker_ready
 
 from storage.drivers import FilesystemDriver, bulkstat
 from storage.drivers.base import CONTENT_LIMIT
@@ -30,13 +30,6 @@ def _tags(root: Path, count: int = COUNT) -> tuple[str, list[str]]:
     """count tags of NAME whose current links hold TARGET; their directory and link names."""
     write_tags(root, NAME, TARGET.decode(), [f"t{i:03d}" for i in range(count)], index=False)
     return path_for(TagsDir(NAME)), [f"t{i:03d}/current/link" for i in range(count)]
-
-
-async def _ready(driver: FilesystemDriver) -> None:
-    driver.start_workers()
-    with trio.fail_after(10):
-        while not driver._stat_worker.ready:
-            await trio.sleep(0.01)
 
 
 @pytest.mark.storage
@@ -78,7 +71,7 @@ async def test_the_worker_reads_tag_links_as_the_driver_does_in_process(
     assert [i for i, got in enumerate(in_process) if got is None] == sorted(refused)
     assert in_process[9] is not None and in_process[9][0] == big
 
-    await _ready(driver)
+    await worker_ready(driver)
 
     async def no_thread(*args: object) -> None:
         raise AssertionError("read in a thread, not in the worker")
@@ -129,7 +122,7 @@ async def test_a_worker_reply_of_the_wrong_length_fails_that_read_only(
     root = tmp_path / "root"
     directory, names = _tags(root)
     driver = FilesystemDriver(root)
-    await _ready(driver)
+    await worker_ready(driver)
     cut_replies(monkeypatch)
     try:
         with pytest.raises(CorruptEntry):

@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from storage.digests import Digest, digest_bytes
-from storage.drivers import statworker
+from storage.drivers import FilesystemDriver, statworker
 from storage.paths import BlobData, LayerLink, path_for
 
 
@@ -54,3 +55,12 @@ def cut_replies(monkeypatch: pytest.MonkeyPatch) -> None:
         return marshal.dumps(marshal.loads(await real(self, directories, request))[:-1])
 
     monkeypatch.setattr(statworker._Channel, "call", short)
+
+
+async def worker_ready(driver: FilesystemDriver) -> None:
+    """The driver's stat worker started and ready (within 10 s): its bulk calls of more than
+    INLINE_ENTRIES then go to it."""
+    driver.start_workers()
+    with trio.fail_after(10):
+        while not driver._stat_worker.ready:
+            await trio.sleep(0.01)
