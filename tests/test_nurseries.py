@@ -1,4 +1,6 @@
-"""A nursery's error reaches FUSE as itself, not as an ExceptionGroup (stop 27, d).
+"""storage/nurseries.py: a nursery's error reaches its caller, and FUSE, as itself, not as
+an ExceptionGroup. Also here: `regfs/errors.fuse_errors`'s reading of groups, and a real
+mount (a daemon without CAP_DAC_OVERRIDE) over a namespace with a child it cannot read.
 
 trio wraps even one error of a nursery's task in an ExceptionGroup. `Catalog.children`
 checks a namespace's children in a nursery: a PermissionError (or an I/O error) of one

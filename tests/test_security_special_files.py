@@ -1,4 +1,4 @@
-"""Nothing but a regular file (or a directory) in a storage root is ever opened (stop 27, d).
+"""Nothing but a regular file (or a directory) in a storage root is ever opened.
 
 A root's owner can plant a FIFO (no privilege needed), a socket, or, with CAP_MKNOD or in a
 root copied from elsewhere, a device node where a link, a blob's data or an upload's lock
