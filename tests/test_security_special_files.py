@@ -34,7 +34,7 @@ from support.roots import build_root, write_tags
 from support.statworkers import put_layers, stat_workers, worker_ready
 
 from storage.digests import Digest
-from storage.drivers import FilesystemDriver
+from storage.drivers import FilesystemDriver, bulkstat
 from storage.drivers.base import PathNotFound
 from storage.errors import CorruptEntry, UnsafeEntry
 from storage.paths import BlobData, LayerLink, RevisionLink, TagCurrentLink, path_for
@@ -298,3 +298,25 @@ async def test_a_mount_lists_and_reads_around_planted_nodes_opening_none(
     assert "is a FIFO, not a regular file" in log
     assert "is a character device, not a regular file" in log
     assert "a symbolic link in the storage root" in log
+
+
+@pytest.mark.storage
+def test_a_forked_child_reopens_through_its_own_descriptor_table(tmp_path: Path) -> None:
+    """`open_regular`'s reopen goes through a descriptor of /proc/self/fd opened at import;
+    a fork's child opens its own (os.register_at_fork): the inherited one names the
+    parent's table, where the child's O_PATH descriptor is some other file or none."""
+    (tmp_path / "f").write_bytes(b"the child's")
+    dirfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 2
+            try:
+                fd, _ = bulkstat.open_regular(bulkstat.walk_open, dirfd, "f", bulkstat.READ)
+                code = 0 if os.read(fd, 100) == b"the child's" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(dirfd)
+    assert os.waitstatus_to_exitcode(status) == 0

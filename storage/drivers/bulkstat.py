@@ -110,25 +110,26 @@ def walk_open(dirfd: int, path: str, flags: int, mode: int) -> int:
             os.close(fd)
 
 
-_fd_directory: list[int] = []  # this process's /proc/self/fd (O_PATH), or -1: opened once
+def _open_fds() -> int:
+    """A descriptor (O_PATH) of this process's /proc/self/fd; -1 without /proc."""
+    try:
+        return os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
-def _forget_fd_directory() -> None:
-    _fd_directory.clear()  # a fork's child has /proc/self/fd of its own: opened again
+# Opened once, as the module is imported (no two threads race to open it).
+_FDS = [_open_fds()]
 
 
-os.register_at_fork(after_in_child=_forget_fd_directory)
+def _fds_in_child() -> None:
+    """A fork's child: the descriptor it inherited names its parent's /proc/<pid>/fd."""
+    if _FDS[0] >= 0:
+        os.close(_FDS[0])
+    _FDS[0] = _open_fds()
 
 
-def _fds() -> int:
-    """A descriptor (O_PATH) of this process's /proc/self/fd, opened once; -1 without /proc."""
-    if not _fd_directory:
-        try:
-            flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-            _fd_directory.append(os.open("/proc/self/fd", flags))
-        except OSError:
-            _fd_directory.append(-1)
-    return _fd_directory[0]
+os.register_at_fork(after_in_child=_fds_in_child)
 
 
 def _reopen(
@@ -139,7 +140,7 @@ def _reopen(
     name swapped meanwhile (for a FIFO, a device) is not what opens. Without /proc, the name
     is opened again (O_NONBLOCK, O_NOCTTY) and kept only if it is still that inode: a device
     swapped in between the two opens (its mknod needs CAP_MKNOD) would then be opened."""
-    fds = _fds()
+    fds = _FDS[0]
     if fds >= 0:
         return os.open(str(held), flags | os.O_CLOEXEC, dir_fd=fds)
     fd = resolve(dirfd, path, flags | os.O_NONBLOCK | os.O_NOCTTY | O_BENEATH, 0)
