@@ -320,3 +320,24 @@ def test_a_forked_child_reopens_through_its_own_descriptor_table(tmp_path: Path)
     finally:
         os.close(dirfd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.storage
+async def test_without_proc_the_name_is_opened_again_only_for_a_regular_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where /proc is not mounted, a regular file is opened again by its name (and kept only
+    if it is the inode fstat saw); a FIFO, socket or device is still never opened."""
+    monkeypatch.setattr(bulkstat, "_FDS", [-1])
+    d = tmp_path / "root" / "d"
+    d.mkdir(parents=True)
+    (d / "plain").write_bytes(TARGET)
+    planted = [plant(d / kind, kind) for kind in SPECIAL]
+    drv = FilesystemDriver(tmp_path / "root")
+    with witness() as w:
+        for path in planted:
+            w.watch(path)
+        read = await drv.contents("/d", ["plain", *SPECIAL])
+        assert read == [(TARGET, os.stat(d / "plain").st_mtime_ns), None, None, None]
+        assert await drv.get_content("/d/plain") == TARGET
+        assert w.opened() == set()
