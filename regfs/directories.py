@@ -65,9 +65,16 @@ FIRST_PLACEHOLDERS = 32
 # end, a reader whose offset is not in that copy (another snapshot's: a listing begun before
 # the kept one) is told the listing ended there, not sent to the daemon (fuse_readdir_cached's
 # "EOF?" test, met after the last full page): of two `ls` of 1,024 tags at once, one saw 32.
-# Such a listing ends with "." (as every local directory lists it; `ls`, `find`, readdir(3)
-# users skip it), so the kernel's copy never ends on a page's end. docs/concurrency.md.
+# Every listing begins with "." and ".." (as every local directory's does; `ls`, `find`,
+# readdir(3) users skip them); one that would so fill its last page begins with "." alone,
+# or, if that too, ends with it (`_dots`): the kernel's copy never ends on a page's end.
+# docs/concurrency.md.
 _DIRENT = 24
+_DOTS = (b".", b"..")
+_DOT_LENGTHS = (1, 2)
+# The offsets after a listing's "." and after its ".." (the index field's last two values:
+# an entry's offset stays its index + 1)
+_AFTER_DOT, _AFTER_DOTS = (1 << _INDEX_BITS) - 2, (1 << _INDEX_BITS) - 1
 _PAGE = mmap.PAGESIZE
 # Entries handed in one readdir_reply_many (pyfuse3 with regfs's patch, `_reply_held`) at
 # least: a run takes the rest of what the last full READDIRPLUS took (~145 digests in `ls -l`'s,
@@ -98,7 +105,9 @@ class _Snapshot:
     entries: list[tuple[str, Node]] | None  # None: let go (`Directories._let_go`)
     length: int
     since: int  # `Directories._uses` when it began: were its entries in use since?
-    dot: bool | None = None  # the listing ends with "." (`_fills_pages`), once all went out
+    front: int = 2  # "." and ".." first; fewer where the kernel's copy would fill pages
+    dot: bool = False  # the listing ends with "." (neither came first: `_dots`)
+    whole: bool = False  # its last entry went out
     ahead: statahead.StatAhead | None = None  # its digests' attributes, being read (`_listing`)
 
 
@@ -125,8 +134,11 @@ class Directories:
     async def read(self, node: Node, start_id: int, token: ReaddirToken) -> None:
         """readdir: from offset 0 a new snapshot of node's listing, else the one the offset
         names. Offsets carry the snapshot, so the kernel, which keeps a listing only from a
-        chain of offsets that follow one another, never mixes two snapshots in one."""
-        snapshot, start = start_id >> _INDEX_BITS, start_id & ((1 << _INDEX_BITS) - 1)
+        chain of offsets that follow one another, never mixes two snapshots in one. A listing
+        begins with "." and ".." (`_Snapshot.front`), as every local directory's does: their
+        offsets are the index field's last two values, so an entry's is its index + 1."""
+        snapshot, at = start_id >> _INDEX_BITS, start_id & ((1 << _INDEX_BITS) - 1)
+        start = 0 if at >= _AFTER_DOT else at
         kept = self._snapshots.get(snapshot) if start_id else None
         if (
             kept is not None
@@ -144,6 +156,8 @@ class Directories:
                 self.tree.kept.listed(node, names_of(entries))
                 self.tree.kept.filled(node)
         base = snapshot << _INDEX_BITS
+        if (at == 0 or at == _AFTER_DOT) and not self._reply_dots(node, base, at, token):
+            return
         if fusefeatures.READDIRPLUS_AUTO and not token.plus:
             ahead = self._snapshots[snapshot].ahead
             if await self._reply_plain(entries, start, base, token, ahead):
@@ -207,6 +221,25 @@ class Directories:
             self._ended(snapshot, start, token)
         if with_attributes:
             self.entries_used(node)
+
+    def _reply_dots(self, node: Node, base: int, at: int, token: ReaddirToken) -> bool:
+        """Hands the dots a listing begins with from at (0, or after its "."); whether all
+        went out. The last one's offset is `_AFTER_DOTS`, where its entries begin."""
+        front = self._snapshots[base >> _INDEX_BITS].front
+        for index in range(0 if at == 0 else 1, front):
+            after = _AFTER_DOTS if index == front - 1 else _AFTER_DOT
+            if not self._reply_dot(token, index, node, base | after):
+                return False
+        return True
+
+    def _reply_dot(self, token: ReaddirToken, index: int, node: Node, next_id: int) -> bool:
+        """Hands "." (index 0: node) or ".." (1: its parent). The kernel takes neither as a
+        lookup (fs/fuse/readdir.c), so none is counted."""
+        dot = EntryAttributes()
+        dot.st_ino = self.inodes.peek(_parent(node) if index else node)
+        dot.st_mode = stat.S_IFDIR
+        more = {"lookup": False} if fusefeatures.PATCHED else {}
+        return bool(pyfuse3.readdir_reply(token, _DOTS[index], dot, next_id, **more))
 
     async def _reply_plain(
         self,
@@ -383,23 +416,18 @@ class Directories:
 
     def _ended(self, snapshot: int, start: int, token: ReaddirToken) -> int:
         """Every entry went out: only the end is asked for next, and after the last entry
-        a "." where the kernel's copy would fill its last page (`_PAGE`). Returns the index
+        the "." of a listing that could not begin with it (`_dots`). Returns the index
         the reader asks for next, if this reply handed the listing's last entry (or the
         "."), else 0."""
         ended = self._snapshots.get(snapshot)
         if ended is None:
             return 0
         length = ended.length
-        if ended.dot is None and ended.entries is not None:
-            ended.dot = _fills_pages(_lengths(ended.entries))
+        if not ended.whole and ended.entries is not None:
+            ended.whole = True
             self._read_whole.append((time.monotonic(), ended))
         if ended.dot and start <= length:
-            dot = EntryAttributes()
-            dot.st_ino = self.inodes.inode(ended.node)
-            dot.st_mode = stat.S_IFDIR
-            more = {"lookup": False} if fusefeatures.PATCHED else {}  # "." is no lookup
-            next_id = snapshot << _INDEX_BITS | (length + 1)
-            if not pyfuse3.readdir_reply(token, b".", dot, next_id, **more):
+            if not self._reply_dot(token, 0, ended.node, snapshot << _INDEX_BITS | (length + 1)):
                 return 0  # no room: the next READDIR asks for it
             return length + 1
         return length if start < length else 0
@@ -407,7 +435,8 @@ class Directories:
     def _snapshot(self, node: Node, entries: list[tuple[str, Node]]) -> int:
         snapshot = self._next_snapshot
         self._next_snapshot = snapshot % (_SNAPSHOT_IDS - 1) + 1
-        self._snapshots[snapshot] = _Snapshot(node, entries, len(entries), self._uses)
+        front, dot = _dots(entries)
+        self._snapshots[snapshot] = _Snapshot(node, entries, len(entries), self._uses, front, dot)
         self._entries_kept += len(entries)
         snapshots = self._snapshots
         while len(snapshots) > SNAPSHOTS_KEPT or (
@@ -572,6 +601,28 @@ def _lengths(entries: list[tuple[str, Node]]) -> list[int]:
     if "".join(names).isascii():  # tags always, and most names: a length each in C
         return list(map(len, names))
     return [len(name.encode()) for name in names]
+
+
+def _dots(entries: list[tuple[str, Node]]) -> tuple[int, bool]:
+    """How many of "." and ".." a listing begins with, and whether it ends with ".": both
+    first, unless the kernel's copy would then fill its last page to the end (a reader of
+    an earlier snapshot would be told it ended there: `_PAGE`); then "." alone first, or,
+    if that fills it too, no dot first and one "." last if the entries alone fill it."""
+    lengths = _lengths(entries)
+    for front in (2, 1):
+        if not _fills_pages([*_DOT_LENGTHS[:front], *lengths]):
+            return front, False
+    return 0, bool(lengths) and _fills_pages(lengths)
+
+
+def _parent(node: Node) -> Node:
+    """The directory node is in, for its ".." (a view's directory: itself, as the root's
+    ".." is on a local filesystem: the kernel never looks ".." up through a listing)."""
+    if isinstance(node, SectionNode):
+        return DirNode(node.repo)
+    if isinstance(node, DirNode):
+        return DirNode(node.path.rpartition("/")[0])
+    return node
 
 
 def _fills_pages(lengths: list[int]) -> bool:

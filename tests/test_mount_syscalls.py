@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import struct
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,17 +216,32 @@ async def test_d_ino_is_st_ino_in_every_listing(demo):
 # ------------------------------------------------------------------------ readdir
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="readdir returns no `.` and `..` entries in any directory of the mount",
-)
 async def test_readdir_lists_dot_and_dotdot(demo):
     # ext4 (and every local filesystem): getdents(2) returns `.` and `..` first; `ls -a`
     # prints what getdents returns, and a script that counts `ls -a` lines for an empty
     # directory expects 2.
-    for directory_path in (demo.m.mountpoint, demo.repo, demo.repo / "tags", demo.rootfs):
+    empty = demo.m.path("dots", "empty")
+    os.makedirs(empty)
+    for directory_path in (
+        demo.m.mountpoint, demo.repo, demo.repo / "tags", demo.repo / "layers", demo.rootfs,
+        demo.rootfs / "etc", empty / "uploads",
+    ):  # fmt: skip
         names = readdir_names(directory_path)
-        assert {".", ".."} <= set(names), (directory_path, names)
+        assert names[:2] == [".", ".."], (directory_path, names)
+        assert names.count(".") == names.count("..") == 1, (directory_path, names)
+        assert sorted(names[2:]) == sorted(os.listdir(directory_path)), directory_path
+    listed = subprocess.run(["ls", "-a", empty / "uploads"], capture_output=True, text=True)
+    assert listed.stdout.split() == [".", ".."]
+    # `..` names the parent: `ls -ai`'s numbers are those stat gives
+    ino = {n: int(i) for i, n in (line.split() for line in _ls_ai(demo.repo / "tags"))}
+    assert ino["."] == os.stat(demo.repo / "tags").st_ino
+    assert ino[".."] == os.stat(demo.repo).st_ino
+
+
+def _ls_ai(path: Path) -> list[str]:
+    return subprocess.run(
+        ["ls", "-1ai", path], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
 
 
 async def test_telldir_seekdir_rewinddir_return_to_each_entry(demo):

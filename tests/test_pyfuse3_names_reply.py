@@ -33,7 +33,7 @@ from support.mounts import is_mounted, wait_until
 from support.roots import build_root
 
 from regfs import fusefeatures
-from regfs.directories import _fills_pages
+from regfs.directories import _dots, _fills_pages
 from storage.digests import Digest, digest_bytes
 from storage.drivers.filesystem import FilesystemDriver
 from storage.paths import BlobData, RevisionLink, TagCurrentLink, TagIndexLink, path_for
@@ -355,6 +355,27 @@ def test_a_listing_ends_on_a_page_as_the_kernel_fills_them() -> None:
     for lengths in cases:
         assert _fills_pages(lengths) == walked(lengths), lengths
     assert _fills_pages([6] * 1024) and _fills_pages([6] * 2048) and not _fills_pages([])
+
+
+@pytest.mark.storage
+def test_a_listing_begins_with_both_dots_unless_its_copy_would_then_fill_a_page() -> None:
+    """`_dots`: "." and ".." first where the kernel's copy then ends short of a page's end,
+    else "." alone first, else none first and "." last where the names alone fill it: the
+    copy as handed never ends on a page's end, and each dot is handed once at most."""
+    rng = random.Random(27)
+    cases = [[6] * n for n in range(0, 1100)] + [[1] * 126, [2] * 125, [17] * 100]
+    cases += [[rng.choice((1, 2, 6, 9, 17, 40)) for _ in range(rng.randrange(100, 300))]
+              for _ in range(4000)]  # fmt: skip
+    fronts = set()
+    for lengths in cases:
+        front, dot = _dots([("x" * n, None) for n in lengths])  # type: ignore[misc]
+        handed = [1, 2][:front] + lengths + ([1] if dot else [])
+        assert not handed or not _fills_pages(handed), (lengths, front, dot)
+        assert not (dot and front), lengths
+        if not _fills_pages([1, 2, *lengths]):
+            assert front == 2, lengths
+        fronts.add(front)
+    assert fronts == {0, 1, 2}  # each way met (none first: ~1 in 1,000 of these)
 
 
 @pytest.mark.storage
