@@ -67,7 +67,8 @@ FIRST_PLACEHOLDERS = 32
 # "EOF?" test, met after the last full page): of two `ls` of 1,024 tags at once, one saw 32.
 # Every listing begins with "." and ".." (as every local directory's does; `ls`, `find`,
 # readdir(3) users skip them); one that would so fill its last page begins with "." alone,
-# or, if that too, ends with it (`_dots`): the kernel's copy never ends on a page's end.
+# or, if that too, ends with it unless that too (`_dots`): the kernel's copy never ends on a
+# page's end.
 # docs/concurrency.md.
 _DIRENT = 24
 _DOTS = (b".", b"..")
@@ -106,7 +107,7 @@ class _Snapshot:
     length: int
     since: int  # `Directories._uses` when it began: were its entries in use since?
     front: int = 2  # "." and ".." first; fewer where the kernel's copy would fill pages
-    dot: bool = False  # the listing ends with "." (neither came first: `_dots`)
+    dot: bool = False  # the listing ends with "." (neither came first, and it fits: `_dots`)
     whole: bool = False  # its last entry went out
     ahead: statahead.StatAhead | None = None  # its digests' attributes, being read (`_listing`)
 
@@ -607,12 +608,14 @@ def _dots(entries: list[tuple[str, Node]]) -> tuple[int, bool]:
     """How many of "." and ".." a listing begins with, and whether it ends with ".": both
     first, unless the kernel's copy would then fill its last page to the end (a reader of
     an earlier snapshot would be told it ended there: `_PAGE`); then "." alone first, or,
-    if that fills it too, no dot first and one "." last if the entries alone fill it."""
+    if that fills it too, no dot first and one "." last unless that fills it (a "." last
+    only where the entries alone fill it left listings with no dot at all, where it fits:
+    tests/test_listing_dots_findings.py). Both dots first fill no page of an empty one."""
     lengths = _lengths(entries)
     for front in (2, 1):
         if not _fills_pages([*_DOT_LENGTHS[:front], *lengths]):
             return front, False
-    return 0, bool(lengths) and _fills_pages(lengths)
+    return 0, not _fills_pages([*lengths, _DOT_LENGTHS[0]])
 
 
 def _parent(node: Node) -> Node:

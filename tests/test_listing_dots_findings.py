@@ -32,12 +32,6 @@ def page_gap_names() -> list[str]:
     return [f"t{i:04d}" + "x" * (length - 5) for i, length in enumerate(lengths)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_dots returns (0, False) where neither dot fits first and the entries alone do not "
-    "fill the kernel's copy: the listing shows neither '.' nor '..' (`ls -a` prints no '.'), "
-    "though a '.' last fits",
-)
 def test_a_listing_that_fits_no_dot_first_still_shows_one(tmp_path: Path, mount: Callable) -> None:
     """ext4 lists "." in every directory, and `ls -a` of one prints it. Where "." and ".."
     first, and "." alone first, would each end the kernel's copy on a page's end, `_dots`
