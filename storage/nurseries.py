@@ -36,7 +36,10 @@ async def open_nursery() -> AsyncIterator[trio.Nursery]:
     as itself; a group of cancels alone goes out as it is, for the cancel scope it belongs
     to. A task that fails cancels its siblings, so a second error is rare (two tasks that
     failed before either was cancelled: S3's concurrent checks): then the group is the
-    first's cause, and a traceback logged shows every error."""
+    first's cause, and a traceback logged shows every error. A KeyboardInterrupt or
+    SystemExit among them (anything that is no Exception) goes out before any error: as
+    another's cause, a caller's `except OSError` swallowed it
+    (tests/test_nurseries_findings.py)."""
     try:
         async with trio.open_nursery() as nursery:
             yield nursery
@@ -46,4 +49,5 @@ async def open_nursery() -> AsyncIterator[trio.Nursery]:
             raise
         if len(found) == 1:
             raise found[0] from None
-        raise found[0] from group
+        stops = [exc for exc in found if not isinstance(exc, Exception)]
+        raise (stops or found)[0] from group

@@ -18,11 +18,6 @@ async def _fail(exc: BaseException) -> None:
 
 @pytest.mark.storage
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
-@pytest.mark.xfail(
-    strict=True,
-    reason="open_nursery raises the group's first error, an OSError, with the "
-    "KeyboardInterrupt/SystemExit only in its __cause__: an `except OSError` swallows it",
-)
 async def test_a_keyboard_interrupt_beside_a_task_s_error_is_not_swallowed(stop: type) -> None:
     """A child fails (an I/O error), and the body, cancelled for it, meets a Ctrl-C (trio
     raises KeyboardInterrupt in the main task where the signal finds it) or a SystemExit:
