@@ -341,3 +341,40 @@ async def test_without_proc_the_name_is_opened_again_only_for_a_regular_file(
         assert read == [(TARGET, os.stat(d / "plain").st_mtime_ns), None, None, None]
         assert await drv.get_content("/d/plain") == TARGET
         assert w.opened() == set()
+
+
+@pytest.mark.storage
+@pytest.mark.xfail(
+    strict=True,
+    reason="without /proc, `_reopen` opens the name again (O_NONBLOCK): a FIFO swapped in after "
+    "the O_PATH open and its fstat is opened (a writer blocked on it is woken), then refused "
+    "as another inode (ESTALE); security.md names only a device (CAP_MKNOD), mkfifo takes none",
+)
+def test_without_proc_a_fifo_swapped_in_before_the_second_open_is_not_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap is made where a racing renamer would win: after `open_regular`'s O_PATH open
+    (the resolve's first call), before `_reopen`'s open by name (its second)."""
+    monkeypatch.setattr(bulkstat, "_FDS", [-1])
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "f").write_bytes(TARGET)
+    fifo = plant(d / "spare", "fifo")
+    calls = []
+
+    def racing(dirfd: int, path: str, flags: int, mode: int) -> int:
+        calls.append(flags)
+        if len(calls) == 2:  # the second open by name: a renamer swapped the FIFO in
+            os.rename(fifo, d / "f")
+        return bulkstat.walk_open(dirfd, path, flags, mode)
+
+    dirfd = os.open(d, os.O_DIRECTORY)
+    try:
+        with witness() as w:
+            w.watch(fifo)
+            with pytest.raises(OSError) as caught:
+                bulkstat.open_regular(racing, dirfd, "f", bulkstat.READ)
+            assert caught.value.errno == errno.ESTALE
+            assert w.opened() == set()
+    finally:
+        os.close(dirfd)

@@ -139,7 +139,8 @@ def _reopen(
     /proc/self/fd/<held>: the very inode fstat saw, never its name looked up again, so a
     name swapped meanwhile (for a FIFO, a device) is not what opens. Without /proc, the name
     is opened again (O_NONBLOCK, O_NOCTTY) and kept only if it is still that inode: a device
-    swapped in between the two opens (its mknod needs CAP_MKNOD) would then be opened."""
+    swapped in between the two opens (its mknod needs CAP_MKNOD), or a FIFO (mkfifo needs
+    nothing), would then be opened."""
     fds = _FDS[0]
     if fds >= 0:
         return os.open(str(held), flags | os.O_CLOEXEC, dir_fd=fds)
