@@ -45,21 +45,22 @@ class Catalog:
                 names.append(entry)
             else:
                 log.warning("children: ignoring %r under %r: not a repository name", entry, prefix)
-        directory, pending, shown = path_for(RepositoryDir(prefix)), iter(names), set()
+        directory = path_for(RepositoryDir(prefix))
+        # One call for all (`StorageDriver.present`): which hold `_layers`, as
+        # `holds_repository`'s first question asks, a stat each; only the rest is walked.
+        marked = await self.driver.present(directory, [f"{e}/{MARKERS[0]}" for e in names])
+        shown = {entry for entry, yes in zip(names, marked or (), strict=False) if yes}
+        pending = iter([entry for entry in names if entry not in shown])
 
         async def check() -> None:
             """Checks children one after another: a local root's stat never yields, so one
             of these does them all; S3's is a request, so CHECKS_AT_ONCE are under way."""
             for entry in pending:
-                try:  # `holds_repository`'s first question, asked here: one stat for most
-                    await self.driver.stat(f"{directory}/{entry}/{MARKERS[0]}")
-                except (PathNotFound, UnsafeEntry):
-                    if not await self.holds_repository(f"{prefix}/{entry}" if prefix else entry):
-                        continue
-                shown.add(entry)
+                if await self.holds_repository(f"{prefix}/{entry}" if prefix else entry):
+                    shown.add(entry)
 
         async with open_nursery() as nursery:  # a child's error comes out as itself
-            for _ in range(min(CHECKS_AT_ONCE, len(names))):
+            for _ in range(min(CHECKS_AT_ONCE, len(names) - len(shown))):
                 nursery.start_soon(check)
         return [entry for entry in names if entry in shown]
 

@@ -174,12 +174,6 @@ async def test_a_tag_set_by_a_retag_is_not_put_back_at_its_older_manifest(tmp_pa
 # ----------------------------------------------- what the catalog costs (d966217)
 
 
-@finding(
-    "a fresh S3 mount's `ls` of a namespace of 200 repositories asks S3 203 ListObjects (a "
-    "delimited listing, then a stat of each child's _layers, 32 at once): <= 3 at b1621ff; "
-    "1,000 repositories on moto took 22-52 ms, now 3.1-3.3 s. It should stay a listing (the "
-    "catalog's rule checked only where a child is no plain repository)"
-)
 def test_ls_of_a_namespace_on_s3_is_a_listing_not_a_request_per_repository(
     tmp_path, moto_server: MotoServer, s3_bucket, monkeypatch, mount
 ):

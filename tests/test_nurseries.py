@@ -86,6 +86,13 @@ class _Refusing(FilesystemDriver):
             raise self.error
         return await super()._stat(path)
 
+    async def _present(self, directory: str, names: list[str]) -> list[bool]:
+        """The bulk lstat answers False for what it cannot state (EACCES, EIO), which is
+        then asked alone (`holds_repository`): that stat raises the error."""
+        found = await super()._present(directory, names)
+        refused = [self.refused in f"{directory}/{name}/" for name in names]
+        return [yes and not no for yes, no in zip(found, refused, strict=True)]
+
 
 @pytest.mark.storage
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])

@@ -263,6 +263,15 @@ class StorageDriver(ABC):
             _relative(file_names),
         )  # fmt: skip
 
+    async def present(self, directory: str, names: Sequence[str]) -> builtins.list[bool] | None:
+        """For each relative name (a path below directory), True where `stat` of
+        `directory/name` answers plainly (there, no symbolic link on its way or at its end),
+        in one call for all where the store can say it so (a local root's stat worker: an
+        lstat each; S3: listings, not a request per name); None where it has no such way
+        (ask each). False where it is not there, or the store could not tell at once: ask
+        that one alone, which says why (and logs a symlink)."""
+        return await self._present(check_tree(directory), _relative(names))
+
     def statvfs(self) -> os.statvfs_result | None:
         """Space and file counts of the store, where it has such a thing."""
         return None
@@ -305,6 +314,11 @@ class StorageDriver(ABC):
         self, links: str, link_names: builtins.list[str], targets: Sequence[bytes], files: str,
         file_names: builtins.list[str],
     ) -> builtins.list[tuple[int, int] | None] | None:  # fmt: skip
+        return None
+
+    async def _present(
+        self, directory: str, names: builtins.list[str]
+    ) -> builtins.list[bool] | None:
         return None
 
     async def _symlinks(self, path: str) -> builtins.list[str]:

@@ -1,8 +1,9 @@
 """Opening names beneath a directory descriptor with no symlink followed, and nothing but a
 regular file opened for its bytes (`open_regular`), and the bulk calls built on it: the
 stat of a listing's links and the blobs they name (`linked_stats`), the read of small files
-such as tags' links (`contents`); this file run as a script is the stat worker process
-that runs them beside the daemon (`statworker.StatWorker`).
+such as tags' links (`contents`), which children of a namespace hold `_layers` (`present`:
+stated, never opened); this file run as a script is the stat worker process that runs them
+beside the daemon (`statworker.StatWorker`).
 
 The standard library only, and nothing of the package: the worker starts in a few
 milliseconds (`python -I -S` of this file), not the ~0.3 s that importing trio costs, and it
@@ -197,22 +198,26 @@ class Parents:
             self._path, self._fd = "", self.base
 
 
-def _stat_at(parents: Parents, name: str) -> Stat:
-    """Size and mtime_ns of the regular file at name (`<xx>/<hex>/data`) below parents.base,
-    None if it is anything else (a directory, a symlink: lstat's own mode, a FIFO): an
-    lstat of the last component in its own directory, opened (O_NOFOLLOW, one component)
-    from the kept descriptor of the one above, so no path of two components goes to a call
-    that would follow a link on its way."""
+def _lstat_at(parents: Parents, name: str) -> os.stat_result:
+    """The lstat of name (`<xx>/<hex>/data`, `<repository>/_layers`) below parents.base: of
+    its last component in its own directory, opened (O_PATH, O_NOFOLLOW, one component) from
+    the kept descriptor of the one above, so no path of two components goes to a call that
+    would follow a link on its way, and nothing stated is ever opened (a FIFO, a device)."""
     head, _, leaf = name.rpartition("/")
     up, _, below = head.rpartition("/")
     if not below:  # a name of one component
-        st = os.stat(leaf, dir_fd=parents.base, follow_symlinks=False)
-    else:
-        fd = os.open(below, DIRECTORY, dir_fd=parents.of(up))
-        try:
-            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False)
-        finally:
-            os.close(fd)
+        return os.stat(leaf, dir_fd=parents.base, follow_symlinks=False)
+    fd = os.open(below, DIRECTORY, dir_fd=parents.of(up))
+    try:
+        return os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+def _stat_at(parents: Parents, name: str) -> Stat:
+    """Size and mtime_ns of the regular file at name below parents.base (`_lstat_at`), None
+    if it is anything else (a directory, a symlink: lstat's own mode, a FIFO)."""
+    st = _lstat_at(parents, name)
     return (st.st_size, st.st_mtime_ns) if statmod.S_ISREG(st.st_mode) else None
 
 
@@ -269,11 +274,30 @@ def contents(resolve: Resolve, dirfd: int, names: Sequence[str], limit: int) -> 
     return found
 
 
+def present(resolve: Resolve, dirfd: int, names: Sequence[str]) -> list[bool]:
+    """Whether each name is there beneath the descriptor dirfd, and no symbolic link, with
+    none followed on its way (`_lstat_at`: the directories above it opened O_PATH by
+    `resolve`, openat2 or the walk, the name itself only stated): the children of a namespace
+    that hold `_layers` (`Catalog.children`). False for anything absent or failing."""
+    found: list[bool] = []
+    parents = Parents(dirfd, resolve)
+    try:
+        for name in names:
+            try:
+                found.append(not statmod.S_ISLNK(_lstat_at(parents, name).st_mode))
+            except OSError:
+                found.append(False)
+    finally:
+        parents.close()
+    return found
+
+
 def serve(sock: socket.socket) -> None:
     """The worker's loop: each request is one message, the descriptors of the directories
     (opened by the driver, as it opens them) and, marshalled, whether to resolve with openat2
-    and the names: of links and files beneath two (`linked_stats`), or of files beneath one
-    and a limit (`contents`); the reply is the list it returns.
+    and the names: of links and files beneath two (`linked_stats`), of files beneath one
+    and a limit (`contents`), or of names beneath one alone (`present`); the reply is the
+    list it returns.
     Returns when the daemon's end closes (it exited, was killed, or gave this worker up
     with a reply unread: a reset, not an error); anything unexpected ends the worker, and
     the daemon answers EIO for the listings waiting for it."""
@@ -294,11 +318,13 @@ def serve(sock: socket.socket) -> None:
                 raise ValueError("a request cut short")
             use_openat2, *asked = marshal.loads(data)
             resolve = openat2 if use_openat2 else walk_open
-            found: list[Stat] | list[Content]
+            found: list[Stat] | list[Content] | list[bool]
             if len(fds) == 2 and len(asked) == 3:
                 found = linked_stats(resolve, fds[0], fds[1], *asked)
             elif len(fds) == 1 and len(asked) == 2:
                 found = contents(resolve, fds[0], *asked)
+            elif len(fds) == 1 and len(asked) == 1:
+                found = present(resolve, fds[0], *asked)
             else:
                 raise ValueError(f"a request of {len(asked)} parts with {len(fds)} descriptors")
         finally:

@@ -48,7 +48,7 @@ from .base import (
 from .bulkstat import DIRECTORY as _DIRECTORY
 from .bulkstat import O_BENEATH as _O_BENEATH
 from .bulkstat import READ as _READ
-from .bulkstat import contents, linked_stats, open_regular
+from .bulkstat import contents, linked_stats, open_regular, present
 from .bulkstat import openat2 as _openat2
 from .bulkstat import walk_open as _walk_open
 from .removal import remove_tree
@@ -480,6 +480,38 @@ class FilesystemDriver(StorageDriver):
             )
 
         return await self._bulk((links, files), len(link_names), run, elsewhere)
+
+    async def _present(self, directory: str, names: list[str]) -> list[bool]:
+        """`bulkstat.present` beneath the directory: an lstat of each name, none opened.
+        Many are split: the stat worker process states the later ones while a worker
+        thread states the first ones, so both cores work on a namespace's listing (~3 µs a
+        name on each); the thread states all of them when no worker is ready."""
+        resolve = self._resolve
+
+        def run(fds: list[int], part: Sequence[str] = names) -> list[bool | None]:
+            return [*present(resolve, fds[0], part)]
+
+        async def split(fds: list[int]) -> list[bool | None] | None:
+            if not self._stat_worker.ready:
+                return None  # `_ask` would start one; a thread states them all meanwhile
+            cut = len(names) // 2
+            later: list[bool | None] | None = None
+
+            async def in_worker() -> None:
+                nonlocal later
+                answer = await self._stat_worker.present(
+                    fds[0], resolve is not _walk_open, names[cut:]
+                )
+                later = None if answer is None else [*answer]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_worker)
+                first = await trio.to_thread.run_sync(run, fds, names[:cut])
+            if later is None:  # the worker was given up meanwhile
+                later = await trio.to_thread.run_sync(run, fds, names[cut:])
+            return [*first, *later]
+
+        return [bool(yes) for yes in await self._bulk((directory,), len(names), run, split)]
 
     async def _bulk(
         self, directories: tuple[str, ...], count: int, run: Callable[[list[int]], list[T | None]],

@@ -130,6 +130,16 @@ class InMemoryDriver(StorageDriver):
             return FileInfo(path, 0, node.mtime_ns, True)
         return FileInfo(path, len(node.data), node.mtime_ns, False)
 
+    async def _present(self, directory: str, names: list[str]) -> list[bool]:
+        found = []
+        for name in names:
+            try:
+                self._find(f"{directory.rstrip('/')}/{name}")
+                found.append(True)
+            except PathNotFound:
+                found.append(False)
+        return found
+
     async def _list(self, path: str) -> list[str]:
         node = self._find(path)
         if not isinstance(node, _Dir):

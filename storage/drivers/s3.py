@@ -124,6 +124,10 @@ KNOWN = 4096  # keys whose multipart upload the driver remembers (`_known`); the
 # are three stats of one directory within milliseconds. The kernel keeps a directory's
 # entry for --tag-ttl anyway; every change made through this driver drops them all.
 DIR_SEEN = 1.0
+# `present`: the names one listing decides in turn (a namespace's repositories: a page of
+# 1000 keys reaches ~25 of 40 keys each), and how many such listings run at once.
+PRESENT_RUN = 250
+CHECKS_AT_ONCE = 32
 # A listing without a delimiter names every key under its prefix: the whole bucket's for
 # `regfs check` and `purge-uploads` (files("/")), far past the LISTING_NAMES_MAX names a
 # directory may hold, and far past any registry too: still a bound on fresh pages for ever.
@@ -841,6 +845,59 @@ class S3Driver(StorageDriver):
             return sorted(found)
 
         return await self._run(names)
+
+    async def _present(self, directory: str, names: builtins.list[str]) -> builtins.list[bool]:
+        """Whether a key is at or below each `directory/name` (so `stat` finds it), from
+        listings of the keys below the directory, not a request per name: the names in key
+        order, cut into runs of PRESENT_RUN listed at once (CHECKS_AT_ONCE), each run's
+        listing starting at its next undecided name, so one page (1000 keys) decides every
+        name whose keys it reaches (a namespace's repositories and their first keys, in
+        order), and the rest of a name's keys (a repository's every link) cost the next
+        page's start, not pages. A directory a stat found within DIR_SEEN costs nothing.
+        False for a name no key is at or below, as a stat would say."""
+        prefix = self._top() if directory == "/" else self.key(directory) + "/"
+        keys = [prefix + name for name in names]
+        found = [self._kept(self._dirs, join(directory, name)) is not None for name in names]
+        order = sorted((i for i, yes in enumerate(found) if not yes), key=keys.__getitem__)
+
+        def scan(run: builtins.list[int]) -> None:
+            """found[i] for the indexes of run (in key order): pages from the first name not
+            decided yet, each page's keys merged with the names in turn. A page that decided
+            none (keys between two names) is followed by its token, so every page moves on."""
+            at, token, seen, listed = 0, None, set[str](), 0
+            while at < len(run):
+                start = keys[run[at]][:-1]  # sorts before the key (a key is never empty)
+                page = self.call(
+                    f"LIST {prefix}",
+                    functools.partial(
+                        self._lister.page, prefix, token=token, start_after="" if token else start
+                    ),
+                )
+                before = at
+                for obj in page.objects:
+                    while at < len(run) and obj.key >= keys[run[at]] + "0":  # past its keys
+                        at += 1  # '/' sorts just below '0': nothing is at or below it
+                    if at == len(run):
+                        return
+                    key = keys[run[at]]
+                    if obj.key == key or obj.key.startswith(key + "/"):
+                        found[run[at]] = True
+                        at += 1
+                if page.token is None:
+                    return  # nothing after: the names left are absent
+                token = page.token if at == before else None
+                if token is not None:
+                    listed += len(page.objects)
+                    _unseen(seen, token, f"LIST {prefix}", listed, LISTING_KEYS_MAX)
+
+        runs = [order[at : at + PRESENT_RUN] for at in range(0, len(order), PRESENT_RUN)]
+        limiter = trio.CapacityLimiter(CHECKS_AT_ONCE)
+        async with trio.open_nursery() as nursery:
+            for run in runs:
+                nursery.start_soon(
+                    functools.partial(trio.to_thread.run_sync, scan, run, limiter=limiter)
+                )
+        return found
 
     async def _entries(self, path: str) -> builtins.list[FileInfo]:
         """The listing's own sizes and times, so a file costs no request of its own; a

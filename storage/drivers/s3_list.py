@@ -88,12 +88,14 @@ class Lister:
         return self._url
 
     def page(
-        self, prefix: str, delimiter: str = "", max_keys: int = 1000, token: str | None = None
-    ) -> Page:
+        self, prefix: str, delimiter: str = "", max_keys: int = 1000, token: str | None = None,
+        start_after: str = "",
+    ) -> Page:  # fmt: skip
         """One page of the keys starting with prefix (and with delimiter, the prefixes up to
-        its next occurrence); ClientError for an error answer, as boto3 raises it."""
+        its next occurrence), with start_after only those after it (the first page: a token
+        goes on from where it was made); ClientError for an error answer, as boto3 raises it."""
         if self._by_boto3:
-            return self._boto3_page(prefix, delimiter, max_keys, token)
+            return self._boto3_page(prefix, delimiter, max_keys, token, start_after)
         params = {"list-type": "2", "prefix": prefix}  # in boto3's order
         if delimiter:
             params["delimiter"] = delimiter
@@ -101,6 +103,8 @@ class Lister:
             params["max-keys"] = str(max_keys)
         if token:
             params["continuation-token"] = token
+        if start_after:
+            params["start-after"] = start_after
         params["encoding-type"] = "url"
         request = AWSRequest(
             "GET",
@@ -119,16 +123,19 @@ class Lister:
         if str(error.response["Error"]["Code"]) in _ELSEWHERE:
             log.info("s3://%s is in another region: boto3 lists it from now on", self._bucket)
             self._by_boto3 = True
-            return self._boto3_page(prefix, delimiter, max_keys, token)
+            return self._boto3_page(prefix, delimiter, max_keys, token, start_after)
         raise error
 
-    def _boto3_page(self, prefix: str, delimiter: str, max_keys: int, token: str | None) -> Page:
+    def _boto3_page(
+        self, prefix: str, delimiter: str, max_keys: int, token: str | None, start_after: str
+    ) -> Page:
         listing = functools.partial(
             self._client.list_objects_v2,
             Bucket=self._bucket,
             Prefix=prefix,
             Delimiter=delimiter,
             MaxKeys=max_keys,
+            StartAfter=start_after,
         )
         answer: ListObjectsV2OutputTypeDef = (
             listing(ContinuationToken=token) if token else listing()

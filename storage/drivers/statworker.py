@@ -1,5 +1,6 @@
-"""The stat worker: a child process that runs a listing's bulk stat (`bulkstat.linked_stats`)
-and the tags' read-ahead's reads of their links (`bulkstat.contents`) on the other core,
+"""The stat worker: a child process that runs a listing's bulk stat (`bulkstat.linked_stats`),
+the tags' read-ahead's reads of their links (`bulkstat.contents`) and the check of which
+children of a namespace are repositories (`bulkstat.present`) on the other core,
 beside the daemon's loop, which replies meanwhile.
 
 In a thread, those ~60,000 syscalls of `ls -l` of 10,000 layers held the GIL for most of
@@ -203,6 +204,15 @@ class StatWorker:
             (directory,), use_openat2, len(names),
             lambda at, to: (list(names[at:to]), bulkstat.WORKER_CONTENT),
         )  # fmt: skip
+
+    async def present(
+        self, directory: int, use_openat2: bool, names: Sequence[str]
+    ) -> list[bool] | None:
+        """`bulkstat.present` of the names beneath the descriptor directory, in the worker
+        (`_ask`)."""
+        return await self._ask(
+            (directory,), use_openat2, len(names), lambda at, to: (list(names[at:to]),)
+        )
 
     def _give_up(self, channel: _Channel) -> None:
         """A request of channel passed ANSWER_DEADLINE: its worker is killed (a stopped one
