@@ -50,7 +50,12 @@ class Catalog:
         # `holds_repository`'s first question asks, a stat each; only the rest is walked.
         marked = await self.driver.present(directory, [f"{e}/{MARKERS[0]}" for e in names])
         shown = {entry for entry, yes in zip(names, marked or (), strict=False) if yes}
-        pending = iter([entry for entry in names if entry not in shown])
+        rest = [entry for entry in names if entry not in shown]
+        # What the registry's deletes leave most: empty directories, none walked (a root of
+        # 20,000 took its mount 0.8 s, and each listing of it after --tag-ttl 0.4 s).
+        if rest and (emptied := await self.driver.empty(directory, rest)) is not None:
+            rest = [entry for entry, yes in zip(rest, emptied, strict=True) if not yes]
+        pending = iter(rest)
 
         async def check() -> None:
             """Checks children one after another: a local root's stat never yields, so one
@@ -60,7 +65,7 @@ class Catalog:
                     shown.add(entry)
 
         async with open_nursery() as nursery:  # a child's error comes out as itself
-            for _ in range(min(CHECKS_AT_ONCE, len(names) - len(shown))):
+            for _ in range(min(CHECKS_AT_ONCE, len(rest))):
                 nursery.start_soon(check)
         return [entry for entry in names if entry in shown]
 

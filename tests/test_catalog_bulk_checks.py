@@ -20,7 +20,7 @@ from support.s3 import MotoServer, s3_call
 from storage.catalog import Catalog
 from storage.drivers import FilesystemDriver, InMemoryDriver
 from storage.drivers import s3 as s3_module
-from storage.drivers.bulkstat import present
+from storage.drivers.bulkstat import empty, present
 from storage.drivers.s3 import S3Driver
 
 pytestmark = pytest.mark.storage
@@ -90,17 +90,54 @@ async def test_a_local_root_answers_in_the_worker_and_a_thread_as_stats_do(
         while not driver._stat_worker.ready:
             await trio.sleep(0.01)
     asked: list[int] = []
-    real = driver._stat_worker.present
+    real = driver._stat_worker.check
 
-    async def counted(directory: int, use_openat2: bool, part: list[str]) -> list[bool] | None:
+    async def counted(
+        which: str, directory: int, use_openat2: bool, part: list[str]
+    ) -> list[bool] | None:
         asked.append(len(part))
-        return await real(directory, use_openat2, part)
+        return await real(which, directory, use_openat2, part)
 
-    monkeypatch.setattr(driver._stat_worker, "present", counted)
+    monkeypatch.setattr(driver._stat_worker, "check", counted)
     assert await driver.present(NAMESPACE, marked) == list(expected.values())
     assert asked == [len(names) - len(names) // 2]  # the later half in the worker
     assert await driver.present(NAMESPACE, marked[:3]) == list(expected.values())[:3]
     assert len(asked) == 1  # a few: inline
+    driver._stat_worker.close()
+
+
+@pytest.mark.parametrize("openat2", [True, False])
+async def test_empty_directories_are_told_in_bulk_opening_nothing_but_directories(
+    tmp_path, openat2
+):
+    root = tmp_path / "root"
+    ns = root / NAMESPACE.lstrip("/")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    expected = {f"e{i:04d}": True for i in range(COUNT)}  # what the registry's deletes leave
+    for name in expected:
+        (ns / name).mkdir(parents=True)
+    (ns / "app" / "_layers").mkdir(parents=True)
+    (ns / "uploads" / "_uploads").mkdir(parents=True)
+    (ns / "linked").symlink_to(outside)  # empty, but a symlink out: never followed
+    os.mkfifo(ns / "fifo")  # O_DIRECTORY fails before any open: no reader waits
+    (ns / "file").write_bytes(b"")
+    expected |= {"app": False, "uploads": False, "linked": False, "fifo": False, "file": False}
+    expected |= {"gone": False}
+    names = sorted(expected)
+    driver = FilesystemDriver(root, openat2=openat2)
+    fd = os.open(ns, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert empty(driver._resolve, fd, names) == [expected[n] for n in names]
+    finally:
+        os.close(fd)
+    assert await driver.empty(NAMESPACE, names) == [expected[n] for n in names]  # a thread
+    driver._stat_worker.start()
+    with trio.fail_after(10):
+        while not driver._stat_worker.ready:
+            await trio.sleep(0.01)
+    assert await driver.empty(NAMESPACE, names) == [expected[n] for n in names]  # both
+    assert await Catalog(driver).children("many") == ["app"]
     driver._stat_worker.close()
 
 
@@ -113,10 +150,10 @@ async def test_a_worker_that_fails_leaves_the_thread_to_state_them_all(tmp_path,
         while not driver._stat_worker.ready:
             await trio.sleep(0.01)
 
-    async def given_up(directory: int, use_openat2: bool, part: list[str]) -> None:
+    async def given_up(which: str, directory: int, use_openat2: bool, part: list[str]) -> None:
         return None  # as `_ask` answers for a worker given up at ANSWER_DEADLINE
 
-    monkeypatch.setattr(driver._stat_worker, "present", given_up)
+    monkeypatch.setattr(driver._stat_worker, "check", given_up)
     marked = [f"{name}/_layers" for name in expected]
     assert await driver.present(NAMESPACE, marked) == list(expected.values())
     driver._stat_worker.close()
@@ -140,7 +177,7 @@ async def test_the_catalog_walks_only_the_children_the_driver_does_not_vouch_for
     shown = {name for name, yes in expected.items() if yes} | {"nested"}
     assert listed == sorted(shown - {"plain"})
     walked = {path.split("/")[6] for path in stats}
-    assert walked == {"layers-linked", "empty", "uploads-only", "nested", "plain"}, walked
+    assert walked == {"layers-linked", "uploads-only", "nested", "plain"}, walked  # not "empty"
 
 
 async def test_memory_answers_from_its_tree():
@@ -149,6 +186,9 @@ async def test_memory_answers_from_its_tree():
     await driver.put_content(f"{NAMESPACE}/other/_uploads/u/hashstates/sha256/0", b"x")
     found = await driver.present(NAMESPACE, ["app/_layers", "other/_layers", "none/_layers"])
     assert found == [True, False, False]
+    await driver.put_content(f"{NAMESPACE}/gone/_layers/x", b"x")
+    await driver.delete(f"{NAMESPACE}/gone/_layers")  # an empty directory left
+    assert await driver.empty(NAMESPACE, ["app", "gone", "none"]) == [False, True, False]
     assert await Catalog(driver).children("many") == ["app"]
 
 

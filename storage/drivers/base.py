@@ -272,6 +272,13 @@ class StorageDriver(ABC):
         that one alone, which says why (and logs a symlink)."""
         return await self._present(check_tree(directory), _relative(names))
 
+    async def empty(self, directory: str, names: Sequence[str]) -> builtins.list[bool] | None:
+        """For each relative name, True where `directory/name` is a directory that holds no
+        entry at all (no symbolic link on its way or at its end), in one call for all where
+        the store can say it so (a local root); None where it cannot, or keeps no empty
+        directory (S3). False where it is anything else or the store could not tell: ask."""
+        return await self._empty(check_tree(directory), _relative(names))
+
     def statvfs(self) -> os.statvfs_result | None:
         """Space and file counts of the store, where it has such a thing."""
         return None
@@ -319,6 +326,9 @@ class StorageDriver(ABC):
     async def _present(
         self, directory: str, names: builtins.list[str]
     ) -> builtins.list[bool] | None:
+        return None
+
+    async def _empty(self, directory: str, names: builtins.list[str]) -> builtins.list[bool] | None:
         return None
 
     async def _symlinks(self, path: str) -> builtins.list[str]:

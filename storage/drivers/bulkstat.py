@@ -2,8 +2,8 @@
 regular file opened for its bytes (`open_regular`), and the bulk calls built on it: the
 stat of a listing's links and the blobs they name (`linked_stats`), the read of small files
 such as tags' links (`contents`), which children of a namespace hold `_layers` (`present`:
-stated, never opened); this file run as a script is the stat worker process that runs them
-beside the daemon (`statworker.StatWorker`).
+stated, never opened) or are empty directories (`empty`); this file run as a script is the
+stat worker process that runs them beside the daemon (`statworker.StatWorker`).
 
 The standard library only, and nothing of the package: the worker starts in a few
 milliseconds (`python -I -S` of this file), not the ~0.3 s that importing trio costs, and it
@@ -292,12 +292,46 @@ def present(resolve: Resolve, dirfd: int, names: Sequence[str]) -> list[bool]:
     return found
 
 
+def empty(resolve: Resolve, dirfd: int, names: Sequence[str]) -> list[bool]:
+    """Whether each name beneath the descriptor dirfd is a directory that holds nothing,
+    with no symbolic link followed: the directory above it opened O_PATH (`resolve`), the
+    name itself O_DIRECTORY|O_NOFOLLOW from there, so nothing but a directory is ever
+    opened (a FIFO or a device fails that open before it is opened), and its first entry
+    read. The children of a namespace that the registry's deletes left empty
+    (`Catalog.children`). False for anything else, or failing."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | O_BENEATH
+    found: list[bool] = []
+    parents = Parents(dirfd, resolve)
+    try:
+        for name in names:
+            up, _, leaf = name.rpartition("/")
+            try:
+                fd = os.open(leaf, flags, dir_fd=parents.of(up))
+                try:
+                    with os.scandir(fd) as entries:
+                        found.append(next(entries, None) is None)
+                finally:
+                    os.close(fd)
+            except OSError:
+                found.append(False)
+    finally:
+        parents.close()
+    return found
+
+
+# The checks of names beneath one directory the worker runs, by the name a request gives.
+CHECKS: dict[str, Callable[[Resolve, int, Sequence[str]], list[bool]]] = {
+    "present": present,
+    "empty": empty,
+}
+
+
 def serve(sock: socket.socket) -> None:
     """The worker's loop: each request is one message, the descriptors of the directories
     (opened by the driver, as it opens them) and, marshalled, whether to resolve with openat2
     and the names: of links and files beneath two (`linked_stats`), of files beneath one
-    and a limit (`contents`), or of names beneath one alone (`present`); the reply is the
-    list it returns.
+    and a limit (`contents`), or of names beneath one and which of CHECKS (`present`,
+    `empty`); the reply is the list it returns.
     Returns when the daemon's end closes (it exited, was killed, or gave this worker up
     with a reply unread: a reset, not an error); anything unexpected ends the worker, and
     the daemon answers EIO for the listings waiting for it."""
@@ -321,10 +355,10 @@ def serve(sock: socket.socket) -> None:
             found: list[Stat] | list[Content] | list[bool]
             if len(fds) == 2 and len(asked) == 3:
                 found = linked_stats(resolve, fds[0], fds[1], *asked)
+            elif len(fds) == 1 and len(asked) == 2 and asked[1] in CHECKS:
+                found = CHECKS[asked[1]](resolve, fds[0], asked[0])
             elif len(fds) == 1 and len(asked) == 2:
                 found = contents(resolve, fds[0], *asked)
-            elif len(fds) == 1 and len(asked) == 1:
-                found = present(resolve, fds[0], *asked)
             else:
                 raise ValueError(f"a request of {len(asked)} parts with {len(fds)} descriptors")
         finally:

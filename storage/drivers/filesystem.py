@@ -45,10 +45,10 @@ from .base import (
     StorageDriver,
     join,
 )
+from .bulkstat import CHECKS, contents, linked_stats, open_regular
 from .bulkstat import DIRECTORY as _DIRECTORY
 from .bulkstat import O_BENEATH as _O_BENEATH
 from .bulkstat import READ as _READ
-from .bulkstat import contents, linked_stats, open_regular, present
 from .bulkstat import openat2 as _openat2
 from .bulkstat import walk_open as _walk_open
 from .removal import remove_tree
@@ -482,30 +482,40 @@ class FilesystemDriver(StorageDriver):
         return await self._bulk((links, files), len(link_names), run, elsewhere)
 
     async def _present(self, directory: str, names: list[str]) -> list[bool]:
-        """`bulkstat.present` beneath the directory: an lstat of each name, none opened.
-        Many are split: the stat worker process states the later ones while a worker
-        thread states the first ones, so both cores work on a namespace's listing (~3 µs a
-        name on each); the thread states all of them when no worker is ready."""
+        """`bulkstat.present` beneath the directory: an lstat of each name, none opened
+        (`_on_both_cores`)."""
+        return await self._on_both_cores(directory, names, "present")
+
+    async def _empty(self, directory: str, names: list[str]) -> list[bool]:
+        """`bulkstat.empty` beneath the directory: only directories opened (`_on_both_cores`)."""
+        return await self._on_both_cores(directory, names, "empty")
+
+    async def _on_both_cores(self, directory: str, names: list[str], which: str) -> list[bool]:
+        """`bulkstat.CHECKS[which]` of the names beneath the directory; many are split: the
+        stat worker process takes the later half while a worker thread takes the first, so
+        both cores work on a namespace's listing (~3 µs a name on each); the thread takes
+        them all when no worker is ready, or the worker was given up meanwhile."""
+        check = CHECKS[which]
         resolve = self._resolve
 
         def run(fds: list[int], part: Sequence[str] = names) -> list[bool | None]:
-            return [*present(resolve, fds[0], part)]
+            return [*check(resolve, fds[0], part)]
 
         async def split(fds: list[int]) -> list[bool | None] | None:
             if not self._stat_worker.ready:
-                return None  # `_ask` would start one; a thread states them all meanwhile
+                return None  # `_ask` would start one; a thread takes them all meanwhile
             cut = len(names) // 2
             later: list[bool | None] | None = None
 
-            async def in_worker() -> None:
+            async def worker_part() -> None:
                 nonlocal later
-                answer = await self._stat_worker.present(
-                    fds[0], resolve is not _walk_open, names[cut:]
+                answer = await self._stat_worker.check(
+                    which, fds[0], resolve is not _walk_open, names[cut:]
                 )
                 later = None if answer is None else [*answer]
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(in_worker)
+                nursery.start_soon(worker_part)
                 first = await trio.to_thread.run_sync(run, fds, names[:cut])
             if later is None:  # the worker was given up meanwhile
                 later = await trio.to_thread.run_sync(run, fds, names[cut:])

@@ -140,6 +140,16 @@ class InMemoryDriver(StorageDriver):
                 found.append(False)
         return found
 
+    async def _empty(self, directory: str, names: list[str]) -> list[bool]:
+        found = []
+        for name in names:
+            try:
+                node = self._find(f"{directory.rstrip('/')}/{name}")
+                found.append(isinstance(node, _Dir) and not node.children)
+            except PathNotFound:
+                found.append(False)
+        return found
+
     async def _list(self, path: str) -> list[str]:
         node = self._find(path)
         if not isinstance(node, _Dir):

@@ -1,6 +1,7 @@
 """The stat worker: a child process that runs a listing's bulk stat (`bulkstat.linked_stats`),
 the tags' read-ahead's reads of their links (`bulkstat.contents`) and the check of which
-children of a namespace are repositories (`bulkstat.present`) on the other core,
+children of a namespace are repositories or empty (`bulkstat.present`, `bulkstat.empty`)
+on the other core,
 beside the daemon's loop, which replies meanwhile.
 
 In a thread, those ~60,000 syscalls of `ls -l` of 10,000 layers held the GIL for most of
@@ -205,13 +206,13 @@ class StatWorker:
             lambda at, to: (list(names[at:to]), bulkstat.WORKER_CONTENT),
         )  # fmt: skip
 
-    async def present(
-        self, directory: int, use_openat2: bool, names: Sequence[str]
+    async def check(
+        self, which: str, directory: int, use_openat2: bool, names: Sequence[str]
     ) -> list[bool] | None:
-        """`bulkstat.present` of the names beneath the descriptor directory, in the worker
-        (`_ask`)."""
+        """`bulkstat.CHECKS[which]` (`present`, `empty`) of the names beneath the descriptor
+        directory, in the worker (`_ask`)."""
         return await self._ask(
-            (directory,), use_openat2, len(names), lambda at, to: (list(names[at:to]),)
+            (directory,), use_openat2, len(names), lambda at, to: (list(names[at:to]), which)
         )
 
     def _give_up(self, channel: _Channel) -> None:
