@@ -125,8 +125,9 @@ KNOWN = 4096  # keys whose multipart upload the driver remembers (`_known`); the
 # entry for --tag-ttl anyway; every change made through this driver drops them all.
 DIR_SEEN = 1.0
 # `present`: the names one listing decides in turn (a namespace's repositories: a page of
-# 1000 keys reaches ~25 of 40 keys each), and how many such listings run at once.
-PRESENT_RUN = 250
+# 1000 entries delimited by `s/` rolls up two or three sections each), and how many such
+# listings run at once.
+PRESENT_RUN = 300
 CHECKS_AT_ONCE = 32
 # A listing without a delimiter names every key under its prefix: the whole bucket's for
 # `regfs check` and `purge-uploads` (files("/")), far past the LISTING_NAMES_MAX names a
@@ -850,53 +851,60 @@ class S3Driver(StorageDriver):
         """Whether a key is at or below each `directory/name` (so `stat` finds it), from
         listings of the keys below the directory, not a request per name: the names in key
         order, cut into runs of PRESENT_RUN listed at once (CHECKS_AT_ONCE), each run's
-        listing starting at its next undecided name, so one page (1000 keys) decides every
-        name whose keys it reaches (a namespace's repositories and their first keys, in
-        order), and the rest of a name's keys (a repository's every link) cost the next
-        page's start, not pages. A directory a stat found within DIR_SEEN costs nothing.
-        False for a name no key is at or below, as a stat would say."""
+        listing starting at its next undecided name and merged with the names in turn.
+        Where no `s/` is in a name (a repository's `<name>/_layers`, unless the name ends
+        in s), with the delimiter `s/`: every key of a repository's `_layers/`,
+        `_manifests/` and `_uploads/` rolls up into one entry each, so a page of 1000
+        decides ~300 names. Others are listed key by key, a page restarting at its next
+        undecided name, so the rest of a name's keys cost no pages. A directory a stat
+        found within DIR_SEEN costs nothing. False for a name no key is at or below, as a
+        stat would say."""
         prefix = self._top() if directory == "/" else self.key(directory) + "/"
         keys = [prefix + name for name in names]
         found = [self._kept(self._dirs, join(directory, name)) is not None for name in names]
         order = sorted((i for i, yes in enumerate(found) if not yes), key=keys.__getitem__)
 
-        def scan(run: builtins.list[int]) -> None:
+        def scan(run: builtins.list[int], delimiter: str) -> None:
             """found[i] for the indexes of run (in key order): pages from the first name not
-            decided yet, each page's keys merged with the names in turn. A page that decided
-            none (keys between two names) is followed by its token, so every page moves on."""
+            decided yet, each page's keys and prefixes merged with the names in turn. A page
+            that decided none (keys between two names) is followed by its token, so every
+            page moves on."""
             at, token, seen, listed = 0, None, set[str](), 0
             while at < len(run):
                 start = keys[run[at]][:-1]  # sorts before the key (a key is never empty)
                 page = self.call(
                     f"LIST {prefix}",
                     functools.partial(
-                        self._lister.page, prefix, token=token, start_after="" if token else start
+                        self._lister.page, prefix, delimiter, token=token,
+                        start_after="" if token else start,
                     ),
-                )
+                )  # fmt: skip
                 before = at
-                for obj in page.objects:
-                    while at < len(run) and obj.key >= keys[run[at]] + "0":  # past its keys
+                for entry in sorted([*(obj.key for obj in page.objects), *page.prefixes]):
+                    while at < len(run) and entry >= keys[run[at]] + "0":  # past its keys
                         at += 1  # '/' sorts just below '0': nothing is at or below it
                     if at == len(run):
                         return
                     key = keys[run[at]]
-                    if obj.key == key or obj.key.startswith(key + "/"):
+                    if entry == key or entry.startswith(key + "/"):
                         found[run[at]] = True
                         at += 1
                 if page.token is None:
                     return  # nothing after: the names left are absent
                 token = page.token if at == before else None
                 if token is not None:
-                    listed += len(page.objects)
+                    listed += len(page.objects) + len(page.prefixes)
                     _unseen(seen, token, f"LIST {prefix}", listed, LISTING_KEYS_MAX)
 
-        runs = [order[at : at + PRESENT_RUN] for at in range(0, len(order), PRESENT_RUN)]
         limiter = trio.CapacityLimiter(CHECKS_AT_ONCE)
         async with trio.open_nursery() as nursery:
-            for run in runs:
-                nursery.start_soon(
-                    functools.partial(trio.to_thread.run_sync, scan, run, limiter=limiter)
-                )
+            for delimiter in ("s/", ""):
+                part = [i for i in order if ("s/" in names[i]) == (not delimiter)]
+                for at in range(0, len(part), PRESENT_RUN):
+                    run = functools.partial(scan, part[at : at + PRESENT_RUN], delimiter)
+                    nursery.start_soon(
+                        functools.partial(trio.to_thread.run_sync, run, limiter=limiter)
+                    )
         return found
 
     async def _entries(self, path: str) -> builtins.list[FileInfo]:
