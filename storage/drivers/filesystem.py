@@ -36,6 +36,7 @@ from typing import TypeVar
 import trio
 
 from ..errors import Busy, CorruptEntry, InvalidOffset, UnsafeEntry
+from ..nurseries import open_nursery
 from .base import (
     CONTENT_LIMIT,
     FileInfo,
@@ -514,7 +515,7 @@ class FilesystemDriver(StorageDriver):
                 )
                 later = None if answer is None else [*answer]
 
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:  # an error comes out as itself
                 nursery.start_soon(worker_part)
                 first = await trio.to_thread.run_sync(run, fds, names[:cut])
             if later is None:  # the worker was given up meanwhile

@@ -71,6 +71,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .. import jsontext
 from ..errors import AccessDenied, Busy, InvalidOffset, RemoteUnavailable
+from ..nurseries import open_nursery
 from ..remote.retry import backoff, pause
 from ..remote.untrusted import LISTING_NAMES_MAX
 from .base import FileInfo, FileReader, FileWriter, PathNotFound, StorageDriver, join
@@ -897,7 +898,7 @@ class S3Driver(StorageDriver):
                     _unseen(seen, token, f"LIST {prefix}", listed, LISTING_KEYS_MAX)
 
         limiter = trio.CapacityLimiter(CHECKS_AT_ONCE)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:  # an error comes out as itself
             for delimiter in ("s/", ""):
                 part = [i for i in order if ("s/" in names[i]) == (not delimiter)]
                 for at in range(0, len(part), PRESENT_RUN):
