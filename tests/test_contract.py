@@ -26,6 +26,7 @@ NEUTRAL = {
     "storage.gcpause",
     "storage.manifest_format",
     "storage.names",
+    "storage.nurseries",  # a nursery's error as itself: a rule of trio, not of a source
     "storage.privatedir",  # the user's private directories (the inode key): no source's
 }
 # `regfs check` and `purge-uploads` are tools over a storage root, not a registry source.
