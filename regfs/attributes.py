@@ -9,10 +9,10 @@ import stat
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence, Set
 from dataclasses import dataclass, replace
-from itertools import chain, repeat
-from operator import add, floordiv
+from itertools import chain, compress, count, repeat
+from operator import add, floordiv, is_, is_not
 from typing import cast
 
 import pyfuse3
@@ -324,6 +324,39 @@ class Attributes:
 
         return named_tag
 
+    def by_name_run(
+        self, parent: Node, in_use: bool
+    ) -> tuple[Callable[[list[Node]], int], EntryAttributes] | None:
+        """`by_name` of a run of parent's children at once (`Directories._reply_named`): what
+        tells how many of a run's first children go by name, as `by_name` decides for each,
+        and the entry they share (each with its own st_ino); None where `by_name` is. Tested
+        for the whole run in a few C calls where it can be (no tag of it held, pending,
+        written or known: a fresh listing), else child by child with `by_name`'s test."""
+        named = self.by_name(parent, in_use)
+        if named is None:
+            return None
+        if isinstance(parent, DirNode):
+
+            def directories(nodes: list[Node]) -> int:  # repositories and namespaces
+                kinds = map(type, nodes)
+                return next(compress(count(), map(is_not, kinds, repeat(DirNode))), len(nodes))
+
+            return directories, self._unread_dir
+        cached, pending = self.tree.tags_held(cast("SectionNode", parent).repo)
+        files, inodes = self.files, self.inodes
+
+        def tags(nodes: list[Node]) -> int:
+            if (
+                cached_none(cached, nodes)
+                and cached_none(pending, nodes)
+                and files.writes_none_of(nodes)
+                and inodes.holds_none_of(nodes)
+            ):
+                return len(nodes)
+            return next(compress(count(), map(is_, map(named, nodes), repeat(None))), len(nodes))
+
+        return tags, self._unread
+
     async def entry_of(self, node: Node) -> EntryAttributes:
         """What getattr answers: a writer's pending size, else the storage's; for a file
         whose name went while it was open (`OpenFiles.unlinked`), st_nlink 0 and what it
@@ -425,3 +458,10 @@ class Attributes:
         """An upload that ended (finished, cancelled, replaced) takes its Shown along."""
         if isinstance(node, UploadNode):
             self._shown.pop(node, None)
+
+
+def cached_none(held: Container[Node], nodes: list[Node]) -> bool:
+    """Whether none of nodes is in held (a set or a dict's keys: one C call; else each)."""
+    if isinstance(held, Set):
+        return held.isdisjoint(nodes)
+    return not any(map(held.__contains__, nodes))

@@ -9,6 +9,7 @@ import mmap
 import stat
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import compress, count, islice
 from operator import itemgetter
@@ -86,6 +87,9 @@ RUN = 32
 # (`ls`'s getdents buffer, 32 KiB, holds 1,024 six-letter names), then PLAIN_MORE at a time;
 # what a run numbered for entries that did not fit is numbered again for the next READDIR.
 PLAIN_RUN = 1024
+# Entries by name of a READDIRPLUS handed in one call (`_reply_named`) at first: then as many
+# as the last full one took (`ls`'s 32 KiB hold 204 six-letter tags, 160 bytes each).
+NAMED_RUN = 256
 PLAIN_MORE = 8
 _DIRECTORY_KINDS = frozenset({DirNode, SectionNode})
 _FILE_KINDS = frozenset({TagNode, ManifestNode, LayerNode, UploadNode, FinishedNode})
@@ -122,6 +126,7 @@ class Directories:
         self._read_whole: deque[tuple[float, _Snapshot]] = deque()  # their end went out when
         self._next_snapshot = 1
         self._held_fits = RUN  # entries the last full READDIRPLUS took (`_reply_held`)
+        self._named_fits = NAMED_RUN  # ... of entries by name (`_reply_named`)
         # The directories (outside the sections) whose entries were last in use (an entry
         # looked up, or listed with its attributes) at which count of such uses: a listing
         # begun before then hands the rest with attributes (`Attributes.by_name`). One per
@@ -173,9 +178,17 @@ class Directories:
         if (ahead := self._snapshots[snapshot].ahead) is not None:
             await ahead.ready(start)
         named = self.attributes.by_name(node, in_use)
+        runs = self.attributes.by_name_run(node, in_use) if fusefeatures.READDIRPLUS_AUTO else None
         with_attributes = False
         index = start
         while index < len(entries):
+            if runs is not None and (ahead is None or index < ahead.read):
+                after, full = self._reply_named(entries, index, start, base, token, runs)
+                if full:
+                    break
+                if after > index:
+                    index = after
+                    continue
             name, child = entries[index]
             if ahead is not None and index >= ahead.read:  # the next READDIR waits for it
                 break
@@ -321,6 +334,36 @@ class Directories:
             if not pyfuse3.readdir_reply(token, name.encode(), entry, base | (index + 1)):
                 return index - start
         return stop - start
+
+    def _reply_named(
+        self, entries: list[tuple[str, Node]], index: int, start: int, base: int,
+        token: ReaddirToken, runs: tuple[Callable[[list[Node]], int], EntryAttributes],
+    ) -> tuple[int, bool]:  # fmt: skip
+        """Hands in one `readdir_reply_names` the entries from index on that go by name
+        (`Attributes.by_name_run`: tags the daemon holds nothing of, a namespace's
+        directories), as many as the rest of what the last full READDIRPLUS of them (from
+        `start`) took, at least RUN, at most FIRST_PLACEHOLDERS in a listing's first reply:
+        what `read` would hand one `readdir_reply(lookup=False)` at a time, numbered as
+        `peek` numbers them (nothing kept, nothing counted). Returns the index after the last
+        one handed (index if entries[index] goes otherwise: `read` hands it) and whether the
+        reply is full. What a run numbers for entries that do not fit is numbered again, the
+        same, for the next READDIR."""
+        goes, template = runs
+        stop = min(index + max(self._named_fits - (index - start), RUN), len(entries))
+        if start == 0:  # past them, `read` ends the reply at the next entry by name
+            stop = min(stop, FIRST_PLACEHOLDERS)
+            if index >= stop:
+                return index, False
+        nodes = list(map(_NODE, entries[index:stop]))
+        named = goes(nodes)
+        if named == 0:
+            return index, False
+        names = list(map(_NAME, entries[index : index + named]))
+        inodes = self.inodes.peek_all(nodes[:named] if named < len(nodes) else nodes)
+        handed = pyfuse3.readdir_reply_names(token, names, inodes, template, base | index, 0, named)
+        if handed < named:
+            self._named_fits = index + handed - start
+        return index + handed, handed < named
 
     def _reply_held(
         self, entries: list[tuple[str, Node]], index: int, start: int, base: int,

@@ -120,6 +120,10 @@ class OpenFiles:
     def is_written(self, node: Node) -> bool:
         return node in self._writers
 
+    def writes_none_of(self, nodes: list[Node]) -> bool:
+        """Whether no writer has any of nodes open (`is_written` of a run, in one C call)."""
+        return self._writers.keys().isdisjoint(nodes)
+
     def writes_a_layer(self, node: Node) -> str | None:
         """The layers/ name an upload's writer created it as (`cp -f` over a layer: it
         shows in uploads/ too), if it is one: what its close links, which a rm or mv of it
