@@ -342,14 +342,15 @@ class Directories:
         """Hands in one `readdir_reply_names` the entries from index on that go by name
         (`Attributes.by_name_run`: tags the daemon holds nothing of, a namespace's
         directories), as many as the rest of what the last full READDIRPLUS of them (from
-        `start`) took, at least RUN, at most FIRST_PLACEHOLDERS in a listing's first reply:
+        `start`) took, then PLAIN_MORE at a time (most often none fit: each READDIRPLUS of
+        a fresh `ls` ends so), at most FIRST_PLACEHOLDERS in a listing's first reply:
         what `read` would hand one `readdir_reply(lookup=False)` at a time, numbered as
         `peek` numbers them (nothing kept, nothing counted). Returns the index after the last
         one handed (index if entries[index] goes otherwise: `read` hands it) and whether the
         reply is full. What a run numbers for entries that do not fit is numbered again, the
         same, for the next READDIR."""
         goes, template = runs
-        stop = min(index + max(self._named_fits - (index - start), RUN), len(entries))
+        stop = min(index + max(self._named_fits - (index - start), PLAIN_MORE), len(entries))
         if start == 0:  # past them, `read` ends the reply at the next entry by name
             stop = min(stop, FIRST_PLACEHOLDERS)
             if index >= stop:
