@@ -48,6 +48,12 @@ BLOCK_SIZE = 1 << 20  # the largest FUSE request: cp and cat size their buffers 
 # READDIR; 1 MiB per READDIR of an image's small directories was ~30% of a cold find's
 # daemon CPU.
 DIR_BLOCK_SIZE = 4096
+# ... but a registry directory's (a namespace, a repository, a section), whose listing may
+# hold 10,000 names and more: Linux 6.16+ sizes each READDIR by the reader's buffer (up to
+# the connection's 1 MiB), so `ls` of 10,000 tags takes 13 READDIRPLUS, not 50 (docs/
+# performance.md, stop 27, b). 1 MiB took 2 but cost a `find` of 10,000 empty repositories
+# ~15% more daemon CPU (50,000 small READDIRs); this much cost it nothing measurable.
+LISTING_BLOCK_SIZE = 128 << 10
 # An entry's fields in what `rows` gives, and where its size, blocks and times are.
 PACKED = len(fusefeatures.PACKED_FIELDS)
 _SIZE, _BLOCKS = (fusefeatures.PACKED_FIELDS.index(f) for f in ("st_size", "st_blocks"))
@@ -119,6 +125,7 @@ class Attributes:
         entry.st_ino = self.inodes.inode(node)
         if isinstance(node, DirNode | SectionNode):
             entry.st_ctime_ns = self.tree.kept.ctime_ns(node, attr.mtime_ns)
+            entry.st_blksize = LISTING_BLOCK_SIZE
         if attr.immutable and timeout is None and isinstance(node, FixedNode):
             # A file or directory inside an image: kept for good, and nothing below applies
             # (readdir of an image's directory asks this for each entry).

@@ -272,7 +272,8 @@ class Directories:
         whether all went out."""
         index = start
         while index < len(entries):
-            stop = min(index + max(self._plain_fit - (index - start), PLAIN_MORE), len(entries))
+            done = index - start  # past what the last full one took: more, growing
+            stop = min(index + max(self._plain_fit - done, PLAIN_MORE, done // 4), len(entries))
             if ahead is not None:
                 stop = min(stop, max(await ahead.ready(index), index + 1))
             nodes = list(map(_NODE, entries[index:stop]))
@@ -350,7 +351,8 @@ class Directories:
         reply is full. What a run numbers for entries that do not fit is numbered again, the
         same, for the next READDIR."""
         goes, template = runs
-        stop = min(index + max(self._named_fits - (index - start), PLAIN_MORE), len(entries))
+        done = index - start
+        stop = min(index + max(self._named_fits - done, PLAIN_MORE, done // 4), len(entries))
         if start == 0:  # past them, `read` ends the reply at the next entry by name
             stop = min(stop, FIRST_PLACEHOLDERS)
             if index >= stop:
