@@ -353,11 +353,12 @@ class Attributes:
         files, inodes = self.files, self.inodes
 
         def tags(nodes: list[Node]) -> int:
-            if (
-                cached_none(cached, nodes)
-                and cached_none(pending, nodes)
-                and files.writes_none_of(nodes)
-                and inodes.holds_none_of(nodes)
+            run = set(nodes)  # each tag hashed once (a tuple's hash is not kept), then each
+            if (  # test walks the smaller side: most often nothing is held
+                cached_none(cached, run)
+                and cached_none(pending, run)
+                and files.writes_none_of(run)
+                and inodes.holds_none_of(run)
             ):
                 return len(nodes)
             return next(compress(count(), map(is_, map(named, nodes), repeat(None))), len(nodes))
@@ -467,7 +468,7 @@ class Attributes:
             self._shown.pop(node, None)
 
 
-def cached_none(held: Container[Node], nodes: list[Node]) -> bool:
+def cached_none(held: Container[Node], nodes: set[Node]) -> bool:
     """Whether none of nodes is in held (a set or a dict's keys: one C call; else each)."""
     if isinstance(held, Set):
         return held.isdisjoint(nodes)

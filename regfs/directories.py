@@ -272,8 +272,7 @@ class Directories:
         whether all went out."""
         index = start
         while index < len(entries):
-            done = index - start  # past what the last full one took: more, growing
-            stop = min(index + max(self._plain_fit - done, PLAIN_MORE, done // 4), len(entries))
+            stop = min(index + _run(self._plain_fit, index - start), len(entries))
             if ahead is not None:
                 stop = min(stop, max(await ahead.ready(index), index + 1))
             nodes = list(map(_NODE, entries[index:stop]))
@@ -343,16 +342,14 @@ class Directories:
         """Hands in one `readdir_reply_names` the entries from index on that go by name
         (`Attributes.by_name_run`: tags the daemon holds nothing of, a namespace's
         directories), as many as the rest of what the last full READDIRPLUS of them (from
-        `start`) took, then PLAIN_MORE at a time (most often none fit: each READDIRPLUS of
-        a fresh `ls` ends so), at most FIRST_PLACEHOLDERS in a listing's first reply:
+        `start`) took, then more (`_run`), at most FIRST_PLACEHOLDERS in a listing's first reply:
         what `read` would hand one `readdir_reply(lookup=False)` at a time, numbered as
         `peek` numbers them (nothing kept, nothing counted). Returns the index after the last
         one handed (index if entries[index] goes otherwise: `read` hands it) and whether the
         reply is full. What a run numbers for entries that do not fit is numbered again, the
         same, for the next READDIR."""
         goes, template = runs
-        done = index - start
-        stop = min(index + max(self._named_fits - done, PLAIN_MORE, done // 4), len(entries))
+        stop = min(index + _run(self._named_fits, index - start), len(entries))
         if start == 0:  # past them, `read` ends the reply at the next entry by name
             stop = min(stop, FIRST_PLACEHOLDERS)
             if index >= stop:
@@ -638,6 +635,14 @@ class Directories:
             log.info(
                 "rmdir: hidden repository %s, removed once its uploads' writers close", node.path
             )
+
+
+def _run(fits: int, done: int) -> int:
+    """How many entries a reply's next run hands, `done` of them handed already: the rest of
+    what the last full reply took (`fits`), then PLAIN_MORE (most often none fit: the
+    reply ends there), then twice what went past `fits`, as the reader's buffer may be
+    bigger (a directory's st_blksize: `attributes.LISTING_BLOCK_SIZE`)."""
+    return max(fits - done, PLAIN_MORE, 2 * (done - fits))
 
 
 def _lengths(entries: list[tuple[str, Node]]) -> list[int]:

@@ -325,7 +325,7 @@ class InodeTable:
     def get(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
 
-    def holds_none_of(self, nodes: list[Node]) -> bool:
+    def holds_none_of(self, nodes: set[Node]) -> bool:
         """Whether none of nodes has an inode here (`known` of a run, in one C call)."""
         return self._inodes.keys().isdisjoint(nodes)
 

@@ -120,7 +120,7 @@ class OpenFiles:
     def is_written(self, node: Node) -> bool:
         return node in self._writers
 
-    def writes_none_of(self, nodes: list[Node]) -> bool:
+    def writes_none_of(self, nodes: set[Node]) -> bool:
         """Whether no writer has any of nodes open (`is_written` of a run, in one C call)."""
         return self._writers.keys().isdisjoint(nodes)
 
