@@ -64,13 +64,6 @@ async def test_a_stopped_worker_is_given_up_and_the_thread_checks_its_half(tmp_p
         driver._stat_worker.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stat worker that dies while it holds a namespace's bulk check (present, "
-    "empty) fails the whole listing with CorruptEntry (EIO): _on_both_cores lets _ask's "
-    "error out, though the thread can take the worker's half as it does for one given up; "
-    "before the checks went to the worker, no worker could fail a namespace's listing",
-)
 async def test_a_worker_killed_mid_check_leaves_its_half_to_the_thread(tmp_path):
     shown = plant(tmp_path)
     driver = FilesystemDriver(tmp_path)

@@ -495,7 +495,8 @@ class FilesystemDriver(StorageDriver):
         """`bulkstat.CHECKS[which]` of the names beneath the directory; many are split: the
         stat worker process takes the later half while a worker thread takes the first, so
         both cores work on a namespace's listing (~3 µs a name on each); the thread takes
-        them all when no worker is ready, or the worker was given up meanwhile."""
+        them all when no worker is ready, or the worker was given up or failed meanwhile (a
+        check only reads: unlike a listing's stats, no EIO where a thread can answer)."""
         check = CHECKS[which]
         resolve = self._resolve
 
@@ -510,15 +511,18 @@ class FilesystemDriver(StorageDriver):
 
             async def worker_part() -> None:
                 nonlocal later
-                answer = await self._stat_worker.check(
-                    which, fds[0], resolve is not _walk_open, names[cut:]
-                )
+                try:
+                    answer = await self._stat_worker.check(
+                        which, fds[0], resolve is not _walk_open, names[cut:]
+                    )
+                except CorruptEntry:  # it failed meanwhile (logged): the thread's, as below
+                    return
                 later = None if answer is None else [*answer]
 
             async with open_nursery() as nursery:  # an error comes out as itself
                 nursery.start_soon(worker_part)
                 first = await trio.to_thread.run_sync(run, fds, names[:cut])
-            if later is None:  # the worker was given up meanwhile
+            if later is None:  # the worker was given up, or failed, meanwhile
                 later = await trio.to_thread.run_sync(run, fds, names[cut:])
             return [*first, *later]
 
