@@ -272,6 +272,9 @@ class S3Driver(StorageDriver):
         self._dirs: OrderedDict[str, tuple[FileInfo, float]] = OrderedDict()
         self._listed: OrderedDict[str, tuple[tuple[str, ...], float]] = OrderedDict()
         self._dirs_lock = threading.Lock()
+        # Whether a listing delimited by `s/` answers (`_present`); False once the store
+        # refused one that a listing key by key then answered (some take only `/`).
+        self._delimited = True
         self._changes = 0
 
     def __repr__(self) -> str:
@@ -781,10 +784,12 @@ class S3Driver(StorageDriver):
         return await self._run(stat)
 
     def forget(self) -> None:
-        """Drop the directories and listings kept for DIR_SEEN (SIGHUP: every cache goes)."""
+        """Drop the directories and listings kept for DIR_SEEN (SIGHUP: every cache goes),
+        and try the delimiter `s/` again (`_present`: the endpoint may be another now)."""
         with self._dirs_lock:
             self._dirs.clear()
             self._listed.clear()
+        self._delimited = True
 
     def _saw_dirs(self, path: str, below: str, mtime_ns: int, since: int) -> None:
         """Keep for DIR_SEEN the directory path, whose first key is path/below, and those on
@@ -897,12 +902,30 @@ class S3Driver(StorageDriver):
                     listed += len(page.objects) + len(page.prefixes)
                     _unseen(seen, token, f"LIST {prefix}", listed, LISTING_KEYS_MAX)
 
+        def delimited(run: builtins.list[int]) -> None:
+            """scan with the delimiter `s/`, or key by key where the store refused it: some
+            take no delimiter but `/` (an error answer, or one token named for ever)."""
+            if self._delimited:
+                try:
+                    return scan(run, "s/")
+                except RemoteUnavailable as exc:
+                    log.warning(
+                        "S3 LIST %s with the delimiter 's/' failed (%s): key by key", prefix, exc
+                    )
+            scan(run, "")
+            self._delimited = False  # that answered: the delimiter is what the store refuses
+
         limiter = trio.CapacityLimiter(CHECKS_AT_ONCE)
         async with open_nursery() as nursery:  # an error comes out as itself
             for delimiter in ("s/", ""):
                 part = [i for i in order if ("s/" in names[i]) == (not delimiter)]
                 for at in range(0, len(part), PRESENT_RUN):
-                    run = functools.partial(scan, part[at : at + PRESENT_RUN], delimiter)
+                    names_run = part[at : at + PRESENT_RUN]
+                    run = (
+                        functools.partial(delimited, names_run)
+                        if delimiter
+                        else functools.partial(scan, names_run, "")
+                    )
                     nursery.start_soon(
                         functools.partial(trio.to_thread.run_sync, run, limiter=limiter)
                     )
