@@ -76,14 +76,15 @@ async def stated(driver: StorageDriver, names: list[str]) -> list[bool]:
     """What a stat of each child's `_layers` says, one by one: what `present` must answer
     (a False where a stat finds it costs a walk; a True where it does not is a wrong
     listing)."""
-    found = []
-    for name in names:
-        try:
-            await driver.stat(f"/{TREE}/{name}/_layers")
-            found.append(True)
-        except Exception:
-            found.append(False)
-    return found
+    return [await _stat_finds(driver, f"/{TREE}/{name}/_layers") for name in names]
+
+
+async def _stat_finds(driver: StorageDriver, path: str) -> bool:
+    try:
+        await driver.stat(path)
+    except Exception:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("count", [0, 1, 14, 65, 300, 301])
