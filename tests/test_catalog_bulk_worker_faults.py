@@ -45,7 +45,10 @@ def plant(root: Path) -> list[str]:
 
 async def stopped_worker(driver: FilesystemDriver) -> int:
     await worker_ready(driver)
-    (pid,) = stat_workers()
+    channel = driver._stat_worker._channel
+    assert channel is not None and channel.worker is not None
+    pid = channel.worker.pid  # this driver's (others of this process may live on)
+    assert pid in stat_workers()
     os.kill(pid, signal.SIGSTOP)
     return pid
 
