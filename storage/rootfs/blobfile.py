@@ -103,8 +103,29 @@ class BlobFile(PieceFile):
         again, and are made the most recent, so that the new ones do not evict them.
         Errors are those of `_fetch` (kept in `error`, raised); a failed or cancelled
         prefetch caches nothing."""
-        if end <= start:
+        if (missing := self._missing(start, end)) is not None:
+            first, last = missing
+            self._store(first, self._read(first, last - first))
+
+    async def prefetch_here(self, start: int, end: int) -> None:
+        """`prefetch` from the trio loop (not from the worker thread): the windows' one
+        `read_at` is awaited here, so the worker's read that follows finds them cached
+        and needs no hop back to the loop. Over HTTP a gzip read then crosses threads
+        four times, not six (docs/performance.md, "stop 27, i"). The source's error is
+        raised as itself; a failed or cancelled one caches nothing. Not for a blob read
+        in order to be hashed (a pass): that goes on in the worker as it reads."""
+        if self._hash is not None:
             return
+        if (missing := self._missing(start, end)) is not None:
+            first, last = missing
+            got = await self._reader.read_at(first, last - first)
+            self._store(first, self._whole(bytes(got), first, last - first))
+
+    def _missing(self, start: int, end: int) -> tuple[int, int] | None:
+        """The windows [first, last) of `prefetch(start, end)` that are not cached (None:
+        all are), bounded as `prefetch` says; the cached ones are made the most recent."""
+        if end <= start:
+            return None
         first = max(start, 0) - max(start, 0) % self._window
         end = min(end, self.size, first + self._window * (self._windows - 1))
         last = min(end + (-end) % self._window, self.size)
@@ -115,10 +136,10 @@ class BlobFile(PieceFile):
             first += self._window
         while first < last and last - (last - 1) % self._window - 1 in self._cache:
             last -= (last - 1) % self._window + 1
-        if first >= last:
-            return
-        data = self._read(first, last - first)
-        for at in range(first, last, self._window):
+        return (first, last) if first < last else None
+
+    def _store(self, first: int, data: bytes) -> None:
+        for at in range(first, first + len(data), self._window):
             self._keep(at, data[at - first : at - first + self._window])
 
     def _fetch(self, start: int) -> bytes:

@@ -257,6 +257,19 @@ class GzipReader:
         self._next = -1  # where the last read ended: a read from there continues zran's
         self.held = 0  # bytes of seek points in memory now (a window each), as of the last read
 
+    @property
+    def blob(self) -> BlobFile:
+        return self._blob
+
+    def span(self, offset: int, size: int) -> tuple[int, int] | None:
+        """The blob bytes `pread(offset, size)` will prefetch, for a caller that fetches
+        them first on the loop (`BlobFile.prefetch_here`); None when it is not known
+        without the worker (the points are not loaded yet: the first read, or the first
+        after `release`) or the read fetches none first (it goes on from the last one)."""
+        if self._where is None or not self._where.compressed or offset == self._next:
+            return None
+        return self._where.span(offset, size, self._blob.size)
+
     def pread(self, offset: int, size: int) -> bytes:
         try:
             return self._pread(offset, size)

@@ -115,6 +115,10 @@ class LayerFiles:
                 elif index.format is Format.GZIP:
                     gzip = await self._gzip(opened, layer)
                     opened.used = trio.current_time()
+                    if (span := gzip.span(start, size)) is not None:
+                        # Fetched here, so that the worker's read needs no hop back to
+                        # the loop for it (docs/performance.md, "stop 27, i").
+                        await gzip.blob.prefetch_here(*span)
                     data = await trio.to_thread.run_sync(gzip.pread, start, size)
                     opened.used = trio.current_time()
                     if self._releasing is None:
