@@ -202,8 +202,11 @@ class Layers(Protocol):
         leaves to `stat` (absent, damaged, or no cheaper way than one by one)."""
         ...
 
-    async def fetch(self, digest: Digest) -> BlobReader:
-        """A reader of the layer; UnknownLayer when it is not there."""
+    async def fetch(self, digest: Digest, size: int | None = None) -> BlobReader:
+        """A reader of the layer; UnknownLayer when it is not there. `size`: the layer's
+        size as the descriptor of a manifest read by its digest gives it; a source that
+        would have to ask the registry for it (a HEAD) takes it instead, and a missing blob
+        is then found at its first read; a source that knows it cheaply may ignore it."""
         ...
 
     async def unlink(self, digest: Digest) -> None: ...

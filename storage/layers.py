@@ -90,7 +90,7 @@ class LayerService:
     async def list(self) -> list[Digest]:
         return await self.linked.list()
 
-    async def fetch(self, digest: Digest) -> LayerReader:
+    async def fetch(self, digest: Digest, size: int | None = None) -> LayerReader:
         """UnknownLayer when the blob is gone, also between stat and open (garbage collection
         running beside us): what the registry answers 404 for is absent, not damage. Data that
         was there at the stat but cannot be opened (not a regular file) is CorruptEntry."""

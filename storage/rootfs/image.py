@@ -89,7 +89,7 @@ async def load(repo: Repository, digest: Digest) -> Image | Platforms:
                 d.digest,
                 d.size,
                 d.media_type,
-                functools.partial(repo.layers.fetch, d.digest),
+                functools.partial(repo.layers.fetch, d.digest, d.size),
                 _annotation(raw, TOC_DIGEST),
             )
             for d, raw in zip(layers, raw_layers, strict=True)
