@@ -680,7 +680,7 @@ async def test_a_walk_in_catalog_order_is_listed_ahead(
     them), and their own listings then ask nothing. Out of order, nothing is listed ahead."""
     client = module_registry_server.client()
     ahead = remote_registry.LISTINGS_AHEAD
-    names = [f"zz/r{i}" for i in range(ahead + 3)]  # last in the catalog
+    names = [f"zz/r{i:02d}" for i in range(ahead + 3)]  # last in the catalog, in order
     blobs = {name: push_repo(client, name, ("x", "y")) for name in names}
     proxied.tag_reuse = 60  # a loaded machine may take seconds between the steps
     await proxied.repository(names[0]).tags.list()
@@ -774,7 +774,7 @@ async def repositories_in_order(
     """`count` repositories of tags x and y under prefix, the catalog fetched (as a walk's
     first step), their tags reused for long (a loaded machine may take seconds between the
     steps), and the requests seen so far forgotten."""
-    names = [f"{prefix}/r{i}" for i in range(count)]
+    names = [f"{prefix}/r{i:02d}" for i in range(count)]  # in the catalog's order
     for name in names:
         push_repo(server.client(), name, ("x", "y"))
     proxied.tag_reuse = 60
