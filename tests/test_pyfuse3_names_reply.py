@@ -169,7 +169,7 @@ def _mounted(tmp_path: Path, mode: str) -> Iterator[tuple[Path, subprocess.Popen
         text=True,
     )
     try:
-        wait_until(lambda: is_mounted(mountpoint) or daemon.poll() is not None, 10, mode)
+        wait_until(lambda: is_mounted(mountpoint) or daemon.poll() is not None, 30, mode)
         assert daemon.poll() is None, f"{mode} did not mount"
         yield mountpoint, daemon
     finally:
@@ -179,6 +179,8 @@ def _mounted(tmp_path: Path, mode: str) -> Iterator[tuple[Path, subprocess.Popen
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
+        if is_mounted(mountpoint):  # it mounted after the unmount above (a slow start)
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
         if daemon.stdout is not None:
             daemon.stdout.close()
 
