@@ -68,9 +68,8 @@ FIRST_PLACEHOLDERS = 32
 # "EOF?" test, met after the last full page): of two `ls` of 1,024 tags at once, one saw 32.
 # Every listing begins with "." and ".." (as every local directory's does; `ls`, `find`,
 # readdir(3) users skip them); one that would so fill its last page begins with "." alone,
-# or, if that too, ends with it unless that too (`_dots`): the kernel's copy never ends on a
-# page's end.
-# docs/concurrency.md.
+# or, if that would too, ends with "." unless that would too (`_dots`): the kernel's copy
+# never ends on a page's end. docs/concurrency.md.
 _DIRENT = 24
 _DOTS = (b".", b"..")
 _DOT_LENGTHS = (1, 2)
